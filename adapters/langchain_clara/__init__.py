@@ -1,0 +1,1 @@
+"""LangChain components backed by CLaRa memory tokens."""

@@ -1,0 +1,1 @@
+"""LlamaIndex components backed by CLaRa memory tokens."""

@@ -1,0 +1,16 @@
+"""CLaRa: documents compressed into continuous memory tokens, retrieved and answered from by one LM."""
+
+from .config import ClaraConfig
+from .errors import CheckpointError, InvalidInputError
+from .model import ClaraModel, CompressedDocuments
+from .retrieval import cosine_scores, straight_through_topk
+
+__all__ = [
+    "CheckpointError",
+    "ClaraConfig",
+    "ClaraModel",
+    "CompressedDocuments",
+    "InvalidInputError",
+    "cosine_scores",
+    "straight_through_topk",
+]

@@ -1,0 +1,132 @@
+"""Import of Apple's released CLaRa checkpoint folders (apple/CLaRa-7B-*).
+
+Their layout: ``config.json`` (model_type "CLaRa"), ``adapters.pth`` (a pickled
+{adapter name: LoRA state dict}) and ``decoder_first_last_layers.pth`` (the whole resized
+embedding and lm_head matrices). The .pth files are read with ``weights_only=True`` only.
+Every adapter present is loaded, whatever ``training_stage`` says (the reference loader drops
+the trained generator of "stage1_2" checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_added_rows, load_adapter_weights
+from .config import ADAPTER_NAMES, ClaraConfig
+from .errors import CheckpointError
+from .model import ClaraModel
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
+    """Translate Apple's config.json into a ClaraConfig on a base model the user can reach."""
+    path = folder / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{folder} is not an Apple CLaRa checkpoint: config.json is missing")
+    try:
+        apple = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    if apple.get("model_type") != "CLaRa":
+        raise CheckpointError(f"{path} has model_type {apple.get('model_type')!r}, expected 'CLaRa'")
+    if not apple.get("different_mem_tokens", True) or not apple.get("sep", True):
+        raise CheckpointError(f"{path}: only checkpoints with different_mem_tokens and sep are supported")
+    base = base_model or apple.get("decoder_model_name")
+    if not base or (base.startswith("/") and not Path(base).exists()):
+        raise CheckpointError(
+            f"{path} names base model {apple.get('decoder_model_name')!r}, which is not reachable "
+            "here: pass base_model= (or --base-model) with a local copy of it"
+        )
+    lora_r = int(apple.get("lora_r", 16))
+    return ClaraConfig(
+        base_model=base,
+        compression_rate=int(apple["compr_rate"]),
+        doc_max_length=int(apple.get("doc_max_length", 256)),
+        lora_r=lora_r,
+        lora_alpha=2 * lora_r,
+        generation_top_k=int(apple.get("generation_top_k", 5)),
+        max_new_tokens=int(apple.get("max_new_tokens", 128)),
+    )
+
+
+def _load_pth(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise CheckpointError(f"{path} could not be read safely (weights_only=True): {error}") from error
+
+
+def _peft_key(apple_key: str, adapter: str) -> str:
+    """Apple's key (transformers' adapter state dict) -> our peft key, adapter name removed."""
+    key = apple_key.replace(f".{adapter}.", ".")
+    if key.startswith(_PEFT_PREFIX):
+        key = key[len(_PEFT_PREFIX):]
+    return _PEFT_PREFIX + key
+
+
+def load_apple_checkpoint(
+    folder: str | Path, *, base_model: str | None = None, device: str = "auto", dtype="auto"
+) -> ClaraModel:
+    """A ClaraModel with every adapter and the memory-token rows of an Apple checkpoint."""
+    folder = Path(folder)
+    config = read_apple_config(folder, base_model)
+    adapters = _load_pth(folder / "adapters.pth")
+    matrices = _load_pth(folder / "decoder_first_last_layers.pth")
+    unknown = set(adapters) - set(ADAPTER_NAMES)
+    if unknown:
+        raise CheckpointError(f"{folder}/adapters.pth holds unknown adapters {sorted(unknown)}")
+    model = ClaraModel(config, device=device, dtype=dtype)
+    flat = {
+        f"{name}/{_peft_key(key, name)}": tensor
+        for name, state in adapters.items()
+        for key, tensor in state.items()
+        if "lora_" in key
+    }
+    load_adapter_weights(model, flat, source=str(folder / "adapters.pth"))
+    embed = _matrix(matrices, "embed_tokens.weight", folder)
+    head = _matrix(matrices, "lm_head.weight", folder, required=False)
+    _check_base_rows(model, embed, folder)
+    base = model.base_vocab_size
+    load_added_rows(model, embed[base:], None if head is None else head[base:])
+    return model
+
+
+def _matrix(matrices: dict, suffix: str, folder: Path, required: bool = True) -> torch.Tensor | None:
+    found = [tensor for key, tensor in matrices.items() if key.endswith(suffix)]
+    if not found and required:
+        raise CheckpointError(f"{folder}/decoder_first_last_layers.pth has no {suffix}")
+    return found[0] if found else None
+
+
+def _check_base_rows(model: ClaraModel, embed: torch.Tensor, folder: Path) -> None:
+    """Apple's matrix must extend this base model's embeddings, or it belongs to another model."""
+    ours = model.lm.get_input_embeddings().weight
+    if embed.shape != ours.shape:
+        raise CheckpointError(
+            f"{folder}: embedding matrix {tuple(embed.shape)} does not fit the base model "
+            f"{model.config.base_model!r} resized to {tuple(ours.shape)}"
+        )
+    theirs = embed[: model.base_vocab_size].float()
+    mine = ours[: model.base_vocab_size].detach().float().cpu()
+    if (theirs - mine).abs().max() > 1e-2 * mine.abs().max():
+        raise CheckpointError(
+            f"{folder} was trained on another base model than {model.config.base_model!r}: "
+            "the embedding rows of the base vocabulary differ"
+        )
+
+
+def convert_apple_checkpoint(
+    source: str | Path, destination: str | Path, *, base_model: str | None = None
+) -> ClaraModel:
+    """Apple folder -> this project's checkpoint folder (safetensors + JSON)."""
+    model = load_apple_checkpoint(source, base_model=base_model, device="cpu", dtype=torch.float32)
+    model.save_pretrained(destination)
+    return model
+

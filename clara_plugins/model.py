@@ -1,0 +1,366 @@
+"""ClaraModel: one causal LM, three LoRA adapters, documents as memory tokens.
+
+- ``encoder_adapter`` compresses a document into n memory vectors (the last-layer states at
+  n appended ``<MEM>`` positions);
+- ``query_reasoner_adapter`` encodes a question the same way, for retrieval by cosine;
+- ``decoder_adapter`` answers from a prompt whose ``<MEM>`` placeholders carry those vectors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ADAPTER_NAMES, ClaraConfig
+from .errors import InvalidInputError, check_texts
+from .generation import collect_answers, greedy_steps, stream_text
+from .prompts import question_prompt
+from .retrieval import cosine_scores
+
+ENCODER, QUERY_REASONER, DECODER = ADAPTER_NAMES
+
+
+@dataclasses.dataclass
+class CompressedDocuments:
+    """Memory vectors of a batch of documents and how much of each text they saw."""
+
+    memories: torch.Tensor  # [n_docs, n_mem, hidden]
+    token_counts: list[int]  # document tokens before truncation
+    truncated_tokens: list[int]  # tokens cut beyond doc_max_length
+
+
+class ClaraModel(torch.nn.Module):
+    """CLaRa on any Hugging Face causal LM.
+
+    >>> model = ClaraModel(ClaraConfig(compression_rate=16))        # offline SmolLM2 default
+    >>> memories = model.compress_documents(["Paris is the capital of France."])
+    >>> model.generate_from_compressed_documents_and_questions(["Capital of France?"], memories)
+    """
+
+    def __init__(
+        self,
+        config: ClaraConfig | None = None,
+        *,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+    ) -> None:
+        super().__init__()
+        self.config = config or ClaraConfig()
+        self.device_ = resolve_device(device)
+        dtype = resolve_dtype(dtype, self.device_)
+        lm, tokenizer = load_base_model(self.config.base_model, dtype)
+        self.base_fingerprint = fingerprint(lm, tokenizer)
+        self.tokenizer = tokenizer
+        self.base_vocab_size = len(tokenizer)
+        self._add_special_tokens(lm)
+        lora = LoraConfig(
+            r=self.config.lora_r,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+        self.lm = get_peft_model(lm, lora, adapter_name=ENCODER)
+        for name in ADAPTER_NAMES[1:]:
+            self.lm.add_adapter(name, lora)
+        self._trainable: tuple[str, ...] = ()
+        self.set_trainable(())
+        self.to(self.device_)
+        self.eval()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _add_special_tokens(self, lm: torch.nn.Module) -> None:
+        """Append <MEM0..n-1>, <AE>, <ENC>, <SEP> to the vocabulary, in that order."""
+        self.mem_tokens = [f"<MEM{i}>" for i in range(self.config.n_mem_tokens)]
+        new_tokens = self.mem_tokens + ["<AE>", "<ENC>", "<SEP>"]
+        clashes = [t for t in new_tokens if t in self.tokenizer.get_vocab()]
+        if clashes:
+            raise ValueError(f"the base tokenizer already has CLaRa's special tokens {clashes}")
+        self.tokenizer.add_tokens(new_tokens, special_tokens=True)
+        self.mem_token_ids = self.tokenizer.convert_tokens_to_ids(self.mem_tokens)
+        self.enc_token_id = self.tokenizer.convert_tokens_to_ids("<ENC>")
+        self.document_placeholder = "".join(self.mem_tokens) + "<SEP>"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        lm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        self._init_new_rows(lm)
+        generation_eos = lm.generation_config.eos_token_id
+        generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+        self.stop_token_ids = {i for i in [self.tokenizer.eos_token_id, *generation_eos] if i is not None}
+
+    def _init_new_rows(self, lm: torch.nn.Module) -> None:
+        """New rows = mean old row + small seeded noise: reproducible, in the old rows' range."""
+        generator = torch.Generator().manual_seed(0)
+        matrices = {id(m.weight): m.weight for m in (lm.get_input_embeddings(), lm.get_output_embeddings())
+                    if m is not None}
+        with torch.no_grad():
+            for matrix in matrices.values():
+                old = matrix[: self.base_vocab_size].float()
+                noise = torch.randn(matrix.size(0) - self.base_vocab_size, matrix.size(1), generator=generator)
+                matrix[self.base_vocab_size:] = (old.mean(0) + 0.1 * old.std(0) * noise).to(matrix.dtype)
+
+    def set_trainable(self, adapters: Sequence[str], memory_embeddings: bool = False) -> None:
+        """Choose what trains: the named adapters and, optionally, the <MEM> embedding rows.
+
+        Everything else stays frozen. The choice survives adapter switches (peft's own
+        ``set_adapter`` would otherwise flip requires_grad to the active adapter only).
+        """
+        unknown = set(adapters) - set(ADAPTER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
+        self._trainable = tuple(adapters)
+        self._apply_trainable()
+        embedding = self.lm.get_input_embeddings().weight
+        embedding.requires_grad_(memory_embeddings)
+        if memory_embeddings and not hasattr(self, "_embedding_hook"):
+            rows = torch.zeros(embedding.size(0), 1, dtype=embedding.dtype, device=embedding.device)
+            rows[self.mem_token_ids] = 1.0
+            self._embedding_hook = embedding.register_hook(lambda grad: grad * rows.to(grad.device))
+
+    def _apply_trainable(self) -> None:
+        for name, parameter in self.lm.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(any(f".{a}." in name for a in self._trainable))
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        """Run the block with one adapter active."""
+        self.lm.set_adapter(name)
+        self._apply_trainable()
+        yield
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        """No gradients, dropout off, and the previous train/eval mode restored afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            self.train(was_training)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.lm.get_input_embeddings().weight.size(1)
+
+    # ------------------------------------------------------------ compression
+
+    def _encoder_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """``<ENC> bos text eos``, left-padded to doc_max_length + 3, then the n <MEM> ids.
+
+        Every sequence has the same length, so memory tokens sit at the same absolute positions
+        whatever the batch: a document compresses identically alone or among others.
+        """
+        tok = self.tokenizer
+        max_len = self.config.doc_max_length
+        bodies = tok(texts, add_special_tokens=False)["input_ids"]
+        prefix = [self.enc_token_id] + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
+        suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        width = max_len + 3
+        ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts), width), dtype=torch.long)
+        counts = []
+        for row, body in enumerate(bodies):
+            counts.append(len(body))
+            sequence = prefix + body[:max_len] + suffix
+            ids[row, width - len(sequence):] = torch.tensor(sequence)
+            mask[row, width - len(sequence):] = 1
+        mem = torch.tensor(self.mem_token_ids).expand(len(texts), -1)
+        ids = torch.cat([ids, mem], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mem)], dim=1)
+        return ids.to(self.device), mask.to(self.device), counts
+
+    def _memory_states(self, texts: list[str], adapter: str) -> tuple[torch.Tensor, list[int]]:
+        """Last-layer states at the memory positions, [batch, n_mem, hidden]; keeps gradients."""
+        ids, mask, counts = self._encoder_inputs(texts)
+        with self._adapter(adapter):
+            backbone = self.lm.get_base_model().base_model  # the blocks and final norm, no lm_head
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+        return hidden[:, -self.config.n_mem_tokens:, :], counts
+
+    def compress(
+        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
+    ) -> CompressedDocuments:
+        """Compress documents with the encoder adapter, reporting truncation."""
+        documents = check_texts(documents, "documents")
+        memories, counts = [], []
+        batches = range(0, len(documents), batch_size)
+        with self._inference():
+            for start in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
+                states, batch_counts = self._memory_states(documents[start:start + batch_size], ENCODER)
+                memories.append(states)
+                counts.extend(batch_counts)
+        cut = [max(0, c - self.config.doc_max_length) for c in counts]
+        return CompressedDocuments(torch.cat(memories), counts, cut)
+
+    def compress_documents(
+        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
+    ) -> torch.Tensor:
+        """Documents -> memory tensor [n_docs, n_mem, hidden]. Warns when text was truncated."""
+        result = self.compress(documents, batch_size, show_progress)
+        truncated = [i for i, cut in enumerate(result.truncated_tokens) if cut]
+        if truncated:
+            warnings.warn(
+                f"{len(truncated)} of {len(result.token_counts)} documents exceed doc_max_length="
+                f"{self.config.doc_max_length} tokens; {sum(result.truncated_tokens)} tokens were cut "
+                f"(documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
+                stacklevel=2,
+            )
+        return result.memories
+
+    def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
+        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden]."""
+        questions = check_texts(questions, "questions")
+        with self._inference():
+            return torch.cat([
+                self._memory_states(questions[s:s + batch_size], QUERY_REASONER)[0]
+                for s in range(0, len(questions), batch_size)
+            ])
+
+    # -------------------------------------------------------------- generation
+
+    def _answer_inputs(
+        self, questions: list[str], memories: torch.Tensor, answers: list[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Prompt embeddings with the memory placeholders overwritten, left-padded.
+
+        memories: [batch, k, n_mem, hidden]. With ``answers`` the assistant turns are included
+        (for training) and the prompt lengths are returned so the caller can mask them.
+        """
+        batch, k = memories.shape[:2]
+        prompts = [question_prompt(self.tokenizer, q, k, self.document_placeholder) for q in questions]
+        texts = prompts if answers is None else [
+            question_prompt(self.tokenizer, q, k, self.document_placeholder, a)
+            for q, a in zip(questions, answers)
+        ]
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        prompt_lengths = [len(r) for r in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        slots = torch.isin(ids, torch.tensor(self.mem_token_ids, device=self.device))
+        expected = k * self.config.n_mem_tokens
+        found = slots.sum(dim=1)
+        if (found != expected).any():
+            bad = int((found != expected).nonzero()[0])
+            raise InvalidInputError(
+                f"question {bad} yields {int(found[bad])} memory slots instead of {expected}: "
+                "questions must not contain CLaRa's <MEM> tokens"
+            )
+        embeds = self.lm.get_input_embeddings()(ids)
+        flat = memories.reshape(-1, memories.size(-1)).to(embeds.dtype)
+        embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
+        return embeds, mask, prompt_lengths
+
+    def _as_batched_memories(self, questions: list[str], compressed: torch.Tensor) -> torch.Tensor:
+        """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
+        n, h = self.config.n_mem_tokens, self.hidden_size
+        if compressed.dim() == 3 and compressed.size(0) % len(questions) == 0:
+            compressed = compressed.reshape(len(questions), -1, *compressed.shape[1:])
+        if compressed.dim() != 4 or compressed.size(0) != len(questions) or compressed.shape[2:] != (n, h):
+            raise InvalidInputError(
+                f"compressed documents of shape {tuple(compressed.shape)} do not fit "
+                f"{len(questions)} questions with memories of shape ({n}, {h})"
+            )
+        return compressed.to(self.device)
+
+    def generate_from_compressed_documents_and_questions(
+        self, questions: Sequence[str], compressed_documents: torch.Tensor, max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Answer each question from its own share of the compressed documents."""
+        questions = check_texts(questions, "questions")
+        memories = self._as_batched_memories(questions, compressed_documents)
+        with self._inference(), self._adapter(DECODER):
+            embeds, mask, _ = self._answer_inputs(questions, memories)
+            steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
+                                 self.stop_token_ids)
+            return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
+
+    def stream_answer(
+        self, question: str, compressed_documents: torch.Tensor, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """Yield the answer to one question piece by piece, from [k, n_mem, hidden] memories."""
+        questions = check_texts([question], "question")
+        memories = self._as_batched_memories(questions, compressed_documents)
+        with self._inference(), self._adapter(DECODER):
+            embeds, mask, _ = self._answer_inputs(questions, memories)
+            steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
+                                 self.stop_token_ids)
+            yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
+
+    def generate_from_text(
+        self, questions: Sequence[str], documents: Sequence[Sequence[str]], max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Compress each question's documents, then answer from all of them."""
+        questions = check_texts(questions, "questions")
+        flat = self._flatten_document_lists(questions, documents)
+        memories = self.compress_documents(flat)
+        return self.generate_from_compressed_documents_and_questions(questions, memories, max_new_tokens)
+
+    def generate_from_questions(
+        self,
+        questions: Sequence[str],
+        documents: Sequence[Sequence[str]],
+        k: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> tuple[list[str], torch.Tensor]:
+        """Retrieve the top-k of each question's candidates with the query reasoner, then answer.
+
+        Returns the answers and the chosen candidate indices [n_questions, k], best first.
+        """
+        questions = check_texts(questions, "questions")
+        flat = self._flatten_document_lists(questions, documents)
+        candidates = self.compress_documents(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
+                                                           self.hidden_size)
+        k = min(k or self.config.generation_top_k, candidates.size(1))
+        scores = cosine_scores(self.encode_queries(questions), candidates)
+        top = scores.topk(k, dim=-1).indices
+        chosen = torch.stack([candidates[b, top[b]] for b in range(len(questions))])
+        return self.generate_from_compressed_documents_and_questions(questions, chosen, max_new_tokens), top
+
+    @staticmethod
+    def _flatten_document_lists(questions: list[str], documents: Sequence[Sequence[str]]) -> list[str]:
+        if isinstance(documents, str) or len(documents) != len(questions):
+            raise InvalidInputError("documents must hold one list of documents per question")
+        sizes = {len(docs) for docs in documents}
+        if len(sizes) != 1:
+            raise InvalidInputError(f"every question needs the same number of documents, got {sorted(sizes)}")
+        flat = [doc for docs in documents for doc in check_texts(docs, "documents")]
+        return flat
+
+    # ------------------------------------------------------------ persistence
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write config JSON + safetensors adapters and memory-token rows (see checkpoint.py)."""
+        save_checkpoint(self, Path(folder))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        *,
+        base_model: str | None = None,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+    ) -> "ClaraModel":
+        """Load a checkpoint saved by ``save_pretrained``; ``base_model`` overrides its path."""
+        return load_checkpoint(cls, Path(folder), base_model=base_model, device=device, dtype=dtype)

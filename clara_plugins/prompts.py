@@ -1,0 +1,52 @@
+"""Chat prompts in which each document is a placeholder of memory tokens.
+
+The generator never reads document text: each document becomes ``<MEM0>..<MEM{n-1}><SEP>``
+and the embeddings at the memory positions are later overwritten by the compressed vectors.
+"""
+
+from __future__ import annotations
+
+from jinja2.exceptions import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from .config import SYSTEM_PROMPT
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase, system: str, user: str, answer: str | None = None
+) -> str:
+    """One system + user turn through the tokenizer's chat template.
+
+    Without ``answer`` the generation prompt is opened; with it, the assistant turn is written.
+    A template that rejects the system role gets the system text at the top of the user turn;
+    a tokenizer without any chat template gets a plain-text layout.
+    """
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if tokenizer.chat_template is None:
+        text = f"{system}\n\n{user}\nAnswer:"
+        return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
+    try:
+        return _apply_template(tokenizer, messages, answer)
+    except TemplateError:
+        merged = [{"role": "user", "content": f"{system}\n{user}"}]
+        return _apply_template(tokenizer, merged, answer)
+
+
+def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], answer: str | None) -> str:
+    if answer is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages = messages + [{"role": "assistant", "content": answer}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+
+def question_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    n_documents: int,
+    document_placeholder: str,
+    answer: str | None = None,
+) -> str:
+    """The paper's answering prompt: ``Background:`` with one placeholder per document."""
+    background = document_placeholder * n_documents
+    user = f"Background:\n{background}\n\nQuestion:{question}"
+    return render_chat(tokenizer, SYSTEM_PROMPT, user, answer)

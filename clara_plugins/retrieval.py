@@ -1,0 +1,59 @@
+"""Scoring and selecting documents by their memory tokens.
+
+CLaRa compares a query with a document through the cosine of their flattened memory states
+([n_mem * hidden] each), in fp32, and picks the top-k with a straight-through estimator so that
+the language-modelling loss of the generator reaches the query reasoner.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def flatten_memories(memories: torch.Tensor) -> torch.Tensor:
+    """[..., n_mem, hidden] -> unit-norm fp32 vectors [..., n_mem * hidden]."""
+    flat = memories.float().flatten(start_dim=-2)
+    return F.normalize(flat, dim=-1)
+
+
+def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of flattened memories.
+
+    queries: [B, n_mem, hidden]. candidates: [N, n_mem, hidden] (one shared pool) or
+    [B, N, n_mem, hidden] (one pool per query). Returns scores [B, N] in fp32.
+    """
+    q = flatten_memories(queries)
+    c = flatten_memories(candidates)
+    if c.dim() == 2:
+        return q @ c.T
+    return torch.einsum("bd,bnd->bn", q, c)
+
+
+def straight_through_topk(scores: torch.Tensor, k: int, temperature: float = 0.02) -> torch.Tensor:
+    """Differentiable top-k selection matrix W [B, k, N].
+
+    Forward value: the exact hard top-k, one one-hot row per pick, ordered by descending score.
+    Backward: the gradient of a sequential softmax, where pick j is a softmax over
+    scores / temperature with the earlier picks masked out. No noise is added.
+    Selected items are ``W @ candidates``.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be [batch, candidates], got shape {tuple(scores.shape)}")
+    n_candidates = scores.size(1)
+    if not 1 <= k <= n_candidates:
+        raise ValueError(f"k must be in 1..{n_candidates} (number of candidates), got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+
+    logits = scores.float() / temperature
+    top_indices = logits.topk(k, dim=-1).indices  # sorted by descending score
+    hard = F.one_hot(top_indices, n_candidates).to(logits.dtype)  # [B, k, N]
+
+    soft_rows = []
+    taken = torch.zeros_like(logits)
+    for pick in range(k):
+        soft_rows.append(F.softmax(logits + torch.log(1.0 - taken + 1e-8), dim=-1))
+        taken = taken + hard[:, pick]
+    soft = torch.stack(soft_rows, dim=1)
+    return hard + (soft - soft.detach())

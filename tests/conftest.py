@@ -1,0 +1,101 @@
+"""Shared fixtures: a tiny, randomly initialised llama built on the spot (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from clara_plugins import ClaraConfig, ClaraModel
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+CORPUS = [
+    "Paris is the capital and most populous city of France.",
+    "The Eiffel Tower was completed in 1889 for the World's Fair.",
+    "Berlin is the capital of Germany and its largest city.",
+    "The Danube flows through Vienna, Bratislava and Budapest.",
+    "Marie Curie won Nobel Prizes in physics and in chemistry.",
+    "Question: who wrote the novel? Answer: a writer from Lisbon.",
+]
+
+# A template without a system role, like Mistral's: CLaRa must fold the system text in.
+NO_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_base_model(folder: Path, seed: int = 0, tie: bool = False) -> Path:
+    """Write a 2-layer llama with a 300-token BPE vocabulary to ``folder``."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(CORPUS * 5, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = NO_SYSTEM_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=fast.bos_token_id,
+        eos_token_id=fast.eos_token_id,
+        pad_token_id=fast.pad_token_id,
+        tie_word_embeddings=tie,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    return build_tiny_base_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def other_tiny_base(tmp_path_factory) -> Path:
+    """Same architecture and tokenizer corpus, different weights: 'another base model'."""
+    return build_tiny_base_model(tmp_path_factory.mktemp("other-llama"), seed=1)
+
+
+def randomize_adapters(model: ClaraModel, seed: int = 0) -> None:
+    """Give every LoRA matrix and memory-token row non-trivial values (fresh LoRA B is zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.lm.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+        embedding = model.lm.get_input_embeddings().weight
+        rows = embedding[model.base_vocab_size:]
+        embedding[model.base_vocab_size:] = torch.randn(rows.shape, generator=generator)
+
+
+@pytest.fixture
+def tiny_config(tiny_base) -> ClaraConfig:
+    return ClaraConfig(base_model=str(tiny_base), compression_rate=16, doc_max_length=64, max_new_tokens=8)
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> ClaraModel:
+    model = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(model)
+    return model

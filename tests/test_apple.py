@@ -1,0 +1,77 @@
+"""Import of Apple's checkpoint layout, written here from a tiny model."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clara_plugins import CheckpointError, ClaraModel
+from clara_plugins.apple import convert_apple_checkpoint, load_apple_checkpoint
+from clara_plugins.cli import main
+from conftest import CORPUS
+
+
+def write_apple_checkpoint(model: ClaraModel, folder: Path, stage: str = "stage1_2") -> None:
+    """The files Apple's save_pretrained writes: config.json and two weights-only pickles."""
+    from peft import get_peft_model_state_dict
+
+    folder.mkdir(parents=True)
+    config = {
+        "model_type": "CLaRa", "decoder_model_name": "/mnt/private/mistral", "compr_rate":
+        model.config.compression_rate, "doc_max_length": model.config.doc_max_length,
+        "generation_top_k": 5, "max_new_tokens": model.config.max_new_tokens, "training_stage": stage, "lora": True, "lora_r": model.config.lora_r,
+        "sep": True, "different_mem_tokens": True, "pure_inference": False,
+        "auto_map": {"AutoConfig": "modeling_clara.CLaRaConfig", "AutoModel": "modeling_clara.CLaRa"},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    adapters = {  # transformers' get_adapter_state_dict keys: "model.layers.0...lora_A.weight"
+        name: {k.removeprefix("base_model.model."): v.clone()
+               for k, v in get_peft_model_state_dict(model.lm, adapter_name=name).items()}
+        for name in ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
+    }
+    torch.save(adapters, folder / "adapters.pth")
+    torch.save({"model.embed_tokens.weight": model.lm.get_input_embeddings().weight.detach().clone(),
+                "lm_head.weight": model.lm.get_output_embeddings().weight.detach().clone()},
+               folder / "decoder_first_last_layers.pth")
+
+
+def answer(model: ClaraModel) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    memories = model.compress_documents(CORPUS[:3])
+    answers, top = model.generate_from_questions(["Where is the tower?"], [CORPUS[:3]], k=2)
+    return memories, answers, top
+
+
+def test_import_loads_every_adapter_including_the_stage1_2_generator(tiny_model, tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+    imported = load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+    for name, parameter in tiny_model.lm.named_parameters():
+        assert torch.equal(parameter, dict(imported.lm.named_parameters())[name]), name
+
+
+def test_conversion_round_trips_outputs(tiny_model, tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+    main(["convert-apple", str(tmp_path / "apple"), str(tmp_path / "ours"), "--base-model", str(tiny_base)])
+    converted = ClaraModel.from_pretrained(tmp_path / "ours", device="cpu")
+    before, after = answer(tiny_model), answer(converted)
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    assert before[1] == after[1] and torch.equal(before[2], after[2])
+
+
+def test_unreachable_base_model_asks_for_a_local_path(tiny_model, tmp_path):
+    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+    with pytest.raises(CheckpointError, match="pass base_model="):
+        load_apple_checkpoint(tmp_path / "apple", device="cpu")
+
+
+def test_checkpoint_of_another_base_model_is_refused(tiny_model, other_tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(other_tiny_base), device="cpu")
+
+
+def test_pickles_with_code_are_refused(tiny_model, tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+    torch.save({"encoder_adapter": {"x": Path("not-a-tensor")}}, tmp_path / "apple" / "adapters.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")

@@ -1,0 +1,158 @@
+"""ClaraModel on a tiny random llama: tokens, compression, retrieval, generation, gradients."""
+
+import warnings
+
+import pytest
+import torch
+
+from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError
+from clara_plugins.prompts import question_prompt
+from clara_plugins.retrieval import cosine_scores
+from conftest import CORPUS, randomize_adapters
+
+
+def test_special_tokens_are_appended_in_order(tiny_model):
+    tok = tiny_model.tokenizer
+    n = tiny_model.config.n_mem_tokens
+    assert n == 64 // 16
+    expected = [f"<MEM{i}>" for i in range(n)] + ["<AE>", "<ENC>", "<SEP>"]
+    ids = tok.convert_tokens_to_ids(expected)
+    assert ids == list(range(tiny_model.base_vocab_size, tiny_model.base_vocab_size + n + 3))
+    assert tiny_model.lm.get_input_embeddings().weight.size(0) == len(tok)
+
+
+@pytest.mark.parametrize("rate,n_mem", [(1, 64), (4, 16), (64, 1)])
+def test_compression_rate_sets_memory_length(tiny_base, rate, n_mem):
+    model = ClaraModel(ClaraConfig(base_model=str(tiny_base), compression_rate=rate, doc_max_length=64),
+                       device="cpu")
+    assert model.compress_documents(CORPUS[:2]).shape == (2, n_mem, 32)
+
+
+def test_compression_is_batch_independent_and_gradient_free(tiny_model):
+    together = tiny_model.compress_documents(CORPUS[:4], batch_size=4)
+    alone = torch.cat([tiny_model.compress_documents([d]) for d in CORPUS[:4]])
+    assert together.shape == (4, 4, 32)
+    assert not together.requires_grad
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_compression_uses_the_encoder_adapter_only(tiny_model):
+    before_docs = tiny_model.compress_documents(CORPUS[:2])
+    before_queries = tiny_model.encode_queries(["Where is Paris?"])
+    with torch.no_grad():
+        for name, parameter in tiny_model.lm.named_parameters():
+            if "lora_B.encoder_adapter" in name:
+                parameter.add_(0.5)
+    assert not torch.allclose(before_docs, tiny_model.compress_documents(CORPUS[:2]))
+    assert torch.allclose(before_queries, tiny_model.encode_queries(["Where is Paris?"]))
+
+
+def test_truncation_is_reported(tiny_model):
+    long_document = " ".join(CORPUS * 3)
+    result = tiny_model.compress([CORPUS[0], long_document])
+    assert result.truncated_tokens == [0, result.token_counts[1] - 64]
+    assert result.truncated_tokens[1] > 0
+    with pytest.warns(UserWarning, match="1 of 2 documents exceed doc_max_length=64"):
+        tiny_model.compress_documents([CORPUS[4][:20], long_document])
+
+
+@pytest.mark.parametrize(
+    "documents,message",
+    [([], "empty"), (["ok", 3], r"documents\[1\] is a int"), (["  "], "only whitespace"),
+     ("a string", "must be a list")],
+)
+def test_bad_documents_raise_clear_errors(tiny_model, documents, message):
+    with pytest.raises(InvalidInputError, match=message):
+        tiny_model.compress_documents(documents)
+
+
+def test_memories_are_injected_at_the_placeholder_positions(tiny_model):
+    memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)  # [1, k=2, n, h]
+    embeds, _, _ = tiny_model._answer_inputs(["Who?"], memories)
+    prompt = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder)
+    prompt_ids = torch.tensor(tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    slots = torch.isin(prompt_ids, torch.tensor(tiny_model.mem_token_ids))
+    assert int(slots.sum()) == 2 * 4
+    assert torch.allclose(embeds[0, slots], memories.reshape(-1, 32))
+    sep = tiny_model.tokenizer.convert_tokens_to_ids("<SEP>")
+    sep_rows = embeds[0, prompt_ids == sep]
+    assert len(sep_rows) == 2
+    assert torch.allclose(sep_rows, tiny_model.lm.get_input_embeddings().weight[sep].expand_as(sep_rows))
+
+
+def test_system_role_falls_back_into_the_user_turn(tiny_model):
+    prompt = question_prompt(tiny_model.tokenizer, "Who?", 1, tiny_model.document_placeholder)
+    assert prompt.startswith("<|user|>You are a helpful assistant.")
+    assert "Background:\n<MEM0><MEM1><MEM2><MEM3><SEP>\n\nQuestion:Who?" in prompt
+    assert prompt.endswith("<|assistant|>")
+
+
+def test_generation_batched_equals_single_and_streaming(tiny_model):
+    memories = tiny_model.compress_documents(CORPUS[:4]).reshape(2, 2, 4, 32)
+    questions = ["Who won prizes?", "What is the capital of Germany and its largest city?"]
+    batched = tiny_model.generate_from_compressed_documents_and_questions(questions, memories)
+    single = [tiny_model.generate_from_compressed_documents_and_questions([q], m.unsqueeze(0))[0]
+              for q, m in zip(questions, memories)]
+    assert batched == single
+    assert all(isinstance(a, str) for a in batched)
+    streamed = "".join(tiny_model.stream_answer(questions[0], memories[0]))
+    assert streamed.strip() == batched[0]
+
+
+def test_answers_depend_on_the_memories(tiny_model):
+    memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
+    with tiny_model._adapter("decoder_adapter"), torch.no_grad():
+        first = tiny_model.lm(inputs_embeds=tiny_model._answer_inputs(["Who?"], memories)[0]).logits[0, -1]
+        second = tiny_model.lm(inputs_embeds=tiny_model._answer_inputs(["Who?"], memories * 0)[0]).logits[0, -1]
+    assert not torch.allclose(first, second)
+
+
+def test_generate_from_questions_returns_the_reasoners_top_k(tiny_model):
+    documents = [CORPUS[:5], CORPUS[1:6]]
+    questions = ["Where is the tower?", "Who won Nobel prizes?"]
+    answers, indices = tiny_model.generate_from_questions(questions, documents, k=2)
+    assert len(answers) == 2 and indices.shape == (2, 2)
+    for q, docs, chosen in zip(questions, documents, indices):
+        scores = cosine_scores(tiny_model.encode_queries([q]), tiny_model.compress_documents(docs))[0]
+        assert chosen.tolist() == scores.topk(2).indices.tolist()
+
+
+def test_calls_leave_no_hidden_state(tiny_model):
+    tiny_model.train()
+    top_k = tiny_model.config.generation_top_k
+    tiny_model.generate_from_text(["Who?"], [CORPUS[:2]])
+    tiny_model.generate_from_text(["Who?"], [CORPUS[:3]])
+    assert tiny_model.training and tiny_model.config.generation_top_k == top_k
+
+
+def test_uneven_document_lists_are_rejected(tiny_model):
+    with pytest.raises(InvalidInputError, match="same number of documents"):
+        tiny_model.generate_from_text(["a?", "b?"], [CORPUS[:2], CORPUS[:3]])
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        tiny_model.generate_from_compressed_documents_and_questions(["a?"], torch.zeros(2, 3, 32))
+
+
+def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_model):
+    tiny_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
+    tiny_model.train()
+    states, _ = tiny_model._memory_states(["Where is Paris?"], "query_reasoner_adapter")
+    embeds, _, _ = tiny_model._answer_inputs(["Who?"], states.unsqueeze(1))
+    with tiny_model._adapter("decoder_adapter"):
+        loss = tiny_model.lm(inputs_embeds=embeds).logits.pow(2).mean()
+    loss.backward()
+    grad = tiny_model.lm.get_input_embeddings().weight.grad
+    rows_with_grad = set(grad.abs().sum(-1).nonzero().flatten().tolist())
+    assert rows_with_grad and rows_with_grad <= set(tiny_model.mem_token_ids)
+    grads = {n: p.grad for n, p in tiny_model.lm.named_parameters() if "lora_B" in n}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "query_reasoner" in n)
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "decoder_adapter" in n)
+    assert all(g is None for n, g in grads.items() if "encoder_adapter" in n)
+
+
+def test_untrained_adapters_leave_the_base_model_unchanged(tiny_config):
+    model = ClaraModel(tiny_config, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = model.compress_documents(CORPUS[:1])
+    randomize_adapters(model)
+    assert not torch.allclose(a, model.compress_documents(CORPUS[:1]))

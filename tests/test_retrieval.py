@@ -1,0 +1,95 @@
+"""Cosine over flattened memories and the straight-through top-k, checked numerically."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clara_plugins import cosine_scores, straight_through_topk
+
+
+def reference_soft_picks(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
+    """The sequential-softmax surrogate written out pick by pick, without any trick."""
+    logits = scores / temperature
+    order = logits.topk(k, dim=-1).indices
+    rows = []
+    for b in range(scores.size(0)):
+        taken = torch.zeros(scores.size(1))
+        picks = []
+        for j in range(k):
+            picks.append(torch.softmax(logits[b] + torch.log(1 - taken + 1e-8), dim=-1))
+            taken = taken.clone()
+            taken[order[b, j]] = 1.0
+        rows.append(torch.stack(picks))
+    return torch.stack(rows)
+
+
+def test_forward_is_the_exact_hard_topk_sorted_by_score():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.7, 0.5], [0.8, 0.2, 0.6, 0.4, 0.0]])
+    weights = straight_through_topk(scores, k=3, temperature=0.5)
+    assert weights.shape == (2, 3, 5)
+    assert torch.equal(weights.argmax(-1), torch.tensor([[1, 3, 4], [0, 2, 3]]))
+    assert torch.allclose(weights, F.one_hot(weights.argmax(-1), 5).float(), atol=1e-6)
+    values = torch.arange(5.0).unsqueeze(-1)  # candidate "vectors"
+    assert torch.equal((weights @ values).squeeze(-1), torch.tensor([[1.0, 3.0, 4.0], [0.0, 2.0, 3.0]]))
+
+
+def test_gradient_reaches_scores_and_equals_the_sequential_softmax_gradient():
+    torch.manual_seed(0)
+    scores = torch.randn(3, 7, requires_grad=True)
+    target = torch.randn(3, 2, 7)
+    (straight_through_topk(scores, k=2, temperature=0.3) * target).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+    reference_scores = scores.detach().clone().requires_grad_(True)
+    (reference_soft_picks(reference_scores, 2, 0.3) * target).sum().backward()
+    assert torch.allclose(scores.grad, reference_scores.grad, atol=1e-5)
+
+
+def test_gradient_matches_finite_differences_of_the_surrogate():
+    torch.manual_seed(1)
+    scores = torch.randn(1, 5, dtype=torch.float64)
+    target = torch.randn(1, 2, 5, dtype=torch.float64)
+    x = scores.clone().requires_grad_(True)
+    (straight_through_topk(x, k=2, temperature=0.5).double() * target).sum().backward()
+    eps = 1e-6
+    for i in range(5):
+        bump = torch.zeros_like(scores)
+        bump[0, i] = eps
+        plus = (reference_soft_picks(scores + bump, 2, 0.5) * target).sum()
+        minus = (reference_soft_picks(scores - bump, 2, 0.5) * target).sum()
+        assert abs(float(x.grad[0, i]) - float((plus - minus) / (2 * eps))) < 1e-4
+
+
+def test_lower_temperature_gives_sharper_gradients():
+    scores = torch.tensor([[0.0, 0.1, 0.2, 0.3]])
+    target = torch.tensor([[[1.0, -1.0, 2.0, 0.5]]])
+    norms = []
+    for temperature in (1.0, 0.1):
+        x = scores.clone().requires_grad_(True)
+        (straight_through_topk(x, 1, temperature) * target).sum().backward()
+        norms.append(x.grad.norm())
+    assert norms[1] > norms[0]
+
+
+def test_invalid_arguments_are_named():
+    with pytest.raises(ValueError, match="k must be"):
+        straight_through_topk(torch.zeros(1, 3), k=4)
+    with pytest.raises(ValueError, match="temperature"):
+        straight_through_topk(torch.zeros(1, 3), k=1, temperature=0)
+
+
+def test_cosine_is_over_flattened_memories_not_mean_pooled():
+    query = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [1, n=2, h=2]
+    swapped = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # same mean, different order
+    same = query.clone()
+    scores = cosine_scores(query, torch.cat([same, swapped]))
+    assert scores.shape == (1, 2)
+    assert torch.allclose(scores, torch.tensor([[1.0, 0.0]]))  # mean pooling would give 1.0 twice
+
+
+def test_cosine_accepts_one_pool_per_query():
+    torch.manual_seed(2)
+    queries, pools = torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4)
+    scores = cosine_scores(queries, pools)
+    expected = F.cosine_similarity(queries.flatten(1).unsqueeze(1), pools.flatten(2), dim=-1)
+    assert torch.allclose(scores, expected, atol=1e-6)
