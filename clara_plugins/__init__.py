@@ -1,9 +1,10 @@
 """CLaRa: documents compressed into continuous memory tokens, retrieved and answered from by one LM."""
 
 from .config import ClaraConfig
-from .errors import CheckpointError, InvalidInputError
+from .errors import CheckpointError, InvalidInputError, StoreError
 from .model import ClaraModel, CompressedDocuments
 from .retrieval import cosine_scores, straight_through_topk
+from .store import MemoryStore, StoredDocument
 
 __all__ = [
     "CheckpointError",
@@ -11,6 +12,9 @@ __all__ = [
     "ClaraModel",
     "CompressedDocuments",
     "InvalidInputError",
+    "MemoryStore",
+    "StoreError",
+    "StoredDocument",
     "cosine_scores",
     "straight_through_topk",
 ]

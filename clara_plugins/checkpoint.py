@@ -13,9 +13,6 @@ The base model's own weights are never copied; loading onto another base model f
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +21,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import write_folder_atomically
 from .backbone import fingerprint_mismatch
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
@@ -53,32 +51,18 @@ def save_checkpoint(model: "ClaraModel", folder: Path) -> None:
         "config": model.config.to_dict(),
         "base_model_fingerprint": model.base_fingerprint,
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+
+    def write(staging: Path) -> None:
         save_file(adapters, str(staging / ADAPTERS_FILE))
         save_file(embeddings, str(staging / EMBEDDINGS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
-        _replace_folder(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_folder_atomically(folder, write)
 
 
 def added_rows(model: "ClaraModel", matrix: torch.Tensor) -> torch.Tensor:
     """The rows of the special tokens CLaRa appended to the vocabulary."""
     return matrix.detach()[model.base_vocab_size:].cpu().contiguous()
-
-
-def _replace_folder(staging: Path, folder: Path) -> None:
-    """Put ``staging`` at ``folder``; an older checkpoint there survives until the last step."""
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
 
 
 def read_header(folder: Path) -> dict:

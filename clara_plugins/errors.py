@@ -21,3 +21,7 @@ def check_texts(texts: object, what: str) -> list[str]:
         if not text.strip():
             raise InvalidInputError(f"{what}[{index}] is empty or only whitespace")
     return list(texts)
+
+
+class StoreError(ValueError):
+    """A memory store that is corrupted, or was written by another model or compressor."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from tqdm.auto import tqdm
 
 from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
@@ -149,6 +150,25 @@ class ClaraModel(torch.nn.Module):
                 yield
         finally:
             self.train(was_training)
+
+    def compressor_signature(self) -> dict:
+        """What fixes a document's memories: base model, sizes, encoder weights, <MEM> rows.
+
+        Stores of compressed documents record it and refuse to mix with another compressor.
+        """
+        digest = hashlib.sha256()
+        encoder = get_peft_model_state_dict(self.lm, adapter_name=ENCODER, save_embedding_layers=False)
+        embedding = self.lm.get_input_embeddings().weight
+        tensors = [encoder[k] for k in sorted(encoder)] + [embedding[self.base_vocab_size:]]
+        for tensor in tensors:
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        return {
+            "base_model_fingerprint": self.base_fingerprint,
+            "compression_rate": self.config.compression_rate,
+            "doc_max_length": self.config.doc_max_length,
+            "memory_shape": [self.config.n_mem_tokens, self.hidden_size],
+            "encoder_sha256": digest.hexdigest(),
+        }
 
     @property
     def device(self) -> torch.device:

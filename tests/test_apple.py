@@ -27,7 +27,8 @@ def write_apple_checkpoint(model: ClaraModel, folder: Path, stage: str = "stage1
     (folder / "config.json").write_text(json.dumps(config))
     adapters = {  # transformers' get_adapter_state_dict keys: "model.layers.0...lora_A.weight"
         name: {k.removeprefix("base_model.model."): v.clone()
-               for k, v in get_peft_model_state_dict(model.lm, adapter_name=name).items()}
+               for k, v in get_peft_model_state_dict(model.lm, adapter_name=name,
+                                                                 save_embedding_layers=False).items()}
         for name in ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
     }
     torch.save(adapters, folder / "adapters.pth")

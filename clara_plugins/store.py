@@ -1,0 +1,400 @@
+"""MemoryStore: documents kept as CLaRa memory tokens, searchable with faiss, saved without pickle.
+
+Per document the store keeps its text, its metadata, its memory tokens (fp16, the generator's
+input) and a retrieval key (by default the memory itself, searched against the query
+reasoner's encoding of the question).
+
+On disk a store is a folder of generations. ``CURRENT`` names the live one; each generation
+holds ``store.json`` (format, compressor signature, shard list), ``records.json`` (ids, texts,
+metadata), ``memories-*.npy`` shards (memory-mappable) and, for approximate indexes, faiss's
+own ``index.faiss``. A save writes a new generation aside and then flips ``CURRENT`` with one
+atomic rename, so a crash mid-save leaves the previous generation loadable, and readers of
+the previous generation keep working while a writer saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from .atomic import write_text_atomically
+from .backbone import fingerprint_mismatch
+from .errors import InvalidInputError, StoreError, check_texts
+from .filters import Filter, matches, validate_filter
+from .keys import ClaraKeys, KeyEncoder, normalize_rows
+from .model import ClaraModel
+
+FORMAT = "clara-memory-store/1"
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")
+SHARD_ROWS = 4096
+_GENERATION = re.compile(r"^gen-(\d{6})$")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredDocument:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+
+
+class MemoryStore:
+    """Upsert, delete, get and search documents compressed by one ClaraModel.
+
+    ``index`` is ``"flat"`` (exact inner product on unit-norm keys), ``"hnsw"`` or ``"ivfpq"``
+    (approximate, for large corpora; ivfpq falls back to exact below 1,024 documents).
+    """
+
+    def __init__(
+        self,
+        model: ClaraModel,
+        keys: KeyEncoder | None = None,
+        index: str = "flat",
+        batch_size: int = 8,
+    ) -> None:
+        if index not in INDEX_KINDS:
+            raise ValueError(f"unknown index {index!r}; choose one of {INDEX_KINDS}")
+        self.model = model
+        self.keys = keys or ClaraKeys(model)
+        self.index_kind = index
+        self.batch_size = batch_size
+        self._lock = threading.RLock()
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+        self._metadatas: list[dict[str, Any]] = []
+        self._where: list[tuple[int, int]] = []  # row -> (chunk, offset in chunk)
+        self._memory_chunks: list[np.ndarray] = []  # fp16 [rows, n_mem, hidden]
+        self._key_chunks: list[np.ndarray] = []  # fp32 [rows, dim]; unused when keys are memories
+        self._row_of: dict[str, int] = {}
+        self._index: faiss.Index | None = None  # over all rows, in order; None when stale
+        self._ids_by_text: dict[str, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    # -------------------------------------------------------------- writing
+
+    def upsert(
+        self,
+        texts: Sequence[str],
+        ids: Sequence[str] | None = None,
+        metadatas: Sequence[dict[str, Any]] | None = None,
+        show_progress: bool = False,
+    ) -> list[str]:
+        """Compress and add documents; an id already stored is replaced. Returns the ids.
+
+        Everything is validated and compressed before the store changes, so bad input
+        leaves the stored documents as they were.
+        """
+        texts = check_texts(texts, "texts")
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else list(ids)
+        metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
+        if not len(ids) == len(metadatas) == len(texts):
+            raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
+        for doc_id, metadata in zip(ids, metadatas):
+            if not isinstance(doc_id, str) or not doc_id:
+                raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
+            try:
+                json.dumps(metadata)
+            except (TypeError, ValueError) as error:
+                raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
+        memories = self.model.compress(texts, self.batch_size, show_progress).memories
+        memories = memories.to(torch.float16).cpu().numpy()
+        keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
+        with self._lock:
+            self._check_dimensions(memories, keys)
+            chunk = len(self._memory_chunks)
+            self._memory_chunks.append(memories)
+            if keys is not None:
+                self._key_chunks.append(keys)
+            for offset, (doc_id, text, metadata) in enumerate(zip(ids, texts, metadatas)):
+                row = self._row_of.get(doc_id)
+                if row is None:
+                    self._row_of[doc_id] = len(self._ids)
+                    self._ids.append(doc_id)
+                    self._texts.append(text)
+                    self._metadatas.append(metadata)
+                    self._where.append((chunk, offset))
+                else:
+                    self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
+            self._index = self._ids_by_text = None
+        return ids
+
+    def _check_dimensions(self, memories: np.ndarray, keys: np.ndarray | None) -> None:
+        if self._memory_chunks and memories.shape[1:] != self._memory_chunks[0].shape[1:]:
+            raise StoreError(f"memories of shape {memories.shape[1:]} do not match the store's "
+                             f"{self._memory_chunks[0].shape[1:]}")
+        if keys is not None and self._key_chunks and keys.shape[1] != self._key_chunks[0].shape[1]:
+            raise StoreError(f"keys of size {keys.shape[1]} do not match the store's {self._key_chunks[0].shape[1]}")
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents by id; ids that are not stored are ignored."""
+        with self._lock:
+            doomed = {self._row_of[i] for i in ids if i in self._row_of}
+            if not doomed:
+                return
+            keep = [row for row in range(len(self._ids)) if row not in doomed]
+            self._ids = [self._ids[r] for r in keep]
+            self._texts = [self._texts[r] for r in keep]
+            self._metadatas = [self._metadatas[r] for r in keep]
+            self._where = [self._where[r] for r in keep]
+            self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
+            self._index = self._ids_by_text = None
+
+    # -------------------------------------------------------------- reading
+
+    def get(self, ids: Sequence[str]) -> list[StoredDocument]:
+        """Documents in the order asked; ids that are not stored are skipped."""
+        with self._lock:
+            return [self._document(self._row_of[i]) for i in ids if i in self._row_of]
+
+    def _document(self, row: int) -> StoredDocument:
+        return StoredDocument(self._ids[row], self._texts[row], dict(self._metadatas[row]))
+
+    def memories(self, ids: Sequence[str]) -> torch.Tensor:
+        """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
+        with self._lock:
+            unknown = [i for i in ids if i not in self._row_of]
+            if unknown:
+                raise InvalidInputError(f"unknown document ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+            rows = [self._row_of[i] for i in ids]
+            if not rows:
+                return torch.zeros(0, self.model.config.n_mem_tokens, self.model.hidden_size)
+            return torch.from_numpy(self._gather(self._memory_chunks, rows).astype(np.float32))
+
+    def ids_where(self, where: Filter) -> list[str]:
+        """Ids of the documents whose metadata satisfies a filter."""
+        validate_filter(where)
+        with self._lock:
+            return [doc_id for doc_id, meta in zip(self._ids, self._metadatas) if matches(meta, where)]
+
+    def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
+        """The stored id of each exact text, or None: lets a generator reuse stored memories."""
+        with self._lock:
+            if self._ids_by_text is None:
+                self._ids_by_text = {text: doc_id for doc_id, text in zip(self._ids, self._texts)}
+            return [self._ids_by_text.get(text) for text in texts]
+
+    def all_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._ids)
+
+    # ------------------------------------------------------------- searching
+
+    def search(self, query: str, k: int = 4, where: Filter | None = None) -> list[tuple[StoredDocument, float]]:
+        """The k documents most similar to the query (cosine), best first."""
+        check_texts([query], "query")
+        if where is not None:
+            validate_filter(where)
+        return self.search_by_key(self.keys.query_keys([query])[0], k, where)
+
+    def search_by_key(
+        self, key: np.ndarray, k: int = 4, where: Filter | None = None
+    ) -> list[tuple[StoredDocument, float]]:
+        """Like ``search`` for a query key computed elsewhere."""
+        if k < 1:
+            raise InvalidInputError(f"k must be at least 1, got {k}")
+        query = normalize_rows(np.asarray(key).reshape(1, -1))
+        with self._lock:
+            if not self._ids:
+                return []
+            if where is not None:  # exact search over the documents that pass the filter
+                rows = [r for r, meta in enumerate(self._metadatas) if matches(meta, where)]
+                if not rows:
+                    return []
+                scores = self._row_keys(rows) @ query[0]
+                best = np.argsort(-scores, kind="stable")[:k]
+                return [(self._document(rows[i]), float(scores[i])) for i in best]
+            index = self._ensure_index()
+            scores, rows = index.search(query, min(k, len(self._ids)))
+            return [(self._document(int(r)), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+
+    def _gather(self, chunks: list[np.ndarray], rows: Sequence[int]) -> np.ndarray:
+        """Rows of chunked arrays, in the order asked."""
+        where = np.array([self._where[r] for r in rows], dtype=np.int64).reshape(-1, 2)
+        first = chunks[where[0, 0]]
+        out = np.empty((len(rows), *first.shape[1:]), dtype=first.dtype)
+        for chunk in np.unique(where[:, 0]):
+            selected = where[:, 0] == chunk
+            out[selected] = chunks[chunk][where[selected, 1]]
+        return out
+
+    def _row_keys(self, rows: Sequence[int]) -> np.ndarray:
+        if self.keys.keys_are_memories:
+            return normalize_rows(self._gather(self._memory_chunks, rows).reshape(len(rows), -1))
+        return self._gather(self._key_chunks, rows)
+
+    def _ensure_index(self) -> faiss.Index:
+        """The faiss index over every row, rebuilt after any change."""
+        if self._index is None:
+            keys = self._row_keys(range(len(self._ids)))
+            self._index = _build_index(self.index_kind, keys)
+        return self._index
+
+    # --------------------------------------------------------------- saving
+
+    def save(self, folder: str | Path) -> Path:
+        """Write a new generation of the store and make it current. Returns its folder."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:  # a consistent snapshot; the slow writing happens outside the lock
+            rows = range(len(self._ids))
+            records = {"ids": list(self._ids), "texts": list(self._texts), "metadatas": list(self._metadatas)}
+            memories = self._gather(self._memory_chunks, rows) if rows else None
+            keys = None if self.keys.keys_are_memories or not rows else self._gather(self._key_chunks, rows)
+            index = self._ensure_index() if rows and self.index_kind != "flat" else None
+        for leftover in folder.glob(".staging-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        staging = folder / f".staging-{uuid.uuid4().hex}"
+        staging.mkdir()
+        header = {
+            "format": FORMAT,
+            "count": len(records["ids"]),
+            "index": self.index_kind,
+            "compressor": self.model.compressor_signature(),
+            "keys": self.keys.signature(),
+            "memory_shards": _write_shards(staging, "memories", memories),
+            "key_shards": _write_shards(staging, "keys", keys),
+        }
+        _write_json(staging / "records.json", records)
+        if index is not None:
+            faiss.write_index(index, str(staging / "index.faiss"))
+        _write_json(staging / "store.json", header)
+        generations = _generations(folder)
+        name = f"gen-{(generations[-1] + 1) if generations else 1:06d}"
+        os.replace(staging, folder / name)
+        write_text_atomically(folder / "CURRENT", name + "\n")
+        for old in generations[:-1]:  # keep the previous generation for readers still on it
+            shutil.rmtree(folder / f"gen-{old:06d}", ignore_errors=True)
+        return folder / name
+
+    @classmethod
+    def load(
+        cls, folder: str | Path, model: ClaraModel, keys: KeyEncoder | None = None, batch_size: int = 8
+    ) -> "MemoryStore":
+        """Open the current generation; memories stay on disk, memory-mapped."""
+        folder = Path(folder)
+        pointer = folder / "CURRENT"
+        if not pointer.exists():
+            raise StoreError(f"{folder} is not a CLaRa memory store: CURRENT is missing")
+        generation = folder / pointer.read_text().strip()
+        header = _read_json(generation / "store.json")
+        if header.get("format") != FORMAT:
+            raise StoreError(f"{generation}/store.json has format {header.get('format')!r}, expected {FORMAT!r}")
+        store = cls(model, keys, header["index"], batch_size)
+        _check_compressor(header["compressor"], model.compressor_signature(), folder)
+        if header["keys"] != store.keys.signature():
+            raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}")
+        records = _read_json(generation / "records.json")
+        count = header["count"]
+        if not len(records["ids"]) == len(records["texts"]) == len(records["metadatas"]) == count:
+            raise StoreError(f"{generation}/records.json does not hold {count} documents")
+        store._memory_chunks = _read_shards(generation, header["memory_shards"], np.float16)
+        store._key_chunks = _read_shards(generation, header["key_shards"], np.float32)
+        store._ids, store._texts, store._metadatas = records["ids"], records["texts"], records["metadatas"]
+        store._where = [(c, o) for c, shard in enumerate(store._memory_chunks) for o in range(len(shard))]
+        if len(store._where) != count:
+            raise StoreError(f"{generation}: memory shards hold {len(store._where)} rows, expected {count}")
+        store._row_of = {doc_id: row for row, doc_id in enumerate(store._ids)}
+        if (generation / "index.faiss").exists():
+            store._index = _read_index(generation / "index.faiss", count)
+        return store
+
+
+def _build_index(kind: str, keys: np.ndarray) -> faiss.Index:
+    count, dim = keys.shape
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    elif kind == "ivfpq" and count >= 1024:
+        lists = int(math.sqrt(count))
+        sub = max(d for d in range(1, 65) if dim % d == 0)
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, sub, 8, faiss.METRIC_INNER_PRODUCT)
+        index.train(keys)
+        index.nprobe = min(lists, 16)
+    else:
+        index = faiss.IndexFlatIP(dim)
+    index.add(keys)
+    return index
+
+
+def _read_index(path: Path, count: int) -> faiss.Index:
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise StoreError(f"{path} is corrupted: faiss could not read it ({error})") from error
+    if index.ntotal != count:
+        raise StoreError(f"{path} indexes {index.ntotal} documents, expected {count}")
+    return index
+
+
+def _write_shards(folder: Path, stem: str, array: np.ndarray | None) -> list[dict]:
+    if array is None:
+        return []
+    shards = []
+    for number, start in enumerate(range(0, len(array), SHARD_ROWS)):
+        name = f"{stem}-{number:05d}.npy"
+        with open(folder / name, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array[start:start + SHARD_ROWS]))
+            handle.flush()
+            os.fsync(handle.fileno())
+        shards.append({"file": name, "rows": len(array[start:start + SHARD_ROWS])})
+    return shards
+
+
+def _read_shards(folder: Path, shards: list[dict], dtype: type) -> list[np.ndarray]:
+    arrays = []
+    for shard in shards:
+        path = folder / shard["file"]
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise StoreError(f"{path} is missing or corrupted: {error}") from error
+        if array.dtype != dtype or len(array) != shard["rows"]:
+            raise StoreError(f"{path} holds {array.dtype} x {len(array)} rows, expected {np.dtype(dtype)} "
+                             f"x {shard['rows']}")
+        arrays.append(array)
+    return arrays
+
+
+def _write_json(path: Path, value: Any) -> None:
+    with open(path, "w") as handle:
+        json.dump(value, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as error:
+        raise StoreError(f"{path} is missing") from error
+    except json.JSONDecodeError as error:
+        raise StoreError(f"{path} is corrupted: {error}") from error
+
+
+def _generations(folder: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _GENERATION.match(p.name)))
+
+
+def _check_compressor(stored: dict, current: dict, folder: Path) -> None:
+    """Refuse to mix memories from different compressors."""
+    for key in ("compression_rate", "doc_max_length", "memory_shape"):
+        if stored.get(key) != current.get(key):
+            raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has {current.get(key)}")
+    problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
+    if problem:
+        raise StoreError(f"{folder} was written by another base model: {problem}")
+    if stored.get("encoder_sha256") != current.get("encoder_sha256"):
+        raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")

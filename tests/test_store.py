@@ -1,0 +1,189 @@
+"""MemoryStore: upsert/delete/get, filters, search, persistence, crashes and concurrency."""
+
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
+from conftest import CORPUS, randomize_adapters
+
+METAS = [{"topic": "city", "n": 1}, {"topic": "tower", "n": 2}, {"topic": "city", "n": 3},
+         {"topic": "river", "n": 4}, {"topic": "science", "n": 5}]
+
+
+@pytest.fixture
+def store(tiny_model) -> MemoryStore:
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:5], ids=[f"d{i}" for i in range(5)], metadatas=METAS)
+    return store
+
+
+def test_upsert_keeps_one_copy_per_id_and_replaces_content(store):
+    store.upsert(["Rome is the capital of Italy."], ids=["d1"], metadatas=[{"topic": "city"}])
+    assert len(store) == 5
+    assert store.get(["d1"])[0].text == "Rome is the capital of Italy."
+    assert torch.allclose(store.memories(["d1"]),
+                          store.model.compress_documents(["Rome is the capital of Italy."]), atol=1e-2)
+
+
+def test_delete_ignores_missing_ids_and_get_skips_them(store):
+    store.delete(["d0", "nope"])
+    store.delete(["nope"])
+    assert [d.id for d in store.get(["d0", "d1", "nope", "d2"])] == ["d1", "d2"]
+    assert all(doc.id != "d0" for doc, _ in store.search("Paris", k=5))
+
+
+def test_memories_are_fp16_copies_of_the_compression(store, tiny_model):
+    expected = tiny_model.compress_documents(CORPUS[2:4])
+    assert torch.allclose(store.memories(["d2", "d3"]), expected, atol=1e-2)
+    with pytest.raises(InvalidInputError, match="unknown document ids: \\['zz'\\]"):
+        store.memories(["d2", "zz"])
+
+
+def test_search_ranks_by_cosine_of_query_reasoner_and_memories(store, tiny_model):
+    from clara_plugins.retrieval import cosine_scores
+
+    query = "Who won prizes in physics?"
+    expected = cosine_scores(tiny_model.encode_queries([query]), tiny_model.compress_documents(CORPUS[:5]))[0]
+    results = store.search(query, k=3)
+    assert [d.id for d, _ in results] == [f"d{i}" for i in expected.topk(3).indices.tolist()]
+    assert np.allclose([s for _, s in results], expected.topk(3).values.numpy(), atol=1e-2)
+
+
+@pytest.mark.parametrize("where,expected", [
+    ({"topic": "city"}, {"d0", "d2"}),
+    ({"topic": {"$in": ["river", "tower"]}}, {"d1", "d3"}),
+    ({"$and": [{"topic": "city"}, {"n": {"$ne": 1}}]}, {"d2"}),
+    ({"$or": [{"n": 5}, {"topic": "tower"}]}, {"d1", "d4"}),
+    ({"topic": "none"}, set()),
+])
+def test_metadata_filters(store, where, expected):
+    assert {d.id for d, _ in store.search("capital", k=5, where=where)} == expected
+    assert set(store.ids_where(where)) == expected
+
+
+def test_malformed_filters_are_named(store):
+    with pytest.raises(ValueError, match="unknown operator '\\$gt'"):
+        store.search("x", where={"n": {"$gt": 1}})
+    with pytest.raises(ValueError, match="\\$or takes a non-empty list"):
+        store.search("x", where={"$or": {}})
+
+
+def test_bad_input_changes_nothing(store):
+    before = store.all_ids()
+    for texts, kwargs in [([""], {}), (["ok", 5], {}), (["ok"], {"ids": [""]}),
+                          (["ok"], {"metadatas": [{"bad": object()}]}), (["a", "b"], {"ids": ["x"]})]:
+        with pytest.raises(InvalidInputError):
+            store.upsert(texts, **kwargs)
+    assert store.all_ids() == before
+
+
+def test_save_and_load_round_trip(store, tiny_model, tmp_path):
+    store.save(tmp_path / "s")
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert loaded.all_ids() == store.all_ids()
+    assert loaded.get(["d3"]) == store.get(["d3"])
+    assert torch.equal(loaded.memories(["d0", "d4"]), store.memories(["d0", "d4"]))
+    assert [d.id for d, _ in loaded.search("Paris", k=3)] == [d.id for d, _ in store.search("Paris", k=3)]
+    loaded.upsert(["New text about Vienna."], ids=["d9"])
+    loaded.save(tmp_path / "s")
+    assert len(MemoryStore.load(tmp_path / "s", tiny_model)) == 6
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["CURRENT", "gen-000001", "gen-000002"]
+
+
+@pytest.mark.parametrize("index", ["hnsw", "ivfpq"])
+def test_approximate_indexes_persist(tiny_model, tmp_path, index):
+    store = MemoryStore(tiny_model, index=index)
+    store.upsert(CORPUS, ids=[str(i) for i in range(len(CORPUS))])
+    expected = [d.id for d, _ in store.search("Nobel prizes", k=2)]
+    store.save(tmp_path / index)
+    loaded = MemoryStore.load(tmp_path / index, tiny_model)
+    assert loaded.index_kind == index and loaded._index is not None
+    assert [d.id for d, _ in loaded.search("Nobel prizes", k=2)] == expected
+
+
+def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
+    store.save(tmp_path / "s")
+    other = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(other, seed=7)
+    with pytest.raises(StoreError, match="another compressor"):
+        MemoryStore.load(tmp_path / "s", other)
+    other_rate = ClaraModel(ClaraConfig(base_model=tiny_config.base_model, compression_rate=8,
+                                        doc_max_length=64), device="cpu")
+    with pytest.raises(StoreError, match="compression_rate=16"):
+        MemoryStore.load(tmp_path / "s", other_rate)
+
+
+def test_corrupted_files_are_named(store, tiny_model, tmp_path):
+    generation = store.save(tmp_path / "s")
+    (generation / "memories-00000.npy").write_bytes(b"not numpy")
+    with pytest.raises(StoreError, match="memories-00000.npy is missing or corrupted"):
+        MemoryStore.load(tmp_path / "s", tiny_model)
+    approximate = MemoryStore(tiny_model, index="hnsw")
+    approximate.upsert(CORPUS[:3])
+    generation = approximate.save(tmp_path / "h")
+    (generation / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(StoreError, match="index.faiss is corrupted"):
+        MemoryStore.load(tmp_path / "h", tiny_model)
+    with pytest.raises(StoreError, match="CURRENT is missing"):
+        MemoryStore.load(tmp_path, tiny_model)
+
+
+def test_process_killed_during_save_leaves_the_last_good_store(store, tiny_model, tiny_base, tmp_path):
+    store.save(tmp_path / "s")
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from clara_plugins import ClaraModel, MemoryStore
+        model = ClaraModel.from_pretrained({str(tmp_path / 'ckpt')!r}, device="cpu")
+        store = MemoryStore.load({str(tmp_path / 's')!r}, model)
+        store.upsert(["A sixth document that must not appear."], ids=["d5"])
+        store.delete(["d0"])
+        real_save = np.save
+        def die_midway(handle, array):
+            real_save(handle, array[: len(array) // 2])
+            os._exit(9)  # the process is killed while writing the memory shard
+        np.save = die_midway
+        store.save({str(tmp_path / 's')!r})
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 9, result.stderr
+    survivor = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert survivor.all_ids() == [f"d{i}" for i in range(5)]
+    assert torch.equal(survivor.memories(["d0"]), store.memories(["d0"]))
+    survivor.save(tmp_path / "s")  # the next save clears the abandoned staging folder
+    assert not list(Path(tmp_path / "s").glob(".staging-*"))
+
+
+def test_concurrent_readers_and_a_writer(store):
+    errors: list[Exception] = []
+    results: list[int] = []
+
+    def read() -> None:
+        try:
+            for _ in range(5):
+                results.append(len(store.search("capital city", k=3)))
+        except Exception as error:  # noqa: BLE001 - any failure in a thread fails the test
+            errors.append(error)
+
+    def write() -> None:
+        try:
+            for i in range(5):
+                store.upsert([f"Extra document number {i}."], ids=[f"x{i}"])
+                store.delete([f"x{i - 1}"])
+        except Exception as error:  # noqa: BLE001
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(3)] + [threading.Thread(target=write)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and results == [3] * 15
+    assert sorted(store.all_ids()) == ["d0", "d1", "d2", "d3", "d4", "x4"]
