@@ -295,13 +295,19 @@ class ClaraModel(torch.nn.Module):
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
         n, h = self.config.n_mem_tokens, self.hidden_size
         if compressed.dim() == 3 and compressed.size(0) % len(questions) == 0:
-            compressed = compressed.reshape(len(questions), -1, *compressed.shape[1:])
+            compressed = compressed.reshape(len(questions), compressed.size(0) // len(questions),
+                                            *compressed.shape[1:])
         if compressed.dim() != 4 or compressed.size(0) != len(questions) or compressed.shape[2:] != (n, h):
             raise InvalidInputError(
                 f"compressed documents of shape {tuple(compressed.shape)} do not fit "
                 f"{len(questions)} questions with memories of shape ({n}, {h})"
             )
         return compressed.to(self.device)
+
+    def prompt_positions(self, question: str, n_documents: int) -> int:
+        """Input positions the generator reads for a question over n compressed documents."""
+        prompt = question_prompt(self.tokenizer, question, n_documents, self.document_placeholder)
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def generate_from_compressed_documents_and_questions(
         self, questions: Sequence[str], compressed_documents: torch.Tensor, max_new_tokens: int | None = None

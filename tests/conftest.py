@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,15 @@ def tiny_model(tiny_config) -> ClaraModel:
     model = ClaraModel(tiny_config, device="cpu")
     randomize_adapters(model)
     return model
+
+
+@functools.cache
+def shared_untrained_tiny_model() -> ClaraModel:
+    """One untrained tiny model for suites whose settings are class properties, not fixtures.
+
+    Fresh adapters are the identity, so the query reasoner encodes a text exactly as the
+    compressor does: a document's own text is its nearest query.
+    """
+    folder = build_tiny_base_model(Path(tempfile.mkdtemp(prefix="clara-tiny-")))
+    return ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64,
+                                  max_new_tokens=8), device="cpu")

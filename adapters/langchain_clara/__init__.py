@@ -1,1 +1,7 @@
-"""LangChain components backed by CLaRa memory tokens."""
+"""LangChain components backed by CLaRa memory tokens: a vector store, a retriever, a chat model."""
+
+from .chat_models import CLARA_PROMPT, ChatClara, format_documents
+from .retrievers import ClaraRetriever
+from .vectorstores import ClaraVectorStore, EmbeddingsKeys
+
+__all__ = ["CLARA_PROMPT", "ChatClara", "ClaraRetriever", "ClaraVectorStore", "EmbeddingsKeys", "format_documents"]

@@ -1,0 +1,101 @@
+"""ChatClara's document routes, stop sequences, and an offline LCEL RAG chain."""
+
+import pytest
+import torch
+from langchain_core.documents import Document
+from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.runnables import RunnablePassthrough
+
+from conftest import CORPUS
+from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
+from langchain_clara.chat_models import _cut_at_stops
+
+QUESTION = "Who won Nobel prizes?"
+
+
+@pytest.fixture
+def vectorstore(tiny_model) -> ClaraVectorStore:
+    store = ClaraVectorStore(tiny_model)
+    store.add_texts(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))])
+    return store
+
+
+def expected_answer(model, memories: torch.Tensor) -> str:
+    return model.generate_from_compressed_documents_and_questions([QUESTION], memories.unsqueeze(0))[0]
+
+
+def test_answers_from_stored_memories_by_id(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    expected = expected_answer(tiny_model, vectorstore.store.memories(["d4", "d0"]))
+    assert chat.invoke(QUESTION, document_ids=["d4", "d0"]).content == expected
+    assert chat.bind(document_ids=["d4", "d0"]).invoke(QUESTION).content == expected
+    message = HumanMessage(QUESTION, additional_kwargs={"document_ids": ["d4", "d0"]})
+    assert chat.invoke([message]).content == expected
+
+
+def test_system_paragraphs_reuse_stored_memories(tiny_model, vectorstore, monkeypatch):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    expected = expected_answer(tiny_model, vectorstore.store.memories(["d1", "d2"]))
+    calls = []
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs, *a, **k: calls.append(docs))
+    messages = [SystemMessage(f"{CORPUS[1]}\n\n{CORPUS[2]}"), HumanMessage(QUESTION)]
+    assert chat.invoke(messages).content == expected
+    assert calls == []  # both paragraphs were found in the store: nothing was compressed again
+
+
+def test_unstored_texts_are_compressed(tiny_model):
+    chat = ChatClara(clara=tiny_model)
+    docs = [Document("A fresh text about rivers."), "Another fresh text."]
+    expected = expected_answer(tiny_model, tiny_model.compress_documents([d.page_content if isinstance(d, Document)
+                                                                         else d for d in docs]))
+    assert chat.invoke(QUESTION, documents=docs).content == expected
+
+
+def test_more_than_k_documents_keeps_the_reasoners_top_k(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store, k=2)
+    result = chat.invoke(QUESTION, document_ids=[f"d{i}" for i in range(6)])
+    top = [d.id for d, _ in vectorstore.store.search(QUESTION, k=2)]
+    assert result.content == expected_answer(tiny_model, vectorstore.store.memories(top))
+    assert result.usage_metadata["input_tokens"] == tiny_model.prompt_positions(QUESTION, 2)
+
+
+def test_streaming_matches_invoke_and_reports_usage(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    chunks = list(chat.stream(QUESTION, document_ids=["d3"]))
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full += chunk
+    assert full.content == chat.invoke(QUESTION, document_ids=["d3"]).content
+    assert full.usage_metadata["input_tokens"] == tiny_model.prompt_positions(QUESTION, 1)
+
+
+def test_errors_name_the_problem(tiny_model):
+    with pytest.raises(ValueError, match="need a ChatClara with a store"):
+        ChatClara(clara=tiny_model).invoke(QUESTION, document_ids=["d1"])
+    with pytest.raises(ValueError, match="needs a human message"):
+        ChatClara(clara=tiny_model).invoke([SystemMessage("only context")])
+
+
+def test_stop_sequences_cut_the_stream():
+    pieces = iter(["The ans", "wer is", " here. More", " text"])
+    assert "".join(_cut_at_stops(pieces, ["is h", "zz"])) == "The answer "
+    assert "".join(_cut_at_stops(iter(["abc"]), ["x"])) == "abc"
+
+
+def test_lcel_rag_chain_runs_offline(tiny_model, vectorstore):
+    retriever = ClaraRetriever(store=vectorstore.store, k=2)
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    chain = ({"context": retriever | format_documents, "question": RunnablePassthrough()}
+             | CLARA_PROMPT | chat | StrOutputParser())
+    answer = chain.invoke(QUESTION)
+    top = [d.id for d in retriever.invoke(QUESTION)]
+    assert answer == expected_answer(tiny_model, vectorstore.store.memories(top))
+
+
+def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path):
+    vectorstore.save_local(tmp_path / "lc")
+    loaded = ClaraVectorStore.load_local(tmp_path / "lc", tiny_model)
+    assert loaded.similarity_search(QUESTION, k=3) == vectorstore.similarity_search(QUESTION, k=3)
+    files = {p.suffix for p in (tmp_path / "lc").rglob("*") if p.is_file()}
+    assert files <= {".json", ".npy", ""}  # CURRENT has no suffix; nothing is a pickle
