@@ -92,9 +92,11 @@ class MemoryStore:
         ids: Sequence[str] | None = None,
         metadatas: Sequence[dict[str, Any]] | None = None,
         show_progress: bool = False,
+        memories: torch.Tensor | None = None,
     ) -> list[str]:
         """Compress and add documents; an id already stored is replaced. Returns the ids.
 
+        ``memories`` [n, n_mem, hidden] skips compression when they were computed already.
         Everything is validated and compressed before the store changes, so bad input
         leaves the stored documents as they were.
         """
@@ -110,7 +112,10 @@ class MemoryStore:
                 json.dumps(metadata)
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
-        memories = self.model.compress(texts, self.batch_size, show_progress).memories
+        if memories is None:
+            memories = self.model.compress(texts, self.batch_size, show_progress).memories
+        elif len(memories) != len(texts):
+            raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
         memories = memories.to(torch.float16).cpu().numpy()
         keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
         with self._lock:

@@ -28,7 +28,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from pydantic import ConfigDict
 
 from clara_plugins import ClaraModel, MemoryStore
-from clara_plugins.retrieval import cosine_scores
+from clara_plugins.context import keep_top_k, memories_for_texts
 
 CLARA_PROMPT = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
 
@@ -83,26 +83,12 @@ class ChatClara(BaseChatModel):
             memories = self.store.memories(ids)
         elif kwargs.get("documents"):
             texts = [d.page_content if isinstance(d, Document) else d for d in kwargs["documents"]]
-            memories = self._memories_of(texts)
+            memories = memories_for_texts(self.clara, self.store, texts)
         else:
             paragraphs = [p.strip() for m in messages if isinstance(m, SystemMessage)
                           for p in m.text.split("\n\n") if p.strip()]
-            memories = self._memories_of(paragraphs)
-        if len(memories) > self.k:
-            scores = cosine_scores(self.clara.encode_queries([question]), memories)[0]
-            memories = memories[scores.topk(self.k).indices]
-        return question, memories
-
-    def _memories_of(self, texts: list[str]) -> torch.Tensor:
-        """Stored memory tokens where the store has the text, fresh compression elsewhere."""
-        shape = (0, self.clara.config.n_mem_tokens, self.clara.hidden_size)
-        if not texts:
-            return torch.zeros(shape)
-        stored = self.store.ids_for_texts(texts) if self.store is not None else [None] * len(texts)
-        missing = [t for t, i in zip(texts, stored) if i is None]
-        fresh = iter(self.clara.compress_documents(missing).cpu()) if missing else iter(())
-        known = iter(self.store.memories([i for i in stored if i]) if any(stored) else torch.zeros(shape))
-        return torch.stack([next(known) if i else next(fresh) for i in stored])
+            memories = memories_for_texts(self.clara, self.store, paragraphs)
+        return question, keep_top_k(self.clara, question, memories, self.k)
 
     # ------------------------------------------------------------ generation
 

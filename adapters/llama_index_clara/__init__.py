@@ -1,1 +1,10 @@
-"""LlamaIndex components backed by CLaRa memory tokens."""
+"""LlamaIndex components backed by CLaRa memory tokens: vector store, retriever, LLM, synthesizer."""
+
+from .embedding import ClaraEmbedding
+from .llm import ClaraLLM
+from .retriever import ClaraRetriever
+from .synthesizer import ClaraSynthesizer
+from .vector_store import ClaraVectorStore, translate_filters
+
+__all__ = ["ClaraEmbedding", "ClaraLLM", "ClaraRetriever", "ClaraSynthesizer", "ClaraVectorStore",
+           "translate_filters"]

@@ -1,0 +1,72 @@
+"""ClaraLLM: CLaRa's generator as a LlamaIndex LLM."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
+from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+from pydantic import ConfigDict
+
+from clara_plugins import ClaraModel, MemoryStore
+from clara_plugins.context import keep_top_k, memories_for_texts
+
+
+class ClaraLLM(CustomLLM):
+    """Answer a question from memory tokens.
+
+    The prompt is the question. Documents come from the call keywords ``document_ids``
+    (memory tokens read from ``store``) or ``documents`` (texts, reusing stored memory tokens
+    where the store has the text); with neither, the model answers without documents.
+    ``ClaraSynthesizer`` passes the retrieved nodes' ids, so a query engine answers from
+    their stored memory tokens.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    clara: ClaraModel
+    store: MemoryStore | None = None
+    k: int = 5
+    max_new_tokens: int | None = None
+    model_name: str = "clara"
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ClaraLLM"
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=getattr(self.clara.lm.config, "max_position_embeddings", 2048),
+            num_output=self.max_new_tokens or self.clara.config.max_new_tokens,
+            model_name=self.model_name,
+            is_chat_model=False,
+        )
+
+    def _pieces(self, question: str, kwargs: dict[str, Any]) -> Iterator[str]:
+        if kwargs.get("document_ids"):
+            if self.store is None:
+                raise ValueError("document_ids need a ClaraLLM with a store")
+            memories = self.store.memories(kwargs["document_ids"])
+        else:
+            memories = memories_for_texts(self.clara, self.store, list(kwargs.get("documents") or []))
+        memories = keep_top_k(self.clara, question, memories, self.k)
+        return self.clara.stream_answer(question, memories, self.max_new_tokens)
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return CompletionResponse(text="".join(self._pieces(prompt, kwargs)))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        pieces = self._pieces(prompt, kwargs)
+
+        def responses() -> CompletionResponseGen:
+            text = ""
+            for piece in pieces:
+                text += piece
+                yield CompletionResponse(text=text, delta=piece)
+
+        return responses()

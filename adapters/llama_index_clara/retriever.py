@@ -1,0 +1,26 @@
+"""ClaraRetriever: the query reasoner's top-k as a LlamaIndex retriever."""
+
+from __future__ import annotations
+
+from llama_index.core.retrievers import BaseRetriever
+from llama_index.core.schema import NodeWithScore, QueryBundle
+from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
+
+from .vector_store import ClaraVectorStore
+
+
+class ClaraRetriever(BaseRetriever):
+    """Nodes whose memory tokens best match the question, with their cosine scores."""
+
+    def __init__(self, vector_store: ClaraVectorStore, similarity_top_k: int = 5,
+                 filters: MetadataFilters | None = None) -> None:
+        super().__init__()
+        self.vector_store = vector_store
+        self.similarity_top_k = similarity_top_k
+        self.filters = filters
+
+    def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        query = VectorStoreQuery(query_str=query_bundle.query_str, similarity_top_k=self.similarity_top_k,
+                                 filters=self.filters)
+        result = self.vector_store.query(query)
+        return [NodeWithScore(node=node, score=score) for node, score in zip(result.nodes, result.similarities)]

@@ -1,0 +1,59 @@
+"""ClaraSynthesizer: hands the retrieved nodes' memory tokens to the generator.
+
+LlamaIndex's own synthesizers paste node text into a prompt. This one passes the node ids,
+so ``ClaraLLM`` reads the stored memory tokens; nodes that are not in the store are
+compressed from their text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from llama_index.core.callbacks import CallbackManager
+from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
+from llama_index.core.schema import NodeWithScore
+from llama_index.core.types import RESPONSE_TEXT_TYPE
+
+from .llm import ClaraLLM
+
+
+class ClaraSynthesizer(BaseSynthesizer):
+    """Use as ``index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm))``."""
+
+    def __init__(self, llm: ClaraLLM, streaming: bool = False,
+                 callback_manager: CallbackManager | None = None) -> None:
+        super().__init__(llm=llm, streaming=streaming, callback_manager=callback_manager)
+        self._clara_llm = llm
+
+    def _get_prompts(self) -> dict[str, Any]:
+        return {}
+
+    def _update_prompts(self, prompts: dict[str, Any]) -> None:
+        """There is no prompt template to update: the CLaRa prompt is fixed by training."""
+
+    def synthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
+                   additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any):
+        ids = [n.node.node_id for n in nodes]
+        return super().synthesize(query, nodes, additional_source_nodes, document_ids=ids, **kwargs)
+
+    async def asynthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
+                          additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any):
+        ids = [n.node.node_id for n in nodes]
+        return await super().asynthesize(query, nodes, additional_source_nodes, document_ids=ids, **kwargs)
+
+    def get_response(self, query_str: str, text_chunks: Sequence[str],
+                     document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
+        store = self._clara_llm.store
+        if document_ids and store is not None and len(store.get(document_ids)) == len(document_ids):
+            sources = {"document_ids": document_ids}
+        else:
+            sources = {"documents": list(text_chunks)}
+        if self._streaming:
+            return (response.delta for response in self._clara_llm.stream_complete(query_str, **sources))
+        return self._clara_llm.complete(query_str, **sources).text
+
+    async def aget_response(self, query_str: str, text_chunks: Sequence[str],
+                            document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
+        return await asyncio.to_thread(self.get_response, query_str, text_chunks, document_ids, **kwargs)

@@ -1,0 +1,154 @@
+"""Conformance of the LlamaIndex layer: add, query, delete, filters, persist, async, query engine.
+
+LlamaIndex ships no standard suite; these tests follow its vector-store protocol.
+"""
+
+import pytest
+from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
+from llama_index.core.schema import TextNode
+from llama_index.core.vector_stores.types import (
+    FilterCondition,
+    FilterOperator,
+    MetadataFilter,
+    MetadataFilters,
+    VectorStoreQuery,
+)
+
+from conftest import CORPUS
+from llama_index_clara import ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
+
+QUESTION = "Who won Nobel prizes?"
+TOPICS = ["city", "tower", "city", "river", "science", "novel"]
+
+
+def make_nodes() -> list[TextNode]:
+    return [TextNode(text=text, id_=f"n{i}", metadata={"topic": topic, "n": i})
+            for i, (text, topic) in enumerate(zip(CORPUS, TOPICS))]
+
+
+@pytest.fixture
+def vector_store(tiny_model) -> ClaraVectorStore:
+    store = ClaraVectorStore(tiny_model)
+    store.add(make_nodes())
+    return store
+
+
+def query(store: ClaraVectorStore, k: int = 3, filters=None, node_ids=None):
+    return store.query(VectorStoreQuery(query_str=QUESTION, similarity_top_k=k, filters=filters,
+                                        node_ids=node_ids))
+
+
+def test_protocol_flags():
+    assert ClaraVectorStore.model_fields["stores_text"].default is True
+    assert ClaraVectorStore.model_fields["is_embedding_query"].default is False
+
+
+def test_add_and_query_return_whole_nodes_ranked_by_the_query_reasoner(vector_store, tiny_model):
+    result = query(vector_store)
+    expected = [d.id for d, _ in vector_store.client.search(QUESTION, k=3)]
+    assert result.ids == expected and len(result.similarities) == 3
+    node = result.nodes[0]
+    original = {n.node_id: n for n in make_nodes()}[node.node_id]
+    assert node.get_content() == original.get_content() and node.metadata == original.metadata
+    assert result.similarities == sorted(result.similarities, reverse=True)
+
+
+def test_filters(vector_store):
+    city = MetadataFilters(filters=[MetadataFilter(key="topic", value="city")])
+    assert set(query(vector_store, 6, city).ids) == {"n0", "n2"}
+    either = MetadataFilters(filters=[MetadataFilter(key="topic", value="river"),
+                                      MetadataFilter(key="n", value=[4, 5], operator=FilterOperator.IN)],
+                             condition=FilterCondition.OR)
+    assert set(query(vector_store, 6, either).ids) == {"n3", "n4", "n5"}
+    nested = MetadataFilters(filters=[city, MetadataFilter(key="n", value=0, operator=FilterOperator.NE)])
+    assert query(vector_store, 6, nested).ids == ["n2"]
+    with pytest.raises(NotImplementedError, match="not supported"):
+        query(vector_store, 2, MetadataFilters(filters=[MetadataFilter(key="n", value=1,
+                                                                       operator=FilterOperator.GT)]))
+
+
+def test_query_restricted_to_node_ids(vector_store):
+    assert set(query(vector_store, 5, node_ids=["n1", "n3"]).ids) == {"n1", "n3"}
+
+
+def test_delete_by_ref_doc_and_by_node(tiny_model):
+    store = ClaraVectorStore(tiny_model)
+    index = VectorStoreIndex.from_documents(
+        [Document(text=CORPUS[0], id_="docA"), Document(text=CORPUS[1], id_="docB")],
+        storage_context=StorageContext.from_defaults(vector_store=store), embed_model=store.embed_model)
+    assert len(store.client) == 2
+    index.delete_ref_doc("docA")
+    assert [n.ref_doc_id for n in store.get_nodes()] == ["docB"]
+    store.delete_nodes(filters=MetadataFilters(filters=[MetadataFilter(key="ref_doc_id", value="docB")]))
+    assert store.get_nodes() == []
+
+
+def test_get_nodes_and_clear(vector_store):
+    assert [n.node_id for n in vector_store.get_nodes(["n4", "missing", "n1"])] == ["n4", "n1"]
+    vector_store.clear()
+    assert vector_store.get_nodes() == [] and query(vector_store).ids == []
+
+
+def test_persist_and_reload(vector_store, tiny_model, tmp_path):
+    vector_store.persist(str(tmp_path / "store"))
+    loaded = ClaraVectorStore.from_persist_path(tmp_path / "store", tiny_model)
+    assert query(loaded).ids == query(vector_store).ids
+
+
+async def test_async_methods(tiny_model):
+    store = ClaraVectorStore(tiny_model)
+    assert await store.async_add(make_nodes()) == [f"n{i}" for i in range(6)]
+    result = await store.aquery(VectorStoreQuery(query_str=QUESTION, similarity_top_k=2))
+    assert len(result.ids) == 2
+    await store.adelete_nodes(["n0"])
+    assert "n0" not in [n.node_id for n in await store.aget_nodes()]
+
+
+def test_embed_model_hands_memories_over_instead_of_compressing_twice(tiny_model, monkeypatch):
+    store = ClaraVectorStore(tiny_model)
+    calls = []
+    real = tiny_model.compress_documents
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs, *a, **k: calls.append(len(docs)) or real(docs))
+    VectorStoreIndex.from_documents([Document(text=t) for t in CORPUS[:3]],
+                                    storage_context=StorageContext.from_defaults(vector_store=store),
+                                    embed_model=store.embed_model)
+    assert sum(calls) == 3 and len(store.client) == 3
+
+
+def test_query_engine_answers_from_memory_tokens_without_openai(tiny_model):
+    store = ClaraVectorStore(tiny_model)
+    index = VectorStoreIndex.from_documents(
+        [Document(text=t, metadata={"i": i}) for i, t in enumerate(CORPUS)],
+        storage_context=StorageContext.from_defaults(vector_store=store), embed_model=store.embed_model)
+    llm = ClaraLLM(clara=tiny_model, store=store.client)
+    engine = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm), similarity_top_k=2)
+    response = engine.query(QUESTION)
+    ids = [n.node.node_id for n in response.source_nodes]
+    assert ids == [d.id for d, _ in store.client.search(QUESTION, k=2)]
+    expected = tiny_model.generate_from_compressed_documents_and_questions(
+        [QUESTION], store.client.memories(ids).unsqueeze(0))[0]
+    assert response.response == expected
+    streaming = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm, streaming=True),
+                                      similarity_top_k=2)
+    assert "".join(streaming.query(QUESTION).response_gen).strip() == expected
+    assert Settings._llm is None and Settings._embed_model is None  # no default (OpenAI) was resolved
+
+
+async def test_async_query_engine(tiny_model):
+    store = ClaraVectorStore(tiny_model)
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in CORPUS],
+                                            storage_context=StorageContext.from_defaults(vector_store=store),
+                                            embed_model=store.embed_model)
+    llm = ClaraLLM(clara=tiny_model, store=store.client)
+    engine = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm), similarity_top_k=2)
+    assert (await engine.aquery(QUESTION)).response == engine.query(QUESTION).response
+
+
+def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
+    nodes = ClaraRetriever(vector_store, similarity_top_k=2).retrieve(QUESTION)
+    assert [n.node.node_id for n in nodes] == query(vector_store, 2).ids
+    llm = ClaraLLM(clara=tiny_model, store=vector_store.client)
+    by_ids = llm.complete(QUESTION, document_ids=["n1", "n2"]).text
+    by_text = llm.complete(QUESTION, documents=[CORPUS[1], CORPUS[2]]).text
+    assert by_ids == by_text
+    assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
