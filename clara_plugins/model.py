@@ -180,53 +180,62 @@ class ClaraModel(torch.nn.Module):
 
     # ------------------------------------------------------------ compression
 
-    def _encoder_inputs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """``<ENC> bos text eos``, left-padded to doc_max_length + 3, then the n <MEM> ids.
+    def _encoder_inputs(self, bodies: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``<ENC> bos text eos`` then the n <MEM> ids, left-padded, with their position ids.
 
-        Every sequence has the same length, so memory tokens sit at the same absolute positions
-        whatever the batch: a document compresses identically alone or among others.
+        Positions are those of Apple's layout, where every sequence is left-padded to
+        doc_max_length + 3: memory tokens always sit at the same absolute positions, so a
+        document compresses identically alone or in any batch. Padding only to the batch's
+        longest sequence gives the same states at a fraction of the cost.
         """
         tok = self.tokenizer
-        max_len = self.config.doc_max_length
-        bodies = tok(texts, add_special_tokens=False)["input_ids"]
         prefix = [self.enc_token_id] + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
         suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
-        width = max_len + 3
-        ids = torch.full((len(texts), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), width), dtype=torch.long)
-        counts = []
-        for row, body in enumerate(bodies):
-            counts.append(len(body))
-            sequence = prefix + body[:max_len] + suffix
+        sequences = [prefix + body[: self.config.doc_max_length] + suffix for body in bodies]
+        width = max(len(s) for s in sequences)
+        ids = torch.full((len(bodies), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(bodies), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
             ids[row, width - len(sequence):] = torch.tensor(sequence)
             mask[row, width - len(sequence):] = 1
-        mem = torch.tensor(self.mem_token_ids).expand(len(texts), -1)
-        ids = torch.cat([ids, mem], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mem)], dim=1)
-        return ids.to(self.device), mask.to(self.device), counts
+        n_mem = self.config.n_mem_tokens
+        ids = torch.cat([ids, torch.tensor(self.mem_token_ids).expand(len(bodies), -1)], dim=1)
+        mask = torch.cat([mask, torch.ones(len(bodies), n_mem, dtype=torch.long)], dim=1)
+        full_width = self.config.doc_max_length + len(prefix) + len(suffix)
+        positions = torch.arange(full_width - width, full_width + n_mem).expand(len(bodies), -1)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _memory_states(self, texts: list[str], adapter: str) -> tuple[torch.Tensor, list[int]]:
+    def _memory_states(self, texts: list[str], adapter: str) -> torch.Tensor:
         """Last-layer states at the memory positions, [batch, n_mem, hidden]; keeps gradients."""
-        ids, mask, counts = self._encoder_inputs(texts)
+        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self._memory_states_of_tokens(bodies, adapter)
+
+    def _memory_states_of_tokens(self, bodies: list[list[int]], adapter: str) -> torch.Tensor:
+        ids, mask, positions = self._encoder_inputs(bodies)
         with self._adapter(adapter):
             backbone = self.lm.get_base_model().base_model  # the blocks and final norm, no lm_head
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
-        return hidden[:, -self.config.n_mem_tokens:, :], counts
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        return hidden[:, -self.config.n_mem_tokens:, :]
 
     def compress(
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
     ) -> CompressedDocuments:
-        """Compress documents with the encoder adapter, reporting truncation."""
+        """Compress documents with the encoder adapter, reporting truncation.
+
+        Documents are batched by length (less padding); results come back in input order.
+        """
         documents = check_texts(documents, "documents")
-        memories, counts = [], []
-        batches = range(0, len(documents), batch_size)
+        bodies = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
+        order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
+        memories = torch.empty(len(bodies), self.config.n_mem_tokens, self.hidden_size,
+                               dtype=self.lm.get_input_embeddings().weight.dtype, device=self.device)
+        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         with self._inference():
-            for start in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
-                states, batch_counts = self._memory_states(documents[start:start + batch_size], ENCODER)
-                memories.append(states)
-                counts.extend(batch_counts)
+            for batch in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
+                memories[batch] = self._memory_states_of_tokens([bodies[i] for i in batch], ENCODER)
+        counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
-        return CompressedDocuments(torch.cat(memories), counts, cut)
+        return CompressedDocuments(memories, counts, cut)
 
     def compress_documents(
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
@@ -248,7 +257,7 @@ class ClaraModel(torch.nn.Module):
         questions = check_texts(questions, "questions")
         with self._inference():
             return torch.cat([
-                self._memory_states(questions[s:s + batch_size], QUERY_REASONER)[0]
+                self._memory_states(questions[s:s + batch_size], QUERY_REASONER)
                 for s in range(0, len(questions), batch_size)
             ])
 

@@ -36,6 +36,20 @@ def test_compression_is_batch_independent_and_gradient_free(tiny_model):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
+def test_padding_to_the_batch_equals_apples_full_width_layout(tiny_model):
+    """Apple pads every document to doc_max_length + 3 and passes no position ids."""
+    text = CORPUS[0]
+    body = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+    tok = tiny_model.tokenizer
+    sequence = [tiny_model.enc_token_id, tok.bos_token_id, *body, tok.eos_token_id]
+    width = tiny_model.config.doc_max_length + 3
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(sequence)) + sequence + tiny_model.mem_token_ids])
+    mask = (torch.arange(ids.size(1)) >= width - len(sequence)).long().unsqueeze(0)
+    with torch.no_grad(), tiny_model._adapter("encoder_adapter"):
+        hidden = tiny_model.lm.get_base_model().base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(tiny_model.compress_documents([text])[0], hidden[0, -4:], atol=1e-5)
+
+
 def test_compression_uses_the_encoder_adapter_only(tiny_model):
     before_docs = tiny_model.compress_documents(CORPUS[:2])
     before_queries = tiny_model.encode_queries(["Where is Paris?"])
@@ -135,7 +149,7 @@ def test_uneven_document_lists_are_rejected(tiny_model):
 def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_model):
     tiny_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
     tiny_model.train()
-    states, _ = tiny_model._memory_states(["Where is Paris?"], "query_reasoner_adapter")
+    states = tiny_model._memory_states(["Where is Paris?"], "query_reasoner_adapter")
     embeds, _, _ = tiny_model._answer_inputs(["Who?"], states.unsqueeze(1))
     with tiny_model._adapter("decoder_adapter"):
         loss = tiny_model.lm(inputs_embeds=embeds).logits.pow(2).mean()

@@ -1,0 +1,109 @@
+"""Build a MemoryStore of a passage corpus, persist, reload and query it; report the costs.
+
+    python -m benchmarks.store_build --corpus ../shared/data/corpus/2wiki_6119.json \
+        --questions ../shared/data/2wikimultihopqa/dev.json --out docs/benchmarks/store_2wiki.json
+
+Measures build time (compression + indexing), bytes on disk per passage (memory tokens vs
+text), reload time and query latency p50/p95 (query reasoner + faiss search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
+
+
+def load_passages(path: Path) -> list[str]:
+    """Passages of a corpus file: a JSON list of {title, text} or JSONL {id, contents}."""
+    if path.suffix == ".jsonl":
+        return [json.loads(line)["contents"] for line in path.read_text().splitlines() if line.strip()]
+    return [f"{p['title']}\n{p['text']}" for p in json.loads(path.read_text())]
+
+
+def load_questions(path: Path, limit: int) -> list[str]:
+    rows = json.loads(path.read_text()) if path.suffix == ".json" else [
+        json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [row["question"] for row in rows[:limit]]
+
+
+def folder_bytes(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.rglob(pattern))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", type=Path, required=True)
+    parser.add_argument("--questions", type=Path, required=True)
+    parser.add_argument("--checkpoint", help="CLaRa checkpoint folder (default: untrained default model)")
+    parser.add_argument("--compression-rate", type=int, default=16)
+    parser.add_argument("--store", type=Path, default=Path("/tmp/clara-store-bench"))
+    parser.add_argument("--limit", type=int, help="only the first N passages")
+    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    model = (ClaraModel.from_pretrained(args.checkpoint, device="cpu") if args.checkpoint
+             else ClaraModel(ClaraConfig(compression_rate=args.compression_rate), device="cpu"))
+    passages = load_passages(args.corpus)[: args.limit]
+    store = MemoryStore(model, batch_size=8)
+    started = time.perf_counter()
+    store.upsert(passages, ids=[str(i) for i in range(len(passages))], show_progress=True)
+    store.search("warm-up", k=1)  # builds the faiss index
+    build_seconds = time.perf_counter() - started
+
+    started = time.perf_counter()
+    generation = store.save(args.store)
+    save_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    store = MemoryStore.load(args.store, model)
+    store.search("warm-up", k=1)
+    load_seconds = time.perf_counter() - started
+
+    latencies = []
+    questions = load_questions(args.questions, args.queries)
+    for question in tqdm(questions, desc="querying"):
+        started = time.perf_counter()
+        store.search(question, k=5)
+        latencies.append(time.perf_counter() - started)
+    top = store.search(questions[0], k=1)[0][0]
+
+    memory_bytes = folder_bytes(generation, "memories-*.npy")
+    text_bytes = sum(len(p.encode()) for p in passages)
+    result = {
+        "corpus": str(args.corpus), "passages": len(passages),
+        "model": {"base": model.config.base_model, "compression_rate": model.config.compression_rate,
+                  "memory_shape": [model.config.n_mem_tokens, model.hidden_size],
+                  "checkpoint": args.checkpoint},
+        "build_seconds": round(build_seconds, 1),
+        "passages_per_second": round(len(passages) / build_seconds, 2),
+        "save_seconds": round(save_seconds, 2), "load_seconds": round(load_seconds, 2),
+        "bytes_per_passage": {"memory_tokens": round(memory_bytes / len(passages)),
+                              "text": round(text_bytes / len(passages)),
+                              "store_on_disk": round(folder_bytes(generation, "*") / len(passages))},
+        "query_latency_ms": {"p50": round(1000 * statistics.median(latencies), 1),
+                             "p95": round(1000 * float(np.percentile(latencies, 95)), 1),
+                             "queries": len(latencies)},
+        "example": {"question": questions[0], "top_passage": top.text[:200]},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__,
+                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                             text=True).stdout.strip()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
