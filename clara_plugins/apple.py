@@ -83,13 +83,9 @@ def load_apple_checkpoint(
     if unknown:
         raise CheckpointError(f"{folder}/adapters.pth holds unknown adapters {sorted(unknown)}")
     model = ClaraModel(config, device=device, dtype=dtype)
-    flat = {
-        f"{name}/{_peft_key(key, name)}": tensor
-        for name, state in adapters.items()
-        for key, tensor in state.items()
-        if "lora_" in key
-    }
-    load_adapter_weights(model, flat, source=str(folder / "adapters.pth"))
+    for name, state in adapters.items():
+        peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
+        load_adapter_weights(model, name, peft_state, source=f"{folder / 'adapters.pth'}[{name}]")
     embed = _matrix(matrices, "embed_tokens.weight", folder)
     head = _matrix(matrices, "lm_head.weight", folder, required=False)
     _check_base_rows(model, embed, folder)

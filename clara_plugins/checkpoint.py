@@ -3,7 +3,7 @@
 A checkpoint folder holds only what training changes:
 
 - ``clara_config.json``: format version, the ClaraConfig, the base model's fingerprint;
-- ``adapters.safetensors``: the three LoRA adapters, keys ``{adapter}/{peft key}``;
+- ``adapter_<name>.safetensors``: one file per LoRA adapter (peft keys);
 - ``memory_embeddings.safetensors``: the embedding rows of the added special tokens
   (and the output rows when the model does not tie them).
 
@@ -31,29 +31,33 @@ if TYPE_CHECKING:
 
 FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
-ADAPTERS_FILE = "adapters.safetensors"
 EMBEDDINGS_FILE = "memory_embeddings.safetensors"
 
 
-def save_checkpoint(model: "ClaraModel", folder: Path) -> None:
-    """Write the checkpoint into a temporary folder, then swap it in place."""
-    adapters = {}
-    for name in ADAPTER_NAMES:
-        for key, tensor in get_peft_model_state_dict(model.lm, adapter_name=name,
-                                                     save_embedding_layers=False).items():
-            adapters[f"{name}/{key}"] = tensor.detach().cpu().contiguous()
-    embeddings = {"input_rows": added_rows(model, model.lm.get_input_embeddings().weight)}
+def adapter_file(name: str) -> str:
+    return f"adapter_{name}.safetensors"
+
+
+def save_checkpoint(model: "ClaraModel", folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Write the checkpoint into a temporary folder, then swap it in place.
+
+    ``dtype`` (e.g. torch.float16) stores the weights smaller; loading casts them back.
+    """
+    def stored(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().cpu()
+        return (tensor.to(dtype) if dtype is not None else tensor).contiguous()
+
+    adapters = {name: {k: stored(v) for k, v in get_peft_model_state_dict(
+        model.lm, adapter_name=name, save_embedding_layers=False).items()} for name in ADAPTER_NAMES}
+    embeddings = {"input_rows": stored(added_rows(model, model.lm.get_input_embeddings().weight))}
     output = model.lm.get_output_embeddings()
     if output is not None and output.weight is not model.lm.get_input_embeddings().weight:
-        embeddings["output_rows"] = added_rows(model, output.weight)
-    header = {
-        "format": FORMAT,
-        "config": model.config.to_dict(),
-        "base_model_fingerprint": model.base_fingerprint,
-    }
+        embeddings["output_rows"] = stored(added_rows(model, output.weight))
+    header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint}
 
     def write(staging: Path) -> None:
-        save_file(adapters, str(staging / ADAPTERS_FILE))
+        for name, state in adapters.items():
+            save_file(state, str(staging / adapter_file(name)))
         save_file(embeddings, str(staging / EMBEDDINGS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
 
@@ -62,7 +66,7 @@ def save_checkpoint(model: "ClaraModel", folder: Path) -> None:
 
 def added_rows(model: "ClaraModel", matrix: torch.Tensor) -> torch.Tensor:
     """The rows of the special tokens CLaRa appended to the vocabulary."""
-    return matrix.detach()[model.base_vocab_size:].cpu().contiguous()
+    return matrix.detach()[model.base_vocab_size:]
 
 
 def read_header(folder: Path) -> dict:
@@ -91,48 +95,47 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(
     cls: type["ClaraModel"], folder: Path, *, base_model: str | None, device: str, dtype
 ) -> "ClaraModel":
-    """Build the model on its base LM, check the fingerprint, then load the trained weights."""
-    header = read_header(folder)
-    config = ClaraConfig.from_dict(header["config"])
-    adapters = _read_safetensors(folder / ADAPTERS_FILE)
-    embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
+    """Build the model on its base LM, then load the trained weights into it."""
+    config = ClaraConfig.from_dict(read_header(folder)["config"])
     if base_model is not None:
         config.base_model = base_model
     model = cls(config, device=device, dtype=dtype)
-    problem = fingerprint_mismatch(header["base_model_fingerprint"], model.base_fingerprint)
-    if problem:
-        raise CheckpointError(
-            f"checkpoint {folder} was trained on another base model than {config.base_model!r}: {problem}"
-        )
-    load_adapter_weights(model, adapters, source=str(folder / ADAPTERS_FILE))
-    load_added_rows(model, embeddings["input_rows"], embeddings.get("output_rows"))
+    load_trained_weights(model, folder)
     return model
 
 
-def load_adapter_weights(model: "ClaraModel", adapters: dict[str, torch.Tensor], source: str) -> None:
-    """Load ``{adapter}/{peft key}`` tensors; every key of every adapter present must fit."""
-    for name in ADAPTER_NAMES:
-        prefix = f"{name}/"
-        state = {k[len(prefix):]: v for k, v in adapters.items() if k.startswith(prefix)}
-        if not state:
-            continue
-        expected = get_peft_model_state_dict(model.lm, adapter_name=name, save_embedding_layers=False)
-        missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
-        if missing or extra:
-            raise CheckpointError(
-                f"{source}: adapter {name} does not fit this model "
-                f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
-            )
-        for key, tensor in state.items():
-            if tensor.shape != expected[key].shape:
-                raise CheckpointError(
-                    f"{source}: {name}/{key} has shape {tuple(tensor.shape)}, "
-                    f"the model expects {tuple(expected[key].shape)}"
-                )
-        set_peft_model_state_dict(model.lm, state, adapter_name=name)
-    unknown = {k.split("/", 1)[0] for k in adapters} - set(ADAPTER_NAMES)
-    if unknown:
-        raise CheckpointError(f"{source}: unknown adapters {sorted(unknown)}")
+def load_trained_weights(model: "ClaraModel", folder: Path) -> None:
+    """Check the base-model fingerprint, then load every adapter file present and the rows."""
+    header = read_header(folder)
+    problem = fingerprint_mismatch(header["base_model_fingerprint"], model.base_fingerprint)
+    if problem:
+        raise CheckpointError(
+            f"checkpoint {folder} was trained on another base model than {model.config.base_model!r}: {problem}"
+        )
+    adapters = {name: _read_safetensors(folder / adapter_file(name))
+                for name in ADAPTER_NAMES if (folder / adapter_file(name)).exists()}
+    if not adapters:
+        raise CheckpointError(f"checkpoint {folder} holds no adapter file")
+    embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
+    for name, state in adapters.items():
+        load_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
+    load_added_rows(model, embeddings["input_rows"], embeddings.get("output_rows"))
+
+
+def load_adapter_weights(model: "ClaraModel", name: str, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load one adapter's peft-keyed tensors; every key must fit the model."""
+    expected = get_peft_model_state_dict(model.lm, adapter_name=name, save_embedding_layers=False)
+    missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or extra:
+        raise CheckpointError(
+            f"{source}: adapter {name} does not fit this model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{source}: {name}/{key} has shape {tuple(tensor.shape)}, "
+                                  f"the model expects {tuple(expected[key].shape)}")
+    set_peft_model_state_dict(model.lm, state, adapter_name=name)
 
 
 def load_added_rows(model: "ClaraModel", input_rows: torch.Tensor, output_rows: torch.Tensor | None) -> None:
@@ -149,4 +152,4 @@ def load_added_rows(model: "ClaraModel", input_rows: torch.Tensor, output_rows: 
                 "(another compression rate or base model?)"
             )
         with torch.no_grad():
-            matrix[model.base_vocab_size:] = rows.to(matrix.dtype)
+            matrix[model.base_vocab_size:] = rows.to(device=matrix.device, dtype=matrix.dtype)

@@ -211,11 +211,25 @@ class ClaraModel(torch.nn.Module):
         return self._memory_states_of_tokens(bodies, adapter)
 
     def _memory_states_of_tokens(self, bodies: list[list[int]], adapter: str) -> torch.Tensor:
+        return self._encode_tokens(bodies, adapter)[0]
+
+    def _encode_tokens(self, bodies: list[list[int]], adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory states [batch, n_mem, hidden] and the mean state of the document tokens
+        [batch, hidden] (SCP's alignment target), from one forward pass."""
         ids, mask, positions = self._encoder_inputs(bodies)
         with self._adapter(adapter):
             backbone = self.lm.get_base_model().base_model  # the blocks and final norm, no lm_head
             hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-        return hidden[:, -self.config.n_mem_tokens:, :]
+        n_mem = self.config.n_mem_tokens
+        document_mask = mask[:, :-n_mem].unsqueeze(-1).to(hidden.dtype)
+        document_mean = (hidden[:, :-n_mem] * document_mask).sum(1) / document_mask.sum(1)
+        return hidden[:, -n_mem:, :], document_mean
+
+    def encode_for_training(self, texts: Sequence[str], adapter: str = ENCODER) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like compression but with gradients: (memory states, mean document-token states)."""
+        texts = check_texts(texts, "texts")
+        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self._encode_tokens(bodies, adapter)
 
     def compress(
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
@@ -264,21 +278,23 @@ class ClaraModel(torch.nn.Module):
     # -------------------------------------------------------------- generation
 
     def _answer_inputs(
-        self, questions: list[str], memories: torch.Tensor, answers: list[str] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """Prompt embeddings with the memory placeholders overwritten, left-padded.
+        self, questions: list[str], memories: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The answering prompt for each question, memories injected (see ``_decoder_inputs``)."""
+        k = memories.size(1)
+        prompts = [question_prompt(self.tokenizer, q, k, self.document_placeholder) for q in questions]
+        return self._decoder_inputs(prompts, memories)
 
-        memories: [batch, k, n_mem, hidden]. With ``answers`` the assistant turns are included
-        (for training) and the prompt lengths are returned so the caller can mask them.
+    def _decoder_inputs(
+        self, texts: list[str], memories: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings of left-padded texts whose <MEM> placeholders carry ``memories``.
+
+        memories: [batch, k, n_mem, hidden], one group of k documents per text. Returns the
+        input embeddings, the attention mask and the token ids.
         """
         batch, k = memories.shape[:2]
-        prompts = [question_prompt(self.tokenizer, q, k, self.document_placeholder) for q in questions]
-        texts = prompts if answers is None else [
-            question_prompt(self.tokenizer, q, k, self.document_placeholder, a)
-            for q, a in zip(questions, answers)
-        ]
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        prompt_lengths = [len(r) for r in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         width = max(len(r) for r in rows)
         ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((batch, width), dtype=torch.long)
@@ -292,13 +308,37 @@ class ClaraModel(torch.nn.Module):
         if (found != expected).any():
             bad = int((found != expected).nonzero()[0])
             raise InvalidInputError(
-                f"question {bad} yields {int(found[bad])} memory slots instead of {expected}: "
-                "questions must not contain CLaRa's <MEM> tokens"
+                f"text {bad} yields {int(found[bad])} memory slots instead of {expected}: "
+                "questions and answers must not contain CLaRa's <MEM> tokens"
             )
         embeds = self.lm.get_input_embeddings()(ids)
-        flat = memories.reshape(-1, memories.size(-1)).to(embeds.dtype)
+        flat = memories.reshape(-1, memories.size(-1)).to(device=embeds.device, dtype=embeds.dtype)
         embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
-        return embeds, mask, prompt_lengths
+        return embeds, mask, ids
+
+    def completion_log_likelihood(
+        self, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probability of each completion after its prompt, and its token count.
+
+        ``prompts`` are rendered with the generation prompt open; ``completions`` are the same
+        conversations with the assistant turn written. Runs the decoder adapter, with gradients.
+        """
+        embeds, mask, ids = self._decoder_inputs(list(completions), memories)
+        prompt_lengths = [len(r) for r in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+        lengths = mask.sum(1).tolist()
+        targets = torch.full_like(ids, -100)
+        for row, (total, prompt) in enumerate(zip(lengths, prompt_lengths)):
+            start = ids.size(1) - total + prompt  # first completion token (rows are left-padded)
+            targets[row, start:] = ids[row, start:]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self._adapter(DECODER):
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        labels = targets[:, 1:]
+        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        valid = labels != -100
+        return (picked * valid).sum(1), valid.sum(1)
 
     def _as_batched_memories(self, questions: list[str], compressed: torch.Tensor) -> torch.Tensor:
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
@@ -384,9 +424,10 @@ class ClaraModel(torch.nn.Module):
 
     # ------------------------------------------------------------ persistence
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write config JSON + safetensors adapters and memory-token rows (see checkpoint.py)."""
-        save_checkpoint(self, Path(folder))
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config JSON + safetensors adapters and memory-token rows (see checkpoint.py);
+        ``dtype=torch.float16`` halves the size."""
+        save_checkpoint(self, Path(folder), dtype)
 
     @classmethod
     def from_pretrained(

@@ -50,3 +50,29 @@ def question_prompt(
     background = document_placeholder * n_documents
     user = f"Background:\n{background}\n\nQuestion:{question}"
     return render_chat(tokenizer, SYSTEM_PROMPT, user, answer)
+
+
+SCP_QA_SYSTEM = (
+    "You are a helpful assistant. You are given a document. Your task is to generate questions "
+    "that cover the key information of the document and to answer them in turn."
+)
+SCP_PARAPHRASE_SYSTEM = (
+    "You are a helpful assistant. Your task is to follow the instructions and paraphrase the given text."
+)
+
+
+def scp_prompt(
+    tokenizer: PreTrainedTokenizerBase, document_placeholder: str, kind: str, target: str | None = None
+) -> str:
+    """Salient-compressor pretraining: answer a document's QA, or paraphrase it, from memory alone."""
+    if kind == "qa":
+        return render_chat(tokenizer, SCP_QA_SYSTEM, f"Background:\n{document_placeholder}", target)
+    if kind == "paraphrase":
+        user = f"Background:\n{document_placeholder}\n\nParaphrase the background in your own words."
+        return render_chat(tokenizer, SCP_PARAPHRASE_SYSTEM, user, target)
+    raise ValueError(f"unknown SCP sample kind {kind!r}: use 'qa' or 'paraphrase'")
+
+
+def qa_target(questions: list[str], answers: list[str]) -> str:
+    """The SCP QA target: one "Question: q\\nAnswer: a" block per pair."""
+    return "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers))

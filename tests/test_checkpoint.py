@@ -20,12 +20,20 @@ def test_round_trip_gives_identical_outputs(tiny_model, tmp_path):
     memories, answers = outputs(tiny_model)
     tiny_model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
-        "adapters.safetensors", "clara_config.json", "memory_embeddings.safetensors"]
+        "adapter_decoder_adapter.safetensors", "adapter_encoder_adapter.safetensors",
+        "adapter_query_reasoner_adapter.safetensors", "clara_config.json", "memory_embeddings.safetensors"]
     loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
     loaded_memories, loaded_answers = outputs(loaded)
     assert torch.allclose(memories, loaded_memories, atol=1e-6)
     assert answers == loaded_answers
     assert torch.allclose(tiny_model.encode_queries(QUESTIONS), loaded.encode_queries(QUESTIONS), atol=1e-6)
+
+
+def test_half_precision_checkpoint_loads_into_a_float32_model(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    loaded = ClaraModel.from_pretrained(tmp_path / "half", device="cpu")
+    assert torch.allclose(loaded.compress_documents(CORPUS[:2]), tiny_model.compress_documents(CORPUS[:2]),
+                          atol=1e-2)
 
 
 def test_saving_over_an_existing_checkpoint_replaces_it(tiny_model, tmp_path):
@@ -44,9 +52,9 @@ def test_loading_onto_another_base_model_fails_clearly(tiny_model, other_tiny_ba
 
 def test_corrupted_safetensors_fails_clearly(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
-    path = tmp_path / "ckpt" / "adapters.safetensors"
+    path = tmp_path / "ckpt" / "adapter_decoder_adapter.safetensors"
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="adapters.safetensors is corrupted"):
+    with pytest.raises(CheckpointError, match="adapter_decoder_adapter.safetensors is corrupted"):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
 
 

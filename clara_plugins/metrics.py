@@ -1,0 +1,67 @@
+"""Answer and retrieval metrics of the CLaRa evaluation protocol.
+
+Answers are normalised (lower-case, punctuation and the articles a/an/the removed, spaces
+collapsed) before comparison; a prediction is scored against its best-matching gold answer.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_SPECIAL = {"yes", "no", "noanswer"}
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalised prediction equals a normalised gold answer."""
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+def cover_exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when a normalised gold answer appears inside the normalised prediction ("acc")."""
+    padded = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(a)} " in padded for a in answers if normalize_answer(a)))
+
+
+def token_f1(prediction: str, answers: Sequence[str]) -> float:
+    """Best token-overlap F1; 0 when one side is yes/no/noanswer and the two differ."""
+    return max((_f1(prediction, a) for a in answers), default=0.0)
+
+
+def _f1(prediction: str, answer: str) -> float:
+    pred, gold = normalize_answer(prediction), normalize_answer(answer)
+    if (pred in _SPECIAL or gold in _SPECIAL) and pred != gold:
+        return 0.0
+    pred_tokens, gold_tokens = pred.split(), gold.split()
+    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def recall_at_k(ranked: Sequence[int], gold: Sequence[int], k: int) -> float:
+    """|top-k ∩ gold| / |gold|."""
+    if not gold:
+        return 0.0
+    return len(set(ranked[:k]) & set(gold)) / len(set(gold))
+
+
+def precision_at_k(ranked: Sequence[int], gold: Sequence[int], k: int) -> float:
+    """|top-k ∩ gold| / k."""
+    return len(set(ranked[:k]) & set(gold)) / k
+
+
+def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
+    return {"em": exact_match(prediction, answers), "f1": token_f1(prediction, answers),
+            "cover_em": cover_exact_match(prediction, answers)}

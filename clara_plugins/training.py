@@ -1,0 +1,315 @@
+"""Training CLaRa: the three stages of the paper in one loop.
+
+- ``scp``: salient compressor pretraining. From one document's memory tokens alone the
+  generator answers the document's QA pairs or reproduces its paraphrase.
+  Loss = CE + mse_weight * MSE(mean memory state, mean document-token state).
+- ``instruct``: compression instruction tuning on (question, k documents, answer); the
+  decoder adapter starts afresh, the encoder adapter is kept. Same loss.
+- ``e2e``: end-to-end. The compressor is frozen (candidate memories computed without
+  gradient); the query reasoner starts as a copy of the encoder adapter; the query reasoner,
+  the generator and the <MEM> rows learn from the LM loss alone, through the straight-through
+  top-k (``estimator="straight-through"``) or REALM's marginal likelihood over the top-k,
+  optionally with a null document (``estimator="realm"``). With a corpus store the candidates
+  are retrieved from it and its memories re-encoded every ``refresh_every`` steps.
+
+Gradient accumulation, warm-up + cosine (or constant) schedule, clipping, seeded data order,
+checkpoint and resume, a JSONL log and a progress bar with the running loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import load_trained_weights
+from .metrics import recall_at_k
+from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
+from .prompts import qa_target, question_prompt, scp_prompt
+from .retrieval import cosine_scores, straight_through_topk
+from .store import MemoryStore
+
+STAGES = ("scp", "instruct", "e2e")
+ESTIMATORS = ("straight-through", "realm")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    stage: str
+    steps: int = 100
+    batch_size: int = 1
+    grad_accum: int = 8
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # or "constant" (the paper's end-to-end stage)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mse_weight: float = 0.1
+    top_k: int = 5
+    temperature: float = 0.02
+    estimator: str = "straight-through"
+    null_document: bool = False
+    candidates: int = 20  # per question, when retrieving from a corpus store
+    refresh_every: int = 0  # re-encode the corpus store every N steps (0: never)
+    seed: int = 0
+    save_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+
+
+# ----------------------------------------------------------------- stage set-up
+
+
+def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
+    """Initialise adapters as the stage starts (not on resume)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.stage == "instruct":
+        _reset_adapter(model, DECODER, generator)
+    if config.stage == "e2e":
+        _copy_adapter(model, ENCODER, QUERY_REASONER)
+
+
+def _trainable(stage: str) -> list[str]:
+    return [QUERY_REASONER, DECODER] if stage == "e2e" else [ENCODER, DECODER]
+
+
+def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> None:
+    """A fresh LoRA adapter: A drawn like peft's default, B zero (so it starts as identity)."""
+    with torch.no_grad():
+        for parameter_name, parameter in model.lm.named_parameters():
+            if f".lora_A.{name}." in parameter_name:
+                bound = 1 / math.sqrt(parameter.size(1))
+                parameter.copy_(torch.empty(parameter.shape).uniform_(-bound, bound, generator=generator))
+            elif f".lora_B.{name}." in parameter_name:
+                parameter.zero_()
+
+
+def _copy_adapter(model: ClaraModel, source: str, target: str) -> None:
+    parameters = dict(model.lm.named_parameters())
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if f".{source}." in name:
+                parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+
+
+# ---------------------------------------------------------------------- losses
+
+
+def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str], memories: torch.Tensor) -> torch.Tensor:
+    log_likelihood, tokens = model.completion_log_likelihood(prompts, full, memories)
+    return -log_likelihood.sum() / tokens.sum().clamp(min=1)
+
+
+def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    memories, document_means = model.encode_for_training([row["docs"][0] for row in rows])
+    tok, slot = model.tokenizer, model.document_placeholder
+    kinds = [row["data_type"] for row in rows]
+    targets = [qa_target(row["question"], row["answers"]) if kind == "qa" else row["answers"][0]
+               for row, kind in zip(rows, kinds)]
+    prompts = [scp_prompt(tok, slot, kind) for kind in kinds]
+    full = [scp_prompt(tok, slot, kind, target) for kind, target in zip(kinds, targets)]
+    ce = _decoder_loss(model, prompts, full, memories.unsqueeze(1))
+    mse = F.mse_loss(memories.mean(1).float(), document_means.float())
+    return ce + config.mse_weight * mse, {"ce": ce.item(), "mse": mse.item()}
+
+
+def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    k = len(rows[0]["docs"])
+    if any(len(row["docs"]) != k for row in rows):
+        raise ValueError("instruction rows in one batch must have the same number of documents")
+    memories, document_means = model.encode_for_training([d for row in rows for d in row["docs"]])
+    grouped = memories.reshape(len(rows), k, *memories.shape[1:])
+    tok, slot = model.tokenizer, model.document_placeholder
+    prompts = [question_prompt(tok, row["question"], k, slot) for row in rows]
+    full = [question_prompt(tok, row["question"], k, slot, row["answer"]) for row in rows]
+    ce = _decoder_loss(model, prompts, full, grouped)
+    mse = F.mse_loss(memories.mean(1).float(), document_means.float())
+    return ce + config.mse_weight * mse, {"ce": ce.item(), "mse": mse.item()}
+
+
+class CandidateMemories:
+    """Frozen-compressor memories of the end-to-end candidates, computed once per text.
+
+    With a corpus store, candidates are retrieved from it instead of read from the rows.
+    """
+
+    def __init__(self, model: ClaraModel, corpus: MemoryStore | None = None) -> None:
+        self.model, self.corpus = model, corpus
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def for_rows(self, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, list[list[int]]]:
+        """[batch, N, n_mem, hidden] candidate memories and each row's gold positions."""
+        if self.corpus is not None:  # gold = retrieved passages whose text is a gold document of the row
+            found = [self.corpus.search(row["question"], config.candidates) for row in rows]
+            gold_texts = [{row["docs"][i] for i in row.get("pos_index", [])} for row in rows]
+            gold = [[n for n, (d, _) in enumerate(hits) if d.text in texts] for hits, texts in zip(found, gold_texts)]
+            memories = torch.stack([self.corpus.memories([d.id for d, _ in hits]) for hits in found])
+            return memories.to(self.model.device), gold
+        missing = list(dict.fromkeys(d for row in rows for d in row["docs"] if d not in self._cache))
+        if missing:
+            for text, memory in zip(missing, self.model.compress_documents(missing).cpu()):
+                self._cache[text] = memory.to(torch.float16)
+        memories = torch.stack([torch.stack([self._cache[d] for d in row["docs"]]) for row in rows])
+        return memories.to(device=self.model.device, dtype=torch.float32), [row.get("pos_index", []) for row in rows]
+
+    def refresh(self) -> None:
+        """Re-encode with the current <MEM> rows: the corpus store, or the cache."""
+        self._cache.clear()
+        if self.corpus is not None:
+            ids = self.corpus.all_ids()
+            documents = self.corpus.get(ids)
+            self.corpus.upsert([d.text for d in documents], ids, [d.metadata for d in documents], show_progress=True)
+
+
+def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
+             candidates: CandidateMemories) -> tuple[torch.Tensor, dict]:
+    memories, gold = candidates.for_rows(rows, config)  # [B, N, n, h], no gradient
+    queries = model.encode_for_training([row["question"] for row in rows], QUERY_REASONER)[0]
+    scores = cosine_scores(queries, memories)  # [B, N], gradient reaches the query reasoner
+    k = min(config.top_k, scores.size(1))
+    top = scores.detach().topk(k, dim=-1).indices
+    recall = sum(recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g) / max(1, sum(1 for g in gold if g))
+    tok, slot = model.tokenizer, model.document_placeholder
+    if config.estimator == "straight-through":
+        weights = straight_through_topk(scores, k, config.temperature)  # [B, k, N]
+        selected = torch.einsum("bkn,bnmh->bkmh", weights, memories)
+        prompts = [question_prompt(tok, row["question"], k, slot) for row in rows]
+        full = [question_prompt(tok, row["question"], k, slot, row["answer"]) for row in rows]
+        loss = _decoder_loss(model, prompts, full, selected)
+    else:
+        loss = _realm_loss(model, rows, scores, memories, top, config)
+    return loss, {"ce": loss.item(), f"recall@{k}": recall}
+
+
+def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memories: torch.Tensor,
+                top: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """-log Σ_z p(y|z,x) p(z|x) over the top-k documents, each read alone (plus a null document)."""
+    tok, slot = model.tokenizer, model.document_placeholder
+    batch, k = top.shape
+    logits = scores.gather(1, top) / config.temperature
+    questions = [row["question"] for row in rows for _ in range(k)]
+    answers = [row["answer"] for row in rows for _ in range(k)]
+    single = memories[torch.arange(batch).unsqueeze(1), top].reshape(batch * k, 1, *memories.shape[2:])
+    log_likelihood, tokens = model.completion_log_likelihood(
+        [question_prompt(tok, q, 1, slot) for q in questions],
+        [question_prompt(tok, q, 1, slot, a) for q, a in zip(questions, answers)], single)
+    log_likelihood = log_likelihood.reshape(batch, k)
+    if config.null_document:  # no document at all, with the score of an orthogonal one (cosine 0)
+        empty = memories.new_zeros(batch, 0, *memories.shape[2:])
+        null, _ = model.completion_log_likelihood(
+            [question_prompt(tok, r["question"], 0, slot) for r in rows],
+            [question_prompt(tok, r["question"], 0, slot, r["answer"]) for r in rows], empty)
+        logits = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
+        log_likelihood = torch.cat([log_likelihood, null.unsqueeze(1)], dim=1)
+    marginal = torch.logsumexp(torch.log_softmax(logits, dim=1) + log_likelihood, dim=1)
+    return -marginal.sum() / tokens.reshape(batch, k)[:, 0].sum().clamp(min=1)
+
+
+# ------------------------------------------------------------------------ loop
+
+
+def _learning_rate(config: TrainConfig) -> Callable[[int], float]:
+    warmup = max(1, int(config.warmup_ratio * config.steps))
+
+    def factor(step: int) -> float:
+        if config.schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, config.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict]]:
+    """The micro-batches of one optimizer step: a seeded permutation per epoch."""
+    per_step = config.batch_size * config.grad_accum
+    start = step * per_step
+    picked = []
+    for index in range(start, start + per_step):
+        epoch, offset = divmod(index, len(rows))
+        order = list(range(len(rows)))
+        random.Random(config.seed + epoch).shuffle(order)
+        picked.append(rows[order[offset]])
+    return [picked[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
+
+
+def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
+          corpus: MemoryStore | None = None) -> Path:
+    """Train one stage; resume from ``output`` when it holds a trainer state. Returns the
+    checkpoint folder (``output/checkpoint``)."""
+    if not rows:
+        raise ValueError("no training rows")
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    state_path, checkpoint = output / "trainer_state.pt", output / "checkpoint"
+    torch.manual_seed(config.seed)
+    resuming = state_path.exists()
+    if resuming:
+        load_trained_weights(model, checkpoint)
+    else:
+        prepare_stage(model, config)
+    model.set_trainable(_trainable(config.stage), memory_embeddings=True)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
+    start = 0
+    if resuming:
+        state = torch.load(state_path, weights_only=True)
+        if state["config"] != dataclasses.asdict(config):
+            raise ValueError(f"{output} was trained with another configuration; use a new output folder")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    candidates = CandidateMemories(model, corpus) if config.stage == "e2e" else None
+    loss_of = {"scp": scp_loss, "instruct": instruct_loss,
+               "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates)}[config.stage]
+
+    model.train()
+    started = time.perf_counter()
+    running = None
+    progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
+    with open(output / "log.jsonl", "a") as log:
+        for step in progress:
+            if candidates and config.refresh_every and step and step % config.refresh_every == 0:
+                candidates.refresh()
+            totals: dict[str, float] = {}
+            for batch in _batches(rows, config, step):
+                loss, metrics = loss_of(model, batch, config)
+                (loss / config.grad_accum).backward()
+                for key, value in {"loss": loss.item(), **metrics}.items():
+                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running = totals["loss"] if running is None else 0.9 * running + 0.1 * totals["loss"]
+            progress.set_postfix(loss=f"{running:.3f}")
+            record = {"step": step + 1, **{k: round(v, 5) for k, v in totals.items()},
+                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                      "seconds": round(time.perf_counter() - started, 1)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                model.save_pretrained(checkpoint)
+                torch.save({"step": step + 1, "config": dataclasses.asdict(config),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": torch.get_rng_state()}, state_path)
+    model.eval()
+    return checkpoint

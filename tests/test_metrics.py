@@ -1,0 +1,49 @@
+"""Metrics against hand-worked examples."""
+
+import pytest
+
+from clara_plugins.metrics import (
+    cover_exact_match,
+    exact_match,
+    normalize_answer,
+    precision_at_k,
+    recall_at_k,
+    token_f1,
+)
+
+
+def test_normalisation_drops_case_punctuation_articles_and_spaces():
+    assert normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+    assert normalize_answer("An apple a day") == "apple day"
+
+
+def test_exact_match_takes_the_best_gold_answer():
+    assert exact_match("the Paris", ["Lyon", "paris."]) == 1.0
+    assert exact_match("Paris, France", ["Paris"]) == 0.0
+
+
+def test_f1_hand_worked():
+    # prediction tokens: [barack, obama, was, president]; gold: [barack, obama]
+    # common 2: precision 2/4, recall 2/2, F1 = 2 * 0.5 * 1 / 1.5 = 2/3
+    assert token_f1("Barack Obama was president", ["Barack Obama"]) == pytest.approx(2 / 3)
+    assert token_f1("Obama", ["Barack Obama", "Obama"]) == 1.0
+    assert token_f1("nothing shared", ["Barack Obama"]) == 0.0
+
+
+def test_f1_yes_no_rule():
+    assert token_f1("yes", ["no"]) == 0.0
+    assert token_f1("yes it is", ["yes"]) == 0.0  # 'yes' gold and a different prediction
+    assert token_f1("yes", ["yes"]) == 1.0
+
+
+def test_cover_em_is_whole_token_containment():
+    assert cover_exact_match("It was completed in 1889 in Paris", ["1889"]) == 1.0
+    assert cover_exact_match("18890 metres", ["1889"]) == 0.0
+
+
+def test_retrieval_metrics_hand_worked():
+    ranked, gold = [4, 2, 9, 0, 7], [2, 7, 11]
+    assert recall_at_k(ranked, gold, 1) == 0.0
+    assert recall_at_k(ranked, gold, 3) == pytest.approx(1 / 3)
+    assert recall_at_k(ranked, gold, 5) == pytest.approx(2 / 3)
+    assert precision_at_k(ranked, gold, 5) == pytest.approx(2 / 5)

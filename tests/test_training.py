@@ -1,0 +1,137 @@
+"""The three training stages and both retriever estimators on the tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from clara_plugins import ClaraModel, MemoryStore
+from clara_plugins.prompts import question_prompt
+from clara_plugins import training
+from clara_plugins.training import CandidateMemories, TrainConfig, e2e_loss, train
+from conftest import CORPUS
+
+INSTRUCT = [{"question": "Who won prizes?", "docs": CORPUS[:2], "answer": "Marie Curie"},
+            {"question": "Where is the tower?", "docs": CORPUS[1:3], "answer": "Paris"}]
+SCP = [{"data_type": "qa", "question": ["What flows through Vienna?"], "answers": ["The Danube"],
+        "docs": [CORPUS[3]]},
+       {"data_type": "paraphrase", "answers": ["Curie won two Nobel Prizes."], "docs": [CORPUS[4]]}]
+E2E = [{"question": "Who won Nobel prizes?", "docs": CORPUS, "answer": "Marie Curie", "pos_index": [4]},
+       {"question": "What is the capital of Germany?", "docs": CORPUS, "answer": "Berlin", "pos_index": [2]}]
+
+
+def lora(model: ClaraModel, adapter: str) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.lm.named_parameters() if f".{adapter}." in n}
+
+
+def test_completion_log_likelihood_matches_a_manual_count(tiny_model):
+    memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
+    tok, slot = tiny_model.tokenizer, tiny_model.document_placeholder
+    prompt = question_prompt(tok, "Who?", 2, slot)
+    full = question_prompt(tok, "Who?", 2, slot, "Marie Curie")
+    with torch.no_grad():
+        ll, count = tiny_model.completion_log_likelihood([prompt], [full], memories)
+        embeds, _, ids = tiny_model._decoder_inputs([full], memories)
+        with tiny_model._adapter("decoder_adapter"):
+            logprobs = torch.log_softmax(tiny_model.lm(inputs_embeds=embeds).logits[0], -1)
+    start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    manual = sum(logprobs[t - 1, ids[0, t]] for t in range(start, ids.size(1)))
+    assert int(count) == ids.size(1) - start
+    assert torch.allclose(ll[0], manual, atol=1e-4)
+    with torch.no_grad():  # a padded batch gives the same numbers
+        short = question_prompt(tok, "Q?", 2, slot)
+        batched, _ = tiny_model.completion_log_likelihood(
+            [prompt, short], [full, question_prompt(tok, "Q?", 2, slot, "A much longer answer here")],
+            memories.expand(2, -1, -1, -1))
+    assert torch.allclose(batched[0], ll[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("stage,rows", [("scp", SCP), ("instruct", INSTRUCT)])
+def test_compressor_stages_learn(tiny_model, tmp_path, stage, rows):
+    config = TrainConfig(stage=stage, steps=25, batch_size=2, grad_accum=1, lr=3e-2, save_every=100)
+    encoder_before = lora(tiny_model, "encoder_adapter")
+    train(tiny_model, rows, config, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 25 and {"loss", "ce", "mse", "lr", "grad_norm"} <= log[0].keys()
+    # the tiny base's frozen random lm_head bounds its logits near 0 (CE ~ ln 307 = 5.7):
+    # a drop of 0.05 nats is far outside step-to-step noise on these fixed rows
+    assert log[-1]["ce"] < log[0]["ce"] - 0.05
+    assert any(not torch.equal(v, lora(tiny_model, "encoder_adapter")[k]) for k, v in encoder_before.items())
+    assert (tmp_path / "checkpoint" / "clara_config.json").exists()
+
+
+def test_instruct_stage_starts_from_a_fresh_decoder(tiny_model, tmp_path):
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=0.0)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    assert all(v.abs().sum() == 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("estimator,null", [("straight-through", False), ("realm", False), ("realm", True)])
+def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, tmp_path, estimator, null):
+    encoder = lora(tiny_model, "encoder_adapter")
+    rows_before = tiny_model.lm.get_input_embeddings().weight.detach().clone()
+    config = TrainConfig(stage="e2e", steps=3, batch_size=2, grad_accum=1, lr=1e-3, top_k=2,
+                         estimator=estimator, null_document=null, schedule="constant")
+    train(tiny_model, E2E, config, tmp_path)
+    after = lora(tiny_model, "query_reasoner_adapter")
+    assert all(torch.equal(v, lora(tiny_model, "encoder_adapter")[k]) for k, v in encoder.items())
+    assert any(not torch.equal(after[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
+               for k, v in encoder.items())  # started as a copy of the encoder, then moved
+    changed = (tiny_model.lm.get_input_embeddings().weight - rows_before).abs().sum(-1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(tiny_model.mem_token_ids)
+    assert "recall@2" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+
+
+def test_straight_through_gradient_reaches_the_query_reasoner(tiny_model):
+    tiny_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
+    tiny_model.train()
+    loss, _ = e2e_loss(tiny_model, E2E, TrainConfig(stage="e2e", top_k=2), CandidateMemories(tiny_model))
+    loss.backward()
+    grads = [p.grad for n, p in tiny_model.lm.named_parameters() if "lora_B.query_reasoner_adapter" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+    def fresh() -> ClaraModel:
+        torch.manual_seed(0)  # LoRA A matrices are drawn at construction
+        return ClaraModel(tiny_config, device="cpu")
+
+    config = TrainConfig(stage="instruct", steps=4, batch_size=1, grad_accum=2, lr=1e-3, save_every=2)
+    whole = fresh()
+    train(whole, INSTRUCT, config, tmp_path / "whole")
+
+    calls = {"n": 0}
+    real_loss = training.instruct_loss
+
+    def crash_in_step_three(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # steps 1-2 made 4 micro-batches; step 3 dies
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(training, "instruct_loss", crash_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(fresh(), INSTRUCT, config, tmp_path / "resumed")
+    monkeypatch.setattr(training, "instruct_loss", real_loss)
+    resumed = fresh()
+    train(resumed, INSTRUCT, config, tmp_path / "resumed")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    for a, b in zip(whole.lm.parameters(), resumed.lm.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
+    train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
+    with pytest.raises(ValueError, match="another configuration"):
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1, lr=1.0), tmp_path)
+
+
+def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_model, tmp_path):
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS)
+    config = TrainConfig(stage="e2e", steps=2, batch_size=1, grad_accum=1, lr=1e-3, top_k=2, candidates=4,
+                         refresh_every=1)
+    before = store.memories(store.all_ids()[:1])
+    train(tiny_model, E2E, config, tmp_path, corpus=store)
+    assert not torch.equal(before, store.memories(store.all_ids()[:1]))  # <MEM> rows moved, store re-encoded
