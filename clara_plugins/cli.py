@@ -1,13 +1,15 @@
-"""The ``clara`` command: ask questions over documents, convert Apple checkpoints."""
+"""The ``clara`` command: ask, convert checkpoints and data, synthesise, train, evaluate."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .config import DEFAULT_BASE_MODEL, ClaraConfig
+from .training import TrainConfig
 
 
 def read_documents(sources: list[str]) -> list[str]:
@@ -74,7 +76,134 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("destination", metavar="DST", help="output folder")
     convert.add_argument("--base-model", metavar="PATH",
                          help="local copy of the base model (Apple's config may name a private path)")
+    data = commands.add_parser(
+        "convert-data", help="convert an official QA file into training or evaluation rows",
+        description="Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ in their official formats and write "
+        "instruction rows (question, k documents, answer) or end-to-end rows (~20 candidates, pos_index).")
+    data.add_argument("source", help="the official file (e.g. ../shared/data/hotpotqa/dev.json)")
+    data.add_argument("destination", help="output JSONL")
+    data.add_argument("--kind", choices=["instruct", "e2e"], default="instruct", help="row kind (default instruct)")
+    data.add_argument("--setting", choices=["normal", "oracle"], default="normal",
+                      help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
+    data.add_argument("-k", type=int, default=5, help="documents per instruction row (default 5)")
+    data.add_argument("--candidates", type=int, default=20, help="candidates per end-to-end row (default 20)")
+    data.add_argument("--limit", type=int, help="only the first N examples")
+    data.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+
+    synth = commands.add_parser(
+        "synth", help="synthesise SCP pretraining data with a teacher LLM",
+        description="For each passage a teacher writes simple QA, complex QA and a paraphrase, checks "
+        "coverage, regenerates what is missing and drops weak samples. Resumable.")
+    synth.add_argument("corpus", help="passages: .json list of {title, text} or .jsonl of {id, contents}")
+    synth.add_argument("output", help="output JSONL (a .done ledger is kept beside it)")
+    synth.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
+                       help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
+    synth.add_argument("--limit", type=int, help="only the first N passages")
+    synth.add_argument("--max-rounds", type=int, default=3, help="coverage check rounds (default 3)")
+
+    training = commands.add_parser(
+        "train", help="train one CLaRa stage (scp, instruct or e2e)",
+        description="Train a stage on JSONL rows; resumes when OUTPUT holds a trainer state. The "
+        "checkpoint is written to OUTPUT/checkpoint, the metrics to OUTPUT/log.jsonl.")
+    training.add_argument("--stage", choices=["scp", "instruct", "e2e"], required=True, help="the stage")
+    training.add_argument("--data", required=True, help="JSONL rows of the stage")
+    training.add_argument("--output", required=True, help="output folder")
+    training.add_argument("--init", metavar="DIR", help="checkpoint of the previous stage to start from")
+    training.add_argument("--base-model", help="base model when no --init (default: the offline SmolLM2)")
+    training.add_argument("--compression-rate", type=int, default=16, help="when no --init (default 16)")
+    training.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
+    training.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name != "stage":
+            flag = "--" + field.name.replace("_", "-")
+            if field.type == "bool":
+                training.add_argument(flag, action="store_true", help=f"TrainConfig.{field.name}")
+            else:
+                training.add_argument(flag, type=type(field.default), default=field.default,
+                                      help=f"TrainConfig.{field.name} (default {field.default})")
+
+    evaluate = commands.add_parser(
+        "eval", help="EM, F1, cover-EM and Recall/Precision@k on converted rows",
+        description="Evaluate a system (clara, text, none) and/or retrievers (reasoner, dense, bm25).")
+    evaluate.add_argument("data", help="converted JSONL rows")
+    evaluate.add_argument("--checkpoint", help="CLaRa checkpoint (default: untrained default model)")
+    evaluate.add_argument("--systems", nargs="*", default=["clara"], choices=["clara", "text", "none"],
+                          help="answering systems (default clara)")
+    evaluate.add_argument("--retrievers", nargs="*", default=[], choices=["reasoner", "dense", "bm25"],
+                          help="retrievers to score on the rows' candidates")
+    evaluate.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
+    evaluate.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
+    evaluate.add_argument("-k", type=int, default=5, help="documents read per question (default 5)")
+    evaluate.add_argument("--limit", type=int, help="only the first N rows")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="answer length (default 32)")
+    evaluate.add_argument("--out", help="write the results (with predictions) to this JSON file")
+    evaluate.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     return parser
+
+
+def _convert_data(args: argparse.Namespace) -> None:
+    from .datasets import e2e_rows, instruct_rows, read_examples, write_jsonl
+
+    examples = read_examples(args.source, args.limit)
+    rows = (e2e_rows(examples, args.candidates, args.seed) if args.kind == "e2e"
+            else instruct_rows(examples, args.setting, args.k))
+    write_jsonl(rows, args.destination)
+    print(f"wrote {len(rows)} {args.kind} rows from {len(examples)} examples to {args.destination}")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from .synthesis import HuggingFaceTeacher, synthesize
+
+    passages = read_documents([args.corpus])[: args.limit]
+    report = synthesize([(str(i), p) for i, p in enumerate(passages)], HuggingFaceTeacher(args.teacher),
+                        args.output, max_rounds=args.max_rounds)
+    print(json.dumps(dataclasses.asdict(report), indent=2))
+
+
+def _train(args: argparse.Namespace) -> None:
+    import torch
+
+    from .datasets import read_jsonl
+    from .model import ClaraModel
+    from .store import MemoryStore
+    from .training import train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
+    config = TrainConfig(stage=args.stage, **values)
+    torch.manual_seed(config.seed)
+    if args.init:
+        model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, device=args.device)
+    else:
+        model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
+                                       compression_rate=args.compression_rate), device=args.device)
+    corpus = None
+    if args.corpus:
+        corpus = MemoryStore(model)
+        corpus.upsert(read_documents([args.corpus]), show_progress=True)
+    checkpoint = train(model, read_jsonl(args.data), config, args.output, corpus)
+    print(f"checkpoint: {checkpoint}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from .datasets import read_jsonl
+    from .dense import DenseRetriever
+    from .evaluation import evaluate_answers, evaluate_retrieval
+    from .model import ClaraModel
+
+    rows = read_jsonl(args.data)[: args.limit]
+    model = (ClaraModel.from_pretrained(args.checkpoint, device=args.device) if args.checkpoint
+             else ClaraModel(device=args.device))
+    results = {"data": args.data, "checkpoint": args.checkpoint, "answers": [], "retrieval": []}
+    for system in args.systems:
+        results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens))
+    dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
+    for retriever in args.retrievers:
+        results["retrieval"].append(evaluate_retrieval(rows, retriever, model, dense))
+    summary = {"answers": [{k: v for k, v in r.items() if k != "predictions"} for r in results["answers"]],
+               "retrieval": results["retrieval"]}
+    print(json.dumps(summary, indent=2))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _ask(args: argparse.Namespace) -> None:
@@ -112,7 +241,9 @@ def _convert(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
-    {"ask": _ask, "convert-apple": _convert}[args.command](args)
+    commands = {"ask": _ask, "convert-apple": _convert, "convert-data": _convert_data, "synth": _synth,
+                "train": _train, "eval": _eval}
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

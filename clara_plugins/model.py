@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import InvalidInputError, check_texts
 from .generation import collect_answers, greedy_steps, stream_text
-from .prompts import question_prompt
+from .prompts import question_prompt, text_context_prompt
 from .retrieval import cosine_scores
 
 ENCODER, QUERY_REASONER, DECODER = ADAPTER_NAMES
@@ -332,10 +332,14 @@ class ClaraModel(torch.nn.Module):
             start = ids.size(1) - total + prompt  # first completion token (rows are left-padded)
             targets[row, start:] = ids[row, start:]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Rows are left-padded, so every completion ends the row: logits are needed only for the
+        # last (longest completion + 1) positions, not the whole prompt over the full vocabulary.
+        tail = max(total - prompt for total, prompt in zip(lengths, prompt_lengths)) + 1
         with self._adapter(DECODER):
-            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                             logits_to_keep=tail).logits
         logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        labels = targets[:, 1:]
+        labels = targets[:, ids.size(1) - tail + 1:]
         picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         valid = labels != -100
         return (picked * valid).sum(1), valid.sum(1)
@@ -356,6 +360,11 @@ class ClaraModel(torch.nn.Module):
     def prompt_positions(self, question: str, n_documents: int) -> int:
         """Input positions the generator reads for a question over n compressed documents."""
         prompt = question_prompt(self.tokenizer, question, n_documents, self.document_placeholder)
+        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def text_prompt_positions(self, question: str, documents: Sequence[str]) -> int:
+        """Input positions of the text-RAG baseline's prompt (documents pasted as text)."""
+        prompt = text_context_prompt(self.tokenizer, question, list(documents))
         return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     def generate_from_compressed_documents_and_questions(
@@ -381,6 +390,30 @@ class ClaraModel(torch.nn.Module):
             steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
                                  self.stop_token_ids)
             yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
+
+    def generate_reading_text(
+        self,
+        questions: Sequence[str],
+        documents: Sequence[Sequence[str]],
+        max_new_tokens: int | None = None,
+        adapter: str | None = None,
+    ) -> list[str]:
+        """Text RAG on the same backbone: the documents are pasted into the prompt as text.
+
+        With ``adapter=None`` the plain base model answers (the baseline); empty document lists
+        give the no-retrieval baseline. Not CLaRa: no memory tokens are involved.
+        """
+        questions = check_texts(questions, "questions")
+        if isinstance(documents, str) or len(documents) != len(questions):
+            raise InvalidInputError("documents must hold one list of documents per question")
+        prompts = [text_context_prompt(self.tokenizer, q, list(docs)) for q, docs in zip(questions, documents)]
+        no_memories = torch.zeros(len(questions), 0, self.config.n_mem_tokens, self.hidden_size, device=self.device)
+        adapters_off = self.lm.disable_adapter() if adapter is None else self._adapter(adapter)
+        with self._inference(), adapters_off:
+            embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
+            steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
+                                 self.stop_token_ids)
+            return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
 
     def generate_from_text(
         self, questions: Sequence[str], documents: Sequence[Sequence[str]], max_new_tokens: int | None = None

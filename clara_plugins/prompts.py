@@ -52,6 +52,12 @@ def question_prompt(
     return render_chat(tokenizer, SYSTEM_PROMPT, user, answer)
 
 
+def text_context_prompt(tokenizer: PreTrainedTokenizerBase, question: str, documents: list[str]) -> str:
+    """The same answering prompt with the documents as plain text (the text-RAG baseline)."""
+    background = "\n\n".join(documents)
+    return render_chat(tokenizer, SYSTEM_PROMPT, f"Background:\n{background}\n\nQuestion:{question}")
+
+
 SCP_QA_SYSTEM = (
     "You are a helpful assistant. You are given a document. Your task is to generate questions "
     "that cover the key information of the document and to answer them in turn."

@@ -99,3 +99,11 @@ def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path):
     assert loaded.similarity_search(QUESTION, k=3) == vectorstore.similarity_search(QUESTION, k=3)
     files = {p.suffix for p in (tmp_path / "lc").rglob("*") if p.is_file()}
     assert files <= {".json", ".npy", ""}  # CURRENT has no suffix; nothing is a pickle
+
+
+def test_read_text_mode_is_the_text_rag_baseline(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store, read_text=True)
+    expected = tiny_model.generate_reading_text([QUESTION], [[CORPUS[4], CORPUS[0]]])[0]
+    result = chat.invoke(QUESTION, document_ids=["d4", "d0"])
+    assert result.content == expected
+    assert result.usage_metadata["input_tokens"] == tiny_model.text_prompt_positions(QUESTION, [CORPUS[4], CORPUS[0]])

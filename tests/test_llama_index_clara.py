@@ -152,3 +152,9 @@ def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     by_text = llm.complete(QUESTION, documents=[CORPUS[1], CORPUS[2]]).text
     assert by_ids == by_text
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
+
+
+def test_llm_read_text_mode(vector_store, tiny_model):
+    llm = ClaraLLM(clara=tiny_model, store=vector_store.client, read_text=True)
+    expected = tiny_model.generate_reading_text([QUESTION], [[CORPUS[1], CORPUS[2]]])[0]
+    assert llm.complete(QUESTION, document_ids=["n1", "n2"]).text == expected

@@ -170,3 +170,18 @@ def test_untrained_adapters_leave_the_base_model_unchanged(tiny_config):
         a = model.compress_documents(CORPUS[:1])
     randomize_adapters(model)
     assert not torch.allclose(a, model.compress_documents(CORPUS[:1]))
+
+
+def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
+    from clara_plugins.prompts import text_context_prompt
+
+    answers = tiny_model.generate_reading_text(["Who?", "Where?"], [CORPUS[:2], []], max_new_tokens=5)
+    prompt = text_context_prompt(tiny_model.tokenizer, "Who?", CORPUS[:2])
+    assert CORPUS[0] in prompt and "<MEM0>" not in prompt
+    ids = tiny_model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad(), tiny_model.lm.disable_adapter():
+        expected = tiny_model.lm.generate(ids, max_new_tokens=5, do_sample=False,
+                                          eos_token_id=sorted(tiny_model.stop_token_ids))[0, ids.size(1):]
+    text = tiny_model.tokenizer.decode([t for t in expected.tolist() if t not in tiny_model.stop_token_ids],
+                                       skip_special_tokens=True).strip()
+    assert answers[0] == text

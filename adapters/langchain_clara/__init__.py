@@ -2,6 +2,6 @@
 
 from .chat_models import CLARA_PROMPT, ChatClara, format_documents
 from .retrievers import ClaraRetriever
-from .vectorstores import ClaraVectorStore, EmbeddingsKeys
+from .vectorstores import ClaraVectorStore, DenseEmbeddings, EmbeddingsKeys
 
-__all__ = ["CLARA_PROMPT", "ChatClara", "ClaraRetriever", "ClaraVectorStore", "EmbeddingsKeys", "format_documents"]
+__all__ = ["CLARA_PROMPT", "ChatClara", "ClaraRetriever", "ClaraVectorStore", "DenseEmbeddings", "EmbeddingsKeys", "format_documents"]

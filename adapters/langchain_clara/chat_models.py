@@ -11,6 +11,8 @@ The last human message is the question. The documents come, in order of preceden
 
 A text already in ``store`` reuses its stored memory tokens; any other text is compressed on
 the spot. With more than ``k`` documents the query reasoner keeps the best ``k``.
+``read_text=True`` turns it into the text-RAG baseline on the same backbone: the first ``k``
+documents are pasted into the prompt as text and the plain base model answers (one chunk).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models.chat_models import BaseChatModel
@@ -49,6 +50,7 @@ class ChatClara(BaseChatModel):
     k: int = 5
     max_tokens: int | None = None
     stop: list[str] | None = None
+    read_text: bool = False  # the text-RAG baseline: documents pasted as text, plain base model
 
     @property
     def _llm_type(self) -> str:
@@ -69,33 +71,38 @@ class ChatClara(BaseChatModel):
 
     # ------------------------------------------------------------ documents
 
-    def _question_and_memories(self, messages: list[BaseMessage], kwargs: dict) -> tuple[str, torch.Tensor]:
+    def _question_and_sources(self, messages: list[BaseMessage], kwargs: dict) -> tuple[str, list[str], list[str]]:
+        """The question, and the documents as store ids or as texts (one of the two is empty)."""
         humans = [m for m in messages if isinstance(m, HumanMessage)]
         if not humans:
             raise ValueError("ChatClara needs a human message: the question to answer")
-        question = humans[-1].text
         ids = kwargs.get("document_ids") or [
             i for m in messages for i in m.additional_kwargs.get("document_ids", [])
         ]
         if ids:
             if self.store is None:
                 raise ValueError("document_ids need a ChatClara with a store")
-            memories = self.store.memories(ids)
-        elif kwargs.get("documents"):
-            texts = [d.page_content if isinstance(d, Document) else d for d in kwargs["documents"]]
-            memories = memories_for_texts(self.clara, self.store, texts)
-        else:
-            paragraphs = [p.strip() for m in messages if isinstance(m, SystemMessage)
-                          for p in m.text.split("\n\n") if p.strip()]
-            memories = memories_for_texts(self.clara, self.store, paragraphs)
-        return question, keep_top_k(self.clara, question, memories, self.k)
+            return humans[-1].text, list(ids), []
+        if kwargs.get("documents"):
+            return humans[-1].text, [], [d.page_content if isinstance(d, Document) else d
+                                         for d in kwargs["documents"]]
+        paragraphs = [p.strip() for m in messages if isinstance(m, SystemMessage)
+                      for p in m.text.split("\n\n") if p.strip()]
+        return humans[-1].text, [], paragraphs
 
     # ------------------------------------------------------------ generation
 
     def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], int]:
         """The answer's text pieces, cut at stop sequences, and the input positions read."""
-        question, memories = self._question_and_memories(messages, kwargs)
+        question, ids, texts = self._question_and_sources(messages, kwargs)
         max_new_tokens = kwargs.get("max_tokens") or self.max_tokens
+        if self.read_text:
+            texts = [d.text for d in self.store.get(ids)] if ids else texts
+            answer = self.clara.generate_reading_text([question], [texts[: self.k]], max_new_tokens)[0]
+            positions = self.clara.text_prompt_positions(question, texts[: self.k])
+            return _cut_at_stops(iter([answer]), stop or self.stop or []), positions
+        memories = self.store.memories(ids) if ids else memories_for_texts(self.clara, self.store, texts)
+        memories = keep_top_k(self.clara, question, memories, self.k)
         pieces = self.clara.stream_answer(question, memories, max_new_tokens)
         positions = self.clara.prompt_positions(question, len(memories))
         return _cut_at_stops(pieces, stop or self.stop or []), positions

@@ -13,6 +13,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from clara_plugins import ClaraModel, MemoryStore, StoredDocument
+from clara_plugins.dense import DenseRetriever
 
 
 class EmbeddingsKeys:
@@ -131,3 +132,16 @@ class ClaraVectorStore(VectorStore):
         store = cls(model, embedding, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store
+
+
+class DenseEmbeddings(Embeddings):
+    """A sentence-transformers model as LangChain ``Embeddings`` (the text-RAG baseline's)."""
+
+    def __init__(self, retriever: DenseRetriever | None = None) -> None:
+        self.retriever = retriever or DenseRetriever()
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.retriever.embed_documents(texts).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.retriever.embed_queries([text])[0].tolist()

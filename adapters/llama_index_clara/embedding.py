@@ -7,9 +7,10 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from pydantic import ConfigDict, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from clara_plugins import ClaraModel
+from clara_plugins.dense import DenseRetriever
 
 _KEEP = 8192  # compressed texts remembered until a store takes them
 
@@ -59,3 +60,28 @@ class ClaraEmbedding(BaseEmbedding):
         for text in texts:
             self._recent.pop(text, None)
         return memories
+
+
+class DenseEmbedding(BaseEmbedding):
+    """A sentence-transformers model as a LlamaIndex embedding (the text-RAG baseline's)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    retriever: DenseRetriever = Field(default_factory=DenseRetriever)
+    model_name: str = "sentence-transformers"
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "DenseEmbedding"
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self.retriever.embed_documents(texts).tolist()
+
+    def _get_text_embedding(self, text: str) -> list[float]:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_query_embedding(self, query: str) -> list[float]:
+        return self.retriever.embed_queries([query])[0].tolist()
+
+    async def _aget_query_embedding(self, query: str) -> list[float]:
+        return self._get_query_embedding(query)

@@ -31,6 +31,7 @@ class ClaraLLM(CustomLLM):
     k: int = 5
     max_new_tokens: int | None = None
     model_name: str = "clara"
+    read_text: bool = False  # the text-RAG baseline: documents pasted as text, plain base model
 
     @classmethod
     def class_name(cls) -> str:
@@ -46,12 +47,13 @@ class ClaraLLM(CustomLLM):
         )
 
     def _pieces(self, question: str, kwargs: dict[str, Any]) -> Iterator[str]:
-        if kwargs.get("document_ids"):
-            if self.store is None:
-                raise ValueError("document_ids need a ClaraLLM with a store")
-            memories = self.store.memories(kwargs["document_ids"])
-        else:
-            memories = memories_for_texts(self.clara, self.store, list(kwargs.get("documents") or []))
+        ids, texts = kwargs.get("document_ids"), list(kwargs.get("documents") or [])
+        if ids and self.store is None:
+            raise ValueError("document_ids need a ClaraLLM with a store")
+        if self.read_text:  # the text-RAG baseline: documents as text, plain base model
+            texts = [d.text for d in self.store.get(ids)] if ids else texts
+            return iter(self.clara.generate_reading_text([question], [texts[: self.k]], self.max_new_tokens))
+        memories = self.store.memories(ids) if ids else memories_for_texts(self.clara, self.store, texts)
         memories = keep_top_k(self.clara, question, memories, self.k)
         return self.clara.stream_answer(question, memories, self.max_new_tokens)
 

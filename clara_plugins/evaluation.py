@@ -1,0 +1,100 @@
+"""Evaluating answers and retrieval on converted rows ({question, docs, answers, pos_index}).
+
+Systems, all on one backbone:
+- ``clara``: the documents compressed into memory tokens; with more than k documents the
+  query reasoner keeps the top-k (and Recall@k is measured);
+- ``text``: the plain base model reading the documents as text (text RAG);
+- ``none``: the plain base model with no documents.
+Retrievers for Recall@k / Precision@k: ``reasoner`` (CLaRa's query reasoner over memory
+tokens), ``dense`` (a sentence-transformers model) and ``bm25``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .datasets import bm25_rank
+from .dense import DenseRetriever
+from .metrics import answer_scores, precision_at_k, recall_at_k
+from .model import ClaraModel
+from .retrieval import cosine_scores
+
+SYSTEMS = ("clara", "text", "none")
+RETRIEVERS = ("reasoner", "dense", "bm25")
+
+
+def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "clara", k: int = 5,
+                     max_new_tokens: int = 32, batch_size: int = 4) -> dict:
+    """EM, F1 and cover-EM of one system, with its predictions and context positions."""
+    if system not in SYSTEMS:
+        raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
+    predictions, positions, seconds = [], [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"answering ({system})"):
+        batch = rows[start:start + batch_size]
+        questions = [row["question"] for row in batch]
+        began = time.perf_counter()
+        if system == "clara":
+            answers, counts = _clara_answers(model, batch, k, max_new_tokens)
+        else:
+            documents = [row["docs"][:k] if system == "text" else [] for row in batch]
+            answers = model.generate_reading_text(questions, documents, max_new_tokens)
+            counts = [model.text_prompt_positions(q, d) for q, d in zip(questions, documents)]
+        seconds.append((time.perf_counter() - began) / len(batch))
+        predictions.extend(answers)
+        positions.extend(counts)
+    scores = [answer_scores(p, row.get("answers") or [row["answer"]]) for p, row in zip(predictions, rows)]
+    return {
+        "system": system, "examples": len(rows), "k": k,
+        **{name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")},
+        "context_positions": round(statistics.mean(positions), 1),
+        "seconds_per_question": round(statistics.mean(seconds), 3),
+        "predictions": [{"question": r["question"], "prediction": p, "answers": r.get("answers") or [r["answer"]]}
+                        for r, p in zip(rows, predictions)],
+    }
+
+
+def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int) -> tuple[list[str], list[int]]:
+    groups = []
+    for row in batch:
+        memories = model.compress_documents(row["docs"])
+        if len(memories) > k:
+            top = cosine_scores(model.encode_queries([row["question"]]), memories)[0].topk(k).indices
+            memories = memories[top]
+        groups.append(memories)
+    questions = [row["question"] for row in batch]
+    if len({len(g) for g in groups}) == 1:
+        answers = model.generate_from_compressed_documents_and_questions(questions, torch.stack(groups),
+                                                                         max_new_tokens)
+    else:
+        answers = [model.generate_from_compressed_documents_and_questions([q], g.unsqueeze(0), max_new_tokens)[0]
+                   for q, g in zip(questions, groups)]
+    return answers, [model.prompt_positions(q, len(g)) for q, g in zip(questions, groups)]
+
+
+def evaluate_retrieval(rows: Sequence[dict], retriever: str, model: ClaraModel | None = None,
+                       dense: DenseRetriever | None = None, ks: Sequence[int] = (1, 3, 5)) -> dict:
+    """Recall@k and Precision@k of ranking each row's candidates against its pos_index."""
+    if retriever not in RETRIEVERS:
+        raise ValueError(f"retriever must be one of {RETRIEVERS}, got {retriever!r}")
+    rows = [row for row in rows if row.get("pos_index")]
+    rankings = []
+    for row in tqdm(rows, desc=f"ranking ({retriever})"):
+        if retriever == "reasoner":
+            scores = cosine_scores(model.encode_queries([row["question"]]), model.compress_documents(row["docs"]))[0]
+            rankings.append(scores.argsort(descending=True).tolist())
+        elif retriever == "dense":
+            rankings.append(dense.rank(row["question"], row["docs"]))
+        else:
+            rankings.append(bm25_rank(row["question"], row["docs"]))
+    result = {"retriever": retriever, "examples": len(rows)}
+    for k in ks:
+        result[f"recall@{k}"] = round(100 * statistics.mean(
+            recall_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
+        result[f"precision@{k}"] = round(100 * statistics.mean(
+            precision_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
+    return result

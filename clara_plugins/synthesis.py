@@ -1,0 +1,158 @@
+"""SCP data synthesis: a teacher LLM turns each document into QA pairs and a paraphrase.
+
+Per document the teacher writes simple QA pairs (one fact each), complex QA pairs (several
+facts combined) and a paraphrase; it then lists the document's facts that no question covers,
+and writes QA pairs for those, for at most ``max_rounds`` rounds. QA whose answer is not in the
+document, and QA sets whose coverage still fails, are dropped; so is a paraphrase of the wrong
+length. Rows follow CLARA_NOTES' SCP formats.
+
+The teacher is any callable from prompt to text; ``as_teacher`` wraps a LangChain chat model,
+a LlamaIndex LLM, or a local Hugging Face chat model. Output is appended one document at a time
+with a ``.done`` ledger beside it, so a crash loses at most the document in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .metrics import normalize_answer
+
+Teacher = Callable[[str], str]
+
+SIMPLE_QA = ("Read the document and write {n} simple questions, each answered by one short fact "
+             "copied from the document.\nWrite each pair as two lines:\nQuestion: ...\nAnswer: ...\n\n"
+             "Document:\n{document}")
+COMPLEX_QA = ("Read the document and write {n} questions that each need two or more of its facts "
+              "together, with short answers.\nWrite each pair as two lines:\nQuestion: ...\nAnswer: ...\n\n"
+              "Document:\n{document}")
+PARAPHRASE = "Rewrite the document below in your own words, keeping every fact.\n\nDocument:\n{document}"
+COVERAGE = ("Document:\n{document}\n\nQuestions already asked:\n{questions}\n\nList the facts of the document "
+            "that none of these questions asks about, one per line. If every fact is covered, write NONE.")
+MISSING_QA = ("Write one simple question-answer pair for each fact below, using the document.\nWrite each "
+              "pair as two lines:\nQuestion: ...\nAnswer: ...\n\nFacts:\n{facts}\n\nDocument:\n{document}")
+
+_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:\s*(.+?)\s*(?=\n\s*Question:|\Z)", re.S | re.I)
+
+
+@dataclasses.dataclass
+class SynthesisReport:
+    documents: int = 0
+    qa_rows: int = 0
+    paraphrase_rows: int = 0
+    dropped_qa_pairs: int = 0
+    dropped_documents_qa: int = 0
+    dropped_paraphrases: int = 0
+    skipped_done: int = 0
+
+
+def as_teacher(model: object) -> Teacher:
+    """A callable teacher from a callable, a LangChain chat model or a LlamaIndex LLM."""
+    if hasattr(model, "invoke") and hasattr(model, "bind"):  # LangChain Runnable chat model
+        return lambda prompt: str(model.invoke(prompt).content)
+    if hasattr(model, "complete"):  # LlamaIndex LLM
+        return lambda prompt: model.complete(prompt).text
+    if callable(model):
+        return model
+    raise TypeError(f"cannot use {type(model).__name__} as a teacher")
+
+
+class HuggingFaceTeacher:
+    """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model)."""
+
+    def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256) -> None:
+        import torch
+
+        from .backbone import load_base_model
+
+        self.model, self.tokenizer = load_base_model(name_or_path, torch.float32)
+        self.model.eval()
+        self.max_new_tokens = max_new_tokens
+
+    def __call__(self, prompt: str) -> str:
+        import torch
+
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = self.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    return [(q.strip(), a.strip().splitlines()[0].strip()) for q, a in _PAIR.findall(text) if a.strip()]
+
+
+def _supported(answer: str, document: str) -> bool:
+    """Every normalised answer token appears in the document."""
+    tokens = normalize_answer(answer).split()
+    words = set(normalize_answer(document).split())
+    return bool(tokens) and all(t in words for t in tokens)
+
+
+def synthesize_document(document: str, teacher: Teacher, simple: int = 3, complex_: int = 2,
+                        max_rounds: int = 3) -> tuple[dict | None, dict | None, dict]:
+    """QA row (or None when dropped), paraphrase row (or None) and counts for one document."""
+    pairs = [p for p in parse_pairs(teacher(SIMPLE_QA.format(n=simple, document=document)))]
+    pairs += parse_pairs(teacher(COMPLEX_QA.format(n=complex_, document=document)))
+    covered = False
+    for _ in range(max_rounds):
+        questions = "\n".join(q for q, _ in pairs) or "(none)"
+        missing = [line.strip("-* ").strip() for line in
+                   teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
+        missing = [m for m in missing if m and m.upper() != "NONE"]
+        if not missing:
+            covered = True
+            break
+        pairs += parse_pairs(teacher(MISSING_QA.format(facts="\n".join(missing), document=document)))
+    kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document)]
+    counts = {"dropped_pairs": len(pairs) - len(kept)}
+    qa = None
+    if covered and kept:
+        qa = {"data_type": "qa", "question": [q for q, _ in kept], "answers": [a for _, a in kept],
+              "docs": [document]}
+    paraphrase_text = teacher(PARAPHRASE.format(document=document)).strip()
+    ratio = len(paraphrase_text) / max(1, len(document))
+    paraphrase = None
+    if 0.3 <= ratio <= 2.0 and normalize_answer(paraphrase_text) != normalize_answer(document):
+        paraphrase = {"data_type": "paraphrase", "answers": [paraphrase_text], "docs": [document]}
+    return qa, paraphrase, counts
+
+
+def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
+               simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
+    """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
+    output = Path(output)
+    ledger = output.with_name(output.name + ".done")
+    done = {json.loads(line)["doc_id"] for line in ledger.read_text().splitlines()} if ledger.exists() else set()
+    if output.exists():  # drop rows of a document that was in progress when the last run died
+        kept_lines = [line for line in output.read_text().splitlines() if json.loads(line)["doc_id"] in done]
+        output.write_text("".join(line + "\n" for line in kept_lines))
+    report = SynthesisReport()
+    documents = list(documents)
+    with open(output, "a") as rows, open(ledger, "a") as marks:
+        for doc_id, text in tqdm(documents, desc="synthesising"):
+            if doc_id in done:
+                report.skipped_done += 1
+                continue
+            qa, paraphrase, counts = synthesize_document(text, teacher, simple, complex_, max_rounds)
+            report.documents += 1
+            report.dropped_qa_pairs += counts["dropped_pairs"]
+            report.dropped_documents_qa += qa is None
+            report.dropped_paraphrases += paraphrase is None
+            for row in (qa, paraphrase):
+                if row is not None:
+                    rows.write(json.dumps({**row, "doc_id": doc_id}) + "\n")
+            report.qa_rows += qa is not None
+            report.paraphrase_rows += paraphrase is not None
+            rows.flush()
+            marks.write(json.dumps({"doc_id": doc_id, "qa": qa is not None,
+                                    "paraphrase": paraphrase is not None}) + "\n")
+            marks.flush()
+    return report

@@ -1,0 +1,53 @@
+"""A LangChain RAG chain, built twice over the same passages and the same backbone LM:
+
+1. text RAG: text chunks in an InMemoryVectorStore with a sentence-transformers retriever;
+   the generator reads the retrieved passages as text;
+2. CLaRa: the passages compressed into memory tokens in a ClaraVectorStore; the query
+   reasoner retrieves and ChatClara answers from the stored memory tokens.
+
+    python docs/examples/langchain_rag.py --limit 100 --question "Who was Lothair II's queen?"
+
+Runs offline. Without --checkpoint the CLaRa adapters are untrained (poor answers).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.runnables import RunnablePassthrough
+from langchain_core.vectorstores import InMemoryVectorStore
+
+from clara_plugins import ClaraModel
+from clara_plugins.cli import read_documents
+from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, DenseEmbeddings, format_documents
+
+
+def rag_chain(retriever, chat):
+    return {"context": retriever | format_documents, "question": RunnablePassthrough()} | CLARA_PROMPT | chat | StrOutputParser()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="LangChain RAG: text chunks vs CLaRa memory tokens")
+    parser.add_argument("--corpus", default="../shared/data/corpus/2wiki_6119.json")
+    parser.add_argument("--limit", type=int, default=100, help="passages to index")
+    parser.add_argument("--question", default="Who was Lothair II's queen?")
+    parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder")
+    args = parser.parse_args()
+
+    passages = read_documents([args.corpus])[: args.limit]
+    clara = ClaraModel.from_pretrained(args.checkpoint) if args.checkpoint else ClaraModel()
+
+    text_store = InMemoryVectorStore(DenseEmbeddings())
+    text_store.add_texts(passages)
+    text_rag = rag_chain(text_store.as_retriever(search_kwargs={"k": 5}), ChatClara(clara=clara, read_text=True))
+    print("text RAG:", text_rag.invoke(args.question))
+
+    clara_store = ClaraVectorStore(clara)
+    clara_store.add_texts(passages, show_progress=True)
+    clara_rag = rag_chain(ClaraRetriever(store=clara_store.store, k=5), ChatClara(clara=clara, store=clara_store.store))
+    print("CLaRa:   ", clara_rag.invoke(args.question))
+
+
+if __name__ == "__main__":
+    main()

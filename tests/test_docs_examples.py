@@ -1,0 +1,28 @@
+"""The runnable examples in docs/ run offline on the real default model."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["langchain_rag.py", "llamaindex_rag.py"])
+def test_example_answers_with_text_rag_and_with_clara(example):
+    corpus = SHARED_DATA / "corpus" / "2wiki_6119.json"
+    if not corpus.exists():
+        pytest.skip(f"benchmark samples not found at {corpus}")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs" / "examples" / example), "--corpus", str(corpus), "--limit", "12"],
+        capture_output=True, text=True, timeout=900, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                           "HOME": str(Path.home())},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("text RAG:") for line in lines)
+    assert any(line.startswith("CLaRa:") for line in lines)

@@ -1,0 +1,83 @@
+"""SCP synthesis with scripted teachers: coverage rounds, drops, resume, framework teachers."""
+
+import json
+
+import pytest
+from langchain_core.language_models.fake_chat_models import FakeListChatModel
+from llama_index.core.llms import MockLLM
+
+from clara_plugins import synthesis
+from clara_plugins.synthesis import as_teacher, parse_pairs, synthesize, synthesize_document
+
+DOC = "Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903."
+
+
+class ScriptedTeacher:
+    """Answers each kind of prompt from a script; records how often coverage was asked."""
+
+    def __init__(self, coverage_replies: list[str]) -> None:
+        self.coverage_replies = list(coverage_replies)
+        self.coverage_calls = 0
+
+    def __call__(self, prompt: str) -> str:
+        if prompt.startswith("Read the document and write") and "two or more" in prompt:
+            return "Question: Where was the 1903 Physics laureate born?\nAnswer: Warsaw"
+        if prompt.startswith("Read the document"):
+            return ("Question: Where was Marie Curie born?\nAnswer: Warsaw\n"
+                    "Question: Who is her husband?\nAnswer: Pierre Curie")  # not in the document: dropped
+        if prompt.startswith("Document:"):
+            self.coverage_calls += 1
+            return self.coverage_replies.pop(0) if self.coverage_replies else "- the year of her birth"
+        if prompt.startswith("Write one simple"):
+            return "Question: When was Marie Curie born?\nAnswer: 1867"
+        return "Born in Warsaw in 1867, Marie Curie received the 1903 Nobel Prize in Physics."
+
+
+def test_parse_pairs():
+    text = "Question: A?\nAnswer: one\nQuestion: B?\nAnswer: two\nextra line"
+    assert parse_pairs(text) == [("A?", "one"), ("B?", "two")]
+
+
+def test_missing_facts_are_regenerated_then_coverage_passes():
+    teacher = ScriptedTeacher(["- the year of her birth", "NONE"])
+    qa, paraphrase, counts = synthesize_document(DOC, teacher, max_rounds=3)
+    assert teacher.coverage_calls == 2
+    assert qa["question"] == ["Where was Marie Curie born?", "Where was the 1903 Physics laureate born?",
+                              "When was Marie Curie born?"]
+    assert qa["answers"] == ["Warsaw", "Warsaw", "1867"] and counts["dropped_pairs"] == 1
+    assert paraphrase["data_type"] == "paraphrase" and paraphrase["docs"] == [DOC]
+
+
+def test_qa_still_uncovered_after_the_rounds_is_dropped():
+    teacher = ScriptedTeacher([])  # always reports a missing fact
+    qa, paraphrase, _ = synthesize_document(DOC, teacher, max_rounds=2)
+    assert qa is None and teacher.coverage_calls == 2 and paraphrase is not None
+
+
+def test_resume_loses_at_most_the_document_in_progress(tmp_path, monkeypatch):
+    documents = [(f"d{i}", DOC) for i in range(4)]
+    output = tmp_path / "scp.jsonl"
+    real = synthesis.synthesize_document
+    calls = {"n": 0}
+
+    def dies_on_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthesis, "synthesize_document", dies_on_third)
+    with pytest.raises(RuntimeError):
+        synthesize(documents, ScriptedTeacher(["NONE"] * 10), output)
+    monkeypatch.setattr(synthesis, "synthesize_document", real)
+    report = synthesize(documents, ScriptedTeacher(["NONE"] * 10), output)
+    assert report.skipped_done == 2 and report.documents == 2
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["doc_id"] for r in rows] == ["d0", "d0", "d1", "d1", "d2", "d2", "d3", "d3"]
+
+
+def test_langchain_and_llama_index_models_are_teachers():
+    chat = FakeListChatModel(responses=["Question: Where?\nAnswer: Warsaw"])
+    assert parse_pairs(as_teacher(chat)("any prompt")) == [("Where?", "Warsaw")]
+    llm = MockLLM(max_tokens=3)
+    assert isinstance(as_teacher(llm)("hello there"), str)
