@@ -9,7 +9,6 @@ the trained generator of "stage1_2" checkpoints).
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 
 from .checkpoint import load_added_rows, load_adapter_weights
 from .config import ADAPTER_NAMES, ClaraConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 from .model import ClaraModel
 
 _PEFT_PREFIX = "base_model.model."
@@ -28,10 +27,7 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
     path = folder / "config.json"
     if not path.exists():
         raise CheckpointError(f"{folder} is not an Apple CLaRa checkpoint: config.json is missing")
-    try:
-        apple = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    apple = read_json(path, CheckpointError)
     if apple.get("model_type") != "CLaRa":
         raise CheckpointError(f"{path} has model_type {apple.get('model_type')!r}, expected 'CLaRa'")
     if not apple.get("different_mem_tokens", True) or not apple.get("sep", True):

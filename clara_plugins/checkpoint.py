@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import write_folder_atomically
 from .backbone import fingerprint_mismatch
 from .config import ADAPTER_NAMES, ClaraConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, read_json
 
 if TYPE_CHECKING:
     from .model import ClaraModel
@@ -74,10 +74,7 @@ def read_header(folder: Path) -> dict:
     path = folder / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{folder} is not a CLaRa checkpoint: {CONFIG_FILE} is missing")
-    try:
-        header = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+    header = read_json(path, CheckpointError)
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
     return header

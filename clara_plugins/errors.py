@@ -1,5 +1,8 @@
 """Errors that name what is wrong with the user's input or files."""
 
+import json
+from pathlib import Path
+
 
 class InvalidInputError(ValueError):
     """Documents or questions that cannot be compressed or answered (empty, not strings...)."""
@@ -25,3 +28,13 @@ def check_texts(texts: object, what: str) -> list[str]:
 
 class StoreError(ValueError):
     """A memory store that is corrupted, or was written by another model or compressor."""
+
+
+def read_json(path: Path, error: type[ValueError]) -> object:
+    """A JSON file's value, or ``error`` naming a missing or corrupted file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError as missing:
+        raise error(f"{path} is missing") from missing
+    except json.JSONDecodeError as corrupted:
+        raise error(f"{path} is corrupted (not valid JSON): {corrupted}") from corrupted

@@ -344,6 +344,10 @@ class ClaraModel(torch.nn.Module):
         valid = labels != -100
         return (picked * valid).sum(1), valid.sum(1)
 
+    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None):
+        return greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
+                            self.stop_token_ids)
+
     def _as_batched_memories(self, questions: list[str], compressed: torch.Tensor) -> torch.Tensor:
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
         n, h = self.config.n_mem_tokens, self.hidden_size
@@ -375,8 +379,7 @@ class ClaraModel(torch.nn.Module):
         memories = self._as_batched_memories(questions, compressed_documents)
         with self._inference(), self._adapter(DECODER):
             embeds, mask, _ = self._answer_inputs(questions, memories)
-            steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
-                                 self.stop_token_ids)
+            steps = self._greedy(embeds, mask, max_new_tokens)
             return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
 
     def stream_answer(
@@ -387,8 +390,7 @@ class ClaraModel(torch.nn.Module):
         memories = self._as_batched_memories(questions, compressed_documents)
         with self._inference(), self._adapter(DECODER):
             embeds, mask, _ = self._answer_inputs(questions, memories)
-            steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
-                                 self.stop_token_ids)
+            steps = self._greedy(embeds, mask, max_new_tokens)
             yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
 
     def generate_reading_text(
@@ -411,8 +413,7 @@ class ClaraModel(torch.nn.Module):
         adapters_off = self.lm.disable_adapter() if adapter is None else self._adapter(adapter)
         with self._inference(), adapters_off:
             embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
-            steps = greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
-                                 self.stop_token_ids)
+            steps = self._greedy(embeds, mask, max_new_tokens)
             return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
 
     def generate_from_text(

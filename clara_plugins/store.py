@@ -32,7 +32,7 @@ import torch
 
 from .atomic import write_text_atomically
 from .backbone import fingerprint_mismatch
-from .errors import InvalidInputError, StoreError, check_texts
+from .errors import InvalidInputError, StoreError, check_texts, read_json
 from .filters import Filter, matches, validate_filter
 from .keys import ClaraKeys, KeyEncoder, normalize_rows
 from .model import ClaraModel
@@ -295,14 +295,14 @@ class MemoryStore:
         if not pointer.exists():
             raise StoreError(f"{folder} is not a CLaRa memory store: CURRENT is missing")
         generation = folder / pointer.read_text().strip()
-        header = _read_json(generation / "store.json")
+        header = read_json(generation / "store.json", StoreError)
         if header.get("format") != FORMAT:
             raise StoreError(f"{generation}/store.json has format {header.get('format')!r}, expected {FORMAT!r}")
         store = cls(model, keys, header["index"], batch_size)
         _check_compressor(header["compressor"], model.compressor_signature(), folder)
         if header["keys"] != store.keys.signature():
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}")
-        records = _read_json(generation / "records.json")
+        records = read_json(generation / "records.json", StoreError)
         count = header["count"]
         if not len(records["ids"]) == len(records["texts"]) == len(records["metadatas"]) == count:
             raise StoreError(f"{generation}/records.json does not hold {count} documents")
@@ -378,15 +378,6 @@ def _write_json(path: Path, value: Any) -> None:
         json.dump(value, handle)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as error:
-        raise StoreError(f"{path} is missing") from error
-    except json.JSONDecodeError as error:
-        raise StoreError(f"{path} is corrupted: {error}") from error
 
 
 def _generations(folder: Path) -> list[int]:
