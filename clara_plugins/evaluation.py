@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .context import keep_top_k
 from .datasets import bm25_rank
 from .dense import DenseRetriever
 from .metrics import answer_scores, precision_at_k, recall_at_k
@@ -59,13 +60,7 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
 
 
 def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int) -> tuple[list[str], list[int]]:
-    groups = []
-    for row in batch:
-        memories = model.compress_documents(row["docs"])
-        if len(memories) > k:
-            top = cosine_scores(model.encode_queries([row["question"]]), memories)[0].topk(k).indices
-            memories = memories[top]
-        groups.append(memories)
+    groups = [keep_top_k(model, row["question"], model.compress_documents(row["docs"]), k) for row in batch]
     questions = [row["question"] for row in batch]
     if len({len(g) for g in groups}) == 1:
         answers = model.generate_from_compressed_documents_and_questions(questions, torch.stack(groups),

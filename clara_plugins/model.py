@@ -208,9 +208,6 @@ class ClaraModel(torch.nn.Module):
     def _memory_states(self, texts: list[str], adapter: str) -> torch.Tensor:
         """Last-layer states at the memory positions, [batch, n_mem, hidden]; keeps gradients."""
         bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self._memory_states_of_tokens(bodies, adapter)
-
-    def _memory_states_of_tokens(self, bodies: list[list[int]], adapter: str) -> torch.Tensor:
         return self._encode_tokens(bodies, adapter)[0]
 
     def _encode_tokens(self, bodies: list[list[int]], adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,7 +243,7 @@ class ClaraModel(torch.nn.Module):
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         with self._inference():
             for batch in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
-                memories[batch] = self._memory_states_of_tokens([bodies[i] for i in batch], ENCODER)
+                memories[batch] = self._encode_tokens([bodies[i] for i in batch], ENCODER)[0]
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         return CompressedDocuments(memories, counts, cut)
