@@ -205,11 +205,6 @@ class ClaraModel(torch.nn.Module):
         positions = torch.arange(full_width - width, full_width + n_mem).expand(len(bodies), -1)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _memory_states(self, texts: list[str], adapter: str) -> torch.Tensor:
-        """Last-layer states at the memory positions, [batch, n_mem, hidden]; keeps gradients."""
-        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self._encode_tokens(bodies, adapter)[0]
-
     def _encode_tokens(self, bodies: list[list[int]], adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory states [batch, n_mem, hidden] and the mean state of the document tokens
         [batch, hidden] (SCP's alignment target), from one forward pass."""
@@ -223,7 +218,8 @@ class ClaraModel(torch.nn.Module):
         return hidden[:, -n_mem:, :], document_mean
 
     def encode_for_training(self, texts: Sequence[str], adapter: str = ENCODER) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like compression but with gradients: (memory states, mean document-token states)."""
+        """(memory states, mean document-token states) of texts through one adapter, keeping
+        gradients; inference callers run it under no_grad."""
         texts = check_texts(texts, "texts")
         bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return self._encode_tokens(bodies, adapter)
@@ -268,7 +264,7 @@ class ClaraModel(torch.nn.Module):
         questions = check_texts(questions, "questions")
         with self._inference():
             return torch.cat([
-                self._memory_states(questions[s:s + batch_size], QUERY_REASONER)
+                self.encode_for_training(questions[s:s + batch_size], QUERY_REASONER)[0]
                 for s in range(0, len(questions), batch_size)
             ])
 
@@ -395,20 +391,17 @@ class ClaraModel(torch.nn.Module):
         questions: Sequence[str],
         documents: Sequence[Sequence[str]],
         max_new_tokens: int | None = None,
-        adapter: str | None = None,
     ) -> list[str]:
-        """Text RAG on the same backbone: the documents are pasted into the prompt as text.
+        """Text RAG on the same backbone: the plain base model reads the documents as text.
 
-        With ``adapter=None`` the plain base model answers (the baseline); empty document lists
-        give the no-retrieval baseline. Not CLaRa: no memory tokens are involved.
+        Empty document lists give the no-retrieval baseline. No memory tokens are involved.
         """
         questions = check_texts(questions, "questions")
         if isinstance(documents, str) or len(documents) != len(questions):
             raise InvalidInputError("documents must hold one list of documents per question")
         prompts = [text_context_prompt(self.tokenizer, q, list(docs)) for q, docs in zip(questions, documents)]
         no_memories = torch.zeros(len(questions), 0, self.config.n_mem_tokens, self.hidden_size, device=self.device)
-        adapters_off = self.lm.disable_adapter() if adapter is None else self._adapter(adapter)
-        with self._inference(), adapters_off:
+        with self._inference(), self.lm.disable_adapter():
             embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
             steps = self._greedy(embeds, mask, max_new_tokens)
             return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)

@@ -114,6 +114,15 @@ def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str], memori
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
 
+def _compression_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
+                      memories: torch.Tensor, document_means: torch.Tensor,
+                      config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Stages 1-2: CE of the targets read from memory + mse_weight * MSE(mean memory, mean document)."""
+    ce = _decoder_loss(model, prompts, full, grouped)
+    mse = F.mse_loss(memories.mean(1).float(), document_means.float())
+    return ce + config.mse_weight * mse, {"ce": ce.item(), "mse": mse.item()}
+
+
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     memories, document_means = model.encode_for_training([row["docs"][0] for row in rows])
     tok, slot = model.tokenizer, model.document_placeholder
@@ -122,9 +131,7 @@ def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[
                for row, kind in zip(rows, kinds)]
     prompts = [scp_prompt(tok, slot, kind) for kind in kinds]
     full = [scp_prompt(tok, slot, kind, target) for kind, target in zip(kinds, targets)]
-    ce = _decoder_loss(model, prompts, full, memories.unsqueeze(1))
-    mse = F.mse_loss(memories.mean(1).float(), document_means.float())
-    return ce + config.mse_weight * mse, {"ce": ce.item(), "mse": mse.item()}
+    return _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
 
 
 def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
@@ -136,9 +143,7 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> t
     tok, slot = model.tokenizer, model.document_placeholder
     prompts = [question_prompt(tok, row["question"], k, slot) for row in rows]
     full = [question_prompt(tok, row["question"], k, slot, row["answer"]) for row in rows]
-    ce = _decoder_loss(model, prompts, full, grouped)
-    mse = F.mse_loss(memories.mean(1).float(), document_means.float())
-    return ce + config.mse_weight * mse, {"ce": ce.item(), "mse": mse.item()}
+    return _compression_loss(model, prompts, full, grouped, memories, document_means, config)
 
 
 class CandidateMemories:

@@ -149,7 +149,7 @@ def test_uneven_document_lists_are_rejected(tiny_model):
 def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_model):
     tiny_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
     tiny_model.train()
-    states = tiny_model._memory_states(["Where is Paris?"], "query_reasoner_adapter")
+    states = tiny_model.encode_for_training(["Where is Paris?"], "query_reasoner_adapter")[0]
     embeds, _, _ = tiny_model._answer_inputs(["Who?"], states.unsqueeze(1))
     with tiny_model._adapter("decoder_adapter"):
         loss = tiny_model.lm(inputs_embeds=embeds).logits.pow(2).mean()

@@ -29,7 +29,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from pydantic import ConfigDict
 
 from clara_plugins import ClaraModel, MemoryStore
-from clara_plugins.context import keep_top_k, memories_for_texts
+from clara_plugins.context import answer_pieces
 
 CLARA_PROMPT = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
 
@@ -95,16 +95,8 @@ class ChatClara(BaseChatModel):
     def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], int]:
         """The answer's text pieces, cut at stop sequences, and the input positions read."""
         question, ids, texts = self._question_and_sources(messages, kwargs)
-        max_new_tokens = kwargs.get("max_tokens") or self.max_tokens
-        if self.read_text:
-            texts = [d.text for d in self.store.get(ids)] if ids else texts
-            answer = self.clara.generate_reading_text([question], [texts[: self.k]], max_new_tokens)[0]
-            positions = self.clara.text_prompt_positions(question, texts[: self.k])
-            return _cut_at_stops(iter([answer]), stop or self.stop or []), positions
-        memories = self.store.memories(ids) if ids else memories_for_texts(self.clara, self.store, texts)
-        memories = keep_top_k(self.clara, question, memories, self.k)
-        pieces = self.clara.stream_answer(question, memories, max_new_tokens)
-        positions = self.clara.prompt_positions(question, len(memories))
+        pieces, positions = answer_pieces(self.clara, self.store, question, ids, texts, self.k,
+                                          kwargs.get("max_tokens") or self.max_tokens, self.read_text)
         return _cut_at_stops(pieces, stop or self.stop or []), positions
 
     def _usage(self, input_positions: int, text: str) -> dict[str, int]:

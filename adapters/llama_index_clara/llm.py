@@ -11,7 +11,7 @@ from llama_index.core.llms.custom import CustomLLM
 from pydantic import ConfigDict
 
 from clara_plugins import ClaraModel, MemoryStore
-from clara_plugins.context import keep_top_k, memories_for_texts
+from clara_plugins.context import answer_pieces
 
 
 class ClaraLLM(CustomLLM):
@@ -50,12 +50,8 @@ class ClaraLLM(CustomLLM):
         ids, texts = kwargs.get("document_ids"), list(kwargs.get("documents") or [])
         if ids and self.store is None:
             raise ValueError("document_ids need a ClaraLLM with a store")
-        if self.read_text:  # the text-RAG baseline: documents as text, plain base model
-            texts = [d.text for d in self.store.get(ids)] if ids else texts
-            return iter(self.clara.generate_reading_text([question], [texts[: self.k]], self.max_new_tokens))
-        memories = self.store.memories(ids) if ids else memories_for_texts(self.clara, self.store, texts)
-        memories = keep_top_k(self.clara, question, memories, self.k)
-        return self.clara.stream_answer(question, memories, self.max_new_tokens)
+        return answer_pieces(self.clara, self.store, question, ids or [], texts, self.k, self.max_new_tokens,
+                             self.read_text)[0]
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
