@@ -4,7 +4,9 @@
   generator answers the document's QA pairs or reproduces its paraphrase.
   Loss = CE + mse_weight * MSE(mean memory state, mean document-token state).
 - ``instruct``: compression instruction tuning on (question, k documents, answer); the
-  decoder adapter starts afresh, the encoder adapter is kept. Same loss.
+  decoder adapter starts afresh, the encoder adapter is kept. Same loss. With
+  ``freeze_compressor`` the documents are compressed once without gradient and only the
+  decoder learns (CE alone): several times cheaper per step, for CPU budgets.
 - ``e2e``: end-to-end. The compressor is frozen (candidate memories computed without
   gradient); the query reasoner starts as a copy of the encoder adapter; the query reasoner,
   the generator and the <MEM> rows learn from the LM loss alone, through the straight-through
@@ -61,6 +63,7 @@ class TrainConfig:
     refresh_every: int = 0  # re-encode the corpus store every N steps (0: never)
     seed: int = 0
     save_every: int = 50
+    freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -83,8 +86,10 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
         _copy_adapter(model, ENCODER, QUERY_REASONER)
 
 
-def _trainable(stage: str) -> list[str]:
-    return [QUERY_REASONER, DECODER] if stage == "e2e" else [ENCODER, DECODER]
+def _trainable(config: TrainConfig) -> list[str]:
+    if config.stage == "e2e":
+        return [QUERY_REASONER, DECODER]
+    return [DECODER] if config.freeze_compressor else [ENCODER, DECODER]
 
 
 def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> None:
@@ -134,15 +139,21 @@ def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[
     return _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
 
 
-def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
+def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
+                  frozen: CandidateMemories | None = None) -> tuple[torch.Tensor, dict]:
+    """CE (+ MSE) of the answer read from the k documents' memories; with ``frozen``, the
+    memories come from its no-gradient cache and the loss is CE alone."""
     k = len(rows[0]["docs"])
     if any(len(row["docs"]) != k for row in rows):
         raise ValueError("instruction rows in one batch must have the same number of documents")
-    memories, document_means = model.encode_for_training([d for row in rows for d in row["docs"]])
-    grouped = memories.reshape(len(rows), k, *memories.shape[1:])
     tok, slot = model.tokenizer, model.document_placeholder
     prompts = [question_prompt(tok, row["question"], k, slot) for row in rows]
     full = [question_prompt(tok, row["question"], k, slot, row["answer"]) for row in rows]
+    if frozen is not None:
+        ce = _decoder_loss(model, prompts, full, frozen.for_rows(rows, config)[0])
+        return ce, {"ce": ce.item()}
+    memories, document_means = model.encode_for_training([d for row in rows for d in row["docs"]])
+    grouped = memories.reshape(len(rows), k, *memories.shape[1:])
     return _compression_loss(model, prompts, full, grouped, memories, document_means, config)
 
 
@@ -269,7 +280,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         load_trained_weights(model, checkpoint)
     else:
         prepare_stage(model, config)
-    model.set_trainable(_trainable(config.stage), memory_embeddings=True)
+    # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
+    model.set_trainable(_trainable(config), memory_embeddings=not (config.stage == "instruct" and config.freeze_compressor))
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
@@ -282,8 +294,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
-    candidates = CandidateMemories(model, corpus) if config.stage == "e2e" else None
-    loss_of = {"scp": scp_loss, "instruct": instruct_loss,
+    cached = config.stage == "e2e" or (config.stage == "instruct" and config.freeze_compressor)
+    candidates = CandidateMemories(model, corpus) if cached else None
+    loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates),
                "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates)}[config.stage]
 
     model.train()

@@ -66,6 +66,19 @@ def test_instruct_stage_starts_from_a_fresh_decoder(tiny_model, tmp_path):
     assert all(v.abs().sum() == 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
 
 
+def test_instruct_with_a_frozen_compressor_trains_only_the_decoder(tiny_model, tmp_path):
+    encoder, embeddings = lora(tiny_model, "encoder_adapter"), tiny_model.lm.get_input_embeddings().weight.detach().clone()
+    memories_before = tiny_model.compress_documents(CORPUS[:3])
+    config = TrainConfig(stage="instruct", steps=25, batch_size=2, grad_accum=1, lr=3e-2, freeze_compressor=True)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "mse" not in log[0] and log[-1]["ce"] < log[0]["ce"] - 0.05
+    assert all(torch.equal(v, lora(tiny_model, "encoder_adapter")[k]) for k, v in encoder.items())
+    assert torch.equal(embeddings, tiny_model.lm.get_input_embeddings().weight)
+    assert torch.equal(memories_before, tiny_model.compress_documents(CORPUS[:3]))
+    assert any(v.abs().sum() > 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
+
+
 @pytest.mark.parametrize("estimator,null", [("straight-through", False), ("realm", False), ("realm", True)])
 def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, tmp_path, estimator, null):
     encoder = lora(tiny_model, "encoder_adapter")
