@@ -102,10 +102,12 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--max-rounds", type=int, default=3, help="coverage check rounds (default 3)")
 
     training = commands.add_parser(
-        "train", help="train one CLaRa stage (scp, instruct or e2e)",
+        "train", help="train one CLaRa stage (scp, instruct or e2e) or the text baseline",
         description="Train a stage on JSONL rows; resumes when OUTPUT holds a trainer state. The "
         "checkpoint is written to OUTPUT/checkpoint, the metrics to OUTPUT/log.jsonl.")
-    training.add_argument("--stage", choices=["scp", "instruct", "e2e"], required=True, help="the stage")
+    training.add_argument("--stage", choices=["scp", "instruct", "e2e", "text"], required=True,
+                          help="the stage; 'text' fine-tunes the decoder on the same rows read as text "
+                               "(the fair text-RAG baseline)")
     training.add_argument("--data", required=True, help="JSONL rows of the stage")
     training.add_argument("--output", required=True, help="output folder")
     training.add_argument("--init", metavar="DIR", help="checkpoint of the previous stage to start from")

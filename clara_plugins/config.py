@@ -32,6 +32,9 @@ class ClaraConfig:
     generation_top_k: int = 5
     retrieval_temperature: float = 0.02
     max_new_tokens: int = 64
+    # Set by the "text" training stage: the decoder adapter learned to answer from documents
+    # pasted as text (the fine-tuned text-RAG baseline), so reading text uses it, not the base.
+    decoder_reads_text: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.compression_rate <= 256:

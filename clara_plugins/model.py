@@ -392,7 +392,8 @@ class ClaraModel(torch.nn.Module):
         documents: Sequence[Sequence[str]],
         max_new_tokens: int | None = None,
     ) -> list[str]:
-        """Text RAG on the same backbone: the plain base model reads the documents as text.
+        """Text RAG on the same backbone: the documents are read as text, by the plain base
+        model or, when ``config.decoder_reads_text``, by the decoder adapter fine-tuned on text.
 
         Empty document lists give the no-retrieval baseline. No memory tokens are involved.
         """
@@ -401,7 +402,8 @@ class ClaraModel(torch.nn.Module):
             raise InvalidInputError("documents must hold one list of documents per question")
         prompts = [text_context_prompt(self.tokenizer, q, list(docs)) for q, docs in zip(questions, documents)]
         no_memories = torch.zeros(len(questions), 0, self.config.n_mem_tokens, self.hidden_size, device=self.device)
-        with self._inference(), self.lm.disable_adapter():
+        reader = self._adapter(DECODER) if self.config.decoder_reads_text else self.lm.disable_adapter()
+        with self._inference(), reader:
             embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
             steps = self._greedy(embeds, mask, max_new_tokens)
             return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)

@@ -52,10 +52,12 @@ def question_prompt(
     return render_chat(tokenizer, SYSTEM_PROMPT, user, answer)
 
 
-def text_context_prompt(tokenizer: PreTrainedTokenizerBase, question: str, documents: list[str]) -> str:
+def text_context_prompt(
+    tokenizer: PreTrainedTokenizerBase, question: str, documents: list[str], answer: str | None = None
+) -> str:
     """The same answering prompt with the documents as plain text (the text-RAG baseline)."""
     background = "\n\n".join(documents)
-    return render_chat(tokenizer, SYSTEM_PROMPT, f"Background:\n{background}\n\nQuestion:{question}")
+    return render_chat(tokenizer, SYSTEM_PROMPT, f"Background:\n{background}\n\nQuestion:{question}", answer)
 
 
 SCP_QA_SYSTEM = (

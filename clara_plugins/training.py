@@ -13,6 +13,9 @@
   top-k (``estimator="straight-through"``) or REALM's marginal likelihood over the top-k,
   optionally with a null document (``estimator="realm"``). With a corpus store the candidates
   are retrieved from it and its memories re-encoded every ``refresh_every`` steps.
+- ``text``: the paper's fair baseline. The same instruction rows, but the documents are
+  pasted as text and only a fresh decoder adapter learns; the checkpoint is marked
+  ``decoder_reads_text`` so that text-RAG generation uses it.
 
 Gradient accumulation, warm-up + cosine (or constant) schedule, clipping, seeded data order,
 checkpoint and resume, a JSONL log and a progress bar with the running loss.
@@ -35,11 +38,11 @@ from tqdm.auto import tqdm
 from .checkpoint import load_trained_weights
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
-from .prompts import qa_target, question_prompt, scp_prompt
+from .prompts import qa_target, question_prompt, scp_prompt, text_context_prompt
 from .retrieval import cosine_scores, straight_through_topk
 from .store import MemoryStore
 
-STAGES = ("scp", "instruct", "e2e")
+STAGES = ("scp", "instruct", "e2e", "text")
 ESTIMATORS = ("straight-through", "realm")
 
 
@@ -80,7 +83,7 @@ class TrainConfig:
 def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
     """Initialise adapters as the stage starts (not on resume)."""
     generator = torch.Generator().manual_seed(config.seed)
-    if config.stage == "instruct":
+    if config.stage in ("instruct", "text"):
         _reset_adapter(model, DECODER, generator)
     if config.stage == "e2e":
         _copy_adapter(model, ENCODER, QUERY_REASONER)
@@ -89,7 +92,7 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
 def _trainable(config: TrainConfig) -> list[str]:
     if config.stage == "e2e":
         return [QUERY_REASONER, DECODER]
-    return [DECODER] if config.freeze_compressor else [ENCODER, DECODER]
+    return [DECODER] if config.freeze_compressor or config.stage == "text" else [ENCODER, DECODER]
 
 
 def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> None:
@@ -155,6 +158,16 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     memories, document_means = model.encode_for_training([d for row in rows for d in row["docs"]])
     grouped = memories.reshape(len(rows), k, *memories.shape[1:])
     return _compression_loss(model, prompts, full, grouped, memories, document_means, config)
+
+
+def text_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """CE of the answer with the documents pasted as text: no memory tokens at all."""
+    tok = model.tokenizer
+    prompts = [text_context_prompt(tok, row["question"], row["docs"]) for row in rows]
+    full = [text_context_prompt(tok, row["question"], row["docs"], row["answer"]) for row in rows]
+    no_memories = torch.zeros(len(rows), 0, model.config.n_mem_tokens, model.hidden_size, device=model.device)
+    ce = _decoder_loss(model, prompts, full, no_memories)
+    return ce, {"ce": ce.item()}
 
 
 class CandidateMemories:
@@ -280,8 +293,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         load_trained_weights(model, checkpoint)
     else:
         prepare_stage(model, config)
+    model.config.decoder_reads_text = config.stage == "text"
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
-    model.set_trainable(_trainable(config), memory_embeddings=not (config.stage == "instruct" and config.freeze_compressor))
+    frozen_rows = config.stage == "text" or (config.stage == "instruct" and config.freeze_compressor)
+    model.set_trainable(_trainable(config), memory_embeddings=not frozen_rows)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
@@ -297,7 +312,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     cached = config.stage == "e2e" or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
     loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates),
-               "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates)}[config.stage]
+               "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates), "text": text_loss}[config.stage]
 
     model.train()
     started = time.perf_counter()

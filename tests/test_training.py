@@ -79,6 +79,20 @@ def test_instruct_with_a_frozen_compressor_trains_only_the_decoder(tiny_model, t
     assert any(v.abs().sum() > 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
 
 
+def test_text_stage_fine_tunes_the_decoder_that_reads_text(tiny_model, tmp_path):
+    question, documents = INSTRUCT[0]["question"], [INSTRUCT[0]["docs"]]
+    plain = tiny_model.generate_reading_text([question], documents, max_new_tokens=6)
+    config = TrainConfig(stage="text", steps=25, batch_size=2, grad_accum=1, lr=3e-2)
+    checkpoint = train(tiny_model, INSTRUCT, config, tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["ce"] < log[0]["ce"] - 0.05
+    reloaded = ClaraModel.from_pretrained(checkpoint, device="cpu")
+    assert reloaded.config.decoder_reads_text
+    tuned = reloaded.generate_reading_text([question], documents, max_new_tokens=6)
+    assert tuned == tiny_model.generate_reading_text([question], documents, max_new_tokens=6)
+    assert tuned != plain  # the fine-tuned decoder, not the plain base model, reads the text
+
+
 @pytest.mark.parametrize("estimator,null", [("straight-through", False), ("realm", False), ("realm", True)])
 def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, tmp_path, estimator, null):
     encoder = lora(tiny_model, "encoder_adapter")
