@@ -1,4 +1,4 @@
-"""The ``clara`` command: ask, convert checkpoints and data, synthesise, train, evaluate."""
+"""The ``clara`` command: ask, convert checkpoints and data, synthesise, train, evaluate, benchmark."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+
+from benchmarks.run import add_arguments as add_bench_arguments
 
 from .config import DEFAULT_BASE_MODEL, ClaraConfig
 from .training import TrainConfig
@@ -140,6 +142,12 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=32, help="answer length (default 32)")
     evaluate.add_argument("--out", help="write the results (with predictions) to this JSON file")
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+
+    bench = commands.add_parser(
+        "bench", help="benchmark CLaRa against text RAG (quality, retrieval, latency, memory)",
+        description="Every system answers the same sampled questions through a LangChain or LlamaIndex "
+        "pipeline; writes JSON, a Markdown table and plots. Needs pip install 'clara-plugins[bench]'.")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -234,6 +242,13 @@ def _ask(args: argparse.Namespace) -> None:
     print()
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from benchmarks.run import run
+
+    for path in run(args):
+        print(f"wrote {path}")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from .apple import convert_apple_checkpoint
 
@@ -244,7 +259,7 @@ def _convert(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = _build_parser().parse_args(argv)
     commands = {"ask": _ask, "convert-apple": _convert, "convert-data": _convert_data, "synth": _synth,
-                "train": _train, "eval": _eval}
+                "train": _train, "eval": _eval, "bench": _bench}
     commands[args.command](args)
 
 

@@ -41,13 +41,12 @@ def answer_pieces(model: ClaraModel, store: MemoryStore | None, question: str, i
     """The answer's text pieces and the input positions the generator reads.
 
     Documents are store ids (memory tokens read from ``store``) or texts. With ``read_text``
-    the first k documents are pasted as text and the plain base model answers in one piece
-    (the text-RAG baseline); otherwise the query reasoner keeps the best k memories.
+    the first k documents are pasted as text and the backbone reads them (the text-RAG
+    baseline); otherwise the query reasoner keeps the best k memories.
     """
     if read_text:
         texts = [d.text for d in store.get(ids)][:k] if ids else list(texts)[:k]
-        answer = model.generate_reading_text([question], [texts], max_new_tokens)[0]
-        return iter([answer]), model.text_prompt_positions(question, texts)
+        return model.stream_reading_text(question, texts, max_new_tokens), model.text_prompt_positions(question, texts)
     memories = store.memories(ids) if ids else memories_for_texts(model, store, texts)
     memories = keep_top_k(model, question, memories, k)
     return model.stream_answer(question, memories, max_new_tokens), model.prompt_positions(question, len(memories))

@@ -128,6 +128,21 @@ class ClaraModel(torch.nn.Module):
             rows[self.mem_token_ids] = 1.0
             self._embedding_hook = embedding.register_hook(lambda grad: grad * rows.to(grad.device))
 
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Overwrite one adapter's LoRA weights with another's.
+
+        The end-to-end stage starts its query reasoner as a copy of the encoder; copying the
+        encoder into an untrained reasoner gives retrieval by the compressor itself.
+        """
+        unknown = {source, target} - set(ADAPTER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
+        parameters = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                if f".{source}." in name:
+                    parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+
     def _apply_trainable(self) -> None:
         for name, parameter in self.lm.named_parameters():
             if "lora_" in name:
@@ -400,13 +415,28 @@ class ClaraModel(torch.nn.Module):
         questions = check_texts(questions, "questions")
         if isinstance(documents, str) or len(documents) != len(questions):
             raise InvalidInputError("documents must hold one list of documents per question")
+        with self._inference(), self._text_reader():
+            steps = self._greedy(*self._reading_inputs(questions, documents), max_new_tokens)
+            return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
+
+    def stream_reading_text(
+        self, question: str, documents: Sequence[str], max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """``generate_reading_text`` for one question, yielded piece by piece."""
+        questions = check_texts([question], "question")
+        with self._inference(), self._text_reader():
+            steps = self._greedy(*self._reading_inputs(questions, [documents]), max_new_tokens)
+            yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
+
+    def _text_reader(self) -> contextlib.AbstractContextManager:
+        """The weights that read text: the decoder adapter fine-tuned on text, or the plain base."""
+        return self._adapter(DECODER) if self.config.decoder_reads_text else self.lm.disable_adapter()
+
+    def _reading_inputs(self, questions: list[str], documents: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [text_context_prompt(self.tokenizer, q, list(docs)) for q, docs in zip(questions, documents)]
         no_memories = torch.zeros(len(questions), 0, self.config.n_mem_tokens, self.hidden_size, device=self.device)
-        reader = self._adapter(DECODER) if self.config.decoder_reads_text else self.lm.disable_adapter()
-        with self._inference(), reader:
-            embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
-            steps = self._greedy(embeds, mask, max_new_tokens)
-            return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
+        embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
+        return embeds, mask
 
     def generate_from_text(
         self, questions: Sequence[str], documents: Sequence[Sequence[str]], max_new_tokens: int | None = None

@@ -86,7 +86,7 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
     if config.stage in ("instruct", "text"):
         _reset_adapter(model, DECODER, generator)
     if config.stage == "e2e":
-        _copy_adapter(model, ENCODER, QUERY_REASONER)
+        model.copy_adapter(ENCODER, QUERY_REASONER)
 
 
 def _trainable(config: TrainConfig) -> list[str]:
@@ -104,14 +104,6 @@ def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> 
                 parameter.copy_(torch.empty(parameter.shape).uniform_(-bound, bound, generator=generator))
             elif f".lora_B.{name}." in parameter_name:
                 parameter.zero_()
-
-
-def _copy_adapter(model: ClaraModel, source: str, target: str) -> None:
-    parameters = dict(model.lm.named_parameters())
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            if f".{source}." in name:
-                parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
 
 
 # ---------------------------------------------------------------------- losses

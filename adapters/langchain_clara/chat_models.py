@@ -12,7 +12,8 @@ The last human message is the question. The documents come, in order of preceden
 A text already in ``store`` reuses its stored memory tokens; any other text is compressed on
 the spot. With more than ``k`` documents the query reasoner keeps the best ``k``.
 ``read_text=True`` turns it into the text-RAG baseline on the same backbone: the first ``k``
-documents are pasted into the prompt as text and the plain base model answers (one chunk).
+documents are pasted into the prompt as text and the plain base model reads them (or the
+decoder of a checkpoint fine-tuned on text, ``clara train --stage text``).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ChatClara(BaseChatModel):
     k: int = 5
     max_tokens: int | None = None
     stop: list[str] | None = None
-    read_text: bool = False  # the text-RAG baseline: documents pasted as text, plain base model
+    read_text: bool = False  # the text-RAG baseline: documents pasted as text
 
     @property
     def _llm_type(self) -> str:

@@ -31,7 +31,7 @@ class ClaraLLM(CustomLLM):
     k: int = 5
     max_new_tokens: int | None = None
     model_name: str = "clara"
-    read_text: bool = False  # the text-RAG baseline: documents pasted as text, plain base model
+    read_text: bool = False  # the text-RAG baseline: documents pasted as text
 
     @classmethod
     def class_name(cls) -> str:

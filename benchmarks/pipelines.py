@@ -1,0 +1,152 @@
+"""The benchmarked systems, each built as the LangChain or LlamaIndex pipeline a user would write.
+
+A pipeline answers one question over that question's own candidate pool in three stages,
+timed separately by the runner:
+
+- ``index``: the pool enters the retriever (CLaRa compresses it into memory tokens, dense
+  retrieval embeds it, BM25 builds its term index): offline work in a real deployment;
+- ``retrieve``: the top-k passages come back, as positions in the pool, best first;
+- ``generate``: the backbone streams its answer from them; the pipeline reports the answer,
+  the input positions the generator read and the seconds to the first piece of text.
+
+Every generator is the same SmolLM2 backbone: the plain model or a fine-tuned decoder adapter
+reading text, or CLaRa's decoder reading memory tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from langchain_core.embeddings import Embeddings
+from langchain_core.vectorstores import InMemoryVectorStore
+from llama_index.core import StorageContext, VectorStoreIndex
+from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import QueryBundle, TextNode
+from llama_index.retrievers.bm25 import BM25Retriever
+
+from clara_plugins import ClaraModel
+from langchain_clara import CLARA_PROMPT, ChatClara, format_documents
+from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:
+    """The streamed text, and the seconds until its first non-empty piece (prefill + 1 token)."""
+    began, first, text = time.perf_counter(), None, ""
+    for piece in pieces:
+        if first is None and piece:
+            first = time.perf_counter() - began
+        text += piece
+    return text, first if first is not None else time.perf_counter() - began
+
+
+class LangChainTextRAG:
+    """``InMemoryVectorStore`` over sentence-transformers embeddings, then the LCEL chain
+    ``CLARA_PROMPT | ChatClara(read_text=True)``. Without embeddings: no retrieval at all."""
+
+    framework = "langchain"
+
+    def __init__(self, reader: ClaraModel, embeddings: Embeddings | None, k: int) -> None:
+        self.reader, self.embeddings, self.k = reader, embeddings, k
+        self.chain = CLARA_PROMPT | ChatClara(clara=reader, read_text=True, k=k)
+        self.store: InMemoryVectorStore | None = None
+        self.hits: list = []
+
+    def index(self, passages: list[str]) -> None:
+        if self.embeddings is not None:
+            self.store = InMemoryVectorStore(self.embeddings)
+            self.store.add_texts(passages, ids=[str(i) for i in range(len(passages))])
+
+    def retrieve(self, question: str) -> list[int]:
+        if self.store is None:
+            return []
+        self.hits = self.store.as_retriever(search_kwargs={"k": self.k}).invoke(question)
+        return [int(document.id) for document in self.hits]
+
+    def generate(self, question: str) -> tuple[str, int, float]:
+        chunks = self.chain.stream({"context": format_documents(self.hits), "question": question})
+        answer, first = timed_pieces(chunk.text for chunk in chunks)
+        texts = [document.page_content for document in self.hits]
+        return answer, self.reader.text_prompt_positions(question, texts), first
+
+    def index_bytes(self, folder: Path) -> int | None:
+        if self.store is None:
+            return None
+        self.store.dump(str(folder / "store.json"))
+        return folder_bytes(folder)
+
+
+class _LlamaIndexRAG:
+    """A ``RetrieverQueryEngine``-style engine whose retrieve and synthesize steps are timed apart."""
+
+    framework = "llamaindex"
+    engine: RetrieverQueryEngine
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.hits: list = []
+
+    @staticmethod
+    def nodes(passages: list[str]) -> list[TextNode]:
+        return [TextNode(text=passage, id_=str(i)) for i, passage in enumerate(passages)]
+
+    def retrieve(self, question: str) -> list[int]:
+        self.hits = self.engine.retrieve(QueryBundle(question))
+        return [int(hit.node.node_id) for hit in self.hits]
+
+    def answer(self, question: str) -> tuple[str, float]:
+        """The streamed answer of the engine's synthesizer, and its first-piece latency."""
+        return timed_pieces(self.engine.synthesize(QueryBundle(question), self.hits).response_gen)
+
+
+class LlamaIndexBM25RAG(_LlamaIndexRAG):
+    """LlamaIndex's ``BM25Retriever`` (bm25s) and the backbone reading the nodes as text."""
+
+    def __init__(self, reader: ClaraModel, k: int) -> None:
+        super().__init__(k)
+        self.reader = reader
+        self.synthesizer = ClaraSynthesizer(ClaraLLM(clara=reader, read_text=True, k=k), streaming=True)
+
+    def index(self, passages: list[str]) -> None:
+        self.retriever = BM25Retriever.from_defaults(nodes=self.nodes(passages), similarity_top_k=self.k)
+        self.engine = RetrieverQueryEngine(self.retriever, response_synthesizer=self.synthesizer)
+
+    def generate(self, question: str) -> tuple[str, int, float]:
+        texts = [hit.node.get_content() for hit in self.hits]
+        answer, first = self.answer(question)
+        return answer, self.reader.text_prompt_positions(question, texts), first
+
+    def index_bytes(self, folder: Path) -> int:
+        self.retriever.persist(str(folder / "bm25"))
+        return folder_bytes(folder)
+
+
+class LlamaIndexClaraRAG(_LlamaIndexRAG):
+    """``VectorStoreIndex`` on a ``ClaraVectorStore`` (documents become memory tokens, the
+    query reasoner retrieves) and a query engine whose ``ClaraSynthesizer`` hands the stored
+    memory tokens of the retrieved nodes to the generator."""
+
+    def __init__(self, model: ClaraModel, k: int) -> None:
+        super().__init__(k)
+        self.model = model
+
+    def index(self, passages: list[str]) -> None:
+        self.store = ClaraVectorStore(self.model)
+        index = VectorStoreIndex(self.nodes(passages), embed_model=self.store.embed_model,
+                                 storage_context=StorageContext.from_defaults(vector_store=self.store))
+        llm = ClaraLLM(clara=self.model, store=self.store.client, k=self.k)
+        self.engine = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm, streaming=True),
+                                            similarity_top_k=self.k)
+
+    def generate(self, question: str) -> tuple[str, int, float]:
+        answer, first = self.answer(question)
+        return answer, self.model.prompt_positions(question, len(self.hits)), first
+
+    def index_bytes(self, folder: Path) -> int:
+        self.store.persist(str(folder / "store"))
+        return folder_bytes(folder)

@@ -1,0 +1,93 @@
+"""Writing one benchmark run: JSON (everything), a Markdown table, and two PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+STAGES = ("index", "retrieve", "generate")
+
+
+def _cell(value: float | int | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def markdown_table(report: dict) -> str:
+    """The results table of one run, with the sample it was measured on."""
+    bench = report["benchmark"]
+    lines = [
+        f"**{bench['dataset']}** ({bench['setting']}, {bench['sample']} questions, seed {bench['seed']}, "
+        f"pools of {bench['pool_size']} passages, k={bench['k']}, {bench['mode']} mode; "
+        f"commit {report['commit']}, {report['machine']['cpus']} CPUs)",
+        "",
+        "| system | framework | checkpoint | EM | F1 | cover-EM | R@1 | R@3 | R@5 | context positions "
+        "| index p50 ms | retrieve p50 ms | first token p50 ms | generate p50 / p95 ms | answer tokens "
+        "| docs/s | index bytes/doc | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["systems"]:
+        latency = r["latency_ms"]
+        checkpoint = Path(r["checkpoint"]).name if r["checkpoint"] else (
+            "untrained" if r["retriever"] == "clara" else "plain backbone")
+        lines.append(
+            f"| {r['name']} | {r['framework']} | {checkpoint} | {_cell(r['em'])} | {_cell(r['f1'])} "
+            f"| {_cell(r['cover_em'])} | {_cell(r['recall@1'])} | {_cell(r['recall@3'])} | {_cell(r['recall@5'])} "
+            f"| {_cell(r['context_positions'], 0)} | {_cell(latency['index']['p50'], 0)} "
+            f"| {_cell(latency['retrieve']['p50'], 0)} | {_cell(latency['first_token']['p50'], 0)} "
+            f"| {_cell(latency['generate']['p50'], 0)} / {_cell(latency['generate']['p95'], 0)} | {_cell(r['output_tokens'])} "
+            f"| {_cell(r['docs_per_second'])} | {_cell(r['index_bytes_per_doc'])} | {_cell(r['peak_rss_mb'])} |")
+    if report["headline"]:
+        lines += ["", "Side by side: " + ", ".join(f"{k} = {v}" for k, v in report["headline"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _quality_plot(report: dict, path: Path) -> None:
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for r in report["systems"]:
+        axis.scatter(r["context_positions"], r["f1"], s=40)
+        axis.annotate(r["name"], (r["context_positions"], r["f1"]), fontsize=7, xytext=(4, 3),
+                      textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("context positions fed to the generator (log)")
+    axis.set_ylabel("F1")
+    axis.set_title(f"{report['benchmark']['dataset']}: quality vs. context length")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _latency_plot(report: dict, path: Path) -> None:
+    systems = report["systems"]
+    figure, axis = plt.subplots(figsize=(7, 0.45 * len(systems) + 1.5))
+    left = [0.0] * len(systems)
+    names = [r["name"] for r in systems]
+    for stage in STAGES:
+        widths = [r["latency_ms"][stage]["p50"] for r in systems]
+        axis.barh(names, widths, left=left, label=stage)
+        left = [a + b for a, b in zip(left, widths)]
+    axis.invert_yaxis()
+    axis.set_xlabel("p50 latency per question, ms (index = offline work)")
+    axis.legend(loc="lower right", fontsize=8)
+    axis.set_title(f"{report['benchmark']['dataset']}: latency per stage")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(report: dict, folder: Path, stem: str) -> list[Path]:
+    """``stem``.json, .md, _quality.png and _latency.png in ``folder``; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{stem}.json", folder / f"{stem}.md",
+             folder / f"{stem}_quality.png", folder / f"{stem}_latency.png"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown_table(report))
+    _quality_plot(report, paths[2])
+    _latency_plot(report, paths[3])
+    return paths

@@ -1,0 +1,177 @@
+"""``clara bench``: CLaRa against text RAG on the official QA sets, side by side in one run.
+
+For every dataset, a seeded sample of questions is answered by every system (see
+``systems.default_systems``), one system per process. Each question brings its own pool:
+*Normal* gives ~20 candidates (the example's paragraphs, topped up with BM25-ranked passages
+of other examples) from which each system retrieves its top-k; *Oracle* gives the 5
+passages with the gold ones among them. Results go to ``--out`` as JSON (with machine,
+versions, commit and seed), a Markdown table and two PNG plots.
+
+    clara bench --quick                     # HotpotQA, 8 questions: minutes on 2 CPU cores
+    clara bench --datasets hotpotqa nq --sample 100 --clara 16=PATH --text-ft PATH
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import multiprocessing
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from clara_plugins.datasets import e2e_rows, instruct_rows, read_examples
+from clara_plugins.pretrained import default_checkpoint
+
+# name -> (file under the data folder, examples eligible for sampling: None = all).
+# NQ has no train split here; the shipped checkpoint trained on NQ dev from example 300 on,
+# so the benchmark samples only examples 0-299.
+DATASETS = {
+    "hotpotqa": ("hotpotqa/dev.json", None),
+    "2wiki": ("2wikimultihopqa/dev.json", None),
+    "musique": ("musique/dev.jsonl", None),
+    "nq": ("nq/dev.jsonl", 300),
+}
+MODES = {"quick": (8, ["hotpotqa"]), "full": (200, ["hotpotqa", "nq"])}  # (sample, datasets)
+PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core", "sentence-transformers",
+            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help=f"small run: {MODES['quick'][0]} questions of {', '.join(MODES['quick'][1])}")
+    parser.add_argument("--datasets", nargs="+", metavar="NAME_OR_FILE",
+                        help=f"{', '.join(DATASETS)} or a file in one of their formats "
+                             f"(default: {' '.join(MODES['full'][1])}; quick: {' '.join(MODES['quick'][1])})")
+    parser.add_argument("--data-dir", default=os.environ.get("CLARA_DATA", "../shared/data"),
+                        help="folder holding the official files (default $CLARA_DATA or ../shared/data)")
+    parser.add_argument("--setting", choices=["normal", "oracle"], default="normal",
+                        help="normal: retrieve top-k of ~20 candidates; oracle: the gold among 5")
+    parser.add_argument("--sample", type=int, help="questions per dataset (default: 200; quick: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
+    parser.add_argument("--candidates", type=int, default=20, help="pool size in the normal setting")
+    parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
+                        help="CLaRa checkpoint per compression rate (default: the shipped CR16 one)")
+    parser.add_argument("--clara-e2e", nargs="*", default=[], metavar="CR=DIR",
+                        help="end-to-end checkpoint per compression rate (its query reasoner retrieves)")
+    parser.add_argument("--text-ft", metavar="DIR", help="checkpoint of `clara train --stage text`")
+    parser.add_argument("--systems", nargs="*", metavar="NAME", help="run only these system names")
+    parser.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
+    parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction)")
+    parser.add_argument("-k", type=int, default=5, help="documents read per question (default 5)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per system (default: all)")
+    parser.add_argument("--out", default="docs/benchmarks", help="output folder (default docs/benchmarks)")
+
+
+def _rates(pairs: list[str], option: str) -> dict[int, str]:
+    rates = {}
+    for pair in pairs:
+        rate, _, folder = pair.partition("=")
+        if not rate.isdigit() or not folder:
+            raise SystemExit(f"{option} takes CR=DIR pairs, got {pair!r}")
+        rates[int(rate)] = folder
+    return rates
+
+
+def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: int, k: int,
+                   candidates: int) -> tuple[list[dict], dict]:
+    """A seeded sample of rows {question, docs, answers, pos_index}, and how it was drawn."""
+    file, eligible = DATASETS.get(source, (source, None))
+    path = Path(data_dir) / file if source in DATASETS else Path(file)
+    if not path.exists():
+        raise SystemExit(f"no data file {path}: pass --data-dir or a file path")
+    examples = read_examples(path, limit=eligible)
+    rows = instruct_rows(examples, "oracle", k) if setting == "oracle" else e2e_rows(examples, candidates, seed)
+    chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
+    return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
+                    "sample": len(chosen), "setting": setting, "seed": seed,
+                    "pool_size": round(sum(len(r["docs"]) for r in chosen) / len(chosen), 1)}
+
+
+def environment() -> dict:
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
+
+    import torch
+
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+            "versions": {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}},
+            "commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else ""),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def headline(results: list[dict]) -> dict:
+    """The issue's three side-by-side ratios, for the best available CLaRa CR16 row."""
+    by_name = {r["name"]: r for r in results}
+    clara = by_name.get("CLaRa CR16 end-to-end") or by_name.get("CLaRa CR16 compressor")
+    text, tuned = by_name.get("dense + text"), by_name.get("dense + fine-tuned text")
+    if clara is None:
+        return {}
+    summary = {"clara_system": clara["name"]}
+    if tuned:
+        summary["f1_clara_minus_finetuned_text"] = round(clara["f1"] - tuned["f1"], 2)
+    if text:  # first token = reading the context; the full answer also depends on its length
+        for stage in ("first_token", "generate"):
+            summary[f"{stage}_latency_ratio_text_over_clara"] = round(
+                text["latency_ms"][stage]["p50"] / clara["latency_ms"][stage]["p50"], 2)
+        if text["recall@5"] and clara["recall@5"] is not None:
+            summary["recall@5_clara_over_dense"] = round(clara["recall@5"] / text["recall@5"], 3)
+    return summary
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    # the frameworks and matplotlib load here, not when `clara` builds its argument parser
+    try:
+        from .report import write_report
+        from .systems import RunOptions, default_systems
+    except ImportError as error:
+        raise SystemExit(f"clara bench needs the benchmark extras: pip install 'clara-plugins[bench]' ({error})")
+    mode = "quick" if args.quick else "full"
+    sample, datasets = MODES[mode]
+    sample, datasets = args.sample or sample, args.datasets or datasets
+    clara = _rates(args.clara, "--clara")
+    if 16 not in clara and default_checkpoint() is not None:
+        clara[16] = str(default_checkpoint())
+    systems = default_systems(clara, _rates(args.clara_e2e, "--clara-e2e"), args.text_ft)
+    if args.systems:
+        systems = [s for s in systems if s.name in args.systems]
+        if not systems:
+            raise SystemExit(f"no system is named {args.systems}")
+    options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction, args.threads)
+    written = []
+    for dataset in datasets:
+        rows, drawn = benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k, args.candidates)
+        print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
+              f"{len(systems)} systems")
+        results, began = [], time.perf_counter()
+        for spec in tqdm(systems, desc=f"systems ({dataset})", unit="system"):
+            results.append(_in_own_process(spec, rows, options))
+        report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
+                                "max_new_tokens": args.max_new_tokens, "dense_model": args.dense_model,
+                                "seconds": round(time.perf_counter() - began, 1)},
+                  **environment(), "headline": headline(results), "systems": results}
+        written += write_report(report, Path(args.out), f"bench_{Path(dataset).stem}_{args.setting}_{mode}")
+    return written
+
+
+def _in_own_process(spec, rows: list[dict], options) -> dict:
+    """Run one system in a fresh process: its peak memory is its own."""
+    from .systems import run_system
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_system, (spec, rows, options))

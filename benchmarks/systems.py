@@ -1,0 +1,149 @@
+"""Which systems a benchmark run compares, and running one of them over the sampled questions.
+
+Each system runs in a process of its own (``run_system`` is the child's entry point), so its
+peak resident memory is its own and no model of another system shares its caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clara_plugins import ClaraConfig, ClaraModel
+from clara_plugins.dense import DenseRetriever
+from clara_plugins.metrics import answer_scores, recall_at_k
+from clara_plugins.model import ENCODER, QUERY_REASONER
+from langchain_clara import DenseEmbeddings
+
+from .pipelines import LangChainTextRAG, LlamaIndexBM25RAG, LlamaIndexClaraRAG
+
+COMPRESSION_RATES = (4, 16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSpec:
+    """One row of the results table.
+
+    ``retriever``: none, bm25, dense or clara. ``reader``: base (the plain backbone reads
+    text), text-ft (a decoder adapter fine-tuned on text reads it) or clara (memory tokens).
+    ``query``: for CLaRa, "compressor" (the question encoded by the document compressor) or
+    "reasoner" (the end-to-end trained query reasoner).
+    """
+
+    name: str
+    retriever: str
+    reader: str
+    checkpoint: str | None = None  # None: the untrained default model
+    compression_rate: int = 16
+    query: str = "reasoner"
+
+
+def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: str | None) -> list[SystemSpec]:
+    """The issue's line-up; CLaRa rows without a checkpoint run the untrained model, and an
+    end-to-end row runs only when an end-to-end checkpoint exists for that rate."""
+    systems = [SystemSpec("no retrieval", "none", "base"),
+               SystemSpec("BM25 + text", "bm25", "base"),
+               SystemSpec("dense + text", "dense", "base")]
+    if text_ft:
+        systems.append(SystemSpec("dense + fine-tuned text", "dense", "text-ft", text_ft))
+    for rate in COMPRESSION_RATES:
+        systems.append(SystemSpec(f"CLaRa CR{rate} compressor", "clara", "clara", clara.get(rate), rate, "compressor"))
+        if rate in clara_e2e:
+            systems.append(SystemSpec(f"CLaRa CR{rate} end-to-end", "clara", "clara", clara_e2e[rate], rate))
+    return systems
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    k: int = 5
+    max_new_tokens: int = 32
+    dense_model: str = "all-minilm-l6-v2"
+    query_instruction: str = ""
+    threads: int = 0  # 0: torch's default
+
+
+def _load_clara(spec: SystemSpec) -> ClaraModel:
+    if spec.checkpoint:
+        model = ClaraModel.from_pretrained(spec.checkpoint, device="cpu")
+    else:
+        model = ClaraModel(ClaraConfig(compression_rate=spec.compression_rate), device="cpu")
+    if spec.query == "compressor":
+        model.copy_adapter(ENCODER, QUERY_REASONER)
+    return model
+
+
+def build_pipeline(spec: SystemSpec, model: ClaraModel,
+                   options: RunOptions) -> LangChainTextRAG | LlamaIndexBM25RAG | LlamaIndexClaraRAG:
+    if spec.retriever == "clara":
+        return LlamaIndexClaraRAG(model, options.k)
+    if spec.retriever == "bm25":
+        return LlamaIndexBM25RAG(model, options.k)
+    embeddings = None
+    if spec.retriever == "dense":
+        embeddings = DenseEmbeddings(DenseRetriever(options.dense_model, options.query_instruction))
+    return LangChainTextRAG(model, embeddings, options.k)
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    return {"p50": round(1000 * statistics.median(seconds), 1),
+            "p95": round(1000 * float(np.percentile(seconds, 95)), 1)}
+
+
+def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
+    """Answer every row with one system; quality, retrieval, latency per stage, memory."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    began = time.perf_counter()
+    model = _load_clara(spec)
+    pipeline = build_pipeline(spec, model, options)
+    load_seconds = time.perf_counter() - began
+    stages: dict[str, list[float]] = {"index": [], "retrieve": [], "generate": []}
+    first_piece: list[float] = []
+    predictions, positions, rankings = [], [], []
+    indexed = 0
+    for row in tqdm(rows, desc=spec.name, unit="question"):
+        clock = time.perf_counter()
+        pipeline.index(row["docs"])
+        stages["index"].append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        rankings.append(pipeline.retrieve(row["question"]))
+        stages["retrieve"].append(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        answer, read, first = pipeline.generate(row["question"])
+        stages["generate"].append(time.perf_counter() - clock)
+        first_piece.append(first)
+        predictions.append(answer)
+        positions.append(read)
+        indexed += len(row["docs"])
+    with tempfile.TemporaryDirectory() as folder:  # the last pool's index, persisted
+        stored = pipeline.index_bytes(Path(folder))
+    scores = [answer_scores(p, row["answers"]) for p, row in zip(predictions, rows)]
+    totals = [sum(parts) for parts in zip(*stages.values())]
+    result = {
+        **dataclasses.asdict(spec), "framework": pipeline.framework,
+        "questions": len(rows),
+        **{name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")},
+        "context_positions": round(statistics.mean(positions), 1),
+        "latency_ms": {**{stage: _percentiles(seconds) for stage, seconds in stages.items()},
+                       "first_token": _percentiles(first_piece), "total": _percentiles(totals)},
+        "output_tokens": round(statistics.mean(len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions), 1),
+        "docs_per_second": round(indexed / sum(stages["index"]), 1) if spec.retriever != "none" else None,
+        "index_bytes_per_doc": round(stored / len(rows[-1]["docs"])) if stored is not None else None,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "load_seconds": round(load_seconds, 1),
+        "predictions": [{"question": row["question"], "prediction": p, "answers": row["answers"],
+                         "retrieved": r} for row, p, r in zip(rows, predictions, rankings)],
+    }
+    gold_rows = [(r, row["pos_index"]) for r, row in zip(rankings, rows) if row["pos_index"]]
+    for k in (1, 3, 5):
+        result[f"recall@{k}"] = (round(100 * statistics.mean(recall_at_k(r, g, k) for r, g in gold_rows), 2)
+                                 if gold_rows and spec.retriever != "none" else None)
+    return result

@@ -1,0 +1,94 @@
+"""`clara bench`: data sampling, every pipeline on the tiny model, and the written report."""
+
+import json
+
+import pytest
+
+from benchmarks.report import write_report
+from benchmarks.run import benchmark_rows, headline
+from benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
+from clara_plugins.cli import main
+from conftest import CORPUS, SHARED_DATA
+
+ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS, "answers": ["the Danube"],
+         "pos_index": [3]},
+        {"question": "Who won two Nobel Prizes?", "docs": CORPUS, "answers": ["Marie Curie"], "pos_index": [4]}]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from clara_plugins import ClaraConfig, ClaraModel
+    from conftest import build_tiny_base_model
+
+    base = build_tiny_base_model(tmp_path_factory.mktemp("bench-base"))
+    model = ClaraModel(ClaraConfig(base_model=str(base), compression_rate=16, doc_max_length=64), device="cpu")
+    folder = tmp_path_factory.mktemp("bench-checkpoint")
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def results(tiny_checkpoint):
+    options = RunOptions(k=2, max_new_tokens=4)
+    specs = [SystemSpec("no retrieval", "none", "base", tiny_checkpoint),
+             SystemSpec("BM25 + text", "bm25", "base", tiny_checkpoint),
+             SystemSpec("dense + text", "dense", "base", tiny_checkpoint),
+             SystemSpec("CLaRa CR16 compressor", "clara", "clara", tiny_checkpoint, 16, "compressor")]
+    return [run_system(spec, ROWS, options) for spec in specs]
+
+
+def test_every_pipeline_answers_and_is_measured(results):
+    by_name = {r["name"]: r for r in results}
+    assert [r["framework"] for r in results] == ["langchain", "llamaindex", "langchain", "llamaindex"]
+    for result in results:
+        assert result["questions"] == 2 and len(result["predictions"]) == 2
+        assert 0 <= result["f1"] <= 100 and result["peak_rss_mb"] > 0
+        stages = result["latency_ms"]
+        assert 0 < stages["first_token"]["p50"] <= stages["generate"]["p95"]
+    assert by_name["no retrieval"]["recall@5"] is None and by_name["no retrieval"]["index_bytes_per_doc"] is None
+    for name in ("BM25 + text", "dense + text", "CLaRa CR16 compressor"):
+        result = by_name[name]
+        assert all(len(p["retrieved"]) == 2 for p in result["predictions"])
+        assert 0 <= result["recall@1"] <= result["recall@3"] <= 100 and result["docs_per_second"] > 0
+        assert result["index_bytes_per_doc"] > 0
+    # the Vienna passage shares the question's words: BM25 ranks it first
+    assert by_name["BM25 + text"]["predictions"][0]["retrieved"][0] == 3
+    # two documents as memory tokens (2 x 4 positions) are shorter than the same two as text
+    assert by_name["CLaRa CR16 compressor"]["context_positions"] < by_name["BM25 + text"]["context_positions"]
+
+
+def test_report_writes_json_markdown_and_plots(results, tmp_path):
+    report = {"benchmark": {"dataset": "toy", "mode": "quick", "setting": "normal", "sample": 2, "seed": 0,
+                            "pool_size": 5.0, "k": 2},
+              "commit": "abc", "machine": {"cpus": 2}, "headline": headline(results), "systems": results}
+    paths = write_report(report, tmp_path, "bench_toy")
+    assert json.loads(paths[0].read_text())["systems"][0]["name"] == "no retrieval"
+    table = paths[1].read_text()
+    assert all(f"| {r['name']} |" in table for r in results) and "untrained" not in table
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths[2:])
+    assert report["headline"]["clara_system"] == "CLaRa CR16 compressor"
+    assert report["headline"]["first_token_latency_ratio_text_over_clara"] > 0
+
+
+def test_default_line_up_skips_end_to_end_rows_without_a_checkpoint():
+    names = [s.name for s in default_systems({16: "ckpt"}, {16: "e2e"}, None)]
+    assert names == ["no retrieval", "BM25 + text", "dense + text", "CLaRa CR4 compressor",
+                     "CLaRa CR16 compressor", "CLaRa CR16 end-to-end", "CLaRa CR32 compressor"]
+    assert "dense + fine-tuned text" in [s.name for s in default_systems({}, {}, "ft")]
+
+
+def test_bench_rejects_a_malformed_checkpoint_pair(tmp_path):
+    with pytest.raises(SystemExit, match="CR=DIR"):
+        main(["bench", "--clara", "16:folder", "--data-dir", str(tmp_path)])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
+def test_benchmark_rows_are_seeded_pools_in_both_settings():
+    normal, drawn = benchmark_rows("hotpotqa", str(SHARED_DATA), "normal", 3, 0, 5, 20)
+    again, _ = benchmark_rows("hotpotqa", str(SHARED_DATA), "normal", 3, 0, 5, 20)
+    assert normal == again and drawn["sample"] == 3 and drawn["pool_size"] == 20
+    assert all(len(r["docs"]) == 20 and r["pos_index"] for r in normal)
+    oracle, _ = benchmark_rows("hotpotqa", str(SHARED_DATA), "oracle", 3, 0, 5, 20)
+    assert all(len(r["docs"]) == 5 and len(r["pos_index"]) == 2 for r in oracle)
+    with pytest.raises(SystemExit, match="no data file"):
+        benchmark_rows("nq", "/nonexistent", "normal", 3, 0, 5, 20)
