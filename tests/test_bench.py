@@ -92,3 +92,19 @@ def test_benchmark_rows_are_seeded_pools_in_both_settings():
     assert all(len(r["docs"]) == 5 and len(r["pos_index"]) == 2 for r in oracle)
     with pytest.raises(SystemExit, match="no data file"):
         benchmark_rows("nq", "/nonexistent", "normal", 3, 0, 5, 20)
+
+
+@pytest.mark.slow
+def test_clara_bench_runs_on_the_default_model(tmp_path):
+    """`clara bench --quick` end to end on the real SmolLM2, cut to 2 questions and 3 systems."""
+    if not (SHARED_DATA / "hotpotqa" / "dev.json").exists():
+        pytest.skip("needs ../shared/data")
+    systems = ["no retrieval", "dense + text", "CLaRa CR16 compressor"]
+    main(["bench", "--quick", "--sample", "2", "--data-dir", str(SHARED_DATA), "--out", str(tmp_path),
+          "--systems", *systems])
+    report = json.loads((tmp_path / "bench_hotpotqa_normal_quick.json").read_text())
+    assert [r["name"] for r in report["systems"]] == systems
+    assert report["benchmark"]["sample"] == 2 and report["benchmark"]["pool_size"] == 20
+    assert report["versions"]["torch"] and report["commit"]
+    assert {"clara_system", "first_token_latency_ratio_text_over_clara"} <= report["headline"].keys()
+    assert (tmp_path / "bench_hotpotqa_normal_quick_latency.png").exists()
