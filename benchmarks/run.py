@@ -28,10 +28,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from clara_plugins.datasets import e2e_rows, instruct_rows, read_examples
-from clara_plugins.pretrained import default_checkpoint
 
 # name -> (file under the data folder, examples eligible for sampling: None = all).
-# NQ has no train split here; the shipped checkpoint trained on NQ dev from example 300 on,
+# NQ has no train split here; our training rows take NQ dev from example 300 on,
 # so the benchmark samples only examples 0-299.
 DATASETS = {
     "hotpotqa": ("hotpotqa/dev.json", None),
@@ -58,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
     parser.add_argument("--candidates", type=int, default=20, help="pool size in the normal setting")
     parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
-                        help="CLaRa checkpoint per compression rate (default: the shipped CR16 one)")
+                        help="CLaRa checkpoint per compression rate (default: untrained models)")
     parser.add_argument("--clara-e2e", nargs="*", default=[], metavar="CR=DIR",
                         help="end-to-end checkpoint per compression rate (its query reasoner retrieves)")
     parser.add_argument("--text-ft", metavar="DIR", help="checkpoint of `clara train --stage text`")
@@ -144,10 +143,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     mode = "quick" if args.quick else "full"
     sample, datasets = MODES[mode]
     sample, datasets = args.sample or sample, args.datasets or datasets
-    clara = _rates(args.clara, "--clara")
-    if 16 not in clara and default_checkpoint() is not None:
-        clara[16] = str(default_checkpoint())
-    systems = default_systems(clara, _rates(args.clara_e2e, "--clara-e2e"), args.text_ft)
+    systems = default_systems(_rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e"), args.text_ft)
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
         if not systems:
