@@ -24,10 +24,15 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from tqdm.auto import tqdm
 
 from clara_plugins.datasets import e2e_rows, instruct_rows, read_examples
+
+if TYPE_CHECKING:
+    from .systems import RunOptions, SystemSpec
 
 # name -> (file under the data folder, examples eligible for sampling: None = all).
 # NQ has no train split here; our training rows take NQ dev from example 300 on,
@@ -105,8 +110,6 @@ def environment() -> dict:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
 
-    import torch
-
     return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
             "versions": {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}},
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     return written
 
 
-def _in_own_process(spec, rows: list[dict], options) -> dict:
+def _in_own_process(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
     """Run one system in a fresh process: its peak memory is its own."""
     from .systems import run_system
 
