@@ -294,14 +294,15 @@ class ClaraModel(torch.nn.Module):
         return self._decoder_inputs(prompts, memories)
 
     def _decoder_inputs(
-        self, texts: list[str], memories: torch.Tensor
+        self, texts: list[str], memories: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embeddings of left-padded texts whose <MEM> placeholders carry ``memories``.
 
-        memories: [batch, k, n_mem, hidden], one group of k documents per text. Returns the
-        input embeddings, the attention mask and the token ids.
+        memories: [batch, k, n_mem, hidden], one group of k documents per text, or None for
+        texts without any document placeholder. Returns the input embeddings, the attention
+        mask and the token ids.
         """
-        batch, k = memories.shape[:2]
+        batch, k = len(texts), 0 if memories is None else memories.size(1)
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         width = max(len(r) for r in rows)
         ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -320,12 +321,13 @@ class ClaraModel(torch.nn.Module):
                 "questions and answers must not contain CLaRa's <MEM> tokens"
             )
         embeds = self.lm.get_input_embeddings()(ids)
-        flat = memories.reshape(-1, memories.size(-1)).to(device=embeds.device, dtype=embeds.dtype)
-        embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
+        if k:
+            flat = memories.reshape(-1, memories.size(-1)).to(device=embeds.device, dtype=embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
         return embeds, mask, ids
 
     def completion_log_likelihood(
-        self, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor
+        self, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed log-probability of each completion after its prompt, and its token count.
 
@@ -434,8 +436,7 @@ class ClaraModel(torch.nn.Module):
 
     def _reading_inputs(self, questions: list[str], documents: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [text_context_prompt(self.tokenizer, q, list(docs)) for q, docs in zip(questions, documents)]
-        no_memories = torch.zeros(len(questions), 0, self.config.n_mem_tokens, self.hidden_size, device=self.device)
-        embeds, mask, _ = self._decoder_inputs(prompts, no_memories)
+        embeds, mask, _ = self._decoder_inputs(prompts)
         return embeds, mask
 
     def generate_from_text(

@@ -68,6 +68,11 @@ class TrainConfig:
     save_every: int = 50
     freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
 
+    @property
+    def generator_only(self) -> bool:
+        """Only the decoder adapter learns: the text stage, or instruct with a frozen compressor."""
+        return self.stage == "text" or (self.stage == "instruct" and self.freeze_compressor)
+
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
@@ -92,7 +97,7 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
 def _trainable(config: TrainConfig) -> list[str]:
     if config.stage == "e2e":
         return [QUERY_REASONER, DECODER]
-    return [DECODER] if config.freeze_compressor or config.stage == "text" else [ENCODER, DECODER]
+    return [DECODER] if config.generator_only else [ENCODER, DECODER]
 
 
 def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> None:
@@ -109,7 +114,8 @@ def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> 
 # ---------------------------------------------------------------------- losses
 
 
-def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str], memories: torch.Tensor) -> torch.Tensor:
+def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
+                  memories: torch.Tensor | None) -> torch.Tensor:
     log_likelihood, tokens = model.completion_log_likelihood(prompts, full, memories)
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
@@ -157,8 +163,7 @@ def text_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple
     tok = model.tokenizer
     prompts = [text_context_prompt(tok, row["question"], row["docs"]) for row in rows]
     full = [text_context_prompt(tok, row["question"], row["docs"], row["answer"]) for row in rows]
-    no_memories = torch.zeros(len(rows), 0, model.config.n_mem_tokens, model.hidden_size, device=model.device)
-    ce = _decoder_loss(model, prompts, full, no_memories)
+    ce = _decoder_loss(model, prompts, full, None)
     return ce, {"ce": ce.item()}
 
 
@@ -230,10 +235,9 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
         [question_prompt(tok, q, 1, slot, a) for q, a in zip(questions, answers)], single)
     log_likelihood = log_likelihood.reshape(batch, k)
     if config.null_document:  # no document at all, with the score of an orthogonal one (cosine 0)
-        empty = memories.new_zeros(batch, 0, *memories.shape[2:])
         null, _ = model.completion_log_likelihood(
             [question_prompt(tok, r["question"], 0, slot) for r in rows],
-            [question_prompt(tok, r["question"], 0, slot, r["answer"]) for r in rows], empty)
+            [question_prompt(tok, r["question"], 0, slot, r["answer"]) for r in rows])
         logits = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
         log_likelihood = torch.cat([log_likelihood, null.unsqueeze(1)], dim=1)
     marginal = torch.logsumexp(torch.log_softmax(logits, dim=1) + log_likelihood, dim=1)
@@ -287,8 +291,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         prepare_stage(model, config)
     model.config.decoder_reads_text = config.stage == "text"
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
-    frozen_rows = config.stage == "text" or (config.stage == "instruct" and config.freeze_compressor)
-    model.set_trainable(_trainable(config), memory_embeddings=not frozen_rows)
+    model.set_trainable(_trainable(config), memory_embeddings=not config.generator_only)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
