@@ -30,9 +30,7 @@ from clara_plugins import ClaraModel
 from langchain_clara import CLARA_PROMPT, ChatClara, format_documents
 from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore
 
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+from .measure import folder_bytes
 
 
 def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:

@@ -12,16 +12,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
+
+from .measure import folder_bytes, latency_ms
 
 
 def load_passages(path: Path) -> list[str]:
@@ -35,10 +35,6 @@ def load_questions(path: Path, limit: int) -> list[str]:
     rows = json.loads(path.read_text()) if path.suffix == ".json" else [
         json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [row["question"] for row in rows[:limit]]
-
-
-def folder_bytes(folder: Path, pattern: str) -> int:
-    return sum(p.stat().st_size for p in folder.rglob(pattern))
 
 
 def main() -> None:
@@ -91,9 +87,7 @@ def main() -> None:
         "bytes_per_passage": {"memory_tokens": round(memory_bytes / len(passages)),
                               "text": round(text_bytes / len(passages)),
                               "store_on_disk": round(folder_bytes(generation, "*") / len(passages))},
-        "query_latency_ms": {"p50": round(1000 * statistics.median(latencies), 1),
-                             "p95": round(1000 * float(np.percentile(latencies, 95)), 1),
-                             "queries": len(latencies)},
+        "query_latency_ms": {**latency_ms(latencies), "queries": len(latencies)},
         "example": {"question": questions[0], "top_passage": top.text[:200]},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__,

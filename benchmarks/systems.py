@@ -13,16 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel
 from clara_plugins.dense import DenseRetriever
-from clara_plugins.metrics import answer_scores, recall_at_k
+from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k
 from clara_plugins.model import ENCODER, QUERY_REASONER
 from langchain_clara import DenseEmbeddings
 
+from .measure import latency_ms
 from .pipelines import LangChainTextRAG, LlamaIndexBM25RAG, LlamaIndexClaraRAG
 
 COMPRESSION_RATES = (4, 16, 32)
@@ -92,11 +92,6 @@ def build_pipeline(spec: SystemSpec, model: ClaraModel,
     return LangChainTextRAG(model, embeddings, options.k)
 
 
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    return {"p50": round(1000 * statistics.median(seconds), 1),
-            "p95": round(1000 * float(np.percentile(seconds, 95)), 1)}
-
-
 def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
     """Answer every row with one system; quality, retrieval, latency per stage, memory."""
     if options.threads:
@@ -125,15 +120,14 @@ def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
         indexed += len(row["docs"])
     with tempfile.TemporaryDirectory() as folder:  # the last pool's index, persisted
         stored = pipeline.index_bytes(Path(folder))
-    scores = [answer_scores(p, row["answers"]) for p, row in zip(predictions, rows)]
     totals = [sum(parts) for parts in zip(*stages.values())]
     result = {
         **dataclasses.asdict(spec), "framework": pipeline.framework,
         "questions": len(rows),
-        **{name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")},
+        **mean_answer_scores(predictions, [row["answers"] for row in rows]),
         "context_positions": round(statistics.mean(positions), 1),
-        "latency_ms": {**{stage: _percentiles(seconds) for stage, seconds in stages.items()},
-                       "first_token": _percentiles(first_piece), "total": _percentiles(totals)},
+        "latency_ms": {**{stage: latency_ms(seconds) for stage, seconds in stages.items()},
+                       "first_token": latency_ms(first_piece), "total": latency_ms(totals)},
         "output_tokens": round(statistics.mean(len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions), 1),
         "docs_per_second": round(indexed / sum(stages["index"]), 1) if spec.retriever != "none" else None,
         "index_bytes_per_doc": round(stored / len(rows[-1]["docs"])) if stored is not None else None,
@@ -142,8 +136,8 @@ def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
         "predictions": [{"question": row["question"], "prediction": p, "answers": row["answers"],
                          "retrieved": r} for row, p, r in zip(rows, predictions, rankings)],
     }
-    gold_rows = [(r, row["pos_index"]) for r, row in zip(rankings, rows) if row["pos_index"]]
+    ranked = [r for r, row in zip(rankings, rows) if row["pos_index"]]  # questions with gold passages
+    golds = [row["pos_index"] for row in rows if row["pos_index"]]
     for k in (1, 3, 5):
-        result[f"recall@{k}"] = (round(100 * statistics.mean(recall_at_k(r, g, k) for r, g in gold_rows), 2)
-                                 if gold_rows and spec.retriever != "none" else None)
+        result[f"recall@{k}"] = mean_recall_at_k(ranked, golds, k) if golds and spec.retriever != "none" else None
     return result

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .context import keep_top_k
 from .datasets import bm25_rank
 from .dense import DenseRetriever
-from .metrics import answer_scores, precision_at_k, recall_at_k
+from .metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
 from .model import ClaraModel
 from .retrieval import cosine_scores
 
@@ -48,10 +48,9 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
         seconds.append((time.perf_counter() - began) / len(batch))
         predictions.extend(answers)
         positions.extend(counts)
-    scores = [answer_scores(p, row.get("answers") or [row["answer"]]) for p, row in zip(predictions, rows)]
     return {
         "system": system, "examples": len(rows), "k": k,
-        **{name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")},
+        **mean_answer_scores(predictions, [row.get("answers") or [row["answer"]] for row in rows]),
         "context_positions": round(statistics.mean(positions), 1),
         "seconds_per_question": round(statistics.mean(seconds), 3),
         "predictions": [{"question": r["question"], "prediction": p, "answers": r.get("answers") or [r["answer"]]}
@@ -88,8 +87,7 @@ def evaluate_retrieval(rows: Sequence[dict], retriever: str, model: ClaraModel |
             rankings.append(bm25_rank(row["question"], row["docs"]))
     result = {"retriever": retriever, "examples": len(rows)}
     for k in ks:
-        result[f"recall@{k}"] = round(100 * statistics.mean(
-            recall_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
+        result[f"recall@{k}"] = mean_recall_at_k(rankings, [row["pos_index"] for row in rows], k)
         result[f"precision@{k}"] = round(100 * statistics.mean(
             precision_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
     return result

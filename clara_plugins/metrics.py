@@ -7,6 +7,7 @@ collapsed) before comparison; a prediction is scored against its best-matching g
 from __future__ import annotations
 
 import re
+import statistics
 import string
 from collections import Counter
 from collections.abc import Sequence
@@ -65,3 +66,14 @@ def precision_at_k(ranked: Sequence[int], gold: Sequence[int], k: int) -> float:
 def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
     return {"em": exact_match(prediction, answers), "f1": token_f1(prediction, answers),
             "cover_em": cover_exact_match(prediction, answers)}
+
+
+def mean_answer_scores(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict[str, float]:
+    """EM, F1 and cover-EM in percent, averaged over the predictions."""
+    scores = [answer_scores(p, answers) for p, answers in zip(predictions, answer_lists)]
+    return {name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")}
+
+
+def mean_recall_at_k(rankings: Sequence[Sequence[int]], golds: Sequence[Sequence[int]], k: int) -> float:
+    """Recall@k in percent, averaged over the rankings."""
+    return round(100 * statistics.mean(recall_at_k(r, g, k) for r, g in zip(rankings, golds)), 2)

@@ -3,6 +3,8 @@
 import pytest
 
 from clara_plugins.metrics import (
+    mean_answer_scores,
+    mean_recall_at_k,
     cover_exact_match,
     exact_match,
     normalize_answer,
@@ -47,3 +49,10 @@ def test_retrieval_metrics_hand_worked():
     assert recall_at_k(ranked, gold, 3) == pytest.approx(1 / 3)
     assert recall_at_k(ranked, gold, 5) == pytest.approx(2 / 3)
     assert precision_at_k(ranked, gold, 5) == pytest.approx(2 / 5)
+
+
+def test_means_are_percentages_over_questions():
+    # "Paris" exact; "in Paris" covers and has F1 2*(1/2*1)/(1/2+1) = 2/3; "Lyon" scores nothing
+    scores = mean_answer_scores(["Paris", "in Paris", "Lyon"], [["paris"], ["Paris"], ["Paris"]])
+    assert scores == {"em": 33.33, "f1": 55.56, "cover_em": 66.67}
+    assert mean_recall_at_k([[0, 1], [2, 3]], [[1], [0, 3]], 2) == 75.0
