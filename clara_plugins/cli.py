@@ -84,12 +84,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "instruction rows (question, k documents, answer) or end-to-end rows (~20 candidates, pos_index).")
     data.add_argument("source", help="the official file (e.g. ../shared/data/hotpotqa/dev.json)")
     data.add_argument("destination", help="output JSONL")
-    data.add_argument("--kind", choices=["instruct", "e2e"], default="instruct", help="row kind (default instruct)")
+    data.add_argument("--kind", choices=["instruct", "e2e", "scp", "reconstruct"], default="instruct",
+                      help="row kind (default instruct). scp: SCP QA rows from the examples with one gold "
+                           "passage (NQ); reconstruct: teacher-free SCP rows from a passage file (SOURCE "
+                           "is then a corpus, as for 'clara synth')")
     data.add_argument("--setting", choices=["normal", "oracle"], default="normal",
                       help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
     data.add_argument("-k", type=int, default=5, help="documents per instruction row (default 5)")
     data.add_argument("--candidates", type=int, default=20, help="candidates per end-to-end row (default 20)")
-    data.add_argument("--limit", type=int, help="only the first N examples")
+    data.add_argument("--skip", type=int, default=0,
+                      help="leave out the first N examples (e.g. NQ dev 0-299, held out for evaluation)")
+    data.add_argument("--limit", type=int, help="only the first N examples (after --skip)")
     data.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
 
     synth = commands.add_parser(
@@ -152,13 +157,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _convert_data(args: argparse.Namespace) -> None:
-    from .datasets import e2e_rows, instruct_rows, read_examples, write_jsonl
+    from .datasets import e2e_rows, instruct_rows, read_examples, reconstruction_rows, scp_qa_rows, write_jsonl
 
-    examples = read_examples(args.source, args.limit)
-    rows = (e2e_rows(examples, args.candidates, args.seed) if args.kind == "e2e"
-            else instruct_rows(examples, args.setting, args.k))
+    end = None if args.limit is None else args.skip + args.limit
+    read = (lambda path: read_documents([path])) if args.kind == "reconstruct" else read_examples
+    sources = read(args.source)[args.skip:end]
+    make = {"instruct": lambda e: instruct_rows(e, args.setting, args.k),
+            "e2e": lambda e: e2e_rows(e, args.candidates, args.seed),
+            "scp": scp_qa_rows, "reconstruct": reconstruction_rows}[args.kind]
+    rows = make(sources)
     write_jsonl(rows, args.destination)
-    print(f"wrote {len(rows)} {args.kind} rows from {len(examples)} examples to {args.destination}")
+    print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")
 
 
 def _synth(args: argparse.Namespace) -> None:

@@ -129,6 +129,21 @@ def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> 
             for e in with_candidates(examples, candidates, seed)]
 
 
+def scp_qa_rows(examples: list[QAExample]) -> list[dict]:
+    """SCP QA rows from human-written questions: every example answered by one gold passage
+    (NQ) becomes ``{"data_type": "qa", question, answers, docs: [that passage]}``."""
+    rows = [{"data_type": "qa", "question": [e.question], "answers": [e.answers[0]], "docs": [e.passages[e.gold[0]]]}
+            for e in examples if len(e.gold) == 1]
+    if not rows:
+        raise ValueError("no example has exactly one gold passage (NQ has; the multi-hop sets have not)")
+    return rows
+
+
+def reconstruction_rows(passages: list[str]) -> list[dict]:
+    """Teacher-free SCP rows: each distinct passage is its own target (``data_type`` "reconstruct")."""
+    return [{"data_type": "reconstruct", "answers": [p], "docs": [p]} for p in dict.fromkeys(passages)]
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:

@@ -64,21 +64,28 @@ SCP_QA_SYSTEM = (
     "You are a helpful assistant. You are given a document. Your task is to generate questions "
     "that cover the key information of the document and to answer them in turn."
 )
-SCP_PARAPHRASE_SYSTEM = (
-    "You are a helpful assistant. Your task is to follow the instructions and paraphrase the given text."
-)
+
+# The SCP kinds whose target rewrites the whole document: (system prompt, instruction).
+# "reconstruct" (the document itself as target) needs no teacher: a cheap first signal for
+# the compressor when no teacher-written data exists yet.
+SCP_REWRITES = {
+    "paraphrase": ("You are a helpful assistant. Your task is to follow the instructions and paraphrase "
+                   "the given text.", "Paraphrase the background in your own words."),
+    "reconstruct": ("You are a helpful assistant. Your task is to follow the instructions and repeat "
+                    "the given text.", "Repeat the background word for word."),
+}
 
 
 def scp_prompt(
     tokenizer: PreTrainedTokenizerBase, document_placeholder: str, kind: str, target: str | None = None
 ) -> str:
-    """Salient-compressor pretraining: answer a document's QA, or paraphrase it, from memory alone."""
+    """Salient-compressor pretraining: answer a document's QA, paraphrase or repeat it, from memory alone."""
     if kind == "qa":
         return render_chat(tokenizer, SCP_QA_SYSTEM, f"Background:\n{document_placeholder}", target)
-    if kind == "paraphrase":
-        user = f"Background:\n{document_placeholder}\n\nParaphrase the background in your own words."
-        return render_chat(tokenizer, SCP_PARAPHRASE_SYSTEM, user, target)
-    raise ValueError(f"unknown SCP sample kind {kind!r}: use 'qa' or 'paraphrase'")
+    if kind in SCP_REWRITES:
+        system, instruction = SCP_REWRITES[kind]
+        return render_chat(tokenizer, system, f"Background:\n{document_placeholder}\n\n{instruction}", target)
+    raise ValueError(f"unknown SCP sample kind {kind!r}: use 'qa', {', '.join(map(repr, SCP_REWRITES))}")
 
 
 def qa_target(questions: list[str], answers: list[str]) -> str:

@@ -1,7 +1,8 @@
 """Training CLaRa: the three stages of the paper in one loop.
 
 - ``scp``: salient compressor pretraining. From one document's memory tokens alone the
-  generator answers the document's QA pairs or reproduces its paraphrase.
+  generator answers the document's QA pairs, reproduces its paraphrase, or (teacher-free
+  ``reconstruct`` rows) repeats the document itself.
   Loss = CE + mse_weight * MSE(mean memory state, mean document-token state).
 - ``instruct``: compression instruction tuning on (question, k documents, answer); the
   decoder adapter starts afresh, the encoder adapter is kept. Same loss. With
@@ -18,7 +19,8 @@
   ``decoder_reads_text`` so that text-RAG generation uses it.
 
 Gradient accumulation, warm-up + cosine (or constant) schedule, clipping, seeded data order,
-checkpoint and resume, a JSONL log and a progress bar with the running loss.
+checkpoint and resume, a JSONL log and a progress bar with the running loss. Stages that train
+the compressor also log ``memory_cosine``, the similarity of different documents' memories.
 """
 
 from __future__ import annotations
@@ -126,7 +128,22 @@ def _compression_loss(model: ClaraModel, prompts: list[str], full: list[str], gr
     """Stages 1-2: CE of the targets read from memory + mse_weight * MSE(mean memory, mean document)."""
     ce = _decoder_loss(model, prompts, full, grouped)
     mse = F.mse_loss(memories.mean(1).float(), document_means.float())
-    return ce + config.mse_weight * mse, {"ce": ce.item(), "mse": mse.item()}
+    metrics = {"ce": ce.item(), "mse": mse.item()}
+    if len(memories) > 1:
+        metrics["memory_cosine"] = memory_cosine(memories)
+    return ce + config.mse_weight * mse, metrics
+
+
+def memory_cosine(memories: torch.Tensor) -> float:
+    """Mean cosine between the flattened memories of different documents [docs, n, hidden].
+
+    The compressor's health in one number: near 1 every document looks the same to the
+    reader and to retrieval (an untrained SmolLM2 compressor sits at about 0.97).
+    """
+    flat = F.normalize(memories.detach().flatten(1).float(), dim=-1)
+    similarity = flat @ flat.T
+    n = len(flat)
+    return float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
 
 
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:

@@ -15,7 +15,8 @@ INSTRUCT = [{"question": "Who won prizes?", "docs": CORPUS[:2], "answer": "Marie
             {"question": "Where is the tower?", "docs": CORPUS[1:3], "answer": "Paris"}]
 SCP = [{"data_type": "qa", "question": ["What flows through Vienna?"], "answers": ["The Danube"],
         "docs": [CORPUS[3]]},
-       {"data_type": "paraphrase", "answers": ["Curie won two Nobel Prizes."], "docs": [CORPUS[4]]}]
+       {"data_type": "paraphrase", "answers": ["Curie won two Nobel Prizes."], "docs": [CORPUS[4]]},
+       {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
 E2E = [{"question": "Who won Nobel prizes?", "docs": CORPUS, "answer": "Marie Curie", "pos_index": [4]},
        {"question": "What is the capital of Germany?", "docs": CORPUS, "answer": "Berlin", "pos_index": [2]}]
 
@@ -52,12 +53,26 @@ def test_compressor_stages_learn(tiny_model, tmp_path, stage, rows):
     encoder_before = lora(tiny_model, "encoder_adapter")
     train(tiny_model, rows, config, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 25 and {"loss", "ce", "mse", "lr", "grad_norm"} <= log[0].keys()
+    assert len(log) == 25 and {"loss", "ce", "mse", "memory_cosine", "lr", "grad_norm"} <= log[0].keys()
     # the tiny base's frozen random lm_head bounds its logits near 0 (CE ~ ln 307 = 5.7):
     # a drop of 0.05 nats is far outside step-to-step noise on these fixed rows
     assert log[-1]["ce"] < log[0]["ce"] - 0.05
     assert any(not torch.equal(v, lora(tiny_model, "encoder_adapter")[k]) for k, v in encoder_before.items())
     assert (tmp_path / "checkpoint" / "clara_config.json").exists()
+
+
+def test_memory_cosine_hand_worked():
+    same = torch.ones(3, 2, 4)
+    assert training.memory_cosine(same) == pytest.approx(1.0)
+    # two documents of one vector each: (1, 0) and (1, 1) -> cos 45 degrees
+    assert training.memory_cosine(torch.tensor([[[1.0, 0.0]], [[1.0, 1.0]]])) == pytest.approx(0.5 ** 0.5)
+    opposite = torch.tensor([[[1.0, 2.0], [0.0, 1.0]], [[-1.0, -2.0], [0.0, -1.0]]])
+    assert training.memory_cosine(opposite) == pytest.approx(-1.0)
+
+
+def test_an_unknown_scp_kind_is_named():
+    with pytest.raises(ValueError, match="'summary'.*'reconstruct'"):
+        training.scp_prompt(None, "<slot>", "summary")
 
 
 def test_instruct_stage_starts_from_a_fresh_decoder(tiny_model, tmp_path):

@@ -1,0 +1,72 @@
+"""Readers of the official QA formats and the training-row converters, on the real files."""
+
+import json
+
+import pytest
+
+from clara_plugins.cli import main
+from clara_plugins.datasets import (QAExample, e2e_rows, instruct_rows, read_examples, reconstruction_rows,
+                                    scp_qa_rows)
+from conftest import SHARED_DATA
+
+needs_data = pytest.mark.skipif(not (SHARED_DATA / "nq" / "dev.jsonl").exists(), reason="needs ../shared/data")
+
+NQ_LIKE = QAExample("q1", "where does the danube flow", ["Vienna"], ["Danube\nIt flows through Vienna.",
+                                                                      "Seine\nIt flows through Paris."], [0])
+MULTI_HOP = QAExample("q2", "who and where", ["x"], ["A\na", "B\nb"], [0, 1])
+
+
+@needs_data
+@pytest.mark.parametrize("path,gold_per_question", [("hotpotqa/dev.json", 2), ("2wikimultihopqa/dev.json", 2),
+                                                    ("musique/dev.jsonl", 2), ("nq/dev.jsonl", 1)])
+def test_every_official_format_reads_with_its_gold_passages(path, gold_per_question):
+    examples = read_examples(SHARED_DATA / path, limit=20)
+    assert len(examples) == 20 and all(e.question and e.answers for e in examples)
+    # the HotpotQA sample lacks some supporting paragraphs: such examples are flagged incomplete
+    complete = [e for e in examples if e.gold_complete]
+    assert complete and all(len(e.gold) >= gold_per_question for e in complete)
+    assert all(0 <= i < len(e.passages) for e in examples for i in e.gold)
+
+
+@needs_data
+def test_oracle_rows_hold_the_gold_passages_and_e2e_rows_point_at_them():
+    examples = read_examples(SHARED_DATA / "hotpotqa" / "dev.json", limit=40)
+    oracle = instruct_rows(examples, "oracle", k=5)
+    complete = [e for e in examples if e.gold_complete]
+    assert len(oracle) == len(complete) > 0  # oracle rows only where every gold passage exists
+    for example, row in zip(complete, oracle):
+        assert len(row["docs"]) == 5 and len(row["pos_index"]) == 2
+        assert {row["docs"][i] for i in row["pos_index"]} == {example.passages[i] for i in example.gold}
+    for example, row in zip(examples, e2e_rows(examples, candidates=20)):
+        assert len(row["docs"]) == 20
+        assert {row["docs"][i] for i in row["pos_index"]} == {example.passages[i] for i in example.gold}
+
+
+def test_scp_qa_rows_read_the_single_gold_passage():
+    rows = scp_qa_rows([NQ_LIKE, MULTI_HOP])
+    assert rows == [{"data_type": "qa", "question": ["where does the danube flow"], "answers": ["Vienna"],
+                     "docs": ["Danube\nIt flows through Vienna."]}]
+    with pytest.raises(ValueError, match="exactly one gold passage"):
+        scp_qa_rows([MULTI_HOP])
+
+
+def test_reconstruction_rows_target_each_distinct_passage_once():
+    rows = reconstruction_rows(["b", "a", "b"])
+    assert rows == [{"data_type": "reconstruct", "answers": ["b"], "docs": ["b"]},
+                    {"data_type": "reconstruct", "answers": ["a"], "docs": ["a"]}]
+
+
+@needs_data
+def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, capsys):
+    out = tmp_path / "scp.jsonl"
+    main(["convert-data", str(SHARED_DATA / "nq" / "dev.jsonl"), str(out), "--kind", "scp", "--skip", "300",
+          "--limit", "5"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    held_out = {e.question for e in read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=300)}
+    assert len(rows) == 5 and not {r["question"][0] for r in rows} & held_out
+    assert "wrote 5 scp rows" in capsys.readouterr().out
+    corpus = tmp_path / "reconstruct.jsonl"
+    main(["convert-data", str(SHARED_DATA / "corpus" / "dpr_wiki_1000.jsonl"), str(corpus), "--kind",
+          "reconstruct", "--limit", "3"])
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["answers"] == r["docs"] for r in rows)
