@@ -140,6 +140,9 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="answering systems (default clara)")
     evaluate.add_argument("--retrievers", nargs="*", default=[], choices=["reasoner", "dense", "bm25"],
                           help="retrievers to score on the rows' candidates")
+    evaluate.add_argument("--reading", action="store_true",
+                          help="also measure whether the generator reads its memory tokens: the answers' CE "
+                               "from each question's own documents vs the next question's")
     evaluate.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
     evaluate.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
     evaluate.add_argument("-k", type=int, default=5, help="documents read per question (default 5)")
@@ -206,7 +209,7 @@ def _train(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     from .datasets import read_jsonl
     from .dense import DenseRetriever
-    from .evaluation import evaluate_answers, evaluate_retrieval
+    from .evaluation import evaluate_answers, evaluate_reading, evaluate_retrieval
     from .model import ClaraModel
 
     rows = read_jsonl(args.data)[: args.limit]
@@ -218,8 +221,10 @@ def _eval(args: argparse.Namespace) -> None:
     dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
     for retriever in args.retrievers:
         results["retrieval"].append(evaluate_retrieval(rows, retriever, model, dense))
+    if args.reading:
+        results["reading"] = evaluate_reading(model, rows, args.k)
     summary = {"answers": [{k: v for k, v in r.items() if k != "predictions"} for r in results["answers"]],
-               "retrieval": results["retrieval"]}
+               **{key: results[key] for key in ("retrieval", "reading") if key in results}}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

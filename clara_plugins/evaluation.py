@@ -7,6 +7,7 @@ Systems, all on one backbone:
 - ``none``: the plain base model with no documents.
 Retrievers for Recall@k / Precision@k: ``reasoner`` (CLaRa's query reasoner over memory
 tokens), ``dense`` (a sentence-transformers model) and ``bm25``.
+``evaluate_reading`` asks whether the generator reads its memory tokens at all.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .datasets import bm25_rank
 from .dense import DenseRetriever
 from .metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
 from .model import ClaraModel
+from .prompts import question_prompt
 from .retrieval import cosine_scores
 
 SYSTEMS = ("clara", "text", "none")
@@ -68,6 +70,36 @@ def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tok
         answers = [model.generate_from_compressed_documents_and_questions([q], g.unsqueeze(0), max_new_tokens)[0]
                    for q, g in zip(questions, groups)]
     return answers, [model.prompt_positions(q, len(g)) for q, g in zip(questions, groups)]
+
+
+def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
+    """The gold answers' cross-entropy (nats per token) read from each question's own first k
+    documents, and from the next question's documents instead.
+
+    A generator that ignores its memory tokens scores the same on both; the gap,
+    ``reading_gain``, shows whether training has taught it to read long before F1 moves.
+    """
+    if len(rows) < 2 or any(len(row["docs"]) < k for row in rows):
+        raise ValueError(f"reading needs at least 2 rows, each with at least k={k} documents")
+    memories = torch.stack([model.compress_documents(row["docs"][:k]) for row in tqdm(rows, desc="compressing")])
+    totals = {"own": 0.0, "other": 0.0}
+    tokens = 0
+    tok, slot = model.tokenizer, model.document_placeholder
+    for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
+        batch = rows[start:start + batch_size]
+        prompts = [question_prompt(tok, row["question"], k, slot) for row in batch]
+        full = [question_prompt(tok, row["question"], k, slot, row.get("answer") or row["answers"][0])
+                for row in batch]
+        own = memories[start:start + len(batch)]
+        other = memories[[(i + 1) % len(rows) for i in range(start, start + len(batch))]]
+        with torch.no_grad():
+            for name, read in (("own", own), ("other", other)):
+                log_likelihood, counts = model.completion_log_likelihood(prompts, full, read)
+                totals[name] -= float(log_likelihood.sum())
+            tokens += int(counts.sum())
+    own_ce, other_ce = totals["own"] / tokens, totals["other"] / tokens
+    return {"examples": len(rows), "k": k, "answer_ce_own_documents": round(own_ce, 4),
+            "answer_ce_other_documents": round(other_ce, 4), "reading_gain": round(other_ce - own_ce, 4)}
 
 
 def evaluate_retrieval(rows: Sequence[dict], retriever: str, model: ClaraModel | None = None,

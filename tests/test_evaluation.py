@@ -1,0 +1,74 @@
+"""`clara eval`: answer metrics per system, retrieval metrics, and the reading check, on the tiny model."""
+
+import json
+
+import pytest
+import torch
+
+from clara_plugins.cli import main
+from clara_plugins.evaluation import evaluate_answers, evaluate_reading, evaluate_retrieval
+from clara_plugins.prompts import question_prompt
+from conftest import CORPUS
+
+ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS[2:5], "answer": "the Danube",
+         "pos_index": [1]},
+        {"question": "Who won Nobel Prizes in physics?", "docs": CORPUS[3:6], "answer": "Marie Curie",
+         "pos_index": [1]},
+        {"question": "When was the Eiffel Tower completed?", "docs": CORPUS[0:3], "answer": "1889",
+         "pos_index": [1]}]
+
+
+@pytest.mark.parametrize("system", ["clara", "text", "none"])
+def test_every_system_is_scored_with_its_predictions(tiny_model, system):
+    result = evaluate_answers(tiny_model, ROWS, system, k=2, max_new_tokens=3, batch_size=2)
+    assert {"em", "f1", "cover_em", "context_positions"} <= result.keys()
+    assert [p["question"] for p in result["predictions"]] == [r["question"] for r in ROWS]
+    assert 0 <= result["f1"] <= 100
+
+
+def test_text_reads_more_positions_than_memory_tokens(tiny_model):
+    clara = evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=2)
+    text = evaluate_answers(tiny_model, ROWS, "text", k=3, max_new_tokens=2)
+    none = evaluate_answers(tiny_model, ROWS, "none", k=3, max_new_tokens=2)
+    assert none["context_positions"] < clara["context_positions"] < text["context_positions"]
+
+
+def test_bm25_finds_the_passage_that_shares_the_question_words():
+    result = evaluate_retrieval(ROWS, "bm25", ks=(1,))
+    assert result["recall@1"] == 100.0 and result["precision@1"] == 100.0
+    with pytest.raises(ValueError, match="retriever must be one of"):
+        evaluate_retrieval(ROWS, "tf-idf")
+
+
+def test_reading_gain_is_zero_when_the_documents_are_the_same(tiny_model):
+    same = [{**row, "docs": CORPUS[:3]} for row in ROWS]
+    result = evaluate_reading(tiny_model, same, k=3, batch_size=2)
+    assert result["reading_gain"] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_reading_compares_own_and_other_documents(tiny_model):
+    result = evaluate_reading(tiny_model, ROWS, k=3, batch_size=2)
+    assert result["reading_gain"] != pytest.approx(0.0, abs=1e-4)  # these memories change the answer's CE
+    tok, slot = tiny_model.tokenizer, tiny_model.document_placeholder
+    with torch.no_grad():
+        memories = torch.stack([tiny_model.compress_documents(r["docs"]) for r in ROWS])
+        ll, counts = tiny_model.completion_log_likelihood(
+            [question_prompt(tok, r["question"], 3, slot) for r in ROWS],
+            [question_prompt(tok, r["question"], 3, slot, r["answer"]) for r in ROWS], memories)
+    assert result["answer_ce_own_documents"] == pytest.approx(float(-ll.sum() / counts.sum()), abs=1e-3)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        evaluate_reading(tiny_model, ROWS[:1], k=3)
+
+
+def test_clara_eval_writes_every_measure(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    main(["eval", str(data), "--checkpoint", str(tmp_path / "ckpt"), "--systems", "clara", "none",
+          "--retrievers", "bm25", "--reading", "-k", "3", "--max-new-tokens", "2", "--device", "cpu",
+          "--out", str(tmp_path / "result.json")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [a["system"] for a in result["answers"]] == ["clara", "none"]
+    assert result["retrieval"][0]["recall@1"] == 100.0
+    assert result["reading"]["examples"] == 3
+    assert '"reading_gain"' in capsys.readouterr().out
