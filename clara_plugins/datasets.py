@@ -69,25 +69,36 @@ def bm25_rank(query: str, passages: list[str]) -> list[int]:
     return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")]
 
 
-def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list[QAExample]:
-    """Give every example ``size`` candidates, filling short pools with BM25-ranked passages of
-    the other examples (NQ has one passage per question), and trimming long pools to the gold
-    plus the best-ranked others."""
+def _fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
+    """Extend every pool shorter than ``size`` with the BM25-best passages of the other examples
+    (NQ has one passage per question); the example's own passages and gold stay first."""
+    if all(len(e.passages) >= size for e in examples):
+        return examples
     everything = [(e.id, p) for e in examples for p in e.passages]
     pool_texts = [p for _, p in everything]
     index = bm25s.BM25()
     index.index(bm25s.tokenize(pool_texts, show_progress=False), show_progress=False)
-    rng = random.Random(seed)
     result = []
     for example in examples:
-        passages, gold = list(example.passages), list(example.gold)
+        passages = list(example.passages)
         if len(passages) < size:
             tokens = bm25s.tokenize(example.question, show_progress=False, return_ids=False)[0]
             order = np.argsort(-np.asarray(index.get_scores(tokens)), kind="stable")
             extra = [pool_texts[i] for i in order if everything[i][0] != example.id
                      and pool_texts[i] not in passages]
             passages += extra[: size - len(passages)]
-        elif len(passages) > size:
+        result.append(dataclasses.replace(example, passages=passages))
+    return result
+
+
+def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list[QAExample]:
+    """Give every example ``size`` candidates in a seeded order: short pools are filled with
+    other examples' passages, long pools trimmed to the gold plus the best-ranked others."""
+    rng = random.Random(seed)
+    result = []
+    for example in _fill_short_pools(examples, size):
+        passages, gold = list(example.passages), list(example.gold)
+        if len(passages) > size:
             ranked = [i for i in bm25_rank(example.question, passages) if i not in gold]
             keep = sorted(gold + ranked[: size - len(gold)])
             gold = [keep.index(i) for i in gold]
@@ -102,10 +113,13 @@ def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list
 def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5) -> list[dict]:
     """Rows ``{question, docs[k], answer, answers, pos_index}`` in the Normal or Oracle setting.
 
-    Oracle rows are made only for examples whose gold passages are all in the pool.
+    Oracle rows are made only for examples whose gold passages are all in the pool. Pools of
+    fewer than k passages are filled from the other examples (a training batch needs the same
+    k in every row); an example that still has fewer is left out.
     """
     if setting not in ("normal", "oracle"):
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
+    examples = [e for e in _fill_short_pools(examples, k) if len(e.passages) >= k]
     if setting == "oracle":
         examples = [e for e in examples if e.gold_complete and e.gold]
     rows = []

@@ -42,6 +42,18 @@ def test_oracle_rows_hold_the_gold_passages_and_e2e_rows_point_at_them():
         assert {row["docs"][i] for i in row["pos_index"]} == {example.passages[i] for i in example.gold}
 
 
+def test_instruction_rows_all_have_k_documents():
+    three = QAExample("q3", "which river flows through Vienna", ["Danube"],
+                      ["Seine\nIt flows through Paris.", "Thames\nIt flows through London.",
+                       "Danube\nIt flows through Vienna."], [2])
+    rows = instruct_rows([NQ_LIKE, three], k=3, setting="oracle")
+    assert [len(row["docs"]) for row in rows] == [3, 3]  # the 2-passage pool got one of q3's passages
+    assert rows[0]["docs"][rows[0]["pos_index"][0]] == NQ_LIKE.passages[0]
+    assert rows[1]["docs"][rows[1]["pos_index"][0]].startswith("Danube")
+    alone = instruct_rows([NQ_LIKE], k=3)  # nothing to fill from
+    assert alone == []
+
+
 def test_scp_qa_rows_read_the_single_gold_passage():
     rows = scp_qa_rows([NQ_LIKE, MULTI_HOP])
     assert rows == [{"data_type": "qa", "question": ["where does the danube flow"], "answers": ["Vienna"],
@@ -65,6 +77,9 @@ def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, cap
     held_out = {e.question for e in read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=300)}
     assert len(rows) == 5 and not {r["question"][0] for r in rows} & held_out
     assert "wrote 5 scp rows" in capsys.readouterr().out
+    main(["convert-data", str(SHARED_DATA / "nq" / "dev.jsonl"), str(out), "--setting", "oracle", "--limit", "20"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]  # one passage each, filled to 5
+    assert len(rows) == 20 and all(len(r["docs"]) == 5 and len(r["pos_index"]) == 1 for r in rows)
     corpus = tmp_path / "reconstruct.jsonl"
     main(["convert-data", str(SHARED_DATA / "corpus" / "dpr_wiki_1000.jsonl"), str(corpus), "--kind",
           "reconstruct", "--limit", "3"])

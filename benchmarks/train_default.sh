@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Train and evaluate the default CLaRa checkpoint (SmolLM2-135M-Instruct, CR16) from ../shared/data.
+#
+# The paper's three stages, the fine-tuned text baseline, then the model card's numbers:
+# F1 of CLaRa vs no retrieval vs text reading (HotpotQA Oracle and NQ dev 0-299, both held out),
+# the reading check, and Recall@5 of the query reasoner before and after the end-to-end stage
+# vs all-MiniLM-L6-v2 on 20-candidate pools. Sizes come from the environment, so that the GPU
+# run and the smoke test (tests/test_train_default.py) are the same script:
+#
+#   DEVICE=cuda bash benchmarks/train_default.sh                  # the defaults below
+#   SCP_STEPS=2 INSTRUCT_STEPS=2 E2E_STEPS=2 LIMIT=8 bash benchmarks/train_default.sh
+#
+# Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr16-fp16.
+set -euo pipefail
+
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-runs/default}
+DEVICE=${DEVICE:-auto}
+BASE_MODEL=${BASE_MODEL:-smollm2-135m-instruct}
+SCP_STEPS=${SCP_STEPS:-2000}
+INSTRUCT_STEPS=${INSTRUCT_STEPS:-600}
+E2E_STEPS=${E2E_STEPS:-300}
+BATCH=${BATCH:-16}
+LR=${LR:-1e-4}
+E2E_LR=${E2E_LR:-5e-6}
+LIMIT=${LIMIT:-}            # cap every converted file at N examples (smoke tests)
+EVAL_LIMIT=${EVAL_LIMIT:-200}
+
+rows="$OUT/rows"
+mkdir -p "$rows" "$OUT/eval"
+limit=(${LIMIT:+--limit "$LIMIT"})
+convert() { clara convert-data "$@" "${limit[@]}"; }
+
+# 1. Data. NQ dev examples 0-299 are held out for evaluation; training uses 300 on.
+#    SCP without a teacher: NQ's human-written QA over its gold passage, and reconstruction of
+#    corpus passages. Teacher-written rows from `clara synth` can be appended to scp.jsonl.
+convert "$DATA/nq/dev.jsonl" "$rows/scp_nq.jsonl" --kind scp --skip 300
+convert "$DATA/corpus/dpr_wiki_1000.jsonl" "$rows/reconstruct_dpr.jsonl" --kind reconstruct
+convert "$DATA/corpus/musique_train_1890.json" "$rows/reconstruct_musique.jsonl" --kind reconstruct
+cat "$rows/scp_nq.jsonl" "$rows/reconstruct_dpr.jsonl" "$rows/reconstruct_musique.jsonl" > "$rows/scp.jsonl"
+
+convert "$DATA/hotpotqa/train.json" "$rows/instruct_hotpotqa.jsonl" --setting oracle
+convert "$DATA/2wikimultihopqa/train.json" "$rows/instruct_2wiki.jsonl" --setting oracle
+convert "$DATA/musique/train.jsonl" "$rows/instruct_musique.jsonl" --setting oracle
+convert "$DATA/nq/dev.jsonl" "$rows/instruct_nq.jsonl" --setting oracle --skip 300
+cat "$rows"/instruct_{hotpotqa,2wiki,musique,nq}.jsonl > "$rows/instruct.jsonl"
+
+convert "$DATA/hotpotqa/train.json" "$rows/e2e_hotpotqa.jsonl" --kind e2e --candidates 20
+convert "$DATA/2wikimultihopqa/train.json" "$rows/e2e_2wiki.jsonl" --kind e2e --candidates 20
+convert "$DATA/musique/train.jsonl" "$rows/e2e_musique.jsonl" --kind e2e --candidates 20
+cat "$rows"/e2e_{hotpotqa,2wiki,musique}.jsonl > "$rows/e2e.jsonl"
+
+clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" --setting oracle
+clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting oracle --limit 300
+clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
+
+# 2. Training: SCP -> instruction tuning (fresh generator) -> end-to-end; and the text baseline.
+common=(--batch-size "$BATCH" --grad-accum 1 --device "$DEVICE")
+clara train --stage scp --data "$rows/scp.jsonl" --output "$OUT/scp" --base-model "$BASE_MODEL" \
+    --compression-rate 16 --steps "$SCP_STEPS" --lr "$LR" "${common[@]}"
+clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instruct" \
+    --init "$OUT/scp/checkpoint" --steps "$INSTRUCT_STEPS" --lr "$LR" "${common[@]}"
+clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$OUT/instruct/checkpoint" \
+    --steps "$E2E_STEPS" --lr "$E2E_LR" --schedule constant "${common[@]}"
+clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
+    --steps "$INSTRUCT_STEPS" --lr "$LR" "${common[@]}"
+
+# 3. Evaluation. "text" with the text checkpoint is the fine-tuned text reader; "none" and the
+#    plain "text" reader come with the CLaRa checkpoint (its base model, no adapter).
+for name in hotpotqa_oracle nq_oracle; do
+    data="$rows/eval_$name.jsonl"
+    clara eval "$data" --checkpoint "$OUT/e2e/checkpoint" --systems clara text none --reading \
+        --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_clara.json"
+    clara eval "$data" --checkpoint "$OUT/text/checkpoint" --systems text \
+        --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_text_finetuned.json"
+done
+pools="$rows/eval_hotpotqa_e2e20.jsonl"
+clara eval "$pools" --checkpoint "$OUT/instruct/checkpoint" --systems --retrievers reasoner \
+    --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/recall_untrained_reasoner.json"
+clara eval "$pools" --checkpoint "$OUT/e2e/checkpoint" --systems --retrievers reasoner dense bm25 \
+    --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/recall_e2e_reasoner.json"
+
+# 4. The fp16 checkpoint to ship (adapters + memory-token rows, about 30 MB at CR16).
+python -c "import sys, torch; from clara_plugins import ClaraModel
+ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
+    "$OUT/e2e/checkpoint" "$OUT/cr16-fp16"
+echo "done: evaluations in $OUT/eval, fp16 checkpoint in $OUT/cr16-fp16"

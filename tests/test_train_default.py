@@ -1,0 +1,38 @@
+"""benchmarks/train_default.sh, the recipe of the default checkpoint, end to end at smoke-test size."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA, build_tiny_base_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_default.sh"
+
+
+@pytest.mark.slow
+def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_path):
+    if not (SHARED_DATA / "nq" / "dev.jsonl").exists():
+        pytest.skip("needs ../shared/data")
+    base = build_tiny_base_model(tmp_path / "base")
+    out = tmp_path / "run"
+    environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
+                   "DEVICE": "cpu", "SCP_STEPS": "2", "INSTRUCT_STEPS": "2", "E2E_STEPS": "2", "BATCH": "2",
+                   "LIMIT": "6", "EVAL_LIMIT": "3",
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    for stage in ("scp", "instruct", "e2e", "text"):
+        log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
+        assert [record["step"] for record in log] == [1, 2]
+    clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
+    assert [a["system"] for a in clara["answers"]] == ["clara", "text", "none"]
+    assert clara["reading"]["examples"] == 3
+    recall = json.loads((out / "eval" / "recall_e2e_reasoner.json").read_text())
+    assert [r["retriever"] for r in recall["retrieval"]] == ["reasoner", "dense", "bm25"]
+    assert (out / "cr16-fp16" / "clara_config.json").exists()
+    scp_kinds = {json.loads(line)["data_type"] for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}
+    assert scp_kinds == {"qa", "reconstruct"}
