@@ -24,7 +24,7 @@ from .datasets import bm25_rank
 from .dense import DenseRetriever
 from .metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
 from .model import ClaraModel
-from .prompts import question_prompt
+from .prompts import memory_prompts
 from .retrieval import cosine_scores
 
 SYSTEMS = ("clara", "text", "none")
@@ -73,23 +73,24 @@ def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tok
 
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
-    """The gold answers' cross-entropy (nats per token) read from each question's own first k
-    documents, and from the next question's documents instead.
+    """The targets' cross-entropy (nats per token) read from each row's own documents (the
+    first k of an instruction row, the one of an SCP row), and from the next row's instead.
 
     A generator that ignores its memory tokens scores the same on both; the gap,
     ``reading_gain``, shows whether training has taught it to read long before F1 moves.
     """
-    if len(rows) < 2 or any(len(row["docs"]) < k for row in rows):
-        raise ValueError(f"reading needs at least 2 rows, each with at least k={k} documents")
-    memories = torch.stack([model.compress_documents(row["docs"][:k]) for row in tqdm(rows, desc="compressing")])
+    width = {1 if "data_type" in row else k for row in rows}
+    if len(rows) < 2 or len(width) != 1 or any(len(row["docs"]) < min(width) for row in rows):
+        raise ValueError(f"reading needs at least 2 rows of one kind (SCP rows, or instruction rows with "
+                         f"at least k={k} documents)")
+    width = width.pop()
+    memories = torch.stack([model.compress_documents(row["docs"][:width]) for row in tqdm(rows, desc="compressing")])
     totals = {"own": 0.0, "other": 0.0}
     tokens = 0
-    tok, slot = model.tokenizer, model.document_placeholder
     for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
         batch = rows[start:start + batch_size]
-        prompts = [question_prompt(tok, row["question"], k, slot) for row in batch]
-        full = [question_prompt(tok, row["question"], k, slot, row.get("answer") or row["answers"][0])
-                for row in batch]
+        prompts, full = map(list, zip(*(memory_prompts(model.tokenizer, model.document_placeholder, row, width)
+                                        for row in batch)))
         own = memories[start:start + len(batch)]
         other = memories[[(i + 1) % len(rows) for i in range(start, start + len(batch))]]
         with torch.no_grad():
@@ -98,8 +99,8 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
                 totals[name] -= float(log_likelihood.sum())
             tokens += int(counts.sum())
     own_ce, other_ce = totals["own"] / tokens, totals["other"] / tokens
-    return {"examples": len(rows), "k": k, "answer_ce_own_documents": round(own_ce, 4),
-            "answer_ce_other_documents": round(other_ce, 4), "reading_gain": round(other_ce - own_ce, 4)}
+    return {"examples": len(rows), "documents_per_row": width, "target_ce_own_documents": round(own_ce, 4),
+            "target_ce_other_documents": round(other_ce, 4), "reading_gain": round(other_ce - own_ce, 4)}
 
 
 def evaluate_retrieval(rows: Sequence[dict], retriever: str, model: ClaraModel | None = None,

@@ -88,6 +88,22 @@ def scp_prompt(
     raise ValueError(f"unknown SCP sample kind {kind!r}: use 'qa', {', '.join(map(repr, SCP_REWRITES))}")
 
 
-def qa_target(questions: list[str], answers: list[str]) -> str:
-    """The SCP QA target: one "Question: q\\nAnswer: a" block per pair."""
-    return "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers))
+def scp_target(row: dict) -> str:
+    """What the generator writes for an SCP row: one "Question: q\nAnswer: a" block per QA
+    pair, or the paraphrase (for "reconstruct", the document itself)."""
+    if row["data_type"] == "qa":
+        return "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(row["question"], row["answers"]))
+    return row["answers"][0]
+
+
+def memory_prompts(tokenizer: PreTrainedTokenizerBase, document_placeholder: str, row: dict,
+                   k: int) -> tuple[str, str]:
+    """(prompt, prompt + target) of a training row read from memory tokens: an SCP row (one
+    document, ``data_type`` set) or an instruction row (a question over k documents)."""
+    if "data_type" in row:
+        kind = row["data_type"]
+        return (scp_prompt(tokenizer, document_placeholder, kind),
+                scp_prompt(tokenizer, document_placeholder, kind, scp_target(row)))
+    answer = row.get("answer") or row["answers"][0]
+    return (question_prompt(tokenizer, row["question"], k, document_placeholder),
+            question_prompt(tokenizer, row["question"], k, document_placeholder, answer))

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_trained_weights
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
-from .prompts import qa_target, question_prompt, scp_prompt, text_context_prompt
+from .prompts import memory_prompts, question_prompt, text_context_prompt
 from .retrieval import cosine_scores, straight_through_topk
 from .store import MemoryStore
 
@@ -148,12 +148,8 @@ def memory_cosine(memories: torch.Tensor) -> float:
 
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     memories, document_means = model.encode_for_training([row["docs"][0] for row in rows])
-    tok, slot = model.tokenizer, model.document_placeholder
-    kinds = [row["data_type"] for row in rows]
-    targets = [qa_target(row["question"], row["answers"]) if kind == "qa" else row["answers"][0]
-               for row, kind in zip(rows, kinds)]
-    prompts = [scp_prompt(tok, slot, kind) for kind in kinds]
-    full = [scp_prompt(tok, slot, kind, target) for kind, target in zip(kinds, targets)]
+    prompts, full = map(list, zip(*(memory_prompts(model.tokenizer, model.document_placeholder, row, 1)
+                                    for row in rows)))
     return _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
 
 
@@ -164,9 +160,8 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     k = len(rows[0]["docs"])
     if any(len(row["docs"]) != k for row in rows):
         raise ValueError("instruction rows in one batch must have the same number of documents")
-    tok, slot = model.tokenizer, model.document_placeholder
-    prompts = [question_prompt(tok, row["question"], k, slot) for row in rows]
-    full = [question_prompt(tok, row["question"], k, slot, row["answer"]) for row in rows]
+    prompts, full = map(list, zip(*(memory_prompts(model.tokenizer, model.document_placeholder, row, k)
+                                    for row in rows)))
     if frozen is not None:
         ce = _decoder_loss(model, prompts, full, frozen.for_rows(rows, config)[0])
         return ce, {"ce": ce.item()}
@@ -230,8 +225,7 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     if config.estimator == "straight-through":
         weights = straight_through_topk(scores, k, config.temperature)  # [B, k, N]
         selected = torch.einsum("bkn,bnmh->bkmh", weights, memories)
-        prompts = [question_prompt(tok, row["question"], k, slot) for row in rows]
-        full = [question_prompt(tok, row["question"], k, slot, row["answer"]) for row in rows]
+        prompts, full = map(list, zip(*(memory_prompts(tok, slot, row, k) for row in rows)))
         loss = _decoder_loss(model, prompts, full, selected)
     else:
         loss = _realm_loss(model, rows, scores, memories, top, config)

@@ -55,9 +55,17 @@ def test_reading_compares_own_and_other_documents(tiny_model):
         ll, counts = tiny_model.completion_log_likelihood(
             [question_prompt(tok, r["question"], 3, slot) for r in ROWS],
             [question_prompt(tok, r["question"], 3, slot, r["answer"]) for r in ROWS], memories)
-    assert result["answer_ce_own_documents"] == pytest.approx(float(-ll.sum() / counts.sum()), abs=1e-3)
+    assert result["target_ce_own_documents"] == pytest.approx(float(-ll.sum() / counts.sum()), abs=1e-3)
     with pytest.raises(ValueError, match="at least 2 rows"):
         evaluate_reading(tiny_model, ROWS[:1], k=3)
+
+
+def test_reading_works_on_scp_rows_with_one_document_each(tiny_model):
+    rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:3]]
+    result = evaluate_reading(tiny_model, rows)
+    assert result["documents_per_row"] == 1 and result["reading_gain"] != pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="of one kind"):
+        evaluate_reading(tiny_model, rows + ROWS, k=3)
 
 
 def test_clara_eval_writes_every_measure(tiny_model, tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clara_plugins import ClaraModel, MemoryStore
-from clara_plugins.prompts import question_prompt
+from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins import training
 from clara_plugins.training import CandidateMemories, TrainConfig, e2e_loss, train
 from conftest import CORPUS
@@ -72,7 +72,7 @@ def test_memory_cosine_hand_worked():
 
 def test_an_unknown_scp_kind_is_named():
     with pytest.raises(ValueError, match="'summary'.*'reconstruct'"):
-        training.scp_prompt(None, "<slot>", "summary")
+        scp_prompt(None, "<slot>", "summary")
 
 
 def test_instruct_stage_starts_from_a_fresh_decoder(tiny_model, tmp_path):
