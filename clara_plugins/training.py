@@ -285,6 +285,13 @@ def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict
     return [picked[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
 
 
+def _forget_steps_after(log: Path, step: int) -> None:
+    """Drop the log records of steps run after the last save: a resumed run replays them."""
+    if log.exists():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in kept))
+
+
 def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
           corpus: MemoryStore | None = None) -> Path:
     """Train one stage; resume from ``output`` when it holds a trainer state. Returns the
@@ -315,6 +322,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        _forget_steps_after(output / "log.jsonl", start)
     cached = config.stage == "e2e" or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
     loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates),

@@ -145,20 +145,20 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
     calls = {"n": 0}
     real_loss = training.instruct_loss
 
-    def crash_in_step_three(*args):
+    def crash_in_step_four(*args):
         calls["n"] += 1
-        if calls["n"] == 5:  # steps 1-2 made 4 micro-batches; step 3 dies
+        if calls["n"] == 7:  # steps 1-3 made 6 micro-batches; step 4 dies, step 3 was logged but not saved
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(training, "instruct_loss", crash_in_step_three)
+    monkeypatch.setattr(training, "instruct_loss", crash_in_step_four)
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), INSTRUCT, config, tmp_path / "resumed")
     monkeypatch.setattr(training, "instruct_loss", real_loss)
     resumed = fresh()
     train(resumed, INSTRUCT, config, tmp_path / "resumed")
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4]  # the replayed step 3 is logged once
     for a, b in zip(whole.lm.parameters(), resumed.lm.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 
