@@ -141,8 +141,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--retrievers", nargs="*", default=[], choices=["reasoner", "dense", "bm25"],
                           help="retrievers to score on the rows' candidates")
     evaluate.add_argument("--reading", action="store_true",
-                          help="also measure whether the generator reads its memory tokens: the answers' CE "
-                               "from each question's own documents vs the next question's")
+                          help="also measure whether the generator reads its memory tokens: the targets' CE "
+                               "from each row's own documents vs the next row's (instruction or SCP rows)")
     evaluate.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
     evaluate.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
     evaluate.add_argument("-k", type=int, default=5, help="documents read per question (default 5)")

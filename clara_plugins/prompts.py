@@ -89,7 +89,7 @@ def scp_prompt(
 
 
 def scp_target(row: dict) -> str:
-    """What the generator writes for an SCP row: one "Question: q\nAnswer: a" block per QA
+    """What the generator writes for an SCP row: one "Question: q\\nAnswer: a" block per QA
     pair, or the paraphrase (for "reconstruct", the document itself)."""
     if row["data_type"] == "qa":
         return "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(row["question"], row["answers"]))
