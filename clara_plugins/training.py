@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .checkpoint import load_trained_weights
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
-from .prompts import memory_prompts, question_prompt, text_context_prompt
+from .prompts import memory_prompts, text_context_prompt
 from .retrieval import cosine_scores, straight_through_topk
 from .store import MemoryStore
 
@@ -238,17 +238,13 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
     tok, slot = model.tokenizer, model.document_placeholder
     batch, k = top.shape
     logits = scores.gather(1, top) / config.temperature
-    questions = [row["question"] for row in rows for _ in range(k)]
-    answers = [row["answer"] for row in rows for _ in range(k)]
     single = memories[torch.arange(batch).unsqueeze(1), top].reshape(batch * k, 1, *memories.shape[2:])
-    log_likelihood, tokens = model.completion_log_likelihood(
-        [question_prompt(tok, q, 1, slot) for q in questions],
-        [question_prompt(tok, q, 1, slot, a) for q, a in zip(questions, answers)], single)
+    prompts, full = map(list, zip(*(memory_prompts(tok, slot, row, 1) for row in rows for _ in range(k))))
+    log_likelihood, tokens = model.completion_log_likelihood(prompts, full, single)
     log_likelihood = log_likelihood.reshape(batch, k)
     if config.null_document:  # no document at all, with the score of an orthogonal one (cosine 0)
-        null, _ = model.completion_log_likelihood(
-            [question_prompt(tok, r["question"], 0, slot) for r in rows],
-            [question_prompt(tok, r["question"], 0, slot, r["answer"]) for r in rows])
+        prompts, full = map(list, zip(*(memory_prompts(tok, slot, row, 0) for row in rows)))
+        null, _ = model.completion_log_likelihood(prompts, full)
         logits = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
         log_likelihood = torch.cat([log_likelihood, null.unsqueeze(1)], dim=1)
     marginal = torch.logsumexp(torch.log_softmax(logits, dim=1) + log_likelihood, dim=1)

@@ -18,7 +18,7 @@ SCP = [{"data_type": "qa", "question": ["What flows through Vienna?"], "answers"
        {"data_type": "paraphrase", "answers": ["Curie won two Nobel Prizes."], "docs": [CORPUS[4]]},
        {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
 E2E = [{"question": "Who won Nobel prizes?", "docs": CORPUS, "answer": "Marie Curie", "pos_index": [4]},
-       {"question": "What is the capital of Germany?", "docs": CORPUS, "answer": "Berlin", "pos_index": [2]}]
+       {"question": "What is the capital of Germany?", "docs": CORPUS, "answers": ["Berlin"], "pos_index": [2]}]
 
 
 def lora(model: ClaraModel, adapter: str) -> dict[str, torch.Tensor]:
