@@ -140,9 +140,8 @@ def memory_cosine(memories: torch.Tensor) -> float:
     The compressor's health in one number: near 1 every document looks the same to the
     reader and to retrieval (an untrained SmolLM2 compressor sits at about 0.95).
     """
-    flat = F.normalize(memories.detach().flatten(1).float(), dim=-1)
-    similarity = flat @ flat.T
-    n = len(flat)
+    similarity = cosine_scores(memories.detach(), memories.detach())
+    n = len(similarity)
     return float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
 
 
