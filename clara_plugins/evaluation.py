@@ -89,8 +89,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     tokens = 0
     for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
         batch = rows[start:start + batch_size]
-        prompts, full = map(list, zip(*(memory_prompts(model.tokenizer, model.document_placeholder, row, width)
-                                        for row in batch)))
+        prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, batch, width)
         own = memories[start:start + len(batch)]
         other = memories[[(i + 1) % len(rows) for i in range(start, start + len(batch))]]
         with torch.no_grad():

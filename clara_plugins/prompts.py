@@ -6,6 +6,8 @@ and the embeddings at the memory positions are later overwritten by the compress
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
@@ -96,14 +98,18 @@ def scp_target(row: dict) -> str:
     return row["answers"][0]
 
 
-def memory_prompts(tokenizer: PreTrainedTokenizerBase, document_placeholder: str, row: dict,
-                   k: int) -> tuple[str, str]:
-    """(prompt, prompt + target) of a training row read from memory tokens: an SCP row (one
-    document, ``data_type`` set) or an instruction row (a question over k documents)."""
-    if "data_type" in row:
-        kind = row["data_type"]
-        return (scp_prompt(tokenizer, document_placeholder, kind),
-                scp_prompt(tokenizer, document_placeholder, kind, scp_target(row)))
-    answer = row.get("answer") or row["answers"][0]
-    return (question_prompt(tokenizer, row["question"], k, document_placeholder),
-            question_prompt(tokenizer, row["question"], k, document_placeholder, answer))
+def memory_prompts(tokenizer: PreTrainedTokenizerBase, document_placeholder: str, rows: Sequence[dict],
+                   k: int) -> tuple[list[str], list[str]]:
+    """The prompts and the prompts + targets of training rows read from memory tokens: SCP rows
+    (one document, ``data_type`` set) or instruction rows (a question over k documents)."""
+    prompts, full = [], []
+    for row in rows:
+        if "data_type" in row:
+            kind = row["data_type"]
+            prompts.append(scp_prompt(tokenizer, document_placeholder, kind))
+            full.append(scp_prompt(tokenizer, document_placeholder, kind, scp_target(row)))
+        else:
+            answer = row.get("answer") or row["answers"][0]
+            prompts.append(question_prompt(tokenizer, row["question"], k, document_placeholder))
+            full.append(question_prompt(tokenizer, row["question"], k, document_placeholder, answer))
+    return prompts, full

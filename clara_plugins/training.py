@@ -147,8 +147,7 @@ def memory_cosine(memories: torch.Tensor) -> float:
 
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     memories, document_means = model.encode_for_training([row["docs"][0] for row in rows])
-    prompts, full = map(list, zip(*(memory_prompts(model.tokenizer, model.document_placeholder, row, 1)
-                                    for row in rows)))
+    prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, 1)
     return _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
 
 
@@ -159,8 +158,7 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     k = len(rows[0]["docs"])
     if any(len(row["docs"]) != k for row in rows):
         raise ValueError("instruction rows in one batch must have the same number of documents")
-    prompts, full = map(list, zip(*(memory_prompts(model.tokenizer, model.document_placeholder, row, k)
-                                    for row in rows)))
+    prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, k)
     if frozen is not None:
         ce = _decoder_loss(model, prompts, full, frozen.for_rows(rows, config)[0])
         return ce, {"ce": ce.item()}
@@ -220,11 +218,10 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     k = min(config.top_k, scores.size(1))
     top = scores.detach().topk(k, dim=-1).indices
     recall = sum(recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g) / max(1, sum(1 for g in gold if g))
-    tok, slot = model.tokenizer, model.document_placeholder
     if config.estimator == "straight-through":
         weights = straight_through_topk(scores, k, config.temperature)  # [B, k, N]
         selected = torch.einsum("bkn,bnmh->bkmh", weights, memories)
-        prompts, full = map(list, zip(*(memory_prompts(tok, slot, row, k) for row in rows)))
+        prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, k)
         loss = _decoder_loss(model, prompts, full, selected)
     else:
         loss = _realm_loss(model, rows, scores, memories, top, config)
@@ -238,11 +235,11 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
     batch, k = top.shape
     logits = scores.gather(1, top) / config.temperature
     single = memories[torch.arange(batch).unsqueeze(1), top].reshape(batch * k, 1, *memories.shape[2:])
-    prompts, full = map(list, zip(*(memory_prompts(tok, slot, row, 1) for row in rows for _ in range(k))))
+    prompts, full = memory_prompts(tok, slot, [row for row in rows for _ in range(k)], 1)
     log_likelihood, tokens = model.completion_log_likelihood(prompts, full, single)
     log_likelihood = log_likelihood.reshape(batch, k)
     if config.null_document:  # no document at all, with the score of an orthogonal one (cosine 0)
-        prompts, full = map(list, zip(*(memory_prompts(tok, slot, row, 0) for row in rows)))
+        prompts, full = memory_prompts(tok, slot, rows, 0)
         null, _ = model.completion_log_likelihood(prompts, full)
         logits = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
         log_likelihood = torch.cat([log_likelihood, null.unsqueeze(1)], dim=1)
