@@ -84,7 +84,9 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
         raise ValueError(f"reading needs at least 2 rows of one kind (SCP rows, or instruction rows with "
                          f"at least k={k} documents)")
     width = width.pop()
-    memories = torch.stack([model.compress_documents(row["docs"][:width]) for row in tqdm(rows, desc="compressing")])
+    documents = [document for row in rows for document in row["docs"][:width]]
+    memories = model.compress_documents(documents, show_progress=True)
+    memories = memories.reshape(len(rows), width, *memories.shape[1:])
     totals = {"own": 0.0, "other": 0.0}
     tokens = 0
     for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
