@@ -20,21 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
+from clara_plugins.cli import read_documents
+from clara_plugins.datasets import read_examples
 
 from .measure import folder_bytes, latency_ms
-
-
-def load_passages(path: Path) -> list[str]:
-    """Passages of a corpus file: a JSON list of {title, text} or JSONL {id, contents}."""
-    if path.suffix == ".jsonl":
-        return [json.loads(line)["contents"] for line in path.read_text().splitlines() if line.strip()]
-    return [f"{p['title']}\n{p['text']}" for p in json.loads(path.read_text())]
-
-
-def load_questions(path: Path, limit: int) -> list[str]:
-    rows = json.loads(path.read_text()) if path.suffix == ".json" else [
-        json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [row["question"] for row in rows[:limit]]
 
 
 def main() -> None:
@@ -51,7 +40,7 @@ def main() -> None:
 
     model = (ClaraModel.from_pretrained(args.checkpoint, device="cpu") if args.checkpoint
              else ClaraModel(ClaraConfig(compression_rate=args.compression_rate), device="cpu"))
-    passages = load_passages(args.corpus)[: args.limit]
+    passages = read_documents([str(args.corpus)])[: args.limit]
     store = MemoryStore(model, batch_size=8)
     started = time.perf_counter()
     store.upsert(passages, ids=[str(i) for i in range(len(passages))], show_progress=True)
@@ -67,7 +56,7 @@ def main() -> None:
     load_seconds = time.perf_counter() - started
 
     latencies = []
-    questions = load_questions(args.questions, args.queries)
+    questions = [example.question for example in read_examples(args.questions, args.queries)]
     for question in tqdm(questions, desc="querying"):
         started = time.perf_counter()
         store.search(question, k=5)
