@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
-import json
 import multiprocessing
 import os
 import platform

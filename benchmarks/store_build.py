@@ -20,8 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
-from clara_plugins.cli import read_documents
-from clara_plugins.datasets import read_examples
+from clara_plugins.datasets import read_documents, read_examples
 
 from .measure import folder_bytes, latency_ms
 

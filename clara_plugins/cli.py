@@ -11,33 +11,8 @@ from pathlib import Path
 from benchmarks.run import add_arguments as add_bench_arguments
 
 from .config import DEFAULT_BASE_MODEL, ClaraConfig
+from .datasets import read_documents
 from .training import TrainConfig
-
-
-def read_documents(sources: list[str]) -> list[str]:
-    """Each source is a file or literal text.
-
-    A ``.txt`` file gives one document per blank-line-separated paragraph; a ``.json`` file a
-    list of records and a ``.jsonl`` file one record per line, each record's ``text`` or
-    ``contents`` (with its ``title`` in front when present). Anything else is the text itself.
-    """
-    documents: list[str] = []
-    for source in sources:
-        path = Path(source)
-        if not path.is_file():
-            documents.append(source)
-        elif path.suffix == ".jsonl":
-            documents.extend(_record_text(json.loads(line)) for line in path.read_text().splitlines() if line.strip())
-        elif path.suffix == ".json":
-            documents.extend(_record_text(record) for record in json.loads(path.read_text()))
-        else:
-            documents.extend(p.strip() for p in path.read_text().split("\n\n") if p.strip())
-    return documents
-
-
-def _record_text(record: dict) -> str:
-    text = record.get("text") or record.get("contents") or ""
-    return f"{record['title']}\n{text}" if record.get("title") else text
 
 
 def _build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 Readers take the files as their authors publish them: HotpotQA and 2WikiMultihopQA
 (``context`` = [[title, [sentences]]], gold paragraphs named by ``supporting_facts``),
 MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
-(``ctxs`` with ``isgold``).
+(``ctxs`` with ``isgold``). ``read_documents`` reads passage corpora and plain text files.
 
 Settings (the paper's): *Normal* gives the 5 passages a BM25 retriever ranks highest among
 the example's candidates; *Oracle* puts the gold passages among the 5. End-to-end rows carry
@@ -40,6 +40,32 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
+
+
+def read_documents(sources: list[str]) -> list[str]:
+    """Each source is a file or literal text.
+
+    A ``.txt`` file gives one document per blank-line-separated paragraph; a ``.json`` file a
+    list of records and a ``.jsonl`` file one record per line, each record's ``text`` or
+    ``contents`` (with its ``title`` in front when present). Anything else is the text itself.
+    """
+    documents: list[str] = []
+    for source in sources:
+        path = Path(source)
+        if not path.is_file():
+            documents.append(source)
+        elif path.suffix == ".jsonl":
+            documents.extend(_record_text(json.loads(line)) for line in path.read_text().splitlines() if line.strip())
+        elif path.suffix == ".json":
+            documents.extend(_record_text(record) for record in json.loads(path.read_text()))
+        else:
+            documents.extend(p.strip() for p in path.read_text().split("\n\n") if p.strip())
+    return documents
+
+
+def _record_text(record: dict) -> str:
+    text = record.get("text") or record.get("contents") or ""
+    return f"{record['title']}\n{text}" if record.get("title") else text
 
 
 def _example(row: dict, number: int) -> QAExample:

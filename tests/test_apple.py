@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clara_plugins import CheckpointError, ClaraModel
-from clara_plugins.apple import convert_apple_checkpoint, load_apple_checkpoint
+from clara_plugins.apple import load_apple_checkpoint
 from clara_plugins.cli import main
 from conftest import CORPUS
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from clara_plugins.cli import main, read_documents
+from clara_plugins.cli import main
+from clara_plugins.datasets import read_documents
 
 
 def test_help_explains_every_ask_option():

@@ -19,7 +19,7 @@ from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
 from clara_plugins import ClaraModel
-from clara_plugins.cli import read_documents
+from clara_plugins.datasets import read_documents
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, DenseEmbeddings, format_documents
 
 

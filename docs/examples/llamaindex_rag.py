@@ -18,7 +18,7 @@ import argparse
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
 from clara_plugins import ClaraModel
-from clara_plugins.cli import read_documents
+from clara_plugins.datasets import read_documents
 from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore, DenseEmbedding
 
 
