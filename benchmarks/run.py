@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins.datasets import e2e_rows, instruct_rows, read_examples
+from clara_plugins.pretrained import default_checkpoint
 
 if TYPE_CHECKING:
     from .systems import RunOptions, SystemSpec
@@ -61,9 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
     parser.add_argument("--candidates", type=int, default=20, help="pool size in the normal setting")
     parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
-                        help="CLaRa checkpoint per compression rate (default: untrained models)")
+                        help="CLaRa checkpoint per compression rate (default: the shipped CR16 one; "
+                        "untrained at other rates)")
     parser.add_argument("--clara-e2e", nargs="*", default=[], metavar="CR=DIR",
-                        help="end-to-end checkpoint per compression rate (its query reasoner retrieves)")
+                        help="end-to-end checkpoint per compression rate, its query reasoner retrieves "
+                        "(default: the shipped CR16 one)")
     parser.add_argument("--text-ft", metavar="DIR", help="checkpoint of `clara train --stage text`")
     parser.add_argument("--systems", nargs="*", metavar="NAME", help="run only these system names")
     parser.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
@@ -145,7 +148,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     mode = "quick" if args.quick else "full"
     sample, datasets = MODES[mode]
     sample, datasets = args.sample or sample, args.datasets or datasets
-    systems = default_systems(_rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e"), args.text_ft)
+    clara, clara_e2e = _rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e")
+    if default_checkpoint() is not None:
+        clara.setdefault(16, str(default_checkpoint()))
+        clara_e2e.setdefault(16, str(default_checkpoint()))
+    systems = default_systems(clara, clara_e2e, args.text_ft)
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
         if not systems:

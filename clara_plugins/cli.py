@@ -30,7 +30,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      "with 'text' or 'contents', or literal text")
     ask.add_argument("--question", required=True, help="the question to answer")
     ask.add_argument("--checkpoint", metavar="DIR",
-                     help="a CLaRa checkpoint folder (default: an untrained model on --base-model)")
+                     help="a CLaRa checkpoint folder (default: the shipped trained one on the default "
+                     "backbone, an untrained model on any other --base-model or rate)")
     ask.add_argument("--base-model", metavar="PATH_OR_ID",
                      help=f"base causal LM: a local folder or hub id (default: {DEFAULT_BASE_MODEL}, "
                      "or the one the checkpoint names)")
@@ -108,13 +109,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval", help="EM, F1, cover-EM and Recall/Precision@k on converted rows",
-        description="Evaluate a system (clara, text, none) and/or retrievers (reasoner, dense, bm25).")
+        description="Evaluate a system (clara, text, none) and/or retrievers (reasoner, compressor, dense, bm25).")
     evaluate.add_argument("data", help="converted JSONL rows")
-    evaluate.add_argument("--checkpoint", help="CLaRa checkpoint (default: untrained default model)")
+    evaluate.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
     evaluate.add_argument("--systems", nargs="*", default=["clara"], choices=["clara", "text", "none"],
                           help="answering systems (default clara)")
-    evaluate.add_argument("--retrievers", nargs="*", default=[], choices=["reasoner", "dense", "bm25"],
-                          help="retrievers to score on the rows' candidates")
+    evaluate.add_argument("--retrievers", nargs="*", default=[], choices=["reasoner", "compressor", "dense", "bm25"],
+                          help="retrievers to score on the rows' candidates ('compressor': the question "
+                               "encoded by the compressor, where the end-to-end reasoner starts)")
     evaluate.add_argument("--reading", action="store_true",
                           help="also measure whether the generator reads its memory tokens: the targets' CE "
                                "from each row's own documents vs the next row's (instruction or SCP rows)")
@@ -185,17 +187,17 @@ def _eval(args: argparse.Namespace) -> None:
     from .datasets import read_jsonl
     from .dense import DenseRetriever
     from .evaluation import evaluate_answers, evaluate_reading, evaluate_retrieval
-    from .model import ClaraModel
+    from .pretrained import default_checkpoint, load_model
 
     rows = read_jsonl(args.data)[: args.limit]
-    model = (ClaraModel.from_pretrained(args.checkpoint, device=args.device) if args.checkpoint
-             else ClaraModel(device=args.device))
-    results = {"data": args.data, "checkpoint": args.checkpoint, "answers": [], "retrieval": []}
+    checkpoint = args.checkpoint or default_checkpoint()
+    model = load_model(checkpoint, device=args.device)
+    results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None, "answers": [], "retrieval": []}
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens))
     dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
-    for retriever in args.retrievers:
-        results["retrieval"].append(evaluate_retrieval(rows, retriever, model, dense))
+    if args.retrievers:
+        results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense)
     if args.reading:
         results["reading"] = evaluate_reading(model, rows, args.k)
     summary = {"answers": [{k: v for k, v in r.items() if k != "predictions"} for r in results["answers"]],
@@ -206,15 +208,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _ask(args: argparse.Namespace) -> None:
-    from .model import ClaraModel
+    from .pretrained import load_model
 
     documents = read_documents(args.docs)
-    if args.checkpoint:
-        model = ClaraModel.from_pretrained(args.checkpoint, base_model=args.base_model, device=args.device)
-    else:
-        config = ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
-                             compression_rate=args.compression_rate)
-        model = ClaraModel(config, device=args.device)
+    model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
+                       device=args.device)
     memories = model.compress_documents(documents, show_progress=len(documents) > 8)
     if len(documents) > args.top_k:
         from .retrieval import cosine_scores

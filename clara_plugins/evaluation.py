@@ -6,7 +6,8 @@ Systems, all on one backbone:
 - ``text``: the plain base model reading the documents as text (text RAG);
 - ``none``: the plain base model with no documents.
 Retrievers for Recall@k / Precision@k: ``reasoner`` (CLaRa's query reasoner over memory
-tokens), ``dense`` (a sentence-transformers model) and ``bm25``.
+tokens), ``compressor`` (the question compressed like a document: the untrained reasoner),
+``dense`` (a sentence-transformers model) and ``bm25``.
 ``evaluate_reading`` asks whether the generator reads its memory tokens at all.
 """
 
@@ -28,7 +29,7 @@ from .prompts import memory_prompts
 from .retrieval import cosine_scores
 
 SYSTEMS = ("clara", "text", "none")
-RETRIEVERS = ("reasoner", "dense", "bm25")
+RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
 
 
 def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "clara", k: int = 5,
@@ -104,21 +105,34 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
             "target_ce_other_documents": round(other_ce, 4), "reading_gain": round(other_ce - own_ce, 4)}
 
 
-def evaluate_retrieval(rows: Sequence[dict], retriever: str, model: ClaraModel | None = None,
-                       dense: DenseRetriever | None = None, ks: Sequence[int] = (1, 3, 5)) -> dict:
-    """Recall@k and Precision@k of ranking each row's candidates against its pos_index."""
-    if retriever not in RETRIEVERS:
-        raise ValueError(f"retriever must be one of {RETRIEVERS}, got {retriever!r}")
+def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: ClaraModel | None = None,
+                       dense: DenseRetriever | None = None, ks: Sequence[int] = (1, 3, 5)) -> list[dict]:
+    """Recall@k and Precision@k of each retriever ranking the rows' candidates against pos_index.
+
+    ``compressor`` encodes the question with the compressor adapter: the query reasoner an
+    end-to-end run starts from. Each pool is compressed once for both memory-token retrievers.
+    """
+    unknown = [name for name in retrievers if name not in RETRIEVERS]
+    if unknown:
+        raise ValueError(f"retriever must be one of {RETRIEVERS}, got {unknown[0]!r}")
     rows = [row for row in rows if row.get("pos_index")]
-    rankings = []
-    for row in tqdm(rows, desc=f"ranking ({retriever})"):
-        if retriever == "reasoner":
-            scores = cosine_scores(model.encode_queries([row["question"]]), model.compress_documents(row["docs"]))[0]
-            rankings.append(scores.argsort(descending=True).tolist())
-        elif retriever == "dense":
-            rankings.append(dense.rank(row["question"], row["docs"]))
-        else:
-            rankings.append(bm25_rank(row["question"], row["docs"]))
+    rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
+    for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
+        memories = None
+        for name in retrievers:
+            if name in ("reasoner", "compressor"):
+                memories = model.compress_documents(row["docs"]) if memories is None else memories
+                encode = model.encode_queries if name == "reasoner" else model.compress_documents
+                scores = cosine_scores(encode([row["question"]]), memories)[0]
+                rankings[name].append(scores.argsort(descending=True).tolist())
+            elif name == "dense":
+                rankings[name].append(dense.rank(row["question"], row["docs"]))
+            else:
+                rankings[name].append(bm25_rank(row["question"], row["docs"]))
+    return [_ranking_scores(name, ranked, rows, ks) for name, ranked in rankings.items()]
+
+
+def _ranking_scores(retriever: str, rankings: list[list[int]], rows: list[dict], ks: Sequence[int]) -> dict:
     result = {"retriever": retriever, "examples": len(rows)}
     for k in ks:
         result[f"recall@{k}"] = mean_recall_at_k(rankings, [row["pos_index"] for row in rows], k)

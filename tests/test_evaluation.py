@@ -34,10 +34,17 @@ def test_text_reads_more_positions_than_memory_tokens(tiny_model):
 
 
 def test_bm25_finds_the_passage_that_shares_the_question_words():
-    result = evaluate_retrieval(ROWS, "bm25", ks=(1,))
+    [result] = evaluate_retrieval(ROWS, ["bm25"], ks=(1,))
     assert result["recall@1"] == 100.0 and result["precision@1"] == 100.0
-    with pytest.raises(ValueError, match="retriever must be one of"):
-        evaluate_retrieval(ROWS, "tf-idf")
+    with pytest.raises(ValueError, match="retriever must be one of .* got 'tf-idf'"):
+        evaluate_retrieval(ROWS, ["bm25", "tf-idf"])
+
+
+def test_the_compressor_ranks_a_candidate_identical_to_the_question_first(tiny_model):
+    rows = [{**row, "docs": [*row["docs"][:2], row["question"]], "pos_index": [2]} for row in ROWS]
+    compressor, reasoner = evaluate_retrieval(rows, ["compressor", "reasoner"], tiny_model, ks=(1,))
+    assert compressor["retriever"] == "compressor" and compressor["recall@1"] == 100.0
+    assert reasoner["retriever"] == "reasoner" and reasoner["examples"] == len(rows)
 
 
 def test_reading_gain_is_zero_when_the_documents_are_the_same(tiny_model):

@@ -20,8 +20,8 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     base = build_tiny_base_model(tmp_path / "base")
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
-                   "DEVICE": "cpu", "SCP_STEPS": "2", "INSTRUCT_STEPS": "2", "E2E_STEPS": "2", "BATCH": "2",
-                   "LIMIT": "6", "EVAL_LIMIT": "3",
+                   "DEVICE": "cpu", "SCP_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2", "E2E_STEPS": "2",
+                   "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -31,8 +31,8 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
     assert [a["system"] for a in clara["answers"]] == ["clara", "text", "none"]
     assert clara["reading"]["examples"] == 3
-    recall = json.loads((out / "eval" / "recall_e2e_reasoner.json").read_text())
-    assert [r["retriever"] for r in recall["retrieval"]] == ["reasoner", "dense", "bm25"]
+    recall = json.loads((out / "eval" / "recall_hotpotqa_e2e20.json").read_text())
+    assert [r["retriever"] for r in recall["retrieval"]] == ["compressor", "reasoner", "dense", "bm25"]
     assert (out / "cr16-fp16" / "clara_config.json").exists()
     scp_kinds = {json.loads(line)["data_type"] for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}
     assert scp_kinds == {"qa", "reconstruct"}

@@ -7,7 +7,7 @@
 
     python docs/examples/langchain_rag.py --limit 100 --question "Who was Lothair II's queen?"
 
-Runs offline. Without --checkpoint the CLaRa adapters are untrained (poor answers).
+Runs offline. Without --checkpoint it loads the shipped CR16 checkpoint (docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from clara_plugins import ClaraModel
+from clara_plugins.pretrained import load_model
 from clara_plugins.datasets import read_documents
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, DenseEmbeddings, format_documents
 
@@ -32,11 +32,11 @@ def main() -> None:
     parser.add_argument("--corpus", default="../shared/data/corpus/2wiki_6119.json")
     parser.add_argument("--limit", type=int, default=100, help="passages to index")
     parser.add_argument("--question", default="Who was Lothair II's queen?")
-    parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder")
+    parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder (default: the shipped one)")
     args = parser.parse_args()
 
     passages = read_documents([args.corpus])[: args.limit]
-    clara = ClaraModel.from_pretrained(args.checkpoint) if args.checkpoint else ClaraModel()
+    clara = load_model(args.checkpoint)
 
     text_store = InMemoryVectorStore(DenseEmbeddings())
     text_store.add_texts(passages)

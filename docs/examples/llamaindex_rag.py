@@ -7,8 +7,8 @@
 
     python docs/examples/llamaindex_rag.py --limit 100 --question "Who was Lothair II's queen?"
 
-Runs offline; no default (OpenAI) model is ever resolved. Without --checkpoint the CLaRa
-adapters are untrained (poor answers).
+Runs offline; no default (OpenAI) model is ever resolved. Without --checkpoint it loads the
+shipped CR16 checkpoint (docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import argparse
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
-from clara_plugins import ClaraModel
+from clara_plugins.pretrained import load_model
 from clara_plugins.datasets import read_documents
 from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore, DenseEmbedding
 
@@ -27,11 +27,11 @@ def main() -> None:
     parser.add_argument("--corpus", default="../shared/data/corpus/2wiki_6119.json")
     parser.add_argument("--limit", type=int, default=100, help="passages to index")
     parser.add_argument("--question", default="Who was Lothair II's queen?")
-    parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder")
+    parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder (default: the shipped one)")
     args = parser.parse_args()
 
     documents = [Document(text=p) for p in read_documents([args.corpus])[: args.limit]]
-    clara = ClaraModel.from_pretrained(args.checkpoint) if args.checkpoint else ClaraModel()
+    clara = load_model(args.checkpoint)
 
     text_index = VectorStoreIndex.from_documents(documents, embed_model=DenseEmbedding())
     text_llm = ClaraLLM(clara=clara, read_text=True)

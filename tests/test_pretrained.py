@@ -1,0 +1,55 @@
+"""The checkpoint shipped in the package, and which model `load_model` gives when none is named."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+from clara_plugins.config import DEFAULT_BASE_MODEL
+from clara_plugins.datasets import instruct_rows, read_examples
+from clara_plugins.evaluation import evaluate_reading
+from clara_plugins.pretrained import default_checkpoint, load_model
+from conftest import SHARED_DATA
+
+
+def test_the_shipped_checkpoint_is_small_fp16_safetensors_for_the_default_backbone():
+    folder = default_checkpoint(16)
+    assert folder is not None, "clara_plugins/checkpoints/smollm2-135m-instruct-cr16 is missing"
+    files = sorted(folder.iterdir())
+    assert {path.suffix for path in files} == {".json", ".safetensors"}  # nothing to unpickle
+    assert sum(path.stat().st_size for path in files) <= 40 * 2**20
+    config = json.loads((folder / "clara_config.json").read_text())["config"]
+    assert config["base_model"] == DEFAULT_BASE_MODEL and config["compression_rate"] == 16
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as tensors:
+            assert {str(tensors.get_slice(name).get_dtype()) for name in tensors.keys()} == {"F16"}
+
+
+def test_no_checkpoint_ships_for_other_rates():
+    assert default_checkpoint(4) is None
+
+
+def test_load_model_takes_the_named_checkpoint(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt", device="cpu")
+    assert loaded.config == tiny_model.config
+
+
+def test_load_model_on_another_backbone_is_fresh_at_the_asked_rate(tiny_base):
+    with pytest.warns(UserWarning, match="adapters are untrained"):
+        model = load_model(base_model=str(tiny_base), compression_rate=4, device="cpu")
+    assert model.config.base_model == str(tiny_base) and model.config.compression_rate == 4
+
+
+@pytest.mark.slow
+def test_the_default_model_is_the_shipped_checkpoint_and_reads_its_memory_tokens():
+    """On the first 8 held-out NQ Oracle rows: the trained generator's answer CE is ~2.6 nats/token (fresh
+    adapters: ~10), and its own documents' memory tokens help (measured gain 0.18)."""
+    path = SHARED_DATA / "nq" / "dev.jsonl"
+    if not path.exists():
+        pytest.skip(f"benchmark samples not found at {path}")
+    model = load_model(device="cpu")  # no checkpoint named: the shipped one
+    rows = instruct_rows(read_examples(path, limit=300), "oracle")  # NQ dev 0-299, as in the model card
+    result = evaluate_reading(model, rows[:8])
+    assert result["target_ce_own_documents"] < 3.0
+    assert result["reading_gain"] > 0.1
