@@ -1,4 +1,4 @@
-"""The trained checkpoint shipped inside the package (fp16 adapters, about 29 MB at CR16).
+"""The trained checkpoint shipped inside the package (fp16 adapters, 28 MiB at CR16).
 
 It belongs to the offline default backbone, SmolLM2-135M-Instruct; ``docs/model-card.md``
 says how it was trained and what it scores. ``clara ask``, ``clara eval``, ``clara bench``

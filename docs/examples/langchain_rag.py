@@ -18,8 +18,8 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from clara_plugins.pretrained import load_model
 from clara_plugins.datasets import read_documents
+from clara_plugins.pretrained import load_model
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, DenseEmbeddings, format_documents
 
 

@@ -17,8 +17,8 @@ import argparse
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
-from clara_plugins.pretrained import load_model
 from clara_plugins.datasets import read_documents
+from clara_plugins.pretrained import load_model
 from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore, DenseEmbedding
 
 
