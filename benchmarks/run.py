@@ -149,9 +149,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     sample, datasets = MODES[mode]
     sample, datasets = args.sample or sample, args.datasets or datasets
     clara, clara_e2e = _rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e")
-    if default_checkpoint() is not None:
-        clara.setdefault(16, str(default_checkpoint()))
-        clara_e2e.setdefault(16, str(default_checkpoint()))
+    shipped = default_checkpoint()
+    if shipped is not None:
+        clara.setdefault(16, str(shipped))
+        clara_e2e.setdefault(16, str(shipped))
     systems = default_systems(clara, clara_e2e, args.text_ft)
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]

@@ -86,7 +86,7 @@ clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$OUT/e2e/checkpoint" 
     --retrievers compressor reasoner dense bm25 --limit "$RECALL_LIMIT" --device "$DEVICE" \
     --out "$OUT/eval/recall_hotpotqa_e2e20.json"
 
-# 4. The fp16 checkpoint to ship (adapters + memory-token rows, about 30 MB at CR16).
+# 4. The fp16 checkpoint to ship (adapters + memory-token rows, 28 MiB at CR16).
 python -c "import sys, torch; from clara_plugins import ClaraModel
 ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
     "$OUT/e2e/checkpoint" "$OUT/cr16-fp16"
