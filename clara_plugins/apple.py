@@ -42,6 +42,7 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
     return ClaraConfig(
         base_model=base,
         compression_rate=int(apple["compr_rate"]),
+        memory_design="tokens",
         doc_max_length=int(apple.get("doc_max_length", 256)),
         lora_r=lora_r,
         lora_alpha=2 * lora_r,
@@ -75,6 +76,8 @@ def load_apple_checkpoint(
     config = read_apple_config(folder, base_model)
     adapters = _load_pth(folder / "adapters.pth")
     matrices = _load_pth(folder / "decoder_first_last_layers.pth")
+    if not isinstance(adapters, dict) or not adapters:
+        raise CheckpointError(f"{folder}/adapters.pth holds no adapter")
     unknown = set(adapters) - set(ADAPTER_NAMES)
     if unknown:
         raise CheckpointError(f"{folder}/adapters.pth holds unknown adapters {sorted(unknown)}")

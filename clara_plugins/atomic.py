@@ -9,18 +9,26 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> None:
+def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker: str) -> None:
     """Call ``write(staging)`` on an empty sibling folder, then swap it in for ``folder``.
 
     A crash inside ``write`` leaves ``folder`` as it was. The swap itself is two renames; an
-    old copy is kept at ``.NAME.old`` until the new one is in place.
+    old copy is kept at ``.NAME.old`` until the new one is in place, and ``recover_folder``
+    puts it back if a crash fell between them. A non-empty ``folder`` without the file
+    ``marker`` was not written by this library: it is refused, never replaced.
     """
+    recover_folder(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise FileExistsError(f"{folder} is a non-empty folder that this library did not write (no {marker}); "
+                              "choose a new or empty folder")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write(staging)
         if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
+            old = _old_copy(folder)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
             os.replace(staging, folder)
@@ -29,6 +37,18 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None]) -> None
             os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def recover_folder(folder: Path) -> None:
+    """Finish a swap that a crash interrupted: when ``folder`` is gone but its old copy is
+    there, the old copy is the last complete one."""
+    old = _old_copy(folder)
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)
+
+
+def _old_copy(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
 
 
 def write_text_atomically(path: Path, text: str) -> None:

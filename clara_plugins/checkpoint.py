@@ -21,7 +21,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import write_folder_atomically
+from .atomic import recover_folder, write_folder_atomically
 from .backbone import fingerprint_mismatch
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError, read_json
@@ -39,7 +39,8 @@ def adapter_file(name: str) -> str:
 
 
 def save_checkpoint(model: "ClaraModel", folder: Path, dtype: torch.dtype | None = None) -> None:
-    """Write the checkpoint into a temporary folder, then swap it in place.
+    """Write the checkpoint into a temporary folder, then swap it in place. A non-empty
+    folder that is not a checkpoint is refused (CheckpointError), never overwritten.
 
     ``dtype`` (e.g. torch.float16) stores the weights smaller; loading casts them back.
     """
@@ -61,7 +62,10 @@ def save_checkpoint(model: "ClaraModel", folder: Path, dtype: torch.dtype | None
         save_file(embeddings, str(staging / EMBEDDINGS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
 
-    write_folder_atomically(folder, write)
+    try:
+        write_folder_atomically(folder, write, marker=CONFIG_FILE)
+    except FileExistsError as error:
+        raise CheckpointError(str(error)) from error
 
 
 def added_rows(model: "ClaraModel", matrix: torch.Tensor) -> torch.Tensor:
@@ -71,6 +75,7 @@ def added_rows(model: "ClaraModel", matrix: torch.Tensor) -> torch.Tensor:
 
 def read_header(folder: Path) -> dict:
     """The checkpoint's JSON header, checked for format."""
+    recover_folder(folder)
     path = folder / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{folder} is not a CLaRa checkpoint: {CONFIG_FILE} is missing")
@@ -93,7 +98,13 @@ def load_checkpoint(
     cls: type["ClaraModel"], folder: Path, *, base_model: str | None, device: str, dtype
 ) -> "ClaraModel":
     """Build the model on its base LM, then load the trained weights into it."""
-    config = ClaraConfig.from_dict(read_header(folder)["config"])
+    values = read_header(folder)["config"]
+    # checkpoints written before the memory design was a setting all used appended <MEM> tokens
+    values.setdefault("memory_design", "tokens")
+    try:
+        config = ClaraConfig.from_dict(values)
+    except ValueError as error:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from error
     if base_model is not None:
         config.base_model = base_model
     model = cls(config, device=device, dtype=dtype)
@@ -102,17 +113,15 @@ def load_checkpoint(
 
 
 def load_trained_weights(model: "ClaraModel", folder: Path) -> None:
-    """Check the base-model fingerprint, then load every adapter file present and the rows."""
+    """Check the base-model fingerprint, then load the three adapters and the rows; a missing,
+    empty or non-finite one is an error, never a silently untrained adapter."""
     header = read_header(folder)
     problem = fingerprint_mismatch(header["base_model_fingerprint"], model.base_fingerprint)
     if problem:
         raise CheckpointError(
             f"checkpoint {folder} was trained on another base model than {model.config.base_model!r}: {problem}"
         )
-    adapters = {name: _read_safetensors(folder / adapter_file(name))
-                for name in ADAPTER_NAMES if (folder / adapter_file(name)).exists()}
-    if not adapters:
-        raise CheckpointError(f"checkpoint {folder} holds no adapter file")
+    adapters = {name: _read_safetensors(folder / adapter_file(name)) for name in ADAPTER_NAMES}
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
     for name, state in adapters.items():
         load_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
@@ -120,8 +129,11 @@ def load_trained_weights(model: "ClaraModel", folder: Path) -> None:
 
 
 def load_adapter_weights(model: "ClaraModel", name: str, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load one adapter's peft-keyed tensors; every key must fit the model."""
+    """Load one adapter's peft-keyed tensors; every key must fit the model, and every value
+    must be finite."""
     expected = get_peft_model_state_dict(model.lm, adapter_name=name, save_embedding_layers=False)
+    if not state:
+        raise CheckpointError(f"{source}: adapter {name} is empty")
     missing, extra = expected.keys() - state.keys(), state.keys() - expected.keys()
     if missing or extra:
         raise CheckpointError(
@@ -132,6 +144,8 @@ def load_adapter_weights(model: "ClaraModel", name: str, state: dict[str, torch.
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{source}: {name}/{key} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[key].shape)}")
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{source}: {name}/{key} holds NaN or infinite values")
     set_peft_model_state_dict(model.lm, state, adapter_name=name)
 
 

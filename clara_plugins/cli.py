@@ -10,13 +10,32 @@ from pathlib import Path
 
 from benchmarks.run import add_arguments as add_bench_arguments
 
-from .config import DEFAULT_BASE_MODEL, ClaraConfig
+from .config import DEFAULT_BASE_MODEL, MEMORY_DESIGNS, ClaraConfig
+from .errors import CheckpointError, InvalidInputError, StoreError
 from .datasets import read_documents
 from .training import TrainConfig
 
 
+PASSAGE_KINDS = ("reconstruct", "continue", "cloze")
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def _non_negative(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return number
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clara", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     ask = commands.add_parser(
@@ -25,9 +44,12 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Compress the documents, pick the top-k with the query reasoner when there "
         "are more than k, and answer the question from their memory tokens.",
     )
-    ask.add_argument("--docs", nargs="+", required=True, metavar="FILE_OR_TEXT",
-                     help="documents: .txt files (one per paragraph), .json/.jsonl files of records "
-                     "with 'text' or 'contents', or literal text")
+    sources = ask.add_argument_group("documents (at least one of)")
+    sources.add_argument("--docs", nargs="+", default=[], metavar="FILE",
+                         help="document files: .txt (one document per paragraph), .json/.jsonl (records "
+                         "with 'text' or 'contents'); a missing file is an error")
+    sources.add_argument("--text", nargs="+", default=[], metavar="TEXT",
+                         help="documents given as literal text on the command line")
     ask.add_argument("--question", required=True, help="the question to answer")
     ask.add_argument("--checkpoint", metavar="DIR",
                      help="a CLaRa checkpoint folder (default: the shipped trained one on the default "
@@ -35,11 +57,11 @@ def _build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--base-model", metavar="PATH_OR_ID",
                      help=f"base causal LM: a local folder or hub id (default: {DEFAULT_BASE_MODEL}, "
                      "or the one the checkpoint names)")
-    ask.add_argument("--compression-rate", type=int, default=16,
+    ask.add_argument("--compression-rate", type=_positive, default=16,
                      help="document tokens per memory token when no checkpoint is given (default 16)")
-    ask.add_argument("-k", "--top-k", type=int, default=5,
+    ask.add_argument("-k", "--top-k", type=_positive, default=5,
                      help="documents the generator reads when more are given (default 5)")
-    ask.add_argument("--max-new-tokens", type=int,
+    ask.add_argument("--max-new-tokens", type=_positive,
                      help="answer length limit (default: the model's max_new_tokens setting)")
     ask.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
     ask.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is made")
@@ -60,17 +82,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "instruction rows (question, k documents, answer) or end-to-end rows (~20 candidates, pos_index).")
     data.add_argument("source", help="the official file (e.g. ../shared/data/hotpotqa/dev.json)")
     data.add_argument("destination", help="output JSONL")
-    data.add_argument("--kind", choices=["instruct", "e2e", "scp", "reconstruct"], default="instruct",
+    data.add_argument("--kind", choices=["instruct", "e2e", "scp", *PASSAGE_KINDS], default="instruct",
                       help="row kind (default instruct). scp: SCP QA rows from the examples with one gold "
-                           "passage (NQ); reconstruct: teacher-free SCP rows from a passage file (SOURCE "
-                           "is then a corpus, as for 'clara synth')")
+                           "passage (NQ). Teacher-free rows from a passage file (SOURCE is then a corpus, "
+                           "as for 'clara synth'): reconstruct (repeat the passage), continue (its second "
+                           "half from its first), cloze (a blanked name, number or date)")
     data.add_argument("--setting", choices=["normal", "oracle"], default="normal",
                       help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
-    data.add_argument("-k", type=int, default=5, help="documents per instruction row (default 5)")
-    data.add_argument("--candidates", type=int, default=20, help="candidates per end-to-end row (default 20)")
-    data.add_argument("--skip", type=int, default=0,
+    data.add_argument("-k", type=_positive, default=5, help="documents per instruction row (default 5)")
+    data.add_argument("--candidates", type=_positive, default=20, help="candidates per end-to-end row (default 20)")
+    data.add_argument("--skip", type=_non_negative, default=0,
                       help="leave out the first N examples (e.g. NQ dev 0-299, held out for evaluation)")
-    data.add_argument("--limit", type=int, help="only the first N examples (after --skip)")
+    data.add_argument("--limit", type=_positive, help="only the first N examples (after --skip)")
     data.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
 
     synth = commands.add_parser(
@@ -81,7 +104,7 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("output", help="output JSONL (a .done ledger is kept beside it)")
     synth.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
                        help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
-    synth.add_argument("--limit", type=int, help="only the first N passages")
+    synth.add_argument("--limit", type=_positive, help="only the first N passages")
     synth.add_argument("--max-rounds", type=int, default=3, help="coverage check rounds (default 3)")
 
     training = commands.add_parser(
@@ -97,6 +120,10 @@ def _build_parser() -> argparse.ArgumentParser:
     training.add_argument("--base-model", help="base model when no --init (default: the offline SmolLM2)")
     training.add_argument("--compression-rate", type=int, default=16, help="when no --init (default 16)")
     training.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
+    training.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
+                          help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
+    training.add_argument("--memory-design", choices=MEMORY_DESIGNS, default="pooled",
+                          help="when no --init: how documents become memory vectors (default pooled)")
     training.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     for field in dataclasses.fields(TrainConfig):
         if field.name != "stage":
@@ -122,9 +149,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                "from each row's own documents vs the next row's (instruction or SCP rows)")
     evaluate.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
     evaluate.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
-    evaluate.add_argument("-k", type=int, default=5, help="documents read per question (default 5)")
-    evaluate.add_argument("--limit", type=int, help="only the first N rows")
-    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="answer length (default 32)")
+    evaluate.add_argument("-k", type=_positive, default=5, help="documents read per question (default 5)")
+    evaluate.add_argument("--limit", type=_positive, help="only the first N rows")
+    evaluate.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length (default 32)")
     evaluate.add_argument("--out", help="write the results (with predictions) to this JSON file")
     evaluate.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
 
@@ -137,14 +164,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _convert_data(args: argparse.Namespace) -> None:
-    from .datasets import e2e_rows, instruct_rows, read_examples, reconstruction_rows, scp_qa_rows, write_jsonl
+    from .datasets import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, read_examples,
+                           reconstruction_rows, scp_qa_rows, write_jsonl)
 
     end = None if args.limit is None else args.skip + args.limit
-    read = (lambda path: read_documents([path])) if args.kind == "reconstruct" else read_examples
+    read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
     sources = read(args.source)[args.skip:end]
     make = {"instruct": lambda e: instruct_rows(e, args.setting, args.k),
             "e2e": lambda e: e2e_rows(e, args.candidates, args.seed),
-            "scp": scp_qa_rows, "reconstruct": reconstruction_rows}[args.kind]
+            "scp": scp_qa_rows, "reconstruct": reconstruction_rows, "continue": continuation_rows,
+            "cloze": lambda p: cloze_rows(p, args.seed)}[args.kind]
     rows = make(sources)
     write_jsonl(rows, args.destination)
     print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")
@@ -174,12 +203,14 @@ def _train(args: argparse.Namespace) -> None:
         model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, device=args.device)
     else:
         model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
-                                       compression_rate=args.compression_rate), device=args.device)
+                                       compression_rate=args.compression_rate,
+                                       memory_design=args.memory_design), device=args.device)
     corpus = None
     if args.corpus:
         corpus = MemoryStore(model)
         corpus.upsert(read_documents([args.corpus]), show_progress=True)
-    checkpoint = train(model, read_jsonl(args.data), config, args.output, corpus)
+    probes = {Path(path).stem: read_jsonl(path) for path in args.probe}
+    checkpoint = train(model, read_jsonl(args.data), config, args.output, corpus, probes)
     print(f"checkpoint: {checkpoint}")
 
 
@@ -210,7 +241,9 @@ def _eval(args: argparse.Namespace) -> None:
 def _ask(args: argparse.Namespace) -> None:
     from .pretrained import load_model
 
-    documents = read_documents(args.docs)
+    if not args.docs and not args.text:
+        raise InvalidInputError("no documents: give --docs FILE ... or --text TEXT ...")
+    documents = read_documents(args.docs) + args.text
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
     memories = model.compress_documents(documents, show_progress=len(documents) > 8)
@@ -243,11 +276,24 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.destination}")
 
 
+# Exit codes beyond argparse's 2 (usage): the first class that matches an error wins.
+EXIT_CODES = ((FileNotFoundError, 3), (IsADirectoryError, 3), (CheckpointError, 4), (StoreError, 5),
+              (InvalidInputError, 5), (ValueError, 5), (OSError, 3))
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one subcommand. Errors print one line on stderr and exit with a code of EXIT_CODES
+    (1 for anything else); ``--debug`` shows the traceback instead."""
     args = _build_parser().parse_args(argv)
     commands = {"ask": _ask, "convert-apple": _convert, "convert-data": _convert_data, "synth": _synth,
                 "train": _train, "eval": _eval, "bench": _bench}
-    commands[args.command](args)
+    try:
+        commands[args.command](args)
+    except Exception as error:
+        if args.debug:
+            raise
+        print(f"clara {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 
 
 if __name__ == "__main__":

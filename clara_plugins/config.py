@@ -8,6 +8,8 @@ from pathlib import Path
 
 ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+MEMORY_DESIGNS = ("pooled", "tokens")
+MEMORY_POOLINGS = ("mean", "last")
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Your task is to extract relevant information from provided "
@@ -29,6 +31,18 @@ class ClaraConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    # How a document becomes n memory vectors (model.py, "Compression"):
+    # - "pooled": the document's tokens are cut into n equal chunks and each chunk's compressor
+    #   states are pooled (``memory_pooling``: their mean or the chunk's last token), taken
+    #   from ``memory_layer`` (-1: the last layer after the final norm; i: hidden_states[i]).
+    #   The untrained generator already reads these; the default.
+    # - "tokens": the last-layer states at n appended <MEM> positions (Apple's design, and
+    #   what Apple checkpoints load with).
+    # ``memory_scale`` rescales every vector to the mean norm of the token embeddings.
+    memory_design: str = "pooled"
+    memory_pooling: str = "mean"
+    memory_layer: int = -1
+    memory_scale: bool = False
     generation_top_k: int = 5
     retrieval_temperature: float = 0.02
     max_new_tokens: int = 64
@@ -37,6 +51,15 @@ class ClaraConfig:
     decoder_reads_text: bool = False
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value, kind = getattr(self, field.name), field.type
+            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
+            if not isinstance(value, expected) or (kind in ("int", "float") and isinstance(value, bool)):
+                raise ValueError(f"ClaraConfig.{field.name} must be a {kind}, got {value!r}")
+        if self.memory_design not in MEMORY_DESIGNS:
+            raise ValueError(f"memory_design must be one of {MEMORY_DESIGNS}, got {self.memory_design!r}")
+        if self.memory_pooling not in MEMORY_POOLINGS:
+            raise ValueError(f"memory_pooling must be one of {MEMORY_POOLINGS}, got {self.memory_pooling!r}")
         if not 1 <= self.compression_rate <= 256:
             raise ValueError(f"compression_rate must be in 1..256, got {self.compression_rate}")
         if self.doc_max_length < self.compression_rate:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 
 import bm25s
@@ -42,19 +43,20 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     return examples
 
 
-def read_documents(sources: list[str]) -> list[str]:
-    """Each source is a file or literal text.
+def read_documents(paths: list[str]) -> list[str]:
+    """Documents from passage files.
 
-    A ``.txt`` file gives one document per blank-line-separated paragraph; a ``.json`` file a
-    list of records and a ``.jsonl`` file one record per line, each record's ``text`` or
-    ``contents`` (with its ``title`` in front when present). Anything else is the text itself.
+    A ``.json`` file holds a list of records and a ``.jsonl`` file one record per line, each
+    record's ``text`` or ``contents`` (with its ``title`` in front when present); any other
+    file gives one document per blank-line-separated paragraph. A path that is not a file is
+    an error: it is never read as the text of a document.
     """
     documents: list[str] = []
-    for source in sources:
+    for source in paths:
         path = Path(source)
         if not path.is_file():
-            documents.append(source)
-        elif path.suffix == ".jsonl":
+            raise FileNotFoundError(f"{source}: no such file" if not path.exists() else f"{source} is not a file")
+        if path.suffix == ".jsonl":
             documents.extend(_record_text(json.loads(line)) for line in path.read_text().splitlines() if line.strip())
         elif path.suffix == ".json":
             documents.extend(_record_text(record) for record in json.loads(path.read_text()))
@@ -182,6 +184,40 @@ def scp_qa_rows(examples: list[QAExample]) -> list[dict]:
 def reconstruction_rows(passages: list[str]) -> list[dict]:
     """Teacher-free SCP rows: each distinct passage is its own target (``data_type`` "reconstruct")."""
     return [{"data_type": "reconstruct", "answers": [p], "docs": [p]} for p in dict.fromkeys(passages)]
+
+
+def continuation_rows(passages: list[str]) -> list[dict]:
+    """Teacher-free SCP rows: the first half of a passage (by words) is the document, the
+    second half the target (``data_type`` "continue")."""
+    rows = []
+    for passage in dict.fromkeys(passages):
+        words = passage.split(" ")
+        if len(words) >= 8:
+            half = len(words) // 2
+            rows.append({"data_type": "continue", "answers": [" ".join(words[half:])],
+                         "docs": [" ".join(words[:half])]})
+    return rows
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# a number or date, or a run of capitalised words that does not open the sentence
+_CLOZE_SPAN = re.compile(r"\b\d[\d,.]*\d\b|\b\d\b|(?<=\w )[A-Z][\w'-]+(?: (?:of |de |the )?[A-Z][\w'-]+)*")
+
+
+def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
+    """Teacher-free questions: one sentence of each passage with a number, date or name
+    blanked out, answered from the passage's memories (one-document instruction rows)."""
+    rng = random.Random(seed)
+    rows = []
+    for passage in dict.fromkeys(passages):
+        body = passage.split("\n", 1)[-1]
+        blanks = [(sentence, match) for sentence in _SENTENCE_END.split(body) if len(sentence.split()) >= 6
+                  for match in _CLOZE_SPAN.finditer(sentence)]
+        if blanks:
+            sentence, match = rng.choice(blanks)
+            question = f"Fill in the blank: {sentence[:match.start()]}____{sentence[match.end():]}"
+            rows.append({"question": question, "docs": [passage], "answer": match.group(), "answers": [match.group()]})
+    return rows
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:

@@ -23,6 +23,11 @@ def check_texts(texts: object, what: str) -> list[str]:
             raise InvalidInputError(f"{what}[{index}] is a {type(text).__name__}, not a string")
         if not text.strip():
             raise InvalidInputError(f"{what}[{index}] is empty or only whitespace")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({error.reason} at "
+                                    f"character {error.start})") from error
     return list(texts)
 
 

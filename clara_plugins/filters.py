@@ -19,8 +19,13 @@ _FIELD_OPERATORS = {
 }
 
 
-def validate_filter(where: Filter) -> None:
+MAX_DEPTH = 32  # nested $and/$or levels; deeper filters are refused before any recursion limit
+
+
+def validate_filter(where: Filter, depth: int = 0) -> None:
     """Raise ValueError naming the first malformed part of a filter."""
+    if depth > MAX_DEPTH:
+        raise ValueError(f"a filter may nest $and/$or at most {MAX_DEPTH} levels deep")
     if not isinstance(where, dict):
         raise ValueError(f"a filter must be a dict, got {type(where).__name__}")
     for key, condition in where.items():
@@ -28,7 +33,7 @@ def validate_filter(where: Filter) -> None:
             if not isinstance(condition, list) or not condition:
                 raise ValueError(f"{key} takes a non-empty list of filters")
             for part in condition:
-                validate_filter(part)
+                validate_filter(part, depth + 1)
         elif key.startswith("$"):
             raise ValueError(f"unknown filter operator {key!r}; use $and, $or or a field name")
         elif isinstance(condition, dict):

@@ -1,7 +1,8 @@
 """ClaraModel: one causal LM, three LoRA adapters, documents as memory tokens.
 
-- ``encoder_adapter`` compresses a document into n memory vectors (the last-layer states at
-  n appended ``<MEM>`` positions);
+- ``encoder_adapter`` compresses a document into n memory vectors: pooled states of n equal
+  chunks of its tokens, or the last-layer states at n appended ``<MEM>`` positions (Apple's
+  design), as ``ClaraConfig.memory_design`` says;
 - ``query_reasoner_adapter`` encodes a question the same way, for retrieval by cosine;
 - ``decoder_adapter`` answers from a prompt whose ``<MEM>`` placeholders carry those vectors.
 """
@@ -62,6 +63,8 @@ class ClaraModel(torch.nn.Module):
         self.base_fingerprint = fingerprint(lm, tokenizer)
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)
+        # the mean token-embedding norm: the size memory_scale gives every memory vector
+        self._embedding_norm = float(lm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
         self._add_special_tokens(lm)
         lora = LoraConfig(
             r=self.config.lora_r,
@@ -182,6 +185,8 @@ class ClaraModel(torch.nn.Module):
             "compression_rate": self.config.compression_rate,
             "doc_max_length": self.config.doc_max_length,
             "memory_shape": [self.config.n_mem_tokens, self.hidden_size],
+            "memory_design": [self.config.memory_design, self.config.memory_pooling, self.config.memory_layer,
+                              self.config.memory_scale],
             "encoder_sha256": digest.hexdigest(),
         }
 
@@ -196,41 +201,76 @@ class ClaraModel(torch.nn.Module):
     # ------------------------------------------------------------ compression
 
     def _encoder_inputs(self, bodies: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``<ENC> bos text eos`` then the n <MEM> ids, left-padded, with their position ids.
+        """``<ENC> bos text eos``, left-padded, then (``tokens`` design) the n <MEM> ids, with
+        their position ids.
 
         Positions are those of Apple's layout, where every sequence is left-padded to
-        doc_max_length + 3: memory tokens always sit at the same absolute positions, so a
-        document compresses identically alone or in any batch. Padding only to the batch's
-        longest sequence gives the same states at a fraction of the cost.
+        doc_max_length + 3: a document compresses identically alone or in any batch. Padding
+        only to the batch's longest sequence gives the same states at a fraction of the cost.
         """
         tok = self.tokenizer
         prefix = [self.enc_token_id] + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
         suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
         sequences = [prefix + body[: self.config.doc_max_length] + suffix for body in bodies]
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(bodies), width), tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(bodies), width), dtype=torch.long)
-        for row, sequence in enumerate(sequences):
-            ids[row, width - len(sequence):] = torch.tensor(sequence)
-            mask[row, width - len(sequence):] = 1
-        n_mem = self.config.n_mem_tokens
-        ids = torch.cat([ids, torch.tensor(self.mem_token_ids).expand(len(bodies), -1)], dim=1)
-        mask = torch.cat([mask, torch.ones(len(bodies), n_mem, dtype=torch.long)], dim=1)
+        ids, mask = _left_pad(sequences, tok.pad_token_id)
+        n_appended = self.config.n_mem_tokens if self.config.memory_design == "tokens" else 0
+        ids = torch.cat([ids, torch.tensor(self.mem_token_ids[:n_appended], dtype=torch.long).expand(len(bodies), -1)], 1)
+        mask = torch.cat([mask, torch.ones(len(bodies), n_appended, dtype=torch.long)], dim=1)
         full_width = self.config.doc_max_length + len(prefix) + len(suffix)
-        positions = torch.arange(full_width - width, full_width + n_mem).expand(len(bodies), -1)
+        width = len(ids[0]) - n_appended
+        positions = torch.arange(full_width - width, full_width + n_appended).expand(len(bodies), -1)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
+    def _chunk_pooling(self, bodies: list[list[int]], width: int) -> torch.Tensor:
+        """Weights [batch, n_mem, width] that pool each of n equal chunks of a document's tokens.
+
+        Rows are left-padded and end with eos, so a body of L tokens sits just before it. A
+        body shorter than n gives some tokens to several chunks; an empty one pools the whole
+        sequence.
+        """
+        n = self.config.n_mem_tokens
+        suffix = 1 if self.tokenizer.eos_token_id is not None else 0
+        prefix = 2 if self.tokenizer.bos_token_id is not None else 1
+        weights = torch.zeros(len(bodies), n, width)
+        for row, body in enumerate(bodies):
+            length = min(len(body), self.config.doc_max_length)
+            end = width - suffix
+            start = end - length
+            if length == 0:
+                start, end = width - prefix - suffix, width
+            span = end - start
+            for chunk in range(n):
+                first = start + chunk * span // n
+                last = max(start + (chunk + 1) * span // n, first + 1)
+                if self.config.memory_pooling == "mean":
+                    weights[row, chunk, first:last] = 1.0 / (last - first)
+                else:
+                    weights[row, chunk, last - 1] = 1.0
+        return weights.to(self.device)
+
     def _encode_tokens(self, bodies: list[list[int]], adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory states [batch, n_mem, hidden] and the mean state of the document tokens
+        """Memory vectors [batch, n_mem, hidden] and the mean state of the document tokens
         [batch, hidden] (SCP's alignment target), from one forward pass."""
         ids, mask, positions = self._encoder_inputs(bodies)
+        pooled = self.config.memory_design == "pooled"
+        layer = self.config.memory_layer if pooled else -1
         with self._adapter(adapter):
             backbone = self.lm.get_base_model().base_model  # the blocks and final norm, no lm_head
-            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
-        n_mem = self.config.n_mem_tokens
-        document_mask = mask[:, :-n_mem].unsqueeze(-1).to(hidden.dtype)
-        document_mean = (hidden[:, :-n_mem] * document_mask).sum(1) / document_mask.sum(1)
-        return hidden[:, -n_mem:, :], document_mean
+            output = backbone(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              output_hidden_states=layer != -1)
+        hidden = output.last_hidden_state if layer == -1 else output.hidden_states[layer]
+        n_appended = 0 if pooled else self.config.n_mem_tokens
+        document = hidden[:, : hidden.size(1) - n_appended]  # [batch, width, hidden]
+        document_mask = mask[:, : hidden.size(1) - n_appended].unsqueeze(-1).to(hidden.dtype)
+        document_mean = (document * document_mask).sum(1) / document_mask.sum(1)
+        if pooled:
+            memories = torch.einsum("bnw,bwh->bnh", self._chunk_pooling(bodies, document.size(1)).to(hidden.dtype),
+                                    document)
+        else:
+            memories = hidden[:, -n_appended:, :]
+        if self.config.memory_scale:
+            memories = memories * (self._embedding_norm / memories.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        return memories, document_mean
 
     def encode_for_training(self, texts: Sequence[str], adapter: str = ENCODER) -> tuple[torch.Tensor, torch.Tensor]:
         """(memory states, mean document-token states) of texts through one adapter, keeping
@@ -302,14 +342,9 @@ class ClaraModel(torch.nn.Module):
         texts without any document placeholder. Returns the input embeddings, the attention
         mask and the token ids.
         """
-        batch, k = len(texts), 0 if memories is None else memories.size(1)
+        k = 0 if memories is None else memories.size(1)
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        width = max(len(r) for r in rows)
-        ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
+        ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         slots = torch.isin(ids, torch.tensor(self.mem_token_ids, device=self.device))
         expected = k * self.config.n_mem_tokens
@@ -497,3 +532,14 @@ class ClaraModel(torch.nn.Module):
     ) -> "ClaraModel":
         """Load a checkpoint saved by ``save_pretrained``; ``base_model`` overrides its path."""
         return load_checkpoint(cls, Path(folder), base_model=base_model, device=device, dtype=dtype)
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (ids, attention mask) [batch, longest], padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask

@@ -68,13 +68,15 @@ SCP_QA_SYSTEM = (
 )
 
 # The SCP kinds whose target rewrites the whole document: (system prompt, instruction).
-# "reconstruct" (the document itself as target) needs no teacher: a cheap first signal for
-# the compressor when no teacher-written data exists yet.
+# "reconstruct" (the document itself as target) and "continue" (the document's next part)
+# need no teacher: cheap signals for the compressor when no teacher-written data exists.
 SCP_REWRITES = {
     "paraphrase": ("You are a helpful assistant. Your task is to follow the instructions and paraphrase "
                    "the given text.", "Paraphrase the background in your own words."),
     "reconstruct": ("You are a helpful assistant. Your task is to follow the instructions and repeat "
                     "the given text.", "Repeat the background word for word."),
+    "continue": ("You are a helpful assistant. Your task is to follow the instructions and continue "
+                 "the given text.", "Continue the background where it stops."),
 }
 
 

@@ -9,12 +9,15 @@ holds ``store.json`` (format, compressor signature, shard list), ``records.json`
 metadata), ``memories-*.npy`` shards (memory-mappable) and, for approximate indexes, faiss's
 own ``index.faiss``. A save writes a new generation aside and then flips ``CURRENT`` with one
 atomic rename, so a crash mid-save leaves the previous generation loadable, and readers of
-the previous generation keep working while a writer saves.
+the previous generation keep working while a writer saves. Writers take turns (a lock
+file); ``store.json`` holds the SHA-256 of every other file, checked at load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -41,6 +44,7 @@ FORMAT = "clara-memory-store/1"
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 SHARD_ROWS = 4096
 _GENERATION = re.compile(r"^gen-(\d{6})$")
+_STORE_FILE = re.compile(r"^(records\.json|index\.faiss|(memories|keys)-\d{5}\.npy)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +105,7 @@ class MemoryStore:
         leaves the stored documents as they were.
         """
         texts = check_texts(texts, "texts")
-        ids = [uuid.uuid4().hex for _ in texts] if ids is None else list(ids)
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else _id_list(ids, "ids")
         metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
         if not len(ids) == len(metadatas) == len(texts):
             raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
@@ -109,9 +113,12 @@ class MemoryStore:
             if not isinstance(doc_id, str) or not doc_id:
                 raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
             try:
-                json.dumps(metadata)
+                exact = json.loads(json.dumps(metadata, allow_nan=False)) == metadata
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
+            if not exact:
+                raise InvalidInputError(f"metadata of {doc_id!r} would change when saved as JSON: use string keys "
+                                        "and lists, not tuples")
         if memories is None:
             memories = self.model.compress(texts, self.batch_size, show_progress).memories
         elif len(memories) != len(texts):
@@ -146,6 +153,7 @@ class MemoryStore:
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
+        ids = _id_list(ids, "ids")
         with self._lock:
             doomed = {self._row_of[i] for i in ids if i in self._row_of}
             if not doomed:
@@ -162,6 +170,7 @@ class MemoryStore:
 
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:
         """Documents in the order asked; ids that are not stored are skipped."""
+        ids = _id_list(ids, "ids")
         with self._lock:
             return [self._document(self._row_of[i]) for i in ids if i in self._row_of]
 
@@ -209,12 +218,15 @@ class MemoryStore:
         self, key: np.ndarray, k: int = 4, where: Filter | None = None
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
-        if k < 1:
-            raise InvalidInputError(f"k must be at least 1, got {k}")
-        query = normalize_rows(np.asarray(key).reshape(1, -1))
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))
         with self._lock:
             if not self._ids:
                 return []
+            size = (self._key_chunks or self._memory_chunks)[0][0].size
+            if query.shape[1] != size:
+                raise InvalidInputError(f"the search key has {query.shape[1]} values, the store's keys have {size}")
             if where is not None:  # exact search over the documents that pass the filter
                 rows = [r for r, meta in enumerate(self._metadatas) if matches(meta, where)]
                 if not rows:
@@ -260,7 +272,13 @@ class MemoryStore:
             memories = self._gather(self._memory_chunks, rows) if rows else None
             keys = None if self.keys.keys_are_memories or not rows else self._gather(self._key_chunks, rows)
             index = self._ensure_index() if rows and self.index_kind != "flat" else None
-        for leftover in folder.glob(".staging-*"):
+        with open(folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; a second one waits its turn
+            return self._write_generation(folder, records, memories, keys, index)
+
+    def _write_generation(self, folder: Path, records: dict, memories: np.ndarray | None,
+                          keys: np.ndarray | None, index: faiss.Index | None) -> Path:
+        for leftover in folder.glob(".staging-*"):  # a crashed writer's; no other writer holds the lock
             shutil.rmtree(leftover, ignore_errors=True)
         staging = folder / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
@@ -276,6 +294,7 @@ class MemoryStore:
         _write_json(staging / "records.json", records)
         if index is not None:
             faiss.write_index(index, str(staging / "index.faiss"))
+        header["sha256"] = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
         _write_json(staging / "store.json", header)
         generations = _generations(folder)
         name = f"gen-{(generations[-1] + 1) if generations else 1:06d}"
@@ -289,20 +308,35 @@ class MemoryStore:
     def load(
         cls, folder: str | Path, model: ClaraModel, keys: KeyEncoder | None = None, batch_size: int = 8
     ) -> "MemoryStore":
-        """Open the current generation; memories stay on disk, memory-mapped."""
+        """Open the current generation; memories stay on disk, memory-mapped.
+
+        Every file is checked against the checksum written with it, and no path may lead
+        outside the store's folder.
+        """
         folder = Path(folder)
-        pointer = folder / "CURRENT"
-        if not pointer.exists():
-            raise StoreError(f"{folder} is not a CLaRa memory store: CURRENT is missing")
-        generation = folder / pointer.read_text().strip()
+        while True:
+            name = _current_generation(folder)
+            try:
+                return cls._open_generation(folder, folder / name, model, keys, batch_size)
+            except (StoreError, FileNotFoundError):
+                if _current_generation(folder) == name:
+                    raise
+                # writers saved twice meanwhile and removed this generation: open the new one
+
+    @classmethod
+    def _open_generation(cls, folder: Path, generation: Path, model: ClaraModel, keys: KeyEncoder | None,
+                         batch_size: int) -> "MemoryStore":
         header = read_json(generation / "store.json", StoreError)
-        if header.get("format") != FORMAT:
-            raise StoreError(f"{generation}/store.json has format {header.get('format')!r}, expected {FORMAT!r}")
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}")
+        _verify_files(generation, header)
         store = cls(model, keys, header["index"], batch_size)
         _check_compressor(header["compressor"], model.compressor_signature(), folder)
         if header["keys"] != store.keys.signature():
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}")
         records = read_json(generation / "records.json", StoreError)
+        if not isinstance(records, dict) or not {"ids", "texts", "metadatas"} <= records.keys():
+            raise StoreError(f"{generation}/records.json does not hold ids, texts and metadatas")
         count = header["count"]
         if not len(records["ids"]) == len(records["texts"]) == len(records["metadatas"]) == count:
             raise StoreError(f"{generation}/records.json does not hold {count} documents")
@@ -373,6 +407,46 @@ def _read_shards(folder: Path, shards: list[dict], dtype: type) -> list[np.ndarr
     return arrays
 
 
+def _current_generation(folder: Path) -> str:
+    """The generation folder ``CURRENT`` names; never a path outside the store."""
+    pointer = folder / "CURRENT"
+    if not pointer.is_file():
+        raise StoreError(f"{folder} is not a CLaRa memory store: CURRENT is missing or not a file")
+    name = pointer.read_text().strip()
+    if not _GENERATION.match(name):
+        raise StoreError(f"{pointer} names {name[:80]!r}, not a generation folder of this store")
+    return name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_files(generation: Path, header: dict) -> None:
+    """Every file the header lists must be a plain name in the generation and match its
+    checksum; every shard must be listed."""
+    checksums = header.get("sha256")
+    if not isinstance(checksums, dict):
+        raise StoreError(f"{generation}/store.json lists no checksums")
+    shards = [shard.get("file") for shard in header.get("memory_shards", []) + header.get("key_shards", [])]
+    for name in [*checksums, *shards]:
+        if not isinstance(name, str) or not _STORE_FILE.match(name):
+            raise StoreError(f"{generation}/store.json names the file {str(name)[:80]!r}, which is not a store file")
+    unlisted = [name for name in shards if name not in checksums]
+    if unlisted:
+        raise StoreError(f"{generation}/store.json has no checksum for {unlisted[0]}")
+    for name, expected in checksums.items():
+        path = generation / name
+        if not path.is_file():
+            raise StoreError(f"{path} is missing")
+        if _sha256(path) != expected:
+            raise StoreError(f"{path} is corrupted: its checksum does not match the one written with it")
+
+
 def _write_json(path: Path, value: Any) -> None:
     with open(path, "w") as handle:
         json.dump(value, handle)
@@ -386,7 +460,8 @@ def _generations(folder: Path) -> list[int]:
 
 def _check_compressor(stored: dict, current: dict, folder: Path) -> None:
     """Refuse to mix memories from different compressors."""
-    for key in ("compression_rate", "doc_max_length", "memory_shape"):
+    stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
+    for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
         if stored.get(key) != current.get(key):
             raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has {current.get(key)}")
     problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
@@ -394,3 +469,10 @@ def _check_compressor(stored: dict, current: dict, folder: Path) -> None:
         raise StoreError(f"{folder} was written by another base model: {problem}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")
+
+
+def _id_list(ids: object, what: str) -> list[str]:
+    """A list of ids; a lone string is refused, since iterating it would name its letters."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise InvalidInputError(f"{what} must be a list of ids, got {type(ids).__name__} {ids!r:.60}")
+    return list(ids)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_trained_weights
+from .evaluation import evaluate_reading
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
 from .prompts import memory_prompts, text_context_prompt
@@ -69,6 +70,13 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 50
     freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
+    keep_generator: bool = False  # instruct stage: keep the previous stage's generator (the paper starts afresh)
+    # A reading margin: + margin_weight * relu(margin - gain), where gain is the batch's CE read
+    # from another row's memories minus from its own. Without it a generator first learns to
+    # ignore its memories and only slowly learns to read them (docs/training-run.md).
+    margin_weight: float = 0.0
+    margin: float = 1.0
+    probe_every: int = 0  # measure the reading gain on held-out probe rows every N steps (0: never)
 
     @property
     def generator_only(self) -> bool:
@@ -90,7 +98,7 @@ class TrainConfig:
 def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
     """Initialise adapters as the stage starts (not on resume)."""
     generator = torch.Generator().manual_seed(config.seed)
-    if config.stage in ("instruct", "text"):
+    if config.stage == "text" or (config.stage == "instruct" and not config.keep_generator):
         _reset_adapter(model, DECODER, generator)
     if config.stage == "e2e":
         model.copy_adapter(ENCODER, QUERY_REASONER)
@@ -122,16 +130,30 @@ def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
 
+def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
+                  config: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """CE of the targets read from their own memories [batch, k, n, hidden], plus the reading
+    margin when it is on: the same targets read from the previous row's memories must cost at
+    least ``margin`` nats per token more."""
+    ce = _decoder_loss(model, prompts, full, grouped)
+    metrics = {"ce": ce.item()}
+    if not config.margin_weight or len(grouped) < 2:
+        return ce, metrics
+    gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
+    metrics["reading_gain"] = gain.item()
+    return ce + config.margin_weight * F.relu(config.margin - gain), metrics
+
+
 def _compression_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
                       memories: torch.Tensor, document_means: torch.Tensor,
                       config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Stages 1-2: CE of the targets read from memory + mse_weight * MSE(mean memory, mean document)."""
-    ce = _decoder_loss(model, prompts, full, grouped)
+    """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document)."""
+    loss, metrics = _reading_loss(model, prompts, full, grouped, config)
     mse = F.mse_loss(memories.mean(1).float(), document_means.float())
-    metrics = {"ce": ce.item(), "mse": mse.item()}
+    metrics["mse"] = mse.item()
     if len(memories) > 1:
         metrics["memory_cosine"] = memory_cosine(memories)
-    return ce + config.mse_weight * mse, metrics
+    return loss + config.mse_weight * mse, metrics
 
 
 def memory_cosine(memories: torch.Tensor) -> float:
@@ -153,15 +175,14 @@ def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[
 
 def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
                   frozen: CandidateMemories | None = None) -> tuple[torch.Tensor, dict]:
-    """CE (+ MSE) of the answer read from the k documents' memories; with ``frozen``, the
-    memories come from its no-gradient cache and the loss is CE alone."""
+    """The reading loss (+ MSE) of the answer read from the k documents' memories; with
+    ``frozen``, the memories come from its no-gradient cache and there is no MSE."""
     k = len(rows[0]["docs"])
     if any(len(row["docs"]) != k for row in rows):
         raise ValueError("instruction rows in one batch must have the same number of documents")
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, k)
     if frozen is not None:
-        ce = _decoder_loss(model, prompts, full, frozen.for_rows(rows, config)[0])
-        return ce, {"ce": ce.item()}
+        return _reading_loss(model, prompts, full, frozen.for_rows(rows, config)[0], config)
     memories, document_means = model.encode_for_training([d for row in rows for d in row["docs"]])
     grouped = memories.reshape(len(rows), k, *memories.shape[1:])
     return _compression_loss(model, prompts, full, grouped, memories, document_means, config)
@@ -284,10 +305,23 @@ def _forget_steps_after(log: Path, step: int) -> None:
         log.write_text("".join(line + "\n" for line in kept))
 
 
+def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> None:
+    """Log the reading gain (own, neutral and other memories) on each held-out probe set."""
+    model.eval()
+    for name, probe_rows in probes.items():
+        log.write(json.dumps({"step": step, "probe": name, **evaluate_reading(model, probe_rows)}) + "\n")
+    log.flush()
+    model.train()
+
+
 def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
-          corpus: MemoryStore | None = None) -> Path:
+          corpus: MemoryStore | None = None, probes: dict[str, list[dict]] | None = None) -> Path:
     """Train one stage; resume from ``output`` when it holds a trainer state. Returns the
-    checkpoint folder (``output/checkpoint``)."""
+    checkpoint folder (``output/checkpoint``).
+
+    ``probes`` names held-out row sets (SCP or instruction rows) whose reading gain is logged
+    every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
+    """
     if not rows:
         raise ValueError("no training rows")
     output = Path(output)
@@ -324,7 +358,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     started = time.perf_counter()
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
+    probes = probes if config.probe_every else {}
     with open(output / "log.jsonl", "a") as log:
+        if probes and start == 0:
+            _probe(model, probes, 0, log)
         for step in progress:
             if candidates and config.refresh_every and step and step % config.refresh_every == 0:
                 candidates.refresh()
@@ -345,6 +382,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                       "seconds": round(time.perf_counter() - started, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()
+            if probes and (step + 1) % config.probe_every == 0:
+                _probe(model, probes, step + 1, log)
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 model.save_pretrained(checkpoint)
                 torch.save({"step": step + 1, "config": dataclasses.asdict(config),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 from pathlib import Path
@@ -99,6 +100,14 @@ def tiny_config(tiny_base) -> ClaraConfig:
 @pytest.fixture
 def tiny_model(tiny_config) -> ClaraModel:
     model = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(model)
+    return model
+
+
+@pytest.fixture
+def tiny_tokens_model(tiny_config) -> ClaraModel:
+    """The tiny model with Apple's memory design: states at appended <MEM> positions."""
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
     randomize_adapters(model)
     return model
 

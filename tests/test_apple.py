@@ -43,36 +43,36 @@ def answer(model: ClaraModel) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     return memories, answers, top
 
 
-def test_import_loads_every_adapter_including_the_stage1_2_generator(tiny_model, tiny_base, tmp_path):
-    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+def test_import_loads_every_adapter_including_the_stage1_2_generator(tiny_tokens_model, tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     imported = load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
-    for name, parameter in tiny_model.lm.named_parameters():
+    for name, parameter in tiny_tokens_model.lm.named_parameters():
         assert torch.equal(parameter, dict(imported.lm.named_parameters())[name]), name
 
 
-def test_conversion_round_trips_outputs(tiny_model, tiny_base, tmp_path):
-    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+def test_conversion_round_trips_outputs(tiny_tokens_model, tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     main(["convert-apple", str(tmp_path / "apple"), str(tmp_path / "ours"), "--base-model", str(tiny_base)])
     converted = ClaraModel.from_pretrained(tmp_path / "ours", device="cpu")
-    before, after = answer(tiny_model), answer(converted)
+    before, after = answer(tiny_tokens_model), answer(converted)
     assert torch.allclose(before[0], after[0], atol=1e-6)
     assert before[1] == after[1] and torch.equal(before[2], after[2])
 
 
-def test_unreachable_base_model_asks_for_a_local_path(tiny_model, tmp_path):
-    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+def test_unreachable_base_model_asks_for_a_local_path(tiny_tokens_model, tmp_path):
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     with pytest.raises(CheckpointError, match="pass base_model="):
         load_apple_checkpoint(tmp_path / "apple", device="cpu")
 
 
-def test_checkpoint_of_another_base_model_is_refused(tiny_model, other_tiny_base, tmp_path):
-    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+def test_checkpoint_of_another_base_model_is_refused(tiny_tokens_model, other_tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     with pytest.raises(CheckpointError, match="another base model"):
         load_apple_checkpoint(tmp_path / "apple", base_model=str(other_tiny_base), device="cpu")
 
 
-def test_pickles_with_code_are_refused(tiny_model, tiny_base, tmp_path):
-    write_apple_checkpoint(tiny_model, tmp_path / "apple")
+def test_pickles_with_code_are_refused(tiny_tokens_model, tiny_base, tmp_path):
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     torch.save({"encoder_adapter": {"x": Path("not-a-tensor")}}, tmp_path / "apple" / "adapters.pth")
     with pytest.raises(CheckpointError, match="weights_only"):
         load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")

@@ -67,3 +67,43 @@ def test_missing_or_foreign_files_fail_clearly(tiny_model, tmp_path):
     (tmp_path / "ckpt" / "clara_config.json").write_text(json.dumps(header))
     with pytest.raises(CheckpointError, match="does not fit|shape"):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+
+
+def test_a_checkpoint_older_than_the_memory_design_setting_loads_as_tokens(tiny_tokens_model, tmp_path):
+    tiny_tokens_model.save_pretrained(tmp_path / "old")
+    header = json.loads((tmp_path / "old" / "clara_config.json").read_text())
+    del header["config"]["memory_design"]
+    (tmp_path / "old" / "clara_config.json").write_text(json.dumps(header))
+    loaded = ClaraModel.from_pretrained(tmp_path / "old", device="cpu")
+    assert loaded.config.memory_design == "tokens"
+    assert torch.allclose(outputs(loaded)[0], outputs(tiny_tokens_model)[0], atol=1e-6)
+
+
+def test_the_memory_design_is_saved_with_the_checkpoint(tiny_config, tmp_path):
+    import dataclasses
+
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_pooling="last", memory_layer=1), device="cpu")
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert (loaded.config.memory_design, loaded.config.memory_pooling, loaded.config.memory_layer) == ("pooled", "last", 1)
+
+
+def test_saving_into_a_foreign_folder_is_refused_and_deletes_nothing(tiny_model, tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("my own file")
+    with pytest.raises(CheckpointError, match="did not write"):
+        tiny_model.save_pretrained(folder)
+    assert (folder / "notes.txt").read_text() == "my own file" and len(list(folder.iterdir())) == 1
+    (tmp_path / "empty").mkdir()
+    tiny_model.save_pretrained(tmp_path / "empty")  # an empty folder is fine
+    assert (tmp_path / "empty" / "clara_config.json").exists()
+
+
+def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tiny_model, tmp_path):
+    folder = tmp_path / "ckpt"
+    tiny_model.save_pretrained(folder)
+    folder.rename(tmp_path / ".ckpt.old")  # what the first rename of the next save leaves
+    loaded = ClaraModel.from_pretrained(folder, device="cpu")
+    assert torch.allclose(outputs(loaded)[0], outputs(tiny_model)[0], atol=1e-6)
+    assert folder.is_dir() and not (tmp_path / ".ckpt.old").exists()

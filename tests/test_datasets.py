@@ -5,7 +5,7 @@ import json
 import pytest
 
 from clara_plugins.cli import main
-from clara_plugins.datasets import (QAExample, e2e_rows, instruct_rows, read_examples, reconstruction_rows,
+from clara_plugins.datasets import (QAExample, cloze_rows, continuation_rows, e2e_rows, instruct_rows, read_examples, reconstruction_rows,
                                     scp_qa_rows)
 from conftest import SHARED_DATA
 
@@ -60,6 +60,22 @@ def test_scp_qa_rows_read_the_single_gold_passage():
                      "docs": ["Danube\nIt flows through Vienna."]}]
     with pytest.raises(ValueError, match="exactly one gold passage"):
         scp_qa_rows([MULTI_HOP])
+
+
+def test_continuation_rows_split_each_passage_in_half():
+    passage = "Title\none two three four five six seven eight nine"
+    assert continuation_rows([passage, "too short"]) == [
+        {"data_type": "continue", "answers": ["five six seven eight nine"], "docs": ["Title\none two three four"]}]
+
+
+def test_cloze_rows_blank_a_name_number_or_date_of_the_passage():
+    passage = "Danube\nThe river rises in the Black Forest and is 2,850 kilometres long."
+    rows = cloze_rows([passage] * 2 + ["Short\nno capital words here at all, none."], seed=0)
+    assert len(rows) == 1 and rows[0]["docs"] == [passage]
+    row = rows[0]
+    assert row["answer"] in ("Black Forest", "2,850") and row["answers"] == [row["answer"]]
+    assert row["question"].startswith("Fill in the blank: ") and "____" in row["question"]
+    assert row["question"].replace("____", row["answer"]).removeprefix("Fill in the blank: ") in passage
 
 
 def test_reconstruction_rows_target_each_distinct_passage_once():

@@ -71,7 +71,7 @@ def test_reading_works_on_scp_rows_with_one_document_each(tiny_model):
     rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:3]]
     result = evaluate_reading(tiny_model, rows)
     assert result["documents_per_row"] == 1 and result["reading_gain"] != pytest.approx(0.0, abs=1e-4)
-    with pytest.raises(ValueError, match="of one kind"):
+    with pytest.raises(ValueError, match="the same number of documents"):
         evaluate_reading(tiny_model, rows + ROWS, k=3)
 
 

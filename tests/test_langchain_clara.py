@@ -107,3 +107,10 @@ def test_read_text_mode_is_the_text_rag_baseline(tiny_model, vectorstore):
     result = chat.invoke(QUESTION, document_ids=["d4", "d0"])
     assert result.content == expected
     assert result.usage_metadata["input_tokens"] == tiny_model.text_prompt_positions(QUESTION, [CORPUS[4], CORPUS[0]])
+
+
+def test_add_texts_refuses_a_lone_string(vectorstore):
+    before = sorted(vectorstore.store.all_ids())
+    with pytest.raises(ValueError, match="one str"):
+        vectorstore.add_texts("hello")
+    assert sorted(vectorstore.store.all_ids()) == before

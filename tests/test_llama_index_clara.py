@@ -127,7 +127,7 @@ def test_query_engine_answers_from_memory_tokens_without_openai(tiny_model):
     assert ids == [d.id for d, _ in store.client.search(QUESTION, k=2)]
     expected = tiny_model.generate_from_compressed_documents_and_questions(
         [QUESTION], store.client.memories(ids).unsqueeze(0))[0]
-    assert response.response == expected
+    assert response.response.strip() == expected
     streaming = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm, streaming=True),
                                       similarity_top_k=2)
     assert "".join(streaming.query(QUESTION).response_gen).strip() == expected

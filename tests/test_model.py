@@ -1,5 +1,6 @@
 """ClaraModel on a tiny random llama: tokens, compression, retrieval, generation, gradients."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -36,18 +37,47 @@ def test_compression_is_batch_independent_and_gradient_free(tiny_model):
     assert torch.allclose(together, alone, atol=1e-5)
 
 
-def test_padding_to_the_batch_equals_apples_full_width_layout(tiny_model):
+def _apple_layout_states(model: ClaraModel, text: str, appended: list[int], layer: int = -1):
     """Apple pads every document to doc_max_length + 3 and passes no position ids."""
-    text = CORPUS[0]
-    body = tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"]
-    tok = tiny_model.tokenizer
-    sequence = [tiny_model.enc_token_id, tok.bos_token_id, *body, tok.eos_token_id]
-    width = tiny_model.config.doc_max_length + 3
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(sequence)) + sequence + tiny_model.mem_token_ids])
+    tok = model.tokenizer
+    body = tok(text, add_special_tokens=False)["input_ids"]
+    sequence = [model.enc_token_id, tok.bos_token_id, *body, tok.eos_token_id]
+    width = model.config.doc_max_length + 3
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(sequence)) + sequence + appended])
     mask = (torch.arange(ids.size(1)) >= width - len(sequence)).long().unsqueeze(0)
-    with torch.no_grad(), tiny_model._adapter("encoder_adapter"):
-        hidden = tiny_model.lm.get_base_model().base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    assert torch.allclose(tiny_model.compress_documents([text])[0], hidden[0, -4:], atol=1e-5)
+    with torch.no_grad(), model._adapter("encoder_adapter"):
+        output = model.lm.get_base_model().base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return output.hidden_states[layer] if layer != -1 else output.last_hidden_state, len(body), width
+
+
+def test_tokens_design_reads_the_appended_memory_positions(tiny_config):
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
+    randomize_adapters(model)
+    hidden, _, _ = _apple_layout_states(model, CORPUS[0], model.mem_token_ids)
+    assert torch.allclose(model.compress_documents([CORPUS[0]])[0], hidden[0, -4:], atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling,layer", [("mean", -1), ("last", -1), ("mean", 1)])
+def test_pooled_design_pools_equal_chunks_of_the_document(tiny_config, pooling, layer):
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_pooling=pooling, memory_layer=layer), device="cpu")
+    randomize_adapters(model)
+    hidden, length, width = _apple_layout_states(model, CORPUS[1], [], layer)
+    body = hidden[0, width - 1 - length: width - 1]  # the document's tokens, before eos
+    chunks = [body[i * length // 4:(i + 1) * length // 4] for i in range(4)]
+    expected = torch.stack([c.mean(0) if pooling == "mean" else c[-1] for c in chunks])
+    assert torch.allclose(model.compress_documents([CORPUS[1]])[0], expected, atol=1e-5)
+
+
+def test_pooled_design_handles_documents_shorter_than_the_memory(tiny_model):
+    memories = tiny_model.compress_documents(["Paris", CORPUS[0]])
+    assert memories.shape == (2, 4, 32) and torch.isfinite(memories).all()
+
+
+def test_memory_scale_gives_every_vector_the_embedding_norm(tiny_config):
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_scale=True), device="cpu")
+    norms = model.compress_documents(CORPUS[:2]).norm(dim=-1)
+    embedding_norm = model.lm.get_input_embeddings().weight.detach()[: model.base_vocab_size].norm(dim=-1).mean()
+    assert torch.allclose(norms, embedding_norm.expand_as(norms), atol=1e-4)
 
 
 def test_compression_uses_the_encoder_adapter_only(tiny_model):
@@ -146,18 +176,18 @@ def test_uneven_document_lists_are_rejected(tiny_model):
         tiny_model.generate_from_compressed_documents_and_questions(["a?"], torch.zeros(2, 3, 32))
 
 
-def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_model):
-    tiny_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
-    tiny_model.train()
-    states = tiny_model.encode_for_training(["Where is Paris?"], "query_reasoner_adapter")[0]
-    embeds, _, _ = tiny_model._answer_inputs(["Who?"], states.unsqueeze(1))
-    with tiny_model._adapter("decoder_adapter"):
-        loss = tiny_model.lm(inputs_embeds=embeds).logits.pow(2).mean()
+def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_tokens_model):
+    tiny_tokens_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
+    tiny_tokens_model.train()
+    states = tiny_tokens_model.encode_for_training(["Where is Paris?"], "query_reasoner_adapter")[0]
+    embeds, _, _ = tiny_tokens_model._answer_inputs(["Who?"], states.unsqueeze(1))
+    with tiny_tokens_model._adapter("decoder_adapter"):
+        loss = tiny_tokens_model.lm(inputs_embeds=embeds).logits.pow(2).mean()
     loss.backward()
-    grad = tiny_model.lm.get_input_embeddings().weight.grad
+    grad = tiny_tokens_model.lm.get_input_embeddings().weight.grad
     rows_with_grad = set(grad.abs().sum(-1).nonzero().flatten().tolist())
-    assert rows_with_grad and rows_with_grad <= set(tiny_model.mem_token_ids)
-    grads = {n: p.grad for n, p in tiny_model.lm.named_parameters() if "lora_B" in n}
+    assert rows_with_grad and rows_with_grad <= set(tiny_tokens_model.mem_token_ids)
+    grads = {n: p.grad for n, p in tiny_tokens_model.lm.named_parameters() if "lora_B" in n}
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "query_reasoner" in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "decoder_adapter" in n)
     assert all(g is None for n, g in grads.items() if "encoder_adapter" in n)

@@ -43,13 +43,16 @@ def test_load_model_on_another_backbone_is_fresh_at_the_asked_rate(tiny_base):
 
 @pytest.mark.slow
 def test_the_default_model_is_the_shipped_checkpoint_and_reads_its_memory_tokens():
-    """On the first 8 held-out NQ Oracle rows: the trained generator's answer CE is ~2.6 nats/token (fresh
-    adapters: ~10), and its own documents' memory tokens help (measured gain 0.18)."""
+    """On the first 8 held-out NQ Oracle rows the answers' CE must be clearly lower from each
+    question's own memories than from the neutral control and another question's (on 60 rows:
+    2.86 / 3.87 / 4.08 nats per token; the previous, Apple-design checkpoint gained 0.13)."""
     path = SHARED_DATA / "nq" / "dev.jsonl"
     if not path.exists():
         pytest.skip(f"benchmark samples not found at {path}")
     model = load_model(device="cpu")  # no checkpoint named: the shipped one
+    assert model.config.memory_design == "pooled"
     rows = instruct_rows(read_examples(path, limit=300), "oracle")  # NQ dev 0-299, as in the model card
     result = evaluate_reading(model, rows[:8])
-    assert result["target_ce_own_documents"] < 3.0
-    assert result["reading_gain"] > 0.1
+    assert result["target_ce_own_documents"] < 3.3
+    assert result["target_ce_own_documents"] < result["target_ce_neutral_documents"] - 0.3
+    assert result["reading_gain"] > 0.5

@@ -1,5 +1,6 @@
 """MemoryStore: upsert/delete/get, filters, search, persistence, crashes and concurrency."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,16 @@ def test_malformed_filters_are_named(store):
         store.search("x", where={"$or": {}})
 
 
+def test_a_string_where_a_list_of_ids_belongs_is_refused(store):
+    store.upsert(["a text", "b text", "c text", "abc text"], ids=["a", "b", "c", "abc"])
+    before = sorted(store.all_ids())
+    for call in (lambda: store.delete("abc"), lambda: store.get("abc"),
+                 lambda: store.upsert(["x", "y", "z"], ids="xyz")):
+        with pytest.raises(InvalidInputError, match="must be a list of ids"):
+            call()
+    assert sorted(store.all_ids()) == before
+
+
 def test_bad_input_changes_nothing(store):
     before = store.all_ids()
     for texts, kwargs in [([""], {}), (["ok", 5], {}), (["ok"], {"ids": [""]}),
@@ -94,7 +105,7 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     loaded.upsert(["New text about Vienna."], ids=["d9"])
     loaded.save(tmp_path / "s")
     assert len(MemoryStore.load(tmp_path / "s", tiny_model)) == 6
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["CURRENT", "gen-000001", "gen-000002"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002"]
 
 
 @pytest.mark.parametrize("index", ["hnsw", "ivfpq"])
@@ -118,18 +129,21 @@ def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
                                         doc_max_length=64), device="cpu")
     with pytest.raises(StoreError, match="compression_rate=16"):
         MemoryStore.load(tmp_path / "s", other_rate)
+    other_design = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
+    with pytest.raises(StoreError, match="memory_design"):
+        MemoryStore.load(tmp_path / "s", other_design)
 
 
 def test_corrupted_files_are_named(store, tiny_model, tmp_path):
     generation = store.save(tmp_path / "s")
     (generation / "memories-00000.npy").write_bytes(b"not numpy")
-    with pytest.raises(StoreError, match="memories-00000.npy is missing or corrupted"):
+    with pytest.raises(StoreError, match="memories-00000.npy is corrupted: its checksum"):
         MemoryStore.load(tmp_path / "s", tiny_model)
     approximate = MemoryStore(tiny_model, index="hnsw")
     approximate.upsert(CORPUS[:3])
     generation = approximate.save(tmp_path / "h")
     (generation / "index.faiss").write_bytes(b"garbage")
-    with pytest.raises(StoreError, match="index.faiss is corrupted"):
+    with pytest.raises(StoreError, match="index.faiss is corrupted: its checksum"):
         MemoryStore.load(tmp_path / "h", tiny_model)
     with pytest.raises(StoreError, match="CURRENT is missing"):
         MemoryStore.load(tmp_path, tiny_model)

@@ -21,18 +21,24 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
                    "DEVICE": "cpu", "SCP_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2", "E2E_STEPS": "2",
-                   "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3",
+                   "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     for stage in ("scp", "instruct", "e2e", "text"):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
-        assert [record["step"] for record in log] == [1, 2]
+        assert [record["step"] for record in log if "probe" not in record] == [1, 2]
+        if stage in ("scp", "instruct"):  # the reading margin is on, and the probes ran
+            assert all("reading_gain" in record for record in log)
+            assert [record["step"] for record in log if "probe" in record][-1] == 2
     clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
     assert [a["system"] for a in clara["answers"]] == ["clara", "text", "none"]
     assert clara["reading"]["examples"] == 3
+    control = json.loads((out / "eval" / "nq_oracle_control.json").read_text())
+    assert control["answers"][0]["examples"] == 3
     recall = json.loads((out / "eval" / "recall_hotpotqa_e2e20.json").read_text())
     assert [r["retriever"] for r in recall["retrieval"]] == ["compressor", "reasoner", "dense", "bm25"]
     assert (out / "cr16-fp16" / "clara_config.json").exists()
-    scp_kinds = {json.loads(line)["data_type"] for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}
-    assert scp_kinds == {"qa", "reconstruct"}
+    scp_kinds = {json.loads(line).get("data_type", "question")
+                 for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}
+    assert scp_kinds == {"question", "reconstruct", "continue"}

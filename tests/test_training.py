@@ -75,6 +75,28 @@ def test_an_unknown_scp_kind_is_named():
         scp_prompt(None, "<slot>", "summary")
 
 
+def test_reading_margin_pays_for_reading_and_probes_are_logged(tiny_model, tmp_path):
+    rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:4]]
+    config = TrainConfig(stage="scp", steps=12, batch_size=4, grad_accum=1, lr=3e-2, margin_weight=1.0,
+                         margin=2.0, probe_every=6)
+    train(tiny_model, rows, config, tmp_path, probes={"held_out": rows})
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps, probes = [r for r in log if "probe" not in r], [r for r in log if "probe" in r]
+    assert [p["step"] for p in probes] == [0, 6, 12] and {p["probe"] for p in probes} == {"held_out"}
+    assert {"target_ce_neutral_documents", "reading_gain"} <= probes[0].keys()
+    # the loss holds the margin term: CE + relu(2 - gain) + mse_weight * MSE
+    first = steps[0]
+    assert first["loss"] == pytest.approx(first["ce"] + max(0.0, 2.0 - first["reading_gain"]) + 0.1 * first["mse"],
+                                          abs=1e-3)
+
+
+def test_instruct_stage_can_keep_the_previous_generator(tiny_model, tmp_path):
+    before = lora(tiny_model, "decoder_adapter")
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=0.0, keep_generator=True)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    assert all(torch.equal(v, lora(tiny_model, "decoder_adapter")[k]) for k, v in before.items())
+
+
 def test_instruct_stage_starts_from_a_fresh_decoder(tiny_model, tmp_path):
     config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=0.0)
     train(tiny_model, INSTRUCT, config, tmp_path)
@@ -169,11 +191,11 @@ def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
         train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1, lr=1.0), tmp_path)
 
 
-def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_model, tmp_path):
-    store = MemoryStore(tiny_model)
+def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_tokens_model, tmp_path):
+    store = MemoryStore(tiny_tokens_model)
     store.upsert(CORPUS)
     config = TrainConfig(stage="e2e", steps=2, batch_size=1, grad_accum=1, lr=1e-3, top_k=2, candidates=4,
                          refresh_every=1)
     before = store.memories(store.all_ids()[:1])
-    train(tiny_model, E2E, config, tmp_path, corpus=store)
+    train(tiny_tokens_model, E2E, config, tmp_path, corpus=store)
     assert not torch.equal(before, store.memories(store.all_ids()[:1]))  # <MEM> rows moved, store re-encoded

@@ -12,7 +12,7 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
-from clara_plugins import ClaraModel, MemoryStore, StoredDocument
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
 from clara_plugins.dense import DenseRetriever
 
 
@@ -75,6 +75,8 @@ class ClaraVectorStore(VectorStore):
         show_progress: bool = False,
         **kwargs: Any,
     ) -> list[str]:
+        if isinstance(texts, str):
+            raise InvalidInputError("texts must be a list of strings, got one str: wrap it in a list")
         texts = list(texts)
         if ids is not None:
             ids = [doc_id or uuid.uuid4().hex for doc_id in ids]

@@ -1,0 +1,253 @@
+"""Fault injection: corrupted and hostile store files, racing writers, repeated kills during a
+save, and metadata that would not survive JSON. Each case must end in a clear error or in the
+last good state, never in a wrong answer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clara_plugins import InvalidInputError, MemoryStore, StoreError
+from conftest import CORPUS
+
+
+@pytest.fixture
+def saved(tiny_model, tmp_path) -> tuple[MemoryStore, Path]:
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:5], ids=[f"d{i}" for i in range(5)], metadatas=[{"i": i} for i in range(5)])
+    store.save(tmp_path / "s")
+    return store, tmp_path / "s"
+
+
+def generation(folder: Path) -> Path:
+    return folder / (folder / "CURRENT").read_text().strip()
+
+
+def header_of(folder: Path) -> dict:
+    return json.loads((generation(folder) / "store.json").read_text())
+
+
+def rewrite_header(folder: Path, **changes) -> None:
+    (generation(folder) / "store.json").write_text(json.dumps({**header_of(folder), **changes}))
+
+
+def test_a_bit_flip_nan_or_reordering_in_a_shard_is_named(saved, tiny_model):
+    _, folder = saved
+    shard = generation(folder) / "memories-00000.npy"
+    pristine = shard.read_bytes()
+    flipped = bytearray(pristine)
+    flipped[-3] ^= 0x01
+    memories = np.load(shard)
+    with_nan = memories.copy()
+    with_nan[0, 0, 0] = np.nan
+    reordered = memories[::-1].copy()
+    for corrupt in (bytes(flipped), with_nan, reordered):
+        if isinstance(corrupt, bytes):
+            shard.write_bytes(corrupt)
+        else:
+            np.save(shard, corrupt)
+        with pytest.raises(StoreError, match="memories-00000.npy is corrupted"):
+            MemoryStore.load(folder, tiny_model)
+    shard.write_bytes(pristine)
+    assert MemoryStore.load(folder, tiny_model).all_ids() == [f"d{i}" for i in range(5)]
+
+
+def test_swapped_records_or_a_foreign_index_are_named(tiny_model, tmp_path):
+    for name in ("a", "b"):
+        store = MemoryStore(tiny_model, index="hnsw")
+        store.upsert(CORPUS[:4] if name == "a" else CORPUS[2:6], ids=[f"{name}{i}" for i in range(4)])
+        store.save(tmp_path / name)
+    records = generation(tmp_path / "a") / "records.json"
+    swapped = json.loads(records.read_text())
+    swapped["ids"][0], swapped["ids"][1] = swapped["ids"][1], swapped["ids"][0]
+    original = records.read_text()
+    records.write_text(json.dumps(swapped))
+    with pytest.raises(StoreError, match="records.json is corrupted"):
+        MemoryStore.load(tmp_path / "a", tiny_model)
+    records.write_text(original)
+    (generation(tmp_path / "a") / "index.faiss").write_bytes((generation(tmp_path / "b") / "index.faiss").read_bytes())
+    with pytest.raises(StoreError, match="index.faiss is corrupted"):
+        MemoryStore.load(tmp_path / "a", tiny_model)
+
+
+@pytest.mark.parametrize("pointer", ["../b/gen-000001", "/tmp/gen-000001", "gen-1", "gen-000001/../../b"])
+def test_current_never_leads_outside_the_store(saved, tiny_model, pointer):
+    _, folder = saved
+    (folder / "CURRENT").write_text(pointer + "\n")
+    with pytest.raises(StoreError, match="not a generation folder"):
+        MemoryStore.load(folder, tiny_model)
+
+
+@pytest.mark.parametrize("name", ["../memories-00000.npy", "/etc/passwd", "sub/memories-00000.npy", 7])
+def test_a_shard_entry_never_leads_outside_the_generation(saved, tiny_model, name):
+    _, folder = saved
+    header = header_of(folder)
+    header["memory_shards"][0]["file"] = name
+    rewrite_header(folder, memory_shards=header["memory_shards"])
+    with pytest.raises(StoreError, match="which is not a store file"):
+        MemoryStore.load(folder, tiny_model)
+
+
+@pytest.mark.parametrize("damage", ["current-is-a-folder", "records-not-a-dict", "header-not-a-dict",
+                                    "no-checksums"])
+def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
+    _, folder = saved
+    if damage == "current-is-a-folder":
+        (folder / "CURRENT").unlink()
+        (folder / "CURRENT").mkdir()
+    elif damage == "records-not-a-dict":
+        (generation(folder) / "records.json").write_text("[1, 2]")
+        header = header_of(folder)
+        header["sha256"].pop("records.json")
+        rewrite_header(folder, sha256=header["sha256"])
+    elif damage == "header-not-a-dict":
+        (generation(folder) / "store.json").write_text('"a string"')
+    else:
+        header = header_of(folder)
+        del header["sha256"]
+        (generation(folder) / "store.json").write_text(json.dumps(header))
+    with pytest.raises(StoreError):
+        MemoryStore.load(folder, tiny_model)
+
+
+def test_two_writers_saving_one_folder_at_once_both_succeed(saved, tiny_model):
+    store, folder = saved
+    errors = []
+
+    def save_many():
+        try:
+            for _ in range(5):
+                store.save(folder)
+        except Exception as error:  # noqa: BLE001 - the test reports any failure
+            errors.append(error)
+
+    writers = [threading.Thread(target=save_many) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    loads = 0
+    while any(writer.is_alive() for writer in writers):
+        assert MemoryStore.load(folder, tiny_model).all_ids() == store.all_ids()
+        loads += 1
+    for writer in writers:
+        writer.join()
+    assert not errors and loads > 0
+    assert not list(folder.glob(".staging-*"))
+
+
+def test_repeated_kills_during_saves_always_leave_a_loadable_store(saved, tiny_model, tmp_path):
+    store, folder = saved
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    script = textwrap.dedent(f"""
+        from clara_plugins import ClaraModel, MemoryStore
+        model = ClaraModel.from_pretrained({str(tmp_path / 'ckpt')!r}, device="cpu")
+        store = MemoryStore.load({str(folder)!r}, model)
+        print("ready", flush=True)
+        while True:
+            store.save({str(folder)!r})
+    """)
+    for delay in (0.0, 0.02, 0.1):
+        writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+        assert writer.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        survivor = MemoryStore.load(folder, tiny_model)
+        assert survivor.all_ids() == store.all_ids()
+        assert np.array_equal(survivor.memories(["d3"]).numpy(), store.memories(["d3"]).numpy())
+
+
+@pytest.mark.parametrize("metadata", [{"pair": (1, 2)}, {1: "int key"}, {"x": float("nan")}, {"x": float("inf")},
+                                      {"x": {1, 2}}])
+def test_metadata_that_json_would_change_is_refused_at_insert(saved, metadata):
+    store, _ = saved
+    before = store.all_ids()
+    with pytest.raises(InvalidInputError, match="metadata of 'new'"):
+        store.upsert(["A new text."], ids=["new"], metadatas=[metadata])
+    assert store.all_ids() == before
+
+
+def test_metadata_round_trips_exactly(saved, tiny_model):
+    store, folder = saved
+    metadata = {"title": "Ünïcode", "year": 1889, "score": 0.5, "tags": ["a", "b"], "nested": {"k": [1, None]}}
+    store.upsert(["A new text."], ids=["new"], metadatas=[metadata])
+    store.save(folder)
+    reloaded = MemoryStore.load(folder, tiny_model)
+    assert reloaded.get(["new"])[0].metadata == metadata
+    assert [d.id for d in reloaded.get(reloaded.all_ids()) if d.metadata.get("year") == 1889] == ["new"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("damage", ["adapter-missing", "adapter-empty", "adapter-nan", "config-string-rate"])
+def test_incomplete_or_damaged_checkpoints_are_refused(tiny_model, tmp_path, damage):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from clara_plugins import CheckpointError, ClaraModel
+
+    folder = tmp_path / "ckpt"
+    tiny_model.save_pretrained(folder)
+    adapter = folder / "adapter_decoder_adapter.safetensors"
+    if damage == "adapter-missing":
+        adapter.unlink()
+    elif damage == "adapter-empty":
+        save_file({}, str(adapter))
+    elif damage == "adapter-nan":
+        state = load_file(str(adapter))
+        first = sorted(state)[0]
+        state[first] = torch.full_like(state[first], float("nan"))
+        save_file(state, str(adapter))
+    else:
+        header = json.loads((folder / "clara_config.json").read_text())
+        header["config"]["compression_rate"] = "16"
+        (folder / "clara_config.json").write_text(json.dumps(header))
+    message = {"adapter-missing": "is missing", "adapter-empty": "is empty", "adapter-nan": "NaN",
+               "config-string-rate": "compression_rate must be a int"}[damage]
+    with pytest.raises(CheckpointError, match=message):
+        ClaraModel.from_pretrained(folder, device="cpu")
+
+
+def test_an_apple_checkpoint_without_adapters_is_refused(tiny_tokens_model, tiny_base, tmp_path):
+    import torch
+
+    from clara_plugins import CheckpointError
+    from clara_plugins.apple import load_apple_checkpoint
+    from test_apple import write_apple_checkpoint
+
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
+    torch.save({}, tmp_path / "apple" / "adapters.pth")
+    with pytest.raises(CheckpointError, match="holds no adapter"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+
+
+# ------------------------------------------------------------------------------- bad types
+
+
+@pytest.mark.parametrize("k", ["2", None, True, 1.5, 0])
+def test_a_bad_k_is_named(saved, k):
+    store, _ = saved
+    with pytest.raises(InvalidInputError, match="k must be a positive integer"):
+        store.search("Where is Paris?", k=k)
+
+
+def test_bad_texts_keys_and_filters_are_named(saved):
+    store, _ = saved
+    with pytest.raises(InvalidInputError, match="not valid Unicode"):
+        store.upsert(["half a pair \ud800 here"])
+    with pytest.raises(InvalidInputError, match="the search key has 3 values"):
+        store.search_by_key(np.ones(3), k=2)
+    deep: dict = {"i": 1}
+    for _ in range(3000):
+        deep = {"$and": [deep]}
+    with pytest.raises(ValueError, match="at most 32 levels"):
+        store.search("Where is Paris?", k=2, where=deep)
+    assert store.all_ids() == [f"d{i}" for i in range(5)]
