@@ -13,7 +13,8 @@ from langchain_tests.integration_tests import (
 )
 from langchain_tests.unit_tests import ChatModelUnitTests
 
-from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
+from clara_plugins import ClaraModel, MemoryStore
+from clara_plugins.pretrained import load_model
 from conftest import CORPUS, shared_untrained_tiny_model
 from langchain_clara import ChatClara, ClaraRetriever, ClaraVectorStore
 
@@ -71,7 +72,11 @@ class TestChatClaraUnit(ChatModelUnitTests):
 
 @functools.cache
 def _default_clara() -> ClaraModel:
-    return ClaraModel(ClaraConfig(max_new_tokens=24), device="cpu")
+    """What a user gets: the shipped checkpoint on the default backbone (an untrained model
+    given one-word system messages as documents may answer nothing at all)."""
+    model = load_model(device="cpu")
+    model.config.max_new_tokens = 24
+    return model
 
 
 @pytest.mark.slow
