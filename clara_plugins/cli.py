@@ -122,8 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     training.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
     training.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
                           help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
-    training.add_argument("--memory-design", choices=MEMORY_DESIGNS, default="pooled",
-                          help="when no --init: how documents become memory vectors (default pooled)")
+    training.add_argument("--memory-design", choices=MEMORY_DESIGNS, default=ClaraConfig.memory_design,
+                          help=f"when no --init: how documents become memory vectors (default "
+                               f"{ClaraConfig.memory_design})")
     training.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     for field in dataclasses.fields(TrainConfig):
         if field.name != "stage":
@@ -276,9 +277,9 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.destination}")
 
 
-# Exit codes beyond argparse's 2 (usage): the first class that matches an error wins.
-EXIT_CODES = ((FileNotFoundError, 3), (IsADirectoryError, 3), (CheckpointError, 4), (StoreError, 5),
-              (InvalidInputError, 5), (ValueError, 5), (OSError, 3))
+# Exit codes beyond argparse's 2 (usage): the first class that matches an error wins, so the
+# ValueError subclasses come before ValueError (InvalidInputError is one of them: 5).
+EXIT_CODES = ((CheckpointError, 4), (StoreError, 5), (ValueError, 5), (OSError, 3))
 
 
 def main(argv: list[str] | None = None) -> None:

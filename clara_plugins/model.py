@@ -208,11 +208,9 @@ class ClaraModel(torch.nn.Module):
         doc_max_length + 3: a document compresses identically alone or in any batch. Padding
         only to the batch's longest sequence gives the same states at a fraction of the cost.
         """
-        tok = self.tokenizer
-        prefix = [self.enc_token_id] + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
-        suffix = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        prefix, suffix = self._document_frame()
         sequences = [prefix + body[: self.config.doc_max_length] + suffix for body in bodies]
-        ids, mask = _left_pad(sequences, tok.pad_token_id)
+        ids, mask = _left_pad(sequences, self.tokenizer.pad_token_id)
         n_appended = self.config.n_mem_tokens if self.config.memory_design == "tokens" else 0
         ids = torch.cat([ids, torch.tensor(self.mem_token_ids[:n_appended], dtype=torch.long).expand(len(bodies), -1)], 1)
         mask = torch.cat([mask, torch.ones(len(bodies), n_appended, dtype=torch.long)], dim=1)
@@ -221,16 +219,21 @@ class ClaraModel(torch.nn.Module):
         positions = torch.arange(full_width - width, full_width + n_appended).expand(len(bodies), -1)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
+    def _document_frame(self) -> tuple[list[int], list[int]]:
+        """The token ids around every document's text: ``<ENC> bos`` before it, ``eos`` after."""
+        tok = self.tokenizer
+        prefix = [self.enc_token_id] + ([tok.bos_token_id] if tok.bos_token_id is not None else [])
+        return prefix, [tok.eos_token_id] if tok.eos_token_id is not None else []
+
     def _chunk_pooling(self, bodies: list[list[int]], width: int) -> torch.Tensor:
         """Weights [batch, n_mem, width] that pool each of n equal chunks of a document's tokens.
 
-        Rows are left-padded and end with eos, so a body of L tokens sits just before it. A
-        body shorter than n gives some tokens to several chunks; an empty one pools the whole
-        sequence.
+        Rows are left-padded and end with the frame's suffix, so a body of L tokens sits just
+        before it. A body shorter than n gives some tokens to several chunks; an empty one
+        pools the whole sequence.
         """
         n = self.config.n_mem_tokens
-        suffix = 1 if self.tokenizer.eos_token_id is not None else 0
-        prefix = 2 if self.tokenizer.bos_token_id is not None else 1
+        prefix, suffix = (len(part) for part in self._document_frame())
         weights = torch.zeros(len(bodies), n, width)
         for row, body in enumerate(bodies):
             length = min(len(body), self.config.doc_max_length)
