@@ -21,16 +21,18 @@ from pathlib import Path
 
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import InMemoryVectorStore
-from llama_index.core import StorageContext, VectorStoreIndex
+from llama_index.core import StorageContext, VectorStoreIndex, get_response_synthesizer
 from llama_index.core.query_engine import RetrieverQueryEngine
 from llama_index.core.schema import QueryBundle, TextNode
 from llama_index.retrievers.bm25 import BM25Retriever
 
 from clara_plugins import ClaraModel
+from clara_plugins.prompts import question_prompt
 from langchain_clara import CLARA_PROMPT, ChatClara, format_documents
-from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore
+from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraSynthesizer, ClaraVectorStore
 
 from .measure import folder_bytes
+from .text_reader import prompt_positions, text_prompt, text_weights
 
 
 def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:
@@ -45,13 +47,14 @@ def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:
 
 class LangChainTextRAG:
     """``InMemoryVectorStore`` over sentence-transformers embeddings, then the LCEL chain
-    ``CLARA_PROMPT | ChatClara(read_text=True)``. Without embeddings: no retrieval at all."""
+    ``CLARA_PROMPT | ChatClara`` without a CLaRa store, so the passages are read as text (by
+    the text-reading weights). Without embeddings: no retrieval at all."""
 
     framework = "langchain"
 
     def __init__(self, reader: ClaraModel, embeddings: Embeddings | None, k: int) -> None:
         self.reader, self.embeddings, self.k = reader, embeddings, k
-        self.chain = CLARA_PROMPT | ChatClara(clara=reader, read_text=True, k=k)
+        self.chain = CLARA_PROMPT | ChatClara(clara=reader, k=k)
         self.store: InMemoryVectorStore | None = None
         self.hits: list = []
 
@@ -67,10 +70,11 @@ class LangChainTextRAG:
         return [int(document.id) for document in self.hits]
 
     def generate(self, question: str) -> tuple[str, int, float]:
-        chunks = self.chain.stream({"context": format_documents(self.hits), "question": question})
-        answer, first = timed_pieces(chunk.text for chunk in chunks)
+        with text_weights(self.reader):
+            chunks = self.chain.stream({"context": format_documents(self.hits), "question": question})
+            answer, first = timed_pieces(chunk.text for chunk in chunks)
         texts = [document.page_content for document in self.hits]
-        return answer, self.reader.text_prompt_positions(question, texts), first
+        return answer, prompt_positions(self.reader, text_prompt(self.reader, question, texts)), first
 
     def index_bytes(self, folder: Path) -> int | None:
         if self.store is None:
@@ -103,12 +107,14 @@ class _LlamaIndexRAG:
 
 
 class LlamaIndexBM25RAG(_LlamaIndexRAG):
-    """LlamaIndex's ``BM25Retriever`` (bm25s) and the backbone reading the nodes as text."""
+    """LlamaIndex's ``BM25Retriever`` (bm25s) and the backbone reading the nodes as text: a
+    ``ClaraLLM`` without a store behind LlamaIndex's own synthesizer, in CLaRa's layout."""
 
     def __init__(self, reader: ClaraModel, k: int) -> None:
         super().__init__(k)
         self.reader = reader
-        self.synthesizer = ClaraSynthesizer(ClaraLLM(clara=reader, read_text=True, k=k), streaming=True)
+        self.synthesizer = get_response_synthesizer(llm=ClaraLLM(clara=reader, k=k), text_qa_template=CLARA_QA_PROMPT,
+                                                    streaming=True)
 
     def index(self, passages: list[str]) -> None:
         self.retriever = BM25Retriever.from_defaults(nodes=self.nodes(passages), similarity_top_k=self.k)
@@ -116,8 +122,9 @@ class LlamaIndexBM25RAG(_LlamaIndexRAG):
 
     def generate(self, question: str) -> tuple[str, int, float]:
         texts = [hit.node.get_content() for hit in self.hits]
-        answer, first = self.answer(question)
-        return answer, self.reader.text_prompt_positions(question, texts), first
+        with text_weights(self.reader):
+            answer, first = self.answer(question)
+        return answer, prompt_positions(self.reader, text_prompt(self.reader, question, texts)), first
 
     def index_bytes(self, folder: Path) -> int:
         self.retriever.persist(str(folder / "bm25"))
@@ -143,7 +150,8 @@ class LlamaIndexClaraRAG(_LlamaIndexRAG):
 
     def generate(self, question: str) -> tuple[str, int, float]:
         answer, first = self.answer(question)
-        return answer, self.model.prompt_positions(question, len(self.hits)), first
+        prompt = question_prompt(self.model.tokenizer, question, len(self.hits), self.model.document_placeholder)
+        return answer, prompt_positions(self.model, prompt), first
 
     def index_bytes(self, folder: Path) -> int:
         self.store.persist(str(folder / "store"))

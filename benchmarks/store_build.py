@@ -1,6 +1,6 @@
 """Build a MemoryStore of a passage corpus, persist, reload and query it; report the costs.
 
-    python -m benchmarks.store_build --corpus ../shared/data/corpus/2wiki_6119.json \
+    python -m clara_benchmarks.store_build --corpus ../shared/data/corpus/2wiki_6119.json \
         --questions ../shared/data/2wikimultihopqa/dev.json --out docs/benchmarks/store_2wiki.json
 
 Measures build time (compression + indexing), bytes on disk per passage (memory tokens vs
@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
-from clara_plugins.datasets import read_documents, read_examples
+from clara_plugins.corpora import read_documents, read_examples
 
 from .measure import folder_bytes, latency_ms
 

@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel
-from clara_plugins.dense import DenseRetriever
 from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k
 from clara_plugins.model import ENCODER, QUERY_REASONER
-from langchain_clara import DenseEmbeddings
+from clara_plugins.passes import copy_adapter
 
+from .dense import DEFAULT_DENSE_MODEL, DenseEmbeddings, DenseRetriever
 from .measure import latency_ms
 from .pipelines import LangChainTextRAG, LlamaIndexBM25RAG, LlamaIndexClaraRAG
 
@@ -47,8 +47,9 @@ class SystemSpec:
 
 
 def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: str | None) -> list[SystemSpec]:
-    """The issue's line-up; CLaRa rows without a checkpoint run the untrained model, and an
-    end-to-end row runs only when an end-to-end checkpoint exists for that rate."""
+    """The benchmark's systems: no retrieval, BM25 and dense text RAG, fine-tuned text RAG when
+    given, and CLaRa per compression rate. CLaRa rows without a checkpoint run the untrained
+    model; an end-to-end row runs only when an end-to-end checkpoint exists for that rate."""
     systems = [SystemSpec("no retrieval", "none", "base"),
                SystemSpec("BM25 + text", "bm25", "base"),
                SystemSpec("dense + text", "dense", "base")]
@@ -65,7 +66,7 @@ def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: s
 class RunOptions:
     k: int = 5
     max_new_tokens: int = 32
-    dense_model: str = "all-minilm-l6-v2"
+    dense_model: str = DEFAULT_DENSE_MODEL
     query_instruction: str = ""
     threads: int = 0  # 0: torch's default
 
@@ -76,7 +77,7 @@ def _load_clara(spec: SystemSpec) -> ClaraModel:
     else:
         model = ClaraModel(ClaraConfig(compression_rate=spec.compression_rate), device="cpu")
     if spec.query == "compressor":
-        model.copy_adapter(ENCODER, QUERY_REASONER)
+        copy_adapter(model, ENCODER, QUERY_REASONER)
     return model
 
 

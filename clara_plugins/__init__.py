@@ -1,20 +1,42 @@
-"""CLaRa: documents compressed into continuous memory tokens, retrieved and answered from by one LM."""
+"""CLaRa: documents compressed into continuous memory tokens, retrieved and answered from by one LM.
 
-from .config import ClaraConfig
-from .errors import CheckpointError, InvalidInputError, StoreError
-from .model import ClaraModel, CompressedDocuments
-from .retrieval import cosine_scores, straight_through_topk
-from .store import MemoryStore, StoredDocument
+The names below load on first use, so that ``clara --help`` and the configs need no torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "CheckpointError": ".errors",
+    "ClaraConfig": ".config",
+    "ClaraModel": ".model",
+    "CompressedDocuments": ".model",
+    "InvalidInputError": ".errors",
+    "MemoryStore": ".store",
+    "StoreError": ".errors",
+    "StoredDocument": ".store",
+    "TrainConfig": ".config",
+    "cosine_scores": ".retrieval",
+    "straight_through_topk": ".retrieval",
+    "top_k": ".retrieval",
+}
 
 __all__ = [
-    "CheckpointError",
-    "ClaraConfig",
-    "ClaraModel",
-    "CompressedDocuments",
-    "InvalidInputError",
-    "MemoryStore",
-    "StoreError",
-    "StoredDocument",
-    "cosine_scores",
-    "straight_through_topk",
+    "CheckpointError", "ClaraConfig", "ClaraModel", "CompressedDocuments", "InvalidInputError", "MemoryStore",
+    "StoreError", "StoredDocument", "TrainConfig", "cosine_scores", "straight_through_topk", "top_k",
 ]
+
+if TYPE_CHECKING:
+    from .config import ClaraConfig, TrainConfig
+    from .errors import CheckpointError, InvalidInputError, StoreError
+    from .model import ClaraModel, CompressedDocuments
+    from .retrieval import cosine_scores, straight_through_topk, top_k
+    from .store import MemoryStore, StoredDocument
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'clara_plugins' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name], __name__), name)

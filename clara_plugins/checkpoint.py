@@ -12,9 +12,10 @@ The base model's own weights are never copied; loading onto another base model f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -24,10 +25,19 @@ from safetensors.torch import load_file, save_file
 from .atomic import recover_folder, write_folder_atomically
 from .backbone import fingerprint_mismatch
 from .config import ADAPTER_NAMES, ClaraConfig
-from .errors import CheckpointError, read_json
+from .errors import CheckpointError
+from .jsonfiles import read_json
 
-if TYPE_CHECKING:
-    from .model import ClaraModel
+
+
+class AdaptedModel(Protocol):
+    """What a checkpoint is written from and loaded into (a ClaraModel)."""
+
+    config: ClaraConfig
+    lm: torch.nn.Module
+    base_vocab_size: int
+    base_fingerprint: dict
+    hidden_size: int
 
 FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
@@ -38,7 +48,7 @@ def adapter_file(name: str) -> str:
     return f"adapter_{name}.safetensors"
 
 
-def save_checkpoint(model: "ClaraModel", folder: Path, dtype: torch.dtype | None = None) -> None:
+def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None = None) -> None:
     """Write the checkpoint into a temporary folder, then swap it in place. A non-empty
     folder that is not a checkpoint is refused (CheckpointError), never overwritten.
 
@@ -68,7 +78,28 @@ def save_checkpoint(model: "ClaraModel", folder: Path, dtype: torch.dtype | None
         raise CheckpointError(str(error)) from error
 
 
-def added_rows(model: "ClaraModel", matrix: torch.Tensor) -> torch.Tensor:
+def compressor_signature(model: AdaptedModel) -> dict:
+    """What fixes a document's memories: base model, sizes, design, encoder weights, <MEM> rows.
+
+    Stores of compressed documents record it and refuse to mix with another compressor.
+    """
+    digest = hashlib.sha256()
+    encoder = get_peft_model_state_dict(model.lm, adapter_name=ADAPTER_NAMES[0], save_embedding_layers=False)
+    tensors = [encoder[k] for k in sorted(encoder)] + [added_rows(model, model.lm.get_input_embeddings().weight)]
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    config = model.config
+    return {
+        "base_model_fingerprint": model.base_fingerprint,
+        "compression_rate": config.compression_rate,
+        "doc_max_length": config.doc_max_length,
+        "memory_shape": [config.n_mem_tokens, model.hidden_size],
+        "memory_design": [config.memory_design, config.memory_pooling, config.memory_layer, config.memory_scale],
+        "encoder_sha256": digest.hexdigest(),
+    }
+
+
+def added_rows(model: AdaptedModel, matrix: torch.Tensor) -> torch.Tensor:
     """The rows of the special tokens CLaRa appended to the vocabulary."""
     return matrix.detach()[model.base_vocab_size:]
 
@@ -94,25 +125,18 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupted or not a safetensors file: {error}") from error
 
 
-def load_checkpoint(
-    cls: type["ClaraModel"], folder: Path, *, base_model: str | None, device: str, dtype
-) -> "ClaraModel":
-    """Build the model on its base LM, then load the trained weights into it."""
+def read_config(folder: Path) -> ClaraConfig:
+    """The ClaraConfig a checkpoint was trained with."""
     values = read_header(folder)["config"]
     # checkpoints written before the memory design was a setting all used appended <MEM> tokens
     values.setdefault("memory_design", "tokens")
     try:
-        config = ClaraConfig.from_dict(values)
+        return ClaraConfig.from_dict(values)
     except ValueError as error:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from error
-    if base_model is not None:
-        config.base_model = base_model
-    model = cls(config, device=device, dtype=dtype)
-    load_trained_weights(model, folder)
-    return model
 
 
-def load_trained_weights(model: "ClaraModel", folder: Path) -> None:
+def load_trained_weights(model: AdaptedModel, folder: Path) -> None:
     """Check the base-model fingerprint, then load the three adapters and the rows; a missing,
     empty or non-finite one is an error, never a silently untrained adapter."""
     header = read_header(folder)
@@ -128,7 +152,7 @@ def load_trained_weights(model: "ClaraModel", folder: Path) -> None:
     load_added_rows(model, embeddings["input_rows"], embeddings.get("output_rows"))
 
 
-def load_adapter_weights(model: "ClaraModel", name: str, state: dict[str, torch.Tensor], source: str) -> None:
+def load_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torch.Tensor], source: str) -> None:
     """Load one adapter's peft-keyed tensors; every key must fit the model, and every value
     must be finite."""
     expected = get_peft_model_state_dict(model.lm, adapter_name=name, save_embedding_layers=False)
@@ -149,7 +173,7 @@ def load_adapter_weights(model: "ClaraModel", name: str, state: dict[str, torch.
     set_peft_model_state_dict(model.lm, state, adapter_name=name)
 
 
-def load_added_rows(model: "ClaraModel", input_rows: torch.Tensor, output_rows: torch.Tensor | None) -> None:
+def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: torch.Tensor | None) -> None:
     """Write the special-token rows into the (resized) embedding matrices."""
     targets = [(model.lm.get_input_embeddings().weight, input_rows)]
     output = model.lm.get_output_embeddings()

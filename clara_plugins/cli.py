@@ -1,22 +1,25 @@
-"""The ``clara`` command: ask, convert checkpoints and data, synthesise, train, evaluate, benchmark."""
+"""The ``clara`` command: index a corpus, ask, convert checkpoints and data, train, evaluate, benchmark.
+
+Only the invoked subcommand's arguments are built, and each subcommand imports what it needs
+when it runs: ``clara --help`` loads neither torch nor the frameworks.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import importlib.metadata
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.run import add_arguments as add_bench_arguments
-
-from .config import DEFAULT_BASE_MODEL, MEMORY_DESIGNS, ClaraConfig
+from .config import DEFAULT_BASE_MODEL, MEMORY_DESIGNS, STAGES, ClaraConfig, TrainConfig
 from .errors import CheckpointError, InvalidInputError, StoreError
-from .datasets import read_documents
-from .training import TrainConfig
-
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze")
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # MemoryStore's; the store module itself loads torch
 
 
 def _positive(value: str) -> int:
@@ -33,140 +36,247 @@ def _non_negative(value: str) -> int:
     return number
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clara", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", metavar="DIR",
+                        help="a CLaRa checkpoint folder (default: the shipped trained one on the default "
+                        "backbone, an untrained model on any other --base-model or rate)")
+    parser.add_argument("--base-model", metavar="PATH_OR_ID",
+                        help=f"base causal LM: a local folder or hub id (default: {DEFAULT_BASE_MODEL}, "
+                        "or the one the checkpoint names)")
+    parser.add_argument("--compression-rate", type=_positive, default=16,
+                        help="document tokens per memory token when no checkpoint is given (default 16)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
 
-    ask = commands.add_parser(
-        "ask",
-        help="answer a question from documents compressed into memory tokens",
-        description="Compress the documents, pick the top-k with the query reasoner when there "
-        "are more than k, and answer the question from their memory tokens.",
-    )
-    sources = ask.add_argument_group("documents (at least one of)")
+
+# ------------------------------------------------------------------ arguments
+
+
+def _index_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("corpus", nargs="+", metavar="FILE",
+                        help="passage files: .txt (one document per paragraph), .json/.jsonl (records with "
+                        "'text' or 'contents')")
+    parser.add_argument("--store", required=True, metavar="DIR", help="the store folder (created, or extended)")
+    _model_arguments(parser)
+    parser.add_argument("--index", choices=INDEX_KINDS, default="flat",
+                        help="search index of a new store (default flat: exact)")
+    parser.add_argument("--save-every", type=_positive, default=1024,
+                        help="documents compressed between saves; a stopped run resumes from the last save")
+
+
+def _ask_arguments(parser: argparse.ArgumentParser) -> None:
+    sources = parser.add_argument_group("documents (at least one of)")
+    sources.add_argument("--store", metavar="DIR", help="a store written by 'clara index': retrieve from it")
     sources.add_argument("--docs", nargs="+", default=[], metavar="FILE",
                          help="document files: .txt (one document per paragraph), .json/.jsonl (records "
                          "with 'text' or 'contents'); a missing file is an error")
     sources.add_argument("--text", nargs="+", default=[], metavar="TEXT",
                          help="documents given as literal text on the command line")
-    ask.add_argument("--question", required=True, help="the question to answer")
-    ask.add_argument("--checkpoint", metavar="DIR",
-                     help="a CLaRa checkpoint folder (default: the shipped trained one on the default "
-                     "backbone, an untrained model on any other --base-model or rate)")
-    ask.add_argument("--base-model", metavar="PATH_OR_ID",
-                     help=f"base causal LM: a local folder or hub id (default: {DEFAULT_BASE_MODEL}, "
-                     "or the one the checkpoint names)")
-    ask.add_argument("--compression-rate", type=_positive, default=16,
-                     help="document tokens per memory token when no checkpoint is given (default 16)")
-    ask.add_argument("-k", "--top-k", type=_positive, default=5,
-                     help="documents the generator reads when more are given (default 5)")
-    ask.add_argument("--max-new-tokens", type=_positive,
-                     help="answer length limit (default: the model's max_new_tokens setting)")
-    ask.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
-    ask.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is made")
+    parser.add_argument("--question", required=True, help="the question to answer")
+    _model_arguments(parser)
+    parser.add_argument("-k", "--top-k", type=_positive,
+                        help=f"documents the generator reads (default: the model's generation_top_k, "
+                        f"{ClaraConfig.generation_top_k})")
+    parser.add_argument("--max-new-tokens", type=_positive,
+                        help="answer length limit (default: the model's max_new_tokens setting)")
+    parser.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is made")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: question, answer, sources (ids, scores, first words)")
 
-    convert = commands.add_parser(
-        "convert-apple",
-        help="convert an Apple CLaRa checkpoint folder to this project's format",
-        description="Read config.json, adapters.pth and decoder_first_last_layers.pth (safely, "
-        "weights_only) and write a clara-plugins checkpoint (JSON + safetensors).",
-    )
-    convert.add_argument("source", metavar="SRC", help="Apple checkpoint folder (e.g. compression-16/)")
-    convert.add_argument("destination", metavar="DST", help="output folder")
-    convert.add_argument("--base-model", metavar="PATH",
-                         help="local copy of the base model (Apple's config may name a private path)")
-    data = commands.add_parser(
-        "convert-data", help="convert an official QA file into training or evaluation rows",
-        description="Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ in their official formats and write "
-        "instruction rows (question, k documents, answer) or end-to-end rows (~20 candidates, pos_index).")
-    data.add_argument("source", help="the official file (e.g. ../shared/data/hotpotqa/dev.json)")
-    data.add_argument("destination", help="output JSONL")
-    data.add_argument("--kind", choices=["instruct", "e2e", "scp", *PASSAGE_KINDS], default="instruct",
-                      help="row kind (default instruct). scp: SCP QA rows from the examples with one gold "
-                           "passage (NQ). Teacher-free rows from a passage file (SOURCE is then a corpus, "
-                           "as for 'clara synth'): reconstruct (repeat the passage), continue (its second "
-                           "half from its first), cloze (a blanked name, number or date)")
-    data.add_argument("--setting", choices=["normal", "oracle"], default="normal",
-                      help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
-    data.add_argument("-k", type=_positive, default=5, help="documents per instruction row (default 5)")
-    data.add_argument("--candidates", type=_positive, default=20, help="candidates per end-to-end row (default 20)")
-    data.add_argument("--skip", type=_non_negative, default=0,
-                      help="leave out the first N examples (e.g. NQ dev 0-299, held out for evaluation)")
-    data.add_argument("--limit", type=_positive, help="only the first N examples (after --skip)")
-    data.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
 
-    synth = commands.add_parser(
-        "synth", help="synthesise SCP pretraining data with a teacher LLM",
-        description="For each passage a teacher writes simple QA, complex QA and a paraphrase, checks "
-        "coverage, regenerates what is missing and drops weak samples. Resumable.")
-    synth.add_argument("corpus", help="passages: .json list of {title, text} or .jsonl of {id, contents}")
-    synth.add_argument("output", help="output JSONL (a .done ledger is kept beside it)")
-    synth.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
-                       help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
-    synth.add_argument("--limit", type=_positive, help="only the first N passages")
-    synth.add_argument("--max-rounds", type=int, default=3, help="coverage check rounds (default 3)")
+def _convert_apple_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="Apple checkpoint folder (e.g. compression-16/)")
+    parser.add_argument("destination", metavar="DST", help="output folder")
+    parser.add_argument("--base-model", metavar="PATH",
+                        help="local copy of the base model (Apple's config may name a private path)")
 
-    training = commands.add_parser(
-        "train", help="train one CLaRa stage (scp, instruct or e2e) or the text baseline",
-        description="Train a stage on JSONL rows; resumes when OUTPUT holds a trainer state. The "
-        "checkpoint is written to OUTPUT/checkpoint, the metrics to OUTPUT/log.jsonl.")
-    training.add_argument("--stage", choices=["scp", "instruct", "e2e", "text"], required=True,
-                          help="the stage; 'text' fine-tunes the decoder on the same rows read as text "
-                               "(the fair text-RAG baseline)")
-    training.add_argument("--data", required=True, help="JSONL rows of the stage")
-    training.add_argument("--output", required=True, help="output folder")
-    training.add_argument("--init", metavar="DIR", help="checkpoint of the previous stage to start from")
-    training.add_argument("--base-model", help="base model when no --init (default: the offline SmolLM2)")
-    training.add_argument("--compression-rate", type=int, default=16, help="when no --init (default 16)")
-    training.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
-    training.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
-                          help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
-    training.add_argument("--memory-design", choices=MEMORY_DESIGNS, default=ClaraConfig.memory_design,
-                          help=f"when no --init: how documents become memory vectors (default "
-                               f"{ClaraConfig.memory_design})")
-    training.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+
+def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="the official file (e.g. ../shared/data/hotpotqa/dev.json)")
+    parser.add_argument("destination", help="output JSONL")
+    parser.add_argument("--kind", choices=["instruct", "e2e", "scp", *PASSAGE_KINDS], default="instruct",
+                        help="row kind (default instruct). scp: SCP QA rows from the examples with one gold "
+                             "passage (NQ). Teacher-free rows from a passage file (SOURCE is then a corpus, "
+                             "as for 'clara synth'): reconstruct (repeat the passage), continue (its second "
+                             "half from its first), cloze (a blanked name, number or date)")
+    parser.add_argument("--setting", choices=["normal", "oracle"], default="normal",
+                        help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
+    parser.add_argument("-k", type=_positive, default=5, help="documents per instruction row (default 5)")
+    parser.add_argument("--candidates", type=_positive, default=20, help="candidates per end-to-end row (default 20)")
+    parser.add_argument("--skip", type=_non_negative, default=0,
+                        help="leave out the first N examples (e.g. NQ dev 0-299, held out for evaluation)")
+    parser.add_argument("--limit", type=_positive, help="only the first N examples (after --skip)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+
+
+def _synth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("corpus", help="passages: .json list of {title, text} or .jsonl of {id, contents}")
+    parser.add_argument("output", help="output JSONL (a .done ledger is kept beside it)")
+    parser.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
+                        help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
+    parser.add_argument("--limit", type=_positive, help="only the first N passages")
+    parser.add_argument("--max-rounds", type=int, default=3, help="coverage check rounds (default 3)")
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stage", choices=STAGES, required=True,
+                        help="the stage; 'text' fine-tunes the decoder on the same rows read as text "
+                             "(the fair text-RAG baseline)")
+    parser.add_argument("--data", required=True, help="JSONL rows of the stage")
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--init", metavar="DIR", help="checkpoint of the previous stage to start from")
+    parser.add_argument("--base-model", help="base model when no --init (default: the offline SmolLM2)")
+    parser.add_argument("--compression-rate", type=int, default=16, help="when no --init (default 16)")
+    parser.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
+    parser.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
+                        help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
+    parser.add_argument("--memory-design", choices=MEMORY_DESIGNS, default=ClaraConfig.memory_design,
+                        help=f"when no --init: how documents become memory vectors (default "
+                             f"{ClaraConfig.memory_design})")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     for field in dataclasses.fields(TrainConfig):
-        if field.name != "stage":
-            flag = "--" + field.name.replace("_", "-")
-            if field.type == "bool":
-                training.add_argument(flag, action="store_true", help=f"TrainConfig.{field.name}")
-            else:
-                training.add_argument(flag, type=type(field.default), default=field.default,
-                                      help=f"TrainConfig.{field.name} (default {field.default})")
+        if field.name == "stage":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=f"TrainConfig.{field.name}")
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default,
+                                help=f"TrainConfig.{field.name} (default {field.default})")
 
-    evaluate = commands.add_parser(
-        "eval", help="EM, F1, cover-EM and Recall/Precision@k on converted rows",
-        description="Evaluate a system (clara, text, none) and/or retrievers (reasoner, compressor, dense, bm25).")
-    evaluate.add_argument("data", help="converted JSONL rows")
-    evaluate.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
-    evaluate.add_argument("--systems", nargs="*", default=["clara"], choices=["clara", "text", "none"],
-                          help="answering systems (default clara)")
-    evaluate.add_argument("--retrievers", nargs="*", default=[], choices=["reasoner", "compressor", "dense", "bm25"],
-                          help="retrievers to score on the rows' candidates ('compressor': the question "
-                               "encoded by the compressor, where the end-to-end reasoner starts)")
-    evaluate.add_argument("--reading", action="store_true",
-                          help="also measure whether the generator reads its memory tokens: the targets' CE "
-                               "from each row's own documents vs the next row's (instruction or SCP rows)")
-    evaluate.add_argument("--dense-model", default="all-minilm-l6-v2", help="sentence-transformers path")
-    evaluate.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
-    evaluate.add_argument("-k", type=_positive, default=5, help="documents read per question (default 5)")
-    evaluate.add_argument("--limit", type=_positive, help="only the first N rows")
-    evaluate.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length (default 32)")
-    evaluate.add_argument("--out", help="write the results (with predictions) to this JSON file")
-    evaluate.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
 
-    bench = commands.add_parser(
-        "bench", help="benchmark CLaRa against text RAG (quality, retrieval, latency, memory)",
-        description="Every system answers the same sampled questions through a LangChain or LlamaIndex "
-        "pipeline; writes JSON, a Markdown table and plots. Needs pip install 'clara-plugins[bench]'.")
-    add_bench_arguments(bench)
-    return parser
+def _eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from clara_benchmarks.dense import DEFAULT_DENSE_MODEL
+    from clara_benchmarks.evaluation import RETRIEVERS, SYSTEMS
+
+    parser.add_argument("data", help="converted JSONL rows")
+    parser.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
+    parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
+                        help="answering systems (default clara)")
+    parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
+                        help="retrievers to score on the rows' candidates ('compressor': the question "
+                             "encoded by the compressor, where the end-to-end reasoner starts)")
+    parser.add_argument("--reading", action="store_true",
+                        help="also measure whether the generator reads its memory tokens: the targets' CE "
+                             "from each row's own documents vs the next row's (instruction or SCP rows)")
+    parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
+    parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
+    parser.add_argument("-k", type=_positive, default=5, help="documents read per question (default 5)")
+    parser.add_argument("--limit", type=_positive, help="only the first N rows")
+    parser.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length (default 32)")
+    parser.add_argument("--out", help="write the results (with predictions) to this JSON file")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from clara_benchmarks.run import add_arguments
+
+    add_arguments(parser)
+
+
+# ------------------------------------------------------------------- commands
+
+
+def _index(args: argparse.Namespace) -> None:
+    from tqdm.auto import tqdm
+
+    from .corpora import read_documents
+    from .pretrained import load_model
+    from .store import MemoryStore
+
+    model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
+                       device=args.device)
+    folder = Path(args.store)
+    if (folder / "CURRENT").exists():
+        store = MemoryStore.load(folder, model)
+    elif folder.exists() and any(folder.iterdir()):
+        raise StoreError(f"{folder} holds files but no CLaRa memory store: choose an empty or new folder")
+    else:
+        store = MemoryStore(model, index=args.index)
+    documents = [(text, {"source": Path(path).name, "position": i})
+                 for path in args.corpus for i, text in enumerate(read_documents([path]))]
+    ids = [document_id(text) for text, _ in documents]
+    stored = {document.id for document in store.get(ids)}
+    first: dict[str, int] = {}  # each text once: its first occurrence
+    for i, doc_id in enumerate(ids):
+        first.setdefault(doc_id, i)
+    todo = [i for doc_id, i in first.items() if doc_id not in stored]
+    with tqdm(total=len(todo), desc="indexing", unit="doc") as progress:
+        for start in range(0, len(todo), args.save_every):
+            batch = todo[start:start + args.save_every]
+            store.upsert([documents[i][0] for i in batch], [ids[i] for i in batch], [documents[i][1] for i in batch])
+            store.save(folder)
+            progress.update(len(batch))
+    if not (folder / "CURRENT").exists():
+        store.save(folder)
+    print(f"{folder}: {len(store)} documents ({len(todo)} compressed now, {len(first) - len(todo)} already stored)")
+
+
+def document_id(text: str) -> str:
+    """A document's id in a store built by ``clara index``: its text's hash, so that indexing
+    the same corpus again skips what is stored."""
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _ask(args: argparse.Namespace) -> None:
+    from .corpora import read_documents
+    from .pretrained import load_model
+    from .prompts import question_prompt
+    from .retrieval import cosine_scores, top_k
+    from .store import MemoryStore
+
+    if not args.docs and not args.text and not args.store:
+        raise InvalidInputError("no documents: give --store DIR, --docs FILE ... or --text TEXT ...")
+    if args.store and (args.docs or args.text):
+        raise InvalidInputError("give either --store or --docs/--text, not both")
+    texts = read_documents(args.docs) + args.text  # a bad path fails before the model loads
+    model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
+                       device=args.device)
+    k = args.top_k or model.config.generation_top_k
+    if args.store:
+        store = MemoryStore.load(args.store, model)
+        hits = store.search(args.question, k)
+        memories = store.memories([document.id for document, _ in hits])
+        sources = [(document.id, document.text, score) for document, score in hits]
+    else:
+        candidates = model.compress_documents(texts, show_progress=len(texts) > 8)
+        query = model.encode_queries([args.question])
+        memories, picked = top_k(query, candidates, k)
+        memories, picked = memories[0], picked[0].tolist()
+        scores = cosine_scores(query, candidates)[0].tolist()
+        sources = [(str(i + 1), texts[i], scores[i]) for i in picked]
+    prompt = question_prompt(model.tokenizer, args.question, len(memories), model.document_placeholder)
+    positions = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    if args.json or args.no_stream:
+        answer = model.answer([args.question], memories.unsqueeze(0), args.max_new_tokens)[0]
+        if not args.json:
+            print(answer)
+    else:
+        answer = ""
+        for piece in model.stream_answer(args.question, memories, args.max_new_tokens):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+    described = [{"id": doc_id, "score": round(score, 4), "first_words": _first_words(text)}
+                 for doc_id, text, score in sources]
+    if args.json:
+        print(json.dumps({"question": args.question, "answer": answer, "sources": described,
+                          "input_positions": positions}))
+        return
+    print("sources:")
+    for rank, source in enumerate(described, 1):
+        print(f"  [{rank}] {source['id']}  score {source['score']:.3f}  {source['first_words']}")
+
+
+def _first_words(text: str, words: int = 12) -> str:
+    """The start of a document, on one line: enough to recognise it (its title, in most corpora)."""
+    head = text.split()
+    return " ".join(head[:words]) + (" …" if len(head) > words else "")
 
 
 def _convert_data(args: argparse.Namespace) -> None:
-    from .datasets import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, read_examples,
-                           reconstruction_rows, scp_qa_rows, write_jsonl)
+    from .corpora import read_documents, read_examples
+    from .jsonfiles import write_jsonl
+    from .rows import cloze_rows, continuation_rows, e2e_rows, instruct_rows, reconstruction_rows, scp_qa_rows
 
     end = None if args.limit is None else args.skip + args.limit
     read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
@@ -181,6 +291,7 @@ def _convert_data(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
+    from .corpora import read_documents
     from .synthesis import HuggingFaceTeacher, synthesize
 
     passages = read_documents([args.corpus])[: args.limit]
@@ -192,7 +303,8 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    from .datasets import read_jsonl
+    from .corpora import read_documents
+    from .jsonfiles import read_jsonl
     from .model import ClaraModel
     from .store import MemoryStore
     from .training import train
@@ -216,10 +328,12 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from .datasets import read_jsonl
-    from .dense import DenseRetriever
-    from .evaluation import evaluate_answers, evaluate_reading, evaluate_retrieval
+    from clara_benchmarks.dense import DenseRetriever
+    from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval
+
+    from .jsonfiles import read_jsonl
     from .pretrained import default_checkpoint, load_model
+    from .reading import evaluate_reading
 
     rows = read_jsonl(args.data)[: args.limit]
     checkpoint = args.checkpoint or default_checkpoint()
@@ -239,42 +353,51 @@ def _eval(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
-def _ask(args: argparse.Namespace) -> None:
-    from .pretrained import load_model
-
-    if not args.docs and not args.text:
-        raise InvalidInputError("no documents: give --docs FILE ... or --text TEXT ...")
-    documents = read_documents(args.docs) + args.text
-    model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
-                       device=args.device)
-    memories = model.compress_documents(documents, show_progress=len(documents) > 8)
-    if len(documents) > args.top_k:
-        from .retrieval import cosine_scores
-
-        top = cosine_scores(model.encode_queries([args.question]), memories)[0].topk(args.top_k).indices
-        print(f"retrieved documents {top.tolist()} of {len(documents)}", file=sys.stderr)
-        memories = memories[top]
-    if args.no_stream:
-        print(model.generate_from_compressed_documents_and_questions([args.question], memories,
-                                                                      args.max_new_tokens)[0])
-        return
-    for piece in model.stream_answer(args.question, memories, args.max_new_tokens):
-        print(piece, end="", flush=True)
-    print()
-
-
 def _bench(args: argparse.Namespace) -> None:
-    from benchmarks.run import run
+    from clara_benchmarks.run import run
 
     for path in run(args):
         print(f"wrote {path}")
 
 
-def _convert(args: argparse.Namespace) -> None:
+def _convert_apple(args: argparse.Namespace) -> None:
     from .apple import convert_apple_checkpoint
 
     convert_apple_checkpoint(args.source, args.destination, base_model=args.base_model)
     print(f"wrote {args.destination}")
+
+
+# name: (one-line help, the arguments, what runs)
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
+    "index": ("compress a corpus once into a persisted memory store (resumable)", _index_arguments, _index),
+    "ask": ("answer a question from a store or from documents compressed into memory tokens",
+            _ask_arguments, _ask),
+    "convert-apple": ("convert an Apple CLaRa checkpoint folder to this project's format (safely, "
+                      "weights_only)", _convert_apple_arguments, _convert_apple),
+    "convert-data": ("convert an official QA file or corpus into training or evaluation rows",
+                     _convert_data_arguments, _convert_data),
+    "synth": ("synthesise SCP pretraining data with a teacher LLM (resumable)", _synth_arguments, _synth),
+    "train": ("train one CLaRa stage (scp, instruct, e2e) or the text baseline; resumes when OUTPUT "
+              "holds a trainer state", _train_arguments, _train),
+    "eval": ("EM, F1, cover-EM, Recall/Precision@k and the reading gain on converted rows",
+             _eval_arguments, _eval),
+    "bench": ("benchmark CLaRa against text RAG through LangChain and LlamaIndex pipelines (needs "
+              "pip install 'clara-plugins[bench]')", _bench_arguments, _bench),
+}
+
+
+def _build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser, with the arguments of ``command`` alone (the others are only listed)."""
+    parser = argparse.ArgumentParser(prog="clara", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version",
+                        version=f"clara-plugins {importlib.metadata.version('clara-plugins')}")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (summary, add_arguments, _) in COMMANDS.items():
+        subparser = commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".")
+        if name == command:
+            add_arguments(subparser)
+    return parser
 
 
 # Exit codes beyond argparse's 2 (usage): the first class that matches an error wins, so the
@@ -285,11 +408,11 @@ EXIT_CODES = ((CheckpointError, 4), (StoreError, 5), (ValueError, 5), (OSError, 
 def main(argv: list[str] | None = None) -> None:
     """Run one subcommand. Errors print one line on stderr and exit with a code of EXIT_CODES
     (1 for anything else); ``--debug`` shows the traceback instead."""
-    args = _build_parser().parse_args(argv)
-    commands = {"ask": _ask, "convert-apple": _convert, "convert-data": _convert_data, "synth": _synth,
-                "train": _train, "eval": _eval, "bench": _bench}
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((word for word in argv if word in COMMANDS), None)
+    args = _build_parser(command).parse_args(argv)
     try:
-        commands[args.command](args)
+        COMMANDS[args.command][2](args)
     except Exception as error:
         if args.debug:
             raise

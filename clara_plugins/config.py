@@ -1,4 +1,8 @@
-"""ClaraConfig: every setting that shapes a CLaRa model, saved beside its weights as JSON."""
+"""The two configs: ClaraConfig shapes a model and is saved beside its weights as JSON;
+TrainConfig holds every knob of a training run.
+
+Neither imports torch, so that the command line can build its flags without loading it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,10 @@ ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 MEMORY_DESIGNS = ("pooled", "tokens")
 MEMORY_POOLINGS = ("mean", "last")
+
+# Settings older checkpoints record that no longer shape a model; loading ignores them.
+# retrieval_temperature: the straight-through top-k's temperature is TrainConfig.temperature.
+RETIRED_FIELDS = ("retrieval_temperature",)
 
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Your task is to extract relevant information from provided "
@@ -43,8 +51,7 @@ class ClaraConfig:
     memory_pooling: str = "mean"
     memory_layer: int = -1
     memory_scale: bool = False
-    generation_top_k: int = 5
-    retrieval_temperature: float = 0.02
+    generation_top_k: int = 5  # documents the generator reads when it is offered more
     max_new_tokens: int = 64
     # Set by the "text" training stage: the decoder adapter learned to answer from documents
     # pasted as text (the fine-tuned text-RAG baseline), so reading text uses it, not the base.
@@ -78,6 +85,7 @@ class ClaraConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ClaraConfig":
+        values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
@@ -90,3 +98,52 @@ class ClaraConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ClaraConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+STAGES = ("scp", "instruct", "e2e", "text")
+ESTIMATORS = ("straight-through", "realm")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every knob of a training run (``clara train`` makes one flag of each)."""
+
+    stage: str
+    steps: int = 100
+    batch_size: int = 1
+    grad_accum: int = 8
+    lr: float = 1e-4
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"  # or "constant" (the paper's end-to-end stage)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    mse_weight: float = 0.1
+    top_k: int = 5
+    temperature: float = 0.02
+    estimator: str = "straight-through"
+    null_document: bool = False
+    candidates: int = 20  # per question, when retrieving from a corpus store
+    refresh_every: int = 0  # re-encode the corpus store every N steps (0: never)
+    seed: int = 0
+    save_every: int = 50
+    freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
+    keep_generator: bool = False  # instruct stage: keep the previous stage's generator (the paper starts afresh)
+    # A reading margin: + margin_weight * relu(margin - gain), where gain is the batch's CE read
+    # from another row's memories minus from its own. Without it a generator first learns to
+    # ignore its memories and only slowly learns to read them (docs/training-run.md).
+    margin_weight: float = 0.0
+    margin: float = 1.0
+    probe_every: int = 0  # measure the reading gain on held-out probe rows every N steps (0: never)
+
+    @property
+    def generator_only(self) -> bool:
+        """Only the decoder adapter learns: the text stage, or instruct with a frozen compressor."""
+        return self.stage == "text" or (self.stage == "instruct" and self.freeze_compressor)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")

@@ -1,52 +1,205 @@
-"""Gathering the memory tokens a generator reads: stored ones by id or text, fresh ones otherwise.
+"""Prompts of any layout whose documents the generator reads as memory tokens.
 
-Shared by the framework adapters, whose chat models and synthesizers receive documents as
-store ids, as texts, or as both.
+A framework hands ChatClara or ClaraLLM chat messages of plain text, built by whatever
+template the user chose. ``read_messages`` turns them into the prompt the generator runs on:
+
+- the exact text of a stored document, wherever it occurs in a message (it must be at least
+  ``MIN_FOUND_CHARS`` long), is replaced in place by the document's stored memory tokens;
+- documents passed explicitly (texts, or store ids) are read as memory tokens too: in place
+  where their text occurs, otherwise in a ``Background:`` block before the last user message,
+  the layout the generator was trained on. Texts the store lacks are compressed on the spot;
+- all other text (instructions, the question, chat history) is read as text, except blank
+  separators between two documents: documents listed one after another read as one block.
+
+With more than k memory documents the query reasoner keeps the k that best match the last
+user message (its documents left out); the others leave the prompt. Documents in place keep
+their place; the ``Background:`` block lists its documents best first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import dataclasses
+import threading
+import warnings
+from collections.abc import Sequence
 
 import torch
 
+from .config import SYSTEM_PROMPT
 from .model import ClaraModel
-from .retrieval import cosine_scores
+from .prompts import render_messages
+from .retrieval import top_k
 from .store import MemoryStore
 
-
-def memories_for_texts(model: ClaraModel, store: MemoryStore | None, texts: Sequence[str]) -> torch.Tensor:
-    """[len(texts), n_mem, hidden]: a text already in the store reuses its stored memory tokens."""
-    if not texts:
-        return torch.zeros(0, model.config.n_mem_tokens, model.hidden_size)
-    stored_ids = store.ids_for_texts(texts) if store is not None else [None] * len(texts)
-    missing = [text for text, doc_id in zip(texts, stored_ids) if doc_id is None]
-    fresh = iter(model.compress_documents(missing).cpu()) if missing else iter(())
-    found = [doc_id for doc_id in stored_ids if doc_id is not None]
-    known = iter(store.memories(found)) if found else iter(())
-    return torch.stack([next(known) if doc_id is not None else next(fresh) for doc_id in stored_ids])
+ROLES = ("system", "user", "assistant")
 
 
-def keep_top_k(model: ClaraModel, question: str, memories: torch.Tensor, k: int) -> torch.Tensor:
-    """The k memories the query reasoner ranks highest for the question (all when fewer)."""
-    if len(memories) <= k:
-        return memories
-    scores = cosine_scores(model.encode_queries([question]), memories)[0]
-    return memories[scores.topk(k).indices]
+@dataclasses.dataclass
+class _Document:
+    text: str
+    stored_id: str | None  # None: compressed on the spot
 
 
-def answer_pieces(model: ClaraModel, store: MemoryStore | None, question: str, ids: Sequence[str],
-                  texts: Sequence[str], k: int, max_new_tokens: int | None,
-                  read_text: bool = False) -> tuple[Iterator[str], int]:
-    """The answer's text pieces and the input positions the generator reads.
+@dataclasses.dataclass
+class Reading:
+    """The prompt the generator runs on, and what it reads."""
 
-    Documents are store ids (memory tokens read from ``store``) or texts. With ``read_text``
-    the first k documents are pasted as text and the backbone reads them (the text-RAG
-    baseline); otherwise the query reasoner keeps the best k memories.
+    prompt: str  # the rendered chat text; each memory document is one placeholder
+    memories: torch.Tensor  # [n_documents, n_mem, hidden], in the order of the placeholders
+    stored_ids: list[str]  # the documents read from the store's memory tokens
+    compressed: int  # documents compressed on the spot
+    positions: int  # input positions the generator reads
+
+    def summary(self) -> dict[str, int]:
+        """What a response's metadata reports."""
+        return {"memory_documents": len(self.memories), "stored_documents": len(self.stored_ids),
+                "compressed_documents": self.compressed, "input_positions": self.positions}
+
+
+@dataclasses.dataclass
+class ReadingStats:
+    """Running totals over an adapter's calls: shows that a pipeline reads memory tokens."""
+
+    calls: int = 0
+    memory_documents: int = 0
+    stored_documents: int = 0
+    compressed_documents: int = 0
+    input_positions: int = 0
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, reading: Reading) -> None:
+        with self._lock:
+            self.calls += 1
+            for name, value in reading.summary().items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+class Reader:
+    """What ChatClara and ClaraLLM share: a reading per call, counted in ``stats``, and one
+    warning when a pipeline passes them no memory tokens at all."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.stats = ReadingStats()
+        self._warned = False
+
+    def read(self, model: ClaraModel, messages: Sequence[tuple[str, str]], store: MemoryStore | None,
+             documents: Sequence[str], ids: Sequence[str], k: int | None) -> Reading:
+        if ids and store is None:
+            raise ValueError(f"document_ids need a {self.owner} with a store")
+        reading = read_messages(model, messages, store, documents, ids, k)
+        self.stats.add(reading)
+        if not len(reading.memories) and not self._warned:
+            self._warned = True
+            warnings.warn(f"{self.owner} read no memory tokens: the prompt holds no text of the store's documents "
+                          "and no documents were passed, so the generator reads text alone", stacklevel=5)
+        return reading
+
+
+def read_messages(
+    model: ClaraModel,
+    messages: Sequence[tuple[str, str]],
+    store: MemoryStore | None = None,
+    documents: Sequence[str] = (),
+    ids: Sequence[str] = (),
+    k: int | None = None,
+) -> Reading:
+    """Build the generator's prompt from (role, text) messages; roles are system, user, assistant.
+
+    ``documents`` are texts and ``ids`` store ids of documents to read as memory tokens
+    besides those the messages contain. ``k`` defaults to ``config.generation_top_k``.
     """
-    if read_text:
-        texts = [d.text for d in store.get(ids)][:k] if ids else list(texts)[:k]
-        return model.stream_reading_text(question, texts, max_new_tokens), model.text_prompt_positions(question, texts)
-    memories = store.memories(ids) if ids else memories_for_texts(model, store, texts)
-    memories = keep_top_k(model, question, memories, k)
-    return model.stream_answer(question, memories, max_new_tokens), model.prompt_positions(question, len(memories))
+    if not messages or not any(role == "user" for role, _ in messages):
+        raise ValueError("the messages need a user message: the question to answer")
+    unknown = {role for role, _ in messages} - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown message roles {sorted(unknown)}; use {ROLES}")
+    if ids and store is None:
+        raise ValueError("document ids need a store")
+    explicit = [_Document(d.text, d.id) for d in (store.get(ids) if ids else [])]
+    missing = set(ids) - {d.stored_id for d in explicit}
+    if missing:
+        raise ValueError(f"unknown document ids: {sorted(missing)[:5]}")
+    stored = store.ids_for_texts(documents) if store is not None and documents else [None] * len(documents)
+    explicit += [_Document(text, doc_id) for text, doc_id in zip(documents, stored)]
+
+    # Each message becomes pieces: text, or a document read in place.
+    pieces = [_split(text, store, explicit) for _, text in messages]
+    placed = {d.text for message in pieces for d in message if isinstance(d, _Document)}
+    background = [d for d in explicit if d.text not in placed]
+    last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
+    everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
+                for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
+    memories = _memories(model, store, everyone)
+    keep = _kept(model, memories, messages[last_user][1], pieces[last_user], k or model.config.generation_top_k)
+
+    rendered, read, order = [], [], iter(range(len(everyone)))
+    for i, ((role, _), message) in enumerate(zip(messages, pieces)):
+        content = ""
+        if i == last_user and background:
+            kept = sorted((j for j in (next(order) for _ in background) if j in keep), key=keep.get)
+            read += kept
+            content = "Background:\n" + model.document_placeholder * len(kept) + "\n\nQuestion:"
+        for piece in message:
+            if isinstance(piece, str):
+                content += piece
+            elif (j := next(order)) in keep:
+                read.append(j)
+                content += model.document_placeholder
+        rendered.append({"role": role, "content": content})
+    if rendered[0]["role"] != "system":
+        rendered.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
+    prompt = render_messages(model.tokenizer, rendered)
+    chosen = [everyone[j] for j in read]
+    return Reading(
+        prompt=prompt,
+        memories=memories[read] if read else memories[:0],
+        stored_ids=[d.stored_id for d in chosen if d.stored_id is not None],
+        compressed=sum(d.stored_id is None for d in chosen),
+        positions=len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+    )
+
+
+def _split(text: str, store: MemoryStore | None, explicit: list[_Document]) -> list[str | _Document]:
+    """A message's text cut into plain text and the documents it contains verbatim."""
+    spans = [(start, end, _Document(text[start:end], doc_id))
+             for start, end, doc_id in (store.documents_in(text) if store is not None else [])]
+    for document in explicit:
+        start = text.find(document.text)
+        if start >= 0:
+            spans.append((start, start + len(document.text), document))
+    pieces: list[str | _Document] = []
+    position = 0
+    for start, end, document in sorted(spans, key=lambda span: (span[0], -span[1])):
+        if start < position:
+            continue  # overlaps a document already cut out
+        between = text[position:start]
+        if between and not (between.isspace() and pieces and isinstance(pieces[-1], _Document)):
+            pieces.append(between)  # blank separators between two documents carry nothing
+        pieces.append(document)
+        position = end
+    if position < len(text):
+        pieces.append(text[position:])
+    return pieces
+
+
+def _memories(model: ClaraModel, store: MemoryStore | None, documents: list[_Document]) -> torch.Tensor:
+    """[len(documents), n_mem, hidden]: stored memory tokens, or fresh ones for other texts."""
+    empty = torch.zeros(0, model.config.n_mem_tokens, model.hidden_size)
+    if not documents:
+        return empty
+    fresh_texts = list(dict.fromkeys(d.text for d in documents if d.stored_id is None))
+    fresh = dict(zip(fresh_texts, model.compress_documents(fresh_texts).cpu())) if fresh_texts else {}
+    stored_ids = [d.stored_id for d in documents if d.stored_id is not None]
+    stored = dict(zip(stored_ids, store.memories(stored_ids))) if stored_ids else {}
+    return torch.stack([stored[d.stored_id] if d.stored_id is not None else fresh[d.text] for d in documents]).float()
+
+
+def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list[str | _Document],
+          k: int) -> dict[int, int]:
+    """The memories the generator reads, each with its rank: all of them in their order, or
+    the query reasoner's top k, best first."""
+    if len(memories) <= k:
+        return {j: j for j in range(len(memories))}
+    query = "".join(p for p in pieces if isinstance(p, str)).strip() or question
+    return {j: rank for rank, j in enumerate(top_k(model.encode_queries([query]), memories, k)[1][0].tolist())}

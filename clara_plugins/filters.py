@@ -1,21 +1,43 @@
 """Metadata filters: a small dictionary language, checked before any search runs.
 
 ``{"field": value}`` is equality; ``{"field": {"$in": [a, b]}}`` membership; the operators
-``$eq``, ``$ne``, ``$in`` and ``$nin`` compare one field; ``{"$and": [...]}`` and
-``{"$or": [...]}`` combine filters; several keys in one dictionary must all hold.
+``$eq``, ``$ne``, ``$in`` and ``$nin`` compare one field; ``$gt``, ``$gte``, ``$lt`` and
+``$lte`` bound it; ``{"$and": [...]}`` and ``{"$or": [...]}`` combine filters; several keys in
+one dictionary must all hold.
+
+A range bound is a number or a string. Numbers compare with numbers, strings with strings
+(so ISO dates order correctly); a stored value of another kind (a string against a number
+bound, a boolean, a list) or a missing field simply does not match.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Callable
 from typing import Any
 
 Filter = dict[str, Any]
 
+
+def _kind(value: Any) -> type | None:
+    """What a range operator may compare: numbers (not booleans) or strings; None otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float
+    return str if isinstance(value, str) else None
+
+
+def _bounded(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    return lambda value, bound: _kind(value) is not None and _kind(value) is _kind(bound) and compare(value, bound)
+
+
+_RANGE_OPERATORS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 _FIELD_OPERATORS = {
     "$eq": lambda value, target: value == target,
     "$ne": lambda value, target: value != target,
     "$in": lambda value, target: value in target,
     "$nin": lambda value, target: value not in target,
+    **{name: _bounded(compare) for name, compare in _RANGE_OPERATORS.items()},
 }
 
 
@@ -37,11 +59,17 @@ def validate_filter(where: Filter, depth: int = 0) -> None:
         elif key.startswith("$"):
             raise ValueError(f"unknown filter operator {key!r}; use $and, $or or a field name")
         elif isinstance(condition, dict):
-            for operator, target in condition.items():
-                if operator not in _FIELD_OPERATORS:
-                    raise ValueError(f"unknown operator {operator!r} on field {key!r}; use {sorted(_FIELD_OPERATORS)}")
-                if operator in ("$in", "$nin") and not isinstance(target, (list, tuple, set)):
-                    raise ValueError(f"{operator} on field {key!r} takes a list")
+            for name, target in condition.items():
+                _validate_operator(key, name, target)
+
+
+def _validate_operator(key: str, name: str, target: Any) -> None:
+    if name not in _FIELD_OPERATORS:
+        raise ValueError(f"unknown operator {name!r} on field {key!r}; use {sorted(_FIELD_OPERATORS)}")
+    if name in ("$in", "$nin") and not isinstance(target, (list, tuple, set)):
+        raise ValueError(f"{name} on field {key!r} takes a list")
+    if name in _RANGE_OPERATORS and (_kind(target) is None or (_kind(target) is float and math.isnan(target))):
+        raise ValueError(f"{name} on field {key!r} takes a number or a string, got {target!r:.60}")
 
 
 def matches(metadata: dict[str, Any], where: Filter) -> bool:

@@ -6,15 +6,16 @@ as they are produced; transformers' ``generate`` cannot stream without a helper 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 
 @torch.no_grad()
 def greedy_steps(
-    lm: PreTrainedModel,
+    forward: Callable[..., object],
+    embed: torch.nn.Module,
     inputs_embeds: torch.Tensor,
     attention_mask: torch.Tensor,
     max_new_tokens: int,
@@ -22,14 +23,15 @@ def greedy_steps(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token id of every row, [batch], once per step.
 
-    Rows that already produced a stop token yield -1. Positions are counted from the attention
-    mask, so left-padded rows decode exactly as they would alone.
+    ``forward`` runs the language model on keyword inputs (the caller picks its weights for
+    every pass); ``embed`` is its input embedding. Rows that already produced a stop token
+    yield -1. Positions are counted from the attention mask, so left-padded rows decode
+    exactly as they would alone.
     """
     stop = torch.tensor(sorted(set(stop_ids)), device=inputs_embeds.device, dtype=torch.long)
-    embed = lm.get_input_embeddings()
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = lm(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    out = forward(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
     last_position = positions[:, -1:]
     finished = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device)
     for _ in range(max_new_tokens):
@@ -42,7 +44,7 @@ def greedy_steps(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_position = last_position + 1
         step_embeds = embed(next_ids.clamp(min=0)).unsqueeze(1).to(inputs_embeds.dtype)
-        out = lm(
+        out = forward(
             inputs_embeds=step_embeds,
             attention_mask=mask,
             position_ids=last_position,

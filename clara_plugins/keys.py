@@ -1,4 +1,4 @@
-"""Retrieval keys: what the store's faiss index searches.
+"""Retrieval keys: what the store's faiss index searches, and how results are diversified.
 
 CLaRa's own key is the document's flattened memory (cosine against the query reasoner's
 flattened memory of the question). Any other encoder of texts can supply keys instead,
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from .model import ClaraModel
 
@@ -24,7 +25,7 @@ class KeyEncoder(Protocol):
         """What must match for stored keys to be comparable with new query keys."""
 
     def document_keys(self, texts: list[str]) -> np.ndarray:
-        """[n_texts, dim] float32 keys (unused when keys_are_memories)."""
+        """[n_texts, dim] float32 keys (the store does not ask when keys_are_memories)."""
 
     def query_keys(self, queries: list[str]) -> np.ndarray:
         """[n_queries, dim] float32 keys."""
@@ -42,10 +43,17 @@ class ClaraKeys:
         return {"kind": "clara-memories"}
 
     def document_keys(self, texts: list[str]) -> np.ndarray:
-        raise NotImplementedError("CLaRa keys are the stored memories themselves")
+        """The keys a MemoryStore would hold for these texts (for vector stores of other libraries)."""
+        memories = self.model.compress_documents(texts)
+        return memory_keys(memories.to(torch.float16).cpu().numpy())
 
     def query_keys(self, queries: list[str]) -> np.ndarray:
         return self.model.encode_queries(queries).flatten(1).float().cpu().numpy()
+
+
+def memory_keys(memories: np.ndarray) -> np.ndarray:
+    """Unit-norm keys [n, n_mem * hidden] of fp16 memories [n, n_mem, hidden], as the store searches them."""
+    return normalize_rows(memories.reshape(len(memories), -1))
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
@@ -53,3 +61,21 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.maximum(norms, 1e-12)
+
+
+def maximal_marginal_relevance(query: np.ndarray, keys: np.ndarray, k: int, lambda_mult: float) -> list[int]:
+    """Indices of k rows of ``keys``, picked one at a time for relevance and diversity.
+
+    The first is the row most similar to the query; each next one maximises
+    ``lambda_mult * cosine(row, query) - (1 - lambda_mult) * max cosine(row, rows picked)``,
+    so 1 ranks by similarity alone and 0 by diversity alone. Rows and query are unit-norm.
+    """
+    relevance = keys @ query
+    picked = [int(np.argmax(relevance))]
+    closest = keys @ keys[picked[0]]  # each row's highest cosine to a picked row
+    while len(picked) < min(k, len(keys)):
+        score = lambda_mult * relevance - (1.0 - lambda_mult) * closest
+        score[picked] = -np.inf
+        picked.append(int(np.argmax(score)))
+        closest = np.maximum(closest, keys @ keys[picked[-1]])
+    return picked

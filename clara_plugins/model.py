@@ -11,22 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_trained_weights, read_config, save_checkpoint
 from .config import ADAPTER_NAMES, ClaraConfig
-from .errors import InvalidInputError, check_texts
+from .checks import check_texts
+from .errors import InvalidInputError
 from .generation import collect_answers, greedy_steps, stream_text
-from .prompts import question_prompt, text_context_prompt
-from .retrieval import cosine_scores
+from .prompts import question_prompt
+from .retrieval import top_k
 
 ENCODER, QUERY_REASONER, DECODER = ADAPTER_NAMES
 
@@ -43,9 +44,15 @@ class CompressedDocuments:
 class ClaraModel(torch.nn.Module):
     """CLaRa on any Hugging Face causal LM.
 
+    The verbs: ``compress`` documents, ``encode_queries``, ``answer`` (batched) and
+    ``stream_answer`` questions from memories, ``generate`` / ``stream`` any prompt whose
+    document placeholders carry memories, and ``save_pretrained`` / ``from_pretrained``.
+    Apple's method names remain as thin aliases. The model is safe to share between threads
+    and interleaved generators: every forward pass activates its adapter under one lock.
+
     >>> model = ClaraModel(ClaraConfig(compression_rate=16))        # offline SmolLM2 default
-    >>> memories = model.compress_documents(["Paris is the capital of France."])
-    >>> model.generate_from_compressed_documents_and_questions(["Capital of France?"], memories)
+    >>> memories = model.compress(["Paris is the capital of France."]).memories
+    >>> model.answer(["Capital of France?"], memories.unsqueeze(0))
     """
 
     def __init__(
@@ -76,8 +83,9 @@ class ClaraModel(torch.nn.Module):
         self.lm = get_peft_model(lm, lora, adapter_name=ENCODER)
         for name in ADAPTER_NAMES[1:]:
             self.lm.add_adapter(name, lora)
-        self._trainable: tuple[str, ...] = ()
-        self.set_trainable(())
+        self._lock = threading.RLock()  # adapter switches and forward passes, across threads
+        self.trainable: tuple[str, ...] = ()  # adapters whose LoRA weights train (see passes.py)
+        self._apply_trainable()
         self.to(self.device_)
         self.eval()
 
@@ -113,50 +121,22 @@ class ClaraModel(torch.nn.Module):
                 noise = torch.randn(matrix.size(0) - self.base_vocab_size, matrix.size(1), generator=generator)
                 matrix[self.base_vocab_size:] = (old.mean(0) + 0.1 * old.std(0) * noise).to(matrix.dtype)
 
-    def set_trainable(self, adapters: Sequence[str], memory_embeddings: bool = False) -> None:
-        """Choose what trains: the named adapters and, optionally, the <MEM> embedding rows.
+    @contextlib.contextmanager
+    def _adapter(self, name: str) -> Iterator[None]:
+        """Run the block with one adapter active, holding the model's lock.
 
-        Everything else stays frozen. The choice survives adapter switches (peft's own
-        ``set_adapter`` would otherwise flip requires_grad to the active adapter only).
+        peft's ``set_adapter`` also flips requires_grad to the active adapter alone, so the
+        training choice (``trainable``) is applied again after it.
         """
-        unknown = set(adapters) - set(ADAPTER_NAMES)
-        if unknown:
-            raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
-        self._trainable = tuple(adapters)
-        self._apply_trainable()
-        embedding = self.lm.get_input_embeddings().weight
-        embedding.requires_grad_(memory_embeddings)
-        if memory_embeddings and not hasattr(self, "_embedding_hook"):
-            rows = torch.zeros(embedding.size(0), 1, dtype=embedding.dtype, device=embedding.device)
-            rows[self.mem_token_ids] = 1.0
-            self._embedding_hook = embedding.register_hook(lambda grad: grad * rows.to(grad.device))
-
-    def copy_adapter(self, source: str, target: str) -> None:
-        """Overwrite one adapter's LoRA weights with another's.
-
-        The end-to-end stage starts its query reasoner as a copy of the encoder; copying the
-        encoder into an untrained reasoner gives retrieval by the compressor itself.
-        """
-        unknown = {source, target} - set(ADAPTER_NAMES)
-        if unknown:
-            raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
-        parameters = dict(self.lm.named_parameters())
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                if f".{source}." in name:
-                    parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+        with self._lock:
+            self.lm.set_adapter(name)
+            self._apply_trainable()
+            yield
 
     def _apply_trainable(self) -> None:
         for name, parameter in self.lm.named_parameters():
             if "lora_" in name:
-                parameter.requires_grad_(any(f".{a}." in name for a in self._trainable))
-
-    @contextlib.contextmanager
-    def _adapter(self, name: str) -> Iterator[None]:
-        """Run the block with one adapter active."""
-        self.lm.set_adapter(name)
-        self._apply_trainable()
-        yield
+                parameter.requires_grad_(any(f".{a}." in name for a in self.trainable))
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
@@ -168,27 +148,6 @@ class ClaraModel(torch.nn.Module):
                 yield
         finally:
             self.train(was_training)
-
-    def compressor_signature(self) -> dict:
-        """What fixes a document's memories: base model, sizes, encoder weights, <MEM> rows.
-
-        Stores of compressed documents record it and refuse to mix with another compressor.
-        """
-        digest = hashlib.sha256()
-        encoder = get_peft_model_state_dict(self.lm, adapter_name=ENCODER, save_embedding_layers=False)
-        embedding = self.lm.get_input_embeddings().weight
-        tensors = [encoder[k] for k in sorted(encoder)] + [embedding[self.base_vocab_size:]]
-        for tensor in tensors:
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        return {
-            "base_model_fingerprint": self.base_fingerprint,
-            "compression_rate": self.config.compression_rate,
-            "doc_max_length": self.config.doc_max_length,
-            "memory_shape": [self.config.n_mem_tokens, self.hidden_size],
-            "memory_design": [self.config.memory_design, self.config.memory_pooling, self.config.memory_layer,
-                              self.config.memory_scale],
-            "encoder_sha256": digest.hexdigest(),
-        }
 
     @property
     def device(self) -> torch.device:
@@ -275,13 +234,6 @@ class ClaraModel(torch.nn.Module):
             memories = memories * (self._embedding_norm / memories.norm(dim=-1, keepdim=True).clamp(min=1e-6))
         return memories, document_mean
 
-    def encode_for_training(self, texts: Sequence[str], adapter: str = ENCODER) -> tuple[torch.Tensor, torch.Tensor]:
-        """(memory states, mean document-token states) of texts through one adapter, keeping
-        gradients; inference callers run it under no_grad."""
-        texts = check_texts(texts, "texts")
-        bodies = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return self._encode_tokens(bodies, adapter)
-
     def compress(
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
     ) -> CompressedDocuments:
@@ -302,99 +254,93 @@ class ClaraModel(torch.nn.Module):
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         return CompressedDocuments(memories, counts, cut)
 
-    def compress_documents(
-        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
-    ) -> torch.Tensor:
-        """Documents -> memory tensor [n_docs, n_mem, hidden]. Warns when text was truncated."""
-        result = self.compress(documents, batch_size, show_progress)
-        truncated = [i for i, cut in enumerate(result.truncated_tokens) if cut]
-        if truncated:
-            warnings.warn(
-                f"{len(truncated)} of {len(result.token_counts)} documents exceed doc_max_length="
-                f"{self.config.doc_max_length} tokens; {sum(result.truncated_tokens)} tokens were cut "
-                f"(documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
-                stacklevel=2,
-            )
-        return result.memories
-
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
         """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden]."""
         questions = check_texts(questions, "questions")
         with self._inference():
-            return torch.cat([
-                self.encode_for_training(questions[s:s + batch_size], QUERY_REASONER)[0]
-                for s in range(0, len(questions), batch_size)
-            ])
+            bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
+            return torch.cat([self._encode_tokens(bodies[s:s + batch_size], QUERY_REASONER)[0]
+                              for s in range(0, len(bodies), batch_size)])
 
-    # -------------------------------------------------------------- generation
+    # -------------------------------------------------------------- answering
 
-    def _answer_inputs(
-        self, questions: list[str], memories: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The answering prompt for each question, memories injected (see ``_decoder_inputs``)."""
-        k = memories.size(1)
-        prompts = [question_prompt(self.tokenizer, q, k, self.document_placeholder) for q in questions]
-        return self._decoder_inputs(prompts, memories)
+    def answer(
+        self, questions: Sequence[str], memories: torch.Tensor, max_new_tokens: int | None = None
+    ) -> list[str]:
+        """Answer each question from its own documents' memories, [n_questions, k, n_mem, hidden],
+        in the answering prompt the generator was trained on."""
+        questions = check_texts(questions, "questions")
+        memories = self._as_batched_memories(questions, memories)
+        prompts = [question_prompt(self.tokenizer, q, memories.size(1), self.document_placeholder) for q in questions]
+        return self.generate(prompts, list(memories), max_new_tokens)
+
+    def stream_answer(
+        self, question: str, memories: torch.Tensor, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """``answer`` for one question over [k, n_mem, hidden] memories, yielded piece by piece."""
+        memories = self._as_batched_memories(check_texts([question], "question"), memories)[0]
+        prompt = question_prompt(self.tokenizer, question, len(memories), self.document_placeholder)
+        return self.stream(prompt, memories, max_new_tokens)
+
+    def generate(
+        self, prompts: Sequence[str], memories: Sequence[torch.Tensor | None] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """Greedy completions of rendered prompts in which each document is
+        ``document_placeholder``; ``memories[i]`` [k_i, n_mem, hidden] fills prompt i's
+        placeholders in order (None or no list: prompts without documents)."""
+        prompts = check_texts(prompts, "prompts")
+        with self._inference():
+            steps = self._greedy(*self._decoder_inputs(prompts, memories)[:2], max_new_tokens)
+            return collect_answers(self.tokenizer, steps, len(prompts), self.stop_token_ids)
+
+    def stream(
+        self, prompt: str, memories: torch.Tensor | None = None, max_new_tokens: int | None = None
+    ) -> Iterator[str]:
+        """``generate`` for one prompt, yielded piece by piece as the tokens decode."""
+        prompts = check_texts([prompt], "prompt")
+        with self._inference():
+            steps = self._greedy(*self._decoder_inputs(prompts, [memories])[:2], max_new_tokens)
+            yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
 
     def _decoder_inputs(
-        self, texts: list[str], memories: torch.Tensor | None = None
+        self, texts: list[str], memories: Sequence[torch.Tensor | None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embeddings of left-padded texts whose <MEM> placeholders carry ``memories``.
+        """Embeddings of left-padded texts whose <MEM> placeholders carry the memories.
 
-        memories: [batch, k, n_mem, hidden], one group of k documents per text, or None for
-        texts without any document placeholder. Returns the input embeddings, the attention
-        mask and the token ids.
+        memories[i]: [k_i, n_mem, hidden] for text i (k_i documents), or None. Returns the
+        input embeddings, the attention mask and the token ids.
         """
-        k = 0 if memories is None else memories.size(1)
+        groups = [None] * len(texts) if memories is None else list(memories)
+        if len(groups) != len(texts):
+            raise InvalidInputError(f"got {len(groups)} memory groups for {len(texts)} prompts")
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         slots = torch.isin(ids, torch.tensor(self.mem_token_ids, device=self.device))
-        expected = k * self.config.n_mem_tokens
-        found = slots.sum(dim=1)
-        if (found != expected).any():
-            bad = int((found != expected).nonzero()[0])
-            raise InvalidInputError(
-                f"text {bad} yields {int(found[bad])} memory slots instead of {expected}: "
-                "questions and answers must not contain CLaRa's <MEM> tokens"
-            )
+        for row, (group, found) in enumerate(zip(groups, slots.sum(dim=1).tolist())):
+            expected = 0 if group is None else group.size(0) * group.size(1)
+            if found != expected:
+                raise InvalidInputError(
+                    f"prompt {row} has {found} memory slots for {expected} memory vectors: each document "
+                    "is one document_placeholder, and text must not contain CLaRa's <MEM> tokens"
+                )
         embeds = self.lm.get_input_embeddings()(ids)
-        if k:
-            flat = memories.reshape(-1, memories.size(-1)).to(device=embeds.device, dtype=embeds.dtype)
+        filled = [g.reshape(-1, g.size(-1)) for g in groups if g is not None and g.numel()]
+        if filled:
+            flat = torch.cat(filled).to(device=embeds.device, dtype=embeds.dtype)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
         return embeds, mask, ids
 
-    def completion_log_likelihood(
-        self, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-probability of each completion after its prompt, and its token count.
+    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
+        return greedy_steps(self._decode, self.lm.get_input_embeddings(), embeds, mask,
+                            max_new_tokens or self.config.max_new_tokens, self.stop_token_ids)
 
-        ``prompts`` are rendered with the generation prompt open; ``completions`` are the same
-        conversations with the assistant turn written. Runs the decoder adapter, with gradients.
-        """
-        embeds, mask, ids = self._decoder_inputs(list(completions), memories)
-        prompt_lengths = [len(r) for r in self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-        lengths = mask.sum(1).tolist()
-        targets = torch.full_like(ids, -100)
-        for row, (total, prompt) in enumerate(zip(lengths, prompt_lengths)):
-            start = ids.size(1) - total + prompt  # first completion token (rows are left-padded)
-            targets[row, start:] = ids[row, start:]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Rows are left-padded, so every completion ends the row: logits are needed only for the
-        # last (longest completion + 1) positions, not the whole prompt over the full vocabulary.
-        tail = max(total - prompt for total, prompt in zip(lengths, prompt_lengths)) + 1
+    def _decode(self, **inputs: torch.Tensor):
+        """One forward pass of the generator; the adapter is set per pass, so a search run
+        between two streamed tokens cannot leave another adapter active."""
         with self._adapter(DECODER):
-            logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                             logits_to_keep=tail).logits
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        labels = targets[:, ids.size(1) - tail + 1:]
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        valid = labels != -100
-        return (picked * valid).sum(1), valid.sum(1)
-
-    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None):
-        return greedy_steps(self.lm, embeds, mask, max_new_tokens or self.config.max_new_tokens,
-                            self.stop_token_ids)
+            return self.lm(**inputs)
 
     def _as_batched_memories(self, questions: list[str], compressed: torch.Tensor) -> torch.Tensor:
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
@@ -409,82 +355,36 @@ class ClaraModel(torch.nn.Module):
             )
         return compressed.to(self.device)
 
-    def prompt_positions(self, question: str, n_documents: int) -> int:
-        """Input positions the generator reads for a question over n compressed documents."""
-        prompt = question_prompt(self.tokenizer, question, n_documents, self.document_placeholder)
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    # ------------------------------------------------------- Apple's method names
 
-    def text_prompt_positions(self, question: str, documents: Sequence[str]) -> int:
-        """Input positions of the text-RAG baseline's prompt (documents pasted as text)."""
-        prompt = text_context_prompt(self.tokenizer, question, list(documents))
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    def compress_documents(
+        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
+    ) -> torch.Tensor:
+        """Apple's name: documents -> memories [n_docs, n_mem, hidden]; warns when text was cut."""
+        result = self.compress(documents, batch_size, show_progress)
+        truncated = [i for i, cut in enumerate(result.truncated_tokens) if cut]
+        if truncated:
+            warnings.warn(
+                f"{len(truncated)} of {len(result.token_counts)} documents exceed doc_max_length="
+                f"{self.config.doc_max_length} tokens; {sum(result.truncated_tokens)} tokens were cut "
+                f"(documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
+                stacklevel=2,
+            )
+        return result.memories
 
     def generate_from_compressed_documents_and_questions(
         self, questions: Sequence[str], compressed_documents: torch.Tensor, max_new_tokens: int | None = None
     ) -> list[str]:
-        """Answer each question from its own share of the compressed documents."""
-        questions = check_texts(questions, "questions")
-        memories = self._as_batched_memories(questions, compressed_documents)
-        with self._inference(), self._adapter(DECODER):
-            embeds, mask, _ = self._answer_inputs(questions, memories)
-            steps = self._greedy(embeds, mask, max_new_tokens)
-            return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
-
-    def stream_answer(
-        self, question: str, compressed_documents: torch.Tensor, max_new_tokens: int | None = None
-    ) -> Iterator[str]:
-        """Yield the answer to one question piece by piece, from [k, n_mem, hidden] memories."""
-        questions = check_texts([question], "question")
-        memories = self._as_batched_memories(questions, compressed_documents)
-        with self._inference(), self._adapter(DECODER):
-            embeds, mask, _ = self._answer_inputs(questions, memories)
-            steps = self._greedy(embeds, mask, max_new_tokens)
-            yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
-
-    def generate_reading_text(
-        self,
-        questions: Sequence[str],
-        documents: Sequence[Sequence[str]],
-        max_new_tokens: int | None = None,
-    ) -> list[str]:
-        """Text RAG on the same backbone: the documents are read as text, by the plain base
-        model or, when ``config.decoder_reads_text``, by the decoder adapter fine-tuned on text.
-
-        Empty document lists give the no-retrieval baseline. No memory tokens are involved.
-        """
-        questions = check_texts(questions, "questions")
-        if isinstance(documents, str) or len(documents) != len(questions):
-            raise InvalidInputError("documents must hold one list of documents per question")
-        with self._inference(), self._text_reader():
-            steps = self._greedy(*self._reading_inputs(questions, documents), max_new_tokens)
-            return collect_answers(self.tokenizer, steps, len(questions), self.stop_token_ids)
-
-    def stream_reading_text(
-        self, question: str, documents: Sequence[str], max_new_tokens: int | None = None
-    ) -> Iterator[str]:
-        """``generate_reading_text`` for one question, yielded piece by piece."""
-        questions = check_texts([question], "question")
-        with self._inference(), self._text_reader():
-            steps = self._greedy(*self._reading_inputs(questions, [documents]), max_new_tokens)
-            yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
-
-    def _text_reader(self) -> contextlib.AbstractContextManager:
-        """The weights that read text: the decoder adapter fine-tuned on text, or the plain base."""
-        return self._adapter(DECODER) if self.config.decoder_reads_text else self.lm.disable_adapter()
-
-    def _reading_inputs(self, questions: list[str], documents: Sequence[Sequence[str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = [text_context_prompt(self.tokenizer, q, list(docs)) for q, docs in zip(questions, documents)]
-        embeds, mask, _ = self._decoder_inputs(prompts)
-        return embeds, mask
+        """Apple's name for ``answer``."""
+        return self.answer(questions, compressed_documents, max_new_tokens)
 
     def generate_from_text(
         self, questions: Sequence[str], documents: Sequence[Sequence[str]], max_new_tokens: int | None = None
     ) -> list[str]:
-        """Compress each question's documents, then answer from all of them."""
+        """Apple's name: compress each question's documents, then answer from all of them."""
         questions = check_texts(questions, "questions")
         flat = self._flatten_document_lists(questions, documents)
-        memories = self.compress_documents(flat)
-        return self.generate_from_compressed_documents_and_questions(questions, memories, max_new_tokens)
+        return self.answer(questions, self.compress_documents(flat), max_new_tokens)
 
     def generate_from_questions(
         self,
@@ -493,19 +393,14 @@ class ClaraModel(torch.nn.Module):
         k: int | None = None,
         max_new_tokens: int | None = None,
     ) -> tuple[list[str], torch.Tensor]:
-        """Retrieve the top-k of each question's candidates with the query reasoner, then answer.
-
-        Returns the answers and the chosen candidate indices [n_questions, k], best first.
-        """
+        """Apple's name: the query reasoner keeps the top-k of each question's candidates, then
+        the generator answers. Returns the answers and the chosen indices [n_questions, k]."""
         questions = check_texts(questions, "questions")
         flat = self._flatten_document_lists(questions, documents)
         candidates = self.compress_documents(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
                                                            self.hidden_size)
-        k = min(k or self.config.generation_top_k, candidates.size(1))
-        scores = cosine_scores(self.encode_queries(questions), candidates)
-        top = scores.topk(k, dim=-1).indices
-        chosen = torch.stack([candidates[b, top[b]] for b in range(len(questions))])
-        return self.generate_from_compressed_documents_and_questions(questions, chosen, max_new_tokens), top
+        chosen, top = top_k(self.encode_queries(questions), candidates, k or self.config.generation_top_k)
+        return self.answer(questions, chosen, max_new_tokens), top
 
     @staticmethod
     def _flatten_document_lists(questions: list[str], documents: Sequence[Sequence[str]]) -> list[str]:
@@ -514,8 +409,7 @@ class ClaraModel(torch.nn.Module):
         sizes = {len(docs) for docs in documents}
         if len(sizes) != 1:
             raise InvalidInputError(f"every question needs the same number of documents, got {sorted(sizes)}")
-        flat = [doc for docs in documents for doc in check_texts(docs, "documents")]
-        return flat
+        return [doc for docs in documents for doc in check_texts(docs, "documents")]
 
     # ------------------------------------------------------------ persistence
 
@@ -534,7 +428,12 @@ class ClaraModel(torch.nn.Module):
         dtype: str | torch.dtype = "auto",
     ) -> "ClaraModel":
         """Load a checkpoint saved by ``save_pretrained``; ``base_model`` overrides its path."""
-        return load_checkpoint(cls, Path(folder), base_model=base_model, device=device, dtype=dtype)
+        config = read_config(Path(folder))
+        if base_model is not None:
+            config.base_model = base_model
+        model = cls(config, device=device, dtype=dtype)
+        load_trained_weights(model, Path(folder))
+        return model
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,28 +17,36 @@ from .config import SYSTEM_PROMPT
 def render_chat(
     tokenizer: PreTrainedTokenizerBase, system: str, user: str, answer: str | None = None
 ) -> str:
-    """One system + user turn through the tokenizer's chat template.
+    """One system + user turn through the tokenizer's chat template (see ``render_messages``).
 
     Without ``answer`` the generation prompt is opened; with it, the assistant turn is written.
-    A template that rejects the system role gets the system text at the top of the user turn;
-    a tokenizer without any chat template gets a plain-text layout.
     """
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    return render_messages(tokenizer, messages, open_answer=answer is None)
+
+
+def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], open_answer: bool = True) -> str:
+    """Chat messages ({role, content}) through the tokenizer's chat template.
+
+    ``open_answer`` opens the assistant's turn for generation. A template that rejects the
+    system role gets the system text at the top of the first user turn; a tokenizer without
+    any chat template gets a plain-text layout.
+    """
     if tokenizer.chat_template is None:
-        text = f"{system}\n\n{user}\nAnswer:"
+        answer = None if open_answer or messages[-1]["role"] != "assistant" else messages[-1]["content"]
+        text = "\n\n".join(m["content"] for m in (messages if answer is None else messages[:-1])) + "\nAnswer:"
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
-        return _apply_template(tokenizer, messages, answer)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer)
     except TemplateError:
-        merged = [{"role": "user", "content": f"{system}\n{user}"}]
-        return _apply_template(tokenizer, merged, answer)
-
-
-def _apply_template(tokenizer: PreTrainedTokenizerBase, messages: list[dict], answer: str | None) -> str:
-    if answer is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    messages = messages + [{"role": "assistant", "content": answer}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+        rest = [dict(m) for m in messages if m["role"] != "system"]
+        first_user = next((m for m in rest if m["role"] == "user"), None)
+        if first_user is not None and system:
+            first_user["content"] = f"{system}\n{first_user['content']}"
+        return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer)
 
 
 def question_prompt(

@@ -30,7 +30,25 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tens
     return torch.einsum("bd,bnd->bn", q, c)
 
 
-def straight_through_topk(scores: torch.Tensor, k: int, temperature: float = 0.02) -> torch.Tensor:
+def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The query reasoner's pick: the k candidates of highest cosine, best first.
+
+    queries [B, n_mem, hidden]; candidates [N, n_mem, hidden] (shared) or [B, N, n_mem, hidden].
+    Returns the chosen memories [B, k', n_mem, hidden] and their indices [B, k'], where
+    k' = min(k, N). With k or fewer candidates there is nothing to choose: all are kept, in
+    their given order (the order the caller's prompt lists them in).
+    """
+    if k < 1:
+        raise ValueError(f"k must be positive, got {k}")
+    pools = candidates.unsqueeze(0).expand(len(queries), *candidates.shape) if candidates.dim() == 3 else candidates
+    if pools.size(1) <= k:
+        indices = torch.arange(pools.size(1)).expand(len(queries), -1)
+    else:
+        indices = cosine_scores(queries, candidates).topk(k, dim=-1).indices.cpu()
+    return torch.stack([pool[picked.to(pool.device)] for pool, picked in zip(pools, indices)]), indices
+
+
+def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
     """Differentiable top-k selection matrix W [B, k, N].
 
     Forward value: the exact hard top-k, one one-hot row per pick, ordered by descending score.

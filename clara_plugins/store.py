@@ -25,7 +25,7 @@ import re
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +33,23 @@ import faiss
 import numpy as np
 import torch
 
-from .atomic import write_text_atomically
+from .atomic import write_file_atomically, write_text_atomically
 from .backbone import fingerprint_mismatch
-from .errors import InvalidInputError, StoreError, check_texts, read_json
+from .checkpoint import compressor_signature
+from .checks import check_texts
+from .errors import InvalidInputError, StoreError
+from .jsonfiles import read_json
 from .filters import Filter, matches, validate_filter
-from .keys import ClaraKeys, KeyEncoder, normalize_rows
+from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 
 FORMAT = "clara-memory-store/1"
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 SHARD_ROWS = 4096
+CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
 _GENERATION = re.compile(r"^gen-(\d{6})$")
 _STORE_FILE = re.compile(r"^(records\.json|index\.faiss|(memories|keys)-\d{5}\.npy)$")
+MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +88,9 @@ class MemoryStore:
         self._key_chunks: list[np.ndarray] = []  # fp32 [rows, dim]; unused when keys are memories
         self._row_of: dict[str, int] = {}
         self._index: faiss.Index | None = None  # over all rows, in order; None when stale
-        self._ids_by_text: dict[str, str] | None = None
+        self._ids_by_text: dict[str, str] | None = None  # with _texts_by_prefix: see _text_lookup
+        self._texts_by_prefix: dict[str, list[str]] = {}
+        self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -141,7 +148,7 @@ class MemoryStore:
                     self._where.append((chunk, offset))
                 else:
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
-            self._index = self._ids_by_text = None
+            self._index = self._ids_by_text = self._pair_cosines = None
         return ids
 
     def _check_dimensions(self, memories: np.ndarray, keys: np.ndarray | None) -> None:
@@ -164,7 +171,7 @@ class MemoryStore:
             self._metadatas = [self._metadatas[r] for r in keep]
             self._where = [self._where[r] for r in keep]
             self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
-            self._index = self._ids_by_text = None
+            self._index = self._ids_by_text = self._pair_cosines = None
 
     # -------------------------------------------------------------- reading
 
@@ -197,9 +204,39 @@ class MemoryStore:
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
         with self._lock:
-            if self._ids_by_text is None:
-                self._ids_by_text = {text: doc_id for doc_id, text in zip(self._ids, self._texts)}
-            return [self._ids_by_text.get(text) for text in texts]
+            ids_by_text, _ = self._text_lookup()
+            return [ids_by_text.get(text) for text in texts]
+
+    def documents_in(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, id) of the stored documents whose exact text occurs in ``text``, in
+        order and without overlaps (the longest document wins at a position).
+
+        Lets a prompt of any layout read its stored documents from memory tokens. Documents
+        shorter than MIN_FOUND_CHARS are not looked for: too short to be told from prose.
+        """
+        found, start = [], 0
+        with self._lock:
+            ids_by_text, by_prefix = self._text_lookup()
+            while start <= len(text) - MIN_FOUND_CHARS:
+                candidates = by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
+                match = next((doc for doc in candidates if text.startswith(doc, start)), None)
+                if match is None:
+                    start += 1
+                    continue
+                found.append((start, start + len(match), ids_by_text[match]))
+                start += len(match)
+        return found
+
+    def _text_lookup(self) -> tuple[dict[str, str], dict[str, list[str]]]:
+        """id by exact text, and texts (longest first) by their first MIN_FOUND_CHARS characters."""
+        if self._ids_by_text is None:
+            self._ids_by_text = {text: doc_id for doc_id, text in zip(self._ids, self._texts)}
+            by_prefix: dict[str, list[str]] = {}
+            for text in sorted(self._ids_by_text, key=len, reverse=True):
+                if len(text) >= MIN_FOUND_CHARS:
+                    by_prefix.setdefault(text[:MIN_FOUND_CHARS], []).append(text)
+            self._texts_by_prefix = by_prefix
+        return self._ids_by_text, self._texts_by_prefix
 
     def all_ids(self) -> list[str]:
         with self._lock:
@@ -207,36 +244,88 @@ class MemoryStore:
 
     # ------------------------------------------------------------- searching
 
-    def search(self, query: str, k: int = 4, where: Filter | None = None) -> list[tuple[StoredDocument, float]]:
-        """The k documents most similar to the query (cosine), best first."""
+    def search(
+        self, query: str, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = 20,
+    ) -> list[tuple[StoredDocument, float]]:
+        """The k documents most similar to the query (cosine), best first.
+
+        ``where`` filters by metadata; ``ids`` keeps only those documents as candidates.
+        ``lambda_mult`` below 1 trades similarity for diversity: the ``fetch_k`` most similar
+        documents are re-ranked by maximal marginal relevance (0: the most diverse; see
+        ``keys.maximal_marginal_relevance``). Scores stay the cosines to the query.
+        """
         check_texts([query], "query")
-        if where is not None:
-            validate_filter(where)
-        return self.search_by_key(self.keys.query_keys([query])[0], k, where)
+        _check_search(k, where, lambda_mult, fetch_k)  # before the query is encoded
+        return self.search_by_key(self.keys.query_keys([query])[0], k, where, ids=ids,
+                                  lambda_mult=lambda_mult, fetch_k=fetch_k)
 
     def search_by_key(
-        self, key: np.ndarray, k: int = 4, where: Filter | None = None
+        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = 20,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
-        query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))
+        _check_search(k, where, lambda_mult, fetch_k)
+        wanted = None if ids is None else set(_id_list(ids, "ids"))
+        query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
         with self._lock:
             if not self._ids:
                 return []
             size = (self._key_chunks or self._memory_chunks)[0][0].size
-            if query.shape[1] != size:
-                raise InvalidInputError(f"the search key has {query.shape[1]} values, the store's keys have {size}")
-            if where is not None:  # exact search over the documents that pass the filter
-                rows = [r for r, meta in enumerate(self._metadatas) if matches(meta, where)]
-                if not rows:
-                    return []
-                scores = self._row_keys(rows) @ query[0]
-                best = np.argsort(-scores, kind="stable")[:k]
-                return [(self._document(rows[i]), float(scores[i])) for i in best]
-            index = self._ensure_index()
-            scores, rows = index.search(query, min(k, len(self._ids)))
-            return [(self._document(int(r)), float(s)) for s, r in zip(scores[0], rows[0]) if r >= 0]
+            if query.size != size:
+                raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
+            diverse = lambda_mult < 1.0
+            rows, scores = self._nearest(query, max(k, fetch_k) if diverse else k, where, wanted)
+            if diverse and len(rows):
+                chosen = maximal_marginal_relevance(query, self._row_keys(rows), k, lambda_mult)
+                rows, scores = rows[chosen], scores[chosen]
+            return [(self._document(int(r)), float(s)) for r, s in zip(rows[:k], scores[:k])]
+
+    def _nearest(self, query: np.ndarray, n: int, where: Filter | None,
+                 ids: set[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of the n candidates most similar to the query, best first, and their cosines."""
+        if where is None and ids is None:
+            scores, rows = self._ensure_index().search(query[None], min(n, len(self._ids)))
+            found = rows[0] >= 0
+            return rows[0][found], scores[0][found]
+        # exact search over the candidates
+        rows = np.array([row for row, (doc_id, metadata) in enumerate(zip(self._ids, self._metadatas))
+                         if (ids is None or doc_id in ids) and (where is None or matches(metadata, where))],
+                        dtype=np.int64)
+        if not len(rows):
+            return rows, np.zeros(0, dtype=np.float32)
+        scores = self._row_keys(rows) @ query
+        best = np.argsort(-scores, kind="stable")[:n]
+        return rows[best], scores[best]
+
+    def relevance(self, cosine: float) -> float:
+        """A query-document cosine as a relevance in [0, 1]: the fraction of pairs of stored
+        documents that are less similar to each other than the query is to this document.
+
+        Raw cosines of CLaRa keys do not spread over [-1, 1] (the keys share directions, so
+        unrelated texts can score high), and their range differs from model to model. Ranked
+        against the store's own document pairs, 0.5 means as similar as a typical pair of
+        stored documents and 0.95 closer than 95% of them, whatever the model. The pairs come
+        from at most CALIBRATION_SAMPLE documents spread evenly over the store, recomputed
+        after any change. With fewer than two documents there is nothing to rank against and
+        the relevance is ``(1 + cosine) / 2``.
+        """
+        with self._lock:
+            if self._pair_cosines is None:
+                self._pair_cosines = self._sample_pair_cosines()
+            pairs = self._pair_cosines
+        if not len(pairs):
+            return (1.0 + cosine) / 2.0
+        return float(np.searchsorted(pairs, cosine, side="left")) / len(pairs)
+
+    def _sample_pair_cosines(self) -> np.ndarray:
+        """Sorted cosines between distinct documents of an evenly spread sample."""
+        count = len(self._ids)
+        rows = np.unique(np.linspace(0, count - 1, min(count, CALIBRATION_SAMPLE)).astype(np.int64))
+        if len(rows) < 2:
+            return np.zeros(0, dtype=np.float32)
+        keys = self._row_keys(rows)
+        return np.sort((keys @ keys.T)[np.triu_indices(len(rows), 1)])
 
     def _gather(self, chunks: list[np.ndarray], rows: Sequence[int]) -> np.ndarray:
         """Rows of chunked arrays, in the order asked."""
@@ -250,7 +339,7 @@ class MemoryStore:
 
     def _row_keys(self, rows: Sequence[int]) -> np.ndarray:
         if self.keys.keys_are_memories:
-            return normalize_rows(self._gather(self._memory_chunks, rows).reshape(len(rows), -1))
+            return memory_keys(self._gather(self._memory_chunks, rows))
         return self._gather(self._key_chunks, rows)
 
     def _ensure_index(self) -> faiss.Index:
@@ -286,7 +375,7 @@ class MemoryStore:
             "format": FORMAT,
             "count": len(records["ids"]),
             "index": self.index_kind,
-            "compressor": self.model.compressor_signature(),
+            "compressor": compressor_signature(self.model),
             "keys": self.keys.signature(),
             "memory_shards": _write_shards(staging, "memories", memories),
             "key_shards": _write_shards(staging, "keys", keys),
@@ -331,7 +420,7 @@ class MemoryStore:
             raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}")
         _verify_files(generation, header)
         store = cls(model, keys, header["index"], batch_size)
-        _check_compressor(header["compressor"], model.compressor_signature(), folder)
+        _check_compressor(header["compressor"], compressor_signature(model), folder)
         if header["keys"] != store.keys.signature():
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}")
         records = read_json(generation / "records.json", StoreError)
@@ -448,10 +537,7 @@ def _verify_files(generation: Path, header: dict) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    with open(path, "w") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
+    write_file_atomically(path, lambda handle: json.dump(value, handle))
 
 
 def _generations(folder: Path) -> list[int]:
@@ -469,6 +555,17 @@ def _check_compressor(stored: dict, current: dict, folder: Path) -> None:
         raise StoreError(f"{folder} was written by another base model: {problem}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")
+
+
+def _check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> None:
+    """Refuse bad search arguments before any work is done."""
+    for name, value in (("k", k), ("fetch_k", fetch_k)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, (int, float)) or not 0.0 <= lambda_mult <= 1.0:
+        raise InvalidInputError(f"lambda_mult must be a number from 0 to 1, got {lambda_mult!r}")
+    if where is not None:
+        validate_filter(where)
 
 
 def _id_list(ids: object, what: str) -> list[str]:

@@ -4,7 +4,9 @@ Per document the teacher writes simple QA pairs (one fact each), complex QA pair
 facts combined) and a paraphrase; it then lists the document's facts that no question covers,
 and writes QA pairs for those, for at most ``max_rounds`` rounds. QA whose answer is not in the
 document, and QA sets whose coverage still fails, are dropped; so is a paraphrase of the wrong
-length. Rows follow CLARA_NOTES' SCP formats.
+length. Rows have the shape the ``scp`` training stage reads:
+``{"data_type": "qa", "question": [...], "answers": [...], "docs": [document]}`` and
+``{"data_type": "paraphrase", "answers": [text], "docs": [document]}``.
 
 The teacher is any callable from prompt to text; ``as_teacher`` wraps a LangChain chat model,
 a LlamaIndex LLM, or a local Hugging Face chat model. Output is appended one document at a time
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import normalize_answer
 
 Teacher = Callable[[str], str]
@@ -130,10 +133,9 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
     output = Path(output)
     ledger = output.with_name(output.name + ".done")
-    done = {json.loads(line)["doc_id"] for line in ledger.read_text().splitlines()} if ledger.exists() else set()
+    done = {mark["doc_id"] for mark in read_jsonl(ledger)} if ledger.exists() else set()
     if output.exists():  # drop rows of a document that was in progress when the last run died
-        kept_lines = [line for line in output.read_text().splitlines() if json.loads(line)["doc_id"] in done]
-        output.write_text("".join(line + "\n" for line in kept_lines))
+        write_jsonl([row for row in read_jsonl(output) if row["doc_id"] in done], output)
     report = SynthesisReport()
     documents = list(documents)
     with open(output, "a") as rows, open(ledger, "a") as marks:

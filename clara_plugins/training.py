@@ -38,59 +38,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_trained_weights
-from .evaluation import evaluate_reading
+from .config import TrainConfig
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
+from .passes import completion_log_likelihood, copy_adapter, encode_with_gradients, set_trainable
+from .reading import evaluate_reading
 from .prompts import memory_prompts, text_context_prompt
 from .retrieval import cosine_scores, straight_through_topk
 from .store import MemoryStore
-
-STAGES = ("scp", "instruct", "e2e", "text")
-ESTIMATORS = ("straight-through", "realm")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    stage: str
-    steps: int = 100
-    batch_size: int = 1
-    grad_accum: int = 8
-    lr: float = 1e-4
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"  # or "constant" (the paper's end-to-end stage)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    mse_weight: float = 0.1
-    top_k: int = 5
-    temperature: float = 0.02
-    estimator: str = "straight-through"
-    null_document: bool = False
-    candidates: int = 20  # per question, when retrieving from a corpus store
-    refresh_every: int = 0  # re-encode the corpus store every N steps (0: never)
-    seed: int = 0
-    save_every: int = 50
-    freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
-    keep_generator: bool = False  # instruct stage: keep the previous stage's generator (the paper starts afresh)
-    # A reading margin: + margin_weight * relu(margin - gain), where gain is the batch's CE read
-    # from another row's memories minus from its own. Without it a generator first learns to
-    # ignore its memories and only slowly learns to read them (docs/training-run.md).
-    margin_weight: float = 0.0
-    margin: float = 1.0
-    probe_every: int = 0  # measure the reading gain on held-out probe rows every N steps (0: never)
-
-    @property
-    def generator_only(self) -> bool:
-        """Only the decoder adapter learns: the text stage, or instruct with a frozen compressor."""
-        return self.stage == "text" or (self.stage == "instruct" and self.freeze_compressor)
-
-    def __post_init__(self) -> None:
-        if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
-
 
 # ----------------------------------------------------------------- stage set-up
 
@@ -101,7 +56,7 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
     if config.stage == "text" or (config.stage == "instruct" and not config.keep_generator):
         _reset_adapter(model, DECODER, generator)
     if config.stage == "e2e":
-        model.copy_adapter(ENCODER, QUERY_REASONER)
+        copy_adapter(model, ENCODER, QUERY_REASONER)
 
 
 def _trainable(config: TrainConfig) -> list[str]:
@@ -126,7 +81,7 @@ def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> 
 
 def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
                   memories: torch.Tensor | None) -> torch.Tensor:
-    log_likelihood, tokens = model.completion_log_likelihood(prompts, full, memories)
+    log_likelihood, tokens = completion_log_likelihood(model, prompts, full, memories)
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
 
@@ -168,7 +123,7 @@ def memory_cosine(memories: torch.Tensor) -> float:
 
 
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    memories, document_means = model.encode_for_training([row["docs"][0] for row in rows])
+    memories, document_means = encode_with_gradients(model, [row["docs"][0] for row in rows])
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, 1)
     return _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
 
@@ -183,7 +138,7 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, k)
     if frozen is not None:
         return _reading_loss(model, prompts, full, frozen.for_rows(rows, config)[0], config)
-    memories, document_means = model.encode_for_training([d for row in rows for d in row["docs"]])
+    memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
     grouped = memories.reshape(len(rows), k, *memories.shape[1:])
     return _compression_loss(model, prompts, full, grouped, memories, document_means, config)
 
@@ -234,7 +189,7 @@ class CandidateMemories:
 def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
              candidates: CandidateMemories) -> tuple[torch.Tensor, dict]:
     memories, gold = candidates.for_rows(rows, config)  # [B, N, n, h], no gradient
-    queries = model.encode_for_training([row["question"] for row in rows], QUERY_REASONER)[0]
+    queries = encode_with_gradients(model, [row["question"] for row in rows], QUERY_REASONER)[0]
     scores = cosine_scores(queries, memories)  # [B, N], gradient reaches the query reasoner
     k = min(config.top_k, scores.size(1))
     top = scores.detach().topk(k, dim=-1).indices
@@ -257,11 +212,11 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
     logits = scores.gather(1, top) / config.temperature
     single = memories[torch.arange(batch).unsqueeze(1), top].reshape(batch * k, 1, *memories.shape[2:])
     prompts, full = memory_prompts(tok, slot, [row for row in rows for _ in range(k)], 1)
-    log_likelihood, tokens = model.completion_log_likelihood(prompts, full, single)
+    log_likelihood, tokens = completion_log_likelihood(model, prompts, full, single)
     log_likelihood = log_likelihood.reshape(batch, k)
     if config.null_document:  # no document at all, with the score of an orthogonal one (cosine 0)
         prompts, full = memory_prompts(tok, slot, rows, 0)
-        null, _ = model.completion_log_likelihood(prompts, full)
+        null, _ = completion_log_likelihood(model, prompts, full)
         logits = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
         log_likelihood = torch.cat([log_likelihood, null.unsqueeze(1)], dim=1)
     marginal = torch.logsumexp(torch.log_softmax(logits, dim=1) + log_likelihood, dim=1)
@@ -335,7 +290,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         prepare_stage(model, config)
     model.config.decoder_reads_text = config.stage == "text"
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
-    model.set_trainable(_trainable(config), memory_embeddings=not config.generator_only)
+    set_trainable(model, _trainable(config), memory_embeddings=not config.generator_only)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from benchmarks.report import write_report
-from benchmarks.run import benchmark_rows, headline
-from benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
+from clara_benchmarks.report import write_report
+from clara_benchmarks.run import benchmark_rows, headline
+from clara_benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
 from clara_plugins.cli import main
 from conftest import CORPUS, SHARED_DATA
 

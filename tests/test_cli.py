@@ -1,12 +1,15 @@
 """The ``clara`` console script."""
 
+import json
 import subprocess
 import sys
 
 import pytest
+from conftest import CORPUS
 
+from clara_plugins import MemoryStore
 from clara_plugins.cli import main
-from clara_plugins.datasets import read_documents
+from clara_plugins.corpora import read_documents
 
 
 def test_help_explains_every_ask_option():
@@ -29,10 +32,59 @@ def test_ask_answers_from_a_checkpoint(tiny_model, tmp_path, capsys):
     docs = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."]
     main(["ask", "--text", *docs, "--question", "Where is Rome?", "--checkpoint", str(tmp_path / "ckpt"),
           "--top-k", "2", "--device", "cpu", "--no-stream"])
-    captured = capsys.readouterr()
-    assert "retrieved documents" in captured.err
-    expected, _ = tiny_model.generate_from_questions(["Where is Rome?"], [docs], k=2)
-    assert captured.out.strip() == expected[0]
+    answer, sources = capsys.readouterr().out.rsplit("\nsources:\n", 1)
+    expected, picked = tiny_model.generate_from_questions(["Where is Rome?"], [docs], k=2)
+    assert answer == expected[0]
+    lines = sources.strip().split("\n")
+    assert [int(line.split()[1]) - 1 for line in lines] == picked[0].tolist()  # ids: 1-based positions
+
+
+def test_ask_json_prints_one_object_with_its_sources(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    main(["ask", "--text", *CORPUS[:3], "--question", "Where is the tower?", "--checkpoint", str(tmp_path / "ckpt"),
+          "-k", "2", "--device", "cpu", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) == {"question", "answer", "sources", "input_positions"}
+    assert len(result["sources"]) == 2 and all(set(s) == {"id", "score", "first_words"} for s in result["sources"])
+
+
+def test_index_then_ask_from_the_store_and_resume(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS[:4]))
+    store = tmp_path / "store"
+    common = ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
+    main(["index", str(corpus), "--store", str(store), "--save-every", "3", *common])
+    assert "4 documents (4 compressed now, 0 already stored)" in capsys.readouterr().out
+    corpus.write_text("\n\n".join(CORPUS[:5]))  # one more document: only it is compressed
+    main(["index", str(corpus), "--store", str(store), *common])
+    assert "5 documents (1 compressed now, 4 already stored)" in capsys.readouterr().out
+    main(["ask", "--store", str(store), "--question", "Who won Nobel prizes?", "-k", "2", "--json", *common])
+    result = json.loads(capsys.readouterr().out)
+    stored = MemoryStore.load(store, tiny_model)
+    hits = stored.search("Who won Nobel prizes?", 2)
+    assert [s["id"] for s in result["sources"]] == [d.id for d, _ in hits]
+    expected = tiny_model.answer(["Who won Nobel prizes?"], stored.memories([d.id for d, _ in hits]).unsqueeze(0))
+    assert result["answer"] == expected[0]
+
+
+def test_index_refuses_a_folder_it_did_not_write(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    result = run_clara("index", "docs/examples/documents.txt", "--store", str(tmp_path / "mine"),
+                       "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu")
+    assert result.returncode == 5 and "no CLaRa memory store" in result.stderr
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_help_and_version_load_no_torch():
+    code = ("import sys\nfrom clara_plugins.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip().endswith("False")
+    version = run_clara("--version")
+    assert version.returncode == 0 and version.stdout.startswith("clara-plugins ")
 
 
 def test_ask_requires_a_question():

@@ -49,7 +49,8 @@ def test_untrained_model_with_fresh_adapters_is_the_base_model(default_model):
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad(), default_model.lm.disable_adapter():
         plain = default_model.lm(input_ids=ids).logits[0, -1]
-    with torch.no_grad(), default_model._adapter("decoder_adapter"):
+    default_model.lm.set_adapter("decoder_adapter")
+    with torch.no_grad():
         adapted = default_model.lm(input_ids=ids).logits[0, -1]
     assert torch.allclose(plain, adapted, atol=1e-4)
     assert "Paris" in tokenizer.decode(default_model.lm.generate(ids, max_new_tokens=12, do_sample=False)[0])

@@ -26,3 +26,5 @@ def test_example_answers_with_text_rag_and_with_clara(example):
     lines = result.stdout.splitlines()
     assert any(line.startswith("text RAG:") for line in lines)
     assert any(line.startswith("CLaRa:") for line in lines)
+    read = [line for line in lines if line.startswith("read as memory tokens:")]
+    assert read and int(read[0].split()[4]) == 5  # the retrieved documents, from the store's memory tokens

@@ -5,9 +5,12 @@ import json
 import pytest
 import torch
 
+from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval
+from clara_benchmarks.text_reader import read_text
 from clara_plugins.cli import main
-from clara_plugins.evaluation import evaluate_answers, evaluate_reading, evaluate_retrieval
+from clara_plugins.passes import completion_log_likelihood
 from clara_plugins.prompts import question_prompt
+from clara_plugins.reading import evaluate_reading
 from conftest import CORPUS
 
 ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS[2:5], "answer": "the Danube",
@@ -59,7 +62,7 @@ def test_reading_compares_own_and_other_documents(tiny_model):
     tok, slot = tiny_model.tokenizer, tiny_model.document_placeholder
     with torch.no_grad():
         memories = torch.stack([tiny_model.compress_documents(r["docs"]) for r in ROWS])
-        ll, counts = tiny_model.completion_log_likelihood(
+        ll, counts = completion_log_likelihood(tiny_model,
             [question_prompt(tok, r["question"], 3, slot) for r in ROWS],
             [question_prompt(tok, r["question"], 3, slot, r["answer"]) for r in ROWS], memories)
     assert result["target_ce_own_documents"] == pytest.approx(float(-ll.sum() / counts.sum()), abs=1e-3)
@@ -87,3 +90,18 @@ def test_clara_eval_writes_every_measure(tiny_model, tmp_path, capsys):
     assert result["retrieval"][0]["recall@1"] == 100.0
     assert result["reading"]["examples"] == 3
     assert '"reading_gain"' in capsys.readouterr().out
+
+
+def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
+    from clara_plugins.prompts import text_context_prompt
+
+    answers = read_text(tiny_model, ["Who?", "Where?"], [CORPUS[:2], []], max_new_tokens=5)
+    prompt = text_context_prompt(tiny_model.tokenizer, "Who?", CORPUS[:2])
+    assert CORPUS[0] in prompt and "<MEM0>" not in prompt
+    ids = tiny_model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad(), tiny_model.lm.disable_adapter():
+        expected = tiny_model.lm.generate(ids, max_new_tokens=5, do_sample=False,
+                                          eos_token_id=sorted(tiny_model.stop_token_ids))[0, ids.size(1):]
+    text = tiny_model.tokenizer.decode([t for t in expected.tolist() if t not in tiny_model.stop_token_ids],
+                                       skip_special_tokens=True).strip()
+    assert answers[0] == text

@@ -7,6 +7,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 
+from clara_plugins.prompts import question_prompt
 from conftest import CORPUS
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
 from langchain_clara.chat_models import _cut_at_stops
@@ -25,6 +26,12 @@ def expected_answer(model, memories: torch.Tensor) -> str:
     return model.generate_from_compressed_documents_and_questions([QUESTION], memories.unsqueeze(0))[0]
 
 
+def positions(model, n_documents: int) -> int:
+    """Input positions of CLaRa's answering prompt over n documents."""
+    prompt = question_prompt(model.tokenizer, QUESTION, n_documents, model.document_placeholder)
+    return len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def test_answers_from_stored_memories_by_id(tiny_model, vectorstore):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
     expected = expected_answer(tiny_model, vectorstore.store.memories(["d4", "d0"]))
@@ -34,14 +41,16 @@ def test_answers_from_stored_memories_by_id(tiny_model, vectorstore):
     assert chat.invoke([message]).content == expected
 
 
-def test_system_paragraphs_reuse_stored_memories(tiny_model, vectorstore, monkeypatch):
+def test_clara_prompt_reads_stored_documents_in_the_trained_layout(tiny_model, vectorstore, monkeypatch):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
     expected = expected_answer(tiny_model, vectorstore.store.memories(["d1", "d2"]))
     calls = []
     monkeypatch.setattr(tiny_model, "compress_documents", lambda docs, *a, **k: calls.append(docs))
-    messages = [SystemMessage(f"{CORPUS[1]}\n\n{CORPUS[2]}"), HumanMessage(QUESTION)]
-    assert chat.invoke(messages).content == expected
-    assert calls == []  # both paragraphs were found in the store: nothing was compressed again
+    messages = CLARA_PROMPT.invoke({"context": f"{CORPUS[1]}\n\n{CORPUS[2]}", "question": QUESTION})
+    result = chat.invoke(messages)
+    assert result.content == expected
+    assert calls == []  # both documents were found in the store: nothing was compressed again
+    assert result.response_metadata["clara"]["stored_documents"] == 2
 
 
 def test_unstored_texts_are_compressed(tiny_model):
@@ -57,7 +66,7 @@ def test_more_than_k_documents_keeps_the_reasoners_top_k(tiny_model, vectorstore
     result = chat.invoke(QUESTION, document_ids=[f"d{i}" for i in range(6)])
     top = [d.id for d, _ in vectorstore.store.search(QUESTION, k=2)]
     assert result.content == expected_answer(tiny_model, vectorstore.store.memories(top))
-    assert result.usage_metadata["input_tokens"] == tiny_model.prompt_positions(QUESTION, 2)
+    assert result.usage_metadata["input_tokens"] == positions(tiny_model, 2)
 
 
 def test_streaming_matches_invoke_and_reports_usage(tiny_model, vectorstore):
@@ -67,13 +76,13 @@ def test_streaming_matches_invoke_and_reports_usage(tiny_model, vectorstore):
     for chunk in chunks[1:]:
         full += chunk
     assert full.content == chat.invoke(QUESTION, document_ids=["d3"]).content
-    assert full.usage_metadata["input_tokens"] == tiny_model.prompt_positions(QUESTION, 1)
+    assert full.usage_metadata["input_tokens"] == positions(tiny_model, 1)
 
 
 def test_errors_name_the_problem(tiny_model):
     with pytest.raises(ValueError, match="need a ChatClara with a store"):
         ChatClara(clara=tiny_model).invoke(QUESTION, document_ids=["d1"])
-    with pytest.raises(ValueError, match="needs a human message"):
+    with pytest.raises(ValueError, match="need a user message"):
         ChatClara(clara=tiny_model).invoke([SystemMessage("only context")])
 
 
@@ -99,14 +108,6 @@ def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path):
     assert loaded.similarity_search(QUESTION, k=3) == vectorstore.similarity_search(QUESTION, k=3)
     files = {p.suffix for p in (tmp_path / "lc").rglob("*") if p.is_file()}
     assert files <= {".json", ".npy", ""}  # CURRENT has no suffix; nothing is a pickle
-
-
-def test_read_text_mode_is_the_text_rag_baseline(tiny_model, vectorstore):
-    chat = ChatClara(clara=tiny_model, store=vectorstore.store, read_text=True)
-    expected = tiny_model.generate_reading_text([QUESTION], [[CORPUS[4], CORPUS[0]]])[0]
-    result = chat.invoke(QUESTION, document_ids=["d4", "d0"])
-    assert result.content == expected
-    assert result.usage_metadata["input_tokens"] == tiny_model.text_prompt_positions(QUESTION, [CORPUS[4], CORPUS[0]])
 
 
 def test_add_texts_refuses_a_lone_string(vectorstore):

@@ -69,6 +69,14 @@ class TestChatClaraUnit(ChatModelUnitTests):
     def supports_model_override(self) -> bool:
         return False  # one ChatClara wraps one loaded ClaraModel
 
+    @property
+    def has_tool_calling(self) -> bool:
+        return False  # bind_tools is overridden only to refuse with a reason
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
 
 @functools.cache
 def _default_clara() -> ClaraModel:

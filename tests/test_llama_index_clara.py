@@ -63,8 +63,8 @@ def test_filters(vector_store):
     nested = MetadataFilters(filters=[city, MetadataFilter(key="n", value=0, operator=FilterOperator.NE)])
     assert query(vector_store, 6, nested).ids == ["n2"]
     with pytest.raises(NotImplementedError, match="not supported"):
-        query(vector_store, 2, MetadataFilters(filters=[MetadataFilter(key="n", value=1,
-                                                                       operator=FilterOperator.GT)]))
+        query(vector_store, 2, MetadataFilters(filters=[MetadataFilter(key="topic", value="cit",
+                                                                       operator=FilterOperator.TEXT_MATCH)]))
 
 
 def test_query_restricted_to_node_ids(vector_store):
@@ -131,7 +131,7 @@ def test_query_engine_answers_from_memory_tokens_without_openai(tiny_model):
     streaming = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm, streaming=True),
                                       similarity_top_k=2)
     assert "".join(streaming.query(QUESTION).response_gen).strip() == expected
-    assert Settings._llm is None and Settings._embed_model is None  # no default (OpenAI) was resolved
+    assert Settings._llm is None and Settings._embed_model is store.embed_model  # no default (OpenAI) was resolved
 
 
 async def test_async_query_engine(tiny_model):
@@ -152,9 +152,3 @@ def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     by_text = llm.complete(QUESTION, documents=[CORPUS[1], CORPUS[2]]).text
     assert by_ids == by_text
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
-
-
-def test_llm_read_text_mode(vector_store, tiny_model):
-    llm = ClaraLLM(clara=tiny_model, store=vector_store.client, read_text=True)
-    expected = tiny_model.generate_reading_text([QUESTION], [[CORPUS[1], CORPUS[2]]])[0]
-    assert llm.complete(QUESTION, document_ids=["n1", "n2"]).text == expected

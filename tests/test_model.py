@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError
+from clara_plugins.passes import completion_log_likelihood, encode_with_gradients, set_trainable
 from clara_plugins.prompts import question_prompt
 from clara_plugins.retrieval import cosine_scores
 from conftest import CORPUS, randomize_adapters
@@ -45,7 +46,8 @@ def _apple_layout_states(model: ClaraModel, text: str, appended: list[int], laye
     width = model.config.doc_max_length + 3
     ids = torch.tensor([[tok.pad_token_id] * (width - len(sequence)) + sequence + appended])
     mask = (torch.arange(ids.size(1)) >= width - len(sequence)).long().unsqueeze(0)
-    with torch.no_grad(), model._adapter("encoder_adapter"):
+    model.lm.set_adapter("encoder_adapter")
+    with torch.no_grad():
         output = model.lm.get_base_model().base_model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     return output.hidden_states[layer] if layer != -1 else output.last_hidden_state, len(body), width
 
@@ -110,9 +112,22 @@ def test_bad_documents_raise_clear_errors(tiny_model, documents, message):
         tiny_model.compress_documents(documents)
 
 
+def _generator_inputs(model: ClaraModel, call) -> torch.Tensor:
+    """The input embeddings the generator's first pass receives while ``call()`` runs."""
+    seen = []
+    layer = model.lm.get_base_model().model.layers[0]
+    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: seen.append(
+        kwargs.get("hidden_states", args[0] if args else None)), with_kwargs=True)
+    try:
+        call()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
 def test_memories_are_injected_at_the_placeholder_positions(tiny_model):
     memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)  # [1, k=2, n, h]
-    embeds, _, _ = tiny_model._answer_inputs(["Who?"], memories)
+    embeds = _generator_inputs(tiny_model, lambda: tiny_model.answer(["Who?"], memories, max_new_tokens=1))
     prompt = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder)
     prompt_ids = torch.tensor(tiny_model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
     slots = torch.isin(prompt_ids, torch.tensor(tiny_model.mem_token_ids))
@@ -145,10 +160,12 @@ def test_generation_batched_equals_single_and_streaming(tiny_model):
 
 def test_answers_depend_on_the_memories(tiny_model):
     memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
-    with tiny_model._adapter("decoder_adapter"), torch.no_grad():
-        first = tiny_model.lm(inputs_embeds=tiny_model._answer_inputs(["Who?"], memories)[0]).logits[0, -1]
-        second = tiny_model.lm(inputs_embeds=tiny_model._answer_inputs(["Who?"], memories * 0)[0]).logits[0, -1]
-    assert not torch.allclose(first, second)
+    prompt = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder)
+    full = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder, "Marie Curie")
+    with torch.no_grad():
+        own, _ = completion_log_likelihood(tiny_model, [prompt], [full], memories)
+        blank, _ = completion_log_likelihood(tiny_model, [prompt], [full], memories * 0)
+    assert not torch.allclose(own, blank)
 
 
 def test_generate_from_questions_returns_the_reasoners_top_k(tiny_model):
@@ -177,12 +194,12 @@ def test_uneven_document_lists_are_rejected(tiny_model):
 
 
 def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_tokens_model):
-    tiny_tokens_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
+    set_trainable(tiny_tokens_model, ["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
     tiny_tokens_model.train()
-    states = tiny_tokens_model.encode_for_training(["Where is Paris?"], "query_reasoner_adapter")[0]
-    embeds, _, _ = tiny_tokens_model._answer_inputs(["Who?"], states.unsqueeze(1))
-    with tiny_tokens_model._adapter("decoder_adapter"):
-        loss = tiny_tokens_model.lm(inputs_embeds=embeds).logits.pow(2).mean()
+    states = encode_with_gradients(tiny_tokens_model, ["Where is Paris?"], "query_reasoner_adapter")[0]
+    prompt = question_prompt(tiny_tokens_model.tokenizer, "Who?", 1, tiny_tokens_model.document_placeholder)
+    full = question_prompt(tiny_tokens_model.tokenizer, "Who?", 1, tiny_tokens_model.document_placeholder, "Paris")
+    loss = -completion_log_likelihood(tiny_tokens_model, [prompt], [full], states.unsqueeze(1))[0].sum()
     loss.backward()
     grad = tiny_tokens_model.lm.get_input_embeddings().weight.grad
     rows_with_grad = set(grad.abs().sum(-1).nonzero().flatten().tolist())
@@ -202,16 +219,3 @@ def test_untrained_adapters_leave_the_base_model_unchanged(tiny_config):
     assert not torch.allclose(a, model.compress_documents(CORPUS[:1]))
 
 
-def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
-    from clara_plugins.prompts import text_context_prompt
-
-    answers = tiny_model.generate_reading_text(["Who?", "Where?"], [CORPUS[:2], []], max_new_tokens=5)
-    prompt = text_context_prompt(tiny_model.tokenizer, "Who?", CORPUS[:2])
-    assert CORPUS[0] in prompt and "<MEM0>" not in prompt
-    ids = tiny_model.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-    with torch.no_grad(), tiny_model.lm.disable_adapter():
-        expected = tiny_model.lm.generate(ids, max_new_tokens=5, do_sample=False,
-                                          eos_token_id=sorted(tiny_model.stop_token_ids))[0, ids.size(1):]
-    text = tiny_model.tokenizer.decode([t for t in expected.tolist() if t not in tiny_model.stop_token_ids],
-                                       skip_special_tokens=True).strip()
-    assert answers[0] == text

@@ -6,8 +6,9 @@ import pytest
 from safetensors import safe_open
 
 from clara_plugins.config import DEFAULT_BASE_MODEL
-from clara_plugins.datasets import instruct_rows, read_examples
-from clara_plugins.evaluation import evaluate_reading
+from clara_plugins.corpora import read_examples
+from clara_plugins.rows import instruct_rows
+from clara_plugins.reading import evaluate_reading
 from clara_plugins.pretrained import default_checkpoint, load_model
 from conftest import SHARED_DATA
 

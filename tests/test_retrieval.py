@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clara_plugins import cosine_scores, straight_through_topk
+from clara_plugins import cosine_scores, straight_through_topk, top_k
 
 
 def reference_soft_picks(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -73,7 +73,7 @@ def test_lower_temperature_gives_sharper_gradients():
 
 def test_invalid_arguments_are_named():
     with pytest.raises(ValueError, match="k must be"):
-        straight_through_topk(torch.zeros(1, 3), k=4)
+        straight_through_topk(torch.zeros(1, 3), k=4, temperature=0.02)
     with pytest.raises(ValueError, match="temperature"):
         straight_through_topk(torch.zeros(1, 3), k=1, temperature=0)
 
@@ -93,3 +93,17 @@ def test_cosine_accepts_one_pool_per_query():
     scores = cosine_scores(queries, pools)
     expected = F.cosine_similarity(queries.flatten(1).unsqueeze(1), pools.flatten(2), dim=-1)
     assert torch.allclose(scores, expected, atol=1e-6)
+
+
+def test_top_k_is_the_one_pick_of_the_query_reasoner():
+    torch.manual_seed(0)
+    queries, pool = torch.randn(2, 4, 8), torch.randn(6, 4, 8)
+    chosen, indices = top_k(queries, pool, 3)
+    assert indices.tolist() == cosine_scores(queries, pool).topk(3).indices.tolist()
+    assert torch.equal(chosen[1], pool[indices[1]])
+    per_query, same = top_k(queries, pool.expand(2, -1, -1, -1), 3)
+    assert torch.equal(per_query, chosen) and torch.equal(same, indices)
+    few, order = top_k(queries, pool[:2], 3)  # nothing to choose: all kept, in their order
+    assert order.tolist() == [[0, 1], [0, 1]] and torch.equal(few[0], pool[:2])
+    with pytest.raises(ValueError, match="k must be positive"):
+        top_k(queries, pool, 0)

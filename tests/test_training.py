@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from clara_plugins import ClaraModel, MemoryStore
+from clara_benchmarks.text_reader import read_text
+from clara_plugins import ClaraModel, MemoryStore, TrainConfig, training
+from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
-from clara_plugins import training
-from clara_plugins.training import CandidateMemories, TrainConfig, e2e_loss, train
+from clara_plugins.training import CandidateMemories, e2e_loss, train
 from conftest import CORPUS
 
 INSTRUCT = [{"question": "Who won prizes?", "docs": CORPUS[:2], "answer": "Marie Curie"},
@@ -31,17 +32,19 @@ def test_completion_log_likelihood_matches_a_manual_count(tiny_model):
     prompt = question_prompt(tok, "Who?", 2, slot)
     full = question_prompt(tok, "Who?", 2, slot, "Marie Curie")
     with torch.no_grad():
-        ll, count = tiny_model.completion_log_likelihood([prompt], [full], memories)
-        embeds, _, ids = tiny_model._decoder_inputs([full], memories)
-        with tiny_model._adapter("decoder_adapter"):
-            logprobs = torch.log_softmax(tiny_model.lm(inputs_embeds=embeds).logits[0], -1)
+        ll, count = completion_log_likelihood(tiny_model, [prompt], [full], memories)
+        ids = torch.tensor([tok(full, add_special_tokens=False)["input_ids"]])
+        slots = torch.isin(ids, torch.tensor(tiny_model.mem_token_ids)).unsqueeze(-1)
+        embeds = tiny_model.lm.get_input_embeddings()(ids).masked_scatter(slots, memories.reshape(-1, 32))
+        tiny_model.lm.set_adapter("decoder_adapter")
+        logprobs = torch.log_softmax(tiny_model.lm(inputs_embeds=embeds).logits[0], -1)
     start = len(tok(prompt, add_special_tokens=False)["input_ids"])
     manual = sum(logprobs[t - 1, ids[0, t]] for t in range(start, ids.size(1)))
     assert int(count) == ids.size(1) - start
     assert torch.allclose(ll[0], manual, atol=1e-4)
     with torch.no_grad():  # a padded batch gives the same numbers
         short = question_prompt(tok, "Q?", 2, slot)
-        batched, _ = tiny_model.completion_log_likelihood(
+        batched, _ = completion_log_likelihood(tiny_model,
             [prompt, short], [full, question_prompt(tok, "Q?", 2, slot, "A much longer answer here")],
             memories.expand(2, -1, -1, -1))
     assert torch.allclose(batched[0], ll[0], atol=1e-4)
@@ -118,15 +121,15 @@ def test_instruct_with_a_frozen_compressor_trains_only_the_decoder(tiny_model, t
 
 def test_text_stage_fine_tunes_the_decoder_that_reads_text(tiny_model, tmp_path):
     question, documents = INSTRUCT[0]["question"], [INSTRUCT[0]["docs"]]
-    plain = tiny_model.generate_reading_text([question], documents, max_new_tokens=6)
+    plain = read_text(tiny_model, [question], documents, max_new_tokens=6)
     config = TrainConfig(stage="text", steps=25, batch_size=2, grad_accum=1, lr=3e-2)
     checkpoint = train(tiny_model, INSTRUCT, config, tmp_path)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["ce"] < log[0]["ce"] - 0.05
     reloaded = ClaraModel.from_pretrained(checkpoint, device="cpu")
     assert reloaded.config.decoder_reads_text
-    tuned = reloaded.generate_reading_text([question], documents, max_new_tokens=6)
-    assert tuned == tiny_model.generate_reading_text([question], documents, max_new_tokens=6)
+    tuned = read_text(reloaded, [question], documents, max_new_tokens=6)
+    assert tuned == read_text(tiny_model, [question], documents, max_new_tokens=6)
     assert tuned != plain  # the fine-tuned decoder, not the plain base model, reads the text
 
 
@@ -147,7 +150,7 @@ def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, 
 
 
 def test_straight_through_gradient_reaches_the_query_reasoner(tiny_model):
-    tiny_model.set_trainable(["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
+    set_trainable(tiny_model, ["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
     tiny_model.train()
     loss, _ = e2e_loss(tiny_model, E2E, TrainConfig(stage="e2e", top_k=2), CandidateMemories(tiny_model))
     loss.backward()

@@ -1,7 +1,14 @@
-"""LangChain components backed by CLaRa memory tokens: a vector store, a retriever, a chat model."""
+"""LangChain components backed by CLaRa memory tokens: a vector store, embeddings, a retriever, a chat model."""
+
+try:
+    import langchain_core  # noqa: F401
+except ImportError as error:
+    raise ImportError('langchain_clara needs LangChain: pip install "clara-plugins[langchain]"') from error
 
 from .chat_models import CLARA_PROMPT, ChatClara, format_documents
+from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 from .retrievers import ClaraRetriever
-from .vectorstores import ClaraVectorStore, DenseEmbeddings, EmbeddingsKeys
+from .vectorstores import ClaraVectorStore, as_memory_store
 
-__all__ = ["CLARA_PROMPT", "ChatClara", "ClaraRetriever", "ClaraVectorStore", "DenseEmbeddings", "EmbeddingsKeys", "format_documents"]
+__all__ = ["CLARA_PROMPT", "ChatClara", "ClaraEmbeddings", "ClaraRetriever", "ClaraVectorStore", "EmbeddingsKeys",
+           "as_memory_store", "format_documents"]

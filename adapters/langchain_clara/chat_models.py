@@ -1,19 +1,17 @@
-"""ChatClara: a LangChain chat model that answers from CLaRa memory tokens.
+"""ChatClara: a LangChain chat model that reads documents from CLaRa memory tokens.
 
-The last human message is the question. The documents come, in order of precedence, from:
+Any prompt works: the whole conversation (system, human and AI messages) is the prompt, and
+wherever it contains the text of a document held by ``store`` that text is read from the
+stored memory tokens, in place (``clara_plugins.context`` states the rule). Documents can
+also be passed explicitly, as store ids (``chat.invoke(q, document_ids=[...])``,
+``chat.bind(document_ids=[...])`` or a message's ``additional_kwargs``) or as texts or
+LangChain Documents (``documents=[...]``): those missing from the prompt go into a
+``Background:`` block before the last human message. With more than ``k`` documents the
+query reasoner keeps the best ``k``.
 
-1. ``document_ids``: a call keyword (``chat.invoke(q, document_ids=[...])`` or
-   ``chat.bind(document_ids=[...])``) or a message's ``additional_kwargs``; their memory
-   tokens are read from ``store``;
-2. ``documents``: a call keyword with texts or LangChain Documents;
-3. the system messages: each blank-line-separated paragraph is one document (the layout of
-   ``format_documents`` and ``CLARA_PROMPT``).
-
-A text already in ``store`` reuses its stored memory tokens; any other text is compressed on
-the spot. With more than ``k`` documents the query reasoner keeps the best ``k``.
-``read_text=True`` turns it into the text-RAG baseline on the same backbone: the first ``k``
-documents are pasted into the prompt as text and the plain base model reads them (or the
-decoder of a checkpoint fine-tuned on text, ``clara train --stage text``).
+Each response's ``response_metadata["clara"]`` says how many documents were read as memory
+tokens (from the store, or compressed on the spot) and how many positions the generator saw;
+``stats`` keeps the running totals.
 """
 
 from __future__ import annotations
@@ -24,34 +22,62 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models.chat_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
-from pydantic import ConfigDict
+from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 
 from clara_plugins import ClaraModel, MemoryStore
-from clara_plugins.context import answer_pieces
+from clara_plugins.config import SYSTEM_PROMPT
+from clara_plugins.context import Reader, Reading, ReadingStats
+from clara_plugins.pretrained import load_model
 
-CLARA_PROMPT = ChatPromptTemplate.from_messages([("system", "{context}"), ("human", "{question}")])
+from .vectorstores import as_memory_store
+
+# The layout the generator was trained on: with documents from the store as {context}, the
+# prompt is exactly CLaRa's answering prompt.
+CLARA_PROMPT = ChatPromptTemplate.from_messages(
+    [("system", SYSTEM_PROMPT), ("human", "Background:\n{context}\n\nQuestion:{question}")]
+)
 
 
 def format_documents(documents: Sequence[Document]) -> str:
-    """Retrieved Documents as the blank-line-separated context that ChatClara reads."""
+    """Retrieved Documents as one blank-line-separated context."""
     return "\n\n".join(document.page_content for document in documents)
 
 
 class ChatClara(BaseChatModel):
-    """Answer questions from CLaRa memory tokens, streaming, with usage metadata."""
+    """Answer from CLaRa memory tokens inside any prompt, streaming, with usage metadata.
+
+    ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
+    takes a ``clara_plugins.MemoryStore`` or either framework's ``ClaraVectorStore``.
+    """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    clara: ClaraModel
+    clara: ClaraModel | None = None
     store: MemoryStore | None = None
     model_name: str = "clara"
-    k: int = 5
+    k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
     max_tokens: int | None = None
     stop: list[str] | None = None
-    read_text: bool = False  # the text-RAG baseline: documents pasted as text
+    _reader: Reader = PrivateAttr(default_factory=lambda: Reader("ChatClara"))
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _memory_store(cls, value: Any) -> MemoryStore | None:
+        return None if value is None else as_memory_store(value)
+
+    @model_validator(mode="after")
+    def _default_model(self) -> "ChatClara":
+        if self.clara is None:
+            self.clara = self.store.model if self.store is not None else load_model()
+        return self
+
+    @property
+    def stats(self) -> ReadingStats:
+        """Running totals of what the generator read over this object's calls."""
+        return self._reader.stats
 
     @property
     def _llm_type(self) -> str:
@@ -70,40 +96,34 @@ class ChatClara(BaseChatModel):
             params["ls_stop"] = stop or self.stop
         return params
 
-    # ------------------------------------------------------------ documents
+    # ------------------------------------------------------------ the prompt
 
-    def _question_and_sources(self, messages: list[BaseMessage], kwargs: dict) -> tuple[str, list[str], list[str]]:
-        """The question, and the documents as store ids or as texts (one of the two is empty)."""
-        humans = [m for m in messages if isinstance(m, HumanMessage)]
-        if not humans:
-            raise ValueError("ChatClara needs a human message: the question to answer")
-        ids = kwargs.get("document_ids") or [
-            i for m in messages for i in m.additional_kwargs.get("document_ids", [])
-        ]
-        if ids:
-            if self.store is None:
-                raise ValueError("document_ids need a ChatClara with a store")
-            return humans[-1].text, list(ids), []
-        if kwargs.get("documents"):
-            return humans[-1].text, [], [d.page_content if isinstance(d, Document) else d
-                                         for d in kwargs["documents"]]
-        paragraphs = [p.strip() for m in messages if isinstance(m, SystemMessage)
-                      for p in m.text.split("\n\n") if p.strip()]
-        return humans[-1].text, [], paragraphs
+    def _reading(self, messages: list[BaseMessage], kwargs: dict) -> Reading:
+        ids = kwargs.get("document_ids") or [i for m in messages for i in m.additional_kwargs.get("document_ids", [])]
+        texts = [d.page_content if isinstance(d, Document) else d for d in kwargs.get("documents") or []]
+        return self._reader.read(self.clara, [(_role(m), m.text) for m in messages], self.store, texts, ids, self.k)
 
-    # ------------------------------------------------------------ generation
+    def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], Reading]:
+        """The answer's text pieces, cut at stop sequences, and what the generator read."""
+        reading = self._reading(messages, kwargs)
+        pieces = self.clara.stream(reading.prompt, reading.memories, kwargs.get("max_tokens") or self.max_tokens)
+        return _cut_at_stops(pieces, stop or self.stop or []), reading
 
-    def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], int]:
-        """The answer's text pieces, cut at stop sequences, and the input positions read."""
-        question, ids, texts = self._question_and_sources(messages, kwargs)
-        pieces, positions = answer_pieces(self.clara, self.store, question, ids, texts, self.k,
-                                          kwargs.get("max_tokens") or self.max_tokens, self.read_text)
-        return _cut_at_stops(pieces, stop or self.stop or []), positions
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        raise NotImplementedError("ChatClara cannot call tools: CLaRa's generator was trained to answer "
+                                  "questions from documents, not to emit tool calls")
 
-    def _usage(self, input_positions: int, text: str) -> dict[str, int]:
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("ChatClara has no structured output: CLaRa's generator answers in free "
+                                  "text and was not trained to follow a schema")
+
+    def _usage(self, reading: Reading, text: str) -> dict[str, int]:
         output = len(self.clara.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return {"input_tokens": input_positions, "output_tokens": output,
-                "total_tokens": input_positions + output}
+        return {"input_tokens": reading.positions, "output_tokens": output,
+                "total_tokens": reading.positions + output}
+
+    def _metadata(self, reading: Reading) -> dict[str, Any]:
+        return {"model_name": self.model_name, "clara": reading.summary()}
 
     def _generate(
         self,
@@ -112,10 +132,10 @@ class ChatClara(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        pieces, positions = self._pieces(messages, stop, kwargs)
+        pieces, reading = self._pieces(messages, stop, kwargs)
         text = "".join(pieces)
-        message = AIMessage(content=text, usage_metadata=self._usage(positions, text),
-                            response_metadata={"model_name": self.model_name})
+        message = AIMessage(content=text, usage_metadata=self._usage(reading, text),
+                            response_metadata=self._metadata(reading))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -125,7 +145,7 @@ class ChatClara(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        pieces, positions = self._pieces(messages, stop, kwargs)
+        pieces, reading = self._pieces(messages, stop, kwargs)
         text = ""
         for piece in pieces:
             text += piece
@@ -134,9 +154,20 @@ class ChatClara(BaseChatModel):
                 run_manager.on_llm_new_token(piece, chunk=chunk)
             yield chunk
         yield ChatGenerationChunk(message=AIMessageChunk(
-            content="", usage_metadata=self._usage(positions, text),
-            response_metadata={"model_name": self.model_name}, chunk_position="last",
+            content="", usage_metadata=self._usage(reading, text),
+            response_metadata=self._metadata(reading), chunk_position="last",
         ))
+
+
+def _role(message: BaseMessage) -> str:
+    """The chat-template role of a LangChain message; tool and function results read as user text."""
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, (AIMessage, AIMessageChunk)):
+        return "assistant"
+    if isinstance(message, ChatMessage) and message.role in ("system", "assistant"):
+        return message.role
+    return "user"
 
 
 def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:

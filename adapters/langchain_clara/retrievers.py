@@ -7,19 +7,20 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict
+from pydantic import ConfigDict, field_validator
 
 from clara_plugins import MemoryStore
 
-from .vectorstores import to_document
+from .vectorstores import as_memory_store, to_document
 
 
 class ClaraRetriever(BaseRetriever):
     """Retrieve documents whose memory tokens best match the question.
 
-    Each Document keeps its store id, so ``ChatClara`` can answer from the stored memory
-    tokens without compressing the text again. The cosine score is in ``metadata["score"]``
-    of a copy; the stored metadata is not changed.
+    ``store`` is a ClaraVectorStore or the MemoryStore behind one. Each Document keeps its
+    store id, so ``ChatClara`` can answer from the stored memory tokens without compressing
+    the text again. The cosine score is in ``metadata["score"]`` of a copy; the stored
+    metadata is not changed.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -27,6 +28,11 @@ class ClaraRetriever(BaseRetriever):
     store: MemoryStore
     k: int = 4
     filter: dict | None = None
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _core_store(cls, store: Any) -> Any:
+        return as_memory_store(store)
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None,

@@ -13,29 +13,30 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
-from clara_plugins.dense import DenseRetriever
+from clara_plugins.keys import ClaraKeys
+from clara_plugins.pretrained import load_model
 
-
-class EmbeddingsKeys:
-    """Retrieval keys from any LangChain ``Embeddings`` instead of the query reasoner."""
-
-    keys_are_memories = False
-
-    def __init__(self, embeddings: Embeddings) -> None:
-        self.embeddings = embeddings
-
-    def signature(self) -> dict:
-        return {"kind": "langchain-embeddings", "class": type(self.embeddings).__name__}
-
-    def document_keys(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(self.embeddings.embed_documents(texts), dtype=np.float32)
-
-    def query_keys(self, queries: list[str]) -> np.ndarray:
-        return np.asarray([self.embeddings.embed_query(q) for q in queries], dtype=np.float32)
+from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 
 
 def to_document(stored: StoredDocument) -> Document:
     return Document(page_content=stored.text, metadata=stored.metadata, id=stored.id)
+
+
+def as_memory_store(store: ClaraVectorStore | MemoryStore) -> MemoryStore:
+    """The core store behind a ClaraVectorStore; a MemoryStore is returned as it is."""
+    if isinstance(store, ClaraVectorStore):
+        return store.store
+    if isinstance(store, MemoryStore):
+        return store
+    raise TypeError(f"store must be a ClaraVectorStore or a MemoryStore, got {type(store).__name__}")
+
+
+def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
+    """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped one."""
+    if isinstance(embedding, ClaraEmbeddings):
+        return (model if model is not None else embedding.model), None
+    return (model if model is not None else load_model()), (EmbeddingsKeys(embedding) if embedding else None)
 
 
 class ClaraVectorStore(VectorStore):
@@ -43,7 +44,10 @@ class ClaraVectorStore(VectorStore):
 
     By default a query is encoded by CLaRa's query reasoner and compared with the documents'
     memory tokens; pass ``embedding`` to search with any LangChain ``Embeddings`` instead.
-    ``filter`` takes the metadata filter language of ``clara_plugins.filters``.
+    Without a model or a store the shipped default model is loaded. ``filter`` takes the
+    metadata filter language of ``clara_plugins.filters``. Scores are cosines; relevance
+    scores (``score_threshold``) are ranked against the store's own document pairs
+    (``MemoryStore.relevance``): 0.5 is as close as a typical pair of stored documents.
     """
 
     def __init__(
@@ -56,15 +60,17 @@ class ClaraVectorStore(VectorStore):
         batch_size: int = 8,
     ) -> None:
         if store is None:
-            if model is None:
-                raise ValueError("ClaraVectorStore needs a ClaraModel (model=...) or a MemoryStore (store=...)")
-            store = MemoryStore(model, EmbeddingsKeys(embedding) if embedding else None, index, batch_size)
+            model, keys = _model_and_keys(model, embedding)
+            store = MemoryStore(model, keys, index, batch_size)
         self.store = store
-        self._embedding = embedding
 
     @property
     def embeddings(self) -> Embeddings | None:
-        return self._embedding
+        """What computes this store's keys: ClaraEmbeddings for CLaRa's own."""
+        keys = self.store.keys
+        if isinstance(keys, EmbeddingsKeys):
+            return keys.embeddings
+        return ClaraEmbeddings(keys.model) if isinstance(keys, ClaraKeys) else None
 
     def add_texts(
         self,
@@ -106,8 +112,23 @@ class ClaraVectorStore(VectorStore):
     ) -> list[Document]:
         return [to_document(d) for d, _ in self.store.search_by_key(np.asarray(embedding), k, filter)]
 
+    def max_marginal_relevance_search(
+        self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+        filter: dict | None = None, **kwargs: Any,
+    ) -> list[Document]:
+        """k of the fetch_k most similar documents, chosen for similarity and diversity."""
+        results = self.store.search(query, k, filter, lambda_mult=lambda_mult, fetch_k=fetch_k)
+        return [to_document(d) for d, _ in results]
+
+    def max_marginal_relevance_search_by_vector(
+        self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
+        filter: dict | None = None, **kwargs: Any,
+    ) -> list[Document]:
+        results = self.store.search_by_key(np.asarray(embedding), k, filter, lambda_mult=lambda_mult, fetch_k=fetch_k)
+        return [to_document(d) for d, _ in results]
+
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
-        return lambda cosine: (1.0 + cosine) / 2.0
+        return self.store.relevance
 
     def save_local(self, folder: str | Path) -> None:
         """Persist without pickle (JSON, numpy shards, faiss index files)."""
@@ -115,10 +136,11 @@ class ClaraVectorStore(VectorStore):
 
     @classmethod
     def load_local(
-        cls, folder: str | Path, model: ClaraModel, embedding: Embeddings | None = None
-    ) -> "ClaraVectorStore":
-        keys = EmbeddingsKeys(embedding) if embedding else None
-        return cls(embedding=embedding, store=MemoryStore.load(folder, model, keys))
+        cls, folder: str | Path, model: ClaraModel | None = None, embedding: Embeddings | None = None
+    ) -> ClaraVectorStore:
+        """Open a saved store; it must be read with the model (and embedding) that wrote it."""
+        model, keys = _model_and_keys(model, embedding)
+        return cls(store=MemoryStore.load(folder, model, keys))
 
     @classmethod
     def from_texts(
@@ -130,20 +152,14 @@ class ClaraVectorStore(VectorStore):
         ids: list[str] | None = None,
         model: ClaraModel | None = None,
         **kwargs: Any,
-    ) -> "ClaraVectorStore":
+    ) -> ClaraVectorStore:
         store = cls(model, embedding, **kwargs)
         store.add_texts(texts, metadatas, ids=ids)
         return store
 
-
-class DenseEmbeddings(Embeddings):
-    """A sentence-transformers model as LangChain ``Embeddings`` (the text-RAG baseline's)."""
-
-    def __init__(self, retriever: DenseRetriever | None = None) -> None:
-        self.retriever = retriever or DenseRetriever()
-
-    def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        return self.retriever.embed_documents(texts).tolist()
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.retriever.embed_queries([text])[0].tolist()
+    @classmethod
+    def from_documents(
+        cls, documents: list[Document], embedding: Embeddings | None = None, **kwargs: Any
+    ) -> ClaraVectorStore:
+        """Like ``from_texts``: no embedding means CLaRa's own keys, no model the shipped one."""
+        return super().from_documents(documents, embedding, **kwargs)

@@ -1,87 +1,76 @@
-"""ClaraEmbedding: CLaRa's compressor seen as a LlamaIndex embedding model."""
+"""ClaraEmbedding: CLaRa's retrieval keys as a LlamaIndex embedding model."""
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
+from weakref import WeakKeyDictionary
 
 import torch
-import torch.nn.functional as F
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict
 
 from clara_plugins import ClaraModel
-from clara_plugins.dense import DenseRetriever
+from clara_plugins.keys import ClaraKeys, memory_keys, normalize_rows
 
-_KEEP = 8192  # compressed texts remembered until a store takes them
+_KEEP = 4096  # memory tokens remembered per model until a ClaraVectorStore takes them
+_untaken: WeakKeyDictionary[ClaraModel, OrderedDict[str, torch.Tensor]] = WeakKeyDictionary()
+_untaken_lock = threading.Lock()
 
 
 class ClaraEmbedding(BaseEmbedding):
-    """Texts -> the mean of their memory tokens (encoder), queries -> of the query reasoner's.
+    """The keys ClaraVectorStore searches, for any LlamaIndex vector store to hold.
 
-    LlamaIndex's ``VectorStoreIndex`` embeds every node before handing it to a vector store.
-    CLaRa's store retrieves with the full memory tokens, so this model remembers the memory
-    tokens it computed and ``ClaraVectorStore.add`` takes them instead of compressing twice.
-    The pooled vector is a usable embedding for any other LlamaIndex vector store.
+    A text's vector is its memory tokens flattened (rounded to fp16, as a MemoryStore keeps
+    them), a query's is the query reasoner's memory of it flattened; both have unit norm, so
+    ``SimpleVectorStore`` or any other cosine store ranks as ClaraVectorStore does. A vector
+    holds n_mem x hidden values (9,216 for the default model at CR16).
+
+    ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so the
+    memory tokens computed here are remembered (per model, at most ``_KEEP`` texts) and a
+    ClaraVectorStore of the same model takes them instead of compressing the text again.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     clara: ClaraModel
     model_name: str = "clara-memory-tokens"
-    _recent: OrderedDict = PrivateAttr(default_factory=OrderedDict)
 
     @classmethod
     def class_name(cls) -> str:
         return "ClaraEmbedding"
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        memories = self.clara.compress_documents(texts)
-        for text, memory in zip(texts, memories):
-            self._recent[text] = memory
-            self._recent.move_to_end(text)
-        while len(self._recent) > _KEEP:
-            self._recent.popitem(last=False)
-        return F.normalize(memories.mean(dim=1), dim=-1).tolist()
+        memories = self.clara.compress_documents(texts).to(torch.float16).cpu()
+        with _untaken_lock:
+            untaken = _untaken.setdefault(self.clara, OrderedDict())
+            for text, memory in zip(texts, memories):
+                untaken[text] = memory
+                untaken.move_to_end(text)
+            while len(untaken) > _KEEP:
+                untaken.popitem(last=False)
+        return memory_keys(memories.numpy()).tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]
 
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+        return self._get_text_embeddings(texts)  # one batch, not one compression per text
+
     def _get_query_embedding(self, query: str) -> list[float]:
-        return F.normalize(self.clara.encode_queries([query]).mean(dim=1), dim=-1)[0].tolist()
+        return normalize_rows(ClaraKeys(self.clara).query_keys([query]))[0].tolist()
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
         return self._get_query_embedding(query)
 
-    def take_memories(self, texts: list[str]) -> torch.Tensor:
-        """Memory tokens of the texts: remembered ones are handed over, the rest compressed."""
-        missing = list(dict.fromkeys(t for t in texts if t not in self._recent))
-        fresh = dict(zip(missing, self.clara.compress_documents(missing))) if missing else {}
-        memories = torch.stack([self._recent[t] if t in self._recent else fresh[t] for t in texts])
-        for text in texts:
-            self._recent.pop(text, None)
-        return memories
 
-
-class DenseEmbedding(BaseEmbedding):
-    """A sentence-transformers model as a LlamaIndex embedding (the text-RAG baseline's)."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    retriever: DenseRetriever = Field(default_factory=DenseRetriever)
-    model_name: str = "sentence-transformers"
-
-    @classmethod
-    def class_name(cls) -> str:
-        return "DenseEmbedding"
-
-    def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return self.retriever.embed_documents(texts).tolist()
-
-    def _get_text_embedding(self, text: str) -> list[float]:
-        return self._get_text_embeddings([text])[0]
-
-    def _get_query_embedding(self, query: str) -> list[float]:
-        return self.retriever.embed_queries([query])[0].tolist()
-
-    async def _aget_query_embedding(self, query: str) -> list[float]:
-        return self._get_query_embedding(query)
+def take_memories(model: ClaraModel, texts: list[str]) -> torch.Tensor:
+    """Memory tokens [n, n_mem, hidden] (fp16) of the texts: those a ClaraEmbedding of this
+    model computed are handed over and forgotten, the rest are compressed now."""
+    with _untaken_lock:
+        untaken = _untaken.get(model, OrderedDict())
+        remembered = {text: untaken.pop(text) for text in dict.fromkeys(texts) if text in untaken}
+    missing = [text for text in dict.fromkeys(texts) if text not in remembered]
+    if missing:
+        remembered.update(zip(missing, model.compress_documents(missing).to(torch.float16).cpu()))
+    return torch.stack([remembered[text] for text in texts])

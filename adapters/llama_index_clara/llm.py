@@ -1,37 +1,84 @@
-"""ClaraLLM: CLaRa's generator as a LlamaIndex LLM."""
+"""ClaraLLM: CLaRa's generator as a LlamaIndex LLM that reads documents from memory tokens.
+
+Any prompt works: a completion prompt is one user message, a chat is its messages. Wherever
+the prompt contains the text of a document held by ``store``, that text is read from the
+stored memory tokens, in place (``clara_plugins.context`` states the rule), so LlamaIndex's
+default query engines, synthesizers and chat engines read memory tokens with their own
+prompts. The call keywords ``document_ids`` (store ids) and ``documents`` (texts) add
+documents explicitly; ``ClaraSynthesizer`` uses the first to keep the trained layout.
+
+Each response's ``additional_kwargs["clara"]`` says how many documents were read as memory
+tokens and how many positions the generator saw; ``stats`` keeps the running totals.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llama_index.core.base.llms.types import CompletionResponse, CompletionResponseGen, LLMMetadata
-from llama_index.core.llms.callbacks import llm_completion_callback
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
-from pydantic import ConfigDict
+from llama_index.core.prompts import PromptTemplate
+from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 
 from clara_plugins import ClaraModel, MemoryStore
-from clara_plugins.context import answer_pieces
+from clara_plugins.context import Reader, ReadingStats
+from clara_plugins.pretrained import load_model
+
+from .vector_store import ClaraVectorStore
+
+# The layout the generator was trained on, for LlamaIndex's synthesizers
+# (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
+# the context, the prompt is exactly CLaRa's answering prompt.
+CLARA_QA_PROMPT = PromptTemplate("Background:\n{context_str}\n\nQuestion:{query_str}")
+
+_ROLES = {MessageRole.SYSTEM: "system", MessageRole.ASSISTANT: "assistant"}  # any other role reads as user
 
 
 class ClaraLLM(CustomLLM):
-    """Answer a question from memory tokens.
+    """Answer from CLaRa memory tokens inside any LlamaIndex prompt.
 
-    The prompt is the question. Documents come from the call keywords ``document_ids``
-    (memory tokens read from ``store``) or ``documents`` (texts, reusing stored memory tokens
-    where the store has the text); with neither, the model answers without documents.
-    ``ClaraSynthesizer`` passes the retrieved nodes' ids, so a query engine answers from
-    their stored memory tokens.
+    ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
+    takes a ``clara_plugins.MemoryStore`` or a ``llama_index_clara.ClaraVectorStore``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    clara: ClaraModel
+    clara: ClaraModel | None = None
     store: MemoryStore | None = None
-    k: int = 5
+    k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
     max_new_tokens: int | None = None
     model_name: str = "clara"
-    read_text: bool = False  # the text-RAG baseline: documents pasted as text
+    _reader: Reader = PrivateAttr(default_factory=lambda: Reader("ClaraLLM"))
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _memory_store(cls, value: Any) -> MemoryStore | None:
+        if value is None or isinstance(value, MemoryStore):
+            return value
+        if isinstance(value, ClaraVectorStore):
+            return value.client
+        raise TypeError(f"store must be a ClaraVectorStore or a MemoryStore, got {type(value).__name__}")
+
+    @model_validator(mode="after")
+    def _default_model(self) -> "ClaraLLM":
+        if self.clara is None:
+            self.clara = self.store.model if self.store is not None else load_model()
+        return self
+
+    @property
+    def stats(self) -> ReadingStats:
+        """Running totals of what the generator read over this object's calls."""
+        return self._reader.stats
 
     @classmethod
     def class_name(cls) -> str:
@@ -43,28 +90,50 @@ class ClaraLLM(CustomLLM):
             context_window=getattr(self.clara.lm.config, "max_position_embeddings", 2048),
             num_output=self.max_new_tokens or self.clara.config.max_new_tokens,
             model_name=self.model_name,
-            is_chat_model=False,
+            is_chat_model=True,
         )
 
-    def _pieces(self, question: str, kwargs: dict[str, Any]) -> Iterator[str]:
-        ids, texts = kwargs.get("document_ids"), list(kwargs.get("documents") or [])
-        if ids and self.store is None:
-            raise ValueError("document_ids need a ClaraLLM with a store")
-        return answer_pieces(self.clara, self.store, question, ids or [], texts, self.k, self.max_new_tokens,
-                             self.read_text)[0]
+    def _stream(self, messages: Sequence[tuple[str, str]], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
+        reading = self._reader.read(self.clara, messages, self.store, list(kwargs.get("documents") or []),
+                                    kwargs.get("document_ids") or [], self.k)
+        return self.clara.stream(reading.prompt, reading.memories, self.max_new_tokens), {"clara": reading.summary()}
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return CompletionResponse(text="".join(self._pieces(prompt, kwargs)))
+        pieces, extra = self._stream([("user", prompt)], kwargs)
+        return CompletionResponse(text="".join(pieces), additional_kwargs=extra)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        pieces = self._pieces(prompt, kwargs)
+        pieces, extra = self._stream([("user", prompt)], kwargs)
 
         def responses() -> CompletionResponseGen:
             text = ""
             for piece in pieces:
                 text += piece
-                yield CompletionResponse(text=text, delta=piece)
+                yield CompletionResponse(text=text, delta=piece, additional_kwargs=extra)
 
         return responses()
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        pieces, extra = self._stream(_as_pairs(messages), kwargs)
+        text = "".join(pieces)
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs=extra)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        pieces, extra = self._stream(_as_pairs(messages), kwargs)
+
+        def responses() -> ChatResponseGen:
+            text = ""
+            for piece in pieces:
+                text += piece
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
+                                   additional_kwargs=extra)
+
+        return responses()
+
+
+def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
+    return [(_ROLES.get(m.role, "user"), m.content or "") for m in messages]

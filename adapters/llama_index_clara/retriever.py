@@ -6,15 +6,24 @@ from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
 
+from clara_plugins import MemoryStore
+
 from .vector_store import ClaraVectorStore
 
 
 class ClaraRetriever(BaseRetriever):
-    """Nodes whose memory tokens best match the question, with their cosine scores."""
+    """Nodes whose memory tokens best match the question, with their cosine scores.
 
-    def __init__(self, vector_store: ClaraVectorStore, similarity_top_k: int = 5,
+    ``vector_store`` is a ClaraVectorStore or the MemoryStore behind one (its ``client``).
+    """
+
+    def __init__(self, vector_store: ClaraVectorStore | MemoryStore, similarity_top_k: int = 5,
                  filters: MetadataFilters | None = None) -> None:
         super().__init__()
+        if isinstance(vector_store, MemoryStore):
+            vector_store = ClaraVectorStore(store=vector_store)
+        if not isinstance(vector_store, ClaraVectorStore):
+            raise TypeError(f"vector_store must be a ClaraVectorStore or a MemoryStore, got {type(vector_store).__name__}")
         self.vector_store = vector_store
         self.similarity_top_k = similarity_top_k
         self.filters = filters

@@ -1,8 +1,9 @@
-"""ClaraSynthesizer: hands the retrieved nodes' memory tokens to the generator.
+"""ClaraSynthesizer: the retrieved nodes in the layout CLaRa's generator was trained on.
 
-LlamaIndex's own synthesizers paste node text into a prompt. This one passes the node ids,
-so ``ClaraLLM`` reads the stored memory tokens; nodes that are not in the store are
-compressed from their text.
+LlamaIndex's own synthesizers work too: ``ClaraLLM`` reads the stored nodes inside their
+prompts from memory tokens. This one skips their prompt templates and passes the node ids, so
+the generator sees exactly its answering prompt (``Background:`` memories, then the
+question); nodes that are not in the store are compressed from their text.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+from llama_index.core import Settings
 from llama_index.core.schema import BaseNode, MetadataMode
+from llama_index.core.vector_stores.simple import DEFAULT_PERSIST_FNAME, DEFAULT_VECTOR_STORE, NAMESPACE_SEP
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
     FilterCondition,
@@ -18,21 +22,24 @@ from llama_index.core.vector_stores.types import (
     MetadataFilter,
     MetadataFilters,
     VectorStoreQuery,
+    VectorStoreQueryMode,
     VectorStoreQueryResult,
 )
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, MemoryStore, StoredDocument
+from clara_plugins.pretrained import load_model
 
-from .embedding import ClaraEmbedding
+from .embedding import ClaraEmbedding, take_memories
 
 _OPERATORS = {FilterOperator.EQ: "$eq", FilterOperator.NE: "$ne", FilterOperator.IN: "$in",
-              FilterOperator.NIN: "$nin"}
+              FilterOperator.NIN: "$nin", FilterOperator.GT: "$gt", FilterOperator.GTE: "$gte",
+              FilterOperator.LT: "$lt", FilterOperator.LTE: "$lte"}
 
 
 def translate_filters(filters: MetadataFilters | None) -> dict | None:
-    """LlamaIndex MetadataFilters -> the store's filter dictionary (==, !=, in, nin; and, or)."""
+    """LlamaIndex MetadataFilters -> the store's filter dictionary (==, !=, in, nin, >, >=, <, <=; and, or)."""
     if filters is None or not filters.filters:
         return None
     parts = []
@@ -52,8 +59,18 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
 class ClaraVectorStore(BasePydanticVectorStore):
     """Nodes compressed into CLaRa memory tokens, retrieved by CLaRa's query reasoner.
 
-    Pass ``embed_model=store.embed_model`` to ``VectorStoreIndex``: it compresses each node
-    once, and the store keeps those memory tokens instead of compressing again.
+    Without a model or a store the shipped default model is loaded.
+
+    ``VectorStoreIndex`` needs no ``embed_model``. It resolves its embedding model from
+    LlamaIndex's global ``Settings`` before it looks at its vector store (and by default that
+    means OpenAI), so creating a ClaraVectorStore makes its ``embed_model`` the global
+    default: ``Settings.embed_model`` is set unless it already holds an embedding model that
+    is not a ClaraEmbedding. That embedding hands its memory tokens to this store, which
+    keeps them instead of compressing each node twice.
+
+    Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
+    ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default).
+    Similarities are cosines.
     """
 
     stores_text: bool = True
@@ -67,11 +84,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
                  index: str = "flat", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if store is None:
-            if model is None:
-                raise ValueError("ClaraVectorStore needs a ClaraModel (model=...) or a MemoryStore (store=...)")
-            store = MemoryStore(model, index=index)
+            store = MemoryStore(model if model is not None else load_model(), index=index)
         self._store = store
         self._embed_model = ClaraEmbedding(clara=store.model)
+        if Settings._embed_model is None or isinstance(Settings._embed_model, ClaraEmbedding):
+            Settings.embed_model = self._embed_model
 
     @classmethod
     def class_name(cls) -> str:
@@ -89,8 +106,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
         if not nodes:
             return []
-        contents = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in nodes]
-        memories = self._embed_model.take_memories(contents)
+        memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
+                                                     for node in nodes])
         return self._store.upsert(
             [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes],
             ids=[node.node_id for node in nodes],
@@ -130,23 +147,42 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
         if not query.query_str:
             raise ValueError("ClaraVectorStore searches with the query text (query_str), not an embedding")
-        where = translate_filters(query.filters)
-        if query.node_ids:  # rank everything that passes the filter, keep the wanted nodes
-            wanted = set(query.node_ids)
-            hits = self._store.search(query.query_str, max(1, len(self._store)), where)
-            results = [(d, s) for d, s in hits if d.id in wanted][: query.similarity_top_k]
-        else:
-            results = self._store.search(query.query_str, query.similarity_top_k, where)
+        if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
+            raise NotImplementedError(f"query mode {query.mode.value!r} is not supported; use 'default' or 'mmr'")
+        lambda_mult = 1.0
+        if query.mode == VectorStoreQueryMode.MMR:
+            threshold = query.mmr_threshold if query.mmr_threshold is not None else kwargs.get("mmr_threshold")
+            lambda_mult = 0.5 if threshold is None else threshold
+        results = self._store.search(query.query_str, query.similarity_top_k, translate_filters(query.filters),
+                                     ids=query.node_ids or None, lambda_mult=lambda_mult)
         return VectorStoreQueryResult(
             nodes=[self._to_node(d) for d, _ in results],
             similarities=[score for _, score in results],
             ids=[d.id for d, _ in results],
         )
 
-    def persist(self, persist_path: str, fs: Any = None) -> None:
-        """Save the store into the folder ``persist_path`` (JSON, numpy, faiss files)."""
-        self._store.save(persist_path)
+    def persist(self, persist_path: str, fs: AbstractFileSystem | None = None) -> None:
+        """Save the store, a folder: ``persist_path`` with the suffix ``.clara``.
+
+        ``StorageContext.persist(persist_dir=d)`` passes ``d/default__vector_store.json``, so
+        the store lands in ``d/default__vector_store.clara``; ``from_persist_dir(d)`` reads it.
+        """
+        if fs is not None and not isinstance(fs, LocalFileSystem):
+            raise NotImplementedError("ClaraVectorStore persists to the local file system only")
+        self._store.save(_store_folder(persist_path))
 
     @classmethod
-    def from_persist_path(cls, persist_path: str | Path, model: ClaraModel) -> "ClaraVectorStore":
-        return cls(store=MemoryStore.load(persist_path, model))
+    def from_persist_path(cls, persist_path: str | Path, model: ClaraModel | None = None) -> ClaraVectorStore:
+        """The store ``persist(persist_path)`` saved; it must be read with the model that wrote it."""
+        return cls(store=MemoryStore.load(_store_folder(persist_path), model if model is not None else load_model()))
+
+    @classmethod
+    def from_persist_dir(cls, persist_dir: str | Path, model: ClaraModel | None = None,
+                         namespace: str = DEFAULT_VECTOR_STORE) -> ClaraVectorStore:
+        """The store ``StorageContext.persist(persist_dir)`` saved: pass it back as
+        ``StorageContext.from_defaults(persist_dir=..., vector_store=...)``."""
+        return cls.from_persist_path(Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}", model)
+
+
+def _store_folder(persist_path: str | Path) -> Path:
+    return Path(persist_path).with_suffix(".clara")

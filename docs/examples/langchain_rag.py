@@ -1,9 +1,10 @@
 """A LangChain RAG chain, built twice over the same passages and the same backbone LM:
 
 1. text RAG: text chunks in an InMemoryVectorStore with a sentence-transformers retriever;
-   the generator reads the retrieved passages as text;
+   ChatClara has no CLaRa store, so the plain backbone reads the retrieved passages as text;
 2. CLaRa: the passages compressed into memory tokens in a ClaraVectorStore; the query
-   reasoner retrieves and ChatClara answers from the stored memory tokens.
+   reasoner retrieves and ChatClara reads the same prompt's passages from the stored memory
+   tokens (its ``stats`` count them).
 
     python docs/examples/langchain_rag.py --limit 100 --question "Who was Lothair II's queen?"
 
@@ -18,9 +19,11 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
 
-from clara_plugins.datasets import read_documents
+from clara_benchmarks.dense import DenseEmbeddings  # the sentence-transformers baseline
+from clara_benchmarks.text_reader import text_weights
+from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
-from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, DenseEmbeddings, format_documents
+from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
 
 
 def rag_chain(retriever, chat):
@@ -40,13 +43,16 @@ def main() -> None:
 
     text_store = InMemoryVectorStore(DenseEmbeddings())
     text_store.add_texts(passages)
-    text_rag = rag_chain(text_store.as_retriever(search_kwargs={"k": 5}), ChatClara(clara=clara, read_text=True))
-    print("text RAG:", text_rag.invoke(args.question))
+    text_rag = rag_chain(text_store.as_retriever(search_kwargs={"k": 5}), ChatClara(clara=clara))
+    with text_weights(clara):  # the plain backbone reads text
+        print("text RAG:", text_rag.invoke(args.question))
 
     clara_store = ClaraVectorStore(clara)
     clara_store.add_texts(passages, show_progress=True)
-    clara_rag = rag_chain(ClaraRetriever(store=clara_store.store, k=5), ChatClara(clara=clara, store=clara_store.store))
+    chat = ChatClara(store=clara_store)
+    clara_rag = rag_chain(ClaraRetriever(store=clara_store, k=5), chat)
     print("CLaRa:   ", clara_rag.invoke(args.question))
+    print("read as memory tokens:", chat.stats.stored_documents, "stored documents")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """A LlamaIndex query engine, built twice over the same passages and the same backbone LM:
 
-1. text RAG: VectorStoreIndex with a sentence-transformers embedding; the generator reads the
-   retrieved nodes as text;
-2. CLaRa: VectorStoreIndex on a ClaraVectorStore; the query reasoner retrieves and the
-   ClaraSynthesizer hands the nodes' memory tokens to the generator.
+1. text RAG: VectorStoreIndex with a sentence-transformers embedding; the plain backbone reads
+   the retrieved nodes as text;
+2. CLaRa: VectorStoreIndex on a ClaraVectorStore; the query reasoner retrieves and ClaraLLM,
+   behind LlamaIndex's own synthesizer, reads the nodes from their stored memory tokens.
 
     python docs/examples/llamaindex_rag.py --limit 100 --question "Who was Lothair II's queen?"
 
@@ -17,9 +17,11 @@ import argparse
 
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
-from clara_plugins.datasets import read_documents
+from clara_benchmarks.dense import DenseEmbedding  # the sentence-transformers baseline
+from clara_benchmarks.text_reader import text_weights
+from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
-from llama_index_clara import ClaraLLM, ClaraSynthesizer, ClaraVectorStore, DenseEmbedding
+from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraVectorStore
 
 
 def main() -> None:
@@ -34,18 +36,18 @@ def main() -> None:
     clara = load_model(args.checkpoint)
 
     text_index = VectorStoreIndex.from_documents(documents, embed_model=DenseEmbedding())
-    text_llm = ClaraLLM(clara=clara, read_text=True)
-    text_engine = text_index.as_query_engine(llm=text_llm, response_synthesizer=ClaraSynthesizer(text_llm),
+    text_engine = text_index.as_query_engine(llm=ClaraLLM(clara=clara), text_qa_template=CLARA_QA_PROMPT,
                                              similarity_top_k=5)
-    print("text RAG:", text_engine.query(args.question).response)
+    with text_weights(clara):  # the plain backbone reads text
+        print("text RAG:", text_engine.query(args.question).response)
 
     store = ClaraVectorStore(clara)
     clara_index = VectorStoreIndex.from_documents(documents, embed_model=store.embed_model, show_progress=True,
                                                   storage_context=StorageContext.from_defaults(vector_store=store))
-    clara_llm = ClaraLLM(clara=clara, store=store.client)
-    clara_engine = clara_index.as_query_engine(llm=clara_llm, response_synthesizer=ClaraSynthesizer(clara_llm),
-                                               similarity_top_k=5)
+    clara_llm = ClaraLLM(store=store)
+    clara_engine = clara_index.as_query_engine(llm=clara_llm, text_qa_template=CLARA_QA_PROMPT, similarity_top_k=5)
     print("CLaRa:   ", clara_engine.query(args.question).response)
+    print("read as memory tokens:", clara_llm.stats.stored_documents, "stored documents")
 
 
 if __name__ == "__main__":

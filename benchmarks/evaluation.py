@@ -1,5 +1,8 @@
 """Evaluating answers and retrieval on converted rows ({question, docs, answers, pos_index}).
 
+``clara eval`` runs these; the reading gain (``--reading``) is the core's
+``clara_plugins.reading``.
+
 Systems, all on one backbone:
 - ``clara``: the documents compressed into memory tokens; with more than k documents the
   query reasoner keeps the top-k (and Recall@k is measured);
@@ -8,7 +11,6 @@ Systems, all on one backbone:
 Retrievers for Recall@k / Precision@k: ``reasoner`` (CLaRa's query reasoner over memory
 tokens), ``compressor`` (the question compressed like a document: the untrained reasoner),
 ``dense`` (a sentence-transformers model) and ``bm25``.
-``evaluate_reading`` asks whether the generator reads its memory tokens at all.
 """
 
 from __future__ import annotations
@@ -17,16 +19,16 @@ import statistics
 import time
 from collections.abc import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
-from .context import keep_top_k
-from .datasets import bm25_rank
+from clara_plugins import ClaraModel
+from clara_plugins.bm25 import bm25_rank
+from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
+from clara_plugins.prompts import question_prompt
+from clara_plugins.retrieval import cosine_scores, top_k
+
 from .dense import DenseRetriever
-from .metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
-from .model import ClaraModel
-from .prompts import memory_prompts
-from .retrieval import cosine_scores
+from .text_reader import prompt_positions, read_text, text_prompt
 
 SYSTEMS = ("clara", "text", "none")
 RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
@@ -46,8 +48,8 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
             answers, counts = _clara_answers(model, batch, k, max_new_tokens)
         else:
             documents = [row["docs"][:k] if system == "text" else [] for row in batch]
-            answers = model.generate_reading_text(questions, documents, max_new_tokens)
-            counts = [model.text_prompt_positions(q, d) for q, d in zip(questions, documents)]
+            answers = read_text(model, questions, documents, max_new_tokens)
+            counts = [prompt_positions(model, text_prompt(model, q, d)) for q, d in zip(questions, documents)]
         seconds.append((time.perf_counter() - began) / len(batch))
         predictions.extend(answers)
         positions.extend(counts)
@@ -62,51 +64,12 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
 
 
 def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int) -> tuple[list[str], list[int]]:
-    groups = [keep_top_k(model, row["question"], model.compress_documents(row["docs"]), k) for row in batch]
+    """Each row's documents compressed; the query reasoner keeps the best k of them."""
     questions = [row["question"] for row in batch]
-    if len({len(g) for g in groups}) == 1:
-        answers = model.generate_from_compressed_documents_and_questions(questions, torch.stack(groups),
-                                                                         max_new_tokens)
-    else:
-        answers = [model.generate_from_compressed_documents_and_questions([q], g.unsqueeze(0), max_new_tokens)[0]
-                   for q, g in zip(questions, groups)]
-    return answers, [model.prompt_positions(q, len(g)) for q, g in zip(questions, groups)]
-
-
-def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
-    """The targets' cross-entropy (nats per token) read from each row's own documents (the
-    first k or fewer of an instruction row, the one of an SCP row), and from the next row's.
-
-    A generator that ignores its memory tokens scores the same on both; the gap,
-    ``reading_gain``, shows whether training has taught it to read long before F1 moves. The
-    CE from the mean of all rows' memories (``neutral``) tells reading apart from harm: own
-    memories below it are read, other memories above it only hurt.
-    """
-    width = {1 if "data_type" in row else min(k, len(row["docs"])) for row in rows}
-    if len(rows) < 2 or len(width) != 1:
-        raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "
-                         f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
-    width = width.pop()
-    documents = [document for row in rows for document in row["docs"][:width]]
-    memories = model.compress_documents(documents, show_progress=True)
-    memories = memories.reshape(len(rows), width, *memories.shape[1:])
-    neutral = memories.mean(0, keepdim=True)  # no row's own content: separates reading from harm
-    totals = {"own": 0.0, "neutral": 0.0, "other": 0.0}
-    tokens = 0
-    for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
-        batch = rows[start:start + batch_size]
-        prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, batch, width)
-        own = memories[start:start + len(batch)]
-        other = memories[[(i + 1) % len(rows) for i in range(start, start + len(batch))]]
-        with torch.no_grad():
-            for name, read in (("own", own), ("neutral", neutral.expand_as(own)), ("other", other)):
-                log_likelihood, counts = model.completion_log_likelihood(prompts, full, read)
-                totals[name] -= float(log_likelihood.sum())
-            tokens += int(counts.sum())
-    own_ce, neutral_ce, other_ce = (totals[name] / tokens for name in ("own", "neutral", "other"))
-    return {"examples": len(rows), "documents_per_row": width, "target_ce_own_documents": round(own_ce, 4),
-            "target_ce_neutral_documents": round(neutral_ce, 4),
-            "target_ce_other_documents": round(other_ce, 4), "reading_gain": round(other_ce - own_ce, 4)}
+    groups = [top_k(model.encode_queries([q]), model.compress_documents(row["docs"]), k)[0][0]
+              for q, row in zip(questions, batch)]
+    prompts = [question_prompt(model.tokenizer, q, len(g), model.document_placeholder) for q, g in zip(questions, groups)]
+    return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model, p) for p in prompts]
 
 
 def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: ClaraModel | None = None,

@@ -1,0 +1,49 @@
+"""CLaRa's retrieval keys as LangChain ``Embeddings``, and any ``Embeddings`` as a store's keys."""
+
+from __future__ import annotations
+
+import numpy as np
+from langchain_core.embeddings import Embeddings
+
+from clara_plugins import ClaraModel
+from clara_plugins.keys import ClaraKeys, normalize_rows
+from clara_plugins.pretrained import load_model
+
+
+class ClaraEmbeddings(Embeddings):
+    """The keys ClaraVectorStore searches, for any LangChain vector store to hold.
+
+    A document's vector is its memory tokens flattened (rounded to fp16, as a MemoryStore
+    keeps them), a query's is the query reasoner's memory of it flattened; both have unit
+    norm, so a store ranking by cosine or inner product (``InMemoryVectorStore``, faiss, ...)
+    ranks as ClaraVectorStore does. A vector holds n_mem x hidden values (9,216 for the
+    default model at CR16). Without a model the shipped default one is loaded.
+    """
+
+    def __init__(self, model: ClaraModel | None = None) -> None:
+        self.model = model if model is not None else load_model()
+        self._keys = ClaraKeys(self.model)
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._keys.document_keys(texts).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return normalize_rows(self._keys.query_keys([text]))[0].tolist()
+
+
+class EmbeddingsKeys:
+    """Retrieval keys from any LangChain ``Embeddings`` instead of the query reasoner."""
+
+    keys_are_memories = False
+
+    def __init__(self, embeddings: Embeddings) -> None:
+        self.embeddings = embeddings
+
+    def signature(self) -> dict:
+        return {"kind": "langchain-embeddings", "class": type(self.embeddings).__name__}
+
+    def document_keys(self, texts: list[str]) -> np.ndarray:
+        return np.asarray(self.embeddings.embed_documents(texts), dtype=np.float32)
+
+    def query_keys(self, queries: list[str]) -> np.ndarray:
+        return np.asarray([self.embeddings.embed_query(q) for q in queries], dtype=np.float32)

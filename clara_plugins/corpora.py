@@ -1,0 +1,81 @@
+"""The official QA benchmark files and passage corpora, read into one shape.
+
+Readers take the files as their authors publish them: HotpotQA and 2WikiMultihopQA
+(``context`` = [[title, [sentences]]], gold paragraphs named by ``supporting_facts``),
+MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
+(``ctxs`` with ``isgold``). ``read_documents`` reads passage corpora and plain text files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .jsonfiles import read_jsonl
+
+
+@dataclasses.dataclass
+class QAExample:
+    id: str
+    question: str
+    answers: list[str]
+    passages: list[str]  # "title\ntext"
+    gold: list[int]  # indices of the gold passages
+    gold_complete: bool = True  # False when some supporting paragraph is missing from the pool
+
+
+def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
+    """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows)."""
+    path = Path(path)
+    rows = json.loads(path.read_text()) if path.suffix == ".json" else read_jsonl(path)
+    examples = [_example(row, number) for number, row in enumerate(rows[:limit])]
+    if not examples:
+        raise ValueError(f"{path} holds no examples")
+    return examples
+
+
+def read_documents(paths: list[str]) -> list[str]:
+    """Documents from passage files.
+
+    A ``.json`` file holds a list of records and a ``.jsonl`` file one record per line, each
+    record's ``text`` or ``contents`` (with its ``title`` in front when present); any other
+    file gives one document per blank-line-separated paragraph. A path that is not a file is
+    an error: it is never read as the text of a document.
+    """
+    documents: list[str] = []
+    for source in paths:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: no such file" if not path.exists() else f"{source} is not a file")
+        if path.suffix == ".jsonl":
+            documents.extend(_record_text(record) for record in read_jsonl(path))
+        elif path.suffix == ".json":
+            documents.extend(_record_text(record) for record in json.loads(path.read_text()))
+        else:
+            documents.extend(p.strip() for p in path.read_text().split("\n\n") if p.strip())
+    return documents
+
+
+def _record_text(record: dict) -> str:
+    text = record.get("text") or record.get("contents") or ""
+    return f"{record['title']}\n{text}" if record.get("title") else text
+
+
+def _example(row: dict, number: int) -> QAExample:
+    if "context" in row and "supporting_facts" in row:  # HotpotQA, 2WikiMultihopQA
+        titles = {title for title, _ in row["supporting_facts"]}
+        passages = [f"{title}\n{''.join(sentences).strip()}" for title, sentences in row["context"]]
+        present = {title for title, _ in row["context"]}
+        gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
+        return QAExample(str(row["_id"]), row["question"], [row["answer"]], passages, gold, titles <= present)
+    if "paragraphs" in row:  # MuSiQue
+        passages = [f"{p['title']}\n{p['paragraph_text']}" for p in row["paragraphs"]]
+        gold = [i for i, p in enumerate(row["paragraphs"]) if p["is_supporting"]]
+        return QAExample(str(row["id"]), row["question"], [row["answer"], *row.get("answer_aliases", [])],
+                         passages, gold)
+    if "ctxs" in row:  # NQ-open with passages
+        passages = [f"{c['title']}\n{c['text']}" for c in row["ctxs"]]
+        gold = [i for i, c in enumerate(row["ctxs"]) if c.get("isgold")]
+        return QAExample(f"nq-{number}", row["question"], list(row["answers"]), passages, gold)
+    raise ValueError(f"row {number} is in no known format (keys: {sorted(row)[:8]})")

@@ -1,0 +1,91 @@
+"""The passes training differentiates through, and the choice of what trains.
+
+Inference goes through ``ClaraModel``'s verbs, which run without gradients. Training and the
+reading probe need the same passes with gradients and per-token log-likelihoods; they live
+here, beside the trainer, so that the model's public surface stays the user's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .config import ADAPTER_NAMES
+from .checks import check_texts
+from .model import DECODER, ENCODER, ClaraModel
+
+
+def set_trainable(model: ClaraModel, adapters: Sequence[str], memory_embeddings: bool = False) -> None:
+    """Choose what trains: the named adapters and, optionally, the <MEM> embedding rows.
+
+    Everything else stays frozen. The choice survives adapter switches (the model applies it
+    again after each one).
+    """
+    unknown = set(adapters) - set(ADAPTER_NAMES)
+    if unknown:
+        raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
+    model.trainable = tuple(adapters)
+    model._apply_trainable()
+    embedding = model.lm.get_input_embeddings().weight
+    embedding.requires_grad_(memory_embeddings)
+    if memory_embeddings and not hasattr(model, "_embedding_hook"):
+        rows = torch.zeros(embedding.size(0), 1, dtype=embedding.dtype, device=embedding.device)
+        rows[model.mem_token_ids] = 1.0
+        model._embedding_hook = embedding.register_hook(lambda grad: grad * rows.to(grad.device))
+
+
+def copy_adapter(model: ClaraModel, source: str, target: str) -> None:
+    """Overwrite one adapter's LoRA weights with another's.
+
+    The end-to-end stage starts its query reasoner as a copy of the encoder; copying the
+    encoder into an untrained reasoner gives retrieval by the compressor itself.
+    """
+    unknown = {source, target} - set(ADAPTER_NAMES)
+    if unknown:
+        raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
+    parameters = dict(model.lm.named_parameters())
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if f".{source}." in name:
+                parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+
+
+def encode_with_gradients(model: ClaraModel, texts: Sequence[str],
+                          adapter: str = ENCODER) -> tuple[torch.Tensor, torch.Tensor]:
+    """Memories [batch, n_mem, hidden] and mean document-token states [batch, hidden] of
+    texts through one adapter, keeping gradients (SCP's alignment target is the second)."""
+    texts = check_texts(texts, "texts")
+    bodies = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return model._encode_tokens(bodies, adapter)
+
+
+def completion_log_likelihood(
+    model: ClaraModel, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each completion after its prompt, and its token count.
+
+    ``prompts`` are rendered with the generation prompt open; ``completions`` are the same
+    conversations with the assistant turn written; ``memories`` [batch, k, n_mem, hidden] fill
+    their placeholders. Runs the decoder adapter, with gradients.
+    """
+    groups = None if memories is None else list(memories)
+    embeds, mask, ids = model._decoder_inputs(list(completions), groups)
+    prompt_lengths = [len(r) for r in model.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    lengths = mask.sum(1).tolist()
+    targets = torch.full_like(ids, -100)
+    for row, (total, prompt) in enumerate(zip(lengths, prompt_lengths)):
+        start = ids.size(1) - total + prompt  # first completion token (rows are left-padded)
+        targets[row, start:] = ids[row, start:]
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Rows are left-padded, so every completion ends the row: logits are needed only for the
+    # last (longest completion + 1) positions, not the whole prompt over the full vocabulary.
+    tail = max(total - prompt for total, prompt in zip(lengths, prompt_lengths)) + 1
+    with model._adapter(DECODER):
+        logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                          logits_to_keep=tail).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    labels = targets[:, ids.size(1) - tail + 1:]
+    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    valid = labels != -100
+    return (picked * valid).sum(1), valid.sum(1)

@@ -1,0 +1,97 @@
+"""Training and evaluation rows made from QA examples or from bare passages.
+
+Settings (the paper's): *Normal* gives the 5 passages a BM25 retriever ranks highest among
+the example's candidates; *Oracle* puts the gold passages among the 5. End-to-end rows carry
+about 20 candidates with ``pos_index`` (gold positions, used only for logged Recall@k).
+The teacher-free rows (reconstruction, continuation, cloze) need only passages.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from .bm25 import bm25_rank, fill_short_pools, with_candidates
+from .corpora import QAExample
+
+
+def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5) -> list[dict]:
+    """Rows ``{question, docs[k], answer, answers, pos_index}`` in the Normal or Oracle setting.
+
+    Oracle rows are made only for examples whose gold passages are all in the pool. Pools of
+    fewer than k passages are filled from the other examples (a training batch needs the same
+    k in every row); an example that still has fewer is left out.
+    """
+    if setting not in ("normal", "oracle"):
+        raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
+    examples = [e for e in fill_short_pools(examples, k) if len(e.passages) >= k]
+    if setting == "oracle":
+        examples = [e for e in examples if e.gold_complete and e.gold]
+    rows = []
+    for example in examples:
+        ranked = bm25_rank(example.question, example.passages)
+        if setting == "oracle":
+            gold = example.gold[:k]
+            chosen = sorted(gold + [i for i in ranked if i not in gold][: k - len(gold)])
+        else:
+            chosen = ranked[:k]
+        rows.append({"id": example.id, "question": example.question, "docs": [example.passages[i] for i in chosen],
+                     "answer": example.answers[0], "answers": example.answers,
+                     "pos_index": [n for n, i in enumerate(chosen) if i in example.gold]})
+    return rows
+
+
+def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> list[dict]:
+    """Rows ``{question, docs[candidates], answer, answers, pos_index}`` for end-to-end training."""
+    return [{"id": e.id, "question": e.question, "docs": e.passages, "answer": e.answers[0],
+             "answers": e.answers, "pos_index": e.gold}
+            for e in with_candidates(examples, candidates, seed)]
+
+
+def scp_qa_rows(examples: list[QAExample]) -> list[dict]:
+    """SCP QA rows from human-written questions: every example answered by one gold passage
+    (NQ) becomes ``{"data_type": "qa", question, answers, docs: [that passage]}``."""
+    rows = [{"data_type": "qa", "question": [e.question], "answers": [e.answers[0]], "docs": [e.passages[e.gold[0]]]}
+            for e in examples if len(e.gold) == 1]
+    if not rows:
+        raise ValueError("no example has exactly one gold passage (NQ has; the multi-hop sets have not)")
+    return rows
+
+
+def reconstruction_rows(passages: list[str]) -> list[dict]:
+    """Teacher-free SCP rows: each distinct passage is its own target (``data_type`` "reconstruct")."""
+    return [{"data_type": "reconstruct", "answers": [p], "docs": [p]} for p in dict.fromkeys(passages)]
+
+
+def continuation_rows(passages: list[str]) -> list[dict]:
+    """Teacher-free SCP rows: the first half of a passage (by words) is the document, the
+    second half the target (``data_type`` "continue")."""
+    rows = []
+    for passage in dict.fromkeys(passages):
+        words = passage.split(" ")
+        if len(words) >= 8:
+            half = len(words) // 2
+            rows.append({"data_type": "continue", "answers": [" ".join(words[half:])],
+                         "docs": [" ".join(words[:half])]})
+    return rows
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# a number or date, or a run of capitalised words that does not open the sentence
+_CLOZE_SPAN = re.compile(r"\b\d[\d,.]*\d\b|\b\d\b|(?<=\w )[A-Z][\w'-]+(?: (?:of |de |the )?[A-Z][\w'-]+)*")
+
+
+def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
+    """Teacher-free questions: one sentence of each passage with a number, date or name
+    blanked out, answered from the passage's memories (one-document instruction rows)."""
+    rng = random.Random(seed)
+    rows = []
+    for passage in dict.fromkeys(passages):
+        body = passage.split("\n", 1)[-1]
+        blanks = [(sentence, match) for sentence in _SENTENCE_END.split(body) if len(sentence.split()) >= 6
+                  for match in _CLOZE_SPAN.finditer(sentence)]
+        if blanks:
+            sentence, match = rng.choice(blanks)
+            question = f"Fill in the blank: {sentence[:match.start()]}____{sentence[match.end():]}"
+            rows.append({"question": question, "docs": [passage], "answer": match.group(), "answers": [match.group()]})
+    return rows

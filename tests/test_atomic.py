@@ -1,0 +1,104 @@
+"""Crash-safe writes: what a kill mid-write leaves, and that the store's JSON files and the
+default model's cache are written through the one implementation in ``atomic.py``."""
+
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clara_plugins import MemoryStore, atomic, backbone, store
+from clara_plugins.atomic import write_file_atomically
+from conftest import CORPUS
+
+
+def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
+    path = tmp_path / "CURRENT"
+    path.write_text("old\n")
+
+    def dies_halfway(handle):
+        handle.write("half of the new")
+        handle.flush()
+        os._exit(1)
+
+    child = os.fork()
+    if child == 0:
+        try:
+            write_file_atomically(path, dies_halfway)
+        finally:
+            os._exit(1)
+    os.waitpid(child, 0)
+    assert path.read_text() == "old\n"
+    write_file_atomically(path, lambda handle: handle.write("new\n"))  # the next write is not hindered
+    assert path.read_text() == "new\n"
+    assert sorted(os.listdir(tmp_path)) == ["CURRENT"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
+    path = tmp_path / "records.json"
+    path.write_text("old")
+
+    def fails(handle):
+        handle.write("new")
+        raise TypeError("not serialisable")
+
+    with pytest.raises(TypeError):
+        write_file_atomically(path, fails)
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["records.json"]
+
+
+def test_the_new_file_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
+    steps = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        steps.append("fsync")
+        real_fsync(fd)
+
+    def replace(source, destination):
+        steps.append("replace")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_file_atomically(tmp_path / "f", lambda handle: handle.write("x"))
+    assert steps == ["fsync", "replace"]
+
+
+def test_the_store_writes_its_json_files_atomically(tiny_model, tmp_path, monkeypatch):
+    written = []
+
+    def recording(path, write):
+        written.append(path.name)
+        atomic.write_file_atomically(path, write)
+
+    monkeypatch.setattr(store, "write_file_atomically", recording)
+    memories = MemoryStore(tiny_model)
+    memories.upsert(CORPUS[:2], ids=["a", "b"])
+    memories.save(tmp_path / "s")
+    assert sorted(written) == ["records.json", "store.json"]
+    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == ["a", "b"]
+
+
+@pytest.fixture
+def fake_default_model(tiny_base, tmp_path, monkeypatch):
+    """The default model's cache under a fresh CLARA_HOME, dequantised from the tiny model."""
+    monkeypatch.setenv("CLARA_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(backbone, "_find_default_gguf", lambda: tiny_base / "tiny.gguf")
+    monkeypatch.setattr(backbone, "_dequantise", lambda gguf: (AutoModelForCausalLM.from_pretrained(tiny_base),
+                                                                AutoTokenizer.from_pretrained(tiny_base)))
+    return tmp_path / "home" / "models"
+
+
+def test_the_default_model_cache_is_written_aside_then_renamed(fake_default_model):
+    folder = backbone.default_model_folder()
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert os.listdir(fake_default_model) == [folder.name]  # no staging folder left behind
+
+
+def test_the_default_model_cache_never_replaces_a_folder_it_did_not_write(fake_default_model):
+    foreign = fake_default_model / "smollm2-135m-instruct"
+    foreign.mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="did not write"):
+        backbone.default_model_folder()
+    assert os.listdir(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"

@@ -1,0 +1,181 @@
+"""Any prompt, chain or engine reads the store's documents from memory tokens, safely.
+
+Each test would fail on an adapter that reads only its own special prompt: the counters that
+ChatClara and ClaraLLM expose (``stats``, and each response's ``clara`` metadata) show how
+many stored documents the generator read as memory tokens and how many positions it saw.
+"""
+
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from langchain_classic.chains.combine_documents import create_stuff_documents_chain
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnablePassthrough
+from llama_index.core import StorageContext, VectorStoreIndex
+from llama_index.core.schema import TextNode
+
+from clara_plugins.context import read_messages
+from conftest import CORPUS
+from langchain_clara import ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
+from llama_index_clara import ClaraLLM
+from llama_index_clara import ClaraVectorStore as LlamaClaraVectorStore
+
+QUESTION = "Who won Nobel prizes?"
+TWO_PARAGRAPHS = "The Rhine rises in the Swiss Alps near Lake Toma.\n\nIt flows north into the North Sea."
+OWN_PROMPT = ChatPromptTemplate.from_messages([
+    ("system", "You are a helpful assistant. Answer from the context only.\n\nContext:\n{context}"),
+    ("human", "{question}"),
+])
+
+
+@pytest.fixture
+def vectorstore(tiny_model) -> ClaraVectorStore:
+    store = ClaraVectorStore(tiny_model)
+    store.add_texts([*CORPUS, TWO_PARAGRAPHS], ids=[f"d{i}" for i in range(len(CORPUS) + 1)])
+    return store
+
+
+@pytest.fixture
+def no_compression(tiny_model, monkeypatch):
+    """Fail if anything is compressed again: stored documents must be read from the store."""
+    def refuse(texts, *args, **kwargs):
+        raise AssertionError(f"compressed again: {texts}")
+    monkeypatch.setattr(tiny_model, "compress_documents", refuse)
+
+
+def test_a_users_own_prompt_reads_the_retrieved_documents_from_the_store(tiny_model, vectorstore, no_compression):
+    chat = ChatClara(store=vectorstore)  # the framework store is accepted, and lends its model
+    assert chat.clara is tiny_model and chat.store is vectorstore.store
+    chain = ({"context": ClaraRetriever(store=vectorstore.store, k=3) | format_documents,
+              "question": RunnablePassthrough()} | OWN_PROMPT | chat)
+    result = chain.invoke(QUESTION)
+    assert result.response_metadata["clara"]["stored_documents"] == 3
+    assert result.response_metadata["clara"]["compressed_documents"] == 0
+    assert chat.stats.calls == 1 and chat.stats.stored_documents == 3
+
+
+def test_a_document_with_a_blank_line_stays_one_document(tiny_model, vectorstore, no_compression):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    result = chat.invoke(OWN_PROMPT.invoke({"context": TWO_PARAGRAPHS, "question": "Where does the Rhine rise?"}))
+    assert result.response_metadata["clara"] == {
+        "memory_documents": 1, "stored_documents": 1, "compressed_documents": 0,
+        "input_positions": result.usage_metadata["input_tokens"]}
+
+
+def test_create_stuff_documents_chain_reads_memory_tokens(tiny_model, vectorstore, no_compression):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    prompt = ChatPromptTemplate.from_messages([("system", "Use the context to answer.\n\n{context}"),
+                                               ("human", "{input}")])
+    chain = create_stuff_documents_chain(chat, prompt)
+    documents = [Document(CORPUS[4]), Document(CORPUS[0])]
+    chain.invoke({"input": QUESTION, "context": documents})
+    assert chat.stats.stored_documents == 2 and chat.stats.compressed_documents == 0
+
+
+def test_chat_history_is_part_of_the_prompt(tiny_model, vectorstore):
+    messages = [HumanMessage("Where does the Danube flow?"), AIMessage("Through Vienna."),
+                HumanMessage("And which other capitals?")]
+    reading = read_messages(tiny_model, [("user", m.text) if isinstance(m, HumanMessage) else ("assistant", m.text)
+                                         for m in messages], vectorstore.store, documents=[CORPUS[3]])
+    assert "Where does the Danube flow?" in reading.prompt and "Through Vienna." in reading.prompt
+    assert reading.prompt.index("Through Vienna.") < reading.prompt.index("Question:And which other capitals?")
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store)
+    result = chat.invoke(messages, documents=[CORPUS[3]])
+    assert result.usage_metadata["input_tokens"] == reading.positions
+
+
+def test_a_search_between_streamed_tokens_does_not_change_the_answer(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store, max_tokens=12)
+    alone = "".join(chunk.text for chunk in chat.stream(QUESTION, document_ids=["d4"]))
+    stream = chat.stream(QUESTION, document_ids=["d4"])
+    pieces = [next(stream).text]
+    vectorstore.similarity_search("Where is the tower?", k=2)  # runs the query reasoner mid-stream
+    pieces += [chunk.text for chunk in stream]
+    assert "".join(pieces) == alone
+
+
+def test_threads_share_one_model(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store, max_tokens=12)
+    questions = [QUESTION, "Where is the tower?", "Which river flows through Vienna?", "What is Berlin?"]
+    alone = [chat.invoke(q, document_ids=["d1", "d3"]).content for q in questions]
+    barrier = threading.Barrier(len(questions))
+
+    def answer(question: str) -> str:
+        barrier.wait()
+        text = ""
+        for chunk in chat.stream(question, document_ids=["d1", "d3"]):
+            vectorstore.similarity_search(question, k=1)
+            text += chunk.text
+        return text
+
+    with ThreadPoolExecutor(len(questions)) as pool:
+        assert list(pool.map(answer, questions)) == alone
+
+
+def test_a_pipeline_without_memory_tokens_is_told_once(tiny_model):
+    chat = ChatClara(clara=tiny_model, max_tokens=2)
+    with pytest.warns(UserWarning, match="read no memory tokens"):
+        chat.invoke("A question with no documents at all")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat.invoke("Another one")
+    assert not [w for w in caught if "memory tokens" in str(w.message)]
+
+
+def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):
+    chat = ChatClara(clara=tiny_model)
+    with pytest.raises(NotImplementedError, match="cannot call tools"):
+        chat.bind_tools([])
+    with pytest.raises(NotImplementedError, match="no structured output"):
+        chat.with_structured_output(dict)
+
+
+@pytest.fixture
+def llama_index(tiny_model) -> tuple[VectorStoreIndex, LlamaClaraVectorStore]:
+    store = LlamaClaraVectorStore(tiny_model)
+    nodes = [TextNode(text=text, id_=f"n{i}") for i, text in enumerate(CORPUS)]
+    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=store),
+                             embed_model=store.embed_model)
+    return index, store
+
+
+def test_llama_index_default_query_engine_reads_memory_tokens(tiny_model, llama_index, no_compression):
+    index, store = llama_index
+    llm = ClaraLLM(store=store)  # the framework store is accepted, and lends its model
+    assert llm.clara is tiny_model
+    response = index.as_query_engine(llm=llm, similarity_top_k=2).query(QUESTION)
+    assert isinstance(response.response, str)
+    assert llm.stats.calls == 1 and llm.stats.stored_documents == 2 and llm.stats.compressed_documents == 0
+
+
+@pytest.mark.parametrize("mode", ["context", "condense_plus_context"])
+def test_llama_index_chat_engines_read_memory_tokens(tiny_model, llama_index, no_compression, mode):
+    index, store = llama_index
+    llm = ClaraLLM(clara=tiny_model, store=store.client, max_new_tokens=8)
+    engine = index.as_chat_engine(chat_mode=mode, llm=llm, similarity_top_k=2)
+    engine.chat(QUESTION)
+    engine.chat("And in which fields?")
+    assert llm.stats.stored_documents >= 2 and llm.stats.compressed_documents == 0
+
+
+def test_llama_index_completion_and_chat_agree(tiny_model, llama_index):
+    _, store = llama_index
+    llm = ClaraLLM(clara=tiny_model, store=store.client)
+    completion = llm.complete(f"Context: {CORPUS[4]}\n\nQuestion: {QUESTION}")
+    assert completion.additional_kwargs["clara"]["stored_documents"] == 1
+    from llama_index.core.base.llms.types import ChatMessage
+
+    chat = llm.chat([ChatMessage(role="user", content=f"Context: {CORPUS[4]}\n\nQuestion: {QUESTION}")])
+    assert chat.message.content == completion.text
+
+
+def test_stored_documents_are_found_wherever_they_occur(tiny_model, vectorstore):
+    store = vectorstore.store
+    text = f"Intro. {CORPUS[2]} middle {CORPUS[4]}{CORPUS[1]} end {CORPUS[2][:40]}"
+    found = store.documents_in(text)
+    assert [doc_id for _, _, doc_id in found] == ["d2", "d4", "d1"]  # a partial text is not a document
+    assert all(text[start:end] == store.get([doc_id])[0].text for start, end, doc_id in found)
