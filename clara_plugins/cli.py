@@ -15,11 +15,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import DEFAULT_BASE_MODEL, MEMORY_DESIGNS, STAGES, ClaraConfig, TrainConfig
+from .config import DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, SETTINGS, STAGES, ClaraConfig, TrainConfig
 from .errors import CheckpointError, InvalidInputError, StoreError
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze")
-INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # MemoryStore's; the store module itself loads torch
 
 
 def _positive(value: str) -> int:
@@ -98,7 +97,7 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "passage (NQ). Teacher-free rows from a passage file (SOURCE is then a corpus, "
                              "as for 'clara synth'): reconstruct (repeat the passage), continue (its second "
                              "half from its first), cloze (a blanked name, number or date)")
-    parser.add_argument("--setting", choices=["normal", "oracle"], default="normal",
+    parser.add_argument("--setting", choices=SETTINGS, default="normal",
                         help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
     parser.add_argument("-k", type=_positive, default=5, help="documents per instruction row (default 5)")
     parser.add_argument("--candidates", type=_positive, default=20, help="candidates per end-to-end row (default 20)")
@@ -220,7 +219,7 @@ def document_id(text: str) -> str:
 def _ask(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .pretrained import load_model
-    from .prompts import question_prompt
+    from .prompts import prompt_positions, question_prompt
     from .retrieval import cosine_scores, top_k
     from .store import MemoryStore
 
@@ -245,7 +244,7 @@ def _ask(args: argparse.Namespace) -> None:
         scores = cosine_scores(query, candidates)[0].tolist()
         sources = [(str(i + 1), texts[i], scores[i]) for i in picked]
     prompt = question_prompt(model.tokenizer, args.question, len(memories), model.document_placeholder)
-    positions = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    positions = prompt_positions(model.tokenizer, prompt)
     if args.json or args.no_stream:
         answer = model.answer([args.question], memories.unsqueeze(0), args.max_new_tokens)[0]
         if not args.json:
@@ -416,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if args.debug:
             raise
-        print(f"clara {args.command}: error: {error}", file=sys.stderr)
+        hint = '; eval and bench need pip install "clara-plugins[bench]"' if isinstance(error, ImportError) else ""
+        print(f"clara {args.command}: error: {error}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 
 

@@ -7,13 +7,13 @@ Neither imports torch, so that the command line can build its flags without load
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 MEMORY_DESIGNS = ("pooled", "tokens")
 MEMORY_POOLINGS = ("mean", "last")
+INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # a MemoryStore's search index
+SETTINGS = ("normal", "oracle")  # instruction rows: BM25's top k, or the gold passages among the k
 
 # Settings older checkpoints record that no longer shape a model; loading ignores them.
 # retrieval_temperature: the straight-through top-k's temperature is TrainConfig.temperature.
@@ -91,13 +91,6 @@ class ClaraConfig:
         if unknown:
             raise ValueError(f"unknown ClaraConfig fields: {sorted(unknown)}")
         return cls(**values)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "ClaraConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 STAGES = ("scp", "instruct", "e2e", "text")

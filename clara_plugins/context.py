@@ -6,7 +6,7 @@ template the user chose. ``read_messages`` turns them into the prompt the genera
 - the exact text of a stored document, wherever it occurs in a message (it must be at least
   ``MIN_FOUND_CHARS`` long), is replaced in place by the document's stored memory tokens;
 - documents passed explicitly (texts, or store ids) are read as memory tokens too: in place
-  where their text occurs, otherwise in a ``Background:`` block before the last user message,
+  where their text occurs (and is that long), otherwise in a ``Background:`` block before the last user message,
   the layout the generator was trained on. Texts the store lacks are compressed on the spot;
 - all other text (instructions, the question, chat history) is read as text, except blank
   separators between two documents: documents listed one after another read as one block.
@@ -27,9 +27,9 @@ import torch
 
 from .config import SYSTEM_PROMPT
 from .model import ClaraModel
-from .prompts import render_messages
+from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
-from .store import MemoryStore
+from .store import MIN_FOUND_CHARS, MemoryStore
 
 ROLES = ("system", "user", "assistant")
 
@@ -76,7 +76,7 @@ class ReadingStats:
 
 class Reader:
     """What ChatClara and ClaraLLM share: a reading per call, counted in ``stats``, and one
-    warning when a pipeline passes them no memory tokens at all."""
+    warning when a pipeline has passed them no memory tokens at all so far."""
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
@@ -85,11 +85,9 @@ class Reader:
 
     def read(self, model: ClaraModel, messages: Sequence[tuple[str, str]], store: MemoryStore | None,
              documents: Sequence[str], ids: Sequence[str], k: int | None) -> Reading:
-        if ids and store is None:
-            raise ValueError(f"document_ids need a {self.owner} with a store")
         reading = read_messages(model, messages, store, documents, ids, k)
         self.stats.add(reading)
-        if not len(reading.memories) and not self._warned:
+        if not self.stats.memory_documents and not self._warned:  # a rewriting step beside reading ones is fine
             self._warned = True
             warnings.warn(f"{self.owner} read no memory tokens: the prompt holds no text of the store's documents "
                           "and no documents were passed, so the generator reads text alone", stacklevel=5)
@@ -115,7 +113,7 @@ def read_messages(
     if unknown:
         raise ValueError(f"unknown message roles {sorted(unknown)}; use {ROLES}")
     if ids and store is None:
-        raise ValueError("document ids need a store")
+        raise ValueError("document_ids need a store to read them from")
     explicit = [_Document(d.text, d.id) for d in (store.get(ids) if ids else [])]
     missing = set(ids) - {d.stored_id for d in explicit}
     if missing:
@@ -156,7 +154,7 @@ def read_messages(
         memories=memories[read] if read else memories[:0],
         stored_ids=[d.stored_id for d in chosen if d.stored_id is not None],
         compressed=sum(d.stored_id is None for d in chosen),
-        positions=len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"]),
+        positions=prompt_positions(model.tokenizer, prompt),
     )
 
 
@@ -165,7 +163,7 @@ def _split(text: str, store: MemoryStore | None, explicit: list[_Document]) -> l
     spans = [(start, end, _Document(text[start:end], doc_id))
              for start, end, doc_id in (store.documents_in(text) if store is not None else [])]
     for document in explicit:
-        start = text.find(document.text)
+        start = text.find(document.text) if len(document.text) >= MIN_FOUND_CHARS else -1
         if start >= 0:
             spans.append((start, start + len(document.text), document))
     pieces: list[str | _Document] = []

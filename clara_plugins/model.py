@@ -63,7 +63,7 @@ class ClaraModel(torch.nn.Module):
         dtype: str | torch.dtype = "auto",
     ) -> None:
         super().__init__()
-        self.config = config or ClaraConfig()
+        self.config = dataclasses.replace(config) if config else ClaraConfig()  # its own copy: training edits it
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
@@ -129,8 +129,9 @@ class ClaraModel(torch.nn.Module):
         training choice (``trainable``) is applied again after it.
         """
         with self._lock:
-            self.lm.set_adapter(name)
-            self._apply_trainable()
+            if self.lm.active_adapter != name:
+                self.lm.set_adapter(name)
+                self._apply_trainable()
             yield
 
     def _apply_trainable(self) -> None:
@@ -140,14 +141,19 @@ class ClaraModel(torch.nn.Module):
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
-        """No gradients, dropout off, and the previous train/eval mode restored afterwards."""
+        """No gradients and dropout off for the block; a model in training mode returns to it.
+
+        Never held across a ``yield``: interleaved streams would leave these switches wrong.
+        """
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()
         try:
             with torch.no_grad():
                 yield
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     @property
     def device(self) -> torch.device:
@@ -300,8 +306,8 @@ class ClaraModel(torch.nn.Module):
         """``generate`` for one prompt, yielded piece by piece as the tokens decode."""
         prompts = check_texts([prompt], "prompt")
         with self._inference():
-            steps = self._greedy(*self._decoder_inputs(prompts, [memories])[:2], max_new_tokens)
-            yield from stream_text(self.tokenizer, steps, self.stop_token_ids)
+            embeds, mask, _ = self._decoder_inputs(prompts, [memories])
+        yield from stream_text(self.tokenizer, self._greedy(embeds, mask, max_new_tokens), self.stop_token_ids)
 
     def _decoder_inputs(
         self, texts: list[str], memories: Sequence[torch.Tensor | None] | None = None
@@ -337,9 +343,9 @@ class ClaraModel(torch.nn.Module):
                             max_new_tokens or self.config.max_new_tokens, self.stop_token_ids)
 
     def _decode(self, **inputs: torch.Tensor):
-        """One forward pass of the generator; the adapter is set per pass, so a search run
-        between two streamed tokens cannot leave another adapter active."""
-        with self._adapter(DECODER):
+        """One forward pass of the generator. The adapter and the inference switches are set
+        per pass, so a search run between two streamed tokens cannot change the answer."""
+        with self._adapter(DECODER), self._inference():
             return self.lm(**inputs)
 
     def _as_batched_memories(self, questions: list[str], compressed: torch.Tensor) -> torch.Tensor:

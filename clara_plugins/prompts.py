@@ -49,6 +49,12 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer)
 
 
+def prompt_positions(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
+    """Input positions the generator reads for a rendered prompt (a document placeholder
+    counts its n memory positions and its <SEP>)."""
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
 def question_prompt(
     tokenizer: PreTrainedTokenizerBase,
     question: str,

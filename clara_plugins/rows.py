@@ -12,6 +12,7 @@ import random
 import re
 
 from .bm25 import bm25_rank, fill_short_pools, with_candidates
+from .config import SETTINGS
 from .corpora import QAExample
 
 
@@ -22,7 +23,7 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
     fewer than k passages are filled from the other examples (a training batch needs the same
     k in every row); an example that still has fewer is left out.
     """
-    if setting not in ("normal", "oracle"):
+    if setting not in SETTINGS:
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
     examples = [e for e in fill_short_pools(examples, k) if len(e.passages) >= k]
     if setting == "oracle":

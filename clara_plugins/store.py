@@ -39,12 +39,12 @@ from .checkpoint import compressor_signature
 from .checks import check_texts
 from .errors import InvalidInputError, StoreError
 from .jsonfiles import read_json
+from .config import INDEX_KINDS
 from .filters import Filter, matches, validate_filter
 from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 
 FORMAT = "clara-memory-store/1"
-INDEX_KINDS = ("flat", "hnsw", "ivfpq")
 SHARD_ROWS = 4096
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
 _GENERATION = re.compile(r"^gen-(\d{6})$")
@@ -494,6 +494,15 @@ def _read_shards(folder: Path, shards: list[dict], dtype: type) -> list[np.ndarr
                              f"x {shard['rows']}")
         arrays.append(array)
     return arrays
+
+
+def as_memory_store(value: object) -> MemoryStore:
+    """A MemoryStore given as it is, or the one a framework's CLaRa vector store wraps (every
+    such store exposes it as ``memory_store``), so that users can pass whichever they hold."""
+    inner = value if isinstance(value, MemoryStore) else getattr(value, "memory_store", None)
+    if not isinstance(inner, MemoryStore):
+        raise TypeError(f"store must be a MemoryStore or a CLaRa vector store, got {type(value).__name__}")
+    return inner
 
 
 def _current_generation(folder: Path) -> str:

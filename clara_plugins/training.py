@@ -289,6 +289,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     else:
         prepare_stage(model, config)
     model.config.decoder_reads_text = config.stage == "text"
+    if config.stage == "e2e":  # the generator then reads as many documents as it was trained on
+        model.config.generation_top_k = config.top_k
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     set_trainable(model, _trainable(config), memory_embeddings=not config.generator_only)
     parameters = [p for p in model.parameters() if p.requires_grad]

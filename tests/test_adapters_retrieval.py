@@ -71,7 +71,7 @@ def test_langchain_retriever_takes_the_vector_store_or_its_memory_store(vectorst
     from_framework = ClaraRetriever(store=vectorstore, k=2).invoke(QUESTION)
     assert ids(from_framework) == ids(ClaraRetriever(store=vectorstore.store, k=2).invoke(QUESTION))
     assert ids(from_framework) == [d.id for d, _ in vectorstore.store.search(QUESTION, 2)]
-    with pytest.raises(TypeError, match="ClaraVectorStore or a MemoryStore"):
+    with pytest.raises(TypeError, match="a MemoryStore or a CLaRa vector store"):
         ClaraRetriever(store="not a store")
 
 
@@ -79,7 +79,7 @@ def test_llama_index_retriever_takes_the_vector_store_or_its_client(llama_store)
     by_client = LlamaClaraRetriever(llama_store.client, similarity_top_k=2).retrieve(QUESTION)
     by_store = LlamaClaraRetriever(llama_store, similarity_top_k=2).retrieve(QUESTION)
     assert [n.node.node_id for n in by_client] == [n.node.node_id for n in by_store] == llama_query(llama_store, 2)
-    with pytest.raises(TypeError, match="ClaraVectorStore or a MemoryStore"):
+    with pytest.raises(TypeError, match="a MemoryStore or a CLaRa vector store"):
         LlamaClaraRetriever("not a store")
 
 

@@ -121,3 +121,10 @@ def test_invalid_numbers_are_refused(arguments, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(arguments)
     assert exit_info.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_bench_without_its_extras_names_them():
+    code = ("import sys\nsys.modules['llama_index.retrievers.bm25'] = None\nfrom clara_plugins.cli import main\n"
+            "main(['bench', '--quick'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "pip install 'clara-plugins[bench]'" in result.stderr

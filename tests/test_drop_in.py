@@ -5,11 +5,13 @@ ChatClara and ClaraLLM expose (``stats``, and each response's ``clara`` metadata
 many stored documents the generator read as memory tokens and how many positions it saw.
 """
 
+import asyncio
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 from langchain_classic.chains.combine_documents import create_stuff_documents_chain
 from langchain_core.documents import Document
 from langchain_core.messages import AIMessage, HumanMessage
@@ -167,6 +169,7 @@ def test_llama_index_completion_and_chat_agree(tiny_model, llama_index):
     llm = ClaraLLM(clara=tiny_model, store=store.client)
     completion = llm.complete(f"Context: {CORPUS[4]}\n\nQuestion: {QUESTION}")
     assert completion.additional_kwargs["clara"]["stored_documents"] == 1
+    assert completion.additional_kwargs["clara"]["input_positions"] == llm.stats.input_positions > 0
     from llama_index.core.base.llms.types import ChatMessage
 
     chat = llm.chat([ChatMessage(role="user", content=f"Context: {CORPUS[4]}\n\nQuestion: {QUESTION}")])
@@ -179,3 +182,45 @@ def test_stored_documents_are_found_wherever_they_occur(tiny_model, vectorstore)
     found = store.documents_in(text)
     assert [doc_id for _, _, doc_id in found] == ["d2", "d4", "d1"]  # a partial text is not a document
     assert all(text[start:end] == store.get([doc_id])[0].text for start, end, doc_id in found)
+
+
+def test_interleaved_streams_leave_no_switch_behind(tiny_model):
+    tiny_model.train()
+    memories = tiny_model.compress_documents(CORPUS[:2])
+    first = tiny_model.stream_answer(QUESTION, memories, max_new_tokens=4)
+    second = tiny_model.stream_answer("Where is the tower?", memories, max_new_tokens=4)
+    next(first), next(second)
+    list(first), list(second)  # finished in another order than they started
+    assert torch.is_grad_enabled() and tiny_model.training
+    tiny_model.eval()
+
+
+async def test_concurrent_astreams_answer_as_they_would_alone(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store, max_tokens=10)
+    questions = [QUESTION, "Where is the tower?", "Which river flows through Vienna?"]
+    alone = [chat.invoke(q, document_ids=["d2", "d4"]).content for q in questions]
+
+    async def answer(question: str) -> str:
+        return "".join([chunk.text async for chunk in chat.astream(question, document_ids=["d2", "d4"])])
+
+    assert await asyncio.gather(*(answer(q) for q in questions)) == alone
+
+
+def test_either_frameworks_store_is_accepted_by_either_model(tiny_model, vectorstore, llama_index):
+    _, llama_store = llama_index
+    assert ChatClara(store=llama_store).store is llama_store.client
+    assert ClaraLLM(store=vectorstore).store is vectorstore.store
+
+
+def test_a_short_explicit_document_is_not_cut_out_of_the_question(tiny_model):
+    reading = read_messages(tiny_model, [("user", "Tell me about Paris")], documents=["Paris"])
+    assert "Question:Tell me about Paris" in reading.prompt and len(reading.memories) == 1
+
+
+def test_a_rewriting_step_after_reading_is_not_warned_about(tiny_model, vectorstore):
+    chat = ChatClara(clara=tiny_model, store=vectorstore.store, max_tokens=2)
+    chat.invoke(QUESTION, document_ids=["d1"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat.invoke("Rewrite this question as a search query: who won prizes?")
+    assert not [w for w in caught if "memory tokens" in str(w.message)]

@@ -80,7 +80,7 @@ def test_streaming_matches_invoke_and_reports_usage(tiny_model, vectorstore):
 
 
 def test_errors_name_the_problem(tiny_model):
-    with pytest.raises(ValueError, match="need a ChatClara with a store"):
+    with pytest.raises(ValueError, match="document_ids need a store"):
         ChatClara(clara=tiny_model).invoke(QUESTION, document_ids=["d1"])
     with pytest.raises(ValueError, match="need a user message"):
         ChatClara(clara=tiny_model).invoke([SystemMessage("only context")])

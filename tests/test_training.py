@@ -202,3 +202,10 @@ def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_tokens_model, tmp_p
     before = store.memories(store.all_ids()[:1])
     train(tiny_tokens_model, E2E, config, tmp_path, corpus=store)
     assert not torch.equal(before, store.memories(store.all_ids()[:1]))  # <MEM> rows moved, store re-encoded
+
+
+def test_the_end_to_end_k_is_the_k_the_checkpoint_reads(tiny_config, tiny_model, tmp_path):
+    config = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=2, schedule="constant")
+    checkpoint = train(tiny_model, E2E, config, tmp_path)
+    assert ClaraModel.from_pretrained(checkpoint, device="cpu").config.generation_top_k == 2
+    assert tiny_config.generation_top_k == 5  # the model edits its own copy of the config it was given

@@ -8,7 +8,7 @@ except ImportError as error:
 from .chat_models import CLARA_PROMPT, ChatClara, format_documents
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 from .retrievers import ClaraRetriever
-from .vectorstores import ClaraVectorStore, as_memory_store
+from .vectorstores import ClaraVectorStore
 
 __all__ = ["CLARA_PROMPT", "ChatClara", "ClaraEmbeddings", "ClaraRetriever", "ClaraVectorStore", "EmbeddingsKeys",
-           "as_memory_store", "format_documents"]
+           "format_documents"]

@@ -31,8 +31,7 @@ from clara_plugins import ClaraModel, MemoryStore
 from clara_plugins.config import SYSTEM_PROMPT
 from clara_plugins.context import Reader, Reading, ReadingStats
 from clara_plugins.pretrained import load_model
-
-from .vectorstores import as_memory_store
+from clara_plugins.store import as_memory_store
 
 # The layout the generator was trained on: with documents from the store as {context}, the
 # prompt is exactly CLaRa's answering prompt.

@@ -10,8 +10,9 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, field_validator
 
 from clara_plugins import MemoryStore
+from clara_plugins.store import as_memory_store
 
-from .vectorstores import as_memory_store, to_document
+from .vectorstores import to_document
 
 
 class ClaraRetriever(BaseRetriever):
@@ -26,7 +27,7 @@ class ClaraRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     store: MemoryStore
-    k: int = 4
+    k: int | None = None  # documents returned (default: the model's generation_top_k, what ChatClara reads)
     filter: dict | None = None
 
     @field_validator("store", mode="before")
@@ -38,7 +39,7 @@ class ClaraRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None,
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
-        results = self.store.search(query, k or self.k, filter if filter is not None else self.filter)
+        results = self.store.search(query, k or self.k or self.store.model.config.generation_top_k, filter if filter is not None else self.filter)
         documents = []
         for stored, score in results:
             document = to_document(stored)

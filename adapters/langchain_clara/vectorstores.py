@@ -23,15 +23,6 @@ def to_document(stored: StoredDocument) -> Document:
     return Document(page_content=stored.text, metadata=stored.metadata, id=stored.id)
 
 
-def as_memory_store(store: ClaraVectorStore | MemoryStore) -> MemoryStore:
-    """The core store behind a ClaraVectorStore; a MemoryStore is returned as it is."""
-    if isinstance(store, ClaraVectorStore):
-        return store.store
-    if isinstance(store, MemoryStore):
-        return store
-    raise TypeError(f"store must be a ClaraVectorStore or a MemoryStore, got {type(store).__name__}")
-
-
 def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
     """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped one."""
     if isinstance(embedding, ClaraEmbeddings):
@@ -63,6 +54,11 @@ class ClaraVectorStore(VectorStore):
             model, keys = _model_and_keys(model, embedding)
             store = MemoryStore(model, keys, index, batch_size)
         self.store = store
+
+    @property
+    def memory_store(self) -> MemoryStore:
+        """The core store (also ``store``): what ChatClara and ClaraRetriever read from."""
+        return self.store
 
     @property
     def embeddings(self) -> Embeddings | None:

@@ -33,8 +33,7 @@ from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 from clara_plugins import ClaraModel, MemoryStore
 from clara_plugins.context import Reader, ReadingStats
 from clara_plugins.pretrained import load_model
-
-from .vector_store import ClaraVectorStore
+from clara_plugins.store import as_memory_store
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
@@ -48,7 +47,7 @@ class ClaraLLM(CustomLLM):
     """Answer from CLaRa memory tokens inside any LlamaIndex prompt.
 
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
-    takes a ``clara_plugins.MemoryStore`` or a ``llama_index_clara.ClaraVectorStore``.
+    takes a ``clara_plugins.MemoryStore`` or either framework's ``ClaraVectorStore``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -63,11 +62,7 @@ class ClaraLLM(CustomLLM):
     @field_validator("store", mode="before")
     @classmethod
     def _memory_store(cls, value: Any) -> MemoryStore | None:
-        if value is None or isinstance(value, MemoryStore):
-            return value
-        if isinstance(value, ClaraVectorStore):
-            return value.client
-        raise TypeError(f"store must be a ClaraVectorStore or a MemoryStore, got {type(value).__name__}")
+        return None if value is None else as_memory_store(value)
 
     @model_validator(mode="after")
     def _default_model(self) -> "ClaraLLM":

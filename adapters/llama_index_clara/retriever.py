@@ -7,6 +7,7 @@ from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
 
 from clara_plugins import MemoryStore
+from clara_plugins.store import as_memory_store
 
 from .vector_store import ClaraVectorStore
 
@@ -14,18 +15,18 @@ from .vector_store import ClaraVectorStore
 class ClaraRetriever(BaseRetriever):
     """Nodes whose memory tokens best match the question, with their cosine scores.
 
-    ``vector_store`` is a ClaraVectorStore or the MemoryStore behind one (its ``client``).
+    ``vector_store`` is a ClaraVectorStore, the MemoryStore behind one (its ``client``), or
+    LangChain's ClaraVectorStore. ``similarity_top_k`` defaults to the model's
+    ``generation_top_k``: the documents the generator reads.
     """
 
-    def __init__(self, vector_store: ClaraVectorStore | MemoryStore, similarity_top_k: int = 5,
+    def __init__(self, vector_store: ClaraVectorStore | MemoryStore, similarity_top_k: int | None = None,
                  filters: MetadataFilters | None = None) -> None:
         super().__init__()
-        if isinstance(vector_store, MemoryStore):
-            vector_store = ClaraVectorStore(store=vector_store)
         if not isinstance(vector_store, ClaraVectorStore):
-            raise TypeError(f"vector_store must be a ClaraVectorStore or a MemoryStore, got {type(vector_store).__name__}")
+            vector_store = ClaraVectorStore(store=as_memory_store(vector_store))
         self.vector_store = vector_store
-        self.similarity_top_k = similarity_top_k
+        self.similarity_top_k = similarity_top_k or vector_store.client.model.config.generation_top_k
         self.filters = filters
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:

@@ -87,7 +87,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
             store = MemoryStore(model if model is not None else load_model(), index=index)
         self._store = store
         self._embed_model = ClaraEmbedding(clara=store.model)
-        if Settings._embed_model is None or isinstance(Settings._embed_model, ClaraEmbedding):
+        current = getattr(Settings, "_embed_model", None)  # read without resolving the OpenAI default
+        if current is None or isinstance(current, ClaraEmbedding):
             Settings.embed_model = self._embed_model
 
     @classmethod
@@ -96,6 +97,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     @property
     def client(self) -> MemoryStore:
+        return self._store
+
+    @property
+    def memory_store(self) -> MemoryStore:
+        """The core store (also ``client``): what ClaraLLM and ClaraRetriever read from."""
         return self._store
 
     @property
