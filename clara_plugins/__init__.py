@@ -1,6 +1,7 @@
 """CLaRa: documents compressed into continuous memory tokens, retrieved and answered from by one LM.
 
-The names below load on first use, so that ``clara --help`` and the configs need no torch.
+The names below load on first use, so that ``clara --help`` and the configs need no torch
+(and MilvusMemoryStore, from the ``[milvus]`` extra, loads pymilvus only when used).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ _HOMES = {
     "CompressedDocuments": ".model",
     "InvalidInputError": ".errors",
     "MemoryStore": ".store",
+    "MilvusMemoryStore": ".milvus_store",
     "StoreError": ".errors",
     "StoredDocument": ".store",
     "TrainConfig": ".config",
@@ -25,7 +27,7 @@ _HOMES = {
 
 __all__ = [
     "CheckpointError", "ClaraConfig", "ClaraModel", "CompressedDocuments", "InvalidInputError", "MemoryStore",
-    "StoreError", "StoredDocument", "TrainConfig", "cosine_scores", "straight_through_topk", "top_k",
+    "MilvusMemoryStore", "StoreError", "StoredDocument", "TrainConfig", "cosine_scores", "straight_through_topk", "top_k",
 ]
 
 if TYPE_CHECKING:
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from .errors import CheckpointError, InvalidInputError, StoreError
     from .model import ClaraModel, CompressedDocuments
     from .retrieval import cosine_scores, straight_through_topk, top_k
+    from .milvus_store import MilvusMemoryStore
     from .store import MemoryStore, StoredDocument
 
 

@@ -29,7 +29,7 @@ from .config import SYSTEM_PROMPT
 from .model import ClaraModel
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
-from .store import MIN_FOUND_CHARS, MemoryStore
+from .store import MIN_FOUND_CHARS, BaseMemoryStore
 
 ROLES = ("system", "user", "assistant")
 
@@ -83,7 +83,7 @@ class Reader:
         self.stats = ReadingStats()
         self._warned = False
 
-    def read(self, model: ClaraModel, messages: Sequence[tuple[str, str]], store: MemoryStore | None,
+    def read(self, model: ClaraModel, messages: Sequence[tuple[str, str]], store: BaseMemoryStore | None,
              documents: Sequence[str], ids: Sequence[str], k: int | None) -> Reading:
         reading = read_messages(model, messages, store, documents, ids, k)
         self.stats.add(reading)
@@ -97,7 +97,7 @@ class Reader:
 def read_messages(
     model: ClaraModel,
     messages: Sequence[tuple[str, str]],
-    store: MemoryStore | None = None,
+    store: BaseMemoryStore | None = None,
     documents: Sequence[str] = (),
     ids: Sequence[str] = (),
     k: int | None = None,
@@ -158,7 +158,7 @@ def read_messages(
     )
 
 
-def _split(text: str, store: MemoryStore | None, explicit: list[_Document]) -> list[str | _Document]:
+def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) -> list[str | _Document]:
     """A message's text cut into plain text and the documents it contains verbatim."""
     spans = [(start, end, _Document(text[start:end], doc_id))
              for start, end, doc_id in (store.documents_in(text) if store is not None else [])]
@@ -181,7 +181,7 @@ def _split(text: str, store: MemoryStore | None, explicit: list[_Document]) -> l
     return pieces
 
 
-def _memories(model: ClaraModel, store: MemoryStore | None, documents: list[_Document]) -> torch.Tensor:
+def _memories(model: ClaraModel, store: BaseMemoryStore | None, documents: list[_Document]) -> torch.Tensor:
     """[len(documents), n_mem, hidden]: stored memory tokens, or fresh ones for other texts."""
     empty = torch.zeros(0, model.config.n_mem_tokens, model.hidden_size)
     if not documents:

@@ -49,6 +49,8 @@ class ClaraModel(torch.nn.Module):
     document placeholders carry memories, and ``save_pretrained`` / ``from_pretrained``.
     Apple's method names remain as thin aliases. The model is safe to share between threads
     and interleaved generators: every forward pass activates its adapter under one lock.
+    The trainer's passes (``passes.py``) use the underscored ``_encode_tokens``,
+    ``_decoder_inputs`` and ``_adapter``: an interface for training, not for users.
 
     >>> model = ClaraModel(ClaraConfig(compression_rate=16))        # offline SmolLM2 default
     >>> memories = model.compress(["Paris is the capital of France."]).memories

@@ -25,6 +25,7 @@ import re
 import shutil
 import threading
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,139 @@ class StoredDocument:
     metadata: dict[str, Any]
 
 
-class MemoryStore:
+class BaseMemoryStore(ABC):
+    """What the adapters, the generator's context and training ask of a store of CLaRa
+    memories, so that any backend serves them all: ``MemoryStore`` (memory and a folder) or
+    ``milvus_store.MilvusMemoryStore`` (a Milvus collection).
+
+    A subclass keeps per document its text, metadata, fp16 memory tokens and a unit-norm key,
+    and sets ``_pair_cosines`` to None whenever its documents change.
+    """
+
+    def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
+        self.model = model
+        self.keys = keys or ClaraKeys(model)
+        self.batch_size = batch_size
+        self._lock = threading.RLock()
+        self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The number of stored documents."""
+
+    @abstractmethod
+    def upsert(self, texts: Sequence[str], ids: Sequence[str] | None = None,
+               metadatas: Sequence[dict[str, Any]] | None = None, show_progress: bool = False,
+               memories: torch.Tensor | None = None) -> list[str]:
+        """Compress and add documents; an id already stored is replaced. Returns the ids."""
+
+    @abstractmethod
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents by id; ids that are not stored are ignored."""
+
+    @abstractmethod
+    def get(self, ids: Sequence[str]) -> list[StoredDocument]:
+        """Documents in the order asked; ids that are not stored are skipped."""
+
+    @abstractmethod
+    def memories(self, ids: Sequence[str]) -> torch.Tensor:
+        """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
+
+    @abstractmethod
+    def ids_where(self, where: Filter) -> list[str]:
+        """Ids of the documents whose metadata satisfies a filter."""
+
+    @abstractmethod
+    def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
+        """The stored id of each exact text, or None."""
+
+    @abstractmethod
+    def documents_in(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, id) of the stored documents whose exact text occurs in ``text``."""
+
+    @abstractmethod
+    def all_ids(self) -> list[str]:
+        """Every stored id."""
+
+    @abstractmethod
+    def search_by_key(
+        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = 20,
+    ) -> list[tuple[StoredDocument, float]]:
+        """Like ``search`` for a query key computed elsewhere."""
+
+    @abstractmethod
+    def _sample_pair_cosines(self) -> np.ndarray:
+        """Sorted cosines between distinct documents of a sample spread over the store."""
+
+    def search(
+        self, query: str, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = 20,
+    ) -> list[tuple[StoredDocument, float]]:
+        """The k documents most similar to the query (cosine), best first.
+
+        ``where`` filters by metadata; ``ids`` keeps only those documents as candidates.
+        ``lambda_mult`` below 1 trades similarity for diversity: the ``fetch_k`` most similar
+        documents are re-ranked by maximal marginal relevance (0: the most diverse; see
+        ``keys.maximal_marginal_relevance``). Scores stay the cosines to the query.
+        """
+        check_texts([query], "query")
+        _check_search(k, where, lambda_mult, fetch_k)  # before the query is encoded
+        return self.search_by_key(self.keys.query_keys([query])[0], k, where, ids=ids,
+                                  lambda_mult=lambda_mult, fetch_k=fetch_k)
+
+    def relevance(self, cosine: float) -> float:
+        """A query-document cosine as a relevance in [0, 1]: the fraction of pairs of stored
+        documents that are less similar to each other than the query is to this document.
+
+        Raw cosines of CLaRa keys do not spread over [-1, 1] (the keys share directions, so
+        unrelated texts can score high), and their range differs from model to model. Ranked
+        against the store's own document pairs, 0.5 means as similar as a typical pair of
+        stored documents and 0.95 closer than 95% of them, whatever the model. The pairs come
+        from at most CALIBRATION_SAMPLE documents spread evenly over the store, recomputed
+        after any change. With fewer than two documents there is nothing to rank against and
+        the relevance is ``(1 + cosine) / 2``.
+        """
+        with self._lock:
+            if self._pair_cosines is None:
+                self._pair_cosines = self._sample_pair_cosines()
+            pairs = self._pair_cosines
+        if not len(pairs):
+            return (1.0 + cosine) / 2.0
+        return float(np.searchsorted(pairs, cosine, side="left")) / len(pairs)
+
+    def _checked(
+        self, texts: Sequence[str], ids: Sequence[str] | None, metadatas: Sequence[dict[str, Any]] | None,
+    ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """Texts, ids (new ones where none are given) and metadatas of an upsert, refused
+        unless every document would come back as given."""
+        texts = check_texts(texts, "texts")
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else _id_list(ids, "ids")
+        metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
+        if not len(ids) == len(metadatas) == len(texts):
+            raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
+        for doc_id, metadata in zip(ids, metadatas):
+            if not isinstance(doc_id, str) or not doc_id:
+                raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
+            try:
+                exact = json.loads(json.dumps(metadata, allow_nan=False)) == metadata
+            except (TypeError, ValueError) as error:
+                raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
+            if not exact:
+                raise InvalidInputError(f"metadata of {doc_id!r} would change when saved as JSON: use string keys "
+                                        "and lists, not tuples")
+        return texts, ids, metadatas
+
+    def _compressed(self, texts: list[str], memories: torch.Tensor | None, show_progress: bool) -> np.ndarray:
+        """fp16 memories [n, n_mem, hidden] of the texts: ``memories`` when given, else compressed now."""
+        if memories is None:
+            memories = self.model.compress(texts, self.batch_size, show_progress).memories
+        elif len(memories) != len(texts):
+            raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
+        return memories.to(torch.float16).cpu().numpy()
+
+
+class MemoryStore(BaseMemoryStore):
     """Upsert, delete, get and search documents compressed by one ClaraModel.
 
     ``index`` is ``"flat"`` (exact inner product on unit-norm keys), ``"hnsw"`` or ``"ivfpq"``
@@ -75,11 +208,8 @@ class MemoryStore:
     ) -> None:
         if index not in INDEX_KINDS:
             raise ValueError(f"unknown index {index!r}; choose one of {INDEX_KINDS}")
-        self.model = model
-        self.keys = keys or ClaraKeys(model)
+        super().__init__(model, keys, batch_size)
         self.index_kind = index
-        self.batch_size = batch_size
-        self._lock = threading.RLock()
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._metadatas: list[dict[str, Any]] = []
@@ -90,7 +220,6 @@ class MemoryStore:
         self._index: faiss.Index | None = None  # over all rows, in order; None when stale
         self._ids_by_text: dict[str, str] | None = None  # with _texts_by_prefix: see _text_lookup
         self._texts_by_prefix: dict[str, list[str]] = {}
-        self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -111,26 +240,8 @@ class MemoryStore:
         Everything is validated and compressed before the store changes, so bad input
         leaves the stored documents as they were.
         """
-        texts = check_texts(texts, "texts")
-        ids = [uuid.uuid4().hex for _ in texts] if ids is None else _id_list(ids, "ids")
-        metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
-        if not len(ids) == len(metadatas) == len(texts):
-            raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
-        for doc_id, metadata in zip(ids, metadatas):
-            if not isinstance(doc_id, str) or not doc_id:
-                raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
-            try:
-                exact = json.loads(json.dumps(metadata, allow_nan=False)) == metadata
-            except (TypeError, ValueError) as error:
-                raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
-            if not exact:
-                raise InvalidInputError(f"metadata of {doc_id!r} would change when saved as JSON: use string keys "
-                                        "and lists, not tuples")
-        if memories is None:
-            memories = self.model.compress(texts, self.batch_size, show_progress).memories
-        elif len(memories) != len(texts):
-            raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
-        memories = memories.to(torch.float16).cpu().numpy()
+        texts, ids, metadatas = self._checked(texts, ids, metadatas)
+        memories = self._compressed(texts, memories, show_progress)
         keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
         with self._lock:
             self._check_dimensions(memories, keys)
@@ -214,18 +325,8 @@ class MemoryStore:
         Lets a prompt of any layout read its stored documents from memory tokens. Documents
         shorter than MIN_FOUND_CHARS are not looked for: too short to be told from prose.
         """
-        found, start = [], 0
         with self._lock:
-            ids_by_text, by_prefix = self._text_lookup()
-            while start <= len(text) - MIN_FOUND_CHARS:
-                candidates = by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
-                match = next((doc for doc in candidates if text.startswith(doc, start)), None)
-                if match is None:
-                    start += 1
-                    continue
-                found.append((start, start + len(match), ids_by_text[match]))
-                start += len(match)
-        return found
+            return _find_documents(text, *self._text_lookup())
 
     def _text_lookup(self) -> tuple[dict[str, str], dict[str, list[str]]]:
         """id by exact text, and texts (longest first) by their first MIN_FOUND_CHARS characters."""
@@ -243,22 +344,6 @@ class MemoryStore:
             return list(self._ids)
 
     # ------------------------------------------------------------- searching
-
-    def search(
-        self, query: str, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
-        lambda_mult: float = 1.0, fetch_k: int = 20,
-    ) -> list[tuple[StoredDocument, float]]:
-        """The k documents most similar to the query (cosine), best first.
-
-        ``where`` filters by metadata; ``ids`` keeps only those documents as candidates.
-        ``lambda_mult`` below 1 trades similarity for diversity: the ``fetch_k`` most similar
-        documents are re-ranked by maximal marginal relevance (0: the most diverse; see
-        ``keys.maximal_marginal_relevance``). Scores stay the cosines to the query.
-        """
-        check_texts([query], "query")
-        _check_search(k, where, lambda_mult, fetch_k)  # before the query is encoded
-        return self.search_by_key(self.keys.query_keys([query])[0], k, where, ids=ids,
-                                  lambda_mult=lambda_mult, fetch_k=fetch_k)
 
     def search_by_key(
         self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
@@ -297,26 +382,6 @@ class MemoryStore:
         scores = self._row_keys(rows) @ query
         best = np.argsort(-scores, kind="stable")[:n]
         return rows[best], scores[best]
-
-    def relevance(self, cosine: float) -> float:
-        """A query-document cosine as a relevance in [0, 1]: the fraction of pairs of stored
-        documents that are less similar to each other than the query is to this document.
-
-        Raw cosines of CLaRa keys do not spread over [-1, 1] (the keys share directions, so
-        unrelated texts can score high), and their range differs from model to model. Ranked
-        against the store's own document pairs, 0.5 means as similar as a typical pair of
-        stored documents and 0.95 closer than 95% of them, whatever the model. The pairs come
-        from at most CALIBRATION_SAMPLE documents spread evenly over the store, recomputed
-        after any change. With fewer than two documents there is nothing to rank against and
-        the relevance is ``(1 + cosine) / 2``.
-        """
-        with self._lock:
-            if self._pair_cosines is None:
-                self._pair_cosines = self._sample_pair_cosines()
-            pairs = self._pair_cosines
-        if not len(pairs):
-            return (1.0 + cosine) / 2.0
-        return float(np.searchsorted(pairs, cosine, side="left")) / len(pairs)
 
     def _sample_pair_cosines(self) -> np.ndarray:
         """Sorted cosines between distinct documents of an evenly spread sample."""
@@ -496,13 +561,32 @@ def _read_shards(folder: Path, shards: list[dict], dtype: type) -> list[np.ndarr
     return arrays
 
 
-def as_memory_store(value: object) -> MemoryStore:
-    """A MemoryStore given as it is, or the one a framework's CLaRa vector store wraps (every
-    such store exposes it as ``memory_store``), so that users can pass whichever they hold."""
-    inner = value if isinstance(value, MemoryStore) else getattr(value, "memory_store", None)
-    if not isinstance(inner, MemoryStore):
-        raise TypeError(f"store must be a MemoryStore or a CLaRa vector store, got {type(value).__name__}")
+def as_memory_store(value: object) -> BaseMemoryStore:
+    """A memory store (MemoryStore, MilvusMemoryStore) given as it is, or the one a framework's
+    CLaRa vector store wraps (every such store exposes it as ``memory_store``), so that users
+    can pass whichever they hold."""
+    inner = value if isinstance(value, BaseMemoryStore) else getattr(value, "memory_store", None)
+    if not isinstance(inner, BaseMemoryStore):
+        raise TypeError(f"store must be a MemoryStore or a CLaRa vector store (or a MilvusMemoryStore), "
+                        f"got {type(value).__name__}")
     return inner
+
+
+def _find_documents(text: str, ids_by_text: dict[str, str],
+                    texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
+    """(start, end, id) of the stored documents whose exact text occurs in ``text``, in order
+    and without overlaps (the longest document wins at a position). ``texts_by_prefix`` holds
+    the stored texts, longest first, under their first MIN_FOUND_CHARS characters."""
+    found, start = [], 0
+    while start <= len(text) - MIN_FOUND_CHARS:
+        candidates = texts_by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
+        match = next((doc for doc in candidates if text.startswith(doc, start)), None)
+        if match is None:
+            start += 1
+            continue
+        found.append((start, start + len(match), ids_by_text[match]))
+        start += len(match)
+    return found
 
 
 def _current_generation(folder: Path) -> str:
@@ -553,7 +637,7 @@ def _generations(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _GENERATION.match(p.name)))
 
 
-def _check_compressor(stored: dict, current: dict, folder: Path) -> None:
+def _check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     """Refuse to mix memories from different compressors."""
     stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):

@@ -27,11 +27,11 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 
-from clara_plugins import ClaraModel, MemoryStore
+from clara_plugins import ClaraModel
 from clara_plugins.config import SYSTEM_PROMPT
 from clara_plugins.context import Reader, Reading, ReadingStats
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import as_memory_store
+from clara_plugins.store import BaseMemoryStore, as_memory_store
 
 # The layout the generator was trained on: with documents from the store as {context}, the
 # prompt is exactly CLaRa's answering prompt.
@@ -49,13 +49,14 @@ class ChatClara(BaseChatModel):
     """Answer from CLaRa memory tokens inside any prompt, streaming, with usage metadata.
 
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
-    takes a ``clara_plugins.MemoryStore`` or either framework's ``ClaraVectorStore``.
+    takes a ``clara_plugins.MemoryStore`` or ``MilvusMemoryStore``, or either framework's
+    ``ClaraVectorStore``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     clara: ClaraModel | None = None
-    store: MemoryStore | None = None
+    store: BaseMemoryStore | None = None
     model_name: str = "clara"
     k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
     max_tokens: int | None = None
@@ -64,7 +65,7 @@ class ChatClara(BaseChatModel):
 
     @field_validator("store", mode="before")
     @classmethod
-    def _memory_store(cls, value: Any) -> MemoryStore | None:
+    def _memory_store(cls, value: Any) -> BaseMemoryStore | None:
         return None if value is None else as_memory_store(value)
 
     @model_validator(mode="after")

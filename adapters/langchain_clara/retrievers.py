@@ -9,8 +9,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, field_validator
 
-from clara_plugins import MemoryStore
-from clara_plugins.store import as_memory_store
+from clara_plugins.store import BaseMemoryStore, as_memory_store
 
 from .vectorstores import to_document
 
@@ -18,7 +17,7 @@ from .vectorstores import to_document
 class ClaraRetriever(BaseRetriever):
     """Retrieve documents whose memory tokens best match the question.
 
-    ``store`` is a ClaraVectorStore or the MemoryStore behind one. Each Document keeps its
+    ``store`` is a ClaraVectorStore or the memory store behind one. Each Document keeps its
     store id, so ``ChatClara`` can answer from the stored memory tokens without compressing
     the text again. The cosine score is in ``metadata["score"]`` of a copy; the stored
     metadata is not changed.
@@ -26,7 +25,7 @@ class ClaraRetriever(BaseRetriever):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    store: MemoryStore
+    store: BaseMemoryStore
     k: int | None = None  # documents returned (default: the model's generation_top_k, what ChatClara reads)
     filter: dict | None = None
 

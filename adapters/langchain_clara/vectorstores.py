@@ -15,6 +15,7 @@ from langchain_core.vectorstores import VectorStore
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
+from clara_plugins.store import BaseMemoryStore
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 
@@ -39,6 +40,8 @@ class ClaraVectorStore(VectorStore):
     metadata filter language of ``clara_plugins.filters``. Scores are cosines; relevance
     scores (``score_threshold``) are ranked against the store's own document pairs
     (``MemoryStore.relevance``): 0.5 is as close as a typical pair of stored documents.
+    ``store`` picks the backend: a local ``MemoryStore`` by default, or e.g.
+    ``store=MilvusMemoryStore(model, uri)`` to keep the documents in Milvus.
     """
 
     def __init__(
@@ -46,7 +49,7 @@ class ClaraVectorStore(VectorStore):
         model: ClaraModel | None = None,
         embedding: Embeddings | None = None,
         *,
-        store: MemoryStore | None = None,
+        store: BaseMemoryStore | None = None,
         index: str = "flat",
         batch_size: int = 8,
     ) -> None:
@@ -56,7 +59,7 @@ class ClaraVectorStore(VectorStore):
         self.store = store
 
     @property
-    def memory_store(self) -> MemoryStore:
+    def memory_store(self) -> BaseMemoryStore:
         """The core store (also ``store``): what ChatClara and ClaraRetriever read from."""
         return self.store
 
@@ -128,6 +131,9 @@ class ClaraVectorStore(VectorStore):
 
     def save_local(self, folder: str | Path) -> None:
         """Persist without pickle (JSON, numpy shards, faiss index files)."""
+        if not isinstance(self.store, MemoryStore):
+            raise NotImplementedError(f"a {type(self.store).__name__} keeps its documents in its database: "
+                                      "there is no folder to save")
         self.store.save(folder)
 
     @classmethod

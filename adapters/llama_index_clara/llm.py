@@ -30,10 +30,10 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 
-from clara_plugins import ClaraModel, MemoryStore
+from clara_plugins import ClaraModel
 from clara_plugins.context import Reader, ReadingStats
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import as_memory_store
+from clara_plugins.store import BaseMemoryStore, as_memory_store
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
@@ -47,13 +47,14 @@ class ClaraLLM(CustomLLM):
     """Answer from CLaRa memory tokens inside any LlamaIndex prompt.
 
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
-    takes a ``clara_plugins.MemoryStore`` or either framework's ``ClaraVectorStore``.
+    takes a ``clara_plugins.MemoryStore`` or ``MilvusMemoryStore``, or either framework's
+    ``ClaraVectorStore``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     clara: ClaraModel | None = None
-    store: MemoryStore | None = None
+    store: BaseMemoryStore | None = None
     k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
     max_new_tokens: int | None = None
     model_name: str = "clara"
@@ -61,7 +62,7 @@ class ClaraLLM(CustomLLM):
 
     @field_validator("store", mode="before")
     @classmethod
-    def _memory_store(cls, value: Any) -> MemoryStore | None:
+    def _memory_store(cls, value: Any) -> BaseMemoryStore | None:
         return None if value is None else as_memory_store(value)
 
     @model_validator(mode="after")

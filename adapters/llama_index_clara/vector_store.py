@@ -30,6 +30,7 @@ from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, MemoryStore, StoredDocument
 from clara_plugins.pretrained import load_model
+from clara_plugins.store import BaseMemoryStore
 
 from .embedding import ClaraEmbedding, take_memories
 
@@ -59,7 +60,9 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
 class ClaraVectorStore(BasePydanticVectorStore):
     """Nodes compressed into CLaRa memory tokens, retrieved by CLaRa's query reasoner.
 
-    Without a model or a store the shipped default model is loaded.
+    Without a model or a store the shipped default model is loaded. ``store`` picks the
+    backend: a local ``MemoryStore`` by default, or e.g. ``store=MilvusMemoryStore(model, uri)``
+    to keep the nodes in Milvus.
 
     ``VectorStoreIndex`` needs no ``embed_model``. It resolves its embedding model from
     LlamaIndex's global ``Settings`` before it looks at its vector store (and by default that
@@ -77,10 +80,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
     is_embedding_query: bool = False
     flat_metadata: bool = False
 
-    _store: MemoryStore = PrivateAttr()
+    _store: BaseMemoryStore = PrivateAttr()
     _embed_model: ClaraEmbedding = PrivateAttr()
 
-    def __init__(self, model: ClaraModel | None = None, *, store: MemoryStore | None = None,
+    def __init__(self, model: ClaraModel | None = None, *, store: BaseMemoryStore | None = None,
                  index: str = "flat", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if store is None:
@@ -96,11 +99,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
         return "ClaraVectorStore"
 
     @property
-    def client(self) -> MemoryStore:
+    def client(self) -> BaseMemoryStore:
         return self._store
 
     @property
-    def memory_store(self) -> MemoryStore:
+    def memory_store(self) -> BaseMemoryStore:
         """The core store (also ``client``): what ClaraLLM and ClaraRetriever read from."""
         return self._store
 
@@ -172,7 +175,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
         ``StorageContext.persist(persist_dir=d)`` passes ``d/default__vector_store.json``, so
         the store lands in ``d/default__vector_store.clara``; ``from_persist_dir(d)`` reads it.
+        A store kept in a database (``MilvusMemoryStore``) is already persisted: nothing is written.
         """
+        if not isinstance(self._store, MemoryStore):
+            return
         if fs is not None and not isinstance(fs, LocalFileSystem):
             raise NotImplementedError("ClaraVectorStore persists to the local file system only")
         self._store.save(_store_folder(persist_path))

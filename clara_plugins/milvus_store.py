@@ -1,0 +1,350 @@
+"""MilvusMemoryStore: the memory store kept in a Milvus collection, from one file to a cluster.
+
+``uri`` is what ``pymilvus.MilvusClient`` takes: a local path ending in ``.db`` runs
+milvus-lite inside this process (tests, one machine), an ``http(s)://`` address reaches a
+Milvus server or cluster; the code is the same. The data live in Milvus, so reopening the
+same uri and collection with the same model finds the same documents.
+
+One row per document:
+
+- ``id`` (primary key), ``text`` and ``metadata`` (JSON);
+- ``key``: the unit-norm flattened fp16 memory, CLaRa's retrieval key, searched by inner
+  product (a cosine, as in the local store);
+- ``norm``: the memory's length before normalising. ``key * norm`` rounded to fp16 gives back
+  the stored memory bit for bit (float32 keeps seven digits, fp16 needs four), so the memory
+  is kept once, and search scores are the local store's float32 cosines;
+- ``prefix``: the text's first MIN_FOUND_CHARS characters, so that ``documents_in`` asks
+  Milvus for the few texts that can start at some position of a prompt.
+
+The collection records the compressor's signature in a property and refuses a model with
+another one. Metadata filters take the local store's language (``clara_plugins.filters``),
+translated into a Milvus expression in which every value is an escaped literal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Collection, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pymilvus import DataType, MilvusClient
+
+from .checkpoint import compressor_signature
+from .errors import InvalidInputError, StoreError
+from .filters import Filter, validate_filter
+from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
+from .model import ClaraModel
+from .store import (CALIBRATION_SAMPLE, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, _check_compressor,
+                    _check_search, _find_documents, _id_list)
+
+FORMAT = "clara-milvus-store/1"
+HEADER_PROPERTY = "clara.store"  # the collection property holding FORMAT and the compressor signature
+MAX_DIMENSIONS = 32_768  # Milvus' largest vector
+MAX_TOP_K = 16_384  # Milvus' largest search limit
+MAX_ID_BYTES = 512
+MAX_TEXT_BYTES = 65_535  # Milvus' longest VARCHAR
+BATCH_ROWS = 256  # rows per request: about 10 MB of keys at CR16, well under gRPC's message limit
+_NOTHING = 'id == ""'  # an expression no row satisfies: ids are never empty
+_COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+_COMPARISONS = {"$eq": "==", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
+
+
+class MilvusMemoryStore(BaseMemoryStore):
+    """Upsert, delete, get and search documents compressed by one ClaraModel, kept in Milvus.
+
+    ``MilvusMemoryStore(model, "stores/clara.db")`` keeps them in a milvus-lite file,
+    ``MilvusMemoryStore(model, "http://host:19530", token="user:password")`` on a server.
+    It behaves as ``MemoryStore`` (same methods, ids, filters, scores and errors) with
+    CLaRa's own keys, except that:
+
+    - ``index_type`` is Milvus' (``FLAT`` is exact; ``HNSW`` or ``IVF_FLAT`` suit large
+      collections), used when the collection is created;
+    - a search returns at most MAX_TOP_K documents;
+    - Milvus does not tell a JSON null from a missing field: a filter never compares with
+      null, and ``$ne``/``$nin`` do not match a field that holds null;
+    - ids hold at most MAX_ID_BYTES bytes of UTF-8, texts MAX_TEXT_BYTES;
+    - an upsert of more than BATCH_ROWS documents is written in batches, so a failure midway
+      (a lost connection) can leave the first batches stored;
+    - ``relevance`` calibrates on the first CALIBRATION_SAMPLE documents in id order (a
+      random sample for uuid or SHA-256 ids), recomputed after this object's own changes.
+    """
+
+    def __init__(
+        self,
+        model: ClaraModel,
+        uri: str,
+        collection: str = "clara_memories",
+        *,
+        token: str = "",
+        index_type: str = "FLAT",
+        batch_size: int = 8,
+    ) -> None:
+        if not _COLLECTION_NAME.match(collection):
+            raise InvalidInputError(f"collection must be letters, digits and underscores, not starting with a "
+                                    f"digit, got {collection!r:.80}")
+        super().__init__(model, None, batch_size)
+        self.collection = collection
+        self._memory_shape = (model.config.n_mem_tokens, model.hidden_size)
+        self._dimensions = math.prod(self._memory_shape)
+        if self._dimensions > MAX_DIMENSIONS:
+            raise StoreError(f"this model's keys have {self._dimensions:,} values, more than Milvus' "
+                             f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
+        if uri.endswith(".db"):  # milvus-lite opens a file only in an existing folder
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        self._client = MilvusClient(uri, token=token)
+        described = f"Milvus collection {collection!r} at {uri}"
+        if self._client.has_collection(collection):
+            self._check_header(described)
+        else:
+            self._create_collection(index_type)
+        self._client.load_collection(collection)
+
+    def _create_collection(self, index_type: str) -> None:
+        schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
+        schema.add_field("key", DataType.FLOAT_VECTOR, dim=self._dimensions)
+        schema.add_field("norm", DataType.FLOAT)
+        schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+        schema.add_field("prefix", DataType.VARCHAR, max_length=4 * MIN_FOUND_CHARS)  # 4 bytes per character at most
+        schema.add_field("metadata", DataType.JSON)
+        indexes = self._client.prepare_index_params()
+        indexes.add_index(field_name="key", index_type=index_type, metric_type="IP")
+        for field in ("text", "prefix"):  # what ids_for_texts and documents_in look up
+            indexes.add_index(field_name=field, index_type="INVERTED")
+        header = {"format": FORMAT, "compressor": compressor_signature(self.model)}
+        # Strong consistency: a read sees every write made before it
+        self._client.create_collection(self.collection, schema=schema, index_params=indexes,
+                                       consistency_level="Strong", properties={HEADER_PROPERTY: json.dumps(header)})
+
+    def _check_header(self, described: str) -> None:
+        """Refuse a collection that this class did not create, or that another compressor filled."""
+        properties = self._client.describe_collection(self.collection).get("properties", {})
+        if HEADER_PROPERTY not in properties:
+            raise StoreError(f"{described} exists but is not a CLaRa memory store (it has no {HEADER_PROPERTY!r} "
+                             "property): choose another collection name")
+        try:
+            header = json.loads(properties[HEADER_PROPERTY])
+        except json.JSONDecodeError as error:
+            raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not JSON ({error})") from error
+        if not isinstance(header, dict) or header.get("format") != FORMAT or "compressor" not in header:
+            raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not a header of format {FORMAT!r}")
+        _check_compressor(header["compressor"], compressor_signature(self.model), described)
+
+    def __len__(self) -> int:
+        return int(self._client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    # -------------------------------------------------------------- writing
+
+    def upsert(self, texts: Sequence[str], ids: Sequence[str] | None = None,
+               metadatas: Sequence[dict[str, Any]] | None = None, show_progress: bool = False,
+               memories: torch.Tensor | None = None) -> list[str]:
+        """Compress and add documents, as ``MemoryStore.upsert`` does; everything is validated
+        and compressed before the first row is written."""
+        texts, ids, metadatas = self._checked(texts, ids, metadatas)
+        for doc_id, text in zip(ids, texts):
+            if len(doc_id.encode()) > MAX_ID_BYTES:
+                raise InvalidInputError(f"document id {doc_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
+            if len(text.encode()) > MAX_TEXT_BYTES:
+                raise InvalidInputError(f"the text of {doc_id!r} is longer than Milvus' {MAX_TEXT_BYTES:,} bytes")
+        memories = self._compressed(texts, memories, show_progress)
+        if memories.shape[1:] != self._memory_shape:
+            raise InvalidInputError(f"memories of shape {memories.shape[1:]} do not match the store's "
+                                    f"{self._memory_shape}")
+        norms = np.linalg.norm(memories.reshape(len(memories), -1).astype(np.float32), axis=1)
+        rows = {doc_id: {"id": doc_id, "key": key, "norm": float(norm), "text": text,
+                         "prefix": text[:MIN_FOUND_CHARS] if len(text) >= MIN_FOUND_CHARS else "", "metadata": metadata}
+                for doc_id, key, norm, text, metadata in zip(ids, memory_keys(memories), norms, texts, metadatas)}
+        rows = list(rows.values())  # an id given twice keeps its last document, as in the local store
+        with self._lock:
+            for start in range(0, len(rows), BATCH_ROWS):
+                self._client.upsert(self.collection, rows[start:start + BATCH_ROWS])
+            self._pair_cosines = None
+        return ids
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents by id; ids that are not stored are ignored."""
+        ids = _id_list(ids, "ids")
+        with self._lock:
+            for start in range(0, len(ids), BATCH_ROWS):
+                self._client.delete(self.collection, ids=ids[start:start + BATCH_ROWS])
+            self._pair_cosines = None
+
+    # -------------------------------------------------------------- reading
+
+    def get(self, ids: Sequence[str]) -> list[StoredDocument]:
+        """Documents in the order asked; ids that are not stored are skipped."""
+        ids = _id_list(ids, "ids")
+        rows = self._rows_where("id", ids, ["text", "metadata"])
+        found = {row["id"]: row for row in rows}
+        return [StoredDocument(i, found[i]["text"], found[i]["metadata"]) for i in ids if i in found]
+
+    def memories(self, ids: Sequence[str]) -> torch.Tensor:
+        """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator: key * norm, in fp16."""
+        ids = _id_list(ids, "ids")
+        found = {row["id"]: row for row in self._rows_where("id", ids, ["key", "norm"])}
+        unknown = [i for i in ids if i not in found]
+        if unknown:
+            raise InvalidInputError(f"unknown document ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+        keys = np.array([found[i]["key"] for i in ids], dtype=np.float32)
+        norms = np.array([found[i]["norm"] for i in ids], dtype=np.float32)
+        memories = (keys * norms[:, None]).astype(np.float16).reshape(len(ids), *self._memory_shape)
+        return torch.from_numpy(memories.astype(np.float32))
+
+    def ids_where(self, where: Filter) -> list[str]:
+        """Ids of the documents whose metadata satisfies a filter."""
+        return self._ids_matching(milvus_filter(where) or "")
+
+    def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
+        """The stored id of each exact text, or None: lets a generator reuse stored memories."""
+        ids_by_text = {row["text"]: row["id"] for row in self._rows_where("text", list(texts), ["text"])}
+        return [ids_by_text.get(text) for text in texts]
+
+    def documents_in(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, id) of the stored documents whose exact text occurs in ``text``, in
+        order and without overlaps (the longest document wins at a position).
+
+        Milvus is asked for the stored texts that begin like some MIN_FOUND_CHARS characters of
+        ``text``; shorter documents are not looked for.
+        """
+        windows = sorted({text[start:start + MIN_FOUND_CHARS] for start in range(len(text) - MIN_FOUND_CHARS + 1)})
+        rows = self._rows_where("prefix", windows, ["text", "prefix"])
+        by_prefix: dict[str, list[str]] = {}
+        for row in sorted(rows, key=lambda row: len(row["text"]), reverse=True):
+            by_prefix.setdefault(row["prefix"], []).append(row["text"])
+        return _find_documents(text, {row["text"]: row["id"] for row in rows}, by_prefix)
+
+    def all_ids(self) -> list[str]:
+        return self._ids_matching("")
+
+    def _rows_where(self, field: str, values: list[str], output_fields: list[str]) -> list[dict]:
+        """The rows whose ``field`` is one of ``values`` (with their ids), in batches."""
+        rows = []
+        for start in range(0, len(values), BATCH_ROWS):
+            batch = ", ".join(map(_string, values[start:start + BATCH_ROWS]))
+            rows += self._client.query(self.collection, filter=f"{field} in [{batch}]", output_fields=output_fields)
+        return rows
+
+    def _ids_matching(self, expression: str) -> list[str]:
+        """Every id satisfying an expression ("" for all), read page by page."""
+        pages = self._client.query_iterator(self.collection, batch_size=4 * BATCH_ROWS, filter=expression,
+                                            output_fields=["id"])
+        ids: list[str] = []
+        while page := pages.next():
+            ids += [row["id"] for row in page]
+        pages.close()
+        return ids
+
+    # ------------------------------------------------------------- searching
+
+    def search_by_key(
+        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = 20,
+    ) -> list[tuple[StoredDocument, float]]:
+        """Like ``search`` for a query key computed elsewhere."""
+        _check_search(k, where, lambda_mult, fetch_k)
+        query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
+        if query.size != self._dimensions:
+            raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {self._dimensions}")
+        conditions = [] if ids is None else [f"id in [{', '.join(map(_string, _id_list(ids, 'ids')))}]"]
+        if where is not None and (expression := milvus_filter(where)) is not None:
+            conditions.append(expression)
+        diverse = lambda_mult < 1.0
+        hits = self._client.search(
+            self.collection, data=[query.tolist()], limit=min(max(k, fetch_k) if diverse else k, MAX_TOP_K),
+            filter=_all(conditions) if conditions else "", search_params={"metric_type": "IP"},
+            output_fields=["text", "metadata", "key"] if diverse else ["text", "metadata"])[0]
+        if diverse and hits:
+            keys = np.array([hit["entity"]["key"] for hit in hits], dtype=np.float32)
+            hits = [hits[i] for i in maximal_marginal_relevance(query, keys, k, lambda_mult)]
+        return [(StoredDocument(hit["id"], hit["entity"]["text"], hit["entity"]["metadata"]), float(hit["distance"]))
+                for hit in hits[:k]]
+
+    def _sample_pair_cosines(self) -> np.ndarray:
+        """Sorted cosines between distinct documents of the first CALIBRATION_SAMPLE in id order."""
+        rows = self._client.query(self.collection, filter="", limit=CALIBRATION_SAMPLE, output_fields=["key"])
+        if len(rows) < 2:
+            return np.zeros(0, dtype=np.float32)
+        keys = np.array([row["key"] for row in rows], dtype=np.float32)
+        return np.sort((keys @ keys.T)[np.triu_indices(len(keys), 1)])
+
+
+# ------------------------------------------------------------------ filters
+
+def milvus_filter(where: Filter) -> str | None:
+    """The Milvus expression keeping the documents ``filters.matches`` keeps; None keeps all.
+
+    Metadata live in the JSON field ``metadata``. ``$in`` and ``$nin`` become chains of
+    ``==`` (milvus-lite compares JSON values with ``==`` only), and ``$ne``/``$nin`` also ask
+    that the field exists, as the local store does.
+    """
+    validate_filter(where)
+    return _expression(where)
+
+
+def _expression(where: Filter) -> str | None:
+    parts = []
+    for key, condition in where.items():
+        if key == "$and":
+            parts += [part for part in map(_expression, condition) if part is not None]
+        elif key == "$or":
+            either = [_expression(part) for part in condition]
+            if None not in either:  # an empty part keeps everything, and so does the $or
+                parts.append(_any(either))
+        elif isinstance(condition, dict):
+            field = _field(key)
+            # {"field": {}} asks only that the field exists
+            parts += [_condition(field, key, name, target) for name, target in condition.items()] or [f"exists {field}"]
+        else:
+            parts.append(_condition(_field(key), key, "$eq", condition))
+    return _all(parts) if parts else None
+
+
+def _condition(field: str, key: str, name: str, target: Any) -> str:
+    """One field operator of the filter language as a Milvus expression."""
+    if name in _COMPARISONS:
+        return f"{field} {_COMPARISONS[name]} {_literal(target, key)}"
+    if name == "$ne":
+        return _all([f"exists {field}", f"{field} != {_literal(target, key)}"])
+    equal_one = _any([f"{field} == {_literal(value, key)}" for value in target]) if target else _NOTHING
+    if name == "$in":
+        return equal_one
+    return _all([f"exists {field}", f"not ({equal_one})"])  # $nin
+
+
+def _literal(value: Any, key: str) -> str:
+    """A filter value as a Milvus literal; a value Milvus cannot compare is refused."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and not math.isnan(value):
+        # JSON holds no infinity, and a Milvus literal cannot be one: the largest finite number stands in
+        return repr(min(max(value, -sys.float_info.max), sys.float_info.max))
+    if isinstance(value, str):
+        return _string(value)
+    raise InvalidInputError(f"the filter on {key!r} compares with {value!r:.60}: the Milvus store compares "
+                            "with strings, numbers and booleans only")
+
+
+def _field(key: str) -> str:
+    return f"metadata[{_string(key)}]"
+
+
+def _string(value: str) -> str:
+    """A double-quoted Milvus string literal: backslashes, quotes and line breaks escaped."""
+    return '"' + value.translate(_ESCAPES) + '"'
+
+
+def _all(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else " and ".join(f"({part})" for part in parts)
+
+
+def _any(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else " or ".join(f"({part})" for part in parts)

@@ -1,0 +1,248 @@
+"""MilvusMemoryStore against milvus-lite: the local MemoryStore's behaviour, kept in Milvus."""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
+from conftest import CORPUS, randomize_adapters
+
+pymilvus = pytest.importorskip("pymilvus")  # the [milvus] extra
+pytest.importorskip("milvus_lite")
+
+from clara_plugins import milvus_store  # noqa: E402
+from clara_plugins.milvus_store import MilvusMemoryStore  # noqa: E402
+
+IDS = [f"d{i}" for i in range(len(CORPUS))]
+QUERIES = ["Who won prizes in physics?", "The capital of Germany", "A river through Vienna"]
+METAS = [  # values of every kind the filters compare, and strings that must not break an expression
+    {"topic": "city", "n": 1, "date": "2024-01-05", "tags": ["a", "b"]},
+    {"topic": "tower", "n": 2.5, "date": "2023-12-31", 'quote"key\\': 'say "hi"\\'},
+    {"topic": "city", "n": -3, "flag": True},
+    {"topic": "river\nnile", "n": "4"},
+    {"topic": "科学", "flag": False, "nested": {"x": [1, None]}},
+    {"topic": 'x" or id != "', "n": 10**6},
+]
+FILTERS = [
+    {}, {"topic": "city"}, {"topic": {"$eq": "tower"}}, {"n": 1}, {"n": 2.5}, {"flag": True}, {"flag": False},
+    {"topic": {"$ne": "city"}}, {"n": {"$ne": 1}}, {"tags": {"$ne": "a"}}, {"missing": {"$ne": 1}},
+    {"topic": {"$in": ["tower", "科学"]}}, {"n": {"$in": []}}, {"n": {"$in": [2.5, "4"]}},
+    {"topic": {"$nin": ["city"]}}, {"n": {"$nin": []}},
+    {"n": {"$gt": 1}}, {"n": {"$gte": 2.5}}, {"n": {"$lt": 0}}, {"n": {"$lte": 10**6}}, {"n": {"$gt": 1, "$lt": 100}},
+    {"date": {"$gte": "2024-01-01"}}, {"topic": {"$lt": "d"}},
+    {"n": {"$lt": float("inf")}}, {"n": {"$gt": float("-inf")}}, {"n": {"$gt": float("inf")}},
+    {"$and": [{"topic": "city"}, {"n": {"$gt": 0}}]}, {"$or": [{"topic": "tower"}, {"flag": True}]},
+    {"$or": [{}, {"topic": "none"}]}, {"$and": [{}]}, {"tags": {}},
+    {"$or": [{"$and": [{"topic": "city"}, {"n": {"$lt": 0}}]}, {"n": {"$in": [2.5, "4"]}}]},
+    {'quote"key\\': 'say "hi"\\'}, {"topic": "river\nnile"}, {"topic": 'x" or id != "'},
+]
+
+
+@pytest.fixture
+def local(tiny_model) -> MemoryStore:
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS, IDS, METAS)
+    return store
+
+
+@pytest.fixture
+def uri(tmp_path) -> str:
+    return str(tmp_path / "stores" / "clara.db")  # the store makes the folder
+
+
+@pytest.fixture
+def milvus(tiny_model, uri) -> MilvusMemoryStore:
+    store = MilvusMemoryStore(tiny_model, uri)
+    store.upsert(CORPUS, IDS, METAS)
+    return store
+
+
+def assert_same_results(found, expected) -> None:
+    """Two stores' (document, score) lists: the same ids in the same order, the same cosines."""
+    assert [doc.id for doc, _ in found] == [doc.id for doc, _ in expected]
+    assert np.allclose([score for _, score in found], [score for _, score in expected], atol=1e-6)
+
+
+def test_upsert_get_and_replace_by_id(milvus, tiny_model):
+    assert len(milvus) == len(CORPUS) and sorted(milvus.all_ids()) == IDS
+    assert [(d.id, d.text, d.metadata) for d in milvus.get(["d4", "nope", "d1"])] == [
+        ("d4", CORPUS[4], METAS[4]), ("d1", CORPUS[1], METAS[1])]
+    new_text = "Rome is the capital of Italy and of its Lazio region."
+    milvus.upsert([new_text], ids=["d1"])
+    milvus.upsert(["first", "second"], ids=["d9", "d9"])  # an id given twice keeps its last document
+    assert len(milvus) == len(CORPUS) + 1 and milvus.get(["d1", "d9"])[1].text == "second"
+    assert milvus.get(["d1"])[0].metadata == {}
+    assert torch.allclose(milvus.memories(["d1"]), tiny_model.compress_documents([new_text]), atol=1e-2)
+    assert milvus.documents_in(f"Context: {new_text}") == [(9, 9 + len(new_text), "d1")]
+    assert milvus.documents_in(f"Context: {CORPUS[1]}") == []
+
+
+def test_delete_ignores_unknown_ids(milvus):
+    milvus.delete(["d0", "nope"])
+    milvus.delete([])
+    assert sorted(milvus.all_ids()) == IDS[1:] and milvus.get(["d0"]) == []
+    assert all(doc.id != "d0" for doc, _ in milvus.search("Paris", k=6))
+
+
+def test_memories_are_exactly_the_local_stores(milvus, local):
+    assert torch.equal(milvus.memories(IDS[::-1]), local.memories(IDS[::-1]))  # key * norm gives back the fp16 bits
+    assert milvus.memories([]).shape == local.memories([]).shape
+    with pytest.raises(InvalidInputError, match="unknown document ids: \\['zz'\\]"):
+        milvus.memories(["d2", "zz"])
+
+
+def test_search_ranks_as_the_local_exact_search(milvus, local):
+    searches = [{"k": len(CORPUS) + 2}, {"k": 2, "where": {"topic": "city"}}, {"k": 3, "ids": ["d1", "d3", "zz"]},
+                {"k": 3, "lambda_mult": 0.3, "fetch_k": 5}]
+    for query in QUERIES:
+        for kwargs in searches:
+            assert_same_results(milvus.search(query, **kwargs), local.search(query, **kwargs))
+        key = local.keys.query_keys([query])[0]
+        assert_same_results(milvus.search_by_key(key, k=3), local.search_by_key(key, k=3))
+    assert milvus.relevance(0.5) == pytest.approx(local.relevance(0.5))  # both calibrate on every pair here
+
+
+def test_every_filter_operator_keeps_what_the_local_store_keeps(milvus, local):
+    for where in FILTERS:
+        assert sorted(milvus.ids_where(where)) == sorted(local.ids_where(where)), where
+        assert_same_results(milvus.search(QUERIES[0], k=len(CORPUS), where=where),
+                            local.search(QUERIES[0], k=len(CORPUS), where=where))
+
+
+def test_texts_are_found_in_prompts_as_in_the_local_store(milvus, local):
+    prompt = f"Background:\n{CORPUS[2]}\n\n{CORPUS[4]} and {CORPUS[2][:40]}"
+    assert milvus.documents_in(prompt) == local.documents_in(prompt)
+    assert milvus.documents_in("short") == []
+    texts = [CORPUS[3], "not stored", CORPUS[0]]
+    assert milvus.ids_for_texts(texts) == local.ids_for_texts(texts) == ["d3", None, "d0"]
+
+
+def test_documents_persist_in_milvus_across_processes(tiny_model, local, uri, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    script = textwrap.dedent(f"""
+        from clara_plugins import ClaraModel
+        from clara_plugins.milvus_store import MilvusMemoryStore
+        model = ClaraModel.from_pretrained({str(tmp_path / "ckpt")!r}, device="cpu")
+        MilvusMemoryStore(model, {uri!r}).upsert({CORPUS!r}, {IDS!r}, {METAS!r})
+    """)
+    written = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert written.returncode == 0, written.stderr
+    reopened = MilvusMemoryStore(tiny_model, uri)
+    assert sorted(reopened.all_ids()) == IDS and reopened.get(IDS) == local.get(IDS)
+    assert torch.equal(reopened.memories(IDS), local.memories(IDS))
+    assert_same_results(reopened.search(QUERIES[1], k=4), local.search(QUERIES[1], k=4))
+
+
+def test_the_core_imports_without_pymilvus():
+    script = "import sys, clara_plugins.store, clara_plugins.cli; assert 'pymilvus' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+
+
+def test_a_collection_of_another_compressor_is_refused(milvus, tiny_config, uri):
+    other = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(other, seed=7)
+    with pytest.raises(StoreError, match="another compressor"):
+        MilvusMemoryStore(other, uri)
+    other_rate = ClaraModel(dataclasses.replace(tiny_config, compression_rate=8), device="cpu")
+    with pytest.raises(StoreError, match="compression_rate=16"):
+        MilvusMemoryStore(other_rate, uri)
+    assert len(MilvusMemoryStore(milvus.model, uri)) == len(CORPUS)  # refusing changed nothing
+
+
+def test_a_collection_the_store_did_not_create_is_refused(milvus, tiny_model, uri):
+    client = pymilvus.MilvusClient(uri)  # another program's collection beside the store's
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("id", pymilvus.DataType.INT64, is_primary=True)
+    schema.add_field("vector", pymilvus.DataType.FLOAT_VECTOR, dim=4)
+    index = client.prepare_index_params()
+    index.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+    client.create_collection("theirs", schema=schema, index_params=index)
+    with pytest.raises(StoreError, match="'theirs' .* is not a CLaRa memory store"):
+        MilvusMemoryStore(tiny_model, uri, collection="theirs")
+    assert client.has_collection("theirs")
+
+
+def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeypatch):
+    for bad_upsert, message in [
+        (lambda: milvus.upsert(["x", "y", "z"], ids="xyz"), "must be a list of ids"),
+        (lambda: milvus.upsert([""]), "empty"),
+        (lambda: milvus.upsert(["ok"], metadatas=[{"bad": object()}]), "not JSON-serialisable"),
+        (lambda: milvus.upsert(["ok"], ids=["é" * 300]), "longer than 512 bytes"),
+        (lambda: milvus.upsert(["long " * 14_000]), "longer than Milvus' 65,535 bytes"),
+        (lambda: milvus.upsert(["ok"], memories=torch.zeros(1, 2, 3)), "do not match the store's"),
+        (lambda: milvus.delete("d1"), "must be a list of ids"),
+    ]:
+        with pytest.raises(InvalidInputError, match=message):
+            bad_upsert()
+    for where, message in [({"topic": None}, "compares with None"), ({"tags": ["a", "b"]}, "strings, numbers"),
+                           ({"n": {"$regex": "x"}}, "unknown operator"), ({"$or": []}, "non-empty list")]:
+        with pytest.raises(ValueError, match=message):
+            milvus.search("x", where=where)
+        with pytest.raises(ValueError, match=message):
+            milvus.ids_where(where)
+    with pytest.raises(InvalidInputError, match="the search key has 3 values"):
+        milvus.search_by_key(np.ones(3))
+    with pytest.raises(InvalidInputError, match="k must be a positive integer"):
+        milvus.search("x", k=0)
+    with pytest.raises(InvalidInputError, match="collection must be letters"):
+        MilvusMemoryStore(tiny_model, uri, collection="no-dashes")
+    monkeypatch.setattr(milvus_store, "MAX_DIMENSIONS", 64)
+    with pytest.raises(StoreError, match="more than Milvus' 64"):
+        MilvusMemoryStore(tiny_model, uri)
+    assert sorted(milvus.all_ids()) == IDS
+
+
+def test_langchain_store_over_milvus(tiny_model, uri, tmp_path):
+    pytest.importorskip("langchain_core")
+    from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore
+
+    stores = [ClaraVectorStore(tiny_model, store=MilvusMemoryStore(tiny_model, uri)), ClaraVectorStore(tiny_model)]
+    for store in stores:
+        store.add_texts(CORPUS, METAS, ids=IDS)
+        store.delete(["d0"])
+    milvus, local = stores
+    for search in (lambda s: s.similarity_search_with_score(QUERIES[0], k=3, filter={"topic": {"$ne": "tower"}}),
+                   lambda s: s.similarity_search_with_relevance_scores(QUERIES[0], k=2),
+                   lambda s: [(d, 0.0) for d in s.max_marginal_relevance_search(QUERIES[0], k=2, fetch_k=4)]):
+        assert_same_results(search(milvus), search(local))
+    assert [d.id for d in milvus.get_by_ids(["d0", "d2"])] == ["d2"]
+    assert [d.id for d in ClaraRetriever(store=milvus, k=2).invoke(QUERIES[0])] == [
+        d.id for d in local.similarity_search(QUERIES[0], k=2)]
+    prompt = CLARA_PROMPT.invoke({"context": f"{CORPUS[1]}\n\n{CORPUS[2]}", "question": QUERIES[0]})
+    answers = [ChatClara(store=store).invoke(prompt) for store in stores]  # both read d1 and d2 from memories
+    assert answers[0].content == answers[1].content and answers[0].response_metadata["clara"]["stored_documents"] == 2
+    with pytest.raises(NotImplementedError, match="no folder to save"):
+        milvus.save_local(tmp_path / "saved")
+
+
+def test_llama_index_store_over_milvus(tiny_model, uri, tmp_path):
+    pytest.importorskip("llama_index.core")
+    from llama_index.core import Document, StorageContext, VectorStoreIndex, load_index_from_storage
+    from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters, VectorStoreQuery
+
+    from llama_index_clara import ClaraVectorStore
+
+    store = ClaraVectorStore(tiny_model, store=MilvusMemoryStore(tiny_model, uri))
+    documents = [Document(text=text, id_=f"doc{i}", metadata={"topic": meta["topic"]})
+                 for i, (text, meta) in enumerate(zip(CORPUS, METAS))]
+    index = VectorStoreIndex.from_documents(documents, storage_context=StorageContext.from_defaults(vector_store=store),
+                                            embed_model=store.embed_model)
+    city = MetadataFilters(filters=[MetadataFilter(key="topic", value="city")])
+    result = store.query(VectorStoreQuery(query_str=QUERIES[0], similarity_top_k=6, filters=city))
+    assert sorted(node.get_content() for node in result.nodes) == sorted([CORPUS[0], CORPUS[2]])
+    index.delete_ref_doc("doc0")
+    assert len(store.client) == len(CORPUS) - 1
+    index.storage_context.persist(persist_dir=tmp_path / "index")
+    assert not (tmp_path / "index" / "default__vector_store.clara").exists()  # the nodes stay in Milvus
+    reopened = ClaraVectorStore(tiny_model, store=MilvusMemoryStore(tiny_model, uri))
+    reloaded = load_index_from_storage(StorageContext.from_defaults(persist_dir=tmp_path / "index",
+                                                                    vector_store=reopened),
+                                       embed_model=reopened.embed_model)
+    retrieved = reloaded.as_retriever(similarity_top_k=3).retrieve(QUERIES[0])
+    assert [n.node.get_content() for n in retrieved] == [
+        n.node.get_content() for n in index.as_retriever(similarity_top_k=3).retrieve(QUERIES[0])]
