@@ -60,6 +60,12 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search index of a new store (default flat: exact)")
     parser.add_argument("--save-every", type=_positive, default=1024,
                         help="documents compressed between saves; a stopped run resumes from the last save")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="compress on Ray: a local instance started for the run, or the cluster at ADDRESS "
+                        "(auto, ray://host:10001); put it after the files. Needs pip install "
+                        "'clara-plugins[ray]'; checkpoint and base model paths must exist on every node")
+    parser.add_argument("--workers", type=_positive,
+                        help="with --ray: actors, each holding one model (default: one per GPU, else per CPU)")
 
 
 def _ask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,14 +182,18 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
-    from tqdm.auto import tqdm
+    import functools
 
     from .corpora import read_documents
+    from .indexing import RayCompression, index_documents
     from .pretrained import load_model
     from .store import MemoryStore
 
-    model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
-                       device=args.device)
+    if args.workers is not None and args.ray is None:
+        raise InvalidInputError("--workers sets the Ray actors: give --ray too")
+    load = functools.partial(load_model, args.checkpoint, base_model=args.base_model,
+                             compression_rate=args.compression_rate, device=args.device)
+    model = load()
     folder = Path(args.store)
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model)
@@ -194,20 +204,14 @@ def _index(args: argparse.Namespace) -> None:
     documents = [(text, {"source": Path(path).name, "position": i})
                  for path in args.corpus for i, text in enumerate(read_documents([path]))]
     ids = [document_id(text) for text, _ in documents]
-    stored = {document.id for document in store.get(ids)}
-    first: dict[str, int] = {}  # each text once: its first occurrence
-    for i, doc_id in enumerate(ids):
-        first.setdefault(doc_id, i)
-    todo = [i for doc_id, i in first.items() if doc_id not in stored]
-    with tqdm(total=len(todo), desc="indexing", unit="doc") as progress:
-        for start in range(0, len(todo), args.save_every):
-            batch = todo[start:start + args.save_every]
-            store.upsert([documents[i][0] for i in batch], [ids[i] for i in batch], [documents[i][1] for i in batch])
-            store.save(folder)
-            progress.update(len(batch))
+    on_ray = None if args.ray is None else RayCompression(load, args.ray, args.workers, use_gpus=args.device != "cpu")
+    compressed = index_documents(store, [text for text, _ in documents], ids, [meta for _, meta in documents],
+                                 save=functools.partial(store.save, folder), save_every=args.save_every,
+                                 on_ray=on_ray, show_progress=True)
     if not (folder / "CURRENT").exists():
         store.save(folder)
-    print(f"{folder}: {len(store)} documents ({len(todo)} compressed now, {len(first) - len(todo)} already stored)")
+    print(f"{folder}: {len(store)} documents ({len(compressed)} compressed now, "
+          f"{len(set(ids)) - len(compressed)} already stored)")
 
 
 def document_id(text: str) -> str:

@@ -1,0 +1,156 @@
+"""Indexing a corpus into a memory store: resumable, compressed in this process or on Ray.
+
+``index_documents`` skips the ids a store already holds and upserts the rest in groups,
+saving after each, so that a stopped run resumes from its last save. Each group is
+compressed by the store's own model, or, given a ``RayCompression``, by one of a pool of Ray
+actors that each load the same model once (one GPU each when the cluster has GPUs). An actor
+compresses a whole group in one call, batched as ``upsert`` batches it, so the store
+receives the same fp16 memories either way (through ``upsert(..., memories=...)``): a
+document's padding, and so the last bit of its memories, depends on its batch.
+
+Ray comes from the ``[ray]`` extra and is imported only when a corpus is compressed on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import compressor_signature
+from .errors import InvalidInputError
+from .model import ClaraModel
+from .store import BaseMemoryStore, _check_compressor
+
+@dataclasses.dataclass(frozen=True)
+class RayCompression:
+    """Where and how a corpus is compressed on Ray.
+
+    ``load_model`` runs once in every actor, so it must be picklable (a module-level function
+    or a ``functools.partial`` of one) and find its checkpoint on every node. ``address`` is
+    ``ray.init``'s: ``"local"`` starts a Ray instance on this machine for the run and stops
+    it afterwards; ``"auto"`` or ``"ray://host:10001"`` reach a running cluster. A process
+    already connected to Ray keeps its connection. ``workers`` is the number of actors
+    (default: one per GPU, else one per CPU the cluster has), each taking one group of
+    ``save_every`` documents at a time: a corpus of fewer groups leaves the others unstarted.
+    ``use_gpus=False`` keeps them on CPUs even where GPUs are.
+    """
+
+    load_model: Callable[[], ClaraModel]
+    address: str = "local"
+    workers: int | None = None
+    use_gpus: bool = True
+
+    def __post_init__(self) -> None:
+        if self.workers is not None:
+            _check_positive("workers", self.workers)
+
+
+def index_documents(
+    store: BaseMemoryStore,
+    texts: Sequence[str],
+    ids: Sequence[str],
+    metadatas: Sequence[dict[str, Any]] | None = None,
+    *,
+    save: Callable[[], object] | None = None,
+    save_every: int = 1024,
+    on_ray: RayCompression | None = None,
+    show_progress: bool = False,
+) -> list[str]:
+    """Compress and upsert the documents whose ids the store lacks; returns those ids.
+
+    Ids must be stable for a resumed run to skip what is stored (``clara index`` uses the
+    texts' SHA-256); a repeated id is indexed once, with its first text. ``save`` runs after
+    every ``save_every`` documents (``MemoryStore``: ``lambda: store.save(folder)``; a Milvus
+    store keeps what it is given and needs none). Everything is validated before any
+    compression starts.
+    """
+    _check_positive("save_every", save_every)
+    if not texts:
+        return []
+    texts, ids, metadatas = store._checked(texts, ids, metadatas)
+    first: dict[str, int] = {}  # each id once: its first row
+    for row, doc_id in enumerate(ids):
+        first.setdefault(doc_id, row)
+    stored = {document.id for document in store.get(list(first))}
+    todo = [row for doc_id, row in first.items() if doc_id not in stored]
+    groups = [todo[start:start + save_every] for start in range(0, len(todo), save_every)]
+    # Ray compresses each group in one call, as upsert does here: the same batches, the same memories
+    compressed = ((group, None) for group in groups) if on_ray is None else _compressed_on_ray(
+        store, texts, groups, on_ray)
+    with tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress:
+        for rows, memories in compressed:
+            store.upsert([texts[r] for r in rows], [ids[r] for r in rows], [metadatas[r] for r in rows],
+                         memories=memories)
+            if save is not None:
+                save()
+            progress.update(len(rows))
+    return [ids[r] for r in todo]
+
+
+def _compressed_on_ray(
+    store: BaseMemoryStore, texts: list[str], groups: list[list[int]], options: RayCompression,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(rows, fp16 memories) of the groups of rows, each compressed by one actor in one call,
+    in the order the actors finish them."""
+    if not groups:
+        return
+    ray = _import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=options.address, logging_level=logging.WARNING)
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if options.use_gpus else 0
+        available = gpus or max(1, int(resources.get("CPU", 1)))
+        workers = options.workers or available
+        if workers > available:
+            raise InvalidInputError(f"{workers} workers need {workers} {'GPUs' if gpus else 'CPUs'}; the Ray "
+                                    f"cluster has {available}")
+        dataset = ray.data.from_items([{"rows": group, "texts": [texts[r] for r in group]} for group in groups])
+        compressed = dataset.map_batches(
+            _Compressor, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
+            compute=ray.data.ActorPoolStrategy(size=min(workers, len(groups))),  # no actor without a group
+            fn_constructor_kwargs={"load_model": options.load_model, "batch_size": store.batch_size,
+                                   "signature": compressor_signature(store.model)},
+        )
+        for batch in compressed.iter_batches(batch_size=None, batch_format="numpy"):  # blocks as they come
+            yield batch["row"].tolist(), torch.tensor(batch["memories"])  # a copy: Ray's arrays are read-only
+    finally:
+        if started:
+            ray.shutdown()
+
+
+class _Compressor:
+    """A Ray actor's model, loaded once: it compresses group after group as the store's would."""
+
+    def __init__(self, load_model: Callable[[], ClaraModel], batch_size: int, signature: dict) -> None:
+        self.model = load_model()
+        # memories from another compressor would sit in the store unnoticed: refuse them
+        _check_compressor(signature, compressor_signature(self.model), "the store")
+        self.batch_size = batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One group in (batch_size=1), one row per document out."""
+        (rows,), (texts,) = batch["rows"], batch["texts"]
+        memories = self.model.compress(texts.tolist(), self.batch_size).memories
+        return {"row": rows, "memories": memories.to(torch.float16).cpu().numpy()}
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data
+    except ImportError as error:
+        raise ImportError('compressing on Ray needs Ray Data: pip install "clara-plugins[ray]"') from error
+    return ray

@@ -1,0 +1,101 @@
+"""Corpus compression on Ray: the in-process path's memories, resumable, from the command line."""
+
+import functools
+import logging
+import sys
+
+import pytest
+import torch
+from conftest import CORPUS, randomize_adapters
+
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
+from clara_plugins.cli import document_id, main
+from clara_plugins.indexing import RayCompression, index_documents
+
+ray = pytest.importorskip("ray")
+
+# Documents of different lengths: batches need padding, on which the last bits of memories depend
+TEXTS = [f"{CORPUS[i % len(CORPUS)]} Note {i}." + " More words." * (i % 9) for i in range(40)]
+IDS = [document_id(text) for text in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One 2-CPU Ray instance for the tests that reuse a running Ray."""
+    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def on_ray(tiny_model, tmp_path):
+    """Ray settings whose actors load the tiny model from a checkpoint."""
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    load = functools.partial(ClaraModel.from_pretrained, tmp_path / "ckpt", device="cpu")
+    return functools.partial(RayCompression, load)
+
+
+def test_clara_index_on_ray_starts_and_stops_its_own_instance(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXTS[:6]))
+    arguments = ["index", str(corpus), "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu", "--save-every", "4"]
+    main([*arguments, "--store", str(tmp_path / "here")])
+    main([*arguments, "--store", str(tmp_path / "there"), "--ray"])
+    assert not ray.is_initialized()
+    assert capsys.readouterr().out.count("6 documents (6 compressed now, 0 already stored)") == 2
+    here, there = (MemoryStore.load(tmp_path / name, tiny_model) for name in ("here", "there"))
+    assert torch.equal(there.memories(IDS[:6]), here.memories(IDS[:6]))
+    main([*arguments, "--store", str(tmp_path / "there"), "--ray"])  # all stored: Ray does not even start
+    assert "6 documents (0 compressed now, 6 already stored)" in capsys.readouterr().out
+
+
+def test_ray_gives_the_memories_of_the_in_process_path(local_ray, tiny_model, on_ray):
+    here, there = MemoryStore(tiny_model), MemoryStore(tiny_model)
+    metadatas = [{"position": i} for i in range(len(TEXTS))]
+    assert index_documents(here, TEXTS, IDS, metadatas, save_every=7) == IDS
+    assert index_documents(there, TEXTS, IDS, metadatas, save_every=7, on_ray=on_ray(workers=2)) == IDS
+    assert sorted(there.all_ids()) == sorted(IDS) and there.get(IDS) == here.get(IDS)
+    assert torch.equal(there.memories(IDS), here.memories(IDS))
+
+
+def test_a_resumed_run_compresses_only_what_is_not_stored(local_ray, tiny_model, on_ray):
+    store = MemoryStore(tiny_model)
+    store.upsert(TEXTS[:30], IDS[:30])
+    saves = []
+    texts, ids = TEXTS + TEXTS[35:], IDS + IDS[35:]  # repeated documents are indexed once
+    new = index_documents(store, texts, ids, save=lambda: saves.append(len(store)), save_every=4,
+                          on_ray=on_ray(workers=1))
+    assert sorted(new) == sorted(IDS[30:]) and len(store) == len(TEXTS)
+    assert len(saves) == 3 and saves[-1] == 40  # groups of 4, 4 and 2, in the order they finish
+
+
+def test_workers_of_another_compressor_are_refused(local_ray, tiny_config, tiny_model, tmp_path):
+    other = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(other, seed=1)
+    other.save_pretrained(tmp_path / "other")
+    load = functools.partial(ClaraModel.from_pretrained, tmp_path / "other", device="cpu")
+    with pytest.raises(ray.exceptions.RayError, match="StoreError: the store was written by another compressor"):
+        index_documents(MemoryStore(tiny_model), TEXTS[:4], IDS[:4], on_ray=RayCompression(load, workers=1))
+
+
+def test_bad_ray_settings_are_refused_before_any_work(local_ray, tiny_model, on_ray, tmp_path, monkeypatch):
+    store = MemoryStore(tiny_model)
+    with pytest.raises(InvalidInputError, match="3 workers need 3 CPUs; the Ray cluster has 2"):
+        index_documents(store, TEXTS[:4], IDS[:4], on_ray=on_ray(workers=3))
+    with pytest.raises(InvalidInputError, match="workers must be a positive integer"):
+        on_ray(workers=0)
+    with pytest.raises(InvalidInputError, match="save_every must be a positive integer"):
+        index_documents(store, TEXTS[:4], IDS[:4], save_every=0)
+    with pytest.raises(InvalidInputError, match="metadata of"):
+        index_documents(store, TEXTS[:2], IDS[:2], [{"pair": (1, 2)}, {}], on_ray=on_ray())
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the [ray] extra were not installed
+    with pytest.raises(ImportError, match=r"clara-plugins\[ray\]"):
+        index_documents(store, TEXTS[:4], IDS[:4], on_ray=on_ray())
+    assert len(store) == 0
+
+
+def test_workers_without_ray_is_a_usage_error(tmp_path):
+    (tmp_path / "corpus.txt").write_text(CORPUS[0])
+    with pytest.raises(InvalidInputError, match="give --ray too"):
+        main(["--debug", "index", str(tmp_path / "corpus.txt"), "--store", str(tmp_path / "store"), "--workers", "2"])
