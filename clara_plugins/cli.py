@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, SETTINGS, STAGES, ClaraConfig, TrainConfig
+from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES, SETTINGS, STAGES, ClaraConfig,
+                     TrainConfig)
 from .errors import CheckpointError, InvalidInputError, StoreError
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze")
@@ -57,7 +58,9 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", required=True, metavar="DIR", help="the store folder (created, or extended)")
     _model_arguments(parser)
     parser.add_argument("--index", choices=INDEX_KINDS, default="flat",
-                        help="search index of a new store (default flat: exact)")
+                        help="search index of a new store (default flat: exact; ivfpq: compact, re-scored)")
+    parser.add_argument("--memory-dtype", choices=MEMORY_DTYPES, default="float16",
+                        help="how a new store keeps memory tokens (int8: half the disk, one scale per vector)")
     parser.add_argument("--save-every", type=_positive, default=1024,
                         help="documents compressed between saves; a stopped run resumes from the last save")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -200,7 +203,7 @@ def _index(args: argparse.Namespace) -> None:
     elif folder.exists() and any(folder.iterdir()):
         raise StoreError(f"{folder} holds files but no CLaRa memory store: choose an empty or new folder")
     else:
-        store = MemoryStore(model, index=args.index)
+        store = MemoryStore(model, index=args.index, memory_dtype=args.memory_dtype)
     documents = [(text, {"source": Path(path).name, "position": i})
                  for path in args.corpus for i, text in enumerate(read_documents([path]))]
     ids = [document_id(text) for text, _ in documents]

@@ -13,6 +13,7 @@ DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 MEMORY_DESIGNS = ("pooled", "tokens")
 MEMORY_POOLINGS = ("mean", "last")
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # a MemoryStore's search index
+MEMORY_DTYPES = ("float16", "int8")  # how a MemoryStore keeps memory tokens (int8: one scale per vector)
 SETTINGS = ("normal", "oracle")  # instruction rows: BM25's top k, or the gold passages among the k
 
 # Settings older checkpoints record that no longer shape a model; loading ignores them.

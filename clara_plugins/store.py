@@ -1,16 +1,20 @@
 """MemoryStore: documents kept as CLaRa memory tokens, searchable with faiss, saved without pickle.
 
-Per document the store keeps its text, its metadata, its memory tokens (fp16, the generator's
-input) and a retrieval key (by default the memory itself, searched against the query
-reasoner's encoding of the question).
+Per document the store keeps its text, its metadata, its memory tokens (the generator's input:
+fp16, or int8 with one scale per memory vector) and a retrieval key. CLaRa's key is the
+normalised flattened memory, so it is computed from the memory when needed, never stored
+twice: the fp16 memory gives the key exactly, while a stored key and norm would not give the
+fp16 memory back. Other key encoders' keys are stored beside the memories.
 
 On disk a store is a folder of generations. ``CURRENT`` names the live one; each generation
-holds ``store.json`` (format, compressor signature, shard list), ``records.json`` (ids, texts,
-metadata), ``memories-*.npy`` shards (memory-mappable) and, for approximate indexes, faiss's
-own ``index.faiss``. A save writes a new generation aside and then flips ``CURRENT`` with one
-atomic rename, so a crash mid-save leaves the previous generation loadable, and readers of
-the previous generation keep working while a writer saves. Writers take turns (a lock
-file); ``store.json`` holds the SHA-256 of every other file, checked at load.
+holds ``store.json`` (format, memory dtype, compressor signature, shard lists), ``records.json``
+(ids, texts, metadata), ``memories-*.npy`` shards (memory-mappable; with ``scales-*.npy`` for
+int8) and, for approximate indexes, faiss's own ``index.faiss`` (with the compact index's
+``index-centre.npy`` and ``index-projection.npy``). Format 1 stores (fp16 memories, written
+before int8 existed) still load. A save writes a new generation aside and then flips
+``CURRENT`` with one atomic rename, so a crash mid-save leaves the previous generation
+loadable, and readers of the previous generation keep working while a writer saves. Writers
+take turns (a lock file); ``store.json`` holds the SHA-256 of every other file, checked at load.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -33,6 +36,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from numpy.typing import DTypeLike
 
 from .atomic import write_file_atomically, write_text_atomically
 from .backbone import fingerprint_mismatch
@@ -40,16 +44,20 @@ from .checkpoint import compressor_signature
 from .checks import check_texts
 from .errors import InvalidInputError, StoreError
 from .jsonfiles import read_json
-from .config import INDEX_KINDS
+from .compact import MIN_ROWS, TRAINING_ROWS, CompactIndex, dequantize, quantize
+from .config import INDEX_KINDS, MEMORY_DTYPES
 from .filters import Filter, matches, validate_filter
 from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 
-FORMAT = "clara-memory-store/1"
-SHARD_ROWS = 4096
+FORMAT = "clara-memory-store/2"
+FORMAT_1 = "clara-memory-store/1"  # fp16 memories only; its "ivfpq" index searched IVF lists of full keys
+SHARD_ROWS = 4096  # rows per file on disk, and per batch when keys are computed
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
+RESCORE_FACTOR = 10  # candidates the compact index hands over per result, re-scored exactly
 _GENERATION = re.compile(r"^gen-(\d{6})$")
-_STORE_FILE = re.compile(r"^(records\.json|index\.faiss|(memories|keys)-\d{5}\.npy)$")
+_STORE_FILE = re.compile(r"^(records\.json|index\.faiss|index-(centre|projection)\.npy|"
+                         r"(memories|scales|keys)-\d{5}\.npy)$")
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
 
 
@@ -65,8 +73,8 @@ class BaseMemoryStore(ABC):
     memories, so that any backend serves them all: ``MemoryStore`` (memory and a folder) or
     ``milvus_store.MilvusMemoryStore`` (a Milvus collection).
 
-    A subclass keeps per document its text, metadata, fp16 memory tokens and a unit-norm key,
-    and sets ``_pair_cosines`` to None whenever its documents change.
+    A subclass keeps per document its text, metadata, memory tokens and a unit-norm key, and
+    sets ``_pair_cosines`` to None whenever its documents change.
     """
 
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
@@ -189,14 +197,21 @@ class BaseMemoryStore(ABC):
             memories = self.model.compress(texts, self.batch_size, show_progress).memories
         elif len(memories) != len(texts):
             raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
-        return memories.to(torch.float16).cpu().numpy()
+        memories = memories.to(torch.float16).cpu()
+        if not torch.isfinite(memories).all():
+            raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
+        return memories.numpy()
 
 
 class MemoryStore(BaseMemoryStore):
     """Upsert, delete, get and search documents compressed by one ClaraModel.
 
-    ``index`` is ``"flat"`` (exact inner product on unit-norm keys), ``"hnsw"`` or ``"ivfpq"``
-    (approximate, for large corpora; ivfpq falls back to exact below 1,024 documents).
+    ``index`` is ``"flat"`` (exact inner product on unit-norm keys), ``"hnsw"`` (approximate)
+    or ``"ivfpq"``, the compact index for large corpora: product-quantised keys
+    (``compact.CompactIndex``, 128 bytes per document at CR16) whose best ``rescore_factor`` x k
+    candidates are re-scored exactly from the stored memories; below ``compact.MIN_ROWS``
+    documents it searches exactly. ``memory_dtype`` is ``"float16"`` (the memories as
+    compressed) or ``"int8"`` (half the bytes, one scale per memory vector; see ``compact``).
     """
 
     def __init__(
@@ -205,19 +220,26 @@ class MemoryStore(BaseMemoryStore):
         keys: KeyEncoder | None = None,
         index: str = "flat",
         batch_size: int = 8,
+        *,
+        memory_dtype: str = "float16",
     ) -> None:
         if index not in INDEX_KINDS:
             raise ValueError(f"unknown index {index!r}; choose one of {INDEX_KINDS}")
+        if memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"unknown memory_dtype {memory_dtype!r}; choose one of {MEMORY_DTYPES}")
         super().__init__(model, keys, batch_size)
         self.index_kind = index
+        self.memory_dtype = memory_dtype
+        self.rescore_factor = RESCORE_FACTOR
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._metadatas: list[dict[str, Any]] = []
         self._where: list[tuple[int, int]] = []  # row -> (chunk, offset in chunk)
-        self._memory_chunks: list[np.ndarray] = []  # fp16 [rows, n_mem, hidden]
+        self._memory_chunks: list[np.ndarray] = []  # [rows, n_mem, hidden], fp16 or int8
+        self._scale_chunks: list[np.ndarray] = []  # int8 only: float32 [rows, n_mem]
         self._key_chunks: list[np.ndarray] = []  # fp32 [rows, dim]; unused when keys are memories
         self._row_of: dict[str, int] = {}
-        self._index: faiss.Index | None = None  # over all rows, in order; None when stale
+        self._index: faiss.Index | CompactIndex | None = None  # over all rows, in order; None when stale
         self._ids_by_text: dict[str, str] | None = None  # with _texts_by_prefix: see _text_lookup
         self._texts_by_prefix: dict[str, list[str]] = {}
 
@@ -242,11 +264,16 @@ class MemoryStore(BaseMemoryStore):
         """
         texts, ids, metadatas = self._checked(texts, ids, metadatas)
         memories = self._compressed(texts, memories, show_progress)
+        scales = None
+        if self.memory_dtype == "int8":
+            memories, scales = quantize(memories)
         keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
         with self._lock:
             self._check_dimensions(memories, keys)
             chunk = len(self._memory_chunks)
             self._memory_chunks.append(memories)
+            if scales is not None:
+                self._scale_chunks.append(scales)
             if keys is not None:
                 self._key_chunks.append(keys)
             for offset, (doc_id, text, metadata) in enumerate(zip(ids, texts, metadatas)):
@@ -304,7 +331,7 @@ class MemoryStore(BaseMemoryStore):
             rows = [self._row_of[i] for i in ids]
             if not rows:
                 return torch.zeros(0, self.model.config.n_mem_tokens, self.model.hidden_size)
-            return torch.from_numpy(self._gather(self._memory_chunks, rows).astype(np.float32))
+            return torch.from_numpy(np.asarray(self._memory_rows(rows), dtype=np.float32))
 
     def ids_where(self, where: Filter) -> list[str]:
         """Ids of the documents whose metadata satisfies a filter."""
@@ -370,16 +397,25 @@ class MemoryStore(BaseMemoryStore):
                  ids: set[str] | None) -> tuple[np.ndarray, np.ndarray]:
         """Rows of the n candidates most similar to the query, best first, and their cosines."""
         if where is None and ids is None:
-            scores, rows = self._ensure_index().search(query[None], min(n, len(self._ids)))
+            index = self._ensure_index()
+            if isinstance(index, CompactIndex):
+                return self._best(index.candidates(query, n * self.rescore_factor), query, n)
+            scores, rows = index.search(query[None], min(n, len(self._ids)))
             found = rows[0] >= 0
             return rows[0][found], scores[0][found]
         # exact search over the candidates
         rows = np.array([row for row, (doc_id, metadata) in enumerate(zip(self._ids, self._metadatas))
                          if (ids is None or doc_id in ids) and (where is None or matches(metadata, where))],
                         dtype=np.int64)
+        return self._best(rows, query, n)
+
+    def _best(self, rows: np.ndarray, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The n of ``rows`` most similar to the query, best first, with their exact cosines;
+        scored SHARD_ROWS at a time so that a large candidate set never holds all its keys."""
         if not len(rows):
             return rows, np.zeros(0, dtype=np.float32)
-        scores = self._row_keys(rows) @ query
+        scores = np.concatenate([self._row_keys(rows[start:start + SHARD_ROWS]) @ query
+                                 for start in range(0, len(rows), SHARD_ROWS)])
         best = np.argsort(-scores, kind="stable")[:n]
         return rows[best], scores[best]
 
@@ -402,16 +438,35 @@ class MemoryStore(BaseMemoryStore):
             out[selected] = chunks[chunk][where[selected, 1]]
         return out
 
+    def _memory_rows(self, rows: Sequence[int]) -> np.ndarray:
+        """Memories [len(rows), n_mem, hidden] of rows: fp16 as stored, or int8 dequantised to float32."""
+        memories = self._gather(self._memory_chunks, rows)
+        if self.memory_dtype == "int8":
+            return dequantize(memories, self._gather(self._scale_chunks, rows))
+        return memories
+
     def _row_keys(self, rows: Sequence[int]) -> np.ndarray:
         if self.keys.keys_are_memories:
-            return memory_keys(self._gather(self._memory_chunks, rows))
+            return memory_keys(self._memory_rows(rows))
         return self._gather(self._key_chunks, rows)
 
-    def _ensure_index(self) -> faiss.Index:
-        """The faiss index over every row, rebuilt after any change."""
+    def _ensure_index(self) -> faiss.Index | CompactIndex:
+        """The search index over every row, rebuilt after any change; keys are added SHARD_ROWS
+        at a time, so that building never holds every key of a large store at once."""
         if self._index is None:
-            keys = self._row_keys(range(len(self._ids)))
-            self._index = _build_index(self.index_kind, keys)
+            count = len(self._ids)
+            dim = (self._key_chunks or self._memory_chunks)[0][0].size
+            if self.index_kind == "ivfpq" and count >= MIN_ROWS:
+                sample = np.unique(np.linspace(0, count - 1, min(count, TRAINING_ROWS)).astype(np.int64))
+                blocks = self._memory_chunks[0].shape[1] if self.keys.keys_are_memories else 1
+                index = CompactIndex.trained(self._row_keys(sample), blocks)
+            elif self.index_kind == "hnsw":
+                index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            else:
+                index = faiss.IndexFlatIP(dim)
+            for start in range(0, count, SHARD_ROWS):
+                index.add(self._row_keys(range(start, min(start + SHARD_ROWS, count))))
+            self._index = index
         return self._index
 
     # --------------------------------------------------------------- saving
@@ -424,14 +479,15 @@ class MemoryStore(BaseMemoryStore):
             rows = range(len(self._ids))
             records = {"ids": list(self._ids), "texts": list(self._texts), "metadatas": list(self._metadatas)}
             memories = self._gather(self._memory_chunks, rows) if rows else None
+            scales = self._gather(self._scale_chunks, rows) if rows and self.memory_dtype == "int8" else None
             keys = None if self.keys.keys_are_memories or not rows else self._gather(self._key_chunks, rows)
             index = self._ensure_index() if rows and self.index_kind != "flat" else None
         with open(folder / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; a second one waits its turn
-            return self._write_generation(folder, records, memories, keys, index)
+            return self._write_generation(folder, records, memories, scales, keys, index)
 
-    def _write_generation(self, folder: Path, records: dict, memories: np.ndarray | None,
-                          keys: np.ndarray | None, index: faiss.Index | None) -> Path:
+    def _write_generation(self, folder: Path, records: dict, memories: np.ndarray | None, scales: np.ndarray | None,
+                          keys: np.ndarray | None, index: faiss.Index | CompactIndex | None) -> Path:
         for leftover in folder.glob(".staging-*"):  # a crashed writer's; no other writer holds the lock
             shutil.rmtree(leftover, ignore_errors=True)
         staging = folder / f".staging-{uuid.uuid4().hex}"
@@ -442,12 +498,14 @@ class MemoryStore(BaseMemoryStore):
             "index": self.index_kind,
             "compressor": compressor_signature(self.model),
             "keys": self.keys.signature(),
+            "memory_dtype": self.memory_dtype,
             "memory_shards": _write_shards(staging, "memories", memories),
+            "scale_shards": _write_shards(staging, "scales", scales),
             "key_shards": _write_shards(staging, "keys", keys),
         }
         _write_json(staging / "records.json", records)
         if index is not None:
-            faiss.write_index(index, str(staging / "index.faiss"))
+            _write_index(staging, index)
         header["sha256"] = {path.name: _sha256(path) for path in sorted(staging.iterdir())}
         _write_json(staging / "store.json", header)
         generations = _generations(folder)
@@ -481,10 +539,16 @@ class MemoryStore(BaseMemoryStore):
     def _open_generation(cls, folder: Path, generation: Path, model: ClaraModel, keys: KeyEncoder | None,
                          batch_size: int) -> "MemoryStore":
         header = read_json(generation / "store.json", StoreError)
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}")
+        if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_1):
+            found = header.get("format") if isinstance(header, dict) else None
+            raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r} or {FORMAT_1!r} "
+                             f"(its format: {str(found)[:80]!r})")
         _verify_files(generation, header)
-        store = cls(model, keys, header["index"], batch_size)
+        memory_dtype = header.get("memory_dtype", "float16")  # format 1 wrote fp16 only
+        if memory_dtype not in MEMORY_DTYPES:
+            raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
+                             f"not one of {MEMORY_DTYPES}")
+        store = cls(model, keys, header["index"], batch_size, memory_dtype=memory_dtype)
         _check_compressor(header["compressor"], compressor_signature(model), folder)
         if header["keys"] != store.keys.signature():
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}")
@@ -494,42 +558,64 @@ class MemoryStore(BaseMemoryStore):
         count = header["count"]
         if not len(records["ids"]) == len(records["texts"]) == len(records["metadatas"]) == count:
             raise StoreError(f"{generation}/records.json does not hold {count} documents")
-        store._memory_chunks = _read_shards(generation, header["memory_shards"], np.float16)
+        store._memory_chunks = _read_shards(generation, header["memory_shards"], np.dtype(memory_dtype))
+        store._scale_chunks = _read_shards(generation, header.get("scale_shards", []), np.float32)
+        expected = [m.shape[:2] for m in store._memory_chunks] if memory_dtype == "int8" else []
+        if [s.shape for s in store._scale_chunks] != expected:
+            raise StoreError(f"{generation}: the scale shards do not match the {memory_dtype} memory shards")
         store._key_chunks = _read_shards(generation, header["key_shards"], np.float32)
         store._ids, store._texts, store._metadatas = records["ids"], records["texts"], records["metadatas"]
         store._where = [(c, o) for c, shard in enumerate(store._memory_chunks) for o in range(len(shard))]
         if len(store._where) != count:
             raise StoreError(f"{generation}: memory shards hold {len(store._where)} rows, expected {count}")
         store._row_of = {doc_id: row for row, doc_id in enumerate(store._ids)}
-        if (generation / "index.faiss").exists():
-            store._index = _read_index(generation / "index.faiss", count)
+        outdated = header["format"] == FORMAT_1 and header["index"] == "ivfpq"  # rebuilt as a compact index
+        if "index.faiss" in header["sha256"] and not outdated:
+            store._index = _read_index(generation, count, compact="index-projection.npy" in header["sha256"])
         return store
 
 
-def _build_index(kind: str, keys: np.ndarray) -> faiss.Index:
-    count, dim = keys.shape
-    if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-    elif kind == "ivfpq" and count >= 1024:
-        lists = int(math.sqrt(count))
-        sub = max(d for d in range(1, 65) if dim % d == 0)
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, lists, sub, 8, faiss.METRIC_INNER_PRODUCT)
-        index.train(keys)
-        index.nprobe = min(lists, 16)
-    else:
-        index = faiss.IndexFlatIP(dim)
-    index.add(keys)
-    return index
+def _write_index(folder: Path, index: faiss.Index | CompactIndex) -> None:
+    if isinstance(index, CompactIndex):
+        _write_array(folder / "index-centre.npy", index.centre)
+        _write_array(folder / "index-projection.npy", index.projection)
+        index = index.codes
+    faiss.write_index(index, str(folder / "index.faiss"))
 
 
-def _read_index(path: Path, count: int) -> faiss.Index:
+def _read_index(generation: Path, count: int, compact: bool) -> faiss.Index | CompactIndex:
+    path = generation / "index.faiss"
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as error:
         raise StoreError(f"{path} is corrupted: faiss could not read it ({error})") from error
     if index.ntotal != count:
         raise StoreError(f"{path} indexes {index.ntotal} documents, expected {count}")
-    return index
+    if not compact:
+        return index
+    centre = _read_array(generation / "index-centre.npy", np.float32)
+    projection = _read_array(generation / "index-projection.npy", np.float32)
+    try:
+        return CompactIndex(centre, projection, index)
+    except ValueError as error:
+        raise StoreError(f"{generation}: the compact index's files do not fit together: {error}") from error
+
+
+def _write_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_array(path: Path, dtype: DTypeLike, mmap_mode: str | None = None) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise StoreError(f"{path} is missing or corrupted: {error}") from error
+    if array.dtype != dtype:
+        raise StoreError(f"{path} holds {array.dtype}, expected {np.dtype(dtype)}")
+    return array
 
 
 def _write_shards(folder: Path, stem: str, array: np.ndarray | None) -> list[dict]:
@@ -538,25 +624,17 @@ def _write_shards(folder: Path, stem: str, array: np.ndarray | None) -> list[dic
     shards = []
     for number, start in enumerate(range(0, len(array), SHARD_ROWS)):
         name = f"{stem}-{number:05d}.npy"
-        with open(folder / name, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array[start:start + SHARD_ROWS]))
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_array(folder / name, array[start:start + SHARD_ROWS])
         shards.append({"file": name, "rows": len(array[start:start + SHARD_ROWS])})
     return shards
 
 
-def _read_shards(folder: Path, shards: list[dict], dtype: type) -> list[np.ndarray]:
+def _read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.ndarray]:
     arrays = []
     for shard in shards:
-        path = folder / shard["file"]
-        try:
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as error:
-            raise StoreError(f"{path} is missing or corrupted: {error}") from error
-        if array.dtype != dtype or len(array) != shard["rows"]:
-            raise StoreError(f"{path} holds {array.dtype} x {len(array)} rows, expected {np.dtype(dtype)} "
-                             f"x {shard['rows']}")
+        array = _read_array(folder / shard["file"], dtype, mmap_mode="r")
+        if len(array) != shard["rows"]:
+            raise StoreError(f"{folder / shard['file']} holds {len(array)} rows, expected {shard['rows']}")
         arrays.append(array)
     return arrays
 
@@ -614,7 +692,8 @@ def _verify_files(generation: Path, header: dict) -> None:
     checksums = header.get("sha256")
     if not isinstance(checksums, dict):
         raise StoreError(f"{generation}/store.json lists no checksums")
-    shards = [shard.get("file") for shard in header.get("memory_shards", []) + header.get("key_shards", [])]
+    shards = [shard.get("file") for kind in ("memory_shards", "scale_shards", "key_shards")
+              for shard in header.get(kind, [])]
     for name in [*checksums, *shards]:
         if not isinstance(name, str) or not _STORE_FILE.match(name):
             raise StoreError(f"{generation}/store.json names the file {str(name)[:80]!r}, which is not a store file")

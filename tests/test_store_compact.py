@@ -1,0 +1,157 @@
+"""Compact stores: int8 memories, the compact ("ivfpq") index with exact re-scoring, and
+format 1 stores written before either existed."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+from clara_plugins import InvalidInputError, MemoryStore, StoreError
+from clara_plugins.compact import MIN_ROWS
+from clara_plugins.keys import memory_keys
+from conftest import CORPUS
+
+GROUPS, PER_GROUP = 160, 8  # 1,280 documents: enough to train the compact index
+
+
+def grouped_memories(model, seed: int = 0) -> torch.Tensor:
+    """Memories in tight groups around random centres: a group's members are far closer to each
+    other, and to a query near their centre, than to anything else, so the exact top k is clear."""
+    rng = np.random.default_rng(seed)
+    shape = (model.config.n_mem_tokens, model.hidden_size)
+    centres = rng.standard_normal((GROUPS, 1, *shape))
+    members = centres + 0.1 * rng.standard_normal((GROUPS, PER_GROUP, *shape))
+    return torch.tensor(members.reshape(-1, *shape), dtype=torch.float32)
+
+
+def grouped_store(model, index: str, memory_dtype: str = "float16") -> MemoryStore:
+    store = MemoryStore(model, index=index, memory_dtype=memory_dtype)
+    count = GROUPS * PER_GROUP
+    store.upsert([f"passage {i}" for i in range(count)], ids=[str(i) for i in range(count)],
+                 metadatas=[{"group": i // PER_GROUP} for i in range(count)], memories=grouped_memories(model))
+    return store
+
+
+def query_near(model, group: int) -> np.ndarray:
+    """A query key close to one group's centre."""
+    memories = grouped_memories(model)[group * PER_GROUP:(group + 1) * PER_GROUP].numpy()
+    noise = np.random.default_rng(group).standard_normal(memories.shape[1:])
+    return (memories.mean(axis=0) + 0.1 * noise).reshape(-1)
+
+
+def generation(folder: Path) -> Path:
+    return folder / (folder / "CURRENT").read_text().strip()
+
+
+def ids(results) -> list[str]:
+    return [doc.id for doc, _ in results]
+
+
+def test_int8_memories_come_back_within_half_a_step(tiny_model):
+    exact, compact = MemoryStore(tiny_model), MemoryStore(tiny_model, memory_dtype="int8")
+    for store in (exact, compact):
+        store.upsert(CORPUS, ids=[str(i) for i in range(len(CORPUS))])
+    original = exact.memories(exact.all_ids()).numpy()
+    restored = compact.memories(compact.all_ids()).numpy()
+    step = np.abs(original).max(axis=-1, keepdims=True) / 127  # one int8 step of each memory vector
+    assert np.all(np.abs(restored - original) <= step / 2 + 1e-6)
+    cosines = (memory_keys(original) * memory_keys(restored)).sum(axis=1)
+    assert cosines.min() > 0.999
+
+
+def test_save_and_load_keep_the_memory_dtype(tiny_model, tmp_path):
+    store = MemoryStore(tiny_model, memory_dtype="int8")
+    store.upsert(CORPUS, ids=[str(i) for i in range(len(CORPUS))])
+    folder = store.save(tmp_path / "s")
+    assert json.loads((folder / "store.json").read_text())["memory_dtype"] == "int8"
+    assert np.load(folder / "memories-00000.npy").dtype == np.int8 and (folder / "scales-00000.npy").is_file()
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert loaded.memory_dtype == "int8"
+    assert torch.equal(loaded.memories(["0", "4"]), store.memories(["0", "4"]))
+    assert ids(loaded.search("Nobel prizes", k=3)) == ids(store.search("Nobel prizes", k=3))
+    loaded.upsert(["A new text about Vienna."], ids=["new"])  # int8 chunks added to memory-mapped ones
+    loaded.save(tmp_path / "s")
+    assert MemoryStore.load(tmp_path / "s", tiny_model).get(["new"])[0].text == "A new text about Vienna."
+
+
+def test_int8_takes_about_half_the_bytes_on_disk(tiny_model, tmp_path):
+    sizes = {}
+    for dtype in ("float16", "int8"):
+        folder = grouped_store(tiny_model, "flat", dtype).save(tmp_path / dtype)
+        sizes[dtype] = sum(p.stat().st_size for p in folder.glob("*") if p.name.startswith(("memories", "scales")))
+    # 32 one-byte values and a 4-byte scale per memory vector, against 32 two-byte values
+    assert sizes["int8"] < 0.6 * sizes["float16"]
+
+
+@pytest.mark.parametrize("memory_dtype", ["float16", "int8"])
+def test_the_compact_index_returns_the_exact_top_k(tiny_model, tmp_path, memory_dtype):
+    exact = grouped_store(tiny_model, "flat", memory_dtype)
+    compact = grouped_store(tiny_model, "ivfpq", memory_dtype)
+    assert len(compact) >= MIN_ROWS
+    folder = compact.save(tmp_path / "s")
+    assert (folder / "index-projection.npy").is_file()  # trained, not the exact fallback of small stores
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    for group in (0, 41, 159):
+        query = query_near(tiny_model, group)
+        expected = exact.search_by_key(query, k=PER_GROUP)
+        assert {doc.metadata["group"] for doc, _ in expected} == {group}
+        for store in (compact, loaded):
+            found = store.search_by_key(query, k=PER_GROUP)
+            assert ids(found) == ids(expected)
+            assert np.allclose([s for _, s in found], [s for _, s in expected], atol=1e-5)
+
+
+def test_filters_and_mmr_work_with_the_compact_index(tiny_model):
+    exact, compact = grouped_store(tiny_model, "flat"), grouped_store(tiny_model, "ivfpq", "int8")
+    query = query_near(tiny_model, 7)
+    for store in (exact, compact):
+        assert {doc.metadata["group"] for doc, _ in store.search_by_key(query, k=5, where={"group": 12})} == {12}
+        assert set(ids(store.search_by_key(query, k=5, ids=["1", "2", "900"]))) == {"1", "2", "900"}
+    diverse = [ids(store.search_by_key(query, k=4, lambda_mult=0.3, fetch_k=PER_GROUP)) for store in (exact, compact)]
+    assert diverse[0] == diverse[1] and len(set(diverse[1])) == 4
+    assert {int(i) // PER_GROUP for i in diverse[1]} == {7}
+
+
+def test_a_format_1_store_loads_and_its_ivf_index_is_rebuilt(tiny_model, tmp_path):
+    """Format 1 wrote fp16 memories without a dtype, and its "ivfpq" kind was an IVF-PQ index
+    over the full keys; that index is replaced by a compact one at the first search."""
+    store = grouped_store(tiny_model, "ivfpq")
+    folder = store.save(tmp_path / "s")
+    header = json.loads((folder / "store.json").read_text())
+    for name in ("index-centre.npy", "index-projection.npy"):
+        (folder / name).unlink()
+        del header["sha256"][name]
+    stale = faiss.IndexFlatIP(tiny_model.config.n_mem_tokens * tiny_model.hidden_size)
+    stale.add(np.zeros((len(store), stale.d), dtype=np.float32))  # would rank every document alike
+    faiss.write_index(stale, str(folder / "index.faiss"))
+    header["sha256"]["index.faiss"] = hashlib.sha256((folder / "index.faiss").read_bytes()).hexdigest()
+    del header["memory_dtype"], header["scale_shards"]
+    (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/1"}))
+
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert loaded.memory_dtype == "float16"
+    assert torch.equal(loaded.memories(["5"]), store.memories(["5"]))
+    query = query_near(tiny_model, 20)
+    assert ids(loaded.search_by_key(query, k=PER_GROUP)) == ids(store.search_by_key(query, k=PER_GROUP))
+
+
+def test_bad_dtypes_formats_and_scales_are_named(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="unknown memory_dtype 'int4'; choose one of"):
+        MemoryStore(tiny_model, memory_dtype="int4")
+    store = MemoryStore(tiny_model, memory_dtype="int8")
+    with pytest.raises(InvalidInputError, match="memories must be finite"):
+        store.upsert(["a text"], memories=torch.full((1, tiny_model.config.n_mem_tokens, tiny_model.hidden_size),
+                                                     float("nan")))
+    store.upsert(CORPUS[:3])
+    folder = store.save(tmp_path / "s")
+    pristine = (folder / "store.json").read_text()
+    for change, message in [({"memory_dtype": "int4"}, "gives the memory dtype 'int4'"),
+                            ({"format": "clara-memory-store/9"}, "its format: 'clara-memory-store/9'"),
+                            ({"scale_shards": []}, "scale shards do not match the int8 memory shards")]:
+        (folder / "store.json").write_text(json.dumps({**json.loads(pristine), **change}))
+        with pytest.raises(StoreError, match=message):
+            MemoryStore.load(tmp_path / "s", tiny_model)
