@@ -21,12 +21,14 @@ OUT=${OUT:-runs/default}
 DEVICE=${DEVICE:-auto}
 BASE_MODEL=${BASE_MODEL:-smollm2-135m-instruct}
 SCP_STEPS=${SCP_STEPS:-240}
-INSTRUCT_STEPS=${INSTRUCT_STEPS:-100}
+SCP_MORE_STEPS=${SCP_MORE_STEPS:-200}   # a second SCP run from the first, other data order (0: none)
+INSTRUCT_STEPS=${INSTRUCT_STEPS:-60}
 TEXT_STEPS=${TEXT_STEPS:-50}      # a text step costs ~2x a frozen-compressor instruct step on CPU
 E2E_STEPS=${E2E_STEPS:-10}
 BATCH=${BATCH:-4}
 E2E_BATCH=${E2E_BATCH:-2}         # each end-to-end row compresses its 20 candidates
 SCP_LR=${SCP_LR:-3e-4}
+SCP_MORE_LR=${SCP_MORE_LR:-2e-4}
 LR=${LR:-2e-4}
 E2E_LR=${E2E_LR:-2e-5}
 MARGIN=${MARGIN:-1.0}             # weight of the reading margin (0: the paper's loss)
@@ -84,7 +86,17 @@ clara train --stage scp --data "$rows/scp.jsonl" --output "$OUT/scp" --base-mode
     --compression-rate 16 --memory-design pooled --steps "$SCP_STEPS" --batch-size "$BATCH" --grad-accum 1 \
     --lr "$SCP_LR" --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
     --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY"
-clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instruct" --init "$OUT/scp/checkpoint" \
+# The shipped checkpoint's second SCP run was stopped after its step-120 save (of 200), for
+# the session's time; run to the end here.
+scp="$OUT/scp"
+if [ "$SCP_MORE_STEPS" -gt 0 ]; then
+    clara train --stage scp --data "$rows/scp.jsonl" --output "$OUT/scp_more" --init "$OUT/scp/checkpoint" \
+        --steps "$SCP_MORE_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr "$SCP_MORE_LR" --seed 1 \
+        --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
+        --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY"
+    scp="$OUT/scp_more"
+fi
+clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instruct" --init "$scp/checkpoint" \
     --keep-generator $FREEZE_COMPRESSOR --steps "$INSTRUCT_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
     --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
     --probe "$rows/probe_nq5.jsonl" --probe-every "$PROBE_EVERY"

@@ -20,12 +20,12 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     base = build_tiny_base_model(tmp_path / "base")
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
-                   "DEVICE": "cpu", "SCP_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2", "E2E_STEPS": "2",
+                   "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_MORE_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2", "E2E_STEPS": "2",
                    "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ("scp", "instruct", "e2e", "text"):
+    for stage in ("scp", "scp_more", "instruct", "e2e", "text"):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
         assert [record["step"] for record in log if "probe" not in record] == [1, 2]
         if stage in ("scp", "instruct"):  # the reading margin is on, and the probes ran
