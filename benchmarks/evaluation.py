@@ -70,7 +70,9 @@ def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tok
     groups = []
     for question, row in zip(questions, batch):
         memories = model.compress_documents(row["docs"])
-        groups.append(memories if len(memories) <= k else top_k(model.encode_queries([question]), memories, k)[0][0])
+        if len(memories) > k:
+            memories = top_k(model.encode_queries([question]), memories, k, model.config.retrieval_key)[0][0]
+        groups.append(memories)
     prompts = [question_prompt(model.tokenizer, q, len(g), model.document_placeholder) for q, g in zip(questions, groups)]
     return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model.tokenizer, p) for p in prompts]
 
@@ -93,7 +95,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
             if name in ("reasoner", "compressor"):
                 memories = model.compress_documents(row["docs"]) if memories is None else memories
                 encode = model.encode_queries if name == "reasoner" else model.compress_documents
-                scores = cosine_scores(encode([row["question"]]), memories)[0]
+                scores = cosine_scores(encode([row["question"]]), memories, model.config.retrieval_key)[0]
                 rankings[name].append(scores.argsort(descending=True).tolist())
             elif name == "dense":
                 rankings[name].append(dense.rank(row["question"], row["docs"]))

@@ -1,9 +1,15 @@
-"""Compact stores at scale: bytes per passage on disk, index RAM, search latency and Recall@10
-against exact search, for each memory dtype and index kind, side by side in one run.
+"""Stores at scale: bytes per passage on disk, index RAM, search latency and Recall@10 against
+exact search, for each memory dtype and index kind of the local store and for Milvus Lite, side
+by side in one run.
 
     python -m clara_benchmarks.store_scale 10000 --corpus ../shared/data/corpus/2wiki_6119.json \\
         --questions ../shared/data/2wikimultihopqa/dev.json --sample /tmp/clara-sample.npz \\
+        --configs flat:float16,flat:int8,hnsw:int8,ivfpq:int8,milvus:FLAT \\
         --out docs/benchmarks/store_scale_10k.json
+    python -m clara_benchmarks.scale_plot docs/benchmarks/store_scale.png docs/benchmarks/store_scale_*.json
+
+``--configs`` lists ``index:memory dtype`` pairs of the local MemoryStore, and ``milvus:INDEX``
+for a MilvusMemoryStore in a milvus-lite file with that Milvus index type.
 
 The memories are synthetic, drawn from real ones: the shipped CR16 checkpoint compresses
 ``--seeds`` passages spread evenly over ``--corpus`` and encodes the first ``--queries``
@@ -16,10 +22,13 @@ ones; the JSON sets their statistics beside the real ones'. Their cosines spread
 real ones and form no topical clusters, which makes approximate search harder, not easier.
 A passage's text is a real passage of the corpus, taken in turn.
 
-Recall@10 counts the exact top 10 (cosine over the fp16 memories) found by each store. Query
-encoding is excluded from the search latency and reported apart, as measured when the sample
-was made. Each store is built in memory, then saved, reloaded memory-mapped and searched, so a
-run needs about passages x 18.4 KB of RAM for the fp16 stores.
+Recall@10 counts the exact top 10 (cosine of the model's retrieval keys of the fp16 memories)
+found by each store. Query encoding is excluded from the search latency and reported apart, as
+measured when the sample was made. Each local store is built in memory, then saved, reloaded
+memory-mapped and searched, so a run needs about passages x 18.4 KB of RAM for the fp16 stores
+(9.3 KB for int8). Besides the index's own bytes, the growth of this process' resident memory
+from before the build to after the searches of the reopened store is reported: for Milvus Lite,
+which runs inside the process, it is the only measure of its RAM.
 """
 
 from __future__ import annotations
@@ -32,12 +41,14 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import psutil
 import torch
+from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
 from clara_plugins.compact import dequantize, quantize
 from clara_plugins.corpora import read_documents, read_examples
-from clara_plugins.keys import memory_keys, normalize_rows
+from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.pretrained import load_model
 
 from .measure import folder_bytes, latency_ms
@@ -71,10 +82,15 @@ def main() -> None:
         if args.questions is None:
             parser.error(f"{args.sample} does not exist: --questions is needed to make it")
         make_sample(model, texts, args.questions, args.seeds, args.queries, args.sample)
+    keys = ClaraKeys(model)
     with np.load(args.sample, allow_pickle=False) as sample:
         real, queries, encode_seconds = sample["memories"], sample["queries"], sample["encode_seconds"]
+        sample_key = str(sample["retrieval_key"]) if "retrieval_key" in sample else "flat"
+    if sample_key != keys.kind:
+        parser.error(f"{args.sample} holds {sample_key} query keys, the model uses {keys.kind} keys: "
+                     "give another --sample path to make a new sample")
     queries = normalize_rows(queries)
-    truth = exact_top_k(real, queries, args.passages)
+    truth = exact_top_k(keys, real, queries, args.passages)
 
     results = []
     for config in args.configs.split(","):
@@ -87,8 +103,9 @@ def main() -> None:
         "passages": args.passages,
         "sample": {"file": str(args.sample), "seeds": len(real), "queries": len(queries), "sigma": SIGMA,
                    "memory_shape": list(real.shape[1:]), "corpus": str(args.corpus)},
-        "statistics": {"real": statistics(real, queries),
-                       "synthetic": statistics(synthetic_memories(real, 0, min(args.passages, 256)), queries)},
+        "retrieval_key": keys.kind,
+        "statistics": {"real": statistics(keys, real, queries),
+                       "synthetic": statistics(keys, synthetic_memories(real, 0, min(args.passages, 256)), queries)},
         "int8_on_real_memories": int8_effect(real),
         "query_encoding_ms": {**latency_ms(list(encode_seconds)), "questions": len(encode_seconds)},
         "stores": results,
@@ -105,14 +122,16 @@ def make_sample(model, texts: list[str], questions: Path, seeds: int, queries: i
     passages = texts[:: max(1, len(texts) // seeds)][:seeds]
     memories = model.compress(passages, 8, show_progress=True).memories.to(torch.float16).numpy()
     asked = [example.question for example in read_examples(questions, queries)]
-    keys = model.encode_queries(asked).flatten(1).float().numpy()
+    keys = ClaraKeys(model)
+    query_keys = keys.query_keys(asked)
     encode_seconds = []
     for question in asked[:ENCODE_TIMINGS]:
         started = time.perf_counter()
         model.encode_queries([question])
         encode_seconds.append(time.perf_counter() - started)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, memories=memories, queries=keys, encode_seconds=np.array(encode_seconds))
+    np.savez(path, memories=memories, queries=query_keys, encode_seconds=np.array(encode_seconds),
+             retrieval_key=np.array(keys.kind))
 
 
 def synthetic_memories(real: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -129,12 +148,12 @@ def batches(passages: int) -> list[tuple[int, int]]:
     return [(start, min(BATCH, passages - start)) for start in range(0, passages, BATCH)]
 
 
-def exact_top_k(real: np.ndarray, queries: np.ndarray, passages: int) -> list[set[int]]:
+def exact_top_k(keys: ClaraKeys, real: np.ndarray, queries: np.ndarray, passages: int) -> list[set[int]]:
     """Each query's K passages of highest cosine, over the fp16 memories, a batch at a time."""
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_rows = np.zeros((len(queries), 0), dtype=np.int64)
     for start, count in batches(passages):
-        scores = np.concatenate([best_scores, queries @ memory_keys(synthetic_memories(real, start, count)).T], axis=1)
+        scores = np.concatenate([best_scores, queries @ keys.memory_keys(synthetic_memories(real, start, count)).T], axis=1)
         rows = np.concatenate([best_rows, np.broadcast_to(np.arange(start, start + count), (len(queries), count))], 1)
         keep = np.argsort(-scores, axis=1)[:, :K]
         best_scores, best_rows = np.take_along_axis(scores, keep, 1), np.take_along_axis(rows, keep, 1)
@@ -143,43 +162,66 @@ def exact_top_k(real: np.ndarray, queries: np.ndarray, passages: int) -> list[se
 
 def measure_store(model, kind: str, dtype: str, real: np.ndarray, texts: list[str], queries: np.ndarray,
                   truth: list[set[int]], passages: int, store_dir: Path | None) -> dict:
-    store = MemoryStore(model, index=kind, memory_dtype=dtype)
-    build_seconds = 0.0  # upserts and the index, not the drawing of synthetic memories
-    for start, count in batches(passages):
-        memories = torch.from_numpy(synthetic_memories(real, start, count))
-        started = time.perf_counter()
-        store.upsert([texts[i % len(texts)] for i in range(start, start + count)],
-                     ids=[str(i) for i in range(start, start + count)], memories=memories)
-        build_seconds += time.perf_counter() - started
-    started = time.perf_counter()
-    store.search_by_key(queries[0], k=1)  # builds the index
-    build_seconds += time.perf_counter() - started
+    """Build one store, write it, reopen it and search it. ``kind`` "milvus" is a
+    MilvusMemoryStore in a milvus-lite file, whose ``dtype`` names Milvus' index type."""
+    rss_before = psutil.Process().memory_info().rss
     with tempfile.TemporaryDirectory(dir=store_dir) as folder:
+        store = open_store(model, kind, dtype, Path(folder))
+        build_seconds = 0.0  # upserts and the index, not the drawing of synthetic memories
+        for start, count in tqdm(batches(passages), desc=f"building {kind}/{dtype}"):
+            memories = torch.from_numpy(synthetic_memories(real, start, count))
+            started = time.perf_counter()
+            store.upsert([texts[i % len(texts)] for i in range(start, start + count)],
+                         ids=[str(i) for i in range(start, start + count)], memories=memories)
+            build_seconds += time.perf_counter() - started
         started = time.perf_counter()
-        generation = store.save(Path(folder) / "store")
+        store.search_by_key(queries[0], k=1)  # builds the index
+        build_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        if kind == "milvus":  # Milvus wrote as it went
+            store.close()
+        else:
+            store.save(Path(folder) / "store")
         save_seconds = time.perf_counter() - started
         del store
         started = time.perf_counter()
-        store = MemoryStore.load(Path(folder) / "store", model)
+        store = open_store(model, kind, dtype, Path(folder))
         store.search_by_key(queries[0], k=1)
         load_seconds = time.perf_counter() - started
-        disk = {"memories": folder_bytes(generation, "memories-*") + folder_bytes(generation, "scales-*"),
-                "records": folder_bytes(generation, "records.json"), "index": folder_bytes(generation, "index*")}
-        disk["total"] = folder_bytes(generation)
-        # the flat index is not saved: it holds every key as float32
-        index_ram = disk["index"] if kind != "flat" else passages * real[0].size * 4
+        disk = {"memories": folder_bytes(Path(folder), "memories-*") + folder_bytes(Path(folder), "scales-*"),
+                "records": folder_bytes(Path(folder), "records.json"), "index": folder_bytes(Path(folder), "index*")}
+        disk["total"] = folder_bytes(Path(folder))
         latencies, recall = search_all(store, queries, truth)
+        # the process' growth: the reopened store's memory-mapped pages read so far, and its index
+        rss_growth = psutil.Process().memory_info().rss - rss_before
         by_factor = {}
         if kind == "ivfpq":
             for factor in RESCORE_FACTORS:
                 store.rescore_factor = factor
                 by_factor[factor] = search_all(store, queries, truth)[1]
+        if kind == "milvus":
+            store.close()
+        del store
+    # a flat index is not saved: it holds every key as float32; Milvus keeps its index to itself
+    index_ram = {"flat": passages * queries.shape[1] * 4, "milvus": None}.get(kind, disk["index"])
     return {"index": kind, "memory_dtype": dtype, "build_seconds": round(build_seconds, 1),
             "save_seconds": round(save_seconds, 1), "load_seconds": round(load_seconds, 1),
             "disk_bytes_per_passage": {name: round(size / passages) for name, size in disk.items()},
-            "index_ram_bytes_per_passage": round(index_ram / passages), "index_ram_bytes": index_ram,
+            "index_ram_bytes_per_passage": None if index_ram is None else round(index_ram / passages),
+            "index_ram_bytes": index_ram, "rss_growth_bytes_per_passage": round(rss_growth / passages),
             "search_ms": latency_ms(latencies), "recall_at_10": recall,
             "recall_at_10_by_rescore_factor": by_factor}
+
+
+def open_store(model, kind: str, dtype: str, folder: Path):
+    """A new or reopened store of ``kind`` in ``folder``."""
+    if kind == "milvus":
+        from clara_plugins.milvus_store import MilvusMemoryStore
+
+        return MilvusMemoryStore(model, str(folder / "clara.db"), index_type=dtype)
+    if (folder / "store").exists():
+        return MemoryStore.load(folder / "store", model)
+    return MemoryStore(model, index=kind, memory_dtype=dtype)
 
 
 def search_all(store: MemoryStore, queries: np.ndarray, truth: list[set[int]]) -> tuple[list[float], float]:
@@ -193,13 +235,13 @@ def search_all(store: MemoryStore, queries: np.ndarray, truth: list[set[int]]) -
     return latencies, round(float(np.mean(recalls)), 4)
 
 
-def statistics(memories: np.ndarray, queries: np.ndarray) -> dict:
+def statistics(keys: ClaraKeys, memories: np.ndarray, queries: np.ndarray) -> dict:
     """What the synthetic memories should share with the real ones."""
     vectors = memories.astype(np.float32)
     norms = np.linalg.norm(vectors, axis=2)
-    keys = memory_keys(memories[:256])
-    pairs = (keys @ keys.T)[np.triu_indices(len(keys), 1)]
-    to_queries = queries @ keys.T
+    stored = keys.memory_keys(memories[:256])
+    pairs = (stored @ stored.T)[np.triu_indices(len(stored), 1)]
+    to_queries = queries @ stored.T
     return {"vector_norm_mean": round(float(norms.mean()), 2), "vector_norm_std": round(float(norms.std()), 2),
             "largest_value_over_rms": round(float((np.abs(vectors).max(axis=2) * np.sqrt(vectors.shape[2])
                                                    / norms).mean()), 2),
@@ -216,14 +258,15 @@ def int8_effect(real: np.ndarray) -> dict:
     flat = memories.reshape(len(memories), -1)
     norms = np.linalg.norm(flat, axis=1)
     per_passage = dequantize(*quantize(flat[:, None]))[:, 0]
-    key_and_norm = (memory_keys(real).astype(np.float16).astype(np.float32) * norms[:, None]).astype(np.float16)
+    unit = normalize_rows(flat)  # the flattened key the Milvus store keeps
+    key_and_norm = (unit.astype(np.float16).astype(np.float32) * norms[:, None]).astype(np.float16)
     variants = {"int8, a scale per memory vector (stored)": dequantize(*quantize(memories)).reshape(len(flat), -1),
                 "int8, a scale per passage": per_passage,
                 "fp16 key and its norm": key_and_norm.astype(np.float32)}
 
     def errors(restored: np.ndarray) -> dict:
         relative = np.linalg.norm(restored - flat, axis=1) / norms
-        cosine = (memory_keys(restored) * memory_keys(real)).sum(axis=1)
+        cosine = (normalize_rows(restored) * unit).sum(axis=1)
         return {"relative_error_mean": float(relative.mean()), "relative_error_max": float(relative.max()),
                 "key_cosine_min": float(cosine.min()), "key_cosine_mean": float(cosine.mean()),
                 "exact_values": float(np.mean(restored.astype(np.float16) == real.reshape(len(flat), -1)))}
@@ -232,12 +275,14 @@ def int8_effect(real: np.ndarray) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| index | dtype | disk B/passage | index RAM B/passage | Recall@10 | p50 ms | p95 ms | build s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| index | dtype | disk B/passage | index RAM B/passage | RSS growth B/passage | Recall@10 | p50 ms | "
+             "p95 ms | build s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
+        index_ram = r["index_ram_bytes_per_passage"]
         lines.append(f"| {r['index']} | {r['memory_dtype']} | {r['disk_bytes_per_passage']['total']:,} | "
-                     f"{r['index_ram_bytes_per_passage']:,} | {r['recall_at_10']:.3f} | {r['search_ms']['p50']} | "
-                     f"{r['search_ms']['p95']} | {r['build_seconds']} |")
+                     f"{'–' if index_ram is None else f'{index_ram:,}'} | {r['rss_growth_bytes_per_passage']:,} | "
+                     f"{r['recall_at_10']:.3f} | {r['search_ms']['p50']} | {r['search_ms']['p95']} | "
+                     f"{r['build_seconds']} |")
     return "\n".join(lines)
 
 

@@ -6,12 +6,12 @@
 # 0-299, both held out), the reading check, and Recall@5 of the query reasoner before and after
 # the end-to-end stage vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
 # recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md: about
-# 2 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
+# 3 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
 # (tests/test_train_default.py) are the same script:
 #
 #   bash benchmarks/train_default.sh                              # the shipped checkpoint
-#   DEVICE=cuda SCP_STEPS=5000 INSTRUCT_STEPS=1000 E2E_STEPS=300 TEXT_STEPS=1000 BATCH=16 \
-#       FREEZE_COMPRESSOR= EVAL_LIMIT=200 RECALL_LIMIT=200 bash benchmarks/train_default.sh
+#   DEVICE=cuda SCP_STEPS=5000 INSTRUCT_STEPS=1000 E2E_STEPS=300 E2E_ROWS=100,500,100 TEXT_STEPS=1000 \
+#       BATCH=16 FREEZE_COMPRESSOR= FREEZE_GENERATOR= EVAL_LIMIT=200 RECALL_LIMIT=200 bash benchmarks/train_default.sh
 #
 # Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr16-fp16.
 set -euo pipefail
@@ -24,13 +24,16 @@ SCP_STEPS=${SCP_STEPS:-240}
 SCP_MORE_STEPS=${SCP_MORE_STEPS:-200}   # a second SCP run from the first, other data order (0: none)
 INSTRUCT_STEPS=${INSTRUCT_STEPS:-60}
 TEXT_STEPS=${TEXT_STEPS:-50}      # a text step costs ~2x a frozen-compressor instruct step on CPU
-E2E_STEPS=${E2E_STEPS:-10}
+E2E_STEPS=${E2E_STEPS:-120}
 BATCH=${BATCH:-4}
-E2E_BATCH=${E2E_BATCH:-2}         # each end-to-end row compresses its 20 candidates
+E2E_BATCH=${E2E_BATCH:-4}
+E2E_ROWS=${E2E_ROWS:-100,40,20}   # HotpotQA, 2Wiki, MuSiQue rows: compressing 20 candidates each is most of the stage's cost on CPU
+RETRIEVAL_WEIGHT=${RETRIEVAL_WEIGHT:-1.0}  # the e2e stage's gold retrieval term (0: the paper's loss)
+FREEZE_GENERATOR=${FREEZE_GENERATOR---freeze-generator}  # e2e stage: the query reasoner alone learns; empty: the generator too (paper)
 SCP_LR=${SCP_LR:-3e-4}
 SCP_MORE_LR=${SCP_MORE_LR:-2e-4}
 LR=${LR:-2e-4}
-E2E_LR=${E2E_LR:-2e-5}
+E2E_LR=${E2E_LR:-1e-4}
 MARGIN=${MARGIN:-1.0}             # weight of the reading margin (0: the paper's loss)
 FREEZE_COMPRESSOR=${FREEZE_COMPRESSOR---freeze-compressor}  # instruct stage; empty: train it (paper)
 PROBE_EVERY=${PROBE_EVERY:-40}
@@ -71,7 +74,12 @@ cat "$rows"/instruct_{hotpotqa,2wiki,musique,nq}.jsonl > "$rows/instruct.jsonl"
 convert "$DATA/hotpotqa/train.json" "$rows/e2e_hotpotqa.jsonl" --kind e2e --candidates 20
 convert "$DATA/2wikimultihopqa/train.json" "$rows/e2e_2wiki.jsonl" --kind e2e --candidates 20
 convert "$DATA/musique/train.jsonl" "$rows/e2e_musique.jsonl" --kind e2e --candidates 20
-cat "$rows"/e2e_{hotpotqa,2wiki,musique}.jsonl > "$rows/e2e.jsonl"
+python -c "import random, sys
+counts = [int(n) for n in sys.argv[2].split(',')]
+for name, count in zip(['hotpotqa', '2wiki', 'musique'], counts):
+    rows = open(f'{sys.argv[1]}/e2e_{name}.jsonl').readlines()
+    random.Random(0).shuffle(rows)
+    sys.stdout.writelines(rows[:count])" "$rows" "$E2E_ROWS" > "$rows/e2e.jsonl"
 
 clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" --setting oracle
 clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting oracle --limit 300
@@ -101,7 +109,8 @@ clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instru
     --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
     --probe "$rows/probe_nq5.jsonl" --probe-every "$PROBE_EVERY"
 clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$OUT/instruct/checkpoint" \
-    --steps "$E2E_STEPS" --batch-size "$E2E_BATCH" --grad-accum 1 --lr "$E2E_LR" --schedule constant --device "$DEVICE"
+    --retrieval-key mean --retrieval-weight "$RETRIEVAL_WEIGHT" $FREEZE_GENERATOR --steps "$E2E_STEPS" --batch-size "$E2E_BATCH" \
+    --grad-accum 1 --lr "$E2E_LR" --schedule constant --save-every 20 --device "$DEVICE"
 clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
     --steps "$TEXT_STEPS" --batch-size 1 --grad-accum "$BATCH" --lr "$LR" --device "$DEVICE"
 

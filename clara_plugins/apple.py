@@ -44,6 +44,7 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
         base_model=base,
         compression_rate=int(apple["compr_rate"]),
         memory_design="tokens",
+        retrieval_key="flat",
         doc_max_length=int(apple.get("doc_max_length", 256)),
         lora_r=lora_r,
         lora_alpha=2 * lora_r,

@@ -81,13 +81,15 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
 def compressor_signature(model: AdaptedModel) -> dict:
     """What fixes a document's memories: base model, sizes, design, encoder weights, <MEM> rows.
 
-    Stores of compressed documents record it and refuse to mix with another compressor.
+    Stores of compressed documents record it and refuse to mix with another compressor. The
+    weights are hashed rounded to bf16, so that a checkpoint signs alike in fp32 on a CPU and
+    in bf16 or fp16 on a GPU: a store filled by GPU workers opens on a CPU.
     """
     digest = hashlib.sha256()
     encoder = get_peft_model_state_dict(model.lm, adapter_name=ADAPTER_NAMES[0], save_embedding_layers=False)
     tensors = [encoder[k] for k in sorted(encoder)] + [added_rows(model, model.lm.get_input_embeddings().weight)]
     for tensor in tensors:
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        digest.update(tensor.detach().bfloat16().float().cpu().numpy().tobytes())
     config = model.config
     return {
         "base_model_fingerprint": model.base_fingerprint,
@@ -130,6 +132,7 @@ def read_config(folder: Path) -> ClaraConfig:
     values = read_header(folder)["config"]
     # checkpoints written before the memory design was a setting all used appended <MEM> tokens
     values.setdefault("memory_design", "tokens")
+    values.setdefault("retrieval_key", "flat")  # and before the retrieval key was, the flattened memory
     try:
         return ClaraConfig.from_dict(values)
     except ValueError as error:

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES, SETTINGS, STAGES, ClaraConfig,
-                     TrainConfig)
+from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES, RETRIEVAL_KEYS, SETTINGS, STAGES,
+                     ClaraConfig, TrainConfig)
 from .errors import CheckpointError, InvalidInputError, StoreError
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze")
@@ -140,6 +140,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-design", choices=MEMORY_DESIGNS, default=ClaraConfig.memory_design,
                         help=f"when no --init: how documents become memory vectors (default "
                              f"{ClaraConfig.memory_design})")
+    parser.add_argument("--retrieval-key", choices=RETRIEVAL_KEYS,
+                        help=f"what queries and documents are compared by (default: the --init checkpoint's, "
+                             f"else {ClaraConfig.retrieval_key}); the e2e stage trains the query reasoner for it")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     for field in dataclasses.fields(TrainConfig):
         if field.name == "stage":
@@ -246,9 +249,9 @@ def _ask(args: argparse.Namespace) -> None:
     else:
         candidates = model.compress_documents(texts, show_progress=len(texts) > 8)
         query = model.encode_queries([args.question])
-        memories, picked = top_k(query, candidates, k)
+        memories, picked = top_k(query, candidates, k, model.config.retrieval_key)
         memories, picked = memories[0], picked[0].tolist()
-        scores = cosine_scores(query, candidates)[0].tolist()
+        scores = cosine_scores(query, candidates, model.config.retrieval_key)[0].tolist()
         sources = [(str(i + 1), texts[i], scores[i]) for i in picked]
     prompt = question_prompt(model.tokenizer, args.question, len(memories), model.document_placeholder)
     positions = prompt_positions(model.tokenizer, prompt)
@@ -320,10 +323,12 @@ def _train(args: argparse.Namespace) -> None:
     torch.manual_seed(config.seed)
     if args.init:
         model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, device=args.device)
+        model.config.retrieval_key = args.retrieval_key or model.config.retrieval_key
     else:
         model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
-                                       compression_rate=args.compression_rate,
-                                       memory_design=args.memory_design), device=args.device)
+                                       compression_rate=args.compression_rate, memory_design=args.memory_design,
+                                       retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
+                           device=args.device)
     corpus = None
     if args.corpus:
         corpus = MemoryStore(model)

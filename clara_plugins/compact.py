@@ -7,8 +7,8 @@ one machine.
   a few dimensions far larger than the rest, and their size varies from vector to vector. On
   real CR16 memories the error was 2.8 % of the memory's norm (4.6 % with one scale per
   passage), and the keys kept a cosine of at least 0.9994 to the fp16 ones.
-- ``CompactIndex``: approximate search over the keys (CLaRa's key is the normalised flattened
-  memory) in PROJECTED_DIMS / 4 bytes per passage, whose candidates the store re-scores
+- ``CompactIndex``: approximate search over the keys (CLaRa's key is the normalised mean or
+  flattened memory) in PROJECTED_DIMS / 4 bytes per passage, whose candidates the store re-scores
   exactly from the stored memories.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-PROJECTED_DIMS = 512  # values per key the index quantises: 16 memory vectors x 32 at CR16
+PROJECTED_DIMS = 512  # values per key the index quantises: 16 memory vectors x 32 of a flattened CR16 key, 512 of a mean key's 576
 TRAINING_ROWS = 8192  # keys, spread evenly over the store, that the projection and the codebooks learn from
 MIN_ROWS = 1024  # below this the store searches exactly (4-bit codebooks want 16 x 39 training keys)
 

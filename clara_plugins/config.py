@@ -12,6 +12,7 @@ ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 MEMORY_DESIGNS = ("pooled", "tokens")
 MEMORY_POOLINGS = ("mean", "last")
+RETRIEVAL_KEYS = ("mean", "flat")  # a document's retrieval key: its mean memory vector, or all of them flattened
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # a MemoryStore's search index
 MEMORY_DTYPES = ("float16", "int8")  # how a MemoryStore keeps memory tokens (int8: one scale per vector)
 SETTINGS = ("normal", "oracle")  # instruction rows: BM25's top k, or the gold passages among the k
@@ -52,6 +53,10 @@ class ClaraConfig:
     memory_pooling: str = "mean"
     memory_layer: int = -1
     memory_scale: bool = False
+    # What query and document memories are compared by (cosine): "mean", the mean memory
+    # vector, or "flat", the memory flattened (the paper's; Apple checkpoints and checkpoints
+    # saved before this setting existed load with it). See retrieval.py.
+    retrieval_key: str = "mean"
     generation_top_k: int = 5  # documents the generator reads when it is offered more
     max_new_tokens: int = 64
     # Set by the "text" training stage: the decoder adapter learned to answer from documents
@@ -66,6 +71,8 @@ class ClaraConfig:
                 raise ValueError(f"ClaraConfig.{field.name} must be a {kind}, got {value!r}")
         if self.memory_design not in MEMORY_DESIGNS:
             raise ValueError(f"memory_design must be one of {MEMORY_DESIGNS}, got {self.memory_design!r}")
+        if self.retrieval_key not in RETRIEVAL_KEYS:
+            raise ValueError(f"retrieval_key must be one of {RETRIEVAL_KEYS}, got {self.retrieval_key!r}")
         if self.memory_pooling not in MEMORY_POOLINGS:
             raise ValueError(f"memory_pooling must be one of {MEMORY_POOLINGS}, got {self.memory_pooling!r}")
         if not 1 <= self.compression_rate <= 256:
@@ -122,11 +129,18 @@ class TrainConfig:
     save_every: int = 50
     freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
     keep_generator: bool = False  # instruct stage: keep the previous stage's generator (the paper starts afresh)
+    # e2e stage: only the query reasoner learns; the generator (and the <MEM> rows) stay as
+    # instruction tuning left them, so that a short CPU run cannot trade reading for priors
+    freeze_generator: bool = False
     # A reading margin: + margin_weight * relu(margin - gain), where gain is the batch's CE read
     # from another row's memories minus from its own. Without it a generator first learns to
     # ignore its memories and only slowly learns to read them (docs/training-run.md).
     margin_weight: float = 0.0
     margin: float = 1.0
+    # e2e: + retrieval_weight * (-log of the softmax(scores / temperature) mass on a row's gold
+    # candidates). The LM loss alone moves the query reasoner too slowly for CPU budgets
+    # (docs/training-run.md); 0 is the paper's loss.
+    retrieval_weight: float = 0.0
     probe_every: int = 0  # measure the reading gain on held-out probe rows every N steps (0: never)
 
     @property
@@ -134,9 +148,16 @@ class TrainConfig:
         """Only the decoder adapter learns: the text stage, or instruct with a frozen compressor."""
         return self.stage == "text" or (self.stage == "instruct" and self.freeze_compressor)
 
+    @property
+    def trains_memory_rows(self) -> bool:
+        """Whether the <MEM> rows learn: not when cached memories or a frozen generator need them fixed."""
+        return not (self.generator_only or self.freeze_generator)
+
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.freeze_generator and self.stage != "e2e":
+            raise ValueError("freeze_generator applies to the e2e stage only")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.schedule not in ("cosine", "constant"):

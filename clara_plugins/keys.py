@@ -1,8 +1,9 @@
 """Retrieval keys: what the store's faiss index searches, and how results are diversified.
 
-CLaRa's own key is the document's flattened memory (cosine against the query reasoner's
-flattened memory of the question). Any other encoder of texts can supply keys instead,
-e.g. a LangChain ``Embeddings``; the memories are still kept for generation.
+CLaRa's own key is computed from the document's memory (its mean vector, or the memory
+flattened: ``ClaraConfig.retrieval_key``), compared by cosine with the same key of the query
+reasoner's memory of the question. Any other encoder of texts can supply keys instead, e.g. a
+LangChain ``Embeddings``; the memories are still kept for generation.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import numpy as np
 import torch
 
 from .model import ClaraModel
+from .retrieval import retrieval_keys
 
 
 class KeyEncoder(Protocol):
     """Turns documents and queries into vectors compared by cosine."""
 
-    #: True when a document's key is its flattened memory, so the store need not keep both.
+    #: True when a document's key is computed from its memory, so the store need not keep both.
     keys_are_memories: bool
 
     def signature(self) -> dict:
@@ -32,28 +34,44 @@ class KeyEncoder(Protocol):
 
 
 class ClaraKeys:
-    """The paper's retrieval: query-reasoner memories against document memories."""
+    """The paper's retrieval: the query reasoner's memories against document memories."""
 
     keys_are_memories = True
 
     def __init__(self, model: ClaraModel) -> None:
         self.model = model
+        self.kind = model.config.retrieval_key  # fixed here: a store's index and its query keys must agree
+
+    @property
+    def dimensions(self) -> int:
+        """Values per key: hidden for the mean key, n_mem x hidden for flattened memories."""
+        return self.blocks * self.model.hidden_size
+
+    @property
+    def blocks(self) -> int:
+        """Memory vectors laid end to end in one key: n_mem for flattened memories, else 1."""
+        return self.model.config.n_mem_tokens if self.kind == "flat" else 1
 
     def signature(self) -> dict:
-        return {"kind": "clara-memories"}
+        # flattened keys kept the signature stores were written with before the mean key existed
+        return {"kind": "clara-memories"} if self.kind == "flat" else {"kind": "clara-memories", "key": self.kind}
 
     def document_keys(self, texts: list[str]) -> np.ndarray:
         """The keys a MemoryStore would hold for these texts (for vector stores of other libraries)."""
         memories = self.model.compress_documents(texts)
-        return memory_keys(memories.to(torch.float16).cpu().numpy())
+        return self.memory_keys(memories.to(torch.float16).cpu().numpy())
+
+    def memory_keys(self, memories: np.ndarray) -> np.ndarray:
+        """The keys [n, dim] of memories [n, n_mem, hidden], as the store searches them."""
+        return memory_keys(memories, self.kind)
 
     def query_keys(self, queries: list[str]) -> np.ndarray:
-        return self.model.encode_queries(queries).flatten(1).float().cpu().numpy()
+        return retrieval_keys(self.model.encode_queries(queries), self.kind).cpu().numpy()
 
 
-def memory_keys(memories: np.ndarray) -> np.ndarray:
-    """Unit-norm keys [n, n_mem * hidden] of fp16 memories [n, n_mem, hidden], as the store searches them."""
-    return normalize_rows(memories.reshape(len(memories), -1))
+def memory_keys(memories: np.ndarray, kind: str) -> np.ndarray:
+    """Unit-norm float32 keys [n, dim] of memories [n, n_mem, hidden] (``retrieval_keys`` in numpy)."""
+    return retrieval_keys(torch.from_numpy(np.ascontiguousarray(memories)), kind).numpy()
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:

@@ -8,16 +8,17 @@ same uri and collection with the same model finds the same documents.
 One row per document:
 
 - ``id`` (primary key), ``text`` and ``metadata`` (JSON);
-- ``key``: the unit-norm flattened fp16 memory, CLaRa's retrieval key, searched by inner
+- ``key``: CLaRa's unit-norm retrieval key (``ClaraConfig.retrieval_key``), searched by inner
   product (a cosine, as in the local store);
-- ``norm``: the memory's length before normalising. ``key * norm`` rounded to fp16 gives back
-  the stored memory bit for bit (float32 keeps seven digits, fp16 needs four), so the memory
-  is kept once, and search scores are the local store's float32 cosines;
+- ``memory``: the unit-norm flattened fp16 memory, and ``norm``, its length before
+  normalising. ``memory * norm`` rounded to fp16 gives back the stored memory bit for bit
+  (float32 keeps seven digits, fp16 needs four). With flattened retrieval keys the key *is*
+  this vector, and the collection has no ``memory`` field: the memory is kept once;
 - ``prefix``: the text's first MIN_FOUND_CHARS characters, so that ``documents_in`` asks
   Milvus for the few texts that can start at some position of a prompt.
 
-The collection records the compressor's signature in a property and refuses a model with
-another one. Metadata filters take the local store's language (``clara_plugins.filters``),
+The collection records the compressor's and the keys' signatures in a property and refuses a
+model with other ones. Metadata filters take the local store's language (``clara_plugins.filters``),
 translated into a Milvus expression in which every value is an escaped literal.
 """
 
@@ -93,8 +94,10 @@ class MilvusMemoryStore(BaseMemoryStore):
         self.collection = collection
         self._memory_shape = (model.config.n_mem_tokens, model.hidden_size)
         self._dimensions = math.prod(self._memory_shape)
+        self._key_dimensions = self.keys.dimensions
+        self._memory_field = "key" if self.keys.kind == "flat" else "memory"
         if self._dimensions > MAX_DIMENSIONS:
-            raise StoreError(f"this model's keys have {self._dimensions:,} values, more than Milvus' "
+            raise StoreError(f"this model's memories have {self._dimensions:,} values, more than Milvus' "
                              f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
         if uri.endswith(".db"):  # milvus-lite opens a file only in an existing folder
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
@@ -109,16 +112,20 @@ class MilvusMemoryStore(BaseMemoryStore):
     def _create_collection(self, index_type: str) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-        schema.add_field("key", DataType.FLOAT_VECTOR, dim=self._dimensions)
+        schema.add_field("key", DataType.FLOAT_VECTOR, dim=self._key_dimensions)
+        if self._memory_field == "memory":
+            schema.add_field("memory", DataType.FLOAT_VECTOR, dim=self._dimensions)
         schema.add_field("norm", DataType.FLOAT)
         schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
         schema.add_field("prefix", DataType.VARCHAR, max_length=4 * MIN_FOUND_CHARS)  # 4 bytes per character at most
         schema.add_field("metadata", DataType.JSON)
         indexes = self._client.prepare_index_params()
         indexes.add_index(field_name="key", index_type=index_type, metric_type="IP")
+        if self._memory_field == "memory":  # never searched, but Milvus indexes every vector field
+            indexes.add_index(field_name="memory", index_type="FLAT", metric_type="IP")
         for field in ("text", "prefix"):  # what ids_for_texts and documents_in look up
             indexes.add_index(field_name=field, index_type="INVERTED")
-        header = {"format": FORMAT, "compressor": compressor_signature(self.model)}
+        header = {"format": FORMAT, "compressor": compressor_signature(self.model), "keys": self.keys.signature()}
         # Strong consistency: a read sees every write made before it
         self._client.create_collection(self.collection, schema=schema, index_params=indexes,
                                        consistency_level="Strong", properties={HEADER_PROPERTY: json.dumps(header)})
@@ -136,6 +143,14 @@ class MilvusMemoryStore(BaseMemoryStore):
         if not isinstance(header, dict) or header.get("format") != FORMAT or "compressor" not in header:
             raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not a header of format {FORMAT!r}")
         _check_compressor(header["compressor"], compressor_signature(self.model), described)
+        keys = header.get("keys", {"kind": "clara-memories"})  # collections made before the mean key: flattened
+        if keys != self.keys.signature():
+            raise StoreError(f"{described} was indexed with keys {keys}, not {self.keys.signature()}: "
+                             "load a model with the same retrieval_key")
+
+    def close(self) -> None:
+        """Release the connection (and a milvus-lite file's server); the data stay in Milvus."""
+        self._client.close()
 
     def __len__(self) -> int:
         return int(self._client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
@@ -158,9 +173,11 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise InvalidInputError(f"memories of shape {memories.shape[1:]} do not match the store's "
                                     f"{self._memory_shape}")
         norms = np.linalg.norm(memories.reshape(len(memories), -1).astype(np.float32), axis=1)
-        rows = {doc_id: {"id": doc_id, "key": key, "norm": float(norm), "text": text,
+        keys = self.keys.memory_keys(memories)
+        flat = keys if self._memory_field == "key" else memory_keys(memories, "flat")  # the memory, unit-norm
+        rows = {doc_id: {"id": doc_id, "key": key, self._memory_field: memory, "norm": float(norm), "text": text,
                          "prefix": text[:MIN_FOUND_CHARS] if len(text) >= MIN_FOUND_CHARS else "", "metadata": metadata}
-                for doc_id, key, norm, text, metadata in zip(ids, memory_keys(memories), norms, texts, metadatas)}
+                for doc_id, key, memory, norm, text, metadata in zip(ids, keys, flat, norms, texts, metadatas)}
         rows = list(rows.values())  # an id given twice keeps its last document, as in the local store
         with self._lock:
             for start in range(0, len(rows), BATCH_ROWS):
@@ -186,15 +203,15 @@ class MilvusMemoryStore(BaseMemoryStore):
         return [StoredDocument(i, found[i]["text"], found[i]["metadata"]) for i in ids if i in found]
 
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
-        """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator: key * norm, in fp16."""
+        """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator: memory * norm, in fp16."""
         ids = _id_list(ids, "ids")
-        found = {row["id"]: row for row in self._rows_where("id", ids, ["key", "norm"])}
+        found = {row["id"]: row for row in self._rows_where("id", ids, [self._memory_field, "norm"])}
         unknown = [i for i in ids if i not in found]
         if unknown:
             raise InvalidInputError(f"unknown document ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
-        keys = np.array([found[i]["key"] for i in ids], dtype=np.float32)
+        vectors = np.array([found[i][self._memory_field] for i in ids], dtype=np.float32)
         norms = np.array([found[i]["norm"] for i in ids], dtype=np.float32)
-        memories = (keys * norms[:, None]).astype(np.float16).reshape(len(ids), *self._memory_shape)
+        memories = (vectors * norms[:, None]).astype(np.float16).reshape(len(ids), *self._memory_shape)
         return torch.from_numpy(memories.astype(np.float32))
 
     def ids_where(self, where: Filter) -> list[str]:
@@ -250,14 +267,16 @@ class MilvusMemoryStore(BaseMemoryStore):
         """Like ``search`` for a query key computed elsewhere."""
         _check_search(k, where, lambda_mult, fetch_k)
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
-        if query.size != self._dimensions:
-            raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {self._dimensions}")
+        if query.size != self._key_dimensions:
+            raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "
+                                    f"{self._key_dimensions}")
         conditions = [] if ids is None else [f"id in [{', '.join(map(_string, _id_list(ids, 'ids')))}]"]
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)
         diverse = lambda_mult < 1.0
         hits = self._client.search(
-            self.collection, data=[query.tolist()], limit=min(max(k, fetch_k) if diverse else k, MAX_TOP_K),
+            self.collection, data=[query.tolist()], anns_field="key",  # the memory field is never searched
+            limit=min(max(k, fetch_k) if diverse else k, MAX_TOP_K),
             filter=_all(conditions) if conditions else "", search_params={"metric_type": "IP"},
             output_fields=["text", "metadata", "key"] if diverse else ["text", "metadata"])[0]
         if diverse and hits:

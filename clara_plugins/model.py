@@ -407,7 +407,8 @@ class ClaraModel(torch.nn.Module):
         flat = self._flatten_document_lists(questions, documents)
         candidates = self.compress_documents(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
                                                            self.hidden_size)
-        chosen, top = top_k(self.encode_queries(questions), candidates, k or self.config.generation_top_k)
+        chosen, top = top_k(self.encode_queries(questions), candidates, k or self.config.generation_top_k,
+                           self.config.retrieval_key)
         return self.answer(questions, chosen, max_new_tokens), top
 
     @staticmethod

@@ -1,8 +1,16 @@
 """Scoring and selecting documents by their memory tokens.
 
-CLaRa compares a query with a document through the cosine of their flattened memory states
-([n_mem * hidden] each), in fp32, and picks the top-k with a straight-through estimator so that
-the language-modelling loss of the generator reaches the query reasoner.
+A query and a document are compared through the cosine of their retrieval keys, in fp32,
+computed from their memory states [n_mem, hidden] (``ClaraConfig.retrieval_key``):
+
+- ``"flat"``: the memory flattened to [n_mem * hidden] (the paper's key, and Apple's), which
+  compares the question's memory vector i with the document's vector i;
+- ``"mean"``: the mean memory vector [hidden]. Pooled memories summarise chunks of the text in
+  order, and a question's chunk i has nothing to do with a document's chunk i: the mean key
+  retrieves better from the same memories, and is n_mem times smaller.
+
+The top-k is picked with a straight-through estimator so that the language-modelling loss of
+the generator reaches the query reasoner.
 """
 
 from __future__ import annotations
@@ -10,27 +18,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def flatten_memories(memories: torch.Tensor) -> torch.Tensor:
-    """[..., n_mem, hidden] -> unit-norm fp32 vectors [..., n_mem * hidden]."""
-    flat = memories.float().flatten(start_dim=-2)
-    return F.normalize(flat, dim=-1)
+from .config import RETRIEVAL_KEYS
 
 
-def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of flattened memories.
+def retrieval_keys(memories: torch.Tensor, key: str) -> torch.Tensor:
+    """[..., n_mem, hidden] -> unit-norm fp32 keys: [..., n_mem * hidden] ("flat") or [..., hidden] ("mean")."""
+    memories = memories.float()
+    if key == "flat":
+        vectors = memories.flatten(start_dim=-2)
+    elif key == "mean":
+        vectors = memories.mean(dim=-2)
+    else:
+        raise ValueError(f"retrieval key must be one of {RETRIEVAL_KEYS}, got {key!r}")
+    return F.normalize(vectors, dim=-1)
+
+
+def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor, key: str) -> torch.Tensor:
+    """Cosine similarity of the retrieval keys of memories.
 
     queries: [B, n_mem, hidden]. candidates: [N, n_mem, hidden] (one shared pool) or
     [B, N, n_mem, hidden] (one pool per query). Returns scores [B, N] in fp32.
     """
-    q = flatten_memories(queries)
-    c = flatten_memories(candidates)
+    q = retrieval_keys(queries, key)
+    c = retrieval_keys(candidates, key)
     if c.dim() == 2:
         return q @ c.T
     return torch.einsum("bd,bnd->bn", q, c)
 
 
-def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The query reasoner's pick: the k candidates of highest cosine, best first.
 
     queries [B, n_mem, hidden]; candidates [N, n_mem, hidden] (shared) or [B, N, n_mem, hidden].
@@ -40,11 +56,13 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torc
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
+    if key not in RETRIEVAL_KEYS:
+        raise ValueError(f"retrieval key must be one of {RETRIEVAL_KEYS}, got {key!r}")
     pools = candidates.unsqueeze(0).expand(len(queries), *candidates.shape) if candidates.dim() == 3 else candidates
     if pools.size(1) <= k:
         indices = torch.arange(pools.size(1)).expand(len(queries), -1)
     else:
-        indices = cosine_scores(queries, candidates).topk(k, dim=-1).indices.cpu()
+        indices = cosine_scores(queries, candidates, key).topk(k, dim=-1).indices.cpu()
     return torch.stack([pool[picked.to(pool.device)] for pool, picked in zip(pools, indices)]), indices
 
 

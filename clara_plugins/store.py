@@ -2,9 +2,8 @@
 
 Per document the store keeps its text, its metadata, its memory tokens (the generator's input:
 fp16, or int8 with one scale per memory vector) and a retrieval key. CLaRa's key is the
-normalised flattened memory, so it is computed from the memory when needed, never stored
-twice: the fp16 memory gives the key exactly, while a stored key and norm would not give the
-fp16 memory back. Other key encoders' keys are stored beside the memories.
+normalised mean (or flattened) memory, so it is computed from the memory when needed, never
+stored twice. Other key encoders' keys are stored beside the memories.
 
 On disk a store is a folder of generations. ``CURRENT`` names the live one; each generation
 holds ``store.json`` (format, memory dtype, compressor signature, shard lists), ``records.json``
@@ -47,7 +46,7 @@ from .jsonfiles import read_json
 from .compact import MIN_ROWS, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .filters import Filter, matches, validate_filter
-from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, memory_keys, normalize_rows
+from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, normalize_rows
 from .model import ClaraModel
 
 FORMAT = "clara-memory-store/2"
@@ -55,6 +54,9 @@ FORMAT_1 = "clara-memory-store/1"  # fp16 memories only; its "ivfpq" index searc
 SHARD_ROWS = 4096  # rows per file on disk, and per batch when keys are computed
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
 RESCORE_FACTOR = 10  # candidates the compact index hands over per result, re-scored exactly
+# hnsw: faiss' default breadth of search (16) found 74 % of the exact top 10 among 10k CLaRa
+# keys, 128 found 98 % at 0.2 ms a query (docs/benchmarks, store_scale); construction as faiss'
+HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
 _STORE_FILE = re.compile(r"^(records\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
@@ -270,7 +272,7 @@ class MemoryStore(BaseMemoryStore):
         keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
         with self._lock:
             self._check_dimensions(memories, keys)
-            chunk = len(self._memory_chunks)
+            chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), False
             self._memory_chunks.append(memories)
             if scales is not None:
                 self._scale_chunks.append(scales)
@@ -286,8 +288,21 @@ class MemoryStore(BaseMemoryStore):
                     self._where.append((chunk, offset))
                 else:
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
-            self._index = self._ids_by_text = self._pair_cosines = None
+                    replaced = True
+            self._ids_by_text = self._pair_cosines = None
+            self._extend_index(first_new_row, replaced)
         return ids
+
+    def _extend_index(self, first_new_row: int, replaced: bool) -> None:
+        """Add appended rows to a built index, so that a large hnsw or ivfpq index is not built
+        again for a few new documents; replaced rows make it stale (rebuilt at the next search),
+        and so does a store outgrowing the exact search of small ivfpq stores."""
+        outgrown = (self.index_kind == "ivfpq" and not isinstance(self._index, CompactIndex)
+                    and len(self._ids) >= MIN_ROWS)
+        if replaced or outgrown:
+            self._index = None
+        elif self._index is not None and len(self._ids) > first_new_row:
+            self._index.add(self._row_keys(range(first_new_row, len(self._ids))))
 
     def _check_dimensions(self, memories: np.ndarray, keys: np.ndarray | None) -> None:
         if self._memory_chunks and memories.shape[1:] != self._memory_chunks[0].shape[1:]:
@@ -383,7 +398,7 @@ class MemoryStore(BaseMemoryStore):
         with self._lock:
             if not self._ids:
                 return []
-            size = (self._key_chunks or self._memory_chunks)[0][0].size
+            size = self._row_keys([0]).shape[1]
             if query.size != size:
                 raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
             diverse = lambda_mult < 1.0
@@ -447,7 +462,7 @@ class MemoryStore(BaseMemoryStore):
 
     def _row_keys(self, rows: Sequence[int]) -> np.ndarray:
         if self.keys.keys_are_memories:
-            return memory_keys(self._memory_rows(rows))
+            return self.keys.memory_keys(self._memory_rows(rows))
         return self._gather(self._key_chunks, rows)
 
     def _ensure_index(self) -> faiss.Index | CompactIndex:
@@ -455,13 +470,14 @@ class MemoryStore(BaseMemoryStore):
         at a time, so that building never holds every key of a large store at once."""
         if self._index is None:
             count = len(self._ids)
-            dim = (self._key_chunks or self._memory_chunks)[0][0].size
+            dim = self._row_keys([0]).shape[1] if count else 1
             if self.index_kind == "ivfpq" and count >= MIN_ROWS:
                 sample = np.unique(np.linspace(0, count - 1, min(count, TRAINING_ROWS)).astype(np.int64))
-                blocks = self._memory_chunks[0].shape[1] if self.keys.keys_are_memories else 1
+                blocks = self.keys.blocks if self.keys.keys_are_memories else 1
                 index = CompactIndex.trained(self._row_keys(sample), blocks)
             elif self.index_kind == "hnsw":
                 index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+                index.hnsw.efSearch = HNSW_EF_SEARCH
             else:
                 index = faiss.IndexFlatIP(dim)
             for start in range(0, count, SHARD_ROWS):
@@ -551,7 +567,8 @@ class MemoryStore(BaseMemoryStore):
         store = cls(model, keys, header["index"], batch_size, memory_dtype=memory_dtype)
         _check_compressor(header["compressor"], compressor_signature(model), folder)
         if header["keys"] != store.keys.signature():
-            raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}")
+            raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}: "
+                             "load a model with the same retrieval_key, or the same key encoder")
         records = read_json(generation / "records.json", StoreError)
         if not isinstance(records, dict) or not {"ids", "texts", "metadatas"} <= records.keys():
             raise StoreError(f"{generation}/records.json does not hold ids, texts and metadatas")

@@ -12,8 +12,11 @@
   gradient); the query reasoner starts as a copy of the encoder adapter; the query reasoner,
   the generator and the <MEM> rows learn from the LM loss alone, through the straight-through
   top-k (``estimator="straight-through"``) or REALM's marginal likelihood over the top-k,
-  optionally with a null document (``estimator="realm"``). With a corpus store the candidates
-  are retrieved from it and its memories re-encoded every ``refresh_every`` steps.
+  optionally with a null document (``estimator="realm"``); ``freeze_generator`` keeps the
+  generator and the <MEM> rows as they were. ``retrieval_weight`` adds a
+  contrastive term on the rows' gold candidates, for budgets where the LM loss alone barely
+  moves the query reasoner. With a corpus store the candidates are retrieved from it and its
+  memories re-encoded every ``refresh_every`` steps.
 - ``text``: the paper's fair baseline. The same instruction rows, but the documents are
   pasted as text and only a fresh decoder adapter learns; the checkpoint is marked
   ``decoder_reads_text`` so that text-RAG generation uses it.
@@ -61,7 +64,7 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
 
 def _trainable(config: TrainConfig) -> list[str]:
     if config.stage == "e2e":
-        return [QUERY_REASONER, DECODER]
+        return [QUERY_REASONER] if config.freeze_generator else [QUERY_REASONER, DECODER]
     return [DECODER] if config.generator_only else [ENCODER, DECODER]
 
 
@@ -115,9 +118,9 @@ def memory_cosine(memories: torch.Tensor) -> float:
     """Mean cosine between the flattened memories of different documents [docs, n, hidden].
 
     The compressor's health in one number: near 1 every document looks the same to the
-    reader and to retrieval (an untrained SmolLM2 compressor sits at about 0.95).
+    reader (an untrained SmolLM2 compressor sits at about 0.95).
     """
-    similarity = cosine_scores(memories.detach(), memories.detach())
+    similarity = cosine_scores(memories.detach(), memories.detach(), "flat")
     n = len(similarity)
     return float((similarity.sum() - similarity.diagonal().sum()) / (n * (n - 1)))
 
@@ -190,7 +193,7 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
              candidates: CandidateMemories) -> tuple[torch.Tensor, dict]:
     memories, gold = candidates.for_rows(rows, config)  # [B, N, n, h], no gradient
     queries = encode_with_gradients(model, [row["question"] for row in rows], QUERY_REASONER)[0]
-    scores = cosine_scores(queries, memories)  # [B, N], gradient reaches the query reasoner
+    scores = cosine_scores(queries, memories, model.config.retrieval_key)  # [B, N], gradient reaches the query reasoner
     k = min(config.top_k, scores.size(1))
     top = scores.detach().topk(k, dim=-1).indices
     recall = sum(recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g) / max(1, sum(1 for g in gold if g))
@@ -201,7 +204,19 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
         loss = _decoder_loss(model, prompts, full, selected)
     else:
         loss = _realm_loss(model, rows, scores, memories, top, config)
-    return loss, {"ce": loss.item(), f"recall@{k}": recall}
+    metrics = {"ce": loss.item(), f"recall@{k}": recall}
+    if config.retrieval_weight:
+        retrieval = _gold_retrieval_loss(scores, gold, config.temperature)
+        loss = loss + config.retrieval_weight * retrieval
+        metrics["retrieval"] = retrieval.item()
+    return loss, metrics
+
+
+def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], temperature: float) -> torch.Tensor:
+    """Mean over rows with gold candidates of -log Σ_gold softmax(scores / temperature); 0 without any."""
+    log_probabilities = torch.log_softmax(scores / temperature, dim=-1)
+    terms = [-torch.logsumexp(row[positions], dim=0) for row, positions in zip(log_probabilities, gold) if positions]
+    return torch.stack(terms).mean() if terms else scores.new_zeros(())
 
 
 def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memories: torch.Tensor,
@@ -292,7 +307,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     if config.stage == "e2e":  # the generator then reads as many documents as it was trained on
         model.config.generation_top_k = config.top_k
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
-    set_trainable(model, _trainable(config), memory_embeddings=not config.generator_only)
+    set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))

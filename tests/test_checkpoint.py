@@ -72,20 +72,22 @@ def test_missing_or_foreign_files_fail_clearly(tiny_model, tmp_path):
 def test_a_checkpoint_older_than_the_memory_design_setting_loads_as_tokens(tiny_tokens_model, tmp_path):
     tiny_tokens_model.save_pretrained(tmp_path / "old")
     header = json.loads((tmp_path / "old" / "clara_config.json").read_text())
-    del header["config"]["memory_design"]
+    del header["config"]["memory_design"], header["config"]["retrieval_key"]
     (tmp_path / "old" / "clara_config.json").write_text(json.dumps(header))
     loaded = ClaraModel.from_pretrained(tmp_path / "old", device="cpu")
-    assert loaded.config.memory_design == "tokens"
+    assert (loaded.config.memory_design, loaded.config.retrieval_key) == ("tokens", "flat")
     assert torch.allclose(outputs(loaded)[0], outputs(tiny_tokens_model)[0], atol=1e-6)
 
 
 def test_the_memory_design_is_saved_with_the_checkpoint(tiny_config, tmp_path):
     import dataclasses
 
-    model = ClaraModel(dataclasses.replace(tiny_config, memory_pooling="last", memory_layer=1), device="cpu")
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_pooling="last", memory_layer=1, retrieval_key="flat"),
+                       device="cpu")
     model.save_pretrained(tmp_path / "ckpt")
     loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
-    assert (loaded.config.memory_design, loaded.config.memory_pooling, loaded.config.memory_layer) == ("pooled", "last", 1)
+    assert (loaded.config.memory_design, loaded.config.memory_pooling, loaded.config.memory_layer,
+            loaded.config.retrieval_key) == ("pooled", "last", 1, "flat")
 
 
 def test_saving_into_a_foreign_folder_is_refused_and_deletes_nothing(tiny_model, tmp_path):
@@ -107,3 +109,18 @@ def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tiny_model, tmp_
     loaded = ClaraModel.from_pretrained(folder, device="cpu")
     assert torch.allclose(outputs(loaded)[0], outputs(tiny_model)[0], atol=1e-6)
     assert folder.is_dir() and not (tmp_path / ".ckpt.old").exists()
+
+
+def test_a_checkpoint_signs_its_compressor_alike_in_every_dtype(tiny_model, tmp_path):
+    """Stores written by a GPU run in bf16 or fp16 open with the same checkpoint on a CPU in fp32."""
+    from clara_plugins.checkpoint import compressor_signature
+    from clara_plugins.store import _check_compressor
+
+    tiny_model.save_pretrained(tmp_path / "ckpt", dtype=torch.float16)
+    fp32 = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=torch.float32)
+    fp16 = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=torch.float16)
+    bf16 = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=torch.bfloat16)
+    signatures = [compressor_signature(model) for model in (fp32, fp16, bf16)]
+    assert len({signature["encoder_sha256"] for signature in signatures}) == 1
+    for signature in signatures[1:]:  # what a store checks: the base model within tolerance, the rest exactly
+        _check_compressor(signatures[0], signature, "a store")

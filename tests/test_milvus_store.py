@@ -1,6 +1,7 @@
 """MilvusMemoryStore against milvus-lite: the local MemoryStore's behaviour, kept in Milvus."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -246,3 +247,54 @@ def test_llama_index_store_over_milvus(tiny_model, uri, tmp_path):
     retrieved = reloaded.as_retriever(similarity_top_k=3).retrieve(QUERIES[0])
     assert [n.node.get_content() for n in retrieved] == [
         n.node.get_content() for n in index.as_retriever(similarity_top_k=3).retrieve(QUERIES[0])]
+
+
+def test_flattened_keys_keep_one_vector_per_document_and_the_key_kind_is_checked(tiny_config, uri, tmp_path):
+    flat = ClaraModel(dataclasses.replace(tiny_config, retrieval_key="flat"), device="cpu")
+    randomize_adapters(flat)  # the same compressor as tiny_model, with the paper's key
+    local = MemoryStore(flat)
+    local.upsert(CORPUS, IDS, METAS)
+    store = MilvusMemoryStore(flat, uri)
+    store.upsert(CORPUS, IDS, METAS)
+    fields = [field["name"] for field in store._client.describe_collection(store.collection)["fields"]]
+    assert "memory" not in fields  # the key is the memory
+    assert torch.equal(store.memories(IDS), local.memories(IDS))
+    for query in QUERIES:
+        assert_same_results(store.search(query, k=4), local.search(query, k=4))
+    mean = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(mean)
+    with pytest.raises(StoreError, match="indexed with keys .*same retrieval_key"):
+        MilvusMemoryStore(mean, uri)
+    assert len(MilvusMemoryStore(flat, uri)) == len(CORPUS)  # refusing changed nothing
+    mean_store = MilvusMemoryStore(mean, str(tmp_path / "mean.db"))
+    mean_store.upsert(CORPUS, IDS, METAS)
+    fields = {f["name"]: f for f in mean_store._client.describe_collection(mean_store.collection)["fields"]}
+    assert fields["key"]["params"]["dim"] == mean.hidden_size and "memory" in fields
+
+
+def test_a_collection_made_before_the_key_setting_opens_with_flattened_keys_only(tiny_config, uri):
+    """Its header has no "keys": its keys are flattened memories."""
+    flat = ClaraModel(dataclasses.replace(tiny_config, retrieval_key="flat"), device="cpu")
+    randomize_adapters(flat)
+    MilvusMemoryStore(flat, uri).upsert(CORPUS, IDS)
+    client = pymilvus.MilvusClient(uri)
+    header = json.loads(client.describe_collection("clara_memories")["properties"][milvus_store.HEADER_PROPERTY])
+    assert header["keys"] == {"kind": "clara-memories"}  # what flattened keys always wrote
+    del header["keys"]
+    client.alter_collection_properties("clara_memories", {milvus_store.HEADER_PROPERTY: json.dumps(header)})
+    assert len(MilvusMemoryStore(flat, uri)) == len(CORPUS)
+    mean = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(mean)
+    with pytest.raises(StoreError, match="same retrieval_key"):
+        MilvusMemoryStore(mean, uri)
+
+
+def test_searches_name_the_key_field(milvus, monkeypatch):
+    """A mean-key collection has two vector fields, and a Milvus server refuses a search that
+    does not say which one it is for."""
+    calls = []
+    search = milvus._client.search
+    monkeypatch.setattr(milvus._client, "search", lambda *args, **kwargs: calls.append(kwargs) or search(*args, **kwargs))
+    milvus.search("Paris", k=2)
+    milvus.search("Paris", k=2, lambda_mult=0.5)
+    assert [call["anns_field"] for call in calls] == ["key", "key"]

@@ -174,7 +174,8 @@ def test_generate_from_questions_returns_the_reasoners_top_k(tiny_model):
     answers, indices = tiny_model.generate_from_questions(questions, documents, k=2)
     assert len(answers) == 2 and indices.shape == (2, 2)
     for q, docs, chosen in zip(questions, documents, indices):
-        scores = cosine_scores(tiny_model.encode_queries([q]), tiny_model.compress_documents(docs))[0]
+        scores = cosine_scores(tiny_model.encode_queries([q]), tiny_model.compress_documents(docs),
+                               tiny_model.config.retrieval_key)[0]
         assert chosen.tolist() == scores.topk(2).indices.tolist()
 
 

@@ -1,10 +1,11 @@
-"""Cosine over flattened memories and the straight-through top-k, checked numerically."""
+"""Cosine over retrieval keys of memories and the straight-through top-k, checked numerically."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clara_plugins import cosine_scores, straight_through_topk, top_k
+from clara_plugins.retrieval import retrieval_keys
 
 
 def reference_soft_picks(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
@@ -78,32 +79,50 @@ def test_invalid_arguments_are_named():
         straight_through_topk(torch.zeros(1, 3), k=1, temperature=0)
 
 
-def test_cosine_is_over_flattened_memories_not_mean_pooled():
+def test_the_flat_key_compares_memory_vectors_position_by_position_and_the_mean_key_does_not():
     query = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [1, n=2, h=2]
     swapped = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])  # same mean, different order
-    same = query.clone()
-    scores = cosine_scores(query, torch.cat([same, swapped]))
-    assert scores.shape == (1, 2)
-    assert torch.allclose(scores, torch.tensor([[1.0, 0.0]]))  # mean pooling would give 1.0 twice
+    pool = torch.cat([query.clone(), swapped])
+    assert torch.allclose(cosine_scores(query, pool, "flat"), torch.tensor([[1.0, 0.0]]))
+    assert torch.allclose(cosine_scores(query, pool, "mean"), torch.tensor([[1.0, 1.0]]))
 
 
-def test_cosine_accepts_one_pool_per_query():
+@pytest.mark.parametrize("key, keys_of", [("flat", lambda m: m.flatten(-2)), ("mean", lambda m: m.mean(-2))])
+def test_cosine_accepts_one_pool_per_query(key, keys_of):
     torch.manual_seed(2)
     queries, pools = torch.randn(2, 3, 4), torch.randn(2, 5, 3, 4)
-    scores = cosine_scores(queries, pools)
-    expected = F.cosine_similarity(queries.flatten(1).unsqueeze(1), pools.flatten(2), dim=-1)
+    scores = cosine_scores(queries, pools, key)
+    expected = F.cosine_similarity(keys_of(queries).unsqueeze(1), keys_of(pools), dim=-1)
     assert torch.allclose(scores, expected, atol=1e-6)
 
 
-def test_top_k_is_the_one_pick_of_the_query_reasoner():
+def test_an_unknown_retrieval_key_is_refused():
+    with pytest.raises(ValueError, match="retrieval key must be one of"):
+        retrieval_keys(torch.zeros(1, 2, 3), "max")
+
+
+@pytest.mark.parametrize("key", ["flat", "mean"])
+def test_top_k_is_the_one_pick_of_the_query_reasoner(key):
     torch.manual_seed(0)
     queries, pool = torch.randn(2, 4, 8), torch.randn(6, 4, 8)
-    chosen, indices = top_k(queries, pool, 3)
-    assert indices.tolist() == cosine_scores(queries, pool).topk(3).indices.tolist()
+    chosen, indices = top_k(queries, pool, 3, key)
+    assert indices.tolist() == cosine_scores(queries, pool, key).topk(3).indices.tolist()
     assert torch.equal(chosen[1], pool[indices[1]])
-    per_query, same = top_k(queries, pool.expand(2, -1, -1, -1), 3)
+    per_query, same = top_k(queries, pool.expand(2, -1, -1, -1), 3, key)
     assert torch.equal(per_query, chosen) and torch.equal(same, indices)
-    few, order = top_k(queries, pool[:2], 3)  # nothing to choose: all kept, in their order
+    few, order = top_k(queries, pool[:2], 3, key)  # nothing to choose: all kept, in their order
     assert order.tolist() == [[0, 1], [0, 1]] and torch.equal(few[0], pool[:2])
     with pytest.raises(ValueError, match="k must be positive"):
-        top_k(queries, pool, 0)
+        top_k(queries, pool, 0, key)
+
+
+def test_the_gold_retrieval_loss_is_the_negative_log_softmax_mass_on_the_gold_candidates():
+    from clara_plugins.training import _gold_retrieval_loss
+
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.4]], requires_grad=True)
+    loss = _gold_retrieval_loss(scores, [[0, 2], []], temperature=0.5)  # the second row has no gold: left out
+    probabilities = torch.softmax(scores[0].detach() / 0.5, dim=0)
+    assert loss.item() == pytest.approx(-torch.log(probabilities[0] + probabilities[2]).item(), rel=1e-5)
+    loss.backward()
+    assert scores.grad[0, 0] < 0 and scores.grad[0, 1] > 0 and torch.all(scores.grad[1] == 0)
+    assert _gold_retrieval_loss(scores, [[], []], 0.5).item() == 0.0

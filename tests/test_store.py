@@ -7,11 +7,13 @@ import textwrap
 import threading
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
 
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
+from clara_plugins.store import HNSW_EF_SEARCH
 from conftest import CORPUS, randomize_adapters
 
 METAS = [{"topic": "city", "n": 1}, {"topic": "tower", "n": 2}, {"topic": "city", "n": 3},
@@ -51,7 +53,8 @@ def test_search_ranks_by_cosine_of_query_reasoner_and_memories(store, tiny_model
     from clara_plugins.retrieval import cosine_scores
 
     query = "Who won prizes in physics?"
-    expected = cosine_scores(tiny_model.encode_queries([query]), tiny_model.compress_documents(CORPUS[:5]))[0]
+    expected = cosine_scores(tiny_model.encode_queries([query]), tiny_model.compress_documents(CORPUS[:5]),
+                             tiny_model.config.retrieval_key)[0]
     results = store.search(query, k=3)
     assert [d.id for d, _ in results] == [f"d{i}" for i in expected.topk(3).indices.tolist()]
     assert np.allclose([s for _, s in results], expected.topk(3).values.numpy(), atol=1e-2)
@@ -118,6 +121,8 @@ def test_approximate_indexes_persist(tiny_model, tmp_path, index):
     generation = tmp_path / index / (tmp_path / index / "CURRENT").read_text().strip()
     assert loaded.index_kind == index and (generation / "index.faiss").is_file()  # the index was saved, not rebuilt
     assert [d.id for d, _ in loaded.search("Nobel prizes", k=2)] == expected
+    if index == "hnsw":  # searched as broadly as when it was built
+        assert faiss.downcast_index(loaded._index).hnsw.efSearch == HNSW_EF_SEARCH
 
 
 def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
@@ -133,6 +138,10 @@ def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
     other_design = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
     with pytest.raises(StoreError, match="memory_design"):
         MemoryStore.load(tmp_path / "s", other_design)
+    other_key = ClaraModel(dataclasses.replace(tiny_config, retrieval_key="flat"), device="cpu")
+    randomize_adapters(other_key)  # the same compressor, but flattened keys
+    with pytest.raises(StoreError, match="indexed with keys"):
+        MemoryStore.load(tmp_path / "s", other_key)
 
 
 def test_corrupted_files_are_named(store, tiny_model, tmp_path):

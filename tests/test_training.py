@@ -1,5 +1,6 @@
 """The three training stages and both retriever estimators on the tiny model."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,6 +10,7 @@ from clara_benchmarks.text_reader import read_text
 from clara_plugins import ClaraModel, MemoryStore, TrainConfig, training
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
+from clara_plugins.retrieval import cosine_scores
 from clara_plugins.training import CandidateMemories, e2e_loss, train
 from conftest import CORPUS
 
@@ -149,6 +151,21 @@ def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, 
     assert "recall@2" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
 
 
+def test_e2e_with_a_frozen_generator_trains_the_query_reasoner_alone(tiny_model, tmp_path):
+    decoder = lora(tiny_model, "decoder_adapter")
+    rows_before = tiny_model.lm.get_input_embeddings().weight.detach().clone()
+    config = TrainConfig(stage="e2e", steps=2, batch_size=2, grad_accum=1, lr=1e-3, top_k=2,
+                         freeze_generator=True, retrieval_weight=1.0, schedule="constant")
+    train(tiny_model, E2E, config, tmp_path)
+    assert all(torch.equal(v, lora(tiny_model, "decoder_adapter")[k]) for k, v in decoder.items())
+    assert torch.equal(tiny_model.lm.get_input_embeddings().weight, rows_before)
+    reasoner, encoder = lora(tiny_model, "query_reasoner_adapter"), lora(tiny_model, "encoder_adapter")
+    assert any(not torch.equal(reasoner[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
+               for k, v in encoder.items())
+    with pytest.raises(ValueError, match="e2e stage only"):
+        TrainConfig(stage="instruct", freeze_generator=True)
+
+
 def test_straight_through_gradient_reaches_the_query_reasoner(tiny_model):
     set_trainable(tiny_model, ["query_reasoner_adapter", "decoder_adapter"], memory_embeddings=True)
     tiny_model.train()
@@ -156,6 +173,43 @@ def test_straight_through_gradient_reaches_the_query_reasoner(tiny_model):
     loss.backward()
     grads = [p.grad for n, p in tiny_model.lm.named_parameters() if "lora_B.query_reasoner_adapter" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_the_gold_retrieval_term_raises_the_gold_candidates_score(tiny_model):
+    """With retrieval_weight the query reasoner is pulled towards the rows' gold candidates."""
+    candidates = CandidateMemories(tiny_model)
+    config = TrainConfig(stage="e2e", top_k=2, retrieval_weight=10.0, temperature=0.1)
+    set_trainable(tiny_model, ["query_reasoner_adapter"], memory_embeddings=False)
+    tiny_model.train()
+
+    def gold_margin() -> float:
+        with torch.no_grad():
+            memories, gold = candidates.for_rows(E2E, config)
+            queries = tiny_model.encode_queries([row["question"] for row in E2E])
+            scores = cosine_scores(queries, memories, tiny_model.config.retrieval_key)
+        return sum(float(s[g].mean() - s.mean()) for s, g in zip(scores, gold) if g)
+
+    parameters = [p for p in tiny_model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in parameters]
+
+    def margin_after_training(weight: float) -> float:
+        """The gold margin after 3 SGD steps from the same start, with this retrieval weight."""
+        for parameter, value in zip(parameters, start):
+            parameter.data.copy_(value)
+        weighted = dataclasses.replace(config, retrieval_weight=weight)
+        optimizer = torch.optim.SGD(parameters, lr=0.5)
+        for _ in range(3):
+            loss, metrics = e2e_loss(tiny_model, E2E, weighted, candidates)
+            if weight:
+                assert loss.item() == pytest.approx(metrics["ce"] + weight * metrics["retrieval"], rel=1e-5)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return gold_margin()
+
+    before = gold_margin()
+    language_modelling_only = margin_after_training(0.0)
+    assert margin_after_training(config.retrieval_weight) > max(before, language_modelling_only)
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):

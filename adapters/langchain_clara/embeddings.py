@@ -13,11 +13,12 @@ from clara_plugins.pretrained import load_model
 class ClaraEmbeddings(Embeddings):
     """The keys ClaraVectorStore searches, for any LangChain vector store to hold.
 
-    A document's vector is its memory tokens flattened (rounded to fp16, as a MemoryStore
-    keeps them), a query's is the query reasoner's memory of it flattened; both have unit
-    norm, so a store ranking by cosine or inner product (``InMemoryVectorStore``, faiss, ...)
-    ranks as ClaraVectorStore does. A vector holds n_mem x hidden values (9,216 for the
-    default model at CR16). Without a model the shipped default one is loaded.
+    A document's vector is the retrieval key of its memory tokens (rounded to fp16, as a
+    MemoryStore keeps them), a query's that of the query reasoner's memory of it; both have
+    unit norm, so a store ranking by cosine or inner product (``InMemoryVectorStore``, faiss,
+    ...) ranks as ClaraVectorStore does. A vector holds ``hidden`` values with the mean key
+    (576 for the default model) and n_mem x hidden with the flattened one. Without a model the
+    shipped default one is loaded.
     """
 
     def __init__(self, model: ClaraModel | None = None) -> None:

@@ -11,7 +11,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import ConfigDict
 
 from clara_plugins import ClaraModel
-from clara_plugins.keys import ClaraKeys, memory_keys, normalize_rows
+from clara_plugins.keys import ClaraKeys, normalize_rows
 
 _KEEP = 4096  # memory tokens remembered per model until a ClaraVectorStore takes them
 _untaken: WeakKeyDictionary[ClaraModel, OrderedDict[str, torch.Tensor]] = WeakKeyDictionary()
@@ -21,10 +21,11 @@ _untaken_lock = threading.Lock()
 class ClaraEmbedding(BaseEmbedding):
     """The keys ClaraVectorStore searches, for any LlamaIndex vector store to hold.
 
-    A text's vector is its memory tokens flattened (rounded to fp16, as a MemoryStore keeps
-    them), a query's is the query reasoner's memory of it flattened; both have unit norm, so
-    ``SimpleVectorStore`` or any other cosine store ranks as ClaraVectorStore does. A vector
-    holds n_mem x hidden values (9,216 for the default model at CR16).
+    A text's vector is the retrieval key of its memory tokens (rounded to fp16, as a
+    MemoryStore keeps them), a query's that of the query reasoner's memory of it; both have
+    unit norm, so ``SimpleVectorStore`` or any other cosine store ranks as ClaraVectorStore
+    does. A vector holds ``hidden`` values with the mean key (576 for the default model) and
+    n_mem x hidden with the flattened one.
 
     ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so the
     memory tokens computed here are remembered (per model, at most ``_KEEP`` texts) and a
@@ -49,7 +50,7 @@ class ClaraEmbedding(BaseEmbedding):
                 untaken.move_to_end(text)
             while len(untaken) > _KEEP:
                 untaken.popitem(last=False)
-        return memory_keys(memories.numpy()).tolist()
+        return ClaraKeys(self.clara).memory_keys(memories.numpy()).tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]

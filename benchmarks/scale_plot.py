@@ -1,0 +1,60 @@
+"""The store benchmark's plot: search p95 and bytes per passage against corpus size.
+
+    python -m clara_benchmarks.scale_plot docs/benchmarks/store_scale.png docs/benchmarks/store_scale_*.json
+
+Each JSON file is one ``clara_benchmarks.store_scale`` run; a store configuration becomes one
+line across the runs' sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def series(reports: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
+    """(passages, p95 ms, disk bytes per passage) of each store configuration, by size."""
+    lines: dict[str, list[tuple[int, float, float]]] = {}
+    for report in sorted(reports, key=lambda r: r["passages"]):
+        for store in report["stores"]:
+            name = f"{store['index']} / {store['memory_dtype']}"
+            lines.setdefault(name, []).append((report["passages"], store["search_ms"]["p95"],
+                                               store["disk_bytes_per_passage"]["total"]))
+    return lines
+
+
+def plot(reports: list[dict], path: Path) -> None:
+    figure, (latency, disk) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in series(reports).items():
+        sizes, p95, size_bytes = zip(*points)
+        latency.plot(sizes, p95, marker="o", label=name)
+        disk.plot(sizes, size_bytes, marker="o", label=name)
+    for axis, title in ((latency, "search p95 (ms)"), (disk, "disk bytes per passage")):
+        axis.set_xscale("log")
+        axis.set_xlabel("passages")
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+    latency.set_yscale("log")
+    disk.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    parser.add_argument("reports", type=Path, nargs="+", help="store_scale JSON files")
+    args = parser.parse_args()
+    plot([json.loads(path.read_text()) for path in args.reports], args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

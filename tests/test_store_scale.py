@@ -1,0 +1,58 @@
+"""The store benchmark on the tiny model: exact stores find the exact top 10, and the plot is drawn."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clara_benchmarks import scale_plot, store_scale
+from clara_plugins.keys import ClaraKeys
+from conftest import CORPUS
+
+PASSAGES = 300
+
+
+@pytest.fixture
+def sample(tiny_model):
+    real = tiny_model.compress_documents(CORPUS).half().numpy()
+    keys = ClaraKeys(tiny_model)
+    queries = keys.query_keys(["Who won prizes in physics?", "The capital of Germany", "A river through Vienna"])
+    return keys, real, queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind, dtype", [("flat", "float16"), ("hnsw", "int8"), ("milvus", "FLAT")])
+def test_exact_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, sample, kind, dtype, tmp_path):
+    if kind == "milvus":
+        pytest.importorskip("milvus_lite")
+    keys, real, queries = sample
+    truth = store_scale.exact_top_k(keys, real, queries, PASSAGES)
+    result = store_scale.measure_store(tiny_model, kind, dtype, real, CORPUS, queries, truth, PASSAGES, tmp_path)
+    assert result["recall_at_10"] >= (0.9 if kind == "hnsw" else 1.0)
+    assert result["disk_bytes_per_passage"]["total"] > 0 and result["search_ms"]["p95"] > 0
+    assert (result["index_ram_bytes_per_passage"] is None) == (kind == "milvus")
+    assert "| " + kind in store_scale.table([result])
+    assert list(tmp_path.iterdir()) == []  # the stores were written to a temporary folder inside, then removed
+
+
+def test_the_plot_has_a_line_per_store_across_sizes(tmp_path):
+    def report(passages: int, p95: float) -> dict:
+        return {"passages": passages, "stores": [
+            {"index": "flat", "memory_dtype": "int8", "search_ms": {"p95": p95}, "disk_bytes_per_passage": {"total": 9}},
+            {"index": "milvus", "memory_dtype": "FLAT", "search_ms": {"p95": 2 * p95},
+             "disk_bytes_per_passage": {"total": 40}}]}
+
+    reports = [report(100_000, 30.0), report(10_000, 3.0)]
+    assert scale_plot.series(reports)["flat / int8"] == [(10_000, 3.0, 9), (100_000, 30.0, 9)]
+    paths = [tmp_path / f"{n}.json" for n in (1, 2)]
+    for path, content in zip(paths, reports):
+        path.write_text(json.dumps(content))
+    scale_plot.plot([json.loads(p.read_text()) for p in paths], tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_int8_effect_compares_each_way_of_storing_with_the_fp16_memories(sample):
+    _, real, _ = sample
+    effects = store_scale.int8_effect(real)
+    assert effects["fp16 key and its norm"]["key_cosine_min"] > 0.9999
+    stored = effects["int8, a scale per memory vector (stored)"]
+    assert 0 < stored["relative_error_mean"] < 0.05 and stored["key_cosine_min"] > 0.99
