@@ -106,8 +106,8 @@ def tiny_model(tiny_config) -> ClaraModel:
 
 @pytest.fixture
 def tiny_tokens_model(tiny_config) -> ClaraModel:
-    """The tiny model with Apple's memory design: states at appended <MEM> positions."""
-    model = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
+    """The tiny model with Apple's design: states at appended <MEM> positions, flattened keys."""
+    model = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens", retrieval_key="flat"), device="cpu")
     randomize_adapters(model)
     return model
 
