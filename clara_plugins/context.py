@@ -200,4 +200,5 @@ def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list
     if len(memories) <= k:
         return {j: j for j in range(len(memories))}
     query = "".join(p for p in pieces if isinstance(p, str)).strip() or question
-    return {j: rank for rank, j in enumerate(top_k(model.encode_queries([query]), memories, k, model.config.retrieval_key)[1][0].tolist())}
+    picked = top_k(model.encode_queries([query]), memories, k, model.config.retrieval_key)[1][0]
+    return {j: rank for rank, j in enumerate(picked.tolist())}

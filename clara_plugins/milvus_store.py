@@ -94,7 +94,6 @@ class MilvusMemoryStore(BaseMemoryStore):
         self.collection = collection
         self._memory_shape = (model.config.n_mem_tokens, model.hidden_size)
         self._dimensions = math.prod(self._memory_shape)
-        self._key_dimensions = self.keys.dimensions
         self._memory_field = "key" if self.keys.kind == "flat" else "memory"
         if self._dimensions > MAX_DIMENSIONS:
             raise StoreError(f"this model's memories have {self._dimensions:,} values, more than Milvus' "
@@ -112,7 +111,7 @@ class MilvusMemoryStore(BaseMemoryStore):
     def _create_collection(self, index_type: str) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-        schema.add_field("key", DataType.FLOAT_VECTOR, dim=self._key_dimensions)
+        schema.add_field("key", DataType.FLOAT_VECTOR, dim=self.keys.dimensions)
         if self._memory_field == "memory":
             schema.add_field("memory", DataType.FLOAT_VECTOR, dim=self._dimensions)
         schema.add_field("norm", DataType.FLOAT)
@@ -267,9 +266,9 @@ class MilvusMemoryStore(BaseMemoryStore):
         """Like ``search`` for a query key computed elsewhere."""
         _check_search(k, where, lambda_mult, fetch_k)
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
-        if query.size != self._key_dimensions:
+        if query.size != self.keys.dimensions:
             raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "
-                                    f"{self._key_dimensions}")
+                                    f"{self.keys.dimensions}")
         conditions = [] if ids is None else [f"id in [{', '.join(map(_string, _id_list(ids, 'ids')))}]"]
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)

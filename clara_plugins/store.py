@@ -398,7 +398,7 @@ class MemoryStore(BaseMemoryStore):
         with self._lock:
             if not self._ids:
                 return []
-            size = self._row_keys([0]).shape[1]
+            size = self._key_size()
             if query.size != size:
                 raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
             diverse = lambda_mult < 1.0
@@ -465,12 +465,16 @@ class MemoryStore(BaseMemoryStore):
             return self.keys.memory_keys(self._memory_rows(rows))
         return self._gather(self._key_chunks, rows)
 
+    def _key_size(self) -> int:
+        """Values per key, known without computing one (the hot path of every search)."""
+        return self.keys.dimensions if self.keys.keys_are_memories else self._key_chunks[0].shape[1]
+
     def _ensure_index(self) -> faiss.Index | CompactIndex:
         """The search index over every row, rebuilt after any change; keys are added SHARD_ROWS
         at a time, so that building never holds every key of a large store at once."""
         if self._index is None:
             count = len(self._ids)
-            dim = self._row_keys([0]).shape[1] if count else 1
+            dim = self._key_size() if count else 1
             if self.index_kind == "ivfpq" and count >= MIN_ROWS:
                 sample = np.unique(np.linspace(0, count - 1, min(count, TRAINING_ROWS)).astype(np.int64))
                 blocks = self.keys.blocks if self.keys.keys_are_memories else 1
