@@ -111,6 +111,39 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002"]
 
 
+@pytest.mark.parametrize("memory_dtype", ["float16", "int8"])
+def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path, monkeypatch, memory_dtype):
+    """Indexing a corpus in groups saves after each: the full shards saved before are linked
+    from the previous generation, not written again (which made indexing quadratic)."""
+    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model, memory_dtype=memory_dtype)
+    store.upsert(CORPUS[:5], ids=[f"d{i}" for i in range(5)])
+    first = store.save(tmp_path / "s")
+
+    def same_file(name: str, old: Path, new: Path) -> bool:
+        return (old / name).stat().st_ino == (new / name).stat().st_ino
+
+    store.upsert([CORPUS[5], "Vienna lies on the Danube."], ids=["d5", "d6"])  # appended: shards 0 and 1 (rows 0-3) are unchanged
+    second = store.save(tmp_path / "s")
+    stems = ["memories", "scales"] if memory_dtype == "int8" else ["memories"]
+    for stem in stems:
+        assert same_file(f"{stem}-00000.npy", first, second) and same_file(f"{stem}-00001.npy", first, second)
+        assert not same_file(f"{stem}-00002.npy", first, second)  # row 4 was alone in it, now rows 4-5
+    store.upsert(["Rome is the capital of Italy."], ids=["d1"])  # replaces row 1: shard 0 changes
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    third = store.save(tmp_path / "s")
+    assert not same_file("memories-00000.npy", second, third) and same_file("memories-00001.npy", second, third)
+    store.delete(["d0"])  # every row moves up one
+    fourth = store.save(tmp_path / "s")
+    assert not same_file("memories-00001.npy", third, fourth)
+    reloaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    ids = [f"d{i}" for i in range(1, 7)]
+    assert reloaded.all_ids() == ids and torch.equal(reloaded.memories(ids), store.memories(ids))
+    loaded.upsert(["Madrid is the capital of Spain."], ids=["d9"])  # a store loaded from an older generation
+    loaded.save(tmp_path / "s")
+    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
+
+
 @pytest.mark.parametrize("index", ["hnsw", "ivfpq"])
 def test_approximate_indexes_persist(tiny_model, tmp_path, index):
     store = MemoryStore(tiny_model, index=index)

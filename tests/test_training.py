@@ -243,9 +243,13 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
 
 
 def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
+    assert tiny_model.config.retrieval_key == "mean"
     train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
     with pytest.raises(ValueError, match="another configuration"):
         train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1, lr=1.0), tmp_path)
+    tiny_model.config.retrieval_key = "flat"  # e.g. `clara train ... --retrieval-key flat` on resume
+    with pytest.raises(ValueError, match="retrieval_key='flat' \\(was 'mean'\\)"):
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1), tmp_path)
 
 
 def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_tokens_model, tmp_path):
