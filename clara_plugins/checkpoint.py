@@ -12,6 +12,7 @@ The base model's own weights are never copied; loading onto another base model f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -129,7 +130,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def read_config(folder: Path) -> ClaraConfig:
     """The ClaraConfig a checkpoint was trained with."""
-    values = read_header(folder)["config"]
+    return _config_of(read_header(folder), folder)
+
+
+def _config_of(header: dict, folder: Path) -> ClaraConfig:
+    values = dict(header["config"])
     # checkpoints written before the memory design was a setting all used appended <MEM> tokens
     values.setdefault("memory_design", "tokens")
     values.setdefault("retrieval_key", "flat")  # and before the retrieval key was, the flattened memory
@@ -139,15 +144,29 @@ def read_config(folder: Path) -> ClaraConfig:
         raise CheckpointError(f"{folder / CONFIG_FILE}: {error}") from error
 
 
+# ClaraConfig fields a model may set otherwise than the checkpoint it loads: the base model's
+# path (its fingerprint is checked instead), how it generates, and the text stage's reading mode
+_SETTINGS_OUTSIDE_WEIGHTS = ("base_model", "generation_top_k", "max_new_tokens", "decoder_reads_text")
+
+
 def load_trained_weights(model: AdaptedModel, folder: Path) -> None:
-    """Check the base-model fingerprint, then load the three adapters and the rows; a missing,
-    empty or non-finite one is an error, never a silently untrained adapter."""
+    """Check the base-model fingerprint and the model's configuration, then load the three
+    adapters and the rows; a missing, empty or non-finite one is an error, never a silently
+    untrained adapter. The adapters would load into a model of another memory design or
+    retrieval key without a complaint (a training run resumed with other settings)."""
     header = read_header(folder)
     problem = fingerprint_mismatch(header["base_model_fingerprint"], model.base_fingerprint)
     if problem:
         raise CheckpointError(
             f"checkpoint {folder} was trained on another base model than {model.config.base_model!r}: {problem}"
         )
+    saved, current = _config_of(header, folder), model.config
+    changed = [f"{name}={getattr(current, name)!r} (was {getattr(saved, name)!r})"
+               for name in (field.name for field in dataclasses.fields(ClaraConfig))
+               if name not in _SETTINGS_OUTSIDE_WEIGHTS and getattr(current, name) != getattr(saved, name)]
+    if changed:
+        raise CheckpointError(f"checkpoint {folder} was trained with another model configuration: "
+                              f"{', '.join(changed)}; load it with the same settings")
     adapters = {name: _read_safetensors(folder / adapter_file(name)) for name in ADAPTER_NAMES}
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
     for name, state in adapters.items():

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_trained_weights, read_config
-from .config import ClaraConfig, TrainConfig
+from .checkpoint import load_trained_weights
+from .config import TrainConfig
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
 from .passes import completion_log_likelihood, copy_adapter, encode_with_gradients, set_trainable
@@ -284,21 +284,6 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> 
     model.train()
 
 
-# what a resumed run may set otherwise: the base model's path, and what train() itself sets
-_RESUMABLE_CHANGES = ("base_model", "generation_top_k", "max_new_tokens", "decoder_reads_text")
-
-
-def _check_same_model(saved: ClaraConfig, current: ClaraConfig, output: Path) -> None:
-    """A resumed run must compress, score and read as the stopped one did: the adapters would
-    load into a model of another memory design or retrieval key without a complaint."""
-    changed = [f"{field.name}={getattr(current, field.name)!r} (was {getattr(saved, field.name)!r})"
-               for field in dataclasses.fields(ClaraConfig)
-               if field.name not in _RESUMABLE_CHANGES and getattr(current, field.name) != getattr(saved, field.name)]
-    if changed:
-        raise ValueError(f"{output} was trained on another model configuration: {', '.join(changed)}; "
-                         "resume with the same settings or use a new output folder")
-
-
 def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
           corpus: MemoryStore | None = None, probes: dict[str, list[dict]] | None = None) -> Path:
     """Train one stage; resume from ``output`` when it holds a trainer state. Returns the
@@ -315,7 +300,6 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     torch.manual_seed(config.seed)
     resuming = state_path.exists()
     if resuming:
-        _check_same_model(read_config(checkpoint), model.config, output)
         load_trained_weights(model, checkpoint)
     else:
         prepare_stage(model, config)
