@@ -27,12 +27,13 @@ from llama_index.core.schema import QueryBundle, TextNode
 from llama_index.retrievers.bm25 import BM25Retriever
 
 from clara_plugins import ClaraModel
+from clara_plugins.passes import text_weights
 from clara_plugins.prompts import prompt_positions, question_prompt
 from langchain_clara import CLARA_PROMPT, ChatClara, format_documents
 from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraSynthesizer, ClaraVectorStore
 
 from .measure import folder_bytes
-from .text_reader import text_prompt, text_weights
+from .text_reader import text_prompt
 
 
 def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:

@@ -1,24 +1,18 @@
 """The text-RAG baseline on CLaRa's own backbone: documents pasted into the prompt as text.
 
 The same answering prompt as CLaRa's, with each document's text where CLaRa puts its memory
-placeholder. ``text_weights`` switches the whole model's weights outside its lock: for the
-benchmarks' one-thread runs, not for a model shared with other threads. The plain base model reads it, or, for a checkpoint trained by ``clara train
---stage text`` (``decoder_reads_text``), the decoder adapter fine-tuned on text. Empty
-document lists give the no-retrieval baseline.
+placeholder. The plain base model reads it, or, for a checkpoint trained by ``clara train
+--stage text`` (``decoder_reads_text``), the decoder adapter fine-tuned on text
+(``clara_plugins.passes.text_weights``). Empty document lists give the no-retrieval baseline.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 
 from clara_plugins import ClaraModel
+from clara_plugins.passes import text_weights
 from clara_plugins.prompts import text_context_prompt
-
-
-def text_weights(model: ClaraModel) -> contextlib.AbstractContextManager:
-    """The base model's own weights, unless the checkpoint's decoder was trained on text."""
-    return contextlib.nullcontext() if model.config.decoder_reads_text else model.lm.disable_adapter()
 
 
 def text_prompt(model: ClaraModel, question: str, documents: Sequence[str]) -> str:

@@ -141,6 +141,13 @@ class TrainConfig:
     # candidates). The LM loss alone moves the query reasoner too slowly for CPU budgets
     # (docs/training-run.md); 0 is the paper's loss.
     retrieval_weight: float = 0.0
+    # instruct: + distill_weight * KL(teacher || generator) per answer token, the teacher reading
+    # the rows' documents as text: a checkpoint folder trained by --stage text, or any checkpoint
+    # (its base model reads then). An answer is a few tokens; the teacher's whole distribution
+    # at each of them is a denser signal of what the documents say than the one gold token
+    # (docs/training-run.md, ninth session).
+    distill_weight: float = 0.0
+    teacher: str = ""
     probe_every: int = 0  # measure the reading gain on held-out probe rows every N steps (0: never)
 
     @property
@@ -162,3 +169,5 @@ class TrainConfig:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.distill_weight and (self.stage != "instruct" or not self.teacher):
+            raise ValueError("distill_weight needs the instruct stage and a teacher checkpoint (teacher)")

@@ -7,6 +7,7 @@ here, beside the trainer, so that the model's public surface stays the user's.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -60,14 +61,27 @@ def encode_with_gradients(model: ClaraModel, texts: Sequence[str],
     return model._encode_tokens(bodies, adapter)
 
 
-def completion_log_likelihood(
+def text_weights(model: ClaraModel) -> contextlib.AbstractContextManager:
+    """The weights that read documents pasted as text: the base model's own, unless the
+    checkpoint's decoder was trained on text (``decoder_reads_text``).
+
+    It switches the whole model's weights outside the model's lock: for one-thread runs (the
+    trainer's teacher, the benchmarks), not for a model shared with other threads.
+    """
+    return contextlib.nullcontext() if model.config.decoder_reads_text else model.lm.disable_adapter()
+
+
+def completion_log_probs(
     model: ClaraModel, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probability of each completion after its prompt, and its token count.
+    """Log-probabilities over the vocabulary at each completion position [batch, T, vocab], and
+    the completion tokens they predict [batch, T] (-100 where a shorter completion leaves room).
 
     ``prompts`` are rendered with the generation prompt open; ``completions`` are the same
     conversations with the assistant turn written; ``memories`` [batch, k, n_mem, hidden] fill
-    their placeholders. Runs the decoder adapter, with gradients.
+    their placeholders. Runs the decoder adapter, with gradients. Rows are left-padded, so every
+    completion ends its row and T is the longest completion: two calls whose conversations end
+    in the same completions line up position by position, whatever their prompts.
     """
     groups = None if memories is None else list(memories)
     embeds, mask, ids = model._decoder_inputs(list(completions), groups)
@@ -75,17 +89,24 @@ def completion_log_likelihood(
     lengths = mask.sum(1).tolist()
     targets = torch.full_like(ids, -100)
     for row, (total, prompt) in enumerate(zip(lengths, prompt_lengths)):
-        start = ids.size(1) - total + prompt  # first completion token (rows are left-padded)
+        start = ids.size(1) - total + prompt  # first completion token
         targets[row, start:] = ids[row, start:]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # Rows are left-padded, so every completion ends the row: logits are needed only for the
-    # last (longest completion + 1) positions, not the whole prompt over the full vocabulary.
+    # logits only for the last (longest completion + 1) positions, not the whole prompt over
+    # the full vocabulary
     tail = max(total - prompt for total, prompt in zip(lengths, prompt_lengths)) + 1
     with model._adapter(DECODER):
         logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                           logits_to_keep=tail).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    labels = targets[:, ids.size(1) - tail + 1:]
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1), targets[:, ids.size(1) - tail + 1:]
+
+
+def completion_log_likelihood(
+    model: ClaraModel, prompts: Sequence[str], completions: Sequence[str], memories: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each completion after its prompt [batch], and its token count
+    [batch] (arguments as ``completion_log_probs``)."""
+    logprobs, labels = completion_log_probs(model, prompts, completions, memories)
     picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     valid = labels != -100
     return (picked * valid).sum(1), valid.sum(1)

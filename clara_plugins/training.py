@@ -7,7 +7,8 @@
 - ``instruct``: compression instruction tuning on (question, k documents, answer); the
   decoder adapter starts afresh, the encoder adapter is kept. Same loss. With
   ``freeze_compressor`` the documents are compressed once without gradient and only the
-  decoder learns (CE alone): several times cheaper per step, for CPU budgets.
+  decoder learns (CE alone): several times cheaper per step, for CPU budgets. With a
+  ``teacher``, + distill_weight * KL(teacher reading the documents as text || generator).
 - ``e2e``: end-to-end. The compressor is frozen (candidate memories computed without
   gradient); the query reasoner starts as a copy of the encoder adapter; the query reasoner,
   the generator and the <MEM> rows learn from the LM loss alone, through the straight-through
@@ -39,12 +40,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .checkpoint import load_trained_weights
 from .config import TrainConfig
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
-from .passes import completion_log_likelihood, copy_adapter, encode_with_gradients, set_trainable
+from .passes import (completion_log_likelihood, completion_log_probs, copy_adapter, encode_with_gradients,
+                     set_trainable, text_weights)
 from .reading import evaluate_reading
 from .prompts import memory_prompts, text_context_prompt
 from .retrieval import cosine_scores, straight_through_topk
@@ -89,24 +92,57 @@ def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
 
 
 def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
-                  config: TrainConfig) -> tuple[torch.Tensor, dict]:
+                  config: TrainConfig, teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, dict]:
     """CE of the targets read from their own memories [batch, k, n, hidden], plus the reading
-    margin when it is on: the same targets read from the previous row's memories must cost at
-    least ``margin`` nats per token more."""
-    ce = _decoder_loss(model, prompts, full, grouped)
+    margin when it is on (the same targets read from the previous row's memories must cost at
+    least ``margin`` nats per token more), plus distillation when ``teacher_view`` gives a
+    teacher's log-probabilities and targets for the same completions (``_teacher_view``)."""
+    log_probs, labels = completion_log_probs(model, prompts, full, grouped)
+    ce = F.nll_loss(log_probs.flatten(0, 1), labels.flatten(), ignore_index=-100)
     metrics = {"ce": ce.item()}
-    if not config.margin_weight or len(grouped) < 2:
-        return ce, metrics
-    gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
-    metrics["reading_gain"] = gain.item()
-    return ce + config.margin_weight * F.relu(config.margin - gain), metrics
+    loss = ce
+    if teacher_view is not None:
+        distill = _distillation_loss(*teacher_view, log_probs, labels)
+        metrics["distill"] = distill.item()
+        loss = loss + config.distill_weight * distill
+    if config.margin_weight and len(grouped) >= 2:
+        gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
+        metrics["reading_gain"] = gain.item()
+        loss = loss + config.margin_weight * F.relu(config.margin - gain)
+    return loss, metrics
+
+
+def _text_prompts(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The prompts and prompts + answers of instruction rows with their documents as text."""
+    prompts = [text_context_prompt(tokenizer, row["question"], row["docs"]) for row in rows]
+    full = [text_context_prompt(tokenizer, row["question"], row["docs"], row.get("answer") or row["answers"][0])
+            for row in rows]
+    return prompts, full
+
+
+def _teacher_view(teacher: ClaraModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's log-probabilities [batch, T, vocab] of the rows' answers, read from their
+    documents as text, and the answer tokens [batch, T]; no gradient."""
+    with torch.no_grad(), text_weights(teacher):
+        return completion_log_probs(teacher, *_text_prompts(teacher.tokenizer, rows))
+
+
+def _distillation_loss(teacher_log_probs: torch.Tensor, teacher_labels: torch.Tensor,
+                       log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || generator) per answer token [batch, T, vocab] -> mean over the tokens."""
+    if not torch.equal(teacher_labels.cpu(), labels.cpu()):
+        raise ValueError("the teacher tokenizes the answers differently from the model it teaches")
+    kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(-1)
+    valid = labels != -100
+    return (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
 def _compression_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
-                      memories: torch.Tensor, document_means: torch.Tensor,
-                      config: TrainConfig) -> tuple[torch.Tensor, dict]:
+                      memories: torch.Tensor, document_means: torch.Tensor, config: TrainConfig,
+                      teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
     """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document)."""
-    loss, metrics = _reading_loss(model, prompts, full, grouped, config)
+    loss, metrics = _reading_loss(model, prompts, full, grouped, config, teacher_view)
     mse = F.mse_loss(memories.mean(1).float(), document_means.float())
     metrics["mse"] = mse.item()
     if len(memories) > 1:
@@ -132,26 +168,26 @@ def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[
 
 
 def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
-                  frozen: CandidateMemories | None = None) -> tuple[torch.Tensor, dict]:
+                  frozen: CandidateMemories | None = None,
+                  teacher: ClaraModel | None = None) -> tuple[torch.Tensor, dict]:
     """The reading loss (+ MSE) of the answer read from the k documents' memories; with
-    ``frozen``, the memories come from its no-gradient cache and there is no MSE."""
+    ``frozen``, the memories come from its no-gradient cache and there is no MSE; with
+    ``teacher``, + distillation from it reading the same documents as text."""
     k = len(rows[0]["docs"])
     if any(len(row["docs"]) != k for row in rows):
         raise ValueError("instruction rows in one batch must have the same number of documents")
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, k)
+    view = None if teacher is None else _teacher_view(teacher, rows)
     if frozen is not None:
-        return _reading_loss(model, prompts, full, frozen.for_rows(rows, config)[0], config)
+        return _reading_loss(model, prompts, full, frozen.for_rows(rows, config)[0], config, view)
     memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
     grouped = memories.reshape(len(rows), k, *memories.shape[1:])
-    return _compression_loss(model, prompts, full, grouped, memories, document_means, config)
+    return _compression_loss(model, prompts, full, grouped, memories, document_means, config, view)
 
 
 def text_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     """CE of the answer with the documents pasted as text: no memory tokens at all."""
-    tok = model.tokenizer
-    prompts = [text_context_prompt(tok, row["question"], row["docs"]) for row in rows]
-    full = [text_context_prompt(tok, row["question"], row["docs"], row["answer"]) for row in rows]
-    ce = _decoder_loss(model, prompts, full, None)
+    ce = _decoder_loss(model, *_text_prompts(model.tokenizer, rows), None)
     return ce, {"ce": ce.item()}
 
 
@@ -241,6 +277,14 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
 # ------------------------------------------------------------------------ loop
 
 
+def _load_teacher(model: ClaraModel, folder: str) -> ClaraModel:
+    teacher = ClaraModel.from_pretrained(folder, device=model.device)
+    if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+        raise ValueError(f"the teacher {folder} has another vocabulary than the model it teaches: "
+                         "train it from the same base model and compression rate")
+    return teacher.eval()
+
+
 def _learning_rate(config: TrainConfig) -> Callable[[int], float]:
     warmup = max(1, int(config.warmup_ratio * config.steps))
 
@@ -323,7 +367,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         _forget_steps_after(output / "log.jsonl", start)
     cached = config.stage == "e2e" or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
-    loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates),
+    teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
+    loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates, teacher),
                "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates), "text": text_loss}[config.stage]
 
     model.train()

@@ -135,6 +135,38 @@ def test_text_stage_fine_tunes_the_decoder_that_reads_text(tiny_model, tmp_path)
     assert tuned != plain  # the fine-tuned decoder, not the plain base model, reads the text
 
 
+def test_distillation_pulls_the_generator_towards_the_teacher_reading_text(tiny_config, tiny_model, tmp_path):
+    text = TrainConfig(stage="text", steps=25, batch_size=2, grad_accum=1, lr=3e-2)
+    teacher = train(ClaraModel(tiny_config, device="cpu"), INSTRUCT, text, tmp_path / "teacher")
+    config = TrainConfig(stage="instruct", steps=25, batch_size=2, grad_accum=1, lr=3e-2, freeze_compressor=True,
+                         keep_generator=True, distill_weight=1.0, teacher=str(teacher))
+    train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["loss"] == pytest.approx(log[0]["ce"] + log[0]["distill"], abs=1e-4)
+    assert log[-1]["distill"] < 0.7 * log[0]["distill"]
+
+
+def test_the_distillation_term_is_the_kl_from_the_teacher():
+    labels = torch.tensor([[-100, 3, 1], [2, 0, 4]])
+    teacher, student = torch.randn(2, 3, 5).log_softmax(-1), torch.randn(2, 3, 5).log_softmax(-1)
+    valid = labels != -100
+    expected = torch.nn.functional.kl_div(student[valid], teacher[valid], log_target=True, reduction="batchmean")
+    assert training._distillation_loss(teacher, labels, student, labels) == pytest.approx(float(expected), abs=1e-5)
+    assert training._distillation_loss(teacher, labels, teacher, labels) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="tokenizes the answers differently"):
+        training._distillation_loss(teacher, labels.flip(0), student, labels)
+
+
+def test_a_teacher_with_another_vocabulary_or_stage_is_refused(tiny_config, tiny_model, tmp_path):
+    ClaraModel(dataclasses.replace(tiny_config, compression_rate=32), device="cpu").save_pretrained(tmp_path / "t")
+    config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, distill_weight=1.0,
+                         teacher=str(tmp_path / "t"))
+    with pytest.raises(ValueError, match="another vocabulary"):
+        train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    with pytest.raises(ValueError, match="distill_weight needs the instruct stage"):
+        TrainConfig(stage="scp", distill_weight=1.0, teacher=str(tmp_path / "t"))
+
+
 @pytest.mark.parametrize("estimator,null", [("straight-through", False), ("realm", False), ("realm", True)])
 def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, tmp_path, estimator, null):
     encoder = lora(tiny_model, "encoder_adapter")
