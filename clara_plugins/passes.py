@@ -106,7 +106,12 @@ def completion_log_likelihood(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probability of each completion after its prompt [batch], and its token count
     [batch] (arguments as ``completion_log_probs``)."""
-    logprobs, labels = completion_log_probs(model, prompts, completions, memories)
-    picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return summed_log_likelihood(*completion_log_probs(model, prompts, completions, memories))
+
+
+def summed_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_log_probs``' output [batch, T, vocab], [batch, T] -> each completion's summed
+    log-probability [batch] and its token count [batch]."""
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     valid = labels != -100
     return (picked * valid).sum(1), valid.sum(1)

@@ -125,7 +125,20 @@ def memory_prompts(tokenizer: PreTrainedTokenizerBase, document_placeholder: str
             prompts.append(scp_prompt(tokenizer, document_placeholder, kind))
             full.append(scp_prompt(tokenizer, document_placeholder, kind, scp_target(row)))
         else:
-            answer = row.get("answer") or row["answers"][0]
+            answer = _answer(row)
             prompts.append(question_prompt(tokenizer, row["question"], k, document_placeholder))
             full.append(question_prompt(tokenizer, row["question"], k, document_placeholder, answer))
     return prompts, full
+
+
+def text_prompts(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """The prompts and the prompts + answers of instruction rows read with their documents as
+    text: the text stage's rows, and what a distillation teacher reads."""
+    prompts = [text_context_prompt(tokenizer, row["question"], row["docs"]) for row in rows]
+    full = [text_context_prompt(tokenizer, row["question"], row["docs"], _answer(row)) for row in rows]
+    return prompts, full
+
+
+def _answer(row: dict) -> str:
+    """An instruction row's target: its ``answer``, else the first of its ``answers``."""
+    return row.get("answer") or row["answers"][0]

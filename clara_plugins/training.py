@@ -40,16 +40,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from .checkpoint import load_trained_weights
 from .config import TrainConfig
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
 from .passes import (completion_log_likelihood, completion_log_probs, copy_adapter, encode_with_gradients,
-                     set_trainable, text_weights)
+                     set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading
-from .prompts import memory_prompts, text_context_prompt
+from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
 from .store import MemoryStore
 
@@ -87,7 +86,12 @@ def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> 
 
 def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
                   memories: torch.Tensor | None) -> torch.Tensor:
-    log_likelihood, tokens = completion_log_likelihood(model, prompts, full, memories)
+    return _token_ce(*completion_log_probs(model, prompts, full, memories))
+
+
+def _token_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE per completion token of a batch, from ``completion_log_probs``' output."""
+    log_likelihood, tokens = summed_log_likelihood(log_probs, labels)
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
 
@@ -99,7 +103,7 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
     least ``margin`` nats per token more), plus distillation when ``teacher_view`` gives a
     teacher's log-probabilities and targets for the same completions (``_teacher_view``)."""
     log_probs, labels = completion_log_probs(model, prompts, full, grouped)
-    ce = F.nll_loss(log_probs.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    ce = _token_ce(log_probs, labels)
     metrics = {"ce": ce.item()}
     loss = ce
     if teacher_view is not None:
@@ -113,25 +117,17 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
     return loss, metrics
 
 
-def _text_prompts(tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> tuple[list[str], list[str]]:
-    """The prompts and prompts + answers of instruction rows with their documents as text."""
-    prompts = [text_context_prompt(tokenizer, row["question"], row["docs"]) for row in rows]
-    full = [text_context_prompt(tokenizer, row["question"], row["docs"], row.get("answer") or row["answers"][0])
-            for row in rows]
-    return prompts, full
-
-
 def _teacher_view(teacher: ClaraModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's log-probabilities [batch, T, vocab] of the rows' answers, read from their
     documents as text, and the answer tokens [batch, T]; no gradient."""
     with torch.no_grad(), text_weights(teacher):
-        return completion_log_probs(teacher, *_text_prompts(teacher.tokenizer, rows))
+        return completion_log_probs(teacher, *text_prompts(teacher.tokenizer, rows))
 
 
 def _distillation_loss(teacher_log_probs: torch.Tensor, teacher_labels: torch.Tensor,
                        log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """KL(teacher || generator) per answer token [batch, T, vocab] -> mean over the tokens."""
-    if not torch.equal(teacher_labels.cpu(), labels.cpu()):
+    if not torch.equal(teacher_labels, labels):
         raise ValueError("the teacher tokenizes the answers differently from the model it teaches")
     kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(-1)
     valid = labels != -100
@@ -187,7 +183,7 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
 
 def text_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     """CE of the answer with the documents pasted as text: no memory tokens at all."""
-    ce = _decoder_loss(model, *_text_prompts(model.tokenizer, rows), None)
+    ce = _decoder_loss(model, *text_prompts(model.tokenizer, rows), None)
     return ce, {"ce": ce.item()}
 
 
