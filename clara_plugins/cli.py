@@ -174,6 +174,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=_positive, default=5, help="documents read per question (default 5)")
     parser.add_argument("--limit", type=_positive, help="only the first N rows")
     parser.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length (default 32)")
+    parser.add_argument("--batch-size", type=_positive, default=4,
+                        help="questions answered together (default 4; more is faster where memory allows)")
     parser.add_argument("--out", help="write the results (with predictions) to this JSON file")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
 
@@ -351,7 +353,8 @@ def _eval(args: argparse.Namespace) -> None:
     model = load_model(checkpoint, device=args.device)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None, "answers": [], "retrieval": []}
     for system in args.systems:
-        results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens))
+        results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,
+                                                   args.batch_size))
     dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
     if args.retrievers:
         results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense)

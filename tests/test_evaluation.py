@@ -92,6 +92,20 @@ def test_clara_eval_writes_every_measure(tiny_model, tmp_path, capsys):
     assert '"reading_gain"' in capsys.readouterr().out
 
 
+def test_clara_eval_answers_the_same_in_any_batch_size(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    results = []
+    for batch_size in ("1", "3"):
+        main(["eval", str(data), "--checkpoint", str(tmp_path / "ckpt"), "--systems", "clara", "text", "-k", "3",
+              "--max-new-tokens", "4", "--batch-size", batch_size, "--device", "cpu",
+              "--out", str(tmp_path / f"batch{batch_size}.json")])
+        results.append(json.loads((tmp_path / f"batch{batch_size}.json").read_text()))
+    single, batched = ([s["predictions"] for s in r["answers"]] for r in results)
+    assert single == batched
+
+
 def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
     from clara_plugins.prompts import text_context_prompt
 
