@@ -27,10 +27,10 @@ INSTRUCT_STEPS=${INSTRUCT_STEPS:-60}
 TEXT_STEPS=${TEXT_STEPS:-40}      # the text reader: the baseline, and the distillation teacher
 DISTILL_STEPS=${DISTILL_STEPS:-200}  # instruction tuning continued with distillation from it (0: none)
 DISTILL_MARGIN=${DISTILL_MARGIN:-1.5}  # the reading margin's target there, in nats per token
-E2E_STEPS=${E2E_STEPS:-200}
+E2E_STEPS=${E2E_STEPS:-120}
 BATCH=${BATCH:-4}
 E2E_BATCH=${E2E_BATCH:-4}
-E2E_ROWS=${E2E_ROWS:-100,500,100}  # HotpotQA, 2Wiki, MuSiQue rows: compressing 20 candidates each is most of the stage's cost on CPU
+E2E_ROWS=${E2E_ROWS:-100,40,20}   # HotpotQA, 2Wiki, MuSiQue rows: compressing 20 candidates each is most of the stage's cost on CPU
 RETRIEVAL_WEIGHT=${RETRIEVAL_WEIGHT:-1.0}  # the e2e stage's gold retrieval term (0: the paper's loss)
 FREEZE_GENERATOR=${FREEZE_GENERATOR---freeze-generator}  # e2e stage: the query reasoner alone learns; empty: the generator too (paper)
 SCP_LR=${SCP_LR:-3e-4}
@@ -88,8 +88,9 @@ clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" 
 clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting oracle --limit 300
 clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
 
-# 2. Training: SCP -> instruction tuning (keeping the SCP generator) -> the text baseline ->
-#    instruction tuning continued with distillation from it -> end-to-end. Every memory stage pays a margin for reading; the probes log the reading
+# 2. Training: SCP -> instruction tuning (keeping the SCP generator) -> end-to-end (the query
+#    reasoner alone) -> the text baseline -> instruction tuning continued with distillation
+#    from it (the generator alone; the shipped checkpoint). Every memory stage pays a margin for reading; the probes log the reading
 #    gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens a row):
 #    one row per forward pass with accumulation keeps its peak memory in bounds.
 tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
@@ -112,23 +113,23 @@ clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instru
     --keep-generator $FREEZE_COMPRESSOR --steps "$INSTRUCT_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
     --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
     --probe "$rows/probe_nq5.jsonl" --probe-every "$PROBE_EVERY"
+clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$OUT/instruct/checkpoint" \
+    --retrieval-key mean --retrieval-weight "$RETRIEVAL_WEIGHT" $FREEZE_GENERATOR --steps "$E2E_STEPS" --batch-size "$E2E_BATCH" \
+    --grad-accum 1 --lr "$E2E_LR" --schedule constant --save-every 20 --device "$DEVICE"
 # The text reader (a fresh generator reading the passages as text) is the baseline and the
 # teacher: the generator, reading memories, then also learns the teacher's answer distribution,
 # with a higher margin target, as distillation lowers the CE from any memories.
 clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
     --steps "$TEXT_STEPS" --batch-size 1 --grad-accum "$BATCH" --lr "$LR" --device "$DEVICE"
-generator="$OUT/instruct"
+final="$OUT/e2e"
 if [ "$DISTILL_STEPS" -gt 0 ]; then
-    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/distill" --init "$OUT/instruct/checkpoint" \
+    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/distill" --init "$OUT/e2e/checkpoint" \
         --keep-generator $FREEZE_COMPRESSOR --steps "$DISTILL_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
         --seed 4 --margin "$DISTILL_MARGIN" --margin-weight "$MARGIN" --distill-weight 1.0 \
         --teacher "$OUT/text/checkpoint" --save-every 20 --device "$DEVICE" \
         --probe "$rows/probe_nq5.jsonl" "$rows/probe_hotpot5.jsonl" --probe-every "$PROBE_EVERY"
-    generator="$OUT/distill"
+    final="$OUT/distill"
 fi
-clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$generator/checkpoint" \
-    --retrieval-key mean --retrieval-weight "$RETRIEVAL_WEIGHT" $FREEZE_GENERATOR --steps "$E2E_STEPS" --batch-size "$E2E_BATCH" \
-    --grad-accum 1 --lr "$E2E_LR" --schedule constant --save-every 20 --device "$DEVICE"
 
 # 3. Evaluation. "text" with the text checkpoint is the fine-tuned text reader; "none" and the
 #    plain "text" reader come with the CLaRa checkpoint (its base model, no adapter).
@@ -138,20 +139,20 @@ for name in hotpotqa_oracle nq_oracle; do
     head -n "$EVAL_LIMIT" "$data" | python -c "import json, sys; rows = [json.loads(l) for l in sys.stdin]
 for i, row in enumerate(rows): print(json.dumps({**row, 'docs': rows[(i + 1) % len(rows)]['docs']}))" \
         > "$rows/control_$name.jsonl"
-    clara eval "$data" --checkpoint "$OUT/e2e/checkpoint" --systems clara text none --reading \
+    clara eval "$data" --checkpoint "$final/checkpoint" --systems clara text none --reading \
         --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_clara.json"
-    clara eval "$rows/control_$name.jsonl" --checkpoint "$OUT/e2e/checkpoint" --systems clara \
+    clara eval "$rows/control_$name.jsonl" --checkpoint "$final/checkpoint" --systems clara \
         --device "$DEVICE" --out "$OUT/eval/${name}_control.json"
     clara eval "$data" --checkpoint "$OUT/text/checkpoint" --systems text \
         --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_text_finetuned.json"
 done
 # "compressor" encodes the question with the (frozen) compressor: the reasoner before end-to-end.
-clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$OUT/e2e/checkpoint" --systems \
+clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$final/checkpoint" --systems \
     --retrievers compressor reasoner dense bm25 --limit "$RECALL_LIMIT" --device "$DEVICE" \
     --out "$OUT/eval/recall_hotpotqa_e2e20.json"
 
 # 4. The fp16 checkpoint to ship (adapters + memory-token rows, 28 MiB at CR16).
 python -c "import sys, torch; from clara_plugins import ClaraModel
 ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$OUT/e2e/checkpoint" "$OUT/cr16-fp16"
+    "$final/checkpoint" "$OUT/cr16-fp16"
 echo "done: evaluations in $OUT/eval, fp16 checkpoint in $OUT/cr16-fp16"
