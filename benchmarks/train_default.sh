@@ -7,7 +7,7 @@
 # 0-299, both held out), the reading check, and Recall@5 of the query reasoner before and after
 # the end-to-end stage vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
 # recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md: about
-# 4 h 30 min on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
+# 4 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
 # (tests/test_train_default.py) are the same script:
 #
 #   bash benchmarks/train_default.sh                              # the shipped checkpoint
@@ -90,8 +90,8 @@ clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" -
 
 # 2. Training: SCP -> instruction tuning (keeping the SCP generator) -> end-to-end (the query
 #    reasoner alone) -> the text baseline -> instruction tuning continued with distillation
-#    from it (the generator alone; the shipped checkpoint). Every memory stage pays a margin for reading; the probes log the reading
-#    gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens a row):
+#    from it (the generator alone; the shipped checkpoint). Every memory stage pays a margin
+#    for reading; the probes log the reading gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens a row):
 #    one row per forward pass with accumulation keeps its peak memory in bounds.
 tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
 tail -n 16 "$rows/eval_hotpotqa_oracle.jsonl" > "$rows/probe_hotpot5.jsonl"

@@ -78,11 +78,18 @@ def test_reading_works_on_scp_rows_with_one_document_each(tiny_model):
         evaluate_reading(tiny_model, rows + ROWS, k=3)
 
 
-def test_clara_eval_writes_every_measure(tiny_model, tmp_path, capsys):
+@pytest.fixture
+def saved(tiny_model, tmp_path):
+    """The tiny model saved as a checkpoint and ROWS written as a rows file, for `clara eval`."""
     tiny_model.save_pretrained(tmp_path / "ckpt")
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
-    main(["eval", str(data), "--checkpoint", str(tmp_path / "ckpt"), "--systems", "clara", "none",
+    return str(tmp_path / "ckpt"), str(data)
+
+
+def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
+    checkpoint, data = saved
+    main(["eval", data, "--checkpoint", checkpoint, "--systems", "clara", "none",
           "--retrievers", "bm25", "--reading", "-k", "3", "--max-new-tokens", "2", "--device", "cpu",
           "--out", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
@@ -92,13 +99,11 @@ def test_clara_eval_writes_every_measure(tiny_model, tmp_path, capsys):
     assert '"reading_gain"' in capsys.readouterr().out
 
 
-def test_clara_eval_answers_the_same_in_any_batch_size(tiny_model, tmp_path):
-    tiny_model.save_pretrained(tmp_path / "ckpt")
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+def test_clara_eval_answers_the_same_in_any_batch_size(saved, tmp_path):
+    checkpoint, data = saved
     results = []
     for batch_size in ("1", "3"):
-        main(["eval", str(data), "--checkpoint", str(tmp_path / "ckpt"), "--systems", "clara", "text", "-k", "3",
+        main(["eval", data, "--checkpoint", checkpoint, "--systems", "clara", "text", "-k", "3",
               "--max-new-tokens", "4", "--batch-size", batch_size, "--device", "cpu",
               "--out", str(tmp_path / f"batch{batch_size}.json")])
         results.append(json.loads((tmp_path / f"batch{batch_size}.json").read_text()))

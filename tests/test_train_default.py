@@ -32,9 +32,9 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
         if stage in ("scp", "instruct", "distill"):  # the reading margin is on, and the probes ran
             assert all("reading_gain" in record for record in log)
             assert [record["step"] for record in log if "probe" in record][-1] == 2
-    distill = [json.loads(line) for line in (out / "distill" / "log.jsonl").read_text().splitlines()]
-    assert {r["probe"] for r in distill if "probe" in r} == {"probe_nq5", "probe_hotpot5"}
-    assert all("distill" in r for r in distill if "probe" not in r)  # the text reader teaches
+        if stage == "distill":  # the text reader teaches, and both held-out probes ran
+            assert all("distill" in record for record in log if "probe" not in record)
+            assert {record["probe"] for record in log if "probe" in record} == {"probe_nq5", "probe_hotpot5"}
     clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
     assert [a["system"] for a in clara["answers"]] == ["clara", "text", "none"]
     assert clara["reading"]["examples"] == 3
