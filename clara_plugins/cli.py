@@ -127,7 +127,8 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=STAGES, required=True,
-                        help="the stage; 'text' fine-tunes the decoder on the same rows read as text "
+                        help="the stage; 'retrieval' trains the query reasoner alone on e2e rows (in-batch "
+                             "negatives); 'text' fine-tunes the decoder on the same rows read as text "
                              "(the fair text-RAG baseline)")
     parser.add_argument("--data", required=True, help="JSONL rows of the stage")
     parser.add_argument("--output", required=True, help="output folder")
@@ -391,7 +392,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "convert-data": ("convert an official QA file or corpus into training or evaluation rows",
                      _convert_data_arguments, _convert_data),
     "synth": ("synthesise SCP pretraining data with a teacher LLM (resumable)", _synth_arguments, _synth),
-    "train": ("train one CLaRa stage (scp, instruct, e2e) or the text baseline; resumes when OUTPUT "
+    "train": ("train one CLaRa stage (scp, instruct, e2e, retrieval) or the text baseline; resumes when OUTPUT "
               "holds a trainer state", _train_arguments, _train),
     "eval": ("EM, F1, cover-EM, Recall/Precision@k and the reading gain on converted rows",
              _eval_arguments, _eval),

@@ -101,7 +101,7 @@ class ClaraConfig:
         return cls(**values)
 
 
-STAGES = ("scp", "instruct", "e2e", "text")
+STAGES = ("scp", "instruct", "e2e", "retrieval", "text")
 ESTIMATORS = ("straight-through", "realm")
 
 
@@ -158,7 +158,7 @@ class TrainConfig:
     @property
     def trains_memory_rows(self) -> bool:
         """Whether the <MEM> rows learn: not when cached memories or a frozen generator need them fixed."""
-        return not (self.generator_only or self.freeze_generator)
+        return not (self.generator_only or self.freeze_generator or self.stage == "retrieval")
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

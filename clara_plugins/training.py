@@ -1,4 +1,4 @@
-"""Training CLaRa: the three stages of the paper in one loop.
+"""Training CLaRa: the paper's three stages, a retrieval stage and the text baseline, in one loop.
 
 - ``scp``: salient compressor pretraining. From one document's memory tokens alone the
   generator answers the document's QA pairs, reproduces its paraphrase, or (teacher-free
@@ -18,6 +18,10 @@
   contrastive term on the rows' gold candidates, for budgets where the LM loss alone barely
   moves the query reasoner. With a corpus store the candidates are retrieved from it and its
   memories re-encoded every ``refresh_every`` steps.
+- ``retrieval``: the query reasoner alone, as the end-to-end stage left it, learns to rank each
+  row's gold candidates above every other candidate of its micro-batch (in-batch negatives), the
+  candidates' memories cached from the frozen compressor. No generator pass: each step sees many
+  more questions per second than the language-modelling loss allows on a CPU.
 - ``text``: the paper's fair baseline. The same instruction rows, but the documents are
   pasted as text and only a fresh decoder adapter learns; the checkpoint is marked
   ``decoder_reads_text`` so that text-RAG generation uses it.
@@ -67,6 +71,8 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
 def _trainable(config: TrainConfig) -> list[str]:
     if config.stage == "e2e":
         return [QUERY_REASONER] if config.freeze_generator else [QUERY_REASONER, DECODER]
+    if config.stage == "retrieval":
+        return [QUERY_REASONER]
     return [DECODER] if config.generator_only else [ENCODER, DECODER]
 
 
@@ -205,12 +211,17 @@ class CandidateMemories:
             gold = [[n for n, (d, _) in enumerate(hits) if d.text in texts] for hits, texts in zip(found, gold_texts)]
             memories = torch.stack([self.corpus.memories([d.id for d, _ in hits]) for hits in found])
             return memories.to(self.model.device), gold
-        missing = list(dict.fromkeys(d for row in rows for d in row["docs"] if d not in self._cache))
+        memories = self.of_texts([d for row in rows for d in row["docs"]])
+        return memories.reshape(len(rows), -1, *memories.shape[1:]), [row.get("pos_index", []) for row in rows]
+
+    def of_texts(self, texts: list[str]) -> torch.Tensor:
+        """[len(texts), n_mem, hidden] fp32 memories, compressing only texts not seen before."""
+        missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
         if missing:
             for text, memory in zip(missing, self.model.compress_documents(missing).cpu()):
                 self._cache[text] = memory.to(torch.float16)
-        memories = torch.stack([torch.stack([self._cache[d] for d in row["docs"]]) for row in rows])
-        return memories.to(device=self.model.device, dtype=torch.float32), [row.get("pos_index", []) for row in rows]
+        memories = torch.stack([self._cache[text] for text in texts])
+        return memories.to(device=self.model.device, dtype=torch.float32)
 
     def refresh(self) -> None:
         """Re-encode with the current <MEM> rows: the corpus store, or the cache."""
@@ -228,7 +239,6 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     scores = cosine_scores(queries, memories, model.config.retrieval_key)  # [B, N], gradient reaches the query reasoner
     k = min(config.top_k, scores.size(1))
     top = scores.detach().topk(k, dim=-1).indices
-    recall = sum(recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g) / max(1, sum(1 for g in gold if g))
     if config.estimator == "straight-through":
         weights = straight_through_topk(scores, k, config.temperature)  # [B, k, N]
         selected = torch.einsum("bkn,bnmh->bkmh", weights, memories)
@@ -236,12 +246,34 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
         loss = _decoder_loss(model, prompts, full, selected)
     else:
         loss = _realm_loss(model, rows, scores, memories, top, config)
-    metrics = {"ce": loss.item(), f"recall@{k}": recall}
+    metrics = {"ce": loss.item(), f"recall@{k}": _pool_recall(scores, gold, k)}
     if config.retrieval_weight:
         retrieval = _gold_retrieval_loss(scores, gold, config.temperature)
         loss = loss + config.retrieval_weight * retrieval
         metrics["retrieval"] = retrieval.item()
     return loss, metrics
+
+
+def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
+                   candidates: CandidateMemories) -> tuple[torch.Tensor, dict]:
+    """-log of the softmax mass on each row's gold candidates among every distinct candidate of
+    the batch: a row's pool gives hard negatives, the other rows' pools many more."""
+    texts = list(dict.fromkeys(d for row in rows for d in row["docs"]))  # a text shared by two pools is one candidate
+    position = {text: i for i, text in enumerate(texts)}
+    memories = candidates.of_texts(texts)  # [M, n, h], no gradient
+    queries = encode_with_gradients(model, [row["question"] for row in rows], QUERY_REASONER)[0]
+    scores = cosine_scores(queries, memories, model.config.retrieval_key)  # [B, M]
+    gold = [[position[row["docs"][i]] for i in row["pos_index"]] for row in rows]
+    loss = _gold_retrieval_loss(scores, gold, config.temperature)
+    k = min(config.top_k, len(texts))  # logged Recall@k: among all the batch's candidates
+    return loss, {"retrieval": loss.item(), f"recall@{k}": _pool_recall(scores, gold, k)}
+
+
+def _pool_recall(scores: torch.Tensor, gold: list[list[int]], k: int) -> float:
+    """Mean Recall@k of the scores [B, N] over the rows with gold candidates."""
+    top = scores.detach().topk(k, dim=-1).indices
+    found = [recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g]
+    return sum(found) / max(1, len(found))
 
 
 def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], temperature: float) -> torch.Tensor:
@@ -334,6 +366,12 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     """
     if not rows:
         raise ValueError("no training rows")
+    no_gold = [i for i, row in enumerate(rows) if not row.get("pos_index")] if config.stage == "retrieval" else []
+    if no_gold:
+        raise ValueError(f"the retrieval stage learns from each row's gold candidates, and rows {no_gold[:5]} "
+                         f"({len(no_gold)} in all) have no pos_index")
+    if corpus is not None and config.stage != "e2e":
+        raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     state_path, checkpoint = output / "trainer_state.pt", output / "checkpoint"
@@ -361,11 +399,12 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         torch.set_rng_state(state["rng"])
         start = state["step"]
         _forget_steps_after(output / "log.jsonl", start)
-    cached = config.stage == "e2e" or (config.stage == "instruct" and config.freeze_compressor)
+    cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
     teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
     loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates, teacher),
-               "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates), "text": text_loss}[config.stage]
+               "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates),
+               "retrieval": lambda m, b, c: retrieval_loss(m, b, c, candidates), "text": text_loss}[config.stage]
 
     model.train()
     started = time.perf_counter()

@@ -11,7 +11,7 @@ from clara_plugins import ClaraModel, MemoryStore, TrainConfig, training
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
-from clara_plugins.training import CandidateMemories, e2e_loss, train
+from clara_plugins.training import CandidateMemories, e2e_loss, retrieval_loss, train
 from conftest import CORPUS
 
 INSTRUCT = [{"question": "Who won prizes?", "docs": CORPUS[:2], "answer": "Marie Curie"},
@@ -212,7 +212,7 @@ def test_the_gold_retrieval_term_raises_the_gold_candidates_score(tiny_model):
     candidates = CandidateMemories(tiny_model)
     config = TrainConfig(stage="e2e", top_k=2, retrieval_weight=10.0, temperature=0.1)
     set_trainable(tiny_model, ["query_reasoner_adapter"], memory_embeddings=False)
-    tiny_model.train()
+    tiny_model.eval()  # no dropout: both runs take the same steps from the same start but for the weight
 
     def gold_margin() -> float:
         with torch.no_grad():
@@ -242,6 +242,36 @@ def test_the_gold_retrieval_term_raises_the_gold_candidates_score(tiny_model):
     before = gold_margin()
     language_modelling_only = margin_after_training(0.0)
     assert margin_after_training(config.retrieval_weight) > max(before, language_modelling_only)
+
+
+def test_the_retrieval_stage_trains_the_query_reasoner_alone(tiny_model, tmp_path):
+    others = {name: lora(tiny_model, name) for name in ("encoder_adapter", "decoder_adapter")}
+    reasoner = lora(tiny_model, "query_reasoner_adapter")
+    rows_before = tiny_model.lm.get_input_embeddings().weight.detach().clone()
+    config = TrainConfig(stage="retrieval", steps=2, batch_size=2, grad_accum=1, lr=1e-2, top_k=2)
+    train(tiny_model, E2E, config, tmp_path)
+    assert all(torch.equal(v, lora(tiny_model, name)[k]) for name, before in others.items() for k, v in before.items())
+    assert torch.equal(tiny_model.lm.get_input_embeddings().weight, rows_before)
+    assert any(not torch.equal(v, lora(tiny_model, "query_reasoner_adapter")[k]) for k, v in reasoner.items())
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert {"retrieval", "recall@2"} <= set(last)
+    with pytest.raises(ValueError, match="e2e stage only"):
+        train(tiny_model, E2E, config, tmp_path / "corpus", corpus=MemoryStore(tiny_model))
+    with pytest.raises(ValueError, match=r"rows \[1\] \(1 in all\) have no pos_index"):
+        train(tiny_model, [E2E[0], {**E2E[1], "pos_index": []}], config, tmp_path / "no-gold")
+
+
+def test_a_candidate_in_two_pools_of_a_batch_is_scored_once(tiny_model):
+    """Both rows offer the same six texts: each question's softmax runs over six candidates, not
+    twelve, so one row's gold is no duplicate negative of its own."""
+    config = TrainConfig(stage="retrieval", temperature=0.1)
+    loss, _ = retrieval_loss(tiny_model, E2E, config, CandidateMemories(tiny_model))
+    with torch.no_grad():
+        scores = cosine_scores(tiny_model.encode_queries([row["question"] for row in E2E]),
+                               tiny_model.compress_documents(CORPUS), tiny_model.config.retrieval_key)
+        expected = -torch.stack([torch.log_softmax(s / 0.1, dim=0)[row["pos_index"][0]]
+                                 for s, row in zip(scores, E2E)]).mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=2e-3)  # the cache keeps fp16 memories
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
