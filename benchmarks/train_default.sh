@@ -1,13 +1,14 @@
 # Train and evaluate the default CLaRa checkpoint (SmolLM2-135M-Instruct, CR16) from ../shared/data.
 #
 # The paper's three stages with pooled memories and a reading margin (docs/training-run.md,
-# "Fifth CPU session"), instruction tuning continued with distillation from the fine-tuned text
-# reader ("Tenth CPU session"), then the model card's numbers: F1 of CLaRa vs the same checkpoint given
+# "Fifth CPU session"), a retrieval stage for the query reasoner ("Eleventh CPU session"),
+# instruction tuning continued with distillation from the fine-tuned text reader ("Tenth CPU
+# session"), then the model card's numbers: F1 of CLaRa vs the same checkpoint given
 # another question's documents vs no retrieval vs text reading (HotpotQA Oracle and NQ dev
 # 0-299, both held out), the reading check, and Recall@5 of the query reasoner before and after
 # the end-to-end stage vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
 # recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md: about
-# 4 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
+# 4.5 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
 # (tests/test_train_default.py) are the same script:
 #
 #   bash benchmarks/train_default.sh                              # the shipped checkpoint
@@ -30,6 +31,8 @@ DISTILL_MARGIN=${DISTILL_MARGIN:-1.5}  # the reading margin's target there, in n
 E2E_STEPS=${E2E_STEPS:-120}
 BATCH=${BATCH:-4}
 E2E_BATCH=${E2E_BATCH:-4}
+RETRIEVAL_STEPS=${RETRIEVAL_STEPS:-200}  # the query reasoner alone, in-batch negatives (0: none)
+RETRIEVAL_BATCH=${RETRIEVAL_BATCH:-32}
 E2E_ROWS=${E2E_ROWS:-100,40,20}   # HotpotQA, 2Wiki, MuSiQue rows: compressing 20 candidates each is most of the stage's cost on CPU
 RETRIEVAL_WEIGHT=${RETRIEVAL_WEIGHT:-1.0}  # the e2e stage's gold retrieval term (0: the paper's loss)
 FREEZE_GENERATOR=${FREEZE_GENERATOR---freeze-generator}  # e2e stage: the query reasoner alone learns; empty: the generator too (paper)
@@ -77,6 +80,15 @@ cat "$rows"/instruct_{hotpotqa,2wiki,musique,nq}.jsonl > "$rows/instruct.jsonl"
 convert "$DATA/hotpotqa/train.json" "$rows/e2e_hotpotqa.jsonl" --kind e2e --candidates 20
 convert "$DATA/2wikimultihopqa/train.json" "$rows/e2e_2wiki.jsonl" --kind e2e --candidates 20
 convert "$DATA/musique/train.jsonl" "$rows/e2e_musique.jsonl" --kind e2e --candidates 20
+# The retrieval stage: every training question with its gold passages and the BM25-best others
+# (5 candidates), the other questions' candidates as negatives.
+convert "$DATA/hotpotqa/train.json" "$rows/retrieval_hotpotqa.jsonl" --kind e2e --candidates 5
+convert "$DATA/2wikimultihopqa/train.json" "$rows/retrieval_2wiki.jsonl" --kind e2e --candidates 5
+convert "$DATA/musique/train.jsonl" "$rows/retrieval_musique.jsonl" --kind e2e --candidates 5
+convert "$DATA/nq/dev.jsonl" "$rows/retrieval_nq.jsonl" --kind e2e --candidates 5 --skip 300
+cat "$rows"/retrieval_{hotpotqa,2wiki,musique,nq}.jsonl |
+    python -c "import random, sys; rows = sys.stdin.readlines(); random.Random(0).shuffle(rows); sys.stdout.writelines(rows)" \
+    > "$rows/retrieval.jsonl"
 python -c "import random, sys
 counts = [int(n) for n in sys.argv[2].split(',')]
 for name, count in zip(['hotpotqa', '2wiki', 'musique'], counts):
@@ -89,7 +101,7 @@ clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting o
 clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
 
 # 2. Training: SCP -> instruction tuning (keeping the SCP generator) -> end-to-end (the query
-#    reasoner alone) -> the text baseline -> instruction tuning continued with distillation
+#    reasoner alone) -> retrieval (the query reasoner alone, in-batch negatives) -> the text baseline -> instruction tuning continued with distillation
 #    from it (the generator alone; the shipped checkpoint). Every memory stage pays a margin
 #    for reading; the probes log the reading gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens a row):
 #    one row per forward pass with accumulation keeps its peak memory in bounds.
@@ -116,14 +128,23 @@ clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instru
 clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$OUT/instruct/checkpoint" \
     --retrieval-key mean --retrieval-weight "$RETRIEVAL_WEIGHT" $FREEZE_GENERATOR --steps "$E2E_STEPS" --batch-size "$E2E_BATCH" \
     --grad-accum 1 --lr "$E2E_LR" --schedule constant --save-every 20 --device "$DEVICE"
+# The language-modelling loss moves the query reasoner slowly for the CPU it costs; ranking
+# each question's gold passages against a whole batch's candidates, without the generator, sees
+# about 7x more questions a second on CPU (docs/training-run.md, eleventh session).
+reasoner="$OUT/e2e"
+if [ "$RETRIEVAL_STEPS" -gt 0 ]; then
+    clara train --stage retrieval --data "$rows/retrieval.jsonl" --output "$OUT/retrieval" --init "$OUT/e2e/checkpoint" \
+        --steps "$RETRIEVAL_STEPS" --batch-size "$RETRIEVAL_BATCH" --grad-accum 1 --lr "$LR" --save-every 20 --device "$DEVICE"
+    reasoner="$OUT/retrieval"
+fi
 # The text reader (a fresh generator reading the passages as text) is the baseline and the
 # teacher: the generator, reading memories, then also learns the teacher's answer distribution,
 # with a higher margin target, as distillation lowers the CE from any memories.
 clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
     --steps "$TEXT_STEPS" --batch-size 1 --grad-accum "$BATCH" --lr "$LR" --device "$DEVICE"
-final="$OUT/e2e"
+final="$reasoner"
 if [ "$DISTILL_STEPS" -gt 0 ]; then
-    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/distill" --init "$OUT/e2e/checkpoint" \
+    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/distill" --init "$reasoner/checkpoint" \
         --keep-generator $FREEZE_COMPRESSOR --steps "$DISTILL_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
         --seed 4 --margin "$DISTILL_MARGIN" --margin-weight "$MARGIN" --distill-weight 1.0 \
         --teacher "$OUT/text/checkpoint" --save-every 20 --device "$DEVICE" \
