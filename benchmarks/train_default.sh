@@ -51,6 +51,9 @@ rows="$OUT/rows"
 mkdir -p "$rows" "$OUT/eval"
 limit=(${LIMIT:+--limit "$LIMIT"})
 convert() { clara convert-data "$@" "${limit[@]}"; }
+shuffle() {  # stdin's lines in a seeded random order
+    python -c "import random, sys; rows = sys.stdin.readlines(); random.Random(0).shuffle(rows); sys.stdout.writelines(rows)"
+}
 
 # 1. Data. NQ dev examples 0-299 are held out for evaluation; training uses 300 on. DPR
 #    passages 0-15 and NQ dev 0-15 are the held-out probes of the reading gain.
@@ -67,9 +70,7 @@ convert "$musique" "$rows/scp_continue_musique.jsonl" --kind continue --limit 70
 convert "$dpr" "$rows/scp_cloze_dpr.jsonl" --kind cloze --skip 16
 convert "$musique" "$rows/scp_cloze_musique.jsonl" --kind cloze
 convert "$DATA/nq/dev.jsonl" "$rows/scp_nq.jsonl" --setting oracle -k 1 --skip 300
-cat "$rows"/scp_{reconstruct,continue_dpr,continue_musique,cloze_dpr,cloze_musique,nq}.jsonl |
-    python -c "import random, sys; rows = sys.stdin.readlines(); random.Random(0).shuffle(rows); sys.stdout.writelines(rows)" \
-    > "$rows/scp.jsonl"
+cat "$rows"/scp_{reconstruct,continue_dpr,continue_musique,cloze_dpr,cloze_musique,nq}.jsonl | shuffle > "$rows/scp.jsonl"
 
 convert "$DATA/hotpotqa/train.json" "$rows/instruct_hotpotqa.jsonl" --setting oracle
 convert "$DATA/2wikimultihopqa/train.json" "$rows/instruct_2wiki.jsonl" --setting oracle
@@ -86,9 +87,7 @@ convert "$DATA/hotpotqa/train.json" "$rows/retrieval_hotpotqa.jsonl" --kind e2e 
 convert "$DATA/2wikimultihopqa/train.json" "$rows/retrieval_2wiki.jsonl" --kind e2e --candidates 5
 convert "$DATA/musique/train.jsonl" "$rows/retrieval_musique.jsonl" --kind e2e --candidates 5
 convert "$DATA/nq/dev.jsonl" "$rows/retrieval_nq.jsonl" --kind e2e --candidates 5 --skip 300
-cat "$rows"/retrieval_{hotpotqa,2wiki,musique,nq}.jsonl |
-    python -c "import random, sys; rows = sys.stdin.readlines(); random.Random(0).shuffle(rows); sys.stdout.writelines(rows)" \
-    > "$rows/retrieval.jsonl"
+cat "$rows"/retrieval_{hotpotqa,2wiki,musique,nq}.jsonl | shuffle > "$rows/retrieval.jsonl"
 python -c "import random, sys
 counts = [int(n) for n in sys.argv[2].split(',')]
 for name, count in zip(['hotpotqa', '2wiki', 'musique'], counts):
@@ -101,10 +100,11 @@ clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting o
 clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
 
 # 2. Training: SCP -> instruction tuning (keeping the SCP generator) -> end-to-end (the query
-#    reasoner alone) -> retrieval (the query reasoner alone, in-batch negatives) -> the text baseline -> instruction tuning continued with distillation
-#    from it (the generator alone; the shipped checkpoint). Every memory stage pays a margin
-#    for reading; the probes log the reading gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens a row):
-#    one row per forward pass with accumulation keeps its peak memory in bounds.
+#    reasoner alone) -> retrieval (the query reasoner alone, in-batch negatives) -> the text
+#    baseline -> instruction tuning continued with distillation from it (the generator alone;
+#    the shipped checkpoint). Every memory stage pays a margin for reading; the probes log the
+#    reading gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens
+#    a row): one row per forward pass with accumulation keeps its peak memory in bounds.
 tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
 tail -n 16 "$rows/eval_hotpotqa_oracle.jsonl" > "$rows/probe_hotpot5.jsonl"
 clara train --stage scp --data "$rows/scp.jsonl" --output "$OUT/scp" --base-model "$BASE_MODEL" \
