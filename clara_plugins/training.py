@@ -246,7 +246,7 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
         loss = _decoder_loss(model, prompts, full, selected)
     else:
         loss = _realm_loss(model, rows, scores, memories, top, config)
-    metrics = {"ce": loss.item(), f"recall@{k}": _pool_recall(scores, gold, k)}
+    metrics = {"ce": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
     if config.retrieval_weight:
         retrieval = _gold_retrieval_loss(scores, gold, config.temperature)
         loss = loss + config.retrieval_weight * retrieval
@@ -266,12 +266,12 @@ def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     gold = [[position[row["docs"][i]] for i in row["pos_index"]] for row in rows]
     loss = _gold_retrieval_loss(scores, gold, config.temperature)
     k = min(config.top_k, len(texts))  # logged Recall@k: among all the batch's candidates
-    return loss, {"retrieval": loss.item(), f"recall@{k}": _pool_recall(scores, gold, k)}
-
-
-def _pool_recall(scores: torch.Tensor, gold: list[list[int]], k: int) -> float:
-    """Mean Recall@k of the scores [B, N] over the rows with gold candidates."""
     top = scores.detach().topk(k, dim=-1).indices
+    return loss, {"retrieval": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
+
+
+def _pool_recall(top: torch.Tensor, gold: list[list[int]], k: int) -> float:
+    """Mean Recall@k of the ranked candidate indices [B, k] over the rows with gold candidates."""
     found = [recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g]
     return sum(found) / max(1, len(found))
 
