@@ -32,7 +32,8 @@ E2E_STEPS=${E2E_STEPS:-120}
 BATCH=${BATCH:-4}
 E2E_BATCH=${E2E_BATCH:-4}
 RETRIEVAL_STEPS=${RETRIEVAL_STEPS:-200}  # the query reasoner alone, in-batch negatives (0: none)
-RETRIEVAL_BATCH=${RETRIEVAL_BATCH:-32}
+RETRIEVAL_BATCH=${RETRIEVAL_BATCH:-32}  # rows a step, each ranked against all the step's candidates
+RETRIEVAL_ACCUM=${RETRIEVAL_ACCUM:-4}   # in micro-batches: the same negatives, 0.38x the peak RSS of one
 E2E_ROWS=${E2E_ROWS:-100,40,20}   # HotpotQA, 2Wiki, MuSiQue rows: compressing 20 candidates each is most of the stage's cost on CPU
 RETRIEVAL_WEIGHT=${RETRIEVAL_WEIGHT:-1.0}  # the e2e stage's gold retrieval term (0: the paper's loss)
 FREEZE_GENERATOR=${FREEZE_GENERATOR---freeze-generator}  # e2e stage: the query reasoner alone learns; empty: the generator too (paper)
@@ -134,7 +135,7 @@ clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$OU
 reasoner="$OUT/e2e"
 if [ "$RETRIEVAL_STEPS" -gt 0 ]; then
     clara train --stage retrieval --data "$rows/retrieval.jsonl" --output "$OUT/retrieval" --init "$OUT/e2e/checkpoint" \
-        --steps "$RETRIEVAL_STEPS" --batch-size "$RETRIEVAL_BATCH" --grad-accum 1 --lr "$LR" --save-every 20 --device "$DEVICE"
+        --steps "$RETRIEVAL_STEPS" --batch-size $((RETRIEVAL_BATCH / RETRIEVAL_ACCUM)) --grad-accum "$RETRIEVAL_ACCUM" --lr "$LR" --save-every 20 --device "$DEVICE"
     reasoner="$OUT/retrieval"
 fi
 # The text reader (a fresh generator reading the passages as text) is the baseline and the

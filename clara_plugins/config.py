@@ -112,6 +112,8 @@ class TrainConfig:
     stage: str
     steps: int = 100
     batch_size: int = 1
+    # micro-batches per optimizer step; the retrieval stage still ranks each row against the
+    # whole step's candidates, so splitting a step only lowers its peak memory
     grad_accum: int = 8
     lr: float = 1e-4
     warmup_ratio: float = 0.03

@@ -19,9 +19,11 @@
   moves the query reasoner. With a corpus store the candidates are retrieved from it and its
   memories re-encoded every ``refresh_every`` steps.
 - ``retrieval``: the query reasoner alone, as the end-to-end stage left it, learns to rank each
-  row's gold candidates above every other candidate of its micro-batch (in-batch negatives), the
-  candidates' memories cached from the frozen compressor. No generator pass: each step sees many
-  more questions per second than the language-modelling loss allows on a CPU.
+  row's gold candidates above every other candidate of its optimizer step (in-batch negatives),
+  the candidates' memories cached from the frozen compressor. No generator pass: each step sees
+  many more questions per second than the language-modelling loss allows on a CPU. The query
+  pass's activations dominate the stage's memory; ``grad_accum`` splits that pass into
+  micro-batches without changing the negatives, so 8 x 4 trains as 32 x 1 does.
 - ``text``: the paper's fair baseline. The same instruction rows, but the documents are
   pasted as text and only a fresh decoder adapter learns; the checkpoint is marked
   ``decoder_reads_text`` so that text-RAG generation uses it.
@@ -255,10 +257,12 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
 
 
 def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
-                   candidates: CandidateMemories) -> tuple[torch.Tensor, dict]:
+                   candidates: CandidateMemories, step_rows: list[dict] | None = None) -> tuple[torch.Tensor, dict]:
     """-log of the softmax mass on each row's gold candidates among every distinct candidate of
-    the batch: a row's pool gives hard negatives, the other rows' pools many more."""
-    texts = list(dict.fromkeys(d for row in rows for d in row["docs"]))  # a text shared by two pools is one candidate
+    ``step_rows`` (the optimizer step's rows, which contain ``rows``; default ``rows``): a row's
+    pool gives hard negatives, the other rows' pools many more."""
+    step_rows = rows if step_rows is None else step_rows
+    texts = list(dict.fromkeys(d for row in step_rows for d in row["docs"]))  # a text in two pools is one candidate
     position = {text: i for i, text in enumerate(texts)}
     memories = candidates.of_texts(texts)  # [M, n, h], no gradient
     queries = encode_with_gradients(model, [row["question"] for row in rows], QUERY_REASONER)[0]
@@ -402,9 +406,13 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
     teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
-    loss_of = {"scp": scp_loss, "instruct": lambda m, b, c: instruct_loss(m, b, c, candidates, teacher),
-               "e2e": lambda m, b, c: e2e_loss(m, b, c, candidates),
-               "retrieval": lambda m, b, c: retrieval_loss(m, b, c, candidates), "text": text_loss}[config.stage]
+    loss_of = {  # (micro-batch, the step's rows) -> (loss, metrics)
+        "scp": lambda batch, _: scp_loss(model, batch, config),
+        "instruct": lambda batch, _: instruct_loss(model, batch, config, candidates, teacher),
+        "e2e": lambda batch, _: e2e_loss(model, batch, config, candidates),
+        "retrieval": lambda batch, step_rows: retrieval_loss(model, batch, config, candidates, step_rows),
+        "text": lambda batch, _: text_loss(model, batch, config),
+    }[config.stage]
 
     model.train()
     started = time.perf_counter()
@@ -418,8 +426,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             if candidates and config.refresh_every and step and step % config.refresh_every == 0:
                 candidates.refresh()
             totals: dict[str, float] = {}
-            for batch in _batches(rows, config, step):
-                loss, metrics = loss_of(model, batch, config)
+            batches = _batches(rows, config, step)
+            step_rows = [row for batch in batches for row in batch]
+            for batch in batches:
+                loss, metrics = loss_of(batch, step_rows)
                 (loss / config.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum

@@ -22,7 +22,7 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
                    "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_MORE_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2",
                    "DISTILL_STEPS": "2", "E2E_STEPS": "2",
-                   "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "3",
+                   "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2",
                    "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)

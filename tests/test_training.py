@@ -12,7 +12,7 @@ from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
 from clara_plugins.training import CandidateMemories, e2e_loss, retrieval_loss, train
-from conftest import CORPUS
+from conftest import CORPUS, randomize_adapters
 
 INSTRUCT = [{"question": "Who won prizes?", "docs": CORPUS[:2], "answer": "Marie Curie"},
             {"question": "Where is the tower?", "docs": CORPUS[1:3], "answer": "Paris"}]
@@ -272,6 +272,26 @@ def test_a_candidate_in_two_pools_of_a_batch_is_scored_once(tiny_model):
         expected = -torch.stack([torch.log_softmax(s / 0.1, dim=0)[row["pos_index"][0]]
                                  for s, row in zip(scores, E2E)]).mean()
     assert loss.item() == pytest.approx(expected.item(), abs=2e-3)  # the cache keeps fp16 memories
+
+
+def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config, tmp_path):
+    """Two rows with disjoint pools: one micro-batch of two and two micro-batches of one give the
+    same loss and gradient, each row ranked against both pools (accumulation only saves memory)."""
+    rows = [{**E2E[0], "docs": CORPUS[:3], "pos_index": [0]}, {**E2E[1], "docs": CORPUS[3:], "pos_index": [1]}]
+
+    def first_step(batch_size: int, grad_accum: int) -> dict:
+        torch.manual_seed(0)
+        model = ClaraModel(dataclasses.replace(tiny_config, lora_dropout=0.0), device="cpu")
+        randomize_adapters(model)
+        config = TrainConfig(stage="retrieval", steps=1, batch_size=batch_size, grad_accum=grad_accum, top_k=2)
+        folder = tmp_path / f"{batch_size}x{grad_accum}"
+        train(model, rows, config, folder)
+        return json.loads((folder / "log.jsonl").read_text().splitlines()[0])
+
+    whole, accumulated = first_step(2, 1), first_step(1, 2)
+    assert accumulated["retrieval"] == pytest.approx(whole["retrieval"], abs=1e-4)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+    assert accumulated["recall@2"] == whole["recall@2"]
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
