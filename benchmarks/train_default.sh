@@ -33,7 +33,7 @@ BATCH=${BATCH:-4}
 E2E_BATCH=${E2E_BATCH:-4}
 RETRIEVAL_STEPS=${RETRIEVAL_STEPS:-200}  # the query reasoner alone, in-batch negatives (0: none)
 RETRIEVAL_BATCH=${RETRIEVAL_BATCH:-32}  # rows a step, each ranked against all the step's candidates
-RETRIEVAL_ACCUM=${RETRIEVAL_ACCUM:-4}   # in micro-batches: the same negatives, 0.38x the peak RSS of one
+RETRIEVAL_ACCUM=${RETRIEVAL_ACCUM:-4}   # micro-batches a step: the same loss, 0.38x the peak RSS of one 32-row batch
 E2E_ROWS=${E2E_ROWS:-100,40,20}   # HotpotQA, 2Wiki, MuSiQue rows: compressing 20 candidates each is most of the stage's cost on CPU
 RETRIEVAL_WEIGHT=${RETRIEVAL_WEIGHT:-1.0}  # the e2e stage's gold retrieval term (0: the paper's loss)
 FREEZE_GENERATOR=${FREEZE_GENERATOR---freeze-generator}  # e2e stage: the query reasoner alone learns; empty: the generator too (paper)
@@ -48,6 +48,10 @@ LIMIT=${LIMIT:-}                  # cap every converted file at N examples (smok
 EVAL_LIMIT=${EVAL_LIMIT:-60}
 RECALL_LIMIT=${RECALL_LIMIT:-40}
 
+if (( RETRIEVAL_ACCUM < 1 || RETRIEVAL_BATCH % RETRIEVAL_ACCUM )); then
+    echo "RETRIEVAL_BATCH ($RETRIEVAL_BATCH) must split into RETRIEVAL_ACCUM ($RETRIEVAL_ACCUM) equal micro-batches" >&2
+    exit 2
+fi
 rows="$OUT/rows"
 mkdir -p "$rows" "$OUT/eval"
 limit=(${LIMIT:+--limit "$LIMIT"})

@@ -1,6 +1,7 @@
 """A training stage's peak memory and speed for several splits of the same optimizer step,
-side by side in one run: ``32x1`` (one micro-batch of 32 rows) against ``8x4`` (four of 8,
-gradients accumulated). Each split trains in its own process, so each peak RSS is its own.
+side by side in one run. A split is ROWSxMICRO: ``32x1`` is one micro-batch of 32 rows, ``8x4``
+four micro-batches of 8 rows, gradients accumulated. Each split trains in a child process of
+this slim one (torch is not imported here), so each peak RSS (Linux ``ru_maxrss``) is its own.
 
     python -m clara_benchmarks.train_memory runs/rows/retrieval.jsonl --stage retrieval \\
         --init clara_plugins/checkpoints/smollm2-135m-instruct-cr16 --steps 8 --splits 32x1 8x4 16x2 \\
@@ -19,35 +20,43 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .run import environment
+
+def _split(text: str) -> tuple[int, int]:
+    """``8x4`` -> (8 rows a micro-batch, 4 micro-batches)."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"a split is ROWSxMICRO with two positive integers, like 8x4, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
-def _measure(split: str, args: argparse.Namespace, folder: Path) -> dict:
+def _measure(split: tuple[int, int], args: argparse.Namespace, folder: Path) -> dict:
     """Train ``args.steps`` steps with one split in a child process: its peak RSS and timings."""
-    batch_size, grad_accum = (int(part) for part in split.split("x"))
-    output = folder / split
+    batch_size, grad_accum = split
+    output = folder / f"{batch_size}x{grad_accum}"
     command = [sys.executable, "-m", "clara_plugins.cli", "train", "--stage", args.stage, "--data", args.data,
                "--output", str(output), "--init", args.init, "--steps", str(args.steps),
                "--batch-size", str(batch_size), "--grad-accum", str(grad_accum), "--lr", str(args.lr),
                "--save-every", str(args.steps), "--device", "cpu"]
     child = subprocess.Popen(command)
     _, status, usage = os.wait4(child.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with status {os.waitstatus_to_exitcode(status)}")
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        killed = " (killed by a signal: out of memory?)" if child.returncode < 0 else ""
+        raise RuntimeError(f"{' '.join(command)} failed with status {child.returncode}{killed}")
     log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
-    return {"split": split, "batch_size": batch_size, "grad_accum": grad_accum,
-            "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
+    return {"batch_size": batch_size, "grad_accum": grad_accum,
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
             "train_seconds": log[-1]["seconds"], "seconds_per_step": round(log[-1]["seconds"] / len(log), 1),
             "last_step": {k: v for k, v in log[-1].items() if k not in ("seconds", "lr")}}
 
 
 def _table(results: list[dict]) -> str:
     base = results[0]
-    lines = ["| split (rows x micro-batches) | peak RSS, GB | × first | s / step | × first | last step's loss |",
+    lines = ["| rows a micro-batch × micro-batches | peak RSS, GiB | × first | s / step | × first | last step's loss |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['batch_size']} x {r['grad_accum']} | {r['peak_rss_gb']} | "
-                     f"{r['peak_rss_gb'] / base['peak_rss_gb']:.2f} | {r['seconds_per_step']} | "
+        lines.append(f"| {r['batch_size']} × {r['grad_accum']} | {r['peak_rss_gib']} | "
+                     f"{r['peak_rss_gib'] / base['peak_rss_gib']:.2f} | {r['seconds_per_step']} | "
                      f"{r['seconds_per_step'] / base['seconds_per_step']:.2f} | {r['last_step']['loss']} |")
     return "\n".join(lines) + "\n"
 
@@ -59,15 +68,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", required=True, help="the checkpoint every split starts from")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--splits", nargs="+", default=["32x1", "8x4"], help="ROWSxMICROBATCHES, equal products")
+    parser.add_argument("--splits", nargs="+", type=_split, default=[(32, 1), (8, 4)],
+                        help="ROWSxMICRO: rows a micro-batch x micro-batches a step, the same product for all")
     parser.add_argument("--out", required=True, help="JSON file; the table goes beside it as .md")
     args = parser.parse_args(argv)
-    sizes = {int(a) * int(b) for a, b in (split.split("x") for split in args.splits)}
+    sizes = {rows * micro for rows, micro in args.splits}
     if len(sizes) != 1:
         parser.error(f"every split must make the same optimizer step, got {sorted(sizes)} rows")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        parser.error(f"--out: no folder {out.parent}")
     with tempfile.TemporaryDirectory(prefix="clara-train-memory-") as folder:
         results = [_measure(split, args, Path(folder)) for split in args.splits]
-    out = Path(args.out)
+    from .run import environment  # imported after the children ran: it loads torch into this process
     out.write_text(json.dumps({"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps,
                                "results": results, "environment": environment()}, indent=2) + "\n")
     out.with_suffix(".md").write_text(f"# `{args.stage}` stage: {args.steps} steps of {sizes.pop()} rows\n\n"

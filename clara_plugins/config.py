@@ -112,8 +112,8 @@ class TrainConfig:
     stage: str
     steps: int = 100
     batch_size: int = 1
-    # micro-batches per optimizer step; the retrieval stage still ranks each row against the
-    # whole step's candidates, so splitting a step only lowers its peak memory
+    # micro-batches per optimizer step. The retrieval stage ranks each row against the whole
+    # step's candidates, not only its micro-batch's, so splitting a step only lowers its memory
     grad_accum: int = 8
     lr: float = 1e-4
     warmup_ratio: float = 0.03
@@ -165,6 +165,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.freeze_generator and self.stage != "e2e":
             raise ValueError("freeze_generator applies to the e2e stage only")
         if self.estimator not in ESTIMATORS:

@@ -269,7 +269,7 @@ def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     scores = cosine_scores(queries, memories, model.config.retrieval_key)  # [B, M]
     gold = [[position[row["docs"][i]] for i in row["pos_index"]] for row in rows]
     loss = _gold_retrieval_loss(scores, gold, config.temperature)
-    k = min(config.top_k, len(texts))  # logged Recall@k: among all the batch's candidates
+    k = min(config.top_k, len(texts))  # logged Recall@k: among all the step's candidates
     top = scores.detach().topk(k, dim=-1).indices
     return loss, {"retrieval": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
 

@@ -274,24 +274,35 @@ def test_a_candidate_in_two_pools_of_a_batch_is_scored_once(tiny_model):
     assert loss.item() == pytest.approx(expected.item(), abs=2e-3)  # the cache keeps fp16 memories
 
 
+@pytest.mark.parametrize("field", ["steps", "batch_size", "grad_accum"])
+def test_a_run_needs_at_least_one_step_row_and_micro_batch(field):
+    with pytest.raises(ValueError, match=f"{field} must be at least 1, got 0"):
+        TrainConfig(stage="retrieval", **{field: 0})
+
+
 def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config, tmp_path):
     """Two rows with disjoint pools: one micro-batch of two and two micro-batches of one give the
-    same loss and gradient, each row ranked against both pools (accumulation only saves memory)."""
+    same loss and update, each row ranked against both pools (accumulation only saves memory)."""
     rows = [{**E2E[0], "docs": CORPUS[:3], "pos_index": [0]}, {**E2E[1], "docs": CORPUS[3:], "pos_index": [1]}]
 
-    def first_step(batch_size: int, grad_accum: int) -> dict:
+    def first_step(batch_size: int, grad_accum: int) -> tuple[dict, dict[str, torch.Tensor]]:
         torch.manual_seed(0)
         model = ClaraModel(dataclasses.replace(tiny_config, lora_dropout=0.0), device="cpu")
         randomize_adapters(model)
-        config = TrainConfig(stage="retrieval", steps=1, batch_size=batch_size, grad_accum=grad_accum, top_k=2)
+        before = lora(model, "query_reasoner_adapter")
+        config = TrainConfig(stage="retrieval", steps=1, batch_size=batch_size, grad_accum=grad_accum, top_k=2,
+                             lr=1e-2, warmup_ratio=0.0, grad_clip=1e9)
         folder = tmp_path / f"{batch_size}x{grad_accum}"
         train(model, rows, config, folder)
-        return json.loads((folder / "log.jsonl").read_text().splitlines()[0])
+        update = {k: v - before[k] for k, v in lora(model, "query_reasoner_adapter").items()}
+        return json.loads((folder / "log.jsonl").read_text().splitlines()[0]), update
 
-    whole, accumulated = first_step(2, 1), first_step(1, 2)
+    (whole, whole_update), (accumulated, accumulated_update) = first_step(2, 1), first_step(1, 2)
     assert accumulated["retrieval"] == pytest.approx(whole["retrieval"], abs=1e-4)
-    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3)
+    assert accumulated["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-3) and whole["grad_norm"] > 0.1
     assert accumulated["recall@2"] == whole["recall@2"]
+    moved = [k for k, v in whole_update.items() if v.abs().max() > 1e-3]
+    assert moved and all(torch.allclose(accumulated_update[k], whole_update[k], atol=1e-4) for k in moved)
 
 
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
