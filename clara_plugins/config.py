@@ -103,6 +103,7 @@ class ClaraConfig:
 
 STAGES = ("scp", "instruct", "e2e", "retrieval", "text")
 ESTIMATORS = ("straight-through", "realm")
+GOLD_TERMS = ("mass", "each")
 
 
 @dataclasses.dataclass
@@ -143,6 +144,11 @@ class TrainConfig:
     # candidates). The LM loss alone moves the query reasoner too slowly for CPU budgets
     # (docs/training-run.md); 0 is the paper's loss.
     retrieval_weight: float = 0.0
+    # The retrieval stage's loss and the e2e retrieval term, on a row's gold candidates: "mass",
+    # -log of their softmax mass together, or "each", every gold candidate against the row's
+    # negatives alone, averaged. A two-hop question meets "mass" with one gold passage ranked
+    # high; Recall@5 counts both, and "each" asks for both (docs/training-run.md, fourteenth session).
+    gold_term: str = "mass"
     # instruct: + distill_weight * KL(teacher || generator) per answer token, the teacher reading
     # the rows' documents as text: a checkpoint folder trained by --stage text, or any checkpoint
     # (its base model reads then). An answer is a few tokens; the teacher's whole distribution
@@ -172,6 +178,8 @@ class TrainConfig:
             raise ValueError("freeze_generator applies to the e2e stage only")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.gold_term not in GOLD_TERMS:
+            raise ValueError(f"gold_term must be one of {GOLD_TERMS}, got {self.gold_term!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
         if self.distill_weight and (self.stage != "instruct" or not self.teacher):

@@ -250,7 +250,7 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
         loss = _realm_loss(model, rows, scores, memories, top, config)
     metrics = {"ce": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
     if config.retrieval_weight:
-        retrieval = _gold_retrieval_loss(scores, gold, config.temperature)
+        retrieval = _gold_retrieval_loss(scores, gold, config)
         loss = loss + config.retrieval_weight * retrieval
         metrics["retrieval"] = retrieval.item()
     return loss, metrics
@@ -268,7 +268,7 @@ def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     queries = encode_with_gradients(model, [row["question"] for row in rows], QUERY_REASONER)[0]
     scores = cosine_scores(queries, memories, model.config.retrieval_key)  # [B, M]
     gold = [[position[row["docs"][i]] for i in row["pos_index"]] for row in rows]
-    loss = _gold_retrieval_loss(scores, gold, config.temperature)
+    loss = _gold_retrieval_loss(scores, gold, config)
     k = min(config.top_k, len(texts))  # logged Recall@k: among all the step's candidates
     top = scores.detach().topk(k, dim=-1).indices
     return loss, {"retrieval": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
@@ -280,10 +280,25 @@ def _pool_recall(top: torch.Tensor, gold: list[list[int]], k: int) -> float:
     return sum(found) / max(1, len(found))
 
 
-def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], temperature: float) -> torch.Tensor:
-    """Mean over rows with gold candidates of -log Σ_gold softmax(scores / temperature); 0 without any."""
-    log_probabilities = torch.log_softmax(scores / temperature, dim=-1)
-    terms = [-torch.logsumexp(row[positions], dim=0) for row, positions in zip(log_probabilities, gold) if positions]
+def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], config: TrainConfig) -> torch.Tensor:
+    """Mean over rows with gold candidates of their gold term (``config.gold_term``) at
+    ``config.temperature``; 0 without any.
+
+    "mass": -log Σ_gold softmax(scores). "each": the mean over gold candidates g of
+    -log softmax over {g} ∪ the row's negatives, so no gold candidate competes with another.
+    """
+    logits = scores / config.temperature  # [B, N]
+    terms = []
+    for row, positions in zip(logits, gold):
+        if not positions:
+            continue
+        if config.gold_term == "mass":
+            terms.append(torch.logsumexp(row, dim=0) - torch.logsumexp(row[positions], dim=0))
+        else:
+            negative = torch.ones_like(row, dtype=torch.bool)
+            negative[positions] = False
+            golds = row[positions]
+            terms.append((torch.logaddexp(golds, torch.logsumexp(row[negative], dim=0)) - golds).mean())
     return torch.stack(terms).mean() if terms else scores.new_zeros(())
 
 

@@ -1,10 +1,13 @@
 """Cosine over retrieval keys of memories and the straight-through top-k, checked numerically."""
 
+import dataclasses
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clara_plugins import cosine_scores, straight_through_topk, top_k
+from clara_plugins import TrainConfig, cosine_scores, straight_through_topk, top_k
 from clara_plugins.retrieval import retrieval_keys
 
 
@@ -119,10 +122,27 @@ def test_top_k_is_the_one_pick_of_the_query_reasoner(key):
 def test_the_gold_retrieval_loss_is_the_negative_log_softmax_mass_on_the_gold_candidates():
     from clara_plugins.training import _gold_retrieval_loss
 
+    config = TrainConfig(stage="retrieval", temperature=0.5)
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.3, 0.4]], requires_grad=True)
-    loss = _gold_retrieval_loss(scores, [[0, 2], []], temperature=0.5)  # the second row has no gold: left out
+    loss = _gold_retrieval_loss(scores, [[0, 2], []], config)  # the second row has no gold: left out
     probabilities = torch.softmax(scores[0].detach() / 0.5, dim=0)
     assert loss.item() == pytest.approx(-torch.log(probabilities[0] + probabilities[2]).item(), rel=1e-5)
     loss.backward()
     assert scores.grad[0, 0] < 0 and scores.grad[0, 1] > 0 and torch.all(scores.grad[1] == 0)
-    assert _gold_retrieval_loss(scores, [[], []], 0.5).item() == 0.0
+    assert _gold_retrieval_loss(scores, [[], []], config).item() == 0.0
+
+
+def test_the_each_gold_term_ranks_every_gold_candidate_against_the_negatives_alone():
+    from clara_plugins.training import _gold_retrieval_loss
+
+    each = TrainConfig(stage="retrieval", temperature=1.0, gold_term="each")
+    scores = torch.tensor([[5.0, 0.0, -5.0]], requires_grad=True)  # gold 0 ranked first, gold 2 last
+    loss = _gold_retrieval_loss(scores, [[0, 2]], each)
+    expected = (math.log1p(math.exp(-5.0)) + math.log1p(math.exp(5.0))) / 2  # each gold against candidate 1
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    loss.backward()
+    assert scores.grad[0, 2] < -0.4 and scores.grad[0, 1] > 0  # the buried gold candidate is pulled up
+    mass = _gold_retrieval_loss(scores.detach(), [[0, 2]], dataclasses.replace(each, gold_term="mass"))
+    assert mass.item() < 0.01  # the mass is met by the first gold candidate alone
+    with pytest.raises(ValueError, match="gold_term must be one of"):
+        TrainConfig(stage="retrieval", gold_term="all")
