@@ -87,12 +87,29 @@ convert "$DATA/hotpotqa/train.json" "$rows/e2e_hotpotqa.jsonl" --kind e2e --cand
 convert "$DATA/2wikimultihopqa/train.json" "$rows/e2e_2wiki.jsonl" --kind e2e --candidates 20
 convert "$DATA/musique/train.jsonl" "$rows/e2e_musique.jsonl" --kind e2e --candidates 20
 # The retrieval stage: every training question with its gold passages and the BM25-best others
-# (5 candidates), the other questions' candidates as negatives.
+# (5 candidates), the other questions' candidates as negatives; also the dev questions no
+# evaluation reads (HotpotQA dev 200-668: 0-199 are evaluated, 669-684 are the probe; 2Wiki and
+# MuSiQue dev), less any with a candidate titled as a gold passage of HotpotQA dev 0-199.
 convert "$DATA/hotpotqa/train.json" "$rows/retrieval_hotpotqa.jsonl" --kind e2e --candidates 5
 convert "$DATA/2wikimultihopqa/train.json" "$rows/retrieval_2wiki.jsonl" --kind e2e --candidates 5
 convert "$DATA/musique/train.jsonl" "$rows/retrieval_musique.jsonl" --kind e2e --candidates 5
 convert "$DATA/nq/dev.jsonl" "$rows/retrieval_nq.jsonl" --kind e2e --candidates 5 --skip 300
+convert "$DATA/hotpotqa/dev.json" "$rows/retrieval_hotpotqa_dev.jsonl" --kind e2e --candidates 5 --skip 200 --limit 469
+convert "$DATA/2wikimultihopqa/dev.json" "$rows/retrieval_2wiki_dev.jsonl" --kind e2e --candidates 5
+convert "$DATA/musique/dev.jsonl" "$rows/retrieval_musique_dev.jsonl" --kind e2e --candidates 5
+clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
+python -c "import json, sys
+title = lambda doc: doc.split(chr(10), 1)[0].strip()
+evaluated = [json.loads(l) for l in open(sys.argv[1])][:200]
+gold = {title(row['docs'][i]) for row in evaluated for i in row.get('pos_index') or []}
+for path in sys.argv[2:]:
+    for line in open(path):
+        row = json.loads(line)
+        if row.get('pos_index') and not any(title(doc) in gold for doc in row['docs']):
+            sys.stdout.write(line)" "$rows/eval_hotpotqa_e2e20.jsonl" "$rows"/retrieval_{hotpotqa,2wiki,musique}_dev.jsonl \
+    > "$rows/retrieval_dev.jsonl"
 cat "$rows"/retrieval_{hotpotqa,2wiki,musique,nq}.jsonl | shuffle > "$rows/retrieval.jsonl"
+cat "$rows/retrieval.jsonl" "$rows/retrieval_dev.jsonl" | shuffle > "$rows/retrieval_all.jsonl"
 python -c "import random, sys
 counts = [int(n) for n in sys.argv[2].split(',')]
 for name, count in zip(['hotpotqa', '2wiki', 'musique'], counts):
@@ -102,7 +119,6 @@ for name, count in zip(['hotpotqa', '2wiki', 'musique'], counts):
 
 clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" --setting oracle
 clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting oracle --limit 300
-clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
 
 # 2. Training: SCP -> instruction tuning (keeping the SCP generator) -> end-to-end (the query
 #    reasoner alone) -> retrieval (the query reasoner alone, in-batch negatives) -> the text
@@ -138,8 +154,9 @@ clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$OU
 # about 7x more questions a second on CPU (docs/training-run.md, eleventh session).
 reasoner="$OUT/e2e"
 if [ "$RETRIEVAL_STEPS" -gt 0 ]; then
-    clara train --stage retrieval --data "$rows/retrieval.jsonl" --output "$OUT/retrieval" --init "$OUT/e2e/checkpoint" \
-        --steps "$RETRIEVAL_STEPS" --batch-size $((RETRIEVAL_BATCH / RETRIEVAL_ACCUM)) --grad-accum "$RETRIEVAL_ACCUM" --lr "$LR" --save-every 20 --device "$DEVICE"
+    clara train --stage retrieval --data "$rows/retrieval_all.jsonl" --output "$OUT/retrieval" --init "$OUT/e2e/checkpoint" \
+        --steps "$RETRIEVAL_STEPS" --batch-size $((RETRIEVAL_BATCH / RETRIEVAL_ACCUM)) --grad-accum "$RETRIEVAL_ACCUM" --lr "$LR" \
+        --gold-term each --save-every 20 --device "$DEVICE"
     reasoner="$OUT/retrieval"
 fi
 # The text reader (a fresh generator reading the passages as text) is the baseline and the
