@@ -89,7 +89,8 @@ convert "$DATA/musique/train.jsonl" "$rows/e2e_musique.jsonl" --kind e2e --candi
 # The retrieval stage: every training question with its gold passages and the BM25-best others
 # (5 candidates), the other questions' candidates as negatives; also the dev questions no
 # evaluation reads (HotpotQA dev 200-668: 0-199 are evaluated, 669-684 are the probe; 2Wiki and
-# MuSiQue dev), less any with a candidate titled as a gold passage of HotpotQA dev 0-199.
+# MuSiQue dev), less those without a gold passage in their pool (the stage needs one) and any
+# with a candidate titled as a gold passage of HotpotQA dev 0-199.
 convert "$DATA/hotpotqa/train.json" "$rows/retrieval_hotpotqa.jsonl" --kind e2e --candidates 5
 convert "$DATA/2wikimultihopqa/train.json" "$rows/retrieval_2wiki.jsonl" --kind e2e --candidates 5
 convert "$DATA/musique/train.jsonl" "$rows/retrieval_musique.jsonl" --kind e2e --candidates 5
