@@ -132,8 +132,10 @@ class TrainConfig:
     save_every: int = 50
     freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
     keep_generator: bool = False  # instruct stage: keep the previous stage's generator (the paper starts afresh)
-    # e2e stage: only the query reasoner learns; the generator (and the <MEM> rows) stay as
-    # instruction tuning left them, so that a short CPU run cannot trade reading for priors
+    # The generator (and the <MEM> rows) stay as the previous stage left them. e2e: only the
+    # query reasoner learns, so that a short CPU run cannot trade reading for priors; scp and
+    # instruct (with keep_generator): only the compressor learns, to write memories the
+    # trained generator reads (docs/training-run.md, sixteenth session)
     freeze_generator: bool = False
     # A reading margin: + margin_weight * relu(margin - gain), where gain is the batch's CE read
     # from another row's memories minus from its own. Without it a generator first learns to
@@ -174,8 +176,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.freeze_generator and self.stage != "e2e":
-            raise ValueError("freeze_generator applies to the e2e stage only")
+        if self.freeze_generator and (self.stage in ("retrieval", "text") or self.freeze_compressor
+                                      or (self.stage == "instruct" and not self.keep_generator)):
+            raise ValueError("freeze_generator needs a stage where something else learns (scp, e2e, or instruct "
+                             "with keep_generator and a trainable compressor) and a trained generator to keep")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.gold_term not in GOLD_TERMS:

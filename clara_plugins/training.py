@@ -9,6 +9,8 @@
   ``freeze_compressor`` the documents are compressed once without gradient and only the
   decoder learns (CE alone): several times cheaper per step, for CPU budgets. With a
   ``teacher``, + distill_weight * KL(teacher reading the documents as text || generator).
+  With ``keep_generator`` and ``freeze_generator`` only the encoder learns: the compressor
+  writes memories for the generator it has (as ``freeze_generator`` does in ``scp``).
 - ``e2e``: end-to-end. The compressor is frozen (candidate memories computed without
   gradient); the query reasoner starts as a copy of the encoder adapter; the query reasoner,
   the generator and the <MEM> rows learn from the LM loss alone, through the straight-through
@@ -75,6 +77,8 @@ def _trainable(config: TrainConfig) -> list[str]:
         return [QUERY_REASONER] if config.freeze_generator else [QUERY_REASONER, DECODER]
     if config.stage == "retrieval":
         return [QUERY_REASONER]
+    if config.freeze_generator:
+        return [ENCODER]
     return [DECODER] if config.generator_only else [ENCODER, DECODER]
 
 

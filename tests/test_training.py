@@ -121,6 +121,20 @@ def test_instruct_with_a_frozen_compressor_trains_only_the_decoder(tiny_model, t
     assert any(v.abs().sum() > 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
 
 
+def test_instruct_with_a_frozen_generator_trains_only_the_compressor(tiny_model, tmp_path):
+    decoder, embeddings = lora(tiny_model, "decoder_adapter"), tiny_model.lm.get_input_embeddings().weight.detach().clone()
+    memories_before = tiny_model.compress_documents(CORPUS[:3])
+    config = TrainConfig(stage="instruct", steps=2, batch_size=2, grad_accum=1, lr=1e-2,
+                         keep_generator=True, freeze_generator=True)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    assert all(torch.equal(v, lora(tiny_model, "decoder_adapter")[k]) for k, v in decoder.items())
+    assert torch.equal(embeddings, tiny_model.lm.get_input_embeddings().weight)
+    assert not torch.equal(memories_before, tiny_model.compress_documents(CORPUS[:3]))
+    for conflicting in ({"keep_generator": False}, {"freeze_compressor": True}):
+        with pytest.raises(ValueError, match="freeze_generator needs"):
+            TrainConfig(stage="instruct", freeze_generator=True, **{"keep_generator": True, **conflicting})
+
+
 def test_text_stage_fine_tunes_the_decoder_that_reads_text(tiny_model, tmp_path):
     question, documents = INSTRUCT[0]["question"], [INSTRUCT[0]["docs"]]
     plain = read_text(tiny_model, [question], documents, max_new_tokens=6)
@@ -194,8 +208,8 @@ def test_e2e_with_a_frozen_generator_trains_the_query_reasoner_alone(tiny_model,
     reasoner, encoder = lora(tiny_model, "query_reasoner_adapter"), lora(tiny_model, "encoder_adapter")
     assert any(not torch.equal(reasoner[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
                for k, v in encoder.items())
-    with pytest.raises(ValueError, match="e2e stage only"):
-        TrainConfig(stage="instruct", freeze_generator=True)
+    with pytest.raises(ValueError, match="freeze_generator needs"):
+        TrainConfig(stage="retrieval", freeze_generator=True)
 
 
 def test_straight_through_gradient_reaches_the_query_reasoner(tiny_model):
