@@ -176,7 +176,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.freeze_generator and (self.stage in ("retrieval", "text") or self.freeze_compressor
+        if self.freeze_generator and (self.stage == "retrieval" or self.generator_only
                                       or (self.stage == "instruct" and not self.keep_generator)):
             raise ValueError("freeze_generator needs a stage where something else learns (scp, e2e, or instruct "
                              "with keep_generator and a trainable compressor) and a trained generator to keep")

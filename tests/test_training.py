@@ -210,6 +210,8 @@ def test_e2e_with_a_frozen_generator_trains_the_query_reasoner_alone(tiny_model,
                for k, v in encoder.items())
     with pytest.raises(ValueError, match="freeze_generator needs"):
         TrainConfig(stage="retrieval", freeze_generator=True)
+    # the end-to-end stage always freezes the compressor, so saying so as well is no conflict
+    assert TrainConfig(stage="e2e", freeze_generator=True, freeze_compressor=True).freeze_generator
 
 
 def test_straight_through_gradient_reaches_the_query_reasoner(tiny_model):
