@@ -178,8 +178,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.freeze_generator and (self.stage == "retrieval" or self.generator_only
                                       or (self.stage == "instruct" and not self.keep_generator)):
-            raise ValueError("freeze_generator needs a stage where something else learns (scp, e2e, or instruct "
-                             "with keep_generator and a trainable compressor) and a trained generator to keep")
+            raise ValueError("freeze_generator needs a stage where something else learns: scp, e2e, or instruct "
+                             "with keep_generator and a trainable compressor")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.gold_term not in GOLD_TERMS:
