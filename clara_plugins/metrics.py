@@ -6,6 +6,7 @@ collapsed) before comparison; a prediction is scored against its best-matching g
 
 from __future__ import annotations
 
+import random
 import re
 import statistics
 import string
@@ -68,10 +69,24 @@ def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
             "cover_em": cover_exact_match(prediction, answers)}
 
 
-def mean_answer_scores(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict[str, float]:
-    """EM, F1 and cover-EM in percent, averaged over the predictions."""
+def mean_answer_scores(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict:
+    """EM, F1 and cover-EM in percent, averaged over the predictions, and F1's 95 % interval:
+    on a few hundred questions F1 moves by points with the sample, so a change is read against it."""
     scores = [answer_scores(p, answers) for p, answers in zip(predictions, answer_lists)]
-    return {name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")}
+    means = {name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")}
+    return {**means, "f1_interval": bootstrap_interval([100 * s["f1"] for s in scores])}
+
+
+def bootstrap_interval(values: Sequence[float], draws: int = 2000, seed: int = 0) -> list[float]:
+    """The 95 % percentile-bootstrap interval of the mean of ``values`` (seeded: reruns agree).
+
+    Given per-question differences between two systems on the same rows, it is the interval of
+    the paired difference."""
+    if not values:
+        raise ValueError("bootstrap_interval needs at least one value")
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(draws))
+    return [round(means[int(0.025 * draws)], 2), round(means[int(0.975 * draws) - 1], 2)]
 
 
 def mean_recall_at_k(rankings: Sequence[Sequence[int]], golds: Sequence[Sequence[int]], k: int) -> float:

@@ -26,7 +26,7 @@ def test_every_system_is_scored_with_its_predictions(tiny_model, system):
     result = evaluate_answers(tiny_model, ROWS, system, k=2, max_new_tokens=3, batch_size=2)
     assert {"em", "f1", "cover_em", "context_positions"} <= result.keys()
     assert [p["question"] for p in result["predictions"]] == [r["question"] for r in ROWS]
-    assert 0 <= result["f1"] <= 100
+    assert 0 <= result["f1_interval"][0] <= result["f1"] <= result["f1_interval"][1] <= 100
 
 
 def test_text_reads_more_positions_than_memory_tokens(tiny_model):

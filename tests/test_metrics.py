@@ -3,6 +3,7 @@
 import pytest
 
 from clara_plugins.metrics import (
+    bootstrap_interval,
     mean_answer_scores,
     mean_recall_at_k,
     cover_exact_match,
@@ -54,5 +55,19 @@ def test_retrieval_metrics_hand_worked():
 def test_means_are_percentages_over_questions():
     # "Paris" exact; "in Paris" covers and has F1 2*(1/2*1)/(1/2+1) = 2/3; "Lyon" scores nothing
     scores = mean_answer_scores(["Paris", "in Paris", "Lyon"], [["paris"], ["Paris"], ["Paris"]])
+    interval = scores.pop("f1_interval")
     assert scores == {"em": 33.33, "f1": 55.56, "cover_em": 66.67}
+    assert 0.0 <= interval[0] < 55.56 < interval[1] <= 100.0
     assert mean_recall_at_k([[0, 1], [2, 3]], [[1], [0, 3]], 2) == 75.0
+
+
+def test_the_bootstrap_interval_is_seeded_and_narrows_with_more_questions():
+    assert bootstrap_interval([7.0] * 50) == [7.0, 7.0]
+    few, many = [0.0, 100.0] * 10, [0.0, 100.0] * 500
+    assert bootstrap_interval(few) == bootstrap_interval(few)
+    (lo_few, hi_few), (lo_many, hi_many) = bootstrap_interval(few), bootstrap_interval(many)
+    assert lo_few < lo_many < 50.0 < hi_many < hi_few
+    # paired differences that are mostly negative give an interval below zero
+    assert bootstrap_interval([-10.0] * 30 + [5.0] * 10)[1] < 0.0
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_interval([])
