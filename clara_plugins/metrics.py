@@ -69,7 +69,7 @@ def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
             "cover_em": cover_exact_match(prediction, answers)}
 
 
-def mean_answer_scores(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict:
+def mean_answer_scores(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict[str, float | list[float]]:
     """EM, F1 and cover-EM in percent, averaged over the predictions, and F1's 95 % interval:
     on a few hundred questions F1 moves by points with the sample, so a change is read against it."""
     scores = [answer_scores(p, answers) for p, answers in zip(predictions, answer_lists)]
