@@ -121,13 +121,13 @@ def test_instruct_with_a_frozen_compressor_trains_only_the_decoder(tiny_model, t
     assert any(v.abs().sum() > 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("stage", ["instruct", "scp"])
-def test_a_frozen_generator_trains_only_the_compressor(tiny_model, tmp_path, stage):
+@pytest.mark.parametrize("stage, rows", [("instruct", INSTRUCT), ("scp", SCP)])
+def test_a_frozen_generator_trains_only_the_compressor(tiny_model, tmp_path, stage, rows):
     decoder, embeddings = lora(tiny_model, "decoder_adapter"), tiny_model.lm.get_input_embeddings().weight.detach().clone()
     memories_before = tiny_model.compress_documents(CORPUS[:3])
     config = TrainConfig(stage=stage, steps=2, batch_size=2, grad_accum=1, lr=1e-2,
                          keep_generator=stage == "instruct", freeze_generator=True)
-    train(tiny_model, INSTRUCT if stage == "instruct" else SCP, config, tmp_path)
+    train(tiny_model, rows, config, tmp_path)
     assert all(torch.equal(v, lora(tiny_model, "decoder_adapter")[k]) for k, v in decoder.items())
     assert torch.equal(embeddings, tiny_model.lm.get_input_embeddings().weight)
     assert not torch.equal(memories_before, tiny_model.compress_documents(CORPUS[:3]))
