@@ -19,6 +19,13 @@ def _cell(value: float | int | None, digits: int = 1) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
+def _f1_cell(row: dict) -> str:
+    """F1 with its 95 % bootstrap interval over the questions: a sample of a few hundred
+    questions moves F1 by several points, and the table should say so."""
+    low, high = row["f1_interval"]
+    return f"{row['f1']:.1f} ({low:.1f}–{high:.1f})"
+
+
 def markdown_table(report: dict) -> str:
     """The results table of one run, with the sample it was measured on."""
     bench = report["benchmark"]
@@ -27,7 +34,7 @@ def markdown_table(report: dict) -> str:
         f"pools of {bench['pool_size']} passages, k={bench['k']}, {bench['mode']} mode; "
         f"commit {report['commit']}, {report['machine']['cpus']} CPUs)",
         "",
-        "| system | framework | checkpoint | EM | F1 | cover-EM | R@1 | R@3 | R@5 | context positions "
+        "| system | framework | checkpoint | EM | F1 (95 % interval) | cover-EM | R@1 | R@3 | R@5 | context positions "
         "| index p50 ms | retrieve p50 ms | first token p50 ms | generate p50 / p95 ms | answer tokens "
         "| docs/s | index bytes/doc | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -37,7 +44,7 @@ def markdown_table(report: dict) -> str:
         checkpoint = Path(r["checkpoint"]).name if r["checkpoint"] else (
             "untrained" if r["retriever"] == "clara" else "plain backbone")
         lines.append(
-            f"| {r['name']} | {r['framework']} | {checkpoint} | {_cell(r['em'])} | {_cell(r['f1'])} "
+            f"| {r['name']} | {r['framework']} | {checkpoint} | {_cell(r['em'])} | {_f1_cell(r)} "
             f"| {_cell(r['cover_em'])} | {_cell(r['recall@1'])} | {_cell(r['recall@3'])} | {_cell(r['recall@5'])} "
             f"| {_cell(r['context_positions'], 0)} | {_cell(latency['index']['p50'], 0)} "
             f"| {_cell(latency['retrieve']['p50'], 0)} | {_cell(latency['first_token']['p50'], 0)} "

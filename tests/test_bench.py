@@ -65,6 +65,8 @@ def test_report_writes_json_markdown_and_plots(results, tmp_path):
     assert json.loads(paths[0].read_text())["systems"][0]["name"] == "no retrieval"
     table = paths[1].read_text()
     assert all(f"| {r['name']} |" in table for r in results) and "untrained" not in table
+    low, high = results[0]["f1_interval"]
+    assert f"| {results[0]['f1']:.1f} ({low:.1f}–{high:.1f}) |" in table
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths[2:])
     assert report["headline"]["clara_system"] == "CLaRa CR16 compressor"
     assert report["headline"]["first_token_latency_ratio_text_over_clara"] > 0
