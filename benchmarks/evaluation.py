@@ -64,15 +64,13 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
 
 
 def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int) -> tuple[list[str], list[int]]:
-    """Each row's documents compressed; with more than k, the query reasoner keeps the best k
-    (the question is encoded only then: with k or fewer there is nothing to choose)."""
+    """Each row's documents compressed; the query reasoner keeps the best k, best first (with
+    k or fewer it only orders them, as a retriever would hand them over)."""
     questions = [row["question"] for row in batch]
     groups = []
     for question, row in zip(questions, batch):
         memories = model.compress_documents(row["docs"])
-        if len(memories) > k:
-            memories = top_k(model.encode_queries([question]), memories, k, model.config.retrieval_key)[0][0]
-        groups.append(memories)
+        groups.append(top_k(model.encode_queries([question]), memories, k, model.config.retrieval_key)[0][0])
     prompts = [question_prompt(model.tokenizer, q, len(g), model.document_placeholder) for q, g in zip(questions, groups)]
     return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model.tokenizer, p) for p in prompts]
 

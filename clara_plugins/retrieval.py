@@ -51,18 +51,16 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> 
 
     queries [B, n_mem, hidden]; candidates [N, n_mem, hidden] (shared) or [B, N, n_mem, hidden].
     Returns the chosen memories [B, k', n_mem, hidden] and their indices [B, k'], where
-    k' = min(k, N). With k or fewer candidates there is nothing to choose: all are kept, in
-    their given order (the order the caller's prompt lists them in).
+    k' = min(k, N). With k or fewer candidates all are kept, still best first: the generator
+    reads its first document most (docs/training-run.md, nineteenth session), so the order
+    is part of the choice.
     """
     if k < 1:
         raise ValueError(f"k must be positive, got {k}")
     if key not in RETRIEVAL_KEYS:
         raise ValueError(f"retrieval key must be one of {RETRIEVAL_KEYS}, got {key!r}")
     pools = candidates.unsqueeze(0).expand(len(queries), *candidates.shape) if candidates.dim() == 3 else candidates
-    if pools.size(1) <= k:
-        indices = torch.arange(pools.size(1)).expand(len(queries), -1)
-    else:
-        indices = cosine_scores(queries, candidates, key).topk(k, dim=-1).indices.cpu()
+    indices = cosine_scores(queries, candidates, key).topk(min(k, pools.size(1)), dim=-1).indices.cpu()
     return torch.stack([pool[picked.to(pool.device)] for pool, picked in zip(pools, indices)]), indices
 
 

@@ -113,8 +113,9 @@ def test_top_k_is_the_one_pick_of_the_query_reasoner(key):
     assert torch.equal(chosen[1], pool[indices[1]])
     per_query, same = top_k(queries, pool.expand(2, -1, -1, -1), 3, key)
     assert torch.equal(per_query, chosen) and torch.equal(same, indices)
-    few, order = top_k(queries, pool[:2], 3, key)  # nothing to choose: all kept, in their order
-    assert order.tolist() == [[0, 1], [0, 1]] and torch.equal(few[0], pool[:2])
+    few, order = top_k(queries, pool[:2], 3, key)  # fewer than k: all kept, still best first
+    assert order.tolist() == cosine_scores(queries, pool[:2], key).argsort(descending=True).tolist()
+    assert sorted(order[0].tolist()) == [0, 1] and torch.equal(few[0], pool[order[0]])
     with pytest.raises(ValueError, match="k must be positive"):
         top_k(queries, pool, 0, key)
 
