@@ -10,6 +10,7 @@ from clara_benchmarks.text_reader import read_text
 from clara_plugins.cli import main
 from clara_plugins.passes import completion_log_likelihood
 from clara_plugins.prompts import question_prompt
+from clara_plugins.retrieval import cosine_scores
 from clara_plugins.reading import evaluate_reading
 from conftest import CORPUS
 
@@ -27,6 +28,18 @@ def test_every_system_is_scored_with_its_predictions(tiny_model, system):
     assert {"em", "f1", "cover_em", "context_positions"} <= result.keys()
     assert [p["question"] for p in result["predictions"]] == [r["question"] for r in ROWS]
     assert 0 <= result["f1_interval"][0] <= result["f1"] <= result["f1_interval"][1] <= 100
+
+
+def test_clara_reads_a_rows_documents_best_first_whatever_their_order(tiny_model, monkeypatch):
+    read = []
+    monkeypatch.setattr(tiny_model, "generate", lambda prompts, groups, n: read.extend(groups) or [""] * len(prompts))
+    row = ROWS[0]
+    evaluate_answers(tiny_model, [row, {**row, "docs": row["docs"][::-1]}], "clara", k=5, max_new_tokens=1)
+    memories = tiny_model.compress_documents(row["docs"])
+    scores = cosine_scores(tiny_model.encode_queries([row["question"]]), memories, tiny_model.config.retrieval_key)
+    best_first = scores[0].argsort(descending=True)
+    assert best_first.tolist() != [0, 1, 2]  # the rows' order is not already the best-first one
+    assert torch.allclose(read[0], memories[best_first], atol=1e-5) and torch.allclose(read[1], read[0], atol=1e-5)
 
 
 def test_text_reads_more_positions_than_memory_tokens(tiny_model):
