@@ -67,10 +67,9 @@ def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tok
     """Each row's documents compressed; the query reasoner keeps the best k, best first (with
     k or fewer it only orders them, as a retriever would hand them over)."""
     questions = [row["question"] for row in batch]
-    groups = []
-    for question, row in zip(questions, batch):
-        memories = model.compress_documents(row["docs"])
-        groups.append(top_k(model.encode_queries([question]), memories, k, model.config.retrieval_key)[0][0])
+    queries = model.encode_queries(questions)  # [B, n_mem, hidden], one pass for the batch
+    groups = [top_k(query.unsqueeze(0), model.compress_documents(row["docs"]), k, model.config.retrieval_key)[0][0]
+              for query, row in zip(queries, batch)]
     prompts = [question_prompt(model.tokenizer, q, len(g), model.document_placeholder) for q, g in zip(questions, groups)]
     return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model.tokenizer, p) for p in prompts]
 
