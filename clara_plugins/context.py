@@ -11,9 +11,10 @@ template the user chose. ``read_messages`` turns them into the prompt the genera
 - all other text (instructions, the question, chat history) is read as text, except blank
   separators between two documents: documents listed one after another read as one block.
 
-With more than k memory documents the query reasoner keeps the k that best match the last
-user message (its documents left out); the others leave the prompt. Documents in place keep
-their place; the ``Background:`` block lists its documents best first.
+The query reasoner ranks the memory documents by how well they match the last user message
+(its documents left out); with more than k, only the top k stay in the prompt. Documents in
+place keep their place; the ``Background:`` block lists its documents best first, as the
+generator reads its first document most.
 """
 
 from __future__ import annotations
@@ -195,9 +196,8 @@ def _memories(model: ClaraModel, store: BaseMemoryStore | None, documents: list[
 
 def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list[str | _Document],
           k: int) -> dict[int, int]:
-    """The memories the generator reads, each with its rank: all of them in their order, or
-    the query reasoner's top k, best first."""
-    if len(memories) <= k:
+    """The memories the generator reads, each with its rank: the query reasoner's top k."""
+    if len(memories) <= 1:
         return {j: j for j in range(len(memories))}
     query = "".join(p for p in pieces if isinstance(p, str)).strip() or question
     picked = top_k(model.encode_queries([query]), memories, k, model.config.retrieval_key)[1][0]

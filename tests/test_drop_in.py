@@ -224,3 +224,10 @@ def test_a_rewriting_step_after_reading_is_not_warned_about(tiny_model, vectorst
         warnings.simplefilter("always")
         chat.invoke("Rewrite this question as a search query: who won prizes?")
     assert not [w for w in caught if "memory tokens" in str(w.message)]
+
+
+def test_k_or_fewer_passed_documents_are_read_best_first(tiny_model, vectorstore):
+    ranked = [d.id for d, _ in vectorstore.store.search(QUESTION, k=4)]
+    reading = read_messages(tiny_model, [("user", QUESTION)], vectorstore.store, ids=ranked[::-1], k=5)
+    assert reading.stored_ids == ranked  # the generator reads its first document most
+    assert torch.equal(reading.memories, vectorstore.store.memories(ranked).float())
