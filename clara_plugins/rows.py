@@ -21,7 +21,9 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
 
     Oracle rows are made only for examples whose gold passages are all in the pool. Pools of
     fewer than k passages are filled from the other examples (a training batch needs the same
-    k in every row); an example that still has fewer is left out.
+    k in every row); an example that still has fewer is left out. Both settings list their
+    passages best BM25 match first, as a retriever would: in the pool's order, a set whose
+    gold passage opens every pool (NQ's) would teach a reader to trust the first document.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
@@ -33,7 +35,8 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
         ranked = bm25_rank(example.question, example.passages)
         if setting == "oracle":
             gold = example.gold[:k]
-            chosen = sorted(gold + [i for i in ranked if i not in gold][: k - len(gold)])
+            picked = set(gold + [i for i in ranked if i not in gold][: k - len(gold)])
+            chosen = [i for i in ranked if i in picked]
         else:
             chosen = ranked[:k]
         rows.append({"id": example.id, "question": example.question, "docs": [example.passages[i] for i in chosen],

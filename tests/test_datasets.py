@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from clara_plugins.bm25 import bm25_rank, fill_short_pools
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
 from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, reconstruction_rows,
@@ -41,6 +42,21 @@ def test_oracle_rows_hold_the_gold_passages_and_e2e_rows_point_at_them():
     for example, row in zip(examples, e2e_rows(examples, candidates=20)):
         assert len(row["docs"]) == 20
         assert {row["docs"][i] for i in row["pos_index"]} == {example.passages[i] for i in example.gold}
+
+
+@needs_data
+def test_oracle_rows_list_their_passages_best_bm25_match_first_not_gold_first():
+    examples = fill_short_pools(read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=40), 5)
+    rows = instruct_rows(examples, "oracle", k=5)
+    examples = {e.id: e for e in examples}
+    assert len(rows) > 20
+    for row in rows:
+        example = examples[row["id"]]
+        ranked = bm25_rank(example.question, example.passages)
+        order = [ranked.index(example.passages.index(doc)) for doc in row["docs"]]
+        assert order == sorted(order)
+    # NQ's gold passage opens every pool; listed in pool order it would open every row
+    assert {row["pos_index"][0] for row in rows} != {0}
 
 
 def test_instruction_rows_all_have_k_documents():
