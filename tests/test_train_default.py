@@ -21,19 +21,19 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
                    "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_MORE_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2",
-                   "DISTILL_STEPS": "2", "E2E_STEPS": "2",
+                   "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "E2E_STEPS": "2",
                    "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2",
                    "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ("scp", "scp_more", "instruct", "e2e", "retrieval", "text", "distill"):
+    for stage in ("scp", "scp_more", "instruct", "e2e", "retrieval", "text", "distill", "distill_more"):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
         assert [record["step"] for record in log if "probe" not in record] == [1, 2]
-        if stage in ("scp", "instruct", "distill"):  # the reading margin is on, and the probes ran
+        if stage in ("scp", "instruct", "distill", "distill_more"):  # the reading margin is on, and the probes ran
             assert all("reading_gain" in record for record in log)
             assert [record["step"] for record in log if "probe" in record][-1] == 2
-        if stage == "distill":  # the text reader teaches, and both held-out probes ran
+        if stage.startswith("distill"):  # the text reader teaches, and both held-out probes ran
             assert all("distill" in record for record in log if "probe" not in record)
             assert {record["probe"] for record in log if "probe" in record} == {"probe_nq5", "probe_hotpot5"}
     assert all("retrieval" in json.loads(line) for line in (out / "retrieval" / "log.jsonl").read_text().splitlines())
