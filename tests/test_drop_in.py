@@ -118,14 +118,24 @@ def test_threads_share_one_model(tiny_model, vectorstore):
         assert list(pool.map(answer, questions)) == alone
 
 
-def test_a_pipeline_without_memory_tokens_is_told_once(tiny_model):
-    chat = ChatClara(clara=tiny_model, max_tokens=2)
-    with pytest.warns(UserWarning, match="read no memory tokens"):
-        chat.invoke("A question with no documents at all")
+@pytest.mark.parametrize("framework", ["langchain", "llama_index"])
+def test_a_pipeline_without_memory_tokens_is_told_once_by_name(tiny_model, framework):
+    if framework == "langchain":
+        model, ask = ChatClara(clara=tiny_model, max_tokens=2), ChatClara.invoke
+    else:
+        model, ask = ClaraLLM(clara=tiny_model, max_new_tokens=2), ClaraLLM.complete
+    with pytest.warns(UserWarning, match=f"^{type(model).__name__} read no memory tokens"):
+        ask(model, "A question with no documents at all")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chat.invoke("Another one")
+        ask(model, "Another one")
     assert not [w for w in caught if "memory tokens" in str(w.message)]
+
+
+def test_each_model_keeps_its_own_reading_totals(tiny_model, vectorstore):
+    reading, idle = ChatClara(clara=tiny_model, store=vectorstore, max_tokens=2), ChatClara(clara=tiny_model)
+    reading.invoke(CORPUS[0], document_ids=["d1"])
+    assert reading.stats.calls == 1 and idle.stats.calls == 0
 
 
 def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):

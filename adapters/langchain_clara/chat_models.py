@@ -25,13 +25,10 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
-from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 
-from clara_plugins import ClaraModel
+from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import SYSTEM_PROMPT
-from clara_plugins.context import Reader, Reading, ReadingStats
-from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore, as_memory_store
+from clara_plugins.context import Reading
 
 # The layout the generator was trained on: with documents from the store as {context}, the
 # prompt is exactly CLaRa's answering prompt.
@@ -45,7 +42,7 @@ def format_documents(documents: Sequence[Document]) -> str:
     return "\n\n".join(document.page_content for document in documents)
 
 
-class ChatClara(BaseChatModel):
+class ChatClara(ReaderFields, BaseChatModel):
     """Answer from CLaRa memory tokens inside any prompt, streaming, with usage metadata.
 
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
@@ -53,31 +50,9 @@ class ChatClara(BaseChatModel):
     ``ClaraVectorStore``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    clara: ClaraModel | None = None
-    store: BaseMemoryStore | None = None
     model_name: str = "clara"
-    k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
     max_tokens: int | None = None
     stop: list[str] | None = None
-    _reader: Reader = PrivateAttr(default_factory=lambda: Reader("ChatClara"))
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _memory_store(cls, value: Any) -> BaseMemoryStore | None:
-        return None if value is None else as_memory_store(value)
-
-    @model_validator(mode="after")
-    def _default_model(self) -> "ChatClara":
-        if self.clara is None:
-            self.clara = self.store.model if self.store is not None else load_model()
-        return self
-
-    @property
-    def stats(self) -> ReadingStats:
-        """Running totals of what the generator read over this object's calls."""
-        return self._reader.stats
 
     @property
     def _llm_type(self) -> str:

@@ -28,12 +28,8 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
-from pydantic import ConfigDict, PrivateAttr, field_validator, model_validator
 
-from clara_plugins import ClaraModel
-from clara_plugins.context import Reader, ReadingStats
-from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore, as_memory_store
+from clara_plugins.adapter_fields import ReaderFields
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
@@ -43,7 +39,7 @@ CLARA_QA_PROMPT = PromptTemplate("Background:\n{context_str}\n\nQuestion:{query_
 _ROLES = {MessageRole.SYSTEM: "system", MessageRole.ASSISTANT: "assistant"}  # any other role reads as user
 
 
-class ClaraLLM(CustomLLM):
+class ClaraLLM(ReaderFields, CustomLLM):
     """Answer from CLaRa memory tokens inside any LlamaIndex prompt.
 
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
@@ -51,30 +47,8 @@ class ClaraLLM(CustomLLM):
     ``ClaraVectorStore``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    clara: ClaraModel | None = None
-    store: BaseMemoryStore | None = None
-    k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
     max_new_tokens: int | None = None
     model_name: str = "clara"
-    _reader: Reader = PrivateAttr(default_factory=lambda: Reader("ClaraLLM"))
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _memory_store(cls, value: Any) -> BaseMemoryStore | None:
-        return None if value is None else as_memory_store(value)
-
-    @model_validator(mode="after")
-    def _default_model(self) -> "ClaraLLM":
-        if self.clara is None:
-            self.clara = self.store.model if self.store is not None else load_model()
-        return self
-
-    @property
-    def stats(self) -> ReadingStats:
-        """Running totals of what the generator read over this object's calls."""
-        return self._reader.stats
 
     @classmethod
     def class_name(cls) -> str:

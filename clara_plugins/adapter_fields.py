@@ -1,0 +1,46 @@
+"""The pydantic fields the framework models that read memory tokens share.
+
+LangChain's ChatClara and LlamaIndex's ClaraLLM are pydantic models of their frameworks; both
+take a CLaRa model, a store and k, and count what their generator read. Both frameworks depend
+on pydantic, so this module is imported by the adapters only, never by ``clara_plugins`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
+
+from .context import Reader, ReadingStats
+from .model import ClaraModel
+from .pretrained import load_model
+from .store import BaseMemoryStore, as_memory_store
+
+
+class ReaderFields(BaseModel):
+    """A CLaRa model (by default the store's, or the shipped checkpoint), the store whose
+    documents it reads as memory tokens, k, and the running reading totals."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    clara: ClaraModel | None = None
+    store: BaseMemoryStore | None = None
+    k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
+    _reader: Reader = PrivateAttr()
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _memory_store(cls, value: Any) -> BaseMemoryStore | None:
+        return None if value is None else as_memory_store(value)
+
+    @model_validator(mode="after")
+    def _default_model(self) -> ReaderFields:
+        if self.clara is None:
+            self.clara = self.store.model if self.store is not None else load_model()
+        self._reader = Reader(type(self).__name__)
+        return self
+
+    @property
+    def stats(self) -> ReadingStats:
+        """Running totals of what the generator read over this object's calls."""
+        return self._reader.stats
