@@ -6,6 +6,8 @@
 Systems, all on one backbone:
 - ``clara``: the documents compressed into memory tokens; with more than k documents the
   query reasoner keeps the top-k (and Recall@k is measured);
+- ``control``: ``clara`` reading another question's documents; ``f1_above_control`` pairs the
+  two, the measure of whether the generator reads;
 - ``text``: the plain base model reading the documents as text (text RAG);
 - ``none``: the plain base model with no documents.
 Retrievers for Recall@k / Precision@k: ``reasoner`` (CLaRa's query reasoner over memory
@@ -23,44 +25,91 @@ from tqdm.auto import tqdm
 
 from clara_plugins import ClaraModel
 from clara_plugins.bm25 import bm25_rank
-from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k, precision_at_k
+from clara_plugins.metrics import (
+    answer_scores,
+    bootstrap_interval,
+    mean_recall_at_k,
+    precision_at_k,
+    summarize_answer_scores,
+)
 from clara_plugins.prompts import prompt_positions, question_prompt
 from clara_plugins.retrieval import cosine_scores, top_k
 
 from .dense import DenseRetriever
 from .text_reader import read_text, text_prompt
 
-SYSTEMS = ("clara", "text", "none")
+SYSTEMS = ("clara", "control", "text", "none")
 RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
 
 
 def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "clara", k: int = 5,
-                     max_new_tokens: int = 32, batch_size: int = 4) -> dict:
-    """EM, F1 and cover-EM of one system, with its predictions and context positions."""
+                     max_new_tokens: int = 32, batch_size: int = 4, control_shifts: Sequence[int] = (1,)) -> dict:
+    """EM, F1 and cover-EM of one system, with its predictions and context positions.
+
+    ``control`` answers like ``clara`` with each row reading the documents of the row ``shift``
+    after it (wrapping around): what the generator scores from the wrong documents. Which wrong
+    documents it reads moves that score by points, so with several shifts each question's
+    scores are averaged over them."""
     if system not in SYSTEMS:
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
-    predictions, positions, seconds = [], [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"answering ({system})"):
+    control = system == "control"
+    answer_lists = [row.get("answers") or [row["answer"]] for row in rows]
+    runs, scores, predictions = [], [], []
+    for shift in control_shifts if control else [0]:
+        read = _documents_of_other_rows(rows, shift) if control else rows
+        label = f"control, shift {shift}" if control else system
+        run = _answer_rows(model, read, "clara" if control else system, label, k, max_new_tokens, batch_size)
+        runs.append(run)
+        scores.append([answer_scores(p, answers) for p, answers in zip(run["predictions"], answer_lists)])
+        predictions += [{"question": row["question"], "prediction": prediction, "answers": answers,
+                         **({"documents_of": (i + shift) % len(rows)} if control else {})}
+                        for i, (row, prediction, answers) in enumerate(zip(rows, run["predictions"], answer_lists))]
+    averaged = [{name: statistics.fmean(run[i][name] for run in scores) for name in ("em", "f1", "cover_em")}
+                for i in range(len(rows))]
+    return {
+        "system": system, "examples": len(rows), "k": k,
+        **({"shifts": list(control_shifts)} if control else {}),
+        **summarize_answer_scores(averaged),
+        "context_positions": round(statistics.mean(n for run in runs for n in run["positions"]), 1),
+        "seconds_per_question": round(statistics.mean(t for run in runs for t in run["seconds"]), 3),
+        "question_f1": [round(100 * s["f1"], 2) for s in averaged],
+        "predictions": predictions,
+    }
+
+
+def f1_above_control(clara: dict, control: dict) -> dict:
+    """CLaRa's F1 minus the control's on the same rows, with the 95 % interval of the paired
+    difference: whether the generator answers from its documents or from the question alone."""
+    differences = [own - other for own, other in zip(clara["question_f1"], control["question_f1"], strict=True)]
+    return {"f1": round(statistics.fmean(differences), 2), "interval": bootstrap_interval(differences)}
+
+
+def _documents_of_other_rows(rows: Sequence[dict], shift: int) -> list[dict]:
+    """Each row with the documents of the row ``shift`` after it, wrapping around."""
+    if shift % len(rows) == 0:
+        raise ValueError(f"a control shift of {shift} gives each of the {len(rows)} rows its own documents; "
+                         f"use a shift that is not a multiple of {len(rows)}")
+    return [{**row, "docs": rows[(i + shift) % len(rows)]["docs"]} for i, row in enumerate(rows)]
+
+
+def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: str, k: int, max_new_tokens: int,
+                 batch_size: int) -> dict[str, list]:
+    """One answering pass: each row's prediction, context positions and seconds per question."""
+    run: dict[str, list] = {"predictions": [], "positions": [], "seconds": []}
+    for start in tqdm(range(0, len(rows), batch_size), desc=f"answering ({label})"):
         batch = rows[start:start + batch_size]
         questions = [row["question"] for row in batch]
         began = time.perf_counter()
-        if system == "clara":
+        if reader == "clara":
             answers, counts = _clara_answers(model, batch, k, max_new_tokens)
         else:
-            documents = [row["docs"][:k] if system == "text" else [] for row in batch]
+            documents = [row["docs"][:k] if reader == "text" else [] for row in batch]
             answers = read_text(model, questions, documents, max_new_tokens)
             counts = [prompt_positions(model.tokenizer, text_prompt(model, q, d)) for q, d in zip(questions, documents)]
-        seconds.append((time.perf_counter() - began) / len(batch))
-        predictions.extend(answers)
-        positions.extend(counts)
-    return {
-        "system": system, "examples": len(rows), "k": k,
-        **mean_answer_scores(predictions, [row.get("answers") or [row["answer"]] for row in rows]),
-        "context_positions": round(statistics.mean(positions), 1),
-        "seconds_per_question": round(statistics.mean(seconds), 3),
-        "predictions": [{"question": r["question"], "prediction": p, "answers": r.get("answers") or [r["answer"]]}
-                        for r, p in zip(rows, predictions)],
-    }
+        run["seconds"].append((time.perf_counter() - began) / len(batch))
+        run["predictions"].extend(answers)
+        run["positions"].extend(counts)
+    return run
 
 
 def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int) -> tuple[list[str], list[int]]:

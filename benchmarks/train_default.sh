@@ -47,6 +47,7 @@ FREEZE_COMPRESSOR=${FREEZE_COMPRESSOR---freeze-compressor}  # instruct stage; em
 PROBE_EVERY=${PROBE_EVERY:-40}
 LIMIT=${LIMIT:-}                  # cap every converted file at N examples (smoke tests)
 EVAL_LIMIT=${EVAL_LIMIT:-60}
+CONTROL_SHIFTS=${CONTROL_SHIFTS:-1 2 3}  # the control reads the documents of the row this many on (F1 averaged)
 RECALL_LIMIT=${RECALL_LIMIT:-40}
 
 if (( RETRIEVAL_ACCUM < 1 || RETRIEVAL_BATCH % RETRIEVAL_ACCUM )); then
@@ -187,16 +188,12 @@ fi
 
 # 3. Evaluation. "text" with the text checkpoint is the fine-tuned text reader; "none" and the
 #    plain "text" reader come with the CLaRa checkpoint (its base model, no adapter).
-#    The control gives each question the next question's documents.
+#    The control gives each question the documents of the question CONTROL_SHIFTS on, its F1
+#    averaged over them; "f1_above_control" pairs it with CLaRa's.
 for name in hotpotqa_oracle nq_oracle; do
     data="$rows/eval_$name.jsonl"
-    head -n "$EVAL_LIMIT" "$data" | python -c "import json, sys; rows = [json.loads(l) for l in sys.stdin]
-for i, row in enumerate(rows): print(json.dumps({**row, 'docs': rows[(i + 1) % len(rows)]['docs']}))" \
-        > "$rows/control_$name.jsonl"
-    clara eval "$data" --checkpoint "$final/checkpoint" --systems clara text none --reading \
-        --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_clara.json"
-    clara eval "$rows/control_$name.jsonl" --checkpoint "$final/checkpoint" --systems clara \
-        --device "$DEVICE" --out "$OUT/eval/${name}_control.json"
+    clara eval "$data" --checkpoint "$final/checkpoint" --systems clara control text none --reading \
+        --control-shifts $CONTROL_SHIFTS --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_clara.json"
     clara eval "$data" --checkpoint "$OUT/text/checkpoint" --systems text \
         --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_text_finetuned.json"
 done

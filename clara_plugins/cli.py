@@ -163,7 +163,10 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="converted JSONL rows")
     parser.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
     parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
-                        help="answering systems (default clara)")
+                        help="answering systems (default clara; control: clara reading another row's documents)")
+    parser.add_argument("--control-shifts", nargs="+", type=_positive, default=[1],
+                        help="control: each row reads the documents of the row this many after it; with "
+                             "several, each question's scores are averaged over them (default 1)")
     parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
                         help="retrievers to score on the rows' candidates ('compressor': the question "
                              "encoded by the compressor, where the end-to-end reasoner starts)")
@@ -343,7 +346,7 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from clara_benchmarks.dense import DenseRetriever
-    from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval
+    from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1_above_control
 
     from .jsonfiles import read_jsonl
     from .pretrained import default_checkpoint, load_model
@@ -355,14 +358,18 @@ def _eval(args: argparse.Namespace) -> None:
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None, "answers": [], "retrieval": []}
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,
-                                                   args.batch_size))
+                                                   args.batch_size, args.control_shifts))
+    scored = {result["system"]: result for result in results["answers"]}
+    if {"clara", "control"} <= scored.keys():
+        results["f1_above_control"] = f1_above_control(scored["clara"], scored["control"])
     dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
     if args.retrievers:
         results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense)
     if args.reading:
         results["reading"] = evaluate_reading(model, rows, args.k)
-    summary = {"answers": [{k: v for k, v in r.items() if k != "predictions"} for r in results["answers"]],
-               **{key: results[key] for key in ("retrieval", "reading") if key in results}}
+    summary = {"answers": [{k: v for k, v in r.items() if k not in ("predictions", "question_f1")}
+                           for r in results["answers"]],
+               **{key: results[key] for key in ("f1_above_control", "retrieval", "reading") if key in results}}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

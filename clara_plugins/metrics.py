@@ -72,7 +72,11 @@ def answer_scores(prediction: str, answers: Sequence[str]) -> dict[str, float]:
 def mean_answer_scores(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict[str, float | list[float]]:
     """EM, F1 and cover-EM in percent, averaged over the predictions, and F1's 95 % interval:
     on a few hundred questions F1 moves by points with the sample, so a change is read against it."""
-    scores = [answer_scores(p, answers) for p, answers in zip(predictions, answer_lists)]
+    return summarize_answer_scores([answer_scores(p, answers) for p, answers in zip(predictions, answer_lists)])
+
+
+def summarize_answer_scores(scores: Sequence[dict[str, float]]) -> dict[str, float | list[float]]:
+    """``mean_answer_scores`` from each question's ``answer_scores`` (0–1)."""
     means = {name: round(100 * statistics.mean(s[name] for s in scores), 2) for name in ("em", "f1", "cover_em")}
     return {**means, "f1_interval": bootstrap_interval([100 * s["f1"] for s in scores])}
 

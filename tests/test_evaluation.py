@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval
+from clara_benchmarks import evaluation
+from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1_above_control
 from clara_benchmarks.text_reader import read_text
 from clara_plugins.cli import main
 from clara_plugins.passes import completion_log_likelihood
@@ -22,7 +23,7 @@ ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS[2:5], "
          "pos_index": [1]}]
 
 
-@pytest.mark.parametrize("system", ["clara", "text", "none"])
+@pytest.mark.parametrize("system", ["clara", "control", "text", "none"])
 def test_every_system_is_scored_with_its_predictions(tiny_model, system):
     result = evaluate_answers(tiny_model, ROWS, system, k=2, max_new_tokens=3, batch_size=2)
     assert {"em", "f1", "cover_em", "context_positions"} <= result.keys()
@@ -40,6 +41,35 @@ def test_clara_reads_a_rows_documents_best_first_whatever_their_order(tiny_model
     best_first = scores[0].argsort(descending=True)
     assert best_first.tolist() != [0, 1, 2]  # the rows' order is not already the best-first one
     assert torch.allclose(read[0], memories[best_first], atol=1e-5) and torch.allclose(read[1], read[0], atol=1e-5)
+
+
+def test_the_control_reads_the_documents_of_the_row_each_shift_after_it(tiny_model, monkeypatch):
+    read = []
+    monkeypatch.setattr(tiny_model, "compress_documents",
+                        lambda docs: read.append(docs) or torch.zeros(len(docs), 1, 1))
+    monkeypatch.setattr(evaluation, "top_k", lambda query, memories, k, key: ([memories], None))
+    monkeypatch.setattr(tiny_model, "generate", lambda prompts, groups, n: [""] * len(prompts))
+    evaluate_answers(tiny_model, ROWS, "control", k=3, max_new_tokens=1, control_shifts=(1, 2))
+    assert read == [ROWS[i]["docs"] for i in (1, 2, 0, 2, 0, 1)]  # shift 1, then shift 2
+
+
+def test_several_control_shifts_average_each_questions_scores(tiny_model, monkeypatch):
+    # The stand-in generator answers with the first document it is given.
+    monkeypatch.setattr(evaluation, "_clara_answers",
+                        lambda model, batch, k, n: ([row["docs"][0] for row in batch], [1] * len(batch)))
+    rows = [{"question": f"q{i}", "docs": [doc], "answer": "x"} for i, doc in enumerate(["x", "y", "x"])]
+    own = evaluate_answers(tiny_model, rows, "clara")
+    control = evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
+    assert own["question_f1"] == [100, 0, 100]
+    assert control["question_f1"] == [50, 100, 50] and control["f1"] == pytest.approx(66.67)
+    assert [p["documents_of"] for p in control["predictions"]] == [1, 2, 0, 2, 0, 1]
+    above = f1_above_control(own, control)  # per question: +50, -100, +50
+    assert above["f1"] == 0.0 and above["interval"][0] < 0 < above["interval"][1]
+
+
+def test_a_control_shift_that_returns_each_row_to_itself_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="a control shift of 3 gives each of the 3 rows its own documents"):
+        evaluate_answers(tiny_model, ROWS, "control", control_shifts=(1, 3))
 
 
 def test_text_reads_more_positions_than_memory_tokens(tiny_model):
@@ -102,14 +132,18 @@ def saved(tiny_model, tmp_path):
 
 def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
     checkpoint, data = saved
-    main(["eval", data, "--checkpoint", checkpoint, "--systems", "clara", "none",
+    main(["eval", data, "--checkpoint", checkpoint, "--systems", "clara", "control", "none",
+          "--control-shifts", "1", "2",
           "--retrievers", "bm25", "--reading", "-k", "3", "--max-new-tokens", "2", "--device", "cpu",
           "--out", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
-    assert [a["system"] for a in result["answers"]] == ["clara", "none"]
+    assert [a["system"] for a in result["answers"]] == ["clara", "control", "none"]
+    assert result["answers"][1]["shifts"] == [1, 2] and len(result["answers"][1]["predictions"]) == 6
+    assert set(result["f1_above_control"]) == {"f1", "interval"}
     assert result["retrieval"][0]["recall@1"] == 100.0
     assert result["reading"]["examples"] == 3
-    assert '"reading_gain"' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert '"reading_gain"' in printed and '"f1_above_control"' in printed and '"question_f1"' not in printed
 
 
 def test_clara_eval_answers_the_same_in_any_batch_size(saved, tmp_path):

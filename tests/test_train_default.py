@@ -23,7 +23,7 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
                    "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_MORE_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2",
                    "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "E2E_STEPS": "2",
                    "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2",
-                   "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
+                   "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "CONTROL_SHIFTS": "1 2", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -38,10 +38,9 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
             assert {record["probe"] for record in log if "probe" in record} == {"probe_nq5", "probe_hotpot5"}
     assert all("retrieval" in json.loads(line) for line in (out / "retrieval" / "log.jsonl").read_text().splitlines())
     clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
-    assert [a["system"] for a in clara["answers"]] == ["clara", "text", "none"]
+    assert [a["system"] for a in clara["answers"]] == ["clara", "control", "text", "none"]
+    assert clara["answers"][1]["shifts"] == [1, 2] and "f1_above_control" in clara
     assert clara["reading"]["examples"] == 3
-    control = json.loads((out / "eval" / "nq_oracle_control.json").read_text())
-    assert control["answers"][0]["examples"] == 3
     recall = json.loads((out / "eval" / "recall_hotpotqa_e2e20.json").read_text())
     assert [r["retriever"] for r in recall["retrieval"]] == ["compressor", "reasoner", "dense", "bm25"]
     assert (out / "cr16-fp16" / "clara_config.json").exists()
