@@ -53,6 +53,8 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
     if system not in SYSTEMS:
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
     control = system == "control"
+    if control:
+        check_control_shifts(len(rows), control_shifts)
     answer_lists = [row.get("answers") or [row["answer"]] for row in rows]
     runs, scores, predictions = [], [], []
     for shift in control_shifts if control else [0]:
@@ -84,11 +86,18 @@ def f1_above_control(clara: dict, control: dict) -> dict:
     return {"f1": round(statistics.fmean(differences), 2), "interval": bootstrap_interval(differences)}
 
 
+def check_control_shifts(n_rows: int, shifts: Sequence[int]) -> None:
+    """Refuse a control that would give some row its own documents (before any answering runs)."""
+    if n_rows < 2:
+        raise ValueError(f"the control gives each row another row's documents and needs at least 2 rows, got {n_rows}")
+    for shift in shifts:
+        if shift % n_rows == 0:
+            raise ValueError(f"a control shift of {shift} gives each of the {n_rows} rows its own documents; "
+                             f"use a shift that is not a multiple of {n_rows}")
+
+
 def _documents_of_other_rows(rows: Sequence[dict], shift: int) -> list[dict]:
     """Each row with the documents of the row ``shift`` after it, wrapping around."""
-    if shift % len(rows) == 0:
-        raise ValueError(f"a control shift of {shift} gives each of the {len(rows)} rows its own documents; "
-                         f"use a shift that is not a multiple of {len(rows)}")
     return [{**row, "docs": rows[(i + shift) % len(rows)]["docs"]} for i, row in enumerate(rows)]
 
 

@@ -346,13 +346,20 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from clara_benchmarks.dense import DenseRetriever
-    from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1_above_control
+    from clara_benchmarks.evaluation import (
+        check_control_shifts,
+        evaluate_answers,
+        evaluate_retrieval,
+        f1_above_control,
+    )
 
     from .jsonfiles import read_jsonl
     from .pretrained import default_checkpoint, load_model
     from .reading import evaluate_reading
 
     rows = read_jsonl(args.data)[: args.limit]
+    if "control" in args.systems:
+        check_control_shifts(len(rows), args.control_shifts)
     checkpoint = args.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device=args.device)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None, "answers": [], "retrieval": []}

@@ -70,6 +70,17 @@ def test_several_control_shifts_average_each_questions_scores(tiny_model, monkey
 def test_a_control_shift_that_returns_each_row_to_itself_is_refused(tiny_model):
     with pytest.raises(ValueError, match="a control shift of 3 gives each of the 3 rows its own documents"):
         evaluate_answers(tiny_model, ROWS, "control", control_shifts=(1, 3))
+    with pytest.raises(ValueError, match="needs at least 2 rows, got 1"):
+        evaluate_answers(tiny_model, ROWS[:1], "control")
+
+
+def test_clara_eval_refuses_a_bad_control_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    monkeypatch.setattr("clara_plugins.pretrained.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit):
+        main(["eval", str(data), "--systems", "clara", "control", "--control-shifts", "6"])
+    assert "a control shift of 6 gives each of the 3 rows its own documents" in capsys.readouterr().err
 
 
 def test_text_reads_more_positions_than_memory_tokens(tiny_model):
