@@ -21,6 +21,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraModel
@@ -43,24 +44,29 @@ RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
 
 
 def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "clara", k: int = 5,
-                     max_new_tokens: int = 32, batch_size: int = 4, control_shifts: Sequence[int] = (1,)) -> dict:
+                     max_new_tokens: int = 32, batch_size: int = 4, control_shifts: Sequence[int] = (1,),
+                     memories: dict[tuple[str, ...], torch.Tensor] | None = None) -> dict:
     """EM, F1 and cover-EM of one system, with its predictions and context positions.
 
     ``control`` answers like ``clara`` with each row reading the documents of the row ``shift``
     after it (wrapping around): what the generator scores from the wrong documents. Which wrong
     documents it reads moves that score by points, so with several shifts each question's
-    scores are averaged over them."""
+    scores are averaged over them. Compressing the documents is most of a CLaRa answer's cost
+    on CPU, so ``memories`` (documents → their memory tokens) keeps them for later passes and
+    calls; a control keeps its own across its shifts when none is given."""
     if system not in SYSTEMS:
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
     control = system == "control"
     if control:
         check_control_shifts(len(rows), control_shifts)
+        memories = {} if memories is None else memories
     answer_lists = [row.get("answers") or [row["answer"]] for row in rows]
     runs, scores, predictions = [], [], []
     for shift in control_shifts if control else [0]:
         read = _documents_of_other_rows(rows, shift) if control else rows
         label = f"control, shift {shift}" if control else system
-        run = _answer_rows(model, read, "clara" if control else system, label, k, max_new_tokens, batch_size)
+        run = _answer_rows(model, read, "clara" if control else system, label, k, max_new_tokens, batch_size,
+                           memories)
         runs.append(run)
         scores.append([answer_scores(p, answers) for p, answers in zip(run["predictions"], answer_lists)])
         predictions += [{"question": row["question"], "prediction": prediction, "answers": answers,
@@ -102,7 +108,7 @@ def _documents_of_other_rows(rows: Sequence[dict], shift: int) -> list[dict]:
 
 
 def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: str, k: int, max_new_tokens: int,
-                 batch_size: int) -> dict[str, list]:
+                 batch_size: int, memories: dict[tuple[str, ...], torch.Tensor] | None) -> dict[str, list]:
     """One answering pass: each row's prediction, context positions and seconds per question."""
     run: dict[str, list] = {"predictions": [], "positions": [], "seconds": []}
     for start in tqdm(range(0, len(rows), batch_size), desc=f"answering ({label})"):
@@ -110,7 +116,7 @@ def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: st
         questions = [row["question"] for row in batch]
         began = time.perf_counter()
         if reader == "clara":
-            answers, counts = _clara_answers(model, batch, k, max_new_tokens)
+            answers, counts = _clara_answers(model, batch, k, max_new_tokens, memories)
         else:
             documents = [row["docs"][:k] if reader == "text" else [] for row in batch]
             answers = read_text(model, questions, documents, max_new_tokens)
@@ -121,15 +127,28 @@ def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: st
     return run
 
 
-def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int) -> tuple[list[str], list[int]]:
-    """Each row's documents compressed; the query reasoner keeps the best k, best first (with
-    k or fewer it only orders them, as a retriever would hand them over)."""
+def _clara_answers(model: ClaraModel, batch: Sequence[dict], k: int, max_new_tokens: int,
+                   memories: dict[tuple[str, ...], torch.Tensor] | None) -> tuple[list[str], list[int]]:
+    """Each row's documents compressed (once, where ``memories`` keeps them); the query reasoner
+    keeps the best k, best first (with k or fewer it only orders them, as a retriever would hand
+    them over)."""
     questions = [row["question"] for row in batch]
     queries = model.encode_queries(questions)  # [B, n_mem, hidden], one pass for the batch
-    groups = [top_k(query.unsqueeze(0), model.compress_documents(row["docs"]), k, model.config.retrieval_key)[0][0]
+    groups = [top_k(query.unsqueeze(0), _compressed(model, row["docs"], memories), k, model.config.retrieval_key)[0][0]
               for query, row in zip(queries, batch)]
     prompts = [question_prompt(model.tokenizer, q, len(g), model.document_placeholder) for q, g in zip(questions, groups)]
     return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model.tokenizer, p) for p in prompts]
+
+
+def _compressed(model: ClaraModel, documents: Sequence[str],
+                memories: dict[tuple[str, ...], torch.Tensor] | None) -> torch.Tensor:
+    """The documents' memory tokens, [n_docs, n_mem, hidden], from ``memories`` when it has them."""
+    if memories is None:
+        return model.compress_documents(documents)
+    key = tuple(documents)
+    if key not in memories:
+        memories[key] = model.compress_documents(documents)
+    return memories[key]
 
 
 def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: ClaraModel | None = None,

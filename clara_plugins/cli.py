@@ -363,9 +363,10 @@ def _eval(args: argparse.Namespace) -> None:
     checkpoint = args.checkpoint or default_checkpoint()
     model = load_model(checkpoint, device=args.device)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None, "answers": [], "retrieval": []}
+    memories = {} if "control" in args.systems else None  # clara and its control read the same documents
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,
-                                                   args.batch_size, args.control_shifts))
+                                                   args.batch_size, args.control_shifts, memories))
     scored = {result["system"]: result for result in results["answers"]}
     if {"clara", "control"} <= scored.keys():
         results["f1_above_control"] = f1_above_control(scored["clara"], scored["control"])

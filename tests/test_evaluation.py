@@ -44,19 +44,35 @@ def test_clara_reads_a_rows_documents_best_first_whatever_their_order(tiny_model
 
 
 def test_the_control_reads_the_documents_of_the_row_each_shift_after_it(tiny_model, monkeypatch):
-    read = []
-    monkeypatch.setattr(tiny_model, "compress_documents",
-                        lambda docs: read.append(docs) or torch.zeros(len(docs), 1, 1))
+    # Each row's documents compress to memories that hold the row's index.
+    compressed, read = [], []
+    def compress(docs):
+        compressed.append(docs)
+        return torch.full((len(docs), 1, 1), float([row["docs"] for row in ROWS].index(docs)))
+    monkeypatch.setattr(tiny_model, "compress_documents", compress)
     monkeypatch.setattr(evaluation, "top_k", lambda query, memories, k, key: ([memories], None))
-    monkeypatch.setattr(tiny_model, "generate", lambda prompts, groups, n: [""] * len(prompts))
+    monkeypatch.setattr(tiny_model, "generate", lambda prompts, groups, n: read.extend(groups) or [""] * len(prompts))
     evaluate_answers(tiny_model, ROWS, "control", k=3, max_new_tokens=1, control_shifts=(1, 2))
-    assert read == [ROWS[i]["docs"] for i in (1, 2, 0, 2, 0, 1)]  # shift 1, then shift 2
+    assert [int(group[0, 0, 0]) for group in read] == [1, 2, 0, 2, 0, 1]  # shift 1, then shift 2
+    assert compressed == [ROWS[i]["docs"] for i in (1, 2, 0)]  # each row's documents compressed once
+
+
+def test_clara_and_its_control_share_the_compressed_documents(tiny_model, monkeypatch):
+    compressed = []
+    compress = tiny_model.compress_documents
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs: compressed.append(docs) or compress(docs))
+    memories = {}
+    own = evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=2, memories=memories)
+    evaluate_answers(tiny_model, ROWS, "control", k=3, max_new_tokens=2, control_shifts=(1, 2), memories=memories)
+    alone = evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=2)
+    assert compressed == [row["docs"] for row in ROWS] * 2  # once for both shared calls, once for the last
+    assert [p["prediction"] for p in own["predictions"]] == [p["prediction"] for p in alone["predictions"]]
 
 
 def test_several_control_shifts_average_each_questions_scores(tiny_model, monkeypatch):
     # The stand-in generator answers with the first document it is given.
     monkeypatch.setattr(evaluation, "_clara_answers",
-                        lambda model, batch, k, n: ([row["docs"][0] for row in batch], [1] * len(batch)))
+                        lambda model, batch, *_: ([row["docs"][0] for row in batch], [1] * len(batch)))
     rows = [{"question": f"q{i}", "docs": [doc], "answer": "x"} for i, doc in enumerate(["x", "y", "x"])]
     own = evaluate_answers(tiny_model, rows, "clara")
     control = evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
