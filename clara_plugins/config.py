@@ -158,6 +158,12 @@ class TrainConfig:
     # (docs/training-run.md, ninth session).
     distill_weight: float = 0.0
     teacher: str = ""
+    # instruct: + restate_weight * relu(restate_margin - gap) on each row whose question holds a
+    # name no answer shares, where gap is the answer's mean log-likelihood per token minus that
+    # name's. A weak reader answers with what the question is about ("Where does the Danube
+    # rise?" -> "the Danube"); this makes that answer cost (docs/training-run.md, twenty-third session).
+    restate_weight: float = 0.0
+    restate_margin: float = 1.0
     probe_every: int = 0  # measure the reading gain on held-out probe rows every N steps (0: never)
 
     @property
@@ -186,5 +192,7 @@ class TrainConfig:
             raise ValueError(f"gold_term must be one of {GOLD_TERMS}, got {self.gold_term!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.restate_weight and self.stage != "instruct":
+            raise ValueError(f"restate_weight needs the instruct stage, got {self.stage!r}")
         if self.distill_weight and (self.stage != "instruct" or not self.teacher):
             raise ValueError("distill_weight needs the instruct stage and a teacher checkpoint (teacher)")

@@ -99,3 +99,32 @@ def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
             question = f"Fill in the blank: {sentence[:match.start()]}____{sentence[match.end():]}"
             rows.append({"question": question, "docs": [passage], "answer": match.group(), "answers": [match.group()]})
     return rows
+
+
+# a run of capitalised words, possibly joined by "of", "de", "the" or "and"
+_NAME = re.compile(r"[A-Z][\w'.-]+(?: (?:of |de |the |and )?[A-Z][\w'.-]+)*")
+# capitalised words that open a question or a clause rather than name something
+_QUESTION_WORDS = {"Which", "What", "Who", "Whom", "Whose", "Where", "When", "How", "Why", "Are", "Is", "Was",
+                   "Were", "Did", "Do", "Does", "The", "In", "On", "Of", "A", "An", "This", "That", "These",
+                   "Name", "Fill", "Between", "If", "For", "At", "By", "From", "After", "Before"}
+
+
+def question_name(row: dict) -> str | None:
+    """The longest name the row's question holds that shares no word with any of its answers,
+    or None: the wrong answer a weak reader gives by restating what the question is about
+    ("Where does the Danube rise?" -> "Danube")."""
+    def words(text: str) -> set[str]:
+        return set(re.findall(r"\w+", text.lower())) - {"the", "a", "an", "of", "and", "in"}
+
+    answers = row.get("answers") or [row["answer"]]
+    gold = set().union(*(words(answer) for answer in answers))
+    names = []
+    for match in _NAME.finditer(row["question"]):
+        name = re.sub(r"'s$", "", match.group().rstrip("."))
+        first = name.split(" ")[0]
+        if first in _QUESTION_WORDS:
+            name = name[len(first):].strip()
+        if name and not words(name) & gold:
+            names.append(name)
+    return max(names, key=len, default=None)
+

@@ -9,6 +9,7 @@
   ``freeze_compressor`` the documents are compressed once without gradient and only the
   decoder learns (CE alone): several times cheaper per step, for CPU budgets. With a
   ``teacher``, + distill_weight * KL(teacher reading the documents as text || generator).
+  With ``restate_weight``, + a margin against answering with a name the question holds.
   With ``keep_generator`` and ``freeze_generator`` only the encoder learns: the compressor
   writes memories for the generator it has (as ``freeze_generator`` does in ``scp``).
 - ``e2e``: end-to-end. The compressor is frozen (candidate memories computed without
@@ -58,6 +59,7 @@ from .passes import (completion_log_likelihood, completion_log_probs, copy_adapt
 from .reading import evaluate_reading
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
+from .rows import question_name
 from .store import MemoryStore
 
 # ----------------------------------------------------------------- stage set-up
@@ -187,10 +189,38 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, k)
     view = None if teacher is None else _teacher_view(teacher, rows)
     if frozen is not None:
-        return _reading_loss(model, prompts, full, frozen.for_rows(rows, config)[0], config, view)
-    memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
-    grouped = memories.reshape(len(rows), k, *memories.shape[1:])
-    return _compression_loss(model, prompts, full, grouped, memories, document_means, config, view)
+        grouped = frozen.for_rows(rows, config)[0]
+        loss, metrics = _reading_loss(model, prompts, full, grouped, config, view)
+    else:
+        memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
+        grouped = memories.reshape(len(rows), k, *memories.shape[1:])
+        loss, metrics = _compression_loss(model, prompts, full, grouped, memories, document_means, config, view)
+    if config.restate_weight:
+        loss = loss + config.restate_weight * _restatement_loss(model, rows, grouped, config, metrics)
+    return loss, metrics
+
+
+def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor, config: TrainConfig,
+                      metrics: dict) -> torch.Tensor:
+    """relu(restate_margin - gap) summed over the rows whose question holds a name no answer
+    shares (``question_name``), divided by the batch size; gap = the answer's mean log-likelihood
+    per token from the row's memories [batch, k, n, hidden] minus the name's. Logs the mean gap."""
+    named = [(i, name) for i, row in enumerate(rows) if (name := question_name(row))]
+    if not named:
+        return grouped.new_zeros(())
+    index = [i for i, _ in named]
+    answers = [rows[i] for i in index]
+    names = [{**rows[i], "answer": name, "answers": [name]} for i, name in named]
+    gap = _mean_log_likelihood(model, answers, grouped[index]) - _mean_log_likelihood(model, names, grouped[index])
+    metrics["restate_gap"] = gap.mean().item()
+    return F.relu(config.restate_margin - gap).sum() / len(rows)
+
+
+def _mean_log_likelihood(model: ClaraModel, rows: list[dict], grouped: torch.Tensor) -> torch.Tensor:
+    """Each row's answer, mean log-likelihood per token [batch], read from [batch, k, n, hidden]."""
+    prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, grouped.size(1))
+    total, count = summed_log_likelihood(*completion_log_probs(model, prompts, full, grouped))
+    return total / count.clamp(min=1)
 
 
 def text_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:

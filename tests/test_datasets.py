@@ -7,7 +7,7 @@ import pytest
 from clara_plugins.bm25 import bm25_rank, fill_short_pools
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
-from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, reconstruction_rows,
+from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, question_name, reconstruction_rows,
                                 scp_qa_rows)
 from conftest import SHARED_DATA
 
@@ -93,6 +93,19 @@ def test_cloze_rows_blank_a_name_number_or_date_of_the_passage():
     assert row["answer"] in ("Black Forest", "2,850") and row["answers"] == [row["answer"]]
     assert row["question"].startswith("Fill in the blank: ") and "____" in row["question"]
     assert row["question"].replace("____", row["answer"]).removeprefix("Fill in the blank: ") in passage
+
+
+@pytest.mark.parametrize("question, answers, name", [
+    ("Where does the Danube rise?", ["the Black Forest"], "Danube"),
+    ("Which is older, Alpha Centauri or Sirius?", ["Sirius"], "Alpha Centauri"),  # the other choice
+    ("What nationality is Lord Charles Petty-Fitzmaurice's father?", ["British"], "Lord Charles Petty-Fitzmaurice"),
+    ("Who founded the Bank of England?", ["William Paterson"], "Bank of England"),
+    ("Is Vienna on the Danube?", ["the Danube"], "Vienna"),  # a name an answer shares is no restatement
+    ("Who painted the Mona Lisa?", ["the Mona Lisa's painter, Leonardo"], None),
+    ("who said have you no sense of decency", ["Joseph Nye Welch"], None),  # NQ asks in lower case
+])
+def test_question_name_is_the_longest_name_of_the_question_no_answer_shares(question, answers, name):
+    assert question_name({"question": question, "answers": answers}) == name
 
 
 def test_reconstruction_rows_target_each_distinct_passage_once():

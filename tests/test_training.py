@@ -121,6 +121,34 @@ def test_instruct_with_a_frozen_compressor_trains_only_the_decoder(tiny_model, t
     assert any(v.abs().sum() > 0 for k, v in lora(tiny_model, "decoder_adapter").items() if "lora_B" in k)
 
 
+def test_the_restatement_margin_makes_the_questions_own_name_a_costly_answer(tiny_config, tiny_model, tmp_path):
+    rows = [{"question": "Where does the Danube rise?", "docs": CORPUS[2:4], "answer": "the Black Forest"},
+            {"question": "Who won prizes?", "docs": CORPUS[3:5], "answer": "Marie Curie"}]  # names nothing
+    danube, restated = rows[:1], [{**rows[0], "answer": "Danube"}]
+
+    def gap_after(weight: float, model: ClaraModel) -> float:
+        config = TrainConfig(stage="instruct", steps=25, batch_size=2, grad_accum=1, lr=3e-2, freeze_compressor=True,
+                             keep_generator=True, restate_weight=weight, restate_margin=5.0)
+        train(model, rows, config, tmp_path / str(weight))
+        memories = model.compress_documents(rows[0]["docs"]).unsqueeze(0)
+        with torch.no_grad():
+            return float(training._mean_log_likelihood(model, danube, memories)
+                         - training._mean_log_likelihood(model, restated, memories))
+
+    twin = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(twin)  # the same weights as tiny_model
+    plain = gap_after(0.0, twin)
+    assert gap_after(1.0, tiny_model) > plain + 0.25
+    log = [json.loads(line) for line in (tmp_path / "1.0" / "log.jsonl").read_text().splitlines()]
+    # one named row of two: the term is relu(5 - gap) / 2 while the gap is below the margin
+    assert log[0]["loss"] == pytest.approx(log[0]["ce"] + (5.0 - log[0]["restate_gap"]) / 2, abs=1e-4)
+
+
+def test_the_restatement_margin_needs_the_instruct_stage():
+    with pytest.raises(ValueError, match="restate_weight needs the instruct stage"):
+        TrainConfig(stage="scp", restate_weight=1.0)
+
+
 @pytest.mark.parametrize("stage, rows", [("instruct", INSTRUCT), ("scp", SCP)])
 def test_a_frozen_generator_trains_only_the_compressor(tiny_model, tmp_path, stage, rows):
     decoder, embeddings = lora(tiny_model, "decoder_adapter"), tiny_model.lm.get_input_embeddings().weight.detach().clone()
