@@ -8,7 +8,7 @@
 # 0-299, both held out), the reading check, and Recall@5 of the query reasoner before and after
 # the end-to-end stage vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
 # recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md: about
-# 4.5 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
+# 5 h on 2 cores); sizes come from the environment, so that a GPU run and the smoke test
 # (tests/test_train_default.py) are the same script:
 #
 #   bash benchmarks/train_default.sh                              # the shipped checkpoint
@@ -29,6 +29,7 @@ TEXT_STEPS=${TEXT_STEPS:-40}      # the text reader: the baseline, and the disti
 DISTILL_STEPS=${DISTILL_STEPS:-200}  # instruction tuning continued with distillation from it (0: none)
 DISTILL_MARGIN=${DISTILL_MARGIN:-1.5}  # the reading margin's target there, in nats per token
 DISTILL_MORE_STEPS=${DISTILL_MORE_STEPS:-100}  # a second distilled run from the first, other data order (0: none)
+RESTATE_STEPS=${RESTATE_STEPS:-80}  # a third, with a margin against restating the question (0: none)
 E2E_STEPS=${E2E_STEPS:-120}
 BATCH=${BATCH:-4}
 E2E_BATCH=${E2E_BATCH:-4}
@@ -167,12 +168,12 @@ fi
 # with a higher margin target, as distillation lowers the CE from any memories.
 clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
     --steps "$TEXT_STEPS" --batch-size 1 --grad-accum "$BATCH" --lr "$LR" --device "$DEVICE"
-distill() {  # OUTPUT FROM SEED STEPS: the generator alone, distilled from the text reader
+distill() {  # OUTPUT FROM SEED STEPS [FLAGS...]: the generator alone, distilled from the text reader
     clara train --stage instruct --data "$rows/instruct.jsonl" --output "$1" --init "$2/checkpoint" \
         --keep-generator $FREEZE_COMPRESSOR --steps "$4" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
         --seed "$3" --margin "$DISTILL_MARGIN" --margin-weight "$MARGIN" --distill-weight 1.0 \
         --teacher "$OUT/text/checkpoint" --save-every 20 --device "$DEVICE" \
-        --probe "$rows/probe_nq5.jsonl" "$rows/probe_hotpot5.jsonl" --probe-every "$PROBE_EVERY"
+        --probe "$rows/probe_nq5.jsonl" "$rows/probe_hotpot5.jsonl" --probe-every "$PROBE_EVERY" "${@:5}"
 }
 final="$reasoner"
 if [ "$DISTILL_STEPS" -gt 0 ]; then
@@ -183,6 +184,12 @@ if [ "$DISTILL_STEPS" -gt 0 ]; then
     if [ "$DISTILL_MORE_STEPS" -gt 0 ]; then
         distill "$OUT/distill_more" "$OUT/distill" 7 "$DISTILL_MORE_STEPS"
         final="$OUT/distill_more"
+    fi
+    # Answering with a name the question holds ("Where does the Danube rise?" -> "the Danube")
+    # is made to cost (docs/training-run.md, twenty-third session).
+    if [ "$RESTATE_STEPS" -gt 0 ]; then
+        distill "$OUT/distill_restate" "$final" 9 "$RESTATE_STEPS" --restate-weight 1.0
+        final="$OUT/distill_restate"
     fi
 fi
 

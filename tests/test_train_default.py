@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import SHARED_DATA, build_tiny_base_model
 
@@ -21,21 +22,23 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
                    "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_MORE_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2",
-                   "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "E2E_STEPS": "2",
+                   "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "RESTATE_STEPS": "2", "E2E_STEPS": "2",
                    "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2",
                    "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "CONTROL_SHIFTS": "1 2", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ("scp", "scp_more", "instruct", "e2e", "retrieval", "text", "distill", "distill_more"):
+    for stage in ("scp", "scp_more", "instruct", "e2e", "retrieval", "text", "distill", "distill_more", "distill_restate"):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
         assert [record["step"] for record in log if "probe" not in record] == [1, 2]
-        if stage in ("scp", "instruct", "distill", "distill_more"):  # the reading margin is on, and the probes ran
+        if stage in ("scp", "instruct") or stage.startswith("distill"):  # the reading margin is on, and the probes ran
             assert all("reading_gain" in record for record in log)
             assert [record["step"] for record in log if "probe" in record][-1] == 2
         if stage.startswith("distill"):  # the text reader teaches, and both held-out probes ran
             assert all("distill" in record for record in log if "probe" not in record)
             assert {record["probe"] for record in log if "probe" in record} == {"probe_nq5", "probe_hotpot5"}
+    state = torch.load(out / "distill_restate" / "trainer_state.pt", weights_only=True)
+    assert state["config"]["restate_weight"] == 1.0 and state["config"]["seed"] == 9
     assert all("retrieval" in json.loads(line) for line in (out / "retrieval" / "log.jsonl").read_text().splitlines())
     clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
     assert [a["system"] for a in clara["answers"]] == ["clara", "control", "text", "none"]
