@@ -127,4 +127,3 @@ def question_name(row: dict) -> str | None:
         if name and not words(name) & gold:
             names.append(name)
     return max(names, key=len, default=None)
-
