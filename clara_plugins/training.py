@@ -219,7 +219,7 @@ def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor
 def _mean_log_likelihood(model: ClaraModel, rows: list[dict], grouped: torch.Tensor) -> torch.Tensor:
     """Each row's answer, mean log-likelihood per token [batch], read from [batch, k, n, hidden]."""
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, grouped.size(1))
-    total, count = summed_log_likelihood(*completion_log_probs(model, prompts, full, grouped))
+    total, count = completion_log_likelihood(model, prompts, full, grouped)
     return total / count.clamp(min=1)
 
 

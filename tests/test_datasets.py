@@ -7,8 +7,8 @@ import pytest
 from clara_plugins.bm25 import bm25_rank, fill_short_pools
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
-from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, question_name, reconstruction_rows,
-                                scp_qa_rows)
+from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, question_name,
+                                reconstruction_rows, scp_qa_rows)
 from conftest import SHARED_DATA
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "nq" / "dev.jsonl").exists(), reason="needs ../shared/data")
