@@ -328,13 +328,13 @@ def _train(args: argparse.Namespace) -> None:
     config = TrainConfig(stage=args.stage, **values)
     torch.manual_seed(config.seed)
     if args.init:
-        model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, device=args.device)
+        model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, device=args.device, dtype="float32")
         model.config.retrieval_key = args.retrieval_key or model.config.retrieval_key
     else:
         model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
                                        compression_rate=args.compression_rate, memory_design=args.memory_design,
                                        retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
-                           device=args.device)
+                           device=args.device, dtype="float32")
     corpus = None
     if args.corpus:
         corpus = MemoryStore(model)

@@ -359,7 +359,7 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
 
 
 def _load_teacher(model: ClaraModel, folder: str) -> ClaraModel:
-    teacher = ClaraModel.from_pretrained(folder, device=model.device)
+    teacher = ClaraModel.from_pretrained(folder, device=model.device, dtype=torch.float32)
     if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise ValueError(f"the teacher {folder} has another vocabulary than the model it teaches: "
                          "train it from the same base model and compression rate")
@@ -425,6 +425,11 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                          f"({len(no_gold)} in all) have no pos_index")
     if corpus is not None and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
+    weights = model.lm.get_input_embeddings().weight.dtype
+    if weights != torch.float32:
+        raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 the SCP stage's gradients "
+                         f"overflowed within 6 steps on a GPU (docs/training-run.md, twenty-fourth session); "
+                         f"load it with dtype='float32'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     state_path, checkpoint = output / "trainer_state.pt", output / "checkpoint"
@@ -483,6 +488,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                 for key, value in {"loss": loss.item(), **metrics}.items():
                     totals[key] = totals.get(key, 0.0) + value / config.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
+            if not torch.isfinite(grad_norm):  # one such step would make every weight NaN, and every save after it
+                raise FloatingPointError(f"step {step + 1}: the gradients are not finite (loss {totals['loss']}); "
+                                         f"{checkpoint} keeps the last saved step")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -128,3 +128,18 @@ def test_bench_without_its_extras_names_them():
             "main(['bench', '--quick'])")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1 and "pip install 'clara-plugins[bench]'" in result.stderr
+
+
+def test_train_uses_float32_where_auto_would_pick_bfloat16(tiny_base, tmp_path, monkeypatch):
+    """On CUDA 'auto' means bfloat16, in which training overflowed; `clara train` asks for float32."""
+    import torch
+
+    from clara_plugins import model as model_module
+    resolve = model_module.resolve_dtype
+    monkeypatch.setattr(model_module, "resolve_dtype",
+                        lambda dtype, device: torch.bfloat16 if dtype == "auto" else resolve(dtype, device))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--base-model",
+          str(tiny_base), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"])
+    assert (tmp_path / "run" / "checkpoint" / "clara_config.json").exists()

@@ -380,6 +380,31 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_half_precision_model_is_refused_before_anything_is_written(tiny_config, tmp_path):
+    model = ClaraModel(tiny_config, device="cpu", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="training needs a float32 model, got torch.bfloat16"):
+        train(model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_finite_gradients_stop_the_run_and_keep_the_last_saved_step(tiny_model, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_loss = training.instruct_loss
+
+    def overflow_in_step_three(*args):
+        calls["n"] += 1
+        loss, metrics = real_loss(*args)
+        return (loss * float("nan") if calls["n"] == 3 else loss), metrics
+
+    monkeypatch.setattr(training, "instruct_loss", overflow_in_step_three)
+    config = TrainConfig(stage="instruct", steps=4, batch_size=1, grad_accum=1, lr=1e-3, save_every=2)
+    with pytest.raises(FloatingPointError, match="step 3: the gradients are not finite"):
+        train(tiny_model, INSTRUCT, config, tmp_path)
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 2
+    saved = ClaraModel.from_pretrained(tmp_path / "checkpoint", device="cpu")  # refuses non-finite weights
+    assert all(torch.isfinite(p).all() for p in saved.lm.parameters())
+
+
 def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
     assert tiny_model.config.retrieval_key == "mean"
     train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
