@@ -416,11 +416,17 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 }
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("clara-plugins")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that pip never installed
+        return "(not installed)"
+
+
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser, with the arguments of ``command`` alone (the others are only listed)."""
     parser = argparse.ArgumentParser(prog="clara", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version",
-                        version=f"clara-plugins {importlib.metadata.version('clara-plugins')}")
+    parser.add_argument("--version", action="version", version=f"clara-plugins {_version()}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (summary, add_arguments, _) in COMMANDS.items():
@@ -446,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if args.debug:
             raise
-        hint = '; eval and bench need pip install "clara-plugins[bench]"' if isinstance(error, ImportError) else ""
+        hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval and bench'
+                if isinstance(error, ImportError) else "")
         print(f"clara {args.command}: error: {error}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 

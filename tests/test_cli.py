@@ -130,6 +130,26 @@ def test_bench_without_its_extras_names_them():
     assert result.returncode == 1 and "pip install 'clara-plugins[bench]'" in result.stderr
 
 
+def test_a_missing_core_dependency_is_named_with_the_install_that_brings_it():
+    code = ("import sys\nsys.modules['bm25s'] = None\nfrom clara_plugins.cli import main\n"
+            "main(['train', '--stage', 'scp', '--data', 'rows.jsonl', '--output', 'run'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1 and "bm25s" in result.stderr
+    assert "pip install clara-plugins brings its dependencies" in result.stderr
+
+
+def test_version_from_a_source_tree_that_was_never_installed(monkeypatch, capsys):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out == "clara-plugins (not installed)\n"
+
+
 def test_train_uses_float32_where_auto_would_pick_bfloat16(tiny_base, tmp_path, monkeypatch):
     """On CUDA 'auto' means bfloat16, in which training overflowed; `clara train` asks for float32."""
     import torch
