@@ -452,8 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if args.debug:
             raise
-        hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval and bench'
-                if isinstance(error, ImportError) else "")
+        hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval '
+                'and bench' if isinstance(error, ImportError) else "")
         print(f"clara {args.command}: error: {error}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 

@@ -427,8 +427,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:
-        raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 the SCP stage's gradients "
-                         f"overflowed within 6 steps on a GPU (docs/training-run.md, twenty-fourth session); "
+        raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
+                         f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
