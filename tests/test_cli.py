@@ -151,7 +151,7 @@ def test_version_from_a_source_tree_that_was_never_installed(monkeypatch, capsys
 
 
 def test_train_uses_float32_where_auto_would_pick_bfloat16(tiny_base, tmp_path, monkeypatch):
-    """On CUDA 'auto' means bfloat16, in which training overflowed; `clara train` asks for float32."""
+    """On CUDA 'auto' means bfloat16, in which training reached NaN weights; `clara train` asks for float32."""
     import torch
 
     from clara_plugins import model as model_module
