@@ -501,12 +501,12 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                       "seconds": round(time.perf_counter() - started, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if probes and (step + 1) % config.probe_every == 0:
-                _probe(model, probes, step + 1, log)
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 model.save_pretrained(checkpoint)
                 torch.save({"step": step + 1, "config": dataclasses.asdict(config),
                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                             "rng": torch.get_rng_state()}, state_path)
+            if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
+                _probe(model, probes, step + 1, log)
     model.eval()
     return checkpoint

@@ -95,6 +95,24 @@ def test_reading_margin_pays_for_reading_and_probes_are_logged(tiny_model, tmp_p
                                           abs=1e-3)
 
 
+def test_a_run_stopped_while_it_probes_keeps_the_step_it_saved(tiny_model, tmp_path, monkeypatch):
+    """A time box that stops a run during a probe must not lose the steps since the last save."""
+    real = training._probe
+
+    def stopped_at_step_2(model, probes, step, log):
+        if step == 2:
+            raise KeyboardInterrupt
+        real(model, probes, step, log)
+
+    monkeypatch.setattr(training, "_probe", stopped_at_step_2)
+    rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:4]]
+    config = TrainConfig(stage="scp", steps=4, batch_size=2, grad_accum=1, probe_every=2, save_every=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, rows, config, tmp_path, probes={"held_out": rows})
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert (tmp_path / "checkpoint" / "clara_config.json").exists()
+
+
 def test_instruct_stage_can_keep_the_previous_generator(tiny_model, tmp_path):
     before = lora(tiny_model, "decoder_adapter")
     config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=0.0, keep_generator=True)
