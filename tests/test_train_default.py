@@ -21,24 +21,30 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     base = build_tiny_base_model(tmp_path / "base")
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
-                   "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_MORE_STEPS": "2", "INSTRUCT_STEPS": "2", "TEXT_STEPS": "2",
+                   "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_BATCH": "4", "SCP_ACCUM": "2", "SCP_MORE_STEPS": "2", "TEXT_STEPS": "2",
                    "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "RESTATE_STEPS": "2", "E2E_STEPS": "2",
                    "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2",
                    "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "CONTROL_SHIFTS": "1 2", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
-    for stage in ("scp", "scp_more", "instruct", "e2e", "retrieval", "text", "distill", "distill_more", "distill_restate"):
+    assert not (out / "instruct").exists()  # the shipped recipe has no instruction stage before end-to-end
+    for stage in ("scp", "scp_more", "e2e", "retrieval", "text", "distill", "distill_more", "distill_restate"):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
         assert [record["step"] for record in log if "probe" not in record] == [1, 2]
-        if stage in ("scp", "instruct") or stage.startswith("distill"):  # the reading margin is on, and the probes ran
+        if stage == "scp" or stage.startswith("distill"):  # the reading margin is on, and the probes ran
             assert all("reading_gain" in record for record in log)
             assert [record["step"] for record in log if "probe" in record][-1] == 2
         if stage.startswith("distill"):  # the text reader teaches, and both held-out probes ran
             assert all("distill" in record for record in log if "probe" not in record)
             assert {record["probe"] for record in log if "probe" in record} == {"probe_nq5", "probe_hotpot5"}
-    state = torch.load(out / "distill_restate" / "trainer_state.pt", weights_only=True)
-    assert state["config"]["restate_weight"] == 1.0 and state["config"]["seed"] == 9
+    def config(stage):
+        return torch.load(out / stage / "trainer_state.pt", weights_only=True)["config"]
+
+    assert {key: config("scp")[key] for key in ("batch_size", "grad_accum", "schedule", "warmup_ratio")} == \
+        {"batch_size": 2, "grad_accum": 2, "schedule": "constant", "warmup_ratio": 0.2}
+    assert (config("distill")["restate_weight"], config("distill")["seed"]) == (1.0, 4)
+    assert (config("distill_restate")["restate_weight"], config("distill_restate")["seed"]) == (1.0, 9)
     assert all("retrieval" in json.loads(line) for line in (out / "retrieval" / "log.jsonl").read_text().splitlines())
     clara = json.loads((out / "eval" / "nq_oracle_clara.json").read_text())
     assert [a["system"] for a in clara["answers"]] == ["clara", "control", "text", "none"]
@@ -50,3 +56,14 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     scp_kinds = {json.loads(line).get("data_type", "question")
                  for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}
     assert scp_kinds == {"question", "reconstruct", "continue"}
+
+
+@pytest.mark.parametrize("names", [("SCP_BATCH", "SCP_ACCUM"), ("RETRIEVAL_BATCH", "RETRIEVAL_ACCUM")])
+def test_a_step_that_does_not_split_into_equal_micro_batches_is_refused_before_anything_is_written(tmp_path, names):
+    batch, accum = names
+    out = tmp_path / "run"
+    run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "OUT": str(out), batch: "6", accum: "4"},
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert f"{batch} (6) must split into {accum} (4) equal micro-batches" in run.stderr
+    assert not out.exists()
