@@ -117,7 +117,7 @@ class TrainConfig:
     # step's candidates, not only its micro-batch's, so splitting a step only lowers its memory
     grad_accum: int = 8
     lr: float = 1e-4
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = 0.03  # share of the steps a cosine schedule warms up over (a constant one has none)
     schedule: str = "cosine"  # or "constant" (the paper's end-to-end stage)
     weight_decay: float = 0.0
     grad_clip: float = 1.0

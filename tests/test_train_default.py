@@ -41,8 +41,8 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     def config(stage):
         return torch.load(out / stage / "trainer_state.pt", weights_only=True)["config"]
 
-    assert {key: config("scp")[key] for key in ("batch_size", "grad_accum", "schedule", "warmup_ratio")} == \
-        {"batch_size": 2, "grad_accum": 2, "schedule": "constant", "warmup_ratio": 0.2}
+    assert {key: config("scp")[key] for key in ("batch_size", "grad_accum", "schedule")} == \
+        {"batch_size": 2, "grad_accum": 2, "schedule": "constant"}
     assert (config("distill")["restate_weight"], config("distill")["seed"]) == (1.0, 4)
     assert (config("distill_restate")["restate_weight"], config("distill_restate")["seed"]) == (1.0, 9)
     assert all("retrieval" in json.loads(line) for line in (out / "retrieval" / "log.jsonl").read_text().splitlines())
@@ -58,12 +58,15 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     assert scp_kinds == {"question", "reconstruct", "continue"}
 
 
-@pytest.mark.parametrize("names", [("SCP_BATCH", "SCP_ACCUM"), ("RETRIEVAL_BATCH", "RETRIEVAL_ACCUM")])
-def test_a_step_that_does_not_split_into_equal_micro_batches_is_refused_before_anything_is_written(tmp_path, names):
-    batch, accum = names
+@pytest.mark.parametrize("batch, accum, values", [("SCP_BATCH", "SCP_ACCUM", ("6", "4")),
+                                                   ("SCP_BATCH", "SCP_ACCUM", ("6", "0")),
+                                                   ("SCP_BATCH", "SCP_ACCUM", ("16", "2.5")),
+                                                   ("RETRIEVAL_BATCH", "RETRIEVAL_ACCUM", ("6", "4"))])
+def test_a_step_that_does_not_split_into_equal_micro_batches_is_refused_before_anything_is_written(
+        tmp_path, batch, accum, values):
     out = tmp_path / "run"
-    run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "OUT": str(out), batch: "6", accum: "4"},
+    run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "OUT": str(out), batch: values[0], accum: values[1]},
                          capture_output=True, text=True)
     assert run.returncode == 2
-    assert f"{batch} (6) must split into {accum} (4) equal micro-batches" in run.stderr
+    assert f"{batch} ({values[0]}) must split into {accum} ({values[1]}) equal micro-batches" in run.stderr
     assert not out.exists()
