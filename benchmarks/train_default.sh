@@ -146,17 +146,17 @@ clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting o
 #    a row): one row per forward pass with accumulation keeps its peak memory in bounds.
 tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
 tail -n 16 "$rows/eval_hotpotqa_oracle.jsonl" > "$rows/probe_hotpot5.jsonl"
-clara train --stage scp --data "$rows/scp.jsonl" --output "$OUT/scp" --base-model "$BASE_MODEL" \
-    --compression-rate 16 --memory-design pooled --steps "$SCP_STEPS" --batch-size $((SCP_BATCH / SCP_ACCUM)) \
-    --grad-accum "$SCP_ACCUM" --lr "$SCP_LR" --schedule "$SCP_SCHEDULE" \
-    --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
-    --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY"
+scp_stage() {  # OUTPUT STEPS LR [FLAGS...]: the compressor and generator on the SCP rows
+    clara train --stage scp --data "$rows/scp.jsonl" --output "$1" --steps "$2" --lr "$3" \
+        --batch-size $((SCP_BATCH / SCP_ACCUM)) --grad-accum "$SCP_ACCUM" --margin-weight "$MARGIN" \
+        --save-every 20 --device "$DEVICE" \
+        --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY" "${@:4}"
+}
+scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" --base-model "$BASE_MODEL" --compression-rate 16 --memory-design pooled \
+    --schedule "$SCP_SCHEDULE"
 scp="$OUT/scp"
 if [ "$SCP_MORE_STEPS" -gt 0 ]; then
-    clara train --stage scp --data "$rows/scp.jsonl" --output "$OUT/scp_more" --init "$OUT/scp/checkpoint" \
-        --steps "$SCP_MORE_STEPS" --batch-size $((SCP_BATCH / SCP_ACCUM)) --grad-accum "$SCP_ACCUM" --lr "$SCP_MORE_LR" --seed 1 \
-        --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
-        --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY"
+    scp_stage "$OUT/scp_more" "$SCP_MORE_STEPS" "$SCP_MORE_LR" --init "$OUT/scp/checkpoint" --seed 1
     scp="$OUT/scp_more"
 fi
 generator="$scp"
