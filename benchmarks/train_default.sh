@@ -8,14 +8,14 @@
 # another question's documents vs no retrieval vs text reading (HotpotQA Oracle and NQ dev
 # 0-299, both held out), the reading check, and Recall@5 of the compressor and of the trained
 # query reasoner vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
-# recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md; its SCP
-# and retrieval stages ran on a GPU, the rest on 2 CPU cores); sizes come from the
+# recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md; its two
+# SCP runs ran on a GPU, the rest on 2 CPU cores); sizes come from the
 # environment, so that a GPU run and the smoke test (tests/test_train_default.py) are the
 # same script:
 #
 #   bash benchmarks/train_default.sh              # the shipped recipe on the CPU, SCP steps in micro-batches
-#   DEVICE=cuda SCP_ACCUM=1 RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh    # as the shipped checkpoint was trained
-#   DEVICE=cuda SCP_STEPS=2500 SCP_BATCH=32 SCP_ACCUM=1 RETRIEVAL_ACCUM=1 INSTRUCT_STEPS=1000 TEXT_STEPS=1000 \
+#   DEVICE=cuda SCP_ACCUM=1 SCP_MORE_ACCUM=1 RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh  # as the shipped checkpoint was trained
+#   DEVICE=cuda SCP_STEPS=2500 SCP_BATCH=32 SCP_ACCUM=1 SCP_MORE_STEPS=0 RETRIEVAL_ACCUM=1 INSTRUCT_STEPS=1000 TEXT_STEPS=1000 \
 #       DISTILL_STEPS=1000 E2E_STEPS=300 BATCH=16 FREEZE_GENERATOR= EVAL_LIMIT=200 \
 #       RECALL_LIMIT=200 bash benchmarks/train_default.sh                    # a larger run
 #
@@ -32,7 +32,9 @@ SCP_BATCH=${SCP_BATCH:-16}        # SCP rows a step
 # row with another of its micro-batch, not of the whole step (the shipped checkpoint: 1, on a GPU)
 SCP_ACCUM=${SCP_ACCUM:-4}
 SCP_SCHEDULE=${SCP_SCHEDULE:-constant}
-SCP_MORE_STEPS=${SCP_MORE_STEPS:-0}   # a second SCP run from the first, other data order (0: none)
+SCP_MORE_STEPS=${SCP_MORE_STEPS:-175}  # a second SCP run from the first, other data order (0: none)
+SCP_MORE_BATCH=${SCP_MORE_BATCH:-32}   # its rows a step
+SCP_MORE_ACCUM=${SCP_MORE_ACCUM:-8}    # its micro-batches a step (the shipped checkpoint: 1, on a GPU)
 INSTRUCT_STEPS=${INSTRUCT_STEPS:-0}   # instruction tuning before end-to-end (0: none; the distilled stage tunes the SCP generator)
 TEXT_STEPS=${TEXT_STEPS:-40}      # the text reader: the baseline, and the distillation teacher
 DISTILL_STEPS=${DISTILL_STEPS:-120}  # instruction tuning with distillation from it (0: none)
@@ -50,7 +52,7 @@ E2E_ROWS=${E2E_ROWS:-100,40,20}   # HotpotQA, 2Wiki, MuSiQue rows: compressing 2
 RETRIEVAL_WEIGHT=${RETRIEVAL_WEIGHT:-1.0}  # the e2e stage's gold retrieval term (0: the paper's loss)
 FREEZE_GENERATOR=${FREEZE_GENERATOR---freeze-generator}  # e2e stage: the query reasoner alone learns; empty: the generator too (paper)
 SCP_LR=${SCP_LR:-3e-4}
-SCP_MORE_LR=${SCP_MORE_LR:-2e-4}
+SCP_MORE_LR=${SCP_MORE_LR:-3e-4}
 LR=${LR:-2e-4}
 E2E_LR=${E2E_LR:-1e-4}
 MARGIN=${MARGIN:-1.0}             # weight of the reading margin (0: the paper's loss)
@@ -68,6 +70,7 @@ check_split() {  # BATCH_NAME ACCUM_NAME: a step's rows must split into equal mi
     fi
 }
 check_split SCP_BATCH SCP_ACCUM
+if [ "$SCP_MORE_STEPS" -gt 0 ]; then check_split SCP_MORE_BATCH SCP_MORE_ACCUM; fi
 check_split RETRIEVAL_BATCH RETRIEVAL_ACCUM
 rows="$OUT/rows"
 mkdir -p "$rows" "$OUT/eval"
@@ -146,17 +149,18 @@ clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting o
 #    a row): one row per forward pass with accumulation keeps its peak memory in bounds.
 tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
 tail -n 16 "$rows/eval_hotpotqa_oracle.jsonl" > "$rows/probe_hotpot5.jsonl"
-scp_stage() {  # OUTPUT STEPS LR [FLAGS...]: the compressor and generator on the SCP rows
+scp_stage() {  # OUTPUT STEPS LR BATCH ACCUM [FLAGS...]: the compressor and generator on the SCP rows
     clara train --stage scp --data "$rows/scp.jsonl" --output "$1" --steps "$2" --lr "$3" \
-        --batch-size $((SCP_BATCH / SCP_ACCUM)) --grad-accum "$SCP_ACCUM" --margin-weight "$MARGIN" \
+        --batch-size $(($4 / $5)) --grad-accum "$5" --schedule "$SCP_SCHEDULE" --margin-weight "$MARGIN" \
         --save-every 20 --device "$DEVICE" \
-        --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY" "${@:4}"
+        --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY" "${@:6}"
 }
-scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" --base-model "$BASE_MODEL" --compression-rate 16 --memory-design pooled \
-    --schedule "$SCP_SCHEDULE"
+scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" "$SCP_BATCH" "$SCP_ACCUM" --base-model "$BASE_MODEL" --compression-rate 16 \
+    --memory-design pooled
 scp="$OUT/scp"
 if [ "$SCP_MORE_STEPS" -gt 0 ]; then
-    scp_stage "$OUT/scp_more" "$SCP_MORE_STEPS" "$SCP_MORE_LR" --init "$OUT/scp/checkpoint" --seed 1
+    scp_stage "$OUT/scp_more" "$SCP_MORE_STEPS" "$SCP_MORE_LR" "$SCP_MORE_BATCH" "$SCP_MORE_ACCUM" \
+        --init "$OUT/scp/checkpoint" --seed 1
     scp="$OUT/scp_more"
 fi
 generator="$scp"

@@ -21,10 +21,11 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     base = build_tiny_base_model(tmp_path / "base")
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
-                   "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_BATCH": "4", "SCP_ACCUM": "2", "SCP_MORE_STEPS": "2", "TEXT_STEPS": "2",
+                   "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_BATCH": "4", "SCP_ACCUM": "2", "SCP_LR": "1e-4",
+                   "SCP_MORE_STEPS": "2", "SCP_MORE_BATCH": "8", "SCP_MORE_ACCUM": "2", "TEXT_STEPS": "2",
                    "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "RESTATE_STEPS": "2", "E2E_STEPS": "2",
-                   "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2",
-                   "BATCH": "2", "LIMIT": "6", "EVAL_LIMIT": "3", "CONTROL_SHIFTS": "1 2", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
+                   "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2", "BATCH": "2", "LIMIT": "6",
+                   "EVAL_LIMIT": "3", "CONTROL_SHIFTS": "1 2", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -41,8 +42,10 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     def config(stage):
         return torch.load(out / stage / "trainer_state.pt", weights_only=True)["config"]
 
-    assert {key: config("scp")[key] for key in ("batch_size", "grad_accum", "schedule")} == \
-        {"batch_size": 2, "grad_accum": 2, "schedule": "constant"}
+    assert {key: config("scp")[key] for key in ("batch_size", "grad_accum", "schedule", "lr")} == \
+        {"batch_size": 2, "grad_accum": 2, "schedule": "constant", "lr": 1e-4}
+    assert {key: config("scp_more")[key] for key in ("batch_size", "grad_accum", "schedule", "lr", "seed")} == \
+        {"batch_size": 4, "grad_accum": 2, "schedule": "constant", "lr": 3e-4, "seed": 1}
     assert (config("distill")["restate_weight"], config("distill")["seed"]) == (1.0, 4)
     assert (config("distill_restate")["restate_weight"], config("distill_restate")["seed"]) == (1.0, 9)
     assert all("retrieval" in json.loads(line) for line in (out / "retrieval" / "log.jsonl").read_text().splitlines())
@@ -61,6 +64,7 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
 @pytest.mark.parametrize("batch, accum, values", [("SCP_BATCH", "SCP_ACCUM", ("6", "4")),
                                                    ("SCP_BATCH", "SCP_ACCUM", ("6", "0")),
                                                    ("SCP_BATCH", "SCP_ACCUM", ("16", "2.5")),
+                                                   ("SCP_MORE_BATCH", "SCP_MORE_ACCUM", ("32", "3")),
                                                    ("RETRIEVAL_BATCH", "RETRIEVAL_ACCUM", ("6", "4"))])
 def test_a_step_that_does_not_split_into_equal_micro_batches_is_refused_before_anything_is_written(
         tmp_path, batch, accum, values):
