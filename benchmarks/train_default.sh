@@ -14,7 +14,7 @@
 # same script:
 #
 #   bash benchmarks/train_default.sh              # the shipped recipe on the CPU, SCP steps in micro-batches
-#   DEVICE=cuda SCP_ACCUM=1 SCP_MORE_ACCUM=1 RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh  # as the shipped checkpoint was trained
+#   DEVICE=cuda SCP_ACCUM=1 SCP_MORE_ACCUM=1 RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh  # the shipped recipe on a GPU
 #   DEVICE=cuda SCP_STEPS=2500 SCP_BATCH=32 SCP_ACCUM=1 SCP_MORE_STEPS=0 RETRIEVAL_ACCUM=1 INSTRUCT_STEPS=1000 TEXT_STEPS=1000 \
 #       DISTILL_STEPS=1000 E2E_STEPS=300 BATCH=16 FREEZE_GENERATOR= EVAL_LIMIT=200 \
 #       RECALL_LIMIT=200 bash benchmarks/train_default.sh                    # a larger run
