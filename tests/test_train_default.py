@@ -8,14 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import SHARED_DATA, build_tiny_base_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_default.sh"
 
 
-@pytest.mark.slow
-def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_path):
+def _run_smoke_recipe(tmp_path: Path, **sizes: str) -> Path:
+    """Run the script at smoke-test size (``sizes`` override the defaults below); returns its OUT."""
     if not (SHARED_DATA / "nq" / "dev.jsonl").exists():
         pytest.skip("needs ../shared/data")
     base = build_tiny_base_model(tmp_path / "base")
@@ -26,9 +27,15 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
                    "DISTILL_STEPS": "2", "DISTILL_MORE_STEPS": "2", "RESTATE_STEPS": "2", "E2E_STEPS": "2",
                    "RETRIEVAL_STEPS": "2", "RETRIEVAL_BATCH": "4", "RETRIEVAL_ACCUM": "2", "BATCH": "2", "LIMIT": "6",
                    "EVAL_LIMIT": "3", "CONTROL_SHIFTS": "1 2", "RECALL_LIMIT": "3", "PROBE_EVERY": "1",
-                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **sizes}
     run = subprocess.run(["bash", str(SCRIPT)], env=environment, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_path):
+    out = _run_smoke_recipe(tmp_path)
     assert not (out / "instruct").exists()  # the shipped recipe has no instruction stage before end-to-end
     for stage in ("scp", "scp_more", "e2e", "retrieval", "text", "distill", "distill_more", "distill_restate"):
         log = [json.loads(line) for line in (out / stage / "log.jsonl").read_text().splitlines()]
@@ -59,6 +66,21 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     scp_kinds = {json.loads(line).get("data_type", "question")
                  for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}
     assert scp_kinds == {"question", "reconstruct", "continue"}
+
+
+@pytest.mark.slow
+def test_an_instruction_stage_hands_its_generator_to_end_to_end(tmp_path):
+    out = _run_smoke_recipe(tmp_path, INSTRUCT_STEPS="2", SCP_MORE_STEPS="0", RETRIEVAL_STEPS="0", DISTILL_STEPS="0",
+                            TEXT_STEPS="1", EVAL_LIMIT="2", CONTROL_SHIFTS="1", RECALL_LIMIT="2")
+    assert not (out / "scp_more").exists() and not (out / "retrieval").exists()
+
+    def generator(stage):
+        return load_file(out / stage / "checkpoint" / "adapter_decoder_adapter.safetensors")
+
+    trained, kept, before = generator("instruct"), generator("e2e"), generator("scp")
+    assert all(torch.equal(trained[name], kept[name]) for name in trained)  # e2e started from it, generator frozen
+    assert not all(torch.equal(trained[name], before[name]) for name in trained)
+    assert (out / "eval" / "nq_oracle_clara.json").exists()
 
 
 @pytest.mark.parametrize("batch, accum, values", [("SCP_BATCH", "SCP_ACCUM", ("6", "4")),
