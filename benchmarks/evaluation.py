@@ -31,6 +31,7 @@ from clara_plugins.metrics import (
     bootstrap_interval,
     mean_recall_at_k,
     precision_at_k,
+    recall_at_k,
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
@@ -88,8 +89,15 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
 def f1_above_control(clara: dict, control: dict) -> dict:
     """CLaRa's F1 minus the control's on the same rows, with the 95 % interval of the paired
     difference: whether the generator answers from its documents or from the question alone."""
-    differences = [own - other for own, other in zip(clara["question_f1"], control["question_f1"], strict=True)]
-    return {"f1": round(statistics.fmean(differences), 2), "interval": bootstrap_interval(differences)}
+    f1, interval = _paired_difference(clara["question_f1"], control["question_f1"])
+    return {"f1": f1, "interval": interval}
+
+
+def _paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[float, list[float]]:
+    """The mean of the per-question differences of two systems on the same rows, and its 95 %
+    bootstrap interval."""
+    differences = [a - b for a, b in zip(first, second, strict=True)]
+    return round(statistics.fmean(differences), 2), bootstrap_interval(differences)
 
 
 def check_control_shifts(n_rows: int, shifts: Sequence[int]) -> None:
@@ -157,6 +165,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
 
     ``compressor`` encodes the question with the compressor adapter: the query reasoner an
     end-to-end run starts from. Each pool is compressed once for both memory-token retrievers.
+    Each result keeps its per-question recalls (``question_recall``) for ``recall_above``.
     """
     unknown = [name for name in retrievers if name not in RETRIEVERS]
     if unknown:
@@ -178,10 +187,24 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
     return [_ranking_scores(name, ranked, rows, ks) for name, ranked in rankings.items()]
 
 
+def recall_above(first: dict, other: dict) -> list[dict]:
+    """One retriever's Recall@k minus another's on the same rows (``evaluate_retrieval`` results
+    with the same ks), at each k, with the 95 % interval of the paired difference: on a hundred
+    questions two trained retrievers differ by a few points, about the sampling noise."""
+    differences = []
+    for k, recalls in first["question_recall"].items():
+        recall, interval = _paired_difference(recalls, other["question_recall"][k])
+        differences.append({"retriever": first["retriever"], "over": other["retriever"], "k": int(k),
+                            "recall": recall, "interval": interval})
+    return differences
+
+
 def _ranking_scores(retriever: str, rankings: list[list[int]], rows: list[dict], ks: Sequence[int]) -> dict:
     result = {"retriever": retriever, "examples": len(rows)}
     for k in ks:
         result[f"recall@{k}"] = mean_recall_at_k(rankings, [row["pos_index"] for row in rows], k)
         result[f"precision@{k}"] = round(100 * statistics.mean(
             precision_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
+    result["question_recall"] = {str(k): [round(100 * recall_at_k(r, row["pos_index"], k), 2)
+                                          for r, row in zip(rankings, rows)] for k in ks}
     return result

@@ -169,10 +169,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "several, each question's scores are averaged over them (default 1)")
     parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
                         help="retrievers to score on the rows' candidates ('compressor': the question "
-                             "encoded by the compressor, where the end-to-end reasoner starts)")
+                             "encoded by the compressor, where the end-to-end reasoner starts); with several, "
+                             "also the first one's Recall@k minus each other's, with a paired 95 %% interval")
     parser.add_argument("--reading", action="store_true",
                         help="also measure whether the generator reads its memory tokens: the targets' CE "
-                             "from each row's own documents vs the next row's (instruction or SCP rows)")
+                             "from each row's own documents vs the next row's (instruction or SCP rows), "
+                             "also by token kind (digits, capitalised, the rest)")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
     parser.add_argument("-k", type=_positive, default=5, help="documents read per question (default 5)")
@@ -351,6 +353,7 @@ def _eval(args: argparse.Namespace) -> None:
         evaluate_answers,
         evaluate_retrieval,
         f1_above_control,
+        recall_above,
     )
 
     from .jsonfiles import read_jsonl
@@ -373,11 +376,15 @@ def _eval(args: argparse.Namespace) -> None:
     dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
     if args.retrievers:
         results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense)
+        first, *others = results["retrieval"]
+        if others:
+            results["recall_above"] = [d for other in others for d in recall_above(first, other)]
     if args.reading:
         results["reading"] = evaluate_reading(model, rows, args.k)
     summary = {"answers": [{k: v for k, v in r.items() if k not in ("predictions", "question_f1")}
                            for r in results["answers"]],
-               **{key: results[key] for key in ("f1_above_control", "retrieval", "reading") if key in results}}
+               "retrieval": [{k: v for k, v in r.items() if k != "question_recall"} for r in results["retrieval"]],
+               **{key: results[key] for key in ("f1_above_control", "recall_above", "reading") if key in results}}
     print(json.dumps(summary, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

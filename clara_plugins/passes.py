@@ -112,6 +112,13 @@ def completion_log_likelihood(
 def summed_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``completion_log_probs``' output [batch, T, vocab], [batch, T] -> each completion's summed
     log-probability [batch] and its token count [batch]."""
+    picked, valid = token_log_likelihood(log_probs, labels)
+    return picked.sum(1), valid.sum(1)
+
+
+def token_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``completion_log_probs``' output -> each completion token's log-probability [batch, T]
+    (0 where no token is) and where the completion tokens are [batch, T]."""
     picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     valid = labels != -100
-    return (picked * valid).sum(1), valid.sum(1)
+    return picked * valid, valid

@@ -2,7 +2,9 @@
 
 Long before answers improve, the cross-entropy of the targets read from each row's own
 memories against another row's shows whether training teaches the generator to read. The
-trainer's probes and ``clara eval --reading`` both measure it here.
+trainer's probes and ``clara eval --reading`` both measure it here, over all target tokens and
+over three kinds of them (tokens with a digit, tokens that start with a capital letter, the
+rest), since a memory can carry a passage's names and lose its numbers.
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .model import ClaraModel
-from .passes import completion_log_likelihood
+from .passes import completion_log_probs, token_log_likelihood
 from .prompts import memory_prompts
+
+_TOKEN_KINDS = ("digits", "capitalised", "rest")
 
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
@@ -24,7 +29,8 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     A generator that ignores its memory tokens scores the same on both; the gap,
     ``reading_gain``, shows whether training has taught it to read long before F1 moves. The
     CE from the mean of all rows' memories (``neutral``) tells reading apart from harm: own
-    memories below it are read, other memories above it only hurt.
+    memories below it are read, other memories above it only hurt. ``by_token_kind`` repeats
+    the measures for each kind of target token the rows hold.
     """
     width = {1 if "data_type" in row else min(k, len(row["docs"])) for row in rows}
     if len(rows) < 2 or len(width) != 1:
@@ -35,19 +41,42 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     memories = model.compress_documents(documents, show_progress=True)
     memories = memories.reshape(len(rows), width, *memories.shape[1:])
     neutral = memories.mean(0, keepdim=True)  # no row's own content: separates reading from harm
-    totals = {"own": 0.0, "neutral": 0.0, "other": 0.0}
-    tokens = 0
+    kind_of = _token_kinds(model.tokenizer).to(memories.device)
+    totals = torch.zeros(3, len(_TOKEN_KINDS), dtype=torch.float64)  # -log-likelihood: own, neutral, other
+    tokens = torch.zeros(len(_TOKEN_KINDS), dtype=torch.float64)
     for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
         batch = rows[start:start + batch_size]
         prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, batch, width)
         own = memories[start:start + len(batch)]
         other = memories[[(i + 1) % len(rows) for i in range(start, start + len(batch))]]
         with torch.no_grad():
-            for name, read in (("own", own), ("neutral", neutral.expand_as(own)), ("other", other)):
-                log_likelihood, counts = completion_log_likelihood(model, prompts, full, read)
-                totals[name] -= float(log_likelihood.sum())
-            tokens += int(counts.sum())
-    own_ce, neutral_ce, other_ce = (totals[name] / tokens for name in ("own", "neutral", "other"))
-    return {"examples": len(rows), "documents_per_row": width, "target_ce_own_documents": round(own_ce, 4),
-            "target_ce_neutral_documents": round(neutral_ce, 4),
-            "target_ce_other_documents": round(other_ce, 4), "reading_gain": round(other_ce - own_ce, 4)}
+            for read, read_memories in enumerate((own, neutral.expand_as(own), other)):
+                log_probs, labels = completion_log_probs(model, prompts, full, read_memories)
+                log_likelihood, valid = token_log_likelihood(log_probs, labels)
+                if read == 0:  # the three passes predict the same targets
+                    kinds = kind_of[labels[valid]]
+                    tokens += torch.bincount(kinds, minlength=len(_TOKEN_KINDS)).cpu()
+                totals[read] -= torch.bincount(kinds, weights=log_likelihood[valid].double(),
+                                               minlength=len(_TOKEN_KINDS)).cpu()
+    result = {"examples": len(rows), "documents_per_row": width, **_cross_entropies(totals.sum(1), tokens.sum())}
+    result["by_token_kind"] = {kind: {"tokens": int(tokens[i]), **_cross_entropies(totals[:, i], tokens[i])}
+                               for i, kind in enumerate(_TOKEN_KINDS) if tokens[i]}
+    return result
+
+
+def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """Each vocabulary id's index in _TOKEN_KINDS [vocab]: a token with a digit, one that
+    starts with a capital letter (after the tokenizer's space marker), or any other."""
+    kinds = []
+    for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+        text = tokenizer.convert_tokens_to_string([token]).strip()
+        kinds.append(0 if any(c.isdigit() for c in text) else 1 if text[:1].isupper() else 2)
+    return torch.tensor(kinds)
+
+
+def _cross_entropies(negative_log_likelihoods: torch.Tensor, tokens: torch.Tensor) -> dict[str, float]:
+    """Summed negative log-likelihoods [3] from own, neutral and other memories over ``tokens``
+    targets -> nats per token, and the reading gain (other minus own)."""
+    own, neutral, other = (float(total / tokens) for total in negative_log_likelihoods)
+    return {"target_ce_own_documents": round(own, 4), "target_ce_neutral_documents": round(neutral, 4),
+            "target_ce_other_documents": round(other, 4), "reading_gain": round(other - own, 4)}

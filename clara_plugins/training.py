@@ -111,11 +111,12 @@ def _token_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
                   config: TrainConfig, teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, dict]:
+                  ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """CE of the targets read from their own memories [batch, k, n, hidden], plus the reading
     margin when it is on (the same targets read from the previous row's memories must cost at
     least ``margin`` nats per token more), plus distillation when ``teacher_view`` gives a
-    teacher's log-probabilities and targets for the same completions (``_teacher_view``)."""
+    teacher's log-probabilities and targets for the same completions (``_teacher_view``).
+    Also returns each target's mean log-likelihood per token [batch], for the restatement term."""
     log_probs, labels = completion_log_probs(model, prompts, full, grouped)
     ce = _token_ce(log_probs, labels)
     metrics = {"ce": ce.item()}
@@ -128,7 +129,7 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
         gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
         metrics["reading_gain"] = gain.item()
         loss = loss + config.margin_weight * F.relu(config.margin - gain)
-    return loss, metrics
+    return loss, metrics, _row_log_likelihood(log_probs, labels)
 
 
 def _teacher_view(teacher: ClaraModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,14 +151,16 @@ def _distillation_loss(teacher_log_probs: torch.Tensor, teacher_labels: torch.Te
 
 def _compression_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
                       memories: torch.Tensor, document_means: torch.Tensor, config: TrainConfig,
-                      teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict]:
-    """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document)."""
-    loss, metrics = _reading_loss(model, prompts, full, grouped, config, teacher_view)
+                      teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
+                      ) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document); returns
+    ``_reading_loss``'s three values."""
+    loss, metrics, target_log_likelihood = _reading_loss(model, prompts, full, grouped, config, teacher_view)
     mse = F.mse_loss(memories.mean(1).float(), document_means.float())
     metrics["mse"] = mse.item()
     if len(memories) > 1:
         metrics["memory_cosine"] = memory_cosine(memories)
-    return loss + config.mse_weight * mse, metrics
+    return loss + config.mse_weight * mse, metrics, target_log_likelihood
 
 
 def memory_cosine(memories: torch.Tensor) -> float:
@@ -174,7 +177,8 @@ def memory_cosine(memories: torch.Tensor) -> float:
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     memories, document_means = encode_with_gradients(model, [row["docs"][0] for row in rows])
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, 1)
-    return _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
+    loss, metrics, _ = _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
+    return loss, metrics
 
 
 def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
@@ -190,28 +194,30 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     view = None if teacher is None else _teacher_view(teacher, rows)
     if frozen is not None:
         grouped = frozen.for_rows(rows, config)[0]
-        loss, metrics = _reading_loss(model, prompts, full, grouped, config, view)
+        loss, metrics, answer_log_likelihood = _reading_loss(model, prompts, full, grouped, config, view)
     else:
         memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
         grouped = memories.reshape(len(rows), k, *memories.shape[1:])
-        loss, metrics = _compression_loss(model, prompts, full, grouped, memories, document_means, config, view)
+        loss, metrics, answer_log_likelihood = _compression_loss(model, prompts, full, grouped, memories,
+                                                                 document_means, config, view)
     if config.restate_weight:
-        loss = loss + config.restate_weight * _restatement_loss(model, rows, grouped, config, metrics)
+        loss = loss + config.restate_weight * _restatement_loss(model, rows, grouped, answer_log_likelihood,
+                                                                config, metrics)
     return loss, metrics
 
 
-def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor, config: TrainConfig,
-                      metrics: dict) -> torch.Tensor:
+def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor, answer_log_likelihood: torch.Tensor,
+                      config: TrainConfig, metrics: dict) -> torch.Tensor:
     """relu(restate_margin - gap) summed over the rows whose question holds a name no answer
     shares (``question_name``), divided by the batch size; gap = the answer's mean log-likelihood
-    per token from the row's memories [batch, k, n, hidden] minus the name's. Logs the mean gap."""
+    per token from the row's memories [batch, k, n, hidden] (``answer_log_likelihood`` [batch],
+    from the reading loss's pass) minus the name's. Logs the mean gap."""
     named = [(i, name) for i, row in enumerate(rows) if (name := question_name(row))]
     if not named:
         return grouped.new_zeros(())
     index = [i for i, _ in named]
-    answers = [rows[i] for i in index]
     names = [{**rows[i], "answer": name, "answers": [name]} for i, name in named]
-    gap = _mean_log_likelihood(model, answers, grouped[index]) - _mean_log_likelihood(model, names, grouped[index])
+    gap = answer_log_likelihood[index] - _mean_log_likelihood(model, names, grouped[index])
     metrics["restate_gap"] = gap.mean().item()
     return F.relu(config.restate_margin - gap).sum() / len(rows)
 
@@ -219,7 +225,12 @@ def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor
 def _mean_log_likelihood(model: ClaraModel, rows: list[dict], grouped: torch.Tensor) -> torch.Tensor:
     """Each row's answer, mean log-likelihood per token [batch], read from [batch, k, n, hidden]."""
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, grouped.size(1))
-    total, count = completion_log_likelihood(model, prompts, full, grouped)
+    return _row_log_likelihood(*completion_log_probs(model, prompts, full, grouped))
+
+
+def _row_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each completion's mean log-likelihood per token [batch], from ``completion_log_probs``' output."""
+    total, count = summed_log_likelihood(log_probs, labels)
     return total / count.clamp(min=1)
 
 

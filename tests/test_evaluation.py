@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from clara_benchmarks import evaluation
-from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1_above_control
+from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1_above_control, recall_above
 from clara_benchmarks.text_reader import read_text
+from clara_plugins import reading
 from clara_plugins.cli import main
 from clara_plugins.passes import completion_log_likelihood
-from clara_plugins.prompts import question_prompt
+from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
 from clara_plugins.reading import evaluate_reading
 from conftest import CORPUS
@@ -120,6 +121,18 @@ def test_the_compressor_ranks_a_candidate_identical_to_the_question_first(tiny_m
     assert reasoner["retriever"] == "reasoner" and reasoner["examples"] == len(rows)
 
 
+def test_recall_above_pairs_the_questions_of_two_retrievers():
+    [bm25] = evaluate_retrieval(ROWS, ["bm25"], ks=(1, 3))  # the gold passage first for every row
+    assert bm25["question_recall"] == {"1": [100.0] * 3, "3": [100.0] * 3}
+    other = {"retriever": "other", "question_recall": {"1": [0.0, 100.0, 0.0], "3": [100.0] * 3}}
+    at_1, at_3 = recall_above(bm25, other)  # per question at k=1: +100, 0, +100
+    assert at_1["retriever"] == "bm25" and at_1["over"] == "other" and at_1["k"] == 1
+    assert at_1["recall"] == pytest.approx(66.67) and at_1["interval"][0] < 66.67 < at_1["interval"][1]
+    assert at_3 == {"retriever": "bm25", "over": "other", "k": 3, "recall": 0.0, "interval": [0.0, 0.0]}
+    with pytest.raises(ValueError):  # results on other rows cannot be paired
+        recall_above(bm25, {**other, "question_recall": {"1": [0.0], "3": [0.0]}})
+
+
 def test_reading_gain_is_zero_when_the_documents_are_the_same(tiny_model):
     same = [{**row, "docs": CORPUS[:3]} for row in ROWS]
     result = evaluate_reading(tiny_model, same, k=3, batch_size=2)
@@ -138,6 +151,30 @@ def test_reading_compares_own_and_other_documents(tiny_model):
     assert result["target_ce_own_documents"] == pytest.approx(float(-ll.sum() / counts.sum()), abs=1e-3)
     with pytest.raises(ValueError, match="at least 2 rows"):
         evaluate_reading(tiny_model, ROWS[:1], k=3)
+
+
+def test_reading_splits_the_targets_into_digits_capitalised_tokens_and_the_rest(tiny_model):
+    rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:3]]
+    result = evaluate_reading(tiny_model, rows)
+    kinds = result["by_token_kind"]
+    assert set(kinds) == {"digits", "capitalised", "rest"}  # CORPUS[1] has 1889
+    tok, slot = tiny_model.tokenizer, tiny_model.document_placeholder
+    with torch.no_grad():
+        _, counts = completion_log_likelihood(tiny_model, [scp_prompt(tok, slot, "reconstruct")] * 3,
+                                              [scp_prompt(tok, slot, "reconstruct", d) for d in CORPUS[:3]],
+                                              tiny_model.compress_documents(CORPUS[:3]).unsqueeze(1))
+    assert sum(kind["tokens"] for kind in kinds.values()) == int(counts.sum())
+    digit_tokens = sum(any(c.isdigit() for c in tok.decode([i])) for i in tok(" ".join(CORPUS[:3]))["input_ids"])
+    assert kinds["digits"]["tokens"] == digit_tokens > 0
+    no_digits = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[2:5]]
+    assert set(evaluate_reading(tiny_model, no_digits)["by_token_kind"]) == {"capitalised", "rest"}
+
+
+def test_token_kinds_read_past_the_space_marker(tiny_model):
+    tok = tiny_model.tokenizer
+    kind_of = reading._token_kinds(tok)
+    kind = {token: int(kind_of[tok.convert_tokens_to_ids(token)]) for token in ("ĠB", "P", "1", "Ġthe", "Ġ", ",")}
+    assert kind == {"ĠB": 1, "P": 1, "1": 0, "Ġthe": 2, "Ġ": 2, ",": 2}  # 0 digits, 1 capitalised, 2 the rest
 
 
 def test_reading_works_on_scp_rows_with_one_document_each(tiny_model):
@@ -161,16 +198,19 @@ def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
     checkpoint, data = saved
     main(["eval", data, "--checkpoint", checkpoint, "--systems", "clara", "control", "none",
           "--control-shifts", "1", "2",
-          "--retrievers", "bm25", "--reading", "-k", "3", "--max-new-tokens", "2", "--device", "cpu",
+          "--retrievers", "bm25", "compressor", "--reading", "-k", "3", "--max-new-tokens", "2", "--device", "cpu",
           "--out", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
     assert [a["system"] for a in result["answers"]] == ["clara", "control", "none"]
     assert result["answers"][1]["shifts"] == [1, 2] and len(result["answers"][1]["predictions"]) == 6
     assert set(result["f1_above_control"]) == {"f1", "interval"}
     assert result["retrieval"][0]["recall@1"] == 100.0
+    assert [(d["retriever"], d["over"], d["k"]) for d in result["recall_above"]] == [
+        ("bm25", "compressor", 1), ("bm25", "compressor", 3), ("bm25", "compressor", 5)]
     assert result["reading"]["examples"] == 3
     printed = capsys.readouterr().out
-    assert '"reading_gain"' in printed and '"f1_above_control"' in printed and '"question_f1"' not in printed
+    assert '"reading_gain"' in printed and '"f1_above_control"' in printed and '"recall_above"' in printed
+    assert '"question_f1"' not in printed and '"question_recall"' not in printed
 
 
 def test_clara_eval_answers_the_same_in_any_batch_size(saved, tmp_path):

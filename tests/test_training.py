@@ -162,6 +162,36 @@ def test_the_restatement_margin_makes_the_questions_own_name_a_costly_answer(tin
     assert log[0]["loss"] == pytest.approx(log[0]["ce"] + (5.0 - log[0]["restate_gap"]) / 2, abs=1e-4)
 
 
+def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(tiny_model, monkeypatch):
+    rows = [{"question": "Where does the Danube rise?", "docs": CORPUS[2:4], "answer": "the Black Forest"},
+            {"question": "Who won prizes?", "docs": CORPUS[3:5], "answer": "Marie Curie"}]
+    config = TrainConfig(stage="instruct", batch_size=2, freeze_compressor=True, keep_generator=True,
+                         restate_weight=1.0, restate_margin=5.0, margin_weight=0.0)
+    frozen = CandidateMemories(tiny_model)
+    completions = []
+    counted = training.completion_log_probs
+    monkeypatch.setattr(training, "completion_log_probs", lambda *a, **k: completions.append(a[2]) or counted(*a, **k))
+    set_trainable(tiny_model, ["decoder_adapter"])
+    tiny_model.eval()  # no dropout: the same loss is computed again below from the same weights
+    loss, metrics = training.instruct_loss(tiny_model, rows, config, frozen)
+    assert len(completions) == 2 and len(completions[1]) == 1 and "Danube" in completions[1][0]
+    decoder = [p for n, p in tiny_model.lm.named_parameters() if ".decoder_adapter." in n]
+    grads = torch.autograd.grad(loss, decoder)
+
+    # the same loss with the answer read again in a pass of its own: the gradient must agree
+    memories = frozen.for_rows(rows, config)[0]
+    prompts = [question_prompt(tiny_model.tokenizer, r["question"], 2, tiny_model.document_placeholder) for r in rows]
+    full = [question_prompt(tiny_model.tokenizer, r["question"], 2, tiny_model.document_placeholder, r["answer"])
+            for r in rows]
+    ce = training._decoder_loss(tiny_model, prompts, full, memories)
+    gap = (training._mean_log_likelihood(tiny_model, rows[:1], memories[:1])
+           - training._mean_log_likelihood(tiny_model, [{**rows[0], "answer": "Danube"}], memories[:1]))
+    reference = ce + torch.relu(5.0 - gap).sum() / 2
+    assert metrics["restate_gap"] == pytest.approx(float(gap), abs=1e-4)
+    for grad, expected in zip(grads, torch.autograd.grad(reference, decoder), strict=True):
+        assert torch.allclose(grad, expected, atol=1e-5)
+
+
 def test_the_restatement_margin_needs_the_instruct_stage():
     with pytest.raises(ValueError, match="restate_weight needs the instruct stage"):
         TrainConfig(stage="scp", restate_weight=1.0)
