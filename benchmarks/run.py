@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
     parser.add_argument("--candidates", type=int, default=20, help="pool size in the normal setting")
     parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
-                        help="CLaRa checkpoint per compression rate (default: the shipped CR16 one; "
-                        "untrained at other rates)")
+                        help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "
+                        "CR16 one; untrained at other rates)")
     parser.add_argument("--clara-e2e", nargs="*", default=[], metavar="CR=DIR",
                         help="end-to-end checkpoint per compression rate, its query reasoner retrieves "
                         "(default: the shipped CR16 one)")

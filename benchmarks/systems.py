@@ -73,7 +73,7 @@ class RunOptions:
 
 def _load_clara(spec: SystemSpec) -> ClaraModel:
     if spec.checkpoint:
-        model = ClaraModel.from_pretrained(spec.checkpoint, device="cpu")
+        model = ClaraModel.from_pretrained(spec.checkpoint, compression_rate=spec.compression_rate, device="cpu")
     else:
         model = ClaraModel(ClaraConfig(compression_rate=spec.compression_rate), device="cpu")
     if spec.query == "compressor":

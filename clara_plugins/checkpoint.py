@@ -149,11 +149,15 @@ def _config_of(header: dict, folder: Path) -> ClaraConfig:
 _SETTINGS_OUTSIDE_WEIGHTS = ("base_model", "generation_top_k", "max_new_tokens", "decoder_reads_text")
 
 
-def load_trained_weights(model: AdaptedModel, folder: Path) -> None:
+def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: bool = False) -> None:
     """Check the base-model fingerprint and the model's configuration, then load the three
     adapters and the rows; a missing, empty or non-finite one is an error, never a silently
     untrained adapter. The adapters would load into a model of another memory design or
-    retrieval key without a complaint (a training run resumed with other settings)."""
+    retrieval key without a complaint (a training run resumed with other settings).
+
+    ``another_rate`` lets a pooled checkpoint load into a model of another compression rate,
+    as ``ClaraModel.from_pretrained`` asks when told to: pooled memories are means over chunks
+    of the compressor's states, and no weight belongs to one chunk."""
     header = read_header(folder)
     problem = fingerprint_mismatch(header["base_model_fingerprint"], model.base_fingerprint)
     if problem:
@@ -161,9 +165,11 @@ def load_trained_weights(model: AdaptedModel, folder: Path) -> None:
             f"checkpoint {folder} was trained on another base model than {model.config.base_model!r}: {problem}"
         )
     saved, current = _config_of(header, folder), model.config
+    outside = _SETTINGS_OUTSIDE_WEIGHTS + (("compression_rate",) if another_rate and saved.memory_design == "pooled"
+                                           else ())
     changed = [f"{name}={getattr(current, name)!r} (was {getattr(saved, name)!r})"
                for name in (field.name for field in dataclasses.fields(ClaraConfig))
-               if name not in _SETTINGS_OUTSIDE_WEIGHTS and getattr(current, name) != getattr(saved, name)]
+               if name not in outside and getattr(current, name) != getattr(saved, name)]
     if changed:
         raise CheckpointError(f"checkpoint {folder} was trained with another model configuration: "
                               f"{', '.join(changed)}; load it with the same settings")
@@ -171,7 +177,20 @@ def load_trained_weights(model: AdaptedModel, folder: Path) -> None:
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
     for name, state in adapters.items():
         load_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
-    load_added_rows(model, embeddings["input_rows"], embeddings.get("output_rows"))
+    others = model.lm.get_input_embeddings().weight.size(0) - model.base_vocab_size - current.n_mem_tokens
+    load_added_rows(model, *(_rows_at_rate(rows, saved.n_mem_tokens, current.n_mem_tokens, others)
+                             for rows in (embeddings["input_rows"], embeddings.get("output_rows"))))
+
+
+def _rows_at_rate(rows: torch.Tensor | None, saved_n_mem: int, n_mem: int, others: int) -> torch.Tensor | None:
+    """The added rows (<MEM0..n-1>, then the ``others``: <AE>, <ENC>, <SEP>) of a pooled
+    checkpoint, for a model that reads at another rate: every <MEM> input embedding is
+    overwritten by a memory, so those rows hold places (and, with tied embeddings, output rows
+    the generator was trained never to write), and are repeated or cut to n. Rows that do not
+    fit the checkpoint's own rate are left for ``load_added_rows`` to refuse."""
+    if rows is None or saved_n_mem == n_mem or len(rows) != saved_n_mem + others:
+        return rows
+    return rows[torch.cat([torch.arange(n_mem) % saved_n_mem, torch.arange(saved_n_mem, len(rows))])]
 
 
 def load_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torch.Tensor], source: str) -> None:

@@ -39,12 +39,14 @@ def _non_negative(value: str) -> int:
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="DIR",
                         help="a CLaRa checkpoint folder (default: the shipped trained one on the default "
-                        "backbone, an untrained model on any other --base-model or rate)")
+                        "backbone, an untrained model on any other --base-model)")
     parser.add_argument("--base-model", metavar="PATH_OR_ID",
                         help=f"base causal LM: a local folder or hub id (default: {DEFAULT_BASE_MODEL}, "
                         "or the one the checkpoint names)")
-    parser.add_argument("--compression-rate", type=_positive, default=16,
-                        help="document tokens per memory token when no checkpoint is given (default 16)")
+    parser.add_argument("--compression-rate", type=_positive,
+                        help="document tokens per memory token (default: the checkpoint's; 16 for an "
+                             "untrained model); a pooled checkpoint reads its documents at another rate "
+                             "as finer or coarser chunks of the same states")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
 
 
@@ -134,7 +136,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--init", metavar="DIR", help="checkpoint of the previous stage to start from")
     parser.add_argument("--base-model", help="base model when no --init (default: the offline SmolLM2)")
-    parser.add_argument("--compression-rate", type=int, default=16, help="when no --init (default 16)")
+    parser.add_argument("--compression-rate", type=_positive,
+                        help="document tokens per memory token (default: --init's, else 16); with a pooled "
+                             "--init, training goes on at this rate")
     parser.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
     parser.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
                         help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
@@ -162,6 +166,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("data", help="converted JSONL rows")
     parser.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
+    parser.add_argument("--compression-rate", type=_positive,
+                        help="read a pooled checkpoint's documents at this rate (default: its own)")
     parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
                         help="answering systems (default clara; control: clara reading another row's documents)")
     parser.add_argument("--control-shifts", nargs="+", type=_positive, default=[1],
@@ -330,11 +336,13 @@ def _train(args: argparse.Namespace) -> None:
     config = TrainConfig(stage=args.stage, **values)
     torch.manual_seed(config.seed)
     if args.init:
-        model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, device=args.device, dtype="float32")
+        model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, compression_rate=args.compression_rate,
+                                           device=args.device, dtype="float32")
         model.config.retrieval_key = args.retrieval_key or model.config.retrieval_key
     else:
         model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
-                                       compression_rate=args.compression_rate, memory_design=args.memory_design,
+                                       compression_rate=args.compression_rate or ClaraConfig.compression_rate,
+                                       memory_design=args.memory_design,
                                        retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
                            device=args.device, dtype="float32")
     corpus = None
@@ -364,8 +372,9 @@ def _eval(args: argparse.Namespace) -> None:
     if "control" in args.systems:
         check_control_shifts(len(rows), args.control_shifts)
     checkpoint = args.checkpoint or default_checkpoint()
-    model = load_model(checkpoint, device=args.device)
-    results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None, "answers": [], "retrieval": []}
+    model = load_model(checkpoint, compression_rate=args.compression_rate, device=args.device)
+    results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
+               "compression_rate": model.config.compression_rate, "answers": [], "retrieval": []}
     memories = {} if "control" in args.systems else None  # clara and its control read the same documents
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,

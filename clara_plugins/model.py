@@ -24,7 +24,7 @@ from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtyp
 from .checkpoint import load_trained_weights, read_config, save_checkpoint
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_texts
-from .errors import InvalidInputError
+from .errors import CheckpointError, InvalidInputError
 from .generation import collect_answers, greedy_steps, stream_text
 from .prompts import question_prompt
 from .retrieval import top_k
@@ -433,15 +433,28 @@ class ClaraModel(torch.nn.Module):
         folder: str | Path,
         *,
         base_model: str | None = None,
+        compression_rate: int | None = None,
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
     ) -> "ClaraModel":
-        """Load a checkpoint saved by ``save_pretrained``; ``base_model`` overrides its path."""
+        """Load a checkpoint saved by ``save_pretrained``; ``base_model`` overrides its path.
+
+        ``compression_rate`` reads a pooled checkpoint's documents at another rate than it was
+        trained at: its memories pool finer or coarser chunks of the same compressor states.
+        Appended-token checkpoints (Apple's design) learned one state per position and refuse.
+        """
         config = read_config(Path(folder))
         if base_model is not None:
             config.base_model = base_model
+        if compression_rate not in (None, config.compression_rate):
+            if config.memory_design != "pooled":
+                raise CheckpointError(
+                    f"checkpoint {folder} uses the {config.memory_design!r} memory design, whose memory tokens "
+                    f"were trained one per position: it reads only at its own compression rate "
+                    f"{config.compression_rate}, not {compression_rate}")
+            config = dataclasses.replace(config, compression_rate=compression_rate)
         model = cls(config, device=device, dtype=dtype)
-        load_trained_weights(model, Path(folder))
+        load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
         return model
 
 

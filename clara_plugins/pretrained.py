@@ -26,17 +26,19 @@ def load_model(
     checkpoint: str | Path | None = None,
     *,
     base_model: str | None = None,
-    compression_rate: int = 16,
+    compression_rate: int | None = None,
     device: str = "auto",
 ) -> ClaraModel:
     """The named checkpoint; else the shipped one when the backbone is the default; else a
-    fresh (untrained) model on ``base_model`` at ``compression_rate``."""
+    fresh (untrained) model on ``base_model``. ``compression_rate`` reads a checkpoint at
+    another rate than its own (``ClaraModel.from_pretrained``), or sets a fresh model's (16)."""
+    rate = ClaraConfig.compression_rate if compression_rate is None else compression_rate
     if checkpoint is None and base_model in (None, DEFAULT_BASE_MODEL):
-        checkpoint = default_checkpoint(compression_rate)
+        checkpoint = default_checkpoint(rate) or default_checkpoint()
     if checkpoint is not None:
-        return ClaraModel.from_pretrained(checkpoint, base_model=base_model, device=device)
-    config = ClaraConfig(base_model=base_model or DEFAULT_BASE_MODEL, compression_rate=compression_rate)
-    warnings.warn(f"no trained checkpoint for {config.base_model} at CR{compression_rate}: the adapters are "
-                  "untrained, so answers from memory tokens mean nothing yet (train one with `clara train`)",
-                  stacklevel=2)
+        return ClaraModel.from_pretrained(checkpoint, base_model=base_model, compression_rate=compression_rate,
+                                          device=device)
+    config = ClaraConfig(base_model=base_model or DEFAULT_BASE_MODEL, compression_rate=rate)
+    warnings.warn(f"no trained checkpoint for {config.base_model}: the adapters are untrained, so answers "
+                  "from memory tokens mean nothing yet (train one with `clara train`)", stacklevel=2)
     return ClaraModel(config, device=device)

@@ -817,7 +817,9 @@ def _check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
         if stored.get(key) != current.get(key):
-            raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has {current.get(key)}")
+            hint = f" (load the model at compression rate {stored.get(key)})" if key == "compression_rate" else ""
+            raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has "
+                             f"{current.get(key)}{hint}")
     problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
     if problem:
         raise StoreError(f"{folder} was written by another base model: {problem}")

@@ -370,10 +370,12 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
 
 
 def _load_teacher(model: ClaraModel, folder: str) -> ClaraModel:
-    teacher = ClaraModel.from_pretrained(folder, device=model.device, dtype=torch.float32)
+    # the teacher reads text, so a pooled one takes the student's rate: the same <MEM> tokens
+    teacher = ClaraModel.from_pretrained(folder, compression_rate=model.config.compression_rate, device=model.device,
+                                         dtype=torch.float32)
     if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise ValueError(f"the teacher {folder} has another vocabulary than the model it teaches: "
-                         "train it from the same base model and compression rate")
+                         "train it from the same base model")
     return teacher.eval()
 
 

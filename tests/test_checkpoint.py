@@ -1,12 +1,13 @@
 """Our checkpoint format: round trip, base-model check, corrupted and partial files."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from clara_plugins import CheckpointError, ClaraModel
-from conftest import CORPUS
+from conftest import CORPUS, build_tiny_base_model, randomize_adapters
 
 QUESTIONS = ["Who won Nobel prizes?"]
 
@@ -124,3 +125,28 @@ def test_a_checkpoint_signs_its_compressor_alike_in_every_dtype(tiny_model, tmp_
     assert len({signature["encoder_sha256"] for signature in signatures}) == 1
     for signature in signatures[1:]:  # what a store checks: the base model within tolerance, the rest exactly
         _check_compressor(signatures[0], signature, "a store")
+
+
+@pytest.mark.parametrize("tied", [False, True])  # the default backbone ties its output rows to the input rows
+def test_a_pooled_checkpoint_reads_at_another_rate_as_finer_chunks_of_the_same_states(tiny_config, tmp_path, tied):
+    base = build_tiny_base_model(tmp_path / "base", tie=True) if tied else tiny_config.base_model
+    tiny_model = ClaraModel(dataclasses.replace(tiny_config, base_model=str(base)), device="cpu")
+    randomize_adapters(tiny_model)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    finer = ClaraModel.from_pretrained(tmp_path / "ckpt", compression_rate=8, device="cpu")
+    assert (finer.config.compression_rate, finer.config.n_mem_tokens, tiny_model.config.n_mem_tokens) == (8, 8, 4)
+    texts = ["Berlin is the capital of", "The Danube flows through Vienna,"]  # 8 and 24 tokens: even chunks
+    assert [len(tiny_model.tokenizer(t)["input_ids"]) for t in texts] == [8, 24]
+    coarse, fine = tiny_model.compress(texts).memories, finer.compress(texts).memories  # [2, 4 | 8, hidden]
+    assert torch.allclose(fine.reshape(2, 4, 2, -1).mean(2), coarse, atol=1e-5)
+    base = tiny_model.base_vocab_size  # <AE>, <ENC>, <SEP> keep their rows after the <MEM> rows
+    assert torch.equal(finer.lm.get_input_embeddings().weight[base + 8:], tiny_model.lm.get_input_embeddings().weight[base + 4:])
+    [answer] = finer.answer(["Which river flows through Vienna?"], fine[None, 1:])
+    assert isinstance(answer, str)
+
+
+def test_an_appended_token_checkpoint_reads_only_at_its_own_rate(tiny_tokens_model, tmp_path):
+    tiny_tokens_model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="'tokens' memory design.*only at its own compression rate 16, not 8"):
+        ClaraModel.from_pretrained(tmp_path / "ckpt", compression_rate=8, device="cpu")
+    assert ClaraModel.from_pretrained(tmp_path / "ckpt", compression_rate=16, device="cpu").config.n_mem_tokens == 4

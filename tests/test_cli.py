@@ -163,3 +163,18 @@ def test_train_uses_float32_where_auto_would_pick_bfloat16(tiny_base, tmp_path, 
     main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--base-model",
           str(tiny_base), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"])
     assert (tmp_path / "run" / "checkpoint" / "clara_config.json").exists()
+
+
+def test_train_goes_on_from_a_pooled_checkpoint_at_another_compression_rate(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "init")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
+          str(tmp_path / "init"), "--compression-rate", "8", "--steps", "1", "--batch-size", "1", "--grad-accum", "1",
+          "--device", "cpu"])
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "clara_config.json").read_text())["config"]
+    assert (saved["compression_rate"], tiny_model.config.compression_rate) == (8, 16)
+    with pytest.raises(SystemExit) as exit_info:  # resumed without the rate: refused, not trained on at 16
+        main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
+              str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"])
+    assert exit_info.value.code == 4 and "compression_rate=16 (was 8)" in capsys.readouterr().err

@@ -213,6 +213,17 @@ def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
     assert '"question_f1"' not in printed and '"question_recall"' not in printed
 
 
+def test_clara_eval_reads_at_the_asked_compression_rate_and_records_it(saved, tmp_path):
+    checkpoint, data = saved
+    positions = {}
+    for rate in ([], ["--compression-rate", "8"]):
+        main(["eval", data, "--checkpoint", checkpoint, *rate, "--systems", "clara", "-k", "3",
+              "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "result.json")])
+        result = json.loads((tmp_path / "result.json").read_text())
+        positions[result["compression_rate"]] = result["answers"][0]["context_positions"]
+    assert positions[8] == positions[16] + 3 * 4  # 3 documents of 8 memory tokens instead of 4
+
+
 def test_clara_eval_answers_the_same_in_any_batch_size(saved, tmp_path):
     checkpoint, data = saved
     results = []

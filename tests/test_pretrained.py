@@ -1,10 +1,12 @@
 """The checkpoint shipped in the package, and which model `load_model` gives when none is named."""
 
 import json
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
 
+from clara_plugins.cli import main
 from clara_plugins.config import DEFAULT_BASE_MODEL
 from clara_plugins.corpora import read_examples
 from clara_plugins.rows import instruct_rows
@@ -36,6 +38,22 @@ def test_load_model_takes_the_named_checkpoint(tiny_model, tmp_path):
     assert loaded.config == tiny_model.config
 
 
+def test_load_model_reads_a_checkpoint_at_its_own_rate_or_the_asked_one(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    assert load_model(tmp_path / "ckpt", device="cpu").config.compression_rate == 16
+    assert load_model(tmp_path / "ckpt", compression_rate=8, device="cpu").config.n_mem_tokens == 8
+
+
+def test_load_model_reads_the_shipped_checkpoint_at_another_rate_not_an_untrained_model(tiny_model, tmp_path,
+                                                                                        monkeypatch, recwarn):
+    tiny_model.save_pretrained(tmp_path / "shipped")
+    monkeypatch.setattr("clara_plugins.pretrained.default_checkpoint",
+                        lambda rate=16: tmp_path / "shipped" if rate == 16 else None)
+    monkeypatch.setattr("clara_plugins.pretrained.DEFAULT_BASE_MODEL", tiny_model.config.base_model)
+    model = load_model(compression_rate=8, device="cpu")
+    assert model.config.n_mem_tokens == 8 and not [w for w in recwarn if "untrained" in str(w.message)]
+
+
 def test_load_model_on_another_backbone_is_fresh_at_the_asked_rate(tiny_base):
     with pytest.warns(UserWarning, match="adapters are untrained"):
         model = load_model(base_model=str(tiny_base), compression_rate=4, device="cpu")
@@ -57,3 +75,14 @@ def test_the_default_model_is_the_shipped_checkpoint_and_reads_its_memory_tokens
     assert result["target_ce_own_documents"] < 3.3
     assert result["target_ce_own_documents"] < result["target_ce_neutral_documents"] - 0.3
     assert result["reading_gain"] > 0.5
+
+
+@pytest.mark.slow
+def test_the_shipped_checkpoint_read_at_cr8_answers_the_danube_question_from_its_passage(capsys):
+    """The README's example at --compression-rate 8: 32 finer chunks of the same states give the
+    Black Forest (the 16 of CR16 give "Bratlyn, Germany")."""
+    examples = Path(__file__).parents[1] / "docs" / "examples" / "documents.txt"
+    main(["ask", "--docs", str(examples), "--question", "Where does the Danube rise?", "--compression-rate", "8",
+          "--json", "--device", "cpu"])
+    answer = json.loads(capsys.readouterr().out)
+    assert "Black Forest" in answer["answer"] and answer["sources"][0]["first_words"].startswith("The Danube")

@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from clara_benchmarks.text_reader import read_text
-from clara_plugins import ClaraModel, MemoryStore, TrainConfig, training
+from clara_plugins import CheckpointError, ClaraModel, MemoryStore, TrainConfig, training
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -249,13 +251,35 @@ def test_the_distillation_term_is_the_kl_from_the_teacher():
 
 
 def test_a_teacher_with_another_vocabulary_or_stage_is_refused(tiny_config, tiny_model, tmp_path):
-    ClaraModel(dataclasses.replace(tiny_config, compression_rate=32), device="cpu").save_pretrained(tmp_path / "t")
+    base = tmp_path / "base"  # the tiny backbone with one more token in its vocabulary
+    shutil.copytree(tiny_config.base_model, base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(base)
+    ClaraModel(dataclasses.replace(tiny_config, base_model=str(base)), device="cpu").save_pretrained(tmp_path / "t")
     config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, distill_weight=1.0,
                          teacher=str(tmp_path / "t"))
     with pytest.raises(ValueError, match="another vocabulary"):
         train(tiny_model, INSTRUCT, config, tmp_path / "run")
     with pytest.raises(ValueError, match="distill_weight needs the instruct stage"):
         TrainConfig(stage="scp", distill_weight=1.0, teacher=str(tmp_path / "t"))
+
+
+@pytest.mark.parametrize("design", ["pooled", "tokens"])
+def test_a_teacher_trained_at_another_rate_teaches_when_pooled(tiny_config, tiny_model, tmp_path, design):
+    """The teacher reads text: a pooled one is read at the student's rate, so that both have
+    the same <MEM> tokens; an appended-token one cannot change its rate and is refused."""
+    teacher = dataclasses.replace(tiny_config, compression_rate=32, memory_design=design,
+                                  retrieval_key="mean" if design == "pooled" else "flat")
+    ClaraModel(teacher, device="cpu").save_pretrained(tmp_path / "t")
+    config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, distill_weight=1.0,
+                         teacher=str(tmp_path / "t"))
+    if design == "tokens":
+        with pytest.raises(CheckpointError, match="only at its own compression rate 32, not 16"):
+            train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    else:
+        train(tiny_model, INSTRUCT, config, tmp_path / "run")
+        assert "distill" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
 
 
 @pytest.mark.parametrize("estimator,null", [("straight-through", False), ("realm", False), ("realm", True)])
