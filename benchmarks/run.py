@@ -66,10 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--candidates", type=int, default=20, help="pool size in the normal setting")
     parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
                         help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "
-                        "CR16 one; untrained at other rates)")
+                        "one, read at 4, 16 and 32); another rate adds its compressor row")
     parser.add_argument("--clara-e2e", nargs="*", default=[], metavar="CR=DIR",
                         help="end-to-end checkpoint per compression rate, its query reasoner retrieves "
-                        "(default: the shipped CR16 one)")
+                        "(default: the shipped one at 4, 16 and 32 when --clara names none for the rate); "
+                        "another rate adds its end-to-end row")
     parser.add_argument("--text-ft", metavar="DIR", help="checkpoint of `clara train --stage text`")
     parser.add_argument("--systems", nargs="*", metavar="NAME", help="run only these system names")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
@@ -86,6 +87,8 @@ def _rates(pairs: list[str], option: str) -> dict[int, str]:
         rate, _, folder = pair.partition("=")
         if not rate.isdigit() or not folder:
             raise SystemExit(f"{option} takes CR=DIR pairs, got {pair!r}")
+        if not 1 <= int(rate) <= 256:  # refused here, not after the systems before it have run
+            raise SystemExit(f"{option}: a compression rate is in 1..256, got {pair!r}")
         rates[int(rate)] = folder
     return rates
 
@@ -154,10 +157,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     sample, datasets = args.sample or sample, args.datasets or datasets
     clara, clara_e2e = _rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e")
     shipped = default_checkpoint()
-    if shipped is not None:
-        clara.setdefault(16, str(shipped))
-        clara_e2e.setdefault(16, str(shipped))
-    systems = default_systems(clara, clara_e2e, args.text_ft)
+    systems = default_systems(clara, clara_e2e, args.text_ft, None if shipped is None else str(shipped))
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
         if not systems:

@@ -19,26 +19,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clara_plugins import ClaraConfig, ClaraModel, MemoryStore
+from clara_plugins import MemoryStore
 from clara_plugins.corpora import read_documents, read_examples
+from clara_plugins.pretrained import default_checkpoint, load_model
 
 from .measure import folder_bytes, latency_ms
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True)
     parser.add_argument("--questions", type=Path, required=True)
-    parser.add_argument("--checkpoint", help="CLaRa checkpoint folder (default: untrained default model)")
-    parser.add_argument("--compression-rate", type=int, default=16)
+    parser.add_argument("--checkpoint", help="CLaRa checkpoint folder (default: the shipped one)")
+    parser.add_argument("--compression-rate", type=int,
+                        help="read the checkpoint at this rate (default: its own)")
     parser.add_argument("--store", type=Path, default=Path("/tmp/clara-store-bench"))
     parser.add_argument("--limit", type=int, help="only the first N passages")
     parser.add_argument("--queries", type=int, default=50)
     parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    model = (ClaraModel.from_pretrained(args.checkpoint, device="cpu") if args.checkpoint
-             else ClaraModel(ClaraConfig(compression_rate=args.compression_rate), device="cpu"))
+    checkpoint = args.checkpoint or str(default_checkpoint())
+    model = load_model(checkpoint, compression_rate=args.compression_rate, device="cpu")
     passages = read_documents([str(args.corpus)])[: args.limit]
     store = MemoryStore(model, batch_size=8)
     started = time.perf_counter()
@@ -68,7 +70,7 @@ def main() -> None:
         "corpus": str(args.corpus), "passages": len(passages),
         "model": {"base": model.config.base_model, "compression_rate": model.config.compression_rate,
                   "memory_shape": [model.config.n_mem_tokens, model.hidden_size],
-                  "checkpoint": args.checkpoint},
+                  "checkpoint": checkpoint},
         "build_seconds": round(build_seconds, 1),
         "passages_per_second": round(len(passages) / build_seconds, 2),
         "save_seconds": round(save_seconds, 2), "load_seconds": round(load_seconds, 2),

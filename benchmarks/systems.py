@@ -46,19 +46,30 @@ class SystemSpec:
     query: str = "reasoner"
 
 
-def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: str | None) -> list[SystemSpec]:
+def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: str | None,
+                    shipped: str | None = None) -> list[SystemSpec]:
     """The benchmark's systems: no retrieval, BM25 and dense text RAG, fine-tuned text RAG when
-    given, and CLaRa per compression rate. CLaRa rows without a checkpoint run the untrained
-    model; an end-to-end row runs only when an end-to-end checkpoint exists for that rate."""
+    given, and CLaRa at 4, 16 and 32, plus any rate ``clara`` or ``clara_e2e`` names.
+
+    At 4, 16 and 32 the compressor row reads the rate's ``clara`` checkpoint, else ``shipped``
+    at that rate (pooled memories are chunk means, so one checkpoint reads at any rate), else
+    the untrained model; the end-to-end row reads its ``clara_e2e`` checkpoint, else
+    ``shipped`` when ``clara`` names none for the rate, so that a named checkpoint is not
+    scored beside another's query reasoner. Another rate gets only the rows named for it.
+    """
     systems = [SystemSpec("no retrieval", "none", "base"),
                SystemSpec("BM25 + text", "bm25", "base"),
                SystemSpec("dense + text", "dense", "base")]
     if text_ft:
         systems.append(SystemSpec("dense + fine-tuned text", "dense", "text-ft", text_ft))
-    for rate in COMPRESSION_RATES:
-        systems.append(SystemSpec(f"CLaRa CR{rate} compressor", "clara", "clara", clara.get(rate), rate, "compressor"))
-        if rate in clara_e2e:
-            systems.append(SystemSpec(f"CLaRa CR{rate} end-to-end", "clara", "clara", clara_e2e[rate], rate))
+    for rate in sorted({*COMPRESSION_RATES, *clara, *clara_e2e}):
+        default = rate in COMPRESSION_RATES
+        if default or rate in clara:
+            systems.append(SystemSpec(f"CLaRa CR{rate} compressor", "clara", "clara",
+                                      clara.get(rate, shipped if default else None), rate, "compressor"))
+        end_to_end = clara_e2e.get(rate, shipped if default and rate not in clara else None)
+        if end_to_end:
+            systems.append(SystemSpec(f"CLaRa CR{rate} end-to-end", "clara", "clara", end_to_end, rate))
     return systems
 
 

@@ -118,7 +118,8 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
     teacher's log-probabilities and targets for the same completions (``_teacher_view``).
     Also returns each target's mean log-likelihood per token [batch], for the restatement term."""
     log_probs, labels = completion_log_probs(model, prompts, full, grouped)
-    ce = _token_ce(log_probs, labels)
+    row_total, row_tokens = summed_log_likelihood(log_probs, labels)
+    ce = -row_total.sum() / row_tokens.sum().clamp(min=1)
     metrics = {"ce": ce.item()}
     loss = ce
     if teacher_view is not None:
@@ -129,7 +130,7 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
         gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
         metrics["reading_gain"] = gain.item()
         loss = loss + config.margin_weight * F.relu(config.margin - gain)
-    return loss, metrics, _row_log_likelihood(log_probs, labels)
+    return loss, metrics, row_total / row_tokens.clamp(min=1)
 
 
 def _teacher_view(teacher: ClaraModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

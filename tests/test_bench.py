@@ -8,6 +8,7 @@ from clara_benchmarks.report import write_report
 from clara_benchmarks.run import benchmark_rows, headline
 from clara_benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
 from clara_plugins.cli import main
+from clara_plugins.pretrained import default_checkpoint
 from conftest import CORPUS, SHARED_DATA
 
 ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS, "answers": ["the Danube"],
@@ -72,16 +73,42 @@ def test_report_writes_json_markdown_and_plots(results, tmp_path):
     assert report["headline"]["first_token_latency_ratio_text_over_clara"] > 0
 
 
-def test_default_line_up_skips_end_to_end_rows_without_a_checkpoint():
+def test_default_line_up_reads_the_shipped_checkpoint_at_every_rate():
+    by_name = {s.name: s for s in default_systems({}, {}, None, shipped="shipped")}
+    assert list(by_name) == ["no retrieval", "BM25 + text", "dense + text",
+                             "CLaRa CR4 compressor", "CLaRa CR4 end-to-end", "CLaRa CR16 compressor",
+                             "CLaRa CR16 end-to-end", "CLaRa CR32 compressor", "CLaRa CR32 end-to-end"]
+    assert {(s.checkpoint, s.compression_rate) for s in by_name.values() if s.reader == "clara"} == {
+        ("shipped", 4), ("shipped", 16), ("shipped", 32)}
+    # without a shipped checkpoint, end-to-end rows need a named one and the rest are untrained
     names = [s.name for s in default_systems({16: "ckpt"}, {16: "e2e"}, None)]
     assert names == ["no retrieval", "BM25 + text", "dense + text", "CLaRa CR4 compressor",
                      "CLaRa CR16 compressor", "CLaRa CR16 end-to-end", "CLaRa CR32 compressor"]
     assert "dense + fine-tuned text" in [s.name for s in default_systems({}, {}, "ft")]
 
 
+def test_a_named_checkpoint_is_not_scored_beside_the_shipped_query_reasoner():
+    by_name = {s.name: s for s in default_systems({16: "mine"}, {}, None, shipped="shipped")}
+    assert by_name["CLaRa CR16 compressor"].checkpoint == "mine" and "CLaRa CR16 end-to-end" not in by_name
+    assert by_name["CLaRa CR4 end-to-end"].checkpoint == "shipped"
+
+
+def test_a_named_rate_outside_the_defaults_adds_only_its_named_rows():
+    def cr8(clara, clara_e2e):
+        return [(s.name, s.checkpoint, s.compression_rate)
+                for s in default_systems(clara, clara_e2e, None, shipped="shipped") if "CR8" in s.name]
+
+    assert cr8({8: "eight"}, {8: "eight-e2e"}) == [("CLaRa CR8 compressor", "eight", 8),
+                                                   ("CLaRa CR8 end-to-end", "eight-e2e", 8)]
+    assert cr8({}, {8: "eight-e2e"}) == [("CLaRa CR8 end-to-end", "eight-e2e", 8)]
+    assert cr8({8: "eight"}, {}) == [("CLaRa CR8 compressor", "eight", 8)]
+
+
 def test_bench_rejects_a_malformed_checkpoint_pair(tmp_path):
     with pytest.raises(SystemExit, match="CR=DIR"):
         main(["bench", "--clara", "16:folder", "--data-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="1..256"):  # before any system runs, not in its process
+        main(["bench", "--clara-e2e", "0=folder", "--data-dir", str(tmp_path)])
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
@@ -101,11 +128,15 @@ def test_clara_bench_runs_on_the_default_model(tmp_path):
     """`clara bench --quick` end to end on the real SmolLM2, cut to 2 questions and 3 systems."""
     if not (SHARED_DATA / "hotpotqa" / "dev.json").exists():
         pytest.skip("needs ../shared/data")
-    systems = ["no retrieval", "dense + text", "CLaRa CR16 compressor"]
+    systems = ["no retrieval", "dense + text", "CLaRa CR4 compressor", "CLaRa CR16 compressor"]
     main(["bench", "--quick", "--sample", "2", "--data-dir", str(SHARED_DATA), "--out", str(tmp_path),
           "--systems", *systems])
     report = json.loads((tmp_path / "bench_hotpotqa_normal_quick.json").read_text())
     assert [r["name"] for r in report["systems"]] == systems
+    # the shipped checkpoint is read at CR4 too, not an untrained model
+    cr4, cr16 = report["systems"][2:]
+    assert cr4["checkpoint"] == cr16["checkpoint"] == str(default_checkpoint())
+    assert cr4["compression_rate"] == 4 and cr4["context_positions"] > 2 * cr16["context_positions"]
     assert report["benchmark"]["sample"] == 2 and report["benchmark"]["pool_size"] == 20
     assert report["versions"]["torch"] and report["commit"]
     assert {"clara_system", "first_token_latency_ratio_text_over_clara"} <= report["headline"].keys()

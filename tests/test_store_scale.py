@@ -1,11 +1,12 @@
-"""The store benchmark on the tiny model: exact stores find the exact top 10, and the plot is drawn."""
+"""The store benchmarks on the tiny model: exact stores find the exact top 10, the plot is drawn,
+and a store is built at the rate asked."""
 
 import json
 
 import numpy as np
 import pytest
 
-from clara_benchmarks import scale_plot, store_scale
+from clara_benchmarks import scale_plot, store_build, store_scale
 from clara_plugins.keys import ClaraKeys
 from conftest import CORPUS
 
@@ -56,3 +57,21 @@ def test_int8_effect_compares_each_way_of_storing_with_the_fp16_memories(sample)
     assert effects["fp16 key and its norm"]["key_cosine_min"] > 0.9999
     stored = effects["int8, a scale per memory vector (stored)"]
     assert 0 < stored["relative_error_mean"] < 0.05 and stored["key_cosine_min"] > 0.99
+
+
+def test_store_build_reads_the_checkpoint_at_the_rate_asked(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "checkpoint")
+    (tmp_path / "passages.txt").write_text("\n\n".join(CORPUS))
+    questions = [{"question": "Which river flows through Vienna?", "answers": ["the Danube"],
+                  "ctxs": [{"title": "Danube", "text": CORPUS[3]}]}]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in questions))
+    out = tmp_path / "store.json"
+    store_build.main(["--corpus", str(tmp_path / "passages.txt"), "--questions", str(tmp_path / "questions.jsonl"),
+                      "--checkpoint", str(tmp_path / "checkpoint"), "--compression-rate", "8",
+                      "--limit", "3", "--queries", "1", "--store", str(tmp_path / "store"), "--out", str(out)])
+    result = json.loads(out.read_text())
+    n_mem = tiny_model.config.n_mem_tokens
+    assert result["model"]["compression_rate"] == 8 and result["model"]["memory_shape"][0] == 2 * n_mem
+    assert result["model"]["checkpoint"] == str(tmp_path / "checkpoint")
+    fp16_memory = 2 * n_mem * tiny_model.hidden_size * 2
+    assert fp16_memory <= result["bytes_per_passage"]["memory_tokens"] < fp16_memory + 64  # + a share of a .npy header
