@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from clara_plugins.config import MAX_COMPRESSION_RATE
 from clara_plugins.corpora import read_examples
 from clara_plugins.rows import e2e_rows, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
@@ -87,8 +88,8 @@ def _rates(pairs: list[str], option: str) -> dict[int, str]:
         rate, _, folder = pair.partition("=")
         if not rate.isdigit() or not folder:
             raise SystemExit(f"{option} takes CR=DIR pairs, got {pair!r}")
-        if not 1 <= int(rate) <= 256:  # refused here, not after the systems before it have run
-            raise SystemExit(f"{option}: a compression rate is in 1..256, got {pair!r}")
+        if not 1 <= int(rate) <= MAX_COMPRESSION_RATE:  # refused here, not after the systems before it have run
+            raise SystemExit(f"{option}: a compression rate is in 1..{MAX_COMPRESSION_RATE}, got {pair!r}")
         rates[int(rate)] = folder
     return rates
 

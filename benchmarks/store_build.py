@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    checkpoint = args.checkpoint or str(default_checkpoint())
-    model = load_model(checkpoint, compression_rate=args.compression_rate, device="cpu")
+    model = load_model(args.checkpoint, compression_rate=args.compression_rate, device="cpu")
+    checkpoint = args.checkpoint or default_checkpoint()  # None: no shipped checkpoint, an untrained model
     passages = read_documents([str(args.corpus)])[: args.limit]
     store = MemoryStore(model, batch_size=8)
     started = time.perf_counter()
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         "corpus": str(args.corpus), "passages": len(passages),
         "model": {"base": model.config.base_model, "compression_rate": model.config.compression_rate,
                   "memory_shape": [model.config.n_mem_tokens, model.hidden_size],
-                  "checkpoint": checkpoint},
+                  "checkpoint": str(checkpoint) if checkpoint else None},
         "build_seconds": round(build_seconds, 1),
         "passages_per_second": round(len(passages) / build_seconds, 2),
         "save_seconds": round(save_seconds, 2), "load_seconds": round(load_seconds, 2),

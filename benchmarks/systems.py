@@ -63,11 +63,11 @@ def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: s
     if text_ft:
         systems.append(SystemSpec("dense + fine-tuned text", "dense", "text-ft", text_ft))
     for rate in sorted({*COMPRESSION_RATES, *clara, *clara_e2e}):
-        default = rate in COMPRESSION_RATES
-        if default or rate in clara:
+        standard_rate = rate in COMPRESSION_RATES
+        if standard_rate or rate in clara:
             systems.append(SystemSpec(f"CLaRa CR{rate} compressor", "clara", "clara",
-                                      clara.get(rate, shipped if default else None), rate, "compressor"))
-        end_to_end = clara_e2e.get(rate, shipped if default and rate not in clara else None)
+                                      clara.get(rate, shipped if standard_rate else None), rate, "compressor"))
+        end_to_end = clara_e2e.get(rate, shipped if standard_rate and rate not in clara else None)
         if end_to_end:
             systems.append(SystemSpec(f"CLaRa CR{rate} end-to-end", "clara", "clara", end_to_end, rate))
     return systems

@@ -15,6 +15,7 @@ MEMORY_POOLINGS = ("mean", "last")
 RETRIEVAL_KEYS = ("mean", "flat")  # a document's retrieval key: its mean memory vector, or all of them flattened
 INDEX_KINDS = ("flat", "hnsw", "ivfpq")  # a MemoryStore's search index
 MEMORY_DTYPES = ("float16", "int8")  # how a MemoryStore keeps memory tokens (int8: one scale per vector)
+MAX_COMPRESSION_RATE = 256  # document tokens a memory vector may pool
 SETTINGS = ("normal", "oracle")  # instruction rows: BM25's top k, or the gold passages among the k
 
 # Settings older checkpoints record that no longer shape a model; loading ignores them.
@@ -75,8 +76,8 @@ class ClaraConfig:
             raise ValueError(f"retrieval_key must be one of {RETRIEVAL_KEYS}, got {self.retrieval_key!r}")
         if self.memory_pooling not in MEMORY_POOLINGS:
             raise ValueError(f"memory_pooling must be one of {MEMORY_POOLINGS}, got {self.memory_pooling!r}")
-        if not 1 <= self.compression_rate <= 256:
-            raise ValueError(f"compression_rate must be in 1..256, got {self.compression_rate}")
+        if not 1 <= self.compression_rate <= MAX_COMPRESSION_RATE:
+            raise ValueError(f"compression_rate must be in 1..{MAX_COMPRESSION_RATE}, got {self.compression_rate}")
         if self.doc_max_length < self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "

@@ -100,12 +100,11 @@ def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> 
 
 def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
                   memories: torch.Tensor | None) -> torch.Tensor:
-    return _token_ce(*completion_log_probs(model, prompts, full, memories))
+    return _token_ce(*summed_log_likelihood(*completion_log_probs(model, prompts, full, memories)))
 
 
-def _token_ce(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean CE per completion token of a batch, from ``completion_log_probs``' output."""
-    log_likelihood, tokens = summed_log_likelihood(log_probs, labels)
+def _token_ce(log_likelihood: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean CE per completion token of a batch, from ``summed_log_likelihood``'s output."""
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
 
@@ -118,8 +117,8 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
     teacher's log-probabilities and targets for the same completions (``_teacher_view``).
     Also returns each target's mean log-likelihood per token [batch], for the restatement term."""
     log_probs, labels = completion_log_probs(model, prompts, full, grouped)
-    row_total, row_tokens = summed_log_likelihood(log_probs, labels)
-    ce = -row_total.sum() / row_tokens.sum().clamp(min=1)
+    summed = summed_log_likelihood(log_probs, labels)  # one gather for the CE and the rows' means
+    ce = _token_ce(*summed)
     metrics = {"ce": ce.item()}
     loss = ce
     if teacher_view is not None:
@@ -130,7 +129,7 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
         gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
         metrics["reading_gain"] = gain.item()
         loss = loss + config.margin_weight * F.relu(config.margin - gain)
-    return loss, metrics, row_total / row_tokens.clamp(min=1)
+    return loss, metrics, _row_log_likelihood(*summed)
 
 
 def _teacher_view(teacher: ClaraModel, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,12 +225,11 @@ def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor
 def _mean_log_likelihood(model: ClaraModel, rows: list[dict], grouped: torch.Tensor) -> torch.Tensor:
     """Each row's answer, mean log-likelihood per token [batch], read from [batch, k, n, hidden]."""
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, grouped.size(1))
-    return _row_log_likelihood(*completion_log_probs(model, prompts, full, grouped))
+    return _row_log_likelihood(*summed_log_likelihood(*completion_log_probs(model, prompts, full, grouped)))
 
 
-def _row_log_likelihood(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each completion's mean log-likelihood per token [batch], from ``completion_log_probs``' output."""
-    total, count = summed_log_likelihood(log_probs, labels)
+def _row_log_likelihood(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Each completion's mean log-likelihood per token [batch], from ``summed_log_likelihood``'s output."""
     return total / count.clamp(min=1)
 
 
