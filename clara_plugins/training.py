@@ -100,7 +100,7 @@ def _reset_adapter(model: ClaraModel, name: str, generator: torch.Generator) -> 
 
 def _decoder_loss(model: ClaraModel, prompts: list[str], full: list[str],
                   memories: torch.Tensor | None) -> torch.Tensor:
-    return _token_ce(*summed_log_likelihood(*completion_log_probs(model, prompts, full, memories)))
+    return _token_ce(*completion_log_likelihood(model, prompts, full, memories))
 
 
 def _token_ce(log_likelihood: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -225,7 +225,7 @@ def _restatement_loss(model: ClaraModel, rows: list[dict], grouped: torch.Tensor
 def _mean_log_likelihood(model: ClaraModel, rows: list[dict], grouped: torch.Tensor) -> torch.Tensor:
     """Each row's answer, mean log-likelihood per token [batch], read from [batch, k, n, hidden]."""
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, grouped.size(1))
-    return _row_log_likelihood(*summed_log_likelihood(*completion_log_probs(model, prompts, full, grouped)))
+    return _row_log_likelihood(*completion_log_likelihood(model, prompts, full, grouped))
 
 
 def _row_log_likelihood(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer
 
 from clara_benchmarks.text_reader import read_text
-from clara_plugins import CheckpointError, ClaraModel, MemoryStore, TrainConfig, training
+from clara_plugins import CheckpointError, ClaraModel, MemoryStore, TrainConfig, passes, training
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -171,8 +171,9 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
                          restate_weight=1.0, restate_margin=5.0, margin_weight=0.0)
     frozen = CandidateMemories(tiny_model)
     completions = []
-    counted = training.completion_log_probs
-    monkeypatch.setattr(training, "completion_log_probs", lambda *a, **k: completions.append(a[2]) or counted(*a, **k))
+    counted = passes.completion_log_probs
+    for module in (training, passes):  # the reading loss calls it directly, the name's pass through passes
+        monkeypatch.setattr(module, "completion_log_probs", lambda *a, **k: completions.append(a[2]) or counted(*a, **k))
     set_trainable(tiny_model, ["decoder_adapter"])
     tiny_model.eval()  # no dropout: the same loss is computed again below from the same weights
     loss, metrics = training.instruct_loss(tiny_model, rows, config, frozen)
