@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
 
-    model = load_model(args.checkpoint, compression_rate=args.compression_rate, device="cpu")
     checkpoint = args.checkpoint or default_checkpoint()  # None: no shipped checkpoint, an untrained model
+    model = load_model(checkpoint, compression_rate=args.compression_rate, device="cpu")
     passages = read_documents([str(args.corpus)])[: args.limit]
     store = MemoryStore(model, batch_size=8)
     started = time.perf_counter()
