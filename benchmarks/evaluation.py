@@ -29,7 +29,6 @@ from clara_plugins.bm25 import bm25_rank
 from clara_plugins.metrics import (
     answer_scores,
     bootstrap_interval,
-    mean_recall_at_k,
     precision_at_k,
     recall_at_k,
     summarize_answer_scores,
@@ -200,11 +199,14 @@ def recall_above(first: dict, other: dict) -> list[dict]:
 
 
 def _ranking_scores(retriever: str, rankings: list[list[int]], rows: list[dict], ks: Sequence[int]) -> dict:
+    """Recall@k and precision@k in percent, and each question's recall (for paired differences)."""
     result = {"retriever": retriever, "examples": len(rows)}
+    question_recall = {}
     for k in ks:
-        result[f"recall@{k}"] = mean_recall_at_k(rankings, [row["pos_index"] for row in rows], k)
+        recalls = [recall_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)]
+        result[f"recall@{k}"] = round(100 * statistics.mean(recalls), 2)
         result[f"precision@{k}"] = round(100 * statistics.mean(
             precision_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
-    result["question_recall"] = {str(k): [round(100 * recall_at_k(r, row["pos_index"], k), 2)
-                                          for r, row in zip(rankings, rows)] for k in ks}
+        question_recall[str(k)] = [round(100 * recall, 2) for recall in recalls]
+    result["question_recall"] = question_recall
     return result

@@ -36,7 +36,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     A crash inside ``write`` leaves ``folder`` as it was. The swap itself is two renames; an
     old copy is kept at ``.NAME.old`` until the new one is in place, and ``recover_folder``
     puts it back if a crash fell between them. A non-empty ``folder`` without the file
-    ``marker`` was not written by this library: it is refused, never replaced.
+    ``marker`` was not written by this library: it is refused, never replaced. Files that
+    ``write`` does not make again (a user's notes or results kept beside the library's files)
+    are copied into the new folder, not lost with the old one.
     """
     recover_folder(folder)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
@@ -49,6 +51,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     try:
         write(staging)
         if folder.exists():
+            _copy_missing(folder, staging)
             old = _old_copy(folder)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
@@ -58,6 +61,27 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
             os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy_missing(source: Path, target: Path) -> None:
+    """Copy the entries of ``source`` that ``target`` lacks (hard links where the file system allows)."""
+    for entry in source.iterdir():
+        if (target / entry.name).exists() or (target / entry.name).is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target / entry.name, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target / entry.name)
+
+
+def _link_or_copy(source: Path | str, target: Path | str) -> None:
+    if os.path.islink(source):
+        os.symlink(os.readlink(source), target)
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def recover_folder(folder: Path) -> None:

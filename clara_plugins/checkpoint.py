@@ -43,17 +43,21 @@ class AdaptedModel(Protocol):
 FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
 EMBEDDINGS_FILE = "memory_embeddings.safetensors"
+TRAINER_STATE_FILE = "trainer_state.pt"  # a training run's step, optimizer and schedule, saved with its weights
 
 
 def adapter_file(name: str) -> str:
     return f"adapter_{name}.safetensors"
 
 
-def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None = None) -> None:
+def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None = None,
+                    trainer_state: dict | None = None) -> None:
     """Write the checkpoint into a temporary folder, then swap it in place. A non-empty
     folder that is not a checkpoint is refused (CheckpointError), never overwritten.
 
     ``dtype`` (e.g. torch.float16) stores the weights smaller; loading casts them back.
+    ``trainer_state`` (a training run's) is written in the same swap, so that a run killed
+    while saving resumes from weights and an optimizer of one step.
     """
     def stored(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().cpu()
@@ -72,6 +76,8 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
             save_file(state, str(staging / adapter_file(name)))
         save_file(embeddings, str(staging / EMBEDDINGS_FILE))
         (staging / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
+        if trainer_state is not None:
+            torch.save(trainer_state, staging / TRAINER_STATE_FILE)
 
     try:
         write_folder_atomically(folder, write, marker=CONFIG_FILE)

@@ -211,19 +211,19 @@ def _index(args: argparse.Namespace) -> None:
 
     if args.workers is not None and args.ray is None:
         raise InvalidInputError("--workers sets the Ray actors: give --ray too")
+    folder = Path(args.store)
+    if not (folder / "CURRENT").exists() and folder.exists() and any(folder.iterdir()):
+        raise StoreError(f"{folder} holds files but no CLaRa memory store: choose an empty or new folder")
+    documents = [(text, {"source": Path(path).name, "position": i})  # read before the model loads: a typo costs no load
+                 for path in args.corpus for i, text in enumerate(read_documents([path]))]
+    ids = [document_id(text) for text, _ in documents]
     load = functools.partial(load_model, args.checkpoint, base_model=args.base_model,
                              compression_rate=args.compression_rate, device=args.device)
     model = load()
-    folder = Path(args.store)
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model)
-    elif folder.exists() and any(folder.iterdir()):
-        raise StoreError(f"{folder} holds files but no CLaRa memory store: choose an empty or new folder")
     else:
         store = MemoryStore(model, index=args.index, memory_dtype=args.memory_dtype)
-    documents = [(text, {"source": Path(path).name, "position": i})
-                 for path in args.corpus for i, text in enumerate(read_documents([path]))]
-    ids = [document_id(text) for text, _ in documents]
     on_ray = None if args.ray is None else RayCompression(load, args.ray, args.workers, use_gpus=args.device != "cpu")
     compressed = index_documents(store, [text for text, _ in documents], ids, [meta for _, meta in documents],
                                  save=functools.partial(store.save, folder), save_every=args.save_every,

@@ -180,9 +180,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "save_every", "top_k", "candidates"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("refresh_every", "probe_every"):  # 0: never
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be at least 0 (0: never), got {getattr(self, name)}")
+        if not self.lr >= 0:
+            raise ValueError(f"lr must be at least 0, got {self.lr}")
+        if not self.temperature > 0:  # scores are divided by it
+            raise ValueError(f"temperature must be above 0, got {self.temperature}")
         if self.freeze_generator and (self.stage == "retrieval" or self.generator_only
                                       or (self.stage == "instruct" and not self.keep_generator)):
             raise ValueError("freeze_generator needs a stage where something else learns: scp, e2e, or instruct "

@@ -12,6 +12,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .errors import InvalidInputError
 from .jsonfiles import read_jsonl
 
 
@@ -41,24 +42,31 @@ def read_documents(paths: list[str]) -> list[str]:
     A ``.json`` file holds a list of records and a ``.jsonl`` file one record per line, each
     record's ``text`` or ``contents`` (with its ``title`` in front when present); any other
     file gives one document per blank-line-separated paragraph. A path that is not a file is
-    an error: it is never read as the text of a document.
+    an error: it is never read as the text of a document. So is a record without a text
+    (a misspelt field would otherwise index its title alone).
     """
     documents: list[str] = []
     for source in paths:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file" if not path.exists() else f"{source} is not a file")
-        if path.suffix == ".jsonl":
-            documents.extend(_record_text(record) for record in read_jsonl(path))
-        elif path.suffix == ".json":
-            documents.extend(_record_text(record) for record in json.loads(path.read_text()))
+        if path.suffix in (".json", ".jsonl"):
+            records = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+            if not isinstance(records, list):
+                raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
+            documents.extend(_record_text(record, f"{source}, record {number}")
+                             for number, record in enumerate(records))
         else:
             documents.extend(p.strip() for p in path.read_text().split("\n\n") if p.strip())
     return documents
 
 
-def _record_text(record: dict) -> str:
-    text = record.get("text") or record.get("contents") or ""
+def _record_text(record: object, where: str) -> str:
+    if not isinstance(record, dict):
+        raise InvalidInputError(f"{where} is a JSON {type(record).__name__}, not a record with a text or contents")
+    text = record.get("text", record.get("contents"))
+    if not isinstance(text, str):
+        raise InvalidInputError(f"{where} has no text or contents string (its fields: {', '.join(sorted(record))})")
     return f"{record['title']}\n{text}" if record.get("title") else text
 
 

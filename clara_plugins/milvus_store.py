@@ -156,17 +156,25 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     # -------------------------------------------------------------- writing
 
+    def _checked(
+        self, texts: Sequence[str], ids: Sequence[str] | None, metadatas: Sequence[dict[str, Any]] | None,
+    ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """The local store's checks and Milvus' limits on ids and texts, so that ``index_documents``
+        refuses a corpus before its first group is written, not midway."""
+        texts, ids, metadatas = super()._checked(texts, ids, metadatas)
+        for doc_id, text in zip(ids, texts):
+            if len(doc_id.encode()) > MAX_ID_BYTES:
+                raise InvalidInputError(f"document id {doc_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
+            if len(text.encode()) > MAX_TEXT_BYTES:
+                raise InvalidInputError(f"the text of {doc_id!r} is longer than Milvus' {MAX_TEXT_BYTES:,} bytes")
+        return texts, ids, metadatas
+
     def upsert(self, texts: Sequence[str], ids: Sequence[str] | None = None,
                metadatas: Sequence[dict[str, Any]] | None = None, show_progress: bool = False,
                memories: torch.Tensor | None = None) -> list[str]:
         """Compress and add documents, as ``MemoryStore.upsert`` does; everything is validated
         and compressed before the first row is written."""
         texts, ids, metadatas = self._checked(texts, ids, metadatas)
-        for doc_id, text in zip(ids, texts):
-            if len(doc_id.encode()) > MAX_ID_BYTES:
-                raise InvalidInputError(f"document id {doc_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
-            if len(text.encode()) > MAX_TEXT_BYTES:
-                raise InvalidInputError(f"the text of {doc_id!r} is longer than Milvus' {MAX_TEXT_BYTES:,} bytes")
         memories = self._compressed(texts, memories, show_progress)
         if memories.shape[1:] != self._memory_shape:
             raise InvalidInputError(f"memories of shape {memories.shape[1:]} do not match the store's "
@@ -186,7 +194,7 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
-        ids = _id_list(ids, "ids")
+        ids = _id_list(ids, "ids", ordered=False)
         with self._lock:
             for start in range(0, len(ids), BATCH_ROWS):
                 self._client.delete(self.collection, ids=ids[start:start + BATCH_ROWS])
@@ -269,7 +277,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         if query.size != self.keys.dimensions:
             raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "
                                     f"{self.keys.dimensions}")
-        conditions = [] if ids is None else [f"id in [{', '.join(map(_string, _id_list(ids, 'ids')))}]"]
+        conditions = [] if ids is None else [f"id in [{', '.join(map(_string, _id_list(ids, 'ids', ordered=False)))}]"]
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)
         diverse = lambda_mult < 1.0

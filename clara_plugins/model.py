@@ -245,7 +245,8 @@ class ClaraModel(torch.nn.Module):
     def compress(
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
     ) -> CompressedDocuments:
-        """Compress documents with the encoder adapter, reporting truncation.
+        """Compress documents with the encoder adapter, reporting truncation (in the result, and
+        a warning: a cut document's memories hold only its first ``doc_max_length`` tokens).
 
         Documents are batched by length (less padding); results come back in input order.
         """
@@ -260,6 +261,14 @@ class ClaraModel(torch.nn.Module):
                 memories[batch] = self._encode_tokens([bodies[i] for i in batch], ENCODER)[0]
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
+        truncated = [i for i, tokens in enumerate(cut) if tokens]
+        if truncated:
+            warnings.warn(
+                f"{len(truncated)} of {len(counts)} documents exceed doc_max_length="
+                f"{self.config.doc_max_length} tokens; {sum(cut)} tokens were cut "
+                f"(documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
+                stacklevel=2,
+            )
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -369,16 +378,7 @@ class ClaraModel(torch.nn.Module):
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
     ) -> torch.Tensor:
         """Apple's name: documents -> memories [n_docs, n_mem, hidden]; warns when text was cut."""
-        result = self.compress(documents, batch_size, show_progress)
-        truncated = [i for i, cut in enumerate(result.truncated_tokens) if cut]
-        if truncated:
-            warnings.warn(
-                f"{len(truncated)} of {len(result.token_counts)} documents exceed doc_max_length="
-                f"{self.config.doc_max_length} tokens; {sum(result.truncated_tokens)} tokens were cut "
-                f"(documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
-                stacklevel=2,
-            )
-        return result.memories
+        return self.compress(documents, batch_size, show_progress).memories
 
     def generate_from_compressed_documents_and_questions(
         self, questions: Sequence[str], compressed_documents: torch.Tensor, max_new_tokens: int | None = None

@@ -37,6 +37,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from numpy.typing import DTypeLike
 
 from .atomic import write_file_atomically, write_text_atomically
@@ -45,7 +46,7 @@ from .checkpoint import compressor_signature
 from .checks import check_texts
 from .errors import InvalidInputError, StoreError
 from .jsonfiles import read_json
-from .compact import MIN_ROWS, TRAINING_ROWS, CompactIndex, dequantize, quantize
+from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .filters import Filter, matches, validate_filter
 from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, normalize_rows
@@ -218,7 +219,8 @@ class MemoryStore(BaseMemoryStore):
     or ``"ivfpq"``, the compact index for large corpora: product-quantised keys
     (``compact.CompactIndex``, 128 bytes per document at CR16) whose best ``rescore_factor`` x k
     candidates are re-scored exactly from the stored memories; below ``compact.MIN_ROWS``
-    documents it searches exactly. ``memory_dtype`` is ``"float16"`` (the memories as
+    documents it searches exactly, and it learns again whenever the store has doubled since it
+    last learned. ``memory_dtype`` is ``"float16"`` (the memories as
     compressed) or ``"int8"`` (half the bytes, one scale per memory vector; see ``compact``).
     """
 
@@ -303,9 +305,13 @@ class MemoryStore(BaseMemoryStore):
     def _extend_index(self, first_new_row: int, replaced: bool) -> None:
         """Add appended rows to a built index, so that a large hnsw or ivfpq index is not built
         again for a few new documents; replaced rows make it stale (rebuilt at the next search),
-        and so does a store outgrowing the exact search of small ivfpq stores."""
-        outgrown = (self.index_kind == "ivfpq" and not isinstance(self._index, CompactIndex)
-                    and len(self._ids) >= MIN_ROWS)
+        and so does a store outgrowing the exact search of small ivfpq stores, or the rows its
+        compact index learned from (a corpus indexed in order would otherwise be quantised by
+        codebooks learned from its first group alone)."""
+        if isinstance(self._index, CompactIndex):
+            outgrown = len(self._ids) >= RETRAIN_GROWTH * self._index.trained_over
+        else:
+            outgrown = self.index_kind == "ivfpq" and len(self._ids) >= MIN_ROWS
         if replaced or outgrown:
             self._index = None
         elif self._index is not None and len(self._ids) > first_new_row:
@@ -320,7 +326,7 @@ class MemoryStore(BaseMemoryStore):
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
-        ids = _id_list(ids, "ids")
+        ids = _id_list(ids, "ids", ordered=False)
         with self._lock:
             doomed = {self._row_of[i] for i in ids if i in self._row_of}
             if not doomed:
@@ -346,6 +352,7 @@ class MemoryStore(BaseMemoryStore):
 
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
+        ids = _id_list(ids, "ids")
         with self._lock:
             unknown = [i for i in ids if i not in self._row_of]
             if unknown:
@@ -400,7 +407,7 @@ class MemoryStore(BaseMemoryStore):
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
         _check_search(k, where, lambda_mult, fetch_k)
-        wanted = None if ids is None else set(_id_list(ids, "ids"))
+        wanted = None if ids is None else set(_id_list(ids, "ids", ordered=False))
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
         with self._lock:
             if not self._ids:
@@ -476,7 +483,7 @@ class MemoryStore(BaseMemoryStore):
             if self.index_kind == "ivfpq" and count >= MIN_ROWS:
                 sample = np.unique(np.linspace(0, count - 1, min(count, TRAINING_ROWS)).astype(np.int64))
                 blocks = self.keys.blocks if self.keys.keys_are_memories else 1
-                index = CompactIndex.trained(self._row_keys(sample), blocks)
+                index = CompactIndex.trained(self._row_keys(sample), blocks, trained_over=count)
             elif self.index_kind == "hnsw":
                 index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
                 index.hnsw.efSearch = HNSW_EF_SEARCH
@@ -505,7 +512,7 @@ class MemoryStore(BaseMemoryStore):
                         "key_shards": [] if self.keys.keys_are_memories else list(self._key_chunks)},
                 records={"ids": list(self._ids), "texts": list(self._texts), "metadatas": list(self._metadatas)},
             )
-            index = self._ensure_index() if len(self._ids) and self.index_kind != "flat" else None
+            index = _index_copy(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
             previous = self._saved
         with open(folder / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; a second one waits its turn
@@ -534,6 +541,8 @@ class MemoryStore(BaseMemoryStore):
         _write_json(staging / "records.json", snapshot.records)
         if index is not None:
             _write_index(staging, index)
+        if isinstance(index, CompactIndex):
+            header["index_trained_over"] = index.trained_over
         for path in sorted(staging.iterdir()):
             if path.name not in checksums:
                 checksums[path.name] = _sha256(path)
@@ -574,7 +583,6 @@ class MemoryStore(BaseMemoryStore):
             found = header.get("format") if isinstance(header, dict) else None
             raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r} or {FORMAT_1!r} "
                              f"(its format: {str(found)[:80]!r})")
-        _verify_files(generation, header)
         memory_dtype = header.get("memory_dtype", "float16")  # format 1 wrote fp16 only
         if memory_dtype not in MEMORY_DTYPES:
             raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
@@ -584,6 +592,7 @@ class MemoryStore(BaseMemoryStore):
         if header["keys"] != store.keys.signature():
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}: "
                              "load a model with the same retrieval_key, or the same key encoder")
+        _verify_files(generation, header)  # after the header's checks: hashing a large store takes minutes
         records = read_json(generation / "records.json", StoreError)
         if not isinstance(records, dict) or not {"ids", "texts", "metadatas"} <= records.keys():
             raise StoreError(f"{generation}/records.json does not hold ids, texts and metadatas")
@@ -604,7 +613,9 @@ class MemoryStore(BaseMemoryStore):
         store._saved = _SavedGeneration.of(generation, np.array(store._where, dtype=np.int64).reshape(-1, 2), header)
         outdated = header["format"] == FORMAT_1 and header["index"] == "ivfpq"  # rebuilt as a compact index
         if "index.faiss" in header["sha256"] and not outdated:
-            store._index = _read_index(generation, count, compact="index-projection.npy" in header["sha256"])
+            compact = "index-projection.npy" in header["sha256"]
+            trained_over = header.get("index_trained_over", count) if compact else None  # older stores: as loaded
+            store._index = _read_index(generation, count, trained_over)
         return store
 
 
@@ -664,6 +675,13 @@ def _gather(chunks: list[np.ndarray], where: Sequence[tuple[int, int]] | np.ndar
     return out
 
 
+def _index_copy(index: faiss.Index | CompactIndex) -> faiss.Index | CompactIndex:
+    """A copy for a save to write while upserts go on adding rows to the store's own index."""
+    if isinstance(index, CompactIndex):  # its centre and projection are never changed in place
+        return CompactIndex(index.centre, index.projection, _index_copy(index.codes), index.trained_over)
+    return faiss.deserialize_index(faiss.serialize_index(index))
+
+
 def _write_index(folder: Path, index: faiss.Index | CompactIndex) -> None:
     if isinstance(index, CompactIndex):
         _write_array(folder / "index-centre.npy", index.centre)
@@ -672,7 +690,9 @@ def _write_index(folder: Path, index: faiss.Index | CompactIndex) -> None:
     faiss.write_index(index, str(folder / "index.faiss"))
 
 
-def _read_index(generation: Path, count: int, compact: bool) -> faiss.Index | CompactIndex:
+def _read_index(generation: Path, count: int, trained_over: int | None) -> faiss.Index | CompactIndex:
+    """The saved index; a compact one (``trained_over``: the rows its keys were drawn from) with
+    its centre and projection."""
     path = generation / "index.faiss"
     try:
         index = faiss.read_index(str(path))
@@ -680,12 +700,12 @@ def _read_index(generation: Path, count: int, compact: bool) -> faiss.Index | Co
         raise StoreError(f"{path} is corrupted: faiss could not read it ({error})") from error
     if index.ntotal != count:
         raise StoreError(f"{path} indexes {index.ntotal} documents, expected {count}")
-    if not compact:
+    if trained_over is None:
         return index
     centre = _read_array(generation / "index-centre.npy", np.float32)
     projection = _read_array(generation / "index-projection.npy", np.float32)
     try:
-        return CompactIndex(centre, projection, index)
+        return CompactIndex(centre, projection, index, trained_over)
     except ValueError as error:
         raise StoreError(f"{generation}: the compact index's files do not fit together: {error}") from error
 
@@ -774,11 +794,13 @@ def _current_generation(folder: Path) -> str:
     return name
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, progress: tqdm | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+            if progress is not None:
+                progress.update(len(block))
     return digest.hexdigest()
 
 
@@ -796,12 +818,16 @@ def _verify_files(generation: Path, header: dict) -> None:
     unlisted = [name for name in shards if name not in checksums]
     if unlisted:
         raise StoreError(f"{generation}/store.json has no checksum for {unlisted[0]}")
-    for name, expected in checksums.items():
-        path = generation / name
-        if not path.is_file():
-            raise StoreError(f"{path} is missing")
-        if _sha256(path) != expected:
-            raise StoreError(f"{path} is corrupted: its checksum does not match the one written with it")
+    missing = [generation / name for name in checksums if not (generation / name).is_file()]
+    if missing:
+        raise StoreError(f"{missing[0]} is missing")
+    size = sum((generation / name).stat().st_size for name in checksums)
+    with tqdm(total=size, unit="B", unit_scale=True, desc="checking the store's files",
+              disable=size < 1 << 30) as progress:  # shown for stores of a GiB or more
+        for name, expected in checksums.items():
+            if _sha256(generation / name, progress) != expected:
+                raise StoreError(f"{generation / name} is corrupted: its checksum does not match the one "
+                                 "written with it")
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -838,8 +864,10 @@ def _check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int
         validate_filter(where)
 
 
-def _id_list(ids: object, what: str) -> list[str]:
-    """A list of ids; a lone string is refused, since iterating it would name its letters."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
-        raise InvalidInputError(f"{what} must be a list of ids, got {type(ids).__name__} {ids!r:.60}")
+def _id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
+    """A list of ids: from a sequence where their order matters, else from any collection (a
+    set...); a lone string is refused, since iterating it would name its letters."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence if ordered else Collection):
+        kind = "list" if ordered else "collection"
+        raise InvalidInputError(f"{what} must be a {kind} of ids, got {type(ids).__name__} {ids!r:.60}")
     return list(ids)

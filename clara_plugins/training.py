@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import load_trained_weights
+from .checkpoint import TRAINER_STATE_FILE, load_trained_weights, save_checkpoint
 from .config import TrainConfig
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
@@ -444,9 +444,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                          f"load it with dtype='float32'")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    state_path, checkpoint = output / "trainer_state.pt", output / "checkpoint"
+    checkpoint = output / "checkpoint"
+    state_path = checkpoint / TRAINER_STATE_FILE
     torch.manual_seed(config.seed)
     resuming = state_path.exists()
+    if not resuming and checkpoint.exists():
+        raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
+                         f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
+                         "use a new output folder")
     if resuming:
         load_trained_weights(model, checkpoint)
     else:
@@ -514,10 +519,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             log.write(json.dumps(record) + "\n")
             log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-                model.save_pretrained(checkpoint)
-                torch.save({"step": step + 1, "config": dataclasses.asdict(config),
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "rng": torch.get_rng_state()}, state_path)
+                save_checkpoint(model, checkpoint, trainer_state={
+                    "step": step + 1, "config": dataclasses.asdict(config), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, step + 1, log)
     model.eval()

@@ -37,11 +37,14 @@ def test_half_precision_checkpoint_loads_into_a_float32_model(tiny_model, tmp_pa
                           atol=1e-2)
 
 
-def test_saving_over_an_existing_checkpoint_replaces_it(tiny_model, tmp_path):
+def test_saving_over_an_existing_checkpoint_keeps_the_files_it_does_not_write(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
-    (tmp_path / "ckpt" / "stale.txt").write_text("old")
+    (tmp_path / "ckpt" / "eval.json").write_text('{"f1": 18.9}')
+    (tmp_path / "ckpt" / "notes").mkdir()
+    (tmp_path / "ckpt" / "notes" / "run.md").write_text("seed 4")
     tiny_model.save_pretrained(tmp_path / "ckpt")
-    assert not (tmp_path / "ckpt" / "stale.txt").exists()
+    assert (tmp_path / "ckpt" / "eval.json").read_text() == '{"f1": 18.9}'
+    assert (tmp_path / "ckpt" / "notes" / "run.md").read_text() == "seed 4"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging folders left behind
 
 

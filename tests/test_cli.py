@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import CORPUS
 
-from clara_plugins import MemoryStore
+from clara_plugins import InvalidInputError, MemoryStore
 from clara_plugins.cli import main
 from clara_plugins.corpora import read_documents
 
@@ -25,6 +25,18 @@ def test_read_documents_from_files(tmp_path):
     (tmp_path / "c.json").write_text('[{"title": "T", "text": "body"}]')
     docs = read_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.json")])
     assert docs == ["First paragraph.", "Second paragraph.", "DPR text", "T\nbody"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("a.jsonl", '{"title": "Paris", "content": "misspelt"}\n', r"a.jsonl, record 0 has no text or contents string "
+                                                               r"\(its fields: content, title\)"),
+    ("b.json", '["a bare string"]', r"b.json, record 0 is a JSON str, not a record"),
+    ("c.json", '{"text": "one record, not a list"}', r"c.json holds a JSON dict, not a list of records"),
+])
+def test_corpus_records_without_a_text_are_refused(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(InvalidInputError, match=message):
+        read_documents([str(tmp_path / name)])
 
 
 def test_ask_answers_from_a_checkpoint(tiny_model, tmp_path, capsys):
@@ -76,6 +88,18 @@ def test_index_refuses_a_folder_it_did_not_write(tiny_model, tmp_path):
                        "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu")
     assert result.returncode == 5 and "no CLaRa memory store" in result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_index_reads_its_corpus_before_it_loads_a_model(tmp_path, monkeypatch, capsys):
+    from clara_plugins import pretrained
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the corpus was read")
+
+    monkeypatch.setattr(pretrained, "load_model", no_load)
+    with pytest.raises(SystemExit) as exit_:
+        main(["index", str(tmp_path / "typo.txt"), "--store", str(tmp_path / "store")])
+    assert exit_.value.code == 3 and "typo.txt: no such file" in capsys.readouterr().err
 
 
 def test_help_and_version_load_no_torch():

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
+from clara_plugins.indexing import index_documents
 from conftest import CORPUS, randomize_adapters
 
 pymilvus = pytest.importorskip("pymilvus")  # the [milvus] extra
@@ -176,7 +177,9 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
         (lambda: milvus.upsert(["ok"], ids=["é" * 300]), "longer than 512 bytes"),
         (lambda: milvus.upsert(["long " * 14_000]), "longer than Milvus' 65,535 bytes"),
         (lambda: milvus.upsert(["ok"], memories=torch.zeros(1, 2, 3)), "do not match the store's"),
-        (lambda: milvus.delete("d1"), "must be a list of ids"),
+        (lambda: milvus.delete("d1"), "must be a collection of ids"),
+        (lambda: index_documents(milvus, ["new", "long " * 14_000], ["n1", "n2"], save_every=1),
+         "longer than Milvus' 65,535 bytes"),  # refused before the first group is written
     ]:
         with pytest.raises(InvalidInputError, match=message):
             bad_upsert()

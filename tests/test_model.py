@@ -95,7 +95,8 @@ def test_compression_uses_the_encoder_adapter_only(tiny_model):
 
 def test_truncation_is_reported(tiny_model):
     long_document = " ".join(CORPUS * 3)
-    result = tiny_model.compress([CORPUS[0], long_document])
+    with pytest.warns(UserWarning, match="1 of 2 documents exceed doc_max_length=64"):
+        result = tiny_model.compress([CORPUS[0], long_document])
     assert result.truncated_tokens == [0, result.token_counts[1] - 64]
     assert result.truncated_tokens[1] > 0
     with pytest.warns(UserWarning, match="1 of 2 documents exceed doc_max_length=64"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
+from clara_plugins import store as store_module
 from clara_plugins.store import HNSW_EF_SEARCH
 from conftest import CORPUS, randomize_adapters
 
@@ -33,6 +34,12 @@ def test_upsert_keeps_one_copy_per_id_and_replaces_content(store):
     assert store.get(["d1"])[0].text == "Rome is the capital of Italy."
     assert torch.allclose(store.memories(["d1"]),
                           store.model.compress_documents(["Rome is the capital of Italy."]), atol=1e-2)
+
+
+def test_a_document_cut_to_doc_max_length_is_reported_when_stored(store):
+    with pytest.warns(UserWarning, match="1 of 1 documents exceed doc_max_length=64"):
+        store.upsert([" ".join(CORPUS * 3)], ids=["long"])
+    assert store.get(["long"])[0].text == " ".join(CORPUS * 3)  # the text is kept whole
 
 
 def test_delete_ignores_missing_ids_and_get_skips_them(store):
@@ -82,11 +89,19 @@ def test_malformed_filters_are_named(store):
 def test_a_string_where_a_list_of_ids_belongs_is_refused(store):
     store.upsert(["a text", "b text", "c text", "abc text"], ids=["a", "b", "c", "abc"])
     before = sorted(store.all_ids())
-    for call in (lambda: store.delete("abc"), lambda: store.get("abc"),
-                 lambda: store.upsert(["x", "y", "z"], ids="xyz")):
-        with pytest.raises(InvalidInputError, match="must be a list of ids"):
+    for call in (lambda: store.delete("abc"), lambda: store.get("abc"), lambda: store.memories("abc"),
+                 lambda: store.upsert(["x", "y", "z"], ids="xyz"), lambda: store.search("text", ids="abc")):
+        with pytest.raises(InvalidInputError, match="must be a (list|collection) of ids"):
             call()
     assert sorted(store.all_ids()) == before
+    with pytest.raises(InvalidInputError, match="must be a list of ids"):  # a set has no order to match the texts
+        store.upsert(["x", "y"], ids={"x", "y"})
+
+
+def test_a_set_of_ids_filters_a_search_and_deletes(store):
+    assert {doc.id for doc, _ in store.search("Paris", k=5, ids={"d1", "d3"})} == {"d1", "d3"}
+    store.delete({"d1", "d3"})
+    assert store.all_ids() == ["d0", "d2", "d4"]
 
 
 def test_bad_input_changes_nothing(store):
@@ -158,6 +173,23 @@ def test_approximate_indexes_persist(tiny_model, tmp_path, index):
         assert faiss.downcast_index(loaded._index).hnsw.efSearch == HNSW_EF_SEARCH
 
 
+def test_an_upsert_while_a_save_writes_leaves_the_saved_index_whole(tiny_model, tmp_path, monkeypatch):
+    store = MemoryStore(tiny_model, index="hnsw")
+    store.upsert(CORPUS, ids=[str(i) for i in range(len(CORPUS))])
+    write = MemoryStore._write_generation
+
+    def write_after_an_upsert(self, *args):  # another thread upserts once the save has let go of the lock
+        self.upsert(["Madrid is the capital of Spain."], ids=["late"], memories=self.memories(["0"]))
+        return write(self, *args)
+
+    monkeypatch.setattr(MemoryStore, "_write_generation", write_after_an_upsert)
+    store.save(tmp_path / "s")
+    monkeypatch.undo()
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)  # its index holds the rows it was saved with
+    assert loaded.all_ids() == [str(i) for i in range(len(CORPUS))] and loaded._index.ntotal == len(CORPUS)
+    assert "late" in store.all_ids()
+
+
 def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
     store.save(tmp_path / "s")
     other = ClaraModel(tiny_config, device="cpu")
@@ -175,6 +207,16 @@ def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
     randomize_adapters(other_key)  # the same compressor, but flattened keys
     with pytest.raises(StoreError, match="indexed with keys"):
         MemoryStore.load(tmp_path / "s", other_key)
+
+
+def test_a_store_of_another_compressor_is_refused_before_its_files_are_hashed(store, tiny_config, tmp_path,
+                                                                              monkeypatch):
+    store.save(tmp_path / "s")
+    other = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(other, seed=7)
+    monkeypatch.setattr(store_module, "_sha256", lambda *args: pytest.fail("hashed before the header's checks"))
+    with pytest.raises(StoreError, match="another compressor"):
+        MemoryStore.load(tmp_path / "s", other)
 
 
 def test_corrupted_files_are_named(store, tiny_model, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
-from clara_plugins.compact import MIN_ROWS, CompactIndex
+from clara_plugins.compact import MIN_ROWS, RETRAIN_GROWTH, CompactIndex
 from clara_plugins.keys import ClaraKeys, memory_keys
 from conftest import CORPUS, randomize_adapters
 
@@ -195,3 +195,22 @@ def test_a_small_ivfpq_store_that_outgrows_exact_search_gets_a_compact_index(tin
     assert store._index is None
     store.search_by_key(query_near(tiny_model, 0), k=1)
     assert isinstance(store._index, CompactIndex)
+
+
+def test_the_compact_index_learns_again_once_the_store_has_doubled(tiny_model, tmp_path):
+    store = grouped_store(tiny_model, "ivfpq")
+    first = len(store)
+    store.save(tmp_path / "store")  # trains the index on the first group of a corpus indexed in order
+    store = MemoryStore.load(tmp_path / "store", tiny_model)
+    assert store._index.trained_over == first
+    more = grouped_memories(tiny_model, seed=3)
+    added = [f"m{i}" for i in range(len(more))]
+    store.upsert(added[:8], ids=added[:8], memories=more[:8])
+    assert store._index.trained_over == first and store._index.ntotal == first + 8  # extended, not retrained
+    rest = range(8, (RETRAIN_GROWTH - 1) * first)
+    store.upsert([added[i] for i in rest], ids=[added[i] for i in rest], memories=more[8:len(rest) + 8])
+    assert store._index is None  # the store has doubled: the next search or save learns from all of it
+    store.search_by_key(query_near(tiny_model, 0), k=1)
+    assert store._index.trained_over == RETRAIN_GROWTH * first
+    store.save(tmp_path / "store")
+    assert MemoryStore.load(tmp_path / "store", tiny_model)._index.trained_over == RETRAIN_GROWTH * first

@@ -6,7 +6,7 @@ import pytest
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from llama_index.core.llms import MockLLM
 
-from clara_plugins import synthesis
+from clara_plugins import InvalidInputError, synthesis
 from clara_plugins.synthesis import as_teacher, parse_pairs, synthesize, synthesize_document
 
 DOC = "Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903."
@@ -74,6 +74,29 @@ def test_resume_loses_at_most_the_document_in_progress(tmp_path, monkeypatch):
     assert report.skipped_done == 2 and report.documents == 2
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["doc_id"] for r in rows] == ["d0", "d0", "d1", "d1", "d2", "d2", "d3", "d3"]
+
+
+def test_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
+    documents = [(f"d{i}", DOC) for i in range(2)]
+    output = tmp_path / "scp.jsonl"
+    synthesize(documents[:1], ScriptedTeacher(["NONE"] * 10), output)
+    with open(output, "a") as rows:
+        rows.write('{"doc_id": "d1", "data_ty')  # the kill came mid-line, before d1's ledger mark
+    with open(tmp_path / "scp.jsonl.done", "a") as marks:
+        marks.write('{"doc_i')  # or while a mark was written
+    report = synthesize(documents, ScriptedTeacher(["NONE"] * 10), output)
+    assert report.skipped_done == 1 and report.documents == 1
+    assert [json.loads(line)["doc_id"] for line in output.read_text().splitlines()] == ["d0", "d0", "d1", "d1"]
+    ledger = (tmp_path / "scp.jsonl.done").read_text().splitlines()
+    assert [json.loads(line)["doc_id"] for line in ledger] == ["d0", "d1"]
+
+
+def test_an_output_without_its_ledger_is_left_alone(tmp_path):
+    output = tmp_path / "scp.jsonl"
+    output.write_text('{"doc_id": "mine", "answers": ["kept"]}\n')
+    with pytest.raises(InvalidInputError, match="exists without the ledger scp.jsonl.done"):
+        synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), output)
+    assert output.read_text() == '{"doc_id": "mine", "answers": ["kept"]}\n'
 
 
 def test_langchain_and_llama_index_models_are_teachers():

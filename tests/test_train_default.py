@@ -47,7 +47,7 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
             assert all("distill" in record for record in log if "probe" not in record)
             assert {record["probe"] for record in log if "probe" in record} == {"probe_nq5", "probe_hotpot5"}
     def config(stage):
-        return torch.load(out / stage / "trainer_state.pt", weights_only=True)["config"]
+        return torch.load(out / stage / "checkpoint" / "trainer_state.pt", weights_only=True)["config"]
 
     assert {key: config("scp")[key] for key in ("batch_size", "grad_accum", "schedule", "lr")} == \
         {"batch_size": 2, "grad_accum": 2, "schedule": "constant", "lr": 1e-4}

@@ -111,7 +111,7 @@ def test_a_run_stopped_while_it_probes_keeps_the_step_it_saved(tiny_model, tmp_p
     config = TrainConfig(stage="scp", steps=4, batch_size=2, grad_accum=1, probe_every=2, save_every=2)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_model, rows, config, tmp_path, probes={"held_out": rows})
-    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "checkpoint" / "clara_config.json").exists()
 
 
@@ -392,10 +392,19 @@ def test_a_candidate_in_two_pools_of_a_batch_is_scored_once(tiny_model):
     assert loss.item() == pytest.approx(expected.item(), abs=2e-3)  # the cache keeps fp16 memories
 
 
-@pytest.mark.parametrize("field", ["steps", "batch_size", "grad_accum"])
+@pytest.mark.parametrize("field", ["steps", "batch_size", "grad_accum", "save_every", "top_k", "candidates"])
 def test_a_run_needs_at_least_one_step_row_and_micro_batch(field):
     with pytest.raises(ValueError, match=f"{field} must be at least 1, got 0"):
         TrainConfig(stage="retrieval", **{field: 0})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("refresh_every", -1, "refresh_every must be at least 0"), ("probe_every", -1, "probe_every must be at least 0"),
+    ("lr", -1e-4, "lr must be at least 0"), ("temperature", 0.0, "temperature must be above 0"),
+])
+def test_settings_a_run_would_fail_on_midway_are_refused_up_front(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(stage="e2e", **{field: value})
 
 
 def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config, tmp_path):
@@ -423,7 +432,8 @@ def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config,
     assert moved and all(torch.allclose(accumulated_update[k], whole_update[k], atol=1e-4) for k in moved)
 
 
-def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed", ["in step 4", "while saving step 4"])
+def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch, killed):
     def fresh() -> ClaraModel:
         torch.manual_seed(0)  # LoRA A matrices are drawn at construction
         return ClaraModel(tiny_config, device="cpu")
@@ -433,7 +443,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
     train(whole, INSTRUCT, config, tmp_path / "whole")
 
     calls = {"n": 0}
-    real_loss = training.instruct_loss
+    real_loss, real_save = training.instruct_loss, torch.save
 
     def crash_in_step_four(*args):
         calls["n"] += 1
@@ -441,16 +451,32 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(training, "instruct_loss", crash_in_step_four)
+    def crash_saving_step_four(state, *args, **kwargs):  # the weights of step 4 may be written, its state is not
+        if isinstance(state, dict) and state.get("step") == 4:
+            raise KeyboardInterrupt
+        return real_save(state, *args, **kwargs)
+
+    if killed == "in step 4":
+        monkeypatch.setattr(training, "instruct_loss", crash_in_step_four)
+    else:
+        monkeypatch.setattr(torch, "save", crash_saving_step_four)
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), INSTRUCT, config, tmp_path / "resumed")
-    monkeypatch.setattr(training, "instruct_loss", real_loss)
+    monkeypatch.undo()
     resumed = fresh()
     train(resumed, INSTRUCT, config, tmp_path / "resumed")
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the replayed step 3 is logged once
     for a, b in zip(whole.lm.parameters(), resumed.lm.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_checkpoint_without_its_trainer_state_is_not_trained_over(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "run" / "checkpoint")
+    before = (tmp_path / "run" / "checkpoint" / "adapter_decoder_adapter.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="holds no trainer_state.pt, so the run that wrote it cannot resume"):
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint" / "adapter_decoder_adapter.safetensors").read_bytes() == before
 
 
 def test_a_half_precision_model_is_refused_before_anything_is_written(tiny_config, tmp_path):
@@ -473,7 +499,7 @@ def test_non_finite_gradients_stop_the_run_and_keep_the_last_saved_step(tiny_mod
     config = TrainConfig(stage="instruct", steps=4, batch_size=1, grad_accum=1, lr=1e-3, save_every=2)
     with pytest.raises(FloatingPointError, match="step 3: the gradients are not finite"):
         train(tiny_model, INSTRUCT, config, tmp_path)
-    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     saved = ClaraModel.from_pretrained(tmp_path / "checkpoint", device="cpu")  # refuses non-finite weights
     assert all(torch.isfinite(p).all() for p in saved.lm.parameters())
 
