@@ -115,3 +115,29 @@ def test_add_texts_refuses_a_lone_string(vectorstore):
     with pytest.raises(ValueError, match="one str"):
         vectorstore.add_texts("hello")
     assert sorted(vectorstore.store.all_ids()) == before
+
+
+def test_a_model_or_embedding_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
+    from langchain_core.embeddings import FakeEmbeddings
+
+    from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
+    from langchain_clara import ClaraEmbeddings
+
+    store = MemoryStore(tiny_model)
+    with pytest.raises(InvalidInputError, match="searches with its own keys"):
+        ClaraVectorStore.from_texts(CORPUS[:2], FakeEmbeddings(size=8), store=store)
+    with pytest.raises(InvalidInputError, match="model is not the model of store"):
+        ClaraVectorStore(ClaraModel(tiny_config, device="cpu"), store=store)
+    assert len(store) == 0  # nothing was added by the refused calls
+    ClaraVectorStore(tiny_model, ClaraEmbeddings(tiny_model), store=store)  # its own: accepted
+
+
+def test_adding_no_texts_adds_nothing(vectorstore, tiny_model):
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from langchain_clara import ClaraEmbeddings
+
+    before = len(vectorstore.store)
+    assert vectorstore.add_texts([]) == [] and vectorstore.add_documents([]) == []
+    assert len(vectorstore.store) == before
+    assert InMemoryVectorStore(ClaraEmbeddings(tiny_model)).add_documents([]) == []

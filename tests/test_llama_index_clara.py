@@ -71,6 +71,27 @@ def test_query_restricted_to_node_ids(vector_store):
     assert set(query(vector_store, 5, node_ids=["n1", "n3"]).ids) == {"n1", "n3"}
 
 
+def test_query_restricted_to_source_documents(tiny_model):
+    store = ClaraVectorStore(tiny_model)
+    index = VectorStoreIndex.from_documents(
+        [Document(text=CORPUS[0], id_="docA"), Document(text=CORPUS[1], id_="docB"), Document(text=CORPUS[4])],
+        storage_context=StorageContext.from_defaults(vector_store=store), embed_model=store.embed_model)
+    nodes = index.as_retriever(similarity_top_k=3, doc_ids=["docA", "docB"]).retrieve(QUESTION)
+    assert {n.node.ref_doc_id for n in nodes} == {"docA", "docB"}
+
+
+def test_documents_another_writer_stored_come_back_as_text_nodes(tiny_model):
+    from langchain_clara import ClaraVectorStore as LangChainStore
+
+    shared = LangChainStore.from_texts(CORPUS[:3], model=tiny_model, metadatas=[{"i": i} for i in range(3)])
+    nodes = ClaraRetriever(shared, similarity_top_k=2).retrieve(QUESTION)
+    stored = {d.id: d for d in shared.store.get(shared.store.all_ids())}
+    assert len(nodes) == 2
+    for node in nodes:
+        assert node.node.get_content() == stored[node.node.node_id].text
+        assert node.node.metadata == stored[node.node.node_id].metadata
+
+
 def test_delete_by_ref_doc_and_by_node(tiny_model):
     store = ClaraVectorStore(tiny_model)
     index = VectorStoreIndex.from_documents(
@@ -142,6 +163,29 @@ async def test_async_query_engine(tiny_model):
     llm = ClaraLLM(clara=tiny_model, store=store.client)
     engine = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm), similarity_top_k=2)
     assert (await engine.aquery(QUESTION)).response == engine.query(QUESTION).response
+    streaming = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm, streaming=True),
+                                      similarity_top_k=2)
+    tokens = [token async for token in (await streaming.aquery(QUESTION)).async_response_gen()]
+    assert "".join(tokens) == engine.query(QUESTION).response
+
+
+def test_a_node_a_postprocessor_rewrote_is_read_as_it_is_now(tiny_model):
+    from llama_index.core.postprocessor.types import BaseNodePostprocessor
+
+    class Rewrite(BaseNodePostprocessor):
+        def _postprocess_nodes(self, nodes, query_bundle=None):
+            for n in nodes:
+                n.node.set_content(CORPUS[5])  # e.g. a sentence window in place of its sentence
+            return nodes
+
+    store = ClaraVectorStore(tiny_model)
+    index = VectorStoreIndex.from_documents([Document(text=t) for t in CORPUS[:3]],
+                                            storage_context=StorageContext.from_defaults(vector_store=store),
+                                            embed_model=store.embed_model)
+    llm = ClaraLLM(clara=tiny_model, store=store.client)
+    engine = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm), similarity_top_k=1,
+                                   node_postprocessors=[Rewrite()])
+    assert engine.query(QUESTION).response == llm.complete(QUESTION, documents=[CORPUS[5]]).text
 
 
 def test_retriever_and_llm_on_their_own(vector_store, tiny_model):

@@ -31,6 +31,19 @@ def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> t
     return (model if model is not None else load_model()), (EmbeddingsKeys(embedding) if embedding else None)
 
 
+def _check_store_matches(store: BaseMemoryStore, model: ClaraModel | None, embedding: Embeddings | None) -> None:
+    """A store brings its own model and keys: a model or embedding given beside it that is not
+    its own would go unused, and the search would not be the one asked for."""
+    if model is not None and model is not store.model:
+        raise InvalidInputError("model is not the model of store: pass the store alone, or build one with this model")
+    own = (getattr(store.keys, "embeddings", None) is embedding
+           or (isinstance(embedding, ClaraEmbeddings) and embedding.model is store.model
+               and isinstance(store.keys, ClaraKeys)))
+    if embedding is not None and not own:
+        raise InvalidInputError(f"store searches with its own keys ({store.keys.signature().get('kind')}), not "
+                                f"{type(embedding).__name__}: pass the store alone, or build one with this embedding")
+
+
 class ClaraVectorStore(VectorStore):
     """Documents compressed into CLaRa memory tokens, searchable from LangChain.
 
@@ -56,6 +69,8 @@ class ClaraVectorStore(VectorStore):
         if store is None:
             model, keys = _model_and_keys(model, embedding)
             store = MemoryStore(model, keys, index, batch_size)
+        else:
+            _check_store_matches(store, model, embedding)
         self.store = store
 
     @property
@@ -85,6 +100,8 @@ class ClaraVectorStore(VectorStore):
         texts = list(texts)
         if ids is not None:
             ids = [doc_id or uuid.uuid4().hex for doc_id in ids]
+        if not texts:  # as LangChain's own stores do
+            return []
         return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:

@@ -9,12 +9,12 @@ question); nodes that are not in the store are compressed from their text.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
-from llama_index.core.schema import NodeWithScore
+from llama_index.core.schema import MetadataMode, NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
 from .llm import ClaraLLM
@@ -36,13 +36,24 @@ class ClaraSynthesizer(BaseSynthesizer):
 
     def synthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
                    additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any):
-        ids = [n.node.node_id for n in nodes]
-        return super().synthesize(query, nodes, additional_source_nodes, document_ids=ids, **kwargs)
+        return super().synthesize(query, nodes, additional_source_nodes, document_ids=self._stored_ids(nodes),
+                                  **kwargs)
 
     async def asynthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
                           additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any):
-        ids = [n.node.node_id for n in nodes]
+        ids = await asyncio.to_thread(self._stored_ids, nodes)
         return await super().asynthesize(query, nodes, additional_source_nodes, document_ids=ids, **kwargs)
+
+    def _stored_ids(self, nodes: list[NodeWithScore]) -> list[str] | None:
+        """The nodes' ids when the store holds each node's text as it is now, else None: a
+        postprocessor may have rewritten a node (a sentence window, a compressed context),
+        and then its stored memories no longer say what the node does."""
+        store = self._clara_llm.store
+        if store is None or not nodes:
+            return None
+        stored = {document.id: document.text for document in store.get([n.node.node_id for n in nodes])}
+        now = [(n.node.node_id, n.node.get_content(metadata_mode=MetadataMode.NONE)) for n in nodes]
+        return [node_id for node_id, _ in now] if all(stored.get(i) == text for i, text in now) else None
 
     def get_response(self, query_str: str, text_chunks: Sequence[str],
                      document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
@@ -57,4 +68,13 @@ class ClaraSynthesizer(BaseSynthesizer):
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
                             document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
-        return await asyncio.to_thread(self.get_response, query_str, text_chunks, document_ids, **kwargs)
+        response = await asyncio.to_thread(self.get_response, query_str, text_chunks, document_ids, **kwargs)
+        return _tokens_off_the_loop(response) if self._streaming else response
+
+
+async def _tokens_off_the_loop(tokens: Iterator[str]) -> AsyncIterator[str]:
+    """A streamed answer for async callers: each token is decoded on a worker thread, so the
+    event loop is not held while the generator runs."""
+    done = object()
+    while (token := await asyncio.to_thread(next, tokens, done)) is not done:
+        yield token

@@ -13,7 +13,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from llama_index.core import Settings
-from llama_index.core.schema import BaseNode, MetadataMode
+from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 from llama_index.core.vector_stores.simple import DEFAULT_PERSIST_FNAME, DEFAULT_VECTOR_STORE, NAMESPACE_SEP
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
@@ -40,7 +40,11 @@ _OPERATORS = {FilterOperator.EQ: "$eq", FilterOperator.NE: "$ne", FilterOperator
 
 
 def translate_filters(filters: MetadataFilters | None) -> dict | None:
-    """LlamaIndex MetadataFilters -> the store's filter dictionary (==, !=, in, nin, >, >=, <, <=; and, or)."""
+    """LlamaIndex MetadataFilters -> the store's filter dictionary (==, !=, in, nin, >, >=, <, <=; and, or).
+
+    As in the store's (and Milvus') filters, a node without the field matches no operator, ``!=``
+    and ``nin`` included, where LlamaIndex's in-memory store counts it a match for those two.
+    """
     if filters is None or not filters.filters:
         return None
     parts = []
@@ -149,6 +153,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     @staticmethod
     def _to_node(stored: StoredDocument) -> BaseNode:
+        """The node as added; a document that another writer stored (LangChain's store, ``clara
+        index``, a shared Milvus collection) has no node fields, and comes back as a text node."""
+        if "_node_content" not in stored.metadata:
+            return TextNode(id_=stored.id, text=stored.text, metadata=stored.metadata)
         node = metadata_dict_to_node(stored.metadata, text=stored.text)
         node.embedding = None
         return node
@@ -162,7 +170,13 @@ class ClaraVectorStore(BasePydanticVectorStore):
         if query.mode == VectorStoreQueryMode.MMR:
             threshold = query.mmr_threshold if query.mmr_threshold is not None else kwargs.get("mmr_threshold")
             lambda_mult = 0.5 if threshold is None else threshold
-        results = self._store.search(query.query_str, query.similarity_top_k, translate_filters(query.filters),
+        where = translate_filters(query.filters)
+        if query.doc_ids is not None:  # the nodes of these source documents
+            of_documents = {"ref_doc_id": {"$in": list(query.doc_ids)}}
+            where = of_documents if where is None else {"$and": [where, of_documents]}
+        # an index over a store that keeps the text holds no node ids, and its retrievers pass []:
+        # an empty list restricts nothing
+        results = self._store.search(query.query_str, query.similarity_top_k, where,
                                      ids=query.node_ids or None, lambda_mult=lambda_mult)
         return VectorStoreQueryResult(
             nodes=[self._to_node(d) for d, _ in results],
