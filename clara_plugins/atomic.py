@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TextIO
 
@@ -30,7 +30,8 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_file_atomically(path, lambda handle: handle.write(text))
 
 
-def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker: str) -> None:
+def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker: str,
+                            owned: Collection[str] = ()) -> None:
     """Call ``write(staging)`` on an empty sibling folder, then swap it in for ``folder``.
 
     A crash inside ``write`` leaves ``folder`` as it was. The swap itself is two renames; an
@@ -38,7 +39,8 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     puts it back if a crash fell between them. A non-empty ``folder`` without the file
     ``marker`` was not written by this library: it is refused, never replaced. Files that
     ``write`` does not make again (a user's notes or results kept beside the library's files)
-    are copied into the new folder, not lost with the old one.
+    are copied into the new folder, not lost with the old one; the ``owned`` names are this
+    writer's own, and an old one that ``write`` does not make again is left out.
     """
     recover_folder(folder)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
@@ -51,7 +53,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     try:
         write(staging)
         if folder.exists():
-            _copy_missing(folder, staging)
+            _copy_missing(folder, staging, skip=set(owned))
             old = _old_copy(folder)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
@@ -63,10 +65,11 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _copy_missing(source: Path, target: Path) -> None:
-    """Copy the entries of ``source`` that ``target`` lacks (hard links where the file system allows)."""
+def _copy_missing(source: Path, target: Path, skip: set[str]) -> None:
+    """Copy the entries of ``source`` that ``target`` lacks, but those named in ``skip`` (hard
+    links where the file system allows)."""
     for entry in source.iterdir():
-        if (target / entry.name).exists() or (target / entry.name).is_symlink():
+        if entry.name in skip or (target / entry.name).exists() or (target / entry.name).is_symlink():
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.copytree(entry, target / entry.name, symlinks=True, copy_function=_link_or_copy)

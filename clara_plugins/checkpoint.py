@@ -5,7 +5,10 @@ A checkpoint folder holds only what training changes:
 - ``clara_config.json``: format version, the ClaraConfig, the base model's fingerprint;
 - ``adapter_<name>.safetensors``: one file per LoRA adapter (peft keys);
 - ``memory_embeddings.safetensors``: the embedding rows of the added special tokens
-  (and the output rows when the model does not tie them).
+  (and the output rows when the model does not tie them);
+- in a training run's checkpoint, ``trainer_state.pt`` (``torch.load(weights_only=True)``):
+  the step, optimizer and schedule a resumed run continues from. Saving the model again
+  (``save_pretrained``, e.g. in fp16 to ship it) leaves it out.
 
 The base model's own weights are never copied; loading onto another base model fails.
 """
@@ -80,7 +83,7 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
             torch.save(trainer_state, staging / TRAINER_STATE_FILE)
 
     try:
-        write_folder_atomically(folder, write, marker=CONFIG_FILE)
+        write_folder_atomically(folder, write, marker=CONFIG_FILE, owned=(TRAINER_STATE_FILE,))
     except FileExistsError as error:
         raise CheckpointError(str(error)) from error
 

@@ -64,9 +64,10 @@ def read_documents(paths: list[str]) -> list[str]:
 def _record_text(record: object, where: str) -> str:
     if not isinstance(record, dict):
         raise InvalidInputError(f"{where} is a JSON {type(record).__name__}, not a record with a text or contents")
-    text = record.get("text", record.get("contents"))
-    if not isinstance(text, str):
-        raise InvalidInputError(f"{where} has no text or contents string (its fields: {', '.join(sorted(record))})")
+    text = next((value for value in (record.get("text"), record.get("contents"))
+                 if isinstance(value, str) and value.strip()), None)
+    if text is None:
+        raise InvalidInputError(f"{where} has no text or contents to index (its fields: {', '.join(sorted(record))})")
     return f"{record['title']}\n{text}" if record.get("title") else text
 
 

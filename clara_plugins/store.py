@@ -614,7 +614,8 @@ class MemoryStore(BaseMemoryStore):
         outdated = header["format"] == FORMAT_1 and header["index"] == "ivfpq"  # rebuilt as a compact index
         if "index.faiss" in header["sha256"] and not outdated:
             compact = "index-projection.npy" in header["sha256"]
-            trained_over = header.get("index_trained_over", count) if compact else None  # older stores: as loaded
+            # stores saved before the field existed: unknown, so the next upsert makes the index learn again
+            trained_over = header.get("index_trained_over", 0) if compact else None
             store._index = _read_index(generation, count, trained_over)
         return store
 

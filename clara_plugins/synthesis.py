@@ -150,9 +150,10 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
     output = Path(output)
     ledger = output.with_name(output.name + ".done")
-    if output.exists() and not ledger.exists():  # resuming would keep none of its rows
-        raise InvalidInputError(f"{output} exists without the ledger {ledger.name} that a synthesis run writes "
-                                "beside it: name another output, or move the file away")
+    if output.exists() != ledger.exists():  # resuming would drop every row, or skip documents it has no rows of
+        present, absent = (output, ledger) if output.exists() else (ledger, output)
+        raise InvalidInputError(f"{present} exists without {absent.name}, which a synthesis run writes beside it: "
+                                "name another output, or move the file away")
     done = set()
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
         marks = _rows_written(ledger)

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .atomic import recover_folder
 from .checkpoint import TRAINER_STATE_FILE, load_trained_weights, save_checkpoint
 from .config import TrainConfig
 from .metrics import recall_at_k
@@ -447,6 +448,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     checkpoint = output / "checkpoint"
     state_path = checkpoint / TRAINER_STATE_FILE
     torch.manual_seed(config.seed)
+    recover_folder(checkpoint)  # a run killed between the swap's two renames left the last save aside
     resuming = state_path.exists()
     if not resuming and checkpoint.exists():
         raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "

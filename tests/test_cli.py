@@ -27,9 +27,15 @@ def test_read_documents_from_files(tmp_path):
     assert docs == ["First paragraph.", "Second paragraph.", "DPR text", "T\nbody"]
 
 
+def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": null, "contents": "DPR text"}\n{"text": "", "contents": "more"}\n')
+    assert read_documents([str(tmp_path / "a.jsonl")]) == ["DPR text", "more"]
+
+
 @pytest.mark.parametrize("name,content,message", [
-    ("a.jsonl", '{"title": "Paris", "content": "misspelt"}\n', r"a.jsonl, record 0 has no text or contents string "
-                                                               r"\(its fields: content, title\)"),
+    ("a.jsonl", '{"title": "Paris", "content": "misspelt"}\n', r"a.jsonl, record 0 has no text or contents to "
+                                                               r"index \(its fields: content, title\)"),
+    ("d.jsonl", '{"text": "kept", "contents": ""}\n{"text": " ", "title": "T"}\n', "d.jsonl, record 1 has no text"),
     ("b.json", '["a bare string"]', r"b.json, record 0 is a JSON str, not a record"),
     ("c.json", '{"text": "one record, not a list"}', r"c.json holds a JSON dict, not a list of records"),
 ])

@@ -196,3 +196,11 @@ def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     by_text = llm.complete(QUESTION, documents=[CORPUS[1], CORPUS[2]]).text
     assert by_ids == by_text
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
+
+
+def test_a_model_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
+    from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
+
+    with pytest.raises(InvalidInputError, match="model is not the model of store"):
+        ClaraVectorStore(ClaraModel(tiny_config, device="cpu"), store=MemoryStore(tiny_model))
+    ClaraVectorStore(tiny_model, store=MemoryStore(tiny_model))  # its own: accepted

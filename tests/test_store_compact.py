@@ -214,3 +214,14 @@ def test_the_compact_index_learns_again_once_the_store_has_doubled(tiny_model, t
     assert store._index.trained_over == RETRAIN_GROWTH * first
     store.save(tmp_path / "store")
     assert MemoryStore.load(tmp_path / "store", tiny_model)._index.trained_over == RETRAIN_GROWTH * first
+
+
+def test_a_compact_index_saved_before_it_recorded_its_rows_learns_again_at_the_next_upsert(tiny_model, tmp_path):
+    grouped_store(tiny_model, "ivfpq").save(tmp_path / "store")
+    header_path = generation(tmp_path / "store") / "store.json"
+    header = json.loads(header_path.read_text())
+    del header["index_trained_over"]  # as written before the field existed
+    header_path.write_text(json.dumps(header))
+    store = MemoryStore.load(tmp_path / "store", tiny_model)
+    store.upsert(["one more"], ids=["m0"], memories=grouped_memories(tiny_model, seed=3)[:1])
+    assert store._index is None  # what its codebooks learned from is unknown: they learn again

@@ -94,9 +94,13 @@ def test_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
 def test_an_output_without_its_ledger_is_left_alone(tmp_path):
     output = tmp_path / "scp.jsonl"
     output.write_text('{"doc_id": "mine", "answers": ["kept"]}\n')
-    with pytest.raises(InvalidInputError, match="exists without the ledger scp.jsonl.done"):
+    with pytest.raises(InvalidInputError, match="scp.jsonl exists without scp.jsonl.done"):
         synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), output)
     assert output.read_text() == '{"doc_id": "mine", "answers": ["kept"]}\n'
+    output.unlink()  # a user starting over, the ledger left behind: every document would be skipped
+    (tmp_path / "scp.jsonl.done").write_text('{"doc_id": "d0"}\n')
+    with pytest.raises(InvalidInputError, match="scp.jsonl.done exists without scp.jsonl"):
+        synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), output)
 
 
 def test_langchain_and_llama_index_models_are_teachers():

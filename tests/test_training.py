@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -432,7 +434,7 @@ def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config,
     assert moved and all(torch.allclose(accumulated_update[k], whole_update[k], atol=1e-4) for k in moved)
 
 
-@pytest.mark.parametrize("killed", ["in step 4", "while saving step 4"])
+@pytest.mark.parametrize("killed", ["in step 4", "while saving step 4", "between the renames of step 4's save"])
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch, killed):
     def fresh() -> ClaraModel:
         torch.manual_seed(0)  # LoRA A matrices are drawn at construction
@@ -443,7 +445,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
     train(whole, INSTRUCT, config, tmp_path / "whole")
 
     calls = {"n": 0}
-    real_loss, real_save = training.instruct_loss, torch.save
+    real_loss, real_save, real_replace = training.instruct_loss, torch.save, os.replace
 
     def crash_in_step_four(*args):
         calls["n"] += 1
@@ -456,15 +458,24 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_save(state, *args, **kwargs)
 
+    def crash_between_the_renames(source, target):  # the old checkpoint is set aside, the new one not yet in
+        if Path(target).name == "checkpoint" and (Path(target).parent / ".checkpoint.old").exists():
+            raise KeyboardInterrupt
+        return real_replace(source, target)
+
     if killed == "in step 4":
         monkeypatch.setattr(training, "instruct_loss", crash_in_step_four)
-    else:
+    elif killed == "while saving step 4":
         monkeypatch.setattr(torch, "save", crash_saving_step_four)
+    else:
+        monkeypatch.setattr(os, "replace", crash_between_the_renames)
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), INSTRUCT, config, tmp_path / "resumed")
     monkeypatch.undo()
-    resumed = fresh()
+    resumed, passes = fresh(), []
+    monkeypatch.setattr(training, "instruct_loss", lambda *args: passes.append(1) or real_loss(*args))
     train(resumed, INSTRUCT, config, tmp_path / "resumed")
+    assert len(passes) == 4  # steps 3 and 4, two micro-batches each: resumed from the save of step 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # the replayed step 3 is logged once
     for a, b in zip(whole.lm.parameters(), resumed.lm.parameters()):
@@ -477,6 +488,13 @@ def test_a_checkpoint_without_its_trainer_state_is_not_trained_over(tiny_model, 
     with pytest.raises(ValueError, match="holds no trainer_state.pt, so the run that wrote it cannot resume"):
         train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path / "run")
     assert (tmp_path / "run" / "checkpoint" / "adapter_decoder_adapter.safetensors").read_bytes() == before
+
+
+def test_saving_a_trained_model_again_leaves_its_trainer_state_out(tiny_model, tmp_path):
+    train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1, lr=0.0), tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint" / "trainer_state.pt").is_file()
+    tiny_model.save_pretrained(tmp_path / "run" / "checkpoint", dtype=torch.float16)  # e.g. shipped in fp16
+    assert not (tmp_path / "run" / "checkpoint" / "trainer_state.pt").exists()
 
 
 def test_a_half_precision_model_is_refused_before_anything_is_written(tiny_config, tmp_path):
