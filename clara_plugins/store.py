@@ -756,6 +756,13 @@ def _read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.
     return arrays
 
 
+def check_store_model(store: BaseMemoryStore, model: object) -> None:
+    """A framework store given both a memory store and a model: the store brings its own model,
+    and another beside it would go unused."""
+    if model is not None and model is not store.model:
+        raise InvalidInputError("model is not the model of store: pass the store alone, or build one with this model")
+
+
 def as_memory_store(value: object) -> BaseMemoryStore:
     """A memory store (MemoryStore, MilvusMemoryStore) given as it is, or the one a framework's
     CLaRa vector store wraps (every such store exposes it as ``memory_store``), so that users

@@ -15,7 +15,7 @@ from langchain_core.vectorstores import VectorStore
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore
+from clara_plugins.store import BaseMemoryStore, check_store_model
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 
@@ -34,8 +34,7 @@ def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> t
 def _check_store_matches(store: BaseMemoryStore, model: ClaraModel | None, embedding: Embeddings | None) -> None:
     """A store brings its own model and keys: a model or embedding given beside it that is not
     its own would go unused, and the search would not be the one asked for."""
-    if model is not None and model is not store.model:
-        raise InvalidInputError("model is not the model of store: pass the store alone, or build one with this model")
+    check_store_model(store, model)
     own = (getattr(store.keys, "embeddings", None) is embedding
            or (isinstance(embedding, ClaraEmbeddings) and embedding.model is store.model
                and isinstance(store.keys, ClaraKeys)))

@@ -28,9 +28,9 @@ from llama_index.core.vector_stores.types import (
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 from pydantic import PrivateAttr
 
-from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
+from clara_plugins import ClaraModel, MemoryStore, StoredDocument
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore
+from clara_plugins.store import BaseMemoryStore, check_store_model
 
 from .embedding import ClaraEmbedding, take_memories
 
@@ -92,8 +92,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
         super().__init__(**kwargs)
         if store is None:
             store = MemoryStore(model if model is not None else load_model(), index=index)
-        elif model is not None and model is not store.model:
-            raise InvalidInputError("model is not the model of store: pass the store alone, or build one with this model")
+        else:
+            check_store_model(store, model)
         self._store = store
         self._embed_model = ClaraEmbedding(clara=store.model)
         current = getattr(Settings, "_embed_model", None)  # read without resolving the OpenAI default
