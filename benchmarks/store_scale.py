@@ -189,7 +189,7 @@ def measure_store(model, kind: str, dtype: str, real: np.ndarray, texts: list[st
         store.search_by_key(queries[0], k=1)
         load_seconds = time.perf_counter() - started
         disk = {"memories": folder_bytes(Path(folder), "memories-*") + folder_bytes(Path(folder), "scales-*"),
-                "records": folder_bytes(Path(folder), "records.json"), "index": folder_bytes(Path(folder), "index*")}
+                "records": folder_bytes(Path(folder), "records*"), "index": folder_bytes(Path(folder), "index*")}
         disk["total"] = folder_bytes(Path(folder))
         latencies, recall = search_all(store, queries, truth)
         # the process' growth: the reopened store's memory-mapped pages read so far, and its index

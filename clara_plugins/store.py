@@ -6,16 +6,17 @@ normalised mean (or flattened) memory, so it is computed from the memory when ne
 stored twice. Other key encoders' keys are stored beside the memories.
 
 On disk a store is a folder of generations. ``CURRENT`` names the live one; each generation
-holds ``store.json`` (format, memory dtype, compressor signature, shard lists), ``records.json``
-(ids, texts, metadata), ``memories-*.npy`` shards (memory-mappable; with ``scales-*.npy`` for
-int8) and, for approximate indexes, faiss's own ``index.faiss`` (with the compact index's
-``index-centre.npy`` and ``index-projection.npy``). Format 1 stores (fp16 memories, written
-before int8 existed) still load. A save writes a new generation aside and then flips
-``CURRENT`` with one atomic rename, so a crash mid-save leaves the previous generation
-loadable, and readers of the previous generation keep working while a writer saves. Shards
-whose rows are unchanged since the store's last save or load are hard-linked from that
-generation, not written again: files in a generation are never changed once written. Writers
-take turns (a lock file); ``store.json`` holds the SHA-256 of every other file, checked at load.
+holds ``store.json`` (format, memory dtype, compressor signature, shard lists),
+``records-*.json`` shards (ids, texts, metadata), ``memories-*.npy`` shards (memory-mappable;
+with ``scales-*.npy`` for int8) and, for approximate indexes, faiss's own ``index.faiss`` (with
+the compact index's ``index-centre.npy`` and ``index-projection.npy``). Stores of format 2 (one
+``records.json``) and format 1 (fp16 memories, written before int8 existed) still load. A save
+writes a new generation aside and then flips ``CURRENT`` with one atomic rename, so a crash
+mid-save leaves the previous generation loadable, and readers of the previous generation keep
+working while a writer saves. Shards whose rows are unchanged since the store's last save or
+load are hard-linked from that generation, not written again: files in a generation are never
+changed once written. Writers take turns (a lock file); ``store.json`` holds the SHA-256 of
+every other file, checked at load.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,10 @@ from .filters import Filter, matches, validate_filter
 from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, normalize_rows
 from .model import ClaraModel
 
-FORMAT = "clara-memory-store/2"
+FORMAT = "clara-memory-store/3"
+FORMAT_2 = "clara-memory-store/2"  # every record in one records.json, written again at each save
 FORMAT_1 = "clara-memory-store/1"  # fp16 memories only; its "ivfpq" index searched IVF lists of full keys
+FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 SHARD_ROWS = 4096  # rows per file on disk, and per batch when keys are computed
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
 # candidates the compact index hands over per result, re-scored exactly: at 1M synthetic
@@ -64,10 +67,11 @@ RESCORE_FACTOR = 40
 # keys, 128 found 98 % at 0.2 ms a query (docs/benchmarks, store_scale); construction as faiss'
 HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
-_STORE_FILE = re.compile(r"^(records\.json|index\.faiss|index-(centre|projection)\.npy|"
+_STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
-_SHARD_STEMS = {"memory_shards": "memories", "scale_shards": "scales", "key_shards": "keys"}  # header field: file stem
+# header field: shard file stem
+_SHARD_STEMS = {"memory_shards": "memories", "scale_shards": "scales", "key_shards": "keys", "record_shards": "records"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +138,7 @@ class BaseMemoryStore(ABC):
     @abstractmethod
     def search_by_key(
         self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
-        lambda_mult: float = 1.0, fetch_k: int = 20,
+        lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
 
@@ -144,7 +148,7 @@ class BaseMemoryStore(ABC):
 
     def search(
         self, query: str, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
-        lambda_mult: float = 1.0, fetch_k: int = 20,
+        lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """The k documents most similar to the query (cosine), best first.
 
@@ -249,6 +253,7 @@ class MemoryStore(BaseMemoryStore):
         self._scale_chunks: list[np.ndarray] = []  # int8 only: float32 [rows, n_mem]
         self._key_chunks: list[np.ndarray] = []  # fp32 [rows, dim]; unused when keys are memories
         self._row_of: dict[str, int] = {}
+        self._ram_rows = self._dead_ram_rows = 0  # rows of the chunks held in RAM; of them, replaced or deleted
         self._index: faiss.Index | CompactIndex | None = None  # over all rows, in order; None when stale
         self._ids_by_text: dict[str, str] | None = None  # with _texts_by_prefix: see _text_lookup
         self._texts_by_prefix: dict[str, list[str]] = {}
@@ -283,6 +288,7 @@ class MemoryStore(BaseMemoryStore):
             self._check_dimensions(memories, keys)
             chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), False
             self._memory_chunks.append(memories)
+            self._ram_rows += len(memories)
             if scales is not None:
                 self._scale_chunks.append(scales)
             if keys is not None:
@@ -296,10 +302,13 @@ class MemoryStore(BaseMemoryStore):
                     self._metadatas.append(metadata)
                     self._where.append((chunk, offset))
                 else:
+                    self._count_dead(row)
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
                     replaced = True
             self._ids_by_text = self._pair_cosines = None
             self._extend_index(first_new_row, replaced)
+            if replaced:
+                self._drop_dead_rows()
         return ids
 
     def _extend_index(self, first_new_row: int, replaced: bool) -> None:
@@ -331,6 +340,8 @@ class MemoryStore(BaseMemoryStore):
             doomed = {self._row_of[i] for i in ids if i in self._row_of}
             if not doomed:
                 return
+            for row in doomed:
+                self._count_dead(row)
             keep = [row for row in range(len(self._ids)) if row not in doomed]
             self._ids = [self._ids[r] for r in keep]
             self._texts = [self._texts[r] for r in keep]
@@ -338,6 +349,35 @@ class MemoryStore(BaseMemoryStore):
             self._where = [self._where[r] for r in keep]
             self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
             self._index = self._ids_by_text = self._pair_cosines = None
+            self._drop_dead_rows()
+
+    def _count_dead(self, row: int) -> None:
+        """Note that a row's memories are no longer read: replaced, or its document deleted."""
+        if not isinstance(self._memory_chunks[self._where[row][0]], np.memmap):
+            self._dead_ram_rows += 1
+
+    def _drop_dead_rows(self) -> None:
+        """Pack the chunks held in RAM anew once most of their rows are the memories of replaced
+        or deleted documents (and there are SHARD_ROWS such rows or more), so that a long-running
+        store's RAM follows its live documents. Memory-mapped chunks (a loaded generation) cost
+        no RAM and keep their places. Chunks are replaced, never changed in place (see save)."""
+        if self._dead_ram_rows < max(self._ram_rows - self._dead_ram_rows, SHARD_ROWS):
+            return
+        in_ram = [not isinstance(chunk, np.memmap) for chunk in self._memory_chunks]
+        live = [row for row, (chunk, _) in enumerate(self._where) if in_ram[chunk]]
+        where = [self._where[row] for row in live]
+        for chunks in (self._memory_chunks, self._scale_chunks, self._key_chunks):
+            if chunks:  # scales (int8) and keys (a separate key encoder) are chunked as the memories are
+                packed = _gather(chunks, where) if where else None
+                # an emptied chunk keeps its number, so that the other rows' places stay valid; a new
+                # empty array, since a view (chunk[:0]) would keep the whole buffer alive
+                chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if ram else chunk
+                             for chunk, ram in zip(chunks, in_ram)]
+                if packed is not None:
+                    chunks.append(packed)
+        for offset, row in enumerate(live):
+            self._where[row] = (len(self._memory_chunks) - 1, offset)
+        self._ram_rows, self._dead_ram_rows = len(live), 0
 
     # -------------------------------------------------------------- reading
 
@@ -403,7 +443,7 @@ class MemoryStore(BaseMemoryStore):
 
     def search_by_key(
         self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
-        lambda_mult: float = 1.0, fetch_k: int = 20,
+        lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
         _check_search(k, where, lambda_mult, fetch_k)
@@ -535,10 +575,13 @@ class MemoryStore(BaseMemoryStore):
             "compressor": compressor_signature(self.model),
             "keys": self.keys.signature(),
             "memory_dtype": self.memory_dtype,
-            **{field: _write_shards(staging, field, chunks, snapshot.where, previous, unchanged, checksums)
+            **{field: _write_shards(staging, f"{_SHARD_STEMS[field]}-{{:05d}}.npy",
+                                    len(snapshot.where) if chunks else 0, _array_writer(chunks, snapshot.where),
+                                    previous, unchanged, checksums)
                for field, chunks in snapshot.chunks.items()},
+            "record_shards": _write_shards(staging, "records-{:05d}.json", len(snapshot.where),
+                                           _records_writer(snapshot.records), previous, unchanged, checksums),
         }
-        _write_json(staging / "records.json", snapshot.records)
         if index is not None:
             _write_index(staging, index)
         if isinstance(index, CompactIndex):
@@ -579,10 +622,10 @@ class MemoryStore(BaseMemoryStore):
     def _open_generation(cls, folder: Path, generation: Path, model: ClaraModel, keys: KeyEncoder | None,
                          batch_size: int) -> "MemoryStore":
         header = read_json(generation / "store.json", StoreError)
-        if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_1):
+        if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
             found = header.get("format") if isinstance(header, dict) else None
-            raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r} or {FORMAT_1!r} "
-                             f"(its format: {str(found)[:80]!r})")
+            raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}, {FORMAT_2!r} or "
+                             f"{FORMAT_1!r} (its format: {str(found)[:80]!r})")
         memory_dtype = header.get("memory_dtype", "float16")  # format 1 wrote fp16 only
         if memory_dtype not in MEMORY_DTYPES:
             raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
@@ -593,12 +636,10 @@ class MemoryStore(BaseMemoryStore):
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}: "
                              "load a model with the same retrieval_key, or the same key encoder")
         _verify_files(generation, header)  # after the header's checks: hashing a large store takes minutes
-        records = read_json(generation / "records.json", StoreError)
-        if not isinstance(records, dict) or not {"ids", "texts", "metadatas"} <= records.keys():
-            raise StoreError(f"{generation}/records.json does not hold ids, texts and metadatas")
         count = header["count"]
-        if not len(records["ids"]) == len(records["texts"]) == len(records["metadatas"]) == count:
-            raise StoreError(f"{generation}/records.json does not hold {count} documents")
+        records = _read_records(generation, header.get("record_shards", [{"file": "records.json", "rows": count}]))
+        if len(records["ids"]) != count:
+            raise StoreError(f"{generation}: the record shards hold {len(records['ids'])} documents, expected {count}")
         store._memory_chunks = _read_shards(generation, header["memory_shards"], np.dtype(memory_dtype))
         store._scale_chunks = _read_shards(generation, header.get("scale_shards", []), np.float32)
         expected = [m.shape[:2] for m in store._memory_chunks] if memory_dtype == "int8" else []
@@ -728,22 +769,45 @@ def _read_array(path: Path, dtype: DTypeLike, mmap_mode: str | None = None) -> n
     return array
 
 
-def _write_shards(staging: Path, field: str, chunks: list[np.ndarray], where: np.ndarray,
+def _write_shards(staging: Path, name: str, count: int, write: Callable[[Path, slice], None],
                   previous: _SavedGeneration | None, unchanged: set[int], checksums: dict[str, str]) -> list[dict]:
-    """Shards of SHARD_ROWS rows gathered from the chunks; those numbered in ``unchanged`` are
-    linked from the previous generation (with their checksums) where the file system allows it."""
-    if not chunks:
-        return []
-    stem = _SHARD_STEMS[field]
+    """Shards of SHARD_ROWS of the ``count`` rows, named ``name.format(number)``: those numbered in
+    ``unchanged`` are linked from the previous generation (with their checksums) where the file
+    system allows it, the others written with ``write(path, rows)``."""
     shards = []
-    for number, start in enumerate(range(0, len(where), SHARD_ROWS)):
-        name, rows = f"{stem}-{number:05d}.npy", len(where[start:start + SHARD_ROWS])
-        if number in unchanged and previous.link(name, staging / name):
-            checksums[name] = previous.checksums[name]
+    for number, start in enumerate(range(0, count, SHARD_ROWS)):
+        file, rows = name.format(number), slice(start, min(start + SHARD_ROWS, count))
+        if number in unchanged and previous.link(file, staging / file):
+            checksums[file] = previous.checksums[file]
         else:
-            _write_array(staging / name, _gather(chunks, where[start:start + SHARD_ROWS]))
-        shards.append({"file": name, "rows": rows})
+            write(staging / file, rows)
+        shards.append({"file": file, "rows": rows.stop - rows.start})
     return shards
+
+
+def _array_writer(chunks: list[np.ndarray], where: np.ndarray) -> Callable[[Path, slice], None]:
+    """Writes the rows of chunked arrays (memories, scales or keys) as one .npy shard."""
+    return lambda path, rows: _write_array(path, _gather(chunks, where[rows]))
+
+
+def _records_writer(records: dict[str, list]) -> Callable[[Path, slice], None]:
+    """Writes the ids, texts and metadata of the rows as one JSON shard: a shard whose rows kept
+    their places holds the same records, since a changed record is a replaced row."""
+    return lambda path, rows: _write_json(path, {field: values[rows] for field, values in records.items()})
+
+
+def _read_records(generation: Path, shards: list[dict]) -> dict[str, list]:
+    """The ids, texts and metadata of every row, from the record shards in order."""
+    records: dict[str, list] = {"ids": [], "texts": [], "metadatas": []}
+    for shard in shards:
+        part = read_json(generation / shard["file"], StoreError)
+        if not isinstance(part, dict) or not records.keys() <= part.keys():
+            raise StoreError(f"{generation / shard['file']} does not hold ids, texts and metadatas")
+        if not len(part["ids"]) == len(part["texts"]) == len(part["metadatas"]) == shard["rows"]:
+            raise StoreError(f"{generation / shard['file']} does not hold {shard['rows']} documents")
+        for field, values in records.items():
+            values.extend(part[field])
+    return records
 
 
 def _read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.ndarray]:

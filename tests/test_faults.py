@@ -65,12 +65,12 @@ def test_swapped_records_or_a_foreign_index_are_named(tiny_model, tmp_path):
         store = MemoryStore(tiny_model, index="hnsw")
         store.upsert(CORPUS[:4] if name == "a" else CORPUS[2:6], ids=[f"{name}{i}" for i in range(4)])
         store.save(tmp_path / name)
-    records = generation(tmp_path / "a") / "records.json"
+    records = generation(tmp_path / "a") / "records-00000.json"
     swapped = json.loads(records.read_text())
     swapped["ids"][0], swapped["ids"][1] = swapped["ids"][1], swapped["ids"][0]
     original = records.read_text()
     records.write_text(json.dumps(swapped))
-    with pytest.raises(StoreError, match="records.json is corrupted"):
+    with pytest.raises(StoreError, match="records-00000.json is corrupted"):
         MemoryStore.load(tmp_path / "a", tiny_model)
     records.write_text(original)
     (generation(tmp_path / "a") / "index.faiss").write_bytes((generation(tmp_path / "b") / "index.faiss").read_bytes())
@@ -104,9 +104,9 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         (folder / "CURRENT").unlink()
         (folder / "CURRENT").mkdir()
     elif damage == "records-not-a-dict":
-        (generation(folder) / "records.json").write_text("[1, 2]")
+        (generation(folder) / "records-00000.json").write_text("[1, 2]")
         header = header_of(folder)
-        header["sha256"].pop("records.json")
+        header["sha256"].pop("records-00000.json")
         rewrite_header(folder, sha256=header["sha256"])
     elif damage == "header-not-a-dict":
         (generation(folder) / "store.json").write_text('"a string"')

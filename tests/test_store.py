@@ -1,6 +1,8 @@
 """MemoryStore: upsert/delete/get, filters, search, persistence, crashes and concurrency."""
 
 import dataclasses
+import hashlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -126,6 +128,27 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002"]
 
 
+def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_path):
+    """Stores saved before the records were sharded keep loading, and save in shards after."""
+    folder = store.save(tmp_path / "s")
+    header = json.loads((folder / "store.json").read_text())
+    records = {"ids": [], "texts": [], "metadatas": []}
+    for shard in header.pop("record_shards"):
+        for field, values in json.loads((folder / shard["file"]).read_text()).items():
+            records[field] += values
+        (folder / shard["file"]).unlink()
+        del header["sha256"][shard["file"]]
+    (folder / "records.json").write_text(json.dumps(records))
+    header["sha256"]["records.json"] = hashlib.sha256((folder / "records.json").read_bytes()).hexdigest()
+    (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/2"}))
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert loaded.all_ids() == store.all_ids() and loaded.get(["d3"]) == store.get(["d3"])
+    loaded.upsert(["Vienna lies on the Danube."], ids=["d9"])
+    again = loaded.save(tmp_path / "s")
+    assert (again / "records-00000.json").is_file() and not (again / "records.json").exists()
+    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == store.all_ids() + ["d9"]
+
+
 @pytest.mark.parametrize("memory_dtype", ["float16", "int8"])
 def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path, monkeypatch, memory_dtype):
     """Indexing a corpus in groups saves after each: the full shards saved before are linked
@@ -140,23 +163,70 @@ def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path,
 
     store.upsert([CORPUS[5], "Vienna lies on the Danube."], ids=["d5", "d6"])  # appended: shards 0 and 1 (rows 0-3) are unchanged
     second = store.save(tmp_path / "s")
-    stems = ["memories", "scales"] if memory_dtype == "int8" else ["memories"]
-    for stem in stems:
-        assert same_file(f"{stem}-00000.npy", first, second) and same_file(f"{stem}-00001.npy", first, second)
-        assert not same_file(f"{stem}-00002.npy", first, second)  # row 4 was alone in it, now rows 4-5
+    files = ["memories-{}.npy", "records-{}.json"] + (["scales-{}.npy"] if memory_dtype == "int8" else [])
+    for file in files:
+        assert same_file(file.format("00000"), first, second) and same_file(file.format("00001"), first, second)
+        assert not same_file(file.format("00002"), first, second)  # row 4 was alone in it, now rows 4-5
     store.upsert(["Rome is the capital of Italy."], ids=["d1"])  # replaces row 1: shard 0 changes
     loaded = MemoryStore.load(tmp_path / "s", tiny_model)
     third = store.save(tmp_path / "s")
-    assert not same_file("memories-00000.npy", second, third) and same_file("memories-00001.npy", second, third)
+    for file in files:
+        assert not same_file(file.format("00000"), second, third) and same_file(file.format("00001"), second, third)
+    assert store.get(["d1"])[0].text == "Rome is the capital of Italy."
     store.delete(["d0"])  # every row moves up one
     fourth = store.save(tmp_path / "s")
-    assert not same_file("memories-00001.npy", third, fourth)
+    assert not same_file("memories-00001.npy", third, fourth) and not same_file("records-00001.json", third, fourth)
     reloaded = MemoryStore.load(tmp_path / "s", tiny_model)
     ids = [f"d{i}" for i in range(1, 7)]
     assert reloaded.all_ids() == ids and torch.equal(reloaded.memories(ids), store.memories(ids))
     loaded.upsert(["Madrid is the capital of Spain."], ids=["d9"])  # a store loaded from an older generation
     loaded.save(tmp_path / "s")
     assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
+
+
+class _WordKeys:
+    """A key encoder of its own (not the memories): which of a few words a text holds."""
+
+    keys_are_memories = False
+    words = ["paris", "tower", "river", "capital", "science", "rome"]
+
+    def signature(self) -> dict:
+        return {"words": self.words}
+
+    def document_keys(self, texts: list[str]) -> np.ndarray:
+        return np.array([[float(w in t.lower()) for w in self.words] + [1.0] for t in texts], dtype=np.float32)
+
+    query_keys = document_keys
+
+
+@pytest.mark.parametrize("memory_dtype, keys", [("float16", None), ("int8", _WordKeys())])
+def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tmp_path, monkeypatch, memory_dtype,
+                                                                  keys):
+    """A long-running store used to hold every memory it was ever given until saved and loaded."""
+    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)
+    ids = [f"d{i}" for i in range(5)]
+    store.upsert(CORPUS[:5], ids=ids)
+    store.save(tmp_path / "s")
+    store.upsert([CORPUS[5], "Vienna lies on the Danube."], ids=["d5", "d6"])
+    expected = store.memories(ids + ["d5", "d6"])
+    held = lambda: sum(len(chunk) for chunk in store._memory_chunks)  # noqa: E731
+    store.delete(["d0", "d6"])  # 2 dead rows of 7: kept
+    assert held() == 7
+    store.upsert(CORPUS[1:4], ids=["d1", "d2", "d3"])  # 5 dead rows of 10: packed
+    assert held() == 5 and len(store) == 5
+    assert torch.equal(store.memories(["d1", "d2", "d3", "d4", "d5"]), expected[1:6])
+    for chunks in (store._scale_chunks, store._key_chunks):  # chunked with the memories, or not at all
+        assert [len(c) for c in chunks] in ([], [len(c) for c in store._memory_chunks])
+    fresh = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)  # the same documents, never replaced
+    fresh.upsert([d.text for d in store.get(store.all_ids())], ids=store.all_ids())
+    assert [d.id for d, _ in store.search("Paris", k=5)] == [d.id for d, _ in fresh.search("Paris", k=5)]
+    store.save(tmp_path / "s")
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model, keys)
+    assert loaded.all_ids() == ["d1", "d2", "d3", "d4", "d5"]
+    assert torch.equal(loaded.memories(loaded.all_ids()), expected[1:6])
+    loaded.delete(["d1", "d2", "d3", "d4"])  # memory-mapped rows cost no RAM and stay where they are
+    assert sum(len(chunk) for chunk in loaded._memory_chunks) == 5 and loaded.all_ids() == ["d5"]
 
 
 @pytest.mark.parametrize("index", ["hnsw", "ivfpq"])
