@@ -20,6 +20,12 @@ def bm25_rank(query: str, passages: list[str]) -> list[int]:
     return _ranking(_index(passages), query)
 
 
+def bm25_top(queries: list[str], passages: list[str], n: int) -> list[list[int]]:
+    """For each query, the indices of the n passages it matches best, best first (one index)."""
+    index = _index(passages)
+    return [_ranking(index, query)[:n] for query in queries]
+
+
 def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
     """Extend every pool shorter than ``size`` with the BM25-best passages of the other examples;
     the example's own passages and gold stay first."""

@@ -19,7 +19,7 @@ from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTY
                      ClaraConfig, TrainConfig)
 from .errors import CheckpointError, InvalidInputError, StoreError
 
-PASSAGE_KINDS = ("reconstruct", "continue", "cloze")
+PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
 
 
 def _positive(value: str) -> int:
@@ -299,7 +299,8 @@ def _first_words(text: str, words: int = 12) -> str:
 def _convert_data(args: argparse.Namespace) -> None:
     from .corpora import read_documents, read_examples
     from .jsonfiles import write_jsonl
-    from .rows import cloze_rows, continuation_rows, e2e_rows, instruct_rows, reconstruction_rows, scp_qa_rows
+    from .rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows, reconstruction_rows,
+                       scp_qa_rows)
 
     end = None if args.limit is None else args.skip + args.limit
     read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
@@ -307,7 +308,8 @@ def _convert_data(args: argparse.Namespace) -> None:
     make = {"instruct": lambda e: instruct_rows(e, args.setting, args.k),
             "e2e": lambda e: e2e_rows(e, args.candidates, args.seed),
             "scp": scp_qa_rows, "reconstruct": reconstruction_rows, "continue": continuation_rows,
-            "cloze": lambda p: cloze_rows(p, args.seed)}[args.kind]
+            "cloze": lambda p: cloze_rows(p, args.seed),
+            "inverse-cloze": lambda p: inverse_cloze_rows(p, args.candidates, args.seed)}[args.kind]
     rows = make(sources)
     write_jsonl(rows, args.destination)
     print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")

@@ -41,7 +41,7 @@ from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
-from .store import (CALIBRATION_SAMPLE, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, _check_compressor,
+from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, _check_compressor,
                     _check_search, _find_documents, _id_list)
 
 FORMAT = "clara-milvus-store/1"
@@ -269,7 +269,7 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def search_by_key(
         self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
-        lambda_mult: float = 1.0, fetch_k: int = 20,
+        lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
         _check_search(k, where, lambda_mult, fetch_k)

@@ -3,7 +3,7 @@
 Settings (the paper's): *Normal* gives the 5 passages a BM25 retriever ranks highest among
 the example's candidates; *Oracle* puts the gold passages among the 5. End-to-end rows carry
 about 20 candidates with ``pos_index`` (gold positions, used only for logged Recall@k).
-The teacher-free rows (reconstruction, continuation, cloze) need only passages.
+The teacher-free rows (reconstruction, continuation, cloze, inverse cloze) need only passages.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from .bm25 import bm25_rank, fill_short_pools, with_candidates
+from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from .config import SETTINGS
 from .corpora import QAExample
 
@@ -98,6 +98,31 @@ def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
             sentence, match = rng.choice(blanks)
             question = f"Fill in the blank: {sentence[:match.start()]}____{sentence[match.end():]}"
             rows.append({"question": question, "docs": [passage], "answer": match.group(), "answers": [match.group()]})
+    return rows
+
+
+def inverse_cloze_rows(passages: list[str], candidates: int = 5, seed: int = 0) -> list[dict]:
+    """Teacher-free retrieval rows ``{question, docs[candidates], pos_index}``: one sentence of a
+    passage is the question, the passage without that sentence its gold candidate, and the
+    passages of the file that BM25 ranks best for the sentence the others. Cutting the
+    sentence out makes the match one of meaning, not of the same words; the title stays."""
+    rng = random.Random(seed)
+    passages = list(dict.fromkeys(passages))
+    picked = []
+    for number, passage in enumerate(passages):
+        title, body = passage.split("\n", 1) if "\n" in passage else ("", passage)
+        sentences = _SENTENCE_END.split(body)
+        long = [i for i, sentence in enumerate(sentences) if len(sentence.split()) >= 6]
+        if len(sentences) >= 2 and long:
+            cut = rng.choice(long)
+            rest = " ".join(s for i, s in enumerate(sentences) if i != cut)
+            picked.append((number, sentences[cut], f"{title}\n{rest}" if title else rest))
+    best = bm25_top([question for _, question, _ in picked], passages, candidates)
+    rows = []
+    for (number, question, gold), ranked in zip(picked, best):
+        docs = [gold] + [passages[i] for i in ranked if i != number][: candidates - 1]
+        rng.shuffle(docs)
+        rows.append({"question": question, "docs": docs, "pos_index": [docs.index(gold)]})
     return rows
 
 

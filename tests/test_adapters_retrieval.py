@@ -169,6 +169,13 @@ def test_llama_index_mmr_mode(llama_store):
     through_kwargs = llama_store.query(VectorStoreQuery(query_str=QUESTION, similarity_top_k=3,
                                                         mode=VectorStoreQueryMode.MMR), mmr_threshold=0.25)
     assert through_kwargs.ids == diverse
+    for prefetch in ({"mmr_prefetch_k": 3}, {"mmr_prefetch_factor": 1.0}):  # only the 3 nearest: the copies
+        near = llama_store.query(VectorStoreQuery(query_str=QUESTION, similarity_top_k=3, mode=VectorStoreQueryMode.MMR,
+                                                  mmr_threshold=0.25), **prefetch)
+        assert len({texts[i] for i in near.ids}) == 1
+    with pytest.raises(ValueError, match="not both"):
+        llama_store.query(VectorStoreQuery(query_str=QUESTION, mode=VectorStoreQueryMode.MMR), mmr_prefetch_k=3,
+                          mmr_prefetch_factor=2)
     with pytest.raises(NotImplementedError, match="query mode 'hybrid'"):
         llama_query(llama_store, 3, mode=VectorStoreQueryMode.HYBRID)
 

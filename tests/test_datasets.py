@@ -7,8 +7,8 @@ import pytest
 from clara_plugins.bm25 import bm25_rank, fill_short_pools
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
-from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, question_name,
-                                reconstruction_rows, scp_qa_rows)
+from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows,
+                                question_name, reconstruction_rows, scp_qa_rows)
 from conftest import SHARED_DATA
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "nq" / "dev.jsonl").exists(), reason="needs ../shared/data")
@@ -95,6 +95,22 @@ def test_cloze_rows_blank_a_name_number_or_date_of_the_passage():
     assert row["question"].replace("____", row["answer"]).removeprefix("Fill in the blank: ") in passage
 
 
+def test_inverse_cloze_rows_ask_with_a_sentence_cut_from_its_passage():
+    danube = ("Danube\nThe Danube is a river of Europe. It rises in the Black Forest of Germany. "
+              "It flows to the Black Sea.")
+    rhine = "Rhine\nThe Rhine is a river of Europe. It rises in the Swiss Alps near the Oberalp Pass."
+    seine = "Seine\nThe Seine is a river of France. It flows through Paris to the English Channel at Le Havre."
+    short = "Tiber\nA river."  # one sentence: nothing would be left to find it by
+    rows = inverse_cloze_rows([danube, rhine, seine, short, danube], candidates=2, seed=0)
+    assert len(rows) == 3 and all(len(row["docs"]) == 2 and len(row["pos_index"]) == 1 for row in rows)
+    for row, passage in zip(rows, [danube, rhine, seine]):
+        gold = row["docs"][row["pos_index"][0]]
+        assert row["question"] in passage and row["question"] not in gold and len(row["question"].split()) >= 6
+        assert gold.startswith(passage.split("\n")[0] + "\n")  # the title stays
+        assert sorted((gold + " " + row["question"]).split()) == sorted(passage.split())
+        assert passage not in row["docs"]  # the other candidate is another passage, not the whole gold one
+
+
 @pytest.mark.parametrize("question, answers, name", [
     ("Where does the Danube rise?", ["the Black Forest"], "Danube"),
     ("Which is older, Alpha Centauri or Sirius?", ["Sirius"], "Alpha Centauri"),  # the other choice
@@ -131,3 +147,7 @@ def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, cap
           "reconstruct", "--limit", "3"])
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     assert len(rows) == 3 and all(r["answers"] == r["docs"] for r in rows)
+    main(["convert-data", str(SHARED_DATA / "corpus" / "dpr_wiki_1000.jsonl"), str(corpus), "--kind",
+          "inverse-cloze", "--candidates", "4", "--limit", "50"])
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    assert len(rows) >= 45 and all(len(r["docs"]) == 4 and len(r["pos_index"]) == 1 for r in rows)

@@ -7,6 +7,7 @@ compared with the documents' memory tokens.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, MemoryStore, StoredDocument
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore, check_store_model
+from clara_plugins.store import FETCH_K, BaseMemoryStore, check_store_model
 
 from .embedding import ClaraEmbedding, take_memories
 
@@ -76,7 +77,9 @@ class ClaraVectorStore(BasePydanticVectorStore):
     keeps them instead of compressing each node twice.
 
     Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
-    ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default).
+    ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default). MMR re-ranks
+    the ``mmr_prefetch_k`` nearest nodes, or ``similarity_top_k`` times ``mmr_prefetch_factor``
+    (``vector_store_kwargs``, as LlamaIndex's database stores read them; 20 by default).
     Similarities are cosines.
     """
 
@@ -168,10 +171,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
             raise ValueError("ClaraVectorStore searches with the query text (query_str), not an embedding")
         if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
             raise NotImplementedError(f"query mode {query.mode.value!r} is not supported; use 'default' or 'mmr'")
-        lambda_mult = 1.0
+        lambda_mult, fetch_k = 1.0, FETCH_K
         if query.mode == VectorStoreQueryMode.MMR:
             threshold = query.mmr_threshold if query.mmr_threshold is not None else kwargs.get("mmr_threshold")
             lambda_mult = 0.5 if threshold is None else threshold
+            fetch_k = _mmr_fetch_k(query.similarity_top_k, kwargs)
         where = translate_filters(query.filters)
         if query.doc_ids is not None:  # the nodes of these source documents
             of_documents = {"ref_doc_id": {"$in": list(query.doc_ids)}}
@@ -179,7 +183,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         # an index over a store that keeps the text holds no node ids, and its retrievers pass []:
         # an empty list restricts nothing
         results = self._store.search(query.query_str, query.similarity_top_k, where,
-                                     ids=query.node_ids or None, lambda_mult=lambda_mult)
+                                     ids=query.node_ids or None, lambda_mult=lambda_mult, fetch_k=fetch_k)
         return VectorStoreQueryResult(
             nodes=[self._to_node(d) for d, _ in results],
             similarities=[score for _, score in results],
@@ -214,3 +218,15 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
 def _store_folder(persist_path: str | Path) -> Path:
     return Path(persist_path).with_suffix(".clara")
+
+
+def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
+    """The nodes an MMR query re-ranks: ``mmr_prefetch_k``, or ``top_k`` x ``mmr_prefetch_factor``."""
+    prefetch_k, factor = kwargs.get("mmr_prefetch_k"), kwargs.get("mmr_prefetch_factor")
+    if prefetch_k is not None and factor is not None:
+        raise ValueError("give mmr_prefetch_k or mmr_prefetch_factor, not both")
+    if factor is None:
+        return FETCH_K if prefetch_k is None else prefetch_k
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+        raise ValueError(f"mmr_prefetch_factor must be a positive number, got {factor!r}")
+    return max(top_k, math.ceil(top_k * factor))
