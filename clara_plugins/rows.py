@@ -104,23 +104,30 @@ def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
 def inverse_cloze_rows(passages: list[str], candidates: int = 5, seed: int = 0) -> list[dict]:
     """Teacher-free retrieval rows ``{question, docs[candidates], pos_index}``: one sentence of a
     passage is the question, the passage without that sentence its gold candidate, and the
-    passages of the file that BM25 ranks best for the sentence the others. Cutting the
-    sentence out makes the match one of meaning, not of the same words; the title stays."""
+    passages of the file that BM25 ranks best for the sentence the others (none that holds the
+    sentence, or is the gold text). Cutting the sentence out makes the match one of meaning, not
+    of the same words; the title stays."""
     rng = random.Random(seed)
     passages = list(dict.fromkeys(passages))
     picked = []
     for number, passage in enumerate(passages):
-        title, body = passage.split("\n", 1) if "\n" in passage else ("", passage)
-        sentences = _SENTENCE_END.split(body)
-        long = [i for i, sentence in enumerate(sentences) if len(sentence.split()) >= 6]
-        if len(sentences) >= 2 and long:
-            cut = rng.choice(long)
-            rest = " ".join(s for i, s in enumerate(sentences) if i != cut)
-            picked.append((number, sentences[cut], f"{title}\n{rest}" if title else rest))
-    best = bm25_top([question for _, question, _ in picked], passages, candidates)
+        start = passage.index("\n") + 1 if "\n" in passage else 0  # the title stays
+        spans, begin = [], start
+        for gap in _SENTENCE_END.finditer(passage, start):
+            spans.append((begin, gap.start()))
+            begin = gap.end()
+        spans.append((begin, len(passage)))
+        long = [(a, b) for a, b in spans if len(passage[a:b].split()) >= 6]
+        if len(spans) >= 2 and long:
+            a, b = rng.choice(long)
+            head, tail = passage[:a].rstrip(" "), passage[b:].lstrip()
+            gold = head + (" " if head and not head.endswith("\n") and tail else "") + tail
+            picked.append((number, passage[a:b], gold))
+    best = bm25_top([question for _, question, _ in picked], passages, 2 * candidates + 1)
     rows = []
     for (number, question, gold), ranked in zip(picked, best):
-        docs = [gold] + [passages[i] for i in ranked if i != number][: candidates - 1]
+        others = [passages[i] for i in ranked if i != number and passages[i] != gold and question not in passages[i]]
+        docs = [gold] + others[: candidates - 1]
         rng.shuffle(docs)
         rows.append({"question": question, "docs": docs, "pos_index": [docs.index(gold)]})
     return rows

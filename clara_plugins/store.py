@@ -21,6 +21,7 @@ every other file, checked at load.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fcntl
 import hashlib
@@ -69,6 +70,7 @@ HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
+_SHARD_SUFFIX = {"memory_shards": ".npy", "scale_shards": ".npy", "key_shards": ".npy", "record_shards": ".json"}
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
 # header field: shard file stem
 _SHARD_STEMS = {"memory_shards": "memories", "scale_shards": "scales", "key_shards": "keys", "record_shards": "records"}
@@ -192,17 +194,18 @@ class BaseMemoryStore(ABC):
         metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
         if not len(ids) == len(metadatas) == len(texts):
             raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
+        kept = []  # JSON copies: a caller changing a nested value later changes nothing stored
         for doc_id, metadata in zip(ids, metadatas):
             if not isinstance(doc_id, str) or not doc_id:
                 raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
             try:
-                exact = json.loads(json.dumps(metadata, allow_nan=False)) == metadata
+                kept.append(json.loads(json.dumps(metadata, allow_nan=False)))
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
-            if not exact:
+            if kept[-1] != metadata:
                 raise InvalidInputError(f"metadata of {doc_id!r} would change when saved as JSON: use string keys "
                                         "and lists, not tuples")
-        return texts, ids, metadatas
+        return texts, ids, kept
 
     def _compressed(self, texts: list[str], memories: torch.Tensor | None, show_progress: bool) -> np.ndarray:
         """fp16 memories [n, n_mem, hidden] of the texts: ``memories`` when given, else compressed now."""
@@ -388,7 +391,7 @@ class MemoryStore(BaseMemoryStore):
             return [self._document(self._row_of[i]) for i in ids if i in self._row_of]
 
     def _document(self, row: int) -> StoredDocument:
-        return StoredDocument(self._ids[row], self._texts[row], dict(self._metadatas[row]))
+        return StoredDocument(self._ids[row], self._texts[row], copy.deepcopy(self._metadatas[row]))
 
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
@@ -637,7 +640,13 @@ class MemoryStore(BaseMemoryStore):
                              "load a model with the same retrieval_key, or the same key encoder")
         _verify_files(generation, header)  # after the header's checks: hashing a large store takes minutes
         count = header["count"]
-        records = _read_records(generation, header.get("record_shards", [{"file": "records.json", "rows": count}]))
+        record_shards = header.get("record_shards", [])
+        if header["format"] != FORMAT:  # formats 1 and 2: every record in one file
+            record_shards = [{"file": "records.json", "rows": count}]
+        elif [shard["rows"] for shard in record_shards] != [shard["rows"] for shard in header["memory_shards"]]:
+            # a save links record shards by the memory shards' rows: they must match row for row
+            raise StoreError(f"{generation}/store.json: the record shards do not hold the memory shards' rows")
+        records = _read_records(generation, record_shards)
         if len(records["ids"]) != count:
             raise StoreError(f"{generation}: the record shards hold {len(records['ids'])} documents, expected {count}")
         store._memory_chunks = _read_shards(generation, header["memory_shards"], np.dtype(memory_dtype))
@@ -882,9 +891,18 @@ def _verify_files(generation: Path, header: dict) -> None:
     checksums = header.get("sha256")
     if not isinstance(checksums, dict):
         raise StoreError(f"{generation}/store.json lists no checksums")
-    shards = [shard.get("file") for kind in _SHARD_STEMS
-              for shard in header.get(kind, [])]
-    for name in [*checksums, *shards]:
+    shards = []
+    for field, stem in _SHARD_STEMS.items():
+        listed = header.get(field, [])
+        for number, shard in enumerate(listed if isinstance(listed, list) else [None]):
+            if not isinstance(shard, dict) or shard.get("file") != f"{stem}-{number:05d}{_SHARD_SUFFIX[field]}" \
+                    or isinstance(shard.get("rows"), bool) or not isinstance(shard.get("rows"), int) or shard["rows"] < 0:
+                raise StoreError(f"{generation}/store.json lists {str(shard)[:80]!r} as shard {number} of {field}, "
+                                 f"which is not {stem}-{number:05d}{_SHARD_SUFFIX[field]} with its row count")
+            shards.append(shard["file"])
+    if header.get("format") != FORMAT:
+        shards.append("records.json")  # the records of formats 1 and 2, in one file
+    for name in checksums:
         if not isinstance(name, str) or not _STORE_FILE.match(name):
             raise StoreError(f"{generation}/store.json names the file {str(name)[:80]!r}, which is not a store file")
     unlisted = [name for name in shards if name not in checksums]

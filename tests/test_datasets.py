@@ -109,6 +109,11 @@ def test_inverse_cloze_rows_ask_with_a_sentence_cut_from_its_passage():
         assert gold.startswith(passage.split("\n")[0] + "\n")  # the title stays
         assert sorted((gold + " " + row["question"]).split()) == sorted(passage.split())
         assert passage not in row["docs"]  # the other candidate is another passage, not the whole gold one
+    first, rest = "Lisbon is the capital city of Portugal.", "It lies on the Tagus estuary."
+    copy = "Lisbon\n" + rest  # the gold text of the first sentence's row: never a negative beside it
+    rows = inverse_cloze_rows(["Lisbon\n" + first + "\n" + rest, copy, danube], candidates=3, seed=1)
+    row = next(row for row in rows if row["question"] == first)
+    assert row["docs"].count(copy) == 1 and row["docs"][row["pos_index"][0]] == copy  # the newline is kept
 
 
 @pytest.mark.parametrize("question, answers, name", [

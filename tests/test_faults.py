@@ -2,6 +2,7 @@
 save, and metadata that would not survive JSON. Each case must end in a clear error or in the
 last good state, never in a wrong answer."""
 
+import hashlib
 import json
 import os
 import signal
@@ -86,18 +87,50 @@ def test_current_never_leads_outside_the_store(saved, tiny_model, pointer):
         MemoryStore.load(folder, tiny_model)
 
 
-@pytest.mark.parametrize("name", ["../memories-00000.npy", "/etc/passwd", "sub/memories-00000.npy", 7])
-def test_a_shard_entry_never_leads_outside_the_generation(saved, tiny_model, name):
+@pytest.mark.parametrize("field", ["memory_shards", "record_shards"])
+@pytest.mark.parametrize("entry", [{"file": "../memories-00000.npy"}, {"file": "/etc/passwd"}, {"file": 7},
+                                   {"file": "sub/memories-00000.npy"}, {"file": "index.faiss"},
+                                   {"file": "memories-00000.npy"}, {"file": "records-00000.json"}, {"rows": None},
+                                   {"rows": -1}, {"rows": True}])
+def test_a_shard_entry_names_its_own_file_in_the_generation(saved, tiny_model, field, entry):
+    """Shard entries must name the field's own numbered file: a path outside the generation, or
+    another store file (whose checksum matches, so it would be read as this shard), is refused."""
     _, folder = saved
-    header = header_of(folder)
-    header["memory_shards"][0]["file"] = name
-    rewrite_header(folder, memory_shards=header["memory_shards"])
-    with pytest.raises(StoreError, match="which is not a store file"):
+    shards = header_of(folder)[field]
+    if {**shards[0], **entry} == shards[0]:
+        pytest.skip("the entry this field already has")
+    shards[0] = {**shards[0], **entry}
+    rewrite_header(folder, **{field: shards})
+    with pytest.raises(StoreError, match=f"as shard 0 of {field}, which is not"):
         MemoryStore.load(folder, tiny_model)
 
 
-@pytest.mark.parametrize("damage", ["current-is-a-folder", "records-not-a-dict", "header-not-a-dict",
-                                    "no-checksums"])
+def test_record_shards_split_unlike_the_memory_shards_are_refused(tiny_model, tmp_path, monkeypatch):
+    """A save links record shards by the memory shards' rows; other splits would pair texts with
+    the wrong memories after the next save."""
+    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
+    folder = tmp_path / "s"
+    store.save(folder)
+    first, second = (json.loads((generation(folder) / f"records-0000{n}.json").read_text()) for n in (0, 1))
+    merged = {field: first[field] + second[field][:1] for field in first}  # 3 rows, then 1
+    (generation(folder) / "records-00000.json").write_text(json.dumps(merged))
+    (generation(folder) / "records-00001.json").write_text(json.dumps({f: v[1:] for f, v in second.items()}))
+    header = header_of(folder)
+    header["record_shards"] = [{"file": "records-00000.json", "rows": 3}, {"file": "records-00001.json", "rows": 1}]
+    for name in ("records-00000.json", "records-00001.json"):
+        header["sha256"][name] = hashlib.sha256((generation(folder) / name).read_bytes()).hexdigest()
+    rewrite_header(folder, **header)
+    with pytest.raises(StoreError, match="record shards do not hold the memory shards' rows"):
+        MemoryStore.load(folder, tiny_model)
+
+
+MALFORMED = {"current-is-a-folder": "CURRENT", "records-not-a-dict": "does not hold ids, texts and metadatas",
+             "header-not-a-dict": "is not a store header", "no-checksums": "lists no checksums"}
+
+
+@pytest.mark.parametrize("damage", list(MALFORMED))
 def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
     _, folder = saved
     if damage == "current-is-a-folder":
@@ -106,7 +139,7 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
     elif damage == "records-not-a-dict":
         (generation(folder) / "records-00000.json").write_text("[1, 2]")
         header = header_of(folder)
-        header["sha256"].pop("records-00000.json")
+        header["sha256"]["records-00000.json"] = hashlib.sha256(b"[1, 2]").hexdigest()
         rewrite_header(folder, sha256=header["sha256"])
     elif damage == "header-not-a-dict":
         (generation(folder) / "store.json").write_text('"a string"')
@@ -114,7 +147,7 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         header = header_of(folder)
         del header["sha256"]
         (generation(folder) / "store.json").write_text(json.dumps(header))
-    with pytest.raises(StoreError):
+    with pytest.raises(StoreError, match=MALFORMED[damage]):
         MemoryStore.load(folder, tiny_model)
 
 

@@ -38,6 +38,16 @@ def test_upsert_keeps_one_copy_per_id_and_replaces_content(store):
                           store.model.compress_documents(["Rome is the capital of Italy."]), atol=1e-2)
 
 
+def test_stored_metadata_is_a_copy_of_what_was_given_and_of_what_comes_back(store, tmp_path):
+    """A nested value changed by the caller used to change the stored metadata in RAM, while a
+    save that links an unchanged record shard keeps the old value on disk."""
+    given = {"tags": ["a"]}
+    store.upsert(["Lisbon lies on the Tagus."], ids=["m"], metadatas=[given])
+    given["tags"].append("b")
+    store.get(["m"])[0].metadata["tags"].append("c")
+    assert store.get(["m"])[0].metadata == {"tags": ["a"]}
+
+
 def test_a_document_cut_to_doc_max_length_is_reported_when_stored(store):
     with pytest.warns(UserWarning, match="1 of 1 documents exceed doc_max_length=64"):
         store.upsert([" ".join(CORPUS * 3)], ids=["long"])
@@ -128,8 +138,10 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002"]
 
 
-def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_path):
-    """Stores saved before the records were sharded keep loading, and save in shards after."""
+def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_path, monkeypatch):
+    """Stores saved before the records were sharded keep loading, and save in shards after
+    (full shards too, which a save of a format-3 generation would link)."""
+    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
     folder = store.save(tmp_path / "s")
     header = json.loads((folder / "store.json").read_text())
     records = {"ids": [], "texts": [], "metadatas": []}
@@ -146,7 +158,13 @@ def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_
     loaded.upsert(["Vienna lies on the Danube."], ids=["d9"])
     again = loaded.save(tmp_path / "s")
     assert (again / "records-00000.json").is_file() and not (again / "records.json").exists()
-    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == store.all_ids() + ["d9"]
+    reloaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert reloaded.all_ids() == store.all_ids() + ["d9"] and reloaded.get(["d3"]) == store.get(["d3"])
+    del header["sha256"]["records.json"]  # format 2 without its records file is refused, whatever else is there
+    (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/2"}))
+    (tmp_path / "s" / "CURRENT").write_text(folder.name + "\n")
+    with pytest.raises(StoreError, match="no checksum for records.json"):
+        MemoryStore.load(tmp_path / "s", tiny_model)
 
 
 @pytest.mark.parametrize("memory_dtype", ["float16", "int8"])
@@ -213,9 +231,12 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     held = lambda: sum(len(chunk) for chunk in store._memory_chunks)  # noqa: E731
     store.delete(["d0", "d6"])  # 2 dead rows of 7: kept
     assert held() == 7
-    store.upsert(CORPUS[1:4], ids=["d1", "d2", "d3"])  # 5 dead rows of 10: packed
+    replaced = ["Rome is the capital of Italy.", "Madrid is the capital of Spain.", "Oslo lies on a fjord."]
+    store.upsert(replaced, ids=["d1", "d2", "d3"])  # 5 dead rows of 10: packed
     assert held() == 5 and len(store) == 5
-    assert torch.equal(store.memories(["d1", "d2", "d3", "d4", "d5"]), expected[1:6])
+    now = torch.cat([store.model.compress_documents(replaced), expected[4:6]])
+    assert torch.allclose(store.memories(["d1", "d2", "d3", "d4", "d5"]), now, atol=2e-2)
+    assert torch.equal(store.memories(["d4", "d5"]), expected[4:6])
     for chunks in (store._scale_chunks, store._key_chunks):  # chunked with the memories, or not at all
         assert [len(c) for c in chunks] in ([], [len(c) for c in store._memory_chunks])
     fresh = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)  # the same documents, never replaced
@@ -223,8 +244,8 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     assert [d.id for d, _ in store.search("Paris", k=5)] == [d.id for d, _ in fresh.search("Paris", k=5)]
     store.save(tmp_path / "s")
     loaded = MemoryStore.load(tmp_path / "s", tiny_model, keys)
-    assert loaded.all_ids() == ["d1", "d2", "d3", "d4", "d5"]
-    assert torch.equal(loaded.memories(loaded.all_ids()), expected[1:6])
+    assert loaded.all_ids() == ["d1", "d2", "d3", "d4", "d5"] and loaded.get(["d1"])[0].text == replaced[0]
+    assert torch.equal(loaded.memories(loaded.all_ids()), store.memories(store.all_ids()))
     loaded.delete(["d1", "d2", "d3", "d4"])  # memory-mapped rows cost no RAM and stay where they are
     assert sum(len(chunk) for chunk in loaded._memory_chunks) == 5 and loaded.all_ids() == ["d5"]
 

@@ -31,7 +31,9 @@ from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, MemoryStore, StoredDocument
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import FETCH_K, BaseMemoryStore, check_store_model
+from clara_plugins.store import BaseMemoryStore, check_store_model
+
+MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
 from .embedding import ClaraEmbedding, take_memories
 
@@ -79,7 +81,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
     Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
     ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default). MMR re-ranks
     the ``mmr_prefetch_k`` nearest nodes, or ``similarity_top_k`` times ``mmr_prefetch_factor``
-    (``vector_store_kwargs``, as LlamaIndex's database stores read them; 20 by default).
+    (``vector_store_kwargs``, as LlamaIndex's database stores read them; 4 by default).
     Similarities are cosines.
     """
 
@@ -171,7 +173,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
             raise ValueError("ClaraVectorStore searches with the query text (query_str), not an embedding")
         if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
             raise NotImplementedError(f"query mode {query.mode.value!r} is not supported; use 'default' or 'mmr'")
-        lambda_mult, fetch_k = 1.0, FETCH_K
+        lambda_mult, fetch_k = 1.0, query.similarity_top_k  # fetch_k: the nodes MMR re-ranks (unused otherwise)
         if query.mode == VectorStoreQueryMode.MMR:
             threshold = query.mmr_threshold if query.mmr_threshold is not None else kwargs.get("mmr_threshold")
             lambda_mult = 0.5 if threshold is None else threshold
@@ -221,12 +223,14 @@ def _store_folder(persist_path: str | Path) -> Path:
 
 
 def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
-    """The nodes an MMR query re-ranks: ``mmr_prefetch_k``, or ``top_k`` x ``mmr_prefetch_factor``."""
+    """The nodes an MMR query re-ranks, as LlamaIndex's database stores count them:
+    ``mmr_prefetch_k``, or ``top_k`` x ``mmr_prefetch_factor`` (4 by default), never fewer than ``top_k``."""
     prefetch_k, factor = kwargs.get("mmr_prefetch_k"), kwargs.get("mmr_prefetch_factor")
     if prefetch_k is not None and factor is not None:
         raise ValueError("give mmr_prefetch_k or mmr_prefetch_factor, not both")
-    if factor is None:
-        return FETCH_K if prefetch_k is None else prefetch_k
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+    if prefetch_k is not None:
+        return max(top_k, int(prefetch_k))
+    factor = MMR_PREFETCH_FACTOR if factor is None else factor
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
         raise ValueError(f"mmr_prefetch_factor must be a positive number, got {factor!r}")
     return max(top_k, math.ceil(top_k * factor))
