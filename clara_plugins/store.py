@@ -895,11 +895,12 @@ def _verify_files(generation: Path, header: dict) -> None:
     for field, stem in _SHARD_STEMS.items():
         listed = header.get(field, [])
         for number, shard in enumerate(listed if isinstance(listed, list) else [None]):
-            if not isinstance(shard, dict) or shard.get("file") != f"{stem}-{number:05d}{_SHARD_SUFFIX[field]}" \
-                    or isinstance(shard.get("rows"), bool) or not isinstance(shard.get("rows"), int) or shard["rows"] < 0:
+            name = f"{stem}-{number:05d}{_SHARD_SUFFIX[field]}"
+            rows = shard.get("rows") if isinstance(shard, dict) else None
+            if not isinstance(shard, dict) or shard.get("file") != name or type(rows) is not int or rows < 0:
                 raise StoreError(f"{generation}/store.json lists {str(shard)[:80]!r} as shard {number} of {field}, "
-                                 f"which is not {stem}-{number:05d}{_SHARD_SUFFIX[field]} with its row count")
-            shards.append(shard["file"])
+                                 f"which is not {name} with its row count")
+            shards.append(name)
     if header.get("format") != FORMAT:
         shards.append("records.json")  # the records of formats 1 and 2, in one file
     for name in checksums:
