@@ -1,12 +1,12 @@
 """The store benchmarks on the tiny model: exact stores find the exact top 10, the plot is drawn,
-and a store is built at the rate asked."""
+a store is built at the rate asked, and saves in groups write each shard once."""
 
 import json
 
 import numpy as np
 import pytest
 
-from clara_benchmarks import scale_plot, store_build, store_scale
+from clara_benchmarks import scale_plot, store_build, store_saves, store_scale
 from clara_plugins.keys import ClaraKeys
 from conftest import CORPUS
 
@@ -75,3 +75,17 @@ def test_store_build_reads_the_checkpoint_at_the_rate_asked(tiny_model, tmp_path
     assert result["model"]["checkpoint"] == str(tmp_path / "checkpoint")
     fp16_memory = 2 * n_mem * tiny_model.hidden_size * 2
     assert fp16_memory <= result["bytes_per_passage"]["memory_tokens"] < fp16_memory + 64  # + a share of a .npy header
+
+
+def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_benchmarks.store_saves.load_model", lambda device: tiny_model)
+    (tmp_path / "passages.txt").write_text("\n\n".join(CORPUS))
+    store_saves.main(["--corpus", str(tmp_path / "passages.txt"), "--groups", "3", "--group-size", "2",
+                      "--out", str(tmp_path / "saves.json")])
+    saves = json.loads((tmp_path / "saves.json").read_text())["saves"]
+    assert [save["documents"] for save in saves] == [2, 4, 6]
+    shard = saves[0]["memories_written"]
+    assert [save["memories_linked"] for save in saves] == [0, shard, 2 * shard]
+    assert all(save["records_written"] < save["records_in_one_file"] for save in saves[1:])
+    assert saves[2]["records_linked"] + saves[2]["records_written"] == saves[2]["records_in_one_file"]
