@@ -555,7 +555,7 @@ class MemoryStore(BaseMemoryStore):
                         "key_shards": [] if self.keys.keys_are_memories else list(self._key_chunks)},
                 records={"ids": list(self._ids), "texts": list(self._texts), "metadatas": list(self._metadatas)},
             )
-            index = _index_copy(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
+            index = _SavedIndex.of(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
             previous = self._saved
         with open(folder / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; a second one waits its turn
@@ -564,7 +564,7 @@ class MemoryStore(BaseMemoryStore):
         return generation
 
     def _write_generation(self, folder: Path, snapshot: _Snapshot, previous: _SavedGeneration | None,
-                          index: faiss.Index | CompactIndex | None) -> tuple[Path, dict]:
+                          index: _SavedIndex | None) -> tuple[Path, dict]:
         for leftover in folder.glob(".staging-*"):  # a crashed writer's; no other writer holds the lock
             shutil.rmtree(leftover, ignore_errors=True)
         staging = folder / f".staging-{uuid.uuid4().hex}"
@@ -586,9 +586,9 @@ class MemoryStore(BaseMemoryStore):
                                            _records_writer(snapshot.records), previous, unchanged, checksums),
         }
         if index is not None:
-            _write_index(staging, index)
-        if isinstance(index, CompactIndex):
-            header["index_trained_over"] = index.trained_over
+            index.write(staging)
+            if index.compact is not None:
+                header["index_trained_over"] = index.compact.trained_over
         for path in sorted(staging.iterdir()):
             if path.name not in checksums:
                 checksums[path.name] = _sha256(path)
@@ -726,19 +726,30 @@ def _gather(chunks: list[np.ndarray], where: Sequence[tuple[int, int]] | np.ndar
     return out
 
 
-def _index_copy(index: faiss.Index | CompactIndex) -> faiss.Index | CompactIndex:
-    """A copy for a save to write while upserts go on adding rows to the store's own index."""
-    if isinstance(index, CompactIndex):  # its centre and projection are never changed in place
-        return CompactIndex(index.centre, index.projection, _index_copy(index.codes), index.trained_over)
-    return faiss.deserialize_index(faiss.serialize_index(index))
+@dataclasses.dataclass(frozen=True)
+class _SavedIndex:
+    """The index as a save writes it, taken under the store's lock while upserts may go on
+    adding rows to the store's own: faiss's bytes (one copy, so a large hnsw index costs about
+    twice its RAM during a save, where a second index object cost three times), and a compact
+    index, whose centre, projection and training size are never changed in place."""
 
+    data: np.ndarray  # uint8, the index.faiss file
+    compact: CompactIndex | None
 
-def _write_index(folder: Path, index: faiss.Index | CompactIndex) -> None:
-    if isinstance(index, CompactIndex):
-        _write_array(folder / "index-centre.npy", index.centre)
-        _write_array(folder / "index-projection.npy", index.projection)
-        index = index.codes
-    faiss.write_index(index, str(folder / "index.faiss"))
+    @classmethod
+    def of(cls, index: faiss.Index | CompactIndex) -> "_SavedIndex":
+        if isinstance(index, CompactIndex):
+            return cls(faiss.serialize_index(index.codes), index)
+        return cls(faiss.serialize_index(index), None)
+
+    def write(self, folder: Path) -> None:
+        if self.compact is not None:
+            _write_array(folder / "index-centre.npy", self.compact.centre)
+            _write_array(folder / "index-projection.npy", self.compact.projection)
+        with open(folder / "index.faiss", "wb") as handle:
+            self.data.tofile(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _read_index(generation: Path, count: int, trained_over: int | None) -> faiss.Index | CompactIndex:

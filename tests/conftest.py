@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import tempfile
 from pathlib import Path
 
@@ -78,6 +80,21 @@ def tiny_base(tmp_path_factory) -> Path:
 def other_tiny_base(tmp_path_factory) -> Path:
     """Same architecture and tokenizer corpus, different weights: 'another base model'."""
     return build_tiny_base_model(tmp_path_factory.mktemp("other-llama"), seed=1)
+
+
+def with_one_records_file(generation: Path, header: dict) -> dict:
+    """Rewrite a saved generation's record shards as the one records.json that stores before
+    format 3 held; returns the header without the shards, to be written with an older format."""
+    records: dict[str, list] = {"ids": [], "texts": [], "metadatas": []}
+    header = {**header, "sha256": dict(header["sha256"])}
+    for shard in header.pop("record_shards"):
+        for field, values in json.loads((generation / shard["file"]).read_text()).items():
+            records[field] += values
+        (generation / shard["file"]).unlink()
+        del header["sha256"][shard["file"]]
+    (generation / "records.json").write_text(json.dumps(records))
+    header["sha256"]["records.json"] = hashlib.sha256((generation / "records.json").read_bytes()).hexdigest()
+    return header
 
 
 def randomize_adapters(model: ClaraModel, seed: int = 0) -> None:

@@ -1,7 +1,6 @@
 """MemoryStore: upsert/delete/get, filters, search, persistence, crashes and concurrency."""
 
 import dataclasses
-import hashlib
 import json
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins import store as store_module
 from clara_plugins.store import HNSW_EF_SEARCH
-from conftest import CORPUS, randomize_adapters
+from conftest import CORPUS, randomize_adapters, with_one_records_file
 
 METAS = [{"topic": "city", "n": 1}, {"topic": "tower", "n": 2}, {"topic": "city", "n": 3},
          {"topic": "river", "n": 4}, {"topic": "science", "n": 5}]
@@ -143,15 +142,7 @@ def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_
     (full shards too, which a save of a format-3 generation would link)."""
     monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
     folder = store.save(tmp_path / "s")
-    header = json.loads((folder / "store.json").read_text())
-    records = {"ids": [], "texts": [], "metadatas": []}
-    for shard in header.pop("record_shards"):
-        for field, values in json.loads((folder / shard["file"]).read_text()).items():
-            records[field] += values
-        (folder / shard["file"]).unlink()
-        del header["sha256"][shard["file"]]
-    (folder / "records.json").write_text(json.dumps(records))
-    header["sha256"]["records.json"] = hashlib.sha256((folder / "records.json").read_bytes()).hexdigest()
+    header = with_one_records_file(folder, json.loads((folder / "store.json").read_text()))
     (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/2"}))
     loaded = MemoryStore.load(tmp_path / "s", tiny_model)
     assert loaded.all_ids() == store.all_ids() and loaded.get(["d3"]) == store.get(["d3"])

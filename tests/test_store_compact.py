@@ -14,7 +14,7 @@ import torch
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins.compact import MIN_ROWS, RETRAIN_GROWTH, CompactIndex
 from clara_plugins.keys import ClaraKeys, memory_keys
-from conftest import CORPUS, randomize_adapters
+from conftest import CORPUS, randomize_adapters, with_one_records_file
 
 GROUPS, PER_GROUP = 160, 8  # 1,280 documents: enough to train the compact index
 
@@ -136,6 +136,7 @@ def test_a_format_1_store_loads_and_its_ivf_index_is_rebuilt(tiny_config, tmp_pa
     faiss.write_index(stale, str(folder / "index.faiss"))
     header["sha256"]["index.faiss"] = hashlib.sha256((folder / "index.faiss").read_bytes()).hexdigest()
     del header["memory_dtype"], header["scale_shards"]
+    header = with_one_records_file(folder, header)
     (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/1"}))
 
     loaded = MemoryStore.load(tmp_path / "s", tiny_model)
