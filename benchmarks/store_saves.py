@@ -10,7 +10,7 @@ The records of every document in one file (the store format before 3) would have
 whole at every save: the report sets that size, the sum of the record shards, beside what was
 written. The memories are random fp16 tensors of the shipped checkpoint's shape (the bytes do
 not depend on their values), so that no time goes to compression; the texts are real passages
-of ``--corpus``, taken in turn.
+of ``--corpus``, taken in turn, with the ids and metadata `clara index` gives them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
+from clara_plugins.cli import document_id
 from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
 from clara_plugins.store import SHARD_ROWS
@@ -56,22 +56,23 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(device="cpu")
     passages = read_documents([str(args.corpus)])
     shape = (args.group_size, model.config.n_mem_tokens, model.hidden_size)
-    folder = Path(tempfile.mkdtemp(prefix="clara-saves-"))  # this run's own, removed at the end
+    scratch = tempfile.TemporaryDirectory(prefix="clara-saves-")  # this run's own, removed at the end
     store, saves = MemoryStore(model), []
     generator = torch.Generator().manual_seed(0)
     for group in tqdm(range(args.groups), desc="groups"):
-        first = group * args.group_size
-        texts = [passages[i % len(passages)] for i in range(first, first + args.group_size)]
-        store.upsert(texts, ids=[str(i) for i in range(first, first + args.group_size)],
+        positions = range(group * args.group_size, (group + 1) * args.group_size)
+        texts = [f"{passages[i % len(passages)]} ({i})" for i in positions]  # distinct, as a corpus's passages
+        store.upsert(texts, ids=[document_id(text) for text in texts],
+                     metadatas=[{"source": args.corpus.name, "position": i} for i in positions],
                      memories=torch.randn(shape, generator=generator).to(torch.float16))
         started = time.perf_counter()
-        generation = store.save(folder)
+        generation = store.save(scratch.name)
         seconds = time.perf_counter() - started
         records_in_one_file = sum(p.stat().st_size for p in generation.glob("records-*.json"))
         saves.append({"documents": len(store), "seconds": round(seconds, 2), **written_and_linked(generation),
                       "records_in_one_file": records_in_one_file})
         print(json.dumps(saves[-1]), flush=True)
-    shutil.rmtree(folder)
+    scratch.cleanup()
     totals = {key: sum(save[key] for save in saves) for key in saves[0] if key not in ("documents", "seconds")}
     report = {"groups": args.groups, "group_size": args.group_size, "corpus": str(args.corpus), "saves": saves,
               "totals": totals, "machine": platform.processor() or platform.machine()}

@@ -360,8 +360,8 @@ class MemoryStore(BaseMemoryStore):
             self._dead_ram_rows += 1
 
     def _drop_dead_rows(self) -> None:
-        """Pack the chunks held in RAM anew once most of their rows are the memories of replaced
-        or deleted documents (and there are SHARD_ROWS such rows or more), so that a long-running
+        """Pack the chunks held in RAM anew once half their rows or more are the memories of
+        replaced or deleted documents (and there are SHARD_ROWS such rows or more), so that a long-running
         store's RAM follows its live documents. Memory-mapped chunks (a loaded generation) cost
         no RAM and keep their places. Chunks are replaced, never changed in place (see save)."""
         if self._dead_ram_rows < max(self._ram_rows - self._dead_ram_rows, SHARD_ROWS):
@@ -588,7 +588,7 @@ class MemoryStore(BaseMemoryStore):
         if index is not None:
             index.write(staging)
             if index.compact is not None:
-                header["index_trained_over"] = index.compact.trained_over
+                header["index_trained_over"] = index.compact[2]
         for path in sorted(staging.iterdir()):
             if path.name not in checksums:
                 checksums[path.name] = _sha256(path)
@@ -726,26 +726,26 @@ def _gather(chunks: list[np.ndarray], where: Sequence[tuple[int, int]] | np.ndar
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class _SavedIndex:
     """The index as a save writes it, taken under the store's lock while upserts may go on
-    adding rows to the store's own: faiss's bytes (one copy, so a large hnsw index costs about
-    twice its RAM during a save, where a second index object cost three times), and a compact
-    index, whose centre, projection and training size are never changed in place."""
+    adding rows to the store's own: faiss's serialized bytes (the file itself, where a second
+    index object built from them held the same rows again), and a compact index's centre,
+    projection and training size, which are never changed in place."""
 
     data: np.ndarray  # uint8, the index.faiss file
-    compact: CompactIndex | None
+    compact: tuple[np.ndarray, np.ndarray, int] | None  # centre, projection, trained_over
 
     @classmethod
     def of(cls, index: faiss.Index | CompactIndex) -> "_SavedIndex":
         if isinstance(index, CompactIndex):
-            return cls(faiss.serialize_index(index.codes), index)
+            return cls(faiss.serialize_index(index.codes), (index.centre, index.projection, index.trained_over))
         return cls(faiss.serialize_index(index), None)
 
     def write(self, folder: Path) -> None:
         if self.compact is not None:
-            _write_array(folder / "index-centre.npy", self.compact.centre)
-            _write_array(folder / "index-projection.npy", self.compact.projection)
+            _write_array(folder / "index-centre.npy", self.compact[0])
+            _write_array(folder / "index-projection.npy", self.compact[1])
         with open(folder / "index.faiss", "wb") as handle:
             self.data.tofile(handle)
             handle.flush()

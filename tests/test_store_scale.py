@@ -88,4 +88,4 @@ def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_mo
     shard = saves[0]["memories_written"]
     assert [save["memories_linked"] for save in saves] == [0, shard, 2 * shard]
     assert all(save["records_written"] < save["records_in_one_file"] for save in saves[1:])
-    assert saves[2]["records_linked"] + saves[2]["records_written"] == saves[2]["records_in_one_file"]
+    assert [save["records_linked"] for save in saves[1:]] == [save["records_in_one_file"] for save in saves[:2]]
