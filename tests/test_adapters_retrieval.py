@@ -229,6 +229,16 @@ def test_clara_embedding_lets_simple_vector_store_rank_like_clara(llama_store, t
     assert [n.score for n in found] == pytest.approx(expected.similarities, abs=1e-4)
 
 
+def test_clara_embedding_keeps_no_memories_that_no_clara_store_takes(tiny_model):
+    from llama_index_clara import embedding as embedding_module
+
+    ClaraEmbedding(clara=tiny_model).get_text_embedding_batch(CORPUS[:3])  # beside another store
+    assert not embedding_module._untaken.get(tiny_model)
+    LlamaClaraVectorStore(tiny_model)
+    ClaraEmbedding(clara=tiny_model).get_text_embedding_batch(CORPUS[:3])  # for a ClaraVectorStore to take
+    assert list(embedding_module._untaken[tiny_model]) == CORPUS[:3]
+
+
 # 7. LlamaIndex persistence through StorageContext
 
 def test_storage_context_persist_and_reload(tiny_model, tmp_path):

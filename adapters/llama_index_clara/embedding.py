@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from weakref import WeakKeyDictionary
+from weakref import WeakKeyDictionary, WeakSet
 
 import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -15,6 +15,7 @@ from clara_plugins.keys import ClaraKeys, normalize_rows
 
 _KEEP = 4096  # memory tokens remembered per model until a ClaraVectorStore takes them
 _untaken: WeakKeyDictionary[ClaraModel, OrderedDict[str, torch.Tensor]] = WeakKeyDictionary()
+_takers: WeakSet[ClaraModel] = WeakSet()  # the models of the ClaraVectorStores made so far
 _untaken_lock = threading.Lock()
 
 
@@ -27,9 +28,10 @@ class ClaraEmbedding(BaseEmbedding):
     does. A vector holds ``hidden`` values with the mean key (576 for the default model) and
     n_mem x hidden with the flattened one.
 
-    ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so the
-    memory tokens computed here are remembered (per model, at most ``_KEEP`` texts) and a
-    ClaraVectorStore of the same model takes them instead of compressing the text again.
+    ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so
+    once a ClaraVectorStore of the same model exists, the memory tokens computed here are
+    remembered (per model, at most ``_KEEP`` texts) and the store takes them instead of
+    compressing the text again. Beside another store, nothing is kept.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -44,12 +46,13 @@ class ClaraEmbedding(BaseEmbedding):
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
         memories = self.clara.compress_documents(texts).to(torch.float16).cpu()
         with _untaken_lock:
-            untaken = _untaken.setdefault(self.clara, OrderedDict())
-            for text, memory in zip(texts, memories):
-                untaken[text] = memory
-                untaken.move_to_end(text)
-            while len(untaken) > _KEEP:
-                untaken.popitem(last=False)
+            if self.clara in _takers:  # else no store of this model would ever take them
+                untaken = _untaken.setdefault(self.clara, OrderedDict())
+                for text, memory in zip(texts, memories):
+                    untaken[text] = memory
+                    untaken.move_to_end(text)
+                while len(untaken) > _KEEP:
+                    untaken.popitem(last=False)
         return ClaraKeys(self.clara).memory_keys(memories.numpy()).tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
@@ -63,6 +66,12 @@ class ClaraEmbedding(BaseEmbedding):
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
         return self._get_query_embedding(query)
+
+
+def expect_takers(model: ClaraModel) -> None:
+    """A ClaraVectorStore of this model will take the memory tokens its embeddings compute."""
+    with _untaken_lock:
+        _takers.add(model)
 
 
 def take_memories(model: ClaraModel, texts: list[str]) -> torch.Tensor:

@@ -35,7 +35,7 @@ from clara_plugins.store import BaseMemoryStore, check_store_model
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
-from .embedding import ClaraEmbedding, take_memories
+from .embedding import ClaraEmbedding, expect_takers, take_memories
 
 _OPERATORS = {FilterOperator.EQ: "$eq", FilterOperator.NE: "$ne", FilterOperator.IN: "$in",
               FilterOperator.NIN: "$nin", FilterOperator.GT: "$gt", FilterOperator.GTE: "$gte",
@@ -100,6 +100,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         else:
             check_store_model(store, model)
         self._store = store
+        expect_takers(store.model)
         self._embed_model = ClaraEmbedding(clara=store.model)
         current = getattr(Settings, "_embed_model", None)  # read without resolving the OpenAI default
         if current is None or isinstance(current, ClaraEmbedding):
