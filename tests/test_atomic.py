@@ -75,7 +75,7 @@ def test_the_store_writes_its_json_files_atomically(tiny_model, tmp_path, monkey
     memories = MemoryStore(tiny_model)
     memories.upsert(CORPUS[:2], ids=["a", "b"])
     memories.save(tmp_path / "s")
-    assert sorted(written) == ["records.json", "store.json"]
+    assert sorted(written) == ["records-00000.json", "store.json"]
     assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == ["a", "b"]
 
 
