@@ -70,10 +70,10 @@ HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
-_SHARD_SUFFIX = {"memory_shards": ".npy", "scale_shards": ".npy", "key_shards": ".npy", "record_shards": ".json"}
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
-# header field: shard file stem
-_SHARD_STEMS = {"memory_shards": "memories", "scale_shards": "scales", "key_shards": "keys", "record_shards": "records"}
+# header field: the names of its shard files
+_SHARD_FILES = {"memory_shards": "memories-{:05d}.npy", "scale_shards": "scales-{:05d}.npy",
+                "key_shards": "keys-{:05d}.npy", "record_shards": "records-{:05d}.json"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,9 +361,10 @@ class MemoryStore(BaseMemoryStore):
 
     def _drop_dead_rows(self) -> None:
         """Pack the chunks held in RAM anew once half their rows or more are the memories of
-        replaced or deleted documents (and there are SHARD_ROWS such rows or more), so that a long-running
-        store's RAM follows its live documents. Memory-mapped chunks (a loaded generation) cost
-        no RAM and keep their places. Chunks are replaced, never changed in place (see save)."""
+        replaced or deleted documents (and there are SHARD_ROWS such rows or more), so that a
+        long-running store's RAM follows its live documents. Memory-mapped chunks (a loaded
+        generation) cost no RAM and keep their places. Chunks are replaced, never changed in
+        place (see save)."""
         if self._dead_ram_rows < max(self._ram_rows - self._dead_ram_rows, SHARD_ROWS):
             return
         in_ram = [not isinstance(chunk, np.memmap) for chunk in self._memory_chunks]
@@ -578,11 +579,10 @@ class MemoryStore(BaseMemoryStore):
             "compressor": compressor_signature(self.model),
             "keys": self.keys.signature(),
             "memory_dtype": self.memory_dtype,
-            **{field: _write_shards(staging, f"{_SHARD_STEMS[field]}-{{:05d}}.npy",
-                                    len(snapshot.where) if chunks else 0, _array_writer(chunks, snapshot.where),
-                                    previous, unchanged, checksums)
+            **{field: _write_shards(staging, field, len(snapshot.where) if chunks else 0,
+                                    _array_writer(chunks, snapshot.where), previous, unchanged, checksums)
                for field, chunks in snapshot.chunks.items()},
-            "record_shards": _write_shards(staging, "records-{:05d}.json", len(snapshot.where),
+            "record_shards": _write_shards(staging, "record_shards", len(snapshot.where),
                                            _records_writer(snapshot.records), previous, unchanged, checksums),
         }
         if index is not None:
@@ -789,14 +789,14 @@ def _read_array(path: Path, dtype: DTypeLike, mmap_mode: str | None = None) -> n
     return array
 
 
-def _write_shards(staging: Path, name: str, count: int, write: Callable[[Path, slice], None],
+def _write_shards(staging: Path, field: str, count: int, write: Callable[[Path, slice], None],
                   previous: _SavedGeneration | None, unchanged: set[int], checksums: dict[str, str]) -> list[dict]:
-    """Shards of SHARD_ROWS of the ``count`` rows, named ``name.format(number)``: those numbered in
+    """The header ``field``'s shards of SHARD_ROWS of the ``count`` rows: those numbered in
     ``unchanged`` are linked from the previous generation (with their checksums) where the file
     system allows it, the others written with ``write(path, rows)``."""
     shards = []
     for number, start in enumerate(range(0, count, SHARD_ROWS)):
-        file, rows = name.format(number), slice(start, min(start + SHARD_ROWS, count))
+        file, rows = _SHARD_FILES[field].format(number), slice(start, min(start + SHARD_ROWS, count))
         if number in unchanged and previous.link(file, staging / file):
             checksums[file] = previous.checksums[file]
         else:
@@ -903,10 +903,10 @@ def _verify_files(generation: Path, header: dict) -> None:
     if not isinstance(checksums, dict):
         raise StoreError(f"{generation}/store.json lists no checksums")
     shards = []
-    for field, stem in _SHARD_STEMS.items():
+    for field, names in _SHARD_FILES.items():
         listed = header.get(field, [])
         for number, shard in enumerate(listed if isinstance(listed, list) else [None]):
-            name = f"{stem}-{number:05d}{_SHARD_SUFFIX[field]}"
+            name = names.format(number)
             rows = shard.get("rows") if isinstance(shard, dict) else None
             if not isinstance(shard, dict) or shard.get("file") != name or type(rows) is not int or rows < 0:
                 raise StoreError(f"{generation}/store.json lists {str(shard)[:80]!r} as shard {number} of {field}, "
