@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from clara_plugins.jsonfiles import read_jsonl
+
 
 def _split(text: str) -> tuple[int, int]:
     """``8x4`` -> (8 rows a micro-batch, 4 micro-batches)."""
@@ -43,7 +45,7 @@ def _measure(split: tuple[int, int], args: argparse.Namespace, folder: Path) -> 
     if child.returncode != 0:
         killed = " (killed by a signal: out of memory?)" if child.returncode < 0 else ""
         raise RuntimeError(f"{' '.join(command)} failed with status {child.returncode}{killed}")
-    log = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    log = read_jsonl(output / "log.jsonl")
     return {"batch_size": batch_size, "grad_accum": grad_accum,
             "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
             "train_seconds": log[-1]["seconds"], "seconds_per_step": round(log[-1]["seconds"] / len(log), 1),

@@ -9,11 +9,10 @@ MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from .errors import InvalidInputError
-from .jsonfiles import read_jsonl
+from .jsonfiles import read_json, read_jsonl
 
 
 @dataclasses.dataclass
@@ -29,7 +28,7 @@ class QAExample:
 def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
     """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows)."""
     path = Path(path)
-    rows = json.loads(path.read_text()) if path.suffix == ".json" else read_jsonl(path)
+    rows = read_json(path, InvalidInputError) if path.suffix == ".json" else read_jsonl(path)
     examples = [_example(row, number) for number, row in enumerate(rows[:limit])]
     if not examples:
         raise ValueError(f"{path} holds no examples")
@@ -51,7 +50,7 @@ def read_documents(paths: list[str]) -> list[str]:
         if not path.is_file():
             raise FileNotFoundError(f"{source}: no such file" if not path.exists() else f"{source} is not a file")
         if path.suffix in (".json", ".jsonl"):
-            records = read_jsonl(path) if path.suffix == ".jsonl" else json.loads(path.read_text())
+            records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path, InvalidInputError)
             if not isinstance(records, list):
                 raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
             documents.extend(_record_text(record, f"{source}, record {number}")

@@ -1,4 +1,4 @@
-"""JSON files on disk: one value read with an error that names the file, and JSONL row files."""
+"""JSON files on disk: one value or JSONL rows, read with errors that name the file."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .atomic import write_file_atomically
+from .errors import InvalidInputError
 
 
 def read_json(path: Path, error: type[ValueError]) -> object:
@@ -18,9 +19,24 @@ def read_json(path: Path, error: type[ValueError]) -> object:
         raise error(f"{path} is corrupted (not valid JSON): {corrupted}") from corrupted
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """One value per non-blank line."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
+    """One value per non-blank line; a line that is not JSON is an error naming the file and line.
+
+    A file a run ``appended`` to may end in a line that a killed run left cut short: that last
+    line alone is dropped, so that the run can resume.
+    """
+    lines = Path(path).read_text().splitlines()
+    last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if not (appended and number == last):
+                raise InvalidInputError(f"{path} line {number + 1} is not JSON: {error}") from error
+    return rows
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .errors import InvalidInputError
-from .jsonfiles import write_jsonl
+from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import normalize_answer
 
 Teacher = Callable[[str], str]
@@ -129,22 +129,6 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
     return qa, paraphrase, counts
 
 
-def _rows_written(path: Path) -> list[dict]:
-    """The rows of a file a run appends to: a last line that a killed run left cut short is
-    dropped; any other line that is not JSON is an error."""
-    lines = path.read_text().splitlines()
-    last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for number, line in enumerate(lines):
-        try:
-            if line.strip():
-                rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number < last:
-                raise InvalidInputError(f"{path} line {number + 1} is not JSON: {error}") from error
-    return rows
-
-
 def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
                simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
@@ -156,11 +140,11 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
                                 "name another output, or move the file away")
     done = set()
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
-        marks = _rows_written(ledger)
+        marks = read_jsonl(ledger, appended=True)
         write_jsonl(marks, ledger)
         done = {mark["doc_id"] for mark in marks}
     if output.exists():  # drop rows of a document that was in progress when the last run died
-        write_jsonl([row for row in _rows_written(output) if row["doc_id"] in done], output)
+        write_jsonl([row for row in read_jsonl(output, appended=True) if row["doc_id"] in done], output)
     report = SynthesisReport()
     documents = list(documents)
     with open(output, "a") as rows, open(ledger, "a") as marks:

@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 from .atomic import recover_folder
 from .checkpoint import TRAINER_STATE_FILE, load_trained_weights, save_checkpoint
 from .config import TrainConfig
+from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
 from .passes import (completion_log_likelihood, completion_log_probs, copy_adapter, encode_with_gradients,
@@ -408,9 +409,8 @@ def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict
 
 def _forget_steps_after(log: Path, step: int) -> None:
     """Drop the log records of steps run after the last save: a resumed run replays them."""
-    if log.exists():
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= step]
-        log.write_text("".join(line + "\n" for line in kept))
+    if log.exists():  # a last line cut short by the kill is dropped too
+        write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log)
 
 
 def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> None:

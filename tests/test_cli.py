@@ -38,8 +38,10 @@ def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):
     ("d.jsonl", '{"text": "kept", "contents": ""}\n{"text": " ", "title": "T"}\n', "d.jsonl, record 1 has no text"),
     ("b.json", '["a bare string"]', r"b.json, record 0 is a JSON str, not a record"),
     ("c.json", '{"text": "one record, not a list"}', r"c.json holds a JSON dict, not a list of records"),
+    ("e.jsonl", '{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', r"e.jsonl line 2 is not JSON: Expecting ','"),
+    ("f.json", '[{"text": "a"},', r"f.json is corrupted \(not valid JSON\)"),
 ])
-def test_corpus_records_without_a_text_are_refused(tmp_path, name, content, message):
+def test_corpus_records_that_are_not_json_or_lack_a_text_are_refused(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     with pytest.raises(InvalidInputError, match=message):
         read_documents([str(tmp_path / name)])

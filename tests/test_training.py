@@ -434,7 +434,8 @@ def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config,
     assert moved and all(torch.allclose(accumulated_update[k], whole_update[k], atol=1e-4) for k in moved)
 
 
-@pytest.mark.parametrize("killed", ["in step 4", "while saving step 4", "between the renames of step 4's save"])
+@pytest.mark.parametrize("killed", ["in step 4", "while saving step 4", "between the renames of step 4's save",
+                                    "while logging step 4"])
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch, killed):
     def fresh() -> ClaraModel:
         torch.manual_seed(0)  # LoRA A matrices are drawn at construction
@@ -463,7 +464,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_replace(source, target)
 
-    if killed == "in step 4":
+    if killed in ("in step 4", "while logging step 4"):
         monkeypatch.setattr(training, "instruct_loss", crash_in_step_four)
     elif killed == "while saving step 4":
         monkeypatch.setattr(torch, "save", crash_saving_step_four)
@@ -471,6 +472,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
         monkeypatch.setattr(os, "replace", crash_between_the_renames)
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), INSTRUCT, config, tmp_path / "resumed")
+    if killed == "while logging step 4":  # its record cut short
+        with open(tmp_path / "resumed" / "log.jsonl", "a") as log:
+            log.write('{"step": 4, "lo')
     monkeypatch.undo()
     resumed, passes = fresh(), []
     monkeypatch.setattr(training, "instruct_loss", lambda *args: passes.append(1) or real_loss(*args))
