@@ -587,8 +587,8 @@ class MemoryStore(BaseMemoryStore):
         }
         if index is not None:
             index.write(staging)
-            if index.compact is not None:
-                header["index_trained_over"] = index.compact[2]
+            if index.trained_over is not None:
+                header["index_trained_over"] = index.trained_over
         for path in sorted(staging.iterdir()):
             if path.name not in checksums:
                 checksums[path.name] = _sha256(path)
@@ -734,18 +734,20 @@ class _SavedIndex:
     projection and training size, which are never changed in place."""
 
     data: np.ndarray  # uint8, the index.faiss file
-    compact: tuple[np.ndarray, np.ndarray, int] | None  # centre, projection, trained_over
+    centre: np.ndarray | None = None  # these three for a compact index only
+    projection: np.ndarray | None = None
+    trained_over: int | None = None
 
     @classmethod
     def of(cls, index: faiss.Index | CompactIndex) -> "_SavedIndex":
         if isinstance(index, CompactIndex):
-            return cls(faiss.serialize_index(index.codes), (index.centre, index.projection, index.trained_over))
-        return cls(faiss.serialize_index(index), None)
+            return cls(faiss.serialize_index(index.codes), index.centre, index.projection, index.trained_over)
+        return cls(faiss.serialize_index(index))
 
     def write(self, folder: Path) -> None:
-        if self.compact is not None:
-            _write_array(folder / "index-centre.npy", self.compact[0])
-            _write_array(folder / "index-projection.npy", self.compact[1])
+        if self.trained_over is not None:
+            _write_array(folder / "index-centre.npy", self.centre)
+            _write_array(folder / "index-projection.npy", self.projection)
         with open(folder / "index.faiss", "wb") as handle:
             self.data.tofile(handle)
             handle.flush()
