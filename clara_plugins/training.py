@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 from .atomic import recover_folder
 from .checkpoint import TRAINER_STATE_FILE, load_trained_weights, save_checkpoint
 from .config import TrainConfig
+from .errors import CheckpointError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
@@ -407,6 +409,19 @@ def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict
     return [picked[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
 
 
+def _read_trainer_state(path: Path) -> dict:
+    """The optimizer, scheduler and RNG states of the last save, on the CPU (the optimizer moves
+    its own to its parameters' device), so that a GPU run resumes on a machine without one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path} is corrupted: torch could not read it ({error})") from error
+    missing = {"step", "config", "optimizer", "scheduler", "rng"} - set(state if isinstance(state, dict) else ())
+    if missing:
+        raise CheckpointError(f"{path} is not a trainer state of this library: it lacks {', '.join(sorted(missing))}")
+    return state
+
+
 def _forget_steps_after(log: Path, step: int) -> None:
     """Drop the log records of steps run after the last save: a resumed run replays them."""
     if log.exists():  # a last line cut short by the kill is dropped too
@@ -468,14 +483,16 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
     if resuming:
-        state = torch.load(state_path, weights_only=True)
+        state = _read_trainer_state(state_path)
         if state["config"] != dataclasses.asdict(config):
             raise ValueError(f"{output} was trained with another configuration; use a new output folder")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():  # the dropout masks of a GPU run
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = state["step"]
-        _forget_steps_after(output / "log.jsonl", start)
+    _forget_steps_after(output / "log.jsonl", start if resuming else -1)  # also a run killed before its first save
     cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
     teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
@@ -523,7 +540,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state()})
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, step + 1, log)
     model.eval()

@@ -486,6 +486,43 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_a_run_killed_before_its_first_save_starts_its_log_again(tiny_model, tmp_path, monkeypatch):
+    real_loss = training.instruct_loss
+    calls = {"n": 0}
+
+    def crash_in_step_two(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1, lr=1e-3, save_every=2)
+    monkeypatch.setattr(training, "instruct_loss", crash_in_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, INSTRUCT, config, tmp_path)
+    with open(tmp_path / "log.jsonl", "a") as log:  # and was writing a record when it died
+        log.write('{"step": 2, "lo')
+    monkeypatch.undo()
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize("content,message", [(b"PK\x03\x04 cut short", "is corrupted: torch could not read it"),
+                                             (None, "is not a trainer state of this library: it lacks optimizer")])
+def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, message):
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=1e-3)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    state_path = tmp_path / "checkpoint" / "trainer_state.pt"
+    if content is None:
+        state = torch.load(state_path, weights_only=True)
+        del state["optimizer"]
+        torch.save(state, state_path)
+    else:
+        state_path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"trainer_state.pt {message}"):
+        train(tiny_model, INSTRUCT, dataclasses.replace(config, steps=2), tmp_path)
+
+
 def test_a_checkpoint_without_its_trainer_state_is_not_trained_over(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "run" / "checkpoint")
     before = (tmp_path / "run" / "checkpoint" / "adapter_decoder_adapter.safetensors").read_bytes()
