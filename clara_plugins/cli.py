@@ -207,13 +207,12 @@ def _index(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .indexing import RayCompression, index_documents
     from .pretrained import load_model
-    from .store import MemoryStore
+    from .store import MemoryStore, check_store_folder
 
     if args.workers is not None and args.ray is None:
         raise InvalidInputError("--workers sets the Ray actors: give --ray too")
     folder = Path(args.store)
-    if not (folder / "CURRENT").exists() and folder.exists() and any(folder.iterdir()):
-        raise StoreError(f"{folder} holds files but no CLaRa memory store: choose an empty or new folder")
+    check_store_folder(folder)  # before the model loads
     documents = [(text, {"source": Path(path).name, "position": i})  # read before the model loads: a typo costs no load
                  for path in args.corpus for i, text in enumerate(read_documents([path]))]
     ids = [document_id(text) for text, _ in documents]

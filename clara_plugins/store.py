@@ -68,6 +68,7 @@ RESCORE_FACTOR = 40
 # keys, 128 found 98 % at 0.2 ms a query (docs/benchmarks, store_scale); construction as faiss'
 HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
+_STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock)$")  # besides CURRENT
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
@@ -548,6 +549,7 @@ class MemoryStore(BaseMemoryStore):
         corpus indexed in groups (``index_documents``) writes each shard about once.
         """
         folder = Path(folder)
+        check_store_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
         with self._lock:  # a consistent snapshot; chunks are never changed in place, so the writing can wait
             snapshot = _Snapshot(
@@ -840,6 +842,21 @@ def _read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.
             raise StoreError(f"{folder / shard['file']} holds {len(array)} rows, expected {shard['rows']}")
         arrays.append(array)
     return arrays
+
+
+def check_store_folder(folder: Path) -> None:
+    """Refuse a folder a store cannot be saved to without harm to files it did not write: a save
+    replaces ``CURRENT`` and removes older ``gen-*`` folders. A folder holding only what a save
+    killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*``) is the store's."""
+    if (folder / "CURRENT").exists():
+        _current_generation(folder)  # names a generation of a store, or the error says what it names
+    elif folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if not _STORE_ENTRY.match(p.name))
+        if others:
+            raise StoreError(f"{folder} holds files but no CLaRa memory store ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}): choose an empty or new folder")
+    elif folder.exists():
+        raise StoreError(f"{folder} is a file, not a folder for a CLaRa memory store")
 
 
 def check_store_model(store: BaseMemoryStore, model: object) -> None:

@@ -88,6 +88,19 @@ def test_index_then_ask_from_the_store_and_resume(tiny_model, tmp_path, capsys):
     assert result["answer"] == expected[0]
 
 
+def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    store = tmp_path / "store"
+    for leftover in (".staging-" + "0" * 32, "gen-000001"):  # written before CURRENT was
+        (store / leftover).mkdir(parents=True)
+        (store / leftover / "memories-00000.npy").write_bytes(b"cut short")
+    (store / ".lock").touch()
+    main(["index", "docs/examples/documents.txt", "--store", str(store), "--checkpoint", str(tmp_path / "ckpt"),
+          "--device", "cpu"])
+    assert "4 documents (4 compressed now, 0 already stored)" in capsys.readouterr().out
+    assert len(MemoryStore.load(store, tiny_model)) == 4
+
+
 def test_index_refuses_a_folder_it_did_not_write(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "mine").mkdir()

@@ -116,6 +116,14 @@ def test_persist_and_reload(vector_store, tiny_model, tmp_path):
     assert query(loaded).ids == query(vector_store).ids
 
 
+def test_persist_paths_that_differ_after_a_dot_are_two_stores(vector_store, tiny_model, tmp_path):
+    vector_store.persist(str(tmp_path / "run.v1"))
+    vector_store.delete_nodes(["n0"])
+    vector_store.persist(str(tmp_path / "run.v2"))
+    loaded = [ClaraVectorStore.from_persist_path(tmp_path / name, tiny_model) for name in ("run.v1", "run.v2")]
+    assert [len(store.get_nodes()) for store in loaded] == [6, 5]
+
+
 async def test_async_methods(tiny_model):
     store = ClaraVectorStore(tiny_model)
     assert await store.async_add(make_nodes()) == [f"n{i}" for i in range(6)]

@@ -137,6 +137,21 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002"]
 
 
+@pytest.mark.parametrize("entries,message", [
+    ({"notes.txt": "keep me"}, r"holds files but no CLaRa memory store \(notes.txt\): choose an empty or new folder"),
+    ({"CURRENT": "MANIFEST-000004\n", "MANIFEST-000004": "a database's"},  # e.g. a LevelDB folder
+     r"CURRENT names 'MANIFEST-000004', not a generation folder"),
+])
+def test_a_save_refuses_a_folder_of_other_files_and_leaves_them(store, tmp_path, entries, message):
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    for name, text in entries.items():
+        (folder / name).write_text(text)
+    with pytest.raises(StoreError, match=message):
+        store.save(folder)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == entries
+
+
 def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_path, monkeypatch):
     """Stores saved before the records were sharded keep loading, and save in shards after
     (full shards too, which a save of a format-3 generation would link)."""

@@ -194,7 +194,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         )
 
     def persist(self, persist_path: str, fs: AbstractFileSystem | None = None) -> None:
-        """Save the store, a folder: ``persist_path`` with the suffix ``.clara``.
+        """Save the store, a folder: ``persist_path`` with ``.clara`` for its ``.json`` suffix, or after it.
 
         ``StorageContext.persist(persist_dir=d)`` passes ``d/default__vector_store.json``, so
         the store lands in ``d/default__vector_store.clara``; ``from_persist_dir(d)`` reads it.
@@ -220,7 +220,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
 
 def _store_folder(persist_path: str | Path) -> Path:
-    return Path(persist_path).with_suffix(".clara")
+    """``persist_path`` with its ``.json`` suffix (or ``.clara``) made ``.clara``, or with
+    ``.clara`` added after any other name, so that ``run.v1`` and ``run.v2`` stay two stores."""
+    path = Path(persist_path)
+    return path.with_suffix(".clara") if path.suffix in (".json", ".clara") else path.with_name(path.name + ".clara")
 
 
 def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
