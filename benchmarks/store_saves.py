@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     totals = {key: sum(save[key] for save in saves) for key in saves[0] if key not in ("documents", "seconds")}
     report = {"groups": args.groups, "group_size": args.group_size, "corpus": str(args.corpus), "saves": saves,
               "totals": totals, "machine": platform.processor() or platform.machine()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(totals))
 

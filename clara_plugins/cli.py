@@ -365,10 +365,16 @@ def _eval(args: argparse.Namespace) -> None:
         recall_above,
     )
 
+    from .atomic import write_text_atomically
     from .jsonfiles import read_jsonl
     from .pretrained import default_checkpoint, load_model
     from .reading import evaluate_reading
 
+    out = Path(args.out) if args.out else None
+    if out is not None:  # found before the evaluation, not after it
+        if out.is_dir():
+            raise InvalidInputError(f"--out {out} is a folder: name the JSON file to write")
+        out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(args.data)[: args.limit]
     if "control" in args.systems:
         check_control_shifts(len(rows), args.control_shifts)
@@ -396,8 +402,8 @@ def _eval(args: argparse.Namespace) -> None:
                "retrieval": [{k: v for k, v in r.items() if k != "question_recall"} for r in results["retrieval"]],
                **{key: results[key] for key in ("f1_above_control", "recall_above", "reading") if key in results}}
     print(json.dumps(summary, indent=2))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    if out is not None:
+        write_text_atomically(out, json.dumps(results, indent=2) + "\n")
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -91,13 +91,16 @@ def test_a_control_shift_that_returns_each_row_to_itself_is_refused(tiny_model):
         evaluate_answers(tiny_model, ROWS[:1], "control")
 
 
-def test_clara_eval_refuses_a_bad_control_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
+def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
     monkeypatch.setattr("clara_plugins.pretrained.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit):
         main(["eval", str(data), "--systems", "clara", "control", "--control-shifts", "6"])
     assert "a control shift of 6 gives each of the 3 rows its own documents" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval", str(data), "--out", str(tmp_path)])
+    assert f"--out {tmp_path} is a folder: name the JSON file to write" in capsys.readouterr().err
 
 
 def test_text_reads_more_positions_than_memory_tokens(tiny_model):
@@ -199,8 +202,8 @@ def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
     main(["eval", data, "--checkpoint", checkpoint, "--systems", "clara", "control", "none",
           "--control-shifts", "1", "2",
           "--retrievers", "bm25", "compressor", "--reading", "-k", "3", "--max-new-tokens", "2", "--device", "cpu",
-          "--out", str(tmp_path / "result.json")])
-    result = json.loads((tmp_path / "result.json").read_text())
+          "--out", str(tmp_path / "new" / "result.json")])  # its folder is made
+    result = json.loads((tmp_path / "new" / "result.json").read_text())
     assert [a["system"] for a in result["answers"]] == ["clara", "control", "none"]
     assert result["answers"][1]["shifts"] == [1, 2] and len(result["answers"][1]["predictions"]) == 6
     assert set(result["f1_above_control"]) == {"f1", "interval"}
