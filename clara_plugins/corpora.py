@@ -29,9 +29,17 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows)."""
     path = Path(path)
     rows = read_json(path, InvalidInputError) if path.suffix == ".json" else read_jsonl(path)
-    examples = [_example(row, number) for number, row in enumerate(rows[:limit])]
+    if not isinstance(rows, list):
+        raise InvalidInputError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
+    examples = []
+    for number, row in enumerate(rows[:limit]):
+        try:
+            examples.append(_example(row, number))
+        except (KeyError, TypeError, ValueError) as error:  # a field missing or of the wrong shape
+            problem = f"has no field {error}" if isinstance(error, KeyError) else str(error)
+            raise InvalidInputError(f"{path}, row {number}: {problem}") from error
     if not examples:
-        raise ValueError(f"{path} holds no examples")
+        raise InvalidInputError(f"{path} holds no examples")
     return examples
 
 
@@ -71,6 +79,8 @@ def _record_text(record: object, where: str) -> str:
 
 
 def _example(row: dict, number: int) -> QAExample:
+    if not isinstance(row, dict):
+        raise TypeError(f"a JSON {type(row).__name__}, not a question record")
     if "context" in row and "supporting_facts" in row:  # HotpotQA, 2WikiMultihopQA
         titles = {title for title, _ in row["supporting_facts"]}
         passages = [f"{title}\n{''.join(sentences).strip()}" for title, sentences in row["context"]]
@@ -86,4 +96,4 @@ def _example(row: dict, number: int) -> QAExample:
         passages = [f"{c['title']}\n{c['text']}" for c in row["ctxs"]]
         gold = [i for i, c in enumerate(row["ctxs"]) if c.get("isgold")]
         return QAExample(f"nq-{number}", row["question"], list(row["answers"]), passages, gold)
-    raise ValueError(f"row {number} is in no known format (keys: {sorted(row)[:8]})")
+    raise ValueError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: {sorted(row)[:8]}")

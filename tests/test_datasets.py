@@ -7,6 +7,7 @@ import pytest
 from clara_plugins.bm25 import bm25_rank, fill_short_pools
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
+from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows,
                                 question_name, reconstruction_rows, scp_qa_rows)
 from conftest import SHARED_DATA
@@ -28,6 +29,20 @@ def test_every_official_format_reads_with_its_gold_passages(path, gold_per_quest
     complete = [e for e in examples if e.gold_complete]
     assert complete and all(len(e.gold) >= gold_per_question for e in complete)
     assert all(0 <= i < len(e.passages) for e in examples for i in e.gold)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("squad.json", '{"data": []}', r"squad.json holds a JSON dict, not a list of questions"),
+    ("musique.jsonl", '{"id": "m1", "question": "q", "answer": "a", "paragraphs": [{"title": "T", "paragraph_text": '
+                      '"p"}]}\n', r"musique.jsonl, row 0: has no field 'is_supporting'"),
+    ("other.jsonl", '{"id": "q"}\n{"query": "q"}\n', r"other.jsonl, row 0: no known format .* its fields: \['id'\]"),
+    ("strings.json", '["a question"]', r"strings.json, row 0: a JSON str, not a question record"),
+    ("empty.json", "[]", "empty.json holds no examples"),
+])
+def test_question_files_of_the_wrong_shape_are_named(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(InvalidInputError, match=message):
+        read_examples(tmp_path / name)
 
 
 @needs_data
