@@ -29,6 +29,8 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
     if not path.exists():
         raise CheckpointError(f"{folder} is not an Apple CLaRa checkpoint: config.json is missing")
     apple = read_json(path, CheckpointError)
+    if not isinstance(apple, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(apple).__name__}, not a checkpoint's configuration")
     if apple.get("model_type") != "CLaRa":
         raise CheckpointError(f"{path} has model_type {apple.get('model_type')!r}, expected 'CLaRa'")
     if not apple.get("different_mem_tokens", True) or not apple.get("sep", True):
@@ -39,6 +41,8 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
             f"{path} names base model {apple.get('decoder_model_name')!r}, which is not reachable "
             "here: pass base_model= (or --base-model) with a local copy of it"
         )
+    if "compr_rate" not in apple:
+        raise CheckpointError(f"{path} has no compr_rate: the compression rate its memories were trained at")
     lora_r = int(apple.get("lora_r", 16))
     return ClaraConfig(
         base_model=base,

@@ -76,3 +76,14 @@ def test_pickles_with_code_are_refused(tiny_tokens_model, tiny_base, tmp_path):
     torch.save({"encoder_adapter": {"x": Path("not-a-tensor")}}, tmp_path / "apple" / "adapters.pth")
     with pytest.raises(CheckpointError, match="weights_only"):
         load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+
+
+@pytest.mark.parametrize("config,message", [
+    ([{"model_type": "CLaRa"}], r"config.json holds a JSON list, not a checkpoint's configuration"),
+    ({"model_type": "CLaRa"}, r"config.json has no compr_rate: the compression rate its memories were trained at"),
+])
+def test_a_config_of_the_wrong_shape_is_named(tiny_base, tmp_path, config, message):
+    (tmp_path / "apple").mkdir()
+    (tmp_path / "apple" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
