@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -130,8 +131,11 @@ def make_sample(model, texts: list[str], questions: Path, seeds: int, queries: i
         model.encode_queries([question])
         encode_seconds.append(time.perf_counter() - started)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, memories=memories, queries=query_keys, encode_seconds=np.array(encode_seconds),
-             retrieval_key=np.array(keys.kind))
+    partial = path.with_name(path.name + ".partial")  # a killed run leaves no sample that later runs trust
+    with open(partial, "wb") as handle:  # a handle, so that savez adds no .npz to the name asked for
+        np.savez(handle, memories=memories, queries=query_keys, encode_seconds=np.array(encode_seconds),
+                 retrieval_key=np.array(keys.kind))
+    os.replace(partial, path)
 
 
 def synthetic_memories(real: np.ndarray, start: int, count: int) -> np.ndarray:

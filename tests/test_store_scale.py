@@ -89,3 +89,13 @@ def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_mo
     assert [save["memories_linked"] for save in saves] == [0, shard, 2 * shard]
     assert all(save["records_written"] < save["records_in_one_file"] for save in saves[1:])
     assert [save["records_linked"] for save in saves[1:]] == [save["records_in_one_file"] for save in saves[:2]]
+
+
+def test_a_sample_is_written_whole_under_the_name_asked_for(tiny_model, tmp_path):
+    questions = tmp_path / "nq.jsonl"
+    questions.write_text("".join(json.dumps({"question": q, "answers": ["x"], "ctxs": []}) + "\n"
+                                 for q in ("Who won prizes in physics?", "A river through Vienna")))
+    store_scale.make_sample(tiny_model, CORPUS, questions, 3, 2, tmp_path / "sample")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nq.jsonl", "sample"]  # no sample.npz, no partial file
+    with np.load(tmp_path / "sample", allow_pickle=False) as sample:
+        assert sample["memories"].shape[0] == 3 and sample["queries"].shape[0] == 2
