@@ -14,6 +14,8 @@ import re
 from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from .config import SETTINGS
 from .corpora import QAExample
+from .errors import InvalidInputError
+from .prompts import SCP_REWRITES
 
 
 def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5) -> list[dict]:
@@ -139,6 +141,61 @@ _NAME = re.compile(r"[A-Z][\w'.-]+(?: (?:of |de |the |and )?[A-Z][\w'.-]+)*")
 _QUESTION_WORDS = {"Which", "What", "Who", "Whom", "Whose", "Where", "When", "How", "Why", "Are", "Is", "Was",
                    "Were", "Did", "Do", "Does", "The", "In", "On", "Of", "A", "An", "This", "That", "These",
                    "Name", "Fill", "Between", "If", "For", "At", "By", "From", "After", "Before"}
+
+
+def check_training_rows(rows: list[object], stage: str, same_width: bool) -> None:
+    """Refuse rows that ``stage`` cannot read, naming the first bad row and field, before a step
+    runs: a missing field would otherwise stop a run hours in, and ``"docs": "text"`` would
+    train on the text's letters.
+
+    SCP rows (``data_type`` set) read ``docs[0]`` and their ``answers`` (and, for "qa", as many
+    ``question`` strings); question rows read ``question``, ``docs``, ``answer`` or ``answers``
+    and, in the retrieval stage, ``pos_index``. Rows whose documents are batched into one
+    tensor (``same_width``) have as many documents as the first.
+    """
+    if not rows:
+        raise ValueError("no training rows")
+    width = None  # the first row's documents, once checked
+    for number, row in enumerate(rows):
+        problem = _row_problem(row, stage, width)
+        if problem:
+            raise InvalidInputError(f"training row {number} ({stage} stage): {problem}")
+        if same_width and width is None:
+            width = len(row["docs"])
+
+
+def _row_problem(row: object, stage: str, width: int | None) -> str | None:
+    def strings(value: object) -> bool:
+        return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    if not strings(row.get("docs")):
+        return "docs must be a non-empty list of document texts"
+    if "data_type" in row:
+        if stage not in ("scp", "instruct"):
+            return "an SCP row (data_type set), which only the scp and instruct stages read"
+        if row["data_type"] not in ("qa", *SCP_REWRITES):
+            return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
+        if not strings(row.get("answers")):
+            return "answers must be a non-empty list of strings"
+        if row["data_type"] == "qa" and not (strings(row.get("question"))
+                                             and len(row["question"]) == len(row["answers"])):
+            return "a qa row's question must be a list of strings, one for each of its answers"
+        return None
+    if not isinstance(row.get("question"), str) or not row["question"].strip():
+        return "question must be a non-empty string"
+    answered = (isinstance(row.get("answer"), str) and row["answer"]) or strings(row.get("answers"))
+    if stage != "retrieval" and not answered:
+        return "it needs an answer (a string) or answers (a non-empty list of strings)"
+    if width is not None and len(row["docs"]) != width:
+        return f"{len(row['docs'])} documents, where the first row has {width}: rows are batched together"
+    positions = row.get("pos_index", [])
+    if not (isinstance(positions, list) and all(isinstance(i, int) and 0 <= i < len(row["docs"]) for i in positions)):
+        return f"pos_index must list positions of its {len(row['docs'])} documents, got {positions!r}"
+    if stage == "retrieval" and not positions:
+        return "the retrieval stage learns from each row's gold candidates, and this row has no pos_index"
+    return None
 
 
 def question_name(row: dict) -> str | None:

@@ -63,7 +63,7 @@ from .passes import (completion_log_likelihood, completion_log_probs, copy_adapt
 from .reading import evaluate_reading
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
-from .rows import question_name
+from .rows import check_training_rows, question_name
 from .store import MemoryStore
 
 # ----------------------------------------------------------------- stage set-up
@@ -445,12 +445,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     ``probes`` names held-out row sets (SCP or instruction rows) whose reading gain is logged
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
-    if not rows:
-        raise ValueError("no training rows")
-    no_gold = [i for i, row in enumerate(rows) if not row.get("pos_index")] if config.stage == "retrieval" else []
-    if no_gold:
-        raise ValueError(f"the retrieval stage learns from each row's gold candidates, and rows {no_gold[:5]} "
-                         f"({len(no_gold)} in all) have no pos_index")
+    check_training_rows(rows, config.stage, same_width=config.stage == "instruct" or (config.stage == "e2e"
+                                                                                     and corpus is None))
     if corpus is not None and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     weights = model.lm.get_input_embeddings().weight.dtype

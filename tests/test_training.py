@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 from clara_benchmarks.text_reader import read_text
-from clara_plugins import CheckpointError, ClaraModel, MemoryStore, TrainConfig, passes, training
+from clara_plugins import CheckpointError, ClaraModel, InvalidInputError, MemoryStore, TrainConfig, passes, training
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -377,7 +377,7 @@ def test_the_retrieval_stage_trains_the_query_reasoner_alone(tiny_model, tmp_pat
     assert {"retrieval", "recall@2"} <= set(last)
     with pytest.raises(ValueError, match="e2e stage only"):
         train(tiny_model, E2E, config, tmp_path / "corpus", corpus=MemoryStore(tiny_model))
-    with pytest.raises(ValueError, match=r"rows \[1\] \(1 in all\) have no pos_index"):
+    with pytest.raises(ValueError, match=r"training row 1 \(retrieval stage\): .* this row has no pos_index"):
         train(tiny_model, [E2E[0], {**E2E[1], "pos_index": []}], config, tmp_path / "no-gold")
 
 
@@ -521,6 +521,23 @@ def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, mes
         state_path.write_bytes(content)
     with pytest.raises(CheckpointError, match=f"trainer_state.pt {message}"):
         train(tiny_model, INSTRUCT, dataclasses.replace(config, steps=2), tmp_path)
+
+
+@pytest.mark.parametrize("stage,row,message", [
+    ("instruct", {**INSTRUCT[1], "docs": CORPUS[0]}, "docs must be a non-empty list of document texts"),
+    ("instruct", {**INSTRUCT[1], "docs": CORPUS[:3]}, "3 documents, where the first row has 2"),
+    ("instruct", {"docs": CORPUS[:2], "answer": "Paris"}, "question must be a non-empty string"),
+    ("text", {"question": "Where?", "docs": CORPUS[:2]}, "it needs an answer"),
+    ("e2e", {**E2E[1], "pos_index": [len(CORPUS)]}, "pos_index must list positions of its"),
+    ("e2e", SCP[0], r"an SCP row \(data_type set\), which only the scp and instruct stages read"),
+    ("scp", {**SCP[1], "data_type": "summary"}, "data_type must be one of"),
+    ("scp", {**SCP[0], "question": "What flows through Vienna?"}, "a qa row's question must be a list of strings"),
+])
+def test_rows_a_stage_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path, stage, row, message):
+    first = {"instruct": INSTRUCT[0], "text": INSTRUCT[0], "e2e": E2E[0], "scp": SCP[2]}[stage]
+    with pytest.raises(InvalidInputError, match=f"training row 1 \\({stage} stage\\): {message}"):
+        train(tiny_model, [first, row], TrainConfig(stage=stage, steps=1, grad_accum=1), tmp_path)
+    assert not (tmp_path / "log.jsonl").exists()
 
 
 def test_a_checkpoint_without_its_trainer_state_is_not_trained_over(tiny_model, tmp_path):
