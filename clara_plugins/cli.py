@@ -318,8 +318,8 @@ def _synth(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .synthesis import HuggingFaceTeacher, synthesize
 
-    passages = read_documents([args.corpus])[: args.limit]
-    report = synthesize([(str(i), p) for i, p in enumerate(passages)], HuggingFaceTeacher(args.teacher),
+    passages = read_documents([args.corpus])[: args.limit]  # ids from the texts: a resume over an edited corpus
+    report = synthesize([(document_id(p), p) for p in passages], HuggingFaceTeacher(args.teacher),  # skips no new one
                         args.output, max_rounds=args.max_rounds)
     print(json.dumps(dataclasses.asdict(report), indent=2))
 

@@ -7,6 +7,7 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from llama_index.core.llms import MockLLM
 
 from clara_plugins import InvalidInputError, synthesis
+from clara_plugins.cli import document_id, main
 from clara_plugins.synthesis import as_teacher, parse_pairs, synthesize, synthesize_document
 
 DOC = "Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903."
@@ -74,6 +75,17 @@ def test_resume_loses_at_most_the_document_in_progress(tmp_path, monkeypatch):
     assert report.skipped_done == 2 and report.documents == 2
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["doc_id"] for r in rows] == ["d0", "d0", "d1", "d1", "d2", "d2", "d3", "d3"]
+
+
+def test_clara_synth_resumes_by_text_over_a_corpus_grown_in_front(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name: ScriptedTeacher(["NONE"] * 10))
+    corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"
+    corpus.write_text(DOC)
+    main(["synth", str(corpus), str(output)])
+    corpus.write_text(f"The Danube flows through Vienna and Budapest to the Black Sea.\n\n{DOC}")
+    main(["synth", str(corpus), str(output)])  # the new first passage is synthesised, the old one skipped
+    ids = [json.loads(line)["doc_id"] for line in output.read_text().splitlines()]
+    assert ids[:2] == [document_id(DOC)] * 2 and set(ids[2:]) == {document_id(corpus.read_text().split("\n\n")[0])}
 
 
 def test_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
