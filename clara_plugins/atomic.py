@@ -52,6 +52,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write(staging)
+        _sync(staging)  # the swap below removes the old copy: the new one must be on disk first
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
             old = _old_copy(folder)
@@ -61,8 +62,24 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, folder)
+        _sync_entry(folder.parent)  # the renames themselves
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sync(folder: Path) -> None:
+    """Flush every file and folder under ``folder``, and ``folder`` itself, to disk."""
+    for path in [*folder.rglob("*"), folder]:
+        if not path.is_symlink():
+            _sync_entry(path)
+
+
+def _sync_entry(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _copy_missing(source: Path, target: Path, skip: set[str]) -> None:

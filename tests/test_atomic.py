@@ -2,6 +2,7 @@
 default model's cache are written through the one implementation in ``atomic.py``."""
 
 import os
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,6 +63,28 @@ def test_the_new_file_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatc
     monkeypatch.setattr(os, "replace", replace)
     write_file_atomically(tmp_path / "f", lambda handle: handle.write("x"))
     assert steps == ["fsync", "replace"]
+
+
+def test_a_new_folder_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
+    def write(staging):
+        (staging / "weights.safetensors").write_text("new")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "state.pt").write_text("new")
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "marker").write_text("old")
+    steps = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda source, target: steps.append(("replace", str(target)))
+                        or real_replace(source, target))
+    atomic.write_folder_atomically(tmp_path / "ckpt", write, marker="marker")
+    first_replace = next(i for i, (kind, _) in enumerate(steps) if kind == "replace")
+    synced_before = {Path(path).name for kind, path in steps[:first_replace] if kind == "fsync"}
+    assert {"weights.safetensors", "state.pt", "sub"} <= synced_before  # and the staging folder
+    assert steps[-1] == ("fsync", str(tmp_path))  # the renames
+    assert (tmp_path / "ckpt" / "sub" / "state.pt").read_text() == "new"
 
 
 def test_the_store_writes_its_json_files_atomically(tiny_model, tmp_path, monkeypatch):
