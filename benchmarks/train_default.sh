@@ -18,14 +18,18 @@
 #   DEVICE=cuda SCP_STEPS=2500 SCP_BATCH=32 SCP_ACCUM=1 SCP_MORE_STEPS=0 RETRIEVAL_ACCUM=1 INSTRUCT_STEPS=1000 TEXT_STEPS=1000 \
 #       DISTILL_STEPS=1000 E2E_STEPS=300 BATCH=16 FREEZE_GENERATOR= EVAL_LIMIT=200 \
 #       RECALL_LIMIT=200 bash benchmarks/train_default.sh                    # a larger run
+#   DEVICE=cuda SCP_INIT=clara_plugins/checkpoints/smollm2-135m-instruct-cr16 CR=8 SCP_ACCUM=1 SCP_MORE_STEPS=0 \
+#       RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh   # SCP continued from the shipped compressor, at CR8
 #
-# Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr16-fp16.
+# Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr$CR-fp16.
 set -euo pipefail
 
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/default}
 DEVICE=${DEVICE:-auto}
 BASE_MODEL=${BASE_MODEL:-smollm2-135m-instruct}
+CR=${CR:-16}                      # the compression rate: memory vectors a document = 256 / CR
+SCP_INIT=${SCP_INIT:-}            # a pooled checkpoint SCP continues from, read at CR (empty: a fresh compressor)
 SCP_STEPS=${SCP_STEPS:-250}
 SCP_BATCH=${SCP_BATCH:-16}        # SCP rows a step
 # micro-batches an SCP step, 4 rows a pass as earlier CPU runs: the reading margin then pairs each
@@ -155,8 +159,13 @@ scp_stage() {  # OUTPUT STEPS LR BATCH ACCUM [FLAGS...]: the compressor and gene
         --save-every 20 --device "$DEVICE" \
         --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY" "${@:6}"
 }
-scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" "$SCP_BATCH" "$SCP_ACCUM" --base-model "$BASE_MODEL" --compression-rate 16 \
-    --memory-design pooled
+if [ -n "$SCP_INIT" ]; then
+    start=(--init "$SCP_INIT")
+else
+    start=(--memory-design pooled)
+fi
+scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" "$SCP_BATCH" "$SCP_ACCUM" --base-model "$BASE_MODEL" --compression-rate "$CR" \
+    "${start[@]}"
 scp="$OUT/scp"
 if [ "$SCP_MORE_STEPS" -gt 0 ]; then
     scp_stage "$OUT/scp_more" "$SCP_MORE_STEPS" "$SCP_MORE_LR" "$SCP_MORE_BATCH" "$SCP_MORE_ACCUM" \
@@ -231,5 +240,5 @@ clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$final/checkpoint" --
 # 4. The fp16 checkpoint to ship (adapters + memory-token rows, 28 MiB at CR16).
 python -c "import sys, torch; from clara_plugins import ClaraModel
 ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$final/checkpoint" "$OUT/cr16-fp16"
-echo "done: evaluations in $OUT/eval, fp16 checkpoint in $OUT/cr16-fp16"
+    "$final/checkpoint" "$OUT/cr$CR-fp16"
+echo "done: evaluations in $OUT/eval, fp16 checkpoint in $OUT/cr$CR-fp16"

@@ -52,9 +52,10 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write(staging)
-        _sync(staging)  # the swap below removes the old copy: the new one must be on disk first
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
+        _sync(staging)  # the swap below removes the old copy: the new one must be on disk first
+        if folder.exists():
             old = _old_copy(folder)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)

@@ -234,8 +234,8 @@ def _index(args: argparse.Namespace) -> None:
 
 
 def document_id(text: str) -> str:
-    """A document's id in a store built by ``clara index``: its text's hash, so that indexing
-    the same corpus again skips what is stored."""
+    """A document's id in a store built by ``clara index`` and in ``clara synth``'s rows: its
+    text's hash, so that running over the same corpus again skips what is done."""
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -318,8 +318,9 @@ def _synth(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .synthesis import HuggingFaceTeacher, synthesize
 
-    passages = read_documents([args.corpus])[: args.limit]  # ids from the texts: a resume over an edited corpus
-    report = synthesize([(document_id(p), p) for p in passages], HuggingFaceTeacher(args.teacher),  # skips no new one
+    passages = dict.fromkeys(read_documents([args.corpus])[: args.limit])  # a repeated passage once
+    # ids from the texts, so that a resume over an edited corpus skips only what it synthesised
+    report = synthesize([(document_id(p), p) for p in passages], HuggingFaceTeacher(args.teacher),
                         args.output, max_rounds=args.max_rounds)
     print(json.dumps(dataclasses.asdict(report), indent=2))
 

@@ -12,7 +12,7 @@ import random
 import re
 
 from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
-from .config import SETTINGS
+from .config import SETTINGS, TrainConfig
 from .corpora import QAExample
 from .errors import InvalidInputError
 from .prompts import SCP_REWRITES
@@ -143,28 +143,32 @@ _QUESTION_WORDS = {"Which", "What", "Who", "Whom", "Whose", "Where", "When", "Ho
                    "Name", "Fill", "Between", "If", "For", "At", "By", "From", "After", "Before"}
 
 
-def check_training_rows(rows: list[object], stage: str, same_width: bool) -> None:
-    """Refuse rows that ``stage`` cannot read, naming the first bad row and field, before a step
-    runs: a missing field would otherwise stop a run hours in, and ``"docs": "text"`` would
-    train on the text's letters.
+def check_training_rows(rows: list[object], config: TrainConfig, corpus: bool = False) -> None:
+    """Refuse rows that ``config``'s stage cannot read, naming the first bad row and field,
+    before a step runs: a missing field would otherwise stop a run hours in, and
+    ``"docs": "text"`` would train on the text's letters.
 
     SCP rows (``data_type`` set) read ``docs[0]`` and their ``answers`` (and, for "qa", as many
     ``question`` strings); question rows read ``question``, ``docs``, ``answer`` or ``answers``
-    and, in the retrieval stage, ``pos_index``. Rows whose documents are batched into one
-    tensor (``same_width``) have as many documents as the first.
+    and, in the retrieval stage, ``pos_index``. Where several rows' documents are batched into
+    one tensor (instruct, and e2e without a ``corpus`` store), every row has as many as the first.
     """
     if not rows:
         raise ValueError("no training rows")
+    batched = config.batch_size > 1 and (config.stage == "instruct" or (config.stage == "e2e" and not corpus))
+    # the restatement margin and the text teacher read a question string, which SCP rows lack
+    reads_scp = config.stage == "scp" or (config.stage == "instruct" and not config.restate_weight
+                                          and not config.distill_weight)
     width = None  # the first row's documents, once checked
     for number, row in enumerate(rows):
-        problem = _row_problem(row, stage, width)
+        problem = _row_problem(row, config.stage, reads_scp, width)
         if problem:
-            raise InvalidInputError(f"training row {number} ({stage} stage): {problem}")
-        if same_width and width is None:
+            raise InvalidInputError(f"training row {number} ({config.stage} stage): {problem}")
+        if batched and width is None:
             width = len(row["docs"])
 
 
-def _row_problem(row: object, stage: str, width: int | None) -> str | None:
+def _row_problem(row: object, stage: str, reads_scp: bool, width: int | None) -> str | None:
     def strings(value: object) -> bool:
         return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
 
@@ -172,9 +176,12 @@ def _row_problem(row: object, stage: str, width: int | None) -> str | None:
         return f"a JSON {type(row).__name__}, not an object"
     if not strings(row.get("docs")):
         return "docs must be a non-empty list of document texts"
+    if width is not None and len(row["docs"]) != width:
+        return f"{len(row['docs'])} documents, where the first row has {width}: rows are batched together"
     if "data_type" in row:
-        if stage not in ("scp", "instruct"):
-            return "an SCP row (data_type set), which only the scp and instruct stages read"
+        if not reads_scp:
+            return ("an SCP row (data_type set), which only the scp stage and the instruct stage without "
+                    "restate_weight or distill_weight read")
         if row["data_type"] not in ("qa", *SCP_REWRITES):
             return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
         if not strings(row.get("answers")):
@@ -188,9 +195,7 @@ def _row_problem(row: object, stage: str, width: int | None) -> str | None:
     answered = (isinstance(row.get("answer"), str) and row["answer"]) or strings(row.get("answers"))
     if stage != "retrieval" and not answered:
         return "it needs an answer (a string) or answers (a non-empty list of strings)"
-    if width is not None and len(row["docs"]) != width:
-        return f"{len(row['docs'])} documents, where the first row has {width}: rows are batched together"
-    positions = row.get("pos_index", [])
+    positions = row.get("pos_index") or []
     if not (isinstance(positions, list) and all(isinstance(i, int) and 0 <= i < len(row["docs"]) for i in positions)):
         return f"pos_index must list positions of its {len(row['docs'])} documents, got {positions!r}"
     if stage == "retrieval" and not positions:

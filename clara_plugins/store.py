@@ -68,7 +68,7 @@ RESCORE_FACTOR = 40
 # keys, 128 found 98 % at 0.2 ms a query (docs/benchmarks, store_scale); construction as faiss'
 HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
-_STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock)$")  # besides CURRENT
+_STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT\.tmp)$")  # besides CURRENT
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
@@ -847,7 +847,8 @@ def _read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.
 def check_store_folder(folder: Path) -> None:
     """Refuse a folder a store cannot be saved to without harm to files it did not write: a save
     replaces ``CURRENT`` and removes older ``gen-*`` folders. A folder holding only what a save
-    killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*``) is the store's."""
+    killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*``,
+    ``.CURRENT.tmp``) is the store's."""
     if (folder / "CURRENT").exists():
         _current_generation(folder)  # names a generation of a store, or the error says what it names
     elif folder.is_dir():

@@ -422,6 +422,14 @@ def _read_trainer_state(path: Path) -> dict:
     return state
 
 
+def _rng_states(model: ClaraModel) -> dict[str, torch.Tensor]:
+    """The random states a resumed run restores, as dropout draws from them: the CPU's, and on a
+    GPU that device's."""
+    if model.device.type == "cuda":
+        return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(model.device)}
+    return {"rng": torch.get_rng_state()}
+
+
 def _forget_steps_after(log: Path, step: int) -> None:
     """Drop the log records of steps run after the last save: a resumed run replays them."""
     if log.exists():  # a last line cut short by the kill is dropped too
@@ -445,8 +453,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     ``probes`` names held-out row sets (SCP or instruction rows) whose reading gain is logged
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
-    check_training_rows(rows, config.stage, same_width=config.stage == "instruct" or (config.stage == "e2e"
-                                                                                     and corpus is None))
+    check_training_rows(rows, config, corpus=corpus is not None)
     if corpus is not None and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     weights = model.lm.get_input_embeddings().weight.dtype
@@ -485,8 +492,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():  # the dropout masks of a GPU run
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "cuda_rng" in state and model.device.type == "cuda":  # the dropout masks of a GPU run
+            torch.cuda.set_rng_state(state["cuda_rng"], model.device)
         start = state["step"]
     _forget_steps_after(output / "log.jsonl", start if resuming else -1)  # also a run killed before its first save
     cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
@@ -536,8 +543,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})})
+                    "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, step + 1, log)
     model.eval()

@@ -95,6 +95,7 @@ def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, caps
         (store / leftover).mkdir(parents=True)
         (store / leftover / "memories-00000.npy").write_bytes(b"cut short")
     (store / ".lock").touch()
+    (store / ".CURRENT.tmp").write_text("gen-0")  # cut short
     main(["index", "docs/examples/documents.txt", "--store", str(store), "--checkpoint", str(tmp_path / "ckpt"),
           "--device", "cpu"])
     assert "4 documents (4 compressed now, 0 already stored)" in capsys.readouterr().out

@@ -122,6 +122,8 @@ def test_persist_paths_that_differ_after_a_dot_are_two_stores(vector_store, tiny
     vector_store.persist(str(tmp_path / "run.v2"))
     loaded = [ClaraVectorStore.from_persist_path(tmp_path / name, tiny_model) for name in ("run.v1", "run.v2")]
     assert [len(store.get_nodes()) for store in loaded] == [6, 5]
+    (tmp_path / "run.v2.clara").rename(tmp_path / "run.clara")  # where an earlier version saved it
+    assert len(ClaraVectorStore.from_persist_path(tmp_path / "run.v2", tiny_model).get_nodes()) == 5
 
 
 async def test_async_methods(tiny_model):

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SHARED_DATA, build_tiny_base_model
+from clara_plugins import ClaraConfig, ClaraModel
+from conftest import SHARED_DATA, build_tiny_base_model, randomize_adapters
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_default.sh"
 
@@ -19,7 +20,9 @@ def _run_smoke_recipe(tmp_path: Path, **sizes: str) -> Path:
     """Run the script at smoke-test size (``sizes`` override the defaults below); returns its OUT."""
     if not (SHARED_DATA / "nq" / "dev.jsonl").exists():
         pytest.skip("needs ../shared/data")
-    base = build_tiny_base_model(tmp_path / "base")
+    base = tmp_path / "base"  # a test may have built it first, for a checkpoint on it
+    if not base.exists():
+        build_tiny_base_model(base)
     out = tmp_path / "run"
     environment = {**os.environ, "DATA": str(SHARED_DATA), "OUT": str(out), "BASE_MODEL": str(base),
                    "DEVICE": "cpu", "SCP_STEPS": "2", "SCP_BATCH": "4", "SCP_ACCUM": "2", "SCP_LR": "1e-4",
@@ -69,10 +72,22 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
 
 
 @pytest.mark.slow
-def test_an_instruction_stage_hands_its_generator_to_end_to_end(tmp_path):
-    out = _run_smoke_recipe(tmp_path, INSTRUCT_STEPS="2", SCP_MORE_STEPS="0", RETRIEVAL_STEPS="0", DISTILL_STEPS="0",
-                            TEXT_STEPS="1", EVAL_LIMIT="2", CONTROL_SHIFTS="1", RECALL_LIMIT="2")
+def test_an_instruction_stage_hands_its_generator_to_end_to_end_and_scp_continues_at_another_rate(tmp_path):
+    build_tiny_base_model(tmp_path / "base")
+    shipped = ClaraModel(ClaraConfig(base_model=str(tmp_path / "base"), compression_rate=16), device="cpu")
+    randomize_adapters(shipped)
+    shipped.save_pretrained(tmp_path / "shipped", dtype=torch.float16)  # as the default checkpoint is shipped
+    out = _run_smoke_recipe(tmp_path, INSTRUCT_STEPS="2", SCP_MORE_STEPS="0", RETRIEVAL_STEPS="0", DISTILL_STEPS="1",
+                            DISTILL_MORE_STEPS="0", RESTATE_STEPS="0", TEXT_STEPS="1", EVAL_LIMIT="2",
+                            CONTROL_SHIFTS="1", RECALL_LIMIT="2", SCP_INIT=str(tmp_path / "shipped"), CR="8")
     assert not (out / "scp_more").exists() and not (out / "retrieval").exists()
+    for stage in ("scp", "instruct", "e2e", "distill"):  # read at CR8 from the start, and passed on
+        assert json.loads((out / stage / "checkpoint" / "clara_config.json").read_text())["config"][
+            "compression_rate"] == 8
+    encoder = load_file(out / "scp" / "checkpoint" / "adapter_encoder_adapter.safetensors")
+    start = load_file(tmp_path / "shipped" / "adapter_encoder_adapter.safetensors")
+    assert all(torch.allclose(encoder[name], start[name].float(), atol=0.05) for name in start)  # continued from it
+    assert (out / "cr8-fp16" / "clara_config.json").exists()
 
     def generator(stage):
         return load_file(out / stage / "checkpoint" / "adapter_decoder_adapter.safetensors")

@@ -523,21 +523,31 @@ def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, mes
         train(tiny_model, INSTRUCT, dataclasses.replace(config, steps=2), tmp_path)
 
 
-@pytest.mark.parametrize("stage,row,message", [
-    ("instruct", {**INSTRUCT[1], "docs": CORPUS[0]}, "docs must be a non-empty list of document texts"),
-    ("instruct", {**INSTRUCT[1], "docs": CORPUS[:3]}, "3 documents, where the first row has 2"),
-    ("instruct", {"docs": CORPUS[:2], "answer": "Paris"}, "question must be a non-empty string"),
-    ("text", {"question": "Where?", "docs": CORPUS[:2]}, "it needs an answer"),
-    ("e2e", {**E2E[1], "pos_index": [len(CORPUS)]}, "pos_index must list positions of its"),
-    ("e2e", SCP[0], r"an SCP row \(data_type set\), which only the scp and instruct stages read"),
-    ("scp", {**SCP[1], "data_type": "summary"}, "data_type must be one of"),
-    ("scp", {**SCP[0], "question": "What flows through Vienna?"}, "a qa row's question must be a list of strings"),
+@pytest.mark.parametrize("stage,row,message,settings", [
+    ("instruct", {**INSTRUCT[1], "docs": CORPUS[0]}, "docs must be a non-empty list of document texts", {}),
+    ("instruct", {**INSTRUCT[1], "docs": CORPUS[:3]}, "3 documents, where the first row has 2", {"batch_size": 2}),
+    ("instruct", {**SCP[2], "docs": CORPUS[:1]}, "1 documents, where the first row has 2", {"batch_size": 2}),
+    ("instruct", SCP[2], "an SCP row .*, which only the scp stage and the instruct stage without restate_weight",
+     {"restate_weight": 1.0}),
+    ("instruct", {"docs": CORPUS[:2], "answer": "Paris"}, "question must be a non-empty string", {}),
+    ("text", {"question": "Where?", "docs": CORPUS[:2]}, "it needs an answer", {}),
+    ("e2e", {**E2E[1], "pos_index": [len(CORPUS)]}, "pos_index must list positions of its", {}),
+    ("e2e", SCP[0], r"an SCP row \(data_type set\)", {}),
+    ("scp", {**SCP[1], "data_type": "summary"}, "data_type must be one of", {}),
+    ("scp", {**SCP[0], "question": "What flows through Vienna?"}, "a qa row's question must be a list of strings", {}),
 ])
-def test_rows_a_stage_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path, stage, row, message):
+def test_rows_a_stage_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path, stage, row, message, settings):
     first = {"instruct": INSTRUCT[0], "text": INSTRUCT[0], "e2e": E2E[0], "scp": SCP[2]}[stage]
+    config = TrainConfig(stage=stage, steps=1, grad_accum=1, **settings)
     with pytest.raises(InvalidInputError, match=f"training row 1 \\({stage} stage\\): {message}"):
-        train(tiny_model, [first, row], TrainConfig(stage=stage, steps=1, grad_accum=1), tmp_path)
+        train(tiny_model, [first, row], config, tmp_path)
     assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_rows_of_other_widths_train_one_row_a_batch(tiny_model, tmp_path):
+    rows = [INSTRUCT[0], {**INSTRUCT[1], "docs": CORPUS[:3]}, SCP[2]]
+    train(tiny_model, rows, TrainConfig(stage="instruct", steps=3, batch_size=1, grad_accum=1), tmp_path)
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 3
 
 
 def test_a_checkpoint_without_its_trainer_state_is_not_trained_over(tiny_model, tmp_path):

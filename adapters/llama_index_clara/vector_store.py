@@ -194,7 +194,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
         )
 
     def persist(self, persist_path: str, fs: AbstractFileSystem | None = None) -> None:
-        """Save the store, a folder: ``persist_path`` with ``.clara`` for its ``.json`` suffix, or after it.
+        """Save the store, a folder: ``persist_path`` with ``.clara`` in place of a ``.json`` or
+        ``.clara`` suffix, or after any other name.
 
         ``StorageContext.persist(persist_dir=d)`` passes ``d/default__vector_store.json``, so
         the store lands in ``d/default__vector_store.clara``; ``from_persist_dir(d)`` reads it.
@@ -209,7 +210,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
     @classmethod
     def from_persist_path(cls, persist_path: str | Path, model: ClaraModel | None = None) -> ClaraVectorStore:
         """The store ``persist(persist_path)`` saved; it must be read with the model that wrote it."""
-        return cls(store=MemoryStore.load(_store_folder(persist_path), model if model is not None else load_model()))
+        folder = _store_folder(persist_path)
+        earlier = Path(persist_path).with_suffix(".clara")  # where earlier versions saved "run.v1"
+        if not folder.exists() and earlier.exists():
+            folder = earlier
+        return cls(store=MemoryStore.load(folder, model if model is not None else load_model()))
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str | Path, model: ClaraModel | None = None,
