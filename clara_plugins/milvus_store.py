@@ -196,8 +196,9 @@ class MilvusMemoryStore(BaseMemoryStore):
         """Remove documents by id; ids that are not stored are ignored."""
         ids = _id_list(ids, "ids", ordered=False)
         with self._lock:
-            for start in range(0, len(ids), BATCH_ROWS):
-                self._client.delete(self.collection, ids=ids[start:start + BATCH_ROWS])
+            for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
+                batch = ", ".join(map(_string, ids[start:start + BATCH_ROWS]))
+                self._client.delete(self.collection, filter=f"id in [{batch}]")
             self._pair_cosines = None
 
     # -------------------------------------------------------------- reading

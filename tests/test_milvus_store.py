@@ -91,6 +91,14 @@ def test_delete_ignores_unknown_ids(milvus):
     assert all(doc.id != "d0" for doc, _ in milvus.search("Paris", k=6))
 
 
+def test_ids_with_quotes_delete_only_themselves(milvus):
+    odd = ["O'Brien.pdf_0", "x'] or id not in ['", "a','b", 'say "hi"\\']
+    milvus.upsert(CORPUS[:4], ids=odd)
+    for doc_id in odd:
+        milvus.delete([doc_id])
+    assert sorted(milvus.all_ids()) == IDS  # the stored documents are all there, the odd ones gone
+
+
 def test_memories_are_exactly_the_local_stores(milvus, local):
     assert torch.equal(milvus.memories(IDS[::-1]), local.memories(IDS[::-1]))  # key * norm gives back the fp16 bits
     assert milvus.memories([]).shape == local.memories([]).shape
