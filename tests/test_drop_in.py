@@ -20,8 +20,9 @@ from langchain_core.runnables import RunnablePassthrough
 from llama_index.core import StorageContext, VectorStoreIndex
 from llama_index.core.schema import TextNode
 
+from clara_plugins import ClaraModel
 from clara_plugins.context import read_messages
-from conftest import CORPUS
+from conftest import CORPUS, randomize_adapters
 from langchain_clara import ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
 from llama_index_clara import ClaraLLM
 from llama_index_clara import ClaraVectorStore as LlamaClaraVectorStore
@@ -47,6 +48,16 @@ def no_compression(tiny_model, monkeypatch):
     def refuse(texts, *args, **kwargs):
         raise AssertionError(f"compressed again: {texts}")
     monkeypatch.setattr(tiny_model, "compress_documents", refuse)
+
+
+def test_a_model_of_another_compressor_is_refused_beside_a_store(vectorstore, tiny_model, tiny_config, tmp_path):
+    other = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(other, seed=1)
+    for reader in (ChatClara, ClaraLLM):
+        with pytest.raises(ValueError, match="clara compresses documents unlike the model whose memories"):  # pydantic's
+            reader(clara=other, store=vectorstore)
+    tiny_model.save_pretrained(tmp_path / "ckpt")  # the same checkpoint loaded again reads the store
+    assert ChatClara(clara=ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu"), store=vectorstore).store
 
 
 def test_a_users_own_prompt_reads_the_retrieved_documents_from_the_store(tiny_model, vectorstore, no_compression):
