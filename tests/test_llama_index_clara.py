@@ -3,8 +3,11 @@
 LlamaIndex ships no standard suite; these tests follow its vector-store protocol.
 """
 
+import threading
+
 import pytest
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
+from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.schema import TextNode
 from llama_index.core.vector_stores.types import (
     FilterCondition,
@@ -133,6 +136,25 @@ async def test_async_methods(tiny_model):
     assert len(result.ids) == 2
     await store.adelete_nodes(["n0"])
     assert "n0" not in [n.node_id for n in await store.aget_nodes()]
+
+
+async def test_async_methods_compress_search_and_generate_off_the_event_loop(tiny_model, monkeypatch):
+    threads = []
+    for name in ("compress", "encode_queries", "stream"):
+        real = getattr(tiny_model, name)
+        monkeypatch.setattr(tiny_model, name, lambda *a, _real=real, **k: threads.append(threading.current_thread())
+                            or _real(*a, **k))
+    store = ClaraVectorStore(tiny_model)
+    await store.async_add(make_nodes())
+    await store.aquery(VectorStoreQuery(query_str=QUESTION, similarity_top_k=2))
+    llm, ask = ClaraLLM(clara=tiny_model, store=store, max_new_tokens=2), [ChatMessage(role="user", content="Who?")]
+    completed = (await llm.acomplete("Who won?")).text
+    streamed = "".join([r.delta async for r in await llm.astream_chat(ask)])
+    await store.embed_model.aget_text_embedding_batch(["A text to embed."])
+    await store.embed_model.aget_query_embedding(QUESTION)
+    assert len(threads) >= 6 and threading.current_thread() not in threads
+    monkeypatch.undo()
+    assert (completed, streamed) == (llm.complete("Who won?").text, llm.chat(ask).message.content)
 
 
 def test_embed_model_hands_memories_over_instead_of_compressing_twice(tiny_model, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import OrderedDict
 from weakref import WeakKeyDictionary, WeakSet
@@ -59,13 +60,14 @@ class ClaraEmbedding(BaseEmbedding):
         return self._get_text_embeddings([text])[0]
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        return self._get_text_embeddings(texts)  # one batch, not one compression per text
+        # one batch, not one compression per text, on a worker thread: the event loop goes on meanwhile
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
 
     def _get_query_embedding(self, query: str) -> list[float]:
         return normalize_rows(ClaraKeys(self.clara).query_keys([query]))[0].tolist()
 
     async def _aget_query_embedding(self, query: str) -> list[float]:
-        return self._get_query_embedding(query)
+        return await asyncio.to_thread(self._get_query_embedding, query)
 
 
 def expect_takers(model: ClaraModel) -> None:

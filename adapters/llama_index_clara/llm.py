@@ -13,14 +13,17 @@ tokens and how many positions the generator saw; ``stats`` keeps the running tot
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
     ChatResponse,
+    ChatResponseAsyncGen,
     ChatResponseGen,
     CompletionResponse,
+    CompletionResponseAsyncGen,
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
@@ -36,6 +39,7 @@ from clara_plugins.adapter_fields import ReaderFields
 # the context, the prompt is exactly CLaRa's answering prompt.
 CLARA_QA_PROMPT = PromptTemplate("Background:\n{context_str}\n\nQuestion:{query_str}")
 
+T = TypeVar("T")
 _ROLES = {MessageRole.SYSTEM: "system", MessageRole.ASSISTANT: "assistant"}  # any other role reads as user
 
 
@@ -103,6 +107,33 @@ class ClaraLLM(ReaderFields, CustomLLM):
                                    additional_kwargs=extra)
 
         return responses()
+
+
+    # The async methods generate on worker threads, so that the event loop is not held meanwhile.
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        return off_the_loop(await asyncio.to_thread(self.stream_complete, prompt, formatted, **kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self.chat, messages, **kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return off_the_loop(await asyncio.to_thread(self.stream_chat, messages, **kwargs))
+
+
+async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
+    """A generator's items for async callers: each is made on a worker thread, so that the
+    event loop is not held while the generator runs."""
+    done = object()
+    while (item := await asyncio.to_thread(next, items, done)) is not done:
+        yield item
 
 
 def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ question); nodes that are not in the store are compressed from their text.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.callbacks import CallbackManager
@@ -17,7 +17,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTe
 from llama_index.core.schema import MetadataMode, NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
-from .llm import ClaraLLM
+from .llm import ClaraLLM, off_the_loop
 
 
 class ClaraSynthesizer(BaseSynthesizer):
@@ -69,12 +69,4 @@ class ClaraSynthesizer(BaseSynthesizer):
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
                             document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
         response = await asyncio.to_thread(self.get_response, query_str, text_chunks, document_ids, **kwargs)
-        return _tokens_off_the_loop(response) if self._streaming else response
-
-
-async def _tokens_off_the_loop(tokens: Iterator[str]) -> AsyncIterator[str]:
-    """A streamed answer for async callers: each token is decoded on a worker thread, so the
-    event loop is not held while the generator runs."""
-    done = object()
-    while (token := await asyncio.to_thread(next, tokens, done)) is not done:
-        yield token
+        return off_the_loop(response) if self._streaming else response

@@ -7,6 +7,7 @@ compared with the documents' memory tokens.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,27 @@ class ClaraVectorStore(BasePydanticVectorStore):
             similarities=[score for _, score in results],
             ids=[d.id for d, _ in results],
         )
+
+    # The async methods compress and search on worker threads, so that the event loop goes on meanwhile.
+    async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+        return await asyncio.to_thread(self.add, nodes, **kwargs)
+
+    async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
+        await asyncio.to_thread(self.delete, ref_doc_id, **delete_kwargs)
+
+    async def adelete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
+                            **delete_kwargs: Any) -> None:
+        await asyncio.to_thread(self.delete_nodes, node_ids, filters, **delete_kwargs)
+
+    async def aget_nodes(self, node_ids: list[str] | None = None,
+                         filters: MetadataFilters | None = None) -> list[BaseNode]:
+        return await asyncio.to_thread(self.get_nodes, node_ids, filters)
+
+    async def aclear(self) -> None:
+        await asyncio.to_thread(self.clear)
+
+    async def aquery(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        return await asyncio.to_thread(self.query, query, **kwargs)
 
     def persist(self, persist_path: str, fs: AbstractFileSystem | None = None) -> None:
         """Save the store, a folder: ``persist_path`` with ``.clara`` in place of a ``.json`` or
