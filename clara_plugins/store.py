@@ -32,7 +32,7 @@ import shutil
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +192,9 @@ class BaseMemoryStore(ABC):
         unless every document would come back as given."""
         texts = check_texts(texts, "texts")
         ids = [uuid.uuid4().hex for _ in texts] if ids is None else _id_list(ids, "ids")
+        if metadatas is not None and (not isinstance(metadatas, Sequence) or isinstance(metadatas, (str, bytes))
+                                      or not all(m is None or isinstance(m, Mapping) for m in metadatas)):
+            raise InvalidInputError(f"metadatas must be a list of dicts, one a text, got {metadatas!r:.80}")
         metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
         if not len(ids) == len(metadatas) == len(texts):
             raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")

@@ -118,7 +118,8 @@ def test_a_set_of_ids_filters_a_search_and_deletes(store):
 def test_bad_input_changes_nothing(store):
     before = store.all_ids()
     for texts, kwargs in [([""], {}), (["ok", 5], {}), (["ok"], {"ids": [""]}),
-                          (["ok"], {"metadatas": [{"bad": object()}]}), (["a", "b"], {"ids": ["x"]})]:
+                          (["ok"], {"metadatas": [{"bad": object()}]}), (["a", "b"], {"ids": ["x"]}),
+                          (["a", "b"], {"metadatas": {"a": 1, "b": 2}}), (["ok"], {"metadatas": ["topic"]})]:
         with pytest.raises(InvalidInputError):
             store.upsert(texts, **kwargs)
     assert store.all_ids() == before

@@ -97,7 +97,7 @@ class ClaraVectorStore(VectorStore):
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, got one str: wrap it in a list")
         texts = list(texts)
-        if ids is not None:
+        if ids is not None and not isinstance(ids, (str, bytes)):  # the store names a lone string
             ids = [doc_id or uuid.uuid4().hex for doc_id in ids]
         if not texts:  # as LangChain's own stores do
             return []
