@@ -17,6 +17,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
+from clara_plugins import StoreError
 from conftest import CORPUS
 from llama_index_clara import ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
 
@@ -65,6 +66,8 @@ def test_filters(vector_store):
     assert set(query(vector_store, 6, either).ids) == {"n3", "n4", "n5"}
     nested = MetadataFilters(filters=[city, MetadataFilter(key="n", value=0, operator=FilterOperator.NE)])
     assert query(vector_store, 6, nested).ids == ["n2"]
+    with_an_empty_group = MetadataFilters(filters=[city, MetadataFilters(filters=[])])
+    assert set(query(vector_store, 6, with_an_empty_group).ids) == {"n0", "n2"}
     with pytest.raises(NotImplementedError, match="not supported"):
         query(vector_store, 2, MetadataFilters(filters=[MetadataFilter(key="topic", value="cit",
                                                                        operator=FilterOperator.TEXT_MATCH)]))
@@ -125,8 +128,9 @@ def test_persist_paths_that_differ_after_a_dot_are_two_stores(vector_store, tiny
     vector_store.persist(str(tmp_path / "run.v2"))
     loaded = [ClaraVectorStore.from_persist_path(tmp_path / name, tiny_model) for name in ("run.v1", "run.v2")]
     assert [len(store.get_nodes()) for store in loaded] == [6, 5]
-    (tmp_path / "run.v2.clara").rename(tmp_path / "run.clara")  # where an earlier version saved it
-    assert len(ClaraVectorStore.from_persist_path(tmp_path / "run.v2", tiny_model).get_nodes()) == 5
+    (tmp_path / "run.v2.clara").rename(tmp_path / "run.clara")  # where an earlier version saved it, and run.v1
+    with pytest.raises(StoreError, match=r"no store at .*run.v2.clara; earlier versions saved .*run.v2 to .*run.clara"):
+        ClaraVectorStore.from_persist_path(tmp_path / "run.v2", tiny_model)
 
 
 async def test_async_methods(tiny_model):

@@ -30,7 +30,7 @@ from llama_index.core.vector_stores.types import (
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 from pydantic import PrivateAttr
 
-from clara_plugins import ClaraModel, MemoryStore, StoredDocument
+from clara_plugins import ClaraModel, MemoryStore, StoreError, StoredDocument
 from clara_plugins.pretrained import load_model
 from clara_plugins.store import BaseMemoryStore, check_store_model
 
@@ -54,7 +54,7 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
     parts = []
     for item in filters.filters:
         if isinstance(item, MetadataFilters):
-            parts.append(translate_filters(item))
+            parts.append(translate_filters(item) or {})  # an empty group restricts nothing
         elif isinstance(item, MetadataFilter) and item.operator in _OPERATORS:
             parts.append({item.key: {_OPERATORS[item.operator]: item.value}})
         else:
@@ -233,9 +233,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def from_persist_path(cls, persist_path: str | Path, model: ClaraModel | None = None) -> ClaraVectorStore:
         """The store ``persist(persist_path)`` saved; it must be read with the model that wrote it."""
         folder = _store_folder(persist_path)
-        earlier = Path(persist_path).with_suffix(".clara")  # where earlier versions saved "run.v1"
+        earlier = Path(persist_path).with_suffix(".clara")  # where earlier versions saved "run.v1", and "run.v2"
         if not folder.exists() and earlier.exists():
-            folder = earlier
+            raise StoreError(f"no store at {folder}; earlier versions saved {persist_path} to {earlier}, as they "
+                             f"did every name that differs after its last dot: rename it to {folder.name} if it "
+                             "is this store")
         return cls(store=MemoryStore.load(folder, model if model is not None else load_model()))
 
     @classmethod
