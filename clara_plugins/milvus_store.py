@@ -50,6 +50,8 @@ MAX_DIMENSIONS = 32_768  # Milvus' largest vector
 MAX_TOP_K = 16_384  # Milvus' largest search limit
 MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 65_535  # Milvus' longest VARCHAR
+MAX_METADATA_BYTES = 65_536  # Milvus' largest JSON value
+INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "SCANN", "DISKANN", "AUTOINDEX")  # on float vectors
 BATCH_ROWS = 256  # rows per request: about 10 MB of keys at CR16, well under gRPC's message limit
 _NOTHING = 'id == ""'  # an expression no row satisfies: ids are never empty
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -70,7 +72,8 @@ class MilvusMemoryStore(BaseMemoryStore):
     - a search returns at most MAX_TOP_K documents;
     - Milvus does not tell a JSON null from a missing field: a filter never compares with
       null, and ``$ne``/``$nin`` do not match a field that holds null;
-    - ids hold at most MAX_ID_BYTES bytes of UTF-8, texts MAX_TEXT_BYTES;
+    - ids hold at most MAX_ID_BYTES bytes of UTF-8, texts MAX_TEXT_BYTES, metadata
+      MAX_METADATA_BYTES of JSON;
     - an upsert of more than BATCH_ROWS documents is written in batches, so a failure midway
       (a lost connection) can leave the first batches stored;
     - ``relevance`` calibrates on the first CALIBRATION_SAMPLE documents in id order (a
@@ -104,9 +107,17 @@ class MilvusMemoryStore(BaseMemoryStore):
         described = f"Milvus collection {collection!r} at {uri}"
         if self._client.has_collection(collection):
             self._check_header(described)
-        else:
+            self._client.load_collection(collection)
+            return
+        if index_type not in INDEX_TYPES:
+            raise InvalidInputError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
+        try:
             self._create_collection(index_type)
-        self._client.load_collection(collection)
+            self._client.load_collection(collection)
+        except Exception:  # a collection without its index would pass the header check, then never load
+            if self._client.has_collection(collection):
+                self._client.drop_collection(collection)  # made here a moment ago, and empty
+            raise
 
     def _create_collection(self, index_type: str) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -167,6 +178,10 @@ class MilvusMemoryStore(BaseMemoryStore):
                 raise InvalidInputError(f"document id {doc_id[:40]!r}... is longer than {MAX_ID_BYTES} bytes")
             if len(text.encode()) > MAX_TEXT_BYTES:
                 raise InvalidInputError(f"the text of {doc_id!r} is longer than Milvus' {MAX_TEXT_BYTES:,} bytes")
+        for doc_id, metadata in zip(ids, metadatas):
+            if len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
+                raise InvalidInputError(f"the metadata of {doc_id!r} is more than Milvus' {MAX_METADATA_BYTES:,} "
+                                        "bytes of JSON")
         return texts, ids, metadatas
 
     def upsert(self, texts: Sequence[str], ids: Sequence[str] | None = None,
@@ -187,19 +202,23 @@ class MilvusMemoryStore(BaseMemoryStore):
                 for doc_id, key, memory, norm, text, metadata in zip(ids, keys, flat, norms, texts, metadatas)}
         rows = list(rows.values())  # an id given twice keeps its last document, as in the local store
         with self._lock:
-            for start in range(0, len(rows), BATCH_ROWS):
-                self._client.upsert(self.collection, rows[start:start + BATCH_ROWS])
-            self._pair_cosines = None
+            try:
+                for start in range(0, len(rows), BATCH_ROWS):
+                    self._client.upsert(self.collection, rows[start:start + BATCH_ROWS])
+            finally:  # the first batches may be in, even when a later one failed
+                self._pair_cosines = None
         return ids
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
         ids = _id_list(ids, "ids", ordered=False)
         with self._lock:
-            for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
-                batch = ", ".join(map(_string, ids[start:start + BATCH_ROWS]))
-                self._client.delete(self.collection, filter=f"id in [{batch}]")
-            self._pair_cosines = None
+            try:
+                for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
+                    batch = ", ".join(map(_string, ids[start:start + BATCH_ROWS]))
+                    self._client.delete(self.collection, filter=f"id in [{batch}]")
+            finally:
+                self._pair_cosines = None
 
     # -------------------------------------------------------------- reading
 

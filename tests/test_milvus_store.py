@@ -177,6 +177,17 @@ def test_a_collection_the_store_did_not_create_is_refused(milvus, tiny_model, ur
     assert client.has_collection("theirs")
 
 
+def test_a_collection_whose_creation_failed_is_not_left_behind(tiny_model, uri, monkeypatch):
+    def fail(self, collection, **kwargs):
+        raise pymilvus.MilvusException(message="the index could not be built")
+
+    monkeypatch.setattr(pymilvus.MilvusClient, "load_collection", fail)
+    with pytest.raises(pymilvus.MilvusException):
+        MilvusMemoryStore(tiny_model, uri, collection="half_made")
+    monkeypatch.undo()
+    assert not pymilvus.MilvusClient(uri).has_collection("half_made")
+
+
 def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeypatch):
     for bad_upsert, message in [
         (lambda: milvus.upsert(["x", "y", "z"], ids="xyz"), "must be a list of ids"),
@@ -184,6 +195,7 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
         (lambda: milvus.upsert(["ok"], metadatas=[{"bad": object()}]), "not JSON-serialisable"),
         (lambda: milvus.upsert(["ok"], ids=["é" * 300]), "longer than 512 bytes"),
         (lambda: milvus.upsert(["long " * 14_000]), "longer than Milvus' 65,535 bytes"),
+        (lambda: milvus.upsert(["ok"], metadatas=[{"notes": "n" * 70_000}]), "more than Milvus' 65,536 bytes"),
         (lambda: milvus.upsert(["ok"], memories=torch.zeros(1, 2, 3)), "do not match the store's"),
         (lambda: milvus.delete("d1"), "must be a collection of ids"),
         (lambda: index_documents(milvus, ["new", "long " * 14_000], ["n1", "n2"], save_every=1),
@@ -203,6 +215,8 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
         milvus.search("x", k=0)
     with pytest.raises(InvalidInputError, match="collection must be letters"):
         MilvusMemoryStore(tiny_model, uri, collection="no-dashes")
+    with pytest.raises(InvalidInputError, match="index_type must be one of"):
+        MilvusMemoryStore(tiny_model, uri, collection="typo", index_type="HSNW")
     monkeypatch.setattr(milvus_store, "MAX_DIMENSIONS", 64)
     with pytest.raises(StoreError, match="more than Milvus' 64"):
         MilvusMemoryStore(tiny_model, uri)
