@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .checkpoint import compressor_signature
 from .context import Reader, ReadingStats
@@ -27,7 +27,7 @@ class ReaderFields(BaseModel):
 
     clara: ClaraModel | None = None
     store: BaseMemoryStore | None = None
-    k: int | None = None  # documents read as memory tokens at most (default: the model's generation_top_k)
+    k: int | None = Field(default=None, gt=0)  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
 
     @field_validator("store", mode="before")

@@ -7,7 +7,7 @@ from typing import Any
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from clara_plugins.store import BaseMemoryStore, as_memory_store
 
@@ -26,7 +26,7 @@ class ClaraRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     store: BaseMemoryStore
-    k: int | None = None  # documents returned (default: the model's generation_top_k, what ChatClara reads)
+    k: int | None = Field(default=None, gt=0)  # documents returned (default: generation_top_k, what ChatClara reads)
     filter: dict | None = None
 
     @field_validator("store", mode="before")
@@ -38,7 +38,8 @@ class ClaraRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None,
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
-        results = self.store.search(query, k or self.k or self.store.model.config.generation_top_k, filter if filter is not None else self.filter)
+        k = next((value for value in (k, self.k) if value is not None), self.store.model.config.generation_top_k)
+        results = self.store.search(query, k, filter if filter is not None else self.filter)  # which refuses k < 1
         documents = []
         for stored, score in results:
             document = to_document(stored)
