@@ -13,10 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from .checkpoint import compressor_signature
 from .context import Reader, ReadingStats
-from .errors import InvalidInputError
 from .model import ClaraModel
 from .pretrained import load_model
-from .store import BaseMemoryStore, as_memory_store
+from .store import BaseMemoryStore, _check_compressor, as_memory_store
 
 
 class ReaderFields(BaseModel):
@@ -39,11 +38,10 @@ class ReaderFields(BaseModel):
     def _default_model(self) -> ReaderFields:
         if self.clara is None:
             self.clara = self.store.model if self.store is not None else load_model()
-        elif (self.store is not None and self.clara is not self.store.model
-              and compressor_signature(self.clara) != compressor_signature(self.store.model)):
-            raise InvalidInputError("clara compresses documents unlike the model whose memories the store holds: "
-                                    "its generator would read memories of another compressor; pass the store alone "
-                                    "(its model reads it), or a model with the same compressor")
+        elif self.store is not None and self.clara is not self.store.model:
+            # its generator reads the store's memories: they must be of its own compressor (in any dtype)
+            _check_compressor(compressor_signature(self.store.model), compressor_signature(self.clara),
+                              "the store beside clara")
         self._reader = Reader(type(self).__name__)
         return self
 

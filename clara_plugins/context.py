@@ -115,6 +115,8 @@ def read_messages(
         raise ValueError(f"unknown message roles {sorted(unknown)}; use {ROLES}")
     if ids and store is None:
         raise ValueError("document_ids need a store to read them from")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"k must be a positive integer, got {k!r}")
     explicit = [_Document(d.text, d.id) for d in (store.get(ids) if ids else [])]
     missing = set(ids) - {d.stored_id for d in explicit}
     if missing:
@@ -130,7 +132,7 @@ def read_messages(
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
     memories = _memories(model, store, everyone)
-    keep = _kept(model, memories, messages[last_user][1], pieces[last_user], k or model.config.generation_top_k)
+    keep = _kept(model, memories, messages[last_user][1], pieces[last_user], model.config.generation_top_k if k is None else k)
 
     rendered, read, order = [], [], iter(range(len(everyone)))
     for i, ((role, _), message) in enumerate(zip(messages, pieces)):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pymilvus import DataType, MilvusClient
+from pymilvus import DataType, MilvusClient, MilvusException
 
 from .checkpoint import compressor_signature
 from .errors import InvalidInputError, StoreError
@@ -51,7 +51,6 @@ MAX_TOP_K = 16_384  # Milvus' largest search limit
 MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 65_535  # Milvus' longest VARCHAR
 MAX_METADATA_BYTES = 65_536  # Milvus' largest JSON value
-INDEX_TYPES = ("FLAT", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "HNSW", "SCANN", "DISKANN", "AUTOINDEX")  # on float vectors
 BATCH_ROWS = 256  # rows per request: about 10 MB of keys at CR16, well under gRPC's message limit
 _NOTHING = 'id == ""'  # an expression no row satisfies: ids are never empty
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
@@ -109,15 +108,22 @@ class MilvusMemoryStore(BaseMemoryStore):
             self._check_header(described)
             self._client.load_collection(collection)
             return
-        if index_type not in INDEX_TYPES:
-            raise InvalidInputError(f"index_type must be one of {INDEX_TYPES}, got {index_type!r}")
         try:
             self._create_collection(index_type)
             self._client.load_collection(collection)
         except Exception:  # a collection without its index would pass the header check, then never load
-            if self._client.has_collection(collection):
-                self._client.drop_collection(collection)  # made here a moment ago, and empty
+            self._drop_if_empty()
             raise
+
+    def _drop_if_empty(self) -> None:
+        """Drop the collection whose creation failed here, unless it holds rows: another process
+        may have created and filled it meanwhile."""
+        try:
+            if (self._client.has_collection(self.collection)
+                    and int(self._client.get_collection_stats(self.collection)["row_count"]) == 0):
+                self._client.drop_collection(self.collection)
+        except MilvusException:
+            pass  # the creation's own error is the one to report
 
     def _create_collection(self, index_type: str) -> None:
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -179,7 +185,7 @@ class MilvusMemoryStore(BaseMemoryStore):
             if len(text.encode()) > MAX_TEXT_BYTES:
                 raise InvalidInputError(f"the text of {doc_id!r} is longer than Milvus' {MAX_TEXT_BYTES:,} bytes")
         for doc_id, metadata in zip(ids, metadatas):
-            if len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
+            if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
                 raise InvalidInputError(f"the metadata of {doc_id!r} is more than Milvus' {MAX_METADATA_BYTES:,} "
                                         "bytes of JSON")
         return texts, ids, metadatas
@@ -215,8 +221,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         with self._lock:
             try:
                 for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
-                    batch = ", ".join(map(_string, ids[start:start + BATCH_ROWS]))
-                    self._client.delete(self.collection, filter=f"id in [{batch}]")
+                    self._client.delete(self.collection, filter=_one_of("id", ids[start:start + BATCH_ROWS]))
             finally:
                 self._pair_cosines = None
 
@@ -271,8 +276,8 @@ class MilvusMemoryStore(BaseMemoryStore):
         """The rows whose ``field`` is one of ``values`` (with their ids), in batches."""
         rows = []
         for start in range(0, len(values), BATCH_ROWS):
-            batch = ", ".join(map(_string, values[start:start + BATCH_ROWS]))
-            rows += self._client.query(self.collection, filter=f"{field} in [{batch}]", output_fields=output_fields)
+            rows += self._client.query(self.collection, filter=_one_of(field, values[start:start + BATCH_ROWS]),
+                                       output_fields=output_fields)
         return rows
 
     def _ids_matching(self, expression: str) -> list[str]:
@@ -297,7 +302,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         if query.size != self.keys.dimensions:
             raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "
                                     f"{self.keys.dimensions}")
-        conditions = [] if ids is None else [f"id in [{', '.join(map(_string, _id_list(ids, 'ids', ordered=False)))}]"]
+        conditions = [] if ids is None else [_one_of("id", _id_list(ids, "ids", ordered=False))]
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)
         diverse = lambda_mult < 1.0
@@ -386,6 +391,11 @@ def _field(key: str) -> str:
 def _string(value: str) -> str:
     """A double-quoted Milvus string literal: backslashes, quotes and line breaks escaped."""
     return '"' + value.translate(_ESCAPES) + '"'
+
+
+def _one_of(field: str, values: list[str]) -> str:
+    """The expression: ``field`` is one of these strings, each quoted and escaped."""
+    return f"{field} in [{', '.join(map(_string, values))}]"
 
 
 def _all(parts: list[str]) -> str:

@@ -192,9 +192,13 @@ class BaseMemoryStore(ABC):
         unless every document would come back as given."""
         texts = check_texts(texts, "texts")
         ids = [uuid.uuid4().hex for _ in texts] if ids is None else _id_list(ids, "ids")
-        if metadatas is not None and (not isinstance(metadatas, Sequence) or isinstance(metadatas, (str, bytes))
-                                      or not all(m is None or isinstance(m, Mapping) for m in metadatas)):
-            raise InvalidInputError(f"metadatas must be a list of dicts, one a text, got {metadatas!r:.80}")
+        if metadatas is not None:
+            if isinstance(metadatas, (str, bytes)) or not isinstance(metadatas, Sequence):
+                raise InvalidInputError(f"metadatas must be a list of dicts, one per text, got a "
+                                        f"{type(metadatas).__name__}")
+            odd = [m for m in metadatas if m is not None and not isinstance(m, Mapping)]
+            if odd:
+                raise InvalidInputError(f"metadatas must be a list of dicts, one per text, got an item {odd[0]!r:.40}")
         metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
         if not len(ids) == len(metadatas) == len(texts):
             raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")

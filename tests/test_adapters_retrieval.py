@@ -346,3 +346,7 @@ def test_a_k_below_one_is_refused_not_read_as_the_default(tiny_model):
     for reader in (langchain_clara.ChatClara, llama_index_clara.ClaraLLM):
         with pytest.raises(ValueError, match="greater than 0"):
             reader(store=store, k=0)
+    chat = langchain_clara.ChatClara(store=store, max_tokens=2)
+    chat.k = 0  # set after construction, which no validator sees
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
+        chat.invoke("Who won prizes?")

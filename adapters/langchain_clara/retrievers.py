@@ -38,7 +38,8 @@ class ClaraRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None,
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
-        k = next((value for value in (k, self.k) if value is not None), self.store.model.config.generation_top_k)
+        if k is None:
+            k = self.k if self.k is not None else self.store.model.config.generation_top_k
         results = self.store.search(query, k, filter if filter is not None else self.filter)  # which refuses k < 1
         documents = []
         for stored, score in results:

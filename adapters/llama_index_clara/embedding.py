@@ -59,6 +59,9 @@ class ClaraEmbedding(BaseEmbedding):
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]
 
+    async def _aget_text_embedding(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
     async def _aget_text_embeddings(self, texts: list[str]) -> list[list[float]]:
         # one batch, not one compression per text, on a worker thread: the event loop goes on meanwhile
         return await asyncio.to_thread(self._get_text_embeddings, texts)

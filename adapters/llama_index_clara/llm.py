@@ -108,7 +108,6 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
         return responses()
 
-
     # The async methods generate on worker threads, so that the event loop is not held meanwhile.
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
@@ -36,3 +38,6 @@ class ClaraRetriever(BaseRetriever):
                                  filters=self.filters)
         result = self.vector_store.query(query)
         return [NodeWithScore(node=node, score=score) for node, score in zip(result.nodes, result.similarities)]
+
+    async def _aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        return await asyncio.to_thread(self._retrieve, query_bundle)  # the event loop goes on meanwhile

@@ -235,9 +235,9 @@ class ClaraVectorStore(BasePydanticVectorStore):
         folder = _store_folder(persist_path)
         earlier = Path(persist_path).with_suffix(".clara")  # where earlier versions saved "run.v1", and "run.v2"
         if not folder.exists() and earlier.exists():
-            raise StoreError(f"no store at {folder}; earlier versions saved {persist_path} to {earlier}, as they "
-                             f"did every name that differs after its last dot: rename it to {folder.name} if it "
-                             "is this store")
+            raise StoreError(f"no store at {folder}; earlier versions may have saved {persist_path} to {earlier}, "
+                             f"where they saved every name that differs after its last dot: rename it to "
+                             f"{folder.name} if it is this store")
         return cls(store=MemoryStore.load(folder, model if model is not None else load_model()))
 
     @classmethod
