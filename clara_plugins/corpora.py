@@ -28,6 +28,8 @@ class QAExample:
 def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
     """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows)."""
     path = Path(path)
+    if not path.is_file():  # an OSError, as for any file the CLI cannot find
+        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
     rows = read_json(path, InvalidInputError) if path.suffix == ".json" else read_jsonl(path)
     if not isinstance(rows, list):
         raise InvalidInputError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")

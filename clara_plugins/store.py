@@ -604,11 +604,13 @@ class MemoryStore(BaseMemoryStore):
         header["sha256"] = dict(sorted(checksums.items()))
         _write_json(staging / "store.json", header)
         generations = _generations(folder)
+        readers_on = _current_generation(folder) if (folder / "CURRENT").exists() else None
         name = f"gen-{(generations[-1] + 1) if generations else 1:06d}"
         os.replace(staging, folder / name)
         write_text_atomically(folder / "CURRENT", name + "\n")
-        for old in generations[:-1]:  # keep the previous generation for readers still on it
-            shutil.rmtree(folder / f"gen-{old:06d}", ignore_errors=True)
+        for old in (f"gen-{number:06d}" for number in generations):
+            if old != readers_on:  # the generation CURRENT named stays for readers still on it
+                shutil.rmtree(folder / old, ignore_errors=True)
         return folder / name, header
 
     @classmethod

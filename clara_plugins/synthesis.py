@@ -147,6 +147,10 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
         write_jsonl([row for row in read_jsonl(output, appended=True) if row["doc_id"] in done], output)
     report = SynthesisReport()
     documents = list(documents)
+    if done and documents and not done & {doc_id for doc_id, _ in documents}:  # resuming would redo them all
+        raise InvalidInputError(f"{ledger} marks none of these documents done: it was written for another corpus, "
+                                "or with other ids (clara synth keyed passages by position before it keyed them "
+                                "by text); name another output")
     with open(output, "a") as rows, open(ledger, "a") as marks:
         for doc_id, text in tqdm(documents, desc="synthesising"):
             if doc_id in done:

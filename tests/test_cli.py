@@ -100,6 +100,7 @@ def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, caps
           "--device", "cpu"])
     assert "4 documents (4 compressed now, 0 already stored)" in capsys.readouterr().out
     assert len(MemoryStore.load(store, tiny_model)) == 4
+    assert sorted(p.name for p in store.iterdir()) == [".lock", "CURRENT", "gen-000002"]  # the leftovers gone
 
 
 def test_index_refuses_a_folder_it_did_not_write(tiny_model, tmp_path):

@@ -43,6 +43,8 @@ def test_question_files_of_the_wrong_shape_are_named(tmp_path, name, content, me
     (tmp_path / name).write_text(content)
     with pytest.raises(InvalidInputError, match=message):
         read_examples(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="typo.json: no such file"):  # exit code 3, as any missing file
+        read_examples(tmp_path / "typo.json")
 
 
 @needs_data

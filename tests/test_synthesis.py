@@ -103,6 +103,15 @@ def test_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
     assert [json.loads(line)["doc_id"] for line in ledger] == ["d0", "d1"]
 
 
+def test_a_ledger_that_marks_none_of_the_documents_is_refused(tmp_path):
+    output = tmp_path / "scp.jsonl"
+    synthesize([("0", DOC)], ScriptedTeacher(["NONE"] * 10), output)  # ids by position, as clara synth gave them
+    before = output.read_text()
+    with pytest.raises(InvalidInputError, match="scp.jsonl.done marks none of these documents done"):
+        synthesize([(document_id(DOC), DOC)], ScriptedTeacher(["NONE"] * 10), output)
+    assert output.read_text() == before
+
+
 def test_an_output_without_its_ledger_is_left_alone(tmp_path):
     output = tmp_path / "scp.jsonl"
     output.write_text('{"doc_id": "mine", "answers": ["kept"]}\n')
