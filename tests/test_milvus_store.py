@@ -188,6 +188,24 @@ def test_a_collection_whose_creation_failed_is_not_left_behind(tiny_model, uri, 
     assert not pymilvus.MilvusClient(uri).has_collection("half_made")
 
 
+def test_a_write_that_failed_midway_recalibrates_the_relevance(milvus, monkeypatch):
+    milvus.relevance(0.5)  # the calibration is computed
+    real = milvus._client.upsert
+    calls = {"n": 0}
+
+    def second_batch_fails(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise pymilvus.MilvusException(message="connection lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(milvus_store, "BATCH_ROWS", 1)
+    monkeypatch.setattr(milvus._client, "upsert", second_batch_fails)
+    with pytest.raises(pymilvus.MilvusException):
+        milvus.upsert(["first new", "second new"], ids=["n1", "n2"])
+    assert milvus.get(["n1"]) and milvus._pair_cosines is None  # the first batch is in: the old pairs are stale
+
+
 def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeypatch):
     for bad_upsert, message in [
         (lambda: milvus.upsert(["x", "y", "z"], ids="xyz"), "must be a list of ids"),

@@ -88,6 +88,14 @@ def test_clara_synth_resumes_by_text_over_a_corpus_grown_in_front(tmp_path, monk
     assert ids[:2] == [document_id(DOC)] * 2 and set(ids[2:]) == {document_id(corpus.read_text().split("\n\n")[0])}
 
 
+def test_clara_synth_reads_a_repeated_passage_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name: ScriptedTeacher(["NONE"] * 10))
+    corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"
+    corpus.write_text(f"{DOC}\n\n{DOC}")
+    main(["synth", str(corpus), str(output)])
+    assert [json.loads(line)["doc_id"] for line in output.read_text().splitlines()] == [document_id(DOC)] * 2
+
+
 def test_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
     documents = [(f"d{i}", DOC) for i in range(2)]
     output = tmp_path / "scp.jsonl"
