@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins import ClaraModel
 from clara_plugins.bm25 import bm25_rank
+from clara_plugins.errors import InvalidInputError
 from clara_plugins.metrics import (
     answer_scores,
     bootstrap_interval,
@@ -34,13 +35,38 @@ from clara_plugins.metrics import (
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
+from clara_plugins.reading import reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
+from clara_plugins.rows import question_row_problem
 
 from .dense import DenseRetriever
 from .text_reader import read_text, text_prompt
 
 SYSTEMS = ("clara", "control", "text", "none")
 RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
+
+
+def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrievers: Sequence[str] = (),
+                          reading_k: int | None = None) -> None:
+    """Refuse rows the evaluation cannot read, naming the first bad row and field, before a
+    model loads: a bad row found later would cost every answer before it.
+
+    Answering systems read question rows with answers; retrievers, question rows of which at
+    least one has gold candidates (``pos_index``); the reading gain (``reading_k`` set) also
+    reads SCP rows, all with as many documents."""
+    if not rows:
+        raise InvalidInputError("there are no rows to evaluate")
+    for number, row in enumerate(rows):
+        read_as_scp = not systems and not retrievers and isinstance(row, dict) and "data_type" in row
+        problem = question_row_problem(row, needs_answer=bool(systems)) if not read_as_scp else (
+            None if isinstance(row.get("docs"), list) and row["docs"] else "docs must be a non-empty list")
+        if problem:
+            raise InvalidInputError(f"row {number}: {problem}")
+    if retrievers and not any(row.get("pos_index") for row in rows):
+        raise InvalidInputError("retrievers are scored against each row's gold candidates (pos_index), "
+                                "and none of these rows has any")
+    if reading_k is not None:
+        reading_width(rows, reading_k)
 
 
 def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "clara", k: int = 5,

@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from clara_plugins.cli import non_negative_int, positive_int
 from clara_plugins.config import MAX_COMPRESSION_RATE
 from clara_plugins.corpora import read_examples
+from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import e2e_rows, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
@@ -62,9 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder holding the official files (default $CLARA_DATA or ../shared/data)")
     parser.add_argument("--setting", choices=["normal", "oracle"], default="normal",
                         help="normal: retrieve top-k of ~20 candidates; oracle: the gold among 5")
-    parser.add_argument("--sample", type=int, help="questions per dataset (default: 200; quick: 8)")
+    parser.add_argument("--sample", type=positive_int, help="questions per dataset (default: 200; quick: 8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
-    parser.add_argument("--candidates", type=int, default=20, help="pool size in the normal setting")
+    parser.add_argument("--candidates", type=positive_int, default=20, help="pool size in the normal setting")
     parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
                         help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "
                         "one, read at 4, 16 and 32); another rate adds its compressor row")
@@ -76,9 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", nargs="*", metavar="NAME", help="run only these system names")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction)")
-    parser.add_argument("-k", type=int, default=5, help="documents read per question (default 5)")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per system (default: all)")
+    parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per system (default: all)")
     parser.add_argument("--out", default="docs/benchmarks", help="output folder (default docs/benchmarks)")
 
 
@@ -87,9 +89,9 @@ def _rates(pairs: list[str], option: str) -> dict[int, str]:
     for pair in pairs:
         rate, _, folder = pair.partition("=")
         if not rate.isdigit() or not folder:
-            raise SystemExit(f"{option} takes CR=DIR pairs, got {pair!r}")
+            raise InvalidInputError(f"{option} takes CR=DIR pairs, got {pair!r}")
         if not 1 <= int(rate) <= MAX_COMPRESSION_RATE:  # refused here, not after the systems before it have run
-            raise SystemExit(f"{option}: a compression rate is in 1..{MAX_COMPRESSION_RATE}, got {pair!r}")
+            raise InvalidInputError(f"{option}: a compression rate is in 1..{MAX_COMPRESSION_RATE}, got {pair!r}")
         rates[int(rate)] = folder
     return rates
 
@@ -97,16 +99,26 @@ def _rates(pairs: list[str], option: str) -> dict[int, str]:
 def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: int, k: int,
                    candidates: int) -> tuple[list[dict], dict]:
     """A seeded sample of rows {question, docs, answers, pos_index}, and how it was drawn."""
-    file, eligible = DATASETS.get(source, (source, None))
-    path = Path(data_dir) / file if source in DATASETS else Path(file)
-    if not path.exists():
-        raise SystemExit(f"no data file {path}: pass --data-dir or a file path")
+    path, eligible = _data_file(source, data_dir)
     examples = read_examples(path, limit=eligible)
     rows = instruct_rows(examples, "oracle", k) if setting == "oracle" else e2e_rows(examples, candidates, seed)
+    if not rows:
+        raise InvalidInputError(f"{path} gives no {setting} rows (in the oracle setting, no example has all its "
+                                "gold passages)")
     chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
     return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
                     "sample": len(chosen), "setting": setting, "seed": seed,
                     "pool_size": round(sum(len(r["docs"]) for r in chosen) / len(chosen), 1)}
+
+
+def _data_file(source: str, data_dir: str) -> tuple[Path, int | None]:
+    """A dataset name's file under ``data_dir`` (and how many of its examples are eligible), or
+    a file path as given."""
+    file, eligible = DATASETS.get(source, (source, None))
+    path = Path(data_dir) / file if source in DATASETS else Path(file)
+    if not path.exists():
+        raise FileNotFoundError(f"no data file {path}: pass --data-dir or a file path")
+    return path, eligible
 
 
 def environment() -> dict:
@@ -152,17 +164,21 @@ def run(args: argparse.Namespace) -> list[Path]:
         from .report import write_report
         from .systems import RunOptions, default_systems
     except ImportError as error:
-        raise SystemExit(f"clara bench needs the benchmark extras: pip install 'clara-plugins[bench]' ({error})")
+        raise ModuleNotFoundError(f"clara bench needs the benchmark extras: pip install 'clara-plugins[bench]' ({error})")
     mode = "quick" if args.quick else "full"
     sample, datasets = MODES[mode]
     sample, datasets = args.sample or sample, args.datasets or datasets
     clara, clara_e2e = _rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e")
     shipped = default_checkpoint()
     systems = default_systems(clara, clara_e2e, args.text_ft, None if shipped is None else str(shipped))
+    unknown = sorted(set(args.systems or ()) - {s.name for s in systems})
+    if unknown:
+        raise InvalidInputError(f"--systems: no system is named {', '.join(map(repr, unknown))}; the systems are "
+                                f"{', '.join(repr(s.name) for s in systems)}")
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
-        if not systems:
-            raise SystemExit(f"no system is named {args.systems}")
+    for dataset in datasets:  # a misspelt second dataset is found before the first one runs
+        _data_file(dataset, args.data_dir)
     options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction, args.threads)
     written = []
     for dataset in datasets:

@@ -11,8 +11,10 @@ import random
 
 import bm25s
 import numpy as np
+from tqdm.auto import tqdm
 
 from .corpora import QAExample
+from .errors import InvalidInputError
 
 
 def bm25_rank(query: str, passages: list[str]) -> list[int]:
@@ -23,7 +25,7 @@ def bm25_rank(query: str, passages: list[str]) -> list[int]:
 def bm25_top(queries: list[str], passages: list[str], n: int) -> list[list[int]]:
     """For each query, the indices of the n passages it matches best, best first (one index)."""
     index = _index(passages)
-    return [_ranking(index, query)[:n] for query in queries]
+    return [_ranking(index, query)[:n] for query in tqdm(queries, desc="ranking (BM25)", disable=len(queries) < 1000)]
 
 
 def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
@@ -35,7 +37,7 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
     pool_texts = [p for _, p in everything]
     index = _index(pool_texts)
     result = []
-    for example in examples:
+    for example in tqdm(examples, desc="filling pools (BM25)", disable=len(examples) < 1000):
         passages = list(example.passages)
         if len(passages) < size:
             extra = [pool_texts[i] for i in _ranking(index, example.question) if everything[i][0] != example.id
@@ -52,6 +54,9 @@ def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list
     result = []
     for example in fill_short_pools(examples, size):
         passages, gold = list(example.passages), list(example.gold)
+        if len(gold) > size:  # the slice below would go negative and keep nearly every passage
+            raise InvalidInputError(f"example {example.id} has {len(gold)} gold passages, more than the {size} "
+                                    "candidates asked for")
         if len(passages) > size:
             ranked = [i for i in bm25_rank(example.question, passages) if i not in gold]
             keep = sorted(gold + ranked[: size - len(gold)])

@@ -123,8 +123,12 @@ def read_header(folder: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{folder} is not a CLaRa checkpoint: {CONFIG_FILE} is missing")
     header = read_json(path, CheckpointError)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(header).__name__}, not a checkpoint header")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(header.get("config"), dict) or "base_model_fingerprint" not in header:
+        raise CheckpointError(f"{path} lacks its config (an object) or base_model_fingerprint")
     return header
 
 
@@ -184,6 +188,8 @@ def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: boo
                               f"{', '.join(changed)}; load it with the same settings")
     adapters = {name: _read_safetensors(folder / adapter_file(name)) for name in ADAPTER_NAMES}
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
+    if "input_rows" not in embeddings:
+        raise CheckpointError(f"{folder / EMBEDDINGS_FILE} lacks input_rows, the rows of CLaRa's added tokens")
     for name, state in adapters.items():
         load_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
     others = model.lm.get_input_embeddings().weight.size(0) - model.base_vocab_size - current.n_mem_tokens

@@ -22,14 +22,14 @@ from .errors import CheckpointError, InvalidInputError, StoreError
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
 
 
-def _non_negative(value: str) -> int:
+def non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
@@ -43,7 +43,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", metavar="PATH_OR_ID",
                         help=f"base causal LM: a local folder or hub id (default: {DEFAULT_BASE_MODEL}, "
                         "or the one the checkpoint names)")
-    parser.add_argument("--compression-rate", type=_positive,
+    parser.add_argument("--compression-rate", type=positive_int,
                         help="document tokens per memory token (default: the checkpoint's; 16 for an "
                              "untrained model); a pooled checkpoint reads its documents at another rate "
                              "as finer or coarser chunks of the same states")
@@ -59,17 +59,18 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
                         "'text' or 'contents')")
     parser.add_argument("--store", required=True, metavar="DIR", help="the store folder (created, or extended)")
     _model_arguments(parser)
-    parser.add_argument("--index", choices=INDEX_KINDS, default="flat",
+    parser.add_argument("--index", choices=INDEX_KINDS,
                         help="search index of a new store (default flat: exact; ivfpq: compact, re-scored)")
-    parser.add_argument("--memory-dtype", choices=MEMORY_DTYPES, default="float16",
-                        help="how a new store keeps memory tokens (int8: half the disk, one scale per vector)")
-    parser.add_argument("--save-every", type=_positive, default=1024,
+    parser.add_argument("--memory-dtype", choices=MEMORY_DTYPES,
+                        help="how a new store keeps memory tokens (default float16; int8: half the disk, one "
+                             "scale per vector)")
+    parser.add_argument("--save-every", type=positive_int, default=1024,
                         help="documents compressed between saves; a stopped run resumes from the last save")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="compress on Ray: a local instance started for the run, or the cluster at ADDRESS "
                         "(auto, ray://host:10001); put it after the files. Needs pip install "
                         "'clara-plugins[ray]'; checkpoint and base model paths must exist on every node")
-    parser.add_argument("--workers", type=_positive,
+    parser.add_argument("--workers", type=positive_int,
                         help="with --ray: actors, each holding one model (default: one per GPU, else per CPU)")
 
 
@@ -83,10 +84,10 @@ def _ask_arguments(parser: argparse.ArgumentParser) -> None:
                          help="documents given as literal text on the command line")
     parser.add_argument("--question", required=True, help="the question to answer")
     _model_arguments(parser)
-    parser.add_argument("-k", "--top-k", type=_positive,
+    parser.add_argument("-k", "--top-k", type=positive_int,
                         help=f"documents the generator reads (default: the model's generation_top_k, "
                         f"{ClaraConfig.generation_top_k})")
-    parser.add_argument("--max-new-tokens", type=_positive,
+    parser.add_argument("--max-new-tokens", type=positive_int,
                         help="answer length limit (default: the model's max_new_tokens setting)")
     parser.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is made")
     parser.add_argument("--json", action="store_true",
@@ -107,14 +108,15 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="row kind (default instruct). scp: SCP QA rows from the examples with one gold "
                              "passage (NQ). Teacher-free rows from a passage file (SOURCE is then a corpus, "
                              "as for 'clara synth'): reconstruct (repeat the passage), continue (its second "
-                             "half from its first), cloze (a blanked name, number or date)")
+                             "half from its first), cloze (a blanked name, number or date), inverse-cloze (a "
+                             "sentence as the question, its passage without it as the gold candidate)")
     parser.add_argument("--setting", choices=SETTINGS, default="normal",
                         help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
-    parser.add_argument("-k", type=_positive, default=5, help="documents per instruction row (default 5)")
-    parser.add_argument("--candidates", type=_positive, default=20, help="candidates per end-to-end row (default 20)")
-    parser.add_argument("--skip", type=_non_negative, default=0,
+    parser.add_argument("-k", type=positive_int, default=5, help="documents per instruction row (default 5)")
+    parser.add_argument("--candidates", type=positive_int, default=20, help="candidates per end-to-end row (default 20)")
+    parser.add_argument("--skip", type=non_negative_int, default=0,
                         help="leave out the first N examples (e.g. NQ dev 0-299, held out for evaluation)")
-    parser.add_argument("--limit", type=_positive, help="only the first N examples (after --skip)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
 
 
@@ -123,8 +125,8 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="output JSONL (a .done ledger is kept beside it)")
     parser.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
                         help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
-    parser.add_argument("--limit", type=_positive, help="only the first N passages")
-    parser.add_argument("--max-rounds", type=int, default=3, help="coverage check rounds (default 3)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N passages")
+    parser.add_argument("--max-rounds", type=positive_int, default=3, help="coverage check rounds (default 3)")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,8 +137,9 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="JSONL rows of the stage")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--init", metavar="DIR", help="checkpoint of the previous stage to start from")
-    parser.add_argument("--base-model", help="base model when no --init (default: the offline SmolLM2)")
-    parser.add_argument("--compression-rate", type=_positive,
+    parser.add_argument("--base-model", help="base causal LM (default: the offline SmolLM2, or the --init "
+                        "checkpoint's own; a path given with --init must hold the same weights)")
+    parser.add_argument("--compression-rate", type=positive_int,
                         help="document tokens per memory token (default: --init's, else 16); with a pooled "
                              "--init, training goes on at this rate")
     parser.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
@@ -166,11 +169,11 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("data", help="converted JSONL rows")
     parser.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
-    parser.add_argument("--compression-rate", type=_positive,
+    parser.add_argument("--compression-rate", type=positive_int,
                         help="read a pooled checkpoint's documents at this rate (default: its own)")
     parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
                         help="answering systems (default clara; control: clara reading another row's documents)")
-    parser.add_argument("--control-shifts", nargs="+", type=_positive, default=[1],
+    parser.add_argument("--control-shifts", nargs="+", type=positive_int, default=[1],
                         help="control: each row reads the documents of the row this many after it; with "
                              "several, each question's scores are averaged over them (default 1)")
     parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
@@ -183,10 +186,10 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "also by token kind (digits, capitalised, the rest)")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
-    parser.add_argument("-k", type=_positive, default=5, help="documents read per question (default 5)")
-    parser.add_argument("--limit", type=_positive, help="only the first N rows")
-    parser.add_argument("--max-new-tokens", type=_positive, default=32, help="answer length (default 32)")
-    parser.add_argument("--batch-size", type=_positive, default=4,
+    parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")
+    parser.add_argument("--limit", type=positive_int, help="only the first N rows")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="questions answered together (default 4; more is faster where memory allows)")
     parser.add_argument("--out", help="write the results (with predictions) to this JSON file")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
@@ -215,14 +218,23 @@ def _index(args: argparse.Namespace) -> None:
     check_store_folder(folder)  # before the model loads
     documents = [(text, {"source": Path(path).name, "position": i})  # read before the model loads: a typo costs no load
                  for path in args.corpus for i, text in enumerate(read_documents([path]))]
+    if not documents:
+        raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
     ids = [document_id(text) for text, _ in documents]
     load = functools.partial(load_model, args.checkpoint, base_model=args.base_model,
                              compression_rate=args.compression_rate, device=args.device)
     model = load()
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model)
+        ignored = [f"--{name} {asked} (the store's is {kept})" for name, asked, kept in
+                   [("index", args.index, store.index_kind), ("memory-dtype", args.memory_dtype, store.memory_dtype)]
+                   if asked not in (None, kept)]
+        if ignored:
+            raise InvalidInputError(f"{folder} is a store already, and keeps the settings it was made with: "
+                                    f"{', '.join(ignored)}; name a new folder for other settings")
     else:
-        store = MemoryStore(model, index=args.index, memory_dtype=args.memory_dtype)
+        store = MemoryStore(model, **{name: value for name, value in
+                                      [("index", args.index), ("memory_dtype", args.memory_dtype)] if value})
     on_ray = None if args.ray is None else RayCompression(load, args.ray, args.workers, use_gpus=args.device != "cpu")
     compressed = index_documents(store, [text for text, _ in documents], ids, [meta for _, meta in documents],
                                  save=functools.partial(store.save, folder), save_every=args.save_every,
@@ -251,6 +263,10 @@ def _ask(args: argparse.Namespace) -> None:
     if args.store and (args.docs or args.text):
         raise InvalidInputError("give either --store or --docs/--text, not both")
     texts = read_documents(args.docs) + args.text  # a bad path fails before the model loads
+    if (args.docs or args.text) and not texts:
+        raise InvalidInputError(f"{', '.join(args.docs)}: no documents to read")
+    if args.store and not (Path(args.store) / "CURRENT").exists():
+        raise FileNotFoundError(f"--store {args.store}: no store there (clara index makes one)")
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
     k = args.top_k or model.config.generation_top_k
@@ -301,6 +317,7 @@ def _convert_data(args: argparse.Namespace) -> None:
     from .rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows, reconstruction_rows,
                        scp_qa_rows)
 
+    _refuse_overwriting_input(Path(args.destination), args.source)
     end = None if args.limit is None else args.skip + args.limit
     read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
     sources = read(args.source)[args.skip:end]
@@ -310,8 +327,16 @@ def _convert_data(args: argparse.Namespace) -> None:
             "cloze": lambda p: cloze_rows(p, args.seed),
             "inverse-cloze": lambda p: inverse_cloze_rows(p, args.candidates, args.seed)}[args.kind]
     rows = make(sources)
+    if not rows:  # an earlier run's rows at the destination are kept
+        raise InvalidInputError(f"no {args.kind} rows came from the {len(sources)} sources of {args.source} "
+                                f"(after --skip {args.skip}); nothing was written")
     write_jsonl(rows, args.destination)
     print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")
+
+
+def _refuse_overwriting_input(output: Path, source: str) -> None:
+    if output.resolve() == Path(source).resolve():
+        raise InvalidInputError(f"{output} is the input file too: name another output, or it would be replaced")
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -360,6 +385,7 @@ def _eval(args: argparse.Namespace) -> None:
     from clara_benchmarks.dense import DenseRetriever
     from clara_benchmarks.evaluation import (
         check_control_shifts,
+        check_evaluation_rows,
         evaluate_answers,
         evaluate_retrieval,
         f1_above_control,
@@ -371,14 +397,18 @@ def _eval(args: argparse.Namespace) -> None:
     from .pretrained import default_checkpoint, load_model
     from .reading import evaluate_reading
 
+    # everything that can be refused is refused before the model loads, not after the answers
     out = Path(args.out) if args.out else None
-    if out is not None:  # found before the evaluation, not after it
+    if out is not None:
+        _refuse_overwriting_input(out, args.data)
         if out.is_dir():
             raise InvalidInputError(f"--out {out} is a folder: name the JSON file to write")
         out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(args.data)[: args.limit]
+    check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None)
     if "control" in args.systems:
         check_control_shifts(len(rows), args.control_shifts)
+    dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()
     model = load_model(checkpoint, compression_rate=args.compression_rate, device=args.device)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
@@ -390,7 +420,6 @@ def _eval(args: argparse.Namespace) -> None:
     scored = {result["system"]: result for result in results["answers"]}
     if {"clara", "control"} <= scored.keys():
         results["f1_above_control"] = f1_above_control(scored["clara"], scored["control"])
-    dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
     if args.retrievers:
         results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense)
         first, *others = results["retrieval"]

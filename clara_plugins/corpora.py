@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from .errors import InvalidInputError
-from .jsonfiles import read_json, read_jsonl
+from .jsonfiles import read_json, read_jsonl, read_text
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ def read_documents(paths: list[str]) -> list[str]:
             documents.extend(_record_text(record, f"{source}, record {number}")
                              for number, record in enumerate(records))
         else:
-            documents.extend(p.strip() for p in path.read_text().split("\n\n") if p.strip())
+            documents.extend(p.strip() for p in read_text(path).split("\n\n") if p.strip())
     return documents
 
 
@@ -97,5 +97,8 @@ def _example(row: dict, number: int) -> QAExample:
     if "ctxs" in row:  # NQ-open with passages
         passages = [f"{c['title']}\n{c['text']}" for c in row["ctxs"]]
         gold = [i for i, c in enumerate(row["ctxs"]) if c.get("isgold")]
-        return QAExample(f"nq-{number}", row["question"], list(row["answers"]), passages, gold)
+        answers = row["answers"]
+        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+            raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
+        return QAExample(f"nq-{number}", row["question"], answers, passages, gold)
     raise ValueError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: {sorted(row)[:8]}")

@@ -1,4 +1,5 @@
-"""JSON files on disk: one value or JSONL rows, read with errors that name the file."""
+"""Text and JSON files on disk: text, one JSON value or JSONL rows, read with errors that name
+the file."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ from .atomic import write_file_atomically
 from .errors import InvalidInputError
 
 
+def read_text(path: str | Path, error: type[ValueError] = InvalidInputError) -> str:
+    """A UTF-8 text file's contents, or ``error`` naming a file of other bytes (a PDF, a binary)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as decoding:
+        raise error(f"{path} is not UTF-8 text: byte {decoding.start} cannot be decoded") from decoding
+
+
 def read_json(path: Path, error: type[ValueError]) -> object:
     """A JSON file's value, or ``error`` naming a missing or corrupted file."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(read_text(path, error))
     except FileNotFoundError as missing:
         raise error(f"{path} is missing") from missing
     except json.JSONDecodeError as corrupted:
@@ -25,7 +34,7 @@ def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
     A file a run ``appended`` to may end in a line that a killed run left cut short: that last
     line alone is dropped, so that the run can resume.
     """
-    lines = Path(path).read_text().splitlines()
+    lines = read_text(path).splitlines()
     last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
     for number, line in enumerate(lines):

@@ -22,6 +22,16 @@ from .prompts import memory_prompts
 _TOKEN_KINDS = ("digits", "capitalised", "rest")
 
 
+def reading_width(rows: Sequence[dict], k: int = 5) -> int:
+    """The number of documents each row reads, refusing rows that cannot be compared: the
+    gain reads every row's documents in the next row's place, so all must read as many."""
+    width = {1 if "data_type" in row else min(k, len(row["docs"])) for row in rows}
+    if len(rows) < 2 or len(width) != 1:
+        raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "
+                         f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
+    return width.pop()
+
+
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
     """The targets' cross-entropy (nats per token) read from each row's own documents (the
     first k or fewer of an instruction row, the one of an SCP row), and from the next row's.
@@ -32,11 +42,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     memories below it are read, other memories above it only hurt. ``by_token_kind`` repeats
     the measures for each kind of target token the rows hold.
     """
-    width = {1 if "data_type" in row else min(k, len(row["docs"])) for row in rows}
-    if len(rows) < 2 or len(width) != 1:
-        raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "
-                         f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
-    width = width.pop()
+    width = reading_width(rows, k)
     documents = [document for row in rows for document in row["docs"][:width]]
     memories = model.compress_documents(documents, show_progress=True)
     memories = memories.reshape(len(rows), width, *memories.shape[1:])

@@ -169,12 +169,9 @@ def check_training_rows(rows: list[object], config: TrainConfig, corpus: bool = 
 
 
 def _row_problem(row: object, stage: str, reads_scp: bool, width: int | None) -> str | None:
-    def strings(value: object) -> bool:
-        return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
-
     if not isinstance(row, dict):
         return f"a JSON {type(row).__name__}, not an object"
-    if not strings(row.get("docs")):
+    if not _strings(row.get("docs")):
         return "docs must be a non-empty list of document texts"
     if width is not None and len(row["docs"]) != width:
         return f"{len(row['docs'])} documents, where the first row has {width}: rows are batched together"
@@ -184,23 +181,40 @@ def _row_problem(row: object, stage: str, reads_scp: bool, width: int | None) ->
                     "restate_weight or distill_weight read")
         if row["data_type"] not in ("qa", *SCP_REWRITES):
             return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
-        if not strings(row.get("answers")):
+        if not _strings(row.get("answers")):
             return "answers must be a non-empty list of strings"
-        if row["data_type"] == "qa" and not (strings(row.get("question"))
+        if row["data_type"] == "qa" and not (_strings(row.get("question"))
                                              and len(row["question"]) == len(row["answers"])):
             return "a qa row's question must be a list of strings, one for each of its answers"
         return None
+    problem = question_row_problem(row, needs_answer=stage != "retrieval")
+    if problem is None and stage == "retrieval" and not row.get("pos_index"):
+        return "the retrieval stage learns from each row's gold candidates, and this row has no pos_index"
+    return problem
+
+
+def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
+    """What keeps a question row ({question, docs, answer(s), pos_index}) from being read, or
+    None: an SCP row, a missing field, or a field of the wrong shape."""
+    if not isinstance(row, dict):
+        return f"a JSON {type(row).__name__}, not an object"
+    if "data_type" in row:
+        return "an SCP row (data_type set), not a question row"
+    if not _strings(row.get("docs")):
+        return "docs must be a non-empty list of document texts"
     if not isinstance(row.get("question"), str) or not row["question"].strip():
         return "question must be a non-empty string"
-    answered = (isinstance(row.get("answer"), str) and row["answer"]) or strings(row.get("answers"))
-    if stage != "retrieval" and not answered:
+    answered = (isinstance(row.get("answer"), str) and row["answer"]) or _strings(row.get("answers"))
+    if needs_answer and not answered:
         return "it needs an answer (a string) or answers (a non-empty list of strings)"
     positions = row.get("pos_index") or []
     if not (isinstance(positions, list) and all(isinstance(i, int) and 0 <= i < len(row["docs"]) for i in positions)):
         return f"pos_index must list positions of its {len(row['docs'])} documents, got {positions!r}"
-    if stage == "retrieval" and not positions:
-        return "the retrieval stage learns from each row's gold candidates, and this row has no pos_index"
     return None
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
 
 
 def question_name(row: dict) -> str | None:

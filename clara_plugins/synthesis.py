@@ -132,6 +132,8 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
 def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
                simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
+    if max_rounds < 1:  # no round would keep any QA, and the ledger would mark every document done
+        raise InvalidInputError(f"max_rounds must be at least 1, got {max_rounds}")
     output = Path(output)
     ledger = output.with_name(output.name + ".done")
     if output.exists() != ledger.exists():  # resuming would drop every row, or skip documents it has no rows of

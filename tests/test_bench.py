@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import clara_benchmarks.run as bench_run
 from clara_benchmarks.report import write_report
 from clara_benchmarks.run import benchmark_rows, headline
 from clara_benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
@@ -104,11 +105,27 @@ def test_a_named_rate_outside_the_defaults_adds_only_its_named_rows():
     assert cr8({8: "eight"}, {}) == [("CLaRa CR8 compressor", "eight", 8)]
 
 
-def test_bench_rejects_a_malformed_checkpoint_pair(tmp_path):
-    with pytest.raises(SystemExit, match="CR=DIR"):
-        main(["bench", "--clara", "16:folder", "--data-dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="1..256"):  # before any system runs, not in its process
-        main(["bench", "--clara-e2e", "0=folder", "--data-dir", str(tmp_path)])
+def test_bench_rejects_a_malformed_checkpoint_pair(tmp_path, capsys):
+    for argv, message in [(["--clara", "16:folder"], "CR=DIR"),
+                          (["--clara-e2e", "0=folder"], "1..256")]:  # before any system runs, not in its process
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", *argv, "--data-dir", str(tmp_path)])
+        assert exit_.value.code == 5 and message in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_numbers_names_and_files_before_any_system_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    for flag in (["--sample", "0"], ["-k", "-1"], ["--candidates", "0"], ["--threads", "-1"]):
+        with pytest.raises(SystemExit) as exit_:  # --sample 0 used to run the default 200 questions
+            main(["bench", *flag])
+        assert exit_.value.code == 2
+    (tmp_path / "hotpotqa").mkdir()
+    (tmp_path / "hotpotqa" / "dev.json").write_text("[]")
+    for argv, code, message in [(["--systems", "dense + text", "dense + txt"], 5, "'dense + txt'"),
+                                (["--datasets", "hotpotqa", "nq"], 3, "no data file")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", *argv, "--data-dir", str(tmp_path)])
+        assert exit_.value.code == code and message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
@@ -119,7 +136,7 @@ def test_benchmark_rows_are_seeded_pools_in_both_settings():
     assert all(len(r["docs"]) == 20 and r["pos_index"] for r in normal)
     oracle, _ = benchmark_rows("hotpotqa", str(SHARED_DATA), "oracle", 3, 0, 5, 20)
     assert all(len(r["docs"]) == 5 and len(r["pos_index"]) == 2 for r in oracle)
-    with pytest.raises(SystemExit, match="no data file"):
+    with pytest.raises(FileNotFoundError, match="no data file"):
         benchmark_rows("nq", "/nonexistent", "normal", 3, 0, 5, 20)
 
 

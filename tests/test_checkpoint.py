@@ -73,6 +73,25 @@ def test_missing_or_foreign_files_fail_clearly(tiny_model, tmp_path):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
 
 
+def test_a_hand_edited_header_or_rows_file_is_named(tiny_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "clara_config.json"
+    header = json.loads(path.read_text())
+    for edited, message in [([header], "holds a JSON list, not a checkpoint header"),  # was a bare AttributeError
+                            ({**header, "config": None}, "lacks its config"),  # and these bare KeyErrors
+                            ({k: v for k, v in header.items() if k != "base_model_fingerprint"}, "lacks its config")]:
+        path.write_text(json.dumps(edited))
+        with pytest.raises(CheckpointError, match=message):
+            ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    path.write_text(json.dumps(header))
+    rows = tmp_path / "ckpt" / "memory_embeddings.safetensors"
+    save_file({k: v for k, v in load_file(str(rows)).items() if k != "input_rows"}, str(rows))
+    with pytest.raises(CheckpointError, match="memory_embeddings.safetensors lacks input_rows"):
+        ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+
+
 def test_a_checkpoint_older_than_the_memory_design_setting_loads_as_tokens(tiny_tokens_model, tmp_path):
     tiny_tokens_model.save_pretrained(tmp_path / "old")
     header = json.loads((tmp_path / "old" / "clara_config.json").read_text())

@@ -47,6 +47,13 @@ def test_corpus_records_that_are_not_json_or_lack_a_text_are_refused(tmp_path, n
         read_documents([str(tmp_path / name)])
 
 
+@pytest.mark.parametrize("name", ["notes.pdf", "rows.jsonl", "records.json"])
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path, name):
+    (tmp_path / name).write_bytes(b"%PDF-1.7\n\xe2\x28\xa1 binary")  # was a UnicodeDecodeError naming no file
+    with pytest.raises(InvalidInputError, match=f"{name} is not UTF-8 text: byte 9 cannot be decoded"):
+        read_documents([str(tmp_path / name)])
+
+
 def test_ask_answers_from_a_checkpoint(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     docs = ["Paris is in France.", "Berlin is in Germany.", "Rome is in Italy."]
@@ -123,6 +130,33 @@ def test_index_reads_its_corpus_before_it_loads_a_model(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit) as exit_:
         main(["index", str(tmp_path / "typo.txt"), "--store", str(tmp_path / "store")])
     assert exit_.value.code == 3 and "typo.txt: no such file" in capsys.readouterr().err
+
+
+def test_index_and_ask_refuse_no_documents_or_no_store_before_they_load_a_model(tmp_path, monkeypatch, capsys):
+    from clara_plugins import pretrained
+
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for argv, code, message in [
+        (["index", str(tmp_path / "empty.txt"), "--store", str(tmp_path / "s")], 5, "no documents to index"),
+        (["ask", "--docs", str(tmp_path / "empty.txt"), "--question", "q"], 5, "no documents to read"),
+        (["ask", "--store", str(tmp_path / "typo"), "--question", "q"], 3, "no store there"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:  # an empty store was saved, and the question answered from nothing
+            main(argv)
+        assert exit_.value.code == code and message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_index_refuses_settings_that_an_existing_store_would_ignore(tiny_model, tmp_path, capsys):
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    store, common = tmp_path / "store", ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
+    main(["index", "docs/examples/documents.txt", "--store", str(store), "--memory-dtype", "int8", *common])
+    capsys.readouterr()
+    main(["index", "docs/examples/documents.txt", "--store", str(store), "--memory-dtype", "int8", *common])
+    with pytest.raises(SystemExit):
+        main(["index", "docs/examples/documents.txt", "--store", str(store), "--index", "hnsw", *common])
+    assert "--index hnsw (the store's is flat)" in capsys.readouterr().err
 
 
 def test_help_and_version_load_no_torch():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clara_plugins.bm25 import bm25_rank, fill_short_pools
+from clara_plugins.bm25 import bm25_rank, fill_short_pools, with_candidates
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
 from clara_plugins.errors import InvalidInputError
@@ -38,6 +38,9 @@ def test_every_official_format_reads_with_its_gold_passages(path, gold_per_quest
     ("other.jsonl", '{"id": "q"}\n{"query": "q"}\n', r"other.jsonl, row 0: no known format .* its fields: \['id'\]"),
     ("strings.json", '["a question"]', r"strings.json, row 0: a JSON str, not a question record"),
     ("empty.json", "[]", "empty.json holds no examples"),
+    ("nq.jsonl", '{"question": "q", "answers": "Paris", "ctxs": []}\n',  # its letters were the answers
+     r"nq.jsonl, row 0: answers must be a non-empty list of strings, got 'Paris'"),
+    ("nq.jsonl", '{"question": "q", "answers": [], "ctxs": []}\n', r"nq.jsonl, row 0: answers must be"),
 ])
 def test_question_files_of_the_wrong_shape_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
@@ -173,3 +176,18 @@ def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, cap
           "inverse-cloze", "--candidates", "4", "--limit", "50"])
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     assert len(rows) >= 45 and all(len(r["docs"]) == 4 and len(r["pos_index"]) == 1 for r in rows)
+
+
+def test_fewer_candidates_than_gold_passages_are_refused():
+    with pytest.raises(InvalidInputError, match="example q2 has 2 gold passages, more than the 1 candidates"):
+        with_candidates([MULTI_HOP], 1)  # the pool kept every passage but the last
+
+
+def test_convert_data_that_makes_no_rows_keeps_the_destination(tmp_path, capsys):
+    source, out = tmp_path / "passages.txt", tmp_path / "rows.jsonl"
+    source.write_text("A passage.\n\nAnother passage.")
+    out.write_text("an earlier run's rows\n")
+    with pytest.raises(SystemExit):
+        main(["convert-data", str(source), str(out), "--kind", "reconstruct", "--skip", "5"])
+    assert "no reconstruct rows came from the 0 sources" in capsys.readouterr().err
+    assert out.read_text() == "an earlier run's rows\n"

@@ -103,6 +103,39 @@ def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_p
     assert f"--out {tmp_path} is a folder: name the JSON file to write" in capsys.readouterr().err
 
 
+def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("clara_plugins.pretrained.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    data = tmp_path / "rows.jsonl"
+    passage = {"docs": ["Paris is the capital of France."], "answers": ["Paris is the capital of France."],
+               "data_type": "paraphrase"}
+    no_gold = [{k: v for k, v in row.items() if k != "pos_index"} for row in ROWS]
+    for rows, argv, message in [
+        ([], [], "there are no rows to evaluate"),
+        (ROWS[:1] + [{**ROWS[1], "question": None}], [], "row 1: question must be a non-empty string"),
+        (ROWS[:2] + [[ROWS[2]]], [], "row 2: a JSON list, not an object"),
+        ([passage] * 2, [], "row 0: an SCP row (data_type set), not a question row"),  # answered by no system
+        (no_gold, ["--retrievers", "bm25"], "none of these rows has any"),  # statistics' "mean requires ..."
+        (ROWS[:1] + [{**ROWS[1], "docs": ROWS[1]["docs"][1:2], "pos_index": [0]}], ["-k", "2", "--reading"],
+         "the same number"),
+    ]:
+        data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", str(data), *argv])
+        assert exit_.value.code == 5 and message in capsys.readouterr().err
+    evaluation.check_evaluation_rows([passage] * 2, systems=[], reading_k=5)  # the reading gain alone reads them
+
+
+def test_clara_eval_and_convert_data_refuse_to_write_over_their_input(tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    for argv in (["eval", str(data), "--out", str(data)],
+                 ["convert-data", str(data), str(tmp_path / "." / "rows.jsonl"), "--kind", "reconstruct"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "is the input file too" in capsys.readouterr().err
+        assert data.read_text().count("\n") == len(ROWS)
+
+
 def test_text_reads_more_positions_than_memory_tokens(tiny_model):
     clara = evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=2)
     text = evaluate_answers(tiny_model, ROWS, "text", k=3, max_new_tokens=2)

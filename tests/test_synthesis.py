@@ -120,6 +120,13 @@ def test_a_ledger_that_marks_none_of_the_documents_is_refused(tmp_path):
     assert output.read_text() == before
 
 
+def test_no_coverage_rounds_is_refused_before_any_document_is_marked_done(tmp_path):
+    output = tmp_path / "scp.jsonl"
+    with pytest.raises(InvalidInputError, match="max_rounds must be at least 1, got 0"):
+        synthesize([(document_id(DOC), DOC)], ScriptedTeacher(["NONE"] * 10), output, max_rounds=0)
+    assert not output.exists() and not output.with_name("scp.jsonl.done").exists()
+
+
 def test_an_output_without_its_ledger_is_left_alone(tmp_path):
     output = tmp_path / "scp.jsonl"
     output.write_text('{"doc_id": "mine", "answers": ["kept"]}\n')
