@@ -99,7 +99,7 @@ class ClaraVectorStore(VectorStore):
         texts = list(texts)
         if ids is not None and not isinstance(ids, (str, bytes)):  # the store names a lone string
             ids = [doc_id or uuid.uuid4().hex for doc_id in ids]
-        if not texts:  # as LangChain's own stores do
+        if not texts and not ids and not metadatas:  # as LangChain's own stores do; the store checks the rest
             return []
         return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
 
