@@ -37,7 +37,7 @@ from clara_plugins.metrics import (
 from clara_plugins.prompts import prompt_positions, question_prompt
 from clara_plugins.reading import reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
-from clara_plugins.rows import question_row_problem
+from clara_plugins.rows import question_row_problem, scp_row_problem
 
 from .dense import DenseRetriever
 from .text_reader import read_text, text_prompt
@@ -51,15 +51,15 @@ def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrie
     """Refuse rows the evaluation cannot read, naming the first bad row and field, before a
     model loads: a bad row found later would cost every answer before it.
 
-    Answering systems read question rows with answers; retrievers, question rows of which at
-    least one has gold candidates (``pos_index``); the reading gain (``reading_k`` set) also
-    reads SCP rows, all with as many documents."""
+    Answering systems and the reading gain (``reading_k`` set) read question rows with
+    answers; retrievers, question rows of which at least one has gold candidates (``pos_index``);
+    the reading gain alone also reads SCP rows, all with as many documents."""
     if not rows:
         raise InvalidInputError("there are no rows to evaluate")
     for number, row in enumerate(rows):
         read_as_scp = not systems and not retrievers and isinstance(row, dict) and "data_type" in row
-        problem = question_row_problem(row, needs_answer=bool(systems)) if not read_as_scp else (
-            None if isinstance(row.get("docs"), list) and row["docs"] else "docs must be a non-empty list")
+        problem = scp_row_problem(row) if read_as_scp else question_row_problem(
+            row, needs_answer=bool(systems) or reading_k is not None)
         if problem:
             raise InvalidInputError(f"row {number}: {problem}")
     if retrievers and not any(row.get("pos_index") for row in rows):

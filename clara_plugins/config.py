@@ -200,6 +200,10 @@ class TrainConfig:
             raise ValueError(f"gold_term must be one of {GOLD_TERMS}, got {self.gold_term!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.margin_weight and (self.stage not in ("scp", "instruct") or self.batch_size < 2):
+            raise ValueError(f"margin_weight pairs each row's memories with another row's of its micro-batch: it "
+                             f"needs the scp or instruct stage and batch_size 2 or more (grad_accum keeps a step's "
+                             f"rows), got the {self.stage} stage with batch_size {self.batch_size}")
         if self.restate_weight and self.stage != "instruct":
             raise ValueError(f"restate_weight needs the instruct stage, got {self.stage!r}")
         if self.distill_weight and (self.stage != "instruct" or not self.teacher):

@@ -238,8 +238,9 @@ class ClaraModel(torch.nn.Module):
                                     document)
         else:
             memories = hidden[:, -n_appended:, :]
-        if self.config.memory_scale:
-            memories = memories * (self._embedding_norm / memories.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+        if self.config.memory_scale:  # the MSE's target too, or it would pull the states to another size
+            memories, document_mean = (x * (self._embedding_norm / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+                                       for x in (memories, document_mean))
         return memories, document_mean
 
     def compress(

@@ -179,18 +179,25 @@ def _row_problem(row: object, stage: str, reads_scp: bool, width: int | None) ->
         if not reads_scp:
             return ("an SCP row (data_type set), which only the scp stage and the instruct stage without "
                     "restate_weight or distill_weight read")
-        if row["data_type"] not in ("qa", *SCP_REWRITES):
-            return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
-        if not _strings(row.get("answers")):
-            return "answers must be a non-empty list of strings"
-        if row["data_type"] == "qa" and not (_strings(row.get("question"))
-                                             and len(row["question"]) == len(row["answers"])):
-            return "a qa row's question must be a list of strings, one for each of its answers"
-        return None
+        return scp_row_problem(row)
     problem = question_row_problem(row, needs_answer=stage != "retrieval")
     if problem is None and stage == "retrieval" and not row.get("pos_index"):
         return "the retrieval stage learns from each row's gold candidates, and this row has no pos_index"
     return problem
+
+
+def scp_row_problem(row: dict) -> str | None:
+    """What keeps an SCP row ({data_type, docs, answers}, and a question per answer for "qa")
+    from being read, or None."""
+    if not _strings(row.get("docs")):
+        return "docs must be a non-empty list of document texts"
+    if row["data_type"] not in ("qa", *SCP_REWRITES):
+        return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
+    if not _strings(row.get("answers")):
+        return "answers must be a non-empty list of strings"
+    if row["data_type"] == "qa" and not (_strings(row.get("question")) and len(row["question"]) == len(row["answers"])):
+        return "a qa row's question must be a list of strings, one for each of its answers"
+    return None
 
 
 def question_row_problem(row: object, needs_answer: bool = True) -> str | None:

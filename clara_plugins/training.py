@@ -20,7 +20,8 @@
   generator and the <MEM> rows as they were. ``retrieval_weight`` adds a
   contrastive term on the rows' gold candidates, for budgets where the LM loss alone barely
   moves the query reasoner. With a corpus store the candidates are retrieved from it and its
-  memories re-encoded every ``refresh_every`` steps.
+  memories re-encoded every ``refresh_every`` steps; in the tokens design, where the <MEM> rows
+  make every memory, cached candidates keep the rows of the stage's start until a refresh.
 - ``retrieval``: the query reasoner alone, as the end-to-end stage left it, learns to rank each
   row's gold candidates above every other candidate of its optimizer step (in-batch negatives),
   the candidates' memories cached from the frozen compressor. No generator pass: each step sees

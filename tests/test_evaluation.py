@@ -10,6 +10,7 @@ from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1
 from clara_benchmarks.text_reader import read_text
 from clara_plugins import reading
 from clara_plugins.cli import main
+from clara_plugins.errors import InvalidInputError
 from clara_plugins.passes import completion_log_likelihood
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -123,6 +124,11 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
             main(["eval", str(data), *argv])
         assert exit_.value.code == 5 and message in capsys.readouterr().err
     evaluation.check_evaluation_rows([passage] * 2, systems=[], reading_k=5)  # the reading gain alone reads them
+    unanswered = [{k: v for k, v in row.items() if k != "answer"} for row in ROWS]
+    for rows, message in [([{**passage, "answers": []}] * 2, "row 0: answers must be a non-empty list"),
+                          (unanswered, "row 0: it needs an answer")]:  # the reading gain reads the answers
+        with pytest.raises(InvalidInputError, match=message):
+            evaluation.check_evaluation_rows(rows, systems=[], reading_k=5)
 
 
 def test_clara_eval_and_convert_data_refuse_to_write_over_their_input(tmp_path, capsys):

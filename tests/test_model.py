@@ -80,6 +80,8 @@ def test_memory_scale_gives_every_vector_the_embedding_norm(tiny_config):
     norms = model.compress_documents(CORPUS[:2]).norm(dim=-1)
     embedding_norm = model.lm.get_input_embeddings().weight.detach()[: model.base_vocab_size].norm(dim=-1).mean()
     assert torch.allclose(norms, embedding_norm.expand_as(norms), atol=1e-4)
+    document_means = encode_with_gradients(model, CORPUS[:2])[1]  # SCP's MSE target, on the memories' scale
+    assert torch.allclose(document_means.norm(dim=-1), embedding_norm.expand(2), atol=1e-4)
 
 
 def test_compression_uses_the_encoder_adapter_only(tiny_model):

@@ -409,6 +409,14 @@ def test_settings_a_run_would_fail_on_midway_are_refused_up_front(field, value, 
         TrainConfig(stage="e2e", **{field: value})
 
 
+@pytest.mark.parametrize("stage,batch_size", [("scp", 1), ("instruct", 1), ("e2e", 4)])
+def test_a_reading_margin_that_could_never_apply_is_refused(stage, batch_size):
+    # at batch_size 1 (the default) the margin had no other row to pair with, and added nothing
+    with pytest.raises(ValueError, match=f"got the {stage} stage with batch_size {batch_size}"):
+        TrainConfig(stage=stage, margin_weight=1.0, batch_size=batch_size)
+    TrainConfig(stage=stage, margin_weight=0.0, batch_size=batch_size)
+
+
 def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config, tmp_path):
     """Two rows with disjoint pools: one micro-batch of two and two micro-batches of one give the
     same loss and update, each row ranked against both pools (accumulation only saves memory)."""
