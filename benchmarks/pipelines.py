@@ -16,7 +16,7 @@ reading text, or CLaRa's decoder reading memory tokens.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from langchain_core.embeddings import Embeddings
@@ -36,10 +36,12 @@ from .measure import folder_bytes
 from .text_reader import text_prompt
 
 
-def timed_pieces(pieces: Iterable[str]) -> tuple[str, float]:
-    """The streamed text, and the seconds until its first non-empty piece (prefill + 1 token)."""
+def timed_pieces(start: Callable[[], Iterable[str]]) -> tuple[str, float]:
+    """The streamed text, and the seconds from the call that ``start`` makes to the first
+    non-empty piece (prefill + 1 token). The clock starts before the call: a synthesizer does
+    its work (reading the context, ranking memories) when called, before its first piece."""
     began, first, text = time.perf_counter(), None, ""
-    for piece in pieces:
+    for piece in start():
         if first is None and piece:
             first = time.perf_counter() - began
         text += piece
@@ -53,9 +55,9 @@ class LangChainTextRAG:
 
     framework = "langchain"
 
-    def __init__(self, reader: ClaraModel, embeddings: Embeddings | None, k: int) -> None:
+    def __init__(self, reader: ClaraModel, embeddings: Embeddings | None, k: int, max_new_tokens: int) -> None:
         self.reader, self.embeddings, self.k = reader, embeddings, k
-        self.chain = CLARA_PROMPT | ChatClara(clara=reader, k=k)
+        self.chain = CLARA_PROMPT | ChatClara(clara=reader, k=k, max_tokens=max_new_tokens)
         self.store: InMemoryVectorStore | None = None
         self.hits: list = []
 
@@ -72,8 +74,8 @@ class LangChainTextRAG:
 
     def generate(self, question: str) -> tuple[str, int, float]:
         with text_weights(self.reader):
-            chunks = self.chain.stream({"context": format_documents(self.hits), "question": question})
-            answer, first = timed_pieces(chunk.text for chunk in chunks)
+            inputs = {"context": format_documents(self.hits), "question": question}
+            answer, first = timed_pieces(lambda: (chunk.text for chunk in self.chain.stream(inputs)))
         texts = [document.page_content for document in self.hits]
         return answer, prompt_positions(self.reader.tokenizer, text_prompt(self.reader, question, texts)), first
 
@@ -104,18 +106,18 @@ class _LlamaIndexRAG:
 
     def answer(self, question: str) -> tuple[str, float]:
         """The streamed answer of the engine's synthesizer, and its first-piece latency."""
-        return timed_pieces(self.engine.synthesize(QueryBundle(question), self.hits).response_gen)
+        return timed_pieces(lambda: self.engine.synthesize(QueryBundle(question), self.hits).response_gen)
 
 
 class LlamaIndexBM25RAG(_LlamaIndexRAG):
     """LlamaIndex's ``BM25Retriever`` (bm25s) and the backbone reading the nodes as text: a
     ``ClaraLLM`` without a store behind LlamaIndex's own synthesizer, in CLaRa's layout."""
 
-    def __init__(self, reader: ClaraModel, k: int) -> None:
+    def __init__(self, reader: ClaraModel, k: int, max_new_tokens: int) -> None:
         super().__init__(k)
         self.reader = reader
-        self.synthesizer = get_response_synthesizer(llm=ClaraLLM(clara=reader, k=k), text_qa_template=CLARA_QA_PROMPT,
-                                                    streaming=True)
+        self.synthesizer = get_response_synthesizer(llm=ClaraLLM(clara=reader, k=k, max_new_tokens=max_new_tokens),
+                                                    text_qa_template=CLARA_QA_PROMPT, streaming=True)
 
     def index(self, passages: list[str]) -> None:
         self.retriever = BM25Retriever.from_defaults(nodes=self.nodes(passages), similarity_top_k=self.k)
@@ -137,15 +139,15 @@ class LlamaIndexClaraRAG(_LlamaIndexRAG):
     query reasoner retrieves) and a query engine whose ``ClaraSynthesizer`` hands the stored
     memory tokens of the retrieved nodes to the generator."""
 
-    def __init__(self, model: ClaraModel, k: int) -> None:
+    def __init__(self, model: ClaraModel, k: int, max_new_tokens: int) -> None:
         super().__init__(k)
-        self.model = model
+        self.model, self.max_new_tokens = model, max_new_tokens
 
     def index(self, passages: list[str]) -> None:
         self.store = ClaraVectorStore(self.model)
         index = VectorStoreIndex(self.nodes(passages), embed_model=self.store.embed_model,
                                  storage_context=StorageContext.from_defaults(vector_store=self.store))
-        llm = ClaraLLM(clara=self.model, store=self.store.client, k=self.k)
+        llm = ClaraLLM(clara=self.model, store=self.store.client, k=self.k, max_new_tokens=self.max_new_tokens)
         self.engine = index.as_query_engine(llm=llm, response_synthesizer=ClaraSynthesizer(llm, streaming=True),
                                             similarity_top_k=self.k)
 

@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         for spec in tqdm(systems, desc=f"systems ({dataset})", unit="system"):
             results.append(_in_own_process(spec, rows, options))
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
-                                "max_new_tokens": args.max_new_tokens, "dense_model": args.dense_model,
+                                "max_new_tokens": args.max_new_tokens, "threads": args.threads or torch.get_num_threads(),
+                                "dense_model": args.dense_model,
                                 "seconds": round(time.perf_counter() - began, 1)},
                   **environment(), "headline": headline(results), "systems": results}
         written += write_report(report, Path(args.out), f"bench_{Path(dataset).stem}_{args.setting}_{mode}")

@@ -95,13 +95,13 @@ def _load_clara(spec: SystemSpec) -> ClaraModel:
 def build_pipeline(spec: SystemSpec, model: ClaraModel,
                    options: RunOptions) -> LangChainTextRAG | LlamaIndexBM25RAG | LlamaIndexClaraRAG:
     if spec.retriever == "clara":
-        return LlamaIndexClaraRAG(model, options.k)
+        return LlamaIndexClaraRAG(model, options.k, options.max_new_tokens)
     if spec.retriever == "bm25":
-        return LlamaIndexBM25RAG(model, options.k)
+        return LlamaIndexBM25RAG(model, options.k, options.max_new_tokens)
     embeddings = None
     if spec.retriever == "dense":
         embeddings = DenseEmbeddings(DenseRetriever(options.dense_model, options.query_instruction))
-    return LangChainTextRAG(model, embeddings, options.k)
+    return LangChainTextRAG(model, embeddings, options.k, options.max_new_tokens)
 
 
 def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:

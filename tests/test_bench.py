@@ -1,10 +1,13 @@
 """`clara bench`: data sampling, every pipeline on the tiny model, and the written report."""
 
+import dataclasses
 import json
+import time
 
 import pytest
 
 import clara_benchmarks.run as bench_run
+from clara_benchmarks.pipelines import timed_pieces
 from clara_benchmarks.report import write_report
 from clara_benchmarks.run import benchmark_rows, headline
 from clara_benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
@@ -158,3 +161,20 @@ def test_clara_bench_runs_on_the_default_model(tmp_path):
     assert report["versions"]["torch"] and report["commit"]
     assert {"clara_system", "first_token_latency_ratio_text_over_clara"} <= report["headline"].keys()
     assert (tmp_path / "bench_hotpotqa_normal_quick_latency.png").exists()
+
+
+def test_max_new_tokens_reaches_every_system(results):
+    # every system used to answer up to its checkpoint's own limit, whatever was asked
+    for result in results:
+        spec = SystemSpec(**{field.name: result[field.name] for field in dataclasses.fields(SystemSpec)})
+        one = run_system(spec, ROWS[:1], RunOptions(k=2, max_new_tokens=1))
+        assert len(one["predictions"][0]["prediction"]) < len(result["predictions"][0]["prediction"])
+
+
+def test_the_first_piece_is_timed_from_the_call_that_streams_it():
+    def synthesize():  # a synthesizer reads its context when called, before its first piece
+        time.sleep(0.05)
+        return iter(["", "the ", "Danube"])
+
+    text, first = timed_pieces(synthesize)
+    assert text == "the Danube" and first >= 0.05
