@@ -148,3 +148,21 @@ def test_adding_no_texts_adds_nothing(vectorstore, tiny_model):
     assert vectorstore.add_texts([]) == [] and vectorstore.add_documents([]) == []
     assert len(vectorstore.store) == before
     assert InMemoryVectorStore(ClaraEmbeddings(tiny_model)).add_documents([]) == []
+
+
+async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorstore, monkeypatch):
+    import threading
+
+    threads = []
+    real = vectorstore.store.relevance
+    monkeypatch.setattr(vectorstore.store, "relevance", lambda cosine: threads.append(threading.current_thread())
+                        or real(cosine))  # after a write it samples its calibration anew, under the store's lock
+    scored = await vectorstore.asimilarity_search_with_relevance_scores("Who won Nobel prizes?", k=2)
+    assert len(scored) == 2 and threads and threading.current_thread() not in threads
+
+
+def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
+    # LangChain's LLM cache keys on these: a 4-token answer was served for a 64-token one
+    params = [ChatClara(clara=tiny_model, **kwargs)._identifying_params
+              for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]})]
+    assert params[0] != params[1] and params[0] != params[2]

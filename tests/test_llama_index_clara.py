@@ -242,3 +242,28 @@ def test_a_model_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
     with pytest.raises(InvalidInputError, match="model is not the model of store"):
         ClaraVectorStore(ClaraModel(tiny_config, device="cpu"), store=MemoryStore(tiny_model))
     ClaraVectorStore(tiny_model, store=MemoryStore(tiny_model))  # its own: accepted
+
+
+def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, monkeypatch):
+    from llama_index.core.node_parser import SentenceSplitter
+
+    monkeypatch.setattr(Settings, "_node_parser", None)  # LlamaIndex's default: 1,024-token chunks
+    monkeypatch.setattr(Settings, "_transformations", None)
+    store = ClaraVectorStore(tiny_model)
+    VectorStoreIndex.from_documents([Document(text=" ".join(CORPUS))], storage_context=StorageContext.from_defaults(
+        vector_store=store))
+    chunks = [d.text for d in store.client.get(store.client.all_ids())]
+    limit = tiny_model.config.doc_max_length  # longer ones were compressed from their first tokens alone
+    assert len(chunks) > 1 and all(len(tiny_model.tokenizer.encode(c, add_special_tokens=False)) <= limit
+                                   for c in chunks)
+    own = SentenceSplitter(chunk_size=1024)
+    monkeypatch.setattr(Settings, "_node_parser", own)
+    ClaraVectorStore(tiny_model)
+    assert Settings._node_parser is own  # a parser the user chose is kept
+
+
+def test_every_llama_index_role_is_read_as_its_kind():
+    from llama_index_clara.llm import _as_pairs
+
+    messages = [ChatMessage(role=role, content=role) for role in ("developer", "model", "chatbot", "tool")]
+    assert [role for role, _ in _as_pairs(messages)] == ["system", "assistant", "assistant", "user"]

@@ -62,7 +62,8 @@ class ChatClara(ReaderFields, BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         config = self.clara.config
         return {"model_name": self.model_name, "base_model": config.base_model,
-                "compression_rate": config.compression_rate, "k": self.k}
+                "compression_rate": config.compression_rate, "k": self.k, "max_tokens": self.max_tokens,
+                "stop": self.stop}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),

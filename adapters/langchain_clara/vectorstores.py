@@ -10,6 +10,7 @@ from typing import Any, Callable
 import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
+from langchain_core.runnables.config import run_in_executor
 from langchain_core.vectorstores import VectorStore
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
@@ -144,6 +145,12 @@ class ClaraVectorStore(VectorStore):
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return self.store.relevance
+
+    async def _asimilarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        # the scores' calibration is sampled anew after a write (from disk, or a Milvus query)
+        return await run_in_executor(None, self._similarity_search_with_relevance_scores, query, k, **kwargs)
 
     def save_local(self, folder: str | Path) -> None:
         """Persist without pickle (JSON, numpy shards, faiss index files)."""

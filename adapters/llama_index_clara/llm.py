@@ -40,7 +40,8 @@ from clara_plugins.adapter_fields import ReaderFields
 CLARA_QA_PROMPT = PromptTemplate("Background:\n{context_str}\n\nQuestion:{query_str}")
 
 T = TypeVar("T")
-_ROLES = {MessageRole.SYSTEM: "system", MessageRole.ASSISTANT: "assistant"}  # any other role reads as user
+_ROLES = {MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.ASSISTANT: "assistant",
+          MessageRole.MODEL: "assistant", MessageRole.CHATBOT: "assistant"}  # any other role reads as user
 
 
 class ClaraLLM(ReaderFields, CustomLLM):

@@ -15,6 +15,7 @@ from typing import Any
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from llama_index.core import Settings
+from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.schema import BaseNode, MetadataMode, TextNode
 from llama_index.core.vector_stores.simple import DEFAULT_PERSIST_FNAME, DEFAULT_VECTOR_STORE, NAMESPACE_SEP
 from llama_index.core.vector_stores.types import (
@@ -65,6 +66,14 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
     return {"$or" if filters.condition == FilterCondition.OR else "$and": parts}
 
 
+def _chunks_the_compressor_reads_whole(model: ClaraModel) -> SentenceSplitter:
+    """LlamaIndex's default chunks (1,024 tokens) would be compressed from their first
+    ``doc_max_length`` tokens only: chunks of that many tokens of the model's own tokenizer."""
+    size = model.config.doc_max_length
+    return SentenceSplitter(chunk_size=size, chunk_overlap=size // 8,
+                            tokenizer=lambda text: model.tokenizer.encode(text, add_special_tokens=False))
+
+
 class ClaraVectorStore(BasePydanticVectorStore):
     """Nodes compressed into CLaRa memory tokens, retrieved by CLaRa's query reasoner.
 
@@ -77,7 +86,9 @@ class ClaraVectorStore(BasePydanticVectorStore):
     means OpenAI), so creating a ClaraVectorStore makes its ``embed_model`` the global
     default: ``Settings.embed_model`` is set unless it already holds an embedding model that
     is not a ClaraEmbedding. That embedding hands its memory tokens to this store, which
-    keeps them instead of compressing each node twice.
+    keeps them instead of compressing each node twice. Likewise, unless a node parser or
+    transformations are set, documents are split into chunks of the compressor's
+    ``doc_max_length`` tokens, which it reads whole (LlamaIndex's 1,024 would be cut).
 
     Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
     ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default). MMR re-ranks
@@ -106,6 +117,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
         current = getattr(Settings, "_embed_model", None)  # read without resolving the OpenAI default
         if current is None or isinstance(current, ClaraEmbedding):
             Settings.embed_model = self._embed_model
+        if getattr(Settings, "_node_parser", None) is None and getattr(Settings, "_transformations", None) is None:
+            Settings.node_parser = _chunks_the_compressor_reads_whole(store.model)
 
     @classmethod
     def class_name(cls) -> str:
