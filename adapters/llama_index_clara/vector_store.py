@@ -87,7 +87,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
     default: ``Settings.embed_model`` is set unless it already holds an embedding model that
     is not a ClaraEmbedding. That embedding hands its memory tokens to this store, which
     keeps them instead of compressing each node twice. Likewise, unless a node parser or
-    transformations are set, documents are split into chunks of the compressor's
+    transformations are set (LlamaIndex sets its default one when an index first needs it),
+    documents are split into chunks of the compressor's
     ``doc_max_length`` tokens, which it reads whole (LlamaIndex's 1,024 would be cut).
 
     Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
