@@ -17,7 +17,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
-from clara_plugins import StoreError
+from clara_plugins import ClaraModel, StoreError
 from conftest import CORPUS
 from llama_index_clara import ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
 
@@ -244,7 +244,9 @@ def test_a_model_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
     ClaraVectorStore(tiny_model, store=MemoryStore(tiny_model))  # its own: accepted
 
 
-def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, monkeypatch):
+def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, tiny_config, monkeypatch):
+    import dataclasses
+
     from llama_index.core.node_parser import SentenceSplitter
 
     monkeypatch.setattr(Settings, "_node_parser", None)  # LlamaIndex's default: 1,024-token chunks
@@ -256,6 +258,10 @@ def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, 
     limit = tiny_model.config.doc_max_length  # longer ones were compressed from their first tokens alone
     assert len(chunks) > 1 and all(len(tiny_model.tokenizer.encode(c, add_special_tokens=False)) <= limit
                                    for c in chunks)
+    Settings.transformations  # an index asked LlamaIndex for them: [the parser]
+    ClaraVectorStore(ClaraModel(dataclasses.replace(tiny_config, doc_max_length=32), device="cpu"))
+    assert Settings._node_parser.chunk_size == 32  # an earlier store's chunks fit another model
+    assert Settings.transformations == [Settings._node_parser]
     own = SentenceSplitter(chunk_size=1024)
     monkeypatch.setattr(Settings, "_node_parser", own)
     ClaraVectorStore(tiny_model)

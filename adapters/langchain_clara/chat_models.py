@@ -63,7 +63,7 @@ class ChatClara(ReaderFields, BaseChatModel):
         config = self.clara.config
         return {"model_name": self.model_name, "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k, "max_tokens": self.max_tokens,
-                "stop": self.stop}
+                "default_stop": self.stop}  # "stop" is the call's own stop in LangChain's cache key
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),

@@ -40,8 +40,9 @@ from clara_plugins.adapter_fields import ReaderFields
 CLARA_QA_PROMPT = PromptTemplate("Background:\n{context_str}\n\nQuestion:{query_str}")
 
 T = TypeVar("T")
-_ROLES = {MessageRole.SYSTEM: "system", MessageRole.DEVELOPER: "system", MessageRole.ASSISTANT: "assistant",
-          MessageRole.MODEL: "assistant", MessageRole.CHATBOT: "assistant"}  # any other role reads as user
+# by value: older llama-index-core versions lack some of these roles
+_ROLES = {"system": "system", "developer": "system", "assistant": "assistant", "model": "assistant",
+          "chatbot": "assistant"}  # any other role reads as user
 
 
 class ClaraLLM(ReaderFields, CustomLLM):
@@ -137,4 +138,4 @@ async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
 
 
 def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
-    return [(_ROLES.get(m.role, "user"), m.content or "") for m in messages]
+    return [(_ROLES.get(MessageRole(m.role).value, "user"), m.content or "") for m in messages]

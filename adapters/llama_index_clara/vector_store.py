@@ -8,6 +8,7 @@ compared with the documents' memory tokens.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,24 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
     return {"$or" if filters.condition == FilterCondition.OR else "$and": parts}
 
 
-def _chunks_the_compressor_reads_whole(model: ClaraModel) -> SentenceSplitter:
+class _CompressorChunks(SentenceSplitter):
     """LlamaIndex's default chunks (1,024 tokens) would be compressed from their first
     ``doc_max_length`` tokens only: chunks of that many tokens of the model's own tokenizer."""
-    size = model.config.doc_max_length
-    return SentenceSplitter(chunk_size=size, chunk_overlap=size // 8,
-                            tokenizer=lambda text: model.tokenizer.encode(text, add_special_tokens=False))
+
+    @classmethod
+    def of(cls, model: ClaraModel) -> _CompressorChunks:
+        size = model.config.doc_max_length  # the tokenizer alone is kept: the model stays freeable
+        return cls(chunk_size=size, chunk_overlap=size // 8,
+                   tokenizer=functools.partial(model.tokenizer.encode, add_special_tokens=False))
+
+
+def _split_for(model: ClaraModel) -> None:
+    """Make chunks the model reads whole LlamaIndex's default, unless the user chose a parser
+    or transformations (a parser an earlier store set is replaced: it fits that store's model)."""
+    parser, steps = getattr(Settings, "_node_parser", None), getattr(Settings, "_transformations", None)
+    if (parser is None or isinstance(parser, _CompressorChunks)) and (steps is None or steps == [parser]):
+        Settings.node_parser = _CompressorChunks.of(model)
+        Settings._transformations = None  # rebuilt from the parser when an index asks for them
 
 
 class ClaraVectorStore(BasePydanticVectorStore):
@@ -118,8 +131,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         current = getattr(Settings, "_embed_model", None)  # read without resolving the OpenAI default
         if current is None or isinstance(current, ClaraEmbedding):
             Settings.embed_model = self._embed_model
-        if getattr(Settings, "_node_parser", None) is None and getattr(Settings, "_transformations", None) is None:
-            Settings.node_parser = _chunks_the_compressor_reads_whole(store.model)
+        _split_for(store.model)
 
     @classmethod
     def class_name(cls) -> str:
