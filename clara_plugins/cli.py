@@ -210,12 +210,19 @@ def _index(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .indexing import RayCompression, index_documents
     from .pretrained import load_model
-    from .store import MemoryStore, check_store_folder
+    from .store import MemoryStore, check_store_folder, store_settings
 
     if args.workers is not None and args.ray is None:
         raise InvalidInputError("--workers sets the Ray actors: give --ray too")
     folder = Path(args.store)
     check_store_folder(folder)  # before the model loads
+    if (folder / "CURRENT").exists():
+        kept = store_settings(folder)
+        ignored = [f"--{name.replace('_', '-')} {asked} (the store's is {kept[name]})" for name, asked in
+                   [("index", args.index), ("memory_dtype", args.memory_dtype)] if asked not in (None, kept[name])]
+        if ignored:
+            raise InvalidInputError(f"{folder} is a store already, and keeps the settings it was made with: "
+                                    f"{', '.join(ignored)}; name a new folder for other settings")
     documents = [(text, {"source": Path(path).name, "position": i})  # read before the model loads: a typo costs no load
                  for path in args.corpus for i, text in enumerate(read_documents([path]))]
     if not documents:
@@ -226,12 +233,6 @@ def _index(args: argparse.Namespace) -> None:
     model = load()
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model)
-        ignored = [f"--{name} {asked} (the store's is {kept})" for name, asked, kept in
-                   [("index", args.index, store.index_kind), ("memory-dtype", args.memory_dtype, store.memory_dtype)]
-                   if asked not in (None, kept)]
-        if ignored:
-            raise InvalidInputError(f"{folder} is a store already, and keeps the settings it was made with: "
-                                    f"{', '.join(ignored)}; name a new folder for other settings")
     else:
         store = MemoryStore(model, **{name: value for name, value in
                                       [("index", args.index), ("memory_dtype", args.memory_dtype)] if value})

@@ -904,6 +904,15 @@ def _find_documents(text: str, ids_by_text: dict[str, str],
     return found
 
 
+def store_settings(folder: Path) -> dict[str, str]:
+    """The index kind and memory dtype a saved store was made with, read without a model."""
+    generation = folder / _current_generation(folder)
+    header = read_json(generation / "store.json", StoreError)
+    if not isinstance(header, dict) or "index" not in header:
+        raise StoreError(f"{generation}/store.json is not a store header")
+    return {"index": header["index"], "memory_dtype": header.get("memory_dtype", "float16")}  # format 1: fp16
+
+
 def _current_generation(folder: Path) -> str:
     """The generation folder ``CURRENT`` names; never a path outside the store."""
     pointer = folder / "CURRENT"

@@ -148,12 +148,15 @@ def test_index_and_ask_refuse_no_documents_or_no_store_before_they_load_a_model(
     assert not (tmp_path / "s").exists()
 
 
-def test_index_refuses_settings_that_an_existing_store_would_ignore(tiny_model, tmp_path, capsys):
+def test_index_refuses_settings_that_an_existing_store_would_ignore(tiny_model, tmp_path, capsys, monkeypatch):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     store, common = tmp_path / "store", ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
     main(["index", "docs/examples/documents.txt", "--store", str(store), "--memory-dtype", "int8", *common])
     capsys.readouterr()
     main(["index", "docs/examples/documents.txt", "--store", str(store), "--memory-dtype", "int8", *common])
+    from clara_plugins import pretrained
+
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit):
         main(["index", "docs/examples/documents.txt", "--store", str(store), "--index", "hnsw", *common])
     assert "--index hnsw (the store's is flat)" in capsys.readouterr().err
