@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
+from clara_plugins.atomic import write_file_atomically
 from clara_plugins.compact import dequantize, quantize
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.keys import ClaraKeys, normalize_rows
@@ -131,11 +131,11 @@ def make_sample(model, texts: list[str], questions: Path, seeds: int, queries: i
         model.encode_queries([question])
         encode_seconds.append(time.perf_counter() - started)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")  # a killed run leaves no sample that later runs trust
-    with open(partial, "wb") as handle:  # a handle, so that savez adds no .npz to the name asked for
-        np.savez(handle, memories=memories, queries=query_keys, encode_seconds=np.array(encode_seconds),
-                 retrieval_key=np.array(keys.kind))
-    os.replace(partial, path)
+    # whole or not at all, so that a killed run leaves no sample that later runs trust; written
+    # through a handle, so that savez adds no .npz to the name asked for
+    write_file_atomically(path, lambda handle: np.savez(
+        handle, memories=memories, queries=query_keys, encode_seconds=np.array(encode_seconds),
+        retrieval_key=np.array(keys.kind)), binary=True)
 
 
 def synthetic_memories(real: np.ndarray, start: int, count: int) -> np.ndarray:

@@ -7,15 +7,16 @@ import shutil
 import tempfile
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 
-def write_file_atomically(path: Path, write: Callable[[TextIO], None]) -> None:
-    """Call ``write(handle)`` on a temporary sibling of ``path``, flush it to disk, then rename
-    it over ``path``: a crash leaves the old file or the new one, never a part of either."""
+def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write(handle)`` on a temporary sibling of ``path`` (opened for text, or bytes),
+    flush it to disk, then rename it over ``path``: a crash leaves the old file or the new one,
+    never a part of either."""
     temporary = path.with_name(f".{path.name}.tmp")
     try:
-        with open(temporary, "w") as handle:
+        with open(temporary, "wb" if binary else "w") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
