@@ -27,9 +27,7 @@ class QAExample:
 
 def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
     """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows)."""
-    path = Path(path)
-    if not path.is_file():  # an OSError, as for any file the CLI cannot find
-        raise FileNotFoundError(f"{path}: no such file" if not path.exists() else f"{path} is not a file")
+    path = _existing_file(path)
     rows = read_json(path, InvalidInputError) if path.suffix == ".json" else read_jsonl(path)
     if not isinstance(rows, list):
         raise InvalidInputError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
@@ -56,9 +54,7 @@ def read_documents(paths: list[str]) -> list[str]:
     """
     documents: list[str] = []
     for source in paths:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{source}: no such file" if not path.exists() else f"{source} is not a file")
+        path = _existing_file(source)
         if path.suffix in (".json", ".jsonl"):
             records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path, InvalidInputError)
             if not isinstance(records, list):
@@ -68,6 +64,15 @@ def read_documents(paths: list[str]) -> list[str]:
         else:
             documents.extend(p.strip() for p in read_text(path).split("\n\n") if p.strip())
     return documents
+
+
+def _existing_file(source: str | Path) -> Path:
+    """The path of a file to read; a missing one is a FileNotFoundError (an OSError, as for any
+    file the CLI cannot find), and a folder is never read as a file."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{source}: no such file" if not path.exists() else f"{source} is not a file")
+    return path
 
 
 def _record_text(record: object, where: str) -> str:
