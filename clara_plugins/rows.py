@@ -169,18 +169,13 @@ def check_training_rows(rows: list[object], config: TrainConfig, corpus: bool = 
 
 
 def _row_problem(row: object, stage: str, reads_scp: bool, width: int | None) -> str | None:
-    if not isinstance(row, dict):
-        return f"a JSON {type(row).__name__}, not an object"
-    if not _strings(row.get("docs")):
-        return "docs must be a non-empty list of document texts"
-    if width is not None and len(row["docs"]) != width:
+    scp = isinstance(row, dict) and "data_type" in row
+    if scp and not reads_scp:
+        return ("an SCP row (data_type set), which only the scp stage and the instruct stage without "
+                "restate_weight or distill_weight read")
+    problem = scp_row_problem(row) if scp else question_row_problem(row, needs_answer=stage != "retrieval")
+    if problem is None and width is not None and len(row["docs"]) != width:
         return f"{len(row['docs'])} documents, where the first row has {width}: rows are batched together"
-    if "data_type" in row:
-        if not reads_scp:
-            return ("an SCP row (data_type set), which only the scp stage and the instruct stage without "
-                    "restate_weight or distill_weight read")
-        return scp_row_problem(row)
-    problem = question_row_problem(row, needs_answer=stage != "retrieval")
     if problem is None and stage == "retrieval" and not row.get("pos_index"):
         return "the retrieval stage learns from each row's gold candidates, and this row has no pos_index"
     return problem
