@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+
+from clara_plugins.atomic import write_file_atomically  # noqa: E402
 
 STAGES = ("index", "retrieve", "generate")
 
@@ -55,7 +58,15 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _quality_plot(report: dict, path: Path) -> None:
+def _png(figure: plt.Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=120)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _quality_plot(report: dict) -> bytes:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for r in report["systems"]:
         axis.scatter(r["context_positions"], r["f1"], s=40)
@@ -65,12 +76,10 @@ def _quality_plot(report: dict, path: Path) -> None:
     axis.set_xlabel("context positions fed to the generator (log)")
     axis.set_ylabel("F1")
     axis.set_title(f"{report['benchmark']['dataset']}: quality vs. context length")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return _png(figure)
 
 
-def _latency_plot(report: dict, path: Path) -> None:
+def _latency_plot(report: dict) -> bytes:
     systems = report["systems"]
     figure, axis = plt.subplots(figsize=(7, 0.45 * len(systems) + 1.5))
     left = [0.0] * len(systems)
@@ -83,18 +92,20 @@ def _latency_plot(report: dict, path: Path) -> None:
     axis.set_xlabel("p50 latency per question, ms (index = offline work)")
     axis.legend(loc="lower right", fontsize=8)
     axis.set_title(f"{report['benchmark']['dataset']}: latency per stage")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    return _png(figure)
 
 
 def write_report(report: dict, folder: Path, stem: str) -> list[Path]:
-    """``stem``.json, .md, _quality.png and _latency.png in ``folder``; returns the paths."""
+    """``stem``.json, .md, _quality.png and _latency.png in ``folder``; returns the paths.
+
+    Every file is made in memory before any is written, and each replaces its old copy
+    atomically: a report that fails to render leaves the last one as it was, and a killed run
+    leaves each file whole, old or new."""
+    contents = {f"{stem}.json": (json.dumps(report, indent=2) + "\n").encode(),
+                f"{stem}.md": markdown_table(report).encode(),
+                f"{stem}_quality.png": _quality_plot(report),
+                f"{stem}_latency.png": _latency_plot(report)}
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{stem}.json", folder / f"{stem}.md",
-             folder / f"{stem}_quality.png", folder / f"{stem}_latency.png"]
-    paths[0].write_text(json.dumps(report, indent=2) + "\n")
-    paths[1].write_text(markdown_table(report))
-    _quality_plot(report, paths[2])
-    _latency_plot(report, paths[3])
-    return paths
+    for name, data in contents.items():
+        write_file_atomically(folder / name, lambda handle, data=data: handle.write(data), binary=True)
+    return [folder / name for name in contents]

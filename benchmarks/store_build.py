@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from clara_plugins.atomic import write_text_atomically
 from clara_plugins import MemoryStore
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.pretrained import default_checkpoint, load_model
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
                                              text=True).stdout.strip()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

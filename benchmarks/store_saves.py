@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from clara_plugins.atomic import write_text_atomically
 from clara_plugins import MemoryStore
 from clara_plugins.cli import document_id
 from clara_plugins.corpora import read_documents
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {"groups": args.groups, "group_size": args.group_size, "corpus": str(args.corpus), "saves": saves,
               "totals": totals, "machine": platform.processor() or platform.machine()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(totals))
 
 

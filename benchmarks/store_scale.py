@@ -46,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
-from clara_plugins.atomic import write_file_atomically
+from clara_plugins.atomic import write_file_atomically, write_text_atomically
 from clara_plugins.compact import dequantize, quantize
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.keys import ClaraKeys, normalize_rows
@@ -114,7 +114,7 @@ def main() -> None:
         "faiss_threads": faiss.omp_get_max_threads(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     print(table(results))
 
 

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from clara_plugins.jsonfiles import read_jsonl
+from clara_plugins.atomic import write_text_atomically
 
 
 def _split(text: str) -> tuple[int, int]:
@@ -83,10 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="clara-train-memory-") as folder:
         results = [_measure(split, args, Path(folder)) for split in args.splits]
     from .run import environment  # imported after the children ran: it loads torch into this process
-    out.write_text(json.dumps({"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps,
-                               "results": results, "environment": environment()}, indent=2) + "\n")
-    out.with_suffix(".md").write_text(f"# `{args.stage}` stage: {args.steps} steps of {sizes.pop()} rows\n\n"
-                                      + _table(results))
+    summary = {"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps,
+               "results": results, "environment": environment()}
+    write_text_atomically(out, json.dumps(summary, indent=2) + "\n")
+    write_text_atomically(out.with_suffix(".md"), f"# `{args.stage}` stage: {args.steps} steps of {sizes.pop()} rows\n\n"
+                          + _table(results))
     print(_table(results))
 
 

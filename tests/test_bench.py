@@ -77,6 +77,19 @@ def test_report_writes_json_markdown_and_plots(results, tmp_path):
     assert report["headline"]["first_token_latency_ratio_text_over_clara"] > 0
 
 
+def test_a_report_that_fails_to_render_leaves_the_last_one_as_it_was(results, tmp_path):
+    report = {"benchmark": {"dataset": "toy", "mode": "quick", "setting": "normal", "sample": 2, "seed": 0,
+                            "pool_size": 5.0, "k": 2},
+              "commit": "abc", "machine": {"cpus": 2}, "headline": {}, "systems": results}
+    paths = write_report(report, tmp_path, "bench_toy")
+    before = [p.read_bytes() for p in paths]
+    broken = {**report, "systems": [{k: v for k, v in results[0].items() if k != "f1_interval"}]}
+    with pytest.raises(KeyError, match="f1_interval"):
+        write_report(broken, tmp_path, "bench_toy")
+    assert [p.read_bytes() for p in paths] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
 def test_default_line_up_reads_the_shipped_checkpoint_at_every_rate():
     by_name = {s.name: s for s in default_systems({}, {}, None, shipped="shipped")}
     assert list(by_name) == ["no retrieval", "BM25 + text", "dense + text",
