@@ -15,7 +15,7 @@ from .checkpoint import compressor_signature
 from .context import Reader, ReadingStats
 from .model import ClaraModel
 from .pretrained import load_model
-from .store import BaseMemoryStore, _check_compressor, as_memory_store
+from .store import BaseMemoryStore, check_compressor, as_memory_store
 
 
 class ReaderFields(BaseModel):
@@ -40,7 +40,7 @@ class ReaderFields(BaseModel):
             self.clara = self.store.model if self.store is not None else load_model()
         elif self.store is not None and self.clara is not self.store.model:
             # its generator reads the store's memories: they must be of its own compressor (in any dtype)
-            _check_compressor(compressor_signature(self.store.model), compressor_signature(self.clara),
+            check_compressor(compressor_signature(self.store.model), compressor_signature(self.clara),
                               "the store beside clara")
         self._reader = Reader(type(self).__name__)
         return self

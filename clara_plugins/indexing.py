@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoint import compressor_signature
 from .errors import InvalidInputError
 from .model import ClaraModel
-from .store import BaseMemoryStore, _check_compressor
+from .store import BaseMemoryStore, check_compressor
 
 @dataclasses.dataclass(frozen=True)
 class RayCompression:
@@ -132,7 +132,7 @@ class _Compressor:
     def __init__(self, load_model: Callable[[], ClaraModel], batch_size: int, signature: dict) -> None:
         self.model = load_model()
         # memories from another compressor would sit in the store unnoticed: refuse them
-        _check_compressor(signature, compressor_signature(self.model), "the store")
+        check_compressor(signature, compressor_signature(self.model), "the store")
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

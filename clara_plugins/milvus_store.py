@@ -41,7 +41,7 @@ from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
-from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, _check_compressor,
+from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, check_compressor,
                     _check_search, _find_documents, _id_list)
 
 FORMAT = "clara-milvus-store/1"
@@ -158,7 +158,7 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not JSON ({error})") from error
         if not isinstance(header, dict) or header.get("format") != FORMAT or "compressor" not in header:
             raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not a header of format {FORMAT!r}")
-        _check_compressor(header["compressor"], compressor_signature(self.model), described)
+        check_compressor(header["compressor"], compressor_signature(self.model), described)
         keys = header.get("keys", {"kind": "clara-memories"})  # collections made before the mean key: flattened
         if keys != self.keys.signature():
             raise StoreError(f"{described} was indexed with keys {keys}, not {self.keys.signature()}: "

@@ -645,7 +645,7 @@ class MemoryStore(BaseMemoryStore):
             raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
                              f"not one of {MEMORY_DTYPES}")
         store = cls(model, keys, header["index"], batch_size, memory_dtype=memory_dtype)
-        _check_compressor(header["compressor"], compressor_signature(model), folder)
+        check_compressor(header["compressor"], compressor_signature(model), folder)
         if header["keys"] != store.keys.signature():
             raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}: "
                              "load a model with the same retrieval_key, or the same key encoder")
@@ -978,7 +978,7 @@ def _generations(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _GENERATION.match(p.name)))
 
 
-def _check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
+def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     """Refuse to mix memories from different compressors."""
     stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):

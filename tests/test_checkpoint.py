@@ -137,7 +137,7 @@ def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tiny_model, tmp_
 def test_a_checkpoint_signs_its_compressor_alike_in_every_dtype(tiny_model, tmp_path):
     """Stores written by a GPU run in bf16 or fp16 open with the same checkpoint on a CPU in fp32."""
     from clara_plugins.checkpoint import compressor_signature
-    from clara_plugins.store import _check_compressor
+    from clara_plugins.store import check_compressor
 
     tiny_model.save_pretrained(tmp_path / "ckpt", dtype=torch.float16)
     fp32 = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=torch.float32)
@@ -146,7 +146,7 @@ def test_a_checkpoint_signs_its_compressor_alike_in_every_dtype(tiny_model, tmp_
     signatures = [compressor_signature(model) for model in (fp32, fp16, bf16)]
     assert len({signature["encoder_sha256"] for signature in signatures}) == 1
     for signature in signatures[1:]:  # what a store checks: the base model within tolerance, the rest exactly
-        _check_compressor(signatures[0], signature, "a store")
+        check_compressor(signatures[0], signature, "a store")
 
 
 @pytest.mark.parametrize("tied", [False, True])  # the default backbone ties its output rows to the input rows
