@@ -96,6 +96,7 @@ def load_apple_checkpoint(
     _check_base_rows(model, embed, folder)
     base = model.base_vocab_size
     load_added_rows(model, embed[base:], None if head is None else head[base:])
+    model.name_or_path = str(folder)
     return model
 
 

@@ -66,6 +66,7 @@ class ClaraModel(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.config = dataclasses.replace(config) if config else ClaraConfig()  # its own copy: training edits it
+        self.name_or_path: str | None = None  # the checkpoint folder its weights were loaded from
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
@@ -456,6 +457,7 @@ class ClaraModel(torch.nn.Module):
             config = dataclasses.replace(config, compression_rate=compression_rate)
         model = cls(config, device=device, dtype=dtype)
         load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
+        model.name_or_path = str(folder)
         return model
 
 

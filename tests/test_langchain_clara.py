@@ -7,6 +7,7 @@ from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 
+from clara_plugins import ClaraModel
 from clara_plugins.prompts import question_prompt
 from conftest import CORPUS
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
@@ -166,3 +167,12 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
     keys = [ChatClara(clara=tiny_model, **kwargs)._get_llm_string()
             for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]})]
     assert len(set(keys)) == 3
+
+
+def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_path):
+    # the same base model and rate: a cached answer of one checkpoint was served for the other
+    for name in ("a", "b"):
+        tiny_model.save_pretrained(tmp_path / name)
+    keys = {ChatClara(clara=ClaraModel.from_pretrained(tmp_path / name, device="cpu"))._get_llm_string()
+            for name in ("a", "b")}
+    assert len(keys) == 2
