@@ -175,12 +175,12 @@ def run(args: argparse.Namespace) -> list[Path]:
                                 f"{', '.join(repr(s.name) for s in systems)}")
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
-    for dataset in datasets:  # a misspelt second dataset is found before the first one runs
-        _data_file(dataset, args.data_dir)
+    # every dataset is read, and a missing or malformed one named, before the first system runs
+    samples = [(dataset, *benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k,
+                                          args.candidates)) for dataset in datasets]
     options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction, args.threads)
     written = []
-    for dataset in datasets:
-        rows, drawn = benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k, args.candidates)
+    for dataset, rows, drawn in samples:
         print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
               f"{len(systems)} systems")
         results, began = [], time.perf_counter()

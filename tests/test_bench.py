@@ -136,12 +136,19 @@ def test_bench_refuses_bad_numbers_names_and_files_before_any_system_runs(tmp_pa
             main(["bench", *flag])
         assert exit_.value.code == 2
     (tmp_path / "hotpotqa").mkdir()
-    (tmp_path / "hotpotqa" / "dev.json").write_text("[]")
+    example = {"_id": "1", "question": "Where does the Danube rise?", "answer": "the Black Forest",
+               "supporting_facts": [["Danube", 0]], "context": [["Danube", ["It rises in the Black Forest."]]]}
+    (tmp_path / "hotpotqa" / "dev.json").write_text(json.dumps([example]))
     for argv, code, message in [(["--systems", "dense + text", "dense + txt"], 5, "'dense + txt'"),
                                 (["--datasets", "hotpotqa", "nq"], 3, "no data file")]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", *argv, "--data-dir", str(tmp_path)])
         assert exit_.value.code == code and message in capsys.readouterr().err
+    (tmp_path / "nq").mkdir()  # a second dataset of the wrong shape: found before the first one's systems run
+    (tmp_path / "nq" / "dev.jsonl").write_text(json.dumps({"question": "Who?", "answers": ["me"]}) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--datasets", "hotpotqa", "nq", "--data-dir", str(tmp_path)])
+    assert exit_.value.code == 5 and "dev.jsonl, row 0" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
