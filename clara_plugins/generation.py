@@ -6,7 +6,7 @@ as they are produced; transformers' ``generate`` cannot stream without a helper 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -44,13 +44,15 @@ def greedy_steps(
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_position = last_position + 1
         step_embeds = embed(next_ids.clamp(min=0)).unsqueeze(1).to(inputs_embeds.dtype)
-        out = forward(
-            inputs_embeds=step_embeds,
-            attention_mask=mask,
-            position_ids=last_position,
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
+        out = forward(inputs_embeds=step_embeds, attention_mask=mask, position_ids=last_position, use_cache=True,
+                      **_cache_argument(out))
+
+
+def _cache_argument(out: Mapping[str, object]) -> dict[str, object]:
+    """The KV cache of the last pass, under the name this transformers version reads it by:
+    ``cache`` since transformers deprecated ``past_key_values`` (to be removed in 5.40)."""
+    name = "cache" if "cache" in out.keys() else "past_key_values"
+    return {name: out[name]}
 
 
 def collect_answers(

@@ -161,6 +161,15 @@ def test_generation_batched_equals_single_and_streaming(tiny_model):
     assert streamed.strip() == batched[0]
 
 
+def test_decoding_passes_its_cache_by_the_name_transformers_reads(tiny_model):
+    # past_key_values is deprecated (removed in transformers 5.40): decoding warned on every answer
+    memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        answer = tiny_model.generate_from_compressed_documents_and_questions(["Who?"], memories, max_new_tokens=3)
+    assert len(answer) == 1
+
+
 def test_answers_depend_on_the_memories(tiny_model):
     memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
     prompt = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder)
