@@ -26,6 +26,8 @@ SYSTEM_PROMPT = (
     "You are a helpful assistant. Your task is to extract relevant information from provided "
     "documents and to answer to questions as briefly as possible."
 )
+# The user turn of the answering prompt: the documents (memory placeholders, or text), then the question.
+ANSWER_TEMPLATE = "Background:\n{documents}\n\nQuestion:{question}"
 
 
 @dataclasses.dataclass

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import SYSTEM_PROMPT
+from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .model import ClaraModel
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
@@ -140,7 +140,7 @@ def read_messages(
         if i == last_user and background:
             kept = sorted((j for j in (next(order) for _ in background) if j in keep), key=keep.get)
             read += kept
-            content = "Background:\n" + model.document_placeholder * len(kept) + "\n\nQuestion:"
+            content = ANSWER_TEMPLATE.format(documents=model.document_placeholder * len(kept), question="")
         for piece in message:
             if isinstance(piece, str):
                 content += piece

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from .config import SYSTEM_PROMPT
+from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 
 
 def render_chat(
@@ -63,8 +63,7 @@ def question_prompt(
     answer: str | None = None,
 ) -> str:
     """The paper's answering prompt: ``Background:`` with one placeholder per document."""
-    background = document_placeholder * n_documents
-    user = f"Background:\n{background}\n\nQuestion:{question}"
+    user = ANSWER_TEMPLATE.format(documents=document_placeholder * n_documents, question=question)
     return render_chat(tokenizer, SYSTEM_PROMPT, user, answer)
 
 
@@ -72,8 +71,8 @@ def text_context_prompt(
     tokenizer: PreTrainedTokenizerBase, question: str, documents: list[str], answer: str | None = None
 ) -> str:
     """The same answering prompt with the documents as plain text (the text-RAG baseline)."""
-    background = "\n\n".join(documents)
-    return render_chat(tokenizer, SYSTEM_PROMPT, f"Background:\n{background}\n\nQuestion:{question}", answer)
+    user = ANSWER_TEMPLATE.format(documents="\n\n".join(documents), question=question)
+    return render_chat(tokenizer, SYSTEM_PROMPT, user, answer)
 
 
 SCP_QA_SYSTEM = (

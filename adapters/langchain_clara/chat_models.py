@@ -27,13 +27,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.prompts import ChatPromptTemplate
 
 from clara_plugins.adapter_fields import ReaderFields
-from clara_plugins.config import SYSTEM_PROMPT
+from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from clara_plugins.context import Reading
 
 # The layout the generator was trained on: with documents from the store as {context}, the
 # prompt is exactly CLaRa's answering prompt.
 CLARA_PROMPT = ChatPromptTemplate.from_messages(
-    [("system", SYSTEM_PROMPT), ("human", "Background:\n{context}\n\nQuestion:{question}")]
+    [("system", SYSTEM_PROMPT), ("human", ANSWER_TEMPLATE.format(documents="{context}", question="{question}"))]
 )
 
 

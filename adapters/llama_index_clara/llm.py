@@ -33,11 +33,12 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 
 from clara_plugins.adapter_fields import ReaderFields
+from clara_plugins.config import ANSWER_TEMPLATE
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
 # the context, the prompt is exactly CLaRa's answering prompt.
-CLARA_QA_PROMPT = PromptTemplate("Background:\n{context_str}\n\nQuestion:{query_str}")
+CLARA_QA_PROMPT = PromptTemplate(ANSWER_TEMPLATE.format(documents="{context_str}", question="{query_str}"))
 
 T = TypeVar("T")
 # by value: older llama-index-core versions lack some of these roles
