@@ -80,6 +80,9 @@ class ClaraConfig:
             raise ValueError(f"memory_pooling must be one of {MEMORY_POOLINGS}, got {self.memory_pooling!r}")
         if not 1 <= self.compression_rate <= MAX_COMPRESSION_RATE:
             raise ValueError(f"compression_rate must be in 1..{MAX_COMPRESSION_RATE}, got {self.compression_rate}")
+        for name in ("generation_top_k", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ClaraConfig.{name} must be at least 1, got {getattr(self, name)}")
         if self.doc_max_length < self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "
@@ -210,3 +213,15 @@ class TrainConfig:
             raise ValueError(f"restate_weight needs the instruct stage, got {self.stage!r}")
         if self.distill_weight and (self.stage != "instruct" or not self.teacher):
             raise ValueError("distill_weight needs the instruct stage and a teacher checkpoint (teacher)")
+        if self.teacher and not self.distill_weight:
+            raise ValueError("a teacher is read only with distill_weight above 0")
+        if self.keep_generator and self.stage != "instruct":  # the other stages never start afresh
+            raise ValueError(f"keep_generator needs the instruct stage, got {self.stage!r}")
+        if self.freeze_compressor and self.stage == "scp":  # which trains the compressor
+            raise ValueError("freeze_compressor contradicts the scp stage, which trains the compressor")
+        if self.null_document and self.estimator != "realm":
+            raise ValueError("null_document needs the realm estimator")
+        if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing
+            raise ValueError(f"grad_clip must be above 0, got {self.grad_clip}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")

@@ -274,10 +274,14 @@ class ClaraModel(torch.nn.Module):
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden]."""
+        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden].
+
+        A query longer than doc_max_length tokens keeps its end, where a chat turn's question
+        follows its instructions (documents keep their start)."""
         questions = check_texts(questions, "questions")
         with self._inference():
-            bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
+            bodies = [ids[-self.config.doc_max_length:]
+                      for ids in self.tokenizer(questions, add_special_tokens=False)["input_ids"]]
             return torch.cat([self._encode_tokens(bodies[s:s + batch_size], QUERY_REASONER)[0]
                               for s in range(0, len(bodies), batch_size)])
 

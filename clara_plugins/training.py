@@ -374,13 +374,24 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
 
 
 def _load_teacher(model: ClaraModel, folder: str) -> ClaraModel:
-    # the teacher reads text, so a pooled one takes the student's rate: the same <MEM> tokens
-    teacher = ClaraModel.from_pretrained(folder, compression_rate=model.config.compression_rate, device=model.device,
-                                         dtype=torch.float32)
+    # the teacher reads text, so a pooled one takes the student's rate: the same <MEM> tokens.
+    # Building it draws random initial weights; a forked RNG keeps a resumed run's dropout masks.
+    with torch.random.fork_rng(devices=[]):
+        teacher = ClaraModel.from_pretrained(folder, compression_rate=model.config.compression_rate,
+                                             device=model.device, dtype=torch.float32)
     if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise ValueError(f"the teacher {folder} has another vocabulary than the model it teaches: "
                          "train it from the same base model")
     return teacher.eval()
+
+
+def _parameter_groups(model: ClaraModel, parameters: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """The trainable parameters, with the embedding matrix kept out of weight decay: only its
+    <MEM> rows train (and are saved), and decay would shrink every other row of the vocabulary."""
+    embedding = model.lm.get_input_embeddings().weight
+    if not (weight_decay and embedding.requires_grad):
+        return [{"params": parameters}]  # one group, as runs saved before the split have
+    return [{"params": [p for p in parameters if p is not embedding]}, {"params": [embedding], "weight_decay": 0.0}]
 
 
 def _learning_rate(config: TrainConfig) -> Callable[[int], float]:
@@ -483,7 +494,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, parameters, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
     if resuming:

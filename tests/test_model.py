@@ -52,6 +52,20 @@ def _apple_layout_states(model: ClaraModel, text: str, appended: list[int], laye
     return output.hidden_states[layer] if layer != -1 else output.last_hidden_state, len(body), width
 
 
+@pytest.mark.parametrize("field", ["generation_top_k", "max_new_tokens"])
+def test_a_count_below_one_is_refused_by_the_config(field):
+    # generation_top_k 0 failed in top_k on the first chat call; max_new_tokens 0 answered nothing
+    with pytest.raises(ValueError, match=f"ClaraConfig.{field} must be at least 1, got 0"):
+        ClaraConfig(**{field: 0})
+
+
+def test_a_long_query_keeps_the_question_at_its_end(tiny_model):
+    # a chat turn's instructions came first and filled the query: two questions encoded alike
+    preamble = "Answer briefly and cite nothing. " * 40
+    first, second = tiny_model.encode_queries([preamble + "Who won prizes?", preamble + "Where is Vienna?"])
+    assert not torch.allclose(first, second)
+
+
 def test_tokens_design_reads_the_appended_memory_positions(tiny_config):
     model = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
     randomize_adapters(model)

@@ -197,6 +197,30 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
         assert torch.allclose(grad, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("knobs, problem", [
+    ({"stage": "scp", "freeze_compressor": True}, "freeze_compressor contradicts the scp stage"),
+    ({"stage": "e2e", "keep_generator": True}, "keep_generator needs the instruct stage"),
+    ({"stage": "e2e", "null_document": True}, "null_document needs the realm estimator"),
+    ({"stage": "instruct", "teacher": "runs/text"}, "a teacher is read only with distill_weight"),
+    ({"stage": "scp", "grad_clip": 0.0}, "grad_clip must be above 0"),
+    ({"stage": "scp", "weight_decay": -0.1}, "weight_decay must be at least 0"),
+])
+def test_a_knob_its_stage_would_ignore_is_refused(knobs, problem):
+    # each was silently ignored (or, for grad_clip 0, scaled every gradient to nothing)
+    with pytest.raises(ValueError, match=problem):
+        TrainConfig(**knobs)
+
+
+def test_weight_decay_leaves_the_vocabulary_outside_the_memory_rows(tiny_model, tmp_path):
+    # AdamW decayed every row of the embedding (and the tied output), though only the <MEM>
+    # rows train and are saved: the model in memory was not the one that reloads
+    before = tiny_model.lm.get_input_embeddings().weight.detach().clone()
+    train(tiny_model, SCP, TrainConfig(stage="scp", steps=2, batch_size=2, grad_accum=1, lr=1e-2,
+                                       weight_decay=0.5), tmp_path)
+    changed = (tiny_model.lm.get_input_embeddings().weight - before).abs().sum(-1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(tiny_model.mem_token_ids)
+
+
 def test_the_restatement_margin_needs_the_instruct_stage():
     with pytest.raises(ValueError, match="restate_weight needs the instruct stage"):
         TrainConfig(stage="scp", restate_weight=1.0)
@@ -240,6 +264,15 @@ def test_distillation_pulls_the_generator_towards_the_teacher_reading_text(tiny_
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[0]["loss"] == pytest.approx(log[0]["ce"] + log[0]["distill"], abs=1e-4)
     assert log[-1]["distill"] < 0.7 * log[0]["distill"]
+
+
+def test_loading_the_teacher_leaves_the_random_state_of_the_run(tiny_model, tmp_path):
+    # a resumed distillation run restores its RNG, then loads the teacher: drawing the teacher's
+    # initial weights from it gave the resumed steps other dropout masks than the whole run's
+    tiny_model.save_pretrained(tmp_path / "teacher")
+    before = torch.get_rng_state()
+    training._load_teacher(tiny_model, str(tmp_path / "teacher"))
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_the_distillation_term_is_the_kl_from_the_teacher():
