@@ -202,5 +202,6 @@ def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list
     if len(memories) <= 1:
         return {j: j for j in range(len(memories))}
     query = "".join(p for p in pieces if isinstance(p, str)).strip() or question
-    picked = top_k(model.encode_queries([query]), memories, k, model.config.retrieval_key)[1][0]
+    # the memories are gathered on the CPU (the store keeps them there); the query is on the model's device
+    picked = top_k(model.encode_queries([query]).cpu(), memories, k, model.config.retrieval_key)[1][0]
     return {j: rank for rank, j in enumerate(picked.tolist())}

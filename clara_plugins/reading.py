@@ -60,10 +60,10 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
                 log_probs, labels = completion_log_probs(model, prompts, full, read_memories)
                 log_likelihood, valid = token_log_likelihood(log_probs, labels)
                 if read == 0:  # the three passes predict the same targets
-                    kinds = kind_of[labels[valid]]
-                    tokens += torch.bincount(kinds, minlength=len(_TOKEN_KINDS)).cpu()
-                totals[read] -= torch.bincount(kinds, weights=log_likelihood[valid].double(),
-                                               minlength=len(_TOKEN_KINDS)).cpu()
+                    kinds = kind_of[labels[valid]].cpu()  # summed in float64, which MPS lacks: on the CPU
+                    tokens += torch.bincount(kinds, minlength=len(_TOKEN_KINDS))
+                totals[read] -= torch.bincount(kinds, weights=log_likelihood[valid].cpu().double(),
+                                               minlength=len(_TOKEN_KINDS))
     result = {"examples": len(rows), "documents_per_row": width, **_cross_entropies(totals.sum(1), tokens.sum())}
     result["by_token_kind"] = {kind: {"tokens": int(tokens[i]), **_cross_entropies(totals[:, i], tokens[i])}
                                for i, kind in enumerate(_TOKEN_KINDS) if tokens[i]}

@@ -33,6 +33,16 @@ def positions(model, n_documents: int) -> int:
     return len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_on_a_gpu_chooses_among_stored_documents(tiny_config):
+    # the store's memories are on the CPU, the query on the GPU: top-k failed on any two documents
+    model = ClaraModel(tiny_config, device="cuda")
+    store = ClaraVectorStore(model)
+    store.add_texts(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))])
+    reply = ChatClara(clara=model, store=store.store, k=1).invoke(QUESTION, document_ids=["d4", "d0"])
+    assert reply.response_metadata["clara"]["memory_documents"] == 1
+
+
 def test_answers_from_stored_memories_by_id(tiny_model, vectorstore):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
     expected = expected_answer(tiny_model, vectorstore.store.memories(["d4", "d0"]))
