@@ -8,8 +8,8 @@ length. Rows have the shape the ``scp`` training stage reads:
 ``{"data_type": "qa", "question": [...], "answers": [...], "docs": [document]}`` and
 ``{"data_type": "paraphrase", "answers": [text], "docs": [document]}``.
 
-The teacher is any callable from prompt to text; ``as_teacher`` wraps a LangChain chat model,
-a LlamaIndex LLM, or a local Hugging Face chat model. Output is appended one document at a time
+The teacher is any callable from prompt to text: ``as_teacher`` wraps a LangChain chat model
+or a LlamaIndex LLM, and ``HuggingFaceTeacher`` runs a local Hugging Face chat model. Output is appended one document at a time
 with a ``.done`` ledger beside it, so a crash loses at most the document in progress.
 """
 
@@ -41,7 +41,8 @@ COVERAGE = ("Document:\n{document}\n\nQuestions already asked:\n{questions}\n\nL
 MISSING_QA = ("Write one simple question-answer pair for each fact below, using the document.\nWrite each "
               "pair as two lines:\nQuestion: ...\nAnswer: ...\n\nFacts:\n{facts}\n\nDocument:\n{document}")
 
-_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:\s*(.+?)\s*(?=\n\s*Question:|\Z)", re.S | re.I)
+# a question (which may wrap) and the one line of its answer; numbered pairs ("2. Question:") too
+_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:[ \t]*([^\n]*)", re.S | re.I)
 
 
 @dataclasses.dataclass
@@ -90,7 +91,7 @@ class HuggingFaceTeacher:
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
-    return [(q.strip(), a.strip().splitlines()[0].strip()) for q, a in _PAIR.findall(text) if a.strip()]
+    return [(q.strip(), a.strip()) for q, a in _PAIR.findall(text) if a.strip()]
 
 
 def _supported(answer: str, document: str) -> bool:
@@ -110,7 +111,7 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
         questions = "\n".join(q for q, _ in pairs) or "(none)"
         missing = [line.strip("-* ").strip() for line in
                    teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
-        missing = [m for m in missing if m and m.upper() != "NONE"]
+        missing = [m for m in missing if m and m.upper().rstrip(".") != "NONE"]
         if not missing:
             covered = True
             break

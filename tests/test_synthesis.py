@@ -7,7 +7,8 @@ from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from llama_index.core.llms import MockLLM
 
 from clara_plugins import InvalidInputError, synthesis
-from clara_plugins.cli import document_id, main
+from clara_plugins.cli import main
+from clara_plugins.corpora import document_id
 from clara_plugins.synthesis import as_teacher, parse_pairs, synthesize, synthesize_document
 
 DOC = "Marie Curie was born in Warsaw in 1867. She won the Nobel Prize in Physics in 1903."
@@ -37,6 +38,17 @@ class ScriptedTeacher:
 def test_parse_pairs():
     text = "Question: A?\nAnswer: one\nQuestion: B?\nAnswer: two\nextra line"
     assert parse_pairs(text) == [("A?", "one"), ("B?", "two")]
+    # numbered pairs: the first answer used to run on to the end and hide the others
+    numbered = "1. Question: A?\nAnswer: one\n2. Question: B\nthat wraps?\nAnswer: two\n3. Question: C?\nAnswer:"
+    assert parse_pairs(numbered) == [("A?", "one"), ("B\nthat wraps?", "two")]
+
+
+@pytest.mark.parametrize("none", ["NONE", "NONE.", "None."])
+def test_a_teacher_that_finds_every_fact_covered_keeps_its_qa(none):
+    # "NONE." counted as a missing fact, so the rounds ran out and the QA row was dropped
+    teacher = ScriptedTeacher([none])
+    qa, _, _ = synthesize_document(DOC, teacher, max_rounds=1)
+    assert qa is not None and teacher.coverage_calls == 1
 
 
 def test_missing_facts_are_regenerated_then_coverage_passes():
