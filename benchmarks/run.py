@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from clara_plugins.cli import non_negative_int, positive_int
-from clara_plugins.config import MAX_COMPRESSION_RATE
+from clara_plugins.checks import non_negative_int, positive_int
+from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS
 from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import e2e_rows, instruct_rows
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default: {' '.join(MODES['full'][1])}; quick: {' '.join(MODES['quick'][1])})")
     parser.add_argument("--data-dir", default=os.environ.get("CLARA_DATA", "../shared/data"),
                         help="folder holding the official files (default $CLARA_DATA or ../shared/data)")
-    parser.add_argument("--setting", choices=["normal", "oracle"], default="normal",
+    parser.add_argument("--setting", choices=SETTINGS, default="normal",
                         help="normal: retrieve top-k of ~20 candidates; oracle: the gold among 5")
     parser.add_argument("--sample", type=positive_int, help="questions per dataset (default: 200; quick: 8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")

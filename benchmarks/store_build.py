@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clara_plugins.atomic import write_text_atomically
 from clara_plugins import MemoryStore
+from clara_plugins.atomic import write_text_atomically
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.pretrained import default_checkpoint, load_model
 

@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from clara_plugins.atomic import write_text_atomically
 from clara_plugins import MemoryStore
-from clara_plugins.cli import document_id
-from clara_plugins.corpora import read_documents
+from clara_plugins.atomic import write_text_atomically
+from clara_plugins.corpora import document_id, read_documents
 from clara_plugins.pretrained import load_model
 from clara_plugins.store import SHARD_ROWS
 

@@ -1,4 +1,7 @@
-"""Checks of the texts given to public entry points, so that bad input fails early and by name."""
+"""Checks of the texts given to public entry points, and of the numbers given on the command
+line, so that bad input fails early and by name."""
+
+import argparse
 
 from .errors import InvalidInputError
 
@@ -20,3 +23,17 @@ def check_texts(texts: object, what: str) -> list[str]:
             raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({error.reason} at "
                                     f"character {error.start})") from error
     return list(texts)
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
+    return number

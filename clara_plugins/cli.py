@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.metadata
 import json
 import sys
@@ -17,23 +16,11 @@ from pathlib import Path
 
 from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES, RETRIEVAL_KEYS, SETTINGS, STAGES,
                      ClaraConfig, TrainConfig)
+from .checks import non_negative_int, positive_int
+from .corpora import document_id
 from .errors import CheckpointError, InvalidInputError, StoreError
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
-    return number
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,12 +231,6 @@ def _index(args: argparse.Namespace) -> None:
         store.save(folder)
     print(f"{folder}: {len(store)} documents ({len(compressed)} compressed now, "
           f"{len(set(ids)) - len(compressed)} already stored)")
-
-
-def document_id(text: str) -> str:
-    """A document's id in a store built by ``clara index`` and in ``clara synth``'s rows: its
-    text's hash, so that running over the same corpus again skips what is done."""
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def _ask(args: argparse.Namespace) -> None:

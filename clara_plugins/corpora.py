@@ -9,6 +9,7 @@ MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -90,7 +91,10 @@ def _example(row: dict, number: int) -> QAExample:
         raise TypeError(f"a JSON {type(row).__name__}, not a question record")
     if "context" in row and "supporting_facts" in row:  # HotpotQA, 2WikiMultihopQA
         titles = {title for title, _ in row["supporting_facts"]}
-        passages = [f"{title}\n{''.join(sentences).strip()}" for title, sentences in row["context"]]
+        # HotpotQA's sentences carry the space before them, 2WikiMultihopQA's do not
+        spaced = any(s[:1].isspace() for _, sentences in row["context"] for s in sentences[1:])
+        glue = "" if spaced else " "
+        passages = [f"{title}\n{glue.join(sentences).strip()}" for title, sentences in row["context"]]
         present = {title for title, _ in row["context"]}
         gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
         return QAExample(str(row["_id"]), row["question"], [row["answer"]], passages, gold, titles <= present)
@@ -107,3 +111,9 @@ def _example(row: dict, number: int) -> QAExample:
             raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
         return QAExample(f"nq-{number}", row["question"], answers, passages, gold)
     raise ValueError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: {sorted(row)[:8]}")
+
+
+def document_id(text: str) -> str:
+    """A document's id in a store built by ``clara index`` and in ``clara synth``'s rows: its
+    text's hash, so that running over the same corpus again skips what is done."""
+    return hashlib.sha256(text.encode()).hexdigest()[:20]

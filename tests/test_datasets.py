@@ -31,6 +31,19 @@ def test_every_official_format_reads_with_its_gold_passages(path, gold_per_quest
     assert all(0 <= i < len(e.passages) for e in examples for i in e.gold)
 
 
+def test_sentences_are_joined_with_the_spaces_each_format_needs(tmp_path):
+    # 2WikiMultihopQA's sentences carry no leading space: its passages read "in 930.He is named"
+    def row(sentences):
+        return {"_id": "1", "question": "q", "answer": "a", "supporting_facts": [["T", 0]],
+                "context": [["T", sentences]]}
+
+    (tmp_path / "dev.json").write_text(json.dumps([row(["It rose in 930.", "He is named."]),
+                                                   row(["It rose in 930.", " He is named.", '"']),
+                                                   row(["One sentence. "])]))
+    assert [e.passages[0] for e in read_examples(tmp_path / "dev.json")] == [
+        "T\nIt rose in 930. He is named.", 'T\nIt rose in 930. He is named."', "T\nOne sentence."]
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("squad.json", '{"data": []}', r"squad.json holds a JSON dict, not a list of questions"),
     ("musique.jsonl", '{"id": "m1", "question": "q", "answer": "a", "paragraphs": [{"title": "T", "paragraph_text": '

@@ -9,7 +9,8 @@ import torch
 from conftest import CORPUS, randomize_adapters
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
-from clara_plugins.cli import document_id, main
+from clara_plugins.cli import main
+from clara_plugins.corpora import document_id
 from clara_plugins.indexing import RayCompression, index_documents
 
 ray = pytest.importorskip("ray")
