@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import IO
@@ -50,7 +50,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    # made with the umask's permissions (tempfile.mkdtemp's are owner-only, and the swap keeps them)
+    staging = folder.with_name(f".{folder.name}.{secrets.token_hex(8)}")
+    staging.mkdir()
     try:
         write(staging)
         if folder.exists():

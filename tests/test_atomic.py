@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara_plugins import MemoryStore, atomic, backbone, store
-from clara_plugins.atomic import write_file_atomically
+from clara_plugins.atomic import write_file_atomically, write_folder_atomically
 from conftest import CORPUS
 
 
@@ -85,6 +85,18 @@ def test_a_new_folder_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatc
     assert {"weights.safetensors", "state.pt", "sub"} <= synced_before  # and the staging folder
     assert steps[-1] == ("fsync", str(tmp_path))  # the renames
     assert (tmp_path / "ckpt" / "sub" / "state.pt").read_text() == "new"
+
+
+def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
+    # the staging folder was owner-only (0700): checkpoints were unreadable to the user's group
+    umask = os.umask(0o022)
+    try:
+        write_folder_atomically(tmp_path / "made", lambda staging: (staging / "a.txt").write_text("a"),
+                                marker="a.txt")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "made").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 def test_the_store_writes_its_json_files_atomically(tiny_model, tmp_path, monkeypatch):
