@@ -8,7 +8,7 @@ placeholder. The plain base model reads it, or, for a checkpoint trained by ``cl
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from clara_plugins import ClaraModel
 from clara_plugins.passes import text_weights
@@ -28,9 +28,3 @@ def read_text(model: ClaraModel, questions: Sequence[str], documents: Sequence[S
     with text_weights(model):
         return model.generate(prompts, max_new_tokens=max_new_tokens)
 
-
-def stream_text(model: ClaraModel, question: str, documents: Sequence[str],
-                max_new_tokens: int | None = None) -> Iterator[str]:
-    """``read_text`` for one question, piece by piece."""
-    with text_weights(model):
-        yield from model.stream(text_prompt(model, question, documents), max_new_tokens=max_new_tokens)

@@ -91,7 +91,7 @@ shuffle() {  # stdin's lines in a seeded random order
 #    date blanked out (cloze). Teacher-written rows from `clara synth` can be appended.
 dpr="$DATA/corpus/dpr_wiki_1000.jsonl"
 musique="$DATA/corpus/musique_train_1890.json"
-convert "$dpr" "$rows/probe_reconstruct.jsonl" --kind reconstruct --limit 16
+clara convert-data "$dpr" "$rows/probe_reconstruct.jsonl" --kind reconstruct --limit 16  # never LIMIT: the probes are passages 0-15
 clara convert-data "$DATA/nq/dev.jsonl" "$rows/probe_qa.jsonl" --setting oracle -k 1 --limit 16
 convert "$dpr" "$rows/scp_reconstruct.jsonl" --kind reconstruct --skip 16
 convert "$dpr" "$rows/scp_continue_dpr.jsonl" --kind continue --skip 16

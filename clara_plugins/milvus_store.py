@@ -42,7 +42,7 @@ from .filters import Filter, validate_filter
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, check_compressor,
-                    _check_search, _find_documents, _id_list)
+                    check_search, find_documents, id_list)
 
 FORMAT = "clara-milvus-store/1"
 HEADER_PROPERTY = "clara.store"  # the collection property holding FORMAT and the compressor signature
@@ -217,7 +217,7 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
-        ids = _id_list(ids, "ids", ordered=False)
+        ids = id_list(ids, "ids", ordered=False)
         with self._lock:
             try:
                 for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
@@ -229,14 +229,14 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:
         """Documents in the order asked; ids that are not stored are skipped."""
-        ids = _id_list(ids, "ids")
+        ids = id_list(ids, "ids")
         rows = self._rows_where("id", ids, ["text", "metadata"])
         found = {row["id"]: row for row in rows}
         return [StoredDocument(i, found[i]["text"], found[i]["metadata"]) for i in ids if i in found]
 
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator: memory * norm, in fp16."""
-        ids = _id_list(ids, "ids")
+        ids = id_list(ids, "ids")
         found = {row["id"]: row for row in self._rows_where("id", ids, [self._memory_field, "norm"])}
         unknown = [i for i in ids if i not in found]
         if unknown:
@@ -267,7 +267,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         by_prefix: dict[str, list[str]] = {}
         for row in sorted(rows, key=lambda row: len(row["text"]), reverse=True):
             by_prefix.setdefault(row["prefix"], []).append(row["text"])
-        return _find_documents(text, {row["text"]: row["id"] for row in rows}, by_prefix)
+        return find_documents(text, {row["text"]: row["id"] for row in rows}, by_prefix)
 
     def all_ids(self) -> list[str]:
         return self._ids_matching("")
@@ -297,12 +297,12 @@ class MilvusMemoryStore(BaseMemoryStore):
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
-        _check_search(k, where, lambda_mult, fetch_k)
+        check_search(k, where, lambda_mult, fetch_k)
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
         if query.size != self.keys.dimensions:
             raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "
                                     f"{self.keys.dimensions}")
-        conditions = [] if ids is None else [_one_of("id", _id_list(ids, "ids", ordered=False))]
+        conditions = [] if ids is None else [_one_of("id", id_list(ids, "ids", ordered=False))]
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)
         diverse = lambda_mult < 1.0

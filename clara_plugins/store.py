@@ -161,7 +161,7 @@ class BaseMemoryStore(ABC):
         ``keys.maximal_marginal_relevance``). Scores stay the cosines to the query.
         """
         check_texts([query], "query")
-        _check_search(k, where, lambda_mult, fetch_k)  # before the query is encoded
+        check_search(k, where, lambda_mult, fetch_k)  # before the query is encoded
         return self.search_by_key(self.keys.query_keys([query])[0], k, where, ids=ids,
                                   lambda_mult=lambda_mult, fetch_k=fetch_k)
 
@@ -191,7 +191,7 @@ class BaseMemoryStore(ABC):
         """Texts, ids (new ones where none are given) and metadatas of an upsert, refused
         unless every document would come back as given."""
         texts = check_texts(texts, "texts")
-        ids = [uuid.uuid4().hex for _ in texts] if ids is None else _id_list(ids, "ids")
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else id_list(ids, "ids")
         if metadatas is not None:
             if isinstance(metadatas, (str, bytes)) or not isinstance(metadatas, Sequence):
                 raise InvalidInputError(f"metadatas must be a list of dicts, one per text, got a "
@@ -346,7 +346,7 @@ class MemoryStore(BaseMemoryStore):
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
-        ids = _id_list(ids, "ids", ordered=False)
+        ids = id_list(ids, "ids", ordered=False)
         with self._lock:
             doomed = {self._row_of[i] for i in ids if i in self._row_of}
             if not doomed:
@@ -395,7 +395,7 @@ class MemoryStore(BaseMemoryStore):
 
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:
         """Documents in the order asked; ids that are not stored are skipped."""
-        ids = _id_list(ids, "ids")
+        ids = id_list(ids, "ids")
         with self._lock:
             return [self._document(self._row_of[i]) for i in ids if i in self._row_of]
 
@@ -404,7 +404,7 @@ class MemoryStore(BaseMemoryStore):
 
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
-        ids = _id_list(ids, "ids")
+        ids = id_list(ids, "ids")
         with self._lock:
             unknown = [i for i in ids if i not in self._row_of]
             if unknown:
@@ -434,7 +434,7 @@ class MemoryStore(BaseMemoryStore):
         shorter than MIN_FOUND_CHARS are not looked for: too short to be told from prose.
         """
         with self._lock:
-            return _find_documents(text, *self._text_lookup())
+            return find_documents(text, *self._text_lookup())
 
     def _text_lookup(self) -> tuple[dict[str, str], dict[str, list[str]]]:
         """id by exact text, and texts (longest first) by their first MIN_FOUND_CHARS characters."""
@@ -458,8 +458,8 @@ class MemoryStore(BaseMemoryStore):
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
-        _check_search(k, where, lambda_mult, fetch_k)
-        wanted = None if ids is None else set(_id_list(ids, "ids", ordered=False))
+        check_search(k, where, lambda_mult, fetch_k)
+        wanted = None if ids is None else set(id_list(ids, "ids", ordered=False))
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
         with self._lock:
             if not self._ids:
@@ -887,7 +887,7 @@ def as_memory_store(value: object) -> BaseMemoryStore:
     return inner
 
 
-def _find_documents(text: str, ids_by_text: dict[str, str],
+def find_documents(text: str, ids_by_text: dict[str, str],
                     texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
     """(start, end, id) of the stored documents whose exact text occurs in ``text``, in order
     and without overlaps (the longest document wins at a position). ``texts_by_prefix`` holds
@@ -993,7 +993,7 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")
 
 
-def _check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> None:
+def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> None:
     """Refuse bad search arguments before any work is done."""
     for name, value in (("k", k), ("fetch_k", fetch_k)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -1004,7 +1004,7 @@ def _check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int
         validate_filter(where)
 
 
-def _id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
+def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
     """A list of ids: from a sequence where their order matters, else from any collection (a
     set...); a lone string is refused, since iterating it would name its letters."""
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence if ordered else Collection):
