@@ -40,9 +40,9 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
     for example in tqdm(examples, desc="filling pools (BM25)", disable=len(examples) < 1000):
         passages = list(example.passages)
         if len(passages) < size:
-            extra = [pool_texts[i] for i in _ranking(index, example.question) if everything[i][0] != example.id
-                     and pool_texts[i] not in passages]
-            passages += extra[: size - len(passages)]
+            extra = dict.fromkeys(pool_texts[i] for i in _ranking(index, example.question)
+                                  if everything[i][0] != example.id and pool_texts[i] not in passages)
+            passages += list(extra)[: size - len(passages)]  # a passage other examples share comes once
         result.append(dataclasses.replace(example, passages=passages))
     return result
 
@@ -76,5 +76,7 @@ def _index(passages: list[str]) -> bm25s.BM25:
 
 
 def _ranking(index: bm25s.BM25, query: str) -> list[int]:
-    scores = index.get_scores(bm25s.tokenize(query, show_progress=False, return_ids=False)[0])
+    """Every passage index, best first; a query of stopwords alone ("Is it?") scores all alike."""
+    words = bm25s.tokenize(query, show_progress=False, return_ids=False)[0]
+    scores = index.get_scores(words) if words else np.zeros(index.scores["num_docs"])
     return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")]

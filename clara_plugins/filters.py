@@ -5,8 +5,9 @@
 ``$lte`` bound it; ``{"$and": [...]}`` and ``{"$or": [...]}`` combine filters; several keys in
 one dictionary must all hold.
 
-A range bound is a number or a string. Numbers compare with numbers, strings with strings
-(so ISO dates order correctly); a stored value of another kind (a string against a number
+Equality is Python's, which Milvus' JSON filters share: ``True`` equals ``1`` and ``False``
+equals ``0``. A range bound is a number or a string. Numbers compare with numbers, strings
+with strings (so ISO dates order correctly); a stored value of another kind (a string against a number
 bound, a boolean, a list) or a missing field simply does not match.
 """
 
@@ -31,12 +32,16 @@ def _bounded(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     return lambda value, bound: _kind(value) is not None and _kind(value) is _kind(bound) and compare(value, bound)
 
 
+def _among(value: Any, targets: Any) -> bool:
+    return any(value == target for target in targets)  # not `in`: a set of targets would hash a list value
+
+
 _RANGE_OPERATORS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 _FIELD_OPERATORS = {
     "$eq": lambda value, target: value == target,
     "$ne": lambda value, target: value != target,
-    "$in": lambda value, target: value in target,
-    "$nin": lambda value, target: value not in target,
+    "$in": _among,
+    "$nin": lambda value, target: not _among(value, target),
     **{name: _bounded(compare) for name, compare in _RANGE_OPERATORS.items()},
 }
 

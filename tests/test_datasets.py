@@ -77,6 +77,21 @@ def test_oracle_rows_hold_the_gold_passages_and_e2e_rows_point_at_them():
         assert {row["docs"][i] for i in row["pos_index"]} == {example.passages[i] for i in example.gold}
 
 
+def test_a_pool_is_filled_with_each_shared_passage_once():
+    # a paragraph several other questions share filled one pool two or three times
+    shared = "Vienna\nThe Danube flows through Vienna."
+    examples = [QAExample("a", "where does the danube flow", ["Vienna"], ["Danube\nIt rises in the Black Forest."], [0]),
+                QAExample("b", "b", ["x"], [shared], [0]), QAExample("c", "c", ["x"], [shared], [0]),
+                QAExample("d", "d", ["x"], ["Paris\nThe Seine flows through Paris."], [0])]
+    filled = fill_short_pools(examples, 3)[0].passages
+    assert filled[1] == shared and filled.count(shared) == 1 and len(filled) == 3
+
+
+def test_a_question_of_stopwords_alone_ranks_every_passage():
+    # bm25s found no query word in "Is it?" and failed, taking a whole conversion with it
+    assert sorted(bm25_rank("Is it?", ["Danube\nA river.", "Seine\nAnother river."])) == [0, 1]
+
+
 @needs_data
 def test_oracle_rows_list_their_passages_best_bm25_match_first_not_gold_first():
     examples = fill_short_pools(read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=40), 5)

@@ -42,6 +42,7 @@ FILTERS = [
     {"$or": [{}, {"topic": "none"}]}, {"$and": [{}]}, {"tags": {}},
     {"$or": [{"$and": [{"topic": "city"}, {"n": {"$lt": 0}}]}, {"n": {"$in": [2.5, "4"]}}]},
     {'quote"key\\': 'say "hi"\\'}, {"topic": "river\nnile"}, {"topic": 'x" or id != "'},
+    {"n": True}, {"flag": 1}, {"flag": {"$in": [1]}}, {"flag": {"$ne": 0}}, {"n": {"$nin": [True]}},  # JSON's types
 ]
 
 

@@ -90,6 +90,14 @@ def test_metadata_filters(store, where, expected):
     assert set(store.ids_where(where)) == expected
 
 
+def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
+    # `value in {...}` hashed a list value: one document with a list field failed every such search
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["one", "tags"], metadatas=[{"n": 1}, {"n": ["a"]}])
+    assert store.ids_where({"n": {"$in": {1, "a"}}}) == ["one"]
+    assert store.ids_where({"n": {"$nin": {1}}}) == ["tags"]
+
+
 def test_malformed_filters_are_named(store):
     with pytest.raises(ValueError, match="unknown operator '\\$regex'"):
         store.search("x", where={"n": {"$regex": 1}})
