@@ -7,7 +7,6 @@ peak resident memory is its own and no model of another system shares its caches
 from __future__ import annotations
 
 import dataclasses
-import resource
 import statistics
 import tempfile
 import time
@@ -22,7 +21,7 @@ from clara_plugins.model import ENCODER, QUERY_REASONER
 from clara_plugins.passes import copy_adapter
 
 from .dense import DEFAULT_DENSE_MODEL, DenseEmbeddings, DenseRetriever
-from .measure import latency_ms
+from .measure import latency_ms, peak_rss_mb
 from .pipelines import LangChainTextRAG, LlamaIndexBM25RAG, LlamaIndexClaraRAG
 
 COMPRESSION_RATES = (4, 16, 32)
@@ -143,13 +142,14 @@ def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
         "output_tokens": round(statistics.mean(len(model.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in predictions), 1),
         "docs_per_second": round(indexed / sum(stages["index"]), 1) if spec.retriever != "none" else None,
         "index_bytes_per_doc": round(stored / len(rows[-1]["docs"])) if stored is not None else None,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": peak_rss_mb(),
         "load_seconds": round(load_seconds, 1),
         "predictions": [{"question": row["question"], "prediction": p, "answers": row["answers"],
                          "retrieved": r} for row, p, r in zip(rows, predictions, rankings)],
     }
     ranked = [r for r, row in zip(rankings, rows) if row["pos_index"]]  # questions with gold passages
     golds = [row["pos_index"] for row in rows if row["pos_index"]]
-    for k in (1, 3, 5):
-        result[f"recall@{k}"] = mean_recall_at_k(ranked, golds, k) if golds and spec.retriever != "none" else None
+    for k in (1, 3, 5):  # a pipeline returns its top options.k: recall at a larger k is not measured
+        measured = golds and spec.retriever != "none" and k <= options.k
+        result[f"recall@{k}"] = mean_recall_at_k(ranked, golds, k) if measured else None
     return result
