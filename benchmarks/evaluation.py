@@ -47,13 +47,15 @@ RETRIEVERS = ("reasoner", "compressor", "dense", "bm25")
 
 
 def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrievers: Sequence[str] = (),
-                          reading_k: int | None = None) -> None:
+                          reading_k: int | None = None, k: int = 5) -> None:
     """Refuse rows the evaluation cannot read, naming the first bad row and field, before a
     model loads: a bad row found later would cost every answer before it.
 
     Answering systems and the reading gain (``reading_k`` set) read question rows with
     answers; retrievers, question rows of which at least one has gold candidates (``pos_index``);
-    the reading gain alone also reads SCP rows, all with as many documents."""
+    the reading gain alone also reads SCP rows, all with as many documents. ``text`` and the
+    reading gain read a row's first k documents as they stand, so rows with more (an end-to-end
+    pool, in a random order) are refused for them: they would read k random candidates."""
     if not rows:
         raise InvalidInputError("there are no rows to evaluate")
     for number, row in enumerate(rows):
@@ -65,6 +67,12 @@ def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrie
     if retrievers and not any(row.get("pos_index") for row in rows):
         raise InvalidInputError("retrievers are scored against each row's gold candidates (pos_index), "
                                 "and none of these rows has any")
+    readers = [name for name, reads in (("text", "text" in systems), ("--reading", reading_k is not None)) if reads]
+    longer = next((n for n, row in enumerate(rows) if "data_type" not in row and len(row["docs"]) > k), None)
+    if readers and longer is not None:
+        raise InvalidInputError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: "
+                                f"{' and '.join(readers)} would read its first {k} as they stand, not the best "
+                                "ones; give rows of at most k documents (clara convert-data --kind instruct)")
     if reading_k is not None:
         reading_width(rows, reading_k)
 

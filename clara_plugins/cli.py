@@ -387,7 +387,7 @@ def _eval(args: argparse.Namespace) -> None:
             raise InvalidInputError(f"--out {out} is a folder: name the JSON file to write")
         out.parent.mkdir(parents=True, exist_ok=True)
     rows = read_jsonl(args.data)[: args.limit]
-    check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None)
+    check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None, args.k)
     if "control" in args.systems:
         check_control_shifts(len(rows), args.control_shifts)
     dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None

@@ -116,8 +116,11 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         (ROWS[:2] + [[ROWS[2]]], [], "row 2: a JSON list, not an object"),
         ([passage] * 2, [], "row 0: an SCP row (data_type set), not a question row"),  # answered by no system
         (no_gold, ["--retrievers", "bm25"], "none of these rows has any"),  # statistics' "mean requires ..."
-        (ROWS[:1] + [{**ROWS[1], "docs": ROWS[1]["docs"][1:2], "pos_index": [0]}], ["-k", "2", "--reading"],
+        (ROWS[:1] + [{**ROWS[1], "docs": ROWS[1]["docs"][1:2], "pos_index": [0]}], ["-k", "3", "--reading"],
          "the same number"),
+        # a pool longer than k: text read its first k candidates as they stand (a random order)
+        (ROWS, ["-k", "2", "--systems", "clara", "text"], "row 0 has 3 documents, more than k=2: text would read"),
+        (ROWS, ["-k", "2", "--reading"], "--reading would read its first 2"),
     ]:
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         with pytest.raises(SystemExit) as exit_:
