@@ -102,7 +102,8 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=positive_int, default=5, help="documents per instruction row (default 5)")
     parser.add_argument("--candidates", type=positive_int, default=20, help="candidates per end-to-end row (default 20)")
     parser.add_argument("--skip", type=non_negative_int, default=0,
-                        help="leave out the first N examples (e.g. NQ dev 0-299, held out for evaluation)")
+                        help="hold out the first N examples (e.g. NQ dev 0-299, for evaluation), and any later "
+                        "one whose gold passage is one of theirs (or, for passages, a repeat of one)")
     parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
     parser.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
 
@@ -302,7 +303,8 @@ def _convert_data(args: argparse.Namespace) -> None:
     _refuse_overwriting_input(Path(args.destination), args.source)
     end = None if args.limit is None else args.skip + args.limit
     read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
-    sources = read(args.source)[args.skip:end]
+    everything = read(args.source)
+    sources = _after_held_out(everything[:args.skip], everything[args.skip:end])
     make = {"instruct": lambda e: instruct_rows(e, args.setting, args.k),
             "e2e": lambda e: e2e_rows(e, args.candidates, args.seed),
             "scp": scp_qa_rows, "reconstruct": reconstruction_rows, "continue": continuation_rows,
@@ -314,6 +316,23 @@ def _convert_data(args: argparse.Namespace) -> None:
                                 f"(after --skip {args.skip}); nothing was written")
     write_jsonl(rows, args.destination)
     print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")
+
+
+def _after_held_out(held_out: list, rest: list) -> list:
+    """``rest`` without what repeats the held-out evidence: an example whose gold passage is a
+    held-out example's (NQ asks about one paragraph in several wordings), or a held-out passage."""
+    if not held_out:
+        return rest
+    if isinstance(held_out[0], str):
+        seen = set(held_out)
+        kept = [passage for passage in rest if passage not in seen]
+    else:
+        seen = {e.passages[i] for e in held_out for i in e.gold}
+        kept = [e for e in rest if not any(e.passages[i] in seen for i in e.gold)]
+    if len(kept) < len(rest):
+        print(f"left out {len(rest) - len(kept)} of {len(rest)} sources that share evidence with the held-out "
+              f"first {len(held_out)}")
+    return kept
 
 
 def _refuse_overwriting_input(output: Path, source: str) -> None:

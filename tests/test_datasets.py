@@ -184,6 +184,18 @@ def test_reconstruction_rows_target_each_distinct_passage_once():
 
 
 @needs_data
+def test_held_out_evidence_does_not_come_back_in_another_wording(tmp_path, capsys):
+    # NQ dev 18 and 1161 both ask who wrote "I Can Only Imagine", over one paragraph: the
+    # training rows from 300 on held 8 such repeats of the evaluation's evidence
+    source, out = SHARED_DATA / "nq" / "dev.jsonl", tmp_path / "scp.jsonl"
+    main(["convert-data", str(source), str(out), "--kind", "scp", "--skip", "300"])
+    held = {e.passages[i] for e in read_examples(source, limit=300) for i in e.gold}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and not any(document in held for row in rows for document in row["docs"])
+    assert "left out 8 of 1355 sources" in capsys.readouterr().out
+
+
+@needs_data
 def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, capsys):
     out = tmp_path / "scp.jsonl"
     main(["convert-data", str(SHARED_DATA / "nq" / "dev.jsonl"), str(out), "--kind", "scp", "--skip", "300",
