@@ -71,6 +71,9 @@ def index_documents(
     compression starts.
     """
     _check_positive("save_every", save_every)
+    if ids is None:  # the store would draw fresh ids, and a resumed run store everything again
+        raise InvalidInputError("index_documents needs the documents' ids, stable across runs "
+                                "(clara index uses clara_plugins.corpora.document_id)")
     if not texts:
         return []
     texts, ids, metadatas = store._checked(texts, ids, metadatas)

@@ -15,6 +15,7 @@ import torch
 
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins import store as store_module
+from clara_plugins.indexing import index_documents
 from clara_plugins.store import HNSW_EF_SEARCH
 from conftest import CORPUS, randomize_adapters, with_one_records_file
 
@@ -88,6 +89,12 @@ def test_search_ranks_by_cosine_of_query_reasoner_and_memories(store, tiny_model
 def test_metadata_filters(store, where, expected):
     assert {d.id for d, _ in store.search("capital", k=5, where=where)} == expected
     assert set(store.ids_where(where)) == expected
+
+
+def test_indexing_without_ids_is_refused(tiny_model):
+    # fresh random ids each run: a resumed run stored every document again, under new ids
+    with pytest.raises(InvalidInputError, match="needs the documents' ids"):
+        index_documents(MemoryStore(tiny_model), CORPUS[:2], None)
 
 
 def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
