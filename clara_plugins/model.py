@@ -221,7 +221,12 @@ class ClaraModel(torch.nn.Module):
 
     def _encode_tokens(self, bodies: list[list[int]], adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory vectors [batch, n_mem, hidden] and the mean state of the document tokens
-        [batch, hidden] (SCP's alignment target), from one forward pass."""
+        [batch, hidden] (SCP's alignment target), from one forward pass.
+
+        Beyond doc_max_length tokens a document keeps its start and a query its end, where a
+        chat turn's question follows its instructions; in training and in use alike."""
+        if adapter == QUERY_REASONER:
+            bodies = [body[-self.config.doc_max_length:] for body in bodies]
         ids, mask, positions = self._encoder_inputs(bodies)
         pooled = self.config.memory_design == "pooled"
         layer = self.config.memory_layer if pooled else -1
@@ -274,14 +279,10 @@ class ClaraModel(torch.nn.Module):
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden].
-
-        A query longer than doc_max_length tokens keeps its end, where a chat turn's question
-        follows its instructions (documents keep their start)."""
+        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden]."""
         questions = check_texts(questions, "questions")
         with self._inference():
-            bodies = [ids[-self.config.doc_max_length:]
-                      for ids in self.tokenizer(questions, add_special_tokens=False)["input_ids"]]
+            bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
             return torch.cat([self._encode_tokens(bodies[s:s + batch_size], QUERY_REASONER)[0]
                               for s in range(0, len(bodies), batch_size)])
 

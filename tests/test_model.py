@@ -62,8 +62,11 @@ def test_a_count_below_one_is_refused_by_the_config(field):
 def test_a_long_query_keeps_the_question_at_its_end(tiny_model):
     # a chat turn's instructions came first and filled the query: two questions encoded alike
     preamble = "Answer briefly and cite nothing. " * 40
-    first, second = tiny_model.encode_queries([preamble + "Who won prizes?", preamble + "Where is Vienna?"])
+    questions = [preamble + "Who won prizes?", preamble + "Where is Vienna?"]
+    first, second = tiny_model.encode_queries(questions)
     assert not torch.allclose(first, second)
+    trained = encode_with_gradients(tiny_model, questions, "query_reasoner_adapter")[0]  # as training reads them
+    assert torch.allclose(trained.detach(), torch.stack([first, second]), atol=1e-5)
 
 
 def test_tokens_design_reads_the_appended_memory_positions(tiny_config):
