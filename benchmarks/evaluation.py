@@ -67,13 +67,12 @@ def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrie
     if retrievers and not any(row.get("pos_index") for row in rows):
         raise InvalidInputError("retrievers are scored against each row's gold candidates (pos_index), "
                                 "and none of these rows has any")
-    readers = [name for name, reads in (("text", "text" in systems), ("--reading", reading_k is not None)) if reads]
     longer = next((n for n, row in enumerate(rows) if "data_type" not in row and len(row["docs"]) > k), None)
-    if readers and longer is not None:
-        raise InvalidInputError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: "
-                                f"{' and '.join(readers)} would read its first {k} as they stand, not the best "
-                                "ones; give rows of at most k documents (clara convert-data --kind instruct)")
-    if reading_k is not None:
+    if "text" in systems and longer is not None:
+        raise InvalidInputError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: text "
+                                f"would read its first {k} as they stand, not the best ones; give rows of at most "
+                                "k documents (clara convert-data --kind instruct)")
+    if reading_k is not None:  # which refuses such rows too
         reading_width(rows, reading_k)
 
 

@@ -24,7 +24,14 @@ _TOKEN_KINDS = ("digits", "capitalised", "rest")
 
 def reading_width(rows: Sequence[dict], k: int = 5) -> int:
     """The number of documents each row reads, refusing rows that cannot be compared: the
-    gain reads every row's documents in the next row's place, so all must read as many."""
+    gain reads every row's documents in the next row's place, so all must read as many. A
+    row with more than k reads its first k as they stand, which in an end-to-end pool (a
+    random order) are random candidates: it is refused."""
+    longer = next((n for n, row in enumerate(rows) if "data_type" not in row and len(row["docs"]) > k), None)
+    if longer is not None:
+        raise ValueError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: the reading "
+                         f"gain would read its first {k} as they stand, not the best ones; give rows of at most "
+                         "k documents (clara convert-data --kind instruct)")
     width = {1 if "data_type" in row else min(k, len(row["docs"])) for row in rows}
     if len(rows) < 2 or len(width) != 1:
         raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "

@@ -61,7 +61,7 @@ from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
 from .passes import (completion_log_likelihood, completion_log_probs, copy_adapter, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
-from .reading import evaluate_reading
+from .reading import evaluate_reading, reading_width
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name
@@ -431,6 +431,8 @@ def _read_trainer_state(path: Path) -> dict:
     missing = {"step", "config", "optimizer", "scheduler", "rng"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a trainer state of this library: it lacks {', '.join(sorted(missing))}")
+    if not isinstance(state["optimizer"], dict) or "param_groups" not in state["optimizer"]:
+        raise CheckpointError(f"{path} is not a trainer state of this library: its optimizer state has no param_groups")
     return state
 
 
@@ -466,6 +468,11 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
     check_training_rows(rows, config, corpus=corpus is not None)
+    for name, probe_rows in (probes or {}).items():  # before the first step, not at the first probe
+        try:
+            reading_width(probe_rows)
+        except ValueError as error:
+            raise ValueError(f"probe {name}: {error}") from error
     if corpus is not None and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     weights = model.lm.get_input_embeddings().weight.dtype
@@ -494,12 +501,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_parameter_groups(model, parameters, config.weight_decay), lr=config.lr,
-                                  betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    groups = _parameter_groups(model, parameters, config.weight_decay)
+    state = _read_trainer_state(state_path) if resuming else None
+    if state is not None and len(state["optimizer"]["param_groups"]) != len(groups):
+        groups = [{"params": parameters}]  # saved before the embedding had a group of its own: as it was
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
-    if resuming:
-        state = _read_trainer_state(state_path)
+    if state is not None:
         if state["config"] != dataclasses.asdict(config):
             raise ValueError(f"{output} was trained with another configuration; use a new output folder")
         optimizer.load_state_dict(state["optimizer"])

@@ -120,7 +120,7 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
          "the same number"),
         # a pool longer than k: text read its first k candidates as they stand (a random order)
         (ROWS, ["-k", "2", "--systems", "clara", "text"], "row 0 has 3 documents, more than k=2: text would read"),
-        (ROWS, ["-k", "2", "--reading"], "--reading would read its first 2"),
+        (ROWS, ["-k", "2", "--reading"], "the reading gain would read its first 2"),
     ]:
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         with pytest.raises(SystemExit) as exit_:

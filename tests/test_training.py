@@ -266,6 +266,35 @@ def test_distillation_pulls_the_generator_towards_the_teacher_reading_text(tiny_
     assert log[-1]["distill"] < 0.7 * log[0]["distill"]
 
 
+def test_a_probe_set_of_end_to_end_pools_is_refused_before_the_first_step(tiny_model, tmp_path):
+    # the reading gain read the first 5 of each shuffled 20-candidate pool: random candidates
+    pool = [{"question": "Who?", "docs": CORPUS * 4, "answer": "Marie Curie", "pos_index": [4]}] * 2
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, probe_every=1)
+    with pytest.raises(ValueError, match="probe pools: row 0 has 24 documents, more than k=5"):
+        train(tiny_model, INSTRUCT, config, tmp_path, probes={"pools": pool})
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_a_run_saved_with_one_optimizer_group_resumes_with_weight_decay(tiny_model, tmp_path, monkeypatch):
+    # runs saved before the embedding had a group of its own failed in torch's load_state_dict
+    config = TrainConfig(stage="scp", steps=2, batch_size=2, grad_accum=1, lr=1e-2, weight_decay=0.1, save_every=1)
+    real_loss, calls = training.scp_loss, []
+
+    def crash_in_step_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "_parameter_groups", lambda model, parameters, decay: [{"params": parameters}])
+        patch.setattr(training, "scp_loss", crash_in_step_two)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_model, SCP, config, tmp_path)
+    train(tiny_model, SCP, config, tmp_path)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_loading_the_teacher_leaves_the_random_state_of_the_run(tiny_model, tmp_path):
     # a resumed distillation run restores its RNG, then loads the teacher: drawing the teacher's
     # initial weights from it gave the resumed steps other dropout masks than the whole run's
