@@ -41,8 +41,10 @@ COVERAGE = ("Document:\n{document}\n\nQuestions already asked:\n{questions}\n\nL
 MISSING_QA = ("Write one simple question-answer pair for each fact below, using the document.\nWrite each "
               "pair as two lines:\nQuestion: ...\nAnswer: ...\n\nFacts:\n{facts}\n\nDocument:\n{document}")
 
-# a question (which may wrap) and the one line of its answer; numbered pairs ("2. Question:") too
-_PAIR = re.compile(r"Question:\s*(.+?)\s*\n\s*Answer:[ \t]*([^\n]*)", re.S | re.I)
+# A question (which may wrap, but holds no other "Question:" or "Answer:") and the one line of
+# its answer, on the "Answer:" line or the next; numbered pairs ("2. Question:") too.
+_PAIR = re.compile(r"Question:\s*((?:(?!Question:|Answer:).)+?)\s*\n\s*Answer:\s*(?!(?:\d+[.)]\s*)?Question:)([^\n]+)",
+                   re.S | re.I)
 
 
 @dataclasses.dataclass

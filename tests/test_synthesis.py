@@ -41,6 +41,9 @@ def test_parse_pairs():
     # numbered pairs: the first answer used to run on to the end and hide the others
     numbered = "1. Question: A?\nAnswer: one\n2. Question: B\nthat wraps?\nAnswer: two\n3. Question: C?\nAnswer:"
     assert parse_pairs(numbered) == [("A?", "one"), ("B\nthat wraps?", "two")]
+    # an answer on the line after "Answer:"; an empty one does not take the next question as its answer
+    assert parse_pairs("Question: A?\nAnswer:\nWarsaw") == [("A?", "Warsaw")]
+    assert parse_pairs("Question: A?\nAnswer:\n2. Question: B?\nAnswer: two") == [("B?", "two")]
 
 
 @pytest.mark.parametrize("none", ["NONE", "NONE.", "None."])
