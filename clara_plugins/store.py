@@ -635,15 +635,7 @@ class MemoryStore(BaseMemoryStore):
     @classmethod
     def _open_generation(cls, folder: Path, generation: Path, model: ClaraModel, keys: KeyEncoder | None,
                          batch_size: int) -> "MemoryStore":
-        header = read_json(generation / "store.json", StoreError)
-        if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
-            found = header.get("format") if isinstance(header, dict) else None
-            raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}, {FORMAT_2!r} or "
-                             f"{FORMAT_1!r} (its format: {str(found)[:80]!r})")
-        memory_dtype = header.get("memory_dtype", "float16")  # format 1 wrote fp16 only
-        if memory_dtype not in MEMORY_DTYPES:
-            raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
-                             f"not one of {MEMORY_DTYPES}")
+        header, memory_dtype = _read_store_header(generation)
         store = cls(model, keys, header["index"], batch_size, memory_dtype=memory_dtype)
         check_compressor(header["compressor"], compressor_signature(model), folder)
         if header["keys"] != store.keys.signature():
@@ -888,7 +880,7 @@ def as_memory_store(value: object) -> BaseMemoryStore:
 
 
 def find_documents(text: str, ids_by_text: dict[str, str],
-                    texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
+                   texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
     """(start, end, id) of the stored documents whose exact text occurs in ``text``, in order
     and without overlaps (the longest document wins at a position). ``texts_by_prefix`` holds
     the stored texts, longest first, under their first MIN_FOUND_CHARS characters."""
@@ -906,11 +898,23 @@ def find_documents(text: str, ids_by_text: dict[str, str],
 
 def store_settings(folder: Path) -> dict[str, str]:
     """The index kind and memory dtype a saved store was made with, read without a model."""
-    generation = folder / _current_generation(folder)
+    header, memory_dtype = _read_store_header(folder / _current_generation(folder))
+    return {"index": header["index"], "memory_dtype": memory_dtype}
+
+
+def _read_store_header(generation: Path) -> tuple[dict, str]:
+    """A generation's ``store.json``, checked for its format, and the memory dtype it gives
+    (format 1 wrote fp16 only)."""
     header = read_json(generation / "store.json", StoreError)
-    if not isinstance(header, dict) or "index" not in header:
-        raise StoreError(f"{generation}/store.json is not a store header")
-    return {"index": header["index"], "memory_dtype": header.get("memory_dtype", "float16")}  # format 1: fp16
+    if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
+        found = header.get("format") if isinstance(header, dict) else None
+        raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}, {FORMAT_2!r} or "
+                         f"{FORMAT_1!r} (its format: {str(found)[:80]!r})")
+    memory_dtype = header.get("memory_dtype", "float16")
+    if memory_dtype not in MEMORY_DTYPES:
+        raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
+                         f"not one of {MEMORY_DTYPES}")
+    return header, memory_dtype
 
 
 def _current_generation(folder: Path) -> str:
