@@ -35,7 +35,7 @@ from clara_plugins.metrics import (
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
-from clara_plugins.reading import reading_width
+from clara_plugins.reading import first_row_beyond, reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
 from clara_plugins.rows import question_row_problem, scp_row_problem
 
@@ -67,7 +67,7 @@ def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrie
     if retrievers and not any(row.get("pos_index") for row in rows):
         raise InvalidInputError("retrievers are scored against each row's gold candidates (pos_index), "
                                 "and none of these rows has any")
-    longer = next((n for n, row in enumerate(rows) if "data_type" not in row and len(row["docs"]) > k), None)
+    longer = first_row_beyond(rows, k)
     if "text" in systems and longer is not None:
         raise InvalidInputError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: text "
                                 f"would read its first {k} as they stand, not the best ones; give rows of at most "

@@ -22,12 +22,18 @@ from .prompts import memory_prompts
 _TOKEN_KINDS = ("digits", "capitalised", "rest")
 
 
+def first_row_beyond(rows: Sequence[dict], k: int) -> int | None:
+    """The number of the first question row with more than k documents, or None. A reader of
+    a row's first k documents would read such a row's as they stand, which in an end-to-end
+    pool (a random order) are random candidates."""
+    return next((n for n, row in enumerate(rows) if "data_type" not in row and len(row["docs"]) > k), None)
+
+
 def reading_width(rows: Sequence[dict], k: int = 5) -> int:
     """The number of documents each row reads, refusing rows that cannot be compared: the
-    gain reads every row's documents in the next row's place, so all must read as many. A
-    row with more than k reads its first k as they stand, which in an end-to-end pool (a
-    random order) are random candidates: it is refused."""
-    longer = next((n for n, row in enumerate(rows) if "data_type" not in row and len(row["docs"]) > k), None)
+    gain reads every row's documents in the next row's place, so all must read as many; and
+    rows with more than k (``first_row_beyond``)."""
+    longer = first_row_beyond(rows, k)
     if longer is not None:
         raise ValueError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: the reading "
                          f"gain would read its first {k} as they stand, not the best ones; give rows of at most "
