@@ -385,12 +385,12 @@ def _load_teacher(model: ClaraModel, folder: str) -> ClaraModel:
     return teacher.eval()
 
 
-def _parameter_groups(model: ClaraModel, parameters: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+def _parameter_groups(model: ClaraModel, parameters: list[torch.nn.Parameter]) -> list[dict]:
     """The trainable parameters, with the embedding matrix kept out of weight decay: only its
     <MEM> rows train (and are saved), and decay would shrink every other row of the vocabulary."""
     embedding = model.lm.get_input_embeddings().weight
-    if not (weight_decay and embedding.requires_grad):
-        return [{"params": parameters}]  # one group, as runs saved before the split have
+    if not embedding.requires_grad:
+        return [{"params": parameters}]
     return [{"params": [p for p in parameters if p is not embedding]}, {"params": [embedding], "weight_decay": 0.0}]
 
 
@@ -501,7 +501,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    groups = _parameter_groups(model, parameters, config.weight_decay)
+    groups = _parameter_groups(model, parameters)
     state = _read_trainer_state(state_path) if resuming else None
     if state is not None and len(state["optimizer"]["param_groups"]) != len(groups):
         groups = [{"params": parameters}]  # saved before the embedding had a group of its own: as it was

@@ -287,7 +287,7 @@ def test_a_run_saved_with_one_optimizer_group_resumes_with_weight_decay(tiny_mod
         return real_loss(*args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(training, "_parameter_groups", lambda model, parameters, decay: [{"params": parameters}])
+        patch.setattr(training, "_parameter_groups", lambda model, parameters: [{"params": parameters}])
         patch.setattr(training, "scp_loss", crash_in_step_two)
         with pytest.raises(KeyboardInterrupt):
             train(tiny_model, SCP, config, tmp_path)
