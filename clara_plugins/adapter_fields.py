@@ -15,7 +15,7 @@ from .checkpoint import compressor_signature
 from .context import Reader, ReadingStats
 from .model import ClaraModel
 from .pretrained import load_model
-from .store import BaseMemoryStore, check_compressor, as_memory_store
+from .store import BaseMemoryStore, as_memory_store, check_compressor
 
 
 class ReaderFields(BaseModel):
@@ -41,7 +41,7 @@ class ReaderFields(BaseModel):
         elif self.store is not None and self.clara is not self.store.model:
             # its generator reads the store's memories: they must be of its own compressor (in any dtype)
             check_compressor(compressor_signature(self.store.model), compressor_signature(self.clara),
-                              "the store beside clara")
+                             "the store beside clara")
         self._reader = Reader(type(self).__name__)
         return self
 

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .checks import non_negative_int, positive_int
 from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES, RETRIEVAL_KEYS, SETTINGS, STAGES,
                      ClaraConfig, TrainConfig)
-from .checks import non_negative_int, positive_int
 from .corpora import document_id
 from .errors import CheckpointError, InvalidInputError, StoreError
 

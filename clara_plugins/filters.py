@@ -7,8 +7,8 @@ one dictionary must all hold.
 
 Equality is Python's, which Milvus' JSON filters share: ``True`` equals ``1`` and ``False``
 equals ``0``. A range bound is a number or a string. Numbers compare with numbers, strings
-with strings (so ISO dates order correctly); a stored value of another kind (a string against a number
-bound, a boolean, a list) or a missing field simply does not match.
+with strings (so ISO dates order correctly); a stored value of another kind (a string
+against a number bound, a boolean, a list) or a missing field simply does not match.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ length. Rows have the shape the ``scp`` training stage reads:
 ``{"data_type": "paraphrase", "answers": [text], "docs": [document]}``.
 
 The teacher is any callable from prompt to text: ``as_teacher`` wraps a LangChain chat model
-or a LlamaIndex LLM, and ``HuggingFaceTeacher`` runs a local Hugging Face chat model. Output is appended one document at a time
-with a ``.done`` ledger beside it, so a crash loses at most the document in progress.
+or a LlamaIndex LLM, and ``HuggingFaceTeacher`` runs a local Hugging Face chat model. Output
+is appended one document at a time with a ``.done`` ledger beside it, so a crash loses at
+most the document in progress.
 """
 
 from __future__ import annotations
