@@ -6,8 +6,9 @@ from langchain_core.documents import Document
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
+from pydantic import ValidationError
 
-from clara_plugins import ClaraModel
+from clara_plugins import ClaraModel, InvalidInputError
 from clara_plugins.prompts import question_prompt
 from conftest import CORPUS
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
@@ -177,6 +178,14 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
     keys = [ChatClara(clara=tiny_model, **kwargs)._get_llm_string()
             for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]})]
     assert len(set(keys)) == 3
+
+
+def test_an_answer_length_below_one_token_is_refused(tiny_model):
+    # max_tokens=0 in a call fell back to the model's 64 tokens
+    with pytest.raises(ValidationError):
+        ChatClara(clara=tiny_model, max_tokens=0)
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        ChatClara(clara=tiny_model).invoke("Who?", max_tokens=0)
 
 
 def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_path):

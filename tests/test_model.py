@@ -187,6 +187,16 @@ def test_decoding_passes_its_cache_by_the_name_transformers_reads(tiny_model):
     assert len(answer) == 1
 
 
+@pytest.mark.parametrize("limit", [0, -1, 2.5])
+def test_an_answer_length_below_one_token_is_refused(tiny_model, limit):
+    # 0 fell back to the config's 64 tokens; -1 answered nothing
+    memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        tiny_model.answer(["Who?"], memories, max_new_tokens=limit)
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        list(tiny_model.stream_answer("Who?", memories[0], max_new_tokens=limit))
+
+
 def test_answers_depend_on_the_memories(tiny_model):
     memories = tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0)
     prompt = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder)

@@ -25,6 +25,7 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
+from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
@@ -51,7 +52,7 @@ class ChatClara(ReaderFields, BaseChatModel):
     """
 
     model_name: str = "clara"
-    max_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, gt=0)  # answer length limit (default: the model's max_new_tokens)
     stop: list[str] | None = None
 
     @property
@@ -82,7 +83,8 @@ class ChatClara(ReaderFields, BaseChatModel):
     def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], Reading]:
         """The answer's text pieces, cut at stop sequences, and what the generator read."""
         reading = self._reading(messages, kwargs)
-        pieces = self.clara.stream(reading.prompt, reading.memories, kwargs.get("max_tokens") or self.max_tokens)
+        max_tokens = kwargs.get("max_tokens")
+        pieces = self.clara.stream(reading.prompt, reading.memories, self.max_tokens if max_tokens is None else max_tokens)
         return _cut_at_stops(pieces, stop or self.stop or []), reading
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:

@@ -31,6 +31,7 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
+from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE
@@ -54,7 +55,7 @@ class ClaraLLM(ReaderFields, CustomLLM):
     ``ClaraVectorStore``.
     """
 
-    max_new_tokens: int | None = None
+    max_new_tokens: int | None = Field(default=None, gt=0)  # answer length limit (default: the model's)
     model_name: str = "clara"
 
     @classmethod
