@@ -31,7 +31,10 @@ def greedy_steps(
     stop = torch.tensor(sorted(set(stop_ids)), device=inputs_embeds.device, dtype=torch.long)
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = forward(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+    # logits of the last position only: over a long prompt, the whole vocabulary at every
+    # position is most of the first pass's work and memory
+    out = forward(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                  logits_to_keep=1)
     last_position = positions[:, -1:]
     finished = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device)
     for _ in range(max_new_tokens):
@@ -45,7 +48,7 @@ def greedy_steps(
         last_position = last_position + 1
         step_embeds = embed(next_ids.clamp(min=0)).unsqueeze(1).to(inputs_embeds.dtype)
         out = forward(inputs_embeds=step_embeds, attention_mask=mask, position_ids=last_position, use_cache=True,
-                      **_cache_argument(out))
+                      logits_to_keep=1, **_cache_argument(out))
 
 
 def _cache_argument(out: Mapping[str, object]) -> dict[str, object]:
