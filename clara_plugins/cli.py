@@ -358,10 +358,19 @@ def _train(args: argparse.Namespace) -> None:
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
     from .store import MemoryStore
-    from .training import train
+    from .training import check_run, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
+    # everything that can be refused is refused before the model loads and a corpus is compressed
+    rows = read_jsonl(args.data)
+    names = [Path(path).stem for path in args.probe]
+    if len(set(names)) < len(names):
+        raise InvalidInputError(f"--probe: the reading gain is logged by file name, and two files are named alike: "
+                                f"{', '.join(args.probe)}")
+    probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
+    passages = read_documents([args.corpus]) if args.corpus else None
+    check_run(rows, config, passages is not None, probes)
     torch.manual_seed(config.seed)
     if args.init:
         model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, compression_rate=args.compression_rate,
@@ -374,11 +383,10 @@ def _train(args: argparse.Namespace) -> None:
                                        retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
                            device=args.device, dtype="float32")
     corpus = None
-    if args.corpus:
+    if passages is not None:
         corpus = MemoryStore(model)
-        corpus.upsert(read_documents([args.corpus]), show_progress=True)
-    probes = {Path(path).stem: read_jsonl(path) for path in args.probe}
-    checkpoint = train(model, read_jsonl(args.data), config, args.output, corpus, probes)
+        corpus.upsert(passages, show_progress=True)
+    checkpoint = train(model, rows, config, args.output, corpus, probes)
     print(f"checkpoint: {checkpoint}")
 
 

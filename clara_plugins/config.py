@@ -193,6 +193,13 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 0 (0: never), got {getattr(self, name)}")
         if not self.lr >= 0:
             raise ValueError(f"lr must be at least 0, got {self.lr}")
+        # a negative weight would push its term the wrong way (away from the teacher, towards ignoring memories)
+        for name in ("mse_weight", "margin_weight", "retrieval_weight", "distill_weight", "restate_weight",
+                     "weight_decay", "margin", "restate_margin"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ValueError(f"warmup_ratio is a share of the steps, in 0..1, got {self.warmup_ratio}")
         if not self.temperature > 0:  # scores are divided by it
             raise ValueError(f"temperature must be above 0, got {self.temperature}")
         if self.freeze_generator and (self.stage == "retrieval" or self.generator_only
@@ -223,5 +230,3 @@ class TrainConfig:
             raise ValueError("null_document needs the realm estimator")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing
             raise ValueError(f"grad_clip must be above 0, got {self.grad_clip}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")

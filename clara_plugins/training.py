@@ -459,6 +459,22 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> 
     model.train()
 
 
+def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[str, list[dict]]) -> None:
+    """Refuse a run its stage cannot train, before the first step (and, from the CLI, before
+    the model loads and a corpus is compressed): bad rows, a corpus outside e2e, probes that
+    would never be read or cannot be."""
+    check_training_rows(rows, config, corpus=corpus)
+    if corpus and config.stage != "e2e":
+        raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
+    if probes and not config.probe_every:
+        raise ValueError("probes are read every probe_every steps, and probe_every is 0: set it, or pass no probes")
+    for name, probe_rows in probes.items():
+        try:
+            reading_width(probe_rows)
+        except ValueError as error:
+            raise ValueError(f"probe {name}: {error}") from error
+
+
 def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
           corpus: MemoryStore | None = None, probes: dict[str, list[dict]] | None = None) -> Path:
     """Train one stage; resume from ``output`` when it holds a trainer state. Returns the
@@ -467,14 +483,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     ``probes`` names held-out row sets (SCP or instruction rows) whose reading gain is logged
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
-    check_training_rows(rows, config, corpus=corpus is not None)
-    for name, probe_rows in (probes or {}).items():  # before the first step, not at the first probe
-        try:
-            reading_width(probe_rows)
-        except ValueError as error:
-            raise ValueError(f"probe {name}: {error}") from error
-    if corpus is not None and config.stage != "e2e":
-        raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
+    probes = probes or {}
+    check_run(rows, config, corpus is not None, probes)
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
@@ -533,7 +543,6 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     started = time.perf_counter()
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
-    probes = probes if config.probe_every else {}
     with open(output / "log.jsonl", "a") as log:
         if probes and start == 0:
             _probe(model, probes, 0, log)

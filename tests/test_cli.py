@@ -235,6 +235,30 @@ def test_version_from_a_source_tree_that_was_never_installed(monkeypatch, capsys
     assert exit_info.value.code == 0 and capsys.readouterr().out == "clara-plugins (not installed)\n"
 
 
+def test_train_refuses_what_it_cannot_run_before_it_loads_a_model(tmp_path, monkeypatch, capsys):
+    # a corpus outside e2e was refused after all its passages were compressed; probes without
+    # --probe-every were read and never logged; two probe files named alike were logged as one
+    from clara_plugins import model as model_module
+
+    monkeypatch.setattr(model_module.ClaraModel, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    rows, probes = tmp_path / "rows.jsonl", [tmp_path / "a" / "probe.jsonl", tmp_path / "b" / "probe.jsonl"]
+    row = json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n"
+    for path in (rows, *probes):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(row)
+    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run")]
+    for extra, message in [
+        (["--corpus", "docs/examples/documents.txt"], "serves the e2e stage only"),
+        (["--probe", str(probes[0])], "probe_every is 0"),
+        (["--probe", *map(str, probes), "--probe-every", "2"], "two files are named alike"),
+        (["--probe", str(tmp_path / "typo.jsonl"), "--probe-every", "2"], "typo.jsonl"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(train + extra)
+        assert exit_info.value.code in (3, 5) and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_uses_float32_where_auto_would_pick_bfloat16(tiny_base, tmp_path, monkeypatch):
     """On CUDA 'auto' means bfloat16, in which training reached NaN weights; `clara train` asks for float32."""
     import torch

@@ -465,6 +465,10 @@ def test_a_run_needs_at_least_one_step_row_and_micro_batch(field):
 @pytest.mark.parametrize("field,value,message", [
     ("refresh_every", -1, "refresh_every must be at least 0"), ("probe_every", -1, "probe_every must be at least 0"),
     ("lr", -1e-4, "lr must be at least 0"), ("temperature", 0.0, "temperature must be above 0"),
+    # negative weights trained their terms the wrong way; warm-up past the last step never reached lr
+    ("distill_weight", -1.0, "distill_weight must be at least 0"), ("margin_weight", -1.0, "margin_weight must be"),
+    ("mse_weight", -0.1, "mse_weight must be"), ("retrieval_weight", -1.0, "retrieval_weight must be"),
+    ("restate_weight", -1.0, "restate_weight must be"), ("warmup_ratio", 2.0, "warmup_ratio is a share"),
 ])
 def test_settings_a_run_would_fail_on_midway_are_refused_up_front(field, value, message):
     with pytest.raises(ValueError, match=message):
