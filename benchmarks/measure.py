@@ -1,9 +1,15 @@
-"""Measuring helpers shared by the benchmarks: bytes on disk, latency percentiles, peak memory."""
+"""Measuring helpers shared by the benchmarks: bytes on disk, latency percentiles, peak memory,
+and the machine, versions and commit a measurement ran on."""
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
+import os
+import platform
 import resource
 import statistics
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -32,3 +38,38 @@ def peak_rss_mb() -> int:
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core", "sentence-transformers",
+            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25")
+
+
+def commit() -> str | None:
+    """The short commit of the code that runs (``-dirty`` with uncommitted changes), read from
+    this package's repository, not the current folder's; None outside a git checkout."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True,
+                                  cwd=Path(__file__).resolve().parent).stdout.strip()
+        except OSError:  # no git on this machine
+            return ""
+
+    head = git("rev-parse", "--short", "HEAD")
+    return head + ("-dirty" if git("status", "--porcelain") else "") if head else None
+
+
+def environment() -> dict:
+    """The machine, package versions, commit and date of a benchmark run."""
+    import torch  # here: the training benchmark's parent process loads torch only once its children ran
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+            "versions": {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}},
+            "commit": commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

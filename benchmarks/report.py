@@ -36,7 +36,9 @@ def markdown_table(report: dict) -> str:
         f"**{bench['dataset']}** ({bench['setting']}, {bench['sample']} questions, seed {bench['seed']}, "
         f"pools of {bench['pool_size']} passages, k={bench['k']}, {bench['mode']} mode; "
         f"commit {report['commit']}, {report['machine']['cpus']} CPUs)"
-        + ("" if bench.get("held_out", True) else "; the shipped checkpoint's query reasoner was trained on these "
+        + (f"; recall over the {bench['recall_questions']} questions whose pool holds a gold passage"
+           if "recall_questions" in bench else "")
+        + ("" if bench.get("held_out") is not False else "; the shipped checkpoint's query reasoner was trained on these "
            "questions, so its end-to-end rows are not held out"),
         "",
         "| system | framework | checkpoint | EM | F1 (95 % interval) | cover-EM | R@1 | R@3 | R@5 | context positions "

@@ -14,20 +14,18 @@ versions, commit and seed), a Markdown table and two PNG plots.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
+import concurrent.futures
 import multiprocessing
 import os
-import platform
 import random
-import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from clara_plugins.checkpoint import read_config
 from clara_plugins.checks import non_negative_int, positive_int
 from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS
 from clara_plugins.corpora import read_examples
@@ -36,9 +34,7 @@ from clara_plugins.rows import e2e_rows, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
 from .dense import DEFAULT_DENSE_MODEL
-
-if TYPE_CHECKING:
-    from .systems import RunOptions, SystemSpec
+from .measure import environment
 
 # name -> (file under the data folder, examples eligible for sampling: None = all). The
 # shipped recipe (benchmarks/train_default.sh) holds out HotpotQA dev 0-199 and NQ dev 0-299,
@@ -54,8 +50,6 @@ DATASETS = {
 # reasoner's rows are not held out, and the report says so.
 NOT_HELD_OUT = ("2wiki", "musique")
 MODES = {"quick": (8, ["hotpotqa"]), "full": (200, ["hotpotqa", "nq"])}  # (sample, datasets)
-PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core", "sentence-transformers",
-            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,43 +97,34 @@ def _rates(pairs: list[str], option: str) -> dict[int, str]:
 def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: int, k: int,
                    candidates: int) -> tuple[list[dict], dict]:
     """A seeded sample of rows {question, docs, answers, pos_index}, and how it was drawn."""
-    path, eligible = _data_file(source, data_dir)
-    examples = read_examples(path, limit=eligible)
+    path, name = _data_file(source, data_dir)
+    examples = read_examples(path, limit=DATASETS[name][1] if name else None)
     rows = instruct_rows(examples, "oracle", k) if setting == "oracle" else e2e_rows(examples, candidates, seed)
     if not rows:
         raise InvalidInputError(f"{path} gives no {setting} rows" + (": no example has all its gold passages"
                                                                       if setting == "oracle" else ""))
     chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
     return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
-                    "held_out": source not in NOT_HELD_OUT, "sample": len(chosen), "setting": setting, "seed": seed,
+                    "held_out": None if name is None else name not in NOT_HELD_OUT, "sample": len(chosen),
+                    "recall_questions": sum(bool(r["pos_index"]) for r in chosen), "setting": setting, "seed": seed,
                     "pool_size": round(sum(len(r["docs"]) for r in chosen) / len(chosen), 1)}
 
 
-def _data_file(source: str, data_dir: str) -> tuple[Path, int | None]:
-    """A dataset name's file under ``data_dir`` (and how many of its examples are eligible), or
-    a file path as given."""
-    file, eligible = DATASETS.get(source, (source, None))
-    path = Path(data_dir) / file if source in DATASETS else Path(file)
+def _data_file(source: str, data_dir: str) -> tuple[Path, str | None]:
+    """A dataset name's file under ``data_dir``, or a file path as given; and the dataset it is
+    (None for another file), so that a path to an official file is sampled as its name is."""
+    path = Path(data_dir) / DATASETS[source][0] if source in DATASETS else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"no data file {path}: pass --data-dir or a file path")
-    return path, eligible
+    return path, dataset_name(source)
 
 
-def environment() -> dict:
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()},
-            "versions": {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}},
-            "commit": git("rev-parse", "--short", "HEAD") + ("-dirty" if git("status", "--porcelain") else ""),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+def dataset_name(source: str) -> str | None:
+    """The dataset a --datasets entry names, by name or by its official file's path."""
+    if source in DATASETS:
+        return source
+    path = "/" + Path(source).as_posix()
+    return next((name for name, (file, _) in DATASETS.items() if path.endswith("/" + file)), None)
 
 
 def headline(results: list[dict]) -> dict:
@@ -165,7 +150,7 @@ def headline(results: list[dict]) -> dict:
 def run(args: argparse.Namespace) -> list[Path]:
     # the frameworks and matplotlib load here, not when `clara` builds its argument parser
     from .report import write_report  # a missing extra is named by the CLI, with the pip command
-    from .systems import RunOptions, default_systems
+    from .systems import RunOptions, default_systems, run_system
 
     mode = "quick" if args.quick else "full"
     sample, datasets = MODES[mode]
@@ -179,29 +164,39 @@ def run(args: argparse.Namespace) -> list[Path]:
                                 f"{', '.join(repr(s.name) for s in systems)}")
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
-    # every dataset is read, and a missing or malformed one named, before the first system runs
+    # every dataset is read, and a missing or malformed one or checkpoint named, before the first system runs
+    stems = [f"bench_{dataset_name(d) or Path(d).stem}_{args.setting}_{mode}" for d in datasets]
+    if len(set(stems)) < len(stems):
+        raise InvalidInputError(f"--datasets {' '.join(datasets)}: two of them would write the same report "
+                                f"({', '.join(sorted({s for s in stems if stems.count(s) > 1}))})")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} is a file: name the folder the reports go to")
+    for spec in systems:
+        if spec.checkpoint:
+            read_config(Path(spec.checkpoint))
+    machine = environment()  # before the systems: a failure here loses no results
     samples = [(dataset, *benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k,
                                           args.candidates)) for dataset in datasets]
     options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction, args.threads)
     written = []
-    for dataset, rows, drawn in samples:
+    for stem, (dataset, rows, drawn) in zip(stems, samples):
         print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
               f"{len(systems)} systems")
         results, began = [], time.perf_counter()
         for spec in tqdm(systems, desc=f"systems ({dataset})", unit="system"):
-            results.append(_in_own_process(spec, rows, options))
+            results.append(_in_own_process(run_system, spec, rows, options))
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
                                 "max_new_tokens": args.max_new_tokens, "threads": args.threads or torch.get_num_threads(),
                                 "dense_model": args.dense_model,
                                 "seconds": round(time.perf_counter() - began, 1)},
-                  **environment(), "headline": headline(results), "systems": results}
-        written += write_report(report, Path(args.out), f"bench_{Path(dataset).stem}_{args.setting}_{mode}")
+                  **machine, "headline": headline(results), "systems": results}
+        written += write_report(report, out, stem)
     return written
 
 
-def _in_own_process(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
-    """Run one system in a fresh process: its peak memory is its own."""
-    from .systems import run_system
-
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_system, (spec, rows, options))
+def _in_own_process(function: Callable[..., dict], *args: object) -> dict:
+    """Run one system (``run_system``) in a fresh process: its peak memory is its own."""
+    # an executor, not a Pool: a child killed for memory fails the run instead of hanging it
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()

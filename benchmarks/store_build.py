@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from clara_plugins.atomic import write_text_atomically
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.pretrained import default_checkpoint, load_model
 
-from .measure import folder_bytes, latency_ms
+from .measure import commit, folder_bytes, latency_ms
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         "example": {"question": questions[0], "top_passage": top.text[:200]},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__,
-                    "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                             text=True).stdout.strip()},
+                    "commit": commit()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, json.dumps(result, indent=2) + "\n")

@@ -52,8 +52,7 @@ from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.pretrained import load_model
 
-from .measure import folder_bytes, latency_ms
-from .run import environment
+from .measure import environment, folder_bytes, latency_ms
 
 SIGMA = 0.25  # noise per dimension, in real standard deviations: the mean cosine between passages stays real
 BATCH = 4096  # synthetic passages drawn, stored and scored at a time

@@ -23,6 +23,8 @@ from pathlib import Path
 from clara_plugins.jsonfiles import read_jsonl
 from clara_plugins.atomic import write_text_atomically
 
+from .measure import environment
+
 
 def _split(text: str) -> tuple[int, int]:
     """``8x4`` -> (8 rows a micro-batch, 4 micro-batches)."""
@@ -83,7 +85,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--out: no folder {out.parent}")
     with tempfile.TemporaryDirectory(prefix="clara-train-memory-") as folder:
         results = [_measure(split, args, Path(folder)) for split in args.splits]
-    from .run import environment  # imported after the children ran: it loads torch into this process
     summary = {"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps,
                "results": results, "environment": environment()}
     write_text_atomically(out, json.dumps(summary, indent=2) + "\n")

@@ -3,13 +3,17 @@
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
+import subprocess
 import time
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 
 import clara_benchmarks.run as bench_run
-from clara_benchmarks.measure import peak_rss_mb
+from clara_benchmarks.measure import environment, peak_rss_mb
 from clara_benchmarks.pipelines import timed_pieces
 from clara_benchmarks.report import write_report
 from clara_benchmarks.run import benchmark_rows, headline
@@ -164,6 +168,55 @@ def test_bench_refuses_bad_numbers_names_and_files_before_any_system_runs(tmp_pa
     with pytest.raises(SystemExit) as exit_:
         main(["bench", "--datasets", "hotpotqa", "nq", "--data-dir", str(tmp_path)])
     assert exit_.value.code == 5 and "dev.jsonl, row 0" in capsys.readouterr().err
+
+
+def test_bench_refuses_what_would_fail_after_the_systems_ran(tmp_path, capsys, monkeypatch):
+    # two files named alike wrote one report over the other; a checkpoint typo or an --out that
+    # is a file failed after the systems before it had run, and lost their results
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "dev.json").write_text("[]")
+    (tmp_path / "file").write_text("mine")
+    for argv, code, message in [
+        (["--datasets", str(tmp_path / "a" / "dev.json"), str(tmp_path / "b" / "dev.json")], 5, "the same report"),
+        (["--clara", f"16={tmp_path / 'typo'}"], 4, "typo is not a CLaRa checkpoint"),
+        (["--out", str(tmp_path / "file")], 5, "is a file"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--data-dir", str(tmp_path), *argv])
+        assert exit_.value.code == code and message in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def _killed() -> dict:
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {}
+
+
+def test_a_system_process_killed_for_memory_fails_the_run_instead_of_hanging_it():
+    # multiprocessing.Pool started a new worker and waited for the lost result for ever
+    with pytest.raises(BrokenProcessPool):
+        bench_run._in_own_process(_killed)
+
+
+def test_the_commit_is_read_without_git_as_none(monkeypatch):
+    # a machine without git failed the run after every system had run
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert environment()["commit"] is None
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
+def test_an_official_file_named_by_path_is_sampled_as_its_dataset_name():
+    # by path, HotpotQA was sampled from all of dev (the shipped reasoner trained on 200 on) and called held out
+    for source in ("hotpotqa", str(SHARED_DATA / "hotpotqa" / "dev.json")):
+        assert benchmark_rows(source, "/nonexistent" if "/" in source else str(SHARED_DATA), "normal", 3, 0, 5,
+                              20)[1]["examples_eligible"] == 200
+    wiki = benchmark_rows(str(SHARED_DATA / "2wikimultihopqa" / "dev.json"), "", "normal", 3, 0, 5, 20)[1]
+    assert wiki["held_out"] is False and wiki["recall_questions"] <= 3
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
