@@ -187,6 +187,20 @@ def test_decoding_passes_its_cache_by_the_name_transformers_reads(tiny_model):
     assert len(answer) == 1
 
 
+def test_decoding_computes_the_logits_of_the_last_position_only(tiny_model, monkeypatch):
+    # the first pass computed the whole vocabulary at every prompt position: most of a long prompt's work
+    decode, lengths = tiny_model._decode, []
+
+    def recorded(**inputs):
+        out = decode(**inputs)
+        lengths.append(out.logits.size(1))
+        return out
+
+    monkeypatch.setattr(tiny_model, "_decode", recorded)
+    tiny_model.answer(["Who?"], tiny_model.compress_documents(CORPUS[:2]).unsqueeze(0), max_new_tokens=3)
+    assert lengths and set(lengths) == {1}
+
+
 @pytest.mark.parametrize("limit", [0, -1, 2.5])
 def test_an_answer_length_below_one_token_is_refused(tiny_model, limit):
     # 0 fell back to the config's 64 tokens; -1 answered nothing
