@@ -297,7 +297,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
-        check_search(k, where, lambda_mult, fetch_k)
+        k, fetch_k = check_search(k, where, lambda_mult, fetch_k)
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
         if query.size != self.keys.dimensions:
             raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "

@@ -458,7 +458,7 @@ class MemoryStore(BaseMemoryStore):
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
-        check_search(k, where, lambda_mult, fetch_k)
+        k, fetch_k = check_search(k, where, lambda_mult, fetch_k)
         wanted = None if ids is None else set(id_list(ids, "ids", ordered=False))
         query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
         with self._lock:
@@ -997,8 +997,9 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")
 
 
-def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> None:
-    """Refuse bad search arguments before any work is done."""
+def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> tuple[int, int]:
+    """Refuse bad search arguments before any work is done; returns k and fetch_k as Python
+    ints, which faiss and Milvus need (a numpy integer fails there)."""
     for name, value in (("k", k), ("fetch_k", fetch_k)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
@@ -1006,6 +1007,7 @@ def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int)
         raise InvalidInputError(f"lambda_mult must be a number from 0 to 1, got {lambda_mult!r}")
     if where is not None:
         validate_filter(where)
+    return int(k), int(fetch_k)
 
 
 def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:

@@ -71,6 +71,12 @@ def assert_same_results(found, expected) -> None:
     assert np.allclose([score for _, score in found], [score for _, score in expected], atol=1e-6)
 
 
+
+def test_a_numpy_integer_k_searches_as_a_python_int(milvus):
+    # pymilvus refused a numpy limit after the check had passed it
+    assert len(milvus.search("Who won Nobel prizes?", k=np.int64(2))) == 2
+
+
 def test_upsert_get_and_replace_by_id(milvus, tiny_model):
     assert len(milvus) == len(CORPUS) and sorted(milvus.all_ids()) == IDS
     assert [(d.id, d.text, d.metadata) for d in milvus.get(["d4", "nope", "d1"])] == [

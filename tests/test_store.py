@@ -68,6 +68,15 @@ def test_memories_are_fp16_copies_of_the_compression(store, tiny_model):
         store.memories(["d2", "zz"])
 
 
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+def test_a_numpy_integer_k_searches_as_a_python_int(tiny_model, index):
+    # k from numpy passed the check and failed in faiss' search with a TypeError
+    store = MemoryStore(tiny_model, index=index)
+    store.upsert(CORPUS[:5], ids=[f"d{i}" for i in range(5)])
+    assert len(store.search("Who won Nobel prizes?", k=np.int64(2))) == 2
+    assert len(store.search("Who won Nobel prizes?", k=np.int64(2), lambda_mult=0.5, fetch_k=np.int32(3))) == 2
+
+
 def test_search_ranks_by_cosine_of_query_reasoner_and_memories(store, tiny_model):
     from clara_plugins.retrieval import cosine_scores
 
