@@ -558,19 +558,21 @@ class MemoryStore(BaseMemoryStore):
         folder = Path(folder)
         check_store_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with self._lock:  # a consistent snapshot; chunks are never changed in place, so the writing can wait
-            snapshot = _Snapshot(
-                where=np.array(self._where, dtype=np.int64).reshape(-1, 2),
-                chunks={"memory_shards": list(self._memory_chunks), "scale_shards": list(self._scale_chunks),
-                        "key_shards": [] if self.keys.keys_are_memories else list(self._key_chunks)},
-                records={"ids": list(self._ids), "texts": list(self._texts), "metadatas": list(self._metadatas)},
-            )
-            index = _SavedIndex.of(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
-            previous = self._saved
         with open(folder / ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time; a second one waits its turn
+            # one writer at a time, and the snapshot taken once it is this one's turn: a snapshot
+            # taken before the wait could be written after a newer save and undo it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with self._lock:  # a consistent snapshot; chunks are never changed in place, so the writing can wait
+                snapshot = _Snapshot(
+                    where=np.array(self._where, dtype=np.int64).reshape(-1, 2),
+                    chunks={"memory_shards": list(self._memory_chunks), "scale_shards": list(self._scale_chunks),
+                            "key_shards": [] if self.keys.keys_are_memories else list(self._key_chunks)},
+                    records={"ids": list(self._ids), "texts": list(self._texts), "metadatas": list(self._metadatas)},
+                )
+                index = _SavedIndex.of(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
+                previous = self._saved
             generation, header = self._write_generation(folder, snapshot, previous, index)
-        self._saved = _SavedGeneration.of(generation, snapshot.where, header)
+            self._saved = _SavedGeneration.of(generation, snapshot.where, header)
         return generation
 
     def _write_generation(self, folder: Path, snapshot: _Snapshot, previous: _SavedGeneration | None,

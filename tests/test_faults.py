@@ -2,6 +2,7 @@
 save, and metadata that would not survive JSON. Each case must end in a clear error or in the
 last good state, never in a wrong answer."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -150,6 +151,21 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         (generation(folder) / "store.json").write_text(json.dumps(header))
     with pytest.raises(StoreError, match=MALFORMED[damage]):
         MemoryStore.load(folder, tiny_model)
+
+
+def test_a_save_waiting_its_turn_writes_what_the_store_holds_when_its_turn_comes(saved, tiny_model):
+    # the snapshot was taken before the wait: a write made meanwhile, and saved by another
+    # writer, was undone by the waiting save's older snapshot
+    store, folder = saved
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another writer's turn
+        waiting = threading.Thread(target=store.save, args=(folder,))
+        waiting.start()
+        time.sleep(0.3)  # the save is now waiting for the lock
+        store.upsert(["A passage written while the save waited."], ids=["late"])
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiting.join()
+    assert "late" in MemoryStore.load(folder, tiny_model).all_ids()
 
 
 def test_two_writers_saving_one_folder_at_once_both_succeed(saved, tiny_model):
