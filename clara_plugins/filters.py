@@ -61,6 +61,8 @@ def validate_filter(where: Filter, depth: int = 0) -> None:
                 raise ValueError(f"{key} takes a non-empty list of filters")
             for part in condition:
                 validate_filter(part, depth + 1)
+        elif not isinstance(key, str):
+            raise ValueError(f"a filter's field names are strings, got {key!r}")
         elif key.startswith("$"):
             raise ValueError(f"unknown filter operator {key!r}; use $and, $or or a field name")
         elif isinstance(condition, dict):

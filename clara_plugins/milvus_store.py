@@ -197,9 +197,6 @@ class MilvusMemoryStore(BaseMemoryStore):
         and compressed before the first row is written."""
         texts, ids, metadatas = self._checked(texts, ids, metadatas)
         memories = self._compressed(texts, memories, show_progress)
-        if memories.shape[1:] != self._memory_shape:
-            raise InvalidInputError(f"memories of shape {memories.shape[1:]} do not match the store's "
-                                    f"{self._memory_shape}")
         norms = np.linalg.norm(memories.reshape(len(memories), -1).astype(np.float32), axis=1)
         keys = self.keys.memory_keys(memories)
         flat = keys if self._memory_field == "key" else memory_keys(memories, "flat")  # the memory, unit-norm

@@ -221,6 +221,10 @@ class BaseMemoryStore(ABC):
             memories = self.model.compress(texts, self.batch_size, show_progress).memories
         elif len(memories) != len(texts):
             raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
+        shape = (self.model.config.n_mem_tokens, self.model.hidden_size)
+        if tuple(memories.shape[1:]) != shape:  # another rate's or model's: the generator would read them wrongly
+            raise InvalidInputError(f"memories of shape {tuple(memories.shape[1:])} do not match this model's "
+                                    f"{shape} (n_mem_tokens, hidden)")
         memories = memories.to(torch.float16).cpu()
         if not torch.isfinite(memories).all():
             raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
@@ -296,7 +300,7 @@ class MemoryStore(BaseMemoryStore):
             memories, scales = quantize(memories)
         keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
         with self._lock:
-            self._check_dimensions(memories, keys)
+            self._check_key_size(keys)
             chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), False
             self._memory_chunks.append(memories)
             self._ram_rows += len(memories)
@@ -337,10 +341,9 @@ class MemoryStore(BaseMemoryStore):
         elif self._index is not None and len(self._ids) > first_new_row:
             self._index.add(self._row_keys(range(first_new_row, len(self._ids))))
 
-    def _check_dimensions(self, memories: np.ndarray, keys: np.ndarray | None) -> None:
-        if self._memory_chunks and memories.shape[1:] != self._memory_chunks[0].shape[1:]:
-            raise StoreError(f"memories of shape {memories.shape[1:]} do not match the store's "
-                             f"{self._memory_chunks[0].shape[1:]}")
+    def _check_key_size(self, keys: np.ndarray | None) -> None:
+        """Keys of an embedding model outside CLaRa must keep their size (memories are checked
+        against the model before)."""
         if keys is not None and self._key_chunks and keys.shape[1] != self._key_chunks[0].shape[1]:
             raise StoreError(f"keys of size {keys.shape[1]} do not match the store's {self._key_chunks[0].shape[1]}")
 
@@ -578,7 +581,8 @@ class MemoryStore(BaseMemoryStore):
     def _write_generation(self, folder: Path, snapshot: _Snapshot, previous: _SavedGeneration | None,
                           index: _SavedIndex | None) -> tuple[Path, dict]:
         for leftover in folder.glob(".staging-*"):  # a crashed writer's; no other writer holds the lock
-            shutil.rmtree(leftover, ignore_errors=True)
+            if _STORE_ENTRY.match(leftover.name):  # only the store's own names, never a file beside it
+                shutil.rmtree(leftover, ignore_errors=True)
         staging = folder / f".staging-{uuid.uuid4().hex}"
         staging.mkdir()
         checksums: dict[str, str] = {}
@@ -1018,4 +1022,8 @@ def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence if ordered else Collection):
         kind = "list" if ordered else "collection"
         raise InvalidInputError(f"{what} must be a {kind} of ids, got {type(ids).__name__} {ids!r:.60}")
-    return list(ids)
+    ids = list(ids)
+    odd = next((doc_id for doc_id in ids if not isinstance(doc_id, str)), None)
+    if odd is not None:  # the local store ignored it as unknown, Milvus failed on it
+        raise InvalidInputError(f"{what} are strings, got {type(odd).__name__} {odd!r:.60}")
+    return ids

@@ -72,6 +72,12 @@ def assert_same_results(found, expected) -> None:
 
 
 
+def test_ids_that_are_not_strings_are_refused_by_name(milvus):
+    # an AttributeError came from the filter expression
+    with pytest.raises(InvalidInputError, match="ids are strings"):
+        milvus.delete([1])
+
+
 def test_a_numpy_integer_k_searches_as_a_python_int(milvus):
     # pymilvus refused a numpy limit after the check had passed it
     assert len(milvus.search("Who won Nobel prizes?", k=np.int64(2))) == 2
@@ -221,7 +227,7 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
         (lambda: milvus.upsert(["ok"], ids=["é" * 300]), "longer than 512 bytes"),
         (lambda: milvus.upsert(["long " * 14_000]), "longer than Milvus' 65,535 bytes"),
         (lambda: milvus.upsert(["ok"], metadatas=[{"notes": "名" * 22_000}]), "more than Milvus' 65,536 bytes"),
-        (lambda: milvus.upsert(["ok"], memories=torch.zeros(1, 2, 3)), "do not match the store's"),
+        (lambda: milvus.upsert(["ok"], memories=torch.zeros(1, 2, 3)), "do not match this model's"),
         (lambda: milvus.delete("d1"), "must be a collection of ids"),
         (lambda: index_documents(milvus, ["new", "long " * 14_000], ["n1", "n2"], save_every=1),
          "longer than Milvus' 65,535 bytes"),  # refused before the first group is written

@@ -68,6 +68,15 @@ def test_memories_are_fp16_copies_of_the_compression(store, tiny_model):
         store.memories(["d2", "zz"])
 
 
+def test_memories_of_another_shape_are_refused_by_an_empty_store_too(tiny_model):
+    # only a store holding documents compared shapes: an empty one kept another rate's memories
+    store = MemoryStore(tiny_model)
+    n_mem, hidden = tiny_model.config.n_mem_tokens, tiny_model.hidden_size
+    with pytest.raises(InvalidInputError, match="do not match this model's"):
+        store.upsert(["A passage."], ids=["a"], memories=torch.zeros(1, n_mem // 2, hidden))
+    assert len(store) == 0
+
+
 @pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
 def test_a_numpy_integer_k_searches_as_a_python_int(tiny_model, index):
     # k from numpy passed the check and failed in faiss' search with a TypeError
@@ -119,6 +128,16 @@ def test_malformed_filters_are_named(store):
         store.search("x", where={"n": {"$regex": 1}})
     with pytest.raises(ValueError, match="\\$or takes a non-empty list"):
         store.search("x", where={"$or": {}})
+    with pytest.raises(ValueError, match="field names are strings"):  # was an AttributeError
+        store.search("x", where={1: "a"})
+
+
+def test_ids_that_are_not_strings_are_refused_as_the_milvus_store_refuses_them(store):
+    # the local store ignored them as unknown ids; Milvus failed with an AttributeError
+    for call in (lambda: store.delete([1]), lambda: store.get([1]), lambda: store.search("x", ids=[1])):
+        with pytest.raises(InvalidInputError, match="ids are strings, got int 1"):
+            call()
+    assert len(store) == 5
 
 
 def test_a_string_where_a_list_of_ids_belongs_is_refused(store):
@@ -378,8 +397,9 @@ def test_process_killed_during_save_leaves_the_last_good_store(store, tiny_model
     survivor = MemoryStore.load(tmp_path / "s", tiny_model)
     assert survivor.all_ids() == [f"d{i}" for i in range(5)]
     assert torch.equal(survivor.memories(["d0"]), store.memories(["d0"]))
+    (tmp_path / "s" / ".staging-notes").mkdir()  # a folder beside the store, not the store's own
     survivor.save(tmp_path / "s")  # the next save clears the abandoned staging folder
-    assert not list(Path(tmp_path / "s").glob(".staging-*"))
+    assert [p.name for p in Path(tmp_path / "s").glob(".staging-*")] == [".staging-notes"]
 
 
 def test_concurrent_readers_and_a_writer(store):
