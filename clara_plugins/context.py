@@ -4,7 +4,8 @@ A framework hands ChatClara or ClaraLLM chat messages of plain text, built by wh
 template the user chose. ``read_messages`` turns them into the prompt the generator runs on:
 
 - the exact text of a stored document, wherever it occurs in a message (it must be at least
-  ``MIN_FOUND_CHARS`` long), is replaced in place by the document's stored memory tokens;
+  ``MIN_FOUND_CHARS`` long; the whitespace around it may be trimmed, as frameworks do), is
+  replaced in place by the document's stored memory tokens;
 - documents passed explicitly (texts, or store ids) are read as memory tokens too: in place
   where their text occurs (and is that long), otherwise in a ``Background:`` block before the last user message,
   the layout the generator was trained on. Texts the store lacks are compressed on the spot;
@@ -30,7 +31,7 @@ from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .model import ClaraModel
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
-from .store import MIN_FOUND_CHARS, BaseMemoryStore
+from .store import MIN_FOUND_CHARS, BaseMemoryStore, found_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -126,8 +127,8 @@ def read_messages(
 
     # Each message becomes pieces: text, or a document read in place.
     pieces = [_split(text, store, explicit) for _, text in messages]
-    placed = {d.text for message in pieces for d in message if isinstance(d, _Document)}
-    background = [d for d in explicit if d.text not in placed]
+    placed = {found_text(d.text) for message in pieces for d in message if isinstance(d, _Document)}
+    background = [d for d in explicit if found_text(d.text) not in placed]
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
@@ -166,9 +167,10 @@ def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) 
     spans = [(start, end, _Document(text[start:end], doc_id))
              for start, end, doc_id in (store.documents_in(text) if store is not None else [])]
     for document in explicit:
-        start = text.find(document.text) if len(document.text) >= MIN_FOUND_CHARS else -1
+        found = found_text(document.text)
+        start = text.find(found) if len(found) >= MIN_FOUND_CHARS else -1
         if start >= 0:
-            spans.append((start, start + len(document.text), document))
+            spans.append((start, start + len(found), document))
     pieces: list[str | _Document] = []
     position = 0
     for start, end, document in sorted(spans, key=lambda span: (span[0], -span[1])):

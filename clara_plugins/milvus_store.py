@@ -14,8 +14,9 @@ One row per document:
   normalising. ``memory * norm`` rounded to fp16 gives back the stored memory bit for bit
   (float32 keeps seven digits, fp16 needs four). With flattened retrieval keys the key *is*
   this vector, and the collection has no ``memory`` field: the memory is kept once;
-- ``prefix``: the text's first MIN_FOUND_CHARS characters, so that ``documents_in`` asks
-  Milvus for the few texts that can start at some position of a prompt.
+- ``prefix``: the first MIN_FOUND_CHARS characters of the text as a prompt holds it (trimmed,
+  ``store.found_text``), so that ``documents_in`` asks Milvus for the few texts that can start
+  at some position of a prompt.
 
 The collection records the compressor's and the keys' signatures in a property and refuses a
 model with other ones. Metadata filters take the local store's language (``clara_plugins.filters``),
@@ -42,7 +43,7 @@ from .filters import Filter, validate_filter
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, check_compressor,
-                    check_search, find_documents, id_list)
+                    check_search, find_documents, found_lookup, found_text, id_list)
 
 FORMAT = "clara-milvus-store/1"
 HEADER_PROPERTY = "clara.store"  # the collection property holding FORMAT and the compressor signature
@@ -201,7 +202,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         keys = self.keys.memory_keys(memories)
         flat = keys if self._memory_field == "key" else memory_keys(memories, "flat")  # the memory, unit-norm
         rows = {doc_id: {"id": doc_id, "key": key, self._memory_field: memory, "norm": float(norm), "text": text,
-                         "prefix": text[:MIN_FOUND_CHARS] if len(text) >= MIN_FOUND_CHARS else "", "metadata": metadata}
+                         "prefix": _prefix(text), "metadata": metadata}
                 for doc_id, key, memory, norm, text, metadata in zip(ids, keys, flat, norms, texts, metadatas)}
         rows = list(rows.values())  # an id given twice keeps its last document, as in the local store
         with self._lock:
@@ -260,11 +261,8 @@ class MilvusMemoryStore(BaseMemoryStore):
         ``text``; shorter documents are not looked for.
         """
         windows = sorted({text[start:start + MIN_FOUND_CHARS] for start in range(len(text) - MIN_FOUND_CHARS + 1)})
-        rows = self._rows_where("prefix", windows, ["text", "prefix"])
-        by_prefix: dict[str, list[str]] = {}
-        for row in sorted(rows, key=lambda row: len(row["text"]), reverse=True):
-            by_prefix.setdefault(row["prefix"], []).append(row["text"])
-        return find_documents(text, {row["text"]: row["id"] for row in rows}, by_prefix)
+        rows = self._rows_where("prefix", windows, ["text"])
+        return find_documents(text, *found_lookup({row["text"]: row["id"] for row in rows}))
 
     def all_ids(self) -> list[str]:
         return self._ids_matching("")
@@ -388,6 +386,12 @@ def _field(key: str) -> str:
 def _string(value: str) -> str:
     """A double-quoted Milvus string literal: backslashes, quotes and line breaks escaped."""
     return '"' + value.translate(_ESCAPES) + '"'
+
+
+def _prefix(text: str) -> str:
+    """The ``prefix`` field of a text: "" for one too short to be looked for in prompts."""
+    found = found_text(text)
+    return found[:MIN_FOUND_CHARS] if len(found) >= MIN_FOUND_CHARS else ""
 
 
 def _one_of(field: str, values: list[str]) -> str:

@@ -270,8 +270,8 @@ class MemoryStore(BaseMemoryStore):
         self._row_of: dict[str, int] = {}
         self._ram_rows = self._dead_ram_rows = 0  # rows of the chunks held in RAM; of them, replaced or deleted
         self._index: faiss.Index | CompactIndex | None = None  # over all rows, in order; None when stale
-        self._ids_by_text: dict[str, str] | None = None  # with _texts_by_prefix: see _text_lookup
-        self._texts_by_prefix: dict[str, list[str]] = {}
+        self._ids_by_text: dict[str, str] | None = None  # with _found: see _text_lookup
+        self._found: tuple[dict[str, str], dict[str, list[str]]] = ({}, {})
         self._saved: _SavedGeneration | None = None  # the generation last saved or loaded; see save
 
     def __len__(self) -> int:
@@ -426,8 +426,8 @@ class MemoryStore(BaseMemoryStore):
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
         with self._lock:
-            ids_by_text, _ = self._text_lookup()
-            return [ids_by_text.get(text) for text in texts]
+            self._text_lookup()
+            return [self._ids_by_text.get(text) for text in texts]
 
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, id) of the stored documents whose exact text occurs in ``text``, in
@@ -437,18 +437,14 @@ class MemoryStore(BaseMemoryStore):
         shorter than MIN_FOUND_CHARS are not looked for: too short to be told from prose.
         """
         with self._lock:
-            return find_documents(text, *self._text_lookup())
+            self._text_lookup()
+            return find_documents(text, *self._found)
 
-    def _text_lookup(self) -> tuple[dict[str, str], dict[str, list[str]]]:
-        """id by exact text, and texts (longest first) by their first MIN_FOUND_CHARS characters."""
+    def _text_lookup(self) -> None:
+        """Build, once per change, the id of each exact text and what ``documents_in`` looks for."""
         if self._ids_by_text is None:
             self._ids_by_text = {text: doc_id for doc_id, text in zip(self._ids, self._texts)}
-            by_prefix: dict[str, list[str]] = {}
-            for text in sorted(self._ids_by_text, key=len, reverse=True):
-                if len(text) >= MIN_FOUND_CHARS:
-                    by_prefix.setdefault(text[:MIN_FOUND_CHARS], []).append(text)
-            self._texts_by_prefix = by_prefix
-        return self._ids_by_text, self._texts_by_prefix
+            self._found = found_lookup(self._ids_by_text)
 
     def all_ids(self) -> list[str]:
         with self._lock:
@@ -885,11 +881,28 @@ def as_memory_store(value: object) -> BaseMemoryStore:
     return inner
 
 
+def found_text(text: str) -> str:
+    """A stored text as a prompt holds it: frameworks trim the whitespace around a document on
+    its way into a prompt (LlamaIndex's synthesizers and chat engines do)."""
+    return text.strip()
+
+
+def found_lookup(ids_by_text: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What ``find_documents`` looks for: the id of each stored text as a prompt holds it,
+    and those texts, longest first, under their first MIN_FOUND_CHARS characters."""
+    ids = {found_text(text): doc_id for text, doc_id in ids_by_text.items()}
+    by_prefix: dict[str, list[str]] = {}
+    for text in sorted(ids, key=len, reverse=True):
+        if len(text) >= MIN_FOUND_CHARS:
+            by_prefix.setdefault(text[:MIN_FOUND_CHARS], []).append(text)
+    return ids, by_prefix
+
+
 def find_documents(text: str, ids_by_text: dict[str, str],
                    texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
-    """(start, end, id) of the stored documents whose exact text occurs in ``text``, in order
-    and without overlaps (the longest document wins at a position). ``texts_by_prefix`` holds
-    the stored texts, longest first, under their first MIN_FOUND_CHARS characters."""
+    """(start, end, id) of the stored documents whose text occurs in ``text``, in order and
+    without overlaps (the longest document wins at a position); the two maps come from
+    ``found_lookup``."""
     found, start = [], 0
     while start <= len(text) - MIN_FOUND_CHARS:
         candidates = texts_by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())

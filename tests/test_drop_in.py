@@ -42,12 +42,16 @@ def vectorstore(tiny_model) -> ClaraVectorStore:
     return store
 
 
-@pytest.fixture
-def no_compression(tiny_model, monkeypatch):
+def refuse_compression(model: ClaraModel, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail if anything is compressed again: stored documents must be read from the store."""
     def refuse(texts, *args, **kwargs):
         raise AssertionError(f"compressed again: {texts}")
-    monkeypatch.setattr(tiny_model, "compress_documents", refuse)
+    monkeypatch.setattr(model, "compress_documents", refuse)
+
+
+@pytest.fixture
+def no_compression(tiny_model, monkeypatch):
+    refuse_compression(tiny_model, monkeypatch)
 
 
 def test_a_model_of_another_compressor_is_refused_beside_a_store(vectorstore, tiny_model, tiny_config, tmp_path):
@@ -174,6 +178,19 @@ def test_llama_index_default_query_engine_reads_memory_tokens(tiny_model, llama_
     response = index.as_query_engine(llm=llm, similarity_top_k=2).query(QUESTION)
     assert isinstance(response.response, str)
     assert llm.stats.calls == 1 and llm.stats.stored_documents == 2 and llm.stats.compressed_documents == 0
+
+
+def test_nodes_whose_text_the_synthesizer_trims_are_read_from_the_store(tiny_model, monkeypatch):
+    # LlamaIndex trims a node's text on its way into the prompt (semantic splitter chunks end in
+    # a space): the exact stored text was not in the prompt, so it was read as text
+    store = LlamaClaraVectorStore(tiny_model)
+    nodes = [TextNode(text=f"  {text} \n", id_=f"n{i}", metadata={"n": i}) for i, text in enumerate(CORPUS)]
+    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=store),
+                             embed_model=store.embed_model)
+    refuse_compression(tiny_model, monkeypatch)
+    llm = ClaraLLM(store=store, max_new_tokens=4)
+    index.as_query_engine(llm=llm, similarity_top_k=2).query(QUESTION)
+    assert llm.stats.stored_documents == 2 and llm.stats.compressed_documents == 0
 
 
 @pytest.mark.parametrize("mode", ["context", "condense_plus_context"])

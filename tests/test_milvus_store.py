@@ -72,6 +72,15 @@ def assert_same_results(found, expected) -> None:
 
 
 
+def test_a_document_is_found_in_a_prompt_that_trimmed_it_as_in_the_local_store(milvus, local):
+    # frameworks trim a document's text on its way into a prompt; the exact text was looked for
+    text = "  The Volga flows into the Caspian Sea near Astrakhan. \n"
+    prompt = f"Context:\n{text.strip()}\n\nQuestion: Where does the Volga end?"
+    for store in (milvus, local):
+        store.upsert([text], ids=["volga"])
+        assert [doc_id for _, _, doc_id in store.documents_in(prompt)] == ["volga"]
+
+
 def test_ids_that_are_not_strings_are_refused_by_name(milvus):
     # an AttributeError came from the filter expression
     with pytest.raises(InvalidInputError, match="ids are strings"):
