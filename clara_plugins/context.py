@@ -96,6 +96,14 @@ class Reader:
         return reading
 
 
+def passed_documents(documents: object) -> list:
+    """The documents a call passed (texts, or a framework's document objects): a list, never
+    a lone string, whose letters would each be read as a document."""
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
+        raise ValueError(f"documents must be a list, got {type(documents).__name__} {documents!r:.60}")
+    return list(documents)
+
+
 def read_messages(
     model: ClaraModel,
     messages: Sequence[tuple[str, str]],

@@ -8,7 +8,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from pydantic import ValidationError
 
-from clara_plugins import ClaraModel, InvalidInputError
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
 from clara_plugins.prompts import question_prompt
 from conftest import CORPUS
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
@@ -175,9 +175,11 @@ async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorst
 
 def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
     # with an LLM cache on, a 4-token answer was served for a 64-token one, an uncut one for a cut one
+    # and the store: a prompt read with a store's memory tokens got the answer cached without them
+    stores = [MemoryStore(tiny_model), MemoryStore(tiny_model)]
     keys = [ChatClara(clara=tiny_model, **kwargs)._get_llm_string()
-            for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]})]
-    assert len(set(keys)) == 3
+            for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]}, {"store": stores[0]}, {"store": stores[1]})]
+    assert len(set(keys)) == 5
 
 
 def test_an_answer_length_below_one_token_is_refused(tiny_model):
@@ -186,6 +188,16 @@ def test_an_answer_length_below_one_token_is_refused(tiny_model):
         ChatClara(clara=tiny_model, max_tokens=0)
     with pytest.raises(InvalidInputError, match="max_new_tokens"):
         ChatClara(clara=tiny_model).invoke("Who?", max_tokens=0)
+
+
+def test_a_lone_string_passed_as_documents_is_refused(tiny_model):
+    # it was read as one document per letter
+    from llama_index_clara import ClaraLLM
+
+    with pytest.raises(ValueError, match="documents must be a list, got str"):
+        ChatClara(clara=tiny_model).invoke("Where is Paris?", documents="Paris is in France.")
+    with pytest.raises(ValueError, match="documents must be a list, got str"):
+        ClaraLLM(clara=tiny_model).complete("Where is Paris?", documents="Paris is in France.")
 
 
 def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_path):

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
-from clara_plugins.context import Reading
+from clara_plugins.context import Reading, passed_documents
 
 # The layout the generator was trained on: with documents from the store as {context}, the
 # prompt is exactly CLaRa's answering prompt.
@@ -64,7 +64,10 @@ class ChatClara(ReaderFields, BaseChatModel):
         config = self.clara.config
         return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path, "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k, "max_tokens": self.max_tokens,
-                "default_stop": self.stop}  # "stop" is the call's own stop in LangChain's cache key
+                "default_stop": self.stop,  # "stop" is the call's own stop in LangChain's cache key
+                # the store decides which prompt text is read as memory tokens; named by identity,
+                # so a cached answer is never served for another store's reading
+                "store": None if self.store is None else f"{type(self.store).__name__}@{id(self.store):x}"}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),
@@ -77,7 +80,8 @@ class ChatClara(ReaderFields, BaseChatModel):
 
     def _reading(self, messages: list[BaseMessage], kwargs: dict) -> Reading:
         ids = kwargs.get("document_ids") or [i for m in messages for i in m.additional_kwargs.get("document_ids", [])]
-        texts = [d.page_content if isinstance(d, Document) else d for d in kwargs.get("documents") or []]
+        passed = passed_documents(kwargs.get("documents") or [])
+        texts = [d.page_content if isinstance(d, Document) else d for d in passed]
         return self._reader.read(self.clara, [(_role(m), m.text) for m in messages], self.store, texts, ids, self.k)
 
     def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], Reading]:

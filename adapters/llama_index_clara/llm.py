@@ -35,6 +35,7 @@ from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE
+from clara_plugins.context import passed_documents
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
@@ -72,8 +73,8 @@ class ClaraLLM(ReaderFields, CustomLLM):
         )
 
     def _stream(self, messages: Sequence[tuple[str, str]], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
-        reading = self._reader.read(self.clara, messages, self.store, list(kwargs.get("documents") or []),
-                                    kwargs.get("document_ids") or [], self.k)
+        passed = passed_documents(kwargs.get("documents") or [])
+        reading = self._reader.read(self.clara, messages, self.store, passed, kwargs.get("document_ids") or [], self.k)
         return self.clara.stream(reading.prompt, reading.memories, self.max_new_tokens), {"clara": reading.summary()}
 
     @llm_completion_callback()
