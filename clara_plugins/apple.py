@@ -10,6 +10,7 @@ the trained generator of "stage1_2" checkpoints).
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,8 @@ from .checkpoint import load_added_rows, load_adapter_weights
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
-from .model import ClaraModel
+from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
+from .passes import copy_adapter
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -87,10 +89,19 @@ def load_apple_checkpoint(
     unknown = set(adapters) - set(ADAPTER_NAMES)
     if unknown:
         raise CheckpointError(f"{folder}/adapters.pth holds unknown adapters {sorted(unknown)}")
+    missing = {ENCODER, DECODER} - set(adapters)
+    if missing:
+        raise CheckpointError(f"{folder}/adapters.pth lacks {sorted(missing)}: no compressor or generator to load")
     model = ClaraModel(config, device=device, dtype=dtype)
     for name, state in adapters.items():
         peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
         load_adapter_weights(model, name, peft_state, source=f"{folder / 'adapters.pth'}[{name}]")
+    if QUERY_REASONER not in adapters:
+        # stages 1 and 1_2 save no query reasoner; the end-to-end stage starts it as the encoder,
+        # so questions are encoded by the compressor, never by an untrained (identity) adapter
+        copy_adapter(model, ENCODER, QUERY_REASONER)
+        warnings.warn(f"{folder} has no query reasoner (it was saved before the end-to-end stage): questions "
+                      "are encoded by its compressor", stacklevel=2)
     embed = _matrix(matrices, "embed_tokens.weight", folder)
     head = _matrix(matrices, "lm_head.weight", folder, required=False)
     _check_base_rows(model, embed, folder)

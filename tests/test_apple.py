@@ -12,7 +12,8 @@ from clara_plugins.cli import main
 from conftest import CORPUS
 
 
-def write_apple_checkpoint(model: ClaraModel, folder: Path, stage: str = "stage1_2") -> None:
+def write_apple_checkpoint(model: ClaraModel, folder: Path, stage: str = "stage1_2",
+                           names: tuple[str, ...] = ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")) -> None:
     """The files Apple's save_pretrained writes: config.json and two weights-only pickles."""
     from peft import get_peft_model_state_dict
 
@@ -29,7 +30,7 @@ def write_apple_checkpoint(model: ClaraModel, folder: Path, stage: str = "stage1
         name: {k.removeprefix("base_model.model."): v.clone()
                for k, v in get_peft_model_state_dict(model.lm, adapter_name=name,
                                                                  save_embedding_layers=False).items()}
-        for name in ("encoder_adapter", "decoder_adapter", "query_reasoner_adapter")
+        for name in names
     }
     torch.save(adapters, folder / "adapters.pth")
     torch.save({"model.embed_tokens.weight": model.lm.get_input_embeddings().weight.detach().clone(),
@@ -48,6 +49,22 @@ def test_import_loads_every_adapter_including_the_stage1_2_generator(tiny_tokens
     imported = load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
     for name, parameter in tiny_tokens_model.lm.named_parameters():
         assert torch.equal(parameter, dict(imported.lm.named_parameters())[name]), name
+
+
+def test_a_checkpoint_saved_before_the_end_to_end_stage_encodes_questions_with_its_compressor(
+        tiny_tokens_model, tiny_base, tmp_path):
+    # its missing query reasoner stayed a fresh adapter: questions were encoded by the plain base model
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple", names=("encoder_adapter", "decoder_adapter"))
+    with pytest.warns(UserWarning, match="no query reasoner"):
+        imported = load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+    weights = dict(imported.lm.named_parameters())
+    reasoner = {name: value for name, value in weights.items() if ".query_reasoner_adapter." in name}
+    assert reasoner and all(torch.equal(value, weights[name.replace(".query_reasoner_adapter.", ".encoder_adapter.")])
+                            for name, value in reasoner.items())
+    assert any(value.abs().sum() > 0 for name, value in reasoner.items() if "lora_B" in name)  # not a fresh adapter
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "no-generator", names=("encoder_adapter",))
+    with pytest.raises(CheckpointError, match="lacks \\['decoder_adapter'\\]"):
+        load_apple_checkpoint(tmp_path / "no-generator", base_model=str(tiny_base), device="cpu")
 
 
 def test_conversion_round_trips_outputs(tiny_tokens_model, tiny_base, tmp_path):
