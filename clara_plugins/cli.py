@@ -114,7 +114,8 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
                         help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
     parser.add_argument("--limit", type=positive_int, help="only the first N passages")
-    parser.add_argument("--max-rounds", type=positive_int, default=3, help="coverage check rounds (default 3)")
+    parser.add_argument("--max-rounds", type=non_negative_int, default=3,
+                        help="rounds of writing the QA a coverage check finds missing, each checked again (default 3)")
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,8 @@
 
 Per document the teacher writes simple QA pairs (one fact each), complex QA pairs (several
 facts combined) and a paraphrase; it then lists the document's facts that no question covers,
-and writes QA pairs for those, for at most ``max_rounds`` rounds. QA whose answer is not in the
+writes QA pairs for those and checks again, for at most ``max_rounds`` rounds (0: the first
+check alone). QA whose answer is not in the
 document, and QA sets whose coverage still fails, are dropped; so is a paraphrase of the wrong
 length. Rows have the shape the ``scp`` training stage reads:
 ``{"data_type": "qa", "question": [...], "answers": [...], "docs": [document]}`` and
@@ -42,10 +43,12 @@ COVERAGE = ("Document:\n{document}\n\nQuestions already asked:\n{questions}\n\nL
 MISSING_QA = ("Write one simple question-answer pair for each fact below, using the document.\nWrite each "
               "pair as two lines:\nQuestion: ...\nAnswer: ...\n\nFacts:\n{facts}\n\nDocument:\n{document}")
 
-# A question (which may wrap, but holds no other "Question:" or "Answer:") and the one line of
-# its answer, on the "Answer:" line or the next; numbered pairs ("2. Question:") too.
-_PAIR = re.compile(r"Question:\s*((?:(?!Question:|Answer:).)+?)\s*\n\s*Answer:\s*(?!(?:\d+[.)]\s*)?Question:)([^\n]+)",
-                   re.S | re.I)
+# A line that opens a question or an answer, in the ways chat models write them: "Question:",
+# "Q:", "Question 2:", "2. Question:", "- Q:", "**Question:**", "**Answer 1:**"; the rest of the
+# line is the text. One-line pairs ("Question: ...? Answer: ...") are split at "Answer:".
+_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:[-*#]\s*)*[*_]*\s*(question|q|answer|a)\s*\d*\s*[*_]*\s*:\s*[*_]*\s*(.*)$",
+                    re.I)
+_INLINE_ANSWER = re.compile(r"\s+[*_]*answer\s*\d*\s*[*_]*\s*:\s*[*_]*\s*", re.I)
 
 
 @dataclasses.dataclass
@@ -94,7 +97,37 @@ class HuggingFaceTeacher:
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
-    return [(q.strip(), a.strip()) for q, a in _PAIR.findall(text) if a.strip()]
+    """(question, answer) pairs of a teacher's reply. A question may wrap over lines; its
+    answer is the rest of the answer line, or the next line when that is empty."""
+    pairs: list[tuple[str, str]] = []
+    question: list[str] | None = None  # the lines of the open question
+    awaiting = False  # an empty answer line: the answer is on the next line
+    for line in text.splitlines():
+        label = _LABEL.match(line)
+        kind = label.group(1).lower()[0] if label else None
+        if awaiting and line.strip():
+            if kind is None:
+                pairs.append(("\n".join(question).strip(), line.strip()))
+            question, awaiting = None, False
+            if kind is None:
+                continue
+        if kind == "q":
+            question, rest = [], label.group(2)
+            inline = _INLINE_ANSWER.split(rest, maxsplit=1)
+            if len(inline) == 2 and inline[1].strip():
+                pairs.append((inline[0].strip(), inline[1].strip()))
+                question = None
+            else:
+                question.append(rest)
+        elif kind == "a" and question is not None:
+            if label.group(2).strip():
+                pairs.append(("\n".join(question).strip(), label.group(2).strip()))
+                question = None
+            else:
+                awaiting = True
+        elif question is not None and line.strip():
+            question.append(line.strip())
+    return [(q, a) for q, a in pairs if q and a]
 
 
 def _supported(answer: str, document: str) -> bool:
@@ -110,13 +143,15 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
     pairs = [p for p in parse_pairs(teacher(SIMPLE_QA.format(n=simple, document=document)))]
     pairs += parse_pairs(teacher(COMPLEX_QA.format(n=complex_, document=document)))
     covered = False
-    for _ in range(max_rounds):
+    for round_ in range(max_rounds + 1):  # a coverage check, then each round's new pairs checked again
         questions = "\n".join(q for q, _ in pairs) or "(none)"
         missing = [line.strip("-* ").strip() for line in
                    teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
         missing = [m for m in missing if m and m.upper().rstrip(".") != "NONE"]
         if not missing:
             covered = True
+            break
+        if round_ == max_rounds:  # no check would follow: pairs asked for now could never be kept
             break
         pairs += parse_pairs(teacher(MISSING_QA.format(facts="\n".join(missing), document=document)))
     kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document)]
@@ -136,8 +171,8 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
 def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
                simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
-    if max_rounds < 1:  # no round would keep any QA, and the ledger would mark every document done
-        raise InvalidInputError(f"max_rounds must be at least 1, got {max_rounds}")
+    if max_rounds < 0:  # no coverage check would run, and the ledger would mark every document done
+        raise InvalidInputError(f"max_rounds must be at least 0, got {max_rounds}")
     output = Path(output)
     ledger = output.with_name(output.name + ".done")
     if output.exists() != ledger.exists():  # resuming would drop every row, or skip documents it has no rows of

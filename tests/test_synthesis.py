@@ -19,7 +19,7 @@ class ScriptedTeacher:
 
     def __init__(self, coverage_replies: list[str]) -> None:
         self.coverage_replies = list(coverage_replies)
-        self.coverage_calls = 0
+        self.coverage_calls = self.missing_calls = 0
 
     def __call__(self, prompt: str) -> str:
         if prompt.startswith("Read the document and write") and "two or more" in prompt:
@@ -31,6 +31,7 @@ class ScriptedTeacher:
             self.coverage_calls += 1
             return self.coverage_replies.pop(0) if self.coverage_replies else "- the year of her birth"
         if prompt.startswith("Write one simple"):
+            self.missing_calls += 1
             return "Question: When was Marie Curie born?\nAnswer: 1867"
         return "Born in Warsaw in 1867, Marie Curie received the 1903 Nobel Prize in Physics."
 
@@ -44,6 +45,19 @@ def test_parse_pairs():
     # an answer on the line after "Answer:"; an empty one does not take the next question as its answer
     assert parse_pairs("Question: A?\nAnswer:\nWarsaw") == [("A?", "Warsaw")]
     assert parse_pairs("Question: A?\nAnswer:\n2. Question: B?\nAnswer: two") == [("B?", "two")]
+
+
+@pytest.mark.parametrize("reply", [
+    "Question 1: A?\nAnswer 1: one\nQuestion 2: B?\nAnswer 2: two",
+    "**Question:** A?\n**Answer:** one\n\n**Question:** B?\n**Answer:** two",
+    "**Question 1:** A?\n**Answer 1:** one\n**Question 2:** B?\n**Answer 2:** two",
+    "Q: A?\nA: one\nQ: B?\nA: two",
+    "- Q1: A?\n  A1: one\n- Q2: B?\n  A2: two",
+    "Question: A? Answer: one\nQuestion: B? Answer: two",
+])
+def test_pairs_in_the_formats_chat_models_write_are_read(reply):
+    # only "Question:" then "Answer:" at a line's start was read: whole documents lost their QA row
+    assert parse_pairs(reply) == [("A?", "one"), ("B?", "two")]
 
 
 @pytest.mark.parametrize("none", ["NONE", "NONE.", "None."])
@@ -67,7 +81,15 @@ def test_missing_facts_are_regenerated_then_coverage_passes():
 def test_qa_still_uncovered_after_the_rounds_is_dropped():
     teacher = ScriptedTeacher([])  # always reports a missing fact
     qa, paraphrase, _ = synthesize_document(DOC, teacher, max_rounds=2)
-    assert qa is None and teacher.coverage_calls == 2 and paraphrase is not None
+    # a check, then two rounds of new pairs each checked again; no pairs asked for after the last check
+    assert qa is None and teacher.coverage_calls == 3 and teacher.missing_calls == 2 and paraphrase is not None
+
+
+def test_pairs_written_in_the_last_round_are_checked_and_kept():
+    # the last round's pairs were never checked, so with one round regenerated pairs were never kept
+    teacher = ScriptedTeacher(["- the year of her birth", "NONE"])
+    qa, _, _ = synthesize_document(DOC, teacher, max_rounds=1)
+    assert qa is not None and "When was Marie Curie born?" in qa["question"] and teacher.missing_calls == 1
 
 
 def test_resume_loses_at_most_the_document_in_progress(tmp_path, monkeypatch):
@@ -137,8 +159,8 @@ def test_a_ledger_that_marks_none_of_the_documents_is_refused(tmp_path):
 
 def test_no_coverage_rounds_is_refused_before_any_document_is_marked_done(tmp_path):
     output = tmp_path / "scp.jsonl"
-    with pytest.raises(InvalidInputError, match="max_rounds must be at least 1, got 0"):
-        synthesize([(document_id(DOC), DOC)], ScriptedTeacher(["NONE"] * 10), output, max_rounds=0)
+    with pytest.raises(InvalidInputError, match="max_rounds must be at least 0, got -1"):
+        synthesize([(document_id(DOC), DOC)], ScriptedTeacher(["NONE"] * 10), output, max_rounds=-1)
     assert not output.exists() and not output.with_name("scp.jsonl.done").exists()
 
 
