@@ -19,12 +19,28 @@ def render_chat(
 ) -> str:
     """One system + user turn through the tokenizer's chat template (see ``render_messages``).
 
-    Without ``answer`` the generation prompt is opened; with it, the assistant turn is written.
+    Without ``answer`` the generation prompt is opened; with it, the assistant turn is written
+    right after that prompt, so that training sees the answer where generation produces it.
     """
     messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": answer})
-    return render_messages(tokenizer, messages, open_answer=answer is None)
+    prompt = render_messages(tokenizer, messages)
+    if answer is None:
+        return prompt
+    full = render_messages(tokenizer, [*messages, {"role": "assistant", "content": answer}], open_answer=False)
+    # some templates write a finished assistant turn otherwise than the turn they open (Qwen3
+    # puts an empty think block before the answer); the answer then follows the opened prompt,
+    # as it is generated
+    start = full.find(answer, len(prompt)) if full.startswith(prompt) else -1
+    return full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + answer_turn_end(tokenizer)
+
+
+def answer_turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template writes after an answer, e.g. ``<|im_end|>\n``: the generator
+    is trained to produce it, and it stops there."""
+    marker = "clara answer marker"
+    messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
+    full = render_messages(tokenizer, messages, open_answer=False)
+    return full[full.rindex(marker) + len(marker):]
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], open_answer: bool = True) -> str:

@@ -10,7 +10,7 @@ from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError
 from clara_plugins.passes import completion_log_likelihood, encode_with_gradients, set_trainable
 from clara_plugins.prompts import question_prompt
 from clara_plugins.retrieval import cosine_scores
-from conftest import CORPUS, randomize_adapters
+from conftest import CORPUS, build_tiny_base_model, randomize_adapters
 
 
 def test_special_tokens_are_appended_in_order(tiny_model):
@@ -164,6 +164,30 @@ def test_system_role_falls_back_into_the_user_turn(tiny_model):
     assert prompt.startswith("<|user|>You are a helpful assistant.")
     assert "Background:\n<MEM0><MEM1><MEM2><MEM3><SEP>\n\nQuestion:Who?" in prompt
     assert prompt.endswith("<|assistant|>")
+
+
+# Qwen3's shape: a finished assistant turn gets an empty think block the opened turn lacks
+THINK_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}<|im_start|>assistant\n"
+    "<think>\n\n</think>\n\n{{ m['content'] }}<|im_end|>\n{% else %}<|im_start|>{{ m['role'] }}\n"
+    "{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_writes_the_finished_turn_otherwise_trains_the_answer_after_the_prompt(tmp_path):
+    # the labels started at the prompt's length inside a conversation it was no prefix of: the
+    # generator learned to write the think block, and no stop token ended its answers
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_base_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tokenizer.chat_template = THINK_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + "Marie Curie<|im_end|>\n"
+    model = ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64), device="cpu")
+    assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.stop_token_ids
 
 
 def test_generation_batched_equals_single_and_streaming(tiny_model):
