@@ -34,7 +34,7 @@ def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
     A file a run ``appended`` to may end in a line that a killed run left cut short: that last
     line alone is dropped, so that the run can resume.
     """
-    lines = read_text(path).splitlines()
+    lines = read_text(path).split("\n")  # not splitlines: JSON strings may hold U+2028 and other breaks unescaped
     last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
     rows = []
     for number, line in enumerate(lines):

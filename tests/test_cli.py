@@ -32,6 +32,12 @@ def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):
     assert read_documents([str(tmp_path / "a.jsonl")]) == ["DPR text", "more"]
 
 
+def test_a_record_holding_a_unicode_line_separator_stays_one_record(tmp_path):
+    # str.splitlines broke a JSONL line at U+2028, which JSON allows unescaped in a string
+    (tmp_path / "a.jsonl").write_text('{"text": "first\u2028line"}\r\n{"text": "second\x85one"}\n', encoding="utf-8")
+    assert read_documents([str(tmp_path / "a.jsonl")]) == ["first\u2028line", "second\x85one"]
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("a.jsonl", '{"title": "Paris", "content": "misspelt"}\n', r"a.jsonl, record 0 has no text or contents to "
                                                                r"index \(its fields: content, title\)"),
