@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -136,6 +138,8 @@ def shared_untrained_tiny_model() -> ClaraModel:
     Fresh adapters are the identity, so the query reasoner encodes a text exactly as the
     compressor does: a document's own text is its nearest query.
     """
-    folder = build_tiny_base_model(Path(tempfile.mkdtemp(prefix="clara-tiny-")))
+    folder = Path(tempfile.mkdtemp(prefix="clara-tiny-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a session's folder, gone with it
+    build_tiny_base_model(folder)
     return ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64,
                                   max_new_tokens=8), device="cpu")

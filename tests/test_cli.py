@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import CORPUS
@@ -10,6 +11,8 @@ from conftest import CORPUS
 from clara_plugins import InvalidInputError, MemoryStore
 from clara_plugins.cli import main
 from clara_plugins.corpora import read_documents
+
+EXAMPLE_DOCUMENTS = Path(__file__).resolve().parents[1] / "docs" / "examples" / "documents.txt"
 
 
 def test_help_explains_every_ask_option():
@@ -109,7 +112,7 @@ def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, caps
         (store / leftover / "memories-00000.npy").write_bytes(b"cut short")
     (store / ".lock").touch()
     (store / ".CURRENT.tmp").write_text("gen-0")  # cut short
-    main(["index", "docs/examples/documents.txt", "--store", str(store), "--checkpoint", str(tmp_path / "ckpt"),
+    main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(store), "--checkpoint", str(tmp_path / "ckpt"),
           "--device", "cpu"])
     assert "4 documents (4 compressed now, 0 already stored)" in capsys.readouterr().out
     assert len(MemoryStore.load(store, tiny_model)) == 4
@@ -120,7 +123,7 @@ def test_index_refuses_a_folder_it_did_not_write(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    result = run_clara("index", "docs/examples/documents.txt", "--store", str(tmp_path / "mine"),
+    result = run_clara("index", str(EXAMPLE_DOCUMENTS), "--store", str(tmp_path / "mine"),
                        "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu")
     assert result.returncode == 5 and "no CLaRa memory store" in result.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
@@ -157,14 +160,14 @@ def test_index_and_ask_refuse_no_documents_or_no_store_before_they_load_a_model(
 def test_index_refuses_settings_that_an_existing_store_would_ignore(tiny_model, tmp_path, capsys, monkeypatch):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     store, common = tmp_path / "store", ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
-    main(["index", "docs/examples/documents.txt", "--store", str(store), "--memory-dtype", "int8", *common])
+    main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(store), "--memory-dtype", "int8", *common])
     capsys.readouterr()
-    main(["index", "docs/examples/documents.txt", "--store", str(store), "--memory-dtype", "int8", *common])
+    main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(store), "--memory-dtype", "int8", *common])
     from clara_plugins import pretrained
 
     monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit):
-        main(["index", "docs/examples/documents.txt", "--store", str(store), "--index", "hnsw", *common])
+        main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(store), "--index", "hnsw", *common])
     assert "--index hnsw (the store's is flat)" in capsys.readouterr().err
 
 
@@ -177,9 +180,10 @@ def test_help_and_version_load_no_torch():
     assert version.returncode == 0 and version.stdout.startswith("clara-plugins ")
 
 
-def test_ask_requires_a_question():
-    with pytest.raises(SystemExit):
-        main(["ask", "--docs", "text"])
+def test_ask_requires_a_question(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["ask", "--docs", str(EXAMPLE_DOCUMENTS)])
+    assert exit_.value.code == 2 and "--question" in capsys.readouterr().err
 
 
 def run_clara(*arguments: str) -> subprocess.CompletedProcess:
@@ -254,7 +258,7 @@ def test_train_refuses_what_it_cannot_run_before_it_loads_a_model(tmp_path, monk
         path.write_text(row)
     train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run")]
     for extra, message in [
-        (["--corpus", "docs/examples/documents.txt"], "serves the e2e stage only"),
+        (["--corpus", str(EXAMPLE_DOCUMENTS)], "serves the e2e stage only"),
         (["--probe", str(probes[0])], "probe_every is 0"),
         (["--probe", *map(str, probes), "--probe-every", "2"], "two files are named alike"),
         (["--probe", str(tmp_path / "typo.jsonl"), "--probe-every", "2"], "typo.jsonl"),

@@ -288,11 +288,14 @@ def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_tokens_model):
     assert all(g is None for n, g in grads.items() if "encoder_adapter" in n)
 
 
-def test_untrained_adapters_leave_the_base_model_unchanged(tiny_config):
+def test_untrained_adapters_leave_the_base_model_unchanged_and_trained_ones_do_not(tiny_config):
     model = ClaraModel(tiny_config, device="cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a = model.compress_documents(CORPUS[:1])
+        with model.lm.disable_adapter():
+            plain = model.compress_documents(CORPUS[:1])
+    assert torch.allclose(a, plain, atol=1e-6)  # a fresh LoRA adapter is the identity
     randomize_adapters(model)
     assert not torch.allclose(a, model.compress_documents(CORPUS[:1]))
 
