@@ -8,7 +8,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from pydantic import ValidationError
 
-from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins.prompts import question_prompt
 from conftest import CORPUS
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
@@ -122,6 +122,23 @@ def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path):
     assert files <= {".json", ".npy", ""}  # CURRENT has no suffix; nothing is a pickle
 
 
+def test_a_store_searched_by_an_embedding_reloads_with_it_and_only_with_it(tiny_model, tmp_path):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    embedding = DeterministicFakeEmbedding(size=16)
+    store = ClaraVectorStore(tiny_model, embedding)
+    store.add_texts(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))])
+    store.save_local(tmp_path / "lc")
+    loaded = ClaraVectorStore.load_local(tmp_path / "lc", tiny_model, embedding)
+    assert loaded.similarity_search(QUESTION, k=3) == store.similarity_search(QUESTION, k=3)
+    with pytest.raises(StoreError):  # its keys are the embedding's, not CLaRa's
+        ClaraVectorStore.load_local(tmp_path / "lc", tiny_model)
+
+
+def test_delete_without_ids_deletes_everything(vectorstore):
+    assert vectorstore.delete() and vectorstore.store.all_ids() == []
+
+
 def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(vectorstore):
     before = sorted(vectorstore.store.all_ids())
     with pytest.raises(ValueError, match="one str"):
@@ -139,7 +156,7 @@ def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(v
 def test_a_model_or_embedding_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
     from langchain_core.embeddings import FakeEmbeddings
 
-    from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
+    from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
     from langchain_clara import ClaraEmbeddings
 
     store = MemoryStore(tiny_model)

@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -59,10 +60,11 @@ def uri(tmp_path) -> str:
 
 
 @pytest.fixture
-def milvus(tiny_model, uri) -> MilvusMemoryStore:
+def milvus(tiny_model, uri) -> Iterator[MilvusMemoryStore]:
     store = MilvusMemoryStore(tiny_model, uri)
     store.upsert(CORPUS, IDS, METAS)
-    return store
+    yield store
+    store.close()
 
 
 def assert_same_results(found, expected) -> None:
@@ -79,6 +81,15 @@ def test_a_document_is_found_in_a_prompt_that_trimmed_it_as_in_the_local_store(m
     for store in (milvus, local):
         store.upsert([text], ids=["volga"])
         assert [doc_id for _, _, doc_id in store.documents_in(prompt)] == ["volga"]
+
+
+def test_close_releases_the_store_and_keeps_its_documents(tiny_model, uri):
+    store = MilvusMemoryStore(tiny_model, uri)
+    store.upsert(CORPUS[:2], IDS[:2])
+    store.close()
+    reopened = MilvusMemoryStore(tiny_model, uri)
+    assert sorted(reopened.all_ids()) == sorted(IDS[:2])
+    reopened.close()
 
 
 def test_ids_that_are_not_strings_are_refused_by_name(milvus):

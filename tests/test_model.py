@@ -211,6 +211,12 @@ def test_decoding_passes_its_cache_by_the_name_transformers_reads(tiny_model):
     assert len(answer) == 1
 
 
+def test_prompt_text_holding_clara_memory_tokens_is_refused(tiny_model):
+    # the tokens would take memory slots no document fills
+    with pytest.raises(InvalidInputError, match="must not contain CLaRa's <MEM> tokens"):
+        tiny_model.generate(["Tell me about <MEM0> please."])
+
+
 def test_decoding_computes_the_logits_of_the_last_position_only(tiny_model, monkeypatch):
     # the first pass computed the whole vocabulary at every prompt position: most of a long prompt's work
     decode, lengths = tiny_model._decode, []
