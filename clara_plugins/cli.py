@@ -175,7 +175,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "also by token kind (digits, capitalised, the rest)")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
-    parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")
+    parser.add_argument("-k", type=positive_int, default=5,
+                        help="documents read per question, and a retrieval cut-off beside 1, 3 and 5 (default 5)")
     parser.add_argument("--limit", type=positive_int, help="only the first N rows")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length (default 32)")
     parser.add_argument("--batch-size", type=positive_int, default=4,
@@ -431,12 +432,12 @@ def _eval(args: argparse.Namespace) -> None:
     if {"clara", "control"} <= scored.keys():
         results["f1_above_control"] = f1_above_control(scored["clara"], scored["control"])
     if args.retrievers:
-        results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense)
+        results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense, sorted({1, 3, 5, args.k}))
         first, *others = results["retrieval"]
         if others:
             results["recall_above"] = [d for other in others for d in recall_above(first, other)]
     if args.reading:
-        results["reading"] = evaluate_reading(model, rows, args.k)
+        results["reading"] = evaluate_reading(model, rows, args.k, args.batch_size)
     summary = {"answers": [{k: v for k, v in r.items() if k not in ("predictions", "question_f1")}
                            for r in results["answers"]],
                "retrieval": [{k: v for k, v in r.items() if k != "question_recall"} for r in results["retrieval"]],

@@ -74,20 +74,23 @@ def as_teacher(model: object) -> Teacher:
 
 
 class HuggingFaceTeacher:
-    """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model)."""
+    """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model).
+
+    The model loads at the first prompt, so that ``synthesize`` refuses a bad output first."""
 
     def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256) -> None:
-        import torch
-
-        from .backbone import load_base_model
-
-        self.model, self.tokenizer = load_base_model(name_or_path, torch.float32)
-        self.model.eval()
+        self.name_or_path = name_or_path
         self.max_new_tokens = max_new_tokens
+        self.model = self.tokenizer = None
 
     def __call__(self, prompt: str) -> str:
         import torch
 
+        if self.model is None:
+            from .backbone import load_base_model
+
+            self.model, self.tokenizer = load_base_model(self.name_or_path, torch.float32)
+            self.model.eval()
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids

@@ -258,6 +258,25 @@ def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
     assert '"question_f1"' not in printed and '"question_recall"' not in printed
 
 
+def test_clara_eval_k_is_a_retrieval_cut_off_and_batch_size_reaches_the_reading_gain(saved, tmp_path,
+                                                                                     monkeypatch):
+    # -k left retrieval at @1, @3 and @5, and --batch-size never reached --reading
+    from clara_plugins import reading
+
+    checkpoint, data = saved
+    batch_sizes = []
+    real = reading.evaluate_reading
+    monkeypatch.setattr(reading, "evaluate_reading",
+                        lambda model, rows, k, batch_size: batch_sizes.append(batch_size) or real(model, rows, k, batch_size))
+    main(["eval", data, "--checkpoint", checkpoint, "--systems", "--retrievers", "bm25", "-k", "2",
+          "--device", "cpu", "--out", str(tmp_path / "result.json")])
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert {"recall@1", "recall@2", "recall@3", "recall@5"} <= result["retrieval"][0].keys()
+    main(["eval", data, "--checkpoint", checkpoint, "--systems", "--reading", "-k", "3", "--batch-size", "1",
+          "--device", "cpu"])
+    assert batch_sizes == [1]
+
+
 def test_clara_eval_reads_at_the_asked_compression_rate_and_records_it(saved, tmp_path):
     checkpoint, data = saved
     positions = {}

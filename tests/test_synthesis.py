@@ -176,6 +176,18 @@ def test_an_output_without_its_ledger_is_left_alone(tmp_path):
         synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), output)
 
 
+def test_clara_synth_refuses_a_bad_output_before_it_loads_the_teacher(tmp_path, monkeypatch, capsys):
+    # the teacher model loaded first: minutes for a large one, before an error that needs none
+    from clara_plugins import backbone
+
+    monkeypatch.setattr(backbone, "load_base_model", lambda *a, **k: pytest.fail("the teacher was loaded"))
+    (tmp_path / "corpus.txt").write_text(DOC)
+    (tmp_path / "scp.jsonl").write_text('{"doc_id": "mine"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", str(tmp_path / "corpus.txt"), str(tmp_path / "scp.jsonl")])
+    assert exit_.value.code == 5 and "exists without scp.jsonl.done" in capsys.readouterr().err
+
+
 def test_langchain_and_llama_index_models_are_teachers():
     chat = FakeListChatModel(responses=["Question: Where?\nAnswer: Warsaw"])
     assert parse_pairs(as_teacher(chat)("any prompt")) == [("Where?", "Warsaw")]
