@@ -189,6 +189,10 @@ class MilvusMemoryStore(BaseMemoryStore):
             if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
                 raise InvalidInputError(f"the metadata of {doc_id!r} is more than Milvus' {MAX_METADATA_BYTES:,} "
                                         "bytes of JSON")
+            huge = _huge_integer(metadata)
+            if huge is not None:  # pymilvus' JSON encoder fails on it, after earlier batches were written
+                raise InvalidInputError(f"the metadata of {doc_id!r} holds the integer {huge}, beyond the 64 bits "
+                                        "Milvus' JSON keeps: store it as a string")
         return texts, ids, metadatas
 
     def upsert(self, texts: Sequence[str], ids: Sequence[str] | None = None,
@@ -386,6 +390,17 @@ def _field(key: str) -> str:
 def _string(value: str) -> str:
     """A double-quoted Milvus string literal: backslashes, quotes and line breaks escaped."""
     return '"' + value.translate(_ESCAPES) + '"'
+
+
+def _huge_integer(value: Any) -> int | None:
+    """An integer of a JSON value (at any depth) outside -2**63 .. 2**64 - 1, if any."""
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return next((huge for item in value if (huge := _huge_integer(item)) is not None), None)
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+        return value
+    return None
 
 
 def _prefix(text: str) -> str:

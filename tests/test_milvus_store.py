@@ -248,6 +248,9 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
         (lambda: milvus.upsert(["long " * 14_000]), "longer than Milvus' 65,535 bytes"),
         (lambda: milvus.upsert(["ok"], metadatas=[{"notes": "名" * 22_000}]), "more than Milvus' 65,536 bytes"),
         (lambda: milvus.upsert(["ok"], memories=torch.zeros(1, 2, 3)), "do not match this model's"),
+        # failed in pymilvus' encoder, after the batches before it were written
+        (lambda: index_documents(milvus, ["new", "newer"], ["n1", "n2"], [{}, {"hash": {"sha": [2**200]}}],
+                                 save_every=1), "beyond the 64 bits"),
         (lambda: milvus.delete("d1"), "must be a collection of ids"),
         (lambda: index_documents(milvus, ["new", "long " * 14_000], ["n1", "n2"], save_every=1),
          "longer than Milvus' 65,535 bytes"),  # refused before the first group is written
