@@ -1,6 +1,6 @@
 """The store benchmark's plot: search p95 and bytes per passage against corpus size.
 
-    python -m clara_benchmarks.scale_plot docs/benchmarks/store_scale.png docs/benchmarks/store_scale_*.json
+    python -m clara_benchmarks.scale_plot docs/benchmarks/store_scale.png docs/benchmarks/store_scale_*k.json
 
 Each JSON file is one ``clara_benchmarks.store_scale`` run; a store configuration becomes one
 line across the runs' sizes.

@@ -6,7 +6,7 @@ by side in one run.
         --questions ../shared/data/2wikimultihopqa/dev.json --sample /tmp/clara-sample.npz \\
         --configs flat:float16,flat:int8,hnsw:int8,ivfpq:int8,milvus:FLAT \\
         --out docs/benchmarks/store_scale_10k.json
-    python -m clara_benchmarks.scale_plot docs/benchmarks/store_scale.png docs/benchmarks/store_scale_*.json
+    python -m clara_benchmarks.scale_plot docs/benchmarks/store_scale.png docs/benchmarks/store_scale_*k.json
 
 ``--configs`` lists ``index:memory dtype`` pairs of the local MemoryStore, and ``milvus:INDEX``
 for a MilvusMemoryStore in a milvus-lite file with that Milvus index type.
