@@ -5,8 +5,8 @@
 # ("Eleventh CPU session"), then the SCP generator instruction-tuned with distillation from the
 # fine-tuned text reader ("Tenth CPU session") and a margin against restating the question
 # ("Twenty-third CPU session"), then the model card's numbers: F1 of CLaRa vs the same checkpoint given
-# another question's documents vs no retrieval vs text reading (HotpotQA Oracle and NQ dev
-# 0-299, both held out), the reading check, and Recall@5 of the compressor and of the trained
+# another question's documents vs no retrieval vs text reading (the Oracle rows of HotpotQA dev
+# 0-199 and NQ dev 0-299, both held out), the reading check, and Recall@5 of the compressor and of the trained
 # query reasoner vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
 # recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md; its two
 # SCP runs ran on a GPU, the rest on 2 CPU cores); sizes come from the
@@ -142,7 +142,10 @@ for name, count in zip(['hotpotqa', '2wiki', 'musique'], counts):
     random.Random(0).shuffle(rows)
     sys.stdout.writelines(rows[:count])" "$rows" "$E2E_ROWS" > "$rows/e2e.jsonl"
 
-clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" --setting oracle
+# Oracle rows need every gold passage in the example's pool: HotpotQA dev 0-199 gives 57 (the
+# rows beyond come from dev 204 on, whose questions the retrieval stage trains on), NQ dev 0-299 all.
+clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" --setting oracle --limit 200
+clara convert-data "$DATA/hotpotqa/dev.json" "$rows/oracle_hotpotqa_dev.jsonl" --setting oracle
 clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting oracle --limit 300
 
 # 2. Training: SCP -> (optional instruction tuning, keeping the SCP generator) -> end-to-end
@@ -152,7 +155,7 @@ clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting o
 #    reading gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens
 #    a row): one row per forward pass with accumulation keeps its peak memory in bounds.
 tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
-tail -n 16 "$rows/eval_hotpotqa_oracle.jsonl" > "$rows/probe_hotpot5.jsonl"
+tail -n 16 "$rows/oracle_hotpotqa_dev.jsonl" > "$rows/probe_hotpot5.jsonl"  # dev 669-684
 scp_stage() {  # OUTPUT STEPS LR BATCH ACCUM [FLAGS...]: the compressor and generator on the SCP rows
     clara train --stage scp --data "$rows/scp.jsonl" --output "$1" --steps "$2" --lr "$3" \
         --batch-size $(($4 / $5)) --grad-accum "$5" --schedule "$SCP_SCHEDULE" --margin-weight "$MARGIN" \
