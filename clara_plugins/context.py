@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
+from .errors import InvalidInputError
 from .model import ClaraModel
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
@@ -97,10 +98,10 @@ class Reader:
 
 
 def passed_documents(documents: object) -> list:
-    """The documents a call passed (texts, or a framework's document objects): a list, never
-    a lone string, whose letters would each be read as a document."""
-    if isinstance(documents, (str, bytes)) or not isinstance(documents, Sequence):
-        raise ValueError(f"documents must be a list, got {type(documents).__name__} {documents!r:.60}")
+    """The documents a call passed (texts, or a framework's document objects) as a list: any
+    collection but a lone string, whose letters would each be read as a document."""
+    if isinstance(documents, (str, bytes)) or not isinstance(documents, Iterable):
+        raise InvalidInputError(f"documents must be a list, got {type(documents).__name__} {documents!r:.60}")
     return list(documents)
 
 

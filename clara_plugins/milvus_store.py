@@ -16,7 +16,8 @@ One row per document:
   this vector, and the collection has no ``memory`` field: the memory is kept once;
 - ``prefix``: the first MIN_FOUND_CHARS characters of the text as a prompt holds it (trimmed,
   ``store.found_text``), so that ``documents_in`` asks Milvus for the few texts that can start
-  at some position of a prompt.
+  at some position of a prompt. Collections written before the thirty-fourth session hold the
+  untrimmed start: there a document stored with leading whitespace is found only untrimmed.
 
 The collection records the compressor's and the keys' signatures in a property and refuses a
 model with other ones. Metadata filters take the local store's language (``clara_plugins.filters``),
@@ -258,8 +259,9 @@ class MilvusMemoryStore(BaseMemoryStore):
         return [ids_by_text.get(text) for text in texts]
 
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
-        """(start, end, id) of the stored documents whose exact text occurs in ``text``, in
-        order and without overlaps (the longest document wins at a position).
+        """(start, end, id) of the stored documents whose text occurs in ``text`` as a prompt
+        holds it (``found_text``), in order and without overlaps (the longest document wins at a
+        position).
 
         Milvus is asked for the stored texts that begin like some MIN_FOUND_CHARS characters of
         ``text``; shorter documents are not looked for.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -362,9 +363,10 @@ class ClaraModel(torch.nn.Module):
     def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
         """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
             raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        return greedy_steps(self._decode, self.lm.get_input_embeddings(), embeds, mask, limit, self.stop_token_ids)
+        return greedy_steps(self._decode, self.lm.get_input_embeddings(), embeds, mask, int(limit),
+                            self.stop_token_ids)
 
     def _decode(self, **inputs: torch.Tensor):
         """One forward pass of the generator. The adapter and the inference switches are set

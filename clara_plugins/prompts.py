@@ -30,7 +30,8 @@ def render_chat(
     # some templates write a finished assistant turn otherwise than the turn they open (Qwen3
     # puts an empty think block before the answer); the answer then follows the opened prompt,
     # as it is generated
-    start = full.find(answer, len(prompt)) if full.startswith(prompt) else -1
+    found = answer.strip()  # templates may trim it
+    start = full.find(found, len(prompt)) if found and full.startswith(prompt) else -1
     return full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + answer_turn_end(tokenizer)
 
 

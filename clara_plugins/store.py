@@ -99,6 +99,7 @@ class BaseMemoryStore(ABC):
         self.batch_size = batch_size
         self._lock = threading.RLock()
         self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale
+        self.instance_id = uuid.uuid4().hex  # names this store object, e.g. in a chat model's cache key
 
     @abstractmethod
     def __len__(self) -> int:
@@ -132,7 +133,8 @@ class BaseMemoryStore(ABC):
 
     @abstractmethod
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
-        """(start, end, id) of the stored documents whose exact text occurs in ``text``."""
+        """(start, end, id) of the stored documents whose text occurs in ``text``, as a prompt
+        holds it (``found_text``: the whitespace around it may be trimmed)."""
 
     @abstractmethod
     def all_ids(self) -> list[str]:
@@ -204,7 +206,7 @@ class BaseMemoryStore(ABC):
             raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
         kept = []  # JSON copies: a caller changing a nested value later changes nothing stored
         for doc_id, metadata in zip(ids, metadatas):
-            if not isinstance(doc_id, str) or not doc_id:
+            if not doc_id:  # id_list has checked they are strings
                 raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
             try:
                 kept.append(json.loads(json.dumps(metadata, allow_nan=False)))
@@ -430,11 +432,12 @@ class MemoryStore(BaseMemoryStore):
             return [self._ids_by_text.get(text) for text in texts]
 
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
-        """(start, end, id) of the stored documents whose exact text occurs in ``text``, in
-        order and without overlaps (the longest document wins at a position).
+        """(start, end, id) of the stored documents whose text occurs in ``text`` as a prompt
+        holds it (``found_text``), in order and without overlaps (the longest document wins at a
+        position).
 
         Lets a prompt of any layout read its stored documents from memory tokens. Documents
-        shorter than MIN_FOUND_CHARS are not looked for: too short to be told from prose.
+        shorter than MIN_FOUND_CHARS (trimmed) are not looked for: too short to be told from prose.
         """
         with self._lock:
             self._text_lookup()

@@ -44,11 +44,11 @@ MISSING_QA = ("Write one simple question-answer pair for each fact below, using 
               "pair as two lines:\nQuestion: ...\nAnswer: ...\n\nFacts:\n{facts}\n\nDocument:\n{document}")
 
 # A line that opens a question or an answer, in the ways chat models write them: "Question:",
-# "Q:", "Question 2:", "2. Question:", "- Q:", "**Question:**", "**Answer 1:**"; the rest of the
-# line is the text. One-line pairs ("Question: ...? Answer: ...") are split at "Answer:".
-_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:[-*#]\s*)*[*_]*\s*(question|q|answer|a)\s*\d*\s*[*_]*\s*:\s*[*_]*\s*(.*)$",
+# "Q:", "Question 2:", "2. Question:", "- Q:", "• Q:", "**Question:**", "**Answer 1:**"; the
+# rest of the line is the text. One-line pairs ("Question: ...? Answer: ...") are split at "Answer:".
+_LABEL = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:[-*#•>]\s*)*[*_]*\s*(question|q|answer|a)\s*\d*\s*[*_]*\s*:\s*(.*)$",
                     re.I)
-_INLINE_ANSWER = re.compile(r"\s+[*_]*answer\s*\d*\s*[*_]*\s*:\s*[*_]*\s*", re.I)
+_INLINE_ANSWER = re.compile(r"\s+[*_]*answer\s*\d*\s*[*_]*\s*:", re.I)
 
 
 @dataclasses.dataclass
@@ -101,36 +101,44 @@ class HuggingFaceTeacher:
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
     """(question, answer) pairs of a teacher's reply. A question may wrap over lines; its
-    answer is the rest of the answer line, or the next line when that is empty."""
+    answer is the rest of the answer line, or the next line when that is empty. "Q:" pairs
+    with "A:" and "Question:" with "Answer:", so that a multiple-choice option "A: ..." under
+    a "Question:" stays part of the question."""
     pairs: list[tuple[str, str]] = []
     question: list[str] | None = None  # the lines of the open question
+    short = False  # the open question's label was "Q"
     awaiting = False  # an empty answer line: the answer is on the next line
     for line in text.splitlines():
         label = _LABEL.match(line)
-        kind = label.group(1).lower()[0] if label else None
+        word = label.group(1).lower() if label else ""
         if awaiting and line.strip():
-            if kind is None:
-                pairs.append(("\n".join(question).strip(), line.strip()))
+            if not word.startswith("q"):
+                pairs.append(("\n".join(question), _clean(line)))
             question, awaiting = None, False
-            if kind is None:
+            if not word.startswith("q"):
                 continue
-        if kind == "q":
-            question, rest = [], label.group(2)
-            inline = _INLINE_ANSWER.split(rest, maxsplit=1)
-            if len(inline) == 2 and inline[1].strip():
-                pairs.append((inline[0].strip(), inline[1].strip()))
+        if word.startswith("q"):
+            question, short = [], word == "q"
+            asked, *answered = _INLINE_ANSWER.split(label.group(2), maxsplit=1)
+            if answered and _clean(answered[0]):
+                pairs.append((_clean(asked), _clean(answered[0])))
                 question = None
             else:
-                question.append(rest)
-        elif kind == "a" and question is not None:
-            if label.group(2).strip():
-                pairs.append(("\n".join(question).strip(), label.group(2).strip()))
+                question.append(_clean(label.group(2)))
+        elif word and question is not None and (word == "a") == short:
+            if _clean(label.group(2)):
+                pairs.append(("\n".join(question), _clean(label.group(2))))
                 question = None
             else:
                 awaiting = True
         elif question is not None and line.strip():
-            question.append(line.strip())
-    return [(q, a) for q, a in pairs if q and a]
+            question.append(_clean(line))
+    return [(q.strip(), a) for q, a in pairs if q.strip() and a]
+
+
+def _clean(text: str) -> str:
+    """A label's text without the markdown emphasis around it ("**Answer:** *Warsaw*")."""
+    return text.strip().strip("*_").strip()
 
 
 def _supported(answer: str, document: str) -> bool:

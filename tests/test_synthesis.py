@@ -54,10 +54,16 @@ def test_parse_pairs():
     "Q: A?\nA: one\nQ: B?\nA: two",
     "- Q1: A?\n  A1: one\n- Q2: B?\n  A2: two",
     "Question: A? Answer: one\nQuestion: B? Answer: two",
+    "**Question: A?**\n**Answer: one**\n• Question: B?\n> Answer: two",
 ])
 def test_pairs_in_the_formats_chat_models_write_are_read(reply):
     # only "Question:" then "Answer:" at a line's start was read: whole documents lost their QA row
     assert parse_pairs(reply) == [("A?", "one"), ("B?", "two")]
+
+
+def test_a_multiple_choice_option_stays_part_of_its_question():
+    reply = "Question: Which city?\nA: Paris\nB: London\nAnswer: B"
+    assert parse_pairs(reply) == [("Which city?\nA: Paris\nB: London", "B")]
 
 
 @pytest.mark.parametrize("none", ["NONE", "NONE.", "None."])

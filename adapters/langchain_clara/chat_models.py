@@ -65,9 +65,9 @@ class ChatClara(ReaderFields, BaseChatModel):
         return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path, "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k, "max_tokens": self.max_tokens,
                 "default_stop": self.stop,  # "stop" is the call's own stop in LangChain's cache key
-                # the store decides which prompt text is read as memory tokens; named by identity,
-                # so a cached answer is never served for another store's reading
-                "store": None if self.store is None else f"{type(self.store).__name__}@{id(self.store):x}"}
+                # the store decides which prompt text is read as memory tokens: a cached answer
+                # is never served for another store object's reading
+                "store": None if self.store is None else self.store.instance_id}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),
