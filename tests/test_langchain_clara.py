@@ -156,7 +156,6 @@ def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(v
 def test_a_model_or_embedding_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
     from langchain_core.embeddings import FakeEmbeddings
 
-    from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
     from langchain_clara import ClaraEmbeddings
 
     store = MemoryStore(tiny_model)
