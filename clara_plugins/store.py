@@ -708,6 +708,12 @@ class _SavedGeneration:
         already holds."""
         if self.folder.parent != store_folder.resolve():
             return set()
+        try:  # the generation may have been removed, and another store's saved under its name
+            header = read_json(self.folder / "store.json", StoreError)
+        except StoreError:
+            return set()
+        if not isinstance(header, dict) or header.get("sha256") != self.checksums:
+            return set()
         return {number for number, rows in enumerate(self.shard_rows)
                 if rows == SHARD_ROWS and (number + 1) * SHARD_ROWS <= len(where)
                 and np.array_equal(where[number * SHARD_ROWS:(number + 1) * SHARD_ROWS],

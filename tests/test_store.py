@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -250,6 +251,22 @@ def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path,
     loaded.upsert(["Madrid is the capital of Spain."], ids=["d9"])  # a store loaded from an older generation
     loaded.save(tmp_path / "s")
     assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
+
+
+def test_a_generation_another_store_wrote_under_the_same_name_is_not_linked(tiny_model, tmp_path, monkeypatch):
+    # the folder wiped and another store saved there: the first store's next save linked the
+    # other's shards under its own checksums, and every load refused the folder
+    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    mine, other = MemoryStore(tiny_model), MemoryStore(tiny_model)
+    mine.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
+    mine.save(tmp_path / "s")
+    shutil.rmtree(tmp_path / "s")
+    other.upsert(CORPUS[2:6], ids=[f"o{i}" for i in range(4)])
+    other.save(tmp_path / "s")  # gen-000001 again
+    mine.upsert([CORPUS[5]], ids=["d4"])
+    mine.save(tmp_path / "s")
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert loaded.all_ids() == [f"d{i}" for i in range(5)] and loaded.get(["d0"])[0].text == CORPUS[0]
 
 
 class _WordKeys:
