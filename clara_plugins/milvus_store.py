@@ -15,7 +15,7 @@ One row per document:
   (float32 keeps seven digits, fp16 needs four). With flattened retrieval keys the key *is*
   this vector, and the collection has no ``memory`` field: the memory is kept once;
 - ``prefix``: the first MIN_FOUND_CHARS characters of the text as a prompt holds it (trimmed,
-  ``store.found_text``), so that ``documents_in`` asks Milvus for the few texts that can start
+  ``store.found_prefix``), so that ``documents_in`` asks Milvus for the few texts that can start
   at some position of a prompt. Collections written before the thirty-fourth session hold the
   untrimmed start: there a document stored with leading whitespace is found only untrimmed.
 
@@ -44,7 +44,7 @@ from .filters import Filter, validate_filter
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, check_compressor,
-                    check_search, find_documents, found_lookup, found_text, id_list)
+                    check_search, find_documents, found_lookup, found_prefix, id_list)
 
 FORMAT = "clara-milvus-store/1"
 HEADER_PROPERTY = "clara.store"  # the collection property holding FORMAT and the compressor signature
@@ -207,7 +207,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         keys = self.keys.memory_keys(memories)
         flat = keys if self._memory_field == "key" else memory_keys(memories, "flat")  # the memory, unit-norm
         rows = {doc_id: {"id": doc_id, "key": key, self._memory_field: memory, "norm": float(norm), "text": text,
-                         "prefix": _prefix(text), "metadata": metadata}
+                         "prefix": found_prefix(text), "metadata": metadata}
                 for doc_id, key, memory, norm, text, metadata in zip(ids, keys, flat, norms, texts, metadatas)}
         rows = list(rows.values())  # an id given twice keeps its last document, as in the local store
         with self._lock:
@@ -403,12 +403,6 @@ def _huge_integer(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
         return value
     return None
-
-
-def _prefix(text: str) -> str:
-    """The ``prefix`` field of a text: "" for one too short to be looked for in prompts."""
-    found = found_text(text)
-    return found[:MIN_FOUND_CHARS] if len(found) >= MIN_FOUND_CHARS else ""
 
 
 def _one_of(field: str, values: list[str]) -> str:

@@ -896,14 +896,21 @@ def found_text(text: str) -> str:
     return text.strip()
 
 
+def found_prefix(text: str) -> str:
+    """The first MIN_FOUND_CHARS characters of a text as a prompt holds it, under which
+    ``find_documents`` looks it up; "" for one too short to be looked for."""
+    found = found_text(text)
+    return found[:MIN_FOUND_CHARS] if len(found) >= MIN_FOUND_CHARS else ""
+
+
 def found_lookup(ids_by_text: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
     """What ``find_documents`` looks for: the id of each stored text as a prompt holds it,
-    and those texts, longest first, under their first MIN_FOUND_CHARS characters."""
+    and those texts, longest first, under their ``found_prefix``."""
     ids = {found_text(text): doc_id for text, doc_id in ids_by_text.items()}
     by_prefix: dict[str, list[str]] = {}
     for text in sorted(ids, key=len, reverse=True):
-        if len(text) >= MIN_FOUND_CHARS:
-            by_prefix.setdefault(text[:MIN_FOUND_CHARS], []).append(text)
+        if prefix := found_prefix(text):
+            by_prefix.setdefault(prefix, []).append(text)
     return ids, by_prefix
 
 
