@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.milvus_client import IndexParams
 
 from .checkpoint import compressor_signature
 from .errors import InvalidInputError, StoreError
@@ -69,7 +70,8 @@ class MilvusMemoryStore(BaseMemoryStore):
     CLaRa's own keys, except that:
 
     - ``index_type`` is Milvus' (``FLAT`` is exact; ``HNSW`` or ``IVF_FLAT`` suit large
-      collections), used when the collection is created;
+      collections), used when the collection is created (and for the indexes a creation killed
+      midway left out);
     - a search returns at most MAX_TOP_K documents;
     - Milvus does not tell a JSON null from a missing field: a filter never compares with
       null, and ``$ne``/``$nin`` do not match a field that holds null;
@@ -108,6 +110,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         described = f"Milvus collection {collection!r} at {uri}"
         if self._client.has_collection(collection):
             self._check_header(described)
+            self._index_bare_fields(index_type)
             self._client.load_collection(collection)
             return
         try:
@@ -137,16 +140,27 @@ class MilvusMemoryStore(BaseMemoryStore):
         schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
         schema.add_field("prefix", DataType.VARCHAR, max_length=4 * MIN_FOUND_CHARS)  # 4 bytes per character at most
         schema.add_field("metadata", DataType.JSON)
+        header = {"format": FORMAT, "compressor": compressor_signature(self.model), "keys": self.keys.signature()}
+        # Strong consistency: a read sees every write made before it
+        self._client.create_collection(self.collection, schema=schema, index_params=self._indexes(index_type),
+                                       consistency_level="Strong", properties={HEADER_PROPERTY: json.dumps(header)})
+
+    def _indexes(self, index_type: str) -> IndexParams:
         indexes = self._client.prepare_index_params()
         indexes.add_index(field_name="key", index_type=index_type, metric_type="IP")
         if self._memory_field == "memory":  # never searched, but Milvus indexes every vector field
             indexes.add_index(field_name="memory", index_type="FLAT", metric_type="IP")
         for field in ("text", "prefix"):  # what ids_for_texts and documents_in look up
             indexes.add_index(field_name=field, index_type="INVERTED")
-        header = {"format": FORMAT, "compressor": compressor_signature(self.model), "keys": self.keys.signature()}
-        # Strong consistency: a read sees every write made before it
-        self._client.create_collection(self.collection, schema=schema, index_params=indexes,
-                                       consistency_level="Strong", properties={HEADER_PROPERTY: json.dumps(header)})
+        return indexes
+
+    def _index_bare_fields(self, index_type: str) -> None:
+        """Index the fields of a collection whose creation was killed after the collection was made
+        and before all its indexes were: Milvus loads no collection with a vector field unindexed."""
+        bare = IndexParams(index for index in self._indexes(index_type)
+                           if not self._client.list_indexes(self.collection, field_name=index.field_name))
+        if bare:
+            self._client.create_index(self.collection, bare)
 
     def _check_header(self, described: str) -> None:
         """Refuse a collection that this class did not create, or that another compressor filled."""

@@ -377,3 +377,20 @@ def test_searches_name_the_key_field(milvus, monkeypatch):
     milvus.search("Paris", k=2)
     milvus.search("Paris", k=2, lambda_mult=0.5)
     assert [call["anns_field"] for call in calls] == ["key", "key"]
+
+
+def test_a_collection_whose_creation_was_killed_before_its_indexes_opens_and_stores(tiny_model, local, uri,
+                                                                                     monkeypatch):
+    """A kill runs no cleanup: the collection stays, with its header and without its indexes."""
+    def killed(self, collection, index_params, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pymilvus.MilvusClient, "create_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        MilvusMemoryStore(tiny_model, uri)
+    monkeypatch.undo()
+    assert pymilvus.MilvusClient(uri).list_indexes("clara_memories") == []
+    store = MilvusMemoryStore(tiny_model, uri)
+    store.upsert(CORPUS, IDS, METAS)
+    assert_same_results(store.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
+    store.close()
