@@ -13,7 +13,8 @@ from typing import IO
 def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call ``write(handle)`` on a temporary sibling of ``path`` (opened for text, or bytes),
     flush it to disk, then rename it over ``path``: a crash leaves the old file or the new one,
-    never a part of either."""
+    never a part of either. A symbolic link is followed: its target is replaced, not the link."""
+    path = _followed(path)
     temporary = path.with_name(f".{path.name}.tmp")
     try:
         with open(temporary, "wb" if binary else "w") as handle:
@@ -41,8 +42,10 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     ``marker`` was not written by this library: it is refused, never replaced. Files that
     ``write`` does not make again (a user's notes or results kept beside the library's files)
     are copied into the new folder, not lost with the old one; the ``owned`` names are this
-    writer's own, and an old one that ``write`` does not make again is left out.
+    writer's own, and an old one that ``write`` does not make again is left out. A symbolic
+    link is followed: the folder it names is swapped, and the link stays.
     """
+    folder = _followed(folder)
     recover_folder(folder)
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise FileExistsError(f"{folder} is a non-empty folder that this library did not write (no {marker}); "
@@ -69,6 +72,12 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         _sync_entry(folder.parent)  # the renames themselves
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _followed(path: Path) -> Path:
+    """The path a symbolic link names (an absolute one), or the path itself: renaming a link
+    over its target's new copy would leave the target stale and the link's old name behind."""
+    return path.resolve() if path.is_symlink() else path
 
 
 def _sync(folder: Path) -> None:

@@ -87,6 +87,22 @@ def test_a_new_folder_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatc
     assert (tmp_path / "ckpt" / "sub" / "state.pt").read_text() == "new"
 
 
+def test_a_folder_or_file_named_by_a_symbolic_link_is_replaced_behind_the_link(tmp_path):
+    # the swap renamed the link itself: the target stayed stale and every later save failed
+    target, link = tmp_path / "disk" / "checkpoint", tmp_path / "checkpoint"
+    target.mkdir(parents=True)
+    link.symlink_to(target)
+    for version in ("1", "2", "3"):
+        write_folder_atomically(link, lambda staging: (staging / "config.json").write_text(version), "config.json")
+        assert link.is_symlink() and (target / "config.json").read_text() == version
+    file_target, file_link = tmp_path / "disk" / "store.json", tmp_path / "store.json"
+    file_target.write_text("old")
+    file_link.symlink_to(file_target)
+    write_file_atomically(file_link, lambda handle: handle.write("new"))
+    assert file_link.is_symlink() and file_target.read_text() == "new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "disk", "store.json"]
+
+
 def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     # the staging folder was owner-only (0700): checkpoints were unreadable to the user's group
     umask = os.umask(0o022)
