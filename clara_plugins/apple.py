@@ -106,7 +106,8 @@ def load_apple_checkpoint(
     head = _matrix(matrices, "lm_head.weight", folder, required=False)
     _check_base_rows(model, embed, folder)
     base = model.base_vocab_size
-    load_added_rows(model, embed[base:], None if head is None else head[base:])
+    load_added_rows(model, embed[base:], None if head is None else head[base:],
+                    source=str(folder / "decoder_first_last_layers.pth"))
     model.name_or_path = str(folder)
     return model
 

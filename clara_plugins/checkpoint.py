@@ -127,8 +127,12 @@ def read_header(folder: Path) -> dict:
         raise CheckpointError(f"{path} holds a JSON {type(header).__name__}, not a checkpoint header")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
-    if not isinstance(header.get("config"), dict) or "base_model_fingerprint" not in header:
-        raise CheckpointError(f"{path} lacks its config (an object) or base_model_fingerprint")
+    fingerprint = header.get("base_model_fingerprint")
+    if (not isinstance(header.get("config"), dict) or not isinstance(fingerprint, dict)
+            or not isinstance(fingerprint.get("weight_norms"), list)
+            or not all(isinstance(norm, (int, float)) for norm in fingerprint["weight_norms"])):
+        raise CheckpointError(f"{path} lacks its config (an object) or base_model_fingerprint (an object with a "
+                              "list of weight_norms)")
     return header
 
 
@@ -194,7 +198,8 @@ def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: boo
         load_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
     others = model.lm.get_input_embeddings().weight.size(0) - model.base_vocab_size - current.n_mem_tokens
     load_added_rows(model, *(_rows_at_rate(rows, saved.n_mem_tokens, current.n_mem_tokens, others)
-                             for rows in (embeddings["input_rows"], embeddings.get("output_rows"))))
+                             for rows in (embeddings["input_rows"], embeddings.get("output_rows"))),
+                    source=str(folder / EMBEDDINGS_FILE))
 
 
 def _rows_at_rate(rows: torch.Tensor | None, saved_n_mem: int, n_mem: int, others: int) -> torch.Tensor | None:
@@ -229,8 +234,10 @@ def load_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torch.
     set_peft_model_state_dict(model.lm, state, adapter_name=name)
 
 
-def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: torch.Tensor | None) -> None:
-    """Write the special-token rows into the (resized) embedding matrices."""
+def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: torch.Tensor | None,
+                    source: str) -> None:
+    """Write the special-token rows into the (resized) embedding matrices; they must fit them
+    and be finite."""
     targets = [(model.lm.get_input_embeddings().weight, input_rows)]
     output = model.lm.get_output_embeddings()
     if output_rows is not None and output is not None:
@@ -239,8 +246,10 @@ def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: 
         expected = (matrix.size(0) - model.base_vocab_size, matrix.size(1))
         if tuple(rows.shape) != expected:
             raise CheckpointError(
-                f"memory-token embeddings have shape {tuple(rows.shape)}, expected {expected} "
+                f"{source}: memory-token embeddings have shape {tuple(rows.shape)}, expected {expected} "
                 "(another compression rate or base model?)"
             )
+        if not torch.isfinite(rows).all():  # every memory compressed with them would be NaN
+            raise CheckpointError(f"{source}: memory-token embeddings hold NaN or infinite values")
         with torch.no_grad():
             matrix[model.base_vocab_size:] = rows.to(device=matrix.device, dtype=matrix.dtype)

@@ -80,9 +80,16 @@ class ClaraConfig:
             raise ValueError(f"memory_pooling must be one of {MEMORY_POOLINGS}, got {self.memory_pooling!r}")
         if not 1 <= self.compression_rate <= MAX_COMPRESSION_RATE:
             raise ValueError(f"compression_rate must be in 1..{MAX_COMPRESSION_RATE}, got {self.compression_rate}")
-        for name in ("generation_top_k", "max_new_tokens"):
+        for name in ("generation_top_k", "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ClaraConfig.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lora_alpha <= 0:  # the adapters' scale, lora_alpha / lora_r: at 0 they would train nothing
+            raise ValueError(f"ClaraConfig.lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"ClaraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.memory_layer < -1:
+            raise ValueError(f"ClaraConfig.memory_layer must be -1 (the last layer, normed) or a layer index, "
+                             f"got {self.memory_layer}")
         if self.doc_max_length < self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "
@@ -226,6 +233,9 @@ class TrainConfig:
             raise ValueError(f"keep_generator needs the instruct stage, got {self.stage!r}")
         if self.freeze_compressor and self.stage == "scp":  # which trains the compressor
             raise ValueError("freeze_compressor contradicts the scp stage, which trains the compressor")
+        if self.stage != "e2e" and (self.retrieval_weight or self.estimator != "straight-through"):
+            raise ValueError(f"retrieval_weight and the estimator are read by the e2e stage alone, got the "
+                             f"{self.stage} stage")
         if self.null_document and self.estimator != "realm":
             raise ValueError("null_document needs the realm estimator")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing

@@ -71,6 +71,9 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
+        if self.config.memory_layer > lm.config.num_hidden_layers:  # hidden_states[0..num_hidden_layers]
+            raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
+                             f"has {lm.config.num_hidden_layers} layers")
         self.base_fingerprint = fingerprint(lm, tokenizer)
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)
@@ -84,7 +87,9 @@ class ClaraModel(torch.nn.Module):
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-        self.lm = get_peft_model(lm, lora, adapter_name=ENCODER)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated name on every load
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            self.lm = get_peft_model(lm, lora, adapter_name=ENCODER)
         for name in ADAPTER_NAMES[1:]:
             self.lm.add_adapter(name, lora)
         self._lock = threading.RLock()  # adapter switches and forward passes, across threads
@@ -437,9 +442,13 @@ class ClaraModel(torch.nn.Module):
 
     # ------------------------------------------------------------ persistence
 
-    def save_pretrained(self, folder: str | Path, dtype: torch.dtype | None = None) -> None:
+    def save_pretrained(self, folder: str | Path, dtype: str | torch.dtype | None = None) -> None:
         """Write config JSON + safetensors adapters and memory-token rows (see checkpoint.py);
-        ``dtype=torch.float16`` halves the size."""
+        ``dtype=torch.float16`` (or ``"float16"``) halves the size."""
+        if dtype is not None:
+            dtype = resolve_dtype(dtype, torch.device("cpu"))
+            if not dtype.is_floating_point:  # the weights would be cut to integers, and load without a complaint
+                raise ValueError(f"a checkpoint is saved in a floating-point dtype, got {dtype}")
         save_checkpoint(self, Path(folder), dtype)
 
     @classmethod

@@ -48,6 +48,18 @@ def test_saving_over_an_existing_checkpoint_keeps_the_files_it_does_not_write(ti
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no staging folders left behind
 
 
+def test_a_checkpoint_is_saved_in_a_dtype_named_as_the_loader_names_it_and_never_as_integers(tiny_model, tmp_path):
+    # "float16" failed as an "invalid device string"; torch.int8 wrote the LoRA weights cut to integers
+    from safetensors.torch import load_file
+
+    tiny_model.save_pretrained(tmp_path / "half", dtype="float16")
+    rows = load_file(str(tmp_path / "half" / "memory_embeddings.safetensors"))["input_rows"]
+    assert rows.dtype == torch.float16
+    with pytest.raises(ValueError, match="floating-point dtype, got torch.int8"):
+        tiny_model.save_pretrained(tmp_path / "int", dtype=torch.int8)
+    assert not (tmp_path / "int").exists()
+
+
 def test_loading_onto_another_base_model_fails_clearly(tiny_model, other_tiny_base, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="trained on another base model"):
@@ -81,7 +93,13 @@ def test_a_hand_edited_header_or_rows_file_is_named(tiny_model, tmp_path):
     header = json.loads(path.read_text())
     for edited, message in [([header], "holds a JSON list, not a checkpoint header"),  # was a bare AttributeError
                             ({**header, "config": None}, "lacks its config"),  # and these bare KeyErrors
-                            ({k: v for k, v in header.items() if k != "base_model_fingerprint"}, "lacks its config")]:
+                            ({k: v for k, v in header.items() if k != "base_model_fingerprint"}, "lacks its config"),
+                            ({**header, "base_model_fingerprint": None}, "lacks its config"),  # bare Attribute-,
+                            ({**header, "base_model_fingerprint": {**header["base_model_fingerprint"],  # Key- and
+                                                                   "weight_norms": ["1.0"]}}, "lacks its config"),
+                            ({**header, "base_model_fingerprint": {  # TypeErrors
+                                k: v for k, v in header["base_model_fingerprint"].items() if k != "weight_norms"}},
+                             "lacks its config")]:
         path.write_text(json.dumps(edited))
         with pytest.raises(CheckpointError, match=message):
             ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
@@ -89,6 +107,19 @@ def test_a_hand_edited_header_or_rows_file_is_named(tiny_model, tmp_path):
     rows = tmp_path / "ckpt" / "memory_embeddings.safetensors"
     save_file({k: v for k, v in load_file(str(rows)).items() if k != "input_rows"}, str(rows))
     with pytest.raises(CheckpointError, match="memory_embeddings.safetensors lacks input_rows"):
+        ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+
+
+def test_memory_token_rows_that_are_not_finite_are_refused_by_file(tiny_model, tmp_path):
+    # they loaded, and every document then compressed into NaN memories
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    rows = tmp_path / "ckpt" / "memory_embeddings.safetensors"
+    tensors = load_file(str(rows))
+    tensors["input_rows"][0, 0] = float("nan")
+    save_file(tensors, str(rows))
+    with pytest.raises(CheckpointError, match="memory_embeddings.safetensors: memory-token embeddings hold NaN"):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
 
 

@@ -52,11 +52,27 @@ def _apple_layout_states(model: ClaraModel, text: str, appended: list[int], laye
     return output.hidden_states[layer] if layer != -1 else output.last_hidden_state, len(body), width
 
 
-@pytest.mark.parametrize("field", ["generation_top_k", "max_new_tokens"])
+@pytest.mark.parametrize("field", ["generation_top_k", "max_new_tokens", "lora_r"])
 def test_a_count_below_one_is_refused_by_the_config(field):
     # generation_top_k 0 failed in top_k on the first chat call; max_new_tokens 0 answered nothing
     with pytest.raises(ValueError, match=f"ClaraConfig.{field} must be at least 1, got 0"):
         ClaraConfig(**{field: 0})
+
+
+@pytest.mark.parametrize("values, message", [({"lora_alpha": 0}, "lora_alpha must be positive"),
+                                             ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+                                             ({"memory_layer": -2}, "memory_layer must be -1")])
+def test_adapter_and_layer_settings_out_of_range_are_refused_by_the_config(values, message):
+    # lora_alpha 0 scaled every adapter to nothing: a run trained and saved an untrained model
+    with pytest.raises(ValueError, match=message):
+        ClaraConfig(**values)
+
+
+def test_a_memory_layer_beyond_the_base_models_is_refused_when_it_loads(tiny_config):
+    # it failed with a bare IndexError at the first compression
+    layers = ClaraModel(tiny_config, device="cpu").lm.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"memory_layer is {layers + 1}, but .* has {layers} layers"):
+        ClaraModel(dataclasses.replace(tiny_config, memory_layer=layers + 1), device="cpu")
 
 
 def test_a_long_query_keeps_the_question_at_its_end(tiny_model):
@@ -209,6 +225,13 @@ def test_decoding_passes_its_cache_by_the_name_transformers_reads(tiny_model):
         warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
         answer = tiny_model.generate_from_compressed_documents_and_questions(["Who?"], memories, max_new_tokens=3)
     assert len(answer) == 1
+
+
+def test_loading_a_model_warns_of_no_deprecation(tiny_config):
+    # peft read transformers' deprecated `is_gradient_checkpointing` on every load
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        ClaraModel(tiny_config, device="cpu")
 
 
 def test_prompt_text_holding_clara_memory_tokens_is_refused(tiny_model):
