@@ -186,6 +186,8 @@ def scp_row_problem(row: dict) -> str | None:
     from being read, or None."""
     if not _strings(row.get("docs")):
         return "docs must be a non-empty list of document texts"
+    if len(row["docs"]) != 1:  # its prompt holds one document's memories
+        return f"an SCP row compresses one document, and docs holds {len(row['docs'])}"
     if row["data_type"] not in ("qa", *SCP_REWRITES):
         return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
     if not _strings(row.get("answers")):

@@ -34,7 +34,8 @@
 
 Gradient accumulation, warm-up + cosine (or constant) schedule, clipping, seeded data order,
 checkpoint and resume, a JSONL log and a progress bar with the running loss. Stages that train
-the compressor also log ``memory_cosine``, the similarity of different documents' memories.
+the compressor also log ``memory_cosine``, the similarity of different documents' memories
+(of a micro-batch that holds two or more).
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
         loss = _decoder_loss(model, prompts, full, selected)
     else:
         loss = _realm_loss(model, rows, scores, memories, top, config)
-    metrics = {"ce": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
-    if config.retrieval_weight:
+    metrics = {"ce": loss.item(), **_pool_recall(top, gold, k)}
+    if config.retrieval_weight and any(gold):
         retrieval = _gold_retrieval_loss(scores, gold, config)
         loss = loss + config.retrieval_weight * retrieval
         metrics["retrieval"] = retrieval.item()
@@ -320,13 +321,14 @@ def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     loss = _gold_retrieval_loss(scores, gold, config)
     k = min(config.top_k, len(texts))  # logged Recall@k: among all the step's candidates
     top = scores.detach().topk(k, dim=-1).indices
-    return loss, {"retrieval": loss.item(), f"recall@{k}": _pool_recall(top, gold, k)}
+    return loss, {"retrieval": loss.item(), **_pool_recall(top, gold, k)}
 
 
-def _pool_recall(top: torch.Tensor, gold: list[list[int]], k: int) -> float:
-    """Mean Recall@k of the ranked candidate indices [B, k] over the rows with gold candidates."""
+def _pool_recall(top: torch.Tensor, gold: list[list[int]], k: int) -> dict[str, float]:
+    """``recall@k``: the mean Recall@k of the ranked candidate indices [B, k] over the rows with
+    gold candidates; nothing without any."""
     found = [recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g]
-    return sum(found) / max(1, len(found))
+    return {f"recall@{k}": sum(found) / len(found)} if found else {}
 
 
 def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], config: TrainConfig) -> torch.Tensor:
@@ -519,8 +521,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
     if state is not None:
-        if state["config"] != dataclasses.asdict(config):
-            raise ValueError(f"{output} was trained with another configuration; use a new output folder")
+        # a knob added since the run was saved had its default then
+        saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}
+        current = dataclasses.asdict(config)
+        changed = [f"{name}={current.get(name)!r} (was {saved.get(name)!r})"
+                   for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
+        if changed:
+            raise ValueError(f"{output} was trained with another configuration: {', '.join(changed)}; "
+                             "use a new output folder")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
@@ -549,25 +557,29 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         for step in progress:
             if candidates and config.refresh_every and step and step % config.refresh_every == 0:
                 candidates.refresh()
-            totals: dict[str, float] = {}
+            reported: dict[str, list[float]] = {}
             batches = _batches(rows, config, step)
             step_rows = [row for batch in batches for row in batch]
             for batch in batches:
                 loss, metrics = loss_of(batch, step_rows)
                 (loss / config.grad_accum).backward()
                 for key, value in {"loss": loss.item(), **metrics}.items():
-                    totals[key] = totals.get(key, 0.0) + value / config.grad_accum
+                    reported.setdefault(key, []).append(value)
+            # each over the micro-batches that measured it (a restatement gap needs a named
+            # question, a recall a gold candidate, a memory cosine two documents)
+            totals = {key: sum(values) / len(values) for key, values in reported.items()}
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
             if not torch.isfinite(grad_norm):  # one such step would make every weight NaN, and every save after it
                 raise FloatingPointError(f"step {step + 1}: the gradients are not finite (loss {totals['loss']}); "
                                          f"{checkpoint} keeps the last saved step")
+            lr = scheduler.get_last_lr()[0]  # this step's; stepping the schedule gives the next one's
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             running = totals["loss"] if running is None else 0.9 * running + 0.1 * totals["loss"]
             progress.set_postfix(loss=f"{running:.3f}")
             record = {"step": step + 1, **{k: round(v, 5) for k, v in totals.items()},
-                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                      "lr": lr, "grad_norm": round(float(grad_norm), 4),
                       "seconds": round(time.perf_counter() - started, 1)}
             log.write(json.dumps(record) + "\n")
             log.flush()

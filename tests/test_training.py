@@ -204,6 +204,8 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
     ({"stage": "instruct", "teacher": "runs/text"}, "a teacher is read only with distill_weight"),
     ({"stage": "scp", "grad_clip": 0.0}, "grad_clip must be above 0"),
     ({"stage": "scp", "weight_decay": -0.1}, "weight_decay must be at least 0"),
+    ({"stage": "instruct", "retrieval_weight": 1.0}, "read by the e2e stage alone, got the instruct stage"),
+    ({"stage": "scp", "estimator": "realm"}, "read by the e2e stage alone, got the scp stage"),
 ])
 def test_a_knob_its_stage_would_ignore_is_refused(knobs, problem):
     # each was silently ignored (or, for grad_clip 0, scaled every gradient to nothing)
@@ -219,6 +221,30 @@ def test_weight_decay_leaves_the_vocabulary_outside_the_memory_rows(tiny_model, 
                                        weight_decay=0.5), tmp_path)
     changed = (tiny_model.lm.get_input_embeddings().weight - before).abs().sum(-1).nonzero().flatten()
     assert set(changed.tolist()) <= set(tiny_model.mem_token_ids)
+
+
+def test_each_step_logs_the_learning_rate_it_ran_at(tiny_model, tmp_path):
+    # the log gave the next step's: the first warm-up step's twice over, and 0 for the last step
+    train(tiny_model, SCP, TrainConfig(stage="scp", steps=4, batch_size=1, grad_accum=1, lr=1e-3,
+                                       warmup_ratio=0.5), tmp_path)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [entry["lr"] for entry in log] == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])
+
+
+def test_a_metric_is_averaged_over_the_micro_batches_that_measured_it(tiny_config, tmp_path):
+    # a micro-batch without a gold candidate counted as recall and retrieval loss 0: halved here
+    def first_step(rows: list[dict], grad_accum: int) -> dict:
+        torch.manual_seed(0)
+        model = ClaraModel(dataclasses.replace(tiny_config, lora_dropout=0.0), device="cpu")
+        randomize_adapters(model)
+        folder = tmp_path / str(grad_accum)
+        train(model, rows, TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=grad_accum, top_k=2,
+                                       retrieval_weight=1.0, schedule="constant"), folder)
+        return json.loads((folder / "log.jsonl").read_text().splitlines()[0])
+
+    with_one_gold, alone = first_step([{**E2E[0], "pos_index": []}, E2E[1]], 2), first_step([E2E[1]], 1)
+    assert with_one_gold["recall@2"] == alone["recall@2"]
+    assert with_one_gold["retrieval"] == pytest.approx(alone["retrieval"], rel=1e-4) and alone["retrieval"] > 0
 
 
 def test_the_restatement_margin_needs_the_instruct_stage():
@@ -608,6 +634,8 @@ def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, mes
     ("e2e", {**E2E[1], "pos_index": [len(CORPUS)]}, "pos_index must list positions of its", {}),
     ("e2e", SCP[0], r"an SCP row \(data_type set\)", {}),
     ("scp", {**SCP[1], "data_type": "summary"}, "data_type must be one of", {}),
+    ("scp", {**SCP[1], "docs": CORPUS[:2]}, "an SCP row compresses one document, and docs holds 2", {}),  # read 1
+    ("instruct", {**SCP[2], "docs": CORPUS[:2]}, "an SCP row compresses one document", {}),  # failed mid-run
     ("scp", {**SCP[0], "question": "What flows through Vienna?"}, "a qa row's question must be a list of strings", {}),
 ])
 def test_rows_a_stage_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path, stage, row, message, settings):
@@ -667,8 +695,13 @@ def test_non_finite_gradients_stop_the_run_and_keep_the_last_saved_step(tiny_mod
 def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
     assert tiny_model.config.retrieval_key == "mean"
     train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
-    with pytest.raises(ValueError, match="another configuration"):
+    with pytest.raises(ValueError, match="another configuration: lr=1.0 \\(was 0.0001\\), steps=2 \\(was 1\\)"):
         train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1, lr=1.0), tmp_path)
+    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["config"]["probe_every"]  # a run saved before the knob existed, at its default
+    torch.save(state, state_file)
+    train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)  # resumes: done
     tiny_model.config.retrieval_key = "flat"  # e.g. `clara train ... --retrieval-key flat` on resume
     with pytest.raises(ValueError, match="retrieval_key='flat' \\(was 'mean'\\)"):
         train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1), tmp_path)
