@@ -19,13 +19,13 @@ from .errors import InvalidInputError
 
 def bm25_rank(query: str, passages: list[str]) -> list[int]:
     """Passage indices, best BM25 match first."""
-    return _ranking(_index(passages), query)
+    return _best(_index(passages), query, len(passages))
 
 
 def bm25_top(queries: list[str], passages: list[str], n: int) -> list[list[int]]:
     """For each query, the indices of the n passages it matches best, best first (one index)."""
     index = _index(passages)
-    return [_ranking(index, query)[:n] for query in tqdm(queries, desc="ranking (BM25)", disable=len(queries) < 1000)]
+    return [_best(index, query, n) for query in tqdm(queries, desc="ranking (BM25)", disable=len(queries) < 1000)]
 
 
 def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
@@ -33,16 +33,21 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
     the example's own passages and gold stay first."""
     if all(len(e.passages) >= size for e in examples):
         return examples
-    everything = [(e.id, p) for e in examples for p in e.passages]
-    pool_texts = [p for _, p in everything]
+    owners = [e.id for e in examples for _ in e.passages]
+    pool_texts = [p for e in examples for p in e.passages]
     index = _index(pool_texts)
     result = []
     for example in tqdm(examples, desc="filling pools (BM25)", disable=len(examples) < 1000):
         passages = list(example.passages)
-        if len(passages) < size:
-            extra = dict.fromkeys(pool_texts[i] for i in _ranking(index, example.question)
-                                  if everything[i][0] != example.id and pool_texts[i] not in passages)
-            passages += list(extra)[: size - len(passages)]  # a passage other examples share comes once
+        wanted = size - len(passages)
+        ranked = 4 * size  # enough, unless the best ones are mostly the example's own or repeats
+        while wanted > 0:
+            extra = dict.fromkeys(pool_texts[i] for i in _best(index, example.question, ranked)
+                                  if owners[i] != example.id and pool_texts[i] not in passages)
+            if len(extra) >= wanted or ranked >= len(pool_texts):
+                passages += list(extra)[:wanted]  # a passage other examples share comes once
+                break
+            ranked *= 4
         result.append(dataclasses.replace(example, passages=passages))
     return result
 
@@ -75,8 +80,20 @@ def _index(passages: list[str]) -> bm25s.BM25:
     return index
 
 
-def _ranking(index: bm25s.BM25, query: str) -> list[int]:
-    """Every passage index, best first; a query of stopwords alone ("Is it?") scores all alike."""
+def _best(index: bm25s.BM25, query: str, n: int) -> list[int]:
+    """The indices of the n best passages, best first, ties in index order: the start of a stable
+    sort of every score, without sorting (or walking) a whole corpus for each query. A query of
+    stopwords alone ("Is it?") scores all alike."""
     words = bm25s.tokenize(query, show_progress=False, return_ids=False)[0]
-    scores = index.get_scores(words) if words else np.zeros(index.scores["num_docs"])
-    return [int(i) for i in np.argsort(-np.asarray(scores), kind="stable")]
+    scores = np.asarray(index.get_scores(words)) if words else np.zeros(index.scores["num_docs"])
+    n = min(n, len(scores))
+    if n <= 0:
+        return []
+    if n < len(scores):
+        nth = np.partition(scores, len(scores) - n)[len(scores) - n]  # the n-th highest score
+        above, tied = np.flatnonzero(scores > nth), np.flatnonzero(scores == nth)
+        chosen = np.concatenate([above, tied[: n - len(above)]])
+        chosen.sort()  # so that the stable sort below breaks ties by index
+    else:
+        chosen = np.arange(len(scores))
+    return [int(i) for i in chosen[np.argsort(-scores[chosen], kind="stable")]]

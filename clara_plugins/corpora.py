@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -27,18 +28,27 @@ class QAExample:
 
 
 def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
-    """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows)."""
+    """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows).
+
+    MuSiQue-full's questions marked ``"answerable": false`` (their evidence removed from the
+    paragraphs) are left out, with a warning: no answer could be read from their passages."""
     path = _existing_file(path)
     rows = read_json(path, InvalidInputError) if path.suffix == ".json" else read_jsonl(path)
     if not isinstance(rows, list):
         raise InvalidInputError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
     examples = []
+    unanswerable = 0
     for number, row in enumerate(rows[:limit]):
+        if isinstance(row, dict) and row.get("answerable") is False:
+            unanswerable += 1
+            continue
         try:
             examples.append(_example(row, number))
         except (KeyError, TypeError, ValueError) as error:  # a field missing or of the wrong shape
             problem = f"has no field {error}" if isinstance(error, KeyError) else str(error)
             raise InvalidInputError(f"{path}, row {number}: {problem}") from error
+    if unanswerable:
+        warnings.warn(f"{path}: left out {unanswerable} questions marked unanswerable", stacklevel=2)
     if not examples:
         raise InvalidInputError(f"{path} holds no examples")
     return examples
@@ -97,12 +107,13 @@ def _example(row: dict, number: int) -> QAExample:
         passages = [f"{title}\n{glue.join(sentences).strip()}" for title, sentences in row["context"]]
         present = {title for title, _ in row["context"]}
         gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
-        return QAExample(str(row["_id"]), row["question"], [row["answer"]], passages, gold, titles <= present)
+        return QAExample(str(row["_id"]), row["question"], [row["answer"]], *_distinct(passages, gold),
+                         titles <= present)
     if "paragraphs" in row:  # MuSiQue
         passages = [f"{p['title']}\n{p['paragraph_text']}" for p in row["paragraphs"]]
         gold = [i for i, p in enumerate(row["paragraphs"]) if p["is_supporting"]]
         return QAExample(str(row["id"]), row["question"], [row["answer"], *row.get("answer_aliases", [])],
-                         passages, gold)
+                         *_distinct(passages, gold))
     if "ctxs" in row:  # NQ-open with passages
         passages = [f"{c['title']}\n{c['text']}" for c in row["ctxs"]]
         gold = [i for i, c in enumerate(row["ctxs"]) if c.get("isgold")]
@@ -111,6 +122,15 @@ def _example(row: dict, number: int) -> QAExample:
             raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
         return QAExample(f"nq-{number}", row["question"], answers, passages, gold)
     raise ValueError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: {sorted(row)[:8]}")
+
+
+def _distinct(passages: list[str], gold: list[int]) -> tuple[list[str], list[int]]:
+    """The passages with each text once (2WikiMultihopQA repeats a paragraph within a question,
+    which would fill two of a reader's k places), and the gold as positions among them."""
+    first = {}
+    for i, passage in enumerate(passages):
+        first.setdefault(passage, len(first))
+    return list(first), sorted({first[passages[i]] for i in gold})
 
 
 def document_id(text: str) -> str:

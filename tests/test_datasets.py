@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clara_plugins.bm25 import bm25_rank, fill_short_pools, with_candidates
+from clara_plugins.bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples
 from clara_plugins.errors import InvalidInputError
@@ -66,6 +66,26 @@ def test_question_files_of_the_wrong_shape_are_named(tmp_path, name, content, me
         read_examples(tmp_path / "typo.json")
 
 
+def test_musique_questions_marked_unanswerable_are_left_out_with_a_warning(tmp_path):
+    # their evidence is removed from the paragraphs: they were scored (and trained on) as answerable
+    def row(id_, answerable):
+        return json.dumps({"id": id_, "question": "q?", "answer": "a", "answerable": answerable, "paragraphs": [
+            {"title": "T", "paragraph_text": "a", "is_supporting": answerable}]})
+
+    (tmp_path / "musique.jsonl").write_text(f"{row('kept', True)}\n{row('dropped', False)}\n")
+    with pytest.warns(UserWarning, match="left out 1 questions marked unanswerable"):
+        assert [e.id for e in read_examples(tmp_path / "musique.jsonl")] == ["kept"]
+
+
+def test_a_paragraph_repeated_within_a_question_is_one_passage(tmp_path):
+    # 2WikiMultihopQA repeats a paragraph in about 4 % of its questions: it took two of k places
+    context = [["Pirates", ["A film."]], ["Vienna", ["A city."]], ["Pirates", ["A film."]], ["Danube", ["A river."]]]
+    (tmp_path / "2wiki.json").write_text(json.dumps([{"_id": "x", "question": "q?", "answer": "a", "context": context,
+                                                      "supporting_facts": [["Danube", 0], ["Pirates", 0]]}]))
+    example = read_examples(tmp_path / "2wiki.json")[0]
+    assert example.passages == ["Pirates\nA film.", "Vienna\nA city.", "Danube\nA river."] and example.gold == [0, 2]
+
+
 @needs_data
 def test_oracle_rows_hold_the_gold_passages_and_e2e_rows_point_at_them():
     examples = read_examples(SHARED_DATA / "hotpotqa" / "dev.json", limit=40)
@@ -88,6 +108,33 @@ def test_a_pool_is_filled_with_each_shared_passage_once():
                 QAExample("d", "d", ["x"], ["Paris\nThe Seine flows through Paris."], [0])]
     filled = fill_short_pools(examples, 3)[0].passages
     assert filled[1] == shared and filled.count(shared) == 1 and len(filled) == 3
+
+
+def test_the_best_n_passages_are_the_start_of_the_full_ranking_ties_in_index_order():
+    # the n best are selected without sorting the whole corpus: ties at the cut must fall as in a stable sort
+    passages = ["Danube\nA river."] * 4 + ["Danube\nThe Danube is a river."] * 3 + ["Seine\nParis."] * 5
+    for query in ("the danube river", "paris", "Is it?"):
+        full = bm25_rank(query, passages)
+        assert [bm25_top([query], passages, n)[0] for n in range(len(passages) + 2)] == \
+            [full[:n] for n in range(len(passages) + 2)]
+
+
+@needs_data
+def test_pools_filled_from_the_best_few_are_those_the_whole_ranking_filled():
+    # each question walked its ranking of every passage in the file: hours on an official train split
+    def reference(examples, size):  # the whole ranking, each question
+        texts = [(e.id, p) for e in examples for p in e.passages]
+        filled = []
+        for example in examples:
+            passages = list(example.passages)
+            ranking = bm25_rank(example.question, [p for _, p in texts])
+            extra = dict.fromkeys(texts[i][1] for i in ranking if texts[i][0] != example.id
+                                  and texts[i][1] not in passages)
+            filled.append(passages + list(extra)[: max(0, size - len(passages))])
+        return filled
+
+    examples = read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=120)
+    assert [e.passages for e in fill_short_pools(examples, 20)] == reference(examples, 20)
 
 
 def test_a_question_of_stopwords_alone_ranks_every_passage():
