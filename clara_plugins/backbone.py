@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import write_folder_atomically
 from .config import DEFAULT_BASE_MODEL
@@ -65,11 +65,23 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as error:
-        raise OSError(
-            f"could not load base model {name_or_path!r}: it must be a local Hugging Face model "
-            f"folder or a hub id already in the local Hugging Face cache ({error})"
-        ) from error
+        raise _not_loadable(name_or_path, error) from error
     return model, tokenizer
+
+
+def check_base_model(name_or_path: str) -> None:
+    """Refuse a base model that will not load, from its config alone, before work whose
+    weights load later (the default is checked when it is first dequantised)."""
+    if name_or_path != DEFAULT_BASE_MODEL:
+        try:
+            AutoConfig.from_pretrained(name_or_path)
+        except OSError as error:
+            raise _not_loadable(name_or_path, error) from error
+
+
+def _not_loadable(name_or_path: str, error: OSError) -> OSError:
+    return OSError(f"could not load base model {name_or_path!r}: it must be a local Hugging Face model "
+                   f"folder or a hub id already in the local Hugging Face cache ({error})")
 
 
 def default_model_folder() -> Path:

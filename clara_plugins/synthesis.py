@@ -76,9 +76,13 @@ def as_teacher(model: object) -> Teacher:
 class HuggingFaceTeacher:
     """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model).
 
-    The model loads at the first prompt, so that ``synthesize`` refuses a bad output first."""
+    The name is checked at once and the weights load at the first prompt, so that a mistyped
+    name and a bad output are both refused before anything is written or loaded."""
 
     def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256) -> None:
+        from .backbone import check_base_model
+
+        check_base_model(name_or_path)
         self.name_or_path = name_or_path
         self.max_new_tokens = max_new_tokens
         self.model = self.tokenizer = None

@@ -194,6 +194,16 @@ def test_clara_synth_refuses_a_bad_output_before_it_loads_the_teacher(tmp_path, 
     assert exit_.value.code == 5 and "exists without scp.jsonl.done" in capsys.readouterr().err
 
 
+def test_clara_synth_refuses_a_teacher_that_names_no_model_before_it_writes(tmp_path, capsys):
+    # the teacher loaded at its first prompt, after the output and its ledger were made
+    (tmp_path / "corpus.txt").write_text(DOC)
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", str(tmp_path / "corpus.txt"), str(tmp_path / "scp.jsonl"), "--teacher",
+              str(tmp_path / "no-such-model")])
+    assert exit_.value.code == 3 and "could not load base model" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.txt"]
+
+
 def test_langchain_and_llama_index_models_are_teachers():
     chat = FakeListChatModel(responses=["Question: Where?\nAnswer: Warsaw"])
     assert parse_pairs(as_teacher(chat)("any prompt")) == [("Where?", "Warsaw")]
