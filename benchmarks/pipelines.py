@@ -15,8 +15,10 @@ reading text, or CLaRa's decoder reading memory tokens.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from langchain_core.embeddings import Embeddings
@@ -48,6 +50,15 @@ def timed_pieces(start: Callable[[], Iterable[str]]) -> tuple[str, float]:
     return text, first if first is not None else time.perf_counter() - began
 
 
+@contextlib.contextmanager
+def reading_text(reader: ClaraModel) -> Iterator[None]:
+    """The text-reading weights, without the adapters' warning that no memory tokens were read:
+    the text systems read none by design."""
+    with text_weights(reader), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".* read no memory tokens", category=UserWarning)
+        yield
+
+
 class LangChainTextRAG:
     """``InMemoryVectorStore`` over sentence-transformers embeddings, then the LCEL chain
     ``CLARA_PROMPT | ChatClara`` without a CLaRa store, so the passages are read as text (by
@@ -73,7 +84,7 @@ class LangChainTextRAG:
         return [int(document.id) for document in self.hits]
 
     def generate(self, question: str) -> tuple[str, int, float]:
-        with text_weights(self.reader):
+        with reading_text(self.reader):
             inputs = {"context": format_documents(self.hits), "question": question}
             answer, first = timed_pieces(lambda: (chunk.text for chunk in self.chain.stream(inputs)))
         texts = [document.page_content for document in self.hits]
@@ -125,7 +136,7 @@ class LlamaIndexBM25RAG(_LlamaIndexRAG):
 
     def generate(self, question: str) -> tuple[str, int, float]:
         texts = [hit.node.get_content() for hit in self.hits]
-        with text_weights(self.reader):
+        with reading_text(self.reader):
             answer, first = self.answer(question)
         return answer, prompt_positions(self.reader.tokenizer, text_prompt(self.reader, question, texts)), first
 

@@ -38,8 +38,8 @@ def markdown_table(report: dict) -> str:
         f"commit {report['commit']}, {report['machine']['cpus']} CPUs)"
         + (f"; recall over the {bench['recall_questions']} questions whose pool holds a gold passage"
            if "recall_questions" in bench else "")
-        + ("" if bench.get("held_out") is not False else "; the shipped checkpoint's query reasoner was trained on these "
-           "questions, so its end-to-end rows are not held out"),
+        + ("" if bench.get("held_out") is not False else f"; the shipped checkpoint's "
+           f"{bench.get('trained_on', 'query reasoner')} trained on these questions, so its rows are not held out"),
         "",
         "| system | framework | checkpoint | EM | F1 (95 % interval) | cover-EM | R@1 | R@3 | R@5 | context positions "
         "| index p50 ms | retrieve p50 ms | first token p50 ms | generate p50 / p95 ms | answer tokens "

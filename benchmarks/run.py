@@ -46,9 +46,12 @@ DATASETS = {
     "musique": ("musique/dev.jsonl", None),
     "nq": ("nq/dev.jsonl", 300),
 }
-# The dev sets the shipped checkpoint's retrieval stage trained on whole: there its query
-# reasoner's rows are not held out, and the report says so.
-NOT_HELD_OUT = ("2wiki", "musique")
+# What of the shipped checkpoint trained on a file's questions, so that the report says its rows
+# are not held out: the retrieval stage read these dev sets whole, and every stage the train splits.
+TRAINED_ON = {"2wiki": "query reasoner", "musique": "query reasoner",
+              "hotpotqa/train.json": "generator and query reasoner",
+              "2wikimultihopqa/train.json": "generator and query reasoner",
+              "musique/train.jsonl": "generator and query reasoner"}
 MODES = {"quick": (8, ["hotpotqa"]), "full": (200, ["hotpotqa", "nq"])}  # (sample, datasets)
 
 
@@ -104,8 +107,10 @@ def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: 
         raise InvalidInputError(f"{path} gives no {setting} rows" + (": no example has all its gold passages"
                                                                       if setting == "oracle" else ""))
     chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
+    trained_on = TRAINED_ON.get(name) if name else _training_file(path)
     return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
-                    "held_out": None if name is None else name not in NOT_HELD_OUT, "sample": len(chosen),
+                    "held_out": None if name is None and trained_on is None else trained_on is None,
+                    **({"trained_on": trained_on} if trained_on else {}), "sample": len(chosen),
                     "recall_questions": sum(bool(r["pos_index"]) for r in chosen), "setting": setting, "seed": seed,
                     "pool_size": round(sum(len(r["docs"]) for r in chosen) / len(chosen), 1)}
 
@@ -117,6 +122,12 @@ def _data_file(source: str, data_dir: str) -> tuple[Path, str | None]:
     if not path.exists():
         raise FileNotFoundError(f"no data file {path}: pass --data-dir or a file path")
     return path, dataset_name(source)
+
+
+def _training_file(path: Path) -> str | None:
+    """What of the shipped checkpoint trained on an official train split's questions, or None."""
+    posix = "/" + path.as_posix()
+    return next((trained for file, trained in TRAINED_ON.items() if "/" in file and posix.endswith("/" + file)), None)
 
 
 def dataset_name(source: str) -> str | None:
@@ -171,7 +182,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                                 f"({', '.join(sorted({s for s in stems if stems.count(s) > 1}))})")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} is a file: name the folder the reports go to")
+        raise FileExistsError(f"--out {out} is a file: name the folder the reports go to")
     for spec in systems:
         if spec.checkpoint:
             read_config(Path(spec.checkpoint))

@@ -71,6 +71,24 @@ def test_clara_and_its_control_share_the_compressed_documents(tiny_model, monkey
     assert [p["prediction"] for p in own["predictions"]] == [p["prediction"] for p in alone["predictions"]]
 
 
+def test_seconds_per_question_leave_out_compression_whichever_pass_compressed(tiny_model, monkeypatch):
+    # clara was charged every pool's compression and its control, reading the same pools, none
+    clock = [0.0]
+    compress = tiny_model.compress_documents
+
+    def slow_compression(docs):
+        clock[0] += 100.0
+        return compress(docs)
+
+    monkeypatch.setattr(tiny_model, "compress_documents", slow_compression)
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: clock[0])
+    memories = {}
+    own = evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=2, memories=memories)
+    control = evaluate_answers(tiny_model, ROWS, "control", k=3, max_new_tokens=2, memories=memories)
+    assert clock[0] == 100.0 * len(ROWS)
+    assert own["seconds_per_question"] == control["seconds_per_question"] == 0.0
+
+
 def test_several_control_shifts_average_each_questions_scores(tiny_model, monkeypatch):
     # The stand-in generator answers with the first document it is given.
     monkeypatch.setattr(evaluation, "_clara_answers",
