@@ -39,7 +39,7 @@ class ReaderFields(BaseModel):
         if self.clara is None:
             self.clara = self.store.model if self.store is not None else load_model()
         elif self.store is not None and self.clara is not self.store.model:
-            # its generator reads the store's memories: they must be of its own compressor (in any dtype)
+            # its generator reads the store's memories: they must be of its own compressor (dtypes: compressor_signature)
             check_compressor(compressor_signature(self.store.model), compressor_signature(self.clara),
                              "the store beside clara")
         self._reader = Reader(type(self).__name__)

@@ -38,25 +38,28 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
     if not apple.get("different_mem_tokens", True) or not apple.get("sep", True):
         raise CheckpointError(f"{path}: only checkpoints with different_mem_tokens and sep are supported")
     base = base_model or apple.get("decoder_model_name")
-    if not base or (base.startswith("/") and not Path(base).exists()):
+    if not isinstance(base, str) or not base or (base.startswith("/") and not Path(base).exists()):
         raise CheckpointError(
             f"{path} names base model {apple.get('decoder_model_name')!r}, which is not reachable "
             "here: pass base_model= (or --base-model) with a local copy of it"
         )
     if "compr_rate" not in apple:
         raise CheckpointError(f"{path} has no compr_rate: the compression rate its memories were trained at")
-    lora_r = int(apple.get("lora_r", 16))
-    return ClaraConfig(
-        base_model=base,
-        compression_rate=int(apple["compr_rate"]),
-        memory_design="tokens",
-        retrieval_key="flat",
-        doc_max_length=int(apple.get("doc_max_length", 256)),
-        lora_r=lora_r,
-        lora_alpha=2 * lora_r,
-        generation_top_k=int(apple.get("generation_top_k", 5)),
-        max_new_tokens=int(apple.get("max_new_tokens", 128)),
-    )
+    try:  # a null, a word or a number out of range is named with its file
+        lora_r = int(apple.get("lora_r", 16))
+        return ClaraConfig(
+            base_model=base,
+            compression_rate=int(apple["compr_rate"]),
+            memory_design="tokens",
+            retrieval_key="flat",
+            doc_max_length=int(apple.get("doc_max_length", 256)),
+            lora_r=lora_r,
+            lora_alpha=2 * lora_r,
+            generation_top_k=int(apple.get("generation_top_k", 5)),
+            max_new_tokens=int(apple.get("max_new_tokens", 128)),
+        )
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from error
 
 
 def _load_pth(path: Path) -> dict:
@@ -94,6 +97,8 @@ def load_apple_checkpoint(
         raise CheckpointError(f"{folder}/adapters.pth lacks {sorted(missing)}: no compressor or generator to load")
     model = ClaraModel(config, device=device, dtype=dtype)
     for name, state in adapters.items():
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{folder}/adapters.pth: {name} is a {type(state).__name__}, not a state dict")
         peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
         load_adapter_weights(model, name, peft_state, source=f"{folder / 'adapters.pth'}[{name}]")
     if QUERY_REASONER not in adapters:

@@ -93,7 +93,10 @@ def compressor_signature(model: AdaptedModel) -> dict:
 
     Stores of compressed documents record it and refuse to mix with another compressor. The
     weights are hashed rounded to bf16, so that a checkpoint signs alike in fp32 on a CPU and
-    in bf16 or fp16 on a GPU: a store filled by GPU workers opens on a CPU.
+    in bf16 on a GPU: a store filled by GPU workers opens on a CPU. So does fp16 for a
+    checkpoint saved in fp16 (the shipped one; ``save_pretrained(dtype="float16")``); an fp32
+    checkpoint loaded in fp16 rounds its added rows twice (to fp16, then to bf16), and a few of
+    them may then land on the other side of a bf16 rounding, and sign otherwise.
     """
     digest = hashlib.sha256()
     encoder = get_peft_model_state_dict(model.lm, adapter_name=ADAPTER_NAMES[0], save_embedding_layers=False)

@@ -95,9 +95,21 @@ def test_pickles_with_code_are_refused(tiny_tokens_model, tiny_base, tmp_path):
         load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
 
 
+def test_an_adapter_that_is_not_a_state_dict_is_named(tiny_tokens_model, tiny_base, tmp_path):
+    # an AttributeError ('list' object has no attribute 'items') before
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
+    torch.save({"encoder_adapter": [torch.zeros(2)], "decoder_adapter": {}}, tmp_path / "apple" / "adapters.pth")
+    with pytest.raises(CheckpointError, match="adapters.pth: encoder_adapter is a list, not a state dict"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+
+
 @pytest.mark.parametrize("config,message", [
     ([{"model_type": "CLaRa"}], r"config.json holds a JSON list, not a checkpoint's configuration"),
     ({"model_type": "CLaRa"}, r"config.json has no compr_rate: the compression rate its memories were trained at"),
+    # a bare TypeError, ValueError and AttributeError before
+    ({"model_type": "CLaRa", "compr_rate": None}, r"config.json: int\(\) argument must be"),
+    ({"model_type": "CLaRa", "compr_rate": "16x"}, r"config.json: invalid literal for int\(\)"),
+    ({"model_type": "CLaRa", "compr_rate": 16, "doc_max_length": 8}, r"config.json: doc_max_length \(8\) must be"),
 ])
 def test_a_config_of_the_wrong_shape_is_named(tiny_base, tmp_path, config, message):
     (tmp_path / "apple").mkdir()
