@@ -29,6 +29,12 @@ def _f1_cell(row: dict) -> str:
     return f"{row['f1']:.1f} ({low:.1f}–{high:.1f})"
 
 
+def _not_held_out(trained_on: str) -> str:
+    """The table's caveat: only the rows whose encoder or reader trained on the questions."""
+    rows = "its end-to-end rows are" if trained_on == "query reasoner" else "its rows are"
+    return f"; the shipped checkpoint's {trained_on} trained on these questions, so {rows} not held out"
+
+
 def markdown_table(report: dict) -> str:
     """The results table of one run, with the sample it was measured on."""
     bench = report["benchmark"]
@@ -38,8 +44,7 @@ def markdown_table(report: dict) -> str:
         f"commit {report['commit']}, {report['machine']['cpus']} CPUs)"
         + (f"; recall over the {bench['recall_questions']} questions whose pool holds a gold passage"
            if "recall_questions" in bench else "")
-        + ("" if bench.get("held_out") is not False else f"; the shipped checkpoint's "
-           f"{bench.get('trained_on', 'query reasoner')} trained on these questions, so its rows are not held out"),
+        + ("" if bench.get("held_out") is not False else _not_held_out(bench.get("trained_on", "query reasoner"))),
         "",
         "| system | framework | checkpoint | EM | F1 (95 % interval) | cover-EM | R@1 | R@3 | R@5 | context positions "
         "| index p50 ms | retrieve p50 ms | first token p50 ms | generate p50 / p95 ms | answer tokens "

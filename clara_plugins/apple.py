@@ -95,10 +95,11 @@ def load_apple_checkpoint(
     missing = {ENCODER, DECODER} - set(adapters)
     if missing:
         raise CheckpointError(f"{folder}/adapters.pth lacks {sorted(missing)}: no compressor or generator to load")
+    for name, state in adapters.items():  # before the base model loads
+        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+            raise CheckpointError(f"{folder}/adapters.pth: {name} is not a state dict of named tensors")
     model = ClaraModel(config, device=device, dtype=dtype)
     for name, state in adapters.items():
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{folder}/adapters.pth: {name} is a {type(state).__name__}, not a state dict")
         peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
         load_adapter_weights(model, name, peft_state, source=f"{folder / 'adapters.pth'}[{name}]")
     if QUERY_REASONER not in adapters:

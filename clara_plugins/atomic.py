@@ -63,6 +63,8 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         _sync(staging)  # the swap below removes the old copy: the new one must be on disk first
         if folder.exists():
             old = _old_copy(folder)
+            if old.is_symlink():  # left by a swap that renamed a link (saves before links were followed)
+                old.unlink()
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
             os.replace(staging, folder)
@@ -120,6 +122,7 @@ def _link_or_copy(source: Path | str, target: Path | str) -> None:
 def recover_folder(folder: Path) -> None:
     """Finish a swap that a crash interrupted: when ``folder`` is gone but its old copy is
     there, the old copy is the last complete one."""
+    folder = _followed(folder)
     old = _old_copy(folder)
     if not folder.exists() and old.is_dir():
         os.replace(old, folder)

@@ -87,9 +87,6 @@ class ClaraConfig:
             raise ValueError(f"ClaraConfig.lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"ClaraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.memory_layer < -1:
-            raise ValueError(f"ClaraConfig.memory_layer must be -1 (the last layer, normed) or a layer index, "
-                             f"got {self.memory_layer}")
         if self.doc_max_length < self.compression_rate:
             raise ValueError(
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "

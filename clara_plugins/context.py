@@ -150,17 +150,17 @@ def read_messages(
         if i == last_user and background:
             kept = sorted((j for j in (next(order) for _ in background) if j in keep), key=keep.get)
             read += kept
-            content = ANSWER_TEMPLATE.format(documents=model.document_placeholder * len(kept), question="")
+            content = ANSWER_TEMPLATE.format(documents="".join(map(_marker, kept)), question="")
         for piece in message:
             if isinstance(piece, str):
                 content += piece
             elif (j := next(order)) in keep:
                 read.append(j)
-                content += model.document_placeholder
+                content += _marker(j)
         rendered.append({"role": role, "content": content})
     if rendered[0]["role"] != "system":
         rendered.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-    prompt = render_messages(model.tokenizer, rendered)
+    prompt, read = _placed(render_messages(model.tokenizer, rendered), read, model.document_placeholder)
     chosen = [everyone[j] for j in read]
     return Reading(
         prompt=prompt,
@@ -169,6 +169,26 @@ def read_messages(
         compressed=sum(d.stored_id is None for d in chosen),
         positions=prompt_positions(model.tokenizer, prompt),
     )
+
+
+def _marker(document: int) -> str:
+    """A document's place in a message until the chat template has laid the messages out."""
+    return f"\ue000{document}\ue001"  # private-use characters: no template or text writes them
+
+
+def _placed(text: str, read: list[int], placeholder: str) -> tuple[str, list[int]]:
+    """The rendered prompt with each document's marker replaced by its memory placeholder, and
+    the documents in the order the prompt holds them: memories fill the placeholders in order,
+    and a template may move a message (Mistral's puts the system text in the last user turn;
+    a template without a system role gets it in the first user turn)."""
+    found = {j: text.find(_marker(j)) for j in read}
+    lost = [j for j, at in found.items() if at < 0]
+    if lost:
+        raise InvalidInputError(f"the tokenizer's chat template left out {len(lost)} of the messages' documents "
+                                "(a template that drops the system message?): put them in a user message")
+    for j in read:
+        text = text.replace(_marker(j), placeholder)
+    return text, sorted(read, key=found.get)
 
 
 def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) -> list[str | _Document]:

@@ -71,9 +71,10 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
-        if self.config.memory_layer > lm.config.num_hidden_layers:  # hidden_states[0..num_hidden_layers]
+        layers = lm.config.num_hidden_layers  # hidden_states[i] for -layers-1 <= i <= layers
+        if not -layers - 1 <= self.config.memory_layer <= layers:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
-                             f"has {lm.config.num_hidden_layers} layers")
+                             f"has {layers} layers")
         self.base_fingerprint = fingerprint(lm, tokenizer)
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)

@@ -98,9 +98,11 @@ def test_pickles_with_code_are_refused(tiny_tokens_model, tiny_base, tmp_path):
 def test_an_adapter_that_is_not_a_state_dict_is_named(tiny_tokens_model, tiny_base, tmp_path):
     # an AttributeError ('list' object has no attribute 'items') before
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
-    torch.save({"encoder_adapter": [torch.zeros(2)], "decoder_adapter": {}}, tmp_path / "apple" / "adapters.pth")
-    with pytest.raises(CheckpointError, match="adapters.pth: encoder_adapter is a list, not a state dict"):
-        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+    for adapters in ({"encoder_adapter": [torch.zeros(2)], "decoder_adapter": {}},
+                     {"encoder_adapter": {1: torch.zeros(2)}, "decoder_adapter": {}}):
+        torch.save(adapters, tmp_path / "apple" / "adapters.pth")
+        with pytest.raises(CheckpointError, match="adapters.pth: encoder_adapter is not a state dict of named"):
+            load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
 
 
 @pytest.mark.parametrize("config,message", [

@@ -103,6 +103,24 @@ def test_a_folder_or_file_named_by_a_symbolic_link_is_replaced_behind_the_link(t
     assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint", "disk", "store.json"]
 
 
+def test_a_swap_cut_short_behind_a_link_is_recovered_and_a_link_left_at_the_old_name_is_cleared(tmp_path):
+    from clara_plugins.atomic import recover_folder
+
+    target, link = tmp_path / "disk" / "checkpoint", tmp_path / "checkpoint"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("last save")
+    link.symlink_to(target)
+    os.replace(target, tmp_path / "disk" / ".checkpoint.old")  # killed between the two renames
+    recover_folder(link)  # looked for .checkpoint.old beside the link, found none: a run restarted at step 0
+    assert (link / "config.json").read_text() == "last save"
+    # saves before links were followed renamed the link to .NAME.old; each later save then failed
+    plain = tmp_path / "plain"
+    write_folder_atomically(plain, lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    (tmp_path / ".plain.old").symlink_to(target)
+    write_folder_atomically(plain, lambda staging: (staging / "config.json").write_text("2"), "config.json")
+    assert (plain / "config.json").read_text() == "2" and (target / "config.json").read_text() == "last save"
+
+
 def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     # the staging folder was owner-only (0700): checkpoints were unreadable to the user's group
     umask = os.umask(0o022)

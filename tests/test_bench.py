@@ -100,6 +100,19 @@ def test_report_writes_json_markdown_and_plots(results, tmp_path):
     assert report["headline"]["first_token_latency_ratio_text_over_clara"] > 0
 
 
+def test_the_table_says_which_rows_are_not_held_out(results):
+    from clara_benchmarks.report import markdown_table
+
+    bench = {"dataset": "toy", "mode": "quick", "setting": "normal", "sample": 2, "seed": 0, "pool_size": 5.0, "k": 2}
+    report = {"commit": "abc", "machine": {"cpus": 2}, "headline": headline(results), "systems": results}
+    caveats = [markdown_table({**report, "benchmark": {**bench, **drawn}}).splitlines()[0] for drawn in (
+        {"held_out": True}, {"held_out": False, "trained_on": "query reasoner"},
+        {"held_out": False, "trained_on": "generator and query reasoner"})]
+    assert "held out" not in caveats[0]
+    assert caveats[1].endswith("query reasoner trained on these questions, so its end-to-end rows are not held out")
+    assert caveats[2].endswith("generator and query reasoner trained on these questions, so its rows are not held out")
+
+
 def test_a_report_that_fails_to_render_leaves_the_last_one_as_it_was(results, tmp_path):
     report = {"benchmark": {"dataset": "toy", "mode": "quick", "setting": "normal", "sample": 2, "seed": 0,
                             "pool_size": 5.0, "k": 2},

@@ -20,7 +20,7 @@ from langchain_core.runnables import RunnablePassthrough
 from llama_index.core import StorageContext, VectorStoreIndex
 from llama_index.core.schema import TextNode
 
-from clara_plugins import ClaraModel
+from clara_plugins import ClaraModel, InvalidInputError
 from clara_plugins.context import read_messages
 from conftest import CORPUS, randomize_adapters
 from langchain_clara import ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
@@ -249,6 +249,27 @@ def test_either_frameworks_store_is_accepted_by_either_model(tiny_model, vectors
     _, llama_store = llama_index
     assert ChatClara(store=llama_store).store is llama_store.client
     assert ClaraLLM(store=vectorstore).store is vectorstore.store
+
+
+def test_memories_follow_the_documents_where_the_chat_template_moved_their_messages(tiny_model):
+    # a template without a system role gets the system texts in the first user turn: the prompt
+    # held A, C, B while the memories went in as A, B, C, each into another document's slots
+    tiny_model.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    a, b, c = CORPUS[0], CORPUS[2], CORPUS[4]
+    messages = [("system", a), ("user", b), ("assistant", "Noted."), ("system", c), ("user", QUESTION)]
+    reading = read_messages(tiny_model, messages, documents=[a, b, c])
+    assert torch.allclose(reading.memories, tiny_model.compress_documents([a, c, b]).cpu(), atol=1e-5)
+    assert reading.prompt.index("<|user|>") < reading.prompt.index(tiny_model.document_placeholder)
+
+
+def test_documents_a_chat_template_leaves_out_are_refused_by_name(tiny_model):
+    tiny_model.tokenizer.chat_template = (  # drops the system message
+        "{% for m in messages %}{% if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(InvalidInputError, match="chat template left out 1 of the messages' documents"):
+        read_messages(tiny_model, [("system", CORPUS[0]), ("user", QUESTION)], documents=[CORPUS[0]])
 
 
 def test_a_short_explicit_document_is_not_cut_out_of_the_question(tiny_model):

@@ -60,8 +60,7 @@ def test_a_count_below_one_is_refused_by_the_config(field):
 
 
 @pytest.mark.parametrize("values, message", [({"lora_alpha": 0}, "lora_alpha must be positive"),
-                                             ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
-                                             ({"memory_layer": -2}, "memory_layer must be -1")])
+                                             ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)")])
 def test_adapter_and_layer_settings_out_of_range_are_refused_by_the_config(values, message):
     # lora_alpha 0 scaled every adapter to nothing: a run trained and saved an untrained model
     with pytest.raises(ValueError, match=message):
@@ -71,8 +70,10 @@ def test_adapter_and_layer_settings_out_of_range_are_refused_by_the_config(value
 def test_a_memory_layer_beyond_the_base_models_is_refused_when_it_loads(tiny_config):
     # it failed with a bare IndexError at the first compression
     layers = ClaraModel(tiny_config, device="cpu").lm.config.num_hidden_layers
-    with pytest.raises(ValueError, match=f"memory_layer is {layers + 1}, but .* has {layers} layers"):
-        ClaraModel(dataclasses.replace(tiny_config, memory_layer=layers + 1), device="cpu")
+    for layer in (layers + 1, -layers - 2):
+        with pytest.raises(ValueError, match=f"memory_layer is {layer}, but .* has {layers} layers"):
+            ClaraModel(dataclasses.replace(tiny_config, memory_layer=layer), device="cpu")
+    ClaraModel(dataclasses.replace(tiny_config, memory_layer=-2), device="cpu")  # the next-to-last layer's states
 
 
 def test_a_long_query_keeps_the_question_at_its_end(tiny_model):
