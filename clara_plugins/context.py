@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .checks import check_texts
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
 from .model import ClaraModel
@@ -125,6 +126,8 @@ def read_messages(
         raise ValueError(f"unknown message roles {sorted(unknown)}; use {ROLES}")
     if ids and store is None:
         raise ValueError("document_ids need a store to read them from")
+    if documents:
+        check_texts(list(documents), "documents")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"k must be a positive integer, got {k!r}")
     explicit = [_Document(d.text, d.id) for d in (store.get(ids) if ids else [])]

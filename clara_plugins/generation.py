@@ -37,12 +37,12 @@ def greedy_steps(
                   logits_to_keep=1)
     last_position = positions[:, -1:]
     finished = torch.zeros(mask.size(0), dtype=torch.bool, device=mask.device)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         next_ids = out.logits[:, -1, :].argmax(dim=-1)
         next_ids = torch.where(finished, torch.full_like(next_ids, -1), next_ids)
         yield next_ids
         finished |= torch.isin(next_ids, stop) | (next_ids < 0)
-        if bool(finished.all()):
+        if bool(finished.all()) or step == max_new_tokens - 1:  # no pass for a token never read
             return
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         last_position = last_position + 1
@@ -73,7 +73,8 @@ def collect_answers(
 def stream_text(
     tokenizer: PreTrainedTokenizerBase, steps: Iterator[torch.Tensor], stop_ids: set[int]
 ) -> Iterator[str]:
-    """Text pieces of a single-row decoding, yielded as soon as they decode cleanly."""
+    """Text pieces of a single-row decoding, yielded as soon as they decode cleanly; together
+    they are ``collect_answers``' text (whitespace is held back until text follows it)."""
     tokens: list[int] = []
     emitted = 0
     for next_ids in steps:
@@ -81,11 +82,11 @@ def stream_text(
         if token < 0 or token in stop_ids:
             break
         tokens.append(token)
-        text = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         complete = not text.endswith("\ufffd")  # a multi-byte character may still be open
         if complete and len(text) > emitted:
             yield text[emitted:]
             emitted = len(text)
-    rest = tokenizer.decode(tokens, skip_special_tokens=True).lstrip()[emitted:]
+    rest = tokenizer.decode(tokens, skip_special_tokens=True).strip()[emitted:]
     if rest:
         yield rest

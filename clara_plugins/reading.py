@@ -47,7 +47,8 @@ def reading_width(rows: Sequence[dict], k: int = 5) -> int:
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
     """The targets' cross-entropy (nats per token) read from each row's own documents (the
-    first k or fewer of an instruction row, the one of an SCP row), and from the next row's.
+    first k or fewer of an instruction row, the one of an SCP row), and from those of the next
+    row that reads other documents (a synthesised QA row and its paraphrase row share theirs).
 
     A generator that ignores its memory tokens scores the same on both; the gap,
     ``reading_gain``, shows whether training has taught it to read long before F1 moves. The
@@ -56,6 +57,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     the measures for each kind of target token the rows hold.
     """
     width = reading_width(rows, k)
+    partners = _other_documents(rows, width)
     documents = [document for row in rows for document in row["docs"][:width]]
     memories = model.compress_documents(documents, show_progress=True)
     memories = memories.reshape(len(rows), width, *memories.shape[1:])
@@ -67,7 +69,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
         batch = rows[start:start + batch_size]
         prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, batch, width)
         own = memories[start:start + len(batch)]
-        other = memories[[(i + 1) % len(rows) for i in range(start, start + len(batch))]]
+        other = memories[partners[start:start + len(batch)]]
         with torch.no_grad():
             for read, read_memories in enumerate((own, neutral.expand_as(own), other)):
                 log_probs, labels = completion_log_probs(model, prompts, full, read_memories)
@@ -81,6 +83,19 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     result["by_token_kind"] = {kind: {"tokens": int(tokens[i]), **_cross_entropies(totals[:, i], tokens[i])}
                                for i, kind in enumerate(_TOKEN_KINDS) if tokens[i]}
     return result
+
+
+def _other_documents(rows: Sequence[dict], width: int) -> list[int]:
+    """For each row, the first row after it (wrapping around) whose documents differ from its own."""
+    read = [tuple(row["docs"][:width]) for row in rows]
+    partners = []
+    for i in range(len(rows)):
+        partner = next((j % len(rows) for j in range(i + 1, i + len(rows)) if read[j % len(rows)] != read[i]), None)
+        if partner is None:
+            raise ValueError("reading compares each row's documents with another row's, and every row reads the "
+                             "same documents")
+        partners.append(partner)
+    return partners
 
 
 def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

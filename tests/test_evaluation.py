@@ -196,10 +196,23 @@ def test_recall_above_pairs_the_questions_of_two_retrievers():
         recall_above(bm25, {**other, "question_recall": {"1": [0.0], "3": [0.0]}})
 
 
-def test_reading_gain_is_zero_when_the_documents_are_the_same(tiny_model):
+def test_reading_is_refused_when_every_row_reads_the_same_documents(tiny_model):
     same = [{**row, "docs": CORPUS[:3]} for row in ROWS]
-    result = evaluate_reading(tiny_model, same, k=3, batch_size=2)
-    assert result["reading_gain"] == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(ValueError, match="every row reads the same documents"):
+        evaluate_reading(tiny_model, same, k=3, batch_size=2)
+
+
+def test_reading_compares_each_row_with_the_next_row_of_other_documents(tiny_model):
+    # a synthesised QA row and its paraphrase row share their document: the QA row was "compared" with its own
+    def rows_of(document: str, fact: str) -> list[dict]:
+        return [{"data_type": "qa", "question": ["What is it?"], "answers": [fact], "docs": [document]},
+                {"data_type": "paraphrase", "answers": [fact], "docs": [document]}]
+
+    first, second = rows_of(CORPUS[0], "A tower."), rows_of(CORPUS[3], "A river.")
+    as_synthesised = evaluate_reading(tiny_model, first + second, batch_size=4)
+    interleaved = evaluate_reading(tiny_model, [first[0], second[0], first[1], second[1]], batch_size=4)
+    assert as_synthesised["target_ce_other_documents"] == pytest.approx(interleaved["target_ce_other_documents"],
+                                                                       abs=1e-4)
 
 
 def test_reading_compares_own_and_other_documents(tiny_model):

@@ -214,6 +214,8 @@ def test_a_lone_string_passed_as_documents_is_refused(tiny_model):
         ChatClara(clara=tiny_model).invoke("Where is Paris?", documents="Paris is in France.")
     with pytest.raises(ValueError, match="documents must be a list, got str"):
         ClaraLLM(clara=tiny_model).complete("Where is Paris?", documents="Paris is in France.")
+    with pytest.raises(ValueError, match=r"documents\[1\] is a int, not a string"):  # an AttributeError before
+        ChatClara(clara=tiny_model).invoke("Where is Paris?", documents=["Paris is in France.", 3])
 
 
 def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_path):

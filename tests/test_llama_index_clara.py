@@ -233,6 +233,11 @@ def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     by_ids = llm.complete(QUESTION, document_ids=["n1", "n2"]).text
     by_text = llm.complete(QUESTION, documents=[CORPUS[1], CORPUS[2]]).text
     assert by_ids == by_text
+    # retrieved nodes are read by their content (an AttributeError without a store, unhashable with one)
+    assert llm.complete(QUESTION, documents=nodes).text == \
+        llm.complete(QUESTION, document_ids=[n.node.node_id for n in nodes]).text
+    assert ClaraLLM(clara=tiny_model).complete(QUESTION, documents=[n.node for n in nodes]).text == \
+        ClaraLLM(clara=tiny_model).complete(QUESTION, documents=[n.node.get_content() for n in nodes]).text
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
 
 

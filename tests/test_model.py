@@ -228,6 +228,32 @@ def test_decoding_passes_its_cache_by_the_name_transformers_reads(tiny_model):
     assert len(answer) == 1
 
 
+def test_a_streamed_answer_is_the_collected_one_without_its_trailing_whitespace(tiny_model):
+    # the stream kept a last "\n" that generate strips
+    from clara_plugins.generation import collect_answers, stream_text
+
+    tok = tiny_model.tokenizer
+    ids = tok("Paris is big \n", add_special_tokens=False)["input_ids"]
+    steps = lambda: iter(torch.tensor([i]) for i in ids)  # noqa: E731
+    assert "".join(stream_text(tok, steps(), set())) == collect_answers(tok, steps(), 1, set())[0] == "Paris is big"
+
+
+def test_decoding_runs_no_pass_after_its_last_token(tiny_model):
+    # a pass for a token that max_new_tokens leaves unread
+    from clara_plugins.generation import greedy_steps
+
+    passes = []
+
+    def forward(**inputs):
+        passes.append(inputs["inputs_embeds"].size(1))
+        return tiny_model.lm(**inputs)
+
+    embeds = tiny_model.lm.get_input_embeddings()(torch.tensor([[5, 6, 7]]))
+    with tiny_model._adapter("decoder_adapter"):
+        tokens = list(greedy_steps(forward, tiny_model.lm.get_input_embeddings(), embeds, torch.ones(1, 3), 3, []))
+    assert len(tokens) == 3 and passes == [3, 1, 1]
+
+
 def test_loading_a_model_warns_of_no_deprecation(tiny_config):
     # peft read transformers' deprecated `is_gradient_checkpointing` on every load
     with warnings.catch_warnings():

@@ -31,6 +31,7 @@ from llama_index.core.base.llms.types import (
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
+from llama_index.core.schema import BaseNode, NodeWithScore
 from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
@@ -74,7 +75,8 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     def _stream(self, messages: Sequence[tuple[str, str]], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
         passed = passed_documents(kwargs.get("documents") or [])
-        reading = self._reader.read(self.clara, messages, self.store, passed, kwargs.get("document_ids") or [], self.k)
+        texts = [_text(d) for d in passed]
+        reading = self._reader.read(self.clara, messages, self.store, texts, kwargs.get("document_ids") or [], self.k)
         return self.clara.stream(reading.prompt, reading.memories, self.max_new_tokens), {"clara": reading.summary()}
 
     @llm_completion_callback()
@@ -142,3 +144,11 @@ async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
 
 def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
     return [(_ROLES.get(MessageRole(m.role).value, "user"), m.content or "") for m in messages]
+
+
+def _text(document: object) -> object:
+    """A passed document's text: a node's or a scored node's content (``get_content()``, as
+    LlamaIndex's synthesizers read it), anything else as it is, for the core to check."""
+    if isinstance(document, NodeWithScore):
+        document = document.node
+    return document.get_content() if isinstance(document, BaseNode) else document
