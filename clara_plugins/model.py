@@ -27,7 +27,7 @@ from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_texts
 from .errors import CheckpointError, InvalidInputError
 from .generation import collect_answers, greedy_steps, stream_text
-from .prompts import answer_turn_end, question_prompt
+from .prompts import question_prompt, turn_end_token
 from .retrieval import top_k
 
 ENCODER, QUERY_REASONER, DECODER = ADAPTER_NAMES
@@ -119,9 +119,8 @@ class ClaraModel(torch.nn.Module):
         generation_eos = lm.generation_config.eos_token_id
         generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         # and the special token that ends the template's answer turn, where it is neither
-        turn_end = self.tokenizer(answer_turn_end(self.tokenizer), add_special_tokens=False)["input_ids"][:1]
-        turn_end = [i for i in turn_end if i in self.tokenizer.all_special_ids]
-        self.stop_token_ids = {i for i in [self.tokenizer.eos_token_id, *generation_eos, *turn_end] if i is not None}
+        turn_end = turn_end_token(self.tokenizer)
+        self.stop_token_ids = {i for i in [self.tokenizer.eos_token_id, *generation_eos, turn_end] if i is not None}
 
     def _init_new_rows(self, lm: torch.nn.Module) -> None:
         """New rows = mean old row + small seeded noise: reproducible, in the old rows' range."""

@@ -32,16 +32,26 @@ def render_chat(
     # as it is generated
     found = answer.strip()  # templates may trim it
     start = full.find(found, len(prompt)) if found and full.startswith(prompt) else -1
-    return full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + answer_turn_end(tokenizer)
+    full = full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + answer_turn_end(tokenizer)
+    if tokenizer.chat_template is not None and turn_end_token(tokenizer) is None:
+        full += tokenizer.eos_token or ""  # a turn that ends in plain text ("\n") teaches no stop: the EOS does
+    return full
 
 
 def answer_turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
     """What the chat template writes after an answer, e.g. ``<|im_end|>\n``: the generator
-    is trained to produce it, and it stops there."""
+    is trained to produce it."""
     marker = "clara answer marker"
     messages = [{"role": "user", "content": "question"}, {"role": "assistant", "content": marker}]
     full = render_messages(tokenizer, messages, open_answer=False)
     return full[full.rindex(marker) + len(marker):]
+
+
+def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The special token that opens the template's answer-turn end (``<|im_end|>``), where
+    generation stops; None when the turn ends in plain text."""
+    first = tokenizer(answer_turn_end(tokenizer), add_special_tokens=False)["input_ids"][:1]
+    return first[0] if first and first[0] in tokenizer.all_special_ids else None
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], open_answer: bool = True) -> str:

@@ -207,6 +207,17 @@ def test_a_template_that_writes_the_finished_turn_otherwise_trains_the_answer_af
     assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.stop_token_ids
 
 
+def test_a_template_whose_turn_ends_in_plain_text_is_trained_to_stop_at_its_eos(tmp_path):
+    # "role: text\n" turns: nothing taught the generator to stop, and no stop token ended its answers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + "Marie Curie\n" + tokenizer.eos_token
+
+
 def test_generation_batched_equals_single_and_streaming(tiny_model):
     memories = tiny_model.compress_documents(CORPUS[:4]).reshape(2, 2, 4, 32)
     questions = ["Who won prizes?", "What is the capital of Germany and its largest city?"]
