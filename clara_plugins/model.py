@@ -424,11 +424,13 @@ class ClaraModel(torch.nn.Module):
         """Apple's name: the query reasoner keeps the top-k of each question's candidates, then
         the generator answers. Returns the answers and the chosen indices [n_questions, k]."""
         questions = check_texts(questions, "questions")
+        k = self.config.generation_top_k if k is None else k
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # 0 read the default k
+            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
         flat = self._flatten_document_lists(questions, documents)
         candidates = self.compress_documents(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
                                                            self.hidden_size)
-        chosen, top = top_k(self.encode_queries(questions), candidates, k or self.config.generation_top_k,
-                           self.config.retrieval_key)
+        chosen, top = top_k(self.encode_queries(questions), candidates, int(k), self.config.retrieval_key)
         return self.answer(questions, chosen, max_new_tokens), top
 
     @staticmethod

@@ -265,6 +265,13 @@ def test_decoding_runs_no_pass_after_its_last_token(tiny_model):
     assert len(tokens) == 3 and passes == [3, 1, 1]
 
 
+def test_generate_from_questions_refuses_k_below_one_before_compressing(tiny_model, monkeypatch):
+    # k=0 read the config's generation_top_k
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda *a, **k: pytest.fail("compressed"))
+    with pytest.raises(InvalidInputError, match="k must be a positive integer, got 0"):
+        tiny_model.generate_from_questions(["Where?"], [CORPUS[:3]], k=0)
+
+
 def test_loading_a_model_warns_of_no_deprecation(tiny_config):
     # peft read transformers' deprecated `is_gradient_checkpointing` on every load
     with warnings.catch_warnings():
