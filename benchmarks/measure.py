@@ -41,7 +41,7 @@ def peak_rss_mb() -> int:
 
 
 PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core", "sentence-transformers",
-            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25")
+            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25", "pymilvus", "milvus-lite")
 
 
 def commit() -> str | None:

@@ -23,7 +23,8 @@ def series(reports: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
     lines: dict[str, list[tuple[int, float, float]]] = {}
     for report in sorted(reports, key=lambda r: r["passages"]):
         for store in report["stores"]:
-            name = f"{store['index']} / {store['memory_dtype']}"
+            name = f"{store['index']} / {store['memory_dtype']}" + (
+                f" (rescore {store['rescore_factor']})" if store.get("rescore_factor") else "")  # not in older files
             lines.setdefault(name, []).append((report["passages"], store["search_ms"]["p95"],
                                                store["disk_bytes_per_passage"]["total"]))
     return lines

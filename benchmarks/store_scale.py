@@ -34,6 +34,7 @@ which runs inside the process, it is the only measure of its RAM.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import tempfile
 import time
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_file_atomically, write_text_atomically
 from clara_plugins.compact import dequantize, quantize
+from clara_plugins.config import INDEX_KINDS, MEMORY_DTYPES
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.pretrained import load_model
@@ -75,6 +77,9 @@ def main() -> None:
     parser.add_argument("--store-dir", type=Path, help="where the stores are written (default: the temp folder)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    configs = _configs(args.configs, parser)  # before any work: a typo in the last pair lost every result
+    if args.store_dir is not None and not args.store_dir.is_dir():
+        parser.error(f"--store-dir {args.store_dir} is not a folder")
 
     model = load_model(device="cpu")
     texts = read_documents([str(args.corpus)])
@@ -93,8 +98,7 @@ def main() -> None:
     truth = exact_top_k(keys, real, queries, args.passages)
 
     results = []
-    for config in args.configs.split(","):
-        kind, dtype = config.split(":")
+    for kind, dtype in configs:
         print(f"{kind} / {dtype} ...", flush=True)
         results.append(measure_store(model, kind, dtype, real, texts, queries, truth, args.passages, args.store_dir))
         print(json.dumps(results[-1]), flush=True)
@@ -115,6 +119,22 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     print(table(results))
+
+
+def _configs(text: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
+    """The ``index:dtype`` pairs of --configs, each checked: a local store's index kind and
+    memory dtype, or ``milvus`` and Milvus' index type (with pymilvus installed)."""
+    pairs = []
+    for config in text.split(","):
+        kind, _, dtype = config.partition(":")
+        if kind == "milvus":
+            if importlib.util.find_spec("pymilvus") is None:
+                parser.error(f"--configs {config}: install the [milvus] extra")
+        elif kind not in INDEX_KINDS or dtype not in MEMORY_DTYPES:
+            parser.error(f"--configs takes index:dtype pairs, index one of {INDEX_KINDS} (or milvus:INDEX_TYPE) "
+                         f"and dtype one of {MEMORY_DTYPES}; got {config!r}")
+        pairs.append((kind, dtype))
+    return pairs
 
 
 def make_sample(model, texts: list[str], questions: Path, seeds: int, queries: int, path: Path) -> None:
@@ -198,6 +218,7 @@ def measure_store(model, kind: str, dtype: str, real: np.ndarray, texts: list[st
         # the process' growth: the reopened store's memory-mapped pages read so far, and its index
         rss_growth = psutil.Process().memory_info().rss - rss_before
         by_factor, latency_by_factor = {}, {}
+        rescore_factor = store.rescore_factor if kind == "ivfpq" else None  # the main numbers' setting
         if kind == "ivfpq":
             for factor in RESCORE_FACTORS:
                 store.rescore_factor = factor
@@ -213,7 +234,7 @@ def measure_store(model, kind: str, dtype: str, real: np.ndarray, texts: list[st
             "disk_bytes_per_passage": {name: round(size / passages) for name, size in disk.items()},
             "index_ram_bytes_per_passage": None if index_ram is None else round(index_ram / passages),
             "index_ram_bytes": index_ram, "rss_growth_bytes_per_passage": round(rss_growth / passages),
-            "search_ms": latency_ms(latencies), "recall_at_10": recall,
+            "search_ms": latency_ms(latencies), "recall_at_10": recall, "rescore_factor": rescore_factor,
             "recall_at_10_by_rescore_factor": by_factor, "search_ms_by_rescore_factor": latency_by_factor}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from clara_plugins import ClaraModel
+from clara_plugins.checks import check_texts
 from clara_plugins.passes import text_weights
 from clara_plugins.prompts import text_context_prompt
 
@@ -22,8 +23,12 @@ def text_prompt(model: ClaraModel, question: str, documents: Sequence[str]) -> s
 def read_text(model: ClaraModel, questions: Sequence[str], documents: Sequence[Sequence[str]],
               max_new_tokens: int | None = None) -> list[str]:
     """Answer each question from its documents read as text."""
+    questions = check_texts(questions, "questions")
     if isinstance(documents, str) or len(documents) != len(questions):
         raise ValueError("documents must hold one list of documents per question")
+    for number, docs in enumerate(documents):  # a lone string would be read one character per document
+        if docs:
+            check_texts(docs, f"documents[{number}]")
     prompts = [text_prompt(model, q, docs) for q, docs in zip(questions, documents)]
     with text_weights(model):
         return model.generate(prompts, max_new_tokens=max_new_tokens)

@@ -16,7 +16,7 @@
 #   bash benchmarks/train_default.sh              # the shipped recipe on the CPU, SCP steps in micro-batches
 #   DEVICE=cuda SCP_ACCUM=1 SCP_MORE_ACCUM=1 RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh  # the shipped recipe on a GPU
 #   DEVICE=cuda SCP_STEPS=2500 SCP_BATCH=32 SCP_ACCUM=1 SCP_MORE_STEPS=0 RETRIEVAL_ACCUM=1 INSTRUCT_STEPS=1000 TEXT_STEPS=1000 \
-#       DISTILL_STEPS=1000 E2E_STEPS=300 BATCH=16 FREEZE_GENERATOR= EVAL_LIMIT=200 \
+#       DISTILL_STEPS=1000 E2E_STEPS=300 BATCH=16 FREEZE_COMPRESSOR= FREEZE_GENERATOR= EVAL_LIMIT=200 \
 #       RECALL_LIMIT=200 bash benchmarks/train_default.sh                    # a larger run
 #   DEVICE=cuda SCP_INIT=clara_plugins/checkpoints/smollm2-135m-instruct-cr16 CR=8 SCP_ACCUM=1 SCP_MORE_STEPS=0 \
 #       RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh   # SCP continued from the shipped compressor, at CR8
@@ -78,8 +78,20 @@ if [ "$SCP_MORE_STEPS" -gt 0 ]; then check_split SCP_MORE_BATCH SCP_MORE_ACCUM; 
 check_split RETRIEVAL_BATCH RETRIEVAL_ACCUM
 rows="$OUT/rows"
 mkdir -p "$rows" "$OUT/eval"
-limit=(${LIMIT:+--limit "$LIMIT"})
-convert() { clara convert-data "$@" "${limit[@]}"; }
+convert() {  # clara convert-data, each file capped at LIMIT rows; one with its own --limit keeps the smaller
+    local args=("$@") i
+    if [ -n "$LIMIT" ]; then
+        for ((i = 0; i < ${#args[@]}; i++)); do
+            if [ "${args[i]}" = --limit ]; then
+                if (( args[i + 1] > LIMIT )); then args[i + 1]=$LIMIT; fi
+                clara convert-data "${args[@]}"
+                return
+            fi
+        done
+        args+=(--limit "$LIMIT")
+    fi
+    clara convert-data "${args[@]}"
+}
 shuffle() {  # stdin's lines in a seeded random order
     python -c "import random, sys; rows = sys.stdin.readlines(); random.Random(0).shuffle(rows); sys.stdout.writelines(rows)"
 }

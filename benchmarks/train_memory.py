@@ -3,7 +3,7 @@ side by side in one run. A split is ROWSxMICRO: ``32x1`` is one micro-batch of 3
 four micro-batches of 8 rows, gradients accumulated. Each split trains in a child process of
 this slim one (torch is not imported here), so each peak RSS (Linux ``ru_maxrss``) is its own.
 
-    python -m clara_benchmarks.train_memory runs/rows/retrieval.jsonl --stage retrieval \\
+    python -m clara_benchmarks.train_memory runs/default/rows/retrieval.jsonl --stage retrieval \\
         --init clara_plugins/checkpoints/smollm2-135m-instruct-cr16 --steps 8 --splits 32x1 8x4 16x2 \\
         --out docs/benchmarks/train_memory_retrieval.json
 

@@ -344,3 +344,5 @@ def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
     text = tiny_model.tokenizer.decode([t for t in expected.tolist() if t not in tiny_model.stop_token_ids],
                                        skip_special_tokens=True).strip()
     assert answers[0] == text
+    with pytest.raises(InvalidInputError, match="documents\\[0\\] must be a list of strings, got str"):
+        read_text(tiny_model, ["Who?"], [CORPUS[0]])  # read one character per document before

@@ -51,6 +51,25 @@ def test_the_plot_has_a_line_per_store_across_sizes(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_every_store_configuration_is_checked_before_any_work(capsys):
+    # a typo in the last pair failed after every store before it was built, and lost their results
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    assert store_scale._configs("flat:int8,ivfpq:float16", parser) == [("flat", "int8"), ("ivfpq", "float16")]
+    for configs in ("flat:int8,ivfpq:in8", "flat", "annoy:int8"):
+        with pytest.raises(SystemExit):
+            store_scale._configs(configs, parser)
+        assert "--configs takes index:dtype pairs" in capsys.readouterr().err
+
+
+def test_a_store_measured_at_another_rescore_factor_is_its_own_line():
+    stores = [{"index": "ivfpq", "memory_dtype": "int8", "search_ms": {"p95": 1.0}, "disk_bytes_per_passage": {"total": 9},
+               "rescore_factor": factor} for factor in (10, 40)]
+    assert set(scale_plot.series([{"passages": 10, "stores": stores}])) == {"ivfpq / int8 (rescore 10)",
+                                                                          "ivfpq / int8 (rescore 40)"}
+
+
 def test_int8_effect_compares_each_way_of_storing_with_the_fp16_memories(sample):
     _, real, _ = sample
     effects = store_scale.int8_effect(real)
@@ -75,6 +94,21 @@ def test_store_build_reads_the_checkpoint_at_the_rate_asked(tiny_model, tmp_path
     assert result["model"]["checkpoint"] == str(tmp_path / "checkpoint")
     fp16_memory = 2 * n_mem * tiny_model.hidden_size * 2
     assert fp16_memory <= result["bytes_per_passage"]["memory_tokens"] < fp16_memory + 64  # + a share of a .npy header
+
+
+def test_store_build_refuses_bad_questions_and_a_used_store_folder_before_it_builds(tmp_path, monkeypatch, capsys):
+    # both failed after the build (50 min on the 6,119 passages); a user's store folder was taken over
+    monkeypatch.setattr(store_build, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"question": "q", "answers": ["a"], "ctxs": []}) + "\n")
+    base = ["--corpus", "c.txt", "--out", str(tmp_path / "out.json")]
+    with pytest.raises(FileNotFoundError, match="typo.jsonl: no such file"):
+        store_build.main([*base, "--questions", str(tmp_path / "typo.jsonl")])
+    with pytest.raises(SystemExit):
+        store_build.main([*base, "--questions", str(tmp_path / "questions.jsonl"), "--store", str(tmp_path / "theirs")])
+    assert "is not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
 
 
 def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_model, tmp_path, monkeypatch):

@@ -111,3 +111,16 @@ def test_a_step_that_does_not_split_into_equal_micro_batches_is_refused_before_a
     assert run.returncode == 2
     assert f"{batch} ({values[0]}) must split into {accum} ({values[1]}) equal micro-batches" in run.stderr
     assert not out.exists()
+
+
+def test_limit_caps_each_conversion_and_never_raises_its_own_limit():
+    # LIMIT=500 was appended after --skip 200 --limit 469 and won: dev 669-684, the probe questions, were trained on
+    source = SCRIPT.read_text()
+    start = source.index("convert() {")
+    function = source[start:source.index("\n}\n", start) + 3]
+    script = (f'clara() {{ echo "$@"; }}\n{function}'
+              "LIMIT=500; convert a b --skip 200 --limit 469; convert a b\n"
+              "LIMIT=5; convert a b --limit 16\nLIMIT=; convert a b --limit 16; convert a b\n")
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+    assert run.stdout.splitlines() == ["convert-data a b --skip 200 --limit 469", "convert-data a b --limit 500",
+                                       "convert-data a b --limit 5", "convert-data a b --limit 16", "convert-data a b"]
