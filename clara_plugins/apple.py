@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_added_rows, load_adapter_weights
+from .checkpoint import files_sha256, load_added_rows, load_adapter_weights
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
@@ -115,6 +115,7 @@ def load_apple_checkpoint(
     load_added_rows(model, embed[base:], None if head is None else head[base:],
                     source=str(folder / "decoder_first_last_layers.pth"))
     model.name_or_path = str(folder)
+    model.weights_sha256 = files_sha256([folder / "adapters.pth", folder / "decoder_first_last_layers.pth"])
     return model
 
 

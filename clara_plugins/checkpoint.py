@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -86,6 +87,22 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
         write_folder_atomically(folder, write, marker=CONFIG_FILE, owned=(TRAINER_STATE_FILE,))
     except FileExistsError as error:
         raise CheckpointError(str(error)) from error
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """One SHA-256 over the files' bytes, in order: what tells a checkpoint saved again in
+    place (retrained, under the same folder) from the one it replaced."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint's weight files: the three adapters and the added rows."""
+    return [*(folder / adapter_file(name) for name in ADAPTER_NAMES), folder / EMBEDDINGS_FILE]
 
 
 def compressor_signature(model: AdaptedModel) -> dict:

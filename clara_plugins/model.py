@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
-from .checkpoint import load_trained_weights, read_config, save_checkpoint
+from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_texts
 from .errors import CheckpointError, InvalidInputError
@@ -68,6 +68,7 @@ class ClaraModel(torch.nn.Module):
         super().__init__()
         self.config = dataclasses.replace(config) if config else ClaraConfig()  # its own copy: training edits it
         self.name_or_path: str | None = None  # the checkpoint folder its weights were loaded from
+        self.weights_sha256: str | None = None  # and those files' checksum (a folder may be saved again)
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
@@ -481,7 +482,7 @@ class ClaraModel(torch.nn.Module):
             config = dataclasses.replace(config, compression_rate=compression_rate)
         model = cls(config, device=device, dtype=dtype)
         load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
-        model.name_or_path = str(folder)
+        model.name_or_path, model.weights_sha256 = str(folder), files_sha256(weight_files(Path(folder)))
         return model
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import recover_folder
-from .checkpoint import TRAINER_STATE_FILE, load_trained_weights, save_checkpoint
+from .checkpoint import TRAINER_STATE_FILE, files_sha256, load_trained_weights, save_checkpoint, weight_files
 from .config import TrainConfig
 from .errors import CheckpointError
 from .jsonfiles import read_jsonl, write_jsonl
@@ -590,4 +590,6 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, step + 1, log)
     model.eval()
+    # the model now holds the last save's weights, not those of the folder it was loaded from
+    model.name_or_path, model.weights_sha256 = str(checkpoint), files_sha256(weight_files(checkpoint))
     return checkpoint

@@ -225,3 +225,14 @@ def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_pat
     keys = {ChatClara(clara=ClaraModel.from_pretrained(tmp_path / name, device="cpu"))._get_llm_string()
             for name in ("a", "b")}
     assert len(keys) == 2
+
+
+def test_a_checkpoint_saved_again_in_its_folder_has_another_cache_key(tiny_model, tmp_path):
+    # a checkpoint retrained in place kept its folder's key, and was served the old one's cached answers
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    before = ChatClara(clara=ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu"))._get_llm_string()
+    with torch.no_grad():
+        next(p for n, p in tiny_model.lm.named_parameters() if "decoder_adapter" in n).add_(0.1)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    again = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert ChatClara(clara=again)._get_llm_string() != before

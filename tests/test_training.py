@@ -247,6 +247,16 @@ def test_a_metric_is_averaged_over_the_micro_batches_that_measured_it(tiny_confi
     assert with_one_gold["retrieval"] == pytest.approx(alone["retrieval"], rel=1e-4) and alone["retrieval"] > 0
 
 
+def test_a_trained_model_names_the_checkpoint_it_now_holds(tiny_model, tmp_path):
+    # it kept the folder it was loaded from, and so did its chat model's cache key
+    tiny_model.save_pretrained(tmp_path / "init")
+    model = ClaraModel.from_pretrained(tmp_path / "init", device="cpu")
+    loaded = model.weights_sha256
+    checkpoint = train(model, SCP, TrainConfig(stage="scp", steps=1, batch_size=1, grad_accum=1, lr=1e-2), tmp_path / "run")
+    assert model.name_or_path == str(checkpoint) and model.weights_sha256 not in (None, loaded)
+    assert ClaraModel.from_pretrained(checkpoint, device="cpu").weights_sha256 == model.weights_sha256
+
+
 def test_the_restatement_margin_needs_the_instruct_stage():
     with pytest.raises(ValueError, match="restate_weight needs the instruct stage"):
         TrainConfig(stage="scp", restate_weight=1.0)

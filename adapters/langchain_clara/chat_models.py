@@ -62,7 +62,9 @@ class ChatClara(ReaderFields, BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         config = self.clara.config
-        return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path, "base_model": config.base_model,
+        return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path,
+                "weights": self.clara.weights_sha256,  # a checkpoint saved again under its folder answers anew
+                "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k, "max_tokens": self.max_tokens,
                 "default_stop": self.stop,  # "stop" is the call's own stop in LangChain's cache key
                 # the store decides which prompt text is read as memory tokens: a cached answer
