@@ -372,7 +372,7 @@ def _train(args: argparse.Namespace) -> None:
                                 f"{', '.join(args.probe)}")
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
-    check_run(rows, config, passages is not None, probes)
+    check_run(rows, config, passages is not None, probes, args.output)
     torch.manual_seed(config.seed)
     if args.init:
         model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, compression_rate=args.compression_rate,

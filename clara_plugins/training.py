@@ -41,11 +41,13 @@ the compressor also log ``memory_cosine``, the similarity of different documents
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pickle
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,7 +56,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import recover_folder
-from .checkpoint import TRAINER_STATE_FILE, files_sha256, load_trained_weights, save_checkpoint, weight_files
+from .checkpoint import (TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config, save_checkpoint,
+                         weight_files)
 from .config import TrainConfig
 from .errors import CheckpointError
 from .jsonfiles import read_jsonl, write_jsonl
@@ -461,11 +464,17 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> 
     model.train()
 
 
-def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[str, list[dict]]) -> None:
+def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[str, list[dict]],
+              output: str | Path | None = None) -> None:
     """Refuse a run its stage cannot train, before the first step (and, from the CLI, before
     the model loads and a corpus is compressed): bad rows, a corpus outside e2e, probes that
-    would never be read or cannot be."""
+    would never be read or cannot be, a missing teacher, and an ``output`` that holds another
+    run (other settings or rows) or no run it could resume."""
     check_training_rows(rows, config, corpus=corpus)
+    if config.teacher:
+        read_config(Path(config.teacher))  # a CheckpointError naming it, before any model loads
+    if output is not None:
+        _check_output(Path(output), config, rows)
     if corpus and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     if probes and not config.probe_every:
@@ -477,6 +486,36 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
             raise ValueError(f"probe {name}: {error}") from error
 
 
+def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> None:
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} is a file: name a folder for the run")
+    checkpoint = output / "checkpoint"
+    recover_folder(checkpoint)  # a run killed between the swap's two renames left the last save aside
+    state_path = checkpoint / TRAINER_STATE_FILE
+    if not state_path.exists():
+        if checkpoint.exists():
+            raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
+                             f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
+                             "use a new output folder")
+        return
+    state = _read_trainer_state(state_path)
+    saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
+    current = dataclasses.asdict(config)
+    changed = [f"{name}={current.get(name)!r} (was {saved.get(name)!r})"
+               for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
+    if changed:
+        raise ValueError(f"{output} was trained with another configuration: {', '.join(changed)}; "
+                         "use a new output folder")
+    if state.get("rows_sha256", rows_sha256(rows)) != rows_sha256(rows):  # states saved before it: not checked
+        raise ValueError(f"{output} was trained on other rows than these: resume it with the same data, or use a "
+                         "new output folder")
+
+
+def rows_sha256(rows: list[dict]) -> str:
+    """What tells a run's rows from others: the SHA-256 of their JSON."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
           corpus: MemoryStore | None = None, probes: dict[str, list[dict]] | None = None) -> Path:
     """Train one stage; resume from ``output`` when it holds a trainer state. Returns the
@@ -486,7 +525,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
     probes = probes or {}
-    check_run(rows, config, corpus is not None, probes)
+    check_run(rows, config, corpus is not None, probes, output)
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
@@ -497,12 +536,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     checkpoint = output / "checkpoint"
     state_path = checkpoint / TRAINER_STATE_FILE
     torch.manual_seed(config.seed)
-    recover_folder(checkpoint)  # a run killed between the swap's two renames left the last save aside
-    resuming = state_path.exists()
-    if not resuming and checkpoint.exists():
-        raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
-                         f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
-                         "use a new output folder")
+    resuming = state_path.exists()  # check_run refused a run it could not resume
     if resuming:
         load_trained_weights(model, checkpoint)
     else:
@@ -521,20 +555,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
     if state is not None:
-        # a knob added since the run was saved had its default then
-        saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}
-        current = dataclasses.asdict(config)
-        changed = [f"{name}={current.get(name)!r} (was {saved.get(name)!r})"
-                   for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
-        if changed:
-            raise ValueError(f"{output} was trained with another configuration: {', '.join(changed)}; "
-                             "use a new output folder")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and model.device.type == "cuda":  # the dropout masks of a GPU run
             torch.cuda.set_rng_state(state["cuda_rng"], model.device)
         start = state["step"]
+        if start >= config.steps:
+            warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
     _forget_steps_after(output / "log.jsonl", start if resuming else -1)  # also a run killed before its first save
     cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
@@ -547,6 +575,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         "text": lambda batch, _: text_loss(model, batch, config),
     }[config.stage]
 
+    digest = rows_sha256(rows)
     model.train()
     started = time.perf_counter()
     running = None
@@ -585,7 +614,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 save_checkpoint(model, checkpoint, trainer_state={
-                    "step": step + 1, "config": dataclasses.asdict(config), "optimizer": optimizer.state_dict(),
+                    "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
+                    "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, step + 1, log)

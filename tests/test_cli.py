@@ -1,14 +1,16 @@
 """The ``clara`` console script."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CORPUS
 
-from clara_plugins import InvalidInputError, MemoryStore
+from clara_plugins import InvalidInputError, MemoryStore, TrainConfig
 from clara_plugins.cli import main
 from clara_plugins.corpora import read_documents
 
@@ -257,15 +259,24 @@ def test_train_refuses_what_it_cannot_run_before_it_loads_a_model(tmp_path, monk
         path.parent.mkdir(exist_ok=True)
         path.write_text(row)
     train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run")]
+    # an output of another run, an output that is a file, and a missing teacher failed after the model loaded
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "other" / "checkpoint").mkdir(parents=True)
+    torch.save({"step": 1, "config": dataclasses.asdict(TrainConfig(stage="instruct", lr=1.0)),
+                "optimizer": {"param_groups": []}, "scheduler": {}, "rng": torch.get_rng_state()},
+               tmp_path / "other" / "checkpoint" / "trainer_state.pt")
     for extra, message in [
         (["--corpus", str(EXAMPLE_DOCUMENTS)], "serves the e2e stage only"),
         (["--probe", str(probes[0])], "probe_every is 0"),
         (["--probe", *map(str, probes), "--probe-every", "2"], "two files are named alike"),
         (["--probe", str(tmp_path / "typo.jsonl"), "--probe-every", "2"], "typo.jsonl"),
+        (["--output", str(tmp_path / "other")], "another configuration: lr=0.0001 (was 1.0)"),
+        (["--output", str(tmp_path / "file")], "is a file"),
+        (["--distill-weight", "1", "--teacher", str(tmp_path / "no-teacher")], "no-teacher"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(train + extra)
-        assert exit_info.value.code in (3, 5) and message in capsys.readouterr().err
+        assert exit_info.value.code in (3, 4, 5) and message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

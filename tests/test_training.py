@@ -711,10 +711,14 @@ def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
     state = torch.load(state_file, weights_only=True)
     del state["config"]["probe_every"]  # a run saved before the knob existed, at its default
     torch.save(state, state_file)
-    train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)  # resumes: done
+    with pytest.warns(UserWarning, match="holds a finished run of 1 steps: nothing to train"):
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
+    # a finished run given other rows trained nothing and reported success
+    with pytest.raises(ValueError, match="was trained on other rows than these"):
+        train(tiny_model, INSTRUCT[::-1], TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
     tiny_model.config.retrieval_key = "flat"  # e.g. `clara train ... --retrieval-key flat` on resume
     with pytest.raises(ValueError, match="retrieval_key='flat' \\(was 'mean'\\)"):
-        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=2, grad_accum=1), tmp_path)
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
 
 
 def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_tokens_model, tmp_path):
