@@ -73,6 +73,16 @@ def build_tiny_base_model(folder: Path, seed: int = 0, tie: bool = False) -> Pat
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _llama_index_settings(monkeypatch):
+    """LlamaIndex's global Settings as each test found them: a ClaraVectorStore sets its embedding
+    and node parser there, which later tests would otherwise inherit (and keep a model alive)."""
+    from llama_index.core import Settings
+
+    for name in ("_embed_model", "_node_parser", "_transformations", "_llm"):
+        monkeypatch.setattr(Settings, name, getattr(Settings, name))
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     return build_tiny_base_model(tmp_path_factory.mktemp("tiny-llama"))

@@ -153,17 +153,25 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         MemoryStore.load(folder, tiny_model)
 
 
-def test_a_save_waiting_its_turn_writes_what_the_store_holds_when_its_turn_comes(saved, tiny_model):
+def test_a_save_waiting_its_turn_writes_what_the_store_holds_when_its_turn_comes(saved, tiny_model, monkeypatch):
     # the snapshot was taken before the wait: a write made meanwhile, and saved by another
     # writer, was undone by the waiting save's older snapshot
     store, folder = saved
+    flock, asked = fcntl.flock, threading.Event()
+
+    def flock_of_the_save(handle, operation):
+        if threading.current_thread() is not threading.main_thread():
+            asked.set()  # the save asks for its turn now, and waits
+        return flock(handle, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_of_the_save)
     with open(folder / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another writer's turn
+        flock(lock, fcntl.LOCK_EX)  # another writer's turn
         waiting = threading.Thread(target=store.save, args=(folder,))
         waiting.start()
-        time.sleep(0.3)  # the save is now waiting for the lock
+        assert asked.wait(timeout=60)
         store.upsert(["A passage written while the save waited."], ids=["late"])
-        fcntl.flock(lock, fcntl.LOCK_UN)
+        flock(lock, fcntl.LOCK_UN)
     waiting.join()
     assert "late" in MemoryStore.load(folder, tiny_model).all_ids()
 

@@ -1,5 +1,7 @@
 """ChatClara's document routes, stop sequences, and an offline LCEL RAG chain."""
 
+import gc
+
 import pytest
 import torch
 from langchain_core.documents import Document
@@ -131,7 +133,7 @@ def test_a_store_searched_by_an_embedding_reloads_with_it_and_only_with_it(tiny_
     store.save_local(tmp_path / "lc")
     loaded = ClaraVectorStore.load_local(tmp_path / "lc", tiny_model, embedding)
     assert loaded.similarity_search(QUESTION, k=3) == store.similarity_search(QUESTION, k=3)
-    with pytest.raises(StoreError):  # its keys are the embedding's, not CLaRa's
+    with pytest.raises(StoreError, match="was indexed with keys"):  # its keys are the embedding's, not CLaRa's
         ClaraVectorStore.load_local(tmp_path / "lc", tiny_model)
 
 
@@ -196,6 +198,10 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
     keys = [ChatClara(clara=tiny_model, **kwargs)._get_llm_string()
             for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]}, {"store": stores[0]}, {"store": stores[1]})]
     assert len(set(keys)) == 5
+    # a store is keyed by its own id, not by its address, which a later store may be given
+    first = ChatClara(clara=tiny_model, store=MemoryStore(tiny_model))._get_llm_string()
+    gc.collect()
+    assert ChatClara(clara=tiny_model, store=MemoryStore(tiny_model))._get_llm_string() != first
 
 
 def test_an_answer_length_below_one_token_is_refused(tiny_model):
@@ -214,6 +220,11 @@ def test_a_lone_string_passed_as_documents_is_refused(tiny_model):
         ChatClara(clara=tiny_model).invoke("Where is Paris?", documents="Paris is in France.")
     with pytest.raises(ValueError, match="documents must be a list, got str"):
         ClaraLLM(clara=tiny_model).complete("Where is Paris?", documents="Paris is in France.")
+    passages = ["Paris is the capital of France.", "Rome is the capital of Italy."]
+    listed = ChatClara(clara=tiny_model, max_tokens=2).invoke("Where is Paris?", documents=passages).content
+    for collection in (tuple(passages), iter(passages)):  # any collection but a lone string
+        assert ChatClara(clara=tiny_model, max_tokens=2).invoke("Where is Paris?", documents=collection).content == \
+            listed
     with pytest.raises(ValueError, match=r"documents\[1\] is a int, not a string"):  # an AttributeError before
         ChatClara(clara=tiny_model).invoke("Where is Paris?", documents=["Paris is in France.", 3])
 

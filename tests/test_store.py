@@ -78,7 +78,7 @@ def test_memories_of_another_shape_are_refused_by_an_empty_store_too(tiny_model)
     assert len(store) == 0
 
 
-@pytest.mark.parametrize("index", ["flat", "hnsw", "ivfpq"])
+@pytest.mark.parametrize("index", ["flat", "hnsw"])  # the compact index: test_store_compact.py
 def test_a_numpy_integer_k_searches_as_a_python_int(tiny_model, index):
     # k from numpy passed the check and failed in faiss' search with a TypeError
     store = MemoryStore(tiny_model, index=index)
@@ -317,7 +317,7 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     assert sum(len(chunk) for chunk in loaded._memory_chunks) == 5 and loaded.all_ids() == ["d5"]
 
 
-@pytest.mark.parametrize("index", ["hnsw", "ivfpq"])
+@pytest.mark.parametrize("index", ["hnsw"])  # a compact index of a store big enough to learn one: test_store_compact.py
 def test_approximate_indexes_persist(tiny_model, tmp_path, index):
     store = MemoryStore(tiny_model, index=index)
     store.upsert(CORPUS, ids=[str(i) for i in range(len(CORPUS))])

@@ -112,6 +112,7 @@ def test_filters_and_mmr_work_with_the_compact_index(tiny_model):
     query = query_near(tiny_model, 7)
     for store in (exact, compact):
         assert {doc.metadata["group"] for doc, _ in store.search_by_key(query, k=5, where={"group": 12})} == {12}
+        assert len(store.search_by_key(query, k=np.int64(3), lambda_mult=0.5, fetch_k=np.int32(9))) == 3
         assert set(ids(store.search_by_key(query, k=5, ids=["1", "2", "900"]))) == {"1", "2", "900"}
     diverse = [ids(store.search_by_key(query, k=4, lambda_mult=0.3, fetch_k=PER_GROUP)) for store in (exact, compact)]
     # the approximate index may fetch another near-tie of the group, so only the best pick must agree

@@ -399,6 +399,17 @@ def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, 
     assert "recall@2" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
 
 
+def test_the_e2e_stage_starts_its_query_reasoner_as_the_compressor(tiny_model, tmp_path):
+    # what the "moved" checks above measure from: randomize_adapters gives the two other weights
+    encoder, reasoner = lora(tiny_model, "encoder_adapter"), lora(tiny_model, "query_reasoner_adapter")
+    assert any(not torch.equal(reasoner[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
+               for k, v in encoder.items())
+    train(tiny_model, E2E, TrainConfig(stage="e2e", steps=1, batch_size=2, grad_accum=1, lr=0.0, top_k=2), tmp_path)
+    encoder, reasoner = lora(tiny_model, "encoder_adapter"), lora(tiny_model, "query_reasoner_adapter")
+    assert all(torch.equal(reasoner[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
+               for k, v in encoder.items())
+
+
 def test_e2e_with_a_frozen_generator_trains_the_query_reasoner_alone(tiny_model, tmp_path):
     decoder = lora(tiny_model, "decoder_adapter")
     rows_before = tiny_model.lm.get_input_embeddings().weight.detach().clone()
