@@ -24,8 +24,9 @@ class ReaderFields(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    clara: ClaraModel | None = None
-    store: BaseMemoryStore | None = None
+    # objects, not settings: left out of model_dump and to_json (the cache key names them)
+    clara: ClaraModel | None = Field(default=None, exclude=True)
+    store: BaseMemoryStore | None = Field(default=None, exclude=True)
     k: int | None = Field(default=None, gt=0)  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
 

@@ -643,8 +643,10 @@ class MemoryStore(BaseMemoryStore):
         header, memory_dtype = _read_store_header(generation)
         store = cls(model, keys, header["index"], batch_size, memory_dtype=memory_dtype)
         check_compressor(header["compressor"], compressor_signature(model), folder)
-        if header["keys"] != store.keys.signature():
-            raise StoreError(f"{folder} was indexed with keys {header['keys']}, not {store.keys.signature()}: "
+        saved, current = header["keys"], store.keys.signature()
+        # a store saved before its key encoder recorded a detail is checked on those it recorded
+        if not isinstance(saved, dict) or any(current.get(name) != value for name, value in saved.items()):
+            raise StoreError(f"{folder} was indexed with keys {saved}, not {current}: "
                              "load a model with the same retrieval_key, or the same key encoder")
         _verify_files(generation, header)  # after the header's checks: hashing a large store takes minutes
         count = header["count"]

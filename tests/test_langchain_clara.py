@@ -5,15 +5,18 @@ import gc
 import pytest
 import torch
 from langchain_core.documents import Document
+from langchain_core.embeddings import DeterministicFakeEmbedding
 from langchain_core.messages import HumanMessage, SystemMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from pydantic import ValidationError
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
+from clara_plugins.keys import ClaraKeys
 from clara_plugins.prompts import question_prompt
 from conftest import CORPUS
-from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
+from langchain_clara import (CLARA_PROMPT, ChatClara, ClaraEmbeddings, ClaraRetriever, ClaraVectorStore,
+                             format_documents)
 from langchain_clara.chat_models import _cut_at_stops
 
 QUESTION = "Who won Nobel prizes?"
@@ -125,8 +128,6 @@ def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path):
 
 
 def test_a_store_searched_by_an_embedding_reloads_with_it_and_only_with_it(tiny_model, tmp_path):
-    from langchain_core.embeddings import DeterministicFakeEmbedding
-
     embedding = DeterministicFakeEmbedding(size=16)
     store = ClaraVectorStore(tiny_model, embedding)
     store.add_texts(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))])
@@ -135,6 +136,42 @@ def test_a_store_searched_by_an_embedding_reloads_with_it_and_only_with_it(tiny_
     assert loaded.similarity_search(QUESTION, k=3) == store.similarity_search(QUESTION, k=3)
     with pytest.raises(StoreError, match="was indexed with keys"):  # its keys are the embedding's, not CLaRa's
         ClaraVectorStore.load_local(tmp_path / "lc", tiny_model)
+
+
+class NamedFakeEmbedding(DeterministicFakeEmbedding):
+    model_name: str = "fake-a"
+
+
+def test_an_embedding_of_the_same_class_and_width_but_another_model_is_refused(tiny_model, tmp_path):
+    # the header named the class alone: another sentence-transformers model of one width opened the store
+    import json
+
+    store = ClaraVectorStore(tiny_model, NamedFakeEmbedding(size=16))
+    store.add_texts(CORPUS[:3])
+    store.save_local(tmp_path / "lc")
+    with pytest.raises(StoreError, match="was indexed with keys"):
+        ClaraVectorStore.load_local(tmp_path / "lc", tiny_model, NamedFakeEmbedding(size=16, model_name="fake-b"))
+    assert len(ClaraVectorStore.load_local(tmp_path / "lc", tiny_model, NamedFakeEmbedding(size=16)).store) == 3
+    header_file = next((tmp_path / "lc").glob("*/store.json"))  # a store saved before the model was recorded
+    header = json.loads(header_file.read_text())
+    del header["keys"]["model"]
+    header_file.write_text(json.dumps(header))
+    assert len(ClaraVectorStore.load_local(tmp_path / "lc", tiny_model, NamedFakeEmbedding(size=16)).store) == 3
+
+
+async def test_the_async_constructors_have_the_defaults_of_the_sync_ones(tiny_model):
+    # LangChain's own need an embedding: a TypeError for CLaRa's keys
+    store = await ClaraVectorStore.afrom_texts(CORPUS[:2], model=tiny_model)
+    assert len(store.store) == 2 and store.store.keys.signature() == ClaraKeys(tiny_model).signature()
+    store = await ClaraVectorStore.afrom_documents([Document(page_content=CORPUS[0])], model=tiny_model)
+    assert len(store.store) == 1
+
+
+def test_clara_embeddings_of_another_model_beside_model_are_refused(tiny_model, tiny_config):
+    # the store searched with model='s keys and reported them as the embedding's
+    other = ClaraModel(tiny_config, device="cpu")
+    with pytest.raises(InvalidInputError, match="ClaraEmbeddings given beside model= are of another model"):
+        ClaraVectorStore(tiny_model, ClaraEmbeddings(other))
 
 
 def test_delete_without_ids_deletes_everything(vectorstore):

@@ -17,7 +17,7 @@ from llama_index.core.vector_stores.types import (
     VectorStoreQuery,
 )
 
-from clara_plugins import ClaraModel, StoreError
+from clara_plugins import ClaraModel, InvalidInputError, StoreError
 from conftest import CORPUS
 from llama_index_clara import ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
 
@@ -110,8 +110,35 @@ def test_delete_by_ref_doc_and_by_node(tiny_model):
     assert store.get_nodes() == []
 
 
+def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_store):
+    # to_json raised TypeError: the CLaRa model and the store were dumped as settings
+    import json
+
+    from llama_index_clara import ClaraEmbedding
+
+    assert json.loads(ClaraLLM(clara=tiny_model, store=vector_store, k=2).to_json())["k"] == 2
+    assert json.loads(ClaraEmbedding(clara=tiny_model).to_json())["class_name"] == "ClaraEmbedding"
+
+
+def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):
+    # a blank page a reader made a node of refused the whole batch, with or without metadata
+    store = ClaraVectorStore(tiny_model)
+    documents = [Document(text="", metadata={"page_label": "2"}), Document(text=""), Document(text=CORPUS[0])]
+    with pytest.warns(UserWarning, match="1 of 2 nodes have no text and are not stored"):  # the splitter drops one
+        index = VectorStoreIndex.from_documents(documents, storage_context=StorageContext.from_defaults(
+            vector_store=store), embed_model=store.embed_model)
+    assert [d.text for d in store.client.get(store.client.all_ids())] == [CORPUS[0]]
+    assert len(index.as_retriever(similarity_top_k=3).retrieve(QUESTION)) == 1
+    blank, filled = store.embed_model.get_text_embedding_batch(["", CORPUS[1]])  # compressing "" was refused
+    assert not any(blank) and len(blank) == len(filled) and any(filled)
+
+
 def test_get_nodes_and_clear(vector_store):
     assert [n.node_id for n in vector_store.get_nodes(["n4", "missing", "n1"])] == ["n4", "n1"]
+    for call in (vector_store.get_nodes, vector_store.delete_nodes):  # the id's letters were looked up
+        with pytest.raises(InvalidInputError, match="node_ids must be a collection of ids, got str"):
+            call("n1")
+    assert len(vector_store.get_nodes()) == len(CORPUS)
     vector_store.clear()
     assert vector_store.get_nodes() == [] and query(vector_store).ids == []
 

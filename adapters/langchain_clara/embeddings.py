@@ -43,7 +43,12 @@ class EmbeddingsKeys:
         self.embeddings = embeddings
 
     def signature(self) -> dict:
-        return {"kind": "langchain-embeddings", "class": type(self.embeddings).__name__}
+        """The embedding's class and, where it names one, its model: two sentence-transformers
+        of one class and width would otherwise open each other's stores."""
+        model = next((value for name in ("model_name", "model", "model_id")
+                      if isinstance(value := getattr(self.embeddings, name, None), str)), None)
+        return {"kind": "langchain-embeddings", "class": type(self.embeddings).__name__,
+                **({"model": model} if model else {})}
 
     def document_keys(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.embeddings.embed_documents(texts), dtype=np.float32)

@@ -28,7 +28,9 @@ def to_document(stored: StoredDocument) -> Document:
 def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
     """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped one."""
     if isinstance(embedding, ClaraEmbeddings):
-        return (model if model is not None else embedding.model), None
+        if model is not None and embedding.model is not model:  # its keys would be ignored for the model's
+            raise InvalidInputError("the ClaraEmbeddings given beside model= are of another model: pass one of them")
+        return embedding.model, None
     return (model if model is not None else load_model()), (EmbeddingsKeys(embedding) if embedding else None)
 
 
@@ -188,3 +190,18 @@ class ClaraVectorStore(VectorStore):
     ) -> ClaraVectorStore:
         """Like ``from_texts``: no embedding means CLaRa's own keys, no model the shipped one."""
         return super().from_documents(documents, embedding, **kwargs)
+
+    @classmethod
+    async def afrom_texts(
+        cls, texts: list[str], embedding: Embeddings | None = None, metadatas: list[dict] | None = None,
+        *, ids: list[str] | None = None, **kwargs: Any,
+    ) -> ClaraVectorStore:
+        """``from_texts`` off the event loop, with its defaults (LangChain's needs an embedding)."""
+        return await super().afrom_texts(texts, embedding, metadatas, ids=ids, **kwargs)
+
+    @classmethod
+    async def afrom_documents(
+        cls, documents: list[Document], embedding: Embeddings | None = None, **kwargs: Any
+    ) -> ClaraVectorStore:
+        """``from_documents`` off the event loop, with its defaults."""
+        return await super().afrom_documents(documents, embedding, **kwargs)

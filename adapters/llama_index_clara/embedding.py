@@ -9,7 +9,7 @@ from weakref import WeakKeyDictionary, WeakSet
 
 import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
 from clara_plugins import ClaraModel
 from clara_plugins.keys import ClaraKeys, normalize_rows
@@ -37,7 +37,7 @@ class ClaraEmbedding(BaseEmbedding):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    clara: ClaraModel
+    clara: ClaraModel = Field(exclude=True)  # an object, not a setting: left out of to_json
     model_name: str = "clara-memory-tokens"
 
     @classmethod
@@ -45,16 +45,21 @@ class ClaraEmbedding(BaseEmbedding):
         return "ClaraEmbedding"
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        memories = self.clara.compress_documents(texts).to(torch.float16).cpu()
+        """A blank text (a blank page a reader made a node of) has nothing to compress: its
+        vector is zero, and ClaraVectorStore does not store it."""
+        keys = ClaraKeys(self.clara)
+        filled = [text for text in texts if text.strip()]
+        memories = self.clara.compress_documents(filled).to(torch.float16).cpu() if filled else None
         with _untaken_lock:
-            if self.clara in _takers:  # else no store of this model would ever take them
+            if self.clara in _takers and filled:  # else no store of this model would ever take them
                 untaken = _untaken.setdefault(self.clara, OrderedDict())
-                for text, memory in zip(texts, memories):
+                for text, memory in zip(filled, memories):
                     untaken[text] = memory
                     untaken.move_to_end(text)
                 while len(untaken) > _KEEP:
                     untaken.popitem(last=False)
-        return ClaraKeys(self.clara).memory_keys(memories.numpy()).tolist()
+        vectors = iter(keys.memory_keys(memories.numpy()).tolist() if filled else [])
+        return [next(vectors) if text.strip() else [0.0] * keys.dimensions for text in texts]
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, MemoryStore, StoreError, StoredDocument
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore, check_store_model
+from clara_plugins.store import BaseMemoryStore, check_store_model, id_list
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
@@ -152,16 +153,23 @@ class ClaraVectorStore(BasePydanticVectorStore):
         return self._embed_model
 
     def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
-        if not nodes:
-            return []
-        memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
-                                                     for node in nodes])
-        return self._store.upsert(
-            [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes],
-            ids=[node.node_id for node in nodes],
-            metadatas=[node_to_metadata_dict(node, remove_text=True, flat_metadata=False) for node in nodes],
-            memories=memories,
-        )
+        """Store the nodes; one without text (a blank page a reader made a node of) has nothing to
+        read and is left out, with a warning, as the index's other nodes go in."""
+        stored = [node for node in nodes if node.get_content(metadata_mode=MetadataMode.NONE).strip()]
+        if len(stored) < len(nodes):
+            blank = next(node for node in nodes if not node.get_content(metadata_mode=MetadataMode.NONE).strip())
+            warnings.warn(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
+                          f"(first: {blank.node_id})", stacklevel=2)
+        if stored:
+            memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
+                                                         for node in stored])
+            self._store.upsert(
+                [node.get_content(metadata_mode=MetadataMode.NONE) for node in stored],
+                ids=[node.node_id for node in stored],
+                metadatas=[node_to_metadata_dict(node, remove_text=True, flat_metadata=False) for node in stored],
+                memories=memories,
+            )
+        return [node.node_id for node in nodes]  # one per node, as the index pairs them
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of a source document."""
@@ -180,7 +188,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     def _select(self, node_ids: list[str] | None, filters: MetadataFilters | None) -> list[str]:
         where = translate_filters(filters)
-        ids = self._store.all_ids() if node_ids is None else list(node_ids)
+        ids = self._store.all_ids() if node_ids is None else id_list(node_ids, "node_ids", ordered=False)
         if where is None:
             return ids
         allowed = set(self._store.ids_where(where))
