@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="normal: retrieve top-k of ~20 candidates; oracle: the gold among 5")
     parser.add_argument("--sample", type=positive_int, help="questions per dataset (default: 200; quick: 8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
-    parser.add_argument("--candidates", type=positive_int, default=20, help="pool size in the normal setting")
+    parser.add_argument("--candidates", type=positive_int, help="pool size in the normal setting (default 20)")
     parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
                         help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "
                         "one, read at 4, 16 and 32); another rate adds its compressor row")
@@ -169,6 +169,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     clara, clara_e2e = _rates(args.clara, "--clara"), _rates(args.clara_e2e, "--clara-e2e")
     shipped = default_checkpoint()
     systems = default_systems(clara, clara_e2e, args.text_ft, None if shipped is None else str(shipped))
+    if args.systems == []:  # `--systems` with no name ran every system
+        raise InvalidInputError("--systems names no system: name the ones to run, or leave the option out")
+    if args.candidates is not None and args.setting == "oracle":
+        raise InvalidInputError("--candidates sizes the normal setting's pools; the oracle setting reads the k")
+    args.candidates = args.candidates or 20
     unknown = sorted(set(args.systems or ()) - {s.name for s in systems})
     if unknown:
         raise InvalidInputError(f"--systems: no system is named {', '.join(map(repr, unknown))}; the systems are "

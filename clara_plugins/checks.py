@@ -2,6 +2,7 @@
 line, so that bad input fails early and by name."""
 
 import argparse
+import re
 
 from .errors import InvalidInputError
 
@@ -37,3 +38,10 @@ def non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be zero or more, got {value}")
     return number
+
+
+def device_name(value: str) -> str:
+    """A device the command line may name: auto, cpu, mps, or cuda / xpu with an optional index."""
+    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", value):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N, mps or auto, got {value!r}")
+    return value

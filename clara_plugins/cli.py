@@ -14,9 +14,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .checks import non_negative_int, positive_int
-from .config import (DEFAULT_BASE_MODEL, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES, RETRIEVAL_KEYS, SETTINGS, STAGES,
-                     ClaraConfig, TrainConfig)
+from .checks import device_name, non_negative_int, positive_int
+from .config import (DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES,
+                     RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig, TrainConfig)
 from .corpora import document_id
 from .errors import CheckpointError, InvalidInputError, StoreError
 
@@ -34,7 +34,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="document tokens per memory token (default: the checkpoint's; 16 for an "
                              "untrained model); a pooled checkpoint reads its documents at another rate "
                              "as finer or coarser chunks of the same states")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto (default auto)")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, mps or auto (default auto)")
 
 
 # ------------------------------------------------------------------ arguments
@@ -97,15 +97,16 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "as for 'clara synth'): reconstruct (repeat the passage), continue (its second "
                              "half from its first), cloze (a blanked name, number or date), inverse-cloze (a "
                              "sentence as the question, its passage without it as the gold candidate)")
-    parser.add_argument("--setting", choices=SETTINGS, default="normal",
-                        help="normal: BM25 top-k; oracle: gold passages among the k (default normal)")
-    parser.add_argument("-k", type=positive_int, default=5, help="documents per instruction row (default 5)")
-    parser.add_argument("--candidates", type=positive_int, default=20, help="candidates per end-to-end row (default 20)")
+    parser.add_argument("--setting", choices=SETTINGS,
+                        help="instruct: normal, BM25 top-k; oracle: gold passages among the k (default normal)")
+    parser.add_argument("-k", type=positive_int, help="instruct: documents per row (default 5)")
+    parser.add_argument("--candidates", type=positive_int,
+                        help="e2e, inverse-cloze: candidates per row (default 20)")
     parser.add_argument("--skip", type=non_negative_int, default=0,
                         help="hold out the first N examples (e.g. NQ dev 0-299, for evaluation), and any later "
                         "one whose gold passage is one of theirs (or, for passages, a repeat of one)")
     parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
-    parser.add_argument("--seed", type=int, default=0, help="shuffling seed (default 0)")
+    parser.add_argument("--seed", type=int, help="e2e, cloze, inverse-cloze: shuffling seed (default 0)")
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +117,11 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, help="only the first N passages")
     parser.add_argument("--max-rounds", type=non_negative_int, default=3,
                         help="rounds of writing the QA a coverage check finds missing, each checked again (default 3)")
+
+
+TRAIN_TYPES = {**dict.fromkeys(("steps", "batch_size", "grad_accum", "save_every", "top_k", "candidates"), positive_int),
+               **dict.fromkeys(("refresh_every", "probe_every"), non_negative_int)}
+TRAIN_CHOICES = {"schedule": SCHEDULES, "estimator": ESTIMATORS, "gold_term": GOLD_TERMS}
 
 
 def _train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,21 +140,22 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
     parser.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
                         help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
-    parser.add_argument("--memory-design", choices=MEMORY_DESIGNS, default=ClaraConfig.memory_design,
-                        help=f"when no --init: how documents become memory vectors (default "
-                             f"{ClaraConfig.memory_design})")
+    parser.add_argument("--memory-design", choices=MEMORY_DESIGNS,
+                        help=f"without --init: how documents become memory vectors (default "
+                             f"{ClaraConfig.memory_design}; --init's checkpoint has its own)")
     parser.add_argument("--retrieval-key", choices=RETRIEVAL_KEYS,
                         help=f"what queries and documents are compared by (default: the --init checkpoint's, "
                              f"else {ClaraConfig.retrieval_key}); the e2e stage trains the query reasoner for it")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, mps or auto")
     for field in dataclasses.fields(TrainConfig):
         if field.name == "stage":
             continue
         flag = "--" + field.name.replace("_", "-")
         if isinstance(field.default, bool):
             parser.add_argument(flag, action="store_true", help=f"TrainConfig.{field.name}")
-        else:
-            parser.add_argument(flag, type=type(field.default), default=field.default,
+        else:  # counts and choices are checked by the parser (exit 2), as every other command's
+            parser.add_argument(flag, type=TRAIN_TYPES.get(field.name, type(field.default)),
+                                choices=TRAIN_CHOICES.get(field.name), default=field.default,
                                 help=f"TrainConfig.{field.name} (default {field.default})")
 
 
@@ -162,7 +169,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read a pooled checkpoint's documents at this rate (default: its own)")
     parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
                         help="answering systems (default clara; control: clara reading another row's documents)")
-    parser.add_argument("--control-shifts", nargs="+", type=positive_int, default=[1],
+    parser.add_argument("--control-shifts", nargs="+", type=positive_int,
                         help="control: each row reads the documents of the row this many after it; with "
                              "several, each question's scores are averaged over them (default 1)")
     parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
@@ -173,8 +180,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure whether the generator reads its memory tokens: the targets' CE "
                              "from each row's own documents vs the next row's (instruction or SCP rows), "
                              "also by token kind (digits, capitalised, the rest)")
-    parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
-    parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE needs one)")
+    parser.add_argument("--dense-model", help=f"dense: sentence-transformers path (default {DEFAULT_DENSE_MODEL})")
+    parser.add_argument("--query-instruction", help="dense: query prefix (BGE needs one; default none)")
     parser.add_argument("-k", type=positive_int, default=5,
                         help="documents read per question, and a retrieval cut-off beside 1, 3 and 5 (default 5)")
     parser.add_argument("--limit", type=positive_int, help="only the first N rows")
@@ -182,7 +189,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="questions answered together (default 4; more is faster where memory allows)")
     parser.add_argument("--out", help="write the results (with predictions) to this JSON file")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, mps or auto")
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,6 +258,8 @@ def _ask(args: argparse.Namespace) -> None:
     if (args.docs or args.text) and not texts:
         raise InvalidInputError(f"{', '.join(args.docs)}: no documents to read")
     if args.store and not (Path(args.store) / "CURRENT").exists():
+        if Path(args.store).exists():  # a file, or a folder of something else: exit 5, as for clara index
+            raise StoreError(f"--store {args.store} is not a CLaRa memory store (clara index makes one)")
         raise FileNotFoundError(f"--store {args.store}: no store there (clara index makes one)")
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
@@ -296,6 +305,19 @@ def _first_words(text: str, words: int = 12) -> str:
     return " ".join(head[:words]) + (" …" if len(head) > words else "")
 
 
+# the options each kind of row reads (the others default to None, and one given is refused)
+CONVERT_OPTIONS = {"instruct": {"setting", "k"}, "e2e": {"candidates", "seed"}, "scp": set(), "reconstruct": set(),
+                   "continue": set(), "cloze": {"seed"}, "inverse-cloze": {"candidates", "seed"}}
+
+
+def _refuse_unread(args: argparse.Namespace, flags: dict[str, str], read: set[str], what: str) -> None:
+    """Refuse an option (of ``flags``, which default to None) given where nothing reads it: the
+    user meant it to change something."""
+    given = [flag for name, flag in flags.items() if getattr(args, name) is not None and name not in read]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)}: not read with {what}")
+
+
 def _convert_data(args: argparse.Namespace) -> None:
     from .corpora import read_documents, read_examples
     from .jsonfiles import write_jsonl
@@ -303,6 +325,10 @@ def _convert_data(args: argparse.Namespace) -> None:
                        scp_qa_rows)
 
     _refuse_overwriting_input(Path(args.destination), args.source)
+    _refuse_unread(args, {"setting": "--setting", "k": "-k", "candidates": "--candidates", "seed": "--seed"},
+                   CONVERT_OPTIONS[args.kind], f"--kind {args.kind}")
+    args.setting, args.k = args.setting or "normal", args.k or 5
+    args.candidates, args.seed = args.candidates or 20, args.seed or 0
     end = None if args.limit is None else args.skip + args.limit
     read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
     everything = read(args.source)
@@ -365,6 +391,8 @@ def _train(args: argparse.Namespace) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
     # everything that can be refused is refused before the model loads and a corpus is compressed
+    if args.init and args.memory_design:
+        raise InvalidInputError("--memory-design is --init's own: a checkpoint keeps the design it was trained with")
     rows = read_jsonl(args.data)
     names = [Path(path).stem for path in args.probe]
     if len(set(names)) < len(names):
@@ -381,7 +409,7 @@ def _train(args: argparse.Namespace) -> None:
     else:
         model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
                                        compression_rate=args.compression_rate or ClaraConfig.compression_rate,
-                                       memory_design=args.memory_design,
+                                       memory_design=args.memory_design or ClaraConfig.memory_design,
                                        retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
                            device=args.device, dtype="float32")
     corpus = None
@@ -393,7 +421,9 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from clara_benchmarks.dense import DenseRetriever
+    from clara_benchmarks.dense import DEFAULT_DENSE_MODEL, DenseRetriever
+
+    from .backbone import resolve_device
     from clara_benchmarks.evaluation import (
         check_control_shifts,
         check_evaluation_rows,
@@ -415,11 +445,19 @@ def _eval(args: argparse.Namespace) -> None:
         if out.is_dir():
             raise InvalidInputError(f"--out {out} is a folder: name the JSON file to write")
         out.parent.mkdir(parents=True, exist_ok=True)
+    if not (args.systems or args.retrievers or args.reading):
+        raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")
+    read = ({"control_shifts"} if "control" in args.systems else set()) | (
+        {"dense_model", "query_instruction"} if "dense" in args.retrievers else set())
+    _refuse_unread(args, {"control_shifts": "--control-shifts", "dense_model": "--dense-model",
+                          "query_instruction": "--query-instruction"}, read, "these --systems and --retrievers")
     rows = read_jsonl(args.data)[: args.limit]
     check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None, args.k)
+    args.control_shifts = args.control_shifts or [1]
     if "control" in args.systems:
         check_control_shifts(len(rows), args.control_shifts)
-    dense = DenseRetriever(args.dense_model, args.query_instruction) if "dense" in args.retrievers else None
+    dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
+                           device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()
     model = load_model(checkpoint, compression_rate=args.compression_rate, device=args.device)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,

@@ -114,6 +114,7 @@ class ClaraConfig:
 STAGES = ("scp", "instruct", "e2e", "retrieval", "text")
 ESTIMATORS = ("straight-through", "realm")
 GOLD_TERMS = ("mass", "each")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclasses.dataclass
@@ -214,8 +215,8 @@ class TrainConfig:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.gold_term not in GOLD_TERMS:
             raise ValueError(f"gold_term must be one of {GOLD_TERMS}, got {self.gold_term!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.margin_weight and (self.stage not in ("scp", "instruct") or self.batch_size < 2):
             raise ValueError(f"margin_weight pairs each row's memories with another row's of its micro-batch: it "
                              f"needs the scp or instruct stage and batch_size 2 or more (grad_accum keeps a step's "

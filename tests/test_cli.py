@@ -308,3 +308,37 @@ def test_train_goes_on_from_a_pooled_checkpoint_at_another_compression_rate(tiny
         main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
               str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"])
     assert exit_info.value.code == 4 and "compression_rate=16 (was 8)" in capsys.readouterr().err
+
+
+def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # each was ignored (a setting, shifts, a dense model, a design, candidates, an empty --systems) or
+    # refused late, with another exit code than the README's
+    from clara_benchmarks import run as bench_run
+    from clara_plugins import model as model_module
+
+    monkeypatch.setattr(model_module.ClaraModel, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    (tmp_path / "notes.txt").write_text("mine")
+    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run")]
+    for argv, code, message in [
+        (["convert-data", str(EXAMPLE_DOCUMENTS), str(tmp_path / "x.jsonl"), "--kind", "reconstruct", "--seed", "1"],
+         5, "--seed: not read with --kind reconstruct"),
+        (["convert-data", "in.json", str(tmp_path / "x.jsonl"), "--kind", "e2e", "--setting", "oracle", "-k", "3"],
+         5, "--setting, -k: not read with --kind e2e"),
+        (["eval", str(rows), "--systems", "clara", "--control-shifts", "1", "2"], 5, "--control-shifts: not read"),
+        (["eval", str(rows), "--systems", "clara", "--dense-model", "bge"], 5, "--dense-model: not read"),
+        (["eval", str(rows), "--systems"], 5, "nothing to measure"),
+        ([*train, "--steps", "0"], 2, "must be a positive integer, got 0"),
+        ([*train, "--schedule", "cosin"], 2, "invalid choice: 'cosin'"),
+        ([*train, "--device", "gpu"], 2, "must be cpu, cuda, cuda:N, mps or auto, got 'gpu'"),
+        ([*train, "--init", str(tmp_path), "--memory-design", "tokens"], 5, "--memory-design is --init's own"),
+        (["ask", "--store", str(tmp_path / "notes.txt"), "--question", "Where?"], 5, "is not a CLaRa memory store"),
+        (["bench", "--systems"], 5, "--systems names no system"),
+        (["bench", "--setting", "oracle", "--candidates", "50"], 5, "--candidates sizes the normal setting"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert (exit_info.value.code, message in capsys.readouterr().err) == (code, True), argv
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "run").exists()
