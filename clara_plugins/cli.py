@@ -61,6 +61,20 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --ray: actors, each holding one model (default: one per GPU, else per CPU)")
 
 
+def _load_on_workers(args: argparse.Namespace):
+    """How each Ray worker loads the model: local paths made absolute (a worker starts in another
+    folder) and the device left to the worker (each sees only its own GPU, as cuda:0)."""
+    import functools
+
+    from .pretrained import load_model
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    return functools.partial(load_model, absolute(args.checkpoint), base_model=absolute(args.base_model),
+                             compression_rate=args.compression_rate, device="cpu" if args.device == "cpu" else "auto")
+
+
 def _ask_arguments(parser: argparse.ArgumentParser) -> None:
     sources = parser.add_argument_group("documents (at least one of)")
     sources.add_argument("--store", metavar="DIR", help="a store written by 'clara index': retrieve from it")
@@ -233,7 +247,8 @@ def _index(args: argparse.Namespace) -> None:
     else:
         store = MemoryStore(model, **{name: value for name, value in
                                       [("index", args.index), ("memory_dtype", args.memory_dtype)] if value})
-    on_ray = None if args.ray is None else RayCompression(load, args.ray, args.workers, use_gpus=args.device != "cpu")
+    on_ray = None if args.ray is None else RayCompression(_load_on_workers(args), args.ray, args.workers,
+                                                          use_gpus=args.device != "cpu")
     compressed = index_documents(store, [text for text, _ in documents], ids, [meta for _, meta in documents],
                                  save=functools.partial(store.save, folder), save_every=args.save_every,
                                  on_ray=on_ray, show_progress=True)
@@ -400,7 +415,10 @@ def _train(args: argparse.Namespace) -> None:
                                 f"{', '.join(args.probe)}")
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
-    check_run(rows, config, passages is not None, probes, args.output)
+    if check_run(rows, config, passages is not None, probes, args.output) >= config.steps:
+        print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
+              f"checkpoint: {Path(args.output) / 'checkpoint'}")
+        return
     torch.manual_seed(config.seed)
     if args.init:
         model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, compression_rate=args.compression_rate,

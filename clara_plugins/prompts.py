@@ -32,9 +32,12 @@ def render_chat(
     # as it is generated
     found = answer.strip()  # templates may trim it
     start = full.find(found, len(prompt)) if found and full.startswith(prompt) else -1
-    full = full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + answer_turn_end(tokenizer)
-    if tokenizer.chat_template is not None and turn_end_token(tokenizer) is None:
-        full += tokenizer.eos_token or ""  # a turn that ends in plain text ("\n") teaches no stop: the EOS does
+    end = answer_turn_end(tokenizer)
+    full = full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + end
+    # a turn that ends in plain text ("\n") teaches no stop: the EOS does, unless the turn writes one
+    if tokenizer.chat_template is not None and turn_end_token(tokenizer) is None and tokenizer.eos_token \
+            and tokenizer.eos_token not in end:
+        full += tokenizer.eos_token
     return full
 
 

@@ -31,8 +31,8 @@ def first_row_beyond(rows: Sequence[dict], k: int) -> int | None:
 
 def reading_width(rows: Sequence[dict], k: int = 5) -> int:
     """The number of documents each row reads, refusing rows that cannot be compared: the
-    gain reads every row's documents in the next row's place, so all must read as many; and
-    rows with more than k (``first_row_beyond``)."""
+    gain reads another row's documents in each row's place, so all must read as many, and
+    not all the same ones; and rows with more than k (``first_row_beyond``)."""
     longer = first_row_beyond(rows, k)
     if longer is not None:
         raise ValueError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: the reading "
@@ -42,7 +42,9 @@ def reading_width(rows: Sequence[dict], k: int = 5) -> int:
     if len(rows) < 2 or len(width) != 1:
         raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "
                          f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
-    return width.pop()
+    width = width.pop()
+    _other_documents(rows, width)  # before a model loads: every row may read the same documents
+    return width
 
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:

@@ -218,7 +218,9 @@ class BaseMemoryStore(ABC):
         return texts, ids, kept
 
     def _compressed(self, texts: list[str], memories: torch.Tensor | None, show_progress: bool) -> np.ndarray:
-        """fp16 memories [n, n_mem, hidden] of the texts: ``memories`` when given, else compressed now."""
+        """fp16 memories [n, n_mem, hidden] of the texts: a copy of ``memories`` when given (a
+        caller may refill its buffer for the next group; stored rows never change), else
+        compressed now."""
         if memories is None:
             memories = self.model.compress(texts, self.batch_size, show_progress).memories
         elif len(memories) != len(texts):
@@ -230,7 +232,7 @@ class BaseMemoryStore(ABC):
         memories = memories.to(torch.float16).cpu()
         if not torch.isfinite(memories).all():
             raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
-        return memories.numpy()
+        return memories.numpy().copy()
 
 
 class MemoryStore(BaseMemoryStore):
@@ -644,8 +646,8 @@ class MemoryStore(BaseMemoryStore):
         store = cls(model, keys, header["index"], batch_size, memory_dtype=memory_dtype)
         check_compressor(header["compressor"], compressor_signature(model), folder)
         saved, current = header["keys"], store.keys.signature()
-        # a store saved before its key encoder recorded a detail is checked on those it recorded
-        if not isinstance(saved, dict) or any(current.get(name) != value for name, value in saved.items()):
+        # a store of embedding keys saved before the embedding's model was recorded names its class alone
+        if saved != current and saved != {name: value for name, value in current.items() if name != "model"}:
             raise StoreError(f"{folder} was indexed with keys {saved}, not {current}: "
                              "load a model with the same retrieval_key, or the same key encoder")
         _verify_files(generation, header)  # after the header's checks: hashing a large store takes minutes

@@ -465,16 +465,15 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> 
 
 
 def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[str, list[dict]],
-              output: str | Path | None = None) -> None:
+              output: str | Path | None = None) -> int:
     """Refuse a run its stage cannot train, before the first step (and, from the CLI, before
     the model loads and a corpus is compressed): bad rows, a corpus outside e2e, probes that
     would never be read or cannot be, a missing teacher, and an ``output`` that holds another
-    run (other settings or rows) or no run it could resume."""
+    run (other settings or rows) or no run it could resume. Returns the steps ``output``'s run
+    has taken (0 for a new one)."""
     check_training_rows(rows, config, corpus=corpus)
     if config.teacher:
         read_config(Path(config.teacher))  # a CheckpointError naming it, before any model loads
-    if output is not None:
-        _check_output(Path(output), config, rows)
     if corpus and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     if probes and not config.probe_every:
@@ -484,9 +483,10 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
             reading_width(probe_rows)
         except ValueError as error:
             raise ValueError(f"probe {name}: {error}") from error
+    return 0 if output is None else _check_output(Path(output), config, rows)
 
 
-def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> None:
+def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> int:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
     checkpoint = output / "checkpoint"
@@ -497,7 +497,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> None:
             raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
                              f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
                              "use a new output folder")
-        return
+        return 0
     state = _read_trainer_state(state_path)
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
     current = dataclasses.asdict(config)
@@ -506,9 +506,10 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> None:
     if changed:
         raise ValueError(f"{output} was trained with another configuration: {', '.join(changed)}; "
                          "use a new output folder")
-    if state.get("rows_sha256", rows_sha256(rows)) != rows_sha256(rows):  # states saved before it: not checked
+    if "rows_sha256" in state and state["rows_sha256"] != rows_sha256(rows):  # states saved before: unchecked
         raise ValueError(f"{output} was trained on other rows than these: resume it with the same data, or use a "
                          "new output folder")
+    return state["step"]
 
 
 def rows_sha256(rows: list[dict]) -> str:

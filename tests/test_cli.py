@@ -304,6 +304,9 @@ def test_train_goes_on_from_a_pooled_checkpoint_at_another_compression_rate(tiny
           "--device", "cpu"])
     saved = json.loads((tmp_path / "run" / "checkpoint" / "clara_config.json").read_text())["config"]
     assert (saved["compression_rate"], tiny_model.config.compression_rate) == (8, 16)
+    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save({**state, "step": 0}, state_file)  # a run with a step left to take (a finished one loads nothing)
     with pytest.raises(SystemExit) as exit_info:  # resumed without the rate: refused, not trained on at 16
         main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
               str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"])
@@ -342,3 +345,19 @@ def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_w
             main(argv)
         assert (exit_info.value.code, message in capsys.readouterr().err) == (code, True), argv
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "run").exists()
+
+
+def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, tmp_path, monkeypatch, capsys):
+    # it loaded the model (and compressed any corpus) to train no step, and printed only the checkpoint
+    from clara_plugins import model as model_module
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    tiny_model.save_pretrained(tmp_path / "init")
+    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
+             str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"]
+    main(train)
+    monkeypatch.setattr(model_module.ClaraModel, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    main(train)
+    assert "holds a finished run of 1 steps: nothing to train" in capsys.readouterr().out

@@ -139,12 +139,15 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         # a pool longer than k: text read its first k candidates as they stand (a random order)
         (ROWS, ["-k", "2", "--systems", "clara", "text"], "row 0 has 3 documents, more than k=2: text would read"),
         (ROWS, ["-k", "2", "--reading"], "the reading gain would read its first 2"),
+        # refused after the model loaded and compressed them
+        ([passage, {**passage, "data_type": "reconstruct"}], ["--systems", "--reading"], "the same documents"),
     ]:
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         with pytest.raises(SystemExit) as exit_:
             main(["eval", str(data), *argv])
         assert exit_.value.code == 5 and message in capsys.readouterr().err
-    evaluation.check_evaluation_rows([passage] * 2, systems=[], reading_k=5)  # the reading gain alone reads them
+    other = {**passage, "docs": ["Rome is the capital of Italy."]}
+    evaluation.check_evaluation_rows([passage, other], systems=[], reading_k=5)  # the reading gain alone reads them
     unanswered = [{k: v for k, v in row.items() if k != "answer"} for row in ROWS]
     for rows, message in [([{**passage, "answers": []}] * 2, "row 0: answers must be a non-empty list"),
                           (unanswered, "row 0: it needs an answer")]:  # the reading gain reads the answers

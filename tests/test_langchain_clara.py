@@ -107,6 +107,9 @@ def test_stop_sequences_cut_the_stream():
     pieces = iter(["The ans", "wer is", " here. More", " text"])
     assert "".join(_cut_at_stops(pieces, ["is h", "zz"])) == "The answer "
     assert "".join(_cut_at_stops(iter(["abc"]), ["x"])) == "abc"
+    # an answer ends without its trailing whitespace, so a stop ending in it was never found
+    assert "".join(_cut_at_stops(iter(["Paris\nUs", "er:"]), ["\nUser: "])) == "Paris"
+    assert "".join(_cut_at_stops(iter(["Paris\nUser: me"]), ["\nUser: "])) == "Paris"
 
 
 def test_lcel_rag_chain_runs_offline(tiny_model, vectorstore):
@@ -235,6 +238,10 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
     keys = [ChatClara(clara=tiny_model, **kwargs)._get_llm_string()
             for kwargs in ({}, {"max_tokens": 4}, {"stop": ["."]}, {"store": stores[0]}, {"store": stores[1]})]
     assert len(set(keys)) == 5
+    # so is the model's own k and answer length, which a call without k or max_tokens reads
+    default = ChatClara(clara=tiny_model)._get_llm_string()
+    tiny_model.config.generation_top_k = 2
+    assert ChatClara(clara=tiny_model)._get_llm_string() != default
     # a store is keyed by its own id, not by its address, which a later store may be given
     first = ChatClara(clara=tiny_model, store=MemoryStore(tiny_model))._get_llm_string()
     gc.collect()

@@ -3,6 +3,7 @@
 LlamaIndex ships no standard suite; these tests follow its vector-store protocol.
 """
 
+import dataclasses
 import threading
 
 import pytest
@@ -118,6 +119,9 @@ def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_s
 
     assert json.loads(ClaraLLM(clara=tiny_model, store=vector_store, k=2).to_json())["k"] == 2
     assert json.loads(ClaraEmbedding(clara=tiny_model).to_json())["class_name"] == "ClaraEmbedding"
+    # and the settings tell models apart: an ingestion cache keys on them
+    other = ClaraModel(dataclasses.replace(tiny_model.config, compression_rate=8), device="cpu")
+    assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=other).to_dict()
 
 
 def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):

@@ -103,3 +103,15 @@ def test_workers_without_ray_is_a_usage_error(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS[0])
     with pytest.raises(InvalidInputError, match="give --ray too"):
         main(["--debug", "index", str(tmp_path / "corpus.txt"), "--store", str(tmp_path / "store"), "--workers", "2"])
+
+
+def test_ray_workers_load_the_checkpoint_by_its_absolute_path_on_their_own_device(tiny_model, tmp_path, monkeypatch):
+    # they got the relative path (a worker starts in another folder) and cuda:1 (a worker sees its GPU as cuda:0)
+    from clara_plugins import cli
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.chdir(tmp_path)
+    args = cli._build_parser("index").parse_args(["index", "corpus.txt", "--store", "s", "--checkpoint", "ckpt",
+                                          "--device", "cuda:1", "--ray"])
+    load = cli._load_on_workers(args)
+    assert load.args == (str(tmp_path / "ckpt"),) and load.keywords["device"] == "auto"

@@ -78,6 +78,17 @@ def test_memories_of_another_shape_are_refused_by_an_empty_store_too(tiny_model)
     assert len(store) == 0
 
 
+def test_memories_upserted_from_a_buffer_the_caller_refills_stay_as_they_were(tiny_model):
+    # the store kept a view of the caller's fp16 tensor: refilling it for the next group rewrote stored rows
+    store = MemoryStore(tiny_model)
+    buffer = tiny_model.compress_documents(CORPUS[:2]).half()
+    first = buffer.clone()
+    store.upsert(CORPUS[:2], ids=["a", "b"], memories=buffer)
+    buffer.copy_(tiny_model.compress_documents(CORPUS[2:4]).half())
+    store.upsert(CORPUS[2:4], ids=["c", "d"], memories=buffer)
+    assert torch.equal(store.memories(["a", "b"]).half(), first)
+
+
 @pytest.mark.parametrize("index", ["flat", "hnsw"])  # the compact index: test_store_compact.py
 def test_a_numpy_integer_k_searches_as_a_python_int(tiny_model, index):
     # k from numpy passed the check and failed in faiss' search with a TypeError

@@ -65,7 +65,8 @@ class ChatClara(ReaderFields, BaseChatModel):
         return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path,
                 "weights": self.clara.weights_sha256,  # a checkpoint saved again under its folder answers anew
                 "base_model": config.base_model,
-                "compression_rate": config.compression_rate, "k": self.k, "max_tokens": self.max_tokens,
+                "compression_rate": config.compression_rate, "k": self.k or config.generation_top_k,
+                "max_tokens": self.max_tokens or config.max_new_tokens,
                 "default_stop": self.stop,  # "stop" is the call's own stop in LangChain's cache key
                 # the store decides which prompt text is read as memory tokens: a cached answer
                 # is never served for another store object's reading
@@ -171,5 +172,8 @@ def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
         if len(buffer) > hold:
             yield buffer[: len(buffer) - hold]
             buffer = buffer[len(buffer) - hold:]
+    # the answer ends without its trailing whitespace: so does a stop the generator wrote last
+    ends = [len(buffer) - len(s.rstrip()) for s in stops if s.rstrip() and buffer.endswith(s.rstrip())]
+    buffer = buffer[:min(ends, default=len(buffer))]
     if buffer:
         yield buffer

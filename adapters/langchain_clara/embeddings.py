@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
@@ -43,12 +45,13 @@ class EmbeddingsKeys:
         self.embeddings = embeddings
 
     def signature(self) -> dict:
-        """The embedding's class and, where it names one, its model: two sentence-transformers
-        of one class and width would otherwise open each other's stores."""
+        """The embedding's class and, where it names one, its model (by its last path part, so
+        that a local copy opens from any folder): two sentence-transformers of one class and
+        width would otherwise open each other's stores."""
         model = next((value for name in ("model_name", "model", "model_id")
                       if isinstance(value := getattr(self.embeddings, name, None), str)), None)
         return {"kind": "langchain-embeddings", "class": type(self.embeddings).__name__,
-                **({"model": model} if model else {})}
+                **({"model": PurePath(model).name} if model else {})}
 
     def document_keys(self, texts: list[str]) -> np.ndarray:
         return np.asarray(self.embeddings.embed_documents(texts), dtype=np.float32)

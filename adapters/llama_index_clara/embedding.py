@@ -9,7 +9,7 @@ from weakref import WeakKeyDictionary, WeakSet
 
 import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, computed_field
 
 from clara_plugins import ClaraModel
 from clara_plugins.keys import ClaraKeys, normalize_rows
@@ -43,6 +43,16 @@ class ClaraEmbedding(BaseEmbedding):
     @classmethod
     def class_name(cls) -> str:
         return "ClaraEmbedding"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def clara_model(self) -> dict:
+        """The CLaRa model in the settings (an ingestion cache keys on them): its files, base
+        model, rate and key, whose vectors differ from another's."""
+        config = self.clara.config
+        return {"checkpoint": self.clara.name_or_path, "weights_sha256": self.clara.weights_sha256,
+                "base_model": config.base_model, "compression_rate": config.compression_rate,
+                "retrieval_key": config.retrieval_key}
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
         """A blank text (a blank page a reader made a node of) has nothing to compress: its
