@@ -63,7 +63,7 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_on_workers(args: argparse.Namespace):
     """How each Ray worker loads the model: local paths made absolute (a worker starts in another
-    folder) and the device left to the worker (each sees only its own GPU, as cuda:0)."""
+    folder), and the device without its index (each worker sees only its own GPU, as cuda:0)."""
     import functools
 
     from .pretrained import load_model
@@ -72,7 +72,7 @@ def _load_on_workers(args: argparse.Namespace):
         return str(Path(path).resolve()) if path and Path(path).exists() else path
 
     return functools.partial(load_model, absolute(args.checkpoint), base_model=absolute(args.base_model),
-                             compression_rate=args.compression_rate, device="cpu" if args.device == "cpu" else "auto")
+                             compression_rate=args.compression_rate, device=args.device.split(":")[0])
 
 
 def _ask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -415,7 +415,8 @@ def _train(args: argparse.Namespace) -> None:
                                 f"{', '.join(args.probe)}")
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
-    if check_run(rows, config, passages is not None, probes, args.output) >= config.steps:
+    state = check_run(rows, config, passages is not None, probes, args.output)
+    if state is not None and state["step"] >= config.steps:
         print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
               f"checkpoint: {Path(args.output) / 'checkpoint'}")
         return

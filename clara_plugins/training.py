@@ -465,12 +465,12 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> 
 
 
 def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[str, list[dict]],
-              output: str | Path | None = None) -> int:
+              output: str | Path | None = None) -> dict | None:
     """Refuse a run its stage cannot train, before the first step (and, from the CLI, before
     the model loads and a corpus is compressed): bad rows, a corpus outside e2e, probes that
     would never be read or cannot be, a missing teacher, and an ``output`` that holds another
-    run (other settings or rows) or no run it could resume. Returns the steps ``output``'s run
-    has taken (0 for a new one)."""
+    run (other settings or rows) or no run it could resume. Returns the trainer state of the
+    run ``output`` holds (None for a new one)."""
     check_training_rows(rows, config, corpus=corpus)
     if config.teacher:
         read_config(Path(config.teacher))  # a CheckpointError naming it, before any model loads
@@ -483,10 +483,10 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
             reading_width(probe_rows)
         except ValueError as error:
             raise ValueError(f"probe {name}: {error}") from error
-    return 0 if output is None else _check_output(Path(output), config, rows)
+    return None if output is None else _check_output(Path(output), config, rows)
 
 
-def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> int:
+def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> dict | None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
     checkpoint = output / "checkpoint"
@@ -497,7 +497,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> int:
             raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
                              f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
                              "use a new output folder")
-        return 0
+        return None
     state = _read_trainer_state(state_path)
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
     current = dataclasses.asdict(config)
@@ -509,7 +509,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> int:
     if "rows_sha256" in state and state["rows_sha256"] != rows_sha256(rows):  # states saved before: unchecked
         raise ValueError(f"{output} was trained on other rows than these: resume it with the same data, or use a "
                          "new output folder")
-    return state["step"]
+    return state
 
 
 def rows_sha256(rows: list[dict]) -> str:
@@ -526,7 +526,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
     probes = probes or {}
-    check_run(rows, config, corpus is not None, probes, output)
+    state = check_run(rows, config, corpus is not None, probes, output)
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
@@ -535,9 +535,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
-    state_path = checkpoint / TRAINER_STATE_FILE
     torch.manual_seed(config.seed)
-    resuming = state_path.exists()  # check_run refused a run it could not resume
+    resuming = state is not None  # check_run refused a run it could not resume
     if resuming:
         load_trained_weights(model, checkpoint)
     else:
@@ -545,11 +544,13 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     model.config.decoder_reads_text = config.stage == "text"
     if config.stage == "e2e":  # the generator then reads as many documents as it was trained on
         model.config.generation_top_k = config.top_k
+    if resuming and state["step"] >= config.steps:
+        warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
+        return _holding(model, checkpoint)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
     parameters = [p for p in model.parameters() if p.requires_grad]
     groups = _parameter_groups(model, parameters)
-    state = _read_trainer_state(state_path) if resuming else None
     if state is not None and len(state["optimizer"]["param_groups"]) != len(groups):
         groups = [{"params": parameters}]  # saved before the embedding had a group of its own: as it was
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
@@ -562,8 +563,6 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         if "cuda_rng" in state and model.device.type == "cuda":  # the dropout masks of a GPU run
             torch.cuda.set_rng_state(state["cuda_rng"], model.device)
         start = state["step"]
-        if start >= config.steps:
-            warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
     _forget_steps_after(output / "log.jsonl", start if resuming else -1)  # also a run killed before its first save
     cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
     candidates = CandidateMemories(model, corpus) if cached else None
@@ -576,7 +575,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         "text": lambda batch, _: text_loss(model, batch, config),
     }[config.stage]
 
-    digest = rows_sha256(rows)
+    digest = (state or {}).get("rows_sha256") or rows_sha256(rows)  # a resumed run's rows: checked alike
     model.train()
     started = time.perf_counter()
     running = None
@@ -620,7 +619,12 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, step + 1, log)
+    return _holding(model, checkpoint)
+
+
+def _holding(model: ClaraModel, checkpoint: Path) -> Path:
+    """The trained model, for use: in eval mode, and named by the last save's files it now
+    holds, not by the folder it was loaded from."""
     model.eval()
-    # the model now holds the last save's weights, not those of the folder it was loaded from
     model.name_or_path, model.weights_sha256 = str(checkpoint), files_sha256(weight_files(checkpoint))
     return checkpoint

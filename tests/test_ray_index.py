@@ -114,4 +114,4 @@ def test_ray_workers_load_the_checkpoint_by_its_absolute_path_on_their_own_devic
     args = cli._build_parser("index").parse_args(["index", "corpus.txt", "--store", "s", "--checkpoint", "ckpt",
                                           "--device", "cuda:1", "--ray"])
     load = cli._load_on_workers(args)
-    assert load.args == (str(tmp_path / "ckpt"),) and load.keywords["device"] == "auto"
+    assert load.args == (str(tmp_path / "ckpt"),) and load.keywords["device"] == "cuda"

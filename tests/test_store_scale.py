@@ -29,7 +29,8 @@ def test_exact_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, s
     truth = store_scale.exact_top_k(keys, real, queries, PASSAGES)
     result = store_scale.measure_store(tiny_model, kind, dtype, real, CORPUS, queries, truth, PASSAGES, tmp_path)
     assert result["recall_at_10"] >= (0.9 if kind == "hnsw" else 1.0)
-    assert result["disk_bytes_per_passage"]["total"] > 0 and set(result["search_ms"]) == {"p50", "p95"}
+    assert result["disk_bytes_per_passage"]["total"] > 0
+    assert sorted(result["search_ms"]) == ["p50", "p95"] and all(v >= 0 for v in result["search_ms"].values())
     assert (result["index_ram_bytes_per_passage"] is None) == (kind == "milvus")
     assert "| " + kind in store_scale.table([result])
     assert list(tmp_path.iterdir()) == []  # the stores were written to a temporary folder inside, then removed

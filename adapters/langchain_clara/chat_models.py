@@ -156,7 +156,9 @@ def _role(message: BaseMessage) -> str:
 
 
 def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
-    """Pass text through until a stop sequence appears; hold back what could start one."""
+    """Pass text through until a stop sequence appears; hold back what could start one. The
+    answer ends without trailing whitespace (as ``generate``'s), so a stop that ends in
+    whitespace is not found when the generator wrote it last: "France." is no ". " stop."""
     if not stops:
         yield from pieces
         return
@@ -172,8 +174,5 @@ def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
         if len(buffer) > hold:
             yield buffer[: len(buffer) - hold]
             buffer = buffer[len(buffer) - hold:]
-    # the answer ends without its trailing whitespace: so does a stop the generator wrote last
-    ends = [len(buffer) - len(s.rstrip()) for s in stops if s.rstrip() and buffer.endswith(s.rstrip())]
-    buffer = buffer[:min(ends, default=len(buffer))]
     if buffer:
         yield buffer

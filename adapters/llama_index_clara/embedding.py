@@ -12,6 +12,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import ConfigDict, Field, computed_field
 
 from clara_plugins import ClaraModel
+from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
 
 _KEEP = 4096  # memory tokens remembered per model until a ClaraVectorStore takes them
@@ -47,16 +48,14 @@ class ClaraEmbedding(BaseEmbedding):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def clara_model(self) -> dict:
-        """The CLaRa model in the settings (an ingestion cache keys on them): its files, base
-        model, rate and key, whose vectors differ from another's."""
-        config = self.clara.config
-        return {"checkpoint": self.clara.name_or_path, "weights_sha256": self.clara.weights_sha256,
-                "base_model": config.base_model, "compression_rate": config.compression_rate,
-                "retrieval_key": config.retrieval_key}
+        """The CLaRa model in the settings (an ingestion cache keys on them): what fixes a text's
+        vector, its compressor (weights included, trained or not) and its retrieval key."""
+        return {**compressor_signature(self.clara), "retrieval_key": self.clara.config.retrieval_key}
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
         """A blank text (a blank page a reader made a node of) has nothing to compress: its
-        vector is zero, and ClaraVectorStore does not store it."""
+        vector is the first unit vector (a zero one would make cosine stores divide by zero),
+        and ClaraVectorStore does not store it."""
         keys = ClaraKeys(self.clara)
         filled = [text for text in texts if text.strip()]
         memories = self.clara.compress_documents(filled).to(torch.float16).cpu() if filled else None
@@ -69,7 +68,8 @@ class ClaraEmbedding(BaseEmbedding):
                 while len(untaken) > _KEEP:
                     untaken.popitem(last=False)
         vectors = iter(keys.memory_keys(memories.numpy()).tolist() if filled else [])
-        return [next(vectors) if text.strip() else [0.0] * keys.dimensions for text in texts]
+        blank = [1.0] + [0.0] * (keys.dimensions - 1)
+        return [next(vectors) if text.strip() else blank for text in texts]
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]
