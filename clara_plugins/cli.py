@@ -63,7 +63,9 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_on_workers(args: argparse.Namespace):
     """How each Ray worker loads the model: local paths made absolute (a worker starts in another
-    folder), and the device without its index (each worker sees only its own GPU, as cuda:0)."""
+    folder), and CUDA without an index (each worker sees only its own GPU, as cuda:0); other
+    accelerators are left to each worker (Ray may not count them, and would start one worker
+    per CPU on one device)."""
     import functools
 
     from .pretrained import load_model
@@ -72,7 +74,8 @@ def _load_on_workers(args: argparse.Namespace):
         return str(Path(path).resolve()) if path and Path(path).exists() else path
 
     return functools.partial(load_model, absolute(args.checkpoint), base_model=absolute(args.base_model),
-                             compression_rate=args.compression_rate, device=args.device.split(":")[0])
+                             compression_rate=args.compression_rate,
+                             device={"cpu": "cpu", "cuda": "cuda"}.get(args.device.split(":")[0], "auto"))
 
 
 def _ask_arguments(parser: argparse.ArgumentParser) -> None:
@@ -416,7 +419,9 @@ def _train(args: argparse.Namespace) -> None:
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
     state = check_run(rows, config, passages is not None, probes, args.output)
-    if state is not None and state["step"] >= config.steps:
+    finished = state is not None and state["step"] >= config.steps
+    del state  # its optimizer moments: train() reads its own copy
+    if finished:
         print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
               f"checkpoint: {Path(args.output) / 'checkpoint'}")
         return
