@@ -13,7 +13,7 @@ import bm25s
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpora import QAExample
+from .corpora import QAExample, spaced_alike
 from .errors import InvalidInputError
 
 
@@ -42,10 +42,13 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
         wanted = size - len(passages)
         ranked = 4 * size  # enough, unless the best ones are mostly the example's own or repeats
         while wanted > 0:
-            extra = dict.fromkeys(pool_texts[i] for i in _best(index, example.question, ranked)
-                                  if owners[i] != example.id and pool_texts[i] not in passages)
+            own = {spaced_alike(p) for p in passages}  # its gold, spaced otherwise, is no distractor
+            extra: dict[str, str] = {}  # a passage other examples share (or space otherwise) comes once
+            for i in _best(index, example.question, ranked):
+                if owners[i] != example.id and spaced_alike(pool_texts[i]) not in own:
+                    extra.setdefault(spaced_alike(pool_texts[i]), pool_texts[i])
             if len(extra) >= wanted or ranked >= len(pool_texts):
-                passages += list(extra)[:wanted]  # a passage other examples share comes once
+                passages += list(extra.values())[:wanted]
                 break
             ranked *= 4
         result.append(dataclasses.replace(example, passages=passages))

@@ -2,6 +2,7 @@
 line, so that bad input fails early and by name."""
 
 import argparse
+import numbers
 import re
 
 from .errors import InvalidInputError
@@ -24,6 +25,12 @@ def check_texts(texts: object, what: str) -> list[str]:
             raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({error.reason} at "
                                     f"character {error.start})") from error
     return list(texts)
+
+
+def check_batch_size(batch_size: object) -> None:
+    """Refuse a batch size below one (no batch would run) or not an integer, by name."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def positive_int(value: str) -> int:

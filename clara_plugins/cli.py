@@ -17,7 +17,7 @@ from pathlib import Path
 from .checks import device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES,
                      RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig, TrainConfig)
-from .corpora import document_id
+from .corpora import document_id, spaced_alike
 from .errors import CheckpointError, InvalidInputError, StoreError
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
@@ -366,15 +366,16 @@ def _convert_data(args: argparse.Namespace) -> None:
 
 def _after_held_out(held_out: list, rest: list) -> list:
     """``rest`` without what repeats the held-out evidence: an example whose gold passage is a
-    held-out example's (NQ asks about one paragraph in several wordings), or a held-out passage."""
+    held-out example's (NQ asks about one paragraph in several wordings, and spaces it in several
+    ways), or a held-out passage."""
     if not held_out:
         return rest
     if isinstance(held_out[0], str):
-        seen = set(held_out)
-        kept = [passage for passage in rest if passage not in seen]
+        seen = {spaced_alike(passage) for passage in held_out}
+        kept = [passage for passage in rest if spaced_alike(passage) not in seen]
     else:
-        seen = {e.passages[i] for e in held_out for i in e.gold}
-        kept = [e for e in rest if not any(e.passages[i] in seen for i in e.gold)]
+        seen = {spaced_alike(e.passages[i]) for e in held_out for i in e.gold}
+        kept = [e for e in rest if not any(spaced_alike(e.passages[i]) in seen for i in e.gold)]
     if len(kept) < len(rest):
         print(f"left out {len(rest) - len(kept)} of {len(rest)} sources that share evidence with the held-out "
               f"first {len(held_out)}")

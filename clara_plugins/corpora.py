@@ -133,6 +133,12 @@ def _distinct(passages: list[str], gold: list[int]) -> tuple[list[str], list[int
     return list(first), sorted({first[passages[i]] for i in gold})
 
 
+def spaced_alike(text: str) -> str:
+    """A passage with its whitespace runs as single spaces: one paragraph that two examples
+    space differently (NQ writes ".  The" and ". The") is one piece of evidence."""
+    return " ".join(text.split())
+
+
 def document_id(text: str) -> str:
     """A document's id in a store built by ``clara index`` and in ``clara synth``'s rows: its
     text's hash, so that running over the same corpus again skips what is done."""

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
-from .checks import check_texts
+from .checks import check_batch_size, check_texts
 from .errors import CheckpointError, InvalidInputError
 from .generation import collect_answers, greedy_steps, stream_text
 from .prompts import question_prompt, turn_end_token
@@ -185,6 +185,8 @@ class ClaraModel(torch.nn.Module):
         Positions are those of Apple's layout, where every sequence is left-padded to
         doc_max_length + 3: a document compresses identically alone or in any batch. Padding
         only to the batch's longest sequence gives the same states at a fraction of the cost.
+        A longer document keeps doc_max_length tokens and its eos; Apple's tokenizer cuts the
+        framed sequence instead, keeping one more text token and no eos.
         """
         prefix, suffix = self._document_frame()
         sequences = [prefix + body[: self.config.doc_max_length] + suffix for body in bodies]
@@ -268,6 +270,7 @@ class ClaraModel(torch.nn.Module):
         Documents are batched by length (less padding); results come back in input order.
         """
         documents = check_texts(documents, "documents")
+        check_batch_size(batch_size)  # below 1 no batch ran, and the empty tensor came back as memories
         bodies = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
         order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
         memories = torch.empty(len(bodies), self.config.n_mem_tokens, self.hidden_size,
@@ -289,12 +292,36 @@ class ClaraModel(torch.nn.Module):
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
-        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden]."""
+        """Questions -> query-reasoner memory tensor [n_questions, n_mem, hidden]. A question
+        longer than ``doc_max_length`` tokens keeps its end (where a chat turn puts the question
+        after its instructions), with a warning."""
         questions = check_texts(questions, "questions")
+        check_batch_size(batch_size)
         with self._inference():
             bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
+            long = sum(len(body) > self.config.doc_max_length for body in bodies)
+            if long:
+                warnings.warn(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
+                              "tokens; each is encoded from its last tokens", stacklevel=2)
             return torch.cat([self._encode_tokens(bodies[s:s + batch_size], QUERY_REASONER)[0]
                               for s in range(0, len(bodies), batch_size)])
+
+    def _copy_adapter(self, source: str, target: str) -> None:
+        """Overwrite one adapter's LoRA weights with another's: the end-to-end stage starts its
+        query reasoner as the encoder, and an untrained reasoner then retrieves as the compressor."""
+        unknown = {source, target} - set(ADAPTER_NAMES)
+        if unknown:
+            raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
+        parameters = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                if f".{source}." in name:
+                    parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+
+    def _adapter_is_trained(self, name: str) -> bool:
+        """Whether an adapter changes the base model: a fresh LoRA's B matrices are zero."""
+        return any(bool(parameter.detach().any()) for key, parameter in self.lm.named_parameters()
+                   if f".lora_B.{name}." in key)
 
     # -------------------------------------------------------------- answering
 
@@ -352,7 +379,11 @@ class ClaraModel(torch.nn.Module):
         ids, mask = _left_pad(rows, self.tokenizer.pad_token_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         slots = torch.isin(ids, torch.tensor(self.mem_token_ids, device=self.device))
+        shape = (self.config.n_mem_tokens, self.hidden_size)
         for row, (group, found) in enumerate(zip(groups, slots.sum(dim=1).tolist())):
+            if group is not None and group.numel() and tuple(group.shape[1:]) != shape:  # would fill slots wrongly
+                raise InvalidInputError(f"prompt {row}'s memories have shape {tuple(group.shape)}, not "
+                                        f"[documents, {shape[0]}, {shape[1]}] (n_mem_tokens, hidden)")
             expected = 0 if group is None else group.size(0) * group.size(1)
             if found != expected:
                 raise InvalidInputError(
@@ -483,6 +514,12 @@ class ClaraModel(torch.nn.Module):
         model = cls(config, device=device, dtype=dtype)
         load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
         model.name_or_path, model.weights_sha256 = str(folder), files_sha256(weight_files(Path(folder)))
+        if model._adapter_is_trained(ENCODER) and not model._adapter_is_trained(QUERY_REASONER):
+            # saved before the end-to-end stage: the reasoner is the plain base model, which would
+            # encode questions in another space than the trained compressor encodes documents
+            model._copy_adapter(ENCODER, QUERY_REASONER)
+            warnings.warn(f"{folder} has an untrained query reasoner (it was saved before the end-to-end stage): "
+                          "questions are encoded by its compressor", stacklevel=2)
         return model
 
 

@@ -36,22 +36,6 @@ def set_trainable(model: ClaraModel, adapters: Sequence[str], memory_embeddings:
         model._embedding_hook = embedding.register_hook(lambda grad: grad * rows.to(grad.device))
 
 
-def copy_adapter(model: ClaraModel, source: str, target: str) -> None:
-    """Overwrite one adapter's LoRA weights with another's.
-
-    The end-to-end stage starts its query reasoner as a copy of the encoder; copying the
-    encoder into an untrained reasoner gives retrieval by the compressor itself.
-    """
-    unknown = {source, target} - set(ADAPTER_NAMES)
-    if unknown:
-        raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
-    parameters = dict(model.lm.named_parameters())
-    with torch.no_grad():
-        for name, parameter in parameters.items():
-            if f".{source}." in name:
-                parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
-
-
 def encode_with_gradients(model: ClaraModel, texts: Sequence[str],
                           adapter: str = ENCODER) -> tuple[torch.Tensor, torch.Tensor]:
     """Memories [batch, n_mem, hidden] and mean document-token states [batch, hidden] of

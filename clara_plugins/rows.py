@@ -93,9 +93,14 @@ def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for passage in dict.fromkeys(passages):
-        body = passage.split("\n", 1)[-1]
+        title, _, body = passage.partition("\n") if "\n" in passage else ("", "", passage)
+        title = title.strip().strip('"')
+        if title and body.startswith(title + " "):  # DPR repeats the title as the text's first words
+            body = body[len(title) + 1:]
+        # a blank whose words stay elsewhere in its sentence ("1980 ... of 1980") is no question
         blanks = [(sentence, match) for sentence in _SENTENCE_END.split(body) if len(sentence.split()) >= 6
-                  for match in _CLOZE_SPAN.finditer(sentence)]
+                  for match in _CLOZE_SPAN.finditer(sentence)
+                  if sentence.lower().count(match.group().lower()) == 1]
         if blanks:
             sentence, match = rng.choice(blanks)
             question = f"Fill in the blank: {sentence[:match.start()]}____{sentence[match.end():]}"
@@ -113,6 +118,7 @@ def inverse_cloze_rows(passages: list[str], candidates: int = 5, seed: int = 0) 
     passages = list(dict.fromkeys(passages))
     picked = []
     for number, passage in enumerate(passages):
+        passage = passage.rstrip()  # trailing whitespace would split off an empty last sentence
         start = passage.index("\n") + 1 if "\n" in passage else 0  # the title stays
         spans, begin = [], start
         for gap in _SENTENCE_END.finditer(passage, start):
@@ -174,6 +180,8 @@ def _row_problem(row: object, stage: str, reads_scp: bool, width: int | None) ->
         return ("an SCP row (data_type set), which only the scp stage and the instruct stage without "
                 "restate_weight or distill_weight read")
     problem = scp_row_problem(row) if scp else question_row_problem(row, needs_answer=stage != "retrieval")
+    if problem is None and stage == "scp" and len(row["docs"]) != 1:  # scp_loss compresses docs[0] alone
+        return f"the scp stage reads one document a row, and docs holds {len(row['docs'])} (instruct reads more)"
     if problem is None and width is not None and len(row["docs"]) != width:
         return f"{len(row['docs'])} documents, where the first row has {width}: rows are batched together"
     if problem is None and stage == "retrieval" and not row.get("pos_index"):
@@ -208,6 +216,8 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
         return "docs must be a non-empty list of document texts"
     if not isinstance(row.get("question"), str) or not row["question"].strip():
         return "question must be a non-empty string"
+    if "answer" in row and not isinstance(row["answer"], str):  # the prompts read it before answers
+        return f"answer must be a string, got {type(row['answer']).__name__}"
     answered = (isinstance(row.get("answer"), str) and row["answer"]) or _strings(row.get("answers"))
     if needs_answer and not answered:
         return "it needs an answer (a string) or answers (a non-empty list of strings)"

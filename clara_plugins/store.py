@@ -45,7 +45,7 @@ from numpy.typing import DTypeLike
 from .atomic import write_file_atomically, write_text_atomically
 from .backbone import fingerprint_mismatch
 from .checkpoint import compressor_signature
-from .checks import check_texts
+from .checks import check_batch_size, check_texts
 from .errors import InvalidInputError, StoreError
 from .jsonfiles import read_json
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
@@ -94,6 +94,7 @@ class BaseMemoryStore(ABC):
     """
 
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
+        check_batch_size(batch_size)  # before a first upsert compresses nothing
         self.model = model
         self.keys = keys or ClaraKeys(model)
         self.batch_size = batch_size

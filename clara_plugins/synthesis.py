@@ -64,8 +64,11 @@ class SynthesisReport:
 
 def as_teacher(model: object) -> Teacher:
     """A callable teacher from a callable, a LangChain chat model or a LlamaIndex LLM."""
-    if hasattr(model, "invoke") and hasattr(model, "bind"):  # LangChain Runnable chat model
-        return lambda prompt: str(model.invoke(prompt).content)
+    if hasattr(model, "invoke") and hasattr(model, "bind"):  # a LangChain chat model, LLM or chain
+        def invoke(prompt: str) -> str:
+            reply = model.invoke(prompt)  # a message (its .text joins content blocks), or a string
+            return reply if isinstance(reply, str) else reply.text
+        return invoke
     if hasattr(model, "complete"):  # LlamaIndex LLM
         return lambda prompt: model.complete(prompt).text
     if callable(model):

@@ -63,7 +63,7 @@ from .errors import CheckpointError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
-from .passes import (completion_log_likelihood, completion_log_probs, copy_adapter, encode_with_gradients,
+from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, reading_width
 from .prompts import memory_prompts, text_prompts
@@ -80,7 +80,13 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
     if config.stage == "text" or (config.stage == "instruct" and not config.keep_generator):
         _reset_adapter(model, DECODER, generator)
     if config.stage == "e2e":
-        copy_adapter(model, ENCODER, QUERY_REASONER)
+        model._copy_adapter(ENCODER, QUERY_REASONER)
+
+
+def _reasoner_is_compressor(model: ClaraModel) -> bool:
+    parameters = dict(model.lm.named_parameters())
+    return all(torch.equal(parameter, parameters[name.replace(f".{ENCODER}.", f".{QUERY_REASONER}.")])
+               for name, parameter in parameters.items() if f".{ENCODER}." in name)
 
 
 def _trainable(config: TrainConfig) -> list[str]:
@@ -549,6 +555,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         return _holding(model, checkpoint)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
+    # a query reasoner that is a copy of the compressor (loaded so) follows the compressor this stage trains
+    mirror = ENCODER in _trainable(config) and QUERY_REASONER not in _trainable(config) and _reasoner_is_compressor(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     groups = _parameter_groups(model, parameters)
     if state is not None and len(state["optimizer"]["param_groups"]) != len(groups):
@@ -613,6 +621,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             log.write(json.dumps(record) + "\n")
             log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                if mirror:
+                    model._copy_adapter(ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
                     "optimizer": optimizer.state_dict(),

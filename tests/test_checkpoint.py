@@ -203,3 +203,16 @@ def test_an_appended_token_checkpoint_reads_only_at_its_own_rate(tiny_tokens_mod
     with pytest.raises(CheckpointError, match="'tokens' memory design.*only at its own compression rate 16, not 8"):
         ClaraModel.from_pretrained(tmp_path / "ckpt", compression_rate=8, device="cpu")
     assert ClaraModel.from_pretrained(tmp_path / "ckpt", compression_rate=16, device="cpu").config.n_mem_tokens == 4
+
+
+def test_a_checkpoint_saved_before_end_to_end_encodes_questions_with_its_compressor(tiny_config, tmp_path):
+    # its query reasoner was the plain base model, encoding questions in another space than documents
+    model = ClaraModel(tiny_config, device="cpu")
+    with torch.no_grad():
+        for name, parameter in model.lm.named_parameters():
+            if ".lora_B.encoder_adapter." in name:
+                parameter.normal_(0, 0.1)
+    model.save_pretrained(tmp_path / "scp")
+    with pytest.warns(UserWarning, match="untrained query reasoner"):
+        loaded = ClaraModel.from_pretrained(tmp_path / "scp", device="cpu")
+    assert torch.allclose(loaded.encode_queries(["Who won?"]), loaded.compress_documents(["Who won?"]), atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 
 from clara_plugins.bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from clara_plugins.cli import main
-from clara_plugins.corpora import QAExample, read_examples
+from clara_plugins.corpora import QAExample, read_examples, spaced_alike
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows,
                                 question_name, reconstruction_rows, scp_qa_rows)
@@ -108,6 +108,9 @@ def test_a_pool_is_filled_with_each_shared_passage_once():
                 QAExample("d", "d", ["x"], ["Paris\nThe Seine flows through Paris."], [0])]
     filled = fill_short_pools(examples, 3)[0].passages
     assert filled[1] == shared and filled.count(shared) == 1 and len(filled) == 3
+    # nor does its own gold passage, spaced otherwise by another example, come back as a distractor
+    respaced = QAExample("e", "e", ["x"], ["Danube\nIt rises  in the Black Forest."], [0])
+    assert "Danube\nIt rises  in the Black Forest." not in fill_short_pools(examples + [respaced], 4)[0].passages
 
 
 def test_the_best_n_passages_are_the_start_of_the_full_ranking_ties_in_index_order():
@@ -128,9 +131,12 @@ def test_pools_filled_from_the_best_few_are_those_the_whole_ranking_filled():
         for example in examples:
             passages = list(example.passages)
             ranking = bm25_rank(example.question, [p for _, p in texts])
-            extra = dict.fromkeys(texts[i][1] for i in ranking if texts[i][0] != example.id
-                                  and texts[i][1] not in passages)
-            filled.append(passages + list(extra)[: max(0, size - len(passages))])
+            own = {spaced_alike(p) for p in passages}
+            extra = {}
+            for i in ranking:
+                if texts[i][0] != example.id and spaced_alike(texts[i][1]) not in own:
+                    extra.setdefault(spaced_alike(texts[i][1]), texts[i][1])
+            filled.append(passages + list(extra.values())[: max(0, size - len(passages))])
         return filled
 
     examples = read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=120)
@@ -193,12 +199,24 @@ def test_cloze_rows_blank_a_name_number_or_date_of_the_passage():
     assert row["question"].replace("____", row["answer"]).removeprefix("Fill in the blank: ") in passage
 
 
+def test_a_cloze_blank_is_never_readable_in_its_own_sentence_nor_spans_a_repeated_title():
+    # "On July 2, 1980, ... Act of 1980" kept one 1980 beside the blank; DPR repeats the title as
+    # the text's first words, and "Bennett Kathi Bennett" became one blank
+    dated = "Act\nOn July 2, 1980, President Carter signed the Small Business Act of 1980."
+    titled = '"Kathi Bennett"\nKathi Bennett (born January 31, 1963) is an American politician from Ohio.'
+    for seed in range(8):
+        for passage in (dated, titled):
+            (row,) = cloze_rows([passage], seed=seed)
+            assert row["answer"] != "1980" and "Kathi" not in row["answer"] and "Bennett" not in row["answer"]
+            assert row["question"].lower().count(row["answer"].lower()) == 0
+
+
 def test_inverse_cloze_rows_ask_with_a_sentence_cut_from_its_passage():
     danube = ("Danube\nThe Danube is a river of Europe. It rises in the Black Forest of Germany. "
               "It flows to the Black Sea.")
     rhine = "Rhine\nThe Rhine is a river of Europe. It rises in the Swiss Alps near the Oberalp Pass."
     seine = "Seine\nThe Seine is a river of France. It flows through Paris to the English Channel at Le Havre."
-    short = "Tiber\nA river."  # one sentence: nothing would be left to find it by
+    short = "Tiber\nA river that flows through the city of Rome. "  # one sentence: nothing left to find it by
     rows = inverse_cloze_rows([danube, rhine, seine, short, danube], candidates=2, seed=0)
     assert len(rows) == 3 and all(len(row["docs"]) == 2 and len(row["pos_index"]) == 1 for row in rows)
     for row, passage in zip(rows, [danube, rhine, seine]):
@@ -236,13 +254,14 @@ def test_reconstruction_rows_target_each_distinct_passage_once():
 @needs_data
 def test_held_out_evidence_does_not_come_back_in_another_wording(tmp_path, capsys):
     # NQ dev 18 and 1161 both ask who wrote "I Can Only Imagine", over one paragraph: the
-    # training rows from 300 on held 8 such repeats of the evaluation's evidence
+    # training rows from 300 on held 8 such repeats of the evaluation's evidence, and 5 more
+    # of one paragraph spaced otherwise (".  The" against ". The": dev 600 repeats dev 18's)
     source, out = SHARED_DATA / "nq" / "dev.jsonl", tmp_path / "scp.jsonl"
     main(["convert-data", str(source), str(out), "--kind", "scp", "--skip", "300"])
-    held = {e.passages[i] for e in read_examples(source, limit=300) for i in e.gold}
+    held = {spaced_alike(e.passages[i]) for e in read_examples(source, limit=300) for i in e.gold}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows and not any(document in held for row in rows for document in row["docs"])
-    assert "left out 8 of 1355 sources" in capsys.readouterr().out
+    assert rows and not any(spaced_alike(document) in held for row in rows for document in row["docs"])
+    assert "left out 13 of 1355 sources" in capsys.readouterr().out
 
 
 @needs_data

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError
+from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore
 from clara_plugins.passes import completion_log_likelihood, encode_with_gradients, set_trainable
 from clara_plugins.prompts import question_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -269,6 +269,31 @@ def test_generate_from_questions_refuses_k_below_one_before_compressing(tiny_mod
     monkeypatch.setattr(tiny_model, "compress_documents", lambda *a, **k: pytest.fail("compressed"))
     with pytest.raises(InvalidInputError, match="k must be a positive integer, got 0"):
         tiny_model.generate_from_questions(["Where?"], [CORPUS[:3]], k=0)
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 2.5])
+def test_a_batch_size_below_one_is_refused(tiny_model, batch_size):
+    # -1 ran no batch and returned the uninitialised tensor as memories, which a store saved
+    with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
+        tiny_model.compress(CORPUS[:2], batch_size=batch_size)
+    with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
+        tiny_model.encode_queries(["Who?"], batch_size=batch_size)
+    with pytest.raises(InvalidInputError, match="batch_size must be a positive integer"):
+        MemoryStore(tiny_model, batch_size=batch_size)
+
+
+def test_memories_of_another_shape_are_refused_by_generate(tiny_model):
+    # as many vectors as slots, of another rate's shape, were spread over the slots in another order
+    memories = tiny_model.compress_documents(CORPUS[:2])  # [2, n_mem, hidden]
+    prompt = question_prompt(tiny_model.tokenizer, "Who?", 2, tiny_model.document_placeholder)
+    wrong = memories.reshape(4, memories.size(1) // 2, memories.size(2))
+    with pytest.raises(InvalidInputError, match="memories have shape"):
+        tiny_model.generate([prompt], [wrong])
+
+
+def test_a_query_longer_than_doc_max_length_is_encoded_from_its_end_with_a_warning(tiny_model):
+    with pytest.warns(UserWarning, match="1 of 1 queries exceed doc_max_length"):
+        tiny_model.encode_queries([" ".join(["word"] * 200) + " Who won?"])
 
 
 def test_loading_a_model_warns_of_no_deprecation(tiny_config):

@@ -209,3 +209,14 @@ def test_langchain_and_llama_index_models_are_teachers():
     assert parse_pairs(as_teacher(chat)("any prompt")) == [("Where?", "Warsaw")]
     llm = MockLLM(max_tokens=3)
     assert isinstance(as_teacher(llm)("hello there"), str)
+    # a reply of content blocks was read as its Python repr; a chain that returns a string failed
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.output_parsers import StrOutputParser
+
+    blocks = GenericFakeChatModel(messages=iter([AIMessage(content=[
+        {"type": "text", "text": "Question: Where?\nAnswer: Warsaw"}])]))
+    assert parse_pairs(as_teacher(blocks)("any prompt")) == [("Where?", "Warsaw")]
+
+    chain = FakeListChatModel(responses=["Question: Who?\nAnswer: Curie"]) | StrOutputParser()
+    assert parse_pairs(as_teacher(chain)("any prompt")) == [("Who?", "Curie")]

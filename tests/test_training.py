@@ -410,6 +410,15 @@ def test_the_e2e_stage_starts_its_query_reasoner_as_the_compressor(tiny_model, t
                for k, v in encoder.items())
 
 
+def test_a_reasoner_loaded_as_the_compressors_copy_follows_it_through_a_compressor_stage(tiny_model, tmp_path):
+    # scp run again from such a checkpoint saved the reasoner as the compressor it started from
+    tiny_model._copy_adapter("encoder_adapter", "query_reasoner_adapter")
+    train(tiny_model, SCP, TrainConfig(stage="scp", steps=2, batch_size=1, grad_accum=1, lr=1e-2), tmp_path)
+    encoder, reasoner = lora(tiny_model, "encoder_adapter"), lora(tiny_model, "query_reasoner_adapter")
+    assert all(torch.equal(reasoner[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
+               for k, v in encoder.items())
+
+
 def test_e2e_with_a_frozen_generator_trains_the_query_reasoner_alone(tiny_model, tmp_path):
     decoder = lora(tiny_model, "decoder_adapter")
     rows_before = tiny_model.lm.get_input_embeddings().weight.detach().clone()
@@ -657,6 +666,10 @@ def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, mes
     ("scp", {**SCP[1], "data_type": "summary"}, "data_type must be one of", {}),
     ("scp", {**SCP[1], "docs": CORPUS[:2]}, "an SCP row compresses one document, and docs holds 2", {}),  # read 1
     ("instruct", {**SCP[2], "docs": CORPUS[:2]}, "an SCP row compresses one document", {}),  # failed mid-run
+    ("scp", {**INSTRUCT[1], "answers": ["Paris"]}, "the scp stage reads one document a row, and docs holds 2",
+     {}),  # read its first document alone
+    ("instruct", {**INSTRUCT[1], "answer": ["Paris"], "answers": ["Paris"]}, "answer must be a string, got list",
+     {}),  # failed at the first batch
     ("scp", {**SCP[0], "question": "What flows through Vienna?"}, "a qa row's question must be a list of strings", {}),
 ])
 def test_rows_a_stage_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path, stage, row, message, settings):
