@@ -17,8 +17,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel
 from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k
-from clara_plugins.model import ENCODER, QUERY_REASONER
-from clara_plugins.passes import copy_adapter
+from clara_plugins.model import ENCODER, QUERY_REASONER, copy_adapter
 
 from .dense import DEFAULT_DENSE_MODEL, DenseEmbeddings, DenseRetriever
 from .measure import latency_ms, peak_rss_mb

@@ -19,7 +19,7 @@ from .checkpoint import files_sha256, load_added_rows, load_adapter_weights
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
-from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
+from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter
 
 _PEFT_PREFIX = "base_model.model."
 
@@ -104,7 +104,7 @@ def load_apple_checkpoint(
     if QUERY_REASONER not in adapters:
         # stages 1 and 1_2 save no query reasoner; the end-to-end stage starts it as the encoder,
         # so questions are encoded by the compressor, never by an untrained (identity) adapter
-        model._copy_adapter(ENCODER, QUERY_REASONER)
+        copy_adapter(model, ENCODER, QUERY_REASONER)
         warnings.warn(f"{folder} has no query reasoner (it was saved before the end-to-end stage): questions "
                       "are encoded by its compressor", stacklevel=2)
     embed = _matrix(matrices, "embed_tokens.weight", folder)

@@ -306,22 +306,18 @@ class ClaraModel(torch.nn.Module):
             return torch.cat([self._encode_tokens(bodies[s:s + batch_size], QUERY_REASONER)[0]
                               for s in range(0, len(bodies), batch_size)])
 
-    def _copy_adapter(self, source: str, target: str) -> None:
-        """Overwrite one adapter's LoRA weights with another's: the end-to-end stage starts its
-        query reasoner as the encoder, and an untrained reasoner then retrieves as the compressor."""
-        unknown = {source, target} - set(ADAPTER_NAMES)
-        if unknown:
-            raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
-        parameters = dict(self.lm.named_parameters())
-        with torch.no_grad():
-            for name, parameter in parameters.items():
-                if f".{source}." in name:
-                    parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
+    def _reason_with_compressor(self) -> bool:
+        """Before the end-to-end stage the query reasoner is the plain base model (a fresh LoRA's
+        B matrices are zero), which would encode questions in another space than the trained
+        compressor encodes documents: then it becomes a copy of the compressor. Whether it did."""
+        def trained(adapter: str) -> bool:
+            return any(bool(parameter.detach().any()) for key, parameter in self.lm.named_parameters()
+                       if f".lora_B.{adapter}." in key)
 
-    def _adapter_is_trained(self, name: str) -> bool:
-        """Whether an adapter changes the base model: a fresh LoRA's B matrices are zero."""
-        return any(bool(parameter.detach().any()) for key, parameter in self.lm.named_parameters()
-                   if f".lora_B.{name}." in key)
+        if not trained(ENCODER) or trained(QUERY_REASONER):
+            return False
+        copy_adapter(self, ENCODER, QUERY_REASONER)
+        return True
 
     # -------------------------------------------------------------- answering
 
@@ -514,13 +510,23 @@ class ClaraModel(torch.nn.Module):
         model = cls(config, device=device, dtype=dtype)
         load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
         model.name_or_path, model.weights_sha256 = str(folder), files_sha256(weight_files(Path(folder)))
-        if model._adapter_is_trained(ENCODER) and not model._adapter_is_trained(QUERY_REASONER):
-            # saved before the end-to-end stage: the reasoner is the plain base model, which would
-            # encode questions in another space than the trained compressor encodes documents
-            model._copy_adapter(ENCODER, QUERY_REASONER)
+        if model._reason_with_compressor():
             warnings.warn(f"{folder} has an untrained query reasoner (it was saved before the end-to-end stage): "
                           "questions are encoded by its compressor", stacklevel=2)
         return model
+
+
+def copy_adapter(model: ClaraModel, source: str, target: str) -> None:
+    """Overwrite one adapter's LoRA weights with another's: the end-to-end stage starts its
+    query reasoner as the encoder, and an untrained reasoner then retrieves as the compressor."""
+    unknown = {source, target} - set(ADAPTER_NAMES)
+    if unknown:
+        raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
+    parameters = dict(model.lm.named_parameters())
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            if f".{source}." in name:
+                parameters[name.replace(f".{source}.", f".{target}.")].copy_(parameter)
 
 
 def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,9 +94,10 @@ def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
     rows = []
     for passage in dict.fromkeys(passages):
         title, _, body = passage.partition("\n") if "\n" in passage else ("", "", passage)
-        title = title.strip().strip('"')
-        if title and body.startswith(title + " "):  # DPR repeats the title as the text's first words
-            body = body[len(title) + 1:]
+        # DPR's quoted title comes again as the text's first words (a heading); elsewhere a text
+        # opening with its title opens with its subject, which stays
+        if title.startswith('"') and title.endswith('"') and body.startswith(title[1:-1] + " "):
+            body = body[len(title) - 1:]
         # a blank whose words stay elsewhere in its sentence ("1980 ... of 1980") is no question
         blanks = [(sentence, match) for sentence in _SENTENCE_END.split(body) if len(sentence.split()) >= 6
                   for match in _CLOZE_SPAN.finditer(sentence)

@@ -62,7 +62,7 @@ from .config import TrainConfig
 from .errors import CheckpointError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
-from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel
+from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, reading_width
@@ -80,7 +80,7 @@ def prepare_stage(model: ClaraModel, config: TrainConfig) -> None:
     if config.stage == "text" or (config.stage == "instruct" and not config.keep_generator):
         _reset_adapter(model, DECODER, generator)
     if config.stage == "e2e":
-        model._copy_adapter(ENCODER, QUERY_REASONER)
+        copy_adapter(model, ENCODER, QUERY_REASONER)
 
 
 def _reasoner_is_compressor(model: ClaraModel) -> bool:
@@ -622,7 +622,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
                 if mirror:
-                    model._copy_adapter(ENCODER, QUERY_REASONER)
+                    copy_adapter(model, ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
                     "optimizer": optimizer.state_dict(),
@@ -633,8 +633,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
 
 
 def _holding(model: ClaraModel, checkpoint: Path) -> Path:
-    """The trained model, for use: in eval mode, and named by the last save's files it now
-    holds, not by the folder it was loaded from."""
+    """The trained model, for use: in eval mode, named by the last save's files it now holds,
+    not by the folder it was loaded from, and reasoning as that checkpoint loads."""
     model.eval()
+    model._reason_with_compressor()
     model.name_or_path, model.weights_sha256 = str(checkpoint), files_sha256(weight_files(checkpoint))
     return checkpoint

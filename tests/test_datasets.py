@@ -209,6 +209,10 @@ def test_a_cloze_blank_is_never_readable_in_its_own_sentence_nor_spans_a_repeate
             (row,) = cloze_rows([passage], seed=seed)
             assert row["answer"] != "1980" and "Kathi" not in row["answer"] and "Bennett" not in row["answer"]
             assert row["question"].lower().count(row["answer"].lower()) == 0
+    # a text that opens with its title opens with its subject: it stays (only DPR's quoted heading goes)
+    subject = "Film Journal International\nFilm Journal International is a trade magazine published in New York."
+    for seed in range(4):
+        assert cloze_rows([subject], seed=seed)[0]["question"].startswith("Fill in the blank: Film ")
 
 
 def test_inverse_cloze_rows_ask_with_a_sentence_cut_from_its_passage():

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from clara_benchmarks.text_reader import read_text
 from clara_plugins import CheckpointError, ClaraModel, InvalidInputError, MemoryStore, TrainConfig, passes, training
+from clara_plugins.model import copy_adapter
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -254,7 +255,10 @@ def test_a_trained_model_names_the_checkpoint_it_now_holds(tiny_model, tmp_path)
     loaded = model.weights_sha256
     checkpoint = train(model, SCP, TrainConfig(stage="scp", steps=1, batch_size=1, grad_accum=1, lr=1e-2), tmp_path / "run")
     assert model.name_or_path == str(checkpoint) and model.weights_sha256 not in (None, loaded)
-    assert ClaraModel.from_pretrained(checkpoint, device="cpu").weights_sha256 == model.weights_sha256
+    reloaded = ClaraModel.from_pretrained(checkpoint, device="cpu")
+    assert reloaded.weights_sha256 == model.weights_sha256
+    # and it encodes questions as its checkpoint does once loaded
+    assert torch.allclose(model.encode_queries(["Who won?"]), reloaded.encode_queries(["Who won?"]), atol=1e-5)
 
 
 def test_the_restatement_margin_needs_the_instruct_stage():
@@ -412,7 +416,7 @@ def test_the_e2e_stage_starts_its_query_reasoner_as_the_compressor(tiny_model, t
 
 def test_a_reasoner_loaded_as_the_compressors_copy_follows_it_through_a_compressor_stage(tiny_model, tmp_path):
     # scp run again from such a checkpoint saved the reasoner as the compressor it started from
-    tiny_model._copy_adapter("encoder_adapter", "query_reasoner_adapter")
+    copy_adapter(tiny_model, "encoder_adapter", "query_reasoner_adapter")
     train(tiny_model, SCP, TrainConfig(stage="scp", steps=2, batch_size=1, grad_accum=1, lr=1e-2), tmp_path)
     encoder, reasoner = lora(tiny_model, "encoder_adapter"), lora(tiny_model, "query_reasoner_adapter")
     assert all(torch.equal(reasoner[k.replace("encoder_adapter", "query_reasoner_adapter")], v)
