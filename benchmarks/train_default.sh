@@ -62,7 +62,7 @@ E2E_LR=${E2E_LR:-1e-4}
 MARGIN=${MARGIN:-1.0}             # weight of the reading margin (0: the paper's loss)
 FREEZE_COMPRESSOR=${FREEZE_COMPRESSOR---freeze-compressor}  # instruct stage; empty: train it (paper)
 PROBE_EVERY=${PROBE_EVERY:-40}
-LIMIT=${LIMIT:-}                  # cap every converted file at N examples (smoke tests)
+LIMIT=${LIMIT:-}                  # cap every training conversion at N examples (smoke tests; probes and evaluations: EVAL_LIMIT, RECALL_LIMIT)
 EVAL_LIMIT=${EVAL_LIMIT:-60}
 CONTROL_SHIFTS=${CONTROL_SHIFTS:-1 2 3}  # the control reads the documents of the row this many on (F1 averaged)
 RECALL_LIMIT=${RECALL_LIMIT:-40}
@@ -78,7 +78,7 @@ if [ "$SCP_MORE_STEPS" -gt 0 ]; then check_split SCP_MORE_BATCH SCP_MORE_ACCUM; 
 check_split RETRIEVAL_BATCH RETRIEVAL_ACCUM
 rows="$OUT/rows"
 mkdir -p "$rows" "$OUT/eval"
-convert() {  # clara convert-data, each file capped at LIMIT rows; one with its own --limit keeps the smaller
+convert() {  # clara convert-data, each capped at LIMIT examples; one with its own --limit keeps the smaller
     local args=("$@") i
     if [ -n "$LIMIT" ]; then
         for ((i = 0; i < ${#args[@]}; i++)); do

@@ -48,7 +48,7 @@ def non_negative_int(value: str) -> int:
 
 
 def device_name(value: str) -> str:
-    """A device the command line may name: auto, cpu, mps, or cuda / xpu with an optional index."""
-    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", value):
+    """A device the command line may name: auto, cpu, mps, or cuda with an optional index."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
         raise argparse.ArgumentTypeError(f"must be cpu, cuda, cuda:N, mps or auto, got {value!r}")
     return value

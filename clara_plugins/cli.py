@@ -63,9 +63,8 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_on_workers(args: argparse.Namespace):
     """How each Ray worker loads the model: local paths made absolute (a worker starts in another
-    folder), and CUDA without an index (each worker sees only its own GPU, as cuda:0); other
-    accelerators are left to each worker (Ray may not count them, and would start one worker
-    per CPU on one device)."""
+    folder), and CUDA without an index (each worker sees only its own GPU, as cuda:0); Apple's
+    MPS is left to each worker's auto."""
     import functools
 
     from .pretrained import load_model
@@ -195,7 +194,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "also the first one's Recall@k minus each other's, with a paired 95 %% interval")
     parser.add_argument("--reading", action="store_true",
                         help="also measure whether the generator reads its memory tokens: the targets' CE "
-                             "from each row's own documents vs the next row's (instruction or SCP rows), "
+                             "from each row's own documents vs the next row's of other documents (instruction or SCP rows), "
                              "also by token kind (digits, capitalised, the rest)")
     parser.add_argument("--dense-model", help=f"dense: sentence-transformers path (default {DEFAULT_DENSE_MODEL})")
     parser.add_argument("--query-instruction", help="dense: query prefix (BGE needs one; default none)")

@@ -2,7 +2,8 @@
 
 Settings (the paper's): *Normal* gives the 5 passages a BM25 retriever ranks highest among
 the example's candidates; *Oracle* puts the gold passages among the 5. End-to-end rows carry
-about 20 candidates with ``pos_index`` (gold positions, used only for logged Recall@k).
+about 20 candidates with ``pos_index`` (gold positions: the targets of the retrieval stage and of
+the e2e retrieval term, and of the logged Recall@k).
 The teacher-free rows (reconstruction, continuation, cloze, inverse cloze) need only passages.
 """
 
@@ -155,7 +156,7 @@ def check_training_rows(rows: list[object], config: TrainConfig, corpus: bool = 
     before a step runs: a missing field would otherwise stop a run hours in, and
     ``"docs": "text"`` would train on the text's letters.
 
-    SCP rows (``data_type`` set) read ``docs[0]`` and their ``answers`` (and, for "qa", as many
+    SCP rows (``data_type`` set) hold one document and read their ``answers`` (and, for "qa", as many
     ``question`` strings); question rows read ``question``, ``docs``, ``answer`` or ``answers``
     and, in the retrieval stage, ``pos_index``. Where several rows' documents are batched into
     one tensor (instruct, and e2e without a ``corpus`` store), every row has as many as the first.

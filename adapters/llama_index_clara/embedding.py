@@ -53,9 +53,9 @@ class ClaraEmbedding(BaseEmbedding):
         return {**compressor_signature(self.clara), "retrieval_key": self.clara.config.retrieval_key}
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
-        """A blank text (a blank page a reader made a node of) has nothing to compress: its
-        vector is the first unit vector (a zero one would make cosine stores divide by zero),
-        and ClaraVectorStore does not store it."""
+        """A text of whitespace alone (a blank node without metadata) has nothing to compress:
+        its vector is the first unit vector (a zero one would make cosine stores divide by
+        zero). ClaraVectorStore stores no node whose own text is blank."""
         keys = ClaraKeys(self.clara)
         filled = [text for text in texts if text.strip()]
         memories = self.clara.compress_documents(filled).to(torch.float16).cpu() if filled else None
