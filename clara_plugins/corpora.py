@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 import warnings
 from pathlib import Path
 
@@ -73,7 +74,8 @@ def read_documents(paths: list[str]) -> list[str]:
             documents.extend(_record_text(record, f"{source}, record {number}")
                              for number, record in enumerate(records))
         else:
-            documents.extend(p.strip() for p in read_text(path).split("\n\n") if p.strip())
+            # a blank line may hold spaces or a tab: it still ends a paragraph
+            documents.extend(p.strip() for p in re.split(r"\n\s*\n", read_text(path)) if p.strip())
     return documents
 
 

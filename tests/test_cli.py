@@ -30,6 +30,8 @@ def test_read_documents_from_files(tmp_path):
     (tmp_path / "c.json").write_text('[{"title": "T", "text": "body"}]')
     docs = read_documents([str(tmp_path / "a.txt"), str(tmp_path / "b.jsonl"), str(tmp_path / "c.json")])
     assert docs == ["First paragraph.", "Second paragraph.", "DPR text", "T\nbody"]
+    (tmp_path / "d.txt").write_text("One.\n \t\nTwo.\n\n\nThree.")  # a blank line holding spaces joined two
+    assert read_documents([str(tmp_path / "d.txt")]) == ["One.", "Two.", "Three."]
 
 
 def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):
