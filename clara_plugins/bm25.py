@@ -35,18 +35,19 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
         return examples
     owners = [e.id for e in examples for _ in e.passages]
     pool_texts = [p for e in examples for p in e.passages]
+    pool_keys = [spaced_alike(p) for p in pool_texts]  # a paragraph two examples space otherwise is one
     index = _index(pool_texts)
     result = []
     for example in tqdm(examples, desc="filling pools (BM25)", disable=len(examples) < 1000):
         passages = list(example.passages)
         wanted = size - len(passages)
         ranked = 4 * size  # enough, unless the best ones are mostly the example's own or repeats
+        own = {spaced_alike(p) for p in passages}  # its gold, spaced otherwise, is no distractor
         while wanted > 0:
-            own = {spaced_alike(p) for p in passages}  # its gold, spaced otherwise, is no distractor
             extra: dict[str, str] = {}  # a passage other examples share (or space otherwise) comes once
             for i in _best(index, example.question, ranked):
-                if owners[i] != example.id and spaced_alike(pool_texts[i]) not in own:
-                    extra.setdefault(spaced_alike(pool_texts[i]), pool_texts[i])
+                if owners[i] != example.id and pool_keys[i] not in own:
+                    extra.setdefault(pool_keys[i], pool_texts[i])
             if len(extra) >= wanted or ranked >= len(pool_texts):
                 passages += list(extra.values())[:wanted]
                 break

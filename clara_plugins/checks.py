@@ -27,10 +27,10 @@ def check_texts(texts: object, what: str) -> list[str]:
     return list(texts)
 
 
-def check_batch_size(batch_size: object) -> None:
-    """Refuse a batch size below one (no batch would run) or not an integer, by name."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+def check_positive_int(name: str, value: object) -> None:
+    """Refuse a count below one (a batch size of -1 runs no batch) or not an integer, by name."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def positive_int(value: str) -> int:

@@ -241,9 +241,8 @@ def _index(args: argparse.Namespace) -> None:
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
     ids = [document_id(text) for text, _ in documents]
-    load = functools.partial(load_model, args.checkpoint, base_model=args.base_model,
-                             compression_rate=args.compression_rate, device=args.device)
-    model = load()
+    model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
+                       device=args.device)
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model)
     else:

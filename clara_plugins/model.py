@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import numbers
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
-from .checks import check_batch_size, check_texts
+from .checks import check_positive_int, check_texts
 from .errors import CheckpointError, InvalidInputError
 from .generation import collect_answers, greedy_steps, stream_text
 from .prompts import question_prompt, turn_end_token
@@ -270,7 +269,7 @@ class ClaraModel(torch.nn.Module):
         Documents are batched by length (less padding); results come back in input order.
         """
         documents = check_texts(documents, "documents")
-        check_batch_size(batch_size)  # below 1 no batch ran, and the empty tensor came back as memories
+        check_positive_int("batch_size", batch_size)  # below 1 no batch ran, and the empty tensor came back as memories
         bodies = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
         order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
         memories = torch.empty(len(bodies), self.config.n_mem_tokens, self.hidden_size,
@@ -296,7 +295,7 @@ class ClaraModel(torch.nn.Module):
         longer than ``doc_max_length`` tokens keeps its end (where a chat turn puts the question
         after its instructions), with a warning."""
         questions = check_texts(questions, "questions")
-        check_batch_size(batch_size)
+        check_positive_int("batch_size", batch_size)
         with self._inference():
             bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
             long = sum(len(body) > self.config.doc_max_length for body in bodies)
@@ -396,8 +395,7 @@ class ClaraModel(torch.nn.Module):
     def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
         """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1:
-            raise InvalidInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_positive_int("max_new_tokens", limit)
         return greedy_steps(self._decode, self.lm.get_input_embeddings(), embeds, mask, int(limit),
                             self.stop_token_ids)
 
@@ -453,8 +451,7 @@ class ClaraModel(torch.nn.Module):
         the generator answers. Returns the answers and the chosen indices [n_questions, k]."""
         questions = check_texts(questions, "questions")
         k = self.config.generation_top_k if k is None else k
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:  # 0 read the default k
-            raise InvalidInputError(f"k must be a positive integer, got {k!r}")
+        check_positive_int("k", k)  # 0 read the default k
         flat = self._flatten_document_lists(questions, documents)
         candidates = self.compress_documents(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
                                                            self.hidden_size)

@@ -35,8 +35,8 @@ def render_chat(
     end = answer_turn_end(tokenizer)
     full = full if start >= 0 and not full[len(prompt):start].strip() else prompt + answer + end
     # a turn that ends in plain text ("\n") teaches no stop: the EOS does, unless the turn writes one
-    if tokenizer.chat_template is not None and turn_end_token(tokenizer) is None and tokenizer.eos_token \
-            and tokenizer.eos_token not in end:
+    if tokenizer.chat_template is not None and tokenizer.eos_token and tokenizer.eos_token not in end \
+            and turn_end_token(tokenizer, end) is None:
         full += tokenizer.eos_token
     return full
 
@@ -50,10 +50,11 @@ def answer_turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
     return full[full.rindex(marker) + len(marker):]
 
 
-def turn_end_token(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The special token that opens the template's answer-turn end (``<|im_end|>``), where
-    generation stops; None when the turn ends in plain text."""
-    first = tokenizer(answer_turn_end(tokenizer), add_special_tokens=False)["input_ids"][:1]
+def turn_end_token(tokenizer: PreTrainedTokenizerBase, end: str | None = None) -> int | None:
+    """The special token that opens the template's answer-turn end (``<|im_end|>``; ``end``
+    when already rendered), where generation stops; None when the turn ends in plain text."""
+    end = answer_turn_end(tokenizer) if end is None else end
+    first = tokenizer(end, add_special_tokens=False)["input_ids"][:1]
     return first[0] if first and first[0] in tokenizer.all_special_ids else None
 
 

@@ -33,6 +33,11 @@ def reading_width(rows: Sequence[dict], k: int = 5) -> int:
     """The number of documents each row reads, refusing rows that cannot be compared: the
     gain reads another row's documents in each row's place, so all must read as many, and
     not all the same ones; and rows with more than k (``first_row_beyond``)."""
+    return _width_and_partners(rows, k)[0]
+
+
+def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
+    """``reading_width``, and each row's partner of other documents (``_other_documents``)."""
     longer = first_row_beyond(rows, k)
     if longer is not None:
         raise ValueError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: the reading "
@@ -43,8 +48,7 @@ def reading_width(rows: Sequence[dict], k: int = 5) -> int:
         raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "
                          f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
     width = width.pop()
-    _other_documents(rows, width)  # before a model loads: every row may read the same documents
-    return width
+    return width, _other_documents(rows, width)  # every row may read the same documents
 
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
@@ -58,8 +62,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     memories below it are read, other memories above it only hurt. ``by_token_kind`` repeats
     the measures for each kind of target token the rows hold.
     """
-    width = reading_width(rows, k)
-    partners = _other_documents(rows, width)
+    width, partners = _width_and_partners(rows, k)
     documents = [document for row in rows for document in row["docs"][:width]]
     memories = model.compress_documents(documents, show_progress=True)
     memories = memories.reshape(len(rows), width, *memories.shape[1:])

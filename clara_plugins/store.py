@@ -45,7 +45,7 @@ from numpy.typing import DTypeLike
 from .atomic import write_file_atomically, write_text_atomically
 from .backbone import fingerprint_mismatch
 from .checkpoint import compressor_signature
-from .checks import check_batch_size, check_texts
+from .checks import check_positive_int, check_texts
 from .errors import InvalidInputError, StoreError
 from .jsonfiles import read_json
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
@@ -94,7 +94,7 @@ class BaseMemoryStore(ABC):
     """
 
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
-        check_batch_size(batch_size)  # before a first upsert compresses nothing
+        check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
         self.model = model
         self.keys = keys or ClaraKeys(model)
         self.batch_size = batch_size
@@ -222,7 +222,8 @@ class BaseMemoryStore(ABC):
         """fp16 memories [n, n_mem, hidden] of the texts: a copy of ``memories`` when given (a
         caller may refill its buffer for the next group; stored rows never change), else
         compressed now."""
-        if memories is None:
+        given = memories is not None
+        if not given:
             memories = self.model.compress(texts, self.batch_size, show_progress).memories
         elif len(memories) != len(texts):
             raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
@@ -233,7 +234,7 @@ class BaseMemoryStore(ABC):
         memories = memories.to(torch.float16).cpu()
         if not torch.isfinite(memories).all():
             raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
-        return memories.numpy().copy()
+        return memories.numpy().copy() if given else memories.numpy()
 
 
 class MemoryStore(BaseMemoryStore):

@@ -554,9 +554,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
         return _holding(model, checkpoint)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
-    set_trainable(model, _trainable(config), memory_embeddings=config.trains_memory_rows)
+    trainable = _trainable(config)
+    set_trainable(model, trainable, memory_embeddings=config.trains_memory_rows)
     # a query reasoner that is a copy of the compressor (loaded so) follows the compressor this stage trains
-    mirror = ENCODER in _trainable(config) and QUERY_REASONER not in _trainable(config) and _reasoner_is_compressor(model)
+    mirror = ENCODER in trainable and QUERY_REASONER not in trainable and _reasoner_is_compressor(model)
     parameters = [p for p in model.parameters() if p.requires_grad]
     groups = _parameter_groups(model, parameters)
     if state is not None and len(state["optimizer"]["param_groups"]) != len(groups):

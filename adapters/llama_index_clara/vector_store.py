@@ -155,18 +155,19 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
         """Store the nodes; one without text (a blank page a reader made a node of) has nothing to
         read and is left out, with a warning, as the index's other nodes go in."""
-        stored = [node for node in nodes if node.get_content(metadata_mode=MetadataMode.NONE).strip()]
+        texts = [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes]
+        stored = [(node, text) for node, text in zip(nodes, texts) if text.strip()]
         if len(stored) < len(nodes):
-            blank = next(node for node in nodes if not node.get_content(metadata_mode=MetadataMode.NONE).strip())
+            blank = next(node for node, text in zip(nodes, texts) if not text.strip())
             warnings.warn(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
                           f"(first: {blank.node_id})", stacklevel=2)
         if stored:
             memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
-                                                         for node in stored])
+                                                         for node, _ in stored])
             self._store.upsert(
-                [node.get_content(metadata_mode=MetadataMode.NONE) for node in stored],
-                ids=[node.node_id for node in stored],
-                metadatas=[node_to_metadata_dict(node, remove_text=True, flat_metadata=False) for node in stored],
+                [text for _, text in stored],
+                ids=[node.node_id for node, _ in stored],
+                metadatas=[node_to_metadata_dict(node, remove_text=True, flat_metadata=False) for node, _ in stored],
                 memories=memories,
             )
         return [node.node_id for node in nodes]  # one per node, as the index pairs them
