@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Collection
@@ -38,7 +41,8 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
 
     A crash inside ``write`` leaves ``folder`` as it was. The swap itself is two renames; an
     old copy is kept at ``.NAME.old`` until the new one is in place, and ``recover_folder``
-    puts it back if a crash fell between them. A non-empty ``folder`` without the file
+    puts it back if a crash fell between them. The writer holds a lock on its staging folder,
+    so the next write removes a killed writer's staging folder and never a live one's. A non-empty ``folder`` without the file
     ``marker`` was not written by this library: it is refused, never replaced. Files that
     ``write`` does not make again (a user's notes or results kept beside the library's files)
     are copied into the new folder, not lost with the old one; the ``owned`` names are this
@@ -54,9 +58,12 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         raise FileExistsError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     # made with the umask's permissions (tempfile.mkdtemp's are owner-only, and the swap keeps them)
+    _remove_abandoned_staging(folder)
     staging = folder.with_name(f".{folder.name}.{secrets.token_hex(8)}")
     staging.mkdir()
+    held = os.open(staging, os.O_RDONLY)
     try:
+        fcntl.flock(held, fcntl.LOCK_EX)
         write(staging)
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
@@ -74,6 +81,26 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         _sync_entry(folder.parent)  # the renames themselves
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(held)
+
+
+def _remove_abandoned_staging(folder: Path) -> None:
+    """Remove the staging folders of writers that died mid-write (a killed training run left a
+    checkpoint's worth of files at each kill). Only names this module makes are looked at, and
+    one whose lock is held belongs to a writer still at work."""
+    own_name = re.compile(rf"\.{re.escape(folder.name)}\.[0-9a-f]{{16}}")
+    for staging in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
+        if not own_name.fullmatch(staging.name) or staging.is_symlink() or not staging.is_dir():
+            continue
+        held = os.open(staging, os.O_RDONLY)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            os.close(held)
 
 
 def _followed(path: Path) -> Path:

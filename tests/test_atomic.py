@@ -121,6 +121,46 @@ def test_a_swap_cut_short_behind_a_link_is_recovered_and_a_link_left_at_the_old_
     assert (plain / "config.json").read_text() == "2" and (target / "config.json").read_text() == "last save"
 
 
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path):
+    # each kill of a training run mid-save left a checkpoint's worth of files beside it, forever
+    folder = tmp_path / "checkpoint"
+
+    def dies_halfway(staging):
+        (staging / "config.json").write_text("half")
+        os._exit(1)
+
+    child = os.fork()
+    if child == 0:
+        try:
+            write_folder_atomically(folder, dies_halfway, "config.json")
+        finally:
+            os._exit(1)
+    os.waitpid(child, 0)
+    abandoned = [path.name for path in tmp_path.iterdir()]
+    assert len(abandoned) == 1 and abandoned[0].startswith(".checkpoint.")
+    writing, done = os.pipe(), os.pipe()
+    child = os.fork()
+    if child == 0:  # a writer still at work on the next folder
+        def waits(staging):
+            os.write(writing[1], b"x")
+            os.read(done[0], 1)
+        try:
+            write_folder_atomically(tmp_path / "other", waits, "config.json")
+        finally:
+            os._exit(0)
+    os.read(writing[0], 1)
+    live = next(path for path in tmp_path.iterdir() if path.name.startswith(".other."))
+    mine = tmp_path / ".other.notes"  # a user's folder of a name like the staging ones
+    mine.mkdir()
+    write_folder_atomically(folder, lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    write_folder_atomically(tmp_path / "other", lambda staging: (staging / "config.json").write_text("2"),
+                            "config.json")
+    assert live.is_dir() and mine.is_dir()
+    os.write(done[1], b"x")
+    os.waitpid(child, 0)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".other.notes", "checkpoint", "other"]
+
+
 def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     # the staging folder was owner-only (0700): checkpoints were unreadable to the user's group
     umask = os.umask(0o022)
