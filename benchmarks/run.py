@@ -126,16 +126,20 @@ def _data_file(source: str, data_dir: str) -> tuple[Path, str | None]:
 
 def _training_file(path: Path) -> str | None:
     """What of the shipped checkpoint trained on an official train split's questions, or None."""
-    posix = "/" + path.as_posix()
-    return next((trained for file, trained in TRAINED_ON.items() if "/" in file and posix.endswith("/" + file)), None)
+    return _official_file(path, [(file, trained) for file, trained in TRAINED_ON.items() if "/" in file])
 
 
 def dataset_name(source: str) -> str | None:
     """The dataset a --datasets entry names, by name or by its official file's path."""
     if source in DATASETS:
         return source
-    path = "/" + Path(source).as_posix()
-    return next((name for name, (file, _) in DATASETS.items() if path.endswith("/" + file)), None)
+    return _official_file(Path(source), [(file, name) for name, (file, _) in DATASETS.items()])
+
+
+def _official_file(path: Path, files: list[tuple[str, str]]) -> str | None:
+    """The value beside the first official file (a path under the data folder) ``path`` is."""
+    posix = "/" + path.as_posix()
+    return next((value for file, value in files if posix.endswith("/" + file)), None)
 
 
 def headline(results: list[dict]) -> dict:
