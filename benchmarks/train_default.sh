@@ -236,7 +236,13 @@ if [ "$DISTILL_STEPS" -gt 0 ]; then
     fi
 fi
 
-# 3. Evaluation. "text" with the text checkpoint is the fine-tuned text reader; "none" and the
+# 3. The fp16 checkpoint to ship (adapters + memory-token rows, 28 MiB at CR16), written before the
+#    evaluations: one that fails (a machine without the dense retriever's weights) leaves it made.
+python -c "import sys, torch; from clara_plugins import ClaraModel
+ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
+    "$final/checkpoint" "$OUT/cr$CR-fp16"
+
+# 4. Evaluation. "text" with the text checkpoint is the fine-tuned text reader; "none" and the
 #    plain "text" reader come with the CLaRa checkpoint (its base model, no adapter).
 #    The control gives each question the documents of the question CONTROL_SHIFTS on, its F1
 #    averaged over them; "f1_above_control" pairs it with CLaRa's.
@@ -252,8 +258,4 @@ clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$final/checkpoint" --
     --retrievers compressor reasoner dense bm25 --limit "$RECALL_LIMIT" --device "$DEVICE" \
     --out "$OUT/eval/recall_hotpotqa_e2e20.json"
 
-# 4. The fp16 checkpoint to ship (adapters + memory-token rows, 28 MiB at CR16).
-python -c "import sys, torch; from clara_plugins import ClaraModel
-ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$final/checkpoint" "$OUT/cr$CR-fp16"
 echo "done: evaluations in $OUT/eval, fp16 checkpoint in $OUT/cr$CR-fp16"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import torch
+
 from .config import DEFAULT_BASE_MODEL, ClaraConfig
 from .model import ClaraModel
 
@@ -28,17 +30,19 @@ def load_model(
     base_model: str | None = None,
     compression_rate: int | None = None,
     device: str = "auto",
+    dtype: str | torch.dtype = "auto",
 ) -> ClaraModel:
     """The named checkpoint; else the shipped one when the backbone is the default; else a
     fresh (untrained) model on ``base_model``. ``compression_rate`` reads a checkpoint at
-    another rate than its own (``ClaraModel.from_pretrained``), or sets a fresh model's (16)."""
+    another rate than its own (``ClaraModel.from_pretrained``), or sets a fresh model's (16);
+    ``dtype`` is as ``ClaraModel``'s ("auto": bfloat16 on CUDA, float32 elsewhere)."""
     rate = ClaraConfig.compression_rate if compression_rate is None else compression_rate
     if checkpoint is None and base_model in (None, DEFAULT_BASE_MODEL):
         checkpoint = default_checkpoint(rate) or default_checkpoint()
     if checkpoint is not None:
         return ClaraModel.from_pretrained(checkpoint, base_model=base_model, compression_rate=compression_rate,
-                                          device=device)
+                                          device=device, dtype=dtype)
     config = ClaraConfig(base_model=base_model or DEFAULT_BASE_MODEL, compression_rate=rate)
     warnings.warn(f"no trained checkpoint for {config.base_model}: the adapters are untrained, so answers "
                   "from memory tokens mean nothing yet (train one with `clara train`)", stacklevel=2)
-    return ClaraModel(config, device=device)
+    return ClaraModel(config, device=device, dtype=dtype)

@@ -423,12 +423,14 @@ def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict
     """The micro-batches of one optimizer step: a seeded permutation per epoch."""
     per_step = config.batch_size * config.grad_accum
     start = step * per_step
+    orders: dict[int, list[int]] = {}  # a step spans one epoch or two: each shuffled once
     picked = []
     for index in range(start, start + per_step):
         epoch, offset = divmod(index, len(rows))
-        order = list(range(len(rows)))
-        random.Random(config.seed + epoch).shuffle(order)
-        picked.append(rows[order[offset]])
+        if epoch not in orders:
+            orders[epoch] = list(range(len(rows)))
+            random.Random(config.seed + epoch).shuffle(orders[epoch])
+        picked.append(rows[orders[epoch][offset]])
     return [picked[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
 
 
