@@ -349,3 +349,17 @@ def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
     assert answers[0] == text
     with pytest.raises(InvalidInputError, match="documents\\[0\\] must be a list of strings, got str"):
         read_text(tiny_model, ["Who?"], [CORPUS[0]])  # read one character per document before
+
+
+def test_clara_eval_reads_in_float32_on_every_device_and_records_it(saved, tmp_path, monkeypatch):
+    # "auto" is bfloat16 on CUDA: a GPU evaluation read a float32-trained checkpoint in bfloat16, unmarked
+    from clara_plugins import ClaraModel
+
+    checkpoint, data = saved
+    asked = []
+    real = ClaraModel.from_pretrained.__func__
+    monkeypatch.setattr(ClaraModel, "from_pretrained",
+                        classmethod(lambda cls, *args, **kwargs: asked.append(kwargs.get("dtype")) or real(cls, *args, **kwargs)))
+    main(["eval", data, "--checkpoint", checkpoint, "--systems", "none", "--max-new-tokens", "1", "--device", "cpu",
+          "--out", str(tmp_path / "result.json")])
+    assert asked == ["float32"] and json.loads((tmp_path / "result.json").read_text())["dtype"] == "float32"
