@@ -577,9 +577,22 @@ class MemoryStore(BaseMemoryStore):
                 )
                 index = _SavedIndex.of(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
                 previous = self._saved
+            self._check_no_other_save(folder, previous)
             generation, header = self._write_generation(folder, snapshot, previous, index)
             self._saved = _SavedGeneration.of(generation, snapshot.where, header)
         return generation
+
+    @staticmethod
+    def _check_no_other_save(folder: Path, previous: _SavedGeneration | None) -> None:
+        """Refuse to save over a generation another writer saved since this store last read or
+        wrote the folder: its documents are not in this store, and the save would drop them."""
+        if previous is None or previous.folder.parent != folder.resolve() or not (folder / "CURRENT").is_file():
+            return
+        current = _current_generation(folder)
+        if current != previous.folder.name:
+            raise StoreError(f"{folder} was saved by another writer since this store read it ({current}, not "
+                             f"{previous.folder.name}): load it again and repeat the changes, or save to "
+                             "another folder")
 
     def _write_generation(self, folder: Path, snapshot: _Snapshot, previous: _SavedGeneration | None,
                           index: _SavedIndex | None) -> tuple[Path, dict]:

@@ -260,8 +260,10 @@ def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path,
     ids = [f"d{i}" for i in range(1, 7)]
     assert reloaded.all_ids() == ids and torch.equal(reloaded.memories(ids), store.memories(ids))
     loaded.upsert(["Madrid is the capital of Spain."], ids=["d9"])  # a store loaded from an older generation
-    loaded.save(tmp_path / "s")
-    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
+    with pytest.raises(StoreError, match="saved by another writer"):
+        loaded.save(tmp_path / "s")  # it would undo the saves since
+    loaded.save(tmp_path / "t")  # its generation is gone from s: nothing is linked from it
+    assert MemoryStore.load(tmp_path / "t", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
 
 
 def test_a_generation_another_store_wrote_under_the_same_name_is_not_linked(tiny_model, tmp_path, monkeypatch):
@@ -456,3 +458,20 @@ def test_concurrent_readers_and_a_writer(store):
         thread.join()
     assert not errors and results == [3] * 15
     assert sorted(store.all_ids()) == ["d0", "d1", "d2", "d3", "d4", "x4"]
+
+
+def test_a_save_over_another_writers_newer_save_is_refused_and_loses_nothing(store, tiny_model, tmp_path):
+    # two processes that loaded one store each saved their own snapshot: the later one dropped
+    # the documents the other had added, without a word
+    store.save(tmp_path / "s")
+    first, second = MemoryStore.load(tmp_path / "s", tiny_model), MemoryStore.load(tmp_path / "s", tiny_model)
+    first.upsert(["New text about Vienna."], ids=["vienna"])
+    first.save(tmp_path / "s")
+    second.upsert(["New text about Lisbon."], ids=["lisbon"])
+    with pytest.raises(StoreError, match="saved by another writer since this store read it"):
+        second.save(tmp_path / "s")
+    assert "vienna" in MemoryStore.load(tmp_path / "s", tiny_model).all_ids()
+    second.save(tmp_path / "elsewhere")  # another folder takes it
+    first.upsert(["More about Vienna."], ids=["vienna 2"])
+    first.save(tmp_path / "s")  # the writer of the current generation goes on saving
+    assert len(MemoryStore.load(tmp_path / "s", tiny_model)) == 7
