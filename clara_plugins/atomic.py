@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -16,9 +17,11 @@ from typing import IO
 def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call ``write(handle)`` on a temporary sibling of ``path`` (opened for text, or bytes),
     flush it to disk, then rename it over ``path``: a crash leaves the old file or the new one,
-    never a part of either. A symbolic link is followed: its target is replaced, not the link."""
+    never a part of either, and two writers at once leave one's whole file. A symbolic link is
+    followed: its target is replaced, not the link."""
     path = _followed(path)
-    temporary = path.with_name(f".{path.name}.tmp")
+    _remove_abandoned(path)
+    temporary, held = _claimed_sibling(path, folder=False)
     try:
         with open(temporary, "wb" if binary else "w") as handle:
             write(handle)
@@ -28,6 +31,8 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(held)
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -42,8 +47,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     A crash inside ``write`` leaves ``folder`` as it was. The swap itself is two renames; an
     old copy is kept at ``.NAME.old`` until the new one is in place, and ``recover_folder``
     puts it back if a crash fell between them. The writer holds a lock on its staging folder,
-    so the next write removes a killed writer's staging folder and never a live one's. A non-empty ``folder`` without the file
-    ``marker`` was not written by this library: it is refused, never replaced. Files that
+    so the next write removes a killed writer's staging folder and never a live one's. A
+    non-empty ``folder`` without the file ``marker`` was not written by this library: it is
+    refused, never replaced. Files that
     ``write`` does not make again (a user's notes or results kept beside the library's files)
     are copied into the new folder, not lost with the old one; the ``owned`` names are this
     writer's own, and an old one that ``write`` does not make again is left out. A symbolic
@@ -57,13 +63,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    # made with the umask's permissions (tempfile.mkdtemp's are owner-only, and the swap keeps them)
-    _remove_abandoned_staging(folder)
-    staging = folder.with_name(f".{folder.name}.{secrets.token_hex(8)}")
-    staging.mkdir()
-    held = os.open(staging, os.O_RDONLY)
+    _remove_abandoned(folder)
+    staging, held = _claimed_sibling(folder, folder=True)
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)
         write(staging)
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
@@ -84,21 +86,65 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         os.close(held)
 
 
-def _remove_abandoned_staging(folder: Path) -> None:
-    """Remove the staging folders of writers that died mid-write (a killed training run left a
-    checkpoint's worth of files at each kill). Only names this module makes are looked at, and
-    one whose lock is held belongs to a writer still at work."""
-    own_name = re.compile(rf"\.{re.escape(folder.name)}\.[0-9a-f]{{16}}")
-    for staging in folder.parent.glob(f".{glob.escape(folder.name)}.*"):
-        if not own_name.fullmatch(staging.name) or staging.is_symlink() or not staging.is_dir():
+@contextlib.contextmanager
+def hold_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file ``path`` (made if missing) for the ``with`` block: writers
+    of one thing take turns across processes."""
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
+    """A new empty folder or file beside ``path`` (``.NAME.<16 hex>``, a file's with ``.tmp``)
+    and the descriptor whose lock marks it as in use until closed. It is made under another
+    name and renamed once locked, so another writer's cleanup never meets it unlocked. Made with
+    the umask's permissions (tempfile.mkdtemp's are owner-only, and the swap would keep them)."""
+    token = secrets.token_hex(8)
+    unlocked = path.with_name(f".{path.name}.{token}.new")
+    if folder:
+        unlocked.mkdir()
+        held = os.open(unlocked, os.O_RDONLY)
+    else:
+        held = os.open(unlocked, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        claimed = path.with_name(f".{path.name}.{token}{'' if folder else '.tmp'}")
+        os.replace(unlocked, claimed)
+    except BaseException:
+        os.close(held)
+        if folder:
+            shutil.rmtree(unlocked, ignore_errors=True)
+        else:
+            unlocked.unlink(missing_ok=True)
+        raise
+    return claimed, held
+
+
+def _remove_abandoned(path: Path) -> None:
+    """Remove what writers of ``path`` that died mid-write left beside it (a killed training run
+    left a checkpoint's worth of files at each kill). Only names ``_claimed_sibling`` makes
+    (and ``.NAME.tmp``, the temporary name of earlier versions) are looked at; one whose lock
+    is held belongs to a writer still at work."""
+    name = re.escape(path.name)
+    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}(\.tmp)?|\.{name}\.tmp")
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if not own_name.fullmatch(leftover.name) or leftover.is_symlink():
             continue
-        held = os.open(staging, os.O_RDONLY)
+        try:
+            held = os.open(leftover, os.O_RDONLY)
+        except OSError:  # its writer finished meanwhile (or it is not readable: not ours to remove)
+            continue
         try:
             fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue
-        else:
-            shutil.rmtree(staging, ignore_errors=True)
+            if os.fstat(held).st_ino != os.lstat(leftover).st_ino:  # renamed into place meanwhile
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink()
+        except (BlockingIOError, FileNotFoundError):
+            pass
         finally:
             os.close(held)
 

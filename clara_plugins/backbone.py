@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .atomic import write_folder_atomically
+from .atomic import hold_lock, write_folder_atomically
 from .config import DEFAULT_BASE_MODEL
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,17 +87,23 @@ def _not_loadable(name_or_path: str, error: OSError) -> OSError:
 def default_model_folder() -> Path:
     """Folder of the dequantised default model, written atomically on first use."""
     folder = clara_home() / "models" / "smollm2-135m-instruct"
-    if not (folder / "config.json").exists():
-        gguf = _find_default_gguf()
-        print(f"clara: first use of the default model, dequantising {gguf.name} once "
-              f"(about a minute) into {folder}", file=sys.stderr)
-        model, tokenizer = _dequantise(gguf)
+    if (folder / "config.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # processes meeting the first use at once (Ray actors on a new node) dequantise it once: a
+    # second swap would move the folder away under a process loading from it
+    with hold_lock(folder.with_name(f".{folder.name}.lock")):
+        if not (folder / "config.json").exists():
+            gguf = _find_default_gguf()
+            print(f"clara: first use of the default model, dequantising {gguf.name} once "
+                  f"(about a minute) into {folder}", file=sys.stderr)
+            model, tokenizer = _dequantise(gguf)
 
-        def save(staging: Path) -> None:
-            model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
+            def save(staging: Path) -> None:
+                model.save_pretrained(staging, safe_serialization=True)
+                tokenizer.save_pretrained(staging)
 
-        write_folder_atomically(folder, save, marker="config.json")
+            write_folder_atomically(folder, save, marker="config.json")
     return folder
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 from numpy.typing import DTypeLike
 
-from .atomic import write_file_atomically, write_text_atomically
+from .atomic import hold_lock, write_file_atomically, write_text_atomically
 from .backbone import fingerprint_mismatch
 from .checkpoint import compressor_signature
 from .checks import check_positive_int, check_texts
@@ -68,7 +67,7 @@ RESCORE_FACTOR = 40
 # keys, 128 found 98 % at 0.2 ms a query (docs/benchmarks, store_scale); construction as faiss'
 HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
-_STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT\.tmp)$")  # besides CURRENT
+_STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT(\.[0-9a-f]{16})?\.(tmp|new))$")  # besides CURRENT
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
 MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
@@ -564,10 +563,9 @@ class MemoryStore(BaseMemoryStore):
         folder = Path(folder)
         check_store_folder(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "a") as lock:
-            # one writer at a time, and the snapshot taken once it is this one's turn: a snapshot
-            # taken before the wait could be written after a newer save and undo it
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        # one writer at a time, and the snapshot taken once it is this one's turn: a snapshot
+        # taken before the wait could be written after a newer save and undo it
+        with hold_lock(folder / ".lock"):
             with self._lock:  # a consistent snapshot; chunks are never changed in place, so the writing can wait
                 snapshot = _Snapshot(
                     where=np.array(self._where, dtype=np.int64).reshape(-1, 2),
@@ -879,7 +877,7 @@ def check_store_folder(folder: Path) -> None:
     """Refuse a folder a store cannot be saved to without harm to files it did not write: a save
     replaces ``CURRENT`` and removes older ``gen-*`` folders. A folder holding only what a save
     killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*``,
-    ``.CURRENT.tmp``) is the store's."""
+    ``.CURRENT.*.tmp``) is the store's."""
     if (folder / "CURRENT").exists():
         _current_generation(folder)  # names a generation of a store, or the error says what it names
     elif folder.is_dir():

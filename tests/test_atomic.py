@@ -62,7 +62,7 @@ def test_the_new_file_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     write_file_atomically(tmp_path / "f", lambda handle: handle.write("x"))
-    assert steps == ["fsync", "replace"]
+    assert steps == ["replace", "fsync", "replace"]  # the temporary file claimed, written, then renamed
 
 
 def test_a_new_folder_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
@@ -80,7 +80,8 @@ def test_a_new_folder_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatc
     monkeypatch.setattr(os, "replace", lambda source, target: steps.append(("replace", str(target)))
                         or real_replace(source, target))
     atomic.write_folder_atomically(tmp_path / "ckpt", write, marker="marker")
-    first_replace = next(i for i, (kind, _) in enumerate(steps) if kind == "replace")
+    first_replace = next(i for i, (kind, target) in enumerate(steps)
+                         if kind == "replace" and Path(target).name in ("ckpt", ".ckpt.old"))
     synced_before = {Path(path).name for kind, path in steps[:first_replace] if kind == "fsync"}
     assert {"weights.safetensors", "state.pt", "sub"} <= synced_before  # and the staging folder
     assert steps[-1] == ("fsync", str(tmp_path))  # the renames
@@ -161,6 +162,46 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_write_and_a_live
     assert sorted(path.name for path in tmp_path.iterdir()) == [".other.notes", "checkpoint", "other"]
 
 
+def test_two_writers_of_one_file_at_once_leave_one_whole_file(tmp_path):
+    # both wrote through one fixed temporary name: the second truncated the file the first was
+    # about to rename into place, and a mix of the two stood at the final name
+    path = tmp_path / "result.json"
+    started, finish = os.pipe(), os.pipe()
+    child = os.fork()
+    if child == 0:
+        def slow(handle):
+            handle.write("a" * 1000)
+            handle.flush()
+            os.write(started[1], b"x")
+            os.read(finish[0], 1)
+            handle.write("a" * 1000)
+        try:
+            write_file_atomically(path, slow)
+        finally:
+            os._exit(0)
+    os.read(started[0], 1)
+    write_file_atomically(path, lambda handle: handle.write("b" * 10))  # the live writer's file is kept
+    os.write(finish[1], b"x")
+    os.waitpid(child, 0)
+    assert path.read_text() == "a" * 2000 and sorted(os.listdir(tmp_path)) == ["result.json"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    child = os.fork()
+    if child == 0:
+        try:
+            write_file_atomically(path, lambda handle: handle.write("half") or handle.flush() or os._exit(1))
+        finally:
+            os._exit(1)
+    os.waitpid(child, 0)
+    (tmp_path / ".rows.jsonl.tmp").write_text("an earlier version's temporary name")
+    (tmp_path / ".rows.jsonl.notes").write_text("a user's")
+    assert len(os.listdir(tmp_path)) == 3
+    write_file_atomically(path, lambda handle: handle.write("whole"))
+    assert sorted(os.listdir(tmp_path)) == [".rows.jsonl.notes", "rows.jsonl"]
+
+
 def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     # the staging folder was owner-only (0700): checkpoints were unreadable to the user's group
     umask = os.umask(0o022)
@@ -201,7 +242,30 @@ def fake_default_model(tiny_base, tmp_path, monkeypatch):
 def test_the_default_model_cache_is_written_aside_then_renamed(fake_default_model):
     folder = backbone.default_model_folder()
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-    assert os.listdir(fake_default_model) == [folder.name]  # no staging folder left behind
+    assert sorted(os.listdir(fake_default_model)) == [f".{folder.name}.lock", folder.name]  # no staging folder
+
+
+def test_processes_meeting_the_first_use_at_once_dequantise_the_default_model_once(fake_default_model,
+                                                                                  tmp_path, monkeypatch):
+    # each dequantised and swapped the folder in, moving it away under a process loading from it
+    import time
+
+    made = tmp_path / "made"
+    real = backbone._dequantise
+    monkeypatch.setattr(backbone, "_dequantise",
+                        lambda gguf: (made.open("a").write("x\n"), time.sleep(0.5), real(gguf))[2])
+    children = []
+    for _ in range(2):
+        child = os.fork()
+        if child == 0:
+            try:
+                backbone.default_model_folder()
+            finally:
+                os._exit(0)
+        children.append(child)
+    for child in children:
+        os.waitpid(child, 0)
+    assert made.read_text() == "x\n" and (backbone.default_model_folder() / "config.json").is_file()
 
 
 def test_the_default_model_cache_never_replaces_a_folder_it_did_not_write(fake_default_model):
