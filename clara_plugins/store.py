@@ -64,7 +64,7 @@ CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
 # (docs/benchmarks, store_scale)
 RESCORE_FACTOR = 40
 # hnsw: faiss' default breadth of search (16) found 74 % of the exact top 10 among 10k CLaRa
-# keys, 128 found 98 % at 0.2 ms a query (docs/benchmarks, store_scale); construction as faiss'
+# keys, 128 found 96 % at 0.5 ms a query (docs/benchmarks, store_scale); construction as faiss'
 HNSW_EF_SEARCH = 128
 _GENERATION = re.compile(r"^gen-(\d{6})$")
 _STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT(\.[0-9a-f]{16})?\.(tmp|new))$")  # besides CURRENT
