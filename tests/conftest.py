@@ -73,14 +73,27 @@ def build_tiny_base_model(folder: Path, seed: int = 0, tie: bool = False) -> Pat
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _llama_index_settings(monkeypatch):
-    """LlamaIndex's global Settings as each test found them: a ClaraVectorStore sets its embedding
-    and node parser there, which later tests would otherwise inherit (and keep a model alive)."""
+_SETTINGS = ("_embed_model", "_node_parser", "_transformations", "_llm")
+
+
+@pytest.fixture(scope="session")
+def _llama_index_defaults() -> dict:
+    """LlamaIndex's global Settings as the session began, before any module's fixtures ran."""
     from llama_index.core import Settings
 
-    for name in ("_embed_model", "_node_parser", "_transformations", "_llm"):
-        monkeypatch.setattr(Settings, name, getattr(Settings, name))
+    return {name: getattr(Settings, name) for name in _SETTINGS}
+
+
+@pytest.fixture(autouse=True)
+def _llama_index_settings(_llama_index_defaults):
+    """LlamaIndex's global Settings put back after each test: a ClaraVectorStore sets its
+    embedding and node parser there, which later tests would otherwise inherit (and keep a
+    model alive), whether a test or a module-scoped fixture built the store."""
+    from llama_index.core import Settings
+
+    yield
+    for name, value in _llama_index_defaults.items():
+        setattr(Settings, name, value)
 
 
 @pytest.fixture(scope="session")

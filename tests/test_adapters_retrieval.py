@@ -246,7 +246,8 @@ def test_storage_context_persist_and_reload(tiny_model, tmp_path):
     index = VectorStoreIndex.from_documents([LlamaDocument(text=t, id_=f"doc{i}") for i, t in enumerate(CORPUS)],
                                             storage_context=StorageContext.from_defaults(vector_store=store))
     index.storage_context.persist(persist_dir=str(tmp_path))
-    assert not (tmp_path / "default__vector_store.json").is_dir()
+    assert (tmp_path / "default__vector_store.clara" / "CURRENT").is_file()  # the store, beside the JSON stores
+    assert not (tmp_path / "default__vector_store.json").exists()
     reloaded_store = LlamaClaraVectorStore.from_persist_dir(tmp_path, tiny_model)
     reloaded = load_index_from_storage(StorageContext.from_defaults(persist_dir=str(tmp_path),
                                                                     vector_store=reloaded_store))

@@ -77,6 +77,9 @@ def test_ask_answers_from_a_checkpoint(tiny_model, tmp_path, capsys):
     assert answer == expected[0]
     lines = sources.strip().split("\n")
     assert [int(line.split()[1]) - 1 for line in lines] == picked[0].tolist()  # ids: 1-based positions
+    main(["ask", "--text", *docs, "--question", "Where is Rome?", "--checkpoint", str(tmp_path / "ckpt"),
+          "--top-k", "2", "--device", "cpu"])  # streamed, as the README runs it: the same output
+    assert capsys.readouterr().out == f"{answer}\nsources:\n{sources}"
 
 
 def test_ask_json_prints_one_object_with_its_sources(tiny_model, tmp_path, capsys):
@@ -165,6 +168,7 @@ def test_index_refuses_settings_that_an_existing_store_would_ignore(tiny_model, 
     tiny_model.save_pretrained(tmp_path / "ckpt")
     store, common = tmp_path / "store", ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
     main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(store), "--memory-dtype", "int8", *common])
+    assert MemoryStore.load(store, tiny_model).memory_dtype == "int8"
     capsys.readouterr()
     main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(store), "--memory-dtype", "int8", *common])
     from clara_plugins import pretrained
@@ -221,18 +225,18 @@ def test_invalid_numbers_are_refused(arguments, capsys):
     assert exit_info.value.code == 2 and "must be" in capsys.readouterr().err
 
 
-def test_bench_without_its_extras_names_them():
+def test_bench_without_its_extras_names_them(tmp_path):
     code = ("import sys\nsys.modules['llama_index.retrievers.bm25'] = None\nfrom clara_plugins.cli import main\n"
-            "main(['bench', '--quick'])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            f"main(['bench', '--quick', '--out', {str(tmp_path / 'out')!r}])")  # never the repository's results
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 1 and "llama_index.retrievers.bm25" in result.stderr
     assert '"clara-plugins[bench]" those of eval and bench' in result.stderr
 
 
-def test_a_missing_core_dependency_is_named_with_the_install_that_brings_it():
+def test_a_missing_core_dependency_is_named_with_the_install_that_brings_it(tmp_path):
     code = ("import sys\nsys.modules['bm25s'] = None\nfrom clara_plugins.cli import main\n"
             "main(['train', '--stage', 'scp', '--data', 'rows.jsonl', '--output', 'run'])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 1 and "bm25s" in result.stderr
     assert "pip install clara-plugins brings its dependencies" in result.stderr
 
@@ -267,18 +271,18 @@ def test_train_refuses_what_it_cannot_run_before_it_loads_a_model(tmp_path, monk
     torch.save({"step": 1, "config": dataclasses.asdict(TrainConfig(stage="instruct", lr=1.0)),
                 "optimizer": {"param_groups": []}, "scheduler": {}, "rng": torch.get_rng_state()},
                tmp_path / "other" / "checkpoint" / "trainer_state.pt")
-    for extra, message in [
-        (["--corpus", str(EXAMPLE_DOCUMENTS)], "serves the e2e stage only"),
-        (["--probe", str(probes[0])], "probe_every is 0"),
-        (["--probe", *map(str, probes), "--probe-every", "2"], "two files are named alike"),
-        (["--probe", str(tmp_path / "typo.jsonl"), "--probe-every", "2"], "typo.jsonl"),
-        (["--output", str(tmp_path / "other")], "another configuration: lr=0.0001 (was 1.0)"),
-        (["--output", str(tmp_path / "file")], "is a file"),
-        (["--distill-weight", "1", "--teacher", str(tmp_path / "no-teacher")], "no-teacher"),
+    for extra, message, code in [  # the README's exit codes: 3 a missing file or one in the way, 4 a checkpoint, 5 input
+        (["--corpus", str(EXAMPLE_DOCUMENTS)], "serves the e2e stage only", 5),
+        (["--probe", str(probes[0])], "probe_every is 0", 5),
+        (["--probe", *map(str, probes), "--probe-every", "2"], "two files are named alike", 5),
+        (["--probe", str(tmp_path / "typo.jsonl"), "--probe-every", "2"], "typo.jsonl", 3),
+        (["--output", str(tmp_path / "other")], "another configuration: lr=0.0001 (was 1.0)", 5),
+        (["--output", str(tmp_path / "file")], "is a file", 3),
+        (["--distill-weight", "1", "--teacher", str(tmp_path / "no-teacher")], "no-teacher", 4),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(train + extra)
-        assert exit_info.value.code in (3, 4, 5) and message in capsys.readouterr().err
+        assert (exit_info.value.code, message in capsys.readouterr().err) == (code, True), message
     assert not (tmp_path / "run").exists()
 
 

@@ -19,7 +19,7 @@ from llama_index.core.vector_stores.types import (
 )
 
 from clara_plugins import ClaraModel, InvalidInputError, StoreError
-from conftest import CORPUS
+from conftest import CORPUS, randomize_adapters
 from llama_index_clara import ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
 
 QUESTION = "Who won Nobel prizes?"
@@ -122,6 +122,9 @@ def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_s
     # and the settings tell models apart: an ingestion cache keys on them
     other = ClaraModel(dataclasses.replace(tiny_model.config, compression_rate=8), device="cpu")
     assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=other).to_dict()
+    retrained = ClaraModel(tiny_model.config, device="cpu")  # the same settings, other weights
+    randomize_adapters(retrained, seed=7)
+    assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=retrained).to_dict()
 
 
 def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):

@@ -427,6 +427,7 @@ def test_process_killed_during_save_leaves_the_last_good_store(store, tiny_model
     survivor = MemoryStore.load(tmp_path / "s", tiny_model)
     assert survivor.all_ids() == [f"d{i}" for i in range(5)]
     assert torch.equal(survivor.memories(["d0"]), store.memories(["d0"]))
+    assert len(list(Path(tmp_path / "s").glob(".staging-" + "[0-9a-f]" * 32))) == 1  # what the kill left
     (tmp_path / "s" / ".staging-notes").mkdir()  # a folder beside the store, not the store's own
     survivor.save(tmp_path / "s")  # the next save clears the abandoned staging folder
     assert [p.name for p in Path(tmp_path / "s").glob(".staging-*")] == [".staging-notes"]

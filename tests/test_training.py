@@ -30,7 +30,9 @@ E2E = [{"question": "Who won Nobel prizes?", "docs": CORPUS, "answer": "Marie Cu
 
 
 def lora(model: ClaraModel, adapter: str) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.lm.named_parameters() if f".{adapter}." in n}
+    weights = {n: p.detach().clone() for n, p in model.lm.named_parameters() if f".{adapter}." in n}
+    assert weights, f"no parameters of adapter {adapter!r}"  # or every all(...) over them would pass
+    return weights
 
 
 def test_completion_log_likelihood_matches_a_manual_count(tiny_model):
