@@ -117,7 +117,7 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instruct: normal, BM25 top-k; oracle: gold passages among the k (default normal)")
     parser.add_argument("-k", type=positive_int, help="instruct: documents per row (default 5)")
     parser.add_argument("--candidates", type=positive_int,
-                        help="e2e, inverse-cloze: candidates per row (default 20)")
+                        help="e2e, inverse-cloze: candidates per row (default 20 for e2e, 5 for inverse-cloze)")
     parser.add_argument("--skip", type=non_negative_int, default=0,
                         help="hold out the first N examples (e.g. NQ dev 0-299, for evaluation), and any later "
                         "one whose gold passage is one of theirs (or, for passages, a repeat of one)")
@@ -343,18 +343,16 @@ def _convert_data(args: argparse.Namespace) -> None:
     _refuse_overwriting_input(Path(args.destination), args.source)
     _refuse_unread(args, {"setting": "--setting", "k": "-k", "candidates": "--candidates", "seed": "--seed"},
                    CONVERT_OPTIONS[args.kind], f"--kind {args.kind}")
-    args.setting, args.k = args.setting or "normal", args.k or 5
-    args.candidates, args.seed = args.candidates or 20, args.seed or 0
+    # the options given, each read by this kind's row builder (checked above); the others keep its defaults
+    options = {name: getattr(args, name) for name in ("setting", "k", "candidates", "seed")
+               if getattr(args, name) is not None}
     end = None if args.limit is None else args.skip + args.limit
     read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
     everything = read(args.source)
     sources = _after_held_out(everything[:args.skip], everything[args.skip:end])
-    make = {"instruct": lambda e: instruct_rows(e, args.setting, args.k),
-            "e2e": lambda e: e2e_rows(e, args.candidates, args.seed),
-            "scp": scp_qa_rows, "reconstruct": reconstruction_rows, "continue": continuation_rows,
-            "cloze": lambda p: cloze_rows(p, args.seed),
-            "inverse-cloze": lambda p: inverse_cloze_rows(p, args.candidates, args.seed)}[args.kind]
-    rows = make(sources)
+    make = {"instruct": instruct_rows, "e2e": e2e_rows, "scp": scp_qa_rows, "reconstruct": reconstruction_rows,
+            "continue": continuation_rows, "cloze": cloze_rows, "inverse-cloze": inverse_cloze_rows}[args.kind]
+    rows = make(sources, **options)
     if not rows:  # an earlier run's rows at the destination are kept
         raise InvalidInputError(f"no {args.kind} rows came from the {len(sources)} sources of {args.source} "
                                 f"(after --skip {args.skip}); nothing was written")

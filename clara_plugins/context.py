@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .checks import check_texts
+from .checks import check_positive_int, check_texts
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
 from .model import ClaraModel
@@ -128,8 +128,8 @@ def read_messages(
         raise ValueError("document_ids need a store to read them from")
     if documents:
         check_texts(list(documents), "documents")
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if k is not None:
+        check_positive_int("k", k)
     explicit = [_Document(d.text, d.id) for d in (store.get(ids) if ids else [])]
     missing = set(ids) - {d.stored_id for d in explicit}
     if missing:

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import compressor_signature
+from .checks import check_positive_int
 from .errors import InvalidInputError
 from .model import ClaraModel
 from .store import BaseMemoryStore, check_compressor
@@ -48,7 +49,7 @@ class RayCompression:
 
     def __post_init__(self) -> None:
         if self.workers is not None:
-            _check_positive("workers", self.workers)
+            check_positive_int("workers", self.workers)
 
 
 def index_documents(
@@ -70,7 +71,7 @@ def index_documents(
     store keeps what it is given and needs none). Everything is validated before any
     compression starts.
     """
-    _check_positive("save_every", save_every)
+    check_positive_int("save_every", save_every)
     if ids is None:  # the store would draw fresh ids, and a resumed run store everything again
         raise InvalidInputError("index_documents needs the documents' ids, stable across runs "
                                 "(clara index uses clara_plugins.corpora.document_id)")
@@ -143,11 +144,6 @@ class _Compressor:
         (rows,), (texts,) = batch["rows"], batch["texts"]
         memories = self.model.compress(texts.tolist(), self.batch_size).memories
         return {"row": rows, "memories": memories.to(torch.float16).cpu().numpy()}
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _import_ray() -> Any:

@@ -16,8 +16,8 @@ One row per document:
   this vector, and the collection has no ``memory`` field: the memory is kept once;
 - ``prefix``: the first MIN_FOUND_CHARS characters of the text as a prompt holds it (trimmed,
   ``store.found_prefix``), so that ``documents_in`` asks Milvus for the few texts that can start
-  at some position of a prompt. Collections written before the thirty-fourth session hold the
-  untrimmed start: there a document stored with leading whitespace is found only untrimmed.
+  at some position of a prompt. Collections written by earlier versions hold the untrimmed
+  start: there a document stored with leading whitespace is found only untrimmed.
 
 The collection records the compressor's and the keys' signatures in a property and refuses a
 model with other ones. Metadata filters take the local store's language (``clara_plugins.filters``),

@@ -1052,9 +1052,8 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
 def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> tuple[int, int]:
     """Refuse bad search arguments before any work is done; returns k and fetch_k as Python
     ints, which faiss and Milvus need (a numpy integer fails there)."""
-    for name, value in (("k", k), ("fetch_k", fetch_k)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+    check_positive_int("k", k)  # a numpy integer too
+    check_positive_int("fetch_k", fetch_k)
     if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, (int, float)) or not 0.0 <= lambda_mult <= 1.0:
         raise InvalidInputError(f"lambda_mult must be a number from 0 to 1, got {lambda_mult!r}")
     if where is not None:

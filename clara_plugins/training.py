@@ -248,7 +248,7 @@ def _row_log_likelihood(total: torch.Tensor, count: torch.Tensor) -> torch.Tenso
     return total / count.clamp(min=1)
 
 
-def text_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
+def text_loss(model: ClaraModel, rows: list[dict]) -> tuple[torch.Tensor, dict]:
     """CE of the answer with the documents pasted as text: no memory tokens at all."""
     ce = _decoder_loss(model, *text_prompts(model.tokenizer, rows), None)
     return ce, {"ce": ce.item()}
@@ -583,7 +583,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         "instruct": lambda batch, _: instruct_loss(model, batch, config, candidates, teacher),
         "e2e": lambda batch, _: e2e_loss(model, batch, config, candidates),
         "retrieval": lambda batch, step_rows: retrieval_loss(model, batch, config, candidates, step_rows),
-        "text": lambda batch, _: text_loss(model, batch, config),
+        "text": lambda batch, _: text_loss(model, batch),
     }[config.stage]
 
     digest = (state or {}).get("rows_sha256") or rows_sha256(rows)  # a resumed run's rows: checked alike

@@ -289,6 +289,9 @@ def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, cap
           "inverse-cloze", "--candidates", "4", "--limit", "50"])
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     assert len(rows) >= 45 and all(len(r["docs"]) == 4 and len(r["pos_index"]) == 1 for r in rows)
+    main(["convert-data", str(SHARED_DATA / "corpus" / "dpr_wiki_1000.jsonl"), str(corpus), "--kind",
+          "inverse-cloze", "--limit", "50"])  # the row builder's default, not e2e's 20
+    assert {len(json.loads(line)["docs"]) for line in corpus.read_text().splitlines()} == {5}
 
 
 def test_fewer_candidates_than_gold_passages_are_refused():

@@ -73,7 +73,7 @@ class ClaraLLM(ReaderFields, CustomLLM):
             is_chat_model=True,
         )
 
-    def _stream(self, messages: Sequence[tuple[str, str]], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
+    def _pieces(self, messages: Sequence[tuple[str, str]], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
         passed = passed_documents(kwargs.get("documents") or [])
         texts = [_text(d) for d in passed]
         reading = self._reader.read(self.clara, messages, self.store, texts, kwargs.get("document_ids") or [], self.k)
@@ -81,12 +81,12 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        pieces, extra = self._stream([("user", prompt)], kwargs)
+        pieces, extra = self._pieces([("user", prompt)], kwargs)
         return CompletionResponse(text="".join(pieces), additional_kwargs=extra)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        pieces, extra = self._stream([("user", prompt)], kwargs)
+        pieces, extra = self._pieces([("user", prompt)], kwargs)
 
         def responses() -> CompletionResponseGen:
             text = ""
@@ -98,13 +98,13 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        pieces, extra = self._stream(_as_pairs(messages), kwargs)
+        pieces, extra = self._pieces(_as_pairs(messages), kwargs)
         text = "".join(pieces)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs=extra)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        pieces, extra = self._stream(_as_pairs(messages), kwargs)
+        pieces, extra = self._pieces(_as_pairs(messages), kwargs)
 
         def responses() -> ChatResponseGen:
             text = ""

@@ -8,7 +8,8 @@ from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
 
-from clara_plugins import InvalidInputError, MemoryStore
+from clara_plugins import MemoryStore
+from clara_plugins.checks import check_positive_int
 from clara_plugins.store import as_memory_store
 
 from .vector_store import ClaraVectorStore
@@ -28,8 +29,8 @@ class ClaraRetriever(BaseRetriever):
         if not isinstance(vector_store, ClaraVectorStore):
             vector_store = ClaraVectorStore(store=as_memory_store(vector_store))
         self.vector_store = vector_store
-        if similarity_top_k is not None and similarity_top_k < 1:
-            raise InvalidInputError(f"similarity_top_k must be a positive integer, got {similarity_top_k}")
+        if similarity_top_k is not None:
+            check_positive_int("similarity_top_k", similarity_top_k)
         self.similarity_top_k = similarity_top_k or vector_store.client.model.config.generation_top_k
         self.filters = filters
 
