@@ -400,7 +400,6 @@ def _train(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
-    from .store import MemoryStore
     from .training import check_run, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
@@ -437,6 +436,8 @@ def _train(args: argparse.Namespace) -> None:
         torch.backends.cuda.matmul.fp32_precision = "tf32"
     corpus = None
     if passages is not None:
+        from .store import MemoryStore  # faiss, which a run without a corpus never needs
+
         corpus = MemoryStore(model)
         corpus.upsert(passages, show_progress=True)
     checkpoint = train(model, rows, config, args.output, corpus, probes)

@@ -50,6 +50,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +70,9 @@ from .reading import evaluate_reading, reading_width
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name
-from .store import MemoryStore
+
+if TYPE_CHECKING:  # faiss loads only for a run that retrieves from a corpus store
+    from .store import MemoryStore
 
 # ----------------------------------------------------------------- stage set-up
 

@@ -301,6 +301,18 @@ def test_train_uses_float32_where_auto_would_pick_bfloat16(tiny_base, tmp_path, 
     assert (tmp_path / "run" / "checkpoint" / "clara_config.json").exists()
 
 
+def test_train_without_a_corpus_runs_where_faiss_is_not_installed(tiny_base, tmp_path):
+    # a GPU machine with torch and transformers but no faiss: training imported the store's faiss
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    code = ("import sys\nsys.modules['faiss'] = None\nfrom clara_plugins.cli import main\n"
+            f"main(['train', '--stage', 'instruct', '--data', 'rows.jsonl', '--output', 'run', '--base-model', "
+            f"{str(tiny_base)!r}, '--steps', '1', '--batch-size', '1', '--grad-accum', '1', '--device', 'cpu'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "checkpoint" / "clara_config.json").exists()
+
+
 def test_train_goes_on_from_a_pooled_checkpoint_at_another_compression_rate(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "init")
     rows = tmp_path / "rows.jsonl"
