@@ -21,6 +21,14 @@
 #   DEVICE=cuda SCP_INIT=clara_plugins/checkpoints/smollm2-135m-instruct-cr16 CR=8 SCP_ACCUM=1 SCP_MORE_STEPS=0 \
 #       RETRIEVAL_ACCUM=1 bash benchmarks/train_default.sh   # SCP continued from the shipped compressor, at CR8
 #
+# PARTS runs a part of it, so that SCP can run on a GPU machine that has no data files and
+# the later stages here (docs/model-card.md, "Training it further on a GPU"):
+#
+#   PARTS=rows bash benchmarks/train_default.sh                      # here: the rows, in $OUT/rows
+#   PARTS=scp DEVICE=cuda SCP_INIT=... CR=8 SCP_ACCUM=1 SCP_MORE_STEPS=0 \
+#       bash benchmarks/train_default.sh                             # there, on the rows: $OUT/scp-fp16
+#   PARTS="later eval" SCP_CHECKPOINT=scp-fp16 CR=8 bash benchmarks/train_default.sh  # here again
+#
 # Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr$CR-fp16.
 set -euo pipefail
 
@@ -66,6 +74,20 @@ LIMIT=${LIMIT:-}                  # cap every training conversion at N examples 
 EVAL_LIMIT=${EVAL_LIMIT:-60}
 CONTROL_SHIFTS=${CONTROL_SHIFTS:-1 2 3}  # the control reads the documents of the row this many on (F1 averaged)
 RECALL_LIMIT=${RECALL_LIMIT:-40}
+# what this run does: rows (convert the data into $OUT/rows), scp (the SCP stages), later (the
+# stages after SCP, then the fp16 checkpoint), eval (the model card's evaluations)
+PARTS=${PARTS:-rows scp later eval}
+SCP_CHECKPOINT=${SCP_CHECKPOINT:-}  # without the scp part: the checkpoint the later stages start from (default: $OUT's)
+
+part() {  # NAME: whether PARTS names it
+    [[ " $PARTS " == *" $1 "* ]]
+}
+for name in $PARTS; do
+    if ! [[ " rows scp later eval " == *" $name "* ]]; then
+        echo "PARTS: unknown part $name (rows, scp, later, eval)" >&2
+        exit 2
+    fi
+done
 
 check_split() {  # BATCH_NAME ACCUM_NAME: a step's rows must split into equal micro-batches
     if ! [[ ${!1} =~ ^[1-9][0-9]*$ && ${!2} =~ ^[1-9][0-9]*$ ]] || (( ${!1} % ${!2} )); then
@@ -92,10 +114,15 @@ convert() {  # clara convert-data, each capped at LIMIT examples; one with its o
     fi
     clara convert-data "${args[@]}"
 }
+fp16() {  # CHECKPOINT FOLDER: the checkpoint's weights in float16, without its trainer state
+    python -c "import sys, torch; from clara_plugins import ClaraModel
+ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" "$1" "$2"
+}
 shuffle() {  # stdin's lines in a seeded random order
     python -c "import random, sys; rows = sys.stdin.readlines(); random.Random(0).shuffle(rows); sys.stdout.writelines(rows)"
 }
 
+if part rows; then
 # 1. Data. NQ dev examples 0-299 are held out for evaluation; training uses 300 on. DPR
 #    passages 0-15 and NQ dev 0-15 are the held-out probes of the reading gain.
 #    SCP without a teacher: NQ's human-written questions over their gold passage, and corpus
@@ -160,53 +187,66 @@ clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_oracle.jsonl" 
 clara convert-data "$DATA/hotpotqa/dev.json" "$rows/oracle_hotpotqa_dev.jsonl" --setting oracle
 clara convert-data "$DATA/nq/dev.jsonl" "$rows/eval_nq_oracle.jsonl" --setting oracle --limit 300
 
+tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
+tail -n 16 "$rows/oracle_hotpotqa_dev.jsonl" > "$rows/probe_hotpot5.jsonl"  # dev 669-684
+fi  # rows
+
 # 2. Training: SCP -> (optional instruction tuning, keeping the SCP generator) -> end-to-end
 #    (the query reasoner alone) -> retrieval (the query reasoner alone, in-batch negatives) ->
 #    the text baseline -> instruction tuning with distillation from it (the generator alone;
 #    the shipped checkpoint). SCP and the distilled stage pay a margin for reading; the probes log the
 #    reading gain on held-out rows. The text reader sees ~5x the positions (up to ~2,300 tokens
 #    a row): one row per forward pass with accumulation keeps its peak memory in bounds.
-tail -n 16 "$rows/eval_nq_oracle.jsonl" > "$rows/probe_nq5.jsonl"
-tail -n 16 "$rows/oracle_hotpotqa_dev.jsonl" > "$rows/probe_hotpot5.jsonl"  # dev 669-684
 scp_stage() {  # OUTPUT STEPS LR BATCH ACCUM [FLAGS...]: the compressor and generator on the SCP rows
     clara train --stage scp --data "$rows/scp.jsonl" --output "$1" --steps "$2" --lr "$3" \
         --batch-size $(($4 / $5)) --grad-accum "$5" --schedule "$SCP_SCHEDULE" --margin-weight "$MARGIN" \
         --save-every 20 --device "$DEVICE" \
         --probe "$rows/probe_reconstruct.jsonl" "$rows/probe_qa.jsonl" --probe-every "$PROBE_EVERY" "${@:6}"
 }
-if [ -n "$SCP_INIT" ]; then
-    start=(--init "$SCP_INIT")
-else
-    start=(--memory-design pooled)
-fi
-scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" "$SCP_BATCH" "$SCP_ACCUM" --base-model "$BASE_MODEL" --compression-rate "$CR" \
-    "${start[@]}"
-scp="$OUT/scp"
+scp="$OUT/scp/checkpoint"  # each stage's result, the next one's start
 if [ "$SCP_MORE_STEPS" -gt 0 ]; then
-    scp_stage "$OUT/scp_more" "$SCP_MORE_STEPS" "$SCP_MORE_LR" "$SCP_MORE_BATCH" "$SCP_MORE_ACCUM" \
-        --init "$OUT/scp/checkpoint" --seed 1
-    scp="$OUT/scp_more"
+    scp="$OUT/scp_more/checkpoint"
 fi
+if part scp; then
+    if [ -n "$SCP_INIT" ]; then
+        start=(--init "$SCP_INIT")
+    else
+        start=(--memory-design pooled)
+    fi
+    scp_stage "$OUT/scp" "$SCP_STEPS" "$SCP_LR" "$SCP_BATCH" "$SCP_ACCUM" --base-model "$BASE_MODEL" --compression-rate "$CR" \
+        "${start[@]}"
+    if [ "$SCP_MORE_STEPS" -gt 0 ]; then
+        scp_stage "$OUT/scp_more" "$SCP_MORE_STEPS" "$SCP_MORE_LR" "$SCP_MORE_BATCH" "$SCP_MORE_ACCUM" \
+            --init "$OUT/scp/checkpoint" --seed 1
+    fi
+    if ! part later; then  # the later stages run elsewhere: the SCP result in fp16, to carry there
+        fp16 "$scp" "$OUT/scp-fp16"
+    fi
+else
+    scp=${SCP_CHECKPOINT:-$scp}
+fi
+
+if part later; then
 generator="$scp"
 if [ "$INSTRUCT_STEPS" -gt 0 ]; then
-    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instruct" --init "$scp/checkpoint" \
+    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$OUT/instruct" --init "$scp" \
         --keep-generator $FREEZE_COMPRESSOR --steps "$INSTRUCT_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
         --margin-weight "$MARGIN" --save-every 20 --device "$DEVICE" \
         --probe "$rows/probe_nq5.jsonl" --probe-every "$PROBE_EVERY"
-    generator="$OUT/instruct"
+    generator="$OUT/instruct/checkpoint"
 fi
-clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$generator/checkpoint" \
+clara train --stage e2e --data "$rows/e2e.jsonl" --output "$OUT/e2e" --init "$generator" \
     --retrieval-key mean --retrieval-weight "$RETRIEVAL_WEIGHT" $FREEZE_GENERATOR --steps "$E2E_STEPS" --batch-size "$E2E_BATCH" \
     --grad-accum 1 --lr "$E2E_LR" --schedule constant --save-every 20 --device "$DEVICE"
 # The language-modelling loss moves the query reasoner slowly for the CPU it costs; ranking
 # each question's gold passages against a whole batch's candidates, without the generator, sees
 # about 7x more questions a second on CPU (docs/training-run.md, eleventh session).
-reasoner="$OUT/e2e"
+reasoner="$OUT/e2e/checkpoint"
 if [ "$RETRIEVAL_STEPS" -gt 0 ]; then
     clara train --stage retrieval --data "$rows/retrieval_all.jsonl" --output "$OUT/retrieval" --init "$OUT/e2e/checkpoint" \
         --steps "$RETRIEVAL_STEPS" --batch-size $((RETRIEVAL_BATCH / RETRIEVAL_ACCUM)) --grad-accum "$RETRIEVAL_ACCUM" --lr "$LR" \
         --gold-term each --save-every 20 --device "$DEVICE"
-    reasoner="$OUT/retrieval"
+    reasoner="$OUT/retrieval/checkpoint"
 fi
 # The text reader (a fresh generator reading the passages as text) is the baseline and the
 # teacher: the generator, reading memories, then also learns the teacher's answer distribution,
@@ -214,7 +254,7 @@ fi
 clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
     --steps "$TEXT_STEPS" --batch-size 1 --grad-accum "$BATCH" --lr "$LR" --device "$DEVICE"
 distill() {  # OUTPUT FROM SEED STEPS [FLAGS...]: the generator alone, distilled from the text reader
-    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$1" --init "$2/checkpoint" \
+    clara train --stage instruct --data "$rows/instruct.jsonl" --output "$1" --init "$2" \
         --keep-generator $FREEZE_COMPRESSOR --steps "$4" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
         --seed "$3" --margin "$DISTILL_MARGIN" --margin-weight "$MARGIN" --distill-weight 1.0 \
         --teacher "$OUT/text/checkpoint" --save-every 20 --device "$DEVICE" \
@@ -225,37 +265,40 @@ if [ "$DISTILL_STEPS" -gt 0 ]; then
     # Answering with a name the question holds ("Where does the Danube rise?" -> "the Danube")
     # is made to cost (docs/training-run.md, twenty-third session).
     distill "$OUT/distill" "$reasoner" 4 "$DISTILL_STEPS" --restate-weight "$DISTILL_RESTATE"
-    final="$OUT/distill"
+    final="$OUT/distill/checkpoint"
     if [ "$DISTILL_MORE_STEPS" -gt 0 ]; then
-        distill "$OUT/distill_more" "$OUT/distill" 7 "$DISTILL_MORE_STEPS"
-        final="$OUT/distill_more"
+        distill "$OUT/distill_more" "$final" 7 "$DISTILL_MORE_STEPS"
+        final="$OUT/distill_more/checkpoint"
     fi
     if [ "$RESTATE_STEPS" -gt 0 ]; then
         distill "$OUT/distill_restate" "$final" 9 "$RESTATE_STEPS" --restate-weight 1.0
-        final="$OUT/distill_restate"
+        final="$OUT/distill_restate/checkpoint"
     fi
 fi
 
 # 3. The fp16 checkpoint to ship (adapters + memory-token rows, 28 MiB at CR16), written before the
 #    evaluations: one that fails (a machine without the dense retriever's weights) leaves it made.
-python -c "import sys, torch; from clara_plugins import ClaraModel
-ClaraModel.from_pretrained(sys.argv[1], device='cpu').save_pretrained(sys.argv[2], dtype=torch.float16)" \
-    "$final/checkpoint" "$OUT/cr$CR-fp16"
+fp16 "$final" "$OUT/cr$CR-fp16"
+else
+final="$OUT/cr$CR-fp16"  # the evaluations alone read the last run's
+fi  # later
 
+if part eval; then
 # 4. Evaluation. "text" with the text checkpoint is the fine-tuned text reader; "none" and the
 #    plain "text" reader come with the CLaRa checkpoint (its base model, no adapter).
 #    The control gives each question the documents of the question CONTROL_SHIFTS on, its F1
 #    averaged over them; "f1_above_control" pairs it with CLaRa's.
 for name in hotpotqa_oracle nq_oracle; do
     data="$rows/eval_$name.jsonl"
-    clara eval "$data" --checkpoint "$final/checkpoint" --systems clara control text none --reading \
+    clara eval "$data" --checkpoint "$final" --systems clara control text none --reading \
         --control-shifts $CONTROL_SHIFTS --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_clara.json"
     clara eval "$data" --checkpoint "$OUT/text/checkpoint" --systems text \
         --limit "$EVAL_LIMIT" --device "$DEVICE" --out "$OUT/eval/${name}_text_finetuned.json"
 done
 # "compressor" encodes the question with the (frozen) compressor: the reasoner before end-to-end.
-clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$final/checkpoint" --systems \
+clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$final" --systems \
     --retrievers compressor reasoner dense bm25 --limit "$RECALL_LIMIT" --device "$DEVICE" \
     --out "$OUT/eval/recall_hotpotqa_e2e20.json"
 
-echo "done: evaluations in $OUT/eval, fp16 checkpoint in $OUT/cr$CR-fp16"
+fi  # eval
+echo "done: $PARTS (rows in $rows, evaluations in $OUT/eval, fp16 checkpoints in $OUT/*-fp16)"

@@ -98,6 +98,31 @@ def test_an_instruction_stage_hands_its_generator_to_end_to_end_and_scp_continue
     assert (out / "eval" / "nq_oracle_clara.json").exists()
 
 
+@pytest.mark.slow
+def test_scp_runs_apart_from_the_later_stages_as_on_a_gpu_machine(tmp_path):
+    """PARTS: the rows here, SCP on a machine without the data (its fp16 checkpoint comes back),
+    then the later stages and the evaluations here, from that checkpoint."""
+    sizes = dict(SCP_MORE_STEPS="0", RETRIEVAL_STEPS="0", DISTILL_STEPS="1", DISTILL_MORE_STEPS="0", RESTATE_STEPS="0",
+                 TEXT_STEPS="1", EVAL_LIMIT="2", CONTROL_SHIFTS="1", RECALL_LIMIT="2")
+    out = _run_smoke_recipe(tmp_path, PARTS="rows", **sizes)
+    assert (out / "rows" / "scp.jsonl").exists() and not (out / "scp").exists()
+    _run_smoke_recipe(tmp_path, PARTS="scp", DATA=str(tmp_path / "no-data"), **sizes)
+    assert (out / "scp-fp16" / "clara_config.json").exists() and not (out / "e2e").exists()
+    carried = tmp_path / "carried"
+    (out / "scp-fp16").rename(carried)
+    _run_smoke_recipe(tmp_path, PARTS="later eval", SCP_CHECKPOINT=str(carried), **sizes)
+    start = load_file(carried / "adapter_decoder_adapter.safetensors")
+    kept = load_file(out / "e2e" / "checkpoint" / "adapter_decoder_adapter.safetensors")
+    assert all(torch.equal(kept[name], start[name].float()) for name in start)  # e2e started from it, generator frozen
+    assert (out / "cr16-fp16" / "clara_config.json").exists() and (out / "eval" / "nq_oracle_clara.json").exists()
+
+
+def test_an_unknown_part_is_refused_before_anything_is_written(tmp_path):
+    run = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "OUT": str(tmp_path / "run"), "PARTS": "rows sp"},
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "PARTS: unknown part sp" in run.stderr and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("batch, accum, values", [("SCP_BATCH", "SCP_ACCUM", ("6", "4")),
                                                    ("SCP_BATCH", "SCP_ACCUM", ("6", "0")),
                                                    ("SCP_BATCH", "SCP_ACCUM", ("16", "2.5")),
