@@ -500,6 +500,11 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
 def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> dict | None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
+    log = output / "log.jsonl"
+    if log.is_file() and not all(isinstance(record, dict) and isinstance(record.get("step"), int)
+                                 for record in read_jsonl(log, appended=True)):
+        raise ValueError(f"{log} holds records that are not a training log's (no step): the run would rewrite "
+                         "it; use a new output folder")
     checkpoint = output / "checkpoint"
     recover_folder(checkpoint)  # a run killed between the swap's two renames left the last save aside
     state_path = checkpoint / TRAINER_STATE_FILE
