@@ -643,7 +643,7 @@ def test_a_run_killed_before_its_first_save_starts_its_log_again(tiny_model, tmp
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
-def test_a_log_that_is_not_a_training_logs_is_refused_and_kept(tiny_model, tmp_path):
+def test_an_output_whose_log_is_not_a_training_log_is_refused_and_the_log_kept(tiny_model, tmp_path):
     # it stopped the run with KeyError: 'step', after the model and rows were ready
     (tmp_path / "log.jsonl").write_text('{"note": "my experiment log"}\n')
     config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=1e-3)
