@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -505,12 +506,30 @@ class ClaraModel(torch.nn.Module):
                     f"{config.compression_rate}, not {compression_rate}")
             config = dataclasses.replace(config, compression_rate=compression_rate)
         model = cls(config, device=device, dtype=dtype)
-        load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
-        model.name_or_path, model.weights_sha256 = str(folder), files_sha256(weight_files(Path(folder)))
+        # a training run saving into the folder swaps a new one in: files read across a swap
+        # would mix two saves, so the read is done again until no swap fell within it
+        for _ in range(_LOAD_TRIES):
+            swaps = _folder_identity(Path(folder))
+            load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
+            weights_sha256 = files_sha256(weight_files(Path(folder)))
+            if _folder_identity(Path(folder)) == swaps:
+                break
+        else:
+            raise CheckpointError(f"{folder} was replaced by new saves {_LOAD_TRIES} times while it was read")
+        model.name_or_path, model.weights_sha256 = str(folder), weights_sha256
         if model._reason_with_compressor():
             warnings.warn(f"{folder} has an untrained query reasoner (it was saved before the end-to-end stage): "
                           "questions are encoded by its compressor", stacklevel=2)
         return model
+
+
+_LOAD_TRIES = 5
+
+
+def _folder_identity(folder: Path) -> tuple[int, int]:
+    """The device and inode of the folder a path names now: a save swaps in a new folder."""
+    status = os.stat(folder)
+    return status.st_dev, status.st_ino
 
 
 def copy_adapter(model: ClaraModel, source: str, target: str) -> None:

@@ -216,3 +216,28 @@ def test_a_checkpoint_saved_before_end_to_end_encodes_questions_with_its_compres
     with pytest.warns(UserWarning, match="untrained query reasoner"):
         loaded = ClaraModel.from_pretrained(tmp_path / "scp", device="cpu")
     assert torch.allclose(loaded.encode_queries(["Who won?"]), loaded.compress_documents(["Who won?"]), atol=1e-5)
+
+
+def test_a_save_swapped_in_while_a_checkpoint_loads_is_read_whole(tiny_model, tmp_path, monkeypatch):
+    # `clara eval` on a run's checkpoint while training saved into it: the files read before the
+    # swap and those after made one model of two saves
+    from clara_plugins import model as model_module
+    from clara_plugins.checkpoint import files_sha256, weight_files
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    newer = ClaraModel(tiny_model.config, device="cpu")
+    randomize_adapters(newer, seed=5)
+    real = model_module.load_trained_weights
+    reads = []
+
+    def a_save_lands_mid_read(model, folder, **kwargs):
+        real(model, folder, **kwargs)
+        reads.append(folder)
+        if len(reads) == 1:
+            newer.save_pretrained(folder)
+
+    monkeypatch.setattr(model_module, "load_trained_weights", a_save_lands_mid_read)
+    loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert len(reads) == 2
+    assert torch.equal(loaded.compress(CORPUS[:2]).memories, newer.compress(CORPUS[:2]).memories)
+    assert loaded.weights_sha256 == files_sha256(weight_files(tmp_path / "ckpt"))
