@@ -33,7 +33,8 @@ from .errors import InvalidInputError
 from .model import ClaraModel
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
-from .store import MIN_FOUND_CHARS, BaseMemoryStore, found_text
+from .found import MIN_FOUND_CHARS, found_text
+from .store import BaseMemoryStore
 
 ROLES = ("system", "user", "assistant")
 

@@ -15,7 +15,7 @@ One row per document:
   (float32 keeps seven digits, fp16 needs four). With flattened retrieval keys the key *is*
   this vector, and the collection has no ``memory`` field: the memory is kept once;
 - ``prefix``: the first MIN_FOUND_CHARS characters of the text as a prompt holds it (trimmed,
-  ``store.found_prefix``), so that ``documents_in`` asks Milvus for the few texts that can start
+  ``found.found_prefix``), so that ``documents_in`` asks Milvus for the few texts that can start
   at some position of a prompt. Collections written by earlier versions hold the untrimmed
   start: there a document stored with leading whitespace is found only untrimmed.
 
@@ -42,10 +42,11 @@ from pymilvus.milvus_client import IndexParams
 from .checkpoint import compressor_signature
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
+from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
-from .store import (CALIBRATION_SAMPLE, FETCH_K, MIN_FOUND_CHARS, BaseMemoryStore, StoredDocument, check_compressor,
-                    check_search, find_documents, found_lookup, found_prefix, id_list)
+from .store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_compressor, check_search,
+                    id_list)
 
 FORMAT = "clara-milvus-store/1"
 HEADER_PROPERTY = "clara.store"  # the collection property holding FORMAT and the compressor signature

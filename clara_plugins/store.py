@@ -50,6 +50,7 @@ from .jsonfiles import read_json
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .filters import Filter, matches, validate_filter
+from .found import find_documents, found_lookup
 from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, normalize_rows
 from .model import ClaraModel
 
@@ -70,7 +71,6 @@ _GENERATION = re.compile(r"^gen-(\d{6})$")
 _STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT(\.[0-9a-f]{16})?\.(tmp|new))$")  # besides CURRENT
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
-MIN_FOUND_CHARS = 32  # the shortest stored text documents_in looks for
 # header field: the names of its shard files
 _SHARD_FILES = {"memory_shards": "memories-{:05d}.npy", "scale_shards": "scales-{:05d}.npy",
                 "key_shards": "keys-{:05d}.npy", "record_shards": "records-{:05d}.json"}
@@ -905,47 +905,6 @@ def as_memory_store(value: object) -> BaseMemoryStore:
         raise TypeError(f"store must be a MemoryStore or a CLaRa vector store (or a MilvusMemoryStore), "
                         f"got {type(value).__name__}")
     return inner
-
-
-def found_text(text: str) -> str:
-    """A stored text as a prompt holds it: frameworks trim the whitespace around a document on
-    its way into a prompt (LlamaIndex's synthesizers and chat engines do)."""
-    return text.strip()
-
-
-def found_prefix(text: str) -> str:
-    """The first MIN_FOUND_CHARS characters of a text as a prompt holds it, under which
-    ``find_documents`` looks it up; "" for one too short to be looked for."""
-    found = found_text(text)
-    return found[:MIN_FOUND_CHARS] if len(found) >= MIN_FOUND_CHARS else ""
-
-
-def found_lookup(ids_by_text: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """What ``find_documents`` looks for: the id of each stored text as a prompt holds it,
-    and those texts, longest first, under their ``found_prefix``."""
-    ids = {found_text(text): doc_id for text, doc_id in ids_by_text.items()}
-    by_prefix: dict[str, list[str]] = {}
-    for text in sorted(ids, key=len, reverse=True):
-        if prefix := found_prefix(text):
-            by_prefix.setdefault(prefix, []).append(text)
-    return ids, by_prefix
-
-
-def find_documents(text: str, ids_by_text: dict[str, str],
-                   texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
-    """(start, end, id) of the stored documents whose text occurs in ``text``, in order and
-    without overlaps (the longest document wins at a position); the two maps come from
-    ``found_lookup``."""
-    found, start = [], 0
-    while start <= len(text) - MIN_FOUND_CHARS:
-        candidates = texts_by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
-        match = next((doc for doc in candidates if text.startswith(doc, start)), None)
-        if match is None:
-            start += 1
-            continue
-        found.append((start, start + len(match), ids_by_text[match]))
-        start += len(match)
-    return found
 
 
 def store_settings(folder: Path) -> dict[str, str]:
