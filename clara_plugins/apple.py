@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import files_sha256, load_added_rows, load_adapter_weights
+from .atomic import check_replaceable_folder
+from .checkpoint import CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
@@ -146,6 +147,7 @@ def convert_apple_checkpoint(
     source: str | Path, destination: str | Path, *, base_model: str | None = None
 ) -> ClaraModel:
     """Apple folder -> this project's checkpoint folder (safetensors + JSON)."""
+    check_replaceable_folder(Path(destination), CONFIG_FILE)  # before minutes of loading a 7B model
     model = load_apple_checkpoint(source, base_model=base_model, device="cpu", dtype=torch.float32)
     model.save_pretrained(destination)
     return model

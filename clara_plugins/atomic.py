@@ -57,11 +57,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     """
     folder = _followed(folder)
     recover_folder(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
-        raise FileExistsError(f"{folder} is a non-empty folder that this library did not write (no {marker}); "
-                              "choose a new or empty folder")
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder")
+    check_replaceable_folder(folder, marker)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(folder)
     staging, held = _claimed_sibling(folder, folder=True)
@@ -147,6 +143,17 @@ def _remove_abandoned(path: Path) -> None:
             pass
         finally:
             os.close(held)
+
+
+def check_replaceable_folder(folder: Path, marker: str) -> None:
+    """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, or
+    a non-empty folder without ``marker``; a caller with long work before the write checks first."""
+    folder = _followed(folder)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise FileExistsError(f"{folder} is a non-empty folder that this library did not write (no {marker}); "
+                              "choose a new or empty folder")
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder")
 
 
 def _followed(path: Path) -> Path:

@@ -388,6 +388,8 @@ def _synth(args: argparse.Namespace) -> None:
     from .synthesis import HuggingFaceTeacher, synthesize
 
     passages = dict.fromkeys(read_documents([args.corpus])[: args.limit])  # a repeated passage once
+    if not passages:  # it wrote an empty output and ledger, and exited 0
+        raise InvalidInputError(f"{args.corpus} holds no passages: nothing to synthesise")
     # ids from the texts, so that a resume over an edited corpus skips only what it synthesised
     report = synthesize([(document_id(p), p) for p in passages], HuggingFaceTeacher(args.teacher),
                         args.output, max_rounds=args.max_rounds)

@@ -34,7 +34,7 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     MuSiQue-full's questions marked ``"answerable": false`` (their evidence removed from the
     paragraphs) are left out, with a warning: no answer could be read from their passages."""
     path = _existing_file(path)
-    rows = read_json(path, InvalidInputError) if path.suffix == ".json" else read_jsonl(path)
+    rows = read_json(path, InvalidInputError) if path.suffix.lower() == ".json" else read_jsonl(path)
     if not isinstance(rows, list):
         raise InvalidInputError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
     examples = []
@@ -67,8 +67,8 @@ def read_documents(paths: list[str]) -> list[str]:
     documents: list[str] = []
     for source in paths:
         path = _existing_file(source)
-        if path.suffix in (".json", ".jsonl"):
-            records = read_jsonl(path) if path.suffix == ".jsonl" else read_json(path, InvalidInputError)
+        if path.suffix.lower() in (".json", ".jsonl"):  # PASSAGES.JSONL too: as text it was one document of JSON
+            records = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_json(path, InvalidInputError)
             if not isinstance(records, list):
                 raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
             documents.extend(_record_text(record, f"{source}, record {number}")

@@ -13,7 +13,7 @@ from .errors import InvalidInputError
 def read_text(path: str | Path, error: type[ValueError] = InvalidInputError) -> str:
     """A UTF-8 text file's contents, or ``error`` naming a file of other bytes (a PDF, a binary)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
     except UnicodeDecodeError as decoding:
         raise error(f"{path} is not UTF-8 text: byte {decoding.start} cannot be decoded") from decoding
 

@@ -195,13 +195,13 @@ def scp_row_problem(row: dict) -> str | None:
     """What keeps an SCP row ({data_type, docs, answers}, and a question per answer for "qa")
     from being read, or None."""
     if not _strings(row.get("docs")):
-        return "docs must be a non-empty list of document texts"
+        return "docs must be a non-empty list of document texts, none blank"
     if len(row["docs"]) != 1:  # its prompt holds one document's memories
         return f"an SCP row compresses one document, and docs holds {len(row['docs'])}"
     if row["data_type"] not in ("qa", *SCP_REWRITES):
         return f"data_type must be one of {('qa', *SCP_REWRITES)}, got {row['data_type']!r}"
     if not _strings(row.get("answers")):
-        return "answers must be a non-empty list of strings"
+        return "answers must be a non-empty list of non-blank strings"
     if row["data_type"] == "qa" and not (_strings(row.get("question")) and len(row["question"]) == len(row["answers"])):
         return "a qa row's question must be a list of strings, one for each of its answers"
     return None
@@ -215,22 +215,26 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
     if "data_type" in row:
         return "an SCP row (data_type set), not a question row"
     if not _strings(row.get("docs")):
-        return "docs must be a non-empty list of document texts"
+        return "docs must be a non-empty list of document texts, none blank"
     if not isinstance(row.get("question"), str) or not row["question"].strip():
         return "question must be a non-empty string"
     if "answer" in row and not isinstance(row["answer"], str):  # the prompts read it before answers
         return f"answer must be a string, got {type(row['answer']).__name__}"
-    answered = (isinstance(row.get("answer"), str) and row["answer"]) or _strings(row.get("answers"))
+    if "answers" in row and not _strings(row["answers"]):  # the scores and the restatement margin read it first
+        return f"answers must be a non-empty list of non-blank strings, got {row['answers']!r:.80}"
+    answered = (isinstance(row.get("answer"), str) and row["answer"]) or "answers" in row
     if needs_answer and not answered:
         return "it needs an answer (a string) or answers (a non-empty list of strings)"
-    positions = row.get("pos_index") or []
-    if not (isinstance(positions, list) and all(isinstance(i, int) and 0 <= i < len(row["docs"]) for i in positions)):
+    positions = row.get("pos_index", [])
+    if not (isinstance(positions, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                and 0 <= i < len(row["docs"]) for i in positions)):
         return f"pos_index must list positions of its {len(row['docs'])} documents, got {positions!r}"
     return None
 
 
 def _strings(value: object) -> bool:
-    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) for v in value)
+    """A non-empty list of texts, none blank (a blank document has no tokens to compress)."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) and v.strip() for v in value)
 
 
 def question_name(row: dict) -> str | None:

@@ -60,7 +60,7 @@ from .atomic import recover_folder
 from .checkpoint import (TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config, save_checkpoint,
                          weight_files)
 from .config import TrainConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter
@@ -69,7 +69,7 @@ from .passes import (completion_log_likelihood, completion_log_probs, encode_wit
 from .reading import evaluate_reading, reading_width
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
-from .rows import check_training_rows, question_name
+from .rows import check_training_rows, question_name, question_row_problem, scp_row_problem
 
 if TYPE_CHECKING:  # faiss loads only for a run that retrieves from a corpus store
     from .store import MemoryStore
@@ -490,6 +490,11 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
     if probes and not config.probe_every:
         raise ValueError("probes are read every probe_every steps, and probe_every is 0: set it, or pass no probes")
     for name, probe_rows in probes.items():
+        for number, row in enumerate(probe_rows):
+            problem = (scp_row_problem(row) if isinstance(row, dict) and "data_type" in row
+                       else question_row_problem(row))
+            if problem:
+                raise InvalidInputError(f"probe {name}, row {number}: {problem}")
         try:
             reading_width(probe_rows)
         except ValueError as error:

@@ -45,6 +45,13 @@ def test_a_record_holding_a_unicode_line_separator_stays_one_record(tmp_path):
     assert read_documents([str(tmp_path / "a.jsonl")]) == ["first\u2028line", "second\x85one"]
 
 
+def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_path):
+    # a BOM (Notepad, PowerShell) made valid JSON "corrupted"; PASSAGES.JSONL was one text document of JSON
+    (tmp_path / "a.json").write_text('\ufeff[{"text": "first"}]', encoding="utf-8")
+    (tmp_path / "B.JSONL").write_text('{"text": "second"}\n{"text": "third"}\n')
+    assert read_documents([str(tmp_path / "a.json"), str(tmp_path / "B.JSONL")]) == ["first", "second", "third"]
+
+
 @pytest.mark.parametrize("name,content,message", [
     ("a.jsonl", '{"title": "Paris", "content": "misspelt"}\n', r"a.jsonl, record 0 has no text or contents to "
                                                                r"index \(its fields: content, title\)"),

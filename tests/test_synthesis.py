@@ -204,6 +204,15 @@ def test_clara_synth_refuses_a_teacher_that_names_no_model_before_it_writes(tmp_
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.txt"]
 
 
+def test_clara_synth_refuses_a_corpus_without_passages(tmp_path, capsys):
+    # it wrote an empty output and ledger and exited 0
+    (tmp_path / "corpus.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", str(tmp_path / "corpus.json"), str(tmp_path / "scp.jsonl")])
+    assert exit_.value.code == 5 and "holds no passages" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.json"]
+
+
 def test_langchain_and_llama_index_models_are_teachers():
     chat = FakeListChatModel(responses=["Question: Where?\nAnswer: Warsaw"])
     assert parse_pairs(as_teacher(chat)("any prompt")) == [("Where?", "Warsaw")]

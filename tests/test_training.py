@@ -686,12 +686,26 @@ def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, mes
     ("instruct", {**INSTRUCT[1], "answer": ["Paris"], "answers": ["Paris"]}, "answer must be a string, got list",
      {}),  # failed at the first batch
     ("scp", {**SCP[0], "question": "What flows through Vienna?"}, "a qa row's question must be a list of strings", {}),
+    # answers beside an answer went unread: the scores and the restatement margin read its letters
+    ("instruct", {**INSTRUCT[1], "answer": "Paris", "answers": "Paris"}, "answers must be a non-empty list", {}),
+    ("e2e", {**E2E[1], "pos_index": None}, "pos_index must list positions", {}),  # TypeError at step 1 with a corpus
+    ("instruct", {**INSTRUCT[1], "docs": ["", CORPUS[1]]}, "docs must be a non-empty list of document texts, none "
+     "blank", {}),  # refused mid-run, by its place in a batch
 ])
 def test_rows_a_stage_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path, stage, row, message, settings):
     first = {"instruct": INSTRUCT[0], "text": INSTRUCT[0], "e2e": E2E[0], "scp": SCP[2]}[stage]
     config = TrainConfig(stage=stage, steps=1, grad_accum=1, **settings)
     with pytest.raises(InvalidInputError, match=f"training row 1 \\({stage} stage\\): {message}"):
         train(tiny_model, [first, row], config, tmp_path)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_probe_rows_a_probe_cannot_read_are_named_before_the_first_step(tiny_model, tmp_path):
+    # a probe row without docs stopped the run at its first probe with a bare KeyError: 'docs'
+    config = TrainConfig(stage="instruct", steps=1, grad_accum=1, probe_every=1)
+    probe = [INSTRUCT[0], {"question": "Where?", "answer": "Paris"}]
+    with pytest.raises(InvalidInputError, match="probe held_out, row 1: docs must be a non-empty list"):
+        train(tiny_model, INSTRUCT, config, tmp_path, probes={"held_out": probe})
     assert not (tmp_path / "log.jsonl").exists()
 
 
