@@ -27,7 +27,7 @@
 #   PARTS=rows bash benchmarks/train_default.sh                      # here: the rows, in $OUT/rows
 #   PARTS=scp DEVICE=cuda SCP_INIT=... CR=8 SCP_ACCUM=1 SCP_MORE_STEPS=0 \
 #       bash benchmarks/train_default.sh                             # there, on the rows: $OUT/scp-fp16
-#   PARTS="later eval" SCP_CHECKPOINT=scp-fp16 CR=8 bash benchmarks/train_default.sh  # here again
+#   PARTS="later eval" SCP_CHECKPOINT=runs/default/scp-fp16 CR=8 bash benchmarks/train_default.sh  # here again
 #
 # Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr$CR-fp16.
 set -euo pipefail

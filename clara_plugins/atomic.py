@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import glob
 import os
 import re
@@ -12,6 +12,11 @@ import shutil
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: writes go on unlocked, as on a file system without locks
+    fcntl = None
 
 
 def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
@@ -87,7 +92,7 @@ def hold_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (made if missing) for the ``with`` block: writers
     of one thing take turns across processes."""
     with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock.fileno(), wait=True)
         yield
 
 
@@ -104,7 +109,7 @@ def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
     else:
         held = os.open(unlocked, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)
+        _lock(held, wait=True)
         claimed = path.with_name(f".{path.name}.{token}{'' if folder else '.tmp'}")
         os.replace(unlocked, claimed)
     except BaseException:
@@ -127,22 +132,39 @@ def _remove_abandoned(path: Path) -> None:
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if not own_name.fullmatch(leftover.name) or leftover.is_symlink():
             continue
-        try:
-            held = os.open(leftover, os.O_RDONLY)
-        except OSError:  # its writer finished meanwhile (or it is not readable: not ours to remove)
+        try:  # a file opened for writing: NFS locks no file opened read-only
+            held = os.open(leftover, os.O_RDONLY if leftover.is_dir() else os.O_RDWR)
+        except OSError:  # its writer finished meanwhile (or it is not writable: not ours to remove)
             continue
         try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.fstat(held).st_ino != os.lstat(leftover).st_ino:  # renamed into place meanwhile
-                continue
+            # a held lock is a writer at work; a file system without locks cannot tell: left alone
+            if not _lock(held, wait=False) or os.fstat(held).st_ino != os.lstat(leftover).st_ino:
+                continue  # (or it was renamed into place meanwhile)
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink()
-        except (BlockingIOError, FileNotFoundError):
+        except FileNotFoundError:
             pass
         finally:
             os.close(held)
+
+
+def _lock(descriptor: int, wait: bool) -> bool:
+    """Lock ``descriptor`` exclusively: True once held; False when another holds it (without
+    ``wait``) or the file system has no locks (some NFS and Lustre mounts), where writes go on
+    unlocked rather than not at all."""
+    if fcntl is None:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EINVAL):
+            return False
+        raise
+    return True
 
 
 def check_replaceable_folder(folder: Path, marker: str) -> None:

@@ -435,7 +435,10 @@ def _train(args: argparse.Namespace) -> None:
                                        retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
                            device=args.device, dtype="float32")
     if model.device.type == "cuda":  # TF32 matrix products (Ampere on); weights, gradients and loss stay float32
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+        else:  # torch before 2.9
+            torch.backends.cuda.matmul.allow_tf32 = True
     corpus = None
     if passages is not None:
         from .store import MemoryStore  # faiss, which a run without a corpus never needs

@@ -510,8 +510,13 @@ class ClaraModel(torch.nn.Module):
         # would mix two saves, so the read is done again until no swap fell within it
         for _ in range(_LOAD_TRIES):
             swaps = _folder_identity(Path(folder))
-            load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
-            weights_sha256 = files_sha256(weight_files(Path(folder)))
+            try:
+                load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
+                weights_sha256 = files_sha256(weight_files(Path(folder)))
+            except (OSError, CheckpointError):  # a file the swap took away, or one half written
+                if _folder_identity(Path(folder)) == swaps:
+                    raise
+                continue
             if _folder_identity(Path(folder)) == swaps:
                 break
         else:
@@ -526,10 +531,11 @@ class ClaraModel(torch.nn.Module):
 _LOAD_TRIES = 5
 
 
-def _folder_identity(folder: Path) -> tuple[int, int]:
-    """The device and inode of the folder a path names now: a save swaps in a new folder."""
+def _folder_identity(folder: Path) -> tuple[int, int, int]:
+    """The folder a path names now: a save swaps in a new folder (whose inode number may be
+    an old one's again, its change time not)."""
     status = os.stat(folder)
-    return status.st_dev, status.st_ino
+    return status.st_dev, status.st_ino, status.st_ctime_ns
 
 
 def copy_adapter(model: ClaraModel, source: str, target: str) -> None:

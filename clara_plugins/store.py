@@ -278,6 +278,7 @@ class MemoryStore(BaseMemoryStore):
         self._ids_by_text: dict[str, str] | None = None  # with _found: see _text_lookup
         self._found: tuple[dict[str, str], dict[str, list[str]]] = ({}, {})
         self._saved: _SavedGeneration | None = None  # the generation last saved or loaded; see save
+        self._generation_in: dict[Path, str] = {}  # each store folder's generation this store last read or wrote
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -575,22 +576,22 @@ class MemoryStore(BaseMemoryStore):
                 )
                 index = _SavedIndex.of(self._ensure_index()) if len(self._ids) and self.index_kind != "flat" else None
                 previous = self._saved
-            self._check_no_other_save(folder, previous)
+            self._check_no_other_save(folder)
             generation, header = self._write_generation(folder, snapshot, previous, index)
             self._saved = _SavedGeneration.of(generation, snapshot.where, header)
+            self._generation_in[folder.resolve()] = generation.name
         return generation
 
-    @staticmethod
-    def _check_no_other_save(folder: Path, previous: _SavedGeneration | None) -> None:
+    def _check_no_other_save(self, folder: Path) -> None:
         """Refuse to save over a generation another writer saved since this store last read or
         wrote the folder: its documents are not in this store, and the save would drop them."""
-        if previous is None or previous.folder.parent != folder.resolve() or not (folder / "CURRENT").is_file():
+        known = self._generation_in.get(folder.resolve())
+        if known is None or not (folder / "CURRENT").is_file():
             return
         current = _current_generation(folder)
-        if current != previous.folder.name:
+        if current != known:
             raise StoreError(f"{folder} was saved by another writer since this store read it ({current}, not "
-                             f"{previous.folder.name}): load it again and repeat the changes, or save to "
-                             "another folder")
+                             f"{known}): load it again and repeat the changes, or save to another folder")
 
     def _write_generation(self, folder: Path, snapshot: _Snapshot, previous: _SavedGeneration | None,
                           index: _SavedIndex | None) -> tuple[Path, dict]:
@@ -686,6 +687,7 @@ class MemoryStore(BaseMemoryStore):
             raise StoreError(f"{generation}: memory shards hold {len(store._where)} rows, expected {count}")
         store._row_of = {doc_id: row for row, doc_id in enumerate(store._ids)}
         store._saved = _SavedGeneration.of(generation, np.array(store._where, dtype=np.int64).reshape(-1, 2), header)
+        store._generation_in[folder.resolve()] = generation.name
         outdated = header["format"] == FORMAT_1 and header["index"] == "ivfpq"  # rebuilt as a compact index
         if "index.faiss" in header["sha256"] and not outdated:
             compact = "index-projection.npy" in header["sha256"]

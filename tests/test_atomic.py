@@ -188,18 +188,40 @@ def test_two_writers_of_one_file_at_once_leave_one_whole_file(tmp_path):
 
 def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
     path = tmp_path / "rows.jsonl"
+    def dies_halfway(handle):
+        handle.write("half")
+        handle.flush()
+        os._exit(1)
+
     child = os.fork()
     if child == 0:
         try:
-            write_file_atomically(path, lambda handle: handle.write("half") or handle.flush() or os._exit(1))
+            write_file_atomically(path, dies_halfway)
         finally:
             os._exit(1)
     os.waitpid(child, 0)
+    assert len(list(tmp_path.glob(".rows.jsonl." + "[0-9a-f]" * 16 + ".tmp"))) == 1  # what the kill left
     (tmp_path / ".rows.jsonl.tmp").write_text("an earlier version's temporary name")
     (tmp_path / ".rows.jsonl.notes").write_text("a user's")
     assert len(os.listdir(tmp_path)) == 3
     write_file_atomically(path, lambda handle: handle.write("whole"))
     assert sorted(os.listdir(tmp_path)) == [".rows.jsonl.notes", "rows.jsonl"]
+
+
+def test_writes_go_on_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    # NFS without its lock daemon (ENOLCK), Lustre without flock (ENOSYS): every write failed
+    import errno
+    import fcntl
+
+    def no_locks(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    (tmp_path / ".result.json.0123456789abcdef.tmp").write_text("a killed writer's, or a live one's: kept")
+    write_file_atomically(tmp_path / "result.json", lambda handle: handle.write("new"))
+    write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    assert (tmp_path / "result.json").read_text() == "new" and (tmp_path / "ckpt" / "config.json").read_text() == "1"
+    assert (tmp_path / ".result.json.0123456789abcdef.tmp").exists()
 
 
 def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):

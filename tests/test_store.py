@@ -476,3 +476,7 @@ def test_a_save_over_another_writers_newer_save_is_refused_and_loses_nothing(sto
     first.upsert(["More about Vienna."], ids=["vienna 2"])
     first.save(tmp_path / "s")  # the writer of the current generation goes on saving
     assert len(MemoryStore.load(tmp_path / "s", tiny_model)) == 7
+    first.save(tmp_path / "copy")  # a copy elsewhere, then another writer, then back: still refused
+    MemoryStore.load(tmp_path / "s", tiny_model).save(tmp_path / "s")
+    with pytest.raises(StoreError, match="saved by another writer"):
+        first.save(tmp_path / "s")
