@@ -145,7 +145,7 @@ def read_messages(
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
-    memories = _memories(model, store, everyone)
+    memories, from_store = _memories(model, store, everyone)
     keep = _kept(model, memories, messages[last_user][1], pieces[last_user], model.config.generation_top_k if k is None else k)
 
     rendered, read, order = [], [], iter(range(len(everyone)))
@@ -169,8 +169,8 @@ def read_messages(
     return Reading(
         prompt=prompt,
         memories=memories[read] if read else memories[:0],
-        stored_ids=[d.stored_id for d in chosen if d.stored_id is not None],
-        compressed=sum(d.stored_id is None for d in chosen),
+        stored_ids=[d.stored_id for d in chosen if d.stored_id in from_store],
+        compressed=sum(d.stored_id not in from_store for d in chosen),
         positions=prompt_positions(model.tokenizer, prompt),
     )
 
@@ -219,16 +219,30 @@ def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) 
     return pieces
 
 
-def _memories(model: ClaraModel, store: BaseMemoryStore | None, documents: list[_Document]) -> torch.Tensor:
-    """[len(documents), n_mem, hidden]: stored memory tokens, or fresh ones for other texts."""
+def _memories(model: ClaraModel, store: BaseMemoryStore | None,
+              documents: list[_Document]) -> tuple[torch.Tensor, set[str]]:
+    """[len(documents), n_mem, hidden]: stored memory tokens, or fresh ones for other texts;
+    and the ids read from the store."""
     empty = torch.zeros(0, model.config.n_mem_tokens, model.hidden_size)
     if not documents:
-        return empty
-    fresh_texts = list(dict.fromkeys(d.text for d in documents if d.stored_id is None))
+        return empty, set()
+    stored = _stored_memories(store, documents) if store is not None else {}
+    fresh_texts = list(dict.fromkeys(d.text for d in documents if d.stored_id not in stored))
     fresh = dict(zip(fresh_texts, model.compress_documents(fresh_texts).cpu())) if fresh_texts else {}
-    stored_ids = [d.stored_id for d in documents if d.stored_id is not None]
-    stored = dict(zip(stored_ids, store.memories(stored_ids))) if stored_ids else {}
-    return torch.stack([stored[d.stored_id] if d.stored_id is not None else fresh[d.text] for d in documents]).float()
+    memories = torch.stack([stored[d.stored_id] if d.stored_id in stored else fresh[d.text] for d in documents])
+    return memories.float(), set(stored)
+
+
+def _stored_memories(store: BaseMemoryStore, documents: list[_Document]) -> dict[str, torch.Tensor]:
+    """The stored memories of the documents found in the store, by id: those a writer deleted or
+    rewrote since they were found are left out, and their text compressed instead (a request
+    failed on a deleted id, or read a rewritten one's new memories beside its old text)."""
+    texts = {d.stored_id: found_text(d.text) for d in documents if d.stored_id is not None}
+    current = [d.id for d in store.get(list(texts)) if found_text(d.text) == texts[d.id]]
+    try:
+        return dict(zip(current, store.memories(current))) if current else {}
+    except InvalidInputError:  # deleted in between: read as text
+        return {}
 
 
 def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list[str | _Document],

@@ -76,6 +76,30 @@ def test_a_users_own_prompt_reads_the_retrieved_documents_from_the_store(tiny_mo
     assert chat.stats.calls == 1 and chat.stats.stored_documents == 3
 
 
+@pytest.mark.parametrize("change", ["deleted", "rewritten"])
+def test_a_document_another_writer_changes_while_a_prompt_is_read_is_read_as_its_text(tiny_model, vectorstore,
+                                                                                      monkeypatch, change):
+    # found in the prompt, then deleted (the request failed: unknown document ids) or rewritten
+    # (its new memories were read in the old text's place) before its memories were fetched
+    store = vectorstore.store
+    found = store.documents_in
+
+    def a_writer_acts_meanwhile(text):
+        spans = found(text)
+        if change == "deleted":
+            store.delete(["d1"])
+        else:
+            store.upsert(["Rome is the capital of Italy, and this text is new."], ids=["d1"])
+        return spans
+
+    monkeypatch.setattr(store, "documents_in", a_writer_acts_meanwhile)
+    prompt = f"Context:\n{CORPUS[0]}\n\n{CORPUS[1]}\n\nQuestion: {QUESTION}"
+    reading = read_messages(tiny_model, [("user", prompt)], store)
+    assert reading.stored_ids == ["d0"] and reading.compressed == 1
+    expected = tiny_model.compress_documents([CORPUS[1]])[0]
+    assert any(torch.allclose(memory, expected, atol=1e-5) for memory in reading.memories)
+
+
 def test_a_document_with_a_blank_line_stays_one_document(tiny_model, vectorstore, no_compression):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
     result = chat.invoke(OWN_PROMPT.invoke({"context": TWO_PARAGRAPHS, "question": "Where does the Rhine rise?"}))

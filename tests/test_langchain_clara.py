@@ -169,6 +169,17 @@ async def test_the_async_constructors_have_the_defaults_of_the_sync_ones(tiny_mo
     assert len(store.store) == 1
 
 
+async def test_the_async_retriever_takes_the_calls_k_and_filter(tiny_model):
+    # LangChain's async default passes neither: ainvoke(..., k=2) raised TypeError
+    store = ClaraVectorStore(tiny_model)
+    store.add_texts(CORPUS, metadatas=[{"topic": "tower" if i % 2 else "city"} for i in range(len(CORPUS))])
+    retriever = ClaraRetriever(store=store)
+    found = await retriever.ainvoke("Which tower is in Paris?", k=2, filter={"topic": "tower"})
+    assert [d.id for d in found] == [d.id for d in retriever.invoke("Which tower is in Paris?", k=2,
+                                                                    filter={"topic": "tower"})]
+    assert len(found) == 2 and all(d.metadata["topic"] == "tower" for d in found)
+
+
 def test_clara_embeddings_of_another_model_beside_model_are_refused(tiny_model, tiny_config):
     # the store searched with model='s keys and reported them as the embedding's
     other = ClaraModel(tiny_config, device="cpu")

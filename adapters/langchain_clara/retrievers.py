@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, field_validator
 
 from clara_plugins.store import BaseMemoryStore, as_memory_store
@@ -47,3 +48,12 @@ class ClaraRetriever(BaseRetriever):
             document.metadata = {**document.metadata, "score": score}
             documents.append(document)
         return documents
+
+    async def _aget_relevant_documents(
+        self, query: str, *, run_manager: AsyncCallbackManagerForRetrieverRun, k: int | None = None,
+        filter: dict | None = None, **kwargs: Any,
+    ) -> list[Document]:
+        """The search in a worker thread, with the call's ``k`` and ``filter`` (LangChain's
+        default passes neither)."""
+        return await run_in_executor(None, self._get_relevant_documents, query, run_manager=run_manager.get_sync(),
+                                     k=k, filter=filter, **kwargs)
