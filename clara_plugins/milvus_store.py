@@ -230,7 +230,7 @@ class MilvusMemoryStore(BaseMemoryStore):
                 for start in range(0, len(rows), BATCH_ROWS):
                     self._client.upsert(self.collection, rows[start:start + BATCH_ROWS])
             finally:  # the first batches may be in, even when a later one failed
-                self._pair_cosines = None
+                self._changed()
         return ids
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -241,7 +241,7 @@ class MilvusMemoryStore(BaseMemoryStore):
                 for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
                     self._client.delete(self.collection, filter=_one_of("id", ids[start:start + BATCH_ROWS]))
             finally:
-                self._pair_cosines = None
+                self._changed()
 
     # -------------------------------------------------------------- reading
 

@@ -100,6 +100,13 @@ class BaseMemoryStore(ABC):
         self._lock = threading.RLock()
         self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale
         self.instance_id = uuid.uuid4().hex  # names this store object, e.g. in a chat model's cache key
+        self.revision = 0  # counts this object's writes: a chat model's cached answer never outlives one
+
+    def _changed(self) -> None:
+        """Note a write (under the lock): the calibration of relevance is stale, and so is an
+        answer cached before it."""
+        self._pair_cosines = None
+        self.revision += 1
 
     @abstractmethod
     def __len__(self) -> int:
@@ -326,7 +333,8 @@ class MemoryStore(BaseMemoryStore):
                     self._count_dead(row)
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
                     replaced = True
-            self._ids_by_text = self._pair_cosines = None
+            self._ids_by_text = None
+            self._changed()
             self._extend_index(first_new_row, replaced)
             if replaced:
                 self._drop_dead_rows()
@@ -368,7 +376,8 @@ class MemoryStore(BaseMemoryStore):
             self._metadatas = [self._metadatas[r] for r in keep]
             self._where = [self._where[r] for r in keep]
             self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
-            self._index = self._ids_by_text = self._pair_cosines = None
+            self._index = self._ids_by_text = None
+            self._changed()
             self._drop_dead_rows()
 
     def _count_dead(self, row: int) -> None:

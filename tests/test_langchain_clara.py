@@ -256,6 +256,14 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
     first = ChatClara(clara=tiny_model, store=MemoryStore(tiny_model))._get_llm_string()
     gc.collect()
     assert ChatClara(clara=tiny_model, store=MemoryStore(tiny_model))._get_llm_string() != first
+    # and by what it holds: a cached answer outlived an upsert or a delete of the documents it read
+    chat = ChatClara(clara=tiny_model, store=stores[0])
+    seen = {chat._get_llm_string()}
+    stores[0].upsert(["Paris is the capital of France."], ids=["d1"])
+    seen.add(chat._get_llm_string())
+    stores[0].delete(["d1"])
+    seen.add(chat._get_llm_string())
+    assert len(seen) == 3
 
 
 def test_an_answer_length_below_one_token_is_refused(tiny_model):

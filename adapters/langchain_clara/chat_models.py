@@ -69,8 +69,8 @@ class ChatClara(ReaderFields, BaseChatModel):
                 "max_tokens": self.max_tokens or config.max_new_tokens,
                 "default_stop": self.stop,  # "stop" is the call's own stop in LangChain's cache key
                 # the store decides which prompt text is read as memory tokens: a cached answer
-                # is never served for another store object's reading
-                "store": None if self.store is None else self.store.instance_id}
+                # is never served for another store object's reading, nor after it changed
+                "store": None if self.store is None else f"{self.store.instance_id}@{self.store.revision}"}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),
