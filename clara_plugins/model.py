@@ -156,7 +156,9 @@ class ClaraModel(torch.nn.Module):
     def _inference(self) -> Iterator[None]:
         """No gradients and dropout off for the block; a model in training mode returns to it.
 
-        Never held across a ``yield``: interleaved streams would leave these switches wrong.
+        Taken per forward pass under the model's lock (threads share these switches: one
+        thread's return to training mode ran another's pass with dropout on), and never held
+        across a ``yield``: interleaved streams would leave them wrong.
         """
         was_training = self.training
         if was_training:
@@ -276,8 +278,8 @@ class ClaraModel(torch.nn.Module):
         memories = torch.empty(len(bodies), self.config.n_mem_tokens, self.hidden_size,
                                dtype=self.lm.get_input_embeddings().weight.dtype, device=self.device)
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        with self._inference():
-            for batch in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
+        for batch in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
+            with self._lock, self._inference():  # per pass, as _decode: threads share the switches
                 memories[batch] = self._encode_tokens([bodies[i] for i in batch], ENCODER)[0]
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
@@ -297,14 +299,17 @@ class ClaraModel(torch.nn.Module):
         after its instructions), with a warning."""
         questions = check_texts(questions, "questions")
         check_positive_int("batch_size", batch_size)
-        with self._inference():
-            bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
-            long = sum(len(body) > self.config.doc_max_length for body in bodies)
-            if long:
-                warnings.warn(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
-                              "tokens; each is encoded from its last tokens", stacklevel=2)
-            return torch.cat([self._encode_tokens(bodies[s:s + batch_size], QUERY_REASONER)[0]
-                              for s in range(0, len(bodies), batch_size)])
+        bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
+        long = sum(len(body) > self.config.doc_max_length for body in bodies)
+        if long:
+            warnings.warn(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
+                          "tokens; each is encoded from its last tokens", stacklevel=2)
+        return torch.cat([self._encode_queries_batch(bodies[start:start + batch_size])
+                          for start in range(0, len(bodies), batch_size)])
+
+    def _encode_queries_batch(self, bodies: list[list[int]]) -> torch.Tensor:
+        with self._lock, self._inference():  # per pass, as _decode: threads share the switches
+            return self._encode_tokens(bodies, QUERY_REASONER)[0]
 
     def _reason_with_compressor(self) -> bool:
         """Before the end-to-end stage the query reasoner is the plain base model (a fresh LoRA's
@@ -347,7 +352,7 @@ class ClaraModel(torch.nn.Module):
         ``document_placeholder``; ``memories[i]`` [k_i, n_mem, hidden] fills prompt i's
         placeholders in order (None or no list: prompts without documents)."""
         prompts = check_texts(prompts, "prompts")
-        with self._inference():
+        with torch.no_grad():  # each pass sets the inference switches itself, under the lock (_decode)
             steps = self._greedy(*self._decoder_inputs(prompts, memories)[:2], max_new_tokens)
             return collect_answers(self.tokenizer, steps, len(prompts), self.stop_token_ids)
 
@@ -356,7 +361,7 @@ class ClaraModel(torch.nn.Module):
     ) -> Iterator[str]:
         """``generate`` for one prompt, yielded piece by piece as the tokens decode."""
         prompts = check_texts([prompt], "prompt")
-        with self._inference():
+        with torch.no_grad():  # an embedding lookup: no dropout to switch off
             embeds, mask, _ = self._decoder_inputs(prompts, [memories])
         yield from stream_text(self.tokenizer, self._greedy(embeds, mask, max_new_tokens), self.stop_token_ids)
 

@@ -258,6 +258,25 @@ def test_interleaved_streams_leave_no_switch_behind(tiny_model):
     tiny_model.eval()
 
 
+def test_every_encoder_pass_sets_its_inference_switches_under_the_models_lock(tiny_model, monkeypatch):
+    # compress and encode_queries switched to eval once, outside the lock: a thread finishing
+    # first put a shared training-mode model back in training mode under another's pass (dropout on)
+    real, passes = tiny_model._encode_tokens, []
+
+    def recording(*args, **kwargs):
+        passes.append((tiny_model.training, torch.is_grad_enabled(), tiny_model._lock._is_owned()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_model, "_encode_tokens", recording)
+    tiny_model.train()
+    try:
+        tiny_model.compress(CORPUS[:3], batch_size=2)
+        tiny_model.encode_queries([QUESTION])
+    finally:
+        tiny_model.eval()
+    assert passes == [(False, False, True)] * 3
+
+
 async def test_concurrent_astreams_answer_as_they_would_alone(tiny_model, vectorstore):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store, max_tokens=10)
     questions = [QUESTION, "Where is the tower?", "Which river flows through Vienna?"]
