@@ -30,9 +30,11 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
 
 
 def cover_exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 when a normalised gold answer appears inside the normalised prediction ("acc")."""
-    padded = f" {normalize_answer(prediction)} "
-    return float(any(f" {normalize_answer(a)} " in padded for a in answers if normalize_answer(a)))
+    """1.0 when every word of a normalised gold answer is among the normalised prediction's
+    words, in any order and not necessarily side by side ("acc": "Obama, Barack" covers
+    "Barack Obama")."""
+    words = set(normalize_answer(prediction).split())
+    return float(any(gold and set(gold) <= words for gold in (normalize_answer(a).split() for a in answers)))
 
 
 def token_f1(prediction: str, answers: Sequence[str]) -> float:

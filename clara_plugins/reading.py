@@ -66,7 +66,9 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     documents = [document for row in rows for document in row["docs"][:width]]
     memories = model.compress_documents(documents, show_progress=True)
     memories = memories.reshape(len(rows), width, *memories.shape[1:])
-    neutral = memories.mean(0, keepdim=True)  # no row's own content: separates reading from harm
+    # all rows' mean, each row's own a 1/len(rows) share of it: little of any one row's content,
+    # so that reading (own below neutral) is told from harm (other above neutral)
+    neutral = memories.mean(0, keepdim=True)
     kind_of = _token_kinds(model.tokenizer).to(memories.device)
     totals = torch.zeros(3, len(_TOKEN_KINDS), dtype=torch.float64)  # -log-likelihood: own, neutral, other
     tokens = torch.zeros(len(_TOKEN_KINDS), dtype=torch.float64)

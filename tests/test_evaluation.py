@@ -89,6 +89,22 @@ def test_seconds_per_question_leave_out_compression_whichever_pass_compressed(ti
     assert own["seconds_per_question"] == control["seconds_per_question"] == 0.0
 
 
+def test_seconds_per_question_weigh_every_question_alike(tiny_model, monkeypatch):
+    # each batch's mean was averaged: a last batch of one question weighed as a whole batch
+    clock = [0.0]
+    answer = evaluation.read_text
+
+    def one_second_a_batch(*args, **kwargs):
+        clock[0] += 1.0
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "read_text", one_second_a_batch)
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: clock[0])
+    result = evaluate_answers(tiny_model, ROWS, "text", k=3, max_new_tokens=2, batch_size=2)
+    batches = -(-len(ROWS) // 2)
+    assert result["seconds_per_question"] == round(batches / len(ROWS), 3)
+
+
 def test_several_control_shifts_average_each_questions_scores(tiny_model, monkeypatch):
     # The stand-in generator answers with the first document it is given.
     monkeypatch.setattr(evaluation, "_clara_answers",

@@ -44,6 +44,15 @@ def test_cover_em_is_whole_token_containment():
     assert cover_exact_match("18890 metres", ["1889"]) == 0.0
 
 
+def test_cover_em_counts_every_gold_word_anywhere_in_the_prediction():
+    # the protocol's "acc": it asked for the gold words as one unbroken run of the prediction's
+    assert cover_exact_match("Obama, Barack", ["Barack Obama"]) == 1.0
+    assert cover_exact_match("January 1, 2000", ["1 January 2000"]) == 1.0
+    assert cover_exact_match("the city of New York", ["New York City"]) == 1.0
+    assert cover_exact_match("New Jersey", ["New York"]) == 0.0
+    assert cover_exact_match("anything", ["The"]) == 0.0  # a gold answer of articles alone covers nothing
+
+
 def test_retrieval_metrics_hand_worked():
     ranked, gold = [4, 2, 9, 0, 7], [2, 7, 11]
     assert recall_at_k(ranked, gold, 1) == 0.0
