@@ -80,7 +80,7 @@ def _peft_key(apple_key: str, adapter: str) -> str:
 
 
 def load_apple_checkpoint(
-    folder: str | Path, *, base_model: str | None = None, device: str = "auto", dtype="auto"
+    folder: str | Path, *, base_model: str | None = None, device: str = "auto", dtype: str | torch.dtype = "auto"
 ) -> ClaraModel:
     """A ClaraModel with every adapter and the memory-token rows of an Apple checkpoint."""
     folder = Path(folder)

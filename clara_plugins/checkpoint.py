@@ -141,7 +141,7 @@ def read_header(folder: Path) -> dict:
     recover_folder(folder)
     path = folder / CONFIG_FILE
     if not path.exists():
-        raise CheckpointError(f"{folder} is not a CLaRa checkpoint: {CONFIG_FILE} is missing")
+        raise CheckpointError(f"{folder} is not a CLaRa checkpoint: {CONFIG_FILE} is missing{_what_it_is(folder)}")
     header = read_json(path, CheckpointError)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} holds a JSON {type(header).__name__}, not a checkpoint header")
@@ -154,6 +154,17 @@ def read_header(folder: Path) -> dict:
         raise CheckpointError(f"{path} lacks its config (an object) or base_model_fingerprint (an object with a "
                               "list of weight_norms)")
     return header
+
+
+def _what_it_is(folder: Path) -> str:
+    """What a path that is no checkpoint holds, when it is one of the likely mix-ups."""
+    if not folder.exists():
+        return " (no such folder)"
+    if (folder / "checkpoint" / CONFIG_FILE).exists():
+        return f" (a training run's output: its checkpoint is {folder / 'checkpoint'})"
+    if (folder / "adapters.pth").exists():
+        return " (an Apple checkpoint: convert it with clara convert-apple)"
+    return ""
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

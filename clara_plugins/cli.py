@@ -34,7 +34,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="document tokens per memory token (default: the checkpoint's; 16 for an "
                              "untrained model); a pooled checkpoint reads its documents at another rate "
                              "as finer or coarser chunks of the same states")
-    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, mps or auto (default auto)")
+    _device_argument(parser)
+
+
+def _device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="cpu, cuda, cuda:N, mps or auto (default auto)")
 
 
 # ------------------------------------------------------------------ arguments
@@ -162,7 +167,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retrieval-key", choices=RETRIEVAL_KEYS,
                         help=f"what queries and documents are compared by (default: the --init checkpoint's, "
                              f"else {ClaraConfig.retrieval_key}); the e2e stage trains the query reasoner for it")
-    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, mps or auto")
+    _device_argument(parser)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "stage":
             continue
@@ -205,7 +210,7 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="questions answered together (default 4; more is faster where memory allows)")
     parser.add_argument("--out", help="write the results (with predictions) to this JSON file")
-    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, mps or auto")
+    _device_argument(parser)
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -347,8 +352,16 @@ def _convert_data(args: argparse.Namespace) -> None:
     options = {name: getattr(args, name) for name in ("setting", "k", "candidates", "seed")
                if getattr(args, name) is not None}
     end = None if args.limit is None else args.skip + args.limit
-    read = (lambda path: read_documents([path])) if args.kind in PASSAGE_KINDS else read_examples
-    everything = read(args.source)
+    if args.kind in PASSAGE_KINDS:
+        everything = read_documents([args.source])
+    else:
+        try:
+            everything = read_examples(args.source)
+        except InvalidInputError as error:
+            if Path(args.source).suffix.lower() in (".json", ".jsonl"):
+                raise
+            raise InvalidInputError(f"{error}; --kind {args.kind} reads a question file (HotpotQA, 2WikiMultihopQA, "
+                                    f"MuSiQue, NQ), and passages take --kind {' or '.join(PASSAGE_KINDS)}") from error
     sources = _after_held_out(everything[:args.skip], everything[args.skip:end])
     make = {"instruct": instruct_rows, "e2e": e2e_rows, "scp": scp_qa_rows, "reconstruct": reconstruction_rows,
             "continue": continuation_rows, "cloze": cloze_rows, "inverse-cloze": inverse_cloze_rows}[args.kind]

@@ -94,7 +94,10 @@ def _record_text(record: object, where: str) -> str:
     text = next((value for value in (record.get("text"), record.get("contents"))
                  if isinstance(value, str) and value.strip()), None)
     if text is None:
-        raise InvalidInputError(f"{where} has no text or contents to index (its fields: {', '.join(sorted(record))})")
+        kinds = [f"its {field} is a {type(record[field]).__name__}" for field in ("text", "contents")
+                 if field in record and not isinstance(record[field], str)]
+        raise InvalidInputError(f"{where} has no text or contents to index "
+                                f"({', '.join(kinds) or 'its fields: ' + ', '.join(sorted(record))})")
     return f"{record['title']}\n{text}" if record.get("title") else text
 
 

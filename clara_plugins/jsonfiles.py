@@ -44,7 +44,9 @@ def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
             rows.append(json.loads(line))
         except json.JSONDecodeError as error:
             if not (appended and number == last):
-                raise InvalidInputError(f"{path} line {number + 1} is not JSON: {error}") from error
+                whole = " (a JSON document over several lines? this file takes one JSON value a line)" \
+                    if number == 0 and line.strip() in ("[", "{") else ""
+                raise InvalidInputError(f"{path} line {number + 1} is not JSON: {error}{whole}") from error
     return rows
 
 

@@ -241,3 +241,14 @@ def test_a_save_swapped_in_while_a_checkpoint_loads_is_read_whole(tiny_model, tm
     assert len(reads) == 2
     assert torch.equal(loaded.compress(CORPUS[:2]).memories, newer.compress(CORPUS[:2]).memories)
     assert loaded.weights_sha256 == files_sha256(weight_files(tmp_path / "ckpt"))
+
+
+def test_a_path_that_is_no_checkpoint_says_what_it_is(tiny_model, tmp_path):
+    # every mix-up read "clara_config.json is missing", with nothing to say what to pass instead
+    tiny_model.save_pretrained(tmp_path / "run" / "checkpoint")
+    (tmp_path / "apple").mkdir()
+    (tmp_path / "apple" / "adapters.pth").write_bytes(b"")
+    for folder, hint in [("nowhere", r"\(no such folder\)"), ("run", r"\(a training run's output: its checkpoint is"),
+                         ("apple", r"\(an Apple checkpoint: convert it with clara convert-apple\)")]:
+        with pytest.raises(CheckpointError, match=f"clara_config.json is missing {hint}"):
+            ClaraModel.from_pretrained(tmp_path / folder, device="cpu")

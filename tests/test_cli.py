@@ -45,6 +45,15 @@ def test_a_record_holding_a_unicode_line_separator_stays_one_record(tmp_path):
     assert read_documents([str(tmp_path / "a.jsonl")]) == ["first\u2028line", "second\x85one"]
 
 
+def test_convert_data_of_passages_without_a_passage_kind_names_the_kinds(tmp_path, capsys):
+    # "corpus.txt line 1 is not JSON", and nothing said that --kind was missing
+    (tmp_path / "corpus.txt").write_text("Paris is the capital of France.\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-data", str(tmp_path / "corpus.txt"), str(tmp_path / "rows.jsonl")])
+    assert exit_info.value.code == 5
+    assert "passages take --kind reconstruct or continue or cloze or inverse-cloze" in capsys.readouterr().err
+
+
 def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_path):
     # a BOM (Notepad, PowerShell) made valid JSON "corrupted"; PASSAGES.JSONL was one text document of JSON
     (tmp_path / "a.json").write_text('\ufeff[{"text": "first"}]', encoding="utf-8")
@@ -60,6 +69,8 @@ def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_pa
     ("c.json", '{"text": "one record, not a list"}', r"c.json holds a JSON dict, not a list of records"),
     ("e.jsonl", '{"text": "a"}\n{"text": "b"\n{"text": "c"}\n', r"e.jsonl line 2 is not JSON: Expecting ','"),
     ("f.json", '[{"text": "a"},', r"f.json is corrupted \(not valid JSON\)"),
+    ("g.jsonl", '{"text": 123}\n', r"g.jsonl, record 0 has no text or contents to index \(its text is a int\)"),
+    ("h.jsonl", '[\n  {"text": "a"}\n]\n', r"h.jsonl line 1 is not JSON: .* \(a JSON document over several lines"),
 ])
 def test_corpus_records_that_are_not_json_or_lack_a_text_are_refused(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from llama_index.core.base.response.schema import RESPONSE_TYPE
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
 from llama_index.core.schema import MetadataMode, NodeWithScore
@@ -35,12 +36,13 @@ class ClaraSynthesizer(BaseSynthesizer):
         """There is no prompt template to update: the CLaRa prompt is fixed by training."""
 
     def synthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
-                   additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any):
+                   additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any) -> RESPONSE_TYPE:
         return super().synthesize(query, nodes, additional_source_nodes, document_ids=self._stored_ids(nodes),
                                   **kwargs)
 
     async def asynthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
-                          additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any):
+                          additional_source_nodes: Sequence[NodeWithScore] | None = None,
+                          **kwargs: Any) -> RESPONSE_TYPE:
         ids = await asyncio.to_thread(self._stored_ids, nodes)
         return await super().asynthesize(query, nodes, additional_source_nodes, document_ids=ids, **kwargs)
 
