@@ -46,7 +46,8 @@ PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core
 
 def commit() -> str | None:
     """The short commit of the code that runs (``-dirty`` with uncommitted changes), read from
-    this package's repository, not the current folder's; None outside a git checkout."""
+    this package's repository, not the current folder's; None outside a checkout of it (an
+    installed copy inside another repository would name that one's commit)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], capture_output=True, text=True,
@@ -54,6 +55,9 @@ def commit() -> str | None:
         except OSError:  # no git on this machine
             return ""
 
+    source = Path(__file__).resolve().parents[1]  # the checkout holding benchmarks/, when run from one
+    if git("rev-parse", "--show-toplevel") != str(source):  # installed, perhaps inside another repository
+        return None
     head = git("rev-parse", "--short", "HEAD")
     return head + ("-dirty" if git("status", "--porcelain") else "") if head else None
 

@@ -36,8 +36,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pymilvus import DataType, MilvusClient, MilvusException
-from pymilvus.milvus_client import IndexParams
+try:
+    from pymilvus import DataType, MilvusClient, MilvusException
+    from pymilvus.milvus_client import IndexParams
+except ImportError as error:
+    raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
 from .checkpoint import compressor_signature
 from .errors import InvalidInputError, StoreError

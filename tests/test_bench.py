@@ -22,7 +22,7 @@ from clara_benchmarks.run import benchmark_rows, headline
 from clara_benchmarks.systems import RunOptions, SystemSpec, default_systems, run_system
 from clara_plugins.cli import main
 from clara_plugins.pretrained import default_checkpoint
-from conftest import CORPUS, SHARED_DATA
+from conftest import CORPUS, SHARED_DATA, SHARED_FILES, needs_shared_data
 
 ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS, "answers": ["the Danube"],
          "pos_index": [3]},
@@ -238,7 +238,28 @@ def test_the_commit_is_read_without_git_as_none(monkeypatch):
     assert environment()["commit"] is None
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
+def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path):
+    # a non-editable install in a virtual environment inside a git repository took its commit
+    import importlib.util
+    import shutil
+
+    import clara_benchmarks.measure as measure
+
+    repository = tmp_path / "project"
+    installed = repository / ".venv" / "lib" / "site-packages" / "clara_benchmarks"
+    installed.mkdir(parents=True)
+    shutil.copy(measure.__file__, installed / "measure.py")
+    for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                                      "--allow-empty", "-m", "other"]):
+        subprocess.run(["git", *command], cwd=repository, check=True)
+    spec = importlib.util.spec_from_file_location("installed_measure", installed / "measure.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy.commit() is None
+    assert measure.commit() is not None  # this checkout's own
+
+
+@needs_shared_data
 def test_an_official_file_named_by_path_is_sampled_as_its_dataset_name():
     # by path, HotpotQA was sampled from all of dev (the shipped reasoner trained on 200 on) and called held out
     for source in ("hotpotqa", str(SHARED_DATA / "hotpotqa" / "dev.json")):
@@ -248,7 +269,7 @@ def test_an_official_file_named_by_path_is_sampled_as_its_dataset_name():
     assert wiki["held_out"] is False and wiki["recall_questions"] <= 3
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
+@needs_shared_data
 def test_benchmark_rows_are_seeded_pools_in_both_settings():
     normal, drawn = benchmark_rows("hotpotqa", str(SHARED_DATA), "normal", 3, 0, 5, 20)
     again, _ = benchmark_rows("hotpotqa", str(SHARED_DATA), "normal", 3, 0, 5, 20)
@@ -260,7 +281,7 @@ def test_benchmark_rows_are_seeded_pools_in_both_settings():
         benchmark_rows("nq", "/nonexistent", "normal", 3, 0, 5, 20)
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "dev.json").exists(), reason="needs ../shared/data")
+@needs_shared_data
 def test_benchmark_questions_are_those_the_shipped_recipe_holds_out():
     # HotpotQA dev 200 on trains the shipped query reasoner: 30 of 40 benchmark questions were among them
     _, drawn = benchmark_rows("hotpotqa", str(SHARED_DATA), "normal", 3, 0, 5, 20)
@@ -268,7 +289,7 @@ def test_benchmark_questions_are_those_the_shipped_recipe_holds_out():
     assert benchmark_rows("2wiki", str(SHARED_DATA), "normal", 3, 0, 5, 20)[1]["held_out"] is False
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "hotpotqa" / "train.json").exists(), reason="needs ../shared/data")
+@needs_shared_data
 def test_a_train_split_is_reported_as_trained_on_by_the_generator_too(tmp_path):
     # it carried no note at all, though every stage of the shipped recipe trained on its questions
     _, drawn = benchmark_rows(str(SHARED_DATA / "hotpotqa" / "train.json"), "", "normal", 3, 0, 5, 20)
@@ -281,7 +302,7 @@ def test_a_train_split_is_reported_as_trained_on_by_the_generator_too(tmp_path):
 @pytest.mark.slow
 def test_clara_bench_runs_on_the_default_model(tmp_path):
     """`clara bench --quick` end to end on the real SmolLM2, cut to 2 questions and 3 systems."""
-    if not (SHARED_DATA / "hotpotqa" / "dev.json").exists():
+    if not all((SHARED_DATA / name).exists() for name in SHARED_FILES):
         pytest.skip("needs ../shared/data")
     systems = ["no retrieval", "dense + text", "CLaRa CR4 compressor", "CLaRa CR16 compressor"]
     main(["bench", "--quick", "--sample", "2", "--data-dir", str(SHARED_DATA), "--out", str(tmp_path),

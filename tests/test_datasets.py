@@ -10,19 +10,14 @@ from clara_plugins.corpora import QAExample, read_examples, spaced_alike
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows,
                                 question_name, reconstruction_rows, scp_qa_rows)
-from conftest import SHARED_DATA
-
-# every file these tests read: with part of ../shared/data they skip, instead of failing on a missing file
-DATA_FILES = ("nq/dev.jsonl", "hotpotqa/dev.json", "2wikimultihopqa/dev.json", "musique/dev.jsonl",
-              "corpus/dpr_wiki_1000.jsonl")
-needs_data = pytest.mark.skipif(not all((SHARED_DATA / f).exists() for f in DATA_FILES), reason="needs ../shared/data")
+from conftest import SHARED_DATA, needs_shared_data
 
 NQ_LIKE = QAExample("q1", "where does the danube flow", ["Vienna"], ["Danube\nIt flows through Vienna.",
                                                                       "Seine\nIt flows through Paris."], [0])
 MULTI_HOP = QAExample("q2", "who and where", ["x"], ["A\na", "B\nb"], [0, 1])
 
 
-@needs_data
+@needs_shared_data
 @pytest.mark.parametrize("path,gold_per_question", [("hotpotqa/dev.json", 2), ("2wikimultihopqa/dev.json", 2),
                                                     ("musique/dev.jsonl", 2), ("nq/dev.jsonl", 1)])
 def test_every_official_format_reads_with_its_gold_passages(path, gold_per_question):
@@ -86,7 +81,7 @@ def test_a_paragraph_repeated_within_a_question_is_one_passage(tmp_path):
     assert example.passages == ["Pirates\nA film.", "Vienna\nA city.", "Danube\nA river."] and example.gold == [0, 2]
 
 
-@needs_data
+@needs_shared_data
 def test_oracle_rows_hold_the_gold_passages_and_e2e_rows_point_at_them():
     examples = read_examples(SHARED_DATA / "hotpotqa" / "dev.json", limit=40)
     oracle = instruct_rows(examples, "oracle", k=5)
@@ -122,7 +117,7 @@ def test_the_best_n_passages_are_the_start_of_the_full_ranking_ties_in_index_ord
             [full[:n] for n in range(len(passages) + 2)]
 
 
-@needs_data
+@needs_shared_data
 def test_pools_filled_from_the_best_few_are_those_the_whole_ranking_filled():
     # each question walked its ranking of every passage in the file: hours on an official train split
     def reference(examples, size):  # the whole ranking, each question
@@ -148,7 +143,7 @@ def test_a_question_of_stopwords_alone_ranks_every_passage():
     assert sorted(bm25_rank("Is it?", ["Danube\nA river.", "Seine\nAnother river."])) == [0, 1]
 
 
-@needs_data
+@needs_shared_data
 def test_oracle_rows_list_their_passages_best_bm25_match_first_not_gold_first():
     examples = fill_short_pools(read_examples(SHARED_DATA / "nq" / "dev.jsonl", limit=40), 5)
     rows = instruct_rows(examples, "oracle", k=5)
@@ -255,7 +250,7 @@ def test_reconstruction_rows_target_each_distinct_passage_once():
                     {"data_type": "reconstruct", "answers": ["a"], "docs": ["a"]}]
 
 
-@needs_data
+@needs_shared_data
 def test_held_out_evidence_does_not_come_back_in_another_wording(tmp_path, capsys):
     # NQ dev 18 and 1161 both ask who wrote "I Can Only Imagine", over one paragraph: the
     # training rows from 300 on held 8 such repeats of the evaluation's evidence, and 5 more
@@ -268,7 +263,7 @@ def test_held_out_evidence_does_not_come_back_in_another_wording(tmp_path, capsy
     assert "left out 13 of 1355 sources" in capsys.readouterr().out
 
 
-@needs_data
+@needs_shared_data
 def test_convert_data_writes_scp_rows_after_the_held_out_questions(tmp_path, capsys):
     out = tmp_path / "scp.jsonl"
     main(["convert-data", str(SHARED_DATA / "nq" / "dev.jsonl"), str(out), "--kind", "scp", "--skip", "300",

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from clara_plugins import ClaraConfig, ClaraModel
-from conftest import SHARED_DATA, build_tiny_base_model, randomize_adapters
+from conftest import SHARED_DATA, SHARED_FILES, build_tiny_base_model, randomize_adapters
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_default.sh"
 
 
 def _run_smoke_recipe(tmp_path: Path, **sizes: str) -> Path:
     """Run the script at smoke-test size (``sizes`` override the defaults below); returns its OUT."""
-    if not (SHARED_DATA / "nq" / "dev.jsonl").exists():
+    if not all((SHARED_DATA / name).exists() for name in SHARED_FILES):
         pytest.skip("needs ../shared/data")
     base = tmp_path / "base"  # a test may have built it first, for a checkpoint on it
     if not base.exists():
