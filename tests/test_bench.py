@@ -210,6 +210,7 @@ def test_bench_refuses_what_would_fail_after_the_systems_ran(tmp_path, capsys, m
         (["--datasets", str(tmp_path / "a" / "dev.json"), str(tmp_path / "b" / "dev.json")], 5, "the same report"),
         (["--clara", f"16={tmp_path / 'typo'}"], 4, "typo is not a CLaRa checkpoint"),
         (["--out", str(tmp_path / "file")], 3, "is a file"),
+        (["--dense-model", str(tmp_path / "no-model")], 3, "no-model not found"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "--data-dir", str(tmp_path), *argv])
