@@ -98,7 +98,13 @@ def _record_text(record: object, where: str) -> str:
                  if field in record and not isinstance(record[field], str)]
         raise InvalidInputError(f"{where} has no text or contents to index "
                                 f"({', '.join(kinds) or 'its fields: ' + ', '.join(sorted(record))})")
-    return f"{record['title']}\n{text}" if record.get("title") else text
+    text = f"{record['title']}\n{text}" if record.get("title") else text
+    try:  # JSON may escape half of a character pair ("\\ud83d"): the id and the tokenizer need whole ones
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise InvalidInputError(f"{where} is not valid Unicode text ({error.reason} at character {error.start})") \
+            from error
+    return text
 
 
 def _example(row: dict, number: int) -> QAExample:

@@ -71,6 +71,7 @@ def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_pa
     ("f.json", '[{"text": "a"},', r"f.json is corrupted \(not valid JSON\)"),
     ("g.jsonl", '{"text": 123}\n', r"g.jsonl, record 0 has no text or contents to index \(its text is a int\)"),
     ("h.jsonl", '[\n  {"text": "a"}\n]\n', r"h.jsonl line 1 is not JSON: .* \(a JSON document over several lines"),
+    ("i.jsonl", '{"text": "a cut \\ud83d emoji"}\n', r"i.jsonl, record 0 is not valid Unicode text \(surrogates"),
 ])
 def test_corpus_records_that_are_not_json_or_lack_a_text_are_refused(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
