@@ -150,7 +150,7 @@ def _documents_of_other_rows(rows: Sequence[dict], shift: int) -> list[dict]:
 
 def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: str, k: int, max_new_tokens: int,
                  batch_size: int, memories: dict[tuple[str, ...], torch.Tensor] | None) -> dict[str, list]:
-    """One answering pass: each row's prediction, context positions and seconds per question.
+    """One answering pass: each row's prediction and context positions, and each batch's seconds.
 
     The seconds leave out compressing the documents: done once per pool where ``memories``
     keeps them, it would be charged to whichever pass came first (as a benchmark indexes

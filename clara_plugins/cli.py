@@ -357,9 +357,7 @@ def _convert_data(args: argparse.Namespace) -> None:
     else:
         try:
             everything = read_examples(args.source)
-        except InvalidInputError as error:
-            if Path(args.source).suffix.lower() in (".json", ".jsonl"):
-                raise
+        except InvalidInputError as error:  # a passage file given without its kind, most often
             raise InvalidInputError(f"{error}; --kind {args.kind} reads a question file (HotpotQA, 2WikiMultihopQA, "
                                     f"MuSiQue, NQ), and passages take --kind {' or '.join(PASSAGE_KINDS)}") from error
     sources = _after_held_out(everything[:args.skip], everything[args.skip:end])

@@ -165,12 +165,11 @@ def read_messages(
     if rendered[0]["role"] != "system":
         rendered.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
     prompt, read = _placed(render_messages(model.tokenizer, rendered), read, model.document_placeholder)
-    chosen = [everyone[j] for j in read]
     return Reading(
         prompt=prompt,
         memories=memories[read] if read else memories[:0],
-        stored_ids=[d.stored_id for d in chosen if d.stored_id in from_store],
-        compressed=sum(d.stored_id not in from_store for d in chosen),
+        stored_ids=[everyone[j].stored_id for j in read if from_store[j]],
+        compressed=sum(not from_store[j] for j in read),
         positions=prompt_positions(model.tokenizer, prompt),
     )
 
@@ -220,29 +219,19 @@ def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) 
 
 
 def _memories(model: ClaraModel, store: BaseMemoryStore | None,
-              documents: list[_Document]) -> tuple[torch.Tensor, set[str]]:
-    """[len(documents), n_mem, hidden]: stored memory tokens, or fresh ones for other texts;
-    and the ids read from the store."""
+              documents: list[_Document]) -> tuple[torch.Tensor, list[bool]]:
+    """[len(documents), n_mem, hidden]: stored memory tokens, or fresh ones for other texts
+    (and for a stored document a writer deleted or rewrote since it was found); and whether
+    each came from the store."""
     empty = torch.zeros(0, model.config.n_mem_tokens, model.hidden_size)
     if not documents:
-        return empty, set()
-    stored = _stored_memories(store, documents) if store is not None else {}
-    fresh_texts = list(dict.fromkeys(d.text for d in documents if d.stored_id not in stored))
+        return empty, []
+    found = [(d.stored_id, found_text(d.text)) for d in documents]
+    stored = store.memories_as_found([key for key in found if key[0] is not None]) if store is not None else {}
+    fresh_texts = list(dict.fromkeys(d.text for d, key in zip(documents, found) if key not in stored))
     fresh = dict(zip(fresh_texts, model.compress_documents(fresh_texts).cpu())) if fresh_texts else {}
-    memories = torch.stack([stored[d.stored_id] if d.stored_id in stored else fresh[d.text] for d in documents])
-    return memories.float(), set(stored)
-
-
-def _stored_memories(store: BaseMemoryStore, documents: list[_Document]) -> dict[str, torch.Tensor]:
-    """The stored memories of the documents found in the store, by id: those a writer deleted or
-    rewrote since they were found are left out, and their text compressed instead (a request
-    failed on a deleted id, or read a rewritten one's new memories beside its old text)."""
-    texts = {d.stored_id: found_text(d.text) for d in documents if d.stored_id is not None}
-    current = [d.id for d in store.get(list(texts)) if found_text(d.text) == texts[d.id]]
-    try:
-        return dict(zip(current, store.memories(current))) if current else {}
-    except InvalidInputError:  # deleted in between: read as text
-        return {}
+    memories = torch.stack([stored[key] if key in stored else fresh[d.text] for d, key in zip(documents, found)])
+    return memories.float(), [key in stored for key in found]
 
 
 def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list[str | _Document],

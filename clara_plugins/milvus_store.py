@@ -39,7 +39,9 @@ import torch
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
     from pymilvus.milvus_client import IndexParams
-except ImportError as error:
+except ModuleNotFoundError as error:
+    if error.name != "pymilvus":  # installed, and broken inside: its own error says more
+        raise
     raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
 from .checkpoint import compressor_signature

@@ -50,7 +50,7 @@ from .jsonfiles import read_json
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .filters import Filter, matches, validate_filter
-from .found import find_documents, found_lookup
+from .found import find_documents, found_lookup, found_text
 from .keys import ClaraKeys, KeyEncoder, maximal_marginal_relevance, normalize_rows
 from .model import ClaraModel
 
@@ -129,6 +129,17 @@ class BaseMemoryStore(ABC):
     @abstractmethod
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
+
+    def memories_as_found(self, found: Sequence[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+        """The memory tokens [n_mem, hidden] of each (id, text as a prompt held it) pair whose
+        document still holds that text, read with the texts in one hold of the lock: a document
+        deleted or rewritten since it was found is left out (its text is read instead)."""
+        ids = list(dict.fromkeys(doc_id for doc_id, _ in found))
+        with self._lock:
+            current = {document.id: found_text(document.text) for document in self.get(ids)}
+            kept = list(dict.fromkeys((doc_id, text) for doc_id, text in found if current.get(doc_id) == text))
+            memories = self.memories([doc_id for doc_id, _ in kept]) if kept else []
+        return dict(zip(kept, memories))
 
     @abstractmethod
     def ids_where(self, where: Filter) -> list[str]:

@@ -48,10 +48,12 @@ def test_a_record_holding_a_unicode_line_separator_stays_one_record(tmp_path):
 def test_convert_data_of_passages_without_a_passage_kind_names_the_kinds(tmp_path, capsys):
     # "corpus.txt line 1 is not JSON", and nothing said that --kind was missing
     (tmp_path / "corpus.txt").write_text("Paris is the capital of France.\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(["convert-data", str(tmp_path / "corpus.txt"), str(tmp_path / "rows.jsonl")])
-    assert exit_info.value.code == 5
-    assert "passages take --kind reconstruct or continue or cloze or inverse-cloze" in capsys.readouterr().err
+    (tmp_path / "corpus.jsonl").write_text('{"id": "0", "contents": "Paris is the capital of France."}\n')
+    for corpus in ("corpus.txt", "corpus.jsonl"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["convert-data", str(tmp_path / corpus), str(tmp_path / "rows.jsonl")])
+        assert exit_info.value.code == 5
+        assert "passages take --kind reconstruct or continue or cloze or inverse-cloze" in capsys.readouterr().err
 
 
 def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_path):

@@ -100,6 +100,27 @@ def test_a_document_another_writer_changes_while_a_prompt_is_read_is_read_as_its
     assert any(torch.allclose(memory, expected, atol=1e-5) for memory in reading.memories)
 
 
+def test_one_id_found_with_two_texts_reads_memories_only_where_the_text_is_the_stored_one(tiny_model, vectorstore,
+                                                                                         monkeypatch):
+    # the texts were kept one per id: a rewrite between two messages' lookups read the new
+    # memories for the old text too
+    store = vectorstore.store
+    found, calls = store.documents_in, []
+    rewritten = "Rome is the capital of Italy, and this text is new."
+
+    def rewritten_after_the_first_message(text):
+        spans = found(text)
+        calls.append(text)
+        if len(calls) == 1:
+            store.upsert([rewritten], ids=["d1"])
+        return spans
+
+    monkeypatch.setattr(store, "documents_in", rewritten_after_the_first_message)
+    reading = read_messages(tiny_model, [("user", f"Context:\n{CORPUS[1]}"), ("assistant", "Noted."),
+                                         ("user", f"And:\n{rewritten}\n\nQuestion: {QUESTION}")], store)
+    assert reading.stored_ids == ["d1"] and reading.compressed == 1
+
+
 def test_a_document_with_a_blank_line_stays_one_document(tiny_model, vectorstore, no_compression):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
     result = chat.invoke(OWN_PROMPT.invoke({"context": TWO_PARAGRAPHS, "question": "Where does the Rhine rise?"}))

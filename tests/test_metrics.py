@@ -45,7 +45,7 @@ def test_cover_em_is_whole_token_containment():
 
 
 def test_cover_em_counts_every_gold_word_anywhere_in_the_prediction():
-    # the protocol's "acc": it asked for the gold words as one unbroken run of the prediction's
+    # the protocol's "acc"; the code before asked for the gold words as one unbroken run of the prediction's
     assert cover_exact_match("Obama, Barack", ["Barack Obama"]) == 1.0
     assert cover_exact_match("January 1, 2000", ["1 January 2000"]) == 1.0
     assert cover_exact_match("the city of New York", ["New York City"]) == 1.0
