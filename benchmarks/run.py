@@ -33,7 +33,7 @@ from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import e2e_rows, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
-from .dense import DEFAULT_DENSE_MODEL, DenseRetriever
+from .dense import DEFAULT_DENSE_MODEL, dense_model_path
 from .measure import environment
 
 # name -> (file under the data folder, examples eligible for sampling: None = all). The
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         if spec.checkpoint:
             read_config(Path(spec.checkpoint))
     if any(spec.retriever == "dense" for spec in systems):  # a mistyped model failed after the systems before it
-        DenseRetriever(args.dense_model, args.query_instruction)
+        dense_model_path(args.dense_model)
     machine = environment()  # before the systems: a failure here loses no results
     samples = [(dataset, *benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k,
                                           args.candidates)) for dataset in datasets]

@@ -340,7 +340,7 @@ def _refuse_unread(args: argparse.Namespace, flags: dict[str, str], read: set[st
 
 
 def _convert_data(args: argparse.Namespace) -> None:
-    from .corpora import read_documents, read_examples
+    from .corpora import NotQuestionsError, read_documents, read_examples
     from .jsonfiles import write_jsonl
     from .rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows, reconstruction_rows,
                        scp_qa_rows)
@@ -357,8 +357,8 @@ def _convert_data(args: argparse.Namespace) -> None:
     else:
         try:
             everything = read_examples(args.source)
-        except InvalidInputError as error:  # a passage file given without its kind, most often
-            raise InvalidInputError(f"{error}; --kind {args.kind} reads a question file (HotpotQA, 2WikiMultihopQA, "
+        except NotQuestionsError as error:  # a passage file given without its kind, most often
+            raise NotQuestionsError(f"{error}; --kind {args.kind} reads a question file (HotpotQA, 2WikiMultihopQA, "
                                     f"MuSiQue, NQ), and passages take --kind {' or '.join(PASSAGE_KINDS)}") from error
     sources = _after_held_out(everything[:args.skip], everything[args.skip:end])
     make = {"instruct": instruct_rows, "e2e": e2e_rows, "scp": scp_qa_rows, "reconstruct": reconstruction_rows,

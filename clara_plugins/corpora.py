@@ -28,15 +28,24 @@ class QAExample:
     gold_complete: bool = True  # False when some supporting paragraph is missing from the pool
 
 
+class NotQuestionsError(InvalidInputError):
+    """A file of records that are not questions of a known format: a passage file, most often."""
+
+
 def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
     """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows).
 
     MuSiQue-full's questions marked ``"answerable": false`` (their evidence removed from the
     paragraphs) are left out, with a warning: no answer could be read from their passages."""
     path = _existing_file(path)
-    rows = read_json(path, InvalidInputError) if path.suffix.lower() == ".json" else read_jsonl(path)
+    try:
+        rows = read_json(path, InvalidInputError) if path.suffix.lower() == ".json" else read_jsonl(path)
+    except InvalidInputError as error:
+        if path.suffix.lower() in (".json", ".jsonl"):
+            raise
+        raise NotQuestionsError(str(error)) from error  # a text file, not JSON lines of questions
     if not isinstance(rows, list):
-        raise InvalidInputError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
+        raise NotQuestionsError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
     examples = []
     unanswerable = 0
     for number, row in enumerate(rows[:limit]):
@@ -45,6 +54,8 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
             continue
         try:
             examples.append(_example(row, number))
+        except NotQuestionsError as error:
+            raise NotQuestionsError(f"{path}, row {number}: {error}") from error
         except (KeyError, TypeError, ValueError) as error:  # a field missing or of the wrong shape
             problem = f"has no field {error}" if isinstance(error, KeyError) else str(error)
             raise InvalidInputError(f"{path}, row {number}: {problem}") from error
@@ -98,18 +109,18 @@ def _record_text(record: object, where: str) -> str:
                  if field in record and not isinstance(record[field], str)]
         raise InvalidInputError(f"{where} has no text or contents to index "
                                 f"({', '.join(kinds) or 'its fields: ' + ', '.join(sorted(record))})")
-    text = f"{record['title']}\n{text}" if record.get("title") else text
-    try:  # JSON may escape half of a character pair ("\\ud83d"): the id and the tokenizer need whole ones
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise InvalidInputError(f"{where} is not valid Unicode text ({error.reason} at character {error.start})") \
-            from error
-    return text
+    for field, value in (("title", record.get("title")), ("text", text)):
+        try:  # JSON may escape half of a character pair ("\\ud83d"): the id and the tokenizer need whole ones
+            str(value).encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidInputError(f"{where}: its {field} is not valid Unicode text ({error.reason} at character "
+                                    f"{error.start})") from error
+    return f"{record['title']}\n{text}" if record.get("title") else text
 
 
 def _example(row: dict, number: int) -> QAExample:
     if not isinstance(row, dict):
-        raise TypeError(f"a JSON {type(row).__name__}, not a question record")
+        raise NotQuestionsError(f"a JSON {type(row).__name__}, not a question record")
     if "context" in row and "supporting_facts" in row:  # HotpotQA, 2WikiMultihopQA
         titles = {title for title, _ in row["supporting_facts"]}
         # HotpotQA's sentences carry the space before them, 2WikiMultihopQA's do not
@@ -132,7 +143,8 @@ def _example(row: dict, number: int) -> QAExample:
         if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
             raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
         return QAExample(f"nq-{number}", row["question"], answers, passages, gold)
-    raise ValueError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: {sorted(row)[:8]}")
+    raise NotQuestionsError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: "
+                            f"{sorted(row)[:8]}")
 
 
 def _distinct(passages: list[str], gold: list[int]) -> tuple[list[str], list[int]]:

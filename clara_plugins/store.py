@@ -138,7 +138,10 @@ class BaseMemoryStore(ABC):
         with self._lock:
             current = {document.id: found_text(document.text) for document in self.get(ids)}
             kept = list(dict.fromkeys((doc_id, text) for doc_id, text in found if current.get(doc_id) == text))
-            memories = self.memories([doc_id for doc_id, _ in kept]) if kept else []
+            try:
+                memories = self.memories([doc_id for doc_id, _ in kept]) if kept else []
+            except InvalidInputError:  # a store written from outside this object: deleted in between
+                return {}
         return dict(zip(kept, memories))
 
     @abstractmethod

@@ -210,7 +210,7 @@ def test_bench_refuses_what_would_fail_after_the_systems_ran(tmp_path, capsys, m
         (["--datasets", str(tmp_path / "a" / "dev.json"), str(tmp_path / "b" / "dev.json")], 5, "the same report"),
         (["--clara", f"16={tmp_path / 'typo'}"], 4, "typo is not a CLaRa checkpoint"),
         (["--out", str(tmp_path / "file")], 3, "is a file"),
-        (["--dense-model", str(tmp_path / "no-model")], 3, "no-model not found"),
+        (["--dense-model", str(tmp_path / "no-model")], 3, "is neither a folder nor a model in the local Hugging"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "--data-dir", str(tmp_path), *argv])
@@ -256,6 +256,8 @@ def test_an_installed_copy_inside_another_repository_records_no_commit(tmp_path)
     spec = importlib.util.spec_from_file_location("installed_measure", installed / "measure.py")
     copy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(copy)
+    toplevel = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=installed, capture_output=True, text=True)
+    assert toplevel.stdout.strip() == str(repository.resolve())  # git sees the other repository from there
     assert copy.commit() is None
 
 

@@ -54,6 +54,11 @@ def test_convert_data_of_passages_without_a_passage_kind_names_the_kinds(tmp_pat
             main(["convert-data", str(tmp_path / corpus), str(tmp_path / "rows.jsonl")])
         assert exit_info.value.code == 5
         assert "passages take --kind reconstruct or continue or cloze or inverse-cloze" in capsys.readouterr().err
+    (tmp_path / "hotpot.json").write_text(json.dumps([{"_id": "1", "question": "Where?", "supporting_facts": [],
+                                                      "context": []}]))  # a question file with a bad row: no hint
+    with pytest.raises(SystemExit):
+        main(["convert-data", str(tmp_path / "hotpot.json"), str(tmp_path / "rows.jsonl")])
+    assert "has no field 'answer'" in (error := capsys.readouterr().err) and "passages take" not in error
 
 
 def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_path):
@@ -73,7 +78,7 @@ def test_a_byte_order_mark_and_an_upper_case_suffix_read_as_any_json_file(tmp_pa
     ("f.json", '[{"text": "a"},', r"f.json is corrupted \(not valid JSON\)"),
     ("g.jsonl", '{"text": 123}\n', r"g.jsonl, record 0 has no text or contents to index \(its text is a int\)"),
     ("h.jsonl", '[\n  {"text": "a"}\n]\n', r"h.jsonl line 1 is not JSON: .* \(a JSON document over several lines"),
-    ("i.jsonl", '{"text": "a cut \\ud83d emoji"}\n', r"i.jsonl, record 0 is not valid Unicode text \(surrogates"),
+    ("i.jsonl", '{"text": "a cut \\ud83d emoji"}\n', r"i.jsonl, record 0: its text is not valid Unicode text \(surrogates not allowed at character 6"),
 ])
 def test_corpus_records_that_are_not_json_or_lack_a_text_are_refused(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)

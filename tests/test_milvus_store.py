@@ -139,6 +139,23 @@ def test_memories_are_exactly_the_local_stores(milvus, local):
         milvus.memories(["d2", "zz"])
 
 
+def test_memories_as_found_keep_only_documents_that_still_hold_their_text_as_the_local_store(milvus, local,
+                                                                                           monkeypatch):
+    # another client deleting or rewriting a document between the text check and the memories
+    # failed the request (unknown ids) or read new memories for old text: one query reads both
+    found = [("d0", CORPUS[0].strip()), ("d1", "a text d1 no longer holds"), ("gone", "anything"),
+             ("d0", CORPUS[0].strip())]
+    from_local = local.memories_as_found(found)
+
+    def deleted_by_another_client_meanwhile(ids):
+        raise InvalidInputError(f"unknown document ids: {ids}")
+
+    monkeypatch.setattr(milvus, "memories", deleted_by_another_client_meanwhile)  # a second read would meet it
+    from_milvus = milvus.memories_as_found(found)
+    assert list(from_milvus) == list(from_local) == [("d0", CORPUS[0].strip())]
+    assert torch.equal(from_milvus[("d0", CORPUS[0].strip())], from_local[("d0", CORPUS[0].strip())])
+
+
 def test_search_ranks_as_the_local_exact_search(milvus, local):
     searches = [{"k": len(CORPUS) + 2}, {"k": 2, "where": {"topic": "city"}}, {"k": 3, "ids": ["d1", "d3", "zz"]},
                 {"k": 3, "lambda_mult": 0.3, "fetch_k": 5}]
