@@ -279,8 +279,7 @@ class ClaraModel(torch.nn.Module):
                                dtype=self.lm.get_input_embeddings().weight.dtype, device=self.device)
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
-            with self._lock, self._inference():  # per pass, as _decode: threads share the switches
-                memories[batch] = self._encode_tokens([bodies[i] for i in batch], ENCODER)[0]
+            memories[batch] = self._encode_for_use([bodies[i] for i in batch], ENCODER)
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         truncated = [i for i, tokens in enumerate(cut) if tokens]
@@ -304,12 +303,14 @@ class ClaraModel(torch.nn.Module):
         if long:
             warnings.warn(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
                           "tokens; each is encoded from its last tokens", stacklevel=2)
-        return torch.cat([self._encode_queries_batch(bodies[start:start + batch_size])
+        return torch.cat([self._encode_for_use(bodies[start:start + batch_size], QUERY_REASONER)
                           for start in range(0, len(bodies), batch_size)])
 
-    def _encode_queries_batch(self, bodies: list[list[int]]) -> torch.Tensor:
-        with self._lock, self._inference():  # per pass, as _decode: threads share the switches
-            return self._encode_tokens(bodies, QUERY_REASONER)[0]
+    def _encode_for_use(self, bodies: list[list[int]], adapter: str) -> torch.Tensor:
+        """One encoder pass out of training: its inference switches set under the lock, per
+        pass as ``_decode`` sets them (threads share the switches)."""
+        with self._lock, self._inference():
+            return self._encode_tokens(bodies, adapter)[0]
 
     def _reason_with_compressor(self) -> bool:
         """Before the end-to-end stage the query reasoner is the plain base model (a fresh LoRA's
