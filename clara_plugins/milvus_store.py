@@ -47,7 +47,7 @@ except ModuleNotFoundError as error:
 from .checkpoint import compressor_signature
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
-from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix, found_text
+from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
 from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
 from .model import ClaraModel
 from .store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_compressor, check_search,
@@ -266,14 +266,11 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise InvalidInputError(f"unknown document ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
         return self._memories_of([found[i] for i in ids])
 
-    def memories_as_found(self, found: Sequence[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
-        """``BaseMemoryStore.memories_as_found``, each row's text and memory from one query:
-        other clients write to the collection too, and this object's lock does not hold them."""
-        ids = list(dict.fromkeys(doc_id for doc_id, _ in found))
-        rows = {row["id"]: row for row in self._rows_where("id", ids, ["text", self._memory_field, "norm"])}
-        kept = list(dict.fromkeys((doc_id, text) for doc_id, text in found
-                                  if doc_id in rows and found_text(rows[doc_id]["text"]) == text))
-        return dict(zip(kept, self._memories_of([rows[doc_id] for doc_id, _ in kept]))) if kept else {}
+    def _texts_and_memories(self, ids: list[str]) -> dict[str, tuple[str, torch.Tensor]]:
+        """Each stored id's text and memory tokens from one query: other clients write to the
+        collection too, and this object's lock does not hold them."""
+        rows = self._rows_where("id", ids, ["text", self._memory_field, "norm"]) if ids else []
+        return {row["id"]: (row["text"], memory) for row, memory in zip(rows, self._memories_of(rows))} if rows else {}
 
     def _memories_of(self, rows: list[dict]) -> torch.Tensor:
         """[len(rows), n_mem, hidden] float32: memory * norm, rounded to fp16 as stored."""

@@ -132,17 +132,21 @@ class BaseMemoryStore(ABC):
 
     def memories_as_found(self, found: Sequence[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
         """The memory tokens [n_mem, hidden] of each (id, text as a prompt held it) pair whose
-        document still holds that text, read with the texts in one hold of the lock: a document
-        deleted or rewritten since it was found is left out (its text is read instead)."""
-        ids = list(dict.fromkeys(doc_id for doc_id, _ in found))
+        document still holds that text, each read with its text: a document deleted or
+        rewritten since it was found is left out (its text is read instead)."""
+        stored = self._texts_and_memories(list(dict.fromkeys(doc_id for doc_id, _ in found)))
+        return {(doc_id, text): stored[doc_id][1] for doc_id, text in found
+                if doc_id in stored and found_text(stored[doc_id][0]) == text}
+
+    def _texts_and_memories(self, ids: list[str]) -> dict[str, tuple[str, torch.Tensor]]:
+        """Each stored id's text and memory tokens, read in one hold of the lock."""
         with self._lock:
-            current = {document.id: found_text(document.text) for document in self.get(ids)}
-            kept = list(dict.fromkeys((doc_id, text) for doc_id, text in found if current.get(doc_id) == text))
+            documents = self.get(ids)
             try:
-                memories = self.memories([doc_id for doc_id, _ in kept]) if kept else []
+                memories = self.memories([document.id for document in documents]) if documents else []
             except InvalidInputError:  # a store written from outside this object: deleted in between
                 return {}
-        return dict(zip(kept, memories))
+        return {document.id: (document.text, memory) for document, memory in zip(documents, memories)}
 
     @abstractmethod
     def ids_where(self, where: Filter) -> list[str]:
