@@ -37,7 +37,7 @@ from clara_plugins.metrics import (
 from clara_plugins.prompts import prompt_positions, question_prompt
 from clara_plugins.reading import first_row_beyond, reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
-from clara_plugins.rows import question_row_problem, scp_row_problem
+from clara_plugins.rows import question_row_problem, reading_row_problem
 
 from .dense import DenseRetriever
 from .text_reader import read_text, text_prompt
@@ -59,9 +59,9 @@ def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrie
     if not rows:
         raise InvalidInputError("there are no rows to evaluate")
     for number, row in enumerate(rows):
-        read_as_scp = not systems and not retrievers and isinstance(row, dict) and "data_type" in row
-        problem = scp_row_problem(row) if read_as_scp else question_row_problem(
-            row, needs_answer=bool(systems) or reading_k is not None)
+        needs_answer = bool(systems) or reading_k is not None
+        problem = (reading_row_problem(row, needs_answer) if not systems and not retrievers
+                   else question_row_problem(row, needs_answer))
         if problem:
             raise InvalidInputError(f"row {number}: {problem}")
     if retrievers and not any(row.get("pos_index") for row in rows):

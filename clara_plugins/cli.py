@@ -499,10 +499,10 @@ def _eval(args: argparse.Namespace) -> None:
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
                            device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()
-    # float32 on every device: the checkpoint trained so, and the recorded numbers were measured so
-    model = load_model(checkpoint, compression_rate=args.compression_rate, device=args.device, dtype="float32")
+    dtype = "float32"  # on every device: the checkpoint trained so, and the recorded numbers were measured so
+    model = load_model(checkpoint, compression_rate=args.compression_rate, device=args.device, dtype=dtype)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
-               "compression_rate": model.config.compression_rate, "dtype": "float32", "answers": [], "retrieval": []}
+               "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
     memories = {} if "control" in args.systems else None  # clara and its control read the same documents
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,

@@ -232,6 +232,14 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
     return None
 
 
+def reading_row_problem(row: object, needs_answer: bool = True) -> str | None:
+    """What keeps a row the reading gain reads (an SCP row, or a question row) from being
+    read, or None."""
+    if isinstance(row, dict) and "data_type" in row:
+        return scp_row_problem(row)
+    return question_row_problem(row, needs_answer)
+
+
 def _strings(value: object) -> bool:
     """A non-empty list of texts, none blank (a blank document has no tokens to compress)."""
     return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) and v.strip() for v in value)

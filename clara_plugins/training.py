@@ -69,7 +69,7 @@ from .passes import (completion_log_likelihood, completion_log_probs, encode_wit
 from .reading import evaluate_reading, reading_width
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
-from .rows import check_training_rows, question_name, question_row_problem, scp_row_problem
+from .rows import check_training_rows, question_name, reading_row_problem
 
 if TYPE_CHECKING:  # faiss loads only for a run that retrieves from a corpus store
     from .store import MemoryStore
@@ -491,8 +491,7 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
         raise ValueError("probes are read every probe_every steps, and probe_every is 0: set it, or pass no probes")
     for name, probe_rows in probes.items():
         for number, row in enumerate(probe_rows):
-            problem = (scp_row_problem(row) if isinstance(row, dict) and "data_type" in row
-                       else question_row_problem(row))
+            problem = reading_row_problem(row)
             if problem:
                 raise InvalidInputError(f"probe {name}, row {number}: {problem}")
         try:
