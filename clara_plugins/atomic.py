@@ -33,6 +33,7 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
+        sync_entry(path.parent)  # the rename itself
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -70,7 +71,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         write(staging)
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
-        _sync(staging)  # the swap below removes the old copy: the new one must be on disk first
+        sync_tree(staging)  # the swap below removes the old copy: the new one must be on disk first
         if folder.exists():
             old = _old_copy(folder)
             if old.is_symlink():  # left by a swap that renamed a link (saves before links were followed)
@@ -81,7 +82,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, folder)
-        _sync_entry(folder.parent)  # the renames themselves
+        sync_entry(folder.parent)  # the renames themselves
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(held)
@@ -184,14 +185,16 @@ def _followed(path: Path) -> Path:
     return path.resolve() if path.is_symlink() else path
 
 
-def _sync(folder: Path) -> None:
-    """Flush every file and folder under ``folder``, and ``folder`` itself, to disk."""
+def sync_tree(folder: Path) -> None:
+    """Flush every file and folder under ``folder``, and ``folder`` itself, to disk: what a
+    rename then publishes is whole after a power loss."""
     for path in [*folder.rglob("*"), folder]:
         if not path.is_symlink():
-            _sync_entry(path)
+            sync_entry(path)
 
 
-def _sync_entry(path: Path) -> None:
+def sync_entry(path: Path) -> None:
+    """Flush one file or folder (a folder: its entries, so a rename in it) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)

@@ -10,7 +10,8 @@ holds ``store.json`` (format, memory dtype, compressor signature, shard lists),
 ``records-*.json`` shards (ids, texts, metadata), ``memories-*.npy`` shards (memory-mappable;
 with ``scales-*.npy`` for int8) and, for approximate indexes, faiss's own ``index.faiss`` (with
 the compact index's ``index-centre.npy`` and ``index-projection.npy``). Stores of format 2 (one
-``records.json``) and format 1 (fp16 memories, written before int8 existed) still load. A save
+``records.json``) still load; format 1's (before int8 memories) signed their compressor as no
+version since does, and are refused by name. A save
 writes a new generation aside and then flips ``CURRENT`` with one atomic rename, so a crash
 mid-save leaves the previous generation loadable, and readers of the previous generation keep
 working while a writer saves. Shards whose rows are unchanged since the store's last save or
@@ -25,6 +26,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -41,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 from numpy.typing import DTypeLike
 
-from .atomic import hold_lock, write_file_atomically, write_text_atomically
+from .atomic import hold_lock, sync_entry, sync_tree, write_file_atomically, write_text_atomically
 from .backbone import fingerprint_mismatch
 from .checkpoint import compressor_signature
 from .checks import check_positive_int, check_texts
@@ -56,7 +58,7 @@ from .model import ClaraModel
 
 FORMAT = "clara-memory-store/3"
 FORMAT_2 = "clara-memory-store/2"  # every record in one records.json, written again at each save
-FORMAT_1 = "clara-memory-store/1"  # fp16 memories only; its "ivfpq" index searched IVF lists of full keys
+FORMAT_1 = "clara-memory-store/1"  # its compressor signature hashed fp32 weights: refused
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 SHARD_ROWS = 4096  # rows per file on disk, and per batch when keys are computed
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
@@ -303,7 +305,8 @@ class MemoryStore(BaseMemoryStore):
         self._ids_by_text: dict[str, str] | None = None  # with _found: see _text_lookup
         self._found: tuple[dict[str, str], dict[str, list[str]]] = ({}, {})
         self._saved: _SavedGeneration | None = None  # the generation last saved or loaded; see save
-        self._generation_in: dict[Path, str] = {}  # each store folder's generation this store last read or wrote
+        # each store folder's generation this store last read or wrote: its name and its header's SHA-256
+        self._generation_in: dict[Path, tuple[str, str]] = {}
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -329,7 +332,7 @@ class MemoryStore(BaseMemoryStore):
         scales = None
         if self.memory_dtype == "int8":
             memories, scales = quantize(memories)
-        keys = None if self.keys.keys_are_memories else normalize_rows(self.keys.document_keys(texts))
+        keys = None if self.keys.keys_are_memories else self._document_keys(texts)
         with self._lock:
             self._check_key_size(keys)
             chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), False
@@ -372,6 +375,18 @@ class MemoryStore(BaseMemoryStore):
             self._index = None
         elif self._index is not None and len(self._ids) > first_new_row:
             self._index.add(self._row_keys(range(first_new_row, len(self._ids))))
+
+    def _document_keys(self, texts: list[str]) -> np.ndarray:
+        """Unit-norm keys from an encoder outside CLaRa, checked before the store changes: one
+        finite row per text (fewer rows left the new documents out of the index and every later
+        save failing)."""
+        keys = np.asarray(self.keys.document_keys(texts), dtype=np.float32)
+        if keys.ndim != 2 or len(keys) != len(texts) or not np.isfinite(keys).all():
+            problem = "values that are not finite" if keys.shape[:1] == (len(texts),) and keys.ndim == 2 else \
+                f"an array of shape {keys.shape}"
+            raise StoreError(f"the key encoder returned {problem} for {len(texts)} texts; expected one finite "
+                             "key per text")
+        return normalize_rows(keys)
 
     def _check_key_size(self, keys: np.ndarray | None) -> None:
         """Keys of an embedding model outside CLaRa must keep their size (memories are checked
@@ -606,7 +621,7 @@ class MemoryStore(BaseMemoryStore):
             self._check_no_other_save(folder)
             generation, header = self._write_generation(folder, snapshot, previous, index)
             self._saved = _SavedGeneration.of(generation, snapshot.where, header)
-            self._generation_in[folder.resolve()] = generation.name
+            self._generation_in[folder.resolve()] = _stamp(generation)
         return generation
 
     def _check_no_other_save(self, folder: Path) -> None:
@@ -615,10 +630,11 @@ class MemoryStore(BaseMemoryStore):
         known = self._generation_in.get(folder.resolve())
         if known is None or not (folder / "CURRENT").is_file():
             return
-        current = _current_generation(folder)
-        if current != known:
-            raise StoreError(f"{folder} was saved by another writer since this store read it ({current}, not "
-                             f"{known}): load it again and repeat the changes, or save to another folder")
+        current = _stamp(folder / _current_generation(folder))
+        if current != known:  # a name alone: the folder wiped and saved again restarts at gen-000001
+            raise StoreError(f"{folder} was saved by another writer since this store read it ({current[0]}, not "
+                             f"the {known[0]} it knows): load it again and repeat the changes, or save to another "
+                             "folder")
 
     def _write_generation(self, folder: Path, snapshot: _Snapshot, previous: _SavedGeneration | None,
                           index: _SavedIndex | None) -> tuple[Path, dict]:
@@ -654,7 +670,9 @@ class MemoryStore(BaseMemoryStore):
         generations = _generations(folder)
         readers_on = _current_generation(folder) if (folder / "CURRENT").exists() else None
         name = f"gen-{(generations[-1] + 1) if generations else 1:06d}"
+        sync_tree(staging)  # its hard links and entries too: CURRENT must never name a generation not on disk
         os.replace(staging, folder / name)
+        sync_entry(folder)
         write_text_atomically(folder / "CURRENT", name + "\n")
         for old in (f"gen-{number:06d}" for number in generations):
             if old != readers_on:  # the generation CURRENT named stays for readers still on it
@@ -714,9 +732,8 @@ class MemoryStore(BaseMemoryStore):
             raise StoreError(f"{generation}: memory shards hold {len(store._where)} rows, expected {count}")
         store._row_of = {doc_id: row for row, doc_id in enumerate(store._ids)}
         store._saved = _SavedGeneration.of(generation, np.array(store._where, dtype=np.int64).reshape(-1, 2), header)
-        store._generation_in[folder.resolve()] = generation.name
-        outdated = header["format"] == FORMAT_1 and header["index"] == "ivfpq"  # rebuilt as a compact index
-        if "index.faiss" in header["sha256"] and not outdated:
+        store._generation_in[folder.resolve()] = _stamp(generation)
+        if "index.faiss" in header["sha256"]:
             compact = "index-projection.npy" in header["sha256"]
             # stores saved before the field existed: unknown, so the next upsert makes the index learn again
             trained_over = header.get("index_trained_over", 0) if compact else None
@@ -943,14 +960,16 @@ def store_settings(folder: Path) -> dict[str, str]:
 
 
 def _read_store_header(generation: Path) -> tuple[dict, str]:
-    """A generation's ``store.json``, checked for its format, and the memory dtype it gives
-    (format 1 wrote fp16 only)."""
+    """A generation's ``store.json``, checked for its format, and the memory dtype it gives."""
     header = read_json(generation / "store.json", StoreError)
-    if not isinstance(header, dict) or header.get("format") not in (FORMAT, FORMAT_2, FORMAT_1):
-        found = header.get("format") if isinstance(header, dict) else None
-        raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r}, {FORMAT_2!r} or "
-                         f"{FORMAT_1!r} (its format: {str(found)[:80]!r})")
-    memory_dtype = header.get("memory_dtype", "float16")
+    found = header.get("format") if isinstance(header, dict) else None
+    if found == FORMAT_1:  # any model, its own checkpoint too, would be refused as "another compressor"
+        raise StoreError(f"{generation}/store.json is of format {FORMAT_1!r}, whose compressor signature no "
+                         "version since can check: index its documents again")
+    if found not in (FORMAT, FORMAT_2):
+        raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r} or {FORMAT_2!r} "
+                         f"(its format: {str(found)[:80]!r})")
+    memory_dtype = header.get("memory_dtype")
     if memory_dtype not in MEMORY_DTYPES:
         raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
                          f"not one of {MEMORY_DTYPES}")
@@ -966,6 +985,12 @@ def _current_generation(folder: Path) -> str:
     if not _GENERATION.match(name):
         raise StoreError(f"{pointer} names {name[:80]!r}, not a generation folder of this store")
     return name
+
+
+def _stamp(generation: Path) -> tuple[str, str]:
+    """What tells a generation from another of the same name: the name and its header's SHA-256
+    (the header holds every other file's)."""
+    return generation.name, _sha256(generation / "store.json")
 
 
 def _sha256(path: Path, progress: tqdm | None = None) -> str:
@@ -1042,7 +1067,7 @@ def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int)
     ints, which faiss and Milvus need (a numpy integer fails there)."""
     check_positive_int("k", k)  # a numpy integer too
     check_positive_int("fetch_k", fetch_k)
-    if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, (int, float)) or not 0.0 <= lambda_mult <= 1.0:
+    if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, numbers.Real) or not 0.0 <= lambda_mult <= 1.0:
         raise InvalidInputError(f"lambda_mult must be a number from 0 to 1, got {lambda_mult!r}")
     if where is not None:
         validate_filter(where)

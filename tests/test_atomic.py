@@ -65,7 +65,7 @@ def test_the_new_file_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     write_file_atomically(tmp_path / "f", lambda handle: handle.write("x"))
-    assert steps == ["replace", "fsync", "replace"]  # the temporary file claimed, written, then renamed
+    assert steps == ["replace", "fsync", "replace", "fsync"]  # the temporary file claimed, written, renamed, the rename
 
 
 def test_a_new_folder_is_on_disk_before_it_replaces_the_old(tmp_path, monkeypatch):
@@ -278,3 +278,24 @@ def test_the_default_model_cache_never_replaces_a_folder_it_did_not_write(fake_d
     with pytest.raises(FileExistsError, match="did not write"):
         backbone.default_model_folder()
     assert os.listdir(foreign) == ["notes.txt"] and (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_a_store_generation_is_on_disk_before_current_names_it(tiny_model, tmp_path, monkeypatch):
+    # its files were flushed, but not the staging folder's entries (hard links among them), nor
+    # the rename into place: after a power loss CURRENT could name a generation not on disk
+    memories = MemoryStore(tiny_model)
+    memories.upsert(CORPUS[:2], ids=["a", "b"])
+    memories.save(tmp_path / "s")
+    steps = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: steps.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda source, target: steps.append(("replace", Path(target)))
+                        or real_replace(source, target))
+    memories.save(tmp_path / "s")  # the records shard linked from the first generation
+    renamed = steps.index(("replace", tmp_path / "s" / "gen-000002"))
+    synced_before = {path.name for kind, path in steps[:renamed] if kind == "fsync"}
+    assert {"records-00000.json", "memories-00000.npy", "store.json"} <= synced_before
+    assert any(kind == "fsync" and path.name.startswith(".staging-") for kind, path in steps[:renamed])
+    current = steps.index(("replace", tmp_path / "s" / "CURRENT"))
+    assert ("fsync", tmp_path / "s") in steps[renamed:current] and steps[-1] == ("fsync", tmp_path / "s")

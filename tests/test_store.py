@@ -95,7 +95,7 @@ def test_a_numpy_integer_k_searches_as_a_python_int(tiny_model, index):
     store = MemoryStore(tiny_model, index=index)
     store.upsert(CORPUS[:5], ids=[f"d{i}" for i in range(5)])
     assert len(store.search("Who won Nobel prizes?", k=np.int64(2))) == 2
-    assert len(store.search("Who won Nobel prizes?", k=np.int64(2), lambda_mult=0.5, fetch_k=np.int32(3))) == 2
+    assert len(store.search("Who won Nobel prizes?", k=np.int64(2), lambda_mult=np.float32(0.5), fetch_k=np.int32(3))) == 2
 
 
 def test_search_ranks_by_cosine_of_query_reasoner_and_memories(store, tiny_model):
@@ -266,9 +266,9 @@ def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path,
     assert MemoryStore.load(tmp_path / "t", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
 
 
-def test_a_generation_another_store_wrote_under_the_same_name_is_not_linked(tiny_model, tmp_path, monkeypatch):
-    # the folder wiped and another store saved there: the first store's next save linked the
-    # other's shards under its own checksums, and every load refused the folder
+def test_a_generation_another_store_wrote_under_the_same_name_is_not_saved_over(tiny_model, tmp_path, monkeypatch):
+    # the folder wiped and another store saved there: the first store's next save passed the
+    # check by the name alone (gen-000001 again) and dropped the other's documents
     monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
     mine, other = MemoryStore(tiny_model), MemoryStore(tiny_model)
     mine.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
@@ -277,9 +277,33 @@ def test_a_generation_another_store_wrote_under_the_same_name_is_not_linked(tiny
     other.upsert(CORPUS[2:6], ids=[f"o{i}" for i in range(4)])
     other.save(tmp_path / "s")  # gen-000001 again
     mine.upsert([CORPUS[5]], ids=["d4"])
-    mine.save(tmp_path / "s")
+    with pytest.raises(StoreError, match="saved by another writer"):
+        mine.save(tmp_path / "s")
+    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == [f"o{i}" for i in range(4)]
+    shutil.rmtree(tmp_path / "s")
+    mine.save(tmp_path / "s")  # the folder gone: nothing to save over, and nothing linked from the other's
     loaded = MemoryStore.load(tmp_path / "s", tiny_model)
     assert loaded.all_ids() == [f"d{i}" for i in range(5)] and loaded.get(["d0"])[0].text == CORPUS[0]
+
+
+@pytest.mark.parametrize("returned, problem", [(lambda keys: keys[:-1], "shape"),
+                                               (lambda keys: keys * np.nan, "not finite")], ids=["fewer", "nan"])
+def test_keys_of_another_encoder_are_checked_before_the_store_changes(tiny_model, tmp_path, returned, problem):
+    # two keys for three texts: the third document joined no index, and every later save failed
+    class Faulty(_WordKeys):
+        def document_keys(self, texts):
+            return returned(super().document_keys(texts))
+
+    store = MemoryStore(tiny_model, keys=Faulty(), index="hnsw")
+    store.keys.document_keys = _WordKeys().document_keys  # a first upsert that is right
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    store.search("Paris", k=1)  # the index built
+    del store.keys.document_keys
+    with pytest.raises(StoreError, match=f"key encoder returned .*{problem}"):
+        store.upsert(CORPUS[2:5], ids=["c", "d", "e"])
+    assert store.all_ids() == ["a", "b"]
+    store.save(tmp_path / "s")
+    assert MemoryStore.load(tmp_path / "s", tiny_model, keys=_WordKeys()).all_ids() == ["a", "b"]
 
 
 class _WordKeys:

@@ -1,5 +1,5 @@
 """Compact stores: int8 memories, the compact ("ivfpq") index with exact re-scoring, and
-format 1 stores written before either existed."""
+format 1 stores, written before either existed, refused."""
 
 import dataclasses
 import hashlib
@@ -120,36 +120,17 @@ def test_filters_and_mmr_work_with_the_compact_index(tiny_model):
     assert {int(i) // PER_GROUP for i in diverse[1]} == {7}
 
 
-def test_a_format_1_store_loads_and_its_ivf_index_is_rebuilt(tiny_config, tmp_path):
-    """Format 1 wrote fp16 memories without a dtype, and its "ivfpq" kind was an IVF-PQ index
-    over the full keys (flattened memories); that index is replaced by a compact one at the
-    first search. A model with the mean key refuses it."""
-    tiny_model = ClaraModel(dataclasses.replace(tiny_config, retrieval_key="flat"), device="cpu")
-    randomize_adapters(tiny_model)
-    store = grouped_store(tiny_model, "ivfpq")
+def test_a_format_1_store_is_refused_by_its_format(tiny_model, tmp_path):
+    """Format 1 signed its compressor from fp32 weights: even the checkpoint that wrote it was
+    refused as "another compressor"."""
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:3])
     folder = store.save(tmp_path / "s")
     header = json.loads((folder / "store.json").read_text())
-    for name in ("index-centre.npy", "index-projection.npy"):
-        (folder / name).unlink()
-        del header["sha256"][name]
-    stale = faiss.IndexFlatIP(tiny_model.config.n_mem_tokens * tiny_model.hidden_size)
-    stale.add(np.zeros((len(store), stale.d), dtype=np.float32))  # would rank every document alike
-    faiss.write_index(stale, str(folder / "index.faiss"))
-    header["sha256"]["index.faiss"] = hashlib.sha256((folder / "index.faiss").read_bytes()).hexdigest()
     del header["memory_dtype"], header["scale_shards"]
-    header = with_one_records_file(folder, header)
     (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/1"}))
-
-    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
-    assert loaded.memory_dtype == "float16"
-    assert torch.equal(loaded.memories(["5"]), store.memories(["5"]))
-    query = query_near(tiny_model, 20)
-    assert ids(loaded.search_by_key(query, k=PER_GROUP)) == ids(store.search_by_key(query, k=PER_GROUP))
-    assert header["keys"] == {"kind": "clara-memories"}  # what format 1 wrote
-    mean = ClaraModel(tiny_config, device="cpu")
-    randomize_adapters(mean)  # the same compressor
-    with pytest.raises(StoreError, match="same retrieval_key"):
-        MemoryStore.load(tmp_path / "s", mean)
+    with pytest.raises(StoreError, match="format 'clara-memory-store/1'.*index its documents again"):
+        MemoryStore.load(tmp_path / "s", tiny_model)
 
 
 def test_bad_dtypes_formats_and_scales_are_named(tiny_model, tmp_path):
