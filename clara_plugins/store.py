@@ -935,11 +935,16 @@ def check_store_folder(folder: Path) -> None:
         raise StoreError(f"{folder} is a file, not a folder for a CLaRa memory store")
 
 
-def check_store_model(store: BaseMemoryStore, model: object) -> None:
+def check_store_model(store: BaseMemoryStore, model: object, **settings: object) -> None:
     """A framework store given both a memory store and a model: the store brings its own model,
-    and another beside it would go unused."""
+    and another beside it would go unused. So would the store's own ``settings`` (index kind,
+    batch size), given here when the caller set them (None when not)."""
     if model is not None and model is not store.model:
         raise InvalidInputError("model is not the model of store: pass the store alone, or build one with this model")
+    given = [name for name, value in settings.items() if value is not None]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)} would go unused beside store=, which was built with its own: "
+                                "pass the store alone, or build it with these settings")
 
 
 def as_memory_store(value: object) -> BaseMemoryStore:

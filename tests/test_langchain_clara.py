@@ -191,6 +191,40 @@ def test_delete_without_ids_deletes_everything(vectorstore):
     assert vectorstore.delete() and vectorstore.store.all_ids() == []
 
 
+def test_delete_by_filter_deletes_the_matching_documents_alone(tiny_model):
+    # a filter was dropped with the other keywords, and the delete without ids deleted everything
+    store = ClaraVectorStore(tiny_model)
+    store.add_texts(CORPUS[:4], [{"topic": "a"}, {"topic": "b"}, {"topic": "a"}, {"topic": "c"}],
+                    ids=["d0", "d1", "d2", "d3"])
+    assert store.delete(filter={"topic": "a"}) and sorted(store.store.all_ids()) == ["d1", "d3"]
+    with pytest.raises(TypeError, match="delete got arguments it does not take: where"):
+        store.delete(where={"topic": "b"})
+    with pytest.raises(InvalidInputError, match="ids or a filter, not both"):
+        store.delete(["d1"], filter={"topic": "c"})
+    assert sorted(store.store.all_ids()) == ["d1", "d3"]
+
+
+def test_search_arguments_a_store_does_not_take_are_refused(vectorstore):
+    # score_threshold and another store's where were dropped: unfiltered, unthresholded results
+    with pytest.raises(TypeError, match="score_threshold.*similarity_score_threshold"):
+        vectorstore.similarity_search(QUESTION, k=2, score_threshold=0.9)
+    with pytest.raises(TypeError, match="where"):
+        vectorstore.max_marginal_relevance_search(QUESTION, k=2, where={"topic": "a"})
+    with pytest.raises(TypeError, match="ClaraRetriever got arguments it does not take: lambda_mult"):
+        ClaraRetriever(store=vectorstore).invoke(QUESTION, lambda_mult=0.3)
+    retriever = vectorstore.as_retriever(search_type="similarity_score_threshold",
+                                         search_kwargs={"k": 3, "score_threshold": 0.0})
+    assert len(retriever.invoke(QUESTION)) == 3
+
+
+def test_settings_beside_a_store_are_refused(vectorstore):
+    with pytest.raises(InvalidInputError, match="index, batch_size would go unused beside store="):
+        ClaraVectorStore(store=vectorstore.store, index="hnsw", batch_size=32)
+    with pytest.raises(InvalidInputError, match="index would go unused"):
+        ClaraVectorStore.from_texts(["more"], store=vectorstore.store, index="hnsw")
+    assert ClaraVectorStore(store=vectorstore.store).store is vectorstore.store
+
+
 def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(vectorstore):
     before = sorted(vectorstore.store.all_ids())
     with pytest.raises(ValueError, match="one str"):

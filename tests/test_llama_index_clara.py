@@ -278,12 +278,27 @@ def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
 
 
+def test_an_ingestion_pipeline_ending_with_the_stores_embedding_stores_its_nodes(tiny_model):
+    # the docstring's advice: the pipeline hands the store only the nodes that carry an embedding
+    from llama_index.core.ingestion import IngestionPipeline
+
+    documents = [Document(text=t) for t in CORPUS[:3]]
+    bare = ClaraVectorStore(tiny_model)
+    IngestionPipeline(transformations=[], vector_store=bare).run(documents=documents)
+    assert len(bare.client) == 0  # why the advice is given
+    store = ClaraVectorStore(tiny_model)
+    IngestionPipeline(transformations=[store.embed_model], vector_store=store).run(documents=documents)
+    assert sorted(d.text for d in store.client.get(store.client.all_ids())) == sorted(CORPUS[:3])
+
+
 def test_a_model_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
     from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
 
     with pytest.raises(InvalidInputError, match="model is not the model of store"):
         ClaraVectorStore(ClaraModel(tiny_config, device="cpu"), store=MemoryStore(tiny_model))
     ClaraVectorStore(tiny_model, store=MemoryStore(tiny_model))  # its own: accepted
+    with pytest.raises(InvalidInputError, match="index would go unused beside store="):  # it kept the store's flat
+        ClaraVectorStore(store=MemoryStore(tiny_model), index="hnsw")
 
 
 def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, tiny_config, monkeypatch):

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from clara_plugins.store import BaseMemoryStore, as_memory_store
 
-from .vectorstores import to_document
+from .vectorstores import refuse_unknown, to_document
 
 
 class ClaraRetriever(BaseRetriever):
@@ -39,6 +39,7 @@ class ClaraRetriever(BaseRetriever):
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun, k: int | None = None,
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
+        refuse_unknown("ClaraRetriever", kwargs)
         if k is None:
             k = self.k if self.k is not None else self.store.model.config.generation_top_k
         results = self.store.search(query, k, filter if filter is not None else self.filter)  # which refuses k < 1

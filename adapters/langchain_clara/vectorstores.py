@@ -25,6 +25,16 @@ def to_document(stored: StoredDocument) -> Document:
     return Document(page_content=stored.text, metadata=stored.metadata, id=stored.id)
 
 
+def refuse_unknown(method: str, kwargs: dict[str, Any]) -> None:
+    """Refuse what a call cannot honour rather than ignore it: a ``score_threshold`` given to a
+    plain similarity search, another store's ``where``; a delete that ignored its filter deleted
+    every document."""
+    if kwargs:
+        hint = (" (a score threshold: similarity_search_with_relevance_scores, or a retriever's "
+                "search_type='similarity_score_threshold')" if "score_threshold" in kwargs else "")
+        raise TypeError(f"{method} got arguments it does not take: {', '.join(sorted(kwargs))}{hint}")
+
+
 def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
     """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped one."""
     if isinstance(embedding, ClaraEmbeddings):
@@ -34,10 +44,11 @@ def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> t
     return (model if model is not None else load_model()), (EmbeddingsKeys(embedding) if embedding else None)
 
 
-def _check_store_matches(store: BaseMemoryStore, model: ClaraModel | None, embedding: Embeddings | None) -> None:
-    """A store brings its own model and keys: a model or embedding given beside it that is not
-    its own would go unused, and the search would not be the one asked for."""
-    check_store_model(store, model)
+def _check_store_matches(store: BaseMemoryStore, model: ClaraModel | None, embedding: Embeddings | None,
+                         settings: dict[str, object]) -> None:
+    """A store brings its own model, keys and settings: a model, embedding or setting given
+    beside it that is not its own would go unused, and the search would not be the one asked for."""
+    check_store_model(store, model, **settings)
     own = (getattr(store.keys, "embeddings", None) is embedding
            or (isinstance(embedding, ClaraEmbeddings) and embedding.model is store.model
                and isinstance(store.keys, ClaraKeys)))
@@ -65,14 +76,15 @@ class ClaraVectorStore(VectorStore):
         embedding: Embeddings | None = None,
         *,
         store: BaseMemoryStore | None = None,
-        index: str = "flat",
-        batch_size: int = 8,
+        index: str | None = None,
+        batch_size: int | None = None,
     ) -> None:
+        settings = {"index": index, "batch_size": batch_size}  # MemoryStore's defaults where None
         if store is None:
             model, keys = _model_and_keys(model, embedding)
-            store = MemoryStore(model, keys, index, batch_size)
+            store = MemoryStore(model, keys, **{name: value for name, value in settings.items() if value is not None})
         else:
-            _check_store_matches(store, model, embedding)
+            _check_store_matches(store, model, embedding, settings)
         self.store = store
 
     @property
@@ -106,8 +118,14 @@ class ClaraVectorStore(VectorStore):
             return []
         return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
 
-    def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool:
-        """Delete by id (unknown ids are ignored); with no ids, delete everything."""
+    def delete(self, ids: list[str] | None = None, filter: dict | None = None, **kwargs: Any) -> bool:
+        """Delete by id (unknown ids are ignored) or by metadata filter; with neither, delete
+        everything. Another argument is refused: ignored, it deleted everything."""
+        refuse_unknown("delete", kwargs)
+        if ids is not None and filter is not None:
+            raise InvalidInputError("delete takes ids or a filter, not both")
+        if filter is not None:
+            ids = self.store.ids_where(filter)
         self.store.delete(self.store.all_ids() if ids is None else ids)
         return True
 
@@ -117,17 +135,19 @@ class ClaraVectorStore(VectorStore):
     def similarity_search(
         self, query: str, k: int = 4, filter: dict | None = None, **kwargs: Any
     ) -> list[Document]:
-        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter)]
+        return [doc for doc, _ in self.similarity_search_with_score(query, k, filter, **kwargs)]
 
     def similarity_search_with_score(
         self, query: str, k: int = 4, filter: dict | None = None, **kwargs: Any
     ) -> list[tuple[Document, float]]:
         """Documents with their cosine similarity to the query, best first."""
+        refuse_unknown("similarity_search", kwargs)
         return [(to_document(d), score) for d, score in self.store.search(query, k, filter)]
 
     def similarity_search_by_vector(
         self, embedding: list[float], k: int = 4, filter: dict | None = None, **kwargs: Any
     ) -> list[Document]:
+        refuse_unknown("similarity_search_by_vector", kwargs)
         return [to_document(d) for d, _ in self.store.search_by_key(np.asarray(embedding), k, filter)]
 
     def max_marginal_relevance_search(
@@ -135,6 +155,7 @@ class ClaraVectorStore(VectorStore):
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
         """k of the fetch_k most similar documents, chosen for similarity and diversity."""
+        refuse_unknown("max_marginal_relevance_search", kwargs)
         results = self.store.search(query, k, filter, lambda_mult=lambda_mult, fetch_k=fetch_k)
         return [to_document(d) for d, _ in results]
 
@@ -142,6 +163,7 @@ class ClaraVectorStore(VectorStore):
         self, embedding: list[float], k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
+        refuse_unknown("max_marginal_relevance_search_by_vector", kwargs)
         results = self.store.search_by_key(np.asarray(embedding), k, filter, lambda_mult=lambda_mult, fetch_k=fetch_k)
         return [to_document(d) for d, _ in results]
 

@@ -104,6 +104,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
     transformations are set (LlamaIndex sets its default one when an index first needs it),
     documents are split into chunks of the compressor's
     ``doc_max_length`` tokens, which it reads whole (LlamaIndex's 1,024 would be cut).
+    An ``IngestionPipeline`` given its own transformations must end them with this store's
+    ``embed_model``: the pipeline hands a store only the nodes that carry an embedding.
 
     Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
     ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default). MMR re-ranks
@@ -120,12 +122,12 @@ class ClaraVectorStore(BasePydanticVectorStore):
     _embed_model: ClaraEmbedding = PrivateAttr()
 
     def __init__(self, model: ClaraModel | None = None, *, store: BaseMemoryStore | None = None,
-                 index: str = "flat", **kwargs: Any) -> None:
+                 index: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if store is None:
-            store = MemoryStore(model if model is not None else load_model(), index=index)
+            store = MemoryStore(model if model is not None else load_model(), **({} if index is None else {"index": index}))
         else:
-            check_store_model(store, model)
+            check_store_model(store, model, index=index)
         self._store = store
         expect_takers(store.model)
         self._embed_model = ClaraEmbedding(clara=store.model)
