@@ -45,11 +45,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 elsewhere (CPU kernels for half types are slow)."""
+    """'auto' is bfloat16 on a CUDA GPU that computes in it (float16 on older ones: a T4, a V100)
+    and float32 elsewhere (CPU kernels for half types are slow)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -166,3 +169,16 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
     if relative > FINGERPRINT_TOLERANCE:
         return f"weights differ (largest relative row-norm difference {relative:.3f})"
     return None
+
+@torch.no_grad()
+def embedding_norm(lm: PreTrainedModel) -> float:
+    """The mean norm of the token embeddings as the generator reads them, the size
+    ``memory_scale`` gives every memory vector: the embedding module's output, which some
+    families (Gemma) scale by sqrt(hidden) beyond its weights."""
+    embedding = lm.get_input_embeddings()
+    vocabulary = embedding.weight.size(0)
+    total = 0.0
+    for start in range(0, vocabulary, 8192):  # a large vocabulary's float32 copy at once would be gigabytes
+        ids = torch.arange(start, min(start + 8192, vocabulary), device=embedding.weight.device)
+        total += float(embedding(ids).float().norm(dim=-1).sum())
+    return total / vocabulary

@@ -13,7 +13,8 @@ template the user chose. ``read_messages`` turns them into the prompt the genera
   separators between two documents: documents listed one after another read as one block.
 
 The query reasoner ranks the memory documents by how well they match the last user message
-(its documents left out); with more than k, only the top k stay in the prompt. Documents in
+(its documents left out; of the trained layout, its question alone); with more than k, only
+the top k stay in the prompt. Documents in
 place keep their place; the ``Background:`` block lists its documents best first, as the
 generator reads its first document most.
 """
@@ -234,12 +235,23 @@ def _memories(model: ClaraModel, store: BaseMemoryStore | None,
     return memories.float(), [key in stored for key in found]
 
 
+_QUESTION_LABEL = ANSWER_TEMPLATE.split("{question}")[0].rsplit("\n", 1)[-1]  # "Question:"
+
+
+def _query(text: str) -> str:
+    """What the query reasoner reads of the last user message's text: of the trained layout
+    (``ANSWER_TEMPLATE``, which CLARA_PROMPT writes), the question alone, as it was trained on
+    and as a store search reads it; "Background:" around it moved the mean key elsewhere."""
+    text = text.strip()
+    return text.rsplit(_QUESTION_LABEL, 1)[1].strip() if _QUESTION_LABEL in text else text
+
+
 def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list[str | _Document],
           k: int) -> dict[int, int]:
     """The memories the generator reads, each with its rank: the query reasoner's top k."""
     if len(memories) <= 1:
         return {j: j for j in range(len(memories))}
-    query = "".join(p for p in pieces if isinstance(p, str)).strip() or question
+    query = _query("".join(p for p in pieces if isinstance(p, str))) or question
     # the memories are gathered on the CPU (the store keeps them there); the query is on the model's device
     picked = top_k(model.encode_queries([query]).cpu(), memories, k, model.config.retrieval_key)[1][0]
     return {j: rank for rank, j in enumerate(picked.tolist())}

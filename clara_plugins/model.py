@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from .backbone import fingerprint, load_base_model, resolve_device, resolve_dtype
+from .backbone import embedding_norm, fingerprint, load_base_model, resolve_device, resolve_dtype
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_positive_int, check_texts
@@ -79,8 +79,7 @@ class ClaraModel(torch.nn.Module):
         self.base_fingerprint = fingerprint(lm, tokenizer)
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)
-        # the mean token-embedding norm: the size memory_scale gives every memory vector
-        self._embedding_norm = float(lm.get_input_embeddings().weight.detach().float().norm(dim=-1).mean())
+        self._embedding_norm = embedding_norm(lm)  # the size memory_scale gives every memory vector
         self._add_special_tokens(lm)
         lora = LoraConfig(
             r=self.config.lora_r,
@@ -393,10 +392,11 @@ class ClaraModel(torch.nn.Module):
                     "is one document_placeholder, and text must not contain CLaRa's <MEM> tokens"
                 )
         embeds = self.lm.get_input_embeddings()(ids)
-        filled = [g.reshape(-1, g.size(-1)) for g in groups if g is not None and g.numel()]
+        # each group moved first: stored memories (CPU) and fresh ones (GPU) meet in one batch
+        filled = [g.reshape(-1, g.size(-1)).to(device=embeds.device, dtype=embeds.dtype)
+                  for g in groups if g is not None and g.numel()]
         if filled:
-            flat = torch.cat(filled).to(device=embeds.device, dtype=embeds.dtype)
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), flat)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), torch.cat(filled))
         return embeds, mask, ids
 
     def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
@@ -566,3 +566,4 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row):] = 1
     return ids, mask
+

@@ -68,6 +68,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
     if tokenizer.chat_template is None:
         answer = None if open_answer or messages[-1]["role"] != "assistant" else messages[-1]["content"]
         text = "\n\n".join(m["content"] for m in (messages if answer is None else messages[:-1])) + "\nAnswer:"
+        text = _bos(tokenizer) + text  # prompts are tokenized without special tokens; templates write their own
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer)
@@ -78,6 +79,14 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         if first_user is not None and system:
             first_user["content"] = f"{system}\n{first_user['content']}"
         return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer)
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The BOS token where the tokenizer starts every text with it (Llama, Mistral: they read
+    worse without), else nothing."""
+    if tokenizer.bos_token is None:
+        return ""
+    return tokenizer.bos_token if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id] else ""
 
 
 def prompt_positions(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:

@@ -52,8 +52,8 @@ def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
 
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
-    """The targets' cross-entropy (nats per token) read from each row's own documents (the
-    first k or fewer of an instruction row, the one of an SCP row), and from those of the next
+    """The targets' cross-entropy (nats per token) read from each row's own documents (an
+    instruction row's, at most k; the one of an SCP row), and from those of the next
     row that reads other documents (a synthesised QA row and its paraphrase row share theirs).
 
     A generator that ignores its memory tokens scores the same on both; the gap,

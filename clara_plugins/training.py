@@ -466,11 +466,19 @@ def _forget_steps_after(log: Path, step: int) -> None:
         write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log)
 
 
-def _probe(model: ClaraModel, probes: dict[str, list[dict]], step: int, log) -> None:
+def _probe_k(rows: list[dict], config: TrainConfig) -> int:
+    """The documents a probe row may read: as many as the stage's generator reads (e2e's top_k,
+    an instruction row's all), and at least top_k (QA probes beside SCP rows of one document)."""
+    if config.stage == "e2e":
+        return config.top_k
+    return max(config.top_k, *(len(row["docs"]) for row in rows))
+
+
+def _probe(model: ClaraModel, probes: dict[str, list[dict]], k: int, step: int, log) -> None:
     """Log the reading gain (own, neutral and other memories) on each held-out probe set."""
     model.eval()
     for name, probe_rows in probes.items():
-        log.write(json.dumps({"step": step, "probe": name, **evaluate_reading(model, probe_rows)}) + "\n")
+        log.write(json.dumps({"step": step, "probe": name, **evaluate_reading(model, probe_rows, k)}) + "\n")
     log.flush()
     model.train()
 
@@ -495,7 +503,7 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
             if problem:
                 raise InvalidInputError(f"probe {name}, row {number}: {problem}")
         try:
-            reading_width(probe_rows)
+            reading_width(probe_rows, _probe_k(rows, config))
         except ValueError as error:
             raise ValueError(f"probe {name}: {error}") from error
     return None if output is None else _check_output(Path(output), config, rows)
@@ -599,13 +607,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     }[config.stage]
 
     digest = (state or {}).get("rows_sha256") or rows_sha256(rows)  # a resumed run's rows: checked alike
+    probe_k = _probe_k(rows, config)
     model.train()
     started = time.perf_counter()
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
     with open(output / "log.jsonl", "a") as log:
         if probes and start == 0:
-            _probe(model, probes, 0, log)
+            _probe(model, probes, probe_k, 0, log)
         for step in progress:
             if candidates and config.refresh_every and step and step % config.refresh_every == 0:
                 candidates.refresh()
@@ -643,7 +652,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
-                _probe(model, probes, step + 1, log)
+                _probe(model, probes, probe_k, step + 1, log)
     return _holding(model, checkpoint)
 
 

@@ -22,6 +22,7 @@ from llama_index.core.schema import TextNode
 
 from clara_plugins import ClaraModel, InvalidInputError
 from clara_plugins.context import read_messages
+from clara_plugins.config import ANSWER_TEMPLATE
 from conftest import CORPUS, randomize_adapters
 from langchain_clara import ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
 from llama_index_clara import ClaraLLM
@@ -355,3 +356,15 @@ def test_k_or_fewer_passed_documents_are_read_best_first(tiny_model, vectorstore
     reading = read_messages(tiny_model, [("user", QUESTION)], vectorstore.store, ids=ranked[::-1], k=5)
     assert reading.stored_ids == ranked  # the generator reads its first document most
     assert torch.equal(reading.memories, vectorstore.store.memories(ranked).float())
+
+
+def test_the_query_reasoner_reads_the_question_of_the_trained_layout_alone(tiny_model, monkeypatch):
+    # "Background:\n\n\nQuestion:" around the question was pooled into the mean query key, so the
+    # documents kept beyond k differed from those a store search for the question kept
+    queries = []
+    encode = tiny_model.encode_queries
+    monkeypatch.setattr(tiny_model, "encode_queries", lambda texts: queries.extend(texts) or encode(texts))
+    prompt = ANSWER_TEMPLATE.format(documents="\n\n".join(CORPUS[:3]), question=" " + QUESTION)
+    read_messages(tiny_model, [("user", prompt)], documents=CORPUS[:3], k=1)
+    read_messages(tiny_model, [("user", f"Answer briefly. {QUESTION}")], documents=CORPUS[:3], k=1)
+    assert queries == [QUESTION, f"Answer briefly. {QUESTION}"]

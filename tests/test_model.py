@@ -217,6 +217,58 @@ def test_a_template_whose_turn_ends_in_plain_text_is_trained_to_stop_at_its_eos(
     assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + "Marie Curie\n" + tokenizer.eos_token
 
 
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_the_plain_text_layout_starts_with_the_bos_the_tokenizer_adds(tmp_path, adds_bos):
+    # a base model without a chat template (Llama-2, Mistral) read every prompt without its BOS
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
+    tokenizer.chat_template = None
+    if adds_bos:
+        tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert (ids[0] == tokenizer.bos_token_id) == adds_bos and ids.count(tokenizer.bos_token_id) == int(adds_bos)
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + " Marie Curie" + tokenizer.eos_token
+
+
+def test_the_embedding_norm_is_that_of_the_embeddings_the_generator_reads():
+    # Gemma scales its embedding module's output by sqrt(hidden): memory_scale sized memories
+    # by the weights alone, about sqrt(hidden) times smaller than the tokens around them
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from clara_plugins.backbone import embedding_norm
+
+    sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    gemma, llama = Gemma2ForCausalLM(Gemma2Config(head_dim=32, **sizes)), LlamaForCausalLM(LlamaConfig(**sizes))
+    for model, scale in [(gemma, 64 ** 0.5), (llama, 1.0)]:
+        rows = model.get_input_embeddings().weight.detach().norm(dim=-1).mean()
+        assert embedding_norm(model) == pytest.approx(scale * float(rows), rel=1e-3)
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
+def test_auto_is_float16_on_a_gpu_without_bfloat16(monkeypatch, bf16, expected):
+    # a T4 or V100 was given bfloat16, which it emulates slowly or not at all
+    from clara_plugins.backbone import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
+    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_stored_and_fresh_memories_on_two_devices_answer_in_one_batch(tiny_config):
+    # the groups were joined before they were moved: "Expected all tensors to be on the same device"
+    model = ClaraModel(tiny_config, device="cuda")
+    fresh = model.compress_documents(CORPUS[:1])
+    prompts = [question_prompt(model.tokenizer, "Who?", 1, model.document_placeholder)] * 2
+    answers = model.generate(prompts, [fresh.cpu(), fresh])
+    assert answers[0] == answers[1]
+
+
 def test_generation_batched_equals_single_and_streaming(tiny_model):
     memories = tiny_model.compress_documents(CORPUS[:4]).reshape(2, 2, 4, 32)
     questions = ["Who won prizes?", "What is the capital of Germany and its largest city?"]

@@ -106,10 +106,10 @@ def test_a_run_stopped_while_it_probes_keeps_the_step_it_saved(tiny_model, tmp_p
     """A time box that stops a run during a probe must not lose the steps since the last save."""
     real = training._probe
 
-    def stopped_at_step_2(model, probes, step, log):
+    def stopped_at_step_2(model, probes, k, step, log):
         if step == 2:
             raise KeyboardInterrupt
-        real(model, probes, step, log)
+        real(model, probes, k, step, log)
 
     monkeypatch.setattr(training, "_probe", stopped_at_step_2)
     rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:4]]
@@ -315,6 +315,15 @@ def test_a_probe_set_of_end_to_end_pools_is_refused_before_the_first_step(tiny_m
     with pytest.raises(ValueError, match="probe pools: row 0 has 24 documents, more than k=5"):
         train(tiny_model, INSTRUCT, config, tmp_path, probes={"pools": pool})
     assert not (tmp_path / "checkpoint").exists()
+
+
+def test_probes_read_as_many_documents_as_the_instruction_rows(tiny_model, tmp_path):
+    # a probe of the training rows' own shape (six documents) was refused at k=5 while they trained
+    rows = [{"question": f"Question {i}?", "docs": CORPUS[i:] + CORPUS[:i], "answer": "Paris"} for i in range(2)]
+    config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, probe_every=1)
+    train(tiny_model, rows, config, tmp_path, probes={"same_shape": rows})
+    probes = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "probe" in line]
+    assert [p["step"] for p in probes] == [0, 1]
 
 
 def test_a_run_saved_with_one_optimizer_group_resumes_with_weight_decay(tiny_model, tmp_path, monkeypatch):
