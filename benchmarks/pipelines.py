@@ -16,11 +16,13 @@ reading text, or CLaRa's decoder reading memory tokens.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import InMemoryVectorStore
 from llama_index.core import StorageContext, VectorStoreIndex, get_response_synthesizer
@@ -91,9 +93,15 @@ class LangChainTextRAG:
         return answer, prompt_positions(self.reader.tokenizer, text_prompt(self.reader, question, texts)), first
 
     def index_bytes(self, folder: Path) -> int | None:
+        """The vectors as float32 and the texts as compact JSON, as a binary vector store keeps
+        them: LangChain's ``dump`` writes each float as indented decimal text, which took 7 x
+        the bytes and made CLaRa's store look 1.7 x the dense one's."""
         if self.store is None:
             return None
-        self.store.dump(str(folder / "store.json"))
+        stored = list(self.store.store.values())
+        np.save(folder / "vectors.npy", np.asarray([entry["vector"] for entry in stored], dtype=np.float32))
+        records = [{"id": entry["id"], "text": entry["text"], "metadata": entry["metadata"]} for entry in stored]
+        (folder / "records.json").write_text(json.dumps(records, ensure_ascii=False, separators=(",", ":")))
         return folder_bytes(folder)
 
 

@@ -21,13 +21,14 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from clara_plugins.checkpoint import read_config
 from clara_plugins.checks import non_negative_int, positive_int
-from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS
+from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS, ClaraConfig
 from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.rows import e2e_rows, instruct_rows
@@ -35,6 +36,9 @@ from clara_plugins.pretrained import default_checkpoint
 
 from .dense import DEFAULT_DENSE_MODEL, dense_model_path
 from .measure import environment
+
+if TYPE_CHECKING:  # the frameworks load when a run starts, not when `clara` builds its parser
+    from .systems import SystemSpec
 
 # name -> (file under the data folder, examples eligible for sampling: None = all). The
 # shipped recipe (benchmarks/train_default.sh) holds out HotpotQA dev 0-199 and NQ dev 0-299,
@@ -138,7 +142,7 @@ def dataset_name(source: str) -> str | None:
 
 def _official_file(path: Path, files: list[tuple[str, str]]) -> str | None:
     """The value beside the first official file (a path under the data folder) ``path`` is."""
-    posix = "/" + path.as_posix()
+    posix = "/" + path.resolve().as_posix()  # a relative path from inside the data folder too
     return next((value for file, value in files if posix.endswith("/" + file)), None)
 
 
@@ -153,8 +157,8 @@ def headline(results: list[dict]) -> dict:
     summary = {"clara_system": clara["name"]}
     if tuned:
         summary["f1_clara_minus_finetuned_text"] = round(clara["f1"] - tuned["f1"], 2)
-    if text:  # first token = reading the context; the full answer also depends on its length
-        for stage in ("first_token", "generate"):
+    if text:  # from the question: its retrieval, then reading the context (and the answer's length)
+        for stage in ("question_to_first_token", "question_to_answer"):
             summary[f"{stage}_latency_ratio_text_over_clara"] = round(
                 text["latency_ms"][stage]["p50"] / clara["latency_ms"][stage]["p50"], 2)
         if text["recall@5"] and clara["recall@5"] is not None:
@@ -194,7 +198,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise FileExistsError(f"--out {out} is a file: name the folder the reports go to")
     for spec in systems:
         if spec.checkpoint:
-            read_config(Path(spec.checkpoint))
+            _check_checkpoint(spec, read_config(Path(spec.checkpoint)))
     if any(spec.retriever == "dense" for spec in systems):  # a mistyped model failed after the systems before it
         dense_model_path(args.dense_model)
     machine = environment()  # before the systems: a failure here loses no results
@@ -215,6 +219,18 @@ def run(args: argparse.Namespace) -> list[Path]:
                   **machine, "headline": headline(results), "systems": results}
         written += write_report(report, out, stem)
     return written
+
+
+def _check_checkpoint(spec: SystemSpec, config: ClaraConfig) -> None:
+    """Refuse a checkpoint its system cannot read, before the systems before it have run: a
+    tokens-design one at another rate (its memory rows were trained one per position), and as
+    the fine-tuned text reader one that was not trained to read text (the plain backbone would
+    be scored under its name)."""
+    if spec.reader == "text-ft" and not config.decoder_reads_text:
+        raise InvalidInputError(f"--text-ft {spec.checkpoint} is not a text reader (clara train --stage text)")
+    if spec.retriever == "clara" and config.memory_design == "tokens" and config.compression_rate != spec.compression_rate:
+        raise InvalidInputError(f"{spec.name}: {spec.checkpoint} has the tokens design, which reads only at its own "
+                                f"compression rate {config.compression_rate}, not {spec.compression_rate}")
 
 
 def _in_own_process(function: Callable[..., dict], *args: object) -> dict:

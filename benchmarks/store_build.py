@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_text_atomically
+from clara_plugins.checks import positive_int
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.pretrained import default_checkpoint, load_model
 
@@ -36,8 +37,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="read the checkpoint at this rate (default: its own)")
     parser.add_argument("--store", type=Path, help="a new folder the store is written to and kept in (default: a "
                         "temporary folder, removed afterwards)")
-    parser.add_argument("--limit", type=int, help="only the first N passages")
-    parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--limit", type=positive_int, help="only the first N passages")
+    parser.add_argument("--queries", type=positive_int, default=50)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     # read and checked before the build (50 min for the 6,119 passages), not after it

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -128,6 +129,8 @@ def _configs(text: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]
     for config in text.split(","):
         kind, _, dtype = config.partition(":")
         if kind == "milvus":
+            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", dtype):  # Milvus refused it after the local stores had run
+                parser.error(f"--configs {config}: name Milvus' index type, e.g. milvus:FLAT or milvus:HNSW")
             if importlib.util.find_spec("pymilvus") is None:
                 parser.error(f"--configs {config}: install the [milvus] extra")
         elif kind not in INDEX_KINDS or dtype not in MEMORY_DTYPES:

@@ -62,6 +62,10 @@ def test_every_store_configuration_is_checked_before_any_work(capsys):
         with pytest.raises(SystemExit):
             store_scale._configs(configs, parser)
         assert "--configs takes index:dtype pairs" in capsys.readouterr().err
+    for configs in ("flat:int8,milvus", "milvus:flat"):  # Milvus refused them after the local stores had run
+        with pytest.raises(SystemExit):
+            store_scale._configs(configs, parser)
+        assert "name Milvus' index type" in capsys.readouterr().err
 
 
 def test_a_store_measured_at_another_rescore_factor_is_its_own_line():
