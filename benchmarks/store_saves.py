@@ -29,7 +29,7 @@ from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_text_atomically
 from clara_plugins.corpora import document_id, read_documents
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import SHARD_ROWS
+from clara_plugins.store_folder import SHARD_ROWS
 
 
 def written_and_linked(generation: Path) -> dict[str, int]:

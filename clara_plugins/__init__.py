@@ -18,7 +18,7 @@ _HOMES = {
     "MemoryStore": ".store",
     "MilvusMemoryStore": ".milvus_store",
     "StoreError": ".errors",
-    "StoredDocument": ".store",
+    "StoredDocument": ".base_store",
     "TrainConfig": ".config",
     "cosine_scores": ".retrieval",
     "straight_through_topk": ".retrieval",
@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from .model import ClaraModel, CompressedDocuments
     from .retrieval import cosine_scores, straight_through_topk, top_k
     from .milvus_store import MilvusMemoryStore
-    from .store import MemoryStore, StoredDocument
+    from .base_store import StoredDocument
+    from .store import MemoryStore
 
 
 def __getattr__(name: str) -> Any:

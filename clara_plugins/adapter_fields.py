@@ -11,11 +11,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .checkpoint import compressor_signature
+from .base_store import BaseMemoryStore, as_memory_store
+from .checkpoint import check_compressor, compressor_signature
 from .context import Reader, ReadingStats
 from .model import ClaraModel
 from .pretrained import load_model
-from .store import BaseMemoryStore, as_memory_store, check_compressor
 
 
 class ReaderFields(BaseModel):

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import recover_folder, write_folder_atomically
 from .backbone import fingerprint_mismatch
 from .config import ADAPTER_NAMES, ClaraConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, StoreError
 from .jsonfiles import read_json
 
 
@@ -284,3 +284,18 @@ def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: 
             raise CheckpointError(f"{source}: memory-token embeddings hold NaN or infinite values")
         with torch.no_grad():
             matrix[model.base_vocab_size:] = rows.to(device=matrix.device, dtype=matrix.dtype)
+
+
+def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
+    """Refuse to mix memories from different compressors."""
+    stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
+    for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
+        if stored.get(key) != current.get(key):
+            hint = f" (load the model at compression rate {stored.get(key)})" if key == "compression_rate" else ""
+            raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has "
+                             f"{current.get(key)}{hint}")
+    problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
+    if problem:
+        raise StoreError(f"{folder} was written by another base model: {problem}")
+    if stored.get("encoder_sha256") != current.get("encoder_sha256"):
+        raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")

@@ -228,7 +228,8 @@ def _index(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .indexing import RayCompression, index_documents
     from .pretrained import load_model
-    from .store import MemoryStore, check_store_folder, store_settings
+    from .store import MemoryStore
+    from .store_folder import check_store_folder, store_settings
 
     if args.workers is not None and args.ray is None:
         raise InvalidInputError("--workers sets the Ray actors: give --ray too")

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from .base_store import BaseMemoryStore
 from .checks import check_positive_int, check_texts
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
@@ -35,7 +36,6 @@ from .model import ClaraModel
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
 from .found import MIN_FOUND_CHARS, found_text
-from .store import BaseMemoryStore
 
 ROLES = ("system", "user", "assistant")
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import compressor_signature
+from .base_store import BaseMemoryStore
+from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
 from .model import ClaraModel
-from .store import BaseMemoryStore, check_compressor
 
 @dataclasses.dataclass(frozen=True)
 class RayCompression:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .atomic import write_file_atomically
 from .errors import InvalidInputError
@@ -48,6 +49,11 @@ def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
                     if number == 0 and line.strip() in ("[", "{") else ""
                 raise InvalidInputError(f"{path} line {number + 1} is not JSON: {error}{whole}") from error
     return rows
+
+
+def write_json(path: Path, value: Any) -> None:
+    """One JSON value, replacing ``path`` only once it is on disk."""
+    write_file_atomically(path, lambda handle: json.dump(value, handle))
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:

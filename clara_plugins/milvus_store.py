@@ -44,14 +44,14 @@ except ModuleNotFoundError as error:
         raise
     raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
-from .checkpoint import compressor_signature
+from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_known, check_search,
+                         id_list, pair_cosines, query_vector)
+from .checkpoint import check_compressor, compressor_signature
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
 from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
-from .keys import maximal_marginal_relevance, memory_keys, normalize_rows
+from .keys import maximal_marginal_relevance, memory_keys
 from .model import ClaraModel
-from .store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_compressor, check_search,
-                    id_list)
 
 FORMAT = "clara-milvus-store/1"
 HEADER_PROPERTY = "clara.store"  # the collection property holding FORMAT and the compressor signature
@@ -261,9 +261,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator: memory * norm, in fp16."""
         ids = id_list(ids, "ids")
         found = {row["id"]: row for row in self._rows_where("id", ids, [self._memory_field, "norm"])}
-        unknown = [i for i in ids if i not in found]
-        if unknown:
-            raise InvalidInputError(f"unknown document ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+        check_known(ids, found)
         return self._memories_of([found[i] for i in ids])
 
     def _texts_and_memories(self, ids: list[str]) -> dict[str, tuple[str, torch.Tensor]]:
@@ -329,10 +327,7 @@ class MilvusMemoryStore(BaseMemoryStore):
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
         k, fetch_k = check_search(k, where, lambda_mult, fetch_k)
-        query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
-        if query.size != self.keys.dimensions:
-            raise InvalidInputError(f"the search key has {query.size} values, the store's keys have "
-                                    f"{self.keys.dimensions}")
+        query = query_vector(key, self.keys.dimensions)
         conditions = [] if ids is None else [_one_of("id", id_list(ids, "ids", ordered=False))]
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)
@@ -351,10 +346,7 @@ class MilvusMemoryStore(BaseMemoryStore):
     def _sample_pair_cosines(self) -> np.ndarray:
         """Sorted cosines between distinct documents of the first CALIBRATION_SAMPLE in id order."""
         rows = self._client.query(self.collection, filter="", limit=CALIBRATION_SAMPLE, output_fields=["key"])
-        if len(rows) < 2:
-            return np.zeros(0, dtype=np.float32)
-        keys = np.array([row["key"] for row in rows], dtype=np.float32)
-        return np.sort((keys @ keys.T)[np.triu_indices(len(keys), 1)])
+        return pair_cosines(np.array([row["key"] for row in rows], dtype=np.float32))
 
 
 # ------------------------------------------------------------------ filters

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clara_plugins import MemoryStore, atomic, backbone, store
+from clara_plugins import MemoryStore, atomic, backbone, jsonfiles
 from clara_plugins.atomic import write_file_atomically, write_folder_atomically
 from conftest import CORPUS
 
@@ -224,7 +224,7 @@ def test_the_store_writes_its_json_files_atomically(tiny_model, tmp_path, monkey
         written.append(path.name)
         atomic.write_file_atomically(path, write)
 
-    monkeypatch.setattr(store, "write_file_atomically", recording)
+    monkeypatch.setattr(jsonfiles, "write_file_atomically", recording)
     memories = MemoryStore(tiny_model)
     memories.upsert(CORPUS[:2], ids=["a", "b"])
     memories.save(tmp_path / "s")

@@ -168,7 +168,7 @@ def test_a_crash_between_the_two_renames_of_a_save_is_recovered(tiny_model, tmp_
 def test_a_checkpoint_signs_its_compressor_alike_in_every_dtype(tiny_model, tmp_path):
     """Stores written by a GPU run in bf16 or fp16 open with the same checkpoint on a CPU in fp32."""
     from clara_plugins.checkpoint import compressor_signature
-    from clara_plugins.store import check_compressor
+    from clara_plugins.checkpoint import check_compressor
 
     tiny_model.save_pretrained(tmp_path / "ckpt", dtype=torch.float16)
     fp32 = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", dtype=torch.float32)

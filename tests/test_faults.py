@@ -110,7 +110,7 @@ def test_a_shard_entry_names_its_own_file_in_the_generation(saved, tiny_model, f
 def test_record_shards_split_unlike_the_memory_shards_are_refused(tiny_model, tmp_path, monkeypatch):
     """A save links record shards by the memory shards' rows; other splits would pair texts with
     the wrong memories after the next save."""
-    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
     store = MemoryStore(tiny_model)
     store.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
     folder = tmp_path / "s"

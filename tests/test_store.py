@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
-from clara_plugins import store as store_module
+from clara_plugins import store_folder
 from clara_plugins.indexing import index_documents
 from clara_plugins.store import HNSW_EF_SEARCH
 from conftest import CORPUS, randomize_adapters, with_one_records_file
@@ -211,7 +211,7 @@ def test_a_save_refuses_a_folder_of_other_files_and_leaves_them(store, tmp_path,
 def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_path, monkeypatch):
     """Stores saved before the records were sharded keep loading, and save in shards after
     (full shards too, which a save of a format-3 generation would link)."""
-    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
     folder = store.save(tmp_path / "s")
     header = with_one_records_file(folder, json.loads((folder / "store.json").read_text()))
     (folder / "store.json").write_text(json.dumps({**header, "format": "clara-memory-store/2"}))
@@ -233,7 +233,7 @@ def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_
 def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path, monkeypatch, memory_dtype):
     """Indexing a corpus in groups saves after each: the full shards saved before are linked
     from the previous generation, not written again (which made indexing quadratic)."""
-    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
     store = MemoryStore(tiny_model, memory_dtype=memory_dtype)
     store.upsert(CORPUS[:5], ids=[f"d{i}" for i in range(5)])
     first = store.save(tmp_path / "s")
@@ -269,7 +269,7 @@ def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path,
 def test_a_generation_another_store_wrote_under_the_same_name_is_not_saved_over(tiny_model, tmp_path, monkeypatch):
     # the folder wiped and another store saved there: the first store's next save passed the
     # check by the name alone (gen-000001 again) and dropped the other's documents
-    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
     mine, other = MemoryStore(tiny_model), MemoryStore(tiny_model)
     mine.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
     mine.save(tmp_path / "s")
@@ -325,7 +325,7 @@ class _WordKeys:
 def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tmp_path, monkeypatch, memory_dtype,
                                                                   keys):
     """A long-running store used to hold every memory it was ever given until saved and loaded."""
-    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
     store = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)
     ids = [f"d{i}" for i in range(5)]
     store.upsert(CORPUS[:5], ids=ids)
@@ -371,13 +371,13 @@ def test_approximate_indexes_persist(tiny_model, tmp_path, index):
 def test_an_upsert_while_a_save_writes_leaves_the_saved_index_whole(tiny_model, tmp_path, monkeypatch):
     store = MemoryStore(tiny_model, index="hnsw")
     store.upsert(CORPUS, ids=[str(i) for i in range(len(CORPUS))])
-    write = MemoryStore._write_generation
+    write = store_folder.write_generation
 
-    def write_after_an_upsert(self, *args):  # another thread upserts once the save has let go of the lock
-        self.upsert(["Madrid is the capital of Spain."], ids=["late"], memories=self.memories(["0"]))
-        return write(self, *args)
+    def write_after_an_upsert(*args):  # another thread upserts once the save has let go of the lock
+        store.upsert(["Madrid is the capital of Spain."], ids=["late"], memories=store.memories(["0"]))
+        return write(*args)
 
-    monkeypatch.setattr(MemoryStore, "_write_generation", write_after_an_upsert)
+    monkeypatch.setattr(store_folder, "write_generation", write_after_an_upsert)
     store.save(tmp_path / "s")
     monkeypatch.undo()
     loaded = MemoryStore.load(tmp_path / "s", tiny_model)  # its index holds the rows it was saved with
@@ -409,7 +409,7 @@ def test_a_store_of_another_compressor_is_refused_before_its_files_are_hashed(st
     store.save(tmp_path / "s")
     other = ClaraModel(tiny_config, device="cpu")
     randomize_adapters(other, seed=7)
-    monkeypatch.setattr(store_module, "_sha256", lambda *args: pytest.fail("hashed before the header's checks"))
+    monkeypatch.setattr(store_folder, "_sha256", lambda *args: pytest.fail("hashed before the header's checks"))
     with pytest.raises(StoreError, match="another compressor"):
         MemoryStore.load(tmp_path / "s", other)
 

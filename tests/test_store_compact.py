@@ -2,11 +2,9 @@
 format 1 stores, written before either existed, refused."""
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ import torch
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins.compact import MIN_ROWS, RETRAIN_GROWTH, CompactIndex
 from clara_plugins.keys import ClaraKeys, memory_keys
-from conftest import CORPUS, randomize_adapters, with_one_records_file
+from conftest import CORPUS
 
 GROUPS, PER_GROUP = 160, 8  # 1,280 documents: enough to train the compact index
 

@@ -117,7 +117,7 @@ def test_store_build_refuses_bad_questions_and_a_used_store_folder_before_it_bui
 
 
 def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setattr("clara_plugins.store.SHARD_ROWS", 2)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
     monkeypatch.setattr("clara_benchmarks.store_saves.load_model", lambda device: tiny_model)
     (tmp_path / "passages.txt").write_text("\n\n".join(CORPUS))
     store_saves.main(["--corpus", str(tmp_path / "passages.txt"), "--groups", "3", "--group-size", "2",

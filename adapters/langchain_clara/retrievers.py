@@ -10,7 +10,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, Field, field_validator
 
-from clara_plugins.store import BaseMemoryStore, as_memory_store
+from clara_plugins.base_store import BaseMemoryStore, as_memory_store
 
 from .vectorstores import refuse_unknown, to_document
 

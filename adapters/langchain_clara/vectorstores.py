@@ -16,7 +16,7 @@ from langchain_core.vectorstores import VectorStore
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore, check_store_model
+from clara_plugins.base_store import BaseMemoryStore, check_store_model
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 

@@ -10,7 +10,7 @@ from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQue
 
 from clara_plugins import MemoryStore
 from clara_plugins.checks import check_positive_int
-from clara_plugins.store import as_memory_store
+from clara_plugins.base_store import as_memory_store
 
 from .vector_store import ClaraVectorStore
 

@@ -35,7 +35,7 @@ from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, MemoryStore, StoreError, StoredDocument
 from clara_plugins.pretrained import load_model
-from clara_plugins.store import BaseMemoryStore, check_store_model, id_list
+from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 

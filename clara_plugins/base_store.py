@@ -1,0 +1,281 @@
+"""BaseMemoryStore: what the adapters, the generator's context and training ask of a store of
+CLaRa memories (a local ``MemoryStore``, a Milvus collection), and the checks every store shares."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import numbers
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checks import check_positive_int, check_texts
+from .errors import InvalidInputError
+from .filters import Filter, validate_filter
+from .found import found_text
+from .keys import ClaraKeys, KeyEncoder, normalize_rows
+from .model import ClaraModel
+
+FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
+CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredDocument:
+    id: str
+    text: str
+    metadata: dict[str, Any]
+
+
+class BaseMemoryStore(ABC):
+    """What the adapters, the generator's context and training ask of a store of CLaRa
+    memories, so that any backend serves them all: ``MemoryStore`` (memory and a folder) or
+    ``milvus_store.MilvusMemoryStore`` (a Milvus collection).
+
+    A subclass keeps per document its text, metadata, memory tokens and a unit-norm key, and
+    sets ``_pair_cosines`` to None whenever its documents change.
+    """
+
+    def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
+        check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
+        self.model = model
+        self.keys = keys or ClaraKeys(model)
+        self.batch_size = batch_size
+        self._lock = threading.RLock()
+        self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale
+        self.instance_id = uuid.uuid4().hex  # names this store object, e.g. in a chat model's cache key
+        self.revision = 0  # counts this object's writes: a chat model's cached answer never outlives one
+
+    def _changed(self) -> None:
+        """Note a write (under the lock): the calibration of relevance is stale, and so is an
+        answer cached before it."""
+        self._pair_cosines = None
+        self.revision += 1
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """The number of stored documents."""
+
+    @abstractmethod
+    def upsert(self, texts: Sequence[str], ids: Sequence[str] | None = None,
+               metadatas: Sequence[dict[str, Any]] | None = None, show_progress: bool = False,
+               memories: torch.Tensor | None = None) -> list[str]:
+        """Compress and add documents; an id already stored is replaced. Returns the ids."""
+
+    @abstractmethod
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove documents by id; ids that are not stored are ignored."""
+
+    @abstractmethod
+    def get(self, ids: Sequence[str]) -> list[StoredDocument]:
+        """Documents in the order asked; ids that are not stored are skipped."""
+
+    @abstractmethod
+    def memories(self, ids: Sequence[str]) -> torch.Tensor:
+        """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
+
+    def memories_as_found(self, found: Sequence[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
+        """The memory tokens [n_mem, hidden] of each (id, text as a prompt held it) pair whose
+        document still holds that text, each read with its text: a document deleted or
+        rewritten since it was found is left out (its text is read instead)."""
+        stored = self._texts_and_memories(list(dict.fromkeys(doc_id for doc_id, _ in found)))
+        return {(doc_id, text): stored[doc_id][1] for doc_id, text in found
+                if doc_id in stored and found_text(stored[doc_id][0]) == text}
+
+    def _texts_and_memories(self, ids: list[str]) -> dict[str, tuple[str, torch.Tensor]]:
+        """Each stored id's text and memory tokens, read in one hold of the lock."""
+        with self._lock:
+            documents = self.get(ids)
+            try:
+                memories = self.memories([document.id for document in documents]) if documents else []
+            except InvalidInputError:  # a store written from outside this object: deleted in between
+                return {}
+        return {document.id: (document.text, memory) for document, memory in zip(documents, memories)}
+
+    @abstractmethod
+    def ids_where(self, where: Filter) -> list[str]:
+        """Ids of the documents whose metadata satisfies a filter."""
+
+    @abstractmethod
+    def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
+        """The stored id of each exact text, or None."""
+
+    @abstractmethod
+    def documents_in(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, id) of the stored documents whose text occurs in ``text``, as a prompt
+        holds it (``found_text``: the whitespace around it may be trimmed)."""
+
+    @abstractmethod
+    def all_ids(self) -> list[str]:
+        """Every stored id."""
+
+    @abstractmethod
+    def search_by_key(
+        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
+    ) -> list[tuple[StoredDocument, float]]:
+        """Like ``search`` for a query key computed elsewhere."""
+
+    @abstractmethod
+    def _sample_pair_cosines(self) -> np.ndarray:
+        """Sorted cosines between distinct documents of a sample spread over the store."""
+
+    def search(
+        self, query: str, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
+    ) -> list[tuple[StoredDocument, float]]:
+        """The k documents most similar to the query (cosine), best first.
+
+        ``where`` filters by metadata; ``ids`` keeps only those documents as candidates.
+        ``lambda_mult`` below 1 trades similarity for diversity: the ``fetch_k`` most similar
+        documents are re-ranked by maximal marginal relevance (0: the most diverse; see
+        ``keys.maximal_marginal_relevance``). Scores stay the cosines to the query.
+        """
+        check_texts([query], "query")
+        check_search(k, where, lambda_mult, fetch_k)  # before the query is encoded
+        return self.search_by_key(self.keys.query_keys([query])[0], k, where, ids=ids,
+                                  lambda_mult=lambda_mult, fetch_k=fetch_k)
+
+    def relevance(self, cosine: float) -> float:
+        """A query-document cosine as a relevance in [0, 1]: the fraction of pairs of stored
+        documents that are less similar to each other than the query is to this document.
+
+        Raw cosines of CLaRa keys do not spread over [-1, 1] (the keys share directions, so
+        unrelated texts can score high), and their range differs from model to model. Ranked
+        against the store's own document pairs, 0.5 means as similar as a typical pair of
+        stored documents and 0.95 closer than 95% of them, whatever the model. The pairs come
+        from at most CALIBRATION_SAMPLE documents spread evenly over the store, recomputed
+        after any change. With fewer than two documents there is nothing to rank against and
+        the relevance is ``(1 + cosine) / 2``.
+        """
+        with self._lock:
+            if self._pair_cosines is None:
+                self._pair_cosines = self._sample_pair_cosines()
+            pairs = self._pair_cosines
+        if not len(pairs):
+            return (1.0 + cosine) / 2.0
+        return float(np.searchsorted(pairs, cosine, side="left")) / len(pairs)
+
+    def _checked(
+        self, texts: Sequence[str], ids: Sequence[str] | None, metadatas: Sequence[dict[str, Any]] | None,
+    ) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+        """Texts, ids (new ones where none are given) and metadatas of an upsert, refused
+        unless every document would come back as given."""
+        texts = check_texts(texts, "texts")
+        ids = [uuid.uuid4().hex for _ in texts] if ids is None else id_list(ids, "ids")
+        if metadatas is not None:
+            if isinstance(metadatas, (str, bytes)) or not isinstance(metadatas, Sequence):
+                raise InvalidInputError(f"metadatas must be a list of dicts, one per text, got a "
+                                        f"{type(metadatas).__name__}")
+            odd = [m for m in metadatas if m is not None and not isinstance(m, Mapping)]
+            if odd:
+                raise InvalidInputError(f"metadatas must be a list of dicts, one per text, got an item {odd[0]!r:.40}")
+        metadatas = [{} for _ in texts] if metadatas is None else [dict(m or {}) for m in metadatas]
+        if not len(ids) == len(metadatas) == len(texts):
+            raise InvalidInputError(f"got {len(texts)} texts, {len(ids)} ids and {len(metadatas)} metadatas")
+        kept = []  # JSON copies: a caller changing a nested value later changes nothing stored
+        for doc_id, metadata in zip(ids, metadatas):
+            if not doc_id:  # id_list has checked they are strings
+                raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
+            try:
+                kept.append(json.loads(json.dumps(metadata, allow_nan=False)))
+            except (TypeError, ValueError) as error:
+                raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
+            if kept[-1] != metadata:
+                raise InvalidInputError(f"metadata of {doc_id!r} would change when saved as JSON: use string keys "
+                                        "and lists, not tuples")
+        return texts, ids, kept
+
+    def _compressed(self, texts: list[str], memories: torch.Tensor | None, show_progress: bool) -> np.ndarray:
+        """fp16 memories [n, n_mem, hidden] of the texts: a copy of ``memories`` when given (a
+        caller may refill its buffer for the next group; stored rows never change), else
+        compressed now."""
+        given = memories is not None
+        if not given:
+            memories = self.model.compress(texts, self.batch_size, show_progress).memories
+        elif len(memories) != len(texts):
+            raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
+        shape = (self.model.config.n_mem_tokens, self.model.hidden_size)
+        if tuple(memories.shape[1:]) != shape:  # another rate's or model's: the generator would read them wrongly
+            raise InvalidInputError(f"memories of shape {tuple(memories.shape[1:])} do not match this model's "
+                                    f"{shape} (n_mem_tokens, hidden)")
+        memories = memories.to(torch.float16).cpu()
+        if not torch.isfinite(memories).all():
+            raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
+        return memories.numpy().copy() if given else memories.numpy()
+
+
+def check_store_model(store: BaseMemoryStore, model: object, **settings: object) -> None:
+    """A framework store given both a memory store and a model: the store brings its own model,
+    and another beside it would go unused. So would the store's own ``settings`` (index kind,
+    batch size), given here when the caller set them (None when not)."""
+    if model is not None and model is not store.model:
+        raise InvalidInputError("model is not the model of store: pass the store alone, or build one with this model")
+    given = [name for name, value in settings.items() if value is not None]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)} would go unused beside store=, which was built with its own: "
+                                "pass the store alone, or build it with these settings")
+
+
+def as_memory_store(value: object) -> BaseMemoryStore:
+    """A memory store (MemoryStore, MilvusMemoryStore) given as it is, or the one a framework's
+    CLaRa vector store wraps (every such store exposes it as ``memory_store``), so that users
+    can pass whichever they hold."""
+    inner = value if isinstance(value, BaseMemoryStore) else getattr(value, "memory_store", None)
+    if not isinstance(inner, BaseMemoryStore):
+        raise TypeError(f"store must be a MemoryStore or a CLaRa vector store (or a MilvusMemoryStore), "
+                        f"got {type(value).__name__}")
+    return inner
+
+
+def query_vector(key: np.ndarray, size: int) -> np.ndarray:
+    """A search key as a unit-norm float32 vector, refused unless it has the store's key size."""
+    query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
+    if query.size != size:
+        raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
+    return query
+
+
+def pair_cosines(keys: np.ndarray) -> np.ndarray:
+    """Sorted cosines between distinct rows of unit-norm keys [n, dim] (none for fewer than two)."""
+    if len(keys) < 2:
+        return np.zeros(0, dtype=np.float32)
+    return np.sort((keys @ keys.T)[np.triu_indices(len(keys), 1)])
+
+
+def check_known(ids: Sequence[str], known: Collection[str]) -> None:
+    """Refuse ids a store does not hold, naming the first few."""
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise InvalidInputError(f"unknown document ids: {unknown[:5]}{'...' if len(unknown) > 5 else ''}")
+
+
+def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int) -> tuple[int, int]:
+    """Refuse bad search arguments before any work is done; returns k and fetch_k as Python
+    ints, which faiss and Milvus need (a numpy integer fails there)."""
+    check_positive_int("k", k)  # a numpy integer too
+    check_positive_int("fetch_k", fetch_k)
+    if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, numbers.Real) or not 0.0 <= lambda_mult <= 1.0:
+        raise InvalidInputError(f"lambda_mult must be a number from 0 to 1, got {lambda_mult!r}")
+    if where is not None:
+        validate_filter(where)
+    return int(k), int(fetch_k)
+
+
+def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
+    """A list of ids: from a sequence where their order matters, else from any collection (a
+    set...); a lone string is refused, since iterating it would name its letters."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence if ordered else Collection):
+        kind = "list" if ordered else "collection"
+        raise InvalidInputError(f"{what} must be a {kind} of ids, got {type(ids).__name__} {ids!r:.60}")
+    ids = list(ids)
+    odd = next((doc_id for doc_id in ids if not isinstance(doc_id, str)), None)
+    if odd is not None:  # the local store ignored it as unknown, Milvus failed on it
+        raise InvalidInputError(f"{what} are strings, got {type(odd).__name__} {odd!r:.60}")
+    return ids
