@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import json
 import multiprocessing
 import os
 import random
@@ -31,6 +35,7 @@ from clara_plugins.checks import non_negative_int, positive_int
 from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS, ClaraConfig
 from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
+from clara_plugins.jsonfiles import read_json, write_json
 from clara_plugins.rows import e2e_rows, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
@@ -38,7 +43,7 @@ from .dense import DEFAULT_DENSE_MODEL, dense_model_path
 from .measure import environment
 
 if TYPE_CHECKING:  # the frameworks load when a run starts, not when `clara` builds its parser
-    from .systems import SystemSpec
+    from .systems import RunOptions, SystemSpec
 
 # name -> (file under the data folder, examples eligible for sampling: None = all). The
 # shipped recipe (benchmarks/train_default.sh) holds out HotpotQA dev 0-199 and NQ dev 0-299,
@@ -209,16 +214,42 @@ def run(args: argparse.Namespace) -> list[Path]:
     for stem, (dataset, rows, drawn) in zip(stems, samples):
         print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
               f"{len(systems)} systems")
-        results, began = [], time.perf_counter()
-        for spec in tqdm(systems, desc=f"systems ({dataset})", unit="system"):
-            results.append(_in_own_process(run_system, spec, rows, options))
+        began = time.perf_counter()
+        kept = out / f".{stem}.systems"  # each finished system's result, until the report is written
+        results = [_system_result(run_system, spec, rows, options, kept / f"system-{number:02d}.json", machine)
+                   for number, spec in enumerate(tqdm(systems, desc=f"systems ({dataset})", unit="system"))]
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
                                 "max_new_tokens": args.max_new_tokens, "threads": args.threads or torch.get_num_threads(),
                                 "dense_model": args.dense_model,
                                 "seconds": round(time.perf_counter() - began, 1)},
                   **machine, "headline": headline(results), "systems": results}
         written += write_report(report, out, stem)
+        for number in range(len(systems)):  # the files this run wrote, and nothing else
+            (kept / f"system-{number:02d}.json").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # left where something else was put in it
+            kept.rmdir()
     return written
+
+
+def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list[dict], options: RunOptions,
+                   path: Path, machine: dict) -> dict:
+    """One system's result, run in its own process, or as an earlier run killed or failed
+    later kept it in ``path``: the same clean commit, package versions, rows, options and
+    system give the same answers, so a rerun runs only the systems left. An edited working
+    tree (a "-dirty" commit) runs every system again."""
+    key = hashlib.sha256(json.dumps({"commit": machine["commit"], "versions": machine["versions"],
+                                     "spec": dataclasses.asdict(spec), "options": dataclasses.asdict(options),
+                                     "rows": rows}, sort_keys=True).encode()).hexdigest()
+    reusable = machine["commit"] is not None and not machine["commit"].endswith("-dirty")
+    if reusable and path.is_file():
+        kept = read_json(path, InvalidInputError)
+        if isinstance(kept, dict) and kept.get("key") == key:
+            print(f"{spec.name}: the result a run before kept in {path}")
+            return kept["result"]
+    result = _in_own_process(run_system, spec, rows, options)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "result": result})
+    return result
 
 
 def _check_checkpoint(spec: SystemSpec, config: ClaraConfig) -> None:

@@ -262,6 +262,39 @@ def test_a_system_process_killed_for_memory_fails_the_run_instead_of_hanging_it(
             watcher.submit(bench_run._in_own_process, _killed).result(timeout=300)
 
 
+@pytest.mark.parametrize("commit, reused", [("abc123", True), ("abc123-dirty", False)])
+def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, capsys, commit, reused):
+    # a run that failed (or was killed) in its last system lost every system of its dataset
+    import clara_benchmarks.report
+
+    (tmp_path / "hotpotqa").mkdir()
+    example = {"_id": "1", "question": "Where does the Danube rise?", "answer": "the Black Forest",
+               "supporting_facts": [["Danube", 0]], "context": [["Danube", ["It rises in the Black Forest."]]]}
+    (tmp_path / "hotpotqa" / "dev.json").write_text(json.dumps([example]))
+    ran, reports = [], []
+
+    def run_one(function, spec, rows, options):
+        ran.append(spec.name)
+        if spec.name == "BM25 + text" and ran.count(spec.name) == 1:
+            raise RuntimeError("killed for memory")
+        return {"name": spec.name}
+
+    monkeypatch.setattr(bench_run, "_in_own_process", run_one)
+    monkeypatch.setattr(bench_run, "environment", lambda: {"commit": commit, "versions": {"torch": "2.13.0"}})
+    monkeypatch.setattr(clara_benchmarks.report, "write_report", lambda report, out, stem: reports.append(report) or [])
+    argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
+            "--systems", "no retrieval", "BM25 + text"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "killed for memory" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out" / ".bench_hotpotqa_normal_quick.systems").iterdir()] == ["system-00.json"]
+    main(argv)
+    again = ["BM25 + text"] if reused else ["no retrieval", "BM25 + text"]
+    assert ran == ["no retrieval", "BM25 + text", *again]
+    assert [r["name"] for r in reports[0]["systems"]] == ["no retrieval", "BM25 + text"]
+    assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
+
+
 def test_the_commit_is_read_without_git_as_none(monkeypatch):
     # a machine without git failed the run after every system had run
     def no_git(*args, **kwargs):
