@@ -29,7 +29,7 @@ from clara_plugins.bm25 import bm25_rank
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.metrics import (
     answer_scores,
-    bootstrap_interval,
+    paired_difference,
     precision_at_k,
     recall_at_k,
     summarize_answer_scores,
@@ -122,15 +122,8 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
 def f1_above_control(clara: dict, control: dict) -> dict:
     """CLaRa's F1 minus the control's on the same rows, with the 95 % interval of the paired
     difference: whether the generator answers from its documents or from the question alone."""
-    f1, interval = _paired_difference(clara["question_f1"], control["question_f1"])
+    f1, interval = paired_difference(clara["question_f1"], control["question_f1"])
     return {"f1": f1, "interval": interval}
-
-
-def _paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[float, list[float]]:
-    """The mean of the per-question differences of two systems on the same rows, and its 95 %
-    bootstrap interval."""
-    differences = [a - b for a, b in zip(first, second, strict=True)]
-    return round(statistics.fmean(differences), 2), bootstrap_interval(differences)
 
 
 def check_control_shifts(n_rows: int, shifts: Sequence[int]) -> None:
@@ -232,7 +225,7 @@ def recall_above(first: dict, other: dict) -> list[dict]:
     questions two trained retrievers differ by a few points, about the sampling noise."""
     differences = []
     for k, recalls in first["question_recall"].items():
-        recall, interval = _paired_difference(recalls, other["question_recall"][k])
+        recall, interval = paired_difference(recalls, other["question_recall"][k])
         differences.append({"retriever": first["retriever"], "over": other["retriever"], "k": int(k),
                             "recall": recall, "interval": interval})
     return differences
