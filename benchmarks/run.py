@@ -30,12 +30,13 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
-from clara_plugins.checkpoint import read_config
+from clara_plugins.checkpoint import CONFIG_FILE, files_sha256, read_config, weight_files
 from clara_plugins.checks import non_negative_int, positive_int
 from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS, ClaraConfig
 from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.jsonfiles import read_json, write_json
+from clara_plugins.metrics import paired_difference, token_f1
 from clara_plugins.rows import e2e_rows, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
@@ -147,21 +148,25 @@ def dataset_name(source: str) -> str | None:
 
 def _official_file(path: Path, files: list[tuple[str, str]]) -> str | None:
     """The value beside the first official file (a path under the data folder) ``path`` is."""
-    posix = "/" + path.resolve().as_posix()  # a relative path from inside the data folder too
+    posix = "/" + Path(os.path.abspath(path)).as_posix()  # a relative path from inside the data folder too
     return next((value for file, value in files if posix.endswith("/" + file)), None)
 
 
 def headline(results: list[dict]) -> dict:
-    """Three side-by-side ratios for the best available CLaRa CR16 row: F1 against fine-tuned
-    text RAG, text-over-CLaRa latency, and Recall@5 against the dense retriever."""
+    """Side-by-side measures for the best available CLaRa CR16 row: its F1 paired question by
+    question against dense text RAG and fine-tuned text RAG (each with its 95 % interval),
+    text-over-CLaRa latency from the question, and Recall@5 against the dense retriever."""
     by_name = {r["name"]: r for r in results}
     clara = by_name.get("CLaRa CR16 end-to-end") or by_name.get("CLaRa CR16 compressor")
     text, tuned = by_name.get("dense + text"), by_name.get("dense + fine-tuned text")
     if clara is None:
         return {}
     summary = {"clara_system": clara["name"]}
-    if tuned:
-        summary["f1_clara_minus_finetuned_text"] = round(clara["f1"] - tuned["f1"], 2)
+    for label, other in (("text", text), ("finetuned_text", tuned)):
+        if other:  # per question on the same rows: sharper than the two systems' own intervals
+            difference, interval = paired_difference(_question_f1(clara), _question_f1(other))
+            summary[f"f1_clara_minus_{label}"] = difference
+            summary[f"f1_clara_minus_{label}_interval"] = interval
     if text:  # from the question: its retrieval, then reading the context (and the answer's length)
         for stage in ("question_to_first_token", "question_to_answer"):
             summary[f"{stage}_latency_ratio_text_over_clara"] = round(
@@ -169,6 +174,11 @@ def headline(results: list[dict]) -> dict:
         if text["recall@5"] and clara["recall@5"] is not None:
             summary["recall@5_clara_over_dense"] = round(clara["recall@5"] / text["recall@5"], 3)
     return summary
+
+
+def _question_f1(result: dict) -> list[float]:
+    """A system's F1 on each question, in percent."""
+    return [100 * token_f1(p["prediction"], p["answers"]) for p in result["predictions"]]
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -234,12 +244,15 @@ def run(args: argparse.Namespace) -> list[Path]:
 def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list[dict], options: RunOptions,
                    path: Path, machine: dict) -> dict:
     """One system's result, run in its own process, or as an earlier run killed or failed
-    later kept it in ``path``: the same clean commit, package versions, rows, options and
-    system give the same answers, so a rerun runs only the systems left. An edited working
-    tree (a "-dirty" commit) runs every system again."""
+    later kept it in ``path``: the same clean commit, package versions, rows, options, system
+    and checkpoint files give the same answers, so a rerun runs only the systems left. An
+    edited working tree (a "-dirty" commit) runs every system again."""
+    folder = Path(spec.checkpoint) if spec.checkpoint else None  # retrained in place: another result
+    weights = files_sha256([folder / CONFIG_FILE, *weight_files(folder)]) if folder else None
     key = hashlib.sha256(json.dumps({"commit": machine["commit"], "versions": machine["versions"],
-                                     "spec": dataclasses.asdict(spec), "options": dataclasses.asdict(options),
-                                     "rows": rows}, sort_keys=True).encode()).hexdigest()
+                                     "spec": dataclasses.asdict(spec), "checkpoint_sha256": weights,
+                                     "options": dataclasses.asdict(options), "rows": rows},
+                                    sort_keys=True).encode()).hexdigest()
     reusable = machine["commit"] is not None and not machine["commit"].endswith("-dirty")
     if reusable and path.is_file():
         kept = read_json(path, InvalidInputError)

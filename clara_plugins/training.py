@@ -467,9 +467,10 @@ def _forget_steps_after(log: Path, step: int) -> None:
 
 
 def _probe_k(rows: list[dict], config: TrainConfig) -> int:
-    """The documents a probe row may read: as many as the stage's generator reads (e2e's top_k,
-    an instruction row's all), and at least top_k (QA probes beside SCP rows of one document)."""
-    if config.stage == "e2e":
+    """The documents a probe row may read: as many as the stage's generator reads (top_k of the
+    candidate pools of e2e and the retrieval stage, an instruction row's all), and at least
+    top_k (QA probes beside SCP rows of one document)."""
+    if config.stage in ("e2e", "retrieval"):  # pools in random order: their first k are not the best
         return config.top_k
     return max(config.top_k, *(len(row["docs"]) for row in rows))
 

@@ -106,6 +106,12 @@ def test_report_writes_json_markdown_and_plots(results, tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths[2:])
     assert report["headline"]["clara_system"] == "CLaRa CR16 compressor"
     assert report["headline"]["question_to_first_token_latency_ratio_text_over_clara"] > 0
+    # paired on the same questions: the difference of the two means, with an interval around it
+    by_name = {r["name"]: r for r in results}
+    difference = report["headline"]["f1_clara_minus_text"]
+    assert difference == pytest.approx(by_name["CLaRa CR16 compressor"]["f1"] - by_name["dense + text"]["f1"], abs=0.02)
+    low, high = report["headline"]["f1_clara_minus_text_interval"]
+    assert low <= difference <= high
 
 
 def test_the_table_says_which_rows_are_not_held_out(results):
@@ -248,6 +254,10 @@ def test_a_relative_path_to_an_official_file_is_sampled_as_its_dataset(tmp_path,
     monkeypatch.chdir(tmp_path / "hotpotqa")
     assert bench_run.dataset_name("dev.json") == "hotpotqa"
     assert bench_run.dataset_name("../hotpotqa/dev.json") == "hotpotqa"
+    (tmp_path / "downloads").mkdir()  # the official file's name is a link to a download of another name
+    (tmp_path / "downloads" / "hotpot_dev_distractor_v1.json").write_text("[]")
+    (tmp_path / "hotpotqa" / "dev.json").symlink_to(tmp_path / "downloads" / "hotpot_dev_distractor_v1.json")
+    assert bench_run.dataset_name(str(tmp_path / "hotpotqa" / "dev.json")) == "hotpotqa"
 
 
 def _killed() -> dict:
@@ -293,6 +303,21 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
     assert ran == ["no retrieval", "BM25 + text", *again]
     assert [r["name"] for r in reports[0]["systems"]] == ["no retrieval", "BM25 + text"]
     assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
+
+
+def test_a_kept_result_is_not_reused_for_a_checkpoint_trained_again_in_place(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
+    ran = []
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda function, spec, rows, options: ran.append(1) or {})
+    spec, machine = SystemSpec("CLaRa CR16 end-to-end", "clara", "clara", str(folder)), {"commit": "abc", "versions": {}}
+    for _ in range(2):
+        bench_run._system_result(run_system, spec, ROWS, RunOptions(), tmp_path / "kept.json", machine)
+    assert len(ran) == 1  # the second call reused the first's result
+    (folder / "clara_config.json").write_text((folder / "clara_config.json").read_text() + "\n")  # retrained
+    bench_run._system_result(run_system, spec, ROWS, RunOptions(), tmp_path / "kept.json", machine)
+    assert len(ran) == 2
 
 
 def test_the_commit_is_read_without_git_as_none(monkeypatch):

@@ -215,6 +215,9 @@ def test_search_arguments_a_store_does_not_take_are_refused(vectorstore):
     retriever = vectorstore.as_retriever(search_type="similarity_score_threshold",
                                          search_kwargs={"k": 3, "score_threshold": 0.0})
     assert len(retriever.invoke(QUESTION)) == 3
+    # what LangChain passes on by itself, and FAISS's fetch_k (a filtered search here is exact)
+    assert len(vectorstore.as_retriever(search_kwargs={"k": 2, "fetch_k": 50}).invoke(QUESTION, verbose=True)) == 2
+    assert len(ClaraRetriever(store=vectorstore, k=2).invoke(QUESTION, verbose=True)) == 2
 
 
 def test_settings_beside_a_store_are_refused(vectorstore):

@@ -308,12 +308,15 @@ def test_distillation_pulls_the_generator_towards_the_teacher_reading_text(tiny_
     assert log[-1]["distill"] < 0.7 * log[0]["distill"]
 
 
-def test_a_probe_set_of_end_to_end_pools_is_refused_before_the_first_step(tiny_model, tmp_path):
+@pytest.mark.parametrize("stage", ["instruct", "retrieval"])
+def test_a_probe_set_of_end_to_end_pools_is_refused_before_the_first_step(tiny_model, tmp_path, stage):
     # the reading gain read the first 5 of each shuffled 20-candidate pool: random candidates
-    pool = [{"question": "Who?", "docs": CORPUS * 4, "answer": "Marie Curie", "pos_index": [4]}] * 2
-    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, probe_every=1)
-    with pytest.raises(ValueError, match="probe pools: row 0 has 24 documents, more than k=5"):
-        train(tiny_model, INSTRUCT, config, tmp_path, probes={"pools": pool})
+    # (and the retrieval stage, whose own rows are such pools, read them whole)
+    pool = [{"question": "Who?", "docs": CORPUS, "answer": "Marie Curie", "pos_index": [4]}] * 2
+    config = TrainConfig(stage=stage, steps=1, batch_size=1, grad_accum=1, probe_every=1)
+    rows = INSTRUCT if stage == "instruct" else E2E
+    with pytest.raises(ValueError, match="probe pools: row 0 has 6 documents, more than k=5"):
+        train(tiny_model, rows, config, tmp_path, probes={"pools": pool})
     assert not (tmp_path / "checkpoint").exists()
 
 

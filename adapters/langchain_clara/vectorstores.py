@@ -25,14 +25,17 @@ def to_document(stored: StoredDocument) -> Document:
     return Document(page_content=stored.text, metadata=stored.metadata, id=stored.id)
 
 
-def refuse_unknown(method: str, kwargs: dict[str, Any]) -> None:
+def refuse_unknown(method: str, kwargs: dict[str, Any], honoured: tuple[str, ...] = ()) -> None:
     """Refuse what a call cannot honour rather than ignore it: a ``score_threshold`` given to a
     plain similarity search, another store's ``where``; a delete that ignored its filter deleted
-    every document."""
-    if kwargs:
+    every document. ``verbose`` (a retriever's ``invoke`` passes it on) and the ``honoured``
+    names (FAISS's ``fetch_k`` for a plain search: a filtered search here is exact, so every
+    match is a candidate) pass."""
+    unknown = sorted(set(kwargs) - {"verbose", *honoured})
+    if unknown:
         hint = (" (a score threshold: similarity_search_with_relevance_scores, or a retriever's "
                 "search_type='similarity_score_threshold')" if "score_threshold" in kwargs else "")
-        raise TypeError(f"{method} got arguments it does not take: {', '.join(sorted(kwargs))}{hint}")
+        raise TypeError(f"{method} got arguments it does not take: {', '.join(unknown)}{hint}")
 
 
 def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
@@ -141,13 +144,13 @@ class ClaraVectorStore(VectorStore):
         self, query: str, k: int = 4, filter: dict | None = None, **kwargs: Any
     ) -> list[tuple[Document, float]]:
         """Documents with their cosine similarity to the query, best first."""
-        refuse_unknown("similarity_search", kwargs)
+        refuse_unknown("similarity_search", kwargs, honoured=("fetch_k",))
         return [(to_document(d), score) for d, score in self.store.search(query, k, filter)]
 
     def similarity_search_by_vector(
         self, embedding: list[float], k: int = 4, filter: dict | None = None, **kwargs: Any
     ) -> list[Document]:
-        refuse_unknown("similarity_search_by_vector", kwargs)
+        refuse_unknown("similarity_search_by_vector", kwargs, honoured=("fetch_k",))
         return [to_document(d) for d, _ in self.store.search_by_key(np.asarray(embedding), k, filter)]
 
     def max_marginal_relevance_search(
