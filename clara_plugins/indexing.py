@@ -5,8 +5,9 @@ saving after each, so that a stopped run resumes from its last save. Each group 
 compressed by the store's own model, or, given a ``RayCompression``, by one of a pool of Ray
 actors that each load the same model once (one GPU each when the cluster has GPUs). An actor
 compresses a whole group in one call, batched as ``upsert`` batches it, so the store
-receives the same fp16 memories either way (through ``upsert(..., memories=...)``): a
-document's padding, and so the last bit of its memories, depends on its batch.
+receives the same fp16 memories either way (through ``upsert(..., memories=...)``) on the
+same device and dtype: a document's padding, and so the last bit of its memories, depends on
+its batch.
 
 Ray comes from the ``[ray]`` extra and is imported only when a corpus is compressed on it.
 """
@@ -89,8 +90,9 @@ def index_documents(
         store, texts, groups, on_ray)
     with tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress:
         for rows, memories in compressed:
+            # compressed here: a bar of its batches too, as a group of 1,024 takes minutes on a CPU
             store.upsert([texts[r] for r in rows], [ids[r] for r in rows], [metadatas[r] for r in rows],
-                         memories=memories)
+                         memories=memories, show_progress=show_progress and memories is None)
             if save is not None:
                 save()
             progress.update(len(rows))

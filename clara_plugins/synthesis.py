@@ -158,11 +158,13 @@ def _supported(answer: str, document: str) -> bool:
 def synthesize_document(document: str, teacher: Teacher, simple: int = 3, complex_: int = 2,
                         max_rounds: int = 3) -> tuple[dict | None, dict | None, dict]:
     """QA row (or None when dropped), paraphrase row (or None) and counts for one document."""
-    pairs = [p for p in parse_pairs(teacher(SIMPLE_QA.format(n=simple, document=document)))]
+    pairs = parse_pairs(teacher(SIMPLE_QA.format(n=simple, document=document)))
     pairs += parse_pairs(teacher(COMPLEX_QA.format(n=complex_, document=document)))
     covered = False
     for round_ in range(max_rounds + 1):  # a coverage check, then each round's new pairs checked again
-        questions = "\n".join(q for q, _ in pairs) or "(none)"
+        # the pairs the row would keep: one whose answer the document lacks covers nothing
+        kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document)]
+        questions = "\n".join(q for q, _ in kept) or "(none)"
         missing = [line.strip("-* ").strip() for line in
                    teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
         missing = [m for m in missing if m and m.upper().rstrip(".") != "NONE"]
@@ -172,8 +174,7 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
         if round_ == max_rounds:  # no check would follow: pairs asked for now could never be kept
             break
         pairs += parse_pairs(teacher(MISSING_QA.format(facts="\n".join(missing), document=document)))
-    kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document)]
-    counts = {"dropped_pairs": len(pairs) - len(kept)}
+    counts = {"dropped_pairs": len(pairs) - len(kept)}  # every round ends in a break, after kept was made
     qa = None
     if covered and kept:
         qa = {"data_type": "qa", "question": [q for q, _ in kept], "answers": [a for _, a in kept],

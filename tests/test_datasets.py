@@ -1,5 +1,6 @@
 """Readers of the official QA formats and the training-row converters, on the real files."""
 
+import dataclasses
 import json
 
 import pytest
@@ -176,6 +177,10 @@ def test_scp_qa_rows_read_the_single_gold_passage():
                      "docs": ["Danube\nIt flows through Vienna."]}]
     with pytest.raises(ValueError, match="exactly one gold passage"):
         scp_qa_rows([MULTI_HOP])
+    # a HotpotQA example whose second supporting paragraph is missing from its pool
+    half = dataclasses.replace(MULTI_HOP, gold=[0], gold_complete=False)
+    with pytest.raises(ValueError, match="exactly one gold passage"):
+        scp_qa_rows([half])
 
 
 def test_continuation_rows_split_each_passage_in_half():

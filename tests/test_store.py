@@ -127,6 +127,17 @@ def test_indexing_without_ids_is_refused(tiny_model):
         index_documents(MemoryStore(tiny_model), CORPUS[:2], None)
 
 
+def test_indexing_shows_the_batches_of_a_group_as_they_are_compressed(tiny_model, monkeypatch):
+    # the bar moved once a group of save_every documents was done: 0/1000 for the README's corpus
+    shown = []
+    compress = tiny_model.compress
+    monkeypatch.setattr(tiny_model, "compress", lambda texts, batch_size, show_progress=False:
+                        shown.append(show_progress) or compress(texts, batch_size, show_progress))
+    index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"], show_progress=True)
+    index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"])
+    assert shown == [True, False]
+
+
 def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
     # `value in {...}` hashed a list value: one document with a list field failed every such search
     store = MemoryStore(tiny_model)

@@ -74,6 +74,24 @@ def test_a_teacher_that_finds_every_fact_covered_keeps_its_qa(none):
     assert qa is not None and teacher.coverage_calls == 1
 
 
+def test_coverage_is_judged_on_the_pairs_the_row_keeps():
+    # a pair whose answer the document lacks was shown to the coverage check, then dropped: the
+    # row was written as covered without the fact its question asked for
+    class Hallucinating(ScriptedTeacher):
+        def __call__(self, prompt: str) -> str:
+            if prompt.startswith("Document:"):
+                self.coverage_calls += 1
+                return "NONE" if "When was Marie Curie born?" in prompt else "- the year of her birth"
+            if prompt.startswith("Read the document") and "two or more" not in prompt:
+                return "Question: When was Marie Curie born?\nAnswer: 1950"  # the document says 1867
+            return super().__call__(prompt)
+
+    teacher = Hallucinating([])
+    qa, _, counts = synthesize_document(DOC, teacher, max_rounds=3)
+    assert teacher.missing_calls == 1 and ("When was Marie Curie born?", "1867") in zip(qa["question"], qa["answers"])
+    assert counts["dropped_pairs"] == 1
+
+
 def test_missing_facts_are_regenerated_then_coverage_passes():
     teacher = ScriptedTeacher(["- the year of her birth", "NONE"])
     qa, paraphrase, counts = synthesize_document(DOC, teacher, max_rounds=3)
