@@ -135,8 +135,11 @@ class TrainConfig:
     mse_weight: float = 0.1
     top_k: int = 5
     temperature: float = 0.02
+    # "realm" marginalises over the top-k documents each read alone: its generator learns to
+    # read one document at a time, and answers read top_k together (freeze it to keep the
+    # instruction stage's reading: freeze_generator)
     estimator: str = "straight-through"
-    null_document: bool = False
+    null_document: bool = False  # realm: also the answer read from no document, scored as the mean candidate
     candidates: int = 20  # per question, when retrieving from a corpus store
     refresh_every: int = 0  # re-encode the corpus store every N steps (0: never)
     seed: int = 0

@@ -37,7 +37,7 @@ def reading_width(rows: Sequence[dict], k: int = 5) -> int:
 
 
 def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
-    """``reading_width``, and each row's partner of other documents (``_other_documents``)."""
+    """``reading_width``, and each row's partner of other documents (``other_rows``)."""
     longer = first_row_beyond(rows, k)
     if longer is not None:
         raise ValueError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: the reading "
@@ -48,7 +48,11 @@ def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
         raise ValueError(f"reading needs at least 2 rows that each read the same number of documents "
                          f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
     width = width.pop()
-    return width, _other_documents(rows, width)  # every row may read the same documents
+    partners = other_rows(rows, width)
+    if None in partners:  # then every row reads the same documents
+        raise ValueError("reading compares each row's documents with another row's, and every row reads the "
+                         "same documents")
+    return width, partners
 
 
 def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
@@ -92,17 +96,13 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     return result
 
 
-def _other_documents(rows: Sequence[dict], width: int) -> list[int]:
-    """For each row, the first row after it (wrapping around) whose documents differ from its own."""
+def other_rows(rows: Sequence[dict], width: int) -> list[int | None]:
+    """For each row, the first row after it (wrapping around) whose first ``width`` documents
+    differ from its own (a synthesised QA row and its paraphrase share theirs); None for a row
+    no other row differs from."""
     read = [tuple(row["docs"][:width]) for row in rows]
-    partners = []
-    for i in range(len(rows)):
-        partner = next((j % len(rows) for j in range(i + 1, i + len(rows)) if read[j % len(rows)] != read[i]), None)
-        if partner is None:
-            raise ValueError("reading compares each row's documents with another row's, and every row reads the "
-                             "same documents")
-        partners.append(partner)
-    return partners
+    n = len(rows)
+    return [next((j % n for j in range(i + 1, i + n) if read[j % n] != read[i]), None) for i in range(n)]
 
 
 def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

@@ -87,7 +87,9 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> t
     soft_rows = []
     taken = torch.zeros_like(logits)
     for pick in range(k):
-        soft_rows.append(F.softmax(logits + torch.log(1.0 - taken + 1e-8), dim=-1))
+        # earlier picks out for good: log(1e-8) lowered them by 18 nats only, less than a cosine
+        # gap of 0.37 at temperature 0.02, and later soft rows fell back onto them
+        soft_rows.append(F.softmax(logits.masked_fill(taken.bool(), float("-inf")), dim=-1))
         taken = taken + hard[:, pick]
     soft = torch.stack(soft_rows, dim=1)
     return hard + (soft - soft.detach())

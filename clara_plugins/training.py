@@ -66,7 +66,7 @@ from .metrics import recall_at_k
 from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
-from .reading import evaluate_reading, reading_width
+from .reading import evaluate_reading, other_rows, reading_width
 from .prompts import memory_prompts, text_prompts
 from .retrieval import cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name, reading_row_problem
@@ -126,12 +126,14 @@ def _token_ce(log_likelihood: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return -log_likelihood.sum() / tokens.sum().clamp(min=1)
 
 
-def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
+def _reading_loss(model: ClaraModel, rows: list[dict], prompts: list[str], full: list[str], grouped: torch.Tensor,
                   config: TrainConfig, teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """CE of the targets read from their own memories [batch, k, n, hidden], plus the reading
-    margin when it is on (the same targets read from the previous row's memories must cost at
-    least ``margin`` nats per token more), plus distillation when ``teacher_view`` gives a
+    margin when it is on (the same targets read from the memories of the next row with other
+    documents, ``other_rows``, must cost at least ``margin`` nats per token more: a row paired
+    with its own documents gained 0 and pushed the others harder), plus distillation when
+    ``teacher_view`` gives a
     teacher's log-probabilities and targets for the same completions (``_teacher_view``).
     Also returns each target's mean log-likelihood per token [batch], for the restatement term."""
     log_probs, labels = completion_log_probs(model, prompts, full, grouped)
@@ -143,8 +145,12 @@ def _reading_loss(model: ClaraModel, prompts: list[str], full: list[str], groupe
         distill = _distillation_loss(*teacher_view, log_probs, labels)
         metrics["distill"] = distill.item()
         loss = loss + config.distill_weight * distill
-    if config.margin_weight and len(grouped) >= 2:
-        gain = _decoder_loss(model, prompts, full, grouped.roll(1, dims=0)) - ce
+    partners = other_rows(rows, grouped.size(1)) if config.margin_weight else []
+    paired = [i for i, partner in enumerate(partners) if partner is not None]
+    if paired:
+        other = _decoder_loss(model, [prompts[i] for i in paired], [full[i] for i in paired],
+                              grouped[[partners[i] for i in paired]])
+        gain = other - _token_ce(summed[0][paired], summed[1][paired])
         metrics["reading_gain"] = gain.item()
         loss = loss + config.margin_weight * F.relu(config.margin - gain)
     return loss, metrics, _row_log_likelihood(*summed)
@@ -167,13 +173,13 @@ def _distillation_loss(teacher_log_probs: torch.Tensor, teacher_labels: torch.Te
     return (kl * valid).sum() / valid.sum().clamp(min=1)
 
 
-def _compression_loss(model: ClaraModel, prompts: list[str], full: list[str], grouped: torch.Tensor,
+def _compression_loss(model: ClaraModel, rows: list[dict], prompts: list[str], full: list[str], grouped: torch.Tensor,
                       memories: torch.Tensor, document_means: torch.Tensor, config: TrainConfig,
                       teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document); returns
     ``_reading_loss``'s three values."""
-    loss, metrics, target_log_likelihood = _reading_loss(model, prompts, full, grouped, config, teacher_view)
+    loss, metrics, target_log_likelihood = _reading_loss(model, rows, prompts, full, grouped, config, teacher_view)
     mse = F.mse_loss(memories.mean(1).float(), document_means.float())
     metrics["mse"] = mse.item()
     if len(memories) > 1:
@@ -195,7 +201,8 @@ def memory_cosine(memories: torch.Tensor) -> float:
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
     memories, document_means = encode_with_gradients(model, [row["docs"][0] for row in rows])
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, 1)
-    loss, metrics, _ = _compression_loss(model, prompts, full, memories.unsqueeze(1), memories, document_means, config)
+    loss, metrics, _ = _compression_loss(model, rows, prompts, full, memories.unsqueeze(1), memories, document_means,
+                                         config)
     return loss, metrics
 
 
@@ -212,11 +219,11 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     view = None if teacher is None else _teacher_view(teacher, rows)
     if frozen is not None:
         grouped = frozen.for_rows(rows, config)[0]
-        loss, metrics, answer_log_likelihood = _reading_loss(model, prompts, full, grouped, config, view)
+        loss, metrics, answer_log_likelihood = _reading_loss(model, rows, prompts, full, grouped, config, view)
     else:
         memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
         grouped = memories.reshape(len(rows), k, *memories.shape[1:])
-        loss, metrics, answer_log_likelihood = _compression_loss(model, prompts, full, grouped, memories,
+        loss, metrics, answer_log_likelihood = _compression_loss(model, rows, prompts, full, grouped, memories,
                                                                  document_means, config, view)
     if config.restate_weight:
         loss = loss + config.restate_weight * _restatement_loss(model, rows, grouped, answer_log_likelihood,
@@ -365,6 +372,16 @@ def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], config: Tr
     return torch.stack(terms).mean() if terms else scores.new_zeros(())
 
 
+def _realm_prior(logits: torch.Tensor, null_document: bool) -> torch.Tensor:
+    """log p(z|x) over the top-k documents' logits [batch, k], and the null document last when
+    asked. The null scores as the mean of the k (no gradient): a fixed logit of 0 (cosine 0)
+    stood some 40 nats below candidates' cosine / 0.02, a prior of e^-40 that no answer
+    likelihood could outweigh."""
+    if null_document:
+        logits = torch.cat([logits, logits.detach().mean(1, keepdim=True)], dim=1)
+    return torch.log_softmax(logits, dim=1)
+
+
 def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memories: torch.Tensor,
                 top: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """-log Σ_z p(y|z,x) p(z|x) over the top-k documents, each read alone (plus a null document)."""
@@ -375,12 +392,11 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
     prompts, full = memory_prompts(tok, slot, [row for row in rows for _ in range(k)], 1)
     log_likelihood, tokens = completion_log_likelihood(model, prompts, full, single)
     log_likelihood = log_likelihood.reshape(batch, k)
-    if config.null_document:  # no document at all, with the score of an orthogonal one (cosine 0)
+    if config.null_document:  # no document at all
         prompts, full = memory_prompts(tok, slot, rows, 0)
         null, _ = completion_log_likelihood(model, prompts, full)
-        logits = torch.cat([logits, logits.new_zeros(batch, 1)], dim=1)
         log_likelihood = torch.cat([log_likelihood, null.unsqueeze(1)], dim=1)
-    marginal = torch.logsumexp(torch.log_softmax(logits, dim=1) + log_likelihood, dim=1)
+    marginal = torch.logsumexp(_realm_prior(logits, config.null_document) + log_likelihood, dim=1)
     return -marginal.sum() / tokens.reshape(batch, k)[:, 0].sum().clamp(min=1)
 
 

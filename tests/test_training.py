@@ -102,6 +102,38 @@ def test_reading_margin_pays_for_reading_and_probes_are_logged(tiny_model, tmp_p
                                           abs=1e-3)
 
 
+def test_the_reading_margin_pairs_a_row_with_another_rows_documents(tiny_model, monkeypatch):
+    # a QA row and its paraphrase share their document: rolled by one, each read its own
+    # memories as "another's", a gain of 0 that pushed the other pairs harder
+    rows = [{"data_type": "qa", "question": ["Where is the tower?"], "answers": ["Paris"], "docs": [CORPUS[1]]},
+            {"data_type": "paraphrase", "answers": ["The tower stands in Paris."], "docs": [CORPUS[1]]},
+            {"data_type": "reconstruct", "answers": [CORPUS[4]], "docs": [CORPUS[4]]}]
+    read = []
+    decoder_loss = training._decoder_loss
+    monkeypatch.setattr(training, "_decoder_loss", lambda model, prompts, full, memories:
+                        read.append(len(prompts)) or decoder_loss(model, prompts, full, memories))
+    memories = tiny_model.compress_documents([row["docs"][0] for row in rows])
+    config = TrainConfig(stage="scp", margin_weight=1.0, batch_size=3)
+    monkeypatch.setattr(training, "encode_with_gradients",
+                        lambda model, texts: (memories[:len(texts)], memories[:len(texts)].mean(1)))
+    partners = training.other_rows(rows, 1)
+    assert partners == [2, 2, 0]  # the paraphrase's next row with another document is the third
+    _, metrics = training.scp_loss(tiny_model, rows, config)
+    assert read == [3] and "reading_gain" in metrics
+    same = [rows[0], rows[1]]  # nothing to compare with: no margin term, and no pass for it
+    read.clear()
+    _, metrics = training.scp_loss(tiny_model, same, dataclasses.replace(config, batch_size=2))
+    assert read == [] and "reading_gain" not in metrics
+
+
+def test_the_null_document_is_a_real_option_of_the_realm_prior():
+    # a fixed logit of 0 against candidates' cosine / 0.02 (about 40) gave it a prior of e^-40
+    logits = torch.tensor([[42.5, 41.5, 40.0, 39.0, 37.5]])
+    prior = training._realm_prior(logits, null_document=True)
+    assert prior.shape == (1, 6) and prior[0, -1].exp() > 0.05
+    assert torch.allclose(training._realm_prior(logits, null_document=False), torch.log_softmax(logits, dim=1))
+
+
 def test_a_run_stopped_while_it_probes_keeps_the_step_it_saved(tiny_model, tmp_path, monkeypatch):
     """A time box that stops a run during a probe must not lose the steps since the last save."""
     real = training._probe
