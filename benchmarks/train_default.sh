@@ -32,7 +32,7 @@
 # Results: $OUT/eval/*.json; the shippable fp16 adapters: $OUT/cr$CR-fp16.
 set -euo pipefail
 
-DATA=${DATA:-../shared/data}
+DATA=${DATA:-${CLARA_DATA:-../shared/data}}
 OUT=${OUT:-runs/default}
 DEVICE=${DEVICE:-auto}
 BASE_MODEL=${BASE_MODEL:-smollm2-135m-instruct}

@@ -186,6 +186,9 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("data", help="converted JSONL rows")
     parser.add_argument("--checkpoint", help="CLaRa checkpoint (default: the shipped trained one)")
+    parser.add_argument("--base-model", metavar="PATH_OR_ID",
+                        help="the checkpoint's base model where its recorded path does not reach it (another "
+                        "folder, another machine); it must hold the same weights")
     parser.add_argument("--compression-rate", type=positive_int,
                         help="read a pooled checkpoint's documents at this rate (default: its own)")
     parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
@@ -484,7 +487,7 @@ def _eval(args: argparse.Namespace) -> None:
     if out is not None:
         _refuse_overwriting_input(out, args.data)
         if out.is_dir():
-            raise InvalidInputError(f"--out {out} is a folder: name the JSON file to write")
+            raise IsADirectoryError(f"--out {out} is a folder: name the JSON file to write")
         out.parent.mkdir(parents=True, exist_ok=True)
     if not (args.systems or args.retrievers or args.reading):
         raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")
@@ -501,7 +504,8 @@ def _eval(args: argparse.Namespace) -> None:
                            device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()
     dtype = "float32"  # on every device: the checkpoint trained so, and the recorded numbers were measured so
-    model = load_model(checkpoint, compression_rate=args.compression_rate, device=args.device, dtype=dtype)
+    model = load_model(checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
+                       device=args.device, dtype=dtype)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
                "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
     memories = {} if "control" in args.systems else None  # clara and its control read the same documents

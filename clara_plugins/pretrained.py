@@ -35,7 +35,7 @@ def load_model(
     """The named checkpoint; else the shipped one when the backbone is the default; else a
     fresh (untrained) model on ``base_model``. ``compression_rate`` reads a checkpoint at
     another rate than its own (``ClaraModel.from_pretrained``), or sets a fresh model's (16);
-    ``dtype`` is as ``ClaraModel``'s ("auto": bfloat16 on CUDA, float32 elsewhere)."""
+    ``dtype`` is as ``ClaraModel``'s ("auto": see ``backbone.resolve_dtype``)."""
     rate = ClaraConfig.compression_rate if compression_rate is None else compression_rate
     if checkpoint is None and base_model in (None, DEFAULT_BASE_MODEL):
         checkpoint = default_checkpoint(rate) or default_checkpoint()

@@ -133,9 +133,24 @@ def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_p
     with pytest.raises(SystemExit):
         main(["eval", str(data), "--systems", "clara", "control", "--control-shifts", "6"])
     assert "a control shift of 6 gives each of the 3 rows its own documents" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:  # a file in the way of an output: 3, as bench and train say
         main(["eval", str(data), "--out", str(tmp_path)])
-    assert f"--out {tmp_path} is a folder: name the JSON file to write" in capsys.readouterr().err
+    assert exit_.value.code == 3 and f"--out {tmp_path} is a folder: name the JSON file to write" in \
+        capsys.readouterr().err
+
+
+def test_clara_eval_reads_a_checkpoint_whose_base_model_moved(tiny_model, tiny_base, tmp_path, capsys):
+    # the checkpoint names its base model as it was given to train (a relative path): from
+    # another folder, or on another machine, nothing could point eval at it
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "clara_config.json").read_text())
+    config["config"]["base_model"] = "models/moved-away"
+    (tmp_path / "ckpt" / "clara_config.json").write_text(json.dumps(config))
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    main(["eval", str(data), "--checkpoint", str(tmp_path / "ckpt"), "--base-model", str(tiny_base),
+          "--max-new-tokens", "2", "--device", "cpu"])
+    assert '"f1"' in capsys.readouterr().out
 
 
 def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_path, monkeypatch, capsys):

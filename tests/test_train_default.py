@@ -104,7 +104,8 @@ def test_scp_runs_apart_from_the_later_stages_as_on_a_gpu_machine(tmp_path):
     then the later stages and the evaluations here, from that checkpoint."""
     sizes = dict(SCP_MORE_STEPS="0", RETRIEVAL_STEPS="0", DISTILL_STEPS="1", DISTILL_MORE_STEPS="0", RESTATE_STEPS="0",
                  TEXT_STEPS="1", EVAL_LIMIT="2", CONTROL_SHIFTS="1", RECALL_LIMIT="2")
-    out = _run_smoke_recipe(tmp_path, PARTS="rows", **sizes)
+    # the data folder as the README names it for every command: $CLARA_DATA (DATA= read only)
+    out = _run_smoke_recipe(tmp_path, PARTS="rows", DATA="", CLARA_DATA=str(SHARED_DATA), **sizes)
     assert (out / "rows" / "scp.jsonl").exists() and not (out / "scp").exists()
     _run_smoke_recipe(tmp_path, PARTS="scp", DATA=str(tmp_path / "no-data"), **sizes)
     assert (out / "scp-fp16" / "clara_config.json").exists() and not (out / "e2e").exists()
