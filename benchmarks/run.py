@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                                 f"{', '.join(repr(s.name) for s in systems)}")
     if args.systems:
         systems = [s for s in systems if s.name in args.systems]
+    _refuse_unread(args, clara, clara_e2e, systems)
     # every dataset is read, and a missing or malformed one or checkpoint named, before the first system runs
     stems = [f"bench_{dataset_name(d) or Path(d).stem}_{args.setting}_{mode}" for d in datasets]
     if len(set(stems)) < len(stems):
@@ -263,6 +264,23 @@ def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": key, "result": result})
     return result
+
+
+def _refuse_unread(args: argparse.Namespace, clara: dict[int, str], clara_e2e: dict[int, str],
+                   systems: list[SystemSpec]) -> None:
+    """Refuse an option no chosen system reads (the report recorded a --dense-model nothing used)."""
+    given = []
+    if not any(spec.retriever == "dense" for spec in systems):
+        given += [flag for flag, value, default in (("--dense-model", args.dense_model, DEFAULT_DENSE_MODEL),
+                                                    ("--query-instruction", args.query_instruction, ""))
+                  if value != default]
+    if args.text_ft and not any(spec.reader == "text-ft" for spec in systems):
+        given.append("--text-ft")
+    for flag, rates in (("--clara", clara), ("--clara-e2e", clara_e2e)):
+        given += [f"{flag} {rate}={folder}" for rate, folder in rates.items()
+                  if not any(spec.compression_rate == rate and spec.checkpoint == folder for spec in systems)]
+    if given:
+        raise InvalidInputError(f"{', '.join(given)}: not read by the systems chosen (--systems)")
 
 
 def _check_checkpoint(spec: SystemSpec, config: ClaraConfig) -> None:

@@ -253,10 +253,12 @@ fi
 # with a higher margin target, as distillation lowers the CE from any memories.
 clara train --stage text --data "$rows/instruct.jsonl" --output "$OUT/text" --base-model "$BASE_MODEL" \
     --steps "$TEXT_STEPS" --batch-size 1 --grad-accum "$BATCH" --lr "$LR" --device "$DEVICE"
+distill_margin=()  # the margin's target, read with its weight only (MARGIN=0: the paper's loss)
+awk "BEGIN { exit !($MARGIN > 0) }" && distill_margin=(--margin "$DISTILL_MARGIN")
 distill() {  # OUTPUT FROM SEED STEPS [FLAGS...]: the generator alone, distilled from the text reader
     clara train --stage instruct --data "$rows/instruct.jsonl" --output "$1" --init "$2" \
         --keep-generator $FREEZE_COMPRESSOR --steps "$4" --batch-size "$BATCH" --grad-accum 1 --lr "$LR" \
-        --seed "$3" --margin "$DISTILL_MARGIN" --margin-weight "$MARGIN" --distill-weight 1.0 \
+        --seed "$3" "${distill_margin[@]}" --margin-weight "$MARGIN" --distill-weight 1.0 \
         --teacher "$OUT/text/checkpoint" --save-every 20 --device "$DEVICE" \
         --probe "$rows/probe_nq5.jsonl" "$rows/probe_hotpot5.jsonl" --probe-every "$PROBE_EVERY" "${@:5}"
 }

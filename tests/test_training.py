@@ -185,7 +185,8 @@ def test_the_restatement_margin_makes_the_questions_own_name_a_costly_answer(tin
 
     def gap_after(weight: float, model: ClaraModel) -> float:
         config = TrainConfig(stage="instruct", steps=25, batch_size=2, grad_accum=1, lr=3e-2, freeze_compressor=True,
-                             keep_generator=True, restate_weight=weight, restate_margin=5.0)
+                             keep_generator=True, restate_weight=weight,
+                             restate_margin=5.0 if weight else TrainConfig.restate_margin)  # read with a weight only
         train(model, rows, config, tmp_path / str(weight))
         memories = model.compress_documents(rows[0]["docs"]).unsqueeze(0)
         with torch.no_grad():
@@ -241,6 +242,12 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
     ({"stage": "scp", "weight_decay": -0.1}, "weight_decay must be at least 0"),
     ({"stage": "instruct", "retrieval_weight": 1.0}, "read by the e2e stage alone, got the instruct stage"),
     ({"stage": "scp", "estimator": "realm"}, "read by the e2e stage alone, got the scp stage"),
+    ({"stage": "instruct", "margin": 1.5}, r"margin \(--margin\): not read by the instruct stage"),
+    ({"stage": "instruct", "restate_margin": 2.0}, r"restate_margin \(--restate-margin\): not read"),
+    ({"stage": "scp", "temperature": 0.1}, "temperature"),
+    ({"stage": "e2e", "gold_term": "each"}, "gold_term"),
+    ({"stage": "text", "mse_weight": 0.5}, "mse_weight"),
+    ({"stage": "instruct", "freeze_compressor": True, "mse_weight": 0.5}, "mse_weight"),
 ])
 def test_a_knob_its_stage_would_ignore_is_refused(knobs, problem):
     # each was silently ignored (or, for grad_clip 0, scaled every gradient to nothing)
