@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .checks import device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
-                     MEMORY_DESIGNS, MEMORY_DTYPES, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
+                     MEMORY_DESIGNS, MEMORY_DTYPES, MEMORY_POOLINGS, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
                      TrainConfig)
 from .corpora import document_id, spaced_alike
 from .errors import CheckpointError, InvalidInputError, StoreError
@@ -139,10 +139,15 @@ def _synth_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, help="only the first N passages")
     parser.add_argument("--max-rounds", type=non_negative_int, default=3,
                         help="rounds of writing the QA a coverage check finds missing, each checked again (default 3)")
+    _device_argument(parser)
 
 
 TRAIN_TYPES = {**dict.fromkeys(("steps", "batch_size", "grad_accum", "save_every", "top_k", "candidates"), positive_int),
                **dict.fromkeys(("refresh_every", "probe_every"), non_negative_int)}
+# ClaraConfig settings a new model takes from `clara train` (the base model, rate and key have flags of their own)
+NEW_MODEL_FIELDS = ("doc_max_length", "lora_r", "lora_alpha", "lora_dropout", "memory_design", "memory_pooling",
+                    "memory_layer", "memory_scale")
+NEW_MODEL_CHOICES = {"memory_design": MEMORY_DESIGNS, "memory_pooling": MEMORY_POOLINGS}
 TRAIN_CHOICES = {"schedule": SCHEDULES, "estimator": ESTIMATORS, "gold_term": GOLD_TERMS}
 
 
@@ -162,9 +167,14 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
     parser.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
                         help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
-    parser.add_argument("--memory-design", choices=MEMORY_DESIGNS,
-                        help=f"without --init: how documents become memory vectors (default "
-                             f"{ClaraConfig.memory_design}; --init's checkpoint has its own)")
+    fresh = parser.add_argument_group("a new model (without --init, whose checkpoint has its own)")
+    for name in NEW_MODEL_FIELDS:
+        default = next(field.default for field in dataclasses.fields(ClaraConfig) if field.name == name)
+        flag, described = "--" + name.replace("_", "-"), f"ClaraConfig.{name} (default {default})"
+        if isinstance(default, bool):
+            fresh.add_argument(flag, action="store_true", default=None, help=described)
+        else:
+            fresh.add_argument(flag, type=type(default), choices=NEW_MODEL_CHOICES.get(name), help=described)
     parser.add_argument("--retrieval-key", choices=RETRIEVAL_KEYS,
                         help=f"what queries and documents are compared by (default: the --init checkpoint's, "
                              f"else {ClaraConfig.retrieval_key}); the e2e stage trains the query reasoner for it")
@@ -407,7 +417,7 @@ def _synth(args: argparse.Namespace) -> None:
     if not passages:  # it wrote an empty output and ledger, and exited 0
         raise InvalidInputError(f"{args.corpus} holds no passages: nothing to synthesise")
     # ids from the texts, so that a resume over an edited corpus skips only what it synthesised
-    report = synthesize([(document_id(p), p) for p in passages], HuggingFaceTeacher(args.teacher),
+    report = synthesize([(document_id(p), p) for p in passages], HuggingFaceTeacher(args.teacher, device=args.device),
                         args.output, max_rounds=args.max_rounds)
     print(json.dumps(dataclasses.asdict(report), indent=2))
 
@@ -423,8 +433,10 @@ def _train(args: argparse.Namespace) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
     # everything that can be refused is refused before the model loads and a corpus is compressed
-    if args.init and args.memory_design:
-        raise InvalidInputError("--memory-design is --init's own: a checkpoint keeps the design it was trained with")
+    new_model = {name: getattr(args, name) for name in NEW_MODEL_FIELDS if getattr(args, name) is not None}
+    if args.init and new_model:
+        flags = ", ".join("--" + name.replace("_", "-") for name in new_model)
+        raise InvalidInputError(f"{flags}: --init's own: a checkpoint keeps the settings it was trained with")
     rows = read_jsonl(args.data)
     names = [Path(path).stem for path in args.probe]
     if len(set(names)) < len(names):
@@ -447,7 +459,7 @@ def _train(args: argparse.Namespace) -> None:
     else:
         model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
                                        compression_rate=args.compression_rate or ClaraConfig.compression_rate,
-                                       memory_design=args.memory_design or ClaraConfig.memory_design,
+                                       **new_model,
                                        retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
                            device=args.device, dtype="float32")
     if model.device.type == "cuda":  # TF32 matrix products (Ampere on); weights, gradients and loss stay float32

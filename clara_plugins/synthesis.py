@@ -77,30 +77,34 @@ def as_teacher(model: object) -> Teacher:
 
 
 class HuggingFaceTeacher:
-    """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model).
+    """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model),
+    on ``device`` ("auto": a GPU where there is one) in ``dtype`` ("auto": as ``resolve_dtype``).
 
     The name is checked at once and the weights load at the first prompt, so that a mistyped
     name and a bad output are both refused before anything is written or loaded."""
 
-    def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256) -> None:
+    def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256,
+                 device: str = "auto", dtype: str = "auto") -> None:
         from .backbone import check_base_model
 
         check_base_model(name_or_path)
         self.name_or_path = name_or_path
         self.max_new_tokens = max_new_tokens
+        self.device, self.dtype = device, dtype
         self.model = self.tokenizer = None
 
     def __call__(self, prompt: str) -> str:
         import torch
 
         if self.model is None:
-            from .backbone import load_base_model
+            from .backbone import load_base_model, resolve_device, resolve_dtype
 
-            self.model, self.tokenizer = load_base_model(self.name_or_path, torch.float32)
-            self.model.eval()
+            device = resolve_device(self.device)
+            self.model, self.tokenizer = load_base_model(self.name_or_path, resolve_dtype(self.dtype, device))
+            self.model.to(device).eval()
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
         with torch.no_grad():
             out = self.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()

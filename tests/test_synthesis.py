@@ -139,7 +139,7 @@ def test_resume_loses_at_most_the_document_in_progress(tmp_path, monkeypatch):
 
 
 def test_clara_synth_resumes_by_text_over_a_corpus_grown_in_front(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name: ScriptedTeacher(["NONE"] * 10))
+    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name, **options: ScriptedTeacher(["NONE"] * 10))
     corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"
     corpus.write_text(DOC)
     main(["synth", str(corpus), str(output)])
@@ -150,7 +150,7 @@ def test_clara_synth_resumes_by_text_over_a_corpus_grown_in_front(tmp_path, monk
 
 
 def test_clara_synth_reads_a_repeated_passage_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name: ScriptedTeacher(["NONE"] * 10))
+    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name, **options: ScriptedTeacher(["NONE"] * 10))
     corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"
     corpus.write_text(f"{DOC}\n\n{DOC}")
     main(["synth", str(corpus), str(output)])
@@ -247,3 +247,12 @@ def test_langchain_and_llama_index_models_are_teachers():
 
     chain = FakeListChatModel(responses=["Question: Who?\nAnswer: Curie"]) | StrOutputParser()
     assert parse_pairs(as_teacher(chain)("any prompt")) == [("Who?", "Curie")]
+
+
+def test_a_hugging_face_teacher_runs_on_the_device_it_is_given(tiny_base, monkeypatch):
+    # it always loaded in float32 on the CPU, a GPU beside it or not
+    from clara_plugins import backbone
+
+    teacher = synthesis.HuggingFaceTeacher(str(tiny_base), max_new_tokens=2, device="cpu", dtype="bfloat16")
+    assert isinstance(teacher("Write one question."), str)
+    assert teacher.model.device.type == "cpu" and teacher.model.dtype == backbone.torch.bfloat16
