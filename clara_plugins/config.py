@@ -191,6 +191,14 @@ class TrainConfig:
         """Whether the <MEM> rows learn: not when cached memories or a frozen generator need them fixed."""
         return not (self.generator_only or self.freeze_generator or self.stage == "retrieval")
 
+    def unread_settings(self) -> set[str]:
+        """The settings this stage, with these weights, never reads."""
+        read = {"margin": self.margin_weight > 0, "restate_margin": self.restate_weight > 0,
+                "temperature": self.stage in ("e2e", "retrieval"),
+                "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
+                "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
+        return {name for name, is_read in read.items() if not is_read}
+
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
@@ -241,13 +249,9 @@ class TrainConfig:
         if self.null_document and self.estimator != "realm":
             raise ValueError("null_document needs the realm estimator")
         # a setting moved from its default where this stage never reads it: the user meant it to change something
-        read = {"margin": self.margin_weight > 0, "restate_margin": self.restate_weight > 0,
-                "temperature": self.stage in ("e2e", "retrieval"),
-                "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
-                "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        unread = [f"{name} (--{name.replace('_', '-')})" for name, is_read in read.items()
-                  if not is_read and getattr(self, name) != defaults[name]]
+        unread = [f"{name} (--{name.replace('_', '-')})" for name in self.unread_settings()
+                  if getattr(self, name) != defaults[name]]
         if unread:
             raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
                              "needs margin_weight, restate_margin restate_weight, gold_term the retrieval stage or "

@@ -22,7 +22,8 @@ from .prompts import SCP_REWRITES
 def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5) -> list[dict]:
     """Rows ``{question, docs[k], answer, answers, pos_index}`` in the Normal or Oracle setting.
 
-    Oracle rows are made only for examples whose gold passages are all in the pool. Pools of
+    Oracle rows are made only for examples whose gold passages are all in the pool, and at
+    most k. Pools of
     fewer than k passages are filled from the other examples (a training batch needs the same
     k in every row); an example that still has fewer is left out. Both settings list their
     passages best BM25 match first, as a retriever would: in the pool's order, a set whose
@@ -31,13 +32,13 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
     if setting not in SETTINGS:
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
     examples = [e for e in fill_short_pools(examples, k) if len(e.passages) >= k]
-    if setting == "oracle":
-        examples = [e for e in examples if e.gold_complete and e.gold]
+    if setting == "oracle":  # every gold passage among the k: -k 1 gave a 2-hop question half its evidence
+        examples = [e for e in examples if e.gold_complete and e.gold and len(e.gold) <= k]
     rows = []
     for example in examples:
         ranked = bm25_rank(example.question, example.passages)
         if setting == "oracle":
-            gold = example.gold[:k]
+            gold = example.gold
             picked = set(gold + [i for i in ranked if i not in gold][: k - len(gold)])
             chosen = [i for i in ranked if i in picked]
         else:

@@ -552,8 +552,10 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> dict |
     state = _read_trainer_state(state_path)
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
     current = dataclasses.asdict(config)
+    # a setting the stage never reads (saved before such settings were refused) changed nothing trained
     changed = [f"{name}={current.get(name)!r} (was {saved.get(name)!r})"
-               for name in sorted(saved.keys() | current.keys()) if saved.get(name) != current.get(name)]
+               for name in sorted((saved.keys() | current.keys()) - config.unread_settings())
+               if saved.get(name) != current.get(name)]
     if changed:
         raise ValueError(f"{output} was trained with another configuration: {', '.join(changed)}; "
                          "use a new output folder")

@@ -237,7 +237,9 @@ def test_bench_refuses_options_no_chosen_system_reads(tmp_path, capsys, monkeypa
     for argv, message in [(["--dense-model", "bge-small"], "--dense-model"),
                           (["--query-instruction", "Represent: "], "--query-instruction"),
                           (["--text-ft", str(tmp_path)], "--text-ft"),
-                          (["--clara", f"8={tmp_path}"], f"--clara 8={tmp_path}")]:
+                          (["--clara", f"8={tmp_path}"], f"--clara 8={tmp_path}"),
+                          (["--clara", f"16={tmp_path}", "--clara-e2e", f"16={tmp_path}", "--systems",
+                            "CLaRa CR16 end-to-end"], f"--clara 16={tmp_path}")]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "--systems", "BM25 + text", *argv])
         assert exit_.value.code == 5 and f"{message}: not read by the systems chosen" in capsys.readouterr().err
@@ -302,7 +304,8 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
         return {"name": spec.name}
 
     monkeypatch.setattr(bench_run, "_in_own_process", run_one)
-    monkeypatch.setattr(bench_run, "environment", lambda: {"commit": commit, "versions": {"torch": "2.13.0"}})
+    monkeypatch.setattr(bench_run, "environment",
+                        lambda: {"commit": commit, "versions": {"torch": "2.13.0"}, "machine": {"cpus": 2}})
     monkeypatch.setattr(clara_benchmarks.report, "write_report", lambda report, out, stem: reports.append(report) or [])
     argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
             "--systems", "no retrieval", "BM25 + text"]
@@ -314,6 +317,7 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
     again = ["BM25 + text"] if reused else ["no retrieval", "BM25 + text"]
     assert ran == ["no retrieval", "BM25 + text", *again]
     assert [r["name"] for r in reports[0]["systems"]] == ["no retrieval", "BM25 + text"]
+    assert reports[0]["benchmark"].get("reused_systems") == (["no retrieval"] if reused else None)
     assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
 
 
@@ -323,13 +327,33 @@ def test_a_kept_result_is_not_reused_for_a_checkpoint_trained_again_in_place(tin
     folder = shutil.copytree(tiny_checkpoint, tmp_path / "checkpoint")
     ran = []
     monkeypatch.setattr(bench_run, "_in_own_process", lambda function, spec, rows, options: ran.append(1) or {})
-    spec, machine = SystemSpec("CLaRa CR16 end-to-end", "clara", "clara", str(folder)), {"commit": "abc", "versions": {}}
+    spec = SystemSpec("CLaRa CR16 end-to-end", "clara", "clara", str(folder))
+    machine = {"commit": "abc", "versions": {}, "machine": {"cpus": 2}}
     for _ in range(2):
         bench_run._system_result(run_system, spec, ROWS, RunOptions(), tmp_path / "kept.json", machine)
     assert len(ran) == 1  # the second call reused the first's result
     (folder / "clara_config.json").write_text((folder / "clara_config.json").read_text() + "\n")  # retrained
     bench_run._system_result(run_system, spec, ROWS, RunOptions(), tmp_path / "kept.json", machine)
     assert len(ran) == 2
+    elsewhere = {**machine, "machine": {"cpus": 16}}  # its timings would be divided by this machine's
+    assert bench_run._system_result(run_system, spec, ROWS, RunOptions(), tmp_path / "kept.json", elsewhere)[1] is False
+    assert len(ran) == 3
+
+
+def test_a_result_written_beside_the_code_leaves_the_commit_clean():
+    # a kept bench result (untracked) or a rewritten table under docs/ stamped every rerun
+    # "-dirty", so no kept result was ever reused
+    from clara_benchmarks import measure
+
+    before = measure.commit()
+    if before is None:
+        pytest.skip("not run from a checkout of the project")
+    note = Path(measure.__file__).resolve().parents[1] / "docs" / f"untracked-{os.getpid()}.md"
+    note.write_text("a result")
+    try:
+        assert measure.commit() == before
+    finally:
+        note.unlink()
 
 
 def test_the_commit_is_read_without_git_as_none(monkeypatch):

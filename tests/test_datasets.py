@@ -171,6 +171,16 @@ def test_instruction_rows_all_have_k_documents():
     assert alone == []
 
 
+def test_oracle_rows_hold_every_gold_passage_or_are_not_made():
+    # -k 1 gave a two-hop question one of its two supporting passages, often not the answer's
+    two_hop = QAExample("q3", "Where does the river through Vienna rise?", ["the Black Forest"],
+                        ["Danube\nThe Danube rises in the Black Forest.", "Vienna\nThe Danube flows through Vienna."],
+                        [0, 1])
+    assert instruct_rows([two_hop], k=1, setting="oracle") == []
+    rows = instruct_rows([two_hop], k=2, setting="oracle")
+    assert len(rows) == 1 and sorted(rows[0]["pos_index"]) == [0, 1]
+
+
 def test_scp_qa_rows_read_the_single_gold_passage():
     rows = scp_qa_rows([NQ_LIKE, MULTI_HOP])
     assert rows == [{"data_type": "qa", "question": ["where does the danube flow"], "answers": ["Vienna"],

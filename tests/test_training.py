@@ -111,7 +111,7 @@ def test_the_reading_margin_pairs_a_row_with_another_rows_documents(tiny_model, 
     read = []
     decoder_loss = training._decoder_loss
     monkeypatch.setattr(training, "_decoder_loss", lambda model, prompts, full, memories:
-                        read.append(len(prompts)) or decoder_loss(model, prompts, full, memories))
+                        read.append(memories) or decoder_loss(model, prompts, full, memories))
     memories = tiny_model.compress_documents([row["docs"][0] for row in rows])
     config = TrainConfig(stage="scp", margin_weight=1.0, batch_size=3)
     monkeypatch.setattr(training, "encode_with_gradients",
@@ -119,7 +119,7 @@ def test_the_reading_margin_pairs_a_row_with_another_rows_documents(tiny_model, 
     partners = training.other_rows(rows, 1)
     assert partners == [2, 2, 0]  # the paraphrase's next row with another document is the third
     _, metrics = training.scp_loss(tiny_model, rows, config)
-    assert read == [3] and "reading_gain" in metrics
+    assert len(read) == 1 and torch.equal(read[0], memories[[2, 2, 0]].unsqueeze(1)) and "reading_gain" in metrics
     same = [rows[0], rows[1]]  # nothing to compare with: no margin term, and no pass for it
     read.clear()
     _, metrics = training.scp_loss(tiny_model, same, dataclasses.replace(config, batch_size=2))
@@ -244,7 +244,7 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
     ({"stage": "scp", "estimator": "realm"}, "read by the e2e stage alone, got the scp stage"),
     ({"stage": "instruct", "margin": 1.5}, r"margin \(--margin\): not read by the instruct stage"),
     ({"stage": "instruct", "restate_margin": 2.0}, r"restate_margin \(--restate-margin\): not read"),
-    ({"stage": "scp", "temperature": 0.1}, "temperature"),
+    ({"stage": "scp", "temperature": 0.1}, r"temperature \(--temperature\): not read by the scp stage"),
     ({"stage": "e2e", "gold_term": "each"}, "gold_term"),
     ({"stage": "text", "mse_weight": 0.5}, "mse_weight"),
     ({"stage": "instruct", "freeze_compressor": True, "mse_weight": 0.5}, "mse_weight"),
@@ -814,6 +814,8 @@ def test_resuming_with_another_configuration_is_refused(tiny_model, tmp_path):
     state_file = tmp_path / "checkpoint" / "trainer_state.pt"
     state = torch.load(state_file, weights_only=True)
     del state["config"]["probe_every"]  # a run saved before the knob existed, at its default
+    # and with a setting its stage never read, which is refused since: it changed nothing trained
+    state["config"]["margin"], state["config"]["temperature"] = 1.5, 0.1
     torch.save(state, state_file)
     with pytest.warns(UserWarning, match="holds a finished run of 1 steps: nothing to train"):
         train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, grad_accum=1), tmp_path)
