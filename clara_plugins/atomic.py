@@ -226,11 +226,34 @@ def _link_or_copy(source: Path | str, target: Path | str) -> None:
 
 def recover_folder(folder: Path) -> None:
     """Finish a swap that a crash interrupted: when ``folder`` is gone but its old copy is
-    there, the old copy is the last complete one."""
+    there, the old copy is the last complete one; unless a writer is between the swap's two
+    renames (its staging folder is locked), whose next rename would then fail and lose its save."""
     folder = _followed(folder)
     old = _old_copy(folder)
-    if not folder.exists() and old.is_dir():
+    if not folder.exists() and old.is_dir() and not _writer_at_work(folder):
         os.replace(old, folder)
+
+
+def _writer_at_work(path: Path) -> bool:
+    """Whether a writer holds the lock of a staging sibling of ``path`` (``_claimed_sibling``);
+    where the file system has no locks, a leftover cannot be told from a live one: no."""
+    own_name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}")
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if fcntl is None or not own_name.fullmatch(sibling.name) or not sibling.is_dir():
+            continue
+        try:
+            held = os.open(sibling, os.O_RDONLY)
+        except OSError:  # renamed into place meanwhile
+            continue
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:  # no locks on this file system
+            pass
+        finally:
+            os.close(held)  # closing drops the lock this probe may have taken
+    return False
 
 
 def _old_copy(folder: Path) -> Path:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -467,7 +468,9 @@ class ClaraModel(torch.nn.Module):
 
     @staticmethod
     def _flatten_document_lists(questions: list[str], documents: Sequence[Sequence[str]]) -> list[str]:
-        if isinstance(documents, str) or len(documents) != len(questions):
+        if isinstance(documents, str) or len(documents) != len(questions) or \
+                any(isinstance(docs, str) or not isinstance(docs, Sequence) for docs in documents):
+            # a flat list of texts was measured by its characters ("got [4, 12]")
             raise InvalidInputError("documents must hold one list of documents per question")
         sizes = {len(docs) for docs in documents}
         if len(sizes) != 1:
@@ -516,6 +519,9 @@ class ClaraModel(torch.nn.Module):
         # would mix two saves, so the read is done again until no swap fell within it
         for _ in range(_LOAD_TRIES):
             swaps = _folder_identity(Path(folder))
+            if swaps is None:  # between a save's two renames: the new folder comes in a moment
+                time.sleep(0.05)
+                continue
             try:
                 load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
                 weights_sha256 = files_sha256(weight_files(Path(folder)))
@@ -537,10 +543,13 @@ class ClaraModel(torch.nn.Module):
 _LOAD_TRIES = 5
 
 
-def _folder_identity(folder: Path) -> tuple[int, int, int]:
-    """The folder a path names now: a save swaps in a new folder (whose inode number may be
-    an old one's again, its change time not)."""
-    status = os.stat(folder)
+def _folder_identity(folder: Path) -> tuple[int, int, int] | None:
+    """The folder a path names now (None between a save's two renames): a save swaps in a new
+    folder (whose inode number may be an old one's again, its change time not)."""
+    try:
+        status = os.stat(folder)
+    except FileNotFoundError:
+        return None
     return status.st_dev, status.st_ino, status.st_ctime_ns
 
 

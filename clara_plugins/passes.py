@@ -8,7 +8,7 @@ here, beside the trainer, so that the model's public surface stays the user's.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -45,14 +45,23 @@ def encode_with_gradients(model: ClaraModel, texts: Sequence[str],
     return model._encode_tokens(bodies, adapter)
 
 
-def text_weights(model: ClaraModel) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def text_weights(model: ClaraModel) -> Iterator[None]:
     """The weights that read documents pasted as text: the base model's own, unless the
     checkpoint's decoder was trained on text (``decoder_reads_text``).
 
     It switches the whole model's weights outside the model's lock: for one-thread runs (the
-    trainer's teacher, the benchmarks), not for a model shared with other threads.
+    trainer's teacher, the benchmarks), not for a model shared with other threads. Leaving, it
+    puts back which adapters train (peft's switch back made the active one trainable alone).
     """
-    return contextlib.nullcontext() if model.config.decoder_reads_text else model.lm.disable_adapter()
+    if model.config.decoder_reads_text:
+        yield
+        return
+    try:
+        with model.lm.disable_adapter():
+            yield
+    finally:
+        model._apply_trainable()
 
 
 def completion_log_probs(

@@ -217,6 +217,26 @@ def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     assert (tmp_path / "made").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
+def test_a_reader_leaves_a_swap_a_writer_is_in_the_middle_of(tmp_path):
+    # a reader between a save's two renames put the old copy back, and the writer's second
+    # rename then failed: the save was lost
+    import fcntl
+
+    (tmp_path / ".ckpt.old").mkdir()
+    (tmp_path / ".ckpt.old" / "marker").write_text("old")
+    staging = tmp_path / ".ckpt.0123456789abcdef"
+    staging.mkdir()
+    held = os.open(staging, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # the writer's lock on its staging folder
+    try:
+        atomic.recover_folder(tmp_path / "ckpt")
+        assert not (tmp_path / "ckpt").exists() and (tmp_path / ".ckpt.old").is_dir()
+    finally:
+        os.close(held)
+    atomic.recover_folder(tmp_path / "ckpt")  # the writer died: its staging folder is a leftover
+    assert (tmp_path / "ckpt" / "marker").read_text() == "old"
+
+
 def test_the_store_writes_its_json_files_atomically(tiny_model, tmp_path, monkeypatch):
     written = []
 

@@ -243,6 +243,28 @@ def test_a_save_swapped_in_while_a_checkpoint_loads_is_read_whole(tiny_model, tm
     assert loaded.weights_sha256 == files_sha256(weight_files(tmp_path / "ckpt"))
 
 
+def test_a_load_between_a_saves_two_renames_waits_for_the_new_folder(tiny_model, tmp_path, monkeypatch):
+    # the folder's identity was read with os.stat, which raised: the load failed instead of trying again
+    from clara_plugins import model as model_module
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    identity, calls = model_module._folder_identity, []
+
+    def mid_swap_once(folder):
+        calls.append(folder)
+        if len(calls) == 1:  # the first look falls between the renames
+            (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")
+            try:
+                return identity(folder)
+            finally:
+                (tmp_path / ".ckpt.old").rename(tmp_path / "ckpt")
+        return identity(folder)
+
+    monkeypatch.setattr(model_module, "_folder_identity", mid_swap_once)
+    loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert len(calls) >= 3 and torch.equal(loaded.compress(CORPUS[:1]).memories, tiny_model.compress(CORPUS[:1]).memories)
+
+
 def test_a_path_that_is_no_checkpoint_says_what_it_is(tiny_model, tmp_path):
     # every mix-up read "clara_config.json is missing", with nothing to say what to pass instead
     tiny_model.save_pretrained(tmp_path / "run" / "checkpoint")

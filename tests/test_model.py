@@ -458,3 +458,21 @@ def test_untrained_adapters_leave_the_base_model_unchanged_and_trained_ones_do_n
     assert not torch.allclose(a, model.compress_documents(CORPUS[:1]))
 
 
+
+
+def test_reading_text_leaves_the_chosen_adapters_trainable(tiny_model):
+    # peft's switch back from the base weights made the active adapter alone trainable: the
+    # query reasoner a stage trained stopped training, and the decoder started
+    from clara_plugins.passes import set_trainable, text_weights
+
+    set_trainable(tiny_model, ["query_reasoner_adapter"])
+    with text_weights(tiny_model):
+        pass
+    trains = {name.split(".")[-2] for name, p in tiny_model.lm.named_parameters() if "lora_" in name and p.requires_grad}
+    assert trains == {"query_reasoner_adapter"}
+
+
+def test_a_flat_list_of_documents_is_named_as_such(tiny_model):
+    # it read "every question needs the same number of documents, got [4, 12]": the texts' lengths
+    with pytest.raises(InvalidInputError, match="one list of documents per question"):
+        tiny_model.generate_from_text(["Who?", "Where?"], ["Paris is big", "Rome"])
