@@ -250,7 +250,7 @@ class TrainConfig:
             raise ValueError("null_document needs the realm estimator")
         # a setting moved from its default where this stage never reads it: the user meant it to change something
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        unread = [f"{name} (--{name.replace('_', '-')})" for name in self.unread_settings()
+        unread = [f"{name} (--{name.replace('_', '-')})" for name in sorted(self.unread_settings())
                   if getattr(self, name) != defaults[name]]
         if unread:
             raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
