@@ -151,19 +151,19 @@ def _remove_abandoned(path: Path) -> None:
             os.close(held)
 
 
-def _lock(descriptor: int, wait: bool) -> bool:
+def _lock(descriptor: int, wait: bool) -> bool | None:
     """Lock ``descriptor`` exclusively: True once held; False when another holds it (without
-    ``wait``) or the file system has no locks (some NFS and Lustre mounts), where writes go on
-    unlocked rather than not at all."""
+    ``wait``); None where the file system has no locks (some NFS and Lustre mounts, Windows),
+    where writes go on unlocked rather than not at all."""
     if fcntl is None:
-        return False
+        return None
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError as error:
         if error.errno in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EINVAL):
-            return False
+            return None
         raise
     return True
 
@@ -239,18 +239,15 @@ def _writer_at_work(path: Path) -> bool:
     where the file system has no locks, a leftover cannot be told from a live one: no."""
     own_name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}")
     for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if fcntl is None or not own_name.fullmatch(sibling.name) or not sibling.is_dir():
+        if not own_name.fullmatch(sibling.name) or not sibling.is_dir():
             continue
         try:
             held = os.open(sibling, os.O_RDONLY)
         except OSError:  # renamed into place meanwhile
             continue
         try:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:  # no locks on this file system
-            pass
+            if _lock(held, wait=False) is False:  # held by its writer
+                return True
         finally:
             os.close(held)  # closing drops the lock this probe may have taken
     return False
