@@ -100,27 +100,43 @@ def hold_lock(path: Path) -> Iterator[None]:
 def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
     """A new empty folder or file beside ``path`` (``.NAME.<16 hex>``, a file's with ``.tmp``)
     and the descriptor whose lock marks it as in use until closed. It is made under another
-    name and renamed once locked, so another writer's cleanup never meets it unlocked. Made with
-    the umask's permissions (tempfile.mkdtemp's are owner-only, and the swap would keep them)."""
-    token = secrets.token_hex(8)
-    unlocked = path.with_name(f".{path.name}.{token}.new")
-    if folder:
-        unlocked.mkdir()
-        held = os.open(unlocked, os.O_RDONLY)
-    else:
-        held = os.open(unlocked, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    name (``.new``) and renamed once locked, so another writer's cleanup never meets it
+    unlocked; a cleanup that removed it before the lock (a kill there leaves one behind) makes
+    it try again under a new name. Made with the umask's permissions (tempfile.mkdtemp's are
+    owner-only, and the swap would keep them)."""
+    while True:
+        token = secrets.token_hex(8)
+        unlocked = path.with_name(f".{path.name}.{token}.new")
+        try:
+            if folder:
+                unlocked.mkdir()
+                held = os.open(unlocked, os.O_RDONLY)
+            else:
+                held = os.open(unlocked, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileNotFoundError:  # the new folder was removed before it was opened
+            continue
+        try:
+            _lock(held, wait=True)
+            if os.fstat(held).st_ino != _inode(unlocked):  # removed before the lock: another name
+                os.close(held)
+                continue
+            claimed = path.with_name(f".{path.name}.{token}{'' if folder else '.tmp'}")
+            os.replace(unlocked, claimed)
+        except BaseException:
+            os.close(held)
+            if folder:
+                shutil.rmtree(unlocked, ignore_errors=True)
+            else:
+                unlocked.unlink(missing_ok=True)
+            raise
+        return claimed, held
+
+
+def _inode(path: Path) -> int | None:
     try:
-        _lock(held, wait=True)
-        claimed = path.with_name(f".{path.name}.{token}{'' if folder else '.tmp'}")
-        os.replace(unlocked, claimed)
-    except BaseException:
-        os.close(held)
-        if folder:
-            shutil.rmtree(unlocked, ignore_errors=True)
-        else:
-            unlocked.unlink(missing_ok=True)
-        raise
-    return claimed, held
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _remove_abandoned(path: Path) -> None:
@@ -129,7 +145,7 @@ def _remove_abandoned(path: Path) -> None:
     (and ``.NAME.tmp``, the temporary name of earlier versions) are looked at; one whose lock
     is held belongs to a writer still at work."""
     name = re.escape(path.name)
-    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}(\.tmp)?|\.{name}\.tmp")
+    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}(\.tmp|\.new)?|\.{name}\.tmp")
     for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if not own_name.fullmatch(leftover.name) or leftover.is_symlink():
             continue

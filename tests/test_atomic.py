@@ -319,3 +319,34 @@ def test_a_store_generation_is_on_disk_before_current_names_it(tiny_model, tmp_p
     assert any(kind == "fsync" and path.name.startswith(".staging-") for kind, path in steps[:renamed])
     current = steps.index(("replace", tmp_path / "s" / "CURRENT"))
     assert ("fsync", tmp_path / "s") in steps[renamed:current] and steps[-1] == ("fsync", tmp_path / "s")
+
+
+def test_a_writer_killed_before_its_lock_leaves_nothing_the_next_write_keeps(tmp_path):
+    # a kill between making the staging name and locking it left `.NAME.<hex>.new` for good
+    (tmp_path / ".result.json.0123456789abcdef.new").write_text("")
+    (tmp_path / ".ckpt.0123456789abcdef.new").mkdir()
+    write_file_atomically(tmp_path / "result.json", lambda handle: handle.write("new"))
+    write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "result.json"]
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_a_staging_name_removed_before_its_lock_is_made_again(tmp_path, monkeypatch, folder):
+    # another writer's cleanup may remove a `.new` name in the moment before its maker locks it
+    lock = atomic._lock
+    removed = []
+
+    def cleanup_first(descriptor, wait):
+        if not removed:
+            [unlocked] = tmp_path.glob("*.new")
+            unlocked.rmdir() if folder else unlocked.unlink()
+            removed.append(unlocked)
+        return lock(descriptor, wait)
+
+    monkeypatch.setattr(atomic, "_lock", cleanup_first)
+    if folder:
+        write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("1"),
+                                "config.json")
+    else:
+        write_file_atomically(tmp_path / "ckpt", lambda handle: handle.write("1"))
+    assert removed and sorted(os.listdir(tmp_path)) == ["ckpt"]
