@@ -35,7 +35,7 @@ from clara_plugins.metrics import (
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
-from clara_plugins.reading import first_row_beyond, reading_width
+from clara_plugins.reading import first_row_beyond, other_rows, reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
 from clara_plugins.rows import question_row_problem, reading_row_problem
 
@@ -82,7 +82,8 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
     """EM, F1 and cover-EM of one system, with its predictions and context positions.
 
     ``control`` answers like ``clara`` with each row reading the documents of the row ``shift``
-    after it (wrapping around): what the generator scores from the wrong documents. Which wrong
+    after it among those that hold other documents (``reading.other_rows``): what the generator
+    scores from the wrong documents. Which wrong
     documents it reads moves that score by points, so with several shifts each question's
     scores are averaged over them. Compressing the documents is most of a CLaRa answer's cost
     on CPU, so ``memories`` (documents → their memory tokens) keeps them for later passes and
@@ -91,19 +92,20 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
     control = system == "control"
     if control:
-        check_control_shifts(len(rows), control_shifts)
+        check_control_shifts(rows, control_shifts)
         memories = {} if memories is None else memories
     answer_lists = [row.get("answers") or [row["answer"]] for row in rows]
     runs, scores, predictions = [], [], []
     for shift in control_shifts if control else [0]:
-        read = _documents_of_other_rows(rows, shift) if control else rows
+        partners = _control_partners(rows, shift) if control else []
+        read = [{**row, "docs": rows[j]["docs"]} for row, j in zip(rows, partners)] if control else rows
         label = f"control, shift {shift}" if control else system
         run = _answer_rows(model, read, "clara" if control else system, label, k, max_new_tokens, batch_size,
                            memories)
         runs.append(run)
         scores.append([answer_scores(p, answers) for p, answers in zip(run["predictions"], answer_lists)])
         predictions += [{"question": row["question"], "prediction": prediction, "answers": answers,
-                         **({"documents_of": (i + shift) % len(rows)} if control else {})}
+                         **({"documents_of": partners[i]} if control else {})}
                         for i, (row, prediction, answers) in enumerate(zip(rows, run["predictions"], answer_lists))]
     averaged = [{name: statistics.fmean(run[i][name] for run in scores) for name in ("em", "f1", "cover_em")}
                 for i in range(len(rows))]
@@ -126,19 +128,23 @@ def f1_above_control(clara: dict, control: dict) -> dict:
     return {"f1": f1, "interval": interval}
 
 
-def check_control_shifts(n_rows: int, shifts: Sequence[int]) -> None:
+def check_control_shifts(rows: Sequence[dict], shifts: Sequence[int]) -> None:
     """Refuse a control that would give some row its own documents (before any answering runs)."""
-    if n_rows < 2:
-        raise ValueError(f"the control gives each row another row's documents and needs at least 2 rows, got {n_rows}")
-    for shift in shifts:
-        if shift % n_rows == 0:
-            raise ValueError(f"a control shift of {shift} gives each of the {n_rows} rows its own documents; "
-                             f"use a shift that is not a multiple of {n_rows}")
+    if len(rows) < 2:
+        raise ValueError(f"the control gives each row another row's documents and needs at least 2 rows, got {len(rows)}")
+    bad = [shift for shift in shifts if not 0 < shift < len(rows)]
+    if bad:
+        raise ValueError(f"a control shift of {bad[0]} does not name another of the {len(rows)} rows: use shifts "
+                         f"from 1 to {len(rows) - 1}")
+    partners = _control_partners(rows, 1)
+    if None in partners:
+        raise ValueError(f"row {partners.index(None)} reads the same documents as every other row: the control has "
+                         "no other documents to give it")
 
 
-def _documents_of_other_rows(rows: Sequence[dict], shift: int) -> list[dict]:
-    """Each row with the documents of the row ``shift`` after it, wrapping around."""
-    return [{**row, "docs": rows[(i + shift) % len(rows)]["docs"]} for i, row in enumerate(rows)]
+def _control_partners(rows: Sequence[dict], shift: int) -> list[int | None]:
+    """Whose documents each row reads in the control: all of a row's documents may be read."""
+    return other_rows(rows, max(len(row["docs"]) for row in rows), shift)
 
 
 def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: str, k: int, max_new_tokens: int,

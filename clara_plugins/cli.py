@@ -205,8 +205,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
                         help="answering systems (default clara; control: clara reading another row's documents)")
     parser.add_argument("--control-shifts", nargs="+", type=positive_int,
-                        help="control: each row reads the documents of the row this many after it; with "
-                             "several, each question's scores are averaged over them (default 1)")
+                        help="control: each row reads the documents of the row this many after it among "
+                             "those with other documents; with several, each question's scores are averaged over them (default 1)")
     parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
                         help="retrievers to score on the rows' candidates ('compressor': the question "
                              "encoded by the compressor, where the end-to-end reasoner starts); with several, "
@@ -512,7 +512,7 @@ def _eval(args: argparse.Namespace) -> None:
     check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None, args.k)
     args.control_shifts = args.control_shifts or [1]
     if "control" in args.systems:
-        check_control_shifts(len(rows), args.control_shifts)
+        check_control_shifts(rows, args.control_shifts)
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
                            device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()

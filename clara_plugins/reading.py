@@ -96,13 +96,17 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     return result
 
 
-def other_rows(rows: Sequence[dict], width: int) -> list[int | None]:
-    """For each row, the first row after it (wrapping around) whose first ``width`` documents
-    differ from its own (a synthesised QA row and its paraphrase share theirs); None for a row
-    no other row differs from."""
-    read = [tuple(row["docs"][:width]) for row in rows]
+def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | None]:
+    """For each row, the ``shift``-th row after it (wrapping around) among those whose first
+    ``width`` documents, in any order, differ from its own (a synthesised QA row and its
+    paraphrase share theirs); None for a row no other row differs from."""
+    read = [frozenset(row["docs"][:width]) for row in rows]
     n = len(rows)
-    return [next((j % n for j in range(i + 1, i + n) if read[j % n] != read[i]), None) for i in range(n)]
+    partners = []
+    for i in range(n):
+        others = [j % n for j in range(i + 1, i + n) if read[j % n] != read[i]]
+        partners.append(others[(shift - 1) % len(others)] if others else None)
+    return partners
 
 
 def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

@@ -109,7 +109,7 @@ def test_several_control_shifts_average_each_questions_scores(tiny_model, monkey
     # The stand-in generator answers with the first document it is given.
     monkeypatch.setattr(evaluation, "_clara_answers",
                         lambda model, batch, *_: ([row["docs"][0] for row in batch], [1] * len(batch)))
-    rows = [{"question": f"q{i}", "docs": [doc], "answer": "x"} for i, doc in enumerate(["x", "y", "x"])]
+    rows = [{"question": f"q{i}", "docs": [doc], "answer": "x"} for i, doc in enumerate(["x", "y", "x."])]
     own = evaluate_answers(tiny_model, rows, "clara")
     control = evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
     assert own["question_f1"] == [100, 0, 100]
@@ -119,11 +119,26 @@ def test_several_control_shifts_average_each_questions_scores(tiny_model, monkey
     assert above["f1"] == 0.0 and above["interval"][0] < 0 < above["interval"][1]
 
 
-def test_a_control_shift_that_returns_each_row_to_itself_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="a control shift of 3 gives each of the 3 rows its own documents"):
+def test_a_control_that_cannot_give_each_row_other_documents_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="a control shift of 3 does not name another of the 3 rows"):
         evaluate_answers(tiny_model, ROWS, "control", control_shifts=(1, 3))
     with pytest.raises(ValueError, match="needs at least 2 rows, got 1"):
         evaluate_answers(tiny_model, ROWS[:1], "control")
+    with pytest.raises(ValueError, match="row 0 reads the same documents as every other row"):
+        evaluate_answers(tiny_model, [ROWS[0], {**ROWS[0], "question": "again?"}], "control")
+
+
+def test_the_control_passes_over_rows_that_hold_the_same_documents(tiny_model, monkeypatch):
+    # a question and its paraphrase (the same documents, in another order) read each other's
+    # documents as "another question's"
+    monkeypatch.setattr(evaluation, "_clara_answers",
+                        lambda model, batch, *_: ([" ".join(row["docs"]) for row in batch], [1] * len(batch)))
+    rows = [{"question": "q0", "docs": ["a", "b"], "answer": "a b"},
+            {"question": "q0, again", "docs": ["b", "a"], "answer": "a b"},
+            {"question": "q1", "docs": ["c", "d"], "answer": "c d"}]
+    control = evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
+    assert [p["documents_of"] for p in control["predictions"]] == [2, 2, 0, 2, 2, 1]
+    assert control["f1"] == 0.0
 
 
 def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
@@ -132,7 +147,7 @@ def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_p
     monkeypatch.setattr("clara_plugins.pretrained.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(SystemExit):
         main(["eval", str(data), "--systems", "clara", "control", "--control-shifts", "6"])
-    assert "a control shift of 6 gives each of the 3 rows its own documents" in capsys.readouterr().err
+    assert "a control shift of 6 does not name another of the 3 rows" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # a file in the way of an output: 3, as bench and train say
         main(["eval", str(data), "--out", str(tmp_path)])
     assert exit_.value.code == 3 and f"--out {tmp_path} is a folder: name the JSON file to write" in \

@@ -361,7 +361,8 @@ def test_a_probe_set_of_end_to_end_pools_is_refused_before_the_first_step(tiny_m
 
 def test_probes_read_as_many_documents_as_the_instruction_rows(tiny_model, tmp_path):
     # a probe of the training rows' own shape (six documents) was refused at k=5 while they trained
-    rows = [{"question": f"Question {i}?", "docs": CORPUS[i:] + CORPUS[:i], "answer": "Paris"} for i in range(2)]
+    rows = [{"question": f"Question {i}?", "docs": [f"{doc} ({i})" for doc in CORPUS], "answer": "Paris"}
+            for i in range(2)]
     config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, probe_every=1)
     train(tiny_model, rows, config, tmp_path, probes={"same_shape": rows})
     probes = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines() if "probe" in line]
