@@ -98,7 +98,9 @@ def bootstrap_interval(values: Sequence[float], draws: int = 2000, seed: int = 0
 def paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[float, list[float]]:
     """The mean of the per-question differences of two systems on the same rows, and its 95 %
     bootstrap interval: sharper than comparing the two systems' own intervals."""
-    differences = [a - b for a, b in zip(first, second, strict=True)]
+    if len(first) != len(second):
+        raise ValueError(f"paired results must score the same questions: got {len(first)} and {len(second)} scores")
+    differences = [a - b for a, b in zip(first, second)]
     return round(statistics.fmean(differences), 2), bootstrap_interval(differences)
 
 

@@ -241,7 +241,7 @@ def test_recall_above_pairs_the_questions_of_two_retrievers():
     assert at_1["retriever"] == "bm25" and at_1["over"] == "other" and at_1["k"] == 1
     assert at_1["recall"] == pytest.approx(66.67) and at_1["interval"][0] < 66.67 < at_1["interval"][1]
     assert at_3 == {"retriever": "bm25", "over": "other", "k": 3, "recall": 0.0, "interval": [0.0, 0.0]}
-    with pytest.raises(ValueError):  # results on other rows cannot be paired
+    with pytest.raises(ValueError, match="must score the same questions: got 3 and 1"):  # other rows
         recall_above(bm25, {**other, "question_recall": {"1": [0.0], "3": [0.0]}})
 
 

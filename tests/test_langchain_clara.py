@@ -237,7 +237,7 @@ def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(v
     with pytest.raises(ValueError, match="metadatas must be a list of dicts, one per text, got a dict"):
         vectorstore.add_texts(["t1", "t2"], metadatas={"topic": "x", "n": 1})
     for ids, metadatas in [("abc", None), (["a"], None), (None, [{"topic": "x"}])]:  # no texts: [] returned unread
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="texts is empty"):
             vectorstore.add_texts([], metadatas, ids=ids)
     assert sorted(vectorstore.store.all_ids()) == before
 

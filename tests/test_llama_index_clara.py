@@ -96,10 +96,10 @@ def test_documents_another_writer_stored_come_back_as_text_nodes(tiny_model):
     assert len(nodes) == 2
     for node in nodes:
         assert node.node.get_content() == stored[node.node.node_id].text
+        assert node.node.metadata == stored[node.node.node_id].metadata
     for bad in (2.5, True, 0):  # 2.5 and True were taken, and failed at the first query
         with pytest.raises(InvalidInputError, match="similarity_top_k must be a positive integer"):
             ClaraRetriever(shared, similarity_top_k=bad)
-        assert node.node.metadata == stored[node.node.node_id].metadata
 
 
 def test_delete_by_ref_doc_and_by_node(tiny_model):

@@ -7,19 +7,16 @@ import sys
 import textwrap
 from collections.abc import Iterator
 
+import milvus_lite  # noqa: F401  the [milvus] extra, in [dev]: a broken install fails here, it does not skip
 import numpy as np
+import pymilvus
 import pytest
 import torch
 
-from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, milvus_store
 from clara_plugins.indexing import index_documents
+from clara_plugins.milvus_store import MilvusMemoryStore
 from conftest import CORPUS, randomize_adapters
-
-pymilvus = pytest.importorskip("pymilvus")  # the [milvus] extra
-pytest.importorskip("milvus_lite")
-
-from clara_plugins import milvus_store  # noqa: E402
-from clara_plugins.milvus_store import MilvusMemoryStore  # noqa: E402
 
 IDS = [f"d{i}" for i in range(len(CORPUS))]
 QUERIES = ["Who won prizes in physics?", "The capital of Germany", "A river through Vienna"]
@@ -295,7 +292,6 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
 
 
 def test_langchain_store_over_milvus(tiny_model, uri, tmp_path):
-    pytest.importorskip("langchain_core")
     from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore
 
     stores = [ClaraVectorStore(tiny_model, store=MilvusMemoryStore(tiny_model, uri)), ClaraVectorStore(tiny_model)]
@@ -318,7 +314,6 @@ def test_langchain_store_over_milvus(tiny_model, uri, tmp_path):
 
 
 def test_llama_index_store_over_milvus(tiny_model, uri, tmp_path):
-    pytest.importorskip("llama_index.core")
     from llama_index.core import Document, StorageContext, VectorStoreIndex, load_index_from_storage
     from llama_index.core.vector_stores.types import MetadataFilter, MetadataFilters, VectorStoreQuery
 

@@ -5,6 +5,7 @@ import logging
 import sys
 
 import pytest
+import ray  # the [ray] extra, in [dev]: a broken install fails here, it does not skip
 import torch
 from conftest import CORPUS, randomize_adapters
 
@@ -12,8 +13,6 @@ from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
 from clara_plugins.cli import main
 from clara_plugins.corpora import document_id
 from clara_plugins.indexing import RayCompression, index_documents
-
-ray = pytest.importorskip("ray")
 
 # Documents of different lengths: batches need padding, on which the last bits of memories depend
 TEXTS = [f"{CORPUS[i % len(CORPUS)]} Note {i}." + " More words." * (i % 9) for i in range(40)]

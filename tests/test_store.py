@@ -183,10 +183,14 @@ def test_a_set_of_ids_filters_a_search_and_deletes(store):
 
 def test_bad_input_changes_nothing(store):
     before = store.all_ids()
-    for texts, kwargs in [([""], {}), (["ok", 5], {}), (["ok"], {"ids": [""]}),
-                          (["ok"], {"metadatas": [{"bad": object()}]}), (["a", "b"], {"ids": ["x"]}),
-                          (["a", "b"], {"metadatas": {"a": 1, "b": 2}}), (["ok"], {"metadatas": ["topic"]})]:
-        with pytest.raises(InvalidInputError):
+    for texts, kwargs, problem in [
+            ([""], {}, "texts.0. is empty"), (["ok", 5], {}, "texts.1. is a int"),
+            (["ok"], {"ids": [""]}, "ids must be non-empty strings"),
+            (["ok"], {"metadatas": [{"bad": object()}]}, "is not JSON-serialisable"),
+            (["a", "b"], {"ids": ["x"]}, "got 2 texts, 1 ids"),
+            (["a", "b"], {"metadatas": {"a": 1, "b": 2}}, "metadatas must be a list of dicts, one per text, got a dict"),
+            (["ok"], {"metadatas": ["topic"]}, "got an item 'topic'")]:
+        with pytest.raises(InvalidInputError, match=problem):
             store.upsert(texts, **kwargs)
     assert store.all_ids() == before
 

@@ -170,7 +170,7 @@ def test_a_small_ivfpq_store_that_outgrows_exact_search_gets_a_compact_index(tin
     memories = grouped_memories(tiny_model)
     store.upsert([f"p{i}" for i in range(8)], ids=[str(i) for i in range(8)], memories=memories[:8])
     store.search_by_key(query_near(tiny_model, 0), k=1)
-    assert not isinstance(store._index, CompactIndex)  # exact below MIN_ROWS
+    assert store._index is not None and not isinstance(store._index, CompactIndex)  # exact below MIN_ROWS
     rest = range(8, len(memories))
     store.upsert([f"p{i}" for i in rest], ids=[str(i) for i in rest], memories=memories[8:])
     assert store._index is None
@@ -204,5 +204,6 @@ def test_a_compact_index_saved_before_it_recorded_its_rows_learns_again_at_the_n
     del header["index_trained_over"]  # as written before the field existed
     header_path.write_text(json.dumps(header))
     store = MemoryStore.load(tmp_path / "store", tiny_model)
+    assert isinstance(store._index, CompactIndex)
     store.upsert(["one more"], ids=["m0"], memories=grouped_memories(tiny_model, seed=3)[:1])
     assert store._index is None  # what its codebooks learned from is unknown: they learn again

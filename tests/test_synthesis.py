@@ -253,6 +253,10 @@ def test_a_hugging_face_teacher_runs_on_the_device_it_is_given(tiny_base, monkey
     # it always loaded in float32 on the CPU, a GPU beside it or not
     from clara_plugins import backbone
 
+    asked = []
+    resolve = backbone.resolve_device
+    monkeypatch.setattr(backbone, "resolve_device", lambda device: asked.append(device) or resolve(device))
     teacher = synthesis.HuggingFaceTeacher(str(tiny_base), max_new_tokens=2, device="cpu", dtype="bfloat16")
     assert isinstance(teacher("Write one question."), str)
+    assert asked == ["cpu"]  # "auto" would pick a GPU where there is one
     assert teacher.model.device.type == "cpu" and teacher.model.dtype == backbone.torch.bfloat16
