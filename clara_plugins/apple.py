@@ -9,6 +9,7 @@ the trained generator of "stage1_2" checkpoints).
 
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -37,6 +38,10 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
         raise CheckpointError(f"{path} has model_type {apple.get('model_type')!r}, expected 'CLaRa'")
     if not apple.get("different_mem_tokens", True) or not apple.get("sep", True):
         raise CheckpointError(f"{path}: only checkpoints with different_mem_tokens and sep are supported")
+    if base_model is not None:
+        base_model = os.fspath(base_model)
+        if base_model.startswith("/") and not Path(base_model).exists():
+            raise CheckpointError(f"base model {base_model} does not exist")
     base = base_model or apple.get("decoder_model_name")
     if not isinstance(base, str) or not base or (base.startswith("/") and not Path(base).exists()):
         raise CheckpointError(

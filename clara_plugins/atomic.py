@@ -196,9 +196,10 @@ def check_replaceable_folder(folder: Path, marker: str) -> None:
 
 
 def _followed(path: Path) -> Path:
-    """The path a symbolic link names (an absolute one), or the path itself: renaming a link
-    over its target's new copy would leave the target stale and the link's old name behind."""
-    return path.resolve() if path.is_symlink() else path
+    """The path a symbolic link names, or the path itself, as an absolute path: renaming a link
+    over its target's new copy would leave the target stale and the link's old name behind, and
+    "." names no sibling to build beside."""
+    return path.resolve() if path.is_symlink() else Path(os.path.abspath(path))
 
 
 def sync_tree(folder: Path) -> None:

@@ -74,6 +74,11 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
     if output is not None and output.weight is not model.lm.get_input_embeddings().weight:
         embeddings["output_rows"] = stored(added_rows(model, output.weight))
     header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint}
+    for part, tensors in [*adapters.items(), ("embeddings", embeddings)]:  # loading refuses them: never saved over a good copy
+        bad = next((key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)
+        if bad is not None:
+            raise CheckpointError(f"{part} weight {bad} holds NaN or infinite values{' in ' + str(dtype) if dtype else ''}: "
+                                  f"not saved to {folder}")
 
     def write(staging: Path) -> None:
         for name, state in adapters.items():

@@ -7,6 +7,7 @@ Neither imports torch, so that the command line can build its flags without load
 from __future__ import annotations
 
 import dataclasses
+import os
 
 ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
@@ -68,6 +69,8 @@ class ClaraConfig:
     decoder_reads_text: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.base_model, os.PathLike):
+            self.base_model = os.fspath(self.base_model)
         for field in dataclasses.fields(self):
             value, kind = getattr(self, field.name), field.type
             expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
@@ -93,6 +96,9 @@ class ClaraConfig:
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "
                 f"({self.compression_rate}) so that each document keeps one memory token"
             )
+        # a local folder named from the working directory: its checkpoints must load from any other
+        if self.base_model != DEFAULT_BASE_MODEL and os.path.isdir(self.base_model):
+            self.base_model = os.path.abspath(self.base_model)
 
     @property
     def n_mem_tokens(self) -> int:

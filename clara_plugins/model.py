@@ -504,9 +504,13 @@ class ClaraModel(torch.nn.Module):
         trained at: its memories pool finer or coarser chunks of the same compressor states.
         Appended-token checkpoints (Apple's design) learned one state per position and refuse.
         """
+        for _ in range(_LOAD_TRIES):  # between a save's two renames the folder is gone a moment
+            if _folder_identity(Path(folder)) is not None:
+                break
+            time.sleep(0.05)
         config = read_config(Path(folder))
         if base_model is not None:
-            config.base_model = base_model
+            config = dataclasses.replace(config, base_model=base_model)
         if compression_rate not in (None, config.compression_rate):
             if config.memory_design != "pooled":
                 raise CheckpointError(

@@ -100,6 +100,9 @@ def test_unreachable_base_model_asks_for_a_local_path(tiny_tokens_model, tmp_pat
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     with pytest.raises(CheckpointError, match="pass base_model="):
         load_apple_checkpoint(tmp_path / "apple", device="cpu")
+    # the path given was blamed on Apple's configuration
+    with pytest.raises(CheckpointError, match=f"base model {tmp_path / 'typo'} does not exist"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=tmp_path / "typo", device="cpu")
 
 
 def test_checkpoint_of_another_base_model_is_refused(tiny_tokens_model, other_tiny_base, tmp_path):

@@ -350,3 +350,11 @@ def test_a_staging_name_removed_before_its_lock_is_made_again(tmp_path, monkeypa
     else:
         write_file_atomically(tmp_path / "ckpt", lambda handle: handle.write("1"))
     assert removed and sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+def test_a_folder_named_as_the_working_directory_is_written(tmp_path, monkeypatch):
+    # "." has no name to build a sibling from: the save failed once its work was done
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    write_folder_atomically(Path("."), lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    assert (tmp_path / "here" / "config.json").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["here"]

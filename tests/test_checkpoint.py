@@ -274,3 +274,63 @@ def test_a_path_that_is_no_checkpoint_says_what_it_is(tiny_model, tmp_path):
                          ("apple", r"\(an Apple checkpoint: convert it with clara convert-apple\)")]:
         with pytest.raises(CheckpointError, match=f"clara_config.json is missing {hint}"):
             ClaraModel.from_pretrained(tmp_path / folder, device="cpu")
+
+
+def test_a_load_that_meets_the_folder_gone_before_its_config_is_read_waits(tiny_model, tmp_path):
+    # the configuration was read before the wait for a save's second rename: the load failed
+    import fcntl
+    import os
+    import threading
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    staging = tmp_path / ".ckpt.0123456789abcdef"
+    staging.mkdir()
+    held = os.open(staging, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a writer between its two renames
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.old")
+    writer = threading.Timer(0.1, lambda: (tmp_path / ".ckpt.old").rename(tmp_path / "ckpt"))
+    writer.start()
+    try:
+        loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    finally:
+        writer.join()
+        os.close(held)
+    assert torch.equal(loaded.compress(CORPUS[:1]).memories, tiny_model.compress(CORPUS[:1]).memories)
+
+
+def test_weights_that_are_not_finite_are_not_saved_over_a_good_checkpoint(tiny_model, tmp_path):
+    # the save went through, and the load refused the only copy
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "clara_config.json").read_text()
+    weight = next(p for name, p in tiny_model.lm.named_parameters() if "lora_A" in name)
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values: not saved"):
+        tiny_model.save_pretrained(tmp_path / "ckpt")
+    with torch.no_grad():
+        weight[0, 0] = 1e6  # finite in float32, infinite in float16
+    with pytest.raises(CheckpointError, match="holds NaN or infinite values in torch.float16"):
+        tiny_model.save_pretrained(tmp_path / "ckpt", dtype="float16")
+    assert (tmp_path / "ckpt" / "clara_config.json").read_text() == before
+    ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+
+
+def test_a_base_model_folder_is_recorded_as_a_path_that_loads_from_anywhere(tiny_base, tiny_model, tmp_path,
+                                                                            monkeypatch):
+    # a relative folder was saved as written (the checkpoint loaded from that directory only),
+    # and a Path given to from_pretrained made every later save fail on JSON
+    from pathlib import Path
+
+    from clara_plugins import ClaraConfig
+    from clara_plugins.config import DEFAULT_BASE_MODEL
+
+    monkeypatch.chdir(tiny_base.parent)
+    assert ClaraConfig(base_model=tiny_base.name).base_model == str(tiny_base)
+    assert ClaraConfig(base_model=Path(tiny_base.name)).base_model == str(tiny_base)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=Path(tiny_base.name), device="cpu")
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "clara_config.json").read_text())["config"]["base_model"] == str(tiny_base)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DEFAULT_BASE_MODEL).mkdir()  # a folder named as the default is not the default
+    assert ClaraConfig().base_model == DEFAULT_BASE_MODEL
