@@ -291,6 +291,43 @@ def test_an_ingestion_pipeline_ending_with_the_stores_embedding_stores_its_nodes
     assert sorted(d.text for d in store.client.get(store.client.all_ids())) == sorted(CORPUS[:3])
 
 
+def test_an_ingestion_pipeline_given_the_stores_transformations_stores_chunks_read_whole(tiny_model):
+    # a pipeline's own splitter makes 1,024-token chunks, compressed from their first 256 tokens
+    from llama_index.core.ingestion import IngestionPipeline
+
+    store = ClaraVectorStore(tiny_model)
+    IngestionPipeline(transformations=store.transformations, vector_store=store).run(
+        documents=[Document(text=" ".join(CORPUS * 3))])
+    chunks = [d.text for d in store.client.get(store.client.all_ids())]
+    limit = tiny_model.config.doc_max_length
+    assert len(chunks) > 1 and all(len(tiny_model.tokenizer.encode(c, add_special_tokens=False)) <= limit
+                                   for c in chunks)
+
+
+def test_the_store_compresses_in_its_batch_size_and_refuses_what_it_would_not_read(tiny_model, monkeypatch):
+    # batch_size and misspelt arguments were swallowed: every compression ran in batches of 8
+    from clara_plugins import MemoryStore
+
+    batches = []
+    compress = tiny_model.compress_documents
+    monkeypatch.setattr(tiny_model, "compress_documents",
+                        lambda docs, batch_size=8, **kw: batches.append(batch_size) or compress(docs, batch_size, **kw))
+    store = ClaraVectorStore(tiny_model, batch_size=2)
+    assert store.memory_store.batch_size == 2 and store.embed_model.embed_batch_size == 2
+    VectorStoreIndex.from_documents([Document(text=t) for t in CORPUS[:3]],
+                                    storage_context=StorageContext.from_defaults(vector_store=store))
+    store.add([TextNode(text=CORPUS[4])])  # compressed by the store itself
+    assert batches and set(batches) == {2}
+    with pytest.raises(InvalidInputError, match="batch_size would go unused beside store="):
+        ClaraVectorStore(store=MemoryStore(tiny_model), batch_size=2)
+    with pytest.raises(TypeError, match="indx"):
+        ClaraVectorStore(tiny_model, indx="hnsw")
+    retriever = VectorStoreIndex.from_vector_store(store).as_retriever(
+        vector_store_query_mode="mmr", vector_store_kwargs={"mmr_treshold": 0.2})
+    with pytest.raises(ValueError, match="reads no query option 'mmr_treshold'"):
+        retriever.retrieve(QUESTION)
+
+
 def test_a_model_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):
     from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
 

@@ -32,8 +32,9 @@ class ClaraEmbedding(BaseEmbedding):
 
     ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so
     once a ClaraVectorStore of the same model exists, the memory tokens computed here are
-    remembered (per model, at most ``_KEEP`` texts) and the store takes them instead of
-    compressing the text again. Beside another store, nothing is kept.
+    remembered (per model, the last ``_KEEP`` texts, whichever store the index writes to) and
+    the store takes them instead of compressing the text again. Before any such store exists,
+    nothing is kept.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -58,7 +59,9 @@ class ClaraEmbedding(BaseEmbedding):
         zero). ClaraVectorStore stores no node whose own text is blank."""
         keys = ClaraKeys(self.clara)
         filled = [text for text in texts if text.strip()]
-        memories = self.clara.compress_documents(filled).to(torch.float16).cpu() if filled else None
+        # the texts come in batches of embed_batch_size (the store's batch size, for the store's own)
+        memories = (self.clara.compress_documents(filled, batch_size=self.embed_batch_size).to(torch.float16).cpu()
+                    if filled else None)
         with _untaken_lock:
             if self.clara in _takers and filled:  # else no store of this model would ever take them
                 untaken = _untaken.setdefault(self.clara, OrderedDict())
@@ -94,13 +97,14 @@ def expect_takers(model: ClaraModel) -> None:
         _takers.add(model)
 
 
-def take_memories(model: ClaraModel, texts: list[str]) -> torch.Tensor:
+def take_memories(model: ClaraModel, texts: list[str], batch_size: int) -> torch.Tensor:
     """Memory tokens [n, n_mem, hidden] (fp16) of the texts: those a ClaraEmbedding of this
-    model computed are handed over and forgotten, the rest are compressed now."""
+    model computed are handed over and forgotten, the rest are compressed now (``batch_size``
+    at a time)."""
     with _untaken_lock:
         untaken = _untaken.get(model, OrderedDict())
         remembered = {text: untaken.pop(text) for text in dict.fromkeys(texts) if text in untaken}
     missing = [text for text in dict.fromkeys(texts) if text not in remembered]
     if missing:
-        remembered.update(zip(missing, model.compress_documents(missing).to(torch.float16).cpu()))
+        remembered.update(zip(missing, model.compress_documents(missing, batch_size).to(torch.float16).cpu()))
     return torch.stack([remembered[text] for text in texts])

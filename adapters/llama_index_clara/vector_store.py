@@ -18,7 +18,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from llama_index.core import Settings
 from llama_index.core.node_parser import SentenceSplitter
-from llama_index.core.schema import BaseNode, MetadataMode, TextNode
+from llama_index.core.schema import BaseNode, MetadataMode, TextNode, TransformComponent
 from llama_index.core.vector_stores.simple import DEFAULT_PERSIST_FNAME, DEFAULT_VECTOR_STORE, NAMESPACE_SEP
 from llama_index.core.vector_stores.types import (
     BasePydanticVectorStore,
@@ -104,14 +104,18 @@ class ClaraVectorStore(BasePydanticVectorStore):
     transformations are set (LlamaIndex sets its default one when an index first needs it),
     documents are split into chunks of the compressor's
     ``doc_max_length`` tokens, which it reads whole (LlamaIndex's 1,024 would be cut).
-    An ``IngestionPipeline`` given its own transformations must end them with this store's
-    ``embed_model``: the pipeline hands a store only the nodes that carry an embedding.
+    An ``IngestionPipeline`` brings its own splitter (1,024 tokens) unless given
+    ``transformations``, and hands a store only the nodes that carry an embedding: give it
+    ``transformations=store.transformations``, or end transformations of your own with this
+    store's ``embed_model``.
 
     Query modes: ``default`` and ``mmr`` (``mmr_threshold``, in the query or as
     ``vector_store_kwargs``, weighs similarity against diversity; 0.5 by default). MMR re-ranks
     the ``mmr_prefetch_k`` nearest nodes, or ``similarity_top_k`` times ``mmr_prefetch_factor``
-    (``vector_store_kwargs``, as LlamaIndex's database stores read them; 4 by default).
-    Similarities are cosines.
+    (``vector_store_kwargs``, as LlamaIndex's database stores read them; 4 by default); other
+    options are refused. Similarities are cosines. The store searches with the query text
+    through the query reasoner, so query transforms that change only the embedding (HyDE's
+    ``custom_embedding_strs``) change nothing here.
     """
 
     stores_text: bool = True
@@ -122,15 +126,17 @@ class ClaraVectorStore(BasePydanticVectorStore):
     _embed_model: ClaraEmbedding = PrivateAttr()
 
     def __init__(self, model: ClaraModel | None = None, *, store: BaseMemoryStore | None = None,
-                 index: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 index: str | None = None, batch_size: int | None = None) -> None:
+        super().__init__()
+        settings = {"index": index, "batch_size": batch_size}  # MemoryStore's defaults where None
         if store is None:
-            store = MemoryStore(model if model is not None else load_model(), **({} if index is None else {"index": index}))
+            store = MemoryStore(model if model is not None else load_model(),
+                                **{name: value for name, value in settings.items() if value is not None})
         else:
-            check_store_model(store, model, index=index)
+            check_store_model(store, model, **settings)
         self._store = store
         expect_takers(store.model)
-        self._embed_model = ClaraEmbedding(clara=store.model)
+        self._embed_model = ClaraEmbedding(clara=store.model, embed_batch_size=min(store.batch_size, 2048))  # its cap
         current = getattr(Settings, "_embed_model", None)  # read without resolving the OpenAI default
         if current is None or isinstance(current, ClaraEmbedding):
             Settings.embed_model = self._embed_model
@@ -154,6 +160,12 @@ class ClaraVectorStore(BasePydanticVectorStore):
         """An embedding model that hands its compressed nodes to this store."""
         return self._embed_model
 
+    @property
+    def transformations(self) -> list[TransformComponent]:
+        """An ``IngestionPipeline``'s steps for this store: chunks the compressor reads whole,
+        then the embedding whose memory tokens the store takes."""
+        return [_CompressorChunks.of(self._store.model), self._embed_model]
+
     def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
         """Store the nodes; one without text (a blank page a reader made a node of) has nothing to
         read and is left out, with a warning, as the index's other nodes go in."""
@@ -165,7 +177,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
                           f"(first: {blank.node_id})", stacklevel=2)
         if stored:
             memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
-                                                         for node, _ in stored])
+                                                         for node, _ in stored], self._store.batch_size)
             self._store.upsert(
                 [text for _, text in stored],
                 ids=[node.node_id for node, _ in stored],
@@ -208,6 +220,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
         return node
 
     def query(self, query: VectorStoreQuery, **kwargs: Any) -> VectorStoreQueryResult:
+        unread = sorted(set(kwargs) - set(_QUERY_OPTIONS))
+        if unread:  # a misspelt option fell back to its default unseen
+            raise ValueError(f"ClaraVectorStore reads no query option {', '.join(map(repr, unread))}; its options "
+                             f"(vector_store_kwargs) are {', '.join(_QUERY_OPTIONS)}")
         if not query.query_str:
             raise ValueError("ClaraVectorStore searches with the query text (query_str), not an embedding")
         if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
@@ -290,6 +306,9 @@ def _store_folder(persist_path: str | Path) -> Path:
     ``.clara`` added after any other name, so that ``run.v1`` and ``run.v2`` stay two stores."""
     path = Path(persist_path)
     return path.with_suffix(".clara") if path.suffix in (".json", ".clara") else path.with_name(path.name + ".clara")
+
+
+_QUERY_OPTIONS = ("mmr_threshold", "mmr_prefetch_k", "mmr_prefetch_factor")
 
 
 def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
