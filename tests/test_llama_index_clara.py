@@ -276,6 +276,11 @@ def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     assert ClaraLLM(clara=tiny_model).complete(QUESTION, documents=[n.node for n in nodes]).text == \
         ClaraLLM(clara=tiny_model).complete(QUESTION, documents=[n.node.get_content() for n in nodes]).text
     assert "".join(r.delta for r in llm.stream_complete(QUESTION, document_ids=["n1", "n2"])) == by_ids
+    # as ChatClara reads them (both were dropped): a message's document ids, the call's max_tokens
+    asked = ChatMessage(role="user", content=QUESTION, additional_kwargs={"document_ids": ["n1", "n2"]})
+    assert llm.chat([asked]).message.content == by_ids
+    short = llm.complete(QUESTION, document_ids=["n1", "n2"], max_tokens=1).text
+    assert len(tiny_model.tokenizer.encode(short, add_special_tokens=False)) <= 1 and by_ids.startswith(short)
 
 
 def test_an_ingestion_pipeline_ending_with_the_stores_embedding_stores_its_nodes(tiny_model):

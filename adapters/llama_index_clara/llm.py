@@ -4,8 +4,10 @@ Any prompt works: a completion prompt is one user message, a chat is its message
 the prompt contains the text of a document held by ``store``, that text is read from the
 stored memory tokens, in place (``clara_plugins.context`` states the rule), so LlamaIndex's
 default query engines, synthesizers and chat engines read memory tokens with their own
-prompts. The call keywords ``document_ids`` (store ids) and ``documents`` (texts) add
-documents explicitly; ``ClaraSynthesizer`` uses the first to keep the trained layout.
+prompts. The call keywords ``document_ids`` (store ids; or a message's
+``additional_kwargs["document_ids"]``, as ChatClara reads them) and ``documents`` (texts) add
+documents explicitly; ``ClaraSynthesizer`` uses the first to keep the trained layout. The
+call keyword ``max_tokens`` limits one answer.
 
 Each response's ``additional_kwargs["clara"]`` says how many documents were read as memory
 tokens and how many positions the generator saw; ``stats`` keeps the running totals.
@@ -73,20 +75,26 @@ class ClaraLLM(ReaderFields, CustomLLM):
             is_chat_model=True,
         )
 
-    def _pieces(self, messages: Sequence[tuple[str, str]], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
+    def _pieces(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
+        """The answer's text pieces and what the generator read: the documents passed, by text or
+        by id (the call's ``document_ids``, else its messages'), and ``max_tokens`` for this call."""
         passed = passed_documents(kwargs.get("documents") or [])
         texts = [_text(d) for d in passed]
-        reading = self._reader.read(self.clara, messages, self.store, texts, kwargs.get("document_ids") or [], self.k)
-        return self.clara.stream(reading.prompt, reading.memories, self.max_new_tokens), {"clara": reading.summary()}
+        ids = kwargs.get("document_ids") or [i for m in messages for i in m.additional_kwargs.get("document_ids", [])]
+        reading = self._reader.read(self.clara, _as_pairs(messages), self.store, texts, ids, self.k)
+        max_tokens = kwargs.get("max_tokens")
+        pieces = self.clara.stream(reading.prompt, reading.memories,
+                                   self.max_new_tokens if max_tokens is None else max_tokens)
+        return pieces, {"clara": reading.summary()}
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        pieces, extra = self._pieces([("user", prompt)], kwargs)
+        pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
         return CompletionResponse(text="".join(pieces), additional_kwargs=extra)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        pieces, extra = self._pieces([("user", prompt)], kwargs)
+        pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
 
         def responses() -> CompletionResponseGen:
             text = ""
@@ -98,13 +106,13 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        pieces, extra = self._pieces(_as_pairs(messages), kwargs)
+        pieces, extra = self._pieces(messages, kwargs)
         text = "".join(pieces)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs=extra)
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        pieces, extra = self._pieces(_as_pairs(messages), kwargs)
+        pieces, extra = self._pieces(messages, kwargs)
 
         def responses() -> ChatResponseGen:
             text = ""
