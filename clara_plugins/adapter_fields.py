@@ -22,7 +22,9 @@ class ReaderFields(BaseModel):
     """A CLaRa model (by default the store's, or the shipped checkpoint), the store whose
     documents it reads as memory tokens, k, and the running reading totals."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # a misspelt setting is refused, not dropped (ClaraLLM(model=m) answered from the shipped
+    # checkpoint); ChatClara's LangChain base drops them, and it refuses them itself
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     # objects, not settings: left out of model_dump and to_json (the cache key names them)
     clara: ClaraModel | None = Field(default=None, exclude=True)

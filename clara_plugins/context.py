@@ -38,6 +38,14 @@ from .retrieval import top_k
 from .found import MIN_FOUND_CHARS, found_text
 
 ROLES = ("system", "user", "assistant")
+# the frameworks' other role names; any role not named here (a tool's, a function's) reads as user text
+_ROLE_NAMES = {"system": "system", "developer": "system", "assistant": "assistant", "ai": "assistant",
+               "model": "assistant", "chatbot": "assistant"}
+
+
+def chat_role(name: str) -> str:
+    """A framework message's role as one of ROLES, alike in both adapters."""
+    return _ROLE_NAMES.get(name, "user")
 
 
 @dataclasses.dataclass

@@ -239,7 +239,35 @@ def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(v
     for ids, metadatas in [("abc", None), (["a"], None), (None, [{"topic": "x"}])]:  # no texts: [] returned unread
         with pytest.raises(ValueError, match="texts is empty"):
             vectorstore.add_texts([], metadatas, ids=ids)
+    # a set was listed in any order (ids paired with the wrong texts), an empty id made a new one
+    with pytest.raises(ValueError, match="ids must be a list"):
+        vectorstore.add_texts(["t1", "t2"], ids={"a", "b"})
+    with pytest.raises(ValueError, match="ids must be non-empty strings"):
+        vectorstore.add_texts(["t1", "t2"], ids=["", "b"])
     assert sorted(vectorstore.store.all_ids()) == before
+
+
+def test_chat_clara_refuses_a_misspelt_setting_and_counts_tokens_as_its_generator(tiny_model, vectorstore):
+    # ChatClara(model=m) answered from the shipped checkpoint; token counts needed GPT-2's tokenizer
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"ChatClara has no setting model \(the CLaRa model is clara=\)"):
+        ChatClara(model=tiny_model)
+    with pytest.raises(ValidationError, match="decodes greedily: temperature must be 0, got 0.7"):
+        ChatClara(clara=tiny_model, temperature=0.7)
+    ChatClara(clara=tiny_model, temperature=0, timeout=60, max_retries=2, streaming=True)  # LangChain's standard ones
+    chat = ChatClara(clara=tiny_model)
+    assert chat.get_num_tokens(CORPUS[0]) == len(tiny_model.tokenizer(CORPUS[0], add_special_tokens=False)["input_ids"])
+
+
+def test_both_adapters_read_every_message_role_alike():
+    from langchain_core.messages import AIMessageChunk, ChatMessage, SystemMessage, ToolMessage
+    from langchain_clara.chat_models import _role
+
+    roles = [_role(m) for m in [ChatMessage(role="developer", content=""), ChatMessage(role="model", content=""),
+                                AIMessageChunk(content=""), SystemMessage(content=""),
+                                ToolMessage(content="", tool_call_id="1")]]
+    assert roles == ["system", "assistant", "assistant", "system", "user"]
 
 
 def test_a_model_or_embedding_beside_a_store_must_be_the_stores_own(tiny_model, tiny_config):

@@ -367,6 +367,14 @@ def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, 
     assert Settings._node_parser is own  # a parser the user chose is kept
 
 
+def test_clara_llm_refuses_a_misspelt_setting(tiny_model):
+    # ClaraLLM(model=m) answered from the shipped checkpoint
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="model\n  Extra inputs are not permitted"):
+        ClaraLLM(model=tiny_model)
+
+
 def test_every_llama_index_role_is_read_as_its_kind():
     from llama_index_clara.llm import _as_pairs
 

@@ -25,11 +25,11 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
-from clara_plugins.context import Reading, passed_documents
+from clara_plugins.context import Reading, chat_role, passed_documents
 
 # The layout the generator was trained on: with documents from the store as {context}, the
 # prompt is exactly CLaRa's answering prompt.
@@ -54,6 +54,20 @@ class ChatClara(ReaderFields, BaseChatModel):
     model_name: str = "clara"
     max_tokens: int | None = Field(default=None, gt=0)  # answer length limit (default: the model's max_new_tokens)
     stop: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_settings(cls, values: Any) -> Any:
+        """Refuse a setting ChatClara does not have (LangChain's base drops it: ChatClara(model=m)
+        answered from the shipped checkpoint), but the settings LangChain gives every chat model,
+        which a local greedy generator has no use for; a temperature above 0 it cannot honour."""
+        if isinstance(values, dict):
+            unknown = sorted(set(values) - set(cls.model_fields) - set(_STANDARD_SETTINGS))
+            if unknown:
+                raise ValueError(f"ChatClara has no setting {', '.join(unknown)} (the CLaRa model is clara=)")
+            if values.get("temperature") not in (None, 0):
+                raise ValueError(f"ChatClara decodes greedily: temperature must be 0, got {values['temperature']!r}")
+        return values
 
     @property
     def _llm_type(self) -> str:
@@ -93,6 +107,11 @@ class ChatClara(ReaderFields, BaseChatModel):
         max_tokens = kwargs.get("max_tokens")
         pieces = self.clara.stream(reading.prompt, reading.memories, self.max_tokens if max_tokens is None else max_tokens)
         return _cut_at_stops(pieces, stop or self.stop or []), reading
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """The generator's own tokens (LangChain's default tokenizer is GPT-2's, a download):
+        what ``trim_messages`` and ``get_num_tokens`` count, as ``usage_metadata`` does."""
+        return self.clara.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
         raise NotImplementedError("ChatClara cannot call tools: CLaRa's generator was trained to answer "
@@ -144,15 +163,18 @@ class ChatClara(ReaderFields, BaseChatModel):
         ))
 
 
+# what LangChain's standard tests give every chat model; accepted and not read
+_STANDARD_SETTINGS = ("temperature", "timeout", "max_retries", "api_key", "streaming")
+
+
 def _role(message: BaseMessage) -> str:
-    """The chat-template role of a LangChain message; tool and function results read as user text."""
+    """The chat-template role of a LangChain message (their chunks too); a ChatMessage's role
+    is read as ClaraLLM reads it (``chat_role``), and tool and function results as user text."""
     if isinstance(message, SystemMessage):
         return "system"
-    if isinstance(message, (AIMessage, AIMessageChunk)):
+    if isinstance(message, AIMessage):
         return "assistant"
-    if isinstance(message, ChatMessage) and message.role in ("system", "assistant"):
-        return message.role
-    return "user"
+    return chat_role(message.role) if isinstance(message, ChatMessage) else "user"
 
 
 def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:

@@ -115,8 +115,8 @@ class ClaraVectorStore(VectorStore):
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, got one str: wrap it in a list")
         texts = list(texts)
-        if ids is not None and not isinstance(ids, (str, bytes)):  # the store names a lone string
-            ids = [doc_id or uuid.uuid4().hex for doc_id in ids]
+        if isinstance(ids, (list, tuple)):  # None where LangChain lets the store name it; the store checks the rest
+            ids = [uuid.uuid4().hex if doc_id is None else doc_id for doc_id in ids]
         if not texts and not ids and not metadatas:  # as LangChain's own stores do; the store checks the rest
             return []
         return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)

@@ -38,7 +38,7 @@ from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE
-from clara_plugins.context import passed_documents
+from clara_plugins.context import chat_role, passed_documents
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
@@ -46,11 +46,6 @@ from clara_plugins.context import passed_documents
 CLARA_QA_PROMPT = PromptTemplate(ANSWER_TEMPLATE.format(documents="{context_str}", question="{query_str}"))
 
 T = TypeVar("T")
-# by value: older llama-index-core versions lack some of these roles
-_ROLES = {"system": "system", "developer": "system", "assistant": "assistant", "model": "assistant",
-          "chatbot": "assistant"}  # any other role reads as user
-
-
 class ClaraLLM(ReaderFields, CustomLLM):
     """Answer from CLaRa memory tokens inside any LlamaIndex prompt.
 
@@ -151,7 +146,7 @@ async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
 
 
 def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
-    return [(_ROLES.get(MessageRole(m.role).value, "user"), m.content or "") for m in messages]
+    return [(chat_role(MessageRole(m.role).value), m.content or "") for m in messages]
 
 
 def _text(document: object) -> object:
