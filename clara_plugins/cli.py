@@ -18,7 +18,7 @@ from .checks import device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
                      MEMORY_DESIGNS, MEMORY_DTYPES, MEMORY_POOLINGS, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
                      TrainConfig)
-from .corpora import document_id, spaced_alike
+from .corpora import document_id
 from .errors import CheckpointError, InvalidInputError, StoreError
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
@@ -355,7 +355,7 @@ def _refuse_unread(args: argparse.Namespace, flags: dict[str, str], read: set[st
 
 
 def _convert_data(args: argparse.Namespace) -> None:
-    from .corpora import NotQuestionsError, read_documents, read_examples
+    from .corpora import NotQuestionsError, after_held_out, read_documents, read_examples
     from .jsonfiles import write_jsonl
     from .rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows, reconstruction_rows,
                        scp_qa_rows)
@@ -375,7 +375,11 @@ def _convert_data(args: argparse.Namespace) -> None:
         except NotQuestionsError as error:  # a passage file given without its kind, most often
             raise NotQuestionsError(f"{error}; --kind {args.kind} reads a question file (HotpotQA, 2WikiMultihopQA, "
                                     f"MuSiQue, NQ), and passages take --kind {' or '.join(PASSAGE_KINDS)}") from error
-    sources = _after_held_out(everything[:args.skip], everything[args.skip:end])
+    candidates = everything[args.skip:end]
+    sources = after_held_out(everything[:args.skip], candidates)
+    if len(sources) < len(candidates):
+        print(f"left out {len(candidates) - len(sources)} of {len(candidates)} sources that repeat the evidence or "
+              f"the questions of the held-out first {args.skip}")
     make = {"instruct": instruct_rows, "e2e": e2e_rows, "scp": scp_qa_rows, "reconstruct": reconstruction_rows,
             "continue": continuation_rows, "cloze": cloze_rows, "inverse-cloze": inverse_cloze_rows}[args.kind]
     rows = make(sources, **options)
@@ -384,24 +388,6 @@ def _convert_data(args: argparse.Namespace) -> None:
                                 f"(after --skip {args.skip}); nothing was written")
     write_jsonl(rows, args.destination)
     print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")
-
-
-def _after_held_out(held_out: list, rest: list) -> list:
-    """``rest`` without what repeats the held-out evidence: an example whose gold passage is a
-    held-out example's (NQ asks about one paragraph in several wordings, and spaces it in several
-    ways), or a held-out passage."""
-    if not held_out:
-        return rest
-    if isinstance(held_out[0], str):
-        seen = {spaced_alike(passage) for passage in held_out}
-        kept = [passage for passage in rest if spaced_alike(passage) not in seen]
-    else:
-        seen = {spaced_alike(e.passages[i]) for e in held_out for i in e.gold}
-        kept = [e for e in rest if not any(spaced_alike(e.passages[i]) in seen for i in e.gold)]
-    if len(kept) < len(rest):
-        print(f"left out {len(rest) - len(kept)} of {len(rest)} sources that share evidence with the held-out "
-              f"first {len(held_out)}")
-    return kept
 
 
 def _refuse_overwriting_input(output: Path, source: str) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .errors import InvalidInputError
 from .jsonfiles import read_json, read_jsonl, read_text
+from .metrics import normalize_answer
 
 
 @dataclasses.dataclass
@@ -160,6 +161,44 @@ def spaced_alike(text: str) -> str:
     """A passage with its whitespace runs as single spaces: one paragraph that two examples
     space differently (NQ writes ".  The" and ". The") is one piece of evidence."""
     return " ".join(text.split())
+
+
+def after_held_out(held_out: list, rest: list) -> list:
+    """``rest`` (examples or passages) without what repeats the held-out ones' evidence or
+    questions: a gold passage that is a held-out one, or holds a quarter of its word 8-grams or
+    more (NQ gives one paragraph in several revisions, windows and spacings); and an example
+    that asks a held-out question in other words (a gold passage of the same title, an answer in
+    common: NQ dev 21 and 951 both ask who sang "From Russia with Love")."""
+    if not held_out:
+        return rest
+    passages = held_out if isinstance(held_out[0], str) else [e.passages[i] for e in held_out for i in e.gold]
+    seen = {spaced_alike(p) for p in passages}
+    grams = set().union(*(_word_grams(p) for p in passages))
+
+    def repeated(passage: str) -> bool:
+        own = _word_grams(passage)
+        return spaced_alike(passage) in seen or (bool(own) and len(own & grams) >= len(own) / 4)
+
+    if isinstance(held_out[0], str):
+        return [passage for passage in rest if not repeated(passage)]
+    asked = set().union(*(_facts(e) for e in held_out))
+    return [e for e in rest if not (_facts(e) & asked or any(repeated(e.passages[i]) for i in e.gold))]
+
+
+def _facts(example: QAExample) -> set[tuple[str, str]]:
+    """(title, answer) for each titled gold passage and answer: what a question asks, in any wording."""
+    return {(title, normalize_answer(answer)) for i in example.gold if (title := _title(example.passages[i]))
+            for answer in example.answers}
+
+
+def _word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _title(passage: str) -> str | None:
+    """A "title\ntext" passage's title (None for an untitled one: it names no article)."""
+    return passage.partition("\n")[0] if "\n" in passage else None
 
 
 def document_id(text: str) -> str:

@@ -275,7 +275,27 @@ def test_held_out_evidence_does_not_come_back_in_another_wording(tmp_path, capsy
     held = {spaced_alike(e.passages[i]) for e in read_examples(source, limit=300) for i in e.gold}
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows and not any(spaced_alike(document) in held for row in rows for document in row["docs"])
-    assert "left out 13 of 1355 sources" in capsys.readouterr().out
+    assert "left out 20 of 1355 sources" in capsys.readouterr().out
+
+
+def test_a_held_out_question_asked_again_in_other_words_is_left_out():
+    # NQ dev 21 and 951 ask who sang "From Russia with Love" over two paragraphs of one article,
+    # and dev 173 and 539 over two revisions of one paragraph: the later ones were trained on
+    from clara_plugins.corpora import after_held_out
+
+    def example(question, answer, passage):
+        return QAExample(id=question, question=question, answers=[answer], passages=[passage], gold=[0])
+
+    words = " ".join(f"word{i}" for i in range(40))
+    held = [example("who sang it", "Matt Monro", "From Russia with Love (soundtrack)\nThe title song was sung by "
+                    "Matt Monro."), example("who is next", "Charles", f"Succession\n{words} and more.")]
+    rest = [example("who sang the theme", "Matt Monro", "From Russia with Love (soundtrack)\nJohn Barry arranged it."),
+            example("who is heir", "Prince Charles", f"Succession (revised)\n{words} and others."),
+            example("who wrote it", "Ian Fleming", "From Russia with Love (soundtrack)\nThe novel came first."),
+            example("who sang in another film", "Matt Monro", "Born Free\nMatt Monro sang it."),
+            example("untitled", "Matt Monro", "Matt Monro sang it.")]
+    assert [e.id for e in after_held_out(held, rest)] == ["who wrote it", "who sang in another film", "untitled"]
+    assert after_held_out([f"Succession\n{words}."], [f"Other\n{words}!", "Other\nshort"]) == ["Other\nshort"]
 
 
 @needs_shared_data
