@@ -31,13 +31,12 @@ from clara_plugins.metrics import (
     answer_scores,
     paired_difference,
     precision_at_k,
-    recall_at_k,
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
 from clara_plugins.reading import first_row_beyond, other_rows, reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
-from clara_plugins.rows import question_row_problem, reading_row_problem
+from clara_plugins.rows import gold_count, question_row_problem, reading_row_problem, row_recall
 
 from .dense import DenseRetriever
 from .text_reader import read_text, text_prompt
@@ -64,7 +63,7 @@ def check_evaluation_rows(rows: Sequence[object], systems: Sequence[str], retrie
                    else question_row_problem(row, needs_answer))
         if problem:
             raise InvalidInputError(f"row {number}: {problem}")
-    if retrievers and not any(row.get("pos_index") for row in rows):
+    if retrievers and not any(gold_count(row) for row in rows):
         raise InvalidInputError("retrievers are scored against each row's gold candidates (pos_index), "
                                 "and none of these rows has any")
     longer = first_row_beyond(rows, k)
@@ -208,7 +207,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
     unknown = [name for name in retrievers if name not in RETRIEVERS]
     if unknown:
         raise ValueError(f"retriever must be one of {RETRIEVERS}, got {unknown[0]!r}")
-    rows = [row for row in rows if row.get("pos_index")]
+    rows = [row for row in rows if gold_count(row)]
     rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
     for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
         memories = None
@@ -242,7 +241,7 @@ def _ranking_scores(retriever: str, rankings: list[list[int]], rows: list[dict],
     result = {"retriever": retriever, "examples": len(rows)}
     question_recall = {}
     for k in ks:
-        recalls = [recall_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)]
+        recalls = [row_recall(r, row, k) for r, row in zip(rankings, rows)]
         result[f"recall@{k}"] = round(100 * statistics.mean(recalls), 2)
         result[f"precision@{k}"] = round(100 * statistics.mean(
             precision_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)

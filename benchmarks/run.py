@@ -37,7 +37,7 @@ from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.jsonfiles import read_json, write_json
 from clara_plugins.metrics import paired_difference, token_f1
-from clara_plugins.rows import e2e_rows, instruct_rows
+from clara_plugins.rows import e2e_rows, gold_count, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
 from .dense import DEFAULT_DENSE_MODEL, dense_model_path
@@ -121,7 +121,7 @@ def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: 
     return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
                     "held_out": None if name is None and trained_on is None else trained_on is None,
                     **({"trained_on": trained_on} if trained_on else {}), "sample": len(chosen),
-                    "recall_questions": sum(bool(r["pos_index"]) for r in chosen), "setting": setting, "seed": seed,
+                    "recall_questions": sum(bool(gold_count(r)) for r in chosen), "setting": setting, "seed": seed,
                     "pool_size": round(sum(len(r["docs"]) for r in chosen) / len(chosen), 1)}
 
 

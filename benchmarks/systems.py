@@ -16,8 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel
-from clara_plugins.metrics import mean_answer_scores, mean_recall_at_k
+from clara_plugins.metrics import mean_answer_scores
 from clara_plugins.model import ENCODER, QUERY_REASONER, copy_adapter
+from clara_plugins.rows import gold_count, row_recall
 
 from .dense import DEFAULT_DENSE_MODEL, DenseEmbeddings, DenseRetriever
 from .measure import latency_ms, peak_rss_mb
@@ -157,9 +158,8 @@ def run_system(spec: SystemSpec, rows: list[dict], options: RunOptions) -> dict:
         "predictions": [{"question": row["question"], "prediction": p, "answers": row["answers"],
                          "retrieved": r} for row, p, r in zip(rows, predictions, rankings)],
     }
-    ranked = [r for r, row in zip(rankings, rows) if row["pos_index"]]  # questions with gold passages
-    golds = [row["pos_index"] for row in rows if row["pos_index"]]
+    measured = [(r, row) for r, row in zip(rankings, rows) if gold_count(row)]  # questions with gold passages
     for k in (1, 3, 5):  # a pipeline returns its top options.k: recall at a larger k is not measured
-        measured = golds and spec.retriever != "none" and k <= options.k
-        result[f"recall@{k}"] = mean_recall_at_k(ranked, golds, k) if measured else None
+        result[f"recall@{k}"] = (round(100 * statistics.mean(row_recall(r, row, k) for r, row in measured), 2)
+                                 if measured and spec.retriever != "none" and k <= options.k else None)
     return result

@@ -26,7 +26,11 @@ class QAExample:
     answers: list[str]
     passages: list[str]  # "title\ntext"
     gold: list[int]  # indices of the gold passages
-    gold_complete: bool = True  # False when some supporting paragraph is missing from the pool
+    gold_missing: int = 0  # supporting paragraphs the pool lacks (HotpotQA's dev sample lacks some)
+
+    @property
+    def gold_complete(self) -> bool:
+        return self.gold_missing == 0
 
 
 class NotQuestionsError(InvalidInputError):
@@ -131,7 +135,7 @@ def _example(row: dict, number: int) -> QAExample:
         present = {title for title, _ in row["context"]}
         gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
         return QAExample(str(row["_id"]), row["question"], [row["answer"]], *_distinct(passages, gold),
-                         titles <= present)
+                         len(titles - present))
     if "paragraphs" in row:  # MuSiQue
         passages = [f"{p['title']}\n{p['paragraph_text']}" for p in row["paragraphs"]]
         gold = [i for i, p in enumerate(row["paragraphs"]) if p["is_supporting"]]

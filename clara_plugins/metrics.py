@@ -54,11 +54,12 @@ def _f1(prediction: str, answer: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def recall_at_k(ranked: Sequence[int], gold: Sequence[int], k: int) -> float:
-    """|top-k ∩ gold| / |gold|."""
-    if not gold:
+def recall_at_k(ranked: Sequence[int], gold: Sequence[int], k: int, missing: int = 0) -> float:
+    """|top-k ∩ gold| / (|gold| + missing): a supporting passage ``missing`` from the pool is
+    one no retriever finds."""
+    if not gold and not missing:
         return 0.0
-    return len(set(ranked[:k]) & set(gold)) / len(set(gold))
+    return len(set(ranked[:k]) & set(gold)) / (len(set(gold)) + missing)
 
 
 def precision_at_k(ranked: Sequence[int], gold: Sequence[int], k: int) -> float:
@@ -104,6 +105,3 @@ def paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[
     return round(statistics.fmean(differences), 2), bootstrap_interval(differences)
 
 
-def mean_recall_at_k(rankings: Sequence[Sequence[int]], golds: Sequence[Sequence[int]], k: int) -> float:
-    """Recall@k in percent, averaged over the rankings."""
-    return round(100 * statistics.mean(recall_at_k(r, g, k) for r, g in zip(rankings, golds)), 2)

@@ -16,6 +16,7 @@ from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from .config import SETTINGS, TrainConfig
 from .corpora import QAExample
 from .errors import InvalidInputError
+from .metrics import recall_at_k
 from .prompts import SCP_REWRITES
 
 
@@ -50,10 +51,23 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
 
 
 def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> list[dict]:
-    """Rows ``{question, docs[candidates], answer, answers, pos_index}`` for end-to-end training."""
+    """Rows ``{question, docs[candidates], answer, answers, pos_index}`` for end-to-end training,
+    with ``gold_missing``, the supporting passages the pool lacks, where there are some: a
+    retriever's recall counts them as not found."""
     return [{"id": e.id, "question": e.question, "docs": e.passages, "answer": e.answers[0],
-             "answers": e.answers, "pos_index": e.gold}
+             "answers": e.answers, "pos_index": e.gold, **({"gold_missing": e.gold_missing} if e.gold_missing else {})}
             for e in with_candidates(examples, candidates, seed)]
+
+
+def gold_count(row: dict) -> int:
+    """A row's supporting passages, those its pool lacks included: what its recall divides by."""
+    return len(row.get("pos_index") or []) + row.get("gold_missing", 0)
+
+
+def row_recall(ranked: list[int], row: dict, k: int) -> float:
+    """Recall@k of a ranking of the row's candidates, a supporting passage its pool lacks
+    counted as not found."""
+    return recall_at_k(ranked, row.get("pos_index") or [], k, row.get("gold_missing", 0))
 
 
 def scp_qa_rows(examples: list[QAExample]) -> list[dict]:

@@ -188,9 +188,11 @@ def test_scp_qa_rows_read_the_single_gold_passage():
     with pytest.raises(ValueError, match="exactly one gold passage"):
         scp_qa_rows([MULTI_HOP])
     # a HotpotQA example whose second supporting paragraph is missing from its pool
-    half = dataclasses.replace(MULTI_HOP, gold=[0], gold_complete=False)
+    half = dataclasses.replace(MULTI_HOP, gold=[0], gold_missing=1)
     with pytest.raises(ValueError, match="exactly one gold passage"):
         scp_qa_rows([half])
+    # and its end-to-end row says so: its recall counts the missing one as not found
+    assert [row.get("gold_missing") for row in e2e_rows([half, NQ_LIKE], candidates=2)] == [1, None]
 
 
 def test_continuation_rows_split_each_passage_in_half():

@@ -233,6 +233,14 @@ def test_the_compressor_ranks_a_candidate_identical_to_the_question_first(tiny_m
     assert reasoner["retriever"] == "reasoner" and reasoner["examples"] == len(rows)
 
 
+def test_recall_counts_a_supporting_passage_the_pool_lacks_as_not_found():
+    # HotpotQA's dev sample lacks a supporting paragraph for 111 of its first 200 questions:
+    # recall counted the present ones alone, and left out a question whose pool had none
+    rows = [{**ROWS[0], "gold_missing": 1}, {**ROWS[1], "pos_index": [], "gold_missing": 2}, ROWS[2]]
+    [result] = evaluate_retrieval(rows, ["bm25"], ks=(1,))
+    assert result["examples"] == 3 and result["question_recall"] == {"1": [50.0, 0.0, 100.0]}
+
+
 def test_recall_above_pairs_the_questions_of_two_retrievers():
     [bm25] = evaluate_retrieval(ROWS, ["bm25"], ks=(1, 3))  # the gold passage first for every row
     assert bm25["question_recall"] == {"1": [100.0] * 3, "3": [100.0] * 3}
