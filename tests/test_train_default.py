@@ -65,6 +65,8 @@ def test_the_recipe_trains_every_stage_and_writes_the_model_card_numbers(tmp_pat
     assert clara["reading"]["examples"] == 3
     recall = json.loads((out / "eval" / "recall_hotpotqa_e2e20.json").read_text())
     assert [r["retriever"] for r in recall["retrieval"]] == ["compressor", "reasoner", "dense", "bm25"]
+    assert all(json.loads((out / "eval" / f"reading_{probe}.json").read_text())["reading"]["examples"] == 16
+               for probe in ("probe_reconstruct", "probe_qa"))
     assert (out / "cr16-fp16" / "clara_config.json").exists()
     scp_kinds = {json.loads(line).get("data_type", "question")
                  for line in (out / "rows" / "scp.jsonl").read_text().splitlines()}

@@ -18,7 +18,7 @@ class ClaraEmbeddings(Embeddings):
     A document's vector is the retrieval key of its memory tokens (rounded to fp16, as a
     MemoryStore keeps them), a query's that of the query reasoner's memory of it; both have
     unit norm, so a store ranking by cosine or inner product (``InMemoryVectorStore``, faiss,
-    ...) ranks as ClaraVectorStore does. A vector holds ``hidden`` values with the mean key
+    ...) ranks as a ClaraVectorStore with the default flat float16 index does. A vector holds ``hidden`` values with the mean key
     (576 for the default model) and n_mem x hidden with the flattened one. Without a model the
     shipped default one is loaded.
     """

@@ -26,8 +26,8 @@ class ClaraEmbedding(BaseEmbedding):
 
     A text's vector is the retrieval key of its memory tokens (rounded to fp16, as a
     MemoryStore keeps them), a query's that of the query reasoner's memory of it; both have
-    unit norm, so ``SimpleVectorStore`` or any other cosine store ranks as ClaraVectorStore
-    does. A vector holds ``hidden`` values with the mean key (576 for the default model) and
+    unit norm, so ``SimpleVectorStore`` or any other cosine store ranks as a ClaraVectorStore
+    with the default flat float16 index does. A vector holds ``hidden`` values with the mean key (576 for the default model) and
     n_mem x hidden with the flattened one.
 
     ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so
