@@ -5,8 +5,8 @@
 ``$lte`` bound it; ``{"$and": [...]}`` and ``{"$or": [...]}`` combine filters; several keys in
 one dictionary must all hold.
 
-Equality is Python's, which Milvus' JSON filters share: ``True`` equals ``1`` and ``False``
-equals ``0``. A range bound is a number or a string. Numbers compare with numbers, strings
+Equality is Python's, which milvus-lite's JSON filters share: ``True`` equals ``1`` and
+``False`` equals ``0`` (a Milvus server tells them apart: ``milvus_store``). A range bound is a number or a string. Numbers compare with numbers, strings
 with strings (so ISO dates order correctly); a stored value of another kind (a string
 against a number bound, a boolean, a list) or a missing field simply does not match.
 """

@@ -21,13 +21,18 @@ One row per document:
 
 The collection records the compressor's and the keys' signatures in a property and refuses a
 model with other ones. Metadata filters take the local store's language (``clara_plugins.filters``),
-translated into a Milvus expression in which every value is an escaped literal.
+translated into a Milvus expression in which every value is an escaped literal. Milvus judges
+them, and where its JSON comparisons differ from the local store's, its judgement stands:
+milvus-lite compares in Python, so a range bound also matches a boolean as 0 or 1; a Milvus
+server tells booleans from numbers in equality (``True`` is not ``1``), and reads metadata keys
+holding a quote or a backslash as written, escapes included.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 import sys
 from collections.abc import Collection, Sequence
@@ -396,11 +401,11 @@ def _literal(value: Any, key: str) -> str:
     """A filter value as a Milvus literal; a value Milvus cannot compare is refused."""
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float) and not math.isnan(value):
+    if isinstance(value, numbers.Integral):  # numpy's too: its repr is no Milvus literal
+        return str(int(value))
+    if isinstance(value, numbers.Real) and not math.isnan(value):
         # JSON holds no infinity, and a Milvus literal cannot be one: the largest finite number stands in
-        return repr(min(max(value, -sys.float_info.max), sys.float_info.max))
+        return repr(min(max(float(value), -sys.float_info.max), sys.float_info.max))
     if isinstance(value, str):
         return _string(value)
     raise InvalidInputError(f"the filter on {key!r} compares with {value!r:.60}: the Milvus store compares "
