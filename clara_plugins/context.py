@@ -127,7 +127,7 @@ def read_messages(
     """Build the generator's prompt from (role, text) messages; roles are system, user, assistant.
 
     ``documents`` are texts and ``ids`` store ids of documents to read as memory tokens
-    besides those the messages contain. ``k`` defaults to ``config.generation_top_k``.
+    besides those the messages contain, each once. ``k`` defaults to ``config.generation_top_k``.
     """
     if not messages or not any(role == "user" for role, _ in messages):
         raise ValueError("the messages need a user message: the question to answer")
@@ -146,6 +146,10 @@ def read_messages(
         raise ValueError(f"unknown document ids: {sorted(missing)[:5]}")
     stored = store.ids_for_texts(documents) if store is not None and documents else [None] * len(documents)
     explicit += [_Document(text, doc_id) for text, doc_id in zip(documents, stored)]
+    once: dict[str, _Document] = {}  # a document passed twice (by id and by text, or in two messages) is read once
+    for document in explicit:
+        once.setdefault(found_text(document.text), document)
+    explicit = list(once.values())
 
     # Each message becomes pieces: text, or a document read in place.
     pieces = [_split(text, store, explicit) for _, text in messages]

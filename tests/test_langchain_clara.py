@@ -56,6 +56,12 @@ def test_answers_from_stored_memories_by_id(tiny_model, vectorstore):
     assert chat.bind(document_ids=["d4", "d0"]).invoke(QUESTION).content == expected
     message = HumanMessage(QUESTION, additional_kwargs={"document_ids": ["d4", "d0"]})
     assert chat.invoke([message]).content == expected
+    # a document named twice (in two turns, by id and by text) took two of the k places
+    again = HumanMessage(QUESTION, additional_kwargs={"document_ids": ["d0", "d0"]})
+    reply = ChatClara(clara=tiny_model, store=vectorstore.store, k=5).invoke([message, again], documents=[CORPUS[4]])
+    assert reply.response_metadata["clara"]["memory_documents"] == 2
+    # the call's ids, an empty list too, stand in for the messages'
+    assert chat.invoke([message], document_ids=[]).response_metadata["clara"]["memory_documents"] == 0
 
 
 def test_clara_prompt_reads_stored_documents_in_the_trained_layout(tiny_model, vectorstore, monkeypatch):

@@ -96,7 +96,8 @@ class ChatClara(ReaderFields, BaseChatModel):
     # ------------------------------------------------------------ the prompt
 
     def _reading(self, messages: list[BaseMessage], kwargs: dict) -> Reading:
-        ids = kwargs.get("document_ids") or [i for m in messages for i in m.additional_kwargs.get("document_ids", [])]
+        ids = (kwargs["document_ids"] if kwargs.get("document_ids") is not None  # the call's, [] too, or the messages'
+               else [i for m in messages for i in m.additional_kwargs.get("document_ids", [])])
         passed = passed_documents(kwargs.get("documents") or [])
         texts = [d.page_content if isinstance(d, Document) else d for d in passed]
         return self._reader.read(self.clara, [(_role(m), m.text) for m in messages], self.store, texts, ids, self.k)

@@ -75,7 +75,8 @@ class ClaraLLM(ReaderFields, CustomLLM):
         by id (the call's ``document_ids``, else its messages'), and ``max_tokens`` for this call."""
         passed = passed_documents(kwargs.get("documents") or [])
         texts = [_text(d) for d in passed]
-        ids = kwargs.get("document_ids") or [i for m in messages for i in m.additional_kwargs.get("document_ids", [])]
+        ids = (kwargs["document_ids"] if kwargs.get("document_ids") is not None  # the call's, [] too, or the messages'
+               else [i for m in messages for i in m.additional_kwargs.get("document_ids", [])])
         reading = self._reader.read(self.clara, _as_pairs(messages), self.store, texts, ids, self.k)
         max_tokens = kwargs.get("max_tokens")
         pieces = self.clara.stream(reading.prompt, reading.memories,
