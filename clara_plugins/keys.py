@@ -57,9 +57,23 @@ class ClaraKeys:
         return {"kind": "clara-memories"} if self.kind == "flat" else {"kind": "clara-memories", "key": self.kind}
 
     def document_keys(self, texts: list[str]) -> np.ndarray:
-        """The keys a MemoryStore would hold for these texts (for vector stores of other libraries)."""
-        memories = self.model.compress_documents(texts)
-        return self.memory_keys(memories.to(torch.float16).cpu().numpy())
+        """The keys a MemoryStore would hold for these texts (for vector stores of other
+        libraries); a blank text (a reader's empty page) has nothing to compress, and gets
+        ``blank_key``."""
+        filled = [text for text in texts if text.strip()]
+        keys = np.tile(self.blank_key, (len(texts), 1))
+        if filled:
+            memories = self.model.compress_documents(filled)
+            keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(
+                memories.to(torch.float16).cpu().numpy())
+        return keys
+
+    @property
+    def blank_key(self) -> np.ndarray:
+        """A blank text's key: the first unit vector (a zero one would make cosine stores divide by zero)."""
+        key = np.zeros(self.dimensions, dtype=np.float32)
+        key[0] = 1.0
+        return key
 
     def memory_keys(self, memories: np.ndarray) -> np.ndarray:
         """The keys [n, dim] of memories [n, n_mem, hidden], as the store searches them."""

@@ -301,6 +301,19 @@ def test_adding_no_texts_adds_nothing(vectorstore, tiny_model):
     assert InMemoryVectorStore(ClaraEmbeddings(tiny_model)).add_documents([]) == []
 
 
+def test_clara_embeddings_give_a_blank_page_a_unit_vector_as_the_llama_index_embedding_does(tiny_model):
+    # a reader's blank page failed the whole batch ("documents[0] is empty")
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from langchain_clara import ClaraEmbeddings
+
+    blank, filled = ClaraEmbeddings(tiny_model).embed_documents(["  ", CORPUS[1]])
+    assert blank == [1.0] + [0.0] * (len(filled) - 1)
+    assert filled == ClaraEmbeddings(tiny_model).embed_documents([CORPUS[1]])[0]
+    store = InMemoryVectorStore.from_documents([Document(""), Document(CORPUS[1])], ClaraEmbeddings(tiny_model))
+    assert len(store.store) == 2
+
+
 async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorstore, monkeypatch):
     import threading
 

@@ -55,8 +55,8 @@ class ClaraEmbedding(BaseEmbedding):
 
     def _get_text_embeddings(self, texts: list[str]) -> list[list[float]]:
         """A text of whitespace alone (a blank node without metadata) has nothing to compress:
-        its vector is the first unit vector (a zero one would make cosine stores divide by
-        zero). ClaraVectorStore stores no node whose own text is blank."""
+        its vector is ``ClaraKeys.blank_key``. ClaraVectorStore stores no node whose own text
+        is blank."""
         keys = ClaraKeys(self.clara)
         filled = [text for text in texts if text.strip()]
         # the texts come in batches of embed_batch_size (the store's batch size, for the store's own)
@@ -71,7 +71,7 @@ class ClaraEmbedding(BaseEmbedding):
                 while len(untaken) > _KEEP:
                     untaken.popitem(last=False)
         vectors = iter(keys.memory_keys(memories.numpy()).tolist() if filled else [])
-        blank = [1.0] + [0.0] * (keys.dimensions - 1)
+        blank = keys.blank_key.tolist()
         return [next(vectors) if text.strip() else blank for text in texts]
 
     def _get_text_embedding(self, text: str) -> list[float]:
