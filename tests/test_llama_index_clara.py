@@ -102,6 +102,17 @@ def test_documents_another_writer_stored_come_back_as_text_nodes(tiny_model):
             ClaraRetriever(shared, similarity_top_k=bad)
 
 
+def test_nodes_this_store_wrote_come_back_to_langchain_with_their_own_metadata(tiny_model):
+    # LangChain's retriever handed on the node's JSON, node type and three copies of its document id
+    from langchain_clara import ClaraRetriever as LangChainRetriever
+
+    store = ClaraVectorStore(tiny_model)
+    store.add([TextNode(text=CORPUS[i], id_=f"n{i}", metadata={"i": i}) for i in range(3)])
+    documents = LangChainRetriever(store=store, k=3).invoke(QUESTION)
+    assert sorted(d.metadata["i"] for d in documents) == [0, 1, 2]
+    assert all(set(d.metadata) == {"i", "score"} for d in documents)  # the score: the retriever's
+
+
 def test_delete_by_ref_doc_and_by_node(tiny_model):
     store = ClaraVectorStore(tiny_model)
     index = VectorStoreIndex.from_documents(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -22,7 +23,16 @@ from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 
 
 def to_document(stored: StoredDocument) -> Document:
-    return Document(page_content=stored.text, metadata=stored.metadata, id=stored.id)
+    """A stored document as LangChain's; one the LlamaIndex store wrote keeps its node in the
+    metadata (``_node_content``, with ids beside it), and comes back with the node's own."""
+    metadata = stored.metadata
+    try:
+        node = json.loads(metadata["_node_content"]) if isinstance(metadata.get("_node_content"), str) else None
+    except ValueError:  # not a node after all: as stored
+        node = None
+    if isinstance(node, dict) and isinstance(node.get("metadata"), dict):
+        metadata = node["metadata"]
+    return Document(page_content=stored.text, metadata=metadata, id=stored.id)
 
 
 def refuse_unknown(method: str, kwargs: dict[str, Any], honoured: tuple[str, ...] = ()) -> None:
