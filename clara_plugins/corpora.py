@@ -38,7 +38,8 @@ class NotQuestionsError(InvalidInputError):
 
 
 def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]:
-    """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows).
+    """Read HotpotQA, 2WikiMultihopQA, MuSiQue or NQ (format detected from the rows), at most
+    ``limit`` examples.
 
     MuSiQue-full's questions marked ``"answerable": false`` (their evidence removed from the
     paragraphs) are left out, with a warning: no answer could be read from their passages."""
@@ -53,7 +54,9 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
         raise NotQuestionsError(f"{path} holds a JSON {type(rows).__name__}, not a list of questions")
     examples = []
     unanswerable = 0
-    for number, row in enumerate(rows[:limit]):
+    for number, row in enumerate(rows):
+        if len(examples) == limit:  # examples, as convert-data --skip counts them
+            break
         if isinstance(row, dict) and row.get("answerable") is False:
             unanswerable += 1
             continue
@@ -128,10 +131,8 @@ def _example(row: dict, number: int) -> QAExample:
         raise NotQuestionsError(f"a JSON {type(row).__name__}, not a question record")
     if "context" in row and "supporting_facts" in row:  # HotpotQA, 2WikiMultihopQA
         titles = {title for title, _ in row["supporting_facts"]}
-        # HotpotQA's sentences carry the space before them, 2WikiMultihopQA's do not
         spaced = any(s[:1].isspace() for _, sentences in row["context"] for s in sentences[1:])
-        glue = "" if spaced else " "
-        passages = [f"{title}\n{glue.join(sentences).strip()}" for title, sentences in row["context"]]
+        passages = [f"{title}\n{_joined(sentences, spaced)}" for title, sentences in row["context"]]
         present = {title for title, _ in row["context"]}
         gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
         return QAExample(str(row["_id"]), row["question"], [row["answer"]], *_distinct(passages, gold),
@@ -150,6 +151,18 @@ def _example(row: dict, number: int) -> QAExample:
         return QAExample(f"nq-{number}", row["question"], answers, passages, gold)
     raise NotQuestionsError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: "
                             f"{sorted(row)[:8]}")
+
+
+def _joined(sentences: list[str], spaced: bool) -> str:
+    """A paragraph from its sentences. 2WikiMultihopQA's carry no space: one goes between each
+    two. HotpotQA's (``spaced``) carry the space before them, mostly: not all ("(Jessore
+    Road).It is"), so one goes before a word that follows a sentence without it."""
+    if not spaced:
+        return " ".join(sentences).strip()
+    text = ""
+    for sentence in sentences:
+        text += " " + sentence if text[-1:].strip() and sentence[:1].isalnum() else sentence
+    return text.strip()
 
 
 def _distinct(passages: list[str], gold: list[int]) -> tuple[list[str], list[int]]:

@@ -36,11 +36,12 @@ def test_sentences_are_joined_with_the_spaces_each_format_needs(tmp_path):
         return {"_id": "1", "question": "q", "answer": "a", "supporting_facts": [["T", 0]],
                 "context": [["T", sentences]]}
 
+    # and HotpotQA's their leading space, mostly: dev 25 read "NH 35 (Jessore Road).It is a major"
     (tmp_path / "dev.json").write_text(json.dumps([row(["It rose in 930.", "He is named."]),
-                                                   row(["It rose in 930.", " He is named.", '"']),
+                                                   row(["It rose in 930.", " He is named.", '"', "It is old."]),
                                                    row(["One sentence. "])]))
     assert [e.passages[0] for e in read_examples(tmp_path / "dev.json")] == [
-        "T\nIt rose in 930. He is named.", 'T\nIt rose in 930. He is named."', "T\nOne sentence."]
+        "T\nIt rose in 930. He is named.", 'T\nIt rose in 930. He is named." It is old.', "T\nOne sentence."]
 
 
 @pytest.mark.parametrize("name,content,message", [
@@ -68,9 +69,12 @@ def test_musique_questions_marked_unanswerable_are_left_out_with_a_warning(tmp_p
         return json.dumps({"id": id_, "question": "q?", "answer": "a", "answerable": answerable, "paragraphs": [
             {"title": "T", "paragraph_text": "a", "is_supporting": answerable}]})
 
-    (tmp_path / "musique.jsonl").write_text(f"{row('kept', True)}\n{row('dropped', False)}\n")
+    (tmp_path / "musique.jsonl").write_text(f"{row('kept', True)}\n{row('dropped', False)}\n{row('next', True)}\n")
     with pytest.warns(UserWarning, match="left out 1 questions marked unanswerable"):
-        assert [e.id for e in read_examples(tmp_path / "musique.jsonl")] == ["kept"]
+        assert [e.id for e in read_examples(tmp_path / "musique.jsonl")] == ["kept", "next"]
+    # a limit counts examples, as convert-data --skip does: the held-out first 2 were one
+    with pytest.warns(UserWarning):
+        assert [e.id for e in read_examples(tmp_path / "musique.jsonl", limit=2)] == ["kept", "next"]
 
 
 def test_a_paragraph_repeated_within_a_question_is_one_passage(tmp_path):
