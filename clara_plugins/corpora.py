@@ -8,8 +8,10 @@ MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
+import io
 import re
 import warnings
 from pathlib import Path
@@ -78,8 +80,9 @@ def read_documents(paths: list[str]) -> list[str]:
     """Documents from passage files.
 
     A ``.json`` file holds a list of records and a ``.jsonl`` file one record per line, each
-    record's ``text`` or ``contents`` (with its ``title`` in front when present); any other
-    file gives one document per blank-line-separated paragraph. A path that is not a file is
+    record's ``text`` or ``contents`` (with its ``title`` in front when present); a ``.tsv``
+    file one record per row under a header naming its columns (DPR's ``psgs_w100.tsv``: id,
+    text, title); any other file gives one document per blank-line-separated paragraph. A path that is not a file is
     an error: it is never read as the text of a document. So is a record without a text
     (a misspelt field would otherwise index its title alone).
     """
@@ -92,6 +95,9 @@ def read_documents(paths: list[str]) -> list[str]:
                 raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
             documents.extend(_record_text(record, f"{source}, record {number}")
                              for number, record in enumerate(records))
+        elif path.suffix.lower() == ".tsv":  # as paragraphs it was one document of every row
+            rows = csv.DictReader(io.StringIO(read_text(path)), delimiter="\t")
+            documents.extend(_record_text(record, f"{source}, row {number + 1}") for number, record in enumerate(rows))
         else:
             # a blank line may hold spaces or a tab: it still ends a paragraph
             documents.extend(p.strip() for p in re.split(r"\n\s*\n", read_text(path)) if p.strip())

@@ -34,6 +34,17 @@ def test_read_documents_from_files(tmp_path):
     assert read_documents([str(tmp_path / "d.txt")]) == ["One.", "Two.", "Three."]
 
 
+def test_dprs_passage_file_reads_one_document_a_row(tmp_path):
+    # psgs_w100.tsv has no blank lines: all 21 million passages were one document
+    (tmp_path / "psgs.tsv").write_text('id\ttext\ttitle\n1\t"Aaron ( or ; ""Aharon"") is a prophet."\tAaron\n'
+                                       '2\tHe led the tribe.\tAaron\n')
+    assert read_documents([str(tmp_path / "psgs.tsv")]) == ['Aaron\nAaron ( or ; "Aharon") is a prophet.',
+                                                          "Aaron\nHe led the tribe."]
+    (tmp_path / "other.tsv").write_text("a\tb\n1\t2\n")
+    with pytest.raises(InvalidInputError, match="other.tsv, row 1 has no text or contents"):
+        read_documents([str(tmp_path / "other.tsv")])
+
+
 def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": null, "contents": "DPR text"}\n{"text": "", "contents": "more"}\n')
     assert read_documents([str(tmp_path / "a.jsonl")]) == ["DPR text", "more"]
