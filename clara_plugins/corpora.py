@@ -3,7 +3,8 @@
 Readers take the files as their authors publish them: HotpotQA and 2WikiMultihopQA
 (``context`` = [[title, [sentences]]], gold paragraphs named by ``supporting_facts``),
 MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
-(``ctxs`` with ``isgold``). ``read_documents`` reads passage corpora and plain text files.
+(``ctxs`` with ``isgold``, or DPR's ``has_answer``; DPR's ``positive_ctxs`` and negatives),
+gzipped too. ``read_documents`` reads passage corpora and plain text files.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from .errors import InvalidInputError
-from .jsonfiles import read_json, read_jsonl, read_text
+from .jsonfiles import data_suffix, read_json, read_jsonl, read_text
 from .metrics import normalize_answer
 
 
@@ -47,9 +48,9 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     paragraphs) are left out, with a warning: no answer could be read from their passages."""
     path = _existing_file(path)
     try:
-        rows = read_json(path, InvalidInputError) if path.suffix.lower() == ".json" else read_jsonl(path)
+        rows = read_json(path, InvalidInputError) if data_suffix(path) == ".json" else read_jsonl(path)
     except InvalidInputError as error:
-        if path.suffix.lower() in (".json", ".jsonl"):
+        if data_suffix(path) in (".json", ".jsonl"):
             raise
         raise NotQuestionsError(str(error)) from error  # a text file, not JSON lines of questions
     if not isinstance(rows, list):
@@ -73,6 +74,9 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
         warnings.warn(f"{path}: left out {unanswerable} questions marked unanswerable", stacklevel=2)
     if not examples:
         raise InvalidInputError(f"{path} holds no examples")
+    if not any(e.gold for e in examples):  # a format whose gold marks this reader does not know, most often
+        warnings.warn(f"{path}: no example marks a gold passage: no recall, Oracle or SCP rows can come from it",
+                      stacklevel=2)
     return examples
 
 
@@ -89,13 +93,13 @@ def read_documents(paths: list[str]) -> list[str]:
     documents: list[str] = []
     for source in paths:
         path = _existing_file(source)
-        if path.suffix.lower() in (".json", ".jsonl"):  # PASSAGES.JSONL too: as text it was one document of JSON
-            records = read_jsonl(path) if path.suffix.lower() == ".jsonl" else read_json(path, InvalidInputError)
+        if data_suffix(path) in (".json", ".jsonl"):  # PASSAGES.JSONL too: as text it was one document of JSON
+            records = read_jsonl(path) if data_suffix(path) == ".jsonl" else read_json(path, InvalidInputError)
             if not isinstance(records, list):
                 raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
             documents.extend(_record_text(record, f"{source}, record {number}")
                              for number, record in enumerate(records))
-        elif path.suffix.lower() == ".tsv":  # as paragraphs it was one document of every row
+        elif data_suffix(path) == ".tsv":  # as paragraphs it was one document of every row
             rows = csv.DictReader(io.StringIO(read_text(path)), delimiter="\t")
             documents.extend(_record_text(record, f"{source}, row {number + 1}") for number, record in enumerate(rows))
         else:
@@ -148,9 +152,15 @@ def _example(row: dict, number: int) -> QAExample:
         gold = [i for i, p in enumerate(row["paragraphs"]) if p["is_supporting"]]
         return QAExample(str(row["id"]), row["question"], [row["answer"], *row.get("answer_aliases", [])],
                          *_distinct(passages, gold))
-    if "ctxs" in row:  # NQ-open with passages
-        passages = [f"{c['title']}\n{c['text']}" for c in row["ctxs"]]
-        gold = [i for i, c in enumerate(row["ctxs"]) if c.get("isgold")]
+    if "ctxs" in row or "positive_ctxs" in row:  # NQ-open with passages; DPR's retriever output and training files
+        contexts = row["ctxs"] if "ctxs" in row else [*row["positive_ctxs"], *row.get("hard_negative_ctxs", []),
+                                                      *row.get("negative_ctxs", [])]
+        passages = [f"{c['title']}\n{c['text']}" for c in contexts]
+        if "positive_ctxs" in row:
+            gold = list(range(len(row["positive_ctxs"])))
+        else:  # the oracle file marks its gold passage; DPR's retriever output, those that hold an answer
+            mark = next((key for key in ("isgold", "has_answer", "hasanswer") if any(key in c for c in contexts)), None)
+            gold = [i for i, c in enumerate(contexts) if mark and c.get(mark)]
         answers = row["answers"]
         if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
             raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")

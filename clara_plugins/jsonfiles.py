@@ -3,6 +3,7 @@ the file."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,25 @@ from .errors import InvalidInputError
 
 
 def read_text(path: str | Path, error: type[ValueError] = InvalidInputError) -> str:
-    """A UTF-8 text file's contents, or ``error`` naming a file of other bytes (a PDF, a binary)."""
+    """A UTF-8 text file's contents, gzipped where its name ends in ``.gz`` (as data sets are
+    published: NQ-open's ``nq-open-oracle.jsonl.gz``), or ``error`` naming a file of other
+    bytes (a PDF, a binary)."""
+    path = Path(path)
     try:
-        return Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
+        if path.suffix.lower() == ".gz":
+            with gzip.open(path, "rt", encoding="utf-8-sig") as handle:
+                return handle.read()
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
     except UnicodeDecodeError as decoding:
         raise error(f"{path} is not UTF-8 text: byte {decoding.start} cannot be decoded") from decoding
+    except (gzip.BadGzipFile, EOFError) as broken:
+        raise error(f"{path} is not a whole gzip file: {broken}") from broken
+
+
+def data_suffix(path: str | Path) -> str:
+    """A file's kind by its name, the ``.gz`` of a compressed one aside: ``.jsonl`` for ``dev.jsonl.gz``."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
+    return suffixes[-2] if suffixes[-1:] == [".gz"] and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
 
 
 def read_json(path: Path, error: type[ValueError]) -> object:

@@ -77,6 +77,30 @@ def test_musique_questions_marked_unanswerable_are_left_out_with_a_warning(tmp_p
         assert [e.id for e in read_examples(tmp_path / "musique.jsonl", limit=2)] == ["kept", "next"]
 
 
+def test_nq_reads_as_dpr_and_lost_in_the_middle_publish_it(tmp_path):
+    # DPR's retriever output (has_answer) was read with no gold passage, its training file was
+    # "no known format", and the gzipped oracle file "not UTF-8 text"
+    import gzip
+
+    ctxs = [{"title": "Danube", "text": "It flows through Vienna.", "has_answer": True},
+            {"title": "Rhine", "text": "It flows through Basel.", "has_answer": False}]
+    (tmp_path / "retrieved.jsonl").write_text(json.dumps({"question": "q", "answers": ["Vienna"], "ctxs": ctxs}))
+    assert read_examples(tmp_path / "retrieved.jsonl")[0].gold == [0]
+    training = {"question": "q", "answers": ["Vienna"], "positive_ctxs": ctxs[:1], "hard_negative_ctxs": ctxs[1:],
+                "negative_ctxs": []}
+    (tmp_path / "train.json").write_text(json.dumps([training]))
+    example = read_examples(tmp_path / "train.json")[0]
+    assert example.passages == ["Danube\nIt flows through Vienna.", "Rhine\nIt flows through Basel."]
+    assert example.gold == [0]
+    with gzip.open(tmp_path / "oracle.jsonl.gz", "wt") as handle:
+        handle.write((tmp_path / "retrieved.jsonl").read_text())
+    assert read_examples(tmp_path / "oracle.jsonl.gz") == read_examples(tmp_path / "retrieved.jsonl")
+    unmarked = [{k: v for k, v in c.items() if k != "has_answer"} for c in ctxs]
+    (tmp_path / "unmarked.jsonl").write_text(json.dumps({"question": "q", "answers": ["Vienna"], "ctxs": unmarked}))
+    with pytest.warns(UserWarning, match="no example marks a gold passage"):
+        read_examples(tmp_path / "unmarked.jsonl")
+
+
 def test_a_paragraph_repeated_within_a_question_is_one_passage(tmp_path):
     # 2WikiMultihopQA repeats a paragraph in about 4 % of its questions: it took two of k places
     context = [["Pirates", ["A film."]], ["Vienna", ["A city."]], ["Pirates", ["A film."]], ["Danube", ["A river."]]]
