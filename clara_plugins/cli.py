@@ -120,7 +120,8 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                              "half from its first), cloze (a blanked name, number or date), inverse-cloze (a "
                              "sentence as the question, its passage without it as the gold candidate)")
     parser.add_argument("--setting", choices=SETTINGS,
-                        help="instruct: normal, BM25 top-k; oracle: gold passages among the k (default normal)")
+                        help="instruct: normal, the BM25 top-k of a pool of at least 20 (the gold passages may be "
+                             "missed); oracle: gold passages among the k (default normal)")
     parser.add_argument("-k", type=positive_int, help="instruct: documents per row (default 5)")
     parser.add_argument("--candidates", type=positive_int,
                         help="e2e, inverse-cloze: candidates per row (default 20 for e2e, 5 for inverse-cloze)")

@@ -20,19 +20,25 @@ from .metrics import recall_at_k
 from .prompts import SCP_REWRITES
 
 
+# a Normal row's k passages are the BM25 best of a pool of at least this many, as clara bench's
+# candidates: NQ's one-passage pools, filled to k alone, always held their gold passage
+NORMAL_POOL = 20
+
+
 def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5) -> list[dict]:
     """Rows ``{question, docs[k], answer, answers, pos_index}`` in the Normal or Oracle setting.
 
     Oracle rows are made only for examples whose gold passages are all in the pool, and at
-    most k. Pools of
-    fewer than k passages are filled from the other examples (a training batch needs the same
-    k in every row); an example that still has fewer is left out. Both settings list their
+    most k. Pools of fewer than k passages (Normal: ``NORMAL_POOL``) are filled from the other
+    examples (a training batch needs the same k in every row); an example that still has
+    fewer than k is left out. Both settings list their
     passages best BM25 match first, as a retriever would: in the pool's order, a set whose
     gold passage opens every pool (NQ's) would teach a reader to trust the first document.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
-    examples = [e for e in fill_short_pools(examples, k) if len(e.passages) >= k]
+    pool = k if setting == "oracle" else max(k, NORMAL_POOL)
+    examples = [e for e in fill_short_pools(examples, pool) if len(e.passages) >= k]
     if setting == "oracle":  # every gold passage among the k: -k 1 gave a 2-hop question half its evidence
         examples = [e for e in examples if e.gold_complete and e.gold and len(e.gold) <= k]
     rows = []

@@ -199,6 +199,17 @@ def test_instruction_rows_all_have_k_documents():
     assert alone == []
 
 
+def test_normal_rows_are_the_best_k_of_a_pool_the_gold_passage_may_miss():
+    # NQ's one-passage pools, filled to k alone, always held their gold passage: Oracle rows
+    bridges = [QAExample(f"b{i}", f"what is bridge {i}", ["x"],
+                         [f"Bridge {i}\nThe Danube flows through the city; the city lies on the Danube."], [0])
+               for i in range(30)]
+    asked = QAExample("q", "which city does the Danube flow through", ["Vienna"],
+                      ["Danube\nIt rises in the Black Forest and reaches Vienna."], [0])
+    row = instruct_rows([asked, *bridges], "normal", k=5)[0]
+    assert len(row["docs"]) == 5 and row["pos_index"] == []  # the best 5 of 20: the gold one is not among them
+
+
 def test_oracle_rows_hold_every_gold_passage_or_are_not_made():
     # -k 1 gave a two-hop question one of its two supporting passages, often not the answer's
     two_hop = QAExample("q3", "Where does the river through Vienna rise?", ["the Black Forest"],
