@@ -77,6 +77,11 @@ class BaseMemoryStore(ABC):
         """Documents in the order asked; ids that are not stored are skipped."""
 
     @abstractmethod
+    def stored_ids(self, ids: Sequence[str]) -> set[str]:
+        """Which of ``ids`` the store holds, without reading their texts (a resumed index asks
+        for a corpus' worth)."""
+
+    @abstractmethod
     def memories(self, ids: Sequence[str]) -> torch.Tensor:
         """Memory tokens [len(ids), n_mem, hidden] (float32) for the generator."""
 

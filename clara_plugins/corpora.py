@@ -4,7 +4,9 @@ Readers take the files as their authors publish them: HotpotQA and 2WikiMultihop
 (``context`` = [[title, [sentences]]], gold paragraphs named by ``supporting_facts``),
 MuSiQue (``paragraphs`` with ``is_supporting``) and NQ-open with passages
 (``ctxs`` with ``isgold``, or DPR's ``has_answer``; DPR's ``positive_ctxs`` and negatives),
-gzipped too. ``read_documents`` reads passage corpora and plain text files.
+gzipped too. 2WikiMultihopQA's answer aliases come in a file of their own
+(``id_aliases.json``), which is not read: its answers are scored against the one ``answer``.
+``read_documents`` reads passage corpora and plain text files.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def index_documents(
     first: dict[str, int] = {}  # each id once: its first row
     for row, doc_id in enumerate(ids):
         first.setdefault(doc_id, row)
-    stored = {document.id for document in store.get(list(first))}
+    stored = store.stored_ids(list(first))
     todo = [row for doc_id, row in first.items() if doc_id not in stored]
     groups = [todo[start:start + save_every] for start in range(0, len(todo), save_every)]
     # Ray compresses each group in one call, as upsert does here: the same batches, the same memories

@@ -255,6 +255,9 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     # -------------------------------------------------------------- reading
 
+    def stored_ids(self, ids: Sequence[str]) -> set[str]:
+        return {row["id"] for row in self._rows_where("id", list(dict.fromkeys(id_list(ids, "ids"))), ["id"])}
+
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:
         """Documents in the order asked; ids that are not stored are skipped."""
         ids = id_list(ids, "ids")

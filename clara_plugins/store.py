@@ -226,6 +226,11 @@ class MemoryStore(BaseMemoryStore):
         with self._lock:
             return [self._document(self._row_of[i]) for i in ids if i in self._row_of]
 
+    def stored_ids(self, ids: Sequence[str]) -> set[str]:
+        ids = id_list(ids, "ids")
+        with self._lock:
+            return {i for i in ids if i in self._row_of}
+
     def _document(self, row: int) -> StoredDocument:
         return StoredDocument(self._ids[row], self._texts[row], copy.deepcopy(self._metadatas[row]))
 

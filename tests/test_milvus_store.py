@@ -172,6 +172,14 @@ def test_every_filter_operator_keeps_what_the_local_store_keeps(milvus, local):
                             local.search(QUERIES[0], k=len(CORPUS), where=where))
 
 
+def test_a_resumed_index_asks_which_ids_are_stored_without_reading_their_texts(milvus, local, monkeypatch):
+    # it read every stored text and metadata (4,000 queries of up to 64 KB rows for a million)
+    asked = ["d1", "nope", "d3", "d1"]
+    assert milvus.stored_ids(asked) == local.stored_ids(asked) == {"d1", "d3"}
+    monkeypatch.setattr(milvus, "get", lambda ids: pytest.fail("texts were read"))
+    assert index_documents(milvus, [CORPUS[1], "a new text"], ["d1", "new"]) == ["new"]
+
+
 def test_texts_are_found_in_prompts_as_in_the_local_store(milvus, local):
     prompt = f"Background:\n{CORPUS[2]}\n\n{CORPUS[4]} and {CORPUS[2][:40]}"
     assert milvus.documents_in(prompt) == local.documents_in(prompt)
