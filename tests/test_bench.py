@@ -340,20 +340,28 @@ def test_a_kept_result_is_not_reused_for_a_checkpoint_trained_again_in_place(tin
     assert len(ran) == 3
 
 
-def test_a_result_written_beside_the_code_leaves_the_commit_clean():
+def test_a_result_written_beside_the_code_leaves_the_commit_clean(tmp_path, monkeypatch):
     # a kept bench result (untracked) or a rewritten table under docs/ stamped every rerun
-    # "-dirty", so no kept result was ever reused
+    # "-dirty", so no kept result was ever reused; a checkout of its own, not this one
+    import shutil
+
     from clara_benchmarks import measure
 
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "docs").mkdir()
+    shutil.copy(measure.__file__, tmp_path / "benchmarks" / "measure.py")
+    (tmp_path / "docs" / "table.md").write_text("a table")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for command in (["init", "-q"], ["add", "."], ["commit", "-qm", "code"]):
+        subprocess.run([*git, *command], check=True)
+    monkeypatch.setattr(measure, "__file__", str(tmp_path / "benchmarks" / "measure.py"))
     before = measure.commit()
-    if before is None:
-        pytest.skip("not run from a checkout of the project")
-    note = Path(measure.__file__).resolve().parents[1] / "docs" / f"untracked-{os.getpid()}.md"
-    note.write_text("a result")
-    try:
-        assert measure.commit() == before
-    finally:
-        note.unlink()
+    assert before and not before.endswith("-dirty")
+    (tmp_path / "docs" / "untracked.md").write_text("a result")
+    (tmp_path / "docs" / "table.md").write_text("a table rewritten")
+    assert measure.commit() == before
+    (tmp_path / "benchmarks" / "measure.py").write_text("# the code changed\n")
+    assert measure.commit() == before + "-dirty"
 
 
 def test_the_commit_is_read_without_git_as_none(monkeypatch):

@@ -207,19 +207,26 @@ def test_repeated_kills_during_saves_always_leave_a_loadable_store(saved, tiny_m
         from clara_plugins import ClaraModel, MemoryStore
         model = ClaraModel.from_pretrained({str(tmp_path / 'ckpt')!r}, device="cpu")
         store = MemoryStore.load({str(folder)!r}, model)
-        print("ready", flush=True)
-        while True:
+        round = 0
+        while True:  # each save changes a document: a torn one would pair a text with another's memory
+            round += 1
+            store.upsert([f"round {{round}}"], ids=["extra"])
             store.save({str(folder)!r})
+            print("saved", flush=True)
     """)
     for delay in (0.0, 0.02, 0.1):
         writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-        assert writer.stdout.readline().strip() == "ready"
+        assert writer.stdout.readline().strip() == "saved"  # the kill falls among saves
         time.sleep(delay)
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait()
         survivor = MemoryStore.load(folder, tiny_model)
-        assert survivor.all_ids() == store.all_ids()
+        assert survivor.all_ids() == store.all_ids() + ["extra"]
         assert np.array_equal(survivor.memories(["d3"]).numpy(), store.memories(["d3"]).numpy())
+        [extra] = survivor.get(["extra"])
+        fresh = MemoryStore(tiny_model)
+        fresh.upsert([extra.text], ids=["extra"])
+        assert np.array_equal(survivor.memories(["extra"]).numpy(), fresh.memories(["extra"]).numpy())
 
 
 @pytest.mark.parametrize("metadata", [{"pair": (1, 2)}, {1: "int key"}, {"x": float("nan")}, {"x": float("inf")},
