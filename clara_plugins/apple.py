@@ -101,8 +101,14 @@ def load_apple_checkpoint(
     if missing:
         raise CheckpointError(f"{folder}/adapters.pth lacks {sorted(missing)}: no compressor or generator to load")
     for name, state in adapters.items():  # before the base model loads
-        if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                                  for key, value in state.items()):
             raise CheckpointError(f"{folder}/adapters.pth: {name} is not a state dict of named tensors")
+    if not isinstance(matrices, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                                 for key, value in matrices.items()):
+        raise CheckpointError(f"{folder}/decoder_first_last_layers.pth is not a state dict of named tensors")
+    embed = _matrix(matrices, "embed_tokens.weight", folder)
+    head = _matrix(matrices, "lm_head.weight", folder, required=False)
     model = ClaraModel(config, device=device, dtype=dtype)
     for name, state in adapters.items():
         peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
@@ -113,8 +119,6 @@ def load_apple_checkpoint(
         copy_adapter(model, ENCODER, QUERY_REASONER)
         warnings.warn(f"{folder} has no query reasoner (it was saved before the end-to-end stage): questions "
                       "are encoded by its compressor", stacklevel=2)
-    embed = _matrix(matrices, "embed_tokens.weight", folder)
-    head = _matrix(matrices, "lm_head.weight", folder, required=False)
     _check_base_rows(model, embed, folder)
     base = model.base_vocab_size
     load_added_rows(model, embed[base:], None if head is None else head[base:],

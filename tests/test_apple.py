@@ -123,9 +123,17 @@ def test_an_adapter_that_is_not_a_state_dict_is_named(tiny_tokens_model, tiny_ba
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     monkeypatch.setattr(ClaraModel, "__init__", lambda *a, **k: pytest.fail("the base model was loaded"))
     for adapters in ({"encoder_adapter": [torch.zeros(2)], "decoder_adapter": {}},
-                     {"encoder_adapter": {1: torch.zeros(2)}, "decoder_adapter": {}}):
+                     {"encoder_adapter": {1: torch.zeros(2)}, "decoder_adapter": {}},
+                     {"encoder_adapter": {"a.lora_A.weight": [0.0]}, "decoder_adapter": {}}):  # a list: after the load
         torch.save(adapters, tmp_path / "apple" / "adapters.pth")
         with pytest.raises(CheckpointError, match="adapters.pth: encoder_adapter is not a state dict of named"):
+            load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+    # and the matrices: a bare tensor, or no embedding rows, were found after the base model loaded
+    torch.save({"encoder_adapter": {}, "decoder_adapter": {}}, tmp_path / "apple" / "adapters.pth")
+    for broken, message in [(torch.zeros(2), "decoder_first_last_layers.pth is not a state dict of named tensors"),
+                            ({"lm_head.weight": torch.zeros(2)}, "decoder_first_last_layers.pth has no embed_tokens")]:
+        torch.save(broken, tmp_path / "apple" / "decoder_first_last_layers.pth")
+        with pytest.raises(CheckpointError, match=message):
             load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
 
 
