@@ -107,14 +107,14 @@ def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
     while True:
         token = secrets.token_hex(8)
         unlocked = path.with_name(f".{path.name}.{token}.new")
-        try:
-            if folder:
-                unlocked.mkdir()
+        if folder:
+            unlocked.mkdir()  # a missing parent folder raises here, as below
+            try:
                 held = os.open(unlocked, os.O_RDONLY)
-            else:
-                held = os.open(unlocked, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileNotFoundError:  # the new folder was removed before it was opened
-            continue
+            except FileNotFoundError:  # the new folder was removed before it was opened
+                continue
+        else:
+            held = os.open(unlocked, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             _lock(held, wait=True)
             if os.fstat(held).st_ino != _inode(unlocked):  # removed before the lock: another name
@@ -188,6 +188,8 @@ def check_replaceable_folder(folder: Path, marker: str) -> None:
     """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, or
     a non-empty folder without ``marker``; a caller with long work before the write checks first."""
     folder = _followed(folder)
+    if folder.resolve() in (Path.cwd(), *Path.cwd().parents):  # the swap would take it from under this process
+        raise ValueError(f"{folder} is this process's working directory, or holds it: name a folder outside it")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise FileExistsError(f"{folder} is a non-empty folder that this library did not write (no {marker}); "
                               "choose a new or empty folder")
@@ -196,10 +198,12 @@ def check_replaceable_folder(folder: Path, marker: str) -> None:
 
 
 def _followed(path: Path) -> Path:
-    """The path a symbolic link names, or the path itself, as an absolute path: renaming a link
-    over its target's new copy would leave the target stale and the link's old name behind, and
-    "." names no sibling to build beside."""
-    return path.resolve() if path.is_symlink() else Path(os.path.abspath(path))
+    """The path a symbolic link names, or the path itself ("." and ".." made absolute: they name
+    no sibling to build beside): renaming a link over its target's new copy would leave the
+    target stale and the link's old name behind."""
+    if path.is_symlink():
+        return path.resolve()
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
 
 
 def sync_tree(folder: Path) -> None:
@@ -247,11 +251,11 @@ def recover_folder(folder: Path) -> None:
     renames (its staging folder is locked), whose next rename would then fail and lose its save."""
     folder = _followed(folder)
     old = _old_copy(folder)
-    if not folder.exists() and old.is_dir() and not _writer_at_work(folder):
+    if not folder.exists() and old.is_dir() and not writer_at_work(folder):
         os.replace(old, folder)
 
 
-def _writer_at_work(path: Path) -> bool:
+def writer_at_work(path: Path) -> bool:
     """Whether a writer holds the lock of a staging sibling of ``path`` (``_claimed_sibling``);
     where the file system has no locks, a leftover cannot be told from a live one: no."""
     own_name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}")

@@ -75,8 +75,8 @@ def _load_on_workers(args: argparse.Namespace):
 
     from .pretrained import load_model
 
-    def absolute(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path and Path(path).exists() else path
+    def absolute(path: str | None) -> str | None:  # the default's name is no path, whatever folder holds it
+        return str(Path(path).resolve()) if path and path != DEFAULT_BASE_MODEL and Path(path).exists() else path
 
     return functools.partial(load_model, absolute(args.checkpoint), base_model=absolute(args.base_model),
                              compression_rate=args.compression_rate,

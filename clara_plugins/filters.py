@@ -14,6 +14,7 @@ against a number bound, a boolean, a list) or a missing field simply does not ma
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +23,8 @@ Filter = dict[str, Any]
 
 
 def _kind(value: Any) -> type | None:
-    """What a range operator may compare: numbers (not booleans) or strings; None otherwise."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """What a range operator may compare: numbers (not booleans; numpy's too) or strings; None otherwise."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float
     return str if isinstance(value, str) else None
 

@@ -402,7 +402,7 @@ def _condition(field: str, key: str, name: str, target: Any) -> str:
 
 def _literal(value: Any, key: str) -> str:
     """A filter value as a Milvus literal; a value Milvus cannot compare is refused."""
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
     if isinstance(value, numbers.Integral):  # numpy's too: its repr is no Milvus literal
         return str(int(value))

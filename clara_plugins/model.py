@@ -22,6 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
+from .atomic import writer_at_work
 from .backbone import embedding_norm, fingerprint, load_base_model, resolve_device, resolve_dtype
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
@@ -504,8 +505,8 @@ class ClaraModel(torch.nn.Module):
         trained at: its memories pool finer or coarser chunks of the same compressor states.
         Appended-token checkpoints (Apple's design) learned one state per position and refuse.
         """
-        for _ in range(_LOAD_TRIES):  # between a save's two renames the folder is gone a moment
-            if _folder_identity(Path(folder)) is not None:
+        for _ in range(100):  # a save between its two renames: the new folder comes in a moment
+            if _folder_identity(Path(folder)) is not None or not writer_at_work(Path(folder)):
                 break
             time.sleep(0.05)
         config = read_config(Path(folder))

@@ -352,9 +352,20 @@ def test_a_staging_name_removed_before_its_lock_is_made_again(tmp_path, monkeypa
     assert removed and sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
-def test_a_folder_named_as_the_working_directory_is_written(tmp_path, monkeypatch):
-    # "." has no name to build a sibling from: the save failed once its work was done
-    (tmp_path / "here").mkdir()
-    monkeypatch.chdir(tmp_path / "here")
-    write_folder_atomically(Path("."), lambda staging: (staging / "config.json").write_text("1"), "config.json")
-    assert (tmp_path / "here" / "config.json").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["here"]
+def test_the_working_directory_is_refused_before_any_work(tmp_path, monkeypatch):
+    # "." failed once its work was done ("empty name"); written, it was moved from under the process
+    from clara_plugins.atomic import check_replaceable_folder
+
+    (tmp_path / "here" / "below").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here" / "below")
+    for folder in (Path("."), Path(".."), tmp_path / "here"):
+        with pytest.raises(ValueError, match="is this process's working directory, or holds it"):
+            check_replaceable_folder(folder, "config.json")
+    write_folder_atomically(Path("../sibling"), lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    assert (tmp_path / "here" / "sibling" / "config.json").read_text() == "1"
+
+
+def test_a_write_into_a_missing_folder_fails(tmp_path):
+    # a retry for a staging name removed in the moment before its lock tried again forever
+    with pytest.raises(FileNotFoundError):
+        write_file_atomically(tmp_path / "missing" / "result.json", lambda handle: handle.write("x"))

@@ -325,10 +325,11 @@ def test_a_base_model_folder_is_recorded_as_a_path_that_loads_from_anywhere(tiny
     from clara_plugins.config import DEFAULT_BASE_MODEL
 
     monkeypatch.chdir(tiny_base.parent)
-    assert ClaraConfig(base_model=tiny_base.name).base_model == str(tiny_base)
-    assert ClaraConfig(base_model=Path(tiny_base.name)).base_model == str(tiny_base)
+    assert ClaraConfig(base_model=f"./{tiny_base.name}").base_model == str(tiny_base)
+    assert ClaraConfig(base_model=Path(tiny_base.name)).base_model == tiny_base.name  # shaped as a hub id
     tiny_model.save_pretrained(tmp_path / "ckpt")
-    loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=Path(tiny_base.name), device="cpu")
+    loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=Path(f"../{tiny_base.parent.name}/"
+                                                                             f"{tiny_base.name}"), device="cpu")
     loaded.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "clara_config.json").read_text())["config"]["base_model"] == str(tiny_base)
     monkeypatch.chdir(tmp_path)

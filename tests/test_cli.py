@@ -461,3 +461,18 @@ def test_train_builds_a_new_model_with_the_settings_it_is_given(tiny_base, tmp_p
                                            "memory_scale", "memory_design", "lora_dropout")} == {
         "doc_max_length": 32, "lora_r": 4, "lora_alpha": 8, "memory_pooling": "last", "memory_layer": -2,
         "memory_scale": True, "memory_design": "pooled", "lora_dropout": 0.1}
+
+
+def test_ray_workers_load_the_default_model_by_its_name_whatever_folder_holds_it(tmp_path, monkeypatch):
+    # a folder named smollm2-135m-instruct in the working directory sent the workers to it
+    import argparse
+
+    from clara_plugins.cli import _load_on_workers
+    from clara_plugins.config import DEFAULT_BASE_MODEL
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DEFAULT_BASE_MODEL).mkdir()
+    (tmp_path / "mine").mkdir()
+    for given, loaded in [(DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL), ("mine", str(tmp_path / "mine"))]:
+        args = argparse.Namespace(checkpoint=None, base_model=given, compression_rate=None, device="cpu")
+        assert _load_on_workers(args).keywords["base_model"] == loaded

@@ -41,7 +41,9 @@ FILTERS = [
     {"$or": [{"$and": [{"topic": "city"}, {"n": {"$lt": 0}}]}, {"n": {"$in": [2.5, "4"]}}]},
     {'quote"key\\': 'say "hi"\\'}, {"topic": "river\nnile"}, {"topic": 'x" or id != "'},
     {"n": True}, {"flag": 1}, {"flag": {"$in": [1]}}, {"flag": {"$ne": 0}}, {"n": {"$nin": [True]}},  # JSON's types
-    {"n": np.int64(1)}, {"n": {"$gt": np.float64(0.5)}},  # numpy's (a float broke the expression, an int was refused)
+    # numpy's: a float broke the expression, an int bound and a boolean were refused
+    {"n": np.int64(1)}, {"n": {"$gt": np.float64(0.5)}}, {"n": {"$gte": np.int64(1)}}, {"n": {"$lt": np.float32(3)}},
+    {"flag": np.bool_(True)},
 ]
 
 
