@@ -135,10 +135,11 @@ def check_control_shifts(rows: Sequence[dict], shifts: Sequence[int]) -> None:
     if bad:
         raise ValueError(f"a control shift of {bad[0]} does not name another of the {len(rows)} rows: use shifts "
                          f"from 1 to {len(rows) - 1}")
-    partners = _control_partners(rows, 1)
-    if None in partners:
-        raise ValueError(f"row {partners.index(None)} reads the same documents as every other row: the control has "
-                         "no other documents to give it")
+    for shift in shifts:
+        partners = _control_partners(rows, shift)
+        if None in partners:
+            raise ValueError(f"row {partners.index(None)}: fewer than {shift} other rows hold other documents than "
+                             f"its own, so a control shift of {shift} gives it none")
 
 
 def _control_partners(rows: Sequence[dict], shift: int) -> list[int | None]:
@@ -244,7 +245,7 @@ def _ranking_scores(retriever: str, rankings: list[list[int]], rows: list[dict],
         recalls = [row_recall(r, row, k) for r, row in zip(rankings, rows)]
         result[f"recall@{k}"] = round(100 * statistics.mean(recalls), 2)
         result[f"precision@{k}"] = round(100 * statistics.mean(
-            precision_at_k(r, row["pos_index"], k) for r, row in zip(rankings, rows)), 2)
+            precision_at_k(r, row.get("pos_index") or [], k) for r, row in zip(rankings, rows)), 2)
         question_recall[str(k)] = [round(100 * recall, 6) for recall in recalls]  # the paired differences read these
     result["question_recall"] = question_recall
     return result

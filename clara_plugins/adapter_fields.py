@@ -7,13 +7,14 @@ on pydantic, so this module is imported by the adapters only, never by ``clara_p
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from .base_store import BaseMemoryStore, as_memory_store
 from .checkpoint import check_compressor, compressor_signature
-from .context import Reader, ReadingStats
+from .context import Reader, Reading, ReadingStats
 from .model import ClaraModel
 from .pretrained import load_model
 
@@ -47,6 +48,18 @@ class ReaderFields(BaseModel):
                              "the store beside clara")
         self._reader = Reader(type(self).__name__)
         return self
+
+    def _answer(self, pairs: list[tuple[str, str]], messages: Sequence[Any], texts: list[str], call: dict[str, Any],
+                max_tokens: int | None) -> tuple[Iterator[str], Reading]:
+        """The answer's text pieces and what the generator read: the (role, text) ``pairs``, the
+        documents passed as ``texts`` or by id (the call's ``document_ids``, an empty list too,
+        else the ``messages``' ``additional_kwargs``, which both frameworks' messages carry), at
+        most the call's ``max_tokens``, else ``max_tokens``."""
+        ids = call["document_ids"] if call.get("document_ids") is not None else [
+            i for message in messages for i in message.additional_kwargs.get("document_ids", [])]
+        reading = self._reader.read(self.clara, pairs, self.store, texts, ids, self.k)
+        limit = call.get("max_tokens")
+        return self.clara.stream(reading.prompt, reading.memories, max_tokens if limit is None else limit), reading
 
     @property
     def stats(self) -> ReadingStats:

@@ -127,7 +127,9 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="e2e, inverse-cloze: candidates per row (default 20 for e2e, 5 for inverse-cloze)")
     parser.add_argument("--skip", type=non_negative_int, default=0,
                         help="hold out the first N examples (e.g. NQ dev 0-299, for evaluation), and any later "
-                        "one whose gold passage is one of theirs (or, for passages, a repeat of one)")
+                        "one that repeats their evidence (a gold passage that is one of theirs, or holds a quarter "
+                        "of one) or asks one of their questions again (a gold passage of the same title, an answer "
+                        "in common); for passages, a repeat of one")
     parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
     parser.add_argument("--seed", type=int, help="e2e, cloze, inverse-cloze: shuffling seed (default 0)")
 

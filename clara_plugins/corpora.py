@@ -17,6 +17,7 @@ import hashlib
 import io
 import re
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -200,19 +201,27 @@ def spaced_alike(text: str) -> str:
 
 def after_held_out(held_out: list, rest: list) -> list:
     """``rest`` (examples or passages) without what repeats the held-out ones' evidence or
-    questions: a gold passage that is a held-out one, or holds a quarter of its word 8-grams or
-    more (NQ gives one paragraph in several revisions, windows and spacings); and an example
-    that asks a held-out question in other words (a gold passage of the same title, an answer in
-    common: NQ dev 21 and 951 both ask who sang "From Russia with Love")."""
+    questions: a gold passage that is a held-out one, or shares a quarter or more of the shorter
+    one's word 8-grams with one (NQ gives one paragraph in several revisions, windows and
+    spacings); and an example that asks a held-out question in other words (a gold passage of
+    the same title, an answer in common: NQ dev 21 and 951 both ask who sang "From Russia with
+    Love")."""
     if not held_out:
         return rest
     passages = held_out if isinstance(held_out[0], str) else [e.passages[i] for e in held_out for i in e.gold]
     seen = {spaced_alike(p) for p in passages}
-    grams = set().union(*(_word_grams(p) for p in passages))
+    held_grams = [_word_grams(p) for p in passages]
+    holders: dict[tuple[str, ...], list[int]] = {}  # each 8-gram: the held-out passages that hold it
+    for number, grams in enumerate(held_grams):
+        for gram in grams:
+            holders.setdefault(gram, []).append(number)
 
     def repeated(passage: str) -> bool:
+        """The passage is a held-out one, or shares a quarter of the shorter one's 8-grams with one."""
         own = _word_grams(passage)
-        return spaced_alike(passage) in seen or (bool(own) and len(own & grams) >= len(own) / 4)
+        shared = Counter(number for gram in own for number in holders.get(gram, ()))
+        return spaced_alike(passage) in seen or any(count >= min(len(own), len(held_grams[number])) / 4
+                                                    for number, count in shared.items())
 
     if isinstance(held_out[0], str):
         return [passage for passage in rest if not repeated(passage)]

@@ -9,6 +9,7 @@ rest), since a memory can carry a passage's names and lose its numbers.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -97,16 +98,13 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
 
 
 def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | None]:
-    """For each row, the ``shift``-th row after it (wrapping around) among those whose first
+    """For each row, the ``shift``-th row after it (once around) among those whose first
     ``width`` documents, in any order, differ from its own (a synthesised QA row and its
-    paraphrase share theirs); None for a row no other row differs from."""
+    paraphrase share theirs); None for a row fewer than ``shift`` other rows differ from."""
     read = [frozenset(row["docs"][:width]) for row in rows]
     n = len(rows)
-    partners = []
-    for i in range(n):
-        others = [j % n for j in range(i + 1, i + n) if read[j % n] != read[i]]
-        partners.append(others[(shift - 1) % len(others)] if others else None)
-    return partners
+    return [next(itertools.islice((j % n for j in range(i + 1, i + n) if read[j % n] != read[i]), shift - 1, None),
+                 None) for i in range(n)]
 
 
 def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

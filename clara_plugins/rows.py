@@ -253,6 +253,9 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
     if not (isinstance(positions, list) and all(isinstance(i, int) and not isinstance(i, bool)
                                                 and 0 <= i < len(row["docs"]) for i in positions)):
         return f"pos_index must list positions of its {len(row['docs'])} documents, got {positions!r}"
+    missing = row.get("gold_missing", 0)
+    if isinstance(missing, bool) or not isinstance(missing, int) or missing < 0:  # recall divides by it
+        return f"gold_missing must count the supporting passages its pool lacks (0 or more), got {missing!r}"
     return None
 
 

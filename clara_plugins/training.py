@@ -345,7 +345,8 @@ def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
 
 def _pool_recall(top: torch.Tensor, gold: list[list[int]], k: int) -> dict[str, float]:
     """``recall@k``: the mean Recall@k of the ranked candidate indices [B, k] over the rows with
-    gold candidates; nothing without any."""
+    gold candidates, of the gold candidates present (``clara eval`` also counts a supporting
+    passage a pool lacks, as not found); nothing without any."""
     found = [recall_at_k(t.tolist(), g, k) for t, g in zip(top, gold) if g]
     return {f"recall@{k}": sum(found) / len(found)} if found else {}
 

@@ -337,6 +337,8 @@ def test_a_held_out_question_asked_again_in_other_words_is_left_out():
             example("untitled", "Matt Monro", "Matt Monro sang it.")]
     assert [e.id for e in after_held_out(held, rest)] == ["who wrote it", "who sang in another film", "untitled"]
     assert after_held_out([f"Succession\n{words}."], [f"Other\n{words}!", "Other\nshort"]) == ["Other\nshort"]
+    longer = f"Article\n{words} " + " ".join(f"more{i}" for i in range(200))  # holds all of the held-out one
+    assert after_held_out([f"Succession\n{words}."], [longer]) == []
 
 
 @needs_shared_data

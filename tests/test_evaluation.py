@@ -124,7 +124,7 @@ def test_a_control_that_cannot_give_each_row_other_documents_is_refused(tiny_mod
         evaluate_answers(tiny_model, ROWS, "control", control_shifts=(1, 3))
     with pytest.raises(ValueError, match="needs at least 2 rows, got 1"):
         evaluate_answers(tiny_model, ROWS[:1], "control")
-    with pytest.raises(ValueError, match="row 0 reads the same documents as every other row"):
+    with pytest.raises(ValueError, match="row 0: fewer than 1 other rows hold other documents than its own"):
         evaluate_answers(tiny_model, [ROWS[0], {**ROWS[0], "question": "again?"}], "control")
 
 
@@ -136,9 +136,12 @@ def test_the_control_passes_over_rows_that_hold_the_same_documents(tiny_model, m
     rows = [{"question": "q0", "docs": ["a", "b"], "answer": "a b"},
             {"question": "q0, again", "docs": ["b", "a"], "answer": "a b"},
             {"question": "q1", "docs": ["c", "d"], "answer": "c d"}]
-    control = evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
-    assert [p["documents_of"] for p in control["predictions"]] == [2, 2, 0, 2, 2, 1]
+    control = evaluate_answers(tiny_model, rows, "control", control_shifts=(1,))
+    assert [p["documents_of"] for p in control["predictions"]] == [2, 2, 0]
     assert control["f1"] == 0.0
+    # a shift past a row's rows of other documents repeated one of its pairings
+    with pytest.raises(ValueError, match="row 0: fewer than 2 other rows hold other documents"):
+        evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
 
 
 def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
@@ -180,6 +183,9 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         (ROWS[:2] + [[ROWS[2]]], [], "row 2: a JSON list, not an object"),
         ([passage] * 2, [], "row 0: an SCP row (data_type set), not a question row"),  # answered by no system
         (no_gold, ["--retrievers", "bm25"], "none of these rows has any"),  # statistics' "mean requires ..."
+        # a ZeroDivisionError and a recall of -100 % after ranking every pool
+        (ROWS[:1] + [{**ROWS[1], "gold_missing": -1}], ["--retrievers", "bm25"], "row 1: gold_missing must count"),
+        (ROWS[:1] + [{**ROWS[1], "gold_missing": "1"}], ["--retrievers", "bm25"], "row 1: gold_missing must count"),
         (ROWS[:1] + [{**ROWS[1], "docs": ROWS[1]["docs"][1:2], "pos_index": [0]}], ["-k", "3", "--reading"],
          "the same number"),
         # a pool longer than k: text read its first k candidates as they stand (a random order)

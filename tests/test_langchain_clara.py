@@ -264,6 +264,7 @@ def test_chat_clara_refuses_a_misspelt_setting_and_counts_tokens_as_its_generato
     ChatClara(clara=tiny_model, temperature=0, timeout=60, max_retries=2, streaming=True)  # LangChain's standard ones
     chat = ChatClara(clara=tiny_model)
     assert chat.get_num_tokens(CORPUS[0]) == len(tiny_model.tokenizer(CORPUS[0], add_special_tokens=False)["input_ids"])
+    assert ChatClara(clara=tiny_model, custom_get_token_ids=lambda text: [0, 1, 2]).get_num_tokens(CORPUS[0]) == 3
 
 
 def test_both_adapters_read_every_message_role_alike():

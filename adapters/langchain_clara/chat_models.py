@@ -95,23 +95,19 @@ class ChatClara(ReaderFields, BaseChatModel):
 
     # ------------------------------------------------------------ the prompt
 
-    def _reading(self, messages: list[BaseMessage], kwargs: dict) -> Reading:
-        ids = (kwargs["document_ids"] if kwargs.get("document_ids") is not None  # the call's, [] too, or the messages'
-               else [i for m in messages for i in m.additional_kwargs.get("document_ids", [])])
-        passed = passed_documents(kwargs.get("documents") or [])
-        texts = [d.page_content if isinstance(d, Document) else d for d in passed]
-        return self._reader.read(self.clara, [(_role(m), m.text) for m in messages], self.store, texts, ids, self.k)
-
     def _pieces(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict) -> tuple[Iterator[str], Reading]:
         """The answer's text pieces, cut at stop sequences, and what the generator read."""
-        reading = self._reading(messages, kwargs)
-        max_tokens = kwargs.get("max_tokens")
-        pieces = self.clara.stream(reading.prompt, reading.memories, self.max_tokens if max_tokens is None else max_tokens)
+        passed = passed_documents(kwargs.get("documents") or [])
+        texts = [d.page_content if isinstance(d, Document) else d for d in passed]
+        pieces, reading = self._answer([(_role(m), m.text) for m in messages], messages, texts, kwargs, self.max_tokens)
         return _cut_at_stops(pieces, stop or self.stop or []), reading
 
     def get_token_ids(self, text: str) -> list[int]:
         """The generator's own tokens (LangChain's default tokenizer is GPT-2's, a download):
-        what ``trim_messages`` and ``get_num_tokens`` count, as ``usage_metadata`` does."""
+        what ``trim_messages`` and ``get_num_tokens`` count, as ``usage_metadata`` does; a
+        ``custom_get_token_ids`` given comes first, as for any LangChain model."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
         return self.clara.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:

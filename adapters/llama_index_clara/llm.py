@@ -73,14 +73,8 @@ class ClaraLLM(ReaderFields, CustomLLM):
     def _pieces(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
         """The answer's text pieces and what the generator read: the documents passed, by text or
         by id (the call's ``document_ids``, else its messages'), and ``max_tokens`` for this call."""
-        passed = passed_documents(kwargs.get("documents") or [])
-        texts = [_text(d) for d in passed]
-        ids = (kwargs["document_ids"] if kwargs.get("document_ids") is not None  # the call's, [] too, or the messages'
-               else [i for m in messages for i in m.additional_kwargs.get("document_ids", [])])
-        reading = self._reader.read(self.clara, _as_pairs(messages), self.store, texts, ids, self.k)
-        max_tokens = kwargs.get("max_tokens")
-        pieces = self.clara.stream(reading.prompt, reading.memories,
-                                   self.max_new_tokens if max_tokens is None else max_tokens)
+        texts = [_text(d) for d in passed_documents(kwargs.get("documents") or [])]
+        pieces, reading = self._answer(_as_pairs(messages), messages, texts, kwargs, self.max_new_tokens)
         return pieces, {"clara": reading.summary()}
 
     @llm_completion_callback()
