@@ -101,9 +101,10 @@ def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
     """A new empty folder or file beside ``path`` (``.NAME.<16 hex>``, a file's with ``.tmp``)
     and the descriptor whose lock marks it as in use until closed. It is made under another
     name (``.new``) and renamed once locked, so another writer's cleanup never meets it
-    unlocked; a cleanup that removed it before the lock (a kill there leaves one behind) makes
-    it try again under a new name. Made with the umask's permissions (tempfile.mkdtemp's are
-    owner-only, and the swap would keep them)."""
+    unlocked under its final name. A cleanup may remove a ``.new`` one before its lock (as it
+    must: a kill there leaves one behind); its maker then tries again under a new name. Made
+    with the umask's permissions (tempfile.mkdtemp's are owner-only, and the swap would keep
+    them)."""
     while True:
         token = secrets.token_hex(8)
         unlocked = path.with_name(f".{path.name}.{token}.new")
