@@ -167,7 +167,8 @@ def read_messages(
         if i == last_user and background:
             kept = sorted((j for j in (next(order) for _ in background) if j in keep), key=keep.get)
             read += kept
-            content = ANSWER_TEMPLATE.format(documents="".join(map(_marker, kept)), question="")
+            if kept:  # the top k may keep none of them: then no empty Background block
+                content = ANSWER_TEMPLATE.format(documents="".join(map(_marker, kept)), question="")
         for piece in message:
             if isinstance(piece, str):
                 content += piece

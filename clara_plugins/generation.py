@@ -67,7 +67,7 @@ def collect_answers(
         for row, token in zip(rows, next_ids.tolist()):
             if token >= 0 and token not in stop_ids:
                 row.append(token)
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+    return [_answer_text(tokenizer, row) for row in rows]
 
 
 def stream_text(
@@ -87,6 +87,12 @@ def stream_text(
         if complete and len(text) > emitted:
             yield text[emitted:]
             emitted = len(text)
-    rest = tokenizer.decode(tokens, skip_special_tokens=True).strip()[emitted:]
+    rest = _answer_text(tokenizer, tokens)[emitted:]
     if rest:
         yield rest
+
+
+def _answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int]) -> str:
+    """An answer's text, without a last character the length limit cut between its bytes
+    (decoded as U+FFFD)."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip().rstrip("\ufffd").rstrip()

@@ -405,6 +405,11 @@ class ClaraModel(torch.nn.Module):
         """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_positive_int("max_new_tokens", limit)
+        window = getattr(self.lm.config, "max_position_embeddings", None)
+        if window and embeds.size(1) + limit > window:  # past it, answers degrade unseen or positions overflow
+            raise InvalidInputError(f"the prompt holds {embeds.size(1)} positions and the answer up to {limit} more, "
+                                    f"past the model's context window of {window}: read fewer documents or a "
+                                    "shorter history")
         return greedy_steps(self._decode, self.lm.get_input_embeddings(), embeds, mask, int(limit),
                             self.stop_token_ids)
 

@@ -368,3 +368,14 @@ def test_the_query_reasoner_reads_the_question_of_the_trained_layout_alone(tiny_
     read_messages(tiny_model, [("user", prompt)], documents=CORPUS[:3], k=1)
     read_messages(tiny_model, [("user", f"Answer briefly. {QUESTION}")], documents=CORPUS[:3], k=1)
     assert queries == [QUESTION, f"Answer briefly. {QUESTION}"]
+
+
+def test_no_empty_background_block_when_the_top_k_keeps_none_of_the_passed_documents(tiny_model, vectorstore,
+                                                                                     monkeypatch):
+    # the question read "Background:\n\n\nQuestion:...", a layout the generator never trained on
+    from clara_plugins import context
+
+    monkeypatch.setattr(context, "_kept", lambda model, memories, question, pieces, k: {1: 0})  # the one in place
+    reading = read_messages(tiny_model, [("user", f"{CORPUS[1]}\n\nQuestion: {QUESTION}")], vectorstore.store,
+                            documents=["An extra passage, ranked below the top k."], k=1)
+    assert len(reading.memories) == 1 and "Background:" not in reading.prompt

@@ -385,6 +385,16 @@ def test_an_answer_length_below_one_token_is_refused(tiny_model, limit):
         list(tiny_model.stream_answer("Who?", memories[0], max_new_tokens=limit))
 
 
+def test_a_prompt_past_the_context_window_is_refused(tiny_model):
+    # it ran: a rotary model answered from positions it never saw, one with learned positions failed on an index
+    window = tiny_model.lm.config.max_position_embeddings
+    long_prompt = " ".join(["word"] * window)
+    with pytest.raises(InvalidInputError, match=f"past the model's context window of {window}"):
+        tiny_model.generate([long_prompt], None, 4)
+    with pytest.raises(InvalidInputError, match="past the model's context window"):
+        list(tiny_model.stream(long_prompt, None, 4))
+
+
 def test_a_numpy_integer_answer_length_is_a_length(tiny_model):
     import numpy as np
 
@@ -476,3 +486,18 @@ def test_a_flat_list_of_documents_is_named_as_such(tiny_model):
     # it read "every question needs the same number of documents, got [4, 12]": the texts' lengths
     with pytest.raises(InvalidInputError, match="one list of documents per question"):
         tiny_model.generate_from_text(["Who?", "Where?"], ["Paris is big", "Rome"])
+
+
+def test_an_answer_cut_between_a_characters_bytes_ends_before_it():
+    # a byte-level tokenizer decodes the first of a character's two bytes as U+FFFD: the answer ended in it
+    import torch
+
+    from clara_plugins.generation import collect_answers, stream_text
+
+    class Bytes:
+        def decode(self, tokens, skip_special_tokens=True):
+            return bytes(tokens).decode("utf-8", errors="replace")
+
+    cut = list("Köln".encode())[:2]  # K, then the first byte of ö
+    assert collect_answers(Bytes(), iter(torch.tensor([t]) for t in cut), 1, set()) == ["K"]
+    assert "".join(stream_text(Bytes(), iter(torch.tensor([t]) for t in cut), set())) == "K"
