@@ -240,10 +240,13 @@ def as_memory_store(value: object) -> BaseMemoryStore:
 
 
 def query_vector(key: np.ndarray, size: int) -> np.ndarray:
-    """A search key as a unit-norm float32 vector, refused unless it has the store's key size."""
+    """A search key as a unit-norm float32 vector, refused unless it has the store's key size
+    and finite values (NaN scored every document alike, and ranked as relevant as any)."""
     query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
     if query.size != size:
         raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
+    if not np.isfinite(query).all():
+        raise InvalidInputError("the search key holds NaN or infinite values")
     return query
 
 

@@ -150,7 +150,12 @@ class MemoryStore(BaseMemoryStore):
         if replaced or outgrown:
             self._index = None
         elif self._index is not None and len(self._ids) > first_new_row:
-            self._index.add(self._row_keys(range(first_new_row, len(self._ids))))
+            try:  # a shard at a time, as it is built; an index left short would be searched and saved short
+                for start in range(first_new_row, len(self._ids), store_folder.SHARD_ROWS):
+                    self._index.add(self._row_keys(range(start, min(start + store_folder.SHARD_ROWS, len(self._ids)))))
+            except BaseException:
+                self._index = None  # rebuilt at the next search or save
+                raise
 
     def _document_keys(self, texts: list[str]) -> np.ndarray:
         """Unit-norm keys from an encoder outside CLaRa, checked before the store changes: one
@@ -327,6 +332,8 @@ class MemoryStore(BaseMemoryStore):
     def _sample_pair_cosines(self) -> np.ndarray:
         """Sorted cosines between distinct documents of an evenly spread sample."""
         count = len(self._ids)
+        if count < 2:  # an empty store has no rows to read keys from
+            return np.zeros(0, dtype=np.float32)
         rows = np.unique(np.linspace(0, count - 1, min(count, CALIBRATION_SAMPLE)).astype(np.int64))
         return pair_cosines(self._row_keys(rows))
 

@@ -286,8 +286,22 @@ def test_a_relevance_threshold_separates_the_relevant_document(untrained_model):
 
 def test_a_store_of_one_document_falls_back_to_the_plain_map(tiny_model):
     store = MemoryStore(tiny_model)
+    assert store.relevance(0.2) == pytest.approx(0.6)  # an empty store too: an IndexError before
     store.upsert(CORPUS[:1])
     assert store.relevance(0.2) == pytest.approx(0.6)
+
+
+def test_a_search_key_that_is_not_finite_is_refused(tiny_model):
+    # a filtered search returned the first documents, scored NaN, at relevance 1.0
+    import numpy as np
+
+    from clara_plugins import InvalidInputError
+
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:3], metadatas=[{"n": i} for i in range(3)])
+    key = np.full(store.keys.dimensions, np.nan, dtype=np.float32)
+    with pytest.raises(InvalidInputError, match="the search key holds NaN or infinite values"):
+        store.search_by_key(key, k=2, where={"n": {"$gte": 0}})
 
 
 # 9. the dense baseline is a benchmark

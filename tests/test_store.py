@@ -519,3 +519,18 @@ def test_a_save_over_another_writers_newer_save_is_refused_and_loses_nothing(sto
     MemoryStore.load(tmp_path / "s", tiny_model).save(tmp_path / "s")
     with pytest.raises(StoreError, match="saved by another writer"):
         first.save(tmp_path / "s")
+
+
+def test_an_index_left_short_by_a_failed_extension_is_built_again(tiny_model, tmp_path, monkeypatch):
+    # the documents went in, the index did not: searches missed them, and the save it made refused to load
+    store = MemoryStore(tiny_model, index="hnsw")
+    store.upsert(CORPUS[:3], ids=["d0", "d1", "d2"])
+    store.search("Paris", k=1)  # builds the index
+    row_keys = store._row_keys
+    monkeypatch.setattr(store, "_row_keys", lambda rows: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(MemoryError):
+        store.upsert(CORPUS[3:5], ids=["d3", "d4"])
+    monkeypatch.setattr(store, "_row_keys", row_keys)
+    assert len(store) == 5 and {doc.id for doc, _ in store.search("Paris", k=5)} == {f"d{i}" for i in range(5)}
+    store.save(tmp_path / "s")
+    assert len(MemoryStore.load(tmp_path / "s", tiny_model).search("Paris", k=5)) == 5
