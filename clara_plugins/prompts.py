@@ -14,6 +14,7 @@ from jinja2.exceptions import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
+from .errors import InvalidInputError
 
 
 def render_chat(
@@ -64,8 +65,10 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
     """Chat messages ({role, content}) through the tokenizer's chat template.
 
     ``open_answer`` opens the assistant's turn for generation. A template that rejects the
-    system role gets the system text at the top of the first user turn; a tokenizer without
-    any chat template gets a plain-text layout.
+    messages (Gemma's, Mistral's: no system role, turns that must alternate) gets the system
+    text at the top of the first user turn and each run of one role's turns as one turn, and
+    is refused by name if it still rejects them; a tokenizer without any chat template gets
+    a plain-text layout.
     """
     if tokenizer.chat_template is None:
         answer = None if open_answer or messages[-1]["role"] != "assistant" else messages[-1]["content"]
@@ -76,11 +79,21 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer)
     except TemplateError:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-        rest = [dict(m) for m in messages if m["role"] != "system"]
+        rest: list[dict] = []
+        for message in messages:
+            if message["role"] == "system":
+                continue
+            if rest and rest[-1]["role"] == message["role"]:  # two user turns in a row (a tool's result read as user)
+                rest[-1]["content"] += "\n\n" + message["content"]
+            else:
+                rest.append(dict(message))
         first_user = next((m for m in rest if m["role"] == "user"), None)
         if first_user is not None and system:
             first_user["content"] = f"{system}\n{first_user['content']}"
-        return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer)
+        try:
+            return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer)
+        except TemplateError as error:
+            raise InvalidInputError(f"the model's chat template refuses these messages: {error}") from error
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> str:

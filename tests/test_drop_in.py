@@ -329,6 +329,20 @@ def test_memories_follow_the_documents_where_the_chat_template_moved_their_messa
     assert reading.prompt.index("<|user|>") < reading.prompt.index(tiny_model.document_placeholder)
 
 
+def test_a_template_whose_turns_must_alternate_reads_runs_of_one_role_as_one_turn(tiny_model):
+    # two user turns in a row (a tool's result reads as user text) raised the template's own error
+    tiny_model.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    reading = read_messages(tiny_model, [("system", "Be brief."), ("user", CORPUS[0]), ("user", QUESTION)],
+                            documents=[CORPUS[0]])
+    assert reading.prompt.count("<|user|>") == 1 and len(reading.memories) == 1
+    with pytest.raises(InvalidInputError, match="the model's chat template refuses these messages: Conversation"):
+        read_messages(tiny_model, [("assistant", "Hello."), ("user", QUESTION)])
+
+
 def test_documents_a_chat_template_leaves_out_are_refused_by_name(tiny_model):
     tiny_model.tokenizer.chat_template = (  # drops the system message
         "{% for m in messages %}{% if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endif %}"
