@@ -45,7 +45,8 @@ class MemoryStore(BaseMemoryStore):
     ``index`` is ``"flat"`` (exact inner product on unit-norm keys), ``"hnsw"`` (approximate)
     or ``"ivfpq"``, the compact index for large corpora: product-quantised keys
     (``compact.CompactIndex``, 128 bytes per document at CR16) whose best ``rescore_factor`` x k
-    candidates are re-scored exactly from the stored memories; below ``compact.MIN_ROWS``
+    candidates are re-scored exactly from the stored memories (an attribute of this object,
+    not saved: a loaded store starts from ``RESCORE_FACTOR``); below ``compact.MIN_ROWS``
     documents it searches exactly, and it learns again whenever the store has doubled since it
     last learned. ``memory_dtype`` is ``"float16"`` (the memories as
     compressed) or ``"int8"`` (half the bytes, one scale per memory vector; see ``compact``).
