@@ -159,7 +159,8 @@ def read_messages(
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
     memories, from_store = _memories(model, store, everyone)
-    keep = _kept(model, memories, messages[last_user][1], pieces[last_user], model.config.generation_top_k if k is None else k)
+    keep = _kept(model, memories, [found_text(d.text) for d in everyone], messages[last_user][1], pieces[last_user],
+                 model.config.generation_top_k if k is None else k)
 
     rendered, read, order = [], [], iter(range(len(everyone)))
     for i, ((role, _), message) in enumerate(zip(messages, pieces)):
@@ -259,12 +260,19 @@ def _query(text: str) -> str:
     return text.rsplit(_QUESTION_LABEL, 1)[1].strip() if _QUESTION_LABEL in text else text
 
 
-def _kept(model: ClaraModel, memories: torch.Tensor, question: str, pieces: list[str | _Document],
-          k: int) -> dict[int, int]:
-    """The memories the generator reads, each with its rank: the query reasoner's top k."""
-    if len(memories) <= 1:
-        return {j: j for j in range(len(memories))}
+def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], question: str,
+          pieces: list[str | _Document], k: int) -> dict[int, int]:
+    """The memories the generator reads, each with its rank: the query reasoner's top k of the
+    distinct documents (``texts``). A document the prompt holds twice (a chat that repeated its
+    passages) counts once and is read at each place: its copies took two of the k."""
+    first: dict[str, int] = {}
+    for j, text in enumerate(texts):
+        first.setdefault(text, j)
+    distinct = list(first.values())
+    if len(distinct) <= 1:
+        return {j: 0 for j in range(len(memories))}
     query = _query("".join(p for p in pieces if isinstance(p, str))) or question
     # the memories are gathered on the CPU (the store keeps them there); the query is on the model's device
-    picked = top_k(model.encode_queries([query]).cpu(), memories, k, model.config.retrieval_key)[1][0]
-    return {j: rank for rank, j in enumerate(picked.tolist())}
+    picked = top_k(model.encode_queries([query]).cpu(), memories[distinct], k, model.config.retrieval_key)[1][0]
+    rank_of = {texts[distinct[i]]: rank for rank, i in enumerate(picked.tolist())}
+    return {j: rank_of[text] for j, text in enumerate(texts) if text in rank_of}

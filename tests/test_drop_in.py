@@ -389,7 +389,15 @@ def test_no_empty_background_block_when_the_top_k_keeps_none_of_the_passed_docum
     # the question read "Background:\n\n\nQuestion:...", a layout the generator never trained on
     from clara_plugins import context
 
-    monkeypatch.setattr(context, "_kept", lambda model, memories, question, pieces, k: {1: 0})  # the one in place
+    monkeypatch.setattr(context, "_kept", lambda model, memories, texts, question, pieces, k: {1: 0})  # the one in place
     reading = read_messages(tiny_model, [("user", f"{CORPUS[1]}\n\nQuestion: {QUESTION}")], vectorstore.store,
                             documents=["An extra passage, ranked below the top k."], k=1)
     assert len(reading.memories) == 1 and "Background:" not in reading.prompt
+
+
+def test_a_document_the_prompt_holds_twice_counts_once_among_the_k(tiny_model, vectorstore):
+    # a chat that repeated its passages gave each copy a place: k=2 read A twice and left B out
+    turn = f"{CORPUS[0]}\n\n{CORPUS[1]}"
+    reading = read_messages(tiny_model, [("user", turn), ("assistant", "Noted."), ("user", f"{turn}\n\n{QUESTION}")],
+                            vectorstore.store, k=2)
+    assert len(reading.memories) == 4 and sorted(set(reading.stored_ids)) == ["d0", "d1"]
