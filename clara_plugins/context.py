@@ -213,11 +213,12 @@ def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) 
     """A message's text cut into plain text and the documents it contains verbatim."""
     spans = [(start, end, _Document(text[start:end], doc_id))
              for start, end, doc_id in (store.documents_in(text) if store is not None else [])]
-    for document in explicit:
+    for document in explicit:  # at every place, as a stored one is found
         found = found_text(document.text)
         start = text.find(found) if len(found) >= MIN_FOUND_CHARS else -1
-        if start >= 0:
+        while start >= 0:
             spans.append((start, start + len(found), document))
+            start = text.find(found, start + len(found))
     pieces: list[str | _Document] = []
     position = 0
     for start, end, document in sorted(spans, key=lambda span: (span[0], -span[1])):

@@ -401,3 +401,10 @@ def test_a_document_the_prompt_holds_twice_counts_once_among_the_k(tiny_model, v
     reading = read_messages(tiny_model, [("user", turn), ("assistant", "Noted."), ("user", f"{turn}\n\n{QUESTION}")],
                             vectorstore.store, k=2)
     assert len(reading.memories) == 4 and sorted(set(reading.stored_ids)) == ["d0", "d1"]
+
+
+def test_a_passed_document_is_read_at_every_place_the_prompt_holds_it(tiny_model):
+    # the first copy was read from memory tokens, the second as text
+    text = "A passage the store does not hold, passed with the call."
+    reading = read_messages(tiny_model, [("user", f"{text}\n\nAgain: {text}\n\n{QUESTION}")], documents=[text])
+    assert text not in reading.prompt and len(reading.memories) == 2
