@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .atomic import hold_lock, sync_entry, sync_tree, write_text_atomically
 from .compact import CompactIndex
-from .config import MEMORY_DTYPES
+from .config import INDEX_KINDS, MEMORY_DTYPES
 from .errors import StoreError
 from .jsonfiles import read_json, write_json
 
@@ -317,7 +317,16 @@ def read_store_header(generation: Path) -> tuple[dict, str]:
     if memory_dtype not in MEMORY_DTYPES:
         raise StoreError(f"{generation}/store.json gives the memory dtype {str(memory_dtype)[:80]!r}, "
                          f"not one of {MEMORY_DTYPES}")
+    missing = [name for name in _HEADER_FIELDS if name not in header]  # its one file no checksum covers
+    if missing:
+        raise StoreError(f"{generation}/store.json lacks {', '.join(missing)}: not a whole store header")
+    if header["index"] not in INDEX_KINDS:
+        raise StoreError(f"{generation}/store.json gives the index {str(header['index'])[:80]!r}, "
+                         f"not one of {INDEX_KINDS}")
     return header, memory_dtype
+
+
+_HEADER_FIELDS = ("index", "compressor", "keys", "count", "memory_shards", "key_shards")
 
 
 def current_generation(folder: Path) -> str:

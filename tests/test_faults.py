@@ -129,7 +129,10 @@ def test_record_shards_split_unlike_the_memory_shards_are_refused(tiny_model, tm
 
 
 MALFORMED = {"current-is-a-folder": "CURRENT", "records-not-a-dict": "does not hold ids, texts and metadatas",
-             "header-not-a-dict": "is not a store header", "no-checksums": "lists no checksums"}
+             "header-not-a-dict": "is not a store header", "no-checksums": "lists no checksums",
+             # a bare KeyError, and an unknown index named without its file
+             "no-count": "store.json lacks count: not a whole store header",
+             "unknown-index": "store.json gives the index 'annoy'"}
 
 
 @pytest.mark.parametrize("damage", list(MALFORMED))
@@ -145,6 +148,12 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         rewrite_header(folder, sha256=header["sha256"])
     elif damage == "header-not-a-dict":
         (generation(folder) / "store.json").write_text('"a string"')
+    elif damage == "no-count":
+        header = header_of(folder)
+        del header["count"]
+        (generation(folder) / "store.json").write_text(json.dumps(header))
+    elif damage == "unknown-index":
+        rewrite_header(folder, index="annoy")
     else:
         header = header_of(folder)
         del header["sha256"]
