@@ -66,7 +66,7 @@ def build_tiny_base_model(folder: Path, seed: int = 0, tie: bool = False) -> Pat
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=1024,
+        max_position_embeddings=8192,  # as SmolLM2: its 300-token vocabulary makes long prompts
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
         pad_token_id=fast.pad_token_id,
