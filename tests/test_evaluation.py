@@ -406,7 +406,7 @@ def test_text_reading_baseline_uses_the_plain_backbone(tiny_model):
                                           eos_token_id=sorted(tiny_model.stop_token_ids))[0, ids.size(1):]
     text = tiny_model.tokenizer.decode([t for t in expected.tolist() if t not in tiny_model.stop_token_ids],
                                        skip_special_tokens=True).strip()
-    assert answers[0] == text
+    assert answers[0] == text.rstrip("\ufffd").rstrip()  # a character cut between its bytes is left out
     with pytest.raises(InvalidInputError, match="documents\\[0\\] must be a list of strings, got str"):
         read_text(tiny_model, ["Who?"], [CORPUS[0]])  # read one character per document before
 

@@ -378,6 +378,14 @@ def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, 
     assert Settings._node_parser is own  # a parser the user chose is kept
 
 
+def test_an_empty_answer_streams_one_empty_response(tiny_model, monkeypatch):
+    # no response at all failed LlamaIndex's callback ("Input should be ... CompletionResponse")
+    llm = ClaraLLM(clara=tiny_model, max_new_tokens=1)
+    monkeypatch.setattr(tiny_model, "stream", lambda *args, **kwargs: iter(()))
+    assert [r.text for r in llm.stream_complete(QUESTION)] == [""]
+    assert [r.message.content for r in llm.stream_chat([ChatMessage(role="user", content=QUESTION)])] == [""]
+
+
 def test_clara_llm_refuses_a_misspelt_setting(tiny_model):
     # ClaraLLM(model=m) answered from the shipped checkpoint
     from pydantic import ValidationError

@@ -91,6 +91,8 @@ class ClaraLLM(ReaderFields, CustomLLM):
             for piece in pieces:
                 text += piece
                 yield CompletionResponse(text=text, delta=piece, additional_kwargs=extra)
+            if not text:  # an empty answer is a response too: LlamaIndex's callbacks end on the last one
+                yield CompletionResponse(text="", delta="", additional_kwargs=extra)
 
         return responses()
 
@@ -109,6 +111,9 @@ class ClaraLLM(ReaderFields, CustomLLM):
             for piece in pieces:
                 text += piece
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
+                                   additional_kwargs=extra)
+            if not text:  # as stream_complete's
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="",
                                    additional_kwargs=extra)
 
         return responses()
