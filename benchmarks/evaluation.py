@@ -91,12 +91,12 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
         raise ValueError(f"system must be one of {SYSTEMS}, got {system!r}")
     control = system == "control"
     if control:
-        check_control_shifts(rows, control_shifts)
+        partners_of = control_partners(rows, control_shifts)
         memories = {} if memories is None else memories
     answer_lists = [row.get("answers") or [row["answer"]] for row in rows]
     runs, scores, predictions = [], [], []
     for shift in control_shifts if control else [0]:
-        partners = _control_partners(rows, shift) if control else []
+        partners = partners_of[shift] if control else []
         read = [{**row, "docs": rows[j]["docs"]} for row, j in zip(rows, partners)] if control else rows
         label = f"control, shift {shift}" if control else system
         run = _answer_rows(model, read, "clara" if control else system, label, k, max_new_tokens, batch_size,
@@ -127,24 +127,25 @@ def f1_above_control(clara: dict, control: dict) -> dict:
     return {"f1": f1, "interval": interval}
 
 
-def check_control_shifts(rows: Sequence[dict], shifts: Sequence[int]) -> None:
-    """Refuse a control that would give some row its own documents (before any answering runs)."""
+def control_partners(rows: Sequence[dict], shifts: Sequence[int]) -> dict[int, list[int]]:
+    """Whose documents each row reads in the control at each shift (``reading.other_rows``:
+    all of a row's documents may be read); a control that would give some row its own
+    documents is refused, before any answering runs."""
     if len(rows) < 2:
         raise ValueError(f"the control gives each row another row's documents and needs at least 2 rows, got {len(rows)}")
     bad = [shift for shift in shifts if not 0 < shift < len(rows)]
     if bad:
         raise ValueError(f"a control shift of {bad[0]} does not name another of the {len(rows)} rows: use shifts "
                          f"from 1 to {len(rows) - 1}")
+    width = max(len(row["docs"]) for row in rows)
+    partners_of = {}
     for shift in shifts:
-        partners = _control_partners(rows, shift)
+        partners = other_rows(rows, width, shift)
         if None in partners:
             raise ValueError(f"row {partners.index(None)}: fewer than {shift} other rows hold other documents than "
                              f"its own, so a control shift of {shift} gives it none")
-
-
-def _control_partners(rows: Sequence[dict], shift: int) -> list[int | None]:
-    """Whose documents each row reads in the control: all of a row's documents may be read."""
-    return other_rows(rows, max(len(row["docs"]) for row in rows), shift)
+        partners_of[shift] = partners
+    return partners_of
 
 
 def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: str, k: int, max_new_tokens: int,

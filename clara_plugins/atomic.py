@@ -133,6 +133,17 @@ def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
         return claimed, held
 
 
+def _staging_siblings(path: Path, every_form: bool) -> Iterator[Path]:
+    """The siblings of ``path`` named as ``_claimed_sibling`` names them once claimed
+    (``.NAME.<16 hex>``); with ``every_form`` also a file's (``.tmp``), an unclaimed one
+    (``.new``) and earlier versions' ``.NAME.tmp``. Links are not ours."""
+    name = re.escape(path.name)
+    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}" + (rf"(\.tmp|\.new)?|\.{name}\.tmp" if every_form else ""))
+    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if own_name.fullmatch(sibling.name) and not sibling.is_symlink():
+            yield sibling
+
+
 def _inode(path: Path) -> int | None:
     try:
         return os.lstat(path).st_ino
@@ -145,11 +156,7 @@ def _remove_abandoned(path: Path) -> None:
     left a checkpoint's worth of files at each kill). Only names ``_claimed_sibling`` makes
     (and ``.NAME.tmp``, the temporary name of earlier versions) are looked at; one whose lock
     is held belongs to a writer still at work."""
-    name = re.escape(path.name)
-    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}(\.tmp|\.new)?|\.{name}\.tmp")
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if not own_name.fullmatch(leftover.name) or leftover.is_symlink():
-            continue
+    for leftover in _staging_siblings(path, every_form=True):
         try:  # a file opened for writing: NFS locks no file opened read-only
             held = os.open(leftover, os.O_RDONLY if leftover.is_dir() else os.O_RDWR)
         except OSError:  # its writer finished meanwhile (or it is not writable: not ours to remove)
@@ -259,9 +266,8 @@ def recover_folder(folder: Path) -> None:
 def writer_at_work(path: Path) -> bool:
     """Whether a writer holds the lock of a staging sibling of ``path`` (``_claimed_sibling``);
     where the file system has no locks, a leftover cannot be told from a live one: no."""
-    own_name = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{16}}")
-    for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
-        if not own_name.fullmatch(sibling.name) or not sibling.is_dir():
+    for sibling in _staging_siblings(path, every_form=False):
+        if not sibling.is_dir():
             continue
         try:
             held = os.open(sibling, os.O_RDONLY)

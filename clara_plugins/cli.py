@@ -471,8 +471,8 @@ def _eval(args: argparse.Namespace) -> None:
 
     from .backbone import resolve_device
     from clara_benchmarks.evaluation import (
-        check_control_shifts,
         check_evaluation_rows,
+        control_partners,
         evaluate_answers,
         evaluate_retrieval,
         f1_above_control,
@@ -501,7 +501,7 @@ def _eval(args: argparse.Namespace) -> None:
     check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None, args.k)
     args.control_shifts = args.control_shifts or [1]
     if "control" in args.systems:
-        check_control_shifts(rows, args.control_shifts)
+        control_partners(rows, args.control_shifts)  # refused before the model loads
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
                            device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()

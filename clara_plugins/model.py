@@ -510,10 +510,7 @@ class ClaraModel(torch.nn.Module):
         trained at: its memories pool finer or coarser chunks of the same compressor states.
         Appended-token checkpoints (Apple's design) learned one state per position and refuse.
         """
-        for _ in range(100):  # a save between its two renames: the new folder comes in a moment
-            if _folder_identity(Path(folder)) is not None or not writer_at_work(Path(folder)):
-                break
-            time.sleep(0.05)
+        _settled_identity(Path(folder))
         config = read_config(Path(folder))
         if base_model is not None:
             config = dataclasses.replace(config, base_model=base_model)
@@ -528,10 +525,7 @@ class ClaraModel(torch.nn.Module):
         # a training run saving into the folder swaps a new one in: files read across a swap
         # would mix two saves, so the read is done again until no swap fell within it
         for _ in range(_LOAD_TRIES):
-            swaps = _folder_identity(Path(folder))
-            if swaps is None:  # between a save's two renames: the new folder comes in a moment
-                time.sleep(0.05)
-                continue
+            swaps = _settled_identity(Path(folder))
             try:
                 load_trained_weights(model, Path(folder), another_rate=compression_rate is not None)
                 weights_sha256 = files_sha256(weight_files(Path(folder)))
@@ -551,6 +545,17 @@ class ClaraModel(torch.nn.Module):
 
 
 _LOAD_TRIES = 5
+
+
+def _settled_identity(folder: Path) -> tuple[int, int, int] | None:
+    """``_folder_identity`` once no save is between its two renames (for up to 5 s: the new
+    folder comes in a moment); None where there is no folder and no writer at work."""
+    for _ in range(100):
+        identity = _folder_identity(folder)
+        if identity is not None or not writer_at_work(folder):
+            return identity
+        time.sleep(0.05)
+    return None
 
 
 def _folder_identity(folder: Path) -> tuple[int, int, int] | None:
