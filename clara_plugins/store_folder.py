@@ -67,6 +67,12 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
     for leftover in folder.glob(".staging-*"):  # a crashed writer's; no other writer holds the lock
         if _STORE_ENTRY.match(leftover.name):  # only the store's own names, never a file beside it
             shutil.rmtree(leftover, ignore_errors=True)
+    # generations before the current one go first: nothing is left to do once CURRENT names the
+    # new one, so a save interrupted there has saved (the store then records it, see save)
+    readers_on = current_generation(folder) if (folder / "CURRENT").exists() else None
+    for old in (f"gen-{number:06d}" for number in _generations(folder)):
+        if old != readers_on:  # the generation CURRENT names stays for readers still on it
+            shutil.rmtree(folder / old, ignore_errors=True)
     staging = folder / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
     checksums: dict[str, str] = {}
@@ -91,15 +97,11 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
     header["sha256"] = dict(sorted(checksums.items()))
     write_json(staging / "store.json", header)
     generations = _generations(folder)
-    readers_on = current_generation(folder) if (folder / "CURRENT").exists() else None
     name = f"gen-{(generations[-1] + 1) if generations else 1:06d}"
     sync_tree(staging)  # its hard links and entries too: CURRENT must never name a generation not on disk
     os.replace(staging, folder / name)
     sync_entry(folder)
     write_text_atomically(folder / "CURRENT", name + "\n")
-    for old in (f"gen-{number:06d}" for number in generations):
-        if old != readers_on:  # the generation CURRENT named stays for readers still on it
-            shutil.rmtree(folder / old, ignore_errors=True)
     return folder / name, header
 
 

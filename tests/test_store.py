@@ -281,6 +281,28 @@ def test_a_save_links_the_shards_whose_rows_did_not_change(tiny_model, tmp_path,
     assert MemoryStore.load(tmp_path / "t", tiny_model).all_ids() == [f"d{i}" for i in range(7)] + ["d9"]
 
 
+def test_a_save_interrupted_while_removing_old_generations_does_not_refuse_the_next(tiny_model, tmp_path,
+                                                                                    monkeypatch):
+    # old generations were removed after CURRENT named the new one: a save interrupted there had
+    # saved, but the store never recorded it and refused its own next save as another writer's
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["d0", "d1"])
+    store.save(tmp_path / "s")
+    store.upsert([CORPUS[2]], ids=["d2"])
+    store.save(tmp_path / "s")  # gen-000001 stays for its readers until the next save
+
+    def interrupted(path, ignore_errors=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_folder.shutil, "rmtree", interrupted)
+    store.upsert([CORPUS[3]], ids=["d3"])
+    with pytest.raises(KeyboardInterrupt):
+        store.save(tmp_path / "s")
+    monkeypatch.undo()
+    store.save(tmp_path / "s")
+    assert MemoryStore.load(tmp_path / "s", tiny_model).all_ids() == ["d0", "d1", "d2", "d3"]
+
+
 def test_a_generation_another_store_wrote_under_the_same_name_is_not_saved_over(tiny_model, tmp_path, monkeypatch):
     # the folder wiped and another store saved there: the first store's next save passed the
     # check by the name alone (gen-000001 again) and dropped the other's documents
