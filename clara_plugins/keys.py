@@ -60,13 +60,18 @@ class ClaraKeys:
         """The keys a MemoryStore would hold for these texts (for vector stores of other
         libraries); a blank text (a reader's empty page) has nothing to compress, and gets
         ``blank_key``."""
+        return self.keys_and_memories(texts)[0]
+
+    def keys_and_memories(self, texts: list[str], batch_size: int = 8) -> tuple[np.ndarray, torch.Tensor]:
+        """``document_keys``, and the float16 CPU memories [filled, n_mem, hidden] of the texts
+        that are not blank, in their order (for a store that takes them later)."""
         filled = [text for text in texts if text.strip()]
         keys = np.tile(self.blank_key, (len(texts), 1))
-        if filled:
-            memories = self.model.compress_documents(filled)
-            keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(
-                memories.to(torch.float16).cpu().numpy())
-        return keys
+        if not filled:
+            return keys, torch.empty(0, self.model.config.n_mem_tokens, self.model.hidden_size, dtype=torch.float16)
+        memories = self.model.compress_documents(filled, batch_size=batch_size).to(torch.float16).cpu()
+        keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(memories.numpy())
+        return keys, memories
 
     @property
     def blank_key(self) -> np.ndarray:

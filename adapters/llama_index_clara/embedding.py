@@ -57,22 +57,17 @@ class ClaraEmbedding(BaseEmbedding):
         """A text of whitespace alone (a blank node without metadata) has nothing to compress:
         its vector is ``ClaraKeys.blank_key``. ClaraVectorStore stores no node whose own text
         is blank."""
-        keys = ClaraKeys(self.clara)
-        filled = [text for text in texts if text.strip()]
         # the texts come in batches of embed_batch_size (the store's batch size, for the store's own)
-        memories = (self.clara.compress_documents(filled, batch_size=self.embed_batch_size).to(torch.float16).cpu()
-                    if filled else None)
+        keys, memories = ClaraKeys(self.clara).keys_and_memories(texts, batch_size=self.embed_batch_size)
         with _untaken_lock:
-            if self.clara in _takers and filled:  # else no store of this model would ever take them
+            if self.clara in _takers and len(memories):  # else no store of this model would ever take them
                 untaken = _untaken.setdefault(self.clara, OrderedDict())
-                for text, memory in zip(filled, memories):
+                for text, memory in zip([text for text in texts if text.strip()], memories):
                     untaken[text] = memory
                     untaken.move_to_end(text)
                 while len(untaken) > _KEEP:
                     untaken.popitem(last=False)
-        vectors = iter(keys.memory_keys(memories.numpy()).tolist() if filled else [])
-        blank = keys.blank_key.tolist()
-        return [next(vectors) if text.strip() else blank for text in texts]
+        return keys.tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
         return self._get_text_embeddings([text])[0]
