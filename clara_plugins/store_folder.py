@@ -69,8 +69,9 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
             shutil.rmtree(leftover, ignore_errors=True)
     # generations before the current one go first: nothing is left to do once CURRENT names the
     # new one, so a save interrupted there has saved (the store then records it, see save)
+    generations = _generations(folder)  # numbered on from the last, removed or not
     readers_on = current_generation(folder) if (folder / "CURRENT").exists() else None
-    for old in (f"gen-{number:06d}" for number in _generations(folder)):
+    for old in (f"gen-{number:06d}" for number in generations):
         if old != readers_on:  # the generation CURRENT names stays for readers still on it
             shutil.rmtree(folder / old, ignore_errors=True)
     staging = folder / f".staging-{uuid.uuid4().hex}"
@@ -96,7 +97,6 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
             checksums[path.name] = _sha256(path)
     header["sha256"] = dict(sorted(checksums.items()))
     write_json(staging / "store.json", header)
-    generations = _generations(folder)
     name = f"gen-{(generations[-1] + 1) if generations else 1:06d}"
     sync_tree(staging)  # its hard links and entries too: CURRENT must never name a generation not on disk
     os.replace(staging, folder / name)
