@@ -433,7 +433,7 @@ def _train(args: argparse.Namespace) -> None:
                                 f"{', '.join(args.probe)}")
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
-    state = check_run(rows, config, passages is not None, probes, args.output)
+    state = check_run(rows, config, passages, probes, args.output)
     finished = state is not None and state["step"] >= config.steps
     del state  # its optimizer moments: train() reads its own copy
     if finished:

@@ -197,6 +197,12 @@ class TrainConfig:
         return self.stage == "text" or (self.stage == "instruct" and self.freeze_compressor)
 
     @property
+    def caches_memories(self) -> bool:
+        """Whether documents are compressed without gradient and kept: the candidates of e2e
+        and the retrieval stage, and a frozen compressor's instruct documents."""
+        return self.stage in ("e2e", "retrieval") or (self.stage == "instruct" and self.freeze_compressor)
+
+    @property
     def trains_memory_rows(self) -> bool:
         """Whether the <MEM> rows learn: not when cached memories or a frozen generator need them fixed."""
         return not (self.generator_only or self.freeze_generator or self.stage == "retrieval")
@@ -204,6 +210,7 @@ class TrainConfig:
     def unread_settings(self) -> set[str]:
         """The settings this stage, with these weights, never reads."""
         read = {"margin": self.margin_weight > 0, "restate_margin": self.restate_weight > 0,
+                "refresh_every": self.caches_memories, "warmup_ratio": self.schedule == "cosine",
                 "temperature": self.stage in ("e2e", "retrieval"),
                 "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
                 "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
@@ -265,6 +272,8 @@ class TrainConfig:
         if unread:
             raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
                              "needs margin_weight, restate_margin restate_weight, gold_term the retrieval stage or "
-                             "e2e's retrieval_weight, temperature e2e or retrieval, mse_weight a trained compressor)")
+                             "e2e's retrieval_weight, temperature e2e or retrieval, mse_weight a trained compressor, "
+                             "refresh_every cached memories: e2e, retrieval or a frozen compressor's instruct, "
+                             "warmup_ratio the cosine schedule)")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing
             raise ValueError(f"grad_clip must be above 0, got {self.grad_clip}")

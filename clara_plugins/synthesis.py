@@ -82,9 +82,12 @@ class HuggingFaceTeacher:
     on ``device`` ("auto": a GPU where there is one) in ``dtype`` ("auto": as ``resolve_dtype``).
 
     The name is checked at once (the default: that its package is installed) and the weights
-    load at the first prompt, so that a mistyped name is refused before anything is written."""
+    load at the first prompt, so that a mistyped name is refused before anything is written.
+    A reply is at most ``max_new_tokens`` long; None: twice the prompt's tokens, at least 256
+    (a paraphrase restates the document the prompt holds: a fixed 256 cut the paraphrase of a
+    long passage mid-sentence, and the cut one was kept)."""
 
-    def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int = 256,
+    def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int | None = None,
                  device: str = "auto", dtype: str = "auto") -> None:
         from .backbone import check_base_model
 
@@ -107,7 +110,8 @@ class HuggingFaceTeacher:
                                                   add_generation_prompt=True)
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
         with torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out = self.model.generate(ids, max_new_tokens=self.max_new_tokens or max(256, 2 * ids.size(1)),
+                                      do_sample=False)
         return self.tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()
 
 

@@ -48,7 +48,7 @@ import pickle
 import random
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -449,7 +449,8 @@ def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict
         epoch, offset = divmod(index, len(rows))
         if epoch not in orders:
             orders[epoch] = list(range(len(rows)))
-            random.Random(config.seed + epoch).shuffle(orders[epoch])
+            # epoch e of seed s is not epoch e + 1 of seed s - 1 (as seed + epoch made it)
+            random.Random(config.seed + (epoch << 32)).shuffle(orders[epoch])
         picked.append(rows[orders[epoch][offset]])
     return [picked[i:i + config.batch_size] for i in range(0, per_step, config.batch_size)]
 
@@ -501,24 +502,24 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], k: int, step: int, 
     model.train()
 
 
-def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[str, list[dict]],
+def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | None, probes: dict[str, list[dict]],
               output: str | Path | None = None) -> dict | None:
     """Refuse a run its stage cannot train, before the first step (and, from the CLI, before
-    the model loads and a corpus is compressed): bad rows, a corpus outside e2e, probes that
-    would never be read or cannot be, a missing teacher, and an ``output`` that holds another
-    run (other settings or rows) or no run it could resume. Returns the trainer state of the
-    run ``output`` holds (None for a new one)."""
-    check_training_rows(rows, config, corpus=corpus)
+    the model loads and a corpus is compressed): bad rows, a corpus (its passages' texts)
+    outside e2e, probes that would never be read or cannot be, a missing teacher, and an
+    ``output`` that holds another run (other settings, rows or corpus) or no run it could
+    resume. Returns the trainer state of the run ``output`` holds (None for a new one)."""
+    check_training_rows(rows, config, corpus=corpus is not None)
     if config.teacher:
         read_config(Path(config.teacher))  # a CheckpointError naming it, before any model loads
-    if corpus and config.stage != "e2e":
+    if corpus is not None and config.stage != "e2e":
         raise ValueError(f"a corpus store serves the e2e stage only, not {config.stage!r}")
     if probes and not config.probe_every:
         raise ValueError("probes are read every probe_every steps (--probe-every), and it is 0: set it, or pass "
                          "no probes")
     if config.probe_every and not probes:
         raise ValueError("probe_every (--probe-every) is read with probes (--probe) only: pass some, or leave it 0")
-    if config.candidates != TrainConfig.candidates and not corpus:
+    if config.candidates != TrainConfig.candidates and corpus is None:
         raise ValueError("candidates (--candidates) sizes what is retrieved from a corpus store (--corpus): without "
                          "one, each row brings its own candidates")
     for name, probe_rows in probes.items():
@@ -530,10 +531,10 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: bool, probes: dict[
             reading_width(probe_rows, _probe_k(rows, config))
         except ValueError as error:
             raise ValueError(f"probe {name}: {error}") from error
-    return None if output is None else _check_output(Path(output), config, rows)
+    return None if output is None else _check_output(Path(output), config, rows, corpus)
 
 
-def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> dict | None:
+def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: Sequence[str] | None) -> dict | None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
     log = output / "log.jsonl"
@@ -563,12 +564,22 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict]) -> dict |
     if "rows_sha256" in state and state["rows_sha256"] != rows_sha256(rows):  # states saved before: unchecked
         raise ValueError(f"{output} was trained on other rows than these: resume it with the same data, or use a "
                          "new output folder")
+    if "corpus_sha256" in state and state["corpus_sha256"] != corpus_sha256(corpus):
+        raise ValueError(f"{output} was trained {'with another corpus' if state['corpus_sha256'] else 'without a corpus'}"
+                         f": resume it with {'the same --corpus' if state['corpus_sha256'] else 'none'}, or use a new "
+                         "output folder")
     return state
 
 
 def rows_sha256(rows: list[dict]) -> str:
     """What tells a run's rows from others: the SHA-256 of their JSON."""
     return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def corpus_sha256(corpus: Sequence[str] | None) -> str | None:
+    """What tells a run's corpus from others: the SHA-256 of its distinct passages (a store
+    holds a repeated one once), None for a run without one."""
+    return None if corpus is None else rows_sha256(sorted(set(corpus)))
 
 
 def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
@@ -580,12 +591,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
     """
     probes = probes or {}
-    state = check_run(rows, config, corpus is not None, probes, output)
+    passages = None if corpus is None else [document.text for document in corpus.get(corpus.all_ids())]
+    state = check_run(rows, config, passages, probes, output)
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
                          f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
+    _warn_cut_documents(model, rows)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
@@ -621,8 +634,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             torch.cuda.set_rng_state(state["cuda_rng"], model.device)
         start = state["step"]
     _forget_steps_after(output / "log.jsonl", start if resuming else -1)  # also a run killed before its first save
-    cached = config.stage in ("e2e", "retrieval") or (config.stage == "instruct" and config.freeze_compressor)
-    candidates = CandidateMemories(model, corpus) if cached else None
+    candidates = CandidateMemories(model, corpus) if config.caches_memories else None
     teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
     loss_of = {  # (micro-batch, the step's rows) -> (loss, metrics)
         "scp": lambda batch, _: scp_loss(model, batch, config),
@@ -635,7 +647,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     digest = (state or {}).get("rows_sha256") or rows_sha256(rows)  # a resumed run's rows: checked alike
     probe_k = _probe_k(rows, config)
     model.train()
-    started = time.perf_counter()
+    started = time.perf_counter() - (state or {}).get("seconds", 0.0)  # the log counts the run's time across resumes
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
     with open(output / "log.jsonl", "a") as log:
@@ -675,11 +687,25 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                     copy_adapter(model, ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
+                    "corpus_sha256": corpus_sha256(passages), "seconds": time.perf_counter() - started,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, probe_k, step + 1, log)
     return _holding(model, checkpoint)
+
+
+def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
+    """Training reads a document's first doc_max_length tokens, as compression does, but the
+    target of a one-document row (a reconstruction, continuation, cloze or paraphrase) may be
+    about the rest, which its memories cannot hold: such documents are counted in a warning."""
+    texts = list(dict.fromkeys(row["docs"][0] for row in rows if len(row["docs"]) == 1))
+    limit = model.config.doc_max_length
+    cut = sum(len(ids) > limit for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    if cut:
+        warnings.warn(f"{cut} of the {len(texts)} documents of one-document rows are longer than doc_max_length "
+                      f"({limit} tokens): the compressor reads their first {limit}, and a target about the rest "
+                      f"asks for what their memories cannot hold", stacklevel=3)
 
 
 def _holding(model: ClaraModel, checkpoint: Path) -> Path:

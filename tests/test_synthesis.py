@@ -260,3 +260,17 @@ def test_a_hugging_face_teacher_runs_on_the_device_it_is_given(tiny_base, monkey
     assert isinstance(teacher("Write one question."), str)
     assert asked == ["cpu"]  # "auto" would pick a GPU where there is one
     assert teacher.model.device.type == "cpu" and teacher.model.dtype == backbone.torch.bfloat16
+
+
+def test_a_hugging_face_teachers_reply_may_be_twice_as_long_as_its_prompt(tiny_base, monkeypatch):
+    # a fixed 256 new tokens cut the paraphrase of a long passage mid-sentence, and the cut one was kept
+    teacher = synthesis.HuggingFaceTeacher(str(tiny_base), max_new_tokens=1, device="cpu")
+    teacher("Write one question.")  # the weights load at the first prompt
+    teacher.max_new_tokens = None  # the default
+    asked, generate = [], teacher.model.generate
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: asked.append(
+        (ids.size(1), settings["max_new_tokens"])) or generate(ids, **{**settings, "max_new_tokens": 1}))
+    teacher("Paraphrase: " + "word " * 400)
+    teacher("Hi")
+    (long_prompt, long_reply), (short_prompt, short_reply) = asked
+    assert long_reply == 2 * long_prompt > 256 and short_reply == 256 > 2 * short_prompt

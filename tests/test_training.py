@@ -843,3 +843,69 @@ def test_the_end_to_end_k_is_the_k_the_checkpoint_reads(tiny_config, tiny_model,
     checkpoint = train(tiny_model, E2E, config, tmp_path)
     assert ClaraModel.from_pretrained(checkpoint, device="cpu").config.generation_top_k == 2
     assert tiny_config.generation_top_k == 5  # the model edits its own copy of the config it was given
+
+
+def test_resuming_with_another_corpus_or_none_is_refused(tiny_model, tmp_path):
+    # the trainer state held nothing of the corpus: a resume without --corpus, or with another,
+    # trained on other candidates without a word
+    def store(texts):
+        corpus = MemoryStore(tiny_model)
+        corpus.upsert(texts)
+        return corpus
+
+    config = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=2, candidates=4)
+    train(tiny_model, E2E, config, tmp_path, corpus=store(CORPUS))
+    with pytest.warns(UserWarning, match="finished run"):  # the same passages, repeated and in another order
+        train(tiny_model, E2E, config, tmp_path, corpus=store(CORPUS[::-1] + CORPUS[:1]))
+    with pytest.raises(ValueError, match="trained with another corpus: resume it with the same --corpus"):
+        train(tiny_model, E2E, config, tmp_path, corpus=store(CORPUS[1:]))
+    plain = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=2)
+    train(tiny_model, E2E, plain, tmp_path / "plain")
+    with pytest.raises(ValueError, match="trained without a corpus"):
+        train(tiny_model, E2E, plain, tmp_path / "plain", corpus=store(CORPUS))
+
+
+def test_epochs_of_neighbouring_seeds_are_shuffled_apart():
+    # seed + epoch gave seed 1's first epoch the order of seed 0's second
+    rows = [{"n": i} for i in range(64)]
+    config = TrainConfig(stage="instruct", batch_size=64, grad_accum=1)
+    first_of_seed_one = training._batches(rows, dataclasses.replace(config, seed=1), 0)
+    assert first_of_seed_one != training._batches(rows, config, 1)
+    assert training._batches(rows, config, 0) != first_of_seed_one
+
+
+def test_the_log_counts_seconds_across_a_resume(tiny_model, tmp_path):
+    config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["step"], state["seconds"] = 1, 1000.0  # as if killed after a first step that took that long
+    torch.save(state, state_file)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    seconds = [json.loads(line)["seconds"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert seconds[0] < 1000 <= seconds[1]  # the log's step 2 counted from the resume: at a second or less
+
+
+def test_refresh_every_and_warmup_are_refused_where_nothing_reads_them():
+    with pytest.raises(ValueError, match="refresh_every"):
+        TrainConfig(stage="scp", refresh_every=10)
+    with pytest.raises(ValueError, match="refresh_every"):
+        TrainConfig(stage="instruct", refresh_every=10)
+    assert TrainConfig(stage="instruct", freeze_compressor=True, refresh_every=10).refresh_every == 10
+    with pytest.raises(ValueError, match="warmup_ratio"):  # a constant schedule has no warm-up
+        TrainConfig(stage="e2e", schedule="constant", warmup_ratio=0.2)
+
+
+def test_a_blank_answer_is_refused(tiny_model, tmp_path):
+    # it passed as an answer, and the generator was trained to answer with spaces
+    with pytest.raises(InvalidInputError, match="answer must not be blank"):
+        train(tiny_model, [{**INSTRUCT[0], "answer": "  ", "answers": ["Marie Curie"]}],
+              TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1), tmp_path)
+
+
+def test_documents_longer_than_the_compressor_reads_are_counted_in_a_warning(tiny_model, tmp_path):
+    long = " ".join(CORPUS * 40)
+    rows = [{"data_type": "reconstruct", "answers": [long], "docs": [long]},
+            {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
+    with pytest.warns(UserWarning, match="1 of the 2 documents of one-document rows are longer than doc_max_length"):
+        train(tiny_model, rows, TrainConfig(stage="scp", steps=1, batch_size=2, grad_accum=1, mse_weight=0.0), tmp_path)
