@@ -5,7 +5,7 @@
 
 Systems, all on one backbone:
 - ``clara``: the documents compressed into memory tokens; with more than k documents the
-  query reasoner keeps the top-k (and Recall@k is measured);
+  query reasoner keeps the top-k (its Recall@k is the ``reasoner`` retriever's, below);
 - ``control``: ``clara`` reading another question's documents; ``f1_above_control`` pairs the
   two, the measure of whether the generator reads;
 - ``text``: the plain base model reading the documents as text (text RAG);

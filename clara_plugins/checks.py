@@ -4,6 +4,7 @@ line, so that bad input fails early and by name."""
 import argparse
 import numbers
 import re
+from pathlib import Path
 
 from .errors import InvalidInputError
 
@@ -25,6 +26,14 @@ def check_texts(texts: object, what: str) -> list[str]:
             raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({error.reason} at "
                                     f"character {error.start})") from error
     return list(texts)
+
+
+def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
+    """Refuse an output file that is one of the run's inputs: writing it would replace them."""
+    for source in inputs:
+        if source is not None and Path(output).resolve() == Path(source).resolve():
+            raise InvalidInputError(f"{output} is an input of this run too: name another output, or it would be "
+                                    "replaced")
 
 
 def check_positive_int(name: str, value: object) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .checks import device_name, non_negative_int, positive_int
+from .checks import check_output_path, device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
                      MEMORY_DESIGNS, MEMORY_DTYPES, MEMORY_POOLINGS, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
                      TrainConfig)
@@ -46,10 +46,12 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ arguments
 
 
+_PASSAGE_FILES = ("passage files: .json/.jsonl (records with 'text' or 'contents', and a 'title'), .tsv (a record "
+                  "a row, under a header: DPR's id, text, title); any other (.txt): one document per paragraph")
+
+
 def _index_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("corpus", nargs="+", metavar="FILE",
-                        help="passage files: .txt (one document per paragraph), .json/.jsonl (records with "
-                        "'text' or 'contents')")
+    parser.add_argument("corpus", nargs="+", metavar="FILE", help=_PASSAGE_FILES)
     parser.add_argument("--store", required=True, metavar="DIR", help="the store folder (created, or extended)")
     _model_arguments(parser)
     parser.add_argument("--index", choices=INDEX_KINDS,
@@ -86,16 +88,14 @@ def _load_on_workers(args: argparse.Namespace):
 def _ask_arguments(parser: argparse.ArgumentParser) -> None:
     sources = parser.add_argument_group("documents (at least one of)")
     sources.add_argument("--store", metavar="DIR", help="a store written by 'clara index': retrieve from it")
-    sources.add_argument("--docs", nargs="+", default=[], metavar="FILE",
-                         help="document files: .txt (one document per paragraph), .json/.jsonl (records "
-                         "with 'text' or 'contents'); a missing file is an error")
-    sources.add_argument("--text", nargs="+", default=[], metavar="TEXT",
+    sources.add_argument("--docs", nargs="+", action="extend", default=[], metavar="FILE",
+                         help=f"{_PASSAGE_FILES}; a missing file is an error")
+    sources.add_argument("--text", nargs="+", action="extend", default=[], metavar="TEXT",
                          help="documents given as literal text on the command line")
     parser.add_argument("--question", required=True, help="the question to answer")
     _model_arguments(parser)
     parser.add_argument("-k", "--top-k", type=positive_int,
-                        help=f"documents the generator reads (default: the model's generation_top_k, "
-                        f"{ClaraConfig.generation_top_k})")
+                        help="documents the generator reads (default: the checkpoint's generation_top_k)")
     parser.add_argument("--max-new-tokens", type=positive_int,
                         help="answer length limit (default: the model's max_new_tokens setting)")
     parser.add_argument("--no-stream", action="store_true", help="print the answer at the end, not as it is made")
@@ -168,7 +168,7 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="document tokens per memory token (default: --init's, else 16); with a pooled "
                              "--init, training goes on at this rate")
     parser.add_argument("--corpus", help="e2e only: retrieve candidates from this passage file")
-    parser.add_argument("--probe", nargs="+", default=[], metavar="ROWS",
+    parser.add_argument("--probe", nargs="+", action="extend", default=[], metavar="ROWS",
                         help="held-out JSONL row sets whose reading gain is logged every --probe-every steps")
     fresh = parser.add_argument_group("a new model (without --init, whose checkpoint has its own)")
     for name in NEW_MODEL_FIELDS:
@@ -205,12 +205,12 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         "folder, another machine); it must hold the same weights")
     parser.add_argument("--compression-rate", type=positive_int,
                         help="read a pooled checkpoint's documents at this rate (default: its own)")
-    parser.add_argument("--systems", nargs="*", default=["clara"], choices=SYSTEMS,
+    parser.add_argument("--systems", nargs="*", action="extend", choices=SYSTEMS,
                         help="answering systems (default clara; control: clara reading another row's documents)")
-    parser.add_argument("--control-shifts", nargs="+", type=positive_int,
+    parser.add_argument("--control-shifts", nargs="+", action="extend", type=positive_int,
                         help="control: each row reads the documents of the row this many after it among "
                              "those with other documents; with several, each question's scores are averaged over them (default 1)")
-    parser.add_argument("--retrievers", nargs="*", default=[], choices=RETRIEVERS,
+    parser.add_argument("--retrievers", nargs="*", action="extend", default=[], choices=RETRIEVERS,
                         help="retrievers to score on the rows' candidates ('compressor': the question "
                              "encoded by the compressor, where the end-to-end reasoner starts); with several, "
                              "also the first one's Recall@k minus each other's, with a paired 95 %% interval")
@@ -363,7 +363,7 @@ def _convert_data(args: argparse.Namespace) -> None:
     from .rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows, reconstruction_rows,
                        scp_qa_rows)
 
-    _refuse_overwriting_input(Path(args.destination), args.source)
+    check_output_path(args.destination, args.source)
     _refuse_unread(args, {"setting": "--setting", "k": "-k", "candidates": "--candidates", "seed": "--seed"},
                    CONVERT_OPTIONS[args.kind], f"--kind {args.kind}")
     # the options given, each read by this kind's row builder (checked above); the others keep its defaults
@@ -391,11 +391,6 @@ def _convert_data(args: argparse.Namespace) -> None:
                                 f"(after --skip {args.skip}); nothing was written")
     write_jsonl(rows, args.destination)
     print(f"wrote {len(rows)} {args.kind} rows from {len(sources)} sources to {args.destination}")
-
-
-def _refuse_overwriting_input(output: Path, source: str) -> None:
-    if output.resolve() == Path(source).resolve():
-        raise InvalidInputError(f"{output} is the input file too: name another output, or it would be replaced")
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -487,10 +482,10 @@ def _eval(args: argparse.Namespace) -> None:
     # everything that can be refused is refused before the model loads, not after the answers
     out = Path(args.out) if args.out else None
     if out is not None:
-        _refuse_overwriting_input(out, args.data)
+        check_output_path(out, args.data)
         if out.is_dir():
             raise IsADirectoryError(f"--out {out} is a folder: name the JSON file to write")
-        out.parent.mkdir(parents=True, exist_ok=True)
+    args.systems = ["clara"] if args.systems is None else args.systems
     if not (args.systems or args.retrievers or args.reading):
         raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")
     read = ({"control_shifts"} if "control" in args.systems else set()) | (
@@ -502,6 +497,8 @@ def _eval(args: argparse.Namespace) -> None:
     args.control_shifts = args.control_shifts or [1]
     if "control" in args.systems:
         control_partners(rows, args.control_shifts)  # refused before the model loads
+    if out is not None:  # made once nothing is refused, and before hours of answering (a parent that is a file)
+        out.parent.mkdir(parents=True, exist_ok=True)
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
                            device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()

@@ -11,7 +11,7 @@ import torch
 from conftest import CORPUS
 
 from clara_plugins import InvalidInputError, MemoryStore, TrainConfig
-from clara_plugins.cli import main
+from clara_plugins.cli import _build_parser, main
 from clara_plugins.corpora import read_documents
 
 EXAMPLE_DOCUMENTS = Path(__file__).resolve().parents[1] / "docs" / "examples" / "documents.txt"
@@ -476,3 +476,17 @@ def test_ray_workers_load_the_default_model_by_its_name_whatever_folder_holds_it
     for given, loaded in [(DEFAULT_BASE_MODEL, DEFAULT_BASE_MODEL), ("mine", str(tmp_path / "mine"))]:
         args = argparse.Namespace(checkpoint=None, base_model=given, compression_rate=None, device="cpu")
         assert _load_on_workers(args).keywords["base_model"] == loaded
+
+
+@pytest.mark.parametrize("argv,dest,expected", [
+    (["ask", "--docs", "a.txt", "--docs", "b.txt", "--question", "q"], "docs", ["a.txt", "b.txt"]),
+    (["ask", "--text", "one", "--text", "two", "--question", "q"], "text", ["one", "two"]),
+    (["train", "--stage", "scp", "--data", "d", "--output", "o", "--probe", "a", "--probe", "b"], "probe", ["a", "b"]),
+    (["eval", "rows.jsonl", "--systems", "clara", "--systems", "text"], "systems", ["clara", "text"]),
+    (["eval", "rows.jsonl", "--retrievers", "dense", "--retrievers", "reasoner"], "retrievers", ["dense", "reasoner"]),
+    (["bench", "--clara", "4=a", "--clara", "16=b"], "clara", ["4=a", "16=b"]),
+    (["bench", "--datasets", "hotpotqa", "--datasets", "nq"], "datasets", ["hotpotqa", "nq"]),
+])
+def test_a_list_option_given_twice_keeps_both_lists(argv, dest, expected):
+    # the second use replaced the first: `--clara 4=a --clara 16=b` scored the shipped checkpoint as CR4
+    assert getattr(_build_parser(argv[0]).parse_args(argv), dest) == expected

@@ -214,7 +214,7 @@ def test_clara_eval_and_convert_data_refuse_to_write_over_their_input(tmp_path, 
                  ["convert-data", str(data), str(tmp_path / "." / "rows.jsonl"), "--kind", "reconstruct"]):
         with pytest.raises(SystemExit):
             main(argv)
-        assert "is the input file too" in capsys.readouterr().err
+        assert "is an input of this run too" in capsys.readouterr().err
         assert data.read_text().count("\n") == len(ROWS)
 
 

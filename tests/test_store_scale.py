@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from clara_benchmarks import scale_plot, store_build, store_saves, store_scale
+from clara_benchmarks import scale_plot, store_build, store_saves, store_scale, train_memory
+from clara_plugins import InvalidInputError
 from clara_plugins.keys import ClaraKeys
 from conftest import CORPUS
 
@@ -112,6 +113,25 @@ def test_store_build_refuses_bad_questions_and_a_used_store_folder_before_it_bui
         store_build.main([*base, "--questions", str(tmp_path / "questions.jsonl"), "--store", str(tmp_path / "theirs")])
     assert "is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "mine"
+    with pytest.raises(InvalidInputError, match="is an input of this run too"):  # the report replaced the questions
+        store_build.main(["--corpus", "c.txt", "--questions", str(tmp_path / "questions.jsonl"),
+                          "--out", str(tmp_path / "questions.jsonl")])
+    assert json.loads((tmp_path / "questions.jsonl").read_text())["question"] == "q"
+
+
+def test_the_other_benchmark_scripts_refuse_an_output_over_their_input(tmp_path, monkeypatch, capsys):
+    # store_scale's report replaced its expensive sample; train_memory's table replaced its own JSON
+    monkeypatch.setattr(store_scale, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    sample = tmp_path / "sample.npz"
+    sample.write_bytes(b"a sample")
+    monkeypatch.setattr("sys.argv", ["store_scale", "1000", "--corpus", "c.txt", "--sample", str(sample),
+                                     "--out", str(sample)])
+    with pytest.raises(InvalidInputError, match="is an input of this run too"):
+        store_scale.main()
+    assert sample.read_bytes() == b"a sample"
+    with pytest.raises(SystemExit):
+        train_memory.main(["rows.jsonl", "--init", "ckpt", "--out", str(tmp_path / "memory.md")])
+    assert "name a .json file" in capsys.readouterr().err
 
 
 def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_model, tmp_path, monkeypatch):
