@@ -18,6 +18,7 @@ import argparse
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.runnables import RunnablePassthrough
 from langchain_core.vectorstores import InMemoryVectorStore
+from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from clara_benchmarks.dense import DenseEmbeddings  # the sentence-transformers baseline
 from clara_benchmarks.text_reader import text_weights
@@ -38,8 +39,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder (default: the shipped one)")
     args = parser.parse_args()
 
-    passages = read_documents([args.corpus])[: args.limit]
     clara = load_model(args.checkpoint)
+    # chunks the compressor reads whole (a longer one is compressed from its first 256 tokens), in both stores
+    splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
+        clara.tokenizer, chunk_size=clara.config.doc_max_length, chunk_overlap=clara.config.doc_max_length // 8)
+    passages = [chunk for passage in read_documents([args.corpus])[: args.limit] for chunk in splitter.split_text(passage)]
 
     text_store = InMemoryVectorStore(DenseEmbeddings())
     text_store.add_texts(passages)

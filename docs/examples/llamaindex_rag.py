@@ -34,6 +34,10 @@ def main() -> None:
 
     documents = [Document(text=p) for p in read_documents([args.corpus])[: args.limit]]
     clara = load_model(args.checkpoint)
+    # made first, the store sets LlamaIndex's default chunks to ones its compressor reads whole
+    # (256 tokens): both indexes hold the same chunks (an index built before makes LlamaIndex's
+    # own 1,024-token default, which the store then leaves as the user's choice)
+    store = ClaraVectorStore(clara)
 
     text_index = VectorStoreIndex.from_documents(documents, embed_model=DenseEmbedding())
     text_engine = text_index.as_query_engine(llm=ClaraLLM(clara=clara), text_qa_template=CLARA_QA_PROMPT,
@@ -41,7 +45,6 @@ def main() -> None:
     with text_weights(clara):  # the plain backbone reads text
         print("text RAG:", text_engine.query(args.question).response)
 
-    store = ClaraVectorStore(clara)
     clara_index = VectorStoreIndex.from_documents(documents, embed_model=store.embed_model, show_progress=True,
                                                   storage_context=StorageContext.from_defaults(vector_store=store))
     clara_llm = ClaraLLM(store=store)
