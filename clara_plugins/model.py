@@ -83,6 +83,7 @@ class ClaraModel(torch.nn.Module):
         self.base_vocab_size = len(tokenizer)
         self._embedding_norm = embedding_norm(lm)  # the size memory_scale gives every memory vector
         self._add_special_tokens(lm)
+        self._check_encoder_window(lm)
         lora = LoraConfig(
             r=self.config.lora_r,
             lora_alpha=self.config.lora_alpha,
@@ -102,6 +103,18 @@ class ClaraModel(torch.nn.Module):
         self.eval()
 
     # ------------------------------------------------------------------ set-up
+
+    def _check_encoder_window(self, lm: torch.nn.Module) -> None:
+        """Refuse a doc_max_length whose longest framed document runs past the backbone's
+        positions: a model with learned positions failed on an index, a rotary one compressed
+        from positions it never saw."""
+        window = getattr(lm.config, "max_position_embeddings", None)
+        prefix, suffix = self._document_frame()
+        appended = self.config.n_mem_tokens if self.config.memory_design == "tokens" else 0
+        longest = len(prefix) + self.config.doc_max_length + len(suffix) + appended
+        if window and longest > window:
+            raise ValueError(f"ClaraConfig.doc_max_length {self.config.doc_max_length} frames a document in {longest} "
+                             f"positions, past {self.config.base_model!r}'s context window of {window}")
 
     def _add_special_tokens(self, lm: torch.nn.Module) -> None:
         """Append <MEM0..n-1>, <AE>, <ENC>, <SEP> to the vocabulary, in that order."""
@@ -186,8 +199,9 @@ class ClaraModel(torch.nn.Module):
         their position ids.
 
         Positions are those of Apple's layout, where every sequence is left-padded to
-        doc_max_length + 3: a document compresses identically alone or in any batch. Padding
-        only to the batch's longest sequence gives the same states at a fraction of the cost.
+        doc_max_length + 3: a document compresses alone as in any batch (up to the rounding of
+        kernels at other widths). Padding only to the batch's longest sequence gives the same
+        states at a fraction of the cost.
         A longer document keeps doc_max_length tokens and its eos; Apple's tokenizer cuts the
         framed sequence instead, keeping one more text token and no eos.
         """

@@ -501,3 +501,20 @@ def test_an_answer_cut_between_a_characters_bytes_ends_before_it():
     cut = list("Köln".encode())[:2]  # K, then the first byte of ö
     assert collect_answers(Bytes(), iter(torch.tensor([t]) for t in cut), 1, set()) == ["K"]
     assert "".join(stream_text(Bytes(), iter(torch.tensor([t]) for t in cut), set())) == "K"
+
+
+def test_a_document_window_past_the_backbones_positions_is_refused(tiny_config):
+    # the decoder checked its window, the encoder did not: a model with learned positions failed on
+    # an index at the first compression, a rotary one compressed from positions it never saw
+    with pytest.raises(ValueError, match="frames a document in 8195 positions, past .* context window of 8192"):
+        ClaraModel(dataclasses.replace(tiny_config, doc_max_length=8192), device="cpu")  # <ENC> bos ... eos
+    ClaraModel(dataclasses.replace(tiny_config, doc_max_length=7728), device="cpu")
+    with pytest.raises(ValueError, match="frames a document in 8214 positions"):  # and its 483 <MEM> positions
+        ClaraModel(dataclasses.replace(tiny_config, doc_max_length=7728, memory_design="tokens"), device="cpu")
+
+
+def test_pooling_settings_are_refused_with_the_tokens_design(tiny_config):
+    # accepted, saved and signed, but never read: two alike compressors refused each other's stores
+    for setting in ({"memory_pooling": "last"}, {"memory_layer": 8}):
+        with pytest.raises(ValueError, match="the tokens design reads neither"):
+            dataclasses.replace(tiny_config, memory_design="tokens", **setting)
