@@ -7,6 +7,7 @@ Neither imports torch, so that the command line can build its flags without load
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 
 ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
@@ -71,13 +72,7 @@ class ClaraConfig:
     decoder_reads_text: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.base_model, os.PathLike):
-            self.base_model = os.fspath(self.base_model)
-        for field in dataclasses.fields(self):
-            value, kind = getattr(self, field.name), field.type
-            expected = {"int": int, "float": (int, float), "bool": bool, "str": str}[kind]
-            if not isinstance(value, expected) or (kind in ("int", "float") and isinstance(value, bool)):
-                raise ValueError(f"ClaraConfig.{field.name} must be a {kind}, got {value!r}")
+        _type_fields(self)
         if self.memory_design not in MEMORY_DESIGNS:
             raise ValueError(f"memory_design must be one of {MEMORY_DESIGNS}, got {self.memory_design!r}")
         if self.retrieval_key not in RETRIEVAL_KEYS:
@@ -124,6 +119,24 @@ class ClaraConfig:
         if unknown:
             raise ValueError(f"unknown ClaraConfig fields: {sorted(unknown)}")
         return cls(**values)
+
+
+def _type_fields(config: ClaraConfig | TrainConfig) -> None:
+    """Make every field its declared type (a path its string, a numpy number a Python one), or
+    refuse it by name: a checkpoint's JSON and a trainer state read with weights_only hold
+    plain values alone (a Path teacher made every save of a run unreadable)."""
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), field.type
+        if kind == "str" and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        elif kind in ("int", "float") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            if kind == "float" or isinstance(value, numbers.Integral):  # 1.5 steps is refused below
+                value = int(value) if kind == "int" else float(value)
+        if not isinstance(value, {"int": int, "float": float, "bool": bool, "str": str}[kind]) or (
+                kind != "bool" and isinstance(value, bool)):
+            article = "an" if kind == "int" else "a"
+            raise ValueError(f"{type(config).__name__}.{field.name} must be {article} {kind}, got {value!r}")
+        setattr(config, field.name, value)
 
 
 STAGES = ("scp", "instruct", "e2e", "retrieval", "text")
@@ -221,6 +234,7 @@ class TrainConfig:
         return {name for name, is_read in read.items() if not is_read}
 
     def __post_init__(self) -> None:
+        _type_fields(self)
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         for name in ("steps", "batch_size", "grad_accum", "save_every", "top_k", "candidates"):

@@ -285,7 +285,7 @@ def test_incomplete_or_damaged_checkpoints_are_refused(tiny_model, tmp_path, dam
         header["config"]["compression_rate"] = "16"
         (folder / "clara_config.json").write_text(json.dumps(header))
     message = {"adapter-missing": "is missing", "adapter-empty": "is empty", "adapter-nan": "NaN",
-               "config-string-rate": "compression_rate must be a int"}[damage]
+               "config-string-rate": "compression_rate must be an int"}[damage]
     with pytest.raises(CheckpointError, match=message):
         ClaraModel.from_pretrained(folder, device="cpu")
 

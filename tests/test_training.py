@@ -909,3 +909,20 @@ def test_documents_longer_than_the_compressor_reads_are_counted_in_a_warning(tin
             {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
     with pytest.warns(UserWarning, match="1 of the 2 documents of one-document rows are longer than doc_max_length"):
         train(tiny_model, rows, TrainConfig(stage="scp", steps=1, batch_size=2, grad_accum=1, mse_weight=0.0), tmp_path)
+
+
+def test_a_path_or_numpy_setting_is_saved_as_a_plain_value(tiny_model, tmp_path):
+    # the trainer state held a PosixPath or a numpy float, which weights_only refuses: the run's
+    # every save was "corrupted" and it could never resume
+    import numpy as np
+
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=np.int64(1), lr=np.float32(1e-4))
+    assert type(config.grad_accum) is int and type(config.lr) is float
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["config"]["lr"] == pytest.approx(1e-4)
+    assert TrainConfig(stage="instruct", teacher=Path("runs/text"), distill_weight=1.0).teacher == "runs/text"
+    for bad, message in (({"steps": "100"}, "TrainConfig.steps must be an int, got '100'"),
+                         ({"steps": 1.5}, "TrainConfig.steps must be an int"), ({"lr": True}, "lr must be a float")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(stage="instruct", **bad)
