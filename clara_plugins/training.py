@@ -593,6 +593,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     probes = probes or {}
     passages = None if corpus is None else [document.text for document in corpus.get(corpus.all_ids())]
     state = check_run(rows, config, passages, probes, output)
+    corpus_digest = corpus_sha256(passages)  # once: refreshes re-encode the same passages
+    del passages
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
@@ -687,7 +689,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                     copy_adapter(model, ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
-                    "corpus_sha256": corpus_sha256(passages), "seconds": time.perf_counter() - started,
+                    "corpus_sha256": corpus_digest, "seconds": time.perf_counter() - started,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
