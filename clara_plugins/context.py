@@ -160,7 +160,7 @@ def read_messages(
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
     memories, from_store = _memories(model, store, everyone)
     keep = _kept(model, memories, [found_text(d.text) for d in everyone], messages[last_user][1], pieces[last_user],
-                 model.config.generation_top_k if k is None else k)
+                 model.config.generation_top_k if k is None else k, ordered=bool(background))
 
     rendered, read, order = [], [], iter(range(len(everyone)))
     for i, ((role, _), message) in enumerate(zip(messages, pieces)):
@@ -262,15 +262,17 @@ def _query(text: str) -> str:
 
 
 def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], question: str,
-          pieces: list[str | _Document], k: int) -> dict[int, int]:
+          pieces: list[str | _Document], k: int, ordered: bool) -> dict[int, int]:
     """The memories the generator reads, each with its rank: the query reasoner's top k of the
     distinct documents (``texts``). A document the prompt holds twice (a chat that repeated its
-    passages) counts once and is read at each place: its copies took two of the k."""
+    passages) counts once and is read at each place: its copies took two of the k. The ranks
+    order the Background block (``ordered``); without one, k or fewer documents are all read in
+    their places, and the query reasoner has nothing to decide."""
     first: dict[str, int] = {}
     for j, text in enumerate(texts):
         first.setdefault(text, j)
     distinct = list(first.values())
-    if len(distinct) <= 1:
+    if len(distinct) <= 1 or (len(distinct) <= k and not ordered):
         return {j: 0 for j in range(len(memories))}
     query = _query("".join(p for p in pieces if isinstance(p, str))) or question
     # the memories are gathered on the CPU (the store keeps them there); the query is on the model's device

@@ -384,12 +384,25 @@ def test_the_query_reasoner_reads_the_question_of_the_trained_layout_alone(tiny_
     assert queries == [QUESTION, f"Answer briefly. {QUESTION}"]
 
 
+def test_k_or_fewer_documents_in_place_need_no_query_reasoner_pass(tiny_model, vectorstore, monkeypatch):
+    # a retriever's k documents in a chain's prompt were ranked again (a query pass of 140 ms on 2
+    # cores) though every one is read in its place
+    queries = []
+    encode = tiny_model.encode_queries
+    monkeypatch.setattr(tiny_model, "encode_queries", lambda texts: queries.extend(texts) or encode(texts))
+    prompt = ANSWER_TEMPLATE.format(documents="\n\n".join(CORPUS[:3]), question=" " + QUESTION)
+    reading = read_messages(tiny_model, [("user", prompt)], vectorstore.store, k=3)
+    assert queries == [] and len(reading.memories) == 3
+    read_messages(tiny_model, [("user", prompt)], vectorstore.store, k=2)  # one of them is left out: ranked
+    assert queries == [QUESTION]
+
+
 def test_no_empty_background_block_when_the_top_k_keeps_none_of_the_passed_documents(tiny_model, vectorstore,
                                                                                      monkeypatch):
     # the question read "Background:\n\n\nQuestion:...", a layout the generator never trained on
     from clara_plugins import context
 
-    monkeypatch.setattr(context, "_kept", lambda model, memories, texts, question, pieces, k: {1: 0})  # the one in place
+    monkeypatch.setattr(context, "_kept", lambda model, memories, texts, question, pieces, k, ordered: {1: 0})  # in place
     reading = read_messages(tiny_model, [("user", f"{CORPUS[1]}\n\nQuestion: {QUESTION}")], vectorstore.store,
                             documents=["An extra passage, ranked below the top k."], k=1)
     assert len(reading.memories) == 1 and "Background:" not in reading.prompt
