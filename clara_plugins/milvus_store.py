@@ -322,9 +322,11 @@ class MilvusMemoryStore(BaseMemoryStore):
         pages = self._client.query_iterator(self.collection, batch_size=4 * BATCH_ROWS, filter=expression,
                                             output_fields=["id"])
         ids: list[str] = []
-        while page := pages.next():
-            ids += [row["id"] for row in page]
-        pages.close()
+        try:  # closed on an error too: the server keeps an open iterator's state until it times out
+            while page := pages.next():
+                ids += [row["id"] for row in page]
+        finally:
+            pages.close()
         return ids
 
     # ------------------------------------------------------------- searching

@@ -211,6 +211,23 @@ async def test_async_methods_compress_search_and_generate_off_the_event_loop(tin
     assert (completed, streamed) == (llm.complete("Who won?").text, llm.chat(ask).message.content)
 
 
+async def test_each_async_call_fires_its_llm_callbacks_once(tiny_model):
+    # the async methods ran the decorated sync ones on a worker thread: every start and end event
+    # fired twice, and a token counter counted each call's tokens twice
+    from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
+
+    handler = LlamaDebugHandler()
+    llm = ClaraLLM(clara=tiny_model, max_new_tokens=2, callback_manager=CallbackManager([handler]))
+    ask = [ChatMessage(role="user", content="Who?")]
+    await llm.acomplete("Who won?")
+    await llm.achat(ask)
+    [r async for r in await llm.astream_complete("Who won?")]
+    [r async for r in await llm.astream_chat(ask)]
+    assert len(handler.get_event_pairs(CBEventType.LLM)) == 4
+    llm.complete("Who won?")
+    assert len(handler.get_event_pairs(CBEventType.LLM)) == 5
+
+
 def test_embed_model_hands_memories_over_instead_of_compressing_twice(tiny_model, monkeypatch):
     store = ClaraVectorStore(tiny_model)
     calls = []

@@ -79,11 +79,44 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
-        return CompletionResponse(text="".join(pieces), additional_kwargs=extra)
+        return self._complete(prompt, kwargs)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        return self._stream_complete(prompt, kwargs)
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return self._chat(messages, kwargs)
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        return self._stream_chat(messages, kwargs)
+
+    # The async methods generate on worker threads, so that the event loop is not held meanwhile;
+    # they call the undecorated bodies, whose decorated sync methods would fire every callback again.
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        return await asyncio.to_thread(self._complete, prompt, kwargs)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        return off_the_loop(await asyncio.to_thread(self._stream_complete, prompt, kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        return await asyncio.to_thread(self._chat, messages, kwargs)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        return off_the_loop(await asyncio.to_thread(self._stream_chat, messages, kwargs))
+
+    def _complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
+        pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        return CompletionResponse(text="".join(pieces), additional_kwargs=extra)
+
+    def _stream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseGen:
         pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
 
         def responses() -> CompletionResponseGen:
@@ -96,14 +129,12 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
         return responses()
 
-    @llm_chat_callback()
-    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+    def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         pieces, extra = self._pieces(messages, kwargs)
         text = "".join(pieces)
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs=extra)
 
-    @llm_chat_callback()
-    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+    def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
         pieces, extra = self._pieces(messages, kwargs)
 
         def responses() -> ChatResponseGen:
@@ -112,29 +143,11 @@ class ClaraLLM(ReaderFields, CustomLLM):
                 text += piece
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
                                    additional_kwargs=extra)
-            if not text:  # as stream_complete's
+            if not text:  # as _stream_complete's
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="",
                                    additional_kwargs=extra)
 
         return responses()
-
-    # The async methods generate on worker threads, so that the event loop is not held meanwhile.
-    @llm_completion_callback()
-    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self.complete, prompt, formatted, **kwargs)
-
-    @llm_completion_callback()
-    async def astream_complete(self, prompt: str, formatted: bool = False,
-                               **kwargs: Any) -> CompletionResponseAsyncGen:
-        return off_the_loop(await asyncio.to_thread(self.stream_complete, prompt, formatted, **kwargs))
-
-    @llm_chat_callback()
-    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self.chat, messages, **kwargs)
-
-    @llm_chat_callback()
-    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
-        return off_the_loop(await asyncio.to_thread(self.stream_chat, messages, **kwargs))
 
 
 async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
