@@ -19,7 +19,7 @@ from .checks import check_positive_int, check_texts
 from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
-from .keys import ClaraKeys, KeyEncoder, normalize_rows
+from .keys import ClaraKeys, KeyEncoder, check_clara_model, normalize_rows
 from .model import ClaraModel
 
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
@@ -44,8 +44,13 @@ class BaseMemoryStore(ABC):
 
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
+        check_clara_model(model)
+        if keys is not None and not all(hasattr(keys, name) for name in ("keys_are_memories", "signature",
+                                                                          "document_keys", "query_keys")):
+            hint = ": the index kind is index=" if isinstance(keys, str) else ""
+            raise InvalidInputError(f"keys must be a KeyEncoder (e.g. ClaraKeys), got a {type(keys).__name__}{hint}")
         self.model = model
-        self.keys = keys or ClaraKeys(model)
+        self.keys = keys if keys is not None else ClaraKeys(model)
         self.batch_size = batch_size
         self._lock = threading.RLock()
         self._pair_cosines: np.ndarray | None = None  # see relevance; None when stale

@@ -13,6 +13,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .errors import InvalidInputError
 from .model import ClaraModel
 from .retrieval import retrieval_keys
 
@@ -33,12 +34,22 @@ class KeyEncoder(Protocol):
         """[n_queries, dim] float32 keys."""
 
 
+def check_clara_model(model: object) -> None:
+    """Refuse what is not a ClaraModel by name, before a first use fails on a missing attribute
+    (LangChain's convention passes an embedding, or a checkpoint path, where the model goes)."""
+    if not isinstance(model, ClaraModel):
+        hint = (": an embedding goes in as embedding=" if hasattr(model, "embed_query") else
+                ": load a checkpoint with clara_plugins.load_model" if isinstance(model, str) else "")
+        raise InvalidInputError(f"model must be a ClaraModel, got a {type(model).__name__}{hint}")
+
+
 class ClaraKeys:
     """The paper's retrieval: the query reasoner's memories against document memories."""
 
     keys_are_memories = True
 
     def __init__(self, model: ClaraModel) -> None:
+        check_clara_model(model)
         self.model = model
         self.kind = model.config.retrieval_key  # fixed here: a store's index and its query keys must agree
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import os
 import re
 import sys
 from collections.abc import Collection, Sequence
@@ -97,7 +98,7 @@ class MilvusMemoryStore(BaseMemoryStore):
     def __init__(
         self,
         model: ClaraModel,
-        uri: str,
+        uri: str | os.PathLike,
         collection: str = "clara_memories",
         *,
         token: str = "",
@@ -108,6 +109,7 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise InvalidInputError(f"collection must be letters, digits and underscores, not starting with a "
                                     f"digit, got {collection!r:.80}")
         super().__init__(model, None, batch_size)
+        uri = os.fspath(uri)  # a Path to a .db file too
         self.collection = collection
         self._memory_shape = (model.config.n_mem_tokens, model.hidden_size)
         self._dimensions = math.prod(self._memory_shape)

@@ -146,6 +146,23 @@ def test_a_store_searched_by_an_embedding_reloads_with_it_and_only_with_it(tiny_
         ClaraVectorStore.load_local(tmp_path / "lc", tiny_model)
 
 
+def test_wrong_arguments_in_the_models_place_are_refused_or_read_as_langchain_does(tiny_model, tmp_path):
+    # each failed later on a bare AttributeError ('ClaraEmbeddings' object has no attribute 'config')
+    store = ClaraVectorStore(ClaraEmbeddings(tiny_model))  # InMemoryVectorStore(embedding)'s convention
+    store.add_texts(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))])
+    store.save_local(tmp_path / "lc")
+    loaded = ClaraVectorStore.load_local(tmp_path / "lc", ClaraEmbeddings(tiny_model))  # FAISS.load_local's
+    assert loaded.similarity_search(QUESTION, k=3) == store.similarity_search(QUESTION, k=3)
+    with pytest.raises(InvalidInputError, match="model must be a ClaraModel, got a str: load a checkpoint"):
+        ClaraEmbeddings("path/to/checkpoint")
+    with pytest.raises(InvalidInputError, match="model must be a ClaraModel, got a str"):
+        MemoryStore.load(tmp_path / "lc", "path/to/checkpoint")
+    with pytest.raises(InvalidInputError, match="keys must be a KeyEncoder .*got a str: the index kind is index="):
+        MemoryStore(tiny_model, "hnsw")
+    with pytest.raises(InvalidInputError, match="texts must be a list of strings, got str"):  # it embedded letters
+        ClaraEmbeddings(tiny_model).embed_documents("hello")
+
+
 class NamedFakeEmbedding(DeterministicFakeEmbedding):
     model_name: str = "fake-a"
 

@@ -7,7 +7,7 @@ from pathlib import PurePath
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
-from clara_plugins import ClaraModel
+from clara_plugins import ClaraModel, InvalidInputError
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.pretrained import load_model
 
@@ -30,7 +30,9 @@ class ClaraEmbeddings(Embeddings):
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         if not texts:  # a host store adding no documents asks for no keys
             return []
-        return self._keys.document_keys(texts).tolist()
+        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):  # a str embedded its letters
+            raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__} {texts!r:.60}")
+        return self._keys.document_keys(list(texts)).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         return normalize_rows(self._keys.query_keys([text]))[0].tolist()

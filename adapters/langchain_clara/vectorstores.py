@@ -49,7 +49,11 @@ def refuse_unknown(method: str, kwargs: dict[str, Any], honoured: tuple[str, ...
 
 
 def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
-    """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped one."""
+    """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped
+    one. An embedding alone in the model's place is read as LangChain's stores take it
+    (``InMemoryVectorStore(embedding)``, ``FAISS.load_local(folder, embeddings)``)."""
+    if isinstance(model, Embeddings) and embedding is None:
+        model, embedding = None, model
     if isinstance(embedding, ClaraEmbeddings):
         if model is not None and embedding.model is not model:  # its keys would be ignored for the model's
             raise InvalidInputError("the ClaraEmbeddings given beside model= are of another model: pass one of them")
