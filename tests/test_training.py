@@ -926,3 +926,15 @@ def test_a_path_or_numpy_setting_is_saved_as_a_plain_value(tiny_model, tmp_path)
                          ({"steps": 1.5}, "TrainConfig.steps must be an int"), ({"lr": True}, "lr must be a float")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(stage="instruct", **bad)
+
+
+def test_a_log_past_a_save_whose_checkpoint_is_gone_is_not_emptied(tiny_model, tmp_path):
+    # a finished run's checkpoint moved elsewhere: the next run in the folder emptied its log
+    train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=3, batch_size=1, grad_accum=1, save_every=1),
+          tmp_path)
+    shutil.move(tmp_path / "checkpoint", tmp_path.parent / f"{tmp_path.name}-moved")
+    log = (tmp_path / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="records steps past step 1, the first save, but .* is gone"):
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=3, batch_size=1, grad_accum=1, save_every=1),
+              tmp_path)
+    assert (tmp_path / "log.jsonl").read_text() == log
