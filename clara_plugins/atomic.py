@@ -62,7 +62,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     link is followed: the folder it names is swapped, and the link stays.
     """
     folder = _followed(folder)
-    recover_folder(folder)
+    recover_folder(folder, marker)
     check_replaceable_folder(folder, marker)
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(folder)
@@ -76,6 +76,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
             old = _old_copy(folder)
             if old.is_symlink():  # left by a swap that renamed a link (saves before links were followed)
                 old.unlink()
+            elif old.is_dir() and any(old.iterdir()) and not (old / marker).is_file():  # (an empty one was swapped out)
+                raise FileExistsError(f"{old} is in the way of the save's swap and holds no {marker}: it is not "
+                                      "this library's copy, so it is left alone; move it")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
             os.replace(staging, folder)
@@ -135,10 +138,10 @@ def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:
 
 def _staging_siblings(path: Path, every_form: bool) -> Iterator[Path]:
     """The siblings of ``path`` named as ``_claimed_sibling`` names them once claimed
-    (``.NAME.<16 hex>``); with ``every_form`` also a file's (``.tmp``), an unclaimed one
-    (``.new``) and earlier versions' ``.NAME.tmp``. Links are not ours."""
+    (``.NAME.<16 hex>``); with ``every_form`` also a file's (``.tmp``) and an unclaimed one
+    (``.new``). Links are not ours."""
     name = re.escape(path.name)
-    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}" + (rf"(\.tmp|\.new)?|\.{name}\.tmp" if every_form else ""))
+    own_name = re.compile(rf"\.{name}\.[0-9a-f]{{16}}" + (r"(\.tmp|\.new)?" if every_form else ""))
     for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if own_name.fullmatch(sibling.name) and not sibling.is_symlink():
             yield sibling
@@ -154,8 +157,7 @@ def _inode(path: Path) -> int | None:
 def _remove_abandoned(path: Path) -> None:
     """Remove what writers of ``path`` that died mid-write left beside it (a killed training run
     left a checkpoint's worth of files at each kill). Only names ``_claimed_sibling`` makes
-    (and ``.NAME.tmp``, the temporary name of earlier versions) are looked at; one whose lock
-    is held belongs to a writer still at work."""
+    are looked at; one whose lock is held belongs to a writer still at work."""
     for leftover in _staging_siblings(path, every_form=True):
         try:  # a file opened for writing: NFS locks no file opened read-only
             held = os.open(leftover, os.O_RDONLY if leftover.is_dir() else os.O_RDWR)
@@ -253,13 +255,14 @@ def _link_or_copy(source: Path | str, target: Path | str) -> None:
         shutil.copy2(source, target)
 
 
-def recover_folder(folder: Path) -> None:
-    """Finish a swap that a crash interrupted: when ``folder`` is gone but its old copy is
-    there, the old copy is the last complete one; unless a writer is between the swap's two
-    renames (its staging folder is locked), whose next rename would then fail and lose its save."""
+def recover_folder(folder: Path, marker: str) -> None:
+    """Finish a swap that a crash interrupted: when ``folder`` is gone but its old copy (holding
+    ``marker``: a folder of that name without it is not the library's) is there, the old copy
+    is the last complete one; unless a writer is between the swap's two renames (its staging
+    folder is locked), whose next rename would then fail and lose its save."""
     folder = _followed(folder)
     old = _old_copy(folder)
-    if not folder.exists() and old.is_dir() and not writer_at_work(folder):
+    if not folder.exists() and (old / marker).is_file() and not writer_at_work(folder):
         os.replace(old, folder)
 
 

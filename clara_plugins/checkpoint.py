@@ -143,7 +143,7 @@ def added_rows(model: AdaptedModel, matrix: torch.Tensor) -> torch.Tensor:
 
 def read_header(folder: Path) -> dict:
     """The checkpoint's JSON header, checked for format."""
-    recover_folder(folder)
+    recover_folder(folder, CONFIG_FILE)
     path = folder / CONFIG_FILE
     if not path.exists():
         raise CheckpointError(f"{folder} is not a CLaRa checkpoint: {CONFIG_FILE} is missing{_what_it_is(folder)}")

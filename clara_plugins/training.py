@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import recover_folder
-from .checkpoint import (TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config, save_checkpoint,
+from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config, save_checkpoint,
                          weight_files)
 from .config import TrainConfig
 from .errors import CheckpointError, InvalidInputError
@@ -543,7 +543,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
         raise ValueError(f"{log} holds records that are not a training log's (no step): the run would rewrite "
                          "it; use a new output folder")
     checkpoint = output / "checkpoint"
-    recover_folder(checkpoint)  # a run killed between the swap's two renames left the last save aside
+    recover_folder(checkpoint, CONFIG_FILE)  # a run killed between the swap's two renames left the last save aside
     state_path = checkpoint / TRAINER_STATE_FILE
     if not state_path.exists():
         if checkpoint.exists():

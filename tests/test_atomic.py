@@ -30,11 +30,12 @@ def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
     os.waitpid(child, 0)
     assert path.read_text() == "old\n"
     assert len(list(tmp_path.glob(".CURRENT." + "[0-9a-f]" * 16 + ".tmp"))) == 1  # what the kill left
-    (tmp_path / ".CURRENT.tmp").write_text("an earlier version's temporary name")
+    (tmp_path / ".CURRENT.tmp").write_text("a user's, or a version's from before locks (it removed a user's)")
     (tmp_path / ".CURRENT.notes").write_text("a user's")
     write_file_atomically(path, lambda handle: handle.write("new\n"))  # the next write is not hindered
     assert path.read_text() == "new\n"
-    assert sorted(os.listdir(tmp_path)) == [".CURRENT.notes", "CURRENT"]  # and removes what the library left
+    # and removes what the library left, and no name it does not make
+    assert sorted(os.listdir(tmp_path)) == [".CURRENT.notes", ".CURRENT.tmp", "CURRENT"]
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -115,7 +116,7 @@ def test_a_swap_cut_short_behind_a_link_is_recovered_and_a_link_left_at_the_old_
     (target / "config.json").write_text("last save")
     link.symlink_to(target)
     os.replace(target, tmp_path / "disk" / ".checkpoint.old")  # killed between the two renames
-    recover_folder(link)  # looked for .checkpoint.old beside the link, found none: a run restarted at step 0
+    recover_folder(link, "config.json")  # looked for .checkpoint.old beside the link, found none: a run restarted at step 0
     assert (link / "config.json").read_text() == "last save"
     # saves before links were followed renamed the link to .NAME.old; each later save then failed
     plain = tmp_path / "plain"
@@ -229,11 +230,11 @@ def test_a_reader_leaves_a_swap_a_writer_is_in_the_middle_of(tmp_path):
     held = os.open(staging, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # the writer's lock on its staging folder
     try:
-        atomic.recover_folder(tmp_path / "ckpt")
+        atomic.recover_folder(tmp_path / "ckpt", "marker")
         assert not (tmp_path / "ckpt").exists() and (tmp_path / ".ckpt.old").is_dir()
     finally:
         os.close(held)
-    atomic.recover_folder(tmp_path / "ckpt")  # the writer died: its staging folder is a leftover
+    atomic.recover_folder(tmp_path / "ckpt", "marker")  # the writer died: its staging folder is a leftover
     assert (tmp_path / "ckpt" / "marker").read_text() == "old"
 
 
@@ -369,3 +370,19 @@ def test_a_write_into_a_missing_folder_fails(tmp_path):
     # a retry for a staging name removed in the moment before its lock tried again forever
     with pytest.raises(FileNotFoundError):
         write_file_atomically(tmp_path / "missing" / "result.json", lambda handle: handle.write("x"))
+
+
+def test_a_users_folder_named_as_a_swaps_old_copy_is_neither_restored_nor_removed(tmp_path):
+    # .NAME.old was taken for the library's own: restored in place of a missing folder, or removed by the next swap
+    from clara_plugins.atomic import recover_folder
+
+    theirs = tmp_path / ".ckpt.old"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    recover_folder(tmp_path / "ckpt", "config.json")
+    assert not (tmp_path / "ckpt").exists()
+    write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    with pytest.raises(FileExistsError, match="holds no config.json: it is not this library's copy"):
+        write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("2"),
+                                "config.json")
+    assert (theirs / "notes.txt").read_text() == "mine" and (tmp_path / "ckpt" / "config.json").read_text() == "1"
