@@ -293,13 +293,19 @@ def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: 
 
 def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     """Refuse to mix memories from different compressors."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("base_model_fingerprint"), dict):
+        raise StoreError(f"{folder}: its header's compressor signature is not one this library writes (no base "
+                         "model fingerprint)")
     stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
         if stored.get(key) != current.get(key):
             hint = f" (load the model at compression rate {stored.get(key)})" if key == "compression_rate" else ""
             raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has "
                              f"{current.get(key)}{hint}")
-    problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
+    try:  # the header is the one file no checksum covers
+        problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise StoreError(f"{folder}: its header's base model fingerprint is malformed ({error!r:.80})") from error
     if problem:
         raise StoreError(f"{folder} was written by another base model: {problem}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):

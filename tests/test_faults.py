@@ -132,7 +132,10 @@ MALFORMED = {"current-is-a-folder": "CURRENT", "records-not-a-dict": "does not h
              "header-not-a-dict": "is not a store header", "no-checksums": "lists no checksums",
              # a bare KeyError, and an unknown index named without its file
              "no-count": "store.json lacks count: not a whole store header",
-             "unknown-index": "store.json gives the index 'annoy'"}
+             "unknown-index": "store.json gives the index 'annoy'",
+             # a bare TypeError and KeyError: the header is the one file no checksum covers
+             "compressor-not-a-dict": "compressor signature is not one this library writes",
+             "fingerprint-without-norms": "base model fingerprint is malformed"}
 
 
 @pytest.mark.parametrize("damage", list(MALFORMED))
@@ -154,6 +157,12 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         (generation(folder) / "store.json").write_text(json.dumps(header))
     elif damage == "unknown-index":
         rewrite_header(folder, index="annoy")
+    elif damage == "compressor-not-a-dict":
+        rewrite_header(folder, compressor="smollm2")
+    elif damage == "fingerprint-without-norms":
+        compressor = header_of(folder)["compressor"]
+        del compressor["base_model_fingerprint"]["weight_norms"]
+        rewrite_header(folder, compressor=compressor)
     else:
         header = header_of(folder)
         del header["sha256"]
