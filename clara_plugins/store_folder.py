@@ -67,6 +67,8 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
     for leftover in folder.glob(".staging-*"):  # a crashed writer's; no other writer holds the lock
         if _STORE_ENTRY.match(leftover.name):  # only the store's own names, never a file beside it
             shutil.rmtree(leftover, ignore_errors=True)
+    if (folder / ".CURRENT.tmp").is_file():  # versions before staging locks wrote CURRENT through it
+        (folder / ".CURRENT.tmp").unlink()
     # generations before the current one go first: nothing is left to do once CURRENT names the
     # new one, so a save interrupted there has saved (the store then records it, see save)
     generations = _generations(folder)  # numbered on from the last, removed or not
