@@ -34,7 +34,7 @@ from clara_plugins.metrics import (
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
-from clara_plugins.reading import first_row_beyond, other_rows, reading_width
+from clara_plugins.reading import compressed_documents, first_row_beyond, other_rows, reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
 from clara_plugins.rows import gold_count, question_row_problem, reading_row_problem, row_recall
 
@@ -160,7 +160,7 @@ def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: st
         batch = rows[start:start + batch_size]
         questions = [row["question"] for row in batch]
         if reader == "clara":
-            pools = [_compressed(model, row["docs"], memories) for row in batch]
+            pools = [compressed_documents(model, row["docs"], memories) for row in batch]
             began = time.perf_counter()
             answers, counts = _clara_answers(model, batch, pools, k, max_new_tokens)
         else:
@@ -187,37 +187,28 @@ def _clara_answers(model: ClaraModel, batch: Sequence[dict], pools: Sequence[tor
     return model.generate(prompts, groups, max_new_tokens), [prompt_positions(model.tokenizer, p) for p in prompts]
 
 
-def _compressed(model: ClaraModel, documents: Sequence[str],
-                memories: dict[tuple[str, ...], torch.Tensor] | None) -> torch.Tensor:
-    """The documents' memory tokens, [n_docs, n_mem, hidden], from ``memories`` when it has them."""
-    if memories is None:
-        return model.compress_documents(documents)
-    key = tuple(documents)
-    if key not in memories:
-        memories[key] = model.compress_documents(documents)
-    return memories[key]
-
-
 def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: ClaraModel | None = None,
-                       dense: DenseRetriever | None = None, ks: Sequence[int] = (1, 3, 5)) -> list[dict]:
+                       dense: DenseRetriever | None = None, ks: Sequence[int] = (1, 3, 5),
+                       memories: dict[tuple[str, ...], torch.Tensor] | None = None) -> list[dict]:
     """Recall@k and Precision@k of each retriever ranking the rows' candidates against pos_index.
 
     ``compressor`` encodes the question with the compressor adapter: the query reasoner an
-    end-to-end run starts from. Each pool is compressed once for both memory-token retrievers.
-    Each result keeps its per-question recalls (``question_recall``) for ``recall_above``.
+    end-to-end run starts from. Each pool is compressed once for both memory-token retrievers
+    (and once for the answering passes too, with their ``memories``). Each result keeps its
+    per-question recalls (``question_recall``) for ``recall_above``.
     """
     unknown = [name for name in retrievers if name not in RETRIEVERS]
     if unknown:
         raise ValueError(f"retriever must be one of {RETRIEVERS}, got {unknown[0]!r}")
     rows = [row for row in rows if gold_count(row)]
     rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
+    memories = {} if memories is None else memories
     for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
-        memories = None
         for name in retrievers:
             if name in ("reasoner", "compressor"):
-                memories = model.compress_documents(row["docs"]) if memories is None else memories
+                pool = compressed_documents(model, row["docs"], memories)
                 encode = model.encode_queries if name == "reasoner" else model.compress_documents
-                scores = cosine_scores(encode([row["question"]]), memories, model.config.retrieval_key)[0]
+                scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
                 rankings[name].append(scores.argsort(descending=True).tolist())
             elif name == "dense":
                 rankings[name].append(dense.rank(row["question"], row["docs"]))

@@ -507,7 +507,7 @@ def _eval(args: argparse.Namespace) -> None:
                        device=args.device, dtype=dtype)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
                "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
-    memories = {} if "control" in args.systems else None  # clara and its control read the same documents
+    memories: dict = {}  # each pool compressed once, for every system, retriever and the reading gain
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,
                                                    args.batch_size, args.control_shifts, memories))
@@ -515,12 +515,13 @@ def _eval(args: argparse.Namespace) -> None:
     if {"clara", "control"} <= scored.keys():
         results["f1_above_control"] = f1_above_control(scored["clara"], scored["control"])
     if args.retrievers:
-        results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense, sorted({1, 3, 5, args.k}))
+        results["retrieval"] = evaluate_retrieval(rows, args.retrievers, model, dense, sorted({1, 3, 5, args.k}),
+                                                  memories)
         first, *others = results["retrieval"]
         if others:
             results["recall_above"] = [d for other in others for d in recall_above(first, other)]
     if args.reading:
-        results["reading"] = evaluate_reading(model, rows, args.k, args.batch_size)
+        results["reading"] = evaluate_reading(model, rows, args.k, args.batch_size, memories)
     summary = {"answers": [{k: v for k, v in r.items() if k not in ("predictions", "question_f1")}
                            for r in results["answers"]],
                "retrieval": [{k: v for k, v in r.items() if k != "question_recall"} for r in results["retrieval"]],

@@ -56,7 +56,8 @@ def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
     return width, partners
 
 
-def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4) -> dict:
+def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_size: int = 4,
+                     memories: dict[tuple[str, ...], torch.Tensor] | None = None) -> dict:
     """The targets' cross-entropy (nats per token) read from each row's own documents (an
     instruction row's, at most k; the one of an SCP row), and from those of the next
     row that reads other documents (a synthesised QA row and its paraphrase row share theirs).
@@ -65,12 +66,17 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     ``reading_gain``, shows whether training has taught it to read long before F1 moves. The
     CE from the mean of all rows' memories (``neutral``) tells reading apart from harm: own
     memories below it are read, other memories above it only hurt. ``by_token_kind`` repeats
-    the measures for each kind of target token the rows hold.
+    the measures for each kind of target token the rows hold. ``memories`` (a row's documents →
+    their memory tokens, ``compressed_documents``) keeps what other measures of the same model
+    compressed, and what this one compresses, for them.
     """
     width, partners = _width_and_partners(rows, k)
-    documents = [document for row in rows for document in row["docs"][:width]]
-    memories = model.compress_documents(documents, show_progress=True)
-    memories = memories.reshape(len(rows), width, *memories.shape[1:])
+    cache = {} if memories is None else memories
+    missing = list(dict.fromkeys(tuple(row["docs"][:width]) for row in rows if tuple(row["docs"][:width]) not in cache))
+    if missing:  # one call: batched by length over all of them
+        compressed = model.compress_documents([d for documents in missing for d in documents], show_progress=True)
+        cache.update(zip(missing, compressed.split(width)))
+    memories = torch.stack([cache[tuple(row["docs"][:width])] for row in rows])  # [rows, width, n_mem, hidden]
     # all rows' mean, each row's own a 1/len(rows) share of it: little of any one row's content,
     # so that reading (own below neutral) is told from harm (other above neutral)
     neutral = memories.mean(0, keepdim=True)
@@ -95,6 +101,18 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     result["by_token_kind"] = {kind: {"tokens": int(tokens[i]), **_cross_entropies(totals[:, i], tokens[i])}
                                for i, kind in enumerate(_TOKEN_KINDS) if tokens[i]}
     return result
+
+
+def compressed_documents(model: ClaraModel, documents: Sequence[str],
+                         memories: dict[tuple[str, ...], torch.Tensor] | None) -> torch.Tensor:
+    """The documents' memory tokens [n_docs, n_mem, hidden], from ``memories`` when it has them
+    (and kept there): evaluations of one model read the same pools several times."""
+    if memories is None:
+        return model.compress_documents(documents)
+    key = tuple(documents)
+    if key not in memories:
+        memories[key] = model.compress_documents(documents)
+    return memories[key]
 
 
 def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | None]:

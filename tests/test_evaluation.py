@@ -45,6 +45,24 @@ def test_clara_reads_a_rows_documents_best_first_whatever_their_order(tiny_model
     assert torch.allclose(read[0], memories[best_first], atol=1e-5) and torch.allclose(read[1], read[0], atol=1e-5)
 
 
+def test_answers_retrieval_and_the_reading_gain_compress_each_pool_once(tiny_model, monkeypatch):
+    # clara eval compressed the same pools again for its retrievers and again for --reading:
+    # 4,000 passages twice on the 200 HotpotQA pools, about 20 minutes on 2 cores
+    compressed = []
+    compress = tiny_model.compress_documents
+    monkeypatch.setattr(tiny_model, "compress_documents",
+                        lambda docs, **kwargs: compressed.extend(docs) or compress(docs, **kwargs))
+    memories = {}
+    evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=1, memories=memories)
+    compressed_once = list(compressed)
+    ranked = evaluate_retrieval(ROWS, ["reasoner"], tiny_model, memories=memories)
+    read = evaluate_reading(tiny_model, ROWS, k=3, batch_size=2, memories=memories)
+    assert compressed == compressed_once == [d for row in ROWS for d in row["docs"]]
+    assert ranked == evaluate_retrieval(ROWS, ["reasoner"], tiny_model)
+    assert read["reading_gain"] == pytest.approx(evaluate_reading(tiny_model, ROWS, k=3, batch_size=2)["reading_gain"],
+                                                 abs=1e-4)
+
+
 def test_the_control_reads_the_documents_of_the_row_each_shift_after_it(tiny_model, monkeypatch):
     # Each row's documents compress to memories that hold the row's index.
     compressed, read = [], []
@@ -361,7 +379,8 @@ def test_clara_eval_k_is_a_retrieval_cut_off_and_batch_size_reaches_the_reading_
     batch_sizes = []
     real = reading.evaluate_reading
     monkeypatch.setattr(reading, "evaluate_reading",
-                        lambda model, rows, k, batch_size: batch_sizes.append(batch_size) or real(model, rows, k, batch_size))
+                        lambda model, rows, k, batch_size, memories: batch_sizes.append(batch_size)
+                        or real(model, rows, k, batch_size, memories))
     main(["eval", data, "--checkpoint", checkpoint, "--systems", "--retrievers", "bm25", "-k", "2",
           "--device", "cpu", "--out", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
