@@ -20,7 +20,7 @@ from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
 from .keys import ClaraKeys, KeyEncoder, check_clara_model, normalize_rows
-from .model import ClaraModel
+from .model import ClaraModel, as_memories
 
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
@@ -209,7 +209,7 @@ class BaseMemoryStore(ABC):
         given = memories is not None
         if not given:
             memories = self.model.compress(texts, self.batch_size, show_progress).memories
-        elif len(memories) != len(texts):
+        elif len(memories := as_memories(memories, "memories")) != len(texts):
             raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
         shape = (self.model.config.n_mem_tokens, self.model.hidden_size)
         if tuple(memories.shape[1:]) != shape:  # another rate's or model's: the generator would read them wrongly

@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
@@ -389,7 +390,8 @@ class ClaraModel(torch.nn.Module):
         memories[i]: [k_i, n_mem, hidden] for text i (k_i documents), or None. Returns the
         input embeddings, the attention mask and the token ids.
         """
-        groups = [None] * len(texts) if memories is None else list(memories)
+        groups = [None] * len(texts) if memories is None else [
+            None if group is None else as_memories(group, f"prompt {row}'s memories") for row, group in enumerate(memories)]
         if len(groups) != len(texts):
             raise InvalidInputError(f"got {len(groups)} memory groups for {len(texts)} prompts")
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -401,7 +403,7 @@ class ClaraModel(torch.nn.Module):
             if group is not None and group.numel() and tuple(group.shape[1:]) != shape:  # would fill slots wrongly
                 raise InvalidInputError(f"prompt {row}'s memories have shape {tuple(group.shape)}, not "
                                         f"[documents, {shape[0]}, {shape[1]}] (n_mem_tokens, hidden)")
-            expected = 0 if group is None else group.size(0) * group.size(1)
+            expected = 0 if group is None or not group.numel() else group.size(0) * group.size(1)
             if found != expected:
                 raise InvalidInputError(
                     f"prompt {row} has {found} memory slots for {expected} memory vectors: each document "
@@ -435,6 +437,7 @@ class ClaraModel(torch.nn.Module):
 
     def _as_batched_memories(self, questions: list[str], compressed: torch.Tensor) -> torch.Tensor:
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
+        compressed = as_memories(compressed, "compressed documents")
         n, h = self.config.n_mem_tokens, self.hidden_size
         if compressed.dim() == 3 and compressed.size(0) % len(questions) == 0:
             compressed = compressed.reshape(len(questions), compressed.size(0) // len(questions),
@@ -559,6 +562,16 @@ class ClaraModel(torch.nn.Module):
 
 
 _LOAD_TRIES = 5
+
+
+def as_memories(value: object, what: str) -> torch.Tensor:
+    """Memory tokens as a tensor: a numpy array (memories saved with np.save) is taken as one;
+    anything else is refused by name, not met later as a missing tensor method."""
+    if isinstance(value, np.ndarray):
+        return torch.tensor(value)  # a copy: a memory-mapped array is read-only
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputError(f"{what} must be a tensor or numpy array of memory tokens, got a {type(value).__name__}")
+    return value
 
 
 def _settled_identity(folder: Path) -> tuple[int, int, int] | None:

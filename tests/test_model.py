@@ -518,3 +518,20 @@ def test_pooling_settings_are_refused_with_the_tokens_design(tiny_config):
     for setting in ({"memory_pooling": "last"}, {"memory_layer": 8}):
         with pytest.raises(ValueError, match="the tokens design reads neither"):
             dataclasses.replace(tiny_config, memory_design="tokens", **setting)
+
+
+def test_memories_as_numpy_arrays_are_read_and_other_types_refused_by_name(tiny_model, tmp_path):
+    # a numpy array failed on a missing tensor method; an empty 1-D tensor for "no documents" on an IndexError
+    import numpy as np
+
+    memories = tiny_model.compress_documents(CORPUS[:2])
+    np.save(tmp_path / "m.npy", memories.numpy())
+    saved = np.load(tmp_path / "m.npy", mmap_mode="r")
+    assert tiny_model.answer(["Who?"], saved) == tiny_model.answer(["Who?"], memories)
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["a", "b"], memories=saved)
+    assert torch.equal(store.memories(["a", "b"]), memories.to(torch.float16))
+    prompt = question_prompt(tiny_model.tokenizer, "Who?", 0, tiny_model.document_placeholder)
+    assert tiny_model.generate([prompt], [torch.tensor([])]) == tiny_model.generate([prompt], [None])
+    with pytest.raises(InvalidInputError, match="compressed documents must be a tensor or numpy array .*got a list"):
+        tiny_model.answer(["Who?"], memories.tolist())
