@@ -55,7 +55,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     puts it back if a crash fell between them. The writer holds a lock on its staging folder,
     so the next write removes a killed writer's staging folder and never a live one's. A
     non-empty ``folder`` without the file ``marker`` was not written by this library: it is
-    refused, never replaced. Files that
+    refused, never replaced (and so is a ``.NAME.old`` without it, in the swap's way). Files that
     ``write`` does not make again (a user's notes or results kept beside the library's files)
     are copied into the new folder, not lost with the old one; the ``owned`` names are this
     writer's own, and an old one that ``write`` does not make again is left out. A symbolic
@@ -76,13 +76,14 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
             old = _old_copy(folder)
             if old.is_symlink():  # left by a swap that renamed a link (saves before links were followed)
                 old.unlink()
-            elif old.is_dir() and any(old.iterdir()) and not (old / marker).is_file():  # (an empty one was swapped out)
-                raise FileExistsError(f"{old} is in the way of the save's swap and holds no {marker}: it is not "
-                                      "this library's copy, so it is left alone; move it")
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)  # a copy a kill left whole (check_replaceable_folder)
             os.replace(folder, old)
             os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
+            # removed under a staging name: a removal cut short (a kill, a file a reader holds open
+            # on NFS) is an abandoned sibling the next write takes back, not a marker-less .old
+            trash = old.with_name(f".{folder.name}.{secrets.token_hex(8)}")
+            os.replace(old, trash)
+            shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, folder)
         sync_entry(folder.parent)  # the renames themselves
@@ -205,6 +206,10 @@ def check_replaceable_folder(folder: Path, marker: str) -> None:
                               "choose a new or empty folder")
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
+    old = _old_copy(folder)  # used by a swap over an existing folder
+    if folder.exists() and old.is_dir() and not old.is_symlink() and any(old.iterdir()) and not (old / marker).is_file():
+        raise FileExistsError(f"{old} is in the way of a save's swap and holds no {marker}: it is not this "
+                              "library's copy, so it is left alone; move it")
 
 
 def _followed(path: Path) -> Path:

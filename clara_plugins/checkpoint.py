@@ -191,6 +191,8 @@ def _config_of(header: dict, folder: Path) -> ClaraConfig:
     # checkpoints written before the memory design was a setting all used appended <MEM> tokens
     values.setdefault("memory_design", "tokens")
     values.setdefault("retrieval_key", "flat")  # and before the retrieval key was, the flattened memory
+    if values["memory_design"] == "tokens":  # saved before pooling settings were refused beside it: never read
+        values.update(memory_pooling="mean", memory_layer=-1)
     try:
         return ClaraConfig.from_dict(values)
     except ValueError as error:
@@ -304,7 +306,7 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
                              f"{current.get(key)}{hint}")
     try:  # the header is the one file no checksum covers
         problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:  # torch.tensor of nulls: a RuntimeError
         raise StoreError(f"{folder}: its header's base model fingerprint is malformed ({error!r:.80})") from error
     if problem:
         raise StoreError(f"{folder} was written by another base model: {problem}")

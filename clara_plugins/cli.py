@@ -135,7 +135,7 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("corpus", help="passages: .json list of {title, text} or .jsonl of {id, contents}")
+    parser.add_argument("corpus", help=_PASSAGE_FILES)
     parser.add_argument("output", help="output JSONL (a .done ledger is kept beside it)")
     parser.add_argument("--teacher", default=DEFAULT_BASE_MODEL,
                         help=f"local Hugging Face chat model path or hub id (default {DEFAULT_BASE_MODEL})")
@@ -507,7 +507,10 @@ def _eval(args: argparse.Namespace) -> None:
                        device=args.device, dtype=dtype)
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
                "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
-    memories: dict = {}  # each pool compressed once, for every system, retriever and the reading gain
+    # each pool compressed once where more than one measure reads it (kept in memory till the end)
+    readers = (sum(system in ("clara", "control") for system in args.systems) + bool(args.reading)
+               + any(name in ("reasoner", "compressor") for name in args.retrievers))
+    memories: dict | None = {} if readers > 1 else None
     for system in args.systems:
         results["answers"].append(evaluate_answers(model, rows, system, args.k, args.max_new_tokens,
                                                    args.batch_size, args.control_shifts, memories))

@@ -104,9 +104,12 @@ def read_documents(paths: list[str]) -> list[str]:
                              for number, record in enumerate(records))
         elif data_suffix(path) == ".tsv":  # as paragraphs it was one document of every row
             rows = csv.DictReader(io.StringIO(read_text(path)), delimiter="\t")
-            try:  # a row past the header's columns keeps the rest under None, which names no field
-                documents.extend(_record_text({k: v for k, v in record.items() if k is not None},
-                                              f"{source}, row {number + 1}") for number, record in enumerate(rows))
+            try:
+                for number, record in enumerate(rows):
+                    if None in record:  # a stray tab: its text and title would be misaligned
+                        raise InvalidInputError(f"{source}, row {number + 1} has {len(rows.fieldnames) + len(record[None])} "
+                                                f"fields, more than its header's {len(rows.fieldnames)}")
+                    documents.append(_record_text(record, f"{source}, row {number + 1}"))
             except csv.Error as error:  # e.g. an unclosed quote running past csv's field size limit
                 raise InvalidInputError(f"{source}, line {rows.line_num}: not a tab-separated row ({error})") from error
         else:

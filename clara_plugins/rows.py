@@ -244,11 +244,11 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
         return "question must be a non-empty string"
     if "answer" in row and not isinstance(row["answer"], str):  # the prompts read it before answers
         return f"answer must be a string, got {type(row['answer']).__name__}"
-    if "answer" in row and not row["answer"].strip():  # training would teach the generator to answer blank
+    if needs_answer and "answer" in row and not row["answer"].strip():  # the generator would learn to answer blank
         return f"answer must not be blank, got {row['answer']!r}"
     if "answers" in row and not _strings(row["answers"]):  # the scores and the restatement margin read it first
         return f"answers must be a non-empty list of non-blank strings, got {row['answers']!r:.80}"
-    answered = "answer" in row or "answers" in row
+    answered = bool(row.get("answer", "").strip()) or "answers" in row
     if needs_answer and not answered:
         return "it needs an answer (a string) or answers (a non-empty list of strings)"
     positions = row.get("pos_index", [])

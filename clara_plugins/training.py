@@ -538,8 +538,8 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
     log = output / "log.jsonl"
-    records = read_jsonl(log, appended=True) if log.is_file() else []
-    if not all(isinstance(record, dict) and isinstance(record.get("step"), int) for record in records):
+    if log.is_file() and not all(isinstance(record, dict) and isinstance(record.get("step"), int)
+                                 for record in read_jsonl(log, appended=True)):
         raise ValueError(f"{log} holds records that are not a training log's (no step): the run would rewrite "
                          "it; use a new output folder")
     checkpoint = output / "checkpoint"
@@ -550,11 +550,6 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
             raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
                              f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
                              "use a new output folder")
-        # a run killed before its first save starts its log again; one whose log goes past a save
-        # had a checkpoint, moved or deleted since: its log would be emptied
-        if any(record["step"] > config.save_every for record in records):
-            raise ValueError(f"{log} records steps past step {config.save_every}, the first save, but {checkpoint} "
-                             "is gone: the new run would empty that log; use a new output folder")
         return None
     state = _read_trainer_state(state_path)
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
@@ -605,7 +600,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
                          f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
-    _warn_cut_documents(model, rows)
+    if config.stage != "text":  # which reads its documents whole, as text
+        _warn_cut_documents(model, rows)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"

@@ -386,3 +386,33 @@ def test_a_users_folder_named_as_a_swaps_old_copy_is_neither_restored_nor_remove
         write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("2"),
                                 "config.json")
     assert (theirs / "notes.txt").read_text() == "mine" and (tmp_path / "ckpt" / "config.json").read_text() == "1"
+
+
+def test_an_old_copy_whose_removal_was_cut_short_does_not_block_later_saves(tmp_path, monkeypatch):
+    # a kill (or a file an NFS reader holds open) mid-removal left .NAME.old without its marker,
+    # which every later save then refused as a user's folder
+    import shutil
+
+    folder = tmp_path / "ckpt"
+
+    def write(text: str) -> None:
+        write_folder_atomically(folder, lambda staging: [(staging / name).write_text(text)
+                                                         for name in ("config.json", "weights")], "config.json")
+
+    write("1")
+    real = shutil.rmtree
+
+    def cut_short(path, ignore_errors=False):
+        path = Path(path)
+        if path != folder and (path / "config.json").is_file() and (path / "weights").is_file():
+            (path / "config.json").unlink()  # the marker went first
+            raise KeyboardInterrupt
+        return real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        write("2")
+    monkeypatch.undo()
+    assert (folder / "config.json").read_text() == "2"  # the swap was done
+    write("3")
+    assert (folder / "config.json").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

@@ -133,6 +133,17 @@ def test_a_checkpoint_older_than_the_memory_design_setting_loads_as_tokens(tiny_
     assert torch.allclose(outputs(loaded)[0], outputs(tiny_tokens_model)[0], atol=1e-6)
 
 
+def test_a_tokens_checkpoint_saved_with_pooling_settings_it_never_read_still_loads(tiny_tokens_model, tmp_path):
+    # the settings are refused beside the tokens design now: such a checkpoint no longer loaded or resumed
+    tiny_tokens_model.save_pretrained(tmp_path / "old")
+    header = json.loads((tmp_path / "old" / "clara_config.json").read_text())
+    header["config"].update(memory_pooling="last", memory_layer=-2)
+    (tmp_path / "old" / "clara_config.json").write_text(json.dumps(header))
+    loaded = ClaraModel.from_pretrained(tmp_path / "old", device="cpu")
+    assert (loaded.config.memory_pooling, loaded.config.memory_layer) == ("mean", -1)
+    assert torch.allclose(outputs(loaded)[0], outputs(tiny_tokens_model)[0], atol=1e-6)
+
+
 def test_the_memory_design_is_saved_with_the_checkpoint(tiny_config, tmp_path):
     import dataclasses
 

@@ -45,8 +45,8 @@ def test_dprs_passage_file_reads_one_document_a_row(tmp_path):
         read_documents([str(tmp_path / "other.tsv")])
     # a row longer than its header failed on a TypeError while naming the fields; a quote left
     # open ran on past csv's field limit and stopped the CLI without naming the file
-    (tmp_path / "long.tsv").write_text("a\tb\n1\t2\t3\n")
-    with pytest.raises(InvalidInputError, match="long.tsv, row 1 has no text or contents .*its fields: a, b"):
+    (tmp_path / "long.tsv").write_text("id\ttext\ttitle\n1\tA text\twith a tab\tTitle\n")
+    with pytest.raises(InvalidInputError, match="long.tsv, row 1 has 4 fields, more than its header's 3"):
         read_documents([str(tmp_path / "long.tsv")])
     (tmp_path / "open.tsv").write_text('id\ttext\n1\t"' + "word " * 30_000 + "\n")
     with pytest.raises(InvalidInputError, match="open.tsv, line .*: not a tab-separated row"):

@@ -135,7 +135,8 @@ MALFORMED = {"current-is-a-folder": "CURRENT", "records-not-a-dict": "does not h
              "unknown-index": "store.json gives the index 'annoy'",
              # a bare TypeError and KeyError: the header is the one file no checksum covers
              "compressor-not-a-dict": "compressor signature is not one this library writes",
-             "fingerprint-without-norms": "base model fingerprint is malformed"}
+             "fingerprint-without-norms": "base model fingerprint is malformed",
+             "fingerprint-of-nulls": "base model fingerprint is malformed"}  # a bare RuntimeError from torch
 
 
 @pytest.mark.parametrize("damage", list(MALFORMED))
@@ -159,9 +160,13 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         rewrite_header(folder, index="annoy")
     elif damage == "compressor-not-a-dict":
         rewrite_header(folder, compressor="smollm2")
-    elif damage == "fingerprint-without-norms":
+    elif damage in ("fingerprint-without-norms", "fingerprint-of-nulls"):
         compressor = header_of(folder)["compressor"]
-        del compressor["base_model_fingerprint"]["weight_norms"]
+        fingerprint = compressor["base_model_fingerprint"]
+        if damage == "fingerprint-of-nulls":
+            fingerprint["weight_norms"] = [None]
+        else:
+            del fingerprint["weight_norms"]
         rewrite_header(folder, compressor=compressor)
     else:
         header = header_of(folder)
