@@ -202,11 +202,11 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
         raise ValueError(f"retriever must be one of {RETRIEVERS}, got {unknown[0]!r}")
     rows = [row for row in rows if gold_count(row)]
     rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
-    memories = {} if memories is None else memories
     for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
+        kept = {} if memories is None else memories  # without a cache, a row's pool is kept for its row alone
         for name in retrievers:
             if name in ("reasoner", "compressor"):
-                pool = compressed_documents(model, row["docs"], memories)
+                pool = compressed_documents(model, row["docs"], kept)
                 encode = model.encode_queries if name == "reasoner" else model.compress_documents
                 scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
                 rankings[name].append(scores.argsort(descending=True).tolist())

@@ -103,6 +103,9 @@ def _rates(pairs: list[str], option: str) -> dict[int, str]:
             raise InvalidInputError(f"{option} takes CR=DIR pairs, got {pair!r}")
         if not 1 <= int(rate) <= MAX_COMPRESSION_RATE:  # refused here, not after the systems before it have run
             raise InvalidInputError(f"{option}: a compression rate is in 1..{MAX_COMPRESSION_RATE}, got {pair!r}")
+        if int(rate) in rates:  # the last would be scored alone
+            raise InvalidInputError(f"{option} names compression rate {int(rate)} twice ({rates[int(rate)]} and "
+                                    f"{folder}): one checkpoint per rate")
         rates[int(rate)] = folder
     return rates
 

@@ -72,7 +72,7 @@ MARGIN=${MARGIN:-1.0}             # weight of the reading margin (0: the paper's
 FREEZE_COMPRESSOR=${FREEZE_COMPRESSOR---freeze-compressor}  # instruct stage; empty: train it (paper)
 PROBE_EVERY=${PROBE_EVERY:-40}
 LIMIT=${LIMIT:-}                  # cap every training conversion at N examples (smoke tests; probes and evaluations: EVAL_LIMIT, RECALL_LIMIT)
-EVAL_LIMIT=${EVAL_LIMIT:-60}      # EVAL_LIMIT=200 RECALL_LIMIT=200: the model card's NQ rows and pools (HotpotQA: its 57 held-out rows)
+EVAL_LIMIT=${EVAL_LIMIT:-60}      # EVAL_LIMIT=200 RECALL_LIMIT=200: the model card's NQ rows and HotpotQA pools (its Oracle rows: the 57 held out)
 CONTROL_SHIFTS=${CONTROL_SHIFTS:-1 2 3}  # the control reads the documents of the row this many on (F1 averaged)
 RECALL_LIMIT=${RECALL_LIMIT:-40}
 # what this run does: rows (convert the data into $OUT/rows), scp (the SCP stages), later (the

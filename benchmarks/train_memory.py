@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", required=True, help="the checkpoint every split starts from")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--splits", nargs="+", type=_split, default=[(32, 1), (8, 4)],
-                        help="ROWSxMICRO: rows a micro-batch x micro-batches a step, the same product for all")
+    parser.add_argument("--splits", nargs="+", action="extend", type=_split,
+                        help="ROWSxMICRO: rows a micro-batch x micro-batches a step, the same product for all "
+                        "(default 32x1 8x4)")
     parser.add_argument("--out", required=True, help="JSON file; the table goes beside it as .md")
     args = parser.parse_args(argv)
+    args.splits = args.splits or [(32, 1), (8, 4)]
     sizes = {rows * micro for rows, micro in args.splits}
     if len(sizes) != 1:
         parser.error(f"every split must make the same optimizer step, got {sorted(sizes)} rows")

@@ -183,7 +183,9 @@ def test_a_named_rate_outside_the_defaults_adds_only_its_named_rows():
 
 def test_bench_rejects_a_malformed_checkpoint_pair(tmp_path, capsys):
     for argv, message in [(["--clara", "16:folder"], "CR=DIR"),
-                          (["--clara-e2e", "0=folder"], "1..256")]:  # before any system runs, not in its process
+                          (["--clara-e2e", "0=folder"], "1..256"),  # before any system runs, not in its process
+                          # the last was scored alone, now that a repeated --clara keeps both lists
+                          (["--clara", "16=a", "--clara", "016=b"], "names compression rate 16 twice (a and b)")]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", *argv, "--data-dir", str(tmp_path)])
         assert exit_.value.code == 5 and message in capsys.readouterr().err

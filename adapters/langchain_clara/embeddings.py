@@ -28,11 +28,14 @@ class ClaraEmbeddings(Embeddings):
         self._keys = ClaraKeys(self.model)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if isinstance(texts, str):  # its letters were embedded
+            raise InvalidInputError(f"texts must be a list of strings, got one str {texts!r:.60}: wrap it in a list")
+        texts = list(texts)
         if not texts:  # a host store adding no documents asks for no keys
             return []
-        if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):  # a str embedded its letters
-            raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__} {texts!r:.60}")
-        return self._keys.document_keys(list(texts)).tolist()
+        if not all(isinstance(text, str) for text in texts):
+            raise InvalidInputError(f"texts must be strings, got {next(type(t).__name__ for t in texts if not isinstance(t, str))}")
+        return self._keys.document_keys(texts).tolist()
 
     def embed_query(self, text: str) -> list[float]:
         return normalize_rows(self._keys.query_keys([text]))[0].tolist()
