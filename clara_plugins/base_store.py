@@ -14,16 +14,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .checks import check_positive_int, check_texts
 from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
 from .keys import ClaraKeys, KeyEncoder, check_clara_model, normalize_rows
-from .model import ClaraModel, as_memories
+from .model import ClaraModel, as_memories, warn_truncated
 
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
+COMPRESS_PART = 1024  # texts an upsert compresses at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,20 +207,37 @@ class BaseMemoryStore(ABC):
     def _compressed(self, texts: list[str], memories: torch.Tensor | None, show_progress: bool) -> np.ndarray:
         """fp16 memories [n, n_mem, hidden] of the texts: a copy of ``memories`` when given (a
         caller may refill its buffer for the next group; stored rows never change), else
-        compressed now."""
-        given = memories is not None
-        if not given:
-            memories = self.model.compress(texts, self.batch_size, show_progress).memories
-        elif len(memories := as_memories(memories, "memories")) != len(texts):
+        compressed now, COMPRESS_PART texts at a time (a whole corpus in one call held the
+        model's float32 memories and two copies of them: about 70 KB a passage at CR16)."""
+        if memories is None:
+            parts = range(0, len(texts), COMPRESS_PART)
+            compressed = np.empty((len(texts), self.model.config.n_mem_tokens, self.model.hidden_size), np.float16)
+            cut: list[int] = []
+            with tqdm(total=len(texts), desc="compressing", unit="document",
+                      disable=not show_progress or len(parts) == 1) as progress:
+                for start in parts:  # one part: its own progress by batch
+                    part = self.model.compress(texts[start:start + COMPRESS_PART], self.batch_size,
+                                               show_progress and len(parts) == 1, warn=False)
+                    compressed[start:start + len(part.memories)] = self._fp16(part.memories)
+                    cut += part.truncated_tokens
+                    progress.update(len(part.memories))
+            warn_truncated(cut, self.model.config.doc_max_length, stacklevel=4)  # once, numbered in the whole call
+            return compressed
+        if len(memories := as_memories(memories, "memories")) != len(texts):
             raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
         shape = (self.model.config.n_mem_tokens, self.model.hidden_size)
         if tuple(memories.shape[1:]) != shape:  # another rate's or model's: the generator would read them wrongly
             raise InvalidInputError(f"memories of shape {tuple(memories.shape[1:])} do not match this model's "
                                     f"{shape} (n_mem_tokens, hidden)")
+        return self._fp16(memories).copy()
+
+    @staticmethod
+    def _fp16(memories: torch.Tensor) -> np.ndarray:
+        """Memories as the store keeps them, refused where fp16 cannot hold them."""
         memories = memories.to(torch.float16).cpu()
         if not torch.isfinite(memories).all():
             raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
-        return memories.numpy().copy() if given else memories.numpy()
+        return memories.numpy()
 
 
 def check_store_model(store: BaseMemoryStore, model: object, **settings: object) -> None:

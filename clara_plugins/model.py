@@ -280,10 +280,11 @@ class ClaraModel(torch.nn.Module):
         return memories, document_mean
 
     def compress(
-        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
+        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False, warn: bool = True
     ) -> CompressedDocuments:
         """Compress documents with the encoder adapter, reporting truncation (in the result, and
-        a warning: a cut document's memories hold only its first ``doc_max_length`` tokens).
+        unless ``warn`` is False a warning: a cut document's memories hold only its first
+        ``doc_max_length`` tokens; a caller compressing in parts warns once, ``warn_truncated``).
 
         Documents are batched by length (less padding); results come back in input order.
         """
@@ -298,14 +299,8 @@ class ClaraModel(torch.nn.Module):
             memories[batch] = self._encode_for_use([bodies[i] for i in batch], ENCODER)
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
-        truncated = [i for i, tokens in enumerate(cut) if tokens]
-        if truncated:
-            warnings.warn(
-                f"{len(truncated)} of {len(counts)} documents exceed doc_max_length="
-                f"{self.config.doc_max_length} tokens; {sum(cut)} tokens were cut "
-                f"(documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
-                stacklevel=2,
-            )
+        if warn:
+            warn_truncated(cut, self.config.doc_max_length, stacklevel=3)
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -562,6 +557,15 @@ class ClaraModel(torch.nn.Module):
 
 
 _LOAD_TRIES = 5
+
+
+def warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
+    """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document)."""
+    truncated = [i for i, tokens in enumerate(cut) if tokens]
+    if truncated:
+        warnings.warn(f"{len(truncated)} of {len(cut)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
+                      f"tokens were cut (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
+                      stacklevel=stacklevel)  # counted from this function: 3 names its caller's caller
 
 
 def as_memories(value: object, what: str) -> torch.Tensor:

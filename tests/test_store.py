@@ -55,6 +55,29 @@ def test_a_document_cut_to_doc_max_length_is_reported_when_stored(store):
     assert store.get(["long"])[0].text == " ".join(CORPUS * 3)  # the text is kept whole
 
 
+def test_an_upsert_compresses_in_parts_and_warns_once_of_every_cut_text(store, tiny_model, monkeypatch):
+    # a whole corpus compressed in one call held the model's float32 memories and two copies
+    import re
+    import warnings
+
+    from clara_plugins import base_store
+
+    monkeypatch.setattr(base_store, "COMPRESS_PART", 2)
+    calls = []
+    compress = tiny_model.compress
+    monkeypatch.setattr(tiny_model, "compress", lambda texts, *a, **k: calls.append(len(texts)) or compress(texts, *a, **k))
+    texts = CORPUS[:3] + [" ".join(CORPUS * 3)] + CORPUS[3:4]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store.upsert(texts, ids=[f"d{i}" for i in range(5)])
+    assert calls == [2, 2, 1]
+    cut = [str(w.message) for w in caught if "doc_max_length" in str(w.message)]
+    assert len(cut) == 1 and re.fullmatch(r"1 of 5 documents exceed doc_max_length=64 tokens; \d+ tokens were cut "
+                                          r"\(documents \[3\]\)", cut[0])  # numbered in the whole call
+    expected = compress(texts, warn=False).memories.to(torch.float16)
+    assert torch.allclose(store.memories([f"d{i}" for i in range(5)]).float(), expected.float(), atol=1e-2)
+
+
 def test_delete_ignores_missing_ids_and_get_skips_them(store):
     store.delete(["d0", "nope"])
     store.delete(["nope"])
@@ -131,8 +154,8 @@ def test_indexing_shows_the_batches_of_a_group_as_they_are_compressed(tiny_model
     # the bar moved once a group of save_every documents was done: 0/1000 for the README's corpus
     shown = []
     compress = tiny_model.compress
-    monkeypatch.setattr(tiny_model, "compress", lambda texts, batch_size, show_progress=False:
-                        shown.append(show_progress) or compress(texts, batch_size, show_progress))
+    monkeypatch.setattr(tiny_model, "compress", lambda texts, batch_size, show_progress=False, warn=True:
+                        shown.append(show_progress) or compress(texts, batch_size, show_progress, warn))
     index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"], show_progress=True)
     index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"])
     assert shown == [True, False]
