@@ -76,14 +76,10 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
             old = _old_copy(folder)
             if old.is_symlink():  # left by a swap that renamed a link (saves before links were followed)
                 old.unlink()
-            shutil.rmtree(old, ignore_errors=True)  # a copy a kill left whole (check_replaceable_folder)
+            _remove_aside(old, folder)  # a copy a kill left whole (check_replaceable_folder)
             os.replace(folder, old)
             os.replace(staging, folder)
-            # removed under a staging name: a removal cut short (a kill, a file a reader holds open
-            # on NFS) is an abandoned sibling the next write takes back, not a marker-less .old
-            trash = old.with_name(f".{folder.name}.{secrets.token_hex(8)}")
-            os.replace(old, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_aside(old, folder)
         else:
             os.replace(staging, folder)
         sync_entry(folder.parent)  # the renames themselves
@@ -146,6 +142,18 @@ def _staging_siblings(path: Path, every_form: bool) -> Iterator[Path]:
     for sibling in path.parent.glob(f".{glob.escape(path.name)}.*"):
         if own_name.fullmatch(sibling.name) and not sibling.is_symlink():
             yield sibling
+
+
+def _remove_aside(old: Path, folder: Path) -> None:
+    """Remove a swap's old copy under a staging name of ``folder``: a removal cut short (a kill, a
+    file an NFS reader holds open) leaves an abandoned sibling the next write takes back, not a
+    marker-less ``.NAME.old`` that every later swap would refuse."""
+    trash = old.with_name(f".{folder.name}.{secrets.token_hex(8)}")
+    try:
+        os.replace(old, trash)
+    except FileNotFoundError:  # none, or another writer's swap took it meanwhile
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _inode(path: Path) -> int | None:

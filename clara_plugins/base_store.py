@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .checks import check_positive_int, check_texts
 from .errors import InvalidInputError
@@ -207,20 +206,9 @@ class BaseMemoryStore(ABC):
     def _compressed(self, texts: list[str], memories: torch.Tensor | None, show_progress: bool) -> np.ndarray:
         """fp16 memories [n, n_mem, hidden] of the texts: a copy of ``memories`` when given (a
         caller may refill its buffer for the next group; stored rows never change), else
-        compressed now, COMPRESS_PART texts at a time (a whole corpus in one call held the
-        model's float32 memories and two copies of them: about 70 KB a passage at CR16)."""
+        compressed now (``compress_in_parts``)."""
         if memories is None:
-            parts = range(0, len(texts), COMPRESS_PART)
-            compressed = np.empty((len(texts), self.model.config.n_mem_tokens, self.model.hidden_size), np.float16)
-            cut: list[int] = []
-            with tqdm(total=len(texts), desc="compressing", unit="document",
-                      disable=not show_progress or len(parts) == 1) as progress:
-                for start in parts:  # one part: its own progress by batch
-                    part = self.model.compress(texts[start:start + COMPRESS_PART], self.batch_size,
-                                               show_progress and len(parts) == 1, warn=False)
-                    compressed[start:start + len(part.memories)] = self._fp16(part.memories)
-                    cut += part.truncated_tokens
-                    progress.update(len(part.memories))
+            compressed, cut = compress_in_parts(self.model, texts, self.batch_size, show_progress)
             warn_truncated(cut, self.model.config.doc_max_length, stacklevel=4)  # once, numbered in the whole call
             return compressed
         if len(memories := as_memories(memories, "memories")) != len(texts):
@@ -229,15 +217,30 @@ class BaseMemoryStore(ABC):
         if tuple(memories.shape[1:]) != shape:  # another rate's or model's: the generator would read them wrongly
             raise InvalidInputError(f"memories of shape {tuple(memories.shape[1:])} do not match this model's "
                                     f"{shape} (n_mem_tokens, hidden)")
-        return self._fp16(memories).copy()
+        return _fp16(memories).copy()
 
-    @staticmethod
-    def _fp16(memories: torch.Tensor) -> np.ndarray:
-        """Memories as the store keeps them, refused where fp16 cannot hold them."""
-        memories = memories.to(torch.float16).cpu()
-        if not torch.isfinite(memories).all():
-            raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
-        return memories.numpy()
+
+def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int,
+                      show_progress: bool = False) -> tuple[np.ndarray, list[int]]:
+    """fp16 memories [n, n_mem, hidden] of the texts as a store keeps them, compressed
+    COMPRESS_PART at a time (a whole corpus in one call held the model's float32 memories and
+    two copies: about 70 KB a passage at CR16), and the tokens cut from each. An upsert and a
+    Ray actor compress alike, so their memories agree bit for bit."""
+    compressed = np.empty((len(texts), model.config.n_mem_tokens, model.hidden_size), np.float16)
+    cut: list[int] = []
+    for start in range(0, len(texts), COMPRESS_PART):
+        part = model.compress(texts[start:start + COMPRESS_PART], batch_size, show_progress, warn=False)
+        compressed[start:start + len(part.memories)] = _fp16(part.memories)
+        cut += part.truncated_tokens
+    return compressed, cut
+
+
+def _fp16(memories: torch.Tensor) -> np.ndarray:
+    """Memories as the store keeps them, refused where fp16 cannot hold them."""
+    memories = memories.to(torch.float16).cpu()
+    if not torch.isfinite(memories).all():
+        raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
+    return memories.numpy()
 
 
 def check_store_model(store: BaseMemoryStore, model: object, **settings: object) -> None:

@@ -299,6 +299,9 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
         raise StoreError(f"{folder}: its header's compressor signature is not one this library writes (no base "
                          "model fingerprint)")
     stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
+    design = stored["memory_design"]
+    if isinstance(design, list) and len(design) == 4 and design[0] == "tokens":  # pooling settings it never read
+        stored["memory_design"] = ["tokens", "mean", -1, design[3]]
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
         if stored.get(key) != current.get(key):
             hint = f" (load the model at compression rate {stored.get(key)})" if key == "compression_rate" else ""

@@ -4,7 +4,7 @@
 saving after each, so that a stopped run resumes from its last save. Each group is
 compressed by the store's own model, or, given a ``RayCompression``, by one of a pool of Ray
 actors that each load the same model once (one GPU each when the cluster has GPUs). An actor
-compresses a whole group in one call, batched as ``upsert`` batches it, so the store
+compresses a whole group as ``upsert`` does (``compress_in_parts``), so the store
 receives the same fp16 memories either way (through ``upsert(..., memories=...)``) on the
 same device and dtype: a document's padding, and so the last bit of its memories, depends on
 its batch.
@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .base_store import BaseMemoryStore
+from .base_store import BaseMemoryStore, compress_in_parts
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
-from .model import ClaraModel
+from .model import ClaraModel, warn_truncated
 
 @dataclasses.dataclass(frozen=True)
 class RayCompression:
@@ -85,7 +85,7 @@ def index_documents(
     stored = store.stored_ids(list(first))
     todo = [row for doc_id, row in first.items() if doc_id not in stored]
     groups = [todo[start:start + save_every] for start in range(0, len(todo), save_every)]
-    # Ray compresses each group in one call, as upsert does here: the same batches, the same memories
+    # Ray compresses each group as upsert does here (compress_in_parts): the same batches, the same memories
     compressed = ((group, None) for group in groups) if on_ray is None else _compressed_on_ray(
         store, texts, groups, on_ray)
     with tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress:
@@ -144,8 +144,9 @@ class _Compressor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One group in (batch_size=1), one row per document out."""
         (rows,), (texts,) = batch["rows"], batch["texts"]
-        memories = self.model.compress(texts.tolist(), self.batch_size).memories
-        return {"row": rows, "memories": memories.to(torch.float16).cpu().numpy()}
+        memories, cut = compress_in_parts(self.model, texts.tolist(), self.batch_size)
+        warn_truncated(cut, self.model.config.doc_max_length, stacklevel=2)  # in the actor's log
+        return {"row": rows, "memories": memories}
 
 
 def _import_ray() -> Any:

@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
+import os
 import pickle
 import random
 import time
@@ -478,9 +480,14 @@ def _rng_states(model: ClaraModel) -> dict[str, torch.Tensor]:
     return {"rng": torch.get_rng_state()}
 
 
-def _forget_steps_after(log: Path, step: int) -> None:
-    """Drop the log records of steps run after the last save: a resumed run replays them."""
-    if log.exists():  # a last line cut short by the kill is dropped too
+def _forget_steps_after(log: Path, step: int | None) -> None:
+    """Drop the log records of steps run after the last save: a resumed run replays them. A new
+    run (``step`` None) keeps an earlier log aside as ``log.N.jsonl``: a run killed before its
+    first save, or one whose checkpoint was moved away (whose log it emptied)."""
+    if step is None and log.exists() and log.stat().st_size:
+        number = next(n for n in itertools.count(1) if not log.with_name(f"log.{n}.jsonl").exists())
+        os.replace(log, log.with_name(f"log.{number}.jsonl"))
+    elif log.exists():  # a last line cut short by the kill is dropped too
         write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log)
 
 
@@ -636,7 +643,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         if "cuda_rng" in state and model.device.type == "cuda":  # the dropout masks of a GPU run
             torch.cuda.set_rng_state(state["cuda_rng"], model.device)
         start = state["step"]
-    _forget_steps_after(output / "log.jsonl", start if resuming else -1)  # also a run killed before its first save
+    _forget_steps_after(output / "log.jsonl", start if resuming else None)
     candidates = CandidateMemories(model, corpus) if config.caches_memories else None
     teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
     loss_of = {  # (micro-batch, the step's rows) -> (loss, metrics)

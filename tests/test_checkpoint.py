@@ -142,6 +142,16 @@ def test_a_tokens_checkpoint_saved_with_pooling_settings_it_never_read_still_loa
     loaded = ClaraModel.from_pretrained(tmp_path / "old", device="cpu")
     assert (loaded.config.memory_pooling, loaded.config.memory_layer) == ("mean", -1)
     assert torch.allclose(outputs(loaded)[0], outputs(tiny_tokens_model)[0], atol=1e-6)
+    # and a store it signed then opens with it
+    from clara_plugins import MemoryStore
+
+    store = MemoryStore(loaded)
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    generation = store.save(tmp_path / "store")
+    header = json.loads((generation / "store.json").read_text())
+    header["compressor"]["memory_design"] = ["tokens", "last", -2, False]
+    (generation / "store.json").write_text(json.dumps(header))
+    assert MemoryStore.load(tmp_path / "store", loaded).all_ids() == ["a", "b"]
 
 
 def test_the_memory_design_is_saved_with_the_checkpoint(tiny_config, tmp_path):

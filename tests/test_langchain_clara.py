@@ -159,7 +159,7 @@ def test_wrong_arguments_in_the_models_place_are_refused_or_read_as_langchain_do
         MemoryStore.load(tmp_path / "lc", "path/to/checkpoint")
     with pytest.raises(InvalidInputError, match="keys must be a KeyEncoder .*got a str: the index kind is index="):
         MemoryStore(tiny_model, "hnsw")
-    with pytest.raises(InvalidInputError, match="texts must be a list of strings, got one str"):  # it embedded letters
+    with pytest.raises(InvalidInputError, match="texts must be a list of strings, got str"):  # it embedded letters
         ClaraEmbeddings(tiny_model).embed_documents("hello")
     embeddings = ClaraEmbeddings(tiny_model)
     assert embeddings.embed_documents(text for text in CORPUS[:2]) == embeddings.embed_documents(CORPUS[:2])

@@ -693,6 +693,17 @@ def test_a_run_killed_before_its_first_save_starts_its_log_again(tiny_model, tmp
     monkeypatch.undo()
     train(tiny_model, INSTRUCT, config, tmp_path)
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "log.1.jsonl").read_text().startswith('{"step": 1')  # the killed run's, kept aside
+
+
+def test_a_finished_runs_log_is_kept_when_its_checkpoint_was_moved_away(tiny_model, tmp_path):
+    # the next run in the folder emptied it
+    config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    log = (tmp_path / "log.jsonl").read_text()
+    shutil.move(tmp_path / "checkpoint", tmp_path.parent / f"{tmp_path.name}-moved")
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    assert (tmp_path / "log.1.jsonl").read_text() == log and (tmp_path / "log.jsonl").read_text() != log
 
 
 def test_an_output_whose_log_is_not_a_training_log_is_refused_and_the_log_kept(tiny_model, tmp_path):

@@ -28,8 +28,8 @@ class ClaraEmbeddings(Embeddings):
         self._keys = ClaraKeys(self.model)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        if isinstance(texts, str):  # its letters were embedded
-            raise InvalidInputError(f"texts must be a list of strings, got one str {texts!r:.60}: wrap it in a list")
+        if texts is None or isinstance(texts, str):  # a str's letters were embedded
+            raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__} {texts!r:.60}")
         texts = list(texts)
         if not texts:  # a host store adding no documents asks for no keys
             return []
