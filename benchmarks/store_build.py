@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # read and checked before the build (50 min for the 6,119 passages), not after it
     check_output_path(args.out, args.corpus, args.questions, args.store)
-    if args.out.is_dir():  # found only at the write, after the build, the result was lost
-        parser.error(f"--out {args.out} is a folder: name the JSON file to write")
     questions = [example.question for example in read_examples(args.questions, args.queries)]
     if args.store is not None and args.store.exists() and (not args.store.is_dir() or any(args.store.iterdir())):
         parser.error(f"--store {args.store} exists and is not an empty folder: name a new one")

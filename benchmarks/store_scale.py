@@ -81,8 +81,6 @@ def main() -> None:
     args = parser.parse_args()
     configs = _configs(args.configs, parser)  # before any work: a typo in the last pair lost every result
     check_output_path(args.out, args.sample, args.corpus, args.questions, args.store_dir)
-    if args.out.is_dir():  # found only at the write, after hours of measuring, the result was lost
-        parser.error(f"--out {args.out} is a folder: name the JSON file to write")
     if args.store_dir is not None and not args.store_dir.is_dir():
         parser.error(f"--store-dir {args.store_dir} is not a folder")
 

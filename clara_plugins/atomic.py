@@ -204,8 +204,9 @@ def _lock(descriptor: int, wait: bool) -> bool | None:
 
 
 def check_replaceable_folder(folder: Path, marker: str) -> None:
-    """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, or
-    a non-empty folder without ``marker``; a caller with long work before the write checks first."""
+    """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, a
+    non-empty folder without ``marker``, or an existing folder beside a non-empty ``.NAME.old``
+    without it (in the swap's way); a caller with long work before the write checks first."""
     folder = _followed(folder)
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):  # the swap would take it from under this process
         raise ValueError(f"{folder} is this process's working directory, or holds it: name a folder outside it")

@@ -46,8 +46,7 @@ class BaseMemoryStore(ABC):
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
         check_clara_model(model)
-        if keys is not None and not all(hasattr(keys, name) for name in ("keys_are_memories", "signature",
-                                                                          "document_keys", "query_keys")):
+        if keys is not None and not isinstance(keys, KeyEncoder):
             hint = ": the index kind is index=" if isinstance(keys, str) else ""
             raise InvalidInputError(f"keys must be a KeyEncoder (e.g. ClaraKeys), got a {type(keys).__name__}{hint}")
         self.model = model

@@ -29,7 +29,10 @@ def check_texts(texts: object, what: str) -> list[str]:
 
 
 def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
-    """Refuse an output file that is one of the run's inputs: writing it would replace them."""
+    """Refuse, before a run's long work, an output file that is a folder (found at the write, the
+    result was lost) or one of the run's inputs (writing it would replace them)."""
+    if Path(output).is_dir():
+        raise IsADirectoryError(f"{output} is a folder: name the file to write")
     for source in inputs:
         if source is not None and Path(output).resolve() == Path(source).resolve():
             raise InvalidInputError(f"{output} is an input of this run too: name another output, or it would be "

@@ -483,8 +483,6 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_path(out, args.data)
-        if out.is_dir():
-            raise IsADirectoryError(f"--out {out} is a folder: name the JSON file to write")
     args.systems = ["clara"] if args.systems is None else args.systems
     if not (args.systems or args.retrievers or args.reading):
         raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")

@@ -8,7 +8,7 @@ LangChain ``Embeddings``; the memories are still kept for generation.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from .model import ClaraModel
 from .retrieval import retrieval_keys
 
 
+@runtime_checkable
 class KeyEncoder(Protocol):
     """Turns documents and queries into vectors compared by cosine."""
 
@@ -38,7 +39,7 @@ def check_clara_model(model: object) -> None:
     """Refuse what is not a ClaraModel by name, before a first use fails on a missing attribute
     (LangChain's convention passes an embedding, or a checkpoint path, where the model goes)."""
     if not isinstance(model, ClaraModel):
-        hint = (": an embedding goes in as embedding=" if hasattr(model, "embed_query") else
+        hint = (": pass its model, or an embedding's keys as keys=" if hasattr(model, "embed_query") else
                 ": load a checkpoint with clara_plugins.load_model" if isinstance(model, str) else "")
         raise InvalidInputError(f"model must be a ClaraModel, got a {type(model).__name__}{hint}")
 

@@ -248,7 +248,7 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
         return f"answer must not be blank, got {row['answer']!r}"
     if "answers" in row and not _strings(row["answers"]):  # the scores and the restatement margin read it first
         return f"answers must be a non-empty list of non-blank strings, got {row['answers']!r:.80}"
-    answered = bool(row.get("answer", "").strip()) or "answers" in row
+    answered = "answer" in row or "answers" in row  # a blank answer was refused above where one is read
     if needs_answer and not answered:
         return "it needs an answer (a string) or answers (a non-empty list of strings)"
     positions = row.get("pos_index", [])

@@ -483,10 +483,11 @@ def _rng_states(model: ClaraModel) -> dict[str, torch.Tensor]:
 def _forget_steps_after(log: Path, step: int | None) -> None:
     """Drop the log records of steps run after the last save: a resumed run replays them. A new
     run (``step`` None) keeps an earlier log aside as ``log.N.jsonl``: a run killed before its
-    first save, or one whose checkpoint was moved away (whose log it emptied)."""
-    if step is None and log.exists() and log.stat().st_size:
-        number = next(n for n in itertools.count(1) if not log.with_name(f"log.{n}.jsonl").exists())
-        os.replace(log, log.with_name(f"log.{number}.jsonl"))
+    first save, or one whose checkpoint was moved away (earlier versions emptied its log)."""
+    if step is None:
+        if log.exists() and log.stat().st_size:
+            number = next(n for n in itertools.count(1) if not log.with_name(f"log.{n}.jsonl").exists())
+            os.replace(log, log.with_name(f"log.{number}.jsonl"))
     elif log.exists():  # a last line cut short by the kill is dropped too
         write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log)
 
@@ -547,8 +548,8 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
     log = output / "log.jsonl"
     if log.is_file() and not all(isinstance(record, dict) and isinstance(record.get("step"), int)
                                  for record in read_jsonl(log, appended=True)):
-        raise ValueError(f"{log} holds records that are not a training log's (no step): the run would rewrite "
-                         "it; use a new output folder")
+        raise ValueError(f"{log} holds records that are not a training log's (no step): not this library's "
+                         "log, so it is left alone; use a new output folder")
     checkpoint = output / "checkpoint"
     recover_folder(checkpoint, CONFIG_FILE)  # a run killed between the swap's two renames left the last save aside
     state_path = checkpoint / TRAINER_STATE_FILE
@@ -584,8 +585,8 @@ def rows_sha256(rows: list[dict]) -> str:
 
 
 def corpus_sha256(corpus: Sequence[str] | None) -> str | None:
-    """What tells a run's corpus from others: the SHA-256 of its distinct passages (a store
-    holds a repeated one once), None for a run without one."""
+    """What tells a run's corpus from others: the SHA-256 of its distinct passages, in no
+    order (a corpus file and the store made of it list them alike), None for a run without one."""
     return None if corpus is None else rows_sha256(sorted(set(corpus)))
 
 
@@ -600,7 +601,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     probes = probes or {}
     passages = None if corpus is None else [document.text for document in corpus.get(corpus.all_ids())]
     state = check_run(rows, config, passages, probes, output)
-    corpus_digest = corpus_sha256(passages)  # once: refreshes re-encode the same passages
+    # once, or as the resumed state holds it (checked above): refreshes re-encode the same passages
+    corpus_digest = state["corpus_sha256"] if state and "corpus_sha256" in state else corpus_sha256(passages)
     del passages
     weights = model.lm.get_input_embeddings().weight.dtype
     if weights != torch.float32:

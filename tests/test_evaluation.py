@@ -171,7 +171,7 @@ def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_p
     assert "a control shift of 6 does not name another of the 3 rows" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:  # a file in the way of an output: 3, as bench and train say
         main(["eval", str(data), "--out", str(tmp_path)])
-    assert exit_.value.code == 3 and f"--out {tmp_path} is a folder: name the JSON file to write" in \
+    assert exit_.value.code == 3 and f"{tmp_path} is a folder: name the file to write" in \
         capsys.readouterr().err
 
 
