@@ -34,7 +34,7 @@ from clara_plugins.metrics import (
     summarize_answer_scores,
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
-from clara_plugins.reading import compressed_documents, first_row_beyond, other_rows, reading_width
+from clara_plugins.reading import compressed_pools, first_row_beyond, other_rows, reading_width
 from clara_plugins.retrieval import cosine_scores, top_k
 from clara_plugins.rows import gold_count, question_row_problem, reading_row_problem, row_recall
 
@@ -160,7 +160,7 @@ def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: st
         batch = rows[start:start + batch_size]
         questions = [row["question"] for row in batch]
         if reader == "clara":
-            pools = [compressed_documents(model, row["docs"], memories) for row in batch]
+            pools = [compressed_pools(model, [row["docs"]], memories)[0] for row in batch]  # a call a row
             began = time.perf_counter()
             answers, counts = _clara_answers(model, batch, pools, k, max_new_tokens)
         else:
@@ -206,7 +206,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
         kept = {} if memories is None else memories  # without a cache, a row's pool is kept for its row alone
         for name in retrievers:
             if name in ("reasoner", "compressor"):
-                pool = compressed_documents(model, row["docs"], kept)
+                pool = compressed_pools(model, [row["docs"]], kept)[0]
                 encode = model.encode_queries if name == "reasoner" else model.compress_documents
                 scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
                 rankings[name].append(scores.argsort(descending=True).tolist())

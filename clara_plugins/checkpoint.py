@@ -192,7 +192,7 @@ def _config_of(header: dict, folder: Path) -> ClaraConfig:
     values.setdefault("memory_design", "tokens")
     values.setdefault("retrieval_key", "flat")  # and before the retrieval key was, the flattened memory
     if values["memory_design"] == "tokens":  # saved before pooling settings were refused beside it: never read
-        values.update(memory_pooling="mean", memory_layer=-1)
+        values.update(memory_pooling=ClaraConfig.memory_pooling, memory_layer=ClaraConfig.memory_layer)
     try:
         return ClaraConfig.from_dict(values)
     except ValueError as error:
@@ -301,7 +301,7 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     stored = {"memory_design": ["tokens", "mean", -1, False], **stored}  # stores older than the setting
     design = stored["memory_design"]
     if isinstance(design, list) and len(design) == 4 and design[0] == "tokens":  # pooling settings it never read
-        stored["memory_design"] = ["tokens", "mean", -1, design[3]]
+        stored["memory_design"] = ["tokens", ClaraConfig.memory_pooling, ClaraConfig.memory_layer, design[3]]
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
         if stored.get(key) != current.get(key):
             hint = f" (load the model at compression rate {stored.get(key)})" if key == "compression_rate" else ""

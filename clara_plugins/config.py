@@ -79,7 +79,8 @@ class ClaraConfig:
             raise ValueError(f"retrieval_key must be one of {RETRIEVAL_KEYS}, got {self.retrieval_key!r}")
         if self.memory_pooling not in MEMORY_POOLINGS:
             raise ValueError(f"memory_pooling must be one of {MEMORY_POOLINGS}, got {self.memory_pooling!r}")
-        if self.memory_design == "tokens" and (self.memory_pooling, self.memory_layer) != ("mean", -1):
+        if self.memory_design == "tokens" and (self.memory_pooling, self.memory_layer) != (
+                ClaraConfig.memory_pooling, ClaraConfig.memory_layer):  # the defaults
             # the appended <MEM> positions' last-layer states: no pooling and no other layer is read
             raise ValueError(f"memory_pooling and memory_layer shape pooled memories; the tokens design reads neither "
                              f"(got {self.memory_pooling!r} and {self.memory_layer})")

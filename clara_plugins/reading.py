@@ -67,16 +67,12 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     CE from the mean of all rows' memories (``neutral``) tells reading apart from harm: own
     memories below it are read, other memories above it only hurt. ``by_token_kind`` repeats
     the measures for each kind of target token the rows hold. ``memories`` (a row's documents →
-    their memory tokens, ``compressed_documents``) keeps what other measures of the same model
+    their memory tokens, ``compressed_pools``) keeps what other measures of the same model
     compressed, and what this one compresses, for them.
     """
     width, partners = _width_and_partners(rows, k)
-    cache = {} if memories is None else memories
-    missing = list(dict.fromkeys(tuple(row["docs"][:width]) for row in rows if tuple(row["docs"][:width]) not in cache))
-    if missing:  # one call: batched by length over all of them
-        compressed = model.compress_documents([d for documents in missing for d in documents], show_progress=True)
-        cache.update(zip(missing, compressed.split(width)))
-    memories = torch.stack([cache[tuple(row["docs"][:width])] for row in rows])  # [rows, width, n_mem, hidden]
+    memories = torch.stack(compressed_pools(model, [row["docs"][:width] for row in rows], memories,
+                                            show_progress=True))  # [rows, width, n_mem, hidden]
     # all rows' mean, each row's own a 1/len(rows) share of it: little of any one row's content,
     # so that reading (own below neutral) is told from harm (other above neutral)
     neutral = memories.mean(0, keepdim=True)
@@ -103,16 +99,19 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     return result
 
 
-def compressed_documents(model: ClaraModel, documents: Sequence[str],
-                         memories: dict[tuple[str, ...], torch.Tensor] | None) -> torch.Tensor:
-    """The documents' memory tokens [n_docs, n_mem, hidden], from ``memories`` when it has them
-    (and kept there): evaluations of one model read the same pools several times."""
-    if memories is None:
-        return model.compress_documents(documents)
-    key = tuple(documents)
-    if key not in memories:
-        memories[key] = model.compress_documents(documents)
-    return memories[key]
+def compressed_pools(model: ClaraModel, pools: Sequence[Sequence[str]],
+                     memories: dict[tuple[str, ...], torch.Tensor] | None = None,
+                     show_progress: bool = False) -> list[torch.Tensor]:
+    """Each pool's memory tokens [n_docs, n_mem, hidden], from ``memories`` when it has them
+    (and kept there: evaluations of one model read the same pools several times); the missing
+    pools are compressed in one call, batched by length over all of them."""
+    cache = {} if memories is None else memories
+    keys = [tuple(pool) for pool in pools]
+    missing = [key for key in dict.fromkeys(keys) if key not in cache]
+    if missing:
+        compressed = model.compress_documents([d for key in missing for d in key], show_progress=show_progress)
+        cache.update(zip(missing, compressed.split([len(key) for key in missing])))
+    return [cache[key] for key in keys]
 
 
 def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | None]:

@@ -66,7 +66,7 @@ def test_answers_retrieval_and_the_reading_gain_compress_each_pool_once(tiny_mod
 def test_the_control_reads_the_documents_of_the_row_each_shift_after_it(tiny_model, monkeypatch):
     # Each row's documents compress to memories that hold the row's index.
     compressed, read = [], []
-    def compress(docs):
+    def compress(docs, show_progress=False):
         compressed.append(docs)
         return torch.full((len(docs), 1, 1), float([row["docs"] for row in ROWS].index(docs)))
     monkeypatch.setattr(tiny_model, "compress_documents", compress)
@@ -80,7 +80,7 @@ def test_the_control_reads_the_documents_of_the_row_each_shift_after_it(tiny_mod
 def test_clara_and_its_control_share_the_compressed_documents(tiny_model, monkeypatch):
     compressed = []
     compress = tiny_model.compress_documents
-    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs: compressed.append(docs) or compress(docs))
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs, **kwargs: compressed.append(docs) or compress(docs))
     memories = {}
     own = evaluate_answers(tiny_model, ROWS, "clara", k=3, max_new_tokens=2, memories=memories)
     evaluate_answers(tiny_model, ROWS, "control", k=3, max_new_tokens=2, control_shifts=(1, 2), memories=memories)
@@ -94,7 +94,7 @@ def test_seconds_per_question_leave_out_compression_whichever_pass_compressed(ti
     clock = [0.0]
     compress = tiny_model.compress_documents
 
-    def slow_compression(docs):
+    def slow_compression(docs, show_progress=False):
         clock[0] += 100.0
         return compress(docs)
 
