@@ -20,11 +20,10 @@ from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
 from .keys import ClaraKeys, KeyEncoder, check_clara_model, normalize_rows
-from .model import ClaraModel, as_memories, warn_truncated
+from .model import ClaraModel, as_memories, compress_in_parts, fp16_memories, warn_truncated
 
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
-COMPRESS_PART = 1024  # texts an upsert compresses at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,30 +215,7 @@ class BaseMemoryStore(ABC):
         if tuple(memories.shape[1:]) != shape:  # another rate's or model's: the generator would read them wrongly
             raise InvalidInputError(f"memories of shape {tuple(memories.shape[1:])} do not match this model's "
                                     f"{shape} (n_mem_tokens, hidden)")
-        return _fp16(memories).copy()
-
-
-def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int,
-                      show_progress: bool = False) -> tuple[np.ndarray, list[int]]:
-    """fp16 memories [n, n_mem, hidden] of the texts as a store keeps them, compressed
-    COMPRESS_PART at a time (a whole corpus in one call held the model's float32 memories and
-    two copies: about 70 KB a passage at CR16), and the tokens cut from each. An upsert and a
-    Ray actor compress alike, so their memories agree bit for bit."""
-    compressed = np.empty((len(texts), model.config.n_mem_tokens, model.hidden_size), np.float16)
-    cut: list[int] = []
-    for start in range(0, len(texts), COMPRESS_PART):
-        part = model.compress(texts[start:start + COMPRESS_PART], batch_size, show_progress, warn=False)
-        compressed[start:start + len(part.memories)] = _fp16(part.memories)
-        cut += part.truncated_tokens
-    return compressed, cut
-
-
-def _fp16(memories: torch.Tensor) -> np.ndarray:
-    """Memories as the store keeps them, refused where fp16 cannot hold them."""
-    memories = memories.to(torch.float16).cpu()
-    if not torch.isfinite(memories).all():
-        raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
-    return memories.numpy()
+        return fp16_memories(memories).copy()
 
 
 def check_store_model(store: BaseMemoryStore, model: object, **settings: object) -> None:

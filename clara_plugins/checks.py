@@ -9,16 +9,17 @@ from pathlib import Path
 from .errors import InvalidInputError
 
 
-def check_texts(texts: object, what: str) -> list[str]:
-    """A non-empty list of non-empty strings, or InvalidInputError naming the first bad item."""
+def check_texts(texts: object, what: str, blanks: bool = False) -> list[str]:
+    """A non-empty list of non-empty strings (``blanks``: a list of any strings, maybe none: a
+    framework embedding gives a blank page a key), or InvalidInputError naming the first bad item."""
     if isinstance(texts, str) or not isinstance(texts, (list, tuple)):
         raise InvalidInputError(f"{what} must be a list of strings, got {type(texts).__name__}")
-    if not texts:
+    if not texts and not blanks:
         raise InvalidInputError(f"{what} is empty: pass at least one")
     for index, text in enumerate(texts):
         if not isinstance(text, str):
             raise InvalidInputError(f"{what}[{index}] is a {type(text).__name__}, not a string")
-        if not text.strip():
+        if not text.strip() and not blanks:
             raise InvalidInputError(f"{what}[{index}] is empty or only whitespace")
         try:
             text.encode("utf-8")

@@ -13,8 +13,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .checks import check_texts
 from .errors import InvalidInputError
-from .model import ClaraModel
+from .model import ClaraModel, compress_in_parts, warn_truncated
 from .retrieval import retrieval_keys
 
 
@@ -76,14 +77,16 @@ class ClaraKeys:
 
     def keys_and_memories(self, texts: list[str], batch_size: int = 8) -> tuple[np.ndarray, torch.Tensor]:
         """``document_keys``, and the float16 CPU memories [filled, n_mem, hidden] of the texts
-        that are not blank, in their order (for a store that takes them later)."""
+        that are not blank, in their order (for a store that takes them later), compressed as a
+        store's upsert compresses them."""
+        texts = check_texts(texts, "texts", blanks=True)
         filled = [text for text in texts if text.strip()]
+        memories, cut = compress_in_parts(self.model, filled, batch_size)
+        warn_truncated(cut, self.model.config.doc_max_length, stacklevel=4)
         keys = np.tile(self.blank_key, (len(texts), 1))
-        if not filled:
-            return keys, torch.empty(0, self.model.config.n_mem_tokens, self.model.hidden_size, dtype=torch.float16)
-        memories = self.model.compress_documents(filled, batch_size=batch_size).to(torch.float16).cpu()
-        keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(memories.numpy())
-        return keys, memories
+        if filled:
+            keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(memories)
+        return keys, torch.from_numpy(memories)
 
     @property
     def blank_key(self) -> np.ndarray:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .atomic import recover_folder
+from .atomic import check_replaceable_folder, recover_folder
 from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config, save_checkpoint,
                          weight_files)
 from .config import TrainConfig
@@ -576,6 +576,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
         raise ValueError(f"{output} was trained {'with another corpus' if state['corpus_sha256'] else 'without a corpus'}"
                          f": resume it with {'the same --corpus' if state['corpus_sha256'] else 'none'}, or use a new "
                          "output folder")
+    check_replaceable_folder(checkpoint, CONFIG_FILE)  # refused now, not at the first save after the resumed steps
     return state
 
 

@@ -118,8 +118,8 @@ def test_vector_store_index_without_embed_model_uses_the_stores_embedding(tiny_m
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     store = LlamaClaraVectorStore(tiny_model)
     calls = []
-    real = tiny_model.compress_documents
-    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs, *a, **k: calls.append(len(docs)) or real(docs))
+    real = tiny_model.compress
+    monkeypatch.setattr(tiny_model, "compress", lambda docs, *a, **k: calls.append(len(docs)) or real(docs, *a, **k))
     index = VectorStoreIndex.from_documents([LlamaDocument(text=t) for t in CORPUS[:3]],
                                             storage_context=StorageContext.from_defaults(vector_store=store))
     assert Settings._embed_model is store.embed_model

@@ -231,8 +231,8 @@ async def test_each_async_call_fires_its_llm_callbacks_once(tiny_model):
 def test_embed_model_hands_memories_over_instead_of_compressing_twice(tiny_model, monkeypatch):
     store = ClaraVectorStore(tiny_model)
     calls = []
-    real = tiny_model.compress_documents
-    monkeypatch.setattr(tiny_model, "compress_documents", lambda docs, *a, **k: calls.append(len(docs)) or real(docs))
+    real = tiny_model.compress
+    monkeypatch.setattr(tiny_model, "compress", lambda docs, *a, **k: calls.append(len(docs)) or real(docs, *a, **k))
     VectorStoreIndex.from_documents([Document(text=t) for t in CORPUS[:3]],
                                     storage_context=StorageContext.from_defaults(vector_store=store),
                                     embed_model=store.embed_model)
@@ -342,9 +342,9 @@ def test_the_store_compresses_in_its_batch_size_and_refuses_what_it_would_not_re
     from clara_plugins import MemoryStore
 
     batches = []
-    compress = tiny_model.compress_documents
-    monkeypatch.setattr(tiny_model, "compress_documents",
-                        lambda docs, batch_size=8, **kw: batches.append(batch_size) or compress(docs, batch_size, **kw))
+    compress = tiny_model.compress
+    monkeypatch.setattr(tiny_model, "compress",
+                        lambda docs, batch_size=8, *a, **kw: batches.append(batch_size) or compress(docs, batch_size, *a, **kw))
     store = ClaraVectorStore(tiny_model, batch_size=2)
     assert store.memory_store.batch_size == 2 and store.embed_model.embed_batch_size == 2
     VectorStoreIndex.from_documents([Document(text=t) for t in CORPUS[:3]],

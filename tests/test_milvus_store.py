@@ -118,6 +118,26 @@ def test_upsert_get_and_replace_by_id(milvus, tiny_model):
     assert milvus.documents_in(f"Context: {CORPUS[1]}") == []
 
 
+def test_an_upsert_writes_request_by_request_the_rows_one_request_would(milvus, local, monkeypatch):
+    # a whole corpus' float32 keys and norms were made before the first request
+    from clara_plugins import milvus_store
+
+    monkeypatch.setattr(milvus_store, "BATCH_ROWS", 2)
+    texts = ["The Loire is the longest river in France.", "The Tagus flows through Lisbon.",
+             "The Vistula rises in the Beskids.", "The Elbe flows into the North Sea."]
+    ids = ["n1", "n2", "n3", "n1"]  # n1 given twice keeps its last document
+    keyed = []
+    memory_keys = milvus.keys.memory_keys
+    monkeypatch.setattr(milvus.keys, "memory_keys", lambda memories: keyed.append(len(memories)) or memory_keys(memories))
+    milvus.upsert(texts, ids=ids)
+    assert keyed == [2, 1]  # float32 keys a request at a time
+    local.upsert(texts, ids=ids)
+    assert [d.text for d in milvus.get(["n1", "n2", "n3"])] == texts[3:] + texts[1:3]
+    assert torch.equal(milvus.memories(["n1", "n2", "n3"]), local.memories(["n1", "n2", "n3"]))
+    assert_same_results(milvus.search("Which city is the capital of Italy?", k=4),
+                        local.search("Which city is the capital of Italy?", k=4))
+
+
 def test_delete_ignores_unknown_ids(milvus):
     milvus.delete(["d0", "nope"])
     milvus.delete([])

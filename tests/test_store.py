@@ -17,6 +17,7 @@ import torch
 from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins import store_folder
 from clara_plugins.indexing import index_documents
+from clara_plugins.keys import ClaraKeys
 from clara_plugins.store import HNSW_EF_SEARCH
 from conftest import CORPUS, randomize_adapters, with_one_records_file
 
@@ -60,9 +61,7 @@ def test_an_upsert_compresses_in_parts_and_warns_once_of_every_cut_text(store, t
     import re
     import warnings
 
-    from clara_plugins import base_store
-
-    monkeypatch.setattr(base_store, "COMPRESS_PART", 2)
+    monkeypatch.setattr("clara_plugins.model.COMPRESS_PART", 2)
     calls = []
     compress = tiny_model.compress
     monkeypatch.setattr(tiny_model, "compress", lambda texts, *a, **k: calls.append(len(texts)) or compress(texts, *a, **k))
@@ -76,6 +75,24 @@ def test_an_upsert_compresses_in_parts_and_warns_once_of_every_cut_text(store, t
                                           r"\(documents \[3\]\)", cut[0])  # numbered in the whole call
     expected = compress(texts, warn=False).memories.to(torch.float16)
     assert torch.allclose(store.memories([f"d{i}" for i in range(5)]).float(), expected.float(), atol=1e-2)
+
+
+def test_keys_compress_as_an_upsert_and_refuse_what_is_no_list_of_texts(store, tiny_model, monkeypatch):
+    # framework embeddings compressed a whole call's float32 memories at once, apart from a store's parts
+    monkeypatch.setattr("clara_plugins.model.COMPRESS_PART", 2)
+    calls = []
+    compress = tiny_model.compress
+    monkeypatch.setattr(tiny_model, "compress", lambda texts, *a, **k: calls.append(len(texts)) or compress(texts, *a, **k))
+    texts = CORPUS[:3] + ["  "] + CORPUS[3:4]
+    keys, memories = ClaraKeys(tiny_model).keys_and_memories(texts)
+    assert calls == [2, 2] and keys.shape[0] == 5 and keys[3].tolist() == ClaraKeys(tiny_model).blank_key.tolist()
+    store.upsert(texts[:3] + texts[4:], ids=["n0", "n1", "n2", "n3"])
+    assert torch.equal(store.memories(["n0", "n1", "n2", "n3"]).to(torch.float16), memories)
+    with pytest.raises(InvalidInputError, match="texts must be a list of strings, got str"):  # its letters
+        ClaraKeys(tiny_model).document_keys("hello")
+    with pytest.raises(InvalidInputError, match=r"texts\[1\] is a NoneType, not a string"):
+        ClaraKeys(tiny_model).document_keys(["a", None])
+    assert ClaraKeys(tiny_model).document_keys([]).shape == (0, tiny_model.hidden_size)
 
 
 def test_delete_ignores_missing_ids_and_get_skips_them(store):

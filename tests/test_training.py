@@ -876,6 +876,24 @@ def test_resuming_with_another_corpus_or_none_is_refused(tiny_model, tmp_path):
         train(tiny_model, E2E, plain, tmp_path / "plain", corpus=store(CORPUS))
 
 
+def test_a_resume_beside_a_foreign_old_copy_is_refused_before_its_steps(tiny_model, tmp_path, monkeypatch):
+    # the first save's swap refused the .checkpoint.old, after the resumed run had trained up to it
+    config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    state_file = tmp_path / "checkpoint" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["step"] = 1  # as if killed after its first step
+    torch.save(state, state_file)
+    foreign = tmp_path / ".checkpoint.old"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    steps = []
+    monkeypatch.setattr(training, "instruct_loss", lambda *a: steps.append(1))
+    with pytest.raises(FileExistsError, match="holds no clara_config.json: it is not this library's copy"):
+        train(tiny_model, INSTRUCT, config, tmp_path)
+    assert not steps and (foreign / "notes.txt").read_text() == "mine"
+
+
 def test_epochs_of_neighbouring_seeds_are_shuffled_apart():
     # seed + epoch gave seed 1's first epoch the order of seed 0's second
     rows = [{"n": i} for i in range(64)]

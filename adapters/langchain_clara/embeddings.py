@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import PurePath
 
 import numpy as np
 from langchain_core.embeddings import Embeddings
 
-from clara_plugins import ClaraModel, InvalidInputError
+from clara_plugins import ClaraModel
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.pretrained import load_model
 
@@ -28,13 +29,7 @@ class ClaraEmbeddings(Embeddings):
         self._keys = ClaraKeys(self.model)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        if texts is None or isinstance(texts, str):  # a str's letters were embedded
-            raise InvalidInputError(f"texts must be a list of strings, got {type(texts).__name__} {texts!r:.60}")
-        texts = list(texts)
-        if not texts:  # a host store adding no documents asks for no keys
-            return []
-        if not all(isinstance(text, str) for text in texts):
-            raise InvalidInputError(f"texts must be strings, got {next(type(t).__name__ for t in texts if not isinstance(t, str))}")
+        texts = list(texts) if isinstance(texts, Iterator) else texts  # a generator's texts; the rest are checked
         return self._keys.document_keys(texts).tolist()
 
     def embed_query(self, text: str) -> list[float]:
