@@ -8,7 +8,7 @@ on pydantic, so this module is imported by the adapters only, never by ``clara_p
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -32,6 +32,7 @@ class ReaderFields(BaseModel):
     store: BaseMemoryStore | None = Field(default=None, exclude=True)
     k: int | None = Field(default=None, gt=0)  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
+    _call_options: ClassVar[tuple[str, ...]] = ()  # what a framework passes each call, besides the options read
 
     @field_validator("store", mode="before")
     @classmethod
@@ -54,7 +55,14 @@ class ReaderFields(BaseModel):
         """The answer's text pieces and what the generator read: the (role, text) ``pairs``, the
         documents passed as ``texts`` or by id (the call's ``document_ids``, an empty list too,
         else the ``messages``' ``additional_kwargs``, which both frameworks' messages carry), at
-        most the call's ``max_tokens``, else ``max_tokens``."""
+        most the call's ``max_tokens``, else ``max_tokens``. Any other call option is refused
+        (``doc_ids=`` read no document), but the framework's own ``_call_options``."""
+        unknown = sorted(set(call) - {"documents", "document_ids", "max_tokens", *self._call_options})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} reads no call option {', '.join(unknown)}; it reads documents, "
+                            "document_ids and max_tokens")
+        if call.get("temperature") not in (None, 0):
+            raise ValueError(f"{type(self).__name__} decodes greedily: temperature must be 0, got {call['temperature']!r}")
         ids = call["document_ids"] if call.get("document_ids") is not None else [
             i for message in messages for i in message.additional_kwargs.get("document_ids", [])]
         reading = self._reader.read(self.clara, pairs, self.store, texts, ids, self.k)

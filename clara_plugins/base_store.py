@@ -167,8 +167,8 @@ class BaseMemoryStore(ABC):
             if self._pair_cosines is None:
                 self._pair_cosines = self._sample_pair_cosines()
             pairs = self._pair_cosines
-        if not len(pairs):
-            return (1.0 + cosine) / 2.0
+        if not len(pairs):  # within [0, 1]: a float32 self-cosine can be 1.0000001
+            return min(1.0, max(0.0, (1.0 + cosine) / 2.0))
         return float(np.searchsorted(pairs, cosine, side="left")) / len(pairs)
 
     def _checked(
@@ -243,12 +243,15 @@ def as_memory_store(value: object) -> BaseMemoryStore:
 
 def query_vector(key: np.ndarray, size: int) -> np.ndarray:
     """A search key as a unit-norm float32 vector, refused unless it has the store's key size
-    and finite values (NaN scored every document alike, and ranked as relevant as any)."""
+    and finite values, not all zero (either scored every document alike, and the first stored
+    came back as the nearest)."""
     query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
     if query.size != size:
         raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
     if not np.isfinite(query).all():
         raise InvalidInputError("the search key holds NaN or infinite values")
+    if not query.any():
+        raise InvalidInputError("the search key is all zeros (an embedding that knew no word of the query?)")
     return query
 
 

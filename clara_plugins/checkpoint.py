@@ -120,11 +120,6 @@ def compressor_signature(model: AdaptedModel) -> dict:
     checkpoint loaded in fp16 rounds its added rows twice (to fp16, then to bf16), and a few of
     them may then land on the other side of a bf16 rounding, and sign otherwise.
     """
-    digest = hashlib.sha256()
-    encoder = get_peft_model_state_dict(model.lm, adapter_name=ADAPTER_NAMES[0], save_embedding_layers=False)
-    tensors = [encoder[k] for k in sorted(encoder)] + [added_rows(model, model.lm.get_input_embeddings().weight)]
-    for tensor in tensors:
-        digest.update(tensor.detach().bfloat16().float().cpu().numpy().tobytes())
     config = model.config
     return {
         "base_model_fingerprint": model.base_fingerprint,
@@ -132,8 +127,21 @@ def compressor_signature(model: AdaptedModel) -> dict:
         "doc_max_length": config.doc_max_length,
         "memory_shape": [config.n_mem_tokens, model.hidden_size],
         "memory_design": [config.memory_design, config.memory_pooling, config.memory_layer, config.memory_scale],
-        "encoder_sha256": digest.hexdigest(),
+        "encoder_sha256": adapters_sha256(model, ADAPTER_NAMES[:1]),
     }
+
+
+def adapters_sha256(model: AdaptedModel, adapters: Sequence[str] = ADAPTER_NAMES) -> str:
+    """The SHA-256 of the named adapters' weights and the added rows, rounded to bf16 (see
+    ``compressor_signature``): what tells apart models of one configuration, saved or not."""
+    digest = hashlib.sha256()
+    tensors = []
+    for adapter in adapters:
+        weights = get_peft_model_state_dict(model.lm, adapter_name=adapter, save_embedding_layers=False)
+        tensors += [weights[k] for k in sorted(weights)]
+    for tensor in tensors + [added_rows(model, model.lm.get_input_embeddings().weight)]:
+        digest.update(tensor.detach().bfloat16().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def added_rows(model: AdaptedModel, matrix: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,8 @@ from .model import ClaraModel
 # (docs/benchmarks, store_scale)
 RESCORE_FACTOR = 40
 # hnsw: faiss' default breadth of search (16) found 74 % of the exact top 10 among 10k CLaRa
-# keys, 128 found 96 % at 0.5 ms a query (docs/benchmarks, store_scale); construction as faiss'
+# keys, 128 found 96 % at 0.5 ms a query (docs/benchmarks, store_scale); construction as faiss'.
+# A search asking for more documents searches as broadly as it asks.
 HNSW_EF_SEARCH = 128
 
 
@@ -311,9 +312,12 @@ class MemoryStore(BaseMemoryStore):
             index = self._ensure_index()
             if isinstance(index, CompactIndex):
                 return self._best(index.candidates(query, n * self.rescore_factor), query, n)
-            scores, rows = index.search(query[None], min(n, len(self._ids)))
+            n = min(n, len(self._ids))
+            # hnsw visits efSearch nodes, whatever n: rows past them came back as -1, unreported
+            breadth = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, n)) if self.index_kind == "hnsw" else None
+            scores, rows = index.search(query[None], n, params=breadth)
             found = rows[0] >= 0
-            return rows[0][found], scores[0][found]
+            return _best_first(rows[0][found], scores[0][found])
         # exact search over the candidates
         rows = np.array([row for row, (doc_id, metadata) in enumerate(zip(self._ids, self._metadatas))
                          if (ids is None or doc_id in ids) and (where is None or matches(metadata, where))],
@@ -327,8 +331,7 @@ class MemoryStore(BaseMemoryStore):
             return rows, np.zeros(0, dtype=np.float32)
         scores = np.concatenate([self._row_keys(rows[start:start + store_folder.SHARD_ROWS]) @ query
                                  for start in range(0, len(rows), store_folder.SHARD_ROWS)])
-        best = np.argsort(-scores, kind="stable")[:n]
-        return rows[best], scores[best]
+        return _best_first(rows, scores, n)
 
     def _sample_pair_cosines(self) -> np.ndarray:
         """Sorted cosines between distinct documents of an evenly spread sample."""
@@ -367,7 +370,6 @@ class MemoryStore(BaseMemoryStore):
                 index = CompactIndex.trained(self._row_keys(sample), blocks, trained_over=count)
             elif self.index_kind == "hnsw":
                 index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-                index.hnsw.efSearch = HNSW_EF_SEARCH
             else:
                 index = faiss.IndexFlatIP(dim)
             for start in range(0, count, store_folder.SHARD_ROWS):
@@ -481,3 +483,11 @@ class MemoryStore(BaseMemoryStore):
             trained_over = header.get("index_trained_over", 0) if compact else None
             store._index = store_folder.read_index(generation, count, trained_over)
         return store
+
+
+def _best_first(rows: np.ndarray, scores: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The n best rows (all without n) and their scores, ties in row order: faiss' flat index
+    gave tied rows last-added first and the exact search first-added first, so a filter that
+    kept everything, or another k, changed which the generator read first."""
+    order = np.lexsort((rows, -scores))[:n]
+    return rows[order], scores[order]

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.prompts import question_prompt
-from conftest import CORPUS
+from conftest import CORPUS, randomize_adapters
 from langchain_clara import (CLARA_PROMPT, ChatClara, ClaraEmbeddings, ClaraRetriever, ClaraVectorStore,
                              format_documents)
 from langchain_clara.chat_models import _cut_at_stops
@@ -402,6 +402,41 @@ def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_pat
     keys = {ChatClara(clara=ClaraModel.from_pretrained(tmp_path / name, device="cpu"))._get_llm_string()
             for name in ("a", "b")}
     assert len(keys) == 2
+
+
+def test_two_unsaved_models_of_one_configuration_have_two_cache_keys(tiny_model):
+    # both keyed on no folder and no weights: one's cached answers were served for the other
+    retrained = ClaraModel(tiny_model.config, device="cpu")
+    randomize_adapters(retrained, seed=7)
+    assert ChatClara(clara=tiny_model)._get_llm_string() != ChatClara(clara=retrained)._get_llm_string()
+
+
+def test_a_call_option_read_nowhere_is_refused_and_streaming_streams(tiny_model):
+    # doc_ids= read no document, temperature=0.9 decoded greedily, streaming=True never streamed
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from llama_index_clara import ClaraLLM
+
+    store = MemoryStore(tiny_model)
+    store.upsert(["Paris is the capital of France."], ids=["a"])
+    with pytest.raises(TypeError, match="reads no call option doc_ids"):
+        ChatClara(clara=tiny_model, store=store).invoke("Where is Paris?", doc_ids=["a"])
+    with pytest.raises(TypeError, match="ClaraLLM reads no call option doc_ids"):
+        ClaraLLM(clara=tiny_model, store=store).complete("Where is Paris?", doc_ids=["a"])
+    with pytest.raises(ValueError, match="temperature must be 0, got 0.9"):
+        ChatClara(clara=tiny_model).invoke("Where is Paris?", temperature=0.9)
+    with pytest.raises(ValidationError, match="search_kwargs"):
+        ClaraRetriever(store=store, search_kwargs={"k": 1})
+
+    class Tokens(BaseCallbackHandler):
+        tokens: list[str] = []
+
+        def on_llm_new_token(self, token, **kwargs):
+            self.tokens.append(token)
+
+    handler = Tokens()
+    answer = ChatClara(clara=tiny_model, max_tokens=3, streaming=True, callbacks=[handler]).invoke("Who?")
+    assert handler.tokens and "".join(handler.tokens) == answer.content
 
 
 def test_a_checkpoint_saved_again_in_its_folder_has_another_cache_key(tiny_model, tmp_path):

@@ -291,6 +291,20 @@ def test_a_node_a_postprocessor_rewrote_is_read_as_it_is_now(tiny_model):
     assert engine.query(QUESTION).response == llm.complete(QUESTION, documents=[CORPUS[5]]).text
 
 
+def test_stored_nodes_are_read_from_memories_beside_a_node_from_elsewhere(tiny_model):
+    # one node outside the store had every node compressed again, with LlamaIndex's metadata in its text
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    store = ClaraVectorStore(tiny_model)
+    index = VectorStoreIndex.from_documents([Document(text=t, metadata={"source": "a.txt"}) for t in CORPUS[:3]],
+                                            storage_context=StorageContext.from_defaults(vector_store=store),
+                                            embed_model=store.embed_model)
+    nodes = index.as_retriever(similarity_top_k=2).retrieve(QUESTION) + [NodeWithScore(node=TextNode(text=CORPUS[5]))]
+    llm = ClaraLLM(clara=tiny_model, store=store.client)
+    ClaraSynthesizer(llm).synthesize(QUESTION, nodes)
+    assert (llm.stats.stored_documents, llm.stats.compressed_documents) == (2, 1)
+
+
 def test_retriever_and_llm_on_their_own(vector_store, tiny_model):
     nodes = ClaraRetriever(vector_store, similarity_top_k=2).retrieve(QUESTION)
     assert [n.node.node_id for n in nodes] == query(vector_store, 2).ids

@@ -18,7 +18,6 @@ from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStor
 from clara_plugins import store_folder
 from clara_plugins.indexing import index_documents
 from clara_plugins.keys import ClaraKeys
-from clara_plugins.store import HNSW_EF_SEARCH
 from conftest import CORPUS, randomize_adapters, with_one_records_file
 
 METAS = [{"topic": "city", "n": 1}, {"topic": "tower", "n": 2}, {"topic": "city", "n": 3},
@@ -441,8 +440,37 @@ def test_approximate_indexes_persist(tiny_model, tmp_path, index):
     generation = tmp_path / index / (tmp_path / index / "CURRENT").read_text().strip()
     assert loaded.index_kind == index and (generation / "index.faiss").is_file()  # the index was saved, not rebuilt
     assert [d.id for d, _ in loaded.search("Nobel prizes", k=2)] == expected
-    if index == "hnsw":  # searched as broadly as when it was built
-        assert faiss.downcast_index(loaded._index).hnsw.efSearch == HNSW_EF_SEARCH
+
+
+def test_an_hnsw_search_reaches_every_document_a_large_k_asks_for(tiny_model):
+    # faiss searched 128 nodes wide whatever k was: 9 of 600 documents asked for were left out, unsaid
+    store = MemoryStore(tiny_model, index="hnsw")
+    shape = (600, tiny_model.config.n_mem_tokens, tiny_model.hidden_size)
+    store.upsert([f"text {i}" for i in range(600)], memories=torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    key = store._row_keys([0])[0]
+    faiss.downcast_index(store._ensure_index()).hnsw.efSearch = 16  # as an earlier version saved it
+    assert len(store.search_by_key(key, k=600)) == len(store.search_by_key(key, k=6000)) == 600
+    assert len(store.search_by_key(key, k=10)) == 10 and store.search_by_key(key, k=1)[0][0].text == "text 0"
+
+
+def test_tied_documents_come_in_the_order_they_were_stored_whatever_k_or_filter(tiny_model):
+    # faiss gave ties last-stored first, the exact search first-stored first: an empty filter, or
+    # another k, changed which document the generator read first
+    store = MemoryStore(tiny_model)
+    store.upsert([CORPUS[0]] * 4 + [CORPUS[1]], ids=["a", "b", "c", "d", "e"])
+    key = store._row_keys([0])[0]
+    ranked = [d.id for d, _ in store.search_by_key(key, k=5)]
+    assert ranked[:4] == ["a", "b", "c", "d"] and [d.id for d, _ in store.search_by_key(key, k=5, where={})] == ranked
+    assert all([d.id for d, _ in store.search_by_key(key, k=j)] == ranked[:j] for j in range(1, 5))
+
+
+def test_a_zero_search_key_is_refused_and_one_document_is_at_most_fully_relevant(tiny_model):
+    # a zero key scored every document 0 and returned the first stored; 1 + a float32 self-cosine of 1.0000001
+    store = MemoryStore(tiny_model)
+    store.upsert([CORPUS[0]])
+    with pytest.raises(InvalidInputError, match="the search key is all zeros"):
+        store.search_by_key(np.zeros(store._key_size(), dtype=np.float32))
+    assert store.relevance(1.0000001) == 1.0 and store.relevance(-1.0000001) == 0.0
 
 
 def test_an_upsert_while_a_save_writes_leaves_the_saved_index_whole(tiny_model, tmp_path, monkeypatch):

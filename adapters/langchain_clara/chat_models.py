@@ -17,7 +17,7 @@ tokens (from the store, or compressed on the spot) and how many positions the ge
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
@@ -28,6 +28,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from pydantic import Field, model_validator
 
 from clara_plugins.adapter_fields import ReaderFields
+from clara_plugins.checkpoint import adapters_sha256
 from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from clara_plugins.context import Reading, chat_role, passed_documents
 
@@ -54,6 +55,8 @@ class ChatClara(ReaderFields, BaseChatModel):
     model_name: str = "clara"
     max_tokens: int | None = Field(default=None, gt=0)  # answer length limit (default: the model's max_new_tokens)
     stop: list[str] | None = None
+    streaming: bool = False  # invoke streams to the callbacks, as LangChain's chat models do when it is set
+    _call_options: ClassVar[tuple[str, ...]] = ("stream", "temperature")  # LangChain's, besides the readers' own
 
     @model_validator(mode="before")
     @classmethod
@@ -77,7 +80,8 @@ class ChatClara(ReaderFields, BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         config = self.clara.config
         return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path,
-                "weights": self.clara.weights_sha256,  # a checkpoint saved again under its folder answers anew
+                # a checkpoint saved again under its folder answers anew, and unsaved models by their weights
+                "weights": self.clara.weights_sha256 or adapters_sha256(self.clara),
                 "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k or config.generation_top_k,
                 "max_tokens": self.max_tokens or config.max_new_tokens,
@@ -161,7 +165,7 @@ class ChatClara(ReaderFields, BaseChatModel):
 
 
 # what LangChain's standard tests give every chat model; accepted and not read
-_STANDARD_SETTINGS = ("temperature", "timeout", "max_retries", "api_key", "streaming")
+_STANDARD_SETTINGS = ("temperature", "timeout", "max_retries", "api_key")
 
 
 def _role(message: BaseMessage) -> str:

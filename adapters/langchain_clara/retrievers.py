@@ -24,7 +24,8 @@ class ClaraRetriever(BaseRetriever):
     metadata is not changed.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    # a misspelt field is refused, not dropped (search_kwargs={"k": 1} returned generation_top_k documents)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     store: BaseMemoryStore
     k: int | None = Field(default=None, gt=0)  # documents returned (default: generation_top_k, what ChatClara reads)

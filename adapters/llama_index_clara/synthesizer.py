@@ -1,9 +1,11 @@
 """ClaraSynthesizer: the retrieved nodes in the layout CLaRa's generator was trained on.
 
 LlamaIndex's own synthesizers work too: ``ClaraLLM`` reads the stored nodes inside their
-prompts from memory tokens. This one skips their prompt templates and passes the node ids, so
-the generator sees exactly its answering prompt (``Background:`` memories, then the
-question); nodes that are not in the store are compressed from their text.
+prompts from memory tokens. This one skips their prompt templates and passes each node's own
+text, without the metadata LlamaIndex writes into a prompt, so the generator sees exactly its
+answering prompt (``Background:`` memories, then the question): a node the store holds as it
+is now is read from its stored memories, the rest (not stored, or rewritten by a
+postprocessor) are compressed from their text.
 """
 
 from __future__ import annotations
@@ -37,38 +39,31 @@ class ClaraSynthesizer(BaseSynthesizer):
 
     def synthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
                    additional_source_nodes: Sequence[NodeWithScore] | None = None, **kwargs: Any) -> RESPONSE_TYPE:
-        return super().synthesize(query, nodes, additional_source_nodes, document_ids=self._stored_ids(nodes),
-                                  **kwargs)
+        return super().synthesize(query, nodes, additional_source_nodes, node_texts=_node_texts(nodes), **kwargs)
 
     async def asynthesize(self, query: QueryTextType, nodes: list[NodeWithScore],
                           additional_source_nodes: Sequence[NodeWithScore] | None = None,
                           **kwargs: Any) -> RESPONSE_TYPE:
-        ids = await asyncio.to_thread(self._stored_ids, nodes)
-        return await super().asynthesize(query, nodes, additional_source_nodes, document_ids=ids, **kwargs)
-
-    def _stored_ids(self, nodes: list[NodeWithScore]) -> list[str] | None:
-        """The nodes' ids when the store holds each node's text as it is now, else None: a
-        postprocessor may have rewritten a node (a sentence window, a compressed context),
-        and then its stored memories no longer say what the node does."""
-        store = self._clara_llm.store
-        if store is None or not nodes:
-            return None
-        stored = {document.id: document.text for document in store.get([n.node.node_id for n in nodes])}
-        now = [(n.node.node_id, n.node.get_content(metadata_mode=MetadataMode.NONE)) for n in nodes]
-        return [node_id for node_id, _ in now] if all(stored.get(i) == text for i, text in now) else None
+        return await super().asynthesize(query, nodes, additional_source_nodes, node_texts=_node_texts(nodes),
+                                         **kwargs)
 
     def get_response(self, query_str: str, text_chunks: Sequence[str],
-                     document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
-        store = self._clara_llm.store
-        if document_ids and store is not None and len(store.get(document_ids)) == len(document_ids):
-            sources = {"document_ids": document_ids}
-        else:
-            sources = {"documents": list(text_chunks)}
+                     node_texts: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
+        """Answer from the nodes' own texts (``text_chunks`` when a caller gives no nodes): the
+        store finds those it holds by their text, and the rest are compressed."""
+        documents = list(text_chunks) if node_texts is None else node_texts
         if self._streaming:
-            return (response.delta for response in self._clara_llm.stream_complete(query_str, **sources))
-        return self._clara_llm.complete(query_str, **sources).text
+            return (response.delta for response in self._clara_llm.stream_complete(query_str, documents=documents))
+        return self._clara_llm.complete(query_str, documents=documents).text
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
-                            document_ids: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
-        response = await asyncio.to_thread(self.get_response, query_str, text_chunks, document_ids, **kwargs)
+                            node_texts: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
+        response = await asyncio.to_thread(self.get_response, query_str, text_chunks, node_texts, **kwargs)
         return off_the_loop(response) if self._streaming else response
+
+
+def _node_texts(nodes: list[NodeWithScore]) -> list[str]:
+    """Each node's text as it is now, without metadata (as the store holds a node it took); a
+    blank node has nothing to read."""
+    texts = [n.node.get_content(metadata_mode=MetadataMode.NONE) for n in nodes]
+    return [text for text in texts if text.strip()]
