@@ -13,7 +13,7 @@ import bm25s
 import numpy as np
 from tqdm.auto import tqdm
 
-from .corpora import QAExample, spaced_alike
+from .corpora import QAExample, same_evidence, spaced_alike, word_grams
 from .errors import InvalidInputError
 
 
@@ -30,7 +30,10 @@ def bm25_top(queries: list[str], passages: list[str], n: int) -> list[list[int]]
 
 def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
     """Extend every pool shorter than ``size`` with the BM25-best passages of the other examples;
-    the example's own passages and gold stay first."""
+    the example's own passages and gold stay first. A passage that holds the example's own
+    evidence is no distractor, and is not added: another window of a gold paragraph (NQ gives
+    one paragraph to several questions), or a supporting paragraph its pool lacks (HotpotQA's
+    dev sample), either of which was added unmarked and counted as a miss when ranked first."""
     if all(len(e.passages) >= size for e in examples):
         return examples
     owners = [e.id for e in examples for _ in e.passages]
@@ -43,11 +46,21 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
         wanted = size - len(passages)
         ranked = 4 * size  # enough, unless the best ones are mostly the example's own or repeats
         own = {spaced_alike(p) for p in passages}  # its gold, spaced otherwise, is no distractor
+        gold_grams = set().union(*(word_grams(passages[i]) for i in example.gold))
+        evidence: dict[str, bool] = {}  # a passage's key: whether it holds the example's own evidence
         while wanted > 0:
             extra: dict[str, str] = {}  # a passage other examples share (or space otherwise) comes once
             for i in _best(index, example.question, ranked):
-                if owners[i] != example.id and pool_keys[i] not in own:
-                    extra.setdefault(pool_keys[i], pool_texts[i])
+                key = pool_keys[i]
+                if owners[i] == example.id or key in own or key in extra:
+                    continue
+                if key not in evidence:
+                    evidence[key] = (pool_texts[i].partition("\n")[0] in example.missing_titles
+                                     or same_evidence(pool_texts[i], gold_grams))
+                if not evidence[key]:
+                    extra[key] = pool_texts[i]
+                    if len(extra) == wanted:
+                        break
             if len(extra) >= wanted or ranked >= len(pool_texts):
                 passages += list(extra.values())[:wanted]
                 break

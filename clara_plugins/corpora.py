@@ -32,11 +32,15 @@ class QAExample:
     answers: list[str]
     passages: list[str]  # "title\ntext"
     gold: list[int]  # indices of the gold passages
-    gold_missing: int = 0  # supporting paragraphs the pool lacks (HotpotQA's dev sample lacks some)
+    missing_titles: tuple[str, ...] = ()  # of supporting paragraphs the pool lacks (HotpotQA's dev sample lacks some)
+
+    @property
+    def gold_missing(self) -> int:
+        return len(self.missing_titles)
 
     @property
     def gold_complete(self) -> bool:
-        return self.gold_missing == 0
+        return not self.missing_titles
 
 
 class NotQuestionsError(InvalidInputError):
@@ -109,6 +113,10 @@ def read_documents(paths: list[str]) -> list[str]:
                     if None in record:  # a stray tab: its text and title would be misaligned
                         raise InvalidInputError(f"{source}, row {number + 1} has {len(rows.fieldnames) + len(record[None])} "
                                                 f"fields, more than its header's {len(rows.fieldnames)}")
+                    if any("\t" in value or "\n" in value for value in record.values() if isinstance(value, str)):
+                        # a text opening with an unclosed quote ran on over the next rows, read as one
+                        raise InvalidInputError(f"{source}, row {number + 1} (to line {rows.line_num}): a quote opens "
+                                                "a field that runs over tabs or lines; quote whole fields, or none")
                     documents.append(_record_text(record, f"{source}, row {number + 1}"))
             except csv.Error as error:  # e.g. an unclosed quote running past csv's field size limit
                 raise InvalidInputError(f"{source}, line {rows.line_num}: not a tab-separated row ({error})") from error
@@ -156,7 +164,7 @@ def _example(row: dict, number: int) -> QAExample:
         present = {title for title, _ in row["context"]}
         gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
         return QAExample(str(row["_id"]), row["question"], [row["answer"]], *_distinct(passages, gold),
-                         len(titles - present))
+                         tuple(sorted(titles - present)))
     if "paragraphs" in row:  # MuSiQue
         passages = [f"{p['title']}\n{p['paragraph_text']}" for p in row["paragraphs"]]
         gold = [i for i, p in enumerate(row["paragraphs"]) if p["is_supporting"]]
@@ -217,7 +225,7 @@ def after_held_out(held_out: list, rest: list) -> list:
         return rest
     passages = held_out if isinstance(held_out[0], str) else [e.passages[i] for e in held_out for i in e.gold]
     seen = {spaced_alike(p) for p in passages}
-    held_grams = [_word_grams(p) for p in passages]
+    held_grams = [word_grams(p) for p in passages]
     holders: dict[tuple[str, ...], list[int]] = {}  # each 8-gram: the held-out passages that hold it
     for number, grams in enumerate(held_grams):
         for gram in grams:
@@ -225,7 +233,7 @@ def after_held_out(held_out: list, rest: list) -> list:
 
     def repeated(passage: str) -> bool:
         """The passage is a held-out one, or shares a quarter of the shorter one's 8-grams with one."""
-        own = _word_grams(passage)
+        own = word_grams(passage)
         shared = Counter(number for gram in own for number in holders.get(gram, ()))
         return spaced_alike(passage) in seen or any(count >= min(len(own), len(held_grams[number])) / 4
                                                     for number, count in shared.items())
@@ -242,7 +250,15 @@ def _facts(example: QAExample) -> set[tuple[str, str]]:
             for answer in example.answers}
 
 
-def _word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
+def same_evidence(passage: str, grams: set[tuple[str, ...]]) -> bool:
+    """The passage shares a quarter or more of the shorter one's word 8-grams with a passage of
+    those ``grams``: one paragraph in another revision, window or spacing (``after_held_out``)."""
+    own = word_grams(passage)
+    common = len(own & grams)
+    return common > 0 and common >= min(len(own), len(grams)) / 4
+
+
+def word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
     words = re.findall(r"\w+", text.lower())
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 

@@ -124,7 +124,9 @@ def cloze_rows(passages: list[str], seed: int = 0) -> list[dict]:
         if title.startswith('"') and title.endswith('"') and body.startswith(title[1:-1] + " "):
             body = body[len(title) - 1:]
         # a blank whose words stay elsewhere in its sentence ("1980 ... of 1980") is no question
-        blanks = [(sentence, match) for sentence in _SENTENCE_END.split(body) if len(sentence.split()) >= 6
+        # nor is a sentence opening in lower case: a split after "U.S." or mid-window lost its subject
+        blanks = [(sentence, match) for sentence in _SENTENCE_END.split(body)
+                  if len(sentence.split()) >= 6 and not sentence[:1].islower()
                   for match in _CLOZE_SPAN.finditer(sentence)
                   if sentence.lower().count(match.group().lower()) == 1]
         if blanks:

@@ -51,6 +51,10 @@ def test_dprs_passage_file_reads_one_document_a_row(tmp_path):
     (tmp_path / "open.tsv").write_text('id\ttext\n1\t"' + "word " * 30_000 + "\n")
     with pytest.raises(InvalidInputError, match="open.tsv, line .*: not a tab-separated row"):
         read_documents([str(tmp_path / "open.tsv")])
+    # a text opening with a quote it never closes took the next row in as its own, unsaid
+    (tmp_path / "quote.tsv").write_text('id\ttext\ttitle\n1\t"Heroes is a song.\tHeroes\n2\tHe said hi" once.\tHi\n')
+    with pytest.raises(InvalidInputError, match=r"quote.tsv, row 1 \(to line 3\): a quote opens a field"):
+        read_documents([str(tmp_path / "quote.tsv")])
 
 
 def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):

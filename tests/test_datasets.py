@@ -137,6 +137,25 @@ def test_a_pool_is_filled_with_each_shared_passage_once():
     assert "Danube\nIt rises  in the Black Forest." not in fill_short_pools(examples + [respaced], 4)[0].passages
 
 
+def test_a_pool_is_not_filled_with_its_own_evidence_from_another_example():
+    # NQ gives one paragraph to several questions in other windows, and HotpotQA's dev sample
+    # lacks supporting paragraphs that neighbours hold: either was added unmarked, a distractor
+    window = ("First Battle of Bull Run\nThe First Battle of Bull Run was fought on July 21, 1861 in Prince "
+              "William County, Virginia. It was a Confederate victory, followed by a disorganized retreat.")
+    other_window = ("First Battle of Bull Run\nfought on July 21, 1861 in Prince William County, Virginia. It was "
+                    "a Confederate victory, followed by a disorganized retreat of the Union forces.")
+    coldplay = "Coldplay\nColdplay are a British rock band formed in London in 1996."
+    examples = [QAExample("nq-310", "who won the first battle of bull run", ["Confederate victory"], [window], [0]),
+                QAExample("nq-859", "when was the first battle of bull run", ["1861"], [other_window], [0]),
+                QAExample("hp", "are coldplay and pierre bouvier from the same country", ["no"],
+                          ["Pierre Bouvier\nPierre Bouvier is a Canadian singer."], [0], missing_titles=("Coldplay",)),
+                QAExample("hp2", "which band formed in london", ["Coldplay"], [coldplay], [0]),
+                QAExample("x", "x", ["x"], ["Rome\nRome is the capital of Italy and of its Lazio region."], [0])]
+    pools = [example.passages for example in fill_short_pools(examples, 3)]
+    assert other_window not in pools[0] and window not in pools[1] and coldplay not in pools[2]
+    assert len(pools[0]) == len(pools[2]) == 3  # filled with what is no evidence of theirs
+
+
 def test_the_best_n_passages_are_the_start_of_the_full_ranking_ties_in_index_order():
     # the n best are selected without sorting the whole corpus: ties at the cut must fall as in a stable sort
     passages = ["Danube\nA river."] * 4 + ["Danube\nThe Danube is a river."] * 3 + ["Seine\nParis."] * 5
@@ -227,7 +246,7 @@ def test_scp_qa_rows_read_the_single_gold_passage():
     with pytest.raises(ValueError, match="exactly one gold passage"):
         scp_qa_rows([MULTI_HOP])
     # a HotpotQA example whose second supporting paragraph is missing from its pool
-    half = dataclasses.replace(MULTI_HOP, gold=[0], gold_missing=1)
+    half = dataclasses.replace(MULTI_HOP, gold=[0], missing_titles=("C",))
     with pytest.raises(ValueError, match="exactly one gold passage"):
         scp_qa_rows([half])
     # and its end-to-end row says so: its recall counts the missing one as not found
@@ -264,6 +283,13 @@ def test_a_cloze_blank_is_never_readable_in_its_own_sentence_nor_spans_a_repeate
     subject = "Film Journal International\nFilm Journal International is a trade magazine published in New York."
     for seed in range(4):
         assert cloze_rows([subject], seed=seed)[0]["question"].startswith("Fill in the blank: Film ")
+
+
+def test_a_cloze_question_is_never_a_sentence_cut_from_its_subject():
+    # a split after "U.S." or a window opening mid-sentence asked "in ____ and then he lived there"
+    cut = "Poe\nin Boston and then he lived there with Allan. Edgar Allan Poe was born in Boston in 1809."
+    for seed in range(6):
+        assert cloze_rows([cut], seed=seed)[0]["question"].startswith("Fill in the blank: Edgar ")
 
 
 def test_inverse_cloze_rows_ask_with_a_sentence_cut_from_its_passage():

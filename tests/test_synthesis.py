@@ -66,7 +66,9 @@ def test_a_multiple_choice_option_stays_part_of_its_question():
     assert parse_pairs(reply) == [("Which city?\nA: Paris\nB: London", "B")]
 
 
-@pytest.mark.parametrize("none", ["NONE", "NONE.", "None."])
+@pytest.mark.parametrize("none", ["NONE", "NONE.", "None.",  # and with its reasons, which are no facts
+                                  "NONE\nAll of the document's facts are covered by the questions above.",
+                                  "None of the facts are missing."])
 def test_a_teacher_that_finds_every_fact_covered_keeps_its_qa(none):
     # "NONE." counted as a missing fact, so the rounds ran out and the QA row was dropped
     teacher = ScriptedTeacher([none])
@@ -274,3 +276,11 @@ def test_a_hugging_face_teachers_reply_may_be_twice_as_long_as_its_prompt(tiny_b
     teacher("Hi")
     (long_prompt, long_reply), (short_prompt, short_reply) = asked
     assert long_reply == 2 * long_prompt > 256 and short_reply == 256 > 2 * short_prompt
+
+
+def test_an_answer_written_with_a_possessive_or_a_hyphen_is_in_its_document():
+    # "Poland" was not found in "Poland's", nor "lay-abbot" in "lay- abbot": good pairs were dropped
+    assert synthesis._supported("Poland", "Warsaw is Poland's capital.")
+    assert synthesis._supported("lay-abbot", "He was lay- abbot of St. Maurice's Abbey.")
+    assert synthesis._supported("St. Maurice", "He was lay- abbot of St. Maurice's Abbey.")
+    assert not synthesis._supported("Krakow", "Warsaw is Poland's capital.")
