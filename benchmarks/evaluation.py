@@ -81,7 +81,7 @@ def evaluate_answers(model: ClaraModel, rows: Sequence[dict], system: str = "cla
     """EM, F1 and cover-EM of one system, with its predictions and context positions.
 
     ``control`` answers like ``clara`` with each row reading the documents of the row ``shift``
-    after it among those that hold other documents (``reading.other_rows``): what the generator
+    after it among those that hold none of its gold passages (``reading.other_rows``): what the generator
     scores from the wrong documents. Which wrong
     documents it reads moves that score by points, so with several shifts each question's
     scores are averaged over them. Compressing the documents is most of a CLaRa answer's cost
@@ -142,8 +142,8 @@ def control_partners(rows: Sequence[dict], shifts: Sequence[int]) -> dict[int, l
     for shift in shifts:
         partners = other_rows(rows, width, shift)
         if None in partners:
-            raise ValueError(f"row {partners.index(None)}: fewer than {shift} other rows hold other documents than "
-                             f"its own, so a control shift of {shift} gives it none")
+            raise ValueError(f"row {partners.index(None)}: fewer than {shift} other rows hold none of its gold "
+                             f"documents, so a control shift of {shift} gives it none")
         partners_of[shift] = partners
     return partners_of
 

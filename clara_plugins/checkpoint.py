@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -26,12 +27,14 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers import PreTrainedTokenizerBase
 
 from .atomic import recover_folder, write_folder_atomically
 from .backbone import fingerprint_mismatch
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError, StoreError
 from .jsonfiles import read_json
+from .prompts import layout_sha256
 
 
 
@@ -43,6 +46,7 @@ class AdaptedModel(Protocol):
     base_vocab_size: int
     base_fingerprint: dict
     hidden_size: int
+    tokenizer: PreTrainedTokenizerBase
 
 FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
@@ -73,7 +77,8 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
     output = model.lm.get_output_embeddings()
     if output is not None and output.weight is not model.lm.get_input_embeddings().weight:
         embeddings["output_rows"] = stored(added_rows(model, output.weight))
-    header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint}
+    header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint,
+              "layout_sha256": layout_sha256(model.tokenizer)}
     for part, tensors in [*adapters.items(), ("embeddings", embeddings)]:  # loading refuses them: never saved over a good copy
         bad = next((key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)
         if bad is not None:
@@ -227,6 +232,10 @@ def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: boo
         raise CheckpointError(
             f"checkpoint {folder} was trained on another base model than {model.config.base_model!r}: {problem}"
         )
+    if header.get("layout_sha256") not in (None, layout_sha256(model.tokenizer)):  # saved before it was recorded: unknown
+        warnings.warn(f"{folder} was trained on prompts that the chat template of {model.config.base_model!r} now "
+                      "lays out otherwise (another copy or revision of its base model?): its answers may read worse",
+                      stacklevel=3)
     saved, current = _config_of(header, folder), model.config
     outside = _SETTINGS_OUTSIDE_WEIGHTS + (("compression_rate",) if another_rate and saved.memory_design == "pooled"
                                            else ())

@@ -8,6 +8,7 @@ document's text in its place (``text_context_prompt``).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 from jinja2.exceptions import TemplateError
@@ -15,6 +16,11 @@ from transformers import PreTrainedTokenizerBase
 
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
+
+
+# the date a template that writes one (Llama 3's) writes, as it does where it cannot read the
+# clock: with today's, a prompt and its greedy answer changed from day to day
+TEMPLATE_DATE = "26 Jul 2024"
 
 
 def render_chat(
@@ -58,7 +64,19 @@ def turn_end_token(tokenizer: PreTrainedTokenizerBase, end: str | None = None) -
     when already rendered), where generation stops; None when the turn ends in plain text."""
     end = answer_turn_end(tokenizer) if end is None else end
     first = tokenizer(end, add_special_tokens=False)["input_ids"][:1]
-    return first[0] if first and first[0] in tokenizer.all_special_ids else None
+    if not first:
+        return None
+    # a template's token may be marked special without being listed among the special tokens
+    # (Llama 3's <|eot_id|>): generation ran past it into a made-up next turn
+    added = tokenizer.added_tokens_decoder.get(first[0])
+    return first[0] if first[0] in tokenizer.all_special_ids or (added is not None and added.special) else None
+
+
+def layout_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The SHA-256 of an answering prompt and its answer as the tokenizer's chat template lays
+    them out: a checkpoint records it, so that loading it with another template (another copy or
+    revision of its base model) is told that its prompts are not those it was trained on."""
+    return hashlib.sha256(question_prompt(tokenizer, "question", 1, "<document>", "answer").encode()).hexdigest()
 
 
 def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], open_answer: bool = True) -> str:
@@ -76,7 +94,8 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         text = _bos(tokenizer) + text  # prompts are tokenized without special tokens; templates write their own
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer,
+                                             date_string=TEMPLATE_DATE)
     except TemplateError:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         rest: list[dict] = []
@@ -91,7 +110,8 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         if first_user is not None and system:
             first_user["content"] = f"{system}\n{first_user['content']}"
         try:
-            return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer)
+            return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer,
+                                                 date_string=TEMPLATE_DATE)
         except TemplateError as error:
             raise InvalidInputError(f"the model's chat template refuses these messages: {error}") from error
 

@@ -38,7 +38,7 @@ def reading_width(rows: Sequence[dict], k: int = 5) -> int:
 
 
 def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
-    """``reading_width``, and each row's partner of other documents (``other_rows``)."""
+    """``reading_width``, and each row's partner of other evidence (``other_rows``)."""
     longer = first_row_beyond(rows, k)
     if longer is not None:
         raise ValueError(f"row {longer} has {len(rows[longer]['docs'])} documents, more than k={k}: the reading "
@@ -60,7 +60,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
                      memories: dict[tuple[str, ...], torch.Tensor] | None = None) -> dict:
     """The targets' cross-entropy (nats per token) read from each row's own documents (an
     instruction row's, at most k; the one of an SCP row), and from those of the next
-    row that reads other documents (a synthesised QA row and its paraphrase row share theirs).
+    row that holds none of its evidence (``other_rows``).
 
     A generator that ignores its memory tokens scores the same on both; the gap,
     ``reading_gain``, shows whether training has taught it to read long before F1 moves. The
@@ -116,12 +116,16 @@ def compressed_pools(model: ClaraModel, pools: Sequence[Sequence[str]],
 
 def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | None]:
     """For each row, the ``shift``-th row after it (once around) among those whose first
-    ``width`` documents, in any order, differ from its own (a synthesised QA row and its
-    paraphrase share theirs); None for a row fewer than ``shift`` other rows differ from."""
+    ``width`` documents hold none of its evidence: its gold passages (``pos_index``), or those
+    it reads when it names none (a synthesised QA row and its paraphrase share theirs; an NQ
+    pool filled from other examples' passages may hold another row's gold passage, and the
+    control then read the answer); None for a row with fewer than ``shift`` such rows."""
     read = [frozenset(row["docs"][:width]) for row in rows]
+    evidence = [frozenset(row["docs"][i] for i in row["pos_index"]) if row.get("pos_index") else read[number]
+                for number, row in enumerate(rows)]
     n = len(rows)
-    return [next(itertools.islice((j % n for j in range(i + 1, i + n) if read[j % n] != read[i]), shift - 1, None),
-                 None) for i in range(n)]
+    return [next(itertools.islice((j % n for j in range(i + 1, i + n) if not evidence[i] & read[j % n]), shift - 1,
+                                  None), None) for i in range(n)]
 
 
 def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

@@ -100,18 +100,26 @@ class HuggingFaceTeacher:
     def __call__(self, prompt: str) -> str:
         import torch
 
+        from .prompts import render_messages  # transformers: loaded with the teacher, not with this module
+
         if self.model is None:
             from .backbone import load_base_model, resolve_device, resolve_dtype
 
             device = resolve_device(self.device)
             self.model, self.tokenizer = load_base_model(self.name_or_path, resolve_dtype(self.dtype, device))
             self.model.to(device).eval()
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+        # a model without a chat template reads the plain layout the generator gives it
+        text = render_messages(self.tokenizer, [{"role": "user", "content": prompt}])
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
+        limit = self.max_new_tokens or max(256, 2 * ids.size(1))
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions:  # a reply past the model's positions reads positions it never learned, or fails
+            limit = min(limit, positions - ids.size(1))
+        if limit < 1:
+            raise InvalidInputError(f"the teacher's prompt takes {ids.size(1)} tokens, all of its {positions} positions: "
+                                    "no room for a reply")
         with torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=self.max_new_tokens or max(256, 2 * ids.size(1)),
-                                      do_sample=False)
+            out = self.model.generate(ids, max_new_tokens=limit, do_sample=False)
         return self.tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()
 
 

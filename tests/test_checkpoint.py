@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
@@ -356,3 +357,23 @@ def test_a_base_model_folder_is_recorded_as_a_path_that_loads_from_anywhere(tiny
     monkeypatch.chdir(tmp_path)
     (tmp_path / DEFAULT_BASE_MODEL).mkdir()  # a folder named as the default is not the default
     assert ClaraConfig().base_model == DEFAULT_BASE_MODEL
+
+
+
+def test_a_checkpoint_loaded_with_another_chat_template_says_so(tiny_model, tmp_path):
+    # the base model's fingerprint holds no template: a revised one changed every prompt, unsaid
+    import shutil
+
+    import transformers
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model.config.base_model, base)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|{{ m['role'] }}|>", "<|{{ m['role'] }}|>\n")
+    tokenizer.save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")  # its own template: no word
+    with pytest.warns(UserWarning, match="trained on prompts that the chat template of .* now lays out otherwise"):
+        ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", base_model=str(base))

@@ -14,13 +14,13 @@ from clara_plugins.errors import InvalidInputError
 from clara_plugins.passes import completion_log_likelihood
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
-from clara_plugins.reading import evaluate_reading
+from clara_plugins.reading import evaluate_reading, other_rows
 from conftest import CORPUS
 
-ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS[2:5], "answer": "the Danube",
-         "pos_index": [1]},
-        {"question": "Who won Nobel Prizes in physics?", "docs": CORPUS[3:6], "answer": "Marie Curie",
-         "pos_index": [1]},
+ROWS = [{"question": "Which river flows through Vienna?", "docs": [CORPUS[2], CORPUS[3], CORPUS[0]],
+         "answer": "the Danube", "pos_index": [1]},
+        {"question": "Who won Nobel Prizes in physics?", "docs": [CORPUS[5], CORPUS[4], CORPUS[0]],
+         "answer": "Marie Curie", "pos_index": [1]},
         {"question": "When was the Eiffel Tower completed?", "docs": CORPUS[0:3], "answer": "1889",
          "pos_index": [1]}]
 
@@ -142,7 +142,7 @@ def test_a_control_that_cannot_give_each_row_other_documents_is_refused(tiny_mod
         evaluate_answers(tiny_model, ROWS, "control", control_shifts=(1, 3))
     with pytest.raises(ValueError, match="needs at least 2 rows, got 1"):
         evaluate_answers(tiny_model, ROWS[:1], "control")
-    with pytest.raises(ValueError, match="row 0: fewer than 1 other rows hold other documents than its own"):
+    with pytest.raises(ValueError, match="row 0: fewer than 1 other rows hold none of its gold documents"):
         evaluate_answers(tiny_model, [ROWS[0], {**ROWS[0], "question": "again?"}], "control")
 
 
@@ -158,8 +158,17 @@ def test_the_control_passes_over_rows_that_hold_the_same_documents(tiny_model, m
     assert [p["documents_of"] for p in control["predictions"]] == [2, 2, 0]
     assert control["f1"] == 0.0
     # a shift past a row's rows of other documents repeated one of its pairings
-    with pytest.raises(ValueError, match="row 0: fewer than 2 other rows hold other documents"):
+    with pytest.raises(ValueError, match="row 0: fewer than 2 other rows hold none of its gold"):
         evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
+
+
+def test_the_control_passes_over_rows_that_hold_its_gold_passage():
+    # an NQ pool filled from other examples held row 192's gold passage: its control read the answer
+    rows = [{"question": "q0", "docs": ["gold 0", "a"], "pos_index": [0], "answer": "x"},
+            {"question": "q1", "docs": ["gold 1", "gold 0"], "pos_index": [0], "answer": "y"},
+            {"question": "q2", "docs": ["gold 2", "b"], "pos_index": [0], "answer": "z"}]
+    assert other_rows(rows, 2) == [2, 2, 0]
+    assert other_rows(rows, 1) == [1, 2, 0]  # beyond the documents a row reads, it is no evidence
 
 
 def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_path, monkeypatch, capsys):

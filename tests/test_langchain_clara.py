@@ -372,7 +372,7 @@ def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):
 
 def test_an_answer_length_below_one_token_is_refused(tiny_model):
     # max_tokens=0 in a call fell back to the model's 64 tokens
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match="max_tokens"):
         ChatClara(clara=tiny_model, max_tokens=0)
     with pytest.raises(InvalidInputError, match="max_new_tokens"):
         ChatClara(clara=tiny_model).invoke("Who?", max_tokens=0)

@@ -206,6 +206,24 @@ def test_a_template_that_writes_the_finished_turn_otherwise_trains_the_answer_af
     assert model.tokenizer.convert_tokens_to_ids("<|im_end|>") in model.stop_token_ids
 
 
+def test_a_turn_end_marked_special_only_where_it_was_added_stops_generation(tmp_path):
+    # the token was special in the vocabulary but in no special-token list (Llama 3's <|eot_id|>):
+    # answers ran on into a made-up next turn, and training taught "<|im_end|>\n</s>"
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    folder = build_tiny_base_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.add_tokens([AddedToken("<|im_end|>", special=True)])
+    tokenizer.chat_template = THINK_TEMPLATE.replace("<think>\n\n</think>\n\n", "")
+    tokenizer.save_pretrained(folder)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end not in tokenizer.all_special_ids
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Curie").endswith("Curie<|im_end|>\n")
+    model = ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64), device="cpu")
+    assert end in model.stop_token_ids
+
+
 def test_a_template_whose_turn_ends_in_plain_text_is_trained_to_stop_at_its_eos(tmp_path):
     # "role: text\n" turns: nothing taught the generator to stop, and no stop token ended its answers
     from transformers import AutoTokenizer

@@ -23,7 +23,7 @@ def sample(tiny_model):
 
 
 @pytest.mark.parametrize("kind, dtype", [("flat", "float16"), ("hnsw", "int8"), ("milvus", "FLAT")])
-def test_exact_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, sample, kind, dtype, tmp_path):
+def test_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, sample, kind, dtype, tmp_path):
     keys, real, queries = sample
     truth = store_scale.exact_top_k(keys, real, queries, PASSAGES)
     result = store_scale.measure_store(tiny_model, kind, dtype, real, CORPUS, queries, truth, PASSAGES, tmp_path)

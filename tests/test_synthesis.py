@@ -284,3 +284,22 @@ def test_an_answer_written_with_a_possessive_or_a_hyphen_is_in_its_document():
     assert synthesis._supported("lay-abbot", "He was lay- abbot of St. Maurice's Abbey.")
     assert synthesis._supported("St. Maurice", "He was lay- abbot of St. Maurice's Abbey.")
     assert not synthesis._supported("Krakow", "Warsaw is Poland's capital.")
+
+
+
+def test_a_hugging_face_teacher_without_a_chat_template_reads_the_plain_layout_within_its_positions(tiny_base,
+                                                                                                    monkeypatch):
+    # apply_chat_template failed on a model without one, and a reply could run past its positions
+    teacher = synthesis.HuggingFaceTeacher(str(tiny_base), max_new_tokens=1, device="cpu")
+    teacher("Write one question.")  # the weights load at the first prompt
+    teacher.tokenizer.chat_template = None
+    teacher.max_new_tokens = None
+    teacher.model.config.max_position_embeddings = 300
+    asked, generate = [], teacher.model.generate
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: asked.append(
+        (ids.size(1), settings["max_new_tokens"])) or generate(ids, **{**settings, "max_new_tokens": 1}))
+    assert isinstance(teacher("Paraphrase: " + "word " * 40), str)
+    (prompt, limit), = asked
+    assert prompt + limit == 300
+    with pytest.raises(InvalidInputError, match="all of its 300 positions: no room for a reply"):
+        teacher("Paraphrase: " + "word " * 400)
