@@ -10,14 +10,13 @@ the trained generator of "stage1_2" checkpoints).
 from __future__ import annotations
 
 import os
-import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
 from .atomic import check_replaceable_folder
-from .checkpoint import CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights
+from .checkpoint import CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights, read_torch_file
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
@@ -40,6 +39,8 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
         raise CheckpointError(f"{path}: only checkpoints with different_mem_tokens and sep are supported")
     if base_model is not None:
         base_model = os.fspath(base_model)
+        if Path(base_model).is_dir():  # a folder named from here ("mistral") is read from anywhere
+            base_model = os.path.abspath(base_model)
         if base_model.startswith("/") and not Path(base_model).exists():
             raise CheckpointError(f"base model {base_model} does not exist")
     base = base_model or apple.get("decoder_model_name")
@@ -70,10 +71,7 @@ def read_apple_config(folder: Path, base_model: str | None) -> ClaraConfig:
 def _load_pth(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path} is missing")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-        raise CheckpointError(f"{path} could not be read safely (weights_only=True): {error}") from error
+    return read_torch_file(path)
 
 
 def _peft_key(apple_key: str, adapter: str) -> str:
@@ -108,8 +106,11 @@ def load_apple_checkpoint(
                                                  for key, value in matrices.items()):
         raise CheckpointError(f"{folder}/decoder_first_last_layers.pth is not a state dict of named tensors")
     embed = _matrix(matrices, "embed_tokens.weight", folder)
-    head = _matrix(matrices, "lm_head.weight", folder, required=False)
     model = ClaraModel(config, device=device, dtype=dtype)
+    output = model.lm.get_output_embeddings()
+    untied = output is not None and output.weight is not model.lm.get_input_embeddings().weight
+    # an untied model without Apple's head kept its own seeded rows for the added tokens
+    head = _matrix(matrices, "lm_head.weight", folder, required=untied)
     for name, state in adapters.items():
         peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
         load_adapter_weights(model, name, peft_state, source=f"{folder / 'adapters.pth'}[{name}]")
@@ -119,7 +120,9 @@ def load_apple_checkpoint(
         copy_adapter(model, ENCODER, QUERY_REASONER)
         warnings.warn(f"{folder} has no query reasoner (it was saved before the end-to-end stage): questions "
                       "are encoded by its compressor", stacklevel=2)
-    _check_base_rows(model, embed, folder)
+    _check_base_rows(model, embed, model.lm.get_input_embeddings().weight, folder, "embedding")
+    if untied:
+        _check_base_rows(model, head, output.weight, folder, "output")
     base = model.base_vocab_size
     load_added_rows(model, embed[base:], None if head is None else head[base:],
                     source=str(folder / "decoder_first_last_layers.pth"))
@@ -135,20 +138,20 @@ def _matrix(matrices: dict, suffix: str, folder: Path, required: bool = True) ->
     return found[0] if found else None
 
 
-def _check_base_rows(model: ClaraModel, embed: torch.Tensor, folder: Path) -> None:
-    """Apple's matrix must extend this base model's embeddings, or it belongs to another model."""
-    ours = model.lm.get_input_embeddings().weight
-    if embed.shape != ours.shape:
+def _check_base_rows(model: ClaraModel, matrix: torch.Tensor, ours: torch.Tensor, folder: Path, what: str) -> None:
+    """Apple's matrix must extend this base model's (``what``: embedding or output), or it
+    belongs to another model."""
+    if matrix.shape != ours.shape:
         raise CheckpointError(
-            f"{folder}: embedding matrix {tuple(embed.shape)} does not fit the base model "
+            f"{folder}: {what} matrix {tuple(matrix.shape)} does not fit the base model "
             f"{model.config.base_model!r} resized to {tuple(ours.shape)}"
         )
-    theirs = embed[: model.base_vocab_size].float()
+    theirs = matrix[: model.base_vocab_size].float()
     mine = ours[: model.base_vocab_size].detach().float().cpu()
     if (theirs - mine).abs().max() > 1e-2 * mine.abs().max():
         raise CheckpointError(
             f"{folder} was trained on another base model than {model.config.base_model!r}: "
-            "the embedding rows of the base vocabulary differ"
+            f"the {what} rows of the base vocabulary differ"
         )
 
 

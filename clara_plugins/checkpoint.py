@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -168,9 +169,9 @@ def read_header(folder: Path) -> dict:
     fingerprint = header.get("base_model_fingerprint")
     if (not isinstance(header.get("config"), dict) or not isinstance(fingerprint, dict)
             or not isinstance(fingerprint.get("weight_norms"), list)
-            or not all(isinstance(norm, (int, float)) for norm in fingerprint["weight_norms"])):
+            or not all(isinstance(norm, (int, float)) and math.isfinite(norm) for norm in fingerprint["weight_norms"])):
         raise CheckpointError(f"{path} lacks its config (an object) or base_model_fingerprint (an object with a "
-                              "list of weight_norms)")
+                              "list of finite weight_norms: a NaN matched every base model)")
     return header
 
 
@@ -194,6 +195,25 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupted or not a safetensors file: {error}") from error
 
 
+# the settings of the first format; the ones added since are filled in for older headers below
+_ALWAYS_SAVED = ("base_model", "compression_rate", "doc_max_length", "lora_r", "lora_alpha", "lora_dropout",
+                 "generation_top_k", "max_new_tokens")
+
+
+def read_torch_file(path: Path) -> object:
+    """A torch file read on the CPU without running code it may hold (``weights_only``); any
+    failure is a CheckpointError naming the file. Torch's own message advised loading with
+    weights_only=False, which runs that code; a text file met other exceptions than a damaged one."""
+    with open(path, "rb") as file:
+        if file.read(24).startswith(b"version https://git-lfs"):
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the file it names: fetch it (git lfs pull)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # e.g. an IndexError for a page of text, an UnpicklingError for code
+        raise CheckpointError(f"{path} is damaged, or not a file of tensors that can be read safely "
+                              f"({type(error).__name__})") from error
+
+
 def read_config(folder: Path) -> ClaraConfig:
     """The ClaraConfig a checkpoint was trained with."""
     return _config_of(read_header(folder), folder)
@@ -201,6 +221,11 @@ def read_config(folder: Path) -> ClaraConfig:
 
 def _config_of(header: dict, folder: Path) -> ClaraConfig:
     values = dict(header["config"])
+    # every header holds these, so one without is damaged (a missing lora_alpha loaded at the
+    # default: adapters at another scale, and wrong answers, without a word)
+    missing = [name for name in _ALWAYS_SAVED if name not in values]
+    if missing:
+        raise CheckpointError(f"{folder / CONFIG_FILE} lacks the settings {', '.join(missing)}: damaged")
     # checkpoints written before the memory design was a setting all used appended <MEM> tokens
     values.setdefault("memory_design", "tokens")
     values.setdefault("retrieval_key", "flat")  # and before the retrieval key was, the flattened memory

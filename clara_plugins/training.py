@@ -46,7 +46,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import random
 import time
 import warnings
@@ -59,8 +58,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import check_replaceable_folder, recover_folder
-from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config, save_checkpoint,
-                         weight_files)
+from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config,
+                         read_torch_file, save_checkpoint, weight_files)
 from .config import TrainConfig
 from .errors import CheckpointError, InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
@@ -460,10 +459,7 @@ def _batches(rows: list[dict], config: TrainConfig, step: int) -> list[list[dict
 def _read_trainer_state(path: Path) -> dict:
     """The optimizer, scheduler and RNG states of the last save, on the CPU (the optimizer moves
     its own to its parameters' device), so that a GPU run resumes on a machine without one."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise CheckpointError(f"{path} is corrupted: torch could not read it ({error})") from error
+    state = read_torch_file(path)
     missing = {"step", "config", "optimizer", "scheduler", "rng"} - set(state if isinstance(state, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a trainer state of this library: it lacks {', '.join(sorted(missing))}")

@@ -1,5 +1,6 @@
 """Import of Apple's checkpoint layout, written here from a tiny model."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -114,8 +115,45 @@ def test_checkpoint_of_another_base_model_is_refused(tiny_tokens_model, other_ti
 def test_pickles_with_code_are_refused(tiny_tokens_model, tiny_base, tmp_path):
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     torch.save({"encoder_adapter": {"x": Path("not-a-tensor")}}, tmp_path / "apple" / "adapters.pth")
-    with pytest.raises(CheckpointError, match="weights_only"):
+    with pytest.raises(CheckpointError, match="adapters.pth is damaged, or not a file of tensors that can be read safely"):
         load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+
+
+@pytest.mark.parametrize("content,message", [(b"Repository not found\n", "is damaged, or not a file of tensors"),
+                                             (b"version https://git-lfs.github.com/spec/v1\n", "Git LFS pointer")])
+def test_a_download_that_is_no_file_of_tensors_is_named(tiny_tokens_model, tiny_base, tmp_path, capsys, content,
+                                                        message):
+    # a page of text failed on "pop from empty list"; an LFS pointer got torch's advice to load with
+    # weights_only=False, which runs whatever code a file holds
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
+    (tmp_path / "apple" / "adapters.pth").write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-apple", str(tmp_path / "apple"), str(tmp_path / "out"), "--base-model", str(tiny_base)])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 4 and message in error and "adapters.pth" in error and "weights_only" not in error
+
+
+def test_an_output_matrix_apart_from_the_embeddings_is_required_and_checked(tiny_tokens_model, other_tiny_base,
+                                                                            tiny_base, tmp_path):
+    # without lm_head an untied model kept its own seeded rows; another model's head was taken
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
+    matrices = tmp_path / "apple" / "decoder_first_last_layers.pth"
+    saved = torch.load(matrices, weights_only=True)
+    torch.save({"model.embed_tokens.weight": saved["model.embed_tokens.weight"]}, matrices)
+    with pytest.raises(CheckpointError, match="has no lm_head.weight"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+    other = ClaraModel(dataclasses.replace(tiny_tokens_model.config, base_model=str(other_tiny_base)), device="cpu")
+    torch.save({**saved, "lm_head.weight": other.lm.get_output_embeddings().weight.detach().clone()}, matrices)
+    with pytest.raises(CheckpointError, match="the output rows of the base vocabulary differ"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=str(tiny_base), device="cpu")
+
+
+def test_a_base_model_folder_named_from_here_is_recorded_whole(tiny_tokens_model, tiny_base, tmp_path, monkeypatch):
+    # --base-model mistral (a folder in the working directory) was recorded as "mistral": a hub id elsewhere
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
+    monkeypatch.chdir(Path(tiny_base).parent)
+    model = load_apple_checkpoint(tmp_path / "apple", base_model=Path(tiny_base).name, device="cpu")
+    assert model.config.base_model == str(Path(tiny_base).resolve())
 
 
 def test_an_adapter_that_is_not_a_state_dict_is_named(tiny_tokens_model, tiny_base, tmp_path, monkeypatch):

@@ -100,7 +100,13 @@ def test_a_hand_edited_header_or_rows_file_is_named(tiny_model, tmp_path):
                                                                    "weight_norms": ["1.0"]}}, "lacks its config"),
                             ({**header, "base_model_fingerprint": {  # TypeErrors
                                 k: v for k, v in header["base_model_fingerprint"].items() if k != "weight_norms"}},
-                             "lacks its config")]:
+                             "lacks its config"),
+                            # a NaN norm matched every base model of the architecture
+                            ({**header, "base_model_fingerprint": {**header["base_model_fingerprint"],
+                                                                   "weight_norms": [float("nan")]}}, "finite"),
+                            # and a setting every header holds loaded at its default: adapters at another scale
+                            ({**header, "config": {k: v for k, v in header["config"].items() if k != "lora_alpha"}},
+                             "lacks the settings lora_alpha: damaged")]:
         path.write_text(json.dumps(edited))
         with pytest.raises(CheckpointError, match=message):
             ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")

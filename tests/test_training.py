@@ -715,8 +715,11 @@ def test_an_output_whose_log_is_not_a_training_log_is_refused_and_the_log_kept(t
     assert (tmp_path / "log.jsonl").read_text() == '{"note": "my experiment log"}\n'
 
 
-@pytest.mark.parametrize("content,message", [(b"PK\x03\x04 cut short", "is corrupted: torch could not read it"),
-                                             (None, "is not a trainer state of this library: it lacks optimizer")])
+@pytest.mark.parametrize("content,message", [
+    (b"PK\x03\x04 cut short", "is damaged, or not a file of tensors that can be read safely"),
+    (b"Repository not found\n", "is damaged, or not a file"),  # a bare IndexError: pop from empty list
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n", "is a Git LFS pointer"),
+    (None, "is not a trainer state of this library: it lacks optimizer")])
 def test_an_unreadable_trainer_state_is_named(tiny_model, tmp_path, content, message):
     config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, lr=1e-3)
     train(tiny_model, INSTRUCT, config, tmp_path)
