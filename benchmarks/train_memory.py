@@ -24,7 +24,7 @@ from clara_plugins.atomic import write_text_atomically
 from clara_plugins.checks import check_output_path
 from clara_plugins.jsonfiles import read_jsonl
 
-from .measure import environment
+from .measure import environment, maxrss_bytes
 
 
 def _split(text: str) -> tuple[int, int]:
@@ -51,7 +51,7 @@ def _measure(split: tuple[int, int], args: argparse.Namespace, folder: Path) -> 
         raise RuntimeError(f"{' '.join(command)} failed with status {child.returncode}{killed}")
     log = read_jsonl(output / "log.jsonl")
     return {"batch_size": batch_size, "grad_accum": grad_accum,
-            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2),  # ru_maxrss is in KiB on Linux
+            "peak_rss_gib": round(maxrss_bytes(usage.ru_maxrss) / 2**30, 2),
             "train_seconds": log[-1]["seconds"], "seconds_per_step": round(log[-1]["seconds"] / len(log), 1),
             "last_step": {k: v for k, v in log[-1].items() if k not in ("seconds", "lr")}}
 

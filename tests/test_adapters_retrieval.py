@@ -336,6 +336,28 @@ def test_dense_wrappers_embed_with_their_retriever():
     assert len(DenseEmbedding(retriever=Unit()).get_text_embedding_batch(["a", "b"])) == 2
 
 
+def test_dense_retrieval_uses_the_models_own_query_and_passage_prompts():
+    # passages were embedded without E5's "passage: " prompt, weakening the text baseline
+    from clara_benchmarks.dense import DenseRetriever
+
+    asked = []
+
+    class Encoder:
+        prompts = {"query": "query: ", "passage": "passage: "}
+
+        def encode(self, texts, prompt_name=None, **settings):
+            asked.append(prompt_name)
+            return np.ones((len(texts), 2)) / np.sqrt(2)
+
+    retriever = object.__new__(DenseRetriever)  # its encoder stands in for a sentence-transformers model
+    retriever.encoder, retriever.query_instruction = Encoder(), ""
+    retriever.rank("q", ["a", "b"])
+    assert asked == ["passage", "query"]
+    Encoder.prompts, retriever.query_instruction = {}, "Represent this sentence: "  # BGE's way
+    retriever.rank("q", ["a"])
+    assert asked[2:] == [None, None]
+
+
 # 10. install hints
 
 @pytest.mark.parametrize("package, missing, extra", [
