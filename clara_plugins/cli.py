@@ -209,14 +209,16 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answering systems (default clara; control: clara reading another row's documents)")
     parser.add_argument("--control-shifts", nargs="+", action="extend", type=positive_int,
                         help="control: each row reads the documents of the row this many after it among "
-                             "those with other documents; with several, each question's scores are averaged over them (default 1)")
+                             "those that hold none of its gold passages; with several, each question's scores are "
+                             "averaged over them (default 1)")
     parser.add_argument("--retrievers", nargs="*", action="extend", default=[], choices=RETRIEVERS,
                         help="retrievers to score on the rows' candidates ('compressor': the question "
                              "encoded by the compressor, where the end-to-end reasoner starts); with several, "
                              "also the first one's Recall@k minus each other's, with a paired 95 %% interval")
     parser.add_argument("--reading", action="store_true",
                         help="also measure whether the generator reads its memory tokens: the targets' CE "
-                             "from each row's own documents vs the next row's of other documents (instruction or SCP rows), "
+                             "from each row's own documents vs the next row's that holds none of its evidence "
+                             "(instruction or SCP rows), "
                              "also by token kind (digits, capitalised, the rest)")
     parser.add_argument("--dense-model", help=f"dense: sentence-transformers path (default {DEFAULT_DENSE_MODEL})")
     parser.add_argument("--query-instruction", help="dense: query prefix (BGE needs one; default none)")
