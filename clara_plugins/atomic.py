@@ -203,10 +203,12 @@ def _lock(descriptor: int, wait: bool) -> bool | None:
     return True
 
 
-def check_replaceable_folder(folder: Path, marker: str) -> None:
+def check_replaceable_folder(folder: Path, marker: str, saved_again: bool = False) -> None:
     """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, a
     non-empty folder without ``marker``, or an existing folder beside a non-empty ``.NAME.old``
-    without it (in the swap's way); a caller with long work before the write checks first."""
+    without it (in the swap's way; ``saved_again``: a folder written more than once, such as a
+    training run's checkpoint, meets it at its second write); a caller with long work before
+    the write checks first."""
     folder = _followed(folder)
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):  # the swap would take it from under this process
         raise ValueError(f"{folder} is this process's working directory, or holds it: name a folder outside it")
@@ -216,7 +218,8 @@ def check_replaceable_folder(folder: Path, marker: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
     old = _old_copy(folder)  # used by a swap over an existing folder
-    if folder.exists() and old.is_dir() and not old.is_symlink() and any(old.iterdir()) and not (old / marker).is_file():
+    if ((folder.exists() or saved_again) and old.is_dir() and not old.is_symlink() and any(old.iterdir())
+            and not (old / marker).is_file()):
         raise FileExistsError(f"{old} is in the way of a save's swap and holds no {marker}: it is not this "
                               "library's copy, so it is left alone; move it")
 

@@ -46,7 +46,7 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
         wanted = size - len(passages)
         ranked = 4 * size  # enough, unless the best ones are mostly the example's own or repeats
         own = {spaced_alike(p) for p in passages}  # its gold, spaced otherwise, is no distractor
-        gold_grams = set().union(*(word_grams(passages[i]) for i in example.gold))
+        gold_grams = [word_grams(passages[i]) for i in example.gold]  # each alone: a short one is held whole
         evidence: dict[str, bool] = {}  # a passage's key: whether it holds the example's own evidence
         while wanted > 0:
             extra: dict[str, str] = {}  # a passage other examples share (or space otherwise) comes once
@@ -56,7 +56,7 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
                     continue
                 if key not in evidence:
                     evidence[key] = (pool_texts[i].partition("\n")[0] in example.missing_titles
-                                     or same_evidence(pool_texts[i], gold_grams))
+                                     or any(same_evidence(pool_texts[i], grams) for grams in gold_grams))
                 if not evidence[key]:
                     extra[key] = pool_texts[i]
                     if len(extra) == wanted:

@@ -145,7 +145,11 @@ def adapters_sha256(model: AdaptedModel, adapters: Sequence[str] = ADAPTER_NAMES
     for adapter in adapters:
         weights = get_peft_model_state_dict(model.lm, adapter_name=adapter, save_embedding_layers=False)
         tensors += [weights[k] for k in sorted(weights)]
-    for tensor in tensors + [added_rows(model, model.lm.get_input_embeddings().weight)]:
+    tensors.append(added_rows(model, model.lm.get_input_embeddings().weight))
+    output = model.lm.get_output_embeddings()
+    if ADAPTER_NAMES[-1] in adapters and output is not None and output.weight is not model.lm.get_input_embeddings().weight:
+        tensors.append(added_rows(model, output.weight))  # the generator's: the compressor never reads them
+    for tensor in tensors:
         digest.update(tensor.detach().bfloat16().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 

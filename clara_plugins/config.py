@@ -161,6 +161,8 @@ class TrainConfig:
     schedule: str = "cosine"  # or "constant" (the paper's end-to-end stage)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    # SCP's alignment of the memories' mean with the document tokens' mean states; pooled memories
+    # are means of those states already, so for them it only pulls the frame tokens' states along
     mse_weight: float = 0.1
     top_k: int = 5
     temperature: float = 0.02

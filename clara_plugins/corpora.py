@@ -113,10 +113,11 @@ def read_documents(paths: list[str]) -> list[str]:
                     if None in record:  # a stray tab: its text and title would be misaligned
                         raise InvalidInputError(f"{source}, row {number + 1} has {len(rows.fieldnames) + len(record[None])} "
                                                 f"fields, more than its header's {len(rows.fieldnames)}")
-                    if any("\t" in value or "\n" in value for value in record.values() if isinstance(value, str)):
-                        # a text opening with an unclosed quote ran on over the next rows, read as one
-                        raise InvalidInputError(f"{source}, row {number + 1} (to line {rows.line_num}): a quote opens "
-                                                "a field that runs over tabs or lines; quote whole fields, or none")
+                    if any("\t" in value and "\n" in value for value in record.values() if isinstance(value, str)):
+                        # a text opening with a quote it never closes ran on over the next rows, read as one
+                        raise InvalidInputError(f"{source}, row {number + 1} (to line {rows.line_num}): a field runs "
+                                                "over tabs and lines, as after a quote left open; quote whole fields, "
+                                                "or none")
                     documents.append(_record_text(record, f"{source}, row {number + 1}"))
             except csv.Error as error:  # e.g. an unclosed quote running past csv's field size limit
                 raise InvalidInputError(f"{source}, line {rows.line_num}: not a tab-separated row ({error})") from error

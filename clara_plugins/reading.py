@@ -9,6 +9,7 @@ rest), since a memory can carry a passage's names and lose its numbers.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Sequence
 
@@ -50,9 +51,10 @@ def _width_and_partners(rows: Sequence[dict], k: int) -> tuple[int, list[int]]:
                          f"(SCP rows, or instruction rows with min(k={k}, their documents)), got {sorted(width)}")
     width = width.pop()
     partners = other_rows(rows, width)
-    if None in partners:  # then every row reads the same documents
-        raise ValueError("reading compares each row's documents with another row's, and every row reads the "
-                         "same documents")
+    if None in partners:
+        raise ValueError(f"reading compares each row's documents with another row's, and every other row reads "
+                         f"row {partners.index(None)}'s evidence (its gold passages, or its documents where it names "
+                         "none)")
     return width, partners
 
 
@@ -128,6 +130,7 @@ def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | N
                                   None), None) for i in range(n)]
 
 
+@functools.lru_cache(maxsize=4)  # a walk over the vocabulary: about a second for SmolLM2's, at every probe
 def _token_kinds(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     """Each vocabulary id's index in _TOKEN_KINDS [vocab]: a token with a digit, one that
     starts with a capital letter (after the tokenizer's space marker), or any other."""

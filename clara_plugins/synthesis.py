@@ -191,7 +191,7 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
                  teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
         missing = [m for m in reply if m and m.upper().rstrip(".") != "NONE"]
         # "NONE", maybe followed by why ("NONE\nEvery fact is covered."): its reasons are no facts
-        if not missing or re.match(r"none\b", next(m for m in reply if m), re.IGNORECASE):
+        if not missing or re.fullmatch(r"none\W*", next(m for m in reply if m), re.IGNORECASE):
             covered = True
             break
         if round_ == max_rounds:  # no check would follow: pairs asked for now could never be kept

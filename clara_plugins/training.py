@@ -131,8 +131,8 @@ def _reading_loss(model: ClaraModel, rows: list[dict], prompts: list[str], full:
                   config: TrainConfig, teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """CE of the targets read from their own memories [batch, k, n, hidden], plus the reading
-    margin when it is on (the same targets read from the memories of the next row with other
-    documents, ``other_rows``, must cost at least ``margin`` nats per token more: a row paired
+    margin when it is on (the same targets read from the memories of the next row that holds
+    none of its evidence, ``other_rows``, must cost at least ``margin`` nats per token more: a row paired
     with its own documents gained 0 and pushed the others harder), plus distillation when
     ``teacher_view`` gives a
     teacher's log-probabilities and targets for the same completions (``_teacher_view``).
@@ -554,6 +554,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
             raise ValueError(f"{checkpoint} holds no {TRAINER_STATE_FILE}, so the run that wrote it cannot resume "
                              f"(earlier versions kept it in {output}: move it into the checkpoint to resume); "
                              "use a new output folder")
+        check_replaceable_folder(checkpoint, CONFIG_FILE, saved_again=True)
         return None
     state = _read_trainer_state(state_path)
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
@@ -572,7 +573,7 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
         raise ValueError(f"{output} was trained {'with another corpus' if state['corpus_sha256'] else 'without a corpus'}"
                          f": resume it with {'the same --corpus' if state['corpus_sha256'] else 'none'}, or use a new "
                          "output folder")
-    check_replaceable_folder(checkpoint, CONFIG_FILE)  # refused now, not at the first save after the resumed steps
+    check_replaceable_folder(checkpoint, CONFIG_FILE, saved_again=True)  # now, not at a save after hours of steps
     return state
 
 

@@ -57,8 +57,11 @@ def test_dprs_passage_file_reads_one_document_a_row(tmp_path):
         read_documents([str(tmp_path / "open.tsv")])
     # a text opening with a quote it never closes took the next row in as its own, unsaid
     (tmp_path / "quote.tsv").write_text('id\ttext\ttitle\n1\t"Heroes is a song.\tHeroes\n2\tHe said hi" once.\tHi\n')
-    with pytest.raises(InvalidInputError, match=r"quote.tsv, row 1 \(to line 3\): a quote opens a field"):
+    with pytest.raises(InvalidInputError, match=r"quote.tsv, row 1 \(to line 3\): a field runs over tabs and lines"):
         read_documents([str(tmp_path / "quote.tsv")])
+    # a text of two paragraphs, quoted whole as csv writes it, is one passage
+    (tmp_path / "written.tsv").write_text('id\ttext\ttitle\n1\t"First paragraph.\nSecond one."\tT\n')
+    assert read_documents([str(tmp_path / "written.tsv")]) == ["T\nFirst paragraph.\nSecond one."]
 
 
 def test_a_record_reads_contents_where_its_text_is_empty(tmp_path):

@@ -162,6 +162,18 @@ def test_the_control_passes_over_rows_that_hold_the_same_documents(tiny_model, m
         evaluate_answers(tiny_model, rows, "control", control_shifts=(1, 2))
 
 
+def test_the_token_kinds_of_a_vocabulary_are_found_once(tiny_model, monkeypatch):
+    # every probe of a training run walked the whole vocabulary again
+    walked = []
+    convert = type(tiny_model.tokenizer).convert_ids_to_tokens
+    monkeypatch.setattr(type(tiny_model.tokenizer), "convert_ids_to_tokens",
+                        lambda self, ids, *a, **k: walked.append(1) or convert(self, ids, *a, **k))
+    reading._token_kinds.cache_clear()
+    for _ in range(2):
+        evaluate_reading(tiny_model, ROWS, k=3)
+    assert len(walked) == 1
+
+
 def test_the_control_passes_over_rows_that_hold_its_gold_passage():
     # an NQ pool filled from other examples held row 192's gold passage: its control read the answer
     rows = [{"question": "q0", "docs": ["gold 0", "a"], "pos_index": [0], "answer": "x"},
@@ -219,7 +231,7 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         (ROWS, ["-k", "2", "--systems", "clara", "text"], "row 0 has 3 documents, more than k=2: text would read"),
         (ROWS, ["-k", "2", "--reading"], "the reading gain would read its first 2"),
         # refused after the model loaded and compressed them
-        ([passage, {**passage, "data_type": "reconstruct"}], ["--systems", "--reading"], "the same documents"),
+        ([passage, {**passage, "data_type": "reconstruct"}], ["--systems", "--reading"], "reads row 0's evidence"),
     ]:
         data.write_text("".join(json.dumps(row) + "\n" for row in rows))
         with pytest.raises(SystemExit) as exit_:
@@ -288,7 +300,7 @@ def test_recall_above_pairs_the_questions_of_two_retrievers():
 
 def test_reading_is_refused_when_every_row_reads_the_same_documents(tiny_model):
     same = [{**row, "docs": CORPUS[:3]} for row in ROWS]
-    with pytest.raises(ValueError, match="every row reads the same documents"):
+    with pytest.raises(ValueError, match="every other row reads row 0.s evidence"):
         evaluate_reading(tiny_model, same, k=3, batch_size=2)
 
 

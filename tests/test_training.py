@@ -895,6 +895,12 @@ def test_a_resume_beside_a_foreign_old_copy_is_refused_before_its_steps(tiny_mod
     with pytest.raises(FileExistsError, match="holds no clara_config.json: it is not this library's copy"):
         train(tiny_model, INSTRUCT, config, tmp_path)
     assert not steps and (foreign / "notes.txt").read_text() == "mine"
+    # a new run met it at its second save, the first having made the checkpoint
+    (tmp_path / "new").mkdir()
+    shutil.move(foreign, tmp_path / "new" / ".checkpoint.old")
+    with pytest.raises(FileExistsError, match="holds no clara_config.json: it is not this library's copy"):
+        train(tiny_model, INSTRUCT, config, tmp_path / "new")
+    assert not steps
 
 
 def test_epochs_of_neighbouring_seeds_are_shuffled_apart():

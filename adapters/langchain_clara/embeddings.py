@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import PurePath
 
 import numpy as np
@@ -29,7 +29,8 @@ class ClaraEmbeddings(Embeddings):
         self._keys = ClaraKeys(self.model)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
-        texts = list(texts) if isinstance(texts, Iterator) else texts  # a generator's texts; the rest are checked
+        if not isinstance(texts, (str, bytes, list, tuple)) and isinstance(texts, Iterable):
+            texts = list(texts)  # a generator's or a Series' texts; a lone string is refused by the check
         return self._keys.document_keys(texts).tolist()
 
     def embed_query(self, text: str) -> list[float]:
