@@ -278,10 +278,10 @@ def _index(args: argparse.Namespace) -> None:
     compressed = index_documents(store, [text for text, _ in documents], ids, [meta for _, meta in documents],
                                  save=functools.partial(store.save, folder), save_every=args.save_every,
                                  on_ray=on_ray, show_progress=True)
-    if not (folder / "CURRENT").exists():
-        store.save(folder)
+    outside = len(store) - len(set(ids))  # a passage edited or dropped from the files since: indexing never deletes
     print(f"{folder}: {len(store)} documents ({len(compressed)} compressed now, "
-          f"{len(set(ids)) - len(compressed)} already stored)")
+          f"{len(set(ids)) - len(compressed)} already stored" + (f", {outside} in none of these files" if outside else "")
+          + ")")
 
 
 def _ask(args: argparse.Namespace) -> None:

@@ -118,7 +118,9 @@ def _compressed_on_ray(
         if workers > available:
             raise InvalidInputError(f"{workers} workers need {workers} {'GPUs' if gpus else 'CPUs'}; the Ray "
                                     f"cluster has {available}")
-        dataset = ray.data.from_items([{"rows": group, "texts": [texts[r] for r in group]} for group in groups])
+        # a block a group: Ray's blocks (at least 200) held several groups each above 200, saved together
+        dataset = ray.data.from_items([{"rows": group, "texts": [texts[r] for r in group]} for group in groups],
+                                      override_num_blocks=len(groups))
         compressed = dataset.map_batches(
             _Compressor, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(groups))),  # no actor without a group

@@ -38,6 +38,7 @@ RESCORE_FACTOR = 40
 # keys, 128 found 96 % at 0.5 ms a query (docs/benchmarks, store_scale); construction as faiss'.
 # A search asking for more documents searches as broadly as it asks.
 HNSW_EF_SEARCH = 128
+_LOAD_TRIES = 5  # generations a load starts over on while writers remove the one it reads
 
 
 class MemoryStore(BaseMemoryStore):
@@ -393,6 +394,7 @@ class MemoryStore(BaseMemoryStore):
         # taken before the wait could be written after a newer save and undo it
         with store_folder.writer_turn(folder):
             with self._lock:  # a consistent snapshot; chunks are never changed in place, so the writing can wait
+                revision = self.revision
                 snapshot = store_folder.Snapshot(
                     where=np.array(self._where, dtype=np.int64).reshape(-1, 2),
                     chunks={"memory_shards": list(self._memory_chunks), "scale_shards": list(self._scale_chunks),
@@ -406,9 +408,30 @@ class MemoryStore(BaseMemoryStore):
             generation, header = store_folder.write_generation(folder, snapshot, previous, index, {
                 "index": self.index_kind, "compressor": compressor_signature(self.model),
                 "keys": self.keys.signature(), "memory_dtype": self.memory_dtype})
-            self._saved = store_folder.SavedGeneration.of(generation, snapshot.where, header)
+            with self._lock:
+                if self.revision == revision:  # nothing written meanwhile: read the rows from the saved files
+                    self._map(generation, header)
+                else:
+                    self._saved = store_folder.SavedGeneration.of(generation, snapshot.where, header)
             self._generation_in[folder.resolve()] = store_folder.stamp(generation)
         return generation
+
+    def _map(self, generation: Path, header: dict) -> None:
+        """Hold the memories (and scales and keys) of a generation as its files, memory-mapped:
+        what a load holds, and what a save switches to, so that a corpus indexed and saved in
+        groups is not all held in RAM (18 GB at CR16 for a million passages)."""
+        self._memory_chunks = store_folder.read_shards(generation, header["memory_shards"], np.dtype(self.memory_dtype))
+        self._scale_chunks = store_folder.read_shards(generation, header.get("scale_shards", []), np.float32)
+        expected = [m.shape[:2] for m in self._memory_chunks] if self.memory_dtype == "int8" else []
+        if [s.shape for s in self._scale_chunks] != expected:
+            raise StoreError(f"{generation}: the scale shards do not match the {self.memory_dtype} memory shards")
+        self._key_chunks = store_folder.read_shards(generation, header["key_shards"], np.float32)
+        self._where = [(c, o) for c, shard in enumerate(self._memory_chunks) for o in range(len(shard))]
+        if len(self._where) != header["count"]:
+            raise StoreError(f"{generation}: memory shards hold {len(self._where)} rows, expected {header['count']}")
+        self._ram_rows = self._dead_ram_rows = 0
+        self._saved = store_folder.SavedGeneration.of(generation, np.array(self._where, dtype=np.int64).reshape(-1, 2),
+                                                      header)
 
     def _check_no_other_save(self, folder: Path) -> None:
         """Refuse to save over a generation another writer saved since this store last read or
@@ -432,7 +455,7 @@ class MemoryStore(BaseMemoryStore):
         outside the store's folder.
         """
         folder = Path(folder)
-        while True:
+        for _ in range(_LOAD_TRIES):
             name = store_folder.current_generation(folder)
             try:
                 return cls._open_generation(folder, folder / name, model, keys, batch_size)
@@ -440,6 +463,8 @@ class MemoryStore(BaseMemoryStore):
                 if store_folder.current_generation(folder) == name:
                     raise
                 # writers saved twice meanwhile and removed this generation: open the new one
+        raise StoreError(f"{folder} was saved {_LOAD_TRIES} times over while it was read (a writer saving often, "
+                         "such as clara index with a small --save-every): load it when the writer is done")
 
     @classmethod
     def _open_generation(cls, folder: Path, generation: Path, model: ClaraModel, keys: KeyEncoder | None,
@@ -463,19 +488,9 @@ class MemoryStore(BaseMemoryStore):
         records = store_folder.read_records(generation, record_shards)
         if len(records["ids"]) != count:
             raise StoreError(f"{generation}: the record shards hold {len(records['ids'])} documents, expected {count}")
-        store._memory_chunks = store_folder.read_shards(generation, header["memory_shards"], np.dtype(memory_dtype))
-        store._scale_chunks = store_folder.read_shards(generation, header.get("scale_shards", []), np.float32)
-        expected = [m.shape[:2] for m in store._memory_chunks] if memory_dtype == "int8" else []
-        if [s.shape for s in store._scale_chunks] != expected:
-            raise StoreError(f"{generation}: the scale shards do not match the {memory_dtype} memory shards")
-        store._key_chunks = store_folder.read_shards(generation, header["key_shards"], np.float32)
+        store._map(generation, header)
         store._ids, store._texts, store._metadatas = records["ids"], records["texts"], records["metadatas"]
-        store._where = [(c, o) for c, shard in enumerate(store._memory_chunks) for o in range(len(shard))]
-        if len(store._where) != count:
-            raise StoreError(f"{generation}: memory shards hold {len(store._where)} rows, expected {count}")
         store._row_of = {doc_id: row for row, doc_id in enumerate(store._ids)}
-        where = np.array(store._where, dtype=np.int64).reshape(-1, 2)
-        store._saved = store_folder.SavedGeneration.of(generation, where, header)
         store._generation_in[folder.resolve()] = store_folder.stamp(generation)
         if "index.faiss" in header["sha256"]:
             compact = "index-projection.npy" in header["sha256"]

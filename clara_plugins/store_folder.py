@@ -70,7 +70,8 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
     if (folder / ".CURRENT.tmp").is_file():  # versions before staging locks wrote CURRENT through it
         (folder / ".CURRENT.tmp").unlink()
     # generations before the current one go first: nothing is left to do once CURRENT names the
-    # new one, so a save interrupted there has saved (the store then records it, see save)
+    # new one, so a save interrupted there has saved (the store interrupted there does not record
+    # it, and refuses its next save as another writer's: load the folder again)
     generations = _generations(folder)  # numbered on from the last, removed or not
     readers_on = current_generation(folder) if (folder / "CURRENT").exists() else None
     for old in (f"gen-{number:06d}" for number in generations):
@@ -78,6 +79,16 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
             shutil.rmtree(folder / old, ignore_errors=True)
     staging = folder / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()
+    try:
+        return _write_staged(folder, staging, snapshot, previous, index, settings, generations)
+    except BaseException:  # a disk full mid-way: the half-written copy goes now, not at the next save
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _write_staged(folder: Path, staging: Path, snapshot: Snapshot, previous: SavedGeneration | None,
+                  index: SavedIndex | None, settings: dict, generations: list[int]) -> tuple[Path, dict]:
+    """The generation's files written into ``staging``, which is then renamed and made current."""
     checksums: dict[str, str] = {}
     unchanged = previous.unchanged_shards(folder, snapshot.where) if previous is not None else set()
     header = {

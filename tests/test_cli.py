@@ -158,6 +158,10 @@ def test_index_then_ask_from_the_store_and_resume(tiny_model, tmp_path, capsys):
     corpus.write_text("\n\n".join(CORPUS[:5]))  # one more document: only it is compressed
     main(["index", str(corpus), "--store", str(store), *common])
     assert "5 documents (1 compressed now, 4 already stored)" in capsys.readouterr().out
+    # a passage dropped from the files stays: the run says how many the files no longer hold
+    corpus.write_text("\n\n".join(CORPUS[1:5]))
+    main(["index", str(corpus), "--store", str(store), *common])
+    assert "5 documents (0 compressed now, 4 already stored, 1 in none of these files)" in capsys.readouterr().out
     main(["ask", "--store", str(store), "--question", "Who won Nobel prizes?", "-k", "2", "--json", *common])
     result = json.loads(capsys.readouterr().out)
     stored = MemoryStore.load(store, tiny_model)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clara_plugins import InvalidInputError, MemoryStore, StoreError
+from clara_plugins import InvalidInputError, MemoryStore, StoreError, store_folder
 from conftest import CORPUS
 
 
@@ -338,3 +338,28 @@ def test_bad_texts_keys_and_filters_are_named(saved):
     with pytest.raises(ValueError, match="at most 32 levels"):
         store.search("Where is Paris?", k=2, where=deep)
     assert store.all_ids() == [f"d{i}" for i in range(5)]
+
+
+def test_a_save_that_fails_midway_leaves_no_half_written_copy(saved, tiny_model, monkeypatch):
+    # a disk full mid-save left its staging folder, gigabytes for a large index, until the next save
+    store, folder = saved
+    store.upsert(["Vienna lies on the Danube."], ids=["new"])
+
+    def disk_full(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_folder, "_write_array", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.save(folder)
+    assert not list(folder.glob(".staging-*")) and len(MemoryStore.load(folder, tiny_model)) == len(store) - 1
+
+
+def test_a_load_outrun_by_saves_stops_with_a_clear_error(saved, tiny_model, monkeypatch):
+    # it started over for as long as a writer kept saving (clara index with a small --save-every)
+    _, folder = saved
+    names = iter(f"gen-{n:06d}" for n in range(100, 200))
+    monkeypatch.setattr(store_folder, "current_generation", lambda folder: next(names))
+    monkeypatch.setattr(MemoryStore, "_open_generation", classmethod(lambda *a: (_ for _ in ()).throw(
+        FileNotFoundError("removed by a save"))))
+    with pytest.raises(StoreError, match="was saved 5 times over while it was read"):
+        MemoryStore.load(folder, tiny_model)

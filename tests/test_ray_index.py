@@ -73,6 +73,17 @@ def test_a_resumed_run_compresses_only_what_is_not_stored(local_ray, tiny_model,
     assert len(saves) == 3 and saves[-1] == 40  # groups of 4, 4 and 2, in the order they finish
 
 
+def test_each_group_is_saved_as_it_comes_however_many_groups_there_are(local_ray, tiny_model, on_ray, monkeypatch):
+    # past Ray's least number of blocks (200) a block held several groups, upserted and saved together
+    from ray.data import DataContext
+
+    monkeypatch.setattr(DataContext.get_current(), "read_op_min_num_blocks", 2)
+    saves = []
+    index_documents(MemoryStore(tiny_model), TEXTS, IDS, save=lambda: saves.append(1), save_every=4,
+                    on_ray=on_ray(workers=1))
+    assert len(saves) == len(TEXTS) // 4
+
+
 def test_workers_of_another_compressor_are_refused(local_ray, tiny_config, tiny_model, tmp_path):
     other = ClaraModel(tiny_config, device="cpu")
     randomize_adapters(other, seed=1)

@@ -405,7 +405,6 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     store = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)
     ids = [f"d{i}" for i in range(5)]
     store.upsert(CORPUS[:5], ids=ids)
-    store.save(tmp_path / "s")
     store.upsert([CORPUS[5], "Vienna lies on the Danube."], ids=["d5", "d6"])
     expected = store.memories(ids + ["d5", "d6"])
     held = lambda: sum(len(chunk) for chunk in store._memory_chunks)  # noqa: E731
@@ -428,6 +427,22 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     assert torch.equal(loaded.memories(loaded.all_ids()), store.memories(store.all_ids()))
     loaded.delete(["d1", "d2", "d3", "d4"])  # memory-mapped rows cost no RAM and stay where they are
     assert sum(len(chunk) for chunk in loaded._memory_chunks) == 5 and loaded.all_ids() == ["d5"]
+
+
+def test_a_store_reads_what_it_saved_from_its_files_not_ram(tiny_model, tmp_path, monkeypatch):
+    # a save kept every memory in RAM too: clara index held a whole corpus' (18 GB a million at CR16)
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model)
+    ids = index_documents(store, CORPUS[:5], [f"d{i}" for i in range(5)], save=lambda: store.save(tmp_path / "s"),
+                          save_every=2)
+    expected = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert all(isinstance(chunk, np.memmap) for chunk in store._memory_chunks)
+    assert torch.equal(store.memories(ids), expected.memories(ids))
+    assert [d.id for d, _ in store.search("Paris", k=3)] == [d.id for d, _ in expected.search("Paris", k=3)]
+    store.upsert(["Vienna lies on the Danube."], ids=["d0"])  # and writes on after it, saving what changed
+    generation = store.save(tmp_path / "s")
+    assert torch.equal(MemoryStore.load(tmp_path / "s", tiny_model).memories(["d0", "d4"]), store.memories(["d0", "d4"]))
+    assert (generation / "memories-00001.npy").stat().st_nlink == 2  # a whole shard unchanged: linked, not written
 
 
 @pytest.mark.parametrize("index", ["hnsw"])  # a compact index of a store big enough to learn one: test_store_compact.py
@@ -507,6 +522,22 @@ def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
     randomize_adapters(other_key)  # the same compressor, but flattened keys
     with pytest.raises(StoreError, match="indexed with keys"):
         MemoryStore.load(tmp_path / "s", other_key)
+
+
+def test_a_store_written_on_another_base_model_is_refused(store, tiny_config, other_tiny_base, tmp_path):
+    # the same adapters and rows on another base: only the base model's fingerprint tells them apart
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    store.save(tmp_path / "s")
+    other = ClaraModel(dataclasses.replace(tiny_config, base_model=str(other_tiny_base)), device="cpu")
+    for name in ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter"):
+        set_peft_model_state_dict(other.lm, get_peft_model_state_dict(store.model.lm, adapter_name=name),
+                                  adapter_name=name)
+    with torch.no_grad():
+        rows = store.model.base_vocab_size
+        other.lm.get_input_embeddings().weight[rows:] = store.model.lm.get_input_embeddings().weight[rows:]
+    with pytest.raises(StoreError, match="was written by another base model"):
+        MemoryStore.load(tmp_path / "s", other)
 
 
 def test_a_store_of_another_compressor_is_refused_before_its_files_are_hashed(store, tiny_config, tmp_path,
