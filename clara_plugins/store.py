@@ -9,6 +9,7 @@ go through a folder of generations (``store_folder``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -409,29 +410,34 @@ class MemoryStore(BaseMemoryStore):
                 "index": self.index_kind, "compressor": compressor_signature(self.model),
                 "keys": self.keys.signature(), "memory_dtype": self.memory_dtype})
             with self._lock:
-                if self.revision == revision:  # nothing written meanwhile: read the rows from the saved files
-                    self._map(generation, header)
-                else:
+                # the store's own folder (not a backup's), nothing written meanwhile, and no other
+                # save recorded since (its rows may be numbered anew): the rows read from the files
+                own = previous is None or previous.folder.parent == folder.resolve()
+                if own and self.revision == revision and self._saved is previous:
+                    with contextlib.suppress(OSError, StoreError):  # else they stay in RAM, recorded below
+                        self._map(generation, header)
+                if self._saved is previous:
                     self._saved = store_folder.SavedGeneration.of(generation, snapshot.where, header)
             self._generation_in[folder.resolve()] = store_folder.stamp(generation)
         return generation
 
     def _map(self, generation: Path, header: dict) -> None:
         """Hold the memories (and scales and keys) of a generation as its files, memory-mapped:
-        what a load holds, and what a save switches to, so that a corpus indexed and saved in
-        groups is not all held in RAM (18 GB at CR16 for a million passages)."""
-        self._memory_chunks = store_folder.read_shards(generation, header["memory_shards"], np.dtype(self.memory_dtype))
-        self._scale_chunks = store_folder.read_shards(generation, header.get("scale_shards", []), np.float32)
-        expected = [m.shape[:2] for m in self._memory_chunks] if self.memory_dtype == "int8" else []
-        if [s.shape for s in self._scale_chunks] != expected:
+        what a load holds, and what a save to the store's folder switches to, so that a corpus
+        indexed and saved in groups is not all held in RAM (18 GB at CR16 for a million
+        passages). Every file is read and checked before the store changes."""
+        memories = store_folder.read_shards(generation, header["memory_shards"], np.dtype(self.memory_dtype))
+        scales = store_folder.read_shards(generation, header.get("scale_shards", []), np.float32)
+        expected = [m.shape[:2] for m in memories] if self.memory_dtype == "int8" else []
+        if [s.shape for s in scales] != expected:
             raise StoreError(f"{generation}: the scale shards do not match the {self.memory_dtype} memory shards")
-        self._key_chunks = store_folder.read_shards(generation, header["key_shards"], np.float32)
-        self._where = [(c, o) for c, shard in enumerate(self._memory_chunks) for o in range(len(shard))]
-        if len(self._where) != header["count"]:
-            raise StoreError(f"{generation}: memory shards hold {len(self._where)} rows, expected {header['count']}")
+        keys = store_folder.read_shards(generation, header["key_shards"], np.float32)
+        where = [(c, o) for c, shard in enumerate(memories) for o in range(len(shard))]
+        if len(where) != header["count"]:
+            raise StoreError(f"{generation}: memory shards hold {len(where)} rows, expected {header['count']}")
+        self._memory_chunks, self._scale_chunks, self._key_chunks, self._where = memories, scales, keys, where
         self._ram_rows = self._dead_ram_rows = 0
-        self._saved = store_folder.SavedGeneration.of(generation, np.array(self._where, dtype=np.int64).reshape(-1, 2),
-                                                      header)
+        self._saved = store_folder.SavedGeneration.of(generation, np.array(where, dtype=np.int64).reshape(-1, 2), header)
 
     def _check_no_other_save(self, folder: Path) -> None:
         """Refuse to save over a generation another writer saved since this store last read or

@@ -175,21 +175,23 @@ def _distillation_loss(teacher_log_probs: torch.Tensor, teacher_labels: torch.Te
 
 
 def _compression_loss(model: ClaraModel, rows: list[dict], prompts: list[str], full: list[str], grouped: torch.Tensor,
-                      memories: torch.Tensor, document_means: torch.Tensor, config: TrainConfig,
+                      documents: list[str], memories: torch.Tensor, document_means: torch.Tensor, config: TrainConfig,
                       teacher_view: tuple[torch.Tensor, torch.Tensor] | None = None
                       ) -> tuple[torch.Tensor, dict, torch.Tensor]:
-    """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document); returns
-    ``_reading_loss``'s three values."""
+    """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document), the
+    ``documents``' memories; returns ``_reading_loss``'s three values."""
     loss, metrics, target_log_likelihood = _reading_loss(model, rows, prompts, full, grouped, config, teacher_view)
     mse = F.mse_loss(memories.mean(1).float(), document_means.float())
     metrics["mse"] = mse.item()
-    if len(memories) > 1:
-        metrics["memory_cosine"] = memory_cosine(memories)
+    distinct = [documents.index(text) for text in dict.fromkeys(documents)]  # each text's first memories
+    if len(distinct) > 1:
+        metrics["memory_cosine"] = memory_cosine(memories[distinct])
     return loss + config.mse_weight * mse, metrics, target_log_likelihood
 
 
 def memory_cosine(memories: torch.Tensor) -> float:
-    """Mean cosine between the flattened memories of different documents [docs, n, hidden].
+    """Mean cosine between the flattened memories of different documents [docs, n, hidden]
+    (one document twice in a batch, an SCP row and its paraphrase row, paired with itself).
 
     The compressor's health in one number: near 1 every document looks the same to the
     reader (an untrained SmolLM2 compressor sits at about 0.95).
@@ -200,10 +202,11 @@ def memory_cosine(memories: torch.Tensor) -> float:
 
 
 def scp_loss(model: ClaraModel, rows: list[dict], config: TrainConfig) -> tuple[torch.Tensor, dict]:
-    memories, document_means = encode_with_gradients(model, [row["docs"][0] for row in rows])
+    documents = [row["docs"][0] for row in rows]
+    memories, document_means = encode_with_gradients(model, documents)
     prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, rows, 1)
-    loss, metrics, _ = _compression_loss(model, rows, prompts, full, memories.unsqueeze(1), memories, document_means,
-                                         config)
+    loss, metrics, _ = _compression_loss(model, rows, prompts, full, memories.unsqueeze(1), documents, memories,
+                                         document_means, config)
     return loss, metrics
 
 
@@ -222,10 +225,11 @@ def instruct_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
         grouped = frozen.for_rows(rows, config)[0]
         loss, metrics, answer_log_likelihood = _reading_loss(model, rows, prompts, full, grouped, config, view)
     else:
-        memories, document_means = encode_with_gradients(model, [d for row in rows for d in row["docs"]])
+        documents = [d for row in rows for d in row["docs"]]
+        memories, document_means = encode_with_gradients(model, documents)
         grouped = memories.reshape(len(rows), k, *memories.shape[1:])
-        loss, metrics, answer_log_likelihood = _compression_loss(model, rows, prompts, full, grouped, memories,
-                                                                 document_means, config, view)
+        loss, metrics, answer_log_likelihood = _compression_loss(model, rows, prompts, full, grouped, documents,
+                                                                 memories, document_means, config, view)
     if config.restate_weight:
         loss = loss + config.restate_weight * _restatement_loss(model, rows, grouped, answer_log_likelihood,
                                                                 config, metrics)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from clara_plugins import InvalidInputError, MemoryStore, StoreError, store_folder
 from conftest import CORPUS
@@ -363,3 +364,50 @@ def test_a_load_outrun_by_saves_stops_with_a_clear_error(saved, tiny_model, monk
         FileNotFoundError("removed by a save"))))
     with pytest.raises(StoreError, match="was saved 5 times over while it was read"):
         MemoryStore.load(folder, tiny_model)
+
+
+def test_a_save_elsewhere_meanwhile_never_makes_a_later_save_link_stale_shards(tiny_model, tmp_path, monkeypatch):
+    # a save to B while a save to A wrote, with a change between, numbered the store's rows anew
+    # (read from B's files); A's save then recorded the old numbering, and A's next save linked
+    # the shard of the old d0 in place of the new one
+    monkeypatch.setattr(store_folder, "SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
+    store.save(tmp_path / "a")
+    write = store_folder.write_generation
+
+    def meanwhile(folder, *args):
+        if folder == tmp_path / "a" and not (tmp_path / "b").exists():
+            store.upsert(["Vienna lies on the Danube."], ids=["d0"])
+            store.save(tmp_path / "b")
+        return write(folder, *args)
+
+    monkeypatch.setattr(store_folder, "write_generation", meanwhile)
+    store.save(tmp_path / "a")
+    store.save(tmp_path / "a")
+    loaded = MemoryStore.load(tmp_path / "a", tiny_model)
+    assert loaded.get(["d0"])[0].text == "Vienna lies on the Danube."
+    assert torch.equal(loaded.memories(loaded.all_ids()), store.memories(loaded.all_ids()))
+
+
+def test_a_store_saved_to_a_second_folder_keeps_reading_its_own(saved, tmp_path):
+    # a backup's folder became the files the store read: removing the backup held its disk space
+    store, folder = saved
+    store.save(tmp_path / "backup")
+    assert all(Path(chunk.filename).is_relative_to(folder) for chunk in store._memory_chunks)
+
+
+def test_a_store_whose_saved_files_cannot_be_mapped_keeps_its_rows_in_ram(tiny_model, tmp_path, monkeypatch):
+    # the memories were mapped before the scales and keys were read: a failure between left rows
+    # numbered for the files, read from RAM
+    store = MemoryStore(tiny_model, memory_dtype="int8")
+    store.upsert(CORPUS[:3], ids=["d0", "d1", "d2"])
+    before = store.memories(["d0", "d1", "d2"])
+    read = store_folder.read_shards
+    calls = iter(range(100))
+    monkeypatch.setattr(store_folder, "read_shards", lambda *a: read(*a) if next(calls) != 1 else (_ for _ in ()).throw(
+        OSError(12, "Cannot allocate memory")))
+    store.save(tmp_path / "s")
+    assert torch.equal(store.memories(["d0", "d1", "d2"]), before)
+    assert not any(isinstance(chunk, np.memmap) for chunk in store._memory_chunks)
+    assert len(MemoryStore.load(tmp_path / "s", tiny_model)) == 3

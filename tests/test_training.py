@@ -73,6 +73,17 @@ def test_compressor_stages_learn(tiny_model, tmp_path, stage, rows):
     assert (tmp_path / "checkpoint" / "clara_config.json").exists()
 
 
+def test_memory_cosine_pairs_different_documents_only(tiny_model):
+    # an SCP row and its paraphrase row encode one document twice: that pair's cosine of about 1 was counted
+    from clara_plugins.passes import encode_with_gradients
+
+    tiny_model.eval()  # no dropout: one document's two encodings are one
+    paraphrase = {"data_type": "paraphrase", "answers": ["Vienna lies on the Danube."], "docs": SCP[0]["docs"]}
+    _, metrics = training.scp_loss(tiny_model, [SCP[0], paraphrase, SCP[1]], TrainConfig(stage="scp"))
+    distinct = encode_with_gradients(tiny_model, [SCP[0]["docs"][0], SCP[1]["docs"][0]])[0]
+    assert metrics["memory_cosine"] == pytest.approx(training.memory_cosine(distinct), abs=1e-5)
+
+
 def test_memory_cosine_hand_worked():
     same = torch.ones(3, 2, 4)
     assert training.memory_cosine(same) == pytest.approx(1.0)
