@@ -199,11 +199,6 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupted or not a safetensors file: {error}") from error
 
 
-# the settings of the first format; the ones added since are filled in for older headers below
-_ALWAYS_SAVED = ("base_model", "compression_rate", "doc_max_length", "lora_r", "lora_alpha", "lora_dropout",
-                 "generation_top_k", "max_new_tokens")
-
-
 def read_torch_file(path: Path) -> object:
     """A torch file read on the CPU without running code it may hold (``weights_only``); any
     failure is a CheckpointError naming the file. Torch's own message advised loading with
@@ -221,6 +216,11 @@ def read_torch_file(path: Path) -> object:
 def read_config(folder: Path) -> ClaraConfig:
     """The ClaraConfig a checkpoint was trained with."""
     return _config_of(read_header(folder), folder)
+
+
+# the settings of the first format; the ones added since are filled in for older headers below
+_ALWAYS_SAVED = ("base_model", "compression_rate", "doc_max_length", "lora_r", "lora_alpha", "lora_dropout",
+                 "generation_top_k", "max_new_tokens")
 
 
 def _config_of(header: dict, folder: Path) -> ClaraConfig:

@@ -236,7 +236,7 @@ def after_held_out(held_out: list, rest: list) -> list:
         """The passage is a held-out one, or shares a quarter of the shorter one's 8-grams with one."""
         own = word_grams(passage)
         shared = Counter(number for gram in own for number in holders.get(gram, ()))
-        return spaced_alike(passage) in seen or any(count >= min(len(own), len(held_grams[number])) / 4
+        return spaced_alike(passage) in seen or any(_quarter_shared(count, len(own), len(held_grams[number]))
                                                     for number, count in shared.items())
 
     if isinstance(held_out[0], str):
@@ -255,8 +255,13 @@ def same_evidence(passage: str, grams: set[tuple[str, ...]]) -> bool:
     """The passage shares a quarter or more of the shorter one's word 8-grams with a passage of
     those ``grams``: one paragraph in another revision, window or spacing (``after_held_out``)."""
     own = word_grams(passage)
-    common = len(own & grams)
-    return common > 0 and common >= min(len(own), len(grams)) / 4
+    return _quarter_shared(len(own & grams), len(own), len(grams))
+
+
+def _quarter_shared(common: int, grams: int, other_grams: int) -> bool:
+    """Two passages of ``grams`` and ``other_grams`` word 8-grams with ``common`` in common are
+    one piece of evidence: a quarter or more of the shorter one's."""
+    return common > 0 and common >= min(grams, other_grams) / 4
 
 
 def word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:

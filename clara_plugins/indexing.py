@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .base_store import BaseMemoryStore, compress_in_parts
+from .base_store import BaseMemoryStore
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
-from .model import ClaraModel, warn_truncated
+from .model import ClaraModel, compress_in_parts, warn_truncated
 
 @dataclasses.dataclass(frozen=True)
 class RayCompression:

@@ -20,7 +20,7 @@ from .errors import InvalidInputError
 
 # the date a template that writes one (Llama 3's) writes, as it does where it cannot read the
 # clock: with today's, a prompt and its greedy answer changed from day to day
-TEMPLATE_DATE = "26 Jul 2024"
+_TEMPLATE_DATE = "26 Jul 2024"
 
 
 def render_chat(
@@ -95,7 +95,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer,
-                                             date_string=TEMPLATE_DATE)
+                                             date_string=_TEMPLATE_DATE)
     except TemplateError:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         rest: list[dict] = []
@@ -111,7 +111,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
             first_user["content"] = f"{system}\n{first_user['content']}"
         try:
             return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer,
-                                                 date_string=TEMPLATE_DATE)
+                                                 date_string=_TEMPLATE_DATE)
         except TemplateError as error:
             raise InvalidInputError(f"the model's chat template refuses these messages: {error}") from error
 

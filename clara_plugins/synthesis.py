@@ -173,6 +173,11 @@ def _supported(answer: str, document: str) -> bool:
     return any(tokens and all(t in words for t in tokens) for tokens in forms)
 
 
+def _says_none(line: str) -> bool:
+    """A coverage reply's line that says no fact is missing ("NONE", "None.", "NONE!")."""
+    return re.fullmatch(r"none\W*", line, re.IGNORECASE) is not None
+
+
 def _spaced(text: str) -> str:
     return re.sub(r"[^\w\s]", " ", text)
 
@@ -189,9 +194,9 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
         questions = "\n".join(q for q, _ in kept) or "(none)"
         reply = [line.strip("-* ").strip() for line in
                  teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
-        missing = [m for m in reply if m and m.upper().rstrip(".") != "NONE"]
+        missing = [m for m in reply if m and not _says_none(m)]
         # "NONE", maybe followed by why ("NONE\nEvery fact is covered."): its reasons are no facts
-        if not missing or re.fullmatch(r"none\W*", next(m for m in reply if m), re.IGNORECASE):
+        if not missing or _says_none(next(m for m in reply if m)):
             covered = True
             break
         if round_ == max_rounds:  # no check would follow: pairs asked for now could never be kept

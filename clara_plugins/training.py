@@ -190,8 +190,9 @@ def _compression_loss(model: ClaraModel, rows: list[dict], prompts: list[str], f
 
 
 def memory_cosine(memories: torch.Tensor) -> float:
-    """Mean cosine between the flattened memories of different documents [docs, n, hidden]
-    (one document twice in a batch, an SCP row and its paraphrase row, paired with itself).
+    """Mean cosine between the flattened memories of different documents [docs, n, hidden],
+    each document once (``_compression_loss`` drops repeats: an SCP row and its paraphrase row
+    share one document, which was paired with itself).
 
     The compressor's health in one number: near 1 every document looks the same to the
     reader (an untrained SmolLM2 compressor sits at about 0.95).

@@ -302,3 +302,17 @@ def test_a_hugging_face_teacher_without_a_chat_template_reads_the_plain_layout_w
     assert prompt + limit == 300
     with pytest.raises(InvalidInputError, match="all of its 300 positions: no room for a reply"):
         teacher("Paraphrase: " + "word " * 400)
+
+
+def test_a_none_line_among_missing_facts_is_no_fact():
+    # "NONE!" after a fact was asked about as a fact of its own
+    asked = []
+
+    class Recording(ScriptedTeacher):
+        def __call__(self, prompt):
+            if prompt.startswith("Write one simple"):
+                asked.append(prompt.split("Facts:\n")[1].split("\n\nDocument:")[0])
+            return super().__call__(prompt)
+
+    synthesize_document(DOC, Recording(["- the year of her birth\nNONE!", "NONE"]), max_rounds=1)
+    assert asked == ["the year of her birth"]

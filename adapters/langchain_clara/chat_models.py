@@ -164,7 +164,8 @@ class ChatClara(ReaderFields, BaseChatModel):
         ))
 
 
-# what LangChain's standard tests give every chat model; accepted and not read
+# what LangChain's standard tests give every chat model; accepted and not read, but for a
+# temperature above 0, which is refused
 _STANDARD_SETTINGS = ("temperature", "timeout", "max_retries", "api_key")
 
 

@@ -6,7 +6,8 @@ stored memory tokens, in place (``clara_plugins.context`` states the rule), so L
 default query engines, synthesizers and chat engines read memory tokens with their own
 prompts. The call keywords ``document_ids`` (store ids; or a message's
 ``additional_kwargs["document_ids"]``, as ChatClara reads them) and ``documents`` (texts) add
-documents explicitly; ``ClaraSynthesizer`` uses the first to keep the trained layout. The
+documents explicitly; ``ClaraSynthesizer`` passes each node's own text as ``documents``, which the
+store reads from its memories where it holds the node. The
 call keyword ``max_tokens`` limits one answer.
 
 Each response's ``additional_kwargs["clara"]`` says how many documents were read as memory
