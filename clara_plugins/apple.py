@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .atomic import check_replaceable_folder
-from .checkpoint import CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights, read_torch_file
+from .checkpoint import (CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights, read_torch_file,
+                         untied_output)
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
@@ -107,10 +108,9 @@ def load_apple_checkpoint(
         raise CheckpointError(f"{folder}/decoder_first_last_layers.pth is not a state dict of named tensors")
     embed = _matrix(matrices, "embed_tokens.weight", folder)
     model = ClaraModel(config, device=device, dtype=dtype)
-    output = model.lm.get_output_embeddings()
-    untied = output is not None and output.weight is not model.lm.get_input_embeddings().weight
+    output = untied_output(model)
     # an untied model without Apple's head kept its own seeded rows for the added tokens
-    head = _matrix(matrices, "lm_head.weight", folder, required=untied)
+    head = _matrix(matrices, "lm_head.weight", folder, required=output is not None)
     for name, state in adapters.items():
         peft_state = {_peft_key(key, name): tensor for key, tensor in state.items() if "lora_" in key}
         load_adapter_weights(model, name, peft_state, source=f"{folder / 'adapters.pth'}[{name}]")
@@ -121,8 +121,8 @@ def load_apple_checkpoint(
         warnings.warn(f"{folder} has no query reasoner (it was saved before the end-to-end stage): questions "
                       "are encoded by its compressor", stacklevel=2)
     _check_base_rows(model, embed, model.lm.get_input_embeddings().weight, folder, "embedding")
-    if untied:
-        _check_base_rows(model, head, output.weight, folder, "output")
+    if output is not None:
+        _check_base_rows(model, head, output, folder, "output")
     base = model.base_vocab_size
     load_added_rows(model, embed[base:], None if head is None else head[base:],
                     source=str(folder / "decoder_first_last_layers.pth"))

@@ -20,7 +20,7 @@ from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
 from .keys import ClaraKeys, KeyEncoder, check_clara_model, normalize_rows
-from .model import ClaraModel, as_memories, compress_in_parts, fp16_memories, warn_truncated
+from .model import ClaraModel, as_memories, compress_in_parts, fp16_memories
 
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
@@ -206,9 +206,7 @@ class BaseMemoryStore(ABC):
         caller may refill its buffer for the next group; stored rows never change), else
         compressed now (``compress_in_parts``)."""
         if memories is None:
-            compressed, cut = compress_in_parts(self.model, texts, self.batch_size, show_progress)
-            warn_truncated(cut, self.model.config.doc_max_length, stacklevel=4)  # once, numbered in the whole call
-            return compressed
+            return compress_in_parts(self.model, texts, self.batch_size, show_progress, stacklevel=4)
         if len(memories := as_memories(memories, "memories")) != len(texts):
             raise InvalidInputError(f"got {len(memories)} precomputed memories for {len(texts)} texts")
         shape = (self.model.config.n_mem_tokens, self.model.hidden_size)

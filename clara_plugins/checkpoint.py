@@ -75,9 +75,8 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
     adapters = {name: {k: stored(v) for k, v in get_peft_model_state_dict(
         model.lm, adapter_name=name, save_embedding_layers=False).items()} for name in ADAPTER_NAMES}
     embeddings = {"input_rows": stored(added_rows(model, model.lm.get_input_embeddings().weight))}
-    output = model.lm.get_output_embeddings()
-    if output is not None and output.weight is not model.lm.get_input_embeddings().weight:
-        embeddings["output_rows"] = stored(added_rows(model, output.weight))
+    if (output := untied_output(model)) is not None:
+        embeddings["output_rows"] = stored(added_rows(model, output))
     header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint,
               "layout_sha256": layout_sha256(model.tokenizer)}
     for part, tensors in [*adapters.items(), ("embeddings", embeddings)]:  # loading refuses them: never saved over a good copy
@@ -146,12 +145,19 @@ def adapters_sha256(model: AdaptedModel, adapters: Sequence[str] = ADAPTER_NAMES
         weights = get_peft_model_state_dict(model.lm, adapter_name=adapter, save_embedding_layers=False)
         tensors += [weights[k] for k in sorted(weights)]
     tensors.append(added_rows(model, model.lm.get_input_embeddings().weight))
-    output = model.lm.get_output_embeddings()
-    if ADAPTER_NAMES[-1] in adapters and output is not None and output.weight is not model.lm.get_input_embeddings().weight:
-        tensors.append(added_rows(model, output.weight))  # the generator's: the compressor never reads them
+    if ADAPTER_NAMES[-1] in adapters and (output := untied_output(model)) is not None:
+        tensors.append(added_rows(model, output))  # the generator's: the compressor never reads them
     for tensor in tensors:
         digest.update(tensor.detach().bfloat16().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def untied_output(model: AdaptedModel) -> torch.Tensor | None:
+    """The output embedding matrix where it is not the input one (Mistral's), else None."""
+    output = model.lm.get_output_embeddings()
+    if output is None or output.weight is model.lm.get_input_embeddings().weight:
+        return None
+    return output.weight
 
 
 def added_rows(model: AdaptedModel, matrix: torch.Tensor) -> torch.Tensor:

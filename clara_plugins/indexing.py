@@ -27,7 +27,7 @@ from .base_store import BaseMemoryStore
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
-from .model import ClaraModel, compress_in_parts, warn_truncated
+from .model import ClaraModel, compress_in_parts
 
 @dataclasses.dataclass(frozen=True)
 class RayCompression:
@@ -146,8 +146,7 @@ class _Compressor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One group in (batch_size=1), one row per document out."""
         (rows,), (texts,) = batch["rows"], batch["texts"]
-        memories, cut = compress_in_parts(self.model, texts.tolist(), self.batch_size)
-        warn_truncated(cut, self.model.config.doc_max_length, stacklevel=2)  # in the actor's log
+        memories = compress_in_parts(self.model, texts.tolist(), self.batch_size)  # warns in the actor's log
         return {"row": rows, "memories": memories}
 
 

@@ -15,7 +15,7 @@ import torch
 
 from .checks import check_texts
 from .errors import InvalidInputError
-from .model import ClaraModel, compress_in_parts, warn_truncated
+from .model import ClaraModel, compress_in_parts
 from .retrieval import retrieval_keys
 
 
@@ -81,8 +81,7 @@ class ClaraKeys:
         store's upsert compresses them."""
         texts = check_texts(texts, "texts", blanks=True)
         filled = [text for text in texts if text.strip()]
-        memories, cut = compress_in_parts(self.model, filled, batch_size)
-        warn_truncated(cut, self.model.config.doc_max_length, stacklevel=4)
+        memories = compress_in_parts(self.model, filled, batch_size, stacklevel=4)
         keys = np.tile(self.blank_key, (len(texts), 1))
         if filled:
             keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(memories)

@@ -284,7 +284,7 @@ class ClaraModel(torch.nn.Module):
     ) -> CompressedDocuments:
         """Compress documents with the encoder adapter, reporting truncation (in the result, and
         unless ``warn`` is False a warning: a cut document's memories hold only its first
-        ``doc_max_length`` tokens; a caller compressing in parts warns once, ``warn_truncated``).
+        ``doc_max_length`` tokens; ``compress_in_parts`` warns once for all its parts).
 
         Documents are batched by length (less padding); results come back in input order.
         """
@@ -300,7 +300,7 @@ class ClaraModel(torch.nn.Module):
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         if warn:
-            warn_truncated(cut, self.config.doc_max_length, stacklevel=3)
+            _warn_truncated(cut, self.config.doc_max_length, stacklevel=3)
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -560,7 +560,7 @@ _LOAD_TRIES = 5
 COMPRESS_PART = 1024  # texts compress_in_parts compresses at a time
 
 
-def warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
+def _warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
     """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document)."""
     truncated = [i for i, tokens in enumerate(cut) if tokens]
     if truncated:
@@ -569,19 +569,21 @@ def warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
                       stacklevel=stacklevel)  # counted from this function: 3 names its caller's caller
 
 
-def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int,
-                      show_progress: bool = False) -> tuple[np.ndarray, list[int]]:
+def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show_progress: bool = False,
+                      stacklevel: int = 2) -> np.ndarray:
     """fp16 memories [n, n_mem, hidden] of the texts as a store keeps them, compressed
     COMPRESS_PART at a time (a whole corpus in one call held the model's float32 memories and
-    two copies: about 70 KB a passage at CR16), and the tokens cut from each. A store upsert, a Ray actor
-    and a framework embedding compress alike, so their memories agree bit for bit."""
+    two copies: about 70 KB a passage at CR16), with one warning for the texts cut in the whole
+    call (``stacklevel`` as the caller would give ``warnings.warn``). A store upsert, a Ray
+    actor and a framework embedding compress alike, so their memories agree bit for bit."""
     compressed = np.empty((len(texts), model.config.n_mem_tokens, model.hidden_size), np.float16)
     cut: list[int] = []
     for start in range(0, len(texts), COMPRESS_PART):
         part = model.compress(texts[start:start + COMPRESS_PART], batch_size, show_progress, warn=False)
         compressed[start:start + len(part.memories)] = fp16_memories(part.memories)
         cut += part.truncated_tokens
-    return compressed, cut
+    _warn_truncated(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
+    return compressed
 
 
 def fp16_memories(memories: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ from pydantic import ConfigDict, Field, computed_field
 from clara_plugins import ClaraModel
 from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
-from clara_plugins.model import compress_in_parts, warn_truncated
+from clara_plugins.model import compress_in_parts
 
 _KEEP = 4096  # memory tokens remembered per model until a ClaraVectorStore takes them
 _untaken: WeakKeyDictionary[ClaraModel, OrderedDict[str, torch.Tensor]] = WeakKeyDictionary()
@@ -102,7 +102,5 @@ def take_memories(model: ClaraModel, texts: list[str], batch_size: int) -> torch
         remembered = {text: untaken.pop(text) for text in dict.fromkeys(texts) if text in untaken}
     missing = [text for text in dict.fromkeys(texts) if text not in remembered]
     if missing:
-        memories, cut = compress_in_parts(model, missing, batch_size)
-        warn_truncated(cut, model.config.doc_max_length, stacklevel=4)
-        remembered.update(zip(missing, torch.from_numpy(memories)))
+        remembered.update(zip(missing, torch.from_numpy(compress_in_parts(model, missing, batch_size, stacklevel=4))))
     return torch.stack([remembered[text] for text in texts])
