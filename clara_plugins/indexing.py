@@ -14,6 +14,7 @@ Ray comes from the ``[ray]`` extra and is imported only when a corpus is compres
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,9 @@ from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
 from .model import ClaraModel, compress_in_parts
+
+_GROUP_TRIES = 3  # a group whose actor died this often stops the run (the groups saved before stay)
+
 
 @dataclasses.dataclass(frozen=True)
 class RayCompression:
@@ -88,7 +92,9 @@ def index_documents(
     # Ray compresses each group as upsert does here (compress_in_parts): the same batches, the same memories
     compressed = ((group, None) for group in groups) if on_ray is None else _compressed_on_ray(
         store, texts, groups, on_ray)
-    with tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress:
+    # closed on a failed save too: a traceback kept (as a notebook keeps it) held Ray and its actors running
+    with tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress, \
+            contextlib.closing(compressed):
         for rows, memories in compressed:
             # compressed here: a bar of its batches too, as a group of 1,024 takes minutes on a CPU
             store.upsert([texts[r] for r in rows], [ids[r] for r in rows], [metadatas[r] for r in rows],
@@ -123,6 +129,8 @@ def _compressed_on_ray(
                                       override_num_blocks=len(groups))
         compressed = dataset.map_batches(
             _Compressor, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
+            # Ray retries a group whose actor died forever: one that kills every actor hung the run
+            max_task_retries=_GROUP_TRIES - 1,
             compute=ray.data.ActorPoolStrategy(size=min(workers, len(groups))),  # no actor without a group
             fn_constructor_kwargs={"load_model": options.load_model, "batch_size": store.batch_size,
                                    "signature": compressor_signature(store.model)},

@@ -53,6 +53,18 @@ def test_clara_index_on_ray_leaves_ray_as_it_found_it(tiny_model, tmp_path, caps
     assert "6 documents (0 compressed now, 6 already stored)" in capsys.readouterr().out
 
 
+def test_a_failed_save_stops_the_ray_the_run_started_at_once(tiny_model, on_ray):
+    # a traceback kept (as a notebook keeps the last one) held the run's generator, and Ray ran on
+    assert not ray.is_initialized()  # the run starts its own
+
+    def save():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full") as caught:
+        index_documents(MemoryStore(tiny_model), TEXTS[:4], IDS[:4], save=save, on_ray=on_ray(workers=1))
+    assert caught.value is not None and not ray.is_initialized()
+
+
 def test_ray_gives_the_memories_of_the_in_process_path(local_ray, tiny_model, on_ray):
     here, there = MemoryStore(tiny_model), MemoryStore(tiny_model)
     metadatas = [{"position": i} for i in range(len(TEXTS))]
@@ -125,3 +137,27 @@ def test_ray_workers_load_the_checkpoint_by_its_absolute_path_on_their_own_devic
                                           "--device", "cuda:1", "--ray"])
     load = cli._load_on_workers(args)
     assert load.args == (str(tmp_path / "ckpt"),) and load.keywords["device"] == "cuda"
+
+
+def test_a_group_that_kills_its_actor_stops_the_run_after_a_few_tries(local_ray, tiny_model, tmp_path):
+    # Ray restarted a dead actor and retried its group without end: the run hung
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    checkpoint = str(tmp_path / "ckpt")
+
+    def load():  # an actor that dies, as out of memory, on the group holding "POISON"
+        import os
+
+        model = ClaraModel.from_pretrained(checkpoint, device="cpu")
+        compress = model.compress
+        model.compress = lambda texts, *a, **k: os._exit(1) if any("POISON" in t for t in texts) else compress(
+            texts, *a, **k)
+        return model
+
+    store, saves = MemoryStore(tiny_model), []
+    texts = TEXTS[:8] + ["POISON " + TEXTS[8]]
+    ids = [document_id(text) for text in texts]
+    with pytest.raises(ray.exceptions.RayError):
+        index_documents(store, texts, ids, save=lambda: saves.append(len(store)), save_every=4,
+                        on_ray=RayCompression(load, workers=1))
+    assert saves and saves[-1] == len(store) and set(store.all_ids()) <= set(ids[:8])  # what was saved stays
+
