@@ -614,6 +614,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                          f"load it with dtype='float32'")
     if config.stage != "text":  # which reads its documents whole, as text
         _warn_cut_documents(model, rows)
+    finished = state is not None and state["step"] >= config.steps
+    # loaded, and refused, before the model's weights and settings change
+    teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
@@ -626,7 +629,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     model.config.decoder_reads_text = config.stage == "text"
     if config.stage == "e2e":  # the generator then reads as many documents as it was trained on
         model.config.generation_top_k = config.top_k
-    if resuming and state["step"] >= config.steps:
+    if finished:
         warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
         return _holding(model, checkpoint)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
@@ -650,7 +653,6 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         start = state["step"]
     _forget_steps_after(output / "log.jsonl", start if resuming else None)
     candidates = CandidateMemories(model, corpus) if config.caches_memories else None
-    teacher = _load_teacher(model, config.teacher) if config.distill_weight else None
     loss_of = {  # (micro-batch, the step's rows) -> (loss, metrics)
         "scp": lambda batch, _: scp_loss(model, batch, config),
         "instruct": lambda batch, _: instruct_loss(model, batch, config, candidates, teacher),

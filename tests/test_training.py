@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from clara_benchmarks.text_reader import read_text
 from clara_plugins import CheckpointError, ClaraModel, InvalidInputError, MemoryStore, TrainConfig, passes, training
+from clara_plugins.checkpoint import adapters_sha256
 from clara_plugins.model import copy_adapter
 from clara_plugins.passes import completion_log_likelihood, set_trainable
 from clara_plugins.prompts import question_prompt, scp_prompt
@@ -429,8 +430,12 @@ def test_a_teacher_with_another_vocabulary_or_stage_is_refused(tiny_config, tiny
     ClaraModel(dataclasses.replace(tiny_config, base_model=str(base)), device="cpu").save_pretrained(tmp_path / "t")
     config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, distill_weight=1.0,
                          teacher=str(tmp_path / "t"))
+    randomize_adapters(tiny_model, seed=3)
+    adapters = adapters_sha256(tiny_model)
     with pytest.raises(ValueError, match="another vocabulary"):
         train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    # refused before the stage set a fresh generator adapter in the caller's model
+    assert adapters_sha256(tiny_model) == adapters and not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="distill_weight needs the instruct stage"):
         TrainConfig(stage="scp", distill_weight=1.0, teacher=str(tmp_path / "t"))
 
