@@ -172,7 +172,8 @@ class TrainConfig:
     estimator: str = "straight-through"
     null_document: bool = False  # realm: also the answer read from no document, scored as the mean candidate
     candidates: int = 20  # per question, when retrieving from a corpus store
-    refresh_every: int = 0  # re-encode the corpus store every N steps (0: never)
+    # e2e, tokens design: re-encode the corpus store every N steps with the <MEM> rows trained so far (0: never)
+    refresh_every: int = 0
     seed: int = 0
     save_every: int = 50
     freeze_compressor: bool = False  # instruct stage: cached memories, decoder-only training
@@ -230,7 +231,8 @@ class TrainConfig:
     def unread_settings(self) -> set[str]:
         """The settings this stage, with these weights, never reads."""
         read = {"margin": self.margin_weight > 0, "restate_margin": self.restate_weight > 0,
-                "refresh_every": self.caches_memories, "warmup_ratio": self.schedule == "cosine",
+                # cached memories change only with the <MEM> rows (the tokens design's): as e2e trains them
+                "refresh_every": self.caches_memories and self.trains_memory_rows, "warmup_ratio": self.schedule == "cosine",
                 "temperature": self.stage in ("e2e", "retrieval"),
                 "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
                 "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
@@ -294,7 +296,7 @@ class TrainConfig:
             raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
                              "needs margin_weight, restate_margin restate_weight, gold_term the retrieval stage or "
                              "e2e's retrieval_weight, temperature e2e or retrieval, mse_weight a trained compressor, "
-                             "refresh_every cached memories: e2e, retrieval or a frozen compressor's instruct, "
+                             "refresh_every the e2e stage with a trained generator, "
                              "warmup_ratio the cosine schedule)")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing
             raise ValueError(f"grad_clip must be above 0, got {self.grad_clip}")

@@ -612,6 +612,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
                          f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
+    if config.refresh_every and model.config.memory_design != "tokens":  # an hours-long no-op on a large corpus
+        raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
+                         f"{model.config.memory_design} memories never read those rows, so they would come out the same")
     if config.stage != "text":  # which reads its documents whole, as text
         _warn_cut_documents(model, rows)
     finished = state is not None and state["step"] >= config.steps

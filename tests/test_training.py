@@ -868,6 +868,16 @@ def test_corpus_mode_retrieves_candidates_and_refreshes(tiny_tokens_model, tmp_p
     assert not torch.equal(before, store.memories(store.all_ids()[:1]))  # <MEM> rows moved, store re-encoded
 
 
+def test_a_refresh_of_pooled_memories_is_refused_before_any_step(tiny_model, tmp_path):
+    # pooled memories never read the <MEM> rows: each refresh compressed the whole corpus again for the same memories
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS)
+    config = TrainConfig(stage="e2e", steps=2, batch_size=1, grad_accum=1, top_k=2, candidates=4, refresh_every=1)
+    with pytest.raises(ValueError, match="pooled memories never read those rows"):
+        train(tiny_model, E2E, config, tmp_path / "run", corpus=store)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_end_to_end_k_is_the_k_the_checkpoint_reads(tiny_config, tiny_model, tmp_path):
     config = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=2, schedule="constant")
     checkpoint = train(tiny_model, E2E, config, tmp_path)
@@ -943,9 +953,12 @@ def test_the_log_counts_seconds_across_a_resume(tiny_model, tmp_path):
 def test_refresh_every_and_warmup_are_refused_where_nothing_reads_them():
     with pytest.raises(ValueError, match="refresh_every"):
         TrainConfig(stage="scp", refresh_every=10)
-    with pytest.raises(ValueError, match="refresh_every"):
-        TrainConfig(stage="instruct", refresh_every=10)
-    assert TrainConfig(stage="instruct", freeze_compressor=True, refresh_every=10).refresh_every == 10
+    # cached memories that nothing trained changes: re-encoding them would give them back as they are
+    for cached in ({"stage": "instruct"}, {"stage": "instruct", "freeze_compressor": True}, {"stage": "retrieval"},
+                   {"stage": "e2e", "freeze_generator": True}):
+        with pytest.raises(ValueError, match="refresh_every"):
+            TrainConfig(**cached, refresh_every=10)
+    assert TrainConfig(stage="e2e", refresh_every=10).refresh_every == 10
     with pytest.raises(ValueError, match="warmup_ratio"):  # a constant schedule has no warm-up
         TrainConfig(stage="e2e", schedule="constant", warmup_ratio=0.2)
 
