@@ -234,6 +234,7 @@ class TrainConfig:
                 # cached memories change only with the <MEM> rows (the tokens design's): as e2e trains them
                 "refresh_every": self.caches_memories and self.trains_memory_rows, "warmup_ratio": self.schedule == "cosine",
                 "temperature": self.stage in ("e2e", "retrieval"),
+                "top_k": self.stage in ("e2e", "retrieval") or self.probe_every > 0,
                 "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
                 "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
         return {name for name, is_read in read.items() if not is_read}
@@ -295,7 +296,7 @@ class TrainConfig:
         if unread:
             raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
                              "needs margin_weight, restate_margin restate_weight, gold_term the retrieval stage or "
-                             "e2e's retrieval_weight, temperature e2e or retrieval, mse_weight a trained compressor, "
+                             "e2e's retrieval_weight, temperature e2e or retrieval, top_k those or probes, mse_weight a trained compressor, "
                              "refresh_every the e2e stage with a trained generator, "
                              "warmup_ratio the cosine schedule)")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing

@@ -531,6 +531,11 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | Non
     if config.candidates != TrainConfig.candidates and corpus is None:
         raise ValueError("candidates (--candidates) sizes what is retrieved from a corpus store (--corpus): without "
                          "one, each row brings its own candidates")
+    if config.stage == "e2e":  # its checkpoint's generator reads top_k documents: as many as it trained on
+        width = config.candidates if corpus is not None else min(len(row["docs"]) for row in rows)
+        if config.top_k > width:
+            raise ValueError(f"top_k (--top-k) {config.top_k} is more than the {width} candidates of a row: the "
+                             f"generator would train on {width} and its checkpoint read {config.top_k}")
     for name, probe_rows in probes.items():
         for number, row in enumerate(probe_rows):
             problem = reading_row_problem(row)

@@ -950,6 +950,17 @@ def test_the_log_counts_seconds_across_a_resume(tiny_model, tmp_path):
     assert seconds[0] < 1000 <= seconds[1]  # the log's step 2 counted from the resume: at a second or less
 
 
+def test_a_top_k_nothing_reads_or_wider_than_the_pools_is_refused(tiny_model, tmp_path):
+    # an instruct row reads all its documents: top_k changed nothing but the probes'
+    with pytest.raises(ValueError, match="top_k"):
+        TrainConfig(stage="instruct", top_k=3)
+    assert TrainConfig(stage="instruct", top_k=3, probe_every=1).top_k == 3
+    # the generator trained on every candidate, and its checkpoint was set to read more than it has
+    config = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=len(E2E[0]["docs"]) + 1)
+    with pytest.raises(ValueError, match=f"more than the {len(E2E[0]['docs'])} candidates of a row"):
+        train(tiny_model, E2E, config, tmp_path)
+
+
 def test_refresh_every_and_warmup_are_refused_where_nothing_reads_them():
     with pytest.raises(ValueError, match="refresh_every"):
         TrainConfig(stage="scp", refresh_every=10)
