@@ -61,8 +61,7 @@ class ReaderFields(BaseModel):
         if unknown:
             raise TypeError(f"{type(self).__name__} reads no call option {', '.join(unknown)}; it reads documents, "
                             "document_ids and max_tokens")
-        if call.get("temperature") not in (None, 0):
-            raise ValueError(f"{type(self).__name__} decodes greedily: temperature must be 0, got {call['temperature']!r}")
+        check_greedy(type(self).__name__, call.get("temperature"))
         ids = call["document_ids"] if call.get("document_ids") is not None else [
             i for message in messages for i in message.additional_kwargs.get("document_ids", [])]
         reading = self._reader.read(self.clara, pairs, self.store, texts, ids, self.k)
@@ -73,3 +72,9 @@ class ReaderFields(BaseModel):
     def stats(self) -> ReadingStats:
         """Running totals of what the generator read over this object's calls."""
         return self._reader.stats
+
+
+def check_greedy(reader: str, temperature: object) -> None:
+    """Refuse a temperature above 0, set or asked at a call: the generator decodes greedily."""
+    if temperature not in (None, 0):
+        raise ValueError(f"{reader} decodes greedily: temperature must be 0, got {temperature!r}")

@@ -448,3 +448,46 @@ def test_a_checkpoint_saved_again_in_its_folder_has_another_cache_key(tiny_model
     tiny_model.save_pretrained(tmp_path / "ckpt")
     again = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
     assert ChatClara(clara=again)._get_llm_string() != before
+
+
+def test_a_clara_model_in_the_embeddings_place_is_the_model_and_another_object_is_refused(tiny_model, monkeypatch):
+    # the model in from_texts' second place loaded the shipped model, then failed at the first add
+    monkeypatch.setattr("langchain_clara.vectorstores.load_model", lambda: pytest.fail("the shipped model loaded"))
+    store = ClaraVectorStore.from_texts(CORPUS[:2], tiny_model, show_progress=True)
+    assert store.store.model is tiny_model and len(store.store) == 2
+    assert ClaraVectorStore(None, tiny_model).store.model is tiny_model
+    with pytest.raises(InvalidInputError, match="embedding must be a LangChain Embeddings, got str"):
+        ClaraVectorStore(tiny_model, "bge-small")
+
+
+def test_adding_refuses_a_misspelt_argument_and_reads_empty_ids_as_none(vectorstore):
+    before = vectorstore.store.all_ids()
+    with pytest.raises(TypeError, match="add_texts got arguments it does not take: metadata"):
+        vectorstore.add_texts(["A new text."], metadata=[{"a": 1}])  # stored without its metadata
+    assert vectorstore.store.all_ids() == before
+    (new,) = vectorstore.add_texts(["A new text."], ids=[], metadatas=[], batch_size=4)  # LangChain's stores' reading
+    assert vectorstore.get_by_ids([new])[0].page_content == "A new text."
+
+
+def test_an_empty_delete_filter_deletes_nothing(vectorstore):
+    before = vectorstore.store.all_ids()
+    with pytest.raises(InvalidInputError, match="an empty filter selects every document"):
+        vectorstore.delete(filter={})  # a filter built from an empty selection deleted everything
+    assert vectorstore.store.all_ids() == before
+
+
+def test_a_stop_that_is_no_list_of_strings_and_a_message_the_generator_cannot_read_are_refused(tiny_model):
+    from langchain_core.messages import AIMessage
+
+    chat = ChatClara(clara=tiny_model)
+    with pytest.raises(InvalidInputError, match="stop must be a list of non-empty strings, got 'User:'"):
+        chat.invoke(QUESTION, stop="User:")  # cut at its first U, s, e, r or colon
+    with pytest.raises(InvalidInputError, match="stop must be a list of non-empty strings"):
+        chat.invoke(QUESTION, stop=[""])  # an empty answer
+    image = HumanMessage(content=[{"type": "text", "text": "What is in this picture?"},
+                                  {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])
+    with pytest.raises(InvalidInputError, match="reads text only: message 0 holds image_url"):
+        chat.invoke([image])  # answered as if no picture was sent
+    call = AIMessage(content="", tool_calls=[{"name": "search", "args": {}, "id": "1"}])
+    with pytest.raises(InvalidInputError, match="message 1 holds tool_call"):
+        chat.invoke([HumanMessage(content=QUESTION), call, HumanMessage(content="And?")])

@@ -27,8 +27,9 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.prompts import ChatPromptTemplate
 from pydantic import Field, model_validator
 
-from clara_plugins.adapter_fields import ReaderFields
+from clara_plugins.adapter_fields import ReaderFields, check_greedy
 from clara_plugins.checkpoint import adapters_sha256
+from clara_plugins.errors import InvalidInputError
 from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from clara_plugins.context import Reading, chat_role, passed_documents
 
@@ -68,8 +69,7 @@ class ChatClara(ReaderFields, BaseChatModel):
             unknown = sorted(set(values) - set(cls.model_fields) - set(_STANDARD_SETTINGS))
             if unknown:
                 raise ValueError(f"ChatClara has no setting {', '.join(unknown)} (the CLaRa model is clara=)")
-            if values.get("temperature") not in (None, 0):
-                raise ValueError(f"ChatClara decodes greedily: temperature must be 0, got {values['temperature']!r}")
+            check_greedy("ChatClara", values.get("temperature"))
         return values
 
     @property
@@ -103,8 +103,12 @@ class ChatClara(ReaderFields, BaseChatModel):
         """The answer's text pieces, cut at stop sequences, and what the generator read."""
         passed = passed_documents(kwargs.get("documents") or [])
         texts = [d.page_content if isinstance(d, Document) else d for d in passed]
-        pieces, reading = self._answer([(_role(m), m.text) for m in messages], messages, texts, kwargs, self.max_tokens)
-        return _cut_at_stops(pieces, stop or self.stop or []), reading
+        stops = stop or self.stop or []
+        if isinstance(stops, str) or not all(isinstance(s, str) and s for s in stops):  # "User:" cut at any letter
+            raise InvalidInputError(f"stop must be a list of non-empty strings, got {stops!r}")
+        pairs = [(_role(m), _text(m, number)) for number, m in enumerate(messages)]
+        pieces, reading = self._answer(pairs, messages, texts, kwargs, self.max_tokens)
+        return _cut_at_stops(pieces, stops), reading
 
     def get_token_ids(self, text: str) -> list[int]:
         """The generator's own tokens (LangChain's default tokenizer is GPT-2's, a download):
@@ -177,6 +181,19 @@ def _role(message: BaseMessage) -> str:
     if isinstance(message, AIMessage):
         return "assistant"
     return chat_role(message.role) if isinstance(message, ChatMessage) else "user"
+
+
+def _text(message: BaseMessage, number: int) -> str:
+    """A message's text; an image, a file or a tool call, which the generator cannot read, is
+    refused rather than dropped (the answer was as if it had never been sent)."""
+    blocks = message.content if isinstance(message.content, list) else []
+    unread = [block.get("type", "?") for block in blocks
+              if isinstance(block, dict) and block.get("type") not in ("text", "reasoning", "thinking")]
+    if isinstance(message, AIMessage) and message.tool_calls:
+        unread.append("tool_call")
+    if unread:
+        raise InvalidInputError(f"ChatClara reads text only: message {number} holds {', '.join(unread)}")
+    return message.text
 
 
 def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:

@@ -54,6 +54,11 @@ def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> t
     (``InMemoryVectorStore(embedding)``, ``FAISS.load_local(folder, embeddings)``)."""
     if isinstance(model, Embeddings) and embedding is None:
         model, embedding = None, model
+    if isinstance(embedding, ClaraModel) and model in (None, embedding):  # from_texts(texts, model): its second place
+        model, embedding = embedding, None
+    if embedding is not None and not isinstance(embedding, Embeddings):  # refused before the shipped model loads
+        raise InvalidInputError(f"embedding must be a LangChain Embeddings, got {type(embedding).__name__} (the CLaRa "
+                                "model is model=)")
     if isinstance(embedding, ClaraEmbeddings):
         if model is not None and embedding.model is not model:  # its keys would be ignored for the model's
             raise InvalidInputError("the ClaraEmbeddings given beside model= are of another model: pass one of them")
@@ -128,7 +133,11 @@ class ClaraVectorStore(VectorStore):
     ) -> list[str]:
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, got one str: wrap it in a list")
+        # batch_size: LangChain's index() passes it; the store compresses in its own batches
+        refuse_unknown("add_texts", kwargs, honoured=("batch_size",))  # metadata= stored nothing
         texts = list(texts)
+        if texts:  # an empty list stands for none, as in LangChain's own stores
+            ids, metadatas = ids or None, metadatas or None
         if isinstance(ids, (list, tuple)):  # None where LangChain lets the store name it; the store checks the rest
             ids = [uuid.uuid4().hex if doc_id is None else doc_id for doc_id in ids]
         if not texts and not ids and not metadatas:  # as LangChain's own stores do; the store checks the rest
@@ -142,6 +151,8 @@ class ClaraVectorStore(VectorStore):
         if ids is not None and filter is not None:
             raise InvalidInputError("delete takes ids or a filter, not both")
         if filter is not None:
+            if not filter:  # built from an empty selection, it deleted every document
+                raise InvalidInputError("an empty filter selects every document: call delete() to delete them all")
             ids = self.store.ids_where(filter)
         self.store.delete(self.store.all_ids() if ids is None else ids)
         return True
@@ -217,10 +228,11 @@ class ClaraVectorStore(VectorStore):
         *,
         ids: list[str] | None = None,
         model: ClaraModel | None = None,
+        show_progress: bool = False,
         **kwargs: Any,
     ) -> ClaraVectorStore:
         store = cls(model, embedding, **kwargs)
-        store.add_texts(texts, metadatas, ids=ids)
+        store.add_texts(texts, metadatas, ids=ids, show_progress=show_progress)
         return store
 
     @classmethod
