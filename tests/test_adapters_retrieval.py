@@ -23,7 +23,7 @@ from llama_index.core.vector_stores.types import (
 
 import langchain_clara
 import llama_index_clara
-from clara_plugins import ClaraModel, MemoryStore
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
 from clara_plugins.config import DEFAULT_BASE_MODEL
 from clara_plugins.keys import ClaraKeys, maximal_marginal_relevance, normalize_rows
 from conftest import CORPUS
@@ -178,6 +178,12 @@ def test_llama_index_mmr_mode(llama_store):
                           mmr_prefetch_factor=2)
     with pytest.raises(NotImplementedError, match="query mode 'hybrid'"):
         llama_query(llama_store, 3, mode=VectorStoreQueryMode.HYBRID)
+    with pytest.raises(NotImplementedError, match="query mode 'hybrid'"):  # a bare AttributeError on str.value
+        llama_query(llama_store, 3, mode="hybrid")
+    assert llama_query(llama_store, 3, mode="mmr", mmr_threshold=0.25) == diverse
+    for bad in (-3, 0, True, 2.9, "x"):  # -3, 0 and True fell back to top_k, 2.9 was read as 2
+        with pytest.raises(InvalidInputError, match="mmr_prefetch_k must be a positive integer"):
+            llama_store.query(VectorStoreQuery(query_str=QUESTION, mode=VectorStoreQueryMode.MMR), mmr_prefetch_k=bad)
 
 
 # 5. range filters
@@ -239,6 +245,20 @@ def test_clara_embedding_keeps_no_memories_that_no_clara_store_takes(tiny_model)
     assert list(embedding_module._untaken[tiny_model]) == CORPUS[:3]
 
 
+def test_clara_embedding_keeps_memories_by_bytes_each_its_own_and_says_what_it_forgot(tiny_model, monkeypatch):
+    # an IngestionPipeline embeds every node before its store takes any: past 4,096 texts the
+    # rest were compressed a second time unsaid; and each kept row held its whole batch
+    from llama_index_clara import embedding as embedding_module
+
+    LlamaClaraVectorStore(tiny_model)
+    one = tiny_model.config.n_mem_tokens * tiny_model.hidden_size * 2  # fp16 bytes of a text's memories
+    monkeypatch.setattr(embedding_module, "_KEEP_BYTES", 4 * one)
+    with pytest.warns(UserWarning, match="2 texts' memory tokens were forgotten before a ClaraVectorStore took them"):
+        ClaraEmbedding(clara=tiny_model, embed_batch_size=8).get_text_embedding_batch(CORPUS[:6])
+    kept = embedding_module._untaken[tiny_model]
+    assert list(kept) == CORPUS[2:6] and all(m.untyped_storage().nbytes() == one for m in kept.values())
+
+
 # 7. LlamaIndex persistence through StorageContext
 
 def test_storage_context_persist_and_reload(tiny_model, tmp_path):
@@ -294,8 +314,6 @@ def test_a_store_of_one_document_falls_back_to_the_plain_map(tiny_model):
 def test_a_search_key_that_is_not_finite_is_refused(tiny_model):
     # a filtered search returned the first documents, scored NaN, at relevance 1.0
     import numpy as np
-
-    from clara_plugins import InvalidInputError
 
     store = MemoryStore(tiny_model)
     store.upsert(CORPUS[:3], metadatas=[{"n": i} for i in range(3)])

@@ -9,7 +9,7 @@ import threading
 import pytest
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage
-from llama_index.core.schema import TextNode
+from llama_index.core.schema import MetadataMode, TextNode
 from llama_index.core.vector_stores.types import (
     FilterCondition,
     FilterOperator,
@@ -393,15 +393,17 @@ def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, 
     monkeypatch.setattr(Settings, "_node_parser", None)  # LlamaIndex's default: 1,024-token chunks
     monkeypatch.setattr(Settings, "_transformations", None)
     store = ClaraVectorStore(tiny_model)
-    VectorStoreIndex.from_documents([Document(text=" ".join(CORPUS))], storage_context=StorageContext.from_defaults(
-        vector_store=store))
-    chunks = [d.text for d in store.client.get(store.client.all_ids())]
+    # a reader's metadata is compressed beside each chunk's text: its template's separator too
+    page = {"file_path": "/data/reports/2024/annual_report.pdf", "page_label": "12"}
+    VectorStoreIndex.from_documents([Document(text=" ".join(CORPUS)), Document(text=" ".join(CORPUS), metadata=page)],
+                                    storage_context=StorageContext.from_defaults(vector_store=store))
+    chunks = [node.get_content(metadata_mode=MetadataMode.EMBED) for node in store.get_nodes()]
     limit = tiny_model.config.doc_max_length  # longer ones were compressed from their first tokens alone
-    assert len(chunks) > 1 and all(len(tiny_model.tokenizer.encode(c, add_special_tokens=False)) <= limit
+    assert len(chunks) > 2 and all(len(tiny_model.tokenizer.encode(c, add_special_tokens=False)) <= limit
                                    for c in chunks)
     Settings.transformations  # an index asked LlamaIndex for them: [the parser]
     ClaraVectorStore(ClaraModel(dataclasses.replace(tiny_config, doc_max_length=32), device="cpu"))
-    assert Settings._node_parser.chunk_size == 32  # an earlier store's chunks fit another model
+    assert Settings._node_parser.chunk_size == 30  # an earlier store's chunks fit another model (2 tokens spare)
     assert Settings.transformations == [Settings._node_parser]
     own = SentenceSplitter(chunk_size=1024)
     monkeypatch.setattr(Settings, "_node_parser", own)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import warnings
 from collections import OrderedDict
 from weakref import WeakKeyDictionary, WeakSet
 
@@ -16,7 +17,9 @@ from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.model import compress_in_parts
 
-_KEEP = 4096  # memory tokens remembered per model until a ClaraVectorStore takes them
+# Memory tokens remembered per model until a ClaraVectorStore takes them. An IngestionPipeline
+# embeds every node before its store takes any: 1 GiB holds 58,000 CR16 passages of SmolLM2.
+_KEEP_BYTES = 2**30
 _untaken: WeakKeyDictionary[ClaraModel, OrderedDict[str, torch.Tensor]] = WeakKeyDictionary()
 _takers: WeakSet[ClaraModel] = WeakSet()  # the models of the ClaraVectorStores made so far
 _untaken_lock = threading.Lock()
@@ -33,7 +36,7 @@ class ClaraEmbedding(BaseEmbedding):
 
     ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so
     once a ClaraVectorStore of the same model exists, the memory tokens computed here are
-    remembered (per model, the last ``_KEEP`` texts, whichever store the index writes to) and
+    remembered (per model, the last ``_KEEP_BYTES`` of them, whichever store the index writes to) and
     the store takes them instead of compressing the text again. Before any such store exists,
     nothing is kept.
     """
@@ -60,14 +63,20 @@ class ClaraEmbedding(BaseEmbedding):
         is blank."""
         # the texts come in batches of embed_batch_size (the store's batch size, for the store's own)
         keys, memories = ClaraKeys(self.clara).keys_and_memories(texts, batch_size=self.embed_batch_size)
+        forgotten = 0
         with _untaken_lock:
             if self.clara in _takers and len(memories):  # else no store of this model would ever take them
                 untaken = _untaken.setdefault(self.clara, OrderedDict())
                 for text, memory in zip([text for text in texts if text.strip()], memories):
-                    untaken[text] = memory
+                    untaken[text] = memory.clone()  # a row of its own: a view held the whole batch
                     untaken.move_to_end(text)
-                while len(untaken) > _KEEP:
+                while len(untaken) > max(1, _KEEP_BYTES // memories[0].nbytes):
                     untaken.popitem(last=False)
+                    forgotten += 1
+        if forgotten:
+            warnings.warn(f"{forgotten} texts' memory tokens were forgotten before a ClaraVectorStore took them "
+                          f"(it keeps {_KEEP_BYTES / 2**30:g} GiB): the store compresses those texts again; "
+                          "add the nodes in smaller batches", stacklevel=2)
         return keys.tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
@@ -102,5 +111,8 @@ def take_memories(model: ClaraModel, texts: list[str], batch_size: int) -> torch
         remembered = {text: untaken.pop(text) for text in dict.fromkeys(texts) if text in untaken}
     missing = [text for text in dict.fromkeys(texts) if text not in remembered]
     if missing:
-        remembered.update(zip(missing, torch.from_numpy(compress_in_parts(model, missing, batch_size, stacklevel=4))))
+        # nodes embedded elsewhere, or forgotten before the store took them: a bar past one batch
+        compressed = compress_in_parts(model, missing, batch_size, show_progress=len(missing) > batch_size,
+                                       stacklevel=4)
+        remembered.update(zip(missing, torch.from_numpy(compressed)))
     return torch.stack([remembered[text] for text in texts])

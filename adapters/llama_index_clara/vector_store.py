@@ -36,6 +36,7 @@ from pydantic import PrivateAttr
 from clara_plugins import ClaraModel, MemoryStore, StoreError, StoredDocument
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
+from clara_plugins.checks import check_positive_int
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
@@ -74,9 +75,17 @@ class _CompressorChunks(SentenceSplitter):
 
     @classmethod
     def of(cls, model: ClaraModel) -> _CompressorChunks:
-        size = model.config.doc_max_length  # the tokenizer alone is kept: the model stays freeable
+        # two tokens spare: the splitter's merges, and the tokens that merge where metadata and text join
+        size = model.config.doc_max_length - 2  # the tokenizer alone is kept: the model stays freeable
         return cls(chunk_size=size, chunk_overlap=size // 8,
                    tokenizer=functools.partial(model.tokenizer.encode, add_special_tokens=False))
+
+    def _get_metadata_str(self, node: BaseNode) -> str:
+        """What the compressor reads beside a chunk's text (its embedding content): the metadata
+        and the template's separator (a reader's file_path and page_label cut 42 of 355 chunks)."""
+        metadata = node.get_metadata_str(mode=MetadataMode.EMBED)
+        template = getattr(node, "text_template", "{metadata_str}\n\n{content}")
+        return template.format(metadata_str=metadata, content="") if metadata else ""
 
 
 def _split_for(model: ClaraModel) -> None:
@@ -226,10 +235,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
                              f"(vector_store_kwargs) are {', '.join(_QUERY_OPTIONS)}")
         if not query.query_str:
             raise ValueError("ClaraVectorStore searches with the query text (query_str), not an embedding")
-        if query.mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
-            raise NotImplementedError(f"query mode {query.mode.value!r} is not supported; use 'default' or 'mmr'")
+        mode = VectorStoreQueryMode(query.mode)  # a plain dataclass: a mode given as a string stays one
+        if mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
+            raise NotImplementedError(f"query mode {mode.value!r} is not supported; use 'default' or 'mmr'")
         lambda_mult, fetch_k = 1.0, query.similarity_top_k  # fetch_k: the nodes MMR re-ranks (unused otherwise)
-        if query.mode == VectorStoreQueryMode.MMR:
+        if mode == VectorStoreQueryMode.MMR:
             threshold = query.mmr_threshold if query.mmr_threshold is not None else kwargs.get("mmr_threshold")
             lambda_mult = 0.5 if threshold is None else threshold
             fetch_k = _mmr_fetch_k(query.similarity_top_k, kwargs)
@@ -318,6 +328,7 @@ def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
     if prefetch_k is not None and factor is not None:
         raise ValueError("give mmr_prefetch_k or mmr_prefetch_factor, not both")
     if prefetch_k is not None:
+        check_positive_int("mmr_prefetch_k", prefetch_k)  # -3 and True fell back to top_k, 2.9 was 2
         return max(top_k, int(prefetch_k))
     factor = MMR_PREFETCH_FACTOR if factor is None else factor
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
