@@ -9,8 +9,8 @@ go through a folder of generations (``store_folder``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import warnings
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -414,8 +414,11 @@ class MemoryStore(BaseMemoryStore):
                 # save recorded since (its rows may be numbered anew): the rows read from the files
                 own = previous is None or previous.folder.parent == folder.resolve()
                 if own and self.revision == revision and self._saved is previous:
-                    with contextlib.suppress(OSError, StoreError):  # else they stay in RAM, recorded below
+                    try:
                         self._map(generation, header)
+                    except (OSError, StoreError) as error:  # they stay in RAM, recorded below
+                        warnings.warn(f"the store keeps its memories in RAM, not read from {generation}: {error}",
+                                      stacklevel=2)
                 if self._saved is previous:
                     self._saved = store_folder.SavedGeneration.of(generation, snapshot.where, header)
             self._generation_in[folder.resolve()] = store_folder.stamp(generation)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import re
@@ -237,12 +238,40 @@ def _write_array(path: Path, array: np.ndarray) -> None:
 
 def _read_array(path: Path, dtype: DTypeLike, mmap_mode: str | None = None) -> np.ndarray:
     try:
-        array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        try:
+            array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+        except OSError as error:
+            if error.errno != errno.EMFILE or not _more_open_files():
+                raise
+            array = np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except OSError as error:
+        if error.errno == errno.EMFILE:
+            raise StoreError(f"{path}: too many open files; each memory-mapped shard holds one (two for int8), "
+                             f"so raise the limit (ulimit -n)") from error
+        raise StoreError(f"{path} is missing or corrupted: {error}") from error
+    except ValueError as error:
         raise StoreError(f"{path} is missing or corrupted: {error}") from error
     if array.dtype != dtype:
         raise StoreError(f"{path} holds {array.dtype}, expected {np.dtype(dtype)}")
     return array
+
+
+def _more_open_files() -> bool:
+    """Raise this process's open-file limit to its hard limit; whether it rose. A mapped shard
+    keeps a file open (before Python 3.13), and a million int8 passages map 490 of them."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return False
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2**20 if hard == resource.RLIM_INFINITY else hard  # Linux's usual ceiling (fs.nr_open)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _write_shards(staging: Path, field: str, count: int, write: Callable[[Path, slice], None],

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -443,6 +444,41 @@ def test_a_store_reads_what_it_saved_from_its_files_not_ram(tiny_model, tmp_path
     generation = store.save(tmp_path / "s")
     assert torch.equal(MemoryStore.load(tmp_path / "s", tiny_model).memories(["d0", "d4"]), store.memories(["d0", "d4"]))
     assert (generation / "memories-00001.npy").stat().st_nlink == 2  # a whole shard unchanged: linked, not written
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="counts this process's open files in /proc")
+def test_a_store_of_more_shards_than_the_open_file_limit_loads_and_saves_mapped(tiny_model, tmp_path, monkeypatch):
+    # each mapped shard keeps a file open: past the soft limit (1,024, about a million int8
+    # passages) a load failed as "missing or corrupted", and a save kept its memories in RAM unsaid
+    import resource
+
+    monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 1)
+    texts = [f"{CORPUS[i % len(CORPUS)]} Note {i}." for i in range(40)]
+    store = MemoryStore(tiny_model, memory_dtype="int8")  # two files a shard
+    store.upsert(texts, ids=[f"d{i}" for i in range(40)])
+    store.save(tmp_path / "s")
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limits[1] != resource.RLIM_INFINITY and limits[1] < 2048:
+        pytest.skip(f"the hard open-file limit {limits[1]} leaves no room to lower the soft one")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 30, limits[1]))
+        loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+        assert all(isinstance(chunk, np.memmap) for chunk in loaded._memory_chunks)
+        assert torch.equal(loaded.memories(["d0", "d39"]), store.memories(["d0", "d39"]))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_a_save_that_cannot_map_its_files_says_its_memories_stay_in_ram(tiny_model, tmp_path, monkeypatch):
+    def fail(*args):
+        raise StoreError("too many open files")
+
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    monkeypatch.setattr(store, "_map", fail)
+    with pytest.warns(UserWarning, match="keeps its memories in RAM, not read from .*: too many open files"):
+        store.save(tmp_path / "s")
+    assert MemoryStore.load(tmp_path / "s", tiny_model).get(["a", "b"]) == store.get(["a", "b"])
 
 
 @pytest.mark.parametrize("index", ["hnsw"])  # a compact index of a store big enough to learn one: test_store_compact.py
