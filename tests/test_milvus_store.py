@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -254,6 +255,21 @@ def test_a_collection_the_store_did_not_create_is_refused(milvus, tiny_model, ur
     with pytest.raises(StoreError, match="'theirs' .* is not a CLaRa memory store"):
         MilvusMemoryStore(tiny_model, uri, collection="theirs")
     assert client.has_collection("theirs")
+
+
+def test_closing_the_last_store_on_a_milvus_lite_file_releases_its_server(tiny_model, uri):
+    # milvus-lite kept the file's server and data until exit: a store opened after the file was
+    # deleted still held its documents, and the writes it took went to unlinked files
+    first, second = MilvusMemoryStore(tiny_model, uri), MilvusMemoryStore(tiny_model, uri)
+    first.upsert(CORPUS[:2], IDS[:2])
+    first.close()
+    first.close()  # a second close changes nothing
+    assert sorted(second.all_ids()) == sorted(IDS[:2])  # the other store's server is still running
+    second.close()
+    shutil.rmtree(Path(uri).parent)
+    again = MilvusMemoryStore(tiny_model, uri)
+    assert again.all_ids() == []
+    again.close()
 
 
 def test_a_collection_whose_creation_failed_is_not_left_behind(tiny_model, uri, monkeypatch):
