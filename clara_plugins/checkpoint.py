@@ -252,6 +252,22 @@ def _config_of(header: dict, folder: Path) -> ClaraConfig:
 _SETTINGS_OUTSIDE_WEIGHTS = ("base_model", "generation_top_k", "max_new_tokens", "decoder_reads_text")
 
 
+def check_same_configuration(config: ClaraConfig, folder: Path, *, another_rate: bool = False,
+                             header: dict | None = None) -> ClaraConfig:
+    """The configuration a checkpoint was trained with; another ``config`` in the settings its
+    weights depend on is refused (``another_rate``: as ``load_trained_weights``)."""
+    saved = _config_of(read_header(folder) if header is None else header, folder)
+    outside = _SETTINGS_OUTSIDE_WEIGHTS + (("compression_rate",) if another_rate and saved.memory_design == "pooled"
+                                           else ())
+    changed = [f"{name}={getattr(config, name)!r} (was {getattr(saved, name)!r})"
+               for name in (field.name for field in dataclasses.fields(ClaraConfig))
+               if name not in outside and getattr(config, name) != getattr(saved, name)]
+    if changed:
+        raise CheckpointError(f"checkpoint {folder} was trained with another model configuration: "
+                              f"{', '.join(changed)}; load it with the same settings")
+    return saved
+
+
 def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: bool = False) -> None:
     """Check the base-model fingerprint and the model's configuration, then load the three
     adapters and the rows; a missing, empty or non-finite one is an error, never a silently
@@ -271,15 +287,7 @@ def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: boo
         warnings.warn(f"{folder} was trained on prompts that the chat template of {model.config.base_model!r} now "
                       "lays out otherwise (another copy or revision of its base model?): its answers may read worse",
                       stacklevel=3)
-    saved, current = _config_of(header, folder), model.config
-    outside = _SETTINGS_OUTSIDE_WEIGHTS + (("compression_rate",) if another_rate and saved.memory_design == "pooled"
-                                           else ())
-    changed = [f"{name}={getattr(current, name)!r} (was {getattr(saved, name)!r})"
-               for name in (field.name for field in dataclasses.fields(ClaraConfig))
-               if name not in outside and getattr(current, name) != getattr(saved, name)]
-    if changed:
-        raise CheckpointError(f"checkpoint {folder} was trained with another model configuration: "
-                              f"{', '.join(changed)}; load it with the same settings")
+    saved, current = check_same_configuration(model.config, folder, another_rate=another_rate, header=header), model.config
     adapters = {name: _read_safetensors(folder / adapter_file(name)) for name in ADAPTER_NAMES}
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
     if "input_rows" not in embeddings:

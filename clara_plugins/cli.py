@@ -411,6 +411,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import torch
 
+    from .checkpoint import check_same_configuration
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
@@ -431,7 +432,7 @@ def _train(args: argparse.Namespace) -> None:
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
     state = check_run(rows, config, passages, probes, args.output)
-    finished = state is not None and state["step"] >= config.steps
+    resuming, finished = state is not None, state is not None and state["step"] >= config.steps
     del state  # its optimizer moments: train() reads its own copy
     if finished:
         print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
@@ -453,6 +454,8 @@ def _train(args: argparse.Namespace) -> None:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
         else:  # torch before 2.9
             torch.backends.cuda.matmul.allow_tf32 = True
+    if resuming:  # a run resumed with other model settings is refused before its corpus is compressed (hours)
+        check_same_configuration(model.config, Path(args.output) / "checkpoint")
     corpus = None
     if passages is not None:
         from .store import MemoryStore  # faiss, which a run without a corpus never needs

@@ -398,6 +398,28 @@ def test_train_goes_on_from_a_pooled_checkpoint_at_another_compression_rate(tiny
     assert exit_info.value.code == 4 and "compression_rate=16 (was 8)" in capsys.readouterr().err
 
 
+def test_a_run_resumed_with_other_model_settings_is_refused_before_its_corpus_is_compressed(tiny_model, tmp_path,
+                                                                                            monkeypatch, capsys):
+    # the model loaded, the whole corpus was compressed (hours), and only then was the resume refused
+    from clara_plugins.store import MemoryStore
+
+    tiny_model.save_pretrained(tmp_path / "init")
+    rows, corpus = tmp_path / "rows.jsonl", tmp_path / "corpus.txt"
+    rows.write_text(json.dumps({"question": "Who won Nobel prizes?", "docs": [CORPUS[4]], "answer": "Marie Curie"})
+                    + "\n")
+    corpus.write_text("\n\n".join(CORPUS))
+    train = ["train", "--stage", "e2e", "--data", str(rows), "--corpus", str(corpus), "--output", str(tmp_path / "run"),
+             "--init", str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1",
+             "--top-k", "2", "--candidates", "3", "--device", "cpu"]
+    main(train)
+    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "step": 0}, state_file)  # a step left to take
+    monkeypatch.setattr(MemoryStore, "upsert", lambda *a, **k: pytest.fail("the corpus was compressed"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train, "--retrieval-key", "flat"])
+    assert exit_info.value.code == 4 and "retrieval_key='flat' (was 'mean')" in capsys.readouterr().err
+
+
 def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     # each was ignored (a setting, shifts, a dense model, a design, candidates, an empty --systems) or
     # refused late, with another exit code than the README's
