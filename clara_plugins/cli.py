@@ -248,7 +248,7 @@ def _index(args: argparse.Namespace) -> None:
     from .indexing import RayCompression, index_documents
     from .pretrained import load_model
     from .store import MemoryStore
-    from .store_folder import check_store_folder, store_settings
+    from .store_folder import check_store_folder, check_writable, store_settings
 
     if args.workers is not None and args.ray is None:
         raise InvalidInputError("--workers sets the Ray actors: give --ray too")
@@ -266,6 +266,7 @@ def _index(args: argparse.Namespace) -> None:
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
     ids = [document_id(text) for text, _ in documents]
+    check_writable(folder)
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
     if (folder / "CURRENT").exists():

@@ -171,6 +171,20 @@ def test_index_then_ask_from_the_store_and_resume(tiny_model, tmp_path, capsys):
     assert result["answer"] == expected[0]
 
 
+def test_index_refuses_a_store_folder_it_cannot_write_before_it_loads_a_model(tmp_path, monkeypatch, capsys):
+    # found at the first save, after a group of 1,024 documents was compressed (minutes on a CPU)
+    from clara_plugins import pretrained
+
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "a-file").write_text("mine")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(CORPUS[:2]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", str(corpus), "--store", str(tmp_path / "a-file" / "store"), "--device", "cpu"])
+    assert exit_info.value.code == 5 and "a-file/store cannot be written: Not a directory" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
+
+
 def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     store = tmp_path / "store"
