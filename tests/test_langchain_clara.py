@@ -411,6 +411,20 @@ def test_two_unsaved_models_of_one_configuration_have_two_cache_keys(tiny_model)
     assert ChatClara(clara=tiny_model)._get_llm_string() != ChatClara(clara=retrained)._get_llm_string()
 
 
+def test_the_weights_are_hashed_only_where_a_cache_asks(tiny_model, monkeypatch):
+    # every call hashed an unsaved model's adapters for its traced parameters, cache or none
+    from langchain_core.caches import InMemoryCache
+
+    from langchain_clara import chat_models
+
+    hashed = []
+    monkeypatch.setattr(chat_models, "adapters_sha256", lambda model: hashed.append(1) or "digest")
+    ChatClara(clara=tiny_model, max_tokens=2).invoke("Who?")
+    assert hashed == []
+    ChatClara(clara=tiny_model, max_tokens=2, cache=InMemoryCache()).invoke("Who?")
+    assert hashed == [1]
+
+
 def test_a_call_option_read_nowhere_is_refused_and_streaming_streams(tiny_model):
     # doc_ids= read no document, temperature=0.9 decoded greedily, streaming=True never streamed
     from langchain_core.callbacks import BaseCallbackHandler

@@ -80,8 +80,6 @@ class ChatClara(ReaderFields, BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         config = self.clara.config
         return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path,
-                # a checkpoint saved again under its folder answers anew, and unsaved models by their weights
-                "weights": self.clara.weights_sha256 or adapters_sha256(self.clara),
                 "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k or config.generation_top_k,
                 "max_tokens": self.max_tokens or config.max_new_tokens,
@@ -89,6 +87,13 @@ class ChatClara(ReaderFields, BaseChatModel):
                 # the store decides which prompt text is read as memory tokens: a cached answer
                 # is never served for another store object's reading, nor after it changed
                 "store": None if self.store is None else f"{self.store.instance_id}@{self.store.revision}"}
+
+    def _get_llm_string(self, stop: list[str] | None = None, **kwargs: Any) -> str:
+        """The cache key: the settings, and the weights (a checkpoint saved again under its
+        folder answers anew, and unsaved models by their adapters), hashed only where a cache
+        asks (every call hashed an unsaved model's adapters, 58 MB for SmolLM2's)."""
+        weights = self.clara.weights_sha256 or adapters_sha256(self.clara)
+        return f"{super()._get_llm_string(stop, **kwargs)}---weights={weights}"
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),
