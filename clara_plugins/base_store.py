@@ -192,8 +192,8 @@ class BaseMemoryStore(ABC):
         for doc_id, metadata in zip(ids, metadatas):
             if not doc_id:  # id_list has checked they are strings
                 raise InvalidInputError(f"document ids must be non-empty strings, got {doc_id!r}")
-            try:
-                kept.append(json.loads(json.dumps(metadata, allow_nan=False)))
+            try:  # as UTF-8, as a file or Milvus keeps it: a lone surrogate is no character
+                kept.append(json.loads(json.dumps(metadata, allow_nan=False, ensure_ascii=False).encode("utf-8")))
             except (TypeError, ValueError) as error:
                 raise InvalidInputError(f"metadata of {doc_id!r} is not JSON-serialisable: {error}") from error
             if kept[-1] != metadata:
@@ -289,4 +289,16 @@ def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
     odd = next((doc_id for doc_id in ids if not isinstance(doc_id, str)), None)
     if odd is not None:  # the local store ignored it as unknown, Milvus failed on it
         raise InvalidInputError(f"{what} are strings, got {type(odd).__name__} {odd!r:.60}")
+    broken = next((doc_id for doc_id in ids if not is_unicode(doc_id)), None)
+    if broken is not None:  # Milvus failed on it with a bare codec error
+        raise InvalidInputError(f"{what} must be valid Unicode, got {broken!r:.60} (a lone surrogate)")
     return ids
+
+
+def is_unicode(text: str) -> bool:
+    """Whether a string is valid Unicode, as UTF-8 and Milvus need: no lone surrogate."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

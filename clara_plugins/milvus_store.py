@@ -53,7 +53,7 @@ except ModuleNotFoundError as error:
     raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
 from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_known, check_search,
-                         id_list, pair_cosines, query_vector)
+                         id_list, is_unicode, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
@@ -93,6 +93,10 @@ class MilvusMemoryStore(BaseMemoryStore):
     - a search returns at most MAX_TOP_K documents;
     - Milvus does not tell a JSON null from a missing field: a filter never compares with
       null, and ``$ne``/``$nin`` do not match a field that holds null;
+    - filters compare with strings, numbers (integers within int64) and booleans only (a list
+      or dict value is refused), on metadata keys that are not empty and hold no ``][``;
+    - documents of equal score come in Milvus' order (a replaced document is a new row), not
+      in the order they were first stored;
     - ids hold at most MAX_ID_BYTES bytes of UTF-8, texts MAX_TEXT_BYTES, metadata
       MAX_METADATA_BYTES of JSON;
     - an upsert of more than BATCH_ROWS documents is written in batches, so a failure midway
@@ -430,14 +434,32 @@ def _expression(where: Filter) -> str | None:
 
 def _condition(field: str, key: str, name: str, target: Any) -> str:
     """One field operator of the filter language as a Milvus expression."""
+    if _infinite(target):
+        return _beyond(field, name, target > 0)
     if name in _COMPARISONS:
         return f"{field} {_COMPARISONS[name]} {_literal(target, key)}"
     if name == "$ne":
         return _all([f"exists {field}", f"{field} != {_literal(target, key)}"])
+    target = [value for value in target if not _infinite(value)]  # equal to no stored value
     equal_one = _any([f"{field} == {_literal(value, key)}" for value in target]) if target else _NOTHING
     if name == "$in":
         return equal_one
     return _all([f"exists {field}", f"not ({equal_one})"])  # $nin
+
+
+def _infinite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isinf(value)
+
+
+def _beyond(field: str, name: str, above: bool) -> str:
+    """A field operator against an infinite bound, which no Milvus literal holds. No stored
+    value is infinite (JSON holds none): every number is below +inf and above -inf."""
+    if name == "$ne":
+        return f"exists {field}"
+    within = {True: ("$lt", "$lte"), False: ("$gt", "$gte")}[above]  # the bounds every number meets
+    if name not in within:
+        return _NOTHING
+    return f"{field} {'<=' if above else '>='} {repr(sys.float_info.max if above else -sys.float_info.max)}"
 
 
 def _literal(value: Any, key: str) -> str:
@@ -445,10 +467,12 @@ def _literal(value: Any, key: str) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
     if isinstance(value, numbers.Integral):  # numpy's too: its repr is no Milvus literal
+        if not -2**63 <= int(value) < 2**63:
+            raise InvalidInputError(f"the filter on {key!r} compares with {int(value)}: a Milvus server compares "
+                                    "integers within int64 only")
         return str(int(value))
     if isinstance(value, numbers.Real) and not math.isnan(value):
-        # JSON holds no infinity, and a Milvus literal cannot be one: the largest finite number stands in
-        return repr(min(max(float(value), -sys.float_info.max), sys.float_info.max))
+        return repr(float(value))
     if isinstance(value, str):
         return _string(value)
     raise InvalidInputError(f"the filter on {key!r} compares with {value!r:.60}: the Milvus store compares "
@@ -456,11 +480,16 @@ def _literal(value: Any, key: str) -> str:
 
 
 def _field(key: str) -> str:
+    if not key or "][" in key:  # a server splits a key path at "][": its own error, or another field
+        raise InvalidInputError(f"the Milvus store cannot filter on the metadata key {key!r}: a server reads an "
+                                "empty key, or one holding '][', as another path")
     return f"metadata[{_string(key)}]"
 
 
 def _string(value: str) -> str:
     """A double-quoted Milvus string literal: backslashes, quotes and line breaks escaped."""
+    if not is_unicode(value):
+        raise InvalidInputError(f"the filter holds {value!r:.60}, which is no valid Unicode (a lone surrogate)")
     return '"' + value.translate(_ESCAPES) + '"'
 
 

@@ -298,6 +298,8 @@ class MemoryStore(BaseMemoryStore):
         wanted = None if ids is None else set(id_list(ids, "ids", ordered=False))
         with self._lock:
             if not self._ids:
+                if self.keys.keys_are_memories:  # a bad key is refused empty as full, as Milvus refuses it
+                    query_vector(key, self.keys.dimensions)
                 return []
             query = query_vector(key, self._key_size())
             diverse = lambda_mult < 1.0

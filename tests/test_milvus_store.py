@@ -25,8 +25,8 @@ QUERIES = ["Who won prizes in physics?", "The capital of Germany", "A river thro
 METAS = [  # values of every kind the filters compare, and strings that must not break an expression
     {"topic": "city", "n": 1, "date": "2024-01-05", "tags": ["a", "b"]},
     {"topic": "tower", "n": 2.5, "date": "2023-12-31", 'quote"key\\': 'say "hi"\\'},
-    {"topic": "city", "n": -3, "flag": True},
-    {"topic": "river\nnile", "n": "4"},
+    {"topic": "city", "n": -3, "flag": True, "big": sys.float_info.max},
+    {"topic": "river\nnile", "n": "4", "big": -sys.float_info.max},
     {"topic": "科学", "flag": False, "nested": {"x": [1, None]}},
     {"topic": 'x" or id != "', "n": 10**6},
 ]
@@ -38,6 +38,10 @@ FILTERS = [
     {"n": {"$gt": 1}}, {"n": {"$gte": 2.5}}, {"n": {"$lt": 0}}, {"n": {"$lte": 10**6}}, {"n": {"$gt": 1, "$lt": 100}},
     {"date": {"$gte": "2024-01-01"}}, {"topic": {"$lt": "d"}},
     {"n": {"$lt": float("inf")}}, {"n": {"$gt": float("-inf")}}, {"n": {"$gt": float("inf")}},
+    # the largest numbers against infinite bounds (a clamp to them made +inf equal the largest)
+    {"big": {"$lt": float("inf")}}, {"big": {"$gte": float("inf")}}, {"big": float("inf")},
+    {"big": {"$ne": float("inf")}}, {"big": {"$gt": float("-inf")}}, {"big": {"$lte": float("-inf")}},
+    {"big": {"$in": [float("inf"), sys.float_info.max]}}, {"big": {"$nin": [float("-inf")]}},
     {"$and": [{"topic": "city"}, {"n": {"$gt": 0}}]}, {"$or": [{"topic": "tower"}, {"flag": True}]},
     {"$or": [{}, {"topic": "none"}]}, {"$and": [{}]}, {"tags": {}},
     {"$or": [{"$and": [{"topic": "city"}, {"n": {"$lt": 0}}]}, {"n": {"$in": [2.5, "4"]}}]},
@@ -337,6 +341,28 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
     assert sorted(milvus.all_ids()) == IDS
     milvus.upsert(["ok"], ids=["cjk"], metadatas=[{"notes": "名" * 21_000}])  # 63,000 bytes as the client sends it
     assert milvus.get(["cjk"])[0].metadata["notes"] == "名" * 21_000
+
+
+def test_both_stores_refuse_what_a_milvus_server_cannot_read_by_name(milvus, local):
+    # a lone surrogate failed in Milvus' encoder (a bare codec error) and passed the local store;
+    # an empty key, a key holding "][" and an integer past int64 failed on a server alone
+    for store in (milvus, local):
+        with pytest.raises(InvalidInputError, match="ids must be valid Unicode"):
+            store.upsert(["ok"], ids=["i\ud800"])
+        with pytest.raises(InvalidInputError, match="metadata of 'ok' is not JSON-serialisable"):
+            store.upsert(["ok"], ids=["ok"], metadatas=[{"k": "\ud800"}])
+        with pytest.raises(InvalidInputError, match="must be valid Unicode"):
+            store.get(["\ud800"])
+        with pytest.raises(InvalidInputError, match="the search key is all zeros"):
+            type(store)(store.model, *([] if store is local else [str(Path(milvus._lite).with_name("empty.db"))])
+                        ).search_by_key(np.zeros(store.keys.dimensions))  # an empty store's too
+        assert sorted(store.all_ids()) == IDS
+    for where, message in [({"": 1}, "cannot filter on the metadata key ''"),
+                           ({"a][b": {}}, "cannot filter on the metadata key 'a]\\[b'"),
+                           ({"n": 2**63}, "integers within int64 only"), ({"n": {"$gt": -2**63 - 1}}, "int64"),
+                           ({"topic": "\ud800"}, "no valid Unicode")]:
+        with pytest.raises(InvalidInputError, match=message):
+            milvus.ids_where(where)
 
 
 def test_langchain_store_over_milvus(tiny_model, uri, tmp_path):
