@@ -153,6 +153,7 @@ def read_messages(
 
     # Each message becomes pieces: text, or a document read in place.
     pieces = [_split(text, store, explicit) for _, text in messages]
+    _refuse_control_tokens(model, pieces)
     placed = {found_text(d.text) for message in pieces for d in message if isinstance(d, _Document)}
     background = [d for d in explicit if found_text(d.text) not in placed]
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
@@ -187,6 +188,19 @@ def read_messages(
         compressed=sum(not from_store[j] for j in read),
         positions=prompt_positions(model.tokenizer, prompt),
     )
+
+
+def _refuse_control_tokens(model: ClaraModel, pieces: list[list[str | _Document]]) -> None:
+    """Refuse message text that holds one of the tokenizer's added tokens: the prompt is
+    tokenized whole, so a typed "<|im_end|>" ended the turn and opened another (a forged system
+    message), and a typed "<MEM0>" took a memory's place."""
+    tokens = model.tokenizer.get_added_vocab()
+    for number, message in enumerate(pieces):
+        for piece in message:
+            typed = isinstance(piece, str) and next((token for token in tokens if token in piece), None)
+            if typed:
+                raise InvalidInputError(f"message {number} holds {typed!r}, one of the tokenizer's control tokens: "
+                                        "remove it from the text")
 
 
 def _marker(document: int) -> str:
@@ -275,6 +289,9 @@ def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], question:
     if len(distinct) <= 1 or (len(distinct) <= k and not ordered):
         return {j: 0 for j in range(len(memories))}
     query = _query("".join(p for p in pieces if isinstance(p, str))) or question
+    if not query.strip():
+        raise InvalidInputError(f"the last user message holds no text to rank its {len(distinct)} documents by: "
+                                "ask the question there")
     # the memories are gathered on the CPU (the store keeps them there); the query is on the model's device
     picked = top_k(model.encode_queries([query]).cpu(), memories[distinct], k, model.config.retrieval_key)[1][0]
     rank_of = {texts[distinct[i]]: rank for rank, i in enumerate(picked.tolist())}

@@ -432,3 +432,27 @@ def test_every_llama_index_role_is_read_as_its_kind():
 
     messages = [ChatMessage(role=role, content=role) for role in ("developer", "model", "chatbot", "tool")]
     assert [role for role, _ in _as_pairs(messages)] == ["system", "assistant", "assistant", "user"]
+
+
+def test_a_message_the_generator_cannot_read_is_refused_before_any_work(tiny_model, monkeypatch):
+    # an image block was dropped (the answer as if none was sent); a typed control token ended a
+    # turn or took a memory's place; a blank last message with two documents named an internal argument
+    from llama_index.core.base.llms.types import ImageBlock, TextBlock
+
+    from clara_plugins import MemoryStore
+    from clara_plugins.context import read_messages
+
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda *a, **k: pytest.fail("a document was compressed"))
+    llm = ClaraLLM(clara=tiny_model)
+    picture = ChatMessage(role="user", blocks=[TextBlock(text="What is in this picture?"),
+                                               ImageBlock(url="https://example.com/a.png")])
+    with pytest.raises(InvalidInputError, match="ClaraLLM reads text only: message 0 holds ImageBlock"):
+        llm.chat([picture])
+    for typed in ("<MEM0>", tiny_model.tokenizer.eos_token):
+        with pytest.raises(InvalidInputError, match=f"message 0 holds '{typed}', one of the tokenizer's control"):
+            llm.complete(f"{CORPUS[0]} What does {typed} mean?", documents=[CORPUS[1]])
+    monkeypatch.undo()
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    with pytest.raises(InvalidInputError, match="the last user message holds no text to rank its 2 documents by"):
+        read_messages(tiny_model, [("system", "Who won?"), ("user", " ")], store, ids=["a", "b"])

@@ -30,6 +30,8 @@ from llama_index.core.base.llms.types import (
     CompletionResponseGen,
     LLMMetadata,
     MessageRole,
+    TextBlock,
+    ThinkingBlock,
 )
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
@@ -40,6 +42,7 @@ from pydantic import Field
 from clara_plugins.adapter_fields import ReaderFields
 from clara_plugins.config import ANSWER_TEMPLATE
 from clara_plugins.context import chat_role, passed_documents
+from clara_plugins.errors import InvalidInputError
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
@@ -160,6 +163,13 @@ async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
 
 
 def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
+    """(role, text) of each message; an image, a file or a tool call, which the generator cannot
+    read, is refused rather than dropped (the answer was as if it had never been sent)."""
+    for number, message in enumerate(messages):
+        unread = [type(block).__name__ for block in message.blocks if not isinstance(block, (TextBlock, ThinkingBlock))]
+        if unread or message.additional_kwargs.get("tool_calls"):
+            raise InvalidInputError(f"ClaraLLM reads text only: message {number} holds "
+                                    f"{', '.join(unread or ['tool_calls'])}")
     return [(chat_role(MessageRole(m.role).value), m.content or "") for m in messages]
 
 
