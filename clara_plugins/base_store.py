@@ -48,6 +48,9 @@ class BaseMemoryStore(ABC):
         if keys is not None and not isinstance(keys, KeyEncoder):
             hint = ": the index kind is index=" if isinstance(keys, str) else ""
             raise InvalidInputError(f"keys must be a KeyEncoder (e.g. ClaraKeys), got a {type(keys).__name__}{hint}")
+        if isinstance(keys, ClaraKeys) and keys.model is not model:  # one model's queries against another's memories
+            raise InvalidInputError("keys are ClaraKeys of another model than the store's: pass the store's model to "
+                                    "both, or no keys")
         self.model = model
         self.keys = keys if keys is not None else ClaraKeys(model)
         self.batch_size = batch_size

@@ -73,7 +73,11 @@ class CompactIndex:
         centre = vectors.mean(axis=0)
         centred = (vectors - centre).reshape(-1, vectors.shape[2])
         _, directions = np.linalg.eigh((centred.T @ centred).astype(np.float64))  # ascending variance
-        kept = min(vectors.shape[2], PROJECTED_DIMS // blocks)
+        # a coordinate a block at least (past 512 blocks none was kept: faiss aborted), and an
+        # even count, which pairs into 4-bit codes (an odd one took a sub-quantiser per value)
+        kept = max(1, min(vectors.shape[2], PROJECTED_DIMS // blocks))
+        if blocks * kept % 2 and kept > 1:
+            kept -= 1
         rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((kept, kept)))
         projection = (directions[:, ::-1][:, :kept] @ rotation).astype(np.float32)
         dims = blocks * kept

@@ -23,6 +23,7 @@ from . import store_folder
 from .base_store import (FETCH_K, CALIBRATION_SAMPLE, BaseMemoryStore, StoredDocument, check_known, check_search,
                          id_list, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
+from .checks import check_positive_int
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .errors import StoreError
@@ -71,7 +72,7 @@ class MemoryStore(BaseMemoryStore):
         super().__init__(model, keys, batch_size)
         self.index_kind = index
         self.memory_dtype = memory_dtype
-        self.rescore_factor = RESCORE_FACTOR
+        self._rescore_factor = RESCORE_FACTOR
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._metadatas: list[dict[str, Any]] = []
@@ -315,7 +316,7 @@ class MemoryStore(BaseMemoryStore):
         if where is None and ids is None:
             index = self._ensure_index()
             if isinstance(index, CompactIndex):
-                return self._best(index.candidates(query, n * self.rescore_factor), query, n)
+                return self._best(index.candidates(query, n * self._rescore_factor), query, n)
             n = min(n, len(self._ids))
             # hnsw visits efSearch nodes, whatever n: rows past them came back as -1, unreported
             breadth = faiss.SearchParametersHNSW(efSearch=max(HNSW_EF_SEARCH, n)) if self.index_kind == "hnsw" else None
@@ -357,6 +358,16 @@ class MemoryStore(BaseMemoryStore):
         if self.keys.keys_are_memories:
             return self.keys.memory_keys(self._memory_rows(rows))
         return store_folder.gather(self._key_chunks, [self._where[r] for r in rows])
+
+    @property
+    def rescore_factor(self) -> int:
+        """A compact index's candidates re-scored exactly, per document asked for."""
+        return self._rescore_factor
+
+    @rescore_factor.setter
+    def rescore_factor(self, value: int) -> None:
+        check_positive_int("rescore_factor", value)  # 0 or 0.5 failed inside faiss, at a search
+        self._rescore_factor = int(value)
 
     def _key_size(self) -> int:
         """Values per key, known without computing one (the hot path of every search)."""

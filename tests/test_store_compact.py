@@ -207,3 +207,29 @@ def test_a_compact_index_saved_before_it_recorded_its_rows_learns_again_at_the_n
     assert isinstance(store._index, CompactIndex)
     store.upsert(["one more"], ids=["m0"], memories=grouped_memories(tiny_model, seed=3)[:1])
     assert store._index is None  # what its codebooks learned from is unknown: they learn again
+
+
+@pytest.mark.parametrize("blocks", [7, 600])
+def test_any_number_of_blocks_gets_codes_of_at_most_the_promised_size(blocks):
+    # past 512 blocks no coordinate was kept and faiss aborted; an odd count took a
+    # sub-quantiser per value, twice the bytes a key was promised
+    keys = np.random.default_rng(0).standard_normal((MIN_ROWS, blocks * 4)).astype(np.float32)
+    index = CompactIndex.trained(keys, blocks, trained_over=len(keys))
+    index.add(keys)
+    assert index.codes.code_size <= max(128, (blocks + 1) // 2)
+    assert len(index.candidates(keys[0], 10)) == 10
+
+
+def test_a_rescore_factor_that_is_no_positive_integer_is_refused_when_set(tiny_model):
+    store = MemoryStore(tiny_model, index="ivfpq")
+    for bad in (0, 0.5, -1, True):  # failed inside faiss, at a search
+        with pytest.raises(InvalidInputError, match="rescore_factor must be a positive integer"):
+            store.rescore_factor = bad
+    store.rescore_factor = np.int64(2)  # a SWIG TypeError at a search
+    assert type(store.rescore_factor) is int
+
+
+def test_keys_of_another_model_are_refused(tiny_model, tiny_config):
+    other = ClaraModel(tiny_config, device="cpu")
+    with pytest.raises(InvalidInputError, match="ClaraKeys of another model"):
+        MemoryStore(tiny_model, ClaraKeys(other))
