@@ -54,12 +54,13 @@ def markdown_table(report: dict) -> str:
         "| question to first token / answer p50 ms | answer tokens | docs/s | index bytes/doc | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    reused = set(bench.get("reused_systems", ()))
     for r in report["systems"]:
         latency = r["latency_ms"]
         checkpoint = Path(r["checkpoint"]).name if r["checkpoint"] else (
             "untrained" if r["retriever"] == "clara" else "plain backbone")
         lines.append(
-            f"| {r['name']} | {r['framework']} | {checkpoint} | {_cell(r['em'])} | {_f1_cell(r)} "
+            f"| {r['name']}{' (kept from an earlier run)' if r['name'] in reused else ''} | {r['framework']} | {checkpoint} | {_cell(r['em'])} | {_f1_cell(r)} "
             f"| {_cell(r['cover_em'])} | {_cell(r['recall@1'])} | {_cell(r['recall@3'])} | {_cell(r['recall@5'])} "
             f"| {_cell(r['context_positions'], 0)} | {_cell(latency['index']['p50'], 0)} "
             f"| {_cell(latency['retrieve']['p50'], 0)} | {_cell(latency['first_token']['p50'], 0)} "
@@ -68,7 +69,10 @@ def markdown_table(report: dict) -> str:
             f"| {_cell(r['output_tokens'])} "
             f"| {_cell(r['docs_per_second'])} | {_cell(r['index_bytes_per_doc'])} | {_cell(r['peak_rss_mb'])} |")
     if report["headline"]:
-        lines += ["", "Side by side: " + ", ".join(f"{k} = {v}" for k, v in report["headline"].items())]
+        lines += ["", "Side by side: " + ", ".join(f"{k} = {v}" for k, v in report["headline"].items())
+                  # a rerun keeps the systems an earlier run finished: their timings are that run's
+                  + (f" (timings of {', '.join(sorted(reused))} from an earlier run of the same commit and "
+                     "machine: a ratio with one of them pairs two runs)" if reused else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         reused = [result["name"] for result, was_kept in outcomes if was_kept]
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
                                 "max_new_tokens": args.max_new_tokens, "threads": args.threads or torch.get_num_threads(),
-                                "dense_model": args.dense_model,
+                                "dense_model": args.dense_model, "query_instruction": args.query_instruction,
                                 # of the systems run now: a kept one's time was spent by the run before
                                 "seconds": round(time.perf_counter() - began, 1),
                                 **({"reused_systems": reused} if reused else {})},

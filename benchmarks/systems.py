@@ -83,7 +83,9 @@ class RunOptions:
 
 def _load_clara(spec: SystemSpec) -> ClaraModel:
     if spec.checkpoint:
-        model = ClaraModel.from_pretrained(spec.checkpoint, compression_rate=spec.compression_rate, device="cpu")
+        # a text reader reads no memories: it loads at its own rate (a tokens-design one at another than 16 failed)
+        rate = spec.compression_rate if spec.retriever == "clara" else None
+        model = ClaraModel.from_pretrained(spec.checkpoint, compression_rate=rate, device="cpu")
     else:
         model = ClaraModel(ClaraConfig(compression_rate=spec.compression_rate), device="cpu")
     if spec.query == "compressor":

@@ -134,6 +134,20 @@ def test_the_table_says_which_rows_are_not_held_out(results):
                           "found)")
 
 
+def test_the_table_marks_the_systems_a_rerun_kept_and_the_ratios_they_pair(results):
+    # a ratio of one day's text timing over another day's CLaRa timing read as one run's
+    from clara_benchmarks.report import markdown_table
+
+    bench = {"dataset": "toy", "mode": "quick", "setting": "normal", "sample": 2, "seed": 0, "pool_size": 5.0, "k": 2}
+    report = {"commit": "abc", "machine": {"cpus": 2}, "headline": headline(results), "systems": results}
+    fresh = markdown_table({**report, "benchmark": bench})
+    rerun = markdown_table({**report, "benchmark": {**bench, "reused_systems": ["dense + text"]}})
+    assert "earlier run" not in fresh
+    assert "| dense + text (kept from an earlier run) |" in rerun and "| BM25 + text |" in rerun
+    assert rerun.rstrip().endswith("(timings of dense + text from an earlier run of the same commit and machine: "
+                                   "a ratio with one of them pairs two runs)")
+
+
 def test_a_report_that_fails_to_render_leaves_the_last_one_as_it_was(results, tmp_path):
     report = {"benchmark": {"dataset": "toy", "mode": "quick", "setting": "normal", "sample": 2, "seed": 0,
                             "pool_size": 5.0, "k": 2},
@@ -336,6 +350,7 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
     assert ran == ["no retrieval", "BM25 + text", *again]
     assert [r["name"] for r in reports[0]["systems"]] == ["no retrieval", "BM25 + text"]
     assert reports[0]["benchmark"].get("reused_systems") == (["no retrieval"] if reused else None)
+    assert reports[0]["benchmark"]["query_instruction"] == ""  # the dense queries' prefix, recorded as it was run
     assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
 
 
@@ -510,3 +525,14 @@ def test_the_first_piece_is_timed_from_the_call_that_streams_it():
 
     text, first = timed_pieces(synthesize)
     assert text == "the Danube" and first >= 0.05
+
+
+def test_a_text_reader_loads_at_its_own_compression_rate(tiny_config, tmp_path):
+    # a tokens-design text reader saved at another rate than 16 failed to load, after the systems before it
+    from clara_benchmarks.systems import _load_clara
+
+    config = dataclasses.replace(tiny_config, memory_design="tokens", retrieval_key="flat", compression_rate=8,
+                        decoder_reads_text=True)
+    ClaraModel(config, device="cpu").save_pretrained(tmp_path / "text-ft")
+    reader = _load_clara(SystemSpec("dense + text-ft", "dense", "text-ft", str(tmp_path / "text-ft")))
+    assert reader.config.compression_rate == 8
