@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import check_positive_int, check_texts
+from .checks import check_positive_int, check_texts, unicode_problem
 from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
@@ -292,16 +292,7 @@ def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
     odd = next((doc_id for doc_id in ids if not isinstance(doc_id, str)), None)
     if odd is not None:  # the local store ignored it as unknown, Milvus failed on it
         raise InvalidInputError(f"{what} are strings, got {type(odd).__name__} {odd!r:.60}")
-    broken = next((doc_id for doc_id in ids if not is_unicode(doc_id)), None)
+    broken = next((doc_id for doc_id in ids if unicode_problem(doc_id)), None)
     if broken is not None:  # Milvus failed on it with a bare codec error
-        raise InvalidInputError(f"{what} must be valid Unicode, got {broken!r:.60} (a lone surrogate)")
+        raise InvalidInputError(f"{what} must be valid Unicode, got {broken!r:.60} ({unicode_problem(broken)})")
     return ids
-
-
-def is_unicode(text: str) -> bool:
-    """Whether a string is valid Unicode, as UTF-8 and Milvus need: no lone surrogate."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -48,6 +48,8 @@ class AdaptedModel(Protocol):
     base_fingerprint: dict
     hidden_size: int
     tokenizer: PreTrainedTokenizerBase
+    mem_token_ids: list[int]
+
 
 FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
@@ -77,6 +79,14 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
     embeddings = {"input_rows": stored(added_rows(model, model.lm.get_input_embeddings().weight))}
     if (output := untied_output(model)) is not None:
         embeddings["output_rows"] = stored(added_rows(model, output))
+    try:  # the config is a public, mutable object: a setting changed since would save a checkpoint that cannot load
+        saved = ClaraConfig.from_dict(model.config.to_dict())
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"the model's configuration no longer holds: {error}; not saved to {folder}") from error
+    if saved.n_mem_tokens != len(model.mem_token_ids):
+        raise CheckpointError(f"the model's configuration gives {saved.n_mem_tokens} memory tokens, and the model has "
+                              f"{len(model.mem_token_ids)}: set compression_rate and doc_max_length back; not saved to "
+                              f"{folder}")
     header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint,
               "layout_sha256": layout_sha256(model.tokenizer)}
     for part, tensors in [*adapters.items(), ("embeddings", embeddings)]:  # loading refuses them: never saved over a good copy

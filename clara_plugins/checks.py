@@ -21,12 +21,19 @@ def check_texts(texts: object, what: str, blanks: bool = False) -> list[str]:
             raise InvalidInputError(f"{what}[{index}] is a {type(text).__name__}, not a string")
         if not text.strip() and not blanks:
             raise InvalidInputError(f"{what}[{index}] is empty or only whitespace")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({error.reason} at "
-                                    f"character {error.start})") from error
+        problem = unicode_problem(text)
+        if problem:
+            raise InvalidInputError(f"{what}[{index}] is not valid Unicode text ({problem})")
     return list(texts)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why a string is no valid Unicode, as UTF-8 (a file, Milvus) needs it: a lone surrogate; None if it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"{error.reason} at character {error.start}"
+    return None
 
 
 def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:

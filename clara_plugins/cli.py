@@ -416,7 +416,7 @@ def _train(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
-    from .training import check_run, train
+    from .training import check_refresh, check_run, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -455,8 +455,10 @@ def _train(args: argparse.Namespace) -> None:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
         else:  # torch before 2.9
             torch.backends.cuda.matmul.allow_tf32 = True
-    if resuming:  # a run resumed with other model settings is refused before its corpus is compressed (hours)
+    # refused before the corpus is compressed (hours): a resume with other model settings, a refresh for nothing
+    if resuming:
         check_same_configuration(model.config, Path(args.output) / "checkpoint")
+    check_refresh(model, config)
     corpus = None
     if passages is not None:
         from .store import MemoryStore  # faiss, which a run without a corpus never needs

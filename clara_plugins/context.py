@@ -191,13 +191,12 @@ def read_messages(
 
 
 def _refuse_control_tokens(model: ClaraModel, pieces: list[list[str | _Document]]) -> None:
-    """Refuse message text that holds one of the tokenizer's added tokens: the prompt is
+    """Refuse message text that holds one of the model's control tokens: the prompt is
     tokenized whole, so a typed "<|im_end|>" ended the turn and opened another (a forged system
     message), and a typed "<MEM0>" took a memory's place."""
-    tokens = model.tokenizer.get_added_vocab()
     for number, message in enumerate(pieces):
         for piece in message:
-            typed = isinstance(piece, str) and next((token for token in tokens if token in piece), None)
+            typed = isinstance(piece, str) and next((token for token in model.control_tokens if token in piece), None)
             if typed:
                 raise InvalidInputError(f"message {number} holds {typed!r}, one of the tokenizer's control tokens: "
                                         "remove it from the text")

@@ -30,14 +30,12 @@ holding a quote or a backslash as written, escapes included.
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 import numbers
 import os
 import re
 import sys
-import threading
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +51,9 @@ except ModuleNotFoundError as error:
     raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
 from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_known, check_search,
-                         id_list, is_unicode, pair_cosines, query_vector)
+                         id_list, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
+from .checks import unicode_problem
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
 from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
@@ -71,10 +70,6 @@ MAX_METADATA_BYTES = 65_536  # Milvus' largest JSON value
 BATCH_ROWS = 256  # rows per request: about 10 MB of keys at CR16, well under gRPC's message limit
 _NOTHING = 'id == ""'  # an expression no row satisfies: ids are never empty
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-# The stores of this process open on each milvus-lite file: its in-process server, shared by
-# them, is released with the last (it kept the file's data, a deleted file's too, until exit)
-_LITE_OPEN: collections.Counter[str] = collections.Counter()
-_LITE_LOCK = threading.Lock()
 _COMPARISONS = {"$eq": "==", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
 
@@ -127,16 +122,13 @@ class MilvusMemoryStore(BaseMemoryStore):
         if self._dimensions > MAX_DIMENSIONS:
             raise StoreError(f"this model's memories have {self._dimensions:,} values, more than Milvus' "
                              f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
-        self._lite = os.path.abspath(uri) if uri.endswith(".db") else None
-        if self._lite:  # milvus-lite opens a file only in an existing folder
+        if uri.endswith(".db"):  # milvus-lite opens a file only in an existing folder
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-            with _LITE_LOCK:
-                _LITE_OPEN[self._lite] += 1
+        self._client = MilvusClient(uri, token=token)
         try:
-            self._client = MilvusClient(uri, token=token)
             self._open(collection, index_type, f"Milvus collection {collection!r} at {uri}")
         except BaseException:
-            self.close()
+            self._client.close()
             raise
 
     def _open(self, collection: str, index_type: str, described: str) -> None:
@@ -214,22 +206,10 @@ class MilvusMemoryStore(BaseMemoryStore):
                              "load a model with the same retrieval_key")
 
     def close(self) -> None:
-        """Release the connection, and a milvus-lite file's server once no store of this process
-        has the file open; the data stay in Milvus. A second close does nothing."""
-        client = getattr(self, "_client", None)  # None where the constructor failed to connect
-        if client is not None:
-            client.close()
-        lite, self._lite = self._lite, None
-        if lite:
-            with _LITE_LOCK:
-                _LITE_OPEN[lite] -= 1
-                last = not _LITE_OPEN[lite]
-                if last:
-                    del _LITE_OPEN[lite]
-            if last:
-                from milvus_lite.server_manager import server_manager_instance
-
-                server_manager_instance.release_server(lite)
+        """Release the connection; the data stay in Milvus. milvus-lite keeps a file's server,
+        shared by every client of the process, until the process exits: a ``.db`` file deleted
+        meanwhile is still served to the next store opened on its path."""
+        self._client.close()
 
     def __len__(self) -> int:
         return int(self._client.query(self.collection, filter="", output_fields=["count(*)"])[0]["count(*)"])
@@ -488,8 +468,8 @@ def _field(key: str) -> str:
 
 def _string(value: str) -> str:
     """A double-quoted Milvus string literal: backslashes, quotes and line breaks escaped."""
-    if not is_unicode(value):
-        raise InvalidInputError(f"the filter holds {value!r:.60}, which is no valid Unicode (a lone surrogate)")
+    if unicode_problem(value):
+        raise InvalidInputError(f"the filter holds {value!r:.60}, which is no valid Unicode ({unicode_problem(value)})")
     return '"' + value.translate(_ESCAPES) + '"'
 
 

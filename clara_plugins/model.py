@@ -121,6 +121,8 @@ class ClaraModel(torch.nn.Module):
         """Append <MEM0..n-1>, <AE>, <ENC>, <SEP> to the vocabulary, in that order."""
         self.mem_tokens = [f"<MEM{i}>" for i in range(self.config.n_mem_tokens)]
         new_tokens = self.mem_tokens + ["<AE>", "<ENC>", "<SEP>"]
+        # what text may not hold: CLaRa's tokens and the template's (SmolLM2's <filename> is a word)
+        self.control_tokens = sorted({*new_tokens, *self.tokenizer.all_special_tokens})
         clashes = [t for t in new_tokens if t in self.tokenizer.get_vocab()]
         if clashes:
             raise ValueError(f"the base tokenizer already has CLaRa's special tokens {clashes}")

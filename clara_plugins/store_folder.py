@@ -259,20 +259,21 @@ def _read_array(path: Path, dtype: DTypeLike, mmap_mode: str | None = None) -> n
 
 def _more_open_files() -> bool:
     """Raise this process's open-file limit to its hard limit; whether it rose. A mapped shard
-    keeps a file open (before Python 3.13), and a million int8 passages map 490 of them."""
+    keeps a file open, and a million int8 passages map 490 of them."""
     try:
         import resource  # POSIX only
     except ImportError:
         return False
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2**20 if hard == resource.RLIM_INFINITY else hard  # Linux's usual ceiling (fs.nr_open)
-    if soft == resource.RLIM_INFINITY or soft >= wanted:
-        return False
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-    except (OSError, ValueError):
-        return False
-    return True
+    # an unlimited hard limit is macOS's, where a soft one past OPEN_MAX (10,240) is refused
+    for wanted in (hard, 10240) if hard != resource.RLIM_INFINITY else (10240,):
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+                return True
+            except (OSError, ValueError):
+                continue
+    return False
 
 
 def _write_shards(staging: Path, field: str, count: int, write: Callable[[Path, slice], None],

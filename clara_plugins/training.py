@@ -511,6 +511,13 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], k: int, step: int, 
     model.train()
 
 
+def check_refresh(model: ClaraModel, config: TrainConfig) -> None:
+    """Refuse a refresh that gives the same memories back (an hours-long no-op on a large corpus)."""
+    if config.refresh_every and model.config.memory_design != "tokens":
+        raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
+                         f"{model.config.memory_design} memories never read those rows, so they would come out the same")
+
+
 def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | None, probes: dict[str, list[dict]],
               output: str | Path | None = None) -> dict | None:
     """Refuse a run its stage cannot train, before the first step (and, from the CLI, before
@@ -532,7 +539,7 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | Non
         raise ValueError("candidates (--candidates) sizes what is retrieved from a corpus store (--corpus): without "
                          "one, each row brings its own candidates")
     if config.stage == "e2e":  # its checkpoint's generator reads top_k documents: as many as it trained on
-        width = config.candidates if corpus is not None else min(len(row["docs"]) for row in rows)
+        width = min(config.candidates, len(corpus)) if corpus is not None else min(len(row["docs"]) for row in rows)
         if config.top_k > width:
             raise ValueError(f"top_k (--top-k) {config.top_k} is more than the {width} candidates of a row: the "
                              f"generator would train on {width} and its checkpoint read {config.top_k}")
@@ -617,9 +624,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
                          f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
-    if config.refresh_every and model.config.memory_design != "tokens":  # an hours-long no-op on a large corpus
-        raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
-                         f"{model.config.memory_design} memories never read those rows, so they would come out the same")
+    check_refresh(model, config)
     if config.stage != "text":  # which reads its documents whole, as text
         _warn_cut_documents(model, rows)
     finished = state is not None and state["step"] >= config.steps

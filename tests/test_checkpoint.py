@@ -343,6 +343,20 @@ def test_weights_that_are_not_finite_are_not_saved_over_a_good_checkpoint(tiny_m
     ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
 
 
+def test_a_configuration_changed_so_it_would_not_load_is_not_saved_over_a_good_checkpoint(tiny_model, tmp_path):
+    # the model's config is a public object: the save went through, and the load refused the only copy
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "clara_config.json").read_text()
+    tiny_model.config.generation_top_k = "3"  # read as int(k) in the process, refused at a load
+    with pytest.raises(CheckpointError, match="generation_top_k must be an int.*not saved to"):
+        tiny_model.save_pretrained(tmp_path / "ckpt")
+    tiny_model.config.generation_top_k = 3
+    tiny_model.config.compression_rate *= 2  # rows for a rate the model was not built with
+    with pytest.raises(CheckpointError, match="memory tokens, and the model has"):
+        tiny_model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "clara_config.json").read_text() == before
+
+
 def test_a_base_model_folder_is_recorded_as_a_path_that_loads_from_anywhere(tiny_base, tiny_model, tmp_path,
                                                                             monkeypatch):
     # a relative folder was saved as written (the checkpoint loaded from that directory only),

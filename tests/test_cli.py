@@ -432,6 +432,11 @@ def test_a_run_resumed_with_other_model_settings_is_refused_before_its_corpus_is
     with pytest.raises(SystemExit) as exit_info:
         main([*train, "--retrieval-key", "flat"])
     assert exit_info.value.code == 4 and "retrieval_key='flat' (was 'mean')" in capsys.readouterr().err
+    # and a new run that would re-encode pooled memories for nothing
+    with pytest.raises(SystemExit) as exit_info:
+        main([*train[:train.index("--output") + 1], str(tmp_path / "new"), *train[train.index("--output") + 2:],
+              "--refresh-every", "1"])
+    assert exit_info.value.code == 5 and "pooled memories never read those rows" in capsys.readouterr().err
 
 
 def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys):

@@ -448,10 +448,13 @@ def test_a_message_the_generator_cannot_read_is_refused_before_any_work(tiny_mod
                                                ImageBlock(url="https://example.com/a.png")])
     with pytest.raises(InvalidInputError, match="ClaraLLM reads text only: message 0 holds ImageBlock"):
         llm.chat([picture])
-    for typed in ("<MEM0>", tiny_model.tokenizer.eos_token):
+    for typed in ("<MEM0>", "<SEP>", tiny_model.tokenizer.eos_token):
         with pytest.raises(InvalidInputError, match=f"message 0 holds '{typed}', one of the tokenizer's control"):
             llm.complete(f"{CORPUS[0]} What does {typed} mean?", documents=[CORPUS[1]])
     monkeypatch.undo()
+    # an added token with no control role (SmolLM2's <filename>) is a word of the text
+    tiny_model.tokenizer.add_tokens(["<filename>"], special_tokens=True)
+    assert "<filename>" in read_messages(tiny_model, [("user", "What does <filename> mean?")]).prompt
     store = MemoryStore(tiny_model)
     store.upsert(CORPUS[:2], ids=["a", "b"])
     with pytest.raises(InvalidInputError, match="the last user message holds no text to rank its 2 documents by"):

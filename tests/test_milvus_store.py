@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -261,21 +260,6 @@ def test_a_collection_the_store_did_not_create_is_refused(milvus, tiny_model, ur
     assert client.has_collection("theirs")
 
 
-def test_closing_the_last_store_on_a_milvus_lite_file_releases_its_server(tiny_model, uri):
-    # milvus-lite kept the file's server and data until exit: a store opened after the file was
-    # deleted still held its documents, and the writes it took went to unlinked files
-    first, second = MilvusMemoryStore(tiny_model, uri), MilvusMemoryStore(tiny_model, uri)
-    first.upsert(CORPUS[:2], IDS[:2])
-    first.close()
-    first.close()  # a second close changes nothing
-    assert sorted(second.all_ids()) == sorted(IDS[:2])  # the other store's server is still running
-    second.close()
-    shutil.rmtree(Path(uri).parent)
-    again = MilvusMemoryStore(tiny_model, uri)
-    assert again.all_ids() == []
-    again.close()
-
-
 def test_a_collection_whose_creation_failed_is_not_left_behind(tiny_model, uri, monkeypatch):
     def fail(self, collection, **kwargs):
         raise pymilvus.MilvusException(message="the index could not be built")
@@ -343,7 +327,7 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
     assert milvus.get(["cjk"])[0].metadata["notes"] == "名" * 21_000
 
 
-def test_both_stores_refuse_what_a_milvus_server_cannot_read_by_name(milvus, local):
+def test_both_stores_refuse_what_a_milvus_server_cannot_read_by_name(milvus, local, uri):
     # a lone surrogate failed in Milvus' encoder (a bare codec error) and passed the local store;
     # an empty key, a key holding "][" and an integer past int64 failed on a server alone
     for store in (milvus, local):
@@ -354,7 +338,7 @@ def test_both_stores_refuse_what_a_milvus_server_cannot_read_by_name(milvus, loc
         with pytest.raises(InvalidInputError, match="must be valid Unicode"):
             store.get(["\ud800"])
         with pytest.raises(InvalidInputError, match="the search key is all zeros"):
-            type(store)(store.model, *([] if store is local else [str(Path(milvus._lite).with_name("empty.db"))])
+            type(store)(store.model, *([] if store is local else [str(Path(uri).with_name("empty.db"))])
                         ).search_by_key(np.zeros(store.keys.dimensions))  # an empty store's too
         assert sorted(store.all_ids()) == IDS
     for where, message in [({"": 1}, "cannot filter on the metadata key ''"),

@@ -3,6 +3,7 @@
 import functools
 import logging
 import sys
+import threading
 
 import pytest
 import ray  # the [ray] extra, in [dev]: a broken install fails here, it does not skip
@@ -153,11 +154,20 @@ def test_a_group_that_kills_its_actor_stops_the_run_after_a_few_tries(local_ray,
             texts, *a, **k)
         return model
 
-    store, saves = MemoryStore(tiny_model), []
+    store, saves, raised = MemoryStore(tiny_model), [], []
     texts = TEXTS[:8] + ["POISON " + TEXTS[8]]
     ids = [document_id(text) for text in texts]
-    with pytest.raises(ray.exceptions.RayError):
-        index_documents(store, texts, ids, save=lambda: saves.append(len(store)), save_every=4,
-                        on_ray=RayCompression(load, workers=1))
+
+    def run():
+        try:
+            index_documents(store, texts, ids, save=lambda: saves.append(len(store)), save_every=4,
+                            on_ray=RayCompression(load, workers=1))
+        except ray.exceptions.RayError as error:
+            raised.append(error)
+
+    running = threading.Thread(target=run, daemon=True)  # without the fix it never returns: fail, not hang
+    running.start()
+    running.join(timeout=300)
+    assert not running.is_alive() and raised
     assert saves and saves[-1] == len(store) and set(store.all_ids()) <= set(ids[:8])  # what was saved stays
 

@@ -959,6 +959,11 @@ def test_a_top_k_nothing_reads_or_wider_than_the_pools_is_refused(tiny_model, tm
     config = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=len(E2E[0]["docs"]) + 1)
     with pytest.raises(ValueError, match=f"more than the {len(E2E[0]['docs'])} candidates of a row"):
         train(tiny_model, E2E, config, tmp_path)
+    corpus = MemoryStore(tiny_model)  # fewer passages than the candidates asked for: as many as it holds
+    corpus.upsert(CORPUS[:3])
+    config = TrainConfig(stage="e2e", steps=1, batch_size=1, grad_accum=1, top_k=4, candidates=10)
+    with pytest.raises(ValueError, match="more than the 3 candidates of a row"):
+        train(tiny_model, E2E, config, tmp_path, corpus=corpus)
 
 
 def test_refresh_every_and_warmup_are_refused_where_nothing_reads_them():

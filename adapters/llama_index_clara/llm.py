@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import (
+    CachePoint,
     ChatMessage,
     ChatResponse,
     ChatResponseAsyncGen,
@@ -166,7 +167,8 @@ def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
     """(role, text) of each message; an image, a file or a tool call, which the generator cannot
     read, is refused rather than dropped (the answer was as if it had never been sent)."""
     for number, message in enumerate(messages):
-        unread = [type(block).__name__ for block in message.blocks if not isinstance(block, (TextBlock, ThinkingBlock))]
+        unread = [type(block).__name__ for block in message.blocks
+                  if not isinstance(block, (TextBlock, ThinkingBlock, CachePoint))]  # a caching mark holds nothing
         if unread or message.additional_kwargs.get("tool_calls"):
             raise InvalidInputError(f"ClaraLLM reads text only: message {number} holds "
                                     f"{', '.join(unread or ['tool_calls'])}")
