@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins.checkpoint import CONFIG_FILE, files_sha256, read_config, weight_files
-from clara_plugins.checks import non_negative_int, positive_int
+from clara_plugins.checks import check_writable, non_negative_int, positive_int
 from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS, ClaraConfig
 from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
@@ -74,14 +74,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("CLARA_DATA", "../shared/data"),
                         help="folder holding the official files (default $CLARA_DATA or ../shared/data)")
     parser.add_argument("--setting", choices=SETTINGS, default="normal",
-                        help="normal: retrieve top-k of ~20 candidates; oracle: the gold among 5")
+                        help="normal: retrieve top-k of ~20 candidates; oracle: the gold among the k")
     parser.add_argument("--sample", type=positive_int, help="questions per dataset (default: 200; quick: 8)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
     parser.add_argument("--candidates", type=positive_int, help="pool size in the normal setting (default 20)")
-    parser.add_argument("--clara", nargs="*", action="extend", default=[], metavar="CR=DIR",
+    parser.add_argument("--clara", nargs="+", action="extend", default=[], metavar="CR=DIR",
                         help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "
                         "one, read at 4, 16 and 32); another rate adds its compressor row")
-    parser.add_argument("--clara-e2e", nargs="*", action="extend", default=[], metavar="CR=DIR",
+    parser.add_argument("--clara-e2e", nargs="+", action="extend", default=[], metavar="CR=DIR",
                         help="end-to-end checkpoint per compression rate, its query reasoner retrieves "
                         "(default: the shipped one at 4, 16 and 32 when --clara names none for the rate); "
                         "another rate adds its end-to-end row")
@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: name the folder the reports go to")
+    check_writable(out)  # found once the first system had run
     for spec in systems:
         if spec.checkpoint:
             _check_checkpoint(spec, read_config(Path(spec.checkpoint)))

@@ -34,9 +34,16 @@ def clara_home() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' picks CUDA, then Apple's MPS, then the CPU."""
+    """'auto' picks CUDA, then Apple's MPS, then the CPU; a device torch does not see is
+    refused (ValueError) before any weight loads."""
     if device != "auto":
-        return torch.device(device)
+        chosen = torch.device(device)  # refused here, before any weight loads (it failed after, exit 1)
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if chosen.type == "cuda" and (chosen.index or 0) >= gpus:
+            raise ValueError(f"device {device!r}: torch sees {gpus} CUDA GPUs here")
+        if chosen.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {device!r}: torch sees no Apple MPS device here")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():

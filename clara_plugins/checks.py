@@ -4,6 +4,7 @@ line, so that bad input fails early and by name."""
 import argparse
 import numbers
 import re
+import tempfile
 from pathlib import Path
 
 from .errors import InvalidInputError
@@ -37,14 +38,33 @@ def unicode_problem(text: str) -> str | None:
 
 
 def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
-    """Refuse, before a run's long work, an output file that is a folder (found at the write, the
-    result was lost) or one of the run's inputs (writing it would replace them)."""
+    """Refuse, before a run's long work, an output file that is a folder or cannot be written
+    (found at the write, the result was lost) or one of the run's inputs (writing it would
+    replace them)."""
     if Path(output).is_dir():
         raise IsADirectoryError(f"{output} is a folder: name the file to write")
     for source in inputs:
         if source is not None and Path(output).resolve() == Path(source).resolve():
             raise InvalidInputError(f"{output} is an input of this run too: name another output, or it would be "
                                     "replaced")
+    check_writable(output)
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse, before long work, a file or folder that cannot be written where it is to go: its
+    nearest existing folder must take a file (probed with a nameless one; nothing is made)."""
+    folder = Path(path).absolute()
+    if folder.is_file():  # a file written again: replaced by a sibling renamed over it
+        folder = folder.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{path} cannot be written: {folder} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"{path} cannot be written: {error.strerror or error}") from error
 
 
 def check_positive_int(name: str, value: object) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from .checks import check_output_path, device_name, non_negative_int, positive_int
+from .checks import check_output_path, check_texts, check_writable, device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
                      MEMORY_DESIGNS, MEMORY_DTYPES, MEMORY_POOLINGS, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
                      TrainConfig)
@@ -245,10 +245,10 @@ def _index(args: argparse.Namespace) -> None:
     import functools
 
     from .corpora import read_documents
-    from .indexing import RayCompression, index_documents
+    from .indexing import RayCompression, import_ray, index_documents
     from .pretrained import load_model
     from .store import MemoryStore
-    from .store_folder import check_store_folder, check_writable, store_settings
+    from .store_folder import check_store_folder, store_settings
 
     if args.workers is not None and args.ray is None:
         raise InvalidInputError("--workers sets the Ray actors: give --ray too")
@@ -266,7 +266,9 @@ def _index(args: argparse.Namespace) -> None:
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
     ids = [document_id(text) for text, _ in documents]
-    check_writable(folder)
+    check_writable(folder)  # found at the first save, after a group of documents was compressed
+    if args.ray is not None:
+        import_ray()  # a missing extra, found once the model had loaded
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
     if (folder / "CURRENT").exists():
@@ -287,6 +289,7 @@ def _index(args: argparse.Namespace) -> None:
 
 def _ask(args: argparse.Namespace) -> None:
     from .corpora import read_documents
+    from .model import refuse_control_tokens
     from .pretrained import load_model
     from .prompts import prompt_positions, question_prompt
     from .retrieval import cosine_scores, top_k
@@ -296,6 +299,10 @@ def _ask(args: argparse.Namespace) -> None:
         raise InvalidInputError("no documents: give --store DIR, --docs FILE ... or --text TEXT ...")
     if args.store and (args.docs or args.text):
         raise InvalidInputError("give either --store or --docs/--text, not both")
+    if not args.question.strip():  # found after the store's checks or the documents' compression
+        raise InvalidInputError("--question is empty")
+    if args.text:
+        check_texts(args.text, "--text")
     texts = read_documents(args.docs) + args.text  # a bad path fails before the model loads
     if (args.docs or args.text) and not texts:
         raise InvalidInputError(f"{', '.join(args.docs)}: no documents to read")
@@ -305,6 +312,7 @@ def _ask(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--store {args.store}: no store there (clara index makes one)")
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
+    refuse_control_tokens(model, [args.question], "--question")  # before a store is read or documents compressed
     k = args.top_k or model.config.generation_top_k
     if args.store:
         store = MemoryStore.load(args.store, model)
@@ -600,17 +608,23 @@ EXIT_CODES = ((CheckpointError, 4), (StoreError, 5), (ValueError, 5), (OSError, 
 
 def main(argv: list[str] | None = None) -> None:
     """Run one subcommand. Errors print one line on stderr and exit with a code of EXIT_CODES
-    (1 for anything else); ``--debug`` shows the traceback instead."""
+    (1 for anything else, 130 for Ctrl-C); ``--debug`` shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if word in COMMANDS), None)
     args = _build_parser(command).parse_args(argv)
     try:
         COMMANDS[args.command][2](args)
+    except KeyboardInterrupt:  # a screen of traceback; a stopped index or training run resumes
+        if args.debug:
+            raise
+        print(f"clara {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as error:
         if args.debug:
             raise
-        # the default backbone's package is installed apart, and its message says how
-        dependency = isinstance(error, ImportError) and error.name != DEFAULT_BACKBONE_PACKAGE
+        # the default backbone's package is installed apart, and its message says how; so do
+        # the extras' (no module name: the project's own message)
+        dependency = isinstance(error, ImportError) and error.name not in (None, DEFAULT_BACKBONE_PACKAGE)
         hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval '
                 'and bench' if dependency else "")
         print(f"clara {args.command}: error: {error}{hint}", file=sys.stderr)

@@ -32,7 +32,7 @@ from .base_store import BaseMemoryStore
 from .checks import check_positive_int, check_texts
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
-from .model import ClaraModel
+from .model import ClaraModel, refuse_control_tokens
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
 from .found import MIN_FOUND_CHARS, found_text
@@ -153,7 +153,8 @@ def read_messages(
 
     # Each message becomes pieces: text, or a document read in place.
     pieces = [_split(text, store, explicit) for _, text in messages]
-    _refuse_control_tokens(model, pieces)
+    # the messages' own text (a line between two of its pieces: no token spans documents)
+    refuse_control_tokens(model, ["\n".join(p for p in message if isinstance(p, str)) for message in pieces], "message")
     placed = {found_text(d.text) for message in pieces for d in message if isinstance(d, _Document)}
     background = [d for d in explicit if found_text(d.text) not in placed]
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
@@ -188,18 +189,6 @@ def read_messages(
         compressed=sum(not from_store[j] for j in read),
         positions=prompt_positions(model.tokenizer, prompt),
     )
-
-
-def _refuse_control_tokens(model: ClaraModel, pieces: list[list[str | _Document]]) -> None:
-    """Refuse message text that holds one of the model's control tokens: the prompt is
-    tokenized whole, so a typed "<|im_end|>" ended the turn and opened another (a forged system
-    message), and a typed "<MEM0>" took a memory's place."""
-    for number, message in enumerate(pieces):
-        for piece in message:
-            typed = isinstance(piece, str) and next((token for token in model.control_tokens if token in piece), None)
-            if typed:
-                raise InvalidInputError(f"message {number} holds {typed!r}, one of the tokenizer's control tokens: "
-                                        "remove it from the text")
 
 
 def _marker(document: int) -> str:

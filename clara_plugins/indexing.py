@@ -112,7 +112,7 @@ def _compressed_on_ray(
     in the order the actors finish them."""
     if not groups:
         return
-    ray = _import_ray()
+    ray = import_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=options.address, logging_level=logging.WARNING)
@@ -158,7 +158,8 @@ class _Compressor:
         return {"row": rows, "memories": memories}
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """Ray with Ray Data, or an ImportError that names the extra to install."""
     try:
         import ray
         import ray.data

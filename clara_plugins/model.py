@@ -346,6 +346,7 @@ class ClaraModel(torch.nn.Module):
         """Answer each question from its own documents' memories, [n_questions, k, n_mem, hidden],
         in the answering prompt the generator was trained on."""
         questions = check_texts(questions, "questions")
+        refuse_control_tokens(self, questions, "question")
         memories = self._as_batched_memories(questions, memories)
         prompts = [question_prompt(self.tokenizer, q, memories.size(1), self.document_placeholder) for q in questions]
         return self.generate(prompts, list(memories), max_new_tokens)
@@ -354,7 +355,8 @@ class ClaraModel(torch.nn.Module):
         self, question: str, memories: torch.Tensor, max_new_tokens: int | None = None
     ) -> Iterator[str]:
         """``answer`` for one question over [k, n_mem, hidden] memories, yielded piece by piece."""
-        memories = self._as_batched_memories(check_texts([question], "question"), memories)[0]
+        refuse_control_tokens(self, check_texts([question], "question"), "question")
+        memories = self._as_batched_memories([question], memories)[0]
         prompt = question_prompt(self.tokenizer, question, len(memories), self.document_placeholder)
         return self.stream(prompt, memories, max_new_tokens)
 
@@ -465,6 +467,7 @@ class ClaraModel(torch.nn.Module):
     ) -> list[str]:
         """Apple's name: compress each question's documents, then answer from all of them."""
         questions = check_texts(questions, "questions")
+        refuse_control_tokens(self, questions, "question")  # before the documents are compressed
         flat = self._flatten_document_lists(questions, documents)
         return self.answer(questions, self.compress_documents(flat), max_new_tokens)
 
@@ -478,6 +481,7 @@ class ClaraModel(torch.nn.Module):
         """Apple's name: the query reasoner keeps the top-k of each question's candidates, then
         the generator answers. Returns the answers and the chosen indices [n_questions, k]."""
         questions = check_texts(questions, "questions")
+        refuse_control_tokens(self, questions, "question")  # before the documents are compressed
         k = self.config.generation_top_k if k is None else k
         check_positive_int("k", k)  # 0 read the default k
         flat = self._flatten_document_lists(questions, documents)
@@ -569,6 +573,17 @@ def _warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
         warnings.warn(f"{len(truncated)} of {len(cut)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
                       f"tokens were cut (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
                       stacklevel=stacklevel)  # counted from this function: 3 names its caller's caller
+
+
+def refuse_control_tokens(model: ClaraModel, texts: Sequence[str], what: str) -> None:
+    """Refuse texts holding one of the model's control tokens: a prompt is tokenized whole, so a
+    typed "<|im_end|>" ended the turn (and could open a forged system turn), and a typed "<MEM0>"
+    took a memory's place, refused only at generation, after the documents were compressed."""
+    for number, text in enumerate(texts):
+        typed = next((token for token in model.control_tokens if token in text), None)
+        if typed:
+            raise InvalidInputError(f"{what} {number} holds {typed!r}, one of the tokenizer's control tokens: "
+                                    "remove it from the text")
 
 
 def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show_progress: bool = False,

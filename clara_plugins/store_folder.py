@@ -24,7 +24,6 @@ import hashlib
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -341,17 +340,6 @@ def check_store_folder(folder: Path) -> None:
                              f"{', ...' if len(others) > 3 else ''}): choose an empty or new folder")
     elif folder.exists():
         raise StoreError(f"{folder} is a file, not a folder for a CLaRa memory store")
-
-
-def check_writable(folder: Path) -> None:
-    """Make the folder, and refuse it where a save could not write (found at the first save,
-    after a group of documents was compressed: minutes on a CPU)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise StoreError(f"{folder} cannot be written: {error.strerror or error}") from error
 
 
 def store_settings(folder: Path) -> dict[str, str]:

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from .atomic import check_replaceable_folder, recover_folder
 from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config,
                          read_torch_file, save_checkpoint, weight_files)
+from .checks import check_writable
 from .config import TrainConfig
 from .errors import CheckpointError, InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
@@ -558,6 +559,7 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | Non
 def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: Sequence[str] | None) -> dict | None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
+    check_writable(output)  # found at the first save, after a corpus was compressed
     log = output / "log.jsonl"
     if log.is_file() and not all(isinstance(record, dict) and isinstance(record.get("step"), int)
                                  for record in read_jsonl(log, appended=True)):

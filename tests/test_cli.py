@@ -181,8 +181,82 @@ def test_index_refuses_a_store_folder_it_cannot_write_before_it_loads_a_model(tm
     corpus.write_text("\n\n".join(CORPUS[:2]))
     with pytest.raises(SystemExit) as exit_info:
         main(["index", str(corpus), "--store", str(tmp_path / "a-file" / "store"), "--device", "cpu"])
-    assert exit_info.value.code == 5 and "a-file/store cannot be written: Not a directory" in capsys.readouterr().err
+    assert exit_info.value.code == 3 and "a-file/store cannot be written" in capsys.readouterr().err
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_outputs_nothing_can_be_written_to_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    # eval answered every row, train compressed its corpus, bench ran a system: then the write failed
+    from clara_benchmarks import run as bench_run
+    from clara_plugins import model as model_module
+
+    monkeypatch.setattr(model_module.ClaraModel, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    (tmp_path / "a-file").write_text("mine")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    inside_a_file = str(tmp_path / "a-file" / "out")
+    for argv in (["eval", str(rows), "--systems", "clara", "--out", inside_a_file + ".json"],
+                 ["train", "--stage", "instruct", "--data", str(rows), "--output", inside_a_file],
+                 ["bench", "--quick", "--data-dir", str(tmp_path), "--out", inside_a_file]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert (exit_info.value.code, "cannot be written" in capsys.readouterr().err) == (3, True), argv
+    assert (tmp_path / "a-file").read_text() == "mine"
+    # an output written before is written again (refused as "a file" once)
+    from clara_plugins.checks import check_output_path
+
+    check_output_path(tmp_path / "a-file")
+
+
+def test_ask_refuses_a_blank_question_or_text_before_it_loads_a_model(monkeypatch, capsys):
+    from clara_plugins import pretrained
+
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv, message in [(["--text", "Paris is in France.", "--question", "  "], "--question is empty"),
+                          (["--text", " ", "--question", "Where?"], "--text[0] is empty")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["ask", *argv])
+        assert (exit_info.value.code, message in capsys.readouterr().err) == (5, True)
+
+
+def test_a_question_holding_a_control_token_is_refused_before_documents_are_compressed(tiny_model, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from clara_plugins.model import ClaraModel
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(ClaraModel, "compress_documents", lambda *a, **k: pytest.fail("documents were compressed"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--text", CORPUS[0], "--question", "What is <MEM0>?", "--checkpoint", str(tmp_path / "ckpt"),
+              "--device", "cpu"])
+    assert exit_info.value.code == 5 and "--question 0 holds '<MEM0>'" in capsys.readouterr().err
+    with pytest.raises(InvalidInputError, match="question 0 holds '<MEM0>'"):
+        tiny_model.generate_from_text(["What is <MEM0>?"], [[CORPUS[0]]])
+
+
+def test_a_stop_a_missing_extra_and_an_unseen_device_say_so_in_one_line(monkeypatch, capsys):
+    import sys
+
+    from clara_plugins import cli
+    from clara_plugins.backbone import resolve_device
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "ask", (*cli.COMMANDS["ask"][:2], interrupted))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--text", "Paris is in France.", "--question", "Where?"])
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "clara ask: interrupted\n"
+    monkeypatch.setitem(sys.modules, "ray", None)  # the [ray] extra missing: said before the model loads
+    from clara_plugins import pretrained
+
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", str(EXAMPLE_DOCUMENTS), "--store", "/tmp/never-made-store", "--ray"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "clara-plugins[ray]" in error and "[bench]" not in error
+    with pytest.raises(ValueError, match="device 'cuda:99': torch sees"):
+        resolve_device("cuda:99")
 
 
 def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, capsys):

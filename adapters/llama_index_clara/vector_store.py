@@ -71,7 +71,8 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
 
 class _CompressorChunks(SentenceSplitter):
     """LlamaIndex's default chunks (1,024 tokens) would be compressed from their first
-    ``doc_max_length`` tokens only: chunks of that many tokens of the model's own tokenizer."""
+    ``doc_max_length`` tokens only: chunks that, with their metadata, fit that many tokens of the
+    model's own tokenizer (2 spare)."""
 
     @classmethod
     def of(cls, model: ClaraModel) -> _CompressorChunks:
@@ -111,7 +112,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
     is not a ClaraEmbedding. That embedding hands its memory tokens to this store, which
     keeps them instead of compressing each node twice. Likewise, unless a node parser or
     transformations are set (LlamaIndex sets its default one when an index first needs it),
-    documents are split into chunks of the compressor's
+    documents are split into chunks that, with their metadata, fit the compressor's
     ``doc_max_length`` tokens, which it reads whole (LlamaIndex's 1,024 would be cut).
     An ``IngestionPipeline`` brings its own splitter (1,024 tokens) unless given
     ``transformations``, and hands a store only the nodes that carry an embedding: give it
