@@ -61,6 +61,9 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
                              "scale per vector)")
     parser.add_argument("--save-every", type=positive_int, default=1024,
                         help="documents compressed between saves; a stopped run resumes from the last save")
+    parser.add_argument("--batch-size", type=positive_int, default=8,
+                        help="documents compressed at once, by the model or each Ray actor (default 8; a GPU "
+                             "takes more)")
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="compress on Ray: a local instance started for the run, or the cluster at ADDRESS "
                         "(auto, ray://host:10001); put it after the files. Needs pip install "
@@ -272,10 +275,10 @@ def _index(args: argparse.Namespace) -> None:
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
     if (folder / "CURRENT").exists():
-        store = MemoryStore.load(folder, model)
+        store = MemoryStore.load(folder, model, batch_size=args.batch_size)
     else:
-        store = MemoryStore(model, **{name: value for name, value in
-                                      [("index", args.index), ("memory_dtype", args.memory_dtype)] if value})
+        store = MemoryStore(model, batch_size=args.batch_size, **{
+            name: value for name, value in [("index", args.index), ("memory_dtype", args.memory_dtype)] if value})
     on_ray = None if args.ray is None else RayCompression(_load_on_workers(args), args.ray, args.workers,
                                                           use_gpus=args.device != "cpu")
     compressed = index_documents(store, [text for text, _ in documents], ids, [meta for _, meta in documents],

@@ -20,6 +20,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+from .checks import unicode_problem
 from .errors import InvalidInputError
 from .jsonfiles import data_suffix, read_json, read_jsonl, read_text
 from .metrics import normalize_answer
@@ -113,6 +114,9 @@ def read_documents(paths: list[str]) -> list[str]:
                     if None in record:  # a stray tab: its text and title would be misaligned
                         raise InvalidInputError(f"{source}, row {number + 1} has {len(rows.fieldnames) + len(record[None])} "
                                                 f"fields, more than its header's {len(rows.fieldnames)}")
+                    if None in record.values():  # read without its title (and another id)
+                        raise InvalidInputError(f"{source}, row {number + 1} lacks the fields "
+                                                f"{', '.join(k for k, v in record.items() if v is None)} of its header")
                     if any("\t" in value and "\n" in value for value in record.values() if isinstance(value, str)):
                         # a text opening with a quote it never closes ran on over the next rows, read as one
                         raise InvalidInputError(f"{source}, row {number + 1} (to line {rows.line_num}): a field runs "
@@ -147,11 +151,10 @@ def _record_text(record: object, where: str) -> str:
         raise InvalidInputError(f"{where} has no text or contents to index "
                                 f"({', '.join(kinds) or 'its fields: ' + ', '.join(sorted(record))})")
     for field, value in (("title", record.get("title")), ("text", text)):
-        try:  # JSON may escape half of a character pair ("\\ud83d"): the id and the tokenizer need whole ones
-            str(value).encode("utf-8")
-        except UnicodeEncodeError as error:
-            raise InvalidInputError(f"{where}: its {field} is not valid Unicode text ({error.reason} at character "
-                                    f"{error.start})") from error
+        # JSON may escape half of a character pair ("\\ud83d"): the id and the tokenizer need whole ones
+        problem = unicode_problem(str(value))
+        if problem:
+            raise InvalidInputError(f"{where}: its {field} is not valid Unicode text ({problem})")
     return f"{record['title']}\n{text}" if record.get("title") else text
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -190,11 +191,15 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
     covered = False
     for round_ in range(max_rounds + 1):  # a coverage check, then each round's new pairs checked again
         # the pairs the row would keep: one whose answer the document lacks covers nothing
-        kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document)]
+        # and one whose question writes its answer ("Is Warsaw the capital of Poland?" "Warsaw") teaches restating
+        kept = [(q, a) for q, a in dict.fromkeys(pairs)
+                if _supported(a, document) and f" {normalize_answer(a)} " not in f" {normalize_answer(q)} "]
         questions = "\n".join(q for q, _ in kept) or "(none)"
         reply = [line.strip("-* ").strip() for line in
                  teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
         missing = [m for m in reply if m and not _says_none(m)]
+        if not any(reply):  # an empty reply (a teacher stopping at once) checked nothing: not covered
+            break
         # "NONE", maybe followed by why ("NONE\nEvery fact is covered."): its reasons are no facts
         if not missing or _says_none(next(m for m in reply if m)):
             covered = True
@@ -239,6 +244,10 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
         raise InvalidInputError(f"{ledger} marks none of these documents done: it was written for another corpus, "
                                 "or with other ids (clara synth keyed passages by position before it keyed them "
                                 "by text); name another output")
+    gone = done - {doc_id for doc_id, _ in documents}
+    if gone:  # kept (stored data is not dropped), but a passage edited or removed since is no longer the corpus'
+        warnings.warn(f"{output} holds the rows of {len(gone)} passages this corpus no longer has (edited or "
+                      "removed since): they are kept; name another output to leave them out", stacklevel=2)
     with open(output, "a") as rows, open(ledger, "a") as marks:
         for doc_id, text in tqdm(documents, desc="synthesising"):
             if doc_id in done:

@@ -52,6 +52,9 @@ def test_dprs_passage_file_reads_one_document_a_row(tmp_path):
     (tmp_path / "long.tsv").write_text("id\ttext\ttitle\n1\tA text\twith a tab\tTitle\n")
     with pytest.raises(InvalidInputError, match="long.tsv, row 1 has 4 fields, more than its header's 3"):
         read_documents([str(tmp_path / "long.tsv")])
+    (tmp_path / "short.tsv").write_text("id\ttext\ttitle\n2\tMoses led them out of Egypt.\n")  # read untitled
+    with pytest.raises(InvalidInputError, match="short.tsv, row 1 lacks the fields title of its header"):
+        read_documents([str(tmp_path / "short.tsv")])
     (tmp_path / "open.tsv").write_text('id\ttext\n1\t"' + "word " * 30_000 + "\n")
     with pytest.raises(InvalidInputError, match="open.tsv, line .*: not a tab-separated row"):
         read_documents([str(tmp_path / "open.tsv")])
@@ -257,6 +260,18 @@ def test_a_stop_a_missing_extra_and_an_unseen_device_say_so_in_one_line(monkeypa
     assert exit_info.value.code == 1 and "clara-plugins[ray]" in error and "[bench]" not in error
     with pytest.raises(ValueError, match="device 'cuda:99': torch sees"):
         resolve_device("cuda:99")
+
+
+def test_index_compresses_in_the_batches_it_is_given(tiny_model, tmp_path, monkeypatch, capsys):
+    # a GPU compressed a corpus 8 documents at a time: the store's default, not settable
+    from clara_plugins import indexing
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    sizes = []
+    monkeypatch.setattr(indexing, "index_documents", lambda store, *a, **k: sizes.append(store.batch_size) or [])
+    main(["index", str(EXAMPLE_DOCUMENTS), "--store", str(tmp_path / "s"), "--batch-size", "32",
+          "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"])
+    assert sizes == [32]
 
 
 def test_index_resumes_after_a_kill_in_its_first_save(tiny_model, tmp_path, capsys):

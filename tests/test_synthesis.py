@@ -316,3 +316,26 @@ def test_a_none_line_among_missing_facts_is_no_fact():
 
     synthesize_document(DOC, Recording(["- the year of her birth\nNONE!", "NONE"]), max_rounds=1)
     assert asked == ["the year of her birth"]
+
+
+def test_an_empty_coverage_reply_covers_nothing_and_a_question_writing_its_answer_is_dropped():
+    # "" found no missing fact, so the row was kept unchecked; a pair whose question wrote its
+    # answer ("Is Warsaw ...?" "Warsaw") trained the restating a weak reader falls into
+    assert synthesize_document(DOC, ScriptedTeacher([""] * 5), max_rounds=2)[0] is None
+
+    class Restating(ScriptedTeacher):
+        def __call__(self, prompt: str) -> str:
+            if prompt.startswith("Read the document") and "two or more" not in prompt:
+                return "Question: Was Marie Curie born in Warsaw?\nAnswer: Warsaw"
+            return super().__call__(prompt)
+
+    qa, _, counts = synthesize_document(DOC, Restating(["NONE"]), max_rounds=1)
+    assert qa["question"] == ["Where was the 1903 Physics laureate born?"] and counts["dropped_pairs"] == 1
+
+
+def test_a_resume_says_how_many_passages_the_corpus_no_longer_has(tmp_path):
+    output = tmp_path / "scp.jsonl"
+    synthesize([("a", DOC), ("b", DOC + " Edited later.")], ScriptedTeacher(["NONE"] * 10), output)
+    with pytest.warns(UserWarning, match="holds the rows of 1 passages this corpus no longer has"):
+        synthesize([("a", DOC), ("b2", DOC + " Edited.")], ScriptedTeacher(["NONE"] * 10), output)
+    assert {json.loads(line)["doc_id"] for line in output.read_text().splitlines()} == {"a", "b", "b2"}  # kept
