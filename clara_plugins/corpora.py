@@ -222,9 +222,9 @@ def after_held_out(held_out: list, rest: list) -> list:
     """``rest`` (examples or passages) without what repeats the held-out ones' evidence or
     questions: a gold passage that is a held-out one, or shares a quarter or more of the shorter
     one's word 8-grams with one (NQ gives one paragraph in several revisions, windows and
-    spacings); and an example that asks a held-out question in other words (a gold passage of
-    the same title, an answer in common: NQ dev 21 and 951 both ask who sang "From Russia with
-    Love")."""
+    spacings); an example that asks a held-out question in other words (a gold passage of the
+    same title, an answer in common: NQ dev 21 and 951 both ask who sang "From Russia with
+    Love"); and, in the examples kept, a distractor that is a held-out gold passage."""
     if not held_out:
         return rest
     passages = held_out if isinstance(held_out[0], str) else [e.passages[i] for e in held_out for i in e.gold]
@@ -245,7 +245,17 @@ def after_held_out(held_out: list, rest: list) -> list:
     if isinstance(held_out[0], str):
         return [passage for passage in rest if not repeated(passage)]
     asked = set().union(*(_facts(e) for e in held_out))
-    return [e for e in rest if not (_facts(e) & asked or any(repeated(e.passages[i]) for i in e.gold))]
+    kept = []
+    for example in rest:
+        if _facts(example) & asked or any(repeated(example.passages[i]) for i in example.gold):
+            continue
+        # a held-out gold passage among its distractors: the reader trained on it, the retriever to rank it down
+        own = [i for i, passage in enumerate(example.passages) if i in example.gold or not repeated(passage)]
+        if len(own) < len(example.passages):
+            example = dataclasses.replace(example, passages=[example.passages[i] for i in own],
+                                          gold=[own.index(i) for i in example.gold])
+        kept.append(example)
+    return kept
 
 
 def _facts(example: QAExample) -> set[tuple[str, str]]:

@@ -365,6 +365,12 @@ def test_a_held_out_question_asked_again_in_other_words_is_left_out():
     assert after_held_out([f"Succession\n{words}."], [f"Other\n{words}!", "Other\nshort"]) == ["Other\nshort"]
     longer = f"Article\n{words} " + " ".join(f"more{i}" for i in range(200))  # holds all of the held-out one
     assert after_held_out([f"Succession\n{words}."], [longer]) == []
+    # a held-out gold passage as a later example's distractor (HotpotQA dev 89's in dev 245's pool)
+    pool = QAExample(id="later", question="who is queen", answers=["Anne"],
+                     passages=["Other\nunrelated text.", f"Succession\n{words} and more.", "Anne\nAnne was queen."],
+                     gold=[2])
+    (kept,) = after_held_out(held, [pool])
+    assert kept.passages == ["Other\nunrelated text.", "Anne\nAnne was queen."] and kept.gold == [1]
 
 
 @needs_shared_data
