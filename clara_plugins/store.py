@@ -306,7 +306,7 @@ class MemoryStore(BaseMemoryStore):
             diverse = lambda_mult < 1.0
             rows, scores = self._nearest(query, max(k, fetch_k) if diverse else k, where, wanted)
             if diverse and len(rows):
-                chosen = maximal_marginal_relevance(query, self._row_keys(rows), k, lambda_mult)
+                chosen = maximal_marginal_relevance(query, self._candidate_keys(rows), k, lambda_mult)
                 rows, scores = rows[chosen], scores[chosen]
             return [(self._document(int(r)), float(s)) for r, s in zip(rows[:k], scores[:k])]
 
@@ -334,9 +334,20 @@ class MemoryStore(BaseMemoryStore):
         scored SHARD_ROWS at a time so that a large candidate set never holds all its keys."""
         if not len(rows):
             return rows, np.zeros(0, dtype=np.float32)
-        scores = np.concatenate([self._row_keys(rows[start:start + store_folder.SHARD_ROWS]) @ query
+        scores = np.concatenate([self._candidate_keys(rows[start:start + store_folder.SHARD_ROWS]) @ query
                                  for start in range(0, len(rows), store_folder.SHARD_ROWS)])
         return _best_first(rows, scores, n)
+
+    def _candidate_keys(self, rows: np.ndarray) -> np.ndarray:
+        """The keys of rows to score: read from a built exact index that holds every row, where
+        it keeps them smaller than the memories they are made of (a mean key: a filtered search
+        read and averaged each candidate's 16 memory vectors), else made from the memories. The
+        index holds the very keys ``_row_keys`` made, so the scores are the same."""
+        index = self._index
+        if (self.keys.keys_are_memories and self.keys.blocks == 1 and len(rows)
+                and isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) and index.ntotal == len(self._ids)):
+            return index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
+        return self._row_keys(rows)
 
     def _sample_pair_cosines(self) -> np.ndarray:
         """Sorted cosines between distinct documents of an evenly spread sample."""

@@ -691,3 +691,16 @@ def test_an_index_left_short_by_a_failed_extension_is_built_again(tiny_model, tm
     assert len(store) == 5 and {doc.id for doc, _ in store.search("Paris", k=5)} == {f"d{i}" for i in range(5)}
     store.save(tmp_path / "s")
     assert len(MemoryStore.load(tmp_path / "s", tiny_model).search("Paris", k=5)) == 5
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_a_filtered_search_reads_the_mean_keys_of_a_built_index_not_the_memories(tiny_model, monkeypatch, index):
+    # it read and averaged every candidate's memory vectors: 16 times the bytes of its mean key
+    store = MemoryStore(tiny_model, index=index)
+    store.upsert(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))], metadatas=[{"n": i % 2} for i in range(len(CORPUS))])
+    expected = store.search("Nobel prizes", k=3, where={"n": 0})
+    diverse = store.search("Nobel prizes", k=2, where={"n": 0}, lambda_mult=0.3)
+    store.search("Nobel prizes", k=1)  # builds the index
+    monkeypatch.setattr(store, "_memory_rows", lambda rows: pytest.fail("the memories were read"))
+    assert store.search("Nobel prizes", k=3, where={"n": 0}) == expected
+    assert store.search("Nobel prizes", k=2, where={"n": 0}, lambda_mult=0.3) == diverse
