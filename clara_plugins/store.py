@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -208,25 +209,30 @@ class MemoryStore(BaseMemoryStore):
         """Pack the chunks held in RAM anew once half their rows or more are the memories of
         replaced or deleted documents (and there are SHARD_ROWS such rows or more), so that a
         long-running store's RAM follows its live documents. Memory-mapped chunks (a loaded
-        generation) cost no RAM and keep their places. Chunks are replaced, never changed in
-        place (see save)."""
+        generation) cost no RAM and keep their places, and so do chunks whose rows all live (a
+        store whose every document was replaced held its memories four times over while it
+        copied the new chunk). Chunks are replaced, never changed in place (see save)."""
         if self._dead_ram_rows < max(self._ram_rows - self._dead_ram_rows, store_folder.SHARD_ROWS):
             return
-        in_ram = [not isinstance(chunk, np.memmap) for chunk in self._memory_chunks]
-        live = [row for row, (chunk, _) in enumerate(self._where) if in_ram[chunk]]
-        where = [self._where[row] for row in live]
+        lives = Counter(chunk for chunk, _ in self._where)
+        packs = [not isinstance(chunk, np.memmap) and lives[number] < len(chunk)
+                 for number, chunk in enumerate(self._memory_chunks)]
+        moved = [row for row, (chunk, _) in enumerate(self._where) if packs[chunk]]
+        where = [self._where[row] for row in moved]
+        stay = sum(lives[number] for number, chunk in enumerate(self._memory_chunks)
+                   if not isinstance(chunk, np.memmap) and not packs[number])
         for chunks in (self._memory_chunks, self._scale_chunks, self._key_chunks):
             if chunks:  # scales (int8) and keys (a separate key encoder) are chunked as the memories are
                 packed = store_folder.gather(chunks, where) if where else None
                 # an emptied chunk keeps its number, so that the other rows' places stay valid; a new
                 # empty array, since a view (chunk[:0]) would keep the whole buffer alive
-                chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if ram else chunk
-                             for chunk, ram in zip(chunks, in_ram)]
+                chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if pack else chunk
+                             for chunk, pack in zip(chunks, packs)]
                 if packed is not None:
                     chunks.append(packed)
-        for offset, row in enumerate(live):
+        for offset, row in enumerate(moved):
             self._where[row] = (len(self._memory_chunks) - 1, offset)
-        self._ram_rows, self._dead_ram_rows = len(live), 0
+        self._ram_rows, self._dead_ram_rows = stay + len(moved), 0
 
     # -------------------------------------------------------------- reading
 

@@ -430,6 +430,22 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     assert sum(len(chunk) for chunk in loaded._memory_chunks) == 5 and loaded.all_ids() == ["d5"]
 
 
+def test_replacing_every_document_copies_no_chunk_whose_rows_all_live(tiny_model, monkeypatch):
+    # the new chunk was copied whole into a packed one: four copies of the memories at the peak
+    from clara_plugins import store_folder
+
+    monkeypatch.setattr(store_folder, "SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model)
+    ids = [f"d{i}" for i in range(4)]
+    store.upsert(CORPUS[:4], ids=ids)
+    gathered = []
+    real = store_folder.gather
+    monkeypatch.setattr(store_folder, "gather", lambda chunks, where: gathered.append(len(where)) or real(chunks, where))
+    store.upsert(CORPUS[2:6], ids=ids)  # every document replaced: 4 dead rows of 8, packed
+    assert gathered == [] and sum(len(chunk) for chunk in store._memory_chunks) == 4
+    assert torch.equal(store.memories(ids), store.model.compress_documents(CORPUS[2:6]).to(torch.float16).float())
+
+
 def test_a_store_reads_what_it_saved_from_its_files_not_ram(tiny_model, tmp_path, monkeypatch):
     # a save kept every memory in RAM too: clara index held a whole corpus' (18 GB a million at CR16)
     monkeypatch.setattr("clara_plugins.store_folder.SHARD_ROWS", 2)
