@@ -87,7 +87,7 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
         raise CheckpointError(f"the model's configuration gives {saved.n_mem_tokens} memory tokens, and the model has "
                               f"{len(model.mem_token_ids)}: set compression_rate and doc_max_length back; not saved to "
                               f"{folder}")
-    header = {"format": FORMAT, "config": model.config.to_dict(), "base_model_fingerprint": model.base_fingerprint,
+    header = {"format": FORMAT, "config": saved.to_dict(), "base_model_fingerprint": model.base_fingerprint,
               "layout_sha256": layout_sha256(model.tokenizer)}
     for part, tensors in [*adapters.items(), ("embeddings", embeddings)]:  # loading refuses them: never saved over a good copy
         bad = next((key for key, tensor in tensors.items() if not torch.isfinite(tensor).all()), None)

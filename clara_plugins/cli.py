@@ -132,7 +132,8 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hold out the first N examples (e.g. NQ dev 0-299, for evaluation), and any later "
                         "one that repeats their evidence (a gold passage that is one of theirs, or holds a quarter "
                         "of one) or asks one of their questions again (a gold passage of the same title, an answer "
-                        "in common); for passages, a repeat of one")
+                        "in common), and a held-out gold passage among a kept example's distractors; for passages, "
+                        "a repeat of one")
     parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
     parser.add_argument("--seed", type=int, help="e2e, cloze, inverse-cloze: shuffling seed (default 0)")
 
@@ -302,8 +303,7 @@ def _ask(args: argparse.Namespace) -> None:
         raise InvalidInputError("no documents: give --store DIR, --docs FILE ... or --text TEXT ...")
     if args.store and (args.docs or args.text):
         raise InvalidInputError("give either --store or --docs/--text, not both")
-    if not args.question.strip():  # found after the store's checks or the documents' compression
-        raise InvalidInputError("--question is empty")
+    check_texts([args.question], "--question")  # found after the store's checks or the documents' compression
     if args.text:
         check_texts(args.text, "--text")
     texts = read_documents(args.docs) + args.text  # a bad path fails before the model loads

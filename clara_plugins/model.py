@@ -121,8 +121,12 @@ class ClaraModel(torch.nn.Module):
         """Append <MEM0..n-1>, <AE>, <ENC>, <SEP> to the vocabulary, in that order."""
         self.mem_tokens = [f"<MEM{i}>" for i in range(self.config.n_mem_tokens)]
         new_tokens = self.mem_tokens + ["<AE>", "<ENC>", "<SEP>"]
-        # what text may not hold: CLaRa's tokens and the template's (SmolLM2's <filename> is a word)
-        self.control_tokens = sorted({*new_tokens, *self.tokenizer.all_special_tokens})
+        # what text may not hold: CLaRa's tokens and the template's, listed or only marked special
+        # and written by the template (Llama 3's <|eot_id|>); SmolLM2's <filename> is a word
+        template = str(self.tokenizer.chat_template or "")
+        written = {token.content for token in self.tokenizer.added_tokens_decoder.values()
+                   if token.special and token.content in template}
+        self.control_tokens = sorted({*new_tokens, *self.tokenizer.all_special_tokens, *written})
         clashes = [t for t in new_tokens if t in self.tokenizer.get_vocab()]
         if clashes:
             raise ValueError(f"the base tokenizer already has CLaRa's special tokens {clashes}")

@@ -174,6 +174,13 @@ def _supported(answer: str, document: str) -> bool:
     return any(tokens and all(t in words for t in tokens) for tokens in forms)
 
 
+def _restates(question: str, answer: str) -> bool:
+    """The question writes its answer ("Is Warsaw the capital of Poland?" "Warsaw"), and offers
+    no choice ("... Marie or Pierre Curie?" may): such a pair teaches a reader to restate."""
+    question, answer = f" {normalize_answer(question)} ", f" {normalize_answer(answer)} "
+    return answer in question and " or " not in question
+
+
 def _says_none(line: str) -> bool:
     """A coverage reply's line that says no fact is missing ("NONE", "None.", "NONE!")."""
     return re.fullmatch(r"none\W*", line, re.IGNORECASE) is not None
@@ -191,9 +198,7 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
     covered = False
     for round_ in range(max_rounds + 1):  # a coverage check, then each round's new pairs checked again
         # the pairs the row would keep: one whose answer the document lacks covers nothing
-        # and one whose question writes its answer ("Is Warsaw the capital of Poland?" "Warsaw") teaches restating
-        kept = [(q, a) for q, a in dict.fromkeys(pairs)
-                if _supported(a, document) and f" {normalize_answer(a)} " not in f" {normalize_answer(q)} "]
+        kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document) and not _restates(q, a)]
         questions = "\n".join(q for q, _ in kept) or "(none)"
         reply = [line.strip("-* ").strip() for line in
                  teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
@@ -246,8 +251,9 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
                                 "by text); name another output")
     gone = done - {doc_id for doc_id, _ in documents}
     if gone:  # kept (stored data is not dropped), but a passage edited or removed since is no longer the corpus'
-        warnings.warn(f"{output} holds the rows of {len(gone)} passages this corpus no longer has (edited or "
-                      "removed since): they are kept; name another output to leave them out", stacklevel=2)
+        warnings.warn(f"{output} holds the rows of {len(gone)} passages not among these (edited or removed since, "
+                      "or left out by a smaller --limit): they are kept; name another output to leave them out",
+                      stacklevel=2)
     with open(output, "a") as rows, open(ledger, "a") as marks:
         for doc_id, text in tqdm(documents, desc="synthesising"):
             if doc_id in done:

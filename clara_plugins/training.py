@@ -553,13 +553,17 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | Non
             reading_width(probe_rows, _probe_k(rows, config))
         except ValueError as error:
             raise ValueError(f"probe {name}: {error}") from error
-    return None if output is None else _check_output(Path(output), config, rows, corpus)
+    if output is None:
+        return None
+    state = _check_output(Path(output), config, rows, corpus)
+    if state is None or state["step"] < config.steps:  # found at the first save, after a corpus was compressed
+        check_writable(output)  # (a finished run writes nothing)
+    return state
 
 
 def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: Sequence[str] | None) -> dict | None:
     if output.exists() and not output.is_dir():
         raise FileExistsError(f"{output} is a file: name a folder for the run")
-    check_writable(output)  # found at the first save, after a corpus was compressed
     log = output / "log.jsonl"
     if log.is_file() and not all(isinstance(record, dict) and isinstance(record.get("step"), int)
                                  for record in read_jsonl(log, appended=True)):

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -355,6 +356,10 @@ def test_a_configuration_changed_so_it_would_not_load_is_not_saved_over_a_good_c
     with pytest.raises(CheckpointError, match="memory tokens, and the model has"):
         tiny_model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "clara_config.json").read_text() == before
+    tiny_model.config.compression_rate //= 2
+    tiny_model.config.generation_top_k = np.int64(2)  # read as a number, written as one (a bare TypeError in the write)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    assert ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu").config.generation_top_k == 2
 
 
 def test_a_base_model_folder_is_recorded_as_a_path_that_loads_from_anywhere(tiny_base, tiny_model, tmp_path,

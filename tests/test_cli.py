@@ -216,7 +216,7 @@ def test_ask_refuses_a_blank_question_or_text_before_it_loads_a_model(monkeypatc
     from clara_plugins import pretrained
 
     monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
-    for argv, message in [(["--text", "Paris is in France.", "--question", "  "], "--question is empty"),
+    for argv, message in [(["--text", "Paris is in France.", "--question", "  "], "--question[0] is empty"),
                           (["--text", " ", "--question", "Where?"], "--text[0] is empty")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["ask", *argv])

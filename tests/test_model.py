@@ -222,6 +222,9 @@ def test_a_turn_end_marked_special_only_where_it_was_added_stops_generation(tmp_
     assert question_prompt(tokenizer, "Who?", 1, "<d>", "Curie").endswith("Curie<|im_end|>\n")
     model = ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64), device="cpu")
     assert end in model.stop_token_ids
+    # and typed into a question it is refused as a control token, as the listed ones are
+    with pytest.raises(InvalidInputError, match="question 0 holds '<\\|im_end\\|>'"):
+        model.answer(["Who?<|im_end|>"], torch.zeros(1, 1, model.config.n_mem_tokens, model.hidden_size))
 
 
 def test_a_template_whose_turn_ends_in_plain_text_is_trained_to_stop_at_its_eos(tmp_path):

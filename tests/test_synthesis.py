@@ -331,11 +331,12 @@ def test_an_empty_coverage_reply_covers_nothing_and_a_question_writing_its_answe
 
     qa, _, counts = synthesize_document(DOC, Restating(["NONE"]), max_rounds=1)
     assert qa["question"] == ["Where was the 1903 Physics laureate born?"] and counts["dropped_pairs"] == 1
+    assert not synthesis._restates("Was she born in Warsaw or in Paris?", "Warsaw")  # a choice offered
 
 
 def test_a_resume_says_how_many_passages_the_corpus_no_longer_has(tmp_path):
     output = tmp_path / "scp.jsonl"
     synthesize([("a", DOC), ("b", DOC + " Edited later.")], ScriptedTeacher(["NONE"] * 10), output)
-    with pytest.warns(UserWarning, match="holds the rows of 1 passages this corpus no longer has"):
+    with pytest.warns(UserWarning, match="holds the rows of 1 passages not among these"):
         synthesize([("a", DOC), ("b2", DOC + " Edited.")], ScriptedTeacher(["NONE"] * 10), output)
     assert {json.loads(line)["doc_id"] for line in output.read_text().splitlines()} == {"a", "b", "b2"}  # kept

@@ -938,6 +938,24 @@ def test_epochs_of_neighbouring_seeds_are_shuffled_apart():
     assert training._batches(rows, config, 0) != first_of_seed_one
 
 
+def test_a_finished_run_in_a_folder_nothing_can_be_written_to_returns_its_checkpoint(tiny_model, tmp_path,
+                                                                                     monkeypatch):
+    # a finished run writes nothing: on a read-only mount it was refused as unwritable
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1)
+    checkpoint = train(tiny_model, INSTRUCT, config, tmp_path)
+
+    def read_only(path):
+        raise PermissionError(f"{path} cannot be written: Read-only file system")
+
+    monkeypatch.setattr(training, "check_writable", read_only)
+    with pytest.warns(UserWarning, match="holds a finished run"):
+        assert train(tiny_model, INSTRUCT, config, tmp_path) == checkpoint
+    state_file = checkpoint / "trainer_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "step": 0}, state_file)  # a step left to take
+    with pytest.raises(PermissionError):
+        train(tiny_model, INSTRUCT, config, tmp_path)
+
+
 def test_the_log_counts_seconds_across_a_resume(tiny_model, tmp_path):
     config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1)
     train(tiny_model, INSTRUCT, config, tmp_path)
