@@ -14,7 +14,7 @@ import re
 
 from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from .config import SETTINGS, TrainConfig
-from .corpora import QAExample
+from .corpora import QAExample, same_evidence, word_grams
 from .errors import InvalidInputError
 from .metrics import recall_at_k
 from .prompts import SCP_REWRITES
@@ -153,20 +153,28 @@ def inverse_cloze_rows(passages: list[str], candidates: int = 5, seed: int = 0) 
             spans.append((begin, gap.start()))
             begin = gap.end()
         spans.append((begin, len(passage)))
-        long = [(a, b) for a, b in spans if len(passage[a:b].split()) >= 6]
+        # a sentence its title repeats (a title ending in "?", cut at "St.") would stay in its gold
+        long = [(passage[a:b], _cut(passage, a, b)) for a, b in spans
+                if len(passage[a:b].split()) >= 6 and passage[a:b] not in _cut(passage, a, b)]
         if len(spans) >= 2 and long:
-            a, b = rng.choice(long)
-            head, tail = passage[:a].rstrip(" "), passage[b:].lstrip()
-            gold = head + (" " if head and not head.endswith("\n") and tail else "") + tail
-            picked.append((number, passage[a:b], gold))
+            question, gold = rng.choice(long)
+            picked.append((number, question, gold))
     best = bm25_top([question for _, question, _ in picked], passages, 2 * candidates + 1)
     rows = []
     for (number, question, gold), ranked in zip(picked, best):
-        others = [passages[i] for i in ranked if i != number and passages[i] != gold and question not in passages[i]]
+        evidence = word_grams(passages[number])  # another revision of the passage is no negative
+        others = [passages[i] for i in ranked if i != number and passages[i] != gold and question not in passages[i]
+                  and not same_evidence(passages[i], evidence)]
         docs = [gold] + others[: candidates - 1]
         rng.shuffle(docs)
         rows.append({"question": question, "docs": docs, "pos_index": [docs.index(gold)]})
     return rows
+
+
+def _cut(passage: str, start: int, end: int) -> str:
+    """The passage without its sentence at [start, end), the text around it joined by a space."""
+    head, tail = passage[:start].rstrip(" "), passage[end:].lstrip()
+    return head + (" " if head and not head.endswith("\n") and tail else "") + tail
 
 
 # a run of capitalised words, possibly joined by "of", "de", "the" or "and"

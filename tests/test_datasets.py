@@ -311,6 +311,14 @@ def test_inverse_cloze_rows_ask_with_a_sentence_cut_from_its_passage():
     rows = inverse_cloze_rows(["Lisbon\n" + first + "\n" + rest, copy, danube], candidates=3, seed=1)
     row = next(row for row in rows if row["question"] == first)
     assert row["docs"].count(copy) == 1 and row["docs"][row["pos_index"][0]] == copy  # the newline is kept
+    # another revision of the passage is no negative; a sentence its title repeats is no question
+    words = " ".join(f"w{i}" for i in range(30))
+    revised = f"Ohio River\nThe river {words} joins the Mississippi near Cairo. It is long and wide for miles on end."
+    other = f"Ohio River (revised)\nThe river {words} joins the Mississippi at Cairo. It is long and wide for miles."
+    titled = "Where Are You Going, Alfonso XII?\nWhere Are You Going, Alfonso XII? is a 1959 Spanish film by Luis."
+    rows = inverse_cloze_rows([revised, other, titled, danube, rhine, seine], candidates=3, seed=0)
+    assert all(other not in row["docs"] for row in rows if row["question"] in revised)
+    assert all(row["question"] not in row["docs"][row["pos_index"][0]] for row in rows)
 
 
 @pytest.mark.parametrize("question, answers, name", [
