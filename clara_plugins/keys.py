@@ -81,7 +81,9 @@ class ClaraKeys:
         store's upsert compresses them."""
         texts = check_texts(texts, "texts", blanks=True)
         filled = [text for text in texts if text.strip()]
-        memories = compress_in_parts(self.model, filled, batch_size, stacklevel=4)
+        # a bar past one batch: a framework store embeds a whole corpus in one call
+        memories = compress_in_parts(self.model, filled, batch_size, show_progress=len(filled) > batch_size,
+                                     stacklevel=4)
         keys = np.tile(self.blank_key, (len(texts), 1))
         if filled:
             keys[[i for i, text in enumerate(texts) if text.strip()]] = self.memory_keys(memories)

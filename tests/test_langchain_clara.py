@@ -505,3 +505,11 @@ def test_a_stop_that_is_no_list_of_strings_and_a_message_the_generator_cannot_re
     call = AIMessage(content="", tool_calls=[{"name": "search", "args": {}, "id": "1"}])
     with pytest.raises(InvalidInputError, match="message 1 holds tool_call"):
         chat.invoke([HumanMessage(content=QUESTION), call, HumanMessage(content="And?")])
+
+
+def test_clara_embeddings_show_progress_past_one_batch(tiny_model, capsys):
+    # a LangChain store embeds a whole corpus in one call: minutes on a CPU, without a word
+    ClaraEmbeddings(tiny_model).embed_documents(CORPUS[:2])
+    assert "compressing" not in capsys.readouterr().err
+    ClaraEmbeddings(tiny_model).embed_documents(CORPUS * 2)
+    assert "compressing" in capsys.readouterr().err
