@@ -178,7 +178,7 @@ def _restates(question: str, answer: str) -> bool:
     """The question writes its answer ("Is Warsaw the capital of Poland?" "Warsaw"), and offers
     no choice ("... Marie or Pierre Curie?" may): such a pair teaches a reader to restate."""
     question, answer = f" {normalize_answer(question)} ", f" {normalize_answer(answer)} "
-    return answer in question and " or " not in question
+    return answer in question and f"{answer}or " not in question and f" or{answer}" not in question
 
 
 def _says_none(line: str) -> bool:

@@ -331,7 +331,9 @@ def test_an_empty_coverage_reply_covers_nothing_and_a_question_writing_its_answe
 
     qa, _, counts = synthesize_document(DOC, Restating(["NONE"]), max_rounds=1)
     assert qa["question"] == ["Where was the 1903 Physics laureate born?"] and counts["dropped_pairs"] == 1
-    assert not synthesis._restates("Was she born in Warsaw or in Paris?", "Warsaw")  # a choice offered
+    assert not synthesis._restates("Was she born in Warsaw or Paris?", "Warsaw")  # a choice offered
+    assert not synthesis._restates("Who was born first, Marie Curie or Pierre Curie?", "Pierre Curie")
+    assert synthesis._restates("Did Marie Curie win the Nobel Prize in Physics or Chemistry?", "Marie Curie")
 
 
 def test_a_resume_says_how_many_passages_the_corpus_no_longer_has(tmp_path):
