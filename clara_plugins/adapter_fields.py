@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from .base_store import BaseMemoryStore, as_memory_store
 from .checkpoint import check_compressor, compressor_signature
-from .context import Reader, Reading, ReadingStats
+from .context import Reader, Reading, ReadingStats, read_messages
 from .model import ClaraModel
 from .pretrained import load_model
 
@@ -64,9 +64,11 @@ class ReaderFields(BaseModel):
         check_greedy(type(self).__name__, call.get("temperature"))
         ids = call["document_ids"] if call.get("document_ids") is not None else [
             i for message in messages for i in message.additional_kwargs.get("document_ids", [])]
-        reading = self._reader.read(self.clara, pairs, self.store, texts, ids, self.k)
+        reading = read_messages(self.clara, pairs, self.store, texts, ids, self.k)
         limit = call.get("max_tokens")
-        return self.clara.stream(reading.prompt, reading.memories, max_tokens if limit is None else limit), reading
+        pieces = self.clara.stream(reading.prompt, reading.memories, max_tokens if limit is None else limit)
+        self._reader.count(reading)  # once the generator took the prompt: a refused call read nothing
+        return pieces, reading
 
     @property
     def stats(self) -> ReadingStats:

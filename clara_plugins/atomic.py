@@ -69,6 +69,12 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     staging, held = _claimed_sibling(folder, folder=True)
     try:
         write(staging)
+        # as the umask makes files (the staging folder was made under it): safetensors writes its
+        # own 0600, which another user of a shared cache or checkpoint could not read
+        readable = staging.stat().st_mode & 0o666
+        for path in staging.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(readable)
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
         sync_tree(staging)  # the swap below removes the old copy: the new one must be on disk first

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import hold_lock, write_folder_atomically
@@ -26,18 +27,25 @@ FINGERPRINT_TOLERANCE = 0.05
 
 
 def clara_home() -> Path:
-    """Where CLaRa caches converted models: $CLARA_HOME, else the user's cache folder."""
+    """Where CLaRa caches converted models: $CLARA_HOME, else the user's cache folder. Absolute,
+    with "~" expanded (a relative one made a cache in every working folder, a quoted "~" a folder
+    named so); a relative $XDG_CACHE_HOME is ignored, as its specification asks."""
     if os.environ.get("CLARA_HOME"):
-        return Path(os.environ["CLARA_HOME"])
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache) / "clara"
+        return Path(os.environ["CLARA_HOME"]).expanduser().absolute()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "")
+    return (cache if cache.is_absolute() else Path.home() / ".cache") / "clara"
 
 
 def resolve_device(device: str) -> torch.device:
     """'auto' picks CUDA, then Apple's MPS, then the CPU; a device torch does not see is
     refused (ValueError) before any weight loads."""
     if device != "auto":
-        chosen = torch.device(device)  # refused here, before any weight loads (it failed after, exit 1)
+        try:  # refused here, before any weight loads (it failed after, exit 1)
+            chosen = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"device {device!r} is no device name: use auto, cpu, cuda, cuda:N or mps") from error
+        if chosen.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device {device!r}: this library runs on cpu, cuda or mps")
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if chosen.type == "cuda" and (chosen.index or 0) >= gpus:
             raise ValueError(f"device {device!r}: torch sees {gpus} CUDA GPUs here")
@@ -59,7 +67,8 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     if dtype == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        # the device's own card (is_bf16_supported asks the current one's)
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     except KeyError:
@@ -74,7 +83,12 @@ def load_base_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
+        if name_or_path == DEFAULT_BASE_MODEL:  # a copy cut short or unreadable: the user named no folder
+            raise OSError(f"the default model's copy in {path} cannot be read ({error}): delete that folder, and "
+                          "the next use makes it again") from error
+        if isinstance(error, SafetensorError):
+            raise
         raise _not_loadable(name_or_path, error) from error
     return model, tokenizer
 
@@ -180,6 +194,8 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
     a, b = torch.tensor(expected["weight_norms"]), torch.tensor(actual["weight_norms"])
     if a.shape != b.shape:
         return "weight probes differ in shape"
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # NaN compared as no difference at all
+        return "weight probes hold NaN or infinite values"
     relative = ((a - b).abs() / a.abs().clamp(min=1e-6)).max().item()
     if relative > FINGERPRINT_TOLERANCE:
         return f"weights differ (largest relative row-norm difference {relative:.3f})"

@@ -79,7 +79,9 @@ class ReadingStats:
     stored_documents: int = 0
     compressed_documents: int = 0
     input_positions: int = 0
-    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()  # no field: dataclasses.asdict(stats) deep-copied it, and failed
 
     def add(self, reading: Reading) -> None:
         with self._lock:
@@ -89,23 +91,22 @@ class ReadingStats:
 
 
 class Reader:
-    """What ChatClara and ClaraLLM share: a reading per call, counted in ``stats``, and one
-    warning when a pipeline has passed them no memory tokens at all so far."""
+    """What ChatClara and ClaraLLM share: a reading per call, counted in ``stats`` once its
+    answer is under way, and one warning when a pipeline has passed them no memory tokens at
+    all so far."""
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.stats = ReadingStats()
         self._warned = False
 
-    def read(self, model: ClaraModel, messages: Sequence[tuple[str, str]], store: BaseMemoryStore | None,
-             documents: Sequence[str], ids: Sequence[str], k: int | None) -> Reading:
-        reading = read_messages(model, messages, store, documents, ids, k)
+    def count(self, reading: Reading) -> None:
+        """Count a reading whose answer the generator took (a refused call read nothing)."""
         self.stats.add(reading)
         if not self.stats.memory_documents and not self._warned:  # a rewriting step beside reading ones is fine
             self._warned = True
             warnings.warn(f"{self.owner} read no memory tokens: the prompt holds no text of the store's documents "
                           "and no documents were passed, so the generator reads text alone", stacklevel=5)
-        return reading
 
 
 def passed_documents(documents: object) -> list:

@@ -379,11 +379,12 @@ class ClaraModel(torch.nn.Module):
     def stream(
         self, prompt: str, memories: torch.Tensor | None = None, max_new_tokens: int | None = None
     ) -> Iterator[str]:
-        """``generate`` for one prompt, yielded piece by piece as the tokens decode."""
+        """``generate`` for one prompt, yielded piece by piece as the tokens decode; the prompt,
+        its memories and the answer length are checked at the call, before the first piece."""
         prompts = check_texts([prompt], "prompt")
         with torch.no_grad():  # an embedding lookup: no dropout to switch off
             embeds, mask, _ = self._decoder_inputs(prompts, [memories])
-        yield from stream_text(self.tokenizer, self._greedy(embeds, mask, max_new_tokens), self.stop_token_ids)
+        return stream_text(self.tokenizer, self._greedy(embeds, mask, max_new_tokens), self.stop_token_ids)
 
     def _decoder_inputs(
         self, texts: list[str], memories: Sequence[torch.Tensor | None] | None = None

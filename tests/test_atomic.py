@@ -292,6 +292,36 @@ def test_processes_meeting_the_first_use_at_once_dequantise_the_default_model_on
     assert made.read_text() == "x\n" and (backbone.default_model_folder() / "config.json").is_file()
 
 
+def test_the_default_model_cache_is_readable_as_the_umask_allows_and_a_damaged_one_is_named(fake_default_model):
+    # safetensors wrote its weights 0600: a cache warmed by root (a Docker image) failed for its
+    # users; a copy cut short failed on a bare SafetensorError, naming neither file nor remedy
+    import stat
+
+    from clara_plugins.config import DEFAULT_BASE_MODEL
+
+    old = os.umask(0o022)
+    try:
+        folder = backbone.default_model_folder()
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir() if path.is_file()} == {0o644}
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(OSError, match=f"the default model's copy in {folder} cannot be read.*delete that folder"):
+        backbone.load_base_model(DEFAULT_BASE_MODEL)
+
+
+def test_the_cache_home_is_absolute_and_expanded(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLARA_HOME", "~/clara-cache")
+    assert backbone.clara_home() == Path.home() / "clara-cache"
+    monkeypatch.setenv("CLARA_HOME", "relative")
+    assert backbone.clara_home() == tmp_path / "relative"
+    monkeypatch.delenv("CLARA_HOME")
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")  # relative: ignored, as its specification asks
+    assert backbone.clara_home() == Path.home() / ".cache" / "clara"
+
+
 def test_the_default_model_cache_never_replaces_a_folder_it_did_not_write(fake_default_model):
     foreign = fake_default_model / "smollm2-135m-instruct"
     foreign.mkdir(parents=True)

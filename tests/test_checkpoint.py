@@ -402,3 +402,13 @@ def test_a_checkpoint_loaded_with_another_chat_template_says_so(tiny_model, tmp_
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")  # its own template: no word
     with pytest.warns(UserWarning, match="trained on prompts that the chat template of .* now lays out otherwise"):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", base_model=str(base))
+
+
+def test_a_fingerprint_probe_that_is_not_finite_never_matches(tiny_model):
+    # a NaN row norm compared as no difference: any base model matched (the stored side was checked, not the live one)
+    from clara_plugins.backbone import fingerprint_mismatch
+
+    fingerprint = tiny_model.base_fingerprint
+    broken = {**fingerprint, "weight_norms": [float("nan"), *fingerprint["weight_norms"][1:]]}
+    assert fingerprint_mismatch(fingerprint, fingerprint) is None
+    assert fingerprint_mismatch(fingerprint, broken) == "weight probes hold NaN or infinite values"

@@ -260,6 +260,10 @@ def test_a_stop_a_missing_extra_and_an_unseen_device_say_so_in_one_line(monkeypa
     assert exit_info.value.code == 1 and "clara-plugins[ray]" in error and "[bench]" not in error
     with pytest.raises(ValueError, match="device 'cuda:99': torch sees"):
         resolve_device("cuda:99")
+    with pytest.raises(ValueError, match="'gpu' is no device name"):  # torch's RuntimeError
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="runs on cpu, cuda or mps"):  # failed at .to(), after the weights loaded
+        resolve_device("meta")
 
 
 def test_index_compresses_in_the_batches_it_is_given(tiny_model, tmp_path, monkeypatch, capsys):

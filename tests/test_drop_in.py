@@ -421,3 +421,23 @@ def test_a_passed_document_is_read_at_every_place_the_prompt_holds_it(tiny_model
     text = "A passage the store does not hold, passed with the call."
     reading = read_messages(tiny_model, [("user", f"{text}\n\nAgain: {text}\n\n{QUESTION}")], documents=[text])
     assert text not in reading.prompt and len(reading.memories) == 2
+
+
+def test_a_refused_call_is_not_counted_and_the_totals_are_plain_data(tiny_model):
+    # the reading was counted before the generator refused it (an answer length of 0, a prompt
+    # past the window): the totals reported reads that never were; asdict failed on their lock
+    import dataclasses
+
+    from clara_plugins import InvalidInputError
+    from langchain_clara import ChatClara
+    from llama_index_clara import ClaraLLM
+
+    for adapter in (ChatClara(clara=tiny_model), ClaraLLM(clara=tiny_model)):
+        call = adapter.invoke if isinstance(adapter, ChatClara) else adapter.complete
+        with pytest.raises(InvalidInputError, match="max_new_tokens must be a positive integer"):
+            call("Capital?", documents=[CORPUS[0]], max_tokens=0)
+        assert adapter.stats.calls == 0
+        call("Capital?", documents=[CORPUS[0]], max_tokens=2)
+        assert dataclasses.asdict(adapter.stats)["calls"] == 1
+    with pytest.raises(InvalidInputError, match="max_new_tokens"):
+        tiny_model.stream("Capital?", None, 0)  # at the call, not at the first piece
