@@ -69,12 +69,13 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     staging, held = _claimed_sibling(folder, folder=True)
     try:
         write(staging)
-        # as the umask makes files (the staging folder was made under it): safetensors writes its
-        # own 0600, which another user of a shared cache or checkpoint could not read
-        readable = staging.stat().st_mode & 0o666
+        # readable as the umask lets files be (the staging folder was made under it): safetensors
+        # writes its own 0600, which another user of a shared cache or checkpoint could not read.
+        # Read bits are only added (FAT refuses a change to the others)
+        readable = staging.stat().st_mode & 0o444
         for path in staging.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                path.chmod(readable)
+            if path.is_file() and not path.is_symlink() and path.stat().st_mode & readable != readable:
+                path.chmod((path.stat().st_mode | readable) & 0o7777)
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
         sync_tree(staging)  # the swap below removes the old copy: the new one must be on disk first

@@ -27,11 +27,15 @@ FINGERPRINT_TOLERANCE = 0.05
 
 
 def clara_home() -> Path:
-    """Where CLaRa caches converted models: $CLARA_HOME, else the user's cache folder. Absolute,
-    with "~" expanded (a relative one made a cache in every working folder, a quoted "~" a folder
-    named so); a relative $XDG_CACHE_HOME is ignored, as its specification asks."""
+    """Where CLaRa caches converted models: $CLARA_HOME, else the user's cache folder. "~" is
+    expanded (a quoted one made a folder named so) and a relative $CLARA_HOME refused (a cache
+    in every working folder); a relative $XDG_CACHE_HOME is ignored, as its specification asks."""
     if os.environ.get("CLARA_HOME"):
-        return Path(os.environ["CLARA_HOME"]).expanduser().absolute()
+        home = Path(os.path.expanduser(os.environ["CLARA_HOME"]))
+        if not home.is_absolute():
+            raise ValueError(f"CLARA_HOME={os.environ['CLARA_HOME']!r} is relative, so each working folder would "
+                             "get a cache of its own: give an absolute folder")
+        return home
     cache = Path(os.environ.get("XDG_CACHE_HOME") or "")
     return (cache if cache.is_absolute() else Path.home() / ".cache") / "clara"
 

@@ -292,7 +292,8 @@ def test_processes_meeting_the_first_use_at_once_dequantise_the_default_model_on
     assert made.read_text() == "x\n" and (backbone.default_model_folder() / "config.json").is_file()
 
 
-def test_the_default_model_cache_is_readable_as_the_umask_allows_and_a_damaged_one_is_named(fake_default_model):
+def test_the_default_model_cache_is_readable_as_the_umask_allows_and_a_damaged_one_is_named(fake_default_model,
+                                                                                             monkeypatch):
     # safetensors wrote its weights 0600: a cache warmed by root (a Docker image) failed for its
     # users; a copy cut short failed on a bare SafetensorError, naming neither file nor remedy
     import stat
@@ -305,6 +306,19 @@ def test_the_default_model_cache_is_readable_as_the_umask_allows_and_a_damaged_o
     finally:
         os.umask(old)
     assert {stat.S_IMODE(path.stat().st_mode) for path in folder.iterdir() if path.is_file()} == {0o644}
+    # only read bits are added: FAT refuses a chmod that takes its 0755 files' x bits away
+    taken = []
+    real = Path.chmod
+    monkeypatch.setattr(Path, "chmod", lambda path, mode: taken.append(path.stat().st_mode & ~mode & 0o111)
+                        or real(path, mode))
+
+    def write(staging):
+        (staging / "marker").write_text("x")
+        (staging / "tool").write_text("x")
+        (staging / "tool").chmod(0o755)
+
+    write_folder_atomically(folder.parent / "other", write, marker="marker")
+    assert not any(taken) and stat.S_IMODE((folder.parent / "other" / "tool").stat().st_mode) == 0o755
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(OSError, match=f"the default model's copy in {folder} cannot be read.*delete that folder"):
@@ -315,8 +329,9 @@ def test_the_cache_home_is_absolute_and_expanded(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CLARA_HOME", "~/clara-cache")
     assert backbone.clara_home() == Path.home() / "clara-cache"
-    monkeypatch.setenv("CLARA_HOME", "relative")
-    assert backbone.clara_home() == tmp_path / "relative"
+    monkeypatch.setenv("CLARA_HOME", "relative")  # a cache in every working folder
+    with pytest.raises(ValueError, match="CLARA_HOME='relative' is relative"):
+        backbone.clara_home()
     monkeypatch.delenv("CLARA_HOME")
     monkeypatch.setenv("XDG_CACHE_HOME", "cache")  # relative: ignored, as its specification asks
     assert backbone.clara_home() == Path.home() / ".cache" / "clara"

@@ -275,8 +275,10 @@ def test_auto_is_float16_on_a_gpu_without_bfloat16(monkeypatch, bf16, expected):
     # a T4 or V100 was given bfloat16, which it emulates slowly or not at all
     from clara_plugins.backbone import resolve_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
-    assert resolve_dtype("auto", torch.device("cuda")) == expected
+    asked = []  # the chosen card's capability (is_bf16_supported asked the current one's)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (
+        (8, 0) if bf16 else (7, 5)))
+    assert resolve_dtype("auto", torch.device("cuda:1")) == expected and asked == [torch.device("cuda:1")]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
 
 
