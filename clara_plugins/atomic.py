@@ -74,8 +74,10 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
         # Read bits are only added (FAT refuses a change to the others)
         readable = staging.stat().st_mode & 0o444
         for path in staging.rglob("*"):
-            if path.is_file() and not path.is_symlink() and path.stat().st_mode & readable != readable:
-                path.chmod((path.stat().st_mode | readable) & 0o7777)
+            if path.is_file() and not path.is_symlink():
+                mode = path.stat().st_mode
+                if mode & readable != readable:
+                    path.chmod((mode | readable) & 0o7777)
         if folder.exists():
             _copy_missing(folder, staging, skip=set(owned))
         sync_tree(staging)  # the swap below removes the old copy: the new one must be on disk first

@@ -297,7 +297,8 @@ def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: boo
         warnings.warn(f"{folder} was trained on prompts that the chat template of {model.config.base_model!r} now "
                       "lays out otherwise (another copy or revision of its base model?): its answers may read worse",
                       stacklevel=3)
-    saved, current = check_same_configuration(model.config, folder, another_rate=another_rate, header=header), model.config
+    current = model.config
+    saved = check_same_configuration(current, folder, another_rate=another_rate, header=header)
     adapters = {name: _read_safetensors(folder / adapter_file(name)) for name in ADAPTER_NAMES}
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
     if "input_rows" not in embeddings:

@@ -350,7 +350,7 @@ class MemoryStore(BaseMemoryStore):
         read and averaged each candidate's 16 memory vectors), else made from the memories. The
         index holds the very keys ``_row_keys`` made, so the scores are the same."""
         index = self._index
-        if (self.keys.keys_are_memories and self.keys.blocks == 1 and len(rows)
+        if (self.keys.keys_are_memories and self.keys.blocks == 1
                 and isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) and index.ntotal == len(self._ids)):
             return index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
         return self._row_keys(rows)
