@@ -8,7 +8,8 @@ Systems, all on one backbone:
   query reasoner keeps the top-k (its Recall@k is the ``reasoner`` retriever's, below);
 - ``control``: ``clara`` reading another question's documents; ``f1_above_control`` pairs the
   two, the measure of whether the generator reads;
-- ``text``: the plain base model reading the documents as text (text RAG);
+- ``text``: the plain base model reading the documents as text (text RAG), or the decoder of a
+  checkpoint the text stage trained (``decoder_reads_text``);
 - ``none``: the plain base model with no documents.
 Retrievers for Recall@k / Precision@k: ``reasoner`` (CLaRa's query reasoner over memory
 tokens), ``compressor`` (the question compressed like a document: the untrained reasoner),
@@ -200,6 +201,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
     unknown = [name for name in retrievers if name not in RETRIEVERS]
     if unknown:
         raise ValueError(f"retriever must be one of {RETRIEVERS}, got {unknown[0]!r}")
+    retrievers = list(dict.fromkeys(retrievers))  # one named twice scored row i with row i // 2's ranking
     rows = [row for row in rows if gold_count(row)]
     rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
     for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction)")
     parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length (default 32)")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per system (default: all)")
     parser.add_argument("--out", default="docs/benchmarks", help="output folder (default docs/benchmarks)")
 

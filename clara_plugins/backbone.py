@@ -183,8 +183,9 @@ def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> d
         probes.extend(round(float(x), 5) for x in rows)
     return {
         "model_type": model.config.model_type,
-        "hidden_size": model.config.hidden_size,
-        "num_layers": model.config.num_hidden_layers,
+        # a multimodal model's (Gemma 3 from 4B on) are its text model's
+        "hidden_size": model.config.get_text_config().hidden_size,
+        "num_layers": model.config.get_text_config().num_hidden_layers,
         "vocab_sha256": hashlib.sha256(repr(vocab).encode()).hexdigest(),
         "weight_norms": probes,
     }

@@ -48,6 +48,9 @@ class BaseMemoryStore(ABC):
         if keys is not None and not isinstance(keys, KeyEncoder):
             hint = ": the index kind is index=" if isinstance(keys, str) else ""
             raise InvalidInputError(f"keys must be a KeyEncoder (e.g. ClaraKeys), got a {type(keys).__name__}{hint}")
+        if keys is not None and keys.keys_are_memories and not isinstance(keys, ClaraKeys):  # its searches failed
+            raise InvalidInputError(f"{type(keys).__name__} sets keys_are_memories, which only ClaraKeys computes "
+                                    "(from the stored memories): another key encoder sets it False")
         if isinstance(keys, ClaraKeys) and keys.model is not model:  # one model's queries against another's memories
             raise InvalidInputError("keys are ClaraKeys of another model than the store's: pass the store's model to "
                                     "both, or no keys")
@@ -240,6 +243,11 @@ def as_memory_store(value: object) -> BaseMemoryStore:
         raise TypeError(f"store must be a MemoryStore or a CLaRa vector store (or a MilvusMemoryStore), "
                         f"got {type(value).__name__}")
     return inner
+
+
+def last_of_each(ids: Sequence[str]) -> list[int]:
+    """Positions of the documents an upsert keeps: an id given twice keeps its last one."""
+    return list({doc_id: i for i, doc_id in enumerate(ids)}.values())
 
 
 def query_vector(key: np.ndarray, size: int) -> np.ndarray:

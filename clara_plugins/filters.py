@@ -19,6 +19,8 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 Filter = dict[str, Any]
 
 
@@ -69,6 +71,8 @@ def validate_filter(where: Filter, depth: int = 0) -> None:
         elif isinstance(condition, dict):
             for name, target in condition.items():
                 _validate_operator(key, name, target)
+        else:
+            _check_equal_target(key, "equality", condition)
 
 
 def _validate_operator(key: str, name: str, target: Any) -> None:
@@ -76,8 +80,29 @@ def _validate_operator(key: str, name: str, target: Any) -> None:
         raise ValueError(f"unknown operator {name!r} on field {key!r}; use {sorted(_FIELD_OPERATORS)}")
     if name in ("$in", "$nin") and not isinstance(target, (list, tuple, set)):
         raise ValueError(f"{name} on field {key!r} takes a list")
+    for value in target if name in ("$in", "$nin") else [target] if name in ("$eq", "$ne") else []:
+        _check_equal_target(key, name, value)
     if name in _RANGE_OPERATORS and (_kind(target) is None or (_kind(target) is float and math.isnan(target))):
         raise ValueError(f"{name} on field {key!r} takes a number or a string, got {target!r:.60}")
+
+
+def _check_equal_target(key: str, name: str, target: Any) -> None:
+    """Refuse a value that is no JSON value: metadata is kept as JSON (tuples and NaN are refused
+    at upsert), so it matched nothing, and with $ne or $nin every document. An infinity is a
+    number beyond every stored one, and compares as one."""
+    if not _storable(target):
+        raise ValueError(f"{name} on field {key!r} compares with {target!r:.60}, which no stored metadata value "
+                         "equals (metadata is JSON: numbers but NaN, strings, booleans, None, lists, dicts)")
+
+
+def _storable(value: Any) -> bool:
+    if value is None or isinstance(value, (str, bool, np.bool_)):
+        return True
+    if isinstance(value, numbers.Real):  # numpy's too
+        return not math.isnan(value)
+    if isinstance(value, list):
+        return all(map(_storable, value))
+    return isinstance(value, dict) and all(isinstance(k, str) and _storable(v) for k, v in value.items())
 
 
 def matches(metadata: dict[str, Any], where: Filter) -> bool:

@@ -110,10 +110,12 @@ def memory_keys(memories: np.ndarray, kind: str) -> np.ndarray:
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:
-    """Unit-norm float32 rows (zero rows stay zero), so inner product is cosine."""
+    """Unit-norm float32 rows (zero rows stay zero), so inner product is cosine. The norms are
+    summed in float64: in float32 a row past 1e19 overflowed to zero and one below 1e-19 kept its
+    tiny length."""
     vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors / np.maximum(norms, 1e-12)
+    norms = np.sqrt(np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64))[:, None]
+    return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def maximal_marginal_relevance(query: np.ndarray, keys: np.ndarray, k: int, lambda_mult: float) -> list[int]:

@@ -51,7 +51,7 @@ except ModuleNotFoundError as error:
     raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
 from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_known, check_search,
-                         id_list, pair_cosines, query_vector)
+                         id_list, last_of_each, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
 from .checks import unicode_problem
 from .errors import InvalidInputError, StoreError
@@ -244,7 +244,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         and compressed before the first row is written."""
         texts, ids, metadatas = self._checked(texts, ids, metadatas)
         memories = self._compressed(texts, memories, show_progress)
-        kept = list({doc_id: i for i, doc_id in enumerate(ids)}.values())  # an id given twice keeps its last document
+        kept = last_of_each(ids)
         with self._lock:
             try:
                 for start in range(0, len(kept), BATCH_ROWS):

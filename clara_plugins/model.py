@@ -75,7 +75,7 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
-        layers = lm.config.num_hidden_layers  # hidden_states[i] for -layers-1 <= i <= layers
+        layers = lm.config.get_text_config().num_hidden_layers  # hidden_states[i] for -layers-1 <= i <= layers
         if not -layers - 1 <= self.config.memory_layer <= layers:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
                              f"has {layers} layers")
@@ -109,7 +109,7 @@ class ClaraModel(torch.nn.Module):
         """Refuse a doc_max_length whose longest framed document runs past the backbone's
         positions: a model with learned positions failed on an index, a rotary one compressed
         from positions it never saw."""
-        window = getattr(lm.config, "max_position_embeddings", None)
+        window = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
         prefix, suffix = self._document_frame()
         appended = self.config.n_mem_tokens if self.config.memory_design == "tokens" else 0
         longest = len(prefix) + self.config.doc_max_length + len(suffix) + appended
@@ -172,6 +172,19 @@ class ClaraModel(torch.nn.Module):
         for name, parameter in self.lm.named_parameters():
             if "lora_" in name:
                 parameter.requires_grad_(any(f".{a}." in name for a in self.trainable))
+
+    def train(self, mode: bool = True) -> "ClaraModel":
+        """Training mode, but for the dropout of adapters that do not train: a frozen adapter
+        reads as it will at inference (a frozen generator answered each e2e step through fresh
+        dropout masks, so the query reasoner learned from a generator other than the one that
+        answers)."""
+        super().train(mode)
+        for module in self.lm.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if mode and isinstance(dropouts, torch.nn.ModuleDict):
+                for name, dropout in dropouts.items():
+                    dropout.train(name in self.trainable)
+        return self
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
@@ -286,13 +299,16 @@ class ClaraModel(torch.nn.Module):
         return memories, document_mean
 
     def compress(
-        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False, warn: bool = True
+        self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False, warn: bool = True,
+        *, progress: tqdm | None = None,
     ) -> CompressedDocuments:
         """Compress documents with the encoder adapter, reporting truncation (in the result, and
         unless ``warn`` is False a warning: a cut document's memories hold only its first
         ``doc_max_length`` tokens; ``compress_in_parts`` warns once for all its parts).
 
-        Documents are batched by length (less padding); results come back in input order.
+        Documents are batched by length (less padding); results come back in input order. An
+        open ``progress`` bar is advanced by the documents done, in place of a bar of their own
+        (``compress_in_parts`` shows one bar for all its parts).
         """
         documents = check_texts(documents, "documents")
         check_positive_int("batch_size", batch_size)  # below 1 no batch ran, and the empty tensor came back as memories
@@ -300,9 +316,16 @@ class ClaraModel(torch.nn.Module):
         order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
         memories = torch.empty(len(bodies), self.config.n_mem_tokens, self.hidden_size,
                                dtype=self.lm.get_input_embeddings().weight.dtype, device=self.device)
-        batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-        for batch in tqdm(batches, desc="compressing", unit="batch", disable=not show_progress):
-            memories[batch] = self._encode_for_use([bodies[i] for i in batch], ENCODER)
+        bar = progress if progress is not None else tqdm(total=len(bodies), desc="compressing", unit="doc",
+                                                         disable=not show_progress)
+        try:
+            for start in range(0, len(order), batch_size):
+                batch = order[start:start + batch_size]
+                memories[batch] = self._encode_for_use([bodies[i] for i in batch], ENCODER)
+                bar.update(len(batch))
+        finally:
+            if bar is not progress:
+                bar.close()
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         if warn:
@@ -425,7 +448,7 @@ class ClaraModel(torch.nn.Module):
         """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_positive_int("max_new_tokens", limit)
-        window = getattr(self.lm.config, "max_position_embeddings", None)
+        window = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
         if window and embeds.size(1) + limit > window:  # past it, answers degrade unseen or positions overflow
             raise InvalidInputError(f"the prompt holds {embeds.size(1)} positions and the answer up to {limit} more, "
                                     f"past the model's context window of {window}: read fewer documents or a "
@@ -600,10 +623,11 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
     actor and a framework embedding compress alike, so their memories agree bit for bit."""
     compressed = np.empty((len(texts), model.config.n_mem_tokens, model.hidden_size), np.float16)
     cut: list[int] = []
-    for start in range(0, len(texts), COMPRESS_PART):
-        part = model.compress(texts[start:start + COMPRESS_PART], batch_size, show_progress, warn=False)
-        compressed[start:start + len(part.memories)] = fp16_memories(part.memories)
-        cut += part.truncated_tokens
+    with tqdm(total=len(texts), desc="compressing", unit="doc", disable=not show_progress) as bar:
+        for start in range(0, len(texts), COMPRESS_PART):  # one bar: a bar a part was a new line each 1,024
+            part = model.compress(texts[start:start + COMPRESS_PART], batch_size, warn=False, progress=bar)
+            compressed[start:start + len(part.memories)] = fp16_memories(part.memories)
+            cut += part.truncated_tokens
     _warn_truncated(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
     return compressed
 

@@ -1,8 +1,8 @@
 """The trained checkpoint shipped inside the package (fp16 adapters, 28 MiB at CR16).
 
 It belongs to the offline default backbone, SmolLM2-135M-Instruct; ``docs/model-card.md``
-says how it was trained and what it scores. ``clara ask``, ``clara eval``, ``clara bench``
-and the examples load it when no checkpoint is named.
+says how it was trained and what it scores. ``clara ask``, ``clara index``, ``clara eval``,
+``clara bench`` and the examples load it when no checkpoint is named.
 """
 
 from __future__ import annotations

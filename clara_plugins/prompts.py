@@ -90,7 +90,13 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
     """
     if tokenizer.chat_template is None:
         answer = None if open_answer or messages[-1]["role"] != "assistant" else messages[-1]["content"]
-        text = "\n\n".join(m["content"] for m in (messages if answer is None else messages[:-1])) + "\nAnswer:"
+        turns: list[str] = []
+        for message in messages if answer is None else messages[:-1]:
+            if message["role"] == "assistant" and turns:  # an earlier answer, labelled as the layout labels one
+                turns[-1] += f"\nAnswer: {message['content']}"
+            else:
+                turns.append(message["content"])
+        text = "\n\n".join(turns) + "\nAnswer:"
         text = _bos(tokenizer) + text  # prompts are tokenized without special tokens; templates write their own
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:

@@ -22,7 +22,7 @@ import torch
 
 from . import store_folder
 from .base_store import (FETCH_K, CALIBRATION_SAMPLE, BaseMemoryStore, StoredDocument, check_known, check_search,
-                         id_list, pair_cosines, query_vector)
+                         id_list, last_of_each, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
@@ -109,8 +109,14 @@ class MemoryStore(BaseMemoryStore):
         Everything is validated and compressed before the store changes, so bad input
         leaves the stored documents as they were.
         """
-        texts, ids, metadatas = self._checked(texts, ids, metadatas)
+        texts, given, metadatas = self._checked(texts, ids, metadatas)
         memories = self._compressed(texts, memories, show_progress)
+        # an id given twice keeps its last document (its second copy replaced the first: a built
+        # hnsw index was dropped, and the first copy's memories held as a dead row)
+        ids, kept = given, last_of_each(given)
+        if len(kept) < len(given):
+            texts, ids, metadatas = ([values[i] for i in kept] for values in (texts, given, metadatas))
+            memories = memories[kept]
         scales = None
         if self.memory_dtype == "int8":
             memories, scales = quantize(memories)
@@ -141,7 +147,7 @@ class MemoryStore(BaseMemoryStore):
             self._extend_index(first_new_row, replaced)
             if replaced:
                 self._drop_dead_rows()
-        return ids
+        return given
 
     def _extend_index(self, first_new_row: int, replaced: bool) -> None:
         """Add appended rows to a built index, so that a large hnsw or ivfpq index is not built

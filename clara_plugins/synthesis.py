@@ -227,7 +227,8 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
 
 def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
                simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
-    """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped."""
+    """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped
+    (with the same teacher: a ``HuggingFaceTeacher``'s name is kept in the ledger)."""
     if max_rounds < 0:  # no coverage check would run, and the ledger would mark every document done
         raise InvalidInputError(f"max_rounds must be at least 0, got {max_rounds}")
     output = Path(output)
@@ -237,8 +238,13 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
         raise InvalidInputError(f"{present} exists without {absent.name}, which a synthesis run writes beside it: "
                                 "name another output, or move the file away")
     done = set()
+    teacher_name = getattr(teacher, "name_or_path", None)  # a callable teacher has none to compare
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
         marks = read_jsonl(ledger, appended=True)
+        others = {mark.get("teacher") for mark in marks} - {None, teacher_name}
+        if teacher_name is not None and others:  # two teachers' rows would read as one run's
+            raise InvalidInputError(f"{ledger} was written with the teacher {sorted(others)[0]!r}, not "
+                                    f"{teacher_name!r}: resume with it, or name another output")
         write_jsonl(marks, ledger)
         done = {mark["doc_id"] for mark in marks}
     if output.exists():  # drop rows of a document that was in progress when the last run died
@@ -270,7 +276,7 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
             report.qa_rows += qa is not None
             report.paraphrase_rows += paraphrase is not None
             rows.flush()
-            marks.write(json.dumps({"doc_id": doc_id, "qa": qa is not None,
-                                    "paraphrase": paraphrase is not None}) + "\n")
+            marks.write(json.dumps({"doc_id": doc_id, "qa": qa is not None, "paraphrase": paraphrase is not None,
+                                    "teacher": teacher_name}) + "\n")
             marks.flush()
     return report

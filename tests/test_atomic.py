@@ -46,7 +46,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
         handle.write("new")
         raise TypeError("not serialisable")
 
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not serialisable"):
         write_file_atomically(path, fails)
     assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["records.json"]
 

@@ -532,6 +532,29 @@ def test_a_run_resumed_with_other_model_settings_is_refused_before_its_corpus_is
     assert exit_info.value.code == 5 and "pooled memories never read those rows" in capsys.readouterr().err
 
 
+def test_a_resumed_run_compresses_its_corpus_with_the_runs_own_weights(tiny_model, tmp_path, monkeypatch):
+    # resumed without --init, a fresh model's compressor made the memories the run then retrieved from
+    from clara_plugins.store import MemoryStore
+
+    tiny_model.save_pretrained(tmp_path / "init")
+    rows, corpus = tmp_path / "rows.jsonl", tmp_path / "corpus.txt"
+    rows.write_text(json.dumps({"question": "Who won Nobel prizes?", "docs": [CORPUS[4]], "answer": "Marie Curie"})
+                    + "\n")
+    corpus.write_text("\n\n".join(CORPUS))
+    train = ["train", "--stage", "e2e", "--data", str(rows), "--corpus", str(corpus), "--output", str(tmp_path / "run"),
+             "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--top-k", "2", "--candidates", "3",
+             "--device", "cpu"]
+    main([*train, "--init", str(tmp_path / "init")])
+    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "step": 0}, state_file)  # a step left to take
+    compressed = []
+    upsert = MemoryStore.upsert
+    monkeypatch.setattr(MemoryStore, "upsert", lambda store, *a, **k: compressed.append(
+        store.model.compress_documents(CORPUS[:1])) or upsert(store, *a, **k))
+    main([*train, "--base-model", tiny_model.config.base_model, "--doc-max-length", "64"])
+    assert torch.equal(compressed[0], tiny_model.compress_documents(CORPUS[:1]))
+
+
 def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_work(tmp_path, monkeypatch, capsys):
     # each was ignored (a setting, shifts, a dense model, a design, candidates, an empty --systems) or
     # refused late, with another exit code than the README's

@@ -408,6 +408,15 @@ def test_no_empty_background_block_when_the_top_k_keeps_none_of_the_passed_docum
     assert len(reading.memories) == 1 and "Background:" not in reading.prompt
 
 
+def test_documents_passed_beside_the_trained_layout_join_its_background_block(tiny_model, vectorstore):
+    # CLARA_PROMPT's message given another document read "Background:\n<doc>\n\nQuestion:Background:..."
+    prompt = ANSWER_TEMPLATE.format(documents=CORPUS[1], question=" " + QUESTION)
+    reading = read_messages(tiny_model, [("user", prompt)], vectorstore.store, documents=[CORPUS[2]], k=2)
+    placeholder = tiny_model.document_placeholder
+    assert reading.prompt.count("Background:") == 1 and reading.stored_ids == ["d2", "d1"]
+    assert f"Background:\n{placeholder}{placeholder}\n\nQuestion: {QUESTION}" in reading.prompt
+
+
 def test_a_document_the_prompt_holds_twice_counts_once_among_the_k(tiny_model, vectorstore):
     # a chat that repeated its passages gave each copy a place: k=2 read A twice and left B out
     turn = f"{CORPUS[0]}\n\n{CORPUS[1]}"

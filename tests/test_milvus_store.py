@@ -265,7 +265,7 @@ def test_a_collection_whose_creation_failed_is_not_left_behind(tiny_model, uri, 
         raise pymilvus.MilvusException(message="the index could not be built")
 
     monkeypatch.setattr(pymilvus.MilvusClient, "load_collection", fail)
-    with pytest.raises(pymilvus.MilvusException):
+    with pytest.raises(pymilvus.MilvusException, match="the index could not be built"):
         MilvusMemoryStore(tiny_model, uri, collection="half_made")
     monkeypatch.undo()
     assert not pymilvus.MilvusClient(uri).has_collection("half_made")

@@ -255,6 +255,19 @@ def test_the_plain_text_layout_starts_with_the_bos_the_tokenizer_adds(tmp_path, 
     assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + " Marie Curie" + tokenizer.eos_token
 
 
+def test_the_plain_text_layout_labels_earlier_answers(tmp_path):
+    # without a chat template a conversation's earlier answer read as one more paragraph of the user's
+    from transformers import AutoTokenizer
+
+    from clara_plugins.prompts import render_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
+    tokenizer.chat_template = None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Rome?"},
+                {"role": "assistant", "content": "Italy."}, {"role": "user", "content": "And Paris?"}]
+    assert render_messages(tokenizer, messages) == "Be brief.\n\nWhere is Rome?\nAnswer: Italy.\n\nAnd Paris?\nAnswer:"
+
+
 def test_the_embedding_norm_is_that_of_the_embeddings_the_generator_reads():
     # Gemma scales its embedding module's output by sqrt(hidden): memory_scale sized memories
     # by the weights alone, about sqrt(hidden) times smaller than the tokens around them
@@ -534,6 +547,30 @@ def test_a_document_window_past_the_backbones_positions_is_refused(tiny_config):
     ClaraModel(dataclasses.replace(tiny_config, doc_max_length=7728), device="cpu")
     with pytest.raises(ValueError, match="frames a document in 8214 positions"):  # and its 483 <MEM> positions
         ClaraModel(dataclasses.replace(tiny_config, doc_max_length=7728, memory_design="tokens"), device="cpu")
+
+
+def test_a_multimodal_causal_lm_keeps_its_text_settings_in_a_config_of_their_own(tiny_base, tmp_path):
+    # Gemma 3 from 4B on loads as Gemma3ForConditionalGeneration: its layers and window sit in
+    # text_config, and the model failed on a missing num_hidden_layers after its weights loaded
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                  patch_size=14)
+    config = AutoConfig.for_model("gemma3", text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gemma")
+    tokenizer.save_pretrained(tmp_path / "gemma")
+    model = ClaraModel(ClaraConfig(base_model=str(tmp_path / "gemma"), doc_max_length=64, max_new_tokens=4),
+                       device="cpu")
+    assert model.base_fingerprint["num_layers"] == 2
+    assert len(model.answer(["Who?"], model.compress_documents(CORPUS[:1]).unsqueeze(0))) == 1
+    with pytest.raises(InvalidInputError, match="past the model's context window of 512"):
+        model.generate([" ".join(["word"] * 512)], None, 4)
 
 
 def test_pooling_settings_are_refused_with_the_tokens_design(tiny_config):

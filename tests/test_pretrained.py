@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from clara_plugins.cli import main
@@ -12,7 +13,7 @@ from clara_plugins.corpora import read_examples
 from clara_plugins.rows import instruct_rows
 from clara_plugins.reading import evaluate_reading
 from clara_plugins.pretrained import default_checkpoint, load_model
-from conftest import SHARED_DATA
+from conftest import CORPUS, SHARED_DATA
 
 
 def test_the_shipped_checkpoint_is_small_fp16_safetensors_for_the_default_backbone():
@@ -35,7 +36,8 @@ def test_no_checkpoint_ships_for_other_rates():
 def test_load_model_takes_the_named_checkpoint(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     loaded = load_model(tmp_path / "ckpt", device="cpu")
-    assert loaded.config == tiny_model.config
+    assert loaded.config == tiny_model.config and loaded.name_or_path == str(tmp_path / "ckpt")
+    assert torch.equal(loaded.compress(CORPUS[:1]).memories, tiny_model.compress(CORPUS[:1]).memories)
 
 
 def test_load_model_reads_a_checkpoint_at_its_own_rate_or_the_asked_one(tiny_model, tmp_path):

@@ -71,6 +71,7 @@ def test_ray_gives_the_memories_of_the_in_process_path(local_ray, tiny_model, on
     metadatas = [{"position": i} for i in range(len(TEXTS))]
     assert index_documents(here, TEXTS, IDS, metadatas, save_every=7) == IDS
     assert index_documents(there, TEXTS, IDS, metadatas, save_every=7, on_ray=on_ray(workers=2)) == IDS
+    assert ray.is_initialized()  # a Ray the caller started stays running
     assert sorted(there.all_ids()) == sorted(IDS) and there.get(IDS) == here.get(IDS)
     assert torch.equal(there.memories(IDS), here.memories(IDS))
 

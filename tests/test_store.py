@@ -171,11 +171,21 @@ def test_indexing_shows_the_batches_of_a_group_as_they_are_compressed(tiny_model
     # the bar moved once a group of save_every documents was done: 0/1000 for the README's corpus
     shown = []
     compress = tiny_model.compress
-    monkeypatch.setattr(tiny_model, "compress", lambda texts, batch_size, show_progress=False, warn=True:
-                        shown.append(show_progress) or compress(texts, batch_size, show_progress, warn))
+    monkeypatch.setattr(tiny_model, "compress", lambda texts, batch_size, show_progress=False, warn=True, progress=None:
+                        shown.append(not progress.disable) or compress(texts, batch_size, warn=warn, progress=progress))
     index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"], show_progress=True)
     index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"])
     assert shown == [True, False]
+
+
+def test_texts_compressed_in_parts_show_one_bar(tiny_model, monkeypatch, capsys):
+    # a bar a part: an IngestionPipeline of 2,500 chunks printed three bars, each from zero
+    from clara_plugins import model
+
+    monkeypatch.setattr(model, "COMPRESS_PART", 2)
+    model.compress_in_parts(tiny_model, CORPUS[:5], 2, show_progress=True)
+    bars = capsys.readouterr().err
+    assert bars.count("0/5") == 1 and "5/5" in bars and "/2 " not in bars and "/1 " not in bars
 
 
 def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
@@ -193,6 +203,14 @@ def test_malformed_filters_are_named(store):
         store.search("x", where={"$or": {}})
     with pytest.raises(ValueError, match="field names are strings"):  # was an AttributeError
         store.search("x", where={1: "a"})
+    # values no stored (JSON) one equals matched nothing, and with $ne or $nin everything
+    import numpy as np
+
+    for where in ({"n": float("nan")}, {"tags": ("a", "b")}, {"n": {"$ne": float("nan")}},
+                  {"n": {"$nin": [float("nan")]}}, {"tags": {"$ne": ("a", "b")}}, {"n": {"$in": [{1: "a"}]}}):
+        with pytest.raises(ValueError, match="which no stored metadata value equals"):
+            store.ids_where(where)
+    assert store.ids_where({"n": {"$in": (np.int64(1), np.True_, None, [1, 2], {"k": "v"})}}) is not None  # numpy, JSON alike
 
 
 def test_ids_that_are_not_strings_are_refused_as_the_milvus_store_refuses_them(store):
@@ -396,6 +414,27 @@ class _WordKeys:
         return np.array([[float(w in t.lower()) for w in self.words] + [1.0] for t in texts], dtype=np.float32)
 
     query_keys = document_keys
+
+
+def test_an_id_given_twice_in_one_upsert_keeps_a_built_index(tiny_model):
+    # the second copy replaced the first: the hnsw index was dropped (rebuilt whole at the next
+    # search) and the first copy's memories were held as a dead row
+    store = MemoryStore(tiny_model, index="hnsw")
+    store.upsert(CORPUS[:4], ids=["a", "b", "c", "d"])
+    store.search(CORPUS[0], k=1)
+    index = store._index
+    assert store.upsert([CORPUS[4], CORPUS[5]], ids=["new", "new"]) == ["new", "new"]
+    assert store._index is index and store.get(["new"])[0].text == CORPUS[5] and len(store) == 5
+    assert sum(len(chunk) for chunk in store._memory_chunks) == 5
+
+
+def test_a_key_encoder_of_its_own_cannot_claim_keys_made_from_memories(tiny_model):
+    # accepted, and every search then failed on a missing ClaraKeys attribute
+    class _MemoryWordKeys(_WordKeys):
+        keys_are_memories = True
+
+    with pytest.raises(InvalidInputError, match="_MemoryWordKeys sets keys_are_memories, which only ClaraKeys"):
+        MemoryStore(tiny_model, _MemoryWordKeys())
 
 
 @pytest.mark.parametrize("memory_dtype, keys", [("float16", None), ("int8", _WordKeys())])

@@ -150,6 +150,30 @@ def test_clara_synth_resumes_by_text_over_a_corpus_grown_in_front(tmp_path, monk
     assert ids[:2] == [document_id(DOC)] * 2 and set(ids[2:]) == {document_id(corpus.read_text().split("\n\n")[0])}
 
 
+def test_clara_synth_refuses_to_resume_with_another_teacher_and_a_gz_output(tmp_path, monkeypatch):
+    # another --teacher's rows were appended to the first one's, unsaid; a .gz output was written
+    # plain, and its own resume then refused it as a broken gzip file
+    def teacher(name, **options):
+        scripted = ScriptedTeacher(["NONE"] * 10)
+        scripted.name_or_path = name
+        return scripted
+
+    monkeypatch.setattr(synthesis, "HuggingFaceTeacher", teacher)
+    corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"
+    corpus.write_text(DOC)
+    main(["synth", str(corpus), str(output), "--teacher", "teacher-a"])
+    before = output.read_text()
+    corpus.write_text(f"{DOC}\n\nThe Danube flows through Vienna and Budapest to the Black Sea.")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", str(corpus), str(output), "--teacher", "teacher-b"])
+    assert exit_info.value.code == 5 and output.read_text() == before
+    main(["synth", str(corpus), str(output), "--teacher", "teacher-a"])  # the same teacher resumes
+    assert len({json.loads(line)["doc_id"] for line in output.read_text().splitlines()}) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", str(corpus), str(tmp_path / "scp.jsonl.gz")])
+    assert exit_info.value.code == 5 and not (tmp_path / "scp.jsonl.gz").exists()
+
+
 def test_clara_synth_reads_a_repeated_passage_once(tmp_path, monkeypatch):
     monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name, **options: ScriptedTeacher(["NONE"] * 10))
     corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"

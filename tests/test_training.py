@@ -74,6 +74,17 @@ def test_compressor_stages_learn(tiny_model, tmp_path, stage, rows):
     assert (tmp_path / "checkpoint" / "clara_config.json").exists()
 
 
+def test_a_frozen_adapter_reads_without_dropout_in_training_mode(tiny_model):
+    # the e2e stage's frozen generator read through fresh dropout masks each pass: the query
+    # reasoner learned from a generator other than the one that answers
+    prompt, full = ["Where does the Danube rise?"], ["Where does the Danube rise? In the Black Forest."]
+    for trained, alike in ((["query_reasoner_adapter"], True), (["decoder_adapter"], False)):
+        tiny_model.train()
+        set_trainable(tiny_model, trained)
+        first, again = (completion_log_likelihood(tiny_model, prompt, full)[0] for _ in range(2))
+        assert torch.equal(first, again) == alike
+
+
 def test_memory_cosine_pairs_different_documents_only(tiny_model):
     # an SCP row and its paraphrase row encode one document twice: that pair's cosine of about 1 was counted
     from clara_plugins.passes import encode_with_gradients
