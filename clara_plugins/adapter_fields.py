@@ -27,9 +27,10 @@ class ReaderFields(BaseModel):
     # checkpoint); ChatClara's LangChain base drops them, and it refuses them itself
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    # objects, not settings: left out of model_dump and to_json (the cache key names them)
-    clara: ClaraModel | None = Field(default=None, exclude=True)
-    store: BaseMemoryStore | None = Field(default=None, exclude=True)
+    # objects, not settings: left out of model_dump and to_json (the cache key names them), and of
+    # repr (LangChain hands every callback the repr: the whole torch model's, 10 KB on a 2-layer one)
+    clara: ClaraModel | None = Field(default=None, exclude=True, repr=False)
+    store: BaseMemoryStore | None = Field(default=None, exclude=True, repr=False)
     k: int | None = Field(default=None, gt=0)  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
     _call_options: ClassVar[tuple[str, ...]] = ()  # what a framework passes each call, besides the options read

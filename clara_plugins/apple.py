@@ -124,7 +124,7 @@ def load_apple_checkpoint(
     if output is not None:
         _check_base_rows(model, head, output, folder, "output")
     base = model.base_vocab_size
-    load_added_rows(model, embed[base:], None if head is None else head[base:],
+    load_added_rows(model, embed[base:], None if output is None else head[base:],
                     source=str(folder / "decoder_first_last_layers.pth"))
     model.name_or_path = str(folder)
     model.weights_sha256 = files_sha256([folder / "adapters.pth", folder / "decoder_first_last_layers.pth"])

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
@@ -23,7 +24,7 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
     """Call ``write(handle)`` on a temporary sibling of ``path`` (opened for text, or bytes),
     flush it to disk, then rename it over ``path``: a crash leaves the old file or the new one,
     never a part of either, and two writers at once leave one's whole file. A symbolic link is
-    followed: its target is replaced, not the link."""
+    followed: its target is replaced, not the link; a replaced file keeps its permissions."""
     path = _followed(path)
     _remove_abandoned(path)
     temporary, held = _claimed_sibling(path, folder=False)
@@ -32,6 +33,7 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        _keep_mode(path, temporary)
         os.replace(temporary, path)
         sync_entry(path.parent)  # the rename itself
     except BaseException:
@@ -69,7 +71,8 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     staging, held = _claimed_sibling(folder, folder=True)
     try:
         write(staging)
-        # readable as the umask lets files be (the staging folder was made under it): safetensors
+        _keep_mode(folder, staging)  # a user's 0700 checkpoint folder came back 0755
+        # readable as the folder lets files be (as the umask does, unless it keeps its own) (the staging folder was made under it): safetensors
         # writes its own 0600, which another user of a shared cache or checkpoint could not read.
         # Read bits are only added (FAT refuses a change to the others)
         readable = staging.stat().st_mode & 0o444
@@ -95,6 +98,14 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(held)
+
+
+def _keep_mode(old: Path, new: Path) -> None:
+    """Give what replaces ``old`` its permissions (a user's 0600 rows came back readable by
+    all); only a change is asked for (a FAT file refuses one)."""
+    kept = stat.S_IMODE(old.stat().st_mode) if old.exists() else None
+    if kept is not None and kept != stat.S_IMODE(new.stat().st_mode):
+        new.chmod(kept)
 
 
 @contextlib.contextmanager

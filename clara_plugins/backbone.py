@@ -87,11 +87,11 @@ def load_base_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, SafetensorError) as error:
+    except (OSError, SafetensorError, ValueError) as error:  # a tokenizer cut short: a JSONDecodeError
         if name_or_path == DEFAULT_BASE_MODEL:  # a copy cut short or unreadable: the user named no folder
             raise OSError(f"the default model's copy in {path} cannot be read ({error}): delete that folder, and "
                           "the next use makes it again") from error
-        if isinstance(error, SafetensorError):
+        if isinstance(error, (SafetensorError, ValueError)):
             raise
         raise _not_loadable(name_or_path, error) from error
     return model, tokenizer
@@ -131,7 +131,7 @@ def default_model_folder() -> Path:
             model, tokenizer = _dequantise(gguf)
 
             def save(staging: Path) -> None:
-                model.save_pretrained(staging, safe_serialization=True)
+                model.save_pretrained(staging)  # safetensors, as transformers 5 always writes
                 tokenizer.save_pretrained(staging)
 
             write_folder_atomically(folder, save, marker="config.json")
@@ -205,6 +205,13 @@ def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
     if relative > FINGERPRINT_TOLERANCE:
         return f"weights differ (largest relative row-norm difference {relative:.3f})"
     return None
+
+
+def context_window(lm: PreTrainedModel) -> int | None:
+    """The positions a causal LM learned (None where its config names none), read from its
+    text model's config: a multimodal one (Gemma 3 from 4B on) keeps it there."""
+    return getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+
 
 @torch.no_grad()
 def embedding_norm(lm: PreTrainedModel) -> float:

@@ -87,6 +87,18 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
         raise CheckpointError(f"the model's configuration gives {saved.n_mem_tokens} memory tokens, and the model has "
                               f"{len(model.mem_token_ids)}: set compression_rate and doc_max_length back; not saved to "
                               f"{folder}")
+    # the adapters keep the shape and scale they were built with (a changed lora_alpha loaded at
+    # another scale, unsaid; a changed lora_r or memory_layer made the checkpoint unloadable)
+    lora = model.lm.peft_config[ADAPTER_NAMES[0]]
+    changed = [f"{name}={getattr(saved, name)!r} (built with {built!r})" for name, built in
+               (("lora_r", lora.r), ("lora_alpha", lora.lora_alpha), ("lora_dropout", lora.lora_dropout))
+               if getattr(saved, name) != built]
+    layers = model.base_fingerprint["num_layers"]
+    if not -layers - 1 <= saved.memory_layer <= layers:
+        changed.append(f"memory_layer={saved.memory_layer} (the base model has {layers} layers)")
+    if changed:
+        raise CheckpointError(f"the model's configuration no longer fits its weights: {', '.join(changed)}: set "
+                              f"them back; not saved to {folder}")
     header = {"format": FORMAT, "config": saved.to_dict(), "base_model_fingerprint": model.base_fingerprint,
               "layout_sha256": layout_sha256(model.tokenizer)}
     for part, tensors in [*adapters.items(), ("embeddings", embeddings)]:  # loading refuses them: never saved over a good copy
@@ -209,6 +221,7 @@ def _what_it_is(folder: Path) -> str:
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} is missing")
+    _refuse_lfs_pointer(path)  # read as a header "too large"
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
@@ -219,14 +232,19 @@ def read_torch_file(path: Path) -> object:
     """A torch file read on the CPU without running code it may hold (``weights_only``); any
     failure is a CheckpointError naming the file. Torch's own message advised loading with
     weights_only=False, which runs that code; a text file met other exceptions than a damaged one."""
-    with open(path, "rb") as file:
-        if file.read(24).startswith(b"version https://git-lfs"):
-            raise CheckpointError(f"{path} is a Git LFS pointer, not the file it names: fetch it (git lfs pull)")
+    _refuse_lfs_pointer(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # e.g. an IndexError for a page of text, an UnpicklingError for code
         raise CheckpointError(f"{path} is damaged, or not a file of tensors that can be read safely "
                               f"({type(error).__name__})") from error
+
+
+def _refuse_lfs_pointer(path: Path) -> None:
+    """A weight file of a repository cloned without Git LFS is a short text naming the file."""
+    with open(path, "rb") as file:
+        if file.read(24).startswith(b"version https://git-lfs"):
+            raise CheckpointError(f"{path} is a Git LFS pointer, not the file it names: fetch it (git lfs pull)")
 
 
 def read_config(folder: Path) -> ClaraConfig:
@@ -303,12 +321,16 @@ def load_trained_weights(model: AdaptedModel, folder: Path, *, another_rate: boo
     embeddings = _read_safetensors(folder / EMBEDDINGS_FILE)
     if "input_rows" not in embeddings:
         raise CheckpointError(f"{folder / EMBEDDINGS_FILE} lacks input_rows, the rows of CLaRa's added tokens")
-    for name, state in adapters.items():
-        load_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
     others = model.lm.get_input_embeddings().weight.size(0) - model.base_vocab_size - current.n_mem_tokens
-    load_added_rows(model, *(_rows_at_rate(rows, saved.n_mem_tokens, current.n_mem_tokens, others)
-                             for rows in (embeddings["input_rows"], embeddings.get("output_rows"))),
-                    source=str(folder / EMBEDDINGS_FILE))
+    # every file is checked before any weight changes: a damaged one left a resumed run's model half-loaded
+    for name, state in adapters.items():
+        _check_adapter_weights(model, name, state, source=str(folder / adapter_file(name)))
+    targets = _row_targets(model, *(_rows_at_rate(rows, saved.n_mem_tokens, current.n_mem_tokens, others)
+                                    for rows in (embeddings["input_rows"], embeddings.get("output_rows"))),
+                           source=str(folder / EMBEDDINGS_FILE))
+    for name, state in adapters.items():
+        set_peft_model_state_dict(model.lm, state, adapter_name=name)
+    _write_rows(model, targets)
 
 
 def _rows_at_rate(rows: torch.Tensor | None, saved_n_mem: int, n_mem: int, others: int) -> torch.Tensor | None:
@@ -324,7 +346,12 @@ def _rows_at_rate(rows: torch.Tensor | None, saved_n_mem: int, n_mem: int, other
 
 def load_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torch.Tensor], source: str) -> None:
     """Load one adapter's peft-keyed tensors; every key must fit the model, and every value
-    must be finite."""
+    must be a finite float."""
+    _check_adapter_weights(model, name, state, source)
+    set_peft_model_state_dict(model.lm, state, adapter_name=name)
+
+
+def _check_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torch.Tensor], source: str) -> None:
     expected = get_peft_model_state_dict(model.lm, adapter_name=name, save_embedding_layers=False)
     if not state:
         raise CheckpointError(f"{source}: adapter {name} is empty")
@@ -338,19 +365,33 @@ def load_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torch.
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{source}: {name}/{key} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[key].shape)}")
+        if not tensor.is_floating_point():  # an integer file loaded, cast, unsaid
+            raise CheckpointError(f"{source}: {name}/{key} holds {tensor.dtype} values, not floating point")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: {name}/{key} holds NaN or infinite values")
-    set_peft_model_state_dict(model.lm, state, adapter_name=name)
 
 
 def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: torch.Tensor | None,
                     source: str) -> None:
-    """Write the special-token rows into the (resized) embedding matrices; they must fit them
-    and be finite."""
+    """Write the special-token rows into the (resized) embedding matrices; they must fit them,
+    be finite floats, and come with output rows exactly where the model has an output matrix
+    of its own."""
+    _write_rows(model, _row_targets(model, input_rows, output_rows, source))
+
+
+def _row_targets(model: AdaptedModel, input_rows: torch.Tensor, output_rows: torch.Tensor | None,
+                 source: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(matrix, rows) pairs, checked."""
+    output = untied_output(model)
+    if output is None and output_rows is not None:  # they overwrote the input rows just loaded
+        raise CheckpointError(f"{source} holds output rows of the added tokens, and the model ties its output "
+                              "matrix to its input one")
+    if output is not None and output_rows is None:  # the model's own seeded rows were kept, unsaid
+        raise CheckpointError(f"{source} lacks the output rows of the added tokens, which the model's own output "
+                              "matrix needs")
     targets = [(model.lm.get_input_embeddings().weight, input_rows)]
-    output = model.lm.get_output_embeddings()
-    if output_rows is not None and output is not None:
-        targets.append((output.weight, output_rows))
+    if output is not None:
+        targets.append((output, output_rows))
     for matrix, rows in targets:
         expected = (matrix.size(0) - model.base_vocab_size, matrix.size(1))
         if tuple(rows.shape) != expected:
@@ -358,9 +399,16 @@ def load_added_rows(model: AdaptedModel, input_rows: torch.Tensor, output_rows: 
                 f"{source}: memory-token embeddings have shape {tuple(rows.shape)}, expected {expected} "
                 "(another compression rate or base model?)"
             )
+        if not rows.is_floating_point():
+            raise CheckpointError(f"{source}: memory-token embeddings hold {rows.dtype} values, not floating point")
         if not torch.isfinite(rows).all():  # every memory compressed with them would be NaN
             raise CheckpointError(f"{source}: memory-token embeddings hold NaN or infinite values")
-        with torch.no_grad():
+    return targets
+
+
+def _write_rows(model: AdaptedModel, targets: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for matrix, rows in targets:
             matrix[model.base_vocab_size:] = rows.to(device=matrix.device, dtype=matrix.dtype)
 
 

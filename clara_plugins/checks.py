@@ -43,7 +43,7 @@ def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
     replace them)."""
     if Path(output).is_dir():
         raise IsADirectoryError(f"{output} is a folder: name the file to write")
-    if str(output).endswith(".gz"):  # written plain, then read back as gzip by its name, and refused
+    if Path(output).suffix.lower() == ".gz":  # written plain, then read back as gzip by its name, and refused
         raise InvalidInputError(f"{output}: outputs are written as plain text; name it without .gz")
     for source in inputs:
         if source is not None and Path(output).resolve() == Path(source).resolve():

@@ -506,9 +506,8 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out is not None:
         check_output_path(out, args.data)
-    # each once (repeated options extend their lists): a system named twice ran twice
+    # each once (repeated options extend their lists): a system named twice ran twice; retrievers: evaluate_retrieval
     args.systems = ["clara"] if args.systems is None else list(dict.fromkeys(args.systems))
-    args.retrievers = list(dict.fromkeys(args.retrievers))
     if not (args.systems or args.retrievers or args.reading):
         raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")
     read = ({"control_shifts"} if "control" in args.systems else set()) | (

@@ -86,6 +86,12 @@ def _validate_operator(key: str, name: str, target: Any) -> None:
         raise ValueError(f"{name} on field {key!r} takes a number or a string, got {target!r:.60}")
 
 
+def holds_no_condition(where: Filter) -> bool:
+    """Whether a (validated) filter names no field, so keeps every document: ``{}``, and
+    ``$and``/``$or`` lists of such filters (a delete given one deleted everything)."""
+    return all(key in ("$and", "$or") and all(map(holds_no_condition, parts)) for key, parts in where.items())
+
+
 def _check_equal_target(key: str, name: str, target: Any) -> None:
     """Refuse a value that is no JSON value: metadata is kept as JSON (tuples and NaN are refused
     at upsert), so it matched nothing, and with $ne or $nin every document. An infinity is a

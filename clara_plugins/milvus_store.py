@@ -124,7 +124,14 @@ class MilvusMemoryStore(BaseMemoryStore):
                              f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
         if uri.endswith(".db"):  # milvus-lite opens a file only in an existing folder
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        self._client = MilvusClient(uri, token=token)
+        try:
+            self._client = MilvusClient(uri, token=token)
+        except MilvusException as error:  # milvus-lite logs its cause (another process's lock, mostly) and says this
+            if uri.endswith(".db") and error.message == "Open local milvus failed":
+                raise StoreError(f"milvus-lite could not open {uri}: most often another process has it open (it "
+                                 "serves a file to one process, until that process exits); the log above names "
+                                 "the cause") from error
+            raise
         try:
             self._open(collection, index_type, f"Milvus collection {collection!r} at {uri}")
         except BaseException:
@@ -340,16 +347,20 @@ class MilvusMemoryStore(BaseMemoryStore):
         return rows
 
     def _ids_matching(self, expression: str) -> list[str]:
-        """Every id satisfying an expression ("" for all), read page by page."""
-        pages = self._client.query_iterator(self.collection, batch_size=4 * BATCH_ROWS, filter=expression,
-                                            output_fields=["id"])
+        """Every id satisfying an expression ("" for all), read a page at a time in id order,
+        each page after the last id read. The cursor is quoted here: pymilvus' query_iterator
+        wrote it into its next filter unescaped, so an id holding a quote or a backslash at a
+        page's end failed the read, or read ids twice."""
         ids: list[str] = []
-        try:  # closed on an error too: the server keeps an open iterator's state until it times out
-            while page := pages.next():
-                ids += [row["id"] for row in page]
-        finally:
-            pages.close()
-        return ids
+        page_rows = 4 * BATCH_ROWS
+        while True:
+            parts = ([f"id > {_string(ids[-1])}"] if ids else []) + ([f"({expression})"] if expression else [])
+            # the iterator's own request options: a page holds the smallest ids left, in order
+            page = self._client.query(self.collection, filter=" and ".join(parts), output_fields=["id"],
+                                      limit=page_rows, iterator="True", reduce_stop_for_best="True")
+            ids += [row["id"] for row in page]
+            if len(page) < page_rows:
+                return ids
 
     # ------------------------------------------------------------- searching
 

@@ -24,7 +24,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .atomic import writer_at_work
-from .backbone import embedding_norm, fingerprint, load_base_model, resolve_device, resolve_dtype
+from .backbone import context_window, embedding_norm, fingerprint, load_base_model, resolve_device, resolve_dtype
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_positive_int, check_texts
@@ -109,7 +109,7 @@ class ClaraModel(torch.nn.Module):
         """Refuse a doc_max_length whose longest framed document runs past the backbone's
         positions: a model with learned positions failed on an index, a rotary one compressed
         from positions it never saw."""
-        window = getattr(lm.config.get_text_config(), "max_position_embeddings", None)
+        window = context_window(lm)
         prefix, suffix = self._document_frame()
         appended = self.config.n_mem_tokens if self.config.memory_design == "tokens" else 0
         longest = len(prefix) + self.config.doc_max_length + len(suffix) + appended
@@ -448,7 +448,7 @@ class ClaraModel(torch.nn.Module):
         """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_positive_int("max_new_tokens", limit)
-        window = getattr(self.lm.config.get_text_config(), "max_position_embeddings", None)
+        window = context_window(self.lm)
         if window and embeds.size(1) + limit > window:  # past it, answers degrade unseen or positions overflow
             raise InvalidInputError(f"the prompt holds {embeds.size(1)} positions and the answer up to {limit} more, "
                                     f"past the model's context window of {window}: read fewer documents or a "
@@ -623,8 +623,9 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
     actor and a framework embedding compress alike, so their memories agree bit for bit."""
     compressed = np.empty((len(texts), model.config.n_mem_tokens, model.hidden_size), np.float16)
     cut: list[int] = []
-    with tqdm(total=len(texts), desc="compressing", unit="doc", disable=not show_progress) as bar:
-        for start in range(0, len(texts), COMPRESS_PART):  # one bar: a bar a part was a new line each 1,024
+    # gone when done: under `clara index`'s bar a group's bar was left behind, a line each 1,024 documents
+    with tqdm(total=len(texts), desc="compressing", unit="doc", disable=not show_progress, leave=False) as bar:
+        for start in range(0, len(texts), COMPRESS_PART):  # one bar for all the parts
             part = model.compress(texts[start:start + COMPRESS_PART], batch_size, warn=False, progress=bar)
             compressed[start:start + len(part.memories)] = fp16_memories(part.memories)
             cut += part.truncated_tokens

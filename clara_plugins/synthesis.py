@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .checks import check_output_path
 from .errors import InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import normalize_answer
@@ -93,7 +95,7 @@ class HuggingFaceTeacher:
         from .backbone import check_base_model
 
         check_base_model(name_or_path)
-        self.name_or_path = name_or_path
+        self.name_or_path = os.fspath(name_or_path)  # a Path too: the ledger keeps it as JSON
         self.max_new_tokens = max_new_tokens
         self.device, self.dtype = device, dtype
         self.model = self.tokenizer = None
@@ -101,7 +103,8 @@ class HuggingFaceTeacher:
     def __call__(self, prompt: str) -> str:
         import torch
 
-        from .prompts import render_messages  # transformers: loaded with the teacher, not with this module
+        from .backbone import context_window  # transformers: loaded with the teacher, not with this module
+        from .prompts import render_messages
 
         if self.model is None:
             from .backbone import load_base_model, resolve_device, resolve_dtype
@@ -113,7 +116,7 @@ class HuggingFaceTeacher:
         text = render_messages(self.tokenizer, [{"role": "user", "content": prompt}])
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
         limit = self.max_new_tokens or max(256, 2 * ids.size(1))
-        positions = getattr(self.model.config, "max_position_embeddings", None)
+        positions = context_window(self.model)
         if positions:  # a reply past the model's positions reads positions it never learned, or fails
             limit = min(limit, positions - ids.size(1))
         if limit < 1:
@@ -231,6 +234,7 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
     (with the same teacher: a ``HuggingFaceTeacher``'s name is kept in the ledger)."""
     if max_rounds < 0:  # no coverage check would run, and the ledger would mark every document done
         raise InvalidInputError(f"max_rounds must be at least 0, got {max_rounds}")
+    check_output_path(output)  # a .gz name too: written plain, its resume refused it as a broken gzip file
     output = Path(output)
     ledger = output.with_name(output.name + ".done")
     if output.exists() != ledger.exists():  # resuming would drop every row, or skip documents it has no rows of
@@ -239,6 +243,7 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
                                 "name another output, or move the file away")
     done = set()
     teacher_name = getattr(teacher, "name_or_path", None)  # a callable teacher has none to compare
+    teacher_name = os.fspath(teacher_name) if isinstance(teacher_name, (str, os.PathLike)) else None
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
         marks = read_jsonl(ledger, appended=True)
         others = {mark.get("teacher") for mark in marks} - {None, teacher_name}

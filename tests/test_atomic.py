@@ -2,13 +2,14 @@
 default model's cache are written through the one implementation in ``atomic.py``."""
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clara_plugins import MemoryStore, atomic, backbone, jsonfiles
-from clara_plugins.atomic import write_file_atomically, write_folder_atomically
+from clara_plugins.atomic import write_file_atomically, write_folder_atomically, write_text_atomically
 from conftest import CORPUS
 
 
@@ -36,6 +37,20 @@ def test_a_process_killed_mid_write_leaves_the_old_file(tmp_path):
     assert path.read_text() == "new\n"
     # and removes what the library left, and no name it does not make
     assert sorted(os.listdir(tmp_path)) == [".CURRENT.notes", ".CURRENT.tmp", "CURRENT"]
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path):
+    # the new file came with the umask's: a user's 0600 rows became readable by all
+    path = tmp_path / "rows.jsonl"
+    path.write_text("old")
+    path.chmod(0o600)
+    write_text_atomically(path, "new")
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    folder = tmp_path / "ckpt"  # and a folder written again (a checkpoint saved over)
+    write_folder_atomically(folder, lambda staging: (staging / "done").write_text("1"), "done")
+    folder.chmod(0o700)
+    write_folder_atomically(folder, lambda staging: (staging / "done").write_text("2"), "done")
+    assert (folder / "done").read_text() == "2" and stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
@@ -319,10 +334,10 @@ def test_the_default_model_cache_is_readable_as_the_umask_allows_and_a_damaged_o
 
     write_folder_atomically(folder.parent / "other", write, marker="marker")
     assert not any(taken) and stat.S_IMODE((folder.parent / "other" / "tool").stat().st_mode) == 0o755
-    weights = folder / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(OSError, match=f"the default model's copy in {folder} cannot be read.*delete that folder"):
-        backbone.load_base_model(DEFAULT_BASE_MODEL)
+    for damaged in ("model.safetensors", "tokenizer.json"):  # the tokenizer's was a bare JSONDecodeError
+        (folder / damaged).write_bytes((folder / damaged).read_bytes()[:1000])
+        with pytest.raises(OSError, match=f"the default model's copy in {folder} cannot be read.*delete that folder"):
+            backbone.load_base_model(DEFAULT_BASE_MODEL)
 
 
 def test_the_cache_home_is_absolute_and_expanded(monkeypatch, tmp_path):

@@ -76,6 +76,36 @@ def test_corrupted_safetensors_fails_clearly(tiny_model, tmp_path):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
 
 
+def test_a_damaged_checkpoint_leaves_the_model_it_loads_into_as_it_was(tiny_model, tiny_config, tmp_path):
+    # the adapters were loaded one by one, the rows checked last: a resumed run's model was left
+    # half-loaded; integer weights loaded, cast, unsaid; an untied model kept its seeded output rows
+    from safetensors.torch import load_file, save_file
+
+    from clara_plugins.checkpoint import adapters_sha256, load_trained_weights
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    model = ClaraModel(tiny_config, device="cpu")
+    before = adapters_sha256(model)
+    rows_file, adapter_file = tmp_path / "ckpt" / "memory_embeddings.safetensors", \
+        tmp_path / "ckpt" / "adapter_decoder_adapter.safetensors"
+    rows, adapter = load_file(rows_file), load_file(adapter_file)
+    for damaged, message in (({**rows, "input_rows": rows["input_rows"] * float("nan")}, "NaN or infinite"),
+                             ({**rows, "input_rows": rows["input_rows"].long()}, "int64 values, not floating point"),
+                             ({"input_rows": rows["input_rows"]}, "lacks the output rows")):
+        save_file(damaged, rows_file)
+        with pytest.raises(CheckpointError, match=message):
+            load_trained_weights(model, tmp_path / "ckpt")
+        assert adapters_sha256(model) == before
+    save_file(rows, rows_file)
+    save_file({key: value.long() for key, value in adapter.items()}, adapter_file)
+    with pytest.raises(CheckpointError, match="int64 values, not floating point"):
+        load_trained_weights(model, tmp_path / "ckpt")
+    adapter_file.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n")
+    with pytest.raises(CheckpointError, match="is a Git LFS pointer"):  # "corrupted: header too large"
+        load_trained_weights(model, tmp_path / "ckpt")
+    assert adapters_sha256(model) == before
+
+
 def test_missing_or_foreign_files_fail_clearly(tiny_model, tmp_path):
     with pytest.raises(CheckpointError, match="clara_config.json is missing"):
         ClaraModel.from_pretrained(tmp_path, device="cpu")
@@ -357,6 +387,15 @@ def test_a_configuration_changed_so_it_would_not_load_is_not_saved_over_a_good_c
         tiny_model.save_pretrained(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "clara_config.json").read_text() == before
     tiny_model.config.compression_rate //= 2
+    # the adapters keep the shape and scale they were built with: lora_alpha loaded at another
+    # scale, unsaid; lora_r and a layer past the base model's made the checkpoint unloadable
+    for name, value in (("lora_alpha", 64), ("lora_r", 8), ("memory_layer", 9)):
+        built = getattr(tiny_model.config, name)
+        setattr(tiny_model.config, name, value)
+        with pytest.raises(CheckpointError, match=f"no longer fits its weights: {name}={value}"):
+            tiny_model.save_pretrained(tmp_path / "ckpt")
+        setattr(tiny_model.config, name, built)
+    assert (tmp_path / "ckpt" / "clara_config.json").read_text() == before
     tiny_model.config.generation_top_k = np.int64(2)  # read as a number, written as one (a bare TypeError in the write)
     tiny_model.save_pretrained(tmp_path / "ckpt")
     assert ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu").config.generation_top_k == 2

@@ -69,6 +69,9 @@ def test_filters(vector_store):
     assert query(vector_store, 6, nested).ids == ["n2"]
     with_an_empty_group = MetadataFilters(filters=[city, MetadataFilters(filters=[])])
     assert set(query(vector_store, 6, with_an_empty_group).ids) == {"n0", "n2"}
+    for empty in (MetadataFilters(filters=[]), MetadataFilters(filters=[MetadataFilters(filters=[])])):
+        with pytest.raises(InvalidInputError, match="under an or holds no filter"):  # it matched every node
+            query(vector_store, 6, MetadataFilters(filters=[city, empty], condition=FilterCondition.OR))
     with pytest.raises(NotImplementedError, match="not supported"):
         query(vector_store, 2, MetadataFilters(filters=[MetadataFilter(key="topic", value="cit",
                                                                        operator=FilterOperator.TEXT_MATCH)]))
@@ -159,6 +162,15 @@ def test_get_nodes_and_clear(vector_store):
     for call in (vector_store.get_nodes, vector_store.delete_nodes):  # the id's letters were looked up
         with pytest.raises(InvalidInputError, match="node_ids must be a collection of ids, got str"):
             call("n1")
+    assert len(vector_store.get_nodes()) == len(CORPUS)
+    # ignored, LangChain's filter= and an empty selection deleted every node
+    city = MetadataFilters(filters=[MetadataFilter(key="topic", value="city")])
+    for call in (lambda: vector_store.delete_nodes(filter=city), lambda: vector_store.delete_nodes(node_id=["n1"])):
+        with pytest.raises(TypeError, match="delete_nodes takes node_ids and filters, not"):
+            call()
+    for empty in (MetadataFilters(filters=[]), MetadataFilters(filters=[MetadataFilters(filters=[])])):
+        with pytest.raises(InvalidInputError, match="select every node: call clear"):
+            vector_store.delete_nodes(filters=empty)
     assert len(vector_store.get_nodes()) == len(CORPUS)
     vector_store.clear()
     assert vector_store.get_nodes() == [] and query(vector_store).ids == []
@@ -459,3 +471,13 @@ def test_a_message_the_generator_cannot_read_is_refused_before_any_work(tiny_mod
     store.upsert(CORPUS[:2], ids=["a", "b"])
     with pytest.raises(InvalidInputError, match="the last user message holds no text to rank its 2 documents by"):
         read_messages(tiny_model, [("system", "Who won?"), ("user", " ")], store, ids=["a", "b"])
+
+
+def test_the_adapters_repr_names_no_torch_model(tiny_model, vector_store):
+    # pydantic's repr printed the whole model, and LangChain hands every callback that repr
+    from langchain_clara import ChatClara
+    from llama_index_clara import ClaraEmbedding
+
+    for adapter in (ChatClara(clara=tiny_model, store=vector_store.client), ClaraLLM(clara=tiny_model),
+                    ClaraEmbedding(clara=tiny_model)):
+        assert "LlamaDecoderLayer" not in repr(adapter)

@@ -157,6 +157,37 @@ def test_ids_with_quotes_delete_only_themselves(milvus):
     assert sorted(milvus.all_ids()) == IDS  # the stored documents are all there, the odd ones gone
 
 
+def test_a_file_another_process_serves_is_refused_by_name(tiny_model, uri):
+    # pymilvus said only "Open local milvus failed"; milvus-lite logged the lock held elsewhere
+    import subprocess
+    import sys
+
+    Path(uri).parent.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", f"from pymilvus import MilvusClient; MilvusClient({uri!r}); "
+                               "print('open', flush=True); input()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match="another process has it open"):
+            MilvusMemoryStore(tiny_model, uri)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ids_holding_quotes_and_backslashes_page_as_any_other(milvus, monkeypatch):
+    # pymilvus' iterator wrote the id ending a page into its next filter unescaped: a quote or a
+    # backslash there failed every listing, or listed an id twice
+    from clara_plugins import milvus_store
+
+    monkeypatch.setattr(milvus_store, "BATCH_ROWS", 1)  # pages of 4 ids
+    odd = ["b0", "b1", "b2", 'b3"q', "b4", "b5", "b6\\", "b7\\new"]  # the 4th and 8th in id order
+    milvus.upsert(CORPUS[:6] + CORPUS[:2], ids=odd, metadatas=[{"k": 1}] * 8)
+    listed = milvus.all_ids()
+    assert sorted(listed) == sorted(IDS + odd) and len(listed) == len(set(listed))
+    assert sorted(milvus.ids_where({"k": 1})) == sorted(odd)
+
+
 def test_memories_are_exactly_the_local_stores(milvus, local):
     assert torch.equal(milvus.memories(IDS[::-1]), local.memories(IDS[::-1]))  # key * norm gives back the fp16 bits
     assert milvus.memories([]).shape == local.memories([]).shape

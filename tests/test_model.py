@@ -571,6 +571,9 @@ def test_a_multimodal_causal_lm_keeps_its_text_settings_in_a_config_of_their_own
     assert len(model.answer(["Who?"], model.compress_documents(CORPUS[:1]).unsqueeze(0))) == 1
     with pytest.raises(InvalidInputError, match="past the model's context window of 512"):
         model.generate([" ".join(["word"] * 512)], None, 4)
+    from llama_index_clara import ClaraLLM
+
+    assert ClaraLLM(clara=model).metadata.context_window == 512  # not LlamaIndex's 2,048 fallback
 
 
 def test_pooling_settings_are_refused_with_the_tokens_design(tiny_config):

@@ -174,6 +174,17 @@ def test_clara_synth_refuses_to_resume_with_another_teacher_and_a_gz_output(tmp_
     assert exit_info.value.code == 5 and not (tmp_path / "scp.jsonl.gz").exists()
 
 
+def test_a_teacher_named_by_a_path_resumes_and_a_gz_output_is_refused(tmp_path):
+    # the Path went into every ledger mark: each run failed on JSON after its first document
+    teacher = ScriptedTeacher(["NONE"] * 10)
+    teacher.name_or_path = tmp_path / "teacher"
+    output = tmp_path / "scp.jsonl"
+    synthesize([("a", DOC)], teacher, output)
+    assert synthesize([("a", DOC), ("b", DOC + " Later.")], teacher, output).skipped_done == 1
+    with pytest.raises(InvalidInputError, match="without .gz"):
+        synthesize([("a", DOC)], teacher, tmp_path / "scp.jsonl.GZ")
+
+
 def test_clara_synth_reads_a_repeated_passage_once(tmp_path, monkeypatch):
     monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name, **options: ScriptedTeacher(["NONE"] * 10))
     corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"

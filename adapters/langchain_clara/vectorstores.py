@@ -18,6 +18,7 @@ from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocu
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, check_store_model
+from clara_plugins.filters import holds_no_condition, validate_filter
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
 
@@ -151,8 +152,10 @@ class ClaraVectorStore(VectorStore):
         if ids is not None and filter is not None:
             raise InvalidInputError("delete takes ids or a filter, not both")
         if filter is not None:
-            if not filter:  # built from an empty selection, it deleted every document
-                raise InvalidInputError("an empty filter selects every document: call delete() to delete them all")
+            validate_filter(filter)
+            if holds_no_condition(filter):  # built from an empty selection, it deleted every document
+                raise InvalidInputError("a filter without a condition selects every document: call delete() to "
+                                        "delete them all")
             ids = self.store.ids_where(filter)
         self.store.delete(self.store.all_ids() if ids is None else ids)
         return True

@@ -43,7 +43,7 @@ class ClaraEmbedding(BaseEmbedding):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    clara: ClaraModel = Field(exclude=True)  # an object, not a setting: left out of to_json
+    clara: ClaraModel = Field(exclude=True, repr=False)  # an object, not a setting: left out of to_json and repr
     model_name: str = "clara-memory-tokens"
 
     @classmethod

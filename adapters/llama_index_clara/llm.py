@@ -41,13 +41,16 @@ from llama_index.core.schema import BaseNode, NodeWithScore
 from pydantic import Field
 
 from clara_plugins.adapter_fields import ReaderFields
+from clara_plugins.backbone import context_window
 from clara_plugins.config import ANSWER_TEMPLATE
 from clara_plugins.context import chat_role, passed_documents
 from clara_plugins.errors import InvalidInputError
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
 # (``index.as_query_engine(llm=llm, text_qa_template=CLARA_QA_PROMPT)``): with stored nodes as
-# the context, the prompt is exactly CLaRa's answering prompt.
+# the context, the prompt is exactly CLaRa's answering prompt, unless the nodes carry metadata
+# the LLM sees (a reader's file_path): those lines stay as text between the memories, where
+# ClaraSynthesizer passes the nodes' texts alone.
 CLARA_QA_PROMPT = PromptTemplate(ANSWER_TEMPLATE.format(documents="{context_str}", question="{query_str}"))
 
 T = TypeVar("T")
@@ -69,7 +72,7 @@ class ClaraLLM(ReaderFields, CustomLLM):
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(
-            context_window=getattr(self.clara.lm.config, "max_position_embeddings", 2048),
+            context_window=context_window(self.clara.lm) or 2048,
             num_output=self.max_new_tokens or self.clara.config.max_new_tokens,
             model_name=self.model_name,
             is_chat_model=True,

@@ -33,10 +33,11 @@ from llama_index.core.vector_stores.types import (
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 from pydantic import PrivateAttr
 
-from clara_plugins import ClaraModel, MemoryStore, StoreError, StoredDocument
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
 from clara_plugins.checks import check_positive_int
+from clara_plugins.filters import holds_no_condition
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
@@ -58,7 +59,10 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
     parts = []
     for item in filters.filters:
         if isinstance(item, MetadataFilters):
-            parts.append(translate_filters(item) or {})  # an empty group restricts nothing
+            part = translate_filters(item) or {}  # an empty group restricts nothing
+            if filters.condition == FilterCondition.OR and holds_no_condition(part):  # true, it made the or true
+                raise InvalidInputError("a nested MetadataFilters under an or holds no filter: leave it out")
+            parts.append(part)
         elif isinstance(item, MetadataFilter) and item.operator in _OPERATORS:
             parts.append({item.key: {_OPERATORS[item.operator]: item.value}})
         else:
@@ -202,6 +206,14 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
                      **delete_kwargs: Any) -> None:
+        """Delete the nodes named, or those the filters keep; with neither, every node (as
+        LlamaIndex's own store does). Another argument, and filters without a condition, are
+        refused: ignored, ``filter=`` (LangChain's name) deleted every node."""
+        if delete_kwargs:
+            raise TypeError(f"delete_nodes takes node_ids and filters, not {', '.join(sorted(delete_kwargs))}")
+        if node_ids is None and filters is not None and holds_no_condition(translate_filters(filters) or {}):
+            raise InvalidInputError("these filters hold no condition, so they select every node: call clear() to "
+                                    "delete them all")
         self._store.delete(self._select(node_ids, filters))
 
     def get_nodes(self, node_ids: list[str] | None = None,
