@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,9 +26,12 @@ from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_text_atomically
+from clara_plugins.checks import check_output_path, positive_int
 from clara_plugins.corpora import document_id, read_documents
 from clara_plugins.pretrained import load_model
 from clara_plugins.store_folder import SHARD_ROWS
+
+from .measure import environment
 
 
 def written_and_linked(generation: Path) -> dict[str, int]:
@@ -47,11 +49,12 @@ def written_and_linked(generation: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", type=Path, required=True)
-    parser.add_argument("--groups", type=int, default=10, help="saves, one after each group")
-    parser.add_argument("--group-size", type=int, default=SHARD_ROWS,
+    parser.add_argument("--groups", type=positive_int, default=10, help="saves, one after each group")
+    parser.add_argument("--group-size", type=positive_int, default=SHARD_ROWS,
                         help=f"documents a group (default {SHARD_ROWS}, a shard)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    check_output_path(args.out, args.corpus)  # before the saves (the report replaced the corpus named as --out)
 
     model = load_model(device="cpu")
     passages = read_documents([str(args.corpus)])
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     scratch.cleanup()
     totals = {key: sum(save[key] for save in saves) for key in saves[0] if key not in ("documents", "seconds")}
     report = {"groups": args.groups, "group_size": args.group_size, "corpus": str(args.corpus), "saves": saves,
-              "totals": totals, "machine": platform.processor() or platform.machine()}
+              "totals": totals, **environment()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     print(json.dumps(totals))

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     check_output_path(out, args.data)
     with tempfile.TemporaryDirectory(prefix="clara-train-memory-") as folder:
         results = [_measure(split, args, Path(folder)) for split in args.splits]
-    summary = {"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps,
+    summary = {"stage": args.stage, "data": args.data, "init": args.init, "steps": args.steps, "lr": args.lr,
                "results": results, "environment": environment()}
     write_text_atomically(out, json.dumps(summary, indent=2) + "\n")
     write_text_atomically(out.with_suffix(".md"), f"# `{args.stage}` stage: {args.steps} steps of {sizes.pop()} rows\n\n"

@@ -25,9 +25,10 @@ _HOMES = {
     "top_k": ".retrieval",
 }
 
+# MilvusMemoryStore loads by name alone: a star import without the [milvus] extra failed on it
 __all__ = [
     "CheckpointError", "ClaraConfig", "ClaraModel", "CompressedDocuments", "InvalidInputError", "MemoryStore",
-    "MilvusMemoryStore", "StoreError", "StoredDocument", "TrainConfig", "cosine_scores", "straight_through_topk", "top_k",
+    "StoreError", "StoredDocument", "TrainConfig", "cosine_scores", "straight_through_topk", "top_k",
 ]
 
 if TYPE_CHECKING:

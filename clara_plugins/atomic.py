@@ -72,9 +72,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     try:
         write(staging)
         _keep_mode(folder, staging)  # a user's 0700 checkpoint folder came back 0755
-        # readable as the folder lets files be (as the umask does, unless it keeps its own) (the staging folder was made under it): safetensors
-        # writes its own 0600, which another user of a shared cache or checkpoint could not read.
-        # Read bits are only added (FAT refuses a change to the others)
+        # readable as the folder lets files be (made under the umask, or kept as its user set it):
+        # safetensors writes its own 0600, which another user of a shared cache or checkpoint could
+        # not read. Read bits are only added (FAT refuses a change to the others)
         readable = staging.stat().st_mode & 0o444
         for path in staging.rglob("*"):
             if path.is_file() and not path.is_symlink():

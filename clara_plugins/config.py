@@ -161,6 +161,8 @@ class TrainConfig:
     warmup_ratio: float = 0.03  # share of the steps a cosine schedule warms up over (a constant one has none)
     schedule: str = "cosine"  # or "constant" (the paper's end-to-end stage)
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9  # AdamW's moment decays
+    adam_beta2: float = 0.95
     grad_clip: float = 1.0
     # SCP's alignment of the memories' mean with the document tokens' mean states; pooled memories
     # are means of those states already, so for them it only pulls the frame tokens' states along
@@ -259,6 +261,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio is a share of the steps, in 0..1, got {self.warmup_ratio}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not self.temperature > 0:  # scores are divided by it
             raise ValueError(f"temperature must be above 0, got {self.temperature}")
         if self.freeze_generator and (self.stage == "retrieval" or self.generator_only

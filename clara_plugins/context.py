@@ -8,7 +8,8 @@ template the user chose. ``read_messages`` turns them into the prompt the genera
   replaced in place by the document's stored memory tokens;
 - documents passed explicitly (texts, or store ids) are read as memory tokens too: in place
   where their text occurs (and is that long), otherwise in a ``Background:`` block before the last user message,
-  the layout the generator was trained on (at the start of that message's own block, where it has one). Texts the store lacks are compressed on the spot;
+  the layout the generator was trained on (at the start of that message's own block, where it has
+  one). Texts the store lacks are compressed on the spot;
 - all other text (instructions, the question, chat history) is read as text, except blank
   separators between two documents: documents listed one after another read as one block.
 

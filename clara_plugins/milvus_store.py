@@ -83,8 +83,10 @@ class MilvusMemoryStore(BaseMemoryStore):
     CLaRa's own keys, except that:
 
     - ``index_type`` is Milvus' (``FLAT`` is exact; ``HNSW`` or ``IVF_FLAT`` suit large
-      collections), used when the collection is created (and for the indexes a creation killed
-      midway left out);
+      collections), built with ``index_params`` (``{"M": 16, "efConstruction": 200}``,
+      ``{"nlist": 1024}``) when the collection is created (and for the indexes a creation killed
+      midway left out), and searched with the ``search_params`` attribute (``{"ef": 128}``,
+      ``{"nprobe": 16}``): Milvus' defaults otherwise, which bound the recall of a large collection;
     - a search returns at most MAX_TOP_K documents;
     - Milvus does not tell a JSON null from a missing field: a filter never compares with
       null, and ``$ne``/``$nin`` do not match a field that holds null;
@@ -108,14 +110,21 @@ class MilvusMemoryStore(BaseMemoryStore):
         *,
         token: str = "",
         index_type: str = "FLAT",
+        index_params: dict[str, Any] | None = None,
+        search_params: dict[str, Any] | None = None,
         batch_size: int = 8,
     ) -> None:
+        for name, params in (("index_params", index_params), ("search_params", search_params)):
+            if params is not None and not isinstance(params, dict):
+                raise InvalidInputError(f"{name} must be a dict of Milvus' settings, got {type(params).__name__}")
         if not _COLLECTION_NAME.match(collection):
             raise InvalidInputError(f"collection must be letters, digits and underscores, not starting with a "
                                     f"digit, got {collection!r:.80}")
         super().__init__(model, None, batch_size)
         uri = os.fspath(uri)  # a Path to a .db file too
         self.collection = collection
+        self._index_params = dict(index_params or {})
+        self.search_params = dict(search_params or {})
         self._memory_shape = (model.config.n_mem_tokens, model.hidden_size)
         self._dimensions = math.prod(self._memory_shape)
         self._memory_field = "key" if self.keys.kind == "flat" else "memory"
@@ -179,7 +188,7 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def _indexes(self, index_type: str) -> IndexParams:
         indexes = self._client.prepare_index_params()
-        indexes.add_index(field_name="key", index_type=index_type, metric_type="IP")
+        indexes.add_index(field_name="key", index_type=index_type, metric_type="IP", params=self._index_params)
         if self._memory_field == "memory":  # never searched, but Milvus indexes every vector field
             indexes.add_index(field_name="memory", index_type="FLAT", metric_type="IP")
         for field in ("text", "prefix"):  # what ids_for_texts and documents_in look up
@@ -378,7 +387,8 @@ class MilvusMemoryStore(BaseMemoryStore):
         hits = self._client.search(
             self.collection, data=[query.tolist()], anns_field="key",  # the memory field is never searched
             limit=min(max(k, fetch_k) if diverse else k, MAX_TOP_K),
-            filter=_all(conditions) if conditions else "", search_params={"metric_type": "IP"},
+            filter=_all(conditions) if conditions else "",
+            search_params={"metric_type": "IP", "params": self.search_params},
             output_fields=["text", "metadata", "key"] if diverse else ["text", "metadata"])[0]
         if diverse and hits:
             keys = np.array([hit["entity"]["key"] for hit in hits], dtype=np.float32)

@@ -660,7 +660,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     groups = _parameter_groups(model, parameters)
     if state is not None and len(state["optimizer"]["param_groups"]) != len(groups):
         groups = [{"params": parameters}]  # saved before the embedding had a group of its own: as it was
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                  weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
     if state is not None:

@@ -505,22 +505,29 @@ def test_train_goes_on_from_a_pooled_checkpoint_at_another_compression_rate(tiny
     assert exit_info.value.code == 4 and "compression_rate=16 (was 8)" in capsys.readouterr().err
 
 
-def test_a_run_resumed_with_other_model_settings_is_refused_before_its_corpus_is_compressed(tiny_model, tmp_path,
-                                                                                            monkeypatch, capsys):
-    # the model loaded, the whole corpus was compressed (hours), and only then was the resume refused
-    from clara_plugins.store import MemoryStore
-
+def _e2e_run_a_step_short(tiny_model, tmp_path) -> list[str]:
+    """The arguments of an e2e run over a corpus from a saved model (``--init``, last), run and
+    then set back a step, so that the same arguments resume it."""
     tiny_model.save_pretrained(tmp_path / "init")
     rows, corpus = tmp_path / "rows.jsonl", tmp_path / "corpus.txt"
     rows.write_text(json.dumps({"question": "Who won Nobel prizes?", "docs": [CORPUS[4]], "answer": "Marie Curie"})
                     + "\n")
     corpus.write_text("\n\n".join(CORPUS))
     train = ["train", "--stage", "e2e", "--data", str(rows), "--corpus", str(corpus), "--output", str(tmp_path / "run"),
-             "--init", str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1",
-             "--top-k", "2", "--candidates", "3", "--device", "cpu"]
+             "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--top-k", "2", "--candidates", "3",
+             "--device", "cpu", "--init", str(tmp_path / "init")]
     main(train)
     state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
     torch.save({**torch.load(state_file, weights_only=True), "step": 0}, state_file)  # a step left to take
+    return train
+
+
+def test_a_run_resumed_with_other_model_settings_is_refused_before_its_corpus_is_compressed(tiny_model, tmp_path,
+                                                                                            monkeypatch, capsys):
+    # the model loaded, the whole corpus was compressed (hours), and only then was the resume refused
+    from clara_plugins.store import MemoryStore
+
+    train = _e2e_run_a_step_short(tiny_model, tmp_path)
     monkeypatch.setattr(MemoryStore, "upsert", lambda *a, **k: pytest.fail("the corpus was compressed"))
     with pytest.raises(SystemExit) as exit_info:
         main([*train, "--retrieval-key", "flat"])
@@ -536,17 +543,7 @@ def test_a_resumed_run_compresses_its_corpus_with_the_runs_own_weights(tiny_mode
     # resumed without --init, a fresh model's compressor made the memories the run then retrieved from
     from clara_plugins.store import MemoryStore
 
-    tiny_model.save_pretrained(tmp_path / "init")
-    rows, corpus = tmp_path / "rows.jsonl", tmp_path / "corpus.txt"
-    rows.write_text(json.dumps({"question": "Who won Nobel prizes?", "docs": [CORPUS[4]], "answer": "Marie Curie"})
-                    + "\n")
-    corpus.write_text("\n\n".join(CORPUS))
-    train = ["train", "--stage", "e2e", "--data", str(rows), "--corpus", str(corpus), "--output", str(tmp_path / "run"),
-             "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--top-k", "2", "--candidates", "3",
-             "--device", "cpu"]
-    main([*train, "--init", str(tmp_path / "init")])
-    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
-    torch.save({**torch.load(state_file, weights_only=True), "step": 0}, state_file)  # a step left to take
+    train = _e2e_run_a_step_short(tiny_model, tmp_path)[:-2]  # resumed without --init
     compressed = []
     upsert = MemoryStore.upsert
     monkeypatch.setattr(MemoryStore, "upsert", lambda store, *a, **k: compressed.append(

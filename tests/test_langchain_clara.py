@@ -251,6 +251,10 @@ def test_settings_beside_a_store_are_refused(vectorstore):
     with pytest.raises(InvalidInputError, match="index would go unused"):
         ClaraVectorStore.from_texts(["more"], store=vectorstore.store, index="hnsw")
     assert ClaraVectorStore(store=vectorstore.store).store is vectorstore.store
+    # memory_dtype was a TypeError: an int8 store took a MemoryStore built by hand
+    assert ClaraVectorStore(vectorstore.store.model, memory_dtype="int8").store.memory_dtype == "int8"
+    with pytest.raises(InvalidInputError, match="memory_dtype would go unused"):
+        ClaraVectorStore(store=vectorstore.store, memory_dtype="int8")
 
 
 def test_add_texts_refuses_a_lone_string_of_texts_or_ids_and_one_metadata_dict(vectorstore):

@@ -166,7 +166,11 @@ def test_get_nodes_and_clear(vector_store):
     # ignored, LangChain's filter= and an empty selection deleted every node
     city = MetadataFilters(filters=[MetadataFilter(key="topic", value="city")])
     for call in (lambda: vector_store.delete_nodes(filter=city), lambda: vector_store.delete_nodes(node_id=["n1"])):
-        with pytest.raises(TypeError, match="delete_nodes takes node_ids and filters, not"):
+        with pytest.raises(TypeError, match="delete_nodes takes no"):
+            call()
+    for call in (lambda: vector_store.delete("n1", delete_from_docstroe=True),
+                 lambda: vector_store.add([TextNode(text="x", id_="x")], bogus=1)):
+        with pytest.raises(TypeError, match="takes no"):
             call()
     for empty in (MetadataFilters(filters=[]), MetadataFilters(filters=[MetadataFilters(filters=[])])):
         with pytest.raises(InvalidInputError, match="select every node: call clear"):
@@ -379,6 +383,7 @@ def test_the_store_compresses_in_its_batch_size_and_refuses_what_it_would_not_re
     assert batches and set(batches) == {2}
     with pytest.raises(InvalidInputError, match="batch_size would go unused beside store="):
         ClaraVectorStore(store=MemoryStore(tiny_model), batch_size=2)
+    assert ClaraVectorStore(tiny_model, memory_dtype="int8").memory_store.memory_dtype == "int8"  # a TypeError
     with pytest.raises(TypeError, match="indx"):
         ClaraVectorStore(tiny_model, indx="hnsw")
     retriever = VectorStoreIndex.from_vector_store(store).as_retriever(

@@ -175,6 +175,26 @@ def test_a_file_another_process_serves_is_refused_by_name(tiny_model, uri):
         holder.wait()
 
 
+def test_an_index_is_built_and_searched_with_the_settings_given(tiny_model, uri, monkeypatch):
+    # Milvus' defaults (nprobe, ef) bounded a large collection's recall, and no argument raised them
+    import pymilvus
+
+    built, searched = [], []
+    add_index, search = pymilvus.milvus_client.IndexParams.add_index, pymilvus.MilvusClient.search
+    monkeypatch.setattr(pymilvus.milvus_client.IndexParams, "add_index", lambda self, field_name, **options:
+                        built.append((field_name, options.get("params"))) or add_index(self, field_name, **options))
+    monkeypatch.setattr(pymilvus.MilvusClient, "search", lambda self, *a, **options:
+                        searched.append(options["search_params"]) or search(self, *a, **options))
+    store = MilvusMemoryStore(tiny_model, uri, index_type="IVF_FLAT", index_params={"nlist": 4},
+                              search_params={"nprobe": 4})
+    store.upsert(CORPUS, IDS)
+    store.search(CORPUS[0], k=2)
+    assert ("key", {"nlist": 4}) in built and searched == [{"metric_type": "IP", "params": {"nprobe": 4}}]
+    store.close()
+    with pytest.raises(InvalidInputError, match="search_params must be a dict"):
+        MilvusMemoryStore(tiny_model, uri, search_params=4)
+
+
 def test_ids_holding_quotes_and_backslashes_page_as_any_other(milvus, monkeypatch):
     # pymilvus' iterator wrote the id ending a page into its next filter unescaped: a quote or a
     # backslash there failed every listing, or listed an id twice

@@ -418,6 +418,28 @@ class _WordKeys:
     query_keys = document_keys
 
 
+def test_a_star_import_needs_no_milvus_extra():
+    # it listed MilvusMemoryStore, whose module refuses to load without pymilvus
+    code = "import sys; sys.modules['pymilvus'] = None; from clara_plugins import *; print(MemoryStore.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "MemoryStore", done.stderr
+
+
+def test_an_hnsw_stores_search_breadth_is_set_on_the_store(tiny_model, monkeypatch):
+    # fixed at 128, an hnsw store's recall (0.66 at a million passages) could not be raised
+    asked = []
+    real = faiss.SearchParametersHNSW
+    monkeypatch.setattr(faiss, "SearchParametersHNSW", lambda efSearch: asked.append(efSearch) or real(efSearch=efSearch))
+    store = MemoryStore(tiny_model, index="hnsw")
+    store.upsert(CORPUS[:4])
+    store.ef_search = 512
+    store.search(CORPUS[0], k=2)
+    assert asked == [512]
+    for bad in (0, 0.5, True):
+        with pytest.raises(InvalidInputError, match="ef_search must be a positive integer"):
+            store.ef_search = bad
+
+
 def test_an_id_given_twice_in_one_upsert_keeps_a_built_index(tiny_model):
     # the second copy replaced the first: the hnsw index was dropped (rebuilt whole at the next
     # search) and the first copy's memories were held as a dead row

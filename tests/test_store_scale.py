@@ -33,6 +33,10 @@ def test_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, sample,
     assert (result["index_ram_bytes_per_passage"] is None) == (kind == "milvus")
     assert "| " + kind in store_scale.table([result])
     assert list(tmp_path.iterdir()) == []  # the stores were written to a temporary folder inside, then removed
+    if kind == "milvus":  # its server stopped: a reopen read the file again, and the data left the process
+        from milvus_lite.server_manager import server_manager_instance
+
+        assert not [path for path in server_manager_instance._servers if path.startswith(str(tmp_path))]
 
 
 def test_the_plot_has_a_line_per_store_across_sizes(tmp_path):
@@ -134,6 +138,13 @@ def test_the_other_benchmark_scripts_refuse_an_output_over_their_input(tmp_path,
     with pytest.raises(SystemExit):
         train_memory.main(["rows.jsonl", "--init", "ckpt", "--out", str(tmp_path / "memory.md")])
     assert "name a .json file" in capsys.readouterr().err
+    # store_saves ran every save, then wrote its report over the corpus; --groups 0 failed on an IndexError
+    monkeypatch.setattr(store_saves, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(InvalidInputError, match="is an input of this run too"):
+        store_saves.main(["--corpus", str(sample), "--out", str(sample)])
+    with pytest.raises(SystemExit):
+        store_saves.main(["--corpus", str(sample), "--groups", "0", "--out", str(tmp_path / "saves.json")])
+    assert sample.read_bytes() == b"a sample"
 
 
 def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_model, tmp_path, monkeypatch):

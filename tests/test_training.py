@@ -263,6 +263,7 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
     ({"stage": "instruct", "teacher": "runs/text"}, "a teacher is read only with distill_weight"),
     ({"stage": "scp", "grad_clip": 0.0}, "grad_clip must be above 0"),
     ({"stage": "scp", "weight_decay": -0.1}, "weight_decay must be at least 0"),
+    ({"stage": "scp", "adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\)"),
     ({"stage": "instruct", "retrieval_weight": 1.0}, "read by the e2e stage alone, got the instruct stage"),
     ({"stage": "scp", "estimator": "realm"}, "read by the e2e stage alone, got the scp stage"),
     ({"stage": "instruct", "margin": 1.5}, r"margin \(--margin\): not read by the instruct stage"),
@@ -286,6 +287,14 @@ def test_weight_decay_leaves_the_vocabulary_outside_the_memory_rows(tiny_model, 
                                        weight_decay=0.5), tmp_path)
     changed = (tiny_model.lm.get_input_embeddings().weight - before).abs().sum(-1).nonzero().flatten()
     assert set(changed.tolist()) <= set(tiny_model.mem_token_ids)
+
+
+def test_the_optimizer_runs_with_the_configured_moment_decays(tiny_model, tmp_path):
+    # fixed at (0.9, 0.95) in the trainer, beside a config said to hold every knob
+    train(tiny_model, SCP, TrainConfig(stage="scp", steps=1, batch_size=1, grad_accum=1, adam_beta1=0.8,
+                                       adam_beta2=0.99), tmp_path)
+    state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.99)
 
 
 def test_each_step_logs_the_learning_rate_it_ran_at(tiny_model, tmp_path):

@@ -101,8 +101,10 @@ class ClaraVectorStore(VectorStore):
         store: BaseMemoryStore | None = None,
         index: str | None = None,
         batch_size: int | None = None,
+        memory_dtype: str | None = None,
     ) -> None:
-        settings = {"index": index, "batch_size": batch_size}  # MemoryStore's defaults where None
+        # MemoryStore's defaults where None
+        settings = {"index": index, "batch_size": batch_size, "memory_dtype": memory_dtype}
         if store is None:
             model, keys = _model_and_keys(model, embedding)
             store = MemoryStore(model, keys, **{name: value for name, value in settings.items() if value is not None})

@@ -17,7 +17,7 @@ tokens and how many positions the generator saw; ``stats`` keeps the running tot
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from llama_index.core.base.llms.types import (
@@ -126,16 +126,8 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     def _stream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseGen:
         pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
-
-        def responses() -> CompletionResponseGen:
-            text = ""
-            for piece in pieces:
-                text += piece
-                yield CompletionResponse(text=text, delta=piece, additional_kwargs=extra)
-            if not text:  # an empty answer is a response too: LlamaIndex's callbacks end on the last one
-                yield CompletionResponse(text="", delta="", additional_kwargs=extra)
-
-        return responses()
+        return _accumulated(pieces, lambda text, delta: CompletionResponse(text=text, delta=delta,
+                                                                           additional_kwargs=extra))
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
         pieces, extra = self._pieces(messages, kwargs)
@@ -144,18 +136,19 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
         pieces, extra = self._pieces(messages, kwargs)
+        return _accumulated(pieces, lambda text, delta: ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, additional_kwargs=extra))
 
-        def responses() -> ChatResponseGen:
-            text = ""
-            for piece in pieces:
-                text += piece
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=piece,
-                                   additional_kwargs=extra)
-            if not text:  # as _stream_complete's
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="",
-                                   additional_kwargs=extra)
 
-        return responses()
+def _accumulated(pieces: Iterator[str], response: Callable[[str, str], T]) -> Iterator[T]:
+    """A response (text so far, delta) per piece, and one for an empty answer too: LlamaIndex's
+    callbacks end on the last response."""
+    text = ""
+    for piece in pieces:
+        text += piece
+        yield response(text, piece)
+    if not text:
+        yield response("", "")
 
 
 async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:

@@ -140,9 +140,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
     _embed_model: ClaraEmbedding = PrivateAttr()
 
     def __init__(self, model: ClaraModel | None = None, *, store: BaseMemoryStore | None = None,
-                 index: str | None = None, batch_size: int | None = None) -> None:
+                 index: str | None = None, batch_size: int | None = None, memory_dtype: str | None = None) -> None:
         super().__init__()
-        settings = {"index": index, "batch_size": batch_size}  # MemoryStore's defaults where None
+        # MemoryStore's defaults where None
+        settings = {"index": index, "batch_size": batch_size, "memory_dtype": memory_dtype}
         if store is None:
             store = MemoryStore(model if model is not None else load_model(),
                                 **{name: value for name, value in settings.items() if value is not None})
@@ -183,6 +184,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
         """Store the nodes; one without text (a blank page a reader made a node of) has nothing to
         read and is left out, with a warning, as the index's other nodes go in."""
+        _refuse_unread("add", kwargs)  # an index's insert(document, **kwargs) hands them on
         texts = [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes]
         stored = [(node, text) for node, text in zip(nodes, texts) if text.strip()]
         if len(stored) < len(nodes):
@@ -202,6 +204,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of a source document."""
+        _refuse_unread("delete", delete_kwargs)  # delete_ref_doc(id, delete_from_docstroe=True) deleted, unsaid
         self._store.delete(self._store.ids_where({"ref_doc_id": ref_doc_id}))
 
     def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
@@ -209,8 +212,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         """Delete the nodes named, or those the filters keep; with neither, every node (as
         LlamaIndex's own store does). Another argument, and filters without a condition, are
         refused: ignored, ``filter=`` (LangChain's name) deleted every node."""
-        if delete_kwargs:
-            raise TypeError(f"delete_nodes takes node_ids and filters, not {', '.join(sorted(delete_kwargs))}")
+        _refuse_unread("delete_nodes", delete_kwargs)
         if node_ids is None and filters is not None and holds_no_condition(translate_filters(filters) or {}):
             raise InvalidInputError("these filters hold no condition, so they select every node: call clear() to "
                                     "delete them all")
@@ -332,6 +334,13 @@ def _store_folder(persist_path: str | Path) -> Path:
 
 
 _QUERY_OPTIONS = ("mmr_threshold", "mmr_prefetch_k", "mmr_prefetch_factor")
+
+
+def _refuse_unread(method: str, kwargs: dict[str, Any]) -> None:
+    """Refuse arguments a method would ignore: ignored, ``filter=`` (LangChain's name) made
+    ``delete_nodes`` delete every node."""
+    if kwargs:
+        raise TypeError(f"ClaraVectorStore.{method} takes no {', '.join(sorted(kwargs))}")
 
 
 def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
