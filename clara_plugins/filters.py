@@ -87,9 +87,12 @@ def _validate_operator(key: str, name: str, target: Any) -> None:
 
 
 def holds_no_condition(where: Filter) -> bool:
-    """Whether a (validated) filter names no field, so keeps every document: ``{}``, and
-    ``$and``/``$or`` lists of such filters (a delete given one deleted everything)."""
-    return all(key in ("$and", "$or") and all(map(holds_no_condition, parts)) for key, parts in where.items())
+    """Whether a (validated) filter keeps every document whatever its metadata (a delete given
+    one deleted everything): ``{}``, an ``$and`` of such filters, an ``$or`` holding one."""
+    for key, parts in where.items():
+        if key not in ("$and", "$or") or not (all if key == "$and" else any)(map(holds_no_condition, parts)):
+            return False
+    return True
 
 
 def _check_equal_target(key: str, name: str, target: Any) -> None:

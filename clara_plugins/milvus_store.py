@@ -357,19 +357,18 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def _ids_matching(self, expression: str) -> list[str]:
         """Every id satisfying an expression ("" for all), read a page at a time in id order,
-        each page after the last id read. The cursor is quoted here: pymilvus' query_iterator
-        wrote it into its next filter unescaped, so an id holding a quote or a backslash at a
-        page's end failed the read, or read ids twice."""
+        each page after the last id read, until one comes back empty. The cursor is quoted here:
+        pymilvus' query_iterator wrote it into its next filter unescaped, so an id holding a
+        quote or a backslash at a page's end failed the read, or read ids twice."""
         ids: list[str] = []
-        page_rows = 4 * BATCH_ROWS
         while True:
             parts = ([f"id > {_string(ids[-1])}"] if ids else []) + ([f"({expression})"] if expression else [])
-            # the iterator's own request options: a page holds the smallest ids left, in order
+            # as the iterator asks: each segment's rows in id order, so a page holds the smallest ids left
             page = self._client.query(self.collection, filter=" and ".join(parts), output_fields=["id"],
-                                      limit=page_rows, iterator="True", reduce_stop_for_best="True")
-            ids += [row["id"] for row in page]
-            if len(page) < page_rows:
+                                      limit=4 * BATCH_ROWS, iterator="True")
+            if not page:
                 return ids
+            ids += [row["id"] for row in page]
 
     # ------------------------------------------------------------- searching
 
@@ -384,17 +383,26 @@ class MilvusMemoryStore(BaseMemoryStore):
         if where is not None and (expression := milvus_filter(where)) is not None:
             conditions.append(expression)
         diverse = lambda_mult < 1.0
+        limit = min(max(k, fetch_k) if diverse else k, MAX_TOP_K)
         hits = self._client.search(
             self.collection, data=[query.tolist()], anns_field="key",  # the memory field is never searched
-            limit=min(max(k, fetch_k) if diverse else k, MAX_TOP_K),
+            limit=limit,
             filter=_all(conditions) if conditions else "",
-            search_params={"metric_type": "IP", "params": self.search_params},
+            search_params={"metric_type": "IP", "params": self._search_params(limit)},
             output_fields=["text", "metadata", "key"] if diverse else ["text", "metadata"])[0]
         if diverse and hits:
             keys = np.array([hit["entity"]["key"] for hit in hits], dtype=np.float32)
             hits = [hits[i] for i in maximal_marginal_relevance(query, keys, k, lambda_mult)]
         return [(StoredDocument(hit["id"], hit["entity"]["text"], hit["entity"]["metadata"]), float(hit["distance"]))
                 for hit in hits[:k]]
+
+    def _search_params(self, limit: int) -> dict[str, Any]:
+        """The search settings, an HNSW breadth ``ef`` at least the documents asked for (a server
+        refuses a smaller one), as the local store widens its own."""
+        params = dict(self.search_params)
+        if "ef" in params:
+            params["ef"] = max(params["ef"], limit)
+        return params
 
     def _sample_pair_cosines(self) -> np.ndarray:
         """Sorted cosines between distinct documents of the first CALIBRATION_SAMPLE in id order."""

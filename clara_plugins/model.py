@@ -179,11 +179,12 @@ class ClaraModel(torch.nn.Module):
         dropout masks, so the query reasoner learned from a generator other than the one that
         answers)."""
         super().train(mode)
-        for module in self.lm.modules():
-            dropouts = getattr(module, "lora_dropout", None)
-            if mode and isinstance(dropouts, torch.nn.ModuleDict):
-                for name, dropout in dropouts.items():
-                    dropout.train(name in self.trainable)
+        if mode:
+            for module in self.lm.modules():
+                dropouts = getattr(module, "lora_dropout", None)
+                if isinstance(dropouts, torch.nn.ModuleDict):
+                    for name, dropout in dropouts.items():
+                        dropout.train(name in self.trainable)
         return self
 
     @contextlib.contextmanager
@@ -316,16 +317,12 @@ class ClaraModel(torch.nn.Module):
         order = sorted(range(len(bodies)), key=lambda i: len(bodies[i]))
         memories = torch.empty(len(bodies), self.config.n_mem_tokens, self.hidden_size,
                                dtype=self.lm.get_input_embeddings().weight.dtype, device=self.device)
-        bar = progress if progress is not None else tqdm(total=len(bodies), desc="compressing", unit="doc",
-                                                         disable=not show_progress)
-        try:
+        with contextlib.nullcontext(progress) if progress is not None else \
+                tqdm(total=len(bodies), desc="compressing", unit="doc", disable=not show_progress) as bar:
             for start in range(0, len(order), batch_size):
                 batch = order[start:start + batch_size]
                 memories[batch] = self._encode_for_use([bodies[i] for i in batch], ENCODER)
                 bar.update(len(batch))
-        finally:
-            if bar is not progress:
-                bar.close()
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         if warn:
@@ -623,8 +620,9 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
     actor and a framework embedding compress alike, so their memories agree bit for bit."""
     compressed = np.empty((len(texts), model.config.n_mem_tokens, model.hidden_size), np.float16)
     cut: list[int] = []
-    # gone when done: under `clara index`'s bar a group's bar was left behind, a line each 1,024 documents
-    with tqdm(total=len(texts), desc="compressing", unit="doc", disable=not show_progress, leave=False) as bar:
+    # left when done unless nested (leave=None): under `clara index`'s bar each group's bar stayed, a
+    # line each 1,024 documents
+    with tqdm(total=len(texts), desc="compressing", unit="doc", disable=not show_progress, leave=None) as bar:
         for start in range(0, len(texts), COMPRESS_PART):  # one bar for all the parts
             part = model.compress(texts[start:start + COMPRESS_PART], batch_size, warn=False, progress=bar)
             compressed[start:start + len(part.memories)] = fp16_memories(part.memories)

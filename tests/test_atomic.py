@@ -43,14 +43,14 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
     # the new file came with the umask's: a user's 0600 rows became readable by all
     path = tmp_path / "rows.jsonl"
     path.write_text("old")
-    path.chmod(0o600)
+    path.chmod(0o604)  # no umask gives it
     write_text_atomically(path, "new")
-    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == "new" and stat.S_IMODE(path.stat().st_mode) == 0o604
     folder = tmp_path / "ckpt"  # and a folder written again (a checkpoint saved over)
     write_folder_atomically(folder, lambda staging: (staging / "done").write_text("1"), "done")
-    folder.chmod(0o700)
+    folder.chmod(0o705)
     write_folder_atomically(folder, lambda staging: (staging / "done").write_text("2"), "done")
-    assert (folder / "done").read_text() == "2" and stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert (folder / "done").read_text() == "2" and stat.S_IMODE(folder.stat().st_mode) == 0o705
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):

@@ -489,7 +489,7 @@ def test_adding_refuses_a_misspelt_argument_and_reads_empty_ids_as_none(vectorst
 
 def test_an_empty_delete_filter_deletes_nothing(vectorstore):
     before = vectorstore.store.all_ids()
-    for empty in ({}, {"$and": [{}]}, {"$or": [{}, {"$and": [{}]}]}):
+    for empty in ({}, {"$and": [{}]}, {"$or": [{}, {"$and": [{}]}]}, {"$or": [{"topic": "city"}, {"$and": [{}]}]}):
         with pytest.raises(InvalidInputError, match="a filter without a condition selects every document"):
             vectorstore.delete(filter=empty)  # a filter built from an empty selection deleted everything
     assert vectorstore.store.all_ids() == before

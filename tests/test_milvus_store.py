@@ -189,7 +189,10 @@ def test_an_index_is_built_and_searched_with_the_settings_given(tiny_model, uri,
                               search_params={"nprobe": 4})
     store.upsert(CORPUS, IDS)
     store.search(CORPUS[0], k=2)
-    assert ("key", {"nlist": 4}) in built and searched == [{"metric_type": "IP", "params": {"nprobe": 4}}]
+    store.search_params = {"ef": 2}  # an HNSW breadth below the documents asked for: refused by a server
+    store.search(CORPUS[0], k=4)
+    assert ("key", {"nlist": 4}) in built and searched == [{"metric_type": "IP", "params": {"nprobe": 4}},
+                                                           {"metric_type": "IP", "params": {"ef": 4}}]
     store.close()
     with pytest.raises(InvalidInputError, match="search_params must be a dict"):
         MilvusMemoryStore(tiny_model, uri, search_params=4)

@@ -187,7 +187,7 @@ def test_texts_compressed_in_parts_show_one_bar_gone_when_done(tiny_model, monke
     monkeypatch.setattr(model, "tqdm", lambda *a, **k: bars.append(k) or tqdm(*a, **k))
     monkeypatch.setattr(model, "COMPRESS_PART", 2)
     model.compress_in_parts(tiny_model, CORPUS[:5], 2, show_progress=True)
-    assert [(bar["total"], bar["leave"], bar["disable"]) for bar in bars] == [(5, False, False)]
+    assert [(bar["total"], bar["leave"], bar["disable"]) for bar in bars] == [(5, None, False)]
 
 
 def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
