@@ -53,7 +53,7 @@ except ModuleNotFoundError as error:
 from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_known, check_search,
                          id_list, last_of_each, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
-from .checks import unicode_problem
+from .checks import check_positive_int, unicode_problem
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
 from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
@@ -401,6 +401,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         refuses a smaller one), as the local store widens its own."""
         params = dict(self.search_params)
         if "ef" in params:
+            check_positive_int("search_params['ef']", params["ef"])
             params["ef"] = max(params["ef"], limit)
         return params
 

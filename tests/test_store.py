@@ -178,7 +178,7 @@ def test_indexing_shows_the_batches_of_a_group_as_they_are_compressed(tiny_model
     assert shown == [True, False]
 
 
-def test_texts_compressed_in_parts_show_one_bar_gone_when_done(tiny_model, monkeypatch):
+def test_texts_compressed_in_parts_show_one_bar_kept_unless_nested(tiny_model, monkeypatch, capsys):
     # a bar a part (an IngestionPipeline of 2,500 chunks printed three, each from zero), and under
     # `clara index`'s bar each group's bar stayed, a line for each 1,024 documents
     from clara_plugins import model
@@ -188,6 +188,7 @@ def test_texts_compressed_in_parts_show_one_bar_gone_when_done(tiny_model, monke
     monkeypatch.setattr(model, "COMPRESS_PART", 2)
     model.compress_in_parts(tiny_model, CORPUS[:5], 2, show_progress=True)
     assert [(bar["total"], bar["leave"], bar["disable"]) for bar in bars] == [(5, None, False)]
+    assert "5/5" in capsys.readouterr().err  # a lone bar stays when done
 
 
 def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
