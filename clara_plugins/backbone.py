@@ -181,11 +181,11 @@ def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> d
     for matrix in matrices[::step][:_FINGERPRINT_MATRICES]:
         rows = matrix.detach()[:_FINGERPRINT_ROWS].float().norm(dim=-1)
         probes.extend(round(float(x), 5) for x in rows)
+    text = model.config.get_text_config()  # a multimodal model's (Gemma 3 from 4B on) are its text model's
     return {
         "model_type": model.config.model_type,
-        # a multimodal model's (Gemma 3 from 4B on) are its text model's
-        "hidden_size": model.config.get_text_config().hidden_size,
-        "num_layers": model.config.get_text_config().num_hidden_layers,
+        "hidden_size": text.hidden_size,
+        "num_layers": text.num_hidden_layers,
         "vocab_sha256": hashlib.sha256(repr(vocab).encode()).hexdigest(),
         "weight_norms": probes,
     }

@@ -362,9 +362,9 @@ class MilvusMemoryStore(BaseMemoryStore):
         quote or a backslash at a page's end failed the read, or read ids twice."""
         ids: list[str] = []
         while True:
-            parts = ([f"id > {_string(ids[-1])}"] if ids else []) + ([f"({expression})"] if expression else [])
+            parts = ([f"id > {_string(ids[-1])}"] if ids else []) + ([expression] if expression else [])
             # as the iterator asks: each segment's rows in id order, so a page holds the smallest ids left
-            page = self._client.query(self.collection, filter=" and ".join(parts), output_fields=["id"],
+            page = self._client.query(self.collection, filter=_all(parts) if parts else "", output_fields=["id"],
                                       limit=4 * BATCH_ROWS, iterator="True")
             if not page:
                 return ids
