@@ -36,7 +36,7 @@ from clara_plugins.metrics import (
 )
 from clara_plugins.prompts import prompt_positions, question_prompt
 from clara_plugins.reading import compressed_pools, first_row_beyond, other_rows, reading_width
-from clara_plugins.retrieval import cosine_scores, top_k
+from clara_plugins.retrieval import best_first, cosine_scores, top_k
 from clara_plugins.rows import gold_count, question_row_problem, reading_row_problem, row_recall
 
 from .dense import DenseRetriever
@@ -211,7 +211,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
                 pool = compressed_pools(model, [row["docs"]], kept)[0]
                 encode = model.encode_queries if name == "reasoner" else model.compress_documents
                 scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
-                rankings[name].append(scores.argsort(descending=True).tolist())
+                rankings[name].append(best_first(scores).tolist())
             elif name == "dense":
                 rankings[name].append(dense.rank(row["question"], row["docs"]))
             else:

@@ -91,18 +91,28 @@ def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list
     return result
 
 
-def _index(passages: list[str]) -> bm25s.BM25:
+@dataclasses.dataclass
+class _Index:
+    bm25: bm25s.BM25 | None  # None when no passage holds a word (bm25s refuses to index them)
+    size: int
+
+
+def _index(passages: list[str]) -> _Index:
+    tokens = bm25s.tokenize(passages, show_progress=False)
+    if not tokens.vocab:
+        return _Index(None, len(passages))
     index = bm25s.BM25()
-    index.index(bm25s.tokenize(passages, show_progress=False), show_progress=False)
-    return index
+    index.index(tokens, show_progress=False)
+    return _Index(index, len(passages))
 
 
-def _best(index: bm25s.BM25, query: str, n: int) -> list[int]:
+def _best(index: _Index, query: str, n: int) -> list[int]:
     """The indices of the n best passages, best first, ties in index order: the start of a stable
     sort of every score, without sorting (or walking) a whole corpus for each query. A query of
-    stopwords alone ("Is it?") scores all alike."""
+    stopwords alone ("Is it?"), or passages of stopwords alone ("The"), score all alike."""
     words = bm25s.tokenize(query, show_progress=False, return_ids=False)[0]
-    scores = np.asarray(index.get_scores(words)) if words else np.zeros(index.scores["num_docs"])
+    scores = (np.asarray(index.bm25.get_scores(words)) if words and index.bm25 is not None
+              else np.zeros(index.size))
     n = min(n, len(scores))
     if n <= 0:
         return []

@@ -431,7 +431,7 @@ def _train(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
-    from .training import check_refresh, check_run, train
+    from .training import check_for_model, check_run, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -470,10 +470,11 @@ def _train(args: argparse.Namespace) -> None:
             torch.backends.cuda.matmul.fp32_precision = "tf32"
         else:  # torch before 2.9
             torch.backends.cuda.matmul.allow_tf32 = True
-    # refused before the corpus is compressed (hours): a resume with other model settings, a refresh for nothing
+    # refused before the corpus is compressed (hours): a resume with other model settings, a refresh for nothing,
+    # rows the model cannot read
     if resuming:  # its own weights compress the corpus (a fresh model's did, resumed without --init)
         load_trained_weights(model, Path(args.output) / "checkpoint")
-    check_refresh(model, config)
+    check_for_model(model, rows, config, probes)
     corpus = None
     if passages is not None:
         from .store import MemoryStore  # faiss, which a run without a corpus never needs

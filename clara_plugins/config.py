@@ -101,9 +101,10 @@ class ClaraConfig:
             )
         # a folder named by a relative path is recorded as the folder itself, so that its checkpoints
         # load from any other working directory; a hub id, and a folder named like one, as written
-        relative = named_by_path or self.base_model.startswith(("./", "../")) or self.base_model.count("/") > 1
-        if relative and os.path.isdir(self.base_model):
-            self.base_model = os.path.abspath(self.base_model)
+        # (a "~" too, which neither a quoted path nor --base-model=~/x has the shell expand)
+        relative = named_by_path or self.base_model.startswith(("./", "../", "~")) or self.base_model.count("/") > 1
+        if relative and os.path.isdir(os.path.expanduser(self.base_model)):
+            self.base_model = os.path.abspath(os.path.expanduser(self.base_model))
 
     @property
     def n_mem_tokens(self) -> int:

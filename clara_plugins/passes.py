@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from .config import ADAPTER_NAMES
 from .checks import check_texts
@@ -79,7 +80,7 @@ def completion_log_probs(
     """
     groups = None if memories is None else list(memories)
     embeds, mask, ids = model._decoder_inputs(list(completions), groups)
-    prompt_lengths = [len(r) for r in model.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    prompt_lengths = _prompt_tokens(model.tokenizer, prompts, completions)
     lengths = mask.sum(1).tolist()
     targets = torch.full_like(ids, -100)
     for row, (total, prompt) in enumerate(zip(lengths, prompt_lengths)):
@@ -93,6 +94,16 @@ def completion_log_probs(
         logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                           logits_to_keep=tail).logits
     return torch.log_softmax(logits[:, :-1].float(), dim=-1), targets[:, ids.size(1) - tail + 1:]
+
+
+def _prompt_tokens(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], completions: Sequence[str]) -> list[int]:
+    """How many of each completion's tokens lie within its prompt: those ending there. A prompt
+    that ends in a space ("assistant: ") gives it to the answer's first token ("ĠMarie"), and
+    counting the prompt's own tokens left that answer token untrained."""
+    if not tokenizer.is_fast:  # no offsets: the prompt's own tokens
+        return [len(row) for row in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    spans = tokenizer(list(completions), add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [sum(end <= len(prompt) for _, end in row) for prompt, row in zip(prompts, spans)]
 
 
 def completion_log_likelihood(

@@ -18,9 +18,10 @@ from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
 
 
-# the date a template that writes one (Llama 3's) writes, as it does where it cannot read the
-# clock: with today's, a prompt and its greedy answer changed from day to day
-_TEMPLATE_DATE = "26 Jul 2024"
+# What templates read besides the messages. The date one that writes it (Llama 3's) writes where
+# it cannot read the clock: with today's, a prompt and its greedy answer changed from day to day.
+# No thinking: a template that reads it (Qwen3's) opened every answer with a think block to write.
+_TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024", "enable_thinking": False}
 
 
 def render_chat(
@@ -101,7 +102,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer,
-                                             date_string=_TEMPLATE_DATE)
+                                             **_TEMPLATE_VARIABLES)
     except TemplateError:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         rest: list[dict] = []
@@ -117,7 +118,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
             first_user["content"] = f"{system}\n{first_user['content']}"
         try:
             return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer,
-                                                 date_string=_TEMPLATE_DATE)
+                                                 **_TEMPLATE_VARIABLES)
         except TemplateError as error:
             raise InvalidInputError(f"the model's chat template refuses these messages: {error}") from error
 

@@ -46,6 +46,13 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor, key: str) -> 
     return torch.einsum("bd,bnd->bn", q, c)
 
 
+def best_first(scores: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """Indices of the k highest scores along the last dimension (all without k), best first,
+    ties in index order as the stores and BM25 break them (``topk`` breaks them in no set order)."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order if k is None else order[..., :k]
+
+
 def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The query reasoner's pick: the k candidates of highest cosine, best first.
 
@@ -60,14 +67,15 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> 
     if key not in RETRIEVAL_KEYS:
         raise ValueError(f"retrieval key must be one of {RETRIEVAL_KEYS}, got {key!r}")
     pools = candidates.unsqueeze(0).expand(len(queries), *candidates.shape) if candidates.dim() == 3 else candidates
-    indices = cosine_scores(queries, candidates, key).topk(min(k, pools.size(1)), dim=-1).indices.cpu()
+    indices = best_first(cosine_scores(queries, candidates, key), k).cpu()
     return torch.stack([pool[picked.to(pool.device)] for pool, picked in zip(pools, indices)]), indices
 
 
 def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> torch.Tensor:
     """Differentiable top-k selection matrix W [B, k, N].
 
-    Forward value: the exact hard top-k, one one-hot row per pick, ordered by descending score.
+    Forward value: the exact hard top-k, one one-hot row per pick, ordered by descending score
+    (ties in index order).
     Backward: the gradient of a sequential softmax, where pick j is a softmax over
     scores / temperature with the earlier picks masked out. No noise is added.
     Selected items are ``W @ candidates``.
@@ -81,7 +89,7 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> t
         raise ValueError(f"temperature must be positive, got {temperature}")
 
     logits = scores.float() / temperature
-    top_indices = logits.topk(k, dim=-1).indices  # sorted by descending score
+    top_indices = best_first(scores, k)  # of the scores: dividing them can tie two that differ
     hard = F.one_hot(top_indices, n_candidates).to(logits.dtype)  # [B, k, N]
 
     soft_rows = []

@@ -96,10 +96,11 @@ def reconstruction_rows(passages: list[str]) -> list[dict]:
 
 def continuation_rows(passages: list[str]) -> list[dict]:
     """Teacher-free SCP rows: the first half of a passage (by words) is the document, the
-    second half the target (``data_type`` "continue")."""
+    second half the target (``data_type`` "continue"). Runs of spaces count as one (as blank
+    words, they made a target of spaces alone)."""
     rows = []
     for passage in dict.fromkeys(passages):
-        words = passage.split(" ")
+        words = [word for word in passage.split(" ") if word]  # not split(): a title's line break stays
         if len(words) >= 8:
             half = len(words) // 2
             rows.append({"data_type": "continue", "answers": [" ".join(words[half:])],

@@ -88,7 +88,8 @@ class HuggingFaceTeacher:
     load at the first prompt, so that a mistyped name is refused before anything is written.
     A reply is at most ``max_new_tokens`` long; None: twice the prompt's tokens, at least 256
     (a paraphrase restates the document the prompt holds: a fixed 256 cut the paraphrase of a
-    long passage mid-sentence, and the cut one was kept)."""
+    long passage mid-sentence, and the cut one was kept). A reply cut at that limit loses its
+    unfinished last line: a cut answer, a prefix of the document's, passed as supported."""
 
     def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int | None = None,
                  device: str = "auto", dtype: str = "auto") -> None:
@@ -123,8 +124,17 @@ class HuggingFaceTeacher:
             raise InvalidInputError(f"the teacher's prompt takes {ids.size(1)} tokens, all of its {positions} positions: "
                                     "no room for a reply")
         with torch.no_grad():
-            out = self.model.generate(ids, max_new_tokens=limit, do_sample=False)
-        return self.tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()
+            reply = self.model.generate(ids, max_new_tokens=limit, do_sample=False)[0, ids.size(1):]
+        text = self.tokenizer.decode(reply, skip_special_tokens=True).strip()
+        if len(reply) == limit and int(reply[-1]) not in self._stop_ids():  # cut at the limit
+            text = text.rpartition("\n")[0].rstrip()
+        return text
+
+    def _stop_ids(self) -> set[int]:
+        """The token ids that end a reply."""
+        configured = self.model.generation_config.eos_token_id
+        ids = set(configured if isinstance(configured, list) else [configured])
+        return {i for i in {*ids, self.tokenizer.eos_token_id} if i is not None}
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -200,8 +210,13 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
     pairs += parse_pairs(teacher(COMPLEX_QA.format(n=complex_, document=document)))
     covered = False
     for round_ in range(max_rounds + 1):  # a coverage check, then each round's new pairs checked again
-        # the pairs the row would keep: one whose answer the document lacks covers nothing
-        kept = [(q, a) for q, a in dict.fromkeys(pairs) if _supported(a, document) and not _restates(q, a)]
+        # the pairs the row would keep: one whose answer the document lacks covers nothing, and a
+        # question asked again keeps its first answer (two answers to one question taught both)
+        first: dict[str, str] = {}
+        for question, answer in pairs:
+            if _supported(answer, document) and not _restates(question, answer):
+                first.setdefault(question, answer)
+        kept = list(first.items())
         questions = "\n".join(q for q, _ in kept) or "(none)"
         reply = [line.strip("-* ").strip() for line in
                  teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .atomic import check_replaceable_folder, recover_folder
+from .backbone import context_window
 from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config,
                          read_torch_file, save_checkpoint, weight_files)
 from .checks import check_writable
@@ -65,12 +66,12 @@ from .config import TrainConfig
 from .errors import CheckpointError, InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
-from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter
+from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, refuse_control_tokens
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, other_rows, reading_width
 from .prompts import memory_prompts, text_prompts
-from .retrieval import cosine_scores, straight_through_topk
+from .retrieval import best_first, cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name, reading_row_problem
 
 if TYPE_CHECKING:  # faiss loads only for a run that retrieves from a corpus store
@@ -296,7 +297,8 @@ class CandidateMemories:
         """[len(texts), n_mem, hidden] fp32 memories, compressing only texts not seen before."""
         missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
         if missing:
-            for text, memory in zip(missing, self.model.compress_documents(missing).cpu()):
+            # the run counted cut documents once (_warn_cut_documents)
+            for text, memory in zip(missing, self.model.compress(missing, warn=False).memories.cpu()):
                 self._cache[text] = memory.to(torch.float16)
         memories = torch.stack([self._cache[text] for text in texts])
         return memories.to(device=self.model.device, dtype=torch.float32)
@@ -316,7 +318,7 @@ def e2e_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     queries = encode_with_gradients(model, [row["question"] for row in rows], QUERY_REASONER)[0]
     scores = cosine_scores(queries, memories, model.config.retrieval_key)  # [B, N], gradient reaches the query reasoner
     k = min(config.top_k, scores.size(1))
-    top = scores.detach().topk(k, dim=-1).indices
+    top = best_first(scores.detach(), k)
     if config.estimator == "straight-through":
         weights = straight_through_topk(scores, k, config.temperature)  # [B, k, N]
         selected = torch.einsum("bkn,bnmh->bkmh", weights, memories)
@@ -346,7 +348,7 @@ def retrieval_loss(model: ClaraModel, rows: list[dict], config: TrainConfig,
     gold = [[position[row["docs"][i]] for i in row["pos_index"]] for row in rows]
     loss = _gold_retrieval_loss(scores, gold, config)
     k = min(config.top_k, len(texts))  # logged Recall@k: among all the step's candidates
-    top = scores.detach().topk(k, dim=-1).indices
+    top = best_first(scores.detach(), k)
     return loss, {"retrieval": loss.item(), **_pool_recall(top, gold, k)}
 
 
@@ -370,6 +372,7 @@ def _gold_retrieval_loss(scores: torch.Tensor, gold: list[list[int]], config: Tr
     for row, positions in zip(logits, gold):
         if not positions:
             continue
+        positions = list(dict.fromkeys(positions))  # two gold documents of one text are one candidate
         if config.gold_term == "mass":
             terms.append(torch.logsumexp(row, dim=0) - torch.logsumexp(row[positions], dim=0))
         else:
@@ -512,11 +515,46 @@ def _probe(model: ClaraModel, probes: dict[str, list[dict]], k: int, step: int, 
     model.train()
 
 
-def check_refresh(model: ClaraModel, config: TrainConfig) -> None:
-    """Refuse a refresh that gives the same memories back (an hours-long no-op on a large corpus)."""
+def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
+                    probes: dict[str, list[dict]] | None = None) -> None:
+    """Refuse, before the first step (and, from the CLI, before a corpus is compressed), what
+    only the loaded model tells: a refresh that gives the same memories back (an hours-long
+    no-op on a large corpus); a row or probe holding one of its control tokens (a typed "<MEM0>"
+    took a memory's place, so the run failed at the step that drew the row, and again at every
+    resume, which replays the seed's batches); a row longer than its context window (trained,
+    unsaid, at positions the model never saw)."""
     if config.refresh_every and model.config.memory_design != "tokens":
         raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
                          f"{model.config.memory_design} memories never read those rows, so they would come out the same")
+    refuse_control_tokens(model, [_row_text(row) for row in rows], "training row")
+    for name, probe_rows in (probes or {}).items():
+        refuse_control_tokens(model, [_row_text(row) for row in probe_rows], f"probe {name}, row")
+    if config.stage == "text":
+        _refuse_long_rows(model, text_prompts(model.tokenizer, rows)[1], "the generator")
+    elif config.stage != "retrieval":  # which trains the query reasoner alone
+        width = (lambda row: config.top_k) if config.stage == "e2e" else (lambda row: len(row["docs"]))
+        texts = [memory_prompts(model.tokenizer, model.document_placeholder, [row], width(row))[1][0] for row in rows]
+        _refuse_long_rows(model, texts, "the generator")
+
+
+def _row_text(row: dict) -> str:
+    """A row's texts (question, answers, documents), one per line."""
+    values = [item for value in row.values() for item in (value if isinstance(value, list) else [value])]
+    return "\n".join(value for value in values if isinstance(value, str))
+
+
+def _refuse_long_rows(reader: ClaraModel, texts: list[str], name: str) -> None:
+    """Refuse the training rows whose text (prompt and target, as ``reader`` reads them) is
+    longer than its context window."""
+    window = context_window(reader.lm)
+    if window is None:
+        return
+    lengths = [len(ids) for ids in reader.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    long = [number for number, length in enumerate(lengths) if length > window]
+    if long:
+        raise InvalidInputError(f"{len(long)} of the {len(texts)} training rows are longer than {name}'s context "
+                                f"window of {window} positions, training row {long[0]} the first "
+                                f"({lengths[long[0]]}): cut their documents or targets")
 
 
 def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | None, probes: dict[str, list[dict]],
@@ -630,12 +668,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         raise ValueError(f"training needs a float32 model, got {weights}: in bfloat16 every weight of an SCP run "
                          f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
-    check_refresh(model, config)
+    check_for_model(model, rows, config, probes)
     if config.stage != "text":  # which reads its documents whole, as text
         _warn_cut_documents(model, rows)
     finished = state is not None and state["step"] >= config.steps
     # loaded, and refused, before the model's weights and settings change
     teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
+    if teacher is not None:  # which reads the rows' documents whole, as text
+        _refuse_long_rows(teacher, text_prompts(teacher.tokenizer, rows)[1], "the teacher")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
@@ -733,16 +773,17 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
 
 
 def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
-    """Training reads a document's first doc_max_length tokens, as compression does, but the
-    target of a one-document row (a reconstruction, continuation, cloze or paraphrase) may be
-    about the rest, which its memories cannot hold: such documents are counted in a warning."""
-    texts = list(dict.fromkeys(row["docs"][0] for row in rows if len(row["docs"]) == 1))
+    """Training reads a document's first doc_max_length tokens, as compression does, but a
+    row's target (a reconstruction, a continuation, an answer) may be about the rest, which its
+    memories cannot hold: the rows' documents that long are counted in one warning (the steps
+    compress them without a word: a warning a step, each of its own, buried the progress bar)."""
+    texts = list(dict.fromkeys(document for row in rows for document in row["docs"]))
     limit = model.config.doc_max_length
     cut = sum(len(ids) > limit for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
     if cut:
-        warnings.warn(f"{cut} of the {len(texts)} documents of one-document rows are longer than doc_max_length "
-                      f"({limit} tokens): the compressor reads their first {limit}, and a target about the rest "
-                      f"asks for what their memories cannot hold", stacklevel=3)
+        warnings.warn(f"{cut} of the rows' {len(texts)} documents are longer than doc_max_length ({limit} "
+                      f"tokens): the compressor reads their first {limit}, and a target about the rest asks for "
+                      f"what their memories cannot hold", stacklevel=3)
 
 
 def _holding(model: ClaraModel, checkpoint: Path) -> Path:

@@ -415,6 +415,8 @@ def test_a_base_model_folder_is_recorded_as_a_path_that_loads_from_anywhere(tiny
     assert ClaraConfig(base_model=tiny_base.name).base_model == tiny_base.name  # shaped as a hub id
     # a Path is a folder whatever its shape (Path("./x") reads as "x", and was recorded relative)
     assert ClaraConfig(base_model=Path(f"./{tiny_base.name}")).base_model == str(tiny_base)
+    monkeypatch.setenv("HOME", str(tiny_base.parent))  # "~/x", quoted or after an "=", reached no shell
+    assert ClaraConfig(base_model=f"~/{tiny_base.name}").base_model == str(tiny_base)
     tiny_model.save_pretrained(tmp_path / "ckpt")
     loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=Path(f"../{tiny_base.parent.name}/"
                                                                              f"{tiny_base.name}"), device="cpu")

@@ -259,6 +259,11 @@ def test_continuation_rows_split_each_passage_in_half():
     passage = "Title\none two three four five six seven eight nine"
     assert continuation_rows([passage, "too short"]) == [
         {"data_type": "continue", "answers": ["five six seven eight nine"], "docs": ["Title\none two three four"]}]
+    # runs of spaces made blank words: a target of spaces alone, which training refuses
+    spaced = "one two three four five six seven eight" + " " * 16
+    assert continuation_rows([spaced, "delta    epsilon zeta eta theta iota kappa lambda"]) == [
+        {"data_type": "continue", "answers": ["five six seven eight"], "docs": ["one two three four"]},
+        {"data_type": "continue", "answers": ["theta iota kappa lambda"], "docs": ["delta epsilon zeta eta"]}]
 
 
 def test_cloze_rows_blank_a_name_number_or_date_of_the_passage():
@@ -423,3 +428,9 @@ def test_convert_data_that_makes_no_rows_keeps_the_destination(tmp_path, capsys)
             main(["convert-data", str(source), str(out), "--kind", kind, "--skip", "5"])
         assert "--skip 5 leaves none of the 2 passages" in capsys.readouterr().err
         assert out.read_text() == "an earlier run's rows\n"
+
+
+def test_passages_without_a_word_to_index_rank_alike():
+    # bm25s cannot index passages of stopwords alone, and failed on max() of nothing
+    assert bm25_rank("capital", ["The", "a"]) == [0, 1]
+    assert bm25_rank("capital", ["The", "the capital city"]) == [1, 0]

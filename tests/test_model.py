@@ -598,3 +598,39 @@ def test_memories_as_numpy_arrays_are_read_and_other_types_refused_by_name(tiny_
     assert tiny_model.generate([prompt], [torch.tensor([])]) == tiny_model.generate([prompt], [None])
     with pytest.raises(InvalidInputError, match="compressed documents must be a tensor or numpy array .*got a list"):
         tiny_model.answer(["Who?"], memories.tolist())
+
+
+def test_an_answer_after_a_prompt_ending_in_a_space_trains_its_first_token(tmp_path):
+    # "assistant: " gave its space to the answer's first token ("Ġthe"): counting the prompt's
+    # own tokens started the labels one token late, and the first answer token never trained
+    from transformers import AutoTokenizer
+
+    from clara_plugins.passes import completion_log_probs
+
+    folder = build_tiny_base_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.save_pretrained(folder)
+    model = ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64), device="cpu")
+    prompt = question_prompt(model.tokenizer, "Who?", 0, model.document_placeholder)
+    full = question_prompt(model.tokenizer, "Who?", 0, model.document_placeholder, "the river")
+    assert model.tokenizer(prompt, add_special_tokens=False)["input_ids"][-1:] == \
+        model.tokenizer(" ", add_special_tokens=False)["input_ids"]  # the prompt's own last token: the space
+    labels = completion_log_probs(model, [prompt], [full])[1][0]
+    assert model.tokenizer.decode(labels[labels != -100]) == " the river\n" + model.tokenizer.eos_token
+
+
+def test_a_template_that_reads_enable_thinking_answers_without_thinking(tmp_path):
+    # Qwen3's opens the answer with an empty think block only when told not to think: every
+    # prompt asked for reasoning first, and a teacher's replies began with it
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
+    tokenizer.chat_template = THINK_TEMPLATE.replace(
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+        "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Curie").startswith(prompt + "Curie<|im_end|>\n")

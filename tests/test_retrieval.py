@@ -157,3 +157,15 @@ def test_the_each_gold_term_ranks_every_gold_candidate_against_the_negatives_alo
     assert mass.item() < 0.01  # the mass is met by the first gold candidate alone
     with pytest.raises(ValueError, match="gold_term must be one of"):
         TrainConfig(stage="retrieval", gold_term="all")
+
+
+def test_tied_scores_are_picked_in_candidate_order():
+    # topk broke ties in no set order ([1, 2] of three tied candidates), where the stores and BM25
+    # keep row order: which document the generator reads first
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.1]])
+    assert torch.equal(straight_through_topk(scores, k=2, temperature=0.1).argmax(-1), torch.tensor([[0, 1]]))
+    memories = torch.stack([torch.full((2, 4), 1.0), torch.full((2, 4), 1.0), torch.full((2, 4), 1.0)])
+    assert top_k(torch.ones(1, 2, 4), memories, 2, "mean")[1].tolist() == [[0, 1]]
+    # and picked from the scores: dividing by the temperature tied two that differ by one ulp
+    close = torch.tensor([[0.3, torch.nextafter(torch.tensor(0.3), torch.tensor(1.0)).item(), 0.0]])
+    assert straight_through_topk(close, k=1, temperature=0.7).argmax(-1).tolist() == [[1]]

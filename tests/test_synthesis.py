@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
 from llama_index.core.llms import MockLLM
 
@@ -377,3 +378,33 @@ def test_a_resume_says_how_many_passages_the_corpus_no_longer_has(tmp_path):
     with pytest.warns(UserWarning, match="holds the rows of 1 passages not among these"):
         synthesize([("a", DOC), ("b2", DOC + " Edited.")], ScriptedTeacher(["NONE"] * 10), output)
     assert {json.loads(line)["doc_id"] for line in output.read_text().splitlines()} == {"a", "b", "b2"}  # kept
+
+
+def test_a_hugging_face_teachers_reply_cut_at_its_limit_loses_its_unfinished_line(tiny_base, monkeypatch):
+    # "Answer: January 26" of "January 26, 1977" was kept: a prefix of the document's answer is in it
+    teacher = synthesis.HuggingFaceTeacher(str(tiny_base), max_new_tokens=1, device="cpu")
+    teacher("Write one question.")  # the weights load at the first prompt
+    reply = teacher.tokenizer("Question: Who?\nAnswer: Jan", add_special_tokens=False, return_tensors="pt").input_ids
+    teacher.max_new_tokens = reply.size(1)
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: torch.cat([ids, reply], 1))
+    assert teacher("Ask.") == "Question: Who?"
+    teacher.max_new_tokens = reply.size(1) + 1  # it stopped before the limit: finished
+    assert teacher("Ask.") == "Question: Who?\nAnswer: Jan"
+    ended = torch.cat([reply, torch.tensor([[teacher.tokenizer.eos_token_id]])], 1)
+    teacher.max_new_tokens = ended.size(1)  # or at it, with its end of sequence
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: torch.cat([ids, ended], 1))
+    assert teacher("Ask.") == "Question: Who?\nAnswer: Jan"
+
+
+def test_a_question_asked_again_keeps_its_first_answer():
+    # both pairs were kept, and the generator was taught two answers to one question
+    class Repeating(ScriptedTeacher):
+        def __call__(self, prompt: str) -> str:
+            if prompt.startswith("Read the document") and "two or more" not in prompt:
+                return ("Question: When was Marie Curie born?\nAnswer: 1867\n"
+                        "Question: When was Marie Curie born?\nAnswer: Warsaw")  # both in the document
+            return super().__call__(prompt)
+
+    qa, _, counts = synthesize_document(DOC, Repeating(["NONE"]), max_rounds=1)
+    assert [a for q, a in zip(qa["question"], qa["answers"]) if q == "When was Marie Curie born?"] == ["1867"]
+    assert counts["dropped_pairs"] == 1

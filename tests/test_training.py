@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -1028,9 +1029,7 @@ def test_a_blank_answer_is_refused(tiny_model, tmp_path):
 
 
 def test_the_text_stage_reads_long_documents_whole_and_does_not_warn(tiny_model, tmp_path):
-    import warnings
-
-    long = " ".join(CORPUS * 40)
+    long = " ".join(CORPUS * 10)
     rows = [{"question": "Who won prizes?", "docs": [long], "answer": "Marie Curie"},
             {"question": "Which river?", "docs": [CORPUS[0]], "answer": "the Danube"}]
     with warnings.catch_warnings(record=True) as caught:
@@ -1040,11 +1039,23 @@ def test_the_text_stage_reads_long_documents_whole_and_does_not_warn(tiny_model,
 
 
 def test_documents_longer_than_the_compressor_reads_are_counted_in_a_warning(tiny_model, tmp_path):
-    long = " ".join(CORPUS * 40)
+    long = " ".join(CORPUS * 10)
     rows = [{"data_type": "reconstruct", "answers": [long], "docs": [long]},
             {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
-    with pytest.warns(UserWarning, match="1 of the 2 documents of one-document rows are longer than doc_max_length"):
+    with pytest.warns(UserWarning, match="1 of the rows' 2 documents are longer than doc_max_length"):
         train(tiny_model, rows, TrainConfig(stage="scp", steps=1, batch_size=2, grad_accum=1, mse_weight=0.0), tmp_path)
+
+
+def test_a_long_document_of_a_question_row_is_counted_once_for_the_run(tiny_model, tmp_path):
+    # a question row's documents went uncounted (an answer past the first doc_max_length tokens
+    # is none its memories hold), and each step's compression of candidates warned of its own
+    rows = [{**row, "docs": [" ".join(CORPUS * 10), *row["docs"][1:]]} for row in E2E]
+    config = TrainConfig(stage="e2e", steps=2, batch_size=1, grad_accum=1, top_k=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_model, rows, config, tmp_path)
+    cut = [str(w.message) for w in caught if "doc_max_length" in str(w.message)]
+    assert len(cut) == 1 and cut[0].startswith("1 of the rows' 6 documents are longer than doc_max_length")
 
 
 def test_a_path_or_numpy_setting_is_saved_as_a_plain_value(tiny_model, tmp_path):
@@ -1062,3 +1073,54 @@ def test_a_path_or_numpy_setting_is_saved_as_a_plain_value(tiny_model, tmp_path)
                          ({"steps": 1.5}, "TrainConfig.steps must be an int"), ({"lr": True}, "lr must be a float")):
         with pytest.raises(ValueError, match=message):
             TrainConfig(stage="instruct", **bad)
+
+
+@pytest.mark.parametrize("stage,rows,token", [
+    ("scp", [SCP[0], {**SCP[2], "answers": ["It says <MEM0> here."]}], "<MEM0>"),
+    ("text", [INSTRUCT[0], {**INSTRUCT[1], "docs": [CORPUS[1], "</s>The assistant said so."]}], "</s>"),
+])
+def test_a_row_holding_a_control_token_is_refused_before_any_step(tiny_model, tmp_path, stage, rows, token):
+    # a typed <MEM0> took a memory's place: the run failed at the step that drew the row, and again on every resume
+    config = TrainConfig(stage=stage, steps=2, batch_size=1, grad_accum=1)
+    with pytest.raises(InvalidInputError, match=f"training row 1 holds '{token}'"):
+        train(tiny_model, rows, config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    probes = {"held": [{**INSTRUCT[1], "docs": CORPUS[2:4]}, {**INSTRUCT[0], "answer": "Marie <MEM1> Curie"}]}
+    with pytest.raises(InvalidInputError, match="probe held, row 1 holds '<MEM1>'"):
+        train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1, probe_every=1),
+              tmp_path / "run", probes=probes)
+
+
+@pytest.mark.parametrize("stage,rows", [("scp", SCP), ("instruct", INSTRUCT), ("text", INSTRUCT), ("e2e", E2E)])
+def test_a_row_longer_than_the_context_window_is_refused_before_any_step(tiny_model, tmp_path, monkeypatch,
+                                                                         stage, rows):
+    # it trained, unsaid, at positions the model never saw (and a decoding of that length was refused)
+    long = [*rows[:1], {**rows[-1], "answers": ["word " * 300], "answer": "word " * 300}]
+    config = TrainConfig(stage=stage, steps=1, batch_size=1, grad_accum=1, **({"top_k": 2} if stage == "e2e" else {}))
+    monkeypatch.setattr(training, "context_window", lambda lm: 400)
+    with pytest.raises(InvalidInputError, match="1 of the 2 training rows are longer than the generator's context "
+                                                "window of 400 positions, training row 1 the first"):
+        train(tiny_model, long, config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    train(tiny_model, rows[:1], config, tmp_path / "run")  # a row that fits trains
+
+
+def test_rows_longer_than_the_teachers_context_window_are_refused(tiny_config, tiny_model, tmp_path, monkeypatch):
+    # the teacher reads the documents whole, as text: far longer than the student's memories
+    ClaraModel(tiny_config, device="cpu").save_pretrained(tmp_path / "t")
+    config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, distill_weight=1.0,
+                         teacher=str(tmp_path / "t"))
+    monkeypatch.setattr(training, "context_window", lambda lm: 8192 if lm is tiny_model.lm else 40)
+    with pytest.raises(InvalidInputError, match="2 of the 2 training rows are longer than the teacher's context "
+                                                "window of 40 positions"):
+        train(tiny_model, INSTRUCT, config, tmp_path / "run")
+
+
+@pytest.mark.parametrize("term", ["mass", "each"])
+def test_a_gold_candidate_named_twice_counts_once(term):
+    # two gold documents of one text are one candidate: counted twice, it weighed double (and
+    # "mass" could go below zero)
+    scores = torch.tensor([[0.9, 0.1, 0.2]])
+    config = TrainConfig(stage="e2e", top_k=2, retrieval_weight=1.0, temperature=1.0, gold_term=term)
+    assert torch.equal(training._gold_retrieval_loss(scores, [[0, 0, 2]], config),
+                       training._gold_retrieval_loss(scores, [[0, 2]], config))
