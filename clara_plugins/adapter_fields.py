@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from .base_store import BaseMemoryStore, as_memory_store
+from .base_store import BaseMemoryStore, as_memory_store, id_list
 from .checkpoint import check_compressor, compressor_signature
 from .context import Reader, Reading, ReadingStats, read_messages
 from .model import ClaraModel
@@ -31,7 +31,7 @@ class ReaderFields(BaseModel):
     # repr (LangChain hands every callback the repr: the whole torch model's, 10 KB on a 2-layer one)
     clara: ClaraModel | None = Field(default=None, exclude=True, repr=False)
     store: BaseMemoryStore | None = Field(default=None, exclude=True, repr=False)
-    k: int | None = Field(default=None, gt=0)  # documents read as memory tokens at most (default: generation_top_k)
+    k: int | None = Field(default=None, gt=0, strict=True)  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
     _call_options: ClassVar[tuple[str, ...]] = ()  # what a framework passes each call, besides the options read
 
@@ -63,8 +63,9 @@ class ReaderFields(BaseModel):
             raise TypeError(f"{type(self).__name__} reads no call option {', '.join(unknown)}; it reads documents, "
                             "document_ids and max_tokens")
         check_greedy(type(self).__name__, call.get("temperature"))
-        ids = call["document_ids"] if call.get("document_ids") is not None else [
-            i for message in messages for i in message.additional_kwargs.get("document_ids", [])]
+        ids = call["document_ids"] if call.get("document_ids") is not None else [  # "ab" read as "a" and "b"
+            i for number, message in enumerate(messages)
+            for i in id_list(message.additional_kwargs.get("document_ids", []), f"message {number}'s document_ids")]
         reading = read_messages(self.clara, pairs, self.store, texts, ids, self.k)
         limit = call.get("max_tokens")
         pieces = self.clara.stream(reading.prompt, reading.memories, max_tokens if limit is None else limit)

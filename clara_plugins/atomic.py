@@ -20,12 +20,14 @@ except ImportError:  # Windows: writes go on unlocked, as on a file system witho
     fcntl = None
 
 
-def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool = False) -> None:
+def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool = False,
+                          follow_link: bool = True) -> None:
     """Call ``write(handle)`` on a temporary sibling of ``path`` (opened for text, or bytes),
     flush it to disk, then rename it over ``path``: a crash leaves the old file or the new one,
     never a part of either, and two writers at once leave one's whole file. A symbolic link is
-    followed: its target is replaced, not the link; a replaced file keeps its permissions."""
-    path = _followed(path)
+    followed (its target is replaced, not the link) unless ``follow_link`` is False; a replaced
+    file keeps its permissions."""
+    path = _followed(path) if follow_link else path
     _remove_abandoned(path)
     temporary, held = _claimed_sibling(path, folder=False)
     try:
@@ -43,9 +45,9 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
         os.close(held)
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str, follow_link: bool = True) -> None:
     """Replace a small text file crash-safely (see ``write_file_atomically``)."""
-    write_file_atomically(path, lambda handle: handle.write(text))
+    write_file_atomically(path, lambda handle: handle.write(text), follow_link=follow_link)
 
 
 def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker: str,
@@ -225,9 +227,10 @@ def _lock(descriptor: int, wait: bool) -> bool | None:
 
 def check_replaceable_folder(folder: Path, marker: str, saved_again: bool = False) -> None:
     """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, a
-    non-empty folder without ``marker``, or an existing folder beside a non-empty ``.NAME.old``
-    without it (in the swap's way; ``saved_again``: a folder written more than once, such as a
-    training run's checkpoint, meets it at its second write); a caller with long work before
+    non-empty folder without ``marker``, or an existing folder beside a ``.NAME.old`` that is
+    not the library's (in the swap's way: a non-empty folder without ``marker``, a file, or a
+    link to anything but a folder with it; ``saved_again``: a folder written more than once, such as
+    a training run's checkpoint, meets it at its second write); a caller with long work before
     the write checks first."""
     folder = _followed(folder)
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):  # the swap would take it from under this process
@@ -238,8 +241,15 @@ def check_replaceable_folder(folder: Path, marker: str, saved_again: bool = Fals
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder")
     old = _old_copy(folder)  # used by a swap over an existing folder
-    if ((folder.exists() or saved_again) and old.is_dir() and not old.is_symlink() and any(old.iterdir())
-            and not (old / marker).is_file()):
+    if not (folder.exists() or saved_again):
+        return
+    if old.is_symlink():  # a swap that renamed a link (before links were followed) left one to a folder of ours
+        foreign = not (old / marker).is_file()
+    elif old.is_dir():
+        foreign = any(old.iterdir()) and not (old / marker).is_file()
+    else:  # a file, which a swap renamed aside and then removed
+        foreign = old.exists()
+    if foreign:
         raise FileExistsError(f"{old} is in the way of a save's swap and holds no {marker}: it is not this "
                               "library's copy, so it is left alone; move it")
 

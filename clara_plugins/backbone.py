@@ -91,6 +91,9 @@ def load_base_model(
         if name_or_path == DEFAULT_BASE_MODEL:  # a copy cut short or unreadable: the user named no folder
             raise OSError(f"the default model's copy in {path} cannot be read ({error}): delete that folder, and "
                           "the next use makes it again") from error
+        if isinstance(error, ValueError) and "trust_remote_code" in str(error):  # its advice cannot be taken here
+            raise ValueError(f"{name_or_path!r} runs code of its own (trust_remote_code), which this library does not "
+                             "run: use a model that transformers itself defines") from error
         if isinstance(error, (SafetensorError, ValueError)):
             raise
         raise _not_loadable(name_or_path, error) from error

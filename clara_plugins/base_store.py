@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import numbers
 import threading
 import uuid
 from abc import ABC, abstractmethod
@@ -15,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checks import check_positive_int, check_texts, unicode_problem
+from .checks import check_fraction, check_positive_int, check_texts, unicode_problem
 from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
@@ -81,6 +80,13 @@ class BaseMemoryStore(ABC):
     @abstractmethod
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
+
+    def delete_where(self, where: Filter | None = None) -> None:
+        """Remove the documents whose metadata satisfies a filter (without one, every document),
+        chosen and removed in one hold of the lock: deleted by ids read before, a document another
+        thread had meanwhile replaced by one the filter does not select was lost."""
+        with self._lock:
+            self.delete(self.all_ids() if where is None else self.ids_where(where))
 
     @abstractmethod
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:
@@ -283,8 +289,7 @@ def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int)
     ints, which faiss and Milvus need (a numpy integer fails there)."""
     check_positive_int("k", k)  # a numpy integer too
     check_positive_int("fetch_k", fetch_k)
-    if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, numbers.Real) or not 0.0 <= lambda_mult <= 1.0:
-        raise InvalidInputError(f"lambda_mult must be a number from 0 to 1, got {lambda_mult!r}")
+    check_fraction("lambda_mult", lambda_mult)
     if where is not None:
         validate_filter(where)
     return int(k), int(fetch_k)
@@ -292,8 +297,9 @@ def check_search(k: int, where: Filter | None, lambda_mult: float, fetch_k: int)
 
 def id_list(ids: object, what: str, ordered: bool = True) -> list[str]:
     """A list of ids: from a sequence where their order matters, else from any collection (a
-    set...); a lone string is refused, since iterating it would name its letters."""
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence if ordered else Collection):
+    set...); a lone string is refused, since iterating it would name its letters, and a dict,
+    whose keys would be taken for ids (a filter given as ``delete``'s ids deleted a "source")."""
+    if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Sequence if ordered else Collection):
         kind = "list" if ordered else "collection"
         raise InvalidInputError(f"{what} must be a {kind} of ids, got {type(ids).__name__} {ids!r:.60}")
     ids = list(ids)

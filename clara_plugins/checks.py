@@ -3,6 +3,7 @@ line, so that bad input fails early and by name."""
 
 import argparse
 import numbers
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -45,8 +46,9 @@ def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
         raise IsADirectoryError(f"{output} is a folder: name the file to write")
     if Path(output).suffix.lower() == ".gz":  # written plain, then read back as gzip by its name, and refused
         raise InvalidInputError(f"{output}: outputs are written as plain text; name it without .gz")
-    for source in inputs:
-        if source is not None and Path(output).resolve() == Path(source).resolve():
+    for source in inputs:  # the same file under another name too: a hard link, a bind mount, another case
+        if source is not None and (Path(output).resolve() == Path(source).resolve() or (
+                Path(output).exists() and Path(source).exists() and os.path.samefile(output, source))):
             raise InvalidInputError(f"{output} is an input of this run too: name another output, or it would be "
                                     "replaced")
     check_writable(output)
@@ -73,6 +75,13 @@ def check_positive_int(name: str, value: object) -> None:
     """Refuse a count below one (a batch size of -1 runs no batch) or not an integer, by name."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise InvalidInputError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_fraction(name: str, value: object) -> float:
+    """Refuse a weight that is no number from 0 to 1, by name; returns it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise InvalidInputError(f"{name} must be a number from 0 to 1, got {value!r}")
+    return value
 
 
 def positive_int(value: str) -> int:

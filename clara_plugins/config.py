@@ -7,6 +7,7 @@ Neither imports torch, so that the command line can build its flags without load
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 
@@ -253,20 +254,19 @@ class TrainConfig:
         for name in ("refresh_every", "probe_every"):  # 0: never
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be at least 0 (0: never), got {getattr(self, name)}")
-        if not self.lr >= 0:
-            raise ValueError(f"lr must be at least 0, got {self.lr}")
-        # a negative weight would push its term the wrong way (away from the teacher, towards ignoring memories)
-        for name in ("mse_weight", "margin_weight", "retrieval_weight", "distill_weight", "restate_weight",
+        # a negative weight would push its term the wrong way (away from the teacher, towards ignoring
+        # memories); an infinite one, or lr, made every weight NaN at the first step
+        for name in ("lr", "mse_weight", "margin_weight", "retrieval_weight", "distill_weight", "restate_weight",
                      "weight_decay", "margin", "restate_margin"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be at least 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a number of at least 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio is a share of the steps, in 0..1, got {self.warmup_ratio}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.temperature > 0:  # scores are divided by it
-            raise ValueError(f"temperature must be above 0, got {self.temperature}")
+        if not 0 < self.temperature < math.inf:  # scores are divided by it: at infinity, nothing is learned
+            raise ValueError(f"temperature must be a number above 0, got {self.temperature}")
         if self.freeze_generator and (self.stage == "retrieval" or self.generator_only
                                       or (self.stage == "instruct" and not self.keep_generator)):
             raise ValueError("freeze_generator needs a stage where something else learns: scp, e2e, or instruct "

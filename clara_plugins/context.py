@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 
 import torch
 
@@ -112,8 +112,9 @@ class Reader:
 
 def passed_documents(documents: object) -> list:
     """The documents a call passed (texts, or a framework's document objects) as a list: any
-    collection but a lone string, whose letters would each be read as a document."""
-    if isinstance(documents, (str, bytes)) or not isinstance(documents, Iterable):
+    collection or iterator but a lone string, whose letters would each be read as a document, a
+    dict (its keys), or one document object (a Document iterated as its fields)."""
+    if isinstance(documents, (str, bytes, Mapping)) or not isinstance(documents, (Collection, Iterator)):
         raise InvalidInputError(f"documents must be a list, got {type(documents).__name__} {documents!r:.60}")
     return list(documents)
 

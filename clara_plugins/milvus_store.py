@@ -148,22 +148,29 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise
 
     def _open(self, collection: str, index_type: str, described: str) -> None:
-        """Check and load the collection, or create it."""
-        if self._client.has_collection(collection):
+        """Check, index and load the collection, created first where it is missing. Another client
+        may create it at the same moment: this one then opens theirs (it dropped it, found empty,
+        and both failed)."""
+        created = False
+        if not self._client.has_collection(collection):
+            try:
+                self._create_collection()
+                created = True
+            except MilvusException:
+                if not self._client.has_collection(collection):
+                    raise
+        try:
             self._check_header(described)
             self._index_bare_fields(index_type)
             self._client.load_collection(collection)
-            return
-        try:
-            self._create_collection(index_type)
-            self._client.load_collection(collection)
         except Exception:  # a collection without its index would pass the header check, then never load
-            self._drop_if_empty()
+            if created:
+                self._drop_if_empty()
             raise
 
     def _drop_if_empty(self) -> None:
         """Drop the collection whose creation failed here, unless it holds rows: another process
-        may have created and filled it meanwhile."""
+        may have filled it meanwhile."""
         try:
             if (self._client.has_collection(self.collection)
                     and int(self._client.get_collection_stats(self.collection)["row_count"]) == 0):
@@ -171,7 +178,8 @@ class MilvusMemoryStore(BaseMemoryStore):
         except MilvusException:
             pass  # the creation's own error is the one to report
 
-    def _create_collection(self, index_type: str) -> None:
+    def _create_collection(self) -> None:
+        """The collection, its schema and header, without indexes (``_index_bare_fields``)."""
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
         schema.add_field("key", DataType.FLOAT_VECTOR, dim=self.keys.dimensions)
@@ -183,8 +191,8 @@ class MilvusMemoryStore(BaseMemoryStore):
         schema.add_field("metadata", DataType.JSON)
         header = {"format": FORMAT, "compressor": compressor_signature(self.model), "keys": self.keys.signature()}
         # Strong consistency: a read sees every write made before it
-        self._client.create_collection(self.collection, schema=schema, index_params=self._indexes(index_type),
-                                       consistency_level="Strong", properties={HEADER_PROPERTY: json.dumps(header)})
+        self._client.create_collection(self.collection, schema=schema, consistency_level="Strong",
+                                       properties={HEADER_PROPERTY: json.dumps(header)})
 
     def _indexes(self, index_type: str) -> IndexParams:
         indexes = self._client.prepare_index_params()
@@ -196,12 +204,17 @@ class MilvusMemoryStore(BaseMemoryStore):
         return indexes
 
     def _index_bare_fields(self, index_type: str) -> None:
-        """Index the fields of a collection whose creation was killed after the collection was made
-        and before all its indexes were: Milvus loads no collection with a vector field unindexed."""
-        bare = IndexParams(index for index in self._indexes(index_type)
-                           if not self._client.list_indexes(self.collection, field_name=index.field_name))
-        if bare:
-            self._client.create_index(self.collection, bare)
+        """Index the fields of a new collection, or of one whose creation was killed before all its
+        indexes were made: Milvus loads no collection with a vector field unindexed. Another client
+        creating the collection at this moment may index a field first."""
+        for index in self._indexes(index_type):
+            if self._client.list_indexes(self.collection, field_name=index.field_name):
+                continue
+            try:
+                self._client.create_index(self.collection, IndexParams([index]))
+            except MilvusException:
+                if not self._client.list_indexes(self.collection, field_name=index.field_name):
+                    raise
 
     def _check_header(self, described: str) -> None:
         """Refuse a collection that this class did not create, or that another compressor filled."""

@@ -69,6 +69,9 @@ class ClaraModel(torch.nn.Module):
         dtype: str | torch.dtype = "auto",
     ) -> None:
         super().__init__()
+        if config is not None and not isinstance(config, ClaraConfig):  # a path failed on dataclasses.replace
+            raise InvalidInputError(f"config must be a ClaraConfig, got {type(config).__name__} {config!r:.60}: load a "
+                                    "checkpoint with ClaraModel.from_pretrained")
         self.config = dataclasses.replace(config) if config else ClaraConfig()  # its own copy: training edits it
         self.name_or_path: str | None = None  # the checkpoint folder its weights were loaded from
         self.weights_sha256: str | None = None  # and those files' checksum (a folder may be saved again)
@@ -79,6 +82,12 @@ class ClaraModel(torch.nn.Module):
         if not -layers - 1 <= self.config.memory_layer <= layers:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
                              f"has {layers} layers")
+        width = lm.config.get_text_config().hidden_size
+        if self.config.memory_layer != -1 and width != lm.get_input_embeddings().embedding_dim:
+            # its layers' states are wider or narrower than the inputs they would be read as (OPT-350m's)
+            raise ValueError(f"ClaraConfig.memory_layer {self.config.memory_layer}: {self.config.base_model!r}'s "
+                             f"layers are {width} wide and its embeddings {lm.get_input_embeddings().embedding_dim}, "
+                             "so only the last layer's states (-1) are read as memories")
         self.base_fingerprint = fingerprint(lm, tokenizer)
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)
@@ -135,6 +144,9 @@ class ClaraModel(torch.nn.Module):
         self.enc_token_id = self.tokenizer.convert_tokens_to_ids("<ENC>")
         self.document_placeholder = "".join(self.mem_tokens) + "<SEP>"
         if self.tokenizer.pad_token_id is None:
+            if self.tokenizer.eos_token is None:  # found at the first compression, as a bare TypeError
+                raise ValueError(f"{self.config.base_model!r}'s tokenizer has neither a padding nor an end-of-sequence "
+                                 "token: CLaRa pads its batches with one and ends its answers at the other")
             self.tokenizer.pad_token = self.tokenizer.eos_token
         lm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         self._init_new_rows(lm)
@@ -204,6 +216,14 @@ class ClaraModel(torch.nn.Module):
         finally:
             if was_training:
                 self.train()
+
+    def __getstate__(self) -> dict:
+        """Pickled and deep-copied without its lock, which cannot be: the copy makes its own."""
+        return {name: value for name, value in super().__getstate__().items() if name != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     @property
     def device(self) -> torch.device:
@@ -641,11 +661,16 @@ def fp16_memories(memories: torch.Tensor) -> np.ndarray:
 
 def as_memories(value: object, what: str) -> torch.Tensor:
     """Memory tokens as a tensor: a numpy array (memories saved with np.save) is taken as one;
-    anything else is refused by name, not met later as a missing tensor method."""
+    anything else is refused by name, not met later as a missing tensor method, and so are
+    values that are not finite floats (NaN memories answered "", integers were cast)."""
     if isinstance(value, np.ndarray):
-        return torch.tensor(value)  # a copy: a memory-mapped array is read-only
+        value = torch.tensor(value)  # a copy: a memory-mapped array is read-only
     if not isinstance(value, torch.Tensor):
         raise InvalidInputError(f"{what} must be a tensor or numpy array of memory tokens, got a {type(value).__name__}")
+    if not value.is_floating_point():
+        raise InvalidInputError(f"{what} must be floating point, got {value.dtype}")
+    if not torch.isfinite(value).all():
+        raise InvalidInputError(f"{what} must be finite: they hold NaN or infinite values")
     return value
 
 

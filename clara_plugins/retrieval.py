@@ -15,10 +15,14 @@ the generator reaches the query reasoner.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from .checks import check_positive_int
 from .config import RETRIEVAL_KEYS
+from .errors import InvalidInputError
 
 
 def retrieval_keys(memories: torch.Tensor, key: str) -> torch.Tensor:
@@ -62,8 +66,12 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> 
     reads its first document most (docs/training-run.md, nineteenth session), so the order
     is part of the choice.
     """
-    if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
+    check_positive_int("k", k)  # 2.5 failed on a slice
+    if queries.dim() != 3 or candidates.dim() not in (3, 4) or queries.size(-1) != candidates.size(-1) \
+            or (candidates.dim() == 4 and len(candidates) != len(queries)):  # one query [n_mem, hidden] lost picks
+        raise InvalidInputError(f"queries must be [batch, n_mem, hidden] and candidates [N, n_mem, hidden] or [batch, "
+                                f"N, n_mem, hidden] of the same hidden size, got {tuple(queries.shape)} and "
+                                f"{tuple(candidates.shape)}")
     if key not in RETRIEVAL_KEYS:
         raise ValueError(f"retrieval key must be one of {RETRIEVAL_KEYS}, got {key!r}")
     pools = candidates.unsqueeze(0).expand(len(queries), *candidates.shape) if candidates.dim() == 3 else candidates
@@ -85,8 +93,8 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> t
     n_candidates = scores.size(1)
     if not 1 <= k <= n_candidates:
         raise ValueError(f"k must be in 1..{n_candidates} (number of candidates), got {k}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    if not 0 < temperature < math.inf:  # NaN made every weight NaN
+        raise ValueError(f"temperature must be a positive number, got {temperature}")
 
     logits = scores.float() / temperature
     top_indices = best_first(scores, k)  # of the scores: dividing them can tie two that differ

@@ -435,7 +435,10 @@ class MemoryStore(BaseMemoryStore):
 
         Shards whose rows are unchanged since this store last saved to or loaded from the
         folder are hard-linked from that generation rather than written again, so that a
-        corpus indexed in groups (``index_documents``) writes each shard about once.
+        corpus indexed in groups (``index_documents``) writes each shard about once. A store
+        that never read or wrote the folder replaces what another store saved there, as a
+        framework's ``save_local`` or ``persist`` does; one that did is refused (``StoreError``)
+        once another writer has saved there since.
         """
         folder = Path(folder)
         store_folder.check_store_folder(folder)

@@ -115,7 +115,9 @@ def _write_staged(folder: Path, staging: Path, snapshot: Snapshot, previous: Sav
     sync_tree(staging)  # its hard links and entries too: CURRENT must never name a generation not on disk
     os.replace(staging, folder / name)
     sync_entry(folder)
-    write_text_atomically(folder / "CURRENT", name + "\n")
+    # the folder's own pointer, even where it is a link (a "cp -rs" copy): followed, a save of the
+    # copy pointed the original at a generation the original does not hold
+    write_text_atomically(folder / "CURRENT", name + "\n", follow_link=False)
     return folder / name, header
 
 

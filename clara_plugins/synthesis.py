@@ -296,6 +296,7 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
             report.qa_rows += qa is not None
             report.paraphrase_rows += paraphrase is not None
             rows.flush()
+            os.fsync(rows.fileno())  # on disk before its mark: after a power loss, a mark alone skipped it for good
             marks.write(json.dumps({"doc_id": doc_id, "qa": qa is not None, "paraphrase": paraphrase is not None,
                                     "teacher": teacher_name}) + "\n")
             marks.flush()

@@ -192,6 +192,21 @@ def test_llama_index_mmr_mode(llama_store):
     for bad in (-3, 0, True, 2.9, "x"):  # -3, 0 and True fell back to top_k, 2.9 was read as 2
         with pytest.raises(InvalidInputError, match="mmr_prefetch_k must be a positive integer"):
             llama_store.query(VectorStoreQuery(query_str=QUESTION, mode=VectorStoreQueryMode.MMR), mmr_prefetch_k=bad)
+    # MMR's options outside MMR mode were ignored, unsaid: a forgotten vector_store_query_mode="mmr"
+    with pytest.raises(ValueError, match="mmr_threshold weigh MMR re-ranking: ask for it with "
+                                         "vector_store_query_mode='mmr'"):
+        llama_store.query(VectorStoreQuery(query_str=QUESTION, similarity_top_k=3), mmr_threshold=0.3)
+    with pytest.raises(ValueError, match="mmr_threshold weigh MMR"):
+        llama_query(llama_store, 3, mmr_threshold=0.3)
+    # errors name LlamaIndex's settings, not the core store's k and lambda_mult
+    with pytest.raises(InvalidInputError, match="similarity_top_k must be a positive integer, got 0"):
+        llama_query(llama_store, 0)
+    with pytest.raises(InvalidInputError, match="mmr_threshold must be a number from 0 to 1, got 1.5"):
+        llama_query(llama_store, 3, mode="mmr", mmr_threshold=1.5)
+    import numpy as np  # a numpy factor is a number, as a numpy prefetch count is a count
+
+    assert llama_store.query(VectorStoreQuery(query_str=QUESTION, similarity_top_k=3, mode="mmr", mmr_threshold=0.25),
+                             mmr_prefetch_factor=np.float32(1.0)).ids == near.ids
 
 
 # 5. range filters
@@ -413,3 +428,9 @@ def test_a_k_below_one_is_refused_not_read_as_the_default(tiny_model):
     chat.k = 0  # set after construction, which no validator sees
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         chat.invoke("Who won prizes?")
+
+
+def test_llama_index_doc_ids_given_as_one_string_are_refused(llama_store):
+    # "doc0" became {"$in": ["d", "o", "c", "0"]}: the query found nothing, unsaid
+    with pytest.raises(InvalidInputError, match="doc_ids must be a collection of ids, got str 'doc0'"):
+        llama_query(llama_store, 3, doc_ids="doc0")

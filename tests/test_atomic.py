@@ -476,3 +476,18 @@ def test_an_old_copy_whose_removal_was_cut_short_does_not_block_later_saves(tmp_
     assert (folder / "config.json").read_text() == "2"  # the swap was done
     write("3")
     assert (folder / "config.json").read_text() == "3" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_users_file_or_link_named_as_a_swaps_old_copy_is_left_alone(tmp_path, kind):
+    # a folder of that name was refused, but a file was renamed aside and removed by the next
+    # save, and a link was unlinked at once
+    theirs, elsewhere = tmp_path / ".ckpt.old", tmp_path / "notes.txt"
+    elsewhere.write_text("mine")
+    write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("1"), "config.json")
+    theirs.write_text("mine") if kind == "file" else theirs.symlink_to(elsewhere)
+    for _ in range(2):
+        with pytest.raises(FileExistsError, match="it is not this library's copy"):
+            write_folder_atomically(tmp_path / "ckpt", lambda staging: (staging / "config.json").write_text("2"),
+                                    "config.json")
+    assert theirs.read_text() == "mine" and theirs.is_symlink() == (kind == "link")

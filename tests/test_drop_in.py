@@ -208,6 +208,26 @@ def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):
         chat.with_structured_output(dict)
 
 
+def test_llama_index_structured_output_is_refused_before_any_generation(tiny_model, monkeypatch):
+    # it generated a whole answer, then failed on "Could not extract json string from output"
+    from llama_index.core.prompts import PromptTemplate
+    from pydantic import BaseModel
+
+    class City(BaseModel):
+        name: str
+
+    llm = ClaraLLM(clara=tiny_model)
+    monkeypatch.setattr(tiny_model, "generate", lambda *a, **k: pytest.fail("an answer was generated"))
+    prompt = PromptTemplate("Capital of {country}?")
+    for call in (lambda: llm.structured_predict(City, prompt, country="France"),
+                 lambda: llm.stream_structured_predict(City, prompt, country="France"),
+                 lambda: llm.as_structured_llm(City),
+                 lambda: asyncio.run(llm.astructured_predict(City, prompt, country="France")),
+                 lambda: asyncio.run(llm.astream_structured_predict(City, prompt, country="France"))):
+        with pytest.raises(NotImplementedError, match="ClaraLLM has no structured output"):
+            call()
+
+
 @pytest.fixture
 def llama_index(tiny_model) -> tuple[VectorStoreIndex, LlamaClaraVectorStore]:
     store = LlamaClaraVectorStore(tiny_model)

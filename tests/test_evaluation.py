@@ -1,6 +1,7 @@
 """`clara eval`: answer metrics per system, retrieval metrics, and the reading check, on the tiny model."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -249,8 +250,10 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
 def test_clara_eval_and_convert_data_refuse_to_write_over_their_input(tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    os.link(data, tmp_path / "alias.jsonl")  # the same file by another name (a bind mount, another case on macOS)
     for argv in (["eval", str(data), "--out", str(data)],
-                 ["convert-data", str(data), str(tmp_path / "." / "rows.jsonl"), "--kind", "reconstruct"]):
+                 ["convert-data", str(data), str(tmp_path / "." / "rows.jsonl"), "--kind", "reconstruct"],
+                 ["convert-data", str(data), str(tmp_path / "alias.jsonl"), "--kind", "reconstruct"]):
         with pytest.raises(SystemExit):
             main(argv)
         assert "is an input of this run too" in capsys.readouterr().err

@@ -117,6 +117,15 @@ def test_stop_sequences_cut_the_stream():
     assert "".join(_cut_at_stops(iter(["It is in France", "."]), [". "])) == "It is in France."  # no stop
 
 
+@pytest.mark.parametrize("text,stops,cut", [("Paris</answer> more", ["</answer>", "answer"], "Paris"),
+                                            ("Paris.\nQuestion: next", ["\nQuestion:", "Question"], "Paris."),
+                                            ("abcd", ["bcx", "cd"], "ab"), ("abc", ["abcd", "x"], "abc")])
+def test_the_stream_is_cut_at_the_earliest_stop_however_it_comes_in_pieces(text, stops, cut):
+    # a shorter stop finished inside a longer one that began earlier: one piece per character cut at "Paris</"
+    assert "".join(_cut_at_stops(iter(list(text)), stops)) == cut
+    assert "".join(_cut_at_stops(iter([text]), stops)) == cut
+
+
 def test_lcel_rag_chain_runs_offline(tiny_model, vectorstore):
     retriever = ClaraRetriever(store=vectorstore.store, k=2)
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
@@ -518,3 +527,57 @@ def test_clara_embeddings_show_progress_past_one_batch(tiny_model, capsys):
     assert "compressing" not in capsys.readouterr().err
     ClaraEmbeddings(tiny_model).embed_documents(CORPUS * 2)
     assert "compressing" in capsys.readouterr().err
+
+
+def test_ids_and_documents_given_in_the_wrong_shape_are_refused(tiny_model, vectorstore):
+    # a message's document_ids "d1" read as "d" and "1"; a filter given as delete's ids deleted a
+    # document with the id "source"; one Document as documents was read as its fields
+    from llama_index.core.llms import ChatMessage
+
+    from llama_index_clara import ClaraLLM
+
+    chat = ChatClara(store=vectorstore, max_tokens=2)
+    with pytest.raises(InvalidInputError, match="message 0's document_ids must be a list of ids, got str 'd1'"):
+        chat.invoke([HumanMessage("Where?", additional_kwargs={"document_ids": "d1"})])
+    with pytest.raises(InvalidInputError, match="message 0's document_ids must be a list of ids, got dict"):
+        ClaraLLM(store=vectorstore, max_new_tokens=2).chat(
+            [ChatMessage(role="user", content="Where?", additional_kwargs={"document_ids": {"d1": 1}})])
+    vectorstore.add_texts(["A source."], ids=["source"])
+    with pytest.raises(InvalidInputError, match="ids must be a collection of ids, got dict"):
+        vectorstore.delete({"source": "s1"})
+    assert vectorstore.get_by_ids(["source"])  # nothing deleted
+    with pytest.raises(InvalidInputError, match="documents must be a list, got Document"):
+        chat.invoke("Where?", documents=Document(page_content="Paris is in France."))
+    with pytest.raises(InvalidInputError, match="documents must be a list, got dict"):
+        chat.invoke("Where?", documents={"Paris is in France.": 1})
+    for make in (lambda: ChatClara(store=vectorstore, k=True), lambda: ChatClara(store=vectorstore, max_tokens=True),
+                 lambda: ClaraRetriever(store=vectorstore, k=True), lambda: ClaraLLM(store=vectorstore, k=True),
+                 lambda: ClaraLLM(store=vectorstore, max_new_tokens=True)):
+        with pytest.raises(ValidationError):  # True was a count of 1
+            make()
+
+
+@pytest.mark.parametrize("delete", [lambda vs: vs.delete(filter={"status": "stale"}), lambda vs: vs.delete()])
+def test_a_delete_keeps_a_document_another_thread_replaced_meanwhile(vectorstore, monkeypatch, delete):
+    # the ids were read in one hold of the lock and deleted in another: a document replaced in
+    # between by one the filter does not select (or added, for a delete of everything) was lost
+    import threading
+
+    store = vectorstore.store
+    store.upsert(["Stale text."], ids=["x"], metadatas=[{"status": "stale"}])
+    writers = []
+
+    def replaced_meanwhile(read):
+        def reading(*args):
+            found = read(*args)
+            writers.append(threading.Thread(target=store.upsert, args=(["Fresh text."], ["x"], [{"status": "fresh"}])))
+            writers[0].start()
+            writers[0].join(timeout=0.5)  # with the lock held, it waits for the delete
+            return found
+        return reading
+
+    monkeypatch.setattr(store, "ids_where", replaced_meanwhile(store.ids_where))
+    monkeypatch.setattr(store, "all_ids", replaced_meanwhile(store.all_ids))
+    delete(vectorstore)
+    writers[0].join()
+    assert [d.page_content for d in vectorstore.get_by_ids(["x"])] == ["Fresh text."]

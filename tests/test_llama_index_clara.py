@@ -486,3 +486,13 @@ def test_the_adapters_repr_names_no_torch_model(tiny_model, vector_store):
     for adapter in (ChatClara(clara=tiny_model, store=vector_store.client), ClaraLLM(clara=tiny_model),
                     ClaraEmbedding(clara=tiny_model)):
         assert "LlamaDecoderLayer" not in repr(adapter)
+
+
+def test_an_embedding_sent_to_another_process_is_refused_by_name(tiny_model):
+    # an IngestionPipeline with num_workers pickled it without its model, then failed on a missing "clara"
+    import pickle
+
+    from llama_index_clara import ClaraEmbedding
+
+    with pytest.raises(TypeError, match="run the pipeline without num_workers"):
+        pickle.dumps(ClaraEmbedding(clara=tiny_model))

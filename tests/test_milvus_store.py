@@ -526,3 +526,31 @@ def test_a_collection_whose_creation_was_killed_before_its_indexes_opens_and_sto
     store.upsert(CORPUS, IDS, METAS)
     assert_same_results(store.search(QUERIES[0], k=3), local.search(QUERIES[0], k=3))
     store.close()
+
+
+def test_two_clients_creating_one_collection_at_once_both_open_it(tiny_model, milvus, uri):
+    # the loser of the creation dropped the winner's collection (found empty): both failed
+    import threading
+
+    opened, barrier = {}, threading.Barrier(2)
+
+    def open_store(number: int) -> None:
+        barrier.wait()
+        try:
+            opened[number] = MilvusMemoryStore(tiny_model, uri, collection="raced")
+        except Exception as error:  # reported below
+            opened[number] = error
+
+    threads = [threading.Thread(target=open_store, args=(number,)) for number in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    try:
+        assert all(isinstance(store, MilvusMemoryStore) for store in opened.values()) and len(opened) == 2, opened
+        opened[0].upsert(CORPUS[:1], IDS[:1])
+        assert opened[1].all_ids() == IDS[:1]
+    finally:
+        for store in opened.values():
+            if isinstance(store, MilvusMemoryStore):
+                store.close()

@@ -634,3 +634,63 @@ def test_a_template_that_reads_enable_thinking_answers_without_thinking(tmp_path
     prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
     assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert question_prompt(tokenizer, "Who?", 1, "<d>", "Curie").startswith(prompt + "Curie<|im_end|>\n")
+
+
+def test_memories_that_are_not_finite_floats_and_a_config_that_is_no_config_are_refused(tiny_model):
+    # NaN memories answered "", integer ones were cast; a path given as the config failed on dataclasses.replace
+    shape = (1, 1, tiny_model.config.n_mem_tokens, tiny_model.hidden_size)
+    with pytest.raises(InvalidInputError, match="must be finite"):
+        tiny_model.answer(["Who?"], torch.full(shape, float("nan")))
+    with pytest.raises(InvalidInputError, match="must be finite"):
+        tiny_model.answer(["Who?"], torch.full(shape, float("inf")))
+    with pytest.raises(InvalidInputError, match="must be floating point, got torch.int64"):
+        tiny_model.answer(["Who?"], torch.ones(shape, dtype=torch.long))
+    with pytest.raises(InvalidInputError, match="config must be a ClaraConfig, got str 'runs/x': load a checkpoint "
+                                                "with ClaraModel.from_pretrained"):
+        ClaraModel("runs/x")
+
+
+def test_a_model_deep_copies_and_pickles_with_a_lock_of_its_own(tiny_model):
+    # its lock could not be pickled: copy.deepcopy and pickle failed on "_thread.RLock"
+    import copy
+    import pickle
+
+    shape = (1, 1, tiny_model.config.n_mem_tokens, tiny_model.hidden_size)
+    memories = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for copied in (copy.deepcopy(tiny_model), pickle.loads(pickle.dumps(tiny_model))):
+        assert copied._lock is not tiny_model._lock
+        assert copied.answer(["Who?"], memories) == tiny_model.answer(["Who?"], memories)
+
+
+def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch):
+    # no pad and no eos: built, then every compression failed on a bare TypeError; OPT-350m's
+    # narrower embeddings: a raw shape mismatch at the first compression; remote code: transformers'
+    # advice to pass trust_remote_code, which nothing here passes
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from clara_plugins import backbone
+
+    bare = build_tiny_base_model(tmp_path / "bare")
+    tokenizer = AutoTokenizer.from_pretrained(bare)
+    tokenizer.pad_token, tokenizer.eos_token = None, None
+    tokenizer.save_pretrained(bare)
+    with pytest.raises(ValueError, match="neither a padding nor an end-of-sequence token"):
+        ClaraModel(ClaraConfig(base_model=str(bare), compression_rate=16, doc_max_length=64), device="cpu")
+    opt = tmp_path / "opt"
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "words"))
+    OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, word_embed_proj_dim=16, ffn_dim=64,
+                             num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id)).save_pretrained(opt)
+    tokenizer.save_pretrained(opt)
+    with pytest.raises(ValueError, match="layers are 32 wide and its embeddings 16, so only the last layer's"):
+        ClaraModel(ClaraConfig(base_model=str(opt), compression_rate=16, doc_max_length=64, memory_layer=1),
+                   device="cpu")
+    ClaraModel(ClaraConfig(base_model=str(opt), compression_rate=16, doc_max_length=64), device="cpu")  # the last
+
+    def remote(*args, **kwargs):
+        raise ValueError("The repository x contains custom code which must be executed: pass trust_remote_code=True")
+
+    monkeypatch.setattr(backbone.AutoTokenizer, "from_pretrained", remote)
+    with pytest.raises(ValueError, match="runs code of its own \\(trust_remote_code\\), which this library does not"):
+        backbone.load_base_model(str(bare))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clara_plugins import TrainConfig, cosine_scores, straight_through_topk, top_k
+from clara_plugins import InvalidInputError, TrainConfig, cosine_scores, straight_through_topk, top_k
 from clara_plugins.retrieval import retrieval_keys
 
 
@@ -126,7 +126,7 @@ def test_top_k_is_the_one_pick_of_the_query_reasoner(key):
     few, order = top_k(queries, pool[:2], 3, key)  # fewer than k: all kept, still best first
     assert order.tolist() == cosine_scores(queries, pool[:2], key).argsort(descending=True).tolist()
     assert sorted(order[0].tolist()) == [0, 1] and torch.equal(few[0], pool[order[0]])
-    with pytest.raises(ValueError, match="k must be positive"):
+    with pytest.raises(ValueError, match="k must be a positive integer"):
         top_k(queries, pool, 0, key)
 
 
@@ -169,3 +169,20 @@ def test_tied_scores_are_picked_in_candidate_order():
     # and picked from the scores: dividing by the temperature tied two that differ by one ulp
     close = torch.tensor([[0.3, torch.nextafter(torch.tensor(0.3), torch.tensor(1.0)).item(), 0.0]])
     assert straight_through_topk(close, k=1, temperature=0.7).argmax(-1).tolist() == [[1]]
+
+
+def test_the_ranking_functions_refuse_what_they_cannot_rank():
+    # a query without its batch dimension lost a pick unsaid; k=2.5 failed on a slice; a NaN temperature made W NaN
+    pool = torch.randn(6, 4, 8)
+    with pytest.raises(InvalidInputError, match=r"queries must be \[batch, n_mem, hidden\].*got \(4, 8\)"):
+        top_k(torch.randn(4, 8), pool, 5, "mean")
+    with pytest.raises(InvalidInputError, match="of the same hidden size"):
+        top_k(torch.randn(2, 4, 16), pool, 5, "mean")
+    for k in (2.5, True, 0):
+        with pytest.raises(InvalidInputError, match="k must be a positive integer"):
+            top_k(torch.randn(2, 4, 8), pool, k, "mean")
+    with pytest.raises(ValueError, match="temperature must be a positive number, got nan"):
+        straight_through_topk(torch.randn(2, 5), 2, float("nan"))
+    for name in ("lr", "margin", "temperature"):
+        with pytest.raises(ValueError, match=f"{name} must be a number"):  # lr=inf made every weight NaN at step 1
+            TrainConfig(stage="e2e", **{name: math.inf})

@@ -228,7 +228,9 @@ def test_a_string_where_a_list_of_ids_belongs_is_refused(store):
     store.upsert(["a text", "b text", "c text", "abc text"], ids=["a", "b", "c", "abc"])
     before = sorted(store.all_ids())
     for call in (lambda: store.delete("abc"), lambda: store.get("abc"), lambda: store.memories("abc"),
-                 lambda: store.upsert(["x", "y", "z"], ids="xyz"), lambda: store.search("text", ids="abc")):
+                 lambda: store.upsert(["x", "y", "z"], ids="xyz"), lambda: store.search("text", ids="abc"),
+                 # nor a dict, whose keys were taken for ids
+                 lambda: store.delete({"abc": 1}), lambda: store.search("text", ids={"a": 1})):
         with pytest.raises(InvalidInputError, match="must be a (list|collection) of ids"):
             call()
     assert sorted(store.all_ids()) == before
@@ -784,3 +786,18 @@ def test_a_filtered_search_reads_the_mean_keys_of_a_built_index_not_the_memories
     monkeypatch.setattr(store, "_memory_rows", lambda rows: pytest.fail("the memories were read"))
     assert store.search("Nobel prizes", k=3, where={"n": 0}) == expected
     assert store.search("Nobel prizes", k=2, where={"n": 0}, lambda_mult=0.3) == diverse
+
+
+def test_a_save_through_a_linked_current_leaves_the_linked_store_alone(store, tiny_model, tmp_path):
+    # a copy whose CURRENT links to the original's ("cp -rs"): its save pointed the original at a
+    # generation only the copy holds, and the original no longer loaded
+    store.save(tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
+    (tmp_path / "copy" / "CURRENT").unlink()
+    (tmp_path / "copy" / "CURRENT").symlink_to(tmp_path / "orig" / "CURRENT")
+    copy = MemoryStore.load(tmp_path / "copy", tiny_model)
+    copy.upsert(["One more document."], ids=["more"])
+    copy.save(tmp_path / "copy")
+    assert sorted(MemoryStore.load(tmp_path / "orig", tiny_model).all_ids()) == sorted(store.all_ids())
+    assert "more" in MemoryStore.load(tmp_path / "copy", tiny_model).all_ids()
+    assert not (tmp_path / "copy" / "CURRENT").is_symlink()

@@ -1,6 +1,7 @@
 """SCP synthesis with scripted teachers: coverage rounds, drops, resume, framework teachers."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -408,3 +409,14 @@ def test_a_question_asked_again_keeps_its_first_answer():
     qa, _, counts = synthesize_document(DOC, Repeating(["NONE"]), max_rounds=1)
     assert [a for q, a in zip(qa["question"], qa["answers"]) if q == "When was Marie Curie born?"] == ["1867"]
     assert counts["dropped_pairs"] == 1
+
+
+def test_a_documents_rows_reach_the_disk_before_its_mark(tmp_path, monkeypatch):
+    # flushed alone, after a power loss the ledger's line could survive its rows: skipped for good
+    output = tmp_path / "scp.jsonl"
+    ledger = output.with_name(output.name + ".done")
+    synced, fsync = [], synthesis.os.fsync  # each file synced, and the marks the ledger held by then
+    monkeypatch.setattr(synthesis.os, "fsync", lambda fd: synced.append(
+        (os.readlink(f"/proc/self/fd/{fd}"), ledger.read_text().count("\n"))) or fsync(fd))
+    synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), output)
+    assert (str(output), 0) in synced and ledger.read_text().count("\n") == 1

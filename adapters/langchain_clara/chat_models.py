@@ -54,7 +54,7 @@ class ChatClara(ReaderFields, BaseChatModel):
     """
 
     model_name: str = "clara"
-    max_tokens: int | None = Field(default=None, gt=0)  # answer length limit (default: the model's max_new_tokens)
+    max_tokens: int | None = Field(default=None, gt=0, strict=True)  # answer length limit (default: the model's max_new_tokens)
     stop: list[str] | None = None
     streaming: bool = False  # invoke streams to the callbacks, as LangChain's chat models do when it is set
     _call_options: ClassVar[tuple[str, ...]] = ("stream", "temperature")  # LangChain's, besides the readers' own
@@ -202,23 +202,40 @@ def _text(message: BaseMessage, number: int) -> str:
 
 
 def _cut_at_stops(pieces: Iterator[str], stops: list[str]) -> Iterator[str]:
-    """Pass text through until a stop sequence appears; hold back what could start one. The
-    answer ends without trailing whitespace (as ``generate``'s), so a stop that ends in
-    whitespace is not found when the generator wrote it last: "France." is no ". " stop."""
+    """Pass text through until a stop sequence appears, and cut it where the earliest one
+    starts, however the text comes in pieces; hold back what could start one. The answer ends
+    without trailing whitespace (as ``generate``'s), so a stop that ends in whitespace is not
+    found when the generator wrote it last: "France." is no ". " stop."""
     if not stops:
         yield from pieces
         return
-    hold = max(len(s) for s in stops) - 1
     buffer = ""
     for piece in pieces:
         buffer += piece
-        cut = min((buffer.find(s) for s in stops if s in buffer), default=-1)
-        if cut >= 0:
-            if buffer[:cut]:
-                yield buffer[:cut]
+        found, unfinished = _first_stop(buffer, stops), _first_unfinished_stop(buffer, stops)
+        # a stop found ends the text, unless one that starts earlier may still finish ("</answer"
+        # of "</answer>" before the "answer" found: one piece per character cut at "Paris</")
+        if found is not None and (unfinished is None or found <= unfinished):
+            if buffer[:found]:
+                yield buffer[:found]
             return
-        if len(buffer) > hold:
-            yield buffer[: len(buffer) - hold]
-            buffer = buffer[len(buffer) - hold:]
-    if buffer:
-        yield buffer
+        safe = min(x for x in (found, unfinished, len(buffer)) if x is not None)
+        if safe:
+            yield buffer[:safe]
+            buffer = buffer[safe:]
+    found = _first_stop(buffer, stops)
+    if buffer[:found]:
+        yield buffer[:found]
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop sequence in ``text`` starts."""
+    return min((text.find(s) for s in stops if s in text), default=None)
+
+
+def _first_unfinished_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop sequence that ``text`` ends inside of starts ("Paris</ans" for
+    "</answer>")."""
+    longest = max(len(s) for s in stops)
+    return next((start for start in range(max(0, len(text) - longest + 1), len(text))
+                 if any(len(s) > len(text) - start and s.startswith(text[start:]) for s in stops)), None)

@@ -28,7 +28,7 @@ class ClaraRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     store: BaseMemoryStore
-    k: int | None = Field(default=None, gt=0)  # documents returned (default: generation_top_k, what ChatClara reads)
+    k: int | None = Field(default=None, gt=0, strict=True)  # documents returned (default: generation_top_k, what ChatClara reads)
     filter: dict | None = None
 
     @field_validator("store", mode="before")

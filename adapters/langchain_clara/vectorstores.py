@@ -158,8 +158,10 @@ class ClaraVectorStore(VectorStore):
             if holds_no_condition(filter):  # built from an empty selection, it deleted every document
                 raise InvalidInputError("a filter without a condition selects every document: call delete() to "
                                         "delete them all")
-            ids = self.store.ids_where(filter)
-        self.store.delete(self.store.all_ids() if ids is None else ids)
+        if ids is None:
+            self.store.delete_where(filter)
+        else:
+            self.store.delete(ids)
         return True
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:

@@ -50,6 +50,11 @@ class ClaraEmbedding(BaseEmbedding):
     def class_name(cls) -> str:
         return "ClaraEmbedding"
 
+    def __getstate__(self) -> dict:
+        # LlamaIndex would pickle it without its model, unsaid, and fail later on a missing "clara"
+        raise TypeError("ClaraEmbedding cannot go to another process: it hands its memory tokens to the store in "
+                        "this one, which would compress every node again; run the pipeline without num_workers")
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def clara_model(self) -> dict:

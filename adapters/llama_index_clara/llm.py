@@ -54,6 +54,8 @@ from clara_plugins.errors import InvalidInputError
 CLARA_QA_PROMPT = PromptTemplate(ANSWER_TEMPLATE.format(documents="{context_str}", question="{query_str}"))
 
 T = TypeVar("T")
+_NO_STRUCTURED_OUTPUT = ("ClaraLLM has no structured output: CLaRa's generator answers in free text and was not "
+                         "trained to follow a schema")
 class ClaraLLM(ReaderFields, CustomLLM):
     """Answer from CLaRa memory tokens inside any LlamaIndex prompt.
 
@@ -62,7 +64,7 @@ class ClaraLLM(ReaderFields, CustomLLM):
     ``ClaraVectorStore``.
     """
 
-    max_new_tokens: int | None = Field(default=None, gt=0)  # answer length limit (default: the model's)
+    max_new_tokens: int | None = Field(default=None, gt=0, strict=True)  # answer length limit (default: the model's)
     model_name: str = "clara"
 
     @classmethod
@@ -119,6 +121,22 @@ class ClaraLLM(ReaderFields, CustomLLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return off_the_loop(await asyncio.to_thread(self._stream_chat, messages, kwargs))
+
+    # refused before any generation: the answer, parsed as JSON after it, failed on "Could not extract json"
+    def structured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
+
+    async def astructured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
+
+    def stream_structured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
+
+    async def astream_structured_predict(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
+
+    def as_structured_llm(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
 
     def _complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
         pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)

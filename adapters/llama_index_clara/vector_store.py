@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import numbers
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from pydantic import PrivateAttr
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
-from clara_plugins.checks import check_positive_int
+from clara_plugins.checks import check_fraction, check_positive_int
 from clara_plugins.filters import holds_no_condition
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
@@ -205,7 +206,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def delete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
         """Delete every node of a source document."""
         _refuse_unread("delete", delete_kwargs)  # delete_ref_doc(id, delete_from_docstroe=True) deleted, unsaid
-        self._store.delete(self._store.ids_where({"ref_doc_id": ref_doc_id}))
+        self._store.delete_where({"ref_doc_id": ref_doc_id})
 
     def delete_nodes(self, node_ids: list[str] | None = None, filters: MetadataFilters | None = None,
                      **delete_kwargs: Any) -> None:
@@ -216,14 +217,17 @@ class ClaraVectorStore(BasePydanticVectorStore):
         if node_ids is None and filters is not None and holds_no_condition(translate_filters(filters) or {}):
             raise InvalidInputError("these filters hold no condition, so they select every node: call clear() to "
                                     "delete them all")
-        self._store.delete(self._select(node_ids, filters))
+        if node_ids is None:  # chosen and deleted at once, as clear() does
+            self._store.delete_where(translate_filters(filters))
+        else:
+            self._store.delete(self._select(node_ids, filters))
 
     def get_nodes(self, node_ids: list[str] | None = None,
                   filters: MetadataFilters | None = None) -> list[BaseNode]:
         return [self._to_node(d) for d in self._store.get(self._select(node_ids, filters))]
 
     def clear(self) -> None:
-        self._store.delete(self._store.all_ids())
+        self._store.delete_where()
 
     def _select(self, node_ids: list[str] | None, filters: MetadataFilters | None) -> list[str]:
         where = translate_filters(filters)
@@ -253,14 +257,18 @@ class ClaraVectorStore(BasePydanticVectorStore):
         mode = VectorStoreQueryMode(query.mode)  # a plain dataclass: a mode given as a string stays one
         if mode not in (VectorStoreQueryMode.DEFAULT, VectorStoreQueryMode.MMR):
             raise NotImplementedError(f"query mode {mode.value!r} is not supported; use 'default' or 'mmr'")
+        check_positive_int("similarity_top_k", query.similarity_top_k)  # 0 is no "every node" here
         lambda_mult, fetch_k = 1.0, query.similarity_top_k  # fetch_k: the nodes MMR re-ranks (unused otherwise)
         if mode == VectorStoreQueryMode.MMR:
             threshold = query.mmr_threshold if query.mmr_threshold is not None else kwargs.get("mmr_threshold")
-            lambda_mult = 0.5 if threshold is None else threshold
+            lambda_mult = 0.5 if threshold is None else check_fraction("mmr_threshold", threshold)
             fetch_k = _mmr_fetch_k(query.similarity_top_k, kwargs)
+        elif kwargs or query.mmr_threshold is not None:  # read in MMR mode alone: ignored, unsaid
+            raise ValueError(f"{', '.join(sorted(kwargs) or ['mmr_threshold'])} weigh MMR re-ranking: ask for it "
+                             "with vector_store_query_mode='mmr'")
         where = translate_filters(query.filters)
         if query.doc_ids is not None:  # the nodes of these source documents
-            of_documents = {"ref_doc_id": {"$in": list(query.doc_ids)}}
+            of_documents = {"ref_doc_id": {"$in": id_list(query.doc_ids, "doc_ids", ordered=False)}}  # not letters
             where = of_documents if where is None else {"$and": [where, of_documents]}
         # an index over a store that keeps the text holds no node ids, and its retrievers pass []:
         # an empty list restricts nothing
@@ -353,6 +361,6 @@ def _mmr_fetch_k(top_k: int, kwargs: dict[str, Any]) -> int:
         check_positive_int("mmr_prefetch_k", prefetch_k)  # -3 and True fell back to top_k, 2.9 was 2
         return max(top_k, int(prefetch_k))
     factor = MMR_PREFETCH_FACTOR if factor is None else factor
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not 0 < factor < math.inf:
         raise ValueError(f"mmr_prefetch_factor must be a positive number, got {factor!r}")
     return max(top_k, math.ceil(top_k * factor))
