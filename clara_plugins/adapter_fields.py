@@ -8,15 +8,36 @@ on pydantic, so this module is imported by the adapters only, never by ``clara_p
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
+                      model_validator)
 
 from .base_store import BaseMemoryStore, as_memory_store, id_list
+from .checks import check_positive_int
 from .checkpoint import check_compressor, compressor_signature
 from .context import Reader, Reading, ReadingStats, read_messages
 from .model import ClaraModel
 from .pretrained import load_model
+
+
+def _positive_count(value: object, info: ValidationInfo) -> object:
+    """A count setting, as the core checks one: a numpy integer too, not True (read as 1)."""
+    if value is None:
+        return None
+    check_positive_int(info.field_name, value)
+    return int(value)
+
+
+PositiveCount = Annotated[int | None, BeforeValidator(_positive_count)]
+
+
+def pickling_refused(owner: object) -> TypeError:
+    """Why an object holding a model and a store is not sent to another process: they stay in
+    this one (LlamaIndex's pickling took them out of the very object it pickled, and its copy
+    read nothing)."""
+    return TypeError(f"{type(owner).__name__} cannot go to another process: its model and store stay in this one; "
+                    "run without num_workers")
 
 
 class ReaderFields(BaseModel):
@@ -31,7 +52,7 @@ class ReaderFields(BaseModel):
     # repr (LangChain hands every callback the repr: the whole torch model's, 10 KB on a 2-layer one)
     clara: ClaraModel | None = Field(default=None, exclude=True, repr=False)
     store: BaseMemoryStore | None = Field(default=None, exclude=True, repr=False)
-    k: int | None = Field(default=None, gt=0, strict=True)  # documents read as memory tokens at most (default: generation_top_k)
+    k: PositiveCount = None  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
     _call_options: ClassVar[tuple[str, ...]] = ()  # what a framework passes each call, besides the options read
 
@@ -71,6 +92,9 @@ class ReaderFields(BaseModel):
         pieces = self.clara.stream(reading.prompt, reading.memories, max_tokens if limit is None else limit)
         self._reader.count(reading)  # once the generator took the prompt: a refused call read nothing
         return pieces, reading
+
+    def __getstate__(self) -> dict:
+        raise pickling_refused(self)
 
     @property
     def stats(self) -> ReadingStats:

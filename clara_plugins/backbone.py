@@ -85,15 +85,14 @@ def load_base_model(
     """Causal LM and tokenizer from a local folder, a hub id, or the offline default."""
     path = default_model_folder() if name_or_path == DEFAULT_BASE_MODEL else name_or_path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        # never run a repository's own code (transformers asked on stdin, and ran it on a "y")
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except (OSError, SafetensorError, ValueError) as error:  # a tokenizer cut short: a JSONDecodeError
         if name_or_path == DEFAULT_BASE_MODEL:  # a copy cut short or unreadable: the user named no folder
             raise OSError(f"the default model's copy in {path} cannot be read ({error}): delete that folder, and "
                           "the next use makes it again") from error
-        if isinstance(error, ValueError) and "trust_remote_code" in str(error):  # its advice cannot be taken here
-            raise ValueError(f"{name_or_path!r} runs code of its own (trust_remote_code), which this library does not "
-                             "run: use a model that transformers itself defines") from error
+        _refuse_remote_code(name_or_path, error)
         if isinstance(error, (SafetensorError, ValueError)):
             raise
         raise _not_loadable(name_or_path, error) from error
@@ -108,9 +107,20 @@ def check_base_model(name_or_path: str) -> None:
             _find_default_gguf()
         return
     try:
-        AutoConfig.from_pretrained(name_or_path)
+        AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
     except OSError as error:
         raise _not_loadable(name_or_path, error) from error
+    except ValueError as error:
+        _refuse_remote_code(name_or_path, error)
+        raise
+
+
+def _refuse_remote_code(name_or_path: str, error: Exception) -> None:
+    """Name a model that runs code of its own: transformers' advice, to pass trust_remote_code,
+    cannot be taken here."""
+    if isinstance(error, ValueError) and "trust_remote_code" in str(error):
+        raise ValueError(f"{name_or_path!r} runs code of its own (trust_remote_code), which this library does not "
+                         "run: use a model that transformers itself defines") from error
 
 
 def _not_loadable(name_or_path: str, error: OSError) -> OSError:

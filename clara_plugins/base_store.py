@@ -81,12 +81,15 @@ class BaseMemoryStore(ABC):
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
 
-    def delete_where(self, where: Filter | None = None) -> None:
+    def delete_where(self, where: Filter | None = None, ids: Collection[str] | None = None) -> None:
         """Remove the documents whose metadata satisfies a filter (without one, every document),
-        chosen and removed in one hold of the lock: deleted by ids read before, a document another
-        thread had meanwhile replaced by one the filter does not select was lost."""
+        among ``ids`` where given, chosen and removed in one hold of the lock: deleted by ids read
+        before, a document another thread had meanwhile replaced by one the filter does not
+        select was lost."""
+        wanted = None if ids is None else set(id_list(ids, "ids", ordered=False))
         with self._lock:
-            self.delete(self.all_ids() if where is None else self.ids_where(where))
+            chosen = self.all_ids() if where is None else self.ids_where(where)
+            self.delete(chosen if wanted is None else [doc_id for doc_id in chosen if doc_id in wanted])
 
     @abstractmethod
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:

@@ -2,6 +2,9 @@
 
 An example's pool is filled up from other examples' passages when it is short (NQ has one
 passage per question) and trimmed to the gold plus the best-ranked others when it is long.
+Words are bm25s's: two characters or more, English stopwords out ("Apollo 8" is "apollo"). A
+ranking that kept one-character words would change the recipe's rows and every BM25 number
+the docs give, so it waits for a retrain.
 """
 
 from __future__ import annotations

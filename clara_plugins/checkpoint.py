@@ -49,6 +49,7 @@ class AdaptedModel(Protocol):
     hidden_size: int
     tokenizer: PreTrainedTokenizerBase
     mem_token_ids: list[int]
+    given_rows: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 FORMAT = "clara-plugins/1"
@@ -141,11 +142,10 @@ def compressor_signature(model: AdaptedModel) -> dict:
     """What fixes a document's memories: base model, sizes, design, encoder weights, <MEM> rows.
 
     Stores of compressed documents record it and refuse to mix with another compressor. The
-    weights are hashed rounded to bf16, so that a checkpoint signs alike in fp32 on a CPU and
-    in bf16 on a GPU: a store filled by GPU workers opens on a CPU. So does fp16 for a
-    checkpoint saved in fp16 (the shipped one; ``save_pretrained(dtype="float16")``); an fp32
-    checkpoint loaded in fp16 rounds its added rows twice (to fp16, then to bf16), and a few of
-    them may then land on the other side of a bf16 rounding, and sign otherwise.
+    weights are hashed rounded to bf16 (peft keeps the adapters in fp32 in any model), and the
+    added rows as the checkpoint gave them while the model's are their cast: a checkpoint signs
+    alike in fp32 on a CPU and in bf16 or fp16 on a GPU, so a store filled by GPU workers opens
+    on a CPU (read in fp16, an fp32 checkpoint's rows, rounded twice, signed otherwise).
     """
     config = model.config
     return {
@@ -166,9 +166,9 @@ def adapters_sha256(model: AdaptedModel, adapters: Sequence[str] = ADAPTER_NAMES
     for adapter in adapters:
         weights = get_peft_model_state_dict(model.lm, adapter_name=adapter, save_embedding_layers=False)
         tensors += [weights[k] for k in sorted(weights)]
-    tensors.append(added_rows(model, model.lm.get_input_embeddings().weight))
+    tensors.append(_signed_rows(model, model.lm.get_input_embeddings().weight))
     if ADAPTER_NAMES[-1] in adapters and (output := untied_output(model)) is not None:
-        tensors.append(added_rows(model, output))  # the generator's: the compressor never reads them
+        tensors.append(_signed_rows(model, output))  # the generator's: the compressor never reads them
     for tensor in tensors:
         digest.update(tensor.detach().bfloat16().float().cpu().numpy().tobytes())
     return digest.hexdigest()
@@ -180,6 +180,16 @@ def untied_output(model: AdaptedModel) -> torch.Tensor | None:
     if output is None or output.weight is model.lm.get_input_embeddings().weight:
         return None
     return output.weight
+
+
+def _signed_rows(model: AdaptedModel, matrix: torch.Tensor) -> torch.Tensor:
+    """The added rows of ``matrix`` as a checkpoint gave them, while the model's are still their
+    cast; else the model's own (trained since, or never loaded)."""
+    rows = added_rows(model, matrix)
+    for written, given in model.given_rows:
+        if written is matrix and torch.equal(given.to(device=rows.device, dtype=rows.dtype), rows):
+            return given
+    return rows
 
 
 def added_rows(model: AdaptedModel, matrix: torch.Tensor) -> torch.Tensor:
@@ -410,6 +420,7 @@ def _write_rows(model: AdaptedModel, targets: list[tuple[torch.Tensor, torch.Ten
     with torch.no_grad():
         for matrix, rows in targets:
             matrix[model.base_vocab_size:] = rows.to(device=matrix.device, dtype=matrix.dtype)
+    model.given_rows = [(matrix, rows.detach().float().cpu()) for matrix, rows in targets]  # what is signed
 
 
 def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:

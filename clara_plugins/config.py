@@ -259,14 +259,14 @@ class TrainConfig:
         for name in ("lr", "mse_weight", "margin_weight", "retrieval_weight", "distill_weight", "restate_weight",
                      "weight_decay", "margin", "restate_margin"):
             if not 0 <= getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a number of at least 0, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio is a share of the steps, in 0..1, got {self.warmup_ratio}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if not 0 < self.temperature < math.inf:  # scores are divided by it: at infinity, nothing is learned
-            raise ValueError(f"temperature must be a number above 0, got {self.temperature}")
+            raise ValueError(f"temperature must be a finite number above 0, got {self.temperature}")
         if self.freeze_generator and (self.stage == "retrieval" or self.generator_only
                                       or (self.stage == "instruct" and not self.keep_generator)):
             raise ValueError("freeze_generator needs a stage where something else learns: scp, e2e, or instruct "

@@ -108,6 +108,8 @@ class ClaraModel(torch.nn.Module):
             self.lm.add_adapter(name, lora)
         self._lock = threading.RLock()  # adapter switches and forward passes, across threads
         self.trainable: tuple[str, ...] = ()  # adapters whose LoRA weights train (see passes.py)
+        # (matrix, its added rows as a checkpoint gave them): what compressor_signature signs
+        self.given_rows: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._apply_trainable()
         self.to(self.device_)
         self.eval()
@@ -458,7 +460,11 @@ class ClaraModel(torch.nn.Module):
         filled = [g.reshape(-1, g.size(-1)).to(device=embeds.device, dtype=embeds.dtype)
                   for g in groups if g is not None and g.numel()]
         if filled:
-            embeds = embeds.masked_scatter(slots.unsqueeze(-1), torch.cat(filled))
+            values = torch.cat(filled)
+            if not torch.isfinite(values).all():  # finite as given, past the range of an fp16 model's
+                raise InvalidInputError(f"memories must be finite in the model's {embeds.dtype}: some lie past its "
+                                        "range")
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), values)
         return embeds, mask, ids
 
     def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
@@ -653,7 +659,7 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
 
 def fp16_memories(memories: torch.Tensor) -> np.ndarray:
     """Memories as the store keeps them, refused where fp16 cannot hold them."""
-    memories = memories.to(torch.float16).cpu()
+    memories = memories.detach().to(torch.float16).cpu()  # memories that carry gradients too
     if not torch.isfinite(memories).all():
         raise InvalidInputError("memories must be finite numbers within fp16's range (±65,504)")
     return memories.numpy()

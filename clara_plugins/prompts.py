@@ -101,8 +101,8 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         text = _bos(tokenizer) + text  # prompts are tokenized without special tokens; templates write their own
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer,
-                                             **_TEMPLATE_VARIABLES)
+        return _ended(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer,
+                                                    **_TEMPLATE_VARIABLES), open_answer)
     except TemplateError:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         rest: list[dict] = []
@@ -117,10 +117,17 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         if first_user is not None and system:
             first_user["content"] = f"{system}\n{first_user['content']}"
         try:
-            return tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer,
-                                                 **_TEMPLATE_VARIABLES)
+            return _ended(tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer,
+                                                        **_TEMPLATE_VARIABLES), open_answer)
         except TemplateError as error:
             raise InvalidInputError(f"the model's chat template refuses these messages: {error}") from error
+
+
+def _ended(text: str, open_answer: bool) -> str:
+    """An opened answer's prompt without the spaces it ends in: the template's finished turn
+    gives them to the answer's first word ("assistant: Marie" is "Ġ", "Marie" opened and ": ",
+    "ĠMarie" written), so the generator writes that word with its space, as it is trained to."""
+    return text.rstrip(" ") if open_answer else text
 
 
 def _bos(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -195,29 +202,31 @@ def scp_target(row: dict) -> str:
     return row["answers"][0]
 
 
+def memory_prompt(tokenizer: PreTrainedTokenizerBase, document_placeholder: str, row: dict, k: int,
+                  target: bool = True) -> str:
+    """A training row read from memory tokens, its target too unless ``target`` is False: an SCP
+    row (one document, ``data_type`` set) or an instruction row (a question over k documents)."""
+    if "data_type" in row:
+        return scp_prompt(tokenizer, document_placeholder, row["data_type"], scp_target(row) if target else None)
+    return question_prompt(tokenizer, row["question"], k, document_placeholder, _answer(row) if target else None)
+
+
 def memory_prompts(tokenizer: PreTrainedTokenizerBase, document_placeholder: str, rows: Sequence[dict],
                    k: int) -> tuple[list[str], list[str]]:
-    """The prompts and the prompts + targets of training rows read from memory tokens: SCP rows
-    (one document, ``data_type`` set) or instruction rows (a question over k documents)."""
-    prompts, full = [], []
-    for row in rows:
-        if "data_type" in row:
-            kind = row["data_type"]
-            prompts.append(scp_prompt(tokenizer, document_placeholder, kind))
-            full.append(scp_prompt(tokenizer, document_placeholder, kind, scp_target(row)))
-        else:
-            answer = _answer(row)
-            prompts.append(question_prompt(tokenizer, row["question"], k, document_placeholder))
-            full.append(question_prompt(tokenizer, row["question"], k, document_placeholder, answer))
-    return prompts, full
+    """The prompts and the prompts + targets of training rows read from memory tokens."""
+    return ([memory_prompt(tokenizer, document_placeholder, row, k, target=False) for row in rows],
+            [memory_prompt(tokenizer, document_placeholder, row, k) for row in rows])
+
+
+def text_prompt(tokenizer: PreTrainedTokenizerBase, row: dict, target: bool = True) -> str:
+    """An instruction row read with its documents as text (the text stage's rows, and what a
+    distillation teacher reads), its answer too unless ``target`` is False."""
+    return text_context_prompt(tokenizer, row["question"], row["docs"], _answer(row) if target else None)
 
 
 def text_prompts(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict]) -> tuple[list[str], list[str]]:
-    """The prompts and the prompts + answers of instruction rows read with their documents as
-    text: the text stage's rows, and what a distillation teacher reads."""
-    prompts = [text_context_prompt(tokenizer, row["question"], row["docs"]) for row in rows]
-    full = [text_context_prompt(tokenizer, row["question"], row["docs"], _answer(row)) for row in rows]
-    return prompts, full
+    """The prompts and the prompts + answers of instruction rows read with their documents as text."""
+    return [text_prompt(tokenizer, row, target=False) for row in rows], [text_prompt(tokenizer, row) for row in rows]
 
 
 def _answer(row: dict) -> str:

@@ -44,7 +44,7 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor, key: str) -> 
     [B, N, n_mem, hidden] (one pool per query). Returns scores [B, N] in fp32.
     """
     q = retrieval_keys(queries, key)
-    c = retrieval_keys(candidates, key)
+    c = retrieval_keys(candidates, key).to(q.device)  # stored memories stay on the CPU beside a GPU model
     if c.dim() == 2:
         return q @ c.T
     return torch.einsum("bd,bnd->bn", q, c)
@@ -94,7 +94,7 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> t
     if not 1 <= k <= n_candidates:
         raise ValueError(f"k must be in 1..{n_candidates} (number of candidates), got {k}")
     if not 0 < temperature < math.inf:  # NaN made every weight NaN
-        raise ValueError(f"temperature must be a positive number, got {temperature}")
+        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
 
     logits = scores.float() / temperature
     top_indices = best_first(scores, k)  # of the scores: dividing them can tie two that differ

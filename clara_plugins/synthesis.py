@@ -125,10 +125,10 @@ class HuggingFaceTeacher:
                                     "no room for a reply")
         with torch.no_grad():
             reply = self.model.generate(ids, max_new_tokens=limit, do_sample=False)[0, ids.size(1):]
-        text = self.tokenizer.decode(reply, skip_special_tokens=True).strip()
-        if len(reply) == limit and int(reply[-1]) not in self._stop_ids():  # cut at the limit
-            text = text.rpartition("\n")[0].rstrip()
-        return text
+        text = self.tokenizer.decode(reply, skip_special_tokens=True)
+        if len(reply) == limit and int(reply[-1]) not in self._stop_ids() and not text.endswith("\n"):  # cut mid-line
+            text = text.rpartition("\n")[0]
+        return text.strip()
 
     def _stop_ids(self) -> set[int]:
         """The token ids that end a reply."""

@@ -49,13 +49,14 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from .atomic import check_replaceable_folder, recover_folder
 from .backbone import context_window
@@ -66,11 +67,11 @@ from .config import TrainConfig
 from .errors import CheckpointError, InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
-from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, refuse_control_tokens
+from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, fp16_memories, refuse_control_tokens
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, other_rows, reading_width
-from .prompts import memory_prompts, text_prompts
+from .prompts import memory_prompt, memory_prompts, text_prompt, text_prompts
 from .retrieval import best_first, cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name, reading_row_problem
 
@@ -297,9 +298,10 @@ class CandidateMemories:
         """[len(texts), n_mem, hidden] fp32 memories, compressing only texts not seen before."""
         missing = [text for text in dict.fromkeys(texts) if text not in self._cache]
         if missing:
-            # the run counted cut documents once (_warn_cut_documents)
-            for text, memory in zip(missing, self.model.compress(missing, warn=False).memories.cpu()):
-                self._cache[text] = memory.to(torch.float16)
+            # the run counted cut documents once (_warn_cut_documents); past fp16's range, refused
+            memories = torch.from_numpy(fp16_memories(self.model.compress(missing, warn=False).memories))
+            for text, memory in zip(missing, memories):
+                self._cache[text] = memory
         memories = torch.stack([self._cache[text] for text in texts])
         return memories.to(device=self.model.device, dtype=torch.float32)
 
@@ -479,9 +481,11 @@ def _read_trainer_state(path: Path) -> dict:
 
 def _rng_states(model: ClaraModel) -> dict[str, torch.Tensor]:
     """The random states a resumed run restores, as dropout draws from them: the CPU's, and on a
-    GPU that device's."""
+    GPU that device's (an Apple one's too: re-seeded, a resumed run replayed the first masks)."""
     if model.device.type == "cuda":
         return {"rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(model.device)}
+    if model.device.type == "mps":
+        return {"rng": torch.get_rng_state(), "mps_rng": torch.mps.get_rng_state()}
     return {"rng": torch.get_rng_state()}
 
 
@@ -530,11 +534,11 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     for name, probe_rows in (probes or {}).items():
         refuse_control_tokens(model, [_row_text(row) for row in probe_rows], f"probe {name}, row")
     if config.stage == "text":
-        _refuse_long_rows(model, text_prompts(model.tokenizer, rows)[1], "the generator")
+        _refuse_long_rows(model, (text_prompt(model.tokenizer, row) for row in rows), len(rows), "the generator")
     elif config.stage != "retrieval":  # which trains the query reasoner alone
         width = (lambda row: config.top_k) if config.stage == "e2e" else (lambda row: len(row["docs"]))
-        texts = [memory_prompts(model.tokenizer, model.document_placeholder, [row], width(row))[1][0] for row in rows]
-        _refuse_long_rows(model, texts, "the generator")
+        texts = (memory_prompt(model.tokenizer, model.document_placeholder, row, width(row)) for row in rows)
+        _refuse_long_rows(model, texts, len(rows), "the generator")
 
 
 def _row_text(row: dict) -> str:
@@ -543,18 +547,28 @@ def _row_text(row: dict) -> str:
     return "\n".join(value for value in values if isinstance(value, str))
 
 
-def _refuse_long_rows(reader: ClaraModel, texts: list[str], name: str) -> None:
-    """Refuse the training rows whose text (prompt and target, as ``reader`` reads them) is
-    longer than its context window."""
+def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name: str) -> None:
+    """Refuse the ``count`` training rows whose text (prompt and target, as ``reader`` reads
+    them) is longer than its context window."""
     window = context_window(reader.lm)
     if window is None:
         return
-    lengths = [len(ids) for ids in reader.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    long = [number for number, length in enumerate(lengths) if length > window]
+    long = [(number, length) for number, length in enumerate(_token_counts(reader.tokenizer, texts, count))
+            if length > window]
     if long:
-        raise InvalidInputError(f"{len(long)} of the {len(texts)} training rows are longer than {name}'s context "
-                                f"window of {window} positions, training row {long[0]} the first "
-                                f"({lengths[long[0]]}): cut their documents or targets")
+        raise InvalidInputError(f"{len(long)} of the {count} training rows are longer than {name}'s context window "
+                                f"of {window} positions, training row {long[0][0]} the first ({long[0][1]}): cut "
+                                "their documents or targets")
+
+
+def _token_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], count: int) -> Iterator[int]:
+    """Each text's length in tokens, tokenized a part at a time: a whole run's rows at once held
+    every token id (2 GB for 20,000 rows of five documents)."""
+    texts = iter(texts)
+    with tqdm(total=count, desc="measuring rows", disable=count < 10_000, leave=False) as bar:
+        while part := list(itertools.islice(texts, 1024)):
+            yield from (len(ids) for ids in tokenizer(part, add_special_tokens=False)["input_ids"])
+            bar.update(len(part))
 
 
 def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | None, probes: dict[str, list[dict]],
@@ -669,13 +683,15 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                          f"on a GPU was NaN by step 6 (docs/training-run.md, twenty-fourth session); "
                          f"load it with dtype='float32'")
     check_for_model(model, rows, config, probes)
-    if config.stage != "text":  # which reads its documents whole, as text
+    # the text stage reads its documents whole; the retrieval stage writes no target; a corpus
+    # store's compression counted its own
+    if config.stage not in ("text", "retrieval") and corpus is None:
         _warn_cut_documents(model, rows)
     finished = state is not None and state["step"] >= config.steps
     # loaded, and refused, before the model's weights and settings change
     teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
     if teacher is not None:  # which reads the rows' documents whole, as text
-        _refuse_long_rows(teacher, text_prompts(teacher.tokenizer, rows)[1], "the teacher")
+        _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
@@ -710,6 +726,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and model.device.type == "cuda":  # the dropout masks of a GPU run
             torch.cuda.set_rng_state(state["cuda_rng"], model.device)
+        if "mps_rng" in state and model.device.type == "mps":
+            torch.mps.set_rng_state(state["mps_rng"])
         start = state["step"]
     _forget_steps_after(output / "log.jsonl", start if resuming else None)
     candidates = CandidateMemories(model, corpus) if config.caches_memories else None
@@ -779,7 +797,7 @@ def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
     compress them without a word: a warning a step, each of its own, buried the progress bar)."""
     texts = list(dict.fromkeys(document for row in rows for document in row["docs"]))
     limit = model.config.doc_max_length
-    cut = sum(len(ids) > limit for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else 0
+    cut = sum(length > limit for length in _token_counts(model.tokenizer, texts, len(texts)))
     if cut:
         warnings.warn(f"{cut} of the rows' {len(texts)} documents are longer than doc_max_length ({limit} "
                       f"tokens): the compressor reads their first {limit}, and a target about the rest asks for "

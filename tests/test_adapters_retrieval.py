@@ -415,14 +415,14 @@ def test_a_missing_framework_names_the_extra_to_install(package, missing, extra)
 def test_a_k_below_one_is_refused_not_read_as_the_default(tiny_model):
     store = MemoryStore(tiny_model)
     store.upsert(CORPUS[:3])
-    with pytest.raises(ValueError, match="greater than 0"):
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         ClaraRetriever(store=store, k=0)
     with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
         ClaraRetriever(store=store).invoke("Who won prizes?", k=0)
     with pytest.raises(ValueError, match="similarity_top_k must be a positive integer, got 0"):
         llama_index_clara.ClaraRetriever(store, similarity_top_k=0)
     for reader in (langchain_clara.ChatClara, llama_index_clara.ClaraLLM):
-        with pytest.raises(ValueError, match="greater than 0"):
+        with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
             reader(store=store, k=0)
     chat = langchain_clara.ChatClara(store=store, max_tokens=2)
     chat.k = 0  # set after construction, which no validator sees

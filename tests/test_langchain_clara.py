@@ -555,6 +555,9 @@ def test_ids_and_documents_given_in_the_wrong_shape_are_refused(tiny_model, vect
                  lambda: ClaraLLM(store=vectorstore, max_new_tokens=True)):
         with pytest.raises(ValidationError):  # True was a count of 1
             make()
+    import numpy as np  # a numpy count is one, as the core takes it
+
+    assert ChatClara(store=vectorstore, k=np.int64(3)).k == 3 and type(ClaraRetriever(store=vectorstore, k=np.int64(2)).k) is int
 
 
 @pytest.mark.parametrize("delete", [lambda vs: vs.delete(filter={"status": "stale"}), lambda vs: vs.delete()])

@@ -488,11 +488,20 @@ def test_the_adapters_repr_names_no_torch_model(tiny_model, vector_store):
         assert "LlamaDecoderLayer" not in repr(adapter)
 
 
-def test_an_embedding_sent_to_another_process_is_refused_by_name(tiny_model):
-    # an IngestionPipeline with num_workers pickled it without its model, then failed on a missing "clara"
+def test_what_holds_a_model_and_a_store_is_refused_another_process_by_name(tiny_model):
+    # an IngestionPipeline with num_workers pickled them without their model and store, taken out
+    # of the very objects pickled: the embedding failed on a missing "clara", the LLM's copy read
+    # nothing, and the original LLM failed on a missing "store"
     import pickle
 
-    from llama_index_clara import ClaraEmbedding
+    from llama_index_clara import ClaraEmbedding, ClaraLLM
+    from llama_index_clara import ClaraVectorStore as LlamaStore
 
-    with pytest.raises(TypeError, match="run the pipeline without num_workers"):
-        pickle.dumps(ClaraEmbedding(clara=tiny_model))
+    store = LlamaStore(tiny_model)
+    store.add([TextNode(text=CORPUS[0], id_="n0")])
+    llm = ClaraLLM(store=store, max_new_tokens=2)
+    for holder in (ClaraEmbedding(clara=tiny_model), store, llm):
+        with pytest.raises(TypeError, match=f"{type(holder).__name__} cannot go to another process: its model and "
+                                            "store stay in this one; run without num_workers"):
+            pickle.dumps(holder)
+    assert llm.store is not None and isinstance(llm.complete(CORPUS[0]).text, str)

@@ -554,3 +554,14 @@ def test_two_clients_creating_one_collection_at_once_both_open_it(tiny_model, mi
         for store in opened.values():
             if isinstance(store, MilvusMemoryStore):
                 store.close()
+
+
+def test_a_delete_by_filter_or_of_everything_is_one_delete_on_the_server(milvus, monkeypatch):
+    # the ids were listed, then deleted in batches: another client's replacement in between was lost
+    monkeypatch.setattr(milvus, "_ids_matching", lambda expression: pytest.fail("ids were listed first"))
+    milvus.delete_where({"topic": "city"})
+    monkeypatch.undo()
+    assert sorted(milvus.all_ids()) == sorted(i for i, m in zip(IDS, METAS) if m.get("topic") != "city")
+    milvus.delete_where(None, ids=IDS[:1])  # among ids: chosen under the lock, as the local store does
+    milvus.delete_where()
+    assert milvus.all_ids() == [] and len(milvus) == 0

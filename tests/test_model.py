@@ -1,6 +1,7 @@
 """ClaraModel on a tiny random llama: tokens, compression, retrieval, generation, gradients."""
 
 import dataclasses
+import json
 import warnings
 
 import pytest
@@ -234,8 +235,8 @@ def test_a_template_whose_turn_ends_in_plain_text_is_trained_to_stop_at_its_eos(
     tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant: {% endif %}")
-    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
-    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + "Marie Curie\n" + tokenizer.eos_token
+    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")  # opened without its space: the answer writes it
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Marie Curie") == prompt + " Marie Curie\n" + tokenizer.eos_token
 
 
 @pytest.mark.parametrize("adds_bos", [True, False])
@@ -303,6 +304,16 @@ def test_stored_and_fresh_memories_on_two_devices_answer_in_one_batch(tiny_confi
     prompts = [question_prompt(model.tokenizer, "Who?", 1, model.document_placeholder)] * 2
     answers = model.generate(prompts, [fresh.cpu(), fresh])
     assert answers[0] == answers[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_the_query_reasoners_pick_ranks_stored_memories_beside_a_gpu_model(tiny_config):
+    # stored memories stay on the CPU: "Expected all tensors to be on the same device"
+    from clara_plugins import top_k
+
+    model = ClaraModel(tiny_config, device="cuda")
+    stored = model.compress_documents(CORPUS[:3]).cpu()
+    assert top_k(model.encode_queries(["Who?"]), stored, 2, model.config.retrieval_key)[1].shape == (1, 2)
 
 
 def test_generation_batched_equals_single_and_streaming(tiny_model):
@@ -602,7 +613,8 @@ def test_memories_as_numpy_arrays_are_read_and_other_types_refused_by_name(tiny_
 
 def test_an_answer_after_a_prompt_ending_in_a_space_trains_its_first_token(tmp_path):
     # "assistant: " gave its space to the answer's first token ("Ġthe"): counting the prompt's
-    # own tokens started the labels one token late, and the first answer token never trained
+    # own tokens started the labels one token late, and the first answer token never trained;
+    # the prompt now ends before the space, so that the generator writes "Ġthe" as trained
     from transformers import AutoTokenizer
 
     from clara_plugins.passes import completion_log_probs
@@ -615,8 +627,7 @@ def test_an_answer_after_a_prompt_ending_in_a_space_trains_its_first_token(tmp_p
     model = ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64), device="cpu")
     prompt = question_prompt(model.tokenizer, "Who?", 0, model.document_placeholder)
     full = question_prompt(model.tokenizer, "Who?", 0, model.document_placeholder, "the river")
-    assert model.tokenizer(prompt, add_special_tokens=False)["input_ids"][-1:] == \
-        model.tokenizer(" ", add_special_tokens=False)["input_ids"]  # the prompt's own last token: the space
+    assert prompt.endswith("assistant:") and full.startswith(prompt + " the river")
     labels = completion_log_probs(model, [prompt], [full])[1][0]
     assert model.tokenizer.decode(labels[labels != -100]) == " the river\n" + model.tokenizer.eos_token
 
@@ -688,9 +699,25 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
                    device="cpu")
     ClaraModel(ClaraConfig(base_model=str(opt), compression_rate=16, doc_max_length=64), device="cpu")  # the last
 
-    def remote(*args, **kwargs):
-        raise ValueError("The repository x contains custom code which must be executed: pass trust_remote_code=True")
+    remote = build_tiny_base_model(tmp_path / "remote")  # a model whose class is its repository's own code
+    config = json.loads((remote / "config.json").read_text())
+    config.update(model_type="clara-remote-test", auto_map={"AutoConfig": "configuration_x.XConfig",
+                                                            "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (remote / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("transformers asked whether to run the code"))
+    for load in (backbone.load_base_model, backbone.check_base_model):
+        with pytest.raises(ValueError, match="runs code of its own \\(trust_remote_code\\), which this library does"):
+            load(str(remote))
 
-    monkeypatch.setattr(backbone.AutoTokenizer, "from_pretrained", remote)
-    with pytest.raises(ValueError, match="runs code of its own \\(trust_remote_code\\), which this library does not"):
-        backbone.load_base_model(str(bare))
+
+def test_memories_past_an_fp16_models_range_are_refused_and_stored_ones_may_carry_gradients(tiny_config):
+    # finite in float32, they became inf in an fp16 model and answered garbage; memories that
+    # carried gradients failed on torch's "Can't call numpy() on Tensor that requires grad"
+    half = ClaraModel(tiny_config, device="cpu", dtype=torch.float16)
+    shape = (1, 1, half.config.n_mem_tokens, half.hidden_size)
+    with pytest.raises(InvalidInputError, match="memories must be finite in the model's torch.float16"):
+        half.answer(["Who?"], torch.full(shape, 1e5))
+    store = MemoryStore(half)
+    memories = half.compress_documents(CORPUS[:2]).float().requires_grad_()
+    store.upsert(CORPUS[:2], memories=memories)
+    assert torch.equal(store.memories(store.all_ids()), memories.detach().half().float())

@@ -181,8 +181,8 @@ def test_the_ranking_functions_refuse_what_they_cannot_rank():
     for k in (2.5, True, 0):
         with pytest.raises(InvalidInputError, match="k must be a positive integer"):
             top_k(torch.randn(2, 4, 8), pool, k, "mean")
-    with pytest.raises(ValueError, match="temperature must be a positive number, got nan"):
+    with pytest.raises(ValueError, match="temperature must be a finite positive number, got nan"):
         straight_through_topk(torch.randn(2, 5), 2, float("nan"))
     for name in ("lr", "margin", "temperature"):
-        with pytest.raises(ValueError, match=f"{name} must be a number"):  # lr=inf made every weight NaN at step 1
+        with pytest.raises(ValueError, match=f"{name} must be a finite number"):  # lr=inf made every weight NaN at step 1
             TrainConfig(stage="e2e", **{name: math.inf})

@@ -801,3 +801,12 @@ def test_a_save_through_a_linked_current_leaves_the_linked_store_alone(store, ti
     assert sorted(MemoryStore.load(tmp_path / "orig", tiny_model).all_ids()) == sorted(store.all_ids())
     assert "more" in MemoryStore.load(tmp_path / "copy", tiny_model).all_ids()
     assert not (tmp_path / "copy" / "CURRENT").is_symlink()
+
+
+def test_a_delete_where_among_ids_deletes_those_the_filter_selects(tiny_model):
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:4], ids=["a", "b", "c", "d"], metadatas=[{"t": 1}, {"t": 1}, {"t": 2}, {"t": 1}])
+    store.delete_where({"t": 1}, ids=["a", "c", "x"])
+    assert sorted(store.all_ids()) == ["b", "c", "d"]
+    store.delete_where()
+    assert store.all_ids() == []

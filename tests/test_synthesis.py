@@ -391,6 +391,10 @@ def test_a_hugging_face_teachers_reply_cut_at_its_limit_loses_its_unfinished_lin
     assert teacher("Ask.") == "Question: Who?"
     teacher.max_new_tokens = reply.size(1) + 1  # it stopped before the limit: finished
     assert teacher("Ask.") == "Question: Who?\nAnswer: Jan"
+    whole = teacher.tokenizer("Question: Who?\nAnswer: Jan\n", add_special_tokens=False, return_tensors="pt").input_ids
+    teacher.max_new_tokens = whole.size(1)  # at the limit, its last line finished
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: torch.cat([ids, whole], 1))
+    assert teacher("Ask.") == "Question: Who?\nAnswer: Jan"
     ended = torch.cat([reply, torch.tensor([[teacher.tokenizer.eos_token_id]])], 1)
     teacher.max_new_tokens = ended.size(1)  # or at it, with its end of sequence
     monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: torch.cat([ids, ended], 1))

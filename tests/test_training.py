@@ -263,7 +263,7 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
     ({"stage": "e2e", "null_document": True}, "null_document needs the realm estimator"),
     ({"stage": "instruct", "teacher": "runs/text"}, "a teacher is read only with distill_weight"),
     ({"stage": "scp", "grad_clip": 0.0}, "grad_clip must be above 0"),
-    ({"stage": "scp", "weight_decay": -0.1}, "weight_decay must be a number of at least 0"),
+    ({"stage": "scp", "weight_decay": -0.1}, "weight_decay must be a finite number of at least 0"),
     ({"stage": "scp", "adam_beta2": 1.0}, r"adam_beta2 must be in \[0, 1\)"),
     ({"stage": "instruct", "retrieval_weight": 1.0}, "read by the e2e stage alone, got the instruct stage"),
     ({"stage": "scp", "estimator": "realm"}, "read by the e2e stage alone, got the scp stage"),
@@ -615,9 +615,9 @@ def test_a_run_needs_at_least_one_step_row_and_micro_batch(field):
 
 @pytest.mark.parametrize("field,value,message", [
     ("refresh_every", -1, "refresh_every must be at least 0"), ("probe_every", -1, "probe_every must be at least 0"),
-    ("lr", -1e-4, "lr must be a number of at least 0"), ("temperature", 0.0, "temperature must be a number above 0"),
+    ("lr", -1e-4, "lr must be a finite number of at least 0"), ("temperature", 0.0, "temperature must be a finite number above 0"),
     # negative weights trained their terms the wrong way; warm-up past the last step never reached lr
-    ("distill_weight", -1.0, "distill_weight must be a number of at least 0"), ("margin_weight", -1.0, "margin_weight must be"),
+    ("distill_weight", -1.0, "distill_weight must be a finite number of at least 0"), ("margin_weight", -1.0, "margin_weight must be"),
     ("mse_weight", -0.1, "mse_weight must be"), ("retrieval_weight", -1.0, "retrieval_weight must be"),
     ("restate_weight", -1.0, "restate_weight must be"), ("warmup_ratio", 2.0, "warmup_ratio is a share"),
 ])
@@ -1124,3 +1124,25 @@ def test_a_gold_candidate_named_twice_counts_once(term):
     config = TrainConfig(stage="e2e", top_k=2, retrieval_weight=1.0, temperature=1.0, gold_term=term)
     assert torch.equal(training._gold_retrieval_loss(scores, [[0, 0, 2]], config),
                        training._gold_retrieval_loss(scores, [[0, 2]], config))
+
+
+def test_cached_candidates_past_fp16s_range_are_refused_by_name(tiny_model, monkeypatch):
+    # cast down unchecked, they became inf: NaN cosines, and a run stopped later on "gradients are not finite"
+    real = tiny_model.compress
+
+    def too_large(texts, **kwargs):
+        compressed = real(texts, **kwargs)
+        return dataclasses.replace(compressed, memories=compressed.memories * 0 + 1e5)
+
+    monkeypatch.setattr(tiny_model, "compress", too_large)
+    with pytest.raises(InvalidInputError, match="within fp16's range"):
+        CandidateMemories(tiny_model).of_texts(CORPUS[:2])
+
+
+def test_a_run_on_an_apple_gpu_saves_that_devices_random_state(monkeypatch):
+    # re-seeded on resume, an MPS run replayed its first dropout masks
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    states = training._rng_states(SimpleNamespace(device=torch.device("mps")))
+    assert torch.equal(states["mps_rng"], torch.tensor([7], dtype=torch.uint8)) and "rng" in states

@@ -25,9 +25,9 @@ from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
-from clara_plugins.adapter_fields import ReaderFields, check_greedy
+from clara_plugins.adapter_fields import PositiveCount, ReaderFields, check_greedy
 from clara_plugins.checkpoint import adapters_sha256
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.config import ANSWER_TEMPLATE, SYSTEM_PROMPT
@@ -54,7 +54,7 @@ class ChatClara(ReaderFields, BaseChatModel):
     """
 
     model_name: str = "clara"
-    max_tokens: int | None = Field(default=None, gt=0, strict=True)  # answer length limit (default: the model's max_new_tokens)
+    max_tokens: PositiveCount = None  # answer length limit (default: the model's max_new_tokens)
     stop: list[str] | None = None
     streaming: bool = False  # invoke streams to the callbacks, as LangChain's chat models do when it is set
     _call_options: ClassVar[tuple[str, ...]] = ("stream", "temperature")  # LangChain's, besides the readers' own

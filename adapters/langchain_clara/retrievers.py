@@ -8,8 +8,9 @@ from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, Callba
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables.config import run_in_executor
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, field_validator
 
+from clara_plugins.adapter_fields import PositiveCount
 from clara_plugins.base_store import BaseMemoryStore, as_memory_store
 
 from .vectorstores import refuse_unknown, to_document
@@ -28,7 +29,7 @@ class ClaraRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     store: BaseMemoryStore
-    k: int | None = Field(default=None, gt=0, strict=True)  # documents returned (default: generation_top_k, what ChatClara reads)
+    k: PositiveCount = None  # documents returned (default: generation_top_k, what ChatClara reads)
     filter: dict | None = None
 
     @field_validator("store", mode="before")

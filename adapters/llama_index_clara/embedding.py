@@ -13,6 +13,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import ConfigDict, Field, computed_field
 
 from clara_plugins import ClaraModel
+from clara_plugins.adapter_fields import pickling_refused
 from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.model import compress_in_parts
@@ -51,9 +52,7 @@ class ClaraEmbedding(BaseEmbedding):
         return "ClaraEmbedding"
 
     def __getstate__(self) -> dict:
-        # LlamaIndex would pickle it without its model, unsaid, and fail later on a missing "clara"
-        raise TypeError("ClaraEmbedding cannot go to another process: it hands its memory tokens to the store in "
-                        "this one, which would compress every node again; run the pipeline without num_workers")
+        raise pickling_refused(self)  # and it hands its memory tokens to the store in this process
 
     @computed_field  # type: ignore[prop-decorator]
     @property

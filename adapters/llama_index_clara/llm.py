@@ -38,9 +38,8 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.prompts import PromptTemplate
 from llama_index.core.schema import BaseNode, NodeWithScore
-from pydantic import Field
 
-from clara_plugins.adapter_fields import ReaderFields
+from clara_plugins.adapter_fields import PositiveCount, ReaderFields
 from clara_plugins.backbone import context_window
 from clara_plugins.config import ANSWER_TEMPLATE
 from clara_plugins.context import chat_role, passed_documents
@@ -64,7 +63,7 @@ class ClaraLLM(ReaderFields, CustomLLM):
     ``ClaraVectorStore``.
     """
 
-    max_new_tokens: int | None = Field(default=None, gt=0, strict=True)  # answer length limit (default: the model's)
+    max_new_tokens: PositiveCount = None  # answer length limit (default: the model's)
     model_name: str = "clara"
 
     @classmethod

@@ -35,6 +35,7 @@ from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_
 from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument
+from clara_plugins.adapter_fields import pickling_refused
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
 from clara_plugins.checks import check_fraction, check_positive_int
@@ -162,6 +163,9 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def class_name(cls) -> str:
         return "ClaraVectorStore"
 
+    def __getstate__(self) -> dict:
+        raise pickling_refused(self)
+
     @property
     def client(self) -> BaseMemoryStore:
         return self._store
@@ -217,10 +221,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
         if node_ids is None and filters is not None and holds_no_condition(translate_filters(filters) or {}):
             raise InvalidInputError("these filters hold no condition, so they select every node: call clear() to "
                                     "delete them all")
-        if node_ids is None:  # chosen and deleted at once, as clear() does
-            self._store.delete_where(translate_filters(filters))
-        else:
-            self._store.delete(self._select(node_ids, filters))
+        ids = None if node_ids is None else id_list(node_ids, "node_ids", ordered=False)
+        self._store.delete_where(translate_filters(filters), ids)  # chosen and deleted at once
 
     def get_nodes(self, node_ids: list[str] | None = None,
                   filters: MetadataFilters | None = None) -> list[BaseNode]:
