@@ -1,8 +1,9 @@
 """The pydantic fields the framework models that read memory tokens share.
 
 LangChain's ChatClara and LlamaIndex's ClaraLLM are pydantic models of their frameworks; both
-take a CLaRa model, a store and k, and count what their generator read. Both frameworks depend
-on pydantic, so this module is imported by the adapters only, never by ``clara_plugins`` itself.
+take a CLaRa model, a store and k, and count what their generator read. Their count settings
+share one type, and what holds a model refuses to be pickled. Both frameworks depend on
+pydantic, so this module is imported by the adapters only, never by ``clara_plugins`` itself.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ def _positive_count(value: object, info: ValidationInfo) -> object:
 PositiveCount = Annotated[int | None, BeforeValidator(_positive_count)]
 
 
-def pickling_refused(owner: object) -> TypeError:
-    """Why an object holding a model and a store is not sent to another process: they stay in
-    this one (LlamaIndex's pickling took them out of the very object it pickled, and its copy
-    read nothing)."""
-    return TypeError(f"{type(owner).__name__} cannot go to another process: its model and store stay in this one; "
-                    "run without num_workers")
+def refused_elsewhere(name: str) -> None:
+    """Refuse, where it is unpickled, an object that holds a CLaRa model (and a store): they
+    stay in the process that made them. Refused at pickling, LlamaIndex took the refused field
+    out of the very object it pickled, or of the component holding it, and the copy read
+    nothing (or asked ``Settings.llm``)."""
+    raise TypeError(f"{name} cannot go to another process: the CLaRa model it holds stays in the one that made it "
+                    "(LlamaIndex: run an IngestionPipeline without num_workers)")
 
 
 class ReaderFields(BaseModel):
@@ -93,8 +95,8 @@ class ReaderFields(BaseModel):
         self._reader.count(reading)  # once the generator took the prompt: a refused call read nothing
         return pieces, reading
 
-    def __getstate__(self) -> dict:
-        raise pickling_refused(self)
+    def __reduce__(self) -> tuple:
+        return refused_elsewhere, (type(self).__name__,)
 
     @property
     def stats(self) -> ReadingStats:

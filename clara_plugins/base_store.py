@@ -86,10 +86,13 @@ class BaseMemoryStore(ABC):
         among ``ids`` where given, chosen and removed in one hold of the lock: deleted by ids read
         before, a document another thread had meanwhile replaced by one the filter does not
         select was lost."""
-        wanted = None if ids is None else set(id_list(ids, "ids", ordered=False))
+        wanted = None if ids is None else id_list(ids, "ids", ordered=False)
         with self._lock:
-            chosen = self.all_ids() if where is None else self.ids_where(where)
-            self.delete(chosen if wanted is None else [doc_id for doc_id in chosen if doc_id in wanted])
+            if where is None:  # the ids alone, not a listing of every stored one
+                self.delete(self.all_ids() if wanted is None else wanted)
+            else:
+                among = None if wanted is None else set(wanted)
+                self.delete([doc_id for doc_id in self.ids_where(where) if among is None or doc_id in among])
 
     @abstractmethod
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:

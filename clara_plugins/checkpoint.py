@@ -420,7 +420,8 @@ def _write_rows(model: AdaptedModel, targets: list[tuple[torch.Tensor, torch.Ten
     with torch.no_grad():
         for matrix, rows in targets:
             matrix[model.base_vocab_size:] = rows.to(device=matrix.device, dtype=matrix.dtype)
-    model.given_rows = [(matrix, rows.detach().float().cpu()) for matrix, rows in targets]  # what is signed
+    # what is signed; a copy, not a view of a whole matrix read (Apple's)
+    model.given_rows = [(matrix, rows.detach().float().cpu().clone()) for matrix, rows in targets]
 
 
 def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
@@ -444,4 +445,6 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     if problem:
         raise StoreError(f"{folder} was written by another base model: {problem}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):
-        raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights)")
+        raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights or <MEM> "
+                         "rows: a store that a float32 checkpoint read in float16 indexed with an earlier version of "
+                         "this library is one; index it again)")

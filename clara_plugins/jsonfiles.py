@@ -71,8 +71,10 @@ def write_json(path: Path, value: Any) -> None:
     write_file_atomically(path, lambda handle: json.dump(value, handle))
 
 
-def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    """One row per line, replacing ``path`` only once every row is on disk."""
+def write_jsonl(rows: list[dict], path: str | Path, follow_link: bool = True) -> None:
+    """One row per line, replacing ``path`` only once every row is on disk (a link is followed
+    unless ``follow_link`` is False: ``write_file_atomically``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(path, lambda handle: handle.writelines(json.dumps(row) + "\n" for row in rows))
+    write_file_atomically(path, lambda handle: handle.writelines(json.dumps(row) + "\n" for row in rows),
+                          follow_link=follow_link)

@@ -295,24 +295,25 @@ class MilvusMemoryStore(BaseMemoryStore):
                 for doc_id, key, memory, norm, text, metadata in zip(ids, keys, flat, norms, texts, metadatas)]
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Remove documents by id; ids that are not stored are ignored."""
-        ids = id_list(ids, "ids", ordered=False)
-        with self._lock:
-            try:
-                for start in range(0, len(ids), BATCH_ROWS):  # quoted here: the client's ids= quotes none of them
-                    self._client.delete(self.collection, filter=_one_of("id", ids[start:start + BATCH_ROWS]))
-            finally:
-                self._changed()
+        """Remove documents by id; ids that are not stored are ignored (quoted here: the client's
+        ids= quotes none of them)."""
+        self.delete_where(None, ids)
 
     def delete_where(self, where: Filter | None = None, ids: Collection[str] | None = None) -> None:
-        """As ``BaseMemoryStore.delete_where``; without ``ids``, one delete on the server, which
-        no other client's write can come between (the lock holds for this object alone)."""
-        if ids is not None:
-            return super().delete_where(where, ids)
-        expression = (None if where is None else milvus_filter(where)) or 'id >= ""'  # every id: none is below ""
+        """As ``BaseMemoryStore.delete_where``, in deletes on the server that choose their rows
+        themselves, which no other client's write can come between (the lock holds for this
+        object alone): one, or one a batch of ``ids``."""
+        condition = None if where is None else milvus_filter(where)
+        if ids is None:
+            expressions = [condition or 'id >= ""']  # every id: none is below ""
+        else:
+            ids = id_list(ids, "ids", ordered=False)
+            expressions = [_all([_one_of("id", ids[start:start + BATCH_ROWS]), *([condition] if condition else [])])
+                           for start in range(0, len(ids), BATCH_ROWS)]
         with self._lock:
             try:
-                self._client.delete(self.collection, filter=expression)
+                for expression in expressions:
+                    self._client.delete(self.collection, filter=expression)
             finally:
                 self._changed()
 

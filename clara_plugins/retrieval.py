@@ -52,7 +52,7 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor, key: str) -> 
 
 def best_first(scores: torch.Tensor, k: int | None = None) -> torch.Tensor:
     """Indices of the k highest scores along the last dimension (all without k), best first,
-    ties in index order as the stores and BM25 break them (``topk`` breaks them in no set order)."""
+    ties in index order as ``MemoryStore`` and BM25 break them (``topk`` breaks them in no set order)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     return order if k is None else order[..., :k]
 

@@ -497,8 +497,10 @@ def _forget_steps_after(log: Path, step: int | None) -> None:
         if log.exists() and log.stat().st_size:
             number = next(n for n in itertools.count(1) if not log.with_name(f"log.{n}.jsonl").exists())
             os.replace(log, log.with_name(f"log.{number}.jsonl"))
-    elif log.exists():  # a last line cut short by the kill is dropped too
-        write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log)
+    elif log.exists():  # a last line cut short by the kill is dropped too; a link (a "cp -rs" copy of a
+        # run) is replaced, not the other run's log it names, which the resumed steps were appended to
+        write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log,
+                    follow_link=False)
 
 
 def _probe_k(rows: list[dict], config: TrainConfig) -> int:

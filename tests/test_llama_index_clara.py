@@ -501,7 +501,13 @@ def test_what_holds_a_model_and_a_store_is_refused_another_process_by_name(tiny_
     store.add([TextNode(text=CORPUS[0], id_="n0")])
     llm = ClaraLLM(store=store, max_new_tokens=2)
     for holder in (ClaraEmbedding(clara=tiny_model), store, llm):
-        with pytest.raises(TypeError, match=f"{type(holder).__name__} cannot go to another process: its model and "
-                                            "store stay in this one; run without num_workers"):
-            pickle.dumps(holder)
-    assert llm.store is not None and isinstance(llm.complete(CORPUS[0]).text, str)
+        with pytest.raises(TypeError, match=f"{type(holder).__name__} cannot go to another process: the CLaRa model "
+                                            "it holds stays in the one that made it"):
+            pickle.loads(pickle.dumps(holder))  # refused where unpickled: refused at pickling, LlamaIndex took
+    assert llm.store is not None and isinstance(llm.complete(CORPUS[0]).text, str)  # the field away
+    from llama_index.core.extractors import TitleExtractor
+
+    extractor = TitleExtractor(llm=llm)  # held by a component: pickled, it kept its llm
+    with pytest.raises(TypeError, match="ClaraLLM cannot go to another process"):
+        pickle.loads(pickle.dumps(extractor))
+    assert extractor.llm is llm

@@ -562,6 +562,12 @@ def test_a_delete_by_filter_or_of_everything_is_one_delete_on_the_server(milvus,
     milvus.delete_where({"topic": "city"})
     monkeypatch.undo()
     assert sorted(milvus.all_ids()) == sorted(i for i, m in zip(IDS, METAS) if m.get("topic") != "city")
-    milvus.delete_where(None, ids=IDS[:1])  # among ids: chosen under the lock, as the local store does
+    kept = sorted(milvus.all_ids())
+    topic = METAS[IDS.index(kept[0])]["topic"]  # the first one's, not the second's
+    assert METAS[IDS.index(kept[1])].get("topic") != topic
+    milvus.delete_where({"topic": topic}, ids=kept[:2])  # among ids: one delete on the server a batch
+    assert sorted(milvus.all_ids()) == kept[1:]
+    milvus.delete_where(None, ids=kept[-1:])
+    assert kept[-1] not in milvus.all_ids()
     milvus.delete_where()
     assert milvus.all_ids() == [] and len(milvus) == 0

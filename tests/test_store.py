@@ -808,5 +808,10 @@ def test_a_delete_where_among_ids_deletes_those_the_filter_selects(tiny_model):
     store.upsert(CORPUS[:4], ids=["a", "b", "c", "d"], metadatas=[{"t": 1}, {"t": 1}, {"t": 2}, {"t": 1}])
     store.delete_where({"t": 1}, ids=["a", "c", "x"])
     assert sorted(store.all_ids()) == ["b", "c", "d"]
+    all_ids = store.all_ids
+    store.all_ids = lambda: pytest.fail("every id was listed to delete one")
+    store.delete_where(None, ids=["b"])
+    store.all_ids = all_ids
+    assert sorted(store.all_ids()) == ["c", "d"]
     store.delete_where()
     assert store.all_ids() == []

@@ -1146,3 +1146,18 @@ def test_a_run_on_an_apple_gpu_saves_that_devices_random_state(monkeypatch):
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     states = training._rng_states(SimpleNamespace(device=torch.device("mps")))
     assert torch.equal(states["mps_rng"], torch.tensor([7], dtype=torch.uint8)) and "rng" in states
+
+
+def test_a_run_copied_with_links_resumes_without_writing_the_originals_log(tiny_model, tmp_path):
+    # "cp -rs" copies a run's log as a link: the resume rewrote the original's log, then appended to it
+    config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1)
+    train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    (tmp_path / "copy" / "log.jsonl").unlink()
+    (tmp_path / "copy" / "log.jsonl").symlink_to(tmp_path / "run" / "log.jsonl")
+    original = (tmp_path / "run" / "log.jsonl").read_text()
+    state_file = tmp_path / "copy" / "checkpoint" / "trainer_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "step": 1}, state_file)
+    train(tiny_model, INSTRUCT, config, tmp_path / "copy")
+    assert (tmp_path / "run" / "log.jsonl").read_text() == original
+    assert [json.loads(line)["step"] for line in (tmp_path / "copy" / "log.jsonl").read_text().splitlines()] == [1, 2]
