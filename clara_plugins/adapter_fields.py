@@ -2,7 +2,7 @@
 
 LangChain's ChatClara and LlamaIndex's ClaraLLM are pydantic models of their frameworks; both
 take a CLaRa model, a store and k, and count what their generator read. Their count settings
-share one type, and what holds a model refuses to be pickled. Both frameworks depend on
+share one type, and what holds a model is unpickled as a ``LeftBehind`` that refuses any use. Both frameworks depend on
 pydantic, so this module is imported by the adapters only, never by ``clara_plugins`` itself.
 """
 
@@ -33,13 +33,26 @@ def _positive_count(value: object, info: ValidationInfo) -> object:
 PositiveCount = Annotated[int | None, BeforeValidator(_positive_count)]
 
 
-def refused_elsewhere(name: str) -> None:
-    """Refuse, where it is unpickled, an object that holds a CLaRa model (and a store): they
-    stay in the process that made them. Refused at pickling, LlamaIndex took the refused field
-    out of the very object it pickled, or of the component holding it, and the copy read
-    nothing (or asked ``Settings.llm``)."""
-    raise TypeError(f"{name} cannot go to another process: the CLaRa model it holds stays in the one that made it "
-                    "(LlamaIndex: run an IngestionPipeline without num_workers)")
+class LeftBehind:
+    """What an object that holds a CLaRa model (and a store) becomes in another process, where
+    any use of it raises: the model stays in the process that made it. Refused at pickling,
+    LlamaIndex took the field out of the component holding it (whose copy then asked
+    ``Settings.llm``); refused at unpickling, a pool's worker died and its pipeline hung."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute.startswith("__"):  # what pickling and printing look up
+            raise AttributeError(attribute)
+        raise self._refusal()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise self._refusal()
+
+    def _refusal(self) -> TypeError:
+        return TypeError(f"{self.name} cannot go to another process: the CLaRa model it holds stays in the one that "
+                         "made it (a LlamaIndex IngestionPipeline: run it without num_workers)")
 
 
 class ReaderFields(BaseModel):
@@ -96,7 +109,7 @@ class ReaderFields(BaseModel):
         return pieces, reading
 
     def __reduce__(self) -> tuple:
-        return refused_elsewhere, (type(self).__name__,)
+        return LeftBehind, (type(self).__name__,)
 
     @property
     def stats(self) -> ReadingStats:

@@ -497,10 +497,11 @@ def _forget_steps_after(log: Path, step: int | None) -> None:
         if log.exists() and log.stat().st_size:
             number = next(n for n in itertools.count(1) if not log.with_name(f"log.{n}.jsonl").exists())
             os.replace(log, log.with_name(f"log.{number}.jsonl"))
-    elif log.exists():  # a last line cut short by the kill is dropped too; a link (a "cp -rs" copy of a
-        # run) is replaced, not the other run's log it names, which the resumed steps were appended to
-        write_jsonl([record for record in read_jsonl(log, appended=True) if record["step"] <= step], log,
-                    follow_link=False)
+    elif log.exists() or log.is_symlink():  # a last line cut short by the kill is dropped too; a link
+        # (a "cp -rs" copy of a run) is replaced, not the other run's log it names, which the resumed
+        # steps were appended to, or made where it named none
+        kept = [record for record in read_jsonl(log, appended=True) if record["step"] <= step] if log.exists() else []
+        write_jsonl(kept, log, follow_link=False)
 
 
 def _probe_k(rows: list[dict], config: TrainConfig) -> int:

@@ -500,14 +500,39 @@ def test_what_holds_a_model_and_a_store_is_refused_another_process_by_name(tiny_
     store = LlamaStore(tiny_model)
     store.add([TextNode(text=CORPUS[0], id_="n0")])
     llm = ClaraLLM(store=store, max_new_tokens=2)
-    for holder in (ClaraEmbedding(clara=tiny_model), store, llm):
+    for holder in (ClaraEmbedding(clara=tiny_model), store, llm):  # a stand-in elsewhere, which any use refuses
         with pytest.raises(TypeError, match=f"{type(holder).__name__} cannot go to another process: the CLaRa model "
                                             "it holds stays in the one that made it"):
-            pickle.loads(pickle.dumps(holder))  # refused where unpickled: refused at pickling, LlamaIndex took
-    assert llm.store is not None and isinstance(llm.complete(CORPUS[0]).text, str)  # the field away
+            pickle.loads(pickle.dumps(holder)).get_text_embedding("x")
+    assert llm.store is not None and isinstance(llm.complete(CORPUS[0]).text, str)
     from llama_index.core.extractors import TitleExtractor
 
-    extractor = TitleExtractor(llm=llm)  # held by a component: pickled, it kept its llm
-    with pytest.raises(TypeError, match="ClaraLLM cannot go to another process"):
-        pickle.loads(pickle.dumps(extractor))
+    extractor = TitleExtractor(llm=llm)  # held by a component: refused at pickling, it lost its llm
+    copied = pickle.loads(pickle.dumps(extractor))
     assert extractor.llm is llm
+    with pytest.raises(TypeError, match="ClaraLLM cannot go to another process"):
+        copied.llm.complete("Where?")
+
+
+def test_a_pipeline_with_workers_is_refused_in_the_caller(tiny_model):
+    # refused where it was unpickled, the pool's worker died, and the pipeline waited for it forever
+    import threading
+
+    from llama_index.core import Document
+    from llama_index.core.ingestion import IngestionPipeline
+
+    from llama_index_clara import ClaraEmbedding
+
+    pipeline, outcome = IngestionPipeline(transformations=[ClaraEmbedding(clara=tiny_model)]), []
+
+    def run() -> None:
+        try:
+            pipeline.run(documents=[Document(text=CORPUS[0]), Document(text=CORPUS[1])], num_workers=2)
+        except Exception as error:  # the outcome checked below
+            outcome.append(error)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert not worker.is_alive(), "the pipeline hung"
+    assert len(outcome) == 1 and "ClaraEmbedding cannot go to another process" in str(outcome[0])

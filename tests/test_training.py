@@ -1161,3 +1161,10 @@ def test_a_run_copied_with_links_resumes_without_writing_the_originals_log(tiny_
     train(tiny_model, INSTRUCT, config, tmp_path / "copy")
     assert (tmp_path / "run" / "log.jsonl").read_text() == original
     assert [json.loads(line)["step"] for line in (tmp_path / "copy" / "log.jsonl").read_text().splitlines()] == [1, 2]
+    # a link that names nothing (the original run restarted, its log put aside): none made there
+    (tmp_path / "copy" / "log.jsonl").unlink()
+    (tmp_path / "copy" / "log.jsonl").symlink_to(tmp_path / "run" / "gone.jsonl")
+    torch.save({**torch.load(state_file, weights_only=True), "step": 1}, state_file)
+    train(tiny_model, INSTRUCT, config, tmp_path / "copy")
+    assert not (tmp_path / "run" / "gone.jsonl").exists()
+    assert [json.loads(line)["step"] for line in (tmp_path / "copy" / "log.jsonl").read_text().splitlines()] == [2]

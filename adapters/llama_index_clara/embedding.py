@@ -13,7 +13,7 @@ from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import ConfigDict, Field, computed_field
 
 from clara_plugins import ClaraModel
-from clara_plugins.adapter_fields import refused_elsewhere
+from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.model import compress_in_parts
@@ -52,7 +52,7 @@ class ClaraEmbedding(BaseEmbedding):
         return "ClaraEmbedding"
 
     def __reduce__(self) -> tuple:  # it hands its memory tokens to the store in this process
-        return refused_elsewhere, (type(self).__name__,)
+        return LeftBehind, (type(self).__name__,)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -35,7 +35,7 @@ from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_
 from pydantic import PrivateAttr
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument
-from clara_plugins.adapter_fields import refused_elsewhere
+from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
 from clara_plugins.checks import check_fraction, check_positive_int
@@ -164,7 +164,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         return "ClaraVectorStore"
 
     def __reduce__(self) -> tuple:
-        return refused_elsewhere, (type(self).__name__,)
+        return LeftBehind, (type(self).__name__,)
 
     @property
     def client(self) -> BaseMemoryStore:
