@@ -51,8 +51,8 @@ class LeftBehind:
         raise self._refusal()
 
     def _refusal(self) -> TypeError:
-        return TypeError(f"{self.name} cannot go to another process: the CLaRa model it holds stays in the one that "
-                         "made it (a LlamaIndex IngestionPipeline: run it without num_workers)")
+        return TypeError(f"{self.name} was unpickled without the CLaRa model it held, which is not pickled: build it "
+                         "again where it is used (a LlamaIndex IngestionPipeline: run it without num_workers)")
 
 
 class ReaderFields(BaseModel):

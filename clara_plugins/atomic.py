@@ -26,7 +26,8 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
     flush it to disk, then rename it over ``path``: a crash leaves the old file or the new one,
     never a part of either, and two writers at once leave one's whole file. A symbolic link is
     followed (its target is replaced, not the link) unless ``follow_link`` is False; a replaced
-    file keeps its permissions."""
+    file keeps its permissions (a replaced link, the file's own: a read-only target's made the
+    file that replaced it read-only)."""
     path = _followed(path) if follow_link else path
     _remove_abandoned(path)
     temporary, held = _claimed_sibling(path, folder=False)
@@ -35,7 +36,8 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        _keep_mode(path, temporary)
+        if not path.is_symlink():
+            _keep_mode(path, temporary)
         os.replace(temporary, path)
         sync_entry(path.parent)  # the rename itself
     except BaseException:

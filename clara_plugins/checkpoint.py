@@ -446,5 +446,4 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
         raise StoreError(f"{folder} was written by another base model: {problem}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights or <MEM> "
-                         "rows: a store that a float32 checkpoint read in float16 indexed with an earlier version of "
-                         "this library is one; index it again)")
+                         "rows)")

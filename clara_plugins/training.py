@@ -493,8 +493,8 @@ def _forget_steps_after(log: Path, step: int | None) -> None:
     """Drop the log records of steps run after the last save: a resumed run replays them. A new
     run (``step`` None) keeps an earlier log aside as ``log.N.jsonl``: a run killed before its
     first save, or one whose checkpoint was moved away (earlier versions emptied its log)."""
-    if step is None:
-        if log.exists() and log.stat().st_size:
+    if step is None:  # a link too (a "cp -rs" copy of a run), which the run would append through
+        if log.is_symlink() or (log.exists() and log.stat().st_size):
             number = next(n for n in itertools.count(1) if not log.with_name(f"log.{n}.jsonl").exists())
             os.replace(log, log.with_name(f"log.{number}.jsonl"))
     elif log.exists() or log.is_symlink():  # a last line cut short by the kill is dropped too; a link

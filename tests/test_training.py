@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -1161,6 +1162,13 @@ def test_a_run_copied_with_links_resumes_without_writing_the_originals_log(tiny_
     train(tiny_model, INSTRUCT, config, tmp_path / "copy")
     assert (tmp_path / "run" / "log.jsonl").read_text() == original
     assert [json.loads(line)["step"] for line in (tmp_path / "copy" / "log.jsonl").read_text().splitlines()] == [1, 2]
+    # a read-only original: the copy's own log keeps its own mode, not the target's (it could not append)
+    (tmp_path / "copy" / "log.jsonl").unlink()
+    (tmp_path / "copy" / "log.jsonl").symlink_to(tmp_path / "run" / "log.jsonl")
+    os.chmod(tmp_path / "run" / "log.jsonl", 0o444)
+    torch.save({**torch.load(state_file, weights_only=True), "step": 1}, state_file)
+    train(tiny_model, INSTRUCT, config, tmp_path / "copy")
+    assert os.stat(tmp_path / "copy" / "log.jsonl").st_mode & stat.S_IWUSR
     # a link that names nothing (the original run restarted, its log put aside): none made there
     (tmp_path / "copy" / "log.jsonl").unlink()
     (tmp_path / "copy" / "log.jsonl").symlink_to(tmp_path / "run" / "gone.jsonl")
@@ -1168,3 +1176,17 @@ def test_a_run_copied_with_links_resumes_without_writing_the_originals_log(tiny_
     train(tiny_model, INSTRUCT, config, tmp_path / "copy")
     assert not (tmp_path / "run" / "gone.jsonl").exists()
     assert [json.loads(line)["step"] for line in (tmp_path / "copy" / "log.jsonl").read_text().splitlines()] == [2]
+
+
+@pytest.mark.parametrize("target", ["empty", "missing"])
+def test_a_new_run_whose_log_is_a_link_writes_its_own(tiny_model, tmp_path, target):
+    # a copy of a run killed before its first save: its empty (or gone) log stayed a link, and the
+    # new run appended its records to the other run's log, or made one there
+    other = tmp_path / "other.jsonl"
+    if target == "empty":
+        other.write_text("")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.jsonl").symlink_to(other)
+    train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1), tmp_path / "run")
+    assert (other.read_text() == "") if target == "empty" else not other.exists()
+    assert not (tmp_path / "run" / "log.jsonl").is_symlink()
