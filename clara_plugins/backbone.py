@@ -227,6 +227,13 @@ def context_window(lm: PreTrainedModel) -> int | None:
 
 
 @torch.no_grad()
+def end_of_sequence_ids(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """The token ids that end a reply: the tokenizer's end of sequence and the generation config's."""
+    configured = lm.generation_config.eos_token_id
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
+
+
 def embedding_norm(lm: PreTrainedModel) -> float:
     """The mean norm of the token embeddings as the generator reads them, the size
     ``memory_scale`` gives every memory vector: the embedding module's output, which some

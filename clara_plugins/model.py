@@ -24,7 +24,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .atomic import writer_at_work
-from .backbone import context_window, embedding_norm, fingerprint, load_base_model, resolve_device, resolve_dtype
+from .backbone import context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model, resolve_device, resolve_dtype
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_positive_int, check_texts
@@ -152,11 +152,9 @@ class ClaraModel(torch.nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         lm.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         self._init_new_rows(lm)
-        generation_eos = lm.generation_config.eos_token_id
-        generation_eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
         # and the special token that ends the template's answer turn, where it is neither
         turn_end = turn_end_token(self.tokenizer)
-        self.stop_token_ids = {i for i in [self.tokenizer.eos_token_id, *generation_eos, turn_end] if i is not None}
+        self.stop_token_ids = end_of_sequence_ids(lm, self.tokenizer) | ({turn_end} if turn_end is not None else set())
 
     def _init_new_rows(self, lm: torch.nn.Module) -> None:
         """New rows = mean old row + small seeded noise: reproducible, in the old rows' range."""

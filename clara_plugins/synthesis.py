@@ -104,7 +104,7 @@ class HuggingFaceTeacher:
     def __call__(self, prompt: str) -> str:
         import torch
 
-        from .backbone import context_window  # transformers: loaded with the teacher, not with this module
+        from .backbone import context_window, end_of_sequence_ids  # transformers: loaded with the teacher
         from .prompts import render_messages
 
         if self.model is None:
@@ -126,15 +126,10 @@ class HuggingFaceTeacher:
         with torch.no_grad():
             reply = self.model.generate(ids, max_new_tokens=limit, do_sample=False)[0, ids.size(1):]
         text = self.tokenizer.decode(reply, skip_special_tokens=True)
-        if len(reply) == limit and int(reply[-1]) not in self._stop_ids() and not text.endswith("\n"):  # cut mid-line
+        cut = len(reply) == limit and int(reply[-1]) not in end_of_sequence_ids(self.model, self.tokenizer)
+        if cut and not text.endswith("\n"):  # mid-line
             text = text.rpartition("\n")[0]
         return text.strip()
-
-    def _stop_ids(self) -> set[int]:
-        """The token ids that end a reply."""
-        configured = self.model.generation_config.eos_token_id
-        ids = set(configured if isinstance(configured, list) else [configured])
-        return {i for i in {*ids, self.tokenizer.eos_token_id} if i is not None}
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
