@@ -108,6 +108,13 @@ class ReaderFields(BaseModel):
         self._reader.count(reading)  # once the generator took the prompt: a refused call read nothing
         return pieces, reading
 
+    def _usage(self, reading: Reading, text: str) -> dict[str, int]:
+        """The positions the generator read (a document's memory tokens, not its text) and the
+        tokens it wrote, as the frameworks' token counters read them."""
+        output = len(self.clara.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return {"input_tokens": reading.positions, "output_tokens": output,
+                "total_tokens": reading.positions + output}
+
     def __reduce__(self) -> tuple:
         return LeftBehind, (type(self).__name__,)
 

@@ -226,7 +226,6 @@ def context_window(lm: PreTrainedModel) -> int | None:
     return getattr(lm.config.get_text_config(), "max_position_embeddings", None)
 
 
-@torch.no_grad()
 def end_of_sequence_ids(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     """The token ids that end a reply: the tokenizer's end of sequence and the generation config's."""
     configured = lm.generation_config.eos_token_id
@@ -234,6 +233,20 @@ def end_of_sequence_ids(lm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
 
 
+def memory_layer_problem(lm: PreTrainedModel, layer: int) -> str | None:
+    """Why the generator cannot read memories made from ``hidden_states[layer]`` (what follows
+    "the base model"), or None: a layer past its own, or states as wide as its embeddings are not."""
+    text = lm.config.get_text_config()
+    if not -text.num_hidden_layers - 1 <= layer <= text.num_hidden_layers:
+        return f"has {text.num_hidden_layers} layers"
+    width = lm.get_input_embeddings().embedding_dim
+    if layer != -1 and text.hidden_size != width:  # OPT-350m's
+        return (f"has layers {text.hidden_size} wide and embeddings {width}, so only the last layer's states (-1) are "
+                "read as memories")
+    return None
+
+
+@torch.no_grad()
 def embedding_norm(lm: PreTrainedModel) -> float:
     """The mean norm of the token embeddings as the generator reads them, the size
     ``memory_scale`` gives every memory vector: the embedding module's output, which some

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from .atomic import recover_folder, write_folder_atomically
-from .backbone import fingerprint_mismatch
+from .backbone import fingerprint_mismatch, memory_layer_problem
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError, StoreError
 from .jsonfiles import read_json
@@ -94,9 +94,8 @@ def save_checkpoint(model: AdaptedModel, folder: Path, dtype: torch.dtype | None
     changed = [f"{name}={getattr(saved, name)!r} (built with {built!r})" for name, built in
                (("lora_r", lora.r), ("lora_alpha", lora.lora_alpha), ("lora_dropout", lora.lora_dropout))
                if getattr(saved, name) != built]
-    layers = model.base_fingerprint["num_layers"]
-    if not -layers - 1 <= saved.memory_layer <= layers:
-        changed.append(f"memory_layer={saved.memory_layer} (the base model has {layers} layers)")
+    if (problem := memory_layer_problem(model.lm, saved.memory_layer)) is not None:
+        changed.append(f"memory_layer={saved.memory_layer} (the base model {problem})")
     if changed:
         raise CheckpointError(f"the model's configuration no longer fits its weights: {', '.join(changed)}: set "
                               f"them back; not saved to {folder}")

@@ -427,11 +427,11 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import torch
 
-    from .checkpoint import load_trained_weights
+    from .checkpoint import check_same_configuration, load_trained_weights
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
-    from .training import check_for_model, check_run, train
+    from .training import check_for_model, check_run, missed_probes, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -448,9 +448,12 @@ def _train(args: argparse.Namespace) -> None:
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
     state = check_run(rows, config, passages, probes, args.output)
-    resuming, finished = state is not None, state is not None and state["step"] >= config.steps
+    # a run stopped in its last probe loads the model to probe again
+    resuming, finished = state is not None, (state is not None and state["step"] >= config.steps
+                                             and not missed_probes(probes, args.output, state["step"], config.probe_every))
     del state  # its optimizer moments: train() reads its own copy
-    if finished:
+    if finished:  # of this model too (the same steps at another --compression-rate were called finished)
+        check_same_configuration(_trained_config(args, new_model), Path(args.output) / "checkpoint")
         print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
               f"checkpoint: {Path(args.output) / 'checkpoint'}")
         return
@@ -460,11 +463,7 @@ def _train(args: argparse.Namespace) -> None:
                                            device=args.device, dtype="float32")
         model.config.retrieval_key = args.retrieval_key or model.config.retrieval_key
     else:
-        model = ClaraModel(ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
-                                       compression_rate=args.compression_rate or ClaraConfig.compression_rate,
-                                       **new_model,
-                                       retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key),
-                           device=args.device, dtype="float32")
+        model = ClaraModel(_trained_config(args, new_model), device=args.device, dtype="float32")
     if model.device.type == "cuda":  # TF32 matrix products (Ampere on); weights, gradients and loss stay float32
         if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
             torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -483,6 +482,21 @@ def _train(args: argparse.Namespace) -> None:
         corpus.upsert(passages, show_progress=True)
     checkpoint = train(model, rows, config, args.output, corpus, probes)
     print(f"checkpoint: {checkpoint}")
+
+
+def _trained_config(args: argparse.Namespace, new_model: dict) -> ClaraConfig:
+    """The model configuration a ``clara train`` asks for: --init's checkpoint's, or a new
+    model's, with the base model, compression rate and retrieval key given."""
+    if args.init:
+        from .checkpoint import read_config
+
+        config = read_config(Path(args.init))
+        return dataclasses.replace(config, base_model=args.base_model or config.base_model,
+                                   compression_rate=args.compression_rate or config.compression_rate,
+                                   retrieval_key=args.retrieval_key or config.retrieval_key)
+    return ClaraConfig(base_model=args.base_model or DEFAULT_BASE_MODEL,
+                       compression_rate=args.compression_rate or ClaraConfig.compression_rate, **new_model,
+                       retrieval_key=args.retrieval_key or ClaraConfig.retrieval_key)
 
 
 def _eval(args: argparse.Namespace) -> None:

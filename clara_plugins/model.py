@@ -24,7 +24,8 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .atomic import writer_at_work
-from .backbone import context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model, resolve_device, resolve_dtype
+from .backbone import (context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model,
+                       memory_layer_problem, resolve_device, resolve_dtype)
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_positive_int, check_texts
@@ -78,16 +79,9 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
-        layers = lm.config.get_text_config().num_hidden_layers  # hidden_states[i] for -layers-1 <= i <= layers
-        if not -layers - 1 <= self.config.memory_layer <= layers:
+        if (problem := memory_layer_problem(lm, self.config.memory_layer)) is not None:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
-                             f"has {layers} layers")
-        width = lm.config.get_text_config().hidden_size
-        if self.config.memory_layer != -1 and width != lm.get_input_embeddings().embedding_dim:
-            # its layers' states are wider or narrower than the inputs they would be read as (OPT-350m's)
-            raise ValueError(f"ClaraConfig.memory_layer {self.config.memory_layer}: {self.config.base_model!r}'s "
-                             f"layers are {width} wide and its embeddings {lm.get_input_embeddings().embedding_dim}, "
-                             "so only the last layer's states (-1) are read as memories")
+                             f"{problem}")
         self.base_fingerprint = fingerprint(lm, tokenizer)
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)
@@ -487,6 +481,9 @@ class ClaraModel(torch.nn.Module):
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
         compressed = as_memories(compressed, "compressed documents")
         n, h = self.config.n_mem_tokens, self.hidden_size
+        if compressed.dim() < 3:  # one document's [n_mem, hidden]: "do not fit ... of shape (n, h)" named no cause
+            raise InvalidInputError(f"compressed documents of shape {tuple(compressed.shape)} lack the documents' "
+                                    f"dimension: give [documents, {n}, {h}] (one document's memories[None])")
         if compressed.dim() == 3 and compressed.size(0) % len(questions) == 0:
             compressed = compressed.reshape(len(questions), compressed.size(0) // len(questions),
                                             *compressed.shape[1:])

@@ -26,7 +26,8 @@ NORMAL_POOL = 20
 
 
 def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5) -> list[dict]:
-    """Rows ``{question, docs[k], answer, answers, pos_index}`` in the Normal or Oracle setting.
+    """Rows ``{question, docs[k], answer, answers, pos_index}`` in the Normal or Oracle setting,
+    with ``gold_missing`` where a Normal row's k lack supporting passages, as ``e2e_rows``'.
 
     Oracle rows are made only for examples whose gold passages are all in the pool, and at
     most k. Pools of fewer than k passages (Normal: ``NORMAL_POOL``) are filled from the other
@@ -50,9 +51,12 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
             chosen = [i for i in ranked if i in picked]
         else:
             chosen = ranked[:k]
+        found = [n for n, i in enumerate(chosen) if i in example.gold]
+        # a recall counts those BM25 left out as not found (rows it missed were left out of it: R@5 100)
+        missing = len(example.gold) - len(found) + example.gold_missing
         rows.append({"id": example.id, "question": example.question, "docs": [example.passages[i] for i in chosen],
-                     "answer": example.answers[0], "answers": example.answers,
-                     "pos_index": [n for n, i in enumerate(chosen) if i in example.gold]})
+                     "answer": example.answers[0], "answers": example.answers, "pos_index": found,
+                     **({"gold_missing": missing} if missing else {})})
     return rows
 
 

@@ -513,6 +513,19 @@ def _probe_k(rows: list[dict], config: TrainConfig) -> int:
     return max(config.top_k, *(len(row["docs"]) for row in rows))
 
 
+def missed_probes(probes: dict[str, list[dict]], output: str | Path, step: int,
+                  probe_every: int) -> dict[str, list[dict]]:
+    """The probe sets due at ``step`` (a run's first, or a multiple of ``probe_every``) that the
+    run's log does not hold: a run stopped while it probed, its last step's probe too, probes
+    them when it resumes (they were lost for good)."""
+    if not probes or step % probe_every:
+        return {}
+    log = Path(output) / "log.jsonl"
+    done = {record.get("probe") for record in read_jsonl(log, appended=True)
+            if record["step"] == step} if log.exists() else set()
+    return {name: rows for name, rows in probes.items() if name not in done}
+
+
 def _probe(model: ClaraModel, probes: dict[str, list[dict]], k: int, step: int, log) -> None:
     """Log the reading gain (own, neutral and other memories) on each held-out probe set."""
     model.eval()
@@ -708,6 +721,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     if config.stage == "e2e":  # the generator then reads as many documents as it was trained on
         model.config.generation_top_k = config.top_k
     if finished:
+        if missed := missed_probes(probes, output, state["step"], config.probe_every):
+            with open(output / "log.jsonl", "a") as log:
+                _probe(model, missed, _probe_k(rows, config), state["step"], log)
         warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
         return _holding(model, checkpoint)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
@@ -721,6 +737,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         groups = [{"params": parameters}]  # saved before the embedding had a group of its own: as it was
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                   weight_decay=config.weight_decay)
+    # a step stopped in this process (Ctrl-C, out of memory) left its first micro-batches' gradients,
+    # which the resumed step added to its own
+    model.zero_grad(set_to_none=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _learning_rate(config))
     start = 0
     if state is not None:
@@ -749,8 +768,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
     with open(output / "log.jsonl", "a") as log:
-        if probes and start == 0:
-            _probe(model, probes, probe_k, 0, log)
+        if missed := missed_probes(probes, output, start, config.probe_every):
+            _probe(model, missed, probe_k, start, log)
         for step in progress:
             if candidates and config.refresh_every and step and step % config.refresh_every == 0:
                 candidates.refresh()
@@ -781,6 +800,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
             log.write(json.dumps(record) + "\n")
             log.flush()
             if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+                os.fsync(log.fileno())  # on disk before the save that covers it (a power loss lost its last lines)
                 if mirror:
                     copy_adapter(model, ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={

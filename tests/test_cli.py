@@ -601,6 +601,31 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, tmp
     capsys.readouterr()
     main(train)
     assert "holds a finished run of 1 steps: nothing to train" in capsys.readouterr().out
+    # the same steps for another model are not that run (a CR8 recipe after a CR16 one in the same
+    # folder was called finished, and its evaluations were the CR16 model's)
+    for other in (["--compression-rate", "8"], ["--retrieval-key", "flat"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*train, *other])
+        assert exit_info.value.code == 4 and "trained with another model configuration" in capsys.readouterr().err
+
+
+def test_train_probes_a_finished_run_stopped_in_its_last_probe(tiny_model, tmp_path, capsys):
+    # it was called finished, and the run's last reading gain was never logged
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": question, "docs": docs, "answer": "Italy"}) + "\n"
+                            for question, docs in (("Where is Rome?", CORPUS[:2]), ("Where is Milan?", CORPUS[2:4]))))
+    tiny_model.save_pretrained(tmp_path / "init")
+    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
+             str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu",
+             "--probe", str(rows), "--probe-every", "1"]
+    main(train)
+    log = tmp_path / "run" / "log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(r) + "\n" for r in records if (r["step"], "probe" in r) != (1, True)))
+    main(train)
+    again = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["step"], r.get("probe")) for r in again] == [(0, "rows"), (1, None), (1, "rows")]
+    assert again[-1] == records[-1]
 
 
 def test_a_missing_default_backbone_says_how_to_install_it_and_nothing_else(monkeypatch, capsys):

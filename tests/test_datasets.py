@@ -9,8 +9,8 @@ from clara_plugins.bm25 import bm25_rank, bm25_top, fill_short_pools, with_candi
 from clara_plugins.cli import main
 from clara_plugins.corpora import QAExample, read_examples, spaced_alike
 from clara_plugins.errors import InvalidInputError
-from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows,
-                                question_name, reconstruction_rows, scp_qa_rows)
+from clara_plugins.rows import (cloze_rows, continuation_rows, e2e_rows, gold_count, instruct_rows,
+                                inverse_cloze_rows, question_name, reconstruction_rows, row_recall, scp_qa_rows)
 from conftest import SHARED_DATA, needs_shared_data
 
 NQ_LIKE = QAExample("q1", "where does the danube flow", ["Vienna"], ["Danube\nIt flows through Vienna.",
@@ -229,6 +229,7 @@ def test_normal_rows_are_the_best_k_of_a_pool_the_gold_passage_may_miss():
                       ["Danube\nIt rises in the Black Forest and reaches Vienna."], [0])
     row = instruct_rows([asked, *bridges], "normal", k=5)[0]
     assert len(row["docs"]) == 5 and row["pos_index"] == []  # the best 5 of 20: the gold one is not among them
+    assert gold_count(row) == 1 and row_recall([0, 1, 2, 3, 4], row, 5) == 0.0  # and is counted as not found
 
 
 def test_oracle_rows_hold_every_gold_passage_or_are_not_made():

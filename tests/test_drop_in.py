@@ -319,6 +319,40 @@ def test_every_encoder_pass_sets_its_inference_switches_under_the_models_lock(ti
     assert passes == [(False, False, True)] * 3
 
 
+@pytest.mark.parametrize("call", ["ChatClara.ainvoke", "ClaraLLM.acomplete", "ClaraLLM.achat",
+                                  "ClaraSynthesizer.aget_response"])
+def test_a_cancelled_async_answer_stops_generating(tiny_model, call):
+    # the whole answer was one worker-thread call, which went on to its last token after a
+    # timeout or a client gone, holding the model's lock and an executor thread meanwhile
+    from llama_index.core.base.llms.types import ChatMessage
+    from llama_index_clara import ClaraSynthesizer
+
+    tiny_model.stop_token_ids = set()  # every answer runs to its limit
+    llm = ClaraLLM(clara=tiny_model, max_new_tokens=40)
+    start = {"ChatClara.ainvoke": lambda: ChatClara(clara=tiny_model, max_tokens=40).ainvoke(QUESTION),
+             "ClaraLLM.acomplete": lambda: llm.acomplete(QUESTION),
+             "ClaraLLM.achat": lambda: llm.achat([ChatMessage(role="user", content=QUESTION)]),
+             "ClaraSynthesizer.aget_response": lambda: ClaraSynthesizer(llm).aget_response(QUESTION, CORPUS[:2])}[call]
+    passes, real = [], tiny_model._decode
+
+    async def cancelled_at_the_third_pass() -> None:
+        task = asyncio.ensure_future(start())
+        loop = asyncio.get_running_loop()
+
+        def counted(**inputs):
+            passes.append(1)
+            if len(passes) == 3:
+                loop.call_soon_threadsafe(task.cancel)
+            return real(**inputs)
+
+        tiny_model._decode = counted
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled_at_the_third_pass())  # which waits for its worker threads to end
+    assert len(passes) <= 4
+
+
 async def test_concurrent_astreams_answer_as_they_would_alone(tiny_model, vectorstore):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store, max_tokens=10)
     questions = [QUESTION, "Where is the tower?", "Which river flows through Vienna?"]

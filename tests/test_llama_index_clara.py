@@ -20,7 +20,7 @@ from llama_index.core.vector_stores.types import (
 
 from clara_plugins import ClaraModel, InvalidInputError, StoreError
 from conftest import CORPUS, randomize_adapters
-from llama_index_clara import ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
+from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
 
 QUESTION = "Who won Nobel prizes?"
 TOPICS = ["city", "tower", "city", "river", "science", "novel"]
@@ -225,6 +225,25 @@ async def test_async_methods_compress_search_and_generate_off_the_event_loop(tin
     assert len(threads) >= 8 and threading.current_thread() not in threads
     monkeypatch.undo()
     assert (completed, streamed) == (llm.complete("Who won?").text, llm.chat(ask).message.content)
+
+
+def test_token_counting_counts_the_positions_the_generator_read(tiny_model):
+    # LlamaIndex's counter found no usage and counted the prompt's text, documents read as memory
+    # tokens included
+    from llama_index.core.callbacks import CallbackManager, TokenCountingHandler
+
+    counter = TokenCountingHandler(tokenizer=lambda text: tiny_model.tokenizer(text)["input_ids"])
+    store = ClaraVectorStore(tiny_model)
+    store.add(make_nodes())
+    llm = ClaraLLM(clara=tiny_model, store=store, max_new_tokens=3, callback_manager=CallbackManager([counter]))
+    prompt = CLARA_QA_PROMPT.format(context_str="\n\n".join(CORPUS[:3]), query_str=QUESTION)
+    whole = llm.complete(prompt)
+    streamed = list(llm.stream_chat([ChatMessage(role="user", content=prompt)]))[-1]
+    read = [response.additional_kwargs["clara"]["input_positions"] for response in (whole, streamed)]
+    assert [event.prompt_token_count for event in counter.llm_token_counts] == read
+    assert [event.completion_token_count for event in counter.llm_token_counts] == [
+        len(tiny_model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for text in (whole.text, streamed.message.content)]
 
 
 async def test_each_async_call_fires_its_llm_callbacks_once(tiny_model):

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from clara_plugins import ClaraConfig, ClaraModel, InvalidInputError, MemoryStore
+from clara_plugins import CheckpointError, ClaraConfig, ClaraModel, InvalidInputError, MemoryStore
 from clara_plugins.passes import completion_log_likelihood, encode_with_gradients, set_trainable
 from clara_plugins.prompts import question_prompt
 from clara_plugins.retrieval import cosine_scores
@@ -279,9 +279,12 @@ def test_the_embedding_norm_is_that_of_the_embeddings_the_generator_reads():
     sizes = dict(vocab_size=300, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1)
     gemma, llama = Gemma2ForCausalLM(Gemma2Config(head_dim=32, **sizes)), LlamaForCausalLM(LlamaConfig(**sizes))
+    graded = []  # read without gradients: with them, every ClaraModel warned, and failed under -W error
+    llama.get_input_embeddings().register_forward_hook(lambda module, inputs, output: graded.append(output.requires_grad))
     for model, scale in [(gemma, 64 ** 0.5), (llama, 1.0)]:
         rows = model.get_input_embeddings().weight.detach().norm(dim=-1).mean()
         assert embedding_norm(model) == pytest.approx(scale * float(rows), rel=1e-3)
+    assert graded == [False]
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, torch.bfloat16), (False, torch.float16)])
@@ -484,6 +487,11 @@ def test_uneven_document_lists_are_rejected(tiny_model):
         tiny_model.generate_from_text(["a?", "b?"], [CORPUS[:2], CORPUS[:3]])
     with pytest.raises(InvalidInputError, match="do not fit"):
         tiny_model.generate_from_compressed_documents_and_questions(["a?"], torch.zeros(2, 3, 32))
+    one_document = tiny_model.compress_documents(CORPUS[:1])[0]
+    for call in (tiny_model.stream_answer, lambda q, m: tiny_model.answer([q], m)):
+        with pytest.raises(InvalidInputError, match=r"lack the documents' dimension: .* memories\[None\]"):
+            call("a?", one_document)
+    assert tiny_model.answer(["a?"], one_document[None])
 
 
 def test_only_memory_rows_of_the_embedding_receive_gradient(tiny_tokens_model):
@@ -694,10 +702,14 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id)).save_pretrained(opt)
     tokenizer.save_pretrained(opt)
-    with pytest.raises(ValueError, match="layers are 32 wide and its embeddings 16, so only the last layer's"):
+    with pytest.raises(ValueError, match="has layers 32 wide and embeddings 16, so only the last layer's"):
         ClaraModel(ClaraConfig(base_model=str(opt), compression_rate=16, doc_max_length=64, memory_layer=1),
                    device="cpu")
-    ClaraModel(ClaraConfig(base_model=str(opt), compression_rate=16, doc_max_length=64), device="cpu")  # the last
+    model = ClaraModel(ClaraConfig(base_model=str(opt), compression_rate=16, doc_max_length=64), device="cpu")  # the last
+    model.config.memory_layer = 1  # and saved so, it would not load
+    with pytest.raises(CheckpointError, match="memory_layer=1 .the base model has layers 32 wide and embeddings 16"):
+        model.save_pretrained(tmp_path / "opt-clara")
+    assert not (tmp_path / "opt-clara").exists()
 
     remote = build_tiny_base_model(tmp_path / "remote")  # a model whose class is its repository's own code
     config = json.loads((remote / "config.json").read_text())

@@ -172,9 +172,41 @@ def test_a_run_stopped_while_it_probes_keeps_the_step_it_saved(tiny_model, tmp_p
     rows = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[:4]]
     config = TrainConfig(stage="scp", steps=4, batch_size=2, grad_accum=1, probe_every=2, save_every=2)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_model, rows, config, tmp_path, probes={"held_out": rows})
+        train(tiny_model, rows, config, tmp_path, probes={"held_out": rows, "second": rows})
     assert torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     assert (tmp_path / "checkpoint" / "clara_config.json").exists()
+
+    # resumed, it probes the step it stopped in (lost for good: the run went on from step 3),
+    # and stopped in its last step's probe, once more (a finished run never probed it)
+    def stopped_in_the_second_probe_of_step_4(model, probes, k, step, log):
+        real(model, {name: rows for name, rows in probes.items() if step < 4 or name == "held_out"}, k, step, log)
+        if step == 4 and "second" in probes:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_probe", stopped_in_the_second_probe_of_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, rows, config, tmp_path, probes={"held_out": rows, "second": rows})
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="holds a finished run"):
+        train(tiny_model, rows, config, tmp_path, probes={"held_out": rows, "second": rows})
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(record["step"], record.get("probe")) for record in log] == [
+        (0, "held_out"), (0, "second"), (1, None), (2, None), (2, "held_out"), (2, "second"), (3, None), (4, None),
+        (4, "held_out"), (4, "second")]
+
+
+def test_a_save_follows_the_log_lines_it_covers_on_disk(tiny_model, tmp_path, monkeypatch):
+    # the log was flushed, never synced: after a power loss a checkpoint could outlive the last
+    # lines of the steps it holds, and the resumed log lacked them
+    events = []
+    real_fsync, real_save = os.fsync, training.save_checkpoint
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+                        or real_fsync(fd))
+    monkeypatch.setattr(training, "save_checkpoint", lambda *a, **k: events.append("save") or real_save(*a, **k))
+    config = TrainConfig(stage="instruct", steps=2, batch_size=1, grad_accum=1, save_every=1)
+    train(tiny_model, INSTRUCT, config, tmp_path)
+    saves = [number for number, event in enumerate(events) if event == "save"]
+    assert len(saves) == 2 and all(events[number - 1] == "log.jsonl" for number in saves)
 
 
 def test_instruct_stage_can_keep_the_previous_generator(tiny_model, tmp_path):
@@ -661,7 +693,7 @@ def test_gradient_accumulation_keeps_the_retrieval_stages_negatives(tiny_config,
 
 
 @pytest.mark.parametrize("killed", ["in step 4", "while saving step 4", "between the renames of step 4's save",
-                                    "while logging step 4"])
+                                    "while logging step 4", "in step 4, resumed by the same model"])
 def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypatch, killed):
     def fresh() -> ClaraModel:
         torch.manual_seed(0)  # LoRA A matrices are drawn at construction
@@ -676,7 +708,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
 
     def crash_in_step_four(*args):
         calls["n"] += 1
-        if calls["n"] == 7:  # steps 1-3 made 6 micro-batches; step 4 dies, step 3 was logged but not saved
+        # steps 1-3 made 6 micro-batches; step 4 dies, step 3 was logged but not saved; resumed by
+        # the same model, after its first micro-batch's gradients (the resumed step 3 added them)
+        if calls["n"] == (8 if "same model" in killed else 7):
             raise KeyboardInterrupt
         return real_loss(*args)
 
@@ -690,19 +724,20 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, monkeypat
             raise KeyboardInterrupt
         return real_replace(source, target)
 
-    if killed in ("in step 4", "while logging step 4"):
+    if killed.startswith("in step 4") or killed == "while logging step 4":
         monkeypatch.setattr(training, "instruct_loss", crash_in_step_four)
     elif killed == "while saving step 4":
         monkeypatch.setattr(torch, "save", crash_saving_step_four)
     else:
         monkeypatch.setattr(os, "replace", crash_between_the_renames)
+    stopped = fresh()
     with pytest.raises(KeyboardInterrupt):
-        train(fresh(), INSTRUCT, config, tmp_path / "resumed")
+        train(stopped, INSTRUCT, config, tmp_path / "resumed")
     if killed == "while logging step 4":  # its record cut short
         with open(tmp_path / "resumed" / "log.jsonl", "a") as log:
             log.write('{"step": 4, "lo')
     monkeypatch.undo()
-    resumed, passes = fresh(), []
+    resumed, passes = stopped if "same model" in killed else fresh(), []
     monkeypatch.setattr(training, "instruct_loss", lambda *args: passes.append(1) or real_loss(*args))
     train(resumed, INSTRUCT, config, tmp_path / "resumed")
     assert len(passes) == 4  # steps 3 and 4, two micro-batches each: resumed from the save of step 2

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
-from langchain_core.language_models.chat_models import BaseChatModel
+from langchain_core.language_models.chat_models import BaseChatModel, agenerate_from_stream
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ChatMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.prompts import ChatPromptTemplate
@@ -131,11 +131,6 @@ class ChatClara(ReaderFields, BaseChatModel):
         raise NotImplementedError("ChatClara has no structured output: CLaRa's generator answers in free "
                                   "text and was not trained to follow a schema")
 
-    def _usage(self, reading: Reading, text: str) -> dict[str, int]:
-        output = len(self.clara.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return {"input_tokens": reading.positions, "output_tokens": output,
-                "total_tokens": reading.positions + output}
-
     def _metadata(self, reading: Reading) -> dict[str, Any]:
         return {"model_name": self.model_name, "clara": reading.summary()}
 
@@ -151,6 +146,17 @@ class ChatClara(ReaderFields, BaseChatModel):
         message = AIMessage(content=text, usage_metadata=self._usage(reading, text),
                             response_metadata=self._metadata(reading))
         return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        # the stream's pieces, each made on a worker thread: a cancelled call stops generating
+        # (LangChain's default ran _generate in one, which went on to the answer's last token)
+        return await agenerate_from_stream(self._astream(messages, stop, **kwargs))
 
     def _stream(
         self,

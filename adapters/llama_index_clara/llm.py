@@ -42,7 +42,7 @@ from llama_index.core.schema import BaseNode, NodeWithScore
 from clara_plugins.adapter_fields import PositiveCount, ReaderFields
 from clara_plugins.backbone import context_window
 from clara_plugins.config import ANSWER_TEMPLATE
-from clara_plugins.context import chat_role, passed_documents
+from clara_plugins.context import Reading, chat_role, passed_documents
 from clara_plugins.errors import InvalidInputError
 
 # The layout the generator was trained on, for LlamaIndex's synthesizers
@@ -53,6 +53,7 @@ from clara_plugins.errors import InvalidInputError
 CLARA_QA_PROMPT = PromptTemplate(ANSWER_TEMPLATE.format(documents="{context_str}", question="{query_str}"))
 
 T = TypeVar("T")
+R = TypeVar("R", ChatResponse, CompletionResponse)
 _NO_STRUCTURED_OUTPUT = ("ClaraLLM has no structured output: CLaRa's generator answers in free text and was not "
                          "trained to follow a schema")
 class ClaraLLM(ReaderFields, CustomLLM):
@@ -79,12 +80,16 @@ class ClaraLLM(ReaderFields, CustomLLM):
             is_chat_model=True,
         )
 
-    def _pieces(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Iterator[str], dict]:
+    def _pieces(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Iterator[str], Reading]:
         """The answer's text pieces and what the generator read: the documents passed, by text or
         by id (the call's ``document_ids``, else its messages'), and ``max_tokens`` for this call."""
         texts = [_text(d) for d in passed_documents(kwargs.get("documents") or [])]
-        pieces, reading = self._answer(_as_pairs(messages), messages, texts, kwargs, self.max_new_tokens)
-        return pieces, {"clara": reading.summary()}
+        return self._answer(_as_pairs(messages), messages, texts, kwargs, self.max_new_tokens)
+
+    def _extras(self, reading: Reading, text: str) -> dict[str, Any]:
+        """A response's report of what the generator read, and its usage where LlamaIndex's token
+        counter reads it (it counted the documents' text, read as far fewer memory tokens)."""
+        return {"additional_kwargs": {"clara": reading.summary()}, "raw": {"usage": self._usage(reading, text)}}
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
@@ -102,11 +107,13 @@ class ClaraLLM(ReaderFields, CustomLLM):
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         return self._stream_chat(messages, kwargs)
 
-    # The async methods generate on worker threads, so that the event loop is not held meanwhile;
-    # they call the undecorated bodies, whose decorated sync methods would fire every callback again.
+    # The async methods generate on worker threads, a token per call, so that the event loop is not
+    # held meanwhile and a cancelled call stops generating (one call for the whole answer went on to
+    # its last token); they call the undecorated bodies, whose decorated sync methods would fire
+    # every callback again.
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await asyncio.to_thread(self._complete, prompt, kwargs)
+        return await whole_response(await asyncio.to_thread(self._stream_complete, prompt, kwargs))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
@@ -115,7 +122,7 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await asyncio.to_thread(self._chat, messages, kwargs)
+        return await whole_response(await asyncio.to_thread(self._stream_chat, messages, kwargs))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -138,23 +145,25 @@ class ClaraLLM(ReaderFields, CustomLLM):
         raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
 
     def _complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
-        pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
-        return CompletionResponse(text="".join(pieces), additional_kwargs=extra)
+        pieces, reading = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        text = "".join(pieces)
+        return CompletionResponse(text=text, **self._extras(reading, text))
 
     def _stream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseGen:
-        pieces, extra = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        pieces, reading = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
         return _accumulated(pieces, lambda text, delta: CompletionResponse(text=text, delta=delta,
-                                                                           additional_kwargs=extra))
+                                                                           **self._extras(reading, text)))
 
     def _chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponse:
-        pieces, extra = self._pieces(messages, kwargs)
+        pieces, reading = self._pieces(messages, kwargs)
         text = "".join(pieces)
-        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), additional_kwargs=extra)
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+                            **self._extras(reading, text))
 
     def _stream_chat(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> ChatResponseGen:
-        pieces, extra = self._pieces(messages, kwargs)
+        pieces, reading = self._pieces(messages, kwargs)
         return _accumulated(pieces, lambda text, delta: ChatResponse(
-            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, additional_kwargs=extra))
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta, **self._extras(reading, text)))
 
 
 def _accumulated(pieces: Iterator[str], response: Callable[[str, str], T]) -> Iterator[T]:
@@ -166,6 +175,14 @@ def _accumulated(pieces: Iterator[str], response: Callable[[str, str], T]) -> It
         yield response(text, piece)
     if not text:
         yield response("", "")
+
+
+async def whole_response(responses: Iterator[R]) -> R:
+    """A stream's last response, which holds the whole answer, as the non-streaming call gives
+    it (no delta); each made on a worker thread, as ``off_the_loop`` makes them."""
+    async for response in off_the_loop(responses):
+        last = response
+    return last.model_copy(update={"delta": None})  # _accumulated yields one at least
 
 
 async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:

@@ -51,15 +51,21 @@ class ClaraSynthesizer(BaseSynthesizer):
                      node_texts: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
         """Answer from the nodes' own texts (``text_chunks`` when a caller gives no nodes): the
         store finds those it holds by their text, and the rest are compressed."""
-        documents = list(text_chunks) if node_texts is None else node_texts
+        documents = _documents(text_chunks, node_texts)
         if self._streaming:
             return (response.delta for response in self._clara_llm.stream_complete(query_str, documents=documents))
         return self._clara_llm.complete(query_str, documents=documents).text
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
                             node_texts: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
-        response = await asyncio.to_thread(self.get_response, query_str, text_chunks, node_texts, **kwargs)
-        return off_the_loop(response) if self._streaming else response
+        if not self._streaming:  # a token per worker-thread call: a cancelled call stops generating
+            return (await self._clara_llm.acomplete(query_str, documents=_documents(text_chunks, node_texts))).text
+        return off_the_loop(await asyncio.to_thread(self.get_response, query_str, text_chunks, node_texts, **kwargs))
+
+
+def _documents(text_chunks: Sequence[str], node_texts: list[str] | None) -> list[str]:
+    """What the answer reads: the nodes' own texts, or ``text_chunks`` when a caller gives no nodes."""
+    return list(text_chunks) if node_texts is None else node_texts
 
 
 def _node_texts(nodes: list[NodeWithScore]) -> list[str]:
