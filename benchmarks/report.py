@@ -76,7 +76,8 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _png(figure: plt.Figure) -> bytes:
+def png_bytes(figure: plt.Figure) -> bytes:
+    """The figure as PNG bytes, written atomically by its caller (a kill left a cut-short plot)."""
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=120)
@@ -94,7 +95,7 @@ def _quality_plot(report: dict) -> bytes:
     axis.set_xlabel("context positions fed to the generator (log)")
     axis.set_ylabel("F1")
     axis.set_title(f"{report['benchmark']['dataset']}: quality vs. context length")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def _latency_plot(report: dict) -> bytes:
@@ -110,7 +111,7 @@ def _latency_plot(report: dict) -> bytes:
     axis.set_xlabel("each stage's p50 latency, ms, stacked (index = offline work)")
     axis.legend(loc="lower right", fontsize=8)
     axis.set_title(f"{report['benchmark']['dataset']}: latency per stage")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def write_report(report: dict, folder: Path, stem: str) -> list[Path]:

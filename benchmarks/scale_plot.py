@@ -17,6 +17,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from clara_plugins.atomic import write_file_atomically  # noqa: E402
+from clara_plugins.checks import check_output_path  # noqa: E402
+
+from .report import png_bytes  # noqa: E402
+
 
 def series(reports: list[dict]) -> dict[str, list[tuple[int, float, float]]]:
     """(passages, p95 ms, disk bytes per passage) of each store configuration, by size."""
@@ -43,9 +48,8 @@ def plot(reports: list[dict], path: Path) -> None:
         axis.grid(True, alpha=0.3)
     latency.set_yscale("log")
     disk.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    data = png_bytes(figure)
+    write_file_atomically(path, lambda handle: handle.write(data), binary=True)
 
 
 def main() -> None:
@@ -53,7 +57,14 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="the PNG to write")
     parser.add_argument("reports", type=Path, nargs="+", help="store_scale JSON files")
     args = parser.parse_args()
-    plot([json.loads(path.read_text()) for path in args.reports], args.out)
+    if args.out.suffix.lower() != ".png":  # the PNG forgotten: the first report was written over
+        parser.error(f"the plot is written as a .png, not {args.out}")
+    check_output_path(args.out, *args.reports)
+    reports = [json.loads(path.read_text()) for path in args.reports]
+    for path, report in zip(args.reports, reports):  # another benchmark's JSON failed on a bare KeyError
+        if not isinstance(report, dict) or not {"passages", "stores"} <= report.keys():
+            parser.error(f"{path} is not a store_scale report (it has no passages and stores)")
+    plot(reports, args.out)
     print(f"wrote {args.out}")
 
 

@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins import MemoryStore
 from clara_plugins.atomic import write_file_atomically, write_text_atomically
-from clara_plugins.checks import check_output_path
+from clara_plugins.checks import check_output_path, positive_int
 from clara_plugins.compact import dequantize, quantize
 from clara_plugins.config import INDEX_KINDS, MEMORY_DTYPES
 from clara_plugins.corpora import read_documents, read_examples
@@ -68,13 +68,13 @@ ENCODE_TIMINGS = 5  # questions encoded one at a time for the query-encoding lat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("passages", type=int, help="synthetic passages per store")
+    parser.add_argument("passages", type=positive_int, help="synthetic passages per store")
     parser.add_argument("--corpus", type=Path, required=True, help="passages: seeds and texts")
     parser.add_argument("--questions", type=Path, help="QA file whose questions are the queries (to make --sample)")
     parser.add_argument("--sample", type=Path, required=True, help="real memories and query keys (.npz): read, "
                         "or made and written when missing")
-    parser.add_argument("--seeds", type=int, default=256, help="real passages compressed to make --sample")
-    parser.add_argument("--queries", type=int, default=100, help="questions encoded to make --sample")
+    parser.add_argument("--seeds", type=positive_int, default=256, help="real passages compressed to make --sample")
+    parser.add_argument("--queries", type=positive_int, default=100, help="questions encoded to make --sample")
     parser.add_argument("--configs", default=CONFIGS, help=f"index:dtype,... (default {CONFIGS})")
     parser.add_argument("--store-dir", type=Path, help="where the stores are written (default: the temp folder)")
     parser.add_argument("--out", type=Path, required=True)
@@ -270,7 +270,7 @@ def search_all(store: MemoryStore, queries: np.ndarray, truth: list[set[int]]) -
         started = time.perf_counter()
         found = store.search_by_key(query, k=K)
         latencies.append(time.perf_counter() - started)
-        recalls.append(len(expected & {int(doc.id) for doc, _ in found}) / K)
+        recalls.append(len(expected & {int(doc.id) for doc, _ in found}) / len(expected))  # K, or all of fewer
     return latencies, round(float(np.mean(recalls)), 4)
 
 

@@ -162,7 +162,9 @@ convert "$DATA/nq/dev.jsonl" "$rows/retrieval_nq.jsonl" --kind e2e --candidates 
 convert "$DATA/hotpotqa/dev.json" "$rows/retrieval_hotpotqa_dev.jsonl" --kind e2e --candidates 5 --skip 200 --limit 469
 convert "$DATA/2wikimultihopqa/dev.json" "$rows/retrieval_2wiki_dev.jsonl" --kind e2e --candidates 5
 convert "$DATA/musique/dev.jsonl" "$rows/retrieval_musique_dev.jsonl" --kind e2e --candidates 5
-clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20
+# --limit 200: short pools are filled from held-out questions only (from the whole file, rows 0-199
+# held passages the retrieval stage trains on, dev 200-668's)
+clara convert-data "$DATA/hotpotqa/dev.json" "$rows/eval_hotpotqa_e2e20.jsonl" --kind e2e --candidates 20 --limit 200
 python -c "import json, sys
 title = lambda doc: doc.split(chr(10), 1)[0].strip()
 evaluated = [json.loads(l) for l in open(sys.argv[1])][:200]

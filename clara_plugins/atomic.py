@@ -113,11 +113,13 @@ def _keep_mode(old: Path, new: Path) -> None:
 
 
 @contextlib.contextmanager
-def hold_lock(path: Path) -> Iterator[None]:
+def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (made if missing) for the ``with`` block: writers
-    of one thing take turns across processes."""
+    of one thing take turns across processes (without ``wait``, BlockingIOError while another
+    holds it)."""
     with open(path, "a") as lock:
-        _lock(lock.fileno(), wait=True)
+        if _lock(lock.fileno(), wait) is False:
+            raise BlockingIOError(f"{path} is locked by another process")
         yield
 
 

@@ -431,7 +431,7 @@ def _train(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
-    from .training import check_for_model, check_run, missed_probes, train
+    from .training import check_for_model, check_run, missed_probes, probe_finished_run, train
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -448,15 +448,18 @@ def _train(args: argparse.Namespace) -> None:
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
     state = check_run(rows, config, passages, probes, args.output)
-    # a run stopped in its last probe loads the model to probe again
-    resuming, finished = state is not None, (state is not None and state["step"] >= config.steps
-                                             and not missed_probes(probes, args.output, state["step"], config.probe_every))
+    resuming, finished = state is not None, state is not None and state["step"] >= config.steps
     del state  # its optimizer moments: train() reads its own copy
     if finished:  # of this model too (the same steps at another --compression-rate were called finished)
-        check_same_configuration(_trained_config(args, new_model), Path(args.output) / "checkpoint")
-        print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
-              f"checkpoint: {Path(args.output) / 'checkpoint'}")
-        return
+        requested = _trained_config(args, new_model)
+        saved = check_same_configuration(requested, Path(args.output) / "checkpoint")
+        # another base model's weights are told by its fingerprint, once loaded; a run stopped in
+        # its last probe loads the model to probe again
+        if saved.base_model == requested.base_model and not missed_probes(probes, args.output, config.steps,
+                                                                          config.probe_every):
+            print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
+                  f"checkpoint: {Path(args.output) / 'checkpoint'}")
+            return
     torch.manual_seed(config.seed)
     if args.init:
         model = ClaraModel.from_pretrained(args.init, base_model=args.base_model, compression_rate=args.compression_rate,
@@ -474,6 +477,10 @@ def _train(args: argparse.Namespace) -> None:
     if resuming:  # its own weights compress the corpus (a fresh model's did, resumed without --init)
         load_trained_weights(model, Path(args.output) / "checkpoint")
     check_for_model(model, rows, config, probes)
+    if finished:  # no corpus to compress (hours), no step to train
+        print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
+              f"checkpoint: {probe_finished_run(model, rows, config, args.output, probes)}")
+        return
     corpus = None
     if passages is not None:
         from .store import MemoryStore  # faiss, which a run without a corpus never needs

@@ -100,12 +100,7 @@ class ClaraConfig:
                 f"doc_max_length ({self.doc_max_length}) must be at least the compression rate "
                 f"({self.compression_rate}) so that each document keeps one memory token"
             )
-        # a folder named by a relative path is recorded as the folder itself, so that its checkpoints
-        # load from any other working directory; a hub id, and a folder named like one, as written
-        # (a "~" too, which neither a quoted path nor --base-model=~/x has the shell expand)
-        relative = named_by_path or self.base_model.startswith(("./", "../", "~")) or self.base_model.count("/") > 1
-        if relative and os.path.isdir(os.path.expanduser(self.base_model)):
-            self.base_model = os.path.abspath(os.path.expanduser(self.base_model))
+        self.base_model = recorded_model_name(self.base_model, named_by_path)
 
     @property
     def n_mem_tokens(self) -> int:
@@ -123,6 +118,17 @@ class ClaraConfig:
         if unknown:
             raise ValueError(f"unknown ClaraConfig fields: {sorted(unknown)}")
         return cls(**values)
+
+
+def recorded_model_name(name: str | os.PathLike, named_by_path: bool = False) -> str:
+    """A model's name as a checkpoint or a ledger records it: a folder named by a relative path
+    (a ``Path``, "./x", "~/x", a name with two "/" or more) as the folder itself, so that it
+    names the same model from any working directory; a hub id, and a folder named like one, as
+    written (a "~" too, which neither a quoted path nor --base-model=~/x has the shell expand)."""
+    named_by_path = named_by_path or isinstance(name, os.PathLike)
+    name = os.fspath(name)
+    relative = named_by_path or name.startswith(("./", "../", "~")) or name.count("/") > 1
+    return os.path.abspath(os.path.expanduser(name)) if relative and os.path.isdir(os.path.expanduser(name)) else name
 
 
 def _type_fields(config: ClaraConfig | TrainConfig) -> None:

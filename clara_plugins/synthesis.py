@@ -18,6 +18,7 @@ most the document in progress.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +29,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import hold_lock
 from .checks import check_output_path
+from .config import recorded_model_name
 from .errors import InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import normalize_answer
@@ -64,6 +67,11 @@ class SynthesisReport:
     dropped_documents_qa: int = 0
     dropped_paraphrases: int = 0
     skipped_done: int = 0
+    too_long: int = 0  # documents whose prompts leave the teacher no room to reply: marked done without rows
+
+
+class PromptTooLongError(InvalidInputError):
+    """A prompt that takes all of the teacher's positions: its document is too long for it."""
 
 
 def as_teacher(model: object) -> Teacher:
@@ -93,26 +101,29 @@ class HuggingFaceTeacher:
 
     def __init__(self, name_or_path: str = "smollm2-135m-instruct", max_new_tokens: int | None = None,
                  device: str = "auto", dtype: str = "auto") -> None:
-        from .backbone import check_base_model
+        from .backbone import check_base_model, resolve_device, resolve_dtype
 
         check_base_model(name_or_path)
-        self.name_or_path = os.fspath(name_or_path)  # a Path too: the ledger keeps it as JSON
+        self.device = resolve_device(device)  # refused before anything is written, as the name is
+        resolve_dtype(dtype, self.device)
+        # as the ledger keeps it: a folder named by a relative path as itself (run from elsewhere, the
+        # same "./model" named another teacher, whose rows were mixed with the first's)
+        self.name_or_path = recorded_model_name(name_or_path)
         self.max_new_tokens = max_new_tokens
-        self.device, self.dtype = device, dtype
+        self.dtype = dtype
         self.model = self.tokenizer = None
 
     def __call__(self, prompt: str) -> str:
         import torch
 
         from .backbone import context_window, end_of_sequence_ids  # transformers: loaded with the teacher
-        from .prompts import render_messages
+        from .prompts import render_messages, turn_end_token
 
         if self.model is None:
-            from .backbone import load_base_model, resolve_device, resolve_dtype
+            from .backbone import load_base_model, resolve_dtype
 
-            device = resolve_device(self.device)
-            self.model, self.tokenizer = load_base_model(self.name_or_path, resolve_dtype(self.dtype, device))
-            self.model.to(device).eval()
+            self.model, self.tokenizer = load_base_model(self.name_or_path, resolve_dtype(self.dtype, self.device))
+            self.model.to(self.device).eval()
         # a model without a chat template reads the plain layout the generator gives it
         text = render_messages(self.tokenizer, [{"role": "user", "content": prompt}])
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
@@ -121,12 +132,17 @@ class HuggingFaceTeacher:
         if positions:  # a reply past the model's positions reads positions it never learned, or fails
             limit = min(limit, positions - ids.size(1))
         if limit < 1:
-            raise InvalidInputError(f"the teacher's prompt takes {ids.size(1)} tokens, all of its {positions} positions: "
-                                    "no room for a reply")
+            raise PromptTooLongError(f"the teacher's prompt takes {ids.size(1)} tokens, all of its {positions} "
+                                     "positions: no room for a reply")
+        # the template's turn end too, where it is not the end of sequence (Llama 3's <|eot_id|>:
+        # replies ran on into made-up turns up to the limit)
+        stops = end_of_sequence_ids(self.model, self.tokenizer) | {turn_end_token(self.tokenizer)} - {None}
+        pad = self.tokenizer.pad_token_id
         with torch.no_grad():
-            reply = self.model.generate(ids, max_new_tokens=limit, do_sample=False)[0, ids.size(1):]
+            reply = self.model.generate(ids, max_new_tokens=limit, do_sample=False, eos_token_id=sorted(stops),
+                                        pad_token_id=min(stops) if pad is None else pad)[0, ids.size(1):]
         text = self.tokenizer.decode(reply, skip_special_tokens=True)
-        cut = len(reply) == limit and int(reply[-1]) not in end_of_sequence_ids(self.model, self.tokenizer)
+        cut = len(reply) == limit and int(reply[-1]) not in stops
         if cut and not text.endswith("\n"):  # mid-line
             text = text.rpartition("\n")[0]
         return text.strip()
@@ -241,11 +257,28 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
 def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
                simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped
-    (with the same teacher: a ``HuggingFaceTeacher``'s name is kept in the ledger)."""
+    (with the same teacher: a ``HuggingFaceTeacher``'s name is kept in the ledger). One run at a
+    time writes an output: a second is refused while ``.NAME.lock`` beside it is held."""
     if max_rounds < 0:  # no coverage check would run, and the ledger would mark every document done
         raise InvalidInputError(f"max_rounds must be at least 0, got {max_rounds}")
     check_output_path(output)  # a .gz name too: written plain, its resume refused it as a broken gzip file
     output = Path(output)
+    documents = list(documents)
+    named = next((doc_id for doc_id, _ in documents if not isinstance(doc_id, str)), None)
+    if named is not None:  # written as given, then refused by the resume (and the report lost to a warning's join)
+        raise InvalidInputError(f"document ids must be strings, got {type(named).__name__} {named!r}")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        try:  # a second run rewrote the files the first went on appending to, and the first's rows were lost
+            held.enter_context(hold_lock(output.with_name(f".{output.name}.lock"), wait=False))
+        except BlockingIOError:
+            raise InvalidInputError(f"another synthesis run is writing {output}: wait for it, or name another "
+                                    "output") from None
+        return _synthesize(documents, teacher, output, simple, complex_, max_rounds)
+
+
+def _synthesize(documents: list[tuple[str, str]], teacher: Teacher, output: Path, simple: int, complex_: int,
+                max_rounds: int) -> SynthesisReport:
     ledger = output.with_name(output.name + ".done")
     if output.exists() != ledger.exists():  # resuming would drop every row, or skip documents it has no rows of
         present, absent = (output, ledger) if output.exists() else (ledger, output)
@@ -256,16 +289,17 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
     teacher_name = os.fspath(teacher_name) if isinstance(teacher_name, (str, os.PathLike)) else None
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
         marks = read_jsonl(ledger, appended=True)
-        others = {mark.get("teacher") for mark in marks} - {None, teacher_name}
+        # a folder recorded as typed before (./teacher) is that folder, where it is found from here
+        others = {name for name in {mark.get("teacher") for mark in marks} - {None, teacher_name}
+                  if not isinstance(name, str) or recorded_model_name(name) != teacher_name}
         if teacher_name is not None and others:  # two teachers' rows would read as one run's
             raise InvalidInputError(f"{ledger} was written with the teacher {sorted(others)[0]!r}, not "
                                     f"{teacher_name!r}: resume with it, or name another output")
         write_jsonl(marks, ledger)
         done = {mark["doc_id"] for mark in marks}
-    if output.exists():  # drop rows of a document that was in progress when the last run died
-        write_jsonl([row for row in read_jsonl(output, appended=True) if row["doc_id"] in done], output)
-    report = SynthesisReport()
-    documents = list(documents)
+    if output.exists():
+        write_jsonl(_marked_rows(output, done), output)
+    report, too_long = SynthesisReport(), []
     if done and documents and not done & {doc_id for doc_id, _ in documents}:  # resuming would redo them all
         raise InvalidInputError(f"{ledger} marks none of these documents done: it was written for another corpus, "
                                 "or with other ids (clara synth keyed passages by position before it keyed them "
@@ -274,17 +308,22 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
     if gone:  # kept (stored data is not dropped), but a passage edited or removed since is no longer the corpus'
         warnings.warn(f"{output} holds the rows of {len(gone)} passages not among these (edited or removed since, "
                       "or left out by a smaller --limit): they are kept; name another output to leave them out",
-                      stacklevel=2)
+                      stacklevel=3)
     with open(output, "a") as rows, open(ledger, "a") as marks:
         for doc_id, text in tqdm(documents, desc="synthesising"):
             if doc_id in done:
                 report.skipped_done += 1
                 continue
-            qa, paraphrase, counts = synthesize_document(text, teacher, simple, complex_, max_rounds)
+            try:
+                qa, paraphrase, counts = synthesize_document(text, teacher, simple, complex_, max_rounds)
+            except PromptTooLongError:  # marked, not asked again: every resume stopped at it, unnamed
+                too_long.append(doc_id)
+                qa = paraphrase = None
+            else:
+                report.dropped_qa_pairs += counts["dropped_pairs"]
+                report.dropped_documents_qa += qa is None
+                report.dropped_paraphrases += paraphrase is None
             report.documents += 1
-            report.dropped_qa_pairs += counts["dropped_pairs"]
-            report.dropped_documents_qa += qa is None
-            report.dropped_paraphrases += paraphrase is None
             for row in (qa, paraphrase):
                 if row is not None:
                     rows.write(json.dumps({**row, "doc_id": doc_id}) + "\n")
@@ -295,4 +334,29 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
             marks.write(json.dumps({"doc_id": doc_id, "qa": qa is not None, "paraphrase": paraphrase is not None,
                                     "teacher": teacher_name}) + "\n")
             marks.flush()
+            done.add(doc_id)  # a document given twice is asked once
+    report.too_long = len(too_long)
+    if too_long:
+        warnings.warn(f"{len(too_long)} documents are too long for the teacher to reply to, and have no rows: "
+                      f"{', '.join(too_long[:3])}{' ...' if len(too_long) > 3 else ''}", stacklevel=3)
     return report
+
+
+def _marked_rows(output: Path, done: set[str]) -> list[dict]:
+    """The output's rows less those after the last marked one: the document in progress when the
+    last run died (after a power loss, the documents whose marks did not reach the disk). Rows
+    of a document not marked before a marked one, or without a ``doc_id``, are no run's
+    leftovers: refused, not dropped."""
+    rows = read_jsonl(output, appended=True)
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("doc_id"), str):
+            raise InvalidInputError(f"{output} row {number} has no doc_id: not a synthesis run's row; name another "
+                                    "output, or move the file away")
+    kept = len(rows)
+    while kept and rows[kept - 1]["doc_id"] not in done:
+        kept -= 1
+    unmarked = next((number for number, row in enumerate(rows[:kept], 1) if row["doc_id"] not in done), None)
+    if unmarked is not None:
+        raise InvalidInputError(f"{output} row {unmarked} is of a document its ledger does not mark, before rows it "
+                                "marks: not one run's rows; name another output, or move the file away")
+    return rows[:kept]

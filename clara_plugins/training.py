@@ -526,6 +526,27 @@ def missed_probes(probes: dict[str, list[dict]], output: str | Path, step: int,
     return {name: rows for name, rows in probes.items() if name not in done}
 
 
+def probe_finished_run(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str | Path,
+                       probes: dict[str, list[dict]]) -> Path:
+    """Log the probes of a finished run's last step that its log lacks (it stopped while it
+    probed), with ``model`` holding the run's weights; no corpus is read. Returns the checkpoint."""
+    _read_as_trained(model, config)
+    if missed := missed_probes(probes, output, config.steps, config.probe_every):
+        log = Path(output) / "log.jsonl"
+        _forget_steps_after(log, config.steps)  # a probe line cut short is dropped, a linked log replaced
+        with open(log, "a") as file:
+            _probe(model, missed, _probe_k(rows, config), config.steps, file)
+    return _holding(model, Path(output) / "checkpoint")
+
+
+def _read_as_trained(model: ClaraModel, config: TrainConfig) -> None:
+    """The generator reads as the stage trains it: the text stage's documents as text, the e2e
+    stage's as many documents as it was trained on."""
+    model.config.decoder_reads_text = config.stage == "text"
+    if config.stage == "e2e":
+        model.config.generation_top_k = config.top_k
+
+
 def _probe(model: ClaraModel, probes: dict[str, list[dict]], k: int, step: int, log) -> None:
     """Log the reading gain (own, neutral and other memories) on each held-out probe set."""
     model.eval()
@@ -624,8 +645,9 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | Non
     if output is None:
         return None
     state = _check_output(Path(output), config, rows, corpus)
-    if state is None or state["step"] < config.steps:  # found at the first save, after a corpus was compressed
-        check_writable(output)  # (a finished run writes nothing)
+    # found at the first save, after a corpus was compressed (a finished run writes only the probes it missed)
+    if state is None or state["step"] < config.steps or missed_probes(probes, output, state["step"], config.probe_every):
+        check_writable(output)
     return state
 
 
@@ -717,15 +739,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         load_trained_weights(model, checkpoint)
     else:
         prepare_stage(model, config)
-    model.config.decoder_reads_text = config.stage == "text"
-    if config.stage == "e2e":  # the generator then reads as many documents as it was trained on
-        model.config.generation_top_k = config.top_k
+    _read_as_trained(model, config)
     if finished:
-        if missed := missed_probes(probes, output, state["step"], config.probe_every):
-            with open(output / "log.jsonl", "a") as log:
-                _probe(model, missed, _probe_k(rows, config), state["step"], log)
         warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
-        return _holding(model, checkpoint)
+        return probe_finished_run(model, rows, config, output, probes)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     trainable = _trainable(config)
     set_trainable(model, trainable, memory_embeddings=config.trains_memory_rows)

@@ -587,7 +587,8 @@ def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_w
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "run").exists()
 
 
-def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, tmp_path, monkeypatch, capsys):
+def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, other_tiny_base, tmp_path, monkeypatch,
+                                                                 capsys):
     # it loaded the model (and compressed any corpus) to train no step, and printed only the checkpoint
     from clara_plugins import model as model_module
 
@@ -597,8 +598,11 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, tmp
     train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
              str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"]
     main(train)
-    monkeypatch.setattr(model_module.ClaraModel, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
     capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:  # another base model's weights, told once loaded
+        main([*train, "--base-model", str(other_tiny_base)])
+    assert exit_info.value.code == 4 and "base model" in capsys.readouterr().err
+    monkeypatch.setattr(model_module.ClaraModel, "__init__", lambda *a, **k: pytest.fail("the model was loaded"))
     main(train)
     assert "holds a finished run of 1 steps: nothing to train" in capsys.readouterr().out
     # the same steps for another model are not that run (a CR8 recipe after a CR16 one in the same
@@ -609,22 +613,31 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, tmp
         assert exit_info.value.code == 4 and "trained with another model configuration" in capsys.readouterr().err
 
 
-def test_train_probes_a_finished_run_stopped_in_its_last_probe(tiny_model, tmp_path, capsys):
-    # it was called finished, and the run's last reading gain was never logged
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text("".join(json.dumps({"question": question, "docs": docs, "answer": "Italy"}) + "\n"
-                            for question, docs in (("Where is Rome?", CORPUS[:2]), ("Where is Milan?", CORPUS[2:4]))))
+def test_train_probes_a_finished_run_stopped_in_its_last_probe(tiny_model, tmp_path, monkeypatch, capsys):
+    # it was called finished, and the run's last reading gain was never logged; probed again, it
+    # compresses no corpus (hours) and keeps its log readable
+    from clara_plugins.store import MemoryStore
+
     tiny_model.save_pretrained(tmp_path / "init")
-    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
-             str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu",
-             "--probe", str(rows), "--probe-every", "1"]
+    rows, corpus, probe = tmp_path / "rows.jsonl", tmp_path / "corpus.txt", tmp_path / "held_out.jsonl"
+    rows.write_text(json.dumps({"question": "Who won Nobel prizes?", "docs": [CORPUS[4]], "answer": "Marie Curie"})
+                    + "\n")
+    corpus.write_text("\n\n".join(CORPUS))
+    probe.write_text("".join(json.dumps({"question": question, "docs": docs, "answer": "Italy"}) + "\n"
+                             for question, docs in (("Where is Rome?", CORPUS[:2]), ("Where is Milan?", CORPUS[2:4]))))
+    train = ["train", "--stage", "e2e", "--data", str(rows), "--corpus", str(corpus), "--output", str(tmp_path / "run"),
+             "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--top-k", "2", "--candidates", "3",
+             "--device", "cpu", "--init", str(tmp_path / "init"), "--probe", str(probe), "--probe-every", "1"]
     main(train)
     log = tmp_path / "run" / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    log.write_text("".join(json.dumps(r) + "\n" for r in records if (r["step"], "probe" in r) != (1, True)))
+    log.write_text("".join(json.dumps(r) + "\n" for r in records if (r["step"], "probe" in r) != (1, True))
+                   + '{"step": 1, "probe": "held_')  # stopped while writing it
+    monkeypatch.setattr(MemoryStore, "upsert", lambda *a, **k: pytest.fail("the corpus was compressed"))
+    main(train)
     main(train)
     again = [json.loads(line) for line in log.read_text().splitlines()]
-    assert [(r["step"], r.get("probe")) for r in again] == [(0, "rows"), (1, None), (1, "rows")]
+    assert [(r["step"], r.get("probe")) for r in again] == [(0, "held_out"), (1, None), (1, "held_out")]
     assert again[-1] == records[-1]
 
 

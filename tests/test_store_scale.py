@@ -55,6 +55,32 @@ def test_the_plot_has_a_line_per_store_across_sizes(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_store_scale_of_nothing_is_refused_and_a_small_one_is_scored_fully(tmp_path, monkeypatch, capsys):
+    # 0 passages, seeds or queries failed on a division after the model loaded; fewer than K
+    # passages found whole scored their share of K (exact search of 5: recall 0.5)
+    from types import SimpleNamespace
+
+    for flag in (["0"], ["10", "--seeds", "0"], ["10", "--queries", "0"]):
+        monkeypatch.setattr("sys.argv", ["store_scale", *flag, "--corpus", "c", "--sample", "s", "--out", "o"])
+        with pytest.raises(SystemExit):
+            store_scale.main()
+        assert "must be a positive integer, got 0" in capsys.readouterr().err
+    store = SimpleNamespace(search_by_key=lambda query, k: [(SimpleNamespace(id=str(i)), 1.0) for i in range(5)])
+    assert store_scale.search_all(store, [None], [set(range(5))])[1] == 1.0
+    # and a plot of another benchmark's JSON is refused by name, the plot before it kept
+    (tmp_path / "saves.json").write_text(json.dumps({"saves": []}))
+    (tmp_path / "plot.png").write_bytes(b"old")
+    monkeypatch.setattr("sys.argv", ["scale_plot", str(tmp_path / "plot.png"), str(tmp_path / "saves.json")])
+    with pytest.raises(SystemExit):
+        scale_plot.main()
+    assert "saves.json is not a store_scale report" in capsys.readouterr().err
+    assert (tmp_path / "plot.png").read_bytes() == b"old"
+    monkeypatch.setattr("sys.argv", ["scale_plot", str(tmp_path / "saves.json"), str(tmp_path / "saves.json")])
+    with pytest.raises(SystemExit):  # the PNG forgotten
+        scale_plot.main()
+    assert "written as a .png" in capsys.readouterr().err and json.loads((tmp_path / "saves.json").read_text())
+
+
 def test_every_store_configuration_is_checked_before_any_work(capsys):
     # a typo in the last pair failed after every store before it was built, and lost their results
     import argparse

@@ -210,6 +210,72 @@ def test_resume_drops_a_row_cut_short_by_a_kill(tmp_path):
     assert [json.loads(line)["doc_id"] for line in ledger] == ["d0", "d1"]
 
 
+def test_a_resume_refuses_rows_no_run_left_instead_of_dropping_them(tmp_path):
+    # every row of a document the ledger does not mark was dropped, wherever it stood (a row
+    # without doc_id failed on a bare KeyError)
+    output = tmp_path / "scp.jsonl"
+    synthesize([("d0", DOC), ("d1", DOC)], ScriptedTeacher(["NONE"] * 10), output)
+    rows = output.read_text().splitlines()
+    for foreign in ('{"doc_id": "other", "answers": ["mine"]}', '{"answers": ["mine"]}'):
+        output.write_text("\n".join([rows[0], foreign, *rows[1:]]) + "\n")
+        before = output.read_text()
+        with pytest.raises(InvalidInputError, match="row 2 (has no doc_id|is of a document its ledger does not mark)"):
+            synthesize([("d0", DOC), ("d1", DOC), ("d2", DOC)], ScriptedTeacher(["NONE"] * 10), output)
+        assert output.read_text() == before
+    # after a power loss the last marks may be lost, not the rows fsynced before them: redone
+    output.write_text("\n".join(rows) + "\n")
+    ledger = tmp_path / "scp.jsonl.done"
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n")
+    report = synthesize([("d0", DOC), ("d1", DOC), ("d2", DOC)], ScriptedTeacher(["NONE"] * 10), output)
+    assert (report.skipped_done, report.documents) == (1, 2)
+    assert [json.loads(line)["doc_id"] for line in output.read_text().splitlines()] == ["d0", "d0", "d1", "d1", "d2", "d2"]
+    with pytest.raises(InvalidInputError, match="document ids must be strings, got int 0"):
+        synthesize([(0, DOC)], ScriptedTeacher(["NONE"] * 10), tmp_path / "ints.jsonl")
+    assert not (tmp_path / "ints.jsonl").exists()
+
+
+def test_a_document_given_twice_is_asked_once(tmp_path):
+    teacher = ScriptedTeacher(["NONE"] * 10)
+    report = synthesize([("a", DOC), ("a", DOC)], teacher, tmp_path / "scp.jsonl")
+    assert (report.documents, report.skipped_done, teacher.coverage_calls) == (1, 1, 1)
+    assert len((tmp_path / "scp.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "scp.jsonl.done").read_text().splitlines()) == 1
+
+
+def test_a_document_too_long_for_the_teacher_is_marked_and_the_rest_go_on(tmp_path):
+    # every run, and every resume, stopped at it with "no room for a reply", naming no passage
+    script = ScriptedTeacher(["NONE"] * 10)
+
+    def teacher(prompt: str) -> str:
+        if "too long" in prompt:
+            raise synthesis.PromptTooLongError("the teacher's prompt takes all of its positions")
+        return script(prompt)
+
+    documents = [("d0", DOC), ("long", DOC + " It is too long."), ("d2", DOC)]
+    with pytest.warns(UserWarning, match="1 documents are too long for the teacher .*: long"):
+        report = synthesize(documents, teacher, tmp_path / "scp.jsonl")
+    assert (report.documents, report.too_long, report.dropped_documents_qa, report.dropped_paraphrases) == (3, 1, 0, 0)
+    assert [json.loads(line)["doc_id"] for line in (tmp_path / "scp.jsonl").read_text().splitlines()] == [
+        "d0", "d0", "d2", "d2"]
+    assert synthesize(documents, teacher, tmp_path / "scp.jsonl").skipped_done == 3
+
+
+def test_a_second_synthesis_run_on_one_output_is_refused(tmp_path):
+    # it rewrote the files the first went on appending to, and the first's rows were lost
+    from clara_plugins.atomic import hold_lock
+
+    with hold_lock(tmp_path / ".scp.jsonl.lock"):
+        with pytest.raises(InvalidInputError, match="another synthesis run is writing"):
+            synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), tmp_path / "scp.jsonl")
+
+    def blocked(prompt: str) -> str:  # a teacher's own error is its own, not a second run
+        raise BlockingIOError(11, "a non-blocking pipe")
+
+    with pytest.raises(BlockingIOError, match="a non-blocking pipe"):
+        synthesize([("d0", DOC)], blocked, tmp_path / "scp.jsonl")
+    assert synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), tmp_path / "new" / "scp.jsonl").documents == 1
+
+
 def test_a_ledger_that_marks_none_of_the_documents_is_refused(tmp_path):
     output = tmp_path / "scp.jsonl"
     synthesize([("0", DOC)], ScriptedTeacher(["NONE"] * 10), output)  # ids by position, as clara synth gave them
@@ -258,6 +324,44 @@ def test_clara_synth_refuses_a_teacher_that_names_no_model_before_it_writes(tmp_
               str(tmp_path / "no-such-model")])
     assert exit_.value.code == 3 and "could not load base model" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_hugging_face_teacher_refuses_a_device_torch_does_not_see_before_it_writes(tiny_base, tmp_path, capsys):
+    (tmp_path / "corpus.txt").write_text(DOC)
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", str(tmp_path / "corpus.txt"), str(tmp_path / "scp.jsonl"), "--teacher", str(tiny_base),
+              "--device", "cuda"])
+    assert exit_.value.code == 5 and "device 'cuda'" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.txt"]
+
+
+def test_a_teacher_named_by_a_relative_path_is_kept_as_its_folder(tiny_base, tmp_path, monkeypatch):
+    # "./model" resumed from another folder named another teacher, and its rows were mixed in
+    monkeypatch.chdir(tiny_base.parent)
+    teacher = synthesis.HuggingFaceTeacher(f"./{tiny_base.name}")
+    assert teacher.name_or_path == str(tiny_base)
+    # a ledger that recorded it as typed resumes with it
+    output = tmp_path / "scp.jsonl"
+    output.write_text('{"doc_id": "d0"}\n')
+    (tmp_path / "scp.jsonl.done").write_text(json.dumps({"doc_id": "d0", "teacher": f"./{tiny_base.name}"}) + "\n")
+    assert synthesize([("d0", DOC)], teacher, output).skipped_done == 1
+
+
+def test_a_hugging_face_teacher_stops_at_its_templates_turn_end(tiny_base, monkeypatch):
+    # only the generation config's end of sequence stopped it (Llama 3's <|eot_id|> is not
+    # one): replies ran on into made-up turns up to the limit
+    from clara_plugins import prompts
+
+    teacher = synthesis.HuggingFaceTeacher(str(tiny_base), max_new_tokens=2, device="cpu")
+    teacher("Hi")  # the weights load at the first prompt
+    turn_end = teacher.tokenizer.convert_tokens_to_ids("<unk>")
+    monkeypatch.setattr(prompts, "turn_end_token", lambda tokenizer, end=None: turn_end)
+    asked, generate = [], teacher.model.generate
+    monkeypatch.setattr(teacher.model, "generate", lambda ids, **settings: asked.append(settings["eos_token_id"])
+                        or generate(ids, **settings))
+    teacher("Hi")
+    assert turn_end in asked[0] and teacher.tokenizer.eos_token_id in asked[0]
 
 
 def test_clara_synth_refuses_a_corpus_without_passages(tmp_path, capsys):

@@ -193,6 +193,14 @@ def test_a_run_stopped_while_it_probes_keeps_the_step_it_saved(tiny_model, tmp_p
     assert [(record["step"], record.get("probe")) for record in log] == [
         (0, "held_out"), (0, "second"), (1, None), (2, None), (2, "held_out"), (2, "second"), (3, None), (4, None),
         (4, "held_out"), (4, "second")]
+    # a copy of the run whose log is a link (cp -rs) probes into a log of its own
+    shutil.copytree(tmp_path / "checkpoint", tmp_path / "copy" / "checkpoint")
+    (tmp_path / "elsewhere.jsonl").write_text("".join(json.dumps(record) + "\n" for record in log[:-1]))
+    (tmp_path / "copy" / "log.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    with pytest.warns(UserWarning, match="holds a finished run"):
+        train(tiny_model, rows, config, tmp_path / "copy", probes={"held_out": rows, "second": rows})
+    assert len((tmp_path / "elsewhere.jsonl").read_text().splitlines()) == len(log) - 1
+    assert [json.loads(line) for line in (tmp_path / "copy" / "log.jsonl").read_text().splitlines()][-1] == log[-1]
 
 
 def test_a_save_follows_the_log_lines_it_covers_on_disk(tiny_model, tmp_path, monkeypatch):
