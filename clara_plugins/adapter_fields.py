@@ -110,7 +110,7 @@ class ReaderFields(BaseModel):
 
     def _usage(self, reading: Reading, text: str) -> dict[str, int]:
         """The positions the generator read (a document's memory tokens, not its text) and the
-        tokens it wrote, as the frameworks' token counters read them."""
+        answer's length in tokens (its text tokenized again), as the frameworks' counters read them."""
         output = len(self.clara.tokenizer(text, add_special_tokens=False)["input_ids"])
         return {"input_tokens": reading.positions, "output_tokens": output,
                 "total_tokens": reading.positions + output}

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from .checks import check_fraction, check_positive_int, check_texts, unicode_problem
 from .errors import InvalidInputError
@@ -144,7 +145,8 @@ class BaseMemoryStore(ABC):
 
     @abstractmethod
     def search_by_key(
-        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        self, key: ArrayLike | torch.Tensor, k: int = 4, where: Filter | None = None, *,
+        ids: Collection[str] | None = None,
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
@@ -262,11 +264,21 @@ def last_of_each(ids: Sequence[str]) -> list[int]:
     return list({doc_id: i for i, doc_id in enumerate(ids)}.values())
 
 
-def query_vector(key: np.ndarray, size: int) -> np.ndarray:
+def query_vector(key: ArrayLike | torch.Tensor, size: int) -> np.ndarray:
     """A search key as a unit-norm float32 vector, refused unless it has the store's key size
     and finite values, not all zero (either scored every document alike, and the first stored
     came back as the nearest)."""
-    query = normalize_rows(np.asarray(key, dtype=np.float32).reshape(1, -1))[0]
+    if isinstance(key, torch.Tensor):  # one that carries gradients, lives on a GPU, or is bf16 (numpy has none) too
+        key = key.detach().cpu()
+        key = (key.float() if key.dtype == torch.bfloat16 else key).numpy()
+    array = np.asarray(key)
+    if array.dtype.kind not in "iuf":  # None read as one value, a string failed in numpy, complex lost its part
+        raise InvalidInputError(f"the search key must hold real numbers, got {array.dtype} {key!r:.60}")
+    array = array.astype(np.float64).reshape(1, -1)
+    largest = np.abs(array).max() if array.size else 0.0
+    if np.isfinite(largest) and largest > 0:  # scaled first: a finite float64 key past float32's range overflowed
+        array = array / largest
+    query = normalize_rows(array)[0]
     if query.size != size:
         raise InvalidInputError(f"the search key has {query.size} values, the store's keys have {size}")
     if not np.isfinite(query).all():

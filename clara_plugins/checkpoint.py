@@ -164,6 +164,11 @@ def adapters_sha256(model: AdaptedModel, adapters: Sequence[str] = ADAPTER_NAMES
     tensors = []
     for adapter in adapters:
         weights = get_peft_model_state_dict(model.lm, adapter_name=adapter, save_embedding_layers=False)
+        if not any(weights[k].any() for k in weights if "lora_B" in k):
+            # a fresh adapter adds nothing, whatever its random A matrices: two fresh models of one
+            # configuration signed otherwise, and refused each other's stores (clara index, then ask)
+            digest.update(f"{adapter} adds nothing".encode())
+            continue
         tensors += [weights[k] for k in sorted(weights)]
     tensors.append(_signed_rows(model, model.lm.get_input_embeddings().weight))
     if ADAPTER_NAMES[-1] in adapters and (output := untied_output(model)) is not None:

@@ -431,7 +431,8 @@ def _train(args: argparse.Namespace) -> None:
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
     from .model import ClaraModel
-    from .training import check_for_model, check_run, missed_probes, probe_finished_run, train
+    from .training import (check_for_model, check_run, finished_message, missed_probes, probe_finished_run,
+                           run_finished, train)
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -448,17 +449,17 @@ def _train(args: argparse.Namespace) -> None:
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
     state = check_run(rows, config, passages, probes, args.output)
-    resuming, finished = state is not None, state is not None and state["step"] >= config.steps
+    resuming, finished = state is not None, run_finished(state, config)
     del state  # its optimizer moments: train() reads its own copy
+    requested = _trained_config(args, new_model)
     if finished:  # of this model too (the same steps at another --compression-rate were called finished)
-        requested = _trained_config(args, new_model)
         saved = check_same_configuration(requested, Path(args.output) / "checkpoint")
         # another base model's weights are told by its fingerprint, once loaded; a run stopped in
         # its last probe loads the model to probe again
-        if saved.base_model == requested.base_model and not missed_probes(probes, args.output, config.steps,
-                                                                          config.probe_every):
-            print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
-                  f"checkpoint: {Path(args.output) / 'checkpoint'}")
+        needs_model = (saved.base_model != requested.base_model
+                       or bool(missed_probes(probes, args.output, config.steps, config.probe_every)))
+        if not needs_model:
+            print(f"{finished_message(args.output, config)}; checkpoint: {Path(args.output) / 'checkpoint'}")
             return
     torch.manual_seed(config.seed)
     if args.init:
@@ -466,7 +467,7 @@ def _train(args: argparse.Namespace) -> None:
                                            device=args.device, dtype="float32")
         model.config.retrieval_key = args.retrieval_key or model.config.retrieval_key
     else:
-        model = ClaraModel(_trained_config(args, new_model), device=args.device, dtype="float32")
+        model = ClaraModel(requested, device=args.device, dtype="float32")
     if model.device.type == "cuda":  # TF32 matrix products (Ampere on); weights, gradients and loss stay float32
         if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
             torch.backends.cuda.matmul.fp32_precision = "tf32"
@@ -478,7 +479,7 @@ def _train(args: argparse.Namespace) -> None:
         load_trained_weights(model, Path(args.output) / "checkpoint")
     check_for_model(model, rows, config, probes)
     if finished:  # no corpus to compress (hours), no step to train
-        print(f"{args.output} holds a finished run of {config.steps} steps: nothing to train; "
+        print(f"{finished_message(args.output, config)}; "
               f"checkpoint: {probe_finished_run(model, rows, config, args.output, probes)}")
         return
     corpus = None

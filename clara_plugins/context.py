@@ -30,7 +30,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 import torch
 
 from .base_store import BaseMemoryStore
-from .checks import check_positive_int, check_texts
+from .checks import check_positive_int, check_texts, unicode_problem
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
 from .model import ClaraModel, refuse_control_tokens
@@ -134,6 +134,9 @@ def read_messages(
     """
     if not messages or not any(role == "user" for role, _ in messages):
         raise ValueError("the messages need a user message: the question to answer")
+    for number, (_, text) in enumerate(messages):  # a lone surrogate failed in the tokenizer, after compressing
+        if (problem := unicode_problem(text)) is not None:
+            raise InvalidInputError(f"message {number} is not valid Unicode text: {problem}")
     unknown = {role for role, _ in messages} - set(ROLES)
     if unknown:
         raise ValueError(f"unknown message roles {sorted(unknown)}; use {ROLES}")
@@ -164,7 +167,7 @@ def read_messages(
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
     memories, from_store = _memories(model, store, everyone)
-    keep = _kept(model, memories, [found_text(d.text) for d in everyone], messages[last_user][1], pieces[last_user],
+    keep = _kept(model, memories, [found_text(d.text) for d in everyone], pieces[last_user],
                  model.config.generation_top_k if k is None else k, ordered=bool(background))
 
     rendered, read, order = [], [], iter(range(len(everyone)))
@@ -186,6 +189,8 @@ def read_messages(
                 read.append(j)
                 content += _marker(j)
         rendered.append({"role": role, "content": content})
+    # and as they are read: the text around a document left out joins ("</" + it + "s>" made "</s>")
+    refuse_control_tokens(model, [message["content"] for message in rendered], "message")
     if rendered[0]["role"] != "system":
         rendered.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
     prompt, read = _placed(render_messages(model.tokenizer, rendered), read, model.document_placeholder)
@@ -271,8 +276,8 @@ def _query(text: str) -> str:
     return text.rsplit(_QUESTION_LABEL, 1)[1].strip() if _QUESTION_LABEL in text else text
 
 
-def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], question: str,
-          pieces: list[str | _Document], k: int, ordered: bool) -> dict[int, int]:
+def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], pieces: list[str | _Document], k: int,
+          ordered: bool) -> dict[int, int]:
     """The memories the generator reads, each with its rank: the query reasoner's top k of the
     distinct documents (``texts``). A document the prompt holds twice (a chat that repeated its
     passages) counts once and is read at each place: its copies took two of the k. The ranks
@@ -284,8 +289,11 @@ def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], question:
     distinct = list(first.values())
     if len(distinct) <= 1 or (len(distinct) <= k and not ordered):
         return {j: 0 for j in range(len(memories))}
-    query = _query("".join(p for p in pieces if isinstance(p, str))) or question
-    if not query.strip():
+    query = _query("".join(p for p in pieces if isinstance(p, str)))  # not the documents, ranked by themselves
+    if not query:
+        if len(distinct) <= k and any(isinstance(p, _Document) for p in pieces):  # documents alone: read as given
+            order = {text: rank for rank, text in enumerate(first)}
+            return {j: order[text] for j, text in enumerate(texts)}
         raise InvalidInputError(f"the last user message holds no text to rank its {len(distinct)} documents by: "
                                 "ask the question there")
     # the memories are gathered on the CPU (the store keeps them there); the query is on the model's device

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
     from pymilvus.milvus_client import IndexParams
@@ -399,7 +400,8 @@ class MilvusMemoryStore(BaseMemoryStore):
     # ------------------------------------------------------------- searching
 
     def search_by_key(
-        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        self, key: ArrayLike | torch.Tensor, k: int = 4, where: Filter | None = None, *,
+        ids: Collection[str] | None = None,
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""

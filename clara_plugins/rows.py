@@ -54,9 +54,7 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
         found = [n for n, i in enumerate(chosen) if i in example.gold]
         # a recall counts those BM25 left out as not found (rows it missed were left out of it: R@5 100)
         missing = len(example.gold) - len(found) + example.gold_missing
-        rows.append({"id": example.id, "question": example.question, "docs": [example.passages[i] for i in chosen],
-                     "answer": example.answers[0], "answers": example.answers, "pos_index": found,
-                     **({"gold_missing": missing} if missing else {})})
+        rows.append(_row(example, [example.passages[i] for i in chosen], found, missing))
     return rows
 
 
@@ -64,9 +62,13 @@ def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> 
     """Rows ``{question, docs[candidates], answer, answers, pos_index}`` for end-to-end training,
     with ``gold_missing``, the supporting passages the pool lacks, where there are some: a
     retriever's recall counts them as not found."""
-    return [{"id": e.id, "question": e.question, "docs": e.passages, "answer": e.answers[0],
-             "answers": e.answers, "pos_index": e.gold, **({"gold_missing": e.gold_missing} if e.gold_missing else {})}
-            for e in with_candidates(examples, candidates, seed)]
+    return [_row(e, e.passages, e.gold, e.gold_missing) for e in with_candidates(examples, candidates, seed)]
+
+
+def _row(example: QAExample, docs: list[str], pos_index: list[int], gold_missing: int) -> dict:
+    """A question row, with ``gold_missing`` where its documents lack supporting passages."""
+    return {"id": example.id, "question": example.question, "docs": docs, "answer": example.answers[0],
+            "answers": example.answers, "pos_index": pos_index, **({"gold_missing": gold_missing} if gold_missing else {})}
 
 
 def gold_count(row: dict) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from . import store_folder
 from .base_store import (FETCH_K, CALIBRATION_SAMPLE, BaseMemoryStore, StoredDocument, check_known, check_search,
@@ -305,7 +306,8 @@ class MemoryStore(BaseMemoryStore):
     # ------------------------------------------------------------- searching
 
     def search_by_key(
-        self, key: np.ndarray, k: int = 4, where: Filter | None = None, *, ids: Collection[str] | None = None,
+        self, key: ArrayLike | torch.Tensor, k: int = 4, where: Filter | None = None, *,
+        ids: Collection[str] | None = None,
         lambda_mult: float = 1.0, fetch_k: int = FETCH_K,
     ) -> list[tuple[StoredDocument, float]]:
         """Like ``search`` for a query key computed elsewhere."""
@@ -331,25 +333,40 @@ class MemoryStore(BaseMemoryStore):
             index = self._ensure_index()
             if isinstance(index, CompactIndex):
                 return self._best(index.candidates(query, n * self._rescore_factor), query, n)
-            n = min(n, len(self._ids))
-            # hnsw visits efSearch nodes, whatever n: rows past them came back as -1, unreported
-            breadth = faiss.SearchParametersHNSW(efSearch=max(self._ef_search, n)) if self.index_kind == "hnsw" else None
-            scores, rows = index.search(query[None], n, params=breadth)
-            found = rows[0] >= 0
-            return _best_first(rows[0][found], scores[0][found])
+            count = len(self._ids)
+            n = min(n, count)
+            if n == count:  # every document: hnsw's graph missed some among many alike (150 copies: 239 of 250)
+                return self._best(np.arange(count), query, n)
+            # past the documents tied with the n-th (faiss kept any of them, the exact search the first
+            # stored): twice n covers a corpus added twice, a range every document as good as the n-th
+            rows, scores = self._searched(index, query, min(2 * n, count))
+            if scores[-1] >= scores[n - 1] and len(rows) < count:  # ties with the n-th past those fetched
+                rows = (index.range_search(query[None], float(np.nextafter(scores[n - 1], -np.inf)))[2]
+                        if isinstance(index, faiss.IndexFlat) else np.arange(count))
+            return self._best(rows, query, n)  # scored as the exact search scores them
         # exact search over the candidates
         rows = np.array([row for row, (doc_id, metadata) in enumerate(zip(self._ids, self._metadatas))
                          if (ids is None or doc_id in ids) and (where is None or matches(metadata, where))],
                         dtype=np.int64)
         return self._best(rows, query, n)
 
+    def _searched(self, index: faiss.Index, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The flat or hnsw index's n nearest rows and their scores; hnsw visits efSearch nodes,
+        whatever n: rows past them came back as -1, unreported."""
+        breadth = faiss.SearchParametersHNSW(efSearch=max(self._ef_search, n)) if self.index_kind == "hnsw" else None
+        scores, rows = index.search(query[None], n, params=breadth)
+        found = rows[0] >= 0
+        return rows[0][found], scores[0][found]
+
     def _best(self, rows: np.ndarray, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The n of ``rows`` most similar to the query, best first, with their exact cosines;
         scored SHARD_ROWS at a time so that a large candidate set never holds all its keys."""
         if not len(rows):
             return rows, np.zeros(0, dtype=np.float32)
-        scores = np.concatenate([self._candidate_keys(rows[start:start + store_folder.SHARD_ROWS]) @ query
-                                 for start in range(0, len(rows), store_folder.SHARD_ROWS)])
+        # einsum, not a matrix product, whose blocking rounded a row by its place: copies of one key
+        # scored a last bit apart, and ties came back out of stored order
+        scores = np.concatenate([np.einsum("ij,j->i", self._candidate_keys(rows[start:start + store_folder.SHARD_ROWS]),
+                                           query) for start in range(0, len(rows), store_folder.SHARD_ROWS)])
         return _best_first(rows, scores, n)
 
     def _candidate_keys(self, rows: np.ndarray) -> np.ndarray:

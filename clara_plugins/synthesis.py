@@ -92,8 +92,9 @@ class HuggingFaceTeacher:
     """A local Hugging Face chat model as teacher (default: the offline SmolLM2 instruct model),
     on ``device`` ("auto": a GPU where there is one) in ``dtype`` ("auto": as ``resolve_dtype``).
 
-    The name is checked at once (the default: that its package is installed) and the weights
-    load at the first prompt, so that a mistyped name is refused before anything is written.
+    The name, device and dtype are checked at once (the default name: that its package is
+    installed) and the weights load at the first prompt, so that a mistyped one is refused
+    before anything is written.
     A reply is at most ``max_new_tokens`` long; None: twice the prompt's tokens, at least 256
     (a paraphrase restates the document the prompt holds: a fixed 256 cut the paraphrase of a
     long passage mid-sentence, and the cut one was kept). A reply cut at that limit loses its
@@ -105,12 +106,11 @@ class HuggingFaceTeacher:
 
         check_base_model(name_or_path)
         self.device = resolve_device(device)  # refused before anything is written, as the name is
-        resolve_dtype(dtype, self.device)
+        self.dtype = resolve_dtype(dtype, self.device)
         # as the ledger keeps it: a folder named by a relative path as itself (run from elsewhere, the
         # same "./model" named another teacher, whose rows were mixed with the first's)
         self.name_or_path = recorded_model_name(name_or_path)
         self.max_new_tokens = max_new_tokens
-        self.dtype = dtype
         self.model = self.tokenizer = None
 
     def __call__(self, prompt: str) -> str:
@@ -120,9 +120,9 @@ class HuggingFaceTeacher:
         from .prompts import render_messages, turn_end_token
 
         if self.model is None:
-            from .backbone import load_base_model, resolve_dtype
+            from .backbone import load_base_model
 
-            self.model, self.tokenizer = load_base_model(self.name_or_path, resolve_dtype(self.dtype, self.device))
+            self.model, self.tokenizer = load_base_model(self.name_or_path, self.dtype)
             self.model.to(self.device).eval()
         # a model without a chat template reads the plain layout the generator gives it
         text = render_messages(self.tokenizer, [{"role": "user", "content": prompt}])

@@ -513,6 +513,16 @@ def _probe_k(rows: list[dict], config: TrainConfig) -> int:
     return max(config.top_k, *(len(row["docs"]) for row in rows))
 
 
+def run_finished(state: dict | None, config: TrainConfig) -> bool:
+    """Whether the trainer state of a run's output (None: no run) has taken all its steps."""
+    return state is not None and state["step"] >= config.steps
+
+
+def finished_message(output: str | Path, config: TrainConfig) -> str:
+    """What a run asked again once finished says, from the CLI and from ``train``."""
+    return f"{output} holds a finished run of {config.steps} steps: nothing to train"
+
+
 def missed_probes(probes: dict[str, list[dict]], output: str | Path, step: int,
                   probe_every: int) -> dict[str, list[dict]]:
     """The probe sets due at ``step`` (a run's first, or a multiple of ``probe_every``) that the
@@ -646,7 +656,7 @@ def check_run(rows: list[dict], config: TrainConfig, corpus: Sequence[str] | Non
         return None
     state = _check_output(Path(output), config, rows, corpus)
     # found at the first save, after a corpus was compressed (a finished run writes only the probes it missed)
-    if state is None or state["step"] < config.steps or missed_probes(probes, output, state["step"], config.probe_every):
+    if not run_finished(state, config) or missed_probes(probes, output, state["step"], config.probe_every):
         check_writable(output)
     return state
 
@@ -725,7 +735,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     # store's compression counted its own
     if config.stage not in ("text", "retrieval") and corpus is None:
         _warn_cut_documents(model, rows)
-    finished = state is not None and state["step"] >= config.steps
+    finished = run_finished(state, config)
     # loaded, and refused, before the model's weights and settings change
     teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
     if teacher is not None:  # which reads the rows' documents whole, as text
@@ -739,10 +749,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
         load_trained_weights(model, checkpoint)
     else:
         prepare_stage(model, config)
-    _read_as_trained(model, config)
     if finished:
-        warnings.warn(f"{output} holds a finished run of {config.steps} steps: nothing to train", stacklevel=2)
+        warnings.warn(finished_message(output, config), stacklevel=2)
         return probe_finished_run(model, rows, config, output, probes)
+    _read_as_trained(model, config)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     trainable = _trainable(config)
     set_trainable(model, trainable, memory_embeddings=config.trains_memory_rows)

@@ -30,3 +30,11 @@ def test_example_answers_with_text_rag_and_with_clara(example):
     assert any(line.startswith("CLaRa:") for line in lines)
     read = [line for line in lines if line.startswith("read as memory tokens:")]
     assert read and int(read[0].split()[4]) == 5  # the retrieved documents, from the store's memory tokens
+
+
+@pytest.mark.parametrize("example", ["langchain_rag.py", "llamaindex_rag.py"])
+def test_an_example_refuses_a_limit_of_nothing_before_it_loads_a_model(example):
+    # --limit 0 indexed nothing and answered anyway; -5 left out the last 5 passages
+    result = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / example), "--corpus", "x",
+                             "--limit", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "must be a positive integer, got 0" in result.stderr

@@ -196,7 +196,7 @@ def test_a_pipeline_without_memory_tokens_is_told_once_by_name(tiny_model, frame
 
 def test_each_model_keeps_its_own_reading_totals(tiny_model, vectorstore):
     reading, idle = ChatClara(clara=tiny_model, store=vectorstore, max_tokens=2), ChatClara(clara=tiny_model)
-    reading.invoke(CORPUS[0], document_ids=["d1"])
+    reading.invoke(CORPUS[0], document_ids=["d1"])  # two documents, no text to rank them by: both read
     assert reading.stats.calls == 1 and idle.stats.calls == 0
 
 
@@ -456,7 +456,7 @@ def test_no_empty_background_block_when_the_top_k_keeps_none_of_the_passed_docum
     # the question read "Background:\n\n\nQuestion:...", a layout the generator never trained on
     from clara_plugins import context
 
-    monkeypatch.setattr(context, "_kept", lambda model, memories, texts, question, pieces, k, ordered: {1: 0})  # in place
+    monkeypatch.setattr(context, "_kept", lambda model, memories, texts, pieces, k, ordered: {1: 0})  # in place
     reading = read_messages(tiny_model, [("user", f"{CORPUS[1]}\n\nQuestion: {QUESTION}")], vectorstore.store,
                             documents=["An extra passage, ranked below the top k."], k=1)
     assert len(reading.memories) == 1 and "Background:" not in reading.prompt

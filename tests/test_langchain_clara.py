@@ -92,6 +92,23 @@ def test_more_than_k_documents_keeps_the_reasoners_top_k(tiny_model, vectorstore
     assert result.usage_metadata["input_tokens"] == positions(tiny_model, 2)
 
 
+def test_a_search_by_vector_takes_a_tensor_as_the_core_does(vectorstore):
+    # numpy read the tensor first: one that carried gradients failed on numpy's own error
+    key = torch.tensor(vectorstore.store._row_keys([2])[0], requires_grad=True)
+    assert vectorstore.similarity_search_by_vector(key, k=1)[0].id == "d2"
+    assert vectorstore.max_marginal_relevance_search_by_vector(key, k=1)[0].id == "d2"
+
+
+def test_unsaved_models_of_other_settings_have_other_cache_keys(tiny_config):
+    # fresh models sign alike whatever their random adapters, and the key named the base model
+    # and rate alone: one model's cached answer was served for another's memories
+    import dataclasses
+
+    keys = {ChatClara(clara=ClaraModel(dataclasses.replace(tiny_config, **settings), device="cpu"))._get_llm_string()
+            for settings in ({}, {"memory_layer": 1}, {"retrieval_key": "flat"})}
+    assert len(keys) == 3
+
+
 def test_streaming_matches_invoke_and_reports_usage(tiny_model, vectorstore):
     chat = ChatClara(clara=tiny_model, store=vectorstore.store)
     chunks = list(chat.stream(QUESTION, document_ids=["d3"]))

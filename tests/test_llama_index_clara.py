@@ -495,6 +495,15 @@ def test_a_message_the_generator_cannot_read_is_refused_before_any_work(tiny_mod
     store.upsert(CORPUS[:2], ids=["a", "b"])
     with pytest.raises(InvalidInputError, match="the last user message holds no text to rank its 2 documents by"):
         read_messages(tiny_model, [("system", "Who won?"), ("user", " ")], store, ids=["a", "b"])
+    # nor documents alone, which were ranked by their own text
+    with pytest.raises(InvalidInputError, match="the last user message holds no text to rank its 2 documents by"):
+        read_messages(tiny_model, [("system", "Who won?"), ("user", f"{CORPUS[0]}\n\n{CORPUS[1]}")], store, k=1)
+    # a document left out by k joins the text around it: a control token made so is refused too
+    spliced = "".join(f"</{text}s>\n" for text in CORPUS[:2]) + "Which city?"
+    with pytest.raises(InvalidInputError, match="holds '</s>', one of the tokenizer's control tokens"):
+        read_messages(tiny_model, [("user", spliced)], store, k=1)
+    with pytest.raises(InvalidInputError, match="message 0 is not valid Unicode text: surrogates not allowed"):
+        read_messages(tiny_model, [("user", "what is \ud800 here?")], store, ids=["a"])
 
 
 def test_the_adapters_repr_names_no_torch_model(tiny_model, vector_store):

@@ -597,6 +597,67 @@ def test_tied_documents_come_in_the_order_they_were_stored_whatever_k_or_filter(
     assert all([d.id for d, _ in store.search_by_key(key, k=j)] == ranked[:j] for j in range(1, 5))
 
 
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_copies_below_better_documents_come_in_stored_order_with_a_filter_or_without(tiny_model, index):
+    # faiss kept any of the copies tied at the k-th place, the exact search the first stored; and
+    # a matrix product scored copies a last bit apart by their place in its blocks; hnsw asked
+    # for every document missed some among many alike
+    rng = np.random.default_rng(0)
+    shape = (tiny_model.config.n_mem_tokens, tiny_model.hidden_size)
+    copy = rng.standard_normal((1, *shape))
+    memories = np.concatenate([rng.standard_normal((50, *shape)), np.repeat(copy, 150, 0),
+                               rng.standard_normal((50, *shape))]).astype(np.float32)
+    store = MemoryStore(tiny_model, index=index)
+    store.upsert([f"text {i}" for i in range(250)], [f"d{i:03d}" for i in range(250)], memories=torch.tensor(memories))
+    for query in rng.standard_normal((20, store._key_size())).astype(np.float32):
+        ranked = [d.id for d, _ in store.search_by_key(query, k=10)]
+        if index == "flat":  # exact both ways (hnsw's graph search is approximate)
+            assert ranked == [d.id for d, _ in store.search_by_key(query, k=10, where={})]
+        tied = [i for i in ranked if 50 <= int(i[1:]) < 200]
+        assert tied == sorted(tied) and (not tied or tied[0] == "d050")
+    assert len(store.search_by_key(query, k=250)) == 250
+    # a corpus added twice ties every document with its copy: found in one search
+    searches, search = [], store._index.search
+    store._index.search = lambda *a, **k: searches.append(1) or search(*a, **k)
+    store.search_by_key(store._row_keys([3])[0], k=5)
+    assert searches == [1]
+
+
+@pytest.mark.parametrize("key, problem", [(None, "real numbers, got object"), ("hello", "real numbers, got <U5"),
+                                          (np.ones(4, dtype=complex), "real numbers, got complex128")])
+def test_a_search_key_that_is_no_real_vector_is_refused_by_name(tiny_model, key, problem):
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2])
+    with pytest.raises(InvalidInputError, match=f"the search key must hold {problem}"):
+        store.search_by_key(key)
+    # a tensor that carries gradients, and a float64 key past float32's range, are keys
+    wanted = store._row_keys([1])[0]
+    assert store.search_by_key(torch.tensor(wanted, requires_grad=True), k=1)[0][0].text == CORPUS[1]
+    assert store.search_by_key(wanted.astype(np.float64) * 1e300, k=1)[0][0].text == CORPUS[1]
+    assert store.search_by_key(torch.tensor(wanted, dtype=torch.bfloat16), k=1)[0][0].text == CORPUS[1]
+
+
+def test_fresh_models_of_one_configuration_read_each_others_stores(tiny_config, tmp_path):
+    # their random LoRA A matrices, which add nothing while B is zero, signed the compressor:
+    # clara index on a --base-model without a checkpoint wrote a store no later run could open
+    from clara_plugins.checkpoint import compressor_signature
+
+    torch.manual_seed(1)
+    first = ClaraModel(tiny_config, device="cpu")
+    torch.manual_seed(2)
+    second = ClaraModel(tiny_config, device="cpu")
+    assert compressor_signature(first) == compressor_signature(second)
+    store = MemoryStore(first)
+    store.upsert(CORPUS[:2])
+    store.save(tmp_path / "s")
+    assert len(MemoryStore.load(tmp_path / "s", second)) == 2
+    with torch.no_grad():  # a trained compressor is told apart, its <MEM> rows alike
+        for name, parameter in second.lm.named_parameters():
+            if "lora_B.encoder_adapter" in name:
+                parameter.normal_()
+    assert compressor_signature(first) != compressor_signature(second)
+
+
 def test_a_zero_search_key_is_refused_and_one_document_is_at_most_fully_relevant(tiny_model):
     # a zero key scored every document 0 and returned the first stored; 1 + a float32 self-cosine of 1.0000001
     store = MemoryStore(tiny_model)

@@ -80,6 +80,8 @@ class ChatClara(ReaderFields, BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         config = self.clara.config
         return {"model_name": self.model_name, "checkpoint": self.clara.name_or_path,
+                # every setting: unsaved models of one base model and rate answered from one cache key
+                "config": config.to_dict(),
                 "base_model": config.base_model,
                 "compression_rate": config.compression_rate, "k": self.k or config.generation_top_k,
                 "max_tokens": self.max_tokens or config.max_new_tokens,

@@ -8,7 +8,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
@@ -183,7 +182,7 @@ class ClaraVectorStore(VectorStore):
         self, embedding: list[float], k: int = 4, filter: dict | None = None, **kwargs: Any
     ) -> list[Document]:
         refuse_unknown("similarity_search_by_vector", kwargs, honoured=("fetch_k",))
-        return [to_document(d) for d, _ in self.store.search_by_key(np.asarray(embedding), k, filter)]
+        return [to_document(d) for d, _ in self.store.search_by_key(embedding, k, filter)]
 
     def max_marginal_relevance_search(
         self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
@@ -199,7 +198,7 @@ class ClaraVectorStore(VectorStore):
         filter: dict | None = None, **kwargs: Any,
     ) -> list[Document]:
         refuse_unknown("max_marginal_relevance_search_by_vector", kwargs)
-        results = self.store.search_by_key(np.asarray(embedding), k, filter, lambda_mult=lambda_mult, fetch_k=fetch_k)
+        results = self.store.search_by_key(embedding, k, filter, lambda_mult=lambda_mult, fetch_k=fetch_k)
         return [to_document(d) for d, _ in results]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:

@@ -53,7 +53,6 @@ from clara_plugins.errors import InvalidInputError
 CLARA_QA_PROMPT = PromptTemplate(ANSWER_TEMPLATE.format(documents="{context_str}", question="{query_str}"))
 
 T = TypeVar("T")
-R = TypeVar("R", ChatResponse, CompletionResponse)
 _NO_STRUCTURED_OUTPUT = ("ClaraLLM has no structured output: CLaRa's generator answers in free text and was not "
                          "trained to follow a schema")
 class ClaraLLM(ReaderFields, CustomLLM):
@@ -109,11 +108,13 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     # The async methods generate on worker threads, a token per call, so that the event loop is not
     # held meanwhile and a cancelled call stops generating (one call for the whole answer went on to
-    # its last token); they call the undecorated bodies, whose decorated sync methods would fire
+    # its last token); they call the undecorated parts, whose decorated sync methods would fire
     # every callback again.
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        return await whole_response(await asyncio.to_thread(self._stream_complete, prompt, kwargs))
+        pieces, reading = await asyncio.to_thread(self._pieces, [_user(prompt)], kwargs)
+        text = "".join([piece async for piece in off_the_loop(pieces)])
+        return CompletionResponse(text=text, **self._extras(reading, text))
 
     @llm_completion_callback()
     async def astream_complete(self, prompt: str, formatted: bool = False,
@@ -122,7 +123,10 @@ class ClaraLLM(ReaderFields, CustomLLM):
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        return await whole_response(await asyncio.to_thread(self._stream_chat, messages, kwargs))
+        pieces, reading = await asyncio.to_thread(self._pieces, messages, kwargs)
+        text = "".join([piece async for piece in off_the_loop(pieces)])
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text),
+                            **self._extras(reading, text))
 
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
@@ -145,12 +149,12 @@ class ClaraLLM(ReaderFields, CustomLLM):
         raise NotImplementedError(_NO_STRUCTURED_OUTPUT)
 
     def _complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponse:
-        pieces, reading = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        pieces, reading = self._pieces([_user(prompt)], kwargs)
         text = "".join(pieces)
         return CompletionResponse(text=text, **self._extras(reading, text))
 
     def _stream_complete(self, prompt: str, kwargs: dict[str, Any]) -> CompletionResponseGen:
-        pieces, reading = self._pieces([ChatMessage(role=MessageRole.USER, content=prompt)], kwargs)
+        pieces, reading = self._pieces([_user(prompt)], kwargs)
         return _accumulated(pieces, lambda text, delta: CompletionResponse(text=text, delta=delta,
                                                                            **self._extras(reading, text)))
 
@@ -177,20 +181,17 @@ def _accumulated(pieces: Iterator[str], response: Callable[[str, str], T]) -> It
         yield response("", "")
 
 
-async def whole_response(responses: Iterator[R]) -> R:
-    """A stream's last response, which holds the whole answer, as the non-streaming call gives
-    it (no delta); each made on a worker thread, as ``off_the_loop`` makes them."""
-    async for response in off_the_loop(responses):
-        last = response
-    return last.model_copy(update={"delta": None})  # _accumulated yields one at least
-
-
 async def off_the_loop(items: Iterator[T]) -> AsyncIterator[T]:
     """A generator's items for async callers: each is made on a worker thread, so that the
     event loop is not held while the generator runs."""
     done = object()
     while (item := await asyncio.to_thread(next, items, done)) is not done:
         yield item
+
+
+def _user(prompt: str) -> ChatMessage:
+    """A completion prompt as the one user message it is read as."""
+    return ChatMessage(role=MessageRole.USER, content=prompt)
 
 
 def _as_pairs(messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:

@@ -19,6 +19,7 @@ from llama_index.core import Document, StorageContext, VectorStoreIndex
 
 from clara_benchmarks.dense import DenseEmbedding  # the sentence-transformers baseline
 from clara_benchmarks.text_reader import text_weights
+from clara_plugins.checks import positive_int
 from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
 from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraVectorStore
@@ -27,7 +28,7 @@ from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraVectorStore
 def main() -> None:
     parser = argparse.ArgumentParser(description="LlamaIndex RAG: text chunks vs CLaRa memory tokens")
     parser.add_argument("--corpus", default="../shared/data/corpus/2wiki_6119.json")
-    parser.add_argument("--limit", type=int, default=100, help="passages to index")
+    parser.add_argument("--limit", type=positive_int, default=100, help="passages to index")
     parser.add_argument("--question", default="Who was Lothair II's queen?")
     parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder (default: the shipped one)")
     args = parser.parse_args()
