@@ -451,7 +451,8 @@ def _train(args: argparse.Namespace) -> None:
     state = check_run(rows, config, passages, probes, args.output)
     resuming, finished = state is not None, run_finished(state, config)
     del state  # its optimizer moments: train() reads its own copy
-    requested = _trained_config(args, new_model)
+    # an --init checkpoint's read here only to compare (from_pretrained waits out a save in progress)
+    requested = _trained_config(args, new_model) if finished or not args.init else None
     if finished:  # of this model too (the same steps at another --compression-rate were called finished)
         saved = check_same_configuration(requested, Path(args.output) / "checkpoint")
         # another base model's weights are told by its fingerprint, once loaded; a run stopped in

@@ -339,10 +339,18 @@ class MemoryStore(BaseMemoryStore):
                 return self._best(np.arange(count), query, n)
             # past the documents tied with the n-th (faiss kept any of them, the exact search the first
             # stored): twice n covers a corpus added twice, a range every document as good as the n-th
-            rows, scores = self._searched(index, query, min(2 * n, count))
-            if scores[-1] >= scores[n - 1] and len(rows) < count:  # ties with the n-th past those fetched
-                rows = (index.range_search(query[None], float(np.nextafter(scores[n - 1], -np.inf)))[2]
-                        if isinstance(index, faiss.IndexFlat) else np.arange(count))
+            fetched = min(2 * n, count)
+            rows, scores = self._searched(index, query, fetched)
+            # ties with the n-th past those fetched, or fewer than n (hnsw's graph missed some among many alike)
+            while len(rows) < count and (len(rows) < n or scores[-1] >= scores[n - 1]):
+                if isinstance(index, faiss.IndexFlat):  # one range: every document as good as the n-th
+                    rows = index.range_search(query[None], float(np.nextafter(scores[n - 1], -np.inf)))[2]
+                    break
+                if fetched == count:  # the graph visited all it reaches: every row, exactly
+                    rows = np.arange(count)
+                    break
+                fetched = min(2 * fetched, count)
+                rows, scores = self._searched(index, query, fetched)
             return self._best(rows, query, n)  # scored as the exact search scores them
         # exact search over the candidates
         rows = np.array([row for row, (doc_id, metadata) in enumerate(zip(self._ids, self._metadatas))

@@ -613,6 +613,18 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, oth
         assert exit_info.value.code == 4 and "trained with another model configuration" in capsys.readouterr().err
 
 
+def test_train_from_a_tokens_checkpoint_at_another_rate_says_why(tiny_tokens_model, tmp_path, capsys):
+    # the checkpoint's settings were read before the model, and a rate past doc_max_length failed
+    # on that alone, not on why the tokens design reads at its own rate only
+    tiny_tokens_model.save_pretrained(tmp_path / "init")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
+              str(tmp_path / "init"), "--compression-rate", "128", "--device", "cpu"])
+    assert exit_info.value.code == 4 and "reads only at its own compression rate" in capsys.readouterr().err
+
+
 def test_train_probes_a_finished_run_stopped_in_its_last_probe(tiny_model, tmp_path, monkeypatch, capsys):
     # it was called finished, and the run's last reading gain was never logged; probed again, it
     # compresses no corpus (hours) and keeps its log readable

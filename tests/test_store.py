@@ -615,7 +615,15 @@ def test_copies_below_better_documents_come_in_stored_order_with_a_filter_or_wit
             assert ranked == [d.id for d, _ in store.search_by_key(query, k=10, where={})]
         tied = [i for i in ranked if 50 <= int(i[1:]) < 200]
         assert tied == sorted(tied) and (not tied or tied[0] == "d050")
-    assert len(store.search_by_key(query, k=250)) == 250
+    assert len(store.search_by_key(query, k=250)) == 250 and len(store.search_by_key(query, k=249)) == 249
+    if index == "hnsw":  # 12 copies tied past twice k widen the graph's search, not to every row
+        scored = []
+        small = MemoryStore(tiny_model, index="hnsw")
+        small.upsert([f"text {i}" for i in range(212)],
+                     memories=torch.tensor(np.concatenate([memories[:200], np.repeat(memories[:1], 12, 0)])))
+        small._best = lambda rows, *a: scored.append(len(rows)) or MemoryStore._best(small, rows, *a)
+        small.search_by_key(small._row_keys([0])[0], k=4)
+        assert scored and scored[-1] < 100
     # a corpus added twice ties every document with its copy: found in one search
     searches, search = [], store._index.search
     store._index.search = lambda *a, **k: searches.append(1) or search(*a, **k)
