@@ -9,8 +9,8 @@ timed separately by the runner:
 - ``generate``: the backbone streams its answer from them; the pipeline reports the answer,
   the input positions the generator read and the seconds to the first piece of text.
 
-Every generator is the same SmolLM2 backbone: the plain model or a fine-tuned decoder adapter
-reading text, or CLaRa's decoder reading memory tokens.
+Every generator of a run is the same backbone (SmolLM2, or the checkpoints'): the plain model or
+a fine-tuned decoder adapter reading text, or CLaRa's decoder reading memory tokens.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ class LangChainTextRAG:
 
     def index_bytes(self, folder: Path) -> int | None:
         """The vectors as float32 and the texts as compact JSON, as a binary vector store keeps
-        them: LangChain's ``dump`` writes each float as indented decimal text, which took 7 x
-        the bytes and made CLaRa's store look 1.7 x the dense one's."""
+        them: LangChain's ``dump`` writes each float as indented decimal text, which took about
+        5 x the bytes and made CLaRa's store look 1.7 x the dense one's."""
         if self.store is None:
             return None
         stored = list(self.store.store.values())

@@ -35,13 +35,34 @@ def _not_held_out(trained_on: str) -> str:
     return f"; the shipped checkpoint's {trained_on} trained on these questions, so {rows} not held out"
 
 
+def _generation(report: dict) -> str:
+    """The base model, answer length, torch threads and dense model a run used (older reports
+    lack some), so that a table read alone says what it measured."""
+    bench, systems = report["benchmark"], report["systems"]
+    bases = {r["base_model"] for r in systems if "base_model" in r}
+    dense = "dense_model" in bench and any(r["retriever"] == "dense" for r in systems)
+    parts = [f"base model {bases.pop()}" if len(bases) == 1 else "",
+             f"answers of up to {bench['max_new_tokens']} tokens" if "max_new_tokens" in bench else "",
+             f"{bench['threads']} torch threads" if "threads" in bench else "",
+             f"dense model {bench['dense_model']}" if dense else "",
+             f"query instruction {bench['query_instruction']!r}" if dense and bench.get("query_instruction") else ""]
+    return "".join(f"{part}; " for part in parts if part)
+
+
+def _checkpoint_cell(path: str) -> str:
+    """A checkpoint's folder name, with its run's where it is clara train's ``checkpoint`` (two
+    runs' read alike)."""
+    folder = Path(path)
+    return f"{folder.parent.name}/{folder.name}" if folder.name == "checkpoint" and folder.parent.name else folder.name
+
+
 def markdown_table(report: dict) -> str:
     """The results table of one run, with the sample it was measured on."""
     bench = report["benchmark"]
     lines = [
         f"**{bench['dataset']}** ({bench['setting']}, {bench['sample']} questions, seed {bench['seed']}, "
         f"pools of {bench['pool_size']} passages, k={bench['k']}, {bench['mode']} mode; "
-        f"commit {report['commit']}, {report['machine']['cpus']} CPUs)"
+        f"{_generation(report)}commit {report['commit']}, {report['machine']['cpus']} CPUs)"
         + (f"; recall over the {bench['recall_questions']} questions " + (
             "with a supporting passage (one their pool lacks counts as not found)"
             # reports written before the thirty-eighth session divided by the gold passages a pool held
@@ -51,13 +72,13 @@ def markdown_table(report: dict) -> str:
         "",
         "| system | framework | checkpoint | EM | F1 (95 % interval) | cover-EM | R@1 | R@3 | R@5 | context positions "
         "| index p50 ms | retrieve p50 ms | first token p50 ms | generate p50 / p95 ms "
-        "| question to first token / answer p50 ms | answer tokens | docs/s | index bytes/doc | peak RSS MB |",
+        "| question to first token / answer p50 ms | answer tokens | docs/s | index bytes/doc | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     reused = set(bench.get("reused_systems", ()))
     for r in report["systems"]:
         latency = r["latency_ms"]
-        checkpoint = Path(r["checkpoint"]).name if r["checkpoint"] else (
+        checkpoint = _checkpoint_cell(r["checkpoint"]) if r["checkpoint"] else (
             "untrained" if r["retriever"] == "clara" else "plain backbone")
         lines.append(
             f"| {r['name']}{' (kept from an earlier run)' if r['name'] in reused else ''} | {r['framework']} | {checkpoint} | {_cell(r['em'])} | {_f1_cell(r)} "

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from clara_plugins.checkpoint import CONFIG_FILE, files_sha256, read_config, weight_files
 from clara_plugins.checks import check_writable, non_negative_int, positive_int
-from clara_plugins.config import MAX_COMPRESSION_RATE, SETTINGS, ClaraConfig
+from clara_plugins.config import DEFAULT_BASE_MODEL, MAX_COMPRESSION_RATE, SETTINGS, ClaraConfig
 from clara_plugins.corpora import read_examples
 from clara_plugins.errors import InvalidInputError
 from clara_plugins.jsonfiles import read_json, write_json
@@ -87,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "another rate adds its end-to-end row")
     parser.add_argument("--text-ft", metavar="DIR", help="checkpoint of `clara train --stage text`")
     parser.add_argument("--systems", nargs="*", action="extend", metavar="NAME", help="run only these system names")
+    parser.add_argument("--base-model", help="backbone of the systems without a checkpoint (default: the one the "
+                        f"checkpoints name, else {DEFAULT_BASE_MODEL}); checkpoints on another are refused")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
     parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction)")
     parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")
@@ -217,23 +219,26 @@ def run(args: argparse.Namespace) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file: name the folder the reports go to")
     check_writable(out)  # found once the first system had run
+    configs = {spec.checkpoint: read_config(Path(spec.checkpoint)) for spec in systems if spec.checkpoint}
     for spec in systems:
         if spec.checkpoint:
-            _check_checkpoint(spec, read_config(Path(spec.checkpoint)))
+            _check_checkpoint(spec, configs[spec.checkpoint])
+    systems = _on_one_base_model(systems, configs, args.base_model)
     if any(spec.retriever == "dense" for spec in systems):  # a mistyped model failed after the systems before it
         dense_model_path(args.dense_model)
     machine = environment()  # before the systems: a failure here loses no results
     samples = [(dataset, *benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k,
                                           args.candidates)) for dataset in datasets]
     options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction, args.threads)
-    written = []
+    written, kept_folders = [], []
     for stem, (dataset, rows, drawn) in zip(stems, samples):
         print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
               f"{len(systems)} systems")
         began = time.perf_counter()
-        kept = out / f".{stem}.systems"  # each finished system's result, until the report is written
-        outcomes = [_system_result(run_system, spec, rows, options, kept / f"system-{number:02d}.json", machine)
-                    for number, spec in enumerate(tqdm(systems, desc=f"systems ({dataset})", unit="system"))]
+        kept = out / f".{stem}.systems"  # each finished system's result, until every report is written
+        kept_folders.append(kept)
+        outcomes = [_system_result(run_system, spec, rows, options, kept / _kept_name(spec), machine)
+                    for spec in tqdm(systems, desc=f"systems ({dataset})", unit="system")]
         results = [result for result, _ in outcomes]
         reused = [result["name"] for result, was_kept in outcomes if was_kept]
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
@@ -244,11 +249,19 @@ def run(args: argparse.Namespace) -> list[Path]:
                                 **({"reused_systems": reused} if reused else {})},
                   **machine, "headline": headline(results), "systems": results}
         written += write_report(report, out, stem)
-        for leftover in kept.glob("system-[0-9][0-9].json"):  # the files runs of this report wrote, and no other
-            leftover.unlink()
+    # kept until the last dataset's report: a run killed in its second dataset ran the first's again
+    for kept in kept_folders:
+        for spec in systems:  # these systems': a --systems subset leaves the others' kept results
+            (kept / _kept_name(spec)).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # left where something else was put in it
             kept.rmdir()
     return written
+
+
+def _kept_name(spec: SystemSpec) -> str:
+    """The file one system's result is kept in, named for the system (numbered by place, a
+    --systems subset's first system replaced the full run's first)."""
+    return f"system-{hashlib.sha256(spec.name.encode()).hexdigest()[:16]}.json"
 
 
 def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list[dict], options: RunOptions,
@@ -295,13 +308,32 @@ def _refuse_unread(args: argparse.Namespace, clara: dict[int, str], clara_e2e: d
         raise InvalidInputError(f"{', '.join(given)}: not read by the systems chosen (--systems)")
 
 
+def _on_one_base_model(systems: list[SystemSpec], configs: dict[str, ClaraConfig],
+                       asked: str | None) -> list[SystemSpec]:
+    """The systems, each on the base model its checkpoint names, and the systems without one on
+    that base model too (or on ``asked``): a checkpoint on another backbone was compared with
+    SmolLM2's text RAG. Checkpoints on different base models, or on another than asked, are refused."""
+    bases = {spec.checkpoint: configs[spec.checkpoint].base_model for spec in systems if spec.checkpoint}
+    if asked is not None:
+        bases["--base-model"] = asked
+    if len(set(bases.values())) > 1:
+        named = "; ".join(f"{folder}: {base}" for folder, base in bases.items())
+        raise InvalidInputError(f"the systems are compared on one base model, and several are named ({named}): "
+                                "choose the systems of one with --systems")
+    base = next(iter(bases.values()), None)
+    return systems if base is None else [dataclasses.replace(spec, base_model=base) for spec in systems]
+
+
 def _check_checkpoint(spec: SystemSpec, config: ClaraConfig) -> None:
     """Refuse a checkpoint its system cannot read, before the systems before it have run: a
-    tokens-design one at another rate (its memory rows were trained one per position), and as
-    the fine-tuned text reader one that was not trained to read text (the plain backbone would
-    be scored under its name)."""
+    tokens-design one at another rate (its memory rows were trained one per position), as the
+    fine-tuned text reader one that was not trained to read text (the plain backbone would be
+    scored under its name), and as CLaRa one that was."""
     if spec.reader == "text-ft" and not config.decoder_reads_text:
         raise InvalidInputError(f"--text-ft {spec.checkpoint} is not a text reader (clara train --stage text)")
+    if spec.retriever == "clara" and config.decoder_reads_text:  # its generator trained on text, not memories
+        raise InvalidInputError(f"{spec.name}: {spec.checkpoint} is a text reader (clara train --stage text), not a "
+                                "CLaRa checkpoint: pass it as --text-ft")
     if spec.retriever == "clara" and config.memory_design == "tokens" and config.compression_rate != spec.compression_rate:
         raise InvalidInputError(f"{spec.name}: {spec.checkpoint} has the tokens design, which reads only at its own "
                                 f"compression rate {config.compression_rate}, not {spec.compression_rate}")

@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.store is not None and args.store.exists() and (not args.store.is_dir() or any(args.store.iterdir())):
         parser.error(f"--store {args.store} exists and is not an empty folder: name a new one")
 
+    passages = read_documents([str(args.corpus)])[: args.limit]
+    if not passages:
+        parser.error(f"--corpus {args.corpus} holds no passages")
     checkpoint = args.checkpoint or default_checkpoint()  # None: no shipped checkpoint, an untrained model
     model = load_model(checkpoint, compression_rate=args.compression_rate, device="cpu")
-    passages = read_documents([str(args.corpus)])[: args.limit]
     with tempfile.TemporaryDirectory() as scratch:
         result = _measure(model, passages, questions, args.store or Path(scratch) / "store")
     result = {"corpus": str(args.corpus), "passages": len(passages),

@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_output_path(args.out, args.corpus)  # before the saves (the report replaced the corpus named as --out)
 
+    passages = read_documents([str(args.corpus)])  # a wrong file named before the model loads
+    if not passages:
+        parser.error(f"--corpus {args.corpus} holds no passages")
     model = load_model(device="cpu")
-    passages = read_documents([str(args.corpus)])
     shape = (args.group_size, model.config.n_mem_tokens, model.hidden_size)
     scratch = tempfile.TemporaryDirectory(prefix="clara-saves-")  # this run's own, removed at the end
     store, saves = MemoryStore(model), []

@@ -84,8 +84,10 @@ def main() -> None:
     if args.store_dir is not None and not args.store_dir.is_dir():
         parser.error(f"--store-dir {args.store_dir} is not a folder")
 
+    texts = read_documents([str(args.corpus)])  # a wrong file named before the model loads
+    if not texts:
+        parser.error(f"--corpus {args.corpus} holds no passages")
     model = load_model(device="cpu")
-    texts = read_documents([str(args.corpus)])
     if not args.sample.exists():
         if args.questions is None:
             parser.error(f"{args.sample} does not exist: --questions is needed to make it")

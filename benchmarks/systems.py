@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clara_plugins import ClaraConfig, ClaraModel
+from clara_plugins.config import DEFAULT_BASE_MODEL
 from clara_plugins.metrics import mean_answer_scores
 from clara_plugins.model import ENCODER, QUERY_REASONER, copy_adapter
 from clara_plugins.rows import gold_count, row_recall
@@ -40,9 +41,10 @@ class SystemSpec:
     name: str
     retriever: str
     reader: str
-    checkpoint: str | None = None  # None: the untrained default model
+    checkpoint: str | None = None  # None: an untrained model of base_model
     compression_rate: int = 16
     query: str = "reasoner"
+    base_model: str = DEFAULT_BASE_MODEL  # a checkpoint's own, which the systems without one share
 
 
 def default_systems(clara: dict[int, str], clara_e2e: dict[int, str], text_ft: str | None,
@@ -87,7 +89,7 @@ def _load_clara(spec: SystemSpec) -> ClaraModel:
         rate = spec.compression_rate if spec.retriever == "clara" else None
         model = ClaraModel.from_pretrained(spec.checkpoint, compression_rate=rate, device="cpu")
     else:
-        model = ClaraModel(ClaraConfig(compression_rate=spec.compression_rate), device="cpu")
+        model = ClaraModel(ClaraConfig(base_model=spec.base_model, compression_rate=spec.compression_rate), device="cpu")
     if spec.query == "compressor":
         copy_adapter(model, ENCODER, QUERY_REASONER)
     return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -93,10 +94,34 @@ def load_base_model(
             raise OSError(f"the default model's copy in {path} cannot be read ({error}): delete that folder, and "
                           "the next use makes it again") from error
         _refuse_remote_code(name_or_path, error)
-        if isinstance(error, (SafetensorError, ValueError)):
+        _refuse_lfs_pointers(name_or_path, error)
+        if isinstance(error, (SafetensorError, json.JSONDecodeError)):  # bare, they named neither model nor file
+            raise OSError(f"base model {name_or_path!r} has a damaged file ({type(error).__name__}: {error})") from error
+        if isinstance(error, ValueError):  # transformers' own, which names its cause
             raise
         raise _not_loadable(name_or_path, error) from error
     return model, tokenizer
+
+
+def _refuse_lfs_pointers(name_or_path: str, error: Exception) -> None:
+    """Name the Git LFS pointer a folder's failed load met (safetensors read one as a header
+    "too large"). Only the kinds of file a load reads: a clone that fetched its safetensors
+    alone keeps TensorFlow and Flax pointers beside them, and loads."""
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        pointer = next((p for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".bin", ".json", ".txt",
+                                                                           ".model") and p.is_file() and lfs_pointer(p)),
+                       None)
+        if pointer is not None:
+            raise OSError(f"base model {name_or_path!r}: {pointer} is a Git LFS pointer, not the file it names: fetch "
+                          "it (git lfs pull)") from error
+
+
+def lfs_pointer(path: Path) -> bool:
+    """Whether ``path`` is what a clone without Git LFS leaves in a large file's place: a short
+    text naming the file."""
+    with open(path, "rb") as file:
+        return file.read(24).startswith(b"version https://git-lfs")
 
 
 def check_base_model(name_or_path: str) -> None:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from .atomic import recover_folder, write_folder_atomically
-from .backbone import fingerprint_mismatch, memory_layer_problem
+from .backbone import fingerprint_mismatch, lfs_pointer, memory_layer_problem
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError, StoreError
 from .jsonfiles import read_json
@@ -256,9 +256,8 @@ def read_torch_file(path: Path) -> object:
 
 def _refuse_lfs_pointer(path: Path) -> None:
     """A weight file of a repository cloned without Git LFS is a short text naming the file."""
-    with open(path, "rb") as file:
-        if file.read(24).startswith(b"version https://git-lfs"):
-            raise CheckpointError(f"{path} is a Git LFS pointer, not the file it names: fetch it (git lfs pull)")
+    if lfs_pointer(path):
+        raise CheckpointError(f"{path} is a Git LFS pointer, not the file it names: fetch it (git lfs pull)")
 
 
 def read_config(folder: Path) -> ClaraConfig:

@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .checks import check_output_path, check_texts, check_writable, device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
@@ -20,6 +21,9 @@ from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, G
                      TrainConfig)
 from .corpora import document_id
 from .errors import CheckpointError, InvalidInputError, StoreError
+
+if TYPE_CHECKING:  # torch and transformers load with the subcommand that needs them
+    from .model import ClaraModel
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
 
@@ -245,6 +249,15 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------- commands
 
 
+def _refuse_text_reader(model: ClaraModel, use: str) -> None:
+    """Refuse memory tokens made or read with a checkpoint of ``clara train --stage text``: its
+    generator trained on text (and its compressor, without --init, not at all), so a store it
+    fills or its answers and scores would pass for CLaRa's. Checked once loaded, where a save
+    in progress has been waited out."""
+    if model.config.decoder_reads_text:
+        raise InvalidInputError(f"{model.name_or_path} is a text reader (clara train --stage text): {use}")
+
+
 def _index(args: argparse.Namespace) -> None:
     import functools
 
@@ -275,6 +288,7 @@ def _index(args: argparse.Namespace) -> None:
         import_ray()  # a missing extra, found once the model had loaded
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
+    _refuse_text_reader(model, "clara index compresses documents into memory tokens")
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model, batch_size=args.batch_size)
     else:
@@ -315,6 +329,7 @@ def _ask(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--store {args.store}: no store there (clara index makes one)")
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
+    _refuse_text_reader(model, "clara ask answers from memory tokens")
     refuse_control_tokens(model, [args.question], "--question")  # before a store is read or documents compressed
     k = args.top_k or model.config.generation_top_k
     if args.store:
@@ -543,6 +558,9 @@ def _eval(args: argparse.Namespace) -> None:
     args.control_shifts = list(dict.fromkeys(args.control_shifts or [1]))
     if "control" in args.systems:
         control_partners(rows, args.control_shifts)  # refused before the model loads
+    memory_measures = ([f"--systems {s}" for s in args.systems if s in ("clara", "control")]
+                       + [f"--retrievers {r}" for r in args.retrievers if r in ("reasoner", "compressor")]
+                       + (["--reading"] if args.reading else []))
     if out is not None:  # made once nothing is refused, and before hours of answering (a parent that is a file)
         out.parent.mkdir(parents=True, exist_ok=True)
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
@@ -551,6 +569,8 @@ def _eval(args: argparse.Namespace) -> None:
     dtype = "float32"  # on every device: the checkpoint trained so, and the recorded numbers were measured so
     model = load_model(checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device, dtype=dtype)
+    if memory_measures:
+        _refuse_text_reader(model, f"{', '.join(memory_measures)} measure memory tokens (it reads --systems text)")
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
                "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
     # each pool compressed once where more than one measure reads it (kept in memory till the end)

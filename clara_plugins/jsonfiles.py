@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def read_text(path: str | Path, error: type[ValueError] = InvalidInputError) -> 
         return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
     except UnicodeDecodeError as decoding:
         raise error(f"{path} is not UTF-8 text: byte {decoding.start} cannot be decoded") from decoding
-    except (gzip.BadGzipFile, EOFError) as broken:
+    except (gzip.BadGzipFile, EOFError, zlib.error) as broken:  # zlib's: a damaged stream
         raise error(f"{path} is not a whole gzip file: {broken}") from broken
 
 

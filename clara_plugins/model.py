@@ -79,6 +79,9 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
+        if lm.config.model_type == "mpt":  # compressed, then every answer failed inside peft
+            raise ValueError(f"{self.config.base_model!r} is an MPT model, whose peft forward refuses inputs_embeds, "
+                             "through which the generator reads memories")
         if (problem := memory_layer_problem(lm, self.config.memory_layer)) is not None:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
                              f"{problem}")
@@ -481,6 +484,7 @@ class ClaraModel(torch.nn.Module):
         """Accept [B*k, n, h] (Apple's layout) or [B, k, n, h]; return [B, k, n, h]."""
         compressed = as_memories(compressed, "compressed documents")
         n, h = self.config.n_mem_tokens, self.hidden_size
+        given = tuple(compressed.shape)  # as the caller passed it, not as reshaped below
         if compressed.dim() < 3:  # one document's [n_mem, hidden]: "do not fit ... of shape (n, h)" named no cause
             raise InvalidInputError(f"compressed documents of shape {tuple(compressed.shape)} lack the documents' "
                                     f"dimension: give [documents, {n}, {h}] (one document's memories[None])")
@@ -489,7 +493,7 @@ class ClaraModel(torch.nn.Module):
                                             *compressed.shape[1:])
         if compressed.dim() != 4 or compressed.size(0) != len(questions) or compressed.shape[2:] != (n, h):
             raise InvalidInputError(
-                f"compressed documents of shape {tuple(compressed.shape)} do not fit "
+                f"compressed documents of shape {given} do not fit "
                 f"{len(questions)} questions with memories of shape ({n}, {h})"
             )
         return compressed.to(self.device)

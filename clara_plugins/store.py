@@ -20,6 +20,7 @@ import faiss
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
+from tqdm.auto import tqdm
 
 from . import store_folder
 from .base_store import (FETCH_K, CALIBRATION_SAMPLE, BaseMemoryStore, StoredDocument, check_known, check_search,
@@ -230,15 +231,18 @@ class MemoryStore(BaseMemoryStore):
         where = [self._where[row] for row in moved]
         stay = sum(lives[number] for number, chunk in enumerate(self._memory_chunks)
                    if not isinstance(chunk, np.memmap) and not packs[number])
-        for chunks in (self._memory_chunks, self._scale_chunks, self._key_chunks):
-            if chunks:  # scales (int8) and keys (a separate key encoder) are chunked as the memories are
-                packed = store_folder.gather(chunks, where) if where else None
-                # an emptied chunk keeps its number, so that the other rows' places stay valid; a new
-                # empty array, since a view (chunk[:0]) would keep the whole buffer alive
-                chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if pack else chunk
-                             for chunk, pack in zip(chunks, packs)]
-                if packed is not None:
-                    chunks.append(packed)
+        # scales (int8) and keys (a separate key encoder) are chunked as the memories are; every
+        # packed array is gathered before any list changes (an out-of-memory midway emptied the
+        # memories while the rows still pointed into them: no search or save worked again)
+        lists = [chunks for chunks in (self._memory_chunks, self._scale_chunks, self._key_chunks) if chunks]
+        packed = [store_folder.gather(chunks, where) if where else None for chunks in lists]
+        for chunks, pack_of_them in zip(lists, packed):
+            # an emptied chunk keeps its number, so that the other rows' places stay valid; a new
+            # empty array, since a view (chunk[:0]) would keep the whole buffer alive
+            chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if pack else chunk
+                         for chunk, pack in zip(chunks, packs)]
+            if pack_of_them is not None:
+                chunks.append(pack_of_them)
         for offset, row in enumerate(moved):
             self._where[row] = (len(self._memory_chunks) - 1, offset)
         self._ram_rows, self._dead_ram_rows = stay + len(moved), 0
@@ -448,8 +452,11 @@ class MemoryStore(BaseMemoryStore):
                 index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
             else:
                 index = faiss.IndexFlatIP(dim)
-            for start in range(0, count, store_folder.SHARD_ROWS):
-                index.add(self._row_keys(range(start, min(start + store_folder.SHARD_ROWS, count))))
+            with tqdm(total=count, unit="doc", desc="building the search index",
+                      disable=count < store_folder.PROGRESS_ROWS) as progress:  # minutes at a million
+                for start in range(0, count, store_folder.SHARD_ROWS):
+                    index.add(self._row_keys(range(start, min(start + store_folder.SHARD_ROWS, count))))
+                    progress.update(min(store_folder.SHARD_ROWS, count - start))
             self._index = index
         return self._index
 
@@ -512,6 +519,8 @@ class MemoryStore(BaseMemoryStore):
         if [s.shape for s in scales] != expected:
             raise StoreError(f"{generation}: the scale shards do not match the {self.memory_dtype} memory shards")
         keys = store_folder.read_shards(generation, header["key_shards"], np.float32)
+        if not self.keys.keys_are_memories and [len(k) for k in keys] != [len(m) for m in memories]:
+            raise StoreError(f"{generation}/store.json: the key shards do not match the memory shards row for row")
         where = [(c, o) for c, shard in enumerate(memories) for o in range(len(shard))]
         if len(where) != header["count"]:
             raise StoreError(f"{generation}: memory shards hold {len(where)} rows, expected {header['count']}")

@@ -43,8 +43,9 @@ FORMAT = "clara-memory-store/3"
 FORMAT_2 = "clara-memory-store/2"  # every record in one records.json, written again at each save
 FORMAT_1 = "clara-memory-store/1"  # its compressor signature hashed fp32 weights: refused
 SHARD_ROWS = 4096  # rows per file on disk, and per batch when keys are computed
-_GENERATION = re.compile(r"^gen-(\d{6})$")
-_STORE_ENTRY = re.compile(r"^(gen-\d{6}|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT(\.[0-9a-f]{16})?\.(tmp|new))$")  # besides CURRENT
+PROGRESS_ROWS = 50_000  # a store of this many rows shows progress as it builds its index or saves
+_GENERATION = re.compile(r"^gen-(\d{6}|[1-9]\d{6,})$")  # six digits, more from the millionth save on
+_STORE_ENTRY = re.compile(r"^(gen-(\d{6}|[1-9]\d{6,})|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT(\.[0-9a-f]{16})?\.(tmp|new))$")  # besides CURRENT
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
 # header field: the names of its shard files
@@ -92,16 +93,20 @@ def _write_staged(folder: Path, staging: Path, snapshot: Snapshot, previous: Sav
     """The generation's files written into ``staging``, which is then renamed and made current."""
     checksums: dict[str, str] = {}
     unchanged = previous.unchanged_shards(folder, snapshot.where) if previous is not None else set()
-    header = {
-        "format": FORMAT,
-        "count": len(snapshot.records["ids"]),
-        **settings,
-        **{field: _write_shards(staging, field, len(snapshot.where) if chunks else 0,
-                                _array_writer(chunks, snapshot.where), previous, unchanged, checksums)
-           for field, chunks in snapshot.chunks.items()},
-        "record_shards": _write_shards(staging, "record_shards", len(snapshot.where),
-                                       _records_writer(snapshot.records), previous, unchanged, checksums),
-    }
+    count = len(snapshot.where)
+    fields = {field: count if chunks else 0 for field, chunks in snapshot.chunks.items()}
+    with tqdm(total=sum(fields.values()) + count, unit="row", desc="saving the store",
+              disable=count < PROGRESS_ROWS) as progress:  # about a minute at a million
+        header = {
+            "format": FORMAT,
+            "count": len(snapshot.records["ids"]),
+            **settings,
+            **{field: _write_shards(staging, field, fields[field], _array_writer(chunks, snapshot.where),
+                                    previous, unchanged, checksums, progress)
+               for field, chunks in snapshot.chunks.items()},
+            "record_shards": _write_shards(staging, "record_shards", count, _records_writer(snapshot.records),
+                                           previous, unchanged, checksums, progress),
+        }
     if index is not None:
         index.write(staging)
         if index.trained_over is not None:
@@ -278,7 +283,8 @@ def _more_open_files() -> bool:
 
 
 def _write_shards(staging: Path, field: str, count: int, write: Callable[[Path, slice], None],
-                  previous: SavedGeneration | None, unchanged: set[int], checksums: dict[str, str]) -> list[dict]:
+                  previous: SavedGeneration | None, unchanged: set[int], checksums: dict[str, str],
+                  progress: tqdm) -> list[dict]:
     """The header ``field``'s shards of SHARD_ROWS of the ``count`` rows: those numbered in
     ``unchanged`` are linked from the previous generation (with their checksums) where the file
     system allows it, the others written with ``write(path, rows)``."""
@@ -290,6 +296,7 @@ def _write_shards(staging: Path, field: str, count: int, write: Callable[[Path, 
         else:
             write(staging / file, rows)
         shards.append({"file": file, "rows": rows.stop - rows.start})
+        progress.update(rows.stop - rows.start)
     return shards
 
 

@@ -30,6 +30,27 @@ ROWS = [{"question": "Which river flows through Vienna?", "docs": CORPUS, "answe
         {"question": "Who won two Nobel Prizes?", "docs": CORPUS, "answers": ["Marie Curie"], "pos_index": [4]}]
 
 
+DANUBE = {"_id": "1", "question": "Where does the Danube rise?", "answer": "the Black Forest",
+          "supporting_facts": [["Danube", 0]], "context": [["Danube", ["It rises in the Black Forest."]]]}
+
+
+def write_hotpotqa(data_dir: Path) -> None:
+    """A HotpotQA dev file of one question, where ``--data-dir data_dir`` finds it."""
+    (data_dir / "hotpotqa").mkdir()
+    (data_dir / "hotpotqa" / "dev.json").write_text(json.dumps([DANUBE]))
+
+
+def unreported(monkeypatch, commit: str = "abc123") -> list[dict]:
+    """Runs of ``clara bench`` at ``commit`` that write no report: the reports they would write."""
+    import clara_benchmarks.report
+
+    reports = []
+    monkeypatch.setattr(bench_run, "environment",
+                        lambda: {"commit": commit, "versions": {"torch": "2.13.0"}, "machine": {"cpus": 2}})
+    monkeypatch.setattr(clara_benchmarks.report, "write_report", lambda report, out, stem: reports.append(report) or [])
+    return reports
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     from clara_plugins import ClaraConfig, ClaraModel
@@ -142,7 +163,19 @@ def test_the_table_marks_the_systems_a_rerun_kept_and_the_ratios_they_pair(resul
     report = {"commit": "abc", "machine": {"cpus": 2}, "headline": headline(results), "systems": results}
     fresh = markdown_table({**report, "benchmark": bench})
     rerun = markdown_table({**report, "benchmark": {**bench, "reused_systems": ["dense + text"]}})
-    assert "earlier run" not in fresh
+    assert "earlier run" not in fresh and "peak RSS MiB |" in fresh
+    # every clara train output is <run>/checkpoint: two runs' rows read alike
+    named = markdown_table({**report, "benchmark": bench, "systems": [
+        {**results[0], "checkpoint": "runs/text/checkpoint"}, {**results[1], "checkpoint": "/ckpt/cr16"}]})
+    assert "| text/checkpoint |" in named and "| cr16 |" in named
+    # the settings its timings were measured under, which only the JSON held
+    settings = markdown_table({**report, "benchmark": {**bench, "max_new_tokens": 32, "threads": 2,
+                                                        "dense_model": "bge-small", "query_instruction": "q: "}})
+    assert ("base model smollm2-135m-instruct; answers of up to 32 tokens; 2 torch threads; dense model bge-small; "
+            "query instruction 'q: '; commit abc" in settings.splitlines()[0])
+    undense = markdown_table({**report, "systems": [r for r in results if r["retriever"] != "dense"],
+                              "benchmark": {**bench, "dense_model": "bge-small"}})
+    assert "dense model" not in undense.splitlines()[0]  # named only where a system used it
     assert "| dense + text (kept from an earlier run) |" in rerun and "| BM25 + text |" in rerun
     assert rerun.rstrip().endswith("(timings of dense + text from an earlier run of the same commit and machine: "
                                    "a ratio with one of them pairs two runs)")
@@ -227,10 +260,7 @@ def test_bench_refuses_bad_numbers_names_and_files_before_any_system_runs(tmp_pa
         with pytest.raises(SystemExit) as exit_:  # --sample 0 used to run the default 200 questions
             main(["bench", *flag])
         assert exit_.value.code == 2
-    (tmp_path / "hotpotqa").mkdir()
-    example = {"_id": "1", "question": "Where does the Danube rise?", "answer": "the Black Forest",
-               "supporting_facts": [["Danube", 0]], "context": [["Danube", ["It rises in the Black Forest."]]]}
-    (tmp_path / "hotpotqa" / "dev.json").write_text(json.dumps([example]))
+    write_hotpotqa(tmp_path)
     for argv, code, message in [(["--systems", "dense + text", "dense + txt"], 5, "'dense + txt'"),
                                 (["--datasets", "hotpotqa", "nq"], 3, "no data file")]:
         with pytest.raises(SystemExit) as exit_:
@@ -287,11 +317,37 @@ def test_bench_refuses_a_checkpoint_its_system_cannot_read(tiny_checkpoint, tmp_
     tokens = ClaraModel(ClaraConfig(base_model=base, compression_rate=16, doc_max_length=64, memory_design="tokens"),
                         device="cpu")
     tokens.save_pretrained(tmp_path / "tokens")
+    # a text reader was scored as CLaRa; a checkpoint on another backbone beside SmolLM2's text RAG
+    ClaraModel(ClaraConfig(base_model=base, decoder_reads_text=True), device="cpu").save_pretrained(tmp_path / "text")
     for argv, message in [(["--text-ft", tiny_checkpoint], "is not a text reader"),
-                          (["--clara", f"8={tmp_path / 'tokens'}"], "reads only at its own compression rate 16, not 8")]:
+                          (["--clara", f"8={tmp_path / 'tokens'}"], "reads only at its own compression rate 16, not 8"),
+                          (["--clara-e2e", f"16={tmp_path / 'text'}", "--systems", "CLaRa CR16 end-to-end"],
+                           "is a text reader (clara train --stage text), not a CLaRa checkpoint: pass it as --text-ft"),
+                          (["--clara", f"16={tiny_checkpoint}"],  # the shipped one reads at 4 and 32
+                           "the systems are compared on one base model, and several are named")]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "--data-dir", str(tmp_path), *argv])
         assert exit_.value.code == 5 and message in capsys.readouterr().err
+
+
+def test_the_systems_without_a_checkpoint_read_the_checkpoints_base_model(tiny_checkpoint, tmp_path, monkeypatch):
+    # the text RAG rows read SmolLM2-135M whatever backbone the CLaRa checkpoint was trained on
+    from clara_plugins.checkpoint import read_config
+
+    write_hotpotqa(tmp_path)
+    bases = {}
+    monkeypatch.setattr(bench_run, "_in_own_process",
+                        lambda function, spec, rows, options: bases.setdefault(spec.name, spec.base_model) and {"name": spec.name})
+    unreported(monkeypatch)
+    argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    base = read_config(Path(tiny_checkpoint)).base_model
+    main([*argv, "--clara", f"16={tiny_checkpoint}", "--systems", "no retrieval", "BM25 + text", "CLaRa CR16 compressor"])
+    assert set(bases.values()) == {base} and len(bases) == 3
+    bases.clear()  # the text rows alone, on the checkpoint's backbone
+    main([*argv, "--base-model", base, "--systems", "BM25 + text"])
+    assert bases == {"BM25 + text": base}
+    with pytest.raises(SystemExit):
+        main([*argv, "--base-model", "other", "--clara", f"16={tiny_checkpoint}", "--systems", "CLaRa CR16 compressor"])
 
 
 def test_a_relative_path_to_an_official_file_is_sampled_as_its_dataset(tmp_path, monkeypatch):
@@ -330,13 +386,8 @@ def test_a_system_process_killed_for_memory_fails_the_run_instead_of_hanging_it(
 @pytest.mark.parametrize("commit, reused", [("abc123", True), ("abc123-dirty", False)])
 def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, capsys, commit, reused):
     # a run that failed (or was killed) in its last system lost every system of its dataset
-    import clara_benchmarks.report
-
-    (tmp_path / "hotpotqa").mkdir()
-    example = {"_id": "1", "question": "Where does the Danube rise?", "answer": "the Black Forest",
-               "supporting_facts": [["Danube", 0]], "context": [["Danube", ["It rises in the Black Forest."]]]}
-    (tmp_path / "hotpotqa" / "dev.json").write_text(json.dumps([example]))
-    ran, reports = [], []
+    write_hotpotqa(tmp_path)
+    ran = []
 
     def run_one(function, spec, rows, options):
         ran.append(spec.name)
@@ -345,15 +396,14 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
         return {"name": spec.name}
 
     monkeypatch.setattr(bench_run, "_in_own_process", run_one)
-    monkeypatch.setattr(bench_run, "environment",
-                        lambda: {"commit": commit, "versions": {"torch": "2.13.0"}, "machine": {"cpus": 2}})
-    monkeypatch.setattr(clara_benchmarks.report, "write_report", lambda report, out, stem: reports.append(report) or [])
+    reports = unreported(monkeypatch, commit)
     argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"),
             "--systems", "no retrieval", "BM25 + text"]
     with pytest.raises(SystemExit):
         main(argv)
     assert "killed for memory" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "out" / ".bench_hotpotqa_normal_quick.systems").iterdir()] == ["system-00.json"]
+    assert [p.name for p in (tmp_path / "out" / ".bench_hotpotqa_normal_quick.systems").iterdir()] == [
+        bench_run._kept_name(SystemSpec("no retrieval", "none", "base"))]
     main(argv)
     again = ["BM25 + text"] if reused else ["no retrieval", "BM25 + text"]
     assert ran == ["no retrieval", "BM25 + text", *again]
@@ -361,6 +411,51 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
     assert reports[0]["benchmark"].get("reused_systems") == (["no retrieval"] if reused else None)
     assert reports[0]["benchmark"]["query_instruction"] == ""  # the dense queries' prefix, recorded as it was run
     assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
+
+
+def test_a_rerun_of_two_datasets_runs_only_what_the_second_left(tmp_path, monkeypatch):
+    # the first dataset's kept results were removed with its report: a run killed in the second ran it again
+    write_hotpotqa(tmp_path)
+    (tmp_path / "other.json").write_text(json.dumps([{**DANUBE, "_id": "2"}]))
+    ran = []
+
+    def run_one(function, spec, rows, options):
+        ran.append((rows[0]["id"], spec.name))
+        if len(ran) == 4:
+            raise RuntimeError("killed for memory")
+        return {"name": spec.name}
+
+    monkeypatch.setattr(bench_run, "_in_own_process", run_one)
+    unreported(monkeypatch)
+    argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--datasets",
+            "hotpotqa", str(tmp_path / "other.json"), "--systems", "no retrieval", "BM25 + text"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    main(argv)
+    assert ran == [("1", "no retrieval"), ("1", "BM25 + text"), ("2", "no retrieval"), ("2", "BM25 + text"),
+                   ("2", "BM25 + text")]
+    assert sorted(os.listdir(tmp_path / "out")) == []
+
+
+def test_a_subset_rerun_keeps_the_results_of_the_systems_it_does_not_run(tmp_path, monkeypatch):
+    # kept results were numbered by place: a --systems subset's first system overwrote the full run's first
+    write_hotpotqa(tmp_path)
+    ran = []
+
+    def run_one(function, spec, rows, options):
+        ran.append(spec.name)
+        if spec.name == "BM25 + text" and len(ran) == 2:
+            raise RuntimeError("killed for memory")
+        return {"name": spec.name}
+
+    monkeypatch.setattr(bench_run, "_in_own_process", run_one)
+    unreported(monkeypatch)
+    argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--systems"]
+    with pytest.raises(SystemExit):
+        main([*argv, "no retrieval", "BM25 + text"])
+    main([*argv, "BM25 + text"])
+    main([*argv, "no retrieval", "BM25 + text"])
+    assert ran == ["no retrieval", "BM25 + text", "BM25 + text", "BM25 + text"]  # "no retrieval" ran once
 
 
 def test_a_kept_result_is_not_reused_for_a_checkpoint_trained_again_in_place(tiny_checkpoint, tmp_path, monkeypatch):

@@ -141,6 +141,26 @@ def test_ask_answers_from_a_checkpoint(tiny_model, tmp_path, capsys):
     assert capsys.readouterr().out == f"{answer}\nsources:\n{sources}"
 
 
+def test_index_and_ask_refuse_a_text_reader(tiny_model, tmp_path, capsys):
+    # a checkpoint of clara train --stage text compressed a whole corpus with a compressor never
+    # trained, and answered from memory tokens with a generator trained on text
+    import dataclasses
+
+    from clara_plugins import ClaraModel
+
+    ClaraModel(dataclasses.replace(tiny_model.config, decoder_reads_text=True), device="cpu").save_pretrained(
+        tmp_path / "text")
+    (tmp_path / "corpus.txt").write_text("Paris is in France.\n")
+    for argv, use in [(["index", str(tmp_path / "corpus.txt"), "--store", str(tmp_path / "store")],
+                       "clara index compresses documents into memory tokens"),
+                      (["ask", "--text", "Paris is in France.", "--question", "Where is Paris?"],
+                       "clara ask answers from memory tokens")]:
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--checkpoint", str(tmp_path / "text"), "--device", "cpu"])
+        assert exit_.value.code == 5 and f"is a text reader (clara train --stage text): {use}" in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
+
+
 def test_ask_json_prints_one_object_with_its_sources(tiny_model, tmp_path, capsys):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     main(["ask", "--text", *CORPUS[:3], "--question", "Where is the tower?", "--checkpoint", str(tmp_path / "ckpt"),

@@ -101,6 +101,19 @@ def test_nq_reads_as_dpr_and_lost_in_the_middle_publish_it(tmp_path):
         read_examples(tmp_path / "unmarked.jsonl")
 
 
+def test_a_damaged_gzip_file_is_named(tmp_path):
+    # a damaged deflate stream raised zlib's own error, which named no file
+    import gzip
+
+    from clara_plugins.jsonfiles import read_jsonl
+
+    packed = bytearray(gzip.compress("\n".join(json.dumps({"text": f"passage {i} " * 40}) for i in range(200)).encode()))
+    packed[20:60] = bytes(b ^ 0xFF for b in packed[20:60])
+    (tmp_path / "corpus.jsonl.gz").write_bytes(bytes(packed))
+    with pytest.raises(InvalidInputError, match="corpus.jsonl.gz is not a whole gzip file"):
+        read_jsonl(tmp_path / "corpus.jsonl.gz")
+
+
 def test_a_paragraph_repeated_within_a_question_is_one_passage(tmp_path):
     # 2WikiMultihopQA repeats a paragraph in about 4 % of its questions: it took two of k places
     context = [["Pirates", ["A film."]], ["Vienna", ["A city."]], ["Pirates", ["A film."]], ["Danube", ["A river."]]]

@@ -247,6 +247,23 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
             evaluation.check_evaluation_rows(rows, systems=[], reading_k=5)
 
 
+def test_clara_eval_refuses_a_text_reader_for_memory_measures(tiny_model, tmp_path, monkeypatch, capsys):
+    # a checkpoint of clara train --stage text was scored as CLaRa: its generator trained on text
+    import dataclasses
+
+    from clara_plugins import ClaraModel
+
+    text = ClaraModel(dataclasses.replace(tiny_model.config, decoder_reads_text=True), device="cpu")
+    text.save_pretrained(tmp_path / "text")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in ROWS))
+    monkeypatch.setattr(evaluation, "evaluate_answers", lambda *a, **k: pytest.fail("the rows were answered"))
+    for argv in (["--systems", "clara"], ["--systems", "--retrievers", "compressor"], ["--systems", "--reading"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", str(tmp_path / "rows.jsonl"), "--checkpoint", str(tmp_path / "text"), "--device", "cpu",
+                  *argv])
+        assert exit_.value.code == 5 and "is a text reader (clara train --stage text)" in capsys.readouterr().err
+
+
 def test_clara_eval_and_convert_data_refuse_to_write_over_their_input(tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in ROWS))

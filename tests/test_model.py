@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import warnings
 
 import pytest
@@ -391,6 +392,9 @@ def test_memories_of_another_shape_are_refused_by_generate(tiny_model):
     wrong = memories.reshape(4, memories.size(1) // 2, memories.size(2))
     with pytest.raises(InvalidInputError, match="memories have shape"):
         tiny_model.generate([prompt], [wrong])
+    # answer named the shape it had made of them, not the one passed
+    with pytest.raises(InvalidInputError, match=re.escape(f"of shape {tuple(memories.transpose(1, 2).shape)} do not fit")):
+        tiny_model.answer(["Who?"], memories.transpose(1, 2))
 
 
 def test_a_query_longer_than_doc_max_length_is_encoded_from_its_end_with_a_warning(tiny_model):
@@ -710,6 +714,29 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="memory_layer=1 .the base model has layers 32 wide and embeddings 16"):
         model.save_pretrained(tmp_path / "opt-clara")
     assert not (tmp_path / "opt-clara").exists()
+
+    # MPT: built and compressed, then every answer failed inside peft, which refuses inputs_embeds for it
+    from transformers import MptConfig, MptForCausalLM
+
+    mpt = tmp_path / "mpt"
+    MptForCausalLM(MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=len(tokenizer), max_seq_len=512,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(mpt)
+    tokenizer.save_pretrained(mpt)
+    with pytest.raises(ValueError, match="is an MPT model, whose peft forward refuses inputs_embeds"):
+        ClaraModel(ClaraConfig(base_model=str(mpt), compression_rate=16, doc_max_length=64), device="cpu")
+    # a clone without Git LFS, and a tokenizer cut short: safetensors' "header too large" and a bare
+    # JSONDecodeError named neither the model nor the file
+    pointer = build_tiny_base_model(tmp_path / "pointer")
+    (pointer / "tf_model.h5").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    backbone.load_base_model(str(pointer))  # the safetensors fetched alone: TensorFlow's pointer is never read
+    weights = next(pointer.glob("*.safetensors"))
+    weights.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(OSError, match=f"{weights} is a Git LFS pointer, not the file it names"):
+        backbone.load_base_model(str(pointer))
+    cut = build_tiny_base_model(tmp_path / "cut")
+    (cut / "tokenizer.json").write_text((cut / "tokenizer.json").read_text()[:40])
+    with pytest.raises(OSError, match="base model .*cut' has a damaged file \\(JSONDecodeError"):
+        backbone.load_base_model(str(cut))
 
     remote = build_tiny_base_model(tmp_path / "remote")  # a model whose class is its repository's own code
     config = json.loads((remote / "config.json").read_text())

@@ -496,6 +496,79 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     assert sum(len(chunk) for chunk in loaded._memory_chunks) == 5 and loaded.all_ids() == ["d5"]
 
 
+def test_a_repack_stopped_midway_leaves_the_store_as_it_was(tiny_model, tmp_path, monkeypatch):
+    # the memories were emptied before the scales were gathered: an out-of-memory there left rows
+    # pointing into empty chunks, and no search or save worked again
+    monkeypatch.setattr(store_folder, "SHARD_ROWS", 2)
+    store = MemoryStore(tiny_model, memory_dtype="int8")
+    store.upsert(CORPUS[:6], ids=[f"d{i}" for i in range(6)])
+    store.upsert(["Vienna lies on the Danube.", "Oslo lies on a fjord."], ids=["e0", "e1"])
+    before = store.memories(store.all_ids())
+    real, calls = store_folder.gather, []
+
+    def gather_then_fail(chunks, where):
+        calls.append(len(where))
+        if len(calls) == 2:
+            raise MemoryError("no room for the scales")
+        return real(chunks, where)
+
+    monkeypatch.setattr(store_folder, "gather", gather_then_fail)
+    with pytest.raises(MemoryError):
+        store.delete(["d0", "d1", "d2", "e0"])
+    monkeypatch.setattr(store_folder, "gather", real)
+    left = ["d3", "d4", "d5", "e1"]
+    assert store.all_ids() == left
+    assert torch.equal(store.memories(left), before[[3, 4, 5, 7]])
+    assert {d.id for d, _ in store.search("Paris", k=4)} == set(left)
+    store.save(tmp_path / "s")
+    assert torch.equal(MemoryStore.load(tmp_path / "s", tiny_model).memories(left), before[[3, 4, 5, 7]])
+
+
+def test_a_large_store_shows_progress_as_it_builds_its_index_and_saves(tiny_model, tmp_path, monkeypatch, capsys):
+    # a million passages built their index (about 400 s) and saved (about 50 s) in silence
+    monkeypatch.setattr(store_folder, "PROGRESS_ROWS", 3)
+    store = MemoryStore(tiny_model, index="hnsw")
+    store.upsert(CORPUS[:3], ids=["a", "b", "c"])
+    store.search("Paris", k=1)
+    store.save(tmp_path / "s")
+    shown = capsys.readouterr().err
+    assert "building the search index" in shown and "saving the store" in shown
+    small = MemoryStore(tiny_model, index="hnsw")
+    small.upsert(CORPUS[:2], ids=["a", "b"])
+    small.search("Paris", k=1)
+    small.save(tmp_path / "t")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_millionth_save_can_be_loaded_and_saved_again(tiny_model, tmp_path):
+    # gen-1000000 was written into CURRENT, and then neither load nor save read it
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    folder = store.save(tmp_path / "s").parent
+    (folder / "gen-000001").rename(folder / "gen-999999")
+    (folder / "CURRENT").write_text("gen-999999\n")
+    loaded = MemoryStore.load(folder, tiny_model)
+    loaded.upsert(CORPUS[2:3], ids=["c"])
+    assert loaded.save(folder).name == "gen-1000000"
+    again = MemoryStore.load(folder, tiny_model)
+    again.delete(["a"])
+    assert again.save(folder).name == "gen-1000001"
+    assert MemoryStore.load(folder, tiny_model).all_ids() == ["b", "c"]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "CURRENT", "gen-1000000", "gen-1000001"]
+
+
+def test_key_shards_unlike_the_memory_shards_are_refused_at_load(tiny_model, tmp_path):
+    # the header is the one file no checksum covers: a store with no keys loaded, then failed its
+    # searches on a bare IndexError
+    store = MemoryStore(tiny_model, _WordKeys())
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    generation = store.save(tmp_path / "s")
+    header = json.loads((generation / "store.json").read_text())
+    (generation / "store.json").write_text(json.dumps({**header, "key_shards": []}))
+    with pytest.raises(StoreError, match="store.json: the key shards do not match the memory shards row for row"):
+        MemoryStore.load(tmp_path / "s", tiny_model, _WordKeys())
+
+
 def test_replacing_every_document_copies_no_chunk_whose_rows_all_live(tiny_model, monkeypatch):
     # the new chunk was copied whole into a packed one: four copies of the memories at the peak
     from clara_plugins import store_folder

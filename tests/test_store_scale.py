@@ -171,6 +171,19 @@ def test_the_other_benchmark_scripts_refuse_an_output_over_their_input(tmp_path,
     with pytest.raises(SystemExit):
         store_saves.main(["--corpus", str(sample), "--groups", "0", "--out", str(tmp_path / "saves.json")])
     assert sample.read_bytes() == b"a sample"
+    # an empty corpus failed on a division by zero once the model had loaded (store_build: unnamed)
+    (tmp_path / "empty.txt").write_text("")
+    monkeypatch.setattr(store_build, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"question": "q", "answers": ["a"], "ctxs": []}) + "\n")
+    for script, argv in [(store_saves, []), (store_build, ["--questions", str(tmp_path / "questions.jsonl")])]:
+        with pytest.raises(SystemExit):
+            script.main(["--corpus", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "r.json"), *argv])
+        assert "empty.txt holds no passages" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", ["store_scale", "1000", "--corpus", str(tmp_path / "empty.txt"), "--sample",
+                                     str(tmp_path / "sample-new.npz"), "--out", str(tmp_path / "r.json")])
+    with pytest.raises(SystemExit):
+        store_scale.main()
+    assert "empty.txt holds no passages" in capsys.readouterr().err
 
 
 def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_model, tmp_path, monkeypatch):
