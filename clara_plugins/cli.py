@@ -642,7 +642,8 @@ def _version() -> str:
 
 def _build_parser(command: str | None) -> argparse.ArgumentParser:
     """The parser, with the arguments of ``command`` alone (the others are only listed)."""
-    parser = argparse.ArgumentParser(prog="clara", description=__doc__.split("\n")[0])
+    # no abbreviations: main reads --debug before the parser is built (--deb would be read as it)
+    parser = argparse.ArgumentParser(prog="clara", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"clara-plugins {_version()}")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -663,23 +664,24 @@ def main(argv: list[str] | None = None) -> None:
     (1 for anything else, 130 for Ctrl-C); ``--debug`` shows the traceback instead."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((word for word in argv if word in COMMANDS), None)
-    args = _build_parser(command).parse_args(argv)
+    debug = "--debug" in argv  # read before the parser: eval's and bench's import their modules to build theirs
     try:
+        args = _build_parser(command).parse_args(argv)
         COMMANDS[args.command][2](args)
     except KeyboardInterrupt:  # a screen of traceback; a stopped index or training run resumes
-        if args.debug:
+        if debug:
             raise
-        print(f"clara {args.command}: interrupted", file=sys.stderr)
+        print(f"clara {command}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as error:
-        if args.debug:
+        if debug:
             raise
         # the default backbone's package is installed apart, and its message says how; so do
         # the extras' (no module name: the project's own message)
         dependency = isinstance(error, ImportError) and error.name not in (None, DEFAULT_BACKBONE_PACKAGE)
         hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval '
                 'and bench' if dependency else "")
-        print(f"clara {args.command}: error: {error}{hint}", file=sys.stderr)
+        print(f"clara {command}: error: {error}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 
 

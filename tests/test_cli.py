@@ -424,12 +424,21 @@ def test_bench_without_its_extras_names_them(tmp_path):
     assert '"clara-plugins[bench]" those of eval and bench' in result.stderr
 
 
-def test_a_missing_core_dependency_is_named_with_the_install_that_brings_it(tmp_path):
-    code = ("import sys\nsys.modules['bm25s'] = None\nfrom clara_plugins.cli import main\n"
-            "main(['train', '--stage', 'scp', '--data', 'rows.jsonl', '--output', 'run'])")
+@pytest.mark.parametrize("argv", [["train", "--stage", "scp", "--data", "rows.jsonl", "--output", "run"],
+                                  ["eval", "rows.jsonl"], ["bench", "--quick"]])  # these two: a traceback
+def test_a_missing_core_dependency_is_named_with_the_install_that_brings_it(tmp_path, argv):
+    code = f"import sys\nsys.modules['bm25s'] = None\nfrom clara_plugins.cli import main\nmain({argv!r})"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 1 and "bm25s" in result.stderr
+    assert result.returncode == 1 and "bm25s" in result.stderr and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"clara {argv[0]}: error:")
     assert "pip install clara-plugins brings its dependencies" in result.stderr
+
+
+def test_debug_is_not_abbreviated(capsys):
+    # main reads --debug before the parser: argparse read --deb as it, main did not
+    with pytest.raises(SystemExit) as exit_:
+        main(["--deb", "eval", "rows.jsonl"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --deb" in capsys.readouterr().err
 
 
 def test_version_from_a_source_tree_that_was_never_installed(monkeypatch, capsys):

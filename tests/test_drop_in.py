@@ -368,6 +368,12 @@ def test_either_frameworks_store_is_accepted_by_either_model(tiny_model, vectors
     _, llama_store = llama_index
     assert ChatClara(store=llama_store).store is llama_store.client
     assert ClaraLLM(store=vectorstore).store is vectorstore.store
+    # and by either framework's vector store (a bare AttributeError, 'ClaraVectorStore' has no 'model')
+    assert ClaraVectorStore(store=llama_store).store is llama_store.client
+    assert LlamaClaraVectorStore(store=vectorstore).client is vectorstore.store
+    for make in (ClaraVectorStore, LlamaClaraVectorStore):
+        with pytest.raises(TypeError, match="store must be a MemoryStore or a CLaRa vector store .*got str"):
+            make(store="stores/x")
 
 
 def test_memories_follow_the_documents_where_the_chat_template_moved_their_messages(tiny_model):

@@ -326,6 +326,28 @@ def test_a_node_a_postprocessor_rewrote_is_read_as_it_is_now(tiny_model):
     assert engine.query(QUESTION).response == llm.complete(QUESTION, documents=[CORPUS[5]]).text
 
 
+def test_the_synthesizer_reads_the_llms_system_prompt_and_the_calls_options(tiny_model, monkeypatch):
+    # LlamaIndex's synthesizers put the LLM's system prompt in the prompt: this one dropped it, and
+    # every option of the call (max_tokens, document_ids, a mistyped one) went unread
+    from llama_index.core.schema import NodeWithScore, TextNode
+
+    nodes = [NodeWithScore(node=TextNode(text=t)) for t in CORPUS[:2]]
+    llm = ClaraLLM(clara=tiny_model, system_prompt="Answer in one word.")
+    read = []
+    real = tiny_model.stream
+
+    def stream(prompt, memories, limit):
+        read.append((prompt, limit))
+        return real(prompt, memories, limit)
+
+    monkeypatch.setattr(tiny_model, "stream", stream)
+    ClaraSynthesizer(llm).synthesize(QUESTION, nodes, max_tokens=1)
+    assert "Answer in one word." in read[-1][0] and read[-1][1] == 1
+    for option, message in [({"max_tokenz": 1}, "max_tokenz"), ({"documents": [CORPUS[3]]}, "document_ids")]:
+        with pytest.raises(TypeError, match=message):  # documents: Python's "multiple values" error
+            ClaraSynthesizer(llm).synthesize(QUESTION, nodes, **option)
+
+
 def test_stored_nodes_are_read_from_memories_beside_a_node_from_elsewhere(tiny_model):
     # one node outside the store had every node compressed again, with LlamaIndex's metadata in its text
     from llama_index.core.schema import NodeWithScore, TextNode

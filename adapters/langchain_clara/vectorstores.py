@@ -16,7 +16,7 @@ from langchain_core.vectorstores import VectorStore
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
-from clara_plugins.base_store import BaseMemoryStore, check_store_model
+from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model
 from clara_plugins.filters import holds_no_condition, validate_filter
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
@@ -89,7 +89,8 @@ class ClaraVectorStore(VectorStore):
     scores (``score_threshold``) are ranked against the store's own document pairs
     (``MemoryStore.relevance``): 0.5 is as close as a typical pair of stored documents.
     ``store`` picks the backend: a local ``MemoryStore`` by default, or e.g.
-    ``store=MilvusMemoryStore(model, uri)`` to keep the documents in Milvus.
+    ``store=MilvusMemoryStore(model, uri)`` to keep the documents in Milvus (or a LlamaIndex
+    ``ClaraVectorStore``, to share its nodes).
     """
 
     def __init__(
@@ -107,7 +108,8 @@ class ClaraVectorStore(VectorStore):
         if store is None:
             model, keys = _model_and_keys(model, embedding)
             store = MemoryStore(model, keys, **{name: value for name, value in settings.items() if value is not None})
-        else:
+        else:  # either framework's ClaraVectorStore too, as ChatClara takes it
+            store = as_memory_store(store)
             _check_store_matches(store, model, embedding, settings)
         self.store = store
 

@@ -3,7 +3,8 @@
 LlamaIndex's own synthesizers work too: ``ClaraLLM`` reads the stored nodes inside their
 prompts from memory tokens. This one skips their prompt templates and passes each node's own
 text, without the metadata LlamaIndex writes into a prompt, so the generator sees exactly its
-answering prompt (``Background:`` memories, then the question): a node the store holds as it
+answering prompt (``Background:`` memories, then the question; the LLM's ``system_prompt``,
+where it has one, in the trained system prompt's place): a node the store holds as it
 is now is read from its stored memories, the rest (not stored, or rewritten by a
 postprocessor) are compressed from their text.
 """
@@ -14,6 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.base.response.schema import RESPONSE_TYPE
 from llama_index.core.callbacks import CallbackManager
 from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTextType
@@ -51,21 +53,34 @@ class ClaraSynthesizer(BaseSynthesizer):
                      node_texts: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
         """Answer from the nodes' own texts (``text_chunks`` when a caller gives no nodes): the
         store finds those it holds by their text, and the rest are compressed."""
-        documents = _documents(text_chunks, node_texts)
-        if self._streaming:
-            return (response.delta for response in self._clara_llm.stream_complete(query_str, documents=documents))
-        return self._clara_llm.complete(query_str, documents=documents).text
+        documents, messages = _documents(text_chunks, node_texts, kwargs), _question(self._clara_llm, query_str)
+        if self._streaming:  # the call's options (max_tokens, document_ids) read, or refused, by ClaraLLM
+            return (response.delta for response in self._clara_llm.stream_chat(messages, documents=documents, **kwargs))
+        return self._clara_llm.chat(messages, documents=documents, **kwargs).message.content
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str],
                             node_texts: list[str] | None = None, **kwargs: Any) -> RESPONSE_TEXT_TYPE:
         if not self._streaming:  # a token per worker-thread call: a cancelled call stops generating
-            return (await self._clara_llm.acomplete(query_str, documents=_documents(text_chunks, node_texts))).text
+            return (await self._clara_llm.achat(_question(self._clara_llm, query_str),
+                                                documents=_documents(text_chunks, node_texts, kwargs),
+                                                **kwargs)).message.content
         return off_the_loop(await asyncio.to_thread(self.get_response, query_str, text_chunks, node_texts, **kwargs))
 
 
-def _documents(text_chunks: Sequence[str], node_texts: list[str] | None) -> list[str]:
-    """What the answer reads: the nodes' own texts, or ``text_chunks`` when a caller gives no nodes."""
+def _documents(text_chunks: Sequence[str], node_texts: list[str] | None, kwargs: dict[str, Any]) -> list[str]:
+    """What the answer reads: the nodes' own texts, or ``text_chunks`` when a caller gives no nodes
+    (``documents`` among the call's options, which go on to ClaraLLM, is refused by name)."""
+    if "documents" in kwargs:
+        raise TypeError("ClaraSynthesizer reads its nodes as the documents: add stored ones with document_ids=[...]")
     return list(text_chunks) if node_texts is None else node_texts
+
+
+def _question(llm: ClaraLLM, query_str: str) -> list[ChatMessage]:
+    """The question as the user's message, after the LLM's system prompt where it has one, which
+    takes the trained one's place (LlamaIndex's own synthesizers add it, through ``predict``;
+    this one dropped it)."""
+    system = [ChatMessage(role=MessageRole.SYSTEM, content=llm.system_prompt)] if llm.system_prompt else []
+    return [*system, ChatMessage(role=MessageRole.USER, content=query_str)]
 
 
 def _node_texts(nodes: list[NodeWithScore]) -> list[str]:

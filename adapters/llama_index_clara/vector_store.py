@@ -37,7 +37,7 @@ from pydantic import PrivateAttr
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.pretrained import load_model
-from clara_plugins.base_store import BaseMemoryStore, check_store_model, id_list
+from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model, id_list
 from clara_plugins.checks import check_fraction, check_positive_int
 from clara_plugins.filters import holds_no_condition
 
@@ -109,7 +109,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     Without a model or a store the shipped default model is loaded. ``store`` picks the
     backend: a local ``MemoryStore`` by default, or e.g. ``store=MilvusMemoryStore(model, uri)``
-    to keep the nodes in Milvus.
+    to keep the nodes in Milvus (or a LangChain ``ClaraVectorStore``, to share its documents).
 
     ``VectorStoreIndex`` needs no ``embed_model``. It resolves its embedding model from
     LlamaIndex's global ``Settings`` before it looks at its vector store (and by default that
@@ -149,7 +149,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
         if store is None:
             store = MemoryStore(model if model is not None else load_model(),
                                 **{name: value for name, value in settings.items() if value is not None})
-        else:
+        else:  # either framework's ClaraVectorStore too, as ClaraLLM takes it
+            store = as_memory_store(store)
             check_store_model(store, model, **settings)
         self._store = store
         expect_takers(store.model)
