@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--setting", choices=SETTINGS, default="normal",
                         help="normal: retrieve top-k of ~20 candidates; oracle: the gold among the k")
     parser.add_argument("--sample", type=positive_int, help="questions per dataset (default: 200; quick: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and pool seed (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,  # -1 would draw 1's sample (abs() seeds)
+                        help="sampling and pool seed (default 0)")
     parser.add_argument("--candidates", type=positive_int, help="pool size in the normal setting (default 20)")
     parser.add_argument("--clara", nargs="+", action="extend", default=[], metavar="CR=DIR",
                         help="CLaRa checkpoint per compression rate, read at that rate (default: the shipped "

@@ -42,7 +42,8 @@ SCP_INIT=${SCP_INIT:-}            # a pooled checkpoint SCP continues from, read
 SCP_STEPS=${SCP_STEPS:-250}
 SCP_BATCH=${SCP_BATCH:-16}        # SCP rows a step
 # micro-batches an SCP step, 4 rows a pass as earlier CPU runs: the reading margin then pairs each
-# row with another of its micro-batch, not of the whole step (the shipped checkpoint: 1, on a GPU)
+# row with another of its micro-batch, not of the whole step, and each micro-batch's tokens are
+# averaged on their own (the shipped checkpoint: 1, on a GPU; docs/training-run.md, 45th session)
 SCP_ACCUM=${SCP_ACCUM:-4}
 SCP_SCHEDULE=${SCP_SCHEDULE:-constant}
 SCP_MORE_STEPS=${SCP_MORE_STEPS:-175}  # a second SCP run from the first, other data order (0: none)

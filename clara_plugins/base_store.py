@@ -259,6 +259,12 @@ def as_memory_store(value: object) -> BaseMemoryStore:
     return inner
 
 
+def calibration_rows(count: int) -> np.ndarray:
+    """Positions of the documents whose pairs calibrate ``relevance``: at most CALIBRATION_SAMPLE,
+    spread evenly over ``count`` (the first ones alone were one source's, indexed source by source)."""
+    return np.unique(np.linspace(0, count - 1, min(count, CALIBRATION_SAMPLE)).astype(np.int64))
+
+
 def last_of_each(ids: Sequence[str]) -> list[int]:
     """Positions of the documents an upsert keeps: an id given twice keeps its last one."""
     return list({doc_id: i for i, doc_id in enumerate(ids)}.values())

@@ -139,7 +139,8 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                         "in common), and a held-out gold passage among a kept example's distractors; for passages, "
                         "a repeat of one")
     parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
-    parser.add_argument("--seed", type=int, help="e2e, cloze, inverse-cloze: shuffling seed (default 0)")
+    # Python's random seeds from abs(): -1 would repeat 1's rows
+    parser.add_argument("--seed", type=non_negative_int, help="e2e, cloze, inverse-cloze: shuffling seed (default 0)")
 
 
 def _synth_arguments(parser: argparse.ArgumentParser) -> None:

@@ -268,6 +268,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number of at least 0, got {getattr(self, name)}")
         if not 0 <= self.warmup_ratio <= 1:
             raise ValueError(f"warmup_ratio is a share of the steps, in 0..1, got {self.warmup_ratio}")
+        # Python's random seeds from abs(): -1 shuffled the rows as 1 did; an epoch adds 2**32 to the
+        # seed, so 2**32 shuffled as 0's second epoch
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in 0..2**32-1, got {self.seed}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")

@@ -51,10 +51,10 @@ except ModuleNotFoundError as error:
         raise
     raise ImportError('MilvusMemoryStore needs pymilvus: pip install "clara-plugins[milvus]"') from error
 
-from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, check_known, check_search,
-                         id_list, last_of_each, pair_cosines, query_vector)
+from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, calibration_rows, check_known,
+                         check_search, id_list, last_of_each, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
-from .checks import check_positive_int, unicode_problem
+from .checks import check_positive_int, check_texts, unicode_problem
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
 from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
@@ -69,6 +69,7 @@ MAX_ID_BYTES = 512
 MAX_TEXT_BYTES = 65_535  # Milvus' longest VARCHAR
 MAX_METADATA_BYTES = 65_536  # Milvus' largest JSON value
 BATCH_ROWS = 256  # rows per request: about 10 MB of keys at CR16, well under gRPC's message limit
+CALIBRATION_IDS = 16 * CALIBRATION_SAMPLE  # ids in id order the relevance sample is spread over
 _NOTHING = 'id == ""'  # an expression no row satisfies: ids are never empty
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _COMPARISONS = {"$eq": "==", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
@@ -99,8 +100,9 @@ class MilvusMemoryStore(BaseMemoryStore):
       MAX_METADATA_BYTES of JSON;
     - an upsert of more than BATCH_ROWS documents is written in batches, so a failure midway
       (a lost connection) can leave the first batches stored;
-    - ``relevance`` calibrates on the first CALIBRATION_SAMPLE documents in id order (a
-      random sample for uuid or SHA-256 ids), recomputed after this object's own changes.
+    - ``relevance`` calibrates on CALIBRATION_SAMPLE documents spread evenly over the first
+      CALIBRATION_IDS in id order (the whole of a smaller store; a random sample for uuid or
+      SHA-256 ids), recomputed after this object's own changes.
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         for name, params in (("index_params", index_params), ("search_params", search_params)):
             if params is not None and not isinstance(params, dict):
                 raise InvalidInputError(f"{name} must be a dict of Milvus' settings, got {type(params).__name__}")
-        if not _COLLECTION_NAME.match(collection):
+        if not isinstance(collection, str) or not _COLLECTION_NAME.fullmatch(collection):  # "$" let "x\n" by
             raise InvalidInputError(f"collection must be letters, digits and underscores, not starting with a "
                                     f"digit, got {collection!r:.80}")
         super().__init__(model, None, batch_size)
@@ -356,7 +358,8 @@ class MilvusMemoryStore(BaseMemoryStore):
 
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
-        ids_by_text = {row["text"]: row["id"] for row in self._rows_where("text", list(texts), ["text"])}
+        texts = check_texts(texts, "texts", blanks=True)  # as the local store: a None, or bad Unicode, named
+        ids_by_text = {row["text"]: row["id"] for row in self._rows_where("text", texts, ["text"])}
         return [ids_by_text.get(text) for text in texts]
 
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
@@ -434,8 +437,15 @@ class MilvusMemoryStore(BaseMemoryStore):
         return params
 
     def _sample_pair_cosines(self) -> np.ndarray:
-        """Sorted cosines between distinct documents of the first CALIBRATION_SAMPLE in id order."""
-        rows = self._client.query(self.collection, filter="", limit=CALIBRATION_SAMPLE, output_fields=["key"])
+        """Sorted cosines between distinct documents of an evenly spread sample of the first
+        CALIBRATION_IDS ids, in id order (a query's first rows came in storage order: one
+        source's, indexed source by source); one query, not a listing of every id after each write."""
+        rows = self._client.query(self.collection, filter="", output_fields=["id"], limit=CALIBRATION_IDS,
+                                  iterator="True")  # as _ids_matching asks: the smallest ids
+        ids = sorted(row["id"] for row in rows)
+        if len(ids) < 2:
+            return np.zeros(0, dtype=np.float32)
+        rows = self._rows_where("id", [ids[row] for row in calibration_rows(len(ids))], ["key"])
         return pair_cosines(np.array([row["key"] for row in rows], dtype=np.float32))
 
 
@@ -505,9 +515,9 @@ def _literal(value: Any, key: str) -> str:
     if isinstance(value, (bool, np.bool_)):
         return "true" if value else "false"
     if isinstance(value, numbers.Integral):  # numpy's too: its repr is no Milvus literal
-        if not -2**63 <= int(value) < 2**63:
+        if not -2**63 < int(value) < 2**63:  # -2**63 too: a server reads it as minus 2**63, past int64
             raise InvalidInputError(f"the filter on {key!r} compares with {int(value)}: a Milvus server compares "
-                                    "integers within int64 only")
+                                    "integers within int64 only (-2**63 aside)")
         return str(int(value))
     if isinstance(value, numbers.Real) and not math.isnan(value):
         return repr(float(value))

@@ -496,7 +496,10 @@ class ClaraModel(torch.nn.Module):
                 f"compressed documents of shape {given} do not fit "
                 f"{len(questions)} questions with memories of shape ({n}, {h})"
             )
-        return compressed.to(self.device)
+        # float64 (numpy's default) cast as moved, not after: Apple's GPU refuses it; the model's own
+        # dtype, and the range check that goes with it, come in _decoder_inputs
+        return compressed.to(device=self.device,
+                             dtype=torch.float32 if compressed.dtype == torch.float64 else compressed.dtype)
 
     # ------------------------------------------------------- Apple's method names
 

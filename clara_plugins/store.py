@@ -23,10 +23,10 @@ from numpy.typing import ArrayLike
 from tqdm.auto import tqdm
 
 from . import store_folder
-from .base_store import (FETCH_K, CALIBRATION_SAMPLE, BaseMemoryStore, StoredDocument, check_known, check_search,
+from .base_store import (FETCH_K, BaseMemoryStore, StoredDocument, calibration_rows, check_known, check_search,
                          id_list, last_of_each, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
-from .checks import check_positive_int
+from .checks import check_positive_int, check_texts
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .errors import StoreError
@@ -281,6 +281,7 @@ class MemoryStore(BaseMemoryStore):
 
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
+        texts = check_texts(texts, "texts", blanks=True)  # as the Milvus store, which cannot query the rest
         with self._lock:
             self._text_lookup()
             return [self._ids_by_text.get(text) for text in texts]
@@ -397,8 +398,7 @@ class MemoryStore(BaseMemoryStore):
         count = len(self._ids)
         if count < 2:  # an empty store has no rows to read keys from
             return np.zeros(0, dtype=np.float32)
-        rows = np.unique(np.linspace(0, count - 1, min(count, CALIBRATION_SAMPLE)).astype(np.int64))
-        return pair_cosines(self._row_keys(rows))
+        return pair_cosines(self._row_keys(calibration_rows(count)))
 
     def _memory_rows(self, rows: Sequence[int]) -> np.ndarray:
         """Memories [len(rows), n_mem, hidden] of rows: fp16 as stored, or int8 dequantised to float32."""

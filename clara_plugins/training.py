@@ -438,7 +438,8 @@ def _parameter_groups(model: ClaraModel, parameters: list[torch.nn.Parameter]) -
 
 
 def _learning_rate(config: TrainConfig) -> Callable[[int], float]:
-    warmup = max(1, int(config.warmup_ratio * config.steps))
+    # the share's whole steps, past float error: 0.29 x 100 is 28.999..., which int() alone cut to 28
+    warmup = max(1, int(config.warmup_ratio * config.steps + 1e-9))
 
     def factor(step: int) -> float:
         if config.schedule == "constant":
@@ -738,6 +739,13 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     finished = run_finished(state, config)
     # loaded, and refused, before the model's weights and settings change
     teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
+    # its files as they were loaded (a save swapped in meanwhile is waited out): a teacher trained
+    # again in its folder, or another reached by the same relative path, taught a resumed run unsaid
+    if teacher is not None and state and state.get("teacher_sha256", teacher.weights_sha256) != teacher.weights_sha256:
+        raise ValueError(f"{output} was distilled from another teacher than the one {config.teacher} holds now (its "
+                         "files changed, or the path reaches another folder): resume it with that teacher, or use a "
+                         "new output folder")
+    teacher_digest = teacher.weights_sha256 if teacher is not None else (state or {}).get("teacher_sha256")
     if teacher is not None:  # which reads the rows' documents whole, as text
         _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher")
     output = Path(output)
@@ -832,7 +840,8 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                     copy_adapter(model, ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
-                    "corpus_sha256": corpus_digest, "seconds": time.perf_counter() - started,
+                    "corpus_sha256": corpus_digest, "teacher_sha256": teacher_digest,
+                    "seconds": time.perf_counter() - started,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step

@@ -256,7 +256,7 @@ def test_bench_rejects_a_malformed_checkpoint_pair(tmp_path, capsys):
 
 def test_bench_refuses_bad_numbers_names_and_files_before_any_system_runs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
-    for flag in (["--sample", "0"], ["-k", "-1"], ["--candidates", "0"], ["--threads", "-1"]):
+    for flag in (["--sample", "0"], ["-k", "-1"], ["--candidates", "0"], ["--threads", "-1"], ["--seed", "-1"]):
         with pytest.raises(SystemExit) as exit_:  # --sample 0 used to run the default 200 questions
             main(["bench", *flag])
         assert exit_.value.code == 2

@@ -601,6 +601,10 @@ def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_w
         (["eval", str(rows), "--systems", "clara", "--control-shifts", "1", "2"], 5, "--control-shifts: not read"),
         (["eval", str(rows), "--systems", "clara", "--dense-model", "bge"], 5, "--dense-model: not read"),
         (["eval", str(rows), "--systems"], 5, "nothing to measure"),
+        # Python's random seeds from abs(): -1 repeated seed 1's rows, and its training order
+        (["convert-data", "in.json", str(tmp_path / "x.jsonl"), "--kind", "cloze", "--seed", "-1"], 2,
+         "must be zero or more, got -1"),
+        ([*train, "--seed", "-1"], 5, "seed must be in 0..2**32-1, got -1"),
         ([*train, "--steps", "0"], 2, "must be a positive integer, got 0"),
         ([*train, "--schedule", "cosin"], 2, "invalid choice: 'cosin'"),
         ([*train, "--device", "gpu"], 2, "must be cpu, cuda, cuda:N, mps or auto, got 'gpu'"),

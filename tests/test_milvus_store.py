@@ -333,6 +333,19 @@ def test_a_collection_whose_creation_failed_is_not_left_behind(tiny_model, uri, 
     assert not pymilvus.MilvusClient(uri).has_collection("half_made")
 
 
+def test_both_stores_calibrate_on_documents_spread_over_the_store(milvus, local, monkeypatch):
+    # Milvus calibrated on a query's first rows, in storage order: one source's, indexed source by source
+    for module in ("base_store", "store", "milvus_store"):  # wherever the sample size is read
+        monkeypatch.setattr(f"clara_plugins.{module}.CALIBRATION_SAMPLE", 3, raising=False)
+    monkeypatch.setattr("clara_plugins.milvus_store.CALIBRATION_IDS", 5, raising=False)
+    for store in (milvus, local):
+        store.delete(store.all_ids())
+        store.upsert(CORPUS[:5], ids=[f"d{i}" for i in (4, 3, 2, 1, 0)])  # d4 stored first
+    # the local store's first, middle and last stored, Milvus' first, middle and last ids: one sample
+    for cosine in local._sample_pair_cosines():  # the tiny model's keys lie close: ranked at their own pairs
+        assert milvus.relevance(float(cosine)) == pytest.approx(local.relevance(float(cosine)))
+
+
 def test_a_write_that_failed_midway_recalibrates_the_relevance(milvus, monkeypatch):
     milvus.relevance(0.5)  # the calibration is computed
     real = milvus._client.upsert
@@ -379,8 +392,9 @@ def test_bad_input_is_named_and_changes_nothing(milvus, tiny_model, uri, monkeyp
         milvus.search_by_key(np.ones(3))
     with pytest.raises(InvalidInputError, match="k must be a positive integer"):
         milvus.search("x", k=0)
-    with pytest.raises(InvalidInputError, match="collection must be letters"):
-        MilvusMemoryStore(tiny_model, uri, collection="no-dashes")
+    for collection in ("no-dashes", "clara\n", None):  # a trailing line break made a collection of its own
+        with pytest.raises(InvalidInputError, match="collection must be letters"):
+            MilvusMemoryStore(tiny_model, uri, collection=collection)
     monkeypatch.setattr(milvus_store, "MAX_DIMENSIONS", 64)
     with pytest.raises(StoreError, match="more than Milvus' 64"):
         MilvusMemoryStore(tiny_model, uri)
@@ -403,9 +417,14 @@ def test_both_stores_refuse_what_a_milvus_server_cannot_read_by_name(milvus, loc
             type(store)(store.model, *([] if store is local else [str(Path(uri).with_name("empty.db"))])
                         ).search_by_key(np.zeros(store.keys.dimensions))  # an empty store's too
         assert sorted(store.all_ids()) == IDS
+        # a bare AttributeError on Milvus, None on the local store; bad Unicode read as a bad filter
+        for texts, message in [([None], r"texts\[0\] is a NoneType"), (["i\ud800"], "not valid Unicode")]:
+            with pytest.raises(InvalidInputError, match=message):
+                store.ids_for_texts(texts)
     for where, message in [({"": 1}, "cannot filter on the metadata key ''"),
                            ({"a][b": {}}, "cannot filter on the metadata key 'a]\\[b'"),
                            ({"n": 2**63}, "integers within int64 only"), ({"n": {"$gt": -2**63 - 1}}, "int64"),
+                           ({"n": -2**63}, "int64"),  # a server's parser reads minus 2**63, past int64
                            ({"topic": "\ud800"}, "no valid Unicode")]:
         with pytest.raises(InvalidInputError, match=message):
             milvus.ids_where(where)

@@ -392,6 +392,8 @@ def test_memories_of_another_shape_are_refused_by_generate(tiny_model):
     wrong = memories.reshape(4, memories.size(1) // 2, memories.size(2))
     with pytest.raises(InvalidInputError, match="memories have shape"):
         tiny_model.generate([prompt], [wrong])
+    # float64 memories (numpy's default) were moved to the device before their cast, which Apple's GPU refuses
+    assert tiny_model._as_batched_memories(["Who?"], memories.double().numpy()).dtype == torch.float32
     # answer named the shape it had made of them, not the one passed
     with pytest.raises(InvalidInputError, match=re.escape(f"of shape {tuple(memories.transpose(1, 2).shape)} do not fit")):
         tiny_model.answer(["Who?"], memories.transpose(1, 2))

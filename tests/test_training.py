@@ -1001,6 +1001,44 @@ def test_epochs_of_neighbouring_seeds_are_shuffled_apart():
     first_of_seed_one = training._batches(rows, dataclasses.replace(config, seed=1), 0)
     assert first_of_seed_one != training._batches(rows, config, 1)
     assert training._batches(rows, config, 0) != first_of_seed_one
+    for seed in (-1, 2**32):  # shuffled as seed 1, and as seed 0's second epoch
+        with pytest.raises(ValueError, match=f"seed must be in 0..2\\*\\*32-1, got {seed}"):
+            dataclasses.replace(config, seed=seed)
+
+
+def test_the_warm_up_takes_its_whole_share_of_the_steps():
+    # int(0.29 * 100) is 28: one warm-up step short, by float error
+    factor = training._learning_rate(TrainConfig(stage="scp", steps=100, warmup_ratio=0.29))
+    assert factor(0) == pytest.approx(1 / 29)
+    assert training._learning_rate(TrainConfig(stage="scp", steps=60, warmup_ratio=0.03))(0) == 1.0  # 1.8: one step
+
+
+def test_a_resumed_run_refuses_a_teacher_whose_files_changed(tiny_config, tiny_model, tmp_path, monkeypatch):
+    # the teacher was recorded by its path alone: one trained again in its folder taught the rest unsaid
+    ClaraModel(tiny_config, device="cpu").save_pretrained(tmp_path / "t")
+    config = TrainConfig(stage="instruct", steps=2, batch_size=2, grad_accum=1, distill_weight=1.0, save_every=1,
+                         teacher=str(tmp_path / "t"))
+    real_loss, calls = training.instruct_loss, []
+
+    def stopped_in_step_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "instruct_loss", stopped_in_step_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    monkeypatch.setattr(training, "instruct_loss", real_loss)
+    shutil.copytree(tmp_path / "t", tmp_path / "first")
+    other = ClaraModel(tiny_config, device="cpu")
+    randomize_adapters(other, seed=5)
+    other.save_pretrained(tmp_path / "t")
+    with pytest.raises(ValueError, match="was distilled from another teacher than the one .* holds now"):
+        train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    shutil.rmtree(tmp_path / "t")
+    shutil.copytree(tmp_path / "first", tmp_path / "t")  # the teacher it began with: it resumes
+    train(tiny_model, INSTRUCT, config, tmp_path / "run")
 
 
 def test_a_finished_run_in_a_folder_nothing_can_be_written_to_returns_its_checkpoint(tiny_model, tmp_path,
