@@ -87,6 +87,13 @@ class ReaderFields(BaseModel):
         self._reader = Reader(type(self).__name__)
         return self
 
+    def __copy__(self) -> ReaderFields:
+        """A copy (``model_copy``) counts its own readings: pydantic copies private attributes
+        shallowly, so a copy's readings were added to the original's totals."""
+        copied = super().__copy__()
+        copied._reader = Reader(type(self).__name__)
+        return copied
+
     def _answer(self, pairs: list[tuple[str, str]], messages: Sequence[Any], texts: list[str], call: dict[str, Any],
                 max_tokens: int | None) -> tuple[Iterator[str], Reading]:
         """The answer's text pieces and what the generator read: the (role, text) ``pairs``, the

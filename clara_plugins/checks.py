@@ -91,6 +91,14 @@ def positive_int(value: str) -> int:
     return number
 
 
+def text_argument(value: str) -> str:
+    """A command-line text that holds more than whitespace (a blank question was answered, then
+    refused once every passage had been compressed)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError(f"must hold text, got {value!r}")
+    return value
+
+
 def non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:

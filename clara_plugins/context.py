@@ -84,6 +84,14 @@ class ReadingStats:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()  # no field: dataclasses.asdict(stats) deep-copied it, and failed
 
+    # a copy (copy.deepcopy, pickle) gets a lock of its own: the lock itself cannot be copied
+    def __getstate__(self) -> dict:
+        return {name: value for name, value in self.__dict__.items() if name != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def add(self, reading: Reading) -> None:
         with self._lock:
             self.calls += 1

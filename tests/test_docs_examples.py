@@ -34,7 +34,34 @@ def test_example_answers_with_text_rag_and_with_clara(example):
 
 @pytest.mark.parametrize("example", ["langchain_rag.py", "llamaindex_rag.py"])
 def test_an_example_refuses_a_limit_of_nothing_before_it_loads_a_model(example):
-    # --limit 0 indexed nothing and answered anyway; -5 left out the last 5 passages
-    result = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / example), "--corpus", "x",
-                             "--limit", "0"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "must be a positive integer, got 0" in result.stderr
+    # --limit 0 indexed nothing and answered anyway; -5 left out the last 5 passages; a blank question was
+    # answered by text RAG, then refused once every passage was compressed
+    for argv, message in [(["--limit", "0"], "must be a positive integer, got 0"),
+                          (["--question", " "], "must hold text, got ' '")]:
+        result = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / example), "--corpus", "x", *argv],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.slow
+def test_the_langchain_examples_chunks_fit_the_compressor():
+    # chunks of 256 by the splitter's count tokenized to 257 and 258: cut by the compressor
+    import importlib.util
+    import types
+
+    from transformers import AutoTokenizer
+
+    from clara_plugins import ClaraConfig
+    from clara_plugins.backbone import default_model_folder
+    from clara_plugins.corpora import read_documents
+
+    corpus = SHARED_DATA / "corpus" / "2wiki_6119.json"
+    if not corpus.exists():
+        pytest.skip(f"benchmark samples not found at {corpus}")
+    spec = importlib.util.spec_from_file_location("langchain_rag", ROOT / "docs" / "examples" / "langchain_rag.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    clara = types.SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(default_model_folder()), config=ClaraConfig())
+    sizes = [len(clara.tokenizer(chunk, add_special_tokens=False)["input_ids"])
+             for passage in read_documents([str(corpus)])[:500] for chunk in example.chunks(clara, passage)]
+    assert max(sizes) <= clara.config.doc_max_length

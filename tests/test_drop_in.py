@@ -6,6 +6,8 @@ many stored documents the generator read as memory tokens and how many positions
 """
 
 import asyncio
+import copy
+import pickle
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -198,6 +200,14 @@ def test_each_model_keeps_its_own_reading_totals(tiny_model, vectorstore):
     reading, idle = ChatClara(clara=tiny_model, store=vectorstore, max_tokens=2), ChatClara(clara=tiny_model)
     reading.invoke(CORPUS[0], document_ids=["d1"])  # two documents, no text to rank them by: both read
     assert reading.stats.calls == 1 and idle.stats.calls == 0
+    # a copy counted into the original's totals; the totals' lock made a snapshot fail to copy
+    copied = reading.model_copy(update={"max_tokens": 1})
+    copied.invoke(CORPUS[0], document_ids=["d1"])
+    assert reading.stats.calls == 1 and copied.stats.calls == 1
+    snapshot = copy.deepcopy(reading.stats)
+    assert pickle.loads(pickle.dumps(reading.stats)) == snapshot == reading.stats
+    snapshot.add(read_messages(tiny_model, [("user", QUESTION)], documents=[CORPUS[1]]))
+    assert snapshot.calls == 2 and reading.stats.calls == 1
 
 
 def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):

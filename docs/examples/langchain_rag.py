@@ -22,7 +22,7 @@ from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from clara_benchmarks.dense import DenseEmbeddings  # the sentence-transformers baseline
 from clara_benchmarks.text_reader import text_weights
-from clara_plugins.checks import positive_int
+from clara_plugins.checks import positive_int, text_argument
 from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
 from langchain_clara import CLARA_PROMPT, ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
@@ -32,30 +32,39 @@ def rag_chain(retriever, chat):
     return {"context": retriever | format_documents, "question": RunnablePassthrough()} | CLARA_PROMPT | chat | StrOutputParser()
 
 
+def chunks(clara, passage: str) -> list[str]:
+    """The passage in chunks the compressor reads whole, in both stores: 2 tokens spare, as the
+    LlamaIndex store splits (the splitter adds up its pieces' counts, and a joined chunk of 256
+    can tokenize to 258)."""
+    size = clara.config.doc_max_length - 2
+    splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(clara.tokenizer, chunk_size=size,
+                                                                         chunk_overlap=size // 8)
+    return splitter.split_text(passage)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="LangChain RAG: text chunks vs CLaRa memory tokens")
     parser.add_argument("--corpus", default="../shared/data/corpus/2wiki_6119.json")
     parser.add_argument("--limit", type=positive_int, default=100, help="passages to index")
-    parser.add_argument("--question", default="Who was Lothair II's queen?")
+    parser.add_argument("--question", type=text_argument, default="Who was Lothair II's queen?")
     parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder (default: the shipped one)")
     args = parser.parse_args()
 
+    corpus = read_documents([args.corpus])[: args.limit]  # a wrong file named before the model loads
     clara = load_model(args.checkpoint)
-    # chunks the compressor reads whole (a longer one is compressed from its first 256 tokens), in both stores
-    splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(
-        clara.tokenizer, chunk_size=clara.config.doc_max_length, chunk_overlap=clara.config.doc_max_length // 8)
-    passages = [chunk for passage in read_documents([args.corpus])[: args.limit] for chunk in splitter.split_text(passage)]
+    passages = [chunk for passage in corpus for chunk in chunks(clara, passage)]
+    k = clara.config.generation_top_k  # what ChatClara reads at most: both chains read as many
 
     text_store = InMemoryVectorStore(DenseEmbeddings())
     text_store.add_texts(passages)
-    text_rag = rag_chain(text_store.as_retriever(search_kwargs={"k": 5}), ChatClara(clara=clara))
+    text_rag = rag_chain(text_store.as_retriever(search_kwargs={"k": k}), ChatClara(clara=clara))
     with text_weights(clara):  # the plain backbone reads text
         print("text RAG:", text_rag.invoke(args.question))
 
     clara_store = ClaraVectorStore(clara)
     clara_store.add_texts(passages, show_progress=True)
     chat = ChatClara(store=clara_store)
-    clara_rag = rag_chain(ClaraRetriever(store=clara_store, k=5), chat)
+    clara_rag = rag_chain(ClaraRetriever(store=clara_store, k=k), chat)
     print("CLaRa:   ", clara_rag.invoke(args.question))
     print("read as memory tokens:", chat.stats.stored_documents, "stored documents")
 

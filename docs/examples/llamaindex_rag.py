@@ -19,7 +19,7 @@ from llama_index.core import Document, StorageContext, VectorStoreIndex
 
 from clara_benchmarks.dense import DenseEmbedding  # the sentence-transformers baseline
 from clara_benchmarks.text_reader import text_weights
-from clara_plugins.checks import positive_int
+from clara_plugins.checks import positive_int, text_argument
 from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
 from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraVectorStore
@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="LlamaIndex RAG: text chunks vs CLaRa memory tokens")
     parser.add_argument("--corpus", default="../shared/data/corpus/2wiki_6119.json")
     parser.add_argument("--limit", type=positive_int, default=100, help="passages to index")
-    parser.add_argument("--question", default="Who was Lothair II's queen?")
+    parser.add_argument("--question", type=text_argument, default="Who was Lothair II's queen?")
     parser.add_argument("--checkpoint", help="a CLaRa checkpoint folder (default: the shipped one)")
     args = parser.parse_args()
 
@@ -39,17 +39,18 @@ def main() -> None:
     # (256 tokens): both indexes hold the same chunks (an index built before makes LlamaIndex's
     # own 1,024-token default, which the store then leaves as the user's choice)
     store = ClaraVectorStore(clara)
+    k = clara.config.generation_top_k  # what ClaraLLM reads at most: both engines read as many
 
     text_index = VectorStoreIndex.from_documents(documents, embed_model=DenseEmbedding())
     text_engine = text_index.as_query_engine(llm=ClaraLLM(clara=clara), text_qa_template=CLARA_QA_PROMPT,
-                                             similarity_top_k=5)
+                                             similarity_top_k=k)
     with text_weights(clara):  # the plain backbone reads text
         print("text RAG:", text_engine.query(args.question).response)
 
     clara_index = VectorStoreIndex.from_documents(documents, embed_model=store.embed_model, show_progress=True,
                                                   storage_context=StorageContext.from_defaults(vector_store=store))
     clara_llm = ClaraLLM(store=store)
-    clara_engine = clara_index.as_query_engine(llm=clara_llm, text_qa_template=CLARA_QA_PROMPT, similarity_top_k=5)
+    clara_engine = clara_index.as_query_engine(llm=clara_llm, text_qa_template=CLARA_QA_PROMPT, similarity_top_k=k)
     print("CLaRa:   ", clara_engine.query(args.question).response)
     print("read as memory tokens:", clara_llm.stats.stored_documents, "stored documents")
 
