@@ -35,7 +35,7 @@ def _not_held_out(trained_on: str) -> str:
     return f"; the shipped checkpoint's {trained_on} trained on these questions, so {rows} not held out"
 
 
-def _generation(report: dict) -> str:
+def _run_settings(report: dict) -> str:
     """The base model, answer length, torch threads and dense model a run used (older reports
     lack some), so that a table read alone says what it measured."""
     bench, systems = report["benchmark"], report["systems"]
@@ -62,7 +62,7 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"**{bench['dataset']}** ({bench['setting']}, {bench['sample']} questions, seed {bench['seed']}, "
         f"pools of {bench['pool_size']} passages, k={bench['k']}, {bench['mode']} mode; "
-        f"{_generation(report)}commit {report['commit']}, {report['machine']['cpus']} CPUs)"
+        f"{_run_settings(report)}commit {report['commit']}, {report['machine']['cpus']} CPUs)"
         + (f"; recall over the {bench['recall_questions']} questions " + (
             "with a supporting passage (one their pool lacks counts as not found)"
             # reports written before the thirty-eighth session divided by the gold passages a pool held

@@ -94,6 +94,15 @@ class ReaderFields(BaseModel):
         copied._reader = Reader(type(self).__name__)
         return copied
 
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> ReaderFields:
+        """A deep copy (``model_copy(deep=True)``) shares the model and the store, as a copy does:
+        copied, the model's weights were duplicated, and a store's lock failed the copy."""
+        memo = {} if memo is None else memo
+        memo.update({id(self.clara): self.clara, id(self.store): self.store})
+        copied = super().__deepcopy__(memo)
+        copied._reader = Reader(type(self).__name__)
+        return copied
+
     def _answer(self, pairs: list[tuple[str, str]], messages: Sequence[Any], texts: list[str], call: dict[str, Any],
                 max_tokens: int | None) -> tuple[Iterator[str], Reading]:
         """The answer's text pieces and what the generator read: the (role, text) ``pairs``, the

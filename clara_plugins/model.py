@@ -496,10 +496,11 @@ class ClaraModel(torch.nn.Module):
                 f"compressed documents of shape {given} do not fit "
                 f"{len(questions)} questions with memories of shape ({n}, {h})"
             )
-        # float64 (numpy's default) cast as moved, not after: Apple's GPU refuses it; the model's own
-        # dtype, and the range check that goes with it, come in _decoder_inputs
-        return compressed.to(device=self.device,
-                             dtype=torch.float32 if compressed.dtype == torch.float64 else compressed.dtype)
+        if compressed.dtype == torch.float64:  # numpy's default, cast before it moves: Apple's GPU refuses it
+            compressed = compressed.float()
+            if not torch.isfinite(compressed).all():  # as _decoder_inputs names values past the model's dtype
+                raise InvalidInputError("memories must be finite in torch.float32: some lie past its range")
+        return compressed.to(self.device)  # the model's own dtype, and its range check, come in _decoder_inputs
 
     # ------------------------------------------------------- Apple's method names
 

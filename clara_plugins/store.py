@@ -235,14 +235,14 @@ class MemoryStore(BaseMemoryStore):
         # packed array is gathered before any list changes (an out-of-memory midway emptied the
         # memories while the rows still pointed into them: no search or save worked again)
         lists = [chunks for chunks in (self._memory_chunks, self._scale_chunks, self._key_chunks) if chunks]
-        packed = [store_folder.gather(chunks, where) if where else None for chunks in lists]
-        for chunks, pack_of_them in zip(lists, packed):
+        gathered = [store_folder.gather(chunks, where) if where else None for chunks in lists]
+        for chunks, moved_rows in zip(lists, gathered):
             # an emptied chunk keeps its number, so that the other rows' places stay valid; a new
             # empty array, since a view (chunk[:0]) would keep the whole buffer alive
             chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if pack else chunk
                          for chunk, pack in zip(chunks, packs)]
-            if pack_of_them is not None:
-                chunks.append(pack_of_them)
+            if moved_rows is not None:
+                chunks.append(moved_rows)
         for offset, row in enumerate(moved):
             self._where[row] = (len(self._memory_chunks) - 1, offset)
         self._ram_rows, self._dead_ram_rows = stay + len(moved), 0

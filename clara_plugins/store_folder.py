@@ -44,8 +44,9 @@ FORMAT_2 = "clara-memory-store/2"  # every record in one records.json, written a
 FORMAT_1 = "clara-memory-store/1"  # its compressor signature hashed fp32 weights: refused
 SHARD_ROWS = 4096  # rows per file on disk, and per batch when keys are computed
 PROGRESS_ROWS = 50_000  # a store of this many rows shows progress as it builds its index or saves
-_GENERATION = re.compile(r"^gen-(\d{6}|[1-9]\d{6,})$")  # six digits, more from the millionth save on
-_STORE_ENTRY = re.compile(r"^(gen-(\d{6}|[1-9]\d{6,})|\.staging-[0-9a-f]{32}|\.lock|\.CURRENT(\.[0-9a-f]{16})?\.(tmp|new))$")  # besides CURRENT
+_GENERATION_NAME = r"gen-(\d{6}|[1-9]\d{6,})"  # six digits, more from the millionth save on
+_GENERATION = re.compile(f"^{_GENERATION_NAME}$")
+_STORE_ENTRY = re.compile(rf"^({_GENERATION_NAME}|\.staging-[0-9a-f]{{32}}|\.lock|\.CURRENT(\.[0-9a-f]{{16}})?\.(tmp|new))$")  # besides CURRENT
 _STORE_FILE = re.compile(r"^(records(-\d{5})?\.json|index\.faiss|index-(centre|projection)\.npy|"
                          r"(memories|scales|keys)-\d{5}\.npy)$")
 # header field: the names of its shard files

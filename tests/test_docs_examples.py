@@ -33,12 +33,14 @@ def test_example_answers_with_text_rag_and_with_clara(example):
 
 
 @pytest.mark.parametrize("example", ["langchain_rag.py", "llamaindex_rag.py"])
-def test_an_example_refuses_a_limit_of_nothing_before_it_loads_a_model(example):
+def test_an_example_refuses_a_limit_of_nothing_before_it_loads_a_model(example, tmp_path):
     # --limit 0 indexed nothing and answered anyway; -5 left out the last 5 passages; a blank question was
     # answered by text RAG, then refused once every passage was compressed
-    for argv, message in [(["--limit", "0"], "must be a positive integer, got 0"),
-                          (["--question", " "], "must hold text, got ' '")]:
-        result = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / example), "--corpus", "x", *argv],
+    (tmp_path / "empty.json").write_text("[]")  # and an empty corpus answered from an empty index
+    for argv, message in [(["--corpus", "x", "--limit", "0"], "must be a positive integer, got 0"),
+                          (["--corpus", "x", "--question", " "], "must hold text, got ' '"),
+                          (["--corpus", str(tmp_path / "empty.json")], "empty.json holds no passages")]:
+        result = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / example), *argv],
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2 and message in result.stderr
 

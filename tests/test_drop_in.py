@@ -208,6 +208,10 @@ def test_each_model_keeps_its_own_reading_totals(tiny_model, vectorstore):
     assert pickle.loads(pickle.dumps(reading.stats)) == snapshot == reading.stats
     snapshot.add(read_messages(tiny_model, [("user", QUESTION)], documents=[CORPUS[1]]))
     assert snapshot.calls == 2 and reading.stats.calls == 1
+    # a deep copy failed on the store's lock (and, without a store, copied the model's weights)
+    for model in (reading, ClaraLLM(store=vectorstore)):
+        deep = model.model_copy(deep=True)
+        assert deep.clara is model.clara and deep.store is model.store and deep.stats.calls == 0
 
 
 def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):

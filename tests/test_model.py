@@ -394,6 +394,8 @@ def test_memories_of_another_shape_are_refused_by_generate(tiny_model):
         tiny_model.generate([prompt], [wrong])
     # float64 memories (numpy's default) were moved to the device before their cast, which Apple's GPU refuses
     assert tiny_model._as_batched_memories(["Who?"], memories.double().numpy()).dtype == torch.float32
+    with pytest.raises(InvalidInputError, match="finite in torch.float32: some lie past its range"):  # as given: finite
+        tiny_model.answer(["Who?"], torch.full_like(memories, 1e39, dtype=torch.float64))
     # answer named the shape it had made of them, not the one passed
     with pytest.raises(InvalidInputError, match=re.escape(f"of shape {tuple(memories.transpose(1, 2).shape)} do not fit")):
         tiny_model.answer(["Who?"], memories.transpose(1, 2))

@@ -51,6 +51,8 @@ def main() -> None:
     args = parser.parse_args()
 
     corpus = read_documents([args.corpus])[: args.limit]  # a wrong file named before the model loads
+    if not corpus:
+        parser.error(f"--corpus {args.corpus} holds no passages")
     clara = load_model(args.checkpoint)
     passages = [chunk for passage in corpus for chunk in chunks(clara, passage)]
     k = clara.config.generation_top_k  # what ChatClara reads at most: both chains read as many

@@ -34,6 +34,8 @@ def main() -> None:
     args = parser.parse_args()
 
     documents = [Document(text=p) for p in read_documents([args.corpus])[: args.limit]]
+    if not documents:  # answered from an empty index
+        parser.error(f"--corpus {args.corpus} holds no passages")
     clara = load_model(args.checkpoint)
     # made first, the store sets LlamaIndex's default chunks to ones its compressor reads whole
     # (256 tokens): both indexes hold the same chunks (an index built before makes LlamaIndex's
