@@ -107,6 +107,13 @@ class ClaraConfig:
         """Memory vectors per document: doc_max_length // compression_rate."""
         return self.doc_max_length // self.compression_rate
 
+    @property
+    def chunk_tokens(self) -> int:
+        """The tokens a text splitter may put in a chunk for the compressor to read it whole: 2
+        under doc_max_length, since splitters add up their pieces' counts, and tokens merge where
+        the pieces (or metadata and text) join (a chunk of 256 by the count can be 258)."""
+        return self.doc_max_length - 2
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

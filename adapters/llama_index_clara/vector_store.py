@@ -78,12 +78,11 @@ def translate_filters(filters: MetadataFilters | None) -> dict | None:
 class _CompressorChunks(SentenceSplitter):
     """LlamaIndex's default chunks (1,024 tokens) would be compressed from their first
     ``doc_max_length`` tokens only: chunks that, with their metadata, fit that many tokens of the
-    model's own tokenizer (2 spare)."""
+    model's own tokenizer (``ClaraConfig.chunk_tokens``)."""
 
     @classmethod
     def of(cls, model: ClaraModel) -> _CompressorChunks:
-        # two tokens spare: the splitter's merges, and the tokens that merge where metadata and text join
-        size = model.config.doc_max_length - 2  # the tokenizer alone is kept: the model stays freeable
+        size = model.config.chunk_tokens  # the tokenizer alone is kept: the model stays freeable
         return cls(chunk_size=size, chunk_overlap=size // 8,
                    tokenizer=functools.partial(model.tokenizer.encode, add_special_tokens=False))
 

@@ -33,10 +33,9 @@ def rag_chain(retriever, chat):
 
 
 def chunks(clara, passage: str) -> list[str]:
-    """The passage in chunks the compressor reads whole, in both stores: 2 tokens spare, as the
-    LlamaIndex store splits (the splitter adds up its pieces' counts, and a joined chunk of 256
-    can tokenize to 258)."""
-    size = clara.config.doc_max_length - 2
+    """The passage in chunks the compressor reads whole, in both stores, as the LlamaIndex store
+    splits them (``ClaraConfig.chunk_tokens``)."""
+    size = clara.config.chunk_tokens
     splitter = RecursiveCharacterTextSplitter.from_huggingface_tokenizer(clara.tokenizer, chunk_size=size,
                                                                          chunk_overlap=size // 8)
     return splitter.split_text(passage)
