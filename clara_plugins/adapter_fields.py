@@ -95,10 +95,12 @@ class ReaderFields(BaseModel):
         return copied
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> ReaderFields:
-        """A deep copy (``model_copy(deep=True)``) shares the model and the store, as a copy does:
-        copied, the model's weights were duplicated, and a store's lock failed the copy."""
+        """A deep copy (``model_copy(deep=True)``) shares the model and a rate limiter, as a copy
+        does (the store shares itself): copied, the model's weights were duplicated, and a
+        limiter's lock failed the copy. A copy the enclosing deep copy made already is kept."""
         memo = {} if memo is None else memo
-        memo.update({id(self.clara): self.clara, id(self.store): self.store})
+        for shared in (self.clara, getattr(self, "rate_limiter", None)):
+            memo.setdefault(id(shared), shared)
         copied = super().__deepcopy__(memo)
         copied._reader = Reader(type(self).__name__)
         return copied

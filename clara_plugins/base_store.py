@@ -42,6 +42,12 @@ class BaseMemoryStore(ABC):
     sets ``_pair_cosines`` to None whenever its documents change.
     """
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> BaseMemoryStore:
+        """Itself: a store is shared state (its documents, a lock, a server's connection), as a
+        database client is, so a deep copy of what holds it (a retriever, a chain) shares it;
+        copied, its lock failed the copy."""
+        return self
+
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
         check_clara_model(model)

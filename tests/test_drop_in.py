@@ -209,9 +209,17 @@ def test_each_model_keeps_its_own_reading_totals(tiny_model, vectorstore):
     snapshot.add(read_messages(tiny_model, [("user", QUESTION)], documents=[CORPUS[1]]))
     assert snapshot.calls == 2 and reading.stats.calls == 1
     # a deep copy failed on the store's lock (and, without a store, copied the model's weights)
-    for model in (reading, ClaraLLM(store=vectorstore)):
+    from langchain_core.rate_limiters import InMemoryRateLimiter
+
+    limited = ChatClara(store=vectorstore, rate_limiter=InMemoryRateLimiter())  # a lock of its own
+    for model in (reading, ClaraLLM(store=vectorstore), limited):
         deep = model.model_copy(deep=True)
         assert deep.clara is model.clara and deep.store is model.store and deep.stats.calls == 0
+        assert deep.rate_limiter is model.rate_limiter
+        copied = copy.deepcopy([model.clara, model, model.clara])  # one object stays one object
+        assert copied[0] is copied[2] and copied[1].clara is copied[0]
+    retriever = ClaraRetriever(store=vectorstore, k=2)  # the store's lock failed a retriever's (a chain's) copy
+    assert retriever.model_copy(deep=True).store is retriever.store
 
 
 def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):
