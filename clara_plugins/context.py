@@ -23,6 +23,7 @@ generator reads its first document most.
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -145,6 +146,9 @@ def read_messages(
     for number, (_, text) in enumerate(messages):  # a lone surrogate failed in the tokenizer, after compressing
         if (problem := unicode_problem(text)) is not None:
             raise InvalidInputError(f"message {number} is not valid Unicode text: {problem}")
+        if _MARKER.search(text):  # read as a document's place: memories out of order, or a slot too many
+            raise InvalidInputError(f"message {number} holds U+E000, digits, U+E001: the marks of a document's place "
+                                    "while the chat template runs")
     unknown = {role for role, _ in messages} - set(ROLES)
     if unknown:
         raise ValueError(f"unknown message roles {sorted(unknown)}; use {ROLES}")
@@ -170,6 +174,9 @@ def read_messages(
     # the messages' own text (a line between two of its pieces: no token spans documents)
     refuse_control_tokens(model, ["\n".join(p for p in message if isinstance(p, str)) for message in pieces], "message")
     placed = {found_text(d.text) for message in pieces for d in message if isinstance(d, _Document)}
+    # one whose text a message holds, overlapping a document cut out there (chunks cut with overlap, a
+    # chunk inside a stored passage), is read there too, as text or inside the other: not again below
+    placed |= {found_text(d.text) for d in explicit if any(_places(text, d) for _, text in messages)}
     background = [d for d in explicit if found_text(d.text) not in placed]
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
@@ -213,7 +220,10 @@ def read_messages(
 
 def _marker(document: int) -> str:
     """A document's place in a message until the chat template has laid the messages out."""
-    return f"\ue000{document}\ue001"  # private-use characters: no template or text writes them
+    return f"\ue000{document}\ue001"  # private-use characters: no template writes them, and messages may not
+
+
+_MARKER = re.compile("\ue000[0-9]+\ue001")  # any _marker
 
 
 def _placed(text: str, read: list[int], placeholder: str) -> tuple[str, list[int]]:
@@ -231,13 +241,20 @@ def _placed(text: str, read: list[int], placeholder: str) -> tuple[str, list[int
     return text, sorted(read, key=found.get)
 
 
+def _places(text: str, document: _Document) -> bool:
+    """Whether ``text`` holds a passed document where it is read in place (a short one, such as
+    a name, would be cut out of the question)."""
+    found = found_text(document.text)
+    return len(found) >= MIN_FOUND_CHARS and found in text
+
+
 def _split(text: str, store: BaseMemoryStore | None, explicit: list[_Document]) -> list[str | _Document]:
     """A message's text cut into plain text and the documents it contains verbatim."""
     spans = [(start, end, _Document(text[start:end], doc_id))
              for start, end, doc_id in (store.documents_in(text) if store is not None else [])]
     for document in explicit:  # at every place, as a stored one is found
         found = found_text(document.text)
-        start = text.find(found) if len(found) >= MIN_FOUND_CHARS else -1
+        start = text.find(found) if _places(text, document) else -1
         while start >= 0:
             spans.append((start, start + len(found), document))
             start = text.find(found, start + len(found))

@@ -433,6 +433,25 @@ def test_documents_a_chat_template_leaves_out_are_refused_by_name(tiny_model):
         read_messages(tiny_model, [("system", CORPUS[0]), ("user", QUESTION)], documents=[CORPUS[0]])
 
 
+def test_a_message_holding_a_documents_mark_is_refused_before_any_compression(tiny_model, monkeypatch):
+    # read as a document's place: the memories came out in another order, or a slot too many
+    monkeypatch.setattr(tiny_model, "compress", lambda *a, **k: pytest.fail("documents were compressed"))
+    with pytest.raises(InvalidInputError, match="message 0 holds U\\+E000, digits, U\\+E001"):
+        read_messages(tiny_model, [("system", "icons \ue0001\ue001 here"), ("user", QUESTION)],
+                      documents=[CORPUS[0], CORPUS[1]])
+    # a private-use character alone (an icon font's glyph) is text
+    assert read_messages(tiny_model, [("user", "Rate \ue000 or \ue001: " + QUESTION)]).prompt
+
+
+def test_a_passed_document_overlapping_another_in_the_prompt_is_read_once(tiny_model):
+    # chunks cut with overlap: the one the others overlapped was read in place (its middle as text)
+    # and again, whole, in the Background block
+    article = " ".join(f"Sentence {i} is about the Danube." for i in range(5))  # 164 characters
+    chunks = [article[:60], article[40:120], article[100:]]
+    reading = read_messages(tiny_model, [("user", f"Summarize this article:\n{article}")], documents=chunks, k=5)
+    assert "Background:" not in reading.prompt and len(reading.memories) == 2
+
+
 def test_a_short_explicit_document_is_not_cut_out_of_the_question(tiny_model):
     reading = read_messages(tiny_model, [("user", "Tell me about Paris")], documents=["Paris"])
     assert "Question:Tell me about Paris" in reading.prompt and len(reading.memories) == 1

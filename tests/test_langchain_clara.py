@@ -534,8 +534,12 @@ def test_a_stop_that_is_no_list_of_strings_and_a_message_the_generator_cannot_re
     with pytest.raises(InvalidInputError, match="reads text only: message 0 holds image_url"):
         chat.invoke([image])  # answered as if no picture was sent
     call = AIMessage(content="", tool_calls=[{"name": "search", "args": {}, "id": "1"}])
-    with pytest.raises(InvalidInputError, match="message 1 holds tool_call"):
-        chat.invoke([HumanMessage(content=QUESTION), call, HumanMessage(content="And?")])
+    unparsed = AIMessage(content="", additional_kwargs={"tool_calls": [  # read as an empty turn
+        {"id": "1", "type": "function", "function": {"name": "search", "arguments": "{bad json"}}]})
+    legacy = AIMessage(content="", additional_kwargs={"function_call": {"name": "search", "arguments": "{}"}})
+    for message in (call, unparsed, legacy):
+        with pytest.raises(InvalidInputError, match="message 1 holds tool_call"):
+            chat.invoke([HumanMessage(content=QUESTION), message, HumanMessage(content="And?")])
 
 
 def test_clara_embeddings_show_progress_past_one_batch(tiny_model, capsys):

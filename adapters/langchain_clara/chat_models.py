@@ -202,7 +202,8 @@ def _text(message: BaseMessage, number: int) -> str:
     blocks = message.content if isinstance(message.content, list) else []
     unread = [block.get("type", "?") for block in blocks
               if isinstance(block, dict) and block.get("type") not in ("text", "reasoning", "thinking")]
-    if isinstance(message, AIMessage) and message.tool_calls:
+    if isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls  # unparsed arguments
+                                           or message.additional_kwargs.get("function_call")):  # OpenAI's older form
         unread.append("tool_call")
     if unread:
         raise InvalidInputError(f"ChatClara reads text only: message {number} holds {', '.join(unread)}")
