@@ -22,7 +22,7 @@ from llama_index.core.response_synthesizers.base import BaseSynthesizer, QueryTe
 from llama_index.core.schema import MetadataMode, NodeWithScore
 from llama_index.core.types import RESPONSE_TEXT_TYPE
 
-from .llm import ClaraLLM, off_the_loop
+from .llm import ClaraLLM, _user, off_the_loop
 
 
 class ClaraSynthesizer(BaseSynthesizer):
@@ -80,7 +80,7 @@ def _question(llm: ClaraLLM, query_str: str) -> list[ChatMessage]:
     takes the trained one's place (LlamaIndex's own synthesizers add it, through ``predict``;
     this one dropped it)."""
     system = [ChatMessage(role=MessageRole.SYSTEM, content=llm.system_prompt)] if llm.system_prompt else []
-    return [*system, ChatMessage(role=MessageRole.USER, content=query_str)]
+    return [*system, _user(query_str)]
 
 
 def _node_texts(nodes: list[NodeWithScore]) -> list[str]:
