@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .atomic import check_replaceable_folder
+from .checks import check_writable
 from .checkpoint import (CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights, read_torch_file,
                          untied_output)
 from .config import ADAPTER_NAMES, ClaraConfig
@@ -160,6 +161,7 @@ def convert_apple_checkpoint(
 ) -> ClaraModel:
     """Apple folder -> this project's checkpoint folder (safetensors + JSON)."""
     check_replaceable_folder(Path(destination), CONFIG_FILE)  # before minutes of loading a 7B model
+    check_writable(destination)  # a file where a parent folder goes, a read-only folder: found at the save
     model = load_apple_checkpoint(source, base_model=base_model, device="cpu", dtype=torch.float32)
     model.save_pretrained(destination)
     return model

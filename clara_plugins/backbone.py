@@ -93,14 +93,25 @@ def load_base_model(
         if name_or_path == DEFAULT_BASE_MODEL:  # a copy cut short or unreadable: the user named no folder
             raise OSError(f"the default model's copy in {path} cannot be read ({error}): delete that folder, and "
                           "the next use makes it again") from error
-        _refuse_remote_code(name_or_path, error)
-        _refuse_lfs_pointers(name_or_path, error)
-        if isinstance(error, (SafetensorError, json.JSONDecodeError)):  # bare, they named neither model nor file
-            raise OSError(f"base model {name_or_path!r} has a damaged file ({type(error).__name__}: {error})") from error
-        if isinstance(error, ValueError):  # transformers' own, which names its cause
-            raise
-        raise _not_loadable(name_or_path, error) from error
+        raise _load_error(name_or_path, error) from error
     return model, tokenizer
+
+
+def _load_error(name_or_path: str, error: Exception) -> Exception:
+    """What a named base model that failed to load is refused with: one line naming it and the
+    cause (transformers' own errors name neither the folder nor the file, and some run to five lines)."""
+    _refuse_remote_code(name_or_path, error)
+    _refuse_lfs_pointers(name_or_path, error)
+    if isinstance(error, (SafetensorError, json.JSONDecodeError)):  # bare, they named neither model nor file
+        return OSError(f"base model {name_or_path!r} has a damaged file ({type(error).__name__}: {error})")
+    folder = Path(name_or_path)
+    if folder.is_dir() and not (folder / "config.json").is_file():  # no tokenizer, or no model_type, said transformers
+        kind = ("a CLaRa checkpoint: load it as one (--checkpoint, ClaraModel.from_pretrained), not as a base model"
+                if (folder / "clara_config.json").is_file() else "not a Hugging Face model folder")
+        return OSError(f"base model {name_or_path!r} is a folder without a config.json: {kind}")
+    if isinstance(error, ValueError):  # transformers' own, which names its cause
+        return ValueError(f"base model {name_or_path!r}: {' '.join(str(error).split())}")
+    return _not_loadable(name_or_path, error)
 
 
 def _refuse_lfs_pointers(name_or_path: str, error: Exception) -> None:
@@ -125,7 +136,7 @@ def lfs_pointer(path: Path) -> bool:
 
 
 def check_base_model(name_or_path: str) -> None:
-    """Refuse a base model that will not load, from its config alone, before work whose
+    """Refuse a base model that will not load, from its config and tokenizer, before work whose
     weights load later (the default: its dequantised copy, or the package it is made from)."""
     if name_or_path == DEFAULT_BASE_MODEL:
         if not (_default_folder() / "config.json").exists():
@@ -133,11 +144,9 @@ def check_base_model(name_or_path: str) -> None:
         return
     try:
         AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
-    except OSError as error:
-        raise _not_loadable(name_or_path, error) from error
-    except ValueError as error:
-        _refuse_remote_code(name_or_path, error)
-        raise
+        AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)  # a folder with a config alone
+    except (OSError, ValueError) as error:
+        raise _load_error(name_or_path, error) from error
 
 
 def _refuse_remote_code(name_or_path: str, error: Exception) -> None:

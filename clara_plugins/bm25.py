@@ -77,7 +77,8 @@ def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list
     other examples' passages, long pools trimmed to the gold plus the best-ranked others."""
     rng = random.Random(seed)
     result = []
-    for example in fill_short_pools(examples, size):
+    filled = fill_short_pools(examples, size)
+    for example in tqdm(filled, desc="ranking pools (BM25)", disable=len(filled) < 1000):
         passages, gold = list(example.passages), list(example.gold)
         if len(gold) > size:  # the slice below would go negative and keep nearly every passage
             raise InvalidInputError(f"example {example.id} has {len(gold)} gold passages, more than the {size} "

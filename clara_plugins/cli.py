@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import importlib.metadata
 import json
+import os
+import select
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +140,10 @@ def _convert_data_arguments(parser: argparse.ArgumentParser) -> None:
                         "of one) or asks one of their questions again (a gold passage of the same title, an answer "
                         "in common), and a held-out gold passage among a kept example's distractors; for passages, "
                         "a repeat of one")
+    parser.add_argument("--held-out", type=_held_out_file, action="append", default=[], metavar="FILE:N",
+                        help="hold out the first N examples (or passages) of another file as --skip holds out this "
+                             "one's: what an evaluation or a probe reads (MuSiQue asks NQ's questions again, in "
+                             "hops); repeatable")
     parser.add_argument("--limit", type=positive_int, help="only the first N examples (after --skip)")
     # Python's random seeds from abs(): -1 would repeat 1's rows
     parser.add_argument("--seed", type=non_negative_int, help="e2e, cloze, inverse-cloze: shuffling seed (default 0)")
@@ -279,7 +285,9 @@ def _index(args: argparse.Namespace) -> None:
         if ignored:
             raise InvalidInputError(f"{folder} is a store already, and keeps the settings it was made with: "
                                     f"{', '.join(ignored)}; name a new folder for other settings")
-    documents = [(text, {"source": Path(path).name, "position": i})  # read before the model loads: a typo costs no load
+    # read before the model loads: a typo costs no load. A name that is no UTF-8 (b"\xff") is
+    # written with its bytes escaped: JSON metadata cannot hold the surrogate Python reads it as
+    documents = [(text, {"source": os.fsencode(Path(path).name).decode("utf-8", "backslashreplace"), "position": i})
                  for path in args.corpus for i, text in enumerate(read_documents([path]))]
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
@@ -387,13 +395,31 @@ def _refuse_unread(args: argparse.Namespace, flags: dict[str, str], read: set[st
         raise InvalidInputError(f"{', '.join(given)}: not read with {what}")
 
 
+def _held_out_file(value: str) -> tuple[str, int]:
+    """--held-out's FILE:N (a file name may hold colons: N follows the last)."""
+    path, _, count = value.rpartition(":")
+    if not path or not count.isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"takes FILE:N, N a positive integer, got {value!r}")
+    return path, int(count)
+
+
+def _first_of(path: str, count: int) -> list:
+    """The first ``count`` examples of a question file, or passages of a passage file."""
+    from .corpora import NotQuestionsError, read_documents, read_examples
+
+    try:
+        return read_examples(path, limit=count)
+    except NotQuestionsError:
+        return read_documents([path])[:count]
+
+
 def _convert_data(args: argparse.Namespace) -> None:
     from .corpora import NotQuestionsError, after_held_out, read_documents, read_examples
     from .jsonfiles import write_jsonl
     from .rows import (cloze_rows, continuation_rows, e2e_rows, instruct_rows, inverse_cloze_rows, reconstruction_rows,
                        scp_qa_rows)
 
-    check_output_path(args.destination, args.source)
+    check_output_path(args.destination, args.source, *(path for path, _ in args.held_out))
     _refuse_unread(args, {"setting": "--setting", "k": "-k", "candidates": "--candidates", "seed": "--seed"},
                    CONVERT_OPTIONS[args.kind], f"--kind {args.kind}")
     # the options given, each read by this kind's row builder (checked above); the others keep its defaults
@@ -412,10 +438,13 @@ def _convert_data(args: argparse.Namespace) -> None:
     if not candidates:  # bm25s then failed on an empty corpus, or a kind blamed the data
         raise InvalidInputError(f"--skip {args.skip} leaves none of the {len(everything)} "
                                 f"{'passages' if args.kind in PASSAGE_KINDS else 'examples'} of {args.source}")
-    sources = after_held_out(everything[:args.skip], candidates)
+    held_out = everything[:args.skip] + [item for path, count in args.held_out for item in _first_of(path, count)]
+    sources = after_held_out(held_out, candidates)
     if len(sources) < len(candidates):
+        held = [f"{path}'s first {count}"
+                for path, count in [(args.source, args.skip)] * bool(args.skip) + args.held_out]
         print(f"left out {len(candidates) - len(sources)} of {len(candidates)} sources that repeat the evidence or "
-              f"the questions of the held-out first {args.skip}")
+              f"the questions of the held-out ones ({', '.join(held)})")
     make = {"instruct": instruct_rows, "e2e": e2e_rows, "scp": scp_qa_rows, "reconstruct": reconstruction_rows,
             "continue": continuation_rows, "cloze": cloze_rows, "inverse-cloze": inverse_cloze_rows}[args.kind]
     rows = make(sources, **options)
@@ -677,6 +706,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:
         if debug:
             raise
+        if isinstance(error, BrokenPipeError) and _output_closed():  # what read it stopped (| head): no error here
+            sys.stdout = open(os.devnull, "w")  # the interpreter's last flush would meet the closed pipe again
+            raise SystemExit(141) from None  # as a shell reports a command the pipe's signal ended
         # the default backbone's package is installed apart, and its message says how; so do
         # the extras' (no module name: the project's own message)
         dependency = isinstance(error, ImportError) and error.name not in (None, DEFAULT_BACKBONE_PACKAGE)
@@ -684,6 +716,16 @@ def main(argv: list[str] | None = None) -> None:
                 'and bench' if dependency else "")
         print(f"clara {command}: error: {error}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
+
+
+def _output_closed() -> bool:
+    """Whether standard output's reader is gone (its pipe broke), not another pipe the command used."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file behind stdout: say what broke
+        return False
 
 
 if __name__ == "__main__":

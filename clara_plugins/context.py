@@ -158,6 +158,8 @@ def read_messages(
         check_texts(list(documents), "documents")
     if k is not None:
         check_positive_int("k", k)
+    # a template that refuses these turns (roles that must alternate) does so before any compression
+    render_messages(model.tokenizer, _with_system([{"role": role, "content": text} for role, text in messages]))
     explicit = [_Document(d.text, d.id) for d in (store.get(ids) if ids else [])]
     missing = set(ids) - {d.stored_id for d in explicit}
     if missing:
@@ -173,10 +175,9 @@ def read_messages(
     pieces = [_split(text, store, explicit) for _, text in messages]
     # the messages' own text (a line between two of its pieces: no token spans documents)
     refuse_control_tokens(model, ["\n".join(p for p in message if isinstance(p, str)) for message in pieces], "message")
-    placed = {found_text(d.text) for message in pieces for d in message if isinstance(d, _Document)}
-    # one whose text a message holds, overlapping a document cut out there (chunks cut with overlap, a
-    # chunk inside a stored passage), is read there too, as text or inside the other: not again below
-    placed |= {found_text(d.text) for d in explicit if any(_places(text, d) for _, text in messages)}
+    # a document a message holds is read there: cut out, or (overlapping a document cut out there:
+    # chunks cut with overlap, a chunk inside a stored passage) as text or inside the other
+    placed = {found_text(d.text) for d in explicit if any(_places(text, d) for _, text in messages)}
     background = [d for d in explicit if found_text(d.text) not in placed]
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
@@ -206,9 +207,7 @@ def read_messages(
         rendered.append({"role": role, "content": content})
     # and as they are read: the text around a document left out joins ("</" + it + "s>" made "</s>")
     refuse_control_tokens(model, [message["content"] for message in rendered], "message")
-    if rendered[0]["role"] != "system":
-        rendered.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
-    prompt, read = _placed(render_messages(model.tokenizer, rendered), read, model.document_placeholder)
+    prompt, read = _placed(render_messages(model.tokenizer, _with_system(rendered)), read, model.document_placeholder)
     return Reading(
         prompt=prompt,
         memories=memories[read] if read else memories[:0],
@@ -216,6 +215,11 @@ def read_messages(
         compressed=sum(not from_store[j] for j in read),
         positions=prompt_positions(model.tokenizer, prompt),
     )
+
+
+def _with_system(rendered: list[dict]) -> list[dict]:
+    """The messages, led by the trained system prompt where they bring none of their own."""
+    return rendered if rendered[0]["role"] == "system" else [{"role": "system", "content": SYSTEM_PROMPT}, *rendered]
 
 
 def _marker(document: int) -> str:

@@ -72,7 +72,7 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
             unanswerable += 1
             continue
         try:
-            examples.append(_example(row, number))
+            examples.append(_checked(_example(row, number)))
         except NotQuestionsError as error:
             raise NotQuestionsError(f"{path}, row {number}: {error}") from error
         except (KeyError, TypeError, ValueError) as error:  # a field missing or of the wrong shape
@@ -184,11 +184,28 @@ def _example(row: dict, number: int) -> QAExample:
             mark = next((key for key in ("isgold", "has_answer", "hasanswer") if any(key in c for c in contexts)), None)
             gold = [i for i, c in enumerate(contexts) if mark and c.get(mark)]
         answers = row["answers"]
-        if not (isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers)):
+        if not (isinstance(answers, list) and answers):
             raise ValueError(f"answers must be a non-empty list of strings, got {answers!r}")
         return QAExample(f"nq-{number}", row["question"], answers, passages, gold)
     raise NotQuestionsError(f"no known format (HotpotQA, 2WikiMultihopQA, MuSiQue, NQ); its fields: "
                             f"{sorted(row)[:8]}")
+
+
+def _checked(example: QAExample) -> QAExample:
+    """Refuse an example no row can be trained or scored on, as the passage files' records are
+    refused: a blank question or answer (a null answer failed in the held-out check, a blank
+    one at training) or text that is no valid Unicode (it failed in the tokenizer at training,
+    and again at each resume)."""
+    if not isinstance(example.question, str) or not example.question.strip():
+        raise ValueError(f"its question is {example.question!r:.60}, not a question's text")
+    for answer in example.answers:
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"an answer is {answer!r:.60}, not an answer's text")
+    for field, text in (("question", example.question), *(("an answer", a) for a in example.answers),
+                        *(("a passage", p) for p in example.passages)):
+        if (problem := unicode_problem(text)) is not None:
+            raise ValueError(f"{field} is not valid Unicode text ({problem})")
+    return example
 
 
 def _joined(sentences: list[str], spaced: bool) -> str:
@@ -219,15 +236,17 @@ def spaced_alike(text: str) -> str:
 
 
 def after_held_out(held_out: list, rest: list) -> list:
-    """``rest`` (examples or passages) without what repeats the held-out ones' evidence or
-    questions: a gold passage that is a held-out one, or shares a quarter or more of the shorter
-    one's word 8-grams with one (NQ gives one paragraph in several revisions, windows and
-    spacings); an example that asks a held-out question in other words (a gold passage of the
-    same title, an answer in common: NQ dev 21 and 951 both ask who sang "From Russia with
-    Love"); and, in the examples kept, a distractor that is a held-out gold passage."""
-    if not held_out:
+    """``rest`` (examples or passages) without what repeats the held-out ones' (examples, passages,
+    or both: another file's) evidence or questions: a gold passage that is a held-out one, or
+    shares a quarter or more of the shorter one's word 8-grams with one (NQ gives one paragraph
+    in several revisions, windows and spacings); an example that asks a held-out question in
+    other words (a gold passage of the same title, an answer in common: NQ dev 21 and 951 both
+    ask who sang "From Russia with Love"); and, in the examples kept, a distractor that is a
+    held-out gold passage."""
+    if not held_out or not rest:
         return rest
-    passages = held_out if isinstance(held_out[0], str) else [e.passages[i] for e in held_out for i in e.gold]
+    passages = [passage for item in held_out
+                for passage in ([item] if isinstance(item, str) else [item.passages[i] for i in item.gold])]
     seen = {spaced_alike(p) for p in passages}
     held_grams = [word_grams(p) for p in passages]
     holders: dict[tuple[str, ...], list[int]] = {}  # each 8-gram: the held-out passages that hold it
@@ -242,9 +261,9 @@ def after_held_out(held_out: list, rest: list) -> list:
         return spaced_alike(passage) in seen or any(_quarter_shared(count, len(own), len(held_grams[number]))
                                                     for number, count in shared.items())
 
-    if isinstance(held_out[0], str):
+    if isinstance(rest[0], str):
         return [passage for passage in rest if not repeated(passage)]
-    asked = set().union(*(_facts(e) for e in held_out))
+    asked = set().union(*(_facts(e) for e in held_out if not isinstance(e, str)))
     kept = []
     for example in rest:
         if _facts(example) & asked or any(repeated(example.passages[i]) for i in example.gold):

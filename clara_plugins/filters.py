@@ -35,14 +35,20 @@ def _bounded(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     return lambda value, bound: _kind(value) is not None and _kind(value) is _kind(bound) and compare(value, bound)
 
 
+def _equal(value: Any, target: Any) -> bool:
+    """Python's equality, a numpy number read as the Python one it holds: numpy compared a stored
+    list with it element by element (an error, or [1] equal to 1)."""
+    return bool(value == (target.item() if isinstance(target, np.generic) else target))
+
+
 def _among(value: Any, targets: Any) -> bool:
-    return any(value == target for target in targets)  # not `in`: a set of targets would hash a list value
+    return any(_equal(value, target) for target in targets)  # not `in`: a set of targets would hash a list value
 
 
 _RANGE_OPERATORS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
 _FIELD_OPERATORS = {
-    "$eq": lambda value, target: value == target,
-    "$ne": lambda value, target: value != target,
+    "$eq": _equal,
+    "$ne": lambda value, target: not _equal(value, target),
     "$in": _among,
     "$nin": lambda value, target: not _among(value, target),
     **{name: _bounded(compare) for name, compare in _RANGE_OPERATORS.items()},
@@ -126,7 +132,7 @@ def matches(metadata: dict[str, Any], where: Filter) -> bool:
                 _FIELD_OPERATORS[op](metadata[key], target) for op, target in condition.items()
             )
         else:
-            ok = key in metadata and metadata[key] == condition
+            ok = key in metadata and _equal(metadata[key], condition)
         if not ok:
             return False
     return True

@@ -41,7 +41,7 @@ def check_clara_model(model: object) -> None:
     (LangChain's convention passes an embedding, or a checkpoint path, where the model goes)."""
     if not isinstance(model, ClaraModel):
         hint = (": pass its model, or an embedding's keys as keys=" if hasattr(model, "embed_query") else
-                ": load a checkpoint with clara_plugins.load_model" if isinstance(model, str) else "")
+                ": load a checkpoint with clara_plugins.pretrained.load_model" if isinstance(model, str) else "")
         raise InvalidInputError(f"model must be a ClaraModel, got a {type(model).__name__}{hint}")
 
 

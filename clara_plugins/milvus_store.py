@@ -36,6 +36,7 @@ import numbers
 import os
 import re
 import sys
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ MAX_TEXT_BYTES = 65_535  # Milvus' longest VARCHAR
 MAX_METADATA_BYTES = 65_536  # Milvus' largest JSON value
 BATCH_ROWS = 256  # rows per request: about 10 MB of keys at CR16, well under gRPC's message limit
 CALIBRATION_IDS = 16 * CALIBRATION_SAMPLE  # ids in id order the relevance sample is spread over
+CREATION_WAIT_SECONDS = 10.0  # how long a client whose creation failed waits for another's to appear
 _NOTHING = 'id == ""'  # an expression no row satisfies: ids are never empty
 _COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _COMPARISONS = {"$eq": "==", "$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
@@ -160,7 +162,7 @@ class MilvusMemoryStore(BaseMemoryStore):
                 self._create_collection()
                 created = True
             except MilvusException:
-                if not self._client.has_collection(collection):
+                if not self._appears(collection):
                     raise
         try:
             self._check_header(described)
@@ -170,6 +172,16 @@ class MilvusMemoryStore(BaseMemoryStore):
             if created:
                 self._drop_if_empty()
             raise
+
+    def _appears(self, collection: str) -> bool:
+        """Whether another client's collection appears, after this one's creation failed: milvus-lite
+        refuses a second creation ("File exists") before it lists the first one's collection."""
+        deadline = time.monotonic() + CREATION_WAIT_SECONDS
+        while not self._client.has_collection(collection):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _drop_if_empty(self) -> None:
         """Drop the collection whose creation failed here, unless it holds rows: another process

@@ -229,6 +229,12 @@ def text_prompts(tokenizer: PreTrainedTokenizerBase, rows: Sequence[dict]) -> tu
     return [text_prompt(tokenizer, row, target=False) for row in rows], [text_prompt(tokenizer, row) for row in rows]
 
 
+def trained_answers(row: dict) -> list[str]:
+    """The answers a row trains the generator to write: an SCP row's (one a QA pair, or the
+    rewrite), an instruction row's one."""
+    return row["answers"] if "data_type" in row else [_answer(row)]
+
+
 def _answer(row: dict) -> str:
     """An instruction row's target: its ``answer``, else the first of its ``answers``."""
     return row.get("answer") or row["answers"][0]

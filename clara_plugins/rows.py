@@ -12,6 +12,8 @@ from __future__ import annotations
 import random
 import re
 
+from tqdm.auto import tqdm
+
 from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
 from .config import SETTINGS, TrainConfig
 from .corpora import QAExample, same_evidence, word_grams
@@ -43,7 +45,7 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
     if setting == "oracle":  # every gold passage among the k: -k 1 gave a 2-hop question half its evidence
         examples = [e for e in examples if e.gold_complete and e.gold and len(e.gold) <= k]
     rows = []
-    for example in examples:
+    for example in tqdm(examples, desc="ranking pools (BM25)", disable=len(examples) < 1000):
         ranked = bm25_rank(example.question, example.passages)
         if setting == "oracle":
             gold = example.gold
@@ -166,13 +168,20 @@ def inverse_cloze_rows(passages: list[str], candidates: int = 5, seed: int = 0) 
         if len(spans) >= 2 and long:
             question, gold = rng.choice(long)
             picked.append((number, question, gold))
-    best = bm25_top([question for _, question, _ in picked], passages, 2 * candidates + 1)
+    others: list[list[str]] = [[] for _ in picked]
+    short, fetched = list(range(len(picked))), 2 * candidates + 1
+    while short:  # fetched again, wider, where a family of lookalikes (one article's boilerplate) filled the first
+        best = bm25_top([picked[j][1] for j in short], passages, fetched)
+        for j, ranked in zip(short, best):
+            number, question, gold = picked[j]
+            evidence = word_grams(passages[number])  # another revision of the passage is no negative
+            others[j] = [passages[i] for i in ranked if i != number and passages[i] != gold
+                         and question not in passages[i] and not same_evidence(passages[i], evidence)]
+        short = [j for j in short if len(others[j]) < candidates - 1] if fetched < len(passages) else []
+        fetched = min(4 * fetched, len(passages))
     rows = []
-    for (number, question, gold), ranked in zip(picked, best):
-        evidence = word_grams(passages[number])  # another revision of the passage is no negative
-        others = [passages[i] for i in ranked if i != number and passages[i] != gold and question not in passages[i]
-                  and not same_evidence(passages[i], evidence)]
-        docs = [gold] + others[: candidates - 1]
+    for (_, question, gold), negatives in zip(picked, others):
+        docs = [gold] + negatives[: candidates - 1]
         rng.shuffle(docs)
         rows.append({"question": question, "docs": docs, "pos_index": [docs.index(gold)]})
     return rows

@@ -71,7 +71,7 @@ from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, f
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, other_rows, reading_width
-from .prompts import memory_prompt, memory_prompts, text_prompt, text_prompts
+from .prompts import memory_prompt, memory_prompts, text_prompt, text_prompts, trained_answers
 from .retrieval import best_first, cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name, reading_row_problem
 
@@ -851,16 +851,40 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
 
 def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
     """Training reads a document's first doc_max_length tokens, as compression does, but a
-    row's target (a reconstruction, a continuation, an answer) may be about the rest, which its
-    memories cannot hold: the rows' documents that long are counted in one warning (the steps
-    compress them without a word: a warning a step, each of its own, buried the progress bar)."""
+    row's target (a reconstruction, an answer) may be about the rest, which its memories cannot
+    hold: the rows' documents that long are counted in one warning, with the rows whose answer
+    their documents hold past that cut alone (a cloze blank, or an Oracle answer, late in a long
+    passage). The steps compress them without a word: a warning a step buried the progress bar."""
     texts = list(dict.fromkeys(document for row in rows for document in row["docs"]))
     limit = model.config.doc_max_length
-    cut = sum(length > limit for length in _token_counts(model.tokenizer, texts, len(texts)))
-    if cut:
-        warnings.warn(f"{cut} of the rows' {len(texts)} documents are longer than doc_max_length ({limit} "
-                      f"tokens): the compressor reads their first {limit}, and a target about the rest asks for "
-                      f"what their memories cannot hold", stacklevel=3)
+    kept = dict(zip(texts, (text.lower() for text in _kept_texts(model.tokenizer, texts, limit))))
+    cut = sum(len(kept[text]) < len(text) for text in texts)
+    if not cut:
+        return
+    lost = [number for number, row in enumerate(rows)
+            if any(_past_the_cut(answer.lower(), row["docs"], kept) for answer in trained_answers(row))]
+    warnings.warn(f"{cut} of the rows' {len(texts)} documents are longer than doc_max_length ({limit} tokens): "
+                  f"the compressor reads their first {limit}, and a target about the rest asks for what their "
+                  f"memories cannot hold"
+                  + (f"; {len(lost)} rows' answers are in their documents past the cut alone, training row "
+                     f"{lost[0]} the first" if lost else ""), stacklevel=3)
+
+
+def _past_the_cut(answer: str, documents: list[str], kept: dict[str, str]) -> bool:
+    """Whether (lower-cased) ``answer`` is in a document but in none of their kept beginnings."""
+    return (any(answer in document.lower() for document in documents)
+            and not any(answer in kept[document] for document in documents))
+
+
+def _kept_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int) -> Iterator[str]:
+    """Each text's first ``limit`` tokens, as text: what the compressor reads of it."""
+    with tqdm(total=len(texts), desc="measuring documents", disable=len(texts) < 10_000, leave=False) as bar:
+        for start in range(0, len(texts), 1024):
+            part = texts[start:start + 1024]
+            spans = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            yield from (text if len(offsets) <= limit else text[:offsets[limit - 1][1]]
+                        for text, offsets in zip(part, spans))
+            bar.update(len(part))
 
 
 def _holding(model: ClaraModel, checkpoint: Path) -> Path:

@@ -374,7 +374,9 @@ def test_dense_wrappers_embed_with_their_retriever():
             return np.array([[1.0, 0.0]] * len(queries))
 
     assert DenseEmbeddings(Unit()).embed_query("q") == [1.0, 0.0]
-    assert len(DenseEmbedding(retriever=Unit()).get_text_embedding_batch(["a", "b"])) == 2
+    embedding = DenseEmbedding(retriever=Unit())  # passages with the passage encoder, queries with the query one
+    assert embedding.get_text_embedding_batch(["a", "b"]) == Unit().embed_documents(["a", "b"]).tolist()
+    assert embedding.get_query_embedding("q") == [1.0, 0.0]
 
 
 def test_dense_retrieval_uses_the_models_own_query_and_passage_prompts():

@@ -77,16 +77,17 @@ def test_conversion_round_trips_outputs(tiny_tokens_model, tiny_base, tmp_path):
     assert before[1] == after[1] and torch.equal(before[2], after[2])
 
 
-@pytest.mark.parametrize("in_the_way", ["file", "folder"])
+@pytest.mark.parametrize("in_the_way", ["file", "folder", "file above"])
 def test_a_destination_in_the_way_is_refused_before_the_model_loads(tiny_tokens_model, tiny_base, tmp_path,
                                                                     monkeypatch, capsys, in_the_way):
     # it was found after minutes of loading the 7B model, and exited 4 (a bad checkpoint), not 3
     from clara_plugins import apple
 
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
-    destination = tmp_path / "notes.txt" if in_the_way == "file" else tmp_path / "mine"
-    if in_the_way == "file":
-        destination.write_text("keep me")
+    destination = {"file": tmp_path / "notes.txt", "folder": tmp_path / "mine",
+                   "file above": tmp_path / "notes.txt" / "converted"}[in_the_way]  # found at the save, once loaded
+    if in_the_way != "folder":
+        (tmp_path / "notes.txt").write_text("keep me")
     else:
         destination.mkdir()
         (destination / "notes.txt").write_text("keep me")
@@ -94,7 +95,7 @@ def test_a_destination_in_the_way_is_refused_before_the_model_loads(tiny_tokens_
     with pytest.raises(SystemExit) as exit_info:
         main(["convert-apple", str(tmp_path / "apple"), str(destination), "--base-model", str(tiny_base)])
     assert exit_info.value.code == 3 and str(destination) in capsys.readouterr().err
-    assert (destination if in_the_way == "file" else destination / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "notes.txt" if in_the_way != "folder" else destination / "notes.txt").read_text() == "keep me"
 
 
 def test_unreachable_base_model_asks_for_a_local_path(tiny_tokens_model, tmp_path):

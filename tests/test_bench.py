@@ -330,7 +330,8 @@ def test_bench_refuses_a_checkpoint_its_system_cannot_read(tiny_checkpoint, tmp_
         assert exit_.value.code == 5 and message in capsys.readouterr().err
 
 
-def test_the_systems_without_a_checkpoint_read_the_checkpoints_base_model(tiny_checkpoint, tmp_path, monkeypatch):
+def test_the_systems_without_a_checkpoint_read_the_checkpoints_base_model(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                         capsys):
     # the text RAG rows read SmolLM2-135M whatever backbone the CLaRa checkpoint was trained on
     from clara_plugins.checkpoint import read_config
 
@@ -346,8 +347,9 @@ def test_the_systems_without_a_checkpoint_read_the_checkpoints_base_model(tiny_c
     bases.clear()  # the text rows alone, on the checkpoint's backbone
     main([*argv, "--base-model", base, "--systems", "BM25 + text"])
     assert bases == {"BM25 + text": base}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         main([*argv, "--base-model", "other", "--clara", f"16={tiny_checkpoint}", "--systems", "CLaRa CR16 compressor"])
+    assert refused.value.code == 5 and "compared on one base model" in capsys.readouterr().err
 
 
 def test_a_relative_path_to_an_official_file_is_sampled_as_its_dataset(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from conftest import CORPUS
 
 from clara_plugins import InvalidInputError, MemoryStore, TrainConfig
+from clara_plugins import cli
 from clara_plugins.cli import _build_parser, main
 from clara_plugins.corpora import read_documents
 
@@ -192,6 +194,20 @@ def test_index_then_ask_from_the_store_and_resume(tiny_model, tmp_path, capsys):
     assert [s["id"] for s in result["sources"]] == [d.id for d, _ in hits]
     expected = tiny_model.answer(["Who won Nobel prizes?"], stored.memories([d.id for d, _ in hits]).unsqueeze(0))
     assert result["answer"] == expected[0]
+
+
+def test_index_reads_a_file_whose_name_is_no_utf8(tiny_model, tmp_path, capsys):
+    # its name went into the metadata as Python reads it, with a surrogate: refused as JSON
+    # once the model had loaded, as "metadata of '<an id>' is not JSON-serialisable"
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    corpus = tmp_path / os.fsdecode(b"caf\xe9.txt")  # Latin-1, as an older system wrote it
+    corpus.write_text(CORPUS[0])
+    main(["index", str(corpus), "--store", str(tmp_path / "store"), "--checkpoint", str(tmp_path / "ckpt"),
+          "--device", "cpu"])
+    assert "1 documents (1 compressed now" in capsys.readouterr().out
+    stored = MemoryStore.load(tmp_path / "store", tiny_model)
+    (document,) = stored.get(stored.all_ids())
+    assert document.metadata == {"source": "caf\\xe9.txt", "position": 0}
 
 
 def test_index_refuses_a_store_folder_it_cannot_write_before_it_loads_a_model(tmp_path, monkeypatch, capsys):
@@ -387,6 +403,26 @@ def test_ask_requires_a_question(capsys):
 
 def run_clara(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clara_plugins.cli", *arguments], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not hasattr(__import__("select"), "poll"), reason="needs poll() to see a closed pipe")
+def test_output_read_by_a_command_that_stops_early_ends_without_an_error(tmp_path, monkeypatch, capsys):
+    # `clara convert-data ... | head -1` said "error: [Errno 32] Broken pipe", and exited 3 (a missing file)
+    (tmp_path / "passages.txt").write_text("A passage.\n\nAnother passage.")
+    reader_gone = subprocess.Popen([sys.executable, "-m", "clara_plugins.cli", "convert-data",
+                                    str(tmp_path / "passages.txt"), str(tmp_path / "rows.jsonl"), "--kind", "reconstruct"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader_gone.stdout.close()  # before the command writes: it starts in about a second
+    assert reader_gone.wait(timeout=120) == 141 and reader_gone.stderr.read() == b""
+    reader_gone.stderr.close()
+
+    def another_pipe(args):  # a pipe of the command's own (a worker's) is still an error, said
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "convert-data", (*cli.COMMANDS["convert-data"][:2], another_pipe))
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert-data", str(tmp_path / "passages.txt"), str(tmp_path / "rows.jsonl")])
+    assert exit_.value.code == 3 and "error: [Errno 32] Broken pipe" in capsys.readouterr().err
 
 
 def test_a_mistyped_docs_path_is_an_error_not_a_document(tmp_path):

@@ -54,6 +54,17 @@ def test_sentences_are_joined_with_the_spaces_each_format_needs(tmp_path):
     ("nq.jsonl", '{"question": "q", "answers": "Paris", "ctxs": []}\n',  # its letters were the answers
      r"nq.jsonl, row 0: answers must be a non-empty list of strings, got 'Paris'"),
     ("nq.jsonl", '{"question": "q", "answers": [], "ctxs": []}\n', r"nq.jsonl, row 0: answers must be"),
+    # written as rows, then failed: a null answer in the held-out check, a blank one at training,
+    # a lone surrogate in the tokenizer (and again at each resume)
+    ("hotpot.json", '[{"_id": "1", "question": "q", "answer": null, "supporting_facts": [], "context": []}]',
+     r"hotpot.json, row 0: an answer is None, not an answer's text"),
+    ("nq.jsonl", '{"question": "q", "answers": [""], "ctxs": []}\n', r"nq.jsonl, row 0: an answer is '', not"),
+    ("nq.jsonl", '{"question": " ", "answers": ["a"], "ctxs": []}\n', r"nq.jsonl, row 0: its question is ' ', not"),
+    ("hotpot.json", '[{"_id": "1", "question": "q", "answer": "a", "supporting_facts": [], '
+                    '"context": [["T", ["It \\ud83d rose."]]]}]',
+     r"hotpot.json, row 0: a passage is not valid Unicode text \(surrogates not allowed at character 5\)"),
+    ("musique.jsonl", '{"id": "m", "question": "q\\ud83d", "answer": "a", "paragraphs": []}\n',
+     r"musique.jsonl, row 0: question is not valid Unicode text"),
 ])
 def test_question_files_of_the_wrong_shape_are_named(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
@@ -374,6 +385,30 @@ def test_held_out_evidence_does_not_come_back_in_another_wording(tmp_path, capsy
     assert "left out 20 of 1355 sources" in capsys.readouterr().out
 
 
+@needs_shared_data
+def test_another_files_held_out_questions_and_evidence_are_left_out(tmp_path, capsys):
+    # --skip held out its own file's first N alone: MuSiQue train asks NQ dev 92 again as one hop
+    # ("History of Maryland", the English), and the MuSiQue corpus holds its gold paragraph whole
+    nq, out = SHARED_DATA / "nq" / "dev.jsonl", tmp_path / "rows.jsonl"
+    main(["convert-data", str(SHARED_DATA / "musique" / "train.jsonl"), str(out), "--setting", "oracle",
+          "--held-out", f"{nq}:300"])
+    assert "2hop__84565_92585" not in out.read_text() and "left out 1 of 100 sources" in capsys.readouterr().out
+    from clara_plugins.corpora import same_evidence, word_grams
+
+    asked_again = read_examples(nq, limit=93)[92]
+    gold = word_grams(asked_again.passages[asked_again.gold[0]])
+    corpus = SHARED_DATA / "corpus" / "musique_train_1890.json"
+    for held_out, count in (([], 1890), (["--held-out", f"{nq}:300"], 1889)):
+        main(["convert-data", str(corpus), str(out), "--kind", "reconstruct", *held_out])
+        documents = [json.loads(line)["docs"][0] for line in out.read_text().splitlines()]
+        assert len(documents) == count
+        assert any(same_evidence(document, gold) for document in documents) == (not held_out)
+    for wrong in ("nq.jsonl", "nq.jsonl:0"):
+        with pytest.raises(SystemExit):
+            main(["convert-data", str(nq), str(out), "--held-out", wrong])
+        assert f"takes FILE:N, N a positive integer, got '{wrong}'" in capsys.readouterr().err
+
+
 def test_a_held_out_question_asked_again_in_other_words_is_left_out():
     # NQ dev 21 and 951 ask who sang "From Russia with Love" over two paragraphs of one article,
     # and dev 173 and 539 over two revisions of one paragraph: the later ones were trained on
@@ -448,3 +483,27 @@ def test_passages_without_a_word_to_index_rank_alike():
     # bm25s cannot index passages of stopwords alone, and failed on max() of nothing
     assert bm25_rank("capital", ["The", "a"]) == [0, 1]
     assert bm25_rank("capital", ["The", "the capital city"]) == [1, 0]
+
+
+def test_ranking_a_thousand_pools_shows_progress(capsys):
+    # HotpotQA train's 90,447 Oracle rows ranked for minutes without a word
+    examples = [QAExample(f"q{i}", f"question {i}", [f"answer {i}"],
+                          [f"Title {i}\nPassage {i} holds answer {i}.", *(f"Other {i}\nfiller {j}" for j in range(5))],
+                          [0]) for i in range(1000)]
+    assert len(instruct_rows(examples, "oracle")) == 1000
+    assert "ranking pools (BM25)" in capsys.readouterr().err
+    assert len(with_candidates(examples, 3)) == 1000
+    assert "ranking pools (BM25)" in capsys.readouterr().err
+
+
+def test_inverse_cloze_rows_have_their_candidates_past_a_family_of_lookalikes():
+    # the first 2k + 1 BM25 matches of a "Prince of Anhalt-Bernburg" sentence were all its
+    # family's passages, each left out as the same evidence: 21 of 2Wiki's 4,445 rows had no negative
+    family = [f"Prince {name} of Anhalt\nPrince {name} of Anhalt was a German prince of the House of Ascania and "
+              f"ruler of the principality of Anhalt-Bernburg. He was born in Bernburg as the son of the prince. "
+              f"He was known as {name} the Elder in the family chronicle of Anhalt-Bernburg."
+              for name in ("Victor", "Karl", "Frederick", "Lebrecht", "Alexius", "Christian", "Joachim")]
+    towns = [f"Town {name}\n{name} is a small town in a valley beside a river. Its market sells grain and wine "
+             f"to the villages around it every week." for name in ("Alba", "Brena", "Corte", "Dova")]
+    rows = inverse_cloze_rows(family + towns, candidates=2)
+    assert len(rows) == len(family + towns) and {len(row["docs"]) for row in rows} == {2}

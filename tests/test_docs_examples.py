@@ -37,12 +37,15 @@ def test_an_example_refuses_a_limit_of_nothing_before_it_loads_a_model(example, 
     # --limit 0 indexed nothing and answered anyway; -5 left out the last 5 passages; a blank question was
     # answered by text RAG, then refused once every passage was compressed
     (tmp_path / "empty.json").write_text("[]")  # and an empty corpus answered from an empty index
+    no_load = ("import runpy, sys; import clara_plugins.pretrained as pretrained; "
+               "pretrained.load_model = lambda *a, **k: sys.exit('the model was loaded'); "
+               "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     for argv, message in [(["--corpus", "x", "--limit", "0"], "must be a positive integer, got 0"),
                           (["--corpus", "x", "--question", " "], "must hold text, got ' '"),
                           (["--corpus", str(tmp_path / "empty.json")], "empty.json holds no passages")]:
-        result = subprocess.run([sys.executable, str(ROOT / "docs" / "examples" / example), *argv],
+        result = subprocess.run([sys.executable, "-c", no_load, str(ROOT / "docs" / "examples" / example), *argv],
                                 capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and message in result.stderr
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
 @pytest.mark.slow

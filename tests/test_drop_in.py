@@ -411,7 +411,7 @@ def test_memories_follow_the_documents_where_the_chat_template_moved_their_messa
     assert reading.prompt.index("<|user|>") < reading.prompt.index(tiny_model.document_placeholder)
 
 
-def test_a_template_whose_turns_must_alternate_reads_runs_of_one_role_as_one_turn(tiny_model):
+def test_a_template_whose_turns_must_alternate_reads_runs_of_one_role_as_one_turn(tiny_model, monkeypatch):
     # two user turns in a row (a tool's result reads as user text) raised the template's own error
     tiny_model.tokenizer.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
@@ -421,8 +421,11 @@ def test_a_template_whose_turns_must_alternate_reads_runs_of_one_role_as_one_tur
     reading = read_messages(tiny_model, [("system", "Be brief."), ("user", CORPUS[0]), ("user", QUESTION)],
                             documents=[CORPUS[0]])
     assert reading.prompt.count("<|user|>") == 1 and len(reading.memories) == 1
+    compressed = []
+    monkeypatch.setattr(tiny_model, "compress_documents", lambda texts: compressed.append(texts))
     with pytest.raises(InvalidInputError, match="the model's chat template refuses these messages: Conversation"):
-        read_messages(tiny_model, [("assistant", "Hello."), ("user", QUESTION)])
+        read_messages(tiny_model, [("assistant", "Hello."), ("user", QUESTION)], documents=[CORPUS[1]])
+    assert compressed == []  # refused before the documents were compressed, not after
 
 
 def test_documents_a_chat_template_leaves_out_are_refused_by_name(tiny_model):

@@ -1,6 +1,7 @@
 """ChatClara's document routes, stop sequences, and an offline LCEL RAG chain."""
 
 import gc
+import importlib
 
 import pytest
 import torch
@@ -179,8 +180,10 @@ def test_wrong_arguments_in_the_models_place_are_refused_or_read_as_langchain_do
     store.save_local(tmp_path / "lc")
     loaded = ClaraVectorStore.load_local(tmp_path / "lc", ClaraEmbeddings(tiny_model))  # FAISS.load_local's
     assert loaded.similarity_search(QUESTION, k=3) == store.similarity_search(QUESTION, k=3)
-    with pytest.raises(InvalidInputError, match="model must be a ClaraModel, got a str: load a checkpoint"):
+    with pytest.raises(InvalidInputError, match="model must be a ClaraModel, got a str: load a checkpoint") as refused:
         ClaraEmbeddings("path/to/checkpoint")
+    module, _, name = str(refused.value).rpartition(" ")[2].rpartition(".")  # the loader named is one to import
+    assert callable(getattr(importlib.import_module(module), name))
     with pytest.raises(InvalidInputError, match="model must be a ClaraModel, got a str"):
         MemoryStore.load(tmp_path / "lc", "path/to/checkpoint")
     with pytest.raises(InvalidInputError, match="keys must be a KeyEncoder .*got a str: the index kind is index="):

@@ -67,6 +67,11 @@ def test_filters(vector_store):
     assert set(query(vector_store, 6, either).ids) == {"n3", "n4", "n5"}
     nested = MetadataFilters(filters=[city, MetadataFilter(key="n", value=0, operator=FilterOperator.NE)])
     assert query(vector_store, 6, nested).ids == ["n2"]
+    outside = MetadataFilters(filters=[MetadataFilter(key="n", value=[0, 1, 2, 3], operator=FilterOperator.NIN)])
+    assert set(query(vector_store, 6, outside).ids) == {"n4", "n5"}
+    for operator, value in ((FilterOperator.NE, 1), (FilterOperator.NIN, [1])):  # LlamaIndex's own store differs:
+        absent = MetadataFilters(filters=[MetadataFilter(key="absent", value=value, operator=operator)])
+        assert query(vector_store, 6, absent).ids == []  # a node without the field matches no operator
     with_an_empty_group = MetadataFilters(filters=[city, MetadataFilters(filters=[])])
     assert set(query(vector_store, 6, with_an_empty_group).ids) == {"n0", "n2"}
     for empty in (MetadataFilters(filters=[]), MetadataFilters(filters=[MetadataFilters(filters=[])])):

@@ -753,6 +753,27 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
             load(str(remote))
 
 
+def test_a_base_model_folder_without_a_config_or_a_tokenizer_is_named_in_one_line(tiny_model, tmp_path):
+    # transformers' five lines on a tokenizer it cannot build named neither the folder nor what it lacked
+    from clara_plugins import backbone
+
+    (tmp_path / "empty").mkdir()
+    tiny_model.save_pretrained(tmp_path / "checkpoint")
+    config_alone = build_tiny_base_model(tmp_path / "config-alone")
+    for path in config_alone.iterdir():
+        if path.name != "config.json":
+            path.unlink()
+    for load in (backbone.load_base_model, backbone.check_base_model):
+        with pytest.raises(OSError, match="empty' is a folder without a config.json: not a Hugging Face model folder"):
+            load(str(tmp_path / "empty"))
+        with pytest.raises(OSError, match="a folder without a config.json: a CLaRa checkpoint: load it as one"):
+            load(str(tmp_path / "checkpoint"))  # given where its base model goes
+        with pytest.raises(ValueError, match="^base model '.*config-alone': Couldn't instantiate the backend tokenizer")\
+                as refused:
+            load(str(config_alone))
+        assert "\n" not in str(refused.value)
+
+
 def test_memories_past_an_fp16_models_range_are_refused_and_stored_ones_may_carry_gradients(tiny_config):
     # finite in float32, they became inf in an fp16 model and answered garbage; memories that
     # carried gradients failed on torch's "Can't call numpy() on Tensor that requires grad"

@@ -199,6 +199,19 @@ def test_a_set_of_targets_matches_list_values_without_hashing_them(tiny_model):
     assert store.ids_where({"n": {"$nin": {1}}}) == ["tags"]
 
 
+def test_a_numpy_number_matches_a_list_value_as_the_python_number_does(tiny_model):
+    # numpy compared a stored list element by element: a bare "truth value of an array is
+    # ambiguous" for [1, 2], and [1] equal to 1
+    import numpy as np
+
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:3], ids=["one", "pair", "single"], metadatas=[{"n": 1}, {"n": [1, 2]}, {"n": [1]}])
+    for target in (1, np.int64(1), np.float32(1.0)):
+        assert store.ids_where({"n": target}) == store.ids_where({"n": {"$eq": target}}) == ["one"]
+        assert store.ids_where({"n": {"$in": [target]}}) == ["one"]
+        assert store.ids_where({"n": {"$ne": target}}) == store.ids_where({"n": {"$nin": [target]}}) == ["pair", "single"]
+
+
 def test_malformed_filters_are_named(store):
     with pytest.raises(ValueError, match="unknown operator '\\$regex'"):
         store.search("x", where={"n": {"$regex": 1}})
@@ -213,7 +226,7 @@ def test_malformed_filters_are_named(store):
                   {"n": {"$nin": [float("nan")]}}, {"tags": {"$ne": ("a", "b")}}, {"n": {"$in": [{1: "a"}]}}):
         with pytest.raises(ValueError, match="which no stored metadata value equals"):
             store.ids_where(where)
-    assert store.ids_where({"n": {"$in": (np.int64(1), np.True_, None, [1, 2], {"k": "v"})}}) is not None  # numpy, JSON alike
+    assert store.ids_where({"n": {"$in": (np.int64(1), None, [1, 2], {"k": "v"})}}) == ["d0"]  # numpy, JSON alike
 
 
 def test_ids_that_are_not_strings_are_refused_as_the_milvus_store_refuses_them(store):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -316,7 +317,7 @@ def test_clara_synth_refuses_a_bad_output_before_it_loads_the_teacher(tmp_path, 
     assert exit_.value.code == 5 and "exists without scp.jsonl.done" in capsys.readouterr().err
 
 
-def test_clara_synth_refuses_a_teacher_that_names_no_model_before_it_writes(tmp_path, capsys):
+def test_clara_synth_refuses_a_teacher_that_names_no_model_before_it_writes(tiny_base, tmp_path, capsys):
     # the teacher loaded at its first prompt, after the output and its ledger were made
     (tmp_path / "corpus.txt").write_text(DOC)
     with pytest.raises(SystemExit) as exit_:
@@ -324,6 +325,13 @@ def test_clara_synth_refuses_a_teacher_that_names_no_model_before_it_writes(tmp_
               str(tmp_path / "no-such-model")])
     assert exit_.value.code == 3 and "could not load base model" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["corpus.txt"]
+    (tmp_path / "config-alone").mkdir()  # a config without a tokenizer: refused at the first prompt, after
+    shutil.copy(tiny_base / "config.json", tmp_path / "config-alone")
+    with pytest.raises(SystemExit) as exit_:
+        main(["synth", str(tmp_path / "corpus.txt"), str(tmp_path / "scp.jsonl"), "--teacher",
+              str(tmp_path / "config-alone")])
+    assert exit_.value.code == 5 and "Couldn't instantiate the backend tokenizer" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config-alone", "corpus.txt"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")

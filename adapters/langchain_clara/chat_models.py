@@ -6,7 +6,8 @@ stored memory tokens, in place (``clara_plugins.context`` states the rule). Docu
 also be passed explicitly, as store ids (``chat.invoke(q, document_ids=[...])``,
 ``chat.bind(document_ids=[...])`` or a message's ``additional_kwargs``) or as texts or
 LangChain Documents (``documents=[...]``): those missing from the prompt go into a
-``Background:`` block before the last human message (or at the start of its own). With more than ``k`` documents the
+``Background:`` block at the start of the last human message, whose text follows ``Question:`` (a block
+the message holds takes them first). With more than ``k`` documents the
 query reasoner keeps the best ``k``.
 
 Each response's ``response_metadata["clara"]`` says how many documents were read as memory
