@@ -134,6 +134,8 @@ def control_partners(rows: Sequence[dict], shifts: Sequence[int]) -> dict[int, l
     documents is refused, before any answering runs."""
     if len(rows) < 2:
         raise ValueError(f"the control gives each row another row's documents and needs at least 2 rows, got {len(rows)}")
+    if not shifts or any(isinstance(shift, bool) or not isinstance(shift, int) for shift in shifts):
+        raise InvalidInputError(f"control shifts are whole numbers of rows, at least one, got {list(shifts)!r:.60}")
     bad = [shift for shift in shifts if not 0 < shift < len(rows)]
     if bad:
         raise ValueError(f"a control shift of {bad[0]} does not name another of the {len(rows)} rows: use shifts "

@@ -102,8 +102,9 @@ if [ "$SCP_MORE_STEPS" -gt 0 ]; then check_split SCP_MORE_BATCH SCP_MORE_ACCUM; 
 check_split RETRIEVAL_BATCH RETRIEVAL_ACCUM
 rows="$OUT/rows"
 mkdir -p "$rows" "$OUT/eval"
-# what the evaluations and probes read, held out of every training file (MuSiQue asks NQ dev 92
-# again as a hop; a 2Wiki train passage repeats most of a gold passage of HotpotQA dev 186)
+# what the evaluations and the first probes read, held out of every training file (MuSiQue asks NQ
+# dev 92 again as a hop; a 2Wiki train passage repeats most of a gold passage of HotpotQA dev 186).
+# The HotpotQA probe (dev 669-684) is no first N: no training file repeated it when checked.
 held_out=(--held-out "$DATA/nq/dev.jsonl:300" --held-out "$DATA/hotpotqa/dev.json:200"
           --held-out "$DATA/corpus/dpr_wiki_1000.jsonl:16")
 convert() {  # clara convert-data, each capped at LIMIT examples; one with its own --limit keeps the smaller

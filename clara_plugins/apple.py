@@ -161,7 +161,9 @@ def convert_apple_checkpoint(
 ) -> ClaraModel:
     """Apple folder -> this project's checkpoint folder (safetensors + JSON)."""
     check_replaceable_folder(Path(destination), CONFIG_FILE)  # before minutes of loading a 7B model
-    check_writable(destination)  # a file where a parent folder goes, a read-only folder: found at the save
+    # a file where a parent folder goes, or a read-only folder where the save stages a sibling: found at the save
+    for folder in (Path(destination), Path(destination).absolute().parent):
+        check_writable(folder)
     model = load_apple_checkpoint(source, base_model=base_model, device="cpu", dtype=torch.float32)
     model.save_pretrained(destination)
     return model

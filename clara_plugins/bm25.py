@@ -10,7 +10,9 @@ the docs give, so it waits for a retrain.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
+from collections.abc import Callable
 
 import bm25s
 import numpy as np
@@ -27,8 +29,14 @@ def bm25_rank(query: str, passages: list[str]) -> list[int]:
 
 def bm25_top(queries: list[str], passages: list[str], n: int) -> list[list[int]]:
     """For each query, the indices of the n passages it matches best, best first (one index)."""
-    index = _index(passages)
-    return [_best(index, query, n) for query in tqdm(queries, desc="ranking (BM25)", disable=len(queries) < 1000)]
+    rank = bm25_ranker(passages)
+    return [rank(query, n) for query in tqdm(queries, desc="ranking (BM25)", disable=len(queries) < 1000)]
+
+
+def bm25_ranker(passages: list[str]) -> Callable[[str, int], list[int]]:
+    """``rank(query, n)``: the indices of the n passages the query matches best, best first,
+    the passages indexed once for every query."""
+    return functools.partial(_best, _index(passages))
 
 
 def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:

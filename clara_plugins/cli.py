@@ -698,6 +698,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = _build_parser(command).parse_args(argv)
         COMMANDS[args.command][2](args)
+        sys.stdout.flush()  # here, not at the interpreter's exit: a reader gone (| head) is then seen below
     except KeyboardInterrupt:  # a screen of traceback; a stopped index or training run resumes
         if debug:
             raise

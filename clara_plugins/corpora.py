@@ -279,7 +279,7 @@ def after_held_out(held_out: list, rest: list) -> list:
 
 def _facts(example: QAExample) -> set[tuple[str, str]]:
     """(title, answer) for each titled gold passage and answer: what a question asks, in any wording."""
-    return {(title, normalize_answer(answer)) for i in example.gold if (title := _title(example.passages[i]))
+    return {(title, normalize_answer(answer)) for i in example.gold if (title := passage_title(example.passages[i]))
             for answer in example.answers}
 
 
@@ -301,7 +301,7 @@ def word_grams(text: str, n: int = 8) -> set[tuple[str, ...]]:
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
 
 
-def _title(passage: str) -> str | None:
+def passage_title(passage: str) -> str | None:
     """A "title\ntext" passage's title (None for an untitled one: it names no article)."""
     return passage.partition("\n")[0] if "\n" in passage else None
 

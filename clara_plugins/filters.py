@@ -32,13 +32,19 @@ def _kind(value: Any) -> type | None:
 
 
 def _bounded(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
-    return lambda value, bound: _kind(value) is not None and _kind(value) is _kind(bound) and compare(value, bound)
+    return lambda value, bound: (_kind(value) is not None and _kind(value) is _kind(bound)
+                                 and compare(value, _plain(bound)))
+
+
+def _plain(target: Any) -> Any:
+    """A numpy number as the Python one it holds (a float32's exact value), as Milvus reads it."""
+    return target.item() if isinstance(target, np.generic) else target
 
 
 def _equal(value: Any, target: Any) -> bool:
     """Python's equality, a numpy number read as the Python one it holds: numpy compared a stored
     list with it element by element (an error, or [1] equal to 1)."""
-    return bool(value == (target.item() if isinstance(target, np.generic) else target))
+    return bool(value == _plain(target))
 
 
 def _among(value: Any, targets: Any) -> bool:

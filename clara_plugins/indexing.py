@@ -66,7 +66,7 @@ def index_documents(
     save: Callable[[], object] | None = None,
     save_every: int = 1024,
     on_ray: RayCompression | None = None,
-    show_progress: bool = False,
+    show_progress: bool = True,
 ) -> list[str]:
     """Compress and upsert the documents whose ids the store lacks; returns those ids.
 
@@ -80,7 +80,7 @@ def index_documents(
     if ids is None:  # the store would draw fresh ids, and a resumed run store everything again
         raise InvalidInputError("index_documents needs the documents' ids, stable across runs "
                                 "(clara index uses clara_plugins.corpora.document_id)")
-    if not texts:
+    if isinstance(texts, (list, tuple)) and not texts:  # nothing new to index (`not texts` of a pandas Series failed)
         return []
     texts, ids, metadatas = store._checked(texts, ids, metadatas)
     first: dict[str, int] = {}  # each id once: its first row

@@ -161,8 +161,8 @@ class MilvusMemoryStore(BaseMemoryStore):
             try:
                 self._create_collection()
                 created = True
-            except MilvusException:
-                if not self._appears(collection):
+            except MilvusException as error:
+                if not self._appears(collection, waited="exist" in str(error)):
                     raise
         try:
             self._check_header(described)
@@ -173,10 +173,11 @@ class MilvusMemoryStore(BaseMemoryStore):
                 self._drop_if_empty()
             raise
 
-    def _appears(self, collection: str) -> bool:
+    def _appears(self, collection: str, waited: bool) -> bool:
         """Whether another client's collection appears, after this one's creation failed: milvus-lite
-        refuses a second creation ("File exists") before it lists the first one's collection."""
-        deadline = time.monotonic() + CREATION_WAIT_SECONDS
+        refuses a second creation ("File exists") before it lists the first one's collection, so
+        such a refusal is ``waited`` for; any other failure is checked once, its error said at once."""
+        deadline = time.monotonic() + (CREATION_WAIT_SECONDS if waited else 0.0)
         while not self._client.has_collection(collection):
             if time.monotonic() > deadline:
                 return False

@@ -462,10 +462,15 @@ class ClaraModel(torch.nn.Module):
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), values)
         return embeds, mask, ids
 
-    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
-        """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
+    def _answer_limit(self, max_new_tokens: int | None) -> int:
+        """The tokens an answer may take: ``max_new_tokens``, checked (None: the config's limit)."""
         limit = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         check_positive_int("max_new_tokens", limit)
+        return limit
+
+    def _greedy(self, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int | None) -> Iterator[torch.Tensor]:
+        """Decoding steps, at most ``max_new_tokens`` (None: the config's limit)."""
+        limit = self._answer_limit(max_new_tokens)
         window = context_window(self.lm)
         if window and embeds.size(1) + limit > window:  # past it, answers degrade unseen or positions overflow
             raise InvalidInputError(f"the prompt holds {embeds.size(1)} positions and the answer up to {limit} more, "
@@ -508,7 +513,14 @@ class ClaraModel(torch.nn.Module):
         self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False
     ) -> torch.Tensor:
         """Apple's name: documents -> memories [n_docs, n_mem, hidden]; warns when text was cut."""
-        return self.compress(documents, batch_size, show_progress).memories
+        return self._warned_memories(documents, batch_size, show_progress)
+
+    def _warned_memories(self, documents: Sequence[str], batch_size: int = 8, show_progress: bool = False) -> torch.Tensor:
+        """``compress``'s memories, its warning of cut text pointing at the code that called the
+        public method calling this one (``compress``'s own pointed here)."""
+        compressed = self.compress(documents, batch_size, show_progress, warn=False)
+        _warn_truncated(compressed.truncated_tokens, self.config.doc_max_length, stacklevel=4)
+        return compressed.memories
 
     def generate_from_compressed_documents_and_questions(
         self, questions: Sequence[str], compressed_documents: torch.Tensor, max_new_tokens: int | None = None
@@ -522,8 +534,9 @@ class ClaraModel(torch.nn.Module):
         """Apple's name: compress each question's documents, then answer from all of them."""
         questions = check_texts(questions, "questions")
         refuse_control_tokens(self, questions, "question")  # before the documents are compressed
+        self._answer_limit(max_new_tokens)  # as are these
         flat = self._flatten_document_lists(questions, documents)
-        return self.answer(questions, self.compress_documents(flat), max_new_tokens)
+        return self.answer(questions, self._warned_memories(flat), max_new_tokens)
 
     def generate_from_questions(
         self,
@@ -538,9 +551,10 @@ class ClaraModel(torch.nn.Module):
         refuse_control_tokens(self, questions, "question")  # before the documents are compressed
         k = self.config.generation_top_k if k is None else k
         check_positive_int("k", k)  # 0 read the default k
+        self._answer_limit(max_new_tokens)
         flat = self._flatten_document_lists(questions, documents)
-        candidates = self.compress_documents(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
-                                                           self.hidden_size)
+        candidates = self._warned_memories(flat).reshape(len(questions), -1, self.config.n_mem_tokens,
+                                                         self.hidden_size)
         chosen, top = top_k(self.encode_queries(questions), candidates, int(k), self.config.retrieval_key)
         return self.answer(questions, chosen, max_new_tokens), top
 

@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .corpora import passage_title, spaced_alike
 from .model import ClaraModel
 from .passes import completion_log_probs, token_log_likelihood
 from .prompts import memory_prompts
@@ -118,16 +119,32 @@ def compressed_pools(model: ClaraModel, pools: Sequence[Sequence[str]],
 
 def other_rows(rows: Sequence[dict], width: int, shift: int = 1) -> list[int | None]:
     """For each row, the ``shift``-th row after it (once around) among those whose first
-    ``width`` documents hold none of its evidence: its gold passages (``pos_index``), or those
-    it reads when it names none (a synthesised QA row and its paraphrase share theirs; an NQ
-    pool filled from other examples' passages may hold another row's gold passage, and the
-    control then read the answer); None for a row with fewer than ``shift`` such rows."""
-    read = [frozenset(row["docs"][:width]) for row in rows]
-    evidence = [frozenset(row["docs"][i] for i in row["pos_index"]) if row.get("pos_index") else read[number]
-                for number, row in enumerate(rows)]
+    ``width`` documents hold none of its evidence: its gold passages (``pos_index``, and
+    ``gold_left_out``, those its top k missed), or those it reads when it names none (a
+    synthesised QA row and its paraphrase share theirs; an NQ pool filled from other examples'
+    passages may hold another row's gold passage, and the control then read the answer) and,
+    where another row has none, any passage of their titles (DPR cuts an article into windows:
+    another window of it gave a reconstruction its title and subject; the chunks of one
+    document all share its title); passages compared as spaced alike (NQ spaces one paragraph
+    two ways). None for a row with fewer than ``shift`` such rows."""
+    read = [frozenset(map(spaced_alike, row["docs"][:width])) for row in rows]
+    titles = [frozenset(filter(None, map(passage_title, row["docs"][:width]))) for row in rows]
+    gold = [frozenset(spaced_alike(text) for text in [*(row["docs"][i] for i in row.get("pos_index") or []),
+                                                       *row.get("gold_left_out", [])]) for row in rows]
     n = len(rows)
-    return [next(itertools.islice((j % n for j in range(i + 1, i + n) if not evidence[i] & read[j % n]), shift - 1,
-                                  None), None) for i in range(n)]
+
+    def apart(i: int, j: int, by_title: bool) -> bool:
+        """Row j's documents hold none of row i's evidence."""
+        if gold[i]:
+            return not gold[i] & read[j]
+        return not read[i] & read[j] and not (by_title and titles[i] & titles[j])
+
+    def partner(i: int, by_title: bool) -> int | None:
+        return next(itertools.islice((j % n for j in range(i + 1, i + n) if apart(i, j % n, by_title)), shift - 1,
+                                     None), None)
+
+    return [found if (found := partner(i, True)) is not None or gold[i] or not titles[i] else partner(i, False)
+            for i in range(n)]
 
 
 @functools.lru_cache(maxsize=4)  # a walk over the vocabulary: about a second for SmolLM2's, at every probe

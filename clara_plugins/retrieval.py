@@ -74,6 +74,9 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> 
                                 f"{tuple(candidates.shape)}")
     if key not in RETRIEVAL_KEYS:
         raise ValueError(f"retrieval key must be one of {RETRIEVAL_KEYS}, got {key!r}")
+    if key == "flat" and queries.size(-2) != candidates.size(-2):  # a bare "mat1 and mat2 shapes cannot be multiplied"
+        raise InvalidInputError(f"flat keys compare memories of as many vectors: queries have {queries.size(-2)}, "
+                                f"candidates {candidates.size(-2)}")
     pools = candidates.unsqueeze(0).expand(len(queries), *candidates.shape) if candidates.dim() == 3 else candidates
     indices = best_first(cosine_scores(queries, candidates, key), k).cpu()
     return torch.stack([pool[picked.to(pool.device)] for pool, picked in zip(pools, indices)]), indices
@@ -91,7 +94,8 @@ def straight_through_topk(scores: torch.Tensor, k: int, temperature: float) -> t
     if scores.dim() != 2:
         raise ValueError(f"scores must be [batch, candidates], got shape {tuple(scores.shape)}")
     n_candidates = scores.size(1)
-    if not 1 <= k <= n_candidates:
+    check_positive_int("k", k)  # 2.0 failed on a slice, and True picked one
+    if not k <= n_candidates:
         raise ValueError(f"k must be in 1..{n_candidates} (number of candidates), got {k}")
     if not 0 < temperature < math.inf:  # NaN made every weight NaN
         raise ValueError(f"temperature must be a finite positive number, got {temperature}")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from .bm25 import bm25_rank, bm25_top, fill_short_pools, with_candidates
+from .bm25 import bm25_rank, bm25_ranker, fill_short_pools, with_candidates
 from .config import SETTINGS, TrainConfig
 from .corpora import QAExample, same_evidence, word_grams
 from .errors import InvalidInputError
@@ -56,7 +57,8 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
         found = [n for n, i in enumerate(chosen) if i in example.gold]
         # a recall counts those BM25 left out as not found (rows it missed were left out of it: R@5 100)
         missing = len(example.gold) - len(found) + example.gold_missing
-        rows.append(_row(example, [example.passages[i] for i in chosen], found, missing))
+        left_out = [example.passages[i] for i in example.gold if i not in chosen]
+        rows.append(_row(example, [example.passages[i] for i in chosen], found, missing, left_out))
     return rows
 
 
@@ -67,10 +69,14 @@ def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> 
     return [_row(e, e.passages, e.gold, e.gold_missing) for e in with_candidates(examples, candidates, seed)]
 
 
-def _row(example: QAExample, docs: list[str], pos_index: list[int], gold_missing: int) -> dict:
-    """A question row, with ``gold_missing`` where its documents lack supporting passages."""
+def _row(example: QAExample, docs: list[str], pos_index: list[int], gold_missing: int,
+         left_out: Sequence[str] = ()) -> dict:
+    """A question row, with ``gold_missing`` where its documents lack supporting passages, and
+    ``gold_left_out``, the texts of those its pool held (the control passes over the rows that
+    read them: another row's documents gave a Normal row its own gold passage back)."""
     return {"id": example.id, "question": example.question, "docs": docs, "answer": example.answers[0],
-            "answers": example.answers, "pos_index": pos_index, **({"gold_missing": gold_missing} if gold_missing else {})}
+            "answers": example.answers, "pos_index": pos_index, **({"gold_missing": gold_missing} if gold_missing else {}),
+            **({"gold_left_out": list(left_out)} if left_out else {})}
 
 
 def gold_count(row: dict) -> int:
@@ -168,19 +174,16 @@ def inverse_cloze_rows(passages: list[str], candidates: int = 5, seed: int = 0) 
         if len(spans) >= 2 and long:
             question, gold = rng.choice(long)
             picked.append((number, question, gold))
-    others: list[list[str]] = [[] for _ in picked]
-    short, fetched = list(range(len(picked))), 2 * candidates + 1
-    while short:  # fetched again, wider, where a family of lookalikes (one article's boilerplate) filled the first
-        best = bm25_top([picked[j][1] for j in short], passages, fetched)
-        for j, ranked in zip(short, best):
-            number, question, gold = picked[j]
-            evidence = word_grams(passages[number])  # another revision of the passage is no negative
-            others[j] = [passages[i] for i in ranked if i != number and passages[i] != gold
+    rank, rows = bm25_ranker(passages), []
+    for number, question, gold in tqdm(picked, desc="ranking (BM25)", disable=len(picked) < 1000):
+        evidence = word_grams(passages[number])  # another revision of the passage is no negative
+        fetched = 2 * candidates + 1
+        while True:  # wider where a family of lookalikes (one article's boilerplate) filled the first fetch
+            negatives = [passages[i] for i in rank(question, fetched) if i != number and passages[i] != gold
                          and question not in passages[i] and not same_evidence(passages[i], evidence)]
-        short = [j for j in short if len(others[j]) < candidates - 1] if fetched < len(passages) else []
-        fetched = min(4 * fetched, len(passages))
-    rows = []
-    for (_, question, gold), negatives in zip(picked, others):
+            if len(negatives) >= candidates - 1 or fetched >= len(passages):
+                break
+            fetched = min(4 * fetched, len(passages))
         docs = [gold] + negatives[: candidates - 1]
         rng.shuffle(docs)
         rows.append({"question": question, "docs": docs, "pos_index": [docs.index(gold)]})
@@ -284,6 +287,10 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
     missing = row.get("gold_missing", 0)
     if isinstance(missing, bool) or not isinstance(missing, int) or missing < 0:  # recall divides by it
         return f"gold_missing must count the supporting passages its pool lacks (0 or more), got {missing!r}"
+    if "gold_left_out" in row and not (_strings(row["gold_left_out"]) and len(row["gold_left_out"]) <= missing):
+        # the control compares its texts: a string's letters, a None, failed there
+        return (f"gold_left_out must list the texts of supporting passages the row lacks (at most gold_missing, "
+                f"{missing}), got {row['gold_left_out']!r:.80}")
     return None
 
 

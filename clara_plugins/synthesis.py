@@ -24,13 +24,13 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from .atomic import hold_lock
-from .checks import check_output_path
+from .checks import check_output_path, check_texts
 from .config import recorded_model_name
 from .errors import InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
@@ -44,7 +44,8 @@ SIMPLE_QA = ("Read the document and write {n} simple questions, each answered by
 COMPLEX_QA = ("Read the document and write {n} questions that each need two or more of its facts "
               "together, with short answers.\nWrite each pair as two lines:\nQuestion: ...\nAnswer: ...\n\n"
               "Document:\n{document}")
-PARAPHRASE = "Rewrite the document below in your own words, keeping every fact.\n\nDocument:\n{document}"
+PARAPHRASE = ("Rewrite the document below in your own words, keeping every fact. Reply with the rewritten text "
+              "only.\n\nDocument:\n{document}")
 COVERAGE = ("Document:\n{document}\n\nQuestions already asked:\n{questions}\n\nList the facts of the document "
             "that none of these questions asks about, one per line. If every fact is covered, write NONE.")
 MISSING_QA = ("Write one simple question-answer pair for each fact below, using the document.\nWrite each "
@@ -74,15 +75,50 @@ class PromptTooLongError(InvalidInputError):
     """A prompt that takes all of the teacher's positions: its document is too long for it."""
 
 
+class CutReply(str):
+    """A reply the teacher's token limit ended, its unfinished last line dropped: a cut answer is
+    a prefix of the document's words, so it passed as supported, and a cut paraphrase lacks facts
+    (never kept). A callable teacher may return one too."""
+
+
+# what a framework's reply says when its token limit ended it (OpenAI's, Anthropic's, Ollama's, Gemini's)
+_CUT_REASONS = {"length", "max_tokens", "MAX_TOKENS"}
+
+
+def cut_reply(text: str, cut: bool) -> str:
+    """The reply to read: stripped, and where its token limit ended it, a ``CutReply`` without
+    its last line unless that line ended."""
+    if not cut:
+        return text.strip()
+    return CutReply((text if text.endswith("\n") else text.rpartition("\n")[0]).strip())
+
+
+def _says_cut(*fields: object) -> bool:
+    """Whether a framework's reply fields (dicts, or objects with attributes) name a token-limit stop."""
+    for field in fields:
+        values = field if isinstance(field, Mapping) else getattr(field, "__dict__", {})
+        if any(values.get(key) in _CUT_REASONS for key in ("finish_reason", "stop_reason", "done_reason")):
+            return True
+    return False
+
+
 def as_teacher(model: object) -> Teacher:
-    """A callable teacher from a callable, a LangChain chat model or a LlamaIndex LLM."""
+    """A callable teacher from a callable, a LangChain chat model or a LlamaIndex LLM; a reply
+    their token limit ended is read as a ``CutReply``."""
     if hasattr(model, "invoke") and hasattr(model, "bind"):  # a LangChain chat model, LLM or chain
         def invoke(prompt: str) -> str:
             reply = model.invoke(prompt)  # a message (its .text joins content blocks), or a string
-            return reply if isinstance(reply, str) else reply.text
+            if isinstance(reply, str):
+                return reply
+            return cut_reply(reply.text, _says_cut(getattr(reply, "response_metadata", None)))
         return invoke
     if hasattr(model, "complete"):  # LlamaIndex LLM
-        return lambda prompt: model.complete(prompt).text
+        def complete(prompt: str) -> str:
+            response = model.complete(prompt)
+            raw = response.raw if isinstance(response.raw, Mapping) else getattr(response.raw, "__dict__", {})
+            choices = raw.get("choices") or [None]  # OpenAI's: the reason is its first choice's
+            return cut_reply(response.text, _says_cut(raw, choices[0], response.additional_kwargs))
+        return complete
     if callable(model):
         return model
     raise TypeError(f"cannot use {type(model).__name__} as a teacher")
@@ -142,10 +178,7 @@ class HuggingFaceTeacher:
             reply = self.model.generate(ids, max_new_tokens=limit, do_sample=False, eos_token_id=sorted(stops),
                                         pad_token_id=min(stops) if pad is None else pad)[0, ids.size(1):]
         text = self.tokenizer.decode(reply, skip_special_tokens=True)
-        cut = len(reply) == limit and int(reply[-1]) not in stops
-        if cut and not text.endswith("\n"):  # mid-line
-            text = text.rpartition("\n")[0]
-        return text.strip()
+        return cut_reply(text, cut=len(reply) == limit and int(reply[-1]) not in stops)
 
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
@@ -229,8 +262,11 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
                 first.setdefault(question, answer)
         kept = list(first.items())
         questions = "\n".join(q for q, _ in kept) or "(none)"
-        reply = [line.strip("-* ").strip() for line in
-                 teacher(COVERAGE.format(document=document, questions=questions)).splitlines()]
+        try:
+            coverage = teacher(COVERAGE.format(document=document, questions=questions))
+        except PromptTooLongError:  # the document fits, with its questions not: unchecked, the QA is not kept
+            break
+        reply = [line.strip("-* ").strip() for line in coverage.splitlines()]
         missing = [m for m in reply if m and not _says_none(m)]
         if not any(reply):  # an empty reply (a teacher stopping at once) checked nothing: not covered
             break
@@ -240,18 +276,35 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
             break
         if round_ == max_rounds:  # no check would follow: pairs asked for now could never be kept
             break
-        pairs += parse_pairs(teacher(MISSING_QA.format(facts="\n".join(missing), document=document)))
+        try:
+            pairs += parse_pairs(teacher(MISSING_QA.format(facts="\n".join(missing), document=document)))
+        except PromptTooLongError:  # the facts made it too long: the document stays unchecked
+            break
     counts = {"dropped_pairs": len(pairs) - len(kept)}  # every round ends in a break, after kept was made
     qa = None
     if covered and kept:
         qa = {"data_type": "qa", "question": [q for q, _ in kept], "answers": [a for _, a in kept],
               "docs": [document]}
-    paraphrase_text = teacher(PARAPHRASE.format(document=document)).strip()
+    reply = teacher(PARAPHRASE.format(document=document))
+    paraphrase_text = _without_preamble(reply.strip())
     ratio = len(paraphrase_text) / max(1, len(document))
     paraphrase = None
-    if 0.3 <= ratio <= 2.0 and normalize_answer(paraphrase_text) != normalize_answer(document):
+    if not isinstance(reply, CutReply) and 0.3 <= ratio <= 2.0 and \
+            normalize_answer(paraphrase_text) != normalize_answer(document):
         paraphrase = {"data_type": "paraphrase", "answers": [paraphrase_text], "docs": [document]}
     return qa, paraphrase, counts
+
+
+def _without_preamble(text: str) -> str:
+    """A rewrite without the line a chat model opens it with ("Here is the rewritten document:",
+    "Sure! Here's a paraphrase:"), which its rows would teach the reader to write; a first line
+    of the document's own ("Its tracks are:") stays."""
+    first, _, rest = text.partition("\n")
+    opener = _PREAMBLE.match(first.strip()) and first.rstrip().endswith(":")
+    return rest.strip() if opener and rest.strip() else text
+
+
+_PREAMBLE = re.compile(r"(here|sure|certainly|of course|below|okay|ok)\b|(the )?(rewritten|paraphrased?)\b", re.I)
 
 
 def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: str | Path,
@@ -267,6 +320,7 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
     named = next((doc_id for doc_id, _ in documents if not isinstance(doc_id, str)), None)
     if named is not None:  # written as given, then refused by the resume (and the report lost to a warning's join)
         raise InvalidInputError(f"document ids must be strings, got {type(named).__name__} {named!r}")
+    check_texts([text for _, text in documents], "documents", blanks=True)  # a None failed once files were made
     output.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as held:
         try:  # a second run rewrote the files the first went on appending to, and the first's rows were lost
@@ -289,6 +343,10 @@ def _synthesize(documents: list[tuple[str, str]], teacher: Teacher, output: Path
     teacher_name = os.fspath(teacher_name) if isinstance(teacher_name, (str, os.PathLike)) else None
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
         marks = read_jsonl(ledger, appended=True)
+        for number, mark in enumerate(marks, 1):  # a KeyError or AttributeError, once the ledger was rewritten
+            if not isinstance(mark, dict) or not isinstance(mark.get("doc_id"), str):
+                raise InvalidInputError(f"{ledger} line {number} has no doc_id: not a synthesis run's ledger; name "
+                                        "another output, or move the files away")
         # a folder recorded as typed before (./teacher) is that folder, where it is found from here
         others = {name for name in {mark.get("teacher") for mark in marks} - {None, teacher_name}
                   if not isinstance(name, str) or recorded_model_name(name) != teacher_name}

@@ -857,12 +857,14 @@ def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
     passage). The steps compress them without a word: a warning a step buried the progress bar."""
     texts = list(dict.fromkeys(document for row in rows for document in row["docs"]))
     limit = model.config.doc_max_length
-    kept = dict(zip(texts, (text.lower() for text in _kept_texts(model.tokenizer, texts, limit))))
-    cut = sum(len(kept[text]) < len(text) for text in texts)
+    beginnings = list(_kept_texts(model.tokenizer, texts, limit))
+    cut = sum(was_cut for _, was_cut in beginnings)
     if not cut:
         return
-    lost = [number for number, row in enumerate(rows)
-            if any(_past_the_cut(answer.lower(), row["docs"], kept) for answer in trained_answers(row))]
+    kept = {text: beginning.lower() for text, (beginning, _) in zip(texts, beginnings)}
+    lost = [number for number, row in enumerate(rows)  # a reconstruction's document is its target: counted above
+            if any(_past_the_cut(answer.lower(), row["docs"], kept) for answer in trained_answers(row)
+                   if answer not in row["docs"])]
     warnings.warn(f"{cut} of the rows' {len(texts)} documents are longer than doc_max_length ({limit} tokens): "
                   f"the compressor reads their first {limit}, and a target about the rest asks for what their "
                   f"memories cannot hold"
@@ -876,14 +878,20 @@ def _past_the_cut(answer: str, documents: list[str], kept: dict[str, str]) -> bo
             and not any(answer in kept[document] for document in documents))
 
 
-def _kept_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int) -> Iterator[str]:
-    """Each text's first ``limit`` tokens, as text: what the compressor reads of it."""
+def _kept_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int) -> Iterator[tuple[str, bool]]:
+    """Each text's first ``limit`` tokens, as text (what the compressor reads of it), and
+    whether that cut it: by the fast tokenizer's offsets, or a slow one's decoded tokens."""
     with tqdm(total=len(texts), desc="measuring documents", disable=len(texts) < 10_000, leave=False) as bar:
         for start in range(0, len(texts), 1024):
             part = texts[start:start + 1024]
-            spans = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-            yield from (text if len(offsets) <= limit else text[:offsets[limit - 1][1]]
-                        for text, offsets in zip(part, spans))
+            if tokenizer.is_fast:
+                spans = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                yield from ((text, False) if len(offsets) <= limit else (text[:offsets[limit - 1][1]], True)
+                            for text, offsets in zip(part, spans))
+            else:  # no offsets
+                rows = tokenizer(part, add_special_tokens=False)["input_ids"]
+                yield from ((text, False) if len(ids) <= limit else (tokenizer.decode(ids[:limit]), True)
+                            for text, ids in zip(part, rows))
             bar.update(len(part))
 
 

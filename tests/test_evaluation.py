@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clara_benchmarks import evaluation
-from clara_benchmarks.evaluation import evaluate_answers, evaluate_retrieval, f1_above_control, recall_above
+from clara_benchmarks.evaluation import (control_partners, evaluate_answers, evaluate_retrieval, f1_above_control,
+                                         recall_above)
 from clara_benchmarks.text_reader import read_text
 from clara_plugins import reading
 from clara_plugins.cli import main
@@ -182,6 +183,32 @@ def test_the_control_passes_over_rows_that_hold_its_gold_passage():
             {"question": "q2", "docs": ["gold 2", "b"], "pos_index": [0], "answer": "z"}]
     assert other_rows(rows, 2) == [2, 2, 0]
     assert other_rows(rows, 1) == [1, 2, 0]  # beyond the documents a row reads, it is no evidence
+    # a Normal row whose top k missed its gold passage (NQ dev 568): the next row's pool held it,
+    # word for word, and gave it back as "another question's documents"
+    normal = [{"question": "q0", "docs": ["a", "b"], "pos_index": [], "gold_left_out": ["gold  0"], "answer": "x"},
+              {"question": "q1", "docs": ["c", "gold 0"], "pos_index": [], "answer": "y"},  # spaced otherwise
+              {"question": "q2", "docs": ["d", "e"], "pos_index": [], "answer": "z"}]
+    assert other_rows(normal, 2) == [2, 2, 0]
+    # a reconstruction row names no gold passage: another window of its article gave it its title
+    windows = [{"data_type": "reconstruct", "docs": [f"{title}\nwindow {n}"], "answers": ["w"]}
+               for n, title in enumerate(["Pavia Cathedral", "Pavia Cathedral", "Rome"])]
+    assert other_rows(windows, 1) == [2, 2, 0]
+    chunks = [{"data_type": "reconstruct", "docs": [f"Handbook\nsection {n}"], "answers": ["s"]} for n in range(3)]
+    assert other_rows(chunks, 1) == [1, 2, 0]  # one document's chunks share its title: paired all the same
+    with pytest.raises(InvalidInputError, match="control shifts are whole numbers of rows, at least one"):
+        control_partners(rows, [])  # a StatisticsError once every pass had run; 1.5 failed in islice
+    with pytest.raises(InvalidInputError, match="control shifts are whole numbers of rows"):
+        control_partners(rows, [1.5])
+
+
+def test_a_normal_row_keeps_the_gold_passages_its_top_k_missed():
+    from clara_plugins.corpora import QAExample
+    from clara_plugins.rows import instruct_rows
+
+    passages = ["Danube\nThe Danube rises in the Black Forest.", *(f"River {i}\nA river flows here." for i in range(5))]
+    example = QAExample("q", "which river flows here", ["Black Forest"], passages, [0])
+    (row,) = instruct_rows([example], "normal", k=2)
+    assert row["pos_index"] == [] and row["gold_missing"] == 1 and row["gold_left_out"] == [passages[0]]
 
 
 def test_clara_eval_refuses_a_bad_control_or_out_before_it_loads_the_model(tmp_path, monkeypatch, capsys):
@@ -226,6 +253,8 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         # a ZeroDivisionError and a recall of -100 % after ranking every pool
         (ROWS[:1] + [{**ROWS[1], "gold_missing": -1}], ["--retrievers", "bm25"], "row 1: gold_missing must count"),
         (ROWS[:1] + [{**ROWS[1], "gold_missing": "1"}], ["--retrievers", "bm25"], "row 1: gold_missing must count"),
+        (ROWS[:1] + [{**ROWS[1], "gold_missing": 1, "gold_left_out": "a text"}], ["--systems", "control"],
+         "row 1: gold_left_out must list the texts"),  # the control would compare its letters
         (ROWS[:1] + [{**ROWS[1], "docs": ROWS[1]["docs"][1:2], "pos_index": [0]}], ["-k", "3", "--reading"],
          "the same number"),
         # a pool longer than k: text read its first k candidates as they stand (a random order)

@@ -596,6 +596,14 @@ def test_a_creation_refused_before_another_clients_collection_is_listed_opens_it
     assert store.all_ids() == IDS[:1]
     store.close()
 
+    def refused(self, collection, **kwargs):  # any other refusal is said at once, not after a wait
+        raise pymilvus.MilvusException(message="the schema is refused")
+
+    monkeypatch.setattr(pymilvus.MilvusClient, "create_collection", refused)
+    monkeypatch.setattr("clara_plugins.milvus_store.time.sleep", lambda seconds: pytest.fail("waited"))
+    with pytest.raises(pymilvus.MilvusException, match="the schema is refused"):
+        MilvusMemoryStore(tiny_model, uri, collection="refused")
+
 
 def test_a_delete_by_filter_or_of_everything_is_one_delete_on_the_server(milvus, monkeypatch):
     # the ids were listed, then deleted in batches: another client's replacement in between was lost

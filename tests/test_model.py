@@ -369,9 +369,23 @@ def test_decoding_runs_no_pass_after_its_last_token(tiny_model):
 
 def test_generate_from_questions_refuses_k_below_one_before_compressing(tiny_model, monkeypatch):
     # k=0 read the config's generation_top_k
-    monkeypatch.setattr(tiny_model, "compress_documents", lambda *a, **k: pytest.fail("compressed"))
+    monkeypatch.setattr(tiny_model, "compress", lambda *a, **k: pytest.fail("compressed"))
     with pytest.raises(InvalidInputError, match="k must be a positive integer, got 0"):
         tiny_model.generate_from_questions(["Where?"], [CORPUS[:3]], k=0)
+    for generate in (tiny_model.generate_from_questions, tiny_model.generate_from_text):
+        with pytest.raises(InvalidInputError, match="max_new_tokens must be a positive integer, got 0"):
+            generate(["Where?"], [CORPUS[:3]], max_new_tokens=0)  # refused once every document was compressed
+
+
+def test_apples_method_names_warn_of_cut_documents_at_their_caller(tiny_model):
+    # the warning named clara_plugins/model.py, where compress_documents called compress
+    long = " ".join(CORPUS * 10)
+    for call in (lambda: tiny_model.compress_documents([long]),
+                 lambda: tiny_model.generate_from_text(["Who?"], [[long]], max_new_tokens=1),
+                 lambda: tiny_model.generate_from_questions(["Who?"], [[long, CORPUS[0]]], k=1, max_new_tokens=1)):
+        with pytest.warns(UserWarning, match="1 of .* documents exceed doc_max_length") as caught:
+            call()
+        assert [warning.filename for warning in caught] == [__file__]
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 2.5])

@@ -181,8 +181,15 @@ def test_the_ranking_functions_refuse_what_they_cannot_rank():
     for k in (2.5, True, 0):
         with pytest.raises(InvalidInputError, match="k must be a positive integer"):
             top_k(torch.randn(2, 4, 8), pool, k, "mean")
+    with pytest.raises(InvalidInputError, match=r"flat keys compare memories of as many vectors: queries have 2, "
+                                                 "candidates 4"):  # a bare "mat1 and mat2 shapes cannot be multiplied"
+        top_k(torch.randn(1, 2, 8), pool, 3, "flat")
+    assert top_k(torch.randn(1, 2, 8), pool, 3, "mean")[1].shape == (1, 3)  # pooled: any count of vectors compares
     with pytest.raises(ValueError, match="temperature must be a finite positive number, got nan"):
         straight_through_topk(torch.randn(2, 5), 2, float("nan"))
+    for k in (2.0, True, 0):  # 2.0 failed on a slice, True picked one
+        with pytest.raises(InvalidInputError, match="k must be a positive integer"):
+            straight_through_topk(torch.randn(2, 5), k, 0.1)
     for name in ("lr", "margin", "temperature"):
         with pytest.raises(ValueError, match=f"{name} must be a finite number"):  # lr=inf made every weight NaN at step 1
             TrainConfig(stage="e2e", **{name: math.inf})

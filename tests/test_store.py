@@ -173,9 +173,17 @@ def test_indexing_shows_the_batches_of_a_group_as_they_are_compressed(tiny_model
     compress = tiny_model.compress
     monkeypatch.setattr(tiny_model, "compress", lambda texts, batch_size, show_progress=False, warn=True, progress=None:
                         shown.append(not progress.disable) or compress(texts, batch_size, warn=warn, progress=progress))
-    index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"], show_progress=True)
-    index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"])
+    index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"])  # long work: a bar unless asked for none
+    index_documents(MemoryStore(tiny_model), CORPUS[:3], ["a", "b", "c"], show_progress=False)
     assert shown == [True, False]
+
+
+def test_indexing_a_pandas_like_column_names_what_it_needs(tiny_model):
+    # `not texts` of a pandas Series raised "The truth value of a Series is ambiguous"
+    pandas = pytest.importorskip("pandas")
+    with pytest.raises(InvalidInputError, match="texts must be a list of strings, got Series"):
+        index_documents(MemoryStore(tiny_model), pandas.Series(CORPUS[:2]), ["a", "b"])
+    assert index_documents(MemoryStore(tiny_model), [], []) == []  # nothing new: nothing to do
 
 
 def test_texts_compressed_in_parts_show_one_bar_kept_unless_nested(tiny_model, monkeypatch, capsys):
@@ -210,6 +218,11 @@ def test_a_numpy_number_matches_a_list_value_as_the_python_number_does(tiny_mode
         assert store.ids_where({"n": target}) == store.ids_where({"n": {"$eq": target}}) == ["one"]
         assert store.ids_where({"n": {"$in": [target]}}) == ["one"]
         assert store.ids_where({"n": {"$ne": target}}) == store.ids_where({"n": {"$nin": [target]}}) == ["pair", "single"]
+    # a float32's exact value, as Milvus reads it, in equality and in ranges alike (they disagreed)
+    store.upsert(CORPUS[3:4], ids=["tenth"], metadatas=[{"n": 0.1}])
+    tenth = np.float32(0.1)
+    assert store.ids_where({"n": tenth}) == store.ids_where({"n": {"$gte": tenth, "$lte": tenth}}) == []
+    assert store.ids_where({"n": {"$lt": tenth}}) == ["tenth"]
 
 
 def test_malformed_filters_are_named(store):

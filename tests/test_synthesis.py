@@ -399,6 +399,72 @@ def test_langchain_and_llama_index_models_are_teachers():
     assert parse_pairs(as_teacher(chain)("any prompt")) == [("Who?", "Curie")]
 
 
+def test_a_framework_teachers_reply_cut_at_its_token_limit_keeps_no_cut_answer_or_paraphrase():
+    # a LangChain or LlamaIndex teacher with max_tokens: "Marie" of "Marie Curie" was kept as
+    # supported (a prefix of the document's words), and a paraphrase cut mid-sentence was written
+    from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+    from langchain_core.messages import AIMessage
+    from llama_index.core.base.llms.types import CompletionResponse
+
+    def cut(text):
+        return AIMessage(content=text, response_metadata={"finish_reason": "length"})
+
+    replies = [cut("Question: Where was she born?\nAnswer: Warsaw\nQuestion: Who won?\nAnswer: Marie"),
+               cut("Question: When?\nAnswer: 18"), AIMessage(content="NONE"),
+               cut("Marie Curie, born in Warsaw in 1867, won the Nobel Prize in Physics in")]
+    qa, paraphrase, _ = synthesize_document(DOC, as_teacher(GenericFakeChatModel(messages=iter(replies))))
+    assert qa["question"] == ["Where was she born?"] and qa["answers"] == ["Warsaw"] and paraphrase is None
+
+    class Completions:  # a LlamaIndex LLM whose reply carries OpenAI's finish reason in its raw response
+        def complete(self, prompt):
+            return CompletionResponse(text="Question: Who?\nAnswer: Mar", raw={"choices": [{"finish_reason": "length"}]})
+
+    reply = as_teacher(Completions())("Ask.")
+    assert reply == "Question: Who?" and isinstance(reply, synthesis.CutReply)
+    whole = GenericFakeChatModel(messages=iter([AIMessage(content="Question: Who?\nAnswer: Marie Curie\n",
+                                                          response_metadata={"finish_reason": "stop"})]))
+    assert not isinstance(as_teacher(whole)("Ask."), synthesis.CutReply)
+
+
+def test_a_coverage_prompt_too_long_for_the_teacher_keeps_the_paraphrase():
+    # the document fit, then the coverage prompt (the document and every question) did not: the
+    # document lost its paraphrase too, and was reported as too long for the teacher
+    script = ScriptedTeacher([])
+
+    def teacher(prompt: str) -> str:
+        if prompt.startswith("Document:"):
+            raise synthesis.PromptTooLongError("the teacher's prompt takes all of its positions")
+        return script(prompt)
+
+    qa, paraphrase, _ = synthesize_document(DOC, teacher)
+    assert qa is None and paraphrase is not None
+
+
+def test_a_paraphrase_loses_the_line_a_chat_model_opens_it_with():
+    def teacher(prompt: str) -> str:
+        if prompt.startswith("Rewrite"):
+            return "Here is the rewritten document:\n\nBorn in Warsaw in 1867, Marie Curie won the 1903 Physics prize."
+        return ScriptedTeacher(["NONE"])(prompt)
+
+    _, paraphrase, _ = synthesize_document(DOC, teacher)
+    assert paraphrase["answers"] == ["Born in Warsaw in 1867, Marie Curie won the 1903 Physics prize."]
+    assert synthesis._without_preamble("Her prizes were:\nPhysics, 1903.") == "Her prizes were:\nPhysics, 1903."
+
+
+def test_a_ledger_line_or_a_text_no_run_wrote_is_refused_by_name(tmp_path):
+    # a KeyError 'doc_id' (or an AttributeError) once the ledger was rewritten; a None text failed
+    # in the answer check once the output and its ledger were made
+    with pytest.raises(InvalidInputError, match=r"documents\[0\] is a NoneType, not a string"):
+        synthesize([("a", None)], ScriptedTeacher(["NONE"]), tmp_path / "none.jsonl")
+    assert list(tmp_path.iterdir()) == []
+    for mark in ('{"id": "a"}', '["a"]'):
+        (tmp_path / "scp.jsonl").write_text("")
+        (tmp_path / "scp.jsonl.done").write_text(mark + "\n")
+        with pytest.raises(InvalidInputError, match="scp.jsonl.done line 1 has no doc_id"):
+            synthesize([("a", DOC)], ScriptedTeacher(["NONE"]), tmp_path / "scp.jsonl")
+        assert (tmp_path / "scp.jsonl.done").read_text() == mark + "\n"
+
+
 def test_a_hugging_face_teacher_runs_on_the_device_it_is_given(tiny_base, monkeypatch):
     # it always loaded in float32 on the CPU, a GPU beside it or not
     from clara_plugins import backbone

@@ -1124,17 +1124,20 @@ def test_documents_longer_than_the_compressor_reads_are_counted_in_a_warning(tin
     long = " ".join(CORPUS * 10)
     rows = [{"data_type": "reconstruct", "answers": [long], "docs": [long]},
             {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
-    with pytest.warns(UserWarning, match="1 of the rows' 2 documents are longer than doc_max_length"):
+    with pytest.warns(UserWarning, match="1 of the rows' 2 documents are longer than doc_max_length .*cannot "
+                                         "hold$"):  # no answer past the cut: a reconstruction's target is its document
         train(tiny_model, rows, TrainConfig(stage="scp", steps=1, batch_size=2, grad_accum=1, mse_weight=0.0), tmp_path)
 
 
-def test_rows_whose_answer_is_past_the_compressors_cut_alone_are_counted(tiny_model, tmp_path):
+@pytest.mark.parametrize("fast", [True, False])  # a slow tokenizer has no offsets: its tokens are decoded
+def test_rows_whose_answer_is_past_the_compressors_cut_alone_are_counted(tiny_model, tmp_path, monkeypatch, fast):
     # a cloze blank late in a long passage, an Oracle answer past the first 256 tokens: trained
     # to say what the memories cannot hold, with the documents alone counted
     long = " ".join(CORPUS * 10) + " The answer is Zanzibar."
     rows = [{"question": "Where?", "docs": [long], "answer": "Zanzibar"},
             {"question": "Which capital?", "docs": [long], "answer": "Paris"},  # its first words: kept
             {"question": "Where else?", "docs": [CORPUS[0], long], "answer": "ZANZIBAR"}]
+    monkeypatch.setattr(type(tiny_model.tokenizer), "is_fast", fast)
     with pytest.warns(UserWarning, match="1 of the rows' 2 documents are longer than doc_max_length .*; 2 rows' "
                                          "answers are in their documents past the cut alone, training row 0 the first"):
         train(tiny_model, rows, TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1), tmp_path)
