@@ -120,8 +120,7 @@ def benchmark_rows(source: str, data_dir: str, setting: str, sample: int, seed: 
     examples = read_examples(path, limit=DATASETS[name][1] if name else None)
     rows = instruct_rows(examples, "oracle", k) if setting == "oracle" else e2e_rows(examples, candidates, seed)
     if not rows:
-        raise InvalidInputError(f"{path} gives no {setting} rows" + (": no example has all its gold passages"
-                                                                      if setting == "oracle" else ""))
+        raise InvalidInputError(f"{path} gives no {setting} rows (the warning above says why)")
     chosen = random.Random(seed).sample(rows, min(sample, len(rows)))
     trained_on = TRAINED_ON.get(name) if name else _training_file(path)
     return chosen, {"file": str(path), "examples_eligible": len(examples), "rows_eligible": len(rows),
@@ -204,6 +203,9 @@ def run(args: argparse.Namespace) -> list[Path]:
     if args.candidates is not None and args.setting == "oracle":
         raise InvalidInputError("--candidates sizes the normal setting's pools; the oracle setting reads the k")
     args.candidates = args.candidates or 20
+    if args.setting == "normal" and args.candidates <= args.k:  # every retriever handed the reader the whole pool
+        raise InvalidInputError(f"the normal setting reads the best -k {args.k} of --candidates {args.candidates}: "
+                                "name more candidates than k")
     unknown = sorted(set(args.systems or ()) - {s.name for s in systems})
     if unknown:
         raise InvalidInputError(f"--systems: no system is named {', '.join(map(repr, unknown))}; the systems are "

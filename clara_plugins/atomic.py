@@ -229,16 +229,40 @@ def _lock(descriptor: int, wait: bool) -> bool | None:
     return True
 
 
+MOUNT_TABLE = Path("/proc/self/mountinfo")  # Linux's list of this process's mount points
+
+
+def _mount_point(folder: Path) -> bool:
+    """Whether something is mounted at a folder, by the mount table: a bind mount within one
+    file system has its parent's device, and a btrfs subvolume a device of its own though
+    nothing is mounted there (it can be renamed). Without a table (macOS), by the device."""
+    try:
+        table = MOUNT_TABLE.read_bytes().split(b"\n")  # a line break in a name is escaped, a \r not
+    except OSError:
+        return os.path.ismount(folder)
+    target = os.fsencode(folder.resolve())
+    for line in table:
+        fields = line.split(b" ")  # single spaces: a name's own are escaped, its other blanks not
+        # the fifth field is the mount point, its spaces, tabs, line breaks and backslashes octal-escaped
+        if len(fields) > 4 and re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4]) == target:
+            return True
+    return False
+
+
 def check_replaceable_folder(folder: Path, marker: str, saved_again: bool = False) -> None:
     """Refuse (FileExistsError) a path ``write_folder_atomically`` would not replace: a file, a
     non-empty folder without ``marker``, or an existing folder beside a ``.NAME.old`` that is
     not the library's (in the swap's way: a non-empty folder without ``marker``, a file, or a
     link to anything but a folder with it; ``saved_again``: a folder written more than once, such as
-    a training run's checkpoint, meets it at its second write); a caller with long work before
-    the write checks first."""
+    a training run's checkpoint, meets it at its second write); and (ValueError) the working
+    folder or one above it, or a mount point, which the swap cannot move. A caller with long
+    work before the write checks first."""
     folder = _followed(folder)
     if folder.resolve() in (Path.cwd(), *Path.cwd().parents):  # the swap would take it from under this process
         raise ValueError(f"{folder} is this process's working directory, or holds it: name a folder outside it")
+    if _mount_point(folder):  # renamed aside at the swap: EBUSY once every file was written beside it
+        raise ValueError(f"{folder} is a mount point, which a save cannot replace (it writes a new folder beside "
+                         "it and swaps the two): name a folder inside it")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
         raise FileExistsError(f"{folder} is a non-empty folder that this library did not write (no {marker}); "
                               "choose a new or empty folder")

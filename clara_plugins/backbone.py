@@ -159,7 +159,7 @@ def _refuse_remote_code(name_or_path: str, error: Exception) -> None:
 
 def _not_loadable(name_or_path: str, error: OSError) -> OSError:
     return OSError(f"could not load base model {name_or_path!r}: it must be a local Hugging Face model "
-                   f"folder or a hub id already in the local Hugging Face cache ({error})")
+                   f"folder, or a hub id in the local Hugging Face cache or one it can download ({error})")
 
 
 def default_model_folder() -> Path:

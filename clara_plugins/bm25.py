@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import warnings
 from collections.abc import Callable
 
 import bm25s
@@ -77,6 +78,10 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
                 break
             ranked *= 4
         result.append(dataclasses.replace(example, passages=passages))
+    short = sum(len(example.passages) < size for example in result)
+    if short:  # a Normal row then read most of its pool, an e2e row fewer candidates than asked
+        warnings.warn(f"{short} of {len(result)} pools hold fewer than {size} passages: the other examples' "
+                      "passages could not fill them (fill from more examples)", stacklevel=3)
     return result
 
 

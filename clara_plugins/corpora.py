@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import os
 import re
 import warnings
 from collections import Counter
@@ -88,7 +89,7 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     return examples
 
 
-def read_documents(paths: list[str]) -> list[str]:
+def read_documents(paths: list[str | os.PathLike]) -> list[str]:
     """Documents from passage files.
 
     A ``.json`` file holds a list of records and a ``.jsonl`` file one record per line, each
@@ -98,6 +99,9 @@ def read_documents(paths: list[str]) -> list[str]:
     an error: it is never read as the text of a document. So is a record without a text
     (a misspelt field would otherwise index its title alone).
     """
+    if isinstance(paths, (str, os.PathLike)):  # a string was read a letter at a time ("d: no such file")
+        raise InvalidInputError(f"read_documents takes a list of files, got the one path {os.fspath(paths)!r}: "
+                                "pass [path]")
     documents: list[str] = []
     for source in paths:
         path = _existing_file(source)
@@ -158,10 +162,24 @@ def _record_text(record: object, where: str) -> str:
     return f"{record['title']}\n{text}" if record.get("title") else text
 
 
+def official_format(row: object) -> str | None:
+    """The official QA format a record is of, by its fields (None: none this reader knows)."""
+    if not isinstance(row, dict):
+        return None
+    if "context" in row and "supporting_facts" in row:
+        return "HotpotQA or 2WikiMultihopQA"
+    if "paragraphs" in row:
+        return "MuSiQue"
+    if "ctxs" in row or "positive_ctxs" in row:  # NQ-open with passages; DPR's retriever output and training files
+        return "NQ or DPR"
+    return None
+
+
 def _example(row: dict, number: int) -> QAExample:
     if not isinstance(row, dict):
         raise NotQuestionsError(f"a JSON {type(row).__name__}, not a question record")
-    if "context" in row and "supporting_facts" in row:  # HotpotQA, 2WikiMultihopQA
+    kind = official_format(row)
+    if kind == "HotpotQA or 2WikiMultihopQA":
         titles = {title for title, _ in row["supporting_facts"]}
         spaced = any(s[:1].isspace() for _, sentences in row["context"] for s in sentences[1:])
         passages = [f"{title}\n{_joined(sentences, spaced)}" for title, sentences in row["context"]]
@@ -169,12 +187,12 @@ def _example(row: dict, number: int) -> QAExample:
         gold = [i for i, (title, _) in enumerate(row["context"]) if title in titles]
         return QAExample(str(row["_id"]), row["question"], [row["answer"]], *_distinct(passages, gold),
                          tuple(sorted(titles - present)))
-    if "paragraphs" in row:  # MuSiQue
+    if kind == "MuSiQue":
         passages = [f"{p['title']}\n{p['paragraph_text']}" for p in row["paragraphs"]]
         gold = [i for i, p in enumerate(row["paragraphs"]) if p["is_supporting"]]
         return QAExample(str(row["id"]), row["question"], [row["answer"], *row.get("answer_aliases", [])],
                          *_distinct(passages, gold))
-    if "ctxs" in row or "positive_ctxs" in row:  # NQ-open with passages; DPR's retriever output and training files
+    if kind == "NQ or DPR":
         contexts = row["ctxs"] if "ctxs" in row else [*row["positive_ctxs"], *row.get("hard_negative_ctxs", []),
                                                       *row.get("negative_ctxs", [])]
         passages = [f"{c['title']}\n{c['text']}" for c in contexts]

@@ -37,8 +37,18 @@ def _bounded(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
 
 
 def _plain(target: Any) -> Any:
-    """A numpy number as the Python one it holds (a float32's exact value), as Milvus reads it."""
-    return target.item() if isinstance(target, np.generic) else target
+    """A numpy number as the Python one it holds (a float32's exact value), as Milvus reads it,
+    inside lists and dicts too (numpy compared a nested float32 in float32)."""
+    if isinstance(target, np.generic):
+        return target.item()
+    if isinstance(target, (list, tuple)):
+        return type(target)(map(_plain, target))
+    return {key: _plain(item) for key, item in target.items()} if isinstance(target, dict) else target
+
+
+def _nan(value: Any) -> bool:
+    """A float NaN; an integer never is one (math.isnan of 10**400 overflowed)."""
+    return isinstance(value, (float, np.floating)) and math.isnan(value)
 
 
 def _equal(value: Any, target: Any) -> bool:
@@ -94,7 +104,7 @@ def _validate_operator(key: str, name: str, target: Any) -> None:
         raise ValueError(f"{name} on field {key!r} takes a list")
     for value in target if name in ("$in", "$nin") else [target] if name in ("$eq", "$ne") else []:
         _check_equal_target(key, name, value)
-    if name in _RANGE_OPERATORS and (_kind(target) is None or (_kind(target) is float and math.isnan(target))):
+    if name in _RANGE_OPERATORS and (_kind(target) is None or _nan(target)):
         raise ValueError(f"{name} on field {key!r} takes a number or a string, got {target!r:.60}")
 
 
@@ -120,7 +130,7 @@ def _storable(value: Any) -> bool:
     if value is None or isinstance(value, (str, bool, np.bool_)):
         return True
     if isinstance(value, numbers.Real):  # numpy's too
-        return not math.isnan(value)
+        return not _nan(value)
     if isinstance(value, list):
         return all(map(_storable, value))
     return isinstance(value, dict) and all(isinstance(k, str) and _storable(v) for k, v in value.items())

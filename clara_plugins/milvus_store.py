@@ -509,7 +509,9 @@ def _condition(field: str, key: str, name: str, target: Any) -> str:
 
 
 def _infinite(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isinf(value)
+    """A float infinity; an integer never is one (math.isinf of 10**400 overflowed: its literal
+    is refused by name)."""
+    return isinstance(value, (float, np.floating)) and math.isinf(value)
 
 
 def _beyond(field: str, name: str, above: bool) -> str:

@@ -52,7 +52,7 @@ class ClaraModel(torch.nn.Module):
     The verbs: ``compress`` documents, ``encode_queries``, ``answer`` (batched) and
     ``stream_answer`` questions from memories, ``generate`` / ``stream`` any prompt whose
     document placeholders carry memories, and ``save_pretrained`` / ``from_pretrained``.
-    Apple's method names remain as thin aliases. The model is safe to share between threads
+    Apple's method names remain as aliases, with this class's signatures and returns. The model is safe to share between threads
     and interleaved generators: every forward pass activates its adapter under one lock.
     The trainer's passes (``passes.py``) use the underscored ``_encode_tokens``,
     ``_decoder_inputs`` and ``_adapter``: an interface for training, not for users.

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
+from collections import Counter
 from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
 from .bm25 import bm25_rank, bm25_ranker, fill_short_pools, with_candidates
 from .config import SETTINGS, TrainConfig
-from .corpora import QAExample, same_evidence, word_grams
+from .corpora import QAExample, official_format, same_evidence, word_grams
 from .errors import InvalidInputError
 from .metrics import recall_at_k
 from .prompts import SCP_REWRITES
@@ -35,16 +37,22 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
     Oracle rows are made only for examples whose gold passages are all in the pool, and at
     most k. Pools of fewer than k passages (Normal: ``NORMAL_POOL``) are filled from the other
     examples (a training batch needs the same k in every row); an example that still has
-    fewer than k is left out. Both settings list their
-    passages best BM25 match first, as a retriever would: in the pool's order, a set whose
-    gold passage opens every pool (NQ's) would teach a reader to trust the first document.
+    fewer than k is left out, and a warning counts those left out by cause. A Normal k that
+    reads every pool whole is refused. Both settings list their passages best BM25 match
+    first, as a retriever would: in the pool's order, a set whose gold passage opens every
+    pool (NQ's) would teach a reader to trust the first document.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
     pool = k if setting == "oracle" else max(k, NORMAL_POOL)
-    examples = [e for e in fill_short_pools(examples, pool) if len(e.passages) >= k]
+    filled = fill_short_pools(examples, pool)
+    examples = [e for e in filled if len(e.passages) >= k]
+    if setting == "normal" and examples and all(len(e.passages) == k for e in examples):  # its gold one never missed
+        raise InvalidInputError(f"a Normal row reads the best k of its pool, and k={k} reads every pool whole: use "
+                                "a smaller k, or the oracle setting")
     if setting == "oracle":  # every gold passage among the k: -k 1 gave a 2-hop question half its evidence
         examples = [e for e in examples if e.gold_complete and e.gold and len(e.gold) <= k]
+    _warn_left_out(filled, len(examples), setting, k)
     rows = []
     for example in tqdm(examples, desc="ranking pools (BM25)", disable=len(examples) < 1000):
         ranked = bm25_rank(example.question, example.passages)
@@ -60,6 +68,19 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
         left_out = [example.passages[i] for i in example.gold if i not in chosen]
         rows.append(_row(example, [example.passages[i] for i in chosen], found, missing, left_out))
     return rows
+
+
+def _warn_left_out(examples: list[QAExample], kept: int, setting: str, k: int) -> None:
+    """Say how many examples made no row, and why: a conversion that made none named no
+    cause (-k below every example's gold passages, pools too few to fill)."""
+    if kept == len(examples):
+        return
+    why = Counter(f"a pool of fewer than {k} passages, even filled from the others" if len(e.passages) < k
+                  else "not all of their gold passages in their pool" if not (e.gold_complete and e.gold)
+                  else f"more gold passages than k={k}" for e in examples
+                  if len(e.passages) < k or (setting == "oracle" and not (e.gold_complete and e.gold and len(e.gold) <= k)))
+    warnings.warn(f"{len(examples) - kept} of {len(examples)} examples make no {setting} row: "
+                  + "; ".join(f"{count} with {reason}" for reason, count in why.most_common()), stacklevel=3)
 
 
 def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> list[dict]:
@@ -260,15 +281,25 @@ def scp_row_problem(row: dict) -> str | None:
     return None
 
 
+def _official_hint(row: object) -> str:
+    """Where converted rows are read, an official QA file given instead named (HotpotQA's is one
+    JSON list on one line): it is converted first."""
+    if isinstance(row, list) and row and (kind := official_format(row[0])):
+        return f" (a file of {kind} records: clara convert-data makes rows of it)"
+    if kind := official_format(row):
+        return f" (a record of {kind}: clara convert-data makes rows of it)"
+    return ""
+
+
 def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
     """What keeps a question row ({question, docs, answer(s), pos_index}) from being read, or
     None: an SCP row, a missing field, or a field of the wrong shape."""
     if not isinstance(row, dict):
-        return f"a JSON {type(row).__name__}, not an object"
+        return f"a JSON {type(row).__name__}, not an object" + _official_hint(row)
     if "data_type" in row:
         return "an SCP row (data_type set), not a question row"
     if not _strings(row.get("docs")):
-        return "docs must be a non-empty list of document texts, none blank"
+        return "docs must be a non-empty list of document texts, none blank" + _official_hint(row)
     if not isinstance(row.get("question"), str) or not row["question"].strip():
         return "question must be a non-empty string"
     if "answer" in row and not isinstance(row["answer"], str):  # the prompts read it before answers

@@ -426,6 +426,37 @@ def test_the_working_directory_is_refused_before_any_work(tmp_path, monkeypatch)
     assert (tmp_path / "here" / "sibling" / "config.json").read_text() == "1"
 
 
+def test_a_mount_point_is_refused_before_any_work(tmp_path, monkeypatch):
+    # a save wrote every file beside it, then failed on a bare "Device or resource busy" at the swap
+    from clara_plugins.atomic import check_replaceable_folder
+
+    # the mount table names it, a bind mount within one file system too (its device is its parent's);
+    # a name's spaces are escaped there, its other blanks not
+    for name in ("volume", "my runs", "my\u3000runs"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "my").mkdir()
+    table = tmp_path / "mountinfo"
+    table.write_bytes(b"".join(b"36 35 98:0 /data " + os.fsencode(tmp_path / name).replace(b" ", b"\\040")
+                               + b" rw shared:1 - ext4 /dev/root rw\n" for name in ("volume", "my runs", "my\u3000runs")))
+    monkeypatch.setattr(atomic, "MOUNT_TABLE", table)
+    with pytest.raises(ValueError, match="volume is a mount point, which a save cannot replace"):
+        write_folder_atomically(tmp_path / "volume", lambda staging: (staging / "config.json").write_text("1"),
+                                "config.json")
+    assert sorted(tmp_path.iterdir()) == sorted(tmp_path / name for name in ("volume", "my runs", "my\u3000runs", "my",
+                                                                              "mountinfo"))
+    for name in ("my runs", "my\u3000runs"):
+        with pytest.raises(ValueError, match="is a mount point"):
+            check_replaceable_folder(tmp_path / name, "config.json")
+    check_replaceable_folder(tmp_path / "volume" / "checkpoint", "config.json")  # a folder inside it is saved
+    check_replaceable_folder(tmp_path / "my", "config.json")  # a folder listed nowhere
+    # a device of its own, listed nowhere (a btrfs subvolume): it can be renamed, and is saved
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == tmp_path / "my")
+    check_replaceable_folder(tmp_path / "my", "config.json")
+    monkeypatch.setattr(atomic, "MOUNT_TABLE", tmp_path / "missing")  # no table (macOS): the device check alone
+    with pytest.raises(ValueError, match="my is a mount point"):
+        check_replaceable_folder(tmp_path / "my", "config.json")
+
+
 def test_a_write_into_a_missing_folder_fails(tmp_path):
     # a retry for a staging name removed in the moment before its lock tried again forever
     with pytest.raises(FileNotFoundError):

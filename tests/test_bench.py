@@ -262,6 +262,9 @@ def test_bench_refuses_bad_numbers_names_and_files_before_any_system_runs(tmp_pa
         assert exit_.value.code == 2
     write_hotpotqa(tmp_path)
     for argv, code, message in [(["--systems", "dense + text", "dense + txt"], 5, "'dense + txt'"),
+                                # every retriever handed the reader the whole pool: recall 100 by construction
+                                (["--candidates", "5"], 5, "reads the best -k 5 of --candidates 5: name more"),
+                                (["-k", "25"], 5, "reads the best -k 25 of --candidates 20"),
                                 (["--datasets", "hotpotqa", "nq"], 3, "no data file")]:
         with pytest.raises(SystemExit) as exit_:
             main(["bench", *argv, "--data-dir", str(tmp_path)])

@@ -37,6 +37,10 @@ def test_read_documents_from_files(tmp_path):
     assert docs == ["First paragraph.", "Second paragraph.", "DPR text", "T\nbody"]
     (tmp_path / "d.txt").write_text("One.\n \t\nTwo.\n\n\nThree.")  # a blank line holding spaces joined two
     assert read_documents([str(tmp_path / "d.txt")]) == ["One.", "Two.", "Three."]
+    # one path, not a list: a string was read a letter at a time, a Path failed as not iterable
+    for lone in (str(tmp_path / "d.txt"), tmp_path / "d.txt"):
+        with pytest.raises(InvalidInputError, match="read_documents takes a list of files, got the one path"):
+            read_documents(lone)
 
 
 def test_dprs_passage_file_reads_one_document_a_row(tmp_path):

@@ -240,8 +240,20 @@ def test_instruction_rows_all_have_k_documents():
     assert [len(row["docs"]) for row in rows] == [3, 3]  # the 2-passage pool got one of q3's passages
     assert rows[0]["docs"][rows[0]["pos_index"][0]] == NQ_LIKE.passages[0]
     assert rows[1]["docs"][rows[1]["pos_index"][0]].startswith("Danube")
-    alone = instruct_rows([NQ_LIKE], k=3)  # nothing to fill from
-    assert alone == []
+    # nothing to fill from: the left-out example is said, and why (a conversion that made no row named no cause)
+    with pytest.warns(UserWarning) as caught:
+        assert instruct_rows([NQ_LIKE], k=3) == []
+    assert [str(w.message) for w in caught] == [
+        "1 of 1 pools hold fewer than 20 passages: the other examples' passages could not fill them (fill from "
+        "more examples)",
+        "1 of 1 examples make no normal row: 1 with a pool of fewer than 3 passages, even filled from the others"]
+    # a Normal k of the whole pool read every passage: its gold one was never missed
+    with pytest.raises(InvalidInputError, match="k=3 reads every pool whole: use a smaller k"):
+        instruct_rows([NQ_LIKE, three], k=3)
+    wide = dataclasses.replace(three, passages=[*three.passages, *(f"Town {i}\nA town." for i in range(24))])
+    assert len(instruct_rows([wide], k=20)) == 1  # the best 20 of 27
+    with pytest.warns(UserWarning, match="2 of 2 pools hold fewer than 5 passages"):  # e2e rows too
+        assert [len(row["docs"]) for row in e2e_rows([NQ_LIKE, three], candidates=5)] == [3, 3]
 
 
 def test_normal_rows_are_the_best_k_of_a_pool_the_gold_passage_may_miss():
@@ -261,7 +273,8 @@ def test_oracle_rows_hold_every_gold_passage_or_are_not_made():
     two_hop = QAExample("q3", "Where does the river through Vienna rise?", ["the Black Forest"],
                         ["Danube\nThe Danube rises in the Black Forest.", "Vienna\nThe Danube flows through Vienna."],
                         [0, 1])
-    assert instruct_rows([two_hop], k=1, setting="oracle") == []
+    with pytest.warns(UserWarning, match="1 of 1 examples make no oracle row: 1 with more gold passages than k=1"):
+        assert instruct_rows([two_hop], k=1, setting="oracle") == []
     rows = instruct_rows([two_hop], k=2, setting="oracle")
     assert len(rows) == 1 and sorted(rows[0]["pos_index"]) == [0, 1]
 

@@ -248,6 +248,13 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         ([], [], "there are no rows to evaluate"),
         (ROWS[:1] + [{**ROWS[1], "question": None}], [], "row 1: question must be a non-empty string"),
         (ROWS[:2] + [[ROWS[2]]], [], "row 2: a JSON list, not an object"),
+        # an official file where rows go (HotpotQA's is one list on one line; NQ's rows hold ctxs)
+        ([[{"_id": "a", "question": "Who?", "context": [["T", ["S."]]], "supporting_facts": [["T", 0]]}]], [],
+         "row 0: a JSON list, not an object (a file of HotpotQA or 2WikiMultihopQA records: clara convert-data"),
+        ([{"question": "Who?", "answers": ["me"], "ctxs": [{"title": "T", "text": "S."}]}], [],
+         "row 0: docs must be a non-empty list of document texts, none blank (a record of NQ or DPR: clara"),
+        # SQuAD's context alone is no format the converter reads: not named as one
+        ([{"question": "Who?", "answers": ["me"], "context": "S."}], [], "none blank\n"),
         ([passage] * 2, [], "row 0: an SCP row (data_type set), not a question row"),  # answered by no system
         (no_gold, ["--retrievers", "bm25"], "none of these rows has any"),  # statistics' "mean requires ..."
         # a ZeroDivisionError and a recall of -100 % after ranking every pool

@@ -140,6 +140,13 @@ def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_s
     from llama_index_clara import ClaraEmbedding
 
     assert json.loads(ClaraLLM(clara=tiny_model, store=vector_store, k=2).to_json())["k"] == 2
+    # read back with the store passed again; alone, the shipped checkpoint answered unsaid
+    text = ClaraLLM(clara=tiny_model, store=vector_store, k=2, max_new_tokens=3).to_json()
+    again = ClaraLLM.from_json(text, store=vector_store)
+    assert (again.clara, again.k, again.max_new_tokens) == (tiny_model, 2, 3)
+    assert ClaraLLM.from_dict({**json.loads(text), "clara": tiny_model}).clara is tiny_model  # in the data too
+    with pytest.raises(InvalidInputError, match="settings hold no CLaRa model or store: pass them again"):
+        ClaraLLM.from_json(text)
     assert json.loads(ClaraEmbedding(clara=tiny_model).to_json())["class_name"] == "ClaraEmbedding"
     # and the settings tell models apart: an ingestion cache keys on them
     other = ClaraModel(dataclasses.replace(tiny_model.config, compression_rate=8), device="cpu")

@@ -223,6 +223,20 @@ def test_a_numpy_number_matches_a_list_value_as_the_python_number_does(tiny_mode
     tenth = np.float32(0.1)
     assert store.ids_where({"n": tenth}) == store.ids_where({"n": {"$gte": tenth, "$lte": tenth}}) == []
     assert store.ids_where({"n": {"$lt": tenth}}) == ["tenth"]
+    # inside a list or a dict too (numpy compared a nested float32 in float32, and matched 0.1)
+    store.upsert(CORPUS[4:5], ids=["tenths"], metadatas=[{"n": [0.1], "d": {"x": 0.1}}])
+    assert store.ids_where({"n": [tenth]}) == store.ids_where({"d": {"$eq": {"x": tenth}}}) == []
+    assert store.ids_where({"n": [np.float32(0.5)]}) == []
+    store.upsert(CORPUS[5:6], ids=["half"], metadatas=[{"n": [0.5]}])
+    assert store.ids_where({"n": [np.float32(0.5)]}) == ["half"]  # exact in float32: still matched
+
+
+def test_a_filter_on_a_huge_integer_is_read_as_the_integer(tiny_model):
+    # math.isnan of 10**400 raised a bare OverflowError, for a value the store keeps
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["huge", "small"], metadatas=[{"n": 10**400}, {"n": 1}])
+    assert store.ids_where({"n": 10**400}) == store.ids_where({"n": {"$in": [10**400]}}) == ["huge"]
+    assert store.ids_where({"n": {"$lt": 10**309}}) == ["small"]
 
 
 def test_malformed_filters_are_named(store):

@@ -1160,8 +1160,9 @@ def test_a_path_or_numpy_setting_is_saved_as_a_plain_value(tiny_model, tmp_path)
     # every save was "corrupted" and it could never resume
     import numpy as np
 
-    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=np.int64(1), lr=np.float32(1e-4))
-    assert type(config.grad_accum) is int and type(config.lr) is float
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=np.int64(1), lr=np.float32(1e-4),
+                         freeze_compressor=np.bool_(False))
+    assert type(config.grad_accum) is int and type(config.lr) is float and config.freeze_compressor is False
     train(tiny_model, INSTRUCT, config, tmp_path)
     state = torch.load(tmp_path / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["config"]["lr"] == pytest.approx(1e-4)

@@ -70,6 +70,15 @@ class ClaraLLM(ReaderFields, CustomLLM):
     def class_name(cls) -> str:
         return "ClaraLLM"
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> ClaraLLM:
+        """Settings written by ``to_dict``/``to_json`` with the model or store passed again: the
+        dump holds neither, and read alone it answered from the shipped checkpoint unsaid."""
+        if {**data, **kwargs}.get("clara") is None and {**data, **kwargs}.get("store") is None:
+            raise InvalidInputError("a ClaraLLM's settings hold no CLaRa model or store: pass them again, "
+                                    "ClaraLLM.from_json(text, clara=model) or store=store")
+        return super().from_dict(data, **kwargs)
+
     @property
     def metadata(self) -> LLMMetadata:
         return LLMMetadata(

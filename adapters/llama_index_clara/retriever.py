@@ -8,9 +8,8 @@ from llama_index.core.retrievers import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle
 from llama_index.core.vector_stores.types import MetadataFilters, VectorStoreQuery
 
-from clara_plugins import MemoryStore
-from clara_plugins.checks import check_positive_int
 from clara_plugins.base_store import as_memory_store
+from clara_plugins.checks import check_positive_int
 
 from .vector_store import ClaraVectorStore
 
@@ -18,12 +17,14 @@ from .vector_store import ClaraVectorStore
 class ClaraRetriever(BaseRetriever):
     """Nodes whose memory tokens best match the question, with their cosine scores.
 
-    ``vector_store`` is a ClaraVectorStore, the MemoryStore behind one (its ``client``), or
-    LangChain's ClaraVectorStore. ``similarity_top_k`` defaults to the model's
+    ``vector_store`` is a ClaraVectorStore, a memory store (the one behind a ClaraVectorStore,
+    its ``client``, or a MilvusMemoryStore), or LangChain's ClaraVectorStore; any but the first
+    is wrapped in a ClaraVectorStore, which sets LlamaIndex's ``Settings`` as one built by hand
+    does (see ClaraVectorStore). ``similarity_top_k`` defaults to the model's
     ``generation_top_k``: the documents the generator reads.
     """
 
-    def __init__(self, vector_store: ClaraVectorStore | MemoryStore, similarity_top_k: int | None = None,
+    def __init__(self, vector_store: object, similarity_top_k: int | None = None,
                  filters: MetadataFilters | None = None) -> None:
         super().__init__()
         if not isinstance(vector_store, ClaraVectorStore):
