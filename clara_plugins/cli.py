@@ -166,6 +166,7 @@ TRAIN_TYPES = {**dict.fromkeys(("steps", "batch_size", "grad_accum", "save_every
 NEW_MODEL_FIELDS = ("doc_max_length", "lora_r", "lora_alpha", "lora_dropout", "memory_design", "memory_pooling",
                     "memory_layer", "memory_scale")
 NEW_MODEL_CHOICES = {"memory_design": MEMORY_DESIGNS, "memory_pooling": MEMORY_POOLINGS}
+NEW_MODEL_TYPES = dict.fromkeys(("doc_max_length", "lora_r", "lora_alpha"), positive_int)
 TRAIN_CHOICES = {"schedule": SCHEDULES, "estimator": ESTIMATORS, "gold_term": GOLD_TERMS}
 
 
@@ -192,7 +193,8 @@ def _train_arguments(parser: argparse.ArgumentParser) -> None:
         if isinstance(default, bool):
             fresh.add_argument(flag, action="store_true", default=None, help=described)
         else:
-            fresh.add_argument(flag, type=type(default), choices=NEW_MODEL_CHOICES.get(name), help=described)
+            fresh.add_argument(flag, type=NEW_MODEL_TYPES.get(name, type(default)), choices=NEW_MODEL_CHOICES.get(name),
+                               help=described)
     parser.add_argument("--retrieval-key", choices=RETRIEVAL_KEYS,
                         help=f"what queries and documents are compared by (default: the --init checkpoint's, "
                              f"else {ClaraConfig.retrieval_key}); the e2e stage trains the query reasoner for it")

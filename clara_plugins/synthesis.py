@@ -81,8 +81,10 @@ class CutReply(str):
     (never kept). A callable teacher may return one too."""
 
 
-# what a framework's reply says when its token limit ended it (OpenAI's, Anthropic's, Ollama's, Gemini's)
-_CUT_REASONS = {"length", "max_tokens", "MAX_TOKENS"}
+# what a framework's reply says when its token limit ended it (OpenAI's, Anthropic's, Ollama's, Gemini's,
+# Bedrock's), under the keys they say it with; OpenAI's Responses API says it in incomplete_details
+_CUT_REASONS = {"length", "max_tokens", "MAX_TOKENS", "max_output_tokens"}
+_CUT_KEYS = ("finish_reason", "stop_reason", "done_reason", "stopReason")
 
 
 def cut_reply(text: str, cut: bool) -> str:
@@ -96,15 +98,22 @@ def cut_reply(text: str, cut: bool) -> str:
 def _says_cut(*fields: object) -> bool:
     """Whether a framework's reply fields (dicts, or objects with attributes) name a token-limit stop."""
     for field in fields:
-        values = field if isinstance(field, Mapping) else getattr(field, "__dict__", {})
-        if any(values.get(key) in _CUT_REASONS for key in ("finish_reason", "stop_reason", "done_reason")):
+        values = _fields_of(field)
+        if any(values.get(key) in _CUT_REASONS for key in _CUT_KEYS) or \
+                _fields_of(values.get("incomplete_details")).get("reason") in _CUT_REASONS:
             return True
     return False
 
 
+def _fields_of(field: object) -> Mapping:
+    return field if isinstance(field, Mapping) else getattr(field, "__dict__", {})
+
+
 def as_teacher(model: object) -> Teacher:
     """A callable teacher from a callable, a LangChain chat model or a LlamaIndex LLM; a reply
-    their token limit ended is read as a ``CutReply``."""
+    their token limit ended is read as a ``CutReply``. A reply that is a plain string (a
+    LangChain completion LLM, a chain ending in a string parser) cannot say so: give such a
+    teacher room enough (its max_tokens)."""
     if hasattr(model, "invoke") and hasattr(model, "bind"):  # a LangChain chat model, LLM or chain
         def invoke(prompt: str) -> str:
             reply = model.invoke(prompt)  # a message (its .text joins content blocks), or a string
@@ -115,7 +124,7 @@ def as_teacher(model: object) -> Teacher:
     if hasattr(model, "complete"):  # LlamaIndex LLM
         def complete(prompt: str) -> str:
             response = model.complete(prompt)
-            raw = response.raw if isinstance(response.raw, Mapping) else getattr(response.raw, "__dict__", {})
+            raw = _fields_of(response.raw)
             choices = raw.get("choices") or [None]  # OpenAI's: the reason is its first choice's
             return cut_reply(response.text, _says_cut(raw, choices[0], response.additional_kwargs))
         return complete
@@ -286,7 +295,7 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
         qa = {"data_type": "qa", "question": [q for q, _ in kept], "answers": [a for _, a in kept],
               "docs": [document]}
     reply = teacher(PARAPHRASE.format(document=document))
-    paraphrase_text = _without_preamble(reply.strip())
+    paraphrase_text = _without_preamble(reply.strip(), document)
     ratio = len(paraphrase_text) / max(1, len(document))
     paraphrase = None
     if not isinstance(reply, CutReply) and 0.3 <= ratio <= 2.0 and \
@@ -295,12 +304,14 @@ def synthesize_document(document: str, teacher: Teacher, simple: int = 3, comple
     return qa, paraphrase, counts
 
 
-def _without_preamble(text: str) -> str:
+def _without_preamble(text: str, document: str) -> str:
     """A rewrite without the line a chat model opens it with ("Here is the rewritten document:",
-    "Sure! Here's a paraphrase:"), which its rows would teach the reader to write; a first line
-    of the document's own ("Its tracks are:") stays."""
+    "**Sure! Here's a paraphrase:**"), which its rows would teach the reader to write; a first
+    line whose words the document holds ("OK Computer track listing:") is its own, and stays."""
     first, _, rest = text.partition("\n")
-    opener = _PREAMBLE.match(first.strip()) and first.rstrip().endswith(":")
+    line = first.strip("*#_ \t")  # markdown's bold or heading marks around it
+    opener = _PREAMBLE.match(line) and line.endswith(":") and \
+        normalize_answer(line) not in normalize_answer(document)
     return rest.strip() if opener and rest.strip() else text
 
 

@@ -21,7 +21,8 @@
   contrastive term on the rows' gold candidates, for budgets where the LM loss alone barely
   moves the query reasoner. With a corpus store the candidates are retrieved from it and its
   memories re-encoded every ``refresh_every`` steps; in the tokens design, where the <MEM> rows
-  make every memory, cached candidates keep the rows of the stage's start until a refresh.
+  make every memory, a row pool's candidate keeps the rows of the step that first drew it (or
+  of the resume) until a refresh.
 - ``retrieval``: the query reasoner alone, as the end-to-end stage left it, learns to rank each
   row's gold candidates above every other candidate of its optimizer step (in-batch negatives),
   the candidates' memories cached from the frozen compressor. No generator pass: each step sees
@@ -184,12 +185,23 @@ def _compression_loss(model: ClaraModel, rows: list[dict], prompts: list[str], f
     """Stages 1-2: the reading loss + mse_weight * MSE(mean memory, mean document), the
     ``documents``' memories; returns ``_reading_loss``'s three values."""
     loss, metrics, target_log_likelihood = _reading_loss(model, rows, prompts, full, grouped, config, teacher_view)
-    mse = F.mse_loss(memories.mean(1).float(), document_means.float())
+    mse = memory_mse(memories, document_means, rescaled=model.config.memory_scale)
     metrics["mse"] = mse.item()
     distinct = [documents.index(text) for text in dict.fromkeys(documents)]  # each text's first memories
     if len(distinct) > 1:
         metrics["memory_cosine"] = memory_cosine(memories[distinct])
     return loss + config.mse_weight * mse, metrics, target_log_likelihood
+
+
+def memory_mse(memories: torch.Tensor, document_means: torch.Tensor, rescaled: bool) -> torch.Tensor:
+    """MSE between each document's mean memory vector [batch, n_mem, hidden] and its tokens'
+    mean state [batch, hidden]. Memories ``rescaled`` to the embedding norm (``memory_scale``)
+    have a mean shorter than the target, which has that norm too, unless they are one vector:
+    their mean is compared at the target's norm, or the term pulled them together."""
+    mean, target = memories.mean(1).float(), document_means.float()
+    if rescaled:
+        mean = mean * (target.norm(dim=-1, keepdim=True) / mean.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+    return F.mse_loss(mean, target)
 
 
 def memory_cosine(memories: torch.Tensor) -> float:

@@ -646,6 +646,8 @@ def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_w
          "must be zero or more, got -1"),
         ([*train, "--seed", "-1"], 5, "seed must be in 0..2**32-1, got -1"),
         ([*train, "--steps", "0"], 2, "must be a positive integer, got 0"),
+        ([*train, "--lora-r", "0"], 2, "must be a positive integer, got 0"),  # a new model's counts too (exit 5)
+        ([*train, "--doc-max-length", "-4"], 2, "must be a positive integer, got -4"),
         ([*train, "--schedule", "cosin"], 2, "invalid choice: 'cosin'"),
         ([*train, "--device", "gpu"], 2, "must be cpu, cuda, cuda:N, mps or auto, got 'gpu'"),
         ([*train, "--init", str(tmp_path), "--memory-design", "tokens"], 5, "--memory-design: --init's own"),

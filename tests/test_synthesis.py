@@ -421,6 +421,12 @@ def test_a_framework_teachers_reply_cut_at_its_token_limit_keeps_no_cut_answer_o
 
     reply = as_teacher(Completions())("Ask.")
     assert reply == "Question: Who?" and isinstance(reply, synthesis.CutReply)
+    # Bedrock's stopReason and OpenAI's Responses API (incomplete_details) say it in their own words
+    for metadata in ({"stopReason": "max_tokens"}, {"status": "incomplete",
+                                                    "incomplete_details": {"reason": "max_output_tokens"}}):
+        said = GenericFakeChatModel(messages=iter([AIMessage(content="Question: Who?\nAnswer: Mar",
+                                                             response_metadata=metadata)]))
+        assert isinstance(as_teacher(said)("Ask."), synthesis.CutReply)
     whole = GenericFakeChatModel(messages=iter([AIMessage(content="Question: Who?\nAnswer: Marie Curie\n",
                                                           response_metadata={"finish_reason": "stop"})]))
     assert not isinstance(as_teacher(whole)("Ask."), synthesis.CutReply)
@@ -448,7 +454,11 @@ def test_a_paraphrase_loses_the_line_a_chat_model_opens_it_with():
 
     _, paraphrase, _ = synthesize_document(DOC, teacher)
     assert paraphrase["answers"] == ["Born in Warsaw in 1867, Marie Curie won the 1903 Physics prize."]
-    assert synthesis._without_preamble("Her prizes were:\nPhysics, 1903.") == "Her prizes were:\nPhysics, 1903."
+    assert synthesis._without_preamble("Her prizes were:\nPhysics, 1903.", DOC) == "Her prizes were:\nPhysics, 1903."
+    assert synthesis._without_preamble("**Sure! Here's a paraphrase:**\nShe won.", DOC) == "She won."
+    # a document's own first words are no preamble, however they begin (they lost the row its subject)
+    for own in ("OK Computer track listing:\n1. Airbag", "Below Zero cast:\nJane Doe as Ann"):
+        assert synthesis._without_preamble(own, own.replace("\n", " and ")) == own
 
 
 def test_a_ledger_line_or_a_text_no_run_wrote_is_refused_by_name(tmp_path):

@@ -87,6 +87,17 @@ def test_a_frozen_adapter_reads_without_dropout_in_training_mode(tiny_model):
         assert torch.equal(first, again) == alike
 
 
+def test_rescaled_memories_are_not_pulled_into_one_vector():
+    # each memory vector at the embedding norm (memory_scale): their mean is shorter than the
+    # target, which has that norm too, so the MSE was zero only for n copies of one vector
+    target = torch.tensor([[3.0, 0.0]])
+    apart = torch.tensor([[[3.0, 3.0], [3.0, -3.0]]]) / 2 ** 0.5  # both of norm 3, their mean along the target
+    assert training.memory_mse(apart, target, rescaled=True).item() == pytest.approx(0.0, abs=1e-10)
+    assert training.memory_mse(apart, target, rescaled=False).item() > 0.1  # unscaled memories: compared as they are
+    one = torch.tensor([[[3.0, 0.0], [3.0, 0.0]]])
+    assert training.memory_mse(one, target, rescaled=True).item() == pytest.approx(0.0, abs=1e-10)
+
+
 def test_memory_cosine_pairs_different_documents_only(tiny_model):
     # an SCP row and its paraphrase row encode one document twice: that pair's cosine of about 1 was counted
     from clara_plugins.passes import encode_with_gradients
