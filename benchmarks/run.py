@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", help="backbone of the systems without a checkpoint (default: the one the "
                         f"checkpoints name, else {DEFAULT_BASE_MODEL}); checkpoints on another are refused")
     parser.add_argument("--dense-model", default=DEFAULT_DENSE_MODEL, help="sentence-transformers path")
-    parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction)")
+    parser.add_argument("--query-instruction", default="", help="dense query prefix (BGE's instruction, E5's 'query: ')")
+    parser.add_argument("--passage-instruction", default="", help="dense passage prefix (E5's 'passage: ')")
     parser.add_argument("-k", type=positive_int, default=5, help="documents read per question (default 5)")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer length (default 32)")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="torch threads per system (default: all)")
@@ -232,7 +233,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     machine = environment()  # before the systems: a failure here loses no results
     samples = [(dataset, *benchmark_rows(dataset, args.data_dir, args.setting, sample, args.seed, args.k,
                                           args.candidates)) for dataset in datasets]
-    options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction, args.threads)
+    options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction,
+                         args.passage_instruction, args.threads)
     written, kept_folders = [], []
     for stem, (dataset, rows, drawn) in zip(stems, samples):
         print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
@@ -247,6 +249,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         report = {"benchmark": {"dataset": dataset, "mode": mode, **drawn, "k": args.k,
                                 "max_new_tokens": args.max_new_tokens, "threads": args.threads or torch.get_num_threads(),
                                 "dense_model": args.dense_model, "query_instruction": args.query_instruction,
+                                "passage_instruction": args.passage_instruction,
                                 # of the systems run now: a kept one's time was spent by the run before
                                 "seconds": round(time.perf_counter() - began, 1),
                                 **({"reused_systems": reused} if reused else {})},
@@ -279,6 +282,7 @@ def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list
     key = hashlib.sha256(json.dumps({"commit": machine["commit"], "versions": machine["versions"],
                                      "machine": machine["machine"],
                                      "spec": dataclasses.asdict(spec), "checkpoint_sha256": weights,
+                                     "model_folders": _model_folders(spec, options),
                                      "options": dataclasses.asdict(options), "rows": rows},
                                     sort_keys=True).encode()).hexdigest()
     reusable = machine["commit"] is not None and not machine["commit"].endswith("-dirty")
@@ -293,13 +297,24 @@ def _system_result(run_system: Callable[..., dict], spec: SystemSpec, rows: list
     return result, False
 
 
+def _model_folders(spec: SystemSpec, options: RunOptions) -> dict[str, list]:
+    """The files of the local model folders a system reads besides its checkpoint (a dense
+    encoder, the base model of a system without one), by name, size and time: replaced in place,
+    they give another result (the old encoder's was paired with new CLaRa rows)."""
+    folders = [options.dense_model if spec.retriever == "dense" else None, None if spec.checkpoint else spec.base_model]
+    return {folder: sorted((str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
+                           for path in Path(folder).rglob("*") if path.is_file())
+            for folder in folders if folder and Path(folder).is_dir()}
+
+
 def _refuse_unread(args: argparse.Namespace, clara: dict[int, str], clara_e2e: dict[int, str],
                    systems: list[SystemSpec]) -> None:
     """Refuse an option no chosen system reads (the report recorded a --dense-model nothing used)."""
     given = []
     if not any(spec.retriever == "dense" for spec in systems):
         given += [flag for flag, value, default in (("--dense-model", args.dense_model, DEFAULT_DENSE_MODEL),
-                                                    ("--query-instruction", args.query_instruction, ""))
+                                                    ("--query-instruction", args.query_instruction, ""),
+                                                    ("--passage-instruction", args.passage_instruction, ""))
                   if value != default]
     if args.text_ft and not any(spec.reader == "text-ft" for spec in systems):
         given.append("--text-ft")

@@ -80,6 +80,7 @@ class RunOptions:
     max_new_tokens: int = 32
     dense_model: str = DEFAULT_DENSE_MODEL
     query_instruction: str = ""
+    passage_instruction: str = ""
     threads: int = 0  # 0: torch's default
 
 
@@ -103,7 +104,8 @@ def build_pipeline(spec: SystemSpec, model: ClaraModel,
         return LlamaIndexBM25RAG(model, options.k, options.max_new_tokens)
     embeddings = None
     if spec.retriever == "dense":
-        embeddings = DenseEmbeddings(DenseRetriever(options.dense_model, options.query_instruction))
+        embeddings = DenseEmbeddings(DenseRetriever(options.dense_model, options.query_instruction,
+                                                    passage_instruction=options.passage_instruction))
     return LangChainTextRAG(model, embeddings, options.k, options.max_new_tokens)
 
 

@@ -238,7 +238,8 @@ def _eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "(instruction or SCP rows), "
                              "also by token kind (digits, capitalised, the rest)")
     parser.add_argument("--dense-model", help=f"dense: sentence-transformers path (default {DEFAULT_DENSE_MODEL})")
-    parser.add_argument("--query-instruction", help="dense: query prefix (BGE needs one; default none)")
+    parser.add_argument("--query-instruction", help="dense: query prefix (BGE and E5 need one; default none)")
+    parser.add_argument("--passage-instruction", help="dense: passage prefix (E5 needs one; default none)")
     parser.add_argument("-k", type=positive_int, default=5,
                         help="documents read per question, and a retrieval cut-off beside 1, 3 and 5 (default 5)")
     parser.add_argument("--limit", type=positive_int, help="only the first N rows")
@@ -582,9 +583,10 @@ def _eval(args: argparse.Namespace) -> None:
     if not (args.systems or args.retrievers or args.reading):
         raise InvalidInputError("--systems names none, and there are no --retrievers or --reading: nothing to measure")
     read = ({"control_shifts"} if "control" in args.systems else set()) | (
-        {"dense_model", "query_instruction"} if "dense" in args.retrievers else set())
+        {"dense_model", "query_instruction", "passage_instruction"} if "dense" in args.retrievers else set())
     _refuse_unread(args, {"control_shifts": "--control-shifts", "dense_model": "--dense-model",
-                          "query_instruction": "--query-instruction"}, read, "these --systems and --retrievers")
+                          "query_instruction": "--query-instruction", "passage_instruction": "--passage-instruction"},
+                   read, "these --systems and --retrievers")
     rows = read_jsonl(args.data)[: args.limit]
     check_evaluation_rows(rows, args.systems, args.retrievers, args.k if args.reading else None, args.k)
     args.control_shifts = list(dict.fromkeys(args.control_shifts or [1]))
@@ -596,7 +598,8 @@ def _eval(args: argparse.Namespace) -> None:
     if out is not None:  # made once nothing is refused, and before hours of answering (a parent that is a file)
         out.parent.mkdir(parents=True, exist_ok=True)
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
-                           device=str(resolve_device(args.device))) if "dense" in args.retrievers else None
+                           device=str(resolve_device(args.device)), passage_instruction=args.passage_instruction or ""
+                           ) if "dense" in args.retrievers else None
     checkpoint = args.checkpoint or default_checkpoint()
     dtype = "float32"  # on every device: the checkpoint trained so, and the recorded numbers were measured so
     model = load_model(checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,

@@ -393,12 +393,19 @@ def test_dense_retrieval_uses_the_models_own_query_and_passage_prompts():
             return np.ones((len(texts), 2)) / np.sqrt(2)
 
     retriever = object.__new__(DenseRetriever)  # its encoder stands in for a sentence-transformers model
-    retriever.encoder, retriever.query_instruction = Encoder(), ""
+    retriever.encoder, retriever.query_instruction, retriever.passage_instruction = Encoder(), "", ""
     retriever.rank("q", ["a", "b"])
     assert asked == ["passage", "query"]
     Encoder.prompts, retriever.query_instruction = {}, "Represent this sentence: "  # BGE's way
     retriever.rank("q", ["a"])
     assert asked[2:] == [None, None]
+    # E5 v2's configuration holds no prompts: its card's prefixes are given, the passages' too
+    # (nothing could add "passage: ", and the dense baseline was weakened)
+    seen = []
+    Encoder.encode = lambda self, texts, prompt_name=None, **settings: seen.extend(texts) or np.ones((len(texts), 2))
+    retriever.query_instruction, retriever.passage_instruction = "query: ", "passage: "
+    retriever.rank("Who?", ["Curie won."])
+    assert seen == ["passage: Curie won.", "query: Who?"]
 
 
 # 10. install hints

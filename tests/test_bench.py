@@ -170,9 +170,10 @@ def test_the_table_marks_the_systems_a_rerun_kept_and_the_ratios_they_pair(resul
     assert "| text/checkpoint |" in named and "| cr16 |" in named
     # the settings its timings were measured under, which only the JSON held
     settings = markdown_table({**report, "benchmark": {**bench, "max_new_tokens": 32, "threads": 2,
-                                                        "dense_model": "bge-small", "query_instruction": "q: "}})
-    assert ("base model smollm2-135m-instruct; answers of up to 32 tokens; 2 torch threads; dense model bge-small; "
-            "query instruction 'q: '; commit abc" in settings.splitlines()[0])
+                                                        "dense_model": "e5-small-v2", "query_instruction": "query: ",
+                                                        "passage_instruction": "passage: "}})
+    assert ("base model smollm2-135m-instruct; answers of up to 32 tokens; 2 torch threads; dense model e5-small-v2; "
+            "query instruction 'query: '; passage instruction 'passage: '; commit abc" in settings.splitlines()[0])
     undense = markdown_table({**report, "systems": [r for r in results if r["retriever"] != "dense"],
                               "benchmark": {**bench, "dense_model": "bge-small"}})
     assert "dense model" not in undense.splitlines()[0]  # named only where a system used it
@@ -301,6 +302,7 @@ def test_bench_refuses_options_no_chosen_system_reads(tmp_path, capsys, monkeypa
     monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
     for argv, message in [(["--dense-model", "bge-small"], "--dense-model"),
                           (["--query-instruction", "Represent: "], "--query-instruction"),
+                          (["--passage-instruction", "passage: "], "--passage-instruction"),
                           (["--text-ft", str(tmp_path)], "--text-ft"),
                           (["--clara", f"8={tmp_path}"], f"--clara 8={tmp_path}"),
                           (["--clara", f"16={tmp_path}", "--clara-e2e", f"16={tmp_path}", "--systems",
@@ -414,7 +416,8 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
     assert ran == ["no retrieval", "BM25 + text", *again]
     assert [r["name"] for r in reports[0]["systems"]] == ["no retrieval", "BM25 + text"]
     assert reports[0]["benchmark"].get("reused_systems") == (["no retrieval"] if reused else None)
-    assert reports[0]["benchmark"]["query_instruction"] == ""  # the dense queries' prefix, recorded as it was run
+    # the dense prefixes, recorded as they were run
+    assert reports[0]["benchmark"]["query_instruction"] == reports[0]["benchmark"]["passage_instruction"] == ""
     assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
 
 
@@ -482,6 +485,23 @@ def test_a_kept_result_is_not_reused_for_a_checkpoint_trained_again_in_place(tin
     elsewhere = {**machine, "machine": {"cpus": 16}}  # its timings would be divided by this machine's
     assert bench_run._system_result(run_system, spec, ROWS, RunOptions(), tmp_path / "kept.json", elsewhere)[1] is False
     assert len(ran) == 3
+
+
+def test_a_kept_result_is_not_reused_for_a_local_encoder_replaced_in_place(tmp_path, monkeypatch):
+    # keyed by its path alone, the old encoder's dense + text result was paired with new CLaRa rows
+    ran = []
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda function, spec, rows, options: ran.append(1) or {})
+    encoder = tmp_path / "encoder"
+    encoder.mkdir()
+    (encoder / "model.safetensors").write_bytes(b"old")
+    spec, options = SystemSpec("dense + text", "dense", "base"), RunOptions(dense_model=str(encoder))
+    machine = {"commit": "abc", "versions": {}, "machine": {"cpus": 2}}
+    for _ in range(2):
+        bench_run._system_result(run_system, spec, ROWS, options, tmp_path / "kept.json", machine)
+    assert len(ran) == 1
+    (encoder / "model.safetensors").write_bytes(b"newer")
+    bench_run._system_result(run_system, spec, ROWS, options, tmp_path / "kept.json", machine)
+    assert len(ran) == 2
 
 
 def test_a_result_written_beside_the_code_leaves_the_commit_clean(tmp_path, monkeypatch):
