@@ -622,12 +622,18 @@ def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name
 
 
 def _token_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], count: int) -> Iterator[int]:
-    """Each text's length in tokens, tokenized a part at a time: a whole run's rows at once held
-    every token id (2 GB for 20,000 rows of five documents)."""
+    """Each text's length in tokens."""
+    for part in _in_parts(texts, count, "measuring rows"):
+        yield from (len(ids) for ids in tokenizer(part, add_special_tokens=False)["input_ids"])
+
+
+def _in_parts(texts: Iterable[str], count: int, desc: str) -> Iterator[list[str]]:
+    """The ``count`` texts 1,024 at a time, to be tokenized a part at a time (a whole run's rows
+    at once held every token id: 2 GB for 20,000 rows of five documents), with a bar for many."""
     texts = iter(texts)
-    with tqdm(total=count, desc="measuring rows", disable=count < 10_000, leave=False) as bar:
+    with tqdm(total=count, desc=desc, disable=count < 10_000, leave=False) as bar:
         while part := list(itertools.islice(texts, 1024)):
-            yield from (len(ids) for ids in tokenizer(part, add_special_tokens=False)["input_ids"])
+            yield part
             bar.update(len(part))
 
 
@@ -873,9 +879,10 @@ def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
     cut = sum(was_cut for _, was_cut in beginnings)
     if not cut:
         return
+    whole = {text: text.lower() for text in texts}
     kept = {text: beginning.lower() for text, (beginning, _) in zip(texts, beginnings)}
     lost = [number for number, row in enumerate(rows)  # a reconstruction's document is its target: counted above
-            if any(_past_the_cut(answer.lower(), row["docs"], kept) for answer in trained_answers(row)
+            if any(_past_the_cut(answer.lower(), row["docs"], whole, kept) for answer in trained_answers(row)
                    if answer not in row["docs"])]
     warnings.warn(f"{cut} of the rows' {len(texts)} documents are longer than doc_max_length ({limit} tokens): "
                   f"the compressor reads their first {limit}, and a target about the rest asks for what their "
@@ -884,27 +891,25 @@ def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
                      f"{lost[0]} the first" if lost else ""), stacklevel=3)
 
 
-def _past_the_cut(answer: str, documents: list[str], kept: dict[str, str]) -> bool:
-    """Whether (lower-cased) ``answer`` is in a document but in none of their kept beginnings."""
-    return (any(answer in document.lower() for document in documents)
+def _past_the_cut(answer: str, documents: list[str], whole: dict[str, str], kept: dict[str, str]) -> bool:
+    """Whether (lower-cased) ``answer`` is in a document (``whole``, lower-cased) but in none of
+    their kept beginnings."""
+    return (any(answer in whole[document] for document in documents)
             and not any(answer in kept[document] for document in documents))
 
 
 def _kept_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], limit: int) -> Iterator[tuple[str, bool]]:
     """Each text's first ``limit`` tokens, as text (what the compressor reads of it), and
     whether that cut it: by the fast tokenizer's offsets, or a slow one's decoded tokens."""
-    with tqdm(total=len(texts), desc="measuring documents", disable=len(texts) < 10_000, leave=False) as bar:
-        for start in range(0, len(texts), 1024):
-            part = texts[start:start + 1024]
-            if tokenizer.is_fast:
-                spans = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-                yield from ((text, False) if len(offsets) <= limit else (text[:offsets[limit - 1][1]], True)
-                            for text, offsets in zip(part, spans))
-            else:  # no offsets
-                rows = tokenizer(part, add_special_tokens=False)["input_ids"]
-                yield from ((text, False) if len(ids) <= limit else (tokenizer.decode(ids[:limit]), True)
-                            for text, ids in zip(part, rows))
-            bar.update(len(part))
+    for part in _in_parts(texts, len(texts), "measuring documents"):
+        if tokenizer.is_fast:
+            spans = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            yield from ((text, False) if len(offsets) <= limit else (text[:offsets[limit - 1][1]], True)
+                        for text, offsets in zip(part, spans))
+        else:  # no offsets
+            rows = tokenizer(part, add_special_tokens=False)["input_ids"]
+            yield from ((text, False) if len(ids) <= limit else (tokenizer.decode(ids[:limit]), True)
+                        for text, ids in zip(part, rows))
 
 
 def _holding(model: ClaraModel, checkpoint: Path) -> Path:
