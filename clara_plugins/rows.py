@@ -46,13 +46,12 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
         raise ValueError(f"setting must be 'normal' or 'oracle', got {setting!r}")
     pool = k if setting == "oracle" else max(k, NORMAL_POOL)
     filled = fill_short_pools(examples, pool)
-    examples = [e for e in filled if len(e.passages) >= k]
+    causes = [_no_row_cause(e, setting, k) for e in filled]
+    examples = [e for e, cause in zip(filled, causes) if cause is None]
     if setting == "normal" and examples and all(len(e.passages) == k for e in examples):  # its gold one never missed
         raise InvalidInputError(f"a Normal row reads the best k of its pool, and k={k} reads every pool whole: use "
                                 "a smaller k, or the oracle setting")
-    if setting == "oracle":  # every gold passage among the k: -k 1 gave a 2-hop question half its evidence
-        examples = [e for e in examples if e.gold_complete and e.gold and len(e.gold) <= k]
-    _warn_left_out(filled, len(examples), setting, k)
+    _warn_left_out(causes, setting)
     rows = []
     for example in tqdm(examples, desc="ranking pools (BM25)", disable=len(examples) < 1000):
         ranked = bm25_rank(example.question, example.passages)
@@ -70,17 +69,26 @@ def instruct_rows(examples: list[QAExample], setting: str = "normal", k: int = 5
     return rows
 
 
-def _warn_left_out(examples: list[QAExample], kept: int, setting: str, k: int) -> None:
+def _no_row_cause(example: QAExample, setting: str, k: int) -> str | None:
+    """Why an example (its pool filled) makes no row of the setting, or None: too few passages
+    for k; for Oracle, a gold passage missing from the pool or more than k of them (-k 1 gave a
+    2-hop question half its evidence)."""
+    if len(example.passages) < k:
+        return f"a pool of fewer than {k} passages, even filled from the others"
+    if setting == "oracle" and not (example.gold_complete and example.gold):
+        return "not all of their gold passages in their pool"
+    if setting == "oracle" and len(example.gold) > k:
+        return f"more gold passages than k={k}"
+    return None
+
+
+def _warn_left_out(causes: list[str | None], setting: str) -> None:
     """Say how many examples made no row, and why: a conversion that made none named no
     cause (-k below every example's gold passages, pools too few to fill)."""
-    if kept == len(examples):
-        return
-    why = Counter(f"a pool of fewer than {k} passages, even filled from the others" if len(e.passages) < k
-                  else "not all of their gold passages in their pool" if not (e.gold_complete and e.gold)
-                  else f"more gold passages than k={k}" for e in examples
-                  if len(e.passages) < k or (setting == "oracle" and not (e.gold_complete and e.gold and len(e.gold) <= k)))
-    warnings.warn(f"{len(examples) - kept} of {len(examples)} examples make no {setting} row: "
-                  + "; ".join(f"{count} with {reason}" for reason, count in why.most_common()), stacklevel=3)
+    why = Counter(cause for cause in causes if cause is not None)
+    if why:
+        warnings.warn(f"{why.total()} of {len(causes)} examples make no {setting} row: "
+                      + "; ".join(f"{count} with {reason}" for reason, count in why.most_common()), stacklevel=3)
 
 
 def e2e_rows(examples: list[QAExample], candidates: int = 20, seed: int = 0) -> list[dict]:
