@@ -40,12 +40,13 @@ def bm25_ranker(passages: list[str]) -> Callable[[str, int], list[int]]:
     return functools.partial(_best, _index(passages))
 
 
-def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
+def fill_short_pools(examples: list[QAExample], size: int, stacklevel: int = 2) -> list[QAExample]:
     """Extend every pool shorter than ``size`` with the BM25-best passages of the other examples;
     the example's own passages and gold stay first. A passage that holds the example's own
     evidence is no distractor, and is not added: another window of a gold paragraph (NQ gives
     one paragraph to several questions), or a supporting paragraph its pool lacks (HotpotQA's
-    dev sample), either of which was added unmarked and counted as a miss when ranked first."""
+    dev sample), either of which was added unmarked and counted as a miss when ranked first.
+    A warning of pools left short names the line ``stacklevel`` counts from the caller."""
     if all(len(e.passages) >= size for e in examples):
         return examples
     owners = [e.id for e in examples for _ in e.passages]
@@ -81,16 +82,16 @@ def fill_short_pools(examples: list[QAExample], size: int) -> list[QAExample]:
     short = sum(len(example.passages) < size for example in result)
     if short:  # a Normal row then read most of its pool, an e2e row fewer candidates than asked
         warnings.warn(f"{short} of {len(result)} pools hold fewer than {size} passages: the other examples' "
-                      "passages could not fill them (fill from more examples)", stacklevel=3)
+                      "passages could not fill them (fill from more examples)", stacklevel=stacklevel + 1)
     return result
 
 
-def with_candidates(examples: list[QAExample], size: int, seed: int = 0) -> list[QAExample]:
+def with_candidates(examples: list[QAExample], size: int, seed: int = 0, stacklevel: int = 2) -> list[QAExample]:
     """Give every example ``size`` candidates in a seeded order: short pools are filled with
     other examples' passages, long pools trimmed to the gold plus the best-ranked others."""
     rng = random.Random(seed)
     result = []
-    filled = fill_short_pools(examples, size)
+    filled = fill_short_pools(examples, size, stacklevel + 1)
     for example in tqdm(filled, desc="ranking pools (BM25)", disable=len(filled) < 1000):
         passages, gold = list(example.passages), list(example.gold)
         if len(gold) > size:  # the slice below would go negative and keep nearly every passage

@@ -546,7 +546,8 @@ class ClaraModel(torch.nn.Module):
         max_new_tokens: int | None = None,
     ) -> tuple[list[str], torch.Tensor]:
         """Apple's name: the query reasoner keeps the top-k of each question's candidates, then
-        the generator answers. Returns the answers and the chosen indices [n_questions, k]."""
+        the generator answers. Returns the answers and the chosen indices [n_questions, k'],
+        k' = min(k, documents a question)."""
         questions = check_texts(questions, "questions")
         refuse_control_tokens(self, questions, "question")  # before the documents are compressed
         k = self.config.generation_top_k if k is None else k

@@ -24,6 +24,8 @@ from .checks import check_positive_int
 from .config import RETRIEVAL_KEYS
 from .errors import InvalidInputError
 
+_PRODUCT_ELEMENTS = 1 << 24  # the most query-candidate products ``cosine_scores`` holds at once (64 MiB)
+
 
 def retrieval_keys(memories: torch.Tensor, key: str) -> torch.Tensor:
     """[..., n_mem, hidden] -> unit-norm fp32 keys: [..., n_mem * hidden] ("flat") or [..., hidden] ("mean")."""
@@ -42,12 +44,18 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor, key: str) -> 
 
     queries: [B, n_mem, hidden]. candidates: [N, n_mem, hidden] (one shared pool) or
     [B, N, n_mem, hidden] (one pool per query). Returns scores [B, N] in fp32.
+
+    Each score is a product summed along one candidate's key, not a matrix product, whose
+    blocking rounded a score by the candidate's place: copies of one document scored a last bit
+    apart, and the later copy could be picked first (as ``MemoryStore`` scores).
     """
     q = retrieval_keys(queries, key)
     c = retrieval_keys(candidates, key).to(q.device)  # stored memories stay on the CPU beside a GPU model
-    if c.dim() == 2:
-        return q @ c.T
-    return torch.einsum("bd,bnd->bn", q, c)
+    if c.dim() == 3:
+        return (q.unsqueeze(1) * c).sum(-1)
+    step = max(1, _PRODUCT_ELEMENTS // max(1, len(q) * c.size(-1)))  # a shared pool a part at a time: [B, step, d]
+    parts = [(q.unsqueeze(1) * part).sum(-1) for part in c.split(step)]
+    return torch.cat(parts, dim=1) if parts else q.new_zeros(len(q), 0)
 
 
 def best_first(scores: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -67,9 +75,10 @@ def top_k(queries: torch.Tensor, candidates: torch.Tensor, k: int, key: str) -> 
     is part of the choice.
     """
     check_positive_int("k", k)  # 2.5 failed on a slice
-    if queries.dim() != 3 or candidates.dim() not in (3, 4) or queries.size(-1) != candidates.size(-1) \
+    if queries.dim() != 3 or not len(queries) or candidates.dim() not in (3, 4) \
+            or queries.size(-1) != candidates.size(-1) \
             or (candidates.dim() == 4 and len(candidates) != len(queries)):  # one query [n_mem, hidden] lost picks
-        raise InvalidInputError(f"queries must be [batch, n_mem, hidden] and candidates [N, n_mem, hidden] or [batch, "
+        raise InvalidInputError(f"queries must be [batch >= 1, n_mem, hidden] and candidates [N, n_mem, hidden] or [batch, "
                                 f"N, n_mem, hidden] of the same hidden size, got {tuple(queries.shape)} and "
                                 f"{tuple(candidates.shape)}")
     if key not in RETRIEVAL_KEYS:

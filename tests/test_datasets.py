@@ -247,13 +247,15 @@ def test_instruction_rows_all_have_k_documents():
         "1 of 1 pools hold fewer than 20 passages: the other examples' passages could not fill them (fill from "
         "more examples)",
         "1 of 1 examples make no normal row: 1 with a pool of fewer than 3 passages, even filled from the others"]
+    assert {w.filename for w in caught} == {__file__}
     # a Normal k of the whole pool read every passage: its gold one was never missed
     with pytest.raises(InvalidInputError, match="k=3 reads every pool whole: use a smaller k"):
         instruct_rows([NQ_LIKE, three], k=3)
     wide = dataclasses.replace(three, passages=[*three.passages, *(f"Town {i}\nA town." for i in range(24))])
     assert len(instruct_rows([wide], k=20)) == 1  # the best 20 of 27
-    with pytest.warns(UserWarning, match="2 of 2 pools hold fewer than 5 passages"):  # e2e rows too
+    with pytest.warns(UserWarning, match="2 of 2 pools hold fewer than 5 passages") as caught:  # e2e rows too
         assert [len(row["docs"]) for row in e2e_rows([NQ_LIKE, three], candidates=5)] == [3, 3]
+    assert caught[0].filename == __file__  # the caller's line, not one inside the library
 
 
 def test_normal_rows_are_the_best_k_of_a_pool_the_gold_passage_may_miss():
