@@ -473,14 +473,9 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    import torch
-
-    from .checkpoint import check_same_configuration, load_trained_weights
     from .corpora import read_documents
     from .jsonfiles import read_jsonl
-    from .model import ClaraModel
-    from .training import (check_for_model, check_run, finished_message, missed_probes, probe_finished_run,
-                           run_finished, train)
+    from .training import one_writer
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -496,8 +491,23 @@ def _train(args: argparse.Namespace) -> None:
                                 f"{', '.join(args.probe)}")
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
+    with one_writer(args.output):  # a second run in the folder rewrote the log the first appended to
+        _train_stage(args, config, new_model, rows, probes, passages)
+
+
+def _train_stage(args: argparse.Namespace, config: TrainConfig, new_model: dict, rows: list[dict],
+                 probes: dict[str, list[dict]], passages: list[str] | None) -> None:
+    import torch
+
+    from .checkpoint import check_same_configuration, load_trained_weights
+    from .model import ClaraModel
+    from .training import (check_for_model, check_run, check_trained_from, finished_message, missed_probes,
+                           probe_finished_run, run_finished, train)
+
     state = check_run(rows, config, passages, probes, args.output)
     resuming, finished = state is not None, run_finished(state, config)
+    if resuming:  # a stage before this one trained again: not resumed from, nor called finished on, the old weights
+        check_trained_from(state, args.init, config.teacher if config.distill_weight else None, args.output)
     del state  # its optimizer moments: train() reads its own copy
     # an --init checkpoint's read here only to compare (from_pretrained waits out a save in progress)
     requested = _trained_config(args, new_model) if finished or not args.init else None

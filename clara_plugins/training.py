@@ -41,6 +41,7 @@ the compressor also log ``memory_cosine``, the similarity of different documents
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -59,7 +60,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .atomic import check_replaceable_folder, recover_folder
+from .atomic import check_replaceable_folder, hold_lock, recover_folder
 from .backbone import context_window
 from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config,
                          read_torch_file, save_checkpoint, weight_files)
@@ -719,6 +720,46 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
     return state
 
 
+def check_trained_from(state: dict, init: str | Path | None, teacher: str | Path | None, output: str | Path) -> None:
+    """Refuse to resume a run, or to call it finished, when its ``--init`` or its distillation
+    teacher holds other weights than when the run began (a stage before it was trained again in
+    its folder): the run went on from the old weights unsaid, and a finished one stood as the
+    new stage's result. States saved before these were recorded are not checked."""
+    for flag, folder, key in (("--init", init, "init_sha256"), ("--teacher", teacher, "teacher_sha256")):
+        if folder is not None and state.get(key) not in (None, files_sha256(weight_files(Path(folder)))):
+            raise CheckpointError(f"{output} was trained from other weights than {flag} {folder} holds now (its files "
+                                  "changed since the run began, or the path reaches another folder): train the "
+                                  "stage again in a new output folder")
+
+
+_WRITING: set[Path] = set()  # the run folders whose lock this process holds
+
+
+@contextlib.contextmanager
+def one_writer(output: str | Path) -> Iterator[None]:
+    """Hold the lock of a run folder (``.NAME.lock`` beside it) for the ``with`` block: a second
+    run in the same folder rewrote the log the first was appending to, whose records were then
+    lost. Taken again in the same process (the CLI holds it around its checks and ``train``), it
+    is kept. Where no lock file can be made, the run goes on unlocked: ``check_run`` refuses a
+    run there, and a finished one, which writes nothing, returns its checkpoint."""
+    folder = Path(output).resolve()
+    if folder in _WRITING:
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold_lock(folder.with_name(f".{folder.name}.lock"), wait=False))
+        except BlockingIOError:
+            raise ValueError(f"another training run is writing {output}: wait for it, or name another output "
+                             "folder") from None
+        except OSError:  # a read-only folder, a path through a file: check_run says which
+            pass
+        _WRITING.add(folder)
+        held.callback(_WRITING.discard, folder)
+        yield
+
+
 def rows_sha256(rows: list[dict]) -> str:
     """What tells a run's rows from others: the SHA-256 of their JSON."""
     return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -737,8 +778,14 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
 
     ``probes`` names held-out row sets (SCP or instruction rows) whose reading gain is logged
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
+    One run writes a folder at a time (``one_writer``).
     """
-    probes = probes or {}
+    with one_writer(output):
+        return _train_stage(model, rows, config, Path(output), corpus, probes or {})
+
+
+def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, output: Path,
+                 corpus: MemoryStore | None, probes: dict[str, list[dict]]) -> Path:
     passages = None if corpus is None else [document.text for document in corpus.get(corpus.all_ids())]
     state = check_run(rows, config, passages, probes, output)
     # once, or as the resumed state holds it (checked above): refreshes re-encode the same passages
@@ -764,9 +811,9 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                          "files changed, or the path reaches another folder): resume it with that teacher, or use a "
                          "new output folder")
     teacher_digest = teacher.weights_sha256 if teacher is not None else (state or {}).get("teacher_sha256")
+    init_digest = state.get("init_sha256") if state is not None else model.weights_sha256  # what check_trained_from reads
     if teacher is not None:  # which reads the rows' documents whole, as text
         _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher")
-    output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
     torch.manual_seed(config.seed)
@@ -858,7 +905,7 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
                     copy_adapter(model, ENCODER, QUERY_REASONER)
                 save_checkpoint(model, checkpoint, trainer_state={
                     "step": step + 1, "config": dataclasses.asdict(config), "rows_sha256": digest,
-                    "corpus_sha256": corpus_digest, "teacher_sha256": teacher_digest,
+                    "corpus_sha256": corpus_digest, "teacher_sha256": teacher_digest, "init_sha256": init_digest,
                     "seconds": time.perf_counter() - started,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})

@@ -688,6 +688,53 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, oth
         assert exit_info.value.code == 4 and "trained with another model configuration" in capsys.readouterr().err
 
 
+def test_a_stage_whose_init_was_trained_again_is_neither_resumed_nor_called_finished(tiny_model, tmp_path, capsys):
+    # the recipe run again after its SCP checkpoint was replaced: every later stage said "nothing
+    # to train", and its evaluations measured the old lineage
+    from clara_plugins import CheckpointError, ClaraModel
+    from clara_plugins.training import check_trained_from
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    tiny_model.save_pretrained(tmp_path / "init")
+    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
+             str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"]
+    main(train)
+    main(train)  # the same --init: finished
+    assert "nothing to train" in capsys.readouterr().out
+    retrained = ClaraModel.from_pretrained(tmp_path / "init", device="cpu", dtype="float32")
+    with torch.no_grad():
+        next(p for name, p in retrained.lm.named_parameters() if "lora_B" in name).add_(0.01)
+    retrained.save_pretrained(tmp_path / "init")
+    state_file = tmp_path / "run" / "checkpoint" / "trainer_state.pt"
+    finished = torch.load(state_file, weights_only=True)
+    for step in (1, 0):  # finished, then a step left to take
+        torch.save({**finished, "step": step}, state_file)
+        with pytest.raises(SystemExit) as exit_info:
+            main(train)
+        assert exit_info.value.code == 4 and "trained from other weights than --init" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="trained from other weights than --teacher"):  # a finished distillation's
+        check_trained_from({"teacher_sha256": "0" * 64}, None, tmp_path / "init", "run")
+
+
+def test_a_second_training_run_in_one_folder_is_refused(tiny_model, tmp_path, capsys):
+    # it rewrote the log the first run was appending to: the first run's later records were lost
+    from clara_plugins.atomic import hold_lock
+    from clara_plugins.training import train
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1)
+    with hold_lock(tmp_path / ".run.lock"):  # as another process running in tmp_path/run holds it
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"),
+                  "--steps", "1", "--device", "cpu"])
+        assert exit_info.value.code == 5 and "another training run is writing" in capsys.readouterr().err
+        with pytest.raises(ValueError, match="another training run is writing"):
+            train(tiny_model, [json.loads(rows.read_text())], config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_train_from_a_tokens_checkpoint_at_another_rate_says_why(tiny_tokens_model, tmp_path, capsys):
     # the checkpoint's settings were read before the model, and a rate past doc_max_length failed
     # on that alone, not on why the tokens design reads at its own rate only

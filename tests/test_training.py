@@ -1058,10 +1058,11 @@ def test_a_finished_run_in_a_folder_nothing_can_be_written_to_returns_its_checkp
     config = TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1)
     checkpoint = train(tiny_model, INSTRUCT, config, tmp_path)
 
-    def read_only(path):
+    def read_only(path, **_):
         raise PermissionError(f"{path} cannot be written: Read-only file system")
 
     monkeypatch.setattr(training, "check_writable", read_only)
+    monkeypatch.setattr(training, "hold_lock", read_only)  # nor its lock beside it made
     with pytest.warns(UserWarning, match="holds a finished run"):
         assert train(tiny_model, INSTRUCT, config, tmp_path) == checkpoint
     state_file = checkpoint / "trainer_state.pt"
