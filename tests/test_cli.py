@@ -662,17 +662,24 @@ def test_options_nothing_reads_and_out_of_range_numbers_are_refused_before_any_w
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "run").exists()
 
 
-def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, other_tiny_base, tmp_path, monkeypatch,
-                                                                 capsys):
-    # it loaded the model (and compressed any corpus) to train no step, and printed only the checkpoint
-    from clara_plugins import model as model_module
-
+def _finished_instruct_run(tiny_model, tmp_path) -> list[str]:
+    """The arguments of a one-step instruct run from a saved model (``tmp_path/init``) into
+    ``tmp_path/run``, run to its end."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
     tiny_model.save_pretrained(tmp_path / "init")
     train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
              str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"]
     main(train)
+    return train
+
+
+def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, other_tiny_base, tmp_path, monkeypatch,
+                                                                 capsys):
+    # it loaded the model (and compressed any corpus) to train no step, and printed only the checkpoint
+    from clara_plugins import model as model_module
+
+    train = _finished_instruct_run(tiny_model, tmp_path)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:  # another base model's weights, told once loaded
         main([*train, "--base-model", str(other_tiny_base)])
@@ -694,12 +701,7 @@ def test_a_stage_whose_init_was_trained_again_is_neither_resumed_nor_called_fini
     from clara_plugins import CheckpointError, ClaraModel
     from clara_plugins.training import check_trained_from
 
-    rows = tmp_path / "rows.jsonl"
-    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
-    tiny_model.save_pretrained(tmp_path / "init")
-    train = ["train", "--stage", "instruct", "--data", str(rows), "--output", str(tmp_path / "run"), "--init",
-             str(tmp_path / "init"), "--steps", "1", "--batch-size", "1", "--grad-accum", "1", "--device", "cpu"]
-    main(train)
+    train = _finished_instruct_run(tiny_model, tmp_path)
     main(train)  # the same --init: finished
     assert "nothing to train" in capsys.readouterr().out
     retrained = ClaraModel.from_pretrained(tmp_path / "init", device="cpu", dtype="float32")
