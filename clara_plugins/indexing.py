@@ -109,7 +109,9 @@ def _compressed_on_ray(
     store: BaseMemoryStore, texts: list[str], groups: list[list[int]], options: RayCompression,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(rows, fp16 memories) of the groups of rows, each compressed by one actor in one call,
-    in the order the actors finish them."""
+    in the groups' order: a group that finishes early waits for those before it, so that the
+    store holds its rows in the order the in-process path upserts them (which fixes its
+    relevance calibration, an ivfpq index's training rows, the order of tied scores)."""
     if not groups:
         return
     ray = import_ray()
@@ -125,8 +127,8 @@ def _compressed_on_ray(
             raise InvalidInputError(f"{workers} workers need {workers} {'GPUs' if gpus else 'CPUs'}; the Ray "
                                     f"cluster has {available}")
         # a block a group: Ray's blocks (at least 200) held several groups each above 200, saved together
-        dataset = ray.data.from_items([{"rows": group, "texts": [texts[r] for r in group]} for group in groups],
-                                      override_num_blocks=len(groups))
+        dataset = ray.data.from_items([{"group": number, "rows": group, "texts": [texts[r] for r in group]}
+                                       for number, group in enumerate(groups)], override_num_blocks=len(groups))
         compressed = dataset.map_batches(
             _Compressor, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
             # Ray retries a group whose actor died forever: one that kills every actor hung the run
@@ -135,27 +137,48 @@ def _compressed_on_ray(
             fn_constructor_kwargs={"load_model": options.load_model, "batch_size": store.batch_size,
                                    "signature": compressor_signature(store.model)},
         )
-        for batch in compressed.iter_batches(batch_size=None, batch_format="numpy"):  # blocks as they come
-            yield batch["row"].tolist(), torch.tensor(batch["memories"])  # a copy: Ray's arrays are read-only
+        compressed.context.raise_original_map_exception = True  # this run's: not wrapped in UserCodeException
+        finished: dict[int, tuple[list[int], torch.Tensor]] = {}  # groups waiting for one before them
+        given = 0
+        try:
+            for batch in compressed.iter_batches(batch_size=None, batch_format="numpy"):  # blocks as they come
+                # a copy: Ray's arrays are read-only
+                finished[int(batch["group"][0])] = batch["row"].tolist(), torch.tensor(batch["memories"])
+                while given in finished:
+                    yield finished.pop(given)
+                    given += 1
+        except ray.exceptions.RayTaskError as error:  # an actor's error, as the in-process path raises it
+            if not isinstance(error.cause, Exception) or isinstance(error.cause, ray.exceptions.RayError):
+                raise  # a Ray before raise_original_map_exception: its own
+            # a screen of remote traceback in Ray's colours, below which Ray adds its retry advice
+            error.cause.args = (str(error.cause).partition("\n")[0],)
+            raise error.cause from None
     finally:
         if started:
             ray.shutdown()
 
 
 class _Compressor:
-    """A Ray actor's model, loaded once: it compresses group after group as the store's would."""
+    """A Ray actor's model, loaded once: it compresses group after group as the store's would.
+    A model that fails to load, or is refused, fails the first group: Ray gives the error of a
+    group back as raised, and that of an actor's start only as the text of its death."""
 
     def __init__(self, load_model: Callable[[], ClaraModel], batch_size: int, signature: dict) -> None:
-        self.model = load_model()
-        # memories from another compressor would sit in the store unnoticed: refuse them
-        check_compressor(signature, compressor_signature(self.model), "the store")
-        self.batch_size = batch_size
+        self.batch_size, self.problem = batch_size, None
+        try:
+            self.model = load_model()
+            # memories from another compressor would sit in the store unnoticed: refuse them
+            check_compressor(signature, compressor_signature(self.model), "the store")
+        except Exception as error:
+            self.problem = error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One group in (batch_size=1), one row per document out."""
-        (rows,), (texts,) = batch["rows"], batch["texts"]
+        if self.problem is not None:
+            raise self.problem
+        (group,), (rows,), (texts,) = batch["group"], batch["rows"], batch["texts"]
         memories = compress_in_parts(self.model, texts.tolist(), self.batch_size)  # warns in the actor's log
-        return {"row": rows, "memories": memories}
+        return {"group": np.full(len(rows), group), "row": rows, "memories": memories}
 
 
 def import_ray() -> Any:

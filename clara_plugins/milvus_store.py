@@ -98,6 +98,8 @@ class MilvusMemoryStore(BaseMemoryStore):
       or dict value is refused), on metadata keys that are not empty and hold no ``][``;
     - documents of equal score come in Milvus' order (a replaced document is a new row), not
       in the order they were first stored;
+    - ``all_ids`` and ``ids_where`` list ids in id order (pages follow an id cursor), not in
+      the order they were stored: a LlamaIndex ``get_nodes`` too;
     - ids hold at most MAX_ID_BYTES bytes of UTF-8, texts MAX_TEXT_BYTES, metadata
       MAX_METADATA_BYTES of JSON;
     - an upsert of more than BATCH_ROWS documents is written in batches, so a failure midway

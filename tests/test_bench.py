@@ -502,6 +502,20 @@ def test_a_kept_result_is_not_reused_for_a_local_encoder_replaced_in_place(tmp_p
     (encoder / "model.safetensors").write_bytes(b"newer")
     bench_run._system_result(run_system, spec, ROWS, options, tmp_path / "kept.json", machine)
     assert len(ran) == 2
+    # named by its hub id, a new revision in the local cache was not seen either
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "models--org--encoder"
+    (cached / "refs").mkdir(parents=True)
+    options = RunOptions(dense_model="org/encoder")
+    for revision in ("a" * 40, "b" * 40):
+        (cached / "snapshots" / revision).mkdir(parents=True)
+        (cached / "snapshots" / revision / "model.safetensors").write_bytes(b"the same bytes")
+    for revision in ("a" * 40, "b" * 40, "b" * 40):
+        (cached / "refs" / "main").write_text(revision)
+        bench_run._system_result(run_system, spec, ROWS, options, tmp_path / "kept.json", machine)
+    assert len(ran) == 4  # the second revision ran, and was then kept
 
 
 def test_a_result_written_beside_the_code_leaves_the_commit_clean(tmp_path, monkeypatch):
