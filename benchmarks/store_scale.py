@@ -84,14 +84,20 @@ def main() -> None:
     if args.store_dir is not None and not args.store_dir.is_dir():
         parser.error(f"--store-dir {args.store_dir} is not a folder")
 
+    if args.passages < 2:  # the cosine statistics compare pairs: one passage failed after every store ran
+        parser.error("give at least 2 passages")
     texts = read_documents([str(args.corpus)])  # a wrong file named before the model loads
     if not texts:
         parser.error(f"--corpus {args.corpus} holds no passages")
-    model = load_model(device="cpu")
-    if not args.sample.exists():
+    if not args.sample.exists():  # the questions read before the model loads and the seeds are compressed
         if args.questions is None:
             parser.error(f"{args.sample} does not exist: --questions is needed to make it")
-        make_sample(model, texts, args.questions, args.seeds, args.queries, args.sample)
+        if args.seeds < 2:
+            parser.error("--seeds: give at least 2 (the cosine statistics compare pairs)")
+        asked = [example.question for example in read_examples(args.questions, args.queries)]
+    model = load_model(device="cpu")
+    if not args.sample.exists():
+        make_sample(model, texts, asked, args.seeds, args.sample)
     keys = ClaraKeys(model)
     with np.load(args.sample, allow_pickle=False) as sample:
         real, queries, encode_seconds = sample["memories"], sample["queries"], sample["encode_seconds"]
@@ -137,6 +143,10 @@ def _configs(text: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]
                 parser.error(f"--configs {config}: name Milvus' index type, e.g. milvus:FLAT or milvus:HNSW")
             if importlib.util.find_spec("pymilvus") is None:
                 parser.error(f"--configs {config}: install the [milvus] extra")
+            from clara_plugins.milvus_store import lite_index_problem
+
+            if problem := lite_index_problem(dtype):  # it searched every row, reported under this name
+                parser.error(f"--configs {config}: {problem}")
         elif kind not in INDEX_KINDS or dtype not in MEMORY_DTYPES:
             parser.error(f"--configs takes index:dtype pairs, index one of {INDEX_KINDS} (or milvus:INDEX_TYPE) "
                          f"and dtype one of {MEMORY_DTYPES}; got {config!r}")
@@ -144,11 +154,10 @@ def _configs(text: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]
     return pairs
 
 
-def make_sample(model, texts: list[str], questions: Path, seeds: int, queries: int, path: Path) -> None:
-    """Compress ``seeds`` passages spread over the corpus and encode ``queries`` questions."""
+def make_sample(model, texts: list[str], asked: list[str], seeds: int, path: Path) -> None:
+    """Compress ``seeds`` passages spread over the corpus and encode the questions ``asked``."""
     passages = texts[:: max(1, len(texts) // seeds)][:seeds]
     memories = model.compress(passages, 8, show_progress=True).memories.to(torch.float16).numpy()
-    asked = [example.question for example in read_examples(questions, queries)]
     keys = ClaraKeys(model)
     query_keys = keys.query_keys(asked)
     encode_seconds = []

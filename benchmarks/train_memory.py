@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from clara_plugins.atomic import write_text_atomically
-from clara_plugins.checks import check_output_path
+from clara_plugins.checks import check_output_path, positive_int
 from clara_plugins.jsonfiles import read_jsonl
 
 from .measure import environment, maxrss_bytes
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data", help="the stage's JSONL rows")
     parser.add_argument("--stage", default="retrieval")
     parser.add_argument("--init", required=True, help="the checkpoint every split starts from")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=positive_int, default=8)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--splits", nargs="+", action="extend", type=_split,
                         help="ROWSxMICRO: rows a micro-batch x micro-batches a step, the same product for all "
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.splits = args.splits or [(32, 1), (8, 4)]
     sizes = {rows * micro for rows, micro in args.splits}
+    if len(set(args.splits)) < len(args.splits):  # one folder each: the second found the first's run finished
+        parser.error("--splits: each split once")
     if len(sizes) != 1:
         parser.error(f"every split must make the same optimizer step, got {sorted(sizes)} rows")
     out = Path(args.out)

@@ -138,6 +138,8 @@ class MilvusMemoryStore(BaseMemoryStore):
         if self._dimensions > MAX_DIMENSIONS:
             raise StoreError(f"this model's memories have {self._dimensions:,} values, more than Milvus' "
                              f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
+        if uri.endswith(".db") and (problem := lite_index_problem(index_type)):
+            raise InvalidInputError(problem)
         if uri.endswith(".db"):  # milvus-lite opens a file only in an existing folder
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -465,6 +467,20 @@ class MilvusMemoryStore(BaseMemoryStore):
 
 
 # ------------------------------------------------------------------ filters
+
+def lite_index_problem(index_type: str) -> str | None:
+    """Why milvus-lite builds no ``index_type`` index over the memories, or None. It accepted
+    any name, logged the build's failure in the background and searched every row, so a store
+    or benchmark named one index and measured another."""
+    try:
+        from milvus_lite.index.factory import KNOWN_VECTOR_INDEX_TYPES
+    except ImportError:  # a milvus-lite that lists them elsewhere, or none installed: unchecked
+        return None
+    known = sorted(KNOWN_VECTOR_INDEX_TYPES - {"SPARSE_INVERTED_INDEX"})  # the key is a dense vector
+    if index_type in known:
+        return None
+    return f"milvus-lite builds no {index_type!r} index (it would search every row); use one of {', '.join(known)}"
+
 
 def milvus_filter(where: Filter) -> str | None:
     """The Milvus expression keeping the documents ``filters.matches`` keeps; None keeps all.

@@ -185,6 +185,8 @@ def test_an_index_is_built_and_searched_with_the_settings_given(tiny_model, uri,
                         built.append((field_name, options.get("params"))) or add_index(self, field_name, **options))
     monkeypatch.setattr(pymilvus.MilvusClient, "search", lambda self, *a, **options:
                         searched.append(options["search_params"]) or search(self, *a, **options))
+    with pytest.raises(InvalidInputError, match="milvus-lite builds no 'IVFPQ' index"):  # searched every row, unsaid
+        MilvusMemoryStore(tiny_model, uri, index_type="IVFPQ")
     store = MilvusMemoryStore(tiny_model, uri, index_type="IVF_FLAT", index_params={"nlist": 4},
                               search_params={"nprobe": 4})
     store.upsert(CORPUS, IDS)

@@ -95,6 +95,33 @@ def test_every_store_configuration_is_checked_before_any_work(capsys):
         with pytest.raises(SystemExit):
             store_scale._configs(configs, parser)
         assert "name Milvus' index type" in capsys.readouterr().err
+    # milvus-lite took IVFPQ, failed to build it unsaid and searched every row: an exact scan reported as IVFPQ
+    with pytest.raises(SystemExit):
+        store_scale._configs("milvus:IVFPQ", parser)
+    assert "milvus-lite builds no 'IVFPQ' index" in capsys.readouterr().err
+    assert store_scale._configs("milvus:IVF_PQ", parser) == [("milvus", "IVF_PQ")]
+
+
+def test_store_scale_and_train_memory_refuse_what_fails_after_long_work(tmp_path, monkeypatch, capsys):
+    # one passage failed on an empty percentile once every store had run; a questions file was
+    # read after the model loaded and the seeds were compressed; a split named twice found its
+    # own first run finished and reported the second child's load as its peak
+    monkeypatch.setattr(store_scale, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("A passage.\n\nAnother passage.")
+    run = ["store_scale", "10", "--corpus", str(corpus), "--sample", str(tmp_path / "s.npz"), "--out",
+           str(tmp_path / "o.json")]
+    for argv, message in [(["store_scale", "1", *run[2:]], "at least 2 passages"),
+                          ([*run, "--questions", str(tmp_path / "dev.jsn")], "dev.jsn"),
+                          ([*run, "--questions", str(corpus), "--seeds", "1"], "--seeds: give at least 2")]:
+        monkeypatch.setattr("sys.argv", argv)
+        with pytest.raises((SystemExit, FileNotFoundError)) as caught:
+            store_scale.main()
+        assert message in (capsys.readouterr().err if caught.type is SystemExit else str(caught.value)), argv
+    for flags, message in [(["--splits", "32x1", "32x1"], "each split once"), (["--steps", "0"], "positive integer")]:
+        with pytest.raises(SystemExit):
+            train_memory.main(["rows.jsonl", "--init", "ckpt", "--out", str(tmp_path / "m.json"), *flags])
+        assert message in capsys.readouterr().err
 
 
 def test_a_store_measured_at_another_rescore_factor_is_its_own_line():
@@ -201,10 +228,8 @@ def test_saves_in_groups_write_one_shard_of_memories_and_of_records_each(tiny_mo
 
 
 def test_a_sample_is_written_whole_under_the_name_asked_for(tiny_model, tmp_path):
-    questions = tmp_path / "nq.jsonl"
-    questions.write_text("".join(json.dumps({"question": q, "answers": ["x"], "ctxs": []}) + "\n"
-                                 for q in ("Who won prizes in physics?", "A river through Vienna")))
-    store_scale.make_sample(tiny_model, CORPUS, questions, 3, 2, tmp_path / "sample")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nq.jsonl", "sample"]  # no sample.npz, no partial file
+    store_scale.make_sample(tiny_model, CORPUS, ["Who won prizes in physics?", "A river through Vienna"], 3,
+                            tmp_path / "sample")
+    assert [p.name for p in tmp_path.iterdir()] == ["sample"]  # no sample.npz, no partial file
     with np.load(tmp_path / "sample", allow_pickle=False) as sample:
         assert sample["memories"].shape[0] == 3 and sample["queries"].shape[0] == 2
