@@ -343,7 +343,9 @@ def recover_folder(folder: Path, marker: str) -> None:
 
 def writer_at_work(path: Path) -> bool:
     """Whether a writer holds the lock of a staging sibling of ``path`` (``_claimed_sibling``);
-    where the file system has no locks, a leftover cannot be told from a live one: no."""
+    where the file system has no locks, a leftover cannot be told from a live one: no. Behind a
+    link, beside the folder it names, where saves stage."""
+    path = _followed(path)
     for sibling in _staging_siblings(path, every_form=False):
         if not sibling.is_dir():
             continue

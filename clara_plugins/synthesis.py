@@ -149,12 +149,12 @@ class HuggingFaceTeacher:
                  device: str = "auto", dtype: str = "auto") -> None:
         from .backbone import check_base_model, resolve_device, resolve_dtype
 
-        check_base_model(name_or_path)
+        # as the ledger keeps it: a folder named by a relative path as itself (run from elsewhere, the
+        # same "./model" named another teacher, whose rows were mixed with the first's), "~/model" expanded
+        self.name_or_path = recorded_model_name(name_or_path)
+        check_base_model(self.name_or_path)  # "~/model" as given was no folder to transformers
         self.device = resolve_device(device)  # refused before anything is written, as the name is
         self.dtype = resolve_dtype(dtype, self.device)
-        # as the ledger keeps it: a folder named by a relative path as itself (run from elsewhere, the
-        # same "./model" named another teacher, whose rows were mixed with the first's)
-        self.name_or_path = recorded_model_name(name_or_path)
         self.max_new_tokens = max_new_tokens
         self.model = self.tokenizer = None
 

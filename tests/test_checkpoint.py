@@ -337,13 +337,18 @@ def test_a_path_that_is_no_checkpoint_says_what_it_is(tiny_model, tmp_path):
             ClaraModel.from_pretrained(tmp_path / folder, device="cpu")
 
 
-def test_a_load_that_meets_the_folder_gone_before_its_config_is_read_waits(tiny_model, tmp_path):
-    # the configuration was read before the wait for a save's second rename: the load failed
+@pytest.mark.parametrize("through_link", [False, True])
+def test_a_load_that_meets_the_folder_gone_before_its_config_is_read_waits(tiny_model, tmp_path, through_link):
+    # the configuration was read before the wait for a save's second rename: the load failed; a
+    # load through a link looked for the writer beside the link, not beside the folder it names
     import fcntl
     import os
     import threading
 
     tiny_model.save_pretrained(tmp_path / "ckpt")
+    if through_link:
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "link").symlink_to(tmp_path / "ckpt")
     staging = tmp_path / ".ckpt.0123456789abcdef"
     staging.mkdir()
     held = os.open(staging, os.O_RDONLY)
@@ -352,7 +357,7 @@ def test_a_load_that_meets_the_folder_gone_before_its_config_is_read_waits(tiny_
     writer = threading.Timer(0.1, lambda: (tmp_path / ".ckpt.old").rename(tmp_path / "ckpt"))
     writer.start()
     try:
-        loaded = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+        loaded = ClaraModel.from_pretrained(tmp_path / ("elsewhere/link" if through_link else "ckpt"), device="cpu")
     finally:
         writer.join()
         os.close(held)

@@ -786,6 +786,10 @@ def test_a_base_model_folder_without_a_config_or_a_tokenizer_is_named_in_one_lin
                 as refused:
             load(str(config_alone))
         assert "\n" not in str(refused.value)
+        # a hub id neither cached nor reachable: transformers' own lines ("Check your internet connection...")
+        with pytest.raises(OSError, match="^could not load base model 'clara-test/no-such-model'") as refused:
+            load("clara-test/no-such-model")
+        assert "\n" not in str(refused.value)
 
 
 def test_memories_past_an_fp16_models_range_are_refused_and_stored_ones_may_carry_gradients(tiny_config):

@@ -349,6 +349,8 @@ def test_a_teacher_named_by_a_relative_path_is_kept_as_its_folder(tiny_base, tmp
     monkeypatch.chdir(tiny_base.parent)
     teacher = synthesis.HuggingFaceTeacher(f"./{tiny_base.name}")
     assert teacher.name_or_path == str(tiny_base)
+    monkeypatch.setenv("HOME", str(tiny_base.parent))  # "~/model" was checked as written: no folder to transformers
+    assert synthesis.HuggingFaceTeacher(f"~/{tiny_base.name}").name_or_path == str(tiny_base)
     # a ledger that recorded it as typed resumes with it
     output = tmp_path / "scp.jsonl"
     output.write_text('{"doc_id": "d0"}\n')
