@@ -89,14 +89,15 @@ def main() -> None:
     texts = read_documents([str(args.corpus)])  # a wrong file named before the model loads
     if not texts:
         parser.error(f"--corpus {args.corpus} holds no passages")
-    if not args.sample.exists():  # the questions read before the model loads and the seeds are compressed
+    asked = None  # the questions of a sample to make, read before the model loads and the seeds are compressed
+    if not args.sample.exists():
         if args.questions is None:
             parser.error(f"{args.sample} does not exist: --questions is needed to make it")
         if args.seeds < 2:
             parser.error("--seeds: give at least 2 (the cosine statistics compare pairs)")
         asked = [example.question for example in read_examples(args.questions, args.queries)]
     model = load_model(device="cpu")
-    if not args.sample.exists():
+    if asked is not None:
         make_sample(model, texts, asked, args.seeds, args.sample)
     keys = ClaraKeys(model)
     with np.load(args.sample, allow_pickle=False) as sample:

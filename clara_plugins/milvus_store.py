@@ -138,10 +138,10 @@ class MilvusMemoryStore(BaseMemoryStore):
         if self._dimensions > MAX_DIMENSIONS:
             raise StoreError(f"this model's memories have {self._dimensions:,} values, more than Milvus' "
                              f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
-        if uri.endswith(".db") and (problem := lite_index_problem(index_type)):
-            raise InvalidInputError(problem)
-        if uri.endswith(".db"):  # milvus-lite opens a file only in an existing folder
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        if uri.endswith(".db"):  # milvus-lite
+            if problem := lite_index_problem(index_type):
+                raise InvalidInputError(problem)
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)  # it opens a file only in an existing folder
         try:
             self._client = MilvusClient(uri, token=token)
         except MilvusException as error:  # milvus-lite logs its cause (another process's lock, mostly) and says this
@@ -466,8 +466,6 @@ class MilvusMemoryStore(BaseMemoryStore):
         return pair_cosines(np.array([row["key"] for row in rows], dtype=np.float32))
 
 
-# ------------------------------------------------------------------ filters
-
 def lite_index_problem(index_type: str) -> str | None:
     """Why milvus-lite builds no ``index_type`` index over the memories, or None. It accepted
     any name, logged the build's failure in the background and searched every row, so a store
@@ -481,6 +479,8 @@ def lite_index_problem(index_type: str) -> str | None:
         return None
     return f"milvus-lite builds no {index_type!r} index (it would search every row); use one of {', '.join(known)}"
 
+
+# ------------------------------------------------------------------ filters
 
 def milvus_filter(where: Filter) -> str | None:
     """The Milvus expression keeping the documents ``filters.matches`` keeps; None keeps all.
