@@ -424,6 +424,15 @@ def test_a_lone_string_passed_as_documents_is_refused(tiny_model):
     for collection in (tuple(passages), iter(passages)):  # any collection but a lone string
         assert ChatClara(clara=tiny_model, max_tokens=2).invoke("Where is Paris?", documents=collection).content == \
             listed
+    # but with a cache an iterator keyed it by its address, which the next call's iterator reused:
+    # the answer read from other documents was served
+    from langchain_core.caches import InMemoryCache
+
+    cached = ChatClara(clara=tiny_model, max_tokens=2, cache=InMemoryCache())
+    for name, value in (("documents", iter(passages)), ("document_ids", (i for i in ["d1"]))):
+        with pytest.raises(InvalidInputError, match=f"with an LLM cache, pass {name} as a list"):
+            cached.invoke("Where is Paris?", **{name: value})
+    assert cached.invoke("Where is Paris?", documents=passages).content == listed
     with pytest.raises(ValueError, match=r"documents\[1\] is a int, not a string"):  # an AttributeError before
         ChatClara(clara=tiny_model).invoke("Where is Paris?", documents=["Paris is in France.", 3])
 

@@ -51,7 +51,9 @@ class ChatClara(ReaderFields, BaseChatModel):
 
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
     takes a ``clara_plugins.MemoryStore`` or ``MilvusMemoryStore``, or either framework's
-    ``ClaraVectorStore``.
+    ``ClaraVectorStore``. With an LLM cache, an answer read with a store is keyed by that store
+    object and its changes: it is served again within the process, not after the store is
+    opened anew.
     """
 
     model_name: str = "clara"
@@ -95,6 +97,10 @@ class ChatClara(ReaderFields, BaseChatModel):
         """The cache key: the settings, and the weights (a checkpoint saved again under its
         folder answers anew, and unsaved models by their adapters), hashed only where a cache
         asks (every call hashed an unsaved model's adapters, 58 MB for SmolLM2's)."""
+        for name in ("documents", "document_ids"):
+            if isinstance(kwargs.get(name), Iterator):  # keyed by its address, which the next iterator reuses
+                raise InvalidInputError(f"with an LLM cache, pass {name} as a list: an iterator is read once, and "
+                                        "keyed the cache by its address alone (another call's answer was served)")
         weights = self.clara.weights_sha256 or adapters_sha256(self.clara)
         return f"{super()._get_llm_string(stop, **kwargs)}---weights={weights}"
 
