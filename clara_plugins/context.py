@@ -295,14 +295,22 @@ def _memories(model: ClaraModel, store: BaseMemoryStore | None,
 
 _QUESTION_LABEL = ANSWER_TEMPLATE.split("{question}")[0].rsplit("\n", 1)[-1]  # "Question:"
 _BACKGROUND = ANSWER_TEMPLATE.split("{documents}")[0]  # "Background:\n"
+# the question's label in the trained layout and in LlamaIndex's question-answering and refine
+# prompts ("Query: {query_str}\nAnswer: "), and the lines that may follow it there
+_QUERY_LABELS = (_QUESTION_LABEL, "Query:")
+_AFTER_QUERY = re.compile(r"\n\s*(?:Original |New )?(?:Answer|Context):")
 
 
 def _query(text: str) -> str:
     """What the query reasoner reads of the last user message's text: of the trained layout
-    (``ANSWER_TEMPLATE``, which CLARA_PROMPT writes), the question alone, as it was trained on
-    and as a store search reads it; "Background:" around it moved the mean key elsewhere."""
+    (``ANSWER_TEMPLATE``, which CLARA_PROMPT writes) or of LlamaIndex's templates, the question
+    alone, as it was trained on and as a store search reads it; "Background:" around it moved
+    the mean key elsewhere, and LlamaIndex's instructions ranked a query engine's nodes anew."""
     text = text.strip()
-    return text.rsplit(_QUESTION_LABEL, 1)[1].strip() if _QUESTION_LABEL in text else text
+    label = max(_QUERY_LABELS, key=text.rfind)  # the last one the text holds
+    if label not in text:
+        return text
+    return _AFTER_QUERY.split(text.rsplit(label, 1)[1], maxsplit=1)[0].strip()
 
 
 def _kept(model: ClaraModel, memories: torch.Tensor, texts: list[str], pieces: list[str | _Document], k: int,

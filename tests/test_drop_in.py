@@ -486,6 +486,16 @@ def test_the_query_reasoner_reads_the_question_of_the_trained_layout_alone(tiny_
     read_messages(tiny_model, [("user", prompt)], documents=CORPUS[:3], k=1)
     read_messages(tiny_model, [("user", f"Answer briefly. {QUESTION}")], documents=CORPUS[:3], k=1)
     assert queries == [QUESTION, f"Answer briefly. {QUESTION}"]
+    # nor LlamaIndex's instructions around it: a query engine's nodes beyond k were ranked by them
+    from llama_index.core.prompts.chat_prompts import CHAT_REFINE_PROMPT_TMPL_MSGS, TEXT_QA_PROMPT_TMPL_MSGS
+
+    queries.clear()
+    for template, fields in [(TEXT_QA_PROMPT_TMPL_MSGS[-1], {"context_str": "\n\n".join(CORPUS[:3])}),
+                             (CHAT_REFINE_PROMPT_TMPL_MSGS[-1], {"context_msg": "\n\n".join(CORPUS[:3]),
+                                                               "existing_answer": "Paris."})]:
+        read_messages(tiny_model, [("user", template.content.format(query_str=QUESTION, **fields))],
+                      documents=CORPUS[:3], k=1)
+    assert queries == [QUESTION, QUESTION]
 
 
 def test_k_or_fewer_documents_in_place_need_no_query_reasoner_pass(tiny_model, vectorstore, monkeypatch):
