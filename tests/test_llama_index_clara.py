@@ -479,6 +479,15 @@ def test_documents_are_split_into_chunks_the_compressor_reads_whole(tiny_model, 
     monkeypatch.setattr(Settings, "_node_parser", own)
     ClaraVectorStore(tiny_model)
     assert Settings._node_parser is own  # a parser the user chose is kept
+    # metadata filling a whole chunk: LlamaIndex advised a larger chunk size, which the compressor cuts
+    monkeypatch.setattr(Settings, "_node_parser", None)
+    store = ClaraVectorStore(tiny_model)
+    abstract = {"abstract": " ".join(CORPUS * 6)}
+    with pytest.raises(ValueError, match="metadata take .* excluded_embed_metadata_keys"):
+        VectorStoreIndex.from_documents([Document(text=CORPUS[0], metadata=abstract)],
+                                        storage_context=StorageContext.from_defaults(vector_store=store))
+    left_out = Document(text=CORPUS[0], metadata=abstract, excluded_embed_metadata_keys=["abstract"])
+    VectorStoreIndex.from_documents([left_out], storage_context=StorageContext.from_defaults(vector_store=store))
 
 
 def test_an_empty_answer_streams_one_empty_response(tiny_model, monkeypatch):

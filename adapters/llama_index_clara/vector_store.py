@@ -93,6 +93,16 @@ class _CompressorChunks(SentenceSplitter):
         template = getattr(node, "text_template", "{metadata_str}\n\n{content}")
         return template.format(metadata_str=metadata, content="") if metadata else ""
 
+    def split_text_metadata_aware(self, text: str, metadata_str: str) -> list[str]:
+        """Refuse metadata that leave a chunk no room: LlamaIndex's advice, a larger chunk size,
+        makes chunks the compressor reads only the first ``doc_max_length`` tokens of."""
+        length = len(self._tokenizer(metadata_str))
+        if length >= self.chunk_size:
+            raise ValueError(f"a document's metadata take {length} tokens, and the compressor reads {self.chunk_size} "
+                             "of a chunk (doc_max_length, 2 spare): leave long fields out of what it reads "
+                             "(Document(..., excluded_embed_metadata_keys=[...]))")
+        return super().split_text_metadata_aware(text, metadata_str)
+
 
 def _split_for(model: ClaraModel) -> None:
     """Make chunks the model reads whole LlamaIndex's default, unless the user chose a parser
