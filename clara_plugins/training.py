@@ -41,7 +41,6 @@ the compressor also log ``memory_cosine``, the similarity of different documents
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -60,7 +59,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .atomic import check_replaceable_folder, hold_lock, recover_folder
+from .atomic import check_replaceable_folder, recover_folder, sole_writer
 from .backbone import context_window
 from .checkpoint import (CONFIG_FILE, TRAINER_STATE_FILE, files_sha256, load_trained_weights, read_config,
                          read_torch_file, save_checkpoint, weight_files)
@@ -720,44 +719,17 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
     return state
 
 
-def check_trained_from(state: dict, init: str | Path | None, teacher: str | Path | None, output: str | Path) -> None:
-    """Refuse to resume a run, or to call it finished, when its ``--init`` or its distillation
-    teacher holds other weights than when the run began (a stage before it was trained again in
-    its folder): the run went on from the old weights unsaid, and a finished one stood as the
-    new stage's result. States saved before these were recorded are not checked."""
-    for flag, folder, key in (("--init", init, "init_sha256"), ("--teacher", teacher, "teacher_sha256")):
-        if folder is not None and state.get(key) not in (None, files_sha256(weight_files(Path(folder)))):
-            raise CheckpointError(f"{output} was trained from other weights than {flag} {folder} holds now (its files "
+def check_trained_from(state: dict, digests: dict[str, str], output: str | Path) -> None:
+    """Refuse to resume a run, or to call it finished, when the weights it began from changed
+    since (a stage before it was trained again in its folder): it went on from the old weights
+    unsaid, and a finished one stood as the new stage's result. ``digests`` holds the SHA-256 of
+    the weights that ``--init`` and ``--teacher`` name now; states saved before these were
+    recorded are not checked."""
+    for flag, digest in digests.items():
+        if state.get(f"{flag.lstrip('-')}_sha256") not in (None, digest):
+            raise CheckpointError(f"{output} was trained from other weights than its {flag} holds now (its files "
                                   "changed since the run began, or the path reaches another folder): train the "
                                   "stage again in a new output folder")
-
-
-_WRITING: set[Path] = set()  # the run folders whose lock this process holds
-
-
-@contextlib.contextmanager
-def one_writer(output: str | Path) -> Iterator[None]:
-    """Hold the lock of a run folder (``.NAME.lock`` beside it) for the ``with`` block: a second
-    run in the same folder rewrote the log the first was appending to, whose records were then
-    lost. Taken again in the same process (the CLI holds it around its checks and ``train``), it
-    is kept. Where no lock file can be made, the run goes on unlocked: ``check_run`` refuses a
-    run there, and a finished one, which writes nothing, returns its checkpoint."""
-    folder = Path(output).resolve()
-    if folder in _WRITING:
-        yield
-        return
-    with contextlib.ExitStack() as held:
-        try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            held.enter_context(hold_lock(folder.with_name(f".{folder.name}.lock"), wait=False))
-        except BlockingIOError:
-            raise ValueError(f"another training run is writing {output}: wait for it, or name another output "
-                             "folder") from None
-        except OSError:  # a read-only folder, a path through a file: check_run says which
-            pass
-        _WRITING.add(folder)
-        held.callback(_WRITING.discard, folder)
-        yield
 
 
 def rows_sha256(rows: list[dict]) -> str:
@@ -778,9 +750,10 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
 
     ``probes`` names held-out row sets (SCP or instruction rows) whose reading gain is logged
     every ``config.probe_every`` steps, and before the first step, as ``{"probe": name, ...}``.
-    One run writes a folder at a time (``one_writer``).
+    One run writes a folder at a time (``sole_writer``); a finished run in a folder where no
+    lock can be made, which writes nothing, returns its checkpoint.
     """
-    with one_writer(output):
+    with sole_writer(output, "training run"):
         return _train_stage(model, rows, config, Path(output), corpus, probes or {})
 
 
@@ -806,10 +779,8 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
     # its files as they were loaded (a save swapped in meanwhile is waited out): a teacher trained
     # again in its folder, or another reached by the same relative path, taught a resumed run unsaid
-    if teacher is not None and state and state.get("teacher_sha256", teacher.weights_sha256) != teacher.weights_sha256:
-        raise ValueError(f"{output} was distilled from another teacher than the one {config.teacher} holds now (its "
-                         "files changed, or the path reaches another folder): resume it with that teacher, or use a "
-                         "new output folder")
+    if teacher is not None and state:
+        check_trained_from(state, {"--teacher": teacher.weights_sha256}, output)
     teacher_digest = teacher.weights_sha256 if teacher is not None else (state or {}).get("teacher_sha256")
     init_digest = state.get("init_sha256") if state is not None else model.weights_sha256  # what check_trained_from reads
     if teacher is not None:  # which reads the rows' documents whole, as text

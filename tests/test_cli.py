@@ -714,9 +714,9 @@ def test_a_stage_whose_init_was_trained_again_is_neither_resumed_nor_called_fini
         torch.save({**finished, "step": step}, state_file)
         with pytest.raises(SystemExit) as exit_info:
             main(train)
-        assert exit_info.value.code == 4 and "trained from other weights than --init" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="trained from other weights than --teacher"):  # a finished distillation's
-        check_trained_from({"teacher_sha256": "0" * 64}, None, tmp_path / "init", "run")
+        assert exit_info.value.code == 4 and "trained from other weights than its --init" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="trained from other weights than its --teacher"):  # a finished distillation's
+        check_trained_from({"teacher_sha256": "0" * 64}, {"--teacher": "1" * 64}, "run")
 
 
 def test_a_second_training_run_in_one_folder_is_refused(tiny_model, tmp_path, capsys):

@@ -767,8 +767,10 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
             load(str(remote))
 
 
-def test_a_base_model_folder_without_a_config_or_a_tokenizer_is_named_in_one_line(tiny_model, tmp_path):
+def test_a_base_model_folder_without_a_config_or_a_tokenizer_is_named_in_one_line(tiny_model, tmp_path, monkeypatch):
     # transformers' five lines on a tokenizer it cannot build named neither the folder nor what it lacked
+    import huggingface_hub
+
     from clara_plugins import backbone
 
     (tmp_path / "empty").mkdir()
@@ -787,6 +789,7 @@ def test_a_base_model_folder_without_a_config_or_a_tokenizer_is_named_in_one_lin
             load(str(config_alone))
         assert "\n" not in str(refused.value)
         # a hub id neither cached nor reachable: transformers' own lines ("Check your internet connection...")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # not 27 s of retries
         with pytest.raises(OSError, match="^could not load base model 'clara-test/no-such-model'") as refused:
             load("clara-test/no-such-model")
         assert "\n" not in str(refused.value)

@@ -111,7 +111,7 @@ def test_store_scale_and_train_memory_refuse_what_fails_after_long_work(tmp_path
     corpus.write_text("A passage.\n\nAnother passage.")
     run = ["store_scale", "10", "--corpus", str(corpus), "--sample", str(tmp_path / "s.npz"), "--out",
            str(tmp_path / "o.json")]
-    for argv, message in [(["store_scale", "1", *run[2:]], "at least 2 passages"),
+    for argv, message in [(["store_scale", "1", *run[2:]], "give at least 2"),
                           ([*run, "--questions", str(tmp_path / "dev.jsn")], "dev.jsn"),
                           ([*run, "--questions", str(corpus), "--seeds", "1"], "--seeds: give at least 2")]:
         monkeypatch.setattr("sys.argv", argv)

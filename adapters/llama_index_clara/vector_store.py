@@ -101,7 +101,7 @@ class _CompressorChunks(SentenceSplitter):
             raise ValueError(f"a document's metadata take {length} tokens, and the compressor reads {self.chunk_size} "
                              "of a chunk (doc_max_length, 2 spare): leave long fields out of what it reads "
                              "(Document(..., excluded_embed_metadata_keys=[...]))")
-        return super().split_text_metadata_aware(text, metadata_str)
+        return self._split_text(text, chunk_size=self.chunk_size - length)  # LlamaIndex's own, without its advice
 
 
 def _split_for(model: ClaraModel) -> None:
