@@ -2,7 +2,7 @@
 
 Long before answers improve, the cross-entropy of the targets read from each row's own
 memories against another row's shows whether training teaches the generator to read. The
-trainer's probes and ``clara eval --reading`` both measure it here, over all target tokens and
+trainer's probes and ``clara eval --reading`` both measure it here, over the targets' own tokens and
 over three kinds of them (tokens with a digit, tokens that start with a capital letter, the
 rest), since a memory can carry a passage's names and lose its numbers.
 """
@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from .corpora import passage_title, spaced_alike
 from .model import ClaraModel
 from .passes import completion_log_probs, token_log_likelihood
-from .prompts import memory_prompts
+from .prompts import memory_prompts, turn_end_token
 
 _TOKEN_KINDS = ("digits", "capitalised", "rest")
 
@@ -63,7 +63,9 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
                      memories: dict[tuple[str, ...], torch.Tensor] | None = None) -> dict:
     """The targets' cross-entropy (nats per token) read from each row's own documents (an
     instruction row's, at most k; the one of an SCP row), and from those of the next
-    row that holds none of its evidence (``other_rows``).
+    row that holds none of its evidence (``other_rows``). The targets are the answer's (or the
+    passage's) own tokens: not the template's turn end (``<|im_end|>\n``), where generation
+    stops, whose near-certain line break was a third of an NQ answer's targets.
 
     A generator that ignores its memory tokens scores the same on both; the gap,
     ``reading_gain``, shows whether training has taught it to read long before F1 moves. The
@@ -80,6 +82,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     # so that reading (own below neutral) is told from harm (other above neutral)
     neutral = memories.mean(0, keepdim=True)
     kind_of = _token_kinds(model.tokenizer).to(memories.device)
+    stop = turn_end_token(model.tokenizer)
     totals = torch.zeros(3, len(_TOKEN_KINDS), dtype=torch.float64)  # -log-likelihood: own, neutral, other
     tokens = torch.zeros(len(_TOKEN_KINDS), dtype=torch.float64)
     for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
@@ -91,6 +94,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
             for read, read_memories in enumerate((own, neutral.expand_as(own), other)):
                 log_probs, labels = completion_log_probs(model, prompts, full, read_memories)
                 log_likelihood, valid = token_log_likelihood(log_probs, labels)
+                valid &= _before(stop, labels)
                 if read == 0:  # the three passes predict the same targets
                     kinds = kind_of[labels[valid]].cpu()  # summed in float64, which MPS lacks: on the CPU
                     tokens += torch.bincount(kinds, minlength=len(_TOKEN_KINDS))
@@ -100,6 +104,14 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     result["by_token_kind"] = {kind: {"tokens": int(tokens[i]), **_cross_entropies(totals[:, i], tokens[i])}
                                for i, kind in enumerate(_TOKEN_KINDS) if tokens[i]}
     return result
+
+
+def _before(stop: int | None, labels: torch.Tensor) -> torch.Tensor:
+    """Where the targets [batch, T] come before the first ``stop`` token of their row (all of
+    them for a template whose turn ends in plain text)."""
+    if stop is None:
+        return torch.ones_like(labels, dtype=torch.bool)
+    return (labels == stop).cumsum(-1) == 0
 
 
 def compressed_pools(model: ClaraModel, pools: Sequence[Sequence[str]],

@@ -13,7 +13,7 @@ from clara_benchmarks.text_reader import read_text
 from clara_plugins import reading
 from clara_plugins.cli import main
 from clara_plugins.errors import InvalidInputError
-from clara_plugins.passes import completion_log_likelihood
+from clara_plugins.passes import completion_log_likelihood, completion_log_probs, token_log_likelihood
 from clara_plugins.prompts import question_prompt, scp_prompt
 from clara_plugins.retrieval import cosine_scores
 from clara_plugins.reading import evaluate_reading, other_rows
@@ -379,10 +379,16 @@ def test_reading_compares_own_and_other_documents(tiny_model):
     tok, slot = tiny_model.tokenizer, tiny_model.document_placeholder
     with torch.no_grad():
         memories = torch.stack([tiny_model.compress_documents(r["docs"]) for r in ROWS])
-        ll, counts = completion_log_likelihood(tiny_model,
-            [question_prompt(tok, r["question"], 3, slot) for r in ROWS],
-            [question_prompt(tok, r["question"], 3, slot, r["answer"]) for r in ROWS], memories)
-    assert result["target_ce_own_documents"] == pytest.approx(float(-ll.sum() / counts.sum()), abs=1e-3)
+        prompts = [question_prompt(tok, r["question"], 3, slot) for r in ROWS]
+        log_probs, labels = completion_log_probs(tiny_model, prompts, [question_prompt(tok, r["question"], 3, slot,
+                                                                                       r["answer"]) for r in ROWS],
+                                                 memories)
+        ll, valid = token_log_likelihood(log_probs, labels)
+    # the answers' own tokens: the template's turn end ("</s>" here, "<|im_end|>\n" in SmolLM2's) was counted
+    stop = tok.convert_tokens_to_ids("</s>")
+    answer = valid & (labels != stop)
+    assert int(valid.sum() - answer.sum()) == len(ROWS)
+    assert result["target_ce_own_documents"] == pytest.approx(float(-(ll * answer).sum() / answer.sum()), abs=1e-3)
     with pytest.raises(ValueError, match="at least 2 rows"):
         evaluate_reading(tiny_model, ROWS[:1], k=3)
 
@@ -397,7 +403,7 @@ def test_reading_splits_the_targets_into_digits_capitalised_tokens_and_the_rest(
         _, counts = completion_log_likelihood(tiny_model, [scp_prompt(tok, slot, "reconstruct")] * 3,
                                               [scp_prompt(tok, slot, "reconstruct", d) for d in CORPUS[:3]],
                                               tiny_model.compress_documents(CORPUS[:3]).unsqueeze(1))
-    assert sum(kind["tokens"] for kind in kinds.values()) == int(counts.sum())
+    assert sum(kind["tokens"] for kind in kinds.values()) == int(counts.sum()) - 3  # no turn end ("</s>")
     digit_tokens = sum(any(c.isdigit() for c in tok.decode([i])) for i in tok(" ".join(CORPUS[:3]))["input_ids"])
     assert kinds["digits"]["tokens"] == digit_tokens > 0
     no_digits = [{"data_type": "reconstruct", "answers": [d], "docs": [d]} for d in CORPUS[2:5]]
