@@ -126,8 +126,10 @@ class ChatClara(ReaderFields, BaseChatModel):
 
     def get_token_ids(self, text: str) -> list[int]:
         """The generator's own tokens (LangChain's default tokenizer is GPT-2's, a download):
-        what ``trim_messages`` and ``get_num_tokens`` count, as ``usage_metadata`` does; a
-        ``custom_get_token_ids`` given comes first, as for any LangChain model."""
+        what ``trim_messages`` and ``get_num_tokens`` count, as ``usage_metadata`` counts an
+        answer's (its input counts a document's memory positions, not its text, so trimming by
+        text errs on the safe side); a ``custom_get_token_ids`` given comes first, as for any
+        LangChain model."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
         return self.clara.tokenizer(text, add_special_tokens=False)["input_ids"]
