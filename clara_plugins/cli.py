@@ -731,7 +731,8 @@ def main(argv: list[str] | None = None) -> None:
         dependency = isinstance(error, ImportError) and error.name not in (None, DEFAULT_BACKBONE_PACKAGE)
         hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval '
                 'and bench' if dependency else "")
-        print(f"clara {command}: error: {error}{hint}", file=sys.stderr)
+        # one line, as promised: another library's text (transformers', Ray's) may run to several
+        print(f"clara {command}: error: {' '.join(str(error).split())}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 
 

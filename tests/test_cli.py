@@ -464,6 +464,20 @@ def test_bench_without_its_extras_names_them(tmp_path):
     assert '"clara-plugins[bench]" those of eval and bench' in result.stderr
 
 
+def test_an_error_of_several_lines_is_printed_on_one(monkeypatch, capsys):
+    # another library's message (an uncached hub id's, a remote traceback) ran to several lines
+    from clara_plugins import cli
+
+    def failing(args):
+        raise OSError("We couldn't connect to the hub.\nCheck your internet connection.")
+
+    monkeypatch.setitem(cli.COMMANDS, "ask", (*cli.COMMANDS["ask"][:2], failing))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["ask", "--text", "Paris is in France.", "--question", "Where is Paris?"])
+    assert exit_info.value.code == 3 and capsys.readouterr().err == \
+        "clara ask: error: We couldn't connect to the hub. Check your internet connection.\n"
+
+
 @pytest.mark.parametrize("argv", [["train", "--stage", "scp", "--data", "rows.jsonl", "--output", "run"],
                                   ["eval", "rows.jsonl"], ["bench", "--quick"]])  # these two: a traceback
 def test_a_missing_core_dependency_is_named_with_the_install_that_brings_it(tmp_path, argv):

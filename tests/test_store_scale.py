@@ -22,7 +22,7 @@ def sample(tiny_model):
     return keys, real, queries / np.linalg.norm(queries, axis=1, keepdims=True)
 
 
-@pytest.mark.parametrize("kind, dtype", [("flat", "float16"), ("hnsw", "int8"), ("milvus", "FLAT")])
+@pytest.mark.parametrize("kind, dtype", [("flat", "float16"), ("hnsw", "int8"), ("ivfpq", "int8"), ("milvus", "FLAT")])
 def test_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, sample, kind, dtype, tmp_path):
     keys, real, queries = sample
     truth = store_scale.exact_top_k(keys, real, queries, PASSAGES)
@@ -31,6 +31,8 @@ def test_stores_find_the_exact_top_10_and_report_their_bytes(tiny_model, sample,
     assert result["disk_bytes_per_passage"]["total"] > 0
     assert sorted(result["search_ms"]) == ["p50", "p95"] and all(v >= 0 for v in result["search_ms"].values())
     assert (result["index_ram_bytes_per_passage"] is None) == (kind == "milvus")
+    # 300 passages: an ivfpq store searches exactly, and a rescore factor changed nothing it reported
+    assert result["rescore_factor"] is None and result["recall_at_10_by_rescore_factor"] == {}
     assert "| " + kind in store_scale.table([result])
     assert list(tmp_path.iterdir()) == []  # the stores were written to a temporary folder inside, then removed
     if kind == "milvus":  # its server stopped: a reopen read the file again, and the data left the process

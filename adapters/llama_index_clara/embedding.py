@@ -80,7 +80,8 @@ class ClaraEmbedding(BaseEmbedding):
         if forgotten:
             warnings.warn(f"{forgotten} texts' memory tokens were forgotten before a ClaraVectorStore took them "
                           f"(it keeps {_KEEP_BYTES / 2**30:g} GiB): the store compresses those texts again; "
-                          "add the nodes in smaller batches", stacklevel=2)
+                          "add the nodes in smaller batches (texts this embedding serves for another store or "
+                          "a splitter are kept too, once a ClaraVectorStore of the model exists)", stacklevel=2)
         return keys.tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:
