@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .atomic import hold_lock, write_folder_atomically
 from .config import DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL
+from .errors import one_line
 
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_ROWS = 16
@@ -91,7 +92,7 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
     except (OSError, SafetensorError, ValueError) as error:  # a tokenizer cut short: a JSONDecodeError
         if name_or_path == DEFAULT_BASE_MODEL:  # a copy cut short or unreadable: the user named no folder
-            raise OSError(f"the default model's copy in {path} cannot be read ({_one_line(error)}): delete that "
+            raise OSError(f"the default model's copy in {path} cannot be read ({one_line(error)}): delete that "
                           "folder, and the next use makes it again") from error
         raise _load_error(name_or_path, error) from error
     return model, tokenizer
@@ -103,14 +104,14 @@ def _load_error(name_or_path: str, error: Exception) -> Exception:
     _refuse_remote_code(name_or_path, error)
     _refuse_lfs_pointers(name_or_path, error)
     if isinstance(error, (SafetensorError, json.JSONDecodeError)):  # bare, they named neither model nor file
-        return OSError(f"base model {name_or_path!r} has a damaged file ({type(error).__name__}: {_one_line(error)})")
+        return OSError(f"base model {name_or_path!r} has a damaged file ({type(error).__name__}: {one_line(error)})")
     folder = Path(name_or_path)
     if folder.is_dir() and not (folder / "config.json").is_file():  # no tokenizer, or no model_type, said transformers
         kind = ("a CLaRa checkpoint: load it as one (--checkpoint, ClaraModel.from_pretrained), not as a base model"
                 if (folder / "clara_config.json").is_file() else "not a Hugging Face model folder")
         return OSError(f"base model {name_or_path!r} is a folder without a config.json: {kind}")
     if isinstance(error, ValueError):  # transformers' own, which names its cause
-        return ValueError(f"base model {name_or_path!r}: {_one_line(error)}")
+        return ValueError(f"base model {name_or_path!r}: {one_line(error)}")
     return _not_loadable(name_or_path, error)
 
 
@@ -159,13 +160,7 @@ def _refuse_remote_code(name_or_path: str, error: Exception) -> None:
 
 def _not_loadable(name_or_path: str, error: OSError) -> OSError:
     return OSError(f"could not load base model {name_or_path!r}: it must be a local Hugging Face model "
-                   f"folder, or a hub id in the local Hugging Face cache or one it can download ({_one_line(error)})")
-
-
-def _one_line(error: Exception) -> str:
-    """An error's text on one line, as the CLI prints errors (transformers' own for an uncached
-    or gated hub id run to several)."""
-    return " ".join(str(error).split())
+                   f"folder, or a hub id in the local Hugging Face cache or one it can download ({one_line(error)})")
 
 
 def default_model_folder() -> Path:

@@ -22,7 +22,7 @@ from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, G
                      MEMORY_DESIGNS, MEMORY_DTYPES, MEMORY_POOLINGS, RETRIEVAL_KEYS, SCHEDULES, SETTINGS, STAGES, ClaraConfig,
                      TrainConfig)
 from .corpora import document_id
-from .errors import CheckpointError, InvalidInputError, StoreError
+from .errors import CheckpointError, InvalidInputError, StoreError, one_line
 
 if TYPE_CHECKING:  # torch and transformers load with the subcommand that needs them
     from .model import ClaraModel
@@ -731,8 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         dependency = isinstance(error, ImportError) and error.name not in (None, DEFAULT_BACKBONE_PACKAGE)
         hint = ('; pip install clara-plugins brings its dependencies, and "clara-plugins[bench]" those of eval '
                 'and bench' if dependency else "")
-        # one line, as promised: another library's text (transformers', Ray's) may run to several
-        print(f"clara {command}: error: {' '.join(str(error).split())}{hint}", file=sys.stderr)
+        print(f"clara {command}: error: {one_line(error)}{hint}", file=sys.stderr)
         raise SystemExit(next((code for kind, code in EXIT_CODES if isinstance(error, kind)), 1)) from None
 
 

@@ -11,3 +11,9 @@ class CheckpointError(ValueError):
 
 class StoreError(ValueError):
     """A memory store that is corrupted, or was written by another model or compressor."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's text on one line, as the CLI prints errors: another library's text (an
+    uncached hub id's, a remote traceback) may run to several."""
+    return " ".join(str(error).split())
