@@ -10,6 +10,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
@@ -63,7 +64,8 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     puts it back if a crash fell between them. The writer holds a lock on its staging folder,
     so the next write removes a killed writer's staging folder and never a live one's. A
     non-empty ``folder`` without the file ``marker`` was not written by this library: it is
-    refused, never replaced (and so is a ``.NAME.old`` without it, in the swap's way). Files that
+    refused, never replaced (and so is a ``.NAME.old`` without it, in the swap's way), as is a
+    read-only one (no write permission, for this process or anyone). Files that
     ``write`` does not make again (a user's notes or results kept beside the library's files)
     are copied into the new folder, not lost with the old one; the ``owned`` names are this
     writer's own, and an old one that ``write`` does not make again is left out. A symbolic
@@ -72,6 +74,9 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     folder = _followed(folder)
     recover_folder(folder, marker)
     check_replaceable_folder(folder, marker)
+    if folder.is_dir() and (not os.access(folder, os.W_OK | os.X_OK) or not folder.stat().st_mode & 0o222):
+        # swapped anyway, its mode copied to the new folder left a copy behind that no cleanup could empty
+        raise PermissionError(f"{folder} is read-only: make it writable, or save to another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(folder)
     staging, held = _claimed_sibling(folder, folder=True)
@@ -125,18 +130,21 @@ def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
         yield
 
 
-_SOLE_WRITERS: set[Path] = set()  # the outputs whose sole_writer lock this process holds
+# the outputs whose sole_writer lock each thread of this process holds: another thread of the
+# process is refused as another process is (it wrote the same output beside the first, unsaid)
+_SOLE_WRITERS: set[tuple[Path, int]] = set()
 
 
 @contextlib.contextmanager
 def sole_writer(output: str | Path, what: str) -> Iterator[None]:
     """Hold the lock of a run's output (``.NAME.lock`` beside it) for the ``with`` block: a
     second run writing the same output rewrote files the first was appending to, whose records
-    were then lost, and is refused (``what`` names the run). Taken again in this process (the
-    CLI holds it around its checks and the run), it is kept. Where no lock file can be made (a
+    were then lost, and is refused (``what`` names the run), from this process or another. Taken
+    again in its thread (the CLI holds it around its checks and the run), it is kept. Where no lock file can be made (a
     read-only folder), the run goes on unlocked: its writes say why they fail."""
     path = Path(output).resolve()
-    if path in _SOLE_WRITERS:
+    held_here = (path, threading.get_ident())
+    if held_here in _SOLE_WRITERS:
         yield
         return
     with contextlib.ExitStack() as held:
@@ -148,8 +156,8 @@ def sole_writer(output: str | Path, what: str) -> Iterator[None]:
                                     "output") from None
         except OSError:  # a read-only folder, a path through a file
             pass
-        _SOLE_WRITERS.add(path)
-        held.callback(_SOLE_WRITERS.discard, path)
+        _SOLE_WRITERS.add(held_here)
+        held.callback(_SOLE_WRITERS.discard, held_here)
         yield
 
 

@@ -233,6 +233,21 @@ def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     assert (tmp_path / "made").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
+def test_a_read_only_folder_is_refused_and_left_as_it_was(tmp_path):
+    # swapped anyway, the new folder took its mode: the old copy could not be emptied, and a
+    # hidden copy of the whole checkpoint was left beside it at every save
+    folder = tmp_path / "ck"
+    write_folder_atomically(folder, lambda staging: (staging / "a.txt").write_text("old"), marker="a.txt")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="ck is read-only: make it writable, or save to another folder"):
+            write_folder_atomically(folder, lambda staging: (staging / "a.txt").write_text("new"), marker="a.txt")
+    finally:
+        folder.chmod(0o755)
+    assert (folder / "a.txt").read_text() == "old"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ck"]
+
+
 def test_a_reader_leaves_a_swap_a_writer_is_in_the_middle_of(tmp_path):
     # a reader between a save's two renames put the old copy back, and the writer's second
     # rename then failed: the save was lost

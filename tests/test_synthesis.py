@@ -277,6 +277,30 @@ def test_a_second_synthesis_run_on_one_output_is_refused(tmp_path):
     assert synthesize([("d0", DOC)], ScriptedTeacher(["NONE"] * 10), tmp_path / "new" / "scp.jsonl").documents == 1
 
 
+def test_a_second_synthesis_run_on_one_output_from_another_thread_is_refused(tmp_path):
+    # the lock was kept for the whole process: a run started in a second thread while the first
+    # asked its teacher rewrote the output, and the first's rows were lost, unsaid
+    import threading
+
+    asking, answer = threading.Event(), threading.Event()
+
+    def slow_teacher(prompt: str) -> str:
+        asking.set()
+        answer.wait(30)
+        return "NONE"
+
+    first = threading.Thread(target=synthesize, args=([("d0", DOC)], slow_teacher, tmp_path / "scp.jsonl"))
+    first.start()
+    try:
+        assert asking.wait(30)
+        with pytest.raises(InvalidInputError, match="another synthesis run is writing"):
+            synthesize([("d1", DOC)], ScriptedTeacher(["NONE"] * 10), tmp_path / "scp.jsonl")
+    finally:
+        answer.set()
+        first.join(30)
+    assert synthesize([("d0", DOC)], ScriptedTeacher([]), tmp_path / "scp.jsonl").skipped_done == 1
+
+
 def test_a_ledger_that_marks_none_of_the_documents_is_refused(tmp_path):
     output = tmp_path / "scp.jsonl"
     synthesize([("0", DOC)], ScriptedTeacher(["NONE"] * 10), output)  # ids by position, as clara synth gave them
