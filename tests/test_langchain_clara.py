@@ -446,6 +446,16 @@ def test_two_checkpoints_of_one_backbone_have_two_cache_keys(tiny_model, tmp_pat
     assert len(keys) == 2
 
 
+def test_one_checkpoint_in_two_dtypes_has_two_cache_keys(tiny_model, tmp_path):
+    # a persistent cache filled by a GPU's bfloat16 answers served them to float32 on a CPU
+    import torch
+
+    tiny_model.save_pretrained(tmp_path / "ck")
+    keys = {ChatClara(clara=ClaraModel.from_pretrained(tmp_path / "ck", device="cpu", dtype=dtype))._get_llm_string()
+            for dtype in (torch.float32, torch.bfloat16, torch.float32)}
+    assert len(keys) == 2
+
+
 def test_two_unsaved_models_of_one_configuration_have_two_cache_keys(tiny_model):
     # both keyed on no folder and no weights: one's cached answers were served for the other
     retrained = ClaraModel(tiny_model.config, device="cpu")

@@ -86,6 +86,8 @@ class ChatClara(ReaderFields, BaseChatModel):
                 # every setting: unsaved models of one base model and rate answered from one cache key
                 "config": config.to_dict(),
                 "base_model": config.base_model,
+                # one checkpoint answers otherwise in bfloat16 (a GPU's "auto") than in float32
+                "dtype": str(self.clara.lm.dtype),
                 "compression_rate": config.compression_rate, "k": self.k or config.generation_top_k,
                 "max_tokens": self.max_tokens or config.max_new_tokens,
                 "default_stop": self.stop,  # "stop" is the call's own stop in LangChain's cache key
