@@ -112,26 +112,40 @@ def read_documents(paths: list[str | os.PathLike]) -> list[str]:
             documents.extend(_record_text(record, f"{source}, record {number}")
                              for number, record in enumerate(records))
         elif data_suffix(path) == ".tsv":  # as paragraphs it was one document of every row
-            rows = csv.DictReader(io.StringIO(read_text(path)), delimiter="\t")
-            try:
-                for number, record in enumerate(rows):
-                    if None in record:  # a stray tab: its text and title would be misaligned
-                        raise InvalidInputError(f"{source}, row {number + 1} has {len(rows.fieldnames) + len(record[None])} "
-                                                f"fields, more than its header's {len(rows.fieldnames)}")
-                    if None in record.values():  # read without its title (and another id)
-                        raise InvalidInputError(f"{source}, row {number + 1} lacks the fields "
-                                                f"{', '.join(k for k, v in record.items() if v is None)} of its header")
-                    if any("\t" in value and "\n" in value for value in record.values() if isinstance(value, str)):
-                        # a text opening with a quote it never closes ran on over the next rows, read as one
-                        raise InvalidInputError(f"{source}, row {number + 1} (to line {rows.line_num}): a field runs "
-                                                "over tabs and lines, as after a quote left open; quote whole fields, "
-                                                "or none")
-                    documents.append(_record_text(record, f"{source}, row {number + 1}"))
-            except csv.Error as error:  # e.g. an unclosed quote running past csv's field size limit
-                raise InvalidInputError(f"{source}, line {rows.line_num}: not a tab-separated row ({error})") from error
+            documents.extend(_tsv_documents(source, path))
         else:
             # a blank line may hold spaces or a tab: it still ends a paragraph
             documents.extend(p.strip() for p in re.split(r"\n\s*\n", read_text(path)) if p.strip())
+    return documents
+
+
+def _tsv_documents(source: str | Path, path: Path) -> list[str]:
+    """A tab-separated file's rows as documents, its fields read as csv quotes them (DPR's
+    passages double the quotes inside a quoted text). A field that opens with a quote and goes
+    on past the one closing it is refused by row (read leniently, it lost both quotes, unsaid),
+    and a text may be of any length (past csv's 131,072 characters, a well-formed row was refused)."""
+    documents: list[str] = []
+    rows = csv.DictReader(io.StringIO(read_text(path)), delimiter="\t", strict=True)
+    limit = csv.field_size_limit(2**31 - 1)  # a C long's most on every platform
+    try:
+        for number, record in enumerate(rows, start=1):
+            if None in record:  # a stray tab: its text and title would be misaligned
+                raise InvalidInputError(f"{source}, row {number} has {len(rows.fieldnames) + len(record[None])} "
+                                        f"fields, more than its header's {len(rows.fieldnames)}")
+            if None in record.values():  # read without its title (and another id)
+                raise InvalidInputError(f"{source}, row {number} lacks the fields "
+                                        f"{', '.join(k for k, v in record.items() if v is None)} of its header")
+            if any("\t" in value and "\n" in value for value in record.values() if isinstance(value, str)):
+                # a text opening with a quote it never closes ran on over the next rows, read as one
+                raise InvalidInputError(f"{source}, row {number} (to line {rows.line_num}): a field runs over tabs "
+                                        "and lines, as after a quote left open; quote whole fields, or none")
+            documents.append(_record_text(record, f"{source}, row {number}"))
+    except csv.Error as error:  # a quote closed inside a field, or one left open at the file's end
+        raise InvalidInputError(f"{source}, row {len(documents) + 1}: not a tab-separated row ({error}); a field "
+                                "that opens with a quote is read as quoted: quote it whole, doubling the quotes "
+                                "inside") from error
+    finally:
+        csv.field_size_limit(limit)
     return documents
 
 

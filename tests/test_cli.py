@@ -61,11 +61,20 @@ def test_dprs_passage_file_reads_one_document_a_row(tmp_path):
     with pytest.raises(InvalidInputError, match="short.tsv, row 1 lacks the fields title of its header"):
         read_documents([str(tmp_path / "short.tsv")])
     (tmp_path / "open.tsv").write_text('id\ttext\n1\t"' + "word " * 30_000 + "\n")
-    with pytest.raises(InvalidInputError, match="open.tsv, line .*: not a tab-separated row"):
+    with pytest.raises(InvalidInputError, match="open.tsv, row 1: not a tab-separated row"):
         read_documents([str(tmp_path / "open.tsv")])
+    # a field opening with a quote it closes inside lost both quotes, unsaid; a long row was refused
+    (tmp_path / "said.tsv").write_text('id\ttext\ttitle\n1\tShort.\tA\n2\t"Stop," he said.\tQuote\n')
+    with pytest.raises(InvalidInputError, match="said.tsv, row 2: not a tab-separated row .* quote it whole"):
+        read_documents([str(tmp_path / "said.tsv")])
+    (tmp_path / "book.tsv").write_text("id\ttext\ttitle\n1\t" + "word " * 30_000 + "\tBook\n")
+    assert read_documents([str(tmp_path / "book.tsv")]) == ["Book\n" + "word " * 30_000]
     # a text opening with a quote it never closes took the next row in as its own, unsaid
-    (tmp_path / "quote.tsv").write_text('id\ttext\ttitle\n1\t"Heroes is a song.\tHeroes\n2\tHe said hi" once.\tHi\n')
+    (tmp_path / "quote.tsv").write_text('id\ttext\ttitle\n1\t"Heroes is a song.\tHeroes\n2\tHe said hi"\tHi\n')
     with pytest.raises(InvalidInputError, match=r"quote.tsv, row 1 \(to line 3\): a field runs over tabs and lines"):
+        read_documents([str(tmp_path / "quote.tsv")])
+    (tmp_path / "quote.tsv").write_text('id\ttext\ttitle\n1\t"Heroes is a song.\tHeroes\n2\tHe said hi" once.\tHi\n')
+    with pytest.raises(InvalidInputError, match=r"quote.tsv, row 1: not a tab-separated row"):
         read_documents([str(tmp_path / "quote.tsv")])
     # a text of two paragraphs, quoted whole as csv writes it, is one passage
     (tmp_path / "written.tsv").write_text('id\ttext\ttitle\n1\t"First paragraph.\nSecond one."\tT\n')
