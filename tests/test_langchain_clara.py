@@ -367,6 +367,20 @@ def test_clara_embeddings_give_a_blank_page_a_unit_vector_as_the_llama_index_emb
     assert len(store.store) == 2
 
 
+def test_a_blank_page_is_left_out_of_the_store_as_the_llama_index_store_leaves_it(tiny_model):
+    # an image-only PDF page (page_content "") failed the whole batch: nothing was stored
+    with pytest.warns(UserWarning, match=r"2 of 3 texts are blank and are not stored \(first: texts\[0\]\)"):
+        store = ClaraVectorStore.from_documents([Document(""), Document(CORPUS[1], metadata={"page": 2}),
+                                                 Document(" \n", metadata={"page": 3})], model=tiny_model)
+    assert [(d.page_content, d.metadata) for d in store.similarity_search("anything", k=5)] == [(CORPUS[1], {"page": 2})]
+    with pytest.warns(UserWarning, match="1 of 2 texts are blank"):
+        ids = store.add_texts([CORPUS[2], ""], metadatas=[{"page": 4}, {"page": 5}], ids=["p4", "p5"])
+    assert ids == ["p4", "p5"] and store.get_by_ids(ids) == [Document(CORPUS[2], id="p4", metadata={"page": 4})]
+    with pytest.warns(UserWarning, match="1 of 1 texts are blank"):
+        assert len(store.add_texts([""])) == 1
+    assert len(store.store) == 2
+
+
 async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorstore, monkeypatch):
     import threading
 

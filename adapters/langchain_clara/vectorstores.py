@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -135,6 +136,8 @@ class ClaraVectorStore(VectorStore):
         show_progress: bool = False,
         **kwargs: Any,
     ) -> list[str]:
+        """Compress and store the texts (an id already stored is replaced); one id per text is
+        returned. A blank text has nothing to read: it is left out, with a warning."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, got one str: wrap it in a list")
         # batch_size: LangChain's index() passes it; the store compresses in its own batches
@@ -146,7 +149,22 @@ class ClaraVectorStore(VectorStore):
             ids = [uuid.uuid4().hex if doc_id is None else doc_id for doc_id in ids]
         if not texts and not ids and not metadatas:  # as LangChain's own stores do; the store checks the rest
             return []
-        return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
+        blank = {n for n, text in enumerate(texts) if isinstance(text, str) and not text.strip()}
+        if not blank or any(given is not None and len(given) != len(texts) for given in (ids, metadatas)):
+            return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
+        # a loader's blank page (an image-only PDF page) has nothing to read: it is left out, as
+        # LlamaIndex's store leaves out a blank node, and the others go in (it failed the whole batch)
+        warnings.warn(f"{len(blank)} of {len(texts)} texts are blank and are not stored (first: texts[{min(blank)}])",
+                      stacklevel=2)
+        kept = [n for n in range(len(texts)) if n not in blank]
+        named = self.store.upsert([texts[n] for n in kept], None if ids is None else [ids[n] for n in kept],
+                                  None if metadatas is None else [metadatas[n] for n in kept],
+                                  show_progress=show_progress) if kept else []
+        # one id per text, as the caller pairs them: a blank one's own, or a new one that names nothing stored
+        returned = list(ids) if ids is not None else [uuid.uuid4().hex for _ in texts]
+        for n, doc_id in zip(kept, named):
+            returned[n] = doc_id
+        return returned
 
     def delete(self, ids: list[str] | None = None, filter: dict | None = None, **kwargs: Any) -> bool:
         """Delete by id (unknown ids are ignored) or by metadata filter; with neither, delete
