@@ -339,17 +339,31 @@ def read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.n
 def check_store_folder(folder: Path) -> None:
     """Refuse a folder a store cannot be saved to without harm to files it did not write: a save
     replaces ``CURRENT`` and removes older ``gen-*`` folders. A folder holding only what a save
-    killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*``,
-    ``.CURRENT.*.tmp``) is the store's."""
+    killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*`` folders of
+    store files, ``.CURRENT.*.tmp``) is the store's; one whose ``CURRENT`` names a missing
+    generation (a partial copy) is not saved over: the save removed the generations it held."""
     if (folder / "CURRENT").exists():
-        current_generation(folder)  # names a generation of a store, or the error says what it names
+        name = current_generation(folder)  # names a generation of a store, or the error says what it names
+        if not (folder / name).is_dir():
+            raise StoreError(f"{folder / 'CURRENT'} names {name}, which is missing: the store is damaged; restore "
+                             "it from a copy, or choose an empty or new folder")
     elif folder.is_dir():
-        others = sorted(p.name for p in folder.iterdir() if not _STORE_ENTRY.match(p.name))
+        others = sorted(p.name for p in folder.iterdir() if not _left_by_a_save(p))
         if others:
             raise StoreError(f"{folder} holds files but no CLaRa memory store ({', '.join(others[:3])}"
                              f"{', ...' if len(others) > 3 else ''}): choose an empty or new folder")
     elif folder.exists():
         raise StoreError(f"{folder} is a file, not a folder for a CLaRa memory store")
+
+
+def _left_by_a_save(entry: Path) -> bool:
+    """Whether a folder entry is one a save writes before its first ``CURRENT``; a generation's
+    name alone does not make it one (a user's copy, its notes inside, was removed)."""
+    if not _STORE_ENTRY.match(entry.name):
+        return False
+    if not _GENERATION.match(entry.name):
+        return True
+    return entry.is_dir() and all(f.name == "store.json" or _STORE_FILE.match(f.name) for f in entry.iterdir())
 
 
 def store_settings(folder: Path) -> dict[str, str]:

@@ -315,15 +315,20 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     ({"notes.txt": "keep me"}, r"holds files but no CLaRa memory store \(notes.txt\): choose an empty or new folder"),
     ({"CURRENT": "MANIFEST-000004\n", "MANIFEST-000004": "a database's"},  # e.g. a LevelDB folder
      r"CURRENT names 'MANIFEST-000004', not a generation folder"),
+    # a partial copy, and a user's copy of a generation: the save removed the generations they held
+    ({"CURRENT": "gen-000007\n", "gen-000003/records-00000.json": "[]"},
+     r"CURRENT names gen-000007, which is missing: the store is damaged"),
+    ({"gen-000001/notes.txt": "keep me"}, r"holds files but no CLaRa memory store \(gen-000001\)"),
 ])
 def test_a_save_refuses_a_folder_of_other_files_and_leaves_them(store, tmp_path, entries, message):
     folder = tmp_path / "theirs"
     folder.mkdir()
     for name, text in entries.items():
+        (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(text)
     with pytest.raises(StoreError, match=message):
         store.save(folder)
-    assert {p.name: p.read_text() for p in folder.iterdir()} == entries
+    assert {str(p.relative_to(folder)): p.read_text() for p in folder.rglob("*") if p.is_file()} == entries
 
 
 def test_a_store_of_format_2_with_one_records_file_loads(store, tiny_model, tmp_path, monkeypatch):
