@@ -108,6 +108,10 @@ def test_documents_another_writer_stored_come_back_as_text_nodes(tiny_model):
     for bad in (2.5, True, 0):  # 2.5 and True were taken, and failed at the first query
         with pytest.raises(InvalidInputError, match="similarity_top_k must be a positive integer"):
             ClaraRetriever(shared, similarity_top_k=bad)
+    # the default is the model's k at each query, as ClaraLLM reads it (it was fixed at construction)
+    retriever = ClaraRetriever(shared)
+    tiny_model.config.generation_top_k = 1
+    assert len(retriever.retrieve(QUESTION)) == 1 and retriever.similarity_top_k == 1
 
 
 def test_nodes_this_store_wrote_come_back_to_langchain_with_their_own_metadata(tiny_model):
