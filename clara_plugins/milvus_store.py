@@ -86,11 +86,13 @@ class MilvusMemoryStore(BaseMemoryStore):
     It behaves as ``MemoryStore`` (same methods, ids, filters, scores and errors) with
     CLaRa's own keys, except that:
 
-    - ``index_type`` is Milvus' (``FLAT`` is exact; ``HNSW`` or ``IVF_FLAT`` suit large
-      collections), built with ``index_params`` (``{"M": 16, "efConstruction": 200}``,
+    - ``index_type`` is Milvus' (``FLAT``, the default, is exact; ``HNSW`` or ``IVF_FLAT`` suit
+      large collections), built with ``index_params`` (``{"M": 16, "efConstruction": 200}``,
       ``{"nlist": 1024}``) when the collection is created (and for the indexes a creation killed
       midway left out), and searched with the ``search_params`` attribute (``{"ef": 128}``,
-      ``{"nprobe": 16}``): Milvus' defaults otherwise, which bound the recall of a large collection;
+      ``{"nprobe": 16}``): Milvus' defaults otherwise, which bound the recall of a large collection.
+      An existing collection keeps its own: without ``index_type`` it is opened as it was built,
+      with another it is refused;
     - a search returns at most MAX_TOP_K documents;
     - Milvus does not tell a JSON null from a missing field: a filter never compares with
       null, and ``$ne``/``$nin`` do not match a field that holds null;
@@ -116,7 +118,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         collection: str = "clara_memories",
         *,
         token: str = "",
-        index_type: str = "FLAT",
+        index_type: str | None = None,
         index_params: dict[str, Any] | None = None,
         search_params: dict[str, Any] | None = None,
         batch_size: int = 8,
@@ -139,7 +141,7 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise StoreError(f"this model's memories have {self._dimensions:,} values, more than Milvus' "
                              f"{MAX_DIMENSIONS:,}: use a higher compression rate or the local MemoryStore")
         if uri.endswith(".db"):  # milvus-lite
-            if problem := lite_index_problem(index_type):
+            if problem := lite_index_problem(index_type or "FLAT"):
                 raise InvalidInputError(problem)
             Path(uri).parent.mkdir(parents=True, exist_ok=True)  # it opens a file only in an existing folder
         try:
@@ -156,7 +158,7 @@ class MilvusMemoryStore(BaseMemoryStore):
             self._client.close()
             raise
 
-    def _open(self, collection: str, index_type: str, described: str) -> None:
+    def _open(self, collection: str, index_type: str | None, described: str) -> None:
         """Check, index and load the collection, created first where it is missing. Another client
         may create it at the same moment: this one then opens theirs (it dropped it, found empty,
         and both failed)."""
@@ -170,7 +172,8 @@ class MilvusMemoryStore(BaseMemoryStore):
                     raise
         try:
             self._check_header(described)
-            self._index_bare_fields(index_type)
+            self._index_bare_fields(index_type or "FLAT")
+            self._check_index(index_type, described)
             self._client.load_collection(collection)
         except Exception:  # a collection without its index would pass the header check, then never load
             if created:
@@ -235,6 +238,15 @@ class MilvusMemoryStore(BaseMemoryStore):
             except MilvusException:
                 if not self._client.list_indexes(self.collection, field_name=index.field_name):
                     raise
+
+    def _check_index(self, index_type: str | None, described: str) -> None:
+        """Refuse an index type the collection's keys were not built with: it was searched with its
+        own, unsaid (an exact FLAT asked for, an approximate HNSW searched, and the reverse)."""
+        built = {str(self._client.describe_index(self.collection, name).get("index_type"))
+                 for name in self._client.list_indexes(self.collection, field_name="key")}
+        if index_type is not None and built and index_type not in built:
+            raise StoreError(f"{described} was indexed with {', '.join(sorted(built))}, not {index_type}: open it "
+                             "without index_type (or with its own), or name another collection")
 
     def _check_header(self, described: str) -> None:
         """Refuse a collection that this class did not create, or that another compressor filled."""

@@ -198,6 +198,10 @@ def test_an_index_is_built_and_searched_with_the_settings_given(tiny_model, uri,
     store.search_params = {"ef": "128"}  # a bare TypeError in max()
     with pytest.raises(InvalidInputError, match="search_params\\['ef'\\] must be a positive integer"):
         store.search(CORPUS[0], k=4)
+    # opened again it keeps the index it was built with: another asked for was ignored, unsaid
+    with pytest.raises(StoreError, match="was indexed with IVF_FLAT, not FLAT: open it without index_type"):
+        MilvusMemoryStore(tiny_model, uri, index_type="FLAT")
+    assert len(MilvusMemoryStore(tiny_model, uri, index_type="IVF_FLAT")) == len(MilvusMemoryStore(tiny_model, uri))
     store.close()
     with pytest.raises(InvalidInputError, match="search_params must be a dict"):
         MilvusMemoryStore(tiny_model, uri, search_params=4)
