@@ -701,10 +701,12 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
     state = _read_trainer_state(state_path)
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
     current = dataclasses.asdict(config)
-    # a setting the stage never reads (saved before such settings were refused) changed nothing trained
+    # a setting the stage never reads (saved before such settings were refused) changed nothing
+    # trained; nor do where the saves fall, and the teacher's path where its weights' digest is
+    # kept (check_trained_from compares that: a path spelt otherwise, "t/" for "t", was refused)
+    free = config.unread_settings() | {"save_every"} | ({"teacher"} if state.get("teacher_sha256") else set())
     changed = [f"{name}={current.get(name)!r} (was {saved.get(name)!r})"
-               for name in sorted((saved.keys() | current.keys()) - config.unread_settings())
-               if saved.get(name) != current.get(name)]
+               for name in sorted((saved.keys() | current.keys()) - free) if saved.get(name) != current.get(name)]
     if changed:
         raise ValueError(f"{output} was trained with another configuration: {', '.join(changed)}; "
                          "use a new output folder")

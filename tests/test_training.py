@@ -1049,7 +1049,10 @@ def test_a_resumed_run_refuses_a_teacher_whose_files_changed(tiny_config, tiny_m
         train(tiny_model, INSTRUCT, config, tmp_path / "run")
     shutil.rmtree(tmp_path / "t")
     shutil.copytree(tmp_path / "first", tmp_path / "t")  # the teacher it began with: it resumes
-    train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    # named otherwise ("t/"), saving at other steps: neither changes what trains (both were refused)
+    train(tiny_model, INSTRUCT, dataclasses.replace(config, teacher=str(tmp_path / "t") + "/", save_every=5),
+          tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
 
 
 def test_a_finished_run_in_a_folder_nothing_can_be_written_to_returns_its_checkpoint(tiny_model, tmp_path,
