@@ -56,6 +56,9 @@ FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
 EMBEDDINGS_FILE = "memory_embeddings.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"  # a training run's step, optimizer and schedule, saved with its weights
+# the dtypes weights and memories are taken in: integers would be cut, and float8 has no
+# finiteness check (a bare NotImplementedError at a save, or at the load of another tool's file)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def adapter_file(name: str) -> str:
@@ -378,8 +381,9 @@ def _check_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torc
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{source}: {name}/{key} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(expected[key].shape)}")
-        if not tensor.is_floating_point():  # an integer file loaded, cast, unsaid
-            raise CheckpointError(f"{source}: {name}/{key} holds {tensor.dtype} values, not floating point")
+        if tensor.dtype not in FLOAT_DTYPES:  # an integer file loaded, cast, unsaid
+            raise CheckpointError(f"{source}: {name}/{key} holds {tensor.dtype} values, not floating point "
+                                  "(float32, bfloat16, float16 or float64)")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: {name}/{key} holds NaN or infinite values")
 
@@ -412,8 +416,9 @@ def _row_targets(model: AdaptedModel, input_rows: torch.Tensor, output_rows: tor
                 f"{source}: memory-token embeddings have shape {tuple(rows.shape)}, expected {expected} "
                 "(another compression rate or base model?)"
             )
-        if not rows.is_floating_point():
-            raise CheckpointError(f"{source}: memory-token embeddings hold {rows.dtype} values, not floating point")
+        if rows.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{source}: memory-token embeddings hold {rows.dtype} values, not floating point "
+                                  "(float32, bfloat16, float16 or float64)")
         if not torch.isfinite(rows).all():  # every memory compressed with them would be NaN
             raise CheckpointError(f"{source}: memory-token embeddings hold NaN or infinite values")
     return targets

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .atomic import writer_at_work
 from .backbone import (context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model,
                        memory_layer_problem, resolve_device, resolve_dtype)
-from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
+from .checkpoint import (FLOAT_DTYPES, files_sha256, load_trained_weights, read_config, save_checkpoint,
+                         weight_files)
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_positive_int, check_texts
 from .errors import CheckpointError, InvalidInputError
@@ -577,8 +578,9 @@ class ClaraModel(torch.nn.Module):
         ``dtype=torch.float16`` (or ``"float16"``) halves the size."""
         if dtype is not None:
             dtype = resolve_dtype(dtype, torch.device("cpu"))
-            if not dtype.is_floating_point:  # the weights would be cut to integers, and load without a complaint
-                raise ValueError(f"a checkpoint is saved in a floating-point dtype, got {dtype}")
+            if dtype not in FLOAT_DTYPES:  # integers: the weights cut, loaded without a complaint
+                raise ValueError(f"a checkpoint is saved in a floating-point dtype (float32, bfloat16, float16 or "
+                                 f"float64), got {dtype}")
         save_checkpoint(self, Path(folder), dtype)
 
     @classmethod
@@ -691,8 +693,9 @@ def as_memories(value: object, what: str) -> torch.Tensor:
         value = torch.tensor(value)  # a copy: a memory-mapped array is read-only
     if not isinstance(value, torch.Tensor):
         raise InvalidInputError(f"{what} must be a tensor or numpy array of memory tokens, got a {type(value).__name__}")
-    if not value.is_floating_point():
-        raise InvalidInputError(f"{what} must be floating point, got {value.dtype}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise InvalidInputError(f"{what} must be floating point (float32, bfloat16, float16 or float64), got "
+                                f"{value.dtype}")
     if not torch.isfinite(value).all():
         raise InvalidInputError(f"{what} must be finite: they hold NaN or infinite values")
     return value

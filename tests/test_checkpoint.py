@@ -57,8 +57,9 @@ def test_a_checkpoint_is_saved_in_a_dtype_named_as_the_loader_names_it_and_never
     tiny_model.save_pretrained(tmp_path / "half", dtype="float16")
     rows = load_file(str(tmp_path / "half" / "memory_embeddings.safetensors"))["input_rows"]
     assert rows.dtype == torch.float16
-    with pytest.raises(ValueError, match="floating-point dtype, got torch.int8"):
-        tiny_model.save_pretrained(tmp_path / "int", dtype=torch.int8)
+    for dtype in (torch.int8, torch.float8_e4m3fn):  # float8: a bare NotImplementedError from isfinite
+        with pytest.raises(ValueError, match=f"floating-point dtype .*, got {dtype}"):
+            tiny_model.save_pretrained(tmp_path / "int", dtype=dtype)
     assert not (tmp_path / "int").exists()
 
 
@@ -91,15 +92,18 @@ def test_a_damaged_checkpoint_leaves_the_model_it_loads_into_as_it_was(tiny_mode
     rows, adapter = load_file(rows_file), load_file(adapter_file)
     for damaged, message in (({**rows, "input_rows": rows["input_rows"] * float("nan")}, "NaN or infinite"),
                              ({**rows, "input_rows": rows["input_rows"].long()}, "int64 values, not floating point"),
+                             ({**rows, "input_rows": rows["input_rows"].to(torch.float8_e4m3fn)},
+                              "float8_e4m3fn values, not floating point"),
                              ({"input_rows": rows["input_rows"]}, "lacks the output rows")):
         save_file(damaged, rows_file)
         with pytest.raises(CheckpointError, match=message):
             load_trained_weights(model, tmp_path / "ckpt")
         assert adapters_sha256(model) == before
     save_file(rows, rows_file)
-    save_file({key: value.long() for key, value in adapter.items()}, adapter_file)
-    with pytest.raises(CheckpointError, match="int64 values, not floating point"):
-        load_trained_weights(model, tmp_path / "ckpt")
+    for dtype in (torch.long, torch.float8_e5m2):
+        save_file({key: value.to(dtype) for key, value in adapter.items()}, adapter_file)
+        with pytest.raises(CheckpointError, match=f"{str(dtype)[6:]} values, not floating point"):
+            load_trained_weights(model, tmp_path / "ckpt")
     adapter_file.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:ab\n")
     with pytest.raises(CheckpointError, match="is a Git LFS pointer"):  # "corrupted: header too large"
         load_trained_weights(model, tmp_path / "ckpt")
