@@ -95,11 +95,25 @@ class BaseMemoryStore(ABC):
         select was lost."""
         wanted = None if ids is None else id_list(ids, "ids", ordered=False)
         with self._lock:
-            if where is None:  # the ids alone, not a listing of every stored one
-                self.delete(self.all_ids() if wanted is None else wanted)
-            else:
-                among = None if wanted is None else set(wanted)
-                self.delete([doc_id for doc_id in self.ids_where(where) if among is None or doc_id in among])
+            self.delete(self._chosen(where, wanted))
+
+    def get_where(self, where: Filter | None = None, ids: Collection[str] | None = None) -> list[StoredDocument]:
+        """The documents whose metadata satisfies a filter (without one, every document), among
+        ``ids`` where given (in their order), chosen and read in one hold of the lock: read by ids
+        chosen before, a document another thread had meanwhile replaced by one the filter does
+        not select was returned."""
+        wanted = None if ids is None else id_list(ids, "ids", ordered=False)
+        with self._lock:
+            return self.get(self._chosen(where, wanted))
+
+    def _chosen(self, where: Filter | None, wanted: list[str] | None) -> list[str]:
+        """(Under the lock) the ids among ``wanted``, or every stored one, that ``where`` selects."""
+        if where is None:  # the ids alone, not a listing of every stored one
+            return self.all_ids() if wanted is None else wanted
+        if wanted is None:
+            return self.ids_where(where)
+        selected = set(self.ids_where(where))
+        return [doc_id for doc_id in wanted if doc_id in selected]
 
     @abstractmethod
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:

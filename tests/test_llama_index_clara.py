@@ -196,6 +196,29 @@ def test_get_nodes_and_clear(vector_store):
     assert vector_store.get_nodes() == [] and query(vector_store).ids == []
 
 
+def test_filtered_nodes_are_chosen_and_read_in_one_hold_of_the_store(vector_store, monkeypatch):
+    # chosen, then read: a node another thread replaced between the two came back though the
+    # filters no longer selected it
+    import threading
+
+    store, chosen = vector_store.client, vector_store.client.ids_where
+    writers = []
+
+    def replaced_once_chosen(where):
+        ids = chosen(where)
+        writers.append(threading.Thread(target=store.upsert, args=(["Replaced."], ["n0"], [{"topic": "gone"}])))
+        writers[-1].start()
+        writers[-1].join(1.0)  # it waits for the store's lock while the reader holds it
+        return ids
+
+    monkeypatch.setattr(store, "ids_where", replaced_once_chosen)
+    city = MetadataFilters(filters=[MetadataFilter(key="topic", value="city")])
+    nodes = vector_store.get_nodes(filters=city)
+    writers[0].join(30)
+    assert [(n.node_id, n.metadata["topic"]) for n in nodes] == [("n0", "city"), ("n2", "city")]
+    assert store.get(["n0"])[0].metadata == {"topic": "gone"}
+
+
 def test_persist_and_reload(vector_store, tiny_model, tmp_path):
     vector_store.persist(str(tmp_path / "store"))
     loaded = ClaraVectorStore.from_persist_path(tmp_path / "store", tiny_model)

@@ -236,18 +236,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     def get_nodes(self, node_ids: list[str] | None = None,
                   filters: MetadataFilters | None = None) -> list[BaseNode]:
-        return [self._to_node(d) for d in self._store.get(self._select(node_ids, filters))]
+        ids = None if node_ids is None else id_list(node_ids, "node_ids", ordered=False)
+        return [self._to_node(d) for d in self._store.get_where(translate_filters(filters), ids)]
 
     def clear(self) -> None:
         self._store.delete_where()
-
-    def _select(self, node_ids: list[str] | None, filters: MetadataFilters | None) -> list[str]:
-        where = translate_filters(filters)
-        ids = self._store.all_ids() if node_ids is None else id_list(node_ids, "node_ids", ordered=False)
-        if where is None:
-            return ids
-        allowed = set(self._store.ids_where(where))
-        return [i for i in ids if i in allowed]
 
     @staticmethod
     def _to_node(stored: StoredDocument) -> BaseNode:
