@@ -52,8 +52,9 @@ class ChatClara(ReaderFields, BaseChatModel):
     ``clara`` defaults to the store's model, or to the shipped default checkpoint; ``store``
     takes a ``clara_plugins.MemoryStore`` or ``MilvusMemoryStore``, or either framework's
     ``ClaraVectorStore``. With an LLM cache, an answer read with a store is keyed by that store
-    object and its changes: it is served again within the process, not after the store is
-    opened anew.
+    object and the changes made through it: it is served again within the process, not after
+    the store is opened anew. Other clients' writes to a shared Milvus collection do not reach
+    the key, so an answer cached there can outlive them: leave the cache off for such a store.
     """
 
     model_name: str = "clara"
