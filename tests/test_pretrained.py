@@ -48,12 +48,17 @@ def test_load_model_reads_a_checkpoint_at_its_own_rate_or_the_asked_one(tiny_mod
 
 def test_load_model_reads_the_shipped_checkpoint_at_another_rate_not_an_untrained_model(tiny_model, tmp_path,
                                                                                         monkeypatch, recwarn):
+    from conftest import randomize_adapters
+
+    randomize_adapters(tiny_model)
     tiny_model.save_pretrained(tmp_path / "shipped")
     monkeypatch.setattr("clara_plugins.pretrained.default_checkpoint",
                         lambda rate=16: tmp_path / "shipped" if rate == 16 else None)
     monkeypatch.setattr("clara_plugins.pretrained.DEFAULT_BASE_MODEL", tiny_model.config.base_model)
     model = load_model(compression_rate=8, device="cpu")
     assert model.config.n_mem_tokens == 8 and not [w for w in recwarn if "untrained" in str(w.message)]
+    lora = [{name: value for name, value in m.lm.state_dict().items() if "lora_" in name} for m in (model, tiny_model)]
+    assert lora[0].keys() == lora[1].keys() and all(torch.equal(lora[0][k], lora[1][k]) for k in lora[0])
 
 
 def test_load_model_on_another_backbone_is_fresh_at_the_asked_rate(tiny_base):

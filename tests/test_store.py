@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from pathlib import Path
 
 import faiss
@@ -286,7 +287,11 @@ def test_a_set_of_ids_filters_a_search_and_deletes(store):
 
 def test_bad_input_changes_nothing(store):
     before = store.all_ids()
+    documents, memories = store.get(before), store.memories(before)
     for texts, kwargs, problem in [
+            # a stored document's replacement, refused for its neighbour: neither changes
+            (["new", 5], {"ids": ["d0", "d1"]}, "texts.1. is a int"),
+            (["new", "new"], {"ids": ["d0", "d1"], "metadatas": [{}, {"bad": object()}]}, "is not JSON-serialisable"),
             ([""], {}, "texts.0. is empty"), (["ok", 5], {}, "texts.1. is a int"),
             (["ok"], {"ids": [""]}, "ids must be non-empty strings"),
             (["ok"], {"metadatas": [{"bad": object()}]}, "is not JSON-serialisable"),
@@ -295,7 +300,8 @@ def test_bad_input_changes_nothing(store):
             (["ok"], {"metadatas": ["topic"]}, "got an item 'topic'")]:
         with pytest.raises(InvalidInputError, match=problem):
             store.upsert(texts, **kwargs)
-    assert store.all_ids() == before
+    assert store.all_ids() == before and store.get(before) == documents
+    assert torch.equal(store.memories(before), memories)
 
 
 def test_save_and_load_round_trip(store, tiny_model, tmp_path):
@@ -665,6 +671,11 @@ def test_a_store_of_more_shards_than_the_open_file_limit_loads_and_saves_mapped(
         loaded = MemoryStore.load(tmp_path / "s", tiny_model)
         assert all(isinstance(chunk, np.memmap) for chunk in loaded._memory_chunks)
         assert torch.equal(loaded.memories(["d0", "d39"]), store.memories(["d0", "d39"]))
+        loaded.upsert(["Vienna lies on the Danube."], ids=["d40"])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "its memories stay in RAM"
+            loaded.save(tmp_path / "s")
+        assert all(isinstance(chunk, np.memmap) for chunk in loaded._memory_chunks)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
 

@@ -197,8 +197,9 @@ def test_the_other_benchmark_scripts_refuse_an_output_over_their_input(tmp_path,
     monkeypatch.setattr(store_saves, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(InvalidInputError, match="is an input of this run too"):
         store_saves.main(["--corpus", str(sample), "--out", str(sample)])
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         store_saves.main(["--corpus", str(sample), "--groups", "0", "--out", str(tmp_path / "saves.json")])
+    assert refused.value.code == 2 and "--groups" in capsys.readouterr().err
     assert sample.read_bytes() == b"a sample"
     # an empty corpus failed on a division by zero once the model had loaded (store_build: unnamed)
     (tmp_path / "empty.txt").write_text("")
