@@ -62,9 +62,11 @@ def answer_turn_end(tokenizer: PreTrainedTokenizerBase) -> str:
 
 def turn_end_token(tokenizer: PreTrainedTokenizerBase, end: str | None = None) -> int | None:
     """The special token that opens the template's answer-turn end (``<|im_end|>``; ``end``
-    when already rendered), where generation stops; None when the turn ends in plain text."""
+    when already rendered), where generation stops; None when the turn ends in plain text.
+    White space before it is passed over: Llama 2's turn ends in " </s>", whose first token is
+    a space (the reading gain counted its turn end as the answer's)."""
     end = answer_turn_end(tokenizer) if end is None else end
-    first = tokenizer(end, add_special_tokens=False)["input_ids"][:1]
+    first = tokenizer(end.lstrip(), add_special_tokens=False)["input_ids"][:1]
     if not first:
         return None
     # a template's token may be marked special without being listed among the special tokens

@@ -229,6 +229,20 @@ def test_a_turn_end_marked_special_only_where_it_was_added_stops_generation(tmp_
         model.answer(["Who?<|im_end|>"], torch.zeros(1, 1, model.config.n_mem_tokens, model.hidden_size))
 
 
+def test_a_turn_end_after_a_space_is_found(tmp_path):
+    # Llama 2 ends an answer with " </s>": its first token is a space, and the turn end was taken
+    # for plain text, so the reading gain counted the space and the </s> as the answer's tokens
+    from transformers import AutoTokenizer
+
+    from clara_plugins.prompts import turn_end_token
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %} {{ m['content'] | trim }} "
+                               "{{ eos_token }}{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}")
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Curie").endswith(" Curie " + tokenizer.eos_token)
+    assert turn_end_token(tokenizer) == tokenizer.eos_token_id
+
+
 def test_a_template_whose_turn_ends_in_plain_text_is_trained_to_stop_at_its_eos(tmp_path):
     # "role: text\n" turns: nothing taught the generator to stop, and no stop token ended its answers
     from transformers import AutoTokenizer
