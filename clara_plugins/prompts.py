@@ -8,7 +8,9 @@ document's text in its place (``text_context_prompt``).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
+import re
 from collections.abc import Sequence
 
 from jinja2.exceptions import TemplateError
@@ -18,10 +20,14 @@ from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
 
 
-# What templates read besides the messages. The date one that writes it (Llama 3's) writes where
-# it cannot read the clock: with today's, a prompt and its greedy answer changed from day to day.
-# No thinking: a template that reads it (Qwen3's) opened every answer with a think block to write.
+# What templates read besides the messages. One fixed date for those that write one (Llama 3's
+# reads date_string, SmolLM3's the clock through strftime_now): with today's, a prompt and its
+# greedy answer changed from day to day, and a checkpoint loaded the next day was told its
+# template lays prompts out otherwise. No thinking: a template that reads it (Qwen3's) opened
+# every answer with a think block to write.
 _TEMPLATE_VARIABLES = {"date_string": "26 Jul 2024", "enable_thinking": False}
+_TEMPLATE_DAY = datetime.date(2024, 7, 26)
+_CLOCK = re.compile(r"""strftime_now\(\s*(["'])(.*?)\1\s*\)""")  # the formats a template asks the clock for
 
 
 def render_chat(
@@ -104,7 +110,7 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
         return text if answer is None else f"{text} {answer}{tokenizer.eos_token or ''}"
     try:
         return _ended(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_answer,
-                                                    **_TEMPLATE_VARIABLES), open_answer)
+                                                    **_template_arguments(tokenizer)), open_answer)
     except TemplateError:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         rest: list[dict] = []
@@ -120,9 +126,21 @@ def render_messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict], op
             first_user["content"] = f"{system}\n{first_user['content']}"
         try:
             return _ended(tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=open_answer,
-                                                        **_TEMPLATE_VARIABLES), open_answer)
+                                                        **_template_arguments(tokenizer)), open_answer)
         except TemplateError as error:
             raise InvalidInputError(f"the model's chat template refuses these messages: {error}") from error
+
+
+def _template_arguments(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """``apply_chat_template``'s arguments besides the messages: the template's variables, and for
+    a template that reads the clock, the template itself behind a macro of the clock's name that
+    gives the fixed day in each format the template asks for (a function cannot be passed in)."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str) or "strftime_now" not in template:
+        return _TEMPLATE_VARIABLES
+    clock = "{%- macro strftime_now(format) -%}{{- clara_day[format] -}}{%- endmacro -%}"
+    return {**_TEMPLATE_VARIABLES, "chat_template": clock + template,
+            "clara_day": {match[2]: _TEMPLATE_DAY.strftime(match[2]) for match in _CLOCK.finditer(template)}}
 
 
 def _ended(text: str, open_answer: bool) -> str:

@@ -229,6 +229,20 @@ def test_a_turn_end_marked_special_only_where_it_was_added_stops_generation(tmp_
         model.answer(["Who?<|im_end|>"], torch.zeros(1, 1, model.config.n_mem_tokens, model.hidden_size))
 
 
+def test_a_template_that_reads_the_clock_writes_one_fixed_day(tmp_path):
+    # SmolLM3's writes today's date: a prompt and its answer changed from day to day, and a
+    # checkpoint loaded the next day was told its template lays prompts out otherwise
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_base_model(tmp_path / "base"))
+    tokenizer.chat_template = ("{%- set today = strftime_now('%d %B %Y') -%}Today: {{ today }} ({{ strftime_now(\"%Y\") }})"
+                               "\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    prompt = question_prompt(tokenizer, "Who?", 1, "<d>")
+    assert prompt.startswith("Today: 26 July 2024 (2024)\nsystem: ") and prompt.endswith("assistant:")
+    assert question_prompt(tokenizer, "Who?", 1, "<d>", "Curie").startswith(prompt)
+
+
 def test_a_turn_end_after_a_space_is_found(tmp_path):
     # Llama 2 ends an answer with " </s>": its first token is a space, and the turn end was taken
     # for plain text, so the reading gain counted the space and the </s> as the answer's tokens
