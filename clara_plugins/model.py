@@ -47,6 +47,15 @@ class CompressedDocuments:
     truncated_tokens: list[int]  # tokens cut beyond doc_max_length
 
 
+# base models CLaRa cannot adapt, by model type: MPT was compressed, then every answer failed
+# inside peft; peft refuses LoRA on a state-space model's layers, advising a setting CLaRa has not
+_UNREADABLE = {
+    "mpt": "an MPT model, whose peft forward refuses inputs_embeds, through which the generator reads memories",
+    **dict.fromkeys(("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"),
+                    "a state-space model, whose layers LoRA cannot adapt: choose a transformer"),
+}
+
+
 class ClaraModel(torch.nn.Module):
     """CLaRa on any Hugging Face causal LM.
 
@@ -80,9 +89,8 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
-        if lm.config.model_type == "mpt":  # compressed, then every answer failed inside peft
-            raise ValueError(f"{self.config.base_model!r} is an MPT model, whose peft forward refuses inputs_embeds, "
-                             "through which the generator reads memories")
+        if (unread := _UNREADABLE.get(lm.config.model_type)) is not None:
+            raise ValueError(f"{self.config.base_model!r} is {unread}")
         if (problem := memory_layer_problem(lm, self.config.memory_layer)) is not None:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "
                              f"{problem}")

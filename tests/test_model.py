@@ -771,6 +771,15 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
     tokenizer.save_pretrained(mpt)
     with pytest.raises(ValueError, match="is an MPT model, whose peft forward refuses inputs_embeds"):
         ClaraModel(ClaraConfig(base_model=str(mpt), compression_rate=16, doc_max_length=64), device="cpu")
+    # Mamba: peft's refusal advised editing target_modules, which CLaRa has no setting for
+    from transformers import MambaConfig, MambaForCausalLM
+
+    mamba = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(vocab_size=len(tokenizer), hidden_size=32, state_size=4, num_hidden_layers=2,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)).save_pretrained(mamba)
+    tokenizer.save_pretrained(mamba)
+    with pytest.raises(ValueError, match="mamba' is a state-space model, whose layers LoRA cannot adapt"):
+        ClaraModel(ClaraConfig(base_model=str(mamba), compression_rate=16, doc_max_length=64), device="cpu")
     # a clone without Git LFS, and a tokenizer cut short: safetensors' "header too large" and a bare
     # JSONDecodeError named neither the model nor the file
     pointer = build_tiny_base_model(tmp_path / "pointer")
