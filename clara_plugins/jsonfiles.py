@@ -43,6 +43,8 @@ def read_json(path: Path, error: type[ValueError]) -> object:
         raise error(f"{path} is missing") from missing
     except json.JSONDecodeError as corrupted:
         raise error(f"{path} is corrupted (not valid JSON): {corrupted}") from corrupted
+    except RecursionError as deep:  # a bare RecursionError that named no file
+        raise error(f"{path} nests its JSON deeper than Python can read") from deep
 
 
 def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
@@ -59,6 +61,8 @@ def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
             continue
         try:
             rows.append(json.loads(line))
+        except RecursionError as error:
+            raise InvalidInputError(f"{path} line {number + 1} nests its JSON deeper than Python can read") from error
         except json.JSONDecodeError as error:
             if not (appended and number == last):
                 whole = " (a JSON document over several lines? this file takes one JSON value a line)" \

@@ -98,8 +98,8 @@ class ClaraModel(torch.nn.Module):
         self.tokenizer = tokenizer
         self.base_vocab_size = len(tokenizer)
         self._embedding_norm = embedding_norm(lm)  # the size memory_scale gives every memory vector
+        self._check_encoder_window(lm)  # before n_mem_tokens rows join the vocabulary (a header's 10**12 took them all)
         self._add_special_tokens(lm)
-        self._check_encoder_window(lm)
         lora = LoraConfig(
             r=self.config.lora_r,
             lora_alpha=self.config.lora_alpha,
@@ -127,9 +127,10 @@ class ClaraModel(torch.nn.Module):
         positions: a model with learned positions failed on an index, a rotary one compressed
         from positions it never saw."""
         window = context_window(lm)
-        prefix, suffix = self._document_frame()
+        tok = self.tokenizer
+        framing = 1 + (tok.bos_token_id is not None) + (tok.eos_token_id is not None)  # <ENC> bos ... eos
         appended = self.config.n_mem_tokens if self.config.memory_design == "tokens" else 0
-        longest = len(prefix) + self.config.doc_max_length + len(suffix) + appended
+        longest = framing + self.config.doc_max_length + appended
         if window and longest > window:
             raise ValueError(f"ClaraConfig.doc_max_length {self.config.doc_max_length} frames a document in {longest} "
                              f"positions, past {self.config.base_model!r}'s context window of {window}")

@@ -514,13 +514,18 @@ class MemoryStore(BaseMemoryStore):
         indexed and saved in groups is not all held in RAM (18 GB at CR16 for a million
         passages). Every file is read and checked before the store changes."""
         memories = store_folder.read_shards(generation, header["memory_shards"], np.dtype(self.memory_dtype))
+        shape = (self.model.config.n_mem_tokens, self.model.hidden_size)
+        if any(m.shape[1:] != shape for m in memories):  # a bare AssertionError at the first search
+            raise StoreError(f"{generation}: the memory shards hold rows of another shape than this model's {shape}")
         scales = store_folder.read_shards(generation, header.get("scale_shards", []), np.float32)
         expected = [m.shape[:2] for m in memories] if self.memory_dtype == "int8" else []
         if [s.shape for s in scales] != expected:
             raise StoreError(f"{generation}: the scale shards do not match the {self.memory_dtype} memory shards")
         keys = store_folder.read_shards(generation, header["key_shards"], np.float32)
-        if not self.keys.keys_are_memories and [len(k) for k in keys] != [len(m) for m in memories]:
-            raise StoreError(f"{generation}/store.json: the key shards do not match the memory shards row for row")
+        if not self.keys.keys_are_memories and ([len(k) for k in keys] != [len(m) for m in memories]
+                                                or len({k.shape[1:] for k in keys}) > 1 or any(k.ndim != 2 for k in keys)):
+            raise StoreError(f"{generation}/store.json: the key shards do not match the memory shards row for row, "
+                             "with keys of one width")
         where = [(c, o) for c, shard in enumerate(memories) for o in range(len(shard))]
         if len(where) != header["count"]:
             raise StoreError(f"{generation}: memory shards hold {len(where)} rows, expected {header['count']}")

@@ -223,7 +223,7 @@ def read_index(generation: Path, count: int, trained_over: int | None) -> faiss.
     path = generation / "index.faiss"
     try:
         index = faiss.read_index(str(path))
-    except RuntimeError as error:
+    except (RuntimeError, MemoryError) as error:  # a header claiming vectors past memory: a bare MemoryError
         raise StoreError(f"{path} is corrupted: faiss could not read it ({error})") from error
     if index.ntotal != count:
         raise StoreError(f"{path} indexes {index.ntotal} documents, expected {count}")
@@ -257,7 +257,7 @@ def _read_array(path: Path, dtype: DTypeLike, mmap_mode: str | None = None) -> n
             raise StoreError(f"{path}: too many open files; each memory-mapped shard holds one (two for int8), "
                              f"so raise the limit (ulimit -n)") from error
         raise StoreError(f"{path} is missing or corrupted: {error}") from error
-    except ValueError as error:
+    except (ValueError, MemoryError) as error:  # a header claiming a shape past memory: a bare MemoryError
         raise StoreError(f"{path} is missing or corrupted: {error}") from error
     if array.dtype != dtype:
         raise StoreError(f"{path} holds {array.dtype}, expected {np.dtype(dtype)}")
@@ -319,10 +319,17 @@ def read_records(generation: Path, shards: list[dict]) -> dict[str, list]:
         part = read_json(generation / shard["file"], StoreError)
         if not isinstance(part, dict) or not records.keys() <= part.keys():
             raise StoreError(f"{generation / shard['file']} does not hold ids, texts and metadatas")
-        if not len(part["ids"]) == len(part["texts"]) == len(part["metadatas"]) == shard["rows"]:
+        if not all(isinstance(part[field], list) and len(part[field]) == shard["rows"] for field in records):
             raise StoreError(f"{generation / shard['file']} does not hold {shard['rows']} documents")
+        odd = next((row for row, record in enumerate(zip(part["ids"], part["texts"], part["metadatas"]))
+                    if tuple(map(type, record)) != (str, str, dict)), None)
+        if odd is not None:  # a bare TypeError at the load, or at a later search
+            raise StoreError(f"{generation / shard['file']}: record {odd} is not an id and a text (strings) and "
+                             "metadata (a dict)")
         for field, values in records.items():
             values.extend(part[field])
+    if len(set(records["ids"])) != len(records["ids"]):  # a delete removed one copy, and the other stayed
+        raise StoreError(f"{generation}: the records name an id twice")
     return records
 
 

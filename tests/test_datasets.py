@@ -125,6 +125,18 @@ def test_a_damaged_gzip_file_is_named(tmp_path):
         read_jsonl(tmp_path / "corpus.jsonl.gz")
 
 
+def test_json_nested_deeper_than_python_reads_is_named(tmp_path):
+    # a bare RecursionError, which named no file
+    from clara_plugins.jsonfiles import read_json, read_jsonl
+
+    (tmp_path / "rows.jsonl").write_text('{"question": "q"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(InvalidInputError, match="rows.jsonl line 2 nests its JSON deeper than Python can read"):
+        read_jsonl(tmp_path / "rows.jsonl")
+    (tmp_path / "rows.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidInputError, match="rows.json nests its JSON deeper than Python can read"):
+        read_json(tmp_path / "rows.json", InvalidInputError)
+
+
 def test_a_paragraph_repeated_within_a_question_is_one_passage(tmp_path):
     # 2WikiMultihopQA repeats a paragraph in about 4 % of its questions: it took two of k places
     context = [["Pirates", ["A film."]], ["Vienna", ["A city."]], ["Pirates", ["A film."]], ["Danube", ["A river."]]]

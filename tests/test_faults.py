@@ -4,6 +4,7 @@ last good state, never in a wrong answer."""
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 import signal
@@ -136,7 +137,21 @@ MALFORMED = {"current-is-a-folder": "CURRENT", "records-not-a-dict": "does not h
              # a bare TypeError and KeyError: the header is the one file no checksum covers
              "compressor-not-a-dict": "compressor signature is not one this library writes",
              "fingerprint-without-norms": "base model fingerprint is malformed",
-             "fingerprint-of-nulls": "base model fingerprint is malformed"}  # a bare RuntimeError from torch
+             "fingerprint-of-nulls": "base model fingerprint is malformed",  # a bare RuntimeError from torch
+             # files whose checksums the header (written alike) vouches for: a bare RecursionError, a
+             # TypeError at the load or a later search, an id a delete left stored, an AssertionError
+             "header-nested-deep": "store.json nests its JSON deeper than Python can read",
+             "records-of-other-types": "records-00000.json: record 1 is not an id and a text",
+             "records-naming-an-id-twice": "the records name an id twice",
+             "memories-of-another-shape": "memory shards hold rows of another shape than this model's"}
+
+
+def replace_checked_file(folder: Path, name: str, data: bytes) -> None:
+    """A generation's file rewritten with the checksum its header gives it."""
+    (generation(folder) / name).write_bytes(data)
+    header = header_of(folder)
+    header["sha256"][name] = hashlib.sha256(data).hexdigest()
+    rewrite_header(folder, sha256=header["sha256"])
 
 
 @pytest.mark.parametrize("damage", list(MALFORMED))
@@ -146,10 +161,18 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         (folder / "CURRENT").unlink()
         (folder / "CURRENT").mkdir()
     elif damage == "records-not-a-dict":
-        (generation(folder) / "records-00000.json").write_text("[1, 2]")
-        header = header_of(folder)
-        header["sha256"]["records-00000.json"] = hashlib.sha256(b"[1, 2]").hexdigest()
-        rewrite_header(folder, sha256=header["sha256"])
+        replace_checked_file(folder, "records-00000.json", b"[1, 2]")
+    elif damage == "header-nested-deep":
+        (generation(folder) / "store.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
+    elif damage in ("records-of-other-types", "records-naming-an-id-twice"):
+        records = json.loads((generation(folder) / "records-00000.json").read_text())
+        records["ids"][1] = ["d1"] if damage == "records-of-other-types" else "d0"
+        replace_checked_file(folder, "records-00000.json", json.dumps(records).encode())
+    elif damage == "memories-of-another-shape":
+        memories = np.load(generation(folder) / "memories-00000.npy")
+        with io.BytesIO() as written:
+            np.save(written, np.concatenate([memories, memories[..., :1]], axis=-1))
+            replace_checked_file(folder, "memories-00000.npy", written.getvalue())
     elif damage == "header-not-a-dict":
         (generation(folder) / "store.json").write_text('"a string"')
     elif damage == "no-count":
@@ -174,6 +197,22 @@ def test_malformed_files_give_a_store_error(saved, tiny_model, damage):
         (generation(folder) / "store.json").write_text(json.dumps(header))
     with pytest.raises(StoreError, match=MALFORMED[damage]):
         MemoryStore.load(folder, tiny_model)
+
+
+def test_files_claiming_more_than_memory_holds_give_a_store_error(saved, tmp_path, monkeypatch):
+    # a header claiming 4 TiB of values (an .npy file's, a faiss index's): a bare MemoryError
+    with io.BytesIO() as written:
+        np.save(written, np.zeros(4, dtype=np.float32))
+        (tmp_path / "index-centre.npy").write_bytes(written.getvalue().replace(b"(4,)", b"(1099511627776,)"))
+    with pytest.raises(StoreError, match="index-centre.npy is missing or corrupted: Unable to allocate"):
+        store_folder._read_array(tmp_path / "index-centre.npy", np.float32)
+
+    def claims_too_much(path):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(store_folder.faiss, "read_index", claims_too_much)
+    with pytest.raises(StoreError, match="index.faiss is corrupted: faiss could not read it"):
+        store_folder.read_index(tmp_path, 5, None)
 
 
 def test_a_save_waiting_its_turn_writes_what_the_store_holds_when_its_turn_comes(saved, tiny_model, monkeypatch):

@@ -367,6 +367,15 @@ def test_clara_embeddings_give_a_blank_page_a_unit_vector_as_the_llama_index_emb
     assert len(store.store) == 2
 
 
+def test_a_node_nested_deeper_than_python_reads_comes_back_as_stored():
+    # a stored "_node_content" nested 100,000 deep failed every search that found it (RecursionError)
+    from clara_plugins import StoredDocument
+    from langchain_clara.vectorstores import to_document
+
+    metadata = {"_node_content": "[" * 100_000 + "]" * 100_000, "page": 1}
+    assert to_document(StoredDocument("d", "A text.", metadata)).metadata == metadata
+
+
 def test_a_blank_page_is_left_out_of_the_store_as_the_llama_index_store_leaves_it(tiny_model):
     # an image-only PDF page (page_content "") failed the whole batch: nothing was stored
     with pytest.warns(UserWarning, match=r"2 of 3 texts are blank and are not stored \(first: texts\[0\]\)"):

@@ -618,6 +618,14 @@ def test_a_document_window_past_the_backbones_positions_is_refused(tiny_config):
         ClaraModel(dataclasses.replace(tiny_config, doc_max_length=7728, memory_design="tokens"), device="cpu")
 
 
+def test_a_document_window_is_checked_before_its_memory_tokens_join_the_vocabulary(tiny_config, monkeypatch):
+    # a checkpoint header's doc_max_length of 10**12 at rate 1 added as many tokens and embedding
+    # rows, exhausting memory, before the window refused it
+    monkeypatch.setattr(ClaraModel, "_add_special_tokens", lambda self, lm: pytest.fail("tokens added first"))
+    with pytest.raises(ValueError, match="past .* context window of 8192"):
+        ClaraModel(dataclasses.replace(tiny_config, doc_max_length=10**12, compression_rate=1), device="cpu")
+
+
 def test_a_multimodal_causal_lm_keeps_its_text_settings_in_a_config_of_their_own(tiny_base, tmp_path):
     # Gemma 3 from 4B on loads as Gemma3ForConditionalGeneration: its layers and window sit in
     # text_config, and the model failed on a missing num_hidden_layers after its weights loaded

@@ -29,7 +29,7 @@ def to_document(stored: StoredDocument) -> Document:
     metadata = stored.metadata
     try:
         node = json.loads(metadata["_node_content"]) if isinstance(metadata.get("_node_content"), str) else None
-    except ValueError:  # not a node after all: as stored
+    except (ValueError, RecursionError):  # not a node after all: as stored
         node = None
     if isinstance(node, dict) and isinstance(node.get("metadata"), dict):
         metadata = node["metadata"]
