@@ -31,9 +31,12 @@ def _kind(value: Any) -> type | None:
     return str if isinstance(value, str) else None
 
 
-def _bounded(compare: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
-    return lambda value, bound: (_kind(value) is not None and _kind(value) is _kind(bound)
-                                 and compare(value, _plain(bound)))
+Test = Callable[[Any], bool]  # of one stored value
+
+
+def _bounded_by(compare: Callable[[Any, Any], bool]) -> Callable[[Any], Test]:
+    return lambda bound: lambda value: (_kind(value) is not None and _kind(value) is _kind(bound)
+                                        and compare(value, bound))
 
 
 def _plain(target: Any) -> Any:
@@ -51,23 +54,33 @@ def _nan(value: Any) -> bool:
     return isinstance(value, (float, np.floating)) and math.isnan(value)
 
 
-def _equal(value: Any, target: Any) -> bool:
-    """Python's equality, a numpy number read as the Python one it holds: numpy compared a stored
-    list with it element by element (an error, or [1] equal to 1)."""
-    return bool(value == _plain(target))
+def _equal_to(target: Any) -> Test:
+    """Python's equality with a target read as a Python value (a numpy number compared a stored
+    list element by element: an error, or [1] equal to 1)."""
+    return lambda value: bool(value == target)
 
 
-def _among(value: Any, targets: Any) -> bool:
-    return any(_equal(value, target) for target in targets)  # not `in`: a set of targets would hash a list value
+def _member_of(targets: Any) -> Test:
+    """Equality with any of the targets: a set lookup for the scalars (Python's hash agrees with its
+    equality: True, 1 and 1.0 alike; a store of a million compared each with every listed value),
+    a stored list or dict compared with the list and dict targets one by one."""
+    scalars = {target for target in targets if not isinstance(target, (list, dict))}
+    containers = [target for target in targets if isinstance(target, (list, dict))]
+    return lambda value: (value in scalars if not isinstance(value, (list, dict))
+                          else any(value == target for target in containers))
+
+
+def _negated(test: Test) -> Test:
+    return lambda value: not test(value)
 
 
 _RANGE_OPERATORS = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}
-_FIELD_OPERATORS = {
-    "$eq": _equal,
-    "$ne": lambda value, target: not _equal(value, target),
-    "$in": _among,
-    "$nin": lambda value, target: not _among(value, target),
-    **{name: _bounded(compare) for name, compare in _RANGE_OPERATORS.items()},
+_FIELD_OPERATORS: dict[str, Callable[[Any], Test]] = {  # an operator: its (Python) target -> the test of a value
+    "$eq": _equal_to,
+    "$ne": lambda target: _negated(_equal_to(target)),
+    "$in": _member_of,
+    "$nin": lambda targets: _negated(_member_of(targets)),
+    **{name: _bounded_by(compare) for name, compare in _RANGE_OPERATORS.items()},
 }
 
 
@@ -136,19 +149,17 @@ def _storable(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and _storable(v) for k, v in value.items())
 
 
-def matches(metadata: dict[str, Any], where: Filter) -> bool:
-    """Whether one document's metadata satisfies a (validated) filter."""
+def matcher(where: Filter) -> Callable[[dict[str, Any]], bool]:
+    """Whether one document's metadata satisfies a (validated) filter: built once for the many
+    documents it is asked of, its targets read as Python values once, not at every document."""
+    tests: list[Callable[[dict[str, Any]], bool]] = []
     for key, condition in where.items():
-        if key == "$and":
-            ok = all(matches(metadata, part) for part in condition)
-        elif key == "$or":
-            ok = any(matches(metadata, part) for part in condition)
-        elif isinstance(condition, dict):
-            ok = key in metadata and all(
-                _FIELD_OPERATORS[op](metadata[key], target) for op, target in condition.items()
-            )
+        if key in ("$and", "$or"):
+            parts, combined = [matcher(part) for part in condition], all if key == "$and" else any
+            tests.append(lambda metadata, parts=parts, combined=combined: combined(part(metadata) for part in parts))
         else:
-            ok = key in metadata and _equal(metadata[key], condition)
-        if not ok:
-            return False
-    return True
+            conditions = condition.items() if isinstance(condition, dict) else [("$eq", condition)]
+            fields = [_FIELD_OPERATORS[name](_plain(target)) for name, target in conditions]
+            tests.append(lambda metadata, key=key, fields=fields:
+                         key in metadata and all(field(metadata[key]) for field in fields))
+    return lambda metadata: all(test(metadata) for test in tests)

@@ -495,7 +495,7 @@ def lite_index_problem(index_type: str) -> str | None:
 # ------------------------------------------------------------------ filters
 
 def milvus_filter(where: Filter) -> str | None:
-    """The Milvus expression keeping the documents ``filters.matches`` keeps; None keeps all.
+    """The Milvus expression keeping the documents ``filters.matcher`` keeps; None keeps all.
 
     Metadata live in the JSON field ``metadata``. ``$in`` and ``$nin`` become chains of
     ``==`` (milvus-lite compares JSON values with ``==`` only), and ``$ne``/``$nin`` also ask

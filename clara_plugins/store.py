@@ -30,7 +30,7 @@ from .checks import check_positive_int, check_texts
 from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequantize, quantize
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .errors import StoreError
-from .filters import Filter, matches, validate_filter
+from .filters import Filter, matcher, validate_filter
 from .found import find_documents, found_lookup
 from .keys import KeyEncoder, maximal_marginal_relevance, normalize_rows
 from .model import ClaraModel
@@ -277,7 +277,8 @@ class MemoryStore(BaseMemoryStore):
         """Ids of the documents whose metadata satisfies a filter."""
         validate_filter(where)
         with self._lock:
-            return [doc_id for doc_id, meta in zip(self._ids, self._metadatas) if matches(meta, where)]
+            keep = matcher(where)
+            return [doc_id for doc_id, meta in zip(self._ids, self._metadatas) if keep(meta)]
 
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
@@ -357,11 +358,12 @@ class MemoryStore(BaseMemoryStore):
                 fetched = min(2 * fetched, count)
                 rows, scores = self._searched(index, query, fetched)
             return self._best(rows, query, n)  # scored as the exact search scores them
-        # exact search over the candidates
-        rows = np.array([row for row, (doc_id, metadata) in enumerate(zip(self._ids, self._metadatas))
-                         if (ids is None or doc_id in ids) and (where is None or matches(metadata, where))],
-                        dtype=np.int64)
-        return self._best(rows, query, n)
+        # exact search over the candidates: those named (in stored order), or every document
+        rows = range(len(self._ids)) if ids is None else sorted(self._row_of[i] for i in ids if i in self._row_of)
+        if where is not None:
+            keep = matcher(where)
+            rows = [row for row in rows if keep(self._metadatas[row])]
+        return self._best(np.array(rows, dtype=np.int64), query, n)
 
     def _searched(self, index: faiss.Index, query: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The flat or hnsw index's n nearest rows and their scores; hnsw visits efSearch nodes,

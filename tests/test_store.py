@@ -232,6 +232,27 @@ def test_a_numpy_number_matches_a_list_value_as_the_python_number_does(tiny_mode
     assert store.ids_where({"n": [np.float32(0.5)]}) == ["half"]  # exact in float32: still matched
 
 
+def test_membership_filters_read_their_targets_once_and_match_as_equality_does(tiny_model, monkeypatch):
+    # every stored document was compared with every listed value, each read again as a Python value:
+    # a $in of 1,000 values took minutes over a million documents
+    from clara_plugins import filters
+
+    values = [1, True, 1.0, 0, "1", [1], [1.0, 2], {"a": 1}, None, 2.5, "x"]
+    store = MemoryStore(tiny_model)
+    store.upsert([f"{CORPUS[0]} {n}" for n in range(len(values))], ids=[f"v{n}" for n in range(len(values))],
+                 metadatas=[{"f": value} for value in values])
+    read, plain = [], filters._plain
+    monkeypatch.setattr(filters, "_plain", lambda target: read.append(target) or plain(target))
+    for targets in ([1], [True, "x"], [[1], {"a": 1}], [None, 2.5, np.float64(1.0)], ["missing"], [[1.0, 2], 0]):
+        expected = [f"v{n}" for n, value in enumerate(values) if any(value == plain(t) for t in targets)]
+        read.clear()
+        filters._plain(targets)
+        once = len(read)  # the list and what it holds
+        assert store.ids_where({"f": {"$in": targets}}) == expected
+        assert len(read) == 2 * once  # read once more, not once a document
+        assert store.ids_where({"f": {"$nin": targets}}) == [f"v{n}" for n in range(len(values)) if f"v{n}" not in expected]
+
+
 def test_a_filter_on_a_huge_integer_is_read_as_the_integer(tiny_model):
     # math.isnan of 10**400 raised a bare OverflowError, for a value the store keeps
     store = MemoryStore(tiny_model)
