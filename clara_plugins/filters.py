@@ -149,17 +149,26 @@ def _storable(value: Any) -> bool:
     return isinstance(value, dict) and all(isinstance(k, str) and _storable(v) for k, v in value.items())
 
 
-def matcher(where: Filter) -> Callable[[dict[str, Any]], bool]:
+Match = Callable[[dict[str, Any]], bool]  # of one document's metadata
+
+
+def matcher(where: Filter) -> Match:
     """Whether one document's metadata satisfies a (validated) filter: built once for the many
     documents it is asked of, its targets read as Python values once, not at every document."""
-    tests: list[Callable[[dict[str, Any]], bool]] = []
-    for key, condition in where.items():
-        if key in ("$and", "$or"):
-            parts, combined = [matcher(part) for part in condition], all if key == "$and" else any
-            tests.append(lambda metadata, parts=parts, combined=combined: combined(part(metadata) for part in parts))
-        else:
-            conditions = condition.items() if isinstance(condition, dict) else [("$eq", condition)]
-            fields = [_FIELD_OPERATORS[name](_plain(target)) for name, target in conditions]
-            tests.append(lambda metadata, key=key, fields=fields:
-                         key in metadata and all(field(metadata[key]) for field in fields))
-    return lambda metadata: all(test(metadata) for test in tests)
+    tests = [_key_match(key, condition) for key, condition in where.items()]
+    return tests[0] if len(tests) == 1 else lambda metadata: all(test(metadata) for test in tests)
+
+
+def _key_match(key: str, condition: Any) -> Match:
+    """One key of a filter: ``$and``/``$or`` of filters, or a field's conditions."""
+    if key in ("$and", "$or"):
+        parts = [matcher(part) for part in condition]
+        if key == "$and":
+            return lambda metadata: all(part(metadata) for part in parts)
+        return lambda metadata: any(part(metadata) for part in parts)
+    conditions = condition.items() if isinstance(condition, dict) else [("$eq", condition)]
+    fields = [_FIELD_OPERATORS[name](_plain(target)) for name, target in conditions]
+    if len(fields) == 1:  # the common case, without a loop at every document
+        field = fields[0]
+        return lambda metadata: key in metadata and field(metadata[key])
+    return lambda metadata: key in metadata and all(field(metadata[key]) for field in fields)
