@@ -233,3 +233,18 @@ def test_keys_of_another_model_are_refused(tiny_model, tiny_config):
     other = ClaraModel(tiny_config, device="cpu")
     with pytest.raises(InvalidInputError, match="ClaraKeys of another model"):
         MemoryStore(tiny_model, ClaraKeys(other))
+
+
+def test_memories_quantised_a_slice_at_a_time_are_those_quantised_whole(monkeypatch):
+    # quantised whole, an upsert of 100,000 passages held float32 copies of all of them at once
+    from clara_plugins import compact
+
+    memories = np.random.default_rng(0).standard_normal((10, 3, 8)).astype(np.float16)
+    memories[4] = 0  # an all-zero vector keeps a zero scale, and zero codes
+    whole = np.asarray(memories, dtype=np.float32)
+    scales = np.abs(whole).max(axis=-1) / 127.0
+    codes = np.rint(whole / np.maximum(scales, np.finfo(np.float32).tiny)[..., None]).astype(np.int8)
+    monkeypatch.setattr(compact, "QUANTIZE_ROWS", 3)
+    sliced = compact.quantize(memories)
+    assert np.array_equal(sliced[0], codes) and np.array_equal(sliced[1], scales)
+    assert sliced[0].dtype == np.int8 and sliced[1].dtype == np.float32
