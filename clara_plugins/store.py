@@ -211,20 +211,16 @@ class MemoryStore(BaseMemoryStore):
             self._changed()
             self._drop_dead_rows()
 
-    def _index_without(self, rows: list[int]) -> faiss.Index | CompactIndex | None:
-        """The built index with the deleted rows taken out, the rows after them moving up as the
-        store's do: a flat index's keys or a compact index's codes (built again from every key, one
-        document's delete took 35 s at a million). An hnsw graph cannot lose a node, and a compact
-        index of a store now small enough to search exactly is not kept: None, built at the next
-        search."""
-        index = self._index
-        if isinstance(index, CompactIndex) and len(self._ids) >= MIN_ROWS:
-            index.codes.remove_ids(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
-            return index
-        if isinstance(index, faiss.IndexFlat):
-            index.remove_ids(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
-            return index
-        return None
+    def _index_without(self, rows: list[int]) -> faiss.Index | None:
+        """A built flat index with the deleted rows' keys taken out, the rows after them moving up
+        as the store's do (built again from every key, one document's delete took 35 s at a
+        million); any other is None, built at the next search: an hnsw graph cannot lose a node,
+        and a compact index's fast-scan codes keep the removed rows' bytes in their last block,
+        which the next added rows' codes were mixed with."""
+        if not isinstance(self._index, faiss.IndexFlat):
+            return None
+        self._index.remove_ids(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
+        return self._index
 
     def _count_dead(self, row: int) -> None:
         """Note that a row's memories are no longer read: replaced, or its document deleted."""
