@@ -505,10 +505,9 @@ def _train_stage(args: argparse.Namespace, config: TrainConfig, new_model: dict)
     passages = read_documents([args.corpus]) if args.corpus else None
     state = check_run(rows, config, passages, probes, args.output)
     resuming, finished = state is not None, run_finished(state, config)
-    if resuming:  # a stage before this one trained again: not resumed from, nor called finished on, the old weights
-        named = {"--init": args.init, "--teacher": config.teacher if finished and config.distill_weight else None}
-        check_trained_from(state, {flag: files_sha256(weight_files(Path(folder)))  # a resumed run's teacher: once loaded
-                                   for flag, folder in named.items() if folder}, args.output)
+    if resuming and args.init:  # a stage before this one trained again: not resumed from, nor called finished on
+        # the old weights (the teacher is checked by train(), once loaded or, for a finished run, its files hashed)
+        check_trained_from(state, {"--init": files_sha256(weight_files(Path(args.init)))}, args.output)
     del state  # its optimizer moments: train() reads its own copy
     # an --init checkpoint's read here only to compare (from_pretrained waits out a save in progress)
     requested = _trained_config(args, new_model) if finished or not args.init else None

@@ -1053,6 +1053,10 @@ def test_a_resumed_run_refuses_a_teacher_whose_files_changed(tiny_config, tiny_m
     train(tiny_model, INSTRUCT, dataclasses.replace(config, teacher=str(tmp_path / "t") + "/", save_every=5),
           tmp_path / "run")
     assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
+    # finished, it refuses another teacher's weights under another path (not loaded, it was not compared)
+    other.save_pretrained(tmp_path / "t2")
+    with pytest.raises(CheckpointError, match="trained from other weights than its --teacher holds now"):
+        train(tiny_model, INSTRUCT, dataclasses.replace(config, teacher=str(tmp_path / "t2")), tmp_path / "run")
 
 
 def test_a_finished_run_in_a_folder_nothing_can_be_written_to_returns_its_checkpoint(tiny_model, tmp_path,
