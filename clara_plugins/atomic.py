@@ -130,9 +130,11 @@ def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
         yield
 
 
-# the outputs whose sole_writer lock each thread of this process holds: another thread of the
-# process is refused as another process is (it wrote the same output beside the first, unsaid)
-_SOLE_WRITERS: set[tuple[Path, int]] = set()
+# the outputs whose sole_writer lock this process holds, and the thread holding each: another
+# thread is refused as another process is (it wrote the same output beside the first, unsaid),
+# whatever the file lock says (flock on NFS, none on Windows)
+_SOLE_WRITERS: dict[Path, int] = {}
+_SOLE_WRITERS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -140,25 +142,32 @@ def sole_writer(output: str | Path, what: str) -> Iterator[None]:
     """Hold the lock of a run's output (``.NAME.lock`` beside it) for the ``with`` block: a
     second run writing the same output rewrote files the first was appending to, whose records
     were then lost, and is refused (``what`` names the run), from this process or another. Taken
-    again in its thread (the CLI holds it around its checks and the run), it is kept. Where no lock file can be made (a
-    read-only folder), the run goes on unlocked: its writes say why they fail."""
-    path = Path(output).resolve()
-    held_here = (path, threading.get_ident())
-    if held_here in _SOLE_WRITERS:
+    again in its thread (the CLI holds it around its checks and the run), it is kept. Where no
+    lock file can be made (a read-only folder), the run goes on unlocked: its writes say why they fail."""
+    path, thread = Path(output).resolve(), threading.get_ident()
+    refused = f"another {what} is writing {output}: wait for it, or name another output"
+    with _SOLE_WRITERS_LOCK:
+        holder = _SOLE_WRITERS.get(path)
+        if holder is None:
+            _SOLE_WRITERS[path] = thread
+    if holder == thread:  # taken again in its thread
         yield
         return
-    with contextlib.ExitStack() as held:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            held.enter_context(hold_lock(path.with_name(f".{path.name}.lock"), wait=False))
-        except BlockingIOError:
-            raise InvalidInputError(f"another {what} is writing {output}: wait for it, or name another "
-                                    "output") from None
-        except OSError:  # a read-only folder, a path through a file
-            pass
-        _SOLE_WRITERS.add(held_here)
-        held.callback(_SOLE_WRITERS.discard, held_here)
-        yield
+    if holder is not None:
+        raise InvalidInputError(refused)
+    try:
+        with contextlib.ExitStack() as held:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                held.enter_context(hold_lock(path.with_name(f".{path.name}.lock"), wait=False))
+            except BlockingIOError:
+                raise InvalidInputError(refused) from None
+            except OSError:  # a read-only folder, a path through a file
+                pass
+            yield
+    finally:
+        with _SOLE_WRITERS_LOCK:
+            del _SOLE_WRITERS[path]
 
 
 def _claimed_sibling(path: Path, folder: bool) -> tuple[Path, int]:

@@ -233,6 +233,37 @@ def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     assert (tmp_path / "made").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
+def test_a_second_thread_is_refused_its_output_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    # the second thread was refused by flock alone: on NFS (per-process locks) or Windows (none)
+    # two runs of one process wrote one output
+    import threading
+
+    from clara_plugins.errors import InvalidInputError
+
+    monkeypatch.setattr(atomic, "_lock", lambda descriptor, wait: None)
+    entered, leave = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with atomic.sole_writer(tmp_path / "out", "run"):
+            entered.set()
+            leave.wait(30)
+
+    writer = threading.Thread(target=first)
+    writer.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(InvalidInputError, match="another run is writing"):
+            with atomic.sole_writer(tmp_path / "out", "run"):
+                pass
+    finally:
+        leave.set()
+        writer.join(30)
+    with atomic.sole_writer(tmp_path / "out", "run"):  # free once the first is done, and kept in its thread
+        with atomic.sole_writer(tmp_path / "out", "run"):
+            pass
+    assert atomic._SOLE_WRITERS == {}
+
+
 def test_a_read_only_folder_is_refused_and_left_as_it_was(tmp_path):
     # swapped anyway, the new folder took its mode: the old copy could not be emptied, and a
     # hidden copy of the whole checkpoint was left beside it at every save
