@@ -114,6 +114,17 @@ def test_documents_another_writer_stored_come_back_as_text_nodes(tiny_model):
     assert len(retriever.retrieve(QUESTION)) == 1 and retriever.similarity_top_k == 1
 
 
+def test_a_field_named_as_a_nodes_json_that_holds_none_comes_back_as_a_text_node(tiny_model):
+    # another writer's "_node_content" (not JSON, nested past Python's reach) failed every query that found it
+    from langchain_clara import ClaraVectorStore as LangChainStore
+
+    odd = [{"_node_content": "x"}, {"_node_content": "[" * 100_000 + "]" * 100_000}, {"_node_content": 5}]
+    shared = LangChainStore.from_texts(CORPUS[:3], model=tiny_model, metadatas=odd, ids=["a", "b", "c"])
+    nodes = ClaraRetriever(shared, similarity_top_k=3).retrieve(QUESTION)
+    assert sorted((n.node.node_id, n.node.get_content()) for n in nodes) == list(zip(["a", "b", "c"], CORPUS[:3]))
+    assert {n.node.node_id: n.node.metadata for n in nodes} == dict(zip(["a", "b", "c"], odd))
+
+
 def test_nodes_this_store_wrote_come_back_to_langchain_with_their_own_metadata(tiny_model):
     # LangChain's retriever handed on the node's JSON, node type and three copies of its document id
     from langchain_clara import ClaraRetriever as LangChainRetriever

@@ -246,9 +246,13 @@ class ClaraVectorStore(BasePydanticVectorStore):
     def _to_node(stored: StoredDocument) -> BaseNode:
         """The node as added; a document that another writer stored (LangChain's store, ``clara
         index``, a shared Milvus collection) has no node fields, and comes back as a text node."""
-        if "_node_content" not in stored.metadata:
+        try:
+            node = metadata_dict_to_node(stored.metadata, text=stored.text) if "_node_content" in stored.metadata \
+                else None
+        except (ValueError, TypeError, RecursionError):  # not a node's JSON after all (another writer's field)
+            node = None
+        if node is None:
             return TextNode(id_=stored.id, text=stored.text, metadata=stored.metadata)
-        node = metadata_dict_to_node(stored.metadata, text=stored.text)
         node.embedding = None
         return node
 
