@@ -137,7 +137,8 @@ class ClaraVectorStore(VectorStore):
         **kwargs: Any,
     ) -> list[str]:
         """Compress and store the texts (an id already stored is replaced); one id per text is
-        returned. A blank text has nothing to read: it is left out, with a warning."""
+        returned. A blank text has nothing to read: it is left out, with a warning (a document stored
+        under its id before is kept)."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, got one str: wrap it in a list")
         # batch_size: LangChain's index() passes it; the store compresses in its own batches
@@ -154,8 +155,8 @@ class ClaraVectorStore(VectorStore):
             return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
         # a loader's blank page (an image-only PDF page) has nothing to read: it is left out, as
         # LlamaIndex's store leaves out a blank node, and the others go in (it failed the whole batch)
-        warnings.warn(f"{len(blank)} of {len(texts)} texts are blank and are not stored (first: texts[{min(blank)}])",
-                      stacklevel=2)
+        warnings.warn(f"{len(blank)} of {len(texts)} texts are blank and are not stored (first: texts[{min(blank)}]); "
+                      "a document stored under one of their ids before is kept", stacklevel=2)
         kept = [n for n in range(len(texts)) if n not in blank]
         named = self.store.upsert([texts[n] for n in kept], None if ids is None else [ids[n] for n in kept],
                                   None if metadatas is None else [metadatas[n] for n in kept],

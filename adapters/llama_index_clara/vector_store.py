@@ -198,14 +198,15 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
         """Store the nodes; one without text (a blank page a reader made a node of) has nothing to
-        read and is left out, with a warning, as the index's other nodes go in."""
+        read and is left out, with a warning, as the index's other nodes go in (a node stored under
+        its id before is kept)."""
         _refuse_unread("add", kwargs)  # an index's insert(document, **kwargs) hands them on
         texts = [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes]
         stored = [(node, text) for node, text in zip(nodes, texts) if text.strip()]
         if len(stored) < len(nodes):
             blank = next(node for node, text in zip(nodes, texts) if not text.strip())
             warnings.warn(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
-                          f"(first: {blank.node_id})", stacklevel=2)
+                          f"(first: {blank.node_id}); a node stored under one of their ids before is kept", stacklevel=2)
         if stored:
             memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
                                                          for node, _ in stored], self._store.batch_size)
