@@ -779,12 +779,12 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     finished = run_finished(state, config)
     # loaded, and refused, before the model's weights and settings change
     teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
-    # its files as they were loaded (a save swapped in meanwhile is waited out): a teacher trained
-    # again in its folder, or another reached by the same relative path, taught a resumed run unsaid
-    if teacher is not None and state:
-        check_trained_from(state, {"--teacher": teacher.weights_sha256}, output)
-    elif finished and config.distill_weight:  # not loaded: its files are compared (a teacher named otherwise returned the run)
-        check_trained_from(state, {"--teacher": files_sha256(weight_files(Path(config.teacher)))}, output)
+    # its files as they were loaded (a save swapped in meanwhile is waited out), or a finished run's,
+    # not loaded, hashed: a teacher trained again in its folder, or another reached by the same
+    # relative path, taught a resumed run unsaid (or, named otherwise, returned a finished one)
+    if state and config.distill_weight:
+        check_trained_from(state, {"--teacher": teacher.weights_sha256 if teacher is not None
+                                   else files_sha256(weight_files(Path(config.teacher)))}, output)
     teacher_digest = teacher.weights_sha256 if teacher is not None else (state or {}).get("teacher_sha256")
     init_digest = state.get("init_sha256") if state is not None else model.weights_sha256  # what check_trained_from reads
     if teacher is not None:  # which reads the rows' documents whole, as text
