@@ -59,6 +59,7 @@ TRAINER_STATE_FILE = "trainer_state.pt"  # a training run's step, optimizer and 
 # the dtypes weights and memories are taken in: integers would be cut, and float8 has no
 # finiteness check (a bare NotImplementedError at a save, or at the load of another tool's file)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_NAMES = "float32, bfloat16, float16 or float64"  # as errors name them
 
 
 def adapter_file(name: str) -> str:
@@ -383,7 +384,7 @@ def _check_adapter_weights(model: AdaptedModel, name: str, state: dict[str, torc
                                   f"the model expects {tuple(expected[key].shape)}")
         if tensor.dtype not in FLOAT_DTYPES:  # an integer file loaded, cast, unsaid
             raise CheckpointError(f"{source}: {name}/{key} holds {tensor.dtype} values, not floating point "
-                                  "(float32, bfloat16, float16 or float64)")
+                                  f"({FLOAT_NAMES})")
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: {name}/{key} holds NaN or infinite values")
 
@@ -418,7 +419,7 @@ def _row_targets(model: AdaptedModel, input_rows: torch.Tensor, output_rows: tor
             )
         if rows.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{source}: memory-token embeddings hold {rows.dtype} values, not floating point "
-                                  "(float32, bfloat16, float16 or float64)")
+                                  f"({FLOAT_NAMES})")
         if not torch.isfinite(rows).all():  # every memory compressed with them would be NaN
             raise CheckpointError(f"{source}: memory-token embeddings hold NaN or infinite values")
     return targets

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .atomic import writer_at_work
 from .backbone import (context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model,
                        memory_layer_problem, resolve_device, resolve_dtype)
-from .checkpoint import (FLOAT_DTYPES, files_sha256, load_trained_weights, read_config, save_checkpoint,
+from .checkpoint import (FLOAT_DTYPES, FLOAT_NAMES, files_sha256, load_trained_weights, read_config, save_checkpoint,
                          weight_files)
 from .config import ADAPTER_NAMES, ClaraConfig
 from .checks import check_positive_int, check_texts
@@ -588,8 +588,7 @@ class ClaraModel(torch.nn.Module):
         if dtype is not None:
             dtype = resolve_dtype(dtype, torch.device("cpu"))
             if dtype not in FLOAT_DTYPES:  # integers: the weights cut, loaded without a complaint
-                raise ValueError(f"a checkpoint is saved in a floating-point dtype (float32, bfloat16, float16 or "
-                                 f"float64), got {dtype}")
+                raise ValueError(f"a checkpoint is saved in a floating-point dtype ({FLOAT_NAMES}), got {dtype}")
         save_checkpoint(self, Path(folder), dtype)
 
     @classmethod
@@ -703,8 +702,7 @@ def as_memories(value: object, what: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise InvalidInputError(f"{what} must be a tensor or numpy array of memory tokens, got a {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise InvalidInputError(f"{what} must be floating point (float32, bfloat16, float16 or float64), got "
-                                f"{value.dtype}")
+        raise InvalidInputError(f"{what} must be floating point ({FLOAT_NAMES}), got {value.dtype}")
     if not torch.isfinite(value).all():
         raise InvalidInputError(f"{what} must be finite: they hold NaN or infinite values")
     return value
