@@ -194,6 +194,9 @@ def _example(row: dict, number: int) -> QAExample:
         raise NotQuestionsError(f"a JSON {type(row).__name__}, not a question record")
     kind = official_format(row)
     if kind == "HotpotQA or 2WikiMultihopQA":
+        for title, sentences in row["context"]:  # a paragraph as one string would be read letter by letter
+            if not (isinstance(sentences, list) and all(isinstance(s, str) for s in sentences)):
+                raise TypeError(f"the paragraph {title!r} is {sentences!r:.60}, not a list of sentences")
         titles = {title for title, _ in row["supporting_facts"]}
         spaced = any(s[:1].isspace() for _, sentences in row["context"] for s in sentences[1:])
         passages = [f"{title}\n{_joined(sentences, spaced)}" for title, sentences in row["context"]]

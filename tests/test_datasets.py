@@ -63,6 +63,14 @@ def test_sentences_are_joined_with_the_spaces_each_format_needs(tmp_path):
     ("hotpot.json", '[{"_id": "1", "question": "q", "answer": "a", "supporting_facts": [], '
                     '"context": [["T", ["It \\ud83d rose."]]]}]',
      r"hotpot.json, row 0: a passage is not valid Unicode text \(surrogates not allowed at character 5\)"),
+    # a sentence given as a list failed on a bare AttributeError; a paragraph given as one string
+    # was read letter by letter ("T h e  D a n u b e")
+    ("hotpot.json", '[{"_id": "1", "question": "q", "answer": "a", "supporting_facts": [], '
+                    '"context": [["T", ["It rose.", ["in", "930"]]]]}]',
+     r"hotpot.json, row 0: the paragraph 'T' is \['It rose.', \['in', '930'\]\], not a list of sentences"),
+    ("hotpot.json", '[{"_id": "1", "question": "q", "answer": "a", "supporting_facts": [], '
+                    '"context": [["T", "It rose. In 930."]]}]',
+     r"hotpot.json, row 0: the paragraph 'T' is 'It rose. In 930.', not a list of sentences"),
     ("musique.jsonl", '{"id": "m", "question": "q\\ud83d", "answer": "a", "paragraphs": []}\n',
      r"musique.jsonl, row 0: question is not valid Unicode text"),
 ])
