@@ -581,8 +581,10 @@ def _eval(args: argparse.Namespace) -> None:
 
     from .atomic import write_text_atomically
     from .jsonfiles import read_jsonl
+    from .model import refuse_control_tokens
     from .pretrained import default_checkpoint, load_model
     from .reading import evaluate_reading
+    from .rows import row_text
 
     # everything that can be refused is refused before the model loads, not after the answers
     out = Path(args.out) if args.out else None
@@ -616,6 +618,9 @@ def _eval(args: argparse.Namespace) -> None:
                        device=args.device, dtype=dtype)
     if memory_measures:
         _refuse_text_reader(model, f"{', '.join(memory_measures)} measure memory tokens (it reads --systems text)")
+    # as training does: a typed "<MEM0>" failed the run at its batch, every answer before it lost, and
+    # a typed "<|im_end|>" ended its prompt's turn, scored as any other row
+    refuse_control_tokens(model, [row_text(row) for row in rows], "row")
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
                "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
     # each pool compressed once where more than one measure reads it (kept in memory till the end)

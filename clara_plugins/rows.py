@@ -346,6 +346,12 @@ def _strings(value: object) -> bool:
     return isinstance(value, list) and len(value) > 0 and all(isinstance(v, str) and v.strip() for v in value)
 
 
+def row_text(row: dict) -> str:
+    """A row's texts (question, answers, documents), one per line."""
+    values = [item for value in row.values() for item in (value if isinstance(value, list) else [value])]
+    return "\n".join(value for value in values if isinstance(value, str))
+
+
 def question_name(row: dict) -> str | None:
     """The longest name the row's question holds that shares no word with any of its answers,
     or None: the wrong answer a weak reader gives by restating what the question is about

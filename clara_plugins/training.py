@@ -74,7 +74,7 @@ from .passes import (completion_log_likelihood, completion_log_probs, encode_wit
 from .reading import evaluate_reading, other_rows, reading_width
 from .prompts import memory_prompt, memory_prompts, text_prompt, text_prompts, trained_answers
 from .retrieval import best_first, cosine_scores, straight_through_topk
-from .rows import check_training_rows, question_name, reading_row_problem
+from .rows import check_training_rows, question_name, reading_row_problem, row_text
 
 if TYPE_CHECKING:  # faiss loads only for a run that retrieves from a corpus store
     from .store import MemoryStore
@@ -590,21 +590,15 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     if config.refresh_every and model.config.memory_design != "tokens":
         raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
                          f"{model.config.memory_design} memories never read those rows, so they would come out the same")
-    refuse_control_tokens(model, [_row_text(row) for row in rows], "training row")
+    refuse_control_tokens(model, [row_text(row) for row in rows], "training row")
     for name, probe_rows in (probes or {}).items():
-        refuse_control_tokens(model, [_row_text(row) for row in probe_rows], f"probe {name}, row")
+        refuse_control_tokens(model, [row_text(row) for row in probe_rows], f"probe {name}, row")
     if config.stage == "text":
         _refuse_long_rows(model, (text_prompt(model.tokenizer, row) for row in rows), len(rows), "the generator")
     elif config.stage != "retrieval":  # which trains the query reasoner alone
         width = (lambda row: config.top_k) if config.stage == "e2e" else (lambda row: len(row["docs"]))
         texts = (memory_prompt(model.tokenizer, model.document_placeholder, row, width(row)) for row in rows)
         _refuse_long_rows(model, texts, len(rows), "the generator")
-
-
-def _row_text(row: dict) -> str:
-    """A row's texts (question, answers, documents), one per line."""
-    values = [item for value in row.values() for item in (value if isinstance(value, list) else [value])]
-    return "\n".join(value for value in values if isinstance(value, str))
 
 
 def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name: str) -> None:

@@ -283,6 +283,21 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
             evaluation.check_evaluation_rows(rows, systems=[], reading_k=5)
 
 
+def test_clara_eval_refuses_rows_holding_control_tokens_before_answering(tiny_model, tmp_path, monkeypatch, capsys):
+    # a typed "<MEM0>" failed the run at its batch, every answer before it lost; a typed
+    # "<|im_end|>" (any of the tokenizer's) ended its prompt's turn and was scored
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.setattr(evaluation, "evaluate_answers", lambda *a, **k: pytest.fail("the rows were answered"))
+    for typed in ("<MEM0>", tiny_model.tokenizer.eos_token):
+        rows = [ROWS[0], {**ROWS[1], "question": f"What does {typed} stand for?"}]
+        (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(SystemExit) as exit_:
+            main(["eval", str(tmp_path / "rows.jsonl"), "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu",
+                  "--systems", "text", "clara"])
+        assert exit_.value.code == 5
+        assert f"row 1 holds {typed!r}, one of the tokenizer's control tokens" in capsys.readouterr().err
+
+
 def test_clara_eval_refuses_a_text_reader_for_memory_measures(tiny_model, tmp_path, monkeypatch, capsys):
     # a checkpoint of clara train --stage text was scored as CLaRa: its generator trained on text
     import dataclasses
