@@ -5,6 +5,7 @@ LlamaIndex ships no standard suite; these tests follow its vector-store protocol
 
 import dataclasses
 import threading
+import warnings
 
 import pytest
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
@@ -84,6 +85,25 @@ def test_filters(vector_store):
 
 def test_query_restricted_to_node_ids(vector_store):
     assert set(query(vector_store, 5, node_ids=["n1", "n3"]).ids) == {"n1", "n3"}
+
+
+def test_a_query_restricted_to_node_ids_none_of_which_is_stored_warns(tiny_model):
+    # LlamaIndex restricts an index's queries to its IndexNode and ImageNode ids: an image node
+    # without text (its metadata its only content), left out of the store, made every query find
+    # nothing, unsaid
+    from llama_index.core.schema import ImageNode
+
+    store = ClaraVectorStore(tiny_model)
+    figure = ImageNode(text="", id_="figure", metadata={"file_path": "figure-1.png"})
+    with pytest.warns(UserWarning, match="1 of 3 nodes have no text"):
+        index = VectorStoreIndex([figure, *make_nodes()[:2]],
+                                 storage_context=StorageContext.from_defaults(vector_store=store),
+                                 embed_model=store.embed_model)
+    with pytest.warns(UserWarning, match="none of the 1 node_ids .* store_nodes_override=True"):
+        assert index.as_retriever(similarity_top_k=2).retrieve(QUESTION) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(query(store, 5, node_ids=["n1", "figure"]).ids) == {"n1"}
 
 
 def test_query_restricted_to_source_documents(tiny_model):
