@@ -218,8 +218,11 @@ def read_messages(
 
 
 def _with_system(rendered: list[dict]) -> list[dict]:
-    """The messages, led by the trained system prompt where they bring none of their own."""
-    return rendered if rendered[0]["role"] == "system" else [{"role": "system", "content": SYSTEM_PROMPT}, *rendered]
+    """The messages, led by the trained system prompt where they bring none of their own
+    (anywhere: one after the first turn, e.g. below a history, was read beside the trained one)."""
+    if any(message["role"] == "system" for message in rendered):
+        return rendered
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *rendered]
 
 
 def _marker(document: int) -> str:

@@ -411,6 +411,17 @@ def test_memories_follow_the_documents_where_the_chat_template_moved_their_messa
     assert reading.prompt.index("<|user|>") < reading.prompt.index(tiny_model.document_placeholder)
 
 
+def test_a_system_message_anywhere_takes_the_trained_system_prompts_place(tiny_model):
+    # one after the first turn (a system instruction below a history) was read beside the trained one
+    from clara_plugins.config import SYSTEM_PROMPT
+
+    for messages in ([("user", "Hello."), ("assistant", "Hi."), ("system", "Be terse."), ("user", QUESTION)],
+                     [("system", "Be terse."), ("user", QUESTION)]):
+        prompt = read_messages(tiny_model, messages).prompt
+        assert SYSTEM_PROMPT not in prompt and "Be terse." in prompt
+    assert SYSTEM_PROMPT in read_messages(tiny_model, [("user", "Hello."), ("assistant", "Hi."), ("user", QUESTION)]).prompt
+
+
 def test_a_template_whose_turns_must_alternate_reads_runs_of_one_role_as_one_turn(tiny_model, monkeypatch):
     # two user turns in a row (a tool's result reads as user text) raised the template's own error
     tiny_model.tokenizer.chat_template = (
