@@ -587,6 +587,15 @@ def test_a_stop_that_is_no_list_of_strings_and_a_message_the_generator_cannot_re
             chat.invoke([HumanMessage(content=QUESTION), message, HumanMessage(content="And?")])
 
 
+def test_a_calls_own_stop_list_replaces_the_default_even_empty(tiny_model):
+    # stop=[] still cut the answer at the stops given at construction
+    full = ChatClara(clara=tiny_model, max_tokens=8).invoke(QUESTION).content
+    chat = ChatClara(clara=tiny_model, max_tokens=8, stop=[full[-1]])
+    assert chat.invoke(QUESTION).content != full
+    assert chat.invoke(QUESTION, stop=[]).content == full
+    assert "ls_stop" not in chat._get_ls_params(stop=[]) and chat._get_ls_params()["ls_stop"] == [full[-1]]
+
+
 def test_clara_embeddings_show_progress_past_one_batch(tiny_model, capsys):
     # a LangChain store embeds a whole corpus in one call: minutes on a CPU, without a word
     ClaraEmbeddings(tiny_model).embed_documents(CORPUS[:2])

@@ -110,8 +110,9 @@ class ChatClara(ReaderFields, BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),
                   "ls_model_type": "chat", "ls_max_tokens": self.max_tokens}
-        if stop or self.stop:
-            params["ls_stop"] = stop or self.stop
+        stops = self.stop if stop is None else stop
+        if stops:
+            params["ls_stop"] = stops
         return params
 
     # ------------------------------------------------------------ the prompt
@@ -120,7 +121,7 @@ class ChatClara(ReaderFields, BaseChatModel):
         """The answer's text pieces, cut at stop sequences, and what the generator read."""
         passed = passed_documents(kwargs.get("documents") or [])
         texts = [d.page_content if isinstance(d, Document) else d for d in passed]
-        stops = stop or self.stop or []
+        stops = (self.stop if stop is None else stop) or []  # a call's own, [] too, replaces the default
         if isinstance(stops, str) or not all(isinstance(s, str) and s for s in stops):  # "User:" cut at any letter
             raise InvalidInputError(f"stop must be a list of non-empty strings, got {stops!r}")
         pairs = [(_role(m), _text(m, number)) for number, m in enumerate(messages)]
