@@ -14,7 +14,7 @@
   writes memories for the generator it has (as ``freeze_generator`` does in ``scp``).
 - ``e2e``: end-to-end. The compressor is frozen (candidate memories computed without
   gradient); the query reasoner starts as a copy of the encoder adapter; the query reasoner,
-  the generator and the <MEM> rows learn from the LM loss alone, through the straight-through
+  the generator and (tokens design) the <MEM> rows learn from the LM loss alone, through the straight-through
   top-k (``estimator="straight-through"``) or REALM's marginal likelihood over the top-k,
   optionally with a null document (``estimator="realm"``); ``freeze_generator`` keeps the
   generator and the <MEM> rows as they were. ``retrieval_weight`` adds a
@@ -797,7 +797,11 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     _read_as_trained(model, config)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
     trainable = _trainable(config)
-    set_trainable(model, trainable, memory_embeddings=config.trains_memory_rows)
+    # pooled memories read no <MEM> row (only a tied output head moves them): where the compressor
+    # is frozen, they stay as its signature has them (e2e moved them, and the stores the compressor
+    # had filled were refused as another's)
+    rows_read = model.config.memory_design == "tokens" or ENCODER in trainable
+    set_trainable(model, trainable, memory_embeddings=config.trains_memory_rows and rows_read)
     # a query reasoner that is a copy of the compressor (loaded so) follows the compressor this stage trains
     mirror = ENCODER in trainable and QUERY_REASONER not in trainable and _reasoner_is_compressor(model)
     parameters = [p for p in model.parameters() if p.requires_grad]

@@ -546,6 +546,23 @@ def test_e2e_trains_reasoner_and_generator_with_a_frozen_compressor(tiny_model, 
     assert "recall@2" in json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
 
 
+def test_e2e_keeps_the_compressors_signature_and_the_stores_it_filled_in_the_pooled_design(tiny_config, tmp_path):
+    # its <MEM> rows, which pooled memories never read, moved through the tied output head (the
+    # default backbone's): the e2e checkpoint refused the stores its own frozen compressor had filled
+    from conftest import build_tiny_base_model
+
+    tied = build_tiny_base_model(tmp_path / "base", tie=True)
+    tiny_model = ClaraModel(dataclasses.replace(tiny_config, base_model=str(tied)), device="cpu")
+    randomize_adapters(tiny_model)
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2])
+    store.save(tmp_path / "store")
+    config = TrainConfig(stage="e2e", steps=2, batch_size=2, grad_accum=1, lr=1e-2, top_k=2, schedule="constant")
+    train(tiny_model, E2E, config, tmp_path / "run")
+    assert tiny_model.config.memory_design == "pooled"
+    assert len(MemoryStore.load(tmp_path / "store", tiny_model)) == 2
+
+
 def test_the_e2e_stage_starts_its_query_reasoner_as_the_compressor(tiny_model, tmp_path):
     # what the "moved" checks above measure from: randomize_adapters gives the two other weights
     encoder, reasoner = lora(tiny_model, "encoder_adapter"), lora(tiny_model, "query_reasoner_adapter")
