@@ -143,7 +143,8 @@ def sole_writer(output: str | Path, what: str) -> Iterator[None]:
     second run writing the same output rewrote files the first was appending to, whose records
     were then lost, and is refused (``what`` names the run), from this process or another. Taken
     again in its thread (the CLI holds it around its checks and the run), it is kept. Where no
-    lock file can be made (a read-only folder), the run goes on unlocked: its writes say why they fail."""
+    lock file can be made (a read-only folder), another thread of this process is still refused,
+    and another process is not: its writes say why they fail."""
     path, thread = Path(output).resolve(), threading.get_ident()
     refused = f"another {what} is writing {output}: wait for it, or name another output"
     with _SOLE_WRITERS_LOCK:

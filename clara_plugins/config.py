@@ -206,7 +206,8 @@ class TrainConfig:
     # trained generator reads (docs/training-run.md, sixteenth session)
     freeze_generator: bool = False
     # A reading margin: + margin_weight * relu(margin - gain), where gain is the batch's CE read
-    # from another row's memories minus from its own. Without it a generator first learns to
+    # from another row's memories minus from its own, over every target token (the template's turn
+    # end too, which --reading leaves out). Without it a generator first learns to
     # ignore its memories and only slowly learns to read them (docs/training-run.md).
     margin_weight: float = 0.0
     margin: float = 1.0

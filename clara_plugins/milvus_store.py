@@ -94,6 +94,8 @@ class MilvusMemoryStore(BaseMemoryStore):
       An existing collection keeps its own: without ``index_type`` it is opened as it was built,
       with another it is refused;
     - a search returns at most MAX_TOP_K documents;
+    - ``get_where`` chooses and reads in one hold of this client's lock: another client's write
+      between the two may return a document the filter no longer selects;
     - Milvus does not tell a JSON null from a missing field: a filter never compares with
       null, and ``$ne``/``$nin`` do not match a field that holds null;
     - filters compare with strings, numbers (integers within int64) and booleans only (a list

@@ -321,7 +321,8 @@ def synthesize(documents: Iterable[tuple[str, str]], teacher: Teacher, output: s
                simple: int = 3, complex_: int = 2, max_rounds: int = 3) -> SynthesisReport:
     """Write SCP rows for (doc_id, text) pairs to ``output`` (JSONL), resuming where it stopped
     (with the same teacher: a ``HuggingFaceTeacher``'s name is kept in the ledger). One run at a
-    time writes an output: a second is refused while ``.NAME.lock`` beside it is held."""
+    time writes an output: a second, from another process or thread, is refused while the first
+    holds ``.NAME.lock`` beside it."""
     if max_rounds < 0:  # no coverage check would run, and the ledger would mark every document done
         raise InvalidInputError(f"max_rounds must be at least 0, got {max_rounds}")
     check_output_path(output)  # a .gz name too: written plain, its resume refused it as a broken gzip file
