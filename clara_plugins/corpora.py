@@ -246,12 +246,14 @@ def _checked(example: QAExample) -> QAExample:
 def _joined(sentences: list[str], spaced: bool) -> str:
     """A paragraph from its sentences. 2WikiMultihopQA's carry no space: one goes between each
     two. HotpotQA's (``spaced``) carry the space before them, mostly: not all ("(Jessore
-    Road).It is"), so one goes before a word that follows a sentence without it."""
+    Road).It is"), so one goes before a word that follows a sentence without it, but for one
+    whose opening quote ends the sentence before it ('five times. "' + 'Somebody Said a Prayer"')."""
     if not spaced:
         return " ".join(sentences).strip()
     text = ""
     for sentence in sentences:
-        text += " " + sentence if text[-1:].strip() and sentence[:1].isalnum() else sentence
+        quote_opens = text[-1:] == '"' and not text[-2:-1].strip()
+        text += " " + sentence if text[-1:].strip() and sentence[:1].isalnum() and not quote_opens else sentence
     return text.strip()
 
 

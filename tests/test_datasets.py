@@ -36,12 +36,15 @@ def test_sentences_are_joined_with_the_spaces_each_format_needs(tmp_path):
         return {"_id": "1", "question": "q", "answer": "a", "supporting_facts": [["T", 0]],
                 "context": [["T", sentences]]}
 
-    # and HotpotQA's their leading space, mostly: dev 25 read "NH 35 (Jessore Road).It is a major"
+    # and HotpotQA's their leading space, mostly: dev 25 read "NH 35 (Jessore Road).It is a major";
+    # an opening quote ends the sentence before its own: 'five times. " Somebody Said a Prayer"' was read
     (tmp_path / "dev.json").write_text(json.dumps([row(["It rose in 930.", "He is named."]),
                                                    row(["It rose in 930.", " He is named.", '"', "It is old."]),
-                                                   row(["One sentence. "])]))
+                                                   row(["One sentence. "]),
+                                                   row(["It rose.", ' It charted five times. "', 'Somebody Said" was out.'])]))
     assert [e.passages[0] for e in read_examples(tmp_path / "dev.json")] == [
-        "T\nIt rose in 930. He is named.", 'T\nIt rose in 930. He is named." It is old.', "T\nOne sentence."]
+        "T\nIt rose in 930. He is named.", 'T\nIt rose in 930. He is named." It is old.', "T\nOne sentence.",
+        'T\nIt rose. It charted five times. "Somebody Said" was out.']
 
 
 @pytest.mark.parametrize("name,content,message", [
