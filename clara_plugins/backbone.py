@@ -239,11 +239,13 @@ def fingerprint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> d
     }
 
 
-def fingerprint_mismatch(expected: dict, actual: dict) -> str | None:
-    """A sentence naming how two fingerprints differ, or None when they match."""
+def fingerprint_mismatch(expected: dict, actual: dict, sides: tuple[str, str] = ("checkpoint", "base model")
+                         ) -> str | None:
+    """A sentence naming how two fingerprints differ (``sides`` names whose each is), or None
+    when they match."""
     for key in ("model_type", "hidden_size", "num_layers", "vocab_sha256"):
         if expected.get(key) != actual.get(key):
-            return f"{key} differs (checkpoint: {expected.get(key)!r}, base model: {actual.get(key)!r})"
+            return f"{key} differs ({sides[0]}: {expected.get(key)!r}, {sides[1]}: {actual.get(key)!r})"
     a, b = torch.tensor(expected["weight_norms"]), torch.tensor(actual["weight_norms"])
     if a.shape != b.shape:
         return "weight probes differ in shape"

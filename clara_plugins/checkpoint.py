@@ -433,6 +433,9 @@ def _write_rows(model: AdaptedModel, targets: list[tuple[torch.Tensor, torch.Ten
     model.given_rows = [(matrix, rows.detach().float().cpu().clone()) for matrix, rows in targets]
 
 
+_OTHER_COMPRESSOR_REMEDY = "read it with the model that wrote it, or compress its documents again with this one"
+
+
 def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     """Refuse to mix memories from different compressors."""
     if not isinstance(stored, dict) or not isinstance(stored.get("base_model_fingerprint"), dict):
@@ -448,11 +451,12 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
             raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has "
                              f"{current.get(key)}{hint}")
     try:  # the header is the one file no checksum covers
-        problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"])
+        problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"],
+                                       ("the store's", "this model's"))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # torch.tensor of nulls: a RuntimeError
         raise StoreError(f"{folder}: its header's base model fingerprint is malformed ({error!r:.80})") from error
     if problem:
-        raise StoreError(f"{folder} was written by another base model: {problem}")
+        raise StoreError(f"{folder} was written by another base model: {problem}; {_OTHER_COMPRESSOR_REMEDY}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights or <MEM> "
-                         "rows)")
+                         f"rows): {_OTHER_COMPRESSOR_REMEDY}")

@@ -873,8 +873,15 @@ def test_a_store_written_on_another_base_model_is_refused(store, tiny_config, ot
     with torch.no_grad():
         rows = store.model.base_vocab_size
         other.lm.get_input_embeddings().weight[rows:] = store.model.lm.get_input_embeddings().weight[rows:]
-    with pytest.raises(StoreError, match="was written by another base model"):
+    with pytest.raises(StoreError, match="was written by another base model: .*; read it with the model that wrote it"):
         MemoryStore.load(tmp_path / "s", other)
+    # named as the store's and this model's, not as a checkpoint's and a base model's, and with the remedy
+    from clara_plugins.checkpoint import check_compressor, compressor_signature
+
+    signature = compressor_signature(store.model)
+    stored = {**signature, "base_model_fingerprint": {**signature["base_model_fingerprint"], "model_type": "gpt2"}}
+    with pytest.raises(StoreError, match=r"model_type differs \(the store's: 'gpt2', this model's: 'llama'\)"):
+        check_compressor(stored, signature, "s")
 
 
 def test_a_store_of_another_compressor_is_refused_before_its_files_are_hashed(store, tiny_config, tmp_path,
@@ -883,7 +890,7 @@ def test_a_store_of_another_compressor_is_refused_before_its_files_are_hashed(st
     other = ClaraModel(tiny_config, device="cpu")
     randomize_adapters(other, seed=7)
     monkeypatch.setattr(store_folder, "_sha256", lambda *args: pytest.fail("hashed before the header's checks"))
-    with pytest.raises(StoreError, match="another compressor"):
+    with pytest.raises(StoreError, match="another compressor .*: read it with the model that wrote it, or compress"):
         MemoryStore.load(tmp_path / "s", other)
 
 
