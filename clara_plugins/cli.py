@@ -269,6 +269,14 @@ def _refuse_text_reader(model: ClaraModel, use: str) -> None:
 
 
 def _index(args: argparse.Namespace) -> None:
+    from .atomic import sole_writer
+
+    # two runs into a new store each saved their own documents alone: the later save replaced the first's
+    with sole_writer(args.store, "clara index run"):
+        _index_into_store(args)
+
+
+def _index_into_store(args: argparse.Namespace) -> None:
     import functools
 
     from .corpora import read_documents
