@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import hold_lock, write_folder_atomically
+from .checks import check_writable
 from .config import DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL
 from .errors import one_line
 
@@ -168,7 +169,12 @@ def default_model_folder() -> Path:
     folder = _default_folder()
     if (folder / "config.json").exists():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(folder.parent)
+    except OSError as error:  # a bare errno that named neither the first use nor CLARA_HOME
+        raise OSError(f"the default model is copied into {folder} at its first use, and {folder.parent} cannot be "
+                      f"written ({one_line(error)}): set CLARA_HOME to a folder that can be") from error
     # processes meeting the first use at once (Ray actors on a new node) dequantise it once: a
     # second swap would move the folder away under a process loading from it
     with hold_lock(folder.with_name(f".{folder.name}.lock")):

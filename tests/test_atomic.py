@@ -386,6 +386,14 @@ def test_the_default_model_cache_is_readable_as_the_umask_allows_and_a_damaged_o
             backbone.load_base_model(DEFAULT_BASE_MODEL)
 
 
+def test_a_cache_home_that_cannot_be_written_is_named_with_its_remedy(fake_default_model, tmp_path, monkeypatch):
+    # a bare "[Errno 13] Permission denied: '/ro/clara/models'" named neither the first use nor CLARA_HOME
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("CLARA_HOME", str(tmp_path / "file" / "home"))
+    with pytest.raises(OSError, match=r"the default model is copied into .* at its first use, .* set CLARA_HOME"):
+        backbone.default_model_folder()
+
+
 def test_the_cache_home_is_absolute_and_expanded(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CLARA_HOME", "~/clara-cache")
