@@ -48,6 +48,11 @@ class BaseMemoryStore(ABC):
         copied, its lock failed the copy."""
         return self
 
+    def __reduce__(self) -> tuple:
+        """Refused by name: its lock failed the pickling with a bare TypeError."""
+        raise TypeError(f"a {type(self).__name__} is not pickled: save it (MemoryStore.save) and load it where it is "
+                        "used, or reach one Milvus collection from each process")
+
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
         check_clara_model(model)

@@ -222,6 +222,25 @@ def test_each_model_keeps_its_own_reading_totals(tiny_model, vectorstore):
     assert retriever.model_copy(deep=True).store is retriever.store
 
 
+def test_copies_share_the_model_of_an_embedding_and_pickles_of_a_store_refuse_it_by_name(tiny_model, vectorstore):
+    # a deep copy of an embedding (alone, in a store or in a retriever) duplicated the model's
+    # weights, and the LlamaIndex copy's memory tokens reached no store; LangChain's store, its
+    # retriever and the core store failed to pickle on the store's lock, a bare TypeError
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from langchain_clara import ClaraEmbeddings
+
+    assert copy.deepcopy(LlamaClaraVectorStore(tiny_model)).embed_model.clara is tiny_model
+    retriever = InMemoryVectorStore(ClaraEmbeddings(tiny_model)).as_retriever()
+    assert retriever.model_copy(deep=True).vectorstore.embedding.model is tiny_model
+    for use in (lambda: pickle.loads(pickle.dumps(vectorstore)).similarity_search(QUESTION),
+                lambda: pickle.loads(pickle.dumps(vectorstore.as_retriever())).invoke(QUESTION)):
+        with pytest.raises(TypeError, match="ClaraVectorStore was unpickled without the CLaRa model it held"):
+            use()
+    with pytest.raises(TypeError, match="a MemoryStore is not pickled: save it"):
+        pickle.dumps(vectorstore.store)
+
+
 def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):
     chat = ChatClara(clara=tiny_model)
     with pytest.raises(NotImplementedError, match="cannot call tools"):

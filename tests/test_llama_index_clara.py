@@ -642,6 +642,19 @@ def test_what_holds_a_model_and_a_store_is_refused_another_process_by_name(tiny_
         copied.llm.complete("Where?")
 
 
+def test_the_chunks_ingestion_cache_key_names_their_tokenizer(tiny_model):
+    # keyed as a plain SentenceSplitter of the same sizes, whatever the tokenizer counting them:
+    # a persisted cache served one backbone's chunks to another's
+    from llama_index.core.ingestion.pipeline import get_transformation_hash
+    from llama_index.core.node_parser import SentenceSplitter
+
+    chunks = ClaraVectorStore(tiny_model).transformations[0]
+    nodes = [TextNode(text=CORPUS[0])]
+    assert chunks.to_dict()["tokenizer_name"] == tiny_model.tokenizer.name_or_path
+    plain = SentenceSplitter(chunk_size=chunks.chunk_size, chunk_overlap=chunks.chunk_overlap)
+    assert get_transformation_hash(nodes, chunks) != get_transformation_hash(nodes, plain)
+
+
 def test_a_pipeline_with_workers_is_refused_in_the_caller(tiny_model):
     # refused where it was unpickled, the pool's worker died, and the pipeline waited for it forever
     import threading

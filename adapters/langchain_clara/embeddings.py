@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 from pathlib import PurePath
 
 import numpy as np
@@ -27,6 +28,11 @@ class ClaraEmbeddings(Embeddings):
     def __init__(self, model: ClaraModel | None = None) -> None:
         self.model = model if model is not None else load_model()
         self._keys = ClaraKeys(self.model)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ClaraEmbeddings:
+        """Itself: it keeps no state but its model's, which a deep copy of what holds it (a
+        retriever's ``model_copy(deep=True)``) duplicated."""
+        return self
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         if not isinstance(texts, (str, bytes, list, tuple)) and isinstance(texts, Iterable):

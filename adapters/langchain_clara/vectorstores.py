@@ -15,6 +15,7 @@ from langchain_core.runnables.config import run_in_executor
 from langchain_core.vectorstores import VectorStore
 
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
+from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model
@@ -113,6 +114,12 @@ class ClaraVectorStore(VectorStore):
             store = as_memory_store(store)
             _check_store_matches(store, model, embedding, settings)
         self.store = store
+
+    def __reduce__(self) -> tuple:
+        """Unpickled (a process pool's worker, ``ray.put``) as a ``LeftBehind`` that refuses any
+        use, as LlamaIndex's store is: its store and model stay in this process (the pickling
+        failed on the store's lock, a bare TypeError)."""
+        return LeftBehind, (type(self).__name__,)
 
     @property
     def memory_store(self) -> BaseMemoryStore:

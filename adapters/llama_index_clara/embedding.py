@@ -6,6 +6,7 @@ import asyncio
 import threading
 import warnings
 from collections import OrderedDict
+from typing import Any
 from weakref import WeakKeyDictionary, WeakSet
 
 import torch
@@ -53,6 +54,13 @@ class ClaraEmbedding(BaseEmbedding):
 
     def __reduce__(self) -> tuple:  # it hands its memory tokens to the store in this process
         return LeftBehind, (type(self).__name__,)
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> ClaraEmbedding:
+        """A deep copy (a vector store's, an IngestionPipeline's) shares the model: copied, its
+        weights were duplicated, and the memory tokens it computed reached no store."""
+        memo = {} if memo is None else memo
+        memo.setdefault(id(self.clara), self.clara)
+        return super().__deepcopy__(memo)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -80,11 +80,21 @@ class _CompressorChunks(SentenceSplitter):
     ``doc_max_length`` tokens only: chunks that, with their metadata, fit that many tokens of the
     model's own tokenizer (``ClaraConfig.chunk_tokens``)."""
 
+    # in the settings an ingestion cache keys on, with the class name: chunks counted by one
+    # backbone's tokenizer were served to another's, as a plain SentenceSplitter's of the same sizes
+    tokenizer_name: str = ""
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "ClaraCompressorChunks"
+
     @classmethod
     def of(cls, model: ClaraModel) -> _CompressorChunks:
         size = model.config.chunk_tokens  # the tokenizer alone is kept: the model stays freeable
-        return cls(chunk_size=size, chunk_overlap=size // 8,
-                   tokenizer=functools.partial(model.tokenizer.encode, add_special_tokens=False))
+        chunks = cls(chunk_size=size, chunk_overlap=size // 8,
+                     tokenizer=functools.partial(model.tokenizer.encode, add_special_tokens=False))
+        chunks.tokenizer_name = model.tokenizer.name_or_path
+        return chunks
 
     def _get_metadata_str(self, node: BaseNode) -> str:
         """What the compressor reads beside a chunk's text (its embedding content): the metadata
