@@ -19,7 +19,7 @@ from .errors import InvalidInputError
 
 try:
     import fcntl
-except ImportError:  # Windows: writes go on unlocked, as on a file system without locks
+except ImportError:  # no flock: writes go on unlocked, as on a file system without locks
     fcntl = None
 
 
@@ -132,7 +132,7 @@ def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
 
 # the outputs whose sole_writer lock this process holds, and the thread holding each: another
 # thread is refused as another process is (it wrote the same output beside the first, unsaid),
-# whatever the file lock says (flock on NFS, none on Windows)
+# whatever the file lock says (flock on NFS is emulated per process)
 _SOLE_WRITERS: dict[Path, int] = {}
 _SOLE_WRITERS_LOCK = threading.Lock()
 
@@ -262,7 +262,7 @@ def _remove_abandoned(path: Path) -> None:
 
 def _lock(descriptor: int, wait: bool) -> bool | None:
     """Lock ``descriptor`` exclusively: True once held; False when another holds it (without
-    ``wait``); None where the file system has no locks (some NFS and Lustre mounts, Windows),
+    ``wait``); None where the file system has no locks (some NFS and Lustre mounts),
     where writes go on unlocked rather than not at all."""
     if fcntl is None:
         return None
