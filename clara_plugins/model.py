@@ -589,7 +589,8 @@ class ClaraModel(torch.nn.Module):
             dtype = resolve_dtype(dtype, torch.device("cpu"))
             if dtype not in FLOAT_DTYPES:  # integers: the weights cut, loaded without a complaint
                 # named as resolve_dtype reads them ("float64" is none of its names)
-                raise ValueError(f"a checkpoint is saved in a floating-point dtype (float32, bfloat16 or float16), got {dtype}")
+                raise ValueError("a checkpoint is saved in a floating-point dtype (float32, bfloat16 or float16), "
+                                 f"got {dtype}")
         save_checkpoint(self, Path(folder), dtype)
 
     @classmethod

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 from pathlib import PurePath
+from typing import Any
 
 import numpy as np
 from langchain_core.embeddings import Embeddings
