@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import json
 import shutil
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,6 +129,28 @@ def with_one_records_file(generation: Path, header: dict) -> dict:
     (generation / "records.json").write_text(json.dumps(records))
     header["sha256"]["records.json"] = hashlib.sha256((generation / "records.json").read_bytes()).hexdigest()
     return header
+
+
+@contextlib.contextmanager
+def written_by_another_thread(output: Path, what: str) -> Iterator[None]:
+    """``output``'s sole_writer lock, held by another thread of this process for the block."""
+    from clara_plugins.atomic import sole_writer
+
+    held, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        with sole_writer(output, what):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert held.wait(30)
+        yield
+    finally:
+        release.set()
+        thread.join(30)
 
 
 def randomize_adapters(model: ClaraModel, seed: int = 0) -> None:

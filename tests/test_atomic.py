@@ -234,30 +234,16 @@ def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
 
 
 def test_a_second_thread_is_refused_its_output_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
-    # the second thread was refused by flock alone: on NFS (per-process locks) or Windows (none)
-    # two runs of one process wrote one output
-    import threading
-
+    # the second thread was refused by flock alone: on NFS (per-process locks) two runs of one
+    # process wrote one output
     from clara_plugins.errors import InvalidInputError
+    from conftest import written_by_another_thread
 
     monkeypatch.setattr(atomic, "_lock", lambda descriptor, wait: None)
-    entered, leave = threading.Event(), threading.Event()
-
-    def first() -> None:
-        with atomic.sole_writer(tmp_path / "out", "run"):
-            entered.set()
-            leave.wait(30)
-
-    writer = threading.Thread(target=first)
-    writer.start()
-    try:
-        assert entered.wait(30)
+    with written_by_another_thread(tmp_path / "out", "run"):
         with pytest.raises(InvalidInputError, match="another run is writing"):
             with atomic.sole_writer(tmp_path / "out", "run"):
                 pass
-    finally:
-        leave.set()
-        writer.join(30)
     with atomic.sole_writer(tmp_path / "out", "run"):  # free once the first is done, and kept in its thread
         with atomic.sole_writer(tmp_path / "out", "run"):
             pass

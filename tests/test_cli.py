@@ -210,29 +210,14 @@ def test_index_then_ask_from_the_store_and_resume(tiny_model, tmp_path, capsys):
 
 def test_index_is_refused_a_store_another_index_run_is_writing(tmp_path, monkeypatch, capsys):
     # two runs into a new store each saved their own documents alone: the later save replaced the first's
-    import threading
-
-    from clara_plugins.atomic import sole_writer
+    from conftest import written_by_another_thread
 
     monkeypatch.setattr("clara_plugins.pretrained.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     (tmp_path / "corpus.txt").write_text(CORPUS[0])
-    held, release = threading.Event(), threading.Event()
-
-    def first_run() -> None:
-        with sole_writer(tmp_path / "store", "clara index run"):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=first_run)
-    thread.start()
-    try:
-        assert held.wait(30)
+    with written_by_another_thread(tmp_path / "store", "clara index run"):
         with pytest.raises(SystemExit) as exit_:
             main(["index", str(tmp_path / "corpus.txt"), "--store", str(tmp_path / "store")])
-        assert exit_.value.code == 5 and "another clara index run is writing" in capsys.readouterr().err
-    finally:
-        release.set()
-        thread.join()
+    assert exit_.value.code == 5 and "another clara index run is writing" in capsys.readouterr().err
 
 
 def test_index_reads_a_file_whose_name_is_no_utf8(tiny_model, tmp_path, capsys):
