@@ -48,6 +48,9 @@ class BaseMemoryStore(ABC):
         copied, its lock failed the copy."""
         return self
 
+    def __copy__(self) -> BaseMemoryStore:
+        return self  # as a deep copy: shared state, not refused as a pickling
+
     def __reduce__(self) -> tuple:
         """Refused by name: its lock failed the pickling with a bare TypeError."""
         raise TypeError(f"a {type(self).__name__} is not pickled: save it (MemoryStore.save) and load it where it is "

@@ -218,11 +218,13 @@ def read_messages(
 
 
 def _with_system(rendered: list[dict]) -> list[dict]:
-    """The messages, led by the trained system prompt where they bring none of their own
-    (anywhere: one after the first turn, e.g. below a history, was read beside the trained one)."""
-    if any(message["role"] == "system" for message in rendered):
-        return rendered
-    return [{"role": "system", "content": SYSTEM_PROMPT}, *rendered]
+    """The messages, led by one system turn: their own system texts where they bring any
+    (joined, in their order), else the trained system prompt. One after the first turn (below a
+    history) was read beside the trained one, and a template such as SmolLM2's writes its own
+    default system turn before messages that a system turn does not lead."""
+    system = [message["content"] for message in rendered if message["role"] == "system"]
+    rest = [message for message in rendered if message["role"] != "system"]
+    return [{"role": "system", "content": "\n".join(system) if system else SYSTEM_PROMPT}, *rest]
 
 
 def _marker(document: int) -> str:

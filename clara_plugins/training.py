@@ -802,6 +802,11 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     # had filled were refused as another's)
     rows_read = model.config.memory_design == "tokens" or ENCODER in trainable
     set_trainable(model, trainable, memory_embeddings=config.trains_memory_rows and rows_read)
+    if state is not None and config.trains_memory_rows and not rows_read and sum(
+            len(group["params"]) for group in state["optimizer"]["param_groups"]) > sum(
+            p.requires_grad for p in model.parameters()):
+        # an earlier version trained them here: a run it saved goes on as it began (its optimizer holds them)
+        set_trainable(model, trainable, memory_embeddings=True)
     # a query reasoner that is a copy of the compressor (loaded so) follows the compressor this stage trains
     mirror = ENCODER in trainable and QUERY_REASONER not in trainable and _reasoner_is_compressor(model)
     parameters = [p for p in model.parameters() if p.requires_grad]

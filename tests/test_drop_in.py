@@ -239,6 +239,10 @@ def test_copies_share_the_model_of_an_embedding_and_pickles_of_a_store_refuse_it
             use()
     with pytest.raises(TypeError, match="a MemoryStore is not pickled: save it"):
         pickle.dumps(vectorstore.store)
+    # copies are no picklings: they share the store (a retriever's deep copy held a stand-in)
+    assert copy.copy(vectorstore) is copy.deepcopy(vectorstore) is vectorstore
+    assert copy.copy(vectorstore.store) is vectorstore.store
+    assert len(vectorstore.as_retriever(search_kwargs={"k": 2}).model_copy(deep=True).invoke(QUESTION)) == 2
 
 
 def test_tools_and_structured_output_are_refused_with_a_reason(tiny_model):
@@ -430,14 +434,24 @@ def test_memories_follow_the_documents_where_the_chat_template_moved_their_messa
     assert reading.prompt.index("<|user|>") < reading.prompt.index(tiny_model.document_placeholder)
 
 
-def test_a_system_message_anywhere_takes_the_trained_system_prompts_place(tiny_model):
-    # one after the first turn (a system instruction below a history) was read beside the trained one
+@pytest.mark.parametrize("template", ["no system role", "a default system turn"])
+def test_a_system_message_anywhere_takes_the_trained_system_prompts_place(tiny_model, template):
+    # one after the first turn (a system instruction below a history) was read beside the trained
+    # one; and, moved to no place of its own, beside the template's default (SmolLM2's writes one
+    # before messages a system turn does not lead)
     from clara_plugins.config import SYSTEM_PROMPT
 
+    if template == "a default system turn":
+        tiny_model.tokenizer.chat_template = (
+            "{% if messages[0]['role'] != 'system' %}<|system|>DEFAULT\n{% endif %}"
+            "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
     for messages in ([("user", "Hello."), ("assistant", "Hi."), ("system", "Be terse."), ("user", QUESTION)],
                      [("system", "Be terse."), ("user", QUESTION)]):
         prompt = read_messages(tiny_model, messages).prompt
-        assert SYSTEM_PROMPT not in prompt and "Be terse." in prompt
+        assert SYSTEM_PROMPT not in prompt and "DEFAULT" not in prompt
+        first_turn = min(place for place in (prompt.find("Hello."), prompt.find(QUESTION)) if place >= 0)
+        assert prompt.index("Be terse.") < first_turn
     assert SYSTEM_PROMPT in read_messages(tiny_model, [("user", "Hello."), ("assistant", "Hi."), ("user", QUESTION)]).prompt
 
 

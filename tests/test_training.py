@@ -563,6 +563,35 @@ def test_e2e_keeps_the_compressors_signature_and_the_stores_it_filled_in_the_poo
     assert len(MemoryStore.load(tmp_path / "store", tiny_model)) == 2
 
 
+def test_a_pooled_e2e_run_an_earlier_version_saved_resumes_as_it_began(tiny_config, tmp_path, monkeypatch):
+    # that version trained the <MEM> rows here: its optimizer held them, and the resume failed on
+    # "loaded state dict has a different number of parameter groups"
+    from conftest import build_tiny_base_model
+
+    tied = build_tiny_base_model(tmp_path / "base", tie=True)
+    model = ClaraModel(dataclasses.replace(tiny_config, base_model=str(tied)), device="cpu")
+    config = TrainConfig(stage="e2e", steps=2, batch_size=2, grad_accum=1, lr=1e-2, top_k=2, schedule="constant",
+                         save_every=1)
+    real_set, real_save = training.set_trainable, torch.save
+
+    def crash_saving_step_two(state, *args, **kwargs):
+        if isinstance(state, dict) and state.get("step") == 2:
+            raise KeyboardInterrupt
+        return real_save(state, *args, **kwargs)
+
+    with monkeypatch.context() as earlier:  # the earlier version's rule, and a kill at the second save
+        earlier.setattr(training, "set_trainable", lambda m, adapters, memory_embeddings: real_set(m, adapters, True))
+        earlier.setattr(torch, "save", crash_saving_step_two)
+        with pytest.raises(KeyboardInterrupt):
+            train(model, E2E, config, tmp_path / "run")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "checkpoint" / "memory_embeddings.safetensors"))["input_rows"]
+    train(model, E2E, config, tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+    assert not torch.equal(model.lm.get_input_embeddings().weight[model.base_vocab_size:], saved)  # as it began
+
+
 def test_the_e2e_stage_starts_its_query_reasoner_as_the_compressor(tiny_model, tmp_path):
     # what the "moved" checks above measure from: randomize_adapters gives the two other weights
     encoder, reasoner = lora(tiny_model, "encoder_adapter"), lora(tiny_model, "query_reasoner_adapter")

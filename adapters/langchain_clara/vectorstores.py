@@ -121,6 +121,14 @@ class ClaraVectorStore(VectorStore):
         failed on the store's lock, a bare TypeError)."""
         return LeftBehind, (type(self).__name__,)
 
+    def __copy__(self) -> ClaraVectorStore:
+        """Itself, as a deep copy is: it holds nothing but its store, which copies share (copied
+        through ``__reduce__``, a retriever's copy held a ``LeftBehind``)."""
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ClaraVectorStore:
+        return self
+
     @property
     def memory_store(self) -> BaseMemoryStore:
         """The core store (also ``store``): what ChatClara and ClaraRetriever read from."""
