@@ -178,13 +178,16 @@ class ClaraModel(torch.nn.Module):
     def _adapter(self, name: str) -> Iterator[None]:
         """Run the block with one adapter active, holding the model's lock.
 
-        peft's ``set_adapter`` also flips requires_grad to the active adapter alone, so the
-        training choice (``trainable``) is applied again after it.
+        peft's ``set_adapter`` also flips requires_grad to the active adapter alone, and (from
+        peft 0.22) turns its dropout to the model's mode, so the training choice (``trainable``)
+        is applied again after it: a frozen generator read through fresh dropout masks again.
         """
         with self._lock:
             if self.lm.active_adapter != name:
                 self.lm.set_adapter(name)
                 self._apply_trainable()
+                if self.training:
+                    self._frozen_dropouts_off()
             yield
 
     def _apply_trainable(self) -> None:
@@ -199,12 +202,16 @@ class ClaraModel(torch.nn.Module):
         answers)."""
         super().train(mode)
         if mode:
-            for module in self.lm.modules():
-                dropouts = getattr(module, "lora_dropout", None)
-                if isinstance(dropouts, torch.nn.ModuleDict):
-                    for name, dropout in dropouts.items():
-                        dropout.train(name in self.trainable)
+            self._frozen_dropouts_off()
         return self
+
+    def _frozen_dropouts_off(self) -> None:
+        """(In training mode) dropout on for the adapters that train, off for the others."""
+        for module in self.lm.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name, dropout in dropouts.items():
+                    dropout.train(name in self.trainable)
 
     @contextlib.contextmanager
     def _inference(self) -> Iterator[None]:
