@@ -176,24 +176,24 @@ class ClaraModel(torch.nn.Module):
 
     @contextlib.contextmanager
     def _adapter(self, name: str) -> Iterator[None]:
-        """Run the block with one adapter active, holding the model's lock.
-
-        peft's ``set_adapter`` also flips requires_grad to the active adapter alone, and (from
-        peft 0.22) turns its dropout to the model's mode, so the training choice (``trainable``)
-        is applied again after it: a frozen generator read through fresh dropout masks again.
-        """
+        """Run the block with one adapter active, holding the model's lock; the training choice
+        is applied again after peft's switch, which resets it (``_apply_trainable``)."""
         with self._lock:
             if self.lm.active_adapter != name:
                 self.lm.set_adapter(name)
                 self._apply_trainable()
-                if self.training:
-                    self._frozen_dropouts_off()
             yield
 
     def _apply_trainable(self) -> None:
+        """The training choice (``trainable``): whose LoRA weights take gradients and, in training
+        mode, whose dropout is on. peft resets both for an adapter it activates (requires_grad to
+        it alone; from peft 0.22 its dropout to the model's mode, and a frozen generator read
+        through fresh dropout masks again), so each switch applies it again."""
         for name, parameter in self.lm.named_parameters():
             if "lora_" in name:
                 parameter.requires_grad_(any(f".{a}." in name for a in self.trainable))
+        if self.training:
+            self._frozen_dropouts_off()
 
     def train(self, mode: bool = True) -> "ClaraModel":
         """Training mode, but for the dropout of adapters that do not train: a frozen adapter

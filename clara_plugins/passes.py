@@ -29,7 +29,6 @@ def set_trainable(model: ClaraModel, adapters: Sequence[str], memory_embeddings:
         raise ValueError(f"unknown adapters {sorted(unknown)}; known: {ADAPTER_NAMES}")
     model.trainable = tuple(adapters)
     model._apply_trainable()
-    model.train(model.training)  # a frozen adapter's dropout off
     embedding = model.lm.get_input_embeddings().weight
     embedding.requires_grad_(memory_embeddings)
     if memory_embeddings and not hasattr(model, "_embedding_hook"):
