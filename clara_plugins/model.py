@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from .atomic import writer_at_work
 from .backbone import (context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model,
@@ -48,12 +49,29 @@ class CompressedDocuments:
 
 
 # base models CLaRa cannot adapt, by model type: MPT was compressed, then every answer failed
-# inside peft; peft refuses LoRA on a state-space model's layers, advising a setting CLaRa has not
+# inside peft; peft refuses LoRA on a state-space model's layers, advising a setting CLaRa has not;
+# a recurrent model was compressed, then every answer failed on a bare KeyError at its second token
 _UNREADABLE = {
     "mpt": "an MPT model, whose peft forward refuses inputs_embeds, through which the generator reads memories",
     **dict.fromkeys(("mamba", "mamba2", "falcon_mamba", "falcon_h1", "nemotron_h"),
                     "a state-space model, whose layers LoRA cannot adapt: choose a transformer"),
+    **dict.fromkeys(("recurrent_gemma", "rwkv"),
+                    "a recurrent model, which returns no key-value cache for the generator's next token: choose a "
+                    "transformer"),
 }
+
+
+def _unreadable(lm: PreTrainedModel) -> str | None:
+    """Why CLaRa cannot read memories through this base model, or None. Gemma 3n and Gemma 4's
+    small models add per-layer embeddings looked up by token id, which a memory vector has none
+    of: Gemma 3n left that part out of every pass the generator made from inputs_embeds, Gemma 4
+    failed on them."""
+    if lm.config.model_type in _UNREADABLE:
+        return _UNREADABLE[lm.config.model_type]
+    if getattr(lm.config.get_text_config(), "hidden_size_per_layer_input", None):
+        return ("a model with per-layer token embeddings (Gemma 3n, Gemma 4's E2B and E4B), which it looks up by "
+                "token id and memory vectors have none of: choose a transformer without them")
+    return None
 
 
 class ClaraModel(torch.nn.Module):
@@ -89,7 +107,7 @@ class ClaraModel(torch.nn.Module):
         self.device_ = resolve_device(device)
         dtype = resolve_dtype(dtype, self.device_)
         lm, tokenizer = load_base_model(self.config.base_model, dtype)
-        if (unread := _UNREADABLE.get(lm.config.model_type)) is not None:
+        if (unread := _unreadable(lm)) is not None:
             raise ValueError(f"{self.config.base_model!r} is {unread}")
         if (problem := memory_layer_problem(lm, self.config.memory_layer)) is not None:
             raise ValueError(f"ClaraConfig.memory_layer is {self.config.memory_layer}, but {self.config.base_model!r} "

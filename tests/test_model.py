@@ -788,6 +788,34 @@ def test_a_base_model_clara_cannot_read_is_refused_by_name(tmp_path, monkeypatch
     tokenizer.save_pretrained(mamba)
     with pytest.raises(ValueError, match="mamba' is a state-space model, whose layers LoRA cannot adapt"):
         ClaraModel(ClaraConfig(base_model=str(mamba), compression_rate=16, doc_max_length=64), device="cpu")
+    # recurrent models and per-layer token embeddings: compressed, then every answer failed on a bare
+    # KeyError (RecurrentGemma, RWKV) or read memories without a part of the model (Gemma 3n)
+    from transformers import (Gemma3nForCausalLM, Gemma3nTextConfig, RecurrentGemmaConfig, RecurrentGemmaForCausalLM,
+                              RwkvConfig, RwkvForCausalLM)
+
+    ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+               bos_token_id=tokenizer.bos_token_id)
+    unreadable = {
+        "recurrent model, which returns no key-value cache": [
+            RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+                vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, lru_width=32, attention_window_size=16,
+                block_types=["recurrent", "attention"], **ids)),
+            RwkvForCausalLM(RwkvConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                       attention_hidden_size=32, intermediate_size=64, context_length=512, **ids))],
+        "per-layer token embeddings": [Gemma3nForCausalLM(Gemma3nTextConfig(
+            vocab_size=len(tokenizer), vocab_size_per_layer_input=len(tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=8,
+            hidden_size_per_layer_input=8, laurel_rank=4, num_kv_shared_layers=0,
+            layer_types=["sliding_attention", "full_attention"], activation_sparsity_pattern=[0.0, 0.0], **ids))],
+    }
+    for message, models in unreadable.items():
+        for lm in models:
+            folder = tmp_path / lm.config.model_type
+            lm.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            with pytest.raises(ValueError, match=message):
+                ClaraModel(ClaraConfig(base_model=str(folder), compression_rate=16, doc_max_length=64), device="cpu")
     # a clone without Git LFS, and a tokenizer cut short: safetensors' "header too large" and a bare
     # JSONDecodeError named neither the model nor the file
     pointer = build_tiny_base_model(tmp_path / "pointer")
