@@ -1,6 +1,9 @@
 """Metadata filters: a small dictionary language, checked before any search runs.
 
-``{"field": value}`` is equality; ``{"field": {"$in": [a, b]}}`` membership; the operators
+``{"field": value}`` is equality, where the value is not a dictionary: a dictionary holds a
+field's operators, so ``{"field": {}}`` holds none and selects every document that has the field
+(equality with an empty dictionary is ``{"field": {"$eq": {}}}``);
+``{"field": {"$in": [a, b]}}`` is membership; the operators
 ``$eq``, ``$ne``, ``$in`` and ``$nin`` compare one field; ``$gt``, ``$gte``, ``$lt`` and
 ``$lte`` bound it; ``{"$and": [...]}`` and ``{"$or": [...]}`` combine filters; several keys in
 one dictionary must all hold.
