@@ -292,6 +292,15 @@ class MemoryStore(BaseMemoryStore):
             keep = matcher(where)
             return [doc_id for doc_id, meta in zip(self._ids, self._metadatas) if keep(meta)]
 
+    def _chosen(self, where: Filter | None, wanted: list[str] | None) -> list[str]:
+        """(Under the lock) as a store chooses, a filter among ``wanted`` read for those rows
+        alone: read for every row, it cost 0.3 s at a million documents for a few ids."""
+        if where is None or wanted is None:
+            return super()._chosen(where, wanted)
+        validate_filter(where)
+        keep = matcher(where)
+        return [doc_id for doc_id in wanted if doc_id in self._row_of and keep(self._metadatas[self._row_of[doc_id]])]
+
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
         texts = check_texts(texts, "texts", blanks=True)  # as the Milvus store, which cannot query the rest

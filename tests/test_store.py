@@ -1032,12 +1032,17 @@ def test_a_save_through_a_linked_current_leaves_the_linked_store_alone(store, ti
 def test_a_delete_where_among_ids_deletes_those_the_filter_selects(tiny_model):
     store = MemoryStore(tiny_model)
     store.upsert(CORPUS[:4], ids=["a", "b", "c", "d"], metadatas=[{"t": 1}, {"t": 1}, {"t": 2}, {"t": 1}])
-    store.delete_where({"t": 1}, ids=["a", "c", "x"])
-    assert sorted(store.all_ids()) == ["b", "c", "d"]
-    all_ids = store.all_ids
+    listings = store.all_ids, store.ids_where
     store.all_ids = lambda: pytest.fail("every id was listed to delete one")
+    store.ids_where = lambda where: pytest.fail("every row's metadata was read to choose among a few ids")
+    store.delete_where({"t": 1}, ids=["a", "c", "x"])
+    assert [document.id for document in store.get_where({"t": 1}, ids=["d", "c", "a"])] == ["d"]
+    assert [document.id for document in store.get_where(None, ids=["b", "x"])] == ["b"]
+    with pytest.raises(ValueError, match="unknown operator"):
+        store.get_where({"t": {"$near": 1}}, ids=["b"])
     store.delete_where(None, ids=["b"])
-    store.all_ids = all_ids
+    store.all_ids, store.ids_where = listings
+    assert sorted(store.all_ids()) == ["c", "d"]
     assert sorted(store.all_ids()) == ["c", "d"]
     store.delete_where()
     assert store.all_ids() == []
