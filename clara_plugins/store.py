@@ -520,9 +520,9 @@ class MemoryStore(BaseMemoryStore):
                 # the store's own folder (not a backup's), nothing written meanwhile, and no other
                 # save recorded since (its rows may be numbered anew): the rows read from the files
                 own = previous is None or previous.folder.parent == folder.resolve()
-                if own and self.revision == revision and self._saved is previous:
+                if own and self._saved is previous:
                     try:
-                        self._map(generation, header)
+                        self._map(generation, header, None if self.revision == revision else snapshot)
                     except (OSError, StoreError) as error:  # they stay in RAM, recorded below
                         warnings.warn(f"the store keeps its memories in RAM, not read from {generation}: {error}",
                                       stacklevel=2)
@@ -531,11 +531,14 @@ class MemoryStore(BaseMemoryStore):
             self._generation_in[folder.resolve()] = store_folder.stamp(generation)
         return generation
 
-    def _map(self, generation: Path, header: dict) -> None:
+    def _map(self, generation: Path, header: dict, written: store_folder.Snapshot | None = None) -> None:
         """Hold the memories (and scales and keys) of a generation as its files, memory-mapped:
         what a load holds, and what a save to the store's folder switches to, so that a corpus
         indexed and saved in groups is not all held in RAM (18 GB at CR16 for a million
-        passages). Every file is read and checked before the store changes."""
+        passages). ``written``: what a save wrote, where the store changed while it wrote; the
+        rows written meanwhile stay where they are (a store written during every save held every
+        row written since its load in RAM, and the generation it loaded stayed mapped after a
+        later save removed it). Every file is read and checked before the store changes."""
         memories = store_folder.read_shards(generation, header["memory_shards"], np.dtype(self.memory_dtype))
         shape = (self.model.config.n_mem_tokens, self.model.hidden_size)
         if any(m.shape[1:] != shape for m in memories):  # a bare AssertionError at the first search
@@ -552,9 +555,34 @@ class MemoryStore(BaseMemoryStore):
         where = [(c, o) for c, shard in enumerate(memories) for o in range(len(shard))]
         if len(where) != header["count"]:
             raise StoreError(f"{generation}: memory shards hold {len(where)} rows, expected {header['count']}")
-        self._memory_chunks, self._scale_chunks, self._key_chunks, self._where = memories, scales, keys, where
-        self._ram_rows = self._dead_ram_rows = 0
+        places, kept = (where, []) if written is None else self._places_after(written, where, len(memories))
+        held = [self._memory_chunks[chunk] for chunk in kept if not isinstance(self._memory_chunks[chunk], np.memmap)]
+        chunks = [files + [old[chunk] for chunk in kept] if old else files for files, old in
+                  ((memories, self._memory_chunks), (scales, self._scale_chunks), (keys, self._key_chunks))]
+        self._memory_chunks, self._scale_chunks, self._key_chunks = chunks
+        self._where = places
+        self._ram_rows = sum(len(chunk) for chunk in held)
+        self._dead_ram_rows = self._ram_rows - sum(not isinstance(self._memory_chunks[chunk], np.memmap)
+                                                   for chunk, _ in places if chunk >= len(memories))
         self._saved = store_folder.SavedGeneration.of(generation, np.array(where, dtype=np.int64).reshape(-1, 2), header)
+
+    def _places_after(self, written: store_folder.Snapshot, saved: list[tuple[int, int]],
+                      files: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """Each row's (chunk, offset) once a save's ``files`` chunks lead the chunks: a row still
+        where the save's snapshot found it is read from its ``saved`` place; one written since
+        keeps its chunk, numbered after the files'. Returns the places and the chunks kept, in
+        their new order."""
+        row_written = {doc_id: row for row, doc_id in enumerate(written.records["ids"])}
+        found_at = [tuple(place) for place in written.where.tolist()]
+        kept: dict[int, int] = {}  # a chunk rows written since still read -> its place after the files
+        places = []
+        for doc_id, (chunk, offset) in zip(self._ids, self._where):
+            row = row_written.get(doc_id)
+            if row is not None and found_at[row] == (chunk, offset):
+                places.append(saved[row])
+            else:
+                places.append((files + kept.setdefault(chunk, len(kept)), offset))
+        return places, list(kept)
 
     def _check_no_other_save(self, folder: Path) -> None:
         """Refuse to save over a generation another writer saved since this store last read or

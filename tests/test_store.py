@@ -673,6 +673,44 @@ def test_a_store_reads_what_it_saved_from_its_files_not_ram(tiny_model, tmp_path
     assert (generation / "memories-00001.npy").stat().st_nlink == 2  # a whole shard unchanged: linked, not written
 
 
+@pytest.mark.parametrize("memory_dtype, keys", [("float16", None), ("int8", _WordKeys())])
+def test_a_store_written_while_it_saves_reads_its_other_rows_from_the_new_files(tiny_model, tmp_path, monkeypatch,
+                                                                                 memory_dtype, keys):
+    # a store written during every save mapped no new files: every row written since its load
+    # stayed in RAM, and the generation it loaded stayed mapped once a later save removed it
+    monkeypatch.setattr(store_folder, "SHARD_ROWS", 2)
+    first = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)
+    first.upsert(CORPUS[:4], ids=[f"d{i}" for i in range(4)])
+    first.save(tmp_path / "s")
+    store = MemoryStore.load(tmp_path / "s", tiny_model, keys)
+    write, written = store_folder.write_generation, []
+
+    def meanwhile(*args):  # another thread writes once the save has let go of the lock
+        generation, header = write(*args)
+        number = len(written)
+        store.upsert([f"Note {number}: {CORPUS[4 + number]}"], ids=[f"new{number}"])
+        store.upsert([f"{CORPUS[number]} Revised {number}."], ids=[f"d{number}"])
+        written.append(generation)
+        return generation, header
+
+    monkeypatch.setattr(store_folder, "write_generation", meanwhile)
+    for _ in range(2):
+        store.save(tmp_path / "s")
+    mapped = [chunk for chunk in store._memory_chunks if isinstance(chunk, np.memmap)]
+    assert {Path(chunk.filename).parent for chunk in mapped} == {written[-1]}
+    assert sum(len(chunk) for chunk in store._memory_chunks if not isinstance(chunk, np.memmap)) == 2
+    assert store._ram_rows == 2 and store._dead_ram_rows == 0
+    monkeypatch.undo()
+    ids = store.all_ids()
+    assert sorted(ids) == ["d0", "d1", "d2", "d3", "new0", "new1"]
+    store.save(tmp_path / "s")  # nothing written meanwhile: every row from the files
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model, keys)
+    assert all(isinstance(chunk, np.memmap) for chunk in store._memory_chunks)
+    assert loaded.get(ids) == store.get(ids) and loaded.get(["d1"])[0].text.endswith("Revised 1.")
+    assert torch.equal(loaded.memories(ids), store.memories(ids))
+    assert [d.id for d, _ in store.search("Paris", k=6)] == [d.id for d, _ in loaded.search("Paris", k=6)]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="counts this process's open files in /proc")
 def test_a_store_of_more_shards_than_the_open_file_limit_loads_and_saves_mapped(tiny_model, tmp_path, monkeypatch):
     # each mapped shard keeps a file open: past the soft limit (1,024, about a million int8
