@@ -108,7 +108,7 @@ def load_apple_checkpoint(
                                                  for key, value in matrices.items()):
         raise CheckpointError(f"{folder}/decoder_first_last_layers.pth is not a state dict of named tensors")
     embed = _matrix(matrices, "embed_tokens.weight", folder)
-    model = ClaraModel(config, device=device, dtype=dtype)
+    model = ClaraModel._of_checkpoint(config, folder, base_model is not None, device, dtype)
     output = untied_output(model)
     # an untied model without Apple's head kept its own seeded rows for the added tokens
     head = _matrix(matrices, "lm_head.weight", folder, required=output is not None)

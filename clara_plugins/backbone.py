@@ -66,10 +66,20 @@ def resolve_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+# the dtypes weights and memories are taken in: integers would be cut, and float8 has no
+# finiteness check (a bare NotImplementedError at a save, or at the load of another tool's file)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+FLOAT_NAMES = "float32, bfloat16, float16 or float64"  # as errors name them
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on a CUDA GPU that computes in it (float16 on older ones: a T4, a V100)
-    and float32 elsewhere (CPU kernels for half types are slow)."""
+    and float32 elsewhere (CPU kernels for half types are slow). A torch dtype must be a float one:
+    torch.int8 failed in transformers, and for the default model the error advised deleting its
+    good copy; float8 failed on a bare TypeError."""
     if isinstance(dtype, torch.dtype):
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"a model is loaded and saved in a floating-point dtype ({FLOAT_NAMES}), got {dtype}")
         return dtype
     if dtype == "auto":
         if device.type != "cuda":

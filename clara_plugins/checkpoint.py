@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
 from .atomic import recover_folder, write_folder_atomically
-from .backbone import fingerprint_mismatch, lfs_pointer, memory_layer_problem
+from .backbone import FLOAT_DTYPES, FLOAT_NAMES, fingerprint_mismatch, lfs_pointer, memory_layer_problem
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError, StoreError
 from .jsonfiles import read_json
@@ -56,10 +56,6 @@ FORMAT = "clara-plugins/1"
 CONFIG_FILE = "clara_config.json"
 EMBEDDINGS_FILE = "memory_embeddings.safetensors"
 TRAINER_STATE_FILE = "trainer_state.pt"  # a training run's step, optimizer and schedule, saved with its weights
-# the dtypes weights and memories are taken in: integers would be cut, and float8 has no
-# finiteness check (a bare NotImplementedError at a save, or at the load of another tool's file)
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-FLOAT_NAMES = "float32, bfloat16, float16 or float64"  # as errors name them
 
 
 def adapter_file(name: str) -> str:

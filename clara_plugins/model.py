@@ -25,13 +25,12 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .atomic import writer_at_work
-from .backbone import (context_window, embedding_norm, end_of_sequence_ids, fingerprint, load_base_model,
-                       memory_layer_problem, resolve_device, resolve_dtype)
-from .checkpoint import (FLOAT_DTYPES, FLOAT_NAMES, files_sha256, load_trained_weights, read_config, save_checkpoint,
-                         weight_files)
-from .config import ADAPTER_NAMES, ClaraConfig
+from .backbone import (FLOAT_DTYPES, FLOAT_NAMES, context_window, embedding_norm, end_of_sequence_ids, fingerprint,
+                       load_base_model, memory_layer_problem, resolve_device, resolve_dtype)
+from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
+from .config import ADAPTER_NAMES, DEFAULT_BASE_MODEL, ClaraConfig
 from .checks import check_positive_int, check_texts
-from .errors import CheckpointError, InvalidInputError
+from .errors import CheckpointError, InvalidInputError, one_line
 from .generation import collect_answers, greedy_steps, stream_text
 from .prompts import question_prompt, turn_end_token
 from .retrieval import top_k
@@ -607,15 +606,25 @@ class ClaraModel(torch.nn.Module):
 
     # ------------------------------------------------------------ persistence
 
+    @classmethod
+    def _of_checkpoint(cls, config: ClaraConfig, folder: str | Path, base_model_given: bool, device: str,
+                       dtype: str | torch.dtype) -> "ClaraModel":
+        """A model of a checkpoint's config, before its weights load. A base model the checkpoint
+        records that fails to load names the checkpoint and the override: on another machine, a
+        recorded folder or an uncached hub id failed without saying where the name came from."""
+        try:
+            return cls(config, device=device, dtype=dtype)
+        except OSError as error:
+            if base_model_given or config.base_model == DEFAULT_BASE_MODEL:
+                raise
+            raise OSError(f"{one_line(error)}; {folder} records it as its base model: pass base_model= "
+                          "(--base-model) naming a copy of the same weights") from error
+
     def save_pretrained(self, folder: str | Path, dtype: str | torch.dtype | None = None) -> None:
         """Write config JSON + safetensors adapters and memory-token rows (see checkpoint.py);
         ``dtype=torch.float16`` (or ``"float16"``) halves the size."""
         if dtype is not None:
-            dtype = resolve_dtype(dtype, torch.device("cpu"))
-            if dtype not in FLOAT_DTYPES:  # integers: the weights cut, loaded without a complaint
-                # named as resolve_dtype reads them ("float64" is none of its names)
-                raise ValueError("a checkpoint is saved in a floating-point dtype (float32, bfloat16 or float16), "
-                                 f"got {dtype}")
+            dtype = resolve_dtype(dtype, torch.device("cpu"))  # integers: the weights cut, loaded without a complaint
         save_checkpoint(self, Path(folder), dtype)
 
     @classmethod
@@ -645,7 +654,7 @@ class ClaraModel(torch.nn.Module):
                     f"were trained one per position: it reads only at its own compression rate "
                     f"{config.compression_rate}, not {compression_rate}")
             config = dataclasses.replace(config, compression_rate=compression_rate)
-        model = cls(config, device=device, dtype=dtype)
+        model = cls._of_checkpoint(config, folder, base_model is not None, device, dtype)
         # a training run saving into the folder swaps a new one in: files read across a swap
         # would mix two saves, so the read is done again until no swap fell within it
         for _ in range(_LOAD_TRIES):

@@ -98,13 +98,19 @@ def test_a_destination_in_the_way_is_refused_before_the_model_loads(tiny_tokens_
     assert (tmp_path / "notes.txt" if in_the_way != "folder" else destination / "notes.txt").read_text() == "keep me"
 
 
-def test_unreachable_base_model_asks_for_a_local_path(tiny_tokens_model, tmp_path):
+def test_unreachable_base_model_asks_for_a_local_path(tiny_tokens_model, tmp_path, monkeypatch):
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     with pytest.raises(CheckpointError, match="pass base_model="):
         load_apple_checkpoint(tmp_path / "apple", device="cpu")
     # the path given was blamed on Apple's configuration
     with pytest.raises(CheckpointError, match=f"base model {tmp_path / 'typo'} does not exist"):
         load_apple_checkpoint(tmp_path / "apple", base_model=tmp_path / "typo", device="cpu")
+    # a hub id out of reach (Apple's usual decoder_model_name) failed without naming the override
+    config = json.loads((tmp_path / "apple" / "config.json").read_text())
+    (tmp_path / "apple" / "config.json").write_text(json.dumps({**config, "decoder_model_name": "nobody/no-such-model"}))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # not half a minute of retries
+    with pytest.raises(OSError, match=r"'nobody/no-such-model'.*apple records it as its base model: pass base_model="):
+        load_apple_checkpoint(tmp_path / "apple", device="cpu")
 
 
 def test_checkpoint_of_another_base_model_is_refused(tiny_tokens_model, other_tiny_base, tmp_path):

@@ -63,6 +63,28 @@ def test_a_checkpoint_is_saved_in_a_dtype_named_as_the_loader_names_it_and_never
     assert not (tmp_path / "int").exists()
 
 
+def test_a_checkpoint_whose_base_model_is_not_where_it_recorded_names_itself_and_the_override(tiny_config, tmp_path,
+                                                                                                monkeypatch):
+    # on another machine the base model's own error said neither where its name came from nor
+    # how to give another
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # not half a minute of retries
+    base = build_tiny_base_model(tmp_path / "base")
+    ClaraModel(dataclasses.replace(tiny_config, base_model=str(base)), device="cpu").save_pretrained(tmp_path / "ckpt")
+    base.rename(tmp_path / "moved")
+    with pytest.raises(OSError, match=r"could not load base model .*; .*ckpt records it as its base model: pass "
+                                      r"base_model= \(--base-model\)"):
+        ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    with pytest.raises(OSError, match="could not load base model") as refused:  # named by the caller: no advice
+        ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=str(base), device="cpu")
+    assert "records it" not in str(refused.value)
+    model = ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=str(tmp_path / "moved"), device="cpu")
+    assert model.config.base_model == str(tmp_path / "moved")
+    # an integer dtype failed in transformers (for the default model, advising to delete its good copy)
+    for dtype in (torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match=f"floating-point dtype .*, got {dtype}"):
+            ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=str(tmp_path / "moved"), device="cpu", dtype=dtype)
+
+
 def test_loading_onto_another_base_model_fails_clearly(tiny_model, other_tiny_base, tmp_path):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     with pytest.raises(CheckpointError, match="trained on another base model"):
