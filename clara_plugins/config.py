@@ -227,6 +227,7 @@ class TrainConfig:
     # (docs/training-run.md, ninth session).
     distill_weight: float = 0.0
     teacher: str = ""
+    teacher_base_model: str = ""  # the teacher's base model, where the path its checkpoint records does not reach it
     # instruct: + restate_weight * relu(restate_margin - gap) on each row whose question holds a
     # name no answer shares, where gap is the answer's mean log-likelihood per token minus that
     # name's. A weak reader answers with what the question is about ("Where does the Danube
@@ -309,6 +310,8 @@ class TrainConfig:
             raise ValueError("distill_weight needs the instruct stage and a teacher checkpoint (teacher)")
         if self.teacher and not self.distill_weight:
             raise ValueError("a teacher is read only with distill_weight above 0")
+        if self.teacher_base_model and not self.teacher:
+            raise ValueError("teacher_base_model is read only with a teacher")
         if self.keep_generator and self.stage != "instruct":  # the other stages never start afresh
             raise ValueError(f"keep_generator needs the instruct stage, got {self.stage!r}")
         if self.freeze_compressor and self.stage == "scp":  # which trains the compressor

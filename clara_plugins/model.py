@@ -618,7 +618,8 @@ class ClaraModel(torch.nn.Module):
             if base_model_given or config.base_model == DEFAULT_BASE_MODEL:
                 raise
             raise OSError(f"{one_line(error)}; {folder} records it as its base model: pass base_model= "
-                          "(--base-model) naming a copy of the same weights") from error
+                          "(--base-model; a distillation teacher's: --teacher-base-model) naming a copy of the same "
+                          "weights") from error
 
     def save_pretrained(self, folder: str | Path, dtype: str | torch.dtype | None = None) -> None:
         """Write config JSON + safetensors adapters and memory-token rows (see checkpoint.py);

@@ -428,11 +428,12 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
 # ------------------------------------------------------------------------ loop
 
 
-def _load_teacher(model: ClaraModel, folder: str) -> ClaraModel:
+def _load_teacher(model: ClaraModel, folder: str, base_model: str) -> ClaraModel:
     # the teacher reads text, so a pooled one takes the student's rate: the same <MEM> tokens.
     # Building it draws random initial weights; a forked RNG keeps a resumed run's dropout masks.
     with torch.random.fork_rng(devices=[]):
-        teacher = ClaraModel.from_pretrained(folder, compression_rate=model.config.compression_rate,
+        teacher = ClaraModel.from_pretrained(folder, base_model=base_model or None,
+                                             compression_rate=model.config.compression_rate,
                                              device=model.device, dtype=torch.float32)
     if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise ValueError(f"the teacher {folder} has another vocabulary than the model it teaches: "
@@ -696,9 +697,11 @@ def _check_output(output: Path, config: TrainConfig, rows: list[dict], corpus: S
     saved = {**dataclasses.asdict(TrainConfig(stage=config.stage)), **state["config"]}  # a knob added since: its default
     current = dataclasses.asdict(config)
     # a setting the stage never reads (saved before such settings were refused) changed nothing
-    # trained; nor do where the saves fall, and the teacher's path where its weights' digest is
-    # kept (check_trained_from compares that: a path spelt otherwise, "t/" for "t", was refused)
-    free = config.unread_settings() | {"save_every"} | ({"teacher"} if state.get("teacher_sha256") else set())
+    # trained; nor do where the saves fall, and the teacher's paths where its weights' digest is
+    # kept (check_trained_from compares that: a path spelt otherwise, "t/" for "t", was refused;
+    # its base model's weights are told by their fingerprint)
+    free = config.unread_settings() | {"save_every"} | (
+        {"teacher", "teacher_base_model"} if state.get("teacher_sha256") else set())
     changed = [f"{name}={current.get(name)!r} (was {saved.get(name)!r})"
                for name in sorted((saved.keys() | current.keys()) - free) if saved.get(name) != current.get(name)]
     if changed:
@@ -771,8 +774,9 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     if config.stage not in ("text", "retrieval") and corpus is None:
         _warn_cut_documents(model, rows)
     finished = run_finished(state, config)
-    # loaded, and refused, before the model's weights and settings change
-    teacher = _load_teacher(model, config.teacher) if config.distill_weight and not finished else None
+    teacher = None
+    if config.distill_weight and not finished:  # loaded, and refused, before the model's weights and settings change
+        teacher = _load_teacher(model, config.teacher, config.teacher_base_model)
     # its files as they were loaded (a save swapped in meanwhile is waited out), or a finished run's,
     # not loaded, hashed: a teacher trained again in its folder, or another reached by the same
     # relative path, taught a resumed run unsaid (or, named otherwise, returned a finished one)

@@ -72,7 +72,7 @@ def test_a_checkpoint_whose_base_model_is_not_where_it_recorded_names_itself_and
     ClaraModel(dataclasses.replace(tiny_config, base_model=str(base)), device="cpu").save_pretrained(tmp_path / "ckpt")
     base.rename(tmp_path / "moved")
     with pytest.raises(OSError, match=r"could not load base model .*; .*ckpt records it as its base model: pass "
-                                      r"base_model= \(--base-model\)"):
+                                      r"base_model= \(--base-model;"):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
     with pytest.raises(OSError, match="could not load base model") as refused:  # named by the caller: no advice
         ClaraModel.from_pretrained(tmp_path / "ckpt", base_model=str(base), device="cpu")

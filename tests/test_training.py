@@ -479,7 +479,7 @@ def test_loading_the_teacher_leaves_the_random_state_of_the_run(tiny_model, tmp_
     # initial weights from it gave the resumed steps other dropout masks than the whole run's
     tiny_model.save_pretrained(tmp_path / "teacher")
     before = torch.get_rng_state()
-    training._load_teacher(tiny_model, str(tmp_path / "teacher"))
+    training._load_teacher(tiny_model, str(tmp_path / "teacher"), "")
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -511,6 +511,25 @@ def test_a_teacher_with_another_vocabulary_or_stage_is_refused(tiny_config, tiny
     assert adapters_sha256(tiny_model) == adapters and not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match="distill_weight needs the instruct stage"):
         TrainConfig(stage="scp", distill_weight=1.0, teacher=str(tmp_path / "t"))
+
+
+def test_a_teacher_whose_base_model_moved_takes_one_of_its_own(tiny_config, tiny_model, tmp_path, monkeypatch):
+    # the student's --base-model did not reach the teacher: a teacher trained on another machine
+    # could not be read, and the error's advice named an option the teacher never read
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # not half a minute of retries
+    shutil.copytree(tiny_config.base_model, tmp_path / "base")
+    ClaraModel(dataclasses.replace(tiny_config, base_model=str(tmp_path / "base")),
+               device="cpu").save_pretrained(tmp_path / "t")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    config = TrainConfig(stage="instruct", steps=1, batch_size=2, grad_accum=1, distill_weight=1.0,
+                         teacher=str(tmp_path / "t"))
+    with pytest.raises(OSError, match="records it as its base model: .*a distillation teacher's: --teacher-base-model"):
+        train(tiny_model, INSTRUCT, config, tmp_path / "run")
+    train(tiny_model, INSTRUCT, dataclasses.replace(config, teacher_base_model=str(tmp_path / "moved")),
+          tmp_path / "run")
+    assert "distill" in json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
+    with pytest.raises(ValueError, match="teacher_base_model is read only with a teacher"):
+        TrainConfig(stage="instruct", teacher_base_model=str(tmp_path / "moved"))
 
 
 @pytest.mark.parametrize("design", ["pooled", "tokens"])
@@ -1095,9 +1114,10 @@ def test_a_resumed_run_refuses_a_teacher_whose_files_changed(tiny_config, tiny_m
         train(tiny_model, INSTRUCT, config, tmp_path / "run")
     shutil.rmtree(tmp_path / "t")
     shutil.copytree(tmp_path / "first", tmp_path / "t")  # the teacher it began with: it resumes
-    # named otherwise ("t/"), saving at other steps: neither changes what trains (both were refused)
-    train(tiny_model, INSTRUCT, dataclasses.replace(config, teacher=str(tmp_path / "t") + "/", save_every=5),
-          tmp_path / "run")
+    # named otherwise ("t/"), saving at other steps, its base model named: none changes what trains
+    # (the first two were refused)
+    train(tiny_model, INSTRUCT, dataclasses.replace(config, teacher=str(tmp_path / "t") + "/", save_every=5,
+                                                    teacher_base_model=tiny_config.base_model), tmp_path / "run")
     assert torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     # finished, it refuses another teacher's weights under another path (not loaded, it was not compared)
     other.save_pretrained(tmp_path / "t2")
