@@ -517,8 +517,8 @@ class MemoryStore(BaseMemoryStore):
                 "index": self.index_kind, "compressor": compressor_signature(self.model),
                 "keys": self.keys.signature(), "memory_dtype": self.memory_dtype})
             with self._lock:
-                # the store's own folder (not a backup's), nothing written meanwhile, and no other
-                # save recorded since (its rows may be numbered anew): the rows read from the files
+                # the store's own folder (not a backup's) and no other save recorded since (its rows
+                # may be numbered anew): the rows read from the files, but those written meanwhile
                 own = previous is None or previous.folder.parent == folder.resolve()
                 if own and self._saved is previous:
                     try:
