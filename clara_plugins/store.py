@@ -249,10 +249,12 @@ class MemoryStore(BaseMemoryStore):
         lists = [chunks for chunks in (self._memory_chunks, self._scale_chunks, self._key_chunks) if chunks]
         gathered = [store_folder.gather(chunks, where) if where else None for chunks in lists]
         for chunks, moved_rows in zip(lists, gathered):
-            # an emptied chunk keeps its number, so that the other rows' places stay valid; a new
-            # empty array, since a view (chunk[:0]) would keep the whole buffer alive
-            chunks[:] = [np.empty((0, *chunk.shape[1:]), chunk.dtype) if pack else chunk
-                         for chunk, pack in zip(chunks, packs)]
+            # an emptied chunk keeps its number, so that the other rows' places stay valid (and
+            # that no later chunk takes a number a saved generation's places name); one new empty
+            # array for all, since a view (chunk[:0]) would keep the whole buffer alive, and one
+            # array each grew a long-running store by a hundred bytes a write
+            empty = np.empty((0, *chunks[0].shape[1:]), chunks[0].dtype)
+            chunks[:] = [empty if pack or not len(chunk) else chunk for chunk, pack in zip(chunks, packs)]
             if moved_rows is not None:
                 chunks.append(moved_rows)
         for offset, row in enumerate(moved):

@@ -557,6 +557,12 @@ def test_the_memories_of_replaced_and_deleted_documents_leave_ram(tiny_model, tm
     assert torch.equal(store.memories(["d4", "d5"]), expected[4:6])
     for chunks in (store._scale_chunks, store._key_chunks):  # chunked with the memories, or not at all
         assert [len(c) for c in chunks] in ([], [len(c) for c in store._memory_chunks])
+    for text in replaced * 2:  # packed again: each write's emptied chunk took an array of its own
+        store.upsert([text], ids=["d1"])
+    assert store.get(["d1"])[0].text == replaced[-1]
+    for chunks in (store._memory_chunks, store._scale_chunks, store._key_chunks):
+        assert len({id(chunk) for chunk in chunks if not len(chunk)}) <= 1
+    store.upsert([replaced[0]], ids=["d1"])
     fresh = MemoryStore(tiny_model, keys, memory_dtype=memory_dtype)  # the same documents, never replaced
     fresh.upsert([d.text for d in store.get(store.all_ids())], ids=store.all_ids())
     assert [d.id for d, _ in store.search("Paris", k=5)] == [d.id for d, _ in fresh.search("Paris", k=5)]
