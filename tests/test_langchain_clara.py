@@ -154,12 +154,19 @@ def test_lcel_rag_chain_runs_offline(tiny_model, vectorstore):
     assert answer == expected_answer(tiny_model, vectorstore.store.memories(top))
 
 
-def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path):
+def test_vectorstore_persists_without_pickle(tiny_model, vectorstore, tmp_path, monkeypatch):
     vectorstore.save_local(tmp_path / "lc")
     loaded = ClaraVectorStore.load_local(tmp_path / "lc", tiny_model)
     assert loaded.similarity_search(QUESTION, k=3) == vectorstore.similarity_search(QUESTION, k=3)
     files = {p.suffix for p in (tmp_path / "lc").rglob("*") if p.is_file()}
     assert files <= {".json", ".npy", ""}  # CURRENT has no suffix; nothing is a pickle
+    # FAISS's load_local line (allow_dangerous_deserialization=True) failed on a bare TypeError
+    again = ClaraVectorStore.load_local(tmp_path / "lc", tiny_model, allow_dangerous_deserialization=True)
+    assert again.similarity_search(QUESTION, k=3) == vectorstore.similarity_search(QUESTION, k=3)
+    # no store there: refused before the shipped model loads (seconds to a minute)
+    monkeypatch.setattr("langchain_clara.vectorstores.load_model", lambda: pytest.fail("the shipped model loaded"))
+    with pytest.raises(StoreError, match="is not a CLaRa memory store"):
+        ClaraVectorStore.load_local(tmp_path / "nothing")
 
 
 def test_a_store_searched_by_an_embedding_reloads_with_it_and_only_with_it(tiny_model, tmp_path):

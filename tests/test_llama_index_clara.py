@@ -8,6 +8,7 @@ import threading
 import warnings
 
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 from llama_index.core import Document, Settings, StorageContext, VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage
 from llama_index.core.schema import MetadataMode, TextNode
@@ -250,10 +251,25 @@ def test_filtered_nodes_are_chosen_and_read_in_one_hold_of_the_store(vector_stor
     assert store.get(["n0"])[0].metadata == {"topic": "gone"}
 
 
-def test_persist_and_reload(vector_store, tiny_model, tmp_path):
+def test_persist_and_reload(vector_store, tiny_model, tmp_path, monkeypatch):
     vector_store.persist(str(tmp_path / "store"))
     loaded = ClaraVectorStore.from_persist_path(tmp_path / "store", tiny_model)
     assert query(loaded).ids == query(vector_store).ids
+    # a file:// path, as LlamaIndex's JSON stores take it, was a folder named "file:" in the working directory
+    monkeypatch.chdir(tmp_path)
+    vector_store.persist(f"file://{tmp_path}/uri/default__vector_store.json", fs=LocalFileSystem())
+    assert (tmp_path / "uri" / "default__vector_store.clara" / "CURRENT").is_file() and not (tmp_path / "file:").exists()
+    assert query(ClaraVectorStore.from_persist_dir(f"file://{tmp_path}/uri", tiny_model)).ids == query(vector_store).ids
+    with pytest.raises(NotImplementedError, match="local file system only"):
+        vector_store.persist("s3://bucket/store.json")
+    # a store folder named as itself (clara index --store, LangChain's save_local) was looked for as store.clara
+    vector_store.persist(str(tmp_path / "folder.json"))
+    (tmp_path / "folder.clara").rename(tmp_path / "folder")
+    assert query(ClaraVectorStore.from_persist_path(tmp_path / "folder", tiny_model)).ids == query(vector_store).ids
+    # and where there is no store, it is refused before the shipped model loads (seconds to a minute)
+    monkeypatch.setattr("llama_index_clara.vector_store.load_model", lambda: pytest.fail("the shipped model loaded"))
+    with pytest.raises(StoreError, match="is not a CLaRa memory store"):
+        ClaraVectorStore.from_persist_path(tmp_path / "nothing")
 
 
 def test_persist_paths_that_differ_after_a_dot_are_two_stores(vector_store, tiny_model, tmp_path):

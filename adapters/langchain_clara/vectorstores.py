@@ -14,7 +14,7 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 from langchain_core.vectorstores import VectorStore
 
-from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocument, store_folder
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
@@ -255,9 +255,13 @@ class ClaraVectorStore(VectorStore):
 
     @classmethod
     def load_local(
-        cls, folder: str | Path, model: ClaraModel | None = None, embedding: Embeddings | None = None
+        cls, folder: str | Path, model: ClaraModel | None = None, embedding: Embeddings | None = None, *,
+        allow_dangerous_deserialization: bool = False,
     ) -> ClaraVectorStore:
-        """Open a saved store; it must be read with the model (and embedding) that wrote it."""
+        """Open a saved store; it must be read with the model (and embedding) that wrote it.
+        ``allow_dangerous_deserialization``, which FAISS's ``load_local`` asks for, is taken and
+        changes nothing: no file of a store is unpickled."""
+        store_folder.current_generation(Path(folder))  # no store there: refused before the shipped model loads
         model, keys = _model_and_keys(model, embedding)
         return cls(store=MemoryStore.load(folder, model, keys))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fsspec import AbstractFileSystem
+from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from llama_index.core import Settings
 from llama_index.core.node_parser import SentenceSplitter
@@ -34,7 +35,7 @@ from llama_index.core.vector_stores.types import (
 from llama_index.core.vector_stores.utils import metadata_dict_to_node, node_to_metadata_dict
 from pydantic import PrivateAttr
 
-from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument, store_folder
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model, id_list
@@ -337,33 +338,48 @@ class ClaraVectorStore(BasePydanticVectorStore):
         """
         if not isinstance(self._store, MemoryStore):
             return
-        if fs is not None and not isinstance(fs, LocalFileSystem):
-            raise NotImplementedError("ClaraVectorStore persists to the local file system only")
-        self._store.save(_store_folder(persist_path))
+        self._store.save(_store_folder(_local_path(persist_path, fs)))
 
     @classmethod
-    def from_persist_path(cls, persist_path: str | Path, model: ClaraModel | None = None) -> ClaraVectorStore:
-        """The store ``persist(persist_path)`` saved; it must be read with the model that wrote it."""
-        folder = _store_folder(persist_path)
-        earlier = Path(persist_path).with_suffix(".clara")  # where earlier versions saved "run.v1", and "run.v2"
+    def from_persist_path(cls, persist_path: str | Path, model: ClaraModel | None = None,
+                          fs: AbstractFileSystem | None = None) -> ClaraVectorStore:
+        """The store ``persist(persist_path)`` saved, or the store folder ``persist_path`` itself
+        (``clara index --store``, LangChain's ``save_local``); it must be read with the model
+        that wrote it."""
+        path = _local_path(persist_path, fs)
+        folder = _store_folder(path)
+        if not folder.exists() and (path / "CURRENT").is_file():  # named itself: path.clara was looked for
+            folder = path
+        earlier = path.with_suffix(".clara")  # where earlier versions saved "run.v1", and "run.v2"
         if not folder.exists() and earlier.exists():
             raise StoreError(f"no store at {folder}; earlier versions may have saved {persist_path} to {earlier}, "
                              f"where they saved every name that differs after its last dot: rename it to "
                              f"{folder.name} if it is this store")
+        store_folder.current_generation(folder)  # no store there: refused before the shipped model loads
         return cls(store=MemoryStore.load(folder, model if model is not None else load_model()))
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str | Path, model: ClaraModel | None = None,
-                         namespace: str = DEFAULT_VECTOR_STORE) -> ClaraVectorStore:
+                         namespace: str = DEFAULT_VECTOR_STORE, fs: AbstractFileSystem | None = None
+                         ) -> ClaraVectorStore:
         """The store ``StorageContext.persist(persist_dir)`` saved: pass it back as
         ``StorageContext.from_defaults(persist_dir=..., vector_store=...)``."""
-        return cls.from_persist_path(Path(persist_dir) / f"{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}", model)
+        path = f"{str(persist_dir).rstrip('/')}/{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}"
+        return cls.from_persist_path(path, model, fs)
 
 
-def _store_folder(persist_path: str | Path) -> Path:
-    """``persist_path`` with its ``.json`` suffix (or ``.clara``) made ``.clara``, or with
-    ``.clara`` added after any other name, so that ``run.v1`` and ``run.v2`` stay two stores."""
-    path = Path(persist_path)
+def _local_path(persist_path: str | Path, fs: AbstractFileSystem | None) -> Path:
+    """A path on the local file system, as LlamaIndex's JSON stores beside the store take it: a
+    ``file://`` one too (it was read as a folder named ``file:`` in the working directory)."""
+    protocol, path = split_protocol(str(persist_path))
+    if (fs is not None and not isinstance(fs, LocalFileSystem)) or protocol not in (None, "file", "local"):
+        raise NotImplementedError("ClaraVectorStore persists to the local file system only")
+    return Path(path)
+
+
+def _store_folder(path: Path) -> Path:
+    """``path`` with its ``.json`` suffix (or ``.clara``) made ``.clara``, or with ``.clara``
+    added after any other name, so that ``run.v1`` and ``run.v2`` stay two stores."""
     return path.with_suffix(".clara") if path.suffix in (".json", ".clara") else path.with_name(path.name + ".clara")
 
 
