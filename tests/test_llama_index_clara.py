@@ -157,6 +157,23 @@ def test_nodes_this_store_wrote_come_back_to_langchain_with_their_own_metadata(t
     assert all(set(d.metadata) == {"i", "score"} for d in documents)  # the score: the retriever's
 
 
+def test_a_store_searched_by_a_langchain_embedding_persists_and_reopens_with_it(tiny_model, tmp_path):
+    # the keys of a LangChain store's embedding could not be given back: the reopened store was refused
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from langchain_clara import ClaraVectorStore as LangChainStore
+    from langchain_clara.embeddings import EmbeddingsKeys
+
+    embedding = DeterministicFakeEmbedding(size=16)
+    store = ClaraVectorStore(store=LangChainStore(tiny_model, embedding))
+    store.add(make_nodes())
+    store.persist(str(tmp_path / "d" / "default__vector_store.json"))
+    with pytest.raises(StoreError, match="was indexed with keys"):
+        ClaraVectorStore.from_persist_dir(tmp_path / "d", tiny_model)
+    loaded = ClaraVectorStore.from_persist_dir(tmp_path / "d", tiny_model, keys=EmbeddingsKeys(embedding))
+    assert query(loaded).ids == query(store).ids
+
+
 def test_delete_by_ref_doc_and_by_node(tiny_model):
     store = ClaraVectorStore(tiny_model)
     index = VectorStoreIndex.from_documents(

@@ -41,6 +41,7 @@ from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model, id_list
 from clara_plugins.checks import check_fraction, check_positive_int
 from clara_plugins.filters import holds_no_condition
+from clara_plugins.keys import KeyEncoder
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
@@ -342,10 +343,11 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
     @classmethod
     def from_persist_path(cls, persist_path: str | Path, model: ClaraModel | None = None,
-                          fs: AbstractFileSystem | None = None) -> ClaraVectorStore:
+                          fs: AbstractFileSystem | None = None, keys: KeyEncoder | None = None) -> ClaraVectorStore:
         """The store ``persist(persist_path)`` saved, or the store folder ``persist_path`` itself
         (``clara index --store``, LangChain's ``save_local``); it must be read with the model
-        that wrote it."""
+        that wrote it, and the key encoder it searched with (``keys``: a LangChain store's
+        embedding, ``langchain_clara.embeddings.EmbeddingsKeys(embedding)``), if not CLaRa's own."""
         path = _local_path(persist_path, fs)
         folder = _store_folder(path)
         if not folder.exists() and (path / "CURRENT").is_file():  # named itself: path.clara was looked for
@@ -356,16 +358,16 @@ class ClaraVectorStore(BasePydanticVectorStore):
                              f"where they saved every name that differs after its last dot: rename it to "
                              f"{folder.name} if it is this store")
         store_folder.current_generation(folder)  # no store there: refused before the shipped model loads
-        return cls(store=MemoryStore.load(folder, model if model is not None else load_model()))
+        return cls(store=MemoryStore.load(folder, model if model is not None else load_model(), keys))
 
     @classmethod
     def from_persist_dir(cls, persist_dir: str | Path, model: ClaraModel | None = None,
-                         namespace: str = DEFAULT_VECTOR_STORE, fs: AbstractFileSystem | None = None
-                         ) -> ClaraVectorStore:
+                         namespace: str = DEFAULT_VECTOR_STORE, fs: AbstractFileSystem | None = None,
+                         keys: KeyEncoder | None = None) -> ClaraVectorStore:
         """The store ``StorageContext.persist(persist_dir)`` saved: pass it back as
         ``StorageContext.from_defaults(persist_dir=..., vector_store=...)``."""
         path = f"{str(persist_dir).rstrip('/')}/{namespace}{NAMESPACE_SEP}{DEFAULT_PERSIST_FNAME}"
-        return cls.from_persist_path(path, model, fs)
+        return cls.from_persist_path(path, model, fs, keys)
 
 
 def _local_path(persist_path: str | Path, fs: AbstractFileSystem | None) -> Path:
