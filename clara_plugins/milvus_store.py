@@ -1,7 +1,8 @@
-"""MilvusMemoryStore: the memory store kept in a Milvus collection, from one file to a cluster.
+"""MilvusMemoryStore: the memory store kept in a Milvus collection, from one folder to a cluster.
 
-``uri`` is what ``pymilvus.MilvusClient`` takes: a local path ending in ``.db`` runs
-milvus-lite inside this process (tests, one machine), an ``http(s)://`` address reaches a
+``uri`` is what ``pymilvus.MilvusClient`` takes: a local path ending in ``.db`` (a folder)
+runs milvus-lite inside this process (tests, one machine; it serves the folder to this process
+on a loopback port), an ``http(s)://`` address reaches a
 Milvus server or cluster; the code is the same. The data live in Milvus, so reopening the
 same uri and collection with the same model finds the same documents.
 
@@ -132,7 +133,7 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise InvalidInputError(f"collection must be letters, digits and underscores, not starting with a "
                                     f"digit, got {collection!r:.80}")
         super().__init__(model, None, batch_size)
-        uri = os.fspath(uri)  # a Path to a .db file too
+        uri = os.fspath(uri)  # a Path to a .db folder too
         self.collection = collection
         self._index_params = dict(index_params or {})
         self.search_params = dict(search_params or {})
@@ -145,7 +146,11 @@ class MilvusMemoryStore(BaseMemoryStore):
         if uri.endswith(".db"):  # milvus-lite
             if problem := lite_index_problem(index_type or "FLAT"):
                 raise InvalidInputError(problem)
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)  # it opens a file only in an existing folder
+            uri = os.path.expanduser(uri)  # "~/stores/clara.db" made a folder named "~" where the process ran
+            if os.path.isfile(uri):  # refused as if another process had it open
+                raise StoreError(f"{uri} is a file: milvus-lite 3 keeps a store in a folder of that name, and "
+                                 "cannot open a milvus-lite 2 file")
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)  # it opens a store only in an existing folder
         try:
             self._client = MilvusClient(uri, token=token)
         except MilvusException as error:  # milvus-lite logs its cause (another process's lock, mostly) and says this
@@ -269,8 +274,8 @@ class MilvusMemoryStore(BaseMemoryStore):
                              "load a model with the same retrieval_key")
 
     def close(self) -> None:
-        """Release the connection; the data stay in Milvus. milvus-lite keeps a file's server,
-        shared by every client of the process, until the process exits: a ``.db`` file deleted
+        """Release the connection; the data stay in Milvus. milvus-lite keeps a ``.db`` folder's
+        server, shared by every client of the process, until the process exits: a folder deleted
         meanwhile is still served to the next store opened on its path."""
         self._client.close()
 

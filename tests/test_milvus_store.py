@@ -175,6 +175,20 @@ def test_a_file_another_process_serves_is_refused_by_name(tiny_model, uri):
         holder.wait()
 
 
+def test_a_home_relative_path_and_a_milvus_lite_2_file_are_read_as_meant(tiny_model, tmp_path, monkeypatch):
+    # "~/..." made a folder named "~" where the process ran, which another working directory did not
+    # find; a milvus-lite 2 file (milvus-lite 3 keeps a folder) was refused as another process's
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    store = MilvusMemoryStore(tiny_model, "~/stores/clara.db")
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    store.close()
+    assert (tmp_path / "home" / "stores" / "clara.db").is_dir() and not (tmp_path / "~").exists()
+    (tmp_path / "old.db").write_bytes(b"SQLite format 3\x00")
+    with pytest.raises(StoreError, match="old.db is a file: milvus-lite 3 keeps a store in a folder"):
+        MilvusMemoryStore(tiny_model, str(tmp_path / "old.db"))
+
+
 def test_an_index_is_built_and_searched_with_the_settings_given(tiny_model, uri, monkeypatch):
     # Milvus' defaults (nprobe, ef) bounded a large collection's recall, and no argument raised them
     import pymilvus
