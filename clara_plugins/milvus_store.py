@@ -82,7 +82,7 @@ _ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r"})
 class MilvusMemoryStore(BaseMemoryStore):
     """Upsert, delete, get and search documents compressed by one ClaraModel, kept in Milvus.
 
-    ``MilvusMemoryStore(model, "stores/clara.db")`` keeps them in a milvus-lite file,
+    ``MilvusMemoryStore(model, "stores/clara.db")`` keeps them in a milvus-lite folder,
     ``MilvusMemoryStore(model, "http://host:19530", token="user:password")`` on a server.
     It behaves as ``MemoryStore`` (same methods, ids, filters, scores and errors) with
     CLaRa's own keys, except that:
@@ -156,7 +156,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         except MilvusException as error:  # milvus-lite logs its cause (another process's lock, mostly) and says this
             if uri.endswith(".db") and error.message == "Open local milvus failed":
                 raise StoreError(f"milvus-lite could not open {uri}: most often another process has it open (it "
-                                 "serves a file to one process, until that process exits); the log above names "
+                                 "serves a folder to one process, until that process exits); the log above names "
                                  "the cause") from error
             raise
         try:

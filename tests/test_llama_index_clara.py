@@ -277,12 +277,19 @@ def test_persist_and_reload(vector_store, tiny_model, tmp_path, monkeypatch):
     vector_store.persist(f"file://{tmp_path}/uri/default__vector_store.json", fs=LocalFileSystem())
     assert (tmp_path / "uri" / "default__vector_store.clara" / "CURRENT").is_file() and not (tmp_path / "file:").exists()
     assert query(ClaraVectorStore.from_persist_dir(f"file://{tmp_path}/uri", tiny_model)).ids == query(vector_store).ids
+    vector_store.persist(f"file:{tmp_path}/uri2/default__vector_store.json")  # as StorageContext.persist passes it
+    assert (tmp_path / "uri2" / "default__vector_store.clara" / "CURRENT").is_file() and not (tmp_path / "file:").exists()
     with pytest.raises(NotImplementedError, match="local file system only"):
         vector_store.persist("s3://bucket/store.json")
     # a store folder named as itself (clara index --store, LangChain's save_local) was looked for as store.clara
     vector_store.persist(str(tmp_path / "folder.json"))
     (tmp_path / "folder.clara").rename(tmp_path / "folder")
-    assert query(ClaraVectorStore.from_persist_path(tmp_path / "folder", tiny_model)).ids == query(vector_store).ids
+    reopened = ClaraVectorStore.from_persist_path(tmp_path / "folder", tiny_model)
+    assert query(reopened).ids == query(vector_store).ids
+    reopened.delete_nodes(["n0"])  # and persisted there again, not into a folder.clara beside it
+    reopened.persist(str(tmp_path / "folder"))
+    assert not (tmp_path / "folder.clara").exists()
+    assert len(ClaraVectorStore.from_persist_path(tmp_path / "folder", tiny_model).get_nodes()) == 5
     # and where there is no store, it is refused before the shipped model loads (seconds to a minute)
     monkeypatch.setattr("llama_index_clara.vector_store.load_model", lambda: pytest.fail("the shipped model loaded"))
     with pytest.raises(StoreError, match="is not a CLaRa memory store"):

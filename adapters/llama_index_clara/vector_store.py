@@ -350,8 +350,6 @@ class ClaraVectorStore(BasePydanticVectorStore):
         embedding, ``langchain_clara.embeddings.EmbeddingsKeys(embedding)``), if not CLaRa's own."""
         path = _local_path(persist_path, fs)
         folder = _store_folder(path)
-        if not folder.exists() and (path / "CURRENT").is_file():  # named itself: path.clara was looked for
-            folder = path
         earlier = path.with_suffix(".clara")  # where earlier versions saved "run.v1", and "run.v2"
         if not folder.exists() and earlier.exists():
             raise StoreError(f"no store at {folder}; earlier versions may have saved {persist_path} to {earlier}, "
@@ -371,18 +369,22 @@ class ClaraVectorStore(BasePydanticVectorStore):
 
 
 def _local_path(persist_path: str | Path, fs: AbstractFileSystem | None) -> Path:
-    """A path on the local file system, as LlamaIndex's JSON stores beside the store take it: a
-    ``file://`` one too (it was read as a folder named ``file:`` in the working directory)."""
-    protocol, path = split_protocol(str(persist_path))
+    """A path on the local file system, read as LlamaIndex's JSON stores beside the store read it:
+    a ``file://`` one too, and the ``file:/`` that ``StorageContext.persist`` makes of it (each
+    was read as a folder named ``file:`` in the working directory)."""
+    protocol, _ = split_protocol(str(persist_path))
     if (fs is not None and not isinstance(fs, LocalFileSystem)) or protocol not in (None, "file", "local"):
         raise NotImplementedError("ClaraVectorStore persists to the local file system only")
-    return Path(path)
+    return Path(LocalFileSystem._strip_protocol(str(persist_path)))
 
 
 def _store_folder(path: Path) -> Path:
     """``path`` with its ``.json`` suffix (or ``.clara``) made ``.clara``, or with ``.clara``
-    added after any other name, so that ``run.v1`` and ``run.v2`` stay two stores."""
-    return path.with_suffix(".clara") if path.suffix in (".json", ".clara") else path.with_name(path.name + ".clara")
+    added after any other name, so that ``run.v1`` and ``run.v2`` stay two stores; or ``path``
+    itself where it is a store folder and that one is not (``clara index --store``'s, LangChain's
+    ``save_local``'s: opened and persisted by its own name, not forked into a copy beside it)."""
+    named = path.with_suffix(".clara") if path.suffix in (".json", ".clara") else path.with_name(path.name + ".clara")
+    return path if not named.exists() and (path / "CURRENT").is_file() else named
 
 
 _QUERY_OPTIONS = ("mmr_threshold", "mmr_prefetch_k", "mmr_prefetch_factor")
