@@ -118,10 +118,7 @@ class BaseMemoryStore(ABC):
         """(Under the lock) the ids among ``wanted``, or every stored one, that ``where`` selects."""
         if where is None:  # the ids alone, not a listing of every stored one
             return self.all_ids() if wanted is None else wanted
-        if wanted is None:
-            return self.ids_where(where)
-        selected = set(self.ids_where(where))
-        return [doc_id for doc_id in wanted if doc_id in selected]
+        return self.ids_where(where, wanted)
 
     @abstractmethod
     def get(self, ids: Sequence[str]) -> list[StoredDocument]:
@@ -155,8 +152,11 @@ class BaseMemoryStore(ABC):
         return {document.id: (document.text, memory) for document, memory in zip(documents, memories)}
 
     @abstractmethod
-    def ids_where(self, where: Filter) -> list[str]:
-        """Ids of the documents whose metadata satisfies a filter."""
+    def ids_where(self, where: Filter, among: Collection[str] | None = None) -> list[str]:
+        """Ids of the documents whose metadata satisfies a filter: of every stored one, or of
+        those ``among`` these ids (in their order), the filter read for them alone (read for
+        every row, a LlamaIndex ``get_nodes`` of a few node ids with filters cost 0.3 s at a
+        million documents)."""
 
     @abstractmethod
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:

@@ -346,9 +346,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         if ids is None:
             expressions = [condition or 'id >= ""']  # every id: none is below ""
         else:
-            ids = id_list(ids, "ids", ordered=False)
-            expressions = [_all([_one_of("id", ids[start:start + BATCH_ROWS]), *([condition] if condition else [])])
-                           for start in range(0, len(ids), BATCH_ROWS)]
+            expressions = _among(id_list(ids, "ids", ordered=False), condition)
         with self._lock:
             try:
                 for expression in expressions:
@@ -388,9 +386,15 @@ class MilvusMemoryStore(BaseMemoryStore):
         memories = (vectors * norms[:, None]).astype(np.float16).reshape(len(rows), *self._memory_shape)
         return torch.from_numpy(memories.astype(np.float32))
 
-    def ids_where(self, where: Filter) -> list[str]:
-        """Ids of the documents whose metadata satisfies a filter."""
-        return self._ids_matching(milvus_filter(where) or "")
+    def ids_where(self, where: Filter, among: Collection[str] | None = None) -> list[str]:
+        """Ids of the documents whose metadata satisfies a filter, of every stored one or of
+        those ``among`` these ids (in their order): asked of the server a batch of ids at a time."""
+        condition = milvus_filter(where)
+        if among is None:
+            return self._ids_matching(condition or "")
+        among = id_list(among, "among", ordered=False)
+        chosen = {doc_id for expression in _among(among, condition) for doc_id in self._ids_matching(expression)}
+        return [doc_id for doc_id in among if doc_id in chosen]
 
     def ids_for_texts(self, texts: Sequence[str]) -> list[str | None]:
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
@@ -607,6 +611,13 @@ def _huge_integer(value: Any) -> int | None:
 def _one_of(field: str, values: list[str]) -> str:
     """The expression: ``field`` is one of these strings, each quoted and escaped."""
     return f"{field} in [{', '.join(map(_string, values))}]"
+
+
+def _among(ids: list[str], condition: str | None) -> list[str]:
+    """The expressions choosing, a batch of ids each, the rows of ``ids`` that satisfy
+    ``condition`` (None: all of them)."""
+    return [_all([_one_of("id", ids[start:start + BATCH_ROWS]), *([condition] if condition else [])])
+            for start in range(0, len(ids), BATCH_ROWS)]
 
 
 def _all(parts: list[str]) -> str:

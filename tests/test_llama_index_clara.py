@@ -253,8 +253,8 @@ def test_filtered_nodes_are_chosen_and_read_in_one_hold_of_the_store(vector_stor
     store, chosen = vector_store.client, vector_store.client.ids_where
     writers = []
 
-    def replaced_once_chosen(where):
-        ids = chosen(where)
+    def replaced_once_chosen(where, among=None):
+        ids = chosen(where, among)
         writers.append(threading.Thread(target=store.upsert, args=(["Replaced."], ["n0"], [{"topic": "gone"}])))
         writers[-1].start()
         writers[-1].join(1.0)  # it waits for the store's lock while the reader holds it

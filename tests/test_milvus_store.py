@@ -641,5 +641,12 @@ def test_a_delete_by_filter_or_of_everything_is_one_delete_on_the_server(milvus,
     assert sorted(milvus.all_ids()) == kept[1:]
     milvus.delete_where(None, ids=kept[-1:])
     assert kept[-1] not in milvus.all_ids()
+    listed = milvus._ids_matching  # read among ids: asked of the server for those ids, not for every match
+    monkeypatch.setattr(milvus, "_ids_matching", lambda expression: listed(expression) if expression.startswith(
+        "(id in [") else pytest.fail(f"every match was listed: {expression}"))
+    among = [kept[1], "no-such-id", kept[2]]
+    assert [d.id for d in milvus.get_where({"topic": METAS[IDS.index(kept[2])]["topic"]}, ids=among)] == [kept[2]]
+    assert milvus.ids_where({"topic": METAS[IDS.index(kept[1])]["topic"]}, among) == [kept[1]]
+    monkeypatch.undo()
     milvus.delete_where()
     assert milvus.all_ids() == [] and len(milvus) == 0
