@@ -4,6 +4,9 @@ tokens instead of as text."""
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterable
+
 MIN_FOUND_CHARS = 32  # the shortest stored text looked for: a shorter one cannot be told from prose
 
 
@@ -20,29 +23,36 @@ def found_prefix(text: str) -> str:
     return found[:MIN_FOUND_CHARS] if len(found) >= MIN_FOUND_CHARS else ""
 
 
-def found_lookup(ids_by_text: dict[str, str]) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """What ``find_documents`` looks for: the id of each stored text as a prompt holds it,
-    and those texts, longest first, under their ``found_prefix``."""
-    ids = {found_text(text): doc_id for text, doc_id in ids_by_text.items()}
-    by_prefix: dict[str, list[str]] = {}
-    for text in sorted(ids, key=len, reverse=True):
-        if prefix := found_prefix(text):
-            by_prefix.setdefault(prefix, []).append(text)
-    return ids, by_prefix
+class TextLookup:
+    """The id of each stored text, exactly and as a prompt holds it, from rows in their order:
+    where several rows hold one text, the last one's. Rows appended later extend it (a store
+    of a million documents took 2.5 s to build it again after each write)."""
 
+    def __init__(self, rows: Iterable[tuple[str, str]] = ()) -> None:
+        self.ids_by_text: dict[str, str] = {}  # exact text -> id
+        self._ids_as_found: dict[str, str] = {}  # found_text -> id
+        self._by_prefix: dict[str, list[str]] = {}  # found_prefix -> found texts, longest first
+        self.add(rows)
 
-def find_documents(text: str, ids_by_text: dict[str, str],
-                   texts_by_prefix: dict[str, list[str]]) -> list[tuple[int, int, str]]:
-    """(start, end, id) of the stored documents whose text occurs in ``text``, in order and
-    without overlaps (the longest document wins at a position); the two maps come from
-    ``found_lookup``."""
-    found, start = [], 0
-    while start <= len(text) - MIN_FOUND_CHARS:
-        candidates = texts_by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
-        match = next((doc for doc in candidates if text.startswith(doc, start)), None)
-        if match is None:
-            start += 1
-            continue
-        found.append((start, start + len(match), ids_by_text[match]))
-        start += len(match)
-    return found
+    def add(self, rows: Iterable[tuple[str, str]]) -> None:
+        """Rows (id, text) that come after those looked up so far."""
+        for doc_id, text in rows:
+            self.ids_by_text[text] = doc_id
+            found = found_text(text)
+            if found not in self._ids_as_found and (prefix := found_prefix(found)):
+                bisect.insort(self._by_prefix.setdefault(prefix, []), found, key=lambda t: -len(t))
+            self._ids_as_found[found] = doc_id
+
+    def find(self, text: str) -> list[tuple[int, int, str]]:
+        """(start, end, id) of the stored documents whose text occurs in ``text``, in order and
+        without overlaps (the longest document wins at a position)."""
+        found, start = [], 0
+        while start <= len(text) - MIN_FOUND_CHARS:
+            candidates = self._by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
+            match = next((doc for doc in candidates if text.startswith(doc, start)), None)
+            if match is None:
+                start += 1
+                continue
+            found.append((start, start + len(match), self._ids_as_found[match]))
+            start += len(match)
+        return found

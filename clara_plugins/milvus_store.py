@@ -59,7 +59,7 @@ from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int, check_texts, unicode_problem
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
-from .found import MIN_FOUND_CHARS, find_documents, found_lookup, found_prefix
+from .found import MIN_FOUND_CHARS, TextLookup, found_prefix
 from .keys import maximal_marginal_relevance, memory_keys
 from .model import ClaraModel
 
@@ -412,7 +412,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         """
         windows = sorted({text[start:start + MIN_FOUND_CHARS] for start in range(len(text) - MIN_FOUND_CHARS + 1)})
         rows = self._rows_where("prefix", windows, ["text"])
-        return find_documents(text, *found_lookup({row["text"]: row["id"] for row in rows}))
+        return TextLookup((row["id"], row["text"]) for row in rows).find(text)
 
     def all_ids(self) -> list[str]:
         return self._ids_matching("")

@@ -31,7 +31,7 @@ from .compact import MIN_ROWS, RETRAIN_GROWTH, TRAINING_ROWS, CompactIndex, dequ
 from .config import INDEX_KINDS, MEMORY_DTYPES
 from .errors import StoreError
 from .filters import Filter, matcher, validate_filter
-from .found import find_documents, found_lookup
+from .found import TextLookup
 from .keys import KeyEncoder, maximal_marginal_relevance, normalize_rows
 from .model import ClaraModel
 
@@ -88,8 +88,7 @@ class MemoryStore(BaseMemoryStore):
         self._row_of: dict[str, int] = {}
         self._ram_rows = self._dead_ram_rows = 0  # rows of the chunks held in RAM; of them, replaced or deleted
         self._index: faiss.Index | CompactIndex | None = None  # over all rows, in order; None when stale
-        self._ids_by_text: dict[str, str] | None = None  # with _found: see _text_lookup
-        self._found: tuple[dict[str, str], dict[str, list[str]]] = ({}, {})
+        self._lookup: TextLookup | None = None  # of the stored texts, built when first asked; None when stale
         self._saved: store_folder.SavedGeneration | None = None  # the generation last saved or loaded; see save
         # each store folder's generation this store last read or wrote: its name and its header's SHA-256
         self._generation_in: dict[Path, tuple[str, str]] = {}
@@ -146,7 +145,10 @@ class MemoryStore(BaseMemoryStore):
                     self._count_dead(row)
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
                     replaced = True
-            self._ids_by_text = None
+            lookup, self._lookup = self._lookup, None  # built again when next asked, unless extended here
+            if lookup is not None and not replaced:  # appended rows come last, so they extend it
+                lookup.add(zip(self._ids[first_new_row:], self._texts[first_new_row:]))
+                self._lookup = lookup
             self._changed()
             self._extend_index(first_new_row, replaced)
             if replaced:
@@ -207,7 +209,7 @@ class MemoryStore(BaseMemoryStore):
             self._where = [self._where[r] for r in keep]
             self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
             self._index = self._index_without(sorted(doomed))
-            self._ids_by_text = None
+            self._lookup = None
             self._changed()
             self._drop_dead_rows()
 
@@ -302,8 +304,7 @@ class MemoryStore(BaseMemoryStore):
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
         texts = check_texts(texts, "texts", blanks=True)  # as the Milvus store, which cannot query the rest
         with self._lock:
-            self._text_lookup()
-            return [self._ids_by_text.get(text) for text in texts]
+            return [self._text_lookup().ids_by_text.get(text) for text in texts]
 
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, id) of the stored documents whose text occurs in ``text`` as a prompt
@@ -314,14 +315,13 @@ class MemoryStore(BaseMemoryStore):
         shorter than MIN_FOUND_CHARS (trimmed) are not looked for: too short to be told from prose.
         """
         with self._lock:
-            self._text_lookup()
-            return find_documents(text, *self._found)
+            return self._text_lookup().find(text)
 
-    def _text_lookup(self) -> None:
-        """Build, once per change, the id of each exact text and what ``documents_in`` looks for."""
-        if self._ids_by_text is None:
-            self._ids_by_text = {text: doc_id for doc_id, text in zip(self._ids, self._texts)}
-            self._found = found_lookup(self._ids_by_text)
+    def _text_lookup(self) -> TextLookup:
+        """The stored texts' lookup, built again after a delete or a replace."""
+        if self._lookup is None:
+            self._lookup = TextLookup(zip(self._ids, self._texts))
+        return self._lookup
 
     def all_ids(self) -> list[str]:
         with self._lock:

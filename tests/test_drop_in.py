@@ -22,9 +22,10 @@ from langchain_core.runnables import RunnablePassthrough
 from llama_index.core import StorageContext, VectorStoreIndex
 from llama_index.core.schema import TextNode
 
-from clara_plugins import ClaraModel, InvalidInputError
+from clara_plugins import ClaraModel, InvalidInputError, MemoryStore
 from clara_plugins.context import read_messages
 from clara_plugins.config import ANSWER_TEMPLATE
+from clara_plugins.found import TextLookup
 from conftest import CORPUS, randomize_adapters
 from langchain_clara import ChatClara, ClaraRetriever, ClaraVectorStore, format_documents
 from llama_index_clara import ClaraLLM
@@ -332,6 +333,37 @@ def test_stored_documents_are_found_wherever_they_occur(tiny_model, vectorstore)
     found = store.documents_in(text)
     assert [doc_id for _, _, doc_id in found] == ["d2", "d4", "d1"]  # a partial text is not a document
     assert all(text[start:end] == store.get([doc_id])[0].text for start, end, doc_id in found)
+
+
+def test_the_text_lookup_grows_with_appended_documents_and_is_built_again_after_other_writes(tiny_model,
+                                                                                             monkeypatch):
+    import clara_plugins.store
+
+    builds = []
+
+    class CountedLookup(TextLookup):
+        def __init__(self, rows=()):
+            builds.append(1)
+            super().__init__(rows)
+
+    monkeypatch.setattr(clara_plugins.store, "TextLookup", CountedLookup)
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    prompt = f"Context: {CORPUS[0]}\n{CORPUS[1]}\n{CORPUS[2]}\n{CORPUS[3]}"
+
+    def as_built_anew():
+        return TextLookup((doc.id, doc.text) for doc in store.get(store.all_ids()))
+
+    assert [doc_id for _, _, doc_id in store.documents_in(prompt)] == ["a", "b"] and len(builds) == 1
+    # appended, a text the prompt holds as a's (its whitespace trimmed) is found as the later one
+    store.upsert([CORPUS[2], f"  {CORPUS[0]}\n"], ids=["c", "a-again"])
+    assert [doc_id for _, _, doc_id in store.documents_in(prompt)] == ["a-again", "b", "c"]
+    assert store.ids_for_texts([CORPUS[2], CORPUS[0]]) == ["c", "a"] and len(builds) == 1
+    assert store.documents_in(prompt) == as_built_anew().find(prompt)
+    store.upsert([CORPUS[3]], ids=["b"])  # replaced: b's text is another now
+    assert [doc_id for _, _, doc_id in store.documents_in(prompt)] == ["a-again", "c", "b"] and len(builds) == 2
+    store.delete(["a-again"])
+    assert [doc_id for _, _, doc_id in store.documents_in(prompt)] == ["a", "c", "b"] and len(builds) == 3
 
 
 def test_interleaved_streams_leave_no_switch_behind(tiny_model):
