@@ -23,6 +23,7 @@ from llama_index.core.vector_stores.types import (
 from clara_plugins import ClaraModel, InvalidInputError, StoreError
 from conftest import CORPUS, randomize_adapters
 from llama_index_clara import CLARA_QA_PROMPT, ClaraLLM, ClaraRetriever, ClaraSynthesizer, ClaraVectorStore
+from llama_index_clara.embedding import _untaken
 
 QUESTION = "Who won Nobel prizes?"
 TOPICS = ["city", "tower", "city", "river", "science", "novel"]
@@ -217,6 +218,8 @@ def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):
         index = VectorStoreIndex.from_documents(documents, storage_context=StorageContext.from_defaults(
             vector_store=store), embed_model=store.embed_model)
     assert [d.text for d in store.client.get(store.client.all_ids())] == [CORPUS[0]]
+    # the embedding compressed the node with metadata; its memories, no store's to take, are not kept
+    assert not _untaken.get(tiny_model)
     assert len(index.as_retriever(similarity_top_k=3).retrieve(QUESTION)) == 1
     blank, filled = store.embed_model.get_text_embedding_batch(["", CORPUS[1]])  # compressing "" was refused
     assert blank == [1.0] + [0.0] * (len(filled) - 1)  # a unit vector: cosine stores divide by its norm

@@ -115,6 +115,15 @@ def expect_takers(model: ClaraModel) -> None:
         _takers.add(model)
 
 
+def forget_memories(model: ClaraModel, texts: list[str]) -> None:
+    """Drop the memory tokens kept for texts no store will take (nodes a store leaves out): kept,
+    they held their share of ``_KEEP_BYTES`` until a warning counted them as forgotten."""
+    with _untaken_lock:
+        untaken = _untaken.get(model, OrderedDict())
+        for text in texts:
+            untaken.pop(text, None)
+
+
 def take_memories(model: ClaraModel, texts: list[str], batch_size: int) -> torch.Tensor:
     """Memory tokens [n, n_mem, hidden] (fp16) of the texts: those a ClaraEmbedding of this
     model computed are handed over and forgotten, the rest are compressed now (``batch_size``

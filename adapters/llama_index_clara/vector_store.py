@@ -45,7 +45,7 @@ from clara_plugins.keys import KeyEncoder
 
 MMR_PREFETCH_FACTOR = 4.0  # LlamaIndex's database stores re-rank 4 x similarity_top_k nodes by default
 
-from .embedding import ClaraEmbedding, expect_takers, take_memories
+from .embedding import ClaraEmbedding, expect_takers, forget_memories, take_memories
 
 _OPERATORS = {FilterOperator.EQ: "$eq", FilterOperator.NE: "$ne", FilterOperator.IN: "$in",
               FilterOperator.NIN: "$nin", FilterOperator.GT: "$gt", FilterOperator.GTE: "$gte",
@@ -216,7 +216,10 @@ class ClaraVectorStore(BasePydanticVectorStore):
         texts = [node.get_content(metadata_mode=MetadataMode.NONE) for node in nodes]
         stored = [(node, text) for node, text in zip(nodes, texts) if text.strip()]
         if len(stored) < len(nodes):
-            blank = next(node for node, text in zip(nodes, texts) if not text.strip())
+            blanks = [node for node, text in zip(nodes, texts) if not text.strip()]
+            # one with metadata was compressed from them by the embedding, which keeps its memories for us
+            forget_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED) for node in blanks])
+            blank = blanks[0]
             warnings.warn(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
                           f"(first: {blank.node_id}); a node stored under one of their ids before is kept", stacklevel=2)
         if stored:
