@@ -88,6 +88,7 @@ class MemoryStore(BaseMemoryStore):
         self._row_of: dict[str, int] = {}
         self._ram_rows = self._dead_ram_rows = 0  # rows of the chunks held in RAM; of them, replaced or deleted
         self._index: faiss.Index | CompactIndex | None = None  # over all rows, in order; None when stale
+        self._keys_made = 0  # by filtered searches since the index was last built: see _candidate_keys
         self._lookup: TextLookup | None = None  # of the stored texts, built when first asked; None when stale
         self._saved: store_folder.SavedGeneration | None = None  # the generation last saved or loaded; see save
         # each store folder's generation this store last read or wrote: its name and its header's SHA-256
@@ -406,10 +407,18 @@ class MemoryStore(BaseMemoryStore):
         """The keys of rows to score: read from a built exact index that holds every row, where
         it keeps them smaller than the memories they are made of (a mean key: a filtered search
         read and averaged each candidate's 16 memory vectors), else made from the memories. The
-        index holds the very keys ``_row_keys`` made, so the scores are the same."""
+        index holds the very keys ``_row_keys`` made, so the scores are the same.
+
+        A flat index not built yet (a loaded store whose every search is filtered) is built once
+        the keys made for filtered searches add up to the store's size, about what building costs:
+        every broad filtered search made each match's key from its memories again."""
         index = self._index
-        if (self.keys.keys_are_memories and self.keys.blocks == 1
-                and isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) and index.ntotal == len(self._ids)):
+        mean_keys = self.keys.keys_are_memories and self.keys.blocks == 1
+        if mean_keys and index is None and self.index_kind == "flat":
+            self._keys_made += len(rows)
+            if self._keys_made >= len(self._ids):
+                index = self._ensure_index()
+        if mean_keys and isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat)) and index.ntotal == len(self._ids):
             return index.reconstruct_batch(np.asarray(rows, dtype=np.int64))
         return self._row_keys(rows)
 
@@ -477,7 +486,7 @@ class MemoryStore(BaseMemoryStore):
                 for start in range(0, count, store_folder.SHARD_ROWS):
                     index.add(self._row_keys(range(start, min(start + store_folder.SHARD_ROWS, count))))
                     progress.update(min(store_folder.SHARD_ROWS, count - start))
-            self._index = index
+            self._index, self._keys_made = index, 0
         return self._index
 
     # --------------------------------------------------------------- saving

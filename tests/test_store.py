@@ -1058,6 +1058,20 @@ def test_a_filtered_search_reads_the_mean_keys_of_a_built_index_not_the_memories
     assert store.search("Nobel prizes", k=2, where={"n": 0}, lambda_mult=0.3) == diverse
 
 
+def test_a_flat_store_searched_with_filters_alone_builds_its_index_once_they_made_as_many_keys(tiny_model,
+                                                                                               monkeypatch, tmp_path):
+    # a loaded store whose every search was filtered made each match's key from its memories at each search
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS, ids=[f"d{i}" for i in range(len(CORPUS))], metadatas=[{"n": i % 2} for i in range(len(CORPUS))])
+    expected = store.search("Nobel prizes", k=3, where={"n": 0})
+    store.save(tmp_path / "s")
+    loaded = MemoryStore.load(tmp_path / "s", tiny_model)
+    assert loaded.search("Nobel prizes", k=3, where={"n": 0}) == expected and loaded._index is None  # half the keys
+    assert loaded.search("Nobel prizes", k=3, where={"n": 0}) == expected and loaded._index is not None
+    monkeypatch.setattr(loaded, "_memory_rows", lambda rows: pytest.fail("the memories were read"))
+    assert loaded.search("Nobel prizes", k=3, where={"n": 0}) == expected
+
+
 def test_a_save_through_a_linked_current_leaves_the_linked_store_alone(store, tiny_model, tmp_path):
     # a copy whose CURRENT links to the original's ("cp -rs"): its save pointed the original at a
     # generation only the copy holds, and the original no longer loaded
