@@ -17,8 +17,8 @@ import torch
 
 from .atomic import check_replaceable_folder
 from .checks import check_writable
-from .checkpoint import (CONFIG_FILE, files_sha256, load_added_rows, load_adapter_weights, read_torch_file,
-                         untied_output)
+from .checkpoint import (CONFIG_FILE, check_lora_rank, files_sha256, load_added_rows, load_adapter_weights,
+                         read_torch_file, untied_output)
 from .config import ADAPTER_NAMES, ClaraConfig
 from .errors import CheckpointError
 from .jsonfiles import read_json
@@ -108,6 +108,9 @@ def load_apple_checkpoint(
                                                  for key, value in matrices.items()):
         raise CheckpointError(f"{folder}/decoder_first_last_layers.pth is not a state dict of named tensors")
     embed = _matrix(matrices, "embed_tokens.weight", folder)
+    check_lora_rank(config.lora_r, {tensor.shape[0] for state in adapters.values() for key, tensor in state.items()
+                                    if ".lora_A." in key and tensor.ndim == 2},
+                    folder / "adapters.pth", folder / "config.json")
     model = ClaraModel._of_checkpoint(config, folder, base_model is not None, device, dtype)
     output = untied_output(model)
     # an untied model without Apple's head kept its own seeded rows for the added tokens

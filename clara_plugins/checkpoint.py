@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
@@ -261,8 +261,25 @@ def _refuse_lfs_pointer(path: Path) -> None:
 
 
 def read_config(folder: Path) -> ClaraConfig:
-    """The ClaraConfig a checkpoint was trained with."""
-    return _config_of(read_header(folder), folder)
+    """The ClaraConfig a checkpoint was trained with, its ``lora_r`` checked against its
+    compressor's file (its header alone) before adapters are built of that rank."""
+    config = _config_of(read_header(folder), folder)
+    path = folder / adapter_file(ADAPTER_NAMES[0])
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            ranks = {weights.get_slice(key).get_shape()[0] for key in weights.keys() if ".lora_A." in key}
+    except (SafetensorError, OSError):  # missing or damaged: named where the weights load
+        ranks = set()
+    check_lora_rank(config.lora_r, ranks, path, folder / CONFIG_FILE)
+    return config
+
+
+def check_lora_rank(lora_r: int, ranks: set[int], weights: str | Path, settings: str | Path) -> None:
+    """Refuse settings whose LoRA rank is not their adapters' before any adapter is built: a
+    header's lora_r of 100,000 made peft fill 366 GB of adapters for SmolLM2."""
+    if ranks and ranks != {lora_r}:
+        raise CheckpointError(f"{weights} holds adapters of rank {', '.join(map(str, sorted(ranks)))}, and {settings} "
+                              f"gives lora_r {lora_r}: one of them is damaged")
 
 
 # the settings of the first format; the ones added since are filled in for older headers below

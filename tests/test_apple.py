@@ -113,6 +113,19 @@ def test_unreachable_base_model_asks_for_a_local_path(tiny_tokens_model, tmp_pat
         load_apple_checkpoint(tmp_path / "apple", device="cpu")
 
 
+def test_a_config_whose_lora_rank_is_not_its_adapters_is_refused_before_they_are_built(tiny_tokens_model, tmp_path,
+                                                                                      monkeypatch):
+    from clara_plugins import model as model_module
+
+    write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
+    config = json.loads((tmp_path / "apple" / "config.json").read_text())
+    (tmp_path / "apple" / "config.json").write_text(json.dumps({**config, "lora_r": 100_000}))
+    monkeypatch.setattr(model_module, "get_peft_model", lambda *a, **k: pytest.fail("adapters were built"))
+    with pytest.raises(CheckpointError, match=f"adapters.pth holds adapters of rank {tiny_tokens_model.config.lora_r}, "
+                                              "and .*config.json gives lora_r 100000"):
+        load_apple_checkpoint(tmp_path / "apple", base_model=tiny_tokens_model.config.base_model, device="cpu")
+
+
 def test_checkpoint_of_another_base_model_is_refused(tiny_tokens_model, other_tiny_base, tmp_path):
     write_apple_checkpoint(tiny_tokens_model, tmp_path / "apple")
     with pytest.raises(CheckpointError, match="another base model"):

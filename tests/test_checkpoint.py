@@ -143,6 +143,22 @@ def test_missing_or_foreign_files_fail_clearly(tiny_model, tmp_path):
         ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
 
 
+def test_a_header_whose_lora_rank_is_not_its_adapters_is_refused_before_they_are_built(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    # peft filled adapters of the header's rank first: 366 GB for SmolLM2 at a lora_r of 100,000
+    from clara_plugins import model as model_module
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "clara_config.json"
+    header = json.loads(path.read_text())
+    header["config"].update(lora_r=100_000, lora_alpha=200_000)
+    path.write_text(json.dumps(header))
+    monkeypatch.setattr(model_module, "get_peft_model", lambda *a, **k: pytest.fail("adapters were built"))
+    with pytest.raises(CheckpointError, match=f"adapter_encoder_adapter.safetensors holds adapters of rank "
+                                              f"{tiny_model.config.lora_r}, and .*clara_config.json gives lora_r 100000"):
+        ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+
+
 def test_a_hand_edited_header_or_rows_file_is_named(tiny_model, tmp_path):
     from safetensors.torch import load_file, save_file
 
