@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from .bm25 import bm25_rank, bm25_ranker, fill_short_pools, with_candidates
+from .checks import unicode_problem
 from .config import SETTINGS, TrainConfig
 from .corpora import QAExample, official_format, same_evidence, word_grams
 from .errors import InvalidInputError
@@ -286,7 +287,7 @@ def scp_row_problem(row: dict) -> str | None:
         return "answers must be a non-empty list of non-blank strings"
     if row["data_type"] == "qa" and not (_strings(row.get("question")) and len(row["question"]) == len(row["answers"])):
         return "a qa row's question must be a list of strings, one for each of its answers"
-    return None
+    return _broken_text(row)
 
 
 def _official_hint(row: object) -> str:
@@ -330,6 +331,16 @@ def question_row_problem(row: object, needs_answer: bool = True) -> str | None:
         # the control compares its texts: a string's letters, a None, failed there
         return (f"gold_left_out must list the texts of supporting passages the row lacks (at most gold_missing, "
                 f"{missing}), got {row['gold_left_out']!r:.80}")
+    return _broken_text(row)
+
+
+def _broken_text(row: dict) -> str | None:
+    """A field's text that is no valid Unicode (a lone surrogate: text a UTF-16 tool cut mid-emoji),
+    which failed at its row's batch, after the answers or steps before it."""
+    for field, value in row.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and (problem := unicode_problem(text)) is not None:
+                return f"{field} is not valid Unicode text ({problem})"
     return None
 
 

@@ -262,6 +262,11 @@ def test_clara_eval_refuses_rows_it_cannot_read_before_it_loads_the_model(tmp_pa
         (ROWS[:1] + [{**ROWS[1], "gold_missing": "1"}], ["--retrievers", "bm25"], "row 1: gold_missing must count"),
         (ROWS[:1] + [{**ROWS[1], "gold_missing": 1, "gold_left_out": "a text"}], ["--systems", "control"],
          "row 1: gold_left_out must list the texts"),  # the control would compare its letters
+        # text a UTF-16 tool cut mid-emoji: it failed at its row's batch, after the answers before it
+        (ROWS[:1] + [{**ROWS[1], "docs": ["A tweet cut mid-emoji \ud83d", *ROWS[1]["docs"][1:]]}], [],
+         "row 1: docs is not valid Unicode text (surrogates not allowed at character 22)"),
+        ([passage, {**passage, "answers": ["Paris \udce4"]}], ["--systems", "--reading"],
+         "row 1: answers is not valid Unicode text"),
         (ROWS[:1] + [{**ROWS[1], "docs": ROWS[1]["docs"][1:2], "pos_index": [0]}], ["-k", "3", "--reading"],
          "the same number"),
         # a pool longer than k: text read its first k candidates as they stand (a random order)
