@@ -225,6 +225,17 @@ def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):
     assert blank == [1.0] + [0.0] * (len(filled) - 1)  # a unit vector: cosine stores divide by its norm
 
 
+def test_a_document_whose_metadata_is_no_valid_unicode_is_refused_by_name(tiny_model):
+    # a reader's file_path of a name not in UTF-8 (a zip made on Windows) failed in the tokenizer,
+    # on a TypeError naming neither document nor field
+    store = ClaraVectorStore(tiny_model)
+    document = Document(text=CORPUS[0], metadata={"file_path": "/data/Pr\udce4sentation.txt"})
+    with pytest.raises(ValueError, match=r"a document's metadata are not valid Unicode text .*Pr\\udce4sentation"):
+        VectorStoreIndex.from_documents([document], storage_context=StorageContext.from_defaults(vector_store=store),
+                                        embed_model=store.embed_model)
+    assert len(store.client) == 0
+
+
 def test_get_nodes_and_clear(vector_store):
     assert [n.node_id for n in vector_store.get_nodes(["n4", "missing", "n1"])] == ["n4", "n1"]
     for call in (vector_store.get_nodes, vector_store.delete_nodes):  # the id's letters were looked up

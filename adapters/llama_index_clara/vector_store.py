@@ -39,7 +39,7 @@ from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model, id_list
-from clara_plugins.checks import check_fraction, check_positive_int
+from clara_plugins.checks import check_fraction, check_positive_int, unicode_problem
 from clara_plugins.filters import holds_no_condition
 from clara_plugins.keys import KeyEncoder
 
@@ -107,7 +107,11 @@ class _CompressorChunks(SentenceSplitter):
 
     def split_text_metadata_aware(self, text: str, metadata_str: str) -> list[str]:
         """Refuse metadata that leave a chunk no room: LlamaIndex's advice, a larger chunk size,
-        makes chunks the compressor reads only the first ``doc_max_length`` tokens of."""
+        makes chunks the compressor reads only the first ``doc_max_length`` tokens of; and metadata
+        that are no valid Unicode, which failed in the tokenizer, naming neither document nor field."""
+        if (problem := unicode_problem(metadata_str)) is not None:  # e.g. a reader's file_path of a name not in UTF-8
+            raise ValueError(f"a document's metadata are not valid Unicode text ({problem}): {metadata_str!r:.120}; "
+                             "mend the field or leave it out (a file name that is not UTF-8: rename the file)")
         length = len(self._tokenizer(metadata_str))
         if length >= self.chunk_size:
             raise ValueError(f"a document's metadata take {length} tokens, and the compressor reads {self.chunk_size} "
