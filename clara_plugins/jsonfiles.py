@@ -45,6 +45,8 @@ def read_json(path: Path, error: type[ValueError]) -> object:
         raise error(f"{path} is corrupted (not valid JSON): {corrupted}") from corrupted
     except RecursionError as deep:  # a bare RecursionError that named no file
         raise error(f"{path} nests its JSON deeper than Python can read") from deep
+    except ValueError as long:  # an integer of more digits than Python converts, in a bare ValueError
+        raise error(f"{path} is corrupted: {long}") from long
 
 
 def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:

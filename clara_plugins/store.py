@@ -608,8 +608,8 @@ class MemoryStore(BaseMemoryStore):
     ) -> "MemoryStore":
         """Open the current generation; memories stay on disk, memory-mapped.
 
-        Every file is checked against the checksum written with it, and no path may lead
-        outside the store's folder.
+        Every file is checked against the checksum written with it, and no name the folder
+        records may lead outside it.
         """
         folder = Path(folder)
         for _ in range(_LOAD_TRIES):

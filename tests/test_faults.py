@@ -82,6 +82,17 @@ def test_swapped_records_or_a_foreign_index_are_named(tiny_model, tmp_path):
         MemoryStore.load(tmp_path / "a", tiny_model)
 
 
+def test_a_header_holding_a_number_too_long_to_read_is_named(tiny_model, tmp_path):
+    # Python's limit on converting long digit strings raised a bare ValueError naming no file
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:2], ids=["a", "b"])
+    store.save(tmp_path / "s")
+    header = generation(tmp_path / "s") / "store.json"
+    header.write_text(header.read_text().replace('"count": 2', '"count": 1' + "0" * 5000))
+    with pytest.raises(StoreError, match="store.json is corrupted: Exceeds the limit"):
+        MemoryStore.load(tmp_path / "s", tiny_model)
+
+
 @pytest.mark.parametrize("pointer", ["../b/gen-000001", "/tmp/gen-000001", "gen-1", "gen-000001/../../b"])
 def test_current_never_leads_outside_the_store(saved, tiny_model, pointer):
     _, folder = saved
