@@ -89,7 +89,7 @@ class MemoryStore(BaseMemoryStore):
         self._ram_rows = self._dead_ram_rows = 0  # rows of the chunks held in RAM; of them, replaced or deleted
         self._index: faiss.Index | CompactIndex | None = None  # over all rows, in order; None when stale
         self._keys_made = 0  # by filtered searches since the index was last built: see _candidate_keys
-        self._lookup: TextLookup | None = None  # of the stored texts, built when first asked; None when stale
+        self._lookup: TextLookup | None = None  # of the stored texts: built when first asked, then kept up
         self._saved: store_folder.SavedGeneration | None = None  # the generation last saved or loaded; see save
         # each store folder's generation this store last read or wrote: its name and its header's SHA-256
         self._generation_in: dict[Path, tuple[str, str]] = {}
@@ -127,7 +127,7 @@ class MemoryStore(BaseMemoryStore):
         keys = None if self.keys.keys_are_memories else self._document_keys(texts)
         with self._lock:
             self._check_key_size(keys)
-            chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), []
+            chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), []  # rows, with their texts
             self._memory_chunks.append(memories)
             self._ram_rows += len(memories)
             if scales is not None:
@@ -144,17 +144,23 @@ class MemoryStore(BaseMemoryStore):
                     self._where.append((chunk, offset))
                 else:
                     self._count_dead(row)
+                    replaced.append((row, self._texts[row]))
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
-                    replaced.append(row)
-            lookup, self._lookup = self._lookup, None  # built again when next asked, unless extended here
-            if lookup is not None and not replaced:  # appended rows come last, so they extend it
-                lookup.add(zip(self._ids[first_new_row:], self._texts[first_new_row:]))
-                self._lookup = lookup
+            self._keep_lookup([(self._ids[row], text) for row, text in replaced], list(zip(ids, texts)))
             self._changed()
-            self._extend_index(first_new_row, replaced)
+            self._extend_index(first_new_row, [row for row, _ in replaced])
             if replaced:
                 self._drop_dead_rows()
         return given
+
+    def _keep_lookup(self, removed: list[tuple[str, str]], written: list[tuple[str, str]]) -> None:
+        """Keep a built text lookup up with a write: the (id, text) pairs deleted or replaced, and
+        those written. One that fails midway is dropped, built again when next asked."""
+        lookup, self._lookup = self._lookup, None
+        if lookup is not None:
+            lookup.remove(removed)
+            lookup.add(written)
+            self._lookup = lookup
 
     def _extend_index(self, first_new_row: int, replaced: list[int]) -> None:
         """Add appended rows to a built index, so that a large hnsw or ivfpq index is not built
@@ -206,6 +212,7 @@ class MemoryStore(BaseMemoryStore):
             doomed = {self._row_of[i] for i in ids if i in self._row_of}
             if not doomed:
                 return
+            gone = [(self._ids[row], self._texts[row]) for row in doomed]
             for row in doomed:
                 self._count_dead(row)
             keep = [row for row in range(len(self._ids)) if row not in doomed]
@@ -215,7 +222,7 @@ class MemoryStore(BaseMemoryStore):
             self._where = [self._where[r] for r in keep]
             self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
             self._index = self._index_without(sorted(doomed))
-            self._lookup = None
+            self._keep_lookup(gone, [])
             self._changed()
             self._drop_dead_rows()
 
@@ -310,7 +317,7 @@ class MemoryStore(BaseMemoryStore):
         """The stored id of each exact text, or None: lets a generator reuse stored memories."""
         texts = check_texts(texts, "texts", blanks=True)  # as the Milvus store, which cannot query the rest
         with self._lock:
-            return [self._text_lookup().ids_by_text.get(text) for text in texts]
+            return [self._text_lookup().id_of(text) for text in texts]
 
     def documents_in(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, id) of the stored documents whose text occurs in ``text`` as a prompt
@@ -324,7 +331,7 @@ class MemoryStore(BaseMemoryStore):
             return self._text_lookup().find(text)
 
     def _text_lookup(self) -> TextLookup:
-        """The stored texts' lookup, built again after a delete or a replace."""
+        """The stored texts' lookup, built from the rows when first asked (a loaded store's)."""
         if self._lookup is None:
             self._lookup = TextLookup(zip(self._ids, self._texts))
         return self._lookup
