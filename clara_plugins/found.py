@@ -4,7 +4,6 @@ tokens instead of as text."""
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterable
 
 MIN_FOUND_CHARS = 32  # the shortest stored text looked for: a shorter one cannot be told from prose
@@ -30,9 +29,11 @@ class TextLookup:
 
     def __init__(self, rows: Iterable[tuple[str, str]] = ()) -> None:
         # each text's id, or its ids in the order they were written where several hold it
-        self._ids_of_text: dict[str, str | list[str]] = {}  # exact text ->
-        self._ids_as_found: dict[str, str | list[str]] = {}  # found_text ->
-        self._by_prefix: dict[str, list[str]] = {}  # found_prefix -> found texts, longest first
+        self._ids_of_text: dict[str, IdsHeld] = {}  # exact text ->
+        self._ids_as_found: dict[str, IdsHeld] = {}  # found_text ->
+        # found_prefix -> the lengths of the found texts that begin so, and how many have each:
+        # a prompt's piece of each length is looked up whole, longest first
+        self._lengths: dict[str, dict[int, int]] = {}
         self.add(rows)
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
@@ -41,7 +42,8 @@ class TextLookup:
             _add_id(self._ids_of_text, text, doc_id)
             found = found_text(text)
             if found not in self._ids_as_found and (prefix := found_prefix(found)):
-                bisect.insort(self._by_prefix.setdefault(prefix, []), found, key=lambda t: -len(t))
+                lengths = self._lengths.setdefault(prefix, {})
+                lengths[len(found)] = lengths.get(len(found), 0) + 1
             _add_id(self._ids_as_found, found, doc_id)
 
     def remove(self, rows: Iterable[tuple[str, str]]) -> None:
@@ -50,9 +52,12 @@ class TextLookup:
             _remove_id(self._ids_of_text, text, doc_id)
             found = found_text(text)
             if _remove_id(self._ids_as_found, found, doc_id) and (prefix := found_prefix(found)):
-                self._by_prefix[prefix].remove(found)
-                if not self._by_prefix[prefix]:
-                    del self._by_prefix[prefix]
+                lengths = self._lengths[prefix]
+                lengths[len(found)] -= 1
+                if not lengths[len(found)]:
+                    del lengths[len(found)]
+                    if not lengths:
+                        del self._lengths[prefix]
 
     def id_of(self, text: str) -> str | None:
         """The id of a stored text, exactly as given; None if none holds it."""
@@ -63,9 +68,10 @@ class TextLookup:
         without overlaps (the longest document wins at a position)."""
         found, start = [], 0
         while start <= len(text) - MIN_FOUND_CHARS:
-            candidates = self._by_prefix.get(text[start:start + MIN_FOUND_CHARS], ())
-            match = next((doc for doc in candidates if text.startswith(doc, start)), None)
-            if match is None:
+            lengths = self._lengths.get(text[start:start + MIN_FOUND_CHARS])
+            match = lengths and next((piece for length in sorted(lengths, reverse=True)
+                                      if (piece := text[start:start + length]) in self._ids_as_found), None)
+            if not match:
                 start += 1
                 continue
             found.append((start, start + len(match), _latest(self._ids_as_found[match])))
@@ -73,31 +79,35 @@ class TextLookup:
         return found
 
 
-def _add_id(ids_of: dict[str, str | list[str]], key: str, doc_id: str) -> None:
-    """Make ``doc_id`` the latest of the key's ids (a list only where several hold the key: a
-    list a text cost a million texts 168 MiB more)."""
+# one id, or where several documents hold a text, their ids in the order written (a dict:
+# a list was scanned at every add, and 20,000 copies of one text took 4.6 s to look up)
+IdsHeld = str | dict[str, None]
+
+
+def _add_id(ids_of: dict[str, IdsHeld], key: str, doc_id: str) -> None:
+    """Make ``doc_id`` the latest of the key's ids (a dict only where several hold the key: one
+    a text cost a million texts 168 MiB more)."""
     held = ids_of.get(key)
     if held is None or held == doc_id:
         ids_of[key] = doc_id
     elif isinstance(held, str):
-        ids_of[key] = [held, doc_id]
+        ids_of[key] = {held: None, doc_id: None}
     else:
-        if doc_id in held:
-            held.remove(doc_id)
-        held.append(doc_id)
+        held.pop(doc_id, None)
+        held[doc_id] = None
 
 
-def _remove_id(ids_of: dict[str, str | list[str]], key: str, doc_id: str) -> bool:
+def _remove_id(ids_of: dict[str, IdsHeld], key: str, doc_id: str) -> bool:
     """Take ``doc_id`` from the key's ids; whether the key holds none any more."""
     held = ids_of[key]
     if isinstance(held, str):
         del ids_of[key]
         return True
-    held.remove(doc_id)
+    del held[doc_id]
     if len(held) == 1:
-        ids_of[key] = held[0]
+        ids_of[key] = next(iter(held))
     return False
 
 
-def _latest(held: str | list[str] | None) -> str | None:
-    return held[-1] if isinstance(held, list) else held
+def _latest(held: IdsHeld | None) -> str | None:
+    return next(reversed(held)) if isinstance(held, dict) else held

@@ -127,6 +127,7 @@ class MemoryStore(BaseMemoryStore):
         keys = None if self.keys.keys_are_memories else self._document_keys(texts)
         with self._lock:
             self._check_key_size(keys)
+            lookup, self._lookup = self._lookup, None  # kept up at the end, once the write is whole
             chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), []  # rows, with their texts
             self._memory_chunks.append(memories)
             self._ram_rows += len(memories)
@@ -146,17 +147,18 @@ class MemoryStore(BaseMemoryStore):
                     self._count_dead(row)
                     replaced.append((row, self._texts[row]))
                     self._texts[row], self._metadatas[row], self._where[row] = text, metadata, (chunk, offset)
-            self._keep_lookup([(self._ids[row], text) for row, text in replaced], list(zip(ids, texts)))
             self._changed()
             self._extend_index(first_new_row, [row for row, _ in replaced])
             if replaced:
                 self._drop_dead_rows()
+            self._keep_lookup(lookup, [(self._ids[row], text) for row, text in replaced], list(zip(ids, texts)))
         return given
 
-    def _keep_lookup(self, removed: list[tuple[str, str]], written: list[tuple[str, str]]) -> None:
-        """Keep a built text lookup up with a write: the (id, text) pairs deleted or replaced, and
-        those written. One that fails midway is dropped, built again when next asked."""
-        lookup, self._lookup = self._lookup, None
+    def _keep_lookup(self, lookup: TextLookup | None, removed: list[tuple[str, str]],
+                     written: list[tuple[str, str]]) -> None:
+        """Bring the text lookup a write took at its start up to date, once the rest of the write is
+        done: the (id, text) pairs deleted or replaced, and those written. A write that failed
+        before, or here, leaves none, built again when next asked."""
         if lookup is not None:
             lookup.remove(removed)
             lookup.add(written)
@@ -213,6 +215,7 @@ class MemoryStore(BaseMemoryStore):
             if not doomed:
                 return
             gone = [(self._ids[row], self._texts[row]) for row in doomed]
+            lookup, self._lookup = self._lookup, None  # kept up at the end, once the delete is whole
             for row in doomed:
                 self._count_dead(row)
             keep = [row for row in range(len(self._ids)) if row not in doomed]
@@ -222,9 +225,9 @@ class MemoryStore(BaseMemoryStore):
             self._where = [self._where[r] for r in keep]
             self._row_of = {doc_id: row for row, doc_id in enumerate(self._ids)}
             self._index = self._index_without(sorted(doomed))
-            self._keep_lookup(gone, [])
             self._changed()
             self._drop_dead_rows()
+            self._keep_lookup(lookup, gone, [])
 
     def _index_without(self, rows: list[int]) -> faiss.Index | None:
         """A built flat index with the deleted rows' keys taken out, the rows after them moving up

@@ -374,6 +374,31 @@ def test_the_text_lookup_is_kept_up_with_every_write_not_built_again(tiny_model,
         store.documents_in(prompt)
 
 
+def test_a_write_stopped_while_its_text_lookup_is_kept_up_leaves_the_rest_of_the_store_whole(tiny_model,
+                                                                                            monkeypatch):
+    # the lookup was kept up before the index: a stopped write left a built index short of the new
+    # rows, and every later search mapped its hits to the wrong documents
+    store = MemoryStore(tiny_model)
+    store.upsert(CORPUS[:3], ids=["a", "b", "c"])
+    store.search("capital", k=1), store.documents_in(CORPUS[0])  # both built
+    revision = store.revision
+
+    def stopped(self, rows):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TextLookup, "add", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        store.upsert(CORPUS[3:5], ids=["d", "b"])  # an append and a replace
+    monkeypatch.undo()
+    assert store._index.ntotal == len(store) == 4 and store.revision > revision
+    assert [doc_id for _, _, doc_id in store.documents_in(f"{CORPUS[4]} {CORPUS[3]}")] == ["b", "d"]
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(TextLookup, "remove", stopped)
+        store.delete(["a"])
+    monkeypatch.undo()
+    assert store._index.ntotal == len(store) == 3 and store.documents_in(CORPUS[0]) == []
+
+
 def test_interleaved_streams_leave_no_switch_behind(tiny_model):
     tiny_model.train()
     memories = tiny_model.compress_documents(CORPUS[:2])
