@@ -38,9 +38,11 @@ def data_suffix(path: str | Path) -> str:
 def read_json(path: Path, error: type[ValueError]) -> object:
     """A JSON file's value, or ``error`` naming a missing or corrupted file."""
     try:
-        return json.loads(read_text(path, error))
+        text = read_text(path, error)
     except FileNotFoundError as missing:
         raise error(f"{path} is missing") from missing
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as corrupted:
         raise error(f"{path} is corrupted (not valid JSON): {corrupted}") from corrupted
     except RecursionError as deep:  # a bare RecursionError that named no file
