@@ -346,8 +346,7 @@ class ClaraModel(torch.nn.Module):
         else:
             memories = hidden[:, -n_appended:, :]
         if self.config.memory_scale:  # the MSE's target too, or it would pull the states to another size
-            memories, document_mean = (x * (self._embedding_norm / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
-                                       for x in (memories, document_mean))
+            memories, document_mean = (scaled_to(x, self._embedding_norm) for x in (memories, document_mean))
         return memories, document_mean
 
     def compress(
@@ -720,6 +719,13 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
             cut += part.truncated_tokens
     _warn_truncated(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
     return compressed
+
+
+def scaled_to(vectors: torch.Tensor, length: float) -> torch.Tensor:
+    """Vectors [..., hidden] rescaled to one length, measured in float32: an fp16 vector whose
+    entries all fit can be longer than fp16 holds (65504), and its length, an inf, made it zeros."""
+    lengths = vectors.float().norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    return vectors * (length / lengths).to(vectors.dtype)
 
 
 def fp16_memories(memories: torch.Tensor) -> np.ndarray:

@@ -117,6 +117,13 @@ def test_memory_scale_gives_every_vector_the_embedding_norm(tiny_config):
     assert torch.allclose(norms, embedding_norm.expand_as(norms), atol=1e-4)
     document_means = encode_with_gradients(model, CORPUS[:2])[1]  # SCP's MSE target, on the memories' scale
     assert torch.allclose(document_means.norm(dim=-1), embedding_norm.expand(2), atol=1e-4)
+    # an fp16 vector longer than fp16 holds, all its entries within it: its length was an inf,
+    # and the vector came back zeros
+    from clara_plugins.model import scaled_to
+
+    vectors = torch.zeros(2, 576, dtype=torch.float16)
+    vectors[0, :3], vectors[1, 0] = 40000, 24
+    assert torch.allclose(scaled_to(vectors, 2.0).float().norm(dim=-1), torch.tensor([2.0, 2.0]), rtol=1e-3)
 
 
 def test_compression_uses_the_encoder_adapter_only(tiny_model):
