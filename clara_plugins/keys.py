@@ -125,12 +125,14 @@ def maximal_marginal_relevance(query: np.ndarray, keys: np.ndarray, k: int, lamb
     ``lambda_mult * cosine(row, query) - (1 - lambda_mult) * max cosine(row, rows picked)``,
     so 1 ranks by similarity alone and 0 by diversity alone. Rows and query are unit-norm.
     """
-    relevance = keys @ query
+    # einsum, as the store scores: a matrix product rounds a row by its place, and of three copies
+    # of one document the last came first, where a plain search gives the first stored
+    relevance = np.einsum("ij,j->i", keys, query)
     picked = [int(np.argmax(relevance))]
-    closest = keys @ keys[picked[0]]  # each row's highest cosine to a picked row
+    closest = np.einsum("ij,j->i", keys, keys[picked[0]])  # each row's highest cosine to a picked row
     while len(picked) < min(k, len(keys)):
         score = lambda_mult * relevance - (1.0 - lambda_mult) * closest
         score[picked] = -np.inf
         picked.append(int(np.argmax(score)))
-        closest = np.maximum(closest, keys @ keys[picked[-1]])
+        closest = np.maximum(closest, np.einsum("ij,j->i", keys, keys[picked[-1]]))
     return picked

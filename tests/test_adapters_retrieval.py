@@ -144,6 +144,12 @@ def test_mmr_core_trades_similarity_for_diversity():
     query = normalize_rows(np.array([[1.0, 0.3, 0.2]]))[0]
     assert maximal_marginal_relevance(query, keys, 2, 1.0) == [1, 0]  # similarity alone
     assert maximal_marginal_relevance(query, keys, 2, 0.5) == [1, 2]  # row 0 nearly repeats row 1
+    # copies of one key come first-stored first, as a plain search ranks them (a matrix product
+    # rounded the last copy above the others)
+    rng = np.random.default_rng(2)
+    copy = normalize_rows(rng.normal(size=(1, 576)))[0]
+    near = normalize_rows((copy + 0.03 * rng.normal(size=576))[None])[0]
+    assert maximal_marginal_relevance(near, np.stack([copy] * 6), 1, 0.5) == [0]
 
 
 def test_keys_of_any_finite_length_become_unit_rows():
