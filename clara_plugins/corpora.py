@@ -14,16 +14,16 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 from .checks import unicode_problem
 from .errors import InvalidInputError
-from .jsonfiles import data_suffix, read_json, read_jsonl, read_text
+from .jsonfiles import data_suffix, jsonl_values, read_json, read_jsonl, read_lines, read_text
 from .metrics import normalize_answer
 
 
@@ -106,11 +106,8 @@ def read_documents(paths: list[str | os.PathLike]) -> list[str]:
     for source in paths:
         path = _existing_file(source)
         if data_suffix(path) in (".json", ".jsonl"):  # PASSAGES.JSONL too: as text it was one document of JSON
-            records = read_jsonl(path) if data_suffix(path) == ".jsonl" else read_json(path, InvalidInputError)
-            if not isinstance(records, list):
-                raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
             documents.extend(_record_text(record, f"{source}, record {number}")
-                             for number, record in enumerate(records))
+                             for number, record in enumerate(_records(source, path)))
         elif data_suffix(path) == ".tsv":  # as paragraphs it was one document of every row
             documents.extend(_tsv_documents(source, path))
         else:
@@ -119,13 +116,24 @@ def read_documents(paths: list[str | os.PathLike]) -> list[str]:
     return documents
 
 
+def _records(source: str | Path, path: Path) -> Iterable[object]:
+    """A JSON file's list of records, or a JSONL file's, a line at a time (held whole, a corpus's
+    records took 2.6 times the memory of the documents made of them)."""
+    if data_suffix(path) == ".jsonl":
+        return jsonl_values(path)
+    records = read_json(path, InvalidInputError)
+    if not isinstance(records, list):
+        raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
+    return records
+
+
 def _tsv_documents(source: str | Path, path: Path) -> list[str]:
     """A tab-separated file's rows as documents, its fields read as csv quotes them (DPR's
     passages double the quotes inside a quoted text). A field that opens with a quote and goes
     on past the one closing it is refused by row (read leniently, it lost both quotes, unsaid),
     and a text may be of any length (past csv's 131,072 characters, a well-formed row was refused)."""
     documents: list[str] = []
-    rows = csv.DictReader(io.StringIO(read_text(path)), delimiter="\t", strict=True)
+    rows = csv.DictReader(read_lines(path), delimiter="\t", strict=True)
     limit = csv.field_size_limit(2**31 - 1)  # a C long's most on every platform
     try:
         for number, record in enumerate(rows, start=1):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,44 @@ def read_text(path: str | Path, error: type[ValueError] = InvalidInputError) -> 
                 return handle.read()
         return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad, PowerShell) is dropped
     except UnicodeDecodeError as decoding:
-        raise error(f"{path} is not UTF-8 text: byte {decoding.start} cannot be decoded") from decoding
-    except (gzip.BadGzipFile, EOFError, zlib.error) as broken:  # zlib's: a damaged stream
-        raise error(f"{path} is not a whole gzip file: {broken}") from broken
+        raise error(_not_utf8(path, decoding.start)) from decoding
+    except _BROKEN_GZIP as broken:
+        raise error(_broken_gzip(path, broken)) from broken
+
+
+def read_lines(path: str | Path, error: type[ValueError] = InvalidInputError) -> Iterator[str]:
+    """A text file's lines, as ``read_text`` reads them (its newlines made "\\n"), one at a time:
+    a corpus of millions of passages was held whole, as bytes, text and rows at once."""
+    path = Path(path)
+    offset = 0  # of the line in the file's (decompressed) bytes
+    try:
+        with (gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")) as handle:
+            for raw in handle:
+                try:
+                    line = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+                except UnicodeDecodeError as decoding:
+                    raise error(_not_utf8(path, offset + decoding.start)) from decoding
+                offset += len(raw)
+                if "\r" not in line:
+                    yield line
+                    continue
+                *ended, last = line.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as universal newlines
+                yield from (piece + "\n" for piece in ended)
+                if last:
+                    yield last
+    except _BROKEN_GZIP as broken:
+        raise error(_broken_gzip(path, broken)) from broken
+
+
+_BROKEN_GZIP = (gzip.BadGzipFile, EOFError, zlib.error)  # zlib's: a damaged stream
+
+
+def _not_utf8(path: Path, byte: int) -> str:
+    return f"{path} is not UTF-8 text: byte {byte} cannot be decoded"
+
+
+def _broken_gzip(path: Path, broken: Exception) -> str:
+    return f"{path} is not a whole gzip file: {broken}"
 
 
 def data_suffix(path: str | Path) -> str:
@@ -57,22 +93,31 @@ def read_jsonl(path: str | Path, appended: bool = False) -> list[dict]:
     A file a run ``appended`` to may end in a line that a killed run left cut short: that last
     line alone is dropped, so that the run can resume.
     """
-    lines = read_text(path).split("\n")  # not splitlines: JSON strings may hold U+2028 and other breaks unescaped
-    last = max((number for number, line in enumerate(lines) if line.strip()), default=-1)
-    rows = []
-    for number, line in enumerate(lines):
+    return list(jsonl_values(path, appended))
+
+
+def jsonl_values(path: str | Path, appended: bool = False) -> Iterator[Any]:
+    """``read_jsonl``'s values one at a time, as the lines are read."""
+    cut = None  # a line that is not JSON: an error unless no other follows it
+    # lines split at "\n" alone, not splitlines: JSON strings may hold U+2028 and other breaks unescaped
+    for number, line in enumerate(read_lines(path)):
         if not line.strip():
             continue
+        if cut is not None:
+            raise cut
         try:
-            rows.append(json.loads(line))
+            value = json.loads(line)
         except RecursionError as error:
             raise InvalidInputError(f"{path} line {number + 1} nests its JSON deeper than Python can read") from error
         except json.JSONDecodeError as error:
-            if not (appended and number == last):
-                whole = " (a JSON document over several lines? this file takes one JSON value a line)" \
-                    if number == 0 and line.strip() in ("[", "{") else ""
-                raise InvalidInputError(f"{path} line {number + 1} is not JSON: {error}{whole}") from error
-    return rows
+            whole = " (a JSON document over several lines? this file takes one JSON value a line)" \
+                if number == 0 and line.strip() in ("[", "{") else ""
+            cut = InvalidInputError(f"{path} line {number + 1} is not JSON: {error}{whole}")
+            cut.__cause__ = error
+            if not appended:
+                raise cut
+            continue
+        yield value
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -135,7 +135,7 @@ def test_corpus_records_that_are_not_json_or_lack_a_text_are_refused(tmp_path, n
 
 @pytest.mark.parametrize("name", ["notes.pdf", "rows.jsonl", "records.json"])
 def test_a_file_that_is_not_utf8_text_is_named(tmp_path, name):
-    (tmp_path / name).write_bytes(b"%PDF-1.7\n\xe2\x28\xa1 binary")  # was a UnicodeDecodeError naming no file
+    (tmp_path / name).write_bytes(b"%PDF-1.7 \xe2\x28\xa1 binary\n")  # was a UnicodeDecodeError naming no file
     with pytest.raises(InvalidInputError, match=f"{name} is not UTF-8 text: byte 9 cannot be decoded"):
         read_documents([str(tmp_path / name)])
 

@@ -136,6 +136,35 @@ def test_a_damaged_gzip_file_is_named(tmp_path):
         read_jsonl(tmp_path / "corpus.jsonl.gz")
 
 
+def test_jsonl_and_tsv_files_are_read_a_line_at_a_time_as_their_whole_text_reads(tmp_path, monkeypatch):
+    # a corpus was held whole (its bytes, its text, and a copy or its lines) beside the rows made of it
+    import gzip
+
+    from clara_plugins import jsonfiles
+    from clara_plugins.corpora import read_documents
+    from clara_plugins.jsonfiles import read_jsonl, read_lines, read_text
+
+    text = '\ufeff{"text": "a\u2028b"}\r\n{"text": "c\u00e9"}\r{"text": "d"}\n\n{"text": "e"}'
+    (tmp_path / "rows.jsonl").write_bytes(text.encode("utf-8"))
+    with gzip.open(tmp_path / "rows.jsonl.gz", "wb") as handle:
+        handle.write(text.encode("utf-8"))
+    for name in ("rows.jsonl", "rows.jsonl.gz"):
+        assert "".join(read_lines(tmp_path / name)) == read_text(tmp_path / name)
+    tsv = 'id\ttext\ttitle\r\n1\t"A ""quoted""\r\nline"\tT\r\n2\tplain\tU\n'
+    (tmp_path / "p.tsv").write_text(tsv, newline="")
+    monkeypatch.setattr(jsonfiles, "read_text", lambda *a: pytest.fail("the whole file was read"))
+    assert [row["text"] for row in read_jsonl(tmp_path / "rows.jsonl")] == ["a\u2028b", "c\u00e9", "d", "e"]
+    assert read_documents([str(tmp_path / "p.tsv")]) == ['T\nA "quoted"\nline', "U\nplain"]
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\n{"text": "\xe2\x28"}\n')
+    with pytest.raises(InvalidInputError, match="bad.jsonl is not UTF-8 text: byte 24 cannot be decoded"):
+        read_jsonl(tmp_path / "bad.jsonl")
+    (tmp_path / "cut.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"te')  # a killed run's last line
+    assert read_jsonl(tmp_path / "cut.jsonl", appended=True) == [{"text": "a"}, {"text": "b"}]
+    (tmp_path / "cut.jsonl").write_text('{"text": "a"}\n{"te\n{"text": "b"}\n')  # not the last: damaged
+    with pytest.raises(InvalidInputError, match="cut.jsonl line 2 is not JSON"):
+        read_jsonl(tmp_path / "cut.jsonl", appended=True)
+
+
 def test_json_nested_deeper_than_python_reads_is_named(tmp_path):
     # a bare RecursionError, which named no file
     from clara_plugins.jsonfiles import read_json, read_jsonl
