@@ -11,6 +11,7 @@ gzipped too. 2WikiMultihopQA's answer aliases come in a file of their own
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -18,7 +19,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Generator
 from pathlib import Path
 
 from .checks import unicode_problem
@@ -106,8 +107,9 @@ def read_documents(paths: list[str | os.PathLike]) -> list[str]:
     for source in paths:
         path = _existing_file(source)
         if data_suffix(path) in (".json", ".jsonl"):  # PASSAGES.JSONL too: as text it was one document of JSON
-            documents.extend(_record_text(record, f"{source}, record {number}")
-                             for number, record in enumerate(_records(source, path)))
+            with contextlib.closing(_records(source, path)) as records:  # not left open by a bad record's error
+                documents.extend(_record_text(record, f"{source}, record {number}")
+                                 for number, record in enumerate(records))
         elif data_suffix(path) == ".tsv":  # as paragraphs it was one document of every row
             documents.extend(_tsv_documents(source, path))
         else:
@@ -116,15 +118,16 @@ def read_documents(paths: list[str | os.PathLike]) -> list[str]:
     return documents
 
 
-def _records(source: str | Path, path: Path) -> Iterable[object]:
+def _records(source: str | Path, path: Path) -> Generator[object, None, None]:
     """A JSON file's list of records, or a JSONL file's, a line at a time (held whole, a corpus's
     records took 2.6 times the memory of the documents made of them)."""
     if data_suffix(path) == ".jsonl":
-        return jsonl_values(path)
+        yield from jsonl_values(path)
+        return
     records = read_json(path, InvalidInputError)
     if not isinstance(records, list):
         raise InvalidInputError(f"{source} holds a JSON {type(records).__name__}, not a list of records")
-    return records
+    yield from records
 
 
 def _tsv_documents(source: str | Path, path: Path) -> list[str]:
@@ -133,7 +136,8 @@ def _tsv_documents(source: str | Path, path: Path) -> list[str]:
     on past the one closing it is refused by row (read leniently, it lost both quotes, unsaid),
     and a text may be of any length (past csv's 131,072 characters, a well-formed row was refused)."""
     documents: list[str] = []
-    rows = csv.DictReader(read_lines(path), delimiter="\t", strict=True)
+    lines = read_lines(path)
+    rows = csv.DictReader(lines, delimiter="\t", strict=True)
     limit = csv.field_size_limit(2**31 - 1)  # a C long's most on every platform
     try:
         for number, record in enumerate(rows, start=1):
@@ -154,6 +158,7 @@ def _tsv_documents(source: str | Path, path: Path) -> list[str]:
                                 "inside") from error
     finally:
         csv.field_size_limit(limit)
+        lines.close()  # not left open by the error a notebook keeps
     return documents
 
 

@@ -117,6 +117,8 @@ def jsonl_values(path: str | Path, appended: bool = False) -> Iterator[Any]:
             if not appended:
                 raise cut
             continue
+        except ValueError as error:  # an integer of more digits than Python converts: a bare ValueError
+            raise InvalidInputError(f"{path} line {number + 1} is corrupted: {error}") from error
         yield value
 
 

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -163,6 +165,26 @@ def test_jsonl_and_tsv_files_are_read_a_line_at_a_time_as_their_whole_text_reads
     (tmp_path / "cut.jsonl").write_text('{"text": "a"}\n{"te\n{"text": "b"}\n')  # not the last: damaged
     with pytest.raises(InvalidInputError, match="cut.jsonl line 2 is not JSON"):
         read_jsonl(tmp_path / "cut.jsonl", appended=True)
+
+
+def test_a_corpus_whose_record_is_refused_is_not_left_open_by_the_error(tmp_path):
+    # the error's traceback held the line reader, and its file stayed open while a notebook kept it
+    from clara_plugins.corpora import read_documents
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("lists open files through /proc")
+
+    def open_files() -> set[str]:
+        return {os.path.realpath(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")}
+
+    (tmp_path / "c.jsonl").write_text('{"text": "a"}\n{"title": "no text"}\n{"text": "b"}\n')
+    (tmp_path / "c.tsv").write_text("id\ttext\ttitle\n1\ta\tA\n2\tb\n")
+    (tmp_path / "n.jsonl").write_text('{"text": "a", "n": 1' + "0" * 5000 + "}\n")  # a bare ValueError before
+    for name, message in [("c.jsonl", "c.jsonl, record 1 has no text"), ("c.tsv", "c.tsv, row 2 lacks the fields"),
+                          ("n.jsonl", "n.jsonl line 1 is corrupted: Exceeds the limit")]:
+        with pytest.raises(InvalidInputError, match=message) as kept:
+            read_documents([str(tmp_path / name)])
+        assert str(tmp_path / name) not in open_files() and kept.value
 
 
 def test_json_nested_deeper_than_python_reads_is_named(tmp_path):
