@@ -298,8 +298,10 @@ def _index_into_store(args: argparse.Namespace) -> None:
                                     f"{', '.join(ignored)}; name a new folder for other settings")
     # read before the model loads: a typo costs no load. A name that is no UTF-8 (b"\xff") is
     # written with its bytes escaped: JSON metadata cannot hold the surrogate Python reads it as
-    documents = [(text, {"source": os.fsencode(Path(path).name).decode("utf-8", "backslashreplace"), "position": i})
-                 for path in args.corpus for i, text in enumerate(read_documents([path]))]
+    documents = []
+    for path in args.corpus:
+        source = os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")  # one string a file, not a document
+        documents += [(text, {"source": source, "position": i}) for i, text in enumerate(read_documents([path]))]
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
     ids = [document_id(text) for text, _ in documents]

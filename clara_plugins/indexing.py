@@ -82,7 +82,10 @@ def index_documents(
                                 "(clara index uses clara_plugins.corpora.document_id)")
     if isinstance(texts, (list, tuple)) and not texts:  # nothing new to index (`not texts` of a pandas Series failed)
         return []
-    texts, ids, metadatas = store._checked(texts, ids, metadatas)
+    # every row checked before any compression; each group's metadata is copied as it is stored
+    # (the checked copies, held for the run, cost about 400 bytes a document)
+    texts, ids, _ = store._checked(texts, ids, metadatas)
+    metadatas = None if metadatas is None else list(metadatas)
     first: dict[str, int] = {}  # each id once: its first row
     for row, doc_id in enumerate(ids):
         first.setdefault(doc_id, row)
@@ -97,7 +100,8 @@ def index_documents(
             contextlib.closing(compressed):
         for rows, memories in compressed:
             # compressed here: a bar of its batches too, as a group of 1,024 takes minutes on a CPU
-            store.upsert([texts[r] for r in rows], [ids[r] for r in rows], [metadatas[r] for r in rows],
+            store.upsert([texts[r] for r in rows], [ids[r] for r in rows],
+                         None if metadatas is None else [metadatas[r] for r in rows],
                          memories=memories, show_progress=show_progress and memories is None)
             if save is not None:
                 save()
