@@ -25,7 +25,8 @@ def found_prefix(text: str) -> str:
 class TextLookup:
     """The id of each stored text, exactly and as a prompt holds it, kept as documents are
     written and deleted (a store of a million documents took 2.5 s to build it again after each
-    write). Where several documents hold one text, the one written last is found."""
+    write). Where several documents hold one text, one is found: of those built from rows, the
+    last row's; of those written since, the one written last."""
 
     def __init__(self, rows: Iterable[tuple[str, str]] = ()) -> None:
         # each text's id, or its ids in the order they were written where several hold it
