@@ -17,7 +17,7 @@ def found_text(text: str) -> str:
 
 def found_prefix(text: str) -> str:
     """The first MIN_FOUND_CHARS characters of a text as a prompt holds it, under which
-    ``find_documents`` looks it up; "" for one too short to be looked for."""
+    ``TextLookup.find`` looks it up; "" for one too short to be looked for."""
     found = found_text(text)
     return found[:MIN_FOUND_CHARS] if len(found) >= MIN_FOUND_CHARS else ""
 
@@ -30,15 +30,15 @@ class TextLookup:
 
     def __init__(self, rows: Iterable[tuple[str, str]] = ()) -> None:
         # each text's id, or its ids in the order they were written where several hold it
-        self._ids_of_text: dict[str, IdsHeld] = {}  # exact text ->
-        self._ids_as_found: dict[str, IdsHeld] = {}  # found_text ->
+        self._ids_of_text: dict[str, _IdsHeld] = {}  # exact text ->
+        self._ids_as_found: dict[str, _IdsHeld] = {}  # found_text ->
         # found_prefix -> the lengths of the found texts that begin so, and how many have each:
         # a prompt's piece of each length is looked up whole, longest first
         self._lengths: dict[str, dict[int, int]] = {}
         self.add(rows)
 
     def add(self, rows: Iterable[tuple[str, str]]) -> None:
-        """Documents (id, text) written, in their order; an id's earlier text is removed first."""
+        """Documents (id, text) written, in their order (a replaced one's earlier text is removed first)."""
         for doc_id, text in rows:
             _add_id(self._ids_of_text, text, doc_id)
             found = found_text(text)
@@ -81,11 +81,11 @@ class TextLookup:
 
 
 # one id, or where several documents hold a text, their ids in the order written (a dict:
-# a list was scanned at every add, and 20,000 copies of one text took 4.6 s to look up)
-IdsHeld = str | dict[str, None]
+# a list was scanned at every add, and 20,000 copies of one text took 3.7 s to look up)
+_IdsHeld = str | dict[str, None]
 
 
-def _add_id(ids_of: dict[str, IdsHeld], key: str, doc_id: str) -> None:
+def _add_id(ids_of: dict[str, _IdsHeld], key: str, doc_id: str) -> None:
     """Make ``doc_id`` the latest of the key's ids (a dict only where several hold the key: one
     a text cost a million texts 168 MiB more)."""
     held = ids_of.get(key)
@@ -98,7 +98,7 @@ def _add_id(ids_of: dict[str, IdsHeld], key: str, doc_id: str) -> None:
         held[doc_id] = None
 
 
-def _remove_id(ids_of: dict[str, IdsHeld], key: str, doc_id: str) -> bool:
+def _remove_id(ids_of: dict[str, _IdsHeld], key: str, doc_id: str) -> bool:
     """Take ``doc_id`` from the key's ids; whether the key holds none any more."""
     held = ids_of[key]
     if isinstance(held, str):
@@ -110,5 +110,5 @@ def _remove_id(ids_of: dict[str, IdsHeld], key: str, doc_id: str) -> bool:
     return False
 
 
-def _latest(held: IdsHeld | None) -> str | None:
+def _latest(held: _IdsHeld | None) -> str | None:
     return next(reversed(held)) if isinstance(held, dict) else held
