@@ -86,10 +86,10 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
             return torch.float32
         # the device's own card (is_bf16_supported asks the current one's)
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    try:  # by name, the dtypes taken as torch dtypes ("float64" was refused, torch.float64 taken)
+        return {str(float_dtype).removeprefix("torch."): float_dtype for float_dtype in FLOAT_DTYPES}[dtype]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+        raise ValueError(f"unknown dtype {dtype!r}: use auto, {FLOAT_NAMES}") from None
 
 
 def load_base_model(

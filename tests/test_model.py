@@ -333,6 +333,11 @@ def test_auto_is_float16_on_a_gpu_without_bfloat16(monkeypatch, bf16, expected):
         (8, 0) if bf16 else (7, 5)))
     assert resolve_dtype("auto", torch.device("cuda:1")) == expected and asked == [torch.device("cuda:1")]
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    # a dtype by name is taken as the torch dtype is ("float64" was refused, torch.float64 taken)
+    for name in ("float32", "bfloat16", "float16", "float64"):
+        assert resolve_dtype(name, torch.device("cpu")) == resolve_dtype(getattr(torch, name), torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown dtype 'int8': use auto, float32, bfloat16, float16 or float64"):
+        resolve_dtype("int8", torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
