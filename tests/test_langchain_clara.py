@@ -601,6 +601,8 @@ def test_a_calls_own_stop_list_replaces_the_default_even_empty(tiny_model):
     assert chat.invoke(QUESTION).content != full
     assert chat.invoke(QUESTION, stop=[]).content == full
     assert "ls_stop" not in chat._get_ls_params(stop=[]) and chat._get_ls_params()["ls_stop"] == [full[-1]]
+    # a call's own max_tokens is traced as its stop list is (the answer is cut at it)
+    assert chat._get_ls_params(max_tokens=3)["ls_max_tokens"] == 3 and chat._get_ls_params()["ls_max_tokens"] == 8
 
 
 def test_clara_embeddings_show_progress_past_one_batch(tiny_model, capsys):

@@ -109,7 +109,8 @@ class ChatClara(ReaderFields, BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
         params = {"ls_provider": "clara", "ls_model_name": kwargs.get("model", self.model_name),
-                  "ls_model_type": "chat", "ls_max_tokens": self.max_tokens}
+                  # a call's own cap, as the answer is cut at it
+                  "ls_model_type": "chat", "ls_max_tokens": kwargs.get("max_tokens", self.max_tokens)}
         stops = self.stop if stop is None else stop
         if stops:
             params["ls_stop"] = stops
