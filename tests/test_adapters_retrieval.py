@@ -310,6 +310,12 @@ def test_storage_context_persist_and_reload(tiny_model, tmp_path):
 
 # 8. calibrated relevance
 
+def test_a_clara_embedding_without_a_model_loads_the_shipped_one(tiny_model, monkeypatch):
+    # as ClaraVectorStore(), ClaraLLM() and LangChain's ClaraEmbeddings() do: a bare "clara Field required"
+    monkeypatch.setattr("llama_index_clara.embedding.load_model", lambda *args, **kwargs: tiny_model)
+    assert ClaraEmbedding().clara is tiny_model and ClaraEmbedding(clara=tiny_model).clara is tiny_model
+
+
 def test_relevance_ranks_a_cosine_among_the_stores_document_pairs(untrained_model):
     store = ClaraVectorStore(untrained_model)
     store.add_texts(CORPUS, ids=IDS)

@@ -11,13 +11,14 @@ from weakref import WeakKeyDictionary, WeakSet
 
 import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding
-from pydantic import ConfigDict, Field, computed_field
+from pydantic import ConfigDict, Field, computed_field, model_validator
 
 from clara_plugins import ClaraModel
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.model import compress_in_parts
+from clara_plugins.pretrained import load_model
 
 # Memory tokens remembered per model until a ClaraVectorStore takes them. An IngestionPipeline
 # embeds every node before its store takes any: 1 GiB holds 58,000 CR16 passages of SmolLM2.
@@ -34,7 +35,7 @@ class ClaraEmbedding(BaseEmbedding):
     MemoryStore keeps them), a query's that of the query reasoner's memory of it; both have
     unit norm, so ``SimpleVectorStore`` or any other cosine store ranks as a ClaraVectorStore
     with the default flat float16 index does. A vector holds ``hidden`` values with the mean key (576 for the default model) and
-    n_mem x hidden with the flattened one.
+    n_mem x hidden with the flattened one. Without a model the shipped default one is loaded.
 
     ``VectorStoreIndex`` embeds every node before it hands the node to its vector store, so
     once a ClaraVectorStore of the same model exists, the memory tokens computed here are
@@ -45,8 +46,17 @@ class ClaraEmbedding(BaseEmbedding):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    clara: ClaraModel = Field(exclude=True, repr=False)  # an object, not a setting: left out of to_json and repr
+    # an object, not a setting: left out of to_json and repr; the shipped default model where none is given
+    clara: ClaraModel | None = Field(default=None, exclude=True, repr=False)
     model_name: str = "clara-memory-tokens"
+
+    @model_validator(mode="after")
+    def _default_model(self) -> ClaraEmbedding:
+        """Without a model the shipped default one, as the other CLaRa classes load it (a bare
+        "clara Field required" before)."""
+        if self.clara is None:
+            self.clara = load_model()
+        return self
 
     @classmethod
     def class_name(cls) -> str:
