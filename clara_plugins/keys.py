@@ -118,6 +118,13 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
+def row_dots(rows: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Each row's dot product with a vector (a cosine, for unit-norm ones), by einsum: a matrix
+    product's blocking rounds a row by its place, so copies of one key scored a last bit apart,
+    and ties came out of stored order."""
+    return np.einsum("ij,j->i", rows, vector)
+
+
 def maximal_marginal_relevance(query: np.ndarray, keys: np.ndarray, k: int, lambda_mult: float) -> list[int]:
     """Indices of k rows of ``keys``, picked one at a time for relevance and diversity.
 
@@ -125,14 +132,13 @@ def maximal_marginal_relevance(query: np.ndarray, keys: np.ndarray, k: int, lamb
     ``lambda_mult * cosine(row, query) - (1 - lambda_mult) * max cosine(row, rows picked)``,
     so 1 ranks by similarity alone and 0 by diversity alone. Rows and query are unit-norm.
     """
-    # einsum, as the store scores: a matrix product rounds a row by its place, and of three copies
-    # of one document the last came first, where a plain search gives the first stored
-    relevance = np.einsum("ij,j->i", keys, query)
+    # as the store scores (with a matrix product, of three copies of one document the last came first)
+    relevance = row_dots(keys, query)
     picked = [int(np.argmax(relevance))]
-    closest = np.einsum("ij,j->i", keys, keys[picked[0]])  # each row's highest cosine to a picked row
+    closest = row_dots(keys, keys[picked[0]])  # each row's highest cosine to a picked row
     while len(picked) < min(k, len(keys)):
         score = lambda_mult * relevance - (1.0 - lambda_mult) * closest
         score[picked] = -np.inf
         picked.append(int(np.argmax(score)))
-        closest = np.maximum(closest, np.einsum("ij,j->i", keys, keys[picked[-1]]))
+        closest = np.maximum(closest, row_dots(keys, keys[picked[-1]]))
     return picked

@@ -32,7 +32,7 @@ from .config import INDEX_KINDS, MEMORY_DTYPES
 from .errors import StoreError
 from .filters import Filter, matcher, validate_filter
 from .found import TextLookup
-from .keys import KeyEncoder, maximal_marginal_relevance, normalize_rows
+from .keys import KeyEncoder, maximal_marginal_relevance, normalize_rows, row_dots
 from .model import ClaraModel
 
 # candidates the compact index hands over per result, re-scored exactly: at 1M synthetic
@@ -412,10 +412,8 @@ class MemoryStore(BaseMemoryStore):
         scored SHARD_ROWS at a time so that a large candidate set never holds all its keys."""
         if not len(rows):
             return rows, np.zeros(0, dtype=np.float32)
-        # einsum, not a matrix product, whose blocking rounded a row by its place: copies of one key
-        # scored a last bit apart, and ties came back out of stored order
-        scores = np.concatenate([np.einsum("ij,j->i", self._candidate_keys(rows[start:start + store_folder.SHARD_ROWS]),
-                                           query) for start in range(0, len(rows), store_folder.SHARD_ROWS)])
+        scores = np.concatenate([row_dots(self._candidate_keys(rows[start:start + store_folder.SHARD_ROWS]), query)
+                                 for start in range(0, len(rows), store_folder.SHARD_ROWS)])
         return _best_first(rows, scores, n)
 
     def _candidate_keys(self, rows: np.ndarray) -> np.ndarray:
