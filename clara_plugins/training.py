@@ -41,6 +41,7 @@ the compressor also log ``memory_cosine``, the similarity of different documents
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -849,7 +850,7 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     started = time.perf_counter() - (state or {}).get("seconds", 0.0)  # the log counts the run's time across resumes
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
-    with open(output / "log.jsonl", "a") as log:
+    with open(output / "log.jsonl", "a") as log, _undone_if_stopped(parameters, resuming) as start_weights:
         if missed := missed_probes(probes, output, start, config.probe_every):
             _probe(model, missed, probe_k, start, log)
         for step in progress:
@@ -891,9 +892,25 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
                     "seconds": time.perf_counter() - started,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
+                start_weights.clear()  # a stop from here on resumes from the save
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, probe_k, step + 1, log)
     return _holding(model, checkpoint)
+
+
+@contextlib.contextmanager
+def _undone_if_stopped(parameters: list[torch.nn.Parameter], resuming: bool) -> Iterator[list[torch.Tensor]]:
+    """A new run stopped before its first save puts its trainable weights back as they began (CPU
+    copies, which the caller empties once a save covers the run): the steps changed the model
+    object in place, and a new run given that object again trained on from them."""
+    copies = [] if resuming else [parameter.detach().to("cpu", copy=True) for parameter in parameters]
+    try:
+        yield copies
+    except BaseException:
+        with torch.no_grad():
+            for parameter, copy in zip(parameters, copies):
+                parameter.copy_(copy)
+        raise
 
 
 def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:

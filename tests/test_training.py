@@ -1372,3 +1372,31 @@ def test_a_new_run_whose_log_is_a_link_writes_its_own(tiny_model, tmp_path, targ
     train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1), tmp_path / "run")
     assert (other.read_text() == "") if target == "empty" else not other.exists()
     assert not (tmp_path / "run" / "log.jsonl").is_symlink()
+
+
+def test_a_run_stopped_before_its_first_save_starts_the_same_model_again_as_it_began(tiny_config, tmp_path,
+                                                                                      monkeypatch):
+    # its first steps had changed the model object in place, and the new run trained on from them
+    def fresh() -> ClaraModel:
+        torch.manual_seed(0)
+        return ClaraModel(tiny_config, device="cpu")
+
+    config = TrainConfig(stage="scp", steps=3, batch_size=1, grad_accum=1, lr=1e-2, save_every=3)
+    whole = fresh()
+    train(whole, SCP, config, tmp_path / "whole")
+    real_loss, calls = training.scp_loss, {"n": 0}
+
+    def crash_in_step_three(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_loss(*args)
+
+    stopped = fresh()
+    monkeypatch.setattr(training, "scp_loss", crash_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        train(stopped, SCP, config, tmp_path / "stopped")
+    assert all(torch.equal(a, b) for a, b in zip(fresh().lm.parameters(), stopped.lm.parameters()))
+    monkeypatch.undo()
+    train(stopped, SCP, config, tmp_path / "stopped")
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole.lm.parameters(), stopped.lm.parameters()))
