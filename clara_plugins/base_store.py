@@ -211,13 +211,20 @@ class BaseMemoryStore(ABC):
         after any change. With fewer than two documents there is nothing to rank against and
         the relevance is ``(1 + cosine) / 2``.
         """
+        return self.relevances([cosine])[0]
+
+    def relevances(self, cosines: Sequence[float]) -> list[float]:
+        """``relevance`` of each cosine of one result, all ranked against one calibration (a
+        write between two of them sampled it anew, and a closer document could rank as less
+        relevant)."""
         with self._lock:
             if self._pair_cosines is None:
                 self._pair_cosines = self._sample_pair_cosines()
             pairs = self._pair_cosines
         if not len(pairs):  # within [0, 1]: a float32 self-cosine can be 1.0000001
-            return min(1.0, max(0.0, (1.0 + cosine) / 2.0))
-        return float(np.searchsorted(pairs, cosine, side="left")) / len(pairs)
+            return [min(1.0, max(0.0, (1.0 + cosine) / 2.0)) for cosine in cosines]
+        ranks = np.searchsorted(pairs, np.asarray(cosines, dtype=np.float64), side="left")
+        return (ranks / len(pairs)).tolist()
 
     def _checked(
         self, texts: Sequence[str], ids: Sequence[str] | None, metadatas: Sequence[dict[str, Any]] | None,

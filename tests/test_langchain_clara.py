@@ -401,11 +401,28 @@ async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorst
     import threading
 
     threads = []
-    real = vectorstore.store.relevance
-    monkeypatch.setattr(vectorstore.store, "relevance", lambda cosine: threads.append(threading.current_thread())
-                        or real(cosine))  # after a write it samples its calibration anew, under the store's lock
+    real = vectorstore.store.relevances
+    monkeypatch.setattr(vectorstore.store, "relevances", lambda cosines: threads.append(threading.current_thread())
+                        or real(cosines))  # after a write it samples its calibration anew, under the store's lock
     scored = await vectorstore.asimilarity_search_with_relevance_scores("Who won Nobel prizes?", k=2)
     assert len(scored) == 2 and threads and threading.current_thread() not in threads
+
+
+def test_relevance_scores_of_one_result_are_ranked_against_one_calibration(vectorstore, monkeypatch):
+    # LangChain ranked one document's cosine at a time, and a write between two sampled the
+    # calibration anew: a closer document could score as less relevant, and a threshold keep it alone
+    store = vectorstore.store
+    samples = iter([torch.linspace(-1, 1, 101).numpy(), torch.full((101,), -0.999).numpy()])
+    monkeypatch.setattr(store, "_sample_pair_cosines", lambda: next(samples))
+    real = store.relevance
+
+    def after_a_write(cosine):  # another thread's upsert, between two documents
+        store._pair_cosines = None
+        return real(cosine)
+
+    monkeypatch.setattr(store, "relevance", after_a_write)
+    scores = [score for _, score in vectorstore.similarity_search_with_relevance_scores("Who won Nobel prizes?", k=3)]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True) and scores[0] < 1.0
 
 
 def test_settings_that_change_the_answer_are_part_of_the_cache_key(tiny_model):

@@ -240,6 +240,15 @@ class ClaraVectorStore(VectorStore):
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return self.store.relevance
 
+    def _similarity_search_with_relevance_scores(
+        self, query: str, k: int = 4, **kwargs: Any
+    ) -> list[tuple[Document, float]]:
+        """Every score of the result ranked against one calibration of the store (LangChain's asks
+        for one document's at a time, and a write between two sampled the calibration anew)."""
+        results = self.similarity_search_with_score(query, k, **kwargs)
+        relevances = self.store.relevances([score for _, score in results])
+        return [(document, relevance) for (document, _), relevance in zip(results, relevances)]
+
     async def _asimilarity_search_with_relevance_scores(
         self, query: str, k: int = 4, **kwargs: Any
     ) -> list[tuple[Document, float]]:
