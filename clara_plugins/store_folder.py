@@ -78,7 +78,9 @@ def write_generation(folder: Path, snapshot: Snapshot, previous: SavedGeneration
     generations = _generations(folder)  # numbered on from the last, removed or not
     readers_on = current_generation(folder) if (folder / "CURRENT").exists() else None
     for old in (f"gen-{number:06d}" for number in generations):
-        if old != readers_on:  # the generation CURRENT names stays for readers still on it
+        # the generation CURRENT names stays for readers still on it, and one holding files a save
+        # does not write (a user's notes in it) is the user's
+        if old != readers_on and _left_by_a_save(folder / old):
             shutil.rmtree(folder / old, ignore_errors=True)
     staging = folder / f".staging-{uuid.uuid4().hex}"
     staging.mkdir()

@@ -338,6 +338,21 @@ def test_save_and_load_round_trip(store, tiny_model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002"]
 
 
+def test_a_save_keeps_an_older_generation_holding_files_it_did_not_write(store, tmp_path):
+    # it removed every generation but the current one, whatever it held
+    for _ in range(2):
+        store.save(tmp_path / "s")
+    (tmp_path / "s" / "gen-000001" / "notes.md").write_text("keep me")
+    store.upsert(["New text about Vienna."], ids=["d9"])
+    store.save(tmp_path / "s")
+    assert (tmp_path / "s" / "gen-000001" / "notes.md").read_text() == "keep me"
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000002",
+                                                                   "gen-000003"]
+    store.save(tmp_path / "s")  # a generation of store files alone goes, once readers have moved on
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [".lock", "CURRENT", "gen-000001", "gen-000003",
+                                                                   "gen-000004"]
+
+
 @pytest.mark.parametrize("entries,message", [
     ({"notes.txt": "keep me"}, r"holds files but no CLaRa memory store \(notes.txt\): choose an empty or new folder"),
     ({"CURRENT": "MANIFEST-000004\n", "MANIFEST-000004": "a database's"},  # e.g. a LevelDB folder
