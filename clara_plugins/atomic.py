@@ -11,6 +11,7 @@ import secrets
 import shutil
 import stat
 import threading
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import IO
@@ -119,15 +120,29 @@ def _keep_mode(old: Path, new: Path) -> None:
         new.chmod(kept)
 
 
+# the lock files hold_lock holds, by resolved path: this process' threads take turns there
+# first, whatever the file lock says (flock on NFS is emulated per process, and granted to a
+# second thread at once, so two saves of one store wrote over each other)
+_TURNS: weakref.WeakValueDictionary[Path, threading.Lock] = weakref.WeakValueDictionary()
+_TURNS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
     """An exclusive lock on the file ``path`` (made if missing) for the ``with`` block: writers
-    of one thing take turns across processes (without ``wait``, BlockingIOError while another
-    holds it)."""
-    with open(path, "a") as lock:
-        if _lock(lock.fileno(), wait) is False:
-            raise BlockingIOError(f"{path} is locked by another process")
-        yield
+    of one thing take turns across threads and processes (without ``wait``, BlockingIOError
+    while another holds it)."""
+    with _TURNS_LOCK:
+        turn = _TURNS.setdefault(path.resolve(), threading.Lock())
+    if not turn.acquire(blocking=wait):
+        raise BlockingIOError(f"{path} is locked by another thread")
+    try:
+        with open(path, "a") as lock:
+            if _lock(lock.fileno(), wait) is False:
+                raise BlockingIOError(f"{path} is locked by another process")
+            yield
+    finally:
+        turn.release()
 
 
 # the outputs whose sole_writer lock this process holds, and the thread holding each: another

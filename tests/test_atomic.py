@@ -233,6 +233,44 @@ def test_a_new_folder_has_the_permissions_of_any_folder_made_here(tmp_path):
     assert (tmp_path / "made").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
+def test_threads_take_turns_at_a_lock_the_file_system_grants_every_thread(tmp_path, monkeypatch):
+    # flock on NFS is emulated per process: two threads saving one store both held its lock, and
+    # the older snapshot's save became current
+    import threading
+    import time
+
+    monkeypatch.setattr(atomic, "_lock", lambda descriptor, wait: True)
+    inside, most = [], []
+
+    def hold() -> None:
+        with atomic.hold_lock(tmp_path / ".lock"):
+            inside.append(1)
+            most.append(len(inside))
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=hold) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most == [1, 1, 1, 1]
+    with atomic.hold_lock(tmp_path / ".lock"):  # and without waiting, another thread is refused
+        refused = []
+        waiter = threading.Thread(target=lambda: refused.append(_refused(tmp_path / ".lock")))
+        waiter.start()
+        waiter.join()
+    assert refused == [True]
+
+
+def _refused(path: Path) -> bool:
+    try:
+        with atomic.hold_lock(path, wait=False):
+            return False
+    except BlockingIOError:
+        return True
+
+
 def test_a_second_thread_is_refused_its_output_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
     # the second thread was refused by flock alone: on NFS (per-process locks) two runs of one
     # process wrote one output
