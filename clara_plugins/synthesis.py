@@ -345,6 +345,7 @@ def _synthesize(documents: list[tuple[str, str]], teacher: Teacher, output: Path
         raise InvalidInputError(f"{present} exists without {absent.name}, which a synthesis run writes beside it: "
                                 "name another output, or move the file away")
     done = set()
+    settings = {"simple": simple, "complex_": complex_, "max_rounds": max_rounds}
     teacher_name = getattr(teacher, "name_or_path", None)  # a callable teacher has none to compare
     teacher_name = os.fspath(teacher_name) if isinstance(teacher_name, (str, os.PathLike)) else None
     if ledger.exists():  # written again whole, so that a mark cut short is not continued by the next
@@ -359,6 +360,11 @@ def _synthesize(documents: list[tuple[str, str]], teacher: Teacher, output: Path
         if teacher_name is not None and others:  # two teachers' rows would read as one run's
             raise InvalidInputError(f"{ledger} was written with the teacher {sorted(others)[0]!r}, not "
                                     f"{teacher_name!r}: resume with it, or name another output")
+        recorded = next((mark["settings"] for mark in marks if mark.get("settings", settings) != settings), None)
+        if recorded is not None:  # and so would rows checked for as many rounds as asked, and for fewer
+            raise InvalidInputError(f"{ledger} was written with the settings {str(recorded)[:200]}, not {settings} "
+                                    "(--max-rounds, and synthesize's simple and complex_): resume with them, or "
+                                    "name another output")
         write_jsonl(marks, ledger)
         done = {mark["doc_id"] for mark in marks}
     if output.exists():
@@ -396,7 +402,7 @@ def _synthesize(documents: list[tuple[str, str]], teacher: Teacher, output: Path
             rows.flush()
             os.fsync(rows.fileno())  # on disk before its mark: after a power loss, a mark alone skipped it for good
             marks.write(json.dumps({"doc_id": doc_id, "qa": qa is not None, "paraphrase": paraphrase is not None,
-                                    "teacher": teacher_name}) + "\n")
+                                    "teacher": teacher_name, "settings": settings}) + "\n")
             marks.flush()
             done.add(doc_id)  # a document given twice is asked once
     report.too_long = len(too_long)

@@ -188,6 +188,21 @@ def test_a_teacher_named_by_a_path_resumes_and_a_gz_output_is_refused(tmp_path):
         synthesize([("a", DOC)], teacher, tmp_path / "scp.jsonl.GZ")
 
 
+def test_a_resume_with_other_settings_is_refused_and_a_ledger_without_them_resumes(tmp_path):
+    # the first documents' rows were checked for three rounds, the rest for none, and read as one run's
+    output = tmp_path / "scp.jsonl"
+    synthesize([("a", DOC)], ScriptedTeacher(["NONE"] * 10), output, max_rounds=3)
+    before = output.read_text(), (tmp_path / "scp.jsonl.done").read_text()
+    for settings in ({"max_rounds": 0}, {"simple": 1}):
+        with pytest.raises(InvalidInputError, match=r"with the settings \{'simple': 3, 'complex_': 2, 'max_rounds': 3\}"):
+            synthesize([("a", DOC), ("b", DOC + " Later.")], ScriptedTeacher(["NONE"] * 10), output, **settings)
+        assert (output.read_text(), (tmp_path / "scp.jsonl.done").read_text()) == before
+    ledger = tmp_path / "scp.jsonl.done"  # written before marks held settings: resumed as it was
+    ledger.write_text(json.dumps({k: v for k, v in json.loads(before[1]).items() if k != "settings"}) + "\n")
+    report = synthesize([("a", DOC), ("b", DOC + " Later.")], ScriptedTeacher(["NONE"] * 10), output, max_rounds=0)
+    assert (report.skipped_done, report.documents) == (1, 1)
+
+
 def test_clara_synth_reads_a_repeated_passage_once(tmp_path, monkeypatch):
     monkeypatch.setattr(synthesis, "HuggingFaceTeacher", lambda name, **options: ScriptedTeacher(["NONE"] * 10))
     corpus, output = tmp_path / "corpus.txt", tmp_path / "scp.jsonl"
