@@ -296,11 +296,13 @@ def _index_into_store(args: argparse.Namespace) -> None:
         if ignored:
             raise InvalidInputError(f"{folder} is a store already, and keeps the settings it was made with: "
                                     f"{', '.join(ignored)}; name a new folder for other settings")
-    # read before the model loads: a typo costs no load. A name that is no UTF-8 (b"\xff") is
-    # written with its bytes escaped: JSON metadata cannot hold the surrogate Python reads it as
+    # read before the model loads: a typo costs no load. Each document's source is its file as
+    # named (as LangChain's loaders record it: by its name alone, data/2023/passages.jsonl and
+    # data/2024/passages.jsonl were one source, deleted together); a name that is no UTF-8
+    # (b"\xff") is written with its bytes escaped: JSON metadata cannot hold the surrogate Python reads it as
     documents = []
     for path in args.corpus:
-        source = os.fsencode(Path(path).name).decode("utf-8", "backslashreplace")  # one string a file, not a document
+        source = os.fsencode(path).decode("utf-8", "backslashreplace")  # one string a file, not a document
         documents += [(text, {"source": source, "position": i}) for i, text in enumerate(read_documents([path]))]
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
