@@ -322,7 +322,8 @@ def check_same_configuration(config: ClaraConfig, folder: Path, *, another_rate:
                if name not in outside and getattr(config, name) != getattr(saved, name)]
     if changed:
         raise CheckpointError(f"checkpoint {folder} was trained with another model configuration: "
-                              f"{', '.join(changed)}; load it with the same settings")
+                              f"{', '.join(changed)}; load or resume it with the same settings (a run with others: "
+                              "another output)")
     return saved
 
 
@@ -446,11 +447,12 @@ def _write_rows(model: AdaptedModel, targets: list[tuple[torch.Tensor, torch.Ten
     model.given_rows = [(matrix, rows.detach().float().cpu().clone()) for matrix, rows in targets]
 
 
-_OTHER_COMPRESSOR_REMEDY = "read it with the model that wrote it, or compress its documents again with this one"
+_OTHER_COMPRESSOR_REMEDY = ("read it with the model that wrote it, or compress its documents again with this one "
+                            "into a new folder")
 
 
-def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
-    """Refuse to mix memories from different compressors."""
+def check_compressor(stored: dict, current: dict, folder: str | Path, remedy: str = _OTHER_COMPRESSOR_REMEDY) -> None:
+    """Refuse to mix memories from different compressors; ``remedy`` says what to do instead."""
     if not isinstance(stored, dict) or not isinstance(stored.get("base_model_fingerprint"), dict):
         raise StoreError(f"{folder}: its header's compressor signature is not one this library writes (no base "
                          "model fingerprint)")
@@ -458,18 +460,22 @@ def check_compressor(stored: dict, current: dict, folder: str | Path) -> None:
     design = stored["memory_design"]
     if isinstance(design, list) and len(design) == 4 and design[0] == "tokens":  # pooling settings it never read
         stored["memory_design"] = ["tokens", ClaraConfig.memory_pooling, ClaraConfig.memory_layer, design[3]]
+    # a pooled compressor reads at any rate; a tokens-design one only at its own
+    rate_alone = stored["memory_design"] == current.get("memory_design") and stored["memory_design"][0] == "pooled" \
+        and stored.get("doc_max_length") == current.get("doc_max_length")
     for key in ("compression_rate", "doc_max_length", "memory_shape", "memory_design"):
         if stored.get(key) != current.get(key):
-            hint = f" (load the model at compression rate {stored.get(key)})" if key == "compression_rate" else ""
+            hint = f"load the model at compression rate {stored.get(key)}" if key == "compression_rate" and rate_alone \
+                else remedy
             raise StoreError(f"{folder} was written with {key}={stored.get(key)}, this model has "
-                             f"{current.get(key)}{hint}")
+                             f"{current.get(key)}: {hint}")
     try:  # the header is the one file no checksum covers
         problem = fingerprint_mismatch(stored["base_model_fingerprint"], current["base_model_fingerprint"],
                                        ("the store's", "this model's"))
     except (KeyError, TypeError, ValueError, RuntimeError) as error:  # torch.tensor of nulls: a RuntimeError
         raise StoreError(f"{folder}: its header's base model fingerprint is malformed ({error!r:.80})") from error
     if problem:
-        raise StoreError(f"{folder} was written by another base model: {problem}; {_OTHER_COMPRESSOR_REMEDY}")
+        raise StoreError(f"{folder} was written by another base model: {problem}; {remedy}")
     if stored.get("encoder_sha256") != current.get("encoder_sha256"):
         raise StoreError(f"{folder} was written by another compressor (different encoder adapter weights or <MEM> "
-                         f"rows): {_OTHER_COMPRESSOR_REMEDY}")
+                         f"rows): {remedy}")

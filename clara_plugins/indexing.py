@@ -158,6 +158,11 @@ def _compressed_on_ray(
             ray.shutdown()
 
 
+_WORKER_REMEDY = ("a Ray worker's model compresses otherwise than this process's: every node must load the same "
+                  "checkpoint files (an untrained --base-model signs otherwise in each dtype: save it first and name "
+                  "--checkpoint DIR)")
+
+
 class _Compressor:
     """A Ray actor's model, loaded once: it compresses group after group as the store's would.
     A model that fails to load, or is refused, fails the first group: Ray gives the error of a
@@ -168,7 +173,7 @@ class _Compressor:
         try:
             self.model = load_model()
             # memories from another compressor would sit in the store unnoticed: refuse them
-            check_compressor(signature, compressor_signature(self.model), "the store")
+            check_compressor(signature, compressor_signature(self.model), "the store", remedy=_WORKER_REMEDY)
         except Exception as error:
             self.problem = error
 

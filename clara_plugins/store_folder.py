@@ -387,7 +387,7 @@ def read_store_header(generation: Path) -> tuple[dict, str]:
     found = header.get("format") if isinstance(header, dict) else None
     if found == FORMAT_1:  # any model, its own checkpoint too, would be refused as "another compressor"
         raise StoreError(f"{generation}/store.json is of format {FORMAT_1!r}, whose compressor signature no "
-                         "version since can check: index its documents again")
+                         "version since can check: index its documents again into a new folder")
     if found not in (FORMAT, FORMAT_2):
         raise StoreError(f"{generation}/store.json is not a store header of format {FORMAT!r} or {FORMAT_2!r} "
                          f"(its format: {str(found)[:80]!r})")

@@ -596,16 +596,22 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     for name, probe_rows in (probes or {}).items():
         refuse_control_tokens(model, [row_text(row) for row in probe_rows], f"probe {name}, row")
     if config.stage == "text":
-        _refuse_long_rows(model, (text_prompt(model.tokenizer, row) for row in rows), len(rows), "the generator")
+        _refuse_long_rows(model, (text_prompt(model.tokenizer, row) for row in rows), len(rows), "the generator",
+                          _CUT_TEXT)
     elif config.stage != "retrieval":  # which trains the query reasoner alone
         width = (lambda row: config.top_k) if config.stage == "e2e" else (lambda row: len(row["docs"]))
         texts = (memory_prompt(model.tokenizer, model.document_placeholder, row, width(row)) for row in rows)
-        _refuse_long_rows(model, texts, len(rows), "the generator")
+        _refuse_long_rows(model, texts, len(rows), "the generator",
+                          f"give them fewer documents (each reads as {len(model.document_placeholder)} positions, "
+                          "however long) or shorter questions and targets")
 
 
-def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name: str) -> None:
+_CUT_TEXT = "cut their documents or targets"  # what shortens rows whose documents are read as text
+
+
+def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name: str, remedy: str) -> None:
     """Refuse the ``count`` training rows whose text (prompt and target, as ``reader`` reads
-    them) is longer than its context window."""
+    them) is longer than its context window; ``remedy`` says how to shorten them."""
     window = context_window(reader.lm)
     if window is None:
         return
@@ -613,8 +619,7 @@ def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name
             if length > window]
     if long:
         raise InvalidInputError(f"{len(long)} of the {count} training rows are longer than {name}'s context window "
-                                f"of {window} positions, training row {long[0][0]} the first ({long[0][1]}): cut "
-                                "their documents or targets")
+                                f"of {window} positions, training row {long[0][0]} the first ({long[0][1]}): {remedy}")
 
 
 def _token_counts(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], count: int) -> Iterator[int]:
@@ -787,7 +792,8 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     teacher_digest = teacher.weights_sha256 if teacher is not None else (state or {}).get("teacher_sha256")
     init_digest = state.get("init_sha256") if state is not None else model.weights_sha256  # what check_trained_from reads
     if teacher is not None:  # which reads the rows' documents whole, as text
-        _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher")
+        _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher",
+                          _CUT_TEXT)
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
     torch.manual_seed(config.seed)

@@ -727,7 +727,9 @@ def test_train_on_a_finished_run_says_so_before_it_loads_a_model(tiny_model, oth
     for other in (["--compression-rate", "8"], ["--retrieval-key", "flat"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*train, *other])
-        assert exit_info.value.code == 4 and "trained with another model configuration" in capsys.readouterr().err
+        err = capsys.readouterr().err  # advice a run can follow, not "load it with the same settings"
+        assert exit_info.value.code == 4 and "trained with another model configuration" in err
+        assert "(a run with others: another output)" in err
 
 
 def test_a_stage_whose_init_was_trained_again_is_neither_resumed_nor_called_finished(tiny_model, tmp_path, capsys):

@@ -120,6 +120,7 @@ def test_workers_of_another_compressor_are_refused(local_ray, tiny_config, tiny_
     with pytest.raises(StoreError) as caught:  # as raised in the actor, not a screen of Ray's traceback
         index_documents(MemoryStore(tiny_model), TEXTS[:4], IDS[:4], on_ray=RayCompression(load, workers=1))
     assert str(caught.value).startswith("the store was written by another compressor") and "\n" not in str(caught.value)
+    assert "a Ray worker's model compresses otherwise than this process's" in str(caught.value)
 
 
 def test_bad_ray_settings_are_refused_before_any_work(local_ray, tiny_model, on_ray, tmp_path, monkeypatch):

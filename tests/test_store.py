@@ -909,8 +909,14 @@ def test_store_of_another_compressor_is_refused(store, tiny_config, tmp_path):
         MemoryStore.load(tmp_path / "s", other)
     other_rate = ClaraModel(ClaraConfig(base_model=tiny_config.base_model, compression_rate=8,
                                         doc_max_length=64), device="cpu")
-    with pytest.raises(StoreError, match="compression_rate=16"):
+    with pytest.raises(StoreError, match="compression_rate=16, this model has 8: load the model at compression rate 16"):
         MemoryStore.load(tmp_path / "s", other_rate)
+    # not for a design that reads at its own rate alone (loaded at 16, it was refused), and advice
+    # clara index can follow (a new folder: it loads the old store first)
+    tokens_at_8 = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens", compression_rate=8), device="cpu")
+    with pytest.raises(StoreError, match="compression_rate=16, this model has 8: read it with the model that wrote it, "
+                                         "or compress its documents again with this one into a new folder"):
+        MemoryStore.load(tmp_path / "s", tokens_at_8)
     other_design = ClaraModel(dataclasses.replace(tiny_config, memory_design="tokens"), device="cpu")
     with pytest.raises(StoreError, match="memory_design"):
         MemoryStore.load(tmp_path / "s", other_design)
