@@ -202,12 +202,20 @@ def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_s
     with pytest.raises(InvalidInputError, match="settings hold no CLaRa model or store: pass them again"):
         ClaraLLM.from_json(text)
     assert json.loads(ClaraEmbedding(clara=tiny_model).to_json())["class_name"] == "ClaraEmbedding"
+    # read back with its model passed again, and that model alone: the shipped checkpoint embedded unsaid
+    text = ClaraEmbedding(clara=tiny_model, embed_batch_size=3).to_json()
+    assert ClaraEmbedding.from_json(text, clara=tiny_model).embed_batch_size == 3
+    assert ClaraEmbedding.from_dict(ClaraEmbedding(clara=tiny_model).to_dict(), clara=tiny_model).clara is tiny_model
+    with pytest.raises(InvalidInputError, match="settings hold no CLaRa model: pass it again"):
+        ClaraEmbedding.from_json(text)
     # and the settings tell models apart: an ingestion cache keys on them
     other = ClaraModel(dataclasses.replace(tiny_model.config, compression_rate=8), device="cpu")
     assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=other).to_dict()
     retrained = ClaraModel(tiny_model.config, device="cpu")  # the same settings, other weights
     randomize_adapters(retrained, seed=7)
     assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=retrained).to_dict()
+    with pytest.raises(InvalidInputError, match="written with another CLaRa model"):
+        ClaraEmbedding.from_json(text, clara=retrained)
 
 
 def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import warnings
 from collections import OrderedDict
@@ -13,7 +14,7 @@ import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import ConfigDict, Field, computed_field, model_validator
 
-from clara_plugins import ClaraModel
+from clara_plugins import ClaraModel, InvalidInputError
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.checkpoint import compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
@@ -61,6 +62,20 @@ class ClaraEmbedding(BaseEmbedding):
     @classmethod
     def class_name(cls) -> str:
         return "ClaraEmbedding"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> ClaraEmbedding:
+        """Settings written by ``to_dict``/``to_json`` with their model passed again: the dump
+        holds only its signature, and read alone the shipped checkpoint embedded unsaid, with
+        vectors no store of the written model's matches."""
+        if {**data, **kwargs}.get("clara") is None:
+            raise InvalidInputError("a ClaraEmbedding's settings hold no CLaRa model: pass it again, "
+                                    "ClaraEmbedding.from_json(text, clara=model)")
+        embedding = super().from_dict(data, **kwargs)
+        if "clara_model" in data and _as_json(data["clara_model"]) != _as_json(embedding.clara_model):
+            raise InvalidInputError("these ClaraEmbedding settings were written with another CLaRa model (another "
+                                    "compressor or retrieval key): pass that one")
+        return embedding
 
     def __reduce__(self) -> tuple:  # it hands its memory tokens to the store in this process
         return LeftBehind, (type(self).__name__,)
@@ -148,3 +163,8 @@ def take_memories(model: ClaraModel, texts: list[str], batch_size: int) -> torch
                                        stacklevel=4)
         remembered.update(zip(missing, torch.from_numpy(compressed)))
     return torch.stack([remembered[text] for text in texts])
+
+
+def _as_json(settings: Any) -> Any:
+    """Settings as JSON reads them back (``to_dict`` keeps tuples, ``to_json`` writes lists)."""
+    return json.loads(json.dumps(settings))
