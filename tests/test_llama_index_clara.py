@@ -89,6 +89,19 @@ def test_query_restricted_to_node_ids(vector_store):
     assert set(query(vector_store, 5, node_ids=["n1", "n3"]).ids) == {"n1", "n3"}
 
 
+def test_a_query_restricted_to_every_stored_node_searches_the_stores_index(vector_store, monkeypatch):
+    # an index built with store_nodes_override=True names every node it holds in each query: the
+    # store scored every document exactly, read from its memories, whatever index it was built with
+    searched = []
+    real = vector_store._store.search
+    monkeypatch.setattr(vector_store._store, "search", lambda *args, ids=None, **kwargs: searched.append(ids)
+                        or real(*args, ids=ids, **kwargs))
+    every = vector_store._store.all_ids()
+    assert query(vector_store, 2, node_ids=[*every, "not stored"]).ids == query(vector_store, 2).ids
+    assert set(query(vector_store, 5, node_ids=every[:2]).ids) == set(every[:2])
+    assert searched == [None, None, every[:2]]
+
+
 def test_a_query_restricted_to_node_ids_none_of_which_is_stored_warns(tiny_model):
     # LlamaIndex restricts an index's queries to its IndexNode and ImageNode ids: an image node
     # without text (its metadata its only content), left out of the store, made every query find

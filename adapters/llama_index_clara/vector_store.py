@@ -301,14 +301,20 @@ class ClaraVectorStore(BasePydanticVectorStore):
             where = of_documents if where is None else {"$and": [where, of_documents]}
         # an index over a store that keeps the text holds no node ids, and its retrievers pass []:
         # an empty list restricts nothing
-        if query.node_ids and not self._store.stored_ids(query.node_ids):
+        among = query.node_ids or None
+        stored = set() if among is None else self._store.stored_ids(among)
+        if among is not None and not stored:
             # the index's IndexNode and ImageNode ids alone, one of them left out for having no text:
             # every query found nothing, unsaid
-            warnings.warn(f"none of the {len(query.node_ids)} node_ids this query is restricted to is stored; an index "
+            warnings.warn(f"none of the {len(among)} node_ids this query is restricted to is stored; an index "
                           "that mixes IndexNode or ImageNode with text nodes restricts its queries to their ids "
                           "unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
+        elif among is not None and len(stored) == len(self._store):
+            # every stored node (an index built with store_nodes_override=True names them all): the
+            # store's own index searches, where a restriction scored every document exactly
+            among = None
         results = self._store.search(query.query_str, query.similarity_top_k, where,
-                                     ids=query.node_ids or None, lambda_mult=lambda_mult, fetch_k=fetch_k)
+                                     ids=among, lambda_mult=lambda_mult, fetch_k=fetch_k)
         return VectorStoreQueryResult(
             nodes=[self._to_node(d) for d, _ in results],
             similarities=[score for _, score in results],
