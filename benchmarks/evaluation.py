@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from clara_plugins import ClaraModel
 from clara_plugins.bm25 import bm25_rank
 from clara_plugins.errors import InvalidInputError
+from clara_plugins.model import cuts_warned_once
 from clara_plugins.metrics import (
     answer_scores,
     paired_difference,
@@ -159,21 +160,23 @@ def _answer_rows(model: ClaraModel, rows: Sequence[dict], reader: str, label: st
     keeps them, it would be charged to whichever pass came first (as a benchmark indexes
     before it times answers)."""
     run: dict[str, list] = {"predictions": [], "positions": [], "seconds": []}
-    for start in tqdm(range(0, len(rows), batch_size), desc=f"answering ({label})"):
-        batch = rows[start:start + batch_size]
-        questions = [row["question"] for row in batch]
-        if reader == "clara":
-            pools = [compressed_pools(model, [row["docs"]], memories)[0] for row in batch]  # a call a row
-            began = time.perf_counter()
-            answers, counts = _clara_answers(model, batch, pools, k, max_new_tokens)
-        else:
-            began = time.perf_counter()
-            documents = [row["docs"][:k] if reader == "text" else [] for row in batch]
-            answers = read_text(model, questions, documents, max_new_tokens)
-            counts = [prompt_positions(model.tokenizer, text_prompt(model, q, d)) for q, d in zip(questions, documents)]
-        run["seconds"].append(time.perf_counter() - began)
-        run["predictions"].extend(answers)
-        run["positions"].extend(counts)
+    with cuts_warned_once(model.config.doc_max_length, stacklevel=3):  # once, not a warning a row
+        for start in tqdm(range(0, len(rows), batch_size), desc=f"answering ({label})"):
+            batch = rows[start:start + batch_size]
+            questions = [row["question"] for row in batch]
+            if reader == "clara":
+                pools = [compressed_pools(model, [row["docs"]], memories)[0] for row in batch]  # a call a row
+                began = time.perf_counter()
+                answers, counts = _clara_answers(model, batch, pools, k, max_new_tokens)
+            else:
+                began = time.perf_counter()
+                documents = [row["docs"][:k] if reader == "text" else [] for row in batch]
+                answers = read_text(model, questions, documents, max_new_tokens)
+                counts = [prompt_positions(model.tokenizer, text_prompt(model, q, d))
+                          for q, d in zip(questions, documents)]
+            run["seconds"].append(time.perf_counter() - began)
+            run["predictions"].extend(answers)
+            run["positions"].extend(counts)
     return run
 
 
@@ -206,18 +209,19 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
     retrievers = list(dict.fromkeys(retrievers))  # one named twice scored row i with row i // 2's ranking
     rows = [row for row in rows if gold_count(row)]
     rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
-    for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
-        kept = {} if memories is None else memories  # without a cache, a row's pool is kept for its row alone
-        for name in retrievers:
-            if name in ("reasoner", "compressor"):
-                pool = compressed_pools(model, [row["docs"]], kept)[0]
-                encode = model.encode_queries if name == "reasoner" else model.compress_documents
-                scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
-                rankings[name].append(best_first(scores).tolist())
-            elif name == "dense":
-                rankings[name].append(dense.rank(row["question"], row["docs"]))
-            else:
-                rankings[name].append(bm25_rank(row["question"], row["docs"]))
+    with cuts_warned_once(model.config.doc_max_length if model is not None else 0, stacklevel=2):
+        for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
+            kept = {} if memories is None else memories  # without a cache, a row's pool is kept for its row alone
+            for name in retrievers:
+                if name in ("reasoner", "compressor"):
+                    pool = compressed_pools(model, [row["docs"]], kept)[0]
+                    encode = model.encode_queries if name == "reasoner" else model.compress_documents
+                    scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
+                    rankings[name].append(best_first(scores).tolist())
+                elif name == "dense":
+                    rankings[name].append(dense.rank(row["question"], row["docs"]))
+                else:
+                    rankings[name].append(bm25_rank(row["question"], row["docs"]))
     return [_ranking_scores(name, ranked, rows, ks) for name, ranked in rankings.items()]
 
 

@@ -28,7 +28,7 @@ from .base_store import BaseMemoryStore
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
-from .model import ClaraModel, compress_in_parts
+from .model import ClaraModel, compress_in_parts, cuts_warned_once
 
 _GROUP_TRIES = 3  # a group whose actor died this often stops the run (the groups saved before stay)
 
@@ -95,8 +95,10 @@ def index_documents(
     # Ray compresses each group as upsert does here (compress_in_parts): the same batches, the same memories
     compressed = ((group, None) for group in groups) if on_ray is None else _compressed_on_ray(
         store, texts, groups, on_ray)
-    # closed on a failed save too: a traceback kept (as a notebook keeps it) held Ray and its actors running
-    with tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress, \
+    # closed on a failed save too: a traceback kept (as a notebook keeps it) held Ray and its actors running;
+    # the cut documents of every group told once, after the bar
+    with cuts_warned_once(store.model.config.doc_max_length, stacklevel=2), \
+            tqdm(total=len(todo), desc="indexing", unit="doc", disable=not show_progress) as progress, \
             contextlib.closing(compressed):
         for rows, memories in compressed:
             # compressed here: a bar of its batches too, as a group of 1,024 takes minutes on a CPU

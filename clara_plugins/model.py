@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import os
 import threading
@@ -681,10 +682,36 @@ _LOAD_TRIES = 5
 COMPRESS_PART = 1024  # texts compress_in_parts compresses at a time
 
 
+# within ``cuts_warned_once``: [documents, documents cut, tokens cut] of its compressions so far
+_CUT_TALLY: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cut_tally", default=None)
+
+
+@contextlib.contextmanager
+def cuts_warned_once(limit: int, stacklevel: int) -> Iterator[None]:
+    """Count the documents the compressions within the block cut, and warn of them once at its
+    end (``stacklevel`` from the caller's frame): a loop of compressions warned once a call, so
+    that a corpus indexed 1,024 documents at a time warned up to a thousand times."""
+    tally = [0, 0, 0]
+    token = _CUT_TALLY.set(tally)
+    try:
+        yield
+    finally:
+        _CUT_TALLY.reset(token)
+    if tally[1]:
+        warnings.warn(f"{tally[1]} of {tally[0]} documents exceed doc_max_length={limit} tokens; {tally[2]} tokens "
+                      "were cut", stacklevel=stacklevel + 2)  # past contextlib's frame and this one
+
+
 def _warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
-    """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document)."""
+    """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document),
+    or count them for ``cuts_warned_once``."""
     truncated = [i for i, tokens in enumerate(cut) if tokens]
-    if truncated:
+    tally = _CUT_TALLY.get()
+    if tally is not None:
+        tally[0] += len(cut)
+        tally[1] += len(truncated)
+        tally[2] += sum(cut)
+    elif truncated:
         warnings.warn(f"{len(truncated)} of {len(cut)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
                       f"tokens were cut (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
                       stacklevel=stacklevel)  # counted from this function: 3 names its caller's caller

@@ -85,7 +85,7 @@ def evaluate_reading(model: ClaraModel, rows: Sequence[dict], k: int = 5, batch_
     stop = turn_end_token(model.tokenizer)
     totals = torch.zeros(3, len(_TOKEN_KINDS), dtype=torch.float64)  # -log-likelihood: own, neutral, other
     tokens = torch.zeros(len(_TOKEN_KINDS), dtype=torch.float64)
-    for start in tqdm(range(0, len(rows), batch_size), desc="reading"):
+    for start in tqdm(range(0, len(rows), batch_size), desc="reading", leave=None):  # a probe's, under training's bar
         batch = rows[start:start + batch_size]
         prompts, full = memory_prompts(model.tokenizer, model.document_placeholder, batch, width)
         own = memories[start:start + len(batch)]

@@ -98,7 +98,7 @@ def _write_staged(folder: Path, staging: Path, snapshot: Snapshot, previous: Sav
     unchanged = previous.unchanged_shards(folder, snapshot.where) if previous is not None else set()
     count = len(snapshot.where)
     fields = {field: count if chunks else 0 for field, chunks in snapshot.chunks.items()}
-    with tqdm(total=sum(fields.values()) + count, unit="row", desc="saving the store",
+    with tqdm(total=sum(fields.values()) + count, unit="row", desc="saving the store", leave=None,
               disable=count < PROGRESS_ROWS) as progress:  # about a minute at a million
         header = {
             "format": FORMAT,

@@ -803,7 +803,7 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     else:
         prepare_stage(model, config)
     if finished:
-        warnings.warn(finished_message(output, config), stacklevel=2)
+        warnings.warn(finished_message(output, config), stacklevel=3)  # past train(), at its caller
         return probe_finished_run(model, rows, config, output, probes)
     _read_as_trained(model, config)
     # frozen instruct memories are cached, so the <MEM> rows that made them stay fixed too
@@ -940,7 +940,7 @@ def _warn_cut_documents(model: ClaraModel, rows: list[dict]) -> None:
                   f"the compressor reads their first {limit}, and a target about the rest asks for what their "
                   f"memories cannot hold"
                   + (f"; {len(lost)} rows' answers are in their documents past the cut alone, training row "
-                     f"{lost[0]} the first" if lost else ""), stacklevel=3)
+                     f"{lost[0]} the first" if lost else ""), stacklevel=4)  # past _train_stage and train()
 
 
 def _past_the_cut(answer: str, documents: list[str], whole: dict[str, str], kept: dict[str, str]) -> bool:

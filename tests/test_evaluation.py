@@ -27,6 +27,21 @@ ROWS = [{"question": "Which river flows through Vienna?", "docs": [CORPUS[2], CO
          "pos_index": [1]}]
 
 
+def test_an_evaluation_warns_once_of_the_documents_its_rows_cut(tiny_model):
+    # a pool is compressed a row at a time, and each row with a long passage warned inside the bar
+    import warnings
+
+    long = " ".join(CORPUS * 3)
+    rows = [{**row, "docs": [f"{long} {i}", *row["docs"][1:]]} for i, row in enumerate(ROWS)]
+    for evaluate in (lambda: evaluate_answers(tiny_model, rows, "clara", k=2, max_new_tokens=1, batch_size=1),
+                     lambda: evaluate_retrieval(rows, ["reasoner"], tiny_model)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluate()
+        cut = [str(w.message).split(";")[0] for w in caught if "doc_max_length" in str(w.message)]
+        assert cut == ["3 of 9 documents exceed doc_max_length=64 tokens"]
+
+
 @pytest.mark.parametrize("system", ["clara", "control", "text", "none"])
 def test_every_system_is_scored_with_its_predictions(tiny_model, system):
     result = evaluate_answers(tiny_model, ROWS, system, k=2, max_new_tokens=3, batch_size=2)

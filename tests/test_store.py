@@ -179,6 +179,19 @@ def test_indexing_shows_the_batches_of_a_group_as_they_are_compressed(tiny_model
     assert shown == [True, False]
 
 
+def test_indexing_warns_once_of_the_documents_every_group_cut(tiny_model):
+    # a warning a group, numbered within it: a corpus indexed 1,024 documents at a time warned
+    # up to a thousand times over the progress bars
+    long = " ".join(CORPUS * 3)
+    texts = [f"{long} {i}" if i % 2 else CORPUS[i] for i in range(6)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index_documents(MemoryStore(tiny_model), texts, [f"d{i}" for i in range(6)], save_every=2)
+    cut = [w for w in caught if "doc_max_length" in str(w.message)]
+    assert [str(w.message).split(";")[0] for w in cut] == ["3 of 6 documents exceed doc_max_length=64 tokens"]
+    assert cut[0].filename == __file__
+
+
 def test_indexing_a_pandas_like_column_names_what_it_needs(tiny_model):
     # `not texts` of a pandas Series raised "The truth value of a Series is ambiguous"
     pandas = pytest.importorskip("pandas")

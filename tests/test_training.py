@@ -1209,9 +1209,15 @@ def test_documents_longer_than_the_compressor_reads_are_counted_in_a_warning(tin
     long = " ".join(CORPUS * 10)
     rows = [{"data_type": "reconstruct", "answers": [long], "docs": [long]},
             {"data_type": "reconstruct", "answers": [CORPUS[0]], "docs": [CORPUS[0]]}]
+    config = TrainConfig(stage="scp", steps=1, batch_size=2, grad_accum=1, mse_weight=0.0)
     with pytest.warns(UserWarning, match="1 of the rows' 2 documents are longer than doc_max_length .*cannot "
-                                         "hold$"):  # no answer past the cut: a reconstruction's target is its document
-        train(tiny_model, rows, TrainConfig(stage="scp", steps=1, batch_size=2, grad_accum=1, mse_weight=0.0), tmp_path)
+                                         "hold$") as caught:  # no answer past the cut: a reconstruction's target is its document
+        train(tiny_model, rows, config, tmp_path)
+    # both at the caller's line (they named training.py, once train() held its output's lock around the run)
+    assert [w.filename for w in caught if "doc_max_length" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning, match="holds a finished run") as caught:
+        train(tiny_model, rows, config, tmp_path)
+    assert [w.filename for w in caught if "finished run" in str(w.message)] == [__file__]
 
 
 @pytest.mark.parametrize("fast", [True, False])  # a slow tokenizer has no offsets: its tokens are decoded
