@@ -76,7 +76,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     """'auto' is bfloat16 on a CUDA GPU that computes in it (float16 on older ones: a T4, a V100)
     and float32 elsewhere (CPU kernels for half types are slow). A torch dtype must be a float one:
     torch.int8 failed in transformers, and for the default model the error advised deleting its
-    good copy; float8 failed on a bare TypeError."""
+    good copy; float8 failed on a bare TypeError. Apple's MPS has no float64 (refused only once
+    the whole model had loaded, by torch)."""
+    if device.type == "mps" and dtype in (torch.float64, "float64"):
+        raise ValueError("Apple's MPS computes in no float64: load the model in float32 there, or in float64 on "
+                         "the CPU")
     if isinstance(dtype, torch.dtype):
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"a model is loaded and saved in a floating-point dtype ({FLOAT_NAMES}), got {dtype}")

@@ -338,6 +338,10 @@ def test_auto_is_float16_on_a_gpu_without_bfloat16(monkeypatch, bf16, expected):
         assert resolve_dtype(name, torch.device("cpu")) == resolve_dtype(getattr(torch, name), torch.device("cpu"))
     with pytest.raises(ValueError, match="unknown dtype 'int8': use auto, float32, bfloat16, float16 or float64"):
         resolve_dtype("int8", torch.device("cpu"))
+    for float64 in ("float64", torch.float64):  # refused by torch once the whole model had loaded
+        with pytest.raises(ValueError, match="Apple's MPS computes in no float64"):
+            resolve_dtype(float64, torch.device("mps"))
+    assert resolve_dtype("float32", torch.device("mps")) == torch.float32
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
