@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from clara_plugins import ClaraModel
 from clara_plugins.bm25 import bm25_rank
 from clara_plugins.errors import InvalidInputError
-from clara_plugins.model import cuts_warned_once
+from clara_plugins.model import cuts_warned_once, tallied_cuts
 from clara_plugins.metrics import (
     answer_scores,
     paired_difference,
@@ -216,7 +216,9 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
                 if name in ("reasoner", "compressor"):
                     pool = compressed_pools(model, [row["docs"]], kept)[0]
                     encode = model.encode_queries if name == "reasoner" else model.compress_documents
-                    scores = cosine_scores(encode([row["question"]]), pool, model.config.retrieval_key)[0]
+                    with tallied_cuts():  # a question the compressor encodes is not counted as a document
+                        question = encode([row["question"]])
+                    scores = cosine_scores(question, pool, model.config.retrieval_key)[0]
                     rankings[name].append(best_first(scores).tolist())
                 elif name == "dense":
                     rankings[name].append(dense.rank(row["question"], row["docs"]))

@@ -377,7 +377,7 @@ class ClaraModel(torch.nn.Module):
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         if warn:
-            _warn_truncated(cut, self.config.doc_max_length, stacklevel=3)
+            warn_of_cuts(cut, self.config.doc_max_length, stacklevel=3)
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -553,7 +553,7 @@ class ClaraModel(torch.nn.Module):
         """``compress``'s memories, its warning of cut text pointing at the code that called the
         public method calling this one (``compress``'s own pointed here)."""
         compressed = self.compress(documents, batch_size, show_progress, warn=False)
-        _warn_truncated(compressed.truncated_tokens, self.config.doc_max_length, stacklevel=4)
+        warn_of_cuts(compressed.truncated_tokens, self.config.doc_max_length, stacklevel=4)
         return compressed.memories
 
     def generate_from_compressed_documents_and_questions(
@@ -682,35 +682,44 @@ _LOAD_TRIES = 5
 COMPRESS_PART = 1024  # texts compress_in_parts compresses at a time
 
 
-# within ``cuts_warned_once``: [documents, documents cut, tokens cut] of its compressions so far
+# within ``tallied_cuts``: the tokens cut from each document compressed so far
 _CUT_TALLY: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar("cut_tally", default=None)
 
 
 @contextlib.contextmanager
-def cuts_warned_once(limit: int, stacklevel: int) -> Iterator[None]:
-    """Count the documents the compressions within the block cut, and warn of them once at its
-    end (``stacklevel`` from the caller's frame): a loop of compressions warned once a call, so
-    that a corpus indexed 1,024 documents at a time warned up to a thousand times."""
-    tally = [0, 0, 0]
-    token = _CUT_TALLY.set(tally)
+def tallied_cuts() -> Iterator[list[int]]:
+    """The tokens cut from each document the block compresses, gathered instead of warned of."""
+    cuts: list[int] = []
+    token = _CUT_TALLY.set(cuts)
     try:
-        yield
+        yield cuts
     finally:
         _CUT_TALLY.reset(token)
-    if tally[1]:
-        warnings.warn(f"{tally[1]} of {tally[0]} documents exceed doc_max_length={limit} tokens; {tally[2]} tokens "
-                      "were cut", stacklevel=stacklevel + 2)  # past contextlib's frame and this one
 
 
-def _warn_truncated(cut: Sequence[int], limit: int, stacklevel: int) -> None:
+@contextlib.contextmanager
+def cuts_warned_once(limit: int, stacklevel: int) -> Iterator[None]:
+    """Warn once, as the block ends (stopped too: its resume skips what it compressed), of the
+    documents its compressions cut (``stacklevel`` from the caller's frame): a loop of
+    compressions warned once a call, so that a corpus indexed 1,024 documents at a time warned
+    up to a thousand times."""
+    try:
+        with tallied_cuts() as cuts:
+            yield
+    finally:
+        cut = [tokens for tokens in cuts if tokens]
+        if cut:
+            warnings.warn(f"{len(cut)} of {len(cuts)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
+                          "tokens were cut", stacklevel=stacklevel + 2)  # past contextlib's frame and this one
+
+
+def warn_of_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
     """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document),
-    or count them for ``cuts_warned_once``."""
+    or gather them for ``tallied_cuts``."""
     truncated = [i for i, tokens in enumerate(cut) if tokens]
-    tally = _CUT_TALLY.get()
-    if tally is not None:
-        tally[0] += len(cut)
-        tally[1] += len(truncated)
-        tally[2] += sum(cut)
+    cuts = _CUT_TALLY.get()
+    if cuts is not None:
+        cuts.extend(cut)
     elif truncated:
         warnings.warn(f"{len(truncated)} of {len(cut)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
                       f"tokens were cut (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
@@ -744,7 +753,7 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
             part = model.compress(texts[start:start + COMPRESS_PART], batch_size, warn=False, progress=bar)
             compressed[start:start + len(part.memories)] = fp16_memories(part.memories)
             cut += part.truncated_tokens
-    _warn_truncated(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
+    warn_of_cuts(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
     return compressed
 
 

@@ -34,7 +34,7 @@ def test_an_evaluation_warns_once_of_the_documents_its_rows_cut(tiny_model):
     long = " ".join(CORPUS * 3)
     rows = [{**row, "docs": [f"{long} {i}", *row["docs"][1:]]} for i, row in enumerate(ROWS)]
     for evaluate in (lambda: evaluate_answers(tiny_model, rows, "clara", k=2, max_new_tokens=1, batch_size=1),
-                     lambda: evaluate_retrieval(rows, ["reasoner"], tiny_model)):
+                     lambda: evaluate_retrieval(rows, ["reasoner", "compressor"], tiny_model)):  # no question counted
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             evaluate()

@@ -90,6 +90,20 @@ def test_ray_gives_the_memories_of_the_in_process_path(local_ray, tiny_model, tm
     assert torch.equal(there.memories(IDS), here.memories(IDS))
 
 
+def test_the_documents_ray_cut_are_warned_of_once_by_the_run(local_ray, tiny_model, on_ray):
+    # each actor warned of its group's in its own log, which Ray printed over the progress bar
+    import warnings
+
+    long = " ".join(CORPUS * 3)
+    texts = [f"{long} {i}" if i % 2 else CORPUS[i] for i in range(6)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        index_documents(MemoryStore(tiny_model), texts, [document_id(t) for t in texts], save_every=2,
+                        on_ray=on_ray(workers=1))
+    cut = [str(w.message).split(";")[0] for w in caught if "doc_max_length" in str(w.message)]
+    assert cut == ["3 of 6 documents exceed doc_max_length=64 tokens"]
+
+
 def test_a_resumed_run_compresses_only_what_is_not_stored(local_ray, tiny_model, on_ray):
     store = MemoryStore(tiny_model)
     store.upsert(TEXTS[:30], IDS[:30])

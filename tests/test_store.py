@@ -191,6 +191,15 @@ def test_indexing_warns_once_of_the_documents_every_group_cut(tiny_model):
     assert [str(w.message).split(";")[0] for w in cut] == ["3 of 6 documents exceed doc_max_length=64 tokens"]
     assert cut[0].filename == __file__
 
+    def stopped():  # and a stopped run's (its resume skips what it stored)
+        raise KeyboardInterrupt
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            index_documents(MemoryStore(tiny_model), texts, [f"d{i}" for i in range(6)], save_every=2, save=stopped)
+    assert [str(w.message).split(";")[0] for w in caught] == ["1 of 2 documents exceed doc_max_length=64 tokens"]
+
 
 def test_indexing_a_pandas_like_column_names_what_it_needs(tiny_model):
     # `not texts` of a pandas Series raised "The truth value of a Series is ambiguous"
