@@ -73,7 +73,7 @@ from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, f
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, other_rows, reading_width
-from .prompts import memory_prompt, memory_prompts, text_prompt, text_prompts, trained_answers
+from .prompts import memory_prompt, memory_prompts, prompt_positions, text_prompt, text_prompts, trained_answers
 from .retrieval import best_first, cosine_scores, straight_through_topk
 from .rows import check_training_rows, question_name, reading_row_problem, row_text
 
@@ -601,9 +601,10 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     elif config.stage != "retrieval":  # which trains the query reasoner alone
         width = (lambda row: config.top_k) if config.stage == "e2e" else (lambda row: len(row["docs"]))
         texts = (memory_prompt(model.tokenizer, model.document_placeholder, row, width(row)) for row in rows)
+        placeholder = prompt_positions(model.tokenizer, model.document_placeholder)
         _refuse_long_rows(model, texts, len(rows), "the generator",
-                          f"give them fewer documents (each reads as {len(model.document_placeholder)} positions, "
-                          "however long) or shorter questions and targets")
+                          f"give them fewer documents (each reads as {placeholder} positions, however long) "
+                          "or shorter questions and targets")
 
 
 _CUT_TEXT = "cut their documents or targets"  # what shortens rows whose documents are read as text
@@ -856,7 +857,9 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     started = time.perf_counter() - (state or {}).get("seconds", 0.0)  # the log counts the run's time across resumes
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
-    with open(output / "log.jsonl", "a") as log, _undone_if_stopped(parameters, resuming) as start_weights:
+    # the query reasoner too where each save copies the compressor into it (a stop in the first save)
+    mirrored = [p for name, p in model.lm.named_parameters() if f".{QUERY_REASONER}." in name] if mirror else []
+    with open(output / "log.jsonl", "a") as log, _undone_if_stopped([*parameters, *mirrored], resuming) as start_weights:
         if missed := missed_probes(probes, output, start, config.probe_every):
             _probe(model, missed, probe_k, start, log)
         for step in progress:

@@ -1288,7 +1288,8 @@ def test_a_row_longer_than_the_context_window_is_refused_before_any_step(tiny_mo
     config = TrainConfig(stage=stage, steps=1, batch_size=1, grad_accum=1, **({"top_k": 2} if stage == "e2e" else {}))
     monkeypatch.setattr(training, "context_window", lambda lm: 400)
     # a row whose documents are read as memories is not shortened by cutting them
-    remedy = "cut their documents or targets" if stage == "text" else "give them fewer documents"
+    remedy = "cut their documents or targets" if stage == "text" else \
+        rf"give them fewer documents \(each reads as {tiny_model.config.n_mem_tokens + 1} positions"  # its <MEM>s, <SEP>
     with pytest.raises(InvalidInputError, match="1 of the 2 training rows are longer than the generator's context "
                                                 rf"window of 400 positions, training row 1 the first \(\d+\): {remedy}"):
         train(tiny_model, long, config, tmp_path / "run")
@@ -1380,6 +1381,25 @@ def test_a_new_run_whose_log_is_a_link_writes_its_own(tiny_model, tmp_path, targ
     train(tiny_model, INSTRUCT, TrainConfig(stage="instruct", steps=1, batch_size=1, grad_accum=1), tmp_path / "run")
     assert (other.read_text() == "") if target == "empty" else not other.exists()
     assert not (tmp_path / "run" / "log.jsonl").is_symlink()
+
+
+def test_a_run_stopped_in_its_first_save_puts_back_the_query_reasoner_it_mirrors(tiny_config, tmp_path, monkeypatch):
+    # the save copies the trained compressor into a reasoner that is its copy: the compressor was
+    # put back, the reasoner not, and the run given the model again no longer mirrored it
+    from clara_plugins.model import ENCODER, QUERY_REASONER, copy_adapter
+
+    torch.manual_seed(0)
+    model = ClaraModel(tiny_config, device="cpu")
+    copy_adapter(model, ENCODER, QUERY_REASONER)
+    before = {name: parameter.clone() for name, parameter in model.lm.named_parameters()}
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "save_checkpoint", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, SCP, TrainConfig(stage="scp", steps=2, batch_size=1, grad_accum=1, lr=1e-2, save_every=2), tmp_path)
+    assert all(torch.equal(parameter, before[name]) for name, parameter in model.lm.named_parameters())
 
 
 def test_a_run_stopped_before_its_first_save_starts_the_same_model_again_as_it_began(tiny_config, tmp_path,
