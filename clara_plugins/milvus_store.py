@@ -267,7 +267,9 @@ class MilvusMemoryStore(BaseMemoryStore):
             raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not JSON ({error})") from error
         if not isinstance(header, dict) or header.get("format") != FORMAT or "compressor" not in header:
             raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not a header of format {FORMAT!r}")
-        check_compressor(header["compressor"], compressor_signature(self.model), described)
+        check_compressor(header["compressor"], compressor_signature(self.model), described,
+                         remedy="read it with the model that wrote it, or compress its documents again with this one "
+                                "into a new collection")
         keys = header.get("keys", {"kind": "clara-memories"})  # collections made before the mean key: flattened
         if keys != self.keys.signature():
             raise StoreError(f"{described} was indexed with keys {keys}, not {self.keys.signature()}: "

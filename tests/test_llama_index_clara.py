@@ -102,6 +102,21 @@ def test_a_query_restricted_to_every_stored_node_searches_the_stores_index(vecto
     assert searched == [None, None, every[:2]]
 
 
+def test_a_node_written_between_the_check_and_the_search_stays_out_of_a_restricted_query(vector_store, monkeypatch):
+    # the restriction was dropped for naming every stored node, and another index sharing the store wrote one since
+    every = vector_store._store.all_ids()
+    real = vector_store._store.search
+
+    def written_meanwhile(*args, ids=None, **kwargs):
+        if "late" not in vector_store._store.all_ids():
+            vector_store._store.upsert([QUESTION], ids=["late"])
+        return real(*args, ids=ids, **kwargs)
+
+    monkeypatch.setattr(vector_store._store, "search", written_meanwhile)
+    found = query(vector_store, len(every) + 1, node_ids=every).ids
+    assert sorted(found) == sorted(every)
+
+
 def test_a_query_restricted_to_node_ids_none_of_which_is_stored_warns(tiny_model):
     # LlamaIndex restricts an index's queries to its IndexNode and ImageNode ids: an image node
     # without text (its metadata its only content), left out of the store, made every query find
@@ -200,7 +215,7 @@ def test_delete_by_ref_doc_and_by_node(tiny_model):
     assert store.get_nodes() == []
 
 
-def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_store):
+def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_store, tmp_path):
     # to_json raised TypeError: the CLaRa model and the store were dumped as settings
     import json
 
@@ -227,8 +242,12 @@ def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_s
     retrained = ClaraModel(tiny_model.config, device="cpu")  # the same settings, other weights
     randomize_adapters(retrained, seed=7)
     assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=retrained).to_dict()
-    with pytest.raises(InvalidInputError, match="written with another CLaRa model"):
+    with pytest.raises(InvalidInputError, match="these settings' CLaRa model was written by another compressor"):
         ClaraEmbedding.from_json(text, clara=retrained)
+    # the same checkpoint in another dtype is that model (its fingerprint's norms differ in their last digits)
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    half = ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu", dtype="bfloat16")
+    assert ClaraEmbedding.from_json(text, clara=half).clara is half
 
 
 def test_a_blank_document_is_left_out_and_the_index_builds(tiny_model):

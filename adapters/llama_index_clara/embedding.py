@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import warnings
 from collections import OrderedDict
@@ -14,9 +13,9 @@ import torch
 from llama_index.core.base.embeddings.base import BaseEmbedding
 from pydantic import ConfigDict, Field, computed_field, model_validator
 
-from clara_plugins import ClaraModel, InvalidInputError
+from clara_plugins import ClaraModel, InvalidInputError, StoreError
 from clara_plugins.adapter_fields import LeftBehind
-from clara_plugins.checkpoint import compressor_signature
+from clara_plugins.checkpoint import check_compressor, compressor_signature
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.model import compress_in_parts
 from clara_plugins.pretrained import load_model
@@ -72,9 +71,16 @@ class ClaraEmbedding(BaseEmbedding):
             raise InvalidInputError("a ClaraEmbedding's settings hold no CLaRa model: pass it again, "
                                     "ClaraEmbedding.from_json(text, clara=model)")
         embedding = super().from_dict(data, **kwargs)
-        if "clara_model" in data and _as_json(data["clara_model"]) != _as_json(embedding.clara_model):
-            raise InvalidInputError("these ClaraEmbedding settings were written with another CLaRa model (another "
-                                    "compressor or retrieval key): pass that one")
+        written = data.get("clara_model")
+        if isinstance(written, dict):  # compared as a store compares them: one checkpoint in another dtype matches
+            try:
+                check_compressor(written, compressor_signature(embedding.clara), "these settings' CLaRa model",
+                                 remedy="pass the model they were written with")
+            except StoreError as error:
+                raise InvalidInputError(str(error)) from None
+            if written.get("retrieval_key") != embedding.clara.config.retrieval_key:
+                raise InvalidInputError(f"these settings' CLaRa model keys documents by the {written.get('retrieval_key')!r} "
+                                        "retrieval key: pass the model they were written with")
         return embedding
 
     def __reduce__(self) -> tuple:  # it hands its memory tokens to the store in this process
@@ -163,8 +169,3 @@ def take_memories(model: ClaraModel, texts: list[str], batch_size: int) -> torch
                                        stacklevel=4)
         remembered.update(zip(missing, torch.from_numpy(compressed)))
     return torch.stack([remembered[text] for text in texts])
-
-
-def _as_json(settings: Any) -> Any:
-    """Settings as JSON reads them back (``to_dict`` keeps tuples, ``to_json`` writes lists)."""
-    return json.loads(json.dumps(settings))

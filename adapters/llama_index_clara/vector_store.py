@@ -309,12 +309,17 @@ class ClaraVectorStore(BasePydanticVectorStore):
             warnings.warn(f"none of the {len(among)} node_ids this query is restricted to is stored; an index "
                           "that mixes IndexNode or ImageNode with text nodes restricts its queries to their ids "
                           "unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
-        elif among is not None and len(stored) == len(self._store):
+        search = functools.partial(self._store.search, query.query_str, query.similarity_top_k, where,
+                                   lambda_mult=lambda_mult, fetch_k=fetch_k)
+        if among is not None and len(stored) == len(self._store):
             # every stored node (an index built with store_nodes_override=True names them all): the
-            # store's own index searches, where a restriction scored every document exactly
-            among = None
-        results = self._store.search(query.query_str, query.similarity_top_k, where,
-                                     ids=among, lambda_mult=lambda_mult, fetch_k=fetch_k)
+            # store's own index searches, where a restriction scored every document exactly; a node
+            # written since (by another index sharing the store) is left out by searching again
+            results = search()
+            if any(document.id not in stored for document, _ in results):
+                results = search(ids=among)
+        else:
+            results = search(ids=among)
         return VectorStoreQueryResult(
             nodes=[self._to_node(d) for d, _ in results],
             similarities=[score for _, score in results],
