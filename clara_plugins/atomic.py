@@ -146,8 +146,8 @@ def hold_lock(path: Path, wait: bool = True) -> Iterator[None]:
 
 
 # the outputs whose sole_writer lock this process holds, and the thread holding each: another
-# thread is refused as another process is (it wrote the same output beside the first, unsaid),
-# whatever the file lock says (flock on NFS is emulated per process)
+# thread is refused at once, as another process is (it wrote the same output beside the first,
+# unsaid), where no lock file can be made too, and the holding thread may take it again
 _SOLE_WRITERS: dict[Path, int] = {}
 _SOLE_WRITERS_LOCK = threading.Lock()
 

@@ -447,8 +447,8 @@ def _write_rows(model: AdaptedModel, targets: list[tuple[torch.Tensor, torch.Ten
     model.given_rows = [(matrix, rows.detach().float().cpu().clone()) for matrix, rows in targets]
 
 
-_OTHER_COMPRESSOR_REMEDY = ("read it with the model that wrote it, or compress its documents again with this one "
-                            "into a new folder")
+RECOMPRESS = "read it with the model that wrote it, or compress its documents again with this one"
+_OTHER_COMPRESSOR_REMEDY = f"{RECOMPRESS} into a new folder"
 
 
 def check_compressor(stored: dict, current: dict, folder: str | Path, remedy: str = _OTHER_COMPRESSOR_REMEDY) -> None:

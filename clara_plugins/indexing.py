@@ -28,7 +28,7 @@ from .base_store import BaseMemoryStore
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
-from .model import ClaraModel, compress_in_parts, cuts_warned_once, tallied_cuts, warn_of_cuts
+from .model import ClaraModel, compress_in_parts, cuts_warned_once, tallied_cuts, report_cuts
 
 _GROUP_TRIES = 3  # a group whose actor died this often stops the run (the groups saved before stay)
 
@@ -148,7 +148,7 @@ def _compressed_on_ray(
         compressed.context.raise_original_map_exception = True
         try:
             for batch in compressed.iter_batches(batch_size=None, batch_format="numpy"):  # blocks as they come
-                warn_of_cuts(batch["cut"].tolist(), store.model.config.doc_max_length, stacklevel=2)
+                report_cuts(batch["cut"].tolist(), store.model.config.doc_max_length, stacklevel=2)
                 yield batch["row"].tolist(), torch.tensor(batch["memories"])  # a copy: Ray's arrays are read-only
         except ray.exceptions.RayTaskError as error:  # an actor's error, as the in-process path raises it
             if not isinstance(error.cause, Exception) or isinstance(error.cause, ray.exceptions.RayError):

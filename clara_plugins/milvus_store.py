@@ -55,7 +55,7 @@ except ModuleNotFoundError as error:
 
 from .base_store import (CALIBRATION_SAMPLE, FETCH_K, BaseMemoryStore, StoredDocument, calibration_rows, check_known,
                          check_search, id_list, last_of_each, pair_cosines, query_vector)
-from .checkpoint import check_compressor, compressor_signature
+from .checkpoint import RECOMPRESS, check_compressor, compressor_signature
 from .checks import check_positive_int, check_texts, unicode_problem
 from .errors import InvalidInputError, StoreError
 from .filters import Filter, validate_filter
@@ -268,8 +268,7 @@ class MilvusMemoryStore(BaseMemoryStore):
         if not isinstance(header, dict) or header.get("format") != FORMAT or "compressor" not in header:
             raise StoreError(f"{described}: its {HEADER_PROPERTY!r} property is not a header of format {FORMAT!r}")
         check_compressor(header["compressor"], compressor_signature(self.model), described,
-                         remedy="read it with the model that wrote it, or compress its documents again with this one "
-                                "into a new collection")
+                         remedy=f"{RECOMPRESS} into a new collection")
         keys = header.get("keys", {"kind": "clara-memories"})  # collections made before the mean key: flattened
         if keys != self.keys.signature():
             raise StoreError(f"{described} was indexed with keys {keys}, not {self.keys.signature()}: "

@@ -377,7 +377,7 @@ class ClaraModel(torch.nn.Module):
         counts = [len(b) for b in bodies]
         cut = [max(0, c - self.config.doc_max_length) for c in counts]
         if warn:
-            warn_of_cuts(cut, self.config.doc_max_length, stacklevel=3)
+            report_cuts(cut, self.config.doc_max_length, stacklevel=3)
         return CompressedDocuments(memories, counts, cut)
 
     def encode_queries(self, questions: Sequence[str], batch_size: int = 8) -> torch.Tensor:
@@ -553,7 +553,7 @@ class ClaraModel(torch.nn.Module):
         """``compress``'s memories, its warning of cut text pointing at the code that called the
         public method calling this one (``compress``'s own pointed here)."""
         compressed = self.compress(documents, batch_size, show_progress, warn=False)
-        warn_of_cuts(compressed.truncated_tokens, self.config.doc_max_length, stacklevel=4)
+        report_cuts(compressed.truncated_tokens, self.config.doc_max_length, stacklevel=4)
         return compressed.memories
 
     def generate_from_compressed_documents_and_questions(
@@ -707,23 +707,25 @@ def cuts_warned_once(limit: int, stacklevel: int) -> Iterator[None]:
         with tallied_cuts() as cuts:
             yield
     finally:
-        cut = [tokens for tokens in cuts if tokens]
-        if cut:
-            warnings.warn(f"{len(cut)} of {len(cuts)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
-                          "tokens were cut", stacklevel=stacklevel + 2)  # past contextlib's frame and this one
+        if any(cuts):
+            warnings.warn(_cut_message(cuts, limit), stacklevel=stacklevel + 2)  # past contextlib's frame and this one
 
 
-def warn_of_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
+def report_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
     """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document),
-    or gather them for ``tallied_cuts``."""
+    or, within ``tallied_cuts``, gather them."""
     truncated = [i for i, tokens in enumerate(cut) if tokens]
     cuts = _CUT_TALLY.get()
     if cuts is not None:
         cuts.extend(cut)
-    elif truncated:
-        warnings.warn(f"{len(truncated)} of {len(cut)} documents exceed doc_max_length={limit} tokens; {sum(cut)} "
-                      f"tokens were cut (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
-                      stacklevel=stacklevel)  # counted from this function: 3 names its caller's caller
+    elif truncated:  # counted from this function: 3 names its caller's caller
+        warnings.warn(f"{_cut_message(cut, limit)} (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
+                      stacklevel=stacklevel)
+
+
+def _cut_message(cut: Sequence[int], limit: int) -> str:
+    return (f"{sum(tokens > 0 for tokens in cut)} of {len(cut)} documents exceed doc_max_length={limit} tokens; "
+            f"{sum(cut)} tokens were cut")
 
 
 def refuse_control_tokens(model: ClaraModel, texts: Sequence[str], what: str) -> None:
@@ -753,7 +755,7 @@ def compress_in_parts(model: ClaraModel, texts: list[str], batch_size: int, show
             part = model.compress(texts[start:start + COMPRESS_PART], batch_size, warn=False, progress=bar)
             compressed[start:start + len(part.memories)] = fp16_memories(part.memories)
             cut += part.truncated_tokens
-    warn_of_cuts(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
+    report_cuts(cut, model.config.doc_max_length, stacklevel=stacklevel + 1)
     return compressed
 
 

@@ -347,7 +347,7 @@ def read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.n
 
 def check_store_folder(folder: Path) -> None:
     """Refuse a folder a store cannot be saved to without harm to files it did not write: a save
-    replaces ``CURRENT`` and removes older ``gen-*`` folders. A folder holding only what a save
+    replaces ``CURRENT`` and removes older ``gen-*`` folders of store files. A folder holding only what a save
     killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*`` folders of
     store files, ``.CURRENT.*.tmp``) is the store's; one whose ``CURRENT`` names a missing
     generation (a partial copy) is not saved over: the save removed the generations it held."""
@@ -366,8 +366,9 @@ def check_store_folder(folder: Path) -> None:
 
 
 def _left_by_a_save(entry: Path) -> bool:
-    """Whether a folder entry is one a save writes before its first ``CURRENT``; a generation's
-    name alone does not make it one (a user's copy, its notes inside, was removed)."""
+    """Whether a folder entry holds only what a save writes (before its first ``CURRENT``, and
+    in a generation a later save removes); a generation's name alone does not make it one (a
+    user's copy, its notes inside, was removed)."""
     if not _STORE_ENTRY.match(entry.name):
         return False
     if not _GENERATION.match(entry.name):

@@ -596,8 +596,7 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     for name, probe_rows in (probes or {}).items():
         refuse_control_tokens(model, [row_text(row) for row in probe_rows], f"probe {name}, row")
     if config.stage == "text":
-        _refuse_long_rows(model, (text_prompt(model.tokenizer, row) for row in rows), len(rows), "the generator",
-                          _CUT_TEXT)
+        _refuse_long_rows(model, (text_prompt(model.tokenizer, row) for row in rows), len(rows), "the generator")
     elif config.stage != "retrieval":  # which trains the query reasoner alone
         width = (lambda row: config.top_k) if config.stage == "e2e" else (lambda row: len(row["docs"]))
         texts = (memory_prompt(model.tokenizer, model.document_placeholder, row, width(row)) for row in rows)
@@ -607,12 +606,11 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
                           "or shorter questions and targets")
 
 
-_CUT_TEXT = "cut their documents or targets"  # what shortens rows whose documents are read as text
-
-
-def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name: str, remedy: str) -> None:
+def _refuse_long_rows(reader: ClaraModel, texts: Iterable[str], count: int, name: str,
+                      remedy: str = "cut their documents or targets") -> None:
     """Refuse the ``count`` training rows whose text (prompt and target, as ``reader`` reads
-    them) is longer than its context window; ``remedy`` says how to shorten them."""
+    them) is longer than its context window; ``remedy`` says how to shorten them (the default,
+    where the documents are read as text)."""
     window = context_window(reader.lm)
     if window is None:
         return
@@ -793,8 +791,7 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     teacher_digest = teacher.weights_sha256 if teacher is not None else (state or {}).get("teacher_sha256")
     init_digest = state.get("init_sha256") if state is not None else model.weights_sha256  # what check_trained_from reads
     if teacher is not None:  # which reads the rows' documents whole, as text
-        _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher",
-                          _CUT_TEXT)
+        _refuse_long_rows(teacher, (text_prompt(teacher.tokenizer, row) for row in rows), len(rows), "the teacher")
     output.mkdir(parents=True, exist_ok=True)
     checkpoint = output / "checkpoint"
     torch.manual_seed(config.seed)
@@ -909,9 +906,9 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
 
 @contextlib.contextmanager
 def _undone_if_stopped(parameters: list[torch.nn.Parameter], resuming: bool) -> Iterator[list[torch.Tensor]]:
-    """A new run stopped before its first save puts its trainable weights back as they began (CPU
-    copies, which the caller empties once a save covers the run): the steps changed the model
-    object in place, and a new run given that object again trained on from them."""
+    """A new run stopped before its first save puts the weights it changes (``parameters``) back
+    as they began (CPU copies, which the caller empties once a save covers the run): the steps
+    changed the model object in place, and a new run given that object again trained on from them."""
     copies = [] if resuming else [parameter.detach().to("cpu", copy=True) for parameter in parameters]
     try:
         yield copies

@@ -73,12 +73,13 @@ class ClaraEmbedding(BaseEmbedding):
         embedding = super().from_dict(data, **kwargs)
         written = data.get("clara_model")
         if isinstance(written, dict):  # compared as a store compares them: one checkpoint in another dtype matches
+            current = embedding.clara_model
             try:
-                check_compressor(written, compressor_signature(embedding.clara), "these settings' CLaRa model",
-                                 remedy="pass the model they were written with")
+                check_compressor(written, current, "these settings' CLaRa model", remedy="pass the model they were "
+                                 "written with")
             except StoreError as error:
                 raise InvalidInputError(str(error)) from None
-            if written.get("retrieval_key") != embedding.clara.config.retrieval_key:
+            if written.get("retrieval_key") != current["retrieval_key"]:
                 raise InvalidInputError(f"these settings' CLaRa model keys documents by the {written.get('retrieval_key')!r} "
                                         "retrieval key: pass the model they were written with")
         return embedding

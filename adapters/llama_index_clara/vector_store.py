@@ -301,25 +301,27 @@ class ClaraVectorStore(BasePydanticVectorStore):
             where = of_documents if where is None else {"$and": [where, of_documents]}
         # an index over a store that keeps the text holds no node ids, and its retrievers pass []:
         # an empty list restricts nothing
-        among = query.node_ids or None
-        stored = set() if among is None else self._store.stored_ids(among)
-        if among is not None and not stored:
-            # the index's IndexNode and ImageNode ids alone, one of them left out for having no text:
-            # every query found nothing, unsaid
-            warnings.warn(f"none of the {len(among)} node_ids this query is restricted to is stored; an index "
-                          "that mixes IndexNode or ImageNode with text nodes restricts its queries to their ids "
-                          "unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
         search = functools.partial(self._store.search, query.query_str, query.similarity_top_k, where,
                                    lambda_mult=lambda_mult, fetch_k=fetch_k)
-        if among is not None and len(stored) == len(self._store):
-            # every stored node (an index built with store_nodes_override=True names them all): the
-            # store's own index searches, where a restriction scored every document exactly; a node
-            # written since (by another index sharing the store) is left out by searching again
+        if not query.node_ids:
             results = search()
-            if any(document.id not in stored for document, _ in results):
-                results = search(ids=among)
         else:
-            results = search(ids=among)
+            stored = self._store.stored_ids(query.node_ids)
+            if not stored:
+                # the index's IndexNode and ImageNode ids alone, one of them left out for having no text:
+                # every query found nothing, unsaid
+                warnings.warn(f"none of the {len(query.node_ids)} node_ids this query is restricted to is stored; an "
+                              "index that mixes IndexNode or ImageNode with text nodes restricts its queries to their "
+                              "ids unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
+            if stored and len(stored) == len(self._store):
+                # every stored node (an index built with store_nodes_override=True names them all): the
+                # store's own index searches, where a restriction scored every document exactly; a node
+                # written since (by another index sharing the store) is left out by searching again
+                results = search()
+                if any(document.id not in stored for document, _ in results):
+                    results = search(ids=query.node_ids)
+            else:
+                results = search(ids=query.node_ids)
         return VectorStoreQueryResult(
             nodes=[self._to_node(d) for d, _ in results],
             similarities=[score for _, score in results],
