@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -209,6 +210,7 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
     retrievers = list(dict.fromkeys(retrievers))  # one named twice scored row i with row i // 2's ranking
     rows = [row for row in rows if gold_count(row)]
     rankings: dict[str, list[list[int]]] = {name: [] for name in retrievers}
+    question_cuts: list[int] = []
     with cuts_warned_once(model.config.doc_max_length if model is not None else 0, stacklevel=2):
         for row in tqdm(rows, desc=f"ranking ({', '.join(retrievers)})"):
             kept = {} if memories is None else memories  # without a cache, a row's pool is kept for its row alone
@@ -216,14 +218,19 @@ def evaluate_retrieval(rows: Sequence[dict], retrievers: Sequence[str], model: C
                 if name in ("reasoner", "compressor"):
                     pool = compressed_pools(model, [row["docs"]], kept)[0]
                     encode = model.encode_queries if name == "reasoner" else model.compress_documents
-                    with tallied_cuts():  # a question the compressor encodes is not counted as a document
+                    with tallied_cuts() as cut:  # a question the compressor encodes is not counted as a document
                         question = encode([row["question"]])
+                    question_cuts += cut
                     scores = cosine_scores(question, pool, model.config.retrieval_key)[0]
                     rankings[name].append(best_first(scores).tolist())
                 elif name == "dense":
                     rankings[name].append(dense.rank(row["question"], row["docs"]))
                 else:
                     rankings[name].append(bm25_rank(row["question"], row["docs"]))
+    if any(question_cuts):  # its first doc_max_length tokens, as of a document (the reasoner keeps the end)
+        warnings.warn(f"{sum(tokens > 0 for tokens in question_cuts)} questions exceed doc_max_length="
+                      f"{model.config.doc_max_length} tokens: the compressor retriever read their beginning",
+                      stacklevel=2)
     return [_ranking_scores(name, ranked, rows, ks) for name, ranked in rankings.items()]
 
 

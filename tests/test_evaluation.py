@@ -40,6 +40,9 @@ def test_an_evaluation_warns_once_of_the_documents_its_rows_cut(tiny_model):
             evaluate()
         cut = [str(w.message).split(";")[0] for w in caught if "doc_max_length" in str(w.message)]
         assert cut == ["3 of 9 documents exceed doc_max_length=64 tokens"]
+    asked = [{**row, "question": " ".join(CORPUS * 3) + "?"} for row in ROWS[:1]]  # told as a question
+    with pytest.warns(UserWarning, match="1 questions exceed doc_max_length=64 tokens: the compressor retriever read"):
+        evaluate_retrieval(asked, ["compressor"], tiny_model)
 
 
 @pytest.mark.parametrize("system", ["clara", "control", "text", "none"])

@@ -100,6 +100,9 @@ def test_a_query_restricted_to_every_stored_node_searches_the_stores_index(vecto
     assert query(vector_store, 2, node_ids=[*every, "not stored"]).ids == query(vector_store, 2).ids
     assert set(query(vector_store, 5, node_ids=every[:2]).ids) == set(every[:2])
     assert searched == [None, None, every[:2]]
+    # MMR's pool of candidates is not returned, so a node written meanwhile could sit in it unseen: restricted as asked
+    vector_store.query(VectorStoreQuery(query_str=QUESTION, similarity_top_k=2, node_ids=every, mode="mmr"))
+    assert searched[-1] == every
 
 
 def test_a_node_written_between_the_check_and_the_search_stays_out_of_a_restricted_query(vector_store, monkeypatch):
@@ -242,7 +245,7 @@ def test_the_llm_and_the_embedding_serialise_their_settings(tiny_model, vector_s
     retrained = ClaraModel(tiny_model.config, device="cpu")  # the same settings, other weights
     randomize_adapters(retrained, seed=7)
     assert ClaraEmbedding(clara=tiny_model).to_dict() != ClaraEmbedding(clara=retrained).to_dict()
-    with pytest.raises(InvalidInputError, match="these settings' CLaRa model was written by another compressor"):
+    with pytest.raises(InvalidInputError, match="a store of these settings was written by another compressor"):
         ClaraEmbedding.from_json(text, clara=retrained)
     # the same checkpoint in another dtype is that model (its fingerprint's norms differ in their last digits)
     tiny_model.save_pretrained(tmp_path / "ckpt")

@@ -75,12 +75,12 @@ class ClaraEmbedding(BaseEmbedding):
         if isinstance(written, dict):  # compared as a store compares them: one checkpoint in another dtype matches
             current = embedding.clara_model
             try:
-                check_compressor(written, current, "these settings' CLaRa model", remedy="pass the model they were "
+                check_compressor(written, current, "a store of these settings", remedy="pass the model they were "
                                  "written with")
             except StoreError as error:
                 raise InvalidInputError(str(error)) from None
             if written.get("retrieval_key") != current["retrieval_key"]:
-                raise InvalidInputError(f"these settings' CLaRa model keys documents by the {written.get('retrieval_key')!r} "
+                raise InvalidInputError(f"a store of these settings keys documents by the {written.get('retrieval_key')!r} "
                                         "retrieval key: pass the model they were written with")
         return embedding
 

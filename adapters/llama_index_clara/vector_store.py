@@ -313,7 +313,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
                 warnings.warn(f"none of the {len(query.node_ids)} node_ids this query is restricted to is stored; an "
                               "index that mixes IndexNode or ImageNode with text nodes restricts its queries to their "
                               "ids unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
-            if stored and len(stored) == len(self._store):
+            if stored and len(stored) == len(self._store) and lambda_mult == 1.0:  # MMR's pool is not returned
                 # every stored node (an index built with store_nodes_override=True names them all): the
                 # store's own index searches, where a restriction scored every document exactly; a node
                 # written since (by another index sharing the store) is left out by searching again
