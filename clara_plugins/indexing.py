@@ -28,7 +28,7 @@ from .base_store import BaseMemoryStore
 from .checkpoint import check_compressor, compressor_signature
 from .checks import check_positive_int
 from .errors import InvalidInputError
-from .model import ClaraModel, compress_in_parts, cuts_warned_once, tallied_cuts, report_cuts
+from .model import ClaraModel, compress_in_parts, cuts_warned_once, report_cuts, tallied_cuts
 
 _GROUP_TRIES = 3  # a group whose actor died this often stops the run (the groups saved before stay)
 

@@ -714,11 +714,12 @@ def cuts_warned_once(limit: int, stacklevel: int) -> Iterator[None]:
 def report_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
     """Warn of the documents ``compress`` cut (``cut``: tokens beyond ``limit`` per document),
     or, within ``tallied_cuts``, gather them."""
-    truncated = [i for i, tokens in enumerate(cut) if tokens]
     cuts = _CUT_TALLY.get()
     if cuts is not None:
         cuts.extend(cut)
-    elif truncated:  # counted from this function: 3 names its caller's caller
+        return
+    truncated = [i for i, tokens in enumerate(cut) if tokens]
+    if truncated:  # counted from this function: 3 names its caller's caller
         warnings.warn(f"{_cut_message(cut, limit)} (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
                       stacklevel=stacklevel)
 

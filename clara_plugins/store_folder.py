@@ -347,10 +347,11 @@ def read_shards(folder: Path, shards: list[dict], dtype: DTypeLike) -> list[np.n
 
 def check_store_folder(folder: Path) -> None:
     """Refuse a folder a store cannot be saved to without harm to files it did not write: a save
-    replaces ``CURRENT`` and removes older ``gen-*`` folders of store files. A folder holding only what a save
-    killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``, ``gen-*`` folders of
-    store files, ``.CURRENT.*.tmp``) is the store's; one whose ``CURRENT`` names a missing
-    generation (a partial copy) is not saved over: the save removed the generations it held."""
+    replaces ``CURRENT`` and removes older ``gen-*`` folders of store files. A folder holding
+    only what a save killed before its first ``CURRENT`` left (``.lock``, ``.staging-*``,
+    ``gen-*`` folders of store files, ``.CURRENT.*.tmp``) is the store's; one whose ``CURRENT``
+    names a missing generation (a partial copy) is not saved over: the save removed the
+    generations it held."""
     if (folder / "CURRENT").exists():
         name = current_generation(folder)  # names a generation of a store, or the error says what it names
         if not (folder / name).is_dir():
