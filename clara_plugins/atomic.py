@@ -31,8 +31,10 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
     never a part of either, and two writers at once leave one's whole file. A symbolic link is
     followed (its target is replaced, not the link) unless ``follow_link`` is False; a replaced
     file keeps its permissions (a replaced link, the file's own: a read-only target's made the
-    file that replaced it read-only)."""
+    file that replaced it read-only). A read-only file is refused, as ``open`` refuses it (the
+    rename needs only its folder's permission, and replaced a file the user had protected)."""
     path = _followed(path) if follow_link else path
+    refuse_read_only_file(path)
     _remove_abandoned(path)
     temporary, held = _claimed_sibling(path, folder=False)
     try:
@@ -75,7 +77,7 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     folder = _followed(folder)
     recover_folder(folder, marker)
     check_replaceable_folder(folder, marker)
-    if folder.is_dir() and (not os.access(folder, os.W_OK | os.X_OK) or not folder.stat().st_mode & 0o222):
+    if folder.is_dir() and read_only(folder):
         # swapped anyway, its mode copied to the new folder left a copy behind that no cleanup could empty
         raise PermissionError(f"{folder} is read-only: make it writable, or save to another folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +112,20 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(held)
+
+
+def read_only(path: Path) -> bool:
+    """Whether ``path`` (a file, or a folder to write in) is read-only: no write permission for
+    this process, or for anyone (root may write anything, yet a mode without a write bit is
+    a user's wish that it stays as it is)."""
+    access = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
+    return not os.access(path, access) or not path.stat().st_mode & 0o222
+
+
+def refuse_read_only_file(path: Path) -> None:
+    """Refuse (PermissionError) to replace a read-only file (a link is replaced, not its target)."""
+    if path.is_file() and not path.is_symlink() and read_only(path):
+        raise PermissionError(f"{path} is read-only: make it writable, or write another file")
 
 
 def _keep_mode(old: Path, new: Path) -> None:

@@ -8,6 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from .atomic import refuse_read_only_file
 from .errors import InvalidInputError
 
 
@@ -56,9 +57,11 @@ def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
 
 def check_writable(path: str | Path) -> None:
     """Refuse, before long work, a file or folder that cannot be written where it is to go: its
-    nearest existing folder must take a file (probed with a nameless one; nothing is made)."""
+    nearest existing folder must take a file (probed with a nameless one; nothing is made), and
+    an existing file must not be read-only (``write_file_atomically`` refuses it at the end)."""
     folder = Path(path).absolute()
     if folder.is_file():  # a file written again: replaced by a sibling renamed over it
+        refuse_read_only_file(folder)
         folder = folder.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

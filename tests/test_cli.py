@@ -272,6 +272,23 @@ def test_outputs_nothing_can_be_written_to_are_refused_before_the_model_loads(tm
     check_output_path(tmp_path / "a-file")
 
 
+def test_an_output_the_user_made_read_only_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
+    # the rename over it needs only the folder's permission: gold answers kept read-only were replaced
+    from clara_benchmarks import run as bench_run
+
+    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
+    kept = tmp_path / "gold.json"
+    kept.write_text("mine")
+    kept.chmod(0o444)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(rows), "--systems", "clara", "--out", str(kept)])
+    assert exit_info.value.code == 3
+    assert "gold.json is read-only: make it writable, or write another file" in capsys.readouterr().err
+    assert kept.read_text() == "mine"
+
+
 def test_ask_refuses_a_blank_question_or_text_before_it_loads_a_model(monkeypatch, capsys):
     from clara_plugins import pretrained
 
