@@ -1,8 +1,9 @@
 """MilvusMemoryStore: the memory store kept in a Milvus collection, from one folder to a cluster.
 
 ``uri`` is what ``pymilvus.MilvusClient`` takes: a local path ending in ``.db`` (a folder)
-runs milvus-lite inside this process (tests, one machine; it serves the folder to this process
-on a loopback port), an ``http(s)://`` address reaches a
+runs milvus-lite inside this process (tests, one machine; it serves the folder on a loopback
+port without a password: any user of this machine can read and change it while the store is
+open), an ``http(s)://`` address reaches a
 Milvus server or cluster; the code is the same. The data live in Milvus, so reopening the
 same uri and collection with the same model finds the same documents.
 
