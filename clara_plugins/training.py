@@ -588,7 +588,12 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     no-op on a large corpus); a row or probe holding one of its control tokens (a typed "<MEM0>"
     took a memory's place, so the run failed at the step that drew the row, and again at every
     resume, which replays the seed's batches); a row longer than its context window (trained,
-    unsaid, at positions the model never saw)."""
+    unsaid, at positions the model never saw); a text reader trained further by a stage that
+    reads memories (its untrained compressor's, and the mark that refuses them was dropped at
+    the save)."""
+    if model.config.decoder_reads_text and config.stage != "text":
+        raise ValueError(f"{model.name_or_path} is a text reader (clara train --stage text): the {config.stage} stage "
+                         "reads memories, which its generator was not trained on; start it from a CLaRa checkpoint")
     if config.refresh_every and model.config.memory_design != "tokens":
         raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
                          f"{model.config.memory_design} memories never read those rows, so they would come out the same")

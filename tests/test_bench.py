@@ -324,8 +324,12 @@ def test_bench_refuses_a_checkpoint_its_system_cannot_read(tiny_checkpoint, tmp_
     tokens.save_pretrained(tmp_path / "tokens")
     # a text reader was scored as CLaRa; a checkpoint on another backbone beside SmolLM2's text RAG
     ClaraModel(ClaraConfig(base_model=base, decoder_reads_text=True), device="cpu").save_pretrained(tmp_path / "text")
+    # and a pooled one at a rate its 64-token documents cannot take: refused as its system loaded
+    ClaraModel(ClaraConfig(base_model=base, doc_max_length=64), device="cpu").save_pretrained(tmp_path / "short")
     for argv, message in [(["--text-ft", tiny_checkpoint], "is not a text reader"),
                           (["--clara", f"8={tmp_path / 'tokens'}"], "reads only at its own compression rate 16, not 8"),
+                          (["--clara", f"128={tmp_path / 'short'}"], "cannot read at compression rate 128: doc_max_length "
+                           "(64) must be at least the compression rate (128)"),
                           (["--clara-e2e", f"16={tmp_path / 'text'}", "--systems", "CLaRa CR16 end-to-end"],
                            "is a text reader (clara train --stage text), not a CLaRa checkpoint: pass it as --text-ft"),
                           (["--clara", f"16={tiny_checkpoint}"],  # the shipped one reads at 4 and 32

@@ -325,6 +325,8 @@ def test_the_restatement_term_reuses_the_answers_pass_and_reads_the_name_once(ti
     ({"stage": "e2e", "gold_term": "each"}, r"^gold_term \(--gold-term\): not read"),  # the message's guide names
     ({"stage": "text", "mse_weight": 0.5}, r"^mse_weight \(--mse-weight\): not read"),  # every knob: anchored
     ({"stage": "instruct", "freeze_compressor": True, "mse_weight": 0.5}, r"^mse_weight \(--mse-weight\): not read"),
+    ({"stage": "e2e", "freeze_compressor": True}, r"^freeze_compressor \(--freeze-compressor\): not read by the e2e"),
+    ({"stage": "text", "freeze_compressor": True}, r"^freeze_compressor \(--freeze-compressor\): not read"),
 ])
 def test_a_knob_its_stage_would_ignore_is_refused(knobs, problem):
     # each was silently ignored (or, for grad_clip 0, scaled every gradient to nothing)
@@ -419,6 +421,17 @@ def test_text_stage_fine_tunes_the_decoder_that_reads_text(tiny_model, tmp_path)
     tuned = read_text(reloaded, [question], documents, max_new_tokens=6)
     assert tuned == read_text(tiny_model, [question], documents, max_new_tokens=6)
     assert tuned != plain  # the fine-tuned decoder, not the plain base model, reads the text
+
+
+@pytest.mark.parametrize("stage", ["retrieval", "instruct"])
+def test_a_text_reader_is_refused_by_a_stage_that_reads_memories(tiny_model, tmp_path, stage):
+    # its decoder kept (retrieval), the checkpoint saved unmarked and passed clara ask's refusal
+    tiny_model.config.decoder_reads_text = True
+    rows = E2E if stage == "retrieval" else INSTRUCT
+    with pytest.raises(ValueError, match=f"is a text reader \\(clara train --stage text\\): the {stage} stage reads"):
+        train(tiny_model, rows, TrainConfig(stage=stage, steps=1, batch_size=1, grad_accum=1), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint").exists()
+    train(tiny_model, INSTRUCT, TrainConfig(stage="text", steps=1, batch_size=1, grad_accum=1), tmp_path / "text")
 
 
 def test_distillation_pulls_the_generator_towards_the_teacher_reading_text(tiny_config, tiny_model, tmp_path):
