@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .errors import CheckpointError, InvalidInputError, StoreError
     from .model import ClaraModel, CompressedDocuments
     from .retrieval import cosine_scores, straight_through_topk, top_k
-    from .milvus_store import MilvusMemoryStore
+    from .milvus_store import MilvusMemoryStore as MilvusMemoryStore  # exported, though not in __all__
     from .base_store import StoredDocument
     from .store import MemoryStore
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator,
                       model_validator)
 
-from .base_store import BaseMemoryStore, as_memory_store, id_list
+from .base_store import BaseMemoryStore, StoreLike, as_memory_store, id_list
 from .checks import check_positive_int
 from .checkpoint import check_compressor, compressor_signature
 from .context import Reader, Reading, ReadingStats, read_messages
@@ -66,7 +66,7 @@ class ReaderFields(BaseModel):
     # objects, not settings: left out of model_dump and to_json (the cache key names them), and of
     # repr (LangChain hands every callback the repr: the whole torch model's, 10 KB on a 2-layer one)
     clara: ClaraModel | None = Field(default=None, exclude=True, repr=False)
-    store: BaseMemoryStore | None = Field(default=None, exclude=True, repr=False)
+    store: StoreLike | None = Field(default=None, exclude=True, repr=False)  # the core store, once validated
     k: PositiveCount = None  # documents read as memory tokens at most (default: generation_top_k)
     _reader: Reader = PrivateAttr()
     _call_options: ClassVar[tuple[str, ...]] = ()  # what a framework passes each call, besides the options read

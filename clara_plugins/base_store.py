@@ -9,7 +9,7 @@ import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -281,6 +281,18 @@ def check_store_model(store: BaseMemoryStore, model: object, **settings: object)
     if given:
         raise InvalidInputError(f"{', '.join(given)} would go unused beside store=, which was built with its own: "
                                 "pass the store alone, or build it with these settings")
+
+
+@runtime_checkable
+class HoldsMemoryStore(Protocol):
+    """A framework's CLaRa vector store, which wraps a memory store."""
+
+    @property
+    def memory_store(self) -> BaseMemoryStore: ...
+
+
+# what a store= argument takes: the users of either framework pass the store they hold
+StoreLike = BaseMemoryStore | HoldsMemoryStore
 
 
 def as_memory_store(value: object) -> BaseMemoryStore:

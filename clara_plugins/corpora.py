@@ -19,7 +19,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Generator
+from collections.abc import Generator, Iterable
 from pathlib import Path
 
 from .checks import unicode_problem
@@ -90,7 +90,7 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[QAExample]
     return examples
 
 
-def read_documents(paths: list[str | os.PathLike]) -> list[str]:
+def read_documents(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
     """Documents from passage files.
 
     A ``.json`` file holds a list of records and a ``.jsonl`` file one record per line, each

@@ -633,7 +633,7 @@ class ClaraModel(torch.nn.Module):
         cls,
         folder: str | Path,
         *,
-        base_model: str | None = None,
+        base_model: str | os.PathLike[str] | None = None,
         compression_rate: int | None = None,
         device: str = "auto",
         dtype: str | torch.dtype = "auto",

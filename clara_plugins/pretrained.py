@@ -7,6 +7,7 @@ says how it was trained and what it scores. ``clara ask``, ``clara index``, ``cl
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def default_checkpoint(compression_rate: int = 16) -> Path | None:
 def load_model(
     checkpoint: str | Path | None = None,
     *,
-    base_model: str | None = None,
+    base_model: str | os.PathLike[str] | None = None,
     compression_rate: int | None = None,
     device: str = "auto",
     dtype: str | torch.dtype = "auto",

@@ -11,7 +11,7 @@ from langchain_core.runnables.config import run_in_executor
 from pydantic import ConfigDict, field_validator
 
 from clara_plugins.adapter_fields import PositiveCount
-from clara_plugins.base_store import BaseMemoryStore, as_memory_store
+from clara_plugins.base_store import StoreLike, as_memory_store
 
 from .vectorstores import refuse_unknown, to_document
 
@@ -28,7 +28,7 @@ class ClaraRetriever(BaseRetriever):
     # a misspelt field is refused, not dropped (search_kwargs={"k": 1} returned generation_top_k documents)
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
-    store: BaseMemoryStore
+    store: StoreLike  # the core store, once validated
     k: PositiveCount = None  # documents returned (default: generation_top_k, what ChatClara reads)
     filter: dict | None = None
 

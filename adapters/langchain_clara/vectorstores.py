@@ -18,7 +18,7 @@ from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoredDocu
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
-from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model
+from clara_plugins.base_store import BaseMemoryStore, StoreLike, as_memory_store, check_store_model
 from clara_plugins.filters import holds_no_condition, validate_filter
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
@@ -50,7 +50,8 @@ def refuse_unknown(method: str, kwargs: dict[str, Any], honoured: tuple[str, ...
         raise TypeError(f"{method} got arguments it does not take: {', '.join(unknown)}{hint}")
 
 
-def _model_and_keys(model: ClaraModel | None, embedding: Embeddings | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
+def _model_and_keys(model: ClaraModel | Embeddings | None,
+                    embedding: Embeddings | ClaraModel | None) -> tuple[ClaraModel, EmbeddingsKeys | None]:
     """ClaraEmbeddings stand for CLaRa's own keys (no second encoder); no model means the shipped
     one. An embedding alone in the model's place is read as LangChain's stores take it
     (``InMemoryVectorStore(embedding)``, ``FAISS.load_local(folder, embeddings)``)."""
@@ -97,10 +98,10 @@ class ClaraVectorStore(VectorStore):
 
     def __init__(
         self,
-        model: ClaraModel | None = None,
-        embedding: Embeddings | None = None,
+        model: ClaraModel | Embeddings | None = None,  # an embedding alone may come first: _model_and_keys
+        embedding: Embeddings | ClaraModel | None = None,
         *,
-        store: BaseMemoryStore | None = None,
+        store: StoreLike | None = None,
         index: str | None = None,
         batch_size: int | None = None,
         memory_dtype: str | None = None,
@@ -147,7 +148,7 @@ class ClaraVectorStore(VectorStore):
         texts: Iterable[str],
         metadatas: list[dict] | None = None,
         *,
-        ids: list[str | None] | None = None,
+        ids: Sequence[str | None] | None = None,
         show_progress: bool = False,
         **kwargs: Any,
     ) -> list[str]:
@@ -264,7 +265,7 @@ class ClaraVectorStore(VectorStore):
 
     @classmethod
     def load_local(
-        cls, folder: str | Path, model: ClaraModel | None = None, embedding: Embeddings | None = None, *,
+        cls, folder: str | Path, model: ClaraModel | Embeddings | None = None, embedding: Embeddings | None = None, *,
         allow_dangerous_deserialization: bool = False,
     ) -> ClaraVectorStore:
         """Open a saved store; it must be read with the model (and embedding) that wrote it.
@@ -278,7 +279,7 @@ class ClaraVectorStore(VectorStore):
     def from_texts(
         cls,
         texts: list[str],
-        embedding: Embeddings | None = None,
+        embedding: Embeddings | ClaraModel | None = None,
         metadatas: list[dict] | None = None,
         *,
         ids: list[str] | None = None,

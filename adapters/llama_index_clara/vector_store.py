@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from pydantic import PrivateAttr
 from clara_plugins import ClaraModel, InvalidInputError, MemoryStore, StoreError, StoredDocument, store_folder
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.pretrained import load_model
-from clara_plugins.base_store import BaseMemoryStore, as_memory_store, check_store_model, id_list
+from clara_plugins.base_store import BaseMemoryStore, StoreLike, as_memory_store, check_store_model, id_list
 from clara_plugins.checks import check_fraction, check_positive_int, unicode_problem
 from clara_plugins.filters import holds_no_condition
 from clara_plugins.keys import KeyEncoder
@@ -166,7 +167,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
     _store: BaseMemoryStore = PrivateAttr()
     _embed_model: ClaraEmbedding = PrivateAttr()
 
-    def __init__(self, model: ClaraModel | None = None, *, store: BaseMemoryStore | None = None,
+    def __init__(self, model: ClaraModel | None = None, *, store: StoreLike | None = None,
                  index: str | None = None, batch_size: int | None = None, memory_dtype: str | None = None) -> None:
         super().__init__()
         # MemoryStore's defaults where None
@@ -212,7 +213,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         then the embedding whose memory tokens the store takes."""
         return [_CompressorChunks.of(self._store.model), self._embed_model]
 
-    def add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+    def add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
         """Store the nodes; one without text (a blank page a reader made a node of) has nothing to
         read and is left out, with a warning, as the index's other nodes go in (a node stored under
         its id before is kept)."""
@@ -329,7 +330,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
         )
 
     # The async methods compress and search on worker threads, so that the event loop goes on meanwhile.
-    async def async_add(self, nodes: list[BaseNode], **kwargs: Any) -> list[str]:
+    async def async_add(self, nodes: Sequence[BaseNode], **kwargs: Any) -> list[str]:
         return await asyncio.to_thread(self.add, nodes, **kwargs)
 
     async def adelete(self, ref_doc_id: str, **delete_kwargs: Any) -> None:
