@@ -21,7 +21,7 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_text_splitters import RecursiveCharacterTextSplitter
 
 from clara_benchmarks.dense import DenseEmbeddings  # the sentence-transformers baseline
-from clara_benchmarks.text_reader import text_weights
+from clara_benchmarks.pipelines import reading_text
 from clara_plugins.checks import positive_int, text_argument
 from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
@@ -59,7 +59,7 @@ def main() -> None:
     text_store = InMemoryVectorStore(DenseEmbeddings())
     text_store.add_texts(passages)
     text_rag = rag_chain(text_store.as_retriever(search_kwargs={"k": k}), ChatClara(clara=clara))
-    with text_weights(clara):  # the plain backbone reads text
+    with reading_text(clara):  # the plain backbone reads text (no memory tokens, and no warning of it)
         print("text RAG:", text_rag.invoke(args.question))
 
     clara_store = ClaraVectorStore(clara)

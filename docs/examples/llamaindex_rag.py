@@ -18,7 +18,7 @@ import argparse
 from llama_index.core import Document, StorageContext, VectorStoreIndex
 
 from clara_benchmarks.dense import DenseEmbedding  # the sentence-transformers baseline
-from clara_benchmarks.text_reader import text_weights
+from clara_benchmarks.pipelines import reading_text
 from clara_plugins.checks import positive_int, text_argument
 from clara_plugins.corpora import read_documents
 from clara_plugins.pretrained import load_model
@@ -46,7 +46,7 @@ def main() -> None:
     text_index = VectorStoreIndex.from_documents(documents, embed_model=DenseEmbedding())
     text_engine = text_index.as_query_engine(llm=ClaraLLM(clara=clara), text_qa_template=CLARA_QA_PROMPT,
                                              similarity_top_k=k)
-    with text_weights(clara):  # the plain backbone reads text
+    with reading_text(clara):  # the plain backbone reads text (no memory tokens, and no warning of it)
         print("text RAG:", text_engine.query(args.question).response)
 
     clara_index = VectorStoreIndex.from_documents(documents, embed_model=store.embed_model, show_progress=True,
