@@ -624,17 +624,26 @@ def _eval(args: argparse.Namespace) -> None:
     dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
                            device=str(resolve_device(args.device)), passage_instruction=args.passage_instruction or ""
                            ) if "dense" in args.retrievers else None
-    checkpoint = args.checkpoint or default_checkpoint()
+    # BM25 and dense retrieval alone read no model: none loaded (the shipped one was, and recorded as read)
+    reads_model = bool(args.systems or memory_measures)
+    checkpoint = (args.checkpoint or default_checkpoint()) if reads_model else None
     dtype = "float32"  # on every device: the checkpoint trained so, and the recorded numbers were measured so
-    model = load_model(checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
-                       device=args.device, dtype=dtype)
-    if memory_measures:
-        _refuse_text_reader(model, f"{', '.join(memory_measures)} measure memory tokens (it reads --systems text)")
-    # as training does: a typed "<MEM0>" failed the run at its batch, every answer before it lost, and
-    # a typed "<|im_end|>" ended its prompt's turn, scored as any other row
-    refuse_control_tokens(model, [row_text(row) for row in rows], "row")
+    model = None
+    if reads_model:
+        model = load_model(checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
+                           device=args.device, dtype=dtype)
+        if memory_measures:
+            _refuse_text_reader(model, f"{', '.join(memory_measures)} measure memory tokens (it reads --systems text)")
+        # as training does: a typed "<MEM0>" failed the run at its batch, every answer before it lost, and
+        # a typed "<|im_end|>" ended its prompt's turn, scored as any other row
+        refuse_control_tokens(model, [row_text(row) for row in rows], "row")
+    # the settings behind the numbers: two files of other settings could not be told apart
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
-               "compression_rate": model.config.compression_rate, "dtype": dtype, "answers": [], "retrieval": []}
+               "compression_rate": model.config.compression_rate if model else None, "dtype": dtype if model else None,
+               "k": args.k, "limit": args.limit, "max_new_tokens": args.max_new_tokens if args.systems else None,
+               **({"dense_model": args.dense_model or DEFAULT_DENSE_MODEL, "query_instruction": args.query_instruction or "",
+                   "passage_instruction": args.passage_instruction or ""} if dense else {}),
+               "answers": [], "retrieval": []}
     # each pool compressed once where more than one measure reads it (kept in memory till the end)
     readers = (sum(system in ("clara", "control") for system in args.systems) + bool(args.reading)
                + any(name in ("reasoner", "compressor") for name in args.retrievers))

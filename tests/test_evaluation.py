@@ -480,6 +480,7 @@ def test_clara_eval_writes_every_measure(saved, tmp_path, capsys):
           "--out", str(tmp_path / "new" / "result.json")])  # its folder is made
     result = json.loads((tmp_path / "new" / "result.json").read_text())
     assert [a["system"] for a in result["answers"]] == ["clara", "control", "none"]
+    assert (result["checkpoint"], result["k"], result["max_new_tokens"], result["limit"]) == (checkpoint, 3, 2, None)
     assert result["answers"][1]["shifts"] == [1, 2] and len(result["answers"][1]["predictions"]) == 6
     assert set(result["f1_above_control"]) == {"f1", "interval"}
     assert result["retrieval"][0]["recall@1"] == 100.0
@@ -506,6 +507,8 @@ def test_clara_eval_k_is_a_retrieval_cut_off_and_batch_size_reaches_the_reading_
           "--device", "cpu", "--out", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
     assert {"recall@1", "recall@2", "recall@3", "recall@5"} <= result["retrieval"][0].keys()
+    # BM25 alone reads no model: none loaded or recorded as read, and the settings behind the numbers kept
+    assert (result["checkpoint"], result["compression_rate"], result["k"], result["max_new_tokens"]) == (None, None, 2, None)
     main(["eval", data, "--checkpoint", checkpoint, "--systems", "--reading", "-k", "3", "--batch-size", "1",
           "--device", "cpu"])
     assert batch_sizes == [1]
