@@ -254,7 +254,9 @@ def run(args: argparse.Namespace) -> list[Path]:
                                 "seconds": round(time.perf_counter() - began, 1),
                                 **({"reused_systems": reused} if reused else {})},
                   **machine, "headline": headline(results), "systems": results}
-        written += write_report(report, out, stem)
+        for path in write_report(report, out, stem):  # told as written: a later dataset's failure hid them
+            print(f"wrote {path}")
+            written.append(path)
     # kept until the last dataset's report: a run killed in its second dataset ran the first's again
     for kept in kept_folders:
         for spec in systems:  # these systems': a --systems subset leaves the others' kept results

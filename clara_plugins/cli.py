@@ -674,8 +674,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from clara_benchmarks.run import run
 
-    for path in run(args):
-        print(f"wrote {path}")
+    run(args)  # which tells each report as it is written
 
 
 def _convert_apple(args: argparse.Namespace) -> None:

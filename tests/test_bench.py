@@ -425,8 +425,10 @@ def test_a_rerun_runs_only_the_systems_a_failed_run_left(tmp_path, monkeypatch, 
     assert sorted(os.listdir(tmp_path / "out")) == []  # the kept results removed once the report is written
 
 
-def test_a_rerun_of_two_datasets_runs_only_what_the_second_left(tmp_path, monkeypatch):
+def test_a_rerun_of_two_datasets_runs_only_what_the_second_left(tmp_path, monkeypatch, capsys):
     # the first dataset's kept results were removed with its report: a run killed in the second ran it again
+    import clara_benchmarks.report
+
     write_hotpotqa(tmp_path)
     (tmp_path / "other.json").write_text(json.dumps([{**DANUBE, "_id": "2"}]))
     ran = []
@@ -439,10 +441,14 @@ def test_a_rerun_of_two_datasets_runs_only_what_the_second_left(tmp_path, monkey
 
     monkeypatch.setattr(bench_run, "_in_own_process", run_one)
     unreported(monkeypatch)
+    monkeypatch.setattr(clara_benchmarks.report, "write_report", lambda report, out, stem: [out / f"{stem}.json"])
     argv = ["bench", "--quick", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--datasets",
             "hotpotqa", str(tmp_path / "other.json"), "--systems", "no retrieval", "BM25 + text"]
     with pytest.raises(SystemExit):
         main(argv)
+    # the first dataset's report, written before the second failed, is told (the list came at the end)
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("wrote ")] == [
+        f"wrote {tmp_path / 'out' / 'bench_hotpotqa_normal_quick.json'}"]
     main(argv)
     assert ran == [("1", "no retrieval"), ("1", "BM25 + text"), ("2", "no retrieval"), ("2", "BM25 + text"),
                    ("2", "BM25 + text")]
