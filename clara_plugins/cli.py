@@ -13,6 +13,7 @@ import json
 import os
 import select
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -300,12 +301,17 @@ def _index_into_store(args: argparse.Namespace) -> None:
     # named (as LangChain's loaders record it: by its name alone, data/2023/passages.jsonl and
     # data/2024/passages.jsonl were one source, deleted together); a name that is no UTF-8
     # (b"\xff") is written with its bytes escaped: JSON metadata cannot hold the surrogate Python reads it as
-    documents = []
+    documents, empty = [], []
     for path in args.corpus:
         source = os.fsencode(path).decode("utf-8", "backslashreplace")  # one string a file, not a document
-        documents += [(text, {"source": source, "position": i}) for i, text in enumerate(read_documents([path]))]
+        texts = read_documents([path])
+        documents += [(text, {"source": source, "position": i}) for i, text in enumerate(texts)]
+        empty += [] if texts else [path]
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
+    if empty:  # a failed download among the files went unsaid, as the rest were indexed
+        warnings.warn(f"{', '.join(empty)}: no documents in {'it' if len(empty) == 1 else 'them'}; the other files "
+                      "are indexed", stacklevel=2)
     ids = [document_id(text) for text, _ in documents]
     check_writable(folder)  # found at the first save, after a group of documents was compressed
     if args.ray is not None:

@@ -408,6 +408,16 @@ def test_index_and_ask_refuse_no_documents_or_no_store_before_they_load_a_model(
     assert not (tmp_path / "s").exists()
 
 
+def test_index_warns_of_a_file_among_its_corpus_that_gives_no_documents(tiny_model, tmp_path):
+    # an empty file (a failed download) beside others was indexed as nothing, unsaid
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.warns(UserWarning, match="empty.json: no documents in it; the other files are indexed"):
+        main(["index", str(EXAMPLE_DOCUMENTS), str(tmp_path / "empty.json"), "--store", str(tmp_path / "store"),
+              "--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"])
+    assert len(MemoryStore.load(tmp_path / "store", tiny_model)) == len(read_documents([EXAMPLE_DOCUMENTS]))
+
+
 def test_index_refuses_settings_that_an_existing_store_would_ignore(tiny_model, tmp_path, capsys, monkeypatch):
     tiny_model.save_pretrained(tmp_path / "ckpt")
     store, common = tmp_path / "store", ["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]
