@@ -1,4 +1,8 @@
-"""The exceptions that name what is wrong with the user's input or files."""
+"""The exceptions that name what is wrong with the user's input or files, and the warnings
+that say what was done about it."""
+
+import sys
+import warnings
 
 
 class InvalidInputError(ValueError):
@@ -11,6 +15,20 @@ class CheckpointError(ValueError):
 
 class StoreError(ValueError):
     """A memory store that is corrupted, or was written by another model or compressor."""
+
+
+def warn_unrecorded(message: str, stacklevel: int = 1) -> None:
+    """``warnings.warn`` (``stacklevel`` counted as it counts), leaving no record in the warned
+    module's registry: these messages name counts or ids of one call, so none repeats, and
+    each one was kept for the life of the process (a service warned per request grew by each)."""
+    try:
+        frame = sys._getframe(stacklevel)  # 1: the caller's line, as warnings.warn's 1
+    except ValueError:  # fewer frames than that: named as warnings.warn names it
+        warnings.warn_explicit(message, UserWarning, "sys", 1, module="sys", registry=None)
+        return
+    # the module's name as warnings.warn takes it (a filter may name it); without one, nothing was shown
+    warnings.warn_explicit(message, UserWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__", "<string>"), registry=None)
 
 
 def one_line(error: BaseException) -> str:

@@ -397,6 +397,29 @@ def test_a_blank_page_is_left_out_of_the_store_as_the_llama_index_store_leaves_i
     assert len(store.store) == 2
 
 
+def test_warnings_of_one_call_leave_no_record_behind_in_a_long_running_service(tiny_model):
+    # each text (its counts, a node's id) was kept in the warned module's registry for good: a
+    # service that warned per request grew by each, and the default filter deduplicated none
+    import warnings
+
+    service = {}  # a module of the service's: warnings name its line
+    exec("def request(store, texts):\n    return store.add_texts(texts)\n"
+         "def embed(embeddings, texts):\n    return embeddings.embed_documents(texts)", service)
+    store, long_text = ClaraVectorStore(tiny_model), " ".join(["word"] * 300)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for blanks in range(1, 4):
+            service["request"](store, [CORPUS[blanks]] + [" "] * blanks)
+            service["embed"](ClaraEmbeddings(tiny_model), [long_text] * blanks)
+    assert [str(w.message).split(" texts are")[0] for w in caught if "blank" in str(w.message)] == [
+        "1 of 2", "2 of 3", "3 of 4"]
+    assert sum("exceed doc_max_length" in str(w.message) for w in caught) == 3
+    assert {w.filename for w in caught if "blank" in str(w.message)} == {"<string>"}  # still the service's lines
+    embeddings_module = importlib.import_module("langchain_clara.embeddings")  # where the cut is named
+    for registry in (service.get("__warningregistry__", {}), vars(embeddings_module).get("__warningregistry__", {})):
+        assert [key for key in registry if key != "version"] == []
+
+
 async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorstore, monkeypatch):
     import threading
 
