@@ -260,9 +260,7 @@ class TrainConfig:
                 "temperature": self.stage in ("e2e", "retrieval"),
                 "top_k": self.stage in ("e2e", "retrieval") or self.probe_every > 0,
                 "gold_term": self.stage == "retrieval" or (self.stage == "e2e" and self.retrieval_weight > 0),
-                "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor),
-                # the other stages never train the compressor, frozen or not (scp, which does, refuses it)
-                "freeze_compressor": self.stage == "instruct"}
+                "mse_weight": self.stage == "scp" or (self.stage == "instruct" and not self.freeze_compressor)}
         return {name for name, is_read in read.items() if not is_read}
 
     def __post_init__(self) -> None:
@@ -331,7 +329,7 @@ class TrainConfig:
             raise ValueError(f"{', '.join(unread)}: not read by the {self.stage} stage with these settings (margin "
                              "needs margin_weight, restate_margin restate_weight, gold_term the retrieval stage or "
                              "e2e's retrieval_weight, temperature e2e or retrieval, top_k those or probes, mse_weight a trained compressor, "
-                             "freeze_compressor the instruct stage, refresh_every the e2e stage with a trained generator, "
+                             "refresh_every the e2e stage with a trained generator, "
                              "warmup_ratio the cosine schedule)")
         if not self.grad_clip > 0:  # gradients are scaled to at most this norm: 0 would train nothing
             raise ValueError(f"grad_clip must be above 0, got {self.grad_clip}")
