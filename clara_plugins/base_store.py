@@ -59,6 +59,10 @@ class BaseMemoryStore(ABC):
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
         check_clara_model(model)
+        if model.config.decoder_reads_text:  # refused by the CLI alone: its stores passed for CLaRa's
+            raise InvalidInputError(f"{model.name_or_path} is a text reader (clara train --stage text): its generator "
+                                    "reads text, and its compressor was not trained with it; a store needs a CLaRa "
+                                    "checkpoint")
         if keys is not None and not isinstance(keys, KeyEncoder):
             hint = ": the index kind is index=" if isinstance(keys, str) else ""
             raise InvalidInputError(f"keys must be a KeyEncoder (e.g. ClaraKeys), got a {type(keys).__name__}{hint}")

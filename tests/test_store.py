@@ -119,6 +119,21 @@ def test_memories_of_another_shape_are_refused_by_an_empty_store_too(tiny_model)
     assert len(store) == 0
 
 
+def test_a_text_reader_is_refused_a_store_in_either_framework_as_the_cli_refuses_it(tiny_model, tmp_path):
+    # the CLI refused a checkpoint of clara train --stage text; a store built in Python took it, and
+    # its memories (an untrained compressor's) passed for CLaRa's
+    from langchain_clara import ClaraVectorStore
+    from llama_index_clara import ClaraVectorStore as LlamaIndexStore
+
+    MemoryStore(tiny_model).save(tmp_path / "store")
+    tiny_model.config.decoder_reads_text = True
+    for make in (lambda: MemoryStore(tiny_model), lambda: ClaraVectorStore(tiny_model),
+                 lambda: LlamaIndexStore(tiny_model), lambda: MemoryStore.load(tmp_path / "store", tiny_model)):
+        with pytest.raises(InvalidInputError, match=r"is a text reader \(clara train --stage text\): its generator "
+                                                    "reads text"):
+            make()
+
+
 def test_memories_upserted_from_a_buffer_the_caller_refills_stay_as_they_were(tiny_model):
     # the store kept a view of the caller's fp16 tensor: refilling it for the next group rewrote stored rows
     store = MemoryStore(tiny_model)
