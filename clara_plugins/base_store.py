@@ -20,7 +20,7 @@ from .errors import InvalidInputError
 from .filters import Filter, validate_filter
 from .found import found_text
 from .keys import ClaraKeys, KeyEncoder, check_clara_model, normalize_rows
-from .model import ClaraModel, as_memories, compress_in_parts, fp16_memories
+from .model import ClaraModel, as_memories, compress_in_parts, fp16_memories, refuse_text_reader
 
 FETCH_K = 20  # the nearest documents a diverse (MMR) search re-ranks, unless told
 CALIBRATION_SAMPLE = 256  # documents whose pairwise cosines calibrate relevance
@@ -59,10 +59,8 @@ class BaseMemoryStore(ABC):
     def __init__(self, model: ClaraModel, keys: KeyEncoder | None, batch_size: int) -> None:
         check_positive_int("batch_size", batch_size)  # before a first upsert compresses nothing
         check_clara_model(model)
-        if model.config.decoder_reads_text:  # refused by the CLI alone: its stores passed for CLaRa's
-            raise InvalidInputError(f"{model.name_or_path} is a text reader (clara train --stage text): its generator "
-                                    "reads text, and its compressor was not trained with it; a store needs a CLaRa "
-                                    "checkpoint")
+        refuse_text_reader(model, "its generator reads text, and its compressor was not trained with it; a store "
+                                  "needs a CLaRa checkpoint")  # refused by the CLI alone, its stores passed for CLaRa's
         if keys is not None and not isinstance(keys, KeyEncoder):
             hint = ": the index kind is index=" if isinstance(keys, str) else ""
             raise InvalidInputError(f"keys must be a KeyEncoder (e.g. ClaraKeys), got a {type(keys).__name__}{hint}")

@@ -16,7 +16,6 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .checks import check_output_path, check_texts, check_writable, device_name, non_negative_int, positive_int
 from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, GOLD_TERMS, INDEX_KINDS,
@@ -24,9 +23,6 @@ from .config import (DEFAULT_BACKBONE_PACKAGE, DEFAULT_BASE_MODEL, ESTIMATORS, G
                      TrainConfig)
 from .corpora import document_id
 from .errors import CheckpointError, InvalidInputError, StoreError, one_line
-
-if TYPE_CHECKING:  # torch and transformers load with the subcommand that needs them
-    from .model import ClaraModel
 
 PASSAGE_KINDS = ("reconstruct", "continue", "cloze", "inverse-cloze")
 
@@ -260,15 +256,6 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------- commands
 
 
-def _refuse_text_reader(model: ClaraModel, use: str) -> None:
-    """Refuse memory tokens made or read with a checkpoint of ``clara train --stage text``: its
-    generator trained on text (and its compressor, without --init, not at all), so a store it
-    fills or its answers and scores would pass for CLaRa's. Checked once loaded, where a save
-    in progress has been waited out."""
-    if model.config.decoder_reads_text:
-        raise InvalidInputError(f"{model.name_or_path} is a text reader (clara train --stage text): {use}")
-
-
 def _index(args: argparse.Namespace) -> None:
     from .atomic import sole_writer
 
@@ -282,6 +269,7 @@ def _index_into_store(args: argparse.Namespace) -> None:
 
     from .corpora import read_documents
     from .indexing import RayCompression, import_ray, index_documents
+    from .model import refuse_text_reader
     from .pretrained import load_model
     from .store import MemoryStore
     from .store_folder import check_store_folder, store_settings
@@ -318,7 +306,7 @@ def _index_into_store(args: argparse.Namespace) -> None:
         import_ray()  # a missing extra, found once the model had loaded
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
-    _refuse_text_reader(model, "clara index compresses documents into memory tokens")
+    refuse_text_reader(model, "clara index compresses documents into memory tokens")
     if (folder / "CURRENT").exists():
         store = MemoryStore.load(folder, model, batch_size=args.batch_size)
     else:
@@ -337,7 +325,7 @@ def _index_into_store(args: argparse.Namespace) -> None:
 
 def _ask(args: argparse.Namespace) -> None:
     from .corpora import read_documents
-    from .model import refuse_control_tokens
+    from .model import refuse_control_tokens, refuse_text_reader
     from .pretrained import load_model
     from .prompts import prompt_positions, question_prompt
     from .retrieval import cosine_scores, top_k
@@ -359,7 +347,7 @@ def _ask(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--store {args.store}: no store there (clara index makes one)")
     model = load_model(args.checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                        device=args.device)
-    _refuse_text_reader(model, "clara ask answers from memory tokens")
+    refuse_text_reader(model, "clara ask answers from memory tokens")
     refuse_control_tokens(model, [args.question], "--question")  # before a store is read or documents compressed
     k = args.top_k or model.config.generation_top_k
     if args.store:
@@ -599,7 +587,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     from .atomic import write_text_atomically
     from .jsonfiles import read_jsonl
-    from .model import refuse_control_tokens
+    from .model import refuse_control_tokens, refuse_text_reader
     from .pretrained import default_checkpoint, load_model
     from .reading import evaluate_reading
     from .rows import row_text
@@ -639,7 +627,7 @@ def _eval(args: argparse.Namespace) -> None:
         model = load_model(checkpoint, base_model=args.base_model, compression_rate=args.compression_rate,
                            device=args.device, dtype=dtype)
         if memory_measures:
-            _refuse_text_reader(model, f"{', '.join(memory_measures)} measure memory tokens (it reads --systems text)")
+            refuse_text_reader(model, f"{', '.join(memory_measures)} measure memory tokens (it reads --systems text)")
         # as training does: a typed "<MEM0>" failed the run at its batch, every answer before it lost, and
         # a typed "<|im_end|>" ended its prompt's turn, scored as any other row
         refuse_control_tokens(model, [row_text(row) for row in rows], "row")

@@ -729,6 +729,15 @@ def _cut_message(cut: Sequence[int], limit: int) -> str:
             f"{sum(cut)} tokens were cut")
 
 
+def refuse_text_reader(model: ClaraModel, use: str) -> None:
+    """Refuse memory tokens made or read with a checkpoint of ``clara train --stage text``: its
+    generator trained on text (and its compressor, without --init, not at all), so a store it
+    fills or its answers and scores would pass for CLaRa's. Checked once loaded, where a save
+    in progress has been waited out."""
+    if model.config.decoder_reads_text:
+        raise InvalidInputError(f"{model.name_or_path} is a text reader (clara train --stage text): {use}")
+
+
 def refuse_control_tokens(model: ClaraModel, texts: Sequence[str], what: str) -> None:
     """Refuse texts holding one of the model's control tokens: a prompt is tokenized whole, so a
     typed "<|im_end|>" ended the turn (and could open a forged system turn), and a typed "<MEM0>"

@@ -69,7 +69,8 @@ from .config import TrainConfig
 from .errors import CheckpointError, InvalidInputError
 from .jsonfiles import read_jsonl, write_jsonl
 from .metrics import recall_at_k
-from .model import DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, fp16_memories, refuse_control_tokens
+from .model import (DECODER, ENCODER, QUERY_REASONER, ClaraModel, copy_adapter, fp16_memories, refuse_control_tokens,
+                    refuse_text_reader)
 from .passes import (completion_log_likelihood, completion_log_probs, encode_with_gradients,
                      set_trainable, summed_log_likelihood, text_weights)
 from .reading import evaluate_reading, other_rows, reading_width
@@ -591,9 +592,9 @@ def check_for_model(model: ClaraModel, rows: list[dict], config: TrainConfig,
     unsaid, at positions the model never saw); a text reader trained further by a stage that
     reads memories (its untrained compressor's, and the mark that refuses them was dropped at
     the save)."""
-    if model.config.decoder_reads_text and config.stage != "text":
-        raise ValueError(f"{model.name_or_path} is a text reader (clara train --stage text): the {config.stage} stage "
-                         "reads memories, which its generator was not trained on; start it from a CLaRa checkpoint")
+    if config.stage != "text":
+        refuse_text_reader(model, f"the {config.stage} stage reads memories, which its generator was not trained on; "
+                                  "start it from a CLaRa checkpoint")
     if config.refresh_every and model.config.memory_design != "tokens":
         raise ValueError(f"refresh_every re-encodes the corpus with the <MEM> rows trained so far; "
                          f"{model.config.memory_design} memories never read those rows, so they would come out the same")
