@@ -188,7 +188,7 @@ def _question_f1(result: dict) -> list[float]:
     return [100 * token_f1(p["prediction"], p["answers"]) for p in result["predictions"]]
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def run(args: argparse.Namespace) -> None:
     # the frameworks and matplotlib load here, not when `clara` builds its argument parser
     from .report import write_report  # a missing extra is named by the CLI, with the pip command
     from .systems import RunOptions, default_systems, run_system
@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                                           args.candidates)) for dataset in datasets]
     options = RunOptions(args.k, args.max_new_tokens, args.dense_model, args.query_instruction,
                          args.passage_instruction, args.threads)
-    written, kept_folders = [], []
+    kept_folders = []
     for stem, (dataset, rows, drawn) in zip(stems, samples):
         print(f"{dataset}: {drawn['sample']} questions ({mode} mode, {args.setting}, seed {args.seed}), "
               f"{len(systems)} systems")
@@ -256,14 +256,12 @@ def run(args: argparse.Namespace) -> list[Path]:
                   **machine, "headline": headline(results), "systems": results}
         for path in write_report(report, out, stem):  # told as written: a later dataset's failure hid them
             print(f"wrote {path}")
-            written.append(path)
     # kept until the last dataset's report: a run killed in its second dataset ran the first's again
     for kept in kept_folders:
         for spec in systems:  # these systems': a --systems subset leaves the others' kept results
             (kept / _kept_name(spec)).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # left where something else was put in it
             kept.rmdir()
-    return written
 
 
 def _kept_name(spec: SystemSpec) -> str:
