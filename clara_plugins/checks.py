@@ -61,7 +61,7 @@ def check_writable(path: str | Path) -> None:
     an existing file must not be read-only (``write_file_atomically`` refuses it at the end)."""
     folder = Path(path).absolute()
     if folder.is_file():  # a file written again: replaced by a sibling renamed over it
-        refuse_read_only_file(folder)
+        refuse_read_only_file(folder.resolve())  # a link's target, as the write follows it
         folder = folder.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

@@ -282,10 +282,12 @@ def test_an_output_the_user_made_read_only_is_refused_before_the_run(tmp_path, m
     kept = tmp_path / "gold.json"
     kept.write_text("mine")
     kept.chmod(0o444)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["eval", str(rows), "--systems", "clara", "--out", str(kept)])
-    assert exit_info.value.code == 3
-    assert "gold.json is read-only: make it writable, or write another file" in capsys.readouterr().err
+    (tmp_path / "link.json").symlink_to(kept)  # a link to it too: the write follows it
+    for out in (kept, tmp_path / "link.json"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", str(rows), "--systems", "clara", "--out", str(out)])
+        assert exit_info.value.code == 3
+        assert "gold.json is read-only: make it writable, or write another file" in capsys.readouterr().err
     assert kept.read_text() == "mine"
 
 
