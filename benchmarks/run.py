@@ -346,23 +346,24 @@ def _on_one_base_model(systems: list[SystemSpec], configs: dict[str, ClaraConfig
 def _check_checkpoint(spec: SystemSpec, config: ClaraConfig) -> None:
     """Refuse a checkpoint its system cannot read, before the systems before it have run: a
     tokens-design one at another rate (its memory rows were trained one per position), one at a
-    rate its documents' length cannot take, as the
-    fine-tuned text reader one that was not trained to read text (the plain backbone would be
-    scored under its name), and as CLaRa one that was."""
+    rate its documents' length cannot take, as the fine-tuned text reader one that was not
+    trained to read text (the plain backbone would be scored under its name), and as CLaRa one
+    that was."""
     if spec.reader == "text-ft" and not config.decoder_reads_text:
         raise InvalidInputError(f"--text-ft {spec.checkpoint} is not a text reader (clara train --stage text)")
-    if spec.retriever == "clara" and config.decoder_reads_text:  # its generator trained on text, not memories
+    if spec.retriever != "clara":
+        return
+    if config.decoder_reads_text:  # its generator trained on text, not memories
         raise InvalidInputError(f"{spec.name}: {spec.checkpoint} is a text reader (clara train --stage text), not a "
                                 "CLaRa checkpoint: pass it as --text-ft")
-    if spec.retriever == "clara" and config.memory_design == "tokens" and config.compression_rate != spec.compression_rate:
+    if config.memory_design == "tokens" and config.compression_rate != spec.compression_rate:
         raise InvalidInputError(f"{spec.name}: {spec.checkpoint} has the tokens design, which reads only at its own "
                                 f"compression rate {config.compression_rate}, not {spec.compression_rate}")
-    if spec.retriever == "clara":  # the rate's other limits (doc_max_length) were told as its system loaded
-        try:
-            dataclasses.replace(config, compression_rate=spec.compression_rate)
-        except ValueError as error:
-            raise InvalidInputError(f"{spec.name}: {spec.checkpoint} cannot read at compression rate "
-                                    f"{spec.compression_rate}: {error}") from error
+    try:  # the rate's other limits (doc_max_length) were told as its system loaded
+        dataclasses.replace(config, compression_rate=spec.compression_rate)
+    except ValueError as error:
+        raise InvalidInputError(f"{spec.name}: {spec.checkpoint} cannot read at compression rate "
+                                f"{spec.compression_rate}: {error}") from error
 
 
 def _in_own_process(function: Callable[..., dict], *args: object) -> dict:

@@ -294,7 +294,8 @@ def _index_into_store(args: argparse.Namespace) -> None:
         source = os.fsencode(path).decode("utf-8", "backslashreplace")  # one string a file, not a document
         texts = read_documents([path])
         documents += [(text, {"source": source, "position": i}) for i, text in enumerate(texts)]
-        empty += [] if texts else [path]
+        if not texts:
+            empty.append(path)
     if not documents:
         raise InvalidInputError(f"{', '.join(args.corpus)}: no documents to index")
     if empty:  # a failed download among the files went unsaid, as the rest were indexed
@@ -615,9 +616,12 @@ def _eval(args: argparse.Namespace) -> None:
                        + (["--reading"] if args.reading else []))
     if out is not None:  # made once nothing is refused, and before hours of answering (a parent that is a file)
         out.parent.mkdir(parents=True, exist_ok=True)
-    dense = DenseRetriever(args.dense_model or DEFAULT_DENSE_MODEL, args.query_instruction or "",
-                           device=str(resolve_device(args.device)), passage_instruction=args.passage_instruction or ""
-                           ) if "dense" in args.retrievers else None
+    # the dense settings as read, recorded with the results
+    dense_settings = {"dense_model": args.dense_model or DEFAULT_DENSE_MODEL, "query_instruction": args.query_instruction
+                      or "", "passage_instruction": args.passage_instruction or ""} if "dense" in args.retrievers else {}
+    dense = DenseRetriever(dense_settings["dense_model"], dense_settings["query_instruction"],
+                           device=str(resolve_device(args.device)),
+                           passage_instruction=dense_settings["passage_instruction"]) if dense_settings else None
     # BM25 and dense retrieval alone read no model: none loaded (the shipped one was, and recorded as read)
     reads_model = bool(args.systems or memory_measures)
     checkpoint = (args.checkpoint or default_checkpoint()) if reads_model else None
@@ -635,8 +639,7 @@ def _eval(args: argparse.Namespace) -> None:
     results = {"data": args.data, "checkpoint": str(checkpoint) if checkpoint else None,
                "compression_rate": model.config.compression_rate if model else None, "dtype": dtype if model else None,
                "k": args.k, "limit": args.limit, "max_new_tokens": args.max_new_tokens if args.systems else None,
-               **({"dense_model": args.dense_model or DEFAULT_DENSE_MODEL, "query_instruction": args.query_instruction or "",
-                   "passage_instruction": args.passage_instruction or ""} if dense else {}),
+               **dense_settings,
                "answers": [], "retrieval": []}
     # each pool compressed once where more than one measure reads it (kept in memory till the end)
     readers = (sum(system in ("clara", "control") for system in args.systems) + bool(args.reading)
