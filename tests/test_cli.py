@@ -274,9 +274,9 @@ def test_outputs_nothing_can_be_written_to_are_refused_before_the_model_loads(tm
 
 def test_an_output_the_user_made_read_only_is_refused_before_the_run(tmp_path, monkeypatch, capsys):
     # the rename over it needs only the folder's permission: gold answers kept read-only were replaced
-    from clara_benchmarks import run as bench_run
+    from clara_plugins import pretrained
 
-    monkeypatch.setattr(bench_run, "_in_own_process", lambda *a: pytest.fail("a system ran"))
+    monkeypatch.setattr(pretrained, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"question": "Where is Rome?", "docs": CORPUS[:2], "answer": "Italy"}) + "\n")
     kept = tmp_path / "gold.json"
