@@ -31,10 +31,8 @@ def write_file_atomically(path: Path, write: Callable[[IO], None], binary: bool 
     never a part of either, and two writers at once leave one's whole file. A symbolic link is
     followed (its target is replaced, not the link) unless ``follow_link`` is False; a replaced
     file keeps its permissions (a replaced link, the file's own: a read-only target's made the
-    file that replaced it read-only). A read-only file is refused, as ``open`` refuses it (the
-    rename needs only its folder's permission, and replaced a file the user had protected)."""
+    file that replaced it read-only)."""
     path = _followed(path) if follow_link else path
-    refuse_read_only_file(path)
     _remove_abandoned(path)
     temporary, held = _claimed_sibling(path, folder=False)
     try:
@@ -120,12 +118,6 @@ def read_only(path: Path) -> bool:
     a user's wish that it stays as it is)."""
     access = os.W_OK | os.X_OK if path.is_dir() else os.W_OK
     return not os.access(path, access) or not path.stat().st_mode & 0o222
-
-
-def refuse_read_only_file(path: Path) -> None:
-    """Refuse (PermissionError) to replace a read-only file (a link is replaced, not its target)."""
-    if path.is_file() and not path.is_symlink() and read_only(path):
-        raise PermissionError(f"{path} is read-only: make it writable, or write another file")
 
 
 def _keep_mode(old: Path, new: Path) -> None:

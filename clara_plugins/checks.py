@@ -8,7 +8,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .atomic import refuse_read_only_file
+from .atomic import read_only
 from .errors import InvalidInputError
 
 
@@ -58,10 +58,13 @@ def check_output_path(output: str | Path, *inputs: str | Path | None) -> None:
 def check_writable(path: str | Path) -> None:
     """Refuse, before long work, a file or folder that cannot be written where it is to go: its
     nearest existing folder must take a file (probed with a nameless one; nothing is made), and
-    an existing file must not be read-only (``write_file_atomically`` refuses it at the end)."""
+    an existing file (a link's target, as the write follows it) must not be read-only: the
+    rename over it needs only the folder's permission, and replaced a file the user protected.
+    The library's own files (a store's CURRENT) are written again whatever their mode."""
     folder = Path(path).absolute()
     if folder.is_file():  # a file written again: replaced by a sibling renamed over it
-        refuse_read_only_file(folder.resolve())  # a link's target, as the write follows it
+        if read_only(folder.resolve()):
+            raise PermissionError(f"{folder.resolve()} is read-only: make it writable, or write another file")
         folder = folder.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent

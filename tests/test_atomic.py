@@ -53,18 +53,27 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
     assert (folder / "done").read_text() == "2" and stat.S_IMODE(folder.stat().st_mode) == 0o705
 
 
-def test_a_read_only_file_is_refused_and_a_link_to_one_replaced_as_asked(tmp_path):
+def test_a_read_only_output_is_refused_and_a_stores_read_only_files_are_saved_as_before(tiny_model, tmp_path):
     # os.replace needs only the folder's permission: a file the user protected was replaced
+    from clara_plugins.checks import check_output_path
+
     path = tmp_path / "answers.jsonl"
     path.write_text("mine")
     path.chmod(0o444)
-    with pytest.raises(PermissionError, match="answers.jsonl is read-only: make it writable, or write another"):
-        jsonfiles.write_jsonl([{"a": 1}], path)
-    assert path.read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["answers.jsonl"]
-    link = tmp_path / "CURRENT"  # a copy's link to a read-only original: the link itself is replaced
-    link.symlink_to(path)
-    write_text_atomically(link, "new\n", follow_link=False)
-    assert link.read_text() == "new\n" and not link.is_symlink() and path.read_text() == "mine"
+    (tmp_path / "link.jsonl").symlink_to(path)
+    for output in (path, tmp_path / "link.jsonl"):
+        with pytest.raises(PermissionError, match="answers.jsonl is read-only: make it writable, or write another"):
+            check_output_path(output)
+    # a store copied with its files' modes (cp -r of a protected one): its CURRENT is the library's own
+    store = MemoryStore(tiny_model)
+    store.upsert(["A passage."], ids=["a"])
+    store.save(tmp_path / "store")
+    for file in (tmp_path / "store").rglob("*"):
+        if file.is_file():
+            file.chmod(0o444)
+    store.upsert(["Another passage."], ids=["b"])
+    store.save(tmp_path / "store")
+    assert len(MemoryStore.load(tmp_path / "store", tiny_model)) == 2
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path):
