@@ -31,7 +31,7 @@ from .backbone import (FLOAT_DTYPES, FLOAT_NAMES, context_window, embedding_norm
 from .checkpoint import files_sha256, load_trained_weights, read_config, save_checkpoint, weight_files
 from .config import ADAPTER_NAMES, DEFAULT_BASE_MODEL, ClaraConfig
 from .checks import check_positive_int, check_texts
-from .errors import CheckpointError, InvalidInputError, one_line, warn_unrecorded
+from .errors import CheckpointError, InvalidInputError, one_line, warn_bounded
 from .generation import collect_answers, greedy_steps, stream_text
 from .prompts import question_prompt, turn_end_token
 from .retrieval import top_k
@@ -389,7 +389,7 @@ class ClaraModel(torch.nn.Module):
         bodies = self.tokenizer(questions, add_special_tokens=False)["input_ids"]
         long = sum(len(body) > self.config.doc_max_length for body in bodies)
         if long:
-            warn_unrecorded(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
+            warn_bounded(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
                             "tokens; each is encoded from its last tokens", stacklevel=2)
         return torch.cat([self._encode_for_use(bodies[start:start + batch_size], QUERY_REASONER)
                           for start in range(0, len(bodies), batch_size)])
@@ -708,7 +708,7 @@ def cuts_warned_once(limit: int, stacklevel: int) -> Iterator[None]:
             yield
     finally:
         if any(cuts):
-            warn_unrecorded(_cut_message(cuts, limit), stacklevel=stacklevel + 2)  # past contextlib's frame and this one
+            warn_bounded(_cut_message(cuts, limit), stacklevel=stacklevel + 2)  # past contextlib's frame and this one
 
 
 def report_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
@@ -720,7 +720,7 @@ def report_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
         return
     truncated = [i for i, tokens in enumerate(cut) if tokens]
     if truncated:  # counted from this function: 3 names its caller's caller
-        warn_unrecorded(f"{_cut_message(cut, limit)} (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
+        warn_bounded(f"{_cut_message(cut, limit)} (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
                         stacklevel=stacklevel)
 
 

@@ -408,7 +408,7 @@ def test_warnings_of_one_call_leave_no_record_behind_in_a_long_running_service(t
     store, long_text = ClaraVectorStore(tiny_model), " ".join(["word"] * 300)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
-        for blanks in range(1, 4):
+        for blanks in (1, 2, 3, 3):  # the last request word for word as the one before: shown once, as ever
             service["request"](store, [CORPUS[blanks]] + [" "] * blanks)
             service["embed"](ClaraEmbeddings(tiny_model), [long_text] * blanks)
     assert [str(w.message).split(" texts are")[0] for w in caught if "blank" in str(w.message)] == [
@@ -418,6 +418,13 @@ def test_warnings_of_one_call_leave_no_record_behind_in_a_long_running_service(t
     embeddings_module = importlib.import_module("langchain_clara.embeddings")  # where the cut is named
     for registry in (service.get("__warningregistry__", {}), vars(embeddings_module).get("__warningregistry__", {})):
         assert [key for key in registry if key != "version"] == []
+    from clara_plugins import errors  # what they record instead stays bounded
+
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("default")
+        for number in range(errors._SHOWN_AT_MOST + 100):
+            errors.warn_bounded(f"{number} of many")
+    assert len(errors._SHOWN) <= errors._SHOWN_AT_MOST + 1
 
 
 async def test_async_relevance_scores_are_calibrated_off_the_event_loop(vectorstore, monkeypatch):

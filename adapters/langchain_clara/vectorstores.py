@@ -18,7 +18,7 @@ from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.keys import ClaraKeys
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, StoreLike, as_memory_store, check_store_model
-from clara_plugins.errors import warn_unrecorded
+from clara_plugins.errors import warn_bounded
 from clara_plugins.filters import holds_no_condition, validate_filter
 
 from .embeddings import ClaraEmbeddings, EmbeddingsKeys
@@ -171,7 +171,7 @@ class ClaraVectorStore(VectorStore):
             return self.store.upsert(texts, ids, metadatas, show_progress=show_progress)
         # a loader's blank page (an image-only PDF page) has nothing to read: it is left out, as
         # LlamaIndex's store leaves out a blank node, and the others go in (it failed the whole batch)
-        warn_unrecorded(f"{len(blank)} of {len(texts)} texts are blank and are not stored (first: texts[{min(blank)}]); "
+        warn_bounded(f"{len(blank)} of {len(texts)} texts are blank and are not stored (first: texts[{min(blank)}]); "
                         "a document stored under one of their ids before is kept", stacklevel=2)
         kept = [n for n in range(len(texts)) if n not in blank]
         named = self.store.upsert([texts[n] for n in kept], None if ids is None else [ids[n] for n in kept],

@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, computed_field, model_validator
 from clara_plugins import ClaraModel, InvalidInputError, StoreError
 from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.checkpoint import check_compressor, compressor_signature
-from clara_plugins.errors import warn_unrecorded
+from clara_plugins.errors import warn_bounded
 from clara_plugins.keys import ClaraKeys, normalize_rows
 from clara_plugins.model import compress_in_parts
 from clara_plugins.pretrained import load_model
@@ -118,7 +118,7 @@ class ClaraEmbedding(BaseEmbedding):
                     untaken.popitem(last=False)
                     forgotten += 1
         if forgotten:
-            warn_unrecorded(f"{forgotten} texts' memory tokens were forgotten before a ClaraVectorStore took them "
+            warn_bounded(f"{forgotten} texts' memory tokens were forgotten before a ClaraVectorStore took them "
                             f"(it keeps {_KEEP_BYTES / 2**30:g} GiB): the store compresses those texts again; "
                             "add the nodes in smaller batches (texts this embedding serves for another store or "
                             "a splitter are kept too, once a ClaraVectorStore of the model exists)", stacklevel=2)

@@ -40,7 +40,7 @@ from clara_plugins.adapter_fields import LeftBehind
 from clara_plugins.pretrained import load_model
 from clara_plugins.base_store import BaseMemoryStore, StoreLike, as_memory_store, check_store_model, id_list
 from clara_plugins.checks import check_fraction, check_positive_int, unicode_problem
-from clara_plugins.errors import warn_unrecorded
+from clara_plugins.errors import warn_bounded
 from clara_plugins.filters import holds_no_condition
 from clara_plugins.keys import KeyEncoder
 
@@ -225,7 +225,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
             # one with metadata was compressed from them by the embedding, which keeps its memories for us
             forget_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED) for node in blanks])
             blank = blanks[0]
-            warn_unrecorded(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
+            warn_bounded(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
                             f"(first: {blank.node_id}); a node stored under one of their ids before is kept", stacklevel=2)
         if stored:
             memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
@@ -311,7 +311,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
             if not stored:
                 # the index's IndexNode and ImageNode ids alone, one of them left out for having no text:
                 # every query found nothing, unsaid
-                warn_unrecorded(f"none of the {len(query.node_ids)} node_ids this query is restricted to is stored; an "
+                warn_bounded(f"none of the {len(query.node_ids)} node_ids this query is restricted to is stored; an "
                                 "index that mixes IndexNode or ImageNode with text nodes restricts its queries to their "
                                 "ids unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
             if stored and len(stored) == len(self._store) and lambda_mult == 1.0:  # MMR's pool is not returned
