@@ -34,7 +34,7 @@ from .base_store import BaseMemoryStore
 from .checks import check_positive_int, check_texts, unicode_problem
 from .config import ANSWER_TEMPLATE, SYSTEM_PROMPT
 from .errors import InvalidInputError
-from .model import ClaraModel, refuse_control_tokens
+from .model import ClaraModel, refuse_control_tokens, refuse_text_reader
 from .prompts import prompt_positions, render_messages
 from .retrieval import top_k
 from .found import MIN_FOUND_CHARS, found_text
@@ -182,6 +182,9 @@ def read_messages(
     last_user = max(i for i, (role, _) in enumerate(messages) if role == "user")
     everyone = [d for i, message in enumerate(pieces)  # in the order the prompt will place them
                 for d in (background if i == last_user else []) + message if isinstance(d, _Document)]
+    if everyone:  # refused by the CLI (ask --docs) and a store; documents= passed it to memory tokens
+        refuse_text_reader(model, "its generator reads documents as text: put them in the prompt, not in documents= "
+                                  "or document_ids=")
     memories, from_store = _memories(model, store, everyone)
     keep = _kept(model, memories, [found_text(d.text) for d in everyone], pieces[last_user],
                  model.config.generation_top_k if k is None else k, ordered=bool(background))

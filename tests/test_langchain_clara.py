@@ -397,6 +397,18 @@ def test_a_blank_page_is_left_out_of_the_store_as_the_llama_index_store_leaves_i
     assert len(store.store) == 2
 
 
+def test_a_text_reader_reads_passed_documents_as_text_only(tiny_model):
+    # documents= compressed them into memory tokens for a generator trained on text, as clara ask --docs refuses
+    from clara_plugins import InvalidInputError
+
+    tiny_model.config.decoder_reads_text = True
+    chat = ChatClara(clara=tiny_model, max_tokens=2)
+    with pytest.raises(InvalidInputError, match=r"is a text reader \(clara train --stage text\): its generator reads "
+                                                "documents as text"):
+        chat.invoke("Where is Paris?", documents=[CORPUS[0]])
+    assert isinstance(chat.invoke(f"{CORPUS[0]}\nWhere is Paris?").content, str)  # the text in the prompt: read
+
+
 def test_warnings_of_one_call_leave_no_record_behind_in_a_long_running_service(tiny_model):
     # each text (its counts, a node's id) was kept in the warned module's registry for good: a
     # service that warned per request grew by each, and the default filter deduplicated none
