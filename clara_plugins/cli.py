@@ -624,6 +624,8 @@ def _eval(args: argparse.Namespace) -> None:
                            passage_instruction=dense_settings["passage_instruction"]) if dense_settings else None
     # BM25 and dense retrieval alone read no model: none loaded (the shipped one was, and recorded as read)
     reads_model = bool(args.systems or memory_measures)
+    model_flags = {"checkpoint": "--checkpoint", "base_model": "--base-model", "compression_rate": "--compression-rate"}
+    _refuse_unread(args, model_flags, set(model_flags) if reads_model else set(), "BM25 and dense retrieval alone")
     checkpoint = (args.checkpoint or default_checkpoint()) if reads_model else None
     dtype = "float32"  # on every device: the checkpoint trained so, and the recorded numbers were measured so
     model = None

@@ -503,8 +503,11 @@ def test_clara_eval_k_is_a_retrieval_cut_off_and_batch_size_reaches_the_reading_
     monkeypatch.setattr(reading, "evaluate_reading",
                         lambda model, rows, k, batch_size, memories: batch_sizes.append(batch_size)
                         or real(model, rows, k, batch_size, memories))
-    main(["eval", data, "--checkpoint", checkpoint, "--systems", "--retrievers", "bm25", "-k", "2",
-          "--device", "cpu", "--out", str(tmp_path / "result.json")])
+    with pytest.raises(SystemExit) as exit_:  # a checkpoint nothing reads, as any option nothing reads
+        main(["eval", data, "--checkpoint", checkpoint, "--systems", "--retrievers", "bm25", "-k", "2"])
+    assert exit_.value.code == 5
+    main(["eval", data, "--systems", "--retrievers", "bm25", "-k", "2", "--device", "cpu",
+          "--out", str(tmp_path / "result.json")])
     result = json.loads((tmp_path / "result.json").read_text())
     assert {"recall@1", "recall@2", "recall@3", "recall@5"} <= result["retrieval"][0].keys()
     # BM25 alone reads no model: none loaded or recorded as read, and the settings behind the numbers kept
