@@ -611,9 +611,12 @@ class ClaraModel(torch.nn.Module):
                        dtype: str | torch.dtype) -> "ClaraModel":
         """A model of a checkpoint's config, before its weights load. A base model the checkpoint
         records that fails to load names the checkpoint and the override: on another machine, a
-        recorded folder or an uncached hub id failed without saying where the name came from."""
+        recorded folder or an uncached hub id failed without saying where the name came from.
+        The LoRA weights drawn at random here are overwritten by the checkpoint's: drawn from a
+        fork of torch's generator, so that loading leaves a caller's seeded stream as it was."""
         try:
-            return cls(config, device=device, dtype=dtype)
+            with torch.random.fork_rng(devices=[]):  # built on the CPU, then moved
+                return cls(config, device=device, dtype=dtype)
         except OSError as error:
             if base_model_given or config.base_model == DEFAULT_BASE_MODEL:
                 raise

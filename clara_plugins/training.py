@@ -432,11 +432,10 @@ def _realm_loss(model: ClaraModel, rows: list[dict], scores: torch.Tensor, memor
 
 def _load_teacher(model: ClaraModel, folder: str, base_model: str) -> ClaraModel:
     # the teacher reads text, so a pooled one takes the student's rate: the same <MEM> tokens.
-    # Building it draws random initial weights; a forked RNG keeps a resumed run's dropout masks.
-    with torch.random.fork_rng(devices=[]):
-        teacher = ClaraModel.from_pretrained(folder, base_model=base_model or None,
-                                             compression_rate=model.config.compression_rate,
-                                             device=model.device, dtype=torch.float32)
+    # Loading it leaves torch's generator as it was, so a resumed run keeps its dropout masks.
+    teacher = ClaraModel.from_pretrained(folder, base_model=base_model or None,
+                                         compression_rate=model.config.compression_rate,
+                                         device=model.device, dtype=torch.float32)
     if teacher.tokenizer.get_vocab() != model.tokenizer.get_vocab():
         raise ValueError(f"the teacher {folder} has another vocabulary than the model it teaches: "
                          "train it from the same base model")

@@ -32,6 +32,16 @@ def test_round_trip_gives_identical_outputs(tiny_model, tmp_path):
     assert torch.allclose(tiny_model.encode_queries(QUESTIONS), loaded.encode_queries(QUESTIONS), atol=1e-6)
 
 
+def test_loading_a_checkpoint_leaves_the_callers_random_stream_as_it_was(tiny_model, tmp_path):
+    # its LoRA weights, drawn at random and then overwritten, moved a user's seeded experiment on
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    ClaraModel.from_pretrained(tmp_path / "ckpt", device="cpu")
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_half_precision_checkpoint_loads_into_a_float32_model(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "half", dtype=torch.float16)
     loaded = ClaraModel.from_pretrained(tmp_path / "half", device="cpu")
