@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import stat
 import threading
 import weakref
@@ -110,6 +111,26 @@ def write_folder_atomically(folder: Path, write: Callable[[Path], None], marker:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(held)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT, a notebook's interrupt) until the block ends, then raise it: a
+    store's lists, maps and index change together, and a KeyboardInterrupt between two of them
+    left ids naming other rows' texts, and a save that did not load. Where Python's own handler
+    is not the one set (another's, or a thread that cannot set one), the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or (
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda number, frame: held.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def read_only(path: Path) -> bool:

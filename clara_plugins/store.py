@@ -23,6 +23,7 @@ from numpy.typing import ArrayLike
 from tqdm.auto import tqdm
 
 from . import store_folder
+from .atomic import uninterrupted
 from .base_store import (FETCH_K, BaseMemoryStore, StoredDocument, calibration_rows, check_known, check_search,
                          id_list, last_of_each, pair_cosines, query_vector)
 from .checkpoint import check_compressor, compressor_signature
@@ -125,7 +126,7 @@ class MemoryStore(BaseMemoryStore):
         if self.memory_dtype == "int8":
             memories, scales = quantize(memories)
         keys = None if self.keys.keys_are_memories else self._document_keys(texts)
-        with self._lock:
+        with self._lock, uninterrupted():
             self._check_key_size(keys)
             lookup, self._lookup = self._lookup, None  # kept up at the end, once the write is whole
             chunk, first_new_row, replaced = len(self._memory_chunks), len(self._ids), []  # rows, with their texts
@@ -210,7 +211,7 @@ class MemoryStore(BaseMemoryStore):
     def delete(self, ids: Sequence[str]) -> None:
         """Remove documents by id; ids that are not stored are ignored."""
         ids = id_list(ids, "ids", ordered=False)
-        with self._lock:
+        with self._lock, uninterrupted():
             doomed = {self._row_of[i] for i in ids if i in self._row_of}
             if not doomed:
                 return
