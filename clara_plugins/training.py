@@ -762,12 +762,12 @@ def train(model: ClaraModel, rows: list[dict], config: TrainConfig, output: str 
     One run writes a folder at a time (``sole_writer``); a finished run in a folder where no
     lock can be made, which writes nothing, returns its checkpoint.
     """
-    with sole_writer(output, "training run"):
-        return _train_stage(model, rows, config, Path(output), corpus, probes or {})
+    with sole_writer(output, "training run"), _undone_if_stopped(model) as undo:
+        return _train_stage(model, rows, config, Path(output), corpus, probes or {}, undo)
 
 
 def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, output: Path,
-                 corpus: MemoryStore | None, probes: dict[str, list[dict]]) -> Path:
+                 corpus: MemoryStore | None, probes: dict[str, list[dict]], undo: list) -> Path:
     passages = None if corpus is None else [document.text for document in corpus.get(corpus.all_ids())]
     state = check_run(rows, config, passages, probes, output)
     # once, or as the resumed state holds it (checked above): refreshes re-encode the same passages
@@ -802,6 +802,7 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     torch.manual_seed(config.seed)
     resuming = state is not None  # check_run refused a run it could not resume
     if resuming:
+        undo.clear()  # the model is the saved run's from here: a stop resumes from its save
         load_trained_weights(model, checkpoint)
     else:
         prepare_stage(model, config)
@@ -859,9 +860,7 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
     started = time.perf_counter() - (state or {}).get("seconds", 0.0)  # the log counts the run's time across resumes
     running = None
     progress = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=f"train {config.stage}")
-    # the query reasoner too where each save copies the compressor into it (a stop in the first save)
-    mirrored = [p for name, p in model.lm.named_parameters() if f".{QUERY_REASONER}." in name] if mirror else []
-    with open(output / "log.jsonl", "a") as log, _undone_if_stopped([*parameters, *mirrored], resuming) as start_weights:
+    with open(output / "log.jsonl", "a") as log:
         if missed := missed_probes(probes, output, start, config.probe_every):
             _probe(model, missed, probe_k, start, log)
         for step in progress:
@@ -903,24 +902,43 @@ def _train_stage(model: ClaraModel, rows: list[dict], config: TrainConfig, outpu
                     "seconds": time.perf_counter() - started,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), **_rng_states(model)})
-                start_weights.clear()  # a stop from here on resumes from the save
+                undo.clear()  # a stop from here on resumes from the save
             if probes and (step + 1) % config.probe_every == 0:  # after the save: a run stopped while probing keeps the step
                 _probe(model, probes, probe_k, step + 1, log)
     return _holding(model, checkpoint)
 
 
 @contextlib.contextmanager
-def _undone_if_stopped(parameters: list[torch.nn.Parameter], resuming: bool) -> Iterator[list[torch.Tensor]]:
-    """A new run stopped before its first save puts the weights it changes (``parameters``) back
-    as they began (CPU copies, which the caller empties once a save covers the run): the steps
-    changed the model object in place, and a new run given that object again trained on from them."""
-    copies = [] if resuming else [parameter.detach().to("cpu", copy=True) for parameter in parameters]
-    try:
-        yield copies
-    except BaseException:
+def _undone_if_stopped(model: ClaraModel) -> Iterator[list[Callable[[], None]]]:
+    """A new run stopped before its first save (Ctrl-C in a notebook, an error) gives the model
+    object back as it began: every adapter and the embedding rows as they were (the steps train
+    them in place, and the stage's start resets the generator or copies the compressor into the
+    query reasoner), and its settings, what trains and its mode. The yielded list holds what puts
+    them back (CPU copies), which the caller empties once the model is a saved run's: a new run
+    given that object again trained on from them, or from a reset generator."""
+    embeddings = {id(m.weight): m.weight for m in (model.lm.get_input_embeddings(), model.lm.get_output_embeddings())
+                  if m is not None}
+    weights = [p for name, p in model.lm.named_parameters() if "lora_" in name] + list(embeddings.values())
+    copies = [weight.detach().to("cpu", copy=True) for weight in weights]
+    settings = (model.config.decoder_reads_text, model.config.generation_top_k, model.trainable, model.training,
+                [weight.requires_grad for weight in embeddings.values()])
+
+    def put_back() -> None:
         with torch.no_grad():
-            for parameter, copy in zip(parameters, copies):
-                parameter.copy_(copy)
+            for weight, copy in zip(weights, copies):
+                weight.copy_(copy)
+        model.config.decoder_reads_text, model.config.generation_top_k, model.trainable, training, grads = settings
+        for weight, grad in zip(embeddings.values(), grads):
+            weight.requires_grad_(grad)
+        model.train(training)  # its adapters' dropout as it was
+        model._apply_trainable()  # and whose LoRA weights take gradients
+
+    undo = [put_back]
+    try:
+        yield undo
+    except BaseException:
+        for step in undo:
+            step()
         raise
 
 

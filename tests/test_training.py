@@ -1394,6 +1394,29 @@ def test_a_new_run_whose_log_is_a_link_writes_its_own(tiny_model, tmp_path, targ
     assert not (tmp_path / "run" / "log.jsonl").is_symlink()
 
 
+@pytest.mark.parametrize("stage", ["instruct", "text", "e2e"])
+def test_a_run_stopped_at_its_first_step_gives_back_the_model_as_it_began(tiny_model, tmp_path, monkeypatch, stage):
+    # the stage's start had reset the generator (instruct, text) or copied the compressor into the
+    # query reasoner (e2e), and marked its settings: a notebook's Ctrl-C left the model so
+    before = {name: parameter.clone() for name, parameter in tiny_model.lm.named_parameters()}
+    settings = (tiny_model.config.decoder_reads_text, tiny_model.config.generation_top_k, tiny_model.trainable)
+    grads = {name: parameter.requires_grad for name, parameter in tiny_model.lm.named_parameters()}
+    tiny_model.eval()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, f"{stage}_loss", stopped)
+    rows = E2E if stage == "e2e" else INSTRUCT
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, rows, TrainConfig(stage=stage, steps=2, batch_size=1, grad_accum=1,
+                                            **({"top_k": 2} if stage == "e2e" else {})), tmp_path / "run")
+    assert all(torch.equal(parameter, before[name]) for name, parameter in tiny_model.lm.named_parameters())
+    assert (tiny_model.config.decoder_reads_text, tiny_model.config.generation_top_k, tiny_model.trainable) == settings
+    assert {name: p.requires_grad for name, p in tiny_model.lm.named_parameters()} == grads
+    assert not tiny_model.training
+
+
 def test_a_run_stopped_in_its_first_save_puts_back_the_query_reasoner_it_mirrors(tiny_config, tmp_path, monkeypatch):
     # the save copies the trained compressor into a reasoner that is its copy: the compressor was
     # put back, the reasoner not, and the run given the model again no longer mirrored it
