@@ -617,8 +617,9 @@ def _eval(args: argparse.Namespace) -> None:
     if out is not None:  # made once nothing is refused, and before hours of answering (a parent that is a file)
         out.parent.mkdir(parents=True, exist_ok=True)
     # the dense settings as read, recorded with the results
-    dense_settings = {"dense_model": args.dense_model or DEFAULT_DENSE_MODEL, "query_instruction": args.query_instruction
-                      or "", "passage_instruction": args.passage_instruction or ""} if "dense" in args.retrievers else {}
+    dense_settings = ({"dense_model": args.dense_model or DEFAULT_DENSE_MODEL,
+                       "query_instruction": args.query_instruction or "",
+                       "passage_instruction": args.passage_instruction or ""} if "dense" in args.retrievers else {})
     dense = DenseRetriever(dense_settings["dense_model"], dense_settings["query_instruction"],
                            device=str(resolve_device(args.device)),
                            passage_instruction=dense_settings["passage_instruction"]) if dense_settings else None

@@ -390,7 +390,7 @@ class ClaraModel(torch.nn.Module):
         long = sum(len(body) > self.config.doc_max_length for body in bodies)
         if long:
             warn_bounded(f"{long} of {len(bodies)} queries exceed doc_max_length={self.config.doc_max_length} "
-                            "tokens; each is encoded from its last tokens", stacklevel=2)
+                         "tokens; each is encoded from its last tokens", stacklevel=2)
         return torch.cat([self._encode_for_use(bodies[start:start + batch_size], QUERY_REASONER)
                           for start in range(0, len(bodies), batch_size)])
 
@@ -724,7 +724,7 @@ def report_cuts(cut: Sequence[int], limit: int, stacklevel: int) -> None:
     truncated = [i for i, tokens in enumerate(cut) if tokens]
     if truncated:  # counted from this function: 3 names its caller's caller
         warn_bounded(f"{_cut_message(cut, limit)} (documents {truncated[:10]}{'...' if len(truncated) > 10 else ''})",
-                        stacklevel=stacklevel)
+                     stacklevel=stacklevel)
 
 
 def _cut_message(cut: Sequence[int], limit: int) -> str:

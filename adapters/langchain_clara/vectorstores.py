@@ -172,7 +172,7 @@ class ClaraVectorStore(VectorStore):
         # a loader's blank page (an image-only PDF page) has nothing to read: it is left out, as
         # LlamaIndex's store leaves out a blank node, and the others go in (it failed the whole batch)
         warn_bounded(f"{len(blank)} of {len(texts)} texts are blank and are not stored (first: texts[{min(blank)}]); "
-                        "a document stored under one of their ids before is kept", stacklevel=2)
+                     "a document stored under one of their ids before is kept", stacklevel=2)
         kept = [n for n in range(len(texts)) if n not in blank]
         named = self.store.upsert([texts[n] for n in kept], None if ids is None else [ids[n] for n in kept],
                                   None if metadatas is None else [metadatas[n] for n in kept],

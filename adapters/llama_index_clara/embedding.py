@@ -119,9 +119,9 @@ class ClaraEmbedding(BaseEmbedding):
                     forgotten += 1
         if forgotten:
             warn_bounded(f"{forgotten} texts' memory tokens were forgotten before a ClaraVectorStore took them "
-                            f"(it keeps {_KEEP_BYTES / 2**30:g} GiB): the store compresses those texts again; "
-                            "add the nodes in smaller batches (texts this embedding serves for another store or "
-                            "a splitter are kept too, once a ClaraVectorStore of the model exists)", stacklevel=2)
+                         f"(it keeps {_KEEP_BYTES / 2**30:g} GiB): the store compresses those texts again; "
+                         "add the nodes in smaller batches (texts this embedding serves for another store or "
+                         "a splitter are kept too, once a ClaraVectorStore of the model exists)", stacklevel=2)
         return keys.tolist()
 
     def _get_text_embedding(self, text: str) -> list[float]:

@@ -226,7 +226,7 @@ class ClaraVectorStore(BasePydanticVectorStore):
             forget_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED) for node in blanks])
             blank = blanks[0]
             warn_bounded(f"{len(nodes) - len(stored)} of {len(nodes)} nodes have no text and are not stored "
-                            f"(first: {blank.node_id}); a node stored under one of their ids before is kept", stacklevel=2)
+                         f"(first: {blank.node_id}); a node stored under one of their ids before is kept", stacklevel=2)
         if stored:
             memories = take_memories(self._store.model, [node.get_content(metadata_mode=MetadataMode.EMBED)
                                                          for node, _ in stored], self._store.batch_size)
@@ -312,8 +312,8 @@ class ClaraVectorStore(BasePydanticVectorStore):
                 # the index's IndexNode and ImageNode ids alone, one of them left out for having no text:
                 # every query found nothing, unsaid
                 warn_bounded(f"none of the {len(query.node_ids)} node_ids this query is restricted to is stored; an "
-                                "index that mixes IndexNode or ImageNode with text nodes restricts its queries to their "
-                                "ids unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
+                             "index that mixes IndexNode or ImageNode with text nodes restricts its queries to their "
+                             "ids unless built with VectorStoreIndex(..., store_nodes_override=True)", stacklevel=2)
             if stored and len(stored) == len(self._store) and lambda_mult == 1.0:  # MMR's pool is not returned
                 # every stored node (an index built with store_nodes_override=True names them all): the
                 # store's own index searches, where a restriction scored every document exactly; a node
